@@ -1,0 +1,3 @@
+"""drnn: train deep recurrent character language models from the command line."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from drnn_cli.cli import main
+
+main()

@@ -1,0 +1,202 @@
+"""Splits and minibatch iterators with d2l's exact partition rules.
+
+Every random choice comes from a ``torch.Generator`` seeded per epoch, so an epoch is reproducible
+and a run resumed in the middle of one sees the same minibatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from drnn_cli.errors import DrnnError
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Contiguous segments of the encoded corpus: train, then validation, then test."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+    def get(self, name: str) -> torch.Tensor:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def split_tokens(tokens: torch.Tensor, val_fraction: float, test_fraction: float) -> Splits:
+    """Tail segments: ``[ train | val | test ]``, sizes rounded down for the held-out parts."""
+    total = len(tokens)
+    n_test = int(total * test_fraction)
+    n_val = int(total * val_fraction)
+    n_train = total - n_val - n_test
+    return Splits(
+        train=tokens[:n_train], val=tokens[n_train : n_train + n_val], test=tokens[n_train + n_val :]
+    )
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of every global minibatch: rows ``[rank*B/W, (rank+1)*B/W)``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def rows(self, batch_size: int) -> slice:
+        per_rank = batch_size // self.world_size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def check_trainable(n_tokens: int, batch_size: int, num_steps: int, world_size: int = 1) -> None:
+    """Refuse a split too short for a single minibatch, naming the sizes and what to lower."""
+    needed = batch_size * num_steps + 1
+    if n_tokens < needed:
+        raise DrnnError(
+            f"the training split has {n_tokens} tokens but one minibatch of data.batch_size {batch_size} × "
+            f"data.num_steps {num_steps} needs {needed}; lower data.batch_size or data.num_steps, "
+            f"raise data.max_tokens, or use a longer text"
+        )
+    if batch_size % world_size:
+        raise DrnnError(
+            f"data.batch_size {batch_size} does not divide among {world_size} processes; "
+            f"make it a multiple of the world size"
+        )
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The batching randomness of one epoch, independent of everything that ran before it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+@dataclass
+class EpochBatches:
+    """The minibatches of one training epoch, as ``(X, Y)`` pairs of shape ``(B/W, T)``.
+
+    ``carries_state`` says whether row b of minibatch i+1 continues row b of minibatch i
+    (sequential partition: the hidden state is carried over, detached).
+    """
+
+    xs: torch.Tensor  # sequential: (B/W, L) input rows; random: the corpus from the offset on
+    ys: torch.Tensor | None  # sequential: (B/W, L) target rows (xs shifted by one); random: None
+    num_batches: int
+    num_steps: int
+    carries_state: bool
+    starts: torch.Tensor | None = None  # random: (num_batches, B/W) subsequence starts
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        steps = self.num_steps
+        for i in range(self.num_batches):
+            if self.ys is not None:
+                columns = slice(i * steps, (i + 1) * steps)
+                yield self.xs[:, columns].long(), self.ys[:, columns].long()
+            else:
+                assert self.starts is not None
+                index = self.starts[i].unsqueeze(1) + torch.arange(steps + 1, device=self.xs.device)
+                window = self.xs[index].long()
+                yield window[:, :-1], window[:, 1:]
+
+
+def sequential_batches(
+    tokens: torch.Tensor, batch_size: int, num_steps: int, generator: torch.Generator, shard: Shard = Shard()
+) -> EpochBatches:
+    """d2l's ``seq_data_iter_sequential``.
+
+    offset = randint(0, T)             corpus:  . . o [x x x x x x x x x x x x] x
+    n = ((len - offset - 1) // B) * B                    └──── n tokens ────┘
+    Xs = corpus[offset : offset+n].reshape(B, -1); Ys = the same shifted by one.
+    minibatch i = columns [i*T, (i+1)*T) of every row:
+
+        row 0:  | mb 0 | mb 1 | mb 2 | …      row b of mb i+1 continues row b of mb i
+        row 1:  | mb 0 | mb 1 | mb 2 | …
+
+    Xs and Ys are views of the corpus, never copies. The offset is capped so that a split barely
+    longer than one minibatch still yields one.
+    """
+    largest_offset = min(num_steps, len(tokens) - 1 - batch_size * num_steps)
+    offset = int(torch.randint(0, largest_offset + 1, (1,), generator=generator))
+    n = ((len(tokens) - offset - 1) // batch_size) * batch_size
+    xs = tokens[offset : offset + n].view(batch_size, -1)[shard.rows(batch_size)]
+    ys = tokens[offset + 1 : offset + 1 + n].view(batch_size, -1)[shard.rows(batch_size)]
+    return EpochBatches(
+        xs=xs, ys=ys, num_batches=xs.shape[1] // num_steps, num_steps=num_steps, carries_state=True
+    )
+
+
+def random_batches(
+    tokens: torch.Tensor, batch_size: int, num_steps: int, generator: torch.Generator, shard: Shard = Shard()
+) -> EpochBatches:
+    """d2l's ``seq_data_iter_random``: drop randint(0, T-1) tokens, cut the rest into length-T
+    subsequences starting at multiples of T, shuffle, and take B at a time. Subsequences never
+    overlap, and the state is re-initialised for every minibatch.
+    """
+    largest_offset = min(num_steps - 1, len(tokens) - 1 - batch_size * num_steps)
+    offset = int(torch.randint(0, largest_offset + 1, (1,), generator=generator))
+    num_subseqs = (len(tokens) - offset - 1) // num_steps
+    order = torch.randperm(num_subseqs, generator=generator) * num_steps
+    num_batches = num_subseqs // batch_size
+    starts = order[: num_batches * batch_size].reshape(num_batches, batch_size)[:, shard.rows(batch_size)]
+    return EpochBatches(
+        xs=tokens[offset:],
+        ys=None,
+        num_batches=num_batches,
+        num_steps=num_steps,
+        carries_state=False,
+        starts=starts.to(tokens.device),
+    )
+
+
+def training_batches(
+    tokens: torch.Tensor,
+    sampling: str,
+    batch_size: int,
+    num_steps: int,
+    generator: torch.Generator,
+    shard: Shard = Shard(),
+) -> EpochBatches:
+    build = sequential_batches if sampling == "sequential" else random_batches
+    return build(tokens, batch_size, num_steps, generator, shard)
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """A minibatch for evaluation; ``keep_row`` narrows the carried state to one row first."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    keep_row: int | None = None
+
+
+def eval_batches(tokens: torch.Tensor, batch_size: int, num_steps: int) -> Iterator[EvalBatch]:
+    """Visit every target of ``tokens`` exactly once, state carried across minibatches.
+
+    The m = len-1 targets are laid out as B rows of L = m // B (sequential layout, no offset); the
+    r = m - B*L leftover targets continue the last row, so they are evaluated as a batch of one
+    that starts from row B-1's final state:
+
+        row 0    | 0 … L-1 |
+        …
+        row B-1  | (B-1)L … BL-1 | BL … m-1 |   ← the tail, batch of one
+    """
+    targets = len(tokens) - 1
+    if targets < 1:
+        return
+    rows = max(1, min(batch_size, targets))
+    row_len = targets // rows
+    starts = torch.arange(rows) * row_len
+    grid = tokens[(starts.unsqueeze(1) + torch.arange(row_len + 1)).to(tokens.device)].long()
+    for begin in range(0, row_len, num_steps):
+        end = min(begin + num_steps, row_len)
+        yield EvalBatch(grid[:, begin:end], grid[:, begin + 1 : end + 1])
+    tail = tokens[rows * row_len :].long().unsqueeze(0)
+    first = True
+    for begin in range(0, tail.shape[1] - 1, num_steps):
+        end = min(begin + num_steps, tail.shape[1] - 1)
+        yield EvalBatch(
+            tail[:, begin:end], tail[:, begin + 1 : end + 1], keep_row=rows - 1 if first else None
+        )
+        first = False

@@ -1,0 +1,442 @@
+"""The ``drnn`` command line: parse options, call :mod:`drnn_cli.commands`, render with rich.
+
+No logic lives here beyond turning options into requests and results into text. Every error the
+user can fix arrives as a :class:`DrnnError` and leaves as one line on stderr with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from drnn_cli import __version__
+from drnn_cli.commands import (
+    TrainRequest,
+    describe_data,
+    evaluate_split,
+    load_model,
+    predict,
+    train_run,
+)
+from drnn_cli.config import load_config
+from drnn_cli.decode import DecodeOptions
+from drnn_cli.errors import DrnnError
+from drnn_cli.train import EpochRecord
+
+app = typer.Typer(
+    name="drnn",
+    help="Train deep recurrent (RNN/GRU/LSTM) character language models, then continue text and measure perplexity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file (sections data, model, train).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a config key: --set model.num_layers=3 (repeatable, YAML values)."
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="End with one JSON object on stdout (human output goes to stderr).")
+]
+RunOption = Annotated[Path | None, typer.Option("--run", help="Run directory (default: the latest run).")]
+CheckpointOption = Annotated[
+    Path | None, typer.Option("--checkpoint", help="A checkpoint file instead of a run.")
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+
+
+def _consoles(json_mode: bool) -> tuple[Console, Console]:
+    """(human output, errors): with --json the human output moves to stderr so stdout is pure JSON."""
+    return Console(stderr=json_mode, highlight=False), Console(stderr=True, highlight=False)
+
+
+def _emit_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _download_progress(console: Console) -> Iterator[Any]:
+    """A rich download bar, shown only when a download actually happens and the console is a terminal."""
+    state: dict[str, Any] = {}
+
+    def hook(received: int, total: int | None) -> None:
+        if not console.is_terminal:
+            return
+        if "progress" not in state:
+            progress = Progress(
+                TextColumn("downloading"),
+                BarColumn(),
+                DownloadColumn(),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            progress.start()
+            state["progress"], state["task"] = progress, progress.add_task("download", total=total)
+        state["progress"].update(state["task"], completed=received, total=total)
+
+    try:
+        yield hook
+    finally:
+        if "progress" in state:
+            state["progress"].stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn --version
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"drnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.")] = False,
+) -> None:
+    if debug:
+        os.environ["DRNN_DEBUG"] = "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn data
+
+
+@app.command("data")
+def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: JsonOption = False) -> None:
+    """Download (if needed), tokenize and describe the corpus.
+
+    Example: drnn data --config configs/lstm2.yaml --set data.token=word
+    """
+    out, _ = _consoles(json_out)
+    resolved = load_config(config, set_ or [])
+    with _download_progress(out) as hook:
+        report = describe_data(resolved, progress=hook)
+    dataset = report.dataset
+    table = Table(title=f"corpus {dataset.path}", show_header=False)
+    table.add_row("SHA-1", dataset.sha1)
+    table.add_row("preprocess / tokens", f"{resolved.data.preprocess} / {resolved.data.token}")
+    table.add_row("tokens (all)", f"{dataset.total_tokens:,}")
+    table.add_row("tokens used (max_tokens)", f"{len(dataset.tokens):,}")
+    table.add_row("vocabulary", f"{len(dataset.vocab):,}")
+    top = ", ".join(f"{token!r} {freq:,}" for token, freq in dataset.vocab.token_freqs[:10])
+    table.add_row("most frequent", top)
+    splits = dataset.splits
+    table.add_row("train / val / test", f"{len(splits.train):,} / {len(splits.val):,} / {len(splits.test):,}")
+    data = resolved.data
+    table.add_row(
+        "minibatches per epoch",
+        f"{report.train_batches:,} ({data.sampling}, batch {data.batch_size} × {data.num_steps} steps)",
+    )
+    out.print(table)
+    if json_out:
+        _emit_json(report.summary())
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn train
+
+
+class RichReporter:
+    """Training progress: a live bar on a terminal, plain lines every ``log_every`` epochs otherwise."""
+
+    def __init__(self, console: Console, log_every: int) -> None:
+        self.console = console
+        self.log_every = log_every
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+        self.total = 0
+
+    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None:
+        self.total = total_epochs
+        self.every = self.log_every or max(1, total_epochs // 25)
+        where = f"from epoch {start_epoch + 1}" if start_epoch else "from scratch"
+        self.console.print(f"training {parameters:,} parameters on {device}, {total_epochs} epochs, {where}")
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("epoch {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total_epochs, completed=start_epoch, status="")
+
+    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
+        status = f"ppl {record.train_ppl:.2f}"
+        if record.val_ppl is not None:
+            status += f"  val {record.val_ppl:.2f}"
+        status += f"  {record.tokens_per_s:,.0f} tok/s"
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=record.epoch, status=status)
+        elif record.epoch % self.every == 0 or record.epoch == self.total:
+            self.console.print(
+                f"epoch {record.epoch}/{self.total}  {status}  lr {record.lr:.3g}  {record.elapsed:.1f}s"
+            )
+
+    def samples(self, epoch: int, samples: dict[str, str]) -> None:
+        for text in samples.values():
+            self.console.print(f"  [{epoch}] {text}", markup=False)
+
+    def note(self, message: str) -> None:
+        self.console.print(f"note: {message}", markup=False)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@app.command("train")
+def train_command(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML config file, e.g. configs/lstm2.yaml.")
+    ],
+    set_: SetOption = None,
+    run: Annotated[
+        Path | None, typer.Option("--run", help="Run directory (default: runs/<config stem>).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu or cuda (overrides train.device).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")
+    ] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from", help="Start from the weights of another run or checkpoint (fine-tuning)."
+        ),
+    ] = None,
+    max_unknown: Annotated[
+        float,
+        typer.Option("--max-unknown", help="With --init-from: largest share of tokens allowed to be <unk>."),
+    ] = 0.01,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run in the run directory.")
+    ] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Train a model and keep its run directory (config, vocabulary, checkpoints, metrics, plot).
+
+    Example: drnn train --config configs/quick.yaml --set train.epochs=5
+    """
+    out, _ = _consoles(json_out)
+    if device is not None and device not in {"auto", "cpu", "cuda"}:
+        raise DrnnError(f"--device must be auto, cpu or cuda (got {device!r})")
+    request = TrainRequest(
+        config_path=config,
+        overrides=tuple(set_ or ()),
+        run_dir=run,
+        device=device,
+        resume=resume,
+        init_from=init_from,
+        max_unknown_fraction=max_unknown,
+        overwrite=overwrite,
+    )
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:  # under torchrun only rank 0 talks
+        out = Console(file=open(os.devnull, "w"))  # noqa: SIM115
+    log_every = load_config(config, request.overrides).train.log_every
+    reporter = RichReporter(out, log_every)
+    with _download_progress(out) as hook:
+        try:
+            result = train_run(request, reporter=reporter, progress=hook)
+        finally:
+            reporter.finish()
+    if not is_main:
+        return
+    table = Table(title=f"run {result.run_dir}", show_header=False)
+    table.add_row(
+        "epochs",
+        f"{result.start_epoch} → {result.epochs}" + (" (early stop)" if result.stopped_early else ""),
+    )
+    table.add_row("train perplexity", f"{result.train_ppl:.3f}")
+    if result.best_val_ppl is not None:
+        table.add_row(
+            "validation perplexity (last / best)", f"{result.val_ppl:.3f} / {result.best_val_ppl:.3f}"
+        )
+    table.add_row("tokens/s", f"{result.tokens_per_s:,.1f}")
+    table.add_row("device", f"{result.device} × {result.world_size}")
+    out.print(table)
+    out.print(f"perplexity {result.train_ppl:.1f}, {result.tokens_per_s:.1f} tokens/sec on {result.device}")
+    for text in result.samples.values():
+        out.print(text, markup=False)
+    if json_out:
+        _emit_json(result.summary())
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn predict
+
+
+@app.command("predict")
+def predict_command(
+    prefixes: Annotated[
+        list[str], typer.Argument(help="One or more prefixes to continue.", show_default=False)
+    ],
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    num_chars: Annotated[
+        int, typer.Option("--num-chars", "-n", help="Tokens to generate after the prefix.")
+    ] = 50,
+    sample: Annotated[
+        bool, typer.Option("--sample", help="Sample instead of taking the most likely token.")
+    ] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (> 0).")] = 1.0,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Sample only among the K most likely tokens.")
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Sample from the smallest set with mass ≥ P.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Make sampling reproducible.")] = None,
+    device: DeviceOption = "auto",
+    json_out: JsonOption = False,
+) -> None:
+    """Continue prefixes with the latest run's best model (greedy by default, as d2l's predict_ch8).
+
+    Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
+    """
+    options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
+    loaded = load_model(run, checkpoint, device)
+    token = loaded.checkpoint.config.data.token
+    stream = not json_out and sys.stdout.isatty()
+    results = []
+    for prefix in prefixes:
+        on_token = None
+        if stream:
+            sep = "" if token == "char" else " "
+
+            def on_token(piece: str, sep: str = sep) -> None:
+                sys.stdout.write(sep + piece)
+                sys.stdout.flush()
+
+            sys.stdout.write(prefix if token == "char" else prefix.strip())
+        text = predict(loaded, prefix, options, on_token)
+        results.append({"prefix": prefix, "text": text})
+        if stream:
+            sys.stdout.write("\n")
+        else:
+            out, _ = _consoles(json_out)
+            out.print(text, markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        payload = dict(results[0])
+        if len(results) > 1:
+            payload["results"] = results
+        _emit_json(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn eval
+
+
+@app.command("eval")
+def eval_command(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="train, val or test (default: val if the run has one, else train)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Evaluate on this text file instead of a split.")
+    ] = None,
+    device: DeviceOption = "auto",
+    json_out: JsonOption = False,
+) -> None:
+    """Perplexity and bits per token of a checkpoint, over every token of a split or a file exactly once.
+
+    Example: drnn eval --split test --json
+    """
+    if split is not None and split not in {"train", "val", "test"}:
+        raise DrnnError(f"--split must be train, val or test (got {split!r})")
+    out, _ = _consoles(json_out)
+    loaded = load_model(run, checkpoint, device)
+    if split is None:
+        split = "val" if loaded.checkpoint.config.data.val_fraction > 0 else "train"
+    report = evaluate_split(loaded, split, data)
+    out.print(
+        f"{report.source}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
+        f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch})",
+        markup=False,
+    )
+    if json_out:
+        _emit_json(report.summary())
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the app; turn every failure into one line on stderr and an exit code."""
+    errors = Console(stderr=True, highlight=False)
+    try:
+        app(args=argv, standalone_mode=False)
+    except DrnnError as error:
+        errors.print(f"drnn: error: {error}", markup=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        errors.print("drnn: interrupted", markup=False)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        errors.print("drnn: interrupted", markup=False)
+        sys.exit(130)
+    except Exception as error:
+        if _is_usage_error(error):
+            _report_usage_error(error, errors)
+        # anything else is a bug: still one line, unless asked for the traceback
+        if os.environ.get("DRNN_DEBUG"):
+            traceback.print_exc()
+        errors.print(
+            f"drnn: internal error: {type(error).__name__}: {error} (rerun with drnn --debug ... for the traceback)",
+            markup=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+def _is_usage_error(error: Exception) -> bool:
+    """Typer's (vendored or external) click usage errors: they carry a message and an exit code."""
+    return hasattr(error, "format_message") and hasattr(error, "exit_code")
+
+
+def _report_usage_error(error: Any, errors: Console) -> None:
+    if type(error).__name__ == "NoArgsIsHelpError":
+        sys.stdout.write(error.format_message().rstrip() + "\n")
+        sys.exit(0)
+    ctx = getattr(error, "ctx", None)
+    command = ctx.command_path if ctx is not None else "drnn"
+    message = " ".join(error.format_message().split())
+    errors.print(f"drnn: error: {message} (see {command} --help)", markup=False, soft_wrap=True)
+    sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""What each command does, as library calls: the CLI parses and renders, these do the work."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from drnn_cli.batches import Splits, training_batches
+from drnn_cli.checkpoint import (
+    LAST,
+    Checkpoint,
+    RunLock,
+    default_run_dir,
+    load_checkpoint,
+    mark_latest,
+    resolve_checkpoint,
+)
+from drnn_cli.config import Config, load_config
+from drnn_cli.corpus import ProgressHook, preprocess, read_text
+from drnn_cli.data import Dataset, load_dataset
+from drnn_cli.decode import DecodeOptions, continue_prefix
+from drnn_cli.errors import DrnnError
+from drnn_cli.evaluate import Perplexity, evaluate
+from drnn_cli.models import RNNLanguageModel, build_model
+from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
+from drnn_cli.train import Reporter, Trainer, TrainResult
+from drnn_cli.vocab import encode_tokens, tokens_of, unknown_tokens
+
+# Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
+# differ between a checkpoint and the run that continues from it.
+ARCHITECTURE_KEYS = ("cell", "hidden_size", "num_layers", "embedding_dim", "nonlinearity", "tie_weights")
+TOKEN_KEYS = ("preprocess", "token")
+# Data keys that decide which tokens form the splits: a resumed run must see the same ones.
+SPLIT_KEYS = (
+    "corpus",
+    "path",
+    "preprocess",
+    "token",
+    "max_tokens",
+    "min_freq",
+    "val_fraction",
+    "test_fraction",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn data
+
+
+@dataclass(frozen=True)
+class DataReport:
+    dataset: Dataset
+    config: Config
+    train_batches: int
+
+    def summary(self) -> dict:
+        return self.dataset.summary()
+
+
+def describe_data(config: Config, progress: ProgressHook | None = None) -> DataReport:
+    dataset = load_dataset(config.data, progress=progress)
+    data = config.data
+    batches = 0
+    if len(dataset.splits.train) >= data.batch_size * data.num_steps + 1:
+        batches = len(
+            training_batches(
+                dataset.splits.train,
+                data.sampling,
+                data.batch_size,
+                data.num_steps,
+                torch.Generator().manual_seed(0),
+            )
+        )
+    return DataReport(dataset, config, batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn train
+
+
+def differing_keys(old: Config, new: Config, section: str, keys: tuple[str, ...]) -> list[str]:
+    before, after = getattr(old, section), getattr(new, section)
+    return [f"{section}.{key}" for key in keys if getattr(before, key) != getattr(after, key)]
+
+
+def _describe_differences(old: Config, new: Config, keys: list[str]) -> str:
+    def value(config: Config, dotted: str) -> object:
+        section, key = dotted.split(".")
+        return getattr(getattr(config, section), key)
+
+    return ", ".join(
+        f"{key} ({value(old, key)!r} in the checkpoint, {value(new, key)!r} now)" for key in keys
+    )
+
+
+def resolve_init_source(source: Path) -> Path:
+    """``--init-from`` takes a run directory (its best/last checkpoint) or a checkpoint file."""
+    return resolve_checkpoint(source, None) if source.is_dir() else source
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    config_path: Path
+    overrides: tuple[str, ...] = ()
+    run_dir: Path | None = None
+    device: str | None = None
+    resume: bool = False
+    init_from: Path | None = None
+    max_unknown_fraction: float = 0.01
+    overwrite: bool = False
+
+
+def train_run(
+    request: TrainRequest,
+    reporter: Reporter | None = None,
+    progress: ProgressHook | None = None,
+    on_ready: Callable[[Dataset, Config], None] | None = None,
+) -> TrainResult:
+    """Everything ``drnn train`` does: config, run directory, lock, data, model, loop."""
+    if request.resume and request.init_from is not None:
+        raise DrnnError(
+            "--resume and --init-from cannot be combined: --resume continues this run (weights, optimizer, "
+            "epoch), --init-from starts a new run from another run's weights"
+        )
+    config = load_config(request.config_path, request.overrides)
+    if request.device is not None:
+        config.train.device = request.device  # type: ignore[assignment]
+    run_dir = request.run_dir or default_run_dir(request.config_path)
+    dist = init_distributed(config.train.device)
+    try:
+        device = resolve_device(config.train.device, dist.local_rank)
+        lock = RunLock(run_dir) if dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            return _train_locked(request, config, run_dir, device, dist, reporter, progress, on_ready)
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        shutdown_distributed(dist)
+
+
+def _train_locked(
+    request: TrainRequest,
+    config: Config,
+    run_dir: Path,
+    device: torch.device,
+    dist: DistContext,
+    reporter: Reporter | None,
+    progress: ProgressHook | None,
+    on_ready: Callable[[Dataset, Config], None] | None,
+) -> TrainResult:
+    resume_from: Checkpoint | None = None
+    init_from: Checkpoint | None = None
+    init_label: str | None = None
+    last = run_dir / LAST
+    if request.resume:
+        if not last.is_file():
+            raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
+        resume_from = load_checkpoint(last, device)
+        changed = differing_keys(resume_from.config, config, "model", (*ARCHITECTURE_KEYS, "impl"))
+        changed += differing_keys(resume_from.config, config, "data", SPLIT_KEYS)
+        if changed:
+            raise DrnnError(
+                f"cannot resume {run_dir}: the config changed {_describe_differences(resume_from.config, config, changed)}; "
+                f"restore them or start a new run with --run DIR"
+            )
+        vocab = resume_from.vocab
+    elif last.is_file() and not request.overwrite:
+        raise DrnnError(
+            f"run directory {run_dir} already holds a run; continue it with --resume, pick another with --run DIR, "
+            f"or replace it with --overwrite"
+        )
+    else:
+        vocab = None
+    if request.init_from is not None:
+        source = resolve_init_source(request.init_from)
+        init_from = load_checkpoint(source, device)
+        changed = differing_keys(init_from.config, config, "model", ARCHITECTURE_KEYS)
+        changed += differing_keys(init_from.config, config, "data", TOKEN_KEYS)
+        if changed:
+            raise DrnnError(
+                f"cannot initialise from {source}: {_describe_differences(init_from.config, config, changed)}; "
+                f"make the new config match"
+            )
+        vocab = init_from.vocab
+        init_label = str(source.resolve())
+    dataset = load_dataset(config.data, vocab=vocab, progress=progress)
+    if init_from is not None:
+        _check_unknown_share(dataset, request.max_unknown_fraction, reporter)
+    if on_ready is not None:
+        on_ready(dataset, config)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not request.resume:
+            for stale in (
+                "last.safetensors",
+                "best.safetensors",
+                "metrics.jsonl",
+                "perplexity.png",
+                "init_from.txt",
+            ):
+                (run_dir / stale).unlink(missing_ok=True)
+        mark_latest(run_dir)
+    trainer = Trainer(
+        config,
+        dataset,
+        run_dir,
+        device,
+        reporter,
+        dist,
+        resume=resume_from,
+        init_from=init_from,
+        init_from_label=init_label,
+    )
+    return trainer.fit()
+
+
+def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:
+    """Fine-tuning keeps the checkpoint's vocabulary: report (or refuse) text it cannot spell."""
+    share = dataset.unknown_tokens / max(1, dataset.total_tokens)
+    if dataset.unknown_tokens and share > limit:
+        raise DrnnError(
+            f"{dataset.unknown_tokens} of {dataset.total_tokens} tokens ({share:.1%}) are not in the checkpoint's "
+            f"vocabulary, above the allowed {limit:.1%}; raise --max-unknown or fine-tune on text closer to the original"
+        )
+    if dataset.unknown_tokens and reporter is not None:
+        reporter.note(
+            f"{dataset.unknown_tokens} tokens ({share:.2%}) are not in the vocabulary and map to <unk>"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn predict / eval
+
+
+@dataclass
+class LoadedModel:
+    checkpoint: Checkpoint
+    model: RNNLanguageModel
+    device: torch.device
+    path: Path
+
+
+def load_model(run: Path | None, checkpoint: Path | None, device_choice: str) -> LoadedModel:
+    path = resolve_checkpoint(run, checkpoint)
+    device = resolve_device(device_choice)
+    loaded = load_checkpoint(path, device)
+    model = build_model(len(loaded.vocab), loaded.config.model)
+    try:
+        model.load_state_dict(loaded.model_state)
+    except RuntimeError:
+        raise DrnnError(f"checkpoint {path} does not match its own model config; it is corrupt") from None
+    model.to(device).eval()
+    return LoadedModel(loaded, model, device, path)
+
+
+def predict(
+    loaded: LoadedModel, prefix: str, options: DecodeOptions, on_token: Callable[[str], None] | None = None
+) -> str:
+    data = loaded.checkpoint.config.data
+    return continue_prefix(
+        loaded.model,
+        loaded.checkpoint.vocab,
+        prefix,
+        data.preprocess,
+        data.token,
+        options,
+        loaded.device,
+        on_token,
+    )
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    split: str
+    epoch: int
+    result: Perplexity
+    source: str
+
+    def summary(self) -> dict:
+        return {
+            "split": self.split,
+            "epoch": self.epoch,
+            "perplexity": self.result.perplexity,
+            "bits_per_token": self.result.bits_per_token,
+            "tokens": self.result.tokens,
+            "source": self.source,
+        }
+
+
+def evaluate_split(loaded: LoadedModel, split: str, data_file: Path | None = None) -> EvalReport:
+    """Perplexity of the checkpoint on a split of its own corpus, or on ``data_file``."""
+    config = loaded.checkpoint.config
+    vocab = loaded.checkpoint.vocab
+    if data_file is not None:
+        stream = tokens_of(preprocess(read_text(data_file), config.data.preprocess), config.data.token)
+        if len(stream) < 2:
+            raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
+        missing = unknown_tokens(stream, vocab)
+        tokens = encode_tokens(stream, vocab)
+        source = str(data_file)
+        if missing:
+            source += f" ({sum(missing.values())} tokens not in the vocabulary scored as <unk>)"
+    else:
+        dataset = load_dataset(config.data, vocab=vocab)
+        tokens = _split_or_error(dataset.splits, split, config)
+        source = f"{dataset.path} [{split}]"
+    result = evaluate(
+        loaded.model, tokens, config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
+    )
+    return EvalReport(split if data_file is None else "file", loaded.checkpoint.epoch, result, source)
+
+
+def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:
+    tokens = splits.get(split)
+    if len(tokens) < 2:
+        key = {"val": "data.val_fraction", "test": "data.test_fraction"}.get(split, "data.max_tokens")
+        raise DrnnError(
+            f"the run has no {split} split ({len(tokens)} tokens); it was trained with {key} = "
+            f"{getattr(config.data, key.split('.')[1])}; evaluate another split or pass --data FILE"
+        )
+    return tokens

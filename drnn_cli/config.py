@@ -1,0 +1,263 @@
+"""The typed configuration: schema, YAML loading, ``--set`` overrides and validation.
+
+Everything downstream receives a validated :class:`Config`, never a dict. Errors name the dotted key
+and what is allowed, so ``--set model.num_layers=0`` and a typo in a YAML file get the same answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from drnn_cli.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Section):
+    """Where the text comes from, how it becomes tokens, and how tokens become minibatches."""
+
+    corpus: str = Field("timemachine", description="registered corpus name (ignored when data.path is set)")
+    path: str | None = Field(
+        None, description="a local UTF-8 text file to use instead of a registered corpus"
+    )
+    preprocess: Literal["d2l", "letters", "lower", "none"] = Field(
+        "d2l",
+        description="d2l: letters only, lower-cased, lines glued; letters: same, lines joined by spaces",
+    )
+    token: Literal["char", "word"] = Field(
+        "char", description="character or whitespace-separated word tokens"
+    )
+    max_tokens: int = Field(-1, ge=-1, description="keep only the first N tokens (-1 = all)")
+    min_freq: int = Field(0, ge=0, description="tokens rarer than this map to <unk>")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="tail share held out for validation")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="tail share held out for testing")
+    batch_size: int = Field(32, ge=1, description="sequences per minibatch (global, across processes)")
+    num_steps: int = Field(35, ge=1, description="timesteps per minibatch (truncated BPTT length)")
+    sampling: Literal["sequential", "random"] = Field(
+        "sequential", description="sequential carries the state across minibatches; random resets it"
+    )
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (all tokens) or a positive count")
+        return value
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction must be below 1 "
+                f"(got {self.val_fraction} + {self.test_fraction}); lower one of them"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """The language model: input encoding, stacked recurrent layers, output layer."""
+
+    cell: Literal["rnn", "gru", "lstm"] = Field("lstm", description="recurrent cell")
+    hidden_size: int = Field(256, ge=1, description="hidden units per layer")
+    num_layers: int = Field(2, ge=1, le=64, description="stacked recurrent layers")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between recurrent layers")
+    output_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the last layer's output")
+    weight_drop: float = Field(
+        0.0, ge=0.0, lt=1.0, description="DropConnect on the recurrent weights (impl: scratch only)"
+    )
+    bidirectional: bool = Field(False, description="refused: a bidirectional RNN sees the token it predicts")
+    impl: Literal["torch", "scratch"] = Field(
+        "torch", description="torch: nn.RNN/GRU/LSTM; scratch: own cells"
+    )
+    embedding_dim: int = Field(0, ge=0, description="0 = one-hot input as in d2l; else a learned embedding")
+    nonlinearity: Literal["tanh", "relu"] = Field("tanh", description="activation of the plain rnn cell")
+    init: Literal["torch", "d2l"] = Field("torch", description="torch: uniform(±1/√H); d2l: normal(0, 0.01)")
+    tie_weights: bool = Field(False, description="share embedding and output weights (needs embedding_dim)")
+
+    @field_validator("bidirectional")
+    @classmethod
+    def _no_bidirectional(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "a bidirectional RNN cannot be a language model: its backward half reads the very token "
+                "it must predict, so it 'trains' to perplexity ~1 and generates garbage; set it to false"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.tie_weights and self.embedding_dim != self.hidden_size:
+            raise ValueError(
+                f"model.tie_weights needs model.embedding_dim equal to model.hidden_size "
+                f"(got {self.embedding_dim} and {self.hidden_size})"
+            )
+        if self.weight_drop > 0 and self.impl != "scratch":
+            raise ValueError("model.weight_drop needs model.impl: scratch (cuDNN keeps its weights fused)")
+        if self.nonlinearity == "relu" and self.cell != "rnn":
+            raise ValueError("model.nonlinearity applies only to model.cell: rnn")
+        return self
+
+
+class TrainConfig(_Section):
+    """The optimisation loop, its schedule, and what it reports and keeps."""
+
+    epochs: int = Field(500, ge=1, description="passes over the training split")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer")
+    lr: float = Field(2.0, gt=0.0, description="learning rate")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 (sgd/adam) or decoupled (adamw) weight decay")
+    clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)")
+    schedule: Literal["constant", "step", "cosine"] = Field("constant", description="learning-rate schedule")
+    warmup_epochs: int = Field(0, ge=0, description="linear warm-up epochs before the schedule")
+    step_size: int = Field(100, ge=1, description="step schedule: epochs between decays")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine schedule: final learning rate")
+    seed: int = Field(0, ge=0, description="seed for initialisation, batching and dropout")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")
+    sample_every: int = Field(10, ge=0, description="greedy samples every N epochs (0 = only at the end)")
+    sample_prefixes: list[str] = Field(
+        default_factory=lambda: ["time traveller", "traveller"], description="prefixes sampled while training"
+    )
+    sample_chars: int = Field(50, ge=0, description="tokens generated per sample")
+    eval_every: int = Field(1, ge=1, description="validation perplexity every N epochs")
+    patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0 = off)")
+    checkpoint_every: int = Field(10, ge=1, description="write the 'last' checkpoint every N epochs")
+    log_every: int = Field(0, ge=0, description="plain-text progress line every N epochs (0 = auto)")
+
+    @field_validator("sample_prefixes")
+    @classmethod
+    def _non_empty_prefixes(cls, value: list[str]) -> list[str]:
+        if any(not prefix for prefix in value):
+            raise ValueError("sample prefixes must be non-empty strings")
+        return value
+
+
+class Config(_Section):
+    """A whole run: data, model, train. This resolved object is what the library receives."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def describe_error(error: ValidationError) -> str:
+    """The first validation problem as ``config error: <dotted.key>: <what is allowed>``."""
+    first = error.errors()[0]
+    location = [str(part) for part in first["loc"]]
+    key = ".".join(location)
+    if first["type"] == "extra_forbidden":
+        section = _section_for(location[:-1])
+        allowed = ", ".join(section.model_fields) if section is not None else ""
+        where = ".".join(location[:-1]) or "the top level"
+        return f"config error: unknown key '{key}'; {where} allows: {allowed}"
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"config error: {key or 'config'}: {message}{shown}"
+
+
+def _section_for(location: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in location:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.num_layers=3`` → (["model", "num_layers"], 3); the value is parsed as a YAML scalar."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            f"--set expects KEY=VALUE with a dotted key, e.g. --set model.num_layers=3 (got {text!r})"
+        )
+    parts = key.split(".")
+    if any(not part for part in parts):
+        raise ConfigError(f"--set key {key!r} has an empty part; use dotted keys like train.lr=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: {raw!r} is not a valid YAML value ({_yaml_problem(exc)})") from None
+    if raw.strip() and value is None and raw.strip() not in {"null", "~", "Null", "NULL"}:
+        value = raw
+    return parts, value
+
+
+def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            dotted = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "malformed YAML"
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, or a one-line ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass an existing file to --config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must be a mapping with sections data, model, train")
+    return tree
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Apply ``--set`` overrides to a raw tree, then validate it into a Config."""
+    tree = _deep_copy(tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None
+
+
+def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config: defaults, then the YAML file (if any), then each ``--set`` in order."""
+    tree = read_yaml(path) if path is not None else {}
+    return build_config(tree, overrides)
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: _deep_copy(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(value) for value in tree]
+    return tree
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

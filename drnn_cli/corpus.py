@@ -1,0 +1,205 @@
+"""Corpus files: the registry, download with checksum and cache, reading, and preprocessing.
+
+The first stage of the data flow: it turns ``data.corpus`` / ``data.path`` into the text a
+tokenizer reads, exactly as d2l 0.17.6 does for the ``d2l`` mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from drnn_cli.errors import DrnnError
+
+DEFAULT_DATA_DIR = "data"
+DATA_DIR_ENV = "DRNN_DATA_DIR"
+DATA_URL_ENV = "DRNN_DATA_URL"
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A downloadable corpus: the file name on the hub and its SHA-1."""
+
+    name: str
+    filename: str
+    base_url: str
+    sha1: str
+    size: int
+
+
+REGISTRY: dict[str, CorpusSpec] = {
+    "timemachine": CorpusSpec(
+        name="timemachine",
+        filename="timemachine.txt",
+        base_url="http://d2l-data.s3-accelerate.amazonaws.com/",
+        sha1="090b5e7e70c295757f55df93cb0a180b9691891a",
+        size=178_979,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """A corpus on local disk, ready to read."""
+
+    path: Path
+    sha1: str
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+def file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def corpus_url(spec: CorpusSpec) -> str:
+    base = os.environ.get(DATA_URL_ENV) or spec.base_url
+    return base.rstrip("/") + "/" + spec.filename
+
+
+ProgressHook = Callable[[int, int | None], None]
+
+
+def fetch_corpus(
+    name: str,
+    *,
+    cache_dir: Path | None = None,
+    progress: ProgressHook | None = None,
+    retries: int = 3,
+    timeout: float = 30.0,
+    backoff: float = 1.0,
+) -> CorpusFile:
+    """Return the cached, verified corpus file, downloading it first if needed.
+
+    A cached file whose SHA-1 matches means no network at all. Downloads stream into a temporary file
+    beside the target, are verified, then renamed into place, so the cache never holds a partial file.
+    """
+    spec = REGISTRY.get(name)
+    if spec is None:
+        known = ", ".join(sorted(REGISTRY))
+        raise DrnnError(f"unknown corpus {name!r}; data.corpus must be one of: {known} (or set data.path)")
+    cache_dir = cache_dir or data_dir()
+    target = cache_dir / spec.filename
+    if target.is_file() and file_sha1(target) == spec.sha1:
+        return CorpusFile(target, spec.sha1)
+    url = corpus_url(spec)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DrnnError(f"cannot create the corpus cache {cache_dir}: {exc}; set {DATA_DIR_ENV}") from None
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        actual = _download_with_retries(url, partial, progress, retries, timeout, backoff)
+        if actual != spec.sha1:
+            raise DrnnError(
+                f"checksum mismatch for {url}: expected SHA-1 {spec.sha1}, got {actual}; the download was "
+                f"discarded. Check {DATA_URL_ENV} or copy the right file into {cache_dir}"
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return CorpusFile(target, spec.sha1)
+
+
+def _download_with_retries(
+    url: str, partial: Path, progress: ProgressHook | None, retries: int, timeout: float, backoff: float
+) -> str:
+    last_problem = ""
+    for attempt in range(retries):
+        try:
+            return _download(url, partial, progress, timeout)
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            last_problem = f"HTTP {status}"
+            if status and status < 500 and status != 429:
+                break  # a 404 will not fix itself
+        except requests.RequestException as exc:
+            last_problem = type(exc).__name__
+        if attempt + 1 < retries:
+            time.sleep(backoff * 2**attempt)
+    raise DrnnError(
+        f"cannot download {url} ({last_problem}); check the network, set {DATA_URL_ENV} to a mirror, "
+        f"or copy the file into {data_dir()} (or ${DATA_DIR_ENV})"
+    )
+
+
+def _download(url: str, partial: Path, progress: ProgressHook | None, timeout: float) -> str:
+    digest = hashlib.sha1()
+    with requests.get(url, stream=True, timeout=timeout) as response:
+        response.raise_for_status()
+        total = int(response.headers.get("Content-Length") or 0) or None
+        received = 0
+        with partial.open("wb") as handle:
+            for block in response.iter_content(chunk_size=1 << 16):
+                handle.write(block)
+                digest.update(block)
+                received += len(block)
+                if progress is not None:
+                    progress(received, total)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return digest.hexdigest()
+
+
+def read_text(path: Path) -> str:
+    """The file as text, with one-line errors for the usual problems."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DrnnError(f"corpus file {path} does not exist; fix data.path") from None
+    except IsADirectoryError:
+        raise DrnnError(f"corpus path {path} is a directory; data.path must name a text file") from None
+    except OSError as exc:
+        raise DrnnError(f"cannot read corpus file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DrnnError(
+            f"corpus file {path} is not UTF-8 (undecodable byte at offset {exc.start}); convert it, "
+            f"e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    del raw
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")  # what open() in text mode does for d2l
+    if not text.strip():
+        raise DrnnError(f"corpus file {path} is empty; give data.path a file with text in it")
+    return text
+
+
+_NON_LETTERS = re.compile(r"[^A-Za-z]+")
+
+
+def preprocess(text: str, mode: str) -> list[str]:
+    """The text as a list of pieces whose concatenation is the character stream.
+
+    ``d2l`` reproduces d2l 0.17.6 exactly: every line becomes ``re.sub('[^A-Za-z]+', ' ', line)
+    .strip().lower()`` and the lines are concatenated with no separator ("him" + "was" → "himwas").
+    Pieces are kept per line because word tokens split each line separately.
+    """
+    if mode == "d2l":
+        return [_NON_LETTERS.sub(" ", line).strip().lower() for line in text.split("\n")]
+    if mode == "letters":
+        return [_NON_LETTERS.sub(" ", text).strip().lower()]
+    if mode == "lower":
+        return [text.lower()]
+    if mode == "none":
+        return [text]
+    raise DrnnError(f"unknown preprocessing {mode!r}; data.preprocess allows d2l, letters, lower, none")
+
+
+def preprocess_prefix(prefix: str, mode: str) -> str:
+    """A user's prompt treated like one line of the training text."""
+    return "".join(preprocess(prefix, mode)) if mode in {"d2l", "letters"} else preprocess(prefix, mode)[0]

@@ -1,0 +1,83 @@
+"""The data stage as one call: config → corpus file → tokens → vocabulary → encoded splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from drnn_cli.batches import Splits, split_tokens
+from drnn_cli.config import DataConfig
+from drnn_cli.corpus import ProgressHook, fetch_corpus, file_sha1, preprocess, read_text
+from drnn_cli.errors import DrnnError
+from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An encoded corpus with its vocabulary and splits; ``tokens`` is after ``max_tokens``."""
+
+    vocab: Vocab
+    tokens: torch.Tensor
+    splits: Splits
+    path: Path
+    sha1: str
+    total_tokens: int  # before max_tokens
+    unknown_tokens: int = 0  # tokens mapped to <unk> because a fixed vocabulary lacked them
+
+    def summary(self) -> dict:
+        """The ``drnn data --json`` object (GUIDE §1)."""
+        return {
+            "corpus_tokens": len(self.tokens),
+            "total_tokens": self.total_tokens,
+            "vocab_size": len(self.vocab),
+            "idx_to_token": self.vocab.idx_to_token,
+            "train_tokens": len(self.splits.train),
+            "val_tokens": len(self.splits.val),
+            "test_tokens": len(self.splits.test),
+            "path": str(self.path),
+            "sha1": self.sha1,
+        }
+
+
+def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None) -> tuple[Path, str]:
+    """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed)."""
+    if config.path:
+        path = Path(config.path).expanduser()
+        if not path.is_file():
+            raise DrnnError(f"corpus file {path} does not exist; fix data.path")
+        return path, file_sha1(path)
+    corpus = fetch_corpus(config.corpus, progress=progress)
+    return corpus.path, corpus.sha1
+
+
+def read_token_stream(path: Path, config: DataConfig) -> str | list[str]:
+    return tokens_of(preprocess(read_text(path), config.preprocess), config.token)
+
+
+def load_dataset(
+    config: DataConfig, vocab: Vocab | None = None, progress: ProgressHook | None = None
+) -> Dataset:
+    """Read, preprocess, tokenize and encode the corpus of ``config``.
+
+    Like d2l, the vocabulary is built from the whole text and ``max_tokens`` then keeps the first
+    tokens. Pass ``vocab`` to encode with a fixed vocabulary (evaluation, fine-tuning) instead.
+    """
+    path, sha1 = resolve_corpus_file(config, progress)
+    stream = read_token_stream(path, config)
+    if len(stream) == 0:
+        raise DrnnError(
+            f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; "
+            f"try data.preprocess: none"
+        )
+    if vocab is None:
+        vocab = Vocab.from_counts(count_tokens(stream), min_freq=config.min_freq)
+    encoded = encode_tokens(stream, vocab)
+    total = len(encoded)
+    del stream
+    if config.max_tokens > 0:
+        encoded = encoded[: config.max_tokens].clone()
+    unknown = int((encoded == 0).sum())
+    splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
+    return Dataset(vocab, encoded, splits, path, sha1, total, unknown)

@@ -1,0 +1,128 @@
+"""Continuing a prefix: greedy (d2l's ``predict_ch8``) or sampled with temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from drnn_cli.corpus import preprocess_prefix
+from drnn_cli.errors import DrnnError
+from drnn_cli.models import RNNLanguageModel
+from drnn_cli.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to pick each next token. Greedy unless ``sample`` is set."""
+
+    num_tokens: int = 50
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0:
+            raise DrnnError(f"-n/--num-chars must be >= 0 (got {self.num_tokens})")
+        if self.sample and not self.temperature > 0:
+            raise DrnnError(f"--temperature must be > 0 when sampling (got {self.temperature})")
+        if self.top_k is not None and self.top_k < 1:
+            raise DrnnError(f"--top-k must be >= 1 (got {self.top_k})")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise DrnnError(f"--top-p must be in (0, 1] (got {self.top_p})")
+
+
+def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> list[str]:
+    """The prefix as the run's tokens, preprocessed like its corpus; unknown tokens are refused.
+
+    Refusing (rather than mapping to ``<unk>``) keeps a continuation honest: the model never saw
+    ``<unk>`` in the d2l corpora, so it would condition on something meaningless.
+    """
+    if not prefix:
+        raise DrnnError(
+            'the prefix is empty; give at least one character, e.g. drnn predict "time traveller"'
+        )
+    text = preprocess_prefix(prefix, preprocess)
+    tokens = list(text) if token == "char" else text.split()
+    if not tokens:
+        raise DrnnError(
+            f"the prefix {prefix!r} is empty after data.preprocess={preprocess}; use letters the model knows"
+        )
+    unknown = sorted({t for t in tokens if t not in vocab or vocab[t] == 0})
+    if unknown:
+        shown = ", ".join(repr(t) for t in unknown[:10])
+        raise DrnnError(
+            f"the prefix {prefix!r} contains {token}s not in the model's vocabulary: {shown}; "
+            f"remove or replace them"
+        )
+    return tokens
+
+
+def join_tokens(tokens: list[str], token: str) -> str:
+    return "".join(tokens) if token == "char" else " ".join(tokens)
+
+
+def _pick(logits: torch.Tensor, options: DecodeOptions, generator: torch.Generator | None) -> int:
+    if not options.sample:
+        return int(logits.argmax())
+    scores = logits.double().cpu() / options.temperature
+    if options.top_k is not None and options.top_k < scores.numel():
+        threshold = torch.topk(scores, options.top_k).values[-1]
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if options.top_p is not None and options.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest head whose mass reaches top_p (the first token always stays)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= options.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: RNNLanguageModel,
+    vocab: Vocab,
+    tokens: list[str],
+    options: DecodeOptions,
+    device: torch.device,
+    on_token: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Warm the state on ``tokens``, then append ``options.num_tokens`` tokens; returns only the new ones."""
+    was_training = model.training
+    model.eval()
+    try:
+        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        ids = torch.tensor([[vocab[t] for t in tokens]], device=device)
+        state = model.begin_state(1, device)
+        logits, state = model(ids, state)  # the whole prefix at once ≡ d2l feeding it one by one
+        produced: list[str] = []
+        for step in range(options.num_tokens):
+            next_id = _pick(logits[-1, 0].float(), options, generator)
+            produced.append(vocab.idx_to_token[next_id])
+            if on_token is not None:
+                on_token(produced[-1])
+            if step + 1 < options.num_tokens:
+                logits, state = model(torch.tensor([[next_id]], device=device), state)
+        return produced
+    finally:
+        model.train(was_training)
+
+
+def continue_prefix(
+    model: RNNLanguageModel,
+    vocab: Vocab,
+    prefix: str,
+    preprocess: str,
+    token: str,
+    options: DecodeOptions,
+    device: torch.device,
+    on_token: Callable[[str], None] | None = None,
+) -> str:
+    """The prefix (as the model saw it) followed by the continuation, as d2l prints it."""
+    tokens = prefix_tokens(prefix, vocab, preprocess, token)
+    produced = generate(model, vocab, tokens, options, device, on_token)
+    return join_tokens(tokens + produced, token)

@@ -1,0 +1,28 @@
+"""The one exception type the CLI turns into a single line on stderr."""
+
+
+class DrnnError(Exception):
+    """A problem the user can fix: the message names it and says how.
+
+    The CLI prints ``str(error)`` on one line and exits with ``exit_code``; nothing else in drnn
+    prints errors or calls ``sys.exit``.
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(" ".join(message.split()))
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(DrnnError):
+    exit_code = 2
+
+
+class TrainingInterrupted(DrnnError):
+    """SIGINT/SIGTERM arrived; a resumable checkpoint was written before raising."""
+
+
+class TrainingDiverged(DrnnError):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""

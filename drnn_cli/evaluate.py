@@ -1,0 +1,66 @@
+"""Held-out numbers: perplexity and bits per token over every token of a split, exactly once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from drnn_cli.batches import eval_batches
+from drnn_cli.models import RNNLanguageModel, detach_state, select_state_row
+from drnn_cli.runtime import autocast
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Summed negative log-likelihood (nats) over ``tokens`` predicted tokens."""
+
+    nll: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nll / self.tokens / math.log(2) if self.tokens else float("nan")
+
+
+@torch.no_grad()
+def evaluate(
+    model: RNNLanguageModel,
+    tokens: torch.Tensor,
+    batch_size: int,
+    num_steps: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> Perplexity:
+    """Predict every token after the first from all tokens before it (state carried throughout).
+
+    The state starts at zero at the beginning of ``tokens``; dropout is off while evaluating.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        nll = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
+        state = None
+        for batch in eval_batches(tokens.to(device), batch_size, num_steps):
+            if state is None:
+                state = model.begin_state(batch.x.shape[0], device)
+            elif batch.keep_row is not None:
+                state = select_state_row(state, batch.keep_row)
+            with autocast(device, precision):
+                logits, state = model(batch.x, state)
+            state = detach_state(state)
+            targets = batch.y.t().reshape(-1)
+            nll += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"
+            ).double()
+            count += targets.numel()
+        return Perplexity(float(nll), count)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,240 @@
+"""The language model: input encoding → stacked recurrent layers → linear layer to the vocabulary.
+
+Two implementations of the recurrent stack sit behind one interface:
+
+* ``impl: torch`` uses ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (cuDNN on a GPU);
+* ``impl: scratch`` steps the cells written from d2l's equations, with *the same parameter names
+  and layouts* as PyTorch's, so weights copy across and the two are tested equal.
+
+Gate layouts (rows of ``weight_ih_l{k}`` / ``weight_hh_l{k}``, as PyTorch and cuDNN order them)::
+
+    lstm  [ i | f | g | o ]   c' = σ(f)⊙c + σ(i)⊙tanh(g);   h' = σ(o)⊙tanh(c')
+    gru   [ r | z | n ]       n  = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))   ← reset gate applied
+                              h' = (1 − z)⊙n + z⊙h                                AFTER the product
+    rnn   [ h ]               h' = tanh(W_ih x + b_ih + W_hh h + b_hh)   (or relu)
+
+The GRU is cuDNN's form (d2l's code; d2l's printed formula applies r before the product, which is
+a different model), so a scratch GRU equals ``nn.GRU``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drnn_cli.config import ModelConfig
+
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+class ScratchRecurrent(nn.Module):
+    """A stack of recurrent layers stepped in Python, parameter-compatible with ``nn.LSTM`` & co.
+
+    Input ``(T, B, I)`` time-major; state ``h`` (and ``c`` for LSTM) of shape ``(L, B, H)``. The input
+    projection of all timesteps is one matrix product per layer; each timestep then costs one
+    ``addmm`` for the recurrent product and a few element-wise gate operations.
+    """
+
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int,
+        dropout: float = 0.0,
+        nonlinearity: str = "tanh",
+        weight_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if cell not in GATES:
+            raise ValueError(f"unknown cell {cell!r}; choose rnn, gru or lstm")
+        self.cell = cell
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dropout = dropout
+        self.nonlinearity = nonlinearity
+        self.weight_drop = weight_drop
+        rows = GATES[cell] * hidden_size
+        for layer in range(num_layers):
+            width = input_size if layer == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(rows, width)))
+            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(rows, hidden_size)))
+            self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(rows)))
+            self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(rows)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def _layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
+        w_ih = getattr(self, f"weight_ih_l{layer}")
+        w_hh = getattr(self, f"weight_hh_l{layer}")
+        if self.weight_drop > 0:  # DropConnect: one mask on the recurrent weights per forward pass
+            w_hh = F.dropout(w_hh, self.weight_drop, self.training)
+        return w_ih, w_hh, getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")
+
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        h0, c0 = state if isinstance(state, tuple) else (state, None)
+        final_h, final_c = [], []
+        layer_input = inputs
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self._layer_weights(layer)
+            # (T, B, I) @ (I, G·H) for all timesteps at once.
+            projected = F.linear(layer_input, w_ih, b_ih)
+            if self.cell == "lstm":
+                assert c0 is not None
+                outputs, h, c = _lstm_layer(projected + b_hh, h0[layer], c0[layer], w_hh.t())
+                final_c.append(c)
+            elif self.cell == "gru":
+                outputs, h = _gru_layer(projected, h0[layer], w_hh.t(), b_hh)
+            else:
+                activation = torch.tanh if self.nonlinearity == "tanh" else torch.relu
+                outputs, h = _rnn_layer(projected + b_hh, h0[layer], w_hh.t(), activation)
+            final_h.append(h)
+            if self.dropout > 0 and layer < self.num_layers - 1:
+                outputs = F.dropout(outputs, self.dropout, self.training)
+            layer_input = outputs
+        h_n = torch.stack(final_h)
+        return layer_input, ((h_n, torch.stack(final_c)) if self.cell == "lstm" else h_n)
+
+
+def _lstm_layer(
+    projected: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden = h.shape[-1]
+    outputs = []
+    for x_gates in projected:
+        gates = torch.addmm(x_gates, h, w_hh_t)
+        sig = torch.sigmoid(gates)  # σ over all four blocks at once; the g block is unused
+        i, f, o = sig[:, :hidden], sig[:, hidden : 2 * hidden], sig[:, 3 * hidden :]
+        g = torch.tanh(gates[:, 2 * hidden : 3 * hidden])
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+def _gru_layer(
+    projected: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = h.shape[-1]
+    outputs = []
+    for x_gates in projected:
+        h_gates = torch.addmm(b_hh, h, w_hh_t)
+        rz = torch.sigmoid(x_gates[:, : 2 * hidden] + h_gates[:, : 2 * hidden])
+        r, z = rz[:, :hidden], rz[:, hidden:]
+        n = torch.tanh(x_gates[:, 2 * hidden :] + r * h_gates[:, 2 * hidden :])
+        h = n + z * (h - n)  # = (1 − z)⊙n + z⊙h
+        outputs.append(h)
+    return torch.stack(outputs), h
+
+
+def _rnn_layer(projected: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, activation) -> tuple:
+    outputs = []
+    for x_gates in projected:
+        h = activation(torch.addmm(x_gates, h, w_hh_t))
+        outputs.append(h)
+    return torch.stack(outputs), h
+
+
+def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
+    """The recurrent stack that ``config.impl`` names, with inter-layer dropout as nn.LSTM applies it."""
+    dropout = config.dropout if config.num_layers > 1 else 0.0
+    if config.bidirectional:
+        raise ValueError("a bidirectional RNN cannot be a language model: it sees the token it must predict")
+    if config.impl == "scratch":
+        return ScratchRecurrent(
+            config.cell,
+            input_size,
+            config.hidden_size,
+            config.num_layers,
+            dropout,
+            config.nonlinearity,
+            config.weight_drop,
+        )
+    if config.cell == "lstm":
+        return nn.LSTM(input_size, config.hidden_size, config.num_layers, dropout=dropout)
+    if config.cell == "gru":
+        return nn.GRU(input_size, config.hidden_size, config.num_layers, dropout=dropout)
+    return nn.RNN(
+        input_size, config.hidden_size, config.num_layers, nonlinearity=config.nonlinearity, dropout=dropout
+    )
+
+
+class RNNLanguageModel(nn.Module):
+    """Tokens ``(B, T)`` → logits ``(T, B, V)``, time-major as d2l's ``Y.T.reshape(-1)`` expects.
+
+    The input is one-hot (d2l) or a learned embedding (``model.embedding_dim``); the output layer may
+    share the embedding's weights (``model.tie_weights``).
+    """
+
+    def __init__(self, vocab_size: int, config: ModelConfig) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.config = config
+        self.embedding = nn.Embedding(vocab_size, config.embedding_dim) if config.embedding_dim else None
+        self.rnn = make_recurrent(config, config.embedding_dim or vocab_size)
+        self.output_dropout = nn.Dropout(config.output_dropout)
+        self.decoder = nn.Linear(config.hidden_size, vocab_size)
+        if config.tie_weights:
+            assert self.embedding is not None
+            self.decoder.weight = self.embedding.weight
+        if config.init == "d2l":
+            init_d2l_(self)
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` indices → ``(T, B, I)`` features."""
+        if self.embedding is not None:
+            return self.embedding(inputs.t())
+        return F.one_hot(inputs.t(), self.vocab_size).to(self.decoder.weight.dtype)
+
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        outputs, state = self.rnn(self.encode(inputs), state)
+        return self.decoder(self.output_dropout(outputs)), state
+
+    def begin_state(self, batch_size: int, device: torch.device | str) -> State:
+        shape = (self.config.num_layers, batch_size, self.config.hidden_size)
+        dtype = self.decoder.weight.dtype
+        h = torch.zeros(shape, device=device, dtype=dtype)
+        return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
+
+
+def init_d2l_(model: nn.Module) -> None:
+    """d2l's from-scratch initialisation: every weight ~ normal(0, 0.01), every bias zero."""
+    for name, parameter in model.named_parameters():
+        with torch.no_grad():
+            if "bias" in name:
+                parameter.zero_()
+            else:
+                parameter.normal_(0.0, 0.01)
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph between minibatches while keeping the values (sequential partition)."""
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()  # type: ignore[return-value]
+
+
+def select_state_row(state: State, row: int) -> State:
+    """Keep one row of the state, as a batch of one."""
+    if isinstance(state, tuple):
+        return tuple(s[:, row : row + 1] for s in state)  # type: ignore[return-value]
+    return state[:, row : row + 1]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once (tied weights)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(vocab_size: int, config: ModelConfig, seed: int | None = None) -> RNNLanguageModel:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return RNNLanguageModel(vocab_size, config)

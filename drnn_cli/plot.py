@@ -1,0 +1,41 @@
+"""The run's perplexity plot (PNG), redrawn from the metrics; matplotlib is an optional extra."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from drnn_cli.checkpoint import atomic_write_bytes
+
+
+def write_perplexity_plot(records: Sequence[Any], path: Path) -> bool:
+    """Draw train (and validation) perplexity against epoch; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.subplots()
+    epochs = [r.epoch for r in records]
+    axes.plot(epochs, [r.train_ppl for r in records], label="train")
+    validated = [(r.epoch, r.val_ppl) for r in records if r.val_ppl is not None]
+    if validated:
+        axes.plot(
+            *zip(*validated, strict=True), label="validation", marker="." if len(validated) < 50 else None
+        )
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("perplexity")
+    if records and max(r.train_ppl for r in records) > 20 * min(r.train_ppl for r in records):
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return True

@@ -1,0 +1,87 @@
+"""Where computation runs: device choice, autocast precision, and the distributed process group."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from drnn_cli.errors import DrnnError
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
+    if choice not in {"auto", "cpu", "cuda"} and not choice.startswith("cuda:"):
+        raise DrnnError(f"unknown device {choice!r}; --device allows auto, cpu, cuda")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if choice == "auto":
+            return torch.device("cpu")
+        raise DrnnError(
+            f"--device {choice}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto"
+        )
+    if choice.startswith("cuda:"):
+        return torch.device(choice)
+    return torch.device("cuda", local_rank)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass: bf16/fp16 autocast, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_choice: str) -> DistContext:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_choice != "cpu" and torch.cuda.is_available()
+    if not torch_dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def shutdown_distributed(context: DistContext) -> None:
+    if context.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
+    if context.enabled:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,165 @@
+"""Tokens and the vocabulary: counting, ordering, and encoding a corpus into a compact tensor.
+
+d2l's ``Vocab`` orders tokens by descending frequency with ties in first-seen order and puts
+``<unk>`` at index 0; this one does the same, but counts and encodes characters in chunks with
+tensor operations so a 100 MB file never becomes a Python list of ints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+UNK = "<unk>"
+_CHUNK_CHARS = 1 << 22  # 4 Mi characters: 16 MiB of UTF-32 per chunk
+
+
+@dataclass
+class Vocab:
+    """Token ↔ index maps; ``<unk>`` is index 0 and unknown tokens map to it."""
+
+    idx_to_token: list[str]
+    token_freqs: list[tuple[str, int]] = field(default_factory=list)
+    min_freq: int = 0
+    reserved_tokens: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.token_to_idx = {token: index for index, token in enumerate(self.idx_to_token)}
+
+    @classmethod
+    def from_counts(
+        cls, counts: dict[str, int], min_freq: int = 0, reserved_tokens: Sequence[str] = ()
+    ) -> Vocab:
+        """``counts`` must iterate in first-seen order; the stable sort keeps that order for ties."""
+        token_freqs = sorted(counts.items(), key=lambda item: item[1], reverse=True)
+        idx_to_token = [UNK, *reserved_tokens]
+        seen = set(idx_to_token)
+        for token, freq in token_freqs:
+            if freq < min_freq:
+                break
+            if token not in seen:
+                idx_to_token.append(token)
+                seen.add(token)
+        return cls(idx_to_token, token_freqs, min_freq, list(reserved_tokens))
+
+    def __len__(self) -> int:
+        return len(self.idx_to_token)
+
+    def __getitem__(self, token: str) -> int:
+        return self.token_to_idx.get(token, 0)
+
+    def __contains__(self, token: object) -> bool:
+        return token in self.token_to_idx
+
+    def to_tokens(self, indices: Iterable[int]) -> list[str]:
+        return [self.idx_to_token[int(index)] for index in indices]
+
+    def to_dict(self) -> dict:
+        return {
+            "idx_to_token": self.idx_to_token,
+            "token_freqs": [[token, freq] for token, freq in self.token_freqs],
+            "min_freq": self.min_freq,
+            "reserved_tokens": self.reserved_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Vocab:
+        return cls(
+            idx_to_token=list(data["idx_to_token"]),
+            token_freqs=[(str(token), int(freq)) for token, freq in data.get("token_freqs", [])],
+            min_freq=int(data.get("min_freq", 0)),
+            reserved_tokens=list(data.get("reserved_tokens", [])),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocab:
+        return cls.from_dict(json.loads(text))
+
+
+def index_dtype(vocab_size: int) -> torch.dtype:
+    """The narrowest integer dtype that holds every index: 1 byte per token for character corpora."""
+    if vocab_size <= 256:
+        return torch.uint8
+    if vocab_size <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def _code_chunks(text: str) -> Iterable[torch.Tensor]:
+    """Unicode code points of ``text`` as int32 tensors, a few MiB at a time."""
+    for start in range(0, len(text), _CHUNK_CHARS):
+        raw = bytearray(text[start : start + _CHUNK_CHARS].encode("utf-32-le"))
+        yield torch.frombuffer(raw, dtype=torch.int32)
+
+
+def count_chars(text: str) -> dict[str, int]:
+    """Character frequencies in first-seen order (what ``collections.Counter(text)`` gives, fast)."""
+    totals: dict[int, int] = {}
+    first_seen: dict[int, int] = {}
+    offset = 0
+    for codes in _code_chunks(text):
+        uniques, inverse, counts = torch.unique(codes, return_inverse=True, return_counts=True)
+        first = torch.full((len(uniques),), len(codes), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(len(codes)), reduce="amin")
+        for code, count, position in zip(uniques.tolist(), counts.tolist(), first.tolist(), strict=True):
+            totals[code] = totals.get(code, 0) + count
+            first_seen.setdefault(code, offset + position)
+        offset += len(codes)
+    ordered = sorted(totals, key=first_seen.__getitem__)
+    return {chr(code): totals[code] for code in ordered}
+
+
+def encode_chars(text: str, vocab: Vocab) -> torch.Tensor:
+    """``text`` as vocabulary indices in the narrowest dtype; characters not in ``vocab`` become 0."""
+    known = [(ord(token), index) for index, token in enumerate(vocab.idx_to_token) if len(token) == 1]
+    largest = max([code for code, _ in known], default=0)
+    lookup = torch.zeros(largest + 2, dtype=torch.int64)  # the last slot catches codes above `largest`
+    for code, index in known:
+        lookup[code] = index
+    out = torch.empty(len(text), dtype=index_dtype(len(vocab)))
+    offset = 0
+    for codes in _code_chunks(text):
+        clamped = codes.clamp(max=largest + 1).long()
+        out[offset : offset + len(codes)] = lookup[clamped].to(out.dtype)
+        offset += len(codes)
+    return out
+
+
+def split_words(pieces: Sequence[str]) -> list[str]:
+    """Word tokens: each piece (a d2l line) split on whitespace, so lines never glue words together."""
+    return [word for piece in pieces for word in piece.split()]
+
+
+def count_words(words: Sequence[str]) -> dict[str, int]:
+    return dict(Counter(words))
+
+
+def encode_words(words: Sequence[str], vocab: Vocab) -> torch.Tensor:
+    lookup = vocab.token_to_idx
+    return torch.tensor([lookup.get(word, 0) for word in words], dtype=index_dtype(len(vocab)))
+
+
+def tokens_of(pieces: Sequence[str], token: str) -> str | list[str]:
+    """The token stream: one string for characters (pieces glued), a list for words."""
+    return "".join(pieces) if token == "char" else split_words(pieces)
+
+
+def count_tokens(stream: str | list[str]) -> dict[str, int]:
+    return count_chars(stream) if isinstance(stream, str) else count_words(stream)
+
+
+def encode_tokens(stream: str | list[str], vocab: Vocab) -> torch.Tensor:
+    return encode_chars(stream, vocab) if isinstance(stream, str) else encode_words(stream, vocab)
+
+
+def unknown_tokens(stream: str | list[str], vocab: Vocab) -> Counter[str]:
+    """Which tokens of ``stream`` the vocabulary lacks, with their counts (for fine-tuning reports)."""
+    counts = count_tokens(stream)
+    return Counter({token: count for token, count in counts.items() if token not in vocab})

@@ -498,11 +498,11 @@ class Trainer:
                     done, train_ppl, val_ppl, self.optimizer.param_groups[0]["lr"], tokens_per_s, self.elapsed
                 )
                 self._append_metrics(record)
-                self.reporter.epoch_end(record, self.best_val_ppl)
                 stopped_early = bool(train.patience and self.bad_evals >= train.patience)
                 last_epoch = done == train.epochs or stopped_early
                 if done % train.checkpoint_every == 0 or last_epoch:
                     self._save(LAST, done)
+                self.reporter.epoch_end(record, self.best_val_ppl)
                 if (
                     self.dist.is_main
                     and train.sample_every

@@ -1,0 +1,46 @@
+"""Shared fixtures: the reference corpus beside the checkout, isolated working directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "timemachine.txt"
+TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+
+
+@pytest.fixture(scope="session")
+def corpus_path() -> Path:
+    """``../shared/data/timemachine.txt``: the file d2l downloads, never committed here."""
+    if not CORPUS.is_file():
+        pytest.fail(f"the reference corpus is missing: {CORPUS} (CI places ../shared beside the checkout)")
+    return CORPUS
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_path: Path) -> Path:
+    """A fresh current directory whose corpus cache already holds the verified Time Machine.
+
+    ``runs/`` and ``data/`` are relative to the current directory, so each test gets its own.
+    """
+    cache = tmp_path / "data"
+    cache.mkdir()
+    (cache / "timemachine.txt").write_bytes(corpus_path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DRNN_DATA_DIR", str(cache))
+    monkeypatch.setenv("DRNN_DATA_URL", "http://127.0.0.1:9/unreachable")  # any download would fail loudly
+    monkeypatch.delenv("DRNN_DEBUG", raising=False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    """Tests run on 2-core CI machines; keep torch from oversubscribing them."""
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

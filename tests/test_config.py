@@ -1,0 +1,209 @@
+"""The config schema: every key validated with its dotted path, YAML files, and --set overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from drnn_cli.config import Config, DataConfig, ModelConfig, TrainConfig, build_config, load_config, parse_override
+from drnn_cli.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One invalid value for every key of every section, and a word the error must contain.
+INVALID = {
+    "data.corpus": (5, "string"),
+    "data.path": (7, "string"),
+    "data.preprocess": ("stem", "'d2l', 'letters', 'lower' or 'none'"),
+    "data.token": ("byte", "'char' or 'word'"),
+    "data.max_tokens": (0, "-1"),
+    "data.min_freq": (-1, "greater than or equal to 0"),
+    "data.val_fraction": (1.0, "less than 1"),
+    "data.test_fraction": (-0.1, "greater than or equal to 0"),
+    "data.batch_size": (0, "greater than or equal to 1"),
+    "data.num_steps": ("many", "integer"),
+    "data.sampling": ("shuffled", "'sequential' or 'random'"),
+    "model.cell": ("transformer", "'rnn', 'gru' or 'lstm'"),
+    "model.hidden_size": (0, "greater than or equal to 1"),
+    "model.num_layers": (0, "greater than or equal to 1"),
+    "model.dropout": (1.0, "less than 1"),
+    "model.output_dropout": (-0.5, "greater than or equal to 0"),
+    "model.weight_drop": (1.5, "less than 1"),
+    "model.bidirectional": (True, "predict"),
+    "model.impl": ("cudnn", "'torch' or 'scratch'"),
+    "model.embedding_dim": (-1, "greater than or equal to 0"),
+    "model.nonlinearity": ("sigmoid", "'tanh' or 'relu'"),
+    "model.init": ("xavier", "'torch' or 'd2l'"),
+    "model.tie_weights": ("maybe", "boolean"),
+    "train.epochs": (0, "greater than or equal to 1"),
+    "train.optimizer": ("rmsprop", "'sgd', 'adam' or 'adamw'"),
+    "train.lr": (0, "greater than 0"),
+    "train.momentum": (1.0, "less than 1"),
+    "train.weight_decay": (-1, "greater than or equal to 0"),
+    "train.clip": (-1, "greater than or equal to 0"),
+    "train.schedule": ("linear", "'constant', 'step' or 'cosine'"),
+    "train.warmup_epochs": (-1, "greater than or equal to 0"),
+    "train.step_size": (0, "greater than or equal to 1"),
+    "train.gamma": (0, "greater than 0"),
+    "train.min_lr": (-1, "greater than or equal to 0"),
+    "train.seed": (-1, "greater than or equal to 0"),
+    "train.device": ("tpu", "'auto', 'cpu' or 'cuda'"),
+    "train.precision": ("fp8", "'fp32', 'bf16' or 'fp16'"),
+    "train.sample_every": (-1, "greater than or equal to 0"),
+    "train.sample_prefixes": ([""], "non-empty"),
+    "train.sample_chars": (-1, "greater than or equal to 0"),
+    "train.eval_every": (0, "greater than or equal to 1"),
+    "train.patience": (-1, "greater than or equal to 0"),
+    "train.checkpoint_every": (0, "greater than or equal to 1"),
+    "train.log_every": (-2, "greater than or equal to 0"),
+}
+
+
+def _tree(dotted: str, value: object) -> dict:
+    section, key = dotted.split(".")
+    return {section: {key: value}}
+
+
+def test_every_config_key_has_an_invalid_value_case():
+    keys = {
+        f"{name}.{key}"
+        for name, section in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig))
+        for key in section.model_fields
+    }
+    assert keys == set(INVALID)
+
+
+@pytest.mark.parametrize("dotted", sorted(INVALID))
+def test_invalid_value_is_refused_with_its_dotted_path_and_what_is_allowed(dotted: str):
+    value, allowed = INVALID[dotted]
+    with pytest.raises(ConfigError) as error:
+        build_config(_tree(dotted, value))
+    message = str(error.value)
+    assert message.startswith(f"config error: {dotted}: ")
+    assert allowed in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("dotted", sorted(INVALID))
+def test_invalid_value_through_set_gets_the_same_answer(dotted: str):
+    value, allowed = INVALID[dotted]
+    text = json.dumps(value)  # JSON is YAML: what a user would type, quoted where needed
+    with pytest.raises(ConfigError) as error:
+        build_config({}, [f"{dotted}={text}"])
+    assert str(error.value).startswith(f"config error: {dotted}: ")
+
+
+def test_unknown_key_names_the_key_and_lists_what_the_section_allows():
+    with pytest.raises(ConfigError) as error:
+        build_config({"data": {"bach_size": 4}})
+    message = str(error.value)
+    assert "unknown key 'data.bach_size'" in message
+    assert "batch_size" in message and "num_steps" in message
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(ConfigError, match="unknown key 'optim'"):
+        build_config({"optim": {"lr": 1}})
+
+
+def test_cross_field_rules_name_the_keys():
+    with pytest.raises(ConfigError, match=r"val_fraction \+ data.test_fraction must be below 1"):
+        build_config({"data": {"val_fraction": 0.6, "test_fraction": 0.4}})
+    with pytest.raises(ConfigError, match="tie_weights needs model.embedding_dim"):
+        build_config({"model": {"tie_weights": True, "embedding_dim": 8, "hidden_size": 16}})
+    with pytest.raises(ConfigError, match="weight_drop needs model.impl: scratch"):
+        build_config({"model": {"weight_drop": 0.2}})
+
+
+def test_set_overrides_nested_keys_with_yaml_typed_values():
+    config = build_config(
+        {"model": {"num_layers": 2}},
+        [
+            "model.num_layers=3",
+            "train.lr=0.5",
+            "model.cell=gru",
+            "data.path=null",
+            "train.sample_prefixes=[the, time]",
+        ],
+    )
+    assert config.model.num_layers == 3 and isinstance(config.model.num_layers, int)
+    assert config.train.lr == 0.5 and isinstance(config.train.lr, float)
+    assert config.model.cell == "gru"
+    assert config.data.path is None
+    assert config.train.sample_prefixes == ["the", "time"]
+
+
+def test_later_set_wins_and_file_values_are_kept_otherwise(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  batch_size: 8\n  num_steps: 7\ntrain:\n  lr: 0.1\n")
+    config = load_config(path, ["data.batch_size=16", "data.batch_size=4"])
+    assert (config.data.batch_size, config.data.num_steps, config.train.lr) == (4, 7, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("model.num_layers", "KEY=VALUE"),
+        ("=3", "KEY=VALUE"),
+        ("model..cell=gru", "empty part"),
+        ("data.batch_size.rows=3", "data.batch_size is a value, not a section"),
+        ("train.lr=[1, 2", "not a valid YAML value"),
+    ],
+)
+def test_malformed_set_is_refused_with_one_line(text: str, problem: str):
+    with pytest.raises(ConfigError) as error:
+        build_config({"data": {"batch_size": 2}}, [text])
+    assert problem in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_set_value_keeps_an_equals_sign():
+    parts, value = parse_override("train.sample_prefixes=[a=b]")
+    assert parts == ["train", "sample_prefixes"] and value == ["a=b"]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("data: [1, 2\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("data:\n  batch_size: 0\n", "data.batch_size"),
+    ],
+)
+def test_bad_yaml_files_get_one_line(tmp_path: Path, content: str, problem: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert problem in str(error.value)
+
+
+def test_missing_config_file_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does-not-exist.yaml does not exist"):
+        load_config(tmp_path / "does-not-exist.yaml")
+
+
+def test_empty_file_gives_the_defaults(tmp_path: Path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_seed_recipe_is_d2l_section_9_3():
+    config = load_config(REPO / "configs" / "lstm2.yaml")
+    data, model, train = config.data, config.model, config.train
+    assert (data.corpus, data.preprocess, data.token, data.max_tokens) == ("timemachine", "d2l", "char", 10000)
+    assert (data.batch_size, data.num_steps, data.sampling) == (32, 35, "sequential")
+    assert (model.cell, model.hidden_size, model.num_layers, model.impl) == ("lstm", 256, 2, "torch")
+    assert (train.optimizer, train.lr, train.clip, train.epochs) == ("sgd", 2.0, 1.0, 500)
+
+
+def test_every_shipped_config_is_valid():
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        load_config(path)
+    assert load_config(REPO / "configs" / "rnn2.yaml").train.lr == 1.0
+    assert load_config(REPO / "configs" / "gru2.yaml").model.cell == "gru"

@@ -173,7 +173,7 @@ def read_text(path: Path) -> str:
         ) from None
     del raw
     if "\r" in text:
-        text = text.replace("\r\n", "\n")  # what open() in text mode does for d2l
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # what open() in text mode does
     if not text.strip():
         raise DrnnError(f"corpus file {path} is empty; give data.path a file with text in it")
     return text

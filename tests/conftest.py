@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -39,8 +38,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_path: Path) 
 
 
 @pytest.fixture(autouse=True)
-def _few_threads() -> None:
-    """Tests run on 2-core CI machines; keep torch from oversubscribing them."""
+def _one_thread() -> None:
+    """Tests use tiny models on 2-core CI machines: one intra-op thread is fastest, and an OpenMP
+    team spinning against a busy second core makes a tiny LSTM step ~100x slower."""
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from drnn_cli.config import Config, DataConfig, ModelConfig, TrainConfig, build_config, load_config, parse_override
+from drnn_cli.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    build_config,
+    load_config,
+    parse_override,
+)
 from drnn_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +96,7 @@ def test_invalid_value_is_refused_with_its_dotted_path_and_what_is_allowed(dotte
 
 @pytest.mark.parametrize("dotted", sorted(INVALID))
 def test_invalid_value_through_set_gets_the_same_answer(dotted: str):
-    value, allowed = INVALID[dotted]
+    value, _ = INVALID[dotted]
     text = json.dumps(value)  # JSON is YAML: what a user would type, quoted where needed
     with pytest.raises(ConfigError) as error:
         build_config({}, [f"{dotted}={text}"])
@@ -194,7 +202,12 @@ def test_empty_file_gives_the_defaults(tmp_path: Path):
 def test_seed_recipe_is_d2l_section_9_3():
     config = load_config(REPO / "configs" / "lstm2.yaml")
     data, model, train = config.data, config.model, config.train
-    assert (data.corpus, data.preprocess, data.token, data.max_tokens) == ("timemachine", "d2l", "char", 10000)
+    assert (data.corpus, data.preprocess, data.token, data.max_tokens) == (
+        "timemachine",
+        "d2l",
+        "char",
+        10000,
+    )
     assert (data.batch_size, data.num_steps, data.sampling) == (32, 35, "sequential")
     assert (model.cell, model.hidden_size, model.num_layers, model.impl) == ("lstm", 256, 2, "torch")
     assert (train.optimizer, train.lr, train.clip, train.epochs) == ("sgd", 2.0, 1.0, 500)

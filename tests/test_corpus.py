@@ -1,0 +1,476 @@
+"""The corpus stage: download with checksum and cache, reading, preprocessing, the dataset, `drnn data`.
+
+Downloads go to a loopback HTTP server started by the test; nothing here touches the internet.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import itertools
+import json
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from drnn_cli.cli import main
+from drnn_cli.config import DataConfig
+from drnn_cli.corpus import REGISTRY, fetch_corpus, preprocess, preprocess_prefix, read_text
+from drnn_cli.data import load_dataset
+from drnn_cli.errors import DrnnError
+
+SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+SIZE = 178_979
+D2L_VOCAB = [
+    "<unk>", " ", "e", "t", "a", "i", "n", "o", "s", "h", "r", "d", "l", "m",
+    "u", "c", "f", "w", "g", "y", "p", "b", "v", "k", "x", "z", "j", "q",
+]  # fmt: skip
+
+
+def d2l_lines(text: str) -> list[str]:
+    """d2l 0.17.6's ``read_time_machine`` on ``text`` (``readlines`` of a text-mode file)."""
+    return [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in io.StringIO(text).readlines()]
+
+
+# -------------------------------------------------------------------------------------------------
+# A loopback mirror
+
+
+@dataclass
+class Mirror:
+    """What the loopback server serves, and the request paths it has seen."""
+
+    base_url: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    status: int = 200  # anything else: every request gets this error
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def mirror(monkeypatch: pytest.MonkeyPatch, corpus_path: Path) -> Iterator[Mirror]:
+    """A ThreadingHTTPServer on 127.0.0.1 serving the real timemachine.txt; DRNN_DATA_URL points at it."""
+    state: Mirror
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.requests.append(self.path)
+            body = state.files.get(self.path)
+            if state.status != 200 or body is None:
+                self.send_error(state.status if state.status != 200 else 404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    state = Mirror(base_url=f"http://127.0.0.1:{server.server_address[1]}/mirror")
+    state.files["/mirror/timemachine.txt"] = corpus_path.read_bytes()
+    monkeypatch.setenv("DRNN_DATA_URL", state.base_url)
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -------------------------------------------------------------------------------------------------
+# fetch_corpus
+
+
+def test_registry_knows_the_time_machine() -> None:
+    spec = REGISTRY["timemachine"]
+    assert (spec.filename, spec.sha1, spec.size) == ("timemachine.txt", SHA1, SIZE)
+
+
+def test_fetch_downloads_verifies_and_caches(mirror: Mirror, tmp_path: Path, corpus_path: Path) -> None:
+    cache = tmp_path / "cache"
+    corpus = fetch_corpus("timemachine", cache_dir=cache, retries=1, backoff=0)
+    assert corpus.path == cache / "timemachine.txt"
+    assert corpus.sha1 == SHA1
+    assert corpus.path.read_bytes() == corpus_path.read_bytes()
+    assert hashlib.sha1(corpus.path.read_bytes()).hexdigest() == SHA1
+    assert mirror.requests == ["/mirror/timemachine.txt"]
+    assert sorted(p.name for p in cache.iterdir()) == ["timemachine.txt"]  # no partial left behind
+
+
+def test_a_second_fetch_makes_no_request(mirror: Mirror, tmp_path: Path) -> None:
+    fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
+    assert len(mirror.requests) == 1
+    again = fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
+    assert again.sha1 == SHA1
+    assert len(mirror.requests) == 1
+
+
+def test_a_verified_cache_needs_no_network_at_all(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, corpus_path: Path
+) -> None:
+    (tmp_path / "timemachine.txt").write_bytes(corpus_path.read_bytes())
+    monkeypatch.setenv("DRNN_DATA_URL", f"http://127.0.0.1:{free_port()}")
+    assert fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0).sha1 == SHA1
+
+
+def test_a_trailing_slash_on_the_mirror_url_is_harmless(
+    mirror: Mirror, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DRNN_DATA_URL", mirror.base_url + "/")
+    fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
+    assert mirror.requests == ["/mirror/timemachine.txt"]
+
+
+def test_the_progress_hook_sees_increasing_byte_counts(mirror: Mirror, tmp_path: Path) -> None:
+    calls: list[tuple[int, int | None]] = []
+    fetch_corpus("timemachine", cache_dir=tmp_path, progress=lambda n, total: calls.append((n, total)))
+    received = [n for n, _ in calls]
+    assert len(received) >= 2
+    assert all(a < b for a, b in itertools.pairwise(received))
+    assert received[-1] == SIZE
+    assert {total for _, total in calls} == {SIZE}  # from Content-Length
+
+
+def test_a_corrupted_download_is_refused_and_leaves_no_file(
+    mirror: Mirror, tmp_path: Path, corpus_path: Path
+) -> None:
+    corrupted = bytearray(corpus_path.read_bytes())
+    corrupted[1000] ^= 0x20  # one flipped bit
+    mirror.files["/mirror/timemachine.txt"] = bytes(corrupted)
+    actual = hashlib.sha1(corrupted).hexdigest()
+    cache = tmp_path / "cache"
+    with pytest.raises(DrnnError) as caught:
+        fetch_corpus("timemachine", cache_dir=cache, retries=1, backoff=0)
+    message = str(caught.value)
+    assert f"{mirror.base_url}/timemachine.txt" in message
+    assert SHA1 in message
+    assert actual in message
+    assert "\n" not in message
+    assert list(cache.iterdir()) == []  # neither the partial nor the target
+
+
+def test_a_404_is_one_line_naming_the_url_and_is_not_retried(mirror: Mirror, tmp_path: Path) -> None:
+    mirror.files.clear()
+    with pytest.raises(DrnnError) as caught:
+        fetch_corpus("timemachine", cache_dir=tmp_path, retries=3, backoff=0)
+    message = str(caught.value)
+    assert f"{mirror.base_url}/timemachine.txt" in message
+    assert "404" in message
+    assert "\n" not in message
+    assert len(mirror.requests) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_errors_are_retried_then_reported(mirror: Mirror, tmp_path: Path) -> None:
+    mirror.status = 503
+    with pytest.raises(DrnnError, match="503"):
+        fetch_corpus("timemachine", cache_dir=tmp_path, retries=3, backoff=0)
+    assert len(mirror.requests) == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_mirror_is_a_drnn_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/nowhere"
+    monkeypatch.setenv("DRNN_DATA_URL", url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with pytest.raises(DrnnError) as caught:
+        fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0, timeout=5)
+    message = str(caught.value)
+    assert f"{url}/timemachine.txt" in message
+    assert "DRNN_DATA_URL" in message
+    assert "\n" not in message
+    assert not (tmp_path / "timemachine.txt").exists()
+
+
+def test_a_cached_file_with_the_wrong_content_is_replaced(
+    mirror: Mirror, tmp_path: Path, corpus_path: Path
+) -> None:
+    (tmp_path / "timemachine.txt").write_bytes(b"not the time machine\n")
+    corpus = fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
+    assert corpus.path.read_bytes() == corpus_path.read_bytes()
+    assert len(mirror.requests) == 1
+
+
+def test_an_unknown_corpus_name_points_at_data_corpus(tmp_path: Path) -> None:
+    with pytest.raises(DrnnError, match=r"data\.corpus.*timemachine"):
+        fetch_corpus("wells", cache_dir=tmp_path)
+
+
+# -------------------------------------------------------------------------------------------------
+# read_text
+
+
+def _one_line_error(path: Path) -> str:
+    with pytest.raises(DrnnError) as caught:
+        read_text(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+def test_read_text_of_a_missing_file(tmp_path: Path) -> None:
+    assert "does not exist" in _one_line_error(tmp_path / "absent.txt")
+
+
+def test_read_text_of_a_directory(tmp_path: Path) -> None:
+    assert "directory" in _one_line_error(tmp_path)
+
+
+def test_read_text_of_non_utf8_bytes_names_the_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"time traveller " + "café".encode("latin-1"))
+    message = _one_line_error(path)
+    assert "UTF-8" in message
+    assert "offset 18" in message  # 15 bytes of "time traveller " + "caf", then 0xE9
+
+
+@pytest.mark.parametrize("content", [b"", b"   \n\t\r\n  \n"])
+def test_read_text_of_an_empty_or_blank_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "blank.txt"
+    path.write_bytes(content)
+    assert "empty" in _one_line_error(path)
+
+
+def test_read_text_normalises_crlf(tmp_path: Path) -> None:
+    path = tmp_path / "dos.txt"
+    path.write_bytes(b"The Time\r\nMachine\r\n")
+    assert read_text(path) == "The Time\nMachine\n"
+
+
+def test_read_text_turns_a_lone_cr_into_a_line_break_like_text_mode_open(tmp_path: Path) -> None:
+    path = tmp_path / "mac.txt"
+    path.write_bytes(b"The Time\rMachine\r\nby H. G. Wells\r")
+    with path.open(encoding="utf-8") as handle:  # what d2l reads
+        expected = handle.read()
+    assert expected == "The Time\nMachine\nby H. G. Wells\n"
+    assert read_text(path) == expected
+    assert "".join(preprocess(read_text(path), "d2l")) == "the timemachineby h g wells"
+
+
+def test_read_text_returns_the_real_corpus_unchanged(corpus_path: Path) -> None:
+    text = read_text(corpus_path)
+    assert text.encode() == corpus_path.read_bytes()
+
+
+# -------------------------------------------------------------------------------------------------
+# preprocess
+
+SAMPLE = "The Time\nMachine, by H. G. Wells [1898]\n\n\nI\n"
+
+
+def test_d2l_mode_keeps_letters_lowercases_and_glues_lines() -> None:
+    pieces = preprocess(SAMPLE, "d2l")
+    assert "".join(pieces) == "the timemachine by h g wellsi"
+    assert [p for p in pieces if p] == ["the time", "machine by h g wells", "i"]
+    assert "".join(pieces) == "".join(d2l_lines(SAMPLE))
+
+
+def test_d2l_mode_on_the_real_corpus_equals_d2l(corpus_path: Path) -> None:
+    text = corpus_path.read_text(encoding="utf-8")
+    pieces = preprocess(text, "d2l")
+    assert "".join(pieces) == "".join(d2l_lines(text))
+    assert [p for p in pieces if p] == [line for line in d2l_lines(text) if line]
+
+
+def test_letters_mode_joins_lines_with_spaces() -> None:
+    assert preprocess(SAMPLE, "letters") == ["the time machine by h g wells i"]
+
+
+def test_lower_mode_only_lowercases() -> None:
+    assert preprocess(SAMPLE, "lower") == ["the time\nmachine, by h. g. wells [1898]\n\n\ni\n"]
+
+
+def test_none_mode_keeps_the_text_as_is() -> None:
+    assert preprocess(SAMPLE, "none") == [SAMPLE]
+
+
+def test_an_unknown_preprocessing_mode_names_the_allowed_ones() -> None:
+    with pytest.raises(DrnnError, match=r"data\.preprocess allows d2l, letters, lower, none"):
+        preprocess(SAMPLE, "upper")
+
+
+def test_a_prefix_is_preprocessed_like_one_line() -> None:
+    assert preprocess_prefix("Time Traveller!", "d2l") == "time traveller"
+    assert preprocess_prefix("Time Traveller!", "lower") == "time traveller!"
+    assert preprocess_prefix("Time Traveller!", "none") == "Time Traveller!"
+
+
+# -------------------------------------------------------------------------------------------------
+# load_dataset on the real corpus
+
+
+@pytest.fixture(scope="module")
+def time_machine(corpus_path: Path):
+    return load_dataset(DataConfig(path=str(corpus_path)))
+
+
+def test_time_machine_has_170580_char_tokens_and_d2l_vocabulary(time_machine, corpus_path: Path) -> None:
+    assert len(time_machine.tokens) == time_machine.total_tokens == 170_580
+    assert time_machine.vocab.idx_to_token == D2L_VOCAB
+    assert time_machine.tokens.dtype == torch.uint8
+    assert time_machine.unknown_tokens == 0
+    assert time_machine.sha1 == SHA1
+    assert time_machine.path == corpus_path
+
+
+def test_time_machine_decodes_to_the_d2l_text(time_machine) -> None:
+    decoded = "".join(time_machine.vocab.to_tokens(time_machine.tokens[:60]))
+    assert decoded == "the time machine by h g wellsithe time traveller for so it w"
+
+
+def test_max_tokens_keeps_the_first_tokens_and_the_whole_vocabulary(corpus_path: Path, time_machine) -> None:
+    first = load_dataset(DataConfig(path=str(corpus_path), max_tokens=10_000))
+    assert len(first.tokens) == 10_000
+    assert first.total_tokens == 170_580
+    assert torch.equal(first.tokens, time_machine.tokens[:10_000])
+    assert len(first.vocab) == 28
+    assert first.vocab.idx_to_token == D2L_VOCAB
+
+
+def test_word_tokens_follow_d2l_tokenize(corpus_path: Path) -> None:
+    dataset = load_dataset(DataConfig(path=str(corpus_path), token="word"))
+    words = [word for line in d2l_lines(corpus_path.read_text(encoding="utf-8")) for word in line.split()]
+    assert len(dataset.tokens) == len(words)
+    assert dataset.vocab.idx_to_token[:10] == [
+        "<unk>",
+        "the",
+        "i",
+        "and",
+        "of",
+        "a",
+        "to",
+        "was",
+        "in",
+        "that",
+    ]
+    assert len(dataset.vocab) == len(set(words)) + 1
+    assert dataset.vocab.to_tokens(dataset.tokens[:8]) == words[:8]
+
+
+def test_held_out_splits_are_contiguous_tail_segments(corpus_path: Path, time_machine) -> None:
+    dataset = load_dataset(DataConfig(path=str(corpus_path), val_fraction=0.1, test_fraction=0.1))
+    n = len(dataset.tokens)
+    splits = dataset.splits
+    assert len(splits.val) == int(n * 0.1) == 17_058
+    assert len(splits.test) == int(n * 0.1)
+    assert len(splits.train) == n - 2 * int(n * 0.1)
+    assert torch.equal(torch.cat([splits.train, splits.val, splits.test]), time_machine.tokens)
+
+
+def test_preprocess_none_gives_the_files_distinct_characters_plus_unk(corpus_path: Path) -> None:
+    text = corpus_path.read_text(encoding="utf-8")
+    dataset = load_dataset(DataConfig(path=str(corpus_path), preprocess="none"))
+    assert len(dataset.tokens) == len(text) == SIZE  # the file is ASCII
+    by_frequency = sorted(collections.Counter(text).items(), key=lambda item: item[1], reverse=True)
+    assert dataset.vocab.idx_to_token == ["<unk>", *(char for char, _ in by_frequency)]
+    assert len(dataset.vocab) == len(set(text)) + 1
+
+
+def test_a_text_with_no_tokens_after_preprocessing_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "digits.txt"
+    path.write_text("1898 1895\n-- 42 --\n", encoding="utf-8")
+    with pytest.raises(DrnnError, match=r"no char tokens after data\.preprocess=d2l"):
+        load_dataset(DataConfig(path=str(path)))
+
+
+def test_a_missing_data_path_names_data_path(tmp_path: Path) -> None:
+    with pytest.raises(DrnnError, match=r"does not exist; fix data\.path"):
+        load_dataset(DataConfig(path=str(tmp_path / "absent.txt")))
+
+
+# -------------------------------------------------------------------------------------------------
+# drnn data
+
+
+def run_drnn(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json_line(stdout: str) -> dict:
+    lines = stdout.strip().splitlines()
+    assert lines, "nothing on stdout"
+    payload = json.loads(lines[-1])
+    assert isinstance(payload, dict)
+    return payload
+
+
+DATA_KEYS = {
+    "corpus_tokens",
+    "vocab_size",
+    "idx_to_token",
+    "train_tokens",
+    "val_tokens",
+    "test_tokens",
+    "path",
+    "sha1",
+}
+
+
+def test_drnn_data_json_on_a_custom_file(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "Hello, World!\nhello again, world.\n"
+    path = workdir / "mine.txt"
+    path.write_text(text, encoding="utf-8")
+    code, out, err = run_drnn(
+        ["data", "--set", f"data.path={path}", "--set", "data.preprocess=none", "--json"], capsys
+    )
+    assert code == 0, err
+    summary = last_json_line(out)
+    assert summary.keys() >= DATA_KEYS
+    assert summary["vocab_size"] == len(set(text)) + 1
+    assert summary["idx_to_token"][0] == "<unk>"
+    assert sorted(summary["idx_to_token"][1:]) == sorted(set(text))
+    assert summary["corpus_tokens"] == summary["train_tokens"] == len(text)
+    assert summary["val_tokens"] == summary["test_tokens"] == 0
+    assert summary["path"] == str(path)
+    assert summary["sha1"] == hashlib.sha1(text.encode()).hexdigest()
+
+
+def test_drnn_data_json_on_the_default_corpus(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_drnn(["data", "--json"], capsys)
+    assert code == 0, err
+    summary = last_json_line(out)
+    assert summary.keys() >= DATA_KEYS
+    assert summary["corpus_tokens"] == 170_580
+    assert summary["vocab_size"] == 28
+    assert summary["idx_to_token"] == D2L_VOCAB
+    assert summary["sha1"] == SHA1
+    assert Path(summary["path"]).resolve() == (workdir / "data" / "timemachine.txt").resolve()
+
+
+def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _out, err = run_drnn(["data", "--set", "data.path=absent.txt", "--json"], capsys)
+    assert code != 0
+    assert "absent.txt" in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -57,9 +57,9 @@ def evaluate(
                 logits, state = model(batch.x, state)
             state = detach_state(state)
             targets = batch.y.t().reshape(-1)
-            nll += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"
-            ).double()
+            scores = logits.reshape(-1, logits.shape[-1])
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # half → fp32; fp64 stays
+            nll += F.cross_entropy(scores, targets, reduction="sum").double()
             count += targets.numel()
         return Perplexity(float(nll), count)
     finally:

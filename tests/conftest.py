@@ -44,3 +44,28 @@ def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+TINY_TREE = {
+    "data": {"max_tokens": 3000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.2},
+    "model": {"cell": "lstm", "hidden_size": 32, "num_layers": 2},
+    "train": {"epochs": 4, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu", "seed": 3},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Path:
+    """A small trained run (with a validation split), trained once per session; use it read-only."""
+    import torch
+    import yaml
+
+    from drnn_cli.commands import TrainRequest, train_run
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny_run")
+    tree = {**TINY_TREE, "data": {**TINY_TREE["data"], "path": str(corpus_path)}}
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    run_dir = root / "run"
+    train_run(TrainRequest(config_path=config, run_dir=run_dir))
+    return run_dir

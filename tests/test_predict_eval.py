@@ -1,0 +1,213 @@
+"""Decoding (greedy and sampled) and evaluation (perplexity, bits per token) of trained models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from drnn_cli.checkpoint import load_checkpoint
+from drnn_cli.cli import main
+from drnn_cli.commands import evaluate_split, load_model
+from drnn_cli.config import ModelConfig
+from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
+from drnn_cli.errors import DrnnError
+from drnn_cli.evaluate import evaluate
+from drnn_cli.models import RNNLanguageModel
+from drnn_cli.vocab import Vocab
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as done:
+        code = int(done.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def decode(run: Path, prefix: str, **options) -> str:
+    loaded = load_model(run, None, "cpu")
+    data = loaded.checkpoint.config.data
+    return continue_prefix(
+        loaded.model,
+        loaded.checkpoint.vocab,
+        prefix,
+        data.preprocess,
+        data.token,
+        DecodeOptions(**options),
+        loaded.device,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def test_greedy_is_deterministic_and_starts_with_the_prefix(tiny_run: Path):
+    first = decode(tiny_run, "time traveller", num_tokens=40)
+    assert first == decode(tiny_run, "time traveller", num_tokens=40)
+    assert first.startswith("time traveller") and len(first) == len("time traveller") + 40
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_run: Path):
+    a = decode(tiny_run, "the", num_tokens=60, sample=True, seed=1)
+    assert a == decode(tiny_run, "the", num_tokens=60, sample=True, seed=1)
+    assert a != decode(tiny_run, "the", num_tokens=60, sample=True, seed=2)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sample": True, "top_k": 1, "seed": 5},
+        {"sample": True, "temperature": 1e-6, "seed": 5},
+        {"sample": True, "top_p": 1e-9, "seed": 5},
+    ],
+)
+def test_top_k_1_tiny_temperature_and_tiny_top_p_equal_greedy(tiny_run: Path, options: dict):
+    assert decode(tiny_run, "time traveller", num_tokens=30, **options) == decode(
+        tiny_run, "time traveller", num_tokens=30
+    )
+
+
+def test_prefix_is_preprocessed_like_the_corpus(tiny_run: Path):
+    assert decode(tiny_run, "Time Traveller!", num_tokens=5).startswith("time traveller")
+
+
+def test_prefix_errors_name_the_problem():
+    vocab = Vocab(["<unk>", " ", "a", "b"])
+    with pytest.raises(DrnnError, match="prefix is empty"):
+        prefix_tokens("", vocab, "none", "char")
+    with pytest.raises(DrnnError, match="empty after data.preprocess=d2l"):
+        prefix_tokens("123!", vocab, "d2l", "char")
+    with pytest.raises(DrnnError, match=r"not in the model's vocabulary: 'c', 'z'"):
+        prefix_tokens("abzc", vocab, "none", "char")
+    assert prefix_tokens("ab ba", vocab, "none", "char") == list("ab ba")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_tokens": -1}, "-n/--num-chars must be >= 0"),
+        ({"sample": True, "temperature": 0.0}, "--temperature must be > 0"),
+        ({"top_k": 0}, "--top-k must be >= 1"),
+        ({"top_p": 1.5}, "--top-p must be in"),
+    ],
+)
+def test_decode_options_are_validated(options: dict, message: str):
+    with pytest.raises(DrnnError, match=message):
+        DecodeOptions(**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _model64(vocab_size: int = 5) -> RNNLanguageModel:
+    torch.manual_seed(0)
+    return RNNLanguageModel(vocab_size, ModelConfig(cell="gru", hidden_size=6, num_layers=2)).double()
+
+
+@torch.no_grad()
+def _nll_by_hand(model: RNNLanguageModel, segment: torch.Tensor, state=None) -> tuple[float, object]:
+    """Σ −log p(next | everything before) over one row, fed as a single sequence."""
+    state = model.begin_state(1, "cpu") if state is None else state
+    logits, state = model(segment[:-1].unsqueeze(0), state)
+    return float(F.cross_entropy(logits[:, 0], segment[1:], reduction="sum")), state
+
+
+def test_eval_with_one_row_equals_the_loss_computed_by_hand():
+    model = _model64()
+    tokens = torch.randint(0, 5, (41,), generator=torch.Generator().manual_seed(1))
+    by_hand, _ = _nll_by_hand(model, tokens)
+    result = evaluate(model, tokens, batch_size=1, num_steps=7, device=torch.device("cpu"))
+    assert result.tokens == 40
+    assert result.nll == pytest.approx(by_hand, rel=1e-12)
+    assert result.perplexity == pytest.approx(math.exp(by_hand / 40))
+    assert result.bits_per_token == pytest.approx(by_hand / 40 / math.log(2))
+
+
+def test_eval_with_rows_and_a_tail_equals_rows_by_hand():
+    """45 tokens → 44 targets = 3 rows of 14 + a tail of 2 that continues the last row's state."""
+    model = _model64()
+    tokens = torch.randint(0, 5, (45,), generator=torch.Generator().manual_seed(2))
+    total = 0.0
+    for row in range(3):
+        nll, state = _nll_by_hand(model, tokens[row * 14 : row * 14 + 15])
+        total += nll
+    tail, _ = _nll_by_hand(model, tokens[42:], state)
+    total += tail
+    result = evaluate(model, tokens, batch_size=3, num_steps=4, device=torch.device("cpu"))
+    assert result.tokens == 44
+    assert result.nll == pytest.approx(total, rel=1e-12)
+
+
+def test_eval_of_the_validation_split_matches_the_best_validation_perplexity_of_training(tiny_run: Path):
+    loaded = load_model(tiny_run, None, "cpu")
+    assert loaded.path.name == "best.safetensors"
+    report = evaluate_split(loaded, "val")
+    best = loaded.checkpoint.best_val_ppl
+    assert report.result.perplexity == pytest.approx(best, rel=0.01)
+    assert report.result.tokens == 600 - 1  # 20% of 3,000 tokens, every target once
+
+
+def test_checkpoint_tensors_land_on_the_requested_device(tiny_run: Path):
+    """A checkpoint written from CUDA tensors is plain data: it loads wherever it is asked to."""
+    checkpoint = load_checkpoint(tiny_run / "best.safetensors", device="meta")
+    assert all(t.device.type == "meta" for t in checkpoint.model_state.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_checkpoint_written_from_cuda_decodes_on_cpu(tiny_run: Path, tmp_path: Path):
+    from drnn_cli.checkpoint import save_checkpoint
+
+    checkpoint = load_checkpoint(tiny_run / "best.safetensors", device="cuda")
+    save_checkpoint(tmp_path / "gpu.safetensors", checkpoint)
+    loaded = load_model(None, tmp_path / "gpu.safetensors", "cpu")
+    assert next(loaded.model.parameters()).device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+
+
+def test_predict_json_has_prefix_and_text(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = run_cli(capsys, "predict", "time traveller", "--run", str(tiny_run), "-n", "10", "--json")
+    assert code == 0
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert payload["prefix"] == "time traveller"
+    assert payload["text"] == decode(tiny_run, "time traveller", num_tokens=10)
+
+
+def test_predict_several_prefixes(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = run_cli(capsys, "predict", "the", "time", "--run", str(tiny_run), "-n", "3", "--json")
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and [r["prefix"] for r in payload["results"]] == ["the", "time"]
+
+
+def test_eval_json_fields(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
+    code, out, _ = run_cli(capsys, "eval", "--run", str(tiny_run), "--split", "val", "--json")
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert code == 0
+    assert {"split", "epoch", "perplexity", "bits_per_token", "tokens"} <= set(payload)
+    assert payload["split"] == "val" and 1 <= payload["epoch"] <= 4
+    assert payload["bits_per_token"] == pytest.approx(math.log2(payload["perplexity"]))
+
+
+def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    text = tmp_path / "other.txt"
+    text.write_text("The Time Traveller smiled.\nAre you sure we can move freely in Space?\n")
+    code, out, _ = run_cli(capsys, "eval", "--run", str(tiny_run), "--data", str(text), "--json")
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and payload["split"] == "file"
+    assert payload["tokens"] == len("the time traveller smiledare you sure we can move freely in space") - 1
+
+
+def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
+    code, _, err = run_cli(capsys, "eval", "--run", str(tiny_run), "--split", "test")
+    assert code == 1 and "no test split" in err and "data.test_fraction" in err

@@ -158,32 +158,49 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     atomic_write_bytes(path, checkpoint.to_bytes())
 
 
-def _refuse_unsafe(path: Path, head: bytes) -> None:
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise DrnnError(
-            f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
-            f"and loads only its own safetensors checkpoints"
-        )
+def _looks_like_pickle(head: bytes) -> bool:
+    """torch.save writes a zip archive; raw pickles (protocol 2+) start with PROTO."""
+    return head.startswith(b"PK\x03\x04") or (
+        head[:1] == b"\x80" and head[1:2] in {b"\x02", b"\x03", b"\x04", b"\x05"}
+    )
 
 
 def _read_header(path: Path, payload: bytes) -> dict[str, Any]:
-    corrupt = f"checkpoint {path} is corrupt or not a drnn checkpoint; retrain or pick another file"
-    if len(payload) < 8:
-        raise DrnnError(corrupt)
-    (length,) = struct.unpack("<Q", payload[:8])
-    if length > len(payload) - 8:
-        raise DrnnError(corrupt)
-    try:
-        header = json.loads(payload[8 : 8 + length])
-        drnn = json.loads(header["__metadata__"]["drnn"])
-    except (ValueError, KeyError, TypeError):
-        raise DrnnError(corrupt) from None
-    if not isinstance(drnn, dict) or drnn.get("format") != FORMAT:
-        raise DrnnError(corrupt)
+    """The drnn metadata of a safetensors file, parsed as JSON and never executed.
+
+    Files that are not drnn checkpoints are refused; pickles (which could run code when loaded)
+    are named as such, and nothing in them is ever interpreted.
+    """
+    drnn = _parse_metadata(payload)
+    if drnn is None:
+        if _looks_like_pickle(payload[:8]):
+            raise DrnnError(
+                f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
+                f"and loads only its own safetensors checkpoints"
+            )
+        raise DrnnError(
+            f"checkpoint {path} is corrupt or not a drnn checkpoint; retrain or pick another file"
+        )
     if drnn.get("version") != FORMAT_VERSION:
         raise DrnnError(
             f"checkpoint {path} has format version {drnn.get('version')}; this drnn reads {FORMAT_VERSION}"
         )
+    return drnn
+
+
+def _parse_metadata(payload: bytes) -> dict[str, Any] | None:
+    if len(payload) < 8:
+        return None
+    (length,) = struct.unpack("<Q", payload[:8])
+    if length > len(payload) - 8:
+        return None
+    try:
+        header = json.loads(payload[8 : 8 + length])
+        drnn = json.loads(header["__metadata__"]["drnn"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(drnn, dict) or drnn.get("format") != FORMAT:
+        return None
     return drnn
 
 
@@ -197,7 +214,6 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
         raise DrnnError(f"{path} is a directory; pass it with --run, or name a .safetensors file") from None
     except OSError as exc:
         raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    _refuse_unsafe(path, payload[:8])
     header = _read_header(path, payload)
     try:
         tensors = load_safetensors(payload)

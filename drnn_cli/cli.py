@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the app; turn every failure into one line on stderr and an exit code."""
     errors = Console(stderr=True, highlight=False)
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="drnn", standalone_mode=False)
     except DrnnError as error:
         errors.print(f"drnn: error: {error}", markup=False, soft_wrap=True)
         sys.exit(error.exit_code)

@@ -13,6 +13,12 @@ from drnn_cli.models import RNNLanguageModel, detach_state, select_state_row
 from drnn_cli.runtime import autocast
 
 
+def perplexity(nll_sum: float, count: float) -> float:
+    """exp(mean loss), and +inf rather than an OverflowError for a model that is far off."""
+    mean = nll_sum / count
+    return math.exp(mean) if mean < 700 else math.inf
+
+
 @dataclass(frozen=True)
 class Perplexity:
     """Summed negative log-likelihood (nats) over ``tokens`` predicted tokens."""
@@ -22,7 +28,7 @@ class Perplexity:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+        return perplexity(self.nll, self.tokens) if self.tokens else math.nan
 
     @property
     def bits_per_token(self) -> float:

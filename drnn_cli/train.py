@@ -29,7 +29,7 @@ from drnn_cli.config import Config, TrainConfig, dump_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
-from drnn_cli.evaluate import evaluate
+from drnn_cli.evaluate import evaluate, perplexity
 from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters, detach_state
 from drnn_cli.plot import write_perplexity_plot
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
@@ -424,7 +424,7 @@ class Trainer:
         loss_sum, count = totals.tolist()  # the one host sync of the epoch
         seconds = time.perf_counter() - started
         self.elapsed += seconds - progress.elapsed
-        return math.exp(loss_sum / count), count / max(seconds, 1e-9)
+        return perplexity(loss_sum, count), count / max(seconds, 1e-9)
 
     def _check_finite(self, epoch: int, progress: _EpochProgress) -> None:
         assert progress.first_bad_step is not None

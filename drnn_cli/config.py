@@ -77,7 +77,10 @@ class ModelConfig(_Section):
     )
     embedding_dim: int = Field(0, ge=0, description="0 = one-hot input as in d2l; else a learned embedding")
     nonlinearity: Literal["tanh", "relu"] = Field("tanh", description="activation of the plain rnn cell")
-    init: Literal["torch", "d2l"] = Field("torch", description="torch: uniform(±1/√H); d2l: normal(0, 0.01)")
+    init: Literal["torch", "d2l"] = Field(
+        "torch",
+        description="torch: PyTorch defaults (recurrent weights uniform(±1/√H)); d2l: normal(0, 0.01), zero biases",
+    )
     tie_weights: bool = Field(False, description="share embedding and output weights (needs embedding_dim)")
 
     @field_validator("bidirectional")

@@ -1,0 +1,562 @@
+"""Specification of drnn_cli.models: the scratch cells equal PyTorch's, the language model's shapes,
+parameter counts, initialisations, refused configurations, dropout, state helpers, and learning."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+from torch.testing import assert_close
+
+from drnn_cli.config import Config, DataConfig, ModelConfig, TrainConfig
+from drnn_cli.models import (
+    ScratchRecurrent,
+    build_model,
+    count_parameters,
+    detach_state,
+    make_recurrent,
+    select_state_row,
+)
+
+TOL = {"atol": 1e-9, "rtol": 1e-9}  # float64 throughout; the spec asks for 1e-6 or tighter
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+# (cell, nonlinearity): the four recurrent cells drnn offers.
+CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
+CELL_IDS = ["rnn-tanh", "rnn-relu", "gru", "lstm"]
+
+
+def torch_recurrent(cell: str, nonlinearity: str, input_size: int, hidden: int, layers: int) -> nn.Module:
+    if cell == "lstm":
+        return nn.LSTM(input_size, hidden, layers)
+    if cell == "gru":
+        return nn.GRU(input_size, hidden, layers)
+    return nn.RNN(input_size, hidden, layers, nonlinearity=nonlinearity)
+
+
+def random_state(cell: str, layers: int, batch: int, hidden: int, requires_grad: bool = False):
+    h = torch.randn(layers, batch, hidden, dtype=torch.float64, requires_grad=requires_grad)
+    if cell != "lstm":
+        return h
+    return h, torch.randn(layers, batch, hidden, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def as_tuple(state) -> tuple[torch.Tensor, ...]:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def model_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{"hidden_size": 8, "num_layers": 2, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# ScratchRecurrent equals nn.RNN / nn.GRU / nn.LSTM
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize(("cell", "nonlinearity"), CELLS, ids=CELL_IDS)
+def test_scratch_recurrent_equals_torch_module_outputs_states_and_gradients(cell, nonlinearity, layers):
+    torch.manual_seed(1000 + layers)
+    steps, batch, inputs_size, hidden = 6, 3, 5, 7
+    reference = torch_recurrent(cell, nonlinearity, inputs_size, hidden, layers).double()
+    scratch = ScratchRecurrent(cell, inputs_size, hidden, layers, nonlinearity=nonlinearity).double()
+
+    # Same parameter names, in the same order, so weights (and checkpoints) copy across strictly.
+    assert [n for n, _ in scratch.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    loaded = scratch.load_state_dict(reference.state_dict(), strict=True)
+    assert loaded.missing_keys == [] and loaded.unexpected_keys == []
+
+    x = torch.randn(steps, batch, inputs_size, dtype=torch.float64)
+    state = random_state(cell, layers, batch, hidden)
+    runs = []
+    for module in (reference, scratch):
+        x_leaf = x.clone().requires_grad_(True)
+        state_leaves = tuple(s.clone().requires_grad_(True) for s in as_tuple(state))
+        module_state = state_leaves if cell == "lstm" else state_leaves[0]
+        outputs, final = module(x_leaf, module_state)
+        runs.append((module, x_leaf, state_leaves, outputs, as_tuple(final)))
+
+    ref_module, ref_x, ref_state, ref_out, ref_final = runs[0]
+    _, scr_x, scr_state, scr_out, scr_final = runs[1]
+    assert scr_out.shape == ref_out.shape == (steps, batch, hidden)
+    assert_close(scr_out, ref_out, **TOL)
+    assert len(scr_final) == len(ref_final) == (2 if cell == "lstm" else 1)
+    for ours, theirs in zip(scr_final, ref_final, strict=True):
+        assert ours.shape == (layers, batch, hidden)
+        assert_close(ours, theirs, **TOL)
+
+    # Backward of one random linear functional of outputs and final states, through both.
+    weights = [torch.randn_like(ref_out)] + [torch.randn_like(s) for s in ref_final]
+    for _, _, _, outputs, final in runs:
+        functional = sum((w * t).sum() for w, t in zip(weights, (outputs, *final), strict=True))
+        functional.backward()
+
+    scratch_params = dict(scratch.named_parameters())
+    for name, parameter in ref_module.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        assert_close(scratch_params[name].grad, parameter.grad, **TOL, msg=f"gradient of {name}")
+    assert_close(scr_x.grad, ref_x.grad, **TOL)
+    for ours, theirs in zip(scr_state, ref_state, strict=True):
+        assert_close(ours.grad, theirs.grad, **TOL)
+
+
+def test_scratch_gru_applies_the_reset_gate_after_the_recurrent_product():
+    """cuDNN's GRU: n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)), written out for one step."""
+    torch.manual_seed(7)
+    hidden, inputs_size = 4, 3
+    gru = ScratchRecurrent("gru", inputs_size, hidden, 1).double()
+    x = torch.randn(1, 2, inputs_size, dtype=torch.float64)
+    h = torch.randn(1, 2, hidden, dtype=torch.float64)
+    w_ih, w_hh = gru.weight_ih_l0.detach(), gru.weight_hh_l0.detach()
+    b_ih, b_hh = gru.bias_ih_l0.detach(), gru.bias_hh_l0.detach()
+    gi = x[0] @ w_ih.t() + b_ih
+    gh = h[0] @ w_hh.t() + b_hh
+    r = torch.sigmoid(gi[:, :hidden] + gh[:, :hidden])
+    z = torch.sigmoid(gi[:, hidden : 2 * hidden] + gh[:, hidden : 2 * hidden])
+    n = torch.tanh(gi[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
+    expected = (1 - z) * n + z * h[0]
+    with torch.no_grad():
+        outputs, final = gru(x, h)
+    assert_close(outputs[0], expected, **TOL)
+    assert_close(final[0], expected, **TOL)
+
+
+def test_scratch_recurrent_refuses_an_unknown_cell():
+    with pytest.raises(ValueError, match="unknown cell 'transformer'"):
+        ScratchRecurrent("transformer", 3, 4, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_d2l_rnn_layer_shapes_vocab_28_hidden_256_35_steps(impl, batch):
+    """d2l §8.6: ``nn.RNN(len(vocab), 256)``, X (35, B, 28) → Y (35, B, 256), state (1, B, 256)."""
+    torch.manual_seed(0)
+    layer = nn.RNN(28, 256) if impl == "torch" else ScratchRecurrent("rnn", 28, 256, 1)
+    state = torch.zeros((1, batch, 256))
+    x = torch.rand(size=(35, batch, 28))
+    with torch.no_grad():
+        y, state_new = layer(x, state)
+    assert y.shape == (35, batch, 256)
+    assert state_new.shape == (1, batch, 256)
+    assert_close(y[-1], state_new[0])  # the top layer's last output is its final state
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_language_model_takes_batch_first_tokens_and_returns_time_major_logits(cell, impl, layers):
+    batch, steps, vocab, hidden = 3, 5, 11, 6
+    model = build_model(
+        vocab, model_config(cell=cell, impl=impl, hidden_size=hidden, num_layers=layers), seed=0
+    )
+    tokens = torch.randint(0, vocab, (batch, steps))
+    state = model.begin_state(batch, "cpu")
+    for s in as_tuple(state):
+        assert s.shape == (layers, batch, hidden)
+        assert s.abs().sum() == 0
+    assert isinstance(state, tuple) == (cell == "lstm")
+    with torch.no_grad():
+        logits, new_state = model(tokens, state)
+    assert logits.shape == (steps, batch, vocab)
+    assert isinstance(new_state, tuple) == (cell == "lstm")
+    for s in as_tuple(new_state):
+        assert s.shape == (layers, batch, hidden)
+
+
+@pytest.mark.parametrize("embedding_dim", [0, 4])
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_language_model_reads_row_b_of_the_tokens_as_sequence_b(impl, embedding_dim):
+    """logits[t, b] depends on tokens[b, :t+1] only: rows are sequences, columns are timesteps."""
+    torch.manual_seed(3)
+    batch, steps, vocab = 4, 6, 9
+    config = model_config(cell="lstm", impl=impl, embedding_dim=embedding_dim)
+    model = build_model(vocab, config, seed=0).double().eval()
+    tokens = torch.randint(0, vocab, (batch, steps))
+    with torch.no_grad():
+        logits, _ = model(tokens, model.begin_state(batch, "cpu"))
+        for b in range(batch):
+            alone, _ = model(tokens[b : b + 1], model.begin_state(1, "cpu"))
+            assert_close(logits[:, b : b + 1], alone, **TOL)
+        changed = tokens.clone()
+        changed[:, 3] = (changed[:, 3] + 1) % vocab
+        after, _ = model(changed, model.begin_state(batch, "cpu"))
+    assert_close(after[:3], logits[:3], **TOL)  # the past does not see the future
+    assert not torch.allclose(after[3], logits[3])
+
+
+def test_one_hot_encoding_is_time_major_in_the_model_dtype():
+    model = build_model(5, model_config(), seed=0).double()
+    features = model.encode(torch.tensor([[0, 1, 2], [3, 4, 0]]))
+    assert features.shape == (3, 2, 5)
+    assert features.dtype == torch.float64
+    assert features[1, 0].tolist() == [0, 1, 0, 0, 0]
+    assert features[0, 1].tolist() == [0, 0, 0, 1, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The language model under impl torch and impl scratch
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"embedding_dim": 5}, {"embedding_dim": 8, "tie_weights": True}, {"init": "d2l"}],
+    ids=["one-hot", "embedding", "tied", "d2l-init"],
+)
+@pytest.mark.parametrize(("cell", "nonlinearity"), CELLS, ids=CELL_IDS)
+def test_language_model_impl_torch_equals_impl_scratch_logits_and_states(cell, nonlinearity, extra):
+    vocab, batch, steps = 13, 3, 7
+    common = {"cell": cell, "nonlinearity": nonlinearity, "hidden_size": 8, "num_layers": 2, **extra}
+    reference = build_model(vocab, ModelConfig(impl="torch", **common), seed=11).double()
+    scratch = build_model(vocab, ModelConfig(impl="scratch", **common), seed=99).double()
+    scratch.load_state_dict(reference.state_dict(), strict=True)
+    torch.manual_seed(5)
+    tokens = torch.randint(0, vocab, (batch, steps))
+    state = random_state(cell, 2, batch, 8)
+    with torch.no_grad():
+        ref_logits, ref_state = reference(tokens, state)
+        scr_logits, scr_state = scratch(tokens, state)
+    assert scr_logits.shape == (steps, batch, vocab)
+    assert_close(scr_logits, ref_logits, **TOL)
+    for ours, theirs in zip(as_tuple(scr_state), as_tuple(ref_state), strict=True):
+        assert_close(ours, theirs, **TOL)
+
+
+@pytest.mark.parametrize("init", ["torch", "d2l"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_build_model_with_one_seed_gives_both_impls_the_same_initial_weights(cell, init):
+    """So ``impl: scratch`` and ``impl: torch`` runs with the same train.seed start identically."""
+    reference = build_model(28, model_config(cell=cell, init=init), seed=4)
+    scratch = build_model(28, model_config(cell=cell, init=init, impl="scratch"), seed=4)
+    ours = scratch.state_dict()
+    for name, value in reference.state_dict().items():
+        assert_close(ours[name], value, atol=0, rtol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts
+
+
+def expected_parameters(cell: str, vocab: int, hidden: int, layers: int, embedding: int, tied: bool) -> int:
+    gates = GATES[cell]
+    total = 0
+    for layer in range(layers):
+        width = (embedding or vocab) if layer == 0 else hidden
+        total += gates * hidden * (width + hidden) + 2 * gates * hidden
+    total += hidden * vocab + vocab  # decoder
+    if embedding:
+        total += vocab * embedding
+    if tied:
+        total -= vocab * hidden  # the decoder's weight *is* the embedding
+    return total
+
+
+def test_seed_model_lstm_2x256_on_28_characters_has_826396_parameters():
+    # layer 0: 4·256·(28 + 256) + 2·4·256 = 290,816 + 2,048 = 292,864
+    # layer 1: 4·256·(256 + 256) + 2·4·256 = 524,288 + 2,048 = 526,336
+    # decoder: 256·28 + 28                                    =   7,196
+    # total                                                   = 826,396
+    assert expected_parameters("lstm", 28, 256, 2, 0, False) == 826_396
+    for impl in ("torch", "scratch"):
+        model = build_model(28, ModelConfig(cell="lstm", hidden_size=256, num_layers=2, impl=impl), seed=0)
+        assert count_parameters(model) == 826_396
+
+
+@pytest.mark.parametrize(
+    ("embedding", "tied"), [(0, False), (6, False), (16, True)], ids=["one-hot", "embedding", "tied"]
+)
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_parameter_count_matches_the_formula(cell, impl, layers, embedding, tied):
+    vocab, hidden = 28, 16
+    config = ModelConfig(
+        cell=cell,
+        impl=impl,
+        hidden_size=hidden,
+        num_layers=layers,
+        embedding_dim=embedding,
+        tie_weights=tied,
+    )
+    model = build_model(vocab, config, seed=0)
+    assert count_parameters(model) == expected_parameters(cell, vocab, hidden, layers, embedding, tied)
+    if tied:
+        assert model.decoder.weight is model.embedding.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_d2l_init_draws_every_weight_from_normal_0_001_and_zeroes_every_bias(impl):
+    config = ModelConfig(cell="lstm", hidden_size=256, num_layers=2, embedding_dim=64, impl=impl, init="d2l")
+    model = build_model(28, config, seed=0)
+    weights = []
+    for name, parameter in model.named_parameters():
+        values = parameter.detach()
+        if "bias" in name:
+            assert values.abs().max() == 0, name
+            continue
+        weights.append(values.flatten())
+        if values.numel() >= 10_000:  # e.g. weight_hh_l0 (1024×256): std known to well under 1 %
+            assert values.std().item() == pytest.approx(0.01, rel=0.03), name
+            assert abs(values.mean().item()) < 0.001, name
+        assert values.abs().max() < 0.01 * 7, name  # nothing outside 7σ
+    pooled = torch.cat(weights)
+    assert pooled.std().item() == pytest.approx(0.01, rel=0.01)
+    assert names_of_weights(model) == {"embedding.weight", "decoder.weight"} | recurrent_weight_names(2)
+
+
+def names_of_weights(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters() if "bias" not in name}
+
+
+def recurrent_weight_names(layers: int) -> set[str]:
+    return {f"rnn.weight_{kind}_l{layer}" for kind in ("ih", "hh") for layer in range(layers)}
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_torch_init_draws_every_parameter_within_one_over_root_hidden(cell, impl):
+    hidden = 64
+    model = build_model(28, ModelConfig(cell=cell, hidden_size=hidden, num_layers=2, impl=impl), seed=0)
+    bound = 1 / math.sqrt(hidden)
+    for name, parameter in model.named_parameters():
+        values = parameter.detach()
+        assert values.abs().max() <= bound, name
+        if values.numel() >= 1000:  # uniform, not squeezed: it reaches near both ends
+            assert values.max() > 0.9 * bound and values.min() < -0.9 * bound, name
+            assert values.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations drnn refuses
+
+
+def test_bidirectional_is_refused_because_it_sees_the_token_it_predicts():
+    with pytest.raises(ValidationError, match=r"bidirectional.*token it must predict"):
+        ModelConfig(bidirectional=True)
+
+
+def test_bidirectional_is_refused_on_assignment_too():
+    config = ModelConfig()
+    with pytest.raises(ValidationError, match="token it must predict"):
+        config.bidirectional = True
+
+
+def test_make_recurrent_refuses_bidirectional_even_from_an_unvalidated_config():
+    config = ModelConfig.model_construct(**{**ModelConfig().model_dump(), "bidirectional": True})
+    with pytest.raises(ValueError, match="sees the token it must predict"):
+        make_recurrent(config, 28)
+
+
+@pytest.mark.parametrize(("embedding", "hidden"), [(32, 64), (0, 64)])
+def test_tie_weights_needs_embedding_dim_equal_to_hidden_size(embedding, hidden):
+    with pytest.raises(
+        ValidationError, match=rf"embedding_dim equal to model.hidden_size.*{embedding} and {hidden}"
+    ):
+        ModelConfig(tie_weights=True, embedding_dim=embedding, hidden_size=hidden)
+    assert ModelConfig(tie_weights=True, embedding_dim=hidden, hidden_size=hidden).tie_weights
+
+
+def test_weight_drop_needs_impl_scratch():
+    with pytest.raises(ValidationError, match=r"weight_drop needs model.impl: scratch"):
+        ModelConfig(weight_drop=0.5, impl="torch")
+    assert ModelConfig(weight_drop=0.5, impl="scratch").weight_drop == 0.5
+
+
+def test_relu_nonlinearity_applies_only_to_the_plain_rnn():
+    with pytest.raises(ValidationError, match=r"only to model\.cell: rnn"):
+        ModelConfig(cell="lstm", nonlinearity="relu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_dropout_between_layers_is_random_in_train_mode_and_off_in_eval_mode(cell, impl):
+    vocab = 10
+    config = model_config(cell=cell, impl=impl, dropout=0.5, hidden_size=16)
+    model = build_model(vocab, config, seed=0).double()
+    plain = build_model(vocab, model_config(cell=cell, impl=impl, hidden_size=16), seed=1).double()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    tokens = torch.randint(0, vocab, (4, 6), generator=torch.Generator().manual_seed(0))
+    state = model.begin_state(4, "cpu")
+    with torch.no_grad():
+        model.train()
+        first, _ = model(tokens, state)
+        second, _ = model(tokens, state)
+        assert not torch.allclose(first, second)
+        model.eval()
+        third, _ = model(tokens, state)
+        fourth, _ = model(tokens, state)
+        assert torch.equal(third, fourth)
+        assert_close(third, plain.eval()(tokens, state)[0], **TOL)  # eval: dropout is the identity
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_dropout_sits_between_layers_and_spares_the_top_layers_output(cell, impl):
+    """As in nn.LSTM: layer l < L-1's output is dropped; the top output is not (output_dropout is)."""
+    torch.manual_seed(0)
+    recurrent = make_recurrent(model_config(cell=cell, impl=impl, dropout=0.5, hidden_size=16), 5).train()
+    state = torch.zeros(2, 4, 16)
+    with torch.no_grad():
+        outputs, final = recurrent(torch.randn(6, 4, 5), (state, state) if cell == "lstm" else state)
+    assert (outputs != 0).all()  # a dropped unit would be exactly 0
+    assert torch.equal(outputs[-1], as_tuple(final)[0][-1])
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_output_dropout_is_random_in_train_mode_and_off_in_eval_mode(impl):
+    model = build_model(10, model_config(impl=impl, output_dropout=0.5, hidden_size=16), seed=0).double()
+    plain = build_model(10, model_config(impl=impl, hidden_size=16), seed=1).double()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    tokens = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(0))
+    state = model.begin_state(4, "cpu")
+    with torch.no_grad():
+        first, _ = model.train()(tokens, state)
+        second, _ = model(tokens, state)
+        assert not torch.allclose(first, second)
+        assert_close(model.eval()(tokens, state)[0], plain.eval()(tokens, state)[0], **TOL)
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+def test_a_single_layer_has_no_inter_layer_dropout(impl):
+    model = build_model(10, model_config(impl=impl, num_layers=1, dropout=0.5), seed=0).train()
+    tokens = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first, _ = model(tokens, model.begin_state(2, "cpu"))
+        second, _ = model(tokens, model.begin_state(2, "cpu"))
+    assert torch.equal(first, second)
+
+
+def test_weight_drop_masks_the_recurrent_weights_in_train_mode_only():
+    config = model_config(impl="scratch", weight_drop=0.5, hidden_size=16)
+    model = build_model(10, config, seed=0).double()
+    plain = build_model(10, model_config(impl="scratch", hidden_size=16), seed=1).double()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    tokens = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(0))
+    state = model.begin_state(3, "cpu")
+    with torch.no_grad():
+        first, _ = model.train()(tokens, state)
+        second, _ = model(tokens, state)
+        assert not torch.allclose(first, second)
+        assert_close(model.eval()(tokens, state)[0], plain.eval()(tokens, state)[0], **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# State helpers
+
+
+def lstm_like_state(requires_grad: bool):
+    weight = torch.ones((), requires_grad=requires_grad)
+    h = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) * weight
+    return h, -h
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple"])
+def test_detach_state_keeps_values_and_cuts_the_graph(kind):
+    full = lstm_like_state(requires_grad=True)
+    state = full if kind == "tuple" else full[0]
+    detached = detach_state(state)
+    assert isinstance(detached, tuple) == (kind == "tuple")
+    for before, after in zip(as_tuple(state), as_tuple(detached), strict=True):
+        assert before.requires_grad and before.grad_fn is not None
+        assert not after.requires_grad and after.grad_fn is None
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple"])
+def test_select_state_row_keeps_one_row_as_a_batch_of_one(kind):
+    full = lstm_like_state(requires_grad=False)
+    state = full if kind == "tuple" else full[0]
+    row = select_state_row(state, 2)
+    assert isinstance(row, tuple) == (kind == "tuple")
+    for whole, one in zip(as_tuple(state), as_tuple(row), strict=True):
+        assert one.shape == (2, 1, 4)  # (L, 1, H)
+        assert torch.equal(one[:, 0], whole[:, 2])
+
+
+def test_select_state_row_feeds_a_batch_of_one_that_continues_that_row():
+    model = build_model(7, model_config(cell="lstm"), seed=0).double().eval()
+    tokens = torch.randint(0, 7, (3, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, state = model(tokens[:, :4], model.begin_state(3, "cpu"))
+        together, _ = model(tokens[:, 4:], state)
+        alone, _ = model(tokens[1:2, 4:], select_state_row(state, 1))
+    assert_close(alone[:, 0], together[:, 1], **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning: 25 epochs on the first 3,000 characters of The Time Machine
+
+
+@pytest.fixture(scope="module")
+def train_time_machine(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Train (cell, impl) once per module: 2×48, Adam 0.01, clip 1, B16 T20, 25 epochs."""
+    from drnn_cli.data import load_dataset
+    from drnn_cli.train import Trainer
+
+    data = DataConfig(path=str(corpus_path), max_tokens=3000, batch_size=16, num_steps=20)
+    dataset = load_dataset(data)
+    assert len(dataset.tokens) == 3000 and len(dataset.vocab) == 28
+    results = {}
+
+    def train(cell: str, impl: str):
+        if (cell, impl) not in results:
+            config = Config(
+                data=data,
+                model=ModelConfig(cell=cell, impl=impl, hidden_size=48, num_layers=2),
+                train=TrainConfig(
+                    epochs=25,
+                    optimizer="adam",
+                    lr=0.01,
+                    clip=1.0,
+                    sample_every=0,
+                    sample_prefixes=[],
+                    device="cpu",
+                ),
+            )
+            run_dir = tmp_path_factory.mktemp(f"{cell}-{impl}")
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # tiny matrices: a second thread only adds synchronisation
+            try:
+                with pytest.MonkeyPatch.context() as patch:
+                    # The PNG is not under test here, and matplotlib costs seconds per run.
+                    patch.setattr("drnn_cli.train.write_perplexity_plot", lambda records, path: True)
+                    results[cell, impl] = Trainer(config, dataset, run_dir, torch.device("cpu")).fit()
+            finally:
+                torch.set_num_threads(threads)
+        return results[cell, impl]
+
+    return train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_each_cell_and_impl_learns_the_time_machine_below_perplexity_12(train_time_machine, cell, impl):
+    result = train_time_machine(cell, impl)
+    assert result.epochs == 25
+    assert result.parameters == expected_parameters(cell, 28, 48, 2, 0, False)
+    assert result.train_ppl < 12  # uniform guessing over 28 characters is 28
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_impl_scratch_and_impl_torch_train_to_the_same_perplexity(train_time_machine, cell):
+    """Same seed → same initial weights and batches; only float32 rounding differs."""
+    torch_ppl = train_time_machine(cell, "torch").train_ppl
+    scratch_ppl = train_time_machine(cell, "scratch").train_ppl
+    assert scratch_ppl == pytest.approx(torch_ppl, rel=0.01)

@@ -222,15 +222,20 @@ def _train_locked(
 
 def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:
     """Fine-tuning keeps the checkpoint's vocabulary: report (or refuse) text it cannot spell."""
-    share = dataset.unknown_tokens / max(1, dataset.total_tokens)
-    if dataset.unknown_tokens and share > limit:
+    count = dataset.unknown_tokens
+    if not count:
+        return
+    share = count / max(1, dataset.total_tokens)
+    worst = ", ".join(f"{token!r} ×{n}" for token, n in dataset.unknown.most_common(5))
+    if share > limit:
         raise DrnnError(
-            f"{dataset.unknown_tokens} of {dataset.total_tokens} tokens ({share:.1%}) are not in the checkpoint's "
-            f"vocabulary, above the allowed {limit:.1%}; raise --max-unknown or fine-tune on text closer to the original"
+            f"{count} of {dataset.total_tokens} tokens ({share:.1%}) are not in the checkpoint's vocabulary "
+            f"({worst}), above the allowed {limit:.1%}; raise --max-unknown, or preprocess the text like the "
+            f"original run"
         )
-    if dataset.unknown_tokens and reporter is not None:
+    if reporter is not None:
         reporter.note(
-            f"{dataset.unknown_tokens} tokens ({share:.2%}) are not in the vocabulary and map to <unk>"
+            f"{count} of {dataset.total_tokens} tokens ({share:.2%}) are not in the vocabulary and map to <unk>: {worst}"
         )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import ProgressHook, fetch_corpus, file_sha1, preprocess, read_text
 from drnn_cli.errors import DrnnError
-from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of
+from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of, unknown_tokens
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,11 @@ class Dataset:
     path: Path
     sha1: str
     total_tokens: int  # before max_tokens
-    unknown_tokens: int = 0  # tokens mapped to <unk> because a fixed vocabulary lacked them
+    unknown: Counter[str] = field(default_factory=Counter)  # tokens a fixed vocabulary lacked → <unk>
+
+    @property
+    def unknown_tokens(self) -> int:
+        return sum(self.unknown.values())
 
     def summary(self) -> dict:
         """The ``drnn data --json`` object (GUIDE §1)."""
@@ -71,13 +76,15 @@ def load_dataset(
             f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; "
             f"try data.preprocess: none"
         )
+    unknown: Counter[str] = Counter()
     if vocab is None:
         vocab = Vocab.from_counts(count_tokens(stream), min_freq=config.min_freq)
+    else:
+        unknown = unknown_tokens(stream, vocab)  # a fixed vocabulary (fine-tuning) may lack some
     encoded = encode_tokens(stream, vocab)
     total = len(encoded)
     del stream
     if config.max_tokens > 0:
         encoded = encoded[: config.max_tokens].clone()
-    unknown = int((encoded == 0).sum())
     splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
     return Dataset(vocab, encoded, splits, path, sha1, total, unknown)

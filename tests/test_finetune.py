@@ -1,0 +1,134 @@
+"""Fine-tuning with --init-from: weights from one run, a fixed vocabulary, a new text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drnn_cli.checkpoint import load_checkpoint
+from drnn_cli.commands import TrainRequest, evaluate_split, load_model, train_run
+from drnn_cli.config import build_config
+from drnn_cli.data import load_dataset
+from drnn_cli.errors import DrnnError
+from drnn_cli.train import SilentReporter
+from drnn_cli.vocab import Vocab
+
+BASE = {
+    "data": {"preprocess": "none", "batch_size": 8, "num_steps": 10},
+    "model": {"cell": "gru", "hidden_size": 32, "num_layers": 1},
+    "train": {"epochs": 4, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"},
+}
+
+
+def config_for(directory: Path, text: Path, name: str, **sections: dict) -> Path:
+    tree = {key: {**value, **sections.get(key, {})} for key, value in BASE.items()}
+    tree["data"]["path"] = str(text)
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+class Notes(SilentReporter):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+@pytest.fixture
+def texts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "first.txt"
+    first.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    second = tmp_path / "second.txt"
+    second.write_text("a lazy dog sleeps by the brown box. " * 60)
+    return first, second
+
+
+def test_fine_tuning_lowers_perplexity_on_the_new_text(tmp_path: Path, texts: tuple[Path, Path]):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base")))
+    before = evaluate_split(load_model(Path("runs/base"), None, "cpu"), "train", data_file=second)
+    train_run(
+        TrainRequest(config_for(tmp_path, second, "tuned", train={"epochs": 3}), init_from=Path("runs/base"))
+    )
+    after = evaluate_split(load_model(Path("runs/tuned"), None, "cpu"), "train", data_file=second)
+    assert after.result.perplexity < before.result.perplexity
+    tuned = load_checkpoint(Path("runs/tuned/last.safetensors"))
+    assert tuned.init_from == str(Path("runs/base/last.safetensors").resolve())
+    assert (Path("runs/tuned/init_from.txt").read_text().strip()) == tuned.init_from
+    assert tuned.vocab.idx_to_token == load_checkpoint(Path("runs/base/last.safetensors")).vocab.idx_to_token
+
+
+def test_unknown_characters_are_counted_exactly(tmp_path: Path):
+    vocab = Vocab.from_counts({"a": 3, "b": 2, " ": 1})
+    text = tmp_path / "new.txt"
+    text.write_text("abz z!\nab")  # z ×2, ! ×1, newline ×1 are unknown: 4 of 9
+    dataset = load_dataset(
+        build_config({"data": {"path": str(text), "preprocess": "none"}}).data, vocab=vocab
+    )
+    assert dataset.unknown_tokens == 4 and dict(dataset.unknown) == {"z": 2, "!": 1, "\n": 1}
+    assert dataset.total_tokens == 9
+    assert dataset.tokens.tolist() == [1, 2, 0, 3, 0, 0, 0, 1, 2]
+
+
+def test_too_much_unknown_text_is_refused_and_a_little_is_reported(tmp_path: Path, texts: tuple[Path, Path]):
+    first, _ = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    shouty = tmp_path / "shouty.txt"
+    shouty.write_text("THE LAZY DOG! " * 200 + "the lazy dog " * 200)
+    request = TrainRequest(
+        config_for(tmp_path, shouty, "ft", train={"epochs": 1}), init_from=Path("runs/base")
+    )
+    with pytest.raises(
+        DrnnError, match=r"2200 of 5400 tokens \(40.7%\) are not in the checkpoint's vocabulary"
+    ):
+        train_run(request)
+    notes = Notes()
+    train_run(
+        TrainRequest(
+            request.config_path,
+            init_from=Path("runs/base"),
+            max_unknown_fraction=0.6,
+            run_dir=Path("runs/ft2"),
+        ),
+        reporter=notes,
+    )
+    assert any("2200 of 5400 tokens" in note and "map to <unk>" in note for note in notes.notes)
+
+
+def test_mismatched_architecture_and_preprocessing_are_refused_naming_the_keys(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    wider = config_for(tmp_path, second, "wide", model={"hidden_size": 64, "cell": "lstm"})
+    with pytest.raises(
+        DrnnError, match=r"model.cell \('gru' in the checkpoint, 'lstm' now\), model.hidden_size"
+    ):
+        train_run(TrainRequest(wider, init_from=Path("runs/base")))
+    lowered = config_for(tmp_path, second, "lower", data={"preprocess": "lower"})
+    with pytest.raises(DrnnError, match=r"data.preprocess \('none' in the checkpoint, 'lower' now\)"):
+        train_run(TrainRequest(lowered, init_from=Path("runs/base")))
+    assert not Path("runs/wide").exists() or not Path("runs/wide/last.safetensors").exists()
+
+
+def test_init_from_and_resume_together_are_refused(tmp_path: Path, texts: tuple[Path, Path]):
+    first, _ = texts
+    with pytest.raises(DrnnError, match="--resume and --init-from cannot be combined"):
+        train_run(TrainRequest(config_for(tmp_path, first, "x"), init_from=Path("runs/base"), resume=True))
+
+
+def test_init_from_a_checkpoint_file_works_too(tmp_path: Path, texts: tuple[Path, Path]):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    result = train_run(
+        TrainRequest(
+            config_for(tmp_path, second, "file", train={"epochs": 1}),
+            init_from=Path("runs/base/last.safetensors"),
+        )
+    )
+    assert result.epochs == 1 and result.start_epoch == 0

@@ -69,3 +69,20 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Pat
     run_dir = root / "run"
     train_run(TrainRequest(config_path=config, run_dir=run_dir))
     return run_dir
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run ``drnn ARGS...`` in-process (no interpreter start-up): returns (exit code, stdout, stderr)."""
+    from drnn_cli.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as done:
+            code = int(done.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.cli import main
 from drnn_cli.commands import evaluate_split, load_model
 from drnn_cli.config import ModelConfig
 from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
@@ -19,16 +18,6 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.models import RNNLanguageModel
 from drnn_cli.vocab import Vocab
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def decode(run: Path, prefix: str, **options) -> str:
@@ -176,22 +165,22 @@ def test_checkpoint_written_from_cuda_decodes_on_cpu(tiny_run: Path, tmp_path: P
 # The commands
 
 
-def test_predict_json_has_prefix_and_text(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
-    code, out, _ = run_cli(capsys, "predict", "time traveller", "--run", str(tiny_run), "-n", "10", "--json")
+def test_predict_json_has_prefix_and_text(tiny_run: Path, cli):
+    code, out, _ = cli("predict", "time traveller", "--run", str(tiny_run), "-n", "10", "--json")
     assert code == 0
     payload = json.loads(out.strip().splitlines()[-1])
     assert payload["prefix"] == "time traveller"
     assert payload["text"] == decode(tiny_run, "time traveller", num_tokens=10)
 
 
-def test_predict_several_prefixes(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
-    code, out, _ = run_cli(capsys, "predict", "the", "time", "--run", str(tiny_run), "-n", "3", "--json")
+def test_predict_several_prefixes(tiny_run: Path, cli):
+    code, out, _ = cli("predict", "the", "time", "--run", str(tiny_run), "-n", "3", "--json")
     payload = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and [r["prefix"] for r in payload["results"]] == ["the", "time"]
 
 
-def test_eval_json_fields(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
-    code, out, _ = run_cli(capsys, "eval", "--run", str(tiny_run), "--split", "val", "--json")
+def test_eval_json_fields(tiny_run: Path, cli):
+    code, out, _ = cli("eval", "--run", str(tiny_run), "--split", "val", "--json")
     payload = json.loads(out.strip().splitlines()[-1])
     assert code == 0
     assert {"split", "epoch", "perplexity", "bits_per_token", "tokens"} <= set(payload)
@@ -199,15 +188,15 @@ def test_eval_json_fields(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
     assert payload["bits_per_token"] == pytest.approx(math.log2(payload["perplexity"]))
 
 
-def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, cli):
     text = tmp_path / "other.txt"
     text.write_text("The Time Traveller smiled.\nAre you sure we can move freely in Space?\n")
-    code, out, _ = run_cli(capsys, "eval", "--run", str(tiny_run), "--data", str(text), "--json")
+    code, out, _ = cli("eval", "--run", str(tiny_run), "--data", str(text), "--json")
     payload = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and payload["split"] == "file"
     assert payload["tokens"] == len("the time traveller smiledare you sure we can move freely in space") - 1
 
 
-def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, capsys: pytest.CaptureFixture[str]):
-    code, _, err = run_cli(capsys, "eval", "--run", str(tiny_run), "--split", "test")
+def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, cli):
+    code, _, err = cli("eval", "--run", str(tiny_run), "--split", "test")
     assert code == 1 and "no test split" in err and "data.test_fraction" in err

@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drnn_cli.checkpoint import RunLock, load_checkpoint
-from drnn_cli.cli import main
 from drnn_cli.config import build_config, load_config
 from drnn_cli.errors import ConfigError, DrnnError
 
@@ -30,16 +29,6 @@ TINY = {
     "model": {"cell": "gru", "hidden_size": 16, "num_layers": 1},
     "train": {"epochs": 2, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"},
 }
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -73,28 +62,28 @@ def config_file(directory: Path, tree: dict | str, name: str = "tiny.yaml") -> P
     ],
 )
 def test_bad_config_gets_the_key_and_what_is_allowed_and_writes_nothing(
-    workdir: Path, capsys: pytest.CaptureFixture[str], content: str, needles: tuple[str, ...]
+    workdir: Path, cli, content: str, needles: tuple[str, ...]
 ):
-    code, _, err = run_cli(capsys, "train", "--config", str(config_file(workdir, content)))
+    code, _, err = cli("train", "--config", str(config_file(workdir, content)))
     assert_one_line_error(code, err, *needles)
     assert code == 2
     assert not (workdir / "runs").exists()
 
 
-def test_bad_set_is_refused_like_the_file(workdir: Path, capsys: pytest.CaptureFixture[str]):
+def test_bad_set_is_refused_like_the_file(workdir: Path, cli):
     config = config_file(workdir, TINY)
-    code, _, err = run_cli(capsys, "train", "--config", str(config), "--set", "model.num_layers=0")
+    code, _, err = cli("train", "--config", str(config), "--set", "model.num_layers=0")
     assert_one_line_error(code, err, "model.num_layers", "greater than or equal to 1")
 
 
-def test_unknown_option_is_one_line(capsys: pytest.CaptureFixture[str]):
-    code, _, err = run_cli(capsys, "train", "--confg", "x.yaml")
+def test_unknown_option_is_one_line(cli):
+    code, _, err = cli("train", "--confg", "x.yaml")
     assert_one_line_error(code, err, "--confg", "drnn train --help")
 
 
-def test_corpus_shorter_than_one_minibatch_names_the_sizes(workdir: Path, capsys: pytest.CaptureFixture[str]):
+def test_corpus_shorter_than_one_minibatch_names_the_sizes(workdir: Path, cli):
     config = config_file(workdir, {**TINY, "data": {"max_tokens": 50, "batch_size": 8, "num_steps": 10}})
-    code, _, err = run_cli(capsys, "train", "--config", str(config))
+    code, _, err = cli("train", "--config", str(config))
     assert_one_line_error(code, err, "50 tokens", "needs 81", "lower data.batch_size or data.num_steps")
     assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()
 
@@ -127,13 +116,13 @@ def wrong_payload_server() -> Iterator[str]:
 def test_checksum_mismatch_names_url_and_hashes_and_leaves_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    cli,
     wrong_payload_server: str,
 ):
     cache = tmp_path / "cache"
     monkeypatch.setenv("DRNN_DATA_DIR", str(cache))
     monkeypatch.setenv("DRNN_DATA_URL", wrong_payload_server)
-    code, _, err = run_cli(capsys, "data")
+    code, _, err = cli("data")
     assert_one_line_error(
         code, err, f"{wrong_payload_server}/timemachine.txt", "090b5e7e70c295757f55df93cb0a180b9691891a"
     )
@@ -156,9 +145,9 @@ def test_checksum_mismatch_names_url_and_hashes_and_leaves_nothing(
     ],
 )
 def test_bad_predict_and_eval_options_name_the_option_and_range(
-    tiny_run: Path, capsys: pytest.CaptureFixture[str], args: list[str], needles: tuple[str, ...]
+    tiny_run: Path, cli, args: list[str], needles: tuple[str, ...]
 ):
-    code, _, err = run_cli(capsys, *args, "--run", str(tiny_run))
+    code, _, err = cli(*args, "--run", str(tiny_run))
     if not needles:
         assert code == 0
         return
@@ -166,7 +155,7 @@ def test_bad_predict_and_eval_options_name_the_option_and_range(
 
 
 def test_prefix_character_outside_the_vocabulary_is_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], corpus_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cli, corpus_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.chdir(tmp_path)
     text = tmp_path / "abc.txt"
@@ -176,41 +165,39 @@ def test_prefix_character_outside_the_vocabulary_is_named(
         "data": {**TINY["data"], "path": str(text), "preprocess": "none"},
         "train": {**TINY["train"], "epochs": 1},
     }
-    assert run_cli(capsys, "train", "--config", str(config_file(tmp_path, tree)))[0] == 0
-    code, _, err = run_cli(capsys, "predict", "cabz")
+    assert cli("train", "--config", str(config_file(tmp_path, tree)))[0] == 0
+    code, _, err = cli("predict", "cabz")
     assert_one_line_error(code, err, "'z'", "not in the model's vocabulary")
 
 
-def test_missing_run_and_checkpoint_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+def test_missing_run_and_checkpoint_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(capsys, "predict", "time")
+    code, _, err = cli("predict", "time")
     assert_one_line_error(code, err, "runs/latest does not exist", "drnn train")
-    code, _, err = run_cli(capsys, "eval", "--run", str(tmp_path / "nope"))
+    code, _, err = cli("eval", "--run", str(tmp_path / "nope"))
     assert_one_line_error(code, err, str(tmp_path / "nope"), "does not exist")
-    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "nope.safetensors"))
+    code, _, err = cli("eval", "--checkpoint", str(tmp_path / "nope.safetensors"))
     assert_one_line_error(code, err, "nope.safetensors does not exist")
     (tmp_path / "empty").mkdir()
-    code, _, err = run_cli(capsys, "eval", "--run", str(tmp_path / "empty"))
+    code, _, err = cli("eval", "--run", str(tmp_path / "empty"))
     assert_one_line_error(code, err, "holds no checkpoint")
 
 
 @pytest.mark.parametrize(
     "payload", [b"", b"garbage" * 10, b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}       ']
 )
-def test_corrupt_checkpoint_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], payload: bytes):
+def test_corrupt_checkpoint_is_named(tmp_path: Path, cli, payload: bytes):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(payload)
-    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(bad))
+    code, _, err = cli("eval", "--checkpoint", str(bad))
     assert_one_line_error(code, err, str(bad), "corrupt")
 
 
-def test_truncated_real_checkpoint_is_named(
-    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-):
+def test_truncated_real_checkpoint_is_named(tiny_run: Path, tmp_path: Path, cli):
     data = (tiny_run / "best.safetensors").read_bytes()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: len(data) // 2])
-    code, _, err = run_cli(capsys, "predict", "time", "--checkpoint", str(bad))
+    code, _, err = cli("predict", "time", "--checkpoint", str(bad))
     assert_one_line_error(code, err, str(bad), "corrupt")
 
 
@@ -223,9 +210,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch.save"])
-def test_checkpoint_that_would_run_code_is_refused_without_running_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
-):
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path: Path, cli, kind: str):
     import torch
 
     marker = tmp_path / "pwned"
@@ -234,7 +219,7 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(
         evil.write_bytes(pickle.dumps(_Exploit(marker)))
     else:
         torch.save({"model": _Exploit(marker)}, evil)
-    code, _, err = run_cli(capsys, "predict", "time", "--checkpoint", str(evil))
+    code, _, err = cli("predict", "time", "--checkpoint", str(evil))
     assert_one_line_error(code, err, "pickle", "execute code")
     assert not marker.exists()
 
@@ -243,13 +228,13 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(
 # Locks
 
 
-def test_second_training_into_a_busy_run_directory_refuses(workdir: Path, capsys: pytest.CaptureFixture[str]):
+def test_second_training_into_a_busy_run_directory_refuses(workdir: Path, cli):
     run = workdir / "runs" / "tiny"
     run.mkdir(parents=True)
     import socket
 
     (run / "train.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live process
-    code, _, err = run_cli(capsys, "train", "--config", str(config_file(workdir, TINY)))
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
     assert_one_line_error(code, err, "in use by another training", "--run DIR")
 
 
@@ -271,10 +256,10 @@ def test_lock_left_by_a_crashed_run_is_taken_over(tmp_path: Path):
 # Divergence
 
 
-def test_nan_loss_stops_with_epoch_and_step(workdir: Path, capsys: pytest.CaptureFixture[str]):
+def test_nan_loss_stops_with_epoch_and_step(workdir: Path, cli):
     config = config_file(workdir, TINY)
-    code, _, err = run_cli(
-        capsys, "train", "--config", str(config), "--set", "train.optimizer=sgd", "--set", "train.lr=1e30",
+    code, _, err = cli(
+        "train", "--config", str(config), "--set", "train.optimizer=sgd", "--set", "train.lr=1e30",
         "--set", "train.clip=0", "--set", "model.cell=rnn", "--set", "model.nonlinearity=relu",
     )  # fmt: skip
     assert_one_line_error(code, err, "NaN or infinite at epoch", ", step", "last good checkpoint", "train.lr")

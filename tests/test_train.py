@@ -78,7 +78,14 @@ def test_run_directory_holds_config_vocab_checkpoints_metrics_plot_and_latest_ma
     run = workdir / "runs" / "tiny"
     assert result.run_dir == Path("runs/tiny")
     names = {p.name for p in run.iterdir()}
-    assert {"config.yaml", "vocab.json", "last.safetensors", "best.safetensors", "metrics.jsonl", "perplexity.png"} <= names
+    assert {
+        "config.yaml",
+        "vocab.json",
+        "last.safetensors",
+        "best.safetensors",
+        "metrics.jsonl",
+        "perplexity.png",
+    } <= names
     assert "train.lock" not in names
     assert (run / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -94,7 +101,9 @@ def test_run_directory_holds_config_vocab_checkpoints_metrics_plot_and_latest_ma
 
 
 def test_train_summary_has_the_contract_fields(workdir: Path):
-    result = train(write_config(workdir, TINY), "train.epochs=1", "train.sample_prefixes=[the]", "train.sample_chars=5")
+    result = train(
+        write_config(workdir, TINY), "train.epochs=1", "train.sample_prefixes=[the]", "train.sample_chars=5"
+    )
     summary = result.summary()
     assert {
         "run_dir", "epochs", "start_epoch", "train_ppl", "val_ppl", "best_val_ppl",
@@ -124,7 +133,11 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(workdir: Path, sampling: str):
-    tree = {**TINY, "model": {**TINY["model"], "dropout": 0.3}, "data": {**TINY["data"], "sampling": sampling}}
+    tree = {
+        **TINY,
+        "model": {**TINY["model"], "dropout": 0.3},
+        "data": {**TINY["data"], "sampling": sampling},
+    }
     config = write_config(workdir, tree)
     train(config, run_dir=Path("runs/straight"))
     train(config, "train.epochs=1", run_dir=Path("runs/split"))

@@ -1,0 +1,90 @@
+"""The command-line contract of GUIDE §1: commands, flags, --json last lines, the latest run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drnn_cli import __version__
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drnn(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The real program, as a user runs it (python -m drnn_cli ≡ the drnn console script)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "drnn_cli", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_help_lists_the_four_commands_and_version_prints_it(workdir: Path):
+    helped = drnn(workdir, "--help")
+    assert helped.returncode == 0
+    for command in ("data", "train", "predict", "eval"):
+        assert f"  {command} " in helped.stdout
+    version = drnn(workdir, "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"drnn {__version__}"
+
+
+@pytest.mark.parametrize("command", ["data", "train", "predict", "eval"])
+def test_every_command_has_help_with_an_example(cli, command: str):
+    code, out, _ = cli(command, "--help")
+    assert code == 0 and "Example: drnn " + command in out
+
+
+def test_no_arguments_prints_help(cli):
+    code, out, _ = cli()
+    assert code == 0 and "Usage: drnn" in out
+
+
+def test_seed_config_trains_one_epoch_then_predict_and_eval_use_the_latest_run(workdir: Path):
+    trained = drnn(
+        workdir, "train", "--config", str(REPO / "configs" / "lstm2.yaml"), "--set", "train.epochs=1", "--device",
+        "cpu", "--json",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    summary = last_json(trained.stdout)
+    assert summary["run_dir"] == "runs/lstm2" and summary["epochs"] == 1 and summary["world_size"] == 1
+    assert 10 < summary["train_ppl"] < 28  # one epoch of SGD: somewhere below uniform guessing (28)
+    assert set(summary["samples"]) == {"time traveller", "traveller"}
+    assert "826,396 parameters" in trained.stderr and "perplexity" in trained.stderr
+
+    predicted = drnn(workdir, "predict", "time traveller", "-n", "12", "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    assert last_json(predicted.stdout)["text"].startswith("time traveller")
+    assert len(last_json(predicted.stdout)["text"]) == len("time traveller") + 12
+
+    evaluated = drnn(workdir, "eval", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = last_json(evaluated.stdout)
+    assert report["split"] == "train" and report["epoch"] == 1 and report["tokens"] == 9999
+
+
+def test_plain_output_without_a_terminal_is_lines_not_a_progress_bar(workdir: Path, tmp_path: Path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "data: {max_tokens: 1500, batch_size: 4, num_steps: 10}\n"
+        "model: {hidden_size: 16, num_layers: 1}\n"
+        "train: {epochs: 4, optimizer: adam, lr: 0.01, sample_every: 2, sample_chars: 5, log_every: 2}\n"
+    )
+    trained = drnn(workdir, "train", "--config", str(config), "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    lines = trained.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["2/4", "4/4"]
+    assert "  [2] time traveller" in trained.stdout
+    assert "\x1b[" not in trained.stdout  # no escape codes when piped

@@ -1,0 +1,199 @@
+"""torchrun: two CPU processes (gloo, DistributedDataParallel) train exactly what one process trains.
+
+Each rank owns B/W rows of every global minibatch (sequential: a contiguous group of the layout's
+rows; random: a disjoint share of each shuffled minibatch), DDP averages the per-rank mean-loss
+gradients into the global mean, and every rank draws the same batching randomness, so the same seed
+and the same global ``data.batch_size`` end in the same parameters.
+
+The jobs go through ``python -m torch.distributed.run`` as a user's would (``--standalone`` picks a
+free port). Starting a job costs three torch imports, so the module starts all of its jobs at once
+and each test waits for its own; the single-process references train in the test process
+meanwhile. The jobs run in a directory prepared as the ``workdir`` fixture prepares one (corpus
+cache filled, downloads pointed at a dead address); the references and ``drnn eval`` use ``workdir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from drnn_cli.checkpoint import load_checkpoint
+from drnn_cli.cli import main
+from drnn_cli.commands import TrainRequest, train_run
+from drnn_cli.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE = 2
+LAUNCH_TIMEOUT = 300  # seconds; a hung collective fails the test instead of stalling the suite
+SAMPLINGS = ("sequential", "random")
+
+TINY = {
+    "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.1},
+    "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 2, "dropout": 0.0, "output_dropout": 0.0},
+    "train": {
+        "epochs": 2,  # ~22 minibatches an epoch either way
+        "optimizer": "adam",
+        "lr": 0.01,
+        "clip": 1.0,
+        "seed": 3,
+        "sample_every": 0,
+        "sample_chars": 5,
+        "device": "cpu",
+    },
+}
+
+
+def write_config(directory: Path, sampling: str) -> Path:
+    tree = json.loads(json.dumps(TINY))
+    tree["data"]["sampling"] = sampling
+    path = directory / f"tiny_{sampling}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@dataclass
+class Launch:
+    """One ``torchrun --standalone --nproc_per_node 2 -m drnn_cli -- ARGS`` job."""
+
+    process: subprocess.Popen[bytes]
+    run_dir: Path
+    stdout: Path
+    stderr: Path
+
+    def finish(self) -> tuple[int, str, str]:
+        try:
+            code = self.process.wait(timeout=LAUNCH_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            code = -1
+        out, err = self.stdout.read_text(), self.stderr.read_text()
+        if code == -1:
+            pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT}s\nstdout:\n{out}\nstderr:\n{err}")
+        return code, out, err
+
+    def stop(self) -> None:
+        """End the job's own process group (torchrun and its ranks) if it is still running."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Iterator[dict[str, Launch]]:
+    root = tmp_path_factory.mktemp("torchrun")
+    cache = root / "data"
+    cache.mkdir()
+    shutil.copyfile(corpus_path, cache / "timemachine.txt")
+    env = {k: v for k, v in os.environ.items() if k not in {"WORLD_SIZE", "RANK", "LOCAL_RANK", "DRNN_DEBUG"}}
+    env["DRNN_DATA_DIR"] = str(cache)
+    env["DRNN_DATA_URL"] = "http://127.0.0.1:9/unreachable"  # any download would fail loudly
+    env["OMP_NUM_THREADS"] = "1"  # one intra-op thread per rank
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+
+    def start(name: str, config: Path, *extra: str) -> Launch:
+        run_dir = root / "runs" / name
+        # `--` keeps torchrun's parser off drnn's options: `--run` alone is an ambiguous prefix of
+        # torchrun's --run-path/--run_path.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node", str(WORLD_SIZE), "-m", "drnn_cli", "--"]
+        command += ["train", "--config", str(config), "--device", "cpu", "--run", str(run_dir), "--json"]
+        stdout, stderr = root / f"{name}.out", root / f"{name}.err"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            process = subprocess.Popen(
+                [*command, *extra], cwd=root, env=env, stdout=out, stderr=err, start_new_session=True
+            )
+        return Launch(process, run_dir, stdout, stderr)
+
+    jobs = {sampling: start(sampling, write_config(root, sampling)) for sampling in SAMPLINGS}
+    jobs["indivisible"] = start("indivisible", write_config(root, "sequential"), "--set", "data.batch_size=7")
+    try:
+        yield jobs
+    finally:
+        for job in jobs.values():
+            job.stop()
+
+
+def run_drnn(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_two_processes_train_what_one_process_trains(
+    launches: dict[str, Launch], workdir: Path, capsys: pytest.CaptureFixture[str], sampling: str
+) -> None:
+    one_dir = workdir / "runs" / "one"
+    one = train_run(TrainRequest(config_path=write_config(workdir, sampling), run_dir=one_dir, device="cpu"))
+    job = launches[sampling]
+    code, out, err = job.finish()
+    assert code == 0, f"torchrun failed ({code})\nstdout:\n{out}\nstderr:\n{err}"
+    two_dir = job.run_dir
+
+    # The same parameters after 2 epochs (and they moved well away from the initialisation).
+    reference = load_checkpoint(one_dir / "last.safetensors")
+    distributed = load_checkpoint(two_dir / "last.safetensors")
+    assert distributed.epoch == reference.epoch == 2
+    assert distributed.config.data.sampling == sampling
+    assert distributed.model_state.keys() == reference.model_state.keys()
+    for name, expected in reference.model_state.items():
+        torch.testing.assert_close(distributed.model_state[name], expected, rtol=0, atol=1e-5, msg=name)
+    initial = build_model(len(reference.vocab), reference.config.model, seed=reference.config.train.seed)
+    moved = max((reference.model_state[k] - v).abs().max().item() for k, v in initial.state_dict().items())
+    assert moved > 1e-2
+
+    # Rank 0 alone reports: one JSON line on stdout, one human run log on stderr.
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    summary = json.loads(lines[0])
+    assert summary["world_size"] == WORLD_SIZE and one.world_size == 1
+    assert summary["epochs"] == 2 and summary["run_dir"] == str(two_dir)
+    assert err.count("from scratch") == 1, err
+    # Loss sums are all-reduced, so the reported numbers are the single-process ones.
+    assert summary["train_ppl"] == pytest.approx(one.train_ppl, rel=1e-6)
+    assert summary["val_ppl"] == pytest.approx(one.val_ppl, rel=1e-6)
+    assert summary["best_val_ppl"] == pytest.approx(one.best_val_ppl, rel=1e-6)
+    assert set(summary["samples"]) == set(one.samples)
+
+    # The run directory is written once: the single-process run's files, one metrics line an epoch.
+    assert sorted(p.name for p in two_dir.iterdir()) == sorted(p.name for p in one_dir.iterdir())
+    assert len((two_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # The checkpoint needs nothing special: drnn eval reads it as it reads any other.
+    code, eval_out, eval_err = run_drnn(["eval", "--run", str(two_dir), "--device", "cpu", "--json"], capsys)
+    assert code == 0, eval_err
+    report = json.loads(eval_out.strip().splitlines()[-1])
+    assert report["split"] == "val" and report["epoch"] == 2
+    assert report["perplexity"] == pytest.approx(summary["best_val_ppl"], rel=1e-6)
+
+
+def test_a_batch_that_does_not_divide_among_the_processes_is_a_one_line_error(
+    launches: dict[str, Launch],
+) -> None:
+    job = launches["indivisible"]
+    code, out, err = job.finish()
+    assert code != 0
+    assert out.strip() == ""
+    # Every rank reports the same single line (torchrun then adds its own failure summary).
+    lines = {line for line in err.splitlines() if line.startswith("drnn:")}
+    assert len(lines) == 1, err
+    (line,) = lines
+    assert line.startswith("drnn: error: ") and "data.batch_size 7" in line, line
+    assert f"{WORLD_SIZE} processes" in line, line
+    assert "internal error" not in err
+    assert not (job.run_dir / "last.safetensors").exists()

@@ -36,6 +36,7 @@ from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 METRICS = "metrics.jsonl"
+STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
 PLOT = "perplexity.png"
 
 
@@ -348,16 +349,19 @@ class Trainer:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
-    def _stop_requested(self) -> bool:
+    def _stop_requested(self, step: int | None = None) -> bool:
         flag = self._stop_signal is not None
         if not self.dist.enabled:
             return flag
+        if step is not None and step % STOP_VOTE_EVERY:
+            return False  # ranks vote every few steps: a vote is a collective plus a host read
         # Every rank must stop at the same step, or the next all-reduce would hang.
         votes = torch.tensor([float(self._stop_signal or 0)], device=self.device)
         torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
-        if votes.item() and self._stop_signal is None:
-            self._stop_signal = int(votes.item())
-        return bool(votes.item())
+        vote = int(votes.item())  # the step's one host read
+        if vote and self._stop_signal is None:
+            self._stop_signal = vote
+        return bool(vote)
 
     # ----- the loop --------------------------------------------------------------------------
 
@@ -395,6 +399,9 @@ class Trainer:
             progress.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         assert progress.first_bad_step is not None
         state = progress.state
+        if self.dist.enabled and progress.step == 0:
+            # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
+            torch.manual_seed((self.config.train.seed * 1_000_003 + epoch) * 1_009 + self.dist.rank)
         started = time.perf_counter() - progress.elapsed
         self.model.train()
         for step, (x, y) in enumerate(batches):
@@ -411,17 +418,29 @@ class Trainer:
             )
             progress.count += y.numel()
             progress.step = step + 1
-            if self._stop_requested():
+            if self._stop_requested(progress.step):
                 self._check_finite(epoch, progress)
                 progress.state = detach_state(state) if batches.carries_state else None
                 progress.elapsed = time.perf_counter() - started
                 self._interrupt(epoch, progress)
-        self._check_finite(epoch, progress)
+        # One all-reduce and one host read per epoch: loss, token count, and how many ranks saw a
+        # non-finite loss (so a NaN on one rank stops every rank, not just that one).
+        assert progress.first_bad_step is not None
         totals = torch.stack(
-            [progress.loss_sum, torch.tensor(float(progress.count), device=self.device).double()]
+            [
+                progress.loss_sum,
+                torch.tensor(float(progress.count), device=self.device).double(),
+                (progress.first_bad_step >= 0).double(),
+            ]
         )
         all_reduce_sum(totals, self.dist)
-        loss_sum, count = totals.tolist()  # the one host sync of the epoch
+        loss_sum, count, diverged_ranks = totals.tolist()
+        if diverged_ranks:
+            self._check_finite(epoch, progress)
+            raise TrainingDiverged(
+                f"the loss became NaN or infinite at epoch {epoch + 1} on another process; training stopped "
+                f"and the last good checkpoint in {self.run_dir} was kept. Lower train.lr, or keep train.clip > 0"
+            )
         seconds = time.perf_counter() - started
         self.elapsed += seconds - progress.elapsed
         return perplexity(loss_sum, count), count / max(seconds, 1e-9)
@@ -511,7 +530,8 @@ class Trainer:
                 ):
                     self.reporter.samples(done, self._samples())
                 self._update_plot(force=last_epoch)
-                if self._stop_signal is not None:
+                # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
+                if self._stop_requested() if self.dist.enabled else self._stop_signal is not None:
                     self._interrupt(done, _EpochProgress())
                 if stopped_early:
                     self.reporter.note(

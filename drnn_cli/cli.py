@@ -29,7 +29,7 @@ from drnn_cli.commands import (
     predict,
     train_run,
 )
-from drnn_cli.config import load_config
+from drnn_cli.config import Config, load_config
 from drnn_cli.decode import DecodeOptions
 from drnn_cli.errors import DrnnError
 from drnn_cli.train import EpochRecord
@@ -162,7 +162,7 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
 class RichReporter:
     """Training progress: a live bar on a terminal, plain lines every ``log_every`` epochs otherwise."""
 
-    def __init__(self, console: Console, log_every: int) -> None:
+    def __init__(self, console: Console, log_every: int = 0) -> None:
         self.console = console
         self.log_every = log_every
         self.progress: Progress | None = None
@@ -260,11 +260,14 @@ def train_command(
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main:  # under torchrun only rank 0 talks
         out = Console(file=open(os.devnull, "w"))  # noqa: SIM115
-    log_every = load_config(config, request.overrides).train.log_every
-    reporter = RichReporter(out, log_every)
+    reporter = RichReporter(out)
+
+    def configure(_dataset: object, resolved: Config) -> None:
+        reporter.log_every = resolved.train.log_every
+
     with _download_progress(out) as hook:
         try:
-            result = train_run(request, reporter=reporter, progress=hook)
+            result = train_run(request, reporter=reporter, progress=hook, on_ready=configure)
         finally:
             reporter.finish()
     if not is_main:

@@ -19,15 +19,15 @@ from drnn_cli.checkpoint import (
     resolve_checkpoint,
 )
 from drnn_cli.config import Config, load_config
-from drnn_cli.corpus import ProgressHook, preprocess, read_text
-from drnn_cli.data import Dataset, load_dataset
+from drnn_cli.corpus import ProgressHook
+from drnn_cli.data import Dataset, load_dataset, read_token_stream
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
 from drnn_cli.models import RNNLanguageModel, build_model
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import Reporter, Trainer, TrainResult
-from drnn_cli.vocab import encode_tokens, tokens_of, unknown_tokens
+from drnn_cli.vocab import encode_tokens, unknown_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and the run that continues from it.
@@ -303,7 +303,7 @@ def evaluate_split(loaded: LoadedModel, split: str, data_file: Path | None = Non
     config = loaded.checkpoint.config
     vocab = loaded.checkpoint.vocab
     if data_file is not None:
-        stream = tokens_of(preprocess(read_text(data_file), config.data.preprocess), config.data.token)
+        stream = read_token_stream(data_file, config.data)
         if len(stream) < 2:
             raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
         missing = unknown_tokens(stream, vocab)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import torch
 
 from drnn_cli.errors import DrnnError
 
@@ -198,6 +199,60 @@ def preprocess(text: str, mode: str) -> list[str]:
     if mode == "none":
         return [text]
     raise DrnnError(f"unknown preprocessing {mode!r}; data.preprocess allows d2l, letters, lower, none")
+
+
+_CHUNK_CHARS = 1 << 21  # 2 Mi characters per step of preprocess_chars
+
+
+def preprocess_chars(text: str, mode: str) -> str:
+    """``"".join(preprocess(text, mode))`` for character tokens, without a Python object per line.
+
+    ``d2l`` and ``letters`` are rewritten as: the letter runs ("words") of the whole text, lower-cased,
+    in order, separated by nothing (``d2l``) when the gap between two words holds a line break and by
+    one space otherwise (``letters``: always a space). That is d2l's per-line rule: each line's words
+    joined by single spaces, leading and trailing non-letters stripped, lines glued. The text is
+    processed a few MiB at a time, each piece ending at a line break, as UTF-8 bytes (every byte of a
+    non-ASCII character is ≥ 0x80: a non-letter, like the character itself). The output is ASCII and
+    never longer than the text, so it is written into one buffer of ``len(text)`` bytes.
+    """
+    if mode not in {"d2l", "letters"}:
+        return "".join(preprocess(text, mode))
+    out = bytearray(len(text))
+    written = 0
+    start = 0
+    while start < len(text):
+        end = text.find("\n", min(start + _CHUNK_CHARS, len(text)) - 1)
+        end = len(text) if end < 0 else end + 1
+        raw = torch.frombuffer(bytearray(text[start:end], "utf-8"), dtype=torch.uint8)
+        piece = _letters_piece(raw, mode)
+        if len(piece):
+            if written and mode == "letters":  # the gap across the piece boundary holds a line break
+                out[written] = 32
+                written += 1
+            torch.frombuffer(out, dtype=torch.uint8, count=len(piece), offset=written).copy_(piece)
+            written += len(piece)
+        start = end
+    return str(memoryview(out)[:written], "ascii")
+
+
+def _letters_piece(raw: torch.Tensor, mode: str) -> torch.Tensor:
+    """One piece of ``preprocess_chars``: lower-cased letters, and a space for each gap that keeps one."""
+    lowered = raw | 32  # A-Z → a-z; a byte is a letter iff its lowered form is in a-z
+    letter = (lowered - 97) < 26
+    if not bool(letter.any()):
+        return torch.empty(0, dtype=torch.uint8)
+    follows = torch.zeros_like(letter)
+    follows[1:] = letter[:-1]
+    starts = torch.nonzero(letter & ~follows).flatten()  # first byte of each word
+    ends = torch.nonzero(letter & ~torch.cat([letter[1:], letter.new_zeros(1)])).flatten()  # last byte
+    gap_starts, gap_ends = ends[:-1], starts[1:]  # gap k lies strictly between word k and word k+1
+    spaced = torch.ones(len(gap_ends), dtype=torch.bool)
+    if mode == "d2l":
+        newlines = torch.cumsum(raw == 10, 0, dtype=torch.int32)
+        spaced = newlines[gap_ends] == newlines[gap_starts]
+    keep = letter.clone()
+    keep[gap_ends[spaced] - 1] = True  # the last byte of a kept gap becomes its one space
+    return torch.where(letter, lowered, 32)[keep].to(torch.uint8)
 
 
 def preprocess_prefix(prefix: str, mode: str) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import ProgressHook, fetch_corpus, file_sha1, preprocess, read_text
+from drnn_cli.corpus import ProgressHook, fetch_corpus, file_sha1, preprocess, preprocess_chars, read_text
 from drnn_cli.errors import DrnnError
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of, unknown_tokens
 
@@ -58,6 +58,8 @@ def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None
 
 
 def read_token_stream(path: Path, config: DataConfig) -> str | list[str]:
+    if config.token == "char":
+        return preprocess_chars(read_text(path), config.preprocess)
     return tokens_of(preprocess(read_text(path), config.preprocess), config.token)
 
 

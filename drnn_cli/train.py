@@ -208,6 +208,7 @@ class Trainer:
 
         self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
         self.model.to(device)
+        _check_precision_works(self.model, device, config.train.precision)
         self.init_from_label = init_from_label or (resume.init_from if resume else None)
         if init_from is not None:
             self.model.load_state_dict(init_from.model_state)
@@ -554,6 +555,23 @@ class Trainer:
             samples=samples,
             stopped_early=stopped_early,
         )
+
+
+def _check_precision_works(model: RNNLanguageModel, device: torch.device, precision: str) -> None:
+    """Half precision is not everywhere: e.g. oneDNN has no bf16 LSTM on CPUs without AVX-512 BF16."""
+    if precision == "fp32":
+        return
+    probe = torch.zeros((1, 1), dtype=torch.long, device=device)
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            model(probe, model.begin_state(1, device))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0][:120]
+        raise DrnnError(
+            f"train.precision {precision} does not run on {device} with model.cell {model.config.cell} / "
+            f"model.impl {model.config.impl} ({first}); use train.precision fp32"
+            + (" or model.impl scratch" if model.config.impl == "torch" else "")
+        ) from None
 
 
 def _to_device(state: Any, device: torch.device) -> Any:

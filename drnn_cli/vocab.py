@@ -93,24 +93,33 @@ def index_dtype(vocab_size: int) -> torch.dtype:
 
 
 def _code_chunks(text: str) -> Iterable[torch.Tensor]:
-    """Unicode code points of ``text`` as int32 tensors, a few MiB at a time."""
+    """Unicode code points of ``text`` a few MiB at a time: uint8 for ASCII text, else int32."""
+    ascii_only = text.isascii()
     for start in range(0, len(text), _CHUNK_CHARS):
-        raw = bytearray(text[start : start + _CHUNK_CHARS].encode("utf-32-le"))
-        yield torch.frombuffer(raw, dtype=torch.int32)
+        piece = text[start : start + _CHUNK_CHARS]
+        if ascii_only:
+            yield torch.frombuffer(bytearray(piece.encode("ascii")), dtype=torch.uint8)
+        else:
+            yield torch.frombuffer(bytearray(piece.encode("utf-32-le")), dtype=torch.int32)
 
 
 def count_chars(text: str) -> dict[str, int]:
-    """Character frequencies in first-seen order (what ``collections.Counter(text)`` gives, fast)."""
+    """Character frequencies in first-seen order (what ``collections.Counter(text)`` gives, fast).
+
+    Counts are one ``bincount`` per chunk; a character's first position is ``text.find`` from the
+    chunk where it first occurs, so it costs one C-level scan per distinct character.
+    """
     totals: dict[int, int] = {}
     first_seen: dict[int, int] = {}
     offset = 0
     for codes in _code_chunks(text):
-        uniques, inverse, counts = torch.unique(codes, return_inverse=True, return_counts=True)
-        first = torch.full((len(uniques),), len(codes), dtype=torch.int64)
-        first.scatter_reduce_(0, inverse, torch.arange(len(codes)), reduce="amin")
-        for code, count, position in zip(uniques.tolist(), counts.tolist(), first.tolist(), strict=True):
-            totals[code] = totals.get(code, 0) + count
-            first_seen.setdefault(code, offset + position)
+        counts = torch.bincount(codes)
+        present = torch.nonzero(counts).flatten()
+        for code, count in zip(present.tolist(), counts[present].tolist(), strict=True):
+            if code not in totals:
+                totals[code] = 0
+                first_seen[code] = text.find(chr(code), offset)
+            totals[code] += count
         offset += len(codes)
     ordered = sorted(totals, key=first_seen.__getitem__)
     return {chr(code): totals[code] for code in ordered}
@@ -124,9 +133,15 @@ def encode_chars(text: str, vocab: Vocab) -> torch.Tensor:
     for code, index in known:
         lookup[code] = index
     out = torch.empty(len(text), dtype=index_dtype(len(vocab)))
+    if out.dtype == torch.uint8 and text.isascii():  # bytes.translate: a C table lookup, no int64
+        table = bytes(int(lookup[min(code, largest + 1)]) for code in range(256))
+        for start in range(0, len(text), _CHUNK_CHARS):
+            piece = text[start : start + _CHUNK_CHARS].encode("ascii").translate(table)
+            out[start : start + len(piece)] = torch.frombuffer(bytearray(piece), dtype=torch.uint8)
+        return out
     offset = 0
     for codes in _code_chunks(text):
-        clamped = codes.clamp(max=largest + 1).long()
+        clamped = codes.long().clamp_(max=largest + 1)  # long first: uint8 chunks cannot hold 256+
         out[offset : offset + len(codes)] = lookup[clamped].to(out.dtype)
         offset += len(codes)
     return out

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drnn_cli.cli import main
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import REGISTRY, fetch_corpus, preprocess, preprocess_prefix, read_text
+from drnn_cli.corpus import REGISTRY, fetch_corpus, preprocess, preprocess_chars, preprocess_prefix, read_text
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
 
@@ -474,3 +476,24 @@ def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(
     assert "absent.txt" in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(st.sampled_from(list("ab Z\n!\té9-")), max_size=80),
+    mode=st.sampled_from(["d2l", "letters", "lower", "none"]),
+)
+def test_fast_character_preprocessing_equals_the_per_line_rule(text: str, mode: str):
+    """preprocess_chars (vectorised, chunked) ≡ joining d2l's per-line pieces."""
+    assert preprocess_chars(text, mode) == "".join(preprocess(text, mode))
+
+
+def test_fast_character_preprocessing_across_chunk_boundaries(
+    monkeypatch: pytest.MonkeyPatch, corpus_path: Path
+):
+    import drnn_cli.corpus as corpus
+
+    text = read_text(corpus_path)[:20_000]
+    monkeypatch.setattr(corpus, "_CHUNK_CHARS", 7)
+    for mode in ("d2l", "letters"):
+        assert corpus.preprocess_chars(text, mode) == "".join(preprocess(text, mode))

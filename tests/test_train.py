@@ -238,3 +238,14 @@ def test_cpu_adam_lstm_2x128_memorises_10000_characters(workdir: Path):
     result = train(repo / "configs" / "quick.yaml", "train.sample_every=0", "train.device=cpu")
     assert result.train_ppl <= 1.3
     assert result.samples["time traveller"].startswith("time traveller ")
+
+
+def test_half_precision_the_device_cannot_run_is_one_clear_error_or_works(workdir: Path):
+    config = write_config(workdir, TINY)
+    with pytest.raises(DrnnError, match="fp16 needs a GPU"):
+        train(config, "train.precision=fp16")
+    try:  # oneDNN runs a bf16 LSTM only on CPUs with AVX-512 BF16: either it trains or it says so
+        result = train(config, "train.precision=bf16", "train.epochs=1")
+        assert math.isfinite(result.train_ppl)
+    except DrnnError as error:
+        assert "train.precision bf16 does not run on cpu" in str(error) and "fp32" in str(error)

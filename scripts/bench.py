@@ -1,0 +1,673 @@
+#!/usr/bin/env python
+"""Benchmarks: drnn's training loop against the textbook loop, and the data pipeline at 100 MB scale.
+
+Training (default mode). For each configuration, in one process, on one device, drnn's ``Trainer``
+and a plain reference loop written below (d2l 0.17.6 ``train_epoch_ch8``: one-hot → nn.LSTM/GRU/RNN
+→ linear, cross-entropy, d2l's ``grad_clipping``, SGD, ``loss.item()`` every step) are warmed up,
+then timed in alternating rounds over the same minibatches (``drnn_cli.batches.training_batches``
+with drnn's per-epoch generators) and from the same initial weights. The median tokens/s of each
+side and their ratio drnn/reference are reported::
+
+    python scripts/bench.py --device cpu --configs lstm-seed --rounds 2 --epochs-per-round 2
+    python scripts/bench.py --device cuda --json            # every configuration on a GPU
+
+Data scale (``--data-scale [MB]``, default 100). A synthetic file of that many MiB is built by
+repeating the Time Machine in a temporary directory; a fresh subprocess per preprocessing mode then
+times ``drnn_cli.data.load_dataset`` (read, preprocess, count, encode, split) and reads its own peak
+RSS. The target is ≤ 15 s and ≤ 1 GiB peak RSS for 100 MB on a 2-core machine::
+
+    python scripts/bench.py --data-scale 100 --json
+
+With ``--json`` the last line on stdout is one JSON object; the human-readable table then goes to
+stderr. On a small shared CPU pass ``--threads 1``: a two-thread OpenMP team whose second core is busy
+can make a seed-size step 20-30× slower, on both sides, which swamps the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drnn_cli.batches import EpochBatches, epoch_generator, training_batches
+from drnn_cli.config import Config, DataConfig, build_config
+from drnn_cli.data import Dataset, load_dataset
+from drnn_cli.errors import DrnnError
+from drnn_cli.runtime import device_name, resolve_device
+from drnn_cli.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CORPUS = REPO.parent / "shared" / "data" / "timemachine.txt"
+DATA_SECONDS_TARGET = 15.0
+DATA_RSS_TARGET_MIB = 1024.0
+MIB = 1 << 20
+
+# The seed recipe (configs/lstm2.yaml, d2l §9.3), written out so the benchmark does not move when
+# the presets are edited. Sampling, checkpoints and validation are not part of what is timed.
+SEED_TREE: dict[str, Any] = {
+    "data": {
+        "corpus": "timemachine",
+        "preprocess": "d2l",
+        "token": "char",
+        "max_tokens": 10000,
+        "batch_size": 32,
+        "num_steps": 35,
+        "sampling": "sequential",
+    },
+    "model": {"cell": "lstm", "hidden_size": 256, "num_layers": 2, "impl": "torch"},
+    "train": {"epochs": 500, "optimizer": "sgd", "lr": 2.0, "clip": 1.0, "seed": 0, "sample_every": 0},
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A named benchmark configuration: ``--set`` overrides on top of the seed recipe."""
+
+    name: str
+    description: str
+    overrides: tuple[str, ...] = ()
+    big: bool = False  # a GPU-sized configuration: on a CPU only with --big
+
+
+FULL = "data.max_tokens=-1"
+BENCHMARKS: dict[str, BenchConfig] = {
+    b.name: b
+    for b in (
+        BenchConfig("lstm-seed", "2×256 LSTM, B32 T35, first 10k chars, SGD lr 2 (d2l §9.3)"),
+        BenchConfig("gru-seed", "2×256 GRU, seed setting", ("model.cell=gru",)),
+        BenchConfig("rnn-seed", "2×256 tanh RNN, seed setting, lr 1", ("model.cell=rnn", "train.lr=1.0")),
+        BenchConfig("scratch-lstm-seed", "lstm-seed with impl: scratch", ("model.impl=scratch",)),
+        BenchConfig(
+            "scratch-gru-seed", "gru-seed with impl: scratch", ("model.cell=gru", "model.impl=scratch")
+        ),
+        BenchConfig(
+            "scratch-rnn-seed",
+            "rnn-seed with impl: scratch",
+            ("model.cell=rnn", "train.lr=1.0", "model.impl=scratch"),
+        ),
+        BenchConfig(
+            "lstm-b256", "2×256 LSTM, full corpus, B256 T35, fp32", (FULL, "data.batch_size=256"), True
+        ),
+        BenchConfig(
+            "lstm-b256-bf16",
+            "2×256 LSTM, full corpus, B256 T35, bf16 autocast",
+            (FULL, "data.batch_size=256", "train.precision=bf16"),
+            True,
+        ),
+        BenchConfig(
+            "lstm-b1024-bf16",
+            "2×256 LSTM, full corpus, B1024 T64, bf16 autocast",
+            (FULL, "data.batch_size=1024", "data.num_steps=64", "train.precision=bf16"),
+            True,
+        ),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: d2l 0.17.6's RNNModel, grad_clipping and train_epoch_ch8, as the textbook has them
+
+
+class ReferenceModel(nn.Module):
+    """d2l's ``RNNModel``: one-hot inputs, a torch recurrent layer, a linear layer on ``(T·B, H)``.
+
+    Built in the same order as drnn's ``RNNLanguageModel`` (recurrent layer, then the linear one), so
+    after the same ``torch.manual_seed`` both start from identical weights.
+    """
+
+    def __init__(self, cell: str, vocab_size: int, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        layer = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell]
+        self.cell = cell
+        self.vocab_size = vocab_size
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.rnn = layer(vocab_size, hidden_size, num_layers)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, inputs: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        x = F.one_hot(inputs.T.long(), self.vocab_size).to(torch.float32)
+        y, state = self.rnn(x, state)
+        return self.linear(y.reshape((-1, y.shape[-1]))), state
+
+    def begin_state(self, batch_size: int, device: torch.device) -> Any:
+        h = torch.zeros((self.num_layers, batch_size, self.hidden_size), device=device)
+        return (h, torch.zeros_like(h)) if self.cell == "lstm" else h
+
+
+def grad_clipping(net: nn.Module, theta: float) -> None:
+    """d2l's ``grad_clipping``: the global norm, and a host-side ``if`` on it."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    norm = torch.sqrt(sum(torch.sum(p.grad**2) for p in params))
+    if norm > theta:
+        for param in params:
+            param.grad[:] *= theta / norm
+
+
+def reference_epoch(
+    net: ReferenceModel,
+    batches: EpochBatches,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    clip: float,
+    precision: str,
+) -> tuple[float, int]:
+    """d2l's ``train_epoch_ch8`` over ``batches`` (on the CPU, moved per step); returns (ppl, tokens).
+
+    The state is carried and detached between sequential minibatches (out of place: ``detach_`` on
+    the views nn.LSTM returns is refused by recent PyTorch), and the loss is read with ``.item()``
+    every step, as d2l's ``Accumulator`` does. bf16/fp16 configurations run the forward pass and the
+    loss under ``torch.autocast``, which d2l does not have, so both sides do the same arithmetic.
+    """
+    loss_fn = nn.CrossEntropyLoss()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    state = None
+    loss_sum, count = 0.0, 0
+    for x, y_rows in batches:
+        if state is None or not batches.carries_state:
+            state = net.begin_state(x.shape[0], device)
+        else:
+            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        y = y_rows.T.reshape(-1)
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            y_hat, state = net(x, state)
+            loss = loss_fn(y_hat, y.long()).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        if clip > 0:
+            grad_clipping(net, clip)
+        optimizer.step()
+        loss_sum += loss.item() * y.numel()
+        count += y.numel()
+    return math.exp(loss_sum / count), count
+
+
+def check_reference_supports(config: Config) -> None:
+    """The textbook loop knows one-hot inputs, torch cells, plain SGD, no dropout; refuse the rest."""
+    model, train = config.model, config.train
+    problems = [
+        text
+        for bad, text in (
+            (model.embedding_dim != 0, "model.embedding_dim must be 0 (one-hot)"),
+            (model.dropout + model.output_dropout + model.weight_drop > 0, "dropouts must be 0"),
+            (model.nonlinearity != "tanh", "model.nonlinearity must be tanh"),
+            (model.init != "torch", "model.init must be torch"),
+            (train.optimizer != "sgd" or train.momentum or train.weight_decay, "plain SGD only"),
+            (train.schedule != "constant" or train.warmup_epochs, "a constant learning rate only"),
+        )
+        if bad
+    ]
+    if problems:
+        raise DrnnError("the reference loop cannot run this configuration: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class Side:
+    """One contender: how to run an epoch, and what it measured."""
+
+    name: str
+    run_epoch: Callable[[int], tuple[float, int]]  # epoch index → (train ppl, tokens)
+    rates: list[float] = field(default_factory=list)
+    last_ppl: float = float("nan")
+    warmup_epoch_s: float = float("nan")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_epochs(side: Side, epochs: Iterable[int], device: torch.device) -> tuple[float, int]:
+    """Wall seconds and tokens for ``epochs`` of ``side``, the device drained before and after."""
+    synchronize(device)
+    started = time.perf_counter()
+    tokens = 0
+    for epoch in epochs:
+        side.last_ppl, n = side.run_epoch(epoch)
+        tokens += n
+    synchronize(device)
+    return time.perf_counter() - started, tokens
+
+
+def epoch_batches(tokens: torch.Tensor, config: Config, epoch: int) -> EpochBatches:
+    """The minibatches drnn's trainer sees in ``epoch`` (same generator, same partition)."""
+    data = config.data
+    generator = epoch_generator(config.train.seed, epoch)
+    return training_batches(tokens, data.sampling, data.batch_size, data.num_steps, generator)
+
+
+def make_sides(config: Config, dataset: Dataset, device: torch.device, run_dir: Path) -> tuple[Side, Side]:
+    """drnn's ``Trainer`` and the reference loop, from the same seed, over the same minibatches."""
+    trainer = Trainer(config, dataset, run_dir, device)
+    data = config.data
+
+    def drnn_epoch(epoch: int) -> tuple[float, int]:
+        # Trainer._run_epoch is the loop of Trainer.fit without validation, checkpoints or samples.
+        ppl, _ = trainer._run_epoch(epoch)
+        n = len(epoch_batches(dataset.splits.train, config, epoch)) * data.batch_size * data.num_steps
+        return ppl, n
+
+    torch.manual_seed(config.train.seed)
+    net = ReferenceModel(
+        config.model.cell, len(dataset.vocab), config.model.hidden_size, config.model.num_layers
+    )
+    net.to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.train.lr)
+    train_cpu = dataset.splits.train
+
+    def reference(epoch: int) -> tuple[float, int]:
+        batches = epoch_batches(train_cpu, config, epoch)
+        return reference_epoch(net, batches, optimizer, device, config.train.clip, config.train.precision)
+
+    return Side("drnn", drnn_epoch), Side("reference", reference)
+
+
+def config_summary(config: Config, dataset: Dataset) -> dict[str, Any]:
+    return {
+        "cell": config.model.cell,
+        "impl": config.model.impl,
+        "hidden_size": config.model.hidden_size,
+        "num_layers": config.model.num_layers,
+        "batch_size": config.data.batch_size,
+        "num_steps": config.data.num_steps,
+        "max_tokens": config.data.max_tokens,
+        "train_tokens": len(dataset.splits.train),
+        "precision": config.train.precision,
+        "optimizer": config.train.optimizer,
+        "lr": config.train.lr,
+        "clip": config.train.clip,
+        "seed": config.train.seed,
+    }
+
+
+def bench_config(
+    bench: BenchConfig,
+    config: Config,
+    dataset: Dataset,
+    device: torch.device,
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Warm both sides up, then time them in alternating rounds; the per-config JSON entry."""
+    check_reference_supports(config)
+    with tempfile.TemporaryDirectory(prefix="drnn-bench-") as run_dir:
+        drnn, reference = make_sides(config, dataset, device, Path(run_dir))
+        sides = (drnn, reference)
+        for side in sides:  # both sides warm up on the same epochs; the last one calibrates
+            for warmup_epoch in range(args.warmup_epochs):
+                side.warmup_epoch_s, _ = time_epochs(side, [warmup_epoch], device)
+        epoch = args.warmup_epochs
+        per_round = args.epochs_per_round
+        if per_round is None:  # long enough that the faster side runs ~round_seconds per round
+            fastest = max(min(drnn.warmup_epoch_s, reference.warmup_epoch_s), 1e-6)
+            per_round = max(1, min(10_000, math.ceil(args.round_seconds / fastest)))
+        log(
+            f"{bench.name}: warm-up epoch drnn {drnn.warmup_epoch_s:.3f} s, reference "
+            f"{reference.warmup_epoch_s:.3f} s; {args.rounds} rounds × {per_round} epochs"
+        )
+        for round_index in range(args.rounds):
+            epochs = range(epoch, epoch + per_round)
+            order = sides if round_index % 2 == 0 else sides[::-1]
+            for side in order:
+                seconds, tokens = time_epochs(side, epochs, device)
+                side.rates.append(tokens / seconds)
+            epoch += per_round
+            log(
+                f"{bench.name}: round {round_index + 1}: drnn {drnn.rates[-1]:,.0f} tokens/s, "
+                f"reference {reference.rates[-1]:,.0f} tokens/s"
+            )
+    drnn_rate, reference_rate = statistics.median(drnn.rates), statistics.median(reference.rates)
+    return {
+        "name": bench.name,
+        "description": bench.description,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": config_summary(config, dataset),
+        "rounds": args.rounds,
+        "epochs_per_round": per_round,
+        "drnn_tokens_per_s": drnn_rate,
+        "reference_tokens_per_s": reference_rate,
+        "ratio": drnn_rate / reference_rate,
+        "drnn_rounds": drnn.rates,
+        "reference_rounds": reference.rates,
+        "drnn_train_ppl": drnn.last_ppl,
+        "reference_train_ppl": reference.last_ppl,
+    }
+
+
+def skip_reason(
+    bench: BenchConfig, config: Config, device: torch.device, args: argparse.Namespace
+) -> str | None:
+    """Why ``bench`` does not run on ``device``, or None. Half precision is a GPU benchmark: CPU bf16
+    autocast is emulated on most CPUs, and nn.LSTM under it fails in oneDNN on AVX2-only ones."""
+    if device.type != "cpu":
+        return None
+    if config.train.precision != "fp32":
+        return f"{config.train.precision} autocast is a GPU benchmark"
+    if bench.big and not args.big:
+        return "a GPU-sized configuration; pass --big to run it on a CPU"
+    return None
+
+
+def default_configs(device: torch.device) -> list[str]:
+    return [name for name, bench in BENCHMARKS.items() if device.type != "cpu" or not bench.big]
+
+
+def corpus_overrides(args: argparse.Namespace) -> list[str]:
+    """Point data.path at the shared Time Machine when present (no download, no cache directory)."""
+    path = args.corpus or (SHARED_CORPUS if SHARED_CORPUS.is_file() else None)
+    return [f"data.path={json.dumps(str(path))}"] if path else []
+
+
+def run_training_benchmarks(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.configs or default_configs(device)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise DrnnError(f"unknown --configs {', '.join(unknown)}; choose from: {', '.join(BENCHMARKS)}")
+    datasets: dict[str, Dataset] = {}
+    results: dict[str, Any] = {}
+    for name in names:
+        bench = BENCHMARKS[name]
+        config = build_config(SEED_TREE, [*corpus_overrides(args), *bench.overrides, *args.set])
+        reason = skip_reason(bench, config, device, args)
+        if reason:
+            log(f"{name}: skipped ({reason})")
+            results[name] = {"name": name, "description": bench.description, "skipped": reason}
+            continue
+        key = config.data.model_dump_json()
+        if key not in datasets:
+            datasets[key] = load_dataset(config.data)
+        try:
+            results[name] = bench_config(bench, config, datasets[key], device, args, log)
+        except (RuntimeError, DrnnError) as error:  # one broken configuration does not end the run
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            log(f"{name}: failed ({first_line})")
+            results[name] = {"name": name, "description": bench.description, "error": first_line}
+    return {
+        "benchmark": "training",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "configs": results,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Data scale
+
+
+def rss_mib(field_name: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process in MiB, from /proc (None where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def data_child(path: str, preprocess: str) -> None:
+    """In a fresh process: time load_dataset on ``path`` and print one JSON line with peak RSS."""
+    baseline = rss_mib("VmRSS")
+    started = time.perf_counter()
+    dataset = load_dataset(DataConfig(path=path, preprocess=preprocess, token="char"))
+    seconds = time.perf_counter() - started
+    peak = rss_mib("VmHWM")
+    if peak is None:  # ru_maxrss is KiB on Linux, bytes on macOS
+        scale = 1 if sys.platform == "darwin" else 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_rss_mib": peak,
+                "baseline_rss_mib": baseline,
+                "tokens": dataset.total_tokens,
+                "vocab_size": len(dataset.vocab),
+                "tokens_dtype": str(dataset.tokens.dtype),
+            }
+        )
+    )
+
+
+def write_synthetic_corpus(source: Path, target: Path, size_mib: float) -> int:
+    """The source text repeated up to ``size_mib`` MiB, cut at a line end; returns the byte count."""
+    text = source.read_bytes()
+    wanted = int(size_mib * MIB)
+    written = 0
+    with target.open("wb") as handle:
+        while written + len(text) <= wanted:
+            handle.write(text)
+            written += len(text)
+        tail = text[: wanted - written]
+        tail = tail[: tail.rfind(b"\n") + 1]
+        handle.write(tail)
+        written += len(tail)
+    return written
+
+
+def run_data_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    source = Path(args.corpus) if args.corpus else SHARED_CORPUS
+    if not source.is_file():
+        raise DrnnError(f"the source text {source} does not exist; pass --corpus FILE")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="drnn-data-scale-") as tmp:
+        path = Path(tmp) / "synthetic.txt"
+        size = write_synthetic_corpus(source, path, args.data_scale)
+        log(f"data scale: {size / MIB:.1f} MiB ({size:,} bytes) of repeated {source.name}")
+        for mode in args.preprocess:
+            command = [sys.executable, str(Path(__file__).resolve()), "--_data-child", str(path), mode]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise DrnnError(f"the data-scale child for preprocess={mode} failed:\n{done.stderr.strip()}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result["mib_per_s"] = size / MIB / result["seconds"]
+            result["ok"] = (
+                result["seconds"] <= DATA_SECONDS_TARGET and result["peak_rss_mib"] <= DATA_RSS_TARGET_MIB
+            )
+            results[mode] = result
+            log(
+                f"preprocess={mode}: {result['seconds']:.2f} s, {result['mib_per_s']:.1f} MiB/s, "
+                f"peak RSS {result['peak_rss_mib']:.0f} MiB, {result['tokens']:,} tokens"
+            )
+    return {
+        "benchmark": "data-scale",
+        "file_mib": size / MIB,
+        "file_bytes": size,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "target": {"seconds": DATA_SECONDS_TARGET, "peak_rss_mib": DATA_RSS_TARGET_MIB},
+        "results": results,
+        "ok": all(result["ok"] for result in results.values()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def render(report: dict[str, Any], to_stderr: bool) -> None:
+    """A rich table of the report (plain text when rich is missing)."""
+    if report["benchmark"] == "training":
+        title = f"drnn vs the textbook loop — {report['device']}, torch {report['torch']}, {report['threads']} threads"
+        header = ["config", "drnn tok/s", "reference tok/s", "ratio", "drnn ppl", "ref ppl", "rounds×epochs"]
+        rows = []
+        for name, entry in report["configs"].items():
+            if "skipped" in entry or "error" in entry:
+                status = "skipped" if "skipped" in entry else "FAILED"
+                rows.append([name, status, entry.get("skipped") or entry["error"], "", "", "", ""])
+                continue
+            rows.append(
+                [
+                    name,
+                    f"{entry['drnn_tokens_per_s']:,.0f}",
+                    f"{entry['reference_tokens_per_s']:,.0f}",
+                    f"{entry['ratio']:.2f}×",
+                    f"{entry['drnn_train_ppl']:.2f}",
+                    f"{entry['reference_train_ppl']:.2f}",
+                    f"{entry['rounds']}×{entry['epochs_per_round']}",
+                ]
+            )
+    else:
+        target = report["target"]
+        title = (
+            f"load_dataset on {report['file_mib']:.0f} MiB, {report['cpu_count']} CPUs "
+            f"(target ≤ {target['seconds']:.0f} s, ≤ {target['peak_rss_mib']:.0f} MiB peak RSS)"
+        )
+        header = [
+            "preprocess",
+            "seconds",
+            "MiB/s",
+            "peak RSS MiB",
+            "baseline RSS MiB",
+            "tokens",
+            "vocab",
+            "ok",
+        ]
+        rows = [
+            [
+                mode,
+                f"{r['seconds']:.2f}",
+                f"{r['mib_per_s']:.1f}",
+                f"{r['peak_rss_mib']:.0f}",
+                f"{r['baseline_rss_mib']:.0f}" if r["baseline_rss_mib"] is not None else "?",
+                f"{r['tokens']:,}",
+                str(r["vocab_size"]),
+                "yes" if r["ok"] else "NO",
+            ]
+            for mode, r in report["results"].items()
+        ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        stream = sys.stderr if to_stderr else sys.stdout
+        print(title, file=stream)
+        for row in [header, *rows]:
+            print("  ".join(f"{cell:>16}" for cell in row), file=stream)
+        return
+    table = Table(title=title)
+    for index, name in enumerate(header):
+        table.add_column(name, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console(stderr=to_stderr)
+    if not console.is_terminal:  # a pipe or a log file: do not squeeze the table into 80 columns
+        console = Console(stderr=to_stderr, width=120)
+    console.print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--configs",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=None,
+        help=f"comma-separated, from: {', '.join(BENCHMARKS)} (default: all; on a CPU the seed-size ones)",
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per side (median reported)")
+    parser.add_argument(
+        "--epochs-per-round", type=int, default=None, help="epochs per round (default: from --round-seconds)"
+    )
+    parser.add_argument(
+        "--round-seconds",
+        type=float,
+        default=2.0,
+        help="without --epochs-per-round: epochs so the faster side's round lasts about this long",
+    )
+    parser.add_argument("--warmup-epochs", type=int, default=2, help="untimed epochs per side first")
+    parser.add_argument("--big", action="store_true", help="on a CPU, also run the GPU-sized configurations")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an extra override for every config"
+    )
+    parser.add_argument(
+        "--corpus", default=None, help=f"the Time Machine file (default: {SHARED_CORPUS} if present)"
+    )
+    parser.add_argument(
+        "--data-scale",
+        type=float,
+        nargs="?",
+        const=100.0,
+        default=None,
+        metavar="MB",
+        help="instead of training: time load_dataset on a synthetic file of MB MiB (default 100)",
+    )
+    parser.add_argument(
+        "--preprocess",
+        type=lambda text: text.split(","),
+        default=["d2l", "none"],
+        help="data-scale: comma-separated preprocessing modes (default d2l,none)",
+    )
+    parser.add_argument("--strict", action="store_true", help="data-scale: exit 1 when a target is missed")
+    parser.add_argument("--json", action="store_true", help="the last stdout line is one JSON object")
+    parser.add_argument("--_data-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if (
+        args.rounds < 1
+        or args.warmup_epochs < 1
+        or (args.epochs_per_round is not None and args.epochs_per_round < 1)
+    ):
+        parser.error("--rounds, --warmup-epochs and --epochs-per-round must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._data_child:
+        data_child(*args._data_child)
+        return 0
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        if args.data_scale is not None:
+            report = run_data_benchmark(args, log)
+        else:
+            report = run_training_benchmarks(args, log)
+    except DrnnError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    render(report, to_stderr=args.json)
+    if args.json:
+        print(json.dumps(report))
+    if args.strict and report["benchmark"] == "data-scale" and not report["ok"]:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""scripts/bench.py: a tiny configuration and a tiny data-scale run produce the promised JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("drnn_bench_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_training_benchmark_reports_both_loops_and_their_ratio(bench, corpus_path, capsys):
+    tiny = ["data.max_tokens=800", "data.batch_size=4", "data.num_steps=8", "model.hidden_size=8"]
+    argv = ["--device", "cpu", "--configs", "lstm-seed,lstm-b1024-bf16", "--rounds", "1"]
+    argv += ["--epochs-per-round", "1", "--corpus", str(corpus_path), "--json"]
+    assert bench.main(argv + [arg for override in tiny for arg in ("--set", override)]) == 0
+    report = last_json(capsys.readouterr().out)
+    entry = report["configs"]["lstm-seed"]
+    for key in ("device", "torch", "config", "drnn_tokens_per_s", "reference_tokens_per_s", "ratio"):
+        assert key in entry
+    assert entry["device"] == "cpu" and entry["config"]["hidden_size"] == 8
+    assert entry["ratio"] == pytest.approx(entry["drnn_tokens_per_s"] / entry["reference_tokens_per_s"])
+    # Same initial weights, same minibatches, same arithmetic: the two loops agree on perplexity.
+    assert entry["drnn_train_ppl"] == pytest.approx(entry["reference_train_ppl"], rel=1e-4)
+    assert "GPU" in report["configs"]["lstm-b1024-bf16"]["skipped"]
+
+
+def test_unknown_configuration_is_one_line_error(bench, capsys):
+    assert bench.main(["--device", "cpu", "--configs", "nope"]) != 0
+    assert "lstm-seed" in capsys.readouterr().err
+
+
+def test_data_scale_benchmark_measures_a_fresh_process(bench, corpus_path, capsys):
+    argv = ["--data-scale", "0.5", "--preprocess", "d2l", "--corpus", str(corpus_path), "--json"]
+    assert bench.main(argv) == 0
+    report = last_json(capsys.readouterr().out)
+    result = report["results"]["d2l"]
+    assert report["file_bytes"] <= 0.5 * (1 << 20) and result["vocab_size"] == 28
+    assert result["seconds"] > 0 and result["peak_rss_mib"] >= result["baseline_rss_mib"] > 0

@@ -380,7 +380,7 @@ class Trainer:
         self.scaler.update()
         return loss.detach(), state
 
-    def _run_epoch(self, epoch: int) -> tuple[float, float]:
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Train one epoch; returns (train perplexity, tokens per second)."""
         data = self.config.data
         factor = lr_factor(epoch, self.config.train)
@@ -505,7 +505,7 @@ class Trainer:
         epoch = self.start_epoch
         with self._signals():
             for epoch in range(self.start_epoch, train.epochs):
-                train_ppl, tokens_per_s = self._run_epoch(epoch)
+                train_ppl, tokens_per_s = self.train_epoch(epoch)
                 done = epoch + 1
                 val_ppl = self._validate() if done % train.eval_every == 0 or done == train.epochs else None
                 improved = val_ppl is not None and (self.best_val_ppl is None or val_ppl < self.best_val_ppl)

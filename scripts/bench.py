@@ -263,8 +263,8 @@ def make_sides(config: Config, dataset: Dataset, device: torch.device, run_dir: 
     data = config.data
 
     def drnn_epoch(epoch: int) -> tuple[float, int]:
-        # Trainer._run_epoch is the loop of Trainer.fit without validation, checkpoints or samples.
-        ppl, _ = trainer._run_epoch(epoch)
+        # Trainer.train_epoch is the loop of Trainer.fit without validation, checkpoints or samples.
+        ppl, _ = trainer.train_epoch(epoch)
         n = len(epoch_batches(dataset.splits.train, config, epoch)) * data.batch_size * data.num_steps
         return ppl, n
 

@@ -23,7 +23,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drnn_cli.cli import main
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import REGISTRY, fetch_corpus, preprocess, preprocess_chars, preprocess_prefix, read_text
 from drnn_cli.data import load_dataset
@@ -407,16 +406,6 @@ def test_a_missing_data_path_names_data_path(tmp_path: Path) -> None:
 # drnn data
 
 
-def run_drnn(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def last_json_line(stdout: str) -> dict:
     lines = stdout.strip().splitlines()
     assert lines, "nothing on stdout"
@@ -437,13 +426,11 @@ DATA_KEYS = {
 }
 
 
-def test_drnn_data_json_on_a_custom_file(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_drnn_data_json_on_a_custom_file(workdir: Path, cli) -> None:
     text = "Hello, World!\nhello again, world.\n"
     path = workdir / "mine.txt"
     path.write_text(text, encoding="utf-8")
-    code, out, err = run_drnn(
-        ["data", "--set", f"data.path={path}", "--set", "data.preprocess=none", "--json"], capsys
-    )
+    code, out, err = cli("data", "--set", f"data.path={path}", "--set", "data.preprocess=none", "--json")
     assert code == 0, err
     summary = last_json_line(out)
     assert summary.keys() >= DATA_KEYS
@@ -456,8 +443,8 @@ def test_drnn_data_json_on_a_custom_file(workdir: Path, capsys: pytest.CaptureFi
     assert summary["sha1"] == hashlib.sha1(text.encode()).hexdigest()
 
 
-def test_drnn_data_json_on_the_default_corpus(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_drnn(["data", "--json"], capsys)
+def test_drnn_data_json_on_the_default_corpus(workdir: Path, cli) -> None:
+    code, out, err = cli("data", "--json")
     assert code == 0, err
     summary = last_json_line(out)
     assert summary.keys() >= DATA_KEYS
@@ -468,10 +455,8 @@ def test_drnn_data_json_on_the_default_corpus(workdir: Path, capsys: pytest.Capt
     assert Path(summary["path"]).resolve() == (workdir / "data" / "timemachine.txt").resolve()
 
 
-def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(
-    workdir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, _out, err = run_drnn(["data", "--set", "data.path=absent.txt", "--json"], capsys)
+def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(workdir: Path, cli) -> None:
+    code, _out, err = cli("data", "--set", "data.path=absent.txt", "--json")
     assert code != 0
     assert "absent.txt" in err
     assert "Traceback" not in err

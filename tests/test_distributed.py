@@ -29,7 +29,6 @@ import torch
 import yaml
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.cli import main
 from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.models import build_model
 
@@ -124,19 +123,9 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
             job.stop()
 
 
-def run_drnn(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 def test_two_processes_train_what_one_process_trains(
-    launches: dict[str, Launch], workdir: Path, capsys: pytest.CaptureFixture[str], sampling: str
+    launches: dict[str, Launch], workdir: Path, cli, sampling: str
 ) -> None:
     one_dir = workdir / "runs" / "one"
     one = train_run(TrainRequest(config_path=write_config(workdir, sampling), run_dir=one_dir, device="cpu"))
@@ -175,7 +164,7 @@ def test_two_processes_train_what_one_process_trains(
     assert len((two_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
     # The checkpoint needs nothing special: drnn eval reads it as it reads any other.
-    code, eval_out, eval_err = run_drnn(["eval", "--run", str(two_dir), "--device", "cpu", "--json"], capsys)
+    code, eval_out, eval_err = cli("eval", "--run", str(two_dir), "--device", "cpu", "--json")
     assert code == 0, eval_err
     report = json.loads(eval_out.strip().splitlines()[-1])
     assert report["split"] == "val" and report["epoch"] == 2

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import evaluate_split, load_model
+from drnn_cli.commands import evaluate_split, load_model, predict
 from drnn_cli.config import ModelConfig
-from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
+from drnn_cli.decode import DecodeOptions, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.models import RNNLanguageModel
@@ -21,17 +21,7 @@ from drnn_cli.vocab import Vocab
 
 
 def decode(run: Path, prefix: str, **options) -> str:
-    loaded = load_model(run, None, "cpu")
-    data = loaded.checkpoint.config.data
-    return continue_prefix(
-        loaded.model,
-        loaded.checkpoint.vocab,
-        prefix,
-        data.preprocess,
-        data.token,
-        DecodeOptions(**options),
-        loaded.device,
-    )
+    return predict(load_model(run, None, "cpu"), prefix, DecodeOptions(**options))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)  # mkstemp's 0600 would hide runs from the rest of a shared team
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)
@@ -134,6 +137,7 @@ class Checkpoint:
     best_val_ppl: float | None = None
     trainer_state: dict[str, Any] = field(default_factory=dict)  # optimizer, RNG, carried state…
     init_from: str | None = None
+    corpus_sha1: str | None = None  # of the corpus file the splits were cut from
 
     def to_bytes(self) -> bytes:
         tensors: dict[str, torch.Tensor] = {}
@@ -147,6 +151,7 @@ class Checkpoint:
             "step_in_epoch": self.step_in_epoch,
             "best_val_ppl": self.best_val_ppl,
             "init_from": self.init_from,
+            "corpus_sha1": self.corpus_sha1,
             "config": self.config.to_dict(),
             "vocab": self.vocab.to_dict(),
             "trainer_state": packed_state,
@@ -224,19 +229,25 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     tensors = {key: value.to(device) for key, value in tensors.items()}
     try:
         config = build_config(header["config"])
-    except ConfigError as exc:
+    except (ConfigError, KeyError, TypeError) as exc:
         raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
     model_state = {key[len("model.") :]: value for key, value in tensors.items() if key.startswith("model.")}
-    return Checkpoint(
-        config=config,
-        vocab=Vocab.from_dict(header["vocab"]),
-        model_state=model_state,
-        epoch=int(header["epoch"]),
-        step_in_epoch=int(header.get("step_in_epoch", 0)),
-        best_val_ppl=header.get("best_val_ppl"),
-        trainer_state=unpack_tree(header.get("trainer_state", {}), tensors),
-        init_from=header.get("init_from"),
-    )
+    try:
+        return Checkpoint(
+            config=config,
+            vocab=Vocab.from_dict(header["vocab"]),
+            model_state=model_state,
+            epoch=int(header["epoch"]),
+            step_in_epoch=int(header.get("step_in_epoch", 0)),
+            best_val_ppl=header.get("best_val_ppl"),
+            trainer_state=unpack_tree(header.get("trainer_state", {}), tensors),
+            init_from=header.get("init_from"),
+            corpus_sha1=header.get("corpus_sha1"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DrnnError(
+            f"checkpoint {path} is corrupt (incomplete header); retrain or pick another file"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import traceback
@@ -67,8 +68,19 @@ def _consoles(json_mode: bool) -> tuple[Console, Console]:
     return Console(stderr=json_mode, highlight=False), Console(stderr=True, highlight=False)
 
 
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: a diverged perplexity is reported as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
 def _emit_json(payload: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    sys.stdout.write(json.dumps(_finite(payload), ensure_ascii=False, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -245,8 +257,6 @@ def train_command(
     Example: drnn train --config configs/quick.yaml --set train.epochs=5
     """
     out, _ = _consoles(json_out)
-    if device is not None and device not in {"auto", "cpu", "cuda"}:
-        raise DrnnError(f"--device must be auto, cpu or cuda (got {device!r})")
     request = TrainRequest(
         config_path=config,
         overrides=tuple(set_ or ()),
@@ -332,13 +342,14 @@ def predict_command(
     for prefix in prefixes:
         on_token = None
         if stream:
-            sep = "" if token == "char" else " "
+            written: list[str] = []
 
-            def on_token(piece: str, sep: str = sep) -> None:
-                sys.stdout.write(sep + piece)
+            def on_token(piece: str, written: list[str] = written) -> None:
+                """First the prefix as the model saw it, then each new token as it is generated."""
+                sys.stdout.write((" " if token == "word" and written else "") + piece)
                 sys.stdout.flush()
+                written.append(piece)
 
-            sys.stdout.write(prefix if token == "char" else prefix.strip())
         text = predict(loaded, prefix, options, on_token)
         results.append({"prefix": prefix, "text": text})
         if stream:
@@ -418,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("DRNN_DEBUG"):
             traceback.print_exc()
         errors.print(
-            f"drnn: internal error: {type(error).__name__}: {error} (rerun with drnn --debug ... for the traceback)",
+            f"drnn: internal error: {type(error).__name__}: {' '.join(str(error).split())} "
+            f"(rerun with drnn --debug ... for the traceback)",
             markup=False,
             soft_wrap=True,
         )

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.batches import Splits, training_batches
+from drnn_cli.batches import Splits, check_trainable, epoch_generator, training_batches
 from drnn_cli.checkpoint import (
+    BEST,
     LAST,
     Checkpoint,
     RunLock,
@@ -44,6 +45,11 @@ SPLIT_KEYS = (
     "val_fraction",
     "test_fraction",
 )
+# What a resumed run must keep so that it continues the same computation: the splits, the minibatch
+# layout (a mid-epoch checkpoint carries the state of its rows), the optimizer (its state is restored
+# as saved) and the seed (it drives the batching of the remaining epochs).
+RESUME_DATA_KEYS = (*SPLIT_KEYS, "batch_size", "num_steps", "sampling")
+RESUME_TRAIN_KEYS = ("optimizer", "momentum", "weight_decay", "seed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +59,6 @@ SPLIT_KEYS = (
 @dataclass(frozen=True)
 class DataReport:
     dataset: Dataset
-    config: Config
     train_batches: int
 
     def summary(self) -> dict:
@@ -63,18 +68,16 @@ class DataReport:
 def describe_data(config: Config, progress: ProgressHook | None = None) -> DataReport:
     dataset = load_dataset(config.data, progress=progress)
     data = config.data
-    batches = 0
-    if len(dataset.splits.train) >= data.batch_size * data.num_steps + 1:
+    try:
+        check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps)
+    except DrnnError:
+        batches = 0  # `drnn data` describes a corpus too short to train on; `drnn train` refuses it
+    else:
+        generator = epoch_generator(config.train.seed, 0)
         batches = len(
-            training_batches(
-                dataset.splits.train,
-                data.sampling,
-                data.batch_size,
-                data.num_steps,
-                torch.Generator().manual_seed(0),
-            )
+            training_batches(dataset.splits.train, data.sampling, data.batch_size, data.num_steps, generator)
         )
-    return DataReport(dataset, config, batches)
+    return DataReport(dataset, batches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +135,7 @@ def train_run(
     dist = init_distributed(config.train.device)
     try:
         device = resolve_device(config.train.device, dist.local_rank)
+        created = not run_dir.exists()
         lock = RunLock(run_dir) if dist.is_main else None
         if lock is not None:
             lock.acquire()
@@ -140,6 +144,8 @@ def train_run(
         finally:
             if lock is not None:
                 lock.release()
+                if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+                    run_dir.rmdir()  # a run that failed before writing anything leaves nothing behind
     finally:
         shutdown_distributed(dist)
 
@@ -155,6 +161,7 @@ def _train_locked(
     on_ready: Callable[[Dataset, Config], None] | None,
 ) -> TrainResult:
     resume_from: Checkpoint | None = None
+    expected_sha1: str | None = None
     init_from: Checkpoint | None = None
     init_label: str | None = None
     last = run_dir / LAST
@@ -163,13 +170,20 @@ def _train_locked(
             raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
         resume_from = load_checkpoint(last, device)
         changed = differing_keys(resume_from.config, config, "model", (*ARCHITECTURE_KEYS, "impl"))
-        changed += differing_keys(resume_from.config, config, "data", SPLIT_KEYS)
+        changed += differing_keys(resume_from.config, config, "data", RESUME_DATA_KEYS)
+        changed += differing_keys(resume_from.config, config, "train", RESUME_TRAIN_KEYS)
         if changed:
             raise DrnnError(
                 f"cannot resume {run_dir}: the config changed {_describe_differences(resume_from.config, config, changed)}; "
                 f"restore them or start a new run with --run DIR"
             )
         vocab = resume_from.vocab
+        expected_sha1 = resume_from.corpus_sha1
+        if (run_dir / BEST).is_file():
+            # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
+            best = load_checkpoint(run_dir / BEST).best_val_ppl
+            if best is not None and (resume_from.best_val_ppl is None or best < resume_from.best_val_ppl):
+                resume_from.best_val_ppl = best
     elif last.is_file() and not request.overwrite:
         raise DrnnError(
             f"run directory {run_dir} already holds a run; continue it with --resume, pick another with --run DIR, "
@@ -190,23 +204,12 @@ def _train_locked(
         vocab = init_from.vocab
         init_label = str(source.resolve())
     dataset = load_dataset(config.data, vocab=vocab, progress=progress)
+    _check_same_corpus(dataset, expected_sha1, "resume")
     if init_from is not None:
         _check_unknown_share(dataset, request.max_unknown_fraction, reporter)
     if on_ready is not None:
         on_ready(dataset, config)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not request.resume:
-            for stale in (
-                "last.safetensors",
-                "best.safetensors",
-                "metrics.jsonl",
-                "perplexity.png",
-                "init_from.txt",
-            ):
-                (run_dir / stale).unlink(missing_ok=True)
-        mark_latest(run_dir)
-    trainer = Trainer(
+    trainer = Trainer(  # validates everything that can still fail; writes nothing
         config,
         dataset,
         run_dir,
@@ -217,7 +220,21 @@ def _train_locked(
         init_from=init_from,
         init_from_label=init_label,
     )
+    if dist.is_main:
+        if not request.resume:
+            for stale in (LAST, BEST, "metrics.jsonl", "perplexity.png", "init_from.txt"):
+                (run_dir / stale).unlink(missing_ok=True)
+        mark_latest(run_dir)
     return trainer.fit()
+
+
+def _check_same_corpus(dataset: Dataset, expected_sha1: str | None, action: str) -> None:
+    """Splits are positions in a file: if the file changed since training, they mean other text."""
+    if expected_sha1 and dataset.sha1 != expected_sha1:
+        raise DrnnError(
+            f"cannot {action}: {dataset.path} changed since the checkpoint was trained (SHA-1 {expected_sha1}, "
+            f"now {dataset.sha1}); restore the file, or evaluate other text with --data FILE"
+        )
 
 
 def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:
@@ -313,6 +330,7 @@ def evaluate_split(loaded: LoadedModel, split: str, data_file: Path | None = Non
             source += f" ({sum(missing.values())} tokens not in the vocabulary scored as <unk>)"
     else:
         dataset = load_dataset(config.data, vocab=vocab)
+        _check_same_corpus(dataset, loaded.checkpoint.corpus_sha1, f"evaluate the {split} split")
         tokens = _split_or_error(dataset.splits, split, config)
         source = f"{dataset.path} [{split}]"
     result = evaluate(

@@ -122,7 +122,12 @@ def continue_prefix(
     device: torch.device,
     on_token: Callable[[str], None] | None = None,
 ) -> str:
-    """The prefix (as the model saw it) followed by the continuation, as d2l prints it."""
+    """The prefix (as the model saw it) followed by the continuation, as d2l prints it.
+
+    ``on_token`` (for streaming) receives the checked, preprocessed prefix first, then each new token.
+    """
     tokens = prefix_tokens(prefix, vocab, preprocess, token)
+    if on_token is not None:
+        on_token(join_tokens(tokens, token))
     produced = generate(model, vocab, tokens, options, device, on_token)
     return join_tokens(tokens + produced, token)

@@ -148,8 +148,6 @@ def _rnn_layer(projected: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, a
 def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
     """The recurrent stack that ``config.impl`` names, with inter-layer dropout as nn.LSTM applies it."""
     dropout = config.dropout if config.num_layers > 1 else 0.0
-    if config.bidirectional:
-        raise ValueError("a bidirectional RNN cannot be a language model: it sees the token it must predict")
     if config.impl == "scratch":
         return ScratchRecurrent(
             config.cell,

@@ -232,6 +232,7 @@ class Trainer:
             self._restore(resume)
         self._stop_signal: int | None = None
         self._last_plot = 0.0
+        self._plot_ok = True
         self.records: list[EpochRecord] = self._read_metrics() if resume is not None else []
 
     # ----- checkpoint state ------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Trainer:
             best_val_ppl=self.best_val_ppl,
             trainer_state=state,
             init_from=self.init_from_label,
+            corpus_sha1=self.dataset.sha1,
         )
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -330,7 +332,10 @@ class Trainer:
         if not self.dist.is_main or (not force and now - self._last_plot < 5.0):
             return
         self._last_plot = now
+        if not self._plot_ok:
+            return
         if not write_perplexity_plot(self.records, self.run_dir / PLOT):
+            self._plot_ok = False  # say it once, not at every refresh
             self.reporter.note("matplotlib is not installed: no plot (pip install 'drnn[plot]')")
 
     # ----- signals ---------------------------------------------------------------------------
@@ -443,7 +448,7 @@ class Trainer:
                 f"and the last good checkpoint in {self.run_dir} was kept. Lower train.lr, or keep train.clip > 0"
             )
         seconds = time.perf_counter() - started
-        self.elapsed += seconds - progress.elapsed
+        self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
         return perplexity(loss_sum, count), count / max(seconds, 1e-9)
 
     def _check_finite(self, epoch: int, progress: _EpochProgress) -> None:
@@ -502,7 +507,6 @@ class Trainer:
         val_ppl = self.records[-1].val_ppl if self.records else None
         tokens_per_s = 0.0
         stopped_early = False
-        epoch = self.start_epoch
         with self._signals():
             for epoch in range(self.start_epoch, train.epochs):
                 train_ppl, tokens_per_s = self.train_epoch(epoch)

@@ -88,3 +88,11 @@ def test_plain_output_without_a_terminal_is_lines_not_a_progress_bar(workdir: Pa
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["2/4", "4/4"]
     assert "  [2] time traveller" in trained.stdout
     assert "\x1b[" not in trained.stdout  # no escape codes when piped
+
+
+def test_json_never_holds_nan_or_infinity():
+    from drnn_cli.cli import _finite
+
+    assert json.dumps(_finite({"a": float("inf"), "b": [float("nan"), 1.5], "c": "x"})) == (
+        '{"a": null, "b": [null, 1.5], "c": "x"}'
+    )

@@ -85,7 +85,15 @@ def test_corpus_shorter_than_one_minibatch_names_the_sizes(workdir: Path, cli):
     config = config_file(workdir, {**TINY, "data": {"max_tokens": 50, "batch_size": 8, "num_steps": 10}})
     code, _, err = cli("train", "--config", str(config))
     assert_one_line_error(code, err, "50 tokens", "needs 81", "lower data.batch_size or data.num_steps")
-    assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()
+    assert not (workdir / "runs" / "tiny").exists() and not (workdir / "runs" / "latest").exists()
+
+
+def test_a_failed_overwrite_keeps_the_previous_run(workdir: Path, cli):
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    assert cli("train", "--config", str(config))[0] == 0
+    code, _, err = cli("train", "--config", str(config), "--overwrite", "--set", "data.batch_size=1000")
+    assert_one_line_error(code, err, "needs 10001")
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
 
 
 # ---------------------------------------------------------------------------------------------

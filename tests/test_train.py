@@ -182,6 +182,20 @@ def test_resume_refuses_a_changed_model_or_corpus(workdir: Path):
         train(config, "model.hidden_size=32", resume=True)
     with pytest.raises(DrnnError, match="data.max_tokens"):
         train(config, "data.max_tokens=3000", resume=True)
+    with pytest.raises(DrnnError, match=r"train.optimizer \('adam' in the checkpoint, 'sgd' now\)"):
+        train(config, "train.optimizer=sgd", resume=True)
+    with pytest.raises(DrnnError, match="data.batch_size"):
+        train(config, "data.batch_size=4", resume=True)
+
+
+def test_resume_refuses_a_corpus_file_that_changed(workdir: Path, corpus_path: Path):
+    text = workdir / "text.txt"
+    text.write_bytes(corpus_path.read_bytes()[:30_000])
+    config = write_config(workdir, {**TINY, "data": {**TINY["data"], "path": str(text)}})
+    train(config, "train.epochs=1")
+    text.write_bytes(corpus_path.read_bytes()[1:30_001])
+    with pytest.raises(DrnnError, match="changed since the checkpoint was trained"):
+        train(config, resume=True)
 
 
 def test_resume_without_a_checkpoint_says_so(workdir: Path):

@@ -352,21 +352,6 @@ def test_bidirectional_is_refused_on_assignment_too():
         config.bidirectional = True
 
 
-def test_make_recurrent_refuses_bidirectional_even_from_an_unvalidated_config():
-    config = ModelConfig.model_construct(**{**ModelConfig().model_dump(), "bidirectional": True})
-    with pytest.raises(ValueError, match="sees the token it must predict"):
-        make_recurrent(config, 28)
-
-
-@pytest.mark.parametrize(("embedding", "hidden"), [(32, 64), (0, 64)])
-def test_tie_weights_needs_embedding_dim_equal_to_hidden_size(embedding, hidden):
-    with pytest.raises(
-        ValidationError, match=rf"embedding_dim equal to model.hidden_size.*{embedding} and {hidden}"
-    ):
-        ModelConfig(tie_weights=True, embedding_dim=embedding, hidden_size=hidden)
-    assert ModelConfig(tie_weights=True, embedding_dim=hidden, hidden_size=hidden).tie_weights
-
-
 def test_weight_drop_needs_impl_scratch():
     with pytest.raises(ValidationError, match=r"weight_drop needs model.impl: scratch"):
         ModelConfig(weight_drop=0.5, impl="torch")

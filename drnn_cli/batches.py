@@ -187,11 +187,11 @@ def eval_batches(tokens: torch.Tensor, batch_size: int, num_steps: int) -> Itera
         return
     rows = max(1, min(batch_size, targets))
     row_len = targets // rows
-    starts = torch.arange(rows) * row_len
-    grid = tokens[(starts.unsqueeze(1) + torch.arange(row_len + 1)).to(tokens.device)].long()
+    inputs = tokens[: rows * row_len].view(rows, row_len)  # views of the corpus, never copies
+    targets_grid = tokens[1 : rows * row_len + 1].view(rows, row_len)
     for begin in range(0, row_len, num_steps):
         end = min(begin + num_steps, row_len)
-        yield EvalBatch(grid[:, begin:end], grid[:, begin + 1 : end + 1])
+        yield EvalBatch(inputs[:, begin:end].long(), targets_grid[:, begin:end].long())
     tail = tokens[rows * row_len :].long().unsqueeze(0)
     first = True
     for begin in range(0, tail.shape[1] - 1, num_steps):

@@ -90,15 +90,15 @@ class EpochBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         steps = self.num_steps
+        window = torch.arange(steps + 1, device=self.xs.device)
         for i in range(self.num_batches):
             if self.ys is not None:
                 columns = slice(i * steps, (i + 1) * steps)
                 yield self.xs[:, columns].long(), self.ys[:, columns].long()
             else:
                 assert self.starts is not None
-                index = self.starts[i].unsqueeze(1) + torch.arange(steps + 1, device=self.xs.device)
-                window = self.xs[index].long()
-                yield window[:, :-1], window[:, 1:]
+                rows = self.xs[self.starts[i].unsqueeze(1) + window].long()
+                yield rows[:, :-1], rows[:, 1:]
 
 
 def sequential_batches(

@@ -33,6 +33,7 @@ from drnn_cli.commands import (
 from drnn_cli.config import Config, load_config
 from drnn_cli.decode import DecodeOptions
 from drnn_cli.errors import DrnnError
+from drnn_cli.runtime import launched_rank
 from drnn_cli.train import EpochRecord
 
 app = typer.Typer(
@@ -267,9 +268,9 @@ def train_command(
         max_unknown_fraction=max_unknown,
         overwrite=overwrite,
     )
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = launched_rank() == 0
     if not is_main:  # under torchrun only rank 0 talks
-        out = Console(file=open(os.devnull, "w"))  # noqa: SIM115
+        out = Console(quiet=True)
     reporter = RichReporter(out)
 
     def configure(_dataset: object, resolved: Config) -> None:

@@ -6,6 +6,7 @@ and what is allowed, so ``--set model.num_layers=0`` and a typo in a YAML file g
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -238,7 +239,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Apply ``--set`` overrides to a raw tree, then validate it into a Config."""
-    tree = _deep_copy(tree)
+    tree = copy.deepcopy(tree)
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(tree, parts, value)
@@ -252,14 +253,6 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
     """The resolved config: defaults, then the YAML file (if any), then each ``--set`` in order."""
     tree = read_yaml(path) if path is not None else {}
     return build_config(tree, overrides)
-
-
-def _deep_copy(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {key: _deep_copy(value) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [_deep_copy(value) for value in tree]
-    return tree
 
 
 def dump_config(config: Config) -> str:

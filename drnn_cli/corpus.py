@@ -257,4 +257,4 @@ def _letters_piece(raw: torch.Tensor, mode: str) -> torch.Tensor:
 
 def preprocess_prefix(prefix: str, mode: str) -> str:
     """A user's prompt treated like one line of the training text."""
-    return "".join(preprocess(prefix, mode)) if mode in {"d2l", "letters"} else preprocess(prefix, mode)[0]
+    return "".join(preprocess(prefix, mode))

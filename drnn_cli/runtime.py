@@ -61,12 +61,17 @@ class DistContext:
         return self.world_size > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` set it in the environment (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device_choice: str) -> DistContext:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_choice != "cpu" and torch.cuda.is_available()
     if not torch_dist.is_initialized():

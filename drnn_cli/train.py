@@ -221,7 +221,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.train)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.train_tokens = dataset.splits.train.to(device)
-        self.val_tokens = dataset.splits.val
+        self.val_tokens = dataset.splits.val.to(device)
 
         self.start_epoch = 0
         self.best_val_ppl: float | None = None

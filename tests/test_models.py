@@ -402,9 +402,13 @@ def test_dropout_sits_between_layers_and_spares_the_top_layers_output(cell, impl
     assert torch.equal(outputs[-1], as_tuple(final)[0][-1])
 
 
-@pytest.mark.parametrize("impl", ["torch", "scratch"])
-def test_output_dropout_is_random_in_train_mode_and_off_in_eval_mode(impl):
-    model = build_model(10, model_config(impl=impl, output_dropout=0.5, hidden_size=16), seed=0).double()
+@pytest.mark.parametrize(
+    ("impl", "regulariser"),
+    [("torch", "output_dropout"), ("scratch", "output_dropout"), ("scratch", "weight_drop")],
+)
+def test_output_dropout_and_weight_drop_are_random_in_train_mode_and_off_in_eval_mode(impl, regulariser):
+    """Output dropout (either impl) and DropConnect on the recurrent weights (scratch only)."""
+    model = build_model(10, model_config(impl=impl, hidden_size=16, **{regulariser: 0.5}), seed=0).double()
     plain = build_model(10, model_config(impl=impl, hidden_size=16), seed=1).double()
     plain.load_state_dict(model.state_dict(), strict=True)
     tokens = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(0))
@@ -424,20 +428,6 @@ def test_a_single_layer_has_no_inter_layer_dropout(impl):
         first, _ = model(tokens, model.begin_state(2, "cpu"))
         second, _ = model(tokens, model.begin_state(2, "cpu"))
     assert torch.equal(first, second)
-
-
-def test_weight_drop_masks_the_recurrent_weights_in_train_mode_only():
-    config = model_config(impl="scratch", weight_drop=0.5, hidden_size=16)
-    model = build_model(10, config, seed=0).double()
-    plain = build_model(10, model_config(impl="scratch", hidden_size=16), seed=1).double()
-    plain.load_state_dict(model.state_dict(), strict=True)
-    tokens = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(0))
-    state = model.begin_state(3, "cpu")
-    with torch.no_grad():
-        first, _ = model.train()(tokens, state)
-        second, _ = model(tokens, state)
-        assert not torch.allclose(first, second)
-        assert_close(model.eval()(tokens, state)[0], plain.eval()(tokens, state)[0], **TOL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from drnn_cli import __version__
 from drnn_cli.commands import (
     TrainRequest,
     describe_data,
+    describe_presets,
     evaluate_split,
     load_model,
     predict,
@@ -33,6 +34,7 @@ from drnn_cli.commands import (
 from drnn_cli.config import Config, load_config
 from drnn_cli.decode import DecodeOptions
 from drnn_cli.errors import DrnnError
+from drnn_cli.presets import find_config
 from drnn_cli.runtime import launched_rank
 from drnn_cli.train import EpochRecord
 
@@ -45,9 +47,10 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config file (sections data, model, train).")
-]
+CONFIG_HELP = (
+    "A YAML config file, or a preset name (drnn presets lists them: lstm2, d2l/ch9_3_deep_lstm, ...)."
+)
+ConfigOption = Annotated[str | None, typer.Option("--config", "-c", help=CONFIG_HELP)]
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -141,10 +144,10 @@ def _root(
 def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: JsonOption = False) -> None:
     """Download (if needed), tokenize and describe the corpus.
 
-    Example: drnn data --config configs/lstm2.yaml --set data.token=word
+    Example: drnn data --config lstm2.yaml --set data.token=word
     """
     out, _ = _consoles(json_out)
-    resolved = load_config(config, set_ or [])
+    resolved = load_config(find_config(config) if config is not None else None, set_ or [])
     with _download_progress(out) as hook:
         report = describe_data(resolved, progress=hook)
     dataset = report.dataset
@@ -166,6 +169,37 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
     out.print(table)
     if json_out:
         _emit_json(report.summary())
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn presets
+
+
+@app.command("presets")
+def presets_command(json_out: JsonOption = False) -> None:
+    """List the presets --config takes by name: what each is, its model, the figure measured with it.
+
+    Example: drnn presets, then drnn train --config d2l/ch9_1_gru
+    """
+    out, _ = _consoles(json_out)
+    reports = describe_presets()
+    table = Table(title="presets (drnn train --config NAME)")
+    for column in ("name", "description", "model", "parameters", "measured"):
+        table.add_column(column, overflow="fold")
+    for report in reports:
+        model = report.config.model
+        size = f"{model.cell} {model.num_layers}×{model.hidden_size}"
+        if model.embedding_dim:
+            size += f", embedding {model.embedding_dim}"
+        parameters = "—" if report.parameters is None else f"{report.parameters:,}"
+        table.add_row(
+            report.preset.name, report.preset.description, size, parameters, report.preset.measured or "—"
+        )
+    out.print(table)
+    if any(report.parameters is None for report in reports):
+        out.print("parameters: — where the corpus is not downloaded yet (drnn data --config NAME fetches it)")
+    if json_out:
+        _emit_json({"presets": [report.summary() for report in reports]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +259,7 @@ class RichReporter:
 
 @app.command("train")
 def train_command(
-    config: Annotated[
-        Path, typer.Option("--config", "-c", help="YAML config file, e.g. configs/lstm2.yaml.")
-    ],
+    config: Annotated[str, typer.Option("--config", "-c", help=CONFIG_HELP)],
     set_: SetOption = None,
     run: Annotated[
         Path | None, typer.Option("--run", help="Run directory (default: runs/<config stem>).")
@@ -255,11 +287,11 @@ def train_command(
 ) -> None:
     """Train a model and keep its run directory (config, vocabulary, checkpoints, metrics, plot).
 
-    Example: drnn train --config configs/quick.yaml --set train.epochs=5
+    Example: drnn train --config lstm2.yaml --set train.epochs=5
     """
     out, _ = _consoles(json_out)
     request = TrainRequest(
-        config_path=config,
+        config_path=find_config(config),
         overrides=tuple(set_ or ()),
         run_dir=run,
         device=device,

@@ -19,16 +19,17 @@ from drnn_cli.checkpoint import (
     mark_latest,
     resolve_checkpoint,
 )
-from drnn_cli.config import Config, load_config
-from drnn_cli.corpus import ProgressHook
+from drnn_cli.config import Config, DataConfig, load_config
+from drnn_cli.corpus import ProgressHook, cached_corpus
 from drnn_cli.data import Dataset, load_dataset, read_token_stream
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
-from drnn_cli.models import RNNLanguageModel, build_model
+from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
+from drnn_cli.presets import Preset, list_presets
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import Reporter, Trainer, TrainResult
-from drnn_cli.vocab import encode_tokens, unknown_tokens
+from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and the run that continues from it.
@@ -78,6 +79,68 @@ def describe_data(config: Config, progress: ProgressHook | None = None) -> DataR
             training_batches(dataset.splits.train, data.sampling, data.batch_size, data.num_steps, generator)
         )
     return DataReport(dataset, batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn presets
+
+
+@dataclass(frozen=True)
+class PresetReport:
+    """A preset with its model size: the vocabulary (and so the parameter count) is known only when
+    the preset's corpus is already on disk, because describing presets never downloads."""
+
+    preset: Preset
+    config: Config
+    vocab_size: int | None
+    parameters: int | None
+
+    def summary(self) -> dict:
+        model = self.config.model
+        return {
+            "name": self.preset.name,
+            "description": self.preset.description,
+            "cell": model.cell,
+            "num_layers": model.num_layers,
+            "hidden_size": model.hidden_size,
+            "embedding_dim": model.embedding_dim,
+            "vocab_size": self.vocab_size,
+            "parameters": self.parameters,
+            "measured": self.preset.measured,
+            "path": str(self.preset.path),
+        }
+
+
+def describe_presets(root: Path | None = None) -> list[PresetReport]:
+    reports = []
+    vocab_sizes: dict[tuple, int | None] = {}  # the presets mostly share one corpus: read it once
+    for preset in list_presets(root):
+        config = load_config(preset.path)
+        data = config.data
+        key = (data.path, data.corpus, data.preprocess, data.token, data.min_freq)
+        if key not in vocab_sizes:
+            vocab_sizes[key] = _local_vocab_size(data)
+        vocab_size = vocab_sizes[key]
+        parameters = None
+        if vocab_size is not None:
+            parameters = count_parameters(build_model(vocab_size, config.model))
+        reports.append(PresetReport(preset, config, vocab_size, parameters))
+    return reports
+
+
+def _local_vocab_size(data: DataConfig) -> int | None:
+    """The vocabulary ``drnn train`` would build (from the whole text, as load_dataset does), if the
+    corpus is on disk; None when it would first have to be downloaded."""
+    if data.path:
+        path = Path(data.path).expanduser()
+        if not path.is_file():
+            return None
+    else:
+        cached = cached_corpus(data.corpus)
+        if cached is None:
+            return None
+        path = cached.path
+    return len(Vocab.from_counts(count_tokens(read_token_stream(path, data)), min_freq=data.min_freq))
 
 
 # ---------------------------------------------------------------------------------------------

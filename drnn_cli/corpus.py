@@ -74,6 +74,17 @@ def corpus_url(spec: CorpusSpec) -> str:
 ProgressHook = Callable[[int, int | None], None]
 
 
+def cached_corpus(name: str, cache_dir: Path | None = None) -> CorpusFile | None:
+    """The registered corpus if the cache already holds it, verified; None otherwise (never downloads)."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return None
+    target = (cache_dir or data_dir()) / spec.filename
+    if target.is_file() and file_sha1(target) == spec.sha1:
+        return CorpusFile(target, spec.sha1)
+    return None
+
+
 def fetch_corpus(
     name: str,
     *,
@@ -93,9 +104,10 @@ def fetch_corpus(
         known = ", ".join(sorted(REGISTRY))
         raise DrnnError(f"unknown corpus {name!r}; data.corpus must be one of: {known} (or set data.path)")
     cache_dir = cache_dir or data_dir()
+    cached = cached_corpus(name, cache_dir)
+    if cached is not None:
+        return cached
     target = cache_dir / spec.filename
-    if target.is_file() and file_sha1(target) == spec.sha1:
-        return CorpusFile(target, spec.sha1)
     url = corpus_url(spec)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

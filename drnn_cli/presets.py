@@ -1,0 +1,105 @@
+"""The presets: drnn's ready-made configs, found by name from any directory and from an installed wheel.
+
+In a checkout they are the files of ``configs/``; a wheel ships the same files as ``drnn_cli/presets/``
+(pyproject.toml maps one onto the other at build time, so there is one copy). A preset's name is its
+path below that directory without ``.yaml``: ``lstm2``, ``d2l/ch9_3_deep_lstm``. Its first comment line
+describes it, and a ``# measured: ...`` comment line in the same leading block gives the figure drnn
+measured with it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from drnn_cli.errors import ConfigError, DrnnError
+
+PRESET_SUFFIX = ".yaml"
+MEASURED_TAG = "measured:"
+# How the repository names a preset (configs/lstm2.yaml): accepted as the preset from any directory.
+CHECKOUT_PREFIX = "configs/"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    path: Path
+    description: str
+    measured: str | None
+
+
+def presets_dir() -> Path:
+    """The installed package's ``presets/`` (a wheel), else the checkout's ``configs/`` (editable install)."""
+    packaged = resources.files("drnn_cli") / "presets"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    raise DrnnError(
+        f"drnn's presets are missing ({packaged} and {checkout} do not exist); reinstall drnn, "
+        f"or pass the path of a YAML file to --config"
+    )
+
+
+def preset_files(root: Path | None = None) -> dict[str, Path]:
+    """Every preset name → its file, top-level presets first, then by name. Names come from the files that exist, so a name
+    given by the user is only ever looked up, never joined onto a path (``..`` cannot escape)."""
+    root = root or presets_dir()
+    files = {
+        path.relative_to(root).with_suffix("").as_posix(): path
+        for path in root.rglob(f"*{PRESET_SUFFIX}")
+        if path.is_file()
+    }
+    return {name: files[name] for name in sorted(files, key=lambda name: (name.count("/"), name))}
+
+
+def read_preset(name: str, path: Path) -> Preset:
+    """A preset with the description and measured figure from its leading comment lines."""
+    description, measured = "", None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if not stripped.startswith("#"):
+            break  # the leading comment block ends at the first YAML line
+        text = stripped.lstrip("#").strip()
+        if text.lower().startswith(MEASURED_TAG):
+            measured = measured or text[len(MEASURED_TAG) :].strip()
+        elif text and not description:
+            description = text
+    return Preset(name, path, description, measured)
+
+
+def list_presets(root: Path | None = None) -> list[Preset]:
+    return [read_preset(name, path) for name, path in preset_files(root).items()]
+
+
+def preset_name(value: str) -> str:
+    """``lstm2.yaml``, ``configs/lstm2.yaml`` → ``lstm2``: the spellings a user may give for a preset."""
+    name = value.strip().replace("\\", "/").removeprefix("./").removeprefix(CHECKOUT_PREFIX)
+    return name.removesuffix(PRESET_SUFFIX)
+
+
+def closest_first(name: str, names: list[str]) -> list[str]:
+    """All ``names``, the most similar to ``name`` first (difflib's ratio; ties keep their order)."""
+    return sorted(names, key=lambda candidate: -difflib.SequenceMatcher(None, name, candidate).ratio())
+
+
+def find_config(value: str, root: Path | None = None) -> Path:
+    """What ``--config VALUE`` names: an existing file (it wins), else a preset, else a ConfigError
+    that lists the presets, the closest name first."""
+    given = Path(value).expanduser()
+    if given.is_file():
+        return given
+    files = preset_files(root)
+    name = preset_name(value)
+    if name in files:
+        return files[name]
+    listed = ", ".join(closest_first(name, list(files)))
+    raise ConfigError(
+        f"--config {value}: no such file and no such preset; presets (closest first): {listed} "
+        f"(drnn presets describes them)"
+    )

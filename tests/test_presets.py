@@ -1,0 +1,345 @@
+"""Presets: `--config` takes a file or a preset name from any directory, and an installed wheel ships them.
+
+README "Configuration" and "Commands" describe the contract: an existing path wins, then a preset
+name with or without `.yaml` (or written as `configs/NAME.yaml`), else one line listing the presets,
+the closest name first, exit 2. `drnn presets` describes them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from drnn_cli.commands import describe_presets
+from drnn_cli.config import load_config
+from drnn_cli.errors import ConfigError
+from drnn_cli.presets import find_config, list_presets, presets_dir, read_preset
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+PRESET_KEYS = {
+    "name",
+    "description",
+    "cell",
+    "num_layers",
+    "hidden_size",
+    "embedding_dim",
+    "vocab_size",
+    "parameters",
+    "measured",
+    "path",
+}
+# nn.LSTM parameters per layer: 4 gates × H × (input + H) weights and 2 × 4H biases; the decoder H·V + V.
+# lstm2: V = 28 one-hot inputs, H = 256, 2 layers.
+LSTM2_PARAMETERS = (4 * 256 * (28 + 256) + 8 * 256) + (4 * 256 * (256 + 256) + 8 * 256) + (256 * 28 + 28)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def listed_presets(stderr: str) -> list[str]:
+    """The names an unknown --config lists, in their order."""
+    listing = stderr.split("presets (closest first): ", 1)[1].split(" (drnn presets", 1)[0]
+    return listing.split(", ")
+
+
+def configs_names() -> set[str]:
+    return {path.relative_to(CONFIGS).with_suffix("").as_posix() for path in CONFIGS.rglob("*.yaml")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution order
+
+
+def test_the_checkout_reads_its_presets_from_configs():
+    assert presets_dir() == CONFIGS
+    assert {preset.name for preset in list_presets()} == configs_names()
+    assert {"lstm2", "quick", "d2l/ch9_3_deep_lstm"} <= configs_names()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("lstm2", "lstm2.yaml"),
+        ("lstm2.yaml", "lstm2.yaml"),
+        ("configs/lstm2.yaml", "lstm2.yaml"),  # the README's repository path, from any directory
+        ("d2l/ch9_3_deep_lstm", "d2l/ch9_3_deep_lstm.yaml"),
+        ("d2l/ch9_3_deep_lstm.yaml", "d2l/ch9_3_deep_lstm.yaml"),
+    ],
+)
+def test_preset_names_resolve_from_any_directory(workdir: Path, value: str, expected: str):
+    assert find_config(value) == CONFIGS / expected
+
+
+def test_an_existing_path_wins_over_the_preset_of_the_same_name(workdir: Path):
+    (workdir / "lstm2.yaml").write_text("model: {hidden_size: 7}\n")
+    assert find_config("lstm2.yaml") == Path("lstm2.yaml")
+    assert load_config(find_config("lstm2.yaml")).model.hidden_size == 7
+    # only the path as written counts: "lstm2" names no file here, so it is the preset
+    assert load_config(find_config("lstm2")).model.hidden_size == 256
+
+
+def test_a_directory_is_not_a_preset(workdir: Path):
+    (workdir / "quick.yaml").mkdir()  # a directory in the way is no config file: the preset is meant
+    assert find_config("quick.yaml") == CONFIGS / "quick.yaml"
+    for value in ("d2l", "d2l/", "configs/d2l", "."):
+        with pytest.raises(ConfigError, match="no such file and no such preset"):
+            find_config(value)
+
+
+def test_a_name_with_dotdot_cannot_escape_the_presets_directory(tmp_path: Path, monkeypatch):
+    root = tmp_path / "presets"
+    (root / "d2l").mkdir(parents=True)
+    (root / "a.yaml").write_text("{}\n")
+    (root / "d2l" / "b.yaml").write_text("{}\n")
+    (tmp_path / "outside.yaml").write_text("{}\n")  # what a naive root / name would reach
+    monkeypatch.chdir(root / "d2l")  # so that none of the values below is an existing path
+    assert find_config("a", root) == root / "a.yaml"
+    assert find_config("d2l/b", root) == root / "d2l" / "b.yaml"
+    for value in ("../outside", "../outside.yaml", "d2l/../a", "d2l/../../outside", "/a", "./../a"):
+        with pytest.raises(ConfigError, match="no such preset"):
+            find_config(value, root)
+
+
+def test_an_unknown_name_is_one_line_listing_the_presets_closest_first_exit_2(workdir: Path, cli):
+    code, out, err = cli("train", "--config", "no-such-preset")
+    assert code == 2 and out == ""
+    assert err.startswith("drnn: error: --config no-such-preset: no such file and no such preset")
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(listed_presets(err)) == sorted(configs_names())
+    assert not (workdir / "runs").exists()
+
+    code, _, err = cli("train", "--config", "lstm3")
+    assert code == 2 and listed_presets(err)[0] == "lstm2"
+    code, _, err = cli("data", "--config", "lstm_ful.yaml")
+    assert code == 2 and listed_presets(err)[:2] == ["lstm_full", "lstm_full_cpu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Descriptions
+
+
+def test_a_preset_header_gives_its_description_and_measured_figure(tmp_path: Path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "\n#   A tiny recipe.  \n# more about it\n# measured: perplexity 1.5 (somewhere)\n"
+        "data: {max_tokens: 100}\n# measured: not in the leading block\n"
+    )
+    preset = read_preset("p", path)
+    assert (preset.description, preset.measured) == ("A tiny recipe.", "perplexity 1.5 (somewhere)")
+    path.write_text("data: {}\n")
+    assert (read_preset("p", path).description, read_preset("p", path).measured) == ("", None)
+
+
+def test_every_preset_has_a_description_and_a_measured_line():
+    for preset in list_presets():
+        assert preset.description and not preset.description.lower().startswith("measured"), preset.name
+        assert preset.measured, f"{preset.name}: add a '# measured: ...' comment line"
+        assert len(preset.description) <= 110, preset.name  # one line in a table
+
+
+def test_presets_json_lists_every_preset_with_its_size(workdir: Path, cli):
+    code, out, _ = cli("presets", "--json")
+    assert code == 0
+    presets = {entry["name"]: entry for entry in last_json(out)["presets"]}
+    assert set(presets) == configs_names()
+    assert all(set(entry) == PRESET_KEYS for entry in presets.values())
+    lstm2 = presets["lstm2"]
+    assert (lstm2["cell"], lstm2["num_layers"], lstm2["hidden_size"], lstm2["embedding_dim"]) == (
+        "lstm",
+        2,
+        256,
+        0,
+    )
+    assert lstm2["vocab_size"] == 28 and lstm2["parameters"] == LSTM2_PARAMETERS == 826_396
+    assert presets["d2l/ch9_3_deep_lstm"]["parameters"] == LSTM2_PARAMETERS
+    assert presets["quick"]["parameters"] == 216_604  # what `drnn train --config quick` reports
+    assert lstm2["description"].startswith("The seed recipe") and "6,078 tokens/s" in lstm2["measured"]
+    assert Path(lstm2["path"]) == CONFIGS / "lstm2.yaml"
+
+    code, out, _ = cli("presets")
+    assert code == 0 and "lstm2" in out and "826,396" in out
+
+
+def test_presets_never_download_the_parameters_wait_for_the_corpus(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("DRNN_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("DRNN_DATA_URL", "http://127.0.0.1:9/unreachable")
+    reports = {report.preset.name: report.summary() for report in describe_presets()}
+    assert reports["lstm2"]["vocab_size"] is None and reports["lstm2"]["parameters"] is None
+    assert reports["lstm2"]["hidden_size"] == 256
+    assert not (tmp_path / "empty").exists()
+
+
+def test_presets_has_help_with_an_example(cli):
+    code, out, _ = cli("presets", "--help")
+    assert code == 0 and "Example: drnn presets" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands with preset names
+
+
+def test_train_resume_data_predict_eval_with_preset_names(workdir: Path, cli):
+    small = ("--set", "model.hidden_size=8", "--set", "data.max_tokens=2000", "--set", "train.sample_every=0")
+    code, out, err = cli(
+        "train", "--config", "d2l/ch9_3_deep_lstm", "--set", "train.epochs=1", *small, "--json"
+    )
+    assert code == 0, err
+    first = last_json(out)
+    assert first["run_dir"] == "runs/ch9_3_deep_lstm" and first["epochs"] == 1
+    assert load_config(workdir / "runs" / "ch9_3_deep_lstm" / "config.yaml").model.hidden_size == 8
+
+    spelled = "configs/d2l/ch9_3_deep_lstm.yaml"  # another spelling of the same preset: the same run
+    code, out, err = cli(
+        "train", "--config", spelled, "--set", "train.epochs=2", *small, "--resume", "--json"
+    )
+    assert code == 0, err
+    resumed = last_json(out)
+    assert (resumed["run_dir"], resumed["start_epoch"], resumed["epochs"]) == ("runs/ch9_3_deep_lstm", 1, 2)
+
+    code, out, err = cli("predict", "time traveller", "-n", "5", "--json")
+    assert code == 0 and len(last_json(out)["text"]) == len("time traveller") + 5, err
+    code, out, err = cli("eval", "--json")
+    assert code == 0, err
+    assert (last_json(out)["epoch"], last_json(out)["tokens"]) == (2, 1999)  # every target of 2,000 tokens
+
+    code, out, err = cli("data", "--config", "lstm2", "--json")
+    assert code == 0 and last_json(out)["corpus_tokens"] == 10_000, err
+
+
+# ---------------------------------------------------------------------------------------------
+# The wheel, installed outside the checkout
+
+
+BUILD_INPUTS = ("pyproject.toml", "README.md", "drnn_cli", "configs")  # what setuptools reads
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)
+    assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _dependency_dirs() -> list[str]:
+    """The site directories holding drnn's dependencies (and pip) in this interpreter, not drnn itself."""
+    import pip
+    import pydantic
+    import requests
+    import rich
+    import safetensors
+    import torch
+    import typer
+    import yaml
+
+    modules = (torch, typer, rich, yaml, requests, pydantic, safetensors, pip)
+    return sorted({str(Path(module.__file__).resolve().parents[1]) for module in modules})
+
+
+@pytest.mark.slow
+def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_empty_directory(
+    tmp_path: Path, corpus_path: Path
+):
+    setuptools = importlib.metadata.version("setuptools")  # not imported: it would patch distutils here
+    assert int(setuptools.split(".")[0]) >= 68, f"setuptools {setuptools}: the test extra installs >=68"
+    # Build from a copy of the build inputs, so the checkout gets no build/ directory.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in BUILD_INPUTS:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
+    dist = tmp_path / "dist"
+    pip = [sys.executable, "-m", "pip"]
+    _run(
+        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist), str(source)]
+    )
+    (wheel,) = dist.glob("drnn-*.whl")
+
+    # The wheel ships exactly configs/, byte for byte.
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {
+            name.removeprefix("drnn_cli/presets/"): archive.read(name)
+            for name in archive.namelist()
+            if name.startswith("drnn_cli/presets/")
+        }
+    assert shipped == {
+        path.relative_to(CONFIGS).as_posix(): path.read_bytes() for path in CONFIGS.rglob("*.yaml")
+    }
+
+    # A fresh venv that sees this interpreter's dependencies through a .pth of plain path lines: those
+    # directories' own .pth files (the editable install of the checkout) are not executed.
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    purelib = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    )
+    (purelib / "drnn-test-dependencies.pth").write_text("\n".join(_dependency_dirs()) + "\n")
+    # --ignore-installed: the checkout's editable drnn is visible through the .pth; never touch it
+    _run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            str(wheel),
+        ]
+    )
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy2(corpus_path, cache / "timemachine.txt")
+    hidden = ("PYTHONPATH", "VIRTUAL_ENV", "DRNN_DEBUG", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+    env = {key: value for key, value in os.environ.items() if key not in hidden}
+    env |= {
+        "PATH": f"{python.parent}{os.pathsep}{env.get('PATH', '')}",
+        "DRNN_DATA_DIR": str(cache),
+        "DRNN_DATA_URL": "http://127.0.0.1:9/unreachable",
+        "OMP_NUM_THREADS": "1",
+    }
+    where = _run(
+        [
+            str(python),
+            "-c",
+            "import drnn_cli, drnn_cli.presets as p; print(drnn_cli.__file__); print(p.presets_dir())",
+        ],
+        cwd=empty,
+        env=env,
+    ).stdout.split()
+    assert all(Path(path).is_relative_to(purelib) for path in where), where
+    assert Path(where[1]) == purelib / "drnn_cli" / "presets"
+
+    drnn = str(python.parent / "drnn")
+
+    def run(*args: str) -> dict:
+        return last_json(_run([drnn, *args], cwd=empty, env=env).stdout)
+
+    trained = run("train", "--config", "lstm2.yaml", "--set", "train.epochs=2", "--json")
+    assert trained["run_dir"] == "runs/lstm2" and trained["epochs"] == 2
+    assert trained["parameters"] == LSTM2_PARAMETERS
+    predicted = run("predict", "time traveller", "--json")
+    assert set(predicted) == {"prefix", "text"} and len(predicted["text"]) == len("time traveller") + 50
+    evaluated = run("eval", "--json")
+    assert set(evaluated) == {"split", "epoch", "perplexity", "bits_per_token", "tokens", "source"}
+    assert (evaluated["split"], evaluated["epoch"], evaluated["tokens"]) == ("train", 2, 9_999)
+    listed = run("presets", "--json")["presets"]
+    assert {entry["name"] for entry in listed} == configs_names()
+    assert all(set(entry) == PRESET_KEYS for entry in listed)
+    assert all(Path(entry["path"]).is_relative_to(purelib) for entry in listed)
+    assert sorted(path.name for path in empty.iterdir()) == ["runs"]  # nothing downloaded, nothing else

@@ -16,13 +16,12 @@ def test_readme_documents_every_config_key():
             assert f"`{section}.{key}`" in README, f"{section}.{key} is missing from the README"
 
 
-def test_quickstart_is_two_commands_that_train_quick_predict_and_test():
+def test_quickstart_is_two_commands_that_train_the_seed_preset_predict_evaluate_and_test():
     quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```\n(.*?)\n```", quickstart, flags=re.S)
     assert len(commands) == 2 and all("\n" not in command for command in commands)
-    assert (
-        "drnn train --config configs/quick.yaml" in commands[0]
-        and 'drnn predict "time traveller"' in commands[0]
+    assert commands[0].endswith(
+        '&& drnn train --config lstm2.yaml && drnn predict "time traveller" && drnn eval'
     )
     assert "python -m pytest" in commands[1]
 

@@ -184,17 +184,18 @@ def presets_command(json_out: JsonOption = False) -> None:
     out, _ = _consoles(json_out)
     reports = describe_presets()
     table = Table(title="presets (drnn train --config NAME)")
-    for column in ("name", "description", "model", "parameters", "measured"):
-        table.add_column(column, overflow="fold")
+    table.add_column("name", overflow="fold", ratio=2)
+    table.add_column("model", overflow="fold", ratio=1)
+    table.add_column("parameters", no_wrap=True, justify="right")
+    table.add_column("description, measured", ratio=5)
     for report in reports:
         model = report.config.model
         size = f"{model.cell} {model.num_layers}×{model.hidden_size}"
         if model.embedding_dim:
-            size += f", embedding {model.embedding_dim}"
+            size += f" emb {model.embedding_dim}"
         parameters = "—" if report.parameters is None else f"{report.parameters:,}"
-        table.add_row(
-            report.preset.name, report.preset.description, size, parameters, report.preset.measured or "—"
-        )
+        measured = f"measured: {report.preset.measured}" if report.preset.measured else "not measured"
+        table.add_row(report.preset.name, size, parameters, f"{report.preset.description}\n{measured}")
     out.print(table)
     if any(report.parameters is None for report in reports):
         out.print("parameters: — where the corpus is not downloaded yet (drnn data --config NAME fetches it)")

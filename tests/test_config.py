@@ -124,8 +124,8 @@ def test_cross_field_rules_name_the_keys():
         build_config({"data": {"val_fraction": 0.6, "test_fraction": 0.4}})
     with pytest.raises(ConfigError, match="tie_weights needs model.embedding_dim"):
         build_config({"model": {"tie_weights": True, "embedding_dim": 8, "hidden_size": 16}})
-    with pytest.raises(ConfigError, match="weight_drop needs model.impl: scratch"):
-        build_config({"model": {"weight_drop": 0.2}})
+    with pytest.raises(ConfigError, match="embedding_dropout needs a learned embedding"):
+        build_config({"model": {"embedding_dropout": 0.2}})
 
 
 def test_set_overrides_nested_keys_with_yaml_typed_values():

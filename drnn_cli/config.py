@@ -132,6 +132,20 @@ class TrainConfig(_Section):
     step_size: int = Field(100, ge=1, description="step schedule: epochs between decays")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
     min_lr: float = Field(0.0, ge=0.0, description="cosine schedule: final learning rate")
+    ar: float = Field(
+        0.0,
+        ge=0.0,
+        description="activation regularisation: ar · mean(h²) of the last layer's (dropped) output",
+    )
+    tar: float = Field(
+        0.0, ge=0.0, description="temporal activation regularisation: tar · mean((h_t − h_t−1)²), last layer"
+    )
+    average: Literal["none", "ema", "swa"] = Field(
+        "none",
+        description="evaluate, keep and predict with averaged weights: ema (moving average) or swa (mean)",
+    )
+    average_decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema: the average's decay per step")
+    average_start: int = Field(0, ge=0, description="epochs of plain training before the average starts")
     seed: int = Field(0, ge=0, description="seed for initialisation, batching and dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")

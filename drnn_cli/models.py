@@ -299,16 +299,31 @@ class RNNLanguageModel(nn.Module):
             features = F.embedding(inputs.t(), weight)
         return sequence_dropout(features, self.config.input_dropout, self.training, self.locked)
 
-    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        outputs, state = self.rnn(self.encode(inputs), state)
-        outputs = sequence_dropout(outputs, self.config.output_dropout, self.training, self.locked)
-        return self.decoder(outputs), state
+    def forward(self, inputs: torch.Tensor, state: State, with_hidden: bool = False) -> tuple:
+        """``(logits, state)``; with ``with_hidden`` also the last layer's output before and after
+        output dropout, ``(T, B, H)`` each, for activation regularisation."""
+        raw, state = self.rnn(self.encode(inputs), state)
+        dropped = sequence_dropout(raw, self.config.output_dropout, self.training, self.locked)
+        logits = self.decoder(dropped)
+        return (logits, state, raw, dropped) if with_hidden else (logits, state)
 
     def begin_state(self, batch_size: int, device: torch.device | str) -> State:
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         dtype = self.decoder.weight.dtype
         h = torch.zeros(shape, device=device, dtype=dtype)
         return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
+
+
+def activation_penalty(raw: torch.Tensor, dropped: torch.Tensor, ar: float, tar: float) -> torch.Tensor:
+    """AWD-LSTM's AR and TAR (Merity et al., 2017, §4.6) on the last layer's ``(T, B, H)`` output.
+
+    AR penalises large activations of the dropped output, ``ar · mean(dropped²)``; TAR penalises fast
+    change between consecutive steps of the raw output, ``tar · mean((h_t − h_{t−1})²)``.
+    """
+    penalty = ar * dropped.float().pow(2).mean()
+    if tar and raw.shape[0] > 1:
+        penalty = penalty + tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+    return penalty
 
 
 def init_d2l_(model: nn.Module) -> None:

@@ -68,9 +68,19 @@ class ModelConfig(_Section):
     hidden_size: int = Field(256, ge=1, description="hidden units per layer")
     num_layers: int = Field(2, ge=1, le=64, description="stacked recurrent layers")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between recurrent layers")
+    input_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="dropout on the recurrent stack's input (one-hot or embedding)"
+    )
     output_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the last layer's output")
+    dropout_kind: Literal["standard", "locked"] = Field(
+        "standard",
+        description="standard: a new mask per timestep; locked: one mask per sequence (AWD-LSTM's variational dropout)",
+    )
+    embedding_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="drop whole tokens from the embedding, one mask per minibatch"
+    )
     weight_drop: float = Field(
-        0.0, ge=0.0, lt=1.0, description="DropConnect on the recurrent weights (impl: scratch only)"
+        0.0, ge=0.0, lt=1.0, description="DropConnect on the recurrent weights, one mask per minibatch"
     )
     bidirectional: bool = Field(False, description="refused: a bidirectional RNN sees the token it predicts")
     impl: Literal["torch", "scratch"] = Field(
@@ -101,8 +111,8 @@ class ModelConfig(_Section):
                 f"model.tie_weights needs model.embedding_dim equal to model.hidden_size "
                 f"(got {self.embedding_dim} and {self.hidden_size})"
             )
-        if self.weight_drop > 0 and self.impl != "scratch":
-            raise ValueError("model.weight_drop needs model.impl: scratch (cuDNN keeps its weights fused)")
+        if self.embedding_dropout > 0 and not self.embedding_dim:
+            raise ValueError("model.embedding_dropout needs a learned embedding: set model.embedding_dim > 0")
         if self.nonlinearity == "relu" and self.cell != "rnn":
             raise ValueError("model.nonlinearity applies only to model.cell: rnn")
         return self
@@ -122,6 +132,20 @@ class TrainConfig(_Section):
     step_size: int = Field(100, ge=1, description="step schedule: epochs between decays")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
     min_lr: float = Field(0.0, ge=0.0, description="cosine schedule: final learning rate")
+    ar: float = Field(
+        0.0,
+        ge=0.0,
+        description="activation regularisation: ar · mean(h²) of the last layer's (dropped) output",
+    )
+    tar: float = Field(
+        0.0, ge=0.0, description="temporal activation regularisation: tar · mean((h_t − h_t−1)²), last layer"
+    )
+    average: Literal["none", "ema", "swa"] = Field(
+        "none",
+        description="evaluate, keep and predict with averaged weights: ema (moving average) or swa (mean)",
+    )
+    average_decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema: the average's decay per step")
+    average_start: int = Field(0, ge=0, description="epochs of plain training before the average starts")
     seed: int = Field(0, ge=0, description="seed for initialisation, batching and dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")

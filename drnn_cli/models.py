@@ -49,6 +49,7 @@ class ScratchRecurrent(nn.Module):
         dropout: float = 0.0,
         nonlinearity: str = "tanh",
         weight_drop: float = 0.0,
+        locked: bool = False,
     ) -> None:
         super().__init__()
         if cell not in GATES:
@@ -60,6 +61,7 @@ class ScratchRecurrent(nn.Module):
         self.dropout = dropout
         self.nonlinearity = nonlinearity
         self.weight_drop = weight_drop
+        self.locked = locked
         rows = GATES[cell] * hidden_size
         for layer in range(num_layers):
             width = input_size if layer == 0 else hidden_size
@@ -99,8 +101,8 @@ class ScratchRecurrent(nn.Module):
                 activation = torch.tanh if self.nonlinearity == "tanh" else torch.relu
                 outputs, h = _rnn_layer(projected + b_hh, h0[layer], w_hh.t(), activation)
             final_h.append(h)
-            if self.dropout > 0 and layer < self.num_layers - 1:
-                outputs = F.dropout(outputs, self.dropout, self.training)
+            if layer < self.num_layers - 1:
+                outputs = sequence_dropout(outputs, self.dropout, self.training, self.locked)
             layer_input = outputs
         h_n = torch.stack(final_h)
         return layer_input, ((h_n, torch.stack(final_c)) if self.cell == "lstm" else h_n)
@@ -145,9 +147,88 @@ def _rnn_layer(projected: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, a
     return torch.stack(outputs), h
 
 
+class _LayerwiseRegularised:
+    """Mixin for ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: DropConnect and locked dropout on torch's kernels.
+
+    cuDNN and oneDNN run the whole stack from fused weights, with standard dropout between layers.
+    AWD-LSTM's regularisers (Merity et al., 2017) need two things the fused call cannot do: a dropped
+    copy of each ``weight_hh`` (one mask per forward pass, i.e. per minibatch) and one dropout mask per
+    sequence between layers. In training, with either active, the stack runs one layer at a time
+    through the same kernels (``torch.lstm`` / ``torch.gru`` / ``torch.rnn_*``), drawing random numbers
+    in the same order as :class:`ScratchRecurrent`, so the two implementations agree mask for mask.
+    Otherwise, and always in evaluation, the module's own fused forward runs unchanged. Parameter
+    names stay PyTorch's, so checkpoints move freely between the paths and implementations.
+    """
+
+    weight_drop: float = 0.0
+    locked: bool = False
+    layer_dropout: float = 0.0  # between layers; the module's own ``dropout`` is 0 on the layerwise path
+
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:  # type: ignore[override]
+        if not self.training or (self.weight_drop == 0 and not self.locked):
+            return super().forward(inputs, state)  # type: ignore[misc]
+        module: nn.RNNBase = self  # type: ignore[assignment]
+        h0, c0 = state if isinstance(state, tuple) else (state, None)
+        final_h, final_c = [], []
+        layer_input = inputs
+        for layer in range(module.num_layers):
+            w_hh = F.dropout(getattr(module, f"weight_hh_l{layer}"), self.weight_drop, True)
+            weights = [
+                getattr(module, f"weight_ih_l{layer}"),
+                w_hh,
+                getattr(module, f"bias_ih_l{layer}"),
+                getattr(module, f"bias_hh_l{layer}"),
+            ]
+            h = h0[layer : layer + 1]
+            if module.mode == "LSTM":
+                assert c0 is not None
+                outputs, h, c = torch.lstm(
+                    layer_input, (h, c0[layer : layer + 1]), weights, True, 1, 0.0, True, False, False
+                )
+                final_c.append(c)
+            else:
+                kernel = {"GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}[
+                    module.mode
+                ]
+                outputs, h = kernel(layer_input, h, weights, True, 1, 0.0, True, False, False)
+            final_h.append(h)
+            if layer < module.num_layers - 1:
+                outputs = sequence_dropout(outputs, self.layer_dropout, True, self.locked)
+            layer_input = outputs
+        h_n = torch.cat(final_h)
+        return layer_input, ((h_n, torch.cat(final_c)) if module.mode == "LSTM" else h_n)
+
+
+class RegularisedLSTM(_LayerwiseRegularised, nn.LSTM):
+    pass
+
+
+class RegularisedGRU(_LayerwiseRegularised, nn.GRU):
+    pass
+
+
+class RegularisedRNN(_LayerwiseRegularised, nn.RNN):
+    pass
+
+
+def sequence_dropout(x: torch.Tensor, p: float, training: bool, locked: bool) -> torch.Tensor:
+    """Dropout on a time-major ``(T, B, F)`` sequence; ``locked`` keeps one mask for all T steps.
+
+    Locked ("variational") dropout (Gal & Ghahramani, 2016) drops the same units of a sequence at
+    every timestep, so the recurrence sees a consistent thinned input rather than fresh noise.
+    """
+    if not training or p == 0:
+        return x
+    if not locked:
+        return F.dropout(x, p, True)
+    mask = x.new_empty((1, *x.shape[1:])).bernoulli_(1 - p).div_(1 - p)
+    return x * mask
+
+
 def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
-    """The recurrent stack that ``config.impl`` names, with inter-layer dropout as nn.LSTM applies it."""
+    """The recurrent stack that ``config.impl`` names, with dropout between layers as configured."""
     dropout = config.dropout if config.num_layers > 1 else 0.0
+    locked = config.dropout_kind == "locked"
     if config.impl == "scratch":
         return ScratchRecurrent(
             config.cell,
@@ -157,21 +238,38 @@ def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
             dropout,
             config.nonlinearity,
             config.weight_drop,
+            locked,
         )
+    layerwise = config.weight_drop > 0 or locked
+    # On the layerwise path this class applies the between-layer dropout itself.
+    fused_dropout = 0.0 if layerwise else dropout
     if config.cell == "lstm":
-        return nn.LSTM(input_size, config.hidden_size, config.num_layers, dropout=dropout)
-    if config.cell == "gru":
-        return nn.GRU(input_size, config.hidden_size, config.num_layers, dropout=dropout)
-    return nn.RNN(
-        input_size, config.hidden_size, config.num_layers, nonlinearity=config.nonlinearity, dropout=dropout
-    )
+        module: nn.RNNBase = RegularisedLSTM(
+            input_size, config.hidden_size, config.num_layers, dropout=fused_dropout
+        )
+    elif config.cell == "gru":
+        module = RegularisedGRU(input_size, config.hidden_size, config.num_layers, dropout=fused_dropout)
+    else:
+        module = RegularisedRNN(
+            input_size,
+            config.hidden_size,
+            config.num_layers,
+            nonlinearity=config.nonlinearity,
+            dropout=fused_dropout,
+        )
+    module.weight_drop = config.weight_drop
+    module.locked = locked
+    module.layer_dropout = dropout
+    return module
 
 
 class RNNLanguageModel(nn.Module):
     """Tokens ``(B, T)`` → logits ``(T, B, V)``, time-major as d2l's ``Y.T.reshape(-1)`` expects.
 
     The input is one-hot (d2l) or a learned embedding (``model.embedding_dim``); the output layer may
-    share the embedding's weights (``model.tie_weights``).
+    share the embedding's weights (``model.tie_weights``). In training, ``embedding_dropout`` drops
+    whole tokens (rows of the embedding), then ``input_dropout`` and ``output_dropout`` thin the
+    recurrent stack's input and output, standard or locked (``model.dropout_kind``).
     """
 
     def __init__(self, vocab_size: int, config: ModelConfig) -> None:
@@ -180,7 +278,7 @@ class RNNLanguageModel(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(vocab_size, config.embedding_dim) if config.embedding_dim else None
         self.rnn = make_recurrent(config, config.embedding_dim or vocab_size)
-        self.output_dropout = nn.Dropout(config.output_dropout)
+        self.locked = config.dropout_kind == "locked"
         self.decoder = nn.Linear(config.hidden_size, vocab_size)
         if config.tie_weights:
             assert self.embedding is not None
@@ -190,19 +288,42 @@ class RNNLanguageModel(nn.Module):
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` indices → ``(T, B, I)`` features."""
-        if self.embedding is not None:
-            return self.embedding(inputs.t())
-        return F.one_hot(inputs.t(), self.vocab_size).to(self.decoder.weight.dtype)
+        if self.embedding is None:
+            features = F.one_hot(inputs.t(), self.vocab_size).to(self.decoder.weight.dtype)
+        else:
+            weight = self.embedding.weight
+            p = self.config.embedding_dropout
+            if self.training and p > 0:
+                # One mask per minibatch over the vocabulary: a dropped token is zero wherever it occurs.
+                weight = weight * weight.new_empty((weight.shape[0], 1)).bernoulli_(1 - p).div_(1 - p)
+            features = F.embedding(inputs.t(), weight)
+        return sequence_dropout(features, self.config.input_dropout, self.training, self.locked)
 
-    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        outputs, state = self.rnn(self.encode(inputs), state)
-        return self.decoder(self.output_dropout(outputs)), state
+    def forward(self, inputs: torch.Tensor, state: State, with_hidden: bool = False) -> tuple:
+        """``(logits, state)``; with ``with_hidden`` also the last layer's output before and after
+        output dropout, ``(T, B, H)`` each, for activation regularisation."""
+        raw, state = self.rnn(self.encode(inputs), state)
+        dropped = sequence_dropout(raw, self.config.output_dropout, self.training, self.locked)
+        logits = self.decoder(dropped)
+        return (logits, state, raw, dropped) if with_hidden else (logits, state)
 
     def begin_state(self, batch_size: int, device: torch.device | str) -> State:
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         dtype = self.decoder.weight.dtype
         h = torch.zeros(shape, device=device, dtype=dtype)
         return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
+
+
+def activation_penalty(raw: torch.Tensor, dropped: torch.Tensor, ar: float, tar: float) -> torch.Tensor:
+    """AWD-LSTM's AR and TAR (Merity et al., 2017, §4.6) on the last layer's ``(T, B, H)`` output.
+
+    AR penalises large activations of the dropped output, ``ar · mean(dropped²)``; TAR penalises fast
+    change between consecutive steps of the raw output, ``tar · mean((h_t − h_{t−1})²)``.
+    """
+    penalty = ar * dropped.float().pow(2).mean()
+    if tar and raw.shape[0] > 1:
+        penalty = penalty + tar * (raw[1:] - raw[:-1]).float().pow(2).mean()
+    return penalty
 
 
 def init_d2l_(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import Shard, check_trainable, epoch_generator, training_batches
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, atomic_write_text, save_checkpoint
 from drnn_cli.config import Config, TrainConfig, dump_config
@@ -30,7 +31,14 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters, detach_state
+from drnn_cli.models import (
+    RNNLanguageModel,
+    State,
+    activation_penalty,
+    build_model,
+    count_parameters,
+    detach_state,
+)
 from drnn_cli.plot import write_perplexity_plot
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 
@@ -212,6 +220,10 @@ class Trainer:
         self.init_from_label = init_from_label or (resume.init_from if resume else None)
         if init_from is not None:
             self.model.load_state_dict(init_from.model_state)
+        train = config.train
+        self.average = (
+            WeightAverage(self.model, train.average, train.average_decay) if train.average != "none" else None
+        )
         self.network: nn.Module = self.model
         if self.dist.enabled:
             self.network = DistributedDataParallel(
@@ -224,6 +236,7 @@ class Trainer:
         self.val_tokens = dataset.splits.val.to(device)
 
         self.start_epoch = 0
+        self._epoch = 0
         self.best_val_ppl: float | None = None
         self.bad_evals = 0
         self.elapsed = 0.0
@@ -256,10 +269,14 @@ class Trainer:
                 "state": progress.state,
                 "elapsed": progress.elapsed,
             }
+        if self.average is not None:
+            # model_state holds the weights to predict with; the raw ones continue training.
+            state["raw_model"] = self.model.state_dict()
+            state["average_count"] = self.average.count
         return Checkpoint(
             config=self.config,
             vocab=self.dataset.vocab,
-            model_state=self.model.state_dict(),
+            model_state=self.evaluated_model.state_dict(),
             epoch=epoch,
             step_in_epoch=progress.step,
             best_val_ppl=self.best_val_ppl,
@@ -268,9 +285,20 @@ class Trainer:
             corpus_sha1=self.dataset.sha1,
         )
 
+    @property
+    def evaluated_model(self) -> RNNLanguageModel:
+        """The weights that validation, samples and checkpoints use: the average when enabled."""
+        return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
+
     def _restore(self, checkpoint: Checkpoint) -> None:
-        self.model.load_state_dict(checkpoint.model_state)
         state = checkpoint.trainer_state
+        if self.average is not None and "raw_model" in state:
+            self.model.load_state_dict(state["raw_model"])
+            self.average.load_state_dict(checkpoint.model_state, int(state["average_count"]))
+        else:
+            self.model.load_state_dict(checkpoint.model_state)
+            if self.average is not None:  # averaging switched on for a resumed run: start from here
+                self.average.load_state_dict(checkpoint.model_state, 0)
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -372,17 +400,26 @@ class Trainer:
     # ----- the loop --------------------------------------------------------------------------
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        with autocast(self.device, self.config.train.precision):
-            logits, state = self.network(x, state)
+        train = self.config.train
+        with autocast(self.device, train.precision):
+            if train.ar or train.tar:
+                logits, state, raw, dropped = self.network(x, state, with_hidden=True)
+                penalty = activation_penalty(raw, dropped, train.ar, train.tar)
+            else:
+                logits, state = self.network(x, state)
+                penalty = None
         # Logits are (T, B, V), so targets are read column-wise: d2l's y = Y.T.reshape(-1).
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.t().reshape(-1))
+        objective = loss if penalty is None else loss + penalty  # perplexity reports the loss alone
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(objective).backward()
         if self.config.train.clip > 0:
             self.scaler.unscale_(self.optimizer)
             clip_gradients(self.parameters, self.config.train.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update(self.model, active=self._epoch >= train.average_start)
         return loss.detach(), state
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -399,6 +436,7 @@ class Trainer:
             epoch_generator(self.config.train.seed, epoch),
             self.shard,
         )
+        self._epoch = epoch
         progress, self.progress = self.progress, _EpochProgress()
         if progress.loss_sum is None:
             progress.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -477,7 +515,13 @@ class Trainer:
         for prefix in self.config.train.sample_prefixes:
             try:
                 samples[prefix] = continue_prefix(
-                    self.model, self.dataset.vocab, prefix, data.preprocess, data.token, options, self.device
+                    self.evaluated_model,
+                    self.dataset.vocab,
+                    prefix,
+                    data.preprocess,
+                    data.token,
+                    options,
+                    self.device,
                 )
             except DrnnError:
                 continue  # a prefix this corpus cannot spell is skipped, not fatal
@@ -488,7 +532,7 @@ class Trainer:
             return None
         data = self.config.data
         result = evaluate(
-            self.model,
+            self.evaluated_model,
             self.val_tokens,
             data.batch_size,
             data.num_steps,

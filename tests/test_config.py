@@ -37,7 +37,10 @@ INVALID = {
     "model.hidden_size": (0, "greater than or equal to 1"),
     "model.num_layers": (0, "greater than or equal to 1"),
     "model.dropout": (1.0, "less than 1"),
+    "model.input_dropout": (1.0, "less than 1"),
     "model.output_dropout": (-0.5, "greater than or equal to 0"),
+    "model.dropout_kind": ("variational", "'standard' or 'locked'"),
+    "model.embedding_dropout": (-0.1, "greater than or equal to 0"),
     "model.weight_drop": (1.5, "less than 1"),
     "model.bidirectional": (True, "predict"),
     "model.impl": ("cudnn", "'torch' or 'scratch'"),
@@ -56,6 +59,11 @@ INVALID = {
     "train.step_size": (0, "greater than or equal to 1"),
     "train.gamma": (0, "greater than 0"),
     "train.min_lr": (-1, "greater than or equal to 0"),
+    "train.ar": (-1, "greater than or equal to 0"),
+    "train.tar": ("lots", "number"),
+    "train.average": ("polyak", "'none', 'ema' or 'swa'"),
+    "train.average_decay": (1.0, "less than 1"),
+    "train.average_start": (-1, "greater than or equal to 0"),
     "train.seed": (-1, "greater than or equal to 0"),
     "train.device": ("tpu", "'auto', 'cpu' or 'cuda'"),
     "train.precision": ("fp8", "'fp32', 'bf16' or 'fp16'"),
@@ -121,8 +129,8 @@ def test_cross_field_rules_name_the_keys():
         build_config({"data": {"val_fraction": 0.6, "test_fraction": 0.4}})
     with pytest.raises(ConfigError, match="tie_weights needs model.embedding_dim"):
         build_config({"model": {"tie_weights": True, "embedding_dim": 8, "hidden_size": 16}})
-    with pytest.raises(ConfigError, match="weight_drop needs model.impl: scratch"):
-        build_config({"model": {"weight_drop": 0.2}})
+    with pytest.raises(ConfigError, match="embedding_dropout needs a learned embedding"):
+        build_config({"model": {"embedding_dropout": 0.2}})
 
 
 def test_set_overrides_nested_keys_with_yaml_typed_values():

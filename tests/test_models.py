@@ -352,12 +352,6 @@ def test_bidirectional_is_refused_on_assignment_too():
         config.bidirectional = True
 
 
-def test_weight_drop_needs_impl_scratch():
-    with pytest.raises(ValidationError, match=r"weight_drop needs model.impl: scratch"):
-        ModelConfig(weight_drop=0.5, impl="torch")
-    assert ModelConfig(weight_drop=0.5, impl="scratch").weight_drop == 0.5
-
-
 def test_relu_nonlinearity_applies_only_to_the_plain_rnn():
     with pytest.raises(ValidationError, match=r"only to model\.cell: rnn"):
         ModelConfig(cell="lstm", nonlinearity="relu")
@@ -404,10 +398,17 @@ def test_dropout_sits_between_layers_and_spares_the_top_layers_output(cell, impl
 
 @pytest.mark.parametrize(
     ("impl", "regulariser"),
-    [("torch", "output_dropout"), ("scratch", "output_dropout"), ("scratch", "weight_drop")],
+    [
+        ("torch", "output_dropout"),
+        ("scratch", "output_dropout"),
+        ("torch", "weight_drop"),
+        ("scratch", "weight_drop"),
+        ("torch", "input_dropout"),
+        ("scratch", "input_dropout"),
+    ],
 )
 def test_output_dropout_and_weight_drop_are_random_in_train_mode_and_off_in_eval_mode(impl, regulariser):
-    """Output dropout (either impl) and DropConnect on the recurrent weights (scratch only)."""
+    """Input and output dropout and DropConnect on the recurrent weights, either implementation."""
     model = build_model(10, model_config(impl=impl, hidden_size=16, **{regulariser: 0.5}), seed=0).double()
     plain = build_model(10, model_config(impl=impl, hidden_size=16), seed=1).double()
     plain.load_state_dict(model.state_dict(), strict=True)

@@ -1,0 +1,144 @@
+"""Specification of weight averaging (train.average) and activation regularisation (train.ar/tar)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from drnn_cli.averaging import WeightAverage
+from drnn_cli.checkpoint import load_checkpoint
+from drnn_cli.commands import TrainRequest, train_run
+from drnn_cli.models import activation_penalty
+
+TINY = {
+    "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.2},
+    "model": {"cell": "lstm", "hidden_size": 24, "num_layers": 2, "dropout": 0.2},
+    "train": {"epochs": 3, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"},
+}
+
+
+def train(workdir: Path, tree: dict, *overrides: str, run: str, **request) -> object:
+    config = workdir / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    return train_run(TrainRequest(config_path=config, overrides=overrides, run_dir=Path(run), **request))
+
+
+# ---------------------------------------------------------------------------------------------
+# The average itself
+
+
+def _one_weight(value: float) -> nn.Linear:
+    layer = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(value)
+    return layer
+
+
+def test_swa_is_the_plain_mean_of_the_weights_of_every_active_step():
+    model = _one_weight(0.0)
+    average = WeightAverage(model, "swa", decay=0.9)
+    for value in (4.0, 8.0, 3.0):
+        model.weight.data.fill_(value)
+        average.update(model, active=True)
+    assert average.module.weight.item() == pytest.approx(5.0)  # (4 + 8 + 3) / 3
+    assert average.count == 3
+
+
+def test_ema_starts_from_the_first_active_step_and_decays_by_hand():
+    model = _one_weight(0.0)
+    average = WeightAverage(model, "ema", decay=0.5)
+    for value, active in ((7.0, False), (2.0, True), (6.0, True), (10.0, True)):
+        model.weight.data.fill_(value)
+        average.update(model, active=active)
+    # inactive: follows 7; first active: 2; then 2 + 0.5·(6 − 2) = 4; then 4 + 0.5·(10 − 4) = 7
+    assert average.module.weight.item() == pytest.approx(7.0)
+    assert average.count == 3
+
+
+def test_an_inactive_average_follows_the_weights():
+    model = _one_weight(1.0)
+    average = WeightAverage(model, "swa", decay=0.9)
+    model.weight.data.fill_(9.0)
+    average.update(model, active=False)
+    assert average.module.weight.item() == 9.0 and average.count == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Averaging in a training run
+
+
+@pytest.mark.parametrize("kind", ["ema", "swa"])
+def test_the_best_checkpoint_holds_the_average_and_eval_confirms_its_perplexity(
+    workdir: Path, cli, kind: str
+):
+    result = train(workdir, TINY, f"train.average={kind}", "train.average_decay=0.9", run="runs/avg")
+    best = load_checkpoint(workdir / "runs/avg/best.safetensors")
+    last = load_checkpoint(workdir / "runs/avg/last.safetensors")
+    raw = last.trainer_state["raw_model"]
+    assert any(not torch.equal(raw[name], last.model_state[name]) for name in raw)  # averaged ≠ raw
+    assert last.trainer_state["average_count"] > 0
+    code, out, _ = cli("eval", "--run", "runs/avg", "--split", "val", "--json")
+    assert code == 0
+    assert json.loads(out.splitlines()[-1])["perplexity"] == pytest.approx(result.best_val_ppl, rel=1e-9)
+    assert best.best_val_ppl == pytest.approx(result.best_val_ppl)
+
+
+def test_averaging_changes_what_validation_sees(workdir: Path):
+    plain = train(workdir, TINY, run="runs/plain")
+    averaged = train(workdir, TINY, "train.average=swa", run="runs/swa")
+    assert plain.train_ppl == averaged.train_ppl  # the raw weights train exactly as before
+    assert plain.best_val_ppl != averaged.best_val_ppl
+
+
+def test_averaging_starts_after_average_start_epochs(workdir: Path):
+    train(workdir, TINY, "train.average=swa", "train.average_start=2", "train.epochs=2", run="runs/late")
+    last = load_checkpoint(workdir / "runs/late/last.safetensors")
+    assert last.trainer_state["average_count"] == 0  # not yet active: the average is the raw weights
+    raw = last.trainer_state["raw_model"]
+    assert all(torch.equal(raw[name], last.model_state[name]) for name in raw)
+
+
+def test_a_resumed_averaged_run_ends_bit_identical_to_an_uninterrupted_one(workdir: Path):
+    settings = ("train.average=ema", "train.average_decay=0.9")
+    train(workdir, TINY, *settings, run="runs/straight")
+    train(workdir, TINY, *settings, "train.epochs=1", run="runs/split")
+    train(workdir, TINY, *settings, run="runs/split", resume=True)
+    straight = load_checkpoint(workdir / "runs/straight/last.safetensors")
+    split = load_checkpoint(workdir / "runs/split/last.safetensors")
+    for name, value in straight.model_state.items():
+        assert torch.equal(value, split.model_state[name]), name
+    for name, value in straight.trainer_state["raw_model"].items():
+        assert torch.equal(value, split.trainer_state["raw_model"][name]), name
+    assert straight.trainer_state["average_count"] == split.trainer_state["average_count"]
+
+
+# ---------------------------------------------------------------------------------------------
+# AR / TAR
+
+
+def test_activation_penalty_by_hand():
+    raw = torch.tensor([[[1.0, 2.0]], [[3.0, 5.0]]])  # (T=2, B=1, H=2)
+    dropped = torch.tensor([[[2.0, 0.0]], [[0.0, 4.0]]])
+    # AR: mean(dropped²) = (4 + 0 + 0 + 16) / 4 = 5; TAR: mean((raw_1 − raw_0)²) = (4 + 9) / 2 = 6.5
+    assert activation_penalty(raw, dropped, ar=2.0, tar=0.0).item() == pytest.approx(10.0)
+    assert activation_penalty(raw, dropped, ar=0.0, tar=1.0).item() == pytest.approx(6.5)
+    assert activation_penalty(raw, dropped, ar=2.0, tar=1.0).item() == pytest.approx(16.5)
+
+
+def test_ar_and_tar_change_training_but_not_the_reported_loss_of_the_first_step(workdir: Path):
+    one_step = {
+        **TINY,
+        "data": {**TINY["data"], "max_tokens": 90, "val_fraction": 0.0},
+        "train": {**TINY["train"], "epochs": 1},
+    }
+    plain = train(workdir, one_step, run="runs/plain")  # 90 tokens, batch 8 × 10: one minibatch
+    regularised = train(workdir, one_step, "train.ar=2", "train.tar=1", run="runs/ar")
+    assert plain.train_ppl == regularised.train_ppl  # perplexity is the language-model loss alone
+    a = load_checkpoint(workdir / "runs/plain/last.safetensors").model_state
+    b = load_checkpoint(workdir / "runs/ar/last.safetensors").model_state
+    assert any(not torch.equal(a[name], b[name]) for name in a)  # …but the penalty moved the weights

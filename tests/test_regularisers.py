@@ -1,0 +1,149 @@
+"""Specification of AWD-LSTM's regularisers (Merity, Keskar & Socher, 2017) in drnn_cli.models.
+
+DropConnect on the recurrent weights and locked (variational) dropout run on PyTorch's own kernels
+(``impl: torch``) exactly as the from-scratch cells run them, mask for mask; embedding dropout drops
+whole tokens; and a model with none of them takes PyTorch's fused path untouched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+from torch.testing import assert_close
+
+from drnn_cli.config import ModelConfig
+from drnn_cli.models import build_model, make_recurrent, sequence_dropout
+
+TOL = {"atol": 1e-12, "rtol": 1e-12}
+CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
+
+
+def config(**overrides) -> ModelConfig:
+    return ModelConfig(**{"hidden_size": 6, "num_layers": 3, **overrides})
+
+
+def initial_state(cell: str, layers: int, batch: int, hidden: int):
+    generator = torch.Generator().manual_seed(5)
+    h = torch.randn(layers, batch, hidden, dtype=torch.float64, generator=generator)
+    return (
+        (h, torch.randn(layers, batch, hidden, dtype=torch.float64, generator=generator))
+        if cell == "lstm"
+        else h
+    )
+
+
+@pytest.mark.parametrize("kind", ["standard", "locked"])
+@pytest.mark.parametrize(("cell", "nonlinearity"), CELLS, ids=["rnn-tanh", "rnn-relu", "gru", "lstm"])
+def test_torch_kernels_with_weight_drop_equal_the_scratch_cells_with_the_same_masks(cell, nonlinearity, kind):
+    """Same seed → same DropConnect and between-layer masks → same outputs, states and gradients."""
+    settings = {
+        "cell": cell,
+        "nonlinearity": nonlinearity,
+        "weight_drop": 0.4,
+        "dropout": 0.3,
+        "dropout_kind": kind,
+    }
+    fused = make_recurrent(config(impl="torch", **settings), 5).double().train()
+    scratch = make_recurrent(config(impl="scratch", **settings), 5).double().train()
+    scratch.load_state_dict(fused.state_dict(), strict=True)
+    inputs = torch.randn(7, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    state = initial_state(cell, 3, 4, 6)
+
+    results = []
+    for module in (fused, scratch):
+        torch.manual_seed(11)
+        outputs, final = module(inputs, state)
+        loss = outputs.square().sum() + sum(
+            part.sum() for part in (final if isinstance(final, tuple) else (final,))
+        )
+        grads = torch.autograd.grad(loss, list(module.parameters()))
+        results.append((outputs, final, grads))
+    (out_a, final_a, grads_a), (out_b, final_b, grads_b) = results
+    assert_close(out_a, out_b, **TOL)
+    assert_close(final_a, final_b, **TOL)
+    for name, grad_a, grad_b in zip([n for n, _ in fused.named_parameters()], grads_a, grads_b, strict=True):
+        assert_close(grad_a, grad_b, **TOL, msg=name)
+    # DropConnect really dropped something: some recurrent weights got no gradient at all.
+    assert (grads_a[1] == 0).any()
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_weight_drop_draws_one_mask_per_forward_pass(cell):
+    module = make_recurrent(config(cell=cell, weight_drop=0.5), 5).train()
+    inputs = torch.randn(4, 2, 5)
+    state = initial_state(cell, 3, 2, 6)
+    state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
+    with torch.no_grad():
+        first, _ = module(inputs, state)
+        second, _ = module(inputs, state)
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_without_regularisers_the_torch_stack_is_plain_pytorch_and_draws_no_random_numbers(cell):
+    module = make_recurrent(config(cell=cell, dropout=0.0), 5).train()
+    reference = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell](5, 6, 3)
+    reference.load_state_dict(module.state_dict(), strict=True)
+    inputs = torch.randn(4, 2, 5)
+    state = torch.zeros(3, 2, 6)
+    state = (state, state) if cell == "lstm" else state
+    rng = torch.get_rng_state()
+    assert torch.equal(module(inputs, state)[0], reference(inputs, state)[0])
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_locked_dropout_keeps_one_mask_for_every_timestep():
+    torch.manual_seed(0)
+    ones = torch.ones(9, 3, 50)
+    locked = sequence_dropout(ones, 0.5, training=True, locked=True)
+    assert set(locked.unique().tolist()) == {0.0, 2.0}  # kept units scaled by 1/(1-p)
+    assert all(torch.equal(locked[t], locked[0]) for t in range(9))
+    standard = sequence_dropout(ones, 0.5, training=True, locked=False)
+    assert not all(torch.equal(standard[t], standard[0]) for t in range(9))
+    assert torch.equal(sequence_dropout(ones, 0.5, training=False, locked=True), ones)
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("kind", ["standard", "locked"])
+def test_locked_dropout_between_layers_drops_the_same_units_at_every_step(impl, kind):
+    """One sequence, 2 layers: a unit of layer 1 dropped by a locked mask is zero at all 8 steps, so
+    its column of ``weight_ih_l1`` gets exactly zero gradient; standard dropout redraws per step."""
+    settings = {"impl": impl, "cell": "rnn", "num_layers": 2, "dropout": 0.5, "dropout_kind": kind}
+    torch.manual_seed(3)
+    module = make_recurrent(config(**settings), 5).double().train()
+    torch.manual_seed(4)
+    outputs, _ = module(torch.randn(8, 1, 5, dtype=torch.float64), torch.zeros(2, 1, 6, dtype=torch.float64))
+    outputs.sum().backward()
+    zero_columns = int((module.weight_ih_l1.grad == 0).all(dim=0).sum())
+    if kind == "locked":
+        assert 0 < zero_columns < 6
+    else:
+        assert zero_columns == 0
+
+
+def test_embedding_dropout_drops_whole_tokens_and_rescales_the_rest():
+    model = build_model(
+        12, ModelConfig(hidden_size=8, num_layers=1, embedding_dim=20, embedding_dropout=0.5), seed=0
+    )
+    tokens = torch.tensor([[3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7] * 2])
+    torch.manual_seed(1)
+    features = model.train().encode(tokens)  # (T, 1, 20)
+    weight = model.embedding.weight
+    for token in (3, 5, 7):
+        rows = features[tokens[0] == token, 0]
+        dropped = bool((rows == 0).all())
+        kept = torch.allclose(rows, (weight[token] * 2).expand_as(rows))
+        assert dropped or kept, f"token {token} must be all zero or all scaled by 1/(1-p)"
+    assert torch.equal(model.eval().encode(tokens), nn.functional.embedding(tokens.t(), weight))
+
+
+def test_embedding_dropout_needs_a_learned_embedding():
+    with pytest.raises(ValidationError, match=r"embedding_dropout needs a learned embedding"):
+        ModelConfig(embedding_dropout=0.1)
+
+
+def test_dropout_kind_is_standard_or_locked():
+    with pytest.raises(ValidationError, match=r"dropout_kind"):
+        ModelConfig(dropout_kind="variational")

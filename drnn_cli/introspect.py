@@ -158,14 +158,15 @@ def score_units(activations: torch.Tensor, features: dict[str, torch.Tensor]) ->
     values = activations.double()
     centred = values - values.mean(0)
     unit_norm = centred.norm(dim=0)
+    varies = values.amax(0) > values.amin(0)  # exactly: a constant's centred norm may be 1e-17, not 0
     best = torch.zeros(values.shape[1], dtype=torch.float64)
     best_name: list[str | None] = [None] * values.shape[1]
     for name, feature in features.items():
         f = feature - feature.mean()
-        if float(f.norm()) == 0:
+        if float(feature.max()) == float(feature.min()):
             continue  # constant over this text: nothing to correlate with
         r = (f @ centred) / (f.norm() * unit_norm).clamp_min(1e-300)
-        r = torch.where(unit_norm > 0, r, torch.zeros_like(r))
+        r = torch.where(varies, r, torch.zeros_like(r))
         for unit in torch.nonzero(r.abs() > best.abs()).flatten().tolist():
             best[unit] = r[unit]
             best_name[unit] = name

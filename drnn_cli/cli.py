@@ -429,9 +429,9 @@ def inspect_command(
         int,
         typer.Option(
             "--top",
-            help="Show the K units whose activation correlates most (|Pearson r|) with a text feature: "
-            "position in word, at a space, position in line, inside quotes, inside brackets "
-            "(by variance when none varies).",
+            help="Show the K units that follow a text property best (|Pearson r|): position in word, "
+            "at a space, position in line, inside quotes, inside brackets; the best unit of each property "
+            "in turn (by variance when none varies).",
         ),
     ] = 5,
     signal: Annotated[str, typer.Option("--signal", help="hidden, or cell (LSTM cell state).")] = "hidden",
@@ -456,9 +456,9 @@ def inspect_command(
         chosen = tuple(int(u) for u in units.split(",")) if units else ()
     except ValueError:
         raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})") from None
+    request = InspectRequest(text, file, layer, chosen, top, signal)
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device)
-    request = InspectRequest(text, file, layer, chosen, top, signal)
     result = inspect_text(
         loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
     )

@@ -52,7 +52,7 @@ h1 { font-size: 1.3em; margin-bottom: 0.2em; }
 h2 { font-size: 1em; margin: 1.2em 0 0.3em; }
 .meta { color: #555; font-size: 0.9em; }
 .text { font-family: ui-monospace, monospace; font-size: 15px; line-height: 1.55; white-space: pre-wrap;
-        word-break: break-all; border: 1px solid #ddd; padding: 0.5em; }
+        overflow-wrap: anywhere; border: 1px solid #ddd; padding: 0.5em; }
 .ch { cursor: default; }
 .ch.unk { text-decoration: underline wavy #999; }
 .ch.pin { outline: 2px solid #000; }

@@ -14,7 +14,7 @@ from drnn_cli.checkpoint import atomic_write_bytes
 from drnn_cli.errors import DrnnError
 from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection
 
-HEATMAP_CHARS = 160  # characters with readable labels on the heatmap's axis
+HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
 
 
 def write_inspection_plot(inspection: Inspection, path: Path) -> None:
@@ -45,7 +45,7 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> None:
     heat.set_xticks(
         range(shown), ["␣" if c == " " else "↵" if c == "\n" else c for c in inspection.chars[:shown]]
     )
-    heat.tick_params(axis="x", labelsize=6, length=0)
+    heat.tick_params(axis="x", labelsize=7, length=0)
     of = f" (first {shown} of {len(inspection.chars):,} characters)" if shown < len(inspection.chars) else ""
     signal = "cell state" if inspection.signal == "cell" else "hidden state"
     heat.set_title(

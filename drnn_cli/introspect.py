@@ -210,6 +210,17 @@ class InspectRequest:
     top: int = 5
     signal: str = "hidden"  # hidden, or cell (LSTM)
 
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.file is None):
+            raise DrnnError(
+                "give the text to inspect either as an argument or with --file FILE, "
+                'e.g. drnn inspect "the time traveller"'
+            )
+        if not self.units and self.top < 1:
+            raise DrnnError(f"--top must be >= 1 (got {self.top})")
+        if self.signal not in SIGNALS:
+            raise DrnnError(f"--signal must be hidden or cell (got {self.signal!r})")
+
 
 @dataclass(frozen=True)
 class GateSaturation:
@@ -307,10 +318,6 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
         raise DrnnError(
             f"drnn inspect reads character models; this run uses data.token={data.token}; inspect a char run"
         )
-    if (request.text is None) == (request.file is None):
-        raise DrnnError(
-            'give the text to inspect either as an argument or with --file FILE, e.g. drnn inspect "the time traveller"'
-        )
     if request.file is not None:
         chars = list(read_token_stream(request.file, data))
         source = str(request.file)
@@ -336,8 +343,6 @@ def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torc
         if wrong:
             raise DrnnError(f"--units {wrong[0]} is out of range: the layer has units 0 to {size - 1}")
         return [scores[u] for u in request.units]
-    if request.top < 1:
-        raise DrnnError(f"--top must be >= 1 (got {request.top})")
     return top_units(scores, signal, min(request.top, size))
 
 
@@ -353,8 +358,6 @@ def inspect_text(
     layer = request.layer if request.layer is not None else config.num_layers
     if not 1 <= layer <= config.num_layers:
         raise DrnnError(f"--layer {layer} does not exist: the model has layers 1 to {config.num_layers}")
-    if request.signal not in SIGNALS:
-        raise DrnnError(f"--signal must be hidden or cell (got {request.signal!r})")
     if request.signal == "cell" and config.cell != "lstm":
         raise DrnnError(f"--signal cell needs an LSTM; this model is a {config.cell}; use --signal hidden")
     chars, source = read_chars(request, data)

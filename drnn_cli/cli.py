@@ -437,6 +437,95 @@ def eval_command(
 
 
 # ---------------------------------------------------------------------------------------------
+# drnn inspect
+
+
+@app.command("inspect")
+def inspect_command(
+    text: Annotated[
+        str | None,
+        typer.Argument(help="Text to read (preprocessed like a predict prefix).", show_default=False),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Read this text file instead (preprocessed like eval --data)."),
+    ] = None,
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    layer: Annotated[
+        int | None, typer.Option("--layer", help="Layer to show, 1 = bottom (default: the top one).")
+    ] = None,
+    units: Annotated[
+        str | None, typer.Option("--units", help="Units to show, e.g. 3,17 (0-based; instead of --top).")
+    ] = None,
+    top: Annotated[
+        int,
+        typer.Option(
+            "--top",
+            help="Show the K units that follow a text property best (|Pearson r|): position in word, "
+            "at a space, position in line, inside quotes, inside brackets; the best unit of each property "
+            "in turn (by variance when none varies).",
+        ),
+    ] = 5,
+    signal: Annotated[str, typer.Option("--signal", help="hidden, or cell (LSTM cell state).")] = "hidden",
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained page here.")] = None,
+    png_out: Annotated[
+        Path | None,
+        typer.Option("--png", help="Write a heatmap and gate-saturation histograms (needs matplotlib)."),
+    ] = None,
+    device: DeviceOption = "auto",
+    json_out: JsonOption = False,
+) -> None:
+    """See what the network learned: per-character activations, gates, surprisal and next-character guesses.
+
+    Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
+    """
+    from drnn_cli.checkpoint import atomic_write_text
+    from drnn_cli.inspect_html import render_html
+    from drnn_cli.inspect_plot import write_inspection_plot
+    from drnn_cli.introspect import InspectRequest, inspect_text
+
+    try:
+        chosen = tuple(int(u) for u in units.split(",")) if units else ()
+    except ValueError:
+        raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})") from None
+    request = InspectRequest(text, file, layer, chosen, top, signal)
+    out, _ = _consoles(json_out)
+    loaded = load_model(run, checkpoint, device)
+    result = inspect_text(
+        loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
+    )
+    page = render_html(result, str(loaded.path)) if html_out is not None else None
+    if png_out is not None:
+        write_inspection_plot(result, png_out)
+    if page is not None and html_out is not None:
+        atomic_write_text(html_out, page)
+    out.print(
+        f"{result.tokens:,} predicted characters: perplexity {result.perplexity:.4f}, "
+        f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
+        markup=False,
+    )
+    table = Table(show_header=True)
+    for column in ("unit", "follows", "r"):
+        table.add_column(column)
+    for score in result.units:
+        table.add_row(str(score.unit), score.feature or "-", f"{score.correlation:+.3f}")
+    out.print(table)
+    for index, gates in enumerate(result.saturation, start=1):
+        if gates:
+            shares = ", ".join(
+                f"{name} {sat.left.mean():.0%} < 0.1 / {sat.right.mean():.0%} > 0.9"
+                for name, sat in gates.items()
+            )
+            out.print(f"layer {index} gates saturated: {shares}", markup=False)
+    for written in (html_out, png_out):
+        if written is not None:
+            out.print(f"wrote {written}", markup=False)
+    if json_out:
+        _emit_json(result.summary())
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 
 

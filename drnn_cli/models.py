@@ -108,18 +108,42 @@ class ScratchRecurrent(nn.Module):
         return layer_input, ((h_n, torch.stack(final_c)) if self.cell == "lstm" else h_n)
 
 
+def lstm_step(
+    x_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM step: ``(h', c', σ(gates))``; the input, forget and output gates are the
+    ``[i | f | · | o]`` blocks of the last (its g block is unused). ``x_gates`` holds both biases."""
+    hidden = h.shape[-1]
+    gates = torch.addmm(x_gates, h, w_hh_t)
+    sig = torch.sigmoid(gates)  # σ over all four blocks at once
+    i, f, o = sig[:, :hidden], sig[:, hidden : 2 * hidden], sig[:, 3 * hidden :]
+    g = torch.tanh(gates[:, 2 * hidden : 3 * hidden])
+    c = f * c + i * g
+    return o * torch.tanh(c), c, sig
+
+
+def gru_step(
+    x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One GRU step: ``(h', σ([r | z]))``, the reset and update gates side by side."""
+    hidden = h.shape[-1]
+    h_gates = torch.addmm(b_hh, h, w_hh_t)
+    rz = torch.sigmoid(x_gates[:, : 2 * hidden] + h_gates[:, : 2 * hidden])
+    r, z = rz[:, :hidden], rz[:, hidden:]
+    n = torch.tanh(x_gates[:, 2 * hidden :] + r * h_gates[:, 2 * hidden :])
+    return n + z * (h - n), rz  # n + z(h − n) = (1 − z)⊙n + z⊙h
+
+
+def rnn_step(x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, activation) -> torch.Tensor:
+    return activation(torch.addmm(x_gates, h, w_hh_t))
+
+
 def _lstm_layer(
     projected: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    hidden = h.shape[-1]
     outputs = []
     for x_gates in projected:
-        gates = torch.addmm(x_gates, h, w_hh_t)
-        sig = torch.sigmoid(gates)  # σ over all four blocks at once; the g block is unused
-        i, f, o = sig[:, :hidden], sig[:, hidden : 2 * hidden], sig[:, 3 * hidden :]
-        g = torch.tanh(gates[:, 2 * hidden : 3 * hidden])
-        c = f * c + i * g
-        h = o * torch.tanh(c)
+        h, c, _ = lstm_step(x_gates, h, c, w_hh_t)
         outputs.append(h)
     return torch.stack(outputs), h, c
 
@@ -127,14 +151,9 @@ def _lstm_layer(
 def _gru_layer(
     projected: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = h.shape[-1]
     outputs = []
     for x_gates in projected:
-        h_gates = torch.addmm(b_hh, h, w_hh_t)
-        rz = torch.sigmoid(x_gates[:, : 2 * hidden] + h_gates[:, : 2 * hidden])
-        r, z = rz[:, :hidden], rz[:, hidden:]
-        n = torch.tanh(x_gates[:, 2 * hidden :] + r * h_gates[:, 2 * hidden :])
-        h = n + z * (h - n)  # = (1 − z)⊙n + z⊙h
+        h, _ = gru_step(x_gates, h, w_hh_t, b_hh)
         outputs.append(h)
     return torch.stack(outputs), h
 
@@ -142,7 +161,7 @@ def _gru_layer(
 def _rnn_layer(projected: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, activation) -> tuple:
     outputs = []
     for x_gates in projected:
-        h = activation(torch.addmm(x_gates, h, w_hh_t))
+        h = rnn_step(x_gates, h, w_hh_t, activation)
         outputs.append(h)
     return torch.stack(outputs), h
 

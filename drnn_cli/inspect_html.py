@@ -1,0 +1,153 @@
+"""``drnn inspect --html``: one self-contained page (no network, no library; a few lines of inline JS).
+
+The text appears once coloured by surprisal and once per chosen unit, every character a ``<span
+class="ch">`` with its background colour; hovering a character shows what the model guessed next.
+Opening the page with ``#i=N`` pins the tooltip on character N (used for screenshots).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+
+from drnn_cli.introspect import Inspection
+
+SURPRISAL_FULL_BITS = 6.0  # a character this surprising (or more) is fully red
+
+
+def _mix(weight: float, colour: tuple[int, int, int]) -> str:
+    """White blended towards ``colour`` by ``weight`` in [0, 1]."""
+    weight = min(1.0, max(0.0, weight))
+    r, g, b = (round(255 + (c - 255) * weight) for c in colour)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def activation_colour(value: float, scale: float) -> str:
+    """Diverging: negative blue, zero white, positive red, ``scale`` = full colour."""
+    share = value / scale if scale > 0 else 0.0
+    return _mix(abs(share), (214, 39, 40) if share >= 0 else (31, 119, 180))
+
+
+def surprisal_colour(nats: float | None) -> str:
+    if nats is None:
+        return "#e0e0e0"  # the first character has no prediction
+    return _mix(nats / math.log(2) / SURPRISAL_FULL_BITS, (230, 85, 13))
+
+
+def _chars(inspection: Inspection, colours: list[str]) -> str:
+    spans = []
+    for index, (char, colour) in enumerate(zip(inspection.chars, colours, strict=True)):
+        shown = "↵" if char == "\n" else html.escape(char)
+        extra = " unk" if inspection.unknown[index] else ""
+        spans.append(f'<span class="ch{extra}" data-i="{index}" style="background:{colour}">{shown}</span>')
+        if char == "\n":
+            spans.append("\n")
+    return "".join(spans)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1100px; }
+h1 { font-size: 1.3em; margin-bottom: 0.2em; }
+h2 { font-size: 1em; margin: 1.2em 0 0.3em; }
+.meta { color: #555; font-size: 0.9em; }
+.text { font-family: ui-monospace, monospace; font-size: 15px; line-height: 1.55; white-space: pre-wrap;
+        overflow-wrap: anywhere; border: 1px solid #ddd; padding: 0.5em; }
+.ch { cursor: default; }
+.ch.unk { text-decoration: underline wavy #999; }
+.ch.pin { outline: 2px solid #000; }
+.legend { display: inline-block; width: 160px; height: 0.8em; vertical-align: middle; border: 1px solid #ccc; }
+#tip { position: fixed; display: none; background: #fff; border: 1px solid #888; padding: 0.4em 0.6em;
+       font: 13px ui-monospace, monospace; box-shadow: 0 2px 6px rgba(0,0,0,.25); pointer-events: none;
+       white-space: pre; z-index: 10; }
+"""
+
+_SCRIPT = """
+const tip = document.getElementById('tip');
+function show(span) {
+  const i = +span.dataset.i, row = span.parentElement.dataset.unit;
+  const ch = CHARS[i] === ' ' ? '␣' : CHARS[i] === '\\n' ? '↵' : CHARS[i];
+  let s = 'char ' + i + ': ' + ch + '\\n';
+  s += SURPRISAL[i] === null ? 'surprisal: - (first character)\\n'
+       : 'surprisal: ' + (SURPRISAL[i] / Math.LN2).toFixed(2) + ' bits (p = ' + Math.exp(-SURPRISAL[i]).toFixed(3) + ')\\n';
+  if (row !== undefined) s += 'unit ' + row + ': ' + ACTS[row][i].toFixed(3) + '\\n';
+  s += 'next guesses:';
+  for (const [c, p] of TOP[i]) s += '\\n  ' + (c === ' ' ? '␣' : c) + '  ' + p.toFixed(3);
+  tip.textContent = s;
+  const r = span.getBoundingClientRect();
+  tip.style.display = 'block';
+  tip.style.left = Math.min(r.left, window.innerWidth - tip.offsetWidth - 8) + 'px';
+  tip.style.top = (r.bottom + 6 + tip.offsetHeight > window.innerHeight ? r.top - tip.offsetHeight - 6 : r.bottom + 6) + 'px';
+}
+document.addEventListener('mouseover', e => { if (e.target.classList.contains('ch')) show(e.target); });
+document.addEventListener('mouseout', e => { if (e.target.classList.contains('ch')) tip.style.display = 'none'; });
+const pin = /#i=(\\d+)/.exec(location.hash);
+if (pin) {
+  const spans = document.querySelectorAll('.ch[data-i="' + pin[1] + '"]');
+  spans.forEach(s => s.classList.add('pin'));
+  if (spans.length) show(spans[0]);
+}
+"""
+
+
+def _script_json(value: object) -> str:
+    """JSON safe inside <script>: a "</" in the text must not close the element."""
+    return json.dumps(value, ensure_ascii=False).replace("</", "<\\/")
+
+
+def render_html(inspection: Inspection, title: str) -> str:
+    """The whole page as a string; ``title`` names the checkpoint."""
+    sections = []
+    colours = [surprisal_colour(s) for s in inspection.surprisal]
+    sections.append(
+        "<h2>Surprisal: how unexpected each character was</h2>"
+        f'<p class="meta">white 0 bits → <span class="legend" style="background:linear-gradient(90deg,#fff,'
+        f'{surprisal_colour(SURPRISAL_FULL_BITS * math.log(2))})"></span> ≥ {SURPRISAL_FULL_BITS:g} bits; '
+        "grey: the first character (no prediction)</p>"
+        f'<div class="text">{_chars(inspection, colours)}</div>'
+    )
+    acts = {}
+    for score, row in zip(inspection.units, inspection.activations, strict=True):
+        values = row.tolist()
+        acts[score.unit] = [round(v, 4) for v in values]
+        scale = max((abs(v) for v in values), default=0.0)
+        label = (
+            f"r = {score.correlation:+.2f} with {score.feature}"
+            if score.feature
+            else "no text feature varies here"
+        )
+        sections.append(
+            f"<h2>Unit {score.unit} ({label})</h2>"
+            f'<p class="meta">{-scale:.3f} <span class="legend" style="background:linear-gradient(90deg,'
+            f'{activation_colour(-1, 1)},#fff,{activation_colour(1, 1)})"></span> {scale:+.3f} '
+            "(the unit's largest |activation| on this text is full colour)</p>"
+            f'<div class="text" data-unit="{score.unit}">'
+            f"{_chars(inspection, [activation_colour(v, scale) for v in values])}</div>"
+        )
+    data = {
+        "CHARS": inspection.chars,
+        "SURPRISAL": inspection.surprisal,
+        "TOP": [[[c, round(p, 4)] for c, p in guesses] for guesses in inspection.top_next],
+        "ACTS": acts,
+    }
+    script = "".join(f"const {name} = {_script_json(value)};\n" for name, value in data.items())
+    signal = "cell state" if inspection.signal == "cell" else "hidden state"
+    summary = (
+        f"{len(inspection.chars):,} characters ({inspection.source}); {inspection.cell.upper()}, "
+        f"layer {inspection.layer} of {inspection.num_layers}, {signal}; "
+        f"perplexity {inspection.perplexity:.3f}, {inspection.bits_per_char:.3f} bits/char over "
+        f"{inspection.tokens:,} predicted characters"
+        + (
+            f"; {sum(inspection.unknown)} not in the vocabulary (underlined)"
+            if any(inspection.unknown)
+            else ""
+        )
+        + ". Hover a character for the model's next guesses."
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>drnn inspect: {html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
+        f"<h1>drnn inspect: {html.escape(title)}</h1>\n"
+        f'<p class="meta">{html.escape(summary)}</p>\n' + "\n".join(sections) + '\n<div id="tip"></div>\n'
+        f"<script>\n{script}{_SCRIPT}</script>\n</body></html>\n"
+    )

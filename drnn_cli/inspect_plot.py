@@ -1,0 +1,70 @@
+"""``drnn inspect --png``: the chosen units as a heatmap over the text, and gate saturation per layer.
+
+Saturation follows Karpathy, Johnson & Fei-Fei (2015): a gate is left-saturated at a step when below
+0.1 and right-saturated when above 0.9; the histograms count units by the fraction of characters
+they spend saturated. matplotlib is the optional ``plot`` extra.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from drnn_cli.checkpoint import atomic_write_bytes
+from drnn_cli.errors import DrnnError
+from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection
+
+HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
+
+
+def write_inspection_plot(inspection: Inspection, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise DrnnError("--png needs matplotlib: pip install 'drnn[plot]' (or leave out --png)") from None
+    gate_rows = [(layer, gates) for layer, gates in enumerate(inspection.saturation, start=1) if gates]
+    columns = max((len(gates) for _, gates in gate_rows), default=1)
+    rows = 1 + len(gate_rows)
+    figure = Figure(
+        figsize=(max(10, 3.2 * columns), 2.2 + 0.35 * len(inspection.units) + 2.4 * len(gate_rows))
+    )
+    grid = figure.add_gridspec(
+        rows, columns, height_ratios=[1.2 + 0.25 * len(inspection.units)] + [1.6] * len(gate_rows)
+    )
+
+    heat = figure.add_subplot(grid[0, :])
+    shown = min(HEATMAP_CHARS, len(inspection.chars))
+    values = inspection.activations[:, :shown].numpy()
+    scale = abs(values).max(axis=1, keepdims=True)
+    scale[scale == 0] = 1
+    heat.imshow(values / scale, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    heat.set_yticks(range(len(inspection.units)), [f"unit {s.unit}" for s in inspection.units])
+    heat.set_xticks(
+        range(shown), ["␣" if c == " " else "↵" if c == "\n" else c for c in inspection.chars[:shown]]
+    )
+    heat.tick_params(axis="x", labelsize=7, length=0)
+    of = f" (first {shown} of {len(inspection.chars):,} characters)" if shown < len(inspection.chars) else ""
+    signal = "cell state" if inspection.signal == "cell" else "hidden state"
+    heat.set_title(
+        f"layer {inspection.layer} {signal}, each unit scaled to its largest |activation|{of}", fontsize=10
+    )
+
+    for row, (layer, gates) in enumerate(gate_rows, start=1):
+        for column, (name, saturation) in enumerate(gates.items()):
+            axes = figure.add_subplot(grid[row, column])
+            bins = [i / 20 for i in range(21)]
+            axes.hist(saturation.left.numpy(), bins=bins, alpha=0.6, label=f"< {SATURATED_LOW:g}")
+            axes.hist(saturation.right.numpy(), bins=bins, alpha=0.6, label=f"> {SATURATED_HIGH:g}")
+            axes.set_title(f"layer {layer} {name} gate", fontsize=9)
+            axes.set_xlabel("fraction of characters saturated", fontsize=8)
+            axes.set_ylabel("units", fontsize=8)
+            axes.tick_params(labelsize=7)
+            if column == 0:
+                axes.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,414 @@
+"""What a trained model does on a text: per-character states, gates, surprisal and next-character guesses.
+
+The recurrent layers are stepped one character at a time with the cell equations of
+:mod:`drnn_cli.models` and the model's own weights (``nn.LSTM`` & co. and the scratch stack share
+parameter names and layouts), so every intermediate layer's hidden state, an LSTM's cell state and
+the gates are visible. Surprisal comes from the model's own forward pass, exactly as ``drnn eval``
+scores a text read as one row: the first character has no prediction, each later one costs
+``-log p(char | all characters before it)`` nats, the state starting at zero.
+
+Units are ranked after Karpathy, Johnson & Fei-Fei, "Visualizing and Understanding Recurrent
+Networks" (2015): a unit is interesting when its activation follows a property of the text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from drnn_cli.config import DataConfig
+from drnn_cli.corpus import preprocess_prefix
+from drnn_cli.data import read_token_stream
+from drnn_cli.errors import DrnnError
+from drnn_cli.evaluate import perplexity
+from drnn_cli.models import RNNLanguageModel, gru_step, lstm_step, rnn_step
+from drnn_cli.vocab import UNK, Vocab, encode_tokens
+
+MAX_CHARS = 20_000  # keeps the page, the JSON and the step-by-step trace bounded
+TOP_NEXT = 5
+SATURATED_LOW, SATURATED_HIGH = 0.1, 0.9  # the paper's thresholds for a saturated gate
+GATE_NAMES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update"), "rnn": ()}
+SIGNALS = ("hidden", "cell")
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-by-step states
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """One layer over the text: each ``(T, H)``, row t the value after reading character t."""
+
+    hidden: torch.Tensor
+    cell: torch.Tensor | None  # LSTM only
+    gates: dict[str, torch.Tensor]  # LSTM: input, forget, output; GRU: reset, update; RNN: none
+
+
+@torch.no_grad()
+def trace_layers(model: RNNLanguageModel, ids: torch.Tensor) -> list[LayerTrace]:
+    """Run ``ids`` ``(T,)`` through every recurrent layer one step at a time, from a zero state.
+
+    Eval mode throughout (no dropout between layers), as in ``drnn eval`` and ``drnn predict``.
+    """
+    config = model.config
+    rnn = model.rnn
+    activation = torch.relu if config.nonlinearity == "relu" else torch.tanh
+    layer_input = model.encode(ids.view(1, -1))[:, 0]  # (T, I)
+    traces = []
+    for layer in range(config.num_layers):
+        w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}") for name in _PARAMETERS)
+        w_hh_t = w_hh.t()
+        projected = F.linear(layer_input, w_ih, b_ih)  # (T, G·H), all steps at once as the stack does
+        if config.cell != "gru":
+            projected = projected + b_hh  # the GRU adds b_hh inside the reset product instead
+        h = projected.new_zeros(1, config.hidden_size)
+        c = torch.zeros_like(h)
+        hs, cs, gates = [], [], []
+        for x_gates in projected.unsqueeze(1):  # (1, G·H) per step
+            if config.cell == "lstm":
+                h, c, sig = lstm_step(x_gates, h, c, w_hh_t)
+                cs.append(c)
+                gates.append(sig)
+            elif config.cell == "gru":
+                h, rz = gru_step(x_gates, h, w_hh_t, b_hh)
+                gates.append(rz)
+            else:
+                h = rnn_step(x_gates, h, w_hh_t, activation)
+            hs.append(h)
+        hidden = torch.cat(hs)
+        traces.append(LayerTrace(hidden, torch.cat(cs) if cs else None, _split_gates(config.cell, gates)))
+        layer_input = hidden
+    return traces
+
+
+_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _split_gates(cell: str, steps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not steps:
+        return {}
+    stacked = torch.cat(steps)
+    size = stacked.shape[1] // (4 if cell == "lstm" else 2)
+    # lstm σ blocks [i | f | (g) | o]; gru [r | z]
+    blocks = (0, 1, 3) if cell == "lstm" else (0, 1)
+    return {
+        name: stacked[:, b * size : (b + 1) * size] for name, b in zip(GATE_NAMES[cell], blocks, strict=True)
+    }
+
+
+@torch.no_grad()
+def forward_logits(model: RNNLanguageModel, ids: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The model's own logits ``(T, V)`` for ``ids`` read as one row, ``num_steps`` at a time with the
+    state carried, as ``drnn eval`` reads a row."""
+    state = model.begin_state(1, ids.device)
+    pieces = []
+    for begin in range(0, len(ids), num_steps):
+        logits, state = model(ids[begin : begin + num_steps].view(1, -1), state)
+        pieces.append(logits[:, 0])
+    return torch.cat(pieces)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text features and unit ranking
+
+
+def text_features(chars: list[str]) -> dict[str, torch.Tensor]:
+    """Properties of the text at each character (after reading it), the candidates a unit may track.
+
+    position in word: letters so far in the current word (0 on a non-letter); at a space: 1 on spaces;
+    position in line: characters since the last line break (only for a text with line breaks; d2l
+    preprocessing removes them); inside quotes: after an odd number of
+    ``"``; inside brackets: between an opening and its closing ``(``/``[``/``{``.
+    """
+    word, line, quotes, depth = 0, 0, False, 0
+    rows: dict[str, list[float]] = {name: [] for name in FEATURES}
+    for char in chars:
+        word = word + 1 if char.isalpha() else 0
+        line = 0 if char == "\n" else line + 1
+        quotes ^= char == '"'
+        depth = max(0, depth + (char in "([{") - (char in ")]}"))
+        rows["position in word"].append(word)
+        rows["at a space"].append(float(char == " "))
+        rows["position in line"].append(line)
+        rows["inside quotes"].append(float(quotes or char == '"'))
+        rows["inside brackets"].append(float(depth > 0 or char in ")]}"))
+    if "\n" not in chars:
+        del rows["position in line"]  # one line: it would only count characters since the start
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in rows.items()}
+
+
+FEATURES = ("position in word", "at a space", "position in line", "inside quotes", "inside brackets")
+
+
+@dataclass(frozen=True)
+class UnitScore:
+    """A unit and the text feature its activation follows best (None when no feature varies)."""
+
+    unit: int
+    feature: str | None
+    correlation: float  # Pearson r with that feature; 0 when none applies
+
+
+def score_units(activations: torch.Tensor, features: dict[str, torch.Tensor]) -> list[UnitScore]:
+    """For each unit of ``activations`` ``(T, H)``: the feature with the largest |Pearson r|."""
+    values = activations.double()
+    centred = values - values.mean(0)
+    unit_norm = centred.norm(dim=0)
+    varies = values.amax(0) > values.amin(0)  # exactly: a constant's centred norm may be 1e-17, not 0
+    best = torch.zeros(values.shape[1], dtype=torch.float64)
+    best_name: list[str | None] = [None] * values.shape[1]
+    for name, feature in features.items():
+        f = feature - feature.mean()
+        if float(feature.max()) == float(feature.min()):
+            continue  # constant over this text: nothing to correlate with
+        r = (f @ centred) / (f.norm() * unit_norm).clamp_min(1e-300)
+        r = torch.where(varies, r, torch.zeros_like(r))
+        for unit in torch.nonzero(r.abs() > best.abs()).flatten().tolist():
+            best[unit] = r[unit]
+            best_name[unit] = name
+    return [UnitScore(u, best_name[u], float(best[u])) for u in range(values.shape[1])]
+
+
+def top_units(scores: list[UnitScore], activations: torch.Tensor, k: int) -> list[UnitScore]:
+    """The ``k`` units that follow a text feature best, each varying feature represented in turn.
+
+    Units are grouped by their best feature and ranked by |r| within it; the pick takes the best
+    remaining unit of each feature in turn (features ordered by their best |r|), so a feature many
+    units follow (e.g. "at a space") does not crowd out the others. When no feature varies over the
+    text, the units with the largest variance are taken.
+    """
+    if not any(score.feature for score in scores):
+        variance = activations.double().var(0, correction=0).tolist()
+        return sorted(scores, key=lambda s: -variance[s.unit])[:k]
+    groups: dict[str, list[UnitScore]] = {}
+    for score in sorted(scores, key=lambda s: -abs(s.correlation)):
+        if score.feature:
+            groups.setdefault(score.feature, []).append(score)
+    queues = list(groups.values())  # insertion order = order of each feature's best |r|
+    picked: list[UnitScore] = []
+    while len(picked) < k and any(queues):
+        for queue in queues:
+            if queue and len(picked) < k:
+                picked.append(queue.pop(0))
+    return picked
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole inspection
+
+
+@dataclass(frozen=True)
+class InspectRequest:
+    text: str | None = None
+    file: Path | None = None
+    layer: int | None = None  # 1-based; None: the top layer
+    units: tuple[int, ...] = ()  # explicit units; empty: the ``top`` best-scored ones
+    top: int = 5
+    signal: str = "hidden"  # hidden, or cell (LSTM)
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.file is None):
+            raise DrnnError(
+                "give the text to inspect either as an argument or with --file FILE, "
+                'e.g. drnn inspect "the time traveller"'
+            )
+        if not self.units and self.top < 1:
+            raise DrnnError(f"--top must be >= 1 (got {self.top})")
+        if self.signal not in SIGNALS:
+            raise DrnnError(f"--signal must be hidden or cell (got {self.signal!r})")
+
+
+@dataclass(frozen=True)
+class GateSaturation:
+    """Per unit, the fraction of characters where the gate is below 0.1 (left) or above 0.9 (right)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def summary(self) -> dict:
+        return {
+            "left_mean": float(self.left.mean()),
+            "right_mean": float(self.right.mean()),
+            "left": _rounded(self.left),
+            "right": _rounded(self.right),
+        }
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Everything ``drnn inspect`` shows: rows are characters, in the order the model read them."""
+
+    chars: list[str]
+    unknown: list[bool]  # characters not in the vocabulary, read and scored as <unk>
+    layer: int  # 1-based
+    num_layers: int
+    cell: str
+    signal: str
+    units: list[UnitScore]
+    activations: torch.Tensor  # (K, T): the chosen units' signal
+    surprisal: list[float | None]  # nats; None for the first character (no prediction)
+    top_next: list[list[tuple[str, float]]]  # after character t: the 5 likeliest next characters
+    saturation: list[dict[str, GateSaturation]]  # per layer, per gate
+    source: str
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chars)
+
+    @property
+    def nll(self) -> float:
+        return math.fsum(s for s in self.surprisal if s is not None)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.surprisal) - 1
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.nll, self.tokens)
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.nll / self.tokens / math.log(2)
+
+    def summary(self) -> dict:
+        """The ``drnn inspect --json`` object (README, "Seeing what the network learned")."""
+        return {
+            "text": self.text,
+            "source": self.source,
+            "cell": self.cell,
+            "layer": self.layer,
+            "num_layers": self.num_layers,
+            "signal": self.signal,
+            "units": [
+                {
+                    "unit": score.unit,
+                    "feature": score.feature,
+                    "correlation": round(score.correlation, 4),
+                    "activations": _rounded(row),
+                }
+                for score, row in zip(self.units, self.activations, strict=True)
+            ],
+            "surprisal": self.surprisal,
+            "nll": self.nll,
+            "tokens": self.tokens,
+            "perplexity": self.perplexity,
+            "bits_per_token": self.bits_per_char,
+            "unknown": sum(self.unknown),
+            "top_next": [[[char, round(p, 5)] for char, p in guesses] for guesses in self.top_next],
+            "gate_saturation": [
+                {"layer": index + 1, "gates": {name: sat.summary() for name, sat in gates.items()}}
+                for index, gates in enumerate(self.saturation)
+            ],
+        }
+
+
+def _rounded(values: torch.Tensor, digits: int = 5) -> list[float]:
+    return [round(v, digits) for v in values.tolist()]
+
+
+def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], str]:
+    """The text as the model's characters: a TEXT argument like a ``drnn predict`` prefix (one line),
+    a file like ``drnn eval --data`` reads it (the corpus preprocessing)."""
+    if data.token != "char":
+        raise DrnnError(
+            f"drnn inspect reads character models; this run uses data.token={data.token}; inspect a char run"
+        )
+    if request.file is not None:
+        chars = list(read_token_stream(request.file, data))
+        source = str(request.file)
+    else:
+        chars = list(preprocess_prefix(request.text or "", data.preprocess))
+        source = "argument"
+    if len(chars) < 2:
+        raise DrnnError(
+            f"the text has {len(chars)} character(s) after data.preprocess={data.preprocess}; give at least 2"
+        )
+    if len(chars) > MAX_CHARS:
+        raise DrnnError(
+            f"the text has {len(chars):,} characters after preprocessing, more than drnn inspect's "
+            f"{MAX_CHARS:,}; inspect a shorter excerpt"
+        )
+    return chars, source
+
+
+def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torch.Tensor) -> list[UnitScore]:
+    size = signal.shape[1]
+    if request.units:
+        wrong = [u for u in request.units if not 0 <= u < size]
+        if wrong:
+            raise DrnnError(f"--units {wrong[0]} is out of range: the layer has units 0 to {size - 1}")
+        return [scores[u] for u in request.units]
+    return top_units(scores, signal, min(request.top, size))
+
+
+def inspect_text(
+    model: RNNLanguageModel,
+    vocab: Vocab,
+    data: DataConfig,
+    request: InspectRequest,
+    device: torch.device,
+) -> Inspection:
+    """Read the text with the model and collect what ``drnn inspect`` shows."""
+    config = model.config
+    layer = request.layer if request.layer is not None else config.num_layers
+    if not 1 <= layer <= config.num_layers:
+        raise DrnnError(f"--layer {layer} does not exist: the model has layers 1 to {config.num_layers}")
+    if request.signal == "cell" and config.cell != "lstm":
+        raise DrnnError(f"--signal cell needs an LSTM; this model is a {config.cell}; use --signal hidden")
+    chars, source = read_chars(request, data)
+    ids = encode_tokens("".join(chars), vocab).long().to(device)
+    unknown = [vocab[c] == vocab[UNK] for c in chars]
+
+    was_training = model.training
+    model.eval()
+    try:
+        traces = trace_layers(model, ids)
+        logits = forward_logits(model, ids, data.num_steps).double()
+    finally:
+        model.train(was_training)
+
+    log_probs = torch.log_softmax(logits, dim=-1)
+    # character t is predicted from the logits after character t-1
+    nll = -log_probs[:-1].gather(1, ids[1:, None]).squeeze(1)
+    surprisal: list[float | None] = [None, *nll.cpu().tolist()]
+    probs, indices = log_probs.exp().topk(min(TOP_NEXT, log_probs.shape[1]), dim=-1)
+    names = vocab.idx_to_token
+    top_next = [
+        [(names[i], p) for i, p in zip(row_i, row_p, strict=True)]
+        for row_i, row_p in zip(indices.cpu().tolist(), probs.cpu().tolist(), strict=True)
+    ]
+
+    chosen = traces[layer - 1]
+    signal = (chosen.cell if request.signal == "cell" else chosen.hidden).cpu()
+    assert signal is not None
+    scores = score_units(signal, text_features(chars))
+    units = _choose_units(request, scores, signal)
+    activations = signal[:, [s.unit for s in units]].t().contiguous()
+    saturation = [
+        {
+            name: GateSaturation(
+                (gate < SATURATED_LOW).double().mean(0).cpu(), (gate > SATURATED_HIGH).double().mean(0).cpu()
+            )
+            for name, gate in trace.gates.items()
+        }
+        for trace in traces
+    ]
+    return Inspection(
+        chars,
+        unknown,
+        layer,
+        config.num_layers,
+        config.cell,
+        request.signal,
+        units,
+        activations,
+        surprisal,
+        top_next,
+        saturation,
+        source,
+    )

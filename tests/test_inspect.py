@@ -1,0 +1,367 @@
+"""``drnn inspect``: step-by-step states equal the model's forward, surprisal equals ``drnn eval``, units
+are ranked by a stated rule, and the page, picture and JSON show what the model computed."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import TINY_TREE
+from torch.testing import assert_close
+
+from drnn_cli.commands import TrainRequest, load_model, train_run
+from drnn_cli.config import DataConfig, ModelConfig
+from drnn_cli.errors import DrnnError
+from drnn_cli.evaluate import evaluate
+from drnn_cli.introspect import (
+    MAX_CHARS,
+    InspectRequest,
+    inspect_text,
+    score_units,
+    text_features,
+    top_units,
+    trace_layers,
+)
+from drnn_cli.models import build_model
+from drnn_cli.vocab import Vocab
+
+CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
+TOL = {"atol": 1e-10, "rtol": 1e-10}  # float64 models
+
+
+def small_model(cell: str, nonlinearity: str, impl: str, embedding_dim: int = 0):
+    config = ModelConfig(
+        cell=cell,
+        nonlinearity=nonlinearity,
+        impl=impl,
+        hidden_size=6,
+        num_layers=3,
+        embedding_dim=embedding_dim,
+    )
+    return build_model(11, config, seed=0).double().eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-by-step states
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize(("cell", "nonlinearity"), CELLS, ids=["lstm", "gru", "rnn-tanh", "rnn-relu"])
+def test_step_by_step_states_of_every_layer_equal_the_models_forward_on_each_prefix(cell, nonlinearity, impl):
+    model = small_model(cell, nonlinearity, impl, embedding_dim=4 if cell == "gru" else 0)
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    traces = trace_layers(model, ids)
+    logits, _ = model(ids.view(1, -1), model.begin_state(1, "cpu"))
+    assert_close(model.decoder(traces[-1].hidden), logits[:, 0], **TOL)
+    for t in range(1, len(ids) + 1):  # the final state after each prefix is the state at step t-1
+        _, state = model(ids[:t].view(1, -1), model.begin_state(1, "cpu"))
+        h_n, c_n = state if isinstance(state, tuple) else (state, None)
+        for layer, trace in enumerate(traces):
+            assert_close(trace.hidden[t - 1], h_n[layer, 0], **TOL)
+            if c_n is not None:
+                assert trace.cell is not None
+                assert_close(trace.cell[t - 1], c_n[layer, 0], **TOL)
+    expected = {"lstm": ["input", "forget", "output"], "gru": ["reset", "update"], "rnn": []}[cell]
+    assert list(traces[0].gates) == expected
+    assert all(gate.shape == (len(ids), 6) for gate in traces[1].gates.values())
+
+
+@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gates_are_pytorchs_documented_gates_at_every_step(cell, impl):
+    """σ(W_ih x + b_ih + W_hh h + b_hh), chunked in PyTorch's documented order (i, f, g, o / r, z, n)."""
+    model = small_model(cell, "tanh", impl)
+    ids = torch.tensor([0, 7, 7, 2, 10, 4, 1])
+    traces = trace_layers(model, ids)
+    rnn = model.rnn
+    inputs = F.one_hot(ids, 11).double()
+    previous = torch.cat([torch.zeros(1, 6), traces[0].hidden[:-1]])
+    pre = inputs @ rnn.weight_ih_l0.t() + rnn.bias_ih_l0 + previous @ rnn.weight_hh_l0.t() + rnn.bias_hh_l0
+    if cell == "lstm":
+        i, f, _, o = pre.sigmoid().chunk(4, dim=1)
+        assert_close(traces[0].gates["input"], i, **TOL)
+        assert_close(traces[0].gates["forget"], f, **TOL)
+        assert_close(traces[0].gates["output"], o, **TOL)
+    else:
+        r, z, _ = pre.sigmoid().chunk(3, dim=1)
+        assert_close(traces[0].gates["reset"], r, **TOL)
+        assert_close(traces[0].gates["update"], z, **TOL)
+
+
+def test_gate_saturation_counts_steps_below_0_1_and_above_0_9_per_unit():
+    model = small_model("lstm", "tanh", "torch")
+    with torch.no_grad():  # biases of ±30 pin the gates of layer 1: input shut, forget open
+        model.rnn.bias_ih_l0[:6] = -30.0
+        model.rnn.bias_ih_l0[6:12] = 30.0
+    vocab = Vocab(["<unk>", " ", *"abcdefghi"])
+    result = inspect_text(model, vocab, DataConfig(), InspectRequest(text="abc def gh"), torch.device("cpu"))
+    first = result.saturation[0]
+    assert first["input"].left.tolist() == [1.0] * 6 and first["input"].right.tolist() == [0.0] * 6
+    assert first["forget"].left.tolist() == [0.0] * 6 and first["forget"].right.tolist() == [1.0] * 6
+    gate = trace_layers(model, torch.tensor([vocab[c] for c in "abc def gh"]))[1].gates["output"]
+    assert result.saturation[1]["output"].right.tolist() == (gate > 0.9).double().mean(0).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit ranking
+
+
+def test_text_features_by_hand():
+    features = text_features(list('ab "c" (d)\ne'))
+    assert features["position in word"].tolist() == [1, 2, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1]
+    assert features["at a space"].tolist() == [0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    assert features["position in line"].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1]
+    assert features["inside quotes"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert features["inside brackets"].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0]
+    assert "position in line" not in text_features(list("one line"))
+
+
+def test_units_are_scored_by_their_best_pearson_r_and_picked_one_feature_at_a_time():
+    chars = list("ab cd efg h")
+    features = text_features(chars)
+    position, space = features["position in word"], features["at a space"]
+    ramp = torch.linspace(0, 1, len(chars), dtype=torch.float64)
+    activations = torch.stack(
+        [
+            position,  # r = 1 with position in word
+            -space + 0.2 * ramp,  # -1 < r < 0 with at a space
+            torch.full((len(chars),), 0.3, dtype=torch.float64),  # constant: follows nothing
+            0.5 * position + ramp,  # 0 < r < 1 with position in word
+            2 * space + 2 * ramp,  # follows at a space less closely than unit 1
+        ],
+        dim=1,
+    )
+    scores = score_units(activations, features)
+    assert (scores[0].feature, scores[0].correlation) == ("position in word", pytest.approx(1.0, rel=1e-12))
+    assert [scores[u].feature for u in (1, 3, 4)] == ["at a space", "position in word", "at a space"]
+    assert -1 < scores[1].correlation < -abs(scores[4].correlation) < 0
+    assert scores[2].feature is None and scores[2].correlation == 0.0
+    centred = activations[:, 3] - activations[:, 3].mean()
+    f = position - position.mean()
+    assert scores[3].feature == "position in word"
+    assert scores[3].correlation == pytest.approx(float(centred @ f / (centred.norm() * f.norm())), rel=1e-12)
+    # one unit per feature in turn: position in word (unit 0, r = 1), at a space (unit 1), then unit 3
+    assert [s.unit for s in top_units(scores, activations, 3)] == [0, 1, 3]
+
+
+def test_without_a_varying_feature_the_units_with_the_largest_variance_are_picked():
+    activations = torch.tensor([[0.0, 1.0, 5.0], [0.0, -1.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    scores = score_units(activations, text_features(list("---")))
+    assert all(s.feature is None for s in scores)
+    assert [s.unit for s in top_units(scores, activations, 2)] == [2, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Surprisal and guesses
+
+
+def test_surprisal_is_the_per_character_loss_and_sums_to_drnn_evals_one_row_nll():
+    model = small_model("gru", "tanh", "scratch")
+    vocab = Vocab(["<unk>", " ", *"abcdefghi"])
+    text = "bad cafe fig hide a big dice"
+    data = DataConfig(num_steps=4)
+    result = inspect_text(model, vocab, data, InspectRequest(text=text), torch.device("cpu"))
+    ids = torch.tensor([vocab[c] for c in text])
+    logits, _ = model(ids.view(1, -1), model.begin_state(1, "cpu"))
+    expected = F.cross_entropy(logits[:-1, 0], ids[1:], reduction="none")
+    assert result.surprisal[0] is None
+    assert_close(torch.tensor(result.surprisal[1:], dtype=torch.float64), expected, **TOL)
+    one_row = evaluate(model, ids, batch_size=1, num_steps=4, device=torch.device("cpu"))
+    assert one_row.tokens == result.tokens == len(text) - 1
+    assert result.nll == pytest.approx(one_row.nll, rel=1e-12)
+    top = logits[3, 0].softmax(-1).topk(5)
+    assert [char for char, _ in result.top_next[3]] == vocab.to_tokens(top.indices)
+    assert [p for _, p in result.top_next[3]] == pytest.approx(top.values.tolist(), rel=1e-12)
+
+
+def test_characters_outside_the_vocabulary_are_read_and_scored_as_unk():
+    model = small_model("lstm", "tanh", "torch")
+    vocab = Vocab(["<unk>", " ", *"abcdefghi"])
+    data = DataConfig(preprocess="none")
+    result = inspect_text(model, vocab, data, InspectRequest(text="abzc"), torch.device("cpu"))
+    assert result.unknown == [False, False, True, False]
+    logits, _ = model(torch.tensor([[2, 3, 0, 4]]), model.begin_state(1, "cpu"))
+    assert result.surprisal[2] == pytest.approx(-float(logits[1, 0].detach().log_softmax(-1)[0]), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: eval equality, page, picture, JSON, errors
+
+
+@pytest.fixture(scope="module")
+def one_row_run(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Path:
+    """A tiny scratch GRU trained with batch_size 1: ``drnn eval`` then reads a file as one row."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("one_row_run")
+    tree = {
+        "data": {**TINY_TREE["data"], "path": str(corpus_path), "max_tokens": 1500, "batch_size": 1},
+        "model": {"cell": "gru", "impl": "scratch", "hidden_size": 16, "num_layers": 2},
+        "train": {**TINY_TREE["train"], "epochs": 1},
+    }
+    config = root / "one_row.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    train_run(TrainRequest(config_path=config, run_dir=root / "run"))
+    return root / "run"
+
+
+def test_surprisal_sum_equals_drnn_eval_on_the_same_file(cli, one_row_run: Path, tmp_path: Path):
+    text = tmp_path / "excerpt.txt"
+    text.write_text("The Time Traveller (for so it will be convenient\nto speak of him) was expounding.\n")
+    code, out, err = cli("eval", "--run", str(one_row_run), "--data", str(text), "--json")
+    assert code == 0, err
+    evaluated = json.loads(out)
+    code, out, err = cli("inspect", "--file", str(text), "--run", str(one_row_run), "--json")
+    assert code == 0, err
+    inspected = json.loads(out)
+    assert (
+        inspected["text"] == "the time traveller for so it will be convenientto speak of him was expounding"
+    )
+    assert inspected["tokens"] == evaluated["tokens"] == len(inspected["text"]) - 1
+    eval_nll = evaluated["bits_per_token"] * evaluated["tokens"] * math.log(2)
+    assert inspected["nll"] == pytest.approx(eval_nll, rel=1e-6)
+    assert math.fsum(inspected["surprisal"][1:]) == pytest.approx(eval_nll, rel=1e-6)
+    assert inspected["perplexity"] == pytest.approx(evaluated["perplexity"], rel=1e-6)
+
+
+class SpanCounter(HTMLParser):
+    """Collects the coloured character spans of each ``div.text``, and anything fetched from outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+        self.external: list[str] = []
+        self._span: dict | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        for key in ("src", "href"):
+            if key in attributes:
+                self.external.append(attributes[key])
+        if tag == "link":
+            self.external.append(str(attributes))
+        if tag == "div" and attributes.get("class") == "text":
+            self.rows.append({"unit": attributes.get("data-unit"), "spans": []})
+        if tag == "span" and (attributes.get("class") or "").startswith("ch"):
+            self._span = attributes
+            self.rows[-1]["spans"].append([attributes, ""])
+
+    def handle_data(self, data):
+        if self._span is not None:
+            self.rows[-1]["spans"][-1][1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self._span = None
+
+
+def test_page_has_one_coloured_span_per_character_and_unit_and_the_picture_exists(
+    cli, tiny_run: Path, tmp_path: Path
+):
+    page, picture = tmp_path / "inspect.html", tmp_path / "inspect.png"
+    text = "the time traveller for so it will be convenient to speak of him"
+    code, out, err = cli(
+        "inspect",
+        text,
+        "--run",
+        str(tiny_run),
+        "--units",
+        "3,17,0",
+        "--html",
+        str(page),
+        "--png",
+        str(picture),
+        "--json",
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    parser = SpanCounter()
+    parser.feed(page.read_text(encoding="utf-8"))
+    assert parser.external == []
+    assert [row["unit"] for row in parser.rows] == [None, "3", "17", "0"]  # surprisal, then each unit
+    for row in parser.rows:
+        assert "".join(char for _, char in row["spans"]) == text
+        assert [int(attributes["data-i"]) for attributes, _ in row["spans"]] == list(range(len(text)))
+        assert all(attributes["style"].startswith("background:#") for attributes, _ in row["spans"])
+    # the colours follow the values: the most surprising character is the reddest (least green)
+    worst = max(range(1, len(text)), key=lambda i: summary["surprisal"][i])
+    greens = [int(a["style"][14:16], 16) for a, _ in parser.rows[0]["spans"][1:]]
+    assert greens[worst - 1] == min(greens)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [unit["unit"] for unit in summary["units"]] == [3, 17, 0]
+    assert summary["layer"] == 2 and summary["cell"] == "lstm" and summary["signal"] == "hidden"
+    assert len(summary["surprisal"]) == len(summary["top_next"]) == len(text)
+    assert all(len(unit["activations"]) == len(text) for unit in summary["units"])
+    guesses = summary["top_next"][0]
+    assert len(guesses) == 5 and [p for _, p in guesses] == sorted((p for _, p in guesses), reverse=True)
+    assert [g["layer"] for g in summary["gate_saturation"]] == [1, 2]
+    assert list(summary["gate_saturation"][0]["gates"]) == ["input", "forget", "output"]
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["nll"] / summary["tokens"]), rel=1e-12)
+
+
+def test_top_units_and_the_cell_signal_of_a_trained_lstm(tiny_run: Path):
+    loaded = load_model(tiny_run, None, "cpu")
+    request = InspectRequest(text="the time machine is a story", layer=1, top=4, signal="cell")
+    result = inspect_text(
+        loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
+    )
+    assert len(result.units) == 4 and result.layer == 1
+    assert {unit.feature for unit in result.units} == {"position in word", "at a space"}
+    traces = trace_layers(loaded.model, torch.tensor([loaded.checkpoint.vocab[c] for c in request.text]))
+    assert traces[0].cell is not None
+    assert_close(result.activations, traces[0].cell[:, [u.unit for u in result.units]].t())
+
+
+def test_png_without_matplotlib_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    picture, page = tmp_path / "x.png", tmp_path / "x.html"
+    code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--png", str(picture), "--html", str(page))
+    assert code == 1
+    assert err.startswith("drnn: error: --png needs matplotlib") and err.count("\n") == 1
+    assert not picture.exists() and not page.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "3"], "--layer 3 does not exist: the model has layers 1 to 2"),
+        (["--units", "3,32"], "--units 32 is out of range: the layer has units 0 to 31"),
+        (["--units", "a"], "--units takes comma-separated unit numbers"),
+        (["--top", "0"], "--top must be >= 1"),
+        (["--signal", "gates"], "--signal must be hidden or cell"),
+        (["--file", "x.txt"], "give the text to inspect either as an argument or with --file FILE"),
+    ],
+)
+def test_wrong_options_are_one_line_errors(cli, tiny_run: Path, args: list[str], message: str):
+    code, out, err = cli("inspect", "the time", "--run", str(tiny_run), *args)
+    assert code == 1 and out == ""
+    assert err.startswith("drnn: error: " + message) and err.count("\n") == 1
+
+
+def test_a_text_longer_than_the_cap_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path):
+    long = tmp_path / "long.txt"
+    long.write_text("a" * (MAX_CHARS + 1))
+    code, _, err = cli("inspect", "--file", str(long), "--run", str(tiny_run), "--json")
+    assert code == 1
+    assert err == (
+        f"drnn: error: the text has {MAX_CHARS + 1:,} characters after preprocessing, more than drnn "
+        f"inspect's {MAX_CHARS:,}; inspect a shorter excerpt\n"
+    )
+
+
+def test_cell_signal_needs_an_lstm():
+    model = small_model("gru", "tanh", "torch")
+    with pytest.raises(DrnnError, match="--signal cell needs an LSTM; this model is a gru"):
+        inspect_text(
+            model,
+            Vocab(["<unk>", "a"]),
+            DataConfig(),
+            InspectRequest("aa", signal="cell"),
+            torch.device("cpu"),
+        )

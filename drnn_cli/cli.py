@@ -413,6 +413,15 @@ def eval_command(
     data: Annotated[
         Path | None, typer.Option("--data", help="Evaluate on this text file instead of a split.")
     ] = None,
+    rows: Annotated[
+        int | None,
+        typer.Option(
+            "--rows",
+            min=1,
+            help="Parallel rows the text is read in, each from a zero state (default: the run's "
+            "data.batch_size; 1 = one continuous stream, as drnn inspect reads it).",
+        ),
+    ] = None,
     device: DeviceOption = "auto",
     json_out: JsonOption = False,
 ) -> None:
@@ -426,7 +435,7 @@ def eval_command(
     loaded = load_model(run, checkpoint, device)
     if split is None:
         split = "val" if loaded.checkpoint.config.data.val_fraction > 0 else "train"
-    report = evaluate_split(loaded, split, data)
+    report = evaluate_split(loaded, split, data, rows)
     out.print(
         f"{report.source}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
         f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch})",

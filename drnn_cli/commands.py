@@ -378,8 +378,14 @@ class EvalReport:
         }
 
 
-def evaluate_split(loaded: LoadedModel, split: str, data_file: Path | None = None) -> EvalReport:
-    """Perplexity of the checkpoint on a split of its own corpus, or on ``data_file``."""
+def evaluate_split(
+    loaded: LoadedModel, split: str, data_file: Path | None = None, rows: int | None = None
+) -> EvalReport:
+    """Perplexity of the checkpoint on a split of its own corpus, or on ``data_file``.
+
+    The tokens are read as ``rows`` parallel streams (default: the run's ``data.batch_size``), each
+    starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
+    """
     config = loaded.checkpoint.config
     vocab = loaded.checkpoint.vocab
     if data_file is not None:
@@ -397,7 +403,7 @@ def evaluate_split(loaded: LoadedModel, split: str, data_file: Path | None = Non
         tokens = _split_or_error(dataset.splits, split, config)
         source = f"{dataset.path} [{split}]"
     result = evaluate(
-        loaded.model, tokens, config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
+        loaded.model, tokens, rows or config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
     )
     return EvalReport(split if data_file is None else "file", loaded.checkpoint.epoch, result, source)
 

@@ -211,6 +211,25 @@ def one_row_run(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> 
     return root / "run"
 
 
+def test_surprisal_sum_equals_drnn_eval_with_one_row_on_any_run(cli, tiny_run: Path, tmp_path: Path):
+    """``drnn eval --rows 1`` reads a file as one stream, as inspect does, whatever the run's batch size."""
+    text = tmp_path / "excerpt.txt"
+    text.write_text(
+        "The Time Traveller (for so it will be convenient\nto speak of him) was expounding.\n" * 3
+    )
+    code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", "1", "--json")
+    assert code == 0, err
+    evaluated = json.loads(out)
+    code, out, err = cli("inspect", "--file", str(text), "--run", str(tiny_run), "--json")
+    assert code == 0, err
+    inspected = json.loads(out)
+    eval_nll = evaluated["bits_per_token"] * evaluated["tokens"] * math.log(2)
+    assert inspected["tokens"] == evaluated["tokens"]
+    assert inspected["nll"] == pytest.approx(eval_nll, rel=1e-6)
+    code, out, _ = cli("eval", "--run", str(tiny_run), "--data", str(text), "--json")  # 8 rows, 8 zero states
+    assert json.loads(out)["perplexity"] != pytest.approx(evaluated["perplexity"], rel=1e-6)
+
+
 def test_surprisal_sum_equals_drnn_eval_on_the_same_file(cli, one_row_run: Path, tmp_path: Path):
     text = tmp_path / "excerpt.txt"
     text.write_text("The Time Traveller (for so it will be convenient\nto speak of him) was expounding.\n")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,9 +29,10 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters, detach_state
+from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters
 from drnn_cli.plot import write_perplexity_plot
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
+from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 METRICS = "metrics.jsonl"
@@ -42,21 +42,6 @@ PLOT = "perplexity.png"
 
 # ---------------------------------------------------------------------------------------------
 # Pieces of one step
-
-
-def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """d2l's ``grad_clipping``: if ‖g‖ > θ over all parameters together, scale every g by θ/‖g‖.
-
-    Written without a host sync (no ``if`` on a device value): the factor min(1, θ/‖g‖) is exactly
-    1 when the norm is within bounds, so the arithmetic matches d2l's branch.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-    factor = (max_norm / norm).clamp(max=1.0)
-    torch._foreach_mul_(grads, factor.to(grads[0].dtype))
-    return norm
 
 
 def lr_factor(epoch: int, config: TrainConfig) -> float:
@@ -205,6 +190,9 @@ class Trainer:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size)
         if config.train.precision == "fp16" and device.type == "cpu":
             raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
+        cuda_graph = use_cuda_graph(
+            config.train.cuda_graph, device, config.train.precision, self.dist.enabled
+        )
 
         self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
         self.model.to(device)
@@ -217,7 +205,6 @@ class Trainer:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config.train)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.train_tokens = dataset.splits.train.to(device)
@@ -230,6 +217,21 @@ class Trainer:
         self.progress = _EpochProgress()
         if resume is not None:
             self._restore(resume)
+        if cuda_graph:
+            make_capturable(self.optimizer)  # after _restore: a loaded state dict resets the flag
+        self.static_step = StaticStep(
+            self.network,
+            self.model,
+            self.optimizer,
+            self.scaler,
+            config.train.clip,
+            config.train.precision,
+            device,
+            batch_rows=data.batch_size // self.dist.world_size,
+            num_steps=data.num_steps,
+            carries_state=data.sampling == "sequential",
+            graph=cuda_graph,
+        )
         self._stop_signal: int | None = None
         self._last_plot = 0.0
         self._plot_ok = True
@@ -371,20 +373,6 @@ class Trainer:
 
     # ----- the loop --------------------------------------------------------------------------
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        with autocast(self.device, self.config.train.precision):
-            logits, state = self.network(x, state)
-        # Logits are (T, B, V), so targets are read column-wise: d2l's y = Y.T.reshape(-1).
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.t().reshape(-1))
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.config.train.clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            clip_gradients(self.parameters, self.config.train.clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach(), state
-
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Train one epoch; returns (train perplexity, tokens per second)."""
         data = self.config.data
@@ -404,7 +392,7 @@ class Trainer:
             progress.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             progress.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         assert progress.first_bad_step is not None
-        state = progress.state
+        self.static_step.begin_epoch(progress.state if batches.carries_state else None)
         if self.dist.enabled and progress.step == 0:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
             torch.manual_seed((self.config.train.seed * 1_000_003 + epoch) * 1_009 + self.dist.rank)
@@ -413,11 +401,7 @@ class Trainer:
         for step, (x, y) in enumerate(batches):
             if step < progress.step:
                 continue  # resuming mid-epoch: these minibatches were trained before the stop
-            if state is None or not batches.carries_state:
-                state = self.model.begin_state(x.shape[0], self.device)
-            else:
-                state = detach_state(state)
-            loss, state = self._step(x, y, state)
+            loss = self.static_step(x, y)  # the state carry happens inside the step
             progress.loss_sum += loss.double() * y.numel()
             progress.first_bad_step = torch.where(
                 (progress.first_bad_step < 0) & ~torch.isfinite(loss), step, progress.first_bad_step
@@ -426,7 +410,7 @@ class Trainer:
             progress.step = step + 1
             if self._stop_requested(progress.step):
                 self._check_finite(epoch, progress)
-                progress.state = detach_state(state) if batches.carries_state else None
+                progress.state = self.static_step.carried_state() if batches.carries_state else None
                 progress.elapsed = time.perf_counter() - started
                 self._interrupt(epoch, progress)
         # One all-reduce and one host read per epoch: loss, token count, and how many ranks saw a

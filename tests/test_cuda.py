@@ -183,9 +183,13 @@ def test_cuda_graph_replays_what_the_eager_step_computes(
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_dropout_masks_differ_between_replays(corpus_path: Path) -> None:
-    """The same minibatch five times with a negligible rate: only fresh masks can change the loss."""
-    config = tiny_config(corpus_path, "data.sampling=random", "model.dropout=0.5", "model.output_dropout=0.5")
+@pytest.mark.parametrize("dropout", ["model.dropout=0.5", "model.output_dropout=0.5"])
+def test_dropout_masks_differ_between_replays(corpus_path: Path, dropout: str) -> None:
+    """The same minibatch again and again with a negligible rate: only fresh masks change the loss.
+
+    model.dropout is cuDNN's own dropout between the layers; model.output_dropout is nn.Dropout.
+    """
+    config = tiny_config(corpus_path, "data.sampling=random", dropout)
     config.train.lr = 1e-9
     step, _ = static_step(config, CUDA, graph=True)
     x, y = batches(config, CUDA, 1)[0]

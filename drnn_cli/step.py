@@ -207,6 +207,7 @@ class StaticStep:
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
             loss = self.body()
         current.wait_stream(side)
+        loss.record_stream(current)  # read on the main stream: not to be reused before that
         return loss
 
     def _capture(self, lrs: tuple[float, ...]) -> None:
@@ -218,6 +219,13 @@ class StaticStep:
         self._captured = self._captured_loss = None
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loss = self.body()
+        try:
+            with torch.cuda.graph(graph):
+                loss = self.body()
+        except RuntimeError as error:  # unverified on real GPUs so far: say so in one line, no traceback
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            raise DrnnError(
+                f"train.cuda_graph on: capturing the training step failed ({first}); "
+                "set train.cuda_graph to off and report this"
+            ) from None
         self._captured, self._captured_lrs, self._captured_loss = graph, lrs, loss

@@ -149,6 +149,10 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0, description="seed for initialisation, batching and dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")
+    cuda_graph: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="replay each training step as one CUDA graph; auto = off for now (not yet verified on a GPU)",
+    )
     sample_every: int = Field(10, ge=0, description="greedy samples every N epochs (0 = only at the end)")
     sample_prefixes: list[str] = Field(
         default_factory=lambda: ["time traveller", "traveller"], description="prefixes sampled while training"
@@ -158,6 +162,12 @@ class TrainConfig(_Section):
     patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0 = off)")
     checkpoint_every: int = Field(10, ge=1, description="write the 'last' checkpoint every N epochs")
     log_every: int = Field(0, ge=0, description="plain-text progress line every N epochs (0 = auto)")
+
+    @field_validator("cuda_graph", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        """YAML reads a bare on/off as true/false: take them as the words they were."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("sample_prefixes")
     @classmethod

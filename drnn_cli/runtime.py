@@ -31,11 +31,18 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass: bf16/fp16 autocast, or nothing for fp32."""
+def autocast(
+    device: torch.device, precision: str, cache_enabled: bool = True
+) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass: bf16/fp16 autocast, or nothing for fp32.
+
+    ``cache_enabled=False`` inside a CUDA graph capture: cached weight casts must not outlive it.
+    """
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(
+        device_type=device.type, dtype=AUTOCAST_DTYPES[precision], cache_enabled=cache_enabled
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -51,6 +58,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun: a process group (and DDP) even with one process
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +66,7 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
 
 def launched_rank() -> int:
@@ -67,9 +75,14 @@ def launched_rank() -> int:
 
 
 def init_distributed(device_choice: str) -> DistContext:
-    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU).
+
+    ``torchrun --nproc_per_node 1`` joins one too (torchrun sets TORCHELASTIC_RUN_ID), so a single
+    GPU runs the very path a multi-GPU job takes: NCCL, DistributedDataParallel, the stop votes.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    if world_size <= 1 and not launched:
         return DistContext()
     rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,7 +91,7 @@ def init_distributed(device_choice: str) -> DistContext:
         if use_cuda:
             torch.cuda.set_device(local_rank)
         torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, launched=launched)
 
 
 def shutdown_distributed(context: DistContext) -> None:

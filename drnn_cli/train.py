@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,16 +30,10 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import (
-    RNNLanguageModel,
-    State,
-    activation_penalty,
-    build_model,
-    count_parameters,
-    detach_state,
-)
+from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters
 from drnn_cli.plot import write_perplexity_plot
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
+from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 METRICS = "metrics.jsonl"
@@ -50,21 +43,6 @@ PLOT = "perplexity.png"
 
 # ---------------------------------------------------------------------------------------------
 # Pieces of one step
-
-
-def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """d2l's ``grad_clipping``: if ‖g‖ > θ over all parameters together, scale every g by θ/‖g‖.
-
-    Written without a host sync (no ``if`` on a device value): the factor min(1, θ/‖g‖) is exactly
-    1 when the norm is within bounds, so the arithmetic matches d2l's branch.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-    factor = (max_norm / norm).clamp(max=1.0)
-    torch._foreach_mul_(grads, factor.to(grads[0].dtype))
-    return norm
 
 
 def lr_factor(epoch: int, config: TrainConfig) -> float:
@@ -213,6 +191,9 @@ class Trainer:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size)
         if config.train.precision == "fp16" and device.type == "cpu":
             raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
+        cuda_graph = use_cuda_graph(
+            config.train.cuda_graph, device, config.train.precision, self.dist.enabled
+        )
 
         self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
         self.model.to(device)
@@ -229,20 +210,35 @@ class Trainer:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config.train)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.train_tokens = dataset.splits.train.to(device)
         self.val_tokens = dataset.splits.val.to(device)
 
         self.start_epoch = 0
-        self._epoch = 0
         self.best_val_ppl: float | None = None
         self.bad_evals = 0
         self.elapsed = 0.0
         self.progress = _EpochProgress()
         if resume is not None:
             self._restore(resume)
+        if cuda_graph:
+            make_capturable(self.optimizer)  # after _restore: a loaded state dict resets the flag
+        self.static_step = StaticStep(
+            self.network,
+            self.model,
+            self.optimizer,
+            self.scaler,
+            config.train.clip,
+            config.train.precision,
+            device,
+            batch_rows=data.batch_size // self.dist.world_size,
+            num_steps=data.num_steps,
+            carries_state=data.sampling == "sequential",
+            graph=cuda_graph,
+            ar=config.train.ar,
+            tar=config.train.tar,
+        )
         self._stop_signal: int | None = None
         self._last_plot = 0.0
         self._plot_ok = True
@@ -399,29 +395,6 @@ class Trainer:
 
     # ----- the loop --------------------------------------------------------------------------
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        train = self.config.train
-        with autocast(self.device, train.precision):
-            if train.ar or train.tar:
-                logits, state, raw, dropped = self.network(x, state, with_hidden=True)
-                penalty = activation_penalty(raw, dropped, train.ar, train.tar)
-            else:
-                logits, state = self.network(x, state)
-                penalty = None
-        # Logits are (T, B, V), so targets are read column-wise: d2l's y = Y.T.reshape(-1).
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.t().reshape(-1))
-        objective = loss if penalty is None else loss + penalty  # perplexity reports the loss alone
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(objective).backward()
-        if self.config.train.clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            clip_gradients(self.parameters, self.config.train.clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.average is not None:
-            self.average.update(self.model, active=self._epoch >= train.average_start)
-        return loss.detach(), state
-
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Train one epoch; returns (train perplexity, tokens per second)."""
         data = self.config.data
@@ -436,13 +409,12 @@ class Trainer:
             epoch_generator(self.config.train.seed, epoch),
             self.shard,
         )
-        self._epoch = epoch
         progress, self.progress = self.progress, _EpochProgress()
         if progress.loss_sum is None:
             progress.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             progress.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         assert progress.first_bad_step is not None
-        state = progress.state
+        self.static_step.begin_epoch(progress.state if batches.carries_state else None)
         if self.dist.enabled and progress.step == 0:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
             torch.manual_seed((self.config.train.seed * 1_000_003 + epoch) * 1_009 + self.dist.rank)
@@ -451,11 +423,9 @@ class Trainer:
         for step, (x, y) in enumerate(batches):
             if step < progress.step:
                 continue  # resuming mid-epoch: these minibatches were trained before the stop
-            if state is None or not batches.carries_state:
-                state = self.model.begin_state(x.shape[0], self.device)
-            else:
-                state = detach_state(state)
-            loss, state = self._step(x, y, state)
+            loss = self.static_step(x, y)  # the state carry happens inside the step
+            if self.average is not None:
+                self.average.update(self.model, active=epoch >= self.config.train.average_start)
             progress.loss_sum += loss.double() * y.numel()
             progress.first_bad_step = torch.where(
                 (progress.first_bad_step < 0) & ~torch.isfinite(loss), step, progress.first_bad_step
@@ -464,7 +434,7 @@ class Trainer:
             progress.step = step + 1
             if self._stop_requested(progress.step):
                 self._check_finite(epoch, progress)
-                progress.state = detach_state(state) if batches.carries_state else None
+                progress.state = self.static_step.carried_state() if batches.carries_state else None
                 progress.elapsed = time.perf_counter() - started
                 self._interrupt(epoch, progress)
         # One all-reduce and one host read per epoch: loss, token count, and how many ranks saw a

@@ -10,6 +10,12 @@ side and their ratio drnn/reference are reported::
 
     python scripts/bench.py --device cpu --configs lstm-seed --rounds 2 --epochs-per-round 2
     python scripts/bench.py --device cuda --json            # every configuration on a GPU
+    python scripts/bench.py --device cuda --dry-run         # the plan, without running (no GPU needed)
+
+On a GPU drnn runs in two modes, each its own Trainer from the same weights: ``eager`` (the step
+launched kernel by kernel) and ``graph`` (``train.cuda_graph: on``, the step replayed as one CUDA
+graph); ``--modes`` picks. Each mode's tokens/s and ratio to the reference are reported under
+``modes``; the top-level ``drnn_*`` figures and ``ratio`` are the first mode's.
 
 Data scale (``--data-scale [MB]``, default 100). A synthetic file of that many MiB is built by
 repeating the Time Machine in a temporary directory; a fresh subprocess per preprocessing mode then
@@ -92,6 +98,15 @@ BENCHMARKS: dict[str, BenchConfig] = {
         BenchConfig("lstm-seed", "2×256 LSTM, B32 T35, first 10k chars, SGD lr 2 (d2l §9.3)"),
         BenchConfig("gru-seed", "2×256 GRU, seed setting", ("model.cell=gru",)),
         BenchConfig("rnn-seed", "2×256 tanh RNN, seed setting, lr 1", ("model.cell=rnn", "train.lr=1.0")),
+        BenchConfig("lstm-seed-bf16", "lstm-seed under bf16 autocast", ("train.precision=bf16",)),
+        BenchConfig(
+            "gru-seed-bf16", "gru-seed under bf16 autocast", ("model.cell=gru", "train.precision=bf16")
+        ),
+        BenchConfig(
+            "rnn-seed-bf16",
+            "rnn-seed under bf16 autocast",
+            ("model.cell=rnn", "train.lr=1.0", "train.precision=bf16"),
+        ),
         BenchConfig("scratch-lstm-seed", "lstm-seed with impl: scratch", ("model.impl=scratch",)),
         BenchConfig(
             "scratch-gru-seed", "gru-seed with impl: scratch", ("model.cell=gru", "model.impl=scratch")
@@ -257,9 +272,14 @@ def epoch_batches(tokens: torch.Tensor, config: Config, epoch: int) -> EpochBatc
     return training_batches(tokens, data.sampling, data.batch_size, data.num_steps, generator)
 
 
-def make_sides(config: Config, dataset: Dataset, device: torch.device, run_dir: Path) -> tuple[Side, Side]:
-    """drnn's ``Trainer`` and the reference loop, from the same seed, over the same minibatches."""
-    trainer = Trainer(config, dataset, run_dir, device)
+MODES = {"eager": "off", "graph": "on"}  # drnn mode → train.cuda_graph
+
+
+def drnn_side(config: Config, dataset: Dataset, device: torch.device, run_dir: Path, mode: str) -> Side:
+    """drnn's ``Trainer`` with the step run eagerly or replayed as a CUDA graph."""
+    config = config.model_copy(deep=True)
+    config.train.cuda_graph = MODES[mode]  # type: ignore[assignment]
+    trainer = Trainer(config, dataset, run_dir / mode, device)
     data = config.data
 
     def drnn_epoch(epoch: int) -> tuple[float, int]:
@@ -267,6 +287,15 @@ def make_sides(config: Config, dataset: Dataset, device: torch.device, run_dir: 
         ppl, _ = trainer.train_epoch(epoch)
         n = len(epoch_batches(dataset.splits.train, config, epoch)) * data.batch_size * data.num_steps
         return ppl, n
+
+    return Side(f"drnn-{mode}", drnn_epoch)
+
+
+def make_sides(
+    config: Config, dataset: Dataset, device: torch.device, run_dir: Path, modes: list[str]
+) -> tuple[list[Side], Side]:
+    """drnn's ``Trainer`` (one per mode) and the reference loop, from the same seed, same minibatches."""
+    drnn_sides = [drnn_side(config, dataset, device, run_dir, mode) for mode in modes]
 
     torch.manual_seed(config.train.seed)
     net = ReferenceModel(
@@ -280,7 +309,7 @@ def make_sides(config: Config, dataset: Dataset, device: torch.device, run_dir: 
         batches = epoch_batches(train_cpu, config, epoch)
         return reference_epoch(net, batches, optimizer, device, config.train.clip, config.train.precision)
 
-    return Side("drnn", drnn_epoch), Side("reference", reference)
+    return drnn_sides, Side("reference", reference)
 
 
 def config_summary(config: Config, dataset: Dataset) -> dict[str, Any]:
@@ -311,33 +340,41 @@ def bench_config(
 ) -> dict[str, Any]:
     """Warm both sides up, then time them in alternating rounds; the per-config JSON entry."""
     check_reference_supports(config)
+    modes = drnn_modes(args, device)
     with tempfile.TemporaryDirectory(prefix="drnn-bench-") as run_dir:
-        drnn, reference = make_sides(config, dataset, device, Path(run_dir))
-        sides = (drnn, reference)
-        for side in sides:  # both sides warm up on the same epochs; the last one calibrates
+        drnn_sides, reference = make_sides(config, dataset, device, Path(run_dir), modes)
+        sides = [*drnn_sides, reference]
+        for side in sides:  # every side warms up on the same epochs; the last one calibrates
             for warmup_epoch in range(args.warmup_epochs):
                 side.warmup_epoch_s, _ = time_epochs(side, [warmup_epoch], device)
         epoch = args.warmup_epochs
         per_round = args.epochs_per_round
-        if per_round is None:  # long enough that the faster side runs ~round_seconds per round
-            fastest = max(min(drnn.warmup_epoch_s, reference.warmup_epoch_s), 1e-6)
+        if per_round is None:  # long enough that the fastest side runs ~round_seconds per round
+            fastest = max(min(side.warmup_epoch_s for side in sides), 1e-6)
             per_round = max(1, min(10_000, math.ceil(args.round_seconds / fastest)))
-        log(
-            f"{bench.name}: warm-up epoch drnn {drnn.warmup_epoch_s:.3f} s, reference "
-            f"{reference.warmup_epoch_s:.3f} s; {args.rounds} rounds × {per_round} epochs"
-        )
+        warmups = ", ".join(f"{side.name} {side.warmup_epoch_s:.3f} s" for side in sides)
+        log(f"{bench.name}: warm-up epoch {warmups}; {args.rounds} rounds × {per_round} epochs")
         for round_index in range(args.rounds):
             epochs = range(epoch, epoch + per_round)
-            order = sides if round_index % 2 == 0 else sides[::-1]
-            for side in order:
+            shift = round_index % len(sides)  # rotate who goes first: drift hits every side alike
+            for side in sides[shift:] + sides[:shift]:
                 seconds, tokens = time_epochs(side, epochs, device)
                 side.rates.append(tokens / seconds)
             epoch += per_round
-            log(
-                f"{bench.name}: round {round_index + 1}: drnn {drnn.rates[-1]:,.0f} tokens/s, "
-                f"reference {reference.rates[-1]:,.0f} tokens/s"
-            )
-    drnn_rate, reference_rate = statistics.median(drnn.rates), statistics.median(reference.rates)
+            rates = ", ".join(f"{side.name} {side.rates[-1]:,.0f}" for side in sides)
+            log(f"{bench.name}: round {round_index + 1}: {rates} tokens/s")
+    reference_rate = statistics.median(reference.rates)
+    mode_figures = {
+        mode: {
+            "tokens_per_s": statistics.median(side.rates),
+            "ratio": statistics.median(side.rates) / reference_rate,
+            "rounds": side.rates,
+            "train_ppl": side.last_ppl,
+        }
+        for mode, side in zip(modes, drnn_sides, strict=True)
+    }
+    drnn = drnn_sides[0]
+    drnn_rate = statistics.median(drnn.rates)
     return {
         "name": bench.name,
         "description": bench.description,
@@ -354,7 +391,19 @@ def bench_config(
         "reference_rounds": reference.rates,
         "drnn_train_ppl": drnn.last_ppl,
         "reference_train_ppl": reference.last_ppl,
+        "modes": mode_figures,
     }
+
+
+def drnn_modes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """``--modes``, or eager and graph on a GPU, eager alone on a CPU (a CUDA graph needs CUDA)."""
+    modes = args.modes or (["eager", "graph"] if device.type == "cuda" else ["eager"])
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise DrnnError(f"unknown --modes {', '.join(unknown)}; choose from: {', '.join(MODES)}")
+    if device.type != "cuda" and "graph" in modes:
+        raise DrnnError("--modes graph needs a CUDA device (train.cuda_graph captures CUDA work only)")
+    return modes
 
 
 def skip_reason(
@@ -381,14 +430,35 @@ def corpus_overrides(args: argparse.Namespace) -> list[str]:
     return [f"data.path={json.dumps(str(path))}"] if path else []
 
 
-def run_training_benchmarks(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def chosen_configs(args: argparse.Namespace, device: torch.device) -> list[str]:
     names = args.configs or default_configs(device)
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise DrnnError(f"unknown --configs {', '.join(unknown)}; choose from: {', '.join(BENCHMARKS)}")
+    return names
+
+
+def training_plan(args: argparse.Namespace) -> list[str]:
+    """What a run would do on ``--device`` (taken as named, not probed: the plan needs no GPU)."""
+    wanted = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(wanted)
+    modes = drnn_modes(args, device)
+    lines = [f"training benchmark on {wanted}: drnn modes {', '.join(modes)} against the reference loop"]
+    for name in chosen_configs(args, device):
+        bench = BENCHMARKS[name]
+        config = build_config(SEED_TREE, [*bench.overrides, *args.set])
+        check_reference_supports(config)
+        reason = skip_reason(bench, config, device, args)
+        what = f"skipped ({reason})" if reason else f"reference, {', '.join(f'drnn-{m}' for m in modes)}"
+        lines.append(f"  {name:<18} {bench.description}: {what}")
+    return lines
+
+
+def run_training_benchmarks(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = chosen_configs(args, device)
     datasets: dict[str, Dataset] = {}
     results: dict[str, Any] = {}
     for name in names:
@@ -526,17 +596,18 @@ def render(report: dict[str, Any], to_stderr: bool) -> None:
                 status = "skipped" if "skipped" in entry else "FAILED"
                 rows.append([name, status, entry.get("skipped") or entry["error"], "", "", "", ""])
                 continue
-            rows.append(
-                [
-                    name,
-                    f"{entry['drnn_tokens_per_s']:,.0f}",
-                    f"{entry['reference_tokens_per_s']:,.0f}",
-                    f"{entry['ratio']:.2f}×",
-                    f"{entry['drnn_train_ppl']:.2f}",
-                    f"{entry['reference_train_ppl']:.2f}",
-                    f"{entry['rounds']}×{entry['epochs_per_round']}",
-                ]
-            )
+            for mode, figures in entry["modes"].items():
+                rows.append(
+                    [
+                        f"{name} ({mode})",
+                        f"{figures['tokens_per_s']:,.0f}",
+                        f"{entry['reference_tokens_per_s']:,.0f}",
+                        f"{figures['ratio']:.2f}×",
+                        f"{figures['train_ppl']:.2f}",
+                        f"{entry['reference_train_ppl']:.2f}",
+                        f"{entry['rounds']}×{entry['epochs_per_round']}",
+                    ]
+                )
     else:
         target = report["target"]
         title = (
@@ -597,6 +668,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from: {', '.join(BENCHMARKS)} (default: all; on a CPU the seed-size ones)",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--modes",
+        type=lambda text: [mode.strip() for mode in text.split(",") if mode.strip()],
+        default=None,
+        help="drnn modes, from: eager, graph (default: both on a GPU, eager on a CPU)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the training plan and exit")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per side (median reported)")
     parser.add_argument(
         "--epochs-per-round", type=int, default=None, help="epochs per round (default: from --round-seconds)"
@@ -654,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
+        if args.dry_run:
+            print("\n".join(training_plan(args)))
+            return 0
         if args.data_scale is not None:
             report = run_data_benchmark(args, log)
         else:

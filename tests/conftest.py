@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "timemachine.txt"
+# DRNN_TEST_CORPUS points elsewhere where ../shared is absent (scripts/gpu_check.py on a GPU machine).
+CORPUS = Path(os.environ.get("DRNN_TEST_CORPUS") or REPO.parent / "shared" / "data" / "timemachine.txt")
 TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
 

@@ -41,6 +41,25 @@ def test_training_benchmark_reports_both_loops_and_their_ratio(bench, corpus_pat
     # Same initial weights, same minibatches, same arithmetic: the two loops agree on perplexity.
     assert entry["drnn_train_ppl"] == pytest.approx(entry["reference_train_ppl"], rel=1e-4)
     assert "GPU" in report["configs"]["lstm-b1024-bf16"]["skipped"]
+    # On a CPU drnn runs eagerly only; the top-level figures are that mode's.
+    assert list(entry["modes"]) == ["eager"]
+    assert entry["modes"]["eager"]["ratio"] == entry["ratio"]
+    assert entry["modes"]["eager"]["tokens_per_s"] == entry["drnn_tokens_per_s"]
+
+
+def test_the_gpu_plan_lists_every_configuration_in_both_modes_without_a_gpu(bench, capsys):
+    assert bench.main(["--device", "cuda", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "training benchmark on cuda: drnn modes eager, graph against the reference loop"
+    planned = {line.split()[0]: line for line in lines[1:]}
+    assert set(planned) == set(bench.BENCHMARKS)
+    for name in ("lstm-seed", "gru-seed-bf16", "rnn-seed-bf16", "scratch-lstm-seed", "lstm-b1024-bf16"):
+        assert planned[name].endswith("reference, drnn-eager, drnn-graph"), planned[name]
+
+
+def test_a_cuda_graph_on_a_cpu_is_refused(bench, capsys):
+    assert bench.main(["--device", "cpu", "--modes", "graph", "--dry-run"]) != 0
+    assert "--modes graph needs a CUDA device" in capsys.readouterr().err
 
 
 def test_unknown_configuration_is_one_line_error(bench, capsys):

@@ -67,6 +67,7 @@ INVALID = {
     "train.seed": (-1, "greater than or equal to 0"),
     "train.device": ("tpu", "'auto', 'cpu' or 'cuda'"),
     "train.precision": ("fp8", "'fp32', 'bf16' or 'fp16'"),
+    "train.cuda_graph": ("sometimes", "'auto', 'on' or 'off'"),
     "train.sample_every": (-1, "greater than or equal to 0"),
     "train.sample_prefixes": ([""], "non-empty"),
     "train.sample_chars": (-1, "greater than or equal to 0"),

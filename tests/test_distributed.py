@@ -186,3 +186,26 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_a_one_line_error(
     assert f"{WORLD_SIZE} processes" in line, line
     assert "internal error" not in err
     assert not (job.run_dir / "last.safetensors").exists()
+
+
+def test_torchrun_with_one_process_joins_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torchrun --nproc_per_node 1`` takes the distributed path (gloo here, NCCL on a GPU)."""
+    import socket
+
+    from drnn_cli.runtime import init_distributed, shutdown_distributed
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
+    for name, value in {**environment, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    context = init_distributed("cpu")
+    try:
+        assert (context.world_size, context.rank, context.launched, context.enabled) == (1, 0, True, True)
+        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    finally:
+        shutdown_distributed(context)
+    assert not torch.distributed.is_initialized()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert init_distributed("cpu").enabled is False  # a plain `python -m drnn_cli`: no process group

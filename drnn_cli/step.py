@@ -1,0 +1,242 @@
+"""One training step on preallocated ("static") buffers: run eagerly, or captured once as a CUDA graph.
+
+The step (README "Training"): mean cross-entropy over the B·T targets, backward, clip the global
+gradient norm to ``train.clip``, optimizer step, then the state carry: with sequential sampling the
+final state is copied (detached) into the input-state buffer the next minibatch starts from; with
+random sampling that buffer is zeroed before every minibatch. Every tensor the step reads lives at a
+fixed address, and nothing in it reads a device value on the host, so the same Python code can be
+replayed as one CUDA graph (``train.cuda_graph``): launching hundreds of small kernels per minibatch
+is what bounds a small recurrent model on a GPU, and a graph launches them all at once.
+
+Run eagerly, it does exactly the arithmetic of a plain loop that passes a freshly detached state to
+every minibatch (tests/test_step.py proves the losses and parameters bit-identical on the CPU).
+
+Under a graph the host never runs the step's Python again, so whatever the step bakes in must not
+change between replays: the learning rates (the graph is captured again when the schedule changes
+them), the inputs' addresses (minibatches are copied into the static buffers), the optimizer's step
+counters (Adam/AdamW keep them on the device with ``capturable=True``). Dropout masks still differ
+from replay to replay: PyTorch advances the CUDA generator's offset at every replay.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drnn_cli.errors import DrnnError
+from drnn_cli.models import RNNLanguageModel, State, activation_penalty
+from drnn_cli.runtime import autocast
+
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture: optimizer state, cuDNN workspaces
+
+
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """d2l's ``grad_clipping``: if ‖g‖ > θ over all parameters together, scale every g by θ/‖g‖.
+
+    Written without a host sync (no ``if`` on a device value): the factor min(1, θ/‖g‖) is exactly
+    1 when the norm is within bounds, so the arithmetic matches d2l's branch. (PyTorch's
+    ``clip_grads_with_norm_`` divides by ‖g‖ + 1e-6 instead, which is not d2l's factor.)
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads).float()
+    factor = (max_norm / norm).clamp(max=1.0)
+    torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+    return norm
+
+
+def use_cuda_graph(choice: str, device: torch.device, precision: str, distributed: bool) -> bool:
+    """Whether ``train.cuda_graph`` captures the step; ``on`` where it cannot is a one-line error.
+
+    ``auto`` means off for now: the capture has not yet been run on a GPU (README "Using a GPU").
+    """
+    if choice != "on":
+        return False
+    if device.type != "cuda":
+        raise DrnnError(
+            f"train.cuda_graph on needs a CUDA device, and this run is on {device.type}; "
+            "set train.cuda_graph to auto or off"
+        )
+    if distributed:
+        raise DrnnError(
+            "train.cuda_graph on is not supported under torchrun: DistributedDataParallel's gradient "
+            "all-reduce is not captured; set train.cuda_graph to off"
+        )
+    if precision == "fp16":
+        raise DrnnError(
+            "train.cuda_graph on cannot capture fp16 training: its gradient scaler reads the overflow check "
+            "on the host at every step; use train.precision bf16 (no scaler) or train.cuda_graph off"
+        )
+    return True
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Adam/AdamW keep their step counters on the device, so a replayed update advances them.
+
+    Also after ``load_state_dict`` of a state saved without it: the counters move to the device.
+    SGD has no counter and needs nothing.
+    """
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(dtype=torch.float32, device=param.device)
+
+
+class StaticStep:
+    """The training step over buffers that keep their addresses: inputs, targets, carried state.
+
+    ``step(x, y)`` copies a minibatch into the buffers, runs the step (eagerly, or by replaying the
+    captured graph) and returns the step's mean loss, a device tensor (under a graph, the same
+    tensor every time: read it before the next step).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        model: RNNLanguageModel,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        clip: float,
+        precision: str,
+        device: torch.device,
+        batch_rows: int,
+        num_steps: int,
+        carries_state: bool,
+        graph: bool = False,
+        ar: float = 0.0,
+        tar: float = 0.0,
+    ) -> None:
+        self.network = network  # the model, or its DistributedDataParallel wrapper
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.clip = clip
+        self.precision = precision
+        self.device = device
+        self.carries_state = carries_state
+        self.graph = graph
+        self.ar, self.tar = ar, tar  # AWD-LSTM's activation penalties (train.ar / train.tar)
+        self.inputs = torch.zeros((batch_rows, num_steps), dtype=torch.long, device=device)
+        self.targets = torch.zeros_like(self.inputs)
+        initial = model.begin_state(batch_rows, device)
+        self.state: tuple[torch.Tensor, ...] = initial if isinstance(initial, tuple) else (initial,)
+        self._captured: torch.cuda.CUDAGraph | None = None
+        self._captured_lrs: tuple[float, ...] = ()
+        self._captured_loss: torch.Tensor | None = None
+        self._eager_steps = 0
+
+    # ----- the carried state -----------------------------------------------------------------
+
+    def begin_epoch(self, carried: State | None) -> None:
+        """Zeros at an epoch's start; the saved state when a run resumes inside an epoch."""
+        if carried is None:
+            for buffer in self.state:
+                buffer.zero_()
+            return
+        values = carried if isinstance(carried, tuple) else (carried,)
+        for buffer, value in zip(self.state, values, strict=True):
+            buffer.copy_(value)
+
+    def carried_state(self) -> State:
+        """A copy of the state the next minibatch would start from (what a checkpoint keeps)."""
+        copies = tuple(buffer.clone() for buffer in self.state)
+        return copies if len(copies) == 2 else copies[0]
+
+    def _model_state(self) -> State:
+        return self.state if len(self.state) == 2 else self.state[0]
+
+    # ----- the step --------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.inputs.copy_(x)
+        self.targets.copy_(y)
+        if not self.graph:
+            return self.body()
+        return self._graph_step()
+
+    def body(self) -> torch.Tensor:
+        """Forward, loss, backward, clip, update, carry: no host reads, no branch on device values."""
+        if not self.carries_state:
+            for buffer in self.state:
+                buffer.zero_()
+        # The autocast cache holds casts of the weights made outside a graph; a graph must recast.
+        penalty = None
+        with autocast(self.device, self.precision, cache_enabled=not self.graph):
+            if self.ar or self.tar:
+                logits, new_state, raw, dropped = self.network(
+                    self.inputs, self._model_state(), with_hidden=True
+                )
+                penalty = activation_penalty(raw, dropped, self.ar, self.tar)
+            else:
+                logits, new_state = self.network(self.inputs, self._model_state())
+        # Logits are (T, B, V), so targets are read column-wise: d2l's y = Y.T.reshape(-1).
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.targets.t().reshape(-1))
+        objective = loss if penalty is None else loss + penalty  # perplexity reports the loss alone
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(objective).backward()
+        if self.clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            clip_gradients(self.parameters, self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.carries_state:
+            new_values = new_state if isinstance(new_state, tuple) else (new_state,)
+            with torch.no_grad():
+                for buffer, value in zip(self.state, new_values, strict=True):
+                    buffer.copy_(value)
+        return loss.detach()
+
+    # ----- the CUDA graph --------------------------------------------------------------------
+
+    def _graph_step(self) -> torch.Tensor:
+        lrs = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
+        if self._captured is None or lrs != self._captured_lrs:
+            if self._eager_steps < GRAPH_WARMUP_STEPS:
+                self._eager_steps += 1
+                return self._on_side_stream()
+            self._capture(lrs)
+        assert self._captured is not None and self._captured_loss is not None
+        self._captured.replay()
+        return self._captured_loss
+
+    def _on_side_stream(self) -> torch.Tensor:
+        """A real training step, run eagerly on a side stream as PyTorch asks before a capture."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # Adam's capturable=True warns when a step runs uncaptured: these few are meant to.
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            loss = self.body()
+        current.wait_stream(side)
+        loss.record_stream(current)  # read on the main stream: not to be reused before that
+        return loss
+
+    def _capture(self, lrs: tuple[float, ...]) -> None:
+        """Record the step for the minibatch now in the buffers; the replay that follows runs it.
+
+        A changed learning rate is baked into SGD's update kernels, so the old graph is dropped and
+        the step recorded again (once per schedule change: at most once an epoch).
+        """
+        self._captured = self._captured_loss = None
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                loss = self.body()
+        except RuntimeError as error:  # unverified on real GPUs so far: say so in one line, no traceback
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            raise DrnnError(
+                f"train.cuda_graph on: capturing the training step failed ({first}); "
+                "set train.cuda_graph to off and report this"
+            ) from None
+        self._captured, self._captured_lrs, self._captured_loss = graph, lrs, loss

@@ -1,0 +1,629 @@
+#!/usr/bin/env python3
+"""Everything drnn still has to prove on a GPU, in one command that fits a 10-minute device call.
+
+    python3 scripts/gpu_check.py OUTDIR [--budget SECONDS] [--only STEP,STEP] [--dry-run]
+
+On a CUDA machine it runs, each step in its own process with its own time limit (so one hang cannot
+eat the call), and all of them within ``--budget`` seconds (default 540):
+
+ 1. ``env``        nvidia-smi, Python, torch, CUDA, cuDNN, the GPU;
+ 2. ``tests``      the test suite with the CUDA tests enabled (tests/test_cuda.py);
+ 3. ``lstm2*``     ``drnn train --config configs/lstm2.yaml --device cuda`` (500 epochs): final perplexity,
+                   tokens/s, both continuations; then the same with ``train.cuda_graph=on``, fp32 and bf16;
+ 4. ``full-*``     configs/lstm_full.yaml, fp32 and bf16: best validation perplexity, the training
+                   seconds at each evaluation (metrics.jsonl), ``drnn eval --split val`` of the best checkpoint;
+ 5. ``torchrun``   ``torchrun --standalone --nproc_per_node 1 -m drnn_cli -- train ...`` over NCCL;
+ 6. ``bench``      ``scripts/bench.py --device cuda --json`` (eager and CUDA graph against the textbook loop);
+ 7. ``full-bf16-graph`` configs/lstm_full.yaml, bf16, with the CUDA graph, if time is left.
+
+It writes into OUTDIR (at most 8 files, what the device tool brings back): report.md (the targets,
+measured, and a verdict each), results.json (every step), log.txt (every step's output), lstm2.json,
+lstm_full.json, torchrun.json, bench.json. Run directories go to a temporary folder. It exits 0 when
+every step passed, 1 when one failed or ran out of time, 2 when it cannot start (no CUDA device, a
+missing Python package, no corpus), with one line saying why.
+
+The GPU machine lent to sessions has no network and lacks pydantic. Prepare on the CPU machine, in the
+repository root (downloads the wheels into .whl/ and copies the Time Machine into .device-data/)::
+
+    scripts/device_wheels.sh
+
+then call the device tool's ``run`` with ``carry: [".whl", ".device-data"]`` and ``timeout_s: 600``::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py $OUT/gpu
+
+and read $OUT/gpu/report.md from the files the call brings back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BUDGET_S = 540
+MIN_STEP_S = 20  # a step with less time than this left is not started
+D2L_CONTINUATION = "time traveller for so it will be convenient to speak of himwas e"
+CORPUS_CANDIDATES = (
+    REPO / ".device-data" / "timemachine.txt",
+    REPO.parent / "shared" / "data" / "timemachine.txt",
+)
+# module → the package that provides it (what to carry when the import fails)
+REQUIRED_MODULES = {
+    "torch": "torch",
+    "yaml": "pyyaml",
+    "requests": "requests",
+    "safetensors": "safetensors",
+    "pydantic": "pydantic (+ pydantic-core, annotated-types, typing-inspection)",
+    "typer": "typer",
+    "rich": "rich",
+    "pytest": "pytest",
+    "hypothesis": "hypothesis",
+}
+WHEELS_HINT = (
+    "run scripts/device_wheels.sh on the CPU machine and carry .whl (see scripts/gpu_check.py's docstring)"
+)
+
+
+class CannotStart(Exception):
+    """Why the check cannot run at all: printed as one line, exit 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    title: str
+    command: list[str]
+    limit_s: int
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    name: str
+    title: str
+    status: str  # ok | failed | timeout | not run
+    seconds: float = 0.0
+    returncode: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def drnn(*args: str) -> list[str]:
+    return [sys.executable, "-m", "drnn_cli", *args]
+
+
+def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
+    """The steps, in order of importance: what must be known first runs first."""
+    lstm2, full = "configs/lstm2.yaml", "configs/lstm_full.yaml"
+    pytest_args = ["-q", "-rs", "-p", "no:cacheprovider"] + (["-n", str(workers)] if workers > 1 else [])
+    graph = ("--set", "train.cuda_graph=on")
+    bf16 = ("--set", "train.precision=bf16")
+
+    def train(name: str, config: str, *extra: str) -> list[str]:
+        return drnn(
+            "train", "--config", config, "--device", "cuda", "--run", str(runs / name), "--json", *extra
+        )
+
+    def evaluate(name: str) -> list[str]:
+        return drnn("eval", "--run", str(runs / name), "--split", "val", "--device", "cuda", "--json")
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    torchrun += ["-m", "drnn_cli", "--", "train", "--config", lstm2, "--device", "cuda"]
+    torchrun += ["--set", "train.epochs=30", "--run", str(runs / "torchrun"), "--json"]
+    bench = [sys.executable, "scripts/bench.py", "--device", "cuda", "--json", "--corpus", str(corpus)]
+    # Rounds are sized so the fastest side (the graph) runs ~0.3 s; the slower ones then take 2-10×
+    # that: 12 configurations × 3 sides × 2 rounds fit the step's limit.
+    bench += ["--rounds", "2", "--round-seconds", "0.3"]
+    return [
+        Step(
+            "tests",
+            "test suite, CUDA tests enabled",
+            [sys.executable, "-m", "pytest", *pytest_args, "tests"],
+            200,
+        ),
+        Step("lstm2", "configs/lstm2.yaml on the GPU (eager, fp32)", train("lstm2", lstm2), 120),
+        Step(
+            "lstm2-graph", "configs/lstm2.yaml, cuda_graph on, fp32", train("lstm2-graph", lstm2, *graph), 60
+        ),
+        Step(
+            "lstm2-graph-bf16",
+            "configs/lstm2.yaml, cuda_graph on, bf16",
+            train("lstm2-graph-bf16", lstm2, *graph, *bf16),
+            60,
+        ),
+        Step("full-fp32", "configs/lstm_full.yaml, fp32 (eager)", train("full-fp32", full), 100),
+        Step("full-fp32-eval", "drnn eval --split val, best fp32 checkpoint", evaluate("full-fp32"), 40),
+        Step("full-bf16", "configs/lstm_full.yaml, bf16 (eager)", train("full-bf16", full, *bf16), 100),
+        Step("full-bf16-eval", "drnn eval --split val, best bf16 checkpoint", evaluate("full-bf16"), 40),
+        Step(
+            "torchrun", "torchrun, one process, NCCL (lstm2, 30 epochs)", torchrun, 90, {"NCCL_DEBUG": "INFO"}
+        ),
+        Step("bench", "scripts/bench.py --device cuda", bench, 240),
+        Step(
+            "full-bf16-graph",
+            "configs/lstm_full.yaml, bf16, cuda_graph on",
+            train("full-bf16-graph", full, *bf16, *graph),
+            100,
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Before anything runs
+
+
+def require_cuda() -> dict[str, Any]:
+    """torch, CUDA, cuDNN and the GPU, or CannotStart("no CUDA device ...")."""
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError as error:
+        raise CannotStart(f"torch cannot be imported ({first_line(error)})") from None
+    if not torch.cuda.is_available():
+        raise CannotStart(
+            f"no CUDA device (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+            "run this on a GPU machine, or pass --dry-run to see the plan"
+        )
+    properties = torch.cuda.get_device_properties(0)
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "gpu": torch.cuda.get_device_name(0),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+        "memory_gib": round(properties.total_memory / 2**30, 1),
+        "gpus": torch.cuda.device_count(),
+    }
+
+
+def dependency_problem(modules: dict[str, str] = REQUIRED_MODULES) -> str | None:
+    """One line naming every package that does not import, or None."""
+    missing = []
+    for module, package in modules.items():
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # a broken install (e.g. mismatched pydantic-core) counts too
+            missing.append(
+                f"{package} ({first_line(error)})" if not isinstance(error, ModuleNotFoundError) else package
+            )
+    if not missing:
+        return None
+    return f"missing Python packages: {', '.join(missing)}; {WHEELS_HINT}"
+
+
+def find_corpus(given: str | None) -> Path:
+    candidates = [Path(given)] if given else list(CORPUS_CANDIDATES)
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise CannotStart(
+        f"no Time Machine corpus at {', '.join(map(str, candidates))}; run scripts/device_wheels.sh "
+        "(it copies ../shared/data/timemachine.txt into .device-data/) and carry .device-data"
+    )
+
+
+def nvidia_smi() -> str:
+    try:
+        done = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"nvidia-smi failed: {first_line(error)}"
+    return done.stdout.strip() or done.stderr.strip()
+
+
+def first_line(error: BaseException | str) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a step
+
+
+def run_step(
+    step: Step, timeout: float, env: dict[str, str], log: Callable[[str], None]
+) -> tuple[StepResult, str]:
+    """Run one step in its own process group; kill the group at ``timeout``. Returns (result, stdout)."""
+    log(f"\n===== {step.name}: {step.title} (limit {timeout:.0f} s)\n$ {shlex.join(step.command)}\n")
+    started = time.monotonic()
+    process = subprocess.Popen(
+        step.command,
+        cwd=REPO,
+        env={**env, **step.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+        status = "ok" if process.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        status = "timeout"
+    seconds = time.monotonic() - started
+    log(out[-20000:])
+    log(err[-20000:])
+    log(f"----- {step.name}: {status}, exit {process.returncode}, {seconds:.1f} s\n")
+    note = "" if status == "ok" else (last_meaningful_line(err) or last_meaningful_line(out))
+    return StepResult(step.name, step.title, status, seconds, process.returncode, note=note), out
+
+
+def last_meaningful_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(line)
+    return {}
+
+
+def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
+    """(epoch, validation perplexity, training seconds so far) at every evaluation of a run."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        {"epoch": r["epoch"], "val_ppl": r["val_ppl"], "elapsed": r["elapsed"], "train_ppl": r["train_ppl"]}
+        for r in rows
+        if r.get("val_ppl") is not None
+    ]
+
+
+def interpret(step: Step, result: StepResult, out: str, runs: Path) -> None:
+    """Pull the figures each step exists for out of its output."""
+    if step.name == "tests":
+        summary = last_meaningful_line(out)
+        result.data["summary"] = summary
+        for word in ("passed", "failed", "skipped", "error", "errors"):
+            match = re.search(rf"(\d+) {word}\b", summary)
+            if match:
+                result.data[word] = int(match.group(1))
+        return
+    data = last_json(out)
+    result.data["json"] = data
+    if step.name.startswith(("lstm2", "torchrun")) and data:
+        samples = data.get("samples", {})
+        result.data["matches_d2l_continuation"] = samples.get("time traveller") == D2L_CONTINUATION
+    if step.name == "torchrun":
+        result.data["nccl"] = "NCCL INFO" in out
+    if step.name.startswith("full-") and not step.name.endswith("-eval"):
+        evaluations = read_evaluations(runs / step.name)
+        result.data["evaluations"] = evaluations
+        reached = [e["elapsed"] for e in evaluations if e["val_ppl"] <= 4.4]
+        result.data["seconds_to_4_4"] = reached[0] if reached else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and the report
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    verdict: str  # met | missed | not measured
+
+
+def bench_entry(results: dict[str, StepResult], name: str) -> dict[str, Any] | None:
+    bench = results.get("bench")
+    entry = (bench.data.get("json", {}).get("configs", {}) if bench else {}).get(name)
+    return entry if entry and "modes" in entry else None
+
+
+def best_mode(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return max(entry["modes"].items(), key=lambda item: item[1]["tokens_per_s"])
+
+
+def judge(results: dict[str, StepResult]) -> list[Verdict]:
+    """The issues' targets against what was measured."""
+    verdicts = []
+
+    def ratio_target(target: str, name: str, minimum: float) -> None:
+        entry = bench_entry(results, name)
+        if entry is None:
+            verdicts.append(Verdict(target, "", "not measured"))
+            return
+        mode, figures = best_mode(entry)
+        measured = (
+            f"{figures['ratio']:.2f}× ({mode}: {figures['tokens_per_s']:,.0f} vs "
+            f"{entry['reference_tokens_per_s']:,.0f} tok/s)"
+        )
+        verdicts.append(Verdict(target, measured, "met" if figures["ratio"] >= minimum else "missed"))
+
+    def train_ppl(name: str) -> float | None:
+        step = results.get(name)
+        value = step.data.get("json", {}).get("train_ppl") if step and step.status == "ok" else None
+        return float(value) if value is not None else None
+
+    ratio_target("seed LSTM fp32 ≥ 5× the textbook loop", "lstm-seed", 5.0)
+    ratio_target("seed LSTM bf16 ≥ 10× the textbook loop", "lstm-seed-bf16", 10.0)
+    bf16_ppl = train_ppl("lstm2-graph-bf16")
+    verdicts.append(
+        Verdict(
+            "seed LSTM bf16 (CUDA graph, 500 epochs) final perplexity ≤ 1.1",
+            f"{bf16_ppl:.3f}" if bf16_ppl is not None else "",
+            "not measured" if bf16_ppl is None else ("met" if bf16_ppl <= 1.1 else "missed"),
+        )
+    )
+    ratio_target("seed GRU ≥ 5×", "gru-seed", 5.0)
+    ratio_target("seed RNN ≥ 5×", "rnn-seed", 5.0)
+    ratio_target("seed LSTM, impl scratch ≥ 3×", "scratch-lstm-seed", 3.0)
+    big = bench_entry(results, "lstm-b1024-bf16")
+    if big is None:
+        verdicts.append(Verdict("B1024×T64 bf16 ≥ 20 M tokens/s", "", "not measured"))
+    else:
+        mode, figures = best_mode(big)
+        rate = figures["tokens_per_s"]
+        verdicts.append(
+            Verdict(
+                "B1024×T64 bf16 ≥ 20 M tokens/s",
+                f"{rate / 1e6:.2f} M ({mode})",
+                "met" if rate >= 20e6 else "missed",
+            )
+        )
+    lstm2 = results.get("lstm2")
+    ppl = train_ppl("lstm2")
+    if ppl is None or lstm2 is None:
+        verdicts.append(
+            Verdict("lstm2 on the GPU: perplexity ≤ 1.1 and d2l's continuation", "", "not measured")
+        )
+    else:
+        same = lstm2.data.get("matches_d2l_continuation")
+        sample = lstm2.data["json"].get("samples", {}).get("time traveller", "")
+        verdicts.append(
+            Verdict(
+                "lstm2 on the GPU: perplexity ≤ 1.1 and d2l's continuation",
+                f"{ppl:.3f}; {sample!r}",
+                "met" if ppl <= 1.1 and same else "missed",
+            )
+        )
+    full = [
+        (name, results[name].data.get("seconds_to_4_4"))
+        for name in ("full-fp32", "full-bf16", "full-bf16-graph")
+        if name in results and results[name].status == "ok"
+    ]
+    if not full:
+        verdicts.append(Verdict("lstm_full: validation perplexity ≤ 4.4 within 60 s", "", "not measured"))
+    else:
+        reached = [(seconds, name) for name, seconds in full if seconds is not None]
+        best = min(reached) if reached else None
+        bests = ", ".join(
+            f"{name} best {results[name].data.get('json', {}).get('best_val_ppl', float('nan')):.3f}"
+            for name, _ in full
+        )
+        measured = (f"{best[0]:.1f} s ({best[1]}); " if best else "never ≤ 4.4; ") + bests
+        verdicts.append(
+            Verdict(
+                "lstm_full: validation perplexity ≤ 4.4 within 60 s",
+                measured,
+                "met" if best and best[0] <= 60 else "missed",
+            )
+        )
+    return verdicts
+
+
+def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult], budget: float) -> str:
+    lines = ["# drnn on a GPU: scripts/gpu_check.py", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines += ["", "## Targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {v.target} | {v.measured} | {v.verdict} |" for v in judge(results)]
+    lines += [
+        "",
+        f"## Steps (budget {budget:.0f} s)",
+        "",
+        "| step | status | seconds | note |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.note.replace('|', '/')} |" for r in results.values()
+    ]
+    for name in ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "torchrun"):
+        step = results.get(name)
+        data = step.data.get("json") if step else None
+        if data:
+            lines += ["", f"### {name}", ""]
+            lines += [
+                f"- final train perplexity {data.get('train_ppl')}, {data.get('tokens_per_s', 0):,.0f} tokens/s"
+            ]
+            lines += [f"- `{prefix}` → `{text}`" for prefix, text in data.get("samples", {}).items()]
+            lines += [f"- first continuation equals d2l's: {step.data.get('matches_d2l_continuation')}"]
+            if name == "torchrun":
+                lines += [f"- NCCL log lines seen: {step.data.get('nccl')}"]
+    for name in ("full-fp32", "full-bf16", "full-bf16-graph"):
+        step = results.get(name)
+        if step and step.data.get("evaluations"):
+            data = step.data.get("json", {})
+            evaluation = results.get(f"{name}-eval")
+            confirmed = evaluation.data.get("json", {}).get("perplexity") if evaluation else None
+            lines += ["", f"### {name}", "", f"- best validation perplexity {data.get('best_val_ppl')}"]
+            lines += [f"- `drnn eval --split val` of the best checkpoint: {confirmed}"]
+            lines += ["", "| epoch | val ppl | train ppl | training seconds |", "| --- | --- | --- | --- |"]
+            lines += [
+                f"| {e['epoch']} | {e['val_ppl']:.3f} | {e['train_ppl']:.3f} | {e['elapsed']:.1f} |"
+                for e in step.data["evaluations"]
+            ]
+    bench = results.get("bench")
+    configs = bench.data.get("json", {}).get("configs", {}) if bench else {}
+    if configs:
+        lines += [
+            "",
+            "### bench",
+            "",
+            "| config | mode | tokens/s | ratio to the textbook loop | train ppl |",
+        ]
+        lines += ["| --- | --- | --- | --- | --- |"]
+        for name, entry in configs.items():
+            if "modes" not in entry:
+                lines += [f"| {name} | {entry.get('skipped') or entry.get('error')} | | | |"]
+                continue
+            lines += [
+                f"| {name} | reference | {entry['reference_tokens_per_s']:,.0f} | 1 | {entry['reference_train_ppl']:.3f} |"
+            ]
+            for mode, figures in entry["modes"].items():
+                lines += [
+                    f"| {name} | {mode} | {figures['tokens_per_s']:,.0f} | {figures['ratio']:.2f} | {figures['train_ppl']:.3f} |"
+                ]
+    lines += ["", "## nvidia-smi", "", "```", smi, "```", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(
+    outdir: Path, env: dict[str, Any], smi: str, results: dict[str, StepResult], budget: float
+) -> None:
+    """The report and the per-run JSON files (rewritten after every step: a killed call keeps them)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    groups = {
+        "lstm2.json": ("lstm2", "lstm2-graph", "lstm2-graph-bf16"),
+        "lstm_full.json": ("full-fp32", "full-fp32-eval", "full-bf16", "full-bf16-eval", "full-bf16-graph"),
+        "torchrun.json": ("torchrun",),
+    }
+    for filename, names in groups.items():
+        chosen = {name: asdict(results[name]) for name in names if name in results}
+        if chosen:
+            (outdir / filename).write_text(json.dumps(chosen, indent=1) + "\n")
+    if "bench" in results and results["bench"].data.get("json"):
+        (outdir / "bench.json").write_text(json.dumps(results["bench"].data["json"], indent=1) + "\n")
+    everything = {"env": env, "steps": {name: asdict(r) for name, r in results.items()}}
+    (outdir / "results.json").write_text(json.dumps(everything, indent=1) + "\n")
+    (outdir / "report.md").write_text(render_report(env, smi, results, budget))
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir", type=Path, help="where report.md and the JSON files go")
+    parser.add_argument(
+        "--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for all steps together"
+    )
+    parser.add_argument(
+        "--only", type=lambda text: [n.strip() for n in text.split(",") if n.strip()], default=None
+    )
+    parser.add_argument(
+        "--corpus", default=None, help="the Time Machine (default: .device-data/ or ../shared/data/)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=8, help="pytest-xdist workers for the test step (1: none)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit; needs no GPU")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs = Path(tempfile.gettempdir()) / "drnn-gpu-check" / "runs"
+    corpus_hint = Path(args.corpus) if args.corpus else CORPUS_CANDIDATES[0]
+    plan = build_plan(runs, corpus_hint, args.workers)
+    if args.only:
+        unknown = sorted(set(args.only) - {step.name for step in plan})
+        if unknown:
+            print(
+                f"gpu_check: unknown --only {', '.join(unknown)}; steps: {', '.join(s.name for s in plan)}",
+                file=sys.stderr,
+            )
+            return 2
+        plan = [step for step in plan if step.name in args.only]
+    if args.dry_run:
+        print(f"gpu_check plan (budget {args.budget:.0f} s, outputs in {args.outdir}):")
+        for step in plan:
+            print(f"  {step.name:<17} ≤{step.limit_s:>4} s  {step.title}\n      $ {shlex.join(step.command)}")
+        return 0
+    try:
+        env_info = require_cuda()
+        problem = dependency_problem()
+        if problem:
+            raise CannotStart(problem)
+        corpus = find_corpus(args.corpus)
+    except CannotStart as reason:
+        print(f"gpu_check: {reason}", file=sys.stderr)
+        return 2
+    if corpus != corpus_hint.resolve():
+        plan = [
+            step for step in build_plan(runs, corpus, args.workers) if step.name in {s.name for s in plan}
+        ]
+    if args.workers > 1 and importlib.util.find_spec("xdist") is None:
+        plan = [step for step in build_plan(runs, corpus, 1) if step.name in {s.name for s in plan}]
+
+    deadline = time.monotonic() + args.budget
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    cache = runs.parent / "data"
+    cache.mkdir(exist_ok=True)
+    shutil.copyfile(corpus, cache / "timemachine.txt")
+    child_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+        "DRNN_DATA_DIR": str(cache),
+        "DRNN_DATA_URL": "http://127.0.0.1:9/unreachable",  # the machine has no network: fail fast
+        "DRNN_TEST_CORPUS": str(corpus),
+    }
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    smi = nvidia_smi()
+    log_file = (args.outdir / "log.txt").open("w", encoding="utf-8")
+
+    def log(text: str) -> None:
+        log_file.write(text)
+        log_file.flush()
+
+    log(f"{json.dumps(env_info)}\n{smi}\n")
+    print(
+        f"gpu_check: {env_info['gpu']}, torch {env_info['torch']}, CUDA {env_info['cuda']}, cuDNN {env_info['cudnn']}"
+    )
+    results: dict[str, StepResult] = {}
+    for step in plan:
+        left = deadline - time.monotonic()
+        if left < MIN_STEP_S:
+            results[step.name] = StepResult(step.name, step.title, "not run", note="out of time (--budget)")
+        else:
+            result, out = run_step(step, min(step.limit_s, left), child_env, log)
+            interpret(step, result, out, runs)
+            results[step.name] = result
+        result = results[step.name]
+        print(
+            f"gpu_check: {step.name}: {result.status} ({result.seconds:.1f} s) {result.note}".rstrip(),
+            flush=True,
+        )
+        write_outputs(args.outdir, env_info, smi, results, args.budget)
+    log_file.close()
+    for verdict in judge(results):
+        print(f"gpu_check: target {verdict.verdict:>12}: {verdict.target}: {verdict.measured}")
+    print(f"gpu_check: report in {args.outdir / 'report.md'}")
+    optional = {"full-bf16-graph"}  # runs only if time is left
+    failed = [
+        r for r in results.values() if r.status != "ok" and not (r.name in optional and r.status == "not run")
+    ]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

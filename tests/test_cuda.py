@@ -1,0 +1,218 @@
+"""On a CUDA GPU: checkpoints cross devices, the GPU computes what the CPU computes, half precision
+stays finite, torchrun runs over NCCL, and the CUDA-graph step replays what the eager step computes.
+
+Every test here is skipped without CUDA (CI has none); ``scripts/gpu_check.py`` runs them on a GPU.
+Tolerances, and why they are not zero:
+
+* GPU vs CPU, fp32 with TF32 off: the two sum in different orders (cuDNN's RNN kernels, cuBLAS), so
+  losses agree to 1e-4 relative over the first steps, and a checkpoint's perplexity to 1e-4.
+* CUDA graph vs eager on the GPU: the same kernels on the same data; 1e-5 relative allows for cuDNN
+  picking another algorithm inside a capture.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from drnn_cli.batches import epoch_generator, training_batches
+from drnn_cli.commands import TrainRequest, train_run
+from drnn_cli.config import Config, build_config
+from drnn_cli.data import load_dataset
+from drnn_cli.models import build_model
+from drnn_cli.step import StaticStep, make_capturable
+from drnn_cli.train import build_optimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.device("cuda", 0)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> Iterator[None]:
+    """fp32 means fp32: TF32 matrix units would round products to 10-bit mantissas."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def tiny_config(corpus_path: Path, *overrides: str) -> Config:
+    tree = {
+        "data": {"path": str(corpus_path), "max_tokens": 4000, "batch_size": 16, "num_steps": 16},
+        "model": {"cell": "lstm", "hidden_size": 64, "num_layers": 2},
+        "train": {"optimizer": "sgd", "lr": 1.0, "clip": 1.0, "seed": 2, "sample_every": 0, "epochs": 3},
+    }
+    return build_config(tree, list(overrides))
+
+
+def write_yaml(path: Path, config: Config) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return path
+
+
+def static_step(
+    config: Config, device: torch.device, graph: bool = False
+) -> tuple[StaticStep, torch.nn.Module]:
+    dataset = load_dataset(config.data)
+    model = build_model(len(dataset.vocab), config.model, seed=config.train.seed).to(device)
+    optimizer = build_optimizer(model, config.train)
+    if device.type == "cuda":
+        make_capturable(optimizer)  # both CUDA sides: the comparison is about the graph alone
+    step = StaticStep(
+        model,
+        model,
+        optimizer,
+        torch.amp.GradScaler(device.type, enabled=False),
+        config.train.clip,
+        config.train.precision,
+        device,
+        batch_rows=config.data.batch_size,
+        num_steps=config.data.num_steps,
+        carries_state=config.data.sampling == "sequential",
+        graph=graph,
+    )
+    model.train()
+    return step, model
+
+
+def batches(config: Config, device: torch.device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    data = config.data
+    tokens = load_dataset(data).splits.train.to(device)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    epoch = 0
+    while len(out) < count:
+        generator = epoch_generator(config.train.seed, epoch)
+        out += list(training_batches(tokens, data.sampling, data.batch_size, data.num_steps, generator))
+        epoch += 1
+    return out[:count]
+
+
+def test_a_gpu_checkpoint_evaluates_the_same_on_the_cpu(workdir: Path, cli, corpus_path: Path) -> None:
+    config = tiny_config(corpus_path, "data.val_fraction=0.2")
+    run = workdir / "runs" / "gpu"
+    train_run(TrainRequest(config_path=write_yaml(workdir / "gpu.yaml", config), run_dir=run, device="cuda"))
+    results = {}
+    for device in ("cuda", "cpu"):
+        code, out, err = cli("eval", "--run", str(run), "--device", device, "--json")
+        assert code == 0, err
+        results[device] = json.loads(out.strip().splitlines()[-1])["perplexity"]
+    assert math.isfinite(results["cpu"]) and results["cpu"] < 28
+    assert results["cpu"] == pytest.approx(results["cuda"], rel=1e-4)
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+def test_gpu_and_cpu_losses_agree_over_the_first_steps(corpus_path: Path, sampling: str) -> None:
+    config = tiny_config(corpus_path, f"data.sampling={sampling}")
+    cpu_step, _ = static_step(config, CPU)
+    gpu_step, _ = static_step(config, CUDA)
+    cpu_losses = [float(cpu_step(x, y)) for x, y in batches(config, CPU, 10)]
+    gpu_losses = [float(gpu_step(x, y)) for x, y in batches(config, CUDA, 10)]
+    assert gpu_losses == pytest.approx(cpu_losses, rel=1e-4)
+    assert cpu_losses[-1] < cpu_losses[0]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_training_stays_finite(workdir: Path, corpus_path: Path, precision: str) -> None:
+    config = tiny_config(corpus_path, f"train.precision={precision}", "data.val_fraction=0.2")
+    path = write_yaml(workdir / f"{precision}.yaml", config)
+    result = train_run(TrainRequest(config_path=path, run_dir=workdir / "runs" / precision, device="cuda"))
+    assert math.isfinite(result.train_ppl) and result.train_ppl < 28
+    assert result.val_ppl is not None and math.isfinite(result.val_ppl)
+
+
+def test_torchrun_with_one_process_trains_over_nccl(tmp_path: Path, corpus_path: Path) -> None:
+    cache = tmp_path / "data"
+    cache.mkdir()
+    shutil.copyfile(corpus_path, cache / "timemachine.txt")
+    config = write_yaml(tmp_path / "tiny.yaml", tiny_config(corpus_path))
+    env = {k: v for k, v in os.environ.items() if k not in {"WORLD_SIZE", "RANK", "LOCAL_RANK"}}
+    env |= {"DRNN_DATA_DIR": str(cache), "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    command += ["-m", "drnn_cli", "--", "train", "--config", str(config), "--device", "cuda"]
+    command += ["--run", str(tmp_path / "run"), "--json"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["world_size"] == 1 and summary["epochs"] == 3 and "cuda" in summary["device"]
+    assert "NCCL INFO" in done.stdout + done.stderr  # the process group really was NCCL's
+
+
+CASES = [(o, s) for o in ("sgd", "adamw") for s in ("sequential", "random")]
+
+
+@pytest.mark.parametrize(("optimizer", "sampling"), CASES)
+def test_cuda_graph_replays_what_the_eager_step_computes(
+    corpus_path: Path, optimizer: str, sampling: str
+) -> None:
+    lr = "0.01" if optimizer == "adamw" else "1.0"
+    config = tiny_config(
+        corpus_path, f"train.optimizer={optimizer}", f"data.sampling={sampling}", f"train.lr={lr}"
+    )
+    eager, eager_model = static_step(config, CUDA)
+    graphed, graphed_model = static_step(config, CUDA, graph=True)
+    losses: dict[str, list[float]] = {"eager": [], "graph": []}
+    for index, (x, y) in enumerate(batches(config, CUDA, 50)):
+        if index == 25:  # a schedule changes the rate: the graph is captured again
+            for step in (eager, graphed):
+                for group in step.optimizer.param_groups:
+                    group["lr"] = group["lr"] * 0.5
+        if index and index % 10 == 0 and sampling == "sequential":  # an epoch boundary
+            eager.begin_epoch(None)
+            graphed.begin_epoch(None)
+        losses["eager"].append(float(eager(x, y)))
+        losses["graph"].append(float(graphed(x, y)))
+    assert graphed._captured is not None  # the later steps really were replays
+    assert losses["graph"] == pytest.approx(losses["eager"], rel=1e-5)
+    for a, b in zip(eager_model.parameters(), graphed_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", ["model.dropout=0.5", "model.output_dropout=0.5"])
+def test_dropout_masks_differ_between_replays(corpus_path: Path, dropout: str) -> None:
+    """The same minibatch again and again with a negligible rate: only fresh masks change the loss.
+
+    model.dropout is cuDNN's own dropout between the layers; model.output_dropout is nn.Dropout.
+    """
+    config = tiny_config(corpus_path, "data.sampling=random", dropout)
+    config.train.lr = 1e-9
+    step, _ = static_step(config, CUDA, graph=True)
+    x, y = batches(config, CUDA, 1)[0]
+    losses = [float(step(x, y)) for _ in range(8)]
+    replays = losses[3:]  # after the warm-up steps, every step is a replay
+    # Weights move by ~1e-9, so a repeated mask would repeat the loss to within float rounding;
+    # half the units dropped anew changes it by far more.
+    assert all(abs(a - b) > 1e-4 for a, b in itertools.pairwise(replays)), replays
+
+
+def test_trainer_with_cuda_graph_on_trains_as_eager(workdir: Path, corpus_path: Path) -> None:
+    config = tiny_config(corpus_path, "data.val_fraction=0.2")
+    path = write_yaml(workdir / "tiny.yaml", config)
+    results = {
+        mode: train_run(
+            TrainRequest(
+                config_path=path,
+                overrides=(f"train.cuda_graph={mode}",),
+                run_dir=workdir / "runs" / mode,
+                device="cuda",
+            )
+        )
+        for mode in ("off", "on")
+    }
+    assert results["on"].train_ppl == pytest.approx(results["off"].train_ppl, rel=1e-5)
+    assert results["on"].val_ppl == pytest.approx(results["off"].val_ppl, rel=1e-5)

@@ -1,0 +1,164 @@
+"""scripts/gpu_check.py's CPU-side logic: the plan, the refusals, the verdicts; and that the CUDA
+tests are collected and skipped cleanly where there is no GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("drnn_gpu_check_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_prints_every_step_and_its_command(gpu_check, tmp_path: Path, capsys) -> None:
+    assert gpu_check.main([str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "tests",
+        "lstm2",
+        "lstm2-graph",
+        "lstm2-graph-bf16",
+        "full-fp32",
+        "full-bf16-eval",
+        "torchrun",
+        "bench",
+    ):
+        assert f"  {name} " in out, name
+    assert "-m drnn_cli train --config configs/lstm2.yaml --device cuda" in out
+    assert "-m torch.distributed.run --standalone --nproc_per_node 1 -m drnn_cli -- train" in out
+    assert "scripts/bench.py --device cuda --json" in out
+    assert "eval --run" in out and "--split val" in out
+    assert "train.cuda_graph=on" in out and "train.precision=bf16" in out
+    assert not (tmp_path / "out").exists()  # a plan writes nothing
+
+
+def test_the_steps_fit_the_device_call(gpu_check, tmp_path: Path) -> None:
+    """Each step has its own limit; the budget keeps the whole run inside a 10-minute call."""
+    plan = gpu_check.build_plan(tmp_path, tmp_path / "corpus.txt", 8)
+    assert all(0 < step.limit_s <= 240 for step in plan)
+    assert gpu_check.DEFAULT_BUDGET_S <= 560
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_without_cuda_it_says_so_in_one_line(gpu_check, tmp_path: Path, capsys) -> None:
+    assert gpu_check.main([str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA device (torch "), captured.err
+    assert captured.out == "" and not (tmp_path / "out").exists()
+
+
+def test_a_missing_package_is_named_with_what_to_carry(gpu_check) -> None:
+    assert gpu_check.dependency_problem({"json": "json"}) is None
+    problem = gpu_check.dependency_problem({"json": "json", "surely_not_installed_xyz": "pydantic"})
+    assert problem.startswith("missing Python packages: pydantic; run scripts/device_wheels.sh")
+    assert "\n" not in problem and ".whl" in problem
+
+
+def test_unknown_step_is_refused(gpu_check, tmp_path: Path, capsys) -> None:
+    assert gpu_check.main([str(tmp_path), "--only", "lstm2,nope", "--dry-run"]) == 2
+    assert "unknown --only nope" in capsys.readouterr().err
+
+
+def bench_entry(reference: float, eager: float, graph: float) -> dict:
+    modes = {
+        "eager": {"tokens_per_s": eager, "ratio": eager / reference, "train_ppl": 1.5},
+        "graph": {"tokens_per_s": graph, "ratio": graph / reference, "train_ppl": 1.5},
+    }
+    return {"reference_tokens_per_s": reference, "reference_train_ppl": 1.5, "modes": modes}
+
+
+def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path: Path) -> None:
+    Result = gpu_check.StepResult
+    configs = {
+        "lstm-seed": bench_entry(160_000, 170_000, 900_000),  # graph 5.6×: met
+        "lstm-seed-bf16": bench_entry(160_000, 170_000, 1_500_000),  # 9.4×: missed
+        "lstm-b1024-bf16": bench_entry(5e6, 8e6, 21e6),
+        "gru-seed": {"name": "gru-seed", "error": "boom"},
+    }
+    samples = {"time traveller": gpu_check.D2L_CONTINUATION, "traveller": "traveller x"}
+    results = {
+        "lstm2": Result(
+            "lstm2",
+            "",
+            "ok",
+            data={"json": {"train_ppl": 1.03, "samples": samples}, "matches_d2l_continuation": True},
+        ),
+        "lstm2-graph-bf16": Result("lstm2-graph-bf16", "", "ok", data={"json": {"train_ppl": 1.2}}),
+        "full-fp32": Result(
+            "full-fp32",
+            "",
+            "ok",
+            data={
+                "json": {"best_val_ppl": 4.31},
+                "seconds_to_4_4": 42.0,
+                "evaluations": [{"epoch": 1, "val_ppl": 4.31, "train_ppl": 5.0, "elapsed": 42.0}],
+            },
+        ),
+        "bench": Result("bench", "", "ok", data={"json": {"configs": configs}}),
+    }
+    verdicts = {v.target: v for v in gpu_check.judge(results)}
+    assert verdicts["seed LSTM fp32 ≥ 5× the textbook loop"].verdict == "met"
+    assert verdicts["seed LSTM fp32 ≥ 5× the textbook loop"].measured.startswith("5.62× (graph")
+    assert verdicts["seed LSTM bf16 ≥ 10× the textbook loop"].verdict == "missed"
+    assert verdicts["seed LSTM bf16 (CUDA graph, 500 epochs) final perplexity ≤ 1.1"].verdict == "missed"
+    assert verdicts["seed GRU ≥ 5×"].verdict == "not measured"  # the benchmark failed: no figure
+    assert verdicts["B1024×T64 bf16 ≥ 20 M tokens/s"].verdict == "met"
+    assert verdicts["lstm2 on the GPU: perplexity ≤ 1.1 and d2l's continuation"].verdict == "met"
+    assert verdicts["lstm_full: validation perplexity ≤ 4.4 within 60 s"].verdict == "met"
+
+    gpu_check.write_outputs(tmp_path, {"gpu": "test"}, "smi", results, 540)
+    report = (tmp_path / "report.md").read_text()
+    assert (
+        "| seed LSTM fp32 ≥ 5× the textbook loop | 5.62× (graph: 900,000 vs 160,000 tok/s) | met |" in report
+    )
+    assert "| 1 | 4.310 | 5.000 | 42.0 |" in report
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench.json",
+        "lstm2.json",
+        "lstm_full.json",
+        "report.md",
+        "results.json",
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")
+def test_cuda_tests_are_collected_and_skipped_cleanly_without_cuda() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            str(REPO / "tests" / "test_cuda.py"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("13 skipped"), done.stdout
+    assert done.stdout.count("SKIPPED [") >= 1 and "needs a CUDA device" in done.stdout
+    assert "error" not in summary and "passed" not in summary

@@ -213,9 +213,10 @@ class RichReporter:
         if record.val_ppl is not None:
             status += f"  val {record.val_ppl:.2f}"
         status += f"  {record.tokens_per_s:,.0f} tok/s"
+        inside_epoch = record.epoch != int(record.epoch)  # an evaluation or a budget's end inside an epoch
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=record.epoch, epoch=int(record.epoch), status=status)
-        elif not self.every or record.epoch % self.every == 0 or record.epoch == self.total:
+        elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
             where = f"step {record.step:,}  " if record.step else ""
             self.console.print(
                 f"epoch {record.epoch:g}/{self.total}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s"

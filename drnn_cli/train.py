@@ -287,9 +287,7 @@ class Trainer:
             Cadence.of(train.sample_every),
             Cadence.of(train.log_every),
         )
-        # The schedule's unit of progress is the epoch; a step budget needs epochs as steps. Epoch 0's
-        # length stands for every epoch (sequential offsets change it by at most one minibatch).
-        self.steps_per_epoch = len(self._batches(0))
+        self._steps_per_epoch = 0
         self.stopped_mid_epoch: StopReason | None = None
         self.last_grad_norm: torch.Tensor | None = None
         if resume is not None:
@@ -353,9 +351,10 @@ class Trainer:
         self.best_val_ppl = checkpoint.best_val_ppl
         self.bad_evals = int(state.get("bad_evals", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
-        # Checkpoints written before step counts existed: estimated from epoch 0's length.
-        steps = checkpoint.epoch * self.steps_per_epoch + checkpoint.step_in_epoch
-        self.global_step = int(state.get("global_step", steps))
+        if "global_step" in state:
+            self.global_step = int(state["global_step"])
+        else:  # a checkpoint written before step counts existed: estimated from epoch 0's length
+            self.global_step = checkpoint.epoch * self.steps_per_epoch + checkpoint.step_in_epoch
         data = self.config.data
         self.tokens_seen = int(state.get("tokens_seen", self.global_step * data.batch_size * data.num_steps))
         partial = state.get("epoch_progress")
@@ -475,6 +474,14 @@ class Trainer:
             epoch_generator(self.config.train.seed, epoch),
             self.shard,
         )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Minibatches in epoch 0, which stands for every epoch (sequential offsets change the count by
+        at most one): a step budget's schedule converts steps to epochs with it."""
+        if not self._steps_per_epoch:
+            self._steps_per_epoch = len(self._batches(0))
+        return self._steps_per_epoch
 
     def _set_lr(self, epoch: int) -> None:
         """Per epoch, as d2l; under ``max_steps`` at the fractional epoch of the next step."""
@@ -631,7 +638,7 @@ class Trainer:
             if stop is None and train.patience and self.bad_evals >= train.patience:
                 stop = "patience"
         record = EpochRecord(
-            round(epoch + progress.step / steps_in_epoch, 4),
+            round(epoch + progress.step / steps_in_epoch, 6),
             perplexity(loss_sum, count),
             val_ppl,
             self.optimizer.param_groups[0]["lr"],

@@ -109,7 +109,7 @@ def test_max_steps_stops_after_exactly_n_steps_inside_an_epoch(workdir: Path):
         25,
     )
     lines = metrics(run)
-    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 19), (round(1 + 6 / 19, 4), 25)]
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 19), (round(1 + 6 / 19, 6), 25)]
     assert lines[-1]["val_ppl"] == result.val_ppl and lines[-1]["tokens_seen"] == 25 * 80
     assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
 
@@ -179,7 +179,7 @@ def test_step_cadence_evaluates_and_checkpoints_inside_an_epoch(workdir: Path):
     )
     lines = metrics(workdir / "runs" / "tiny")
     assert [line["step"] for line in lines] == [5, 10, 15, 19]
-    assert [line["epoch"] for line in lines] == [round(s / 19, 4) for s in (5, 10, 15)] + [1]
+    assert [line["epoch"] for line in lines] == [round(s / 19, 6) for s in (5, 10, 15)] + [1]
     assert all(line["val_ppl"] is not None for line in lines)  # the last epoch always validates
     assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
     best = load_checkpoint(workdir / "runs" / "tiny" / "best.safetensors")
@@ -275,3 +275,18 @@ def test_time_budget_stops_by_itself_and_eval_matches_best(workdir: Path, corpus
     code, out, err = cli("eval", "--run", str(run), "--split", "val", "--json")
     assert code == 0, err
     assert json.loads(out)["perplexity"] == pytest.approx(summary["best_val_ppl"], rel=1e-9)
+
+
+def test_metrics_written_before_step_counts_are_kept_on_resume(workdir: Path):
+    config = write_config(workdir)
+    train(config, "train.epochs=1")
+    path = workdir / "runs" / "tiny" / "metrics.jsonl"
+    old = [
+        {k: v for k, v in line.items() if k not in {"step", "tokens_seen"}} for line in metrics(path.parent)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in old))  # as an earlier drnn wrote it
+    train(config, "train.epochs=2", resume=True)
+    lines = metrics(path.parent)
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 0), (2, 2 * STEPS_PER_EPOCH)]
+    assert lines[0]["val_ppl"] == old[0]["val_ppl"]
+    assert (path.parent / "perplexity.png").read_bytes()[:4] == b"\x89PNG"

@@ -102,10 +102,22 @@ def _paths(text: Path, key: dict[str, object]) -> tuple[Path, Path]:
 
 
 def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus | None:
-    """The cached encoding of ``text`` for these keys, memory-mapped; None when there is none."""
+    """The cached encoding of ``text`` for these keys, memory-mapped; None when there is none.
+
+    A fixed vocabulary (``--resume``, ``drnn eval``) that is the one the text itself builds reuses that
+    entry: with ``min_freq`` 0 every token is in it, so the encoding is the same and nothing is unknown.
+    """
     if not wants_cache(text):
         return None
-    key = _key(sha1, config, vocab)
+    found = _load_entry(text, _key(sha1, config, vocab))
+    if found is None and vocab is not None and config.min_freq == 0:
+        built = _load_entry(text, _key(sha1, config, None))
+        if built is not None and built.vocab.idx_to_token == vocab.idx_to_token:
+            return EncodedCorpus(vocab, built.tokens, Counter())
+    return found
+
+
+def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
     tokens_path, meta_path = _paths(text, key)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -117,3 +117,15 @@ def test_an_old_stable_text_reuses_its_remembered_hash(workdir: Path, big_text: 
 def test_small_texts_are_not_cached(workdir: Path):
     load_dataset(DataConfig(preprocess="none"))  # the 179 kB Time Machine
     assert entries(workdir) == []
+
+
+def test_resume_and_eval_reuse_the_entry_of_the_vocabulary_the_text_builds(
+    workdir: Path, big_text: Path, monkeypatch
+):
+    config = DataConfig(path=str(big_text), preprocess="none")
+    built = load_dataset(config)
+    no_encoding(monkeypatch)
+    fixed = Vocab.from_json(built.vocab.to_json())  # as a checkpoint stores it
+    again = load_dataset(config, vocab=fixed)
+    assert torch.equal(again.tokens, built.tokens) and again.unknown == Counter()
+    assert len(entries(workdir)) == 1

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 
 from drnn_cli import __version__
+from drnn_cli.budget import Cadence, format_duration
 from drnn_cli.commands import (
     TrainRequest,
     describe_data,
@@ -36,7 +37,7 @@ from drnn_cli.decode import DecodeOptions
 from drnn_cli.errors import DrnnError
 from drnn_cli.presets import find_config
 from drnn_cli.runtime import launched_rank
-from drnn_cli.train import EpochRecord
+from drnn_cli.train import EpochRecord, StepStatus
 
 app = typer.Typer(
     name="drnn",
@@ -208,9 +209,13 @@ def presets_command(json_out: JsonOption = False) -> None:
 
 
 class RichReporter:
-    """Training progress: a live bar on a terminal, plain lines every ``log_every`` epochs otherwise."""
+    """Training progress: a live bar on a terminal, plain lines every ``log_every`` epochs otherwise.
 
-    def __init__(self, console: Console, log_every: int = 0) -> None:
+    With ``log_every: N steps`` the trainer sends a line every N steps (and at evaluations), all shown;
+    the bar then also counts the steps of the epoch in progress and the time left to a budget.
+    """
+
+    def __init__(self, console: Console, log_every: int | str = 0) -> None:
         self.console = console
         self.log_every = log_every
         self.progress: Progress | None = None
@@ -219,31 +224,51 @@ class RichReporter:
 
     def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None:
         self.total = total_epochs
-        self.every = self.log_every or max(1, total_epochs // 25)
+        cadence = Cadence.of(self.log_every)
+        self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
         where = f"from epoch {start_epoch + 1}" if start_epoch else "from scratch"
         self.console.print(f"training {parameters:,} parameters on {device}, {total_epochs} epochs, {where}")
         if self.console.is_terminal:
             self.progress = Progress(
-                TextColumn("epoch {task.completed}/{task.total}"),
+                TextColumn("epoch {task.fields[epoch]}/{task.total}"),
                 BarColumn(),
-                TextColumn("{task.fields[status]}"),
+                TextColumn("{task.fields[steps]}{task.fields[status]}"),
                 TimeRemainingColumn(),
+                TextColumn("{task.fields[budget]}"),
                 console=self.console,
             )
             self.progress.start()
-            self.task = self.progress.add_task("train", total=total_epochs, completed=start_epoch, status="")
+            self.task = self.progress.add_task(
+                "train", total=total_epochs, completed=start_epoch, status="", steps="", budget="",
+                epoch=start_epoch,
+            )  # fmt: skip
 
     def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
         status = f"ppl {record.train_ppl:.2f}"
         if record.val_ppl is not None:
             status += f"  val {record.val_ppl:.2f}"
         status += f"  {record.tokens_per_s:,.0f} tok/s"
+        inside_epoch = record.epoch != int(record.epoch)  # an evaluation or a budget's end inside an epoch
         if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, completed=record.epoch, status=status)
-        elif record.epoch % self.every == 0 or record.epoch == self.total:
+            self.progress.update(self.task, completed=record.epoch, epoch=int(record.epoch), status=status)
+        elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
+            where = f"step {record.step:,}  " if record.step else ""
             self.console.print(
-                f"epoch {record.epoch}/{self.total}  {status}  lr {record.lr:.3g}  {record.elapsed:.1f}s"
+                f"epoch {record.epoch:g}/{self.total}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s"
             )
+
+    def step(self, status: StepStatus) -> None:
+        """The bar inside a long epoch: its steps, and the time left to the first budget."""
+        if self.progress is None or self.task is None:
+            return
+        left = "" if status.seconds_left is None else f"budget left {format_duration(status.seconds_left)}"
+        self.progress.update(
+            self.task,
+            completed=status.epoch + status.step_in_epoch / max(1, status.steps_in_epoch),
+            epoch=status.epoch,
+            steps=f"step {status.step_in_epoch:,}/{status.steps_in_epoch:,}  ",
+            budget=left,
+        )
 
     def samples(self, epoch: int, samples: dict[str, str]) -> None:
         for text in samples.values():
@@ -321,6 +346,7 @@ def train_command(
         "epochs",
         f"{result.start_epoch} → {result.epochs}" + (" (early stop)" if result.stopped_early else ""),
     )
+    table.add_row("steps / stopped by", f"{result.steps:,} / {result.stop_reason}")
     table.add_row("train perplexity", f"{result.train_ppl:.3f}")
     if result.best_val_ppl is not None:
         table.add_row(

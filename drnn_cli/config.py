@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from drnn_cli.budget import parse_cadence, parse_duration
 from drnn_cli.errors import ConfigError
 
 
@@ -153,15 +154,44 @@ class TrainConfig(_Section):
         "auto",
         description="replay each training step as one CUDA graph; auto = off for now (not yet verified on a GPU)",
     )
-    sample_every: int = Field(10, ge=0, description="greedy samples every N epochs (0 = only at the end)")
+    sample_every: int | str = Field(
+        10, description="greedy samples every N epochs or 'N steps' (0 = only at the end)"
+    )
     sample_prefixes: list[str] = Field(
         default_factory=lambda: ["time traveller", "traveller"], description="prefixes sampled while training"
     )
     sample_chars: int = Field(50, ge=0, description="tokens generated per sample")
-    eval_every: int = Field(1, ge=1, description="validation perplexity every N epochs")
+    eval_every: int | str = Field(1, description="validation perplexity every N epochs or 'N steps'")
     patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0 = off)")
-    checkpoint_every: int = Field(10, ge=1, description="write the 'last' checkpoint every N epochs")
-    log_every: int = Field(0, ge=0, description="plain-text progress line every N epochs (0 = auto)")
+    checkpoint_every: int | str = Field(
+        10, description="write the 'last' checkpoint every N epochs or 'N steps'"
+    )
+    log_every: int | str = Field(
+        0, description="plain-text progress line every N epochs or 'N steps' (0 = auto)"
+    )
+    max_steps: int = Field(0, ge=0, description="stop after N optimizer steps in all (0 = no limit)")
+    max_time: float = Field(
+        0.0, description="stop after this much training time: 90s, 10m, 2h (0 = no limit)"
+    )
+    eval_tokens: int = Field(
+        0, ge=0, description="validate on the first N tokens of the val split while training (0 = all)"
+    )
+    tensorboard: bool = Field(False, description="write TensorBoard logs to RUN/tensorboard/")
+
+    @field_validator("eval_every", "checkpoint_every", mode="before")
+    @classmethod
+    def _cadence(cls, value: object) -> int | str:
+        return parse_cadence(value, allow_zero=False)
+
+    @field_validator("sample_every", "log_every", mode="before")
+    @classmethod
+    def _cadence_or_zero(cls, value: object) -> int | str:
+        return parse_cadence(value, allow_zero=True)
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
 
     @field_validator("cuda_graph", mode="before")
     @classmethod

@@ -10,8 +10,9 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import ProgressHook, fetch_corpus, file_sha1, preprocess, preprocess_chars, read_text
+from drnn_cli.corpus import ProgressHook, fetch_corpus, preprocess, preprocess_chars, read_text
 from drnn_cli.errors import DrnnError
+from drnn_cli.token_cache import EncodedCorpus, load_cached, store, text_sha1
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of, unknown_tokens
 
 
@@ -52,7 +53,7 @@ def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None
         path = Path(config.path).expanduser()
         if not path.is_file():
             raise DrnnError(f"corpus file {path} does not exist; fix data.path")
-        return path, file_sha1(path)
+        return path, text_sha1(path)
     corpus = fetch_corpus(config.corpus, progress=progress)
     return corpus.path, corpus.sha1
 
@@ -70,8 +71,22 @@ def load_dataset(
 
     Like d2l, the vocabulary is built from the whole text and ``max_tokens`` then keeps the first
     tokens. Pass ``vocab`` to encode with a fixed vocabulary (evaluation, fine-tuning) instead.
+    A big text's encoding is kept in the token cache and memory-mapped the next time.
     """
     path, sha1 = resolve_corpus_file(config, progress)
+    corpus = load_cached(path, sha1, config, vocab)
+    if corpus is None:
+        corpus = _encode(path, config, vocab)
+        store(path, sha1, config, vocab, corpus)
+    encoded = corpus.tokens
+    total = len(encoded)
+    if config.max_tokens > 0:
+        encoded = encoded[: config.max_tokens].clone()
+    splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
+    return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown)
+
+
+def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:
     stream = read_token_stream(path, config)
     if len(stream) == 0:
         raise DrnnError(
@@ -84,9 +99,4 @@ def load_dataset(
     else:
         unknown = unknown_tokens(stream, vocab)  # a fixed vocabulary (fine-tuning) may lack some
     encoded = encode_tokens(stream, vocab)
-    total = len(encoded)
-    del stream
-    if config.max_tokens > 0:
-        encoded = encoded[: config.max_tokens].clone()
-    splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
-    return Dataset(vocab, encoded, splits, path, sha1, total, unknown)
+    return EncodedCorpus(vocab, encoded, unknown)

@@ -11,7 +11,8 @@ from drnn_cli.checkpoint import atomic_write_bytes
 
 
 def write_perplexity_plot(records: Sequence[Any], path: Path) -> bool:
-    """Draw train (and validation) perplexity against epoch; False when matplotlib is missing."""
+    """Draw train (and validation) perplexity against training tokens seen (against epoch for runs
+    whose metrics predate token counts); False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -21,14 +22,15 @@ def write_perplexity_plot(records: Sequence[Any], path: Path) -> bool:
         return False
     figure = Figure(figsize=(6, 4), dpi=100)
     axes = figure.subplots()
-    epochs = [r.epoch for r in records]
-    axes.plot(epochs, [r.train_ppl for r in records], label="train")
-    validated = [(r.epoch, r.val_ppl) for r in records if r.val_ppl is not None]
+    by_tokens = all(getattr(r, "tokens_seen", 0) for r in records)
+    xs = [r.tokens_seen if by_tokens else r.epoch for r in records]
+    axes.plot(xs, [r.train_ppl for r in records], label="train")
+    validated = [(x, r.val_ppl) for x, r in zip(xs, records, strict=True) if r.val_ppl is not None]
     if validated:
         axes.plot(
             *zip(*validated, strict=True), label="validation", marker="." if len(validated) < 50 else None
         )
-    axes.set_xlabel("epoch")
+    axes.set_xlabel("tokens seen" if by_tokens else "epoch")
     axes.set_ylabel("perplexity")
     if records and max(r.train_ppl for r in records) > 20 * min(r.train_ppl for r in records):
         axes.set_yscale("log")

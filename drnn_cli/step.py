@@ -125,6 +125,7 @@ class StaticStep:
         self.carries_state = carries_state
         self.graph = graph
         self.ar, self.tar = ar, tar  # AWD-LSTM's activation penalties (train.ar / train.tar)
+        self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm (before clipping)
         self.inputs = torch.zeros((batch_rows, num_steps), dtype=torch.long, device=device)
         self.targets = torch.zeros_like(self.inputs)
         initial = model.begin_state(batch_rows, device)
@@ -185,7 +186,7 @@ class StaticStep:
         self.scaler.scale(objective).backward()
         if self.clip > 0:
             self.scaler.unscale_(self.optimizer)
-            clip_gradients(self.parameters, self.clip)
+            self.grad_norm = clip_gradients(self.parameters, self.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.carries_state:

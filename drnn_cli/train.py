@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from drnn_cli.averaging import WeightAverage
-from drnn_cli.batches import Shard, check_trainable, epoch_generator, training_batches
+from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_generator, training_batches
+from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, atomic_write_text, save_checkpoint
 from drnn_cli.config import Config, TrainConfig, dump_config
 from drnn_cli.data import Dataset
@@ -34,6 +35,7 @@ from drnn_cli.models import RNNLanguageModel, State, build_model, count_paramete
 from drnn_cli.plot import write_perplexity_plot
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
+from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 METRICS = "metrics.jsonl"
@@ -45,15 +47,23 @@ PLOT = "perplexity.png"
 # Pieces of one step
 
 
-def lr_factor(epoch: int, config: TrainConfig) -> float:
-    """Learning-rate multiplier for (0-based) ``epoch``: linear warm-up, then the schedule."""
+def lr_factor(epoch: float, config: TrainConfig, horizon: float | None = None) -> float:
+    """Learning-rate multiplier for (0-based) ``epoch``: linear warm-up, then the schedule.
+
+    Per epoch, ``epoch`` is an integer and cosine spans ``train.epochs``. Under ``train.max_steps``
+    it is the fractional epoch of the step about to be taken and cosine spans ``horizon``, the
+    epochs the run will take, so a step-budgeted run anneals fully.
+    """
     if epoch < config.warmup_epochs:
         return (epoch + 1) / (config.warmup_epochs + 1)
     progress = epoch - config.warmup_epochs
     if config.schedule == "step":
         return config.gamma ** (progress // config.step_size)
     if config.schedule == "cosine":
-        span = max(1, config.epochs - config.warmup_epochs)
+        if horizon is None:
+            span = max(1, config.epochs - config.warmup_epochs)
+        else:
+            span = max(horizon - config.warmup_epochs, 1e-9)
         floor = config.min_lr / config.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, span) / span))
     return 1.0
@@ -76,14 +86,21 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """One line of ``metrics.jsonl``."""
+    """One line of ``metrics.jsonl``: an epoch's end, or an evaluation inside an epoch.
 
-    epoch: int
+    ``epoch`` counts epochs done: an integer at an epoch's end, fractional (3.25) inside one, where
+    ``train_ppl`` and ``tokens_per_s`` cover the epoch so far. ``step`` counts optimizer steps and
+    ``tokens_seen`` training tokens since the run began (both 0 in lines written before they existed).
+    """
+
+    epoch: float
     train_ppl: float
     val_ppl: float | None
     lr: float
     tokens_per_s: float
     elapsed: float
+    step: int = 0
+    tokens_seen: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -103,6 +120,8 @@ class TrainResult:
     parameters: int
     samples: dict[str, str] = field(default_factory=dict)
     stopped_early: bool = False
+    stop_reason: StopReason = "epochs"
+    steps: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The ``drnn train --json`` object (GUIDE §1)."""
@@ -118,6 +137,8 @@ class TrainResult:
             "world_size": self.world_size,
             "parameters": self.parameters,
             "stopped_early": self.stopped_early,
+            "stop_reason": self.stop_reason,
+            "steps": self.steps,
             "samples": self.samples,
         }
 
@@ -129,6 +150,7 @@ class Reporter(Protocol):
     def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None: ...
     def samples(self, epoch: int, samples: dict[str, str]) -> None: ...
     def note(self, message: str) -> None: ...
+    def step(self, status: StepStatus) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -145,12 +167,39 @@ class SilentReporter:
     def note(self, message: str) -> None:
         pass
 
+    def step(self, status: StepStatus) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class StepStatus:
+    """Where a run stands inside an epoch, for a progress bar (sent a few times a second)."""
+
+    epoch: int  # 0-based epoch in progress
+    step_in_epoch: int  # steps done in it
+    steps_in_epoch: int
+    global_step: int
+    seconds_left: float | None  # to the first budget (max_time, or max_steps at the current pace)
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
+
+
+@dataclass(frozen=True)
+class _Cadences:
+    """When evaluations, 'last' checkpoints, samples and log lines happen (epochs or steps)."""
+
+    eval: Cadence
+    checkpoint: Cadence
+    sample: Cadence
+    log: Cadence
+
+    def due_at_step(self, global_step: int) -> bool:
+        return any(c.due_at_step(global_step) for c in (self.eval, self.checkpoint, self.sample, self.log))
 
 
 @dataclass
@@ -220,6 +269,19 @@ class Trainer:
         self.bad_evals = 0
         self.elapsed = 0.0
         self.progress = _EpochProgress()
+        train = config.train
+        self.global_step = 0  # optimizer steps since the run began (across resumes)
+        self.tokens_seen = 0
+        self.budget = Budget(train.max_steps, train.max_time)
+        self.cadence = _Cadences(
+            Cadence.of(train.eval_every),
+            Cadence.of(train.checkpoint_every),
+            Cadence.of(train.sample_every),
+            Cadence.of(train.log_every),
+        )
+        self._steps_per_epoch = 0
+        self.stopped_mid_epoch: StopReason | None = None
+        self.last_grad_norm: torch.Tensor | None = None
         if resume is not None:
             self._restore(resume)
         if cuda_graph:
@@ -239,6 +301,12 @@ class Trainer:
             ar=config.train.ar,
             tar=config.train.tar,
         )
+        self.tensorboard: TensorBoardLog | None = None
+        if train.tensorboard and self.dist.is_main:  # refused in one line without the package
+            self.tensorboard = open_tensorboard(
+                run_dir, device, self.global_step if resume is not None else None
+            )
+        self._first_step = self.global_step
         self._stop_signal: int | None = None
         self._last_plot = 0.0
         self._plot_ok = True
@@ -254,6 +322,8 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "bad_evals": self.bad_evals,
             "elapsed": self.elapsed,
+            "global_step": self.global_step,
+            "tokens_seen": self.tokens_seen,
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -305,6 +375,12 @@ class Trainer:
         self.best_val_ppl = checkpoint.best_val_ppl
         self.bad_evals = int(state.get("bad_evals", 0))
         self.elapsed = float(state.get("elapsed", 0.0))
+        if "global_step" in state:
+            self.global_step = int(state["global_step"])
+        else:  # a checkpoint written before step counts existed: estimated from epoch 0's length
+            self.global_step = checkpoint.epoch * self.steps_per_epoch + checkpoint.step_in_epoch
+        data = self.config.data
+        self.tokens_seen = int(state.get("tokens_seen", self.global_step * data.batch_size * data.num_steps))
         partial = state.get("epoch_progress")
         if partial is not None and checkpoint.step_in_epoch:
             carried = partial["state"]
@@ -330,7 +406,8 @@ class Trainer:
             for line in path.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(ValueError, TypeError):
                     record = EpochRecord(**json.loads(line))
-                    if record.epoch <= self.start_epoch:
+                    # Lines past the checkpoint are dropped; old lines (step 0) are placed by epoch.
+                    if record.step <= self.global_step if record.step else record.epoch <= self.start_epoch:
                         records.append(record)
         return records
 
@@ -350,6 +427,8 @@ class Trainer:
         if self.dist.is_main:
             with (self.run_dir / METRICS).open("a", encoding="utf-8") as stream:
                 stream.write(record.to_json() + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.add_record(record)
 
     def _update_plot(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -395,13 +474,9 @@ class Trainer:
 
     # ----- the loop --------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int) -> tuple[float, float]:
-        """Train one epoch; returns (train perplexity, tokens per second)."""
+    def _batches(self, epoch: int) -> EpochBatches:
         data = self.config.data
-        factor = lr_factor(epoch, self.config.train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.config.train.lr * factor
-        batches = training_batches(
+        return training_batches(
             self.train_tokens,
             data.sampling,
             data.batch_size,
@@ -409,6 +484,39 @@ class Trainer:
             epoch_generator(self.config.train.seed, epoch),
             self.shard,
         )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Minibatches in epoch 0, which stands for every epoch (sequential offsets change the count by
+        at most one): a step budget's schedule converts steps to epochs with it."""
+        if not self._steps_per_epoch:
+            self._steps_per_epoch = len(self._batches(0))
+        return self._steps_per_epoch
+
+    def _set_lr(self, epoch: int) -> None:
+        """Per epoch, as d2l; under ``max_steps`` at the fractional epoch of the next step."""
+        train = self.config.train
+        if train.max_steps:
+            position = self.global_step / self.steps_per_epoch
+            horizon = min(train.epochs, train.max_steps / self.steps_per_epoch)
+            factor = lr_factor(position, train, horizon)
+        else:
+            factor = lr_factor(epoch, train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = train.lr * factor
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """Train one epoch; returns (train perplexity, tokens per second).
+
+        A budget or patience may end the epoch early at a step-cadence boundary, after a final
+        validation and checkpoint: ``stopped_mid_epoch`` then names why, and the figures returned
+        cover the epoch so far.
+        """
+        train = self.config.train
+        self.stopped_mid_epoch = None
+        lr_per_step = bool(train.max_steps) and (train.schedule != "constant" or train.warmup_epochs > 0)
+        self._set_lr(epoch)
+        batches = self._batches(epoch)
         progress, self.progress = self.progress, _EpochProgress()
         if progress.loss_sum is None:
             progress.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -419,11 +527,15 @@ class Trainer:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
             torch.manual_seed((self.config.train.seed * 1_000_003 + epoch) * 1_009 + self.dist.rank)
         started = time.perf_counter() - progress.elapsed
+        shown = 0.0
         self.model.train()
         for step, (x, y) in enumerate(batches):
             if step < progress.step:
                 continue  # resuming mid-epoch: these minibatches were trained before the stop
+            if lr_per_step:
+                self._set_lr(epoch)
             loss = self.static_step(x, y)  # the state carry happens inside the step
+            self.last_grad_norm = self.static_step.grad_norm
             if self.average is not None:
                 self.average.update(self.model, active=epoch >= self.config.train.average_start)
             progress.loss_sum += loss.double() * y.numel()
@@ -432,14 +544,43 @@ class Trainer:
             )
             progress.count += y.numel()
             progress.step = step + 1
+            self.global_step += 1
+            self.tokens_seen += y.numel() * self.dist.world_size
+            if self.tensorboard is not None and self.last_grad_norm is not None:
+                self.tensorboard.add_grad_norm(self.last_grad_norm)  # summed on the device, no sync
             if self._stop_requested(progress.step):
                 self._check_finite(epoch, progress)
                 progress.state = self.static_step.carried_state() if batches.carries_state else None
                 progress.elapsed = time.perf_counter() - started
                 self._interrupt(epoch, progress)
-        # One all-reduce and one host read per epoch: loss, token count, and how many ranks saw a
-        # non-finite loss (so a NaN on one rank stops every rank, not just that one).
-        assert progress.first_bad_step is not None
+            stop = self._budget_reached()
+            if progress.step < len(batches) and (stop or self.cadence.due_at_step(self.global_step)):
+                # A boundary inside the epoch; the epoch's last step is handled by fit at its end.
+                progress.state = self.static_step.carried_state() if batches.carries_state else None
+                progress.elapsed = time.perf_counter() - started
+                paused = time.perf_counter()
+                stop = self._inside_epoch(epoch, progress, len(batches), stop)
+                started += time.perf_counter() - paused  # evaluating is not training time
+                if stop is not None:
+                    self.stopped_mid_epoch = stop
+                    break
+            now = time.monotonic()
+            if now - shown >= 0.5:
+                shown = now
+                self.reporter.step(
+                    StepStatus(epoch, progress.step, len(batches), self.global_step, self._seconds_left())
+                )
+        seconds = time.perf_counter() - started
+        loss_sum, count = self._totals(epoch, progress)
+        self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
+        return perplexity(loss_sum, count), count / max(seconds, 1e-9)
+
+    def _totals(self, epoch: int, progress: _EpochProgress) -> tuple[float, float]:
+        """(Σ loss·n, n) over the epoch so far on all ranks: the one host read of a boundary.
+
+        It also counts the ranks that saw a non-finite loss, so a NaN on one rank stops every rank.
+        """
+        assert progress.loss_sum is not None and progress.first_bad_step is not None
         totals = torch.stack(
             [
                 progress.loss_sum,
@@ -455,9 +596,82 @@ class Trainer:
                 f"the loss became NaN or infinite at epoch {epoch + 1} on another process; training stopped "
                 f"and the last good checkpoint in {self.run_dir} was kept. Lower train.lr, or keep train.clip > 0"
             )
-        seconds = time.perf_counter() - started
-        self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
-        return perplexity(loss_sum, count), count / max(seconds, 1e-9)
+        return loss_sum, count
+
+    def _budget_reached(self, vote_now: bool = False) -> StopReason | None:
+        reason = self.budget.reached(self.global_step)
+        if not self.dist.enabled or reason == "max_steps" or not self.budget.max_time:
+            return reason  # step counts are the same on every rank
+        if not vote_now and self.global_step % STOP_VOTE_EVERY:
+            return None
+        # Clocks differ between ranks: they vote, so all of them stop after the same step.
+        flag = torch.tensor([1.0 if reason else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return "max_time" if flag.item() else None
+
+    def _seconds_left(self) -> float | None:
+        """Time to the first budget: max_time's clock, or the remaining steps at this session's pace."""
+        left = self.budget.seconds_left()
+        done = self.global_step - self._first_step
+        if self.budget.max_steps and done > 0:
+            pace = self.budget.elapsed() / done
+            by_steps = max(0, self.budget.max_steps - self.global_step) * pace
+            left = by_steps if left is None else min(left, by_steps)
+        return left
+
+    def _judge(self, val_ppl: float | None, epoch: int, progress: _EpochProgress | None = None) -> None:
+        """Keep the best checkpoint; count evaluations without improvement for patience."""
+        if val_ppl is None:
+            return
+        if self.best_val_ppl is None or val_ppl < self.best_val_ppl:
+            self.best_val_ppl, self.bad_evals = val_ppl, 0
+            self._save(BEST, epoch, progress)
+        else:
+            self.bad_evals += 1
+
+    def _inside_epoch(
+        self, epoch: int, progress: _EpochProgress, steps_in_epoch: int, stop: StopReason | None
+    ) -> StopReason | None:
+        """A step-cadence boundary (or a budget's end) inside ``epoch``: evaluate, log, checkpoint.
+
+        Checkpoints here carry ``progress`` (the step in the epoch, the carried state, the loss sums),
+        as a signal's do, so a run resumed from one continues exactly.
+        """
+        train = self.config.train
+        loss_sum, count = self._totals(epoch, progress)
+        global_step = self.global_step
+        val_ppl = None
+        if stop is not None or self.cadence.eval.due_at_step(global_step):
+            val_ppl = self._validate()
+            self._judge(val_ppl, epoch, progress)
+            if stop is None and train.patience and self.bad_evals >= train.patience:
+                stop = "patience"
+        record = EpochRecord(
+            round(epoch + progress.step / steps_in_epoch, 6),
+            perplexity(loss_sum, count),
+            val_ppl,
+            self.optimizer.param_groups[0]["lr"],
+            count / max(progress.elapsed, 1e-9),
+            self.elapsed + progress.elapsed,
+            global_step,
+            self.tokens_seen,
+        )
+        if val_ppl is not None or stop is not None:
+            self._append_metrics(record)
+        if val_ppl is not None or stop is not None or self.cadence.log.due_at_step(global_step):
+            self.reporter.epoch_end(record, self.best_val_ppl)
+        if stop is not None or self.cadence.checkpoint.due_at_step(global_step):
+            self._save(LAST, epoch, progress)
+        if stop is None and self.dist.is_main and self.cadence.sample.due_at_step(global_step):
+            self._report_samples(epoch)
+        self._update_plot(force=stop is not None)
+        return stop
+
+    def _report_samples(self, epochs_done: int) -> None:
+        samples = self._samples()
+        self.reporter.samples(epochs_done, samples)
+        if self.tensorboard is not None:
+            self.tensorboard.add_samples(samples, self.global_step)
 
     def _check_finite(self, epoch: int, progress: _EpochProgress) -> None:
         assert progress.first_bad_step is not None
@@ -498,12 +712,14 @@ class Trainer:
         return samples
 
     def _validate(self) -> float | None:
+        """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens."""
         if len(self.val_tokens) < 2:
             return None
         data = self.config.data
+        limit = self.config.train.eval_tokens
         result = evaluate(
             self.evaluated_model,
-            self.val_tokens,
+            self.val_tokens[: limit + 1] if limit else self.val_tokens,  # N predictions need N + 1 tokens
             data.batch_size,
             data.num_steps,
             self.device,
@@ -512,7 +728,8 @@ class Trainer:
         return result.perplexity
 
     def fit(self) -> TrainResult:
-        """Train from ``start_epoch`` to ``train.epochs``; checkpoints, metrics and plot kept current."""
+        """Train from ``start_epoch`` until ``train.epochs``, a budget or patience ends the run;
+        checkpoints, metrics and plot kept current."""
         train = self.config.train
         self._write_run_files()
         parameters = count_parameters(self.model)
@@ -520,48 +737,67 @@ class Trainer:
         train_ppl = self.records[-1].train_ppl if self.records else float("nan")
         val_ppl = self.records[-1].val_ppl if self.records else None
         tokens_per_s = 0.0
-        stopped_early = False
+        stop_reason: StopReason = "epochs"
+        self.budget.start()
+        already = self.budget.reached(self.global_step)  # resumed with a step budget already spent
+        if already is not None:
+            stop_reason, val_ppl = already, self._validate()
         with self._signals():
-            for epoch in range(self.start_epoch, train.epochs):
+            for epoch in range(self.start_epoch, train.epochs if already is None else 0):
                 train_ppl, tokens_per_s = self.train_epoch(epoch)
+                if self.stopped_mid_epoch is not None:
+                    stop_reason, val_ppl = self.stopped_mid_epoch, self.records[-1].val_ppl
+                    break
                 done = epoch + 1
-                val_ppl = self._validate() if done % train.eval_every == 0 or done == train.epochs else None
-                improved = val_ppl is not None and (self.best_val_ppl is None or val_ppl < self.best_val_ppl)
-                if improved:
-                    self.best_val_ppl, self.bad_evals = val_ppl, 0
-                    self._save(BEST, done)
-                elif val_ppl is not None:
-                    self.bad_evals += 1
+                budget_stop = self._budget_reached(vote_now=True)
+                final = done == train.epochs or budget_stop is not None
+                evaluate_now = self.cadence.eval.due_at_epoch_end(done, self.global_step) or final
+                val_ppl = self._validate() if evaluate_now else None
+                self._judge(val_ppl, done)
                 record = EpochRecord(
-                    done, train_ppl, val_ppl, self.optimizer.param_groups[0]["lr"], tokens_per_s, self.elapsed
+                    done,
+                    train_ppl,
+                    val_ppl,
+                    self.optimizer.param_groups[0]["lr"],
+                    tokens_per_s,
+                    self.elapsed,
+                    self.global_step,
+                    self.tokens_seen,
                 )
                 self._append_metrics(record)
                 stopped_early = bool(train.patience and self.bad_evals >= train.patience)
-                last_epoch = done == train.epochs or stopped_early
-                if done % train.checkpoint_every == 0 or last_epoch:
+                last_epoch = final or stopped_early
+                if self.cadence.checkpoint.due_at_epoch_end(done, self.global_step) or last_epoch:
                     self._save(LAST, done)
                 self.reporter.epoch_end(record, self.best_val_ppl)
                 if (
                     self.dist.is_main
-                    and train.sample_every
-                    and done % train.sample_every == 0
+                    and self.cadence.sample.due_at_epoch_end(done, self.global_step)
                     and not last_epoch
                 ):
-                    self.reporter.samples(done, self._samples())
+                    self._report_samples(done)
                 self._update_plot(force=last_epoch)
                 # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
                 if self._stop_requested() if self.dist.enabled else self._stop_signal is not None:
                     self._interrupt(done, _EpochProgress())
                 if stopped_early:
-                    self.reporter.note(
-                        f"early stop: validation perplexity has not improved for {train.patience} evaluations"
-                    )
+                    stop_reason = "patience"
                     break
+                if budget_stop is not None:
+                    stop_reason = budget_stop
+                    break
+        if stop_reason == "patience":
+            self.reporter.note(
+                f"early stop: validation perplexity has not improved for {train.patience} evaluations"
+            )
         samples = self._samples() if self.dist.is_main else {}
+        if self.tensorboard is not None:
+            self.tensorboard.add_samples(samples, self.global_step)
+            self.tensorboard.close()
         self.reporter.finish()
         return TrainResult(
             run_dir=self.run_dir,
-            epochs=self.records[-1].epoch if self.records else self.start_epoch,
+            epochs=int(self.records[-1].epoch) if self.records else self.start_epoch,
             start_epoch=self.start_epoch,
             train_ppl=train_ppl,
             val_ppl=val_ppl,
@@ -571,7 +807,9 @@ class Trainer:
             world_size=self.dist.world_size,
             parameters=parameters,
             samples=samples,
-            stopped_early=stopped_early,
+            stopped_early=stop_reason == "patience",
+            stop_reason=stop_reason,
+            steps=self.global_step,
         )
 
 

@@ -15,7 +15,8 @@ def allowed(annotation: object) -> str:
     choices = get_args(annotation)
     if choices and all(isinstance(choice, str) for choice in choices):
         return " \\| ".join(f"`{choice}`" for choice in choices)
-    return getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
+    name = getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
+    return name.replace(" | ", " \\| ")  # a union's bar would split the Markdown table cell
 
 
 def main() -> None:

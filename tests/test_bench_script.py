@@ -74,3 +74,4 @@ def test_data_scale_benchmark_measures_a_fresh_process(bench, corpus_path, capsy
     result = report["results"]["d2l"]
     assert report["file_bytes"] <= 0.5 * (1 << 20) and result["vocab_size"] == 28
     assert result["seconds"] > 0 and result["peak_rss_mib"] >= result["baseline_rss_mib"] > 0
+    assert result["cached"] is False and result["cached_seconds"] > 0  # under 1 MiB: never cached

@@ -68,13 +68,17 @@ INVALID = {
     "train.device": ("tpu", "'auto', 'cpu' or 'cuda'"),
     "train.precision": ("fp8", "'fp32', 'bf16' or 'fp16'"),
     "train.cuda_graph": ("sometimes", "'auto', 'on' or 'off'"),
-    "train.sample_every": (-1, "greater than or equal to 0"),
+    "train.sample_every": (-1, "integer number of epochs (≥ 0) or 'N steps'"),
     "train.sample_prefixes": ([""], "non-empty"),
     "train.sample_chars": (-1, "greater than or equal to 0"),
-    "train.eval_every": (0, "greater than or equal to 1"),
+    "train.eval_every": (0, "integer number of epochs (≥ 1) or 'N steps'"),
     "train.patience": (-1, "greater than or equal to 0"),
-    "train.checkpoint_every": (0, "greater than or equal to 1"),
-    "train.log_every": (-2, "greater than or equal to 0"),
+    "train.checkpoint_every": ("0 steps", "at least 1 step"),
+    "train.log_every": ("5 minutes", "integer number of epochs (≥ 0) or 'N steps'"),
+    "train.max_steps": (-1, "greater than or equal to 0"),
+    "train.max_time": ("soon", "a duration such as 90s, 10m or 2h"),
+    "train.eval_tokens": (-1, "greater than or equal to 0"),
+    "train.tensorboard": ("maybe", "valid boolean"),
 }
 
 

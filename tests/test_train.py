@@ -91,7 +91,11 @@ def test_run_directory_holds_config_vocab_checkpoints_metrics_plot_and_latest_ma
     assert (run / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3]
-    assert set(lines[0]) == {"epoch", "train_ppl", "val_ppl", "lr", "tokens_per_s", "elapsed"}
+    assert set(lines[0]) == {
+        "epoch", "train_ppl", "val_ppl", "lr", "tokens_per_s", "elapsed", "step", "tokens_seen"
+    }  # fmt: skip
+    # 1600 training tokens in 8 rows of ≤ 199 → 19 minibatches of 8 × 10 tokens per epoch
+    assert [(line["step"], line["tokens_seen"]) for line in lines] == [(19, 1520), (38, 3040), (57, 4560)]
     assert lines[-1]["train_ppl"] == pytest.approx(result.train_ppl)
     assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
     assert (workdir / "runs" / "latest").read_text().strip() == str(run.resolve())

@@ -1,0 +1,129 @@
+"""How long a run may train and how often it reports: durations, step/time budgets, cadences.
+
+A budget (``train.max_steps``, ``train.max_time``) ends a run by itself at a step boundary; a cadence
+(``eval_every: 500 steps`` or ``eval_every: 2``, meaning epochs) says when something happens. Both are
+parsed here so that the schema (config.py) and the loop (train.py) share one definition.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)?\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
+_CADENCE = re.compile(r"^\s*(\d+)\s*(steps?|epochs?)\s*$")
+
+Unit = Literal["epochs", "steps"]
+
+
+def parse_duration(value: object) -> float:
+    """``90`` / ``"90s"`` / ``"10m"`` / ``"2h"`` → seconds; a ValueError names the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 90s, 10m or 2h (0 = no limit)")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError("must be a duration such as 90s, 10m or 2h (0 = no limit)")
+        unit = (match.group(2) or "s")[0]
+        seconds = float(match.group(1)) * _SECONDS[unit]
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError("must be a duration of 0 or more seconds, such as 90s, 10m or 2h")
+    return seconds
+
+
+def parse_cadence(value: object, allow_zero: bool) -> int | str:
+    """A plain integer (epochs, as before) or ``"N steps"`` / ``"N epochs"``, normalised.
+
+    ``N epochs`` becomes the integer N, so configs written before steps existed read the same and
+    the stored config.yaml keeps plain integers for epoch cadences; ``N steps`` stays ``"N steps"``.
+    """
+    least = 0 if allow_zero else 1
+    problem = f"must be an integer number of epochs (≥ {least}) or 'N steps', e.g. 500 steps"
+    if isinstance(value, bool):
+        raise ValueError(problem)
+    if isinstance(value, int):
+        if value < least:
+            raise ValueError(problem)
+        return value
+    match = _CADENCE.match(str(value))
+    if match is None:
+        raise ValueError(problem)
+    count, unit = int(match.group(1)), match.group(2)
+    if unit.startswith("epoch"):
+        if count < least:
+            raise ValueError(problem)
+        return count
+    if count < 1:
+        raise ValueError("a step cadence needs at least 1 step, e.g. 500 steps")
+    return f"{count} steps"
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """``every`` epochs or steps; ``every == 0`` means never (only where the key allows 0)."""
+
+    every: int
+    unit: Unit
+
+    @classmethod
+    def of(cls, value: int | str) -> Cadence:
+        if isinstance(value, int):
+            return cls(value, "epochs")
+        return cls(int(str(value).split()[0]), "steps")
+
+    @property
+    def in_steps(self) -> bool:
+        return self.unit == "steps" and self.every > 0
+
+    def due_at_step(self, global_step: int) -> bool:
+        """True after optimizer step ``global_step`` (1-based count) for a step cadence."""
+        return self.in_steps and global_step % self.every == 0
+
+    def due_at_epoch_end(self, epochs_done: int, global_step: int) -> bool:
+        if self.every == 0:
+            return False
+        if self.unit == "epochs":
+            return epochs_done % self.every == 0
+        return global_step % self.every == 0
+
+
+StopReason = Literal["epochs", "max_steps", "max_time", "patience"]
+
+
+@dataclass
+class Budget:
+    """The first of ``max_steps`` optimizer steps (in total, across resumes) and ``max_time``
+    seconds of wall-clock time (this invocation, from its first step) that is reached ends the run."""
+
+    max_steps: int = 0  # 0 = no limit
+    max_time: float = 0.0  # seconds; 0 = no limit
+    started: float = 0.0
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def seconds_left(self) -> float | None:
+        return max(0.0, self.max_time - self.elapsed()) if self.max_time else None
+
+    def reached(self, global_step: int) -> StopReason | None:
+        if self.max_steps and global_step >= self.max_steps:
+            return "max_steps"
+        if self.max_time and self.elapsed() >= self.max_time:
+            return "max_time"
+        return None
+
+
+def format_duration(seconds: float) -> str:
+    """``4:05`` / ``1:02:03``: how the progress line shows the time left to a budget."""
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,0 +1,84 @@
+"""TensorBoard logs of a run (``train.tensorboard: true``): scalars and samples under RUN/tensorboard/.
+
+``tensorboard`` is an optional extra (``pip install 'drnn[tensorboard]'``); without it the option is
+refused before training starts. Gradient norms are summed on the device at every step and read
+only when a metrics line is logged, so logging adds no host sync to the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drnn_cli.errors import DrnnError
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorBoardLog:
+    """One SummaryWriter, opened at the first event; the x axis of every scalar is the optimizer step."""
+
+    def __init__(
+        self, writer_class: Any, log_dir: Path, device: torch.device, resume_step: int | None
+    ) -> None:
+        self._writer_class = writer_class
+        self._writer: Any = None
+        self.log_dir = log_dir
+        self.resume_step = resume_step  # None: a fresh run, whose old event files are dropped
+        self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.grad_norm_count = 0
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
+            if self.resume_step is None and self.log_dir.is_dir():
+                for stale in self.log_dir.glob("events.out.tfevents.*"):
+                    stale.unlink()
+            # purge_step hides events a resumed run is about to write again (steps past its checkpoint).
+            self._writer = self._writer_class(log_dir=str(self.log_dir), purge_step=self.resume_step)
+        return self._writer
+
+    def add_grad_norm(self, norm: torch.Tensor) -> None:
+        self.grad_norm_sum += norm.double()
+        self.grad_norm_count += 1
+
+    def add_record(self, record: Any) -> None:
+        """A metrics.jsonl line (train.EpochRecord) and the mean gradient norm since the last one."""
+        scalars = {
+            "perplexity/train": record.train_ppl,
+            "perplexity/validation": record.val_ppl,
+            "learning_rate": record.lr,
+            "tokens_per_s": record.tokens_per_s,
+        }
+        if self.grad_norm_count:
+            scalars["gradient_norm"] = float(self.grad_norm_sum) / self.grad_norm_count
+            self.grad_norm_sum.zero_()
+            self.grad_norm_count = 0
+        for tag, value in scalars.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, record.step)
+        self.writer.flush()
+
+    def add_samples(self, samples: dict[str, str], step: int) -> None:
+        for prefix, text in samples.items():
+            self.writer.add_text(f"samples/{prefix}", text, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def open_tensorboard(run_dir: Path, device: torch.device, resume_step: int | None) -> TensorBoardLog:
+    """A log for ``run_dir/tensorboard`` (nothing written yet); a one-line DrnnError without the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DrnnError(
+            "train.tensorboard needs the tensorboard package: pip install 'drnn[tensorboard]', "
+            "or set train.tensorboard: false"
+        ) from None
+    return TensorBoardLog(SummaryWriter, run_dir / TENSORBOARD_DIR, device, resume_step)

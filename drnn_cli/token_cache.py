@@ -1,0 +1,183 @@
+"""The token cache: a big corpus is read, preprocessed, counted and encoded once, then memory-mapped.
+
+An entry is keyed by the text's SHA-1, ``data.preprocess``, ``data.token`` and the vocabulary (the one
+built with ``data.min_freq``, or a fixed one from a checkpoint), so changing any of them builds a new
+entry. It lives in ``$DRNN_DATA_DIR/token-cache/`` when that is set, else in ``.drnn-cache/`` beside the
+text, as two files: ``NAME.tokens`` (the raw index array) and ``NAME.json`` (dtype, length, vocabulary),
+each written to a temporary file and renamed, the JSON last, so a reader never sees half an entry.
+Texts under ``MIN_CACHED_BYTES`` are not cached: they encode faster than a cache would help.
+Deleting the directory is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from drnn_cli.checkpoint import atomic_write_text
+from drnn_cli.config import DataConfig
+from drnn_cli.corpus import DATA_DIR_ENV, file_sha1
+from drnn_cli.vocab import Vocab
+
+FORMAT = 1
+MIN_CACHED_BYTES = 1 << 20
+RACY_SECONDS = 2.0  # a file modified this close to its hashing may change again within one mtime tick
+_DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
+_WRITE_CHUNK = 1 << 26  # bytes per write: the array is never copied whole
+
+
+@dataclass(frozen=True)
+class EncodedCorpus:
+    """All tokens of a text (before ``max_tokens``) with the vocabulary that encoded them."""
+
+    vocab: Vocab
+    tokens: torch.Tensor
+    unknown: Counter[str]
+
+
+def cache_dir(text: Path) -> Path:
+    root = os.environ.get(DATA_DIR_ENV)
+    return Path(root) / "token-cache" if root else text.resolve().parent / ".drnn-cache"
+
+
+def wants_cache(text: Path) -> bool:
+    try:
+        return text.stat().st_size >= MIN_CACHED_BYTES
+    except OSError:
+        return False
+
+
+def text_sha1(text: Path) -> str:
+    """The file's SHA-1, remembered by (size, mtime) for cached texts so a reuse does not rehash 1 GB.
+
+    A remembered hash is trusted only if the file was last modified well before it was hashed, so
+    a rewrite within one mtime tick of the hashing cannot hide behind an unchanged timestamp.
+    """
+    if not wants_cache(text):
+        return file_sha1(text)
+    stat = text.stat()
+    stamp = cache_dir(text) / f"{text.stem}-{_digest(str(text.resolve()))[:16]}.sha1"
+    try:
+        known = json.loads(stamp.read_text(encoding="utf-8"))
+        if (
+            known["size"] == stat.st_size
+            and known["mtime_ns"] == stat.st_mtime_ns
+            and known["hashed_at_ns"] - stat.st_mtime_ns > RACY_SECONDS * 1e9
+        ):
+            return str(known["sha1"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    hashed_at = time.time_ns()
+    sha1 = file_sha1(text)
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hashed_at_ns": hashed_at, "sha1": sha1}
+    _try_write(stamp, json.dumps(record))
+    return sha1
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _key(sha1: str, config: DataConfig, vocab: Vocab | None) -> dict[str, object]:
+    return {
+        "format": FORMAT,
+        "sha1": sha1,
+        "preprocess": config.preprocess,
+        "token": config.token,
+        "vocab": _digest(vocab.to_json()) if vocab is not None else f"built, min_freq {config.min_freq}",
+    }
+
+
+def _paths(text: Path, key: dict[str, object]) -> tuple[Path, Path]:
+    name = f"{text.stem}-{_digest(json.dumps(key, sort_keys=True))[:20]}"
+    directory = cache_dir(text)
+    return directory / f"{name}.tokens", directory / f"{name}.json"
+
+
+def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus | None:
+    """The cached encoding of ``text`` for these keys, memory-mapped; None when there is none.
+
+    A fixed vocabulary (``--resume``, ``drnn eval``) that is the one the text itself builds reuses that
+    entry: with ``min_freq`` 0 every token is in it, so the encoding is the same and nothing is unknown.
+    """
+    if not wants_cache(text):
+        return None
+    found = _load_entry(text, _key(sha1, config, vocab))
+    if found is None and vocab is not None and config.min_freq == 0:
+        built = _load_entry(text, _key(sha1, config, None))
+        if built is not None and built.vocab.idx_to_token == vocab.idx_to_token:
+            return EncodedCorpus(vocab, built.tokens, Counter())
+    return found
+
+
+def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
+    tokens_path, meta_path = _paths(text, key)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        dtype = _DTYPES[meta["dtype"]]
+        length = int(meta["length"])
+        if meta["key"] != key or tokens_path.stat().st_size != length * dtype.itemsize:
+            return None
+        # shared=False maps the file copy-on-write: pages are read as the trainer touches them.
+        tokens = torch.from_file(str(tokens_path), shared=False, size=length, dtype=dtype)
+        return EncodedCorpus(Vocab.from_dict(meta["vocab"]), tokens, Counter(meta["unknown"]))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None
+
+
+def store(
+    text: Path, sha1: str, config: DataConfig, fixed_vocab: Vocab | None, corpus: EncodedCorpus
+) -> None:
+    """Keep ``corpus`` for the next run; a cache that cannot be written is skipped, never fatal."""
+    if not wants_cache(text):
+        return
+    key = _key(sha1, config, fixed_vocab)
+    tokens_path, meta_path = _paths(text, key)
+    dtype = next(name for name, value in _DTYPES.items() if value == corpus.tokens.dtype)
+    meta = {
+        "key": key,
+        "text": str(text.resolve()),
+        "dtype": dtype,
+        "length": len(corpus.tokens),
+        "vocab": corpus.vocab.to_dict(),
+        "unknown": dict(corpus.unknown),
+    }
+    try:
+        tokens_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_tensor(tokens_path, corpus.tokens)
+        atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))  # last: it marks the entry whole
+    except OSError:
+        return
+
+
+def _write_tensor(path: Path, tokens: torch.Tensor) -> None:
+    """The raw array through a temporary file and a rename, a few MiB at a time."""
+    data = tokens.contiguous().view(torch.uint8)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with partial.open("wb") as handle:
+            for start in range(0, len(data), _WRITE_CHUNK):
+                piece = data[start : start + _WRITE_CHUNK]
+                buffer = bytearray(len(piece))
+                torch.frombuffer(buffer, dtype=torch.uint8).copy_(piece)
+                handle.write(buffer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _try_write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError:
+        pass

@@ -1,0 +1,292 @@
+"""Long runs: step and time budgets, step cadences, capped validation, stop reasons."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from drnn_cli.budget import Cadence, parse_cadence, parse_duration
+from drnn_cli.checkpoint import load_checkpoint
+from drnn_cli.commands import TrainRequest, train_run
+from drnn_cli.config import TrainConfig, load_config
+from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged
+from drnn_cli.train import EpochRecord, SilentReporter, Trainer, lr_factor
+
+# 1600 training tokens (val_fraction 0.2 of 2000) in 8 rows → 19 minibatches of 8 × 10 per epoch
+STEPS_PER_EPOCH = 19
+TINY = {
+    "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.2},
+    "model": {"cell": "lstm", "hidden_size": 24, "num_layers": 2, "dropout": 0.2},
+    "train": {"epochs": 3, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"},
+}
+
+
+def write_config(directory: Path, tree: dict = TINY) -> Path:
+    path = directory / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def train(config: Path, *overrides: str, **request) -> object:
+    return train_run(TrainRequest(config_path=config, overrides=overrides, **request))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def test_durations_take_seconds_minutes_and_hours():
+    assert [parse_duration(v) for v in ("90s", "10m", "2h", "1.5m", 45, "30", 0)] == [
+        90.0, 600.0, 7200.0, 90.0, 45.0, 30.0, 0.0
+    ]  # fmt: skip
+    for bad in ("ten minutes", "-5s", "5d", True, "nan"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
+
+
+def test_cadences_are_epochs_by_default_or_steps():
+    assert parse_cadence(3, allow_zero=False) == 3
+    assert parse_cadence("2 epochs", allow_zero=False) == 2
+    assert parse_cadence("500 steps", allow_zero=False) == "500 steps"
+    assert parse_cadence("1 step", allow_zero=True) == "1 steps"
+    assert parse_cadence(0, allow_zero=True) == 0
+    assert Cadence.of("500 steps") == Cadence(500, "steps") and Cadence.of(2) == Cadence(2, "epochs")
+    assert [Cadence.of("5 steps").due_at_step(s) for s in (4, 5, 10)] == [False, True, True]
+    assert not Cadence.of(1).due_at_step(5)  # an epoch cadence never fires inside an epoch
+    for bad in (0, "0 steps", "5 minutes", "steps", -1):
+        with pytest.raises(ValueError):
+            parse_cadence(bad, allow_zero=False)
+
+
+def test_config_parses_budgets_and_cadences_and_names_bad_keys():
+    config = load_config(
+        None,
+        ["train.max_time=10m", "train.eval_every=500 steps", "train.max_steps=20000", "train.log_every=2"],
+    )
+    assert config.train.max_time == 600.0 and config.train.max_steps == 20000
+    assert config.train.eval_every == "500 steps" and config.train.log_every == 2
+    assert load_config(None, ["train.checkpoint_every=3 epochs"]).train.checkpoint_every == 3
+    with pytest.raises(
+        ConfigError, match=r"train.eval_every: must be an integer number of epochs .* 'N steps'"
+    ):
+        load_config(None, ["train.eval_every=often"])
+    with pytest.raises(ConfigError, match=r"train.max_time: must be a duration such as 90s, 10m or 2h"):
+        load_config(None, ["train.max_time=soon"])
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, ["train.max_steps=-1"])
+
+
+def test_cosine_under_a_step_budget_spans_the_steps_the_run_takes():
+    cosine = TrainConfig(epochs=100, lr=1.0, schedule="cosine", min_lr=0.1)
+    assert lr_factor(0.0, cosine, horizon=0.5) == pytest.approx(1.0)
+    assert lr_factor(0.25, cosine, horizon=0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(0.5, cosine, horizon=0.5) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step budget
+
+
+def test_max_steps_stops_after_exactly_n_steps_inside_an_epoch(workdir: Path):
+    result = train(write_config(workdir), "train.max_steps=25", "train.epochs=50")
+    run = workdir / "runs" / "tiny"
+    assert (result.stop_reason, result.steps, result.epochs) == ("max_steps", 25, 1)
+    summary = result.summary()
+    assert summary["stop_reason"] == "max_steps" and summary["steps"] == 25
+    last = load_checkpoint(run / "last.safetensors")
+    assert (last.epoch, last.step_in_epoch, last.trainer_state["global_step"]) == (
+        1,
+        25 - STEPS_PER_EPOCH,
+        25,
+    )
+    lines = metrics(run)
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 19), (round(1 + 6 / 19, 6), 25)]
+    assert lines[-1]["val_ppl"] == result.val_ppl and lines[-1]["tokens_seen"] == 25 * 80
+    assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
+
+
+def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
+    train(write_config(workdir), "train.max_steps=30", "train.schedule=cosine", "train.min_lr=0.001")
+    last = metrics(workdir / "runs" / "tiny")[-1]
+    horizon = 30 / STEPS_PER_EPOCH  # the 30th step is taken at epoch 29/19 of a 30/19-epoch run
+    expected = 0.001 + (0.01 - 0.001) * 0.5 * (1 + math.cos(math.pi * (29 / STEPS_PER_EPOCH) / horizon))
+    assert last["lr"] == pytest.approx(expected, rel=1e-12)
+    assert last["lr"] < 0.0011
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "last.safetensors").model_state
+
+
+def test_step_budget_interrupted_and_resumed_ends_bit_identical(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    config = write_config(workdir)
+    overrides = ("train.max_steps=30", "train.schedule=cosine", "train.eval_every=7 steps")
+    straight = train(config, *overrides, run_dir=Path("runs/straight"))
+    assert straight.stop_reason == "max_steps" and straight.steps == 30
+
+    original = Trainer._stop_requested
+
+    def stop_at_global_step_23(self: Trainer, *args: object) -> bool:
+        if self.global_step == 23:
+            self._stop_signal = 15
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_stop_requested", stop_at_global_step_23)
+    with pytest.raises(DrnnError, match="stopped by SIGTERM at epoch 2, step 4"):
+        train(config, *overrides, run_dir=Path("runs/split"))
+    monkeypatch.setattr(Trainer, "_stop_requested", original)
+    resumed = train(config, *overrides, run_dir=Path("runs/split"), resume=True)
+    assert resumed.steps == 30 and resumed.stop_reason == "max_steps"
+    a, b = _weights(workdir / "runs/straight"), _weights(workdir / "runs/split")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert metrics(workdir / "runs/split") == [
+        {**line, "elapsed": line2["elapsed"], "tokens_per_s": line2["tokens_per_s"]}
+        for line, line2 in zip(
+            metrics(workdir / "runs/straight"), metrics(workdir / "runs/split"), strict=True
+        )
+    ]
+    assert resumed.best_val_ppl == straight.best_val_ppl
+
+
+def test_resuming_a_spent_step_budget_trains_nothing(workdir: Path):
+    config = write_config(workdir)
+    train(config, "train.max_steps=10")
+    before = _weights(workdir / "runs/tiny")
+    again = train(config, "train.max_steps=10", resume=True)
+    assert (again.stop_reason, again.steps) == ("max_steps", 10)
+    after = _weights(workdir / "runs/tiny")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step cadence
+
+
+def test_step_cadence_evaluates_and_checkpoints_inside_an_epoch(workdir: Path):
+    result = train(
+        write_config(workdir), "train.epochs=1", "train.eval_every=5 steps", "train.checkpoint_every=5 steps"
+    )
+    lines = metrics(workdir / "runs" / "tiny")
+    assert [line["step"] for line in lines] == [5, 10, 15, 19]
+    assert [line["epoch"] for line in lines] == [round(s / 19, 6) for s in (5, 10, 15)] + [1]
+    assert all(line["val_ppl"] is not None for line in lines)  # the last epoch always validates
+    assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
+    best = load_checkpoint(workdir / "runs" / "tiny" / "best.safetensors")
+    assert best.best_val_ppl == result.best_val_ppl
+
+
+def test_patience_counts_step_evaluations(workdir: Path):
+    result = train(
+        write_config(workdir),
+        "train.epochs=40",
+        "train.lr=0.05",
+        "train.eval_every=3 steps",
+        "train.patience=2",
+    )
+    lines = [line for line in metrics(workdir / "runs" / "tiny") if line["val_ppl"] is not None]
+    assert result.stop_reason == "patience" and result.stopped_early
+    best = min(range(len(lines)), key=lambda i: lines[i]["val_ppl"])
+    assert len(lines) == best + 3  # the best evaluation, then two without improvement
+
+
+def test_eval_tokens_caps_validation_while_training(workdir: Path):
+    from drnn_cli.commands import evaluate_split, load_model
+    from drnn_cli.data import load_dataset
+    from drnn_cli.evaluate import evaluate
+
+    train(write_config(workdir), "train.epochs=1", "train.eval_tokens=100")
+    run = workdir / "runs" / "tiny"
+    loaded = load_model(run, None, "cpu")
+    val = load_dataset(loaded.checkpoint.config.data, vocab=loaded.checkpoint.vocab).splits.val
+    capped = evaluate(loaded.model, val[:101], 8, 10, loaded.device)
+    assert capped.tokens == 100
+    assert metrics(run)[-1]["val_ppl"] == pytest.approx(capped.perplexity, rel=1e-12)
+    assert evaluate_split(loaded, "val").result.tokens == len(val) - 1 == 399  # drnn eval reads all
+
+
+class PoisonAtStep5(SilentReporter):
+    """Makes every loss after step 5 NaN, as a run diverging inside an epoch would."""
+
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+
+    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
+        if record.step == 5 and self.trainer is not None:
+            with torch.no_grad():
+                self.trainer.model.decoder.bias.fill_(float("nan"))
+
+
+def test_nan_is_noticed_at_the_next_step_boundary(workdir: Path):
+    from drnn_cli.data import load_dataset
+
+    config = load_config(write_config(workdir), ["train.log_every=5 steps"])
+    reporter = PoisonAtStep5()
+    trainer = Trainer(config, load_dataset(config.data), workdir / "run", torch.device("cpu"), reporter)
+    reporter.trainer = trainer
+    with pytest.raises(TrainingDiverged, match="NaN or infinite at epoch 1, step 6"):
+        trainer.fit()
+    assert trainer.global_step == 10  # read at the next log boundary, not at the epoch's end (19)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time budget, end to end
+
+
+def test_time_budget_stops_by_itself_and_eval_matches_best(workdir: Path, corpus_path: Path, cli):
+    text = workdir / "big.txt"
+    text.write_bytes(corpus_path.read_bytes() * 6)  # ~1 MB
+    tree = {
+        "data": {
+            "path": str(text),
+            "preprocess": "none",
+            "batch_size": 16,
+            "num_steps": 20,
+            "val_fraction": 0.01,
+        },
+        "model": {"cell": "gru", "hidden_size": 16, "num_layers": 1},
+        "train": {
+            "optimizer": "adam",
+            "lr": 0.01,
+            "sample_every": 0,
+            "device": "cpu",
+            "eval_every": "50 steps",
+        },
+    }
+    (workdir / "big.yaml").write_text(yaml.safe_dump(tree))
+    code, out, err = cli("train", "--config", "big.yaml", "--set", "train.max_time=3s", "--json")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stop_reason"] == "max_time" and summary["epochs"] == 0 and summary["steps"] > 0
+    run = workdir / "runs" / "big"
+    lines = metrics(run)
+    assert lines[-1]["step"] == summary["steps"] and lines[-1]["elapsed"] < 3.0 + 1.0
+    assert summary["best_val_ppl"] == min(line["val_ppl"] for line in lines)
+    code, out, err = cli("eval", "--run", str(run), "--split", "val", "--json")
+    assert code == 0, err
+    assert json.loads(out)["perplexity"] == pytest.approx(summary["best_val_ppl"], rel=1e-9)
+
+
+def test_metrics_written_before_step_counts_are_kept_on_resume(workdir: Path):
+    config = write_config(workdir)
+    train(config, "train.epochs=1")
+    path = workdir / "runs" / "tiny" / "metrics.jsonl"
+    old = [
+        {k: v for k, v in line.items() if k not in {"step", "tokens_seen"}} for line in metrics(path.parent)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in old))  # as an earlier drnn wrote it
+    train(config, "train.epochs=2", resume=True)
+    lines = metrics(path.parent)
+    assert [(line["epoch"], line["step"]) for line in lines] == [(1, 0), (2, 2 * STEPS_PER_EPOCH)]
+    assert lines[0]["val_ppl"] == old[0]["val_ppl"]
+    assert (path.parent / "perplexity.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,76 @@
+"""TensorBoard logs (train.tensorboard): the scalars and samples, read back from the event file."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drnn_cli.commands import TrainRequest, train_run
+from drnn_cli.errors import DrnnError
+
+TINY = {
+    "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.2},
+    "model": {"cell": "gru", "hidden_size": 16, "num_layers": 1},
+    "train": {"epochs": 1, "optimizer": "adam", "lr": 0.01, "device": "cpu", "sample_chars": 5},
+}
+
+
+def train(directory: Path, *overrides: str) -> object:
+    config = directory / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    return train_run(TrainRequest(config_path=config, overrides=overrides))
+
+
+def test_scalars_and_samples_are_in_the_event_file(workdir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(
+        workdir,
+        "train.tensorboard=true",
+        "train.eval_every=5 steps",
+        "train.sample_every=10 steps",
+        "train.sample_prefixes=[the]",
+    )
+    run = workdir / "runs" / "tiny"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {
+        "perplexity/train",
+        "perplexity/validation",
+        "learning_rate",
+        "tokens_per_s",
+        "gradient_norm",
+    } <= set(tags["scalars"])
+    steps = [line["step"] for line in lines]
+    assert steps == [5, 10, 15, 19]
+    for tag, key in (
+        ("perplexity/validation", "val_ppl"),
+        ("perplexity/train", "train_ppl"),
+        ("learning_rate", "lr"),
+    ):
+        logged = [(event.step, event.value) for event in events.Scalars(tag)]
+        assert [step for step, _ in logged] == steps
+        assert [value for _, value in logged] == pytest.approx([line[key] for line in lines], rel=1e-6)
+    norms = [event.value for event in events.Scalars("gradient_norm")]
+    assert len(norms) == 4 and all(math.isfinite(norm) and norm > 0 for norm in norms)
+    samples = events.Tensors("samples/the/text_summary")
+    assert [event.step for event in samples] == [10, 19]  # at step 10, and the final samples
+    text = samples[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("the") and len(text) == len("the") + 5
+
+
+def test_without_the_package_the_option_is_refused_in_one_line(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(DrnnError, match=r"pip install 'drnn\[tensorboard\]'") as error:
+        train(workdir, "train.tensorboard=true")
+    assert "\n" not in str(error.value)
+    assert not (workdir / "runs" / "tiny").exists()

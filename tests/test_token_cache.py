@@ -1,0 +1,131 @@
+"""The token cache: a big text is encoded once, memory-mapped after, rebuilt when a key changes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from drnn_cli import data as data_module
+from drnn_cli.config import DataConfig
+from drnn_cli.data import load_dataset
+from drnn_cli.token_cache import MIN_CACHED_BYTES
+from drnn_cli.vocab import Vocab
+
+
+@pytest.fixture
+def big_text(workdir: Path, corpus_path: Path) -> Path:
+    text = workdir / "big.txt"
+    text.write_bytes(corpus_path.read_bytes() * 6)  # 1.07 MB: over the 1 MiB threshold
+    assert text.stat().st_size >= MIN_CACHED_BYTES
+    return text
+
+
+def entries(workdir: Path) -> list[Path]:
+    return sorted((workdir / "data" / "token-cache").glob("*.json"))
+
+
+def no_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_args: object) -> None:
+        raise AssertionError("the text was encoded again instead of read from the cache")
+
+    monkeypatch.setattr(data_module, "_encode", fail)
+
+
+def test_second_load_is_memory_mapped_from_the_cache(workdir: Path, big_text: Path, monkeypatch):
+    config = DataConfig(path=str(big_text), preprocess="none", val_fraction=0.1)
+    first = load_dataset(config)
+    assert [p.name.split("-")[0] for p in entries(workdir)] == ["big"]
+    no_encoding(monkeypatch)
+    again = load_dataset(config)
+    assert torch.equal(first.tokens, again.tokens) and again.tokens.dtype == torch.uint8
+    assert again.vocab.idx_to_token == first.vocab.idx_to_token
+    assert again.vocab.token_freqs == first.vocab.token_freqs
+    assert (again.sha1, again.total_tokens) == (first.sha1, len(big_text.read_text()))
+    assert torch.equal(again.splits.val, first.splits.val)
+    tokens_file = entries(workdir)[0].with_suffix(".tokens")
+    assert tokens_file.stat().st_size == first.total_tokens  # one byte per character token
+
+
+def test_a_changed_preprocessing_token_vocabulary_or_text_builds_a_new_entry(
+    workdir: Path, big_text: Path, monkeypatch
+):
+    base = DataConfig(path=str(big_text), preprocess="none")
+    load_dataset(base)
+    load_dataset(DataConfig(path=str(big_text), preprocess="d2l"))
+    load_dataset(DataConfig(path=str(big_text), preprocess="none", token="word"))
+    load_dataset(DataConfig(path=str(big_text), preprocess="none", min_freq=5))
+    assert len(entries(workdir)) == 4
+    big_text.write_bytes(big_text.read_bytes() + b"one more line\n")
+    grown = load_dataset(base)
+    assert len(entries(workdir)) == 5 and grown.tokens[-14:].tolist() == [
+        grown.vocab[c] for c in "one more line\n"
+    ]
+    no_encoding(monkeypatch)
+    assert torch.equal(load_dataset(base).tokens, grown.tokens)  # the grown text's own entry
+
+
+def test_a_fixed_vocabulary_keeps_its_unknown_counts_in_the_cache(workdir: Path, big_text: Path, monkeypatch):
+    vocab = Vocab(["<unk>", *"abcdefghijklmnopqrstuvwxyz "])
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config, vocab=vocab)
+    assert first.unknown["T"] > 0 and first.unknown_tokens > 0
+    no_encoding(monkeypatch)
+    again = load_dataset(config, vocab=vocab)
+    assert again.unknown == first.unknown and isinstance(again.unknown, Counter)
+    assert torch.equal(again.tokens, first.tokens)
+
+
+def test_a_torn_entry_is_rebuilt(workdir: Path, big_text: Path):
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config)
+    tokens_file = entries(workdir)[0].with_suffix(".tokens")
+    tokens_file.write_bytes(tokens_file.read_bytes()[:1000])
+    again = load_dataset(config)
+    assert torch.equal(again.tokens, first.tokens)
+    assert tokens_file.stat().st_size == first.total_tokens
+
+
+def test_a_text_rewritten_within_one_mtime_tick_is_hashed_again(workdir: Path, big_text: Path):
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config)
+    stamp = os.stat(big_text)
+    content = bytearray(big_text.read_bytes())
+    content[:4] = b"XYZW"  # same size
+    big_text.write_bytes(bytes(content))
+    os.utime(big_text, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # and the same timestamp
+    again = load_dataset(config)
+    assert again.sha1 != first.sha1
+    assert again.vocab.to_tokens(again.tokens[:4]) == list("XYZW")
+
+
+def test_an_old_stable_text_reuses_its_remembered_hash(workdir: Path, big_text: Path, monkeypatch):
+    old = 1_600_000_000_000_000_000
+    os.utime(big_text, ns=(old, old))  # modified long before it is hashed: the stamp can be trusted
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config)
+    stamps = list((workdir / "data" / "token-cache").glob("*.sha1"))
+    assert len(stamps) == 1 and json.loads(stamps[0].read_text())["sha1"] == first.sha1
+    monkeypatch.setattr("drnn_cli.token_cache.file_sha1", lambda _path: pytest.fail("hashed again"))
+    assert load_dataset(config).sha1 == first.sha1
+
+
+def test_small_texts_are_not_cached(workdir: Path):
+    load_dataset(DataConfig(preprocess="none"))  # the 179 kB Time Machine
+    assert entries(workdir) == []
+
+
+def test_resume_and_eval_reuse_the_entry_of_the_vocabulary_the_text_builds(
+    workdir: Path, big_text: Path, monkeypatch
+):
+    config = DataConfig(path=str(big_text), preprocess="none")
+    built = load_dataset(config)
+    no_encoding(monkeypatch)
+    fixed = Vocab.from_json(built.vocab.to_json())  # as a checkpoint stores it
+    again = load_dataset(config, vocab=fixed)
+    assert torch.equal(again.tokens, built.tokens) and again.unknown == Counter()
+    assert len(entries(workdir)) == 1

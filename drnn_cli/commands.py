@@ -196,6 +196,7 @@ def train_run(
         config.train.device = request.device  # type: ignore[assignment]
     run_dir = request.run_dir or default_run_dir(request.config_path)
     dist = init_distributed(config.train.device)
+    finished = False
     try:
         device = resolve_device(config.train.device, dist.local_rank)
         created = not run_dir.exists()
@@ -203,14 +204,16 @@ def train_run(
         if lock is not None:
             lock.acquire()
         try:
-            return _train_locked(request, config, run_dir, device, dist, reporter, progress, on_ready)
+            result = _train_locked(request, config, run_dir, device, dist, reporter, progress, on_ready)
+            finished = True
+            return result
         finally:
             if lock is not None:
                 lock.release()
                 if created and run_dir.is_dir() and not any(run_dir.iterdir()):
                     run_dir.rmdir()  # a run that failed before writing anything leaves nothing behind
     finally:
-        shutdown_distributed(dist)
+        shutdown_distributed(dist, finished)
 
 
 def _train_locked(

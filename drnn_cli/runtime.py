@@ -94,8 +94,13 @@ def init_distributed(device_choice: str) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, launched=launched)
 
 
-def shutdown_distributed(context: DistContext) -> None:
+def shutdown_distributed(context: DistContext, finished: bool = False) -> None:
+    """Leave the process group. After a finished run, first wait for every rank: rank 0 still writes
+    samples and the summary when the others are done, and a rank that tears down its gloo pairs while
+    a peer still holds them can abort at exit ("terminate called without an active exception")."""
     if context.enabled and torch_dist.is_initialized():
+        if finished:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,19 +22,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 
 from drnn_cli import __version__
-from drnn_cli.commands import (
-    TrainRequest,
-    describe_data,
-    evaluate_split,
-    load_model,
-    predict,
-    train_run,
-)
 from drnn_cli.config import Config, load_config
-from drnn_cli.decode import DecodeOptions
 from drnn_cli.errors import DrnnError
-from drnn_cli.runtime import launched_rank
-from drnn_cli.train import EpochRecord
+from drnn_cli.signals import exit_on_signals, guard_stdout
+
+if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
+    from drnn_cli.train import EpochRecord
 
 app = typer.Typer(
     name="drnn",
@@ -143,6 +136,8 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
 
     Example: drnn data --config configs/lstm2.yaml --set data.token=word
     """
+    from drnn_cli.commands import describe_data
+
     out, _ = _consoles(json_out)
     resolved = load_config(config, set_ or [])
     with _download_progress(out) as hook:
@@ -246,7 +241,12 @@ def train_command(
     ] = None,
     max_unknown: Annotated[
         float,
-        typer.Option("--max-unknown", help="With --init-from: largest share of tokens allowed to be <unk>."),
+        typer.Option(
+            "--max-unknown",
+            min=0.0,
+            max=1.0,
+            help="With --init-from: largest share of tokens allowed to be <unk>.",
+        ),
     ] = 0.01,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run in the run directory.")
@@ -257,6 +257,9 @@ def train_command(
 
     Example: drnn train --config configs/quick.yaml --set train.epochs=5
     """
+    from drnn_cli.commands import TrainRequest, train_run
+    from drnn_cli.runtime import launched_rank
+
     out, _ = _consoles(json_out)
     request = TrainRequest(
         config_path=config,
@@ -335,6 +338,9 @@ def predict_command(
 
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """
+    from drnn_cli.commands import load_model, predict
+    from drnn_cli.decode import DecodeOptions
+
     options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
     loaded = load_model(run, checkpoint, device)
     token = loaded.checkpoint.config.data.token
@@ -389,6 +395,8 @@ def eval_command(
     """
     if split is not None and split not in {"train", "val", "test"}:
         raise DrnnError(f"--split must be train, val or test (got {split!r})")
+    from drnn_cli.commands import evaluate_split, load_model
+
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device)
     if split is None:
@@ -408,34 +416,49 @@ def eval_command(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the app; turn every failure into one line on stderr and an exit code."""
+    """Run the app; turn every failure into one line on stderr and an exit code.
+
+    SIGINT/SIGTERM are handled from the first line (the torch import included): outside the training
+    loop, which checkpoints first, they end the command with one line and exit 130 / 143. A closed
+    stdout (``drnn train | head -1``) is a SIGPIPE: training checkpoints and stops, others exit 141.
+    """
     errors = Console(stderr=True, highlight=False)
-    try:
-        app(args=argv, prog_name="drnn", standalone_mode=False)
-    except DrnnError as error:
-        errors.print(f"drnn: error: {error}", markup=False, soft_wrap=True)
-        sys.exit(error.exit_code)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        errors.print("drnn: interrupted", markup=False)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        errors.print("drnn: interrupted", markup=False)
-        sys.exit(130)
-    except Exception as error:
-        if _is_usage_error(error):
-            _report_usage_error(error, errors)
-        # anything else is a bug: still one line, unless asked for the traceback
-        if os.environ.get("DRNN_DEBUG"):
-            traceback.print_exc()
-        errors.print(
-            f"drnn: internal error: {type(error).__name__}: {' '.join(str(error).split())} "
-            f"(rerun with drnn --debug ... for the traceback)",
-            markup=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
+    with exit_on_signals() as stopped, guard_stdout():
+        try:
+            app(args=argv, prog_name="drnn", standalone_mode=False)
+        except DrnnError as error:
+            errors.print(f"drnn: error: {error}", markup=False, soft_wrap=True)
+            sys.exit(error.exit_code)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
+        except (typer.Abort, KeyboardInterrupt):
+            errors.print("drnn: interrupted (SIGINT)", markup=False)
+            sys.exit(130)
+        except stopped as signalled:
+            if signalled.quiet:
+                sys.exit(signalled.exit_code)
+            errors.print(f"drnn: interrupted ({signalled.name})", markup=False)
+            sys.exit(signalled.exit_code)
+        except OSError as error:
+            # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
+            where = f" {error.filename}" if error.filename else ""
+            errors.print(
+                f"drnn: error: cannot access{where}: {error.strerror or error}", markup=False, soft_wrap=True
+            )
+            sys.exit(1)
+        except Exception as error:
+            if _is_usage_error(error):
+                _report_usage_error(error, errors)
+            # anything else is a bug: still one line, unless asked for the traceback
+            if os.environ.get("DRNN_DEBUG"):
+                traceback.print_exc()
+            errors.print(
+                f"drnn: internal error: {type(error).__name__}: {' '.join(str(error).split())[:500]} "
+                f"(rerun with drnn --debug ... for the traceback)",
+                markup=False,
+                soft_wrap=True,
+            )
+            sys.exit(1)
 
 
 def _is_usage_error(error: Exception) -> bool:

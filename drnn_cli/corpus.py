@@ -18,6 +18,7 @@ import requests
 import torch
 
 from drnn_cli.errors import DrnnError
+from drnn_cli.files import require_regular_file
 
 DEFAULT_DATA_DIR = "data"
 DATA_DIR_ENV = "DRNN_DATA_DIR"
@@ -157,12 +158,9 @@ def _download(url: str, partial: Path, progress: ProgressHook | None, timeout: f
 
 def read_text(path: Path) -> str:
     """The file as text, with one-line errors for the usual problems."""
+    require_regular_file(path, "corpus file", "name a UTF-8 text file")  # not /dev/zero, a FIFO, a folder
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DrnnError(f"corpus file {path} does not exist; fix data.path") from None
-    except IsADirectoryError:
-        raise DrnnError(f"corpus path {path} is a directory; data.path must name a text file") from None
     except OSError as exc:
         raise DrnnError(f"cannot read corpus file {path}: {exc.strerror}") from None
     try:

@@ -24,7 +24,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from drnn_cli.batches import Shard, check_trainable, epoch_generator, training_batches
-from drnn_cli.checkpoint import BEST, LAST, Checkpoint, atomic_write_text, save_checkpoint
+from drnn_cli.checkpoint import (
+    BEST,
+    LAST,
+    Checkpoint,
+    NonFiniteCheckpoint,
+    atomic_write_text,
+    save_checkpoint,
+)
 from drnn_cli.config import Config, TrainConfig, dump_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
@@ -34,7 +41,8 @@ from drnn_cli.models import RNNLanguageModel, State, build_model, count_paramete
 from drnn_cli.plot import write_perplexity_plot
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 
-SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# SIGPIPE: stdout was closed (drnn train | head); drnn_cli.signals raises it on the first failed write.
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGPIPE: 141}
 METRICS = "metrics.jsonl"
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
 PLOT = "perplexity.png"
@@ -295,7 +303,20 @@ class Trainer:
 
     def _save(self, name: str, epoch: int, progress: _EpochProgress | None = None) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress))
+            try:
+                save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress))
+            except NonFiniteCheckpoint:
+                raise TrainingDiverged(
+                    f"the weights became NaN or infinite by epoch {epoch}; training stopped and {self._kept()}. "
+                    f"Lower train.lr, or keep train.clip > 0"
+                ) from None
+
+    def _kept(self) -> str:
+        """What the divergence message may truthfully promise: checkpoints are never non-finite."""
+        last = self.run_dir / LAST
+        if last.is_file():
+            return f"the last good checkpoint {last} was kept"
+        return f"no checkpoint was written (the first is due at epoch {self.config.train.checkpoint_every})"
 
     # ----- run directory ---------------------------------------------------------------------
 
@@ -445,7 +466,7 @@ class Trainer:
             self._check_finite(epoch, progress)
             raise TrainingDiverged(
                 f"the loss became NaN or infinite at epoch {epoch + 1} on another process; training stopped "
-                f"and the last good checkpoint in {self.run_dir} was kept. Lower train.lr, or keep train.clip > 0"
+                f"and {self._kept()}. Lower train.lr, or keep train.clip > 0"
             )
         seconds = time.perf_counter() - started
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
@@ -457,7 +478,7 @@ class Trainer:
         if bad >= 0:
             raise TrainingDiverged(
                 f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}; training stopped and "
-                f"the last good checkpoint in {self.run_dir} was kept. Lower train.lr, or keep train.clip > 0"
+                f"{self._kept()}. Lower train.lr, or keep train.clip > 0"
             )
 
     def _interrupt(self, epoch: int, progress: _EpochProgress) -> None:

@@ -51,7 +51,7 @@ def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None
     """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed)."""
     if config.path:
         path = Path(config.path).expanduser()
-        require_regular_file(path, "corpus file", "data.path must name a UTF-8 text file")
+        require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
         return path, file_sha1(path)
     corpus = fetch_corpus(config.corpus, progress=progress)
     return corpus.path, corpus.sha1

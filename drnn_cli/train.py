@@ -313,10 +313,10 @@ class Trainer:
 
     def _kept(self) -> str:
         """What the divergence message may truthfully promise: checkpoints are never non-finite."""
-        last = self.run_dir / LAST
-        if last.is_file():
-            return f"the last good checkpoint {last} was kept"
-        return f"no checkpoint was written (the first is due at epoch {self.config.train.checkpoint_every})"
+        kept = [self.run_dir / name for name in (LAST, BEST) if (self.run_dir / name).is_file()]
+        if kept:
+            return f"the last good checkpoint {' and '.join(map(str, kept))} was kept"
+        return "no checkpoint was written"
 
     # ----- run directory ---------------------------------------------------------------------
 

@@ -195,13 +195,18 @@ def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path
 # 3. The run lock raced (file created, then the pid written)
 
 
-def _contend(directory: str, start: multiprocessing.synchronize.Barrier, tried, results, trials: int):
+def _contend(directory: str, ready, go_at, tried, results, trials: int) -> None:
+    """One contender: at each agreed instant (busy-waited, so both start within microseconds), try."""
     from drnn_cli.checkpoint import RunLock as Lock
     from drnn_cli.errors import DrnnError as Refused
 
+    ready.wait()
+    start = go_at.value
     for trial in range(trials):
         lock = Lock(Path(directory) / str(trial))
-        start.wait()
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        while time.time() < start + trial * 0.1:
+            pass
         try:
             lock.acquire()
         except Refused:
@@ -216,17 +221,20 @@ def _contend(directory: str, start: multiprocessing.synchronize.Barrier, tried, 
 def test_two_processes_never_both_hold_the_lock(tmp_path: Path):
     trials = 30
     context = multiprocessing.get_context("spawn")
-    start, tried, results = context.Barrier(2), context.Barrier(2), context.Queue()
+    ready, tried, results = context.Barrier(3), context.Barrier(2), context.Queue()
+    go_at = context.Value("d", 0.0)
     workers = [
-        context.Process(target=_contend, args=(str(tmp_path), start, tried, results, trials))
+        context.Process(target=_contend, args=(str(tmp_path), ready, go_at, tried, results, trials))
         for _ in range(2)
     ]
     for worker in workers:
         worker.start()
+    go_at.value = time.time() + 3.0  # after both interpreters have (most likely) started
+    ready.wait()
     outcomes = [results.get(timeout=60) for _ in range(2 * trials)]
     for worker in workers:
         worker.join(timeout=30)
-    holders = {trial: 0 for trial in range(trials)}
+    holders = dict.fromkeys(range(trials), 0)
     for trial, held in outcomes:
         holders[trial] += held
     assert set(holders.values()) == {1}, holders  # exactly one holder in every trial

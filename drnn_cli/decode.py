@@ -13,7 +13,7 @@ from drnn_cli.models import RNNLanguageModel
 from drnn_cli.vocab import Vocab
 
 MAX_NEW_TOKENS = 100_000
-MIN_TEMPERATURE = 1e-3  # below it, logits / T overflow to inf; greedy decoding is the T → 0 limit
+MIN_TEMPERATURE = 1e-6  # far below it logits / T overflow to inf; sampling is greedy long before
 MAX_TEMPERATURE = 1e3
 MAX_DECODE_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 

@@ -86,8 +86,14 @@ def swap_in(staging: Path, run_dir: Path) -> None:
     retired = run_dir.parent / f".{run_dir.name}.replaced-{os.getpid()}"
     try:
         os.replace(run_dir, retired)
+    except OSError as exc:
+        raise DrnnError(
+            f"cannot put the new run in place of {run_dir} ({exc.strerror}); the new run is in {staging}"
+        ) from None
+    try:
         os.replace(staging, run_dir)
     except OSError as exc:
+        os.replace(retired, run_dir)  # put the old run back where it was
         raise DrnnError(
             f"cannot put the new run in place of {run_dir} ({exc.strerror}); the new run is in {staging}"
         ) from None

@@ -146,7 +146,7 @@ def test_checksum_mismatch_names_url_and_hashes_and_leaves_nothing(
     [
         (["predict", ""], ("prefix is empty",)),
         (["predict", "time", "-n", "-1"], ("-n/--num-chars", "0..100,000")),
-        (["predict", "time", "--sample", "--temperature", "0"], ("--temperature", "[0.001, 1000]")),
+        (["predict", "time", "--sample", "--temperature", "0"], ("--temperature", "[1e-06, 1000]")),
         (["predict", "time", "--top-k", "0"], ("--top-k", ">= 1")),
         (["predict", "time 2 travel"], ()),  # digits vanish under d2l preprocessing: accepted
         (["eval", "--split", "dev"], ("--split must be train, val or test",)),

@@ -24,7 +24,7 @@ from rich.table import Table
 from drnn_cli import __version__
 from drnn_cli.config import Config, load_config
 from drnn_cli.errors import DrnnError
-from drnn_cli.signals import exit_on_signals, guard_stdout
+from drnn_cli.signals import Signalled, exit_on_signals, guard_stdout
 
 if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
     from drnn_cli.train import EpochRecord
@@ -427,24 +427,22 @@ def main(argv: list[str] | None = None) -> None:
         try:
             app(args=argv, prog_name="drnn", standalone_mode=False)
         except DrnnError as error:
-            errors.print(f"drnn: error: {error}", markup=False, soft_wrap=True)
+            _say(errors, f"drnn: error: {error}")
             sys.exit(error.exit_code)
         except typer.Exit as done:
             sys.exit(done.exit_code)
         except (typer.Abort, KeyboardInterrupt):
-            errors.print("drnn: interrupted (SIGINT)", markup=False)
+            _say(errors, "drnn: interrupted (SIGINT)")
             sys.exit(130)
         except stopped as signalled:
             if signalled.quiet:
                 sys.exit(signalled.exit_code)
-            errors.print(f"drnn: interrupted ({signalled.name})", markup=False)
+            _say(errors, f"drnn: interrupted ({signalled.name})")
             sys.exit(signalled.exit_code)
         except OSError as error:
             # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
             where = f" {error.filename}" if error.filename else ""
-            errors.print(
-                f"drnn: error: cannot access{where}: {error.strerror or error}", markup=False, soft_wrap=True
-            )
+            _say(errors, f"drnn: error: cannot access{where}: {error.strerror or error}")
             sys.exit(1)
         except Exception as error:
             if _is_usage_error(error):
@@ -452,13 +450,18 @@ def main(argv: list[str] | None = None) -> None:
             # anything else is a bug: still one line, unless asked for the traceback
             if os.environ.get("DRNN_DEBUG"):
                 traceback.print_exc()
-            errors.print(
+            _say(
+                errors,
                 f"drnn: internal error: {type(error).__name__}: {' '.join(str(error).split())[:500]} "
                 f"(rerun with drnn --debug ... for the traceback)",
-                markup=False,
-                soft_wrap=True,
             )
             sys.exit(1)
+
+
+def _say(errors: Console, line: str) -> None:
+    """The one stderr line; a closed stderr (``drnn ... 2>&1 | head -1``) must not turn it into a traceback."""
+    with contextlib.suppress(OSError, Signalled):
+        errors.print(line, markup=False, soft_wrap=True)
 
 
 def _is_usage_error(error: Exception) -> bool:

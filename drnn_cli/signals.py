@@ -2,9 +2,9 @@
 
 Outside the training loop (which installs its own handlers so that it can write a checkpoint first),
 SIGINT and SIGTERM raise :class:`Signalled`, which the CLI turns into one line and exit 128 + signal.
-Writing to a closed stdout (``drnn train ... | head -1``) raises the SIGPIPE signal once and sends
-further output to /dev/null: training then stops like on SIGTERM, with a checkpoint; other commands
-exit 141 without a word, as Unix tools do.
+Writing to a closed stdout (``drnn train ... | head -1``) sends further output to /dev/null and, once,
+raises SIGPIPE for the training loop's handler (training stops like on SIGTERM, with a checkpoint) or,
+outside it, :class:`Signalled` (other commands exit 141 without a word, as Unix tools do).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Signalled(BaseException):
 
 @contextlib.contextmanager
 def exit_on_signals() -> Iterator[type[Signalled]]:
-    """Raise :class:`Signalled` on SIGINT/SIGTERM/SIGPIPE inside the block (main thread only)."""
+    """Raise :class:`Signalled` on SIGINT/SIGTERM inside the block (main thread only)."""
 
     def handler(signum: int, _frame: object) -> None:
         raise Signalled(signum)
@@ -77,8 +77,12 @@ class _PipeGuard:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
             os.close(devnull)
-        if hasattr(signal, "SIGPIPE"):
-            signal.raise_signal(signal.SIGPIPE)
+        if not hasattr(signal, "SIGPIPE"):
+            return
+        if callable(signal.getsignal(signal.SIGPIPE)):
+            signal.raise_signal(signal.SIGPIPE)  # the training loop's handler: checkpoint, then stop
+        else:
+            raise Signalled(signal.SIGPIPE)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -334,18 +334,21 @@ def test_importing_the_cli_does_not_import_torch():
     assert done.stdout.strip() == "False", done.stderr
 
 
-def test_a_closed_stdout_stops_training_with_a_checkpoint(workdir: Path):
+@pytest.mark.parametrize("stderr_too", [False, True], ids=["| head -1", "2>&1 | head -1"])
+def test_a_closed_stdout_stops_training_with_a_checkpoint(workdir: Path, stderr_too: bool):
     config = config_file(workdir, tiny(epochs=500, checkpoint_every=1000, log_every=1))
     process = subprocess.Popen(
         [sys.executable, "-m", "drnn_cli", "train", "--config", str(config)],
-        cwd=workdir, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=workdir, env=CHILD_ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
     process.stdout.readline()  # like `| head -1`
     process.stdout.close()
-    err = process.stderr.read()
+    err = "" if stderr_too else process.stderr.read()  # type: ignore[union-attr]
     assert process.wait(timeout=120) == 141, err
-    assert_one_line_error(141, err, "SIGPIPE", "--resume")
+    if not stderr_too:
+        assert_one_line_error(141, err, "SIGPIPE", "--resume")
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch >= 1
 
 

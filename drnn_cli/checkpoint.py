@@ -26,16 +26,19 @@ import os
 import socket
 import struct
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import filelock
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
+from drnn_cli.files import require_regular_file
 from drnn_cli.vocab import Vocab
 
 FORMAT = "drnn-checkpoint"
@@ -44,6 +47,12 @@ LAST = "last.safetensors"
 BEST = "best.safetensors"
 RUNS_ROOT = Path("runs")
 LATEST_MARKER = "latest"
+TEMPORARY_SUFFIX = ".tmp"
+LOCK_NAME = "train.lock"
+# A checkpoint header is JSON: its config, vocabulary and optimizer hyper-parameters. A word vocabulary
+# of a few hundred thousand entries fits in a few MiB; anything near these limits is not drnn's.
+MAX_HEADER_BYTES = 64 << 20
+MAX_HEADER_DEPTH = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,10 +62,19 @@ LATEST_MARKER = "latest"
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
 
-    A crash at any point leaves either the old file or the new one, never a mixture.
+    A crash at any point leaves either the old file or the new one, never a mixture (a process
+    killed mid-write can leave a ``.NAME.*.tmp`` beside it: :func:`remove_stale_temporaries`).
+    An OS error (full disk, read-only folder) becomes a one-line DrnnError naming the path.
     """
+    try:
+        _atomic_write(path, payload)
+    except OSError as exc:
+        raise DrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(handle, 0o666 & ~umask)  # mkstemp's 0600 would hide runs from the rest of a shared team
@@ -80,6 +98,18 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files a killed writer left; call it only while holding the run's lock."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in directory.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +174,9 @@ class Checkpoint:
         for name, value in self.model_state.items():
             tensors[f"model.{name}"] = value.detach().to("cpu", copy=True).contiguous()
         packed_state = pack_tree(self.trainer_state, "trainer", tensors)
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise NonFiniteCheckpoint(f"{bad} holds NaN or infinite values")
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -159,8 +192,25 @@ class Checkpoint:
         return save_safetensors(tensors, metadata={"drnn": json.dumps(header, ensure_ascii=False)})
 
 
+class NonFiniteCheckpoint(DrnnError):
+    """A checkpoint would hold a NaN or infinite tensor: it is never written, and never loaded."""
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor with a NaN or infinity, or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    atomic_write_bytes(path, checkpoint.to_bytes())
+    """Write ``checkpoint`` atomically; a NonFiniteCheckpoint leaves whatever ``path`` held untouched."""
+    try:
+        payload = checkpoint.to_bytes()
+    except NonFiniteCheckpoint as exc:
+        raise NonFiniteCheckpoint(f"refused to write {path}: {exc}") from None
+    atomic_write_bytes(path, payload)
 
 
 def _looks_like_pickle(head: bytes) -> bool:
@@ -170,14 +220,20 @@ def _looks_like_pickle(head: bytes) -> bool:
     )
 
 
-def _read_header(path: Path, payload: bytes) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Header:
+    drnn: dict[str, Any]  # drnn's own metadata
+    shapes: dict[str, tuple[int, ...]]  # every tensor's shape, as the safetensors header claims
+
+
+def _read_header(path: Path, payload: bytes) -> _Header:
     """The drnn metadata of a safetensors file, parsed as JSON and never executed.
 
     Files that are not drnn checkpoints are refused; pickles (which could run code when loaded)
     are named as such, and nothing in them is ever interpreted.
     """
-    drnn = _parse_metadata(payload)
-    if drnn is None:
+    header = _parse_metadata(payload)
+    if header is None:
         if _looks_like_pickle(payload[:8]):
             raise DrnnError(
                 f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
@@ -186,68 +242,126 @@ def _read_header(path: Path, payload: bytes) -> dict[str, Any]:
         raise DrnnError(
             f"checkpoint {path} is corrupt or not a drnn checkpoint; retrain or pick another file"
         )
-    if drnn.get("version") != FORMAT_VERSION:
+    if header.drnn.get("version") != FORMAT_VERSION:
         raise DrnnError(
-            f"checkpoint {path} has format version {drnn.get('version')}; this drnn reads {FORMAT_VERSION}"
+            f"checkpoint {path} has format version {header.drnn.get('version')}; this drnn reads {FORMAT_VERSION}"
         )
-    return drnn
+    return header
 
 
-def _parse_metadata(payload: bytes) -> dict[str, Any] | None:
+def _parse_metadata(payload: bytes) -> _Header | None:
     if len(payload) < 8:
         return None
     (length,) = struct.unpack("<Q", payload[:8])
-    if length > len(payload) - 8:
+    if length > len(payload) - 8 or length > MAX_HEADER_BYTES:
         return None
     try:
         header = json.loads(payload[8 : 8 + length])
         drnn = json.loads(header["__metadata__"]["drnn"])
-    except (ValueError, KeyError, TypeError):
+        shapes = {
+            name: tuple(int(size) for size in entry["shape"])
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None  # RecursionError: JSON nested deeper than the parser's stack
+    if not isinstance(drnn, dict) or drnn.get("format") != FORMAT or _too_deep(drnn, MAX_HEADER_DEPTH):
         return None
-    if not isinstance(drnn, dict) or drnn.get("format") != FORMAT:
-        return None
-    return drnn
+    return _Header(drnn, shapes)
+
+
+def _too_deep(tree: Any, limit: int) -> bool:
+    """Whether ``tree`` nests more than ``limit`` levels (checked without recursion)."""
+    pending = [(tree, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            pending.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            pending.extend((child, depth + 1) for child in node)
+    return False
+
+
+def expected_model_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes ``config`` implies, from a model built on the meta device (no memory)."""
+    from drnn_cli.models import build_model  # models imports config only; kept local to stay light
+
+    with torch.device("meta"):
+        model = build_model(vocab_size, config.model)
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
-    """Read a checkpoint onto ``device`` (a GPU-trained one loads fine on a CPU-only machine)."""
+    """Read a checkpoint onto ``device`` (a GPU-trained one loads fine on a CPU-only machine).
+
+    Before any tensor is materialised, the model shapes the header's config implies are compared
+    with the shapes the file holds, so a small file claiming a huge model is refused without
+    allocating it; a tensor holding NaN or infinity is refused after reading.
+    """
+    require_regular_file(path, "checkpoint", "train first or pass --run DIR / --checkpoint FILE")
     try:
         payload = path.read_bytes()
-    except FileNotFoundError:
-        raise DrnnError(f"checkpoint {path} does not exist; train first or pass --run/--checkpoint") from None
-    except IsADirectoryError:
-        raise DrnnError(f"{path} is a directory; pass it with --run, or name a .safetensors file") from None
     except OSError as exc:
         raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
     header = _read_header(path, payload)
+    drnn = header.drnn
+    try:
+        config = build_config(drnn["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
+    try:
+        vocab = Vocab.from_dict(drnn["vocab"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DrnnError(
+            f"checkpoint {path} is corrupt (unreadable vocabulary); retrain or pick another"
+        ) from None
+    _check_model_shapes(path, config, len(vocab), header.shapes)
     try:
         tensors = load_safetensors(payload)
     except Exception:  # safetensors raises its own error types for every malformation
         raise DrnnError(
             f"checkpoint {path} is corrupt (tensor data unreadable); retrain or pick another"
         ) from None
+    del payload
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise NonFiniteCheckpoint(
+            f"checkpoint {path} holds NaN or infinite values ({bad}); it cannot be used: retrain, or use "
+            f"another checkpoint"
+        )
     tensors = {key: value.to(device) for key, value in tensors.items()}
-    try:
-        config = build_config(header["config"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
     model_state = {key[len("model.") :]: value for key, value in tensors.items() if key.startswith("model.")}
     try:
         return Checkpoint(
             config=config,
-            vocab=Vocab.from_dict(header["vocab"]),
+            vocab=vocab,
             model_state=model_state,
-            epoch=int(header["epoch"]),
-            step_in_epoch=int(header.get("step_in_epoch", 0)),
-            best_val_ppl=header.get("best_val_ppl"),
-            trainer_state=unpack_tree(header.get("trainer_state", {}), tensors),
-            init_from=header.get("init_from"),
-            corpus_sha1=header.get("corpus_sha1"),
+            epoch=int(drnn["epoch"]),
+            step_in_epoch=int(drnn.get("step_in_epoch", 0)),
+            best_val_ppl=drnn.get("best_val_ppl"),
+            trainer_state=unpack_tree(drnn.get("trainer_state", {}), tensors),
+            init_from=drnn.get("init_from"),
+            corpus_sha1=drnn.get("corpus_sha1"),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise DrnnError(
             f"checkpoint {path} is corrupt (incomplete header); retrain or pick another file"
         ) from None
+
+
+def _check_model_shapes(
+    path: Path, config: Config, vocab_size: int, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    expected = expected_model_shapes(config, vocab_size)
+    held = {key[len("model.") :]: shape for key, shape in shapes.items() if key.startswith("model.")}
+    for name in sorted(set(expected) | set(held)):
+        if expected.get(name) != held.get(name):
+            raise DrnnError(
+                f"checkpoint {path} does not match its own model config: {name} should have shape "
+                f"{expected.get(name)} but the file holds {held.get(name)}; it is corrupt, retrain or pick another"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,18 +372,30 @@ def default_run_dir(config_path: Path) -> Path:
     return RUNS_ROOT / config_path.stem
 
 
-def mark_latest(run_dir: Path) -> None:
-    atomic_write_text(RUNS_ROOT / LATEST_MARKER, str(run_dir.resolve()) + "\n")
+def mark_latest(run_dir: Path) -> bool:
+    """Record ``run_dir`` as the latest run; False when the marker cannot be written (read-only cwd)."""
+    try:
+        atomic_write_text(RUNS_ROOT / LATEST_MARKER, str(run_dir.resolve()) + "\n")
+    except DrnnError:
+        return False
+    return True
 
 
 def latest_run() -> Path:
     marker = RUNS_ROOT / LATEST_MARKER
+    fix = "train one first (drnn train --config configs/quick.yaml) or pass --run DIR / --checkpoint FILE"
+    if not marker.exists():
+        raise DrnnError(f"no run to use: {marker} does not exist; {fix}")
     try:
+        require_regular_file(marker, "the latest-run marker", f"delete it and {fix}")
+        if marker.stat().st_size > 4096:
+            raise ValueError("too long for a path")
         text = marker.read_text(encoding="utf-8").strip()
-    except OSError:
+        if not text or "\n" in text or "\0" in text:
+            raise ValueError("not one path")
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         raise DrnnError(
-            f"no run to use: {marker} does not exist; train one first (drnn train --config configs/quick.yaml) "
-            f"or pass --run DIR / --checkpoint FILE"
+            f"the latest-run marker {marker} does not hold a run directory path; delete it and {fix}"
         ) from None
     return Path(text)
 
@@ -295,54 +421,38 @@ def resolve_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
 class RunLock:
     """Exclusive ownership of a run directory by one training process.
 
-    The lock file holds ``host pid``; a lock left by a process that no longer runs on this host is
-    stale and taken over, so a crash never leaves a run stuck.
+    An OS file lock (``filelock``: ``flock`` on POSIX) on ``train.lock``: taking it is one atomic
+    system call, and the kernel frees it when its process ends, even by SIGKILL, so a crash never
+    leaves a run stuck and two processes can never both hold it. The file stays after release and
+    names the last holder (``host pid``), for the message a refused training prints.
     """
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "train.lock"
+        self.path = run_dir / LOCK_NAME
         self.held = False
+        self._lock = filelock.FileLock(self.path, timeout=0, is_singleton=False, thread_local=False)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._owner_alive():
-                    owner = self.path.read_text(encoding="utf-8", errors="replace").strip()
-                    raise DrnnError(
-                        f"run directory {self.path.parent} is in use by another training ({owner}); wait for "
-                        f"it to finish or choose another --run DIR"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
-                continue
-            with os.fdopen(descriptor, "w") as stream:
-                stream.write(me + "\n")
-            self.held = True
-            return
-        raise DrnnError(f"cannot take the lock {self.path}; remove it if no training is running")
-
-    def _owner_alive(self) -> bool:
         try:
-            host, pid_text = self.path.read_text(encoding="utf-8").split()
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            return False
-        if host != socket.gethostname():
-            return True  # another machine's process: assume alive, it is not ours to judge
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            self._lock.acquire()
+        except filelock.Timeout:
+            time.sleep(0.05)  # let a holder that has just taken the lock write its name
+            owner = ""
+            with contextlib.suppress(OSError):
+                owner = self.path.read_text(encoding="utf-8", errors="replace").strip()[:200]
+            owner = owner or "another process"
+            raise DrnnError(
+                f"run directory {self.path.parent} is in use by another training ({owner}); wait for "
+                f"it to finish or choose another --run DIR"
+            ) from None
+        self.held = True
+        with contextlib.suppress(OSError):
+            self.path.write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            self._lock.release()
             self.held = False
 
     def __enter__(self) -> RunLock:

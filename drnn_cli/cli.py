@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,21 +23,13 @@ from rich.table import Table
 
 from drnn_cli import __version__
 from drnn_cli.budget import Cadence, format_duration
-from drnn_cli.commands import (
-    TrainRequest,
-    describe_data,
-    describe_presets,
-    evaluate_split,
-    load_model,
-    predict,
-    train_run,
-)
 from drnn_cli.config import Config, load_config
-from drnn_cli.decode import DecodeOptions
 from drnn_cli.errors import DrnnError
 from drnn_cli.presets import find_config
-from drnn_cli.runtime import launched_rank
-from drnn_cli.train import EpochRecord, StepStatus
+from drnn_cli.signals import Signalled, exit_on_signals, guard_stdout
+
+if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
+    from drnn_cli.train import EpochRecord, StepStatus
 
 app = typer.Typer(
     name="drnn",
@@ -147,6 +139,8 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
 
     Example: drnn data --config lstm2.yaml --set data.token=word
     """
+    from drnn_cli.commands import describe_data
+
     out, _ = _consoles(json_out)
     resolved = load_config(find_config(config) if config is not None else None, set_ or [])
     with _download_progress(out) as hook:
@@ -182,6 +176,8 @@ def presets_command(json_out: JsonOption = False) -> None:
 
     Example: drnn presets, then drnn train --config d2l/ch9_1_gru
     """
+    from drnn_cli.commands import describe_presets
+
     out, _ = _consoles(json_out)
     reports = describe_presets()
     table = Table(title="presets (drnn train --config NAME)")
@@ -304,7 +300,12 @@ def train_command(
     ] = None,
     max_unknown: Annotated[
         float,
-        typer.Option("--max-unknown", help="With --init-from: largest share of tokens allowed to be <unk>."),
+        typer.Option(
+            "--max-unknown",
+            min=0.0,
+            max=1.0,
+            help="With --init-from: largest share of tokens allowed to be <unk>.",
+        ),
     ] = 0.01,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run in the run directory.")
@@ -315,6 +316,9 @@ def train_command(
 
     Example: drnn train --config lstm2.yaml --set train.epochs=5
     """
+    from drnn_cli.commands import TrainRequest, train_run
+    from drnn_cli.runtime import launched_rank
+
     out, _ = _consoles(json_out)
     request = TrainRequest(
         config_path=find_config(config),
@@ -394,6 +398,9 @@ def predict_command(
 
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """
+    from drnn_cli.commands import load_model, predict
+    from drnn_cli.decode import DecodeOptions
+
     options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
     loaded = load_model(run, checkpoint, device)
     token = loaded.checkpoint.config.data.token
@@ -457,6 +464,8 @@ def eval_command(
     """
     if split is not None and split not in {"train", "val", "test"}:
         raise DrnnError(f"--split must be train, val or test (got {split!r})")
+    from drnn_cli.commands import evaluate_split, load_model
+
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device)
     if split is None:
@@ -516,6 +525,7 @@ def inspect_command(
     Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
     """
     from drnn_cli.checkpoint import atomic_write_text
+    from drnn_cli.commands import load_model
     from drnn_cli.inspect_html import render_html
     from drnn_cli.inspect_plot import write_inspection_plot
     from drnn_cli.introspect import InspectRequest, inspect_text
@@ -565,34 +575,52 @@ def inspect_command(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the app; turn every failure into one line on stderr and an exit code."""
+    """Run the app; turn every failure into one line on stderr and an exit code.
+
+    SIGINT/SIGTERM are handled from the first line (the torch import included): outside the training
+    loop, which checkpoints first, they end the command with one line and exit 130 / 143. A closed
+    stdout (``drnn train | head -1``) is a SIGPIPE: training checkpoints and stops, others exit 141.
+    """
     errors = Console(stderr=True, highlight=False)
-    try:
-        app(args=argv, prog_name="drnn", standalone_mode=False)
-    except DrnnError as error:
-        errors.print(f"drnn: error: {error}", markup=False, soft_wrap=True)
-        sys.exit(error.exit_code)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        errors.print("drnn: interrupted", markup=False)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        errors.print("drnn: interrupted", markup=False)
-        sys.exit(130)
-    except Exception as error:
-        if _is_usage_error(error):
-            _report_usage_error(error, errors)
-        # anything else is a bug: still one line, unless asked for the traceback
-        if os.environ.get("DRNN_DEBUG"):
-            traceback.print_exc()
-        errors.print(
-            f"drnn: internal error: {type(error).__name__}: {' '.join(str(error).split())} "
-            f"(rerun with drnn --debug ... for the traceback)",
-            markup=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
+    with exit_on_signals() as stopped, guard_stdout():
+        try:
+            app(args=argv, prog_name="drnn", standalone_mode=False)
+        except DrnnError as error:
+            _say(errors, f"drnn: error: {error}")
+            sys.exit(error.exit_code)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
+        except (typer.Abort, KeyboardInterrupt):
+            _say(errors, "drnn: interrupted (SIGINT)")
+            sys.exit(130)
+        except stopped as signalled:
+            if signalled.quiet:
+                sys.exit(signalled.exit_code)
+            _say(errors, f"drnn: interrupted ({signalled.name})")
+            sys.exit(signalled.exit_code)
+        except OSError as error:
+            # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
+            where = f" {error.filename}" if error.filename else ""
+            _say(errors, f"drnn: error: cannot access{where}: {error.strerror or error}")
+            sys.exit(1)
+        except Exception as error:
+            if _is_usage_error(error):
+                _report_usage_error(error, errors)
+            # anything else is a bug: still one line, unless asked for the traceback
+            if os.environ.get("DRNN_DEBUG"):
+                traceback.print_exc()
+            _say(
+                errors,
+                f"drnn: internal error: {type(error).__name__}: {' '.join(str(error).split())[:500]} "
+                f"(rerun with drnn --debug ... for the traceback)",
+            )
+            sys.exit(1)
+
+
+def _say(errors: Console, line: str) -> None:
+    """The one stderr line; a closed stderr (``drnn ... 2>&1 | head -1``) must not turn it into a traceback."""
+    with contextlib.suppress(OSError, Signalled):
+        errors.print(line, markup=False, soft_wrap=True)
 
 
 def _is_usage_error(error: Exception) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -12,11 +14,14 @@ from drnn_cli.batches import Splits, check_trainable, epoch_generator, training_
 from drnn_cli.checkpoint import (
     BEST,
     LAST,
+    LOCK_NAME,
+    RUNS_ROOT,
     Checkpoint,
     RunLock,
     default_run_dir,
     load_checkpoint,
     mark_latest,
+    remove_stale_temporaries,
     resolve_checkpoint,
 )
 from drnn_cli.config import Config, DataConfig, load_config
@@ -27,6 +32,7 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
+from drnn_cli.rundir import check_run_dir, discard, holds_run, mark_run_dir, staging_dir, swap_in
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import Reporter, Trainer, TrainResult
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
@@ -191,35 +197,79 @@ def train_run(
             "--resume and --init-from cannot be combined: --resume continues this run (weights, optimizer, "
             "epoch), --init-from starts a new run from another run's weights"
         )
-    config = load_config(request.config_path, request.overrides)
+    overrides = request.overrides
     if request.device is not None:
-        config.train.device = request.device  # type: ignore[assignment]
-    run_dir = request.run_dir or default_run_dir(request.config_path)
+        overrides = (*overrides, f"train.device={request.device}")  # validated like the config key
+    config = load_config(request.config_path, overrides)
+    run_dir = request.run_dir if request.run_dir is not None else default_run_dir(request.config_path)
     dist = init_distributed(config.train.device)
     finished = False
     try:
         device = resolve_device(config.train.device, dist.local_rank)
+        if dist.is_main:
+            check_run_dir(run_dir)
         created = not run_dir.exists()
         lock = RunLock(run_dir) if dist.is_main else None
         if lock is not None:
             lock.acquire()
         try:
-            result = _train_locked(request, config, run_dir, device, dist, reporter, progress, on_ready)
+            result = _train_in_place_or_staged(
+                request, config, run_dir, device, dist, reporter, progress, on_ready
+            )
             finished = True
             return result
         finally:
             if lock is not None:
                 lock.release()
-                if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-                    run_dir.rmdir()  # a run that failed before writing anything leaves nothing behind
+                if created and run_dir.is_dir() and not (set(os.listdir(run_dir)) - {LOCK_NAME}):
+                    shutil.rmtree(
+                        run_dir, ignore_errors=True
+                    )  # a run that failed before writing leaves nothing
     finally:
         shutdown_distributed(dist, finished)
+
+
+def _train_in_place_or_staged(
+    request: TrainRequest,
+    config: Config,
+    run_dir: Path,
+    device: torch.device,
+    dist: DistContext,
+    reporter: Reporter | None,
+    progress: ProgressHook | None,
+    on_ready: Callable[[Dataset, Config], None] | None,
+) -> TrainResult:
+    """Train into ``run_dir``, or, for ``--overwrite`` of an existing run, beside it and swap on success."""
+    if dist.is_main:
+        remove_stale_temporaries(run_dir)  # left by a killed writer; we hold the lock, so none is live
+    if not request.resume and holds_run(run_dir) and not request.overwrite:
+        raise DrnnError(
+            f"run directory {run_dir} already holds a run; continue it with --resume, pick another with --run DIR, "
+            f"or replace it with --overwrite"
+        )
+    if request.resume or not holds_run(run_dir) or dist.enabled:
+        return _train_locked(request, config, run_dir, run_dir, device, dist, reporter, progress, on_ready)
+    staging = staging_dir(run_dir)
+    discard(staging)  # a leftover of an earlier replacement that was killed
+    try:
+        result = _train_locked(request, config, staging, run_dir, device, dist, reporter, progress, on_ready)
+    except DrnnError as error:
+        if not holds_run(staging):
+            raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
+        swap_in(staging, run_dir)
+        raise type(error)(str(error).replace(str(staging), str(run_dir)), error.exit_code) from None
+    finally:
+        if staging.exists() and holds_run(run_dir) and not holds_run(staging):
+            discard(staging)
+    swap_in(staging, run_dir)
+    return replace(result, run_dir=run_dir)
 
 
 def _train_locked(
     request: TrainRequest,
     config: Config,
     run_dir: Path,
+    final_dir: Path,
     device: torch.device,
     dist: DistContext,
     reporter: Reporter | None,
@@ -231,6 +281,7 @@ def _train_locked(
     init_from: Checkpoint | None = None
     init_label: str | None = None
     last = run_dir / LAST
+    vocab = None
     if request.resume:
         if not last.is_file():
             raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
@@ -250,13 +301,6 @@ def _train_locked(
             best = load_checkpoint(run_dir / BEST).best_val_ppl
             if best is not None and (resume_from.best_val_ppl is None or best < resume_from.best_val_ppl):
                 resume_from.best_val_ppl = best
-    elif last.is_file() and not request.overwrite:
-        raise DrnnError(
-            f"run directory {run_dir} already holds a run; continue it with --resume, pick another with --run DIR, "
-            f"or replace it with --overwrite"
-        )
-    else:
-        vocab = None
     if request.init_from is not None:
         source = resolve_init_source(request.init_from)
         init_from = load_checkpoint(source, device)
@@ -290,7 +334,11 @@ def _train_locked(
         if not request.resume:
             for stale in (LAST, BEST, "metrics.jsonl", "perplexity.png", "init_from.txt"):
                 (run_dir / stale).unlink(missing_ok=True)
-        mark_latest(run_dir)
+        mark_run_dir(run_dir)
+        if not mark_latest(final_dir) and reporter is not None:
+            reporter.note(
+                f"cannot record the latest run in {RUNS_ROOT}/ (not writable); pass --run to predict/eval"
+            )
     return trainer.fit()
 
 

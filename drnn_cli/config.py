@@ -7,18 +7,44 @@ and what is allowed, so ``--set model.num_layers=0`` and a typo in a YAML file g
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from drnn_cli.budget import parse_cadence, parse_duration
-from drnn_cli.errors import ConfigError
+from drnn_cli.errors import ConfigError, DrnnError
+from drnn_cli.files import require_regular_file
+
+# Upper bounds: far above any sensible run, low enough that nothing downstream overflows (a seed feeds
+# torch.manual_seed after `seed * 1_000_003 + epoch` and, under torchrun, `* 1_009 + rank`).
+MAX_SEED = 2**32 - 1
+MAX_WIDTH = 16_384  # hidden_size / embedding_dim: an LSTM of 16384 units is 2 GiB per layer
+MAX_COUNT = 10**9  # epochs, steps, batch sizes and other counts
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan: "train.lr: .inf" is refused by the schema, not discovered as a NaN loss.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false are not numbers: ``epochs: true`` must not mean 1."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 class DataConfig(_Section):
@@ -35,12 +61,18 @@ class DataConfig(_Section):
     token: Literal["char", "word"] = Field(
         "char", description="character or whitespace-separated word tokens"
     )
-    max_tokens: int = Field(-1, ge=-1, description="keep only the first N tokens (-1 = all)")
-    min_freq: int = Field(0, ge=0, description="tokens rarer than this map to <unk>")
+    max_tokens: int = Field(
+        -1, ge=-1, le=MAX_COUNT * 100, description="keep only the first N tokens (-1 = all)"
+    )
+    min_freq: int = Field(0, ge=0, le=MAX_COUNT, description="tokens rarer than this map to <unk>")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="tail share held out for validation")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="tail share held out for testing")
-    batch_size: int = Field(32, ge=1, description="sequences per minibatch (global, across processes)")
-    num_steps: int = Field(35, ge=1, description="timesteps per minibatch (truncated BPTT length)")
+    batch_size: int = Field(
+        32, ge=1, le=1 << 20, description="sequences per minibatch (global, across processes)"
+    )
+    num_steps: int = Field(
+        35, ge=1, le=1 << 20, description="timesteps per minibatch (truncated BPTT length)"
+    )
     sampling: Literal["sequential", "random"] = Field(
         "sequential", description="sequential carries the state across minibatches; random resets it"
     )
@@ -66,7 +98,7 @@ class ModelConfig(_Section):
     """The language model: input encoding, stacked recurrent layers, output layer."""
 
     cell: Literal["rnn", "gru", "lstm"] = Field("lstm", description="recurrent cell")
-    hidden_size: int = Field(256, ge=1, description="hidden units per layer")
+    hidden_size: int = Field(256, ge=1, le=MAX_WIDTH, description="hidden units per layer")
     num_layers: int = Field(2, ge=1, le=64, description="stacked recurrent layers")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between recurrent layers")
     input_dropout: float = Field(
@@ -87,7 +119,9 @@ class ModelConfig(_Section):
     impl: Literal["torch", "scratch"] = Field(
         "torch", description="torch: nn.RNN/GRU/LSTM; scratch: own cells"
     )
-    embedding_dim: int = Field(0, ge=0, description="0 = one-hot input as in d2l; else a learned embedding")
+    embedding_dim: int = Field(
+        0, ge=0, le=MAX_WIDTH, description="0 = one-hot input as in d2l; else a learned embedding"
+    )
     nonlinearity: Literal["tanh", "relu"] = Field("tanh", description="activation of the plain rnn cell")
     init: Literal["torch", "d2l"] = Field(
         "torch",
@@ -122,32 +156,40 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation loop, its schedule, and what it reports and keeps."""
 
-    epochs: int = Field(500, ge=1, description="passes over the training split")
+    epochs: int = Field(500, ge=1, le=MAX_COUNT, description="passes over the training split")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="optimizer")
-    lr: float = Field(2.0, gt=0.0, description="learning rate")
+    lr: float = Field(2.0, gt=0.0, le=1e3, description="learning rate")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
-    weight_decay: float = Field(0.0, ge=0.0, description="L2 (sgd/adam) or decoupled (adamw) weight decay")
-    clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=1e3, description="L2 (sgd/adam) or decoupled (adamw) weight decay"
+    )
+    clip: float = Field(1.0, ge=0.0, le=1e9, description="clip the global gradient norm to this (0 = off)")
     schedule: Literal["constant", "step", "cosine"] = Field("constant", description="learning-rate schedule")
-    warmup_epochs: int = Field(0, ge=0, description="linear warm-up epochs before the schedule")
-    step_size: int = Field(100, ge=1, description="step schedule: epochs between decays")
+    warmup_epochs: int = Field(0, ge=0, le=MAX_COUNT, description="linear warm-up epochs before the schedule")
+    step_size: int = Field(100, ge=1, le=MAX_COUNT, description="step schedule: epochs between decays")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
-    min_lr: float = Field(0.0, ge=0.0, description="cosine schedule: final learning rate")
+    min_lr: float = Field(0.0, ge=0.0, le=1e3, description="cosine schedule: final learning rate")
     ar: float = Field(
         0.0,
         ge=0.0,
+        le=1e3,
         description="activation regularisation: ar · mean(h²) of the last layer's (dropped) output",
     )
     tar: float = Field(
-        0.0, ge=0.0, description="temporal activation regularisation: tar · mean((h_t − h_t−1)²), last layer"
+        0.0,
+        ge=0.0,
+        le=1e3,
+        description="temporal activation regularisation: tar · mean((h_t − h_t−1)²), last layer",
     )
     average: Literal["none", "ema", "swa"] = Field(
         "none",
         description="evaluate, keep and predict with averaged weights: ema (moving average) or swa (mean)",
     )
     average_decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema: the average's decay per step")
-    average_start: int = Field(0, ge=0, description="epochs of plain training before the average starts")
-    seed: int = Field(0, ge=0, description="seed for initialisation, batching and dropout")
+    average_start: int = Field(
+        0, ge=0, le=MAX_COUNT, description="epochs of plain training before the average starts"
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for initialisation, batching and dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")
     cuda_graph: Literal["auto", "on", "off"] = Field(
@@ -160,21 +202,28 @@ class TrainConfig(_Section):
     sample_prefixes: list[str] = Field(
         default_factory=lambda: ["time traveller", "traveller"], description="prefixes sampled while training"
     )
-    sample_chars: int = Field(50, ge=0, description="tokens generated per sample")
+    sample_chars: int = Field(50, ge=0, le=10_000, description="tokens generated per sample")
     eval_every: int | str = Field(1, description="validation perplexity every N epochs or 'N steps'")
-    patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0 = off)")
+    patience: int = Field(
+        0, ge=0, le=MAX_COUNT, description="stop after N evaluations without improvement (0 = off)"
+    )
     checkpoint_every: int | str = Field(
         10, description="write the 'last' checkpoint every N epochs or 'N steps'"
     )
     log_every: int | str = Field(
         0, description="plain-text progress line every N epochs or 'N steps' (0 = auto)"
     )
-    max_steps: int = Field(0, ge=0, description="stop after N optimizer steps in all (0 = no limit)")
+    max_steps: int = Field(
+        0, ge=0, le=MAX_COUNT, description="stop after N optimizer steps in all (0 = no limit)"
+    )
     max_time: float = Field(
         0.0, description="stop after this much training time: 90s, 10m, 2h (0 = no limit)"
     )
     eval_tokens: int = Field(
-        0, ge=0, description="validate on the first N tokens of the val split while training (0 = all)"
+        0,
+        ge=0,
+        le=10**12,
+        description="validate on the first N tokens of the val split while training (0 = all)",
     )
     tensorboard: bool = Field(False, description="write TensorBoard logs to RUN/tensorboard/")
 
@@ -204,7 +253,18 @@ class TrainConfig(_Section):
     def _non_empty_prefixes(cls, value: list[str]) -> list[str]:
         if any(not prefix for prefix in value):
             raise ValueError("sample prefixes must be non-empty strings")
+        if len(value) > 100 or any(len(prefix) > 1000 for prefix in value):
+            raise ValueError("at most 100 sample prefixes of at most 1000 characters each")
         return value
+
+    @model_validator(mode="after")
+    def _schedule_decays(self) -> TrainConfig:
+        if self.schedule == "cosine" and self.min_lr > self.lr:
+            raise ValueError(
+                f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr}): the cosine schedule "
+                f"decays from lr to min_lr"
+            )
+        return self
 
 
 class Config(_Section):
@@ -230,8 +290,16 @@ def describe_error(error: ValidationError) -> str:
         return f"config error: unknown key '{key}'; {where} allows: {allowed}"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    shown = "" if isinstance(given, dict) else f" (got {_short_repr(given)})"
     return f"config error: {key or 'config'}: {message}{shown}"
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: an error line echoes the input, never megabytes of it."""
+    shorten = reprlib.Repr()  # keyword arguments only from Python 3.12
+    shorten.maxlevel, shorten.maxlist, shorten.maxstring, shorten.maxother = 3, 10, limit, limit
+    text = shorten.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _section_for(location: list[str]) -> type[BaseModel] | None:
@@ -257,7 +325,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise ConfigError(f"--set key {key!r} has an empty part; use dotted keys like train.lr=0.5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: {raw!r} is not a valid YAML value ({_yaml_problem(exc)})") from None
     if raw.strip() and value is None and raw.strip() not in {"null", "~", "Null", "NULL"}:
@@ -282,16 +350,80 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000  # YAML nodes after expanding aliases: a config has a few dozen
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and alias expansion past :data:`MAX_CONFIG_NODES`.
+
+    Aliases share nodes, so ten nested ``[*a, *a, …]`` lines describe 10**10 strings in a few
+    hundred bytes; validation and error messages would expand them. The document's expanded size is
+    counted (each distinct node once, memoised) before anything is constructed.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if _expanded_size(node) > MAX_CONFIG_NODES:
+            raise yaml.constructor.ConstructorError(
+                problem=f"it expands to more than {MAX_CONFIG_NODES:,} values through anchors and aliases"
+            )
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r} (drop one of them)", problem_mark=key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes ``root`` has once every alias is expanded (post-order, memoised by identity)."""
+    sizes: dict[int, int] = {}
+    pending: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while pending:
+        node, children_done = pending.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if children_done or not children:
+            sizes[id(node)] = 1 + sum(sizes.get(id(child), 0) for child in children)
+            if sizes[id(node)] > MAX_CONFIG_NODES:
+                return sizes[id(node)]
+            continue
+        pending.append((node, True))
+        pending.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a YAML config file, or a one-line ConfigError."""
     try:
+        size = require_regular_file(path, "config file", "pass an existing YAML file to --config")
+    except DrnnError as exc:
+        raise ConfigError(str(exc)) from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {path} is {size:,} bytes; a drnn config is a few hundred (at most {MAX_CONFIG_BYTES:,})"
+        )
+    try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; pass an existing file to --config") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if tree is None:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import requests
 import torch
+import urllib3
 
 from drnn_cli.errors import DrnnError
+from drnn_cli.files import require_regular_file
 
 DEFAULT_DATA_DIR = "data"
 DATA_DIR_ENV = "DRNN_DATA_DIR"
@@ -93,29 +95,34 @@ def fetch_corpus(
     retries: int = 3,
     timeout: float = 30.0,
     backoff: float = 1.0,
+    deadline: float = 600.0,
 ) -> CorpusFile:
     """Return the cached, verified corpus file, downloading it first if needed.
 
     A cached file whose SHA-1 matches means no network at all. Downloads stream into a temporary file
     beside the target, are verified, then renamed into place, so the cache never holds a partial file.
+    A download is bounded: no more bytes than the registry's size (more could not match its SHA-1),
+    ``timeout`` seconds per read and ``deadline`` seconds in all (a server trickling a byte at a time).
     """
     spec = REGISTRY.get(name)
     if spec is None:
         known = ", ".join(sorted(REGISTRY))
         raise DrnnError(f"unknown corpus {name!r}; data.corpus must be one of: {known} (or set data.path)")
     cache_dir = cache_dir or data_dir()
+    target = cache_dir / spec.filename
+    _remove_stale_partials(target)  # a dead download's .part, even when the cache is already good
     cached = cached_corpus(name, cache_dir)
     if cached is not None:
         return cached
-    target = cache_dir / spec.filename
     url = corpus_url(spec)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DrnnError(f"cannot create the corpus cache {cache_dir}: {exc}; set {DATA_DIR_ENV}") from None
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    limits = _Limits(spec.size, timeout, time.monotonic() + deadline)
     try:
-        actual = _download_with_retries(url, partial, progress, retries, timeout, backoff)
+        actual = _download_with_retries(url, partial, progress, retries, limits, backoff)
         if actual != spec.sha1:
             raise DrnnError(
                 f"checksum mismatch for {url}: expected SHA-1 {spec.sha1}, got {actual}; the download was "
@@ -127,21 +134,55 @@ def fetch_corpus(
     return CorpusFile(target, spec.sha1)
 
 
+@dataclass(frozen=True)
+class _Limits:
+    max_bytes: int
+    read_timeout: float
+    deadline: float  # time.monotonic() by which the whole download must be done
+
+
+class _TooMuch(DrnnError):
+    """The server sent more than the corpus can be, or took longer than the deadline: not retried."""
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete ``.NAME.PID.part`` files of downloads whose process no longer runs (killed mid-way)."""
+    if not target.parent.is_dir():
+        return
+    for partial in target.parent.glob(f".{target.name}.*.part"):
+        pid_text = partial.name[len(target.name) + 2 : -len(".part")]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            partial.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def _download_with_retries(
-    url: str, partial: Path, progress: ProgressHook | None, retries: int, timeout: float, backoff: float
+    url: str, partial: Path, progress: ProgressHook | None, retries: int, limits: _Limits, backoff: float
 ) -> str:
     last_problem = ""
     for attempt in range(retries):
         try:
-            return _download(url, partial, progress, timeout)
+            return _download(url, partial, progress, limits)
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             last_problem = f"HTTP {status}"
             if status and status < 500 and status != 429:
                 break  # a 404 will not fix itself
-        except requests.RequestException as exc:
-            last_problem = type(exc).__name__
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            last_problem = type(exc).__name__  # raw reads raise urllib3's errors, not requests'
+            partial.unlink(missing_ok=True)
         if attempt + 1 < retries:
+            if time.monotonic() + backoff * 2**attempt >= limits.deadline:
+                break
             time.sleep(backoff * 2**attempt)
     raise DrnnError(
         f"cannot download {url} ({last_problem}); check the network, set {DATA_URL_ENV} to a mirror, "
@@ -149,17 +190,35 @@ def _download_with_retries(
     )
 
 
-def _download(url: str, partial: Path, progress: ProgressHook | None, timeout: float) -> str:
+def _download(url: str, partial: Path, progress: ProgressHook | None, limits: _Limits) -> str:
     digest = hashlib.sha1()
-    with requests.get(url, stream=True, timeout=timeout) as response:
+    with requests.get(url, stream=True, timeout=limits.read_timeout) as response:
         response.raise_for_status()
         total = int(response.headers.get("Content-Length") or 0) or None
+        if total is not None and total > limits.max_bytes:
+            raise _TooMuch(
+                f"{url} announces {total:,} bytes but the corpus is {limits.max_bytes:,}; refusing it. Check "
+                f"{DATA_URL_ENV}, or copy the right file into {partial.parent}"
+            )
         received = 0
         with partial.open("wb") as handle:
-            for block in response.iter_content(chunk_size=1 << 16):
+            # read1 returns what has arrived (up to 64 KiB), so the deadline is checked between reads
+            # even when a server trickles a byte at a time.
+            while block := response.raw.read1(1 << 16, decode_content=True):
+                received += len(block)
+                if received > limits.max_bytes:
+                    raise _TooMuch(
+                        f"{url} sent more than the corpus's {limits.max_bytes:,} bytes; the download was "
+                        f"discarded. Check {DATA_URL_ENV}, or copy the right file into {partial.parent}"
+                    )
+                if time.monotonic() > limits.deadline:
+                    raise _TooMuch(
+                        f"downloading {url} took longer than allowed ({received:,} of {total or '?'} bytes "
+                        f"received); the download was discarded. Retry, set {DATA_URL_ENV} to a faster "
+                        f"mirror, or copy the file into {partial.parent}"
+                    )
                 handle.write(block)
                 digest.update(block)
-                received += len(block)
                 if progress is not None:
                     progress(received, total)
             handle.flush()
@@ -169,12 +228,9 @@ def _download(url: str, partial: Path, progress: ProgressHook | None, timeout: f
 
 def read_text(path: Path) -> str:
     """The file as text, with one-line errors for the usual problems."""
+    require_regular_file(path, "corpus file", "name a UTF-8 text file")  # not /dev/zero, a FIFO, a folder
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DrnnError(f"corpus file {path} does not exist; fix data.path") from None
-    except IsADirectoryError:
-        raise DrnnError(f"corpus path {path} is a directory; data.path must name a text file") from None
     except OSError as exc:
         raise DrnnError(f"cannot read corpus file {path}: {exc.strerror}") from None
     try:

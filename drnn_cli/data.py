@@ -12,6 +12,7 @@ from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import ProgressHook, fetch_corpus, preprocess, preprocess_chars, read_text
 from drnn_cli.errors import DrnnError
+from drnn_cli.files import require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, load_cached, store, text_sha1
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of, unknown_tokens
 
@@ -51,8 +52,7 @@ def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None
     """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed)."""
     if config.path:
         path = Path(config.path).expanduser()
-        if not path.is_file():
-            raise DrnnError(f"corpus file {path} does not exist; fix data.path")
+        require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
         return path, text_sha1(path)
     corpus = fetch_corpus(config.corpus, progress=progress)
     return corpus.path, corpus.sha1

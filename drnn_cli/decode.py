@@ -12,6 +12,11 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.models import RNNLanguageModel
 from drnn_cli.vocab import Vocab
 
+MAX_NEW_TOKENS = 100_000
+MIN_TEMPERATURE = 1e-6  # far below it logits / T overflow to inf; sampling is greedy long before
+MAX_TEMPERATURE = 1e3
+MAX_DECODE_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -25,10 +30,15 @@ class DecodeOptions:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_tokens < 0:
-            raise DrnnError(f"-n/--num-chars must be >= 0 (got {self.num_tokens})")
-        if self.sample and not self.temperature > 0:
-            raise DrnnError(f"--temperature must be > 0 when sampling (got {self.temperature})")
+        if not 0 <= self.num_tokens <= MAX_NEW_TOKENS:
+            raise DrnnError(f"-n/--num-chars must be in 0..{MAX_NEW_TOKENS:,} (got {self.num_tokens})")
+        if self.sample and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise DrnnError(
+                f"--temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}] when sampling "
+                f"(got {self.temperature}); for the most likely token drop --sample"
+            )
+        if self.seed is not None and not 0 <= self.seed <= MAX_DECODE_SEED:
+            raise DrnnError(f"--seed must be in 0..{MAX_DECODE_SEED} (got {self.seed})")
         if self.top_k is not None and self.top_k < 1:
             raise DrnnError(f"--top-k must be >= 1 (got {self.top_k})")
         if self.top_p is not None and not 0 < self.top_p <= 1:

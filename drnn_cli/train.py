@@ -25,7 +25,14 @@ from torch.nn.parallel import DistributedDataParallel
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_generator, training_batches
 from drnn_cli.budget import Budget, Cadence, StopReason
-from drnn_cli.checkpoint import BEST, LAST, Checkpoint, atomic_write_text, save_checkpoint
+from drnn_cli.checkpoint import (
+    BEST,
+    LAST,
+    Checkpoint,
+    NonFiniteCheckpoint,
+    atomic_write_text,
+    save_checkpoint,
+)
 from drnn_cli.config import Config, TrainConfig, dump_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
@@ -37,7 +44,8 @@ from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 
-SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# SIGPIPE: stdout was closed (drnn train | head); drnn_cli.signals raises it on the first failed write.
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGPIPE: 141}
 METRICS = "metrics.jsonl"
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
 PLOT = "perplexity.png"
@@ -395,7 +403,20 @@ class Trainer:
 
     def _save(self, name: str, epoch: int, progress: _EpochProgress | None = None) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress))
+            try:
+                save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress))
+            except NonFiniteCheckpoint:
+                raise TrainingDiverged(
+                    f"the weights became NaN or infinite by epoch {epoch}; training stopped and {self._kept()}. "
+                    f"Lower train.lr, or keep train.clip > 0"
+                ) from None
+
+    def _kept(self) -> str:
+        """What the divergence message may truthfully promise: checkpoints are never non-finite."""
+        kept = [self.run_dir / name for name in (LAST, BEST) if (self.run_dir / name).is_file()]
+        if kept:
+            return f"the last good checkpoint {' and '.join(map(str, kept))} was kept"
+        return "no checkpoint was written"
 
     # ----- run directory ---------------------------------------------------------------------
 
@@ -594,7 +615,7 @@ class Trainer:
             self._check_finite(epoch, progress)
             raise TrainingDiverged(
                 f"the loss became NaN or infinite at epoch {epoch + 1} on another process; training stopped "
-                f"and the last good checkpoint in {self.run_dir} was kept. Lower train.lr, or keep train.clip > 0"
+                f"and {self._kept()}. Lower train.lr, or keep train.clip > 0"
             )
         return loss_sum, count
 
@@ -679,7 +700,7 @@ class Trainer:
         if bad >= 0:
             raise TrainingDiverged(
                 f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}; training stopped and "
-                f"the last good checkpoint in {self.run_dir} was kept. Lower train.lr, or keep train.clip > 0"
+                f"{self._kept()}. Lower train.lr, or keep train.clip > 0"
             )
 
     def _interrupt(self, epoch: int, progress: _EpochProgress) -> None:

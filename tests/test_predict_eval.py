@@ -72,8 +72,8 @@ def test_prefix_errors_name_the_problem():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"num_tokens": -1}, "-n/--num-chars must be >= 0"),
-        ({"sample": True, "temperature": 0.0}, "--temperature must be > 0"),
+        ({"num_tokens": -1}, "-n/--num-chars must be in 0..100,000"),
+        ({"sample": True, "temperature": 0.0}, r"--temperature must be in \[1e-06, 1000\]"),
         ({"top_k": 0}, "--top-k must be >= 1"),
         ({"top_p": 1.5}, "--top-p must be in"),
     ],

@@ -1,0 +1,98 @@
+"""One exit path for signals and a closed stdout, installed before anything heavy is imported.
+
+Outside the training loop (which installs its own handlers so that it can write a checkpoint first),
+SIGINT and SIGTERM raise :class:`Signalled`, which the CLI turns into one line and exit 128 + signal.
+Writing to a closed stdout (``drnn train ... | head -1``) sends further output to /dev/null and, once,
+raises SIGPIPE for the training loop's handler (training stops like on SIGTERM, with a checkpoint) or,
+outside it, :class:`Signalled` (other commands exit 141 without a word, as Unix tools do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE") if hasattr(signal, name))
+
+
+class Signalled(BaseException):
+    """A signal arrived outside the training loop. A BaseException: no ``except Exception`` eats it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        self.quiet = signum == getattr(signal, "SIGPIPE", None)
+
+
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[type[Signalled]]:
+    """Raise :class:`Signalled` on SIGINT/SIGTERM inside the block (main thread only)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Signalled(signum)
+
+    previous: dict[int, Any] = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for signum in HANDLED:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield Signalled
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+class _PipeGuard:
+    """A stdout that turns the first BrokenPipeError into SIGPIPE and then discards output."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._broken = False
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._closed_by_reader()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._closed_by_reader()
+
+    def _closed_by_reader(self) -> None:
+        self._broken = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            # Later flushes (rich, the interpreter at exit) then go to /dev/null instead of failing.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        if not hasattr(signal, "SIGPIPE"):
+            return
+        if callable(signal.getsignal(signal.SIGPIPE)):
+            signal.raise_signal(signal.SIGPIPE)  # the training loop's handler: checkpoint, then stop
+        else:
+            raise Signalled(signal.SIGPIPE)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def guard_stdout() -> Iterator[None]:
+    original = sys.stdout
+    sys.stdout = _PipeGuard(original)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout = original

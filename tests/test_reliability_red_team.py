@@ -1,0 +1,713 @@
+"""What a red team broke (issue #21), item by item: each test fails without its fix.
+
+1 run-directory resolution, 2 NaN never checkpointed, 3 the run lock, 4 --overwrite, 5 signals and a
+closed stdout, 6 small inputs with big costs, 7 user-fixable problems that were "internal errors",
+8 misleading validation, 9 leftovers of killed processes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from drnn_cli.checkpoint import RunLock, load_checkpoint
+from drnn_cli.corpus import REGISTRY, fetch_corpus
+from drnn_cli.errors import DrnnError
+
+TINY = {
+    "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10},
+    "model": {"cell": "gru", "hidden_size": 16, "num_layers": 1},
+    "train": {"epochs": 2, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"},
+}
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("drnn: error: "), err
+    assert "internal error" not in err and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def config_file(directory: Path, tree: dict | str, name: str = "tiny.yaml") -> Path:
+    path = directory / name
+    path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(tree))
+    return path
+
+
+def tiny(**train: object) -> dict:
+    return {**TINY, "train": {**TINY["train"], **train}}
+
+
+def rewrite_checkpoint(source: Path, target: Path, edit_tensors=None, edit_header=None) -> None:
+    """Write a copy of ``source`` with edited tensors or drnn header, bypassing drnn's own checks."""
+    payload = source.read_bytes()
+    (length,) = struct.unpack("<Q", payload[:8])
+    drnn = json.loads(json.loads(payload[8 : 8 + length])["__metadata__"]["drnn"])
+    tensors = dict(load_safetensors(payload))
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    if edit_header is not None:
+        edit_header(drnn)
+    target.write_bytes(save_safetensors(tensors, metadata={"drnn": json.dumps(drnn)}))
+
+
+@pytest.fixture
+def sigterm_guard() -> Iterator[None]:
+    """If drnn leaves SIGTERM unhandled, fail the test instead of terminating pytest."""
+
+    def unhandled(_signum: int, _frame: object) -> None:
+        raise AssertionError("SIGTERM reached the default handler: drnn did not handle it")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def poison_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """After the given epoch's last update, the weights are NaN while every loss so far was finite."""
+    from drnn_cli.train import Trainer
+
+    original = Trainer.train_epoch
+
+    def train_epoch(self, index: int):
+        result = original(self, index)
+        if index + 1 == epoch:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. --run "" trained into the current directory; --run / wrote into /
+
+
+def test_empty_run_is_refused_and_the_users_own_files_are_untouched(workdir: Path, cli):
+    mine = {"config.yaml": "my: config\n", "vocab.json": "[1]\n", "metrics.jsonl": "{}\n"}
+    for name, text in mine.items():
+        (workdir / name).write_text(text)
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--run", "")
+    assert_one_line_error(code, err, "--run is empty", "--run runs/NAME")
+    assert {name: (workdir / name).read_text() for name in mine} == mine
+    assert not (workdir / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "needle"),
+    [
+        ("/", "filesystem root"),
+        ("home", "your home directory"),
+        ("cwd", "the current directory"),
+        ("foreign", "not a drnn run directory and holds files drnn did not write (notes.txt)"),
+    ],
+)
+def test_root_home_cwd_and_foreign_directories_are_refused(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch, where: str, needle: str
+):
+    home, foreign = workdir / "home", workdir / "foreign"
+    for folder in (home, foreign):
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine\n")
+    monkeypatch.setenv("HOME", str(home))
+    run = {"/": "/", "home": str(home), "cwd": str(workdir), "foreign": str(foreign)}[where]
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--run", run, "--overwrite")
+    assert_one_line_error(code, err, needle)
+    assert [sorted(p.name for p in f.iterdir()) for f in (home, foreign)] == [["notes.txt"]] * 2
+
+
+def test_a_directory_drnn_made_can_be_trained_into_again(workdir: Path, cli):
+    config = config_file(workdir, tiny(epochs=1))
+    assert cli("train", "--config", str(config))[0] == 0
+    assert (workdir / "runs" / "tiny" / ".drnn-run").is_file()
+    code, _, err = cli("train", "--config", str(config), "--overwrite")
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The NaN guard kept NaN
+
+
+def test_infinite_learning_rate_is_refused_by_the_schema(workdir: Path, cli):
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--set", "train.lr=.inf")
+    assert_one_line_error(code, err, "train.lr", "finite number")
+    assert code == 2
+
+
+def test_nan_weights_are_never_checkpointed_and_the_message_says_none_was(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    poison_after_epoch(monkeypatch, 1)  # every loss of epoch 1 finite, the weights after it NaN
+    code, _, err = cli("train", "--config", str(config_file(workdir, tiny(checkpoint_every=1))))
+    assert_one_line_error(code, err, "NaN or infinite by epoch 1", "no checkpoint was written")
+    assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()
+
+
+def test_nan_after_a_checkpoint_names_the_good_checkpoint_that_was_kept(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    poison_after_epoch(monkeypatch, 2)
+    config = config_file(workdir, tiny(checkpoint_every=1, epochs=3))
+    code, _, err = cli("train", "--config", str(config))
+    last = Path("runs") / "tiny" / "last.safetensors"
+    assert_one_line_error(
+        code, err, "NaN or infinite by epoch 2", f"the last good checkpoint {last} was kept"
+    )
+    kept = load_checkpoint(workdir / last)
+    assert kept.epoch == 1
+    assert all(bool(torch.isfinite(t).all()) for t in kept.model_state.values())
+
+
+def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path: Path, cli):
+    bad = tmp_path / "nan.safetensors"
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        name = next(key for key in tensors if key.startswith("model."))
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+
+    rewrite_checkpoint(tiny_run / "last.safetensors", bad, edit_tensors=poison)
+    code, out, err = cli("predict", "time", "--checkpoint", str(bad))
+    assert_one_line_error(code, err, str(bad), "NaN or infinite")
+    assert out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The run lock raced (file created, then the pid written)
+
+
+def _contend(directory: str, ready, go_at, tried, results, trials: int) -> None:
+    """One contender: at each agreed instant (busy-waited, so both start within microseconds), try."""
+    from drnn_cli.checkpoint import RunLock as Lock
+    from drnn_cli.errors import DrnnError as Refused
+
+    ready.wait()
+    start = go_at.value
+    for trial in range(trials):
+        lock = Lock(Path(directory) / str(trial))
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        while time.time() < start + trial * 0.1:
+            pass
+        try:
+            lock.acquire()
+        except Refused:
+            held = False
+        else:
+            held = True
+        tried.wait()  # both have tried before either lets go
+        results.put((trial, held))
+        lock.release()
+
+
+def test_two_processes_never_both_hold_the_lock(tmp_path: Path):
+    trials = 30
+    context = multiprocessing.get_context("spawn")
+    ready, tried, results = context.Barrier(3), context.Barrier(2), context.Queue()
+    go_at = context.Value("d", 0.0)
+    workers = [
+        context.Process(target=_contend, args=(str(tmp_path), ready, go_at, tried, results, trials))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    go_at.value = time.time() + 3.0  # after both interpreters have (most likely) started
+    ready.wait()
+    outcomes = [results.get(timeout=60) for _ in range(2 * trials)]
+    for worker in workers:
+        worker.join(timeout=30)
+    holders = dict.fromkeys(range(trials), 0)
+    for trial, held in outcomes:
+        holders[trial] += held
+    assert set(holders.values()) == {1}, holders  # exactly one holder in every trial
+
+
+def test_a_lock_file_left_with_no_process_behind_it_is_free(tmp_path: Path):
+    (tmp_path / "train.lock").write_text("")  # an empty file: the race's "stale" case
+    with RunLock(tmp_path) as lock:
+        assert lock.held
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. --overwrite destroyed the old run before the new one existed
+
+
+def test_a_failed_overwrite_keeps_the_old_run(workdir: Path, cli, monkeypatch: pytest.MonkeyPatch):
+    config = config_file(workdir, tiny(epochs=2))
+    assert cli("train", "--config", str(config))[0] == 0
+    run = workdir / "runs" / "tiny"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "train.lock"}
+    poison_after_epoch(monkeypatch, 1)
+    code, _, err = cli("train", "--config", str(config), "--overwrite")
+    assert_one_line_error(code, err, "NaN or infinite", "no checkpoint was written")
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "train.lock"}
+    assert after == before
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["latest", "tiny"]  # no staging left
+
+
+def test_a_successful_overwrite_replaces_the_run_and_leaves_nothing_beside_it(workdir: Path, cli):
+    config = config_file(workdir, tiny(epochs=2))
+    assert cli("train", "--config", str(config))[0] == 0
+    code, out, err = cli("train", "--config", str(config), "--overwrite", "--set", "train.epochs=1", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str(Path("runs") / "tiny")
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["latest", "tiny"]
+
+
+def test_a_run_holding_only_best_is_not_replaced_without_overwrite(workdir: Path, tiny_run: Path, cli):
+    run = workdir / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / "best.safetensors").write_bytes((tiny_run / "best.safetensors").read_bytes())
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
+    assert_one_line_error(code, err, "already holds a run", "--overwrite")
+    assert (run / "best.safetensors").read_bytes() == (tiny_run / "best.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Ctrl-C exited 0 silently outside the loop; a closed stdout lost the run
+
+
+def _raise_signal(signum: int):
+    def stage(*_args: object, **_kwargs: object) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("the signal was not delivered")
+
+    return stage
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("stage", ["data loading", "final sampling", "predict"])
+def test_a_signal_anywhere_is_one_line_and_the_signal_exit_code(
+    sigterm_guard: None,
+    workdir: Path,
+    tiny_run: Path,
+    cli,
+    monkeypatch: pytest.MonkeyPatch,
+    signum: int,
+    exit_code: int,
+    stage: str,
+):
+    from drnn_cli import commands
+    from drnn_cli.train import Trainer
+
+    if stage == "data loading":
+        monkeypatch.setattr(commands, "load_dataset", _raise_signal(signum))
+        args = ["train", "--config", str(config_file(workdir, TINY))]
+    elif stage == "final sampling":
+        monkeypatch.setattr(Trainer, "_samples", _raise_signal(signum))
+        args = ["train", "--config", str(config_file(workdir, tiny(epochs=1)))]
+    else:
+        monkeypatch.setattr(commands, "continue_prefix", _raise_signal(signum))
+        args = ["predict", "time", "--run", str(tiny_run)]
+    code, _, err = cli(*args)
+    assert code == exit_code
+    assert err.strip() == f"drnn: interrupted ({signal.Signals(signum).name})"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main restored the handlers
+
+
+def test_importing_the_cli_does_not_import_torch():
+    """torch loads inside main(), so a Ctrl-C during its (slow) import gets main's one-line answer."""
+    probe = "import sys, drnn_cli.cli; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=CHILD_ENV, timeout=60
+    )
+    assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.parametrize("stderr_too", [False, True], ids=["| head -1", "2>&1 | head -1"])
+def test_a_closed_stdout_stops_training_with_a_checkpoint(workdir: Path, stderr_too: bool):
+    config = config_file(workdir, tiny(epochs=500, checkpoint_every=1000, log_every=1))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "drnn_cli", "train", "--config", str(config)],
+        cwd=workdir, env=CHILD_ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    process.stdout.readline()  # like `| head -1`
+    process.stdout.close()
+    err = "" if stderr_too else process.stderr.read()  # type: ignore[union-attr]
+    assert process.wait(timeout=120) == 141, err
+    if not stderr_too:
+        assert_one_line_error(141, err, "SIGPIPE", "--resume")
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Small inputs, big costs
+
+ALIAS_BOMB = (
+    "".join(
+        f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+        for prev, name in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
+    )
+    + "train:\n  sample_prefixes: *i\n"
+)
+
+MEASURE = """
+import resource, sys, time
+from pathlib import Path
+from drnn_cli.cli import main
+import drnn_cli.commands  # imports done before the baseline
+args = sys.argv[1:]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+try:
+    main(args)
+except SystemExit as done:
+    code = done.code
+seconds = time.perf_counter() - start
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(f"RESULT {code} {seconds:.3f} {grown}", file=sys.stderr)
+"""
+
+
+def _measure(workdir: Path, *args: str) -> tuple[int, float, int, str]:
+    """Exit code, seconds and peak-RSS growth (KiB) of ``drnn ARGS`` in a fresh interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, *args], cwd=workdir, env=CHILD_ENV, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    code, seconds, grown = lines[-1].split()[1:]
+    return int(code), float(seconds), int(grown), "\n".join(lines[:-1])
+
+
+@pytest.mark.parametrize("case", ["alias bomb", "lying checkpoint", "/dev/zero"])
+def test_tiny_inputs_with_huge_claims_are_refused_within_a_second_and_200_mb(
+    workdir: Path, tiny_run: Path, case: str
+):
+    if case == "alias bomb":
+        args = ["train", "--config", str(config_file(workdir, ALIAS_BOMB))]
+        needle = "anchors and aliases"
+    elif case == "lying checkpoint":
+        liar = workdir / "liar.safetensors"
+
+        def claim_huge(drnn: dict) -> None:
+            drnn["config"]["model"]["hidden_size"] = 6000
+
+        rewrite_checkpoint(tiny_run / "last.safetensors", liar, edit_header=claim_huge)
+        args = ["predict", "time", "--checkpoint", str(liar)]
+        needle = "does not match its own model config"
+    else:
+        args = ["eval", "--run", str(tiny_run), "--data", "/dev/zero"]
+        needle = "not a regular file"
+    code, seconds, grown_kib, err = _measure(workdir, *args)
+    assert_one_line_error(code, err, needle)
+    assert seconds < 1.0 and grown_kib < 200 * 1024, (seconds, grown_kib)
+
+
+def test_an_error_line_never_echoes_a_huge_value(workdir: Path, cli):
+    prefixes = [["x" * 50] * 1000] * 1000  # a nested list where strings belong (no aliases)
+    config = config_file(workdir, {"train": {"sample_prefixes": prefixes[:3]}})
+    code, _, err = cli("train", "--config", str(config))
+    assert_one_line_error(code, err, "train.sample_prefixes.0")
+    assert len(err) < 400
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["predict", "time", "-n", "1000000000"], "-n/--num-chars must be in 0..100,000"),
+        (["predict", "time", "--sample", "--temperature", "1e-320"], "--temperature must be in"),
+        (["predict", "time", "--sample", "--seed", str(2**70)], "--seed must be in"),
+    ],
+)
+def test_decode_options_have_upper_bounds(tiny_run: Path, cli, args: list[str], needle: str):
+    code, _, err = cli(*args, "--run", str(tiny_run))
+    assert_one_line_error(code, err, needle)
+
+
+class _Server:
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def __enter__(self) -> _Server:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Endless(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()  # no Content-Length: the body ends when the server closes
+        try:
+            for _ in range(10_000):
+                self.wfile.write(b"x" * 65536)
+        except OSError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_endless_download_stops_at_the_corpus_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with _Server(_Endless) as server:
+        monkeypatch.setenv("DRNN_DATA_URL", server.url)
+        with pytest.raises(DrnnError, match=r"sent more than the corpus's 178,979 bytes"):
+            fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trickling_server_meets_the_total_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with _Server(_Trickle) as server:
+        monkeypatch.setenv("DRNN_DATA_URL", server.url)
+        start = time.monotonic()
+        with pytest.raises(DrnnError, match=r"took longer than allowed"):
+            fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0, timeout=5, deadline=1.0)
+        assert time.monotonic() - start < 3.0  # each byte came within the 5 s read timeout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_chars_has_an_upper_bound(workdir: Path, cli):
+    code, _, err = cli("train", "--config", str(config_file(workdir, tiny(sample_chars=10**9))))
+    assert_one_line_error(code, err, "train.sample_chars", "less than or equal to 10000")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. User-fixable problems reported as "internal error"
+
+
+def _file_in(workdir: Path) -> str:
+    (workdir / "afile").write_text("x")
+    return str(workdir / "afile")
+
+
+@pytest.mark.parametrize(
+    ("make_run", "needle"),
+    [
+        (_file_in, "is a file, not a directory"),
+        (lambda w: _file_in(w) + "/sub", "which is a file"),
+        (lambda w: (os.symlink("loop", w / "loop"), str(w / "loop"))[1], "cannot be resolved"),
+        (lambda w: str(w / ("x" * 300)), "File name too long"),
+    ],
+    ids=["a file", "under a file", "symlink loop", "too long"],
+)
+def test_an_unusable_run_directory_is_one_line(workdir: Path, cli, make_run, needle: str):
+    run = make_run(workdir)
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--run", run)
+    assert_one_line_error(code, err, needle)
+
+
+def test_an_unwritable_latest_marker_does_not_stop_a_run_elsewhere(workdir: Path, cli):
+    (workdir / "runs").write_text("a file where drnn keeps runs/latest")
+    code, out, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))), "--run", "elsewhere")
+    assert code == 0, err
+    assert "cannot record the latest run" in out
+    assert load_checkpoint(workdir / "elsewhere" / "last.safetensors").epoch == 1
+
+
+def test_a_full_disk_names_the_file(workdir: Path, cli, monkeypatch: pytest.MonkeyPatch):
+    import errno
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("drnn_cli.checkpoint.os.fsync", full)
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
+    assert_one_line_error(code, err, f"cannot write {Path('runs') / 'tiny'}", "No space left on device")
+
+
+@pytest.mark.parametrize("kind", ["binary", "directory"])
+def test_a_broken_latest_marker_is_one_line(workdir: Path, cli, kind: str):
+    marker = workdir / "runs" / "latest"
+    marker.parent.mkdir()
+    if kind == "binary":
+        marker.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        marker.mkdir()
+    code, _, err = cli("predict", "time")
+    assert_one_line_error(code, err, "runs/latest", "delete it")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device", "banana"], "train.device"),
+        (["--device", "cuda:1"], "train.device"),
+        (["--set", f"train.seed={2**70}"], "train.seed"),
+        (["--set", "train.lr=1e39"], "train.lr"),
+        (["--set", "model.hidden_size=1000000000"], "model.hidden_size"),
+    ],
+)
+def test_out_of_range_train_options_are_config_errors(workdir: Path, cli, args: list[str], needle: str):
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), *args)
+    assert_one_line_error(code, err, needle)
+    assert not (workdir / "runs").exists()
+
+
+def test_a_checkpoint_header_of_deeply_nested_json_is_refused(tmp_path: Path, cli):
+    nested = "[" * 100_000 + "]" * 100_000
+    header = json.dumps({"__metadata__": {"drnn": nested}}).encode()
+    bad = tmp_path / "deep.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header)
+    code, _, err = cli("predict", "time", "--checkpoint", str(bad))
+    assert_one_line_error(code, err, "corrupt or not a drnn checkpoint")
+
+
+@pytest.mark.parametrize("option", ["--resume", "--init-from"])
+def test_corrupt_tensors_on_resume_or_init_from_are_one_line(workdir: Path, cli, option: str):
+    config = config_file(workdir, tiny(epochs=1))
+    assert cli("train", "--config", str(config))[0] == 0
+    last = workdir / "runs" / "tiny" / "last.safetensors"
+    data = bytearray(last.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    begin, _ = header[next(name for name in sorted(header) if name.startswith("model."))]["data_offsets"]
+    start = 8 + length + begin
+    data[start : start + 64] = b"\xff" * 64  # bit rot in a weight: float32 0xffffffff is NaN
+    last.write_bytes(bytes(data))
+    extra = ["--resume"] if option == "--resume" else ["--init-from", str(last), "--run", "runs/fine"]
+    code, _, err = cli("train", "--config", str(config), "--set", "train.epochs=2", *extra)
+    assert_one_line_error(code, err, str(Path("runs") / "tiny" / "last.safetensors"), "NaN or infinite")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Misleading or missing validation
+
+
+@pytest.mark.parametrize(
+    ("make_path", "needle"),
+    [
+        (lambda w: (w / "adir").mkdir() or str(w / "adir"), "is a directory, not a file"),
+        (lambda w: os.mkfifo(w / "fifo") or str(w / "fifo"), "is a FIFO, not a regular file"),
+        (lambda w: "/dev/null", "is a device or special file, not a regular file"),
+    ],
+    ids=["directory", "fifo", "/dev/null"],
+)
+def test_a_data_path_that_is_not_a_file_says_what_it_is(workdir: Path, cli, make_path, needle: str):
+    path = make_path(workdir)
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--set", f"data.path={path}")
+    assert_one_line_error(code, err, needle, "data.path")
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        ("train:\n  epochs: 3\n  epochs: 4\n", ("duplicate key 'epochs'", "line 3")),
+        ("train:\n  epochs: true\n", ("train.epochs", "not true/false")),
+        (
+            "train:\n  schedule: cosine\n  lr: 0.1\n  min_lr: 1.0\n",
+            ("train.min_lr (1.0) must not exceed train.lr (0.1)",),
+        ),
+    ],
+    ids=["duplicate key", "boolean epochs", "cosine min_lr above lr"],
+)
+def test_config_mistakes_that_used_to_pass(workdir: Path, cli, content: str, needles: tuple[str, ...]):
+    code, _, err = cli("train", "--config", str(config_file(workdir, content)))
+    assert_one_line_error(code, err, *needles)
+    assert code == 2
+
+
+def test_a_negative_max_unknown_is_a_usage_error(workdir: Path, cli):
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--max-unknown", "-1")
+    assert_one_line_error(code, err, "--max-unknown")
+    assert code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Leftovers of killed processes
+
+
+def _dead_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(workdir: Path, cli):
+    config = config_file(workdir, tiny(epochs=1))
+    assert cli("train", "--config", str(config))[0] == 0
+    leftover = workdir / "runs" / "tiny" / ".last.safetensors.k1ll3d.tmp"
+    leftover.write_bytes(b"\0" * 4096)  # what SIGKILL during a checkpoint write leaves
+    code, _, err = cli("train", "--config", str(config), "--resume", "--set", "train.epochs=2")
+    assert code == 0, err
+    assert not leftover.exists()
+
+
+def test_a_dead_downloads_part_file_is_removed(workdir: Path, cli):
+    leftover = workdir / "data" / f".timemachine.txt.{_dead_pid()}.part"
+    leftover.write_bytes(b"partial")
+    assert cli("data")[0] == 0
+    assert not leftover.exists()
+
+
+class _SignalMidway(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        size = REGISTRY["timemachine"].size
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        self.wfile.write(b"x" * 1000)
+        self.wfile.flush()
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would, mid-download
+        time.sleep(1)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def empty_cache(workdir: Path) -> Iterator[Path]:
+    cache = workdir / "fresh-cache"
+    cache.mkdir()
+    yield cache
+
+
+def test_sigterm_during_a_download_leaves_no_part_file(
+    sigterm_guard: None, workdir: Path, empty_cache: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("DRNN_DATA_DIR", str(empty_cache))
+    with _Server(_SignalMidway) as server:
+        monkeypatch.setenv("DRNN_DATA_URL", server.url)
+        code, _, err = cli("data")
+    assert code == 143
+    assert err.strip() == "drnn: interrupted (SIGTERM)"
+    assert list(empty_cache.iterdir()) == []

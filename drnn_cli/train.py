@@ -1,6 +1,6 @@
 """The training loop: d2l's ``train_ch8`` made resumable, interruptible, distributed and sync-light.
 
-Per minibatch (GUIDE §3): mean cross-entropy over the B·T targets, backward, clip the global
+Per minibatch (README "Reproducing d2l"): mean cross-entropy over the B·T targets, backward, clip the global
 gradient norm to ``train.clip``, optimizer step; the hidden state is carried (detached) across
 minibatches with sequential sampling and re-initialised with random sampling. Losses accumulate on
 the device and are read once per epoch, so the hot loop never waits for the host.
@@ -9,14 +9,13 @@ the device and are read once per epoch, so the hot loop never waits for the host
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,22 +24,31 @@ from torch.nn.parallel import DistributedDataParallel
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_generator, training_batches
 from drnn_cli.budget import Budget, Cadence, StopReason
-from drnn_cli.checkpoint import BEST, LAST, Checkpoint, atomic_write_text, save_checkpoint
-from drnn_cli.config import Config, TrainConfig, dump_config
+from drnn_cli.checkpoint import BEST, LAST, Checkpoint, save_checkpoint
+from drnn_cli.config import Config, TrainConfig
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
 from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters
-from drnn_cli.plot import write_perplexity_plot
+from drnn_cli.report import (  # cli.py and commands.py import the report types from here too
+    EpochRecord,
+    PlotRefresh,
+    Reporter,
+    SilentReporter,
+    StepStatus,
+    TrainResult,
+    append_metrics,
+    read_metrics,
+    write_run_files,
+)
+from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-METRICS = "metrics.jsonl"
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
-PLOT = "perplexity.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,111 +86,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-# ---------------------------------------------------------------------------------------------
-# What training reports
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One line of ``metrics.jsonl``: an epoch's end, or an evaluation inside an epoch.
-
-    ``epoch`` counts epochs done: an integer at an epoch's end, fractional (3.25) inside one, where
-    ``train_ppl`` and ``tokens_per_s`` cover the epoch so far. ``step`` counts optimizer steps and
-    ``tokens_seen`` training tokens since the run began (both 0 in lines written before they existed).
-    """
-
-    epoch: float
-    train_ppl: float
-    val_ppl: float | None
-    lr: float
-    tokens_per_s: float
-    elapsed: float
-    step: int = 0
-    tokens_seen: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    epochs: int
-    start_epoch: int
-    train_ppl: float
-    val_ppl: float | None
-    best_val_ppl: float | None
-    tokens_per_s: float
-    device: str
-    world_size: int
-    parameters: int
-    samples: dict[str, str] = field(default_factory=dict)
-    stopped_early: bool = False
-    stop_reason: StopReason = "epochs"
-    steps: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        """The ``drnn train --json`` object (GUIDE §1)."""
-        return {
-            "run_dir": str(self.run_dir),
-            "epochs": self.epochs,
-            "start_epoch": self.start_epoch,
-            "train_ppl": self.train_ppl,
-            "val_ppl": self.val_ppl,
-            "best_val_ppl": self.best_val_ppl,
-            "tokens_per_s": self.tokens_per_s,
-            "device": self.device,
-            "world_size": self.world_size,
-            "parameters": self.parameters,
-            "stopped_early": self.stopped_early,
-            "stop_reason": self.stop_reason,
-            "steps": self.steps,
-            "samples": self.samples,
-        }
-
-
-class Reporter(Protocol):
-    """How the loop talks to its user; the CLI renders these with rich, tests collect them."""
-
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None: ...
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None: ...
-    def samples(self, epoch: int, samples: dict[str, str]) -> None: ...
-    def note(self, message: str) -> None: ...
-    def step(self, status: StepStatus) -> None: ...
-    def finish(self) -> None: ...
-
-
-class SilentReporter:
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None:
-        pass
-
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
-        pass
-
-    def samples(self, epoch: int, samples: dict[str, str]) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
-
-    def step(self, status: StepStatus) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class StepStatus:
-    """Where a run stands inside an epoch, for a progress bar (sent a few times a second)."""
-
-    epoch: int  # 0-based epoch in progress
-    step_in_epoch: int  # steps done in it
-    steps_in_epoch: int
-    global_step: int
-    seconds_left: float | None  # to the first budget (max_time, or max_steps at the current pace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,9 +211,11 @@ class Trainer:
             )
         self._first_step = self.global_step
         self._stop_signal: int | None = None
-        self._last_plot = 0.0
-        self._plot_ok = True
-        self.records: list[EpochRecord] = self._read_metrics() if resume is not None else []
+        self.files = RunFiles(run_dir)
+        self.plot = PlotRefresh(self.files.plot, self.reporter)
+        self.records: list[EpochRecord] = (
+            read_metrics(self.files.metrics, self.global_step, self.start_epoch) if resume is not None else []
+        )
 
     # ----- checkpoint state ------------------------------------------------------------------
 
@@ -399,47 +304,20 @@ class Trainer:
 
     # ----- run directory ---------------------------------------------------------------------
 
-    def _read_metrics(self) -> list[EpochRecord]:
-        path = self.run_dir / METRICS
-        records = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError, TypeError):
-                    record = EpochRecord(**json.loads(line))
-                    # Lines past the checkpoint are dropped; old lines (step 0) are placed by epoch.
-                    if record.step <= self.global_step if record.step else record.epoch <= self.start_epoch:
-                        records.append(record)
-        return records
-
     def _write_run_files(self) -> None:
-        if not self.dist.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
-        atomic_write_text(self.run_dir / "vocab.json", self.dataset.vocab.to_json() + "\n")
-        metrics = "".join(record.to_json() + "\n" for record in self.records)
-        atomic_write_text(self.run_dir / METRICS, metrics)  # drops epochs past a resumed checkpoint
-        if self.init_from_label:
-            atomic_write_text(self.run_dir / "init_from.txt", self.init_from_label + "\n")
+        if self.dist.is_main:  # the metrics rewrite drops epochs past a resumed checkpoint
+            write_run_files(self.files, self.config, self.dataset.vocab, self.records, self.init_from_label)
 
     def _append_metrics(self, record: EpochRecord) -> None:
         self.records.append(record)
         if self.dist.is_main:
-            with (self.run_dir / METRICS).open("a", encoding="utf-8") as stream:
-                stream.write(record.to_json() + "\n")
+            append_metrics(self.files.metrics, record)
         if self.tensorboard is not None:
             self.tensorboard.add_record(record)
 
     def _update_plot(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.dist.is_main or (not force and now - self._last_plot < 5.0):
-            return
-        self._last_plot = now
-        if not self._plot_ok:
-            return
-        if not write_perplexity_plot(self.records, self.run_dir / PLOT):
-            self._plot_ok = False  # say it once, not at every refresh
-            self.reporter.note("matplotlib is not installed: no plot (pip install 'drnn[plot]')")
+        if self.dist.is_main:
+            self.plot.update(self.records, force)
 
     # ----- signals ---------------------------------------------------------------------------
 

@@ -14,8 +14,9 @@ from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.config import TrainConfig
 from drnn_cli.errors import DrnnError, TrainingDiverged
+from drnn_cli.report import EpochRecord, SilentReporter
 from drnn_cli.step import clip_gradients
-from drnn_cli.train import EpochRecord, SilentReporter, Trainer, lr_factor
+from drnn_cli.train import Trainer, lr_factor
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10},

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters
+from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.report import (  # cli.py and commands.py import the report types from here too
     EpochRecord,
     PlotRefresh,
@@ -46,6 +45,7 @@ from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
+from drnn_cli.trainer_state import EpochProgress, TrainerState
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
@@ -105,18 +105,6 @@ class _Cadences:
         return any(c.due_at_step(global_step) for c in (self.eval, self.checkpoint, self.sample, self.log))
 
 
-@dataclass
-class _EpochProgress:
-    """Where the loop is inside an epoch: what a mid-epoch checkpoint must carry."""
-
-    step: int = 0
-    loss_sum: torch.Tensor | None = None  # Σ loss·n over this epoch's finished steps (float64, device)
-    count: int = 0
-    first_bad_step: torch.Tensor | None = None  # -1, or the first step whose loss was not finite
-    state: State | None = None
-    elapsed: float = 0.0
-
-
 class Trainer:
     """Trains one run directory from a resolved config and an encoded dataset."""
 
@@ -171,7 +159,7 @@ class Trainer:
         self.best_val_ppl: float | None = None
         self.bad_evals = 0
         self.elapsed = 0.0
-        self.progress = _EpochProgress()
+        self.progress = EpochProgress.start(device)
         train = config.train
         self.global_step = 0  # optimizer steps since the run began (across resumes)
         self.tokens_seen = 0
@@ -219,39 +207,32 @@ class Trainer:
 
     # ----- checkpoint state ------------------------------------------------------------------
 
-    def _checkpoint(self, epoch: int, progress: _EpochProgress | None = None) -> Checkpoint:
-        progress = progress or _EpochProgress()
-        state: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "bad_evals": self.bad_evals,
-            "elapsed": self.elapsed,
-            "global_step": self.global_step,
-            "tokens_seen": self.tokens_seen,
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        if progress.step:
-            state["epoch_progress"] = {
-                "loss_sum": progress.loss_sum,
-                "count": progress.count,
-                "first_bad_step": progress.first_bad_step,
-                "state": progress.state,
-                "elapsed": progress.elapsed,
-            }
-        if self.average is not None:
-            # model_state holds the weights to predict with; the raw ones continue training.
-            state["raw_model"] = self.model.state_dict()
-            state["average_count"] = self.average.count
+    def _checkpoint(
+        self, epoch: int, progress: EpochProgress | None, rng_ranks: tuple[list[torch.Tensor], ...] | None
+    ) -> Checkpoint:
+        state = TrainerState(
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng_cpu=torch.get_rng_state(),
+            rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            rng_cpu_ranks=rng_ranks[0] if rng_ranks else None,
+            rng_cuda_ranks=rng_ranks[1] if rng_ranks and len(rng_ranks) > 1 else None,
+            bad_evals=self.bad_evals,
+            elapsed=self.elapsed,
+            global_step=self.global_step,
+            tokens_seen=self.tokens_seen,
+            epoch_progress=progress,
+            raw_model=self.model.state_dict() if self.average is not None else None,
+            average_count=self.average.count if self.average is not None else 0,
+        )
         return Checkpoint(
             config=self.config,
             vocab=self.dataset.vocab,
             model_state=self.evaluated_model.state_dict(),
             epoch=epoch,
-            step_in_epoch=progress.step,
+            step_in_epoch=progress.step if progress is not None else 0,
             best_val_ppl=self.best_val_ppl,
-            trainer_state=state,
+            trainer_state=state.to_tree(),
             init_from=self.init_from_label,
             corpus_sha1=self.dataset.sha1,
         )
@@ -262,45 +243,60 @@ class Trainer:
         return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
 
     def _restore(self, checkpoint: Checkpoint) -> None:
-        state = checkpoint.trainer_state
-        if self.average is not None and "raw_model" in state:
-            self.model.load_state_dict(state["raw_model"])
-            self.average.load_state_dict(checkpoint.model_state, int(state["average_count"]))
+        state = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch)
+        if self.average is not None and state.raw_model is not None:
+            self.model.load_state_dict(state.raw_model)
+            self.average.load_state_dict(checkpoint.model_state, state.average_count)
         else:
             self.model.load_state_dict(checkpoint.model_state)
             if self.average is not None:  # averaging switched on for a resumed run: start from here
                 self.average.load_state_dict(checkpoint.model_state, 0)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        self.optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        rng_cpu, rng_cuda = state.rng_for(self.dist.rank, self.dist.world_size)
+        torch.set_rng_state(rng_cpu.cpu())
+        if rng_cuda is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
         self.start_epoch = checkpoint.epoch
         self.best_val_ppl = checkpoint.best_val_ppl
-        self.bad_evals = int(state.get("bad_evals", 0))
-        self.elapsed = float(state.get("elapsed", 0.0))
-        if "global_step" in state:
-            self.global_step = int(state["global_step"])
+        self.bad_evals = state.bad_evals
+        self.elapsed = state.elapsed
+        if state.global_step is not None:
+            self.global_step = state.global_step
         else:  # a checkpoint written before step counts existed: estimated from epoch 0's length
             self.global_step = checkpoint.epoch * self.steps_per_epoch + checkpoint.step_in_epoch
         data = self.config.data
-        self.tokens_seen = int(state.get("tokens_seen", self.global_step * data.batch_size * data.num_steps))
-        partial = state.get("epoch_progress")
-        if partial is not None and checkpoint.step_in_epoch:
-            carried = partial["state"]
-            self.progress = _EpochProgress(
-                step=checkpoint.step_in_epoch,
-                loss_sum=partial["loss_sum"].to(self.device),
-                count=int(partial["count"]),
-                first_bad_step=partial["first_bad_step"].to(self.device),
-                state=_to_device(carried, self.device),
-                elapsed=float(partial["elapsed"]),
+        self.tokens_seen = (
+            state.tokens_seen
+            if state.tokens_seen is not None
+            else self.global_step * data.batch_size * data.num_steps
+        )
+        if state.epoch_progress is not None:
+            self.progress = state.epoch_progress.to(self.device)
+
+    def _save(self, name: str, epoch: int, progress: EpochProgress | None = None) -> None:
+        """Rank 0 writes; under torchrun every rank calls this, as a mid-epoch checkpoint gathers the
+        ranks' random streams (each rank draws its own dropout masks) so each resumes with its own."""
+        mid_epoch = progress is not None and progress.step > 0
+        rng_ranks = self._gather_rng() if self.dist.enabled and mid_epoch else None
+        if self.dist.is_main:
+            save_checkpoint(
+                self.run_dir / name, self._checkpoint(epoch, progress if mid_epoch else None, rng_ranks)
             )
 
-    def _save(self, name: str, epoch: int, progress: _EpochProgress | None = None) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress))
+    def _gather_rng(self) -> tuple[list[torch.Tensor], ...]:
+        """Every rank's CPU (and GPU) generator state, by rank: a collective, on every rank."""
+        states = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        gathered = []
+        for state in states:
+            local = state.to(self.device)  # NCCL gathers device tensors; gloo CPU ones
+            parts = [torch.empty_like(local) for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather(parts, local)
+            gathered.append([part.cpu() for part in parts])
+        return tuple(gathered)
 
     # ----- run directory ---------------------------------------------------------------------
 
@@ -395,11 +391,7 @@ class Trainer:
         lr_per_step = bool(train.max_steps) and (train.schedule != "constant" or train.warmup_epochs > 0)
         self._set_lr(epoch)
         batches = self._batches(epoch)
-        progress, self.progress = self.progress, _EpochProgress()
-        if progress.loss_sum is None:
-            progress.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            progress.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        assert progress.first_bad_step is not None
+        progress, self.progress = self.progress, EpochProgress.start(self.device)
         self.static_step.begin_epoch(progress.state if batches.carries_state else None)
         if self.dist.enabled and progress.step == 0:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
@@ -453,12 +445,11 @@ class Trainer:
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
         return perplexity(loss_sum, count), count / max(seconds, 1e-9)
 
-    def _totals(self, epoch: int, progress: _EpochProgress) -> tuple[float, float]:
+    def _totals(self, epoch: int, progress: EpochProgress) -> tuple[float, float]:
         """(Σ loss·n, n) over the epoch so far on all ranks: the one host read of a boundary.
 
         It also counts the ranks that saw a non-finite loss, so a NaN on one rank stops every rank.
         """
-        assert progress.loss_sum is not None and progress.first_bad_step is not None
         totals = torch.stack(
             [
                 progress.loss_sum,
@@ -497,7 +488,7 @@ class Trainer:
             left = by_steps if left is None else min(left, by_steps)
         return left
 
-    def _judge(self, val_ppl: float | None, epoch: int, progress: _EpochProgress | None = None) -> None:
+    def _judge(self, val_ppl: float | None, epoch: int, progress: EpochProgress | None = None) -> None:
         """Keep the best checkpoint; count evaluations without improvement for patience."""
         if val_ppl is None:
             return
@@ -508,7 +499,7 @@ class Trainer:
             self.bad_evals += 1
 
     def _inside_epoch(
-        self, epoch: int, progress: _EpochProgress, steps_in_epoch: int, stop: StopReason | None
+        self, epoch: int, progress: EpochProgress, steps_in_epoch: int, stop: StopReason | None
     ) -> StopReason | None:
         """A step-cadence boundary (or a budget's end) inside ``epoch``: evaluate, log, checkpoint.
 
@@ -551,8 +542,7 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.add_samples(samples, self.global_step)
 
-    def _check_finite(self, epoch: int, progress: _EpochProgress) -> None:
-        assert progress.first_bad_step is not None
+    def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
         bad = int(progress.first_bad_step)
         if bad >= 0:
             raise TrainingDiverged(
@@ -560,12 +550,12 @@ class Trainer:
                 f"the last good checkpoint in {self.run_dir} was kept. Lower train.lr, or keep train.clip > 0"
             )
 
-    def _interrupt(self, epoch: int, progress: _EpochProgress) -> None:
+    def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
         signum = self._stop_signal or signal.SIGINT
         self._save(LAST, epoch, progress)
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
-            f"training stopped by {name} at epoch {epoch + 1}, step {progress.step}; a checkpoint of that step "
+            f"training stopped by {name} at epoch {epoch + 1}, step {progress.step if progress else 0}; a checkpoint of that step "
             f"is in {self.run_dir / LAST}; continue with the same command plus --resume",
             exit_code=SIGNAL_EXIT_CODES.get(signum, 130),
         )
@@ -657,7 +647,7 @@ class Trainer:
                 self._update_plot(force=last_epoch)
                 # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
                 if self._stop_requested() if self.dist.enabled else self._stop_signal is not None:
-                    self._interrupt(done, _EpochProgress())
+                    self._interrupt(done, None)
                 if stopped_early:
                     stop_reason = "patience"
                     break
@@ -706,11 +696,3 @@ def _check_precision_works(model: RNNLanguageModel, device: torch.device, precis
             f"model.impl {model.config.impl} ({first}); use train.precision fp32"
             + (" or model.impl scratch" if model.config.impl == "torch" else "")
         ) from None
-
-
-def _to_device(state: Any, device: torch.device) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return tuple(s.to(device) for s in state)
-    return state.to(device)

@@ -1,0 +1,153 @@
+"""What resuming a run needs besides the weights: ``TrainerState``, typed, and its checkpoint tree.
+
+``Checkpoint.trainer_state`` (checkpoint.py) stores a nested dict of tensors and JSON values; these
+classes convert to and from it with the keys checkpoints have always used, so files written before
+this module existed still load (their missing keys take the defaults below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from drnn_cli.models import State
+
+
+@dataclass
+class EpochProgress:
+    """Where the loop is inside an epoch: what a mid-epoch checkpoint must carry."""
+
+    loss_sum: torch.Tensor  # Σ loss·n over this epoch's finished steps (float64, on the device)
+    first_bad_step: torch.Tensor  # -1, or the first step whose loss was not finite (int64, on the device)
+    step: int = 0  # steps done in the epoch; stored as Checkpoint.step_in_epoch
+    count: int = 0  # targets behind loss_sum
+    state: State | None = None  # the hidden state carried into the next step (sequential sampling)
+    elapsed: float = 0.0  # training seconds spent in the epoch so far
+
+    @classmethod
+    def start(cls, device: torch.device) -> EpochProgress:
+        """An epoch with no step done yet."""
+        return cls(
+            loss_sum=torch.zeros((), dtype=torch.float64, device=device),
+            first_bad_step=torch.full((), -1, dtype=torch.int64, device=device),
+        )
+
+    def to(self, device: torch.device) -> EpochProgress:
+        return EpochProgress(
+            self.loss_sum.to(device),
+            self.first_bad_step.to(device),
+            self.step,
+            self.count,
+            _state_to(self.state, device),
+            self.elapsed,
+        )
+
+    def to_tree(self) -> dict[str, Any]:
+        return {
+            "loss_sum": self.loss_sum,
+            "count": self.count,
+            "first_bad_step": self.first_bad_step,
+            "state": self.state,
+            "elapsed": self.elapsed,
+        }
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any], step: int) -> EpochProgress:
+        return cls(
+            loss_sum=tree["loss_sum"],
+            first_bad_step=tree["first_bad_step"],
+            step=step,
+            count=int(tree["count"]),
+            state=tree["state"],
+            elapsed=float(tree["elapsed"]),
+        )
+
+
+@dataclass
+class TrainerState:
+    """The trainer's side of a checkpoint: optimizer, scaler, random streams, counters, the epoch so far."""
+
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    rng_cpu: torch.Tensor  # the writing process's (rank 0's) CPU generator
+    rng_cuda: torch.Tensor | None = None  # its GPU generator, when it trained on one
+    rng_cpu_ranks: list[torch.Tensor] | None = None  # under torchrun, mid-epoch: every rank's, by rank
+    rng_cuda_ranks: list[torch.Tensor] | None = None  # likewise for the GPU generators
+    bad_evals: int = 0  # evaluations without improvement, for train.patience
+    elapsed: float = 0.0  # training seconds since the run began
+    global_step: int | None = None  # None: written before step counts existed
+    tokens_seen: int | None = None  # None: likewise
+    epoch_progress: EpochProgress | None = None  # only in a checkpoint written inside an epoch
+    raw_model: dict[str, torch.Tensor] | None = None  # weight averaging: the weights that keep training
+    average_count: int = 0  # weight averaging: the updates in the average
+
+    def to_tree(self) -> dict[str, Any]:
+        tree: dict[str, Any] = {
+            "optimizer": self.optimizer,
+            "scaler": self.scaler,
+            "rng_cpu": self.rng_cpu,
+            "bad_evals": self.bad_evals,
+            "elapsed": self.elapsed,
+        }
+        if self.global_step is not None:
+            tree["global_step"] = self.global_step
+        if self.tokens_seen is not None:
+            tree["tokens_seen"] = self.tokens_seen
+        if self.rng_cuda is not None:
+            tree["rng_cuda"] = self.rng_cuda
+        if self.rng_cpu_ranks is not None:
+            tree["rng_cpu_ranks"] = list(self.rng_cpu_ranks)
+        if self.rng_cuda_ranks is not None:
+            tree["rng_cuda_ranks"] = list(self.rng_cuda_ranks)
+        if self.epoch_progress is not None and self.epoch_progress.step:
+            tree["epoch_progress"] = self.epoch_progress.to_tree()
+        if self.raw_model is not None:
+            # model_state holds the weights to predict with; the raw ones continue training.
+            tree["raw_model"] = self.raw_model
+            tree["average_count"] = self.average_count
+        return tree
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any], step_in_epoch: int = 0) -> TrainerState:
+        """Read ``Checkpoint.trainer_state``; ``step_in_epoch`` > 0 marks a mid-epoch checkpoint."""
+        partial = tree.get("epoch_progress")
+        cpu_ranks, cuda_ranks = tree.get("rng_cpu_ranks"), tree.get("rng_cuda_ranks")
+        return cls(
+            optimizer=tree["optimizer"],
+            scaler=tree.get("scaler") or {},
+            rng_cpu=tree["rng_cpu"],
+            rng_cuda=tree.get("rng_cuda"),
+            rng_cpu_ranks=list(cpu_ranks) if cpu_ranks is not None else None,
+            rng_cuda_ranks=list(cuda_ranks) if cuda_ranks is not None else None,
+            bad_evals=int(tree.get("bad_evals", 0)),
+            elapsed=float(tree.get("elapsed", 0.0)),
+            global_step=int(tree["global_step"]) if "global_step" in tree else None,
+            tokens_seen=int(tree["tokens_seen"]) if "tokens_seen" in tree else None,
+            epoch_progress=(
+                EpochProgress.from_tree(partial, step_in_epoch)
+                if partial is not None and step_in_epoch
+                else None
+            ),
+            raw_model=tree.get("raw_model"),
+            average_count=int(tree.get("average_count", 0)),
+        )
+
+    def rng_for(self, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (CPU, GPU) generator states ``rank`` resumes with: its own when the checkpoint holds every
+        rank's (same world size), else the writer's (one process, an epoch boundary, or an older file)."""
+        cpu, cuda = self.rng_cpu, self.rng_cuda
+        if self.rng_cpu_ranks is not None and len(self.rng_cpu_ranks) == world_size:
+            cpu = self.rng_cpu_ranks[rank]
+        if self.rng_cuda_ranks is not None and len(self.rng_cuda_ranks) == world_size:
+            cuda = self.rng_cuda_ranks[rank]
+        return cpu, cuda
+
+
+def _state_to(state: State | None, device: torch.device) -> State | None:
+    if state is None:
+        return None
+    if isinstance(state, tuple | list):
+        return tuple(s.to(device) for s in state)
+    return state.to(device)

@@ -29,7 +29,7 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
+from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters
 from drnn_cli.report import (  # cli.py and commands.py import the report types from here too
     EpochRecord,
     PlotRefresh,
@@ -45,7 +45,7 @@ from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
-from drnn_cli.trainer_state import EpochProgress, TrainerState
+from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
@@ -208,15 +208,13 @@ class Trainer:
     # ----- checkpoint state ------------------------------------------------------------------
 
     def _checkpoint(
-        self, epoch: int, progress: EpochProgress | None, rng_ranks: tuple[list[torch.Tensor], ...] | None
+        self, epoch: int, progress: EpochProgress | None, ranks: list[RankState] | None
     ) -> Checkpoint:
         state = TrainerState(
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(),
             rng_cpu=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            rng_cpu_ranks=rng_ranks[0] if rng_ranks else None,
-            rng_cuda_ranks=rng_ranks[1] if rng_ranks and len(rng_ranks) > 1 else None,
             bad_evals=self.bad_evals,
             elapsed=self.elapsed,
             global_step=self.global_step,
@@ -224,6 +222,7 @@ class Trainer:
             epoch_progress=progress,
             raw_model=self.model.state_dict() if self.average is not None else None,
             average_count=self.average.count if self.average is not None else 0,
+            ranks=ranks,
         )
         return Checkpoint(
             config=self.config,
@@ -254,7 +253,10 @@ class Trainer:
         self.optimizer.load_state_dict(state.optimizer)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)
-        rng_cpu, rng_cuda = state.rng_for(self.dist.rank, self.dist.world_size)
+        own = state.for_rank(self.dist.rank, self.dist.world_size)
+        rng_cpu, rng_cuda = (
+            (own.rng_cpu, own.rng_cuda) if own is not None else (state.rng_cpu, state.rng_cuda)
+        )
         torch.set_rng_state(rng_cpu.cpu())
         if rng_cuda is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
@@ -273,30 +275,52 @@ class Trainer:
             else self.global_step * data.batch_size * data.num_steps
         )
         if state.epoch_progress is not None:
-            self.progress = state.epoch_progress.to(self.device)
+            progress = own.progress if own is not None else state.epoch_progress
+            self.progress = progress.to(self.device)
 
     def _save(self, name: str, epoch: int, progress: EpochProgress | None = None) -> None:
-        """Rank 0 writes; under torchrun every rank calls this, as a mid-epoch checkpoint gathers the
-        ranks' random streams (each rank draws its own dropout masks) so each resumes with its own."""
-        mid_epoch = progress is not None and progress.step > 0
-        rng_ranks = self._gather_rng() if self.dist.enabled and mid_epoch else None
+        """Rank 0 writes. Under torchrun every rank calls this: a mid-epoch checkpoint gathers each
+        rank's own random streams and epoch progress (its rows' carried state, its loss sums)."""
+        if progress is not None and progress.step == 0:
+            progress = None  # an epoch boundary
+        ranks = self._gather_ranks(progress) if self.dist.enabled and progress is not None else None
         if self.dist.is_main:
-            save_checkpoint(
-                self.run_dir / name, self._checkpoint(epoch, progress if mid_epoch else None, rng_ranks)
-            )
+            save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress, ranks))
 
-    def _gather_rng(self) -> tuple[list[torch.Tensor], ...]:
-        """Every rank's CPU (and GPU) generator state, by rank: a collective, on every rank."""
-        states = [torch.get_rng_state()]
-        if self.device.type == "cuda":
-            states.append(torch.cuda.get_rng_state(self.device))
-        gathered = []
-        for state in states:
-            local = state.to(self.device)  # NCCL gathers device tensors; gloo CPU ones
+    def _gather_ranks(self, progress: EpochProgress) -> list[RankState]:
+        """Every rank's ``RankState``, by rank: a collective, so every rank must call it."""
+
+        def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+            local = tensor.to(self.device)  # NCCL gathers device tensors, gloo CPU ones
             parts = [torch.empty_like(local) for _ in range(self.dist.world_size)]
             torch.distributed.all_gather(parts, local)
-            gathered.append([part.cpu() for part in parts])
-        return tuple(gathered)
+            return parts
+
+        cpu = gather(torch.get_rng_state())
+        cuda = gather(torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else None
+        loss_sums, bad_steps = gather(progress.loss_sum), gather(progress.first_bad_step)
+        counts = gather(torch.tensor(progress.count, dtype=torch.int64))
+        carried = progress.state
+        states: list[State | None] = [None] * self.dist.world_size
+        if isinstance(carried, tuple | list):  # every rank carries the same number of rows
+            states = [tuple(parts) for parts in zip(*(gather(s) for s in carried), strict=True)]
+        elif carried is not None:
+            states = list(gather(carried))
+        return [
+            RankState(
+                cpu[rank].cpu(),
+                cuda[rank].cpu() if cuda is not None else None,
+                EpochProgress(
+                    loss_sums[rank],
+                    bad_steps[rank],
+                    progress.step,
+                    int(counts[rank]),
+                    states[rank],
+                    progress.elapsed,
+                ),
+            )
+            for rank in range(self.dist.world_size)
+        ]
 
     # ----- run directory ---------------------------------------------------------------------
 

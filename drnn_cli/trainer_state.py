@@ -66,6 +66,28 @@ class EpochProgress:
 
 
 @dataclass
+class RankState:
+    """One torchrun process's own part of a mid-epoch checkpoint: each rank draws its own dropout
+    masks and carries the hidden state of its own rows, so each must resume with its own."""
+
+    rng_cpu: torch.Tensor
+    rng_cuda: torch.Tensor | None
+    progress: EpochProgress
+
+    def to_tree(self) -> dict[str, Any]:
+        tree = {"rng_cpu": self.rng_cpu, "epoch_progress": self.progress.to_tree()}
+        if self.rng_cuda is not None:
+            tree["rng_cuda"] = self.rng_cuda
+        return tree
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any], step: int) -> RankState:
+        return cls(
+            tree["rng_cpu"], tree.get("rng_cuda"), EpochProgress.from_tree(tree["epoch_progress"], step)
+        )
+
+
+@dataclass
 class TrainerState:
     """The trainer's side of a checkpoint: optimizer, scaler, random streams, counters, the epoch so far."""
 
@@ -73,15 +95,14 @@ class TrainerState:
     scaler: dict[str, Any]
     rng_cpu: torch.Tensor  # the writing process's (rank 0's) CPU generator
     rng_cuda: torch.Tensor | None = None  # its GPU generator, when it trained on one
-    rng_cpu_ranks: list[torch.Tensor] | None = None  # under torchrun, mid-epoch: every rank's, by rank
-    rng_cuda_ranks: list[torch.Tensor] | None = None  # likewise for the GPU generators
     bad_evals: int = 0  # evaluations without improvement, for train.patience
     elapsed: float = 0.0  # training seconds since the run began
     global_step: int | None = None  # None: written before step counts existed
     tokens_seen: int | None = None  # None: likewise
-    epoch_progress: EpochProgress | None = None  # only in a checkpoint written inside an epoch
+    epoch_progress: EpochProgress | None = None  # only in a checkpoint written inside an epoch (rank 0's)
     raw_model: dict[str, torch.Tensor] | None = None  # weight averaging: the weights that keep training
     average_count: int = 0  # weight averaging: the updates in the average
+    ranks: list[RankState] | None = None  # under torchrun, inside an epoch: every rank's own part, by rank
 
     def to_tree(self) -> dict[str, Any]:
         tree: dict[str, Any] = {
@@ -97,12 +118,10 @@ class TrainerState:
             tree["tokens_seen"] = self.tokens_seen
         if self.rng_cuda is not None:
             tree["rng_cuda"] = self.rng_cuda
-        if self.rng_cpu_ranks is not None:
-            tree["rng_cpu_ranks"] = list(self.rng_cpu_ranks)
-        if self.rng_cuda_ranks is not None:
-            tree["rng_cuda_ranks"] = list(self.rng_cuda_ranks)
         if self.epoch_progress is not None and self.epoch_progress.step:
             tree["epoch_progress"] = self.epoch_progress.to_tree()
+            if self.ranks is not None:
+                tree["ranks"] = [rank.to_tree() for rank in self.ranks]
         if self.raw_model is not None:
             # model_state holds the weights to predict with; the raw ones continue training.
             tree["raw_model"] = self.raw_model
@@ -112,37 +131,29 @@ class TrainerState:
     @classmethod
     def from_tree(cls, tree: dict[str, Any], step_in_epoch: int = 0) -> TrainerState:
         """Read ``Checkpoint.trainer_state``; ``step_in_epoch`` > 0 marks a mid-epoch checkpoint."""
-        partial = tree.get("epoch_progress")
-        cpu_ranks, cuda_ranks = tree.get("rng_cpu_ranks"), tree.get("rng_cuda_ranks")
+        partial = tree.get("epoch_progress") if step_in_epoch else None
+        ranks = tree.get("ranks") if partial is not None else None
         return cls(
             optimizer=tree["optimizer"],
             scaler=tree.get("scaler") or {},
             rng_cpu=tree["rng_cpu"],
             rng_cuda=tree.get("rng_cuda"),
-            rng_cpu_ranks=list(cpu_ranks) if cpu_ranks is not None else None,
-            rng_cuda_ranks=list(cuda_ranks) if cuda_ranks is not None else None,
             bad_evals=int(tree.get("bad_evals", 0)),
             elapsed=float(tree.get("elapsed", 0.0)),
             global_step=int(tree["global_step"]) if "global_step" in tree else None,
             tokens_seen=int(tree["tokens_seen"]) if "tokens_seen" in tree else None,
-            epoch_progress=(
-                EpochProgress.from_tree(partial, step_in_epoch)
-                if partial is not None and step_in_epoch
-                else None
-            ),
+            epoch_progress=EpochProgress.from_tree(partial, step_in_epoch) if partial is not None else None,
             raw_model=tree.get("raw_model"),
             average_count=int(tree.get("average_count", 0)),
+            ranks=[RankState.from_tree(rank, step_in_epoch) for rank in ranks] if ranks is not None else None,
         )
 
-    def rng_for(self, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The (CPU, GPU) generator states ``rank`` resumes with: its own when the checkpoint holds every
-        rank's (same world size), else the writer's (one process, an epoch boundary, or an older file)."""
-        cpu, cuda = self.rng_cpu, self.rng_cuda
-        if self.rng_cpu_ranks is not None and len(self.rng_cpu_ranks) == world_size:
-            cpu = self.rng_cpu_ranks[rank]
-        if self.rng_cuda_ranks is not None and len(self.rng_cuda_ranks) == world_size:
-            cuda = self.rng_cuda_ranks[rank]
-        return cpu, cuda
+    def for_rank(self, rank: int, world_size: int) -> RankState | None:
+        """``rank``'s own part, when the checkpoint holds every rank's for this world size; None means
+        the writer's (rank 0's) fields stand for every rank (one process, an epoch boundary, an older file)."""
+        if self.ranks is not None and len(self.ranks) == world_size:
+            return self.ranks[rank]
+        return None
 
 
 def _state_to(state: State | None, device: torch.device) -> State | None:

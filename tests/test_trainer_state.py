@@ -9,7 +9,7 @@ import torch
 
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from drnn_cli.config import build_config
-from drnn_cli.trainer_state import EpochProgress, TrainerState
+from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState
 from drnn_cli.vocab import Vocab
 
 
@@ -63,14 +63,16 @@ def test_a_mid_epoch_state_with_every_field_survives_a_checkpoint_file(tmp_path:
         elapsed=1.25,
     )
     torch.manual_seed(1)
-    rank1 = torch.get_rng_state()
+    rank1 = RankState(
+        rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.ones(16, dtype=torch.uint8),
+        progress=EpochProgress(torch.tensor(99.0, dtype=torch.float64), torch.tensor(5), 7, 560, None, 1.25),
+    )
     state = TrainerState(
         optimizer=optimizer.state_dict(),
         scaler=torch.amp.GradScaler("cpu", enabled=False).state_dict(),
         rng_cpu=torch.get_rng_state(),
         rng_cuda=torch.arange(16, dtype=torch.uint8),
-        rng_cpu_ranks=[torch.get_rng_state(), rank1],
-        rng_cuda_ranks=[torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)],
         bad_evals=2,
         elapsed=98.5,
         global_step=4321,
@@ -79,6 +81,7 @@ def test_a_mid_epoch_state_with_every_field_survives_a_checkpoint_file(tmp_path:
         raw_model=model.state_dict(),
         average_count=17,
     )
+    state.ranks = [RankState(state.rng_cpu, state.rng_cuda, progress), rank1]
     loaded = roundtrip(state, 7, tmp_path)
     assert loaded.epoch_progress is not None and loaded.epoch_progress.step == 7
     assert_same_tree(loaded.to_tree(), state.to_tree())
@@ -89,11 +92,11 @@ def test_a_mid_epoch_state_with_every_field_survives_a_checkpoint_file(tmp_path:
         1_234_567,
     )
     assert loaded.average_count == 17
-    assert torch.equal(loaded.rng_for(1, 2)[0], rank1)
-    assert torch.equal(loaded.rng_for(1, 2)[1], torch.ones(16, dtype=torch.uint8))
-    # A different world size cannot use per-rank states: every rank takes the writer's.
-    assert torch.equal(loaded.rng_for(1, 4)[0], state.rng_cpu)
-    assert torch.equal(loaded.rng_for(1, 4)[1], state.rng_cuda)
+    own = loaded.for_rank(1, 2)
+    assert own is not None and torch.equal(own.rng_cpu, rank1.rng_cpu)
+    assert (own.progress.step, float(own.progress.loss_sum), int(own.progress.first_bad_step)) == (7, 99.0, 5)
+    # Another world size cannot use per-rank parts: every rank takes the writer's.
+    assert loaded.for_rank(1, 4) is None
 
 
 def test_an_epoch_boundary_state_keeps_the_keys_older_checkpoints_have(tmp_path: Path) -> None:
@@ -110,7 +113,7 @@ def test_an_epoch_boundary_state_keeps_the_keys_older_checkpoints_have(tmp_path:
         "tokens_seen",
     ]
     loaded = roundtrip(state, 0, tmp_path)
-    assert loaded.epoch_progress is None and loaded.raw_model is None and loaded.rng_cpu_ranks is None
+    assert loaded.epoch_progress is None and loaded.raw_model is None and loaded.ranks is None
     assert_same_tree(loaded.to_tree(), tree)
 
 

@@ -62,7 +62,7 @@ class TrainResult:
     steps: int = 0
 
     def summary(self) -> dict[str, Any]:
-        """The ``drnn train --json`` object (README "Machine-readable output")."""
+        """The ``drnn train --json`` object (README "Commands": `drnn train`)."""
         return {
             "run_dir": str(self.run_dir),
             "epochs": self.epochs,

@@ -127,6 +127,10 @@ class TrainConfig(_Section):
     lr: float = Field(2.0, gt=0.0, description="learning rate")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0.0, description="L2 (sgd/adam) or decoupled (adamw) weight decay")
+    decay_biases: bool = Field(
+        False,
+        description="adamw: decay biases and other 1-D parameters too (default: matrices only, as nanoGPT)",
+    )
     clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = off)")
     schedule: Literal["constant", "step", "cosine"] = Field("constant", description="learning-rate schedule")
     warmup_epochs: int = Field(0, ge=0, description="linear warm-up epochs before the schedule")

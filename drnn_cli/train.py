@@ -77,7 +77,16 @@ def lr_factor(epoch: float, config: TrainConfig, horizon: float | None = None) -
     return 1.0
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, decay_biases: bool | None = None
+) -> torch.optim.Optimizer:
+    """SGD, Adam or AdamW over the trainable parameters.
+
+    AdamW decays only parameters with two or more dimensions (weight matrices, embeddings), as
+    nanoGPT does: shrinking biases and norm gains towards zero only regularises the offsets. Those go
+    into a second group without decay, unless ``train.decay_biases`` (or ``decay_biases``, which
+    overrides it) asks for one group.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -85,7 +94,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         )
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.decay_biases if decay_biases is None else decay_biases:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +265,11 @@ class Trainer:
             self.model.load_state_dict(checkpoint.model_state)
             if self.average is not None:  # averaging switched on for a resumed run: start from here
                 self.average.load_state_dict(checkpoint.model_state, 0)
+        saved_groups = len(state.optimizer["param_groups"])
+        if saved_groups != len(self.optimizer.param_groups):
+            # AdamW with one group is a checkpoint from before biases went undecayed (or one written
+            # with train.decay_biases): the resumed run continues the grouping it was trained with.
+            self.optimizer = build_optimizer(self.model, self.config.train, decay_biases=saved_groups == 1)
         self.optimizer.load_state_dict(state.optimizer)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)

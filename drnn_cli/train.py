@@ -29,7 +29,7 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters
+from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.report import (  # cli.py and commands.py import the report types from here too
     EpochRecord,
     PlotRefresh,
@@ -45,7 +45,7 @@ from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
-from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState
+from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
@@ -303,44 +303,13 @@ class Trainer:
         rank's own random streams and epoch progress (its rows' carried state, its loss sums)."""
         if progress is not None and progress.step == 0:
             progress = None  # an epoch boundary
-        ranks = self._gather_ranks(progress) if self.dist.enabled and progress is not None else None
+        ranks = (
+            gather_ranks(progress, self.device, self.dist.world_size)
+            if self.dist.enabled and progress is not None
+            else None
+        )
         if self.dist.is_main:
             save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress, ranks))
-
-    def _gather_ranks(self, progress: EpochProgress) -> list[RankState]:
-        """Every rank's ``RankState``, by rank: a collective, so every rank must call it."""
-
-        def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
-            local = tensor.to(self.device)  # NCCL gathers device tensors, gloo CPU ones
-            parts = [torch.empty_like(local) for _ in range(self.dist.world_size)]
-            torch.distributed.all_gather(parts, local)
-            return parts
-
-        cpu = gather(torch.get_rng_state())
-        cuda = gather(torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else None
-        loss_sums, bad_steps = gather(progress.loss_sum), gather(progress.first_bad_step)
-        counts = gather(torch.tensor(progress.count, dtype=torch.int64))
-        carried = progress.state
-        states: list[State | None] = [None] * self.dist.world_size
-        if isinstance(carried, tuple | list):  # every rank carries the same number of rows
-            states = [tuple(parts) for parts in zip(*(gather(s) for s in carried), strict=True)]
-        elif carried is not None:
-            states = list(gather(carried))
-        return [
-            RankState(
-                cpu[rank].cpu(),
-                cuda[rank].cpu() if cuda is not None else None,
-                EpochProgress(
-                    loss_sums[rank],
-                    bad_steps[rank],
-                    progress.step,
-                    int(counts[rank]),
-                    states[rank],
-                    progress.elapsed,
-                ),
-            )
-            for rank in range(self.dist.world_size)
-        ]
 
     # ----- run directory ---------------------------------------------------------------------
 

@@ -156,6 +156,42 @@ class TrainerState:
         return None
 
 
+def gather_ranks(progress: EpochProgress, device: torch.device, world_size: int) -> list[RankState]:
+    """Every torchrun rank's ``RankState``, by rank, on every rank: a collective, so all must call it."""
+
+    def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+        local = tensor.to(device)  # NCCL gathers device tensors, gloo CPU ones
+        parts = [torch.empty_like(local) for _ in range(world_size)]
+        torch.distributed.all_gather(parts, local)
+        return parts
+
+    cpu = gather(torch.get_rng_state())
+    cuda = gather(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+    loss_sums, bad_steps = gather(progress.loss_sum), gather(progress.first_bad_step)
+    counts = gather(torch.tensor(progress.count, dtype=torch.int64))
+    carried = progress.state
+    states: list[State | None] = [None] * world_size
+    if isinstance(carried, tuple | list):  # every rank carries the same number of rows
+        states = [tuple(parts) for parts in zip(*(gather(s) for s in carried), strict=True)]
+    elif carried is not None:
+        states = list(gather(carried))
+    return [
+        RankState(
+            cpu[rank].cpu(),
+            cuda[rank].cpu() if cuda is not None else None,
+            EpochProgress(
+                loss_sums[rank],
+                bad_steps[rank],
+                progress.step,
+                int(counts[rank]),
+                states[rank],
+                progress.elapsed,
+            ),
+        )
+        for rank in range(world_size)
+    ]
+
+
 def _state_to(state: State | None, device: torch.device) -> State | None:
     if state is None:
         return None

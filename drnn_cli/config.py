@@ -163,6 +163,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(
         0.0, ge=0.0, le=1e3, description="L2 (sgd/adam) or decoupled (adamw) weight decay"
     )
+    decay_biases: bool = Field(
+        False,
+        description="adamw: decay biases and other 1-D parameters too (default: matrices only, as nanoGPT)",
+    )
     clip: float = Field(1.0, ge=0.0, le=1e9, description="clip the global gradient norm to this (0 = off)")
     schedule: Literal["constant", "step", "cosine"] = Field("constant", description="learning-rate schedule")
     warmup_epochs: int = Field(0, ge=0, le=MAX_COUNT, description="linear warm-up epochs before the schedule")

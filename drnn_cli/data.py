@@ -34,7 +34,7 @@ class Dataset:
         return sum(self.unknown.values())
 
     def summary(self) -> dict:
-        """The ``drnn data --json`` object (GUIDE §1)."""
+        """The ``drnn data --json`` object (README "Commands": `drnn data`)."""
         return {
             "corpus_tokens": len(self.tokens),
             "total_tokens": self.total_tokens,

@@ -6,10 +6,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from drnn_cli.batches import eval_batches
-from drnn_cli.models import RNNLanguageModel, detach_state, select_state_row
+from drnn_cli.models import RNNLanguageModel, detach_state, lm_loss, select_state_row
 from drnn_cli.runtime import autocast
 
 
@@ -62,11 +61,8 @@ def evaluate(
             with autocast(device, precision):
                 logits, state = model(batch.x, state)
             state = detach_state(state)
-            targets = batch.y.t().reshape(-1)
-            scores = logits.reshape(-1, logits.shape[-1])
-            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # half → fp32; fp64 stays
-            nll += F.cross_entropy(scores, targets, reduction="sum").double()
-            count += targets.numel()
+            nll += lm_loss(logits, batch.y, reduction="sum").double()  # half → fp32; fp64 stays
+            count += batch.y.numel()
         return Perplexity(float(nll), count)
     finally:
         model.train(was_training)

@@ -20,6 +20,7 @@ a different model), so a scratch GRU equals ``nn.GRU``.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -331,6 +332,20 @@ class RNNLanguageModel(nn.Module):
         dtype = self.decoder.weight.dtype
         h = torch.zeros(shape, device=device, dtype=dtype)
         return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
+
+
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of the model's time-major logits (T, B, V) against batch-major targets (B, T).
+
+    Logits row t·B + b predicts ``targets[b, t]``, so targets are read column-wise (d2l's
+    ``y = Y.T.reshape(-1)``). Half-precision logits are scored in fp32, wider ones as they are.
+    ``reduction="sum"`` gives the summed negative log-likelihood (evaluation adds it over batches).
+    """
+    scores = logits.reshape(-1, logits.shape[-1])
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    return F.cross_entropy(scores, targets.t().reshape(-1), reduction=reduction)
 
 
 def activation_penalty(raw: torch.Tensor, dropped: torch.Tensor, ar: float, tar: float) -> torch.Tensor:

@@ -1,25 +1,25 @@
-"""The run's perplexity plot (PNG), redrawn from the metrics; matplotlib is an optional extra."""
+"""The run's perplexity plot (PNG bytes), drawn from the metrics; matplotlib is an optional extra.
+
+It receives what it draws and returns the image: writing the file is the caller's job (report.py).
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from drnn_cli.checkpoint import atomic_write_bytes
 
-
-def write_perplexity_plot(records: Sequence[Any], path: Path) -> bool:
-    """Draw train (and validation) perplexity against training tokens seen (against epoch for runs
-    whose metrics predate token counts); False when matplotlib is missing."""
+def render_perplexity_plot(records: Sequence[Any]) -> bytes | None:
+    """Train (and validation) perplexity against training tokens seen (against epoch for runs whose
+    metrics predate token counts), as PNG bytes; None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
     except ImportError:
-        return False
+        return None
     figure = Figure(figsize=(6, 4), dpi=100)
     axes = figure.subplots()
     by_tokens = all(getattr(r, "tokens_seen", 0) for r in records)
@@ -39,5 +39,4 @@ def write_perplexity_plot(records: Sequence[Any], path: Path) -> bool:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
-    return True
+    return buffer.getvalue()

@@ -23,11 +23,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from drnn_cli.errors import DrnnError
-from drnn_cli.models import RNNLanguageModel, State, activation_penalty
+from drnn_cli.models import RNNLanguageModel, State, activation_penalty, lm_loss
 from drnn_cli.runtime import autocast
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture: optimizer state, cuDNN workspaces
@@ -179,8 +178,7 @@ class StaticStep:
                 penalty = activation_penalty(raw, dropped, self.ar, self.tar)
             else:
                 logits, new_state = self.network(self.inputs, self._model_state())
-        # Logits are (T, B, V), so targets are read column-wise: d2l's y = Y.T.reshape(-1).
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.targets.t().reshape(-1))
+        loss = lm_loss(logits, self.targets)  # mean over the B·T targets, in fp32
         objective = loss if penalty is None else loss + penalty  # perplexity reports the loss alone
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(objective).backward()

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from drnn_cli.errors import DrnnError
-
-TENSORBOARD_DIR = "tensorboard"
+from drnn_cli.run_files import RunFiles
 
 
 class TensorBoardLog:
@@ -46,7 +45,7 @@ class TensorBoardLog:
         self.grad_norm_count += 1
 
     def add_record(self, record: Any) -> None:
-        """A metrics.jsonl line (train.EpochRecord) and the mean gradient norm since the last one."""
+        """A metrics.jsonl line (report.EpochRecord) and the mean gradient norm since the last one."""
         scalars = {
             "perplexity/train": record.train_ppl,
             "perplexity/validation": record.val_ppl,
@@ -81,4 +80,4 @@ def open_tensorboard(run_dir: Path, device: torch.device, resume_step: int | Non
             "train.tensorboard needs the tensorboard package: pip install 'drnn[tensorboard]', "
             "or set train.tensorboard: false"
         ) from None
-    return TensorBoardLog(SummaryWriter, run_dir / TENSORBOARD_DIR, device, resume_step)
+    return TensorBoardLog(SummaryWriter, RunFiles(run_dir).tensorboard, device, resume_step)

@@ -1,6 +1,6 @@
 """The training loop: d2l's ``train_ch8`` made resumable, interruptible, distributed and sync-light.
 
-Per minibatch (GUIDE §3): mean cross-entropy over the B·T targets, backward, clip the global
+Per minibatch (README "Reproducing d2l"): mean cross-entropy over the B·T targets, backward, clip the global
 gradient norm to ``train.clip``, optimizer step; the hidden state is carried (detached) across
 minibatches with sequential sampling and re-initialised with random sampling. Losses accumulate on
 the device and are read once per epoch, so the hot loop never waits for the host.
@@ -9,14 +9,12 @@ the device and are read once per epoch, so the hot loop never waits for the host
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,30 +23,33 @@ from torch.nn.parallel import DistributedDataParallel
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_generator, training_batches
 from drnn_cli.budget import Budget, Cadence, StopReason
-from drnn_cli.checkpoint import (
-    BEST,
-    LAST,
-    Checkpoint,
-    NonFiniteCheckpoint,
-    atomic_write_text,
-    save_checkpoint,
-)
-from drnn_cli.config import Config, TrainConfig, dump_config
+from drnn_cli.checkpoint import BEST, LAST, Checkpoint, NonFiniteCheckpoint, save_checkpoint
+from drnn_cli.config import Config, TrainConfig
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import RNNLanguageModel, State, build_model, count_parameters
-from drnn_cli.plot import write_perplexity_plot
+from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
+from drnn_cli.report import (  # cli.py and commands.py import the report types from here too
+    EpochRecord,
+    PlotRefresh,
+    Reporter,
+    SilentReporter,
+    StepStatus,
+    TrainResult,
+    append_metrics,
+    read_metrics,
+    write_run_files,
+)
+from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
+from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
 
 # SIGPIPE: stdout was closed (drnn train | head); drnn_cli.signals raises it on the first failed write.
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGPIPE: 141}
-METRICS = "metrics.jsonl"
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
-PLOT = "perplexity.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +78,16 @@ def lr_factor(epoch: float, config: TrainConfig, horizon: float | None = None) -
     return 1.0
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, decay_biases: bool | None = None
+) -> torch.optim.Optimizer:
+    """SGD, Adam or AdamW over the trainable parameters.
+
+    AdamW decays only parameters with two or more dimensions (weight matrices, embeddings), as
+    nanoGPT does: shrinking biases and norm gains towards zero only regularises the offsets. Those go
+    into a second group without decay, unless ``train.decay_biases`` (or ``decay_biases``, which
+    overrides it) asks for one group.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -85,112 +95,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         )
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-# ---------------------------------------------------------------------------------------------
-# What training reports
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One line of ``metrics.jsonl``: an epoch's end, or an evaluation inside an epoch.
-
-    ``epoch`` counts epochs done: an integer at an epoch's end, fractional (3.25) inside one, where
-    ``train_ppl`` and ``tokens_per_s`` cover the epoch so far. ``step`` counts optimizer steps and
-    ``tokens_seen`` training tokens since the run began (both 0 in lines written before they existed).
-    """
-
-    epoch: float
-    train_ppl: float
-    val_ppl: float | None
-    lr: float
-    tokens_per_s: float
-    elapsed: float
-    step: int = 0
-    tokens_seen: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    epochs: int
-    start_epoch: int
-    train_ppl: float
-    val_ppl: float | None
-    best_val_ppl: float | None
-    tokens_per_s: float
-    device: str
-    world_size: int
-    parameters: int
-    samples: dict[str, str] = field(default_factory=dict)
-    stopped_early: bool = False
-    stop_reason: StopReason = "epochs"
-    steps: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        """The ``drnn train --json`` object (GUIDE §1)."""
-        return {
-            "run_dir": str(self.run_dir),
-            "epochs": self.epochs,
-            "start_epoch": self.start_epoch,
-            "train_ppl": self.train_ppl,
-            "val_ppl": self.val_ppl,
-            "best_val_ppl": self.best_val_ppl,
-            "tokens_per_s": self.tokens_per_s,
-            "device": self.device,
-            "world_size": self.world_size,
-            "parameters": self.parameters,
-            "stopped_early": self.stopped_early,
-            "stop_reason": self.stop_reason,
-            "steps": self.steps,
-            "samples": self.samples,
-        }
-
-
-class Reporter(Protocol):
-    """How the loop talks to its user; the CLI renders these with rich, tests collect them."""
-
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None: ...
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None: ...
-    def samples(self, epoch: int, samples: dict[str, str]) -> None: ...
-    def note(self, message: str) -> None: ...
-    def step(self, status: StepStatus) -> None: ...
-    def finish(self) -> None: ...
-
-
-class SilentReporter:
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None:
-        pass
-
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
-        pass
-
-    def samples(self, epoch: int, samples: dict[str, str]) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
-
-    def step(self, status: StepStatus) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class StepStatus:
-    """Where a run stands inside an epoch, for a progress bar (sent a few times a second)."""
-
-    epoch: int  # 0-based epoch in progress
-    step_in_epoch: int  # steps done in it
-    steps_in_epoch: int
-    global_step: int
-    seconds_left: float | None  # to the first budget (max_time, or max_steps at the current pace)
+    if config.decay_biases if decay_biases is None else decay_biases:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,18 +119,6 @@ class _Cadences:
 
     def due_at_step(self, global_step: int) -> bool:
         return any(c.due_at_step(global_step) for c in (self.eval, self.checkpoint, self.sample, self.log))
-
-
-@dataclass
-class _EpochProgress:
-    """Where the loop is inside an epoch: what a mid-epoch checkpoint must carry."""
-
-    step: int = 0
-    loss_sum: torch.Tensor | None = None  # Σ loss·n over this epoch's finished steps (float64, device)
-    count: int = 0
-    first_bad_step: torch.Tensor | None = None  # -1, or the first step whose loss was not finite
-    state: State | None = None
-    elapsed: float = 0.0
 
 
 class Trainer:
@@ -276,7 +175,7 @@ class Trainer:
         self.best_val_ppl: float | None = None
         self.bad_evals = 0
         self.elapsed = 0.0
-        self.progress = _EpochProgress()
+        self.progress = EpochProgress.start(device)
         train = config.train
         self.global_step = 0  # optimizer steps since the run began (across resumes)
         self.tokens_seen = 0
@@ -316,45 +215,39 @@ class Trainer:
             )
         self._first_step = self.global_step
         self._stop_signal: int | None = None
-        self._last_plot = 0.0
-        self._plot_ok = True
-        self.records: list[EpochRecord] = self._read_metrics() if resume is not None else []
+        self.files = RunFiles(run_dir)
+        self.plot = PlotRefresh(self.files.plot, self.reporter)
+        self.records: list[EpochRecord] = (
+            read_metrics(self.files.metrics, self.global_step, self.start_epoch) if resume is not None else []
+        )
 
     # ----- checkpoint state ------------------------------------------------------------------
 
-    def _checkpoint(self, epoch: int, progress: _EpochProgress | None = None) -> Checkpoint:
-        progress = progress or _EpochProgress()
-        state: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "bad_evals": self.bad_evals,
-            "elapsed": self.elapsed,
-            "global_step": self.global_step,
-            "tokens_seen": self.tokens_seen,
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        if progress.step:
-            state["epoch_progress"] = {
-                "loss_sum": progress.loss_sum,
-                "count": progress.count,
-                "first_bad_step": progress.first_bad_step,
-                "state": progress.state,
-                "elapsed": progress.elapsed,
-            }
-        if self.average is not None:
-            # model_state holds the weights to predict with; the raw ones continue training.
-            state["raw_model"] = self.model.state_dict()
-            state["average_count"] = self.average.count
+    def _checkpoint(
+        self, epoch: int, progress: EpochProgress | None, ranks: list[RankState] | None
+    ) -> Checkpoint:
+        state = TrainerState(
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng_cpu=torch.get_rng_state(),
+            rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            bad_evals=self.bad_evals,
+            elapsed=self.elapsed,
+            global_step=self.global_step,
+            tokens_seen=self.tokens_seen,
+            epoch_progress=progress,
+            raw_model=self.model.state_dict() if self.average is not None else None,
+            average_count=self.average.count if self.average is not None else 0,
+            ranks=ranks,
+        )
         return Checkpoint(
             config=self.config,
             vocab=self.dataset.vocab,
             model_state=self.evaluated_model.state_dict(),
             epoch=epoch,
-            step_in_epoch=progress.step,
+            step_in_epoch=progress.step if progress is not None else 0,
             best_val_ppl=self.best_val_ppl,
-            trainer_state=state,
+            trainer_state=state.to_tree(),
             init_from=self.init_from_label,
             corpus_sha1=self.dataset.sha1,
         )
@@ -365,46 +258,60 @@ class Trainer:
         return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
 
     def _restore(self, checkpoint: Checkpoint) -> None:
-        state = checkpoint.trainer_state
-        if self.average is not None and "raw_model" in state:
-            self.model.load_state_dict(state["raw_model"])
-            self.average.load_state_dict(checkpoint.model_state, int(state["average_count"]))
+        state = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch)
+        if self.average is not None and state.raw_model is not None:
+            self.model.load_state_dict(state.raw_model)
+            self.average.load_state_dict(checkpoint.model_state, state.average_count)
         else:
             self.model.load_state_dict(checkpoint.model_state)
             if self.average is not None:  # averaging switched on for a resumed run: start from here
                 self.average.load_state_dict(checkpoint.model_state, 0)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        saved_groups = len(state.optimizer["param_groups"])
+        if saved_groups != len(self.optimizer.param_groups):
+            # AdamW with one group is a checkpoint from before biases went undecayed (or one written
+            # with train.decay_biases): the resumed run continues the grouping it was trained with.
+            self.optimizer = build_optimizer(self.model, self.config.train, decay_biases=saved_groups == 1)
+        self.optimizer.load_state_dict(state.optimizer)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        own = state.for_rank(self.dist.rank, self.dist.world_size)
+        rng_cpu, rng_cuda = (
+            (own.rng_cpu, own.rng_cuda) if own is not None else (state.rng_cpu, state.rng_cuda)
+        )
+        torch.set_rng_state(rng_cpu.cpu())
+        if rng_cuda is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
         self.start_epoch = checkpoint.epoch
         self.best_val_ppl = checkpoint.best_val_ppl
-        self.bad_evals = int(state.get("bad_evals", 0))
-        self.elapsed = float(state.get("elapsed", 0.0))
-        if "global_step" in state:
-            self.global_step = int(state["global_step"])
+        self.bad_evals = state.bad_evals
+        self.elapsed = state.elapsed
+        if state.global_step is not None:
+            self.global_step = state.global_step
         else:  # a checkpoint written before step counts existed: estimated from epoch 0's length
             self.global_step = checkpoint.epoch * self.steps_per_epoch + checkpoint.step_in_epoch
         data = self.config.data
-        self.tokens_seen = int(state.get("tokens_seen", self.global_step * data.batch_size * data.num_steps))
-        partial = state.get("epoch_progress")
-        if partial is not None and checkpoint.step_in_epoch:
-            carried = partial["state"]
-            self.progress = _EpochProgress(
-                step=checkpoint.step_in_epoch,
-                loss_sum=partial["loss_sum"].to(self.device),
-                count=int(partial["count"]),
-                first_bad_step=partial["first_bad_step"].to(self.device),
-                state=_to_device(carried, self.device),
-                elapsed=float(partial["elapsed"]),
-            )
+        self.tokens_seen = (
+            state.tokens_seen
+            if state.tokens_seen is not None
+            else self.global_step * data.batch_size * data.num_steps
+        )
+        if state.epoch_progress is not None:
+            progress = own.progress if own is not None else state.epoch_progress
+            self.progress = progress.to(self.device)
 
-    def _save(self, name: str, epoch: int, progress: _EpochProgress | None = None) -> None:
+    def _save(self, name: str, epoch: int, progress: EpochProgress | None = None) -> None:
+        """Rank 0 writes. Under torchrun every rank calls this: a mid-epoch checkpoint gathers each
+        rank's own random streams and epoch progress (its rows' carried state, its loss sums)."""
+        if progress is not None and progress.step == 0:
+            progress = None  # an epoch boundary
+        ranks = (
+            gather_ranks(progress, self.device, self.dist.world_size)
+            if self.dist.enabled and progress is not None
+            else None
+        )
         if self.dist.is_main:
             try:
-                save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress))
+                save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress, ranks))
             except NonFiniteCheckpoint:
                 raise TrainingDiverged(
                     f"the weights became NaN or infinite by epoch {epoch}; training stopped and {self._kept()}. "
@@ -420,47 +327,20 @@ class Trainer:
 
     # ----- run directory ---------------------------------------------------------------------
 
-    def _read_metrics(self) -> list[EpochRecord]:
-        path = self.run_dir / METRICS
-        records = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError, TypeError):
-                    record = EpochRecord(**json.loads(line))
-                    # Lines past the checkpoint are dropped; old lines (step 0) are placed by epoch.
-                    if record.step <= self.global_step if record.step else record.epoch <= self.start_epoch:
-                        records.append(record)
-        return records
-
     def _write_run_files(self) -> None:
-        if not self.dist.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
-        atomic_write_text(self.run_dir / "vocab.json", self.dataset.vocab.to_json() + "\n")
-        metrics = "".join(record.to_json() + "\n" for record in self.records)
-        atomic_write_text(self.run_dir / METRICS, metrics)  # drops epochs past a resumed checkpoint
-        if self.init_from_label:
-            atomic_write_text(self.run_dir / "init_from.txt", self.init_from_label + "\n")
+        if self.dist.is_main:  # the metrics rewrite drops epochs past a resumed checkpoint
+            write_run_files(self.files, self.config, self.dataset.vocab, self.records, self.init_from_label)
 
     def _append_metrics(self, record: EpochRecord) -> None:
         self.records.append(record)
         if self.dist.is_main:
-            with (self.run_dir / METRICS).open("a", encoding="utf-8") as stream:
-                stream.write(record.to_json() + "\n")
+            append_metrics(self.files.metrics, record)
         if self.tensorboard is not None:
             self.tensorboard.add_record(record)
 
     def _update_plot(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.dist.is_main or (not force and now - self._last_plot < 5.0):
-            return
-        self._last_plot = now
-        if not self._plot_ok:
-            return
-        if not write_perplexity_plot(self.records, self.run_dir / PLOT):
-            self._plot_ok = False  # say it once, not at every refresh
-            self.reporter.note("matplotlib is not installed: no plot (pip install 'drnn[plot]')")
+        if self.dist.is_main:
+            self.plot.update(self.records, force)
 
     # ----- signals ---------------------------------------------------------------------------
 
@@ -538,11 +418,7 @@ class Trainer:
         lr_per_step = bool(train.max_steps) and (train.schedule != "constant" or train.warmup_epochs > 0)
         self._set_lr(epoch)
         batches = self._batches(epoch)
-        progress, self.progress = self.progress, _EpochProgress()
-        if progress.loss_sum is None:
-            progress.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            progress.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        assert progress.first_bad_step is not None
+        progress, self.progress = self.progress, EpochProgress.start(self.device)
         self.static_step.begin_epoch(progress.state if batches.carries_state else None)
         if self.dist.enabled and progress.step == 0:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
@@ -596,12 +472,11 @@ class Trainer:
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
         return perplexity(loss_sum, count), count / max(seconds, 1e-9)
 
-    def _totals(self, epoch: int, progress: _EpochProgress) -> tuple[float, float]:
+    def _totals(self, epoch: int, progress: EpochProgress) -> tuple[float, float]:
         """(Σ loss·n, n) over the epoch so far on all ranks: the one host read of a boundary.
 
         It also counts the ranks that saw a non-finite loss, so a NaN on one rank stops every rank.
         """
-        assert progress.loss_sum is not None and progress.first_bad_step is not None
         totals = torch.stack(
             [
                 progress.loss_sum,
@@ -640,7 +515,7 @@ class Trainer:
             left = by_steps if left is None else min(left, by_steps)
         return left
 
-    def _judge(self, val_ppl: float | None, epoch: int, progress: _EpochProgress | None = None) -> None:
+    def _judge(self, val_ppl: float | None, epoch: int, progress: EpochProgress | None = None) -> None:
         """Keep the best checkpoint; count evaluations without improvement for patience."""
         if val_ppl is None:
             return
@@ -651,7 +526,7 @@ class Trainer:
             self.bad_evals += 1
 
     def _inside_epoch(
-        self, epoch: int, progress: _EpochProgress, steps_in_epoch: int, stop: StopReason | None
+        self, epoch: int, progress: EpochProgress, steps_in_epoch: int, stop: StopReason | None
     ) -> StopReason | None:
         """A step-cadence boundary (or a budget's end) inside ``epoch``: evaluate, log, checkpoint.
 
@@ -694,8 +569,7 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.add_samples(samples, self.global_step)
 
-    def _check_finite(self, epoch: int, progress: _EpochProgress) -> None:
-        assert progress.first_bad_step is not None
+    def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
         bad = int(progress.first_bad_step)
         if bad >= 0:
             raise TrainingDiverged(
@@ -703,12 +577,12 @@ class Trainer:
                 f"{self._kept()}. Lower train.lr, or keep train.clip > 0"
             )
 
-    def _interrupt(self, epoch: int, progress: _EpochProgress) -> None:
+    def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
         signum = self._stop_signal or signal.SIGINT
         self._save(LAST, epoch, progress)
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
-            f"training stopped by {name} at epoch {epoch + 1}, step {progress.step}; a checkpoint of that step "
+            f"training stopped by {name} at epoch {epoch + 1}, step {progress.step if progress else 0}; a checkpoint of that step "
             f"is in {self.run_dir / LAST}; continue with the same command plus --resume",
             exit_code=SIGNAL_EXIT_CODES.get(signum, 130),
         )
@@ -800,7 +674,7 @@ class Trainer:
                 self._update_plot(force=last_epoch)
                 # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
                 if self._stop_requested() if self.dist.enabled else self._stop_signal is not None:
-                    self._interrupt(done, _EpochProgress())
+                    self._interrupt(done, None)
                 if stopped_early:
                     stop_reason = "patience"
                     break
@@ -849,11 +723,3 @@ def _check_precision_works(model: RNNLanguageModel, device: torch.device, precis
             f"model.impl {model.config.impl} ({first}); use train.precision fp32"
             + (" or model.impl scratch" if model.config.impl == "torch" else "")
         ) from None
-
-
-def _to_device(state: Any, device: torch.device) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return tuple(s.to(device) for s in state)
-    return state.to(device)

@@ -1,8 +1,9 @@
 """Splits and minibatch iterators: d2l 0.17.6's partition rules, reproducibility, sharding, evaluation.
 
 The reference functions below are d2l's ``seq_data_iter_sequential`` / ``seq_data_iter_random``
-written out on plain lists (GUIDE §3), with the random draws passed in, so every minibatch drnn
-yields can be compared with the one d2l would have yielded for the same offset and shuffle.
+(d2l 0.17.6 §8.3; README "Reproducing d2l") written out on plain lists, with the random draws passed
+in, so every minibatch drnn yields can be compared with the one d2l would have yielded for the same
+offset and shuffle.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ B, T = 2, 5
 CORPUS = torch.arange(35)
 
 # -------------------------------------------------------------------------------------------------
-# d2l's algorithms, exactly as GUIDE §3 states them, with the random draws as arguments
+# d2l's algorithms, exactly as d2l 0.17.6 §8.3 states them, with the random draws as arguments
 
 
 def d2l_sequential(

@@ -1,4 +1,4 @@
-"""The command-line contract of GUIDE §1: commands, flags, --json last lines, the latest run."""
+"""The command-line contract of README "Commands": commands, flags, --json last lines, the latest run."""
 
 from __future__ import annotations
 

@@ -53,6 +53,7 @@ INVALID = {
     "train.lr": (0, "greater than 0"),
     "train.momentum": (1.0, "less than 1"),
     "train.weight_decay": (-1, "greater than or equal to 0"),
+    "train.decay_biases": ("sometimes", "valid boolean"),
     "train.clip": (-1, "greater than or equal to 0"),
     "train.schedule": ("linear", "'constant', 'step' or 'cosine'"),
     "train.warmup_epochs": (-1, "greater than or equal to 0"),

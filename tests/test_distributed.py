@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -53,10 +54,11 @@ TINY = {
 }
 
 
-def write_config(directory: Path, sampling: str) -> Path:
+def write_config(directory: Path, sampling: str, dropout: float = 0.0) -> Path:
     tree = json.loads(json.dumps(TINY))
     tree["data"]["sampling"] = sampling
-    path = directory / f"tiny_{sampling}.yaml"
+    tree["model"]["dropout"] = dropout
+    path = directory / f"tiny_{sampling}_{dropout}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
 
@@ -100,22 +102,37 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
     env["OMP_NUM_THREADS"] = "1"  # one intra-op thread per rank
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
 
-    def start(name: str, config: Path, *extra: str) -> Launch:
+    def start(name: str, config: Path, *extra: str, then: tuple[str, ...] = ()) -> Launch:
+        """One job; with ``then``, a second one on the same run directory once the first succeeded."""
         run_dir = root / "runs" / name
         # `--` keeps torchrun's parser off drnn's options: `--run` alone is an ambiguous prefix of
         # torchrun's --run-path/--run_path.
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         command += ["--nproc_per_node", str(WORLD_SIZE), "-m", "drnn_cli", "--"]
         command += ["train", "--config", str(config), "--device", "cpu", "--run", str(run_dir), "--json"]
+        argv = [*command, *extra]
+        if then:
+            argv = ["sh", "-c", f"{shlex.join(argv)} && {shlex.join([*command, *then])}"]
         stdout, stderr = root / f"{name}.out", root / f"{name}.err"
         with stdout.open("wb") as out, stderr.open("wb") as err:
             process = subprocess.Popen(
-                [*command, *extra], cwd=root, env=env, stdout=out, stderr=err, start_new_session=True
+                argv, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True
             )
         return Launch(process, run_dir, stdout, stderr)
 
     jobs = {sampling: start(sampling, write_config(root, sampling)) for sampling in SAMPLINGS}
     jobs["indivisible"] = start("indivisible", write_config(root, "sequential"), "--set", "data.batch_size=7")
+    # Dropout draws from each rank's own random stream: an uninterrupted run, and one stopped inside
+    # epoch 1 (step 30 of ~22 an epoch) by a step budget, then resumed without one.
+    dropout = write_config(root, "sequential", dropout=0.3)
+    jobs["dropout_full"] = start("dropout_full", dropout)
+    jobs["dropout_resumed"] = start(
+        "dropout_resumed",
+        dropout,
+        "--set",
+        "train.max_steps=30",
+        then=("--resume", "--set", "train.max_steps=0"),
+    )
     try:
         yield jobs
     finally:
@@ -169,6 +186,27 @@ def test_two_processes_train_what_one_process_trains(
     report = json.loads(eval_out.strip().splitlines()[-1])
     assert report["split"] == "val" and report["epoch"] == 2
     assert report["perplexity"] == pytest.approx(summary["best_val_ppl"], rel=1e-6)
+
+
+def test_two_processes_resumed_inside_an_epoch_train_what_an_uninterrupted_run_trains(
+    launches: dict[str, Launch],
+) -> None:
+    """Each rank resumes its own dropout stream and its own rows' carried state from a mid-epoch
+    checkpoint, not rank 0's (with rank 0's random state the parameters differ by ~0.09)."""
+    for name in ("dropout_full", "dropout_resumed"):
+        code, out, err = launches[name].finish()
+        assert code == 0, f"{name}: torchrun failed ({code})\nstdout:\n{out}\nstderr:\n{err}"
+    stopped, resumed = (
+        json.loads(line) for line in launches["dropout_resumed"].stdout.read_text().splitlines()
+    )
+    assert (stopped["stop_reason"], stopped["steps"], stopped["epochs"]) == ("max_steps", 30, 1)
+    assert (resumed["stop_reason"], resumed["epochs"], resumed["start_epoch"]) == ("epochs", 2, 1)
+    full = load_checkpoint(launches["dropout_full"].run_dir / "last.safetensors")
+    continued = load_checkpoint(launches["dropout_resumed"].run_dir / "last.safetensors")
+    assert continued.epoch == full.epoch == 2 and continued.config.model.dropout == 0.3
+    assert continued.trainer_state["global_step"] == full.trainer_state["global_step"] > 30
+    for name, expected in full.model_state.items():
+        torch.testing.assert_close(continued.model_state[name], expected, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_batch_that_does_not_divide_among_the_processes_is_a_one_line_error(

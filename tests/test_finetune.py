@@ -12,7 +12,7 @@ from drnn_cli.commands import TrainRequest, evaluate_split, load_model, train_ru
 from drnn_cli.config import build_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
-from drnn_cli.train import SilentReporter
+from drnn_cli.report import SilentReporter
 from drnn_cli.vocab import Vocab
 
 BASE = {

@@ -18,6 +18,7 @@ from drnn_cli.models import (
     build_model,
     count_parameters,
     detach_state,
+    lm_loss,
     make_recurrent,
     select_state_row,
 )
@@ -199,6 +200,33 @@ def test_one_hot_encoding_is_time_major_in_the_model_dtype():
     assert features.dtype == torch.float64
     assert features[1, 0].tolist() == [0, 1, 0, 0, 0]
     assert features[0, 1].tolist() == [0, 0, 0, 1, 0]
+
+
+def test_lm_loss_scores_time_major_logits_against_batch_major_targets():
+    # T=2 steps, B=2 rows, V=3 tokens. Each logits row is certain of one token (log-prob 0 there,
+    # log(e^0 + 2e^-100) ≈ 0) or uniform (log-prob -log 3).
+    certain = [[0.0, -100.0, -100.0], [-100.0, 0.0, -100.0], [-100.0, -100.0, 0.0]]
+    uniform = [0.0, 0.0, 0.0]
+    logits = torch.tensor(
+        [
+            [certain[1], certain[2]],  # t=0: row 0 predicts token 1, row 1 predicts token 2
+            [uniform, certain[0]],  # t=1: row 0 unsure, row 1 predicts token 0
+        ],
+        dtype=torch.float64,
+    )
+    targets = torch.tensor([[1, 1], [2, 0]])  # (B, T): row 0 then row 1
+    assert lm_loss(logits, targets, reduction="sum").item() == pytest.approx(math.log(3), rel=1e-12)
+    assert lm_loss(logits, targets).item() == pytest.approx(math.log(3) / 4, rel=1e-12)
+    # Transposed targets pair row 1's t=0 (certain of 2) with token 1: a loss of ~100 / 4.
+    assert lm_loss(logits, targets.t().contiguous()).item() > 20
+
+
+def test_lm_loss_scores_half_precision_in_fp32_and_keeps_fp64():
+    logits = torch.zeros(3, 2, 4, dtype=torch.bfloat16)
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    loss = lm_loss(logits, targets)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(math.log(4), rel=1e-6)
+    assert lm_loss(logits.double(), targets).dtype == torch.float64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +538,7 @@ def train_time_machine(corpus_path: Path, tmp_path_factory: pytest.TempPathFacto
             try:
                 with pytest.MonkeyPatch.context() as patch:
                     # The PNG is not under test here, and matplotlib costs seconds per run.
-                    patch.setattr("drnn_cli.train.write_perplexity_plot", lambda records, path: True)
+                    patch.setattr("drnn_cli.report.render_perplexity_plot", lambda records: b"")
                     results[cell, impl] = Trainer(config, dataset, run_dir, torch.device("cpu")).fit()
             finally:
                 torch.set_num_threads(threads)

@@ -12,10 +12,12 @@ import yaml
 
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import TrainRequest, train_run
-from drnn_cli.config import TrainConfig
+from drnn_cli.config import ModelConfig, TrainConfig
 from drnn_cli.errors import DrnnError, TrainingDiverged
+from drnn_cli.models import build_model
+from drnn_cli.report import EpochRecord, SilentReporter
 from drnn_cli.step import clip_gradients
-from drnn_cli.train import EpochRecord, SilentReporter, Trainer, lr_factor
+from drnn_cli.train import Trainer, build_optimizer, lr_factor
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10},
@@ -52,6 +54,46 @@ def test_clipping_leaves_small_gradients_bit_for_bit():
     before = a.grad.clone()
     clip_gradients([a], 1.0)
     assert torch.equal(a.grad, before)
+
+
+def test_adamw_decays_matrices_and_leaves_biases_undecayed():
+    model = build_model(28, ModelConfig(cell="lstm", hidden_size=8, num_layers=2, embedding_dim=4), seed=0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", lr=0.1, weight_decay=0.5))
+    decayed, undecayed = optimizer.param_groups
+    assert (decayed["weight_decay"], undecayed["weight_decay"]) == (0.5, 0.0)
+    assert sorted(names[id(p)] for p in undecayed["params"]) == [
+        "decoder.bias",
+        "rnn.bias_hh_l0",
+        "rnn.bias_hh_l1",
+        "rnn.bias_ih_l0",
+        "rnn.bias_ih_l1",
+    ]
+    # The 4 rnn matrices, the embedding and the decoder.
+    assert all(p.dim() == 2 for p in decayed["params"]) and len(decayed["params"]) == 6
+    # With zero gradients Adam's own update is 0, so one step is the decay alone: w ← w·(1 − lr·wd).
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        factor = 1.0 if p.dim() == 1 else 1 - 0.1 * 0.5
+        torch.testing.assert_close(p.detach(), before[name] * factor, rtol=0, atol=1e-7, msg=name)
+
+    one_group = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.5, decay_biases=True))
+    assert len(one_group.param_groups) == 1 and one_group.param_groups[0]["weight_decay"] == 0.5
+    # SGD and Adam keep one group: decay_biases concerns AdamW only.
+    assert len(build_optimizer(model, TrainConfig(optimizer="sgd", weight_decay=0.5)).param_groups) == 1
+
+
+def test_a_run_written_with_one_adamw_group_resumes_with_one(workdir: Path):
+    config = write_config(workdir, TINY)
+    adamw = ("train.optimizer=adamw", "train.weight_decay=0.01")
+    train(config, *adamw, "train.decay_biases=true", "train.epochs=1")  # as checkpoints before the split
+    resumed = train(config, *adamw, "train.epochs=2", resume=True)
+    assert resumed.epochs == 2
+    state = load_checkpoint(workdir / "runs/tiny/last.safetensors").trainer_state
+    assert len(state["optimizer"]["param_groups"]) == 1
 
 
 def test_learning_rate_schedules():

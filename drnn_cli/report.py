@@ -1,0 +1,189 @@
+"""What training reports, and the run-directory files it keeps: metrics.jsonl, the plot, the config.
+
+The loop (train.py) produces ``EpochRecord``s and ``StepStatus``es; a ``Reporter`` shows them (the
+CLI renders them with rich, tests collect them) and the functions here keep them on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from drnn_cli.budget import StopReason
+from drnn_cli.checkpoint import atomic_write_bytes, atomic_write_text
+from drnn_cli.config import Config, dump_config
+from drnn_cli.plot import render_perplexity_plot
+from drnn_cli.run_files import RunFiles
+from drnn_cli.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One line of ``metrics.jsonl``: an epoch's end, or an evaluation inside an epoch.
+
+    ``epoch`` counts epochs done: an integer at an epoch's end, fractional (3.25) inside one, where
+    ``train_ppl`` and ``tokens_per_s`` cover the epoch so far. ``step`` counts optimizer steps and
+    ``tokens_seen`` training tokens since the run began (both 0 in lines written before they existed).
+    """
+
+    epoch: float
+    train_ppl: float
+    val_ppl: float | None
+    lr: float
+    tokens_per_s: float
+    elapsed: float
+    step: int = 0
+    tokens_seen: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs: int
+    start_epoch: int
+    train_ppl: float
+    val_ppl: float | None
+    best_val_ppl: float | None
+    tokens_per_s: float
+    device: str
+    world_size: int
+    parameters: int
+    samples: dict[str, str] = field(default_factory=dict)
+    stopped_early: bool = False
+    stop_reason: StopReason = "epochs"
+    steps: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """The ``drnn train --json`` object (README "Commands": `drnn train`)."""
+        return {
+            "run_dir": str(self.run_dir),
+            "epochs": self.epochs,
+            "start_epoch": self.start_epoch,
+            "train_ppl": self.train_ppl,
+            "val_ppl": self.val_ppl,
+            "best_val_ppl": self.best_val_ppl,
+            "tokens_per_s": self.tokens_per_s,
+            "device": self.device,
+            "world_size": self.world_size,
+            "parameters": self.parameters,
+            "stopped_early": self.stopped_early,
+            "stop_reason": self.stop_reason,
+            "steps": self.steps,
+            "samples": self.samples,
+        }
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    """Where a run stands inside an epoch, for a progress bar (sent a few times a second)."""
+
+    epoch: int  # 0-based epoch in progress
+    step_in_epoch: int  # steps done in it
+    steps_in_epoch: int
+    global_step: int
+    seconds_left: float | None  # to the first budget (max_time, or max_steps at the current pace)
+
+
+class Reporter(Protocol):
+    """How the loop talks to its user; the CLI renders these with rich, tests collect them."""
+
+    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None: ...
+    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None: ...
+    def samples(self, epoch: int, samples: dict[str, str]) -> None: ...
+    def note(self, message: str) -> None: ...
+    def step(self, status: StepStatus) -> None: ...
+    def finish(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None:
+        pass
+
+    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
+        pass
+
+    def samples(self, epoch: int, samples: dict[str, str]) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def step(self, status: StepStatus) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory's files
+
+
+def read_metrics(path: Path, global_step: int, start_epoch: int) -> list[EpochRecord]:
+    """The metrics lines a run resumed at ``global_step`` (epoch ``start_epoch``) keeps.
+
+    Lines past the checkpoint are dropped; old lines (step 0) are placed by epoch. Unreadable lines
+    (a torn last line) are skipped.
+    """
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, TypeError):
+                record = EpochRecord(**json.loads(line))
+                if record.step <= global_step if record.step else record.epoch <= start_epoch:
+                    records.append(record)
+    return records
+
+
+def write_metrics(path: Path, records: Sequence[EpochRecord]) -> None:
+    """Rewrite ``metrics.jsonl`` atomically (a resume drops the lines past its checkpoint)."""
+    atomic_write_text(path, "".join(record.to_json() + "\n" for record in records))
+
+
+def append_metrics(path: Path, record: EpochRecord) -> None:
+    with path.open("a", encoding="utf-8") as stream:
+        stream.write(record.to_json() + "\n")
+
+
+def write_run_files(
+    files: RunFiles, config: Config, vocab: Vocab, records: Sequence[EpochRecord], init_from: str | None
+) -> None:
+    """What a run directory holds before its first step: config, vocabulary, metrics so far, origin."""
+    files.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(files.config, dump_config(config))
+    atomic_write_text(files.vocab, vocab.to_json() + "\n")
+    write_metrics(files.metrics, records)
+    if init_from:
+        atomic_write_text(files.init_from, init_from + "\n")
+
+
+class PlotRefresh:
+    """Redraws ``perplexity.png`` at most every ``every`` seconds (or when forced); says once when
+    matplotlib is missing."""
+
+    def __init__(self, path: Path, reporter: Reporter, every: float = 5.0) -> None:
+        self.path = path
+        self.reporter = reporter
+        self.every = every
+        self._last = 0.0
+        self._ok = True
+
+    def update(self, records: Sequence[EpochRecord], force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._ok or (not force and now - self._last < self.every):
+            return
+        self._last = now
+        png = render_perplexity_plot(records)
+        if png is None:
+            self._ok = False  # say it once, not at every refresh
+            self.reporter.note("matplotlib is not installed: no plot (pip install 'drnn[plot]')")
+            return
+        atomic_write_bytes(self.path, png)

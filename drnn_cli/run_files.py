@@ -1,0 +1,44 @@
+"""The names of the files in a run directory, defined once (checkpoint.py names last/best).
+
+It imports nothing from drnn, so every module that reads or writes a run directory can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Paths inside one run directory (``runs/<name>/``)."""
+
+    run_dir: Path
+
+    @property
+    def config(self) -> Path:
+        """The resolved config of the run."""
+        return self.run_dir / "config.yaml"
+
+    @property
+    def vocab(self) -> Path:
+        return self.run_dir / "vocab.json"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line per epoch end or evaluation inside an epoch."""
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def plot(self) -> Path:
+        return self.run_dir / "perplexity.png"
+
+    @property
+    def init_from(self) -> Path:
+        """The checkpoint a fine-tuned run started from (absent otherwise)."""
+        return self.run_dir / "init_from.txt"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (``train.tensorboard: true``)."""
+        return self.run_dir / "tensorboard"

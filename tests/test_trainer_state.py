@@ -1,0 +1,131 @@
+"""TrainerState: what resuming needs, typed, and unchanged through a real checkpoint file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drnn_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from drnn_cli.config import build_config
+from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState
+from drnn_cli.vocab import Vocab
+
+
+def assert_same_tree(a: Any, b: Any) -> None:
+    """Equal nested values; tensors equal in dtype, shape and every element."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for key in a:
+            assert_same_tree(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_tree(x, y)
+    else:
+        assert a == b
+
+
+def a_trained_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def roundtrip(state: TrainerState, step_in_epoch: int, tmp_path: Path) -> TrainerState:
+    checkpoint = Checkpoint(
+        config=build_config({}),
+        vocab=Vocab.from_counts({"a": 2, "b": 1}),
+        model_state={"w": torch.zeros(2)},
+        epoch=3,
+        step_in_epoch=step_in_epoch,
+        trainer_state=state.to_tree(),
+    )
+    save_checkpoint(tmp_path / "last.safetensors", checkpoint)
+    loaded = load_checkpoint(tmp_path / "last.safetensors")
+    return TrainerState.from_tree(loaded.trainer_state, loaded.step_in_epoch)
+
+
+def test_a_mid_epoch_state_with_every_field_survives_a_checkpoint_file(tmp_path: Path) -> None:
+    model, optimizer = a_trained_optimizer()
+    progress = EpochProgress(
+        loss_sum=torch.tensor(123.456, dtype=torch.float64),
+        first_bad_step=torch.tensor(-1),
+        step=7,
+        count=560,
+        state=(torch.randn(2, 4, 5), torch.randn(2, 4, 5)),  # an LSTM's (H, C)
+        elapsed=1.25,
+    )
+    torch.manual_seed(1)
+    rank1 = RankState(
+        rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.ones(16, dtype=torch.uint8),
+        progress=EpochProgress(torch.tensor(99.0, dtype=torch.float64), torch.tensor(5), 7, 560, None, 1.25),
+    )
+    state = TrainerState(
+        optimizer=optimizer.state_dict(),
+        scaler=torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.arange(16, dtype=torch.uint8),
+        bad_evals=2,
+        elapsed=98.5,
+        global_step=4321,
+        tokens_seen=1_234_567,
+        epoch_progress=progress,
+        raw_model=model.state_dict(),
+        average_count=17,
+    )
+    state.ranks = [RankState(state.rng_cpu, state.rng_cuda, progress), rank1]
+    loaded = roundtrip(state, 7, tmp_path)
+    assert loaded.epoch_progress is not None and loaded.epoch_progress.step == 7
+    assert_same_tree(loaded.to_tree(), state.to_tree())
+    assert (loaded.bad_evals, loaded.elapsed, loaded.global_step, loaded.tokens_seen) == (
+        2,
+        98.5,
+        4321,
+        1_234_567,
+    )
+    assert loaded.average_count == 17
+    own = loaded.for_rank(1, 2)
+    assert own is not None and torch.equal(own.rng_cpu, rank1.rng_cpu)
+    assert (own.progress.step, float(own.progress.loss_sum), int(own.progress.first_bad_step)) == (7, 99.0, 5)
+    # Another world size cannot use per-rank parts: every rank takes the writer's.
+    assert loaded.for_rank(1, 4) is None
+
+
+def test_an_epoch_boundary_state_keeps_the_keys_older_checkpoints_have(tmp_path: Path) -> None:
+    _, optimizer = a_trained_optimizer()
+    state = TrainerState(optimizer.state_dict(), {}, torch.get_rng_state(), global_step=40, tokens_seen=3200)
+    tree = state.to_tree()
+    assert sorted(tree) == [
+        "bad_evals",
+        "elapsed",
+        "global_step",
+        "optimizer",
+        "rng_cpu",
+        "scaler",
+        "tokens_seen",
+    ]
+    loaded = roundtrip(state, 0, tmp_path)
+    assert loaded.epoch_progress is None and loaded.raw_model is None and loaded.ranks is None
+    assert_same_tree(loaded.to_tree(), tree)
+
+
+def test_a_tree_from_before_step_counts_takes_the_defaults() -> None:
+    old = {"optimizer": {"state": {}, "param_groups": []}, "scaler": {}, "rng_cpu": torch.get_rng_state()}
+    state = TrainerState.from_tree(old)
+    assert (state.bad_evals, state.elapsed, state.global_step, state.tokens_seen) == (0, 0.0, None, None)
+    assert state.epoch_progress is None and state.rng_cuda is None
+
+
+def test_a_fresh_epoch_has_a_zero_loss_sum_and_no_bad_step() -> None:
+    progress = EpochProgress.start(torch.device("cpu"))
+    assert progress.loss_sum.dtype == torch.float64 and float(progress.loss_sum) == 0.0
+    assert progress.first_bad_step.dtype == torch.int64 and int(progress.first_bad_step) == -1
+    assert (progress.step, progress.count, progress.state, progress.elapsed) == (0, 0, None, 0.0)

@@ -5,16 +5,19 @@ hidden state) are stored as tensors; everything else (config, vocabulary, counte
 hyper-parameters) is JSON in the header's metadata. Nothing is ever unpickled, so a crafted file
 cannot run code; ``torch.save`` / pickle files are recognised and refused before any parsing.
 
-Run directory layout::
+Run directory layout (the other names are defined in run_files.py)::
 
     runs/<name>/
       config.yaml        resolved config of the run
       vocab.json         the vocabulary
       last.safetensors   the newest consistent state (resumable)
       best.safetensors   the best validation perplexity so far (only with a validation split)
-      metrics.jsonl      one JSON line per epoch
-      perplexity.png     train/validation perplexity against epoch
-      train.lock         present while a training process owns the directory
+      metrics.jsonl      one JSON line per epoch end or evaluation
+      perplexity.png     train/validation perplexity against tokens seen
+      init_from.txt      the checkpoint a fine-tuned run started from
+      tensorboard/       event files (train.tensorboard: true)
+      .drnn-run          marks the directory as drnn's (rundir.py)
+      train.lock         the OS file lock of the training process that owns the directory
     runs/latest          the path of the most recently started run
 """
 

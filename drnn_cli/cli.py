@@ -29,7 +29,7 @@ from drnn_cli.presets import find_config
 from drnn_cli.signals import Signalled, exit_on_signals, guard_stdout
 
 if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
-    from drnn_cli.train import EpochRecord, StepStatus
+    from drnn_cli.report import EpochRecord, StepStatus
 
 app = typer.Typer(
     name="drnn",

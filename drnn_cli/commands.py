@@ -32,9 +32,11 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
+from drnn_cli.report import Reporter, TrainResult
+from drnn_cli.run_files import RunFiles
 from drnn_cli.rundir import check_run_dir, discard, holds_run, mark_run_dir, staging_dir, swap_in
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
-from drnn_cli.train import Reporter, Trainer, TrainResult
+from drnn_cli.train import Trainer
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
@@ -332,8 +334,9 @@ def _train_locked(
     )
     if dist.is_main:
         if not request.resume:
-            for stale in (LAST, BEST, "metrics.jsonl", "perplexity.png", "init_from.txt"):
-                (run_dir / stale).unlink(missing_ok=True)
+            files = RunFiles(run_dir)
+            for stale in (run_dir / LAST, run_dir / BEST, files.metrics, files.plot, files.init_from):
+                stale.unlink(missing_ok=True)
         mark_run_dir(run_dir)
         if not mark_latest(final_dir) and reporter is not None:
             reporter.note(

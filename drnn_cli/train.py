@@ -30,7 +30,7 @@ from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
-from drnn_cli.report import (  # cli.py and commands.py import the report types from here too
+from drnn_cli.report import (
     EpochRecord,
     PlotRefresh,
     Reporter,

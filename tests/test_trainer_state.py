@@ -9,6 +9,7 @@ import torch
 
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from drnn_cli.config import build_config
+from drnn_cli.models import build_model
 from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState
 from drnn_cli.vocab import Vocab
 
@@ -39,10 +40,13 @@ def a_trained_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def roundtrip(state: TrainerState, step_in_epoch: int, tmp_path: Path) -> TrainerState:
+    config = build_config({"model": {"hidden_size": 4, "num_layers": 1}})
+    vocab = Vocab.from_counts({"a": 2, "b": 1})
     checkpoint = Checkpoint(
-        config=build_config({}),
-        vocab=Vocab.from_counts({"a": 2, "b": 1}),
-        model_state={"w": torch.zeros(2)},
+        config=config,
+        vocab=vocab,
+        # A real model's weights: loading checks them against the shapes the config implies.
+        model_state=build_model(len(vocab), config.model, seed=0).state_dict(),
         epoch=3,
         step_in_epoch=step_in_epoch,
         trainer_state=state.to_tree(),

@@ -3,7 +3,8 @@
 Per minibatch (README "Reproducing d2l"): mean cross-entropy over the B·T targets, backward, clip the global
 gradient norm to ``train.clip``, optimizer step; the hidden state is carried (detached) across
 minibatches with sequential sampling and re-initialised with random sampling. Losses accumulate on
-the device and are read once per epoch, so the hot loop never waits for the host.
+the device and are read only at an epoch's end or a step-cadence boundary (evaluation, checkpoint,
+log line), so the hot loop never waits for the host.
 """
 
 from __future__ import annotations

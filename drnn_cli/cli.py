@@ -524,8 +524,8 @@ def inspect_command(
 
     Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
     """
-    from drnn_cli.checkpoint import atomic_write_text
     from drnn_cli.commands import load_model
+    from drnn_cli.files import atomic_write_text
     from drnn_cli.inspect_html import render_html
     from drnn_cli.inspect_plot import write_inspection_plot
     from drnn_cli.introspect import InspectRequest, inspect_text

@@ -11,30 +11,32 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import Splits, check_trainable, epoch_generator, training_batches
-from drnn_cli.checkpoint import (
-    BEST,
-    LAST,
-    LOCK_NAME,
-    RUNS_ROOT,
-    Checkpoint,
-    RunLock,
-    default_run_dir,
-    load_checkpoint,
-    mark_latest,
-    remove_stale_temporaries,
-    resolve_checkpoint,
-)
+from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook, cached_corpus
 from drnn_cli.data import Dataset, load_dataset, read_token_stream
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
+from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.report import Reporter, TrainResult
 from drnn_cli.run_files import RunFiles
-from drnn_cli.rundir import check_run_dir, discard, holds_run, mark_run_dir, staging_dir, swap_in
+from drnn_cli.rundir import (
+    DEFAULT_RUNS_ROOT,
+    LOCK_NAME,
+    RunLock,
+    check_run_dir,
+    default_run_dir,
+    discard,
+    holds_run,
+    mark_latest,
+    mark_run_dir,
+    resolve_checkpoint,
+    staging_dir,
+    swap_in,
+)
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import Trainer
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
@@ -185,6 +187,7 @@ class TrainRequest:
     init_from: Path | None = None
     max_unknown_fraction: float = 0.01
     overwrite: bool = False
+    runs_root: Path = DEFAULT_RUNS_ROOT  # holds runs/<config stem> and the latest-run marker
 
 
 def train_run(
@@ -203,7 +206,11 @@ def train_run(
     if request.device is not None:
         overrides = (*overrides, f"train.device={request.device}")  # validated like the config key
     config = load_config(request.config_path, overrides)
-    run_dir = request.run_dir if request.run_dir is not None else default_run_dir(request.config_path)
+    run_dir = (
+        request.run_dir
+        if request.run_dir is not None
+        else default_run_dir(request.config_path, request.runs_root)
+    )
     dist = init_distributed(config.train.device)
     finished = False
     try:
@@ -338,9 +345,9 @@ def _train_locked(
             for stale in (run_dir / LAST, run_dir / BEST, files.metrics, files.plot, files.init_from):
                 stale.unlink(missing_ok=True)
         mark_run_dir(run_dir)
-        if not mark_latest(final_dir) and reporter is not None:
+        if not mark_latest(final_dir, request.runs_root) and reporter is not None:
             reporter.note(
-                f"cannot record the latest run in {RUNS_ROOT}/ (not writable); pass --run to predict/eval"
+                f"cannot record the latest run in {request.runs_root}/ (not writable); pass --run to predict/eval"
             )
     return trainer.fit()
 
@@ -385,8 +392,10 @@ class LoadedModel:
     path: Path
 
 
-def load_model(run: Path | None, checkpoint: Path | None, device_choice: str) -> LoadedModel:
-    path = resolve_checkpoint(run, checkpoint)
+def load_model(
+    run: Path | None, checkpoint: Path | None, device_choice: str, runs_root: Path = DEFAULT_RUNS_ROOT
+) -> LoadedModel:
+    path = resolve_checkpoint(run, checkpoint, runs_root)
     device = resolve_device(device_choice)
     loaded = load_checkpoint(path, device)
     model = build_model(len(loaded.vocab), loaded.config.model)

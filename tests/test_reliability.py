@@ -20,9 +20,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drnn_cli.checkpoint import RunLock, load_checkpoint
+from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.config import build_config, load_config
 from drnn_cli.errors import ConfigError, DrnnError
+from drnn_cli.rundir import RunLock
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10},

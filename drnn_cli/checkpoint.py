@@ -9,14 +9,16 @@ one stands for a run, is rundir.py's business.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from drnn_cli.config import Config, ConfigError, build_config
@@ -145,54 +147,106 @@ def _looks_like_pickle(head: bytes) -> bool:
     )
 
 
+def _not_a_checkpoint(path: Path) -> DrnnError:
+    return DrnnError(f"checkpoint {path} is corrupt or not a drnn checkpoint; retrain or pick another file")
+
+
+def _check_leading_bytes(path: Path) -> None:
+    """Refuse pickles, and headers above drnn's cap, from the first 8 bytes alone.
+
+    safetensors itself accepts headers up to 100 MB and parses them in full when the file is opened,
+    so drnn's smaller cap has to be checked on the header length before ``safe_open`` runs.
+    """
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(8)
+    except OSError as exc:
+        raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    if _looks_like_pickle(head):
+        raise DrnnError(
+            f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
+            f"and loads only its own safetensors checkpoints"
+        )
+    if len(head) < 8 or struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:
+        raise _not_a_checkpoint(path)
+
+
+@contextlib.contextmanager
+def _open_checkpoint(path: Path) -> Iterator[Any]:
+    """A ``safe_open`` handle on ``path`` (memory-mapped: tensors are read only when asked for)."""
+    require_regular_file(path, "checkpoint", "train first or pass --run DIR / --checkpoint FILE")
+    _check_leading_bytes(path)
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except OSError as exc:
+        raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    except Exception:  # safetensors raises its own error types for every malformation of the header
+        raise _not_a_checkpoint(path) from None
+    with handle:
+        yield handle
+
+
 @dataclass(frozen=True)
-class _Header:
-    drnn: dict[str, Any]  # drnn's own metadata
+class CheckpointInfo:
+    """A checkpoint's header: everything but the tensors, read without materialising any of them."""
+
+    config: Config
+    vocab: Vocab
+    epoch: int
+    step_in_epoch: int
+    best_val_ppl: float | None
+    init_from: str | None
+    corpus_sha1: str | None
+    packed_trainer_state: Any  # JSON, its tensors as {"__tensor__": name} (unpack_tree)
     shapes: dict[str, tuple[int, ...]]  # every tensor's shape, as the safetensors header claims
 
 
-def _read_header(path: Path, payload: bytes) -> _Header:
-    """The drnn metadata of a safetensors file, parsed as JSON and never executed.
-
-    Files that are not drnn checkpoints are refused; pickles (which could run code when loaded)
-    are named as such, and nothing in them is ever interpreted.
-    """
-    header = _parse_metadata(payload)
-    if header is None:
-        if _looks_like_pickle(payload[:8]):
-            raise DrnnError(
-                f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
-                f"and loads only its own safetensors checkpoints"
-            )
-        raise DrnnError(
-            f"checkpoint {path} is corrupt or not a drnn checkpoint; retrain or pick another file"
-        )
-    if header.drnn.get("version") != FORMAT_VERSION:
-        raise DrnnError(
-            f"checkpoint {path} has format version {header.drnn.get('version')}; this drnn reads {FORMAT_VERSION}"
-        )
-    return header
+def read_checkpoint_info(path: Path) -> CheckpointInfo:
+    """The header of the checkpoint at ``path``, with every refusal :func:`load_checkpoint` makes on it."""
+    with _open_checkpoint(path) as handle:
+        return _read_info(path, handle)
 
 
-def _parse_metadata(payload: bytes) -> _Header | None:
-    if len(payload) < 8:
-        return None
-    (length,) = struct.unpack("<Q", payload[:8])
-    if length > len(payload) - 8 or length > MAX_HEADER_BYTES:
-        return None
+def _read_info(path: Path, handle: Any) -> CheckpointInfo:
+    """The drnn metadata of an open safetensors file, parsed as JSON and never executed."""
     try:
-        header = json.loads(payload[8 : 8 + length])
-        drnn = json.loads(header["__metadata__"]["drnn"])
-        shapes = {
-            name: tuple(int(size) for size in entry["shape"])
-            for name, entry in header.items()
-            if name != "__metadata__"
-        }
+        drnn = json.loads((handle.metadata() or {})["drnn"])
+        names: list[str] = handle.keys()  # a safe_open handle is not iterable itself
+        shapes = {name: tuple(int(size) for size in handle.get_slice(name).get_shape()) for name in names}
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None  # RecursionError: JSON nested deeper than the parser's stack
+        raise _not_a_checkpoint(path) from None  # RecursionError: JSON nested deeper than the parser's stack
     if not isinstance(drnn, dict) or drnn.get("format") != FORMAT or _too_deep(drnn, MAX_HEADER_DEPTH):
-        return None
-    return _Header(drnn, shapes)
+        raise _not_a_checkpoint(path)
+    if drnn.get("version") != FORMAT_VERSION:
+        raise DrnnError(
+            f"checkpoint {path} has format version {drnn.get('version')}; this drnn reads {FORMAT_VERSION}"
+        )
+    try:
+        config = build_config(drnn["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
+    try:
+        vocab = Vocab.from_dict(drnn["vocab"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DrnnError(
+            f"checkpoint {path} is corrupt (unreadable vocabulary); retrain or pick another"
+        ) from None
+    try:
+        return CheckpointInfo(
+            config=config,
+            vocab=vocab,
+            epoch=int(drnn["epoch"]),
+            step_in_epoch=int(drnn.get("step_in_epoch", 0)),
+            best_val_ppl=drnn.get("best_val_ppl"),
+            init_from=drnn.get("init_from"),
+            corpus_sha1=drnn.get("corpus_sha1"),
+            packed_trainer_state=drnn.get("trainer_state", {}),
+            shapes=shapes,
+        )
+    except (KeyError, TypeError, ValueError):
+        raise DrnnError(
+            f"checkpoint {path} is corrupt (incomplete header); retrain or pick another file"
+        ) from None
 
 
 def _too_deep(tree: Any, limit: int) -> bool:
@@ -225,31 +279,15 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     with the shapes the file holds, so a small file claiming a huge model is refused without
     allocating it; a tensor holding NaN or infinity is refused after reading.
     """
-    require_regular_file(path, "checkpoint", "train first or pass --run DIR / --checkpoint FILE")
-    try:
-        payload = path.read_bytes()
-    except OSError as exc:
-        raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    header = _read_header(path, payload)
-    drnn = header.drnn
-    try:
-        config = build_config(drnn["config"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
-    try:
-        vocab = Vocab.from_dict(drnn["vocab"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (unreadable vocabulary); retrain or pick another"
-        ) from None
-    _check_model_shapes(path, config, len(vocab), header.shapes)
-    try:
-        tensors = load_safetensors(payload)
-    except Exception:  # safetensors raises its own error types for every malformation
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (tensor data unreadable); retrain or pick another"
-        ) from None
-    del payload
+    with _open_checkpoint(path) as handle:
+        info = _read_info(path, handle)
+        _check_model_shapes(path, info.config, len(info.vocab), info.shapes)
+        try:
+            tensors = {name: handle.get_tensor(name) for name in info.shapes}
+        except Exception:  # safetensors raises its own error types for every malformation
+            raise DrnnError(
+                f"checkpoint {path} is corrupt (tensor data unreadable); retrain or pick another"
+            ) from None
     bad = first_non_finite(tensors)
     if bad is not None:
         raise NonFiniteCheckpoint(
@@ -259,21 +297,22 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     tensors = {key: value.to(device) for key, value in tensors.items()}
     model_state = {key[len("model.") :]: value for key, value in tensors.items() if key.startswith("model.")}
     try:
-        return Checkpoint(
-            config=config,
-            vocab=vocab,
-            model_state=model_state,
-            epoch=int(drnn["epoch"]),
-            step_in_epoch=int(drnn.get("step_in_epoch", 0)),
-            best_val_ppl=drnn.get("best_val_ppl"),
-            trainer_state=unpack_tree(drnn.get("trainer_state", {}), tensors),
-            init_from=drnn.get("init_from"),
-            corpus_sha1=drnn.get("corpus_sha1"),
-        )
+        trainer_state = unpack_tree(info.packed_trainer_state, tensors)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise DrnnError(
             f"checkpoint {path} is corrupt (incomplete header); retrain or pick another file"
         ) from None
+    return Checkpoint(
+        config=info.config,
+        vocab=info.vocab,
+        model_state=model_state,
+        epoch=info.epoch,
+        step_in_epoch=info.step_in_epoch,
+        best_val_ppl=info.best_val_ppl,
+        trainer_state=trainer_state,
+        init_from=info.init_from,
+        corpus_sha1=info.corpus_sha1,
+    )
 
 
 def _check_model_shapes(

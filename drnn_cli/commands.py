@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import Splits, check_trainable, epoch_generator, training_batches
-from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint
+from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook, cached_corpus
 from drnn_cli.data import Dataset, load_dataset, read_token_stream
@@ -307,7 +307,7 @@ def _train_locked(
         expected_sha1 = resume_from.corpus_sha1
         if (run_dir / BEST).is_file():
             # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
-            best = load_checkpoint(run_dir / BEST).best_val_ppl
+            best = read_checkpoint_info(run_dir / BEST).best_val_ppl  # the header is enough
             if best is not None and (resume_from.best_val_ppl is None or best < resume_from.best_val_ppl):
                 resume_from.best_val_ppl = best
     if request.init_from is not None:

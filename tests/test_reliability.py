@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drnn_cli.checkpoint import load_checkpoint
+from drnn_cli.checkpoint import load_checkpoint, read_checkpoint_info
 from drnn_cli.config import build_config, load_config
 from drnn_cli.errors import ConfigError, DrnnError
 from drnn_cli.rundir import RunLock
@@ -208,6 +208,44 @@ def test_truncated_real_checkpoint_is_named(tiny_run: Path, tmp_path: Path, cli)
     bad.write_bytes(data[: len(data) // 2])
     code, _, err = cli("predict", "time", "--checkpoint", str(bad))
     assert_one_line_error(code, err, str(bad), "corrupt")
+
+
+def test_a_header_above_the_cap_is_refused_before_safetensors_parses_it(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from drnn_cli import checkpoint
+
+    data = (tiny_run / "best.safetensors").read_bytes()
+    header_bytes = int.from_bytes(data[:8], "little")
+    assert (
+        load_checkpoint(tiny_run / "best.safetensors").epoch
+        == read_checkpoint_info(tiny_run / "best.safetensors").epoch
+    )
+    monkeypatch.setattr(checkpoint, "MAX_HEADER_BYTES", header_bytes - 1)
+    with pytest.raises(DrnnError, match="corrupt or not a drnn checkpoint"):
+        read_checkpoint_info(tiny_run / "best.safetensors")
+
+
+def test_the_header_reads_without_the_tensors(tiny_run: Path, tmp_path: Path):
+    """read_checkpoint_info never touches tensor data: a file whose weights are NaN still reports its header."""
+    data = bytearray((tiny_run / "best.safetensors").read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    data[header_end:] = b"\xff" * (len(data) - header_end)  # every float32 becomes a NaN
+    nan = tmp_path / "nan.safetensors"
+    nan.write_bytes(bytes(data))
+    original = load_checkpoint(tiny_run / "best.safetensors")
+    info = read_checkpoint_info(nan)
+    assert (info.epoch, info.best_val_ppl, info.corpus_sha1) == (
+        original.epoch,
+        original.best_val_ppl,
+        original.corpus_sha1,
+    )
+    model_shapes = {
+        name[len("model.") :]: shape for name, shape in info.shapes.items() if name.startswith("model.")
+    }
+    assert model_shapes == {name: tuple(value.shape) for name, value in original.model_state.items()}
+    with pytest.raises(DrnnError, match="NaN or infinite"):
+        load_checkpoint(nan)
 
 
 class _Exploit:

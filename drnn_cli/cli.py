@@ -7,6 +7,7 @@ user can fix arrives as a :class:`DrnnError` and leaves as one line on stderr wi
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
 import os
@@ -57,7 +58,21 @@ RunOption = Annotated[Path | None, typer.Option("--run", help="Run directory (de
 CheckpointOption = Annotated[
     Path | None, typer.Option("--checkpoint", help="A checkpoint file instead of a run.")
 ]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+
+
+class Device(str, enum.Enum):
+    auto = "auto"  # CUDA when present
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Split(str, enum.Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+DeviceOption = Annotated[Device, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
 
 
 def _consoles(json_mode: bool) -> tuple[Console, Console]:
@@ -287,7 +302,7 @@ def train_command(
         Path | None, typer.Option("--run", help="Run directory (default: runs/<config stem>).")
     ] = None,
     device: Annotated[
-        str | None, typer.Option("--device", help="auto, cpu or cuda (overrides train.device).")
+        Device | None, typer.Option("--device", help="auto, cpu or cuda (overrides train.device).")
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")
@@ -324,7 +339,7 @@ def train_command(
         config_path=find_config(config),
         overrides=tuple(set_ or ()),
         run_dir=run,
-        device=device,
+        device=device.value if device is not None else None,
         resume=resume,
         init_from=init_from,
         max_unknown_fraction=max_unknown,
@@ -391,21 +406,21 @@ def predict_command(
         float | None, typer.Option("--top-p", help="Sample from the smallest set with mass ≥ P.")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Make sampling reproducible.")] = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
     """Continue prefixes with the latest run's best model (greedy by default, as d2l's predict_ch8).
 
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """
-    from drnn_cli.commands import load_model, predict
+    from drnn_cli.commands import Continuation, PredictReport, load_model, predict
     from drnn_cli.decode import DecodeOptions
 
     options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
-    loaded = load_model(run, checkpoint, device)
+    loaded = load_model(run, checkpoint, device.value)
     token = loaded.checkpoint.config.data.token
     stream = not json_out and sys.stdout.isatty()
-    results = []
+    continuations = []
     for prefix in prefixes:
         on_token = None
         if stream:
@@ -418,17 +433,14 @@ def predict_command(
                 written.append(piece)
 
         text = predict(loaded, prefix, options, on_token)
-        results.append({"prefix": prefix, "text": text})
+        continuations.append(Continuation(prefix, text))
         if stream:
             sys.stdout.write("\n")
         else:
             out, _ = _consoles(json_out)
             out.print(text, markup=False, highlight=False, soft_wrap=True)
     if json_out:
-        payload = dict(results[0])
-        if len(results) > 1:
-            payload["results"] = results
-        _emit_json(payload)
+        _emit_json(PredictReport(tuple(continuations)).summary())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +452,7 @@ def eval_command(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
     split: Annotated[
-        str | None,
+        Split | None,
         typer.Option("--split", help="train, val or test (default: val if the run has one, else train)."),
     ] = None,
     data: Annotated[
@@ -455,22 +467,18 @@ def eval_command(
             "data.batch_size; 1 = one continuous stream, as drnn inspect reads it).",
         ),
     ] = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
     """Perplexity and bits per token of a checkpoint, over every token of a split or a file exactly once.
 
     Example: drnn eval --split test --json
     """
-    if split is not None and split not in {"train", "val", "test"}:
-        raise DrnnError(f"--split must be train, val or test (got {split!r})")
     from drnn_cli.commands import evaluate_split, load_model
 
     out, _ = _consoles(json_out)
-    loaded = load_model(run, checkpoint, device)
-    if split is None:
-        split = "val" if loaded.checkpoint.config.data.val_fraction > 0 else "train"
-    report = evaluate_split(loaded, split, data, rows)
+    loaded = load_model(run, checkpoint, device.value)
+    report = evaluate_split(loaded, split.value if split is not None else None, data, rows)
     out.print(
         f"{report.source}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
         f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch})",
@@ -517,7 +525,7 @@ def inspect_command(
         Path | None,
         typer.Option("--png", help="Write a heatmap and gate-saturation histograms (needs matplotlib)."),
     ] = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
     """See what the network learned: per-character activations, gates, surprisal and next-character guesses.
@@ -536,7 +544,7 @@ def inspect_command(
         raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})") from None
     request = InspectRequest(text, file, layer, chosen, top, signal)
     out, _ = _consoles(json_out)
-    loaded = load_model(run, checkpoint, device)
+    loaded = load_model(run, checkpoint, device.value)
     result = inspect_text(
         loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
     )

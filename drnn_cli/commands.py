@@ -424,6 +424,25 @@ def predict(
 
 
 @dataclass(frozen=True)
+class Continuation:
+    prefix: str
+    text: str  # the prefix as the model saw it (preprocessed), then the generated tokens
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    continuations: tuple[Continuation, ...]
+
+    def summary(self) -> dict:
+        """``--json``: the first prefix and its text; with several prefixes, all of them under ``results``."""
+        first = self.continuations[0]
+        payload: dict = {"prefix": first.prefix, "text": first.text}
+        if len(self.continuations) > 1:
+            payload["results"] = [{"prefix": c.prefix, "text": c.text} for c in self.continuations]
+        return payload
+
+
+@dataclass(frozen=True)
 class EvalReport:
     split: str
     epoch: int
@@ -441,16 +460,23 @@ class EvalReport:
         }
 
 
+def default_split(config: Config) -> str:
+    """The split ``drnn eval`` reads when none is named: validation if the run has one, else train."""
+    return "val" if config.data.val_fraction > 0 else "train"
+
+
 def evaluate_split(
-    loaded: LoadedModel, split: str, data_file: Path | None = None, rows: int | None = None
+    loaded: LoadedModel, split: str | None = None, data_file: Path | None = None, rows: int | None = None
 ) -> EvalReport:
-    """Perplexity of the checkpoint on a split of its own corpus, or on ``data_file``.
+    """Perplexity of the checkpoint on a split of its own corpus (default: :func:`default_split`), or on
+    ``data_file``.
 
     The tokens are read as ``rows`` parallel streams (default: the run's ``data.batch_size``), each
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
     """
     config = loaded.checkpoint.config
     vocab = loaded.checkpoint.vocab
+    split = split if split is not None else default_split(config)
     if data_file is not None:
         stream = read_token_stream(data_file, config.data)
         if len(stream) < 2:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import evaluate_split, load_model, predict
-from drnn_cli.config import ModelConfig
+from drnn_cli.commands import Continuation, PredictReport, default_split, evaluate_split, load_model, predict
+from drnn_cli.config import ModelConfig, build_config
 from drnn_cli.decode import DecodeOptions, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
@@ -166,7 +166,31 @@ def test_predict_json_has_prefix_and_text(tiny_run: Path, cli):
 def test_predict_several_prefixes(tiny_run: Path, cli):
     code, out, _ = cli("predict", "the", "time", "--run", str(tiny_run), "-n", "3", "--json")
     payload = json.loads(out.strip().splitlines()[-1])
-    assert code == 0 and [r["prefix"] for r in payload["results"]] == ["the", "time"]
+    assert code == 0
+    assert payload["results"] == [
+        {"prefix": "the", "text": decode(tiny_run, "the", num_tokens=3)},
+        {"prefix": "time", "text": decode(tiny_run, "time", num_tokens=3)},
+    ]
+    assert (payload["prefix"], payload["text"]) == ("the", payload["results"][0]["text"])
+
+
+def test_predict_report_lists_results_only_for_several_prefixes():
+    one = PredictReport((Continuation("Time", "time machine"),))
+    assert one.summary() == {"prefix": "Time", "text": "time machine"}
+    two = PredictReport((Continuation("a", "ab"), Continuation("b", "bc")))
+    assert two.summary() == {
+        "prefix": "a",
+        "text": "ab",
+        "results": [{"prefix": "a", "text": "ab"}, {"prefix": "b", "text": "bc"}],
+    }
+
+
+def test_eval_reads_the_validation_split_unless_the_run_has_none(tiny_run: Path):
+    loaded = load_model(tiny_run, None, "cpu")
+    report = evaluate_split(loaded)
+    assert (report.split, report.result.tokens) == ("val", 600 - 1)
+    assert default_split(build_config({"data": {"val_fraction": 0.0}})) == "train"
+    assert default_split(build_config({"data": {"val_fraction": 0.1}})) == "val"
 
 
 def test_eval_json_fields(tiny_run: Path, cli):

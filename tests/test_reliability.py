@@ -150,7 +150,7 @@ def test_checksum_mismatch_names_url_and_hashes_and_leaves_nothing(
         (["predict", "time", "--sample", "--temperature", "0"], ("--temperature", "[1e-06, 1000]")),
         (["predict", "time", "--top-k", "0"], ("--top-k", ">= 1")),
         (["predict", "time 2 travel"], ()),  # digits vanish under d2l preprocessing: accepted
-        (["eval", "--split", "dev"], ("--split must be train, val or test",)),
+        (["eval", "--split", "dev"], ("--split", "'dev' is not one of 'train', 'val', 'test'")),
     ],
 )
 def test_bad_predict_and_eval_options_name_the_option_and_range(

@@ -414,9 +414,12 @@ def predict_command(
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """
     from drnn_cli.commands import Continuation, PredictReport, load_model, predict
-    from drnn_cli.decode import DecodeOptions
+    from drnn_cli.decode import DecodeOptions, InvalidDecodeOption
 
-    options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
+    try:
+        options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
+    except InvalidDecodeOption as invalid:
+        raise DrnnError(_predict_option_message(invalid)) from None
     loaded = load_model(run, checkpoint, device.value)
     token = loaded.checkpoint.config.data.token
     stream = not json_out and sys.stdout.isatty()
@@ -441,6 +444,24 @@ def predict_command(
             out.print(text, markup=False, highlight=False, soft_wrap=True)
     if json_out:
         _emit_json(PredictReport(tuple(continuations)).summary())
+
+
+# The predict flag of each DecodeOptions field, for messages that name what the user typed.
+PREDICT_FLAGS = {
+    "num_tokens": "-n/--num-chars",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+}
+
+
+def _predict_option_message(invalid: Any) -> str:
+    """An InvalidDecodeOption in the words of the command line: the flag, its range, the value given."""
+    message = f"{PREDICT_FLAGS[invalid.field_name]} {invalid.requirement} (got {invalid.value})"
+    if invalid.field_name == "temperature":
+        message += "; for the most likely token drop --sample"
+    return message
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import Continuation, PredictReport, default_split, evaluate_split, load_model, predict
 from drnn_cli.config import ModelConfig, build_config
-from drnn_cli.decode import DecodeOptions, prefix_tokens
+from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.models import RNNLanguageModel
@@ -72,15 +72,38 @@ def test_prefix_errors_name_the_problem():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"num_tokens": -1}, "-n/--num-chars must be in 0..100,000"),
-        ({"sample": True, "temperature": 0.0}, r"--temperature must be in \[1e-06, 1000\]"),
-        ({"top_k": 0}, "--top-k must be >= 1"),
-        ({"top_p": 1.5}, "--top-p must be in"),
+        ({"num_tokens": -1}, "num_tokens must be in 0..100,000 (got -1)"),
+        (
+            {"sample": True, "temperature": 0.0},
+            "temperature must be in [1e-06, 1000] when sampling (got 0.0)",
+        ),
+        ({"top_k": 0}, "top_k must be >= 1 (got 0)"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1] (got 1.5)"),
+        ({"seed": -1}, f"seed must be in 0..{2**63 - 1} (got -1)"),
     ],
 )
-def test_decode_options_are_validated(options: dict, message: str):
-    with pytest.raises(DrnnError, match=message):
+def test_decode_options_are_validated_in_the_library_s_own_words(options: dict, message: str):
+    with pytest.raises(InvalidDecodeOption) as raised:
         DecodeOptions(**options)
+    assert str(raised.value) == message  # field names, no command-line flags
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-n", "-1"], "-n/--num-chars must be in 0..100,000 (got -1)"),
+        (
+            ["--sample", "--temperature", "0"],
+            "--temperature must be in [1e-06, 1000] when sampling (got 0.0); for the most likely token drop --sample",
+        ),
+        (["--top-k", "0"], "--top-k must be >= 1 (got 0)"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1] (got 1.5)"),
+        (["--seed", "-1"], f"--seed must be in 0..{2**63 - 1} (got -1)"),
+    ],
+)
+def test_predict_names_the_flag_of_an_out_of_range_option(cli, args: list[str], message: str):
+    code, out, err = cli("predict", "time", "--checkpoint", "never-read.safetensors", *args)
+    assert (code, out, err) == (1, "", f"drnn: error: {message}\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -133,15 +134,23 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+@dataclass
+class Session:
+    """What the root options tell :func:`main`, which reads it after the command has ended."""
+
+    debug: bool = False  # print the traceback of an internal error
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.")] = False,
 ) -> None:
-    if debug:
-        os.environ["DRNN_DEBUG"] = "1"
+    if debug and isinstance(ctx.obj, Session):
+        ctx.obj.debug = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,9 +620,10 @@ def main(argv: list[str] | None = None) -> None:
     stdout (``drnn train | head -1``) is a SIGPIPE: training checkpoints and stops, others exit 141.
     """
     errors = Console(stderr=True, highlight=False)
+    session = Session(debug=bool(os.environ.get("DRNN_DEBUG")))  # the README's DRNN_DEBUG=1, or --debug
     with exit_on_signals() as stopped, guard_stdout():
         try:
-            app(args=argv, prog_name="drnn", standalone_mode=False)
+            app(args=argv, prog_name="drnn", standalone_mode=False, obj=session)
         except DrnnError as error:
             _say(errors, f"drnn: error: {error}")
             sys.exit(error.exit_code)
@@ -636,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
             if _is_usage_error(error):
                 _report_usage_error(error, errors)
             # anything else is a bug: still one line, unless asked for the traceback
-            if os.environ.get("DRNN_DEBUG"):
+            if session.debug:
                 traceback.print_exc()
             _say(
                 errors,

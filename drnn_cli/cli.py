@@ -673,7 +673,8 @@ def _report_usage_error(error: Any, errors: Console) -> None:
         sys.exit(0)
     ctx = getattr(error, "ctx", None)
     command = ctx.command_path if ctx is not None else "drnn"
-    message = " ".join(error.format_message().split())
+    # Typer validates enum choices through pydantic-style messages: drop their "Value error, " prefix.
+    message = " ".join(error.format_message().split()).replace(": Value error, ", ": ")
     errors.print(f"drnn: error: {message} (see {command} --help)", markup=False, soft_wrap=True)
     sys.exit(error.exit_code)
 

@@ -149,7 +149,10 @@ def test_checksum_mismatch_names_url_and_hashes_and_leaves_nothing(
         (["predict", "time", "-n", "-1"], ("-n/--num-chars", "0..100,000")),
         (["predict", "time", "--sample", "--temperature", "0"], ("--temperature", "[1e-06, 1000]")),
         (["predict", "time", "--top-k", "0"], ("--top-k", ">= 1")),
-        (["eval", "--split", "dev"], ("--split", "'dev' is not one of 'train', 'val', 'test'")),
+        (
+            ["eval", "--split", "dev"],
+            ("Invalid value for '--split': 'dev' is not one of 'train', 'val', 'test'.",),
+        ),
     ],
 )
 def test_bad_predict_and_eval_options_name_the_option_and_range(

@@ -570,7 +570,10 @@ def test_a_broken_latest_marker_is_one_line(workdir: Path, cli, kind: str):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--device", "banana"], "'banana' is not one of 'auto', 'cpu', 'cuda'"),
+        (
+            ["--device", "banana"],
+            "Invalid value for '--device': 'banana' is not one of 'auto', 'cpu', 'cuda'.",
+        ),
         (["--device", "cuda:1"], "'cuda:1' is not one of 'auto', 'cpu', 'cuda'"),
         (["--set", f"train.seed={2**70}"], "train.seed"),
         (["--set", "train.lr=1e39"], "train.lr"),

@@ -1,118 +1,42 @@
-"""Checkpoints and run directories: atomic writes, loads that cannot execute code, the latest run.
+"""The checkpoint file format: one safetensors file that can be loaded without running code.
 
-A checkpoint is one safetensors file. Tensors (weights, optimizer buffers, RNG states, the carried
-hidden state) are stored as tensors; everything else (config, vocabulary, counters, optimizer
-hyper-parameters) is JSON in the header's metadata. Nothing is ever unpickled, so a crafted file
-cannot run code; ``torch.save`` / pickle files are recognised and refused before any parsing.
-
-Run directory layout (the other names are defined in run_files.py)::
-
-    runs/<name>/
-      config.yaml        resolved config of the run
-      vocab.json         the vocabulary
-      last.safetensors   the newest consistent state (resumable)
-      best.safetensors   the best validation perplexity so far (only with a validation split)
-      metrics.jsonl      one JSON line per epoch end or evaluation
-      perplexity.png     train/validation perplexity against tokens seen
-      init_from.txt      the checkpoint a fine-tuned run started from
-      tensorboard/       event files (train.tensorboard: true)
-      .drnn-run          marks the directory as drnn's (rundir.py)
-      train.lock         the OS file lock of the training process that owns the directory
-    runs/latest          the path of the most recently started run
+Tensors (weights, optimizer buffers, RNG states, the carried hidden state) are stored as tensors;
+everything else (config, vocabulary, counters, optimizer hyper-parameters) is JSON in the header's
+metadata. Nothing is ever unpickled, so a crafted file cannot run code; ``torch.save`` / pickle files
+are recognised and refused before any parsing. Where checkpoints live in a run directory, and which
+one stands for a run, is rundir.py's business.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import struct
-import tempfile
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
-from drnn_cli.files import require_regular_file
+from drnn_cli.files import atomic_write_bytes, require_regular_file
+from drnn_cli.files import (
+    atomic_write_text as atomic_write_text,  # re-exported: token_cache.py imports it here
+)
 from drnn_cli.vocab import Vocab
 
 FORMAT = "drnn-checkpoint"
 FORMAT_VERSION = 1
-LAST = "last.safetensors"
-BEST = "best.safetensors"
-RUNS_ROOT = Path("runs")
-LATEST_MARKER = "latest"
-TEMPORARY_SUFFIX = ".tmp"
-LOCK_NAME = "train.lock"
+LAST = "last.safetensors"  # a run's newest consistent state (rundir.py)
+BEST = "best.safetensors"  # a run's best by validation perplexity
 # A checkpoint header is JSON: its config, vocabulary and optimizer hyper-parameters. A word vocabulary
 # of a few hundred thousand entries fits in a few MiB; anything near these limits is not drnn's.
 MAX_HEADER_BYTES = 64 << 20
 MAX_HEADER_DEPTH = 64
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
-
-    A crash at any point leaves either the old file or the new one, never a mixture (a process
-    killed mid-write can leave a ``.NAME.*.tmp`` beside it: :func:`remove_stale_temporaries`).
-    An OS error (full disk, read-only folder) becomes a one-line DrnnError naming the path.
-    """
-    try:
-        _atomic_write(path, payload)
-    except OSError as exc:
-        raise DrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)  # mkstemp's 0600 would hide runs from the rest of a shared team
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    with contextlib.suppress(OSError):
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files a killed writer left; call it only while holding the run's lock."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in directory.iterdir():
-            if entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX) and entry.is_file():
-                with contextlib.suppress(OSError):
-                    entry.unlink()
-                    removed.append(entry)
-    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,54 +147,106 @@ def _looks_like_pickle(head: bytes) -> bool:
     )
 
 
+def _not_a_checkpoint(path: Path) -> DrnnError:
+    return DrnnError(f"checkpoint {path} is corrupt or not a drnn checkpoint; retrain or pick another file")
+
+
+def _check_leading_bytes(path: Path) -> None:
+    """Refuse pickles, and headers above drnn's cap, from the first 8 bytes alone.
+
+    safetensors itself accepts headers up to 100 MB and parses them in full when the file is opened,
+    so drnn's smaller cap has to be checked on the header length before ``safe_open`` runs.
+    """
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(8)
+    except OSError as exc:
+        raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    if _looks_like_pickle(head):
+        raise DrnnError(
+            f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
+            f"and loads only its own safetensors checkpoints"
+        )
+    if len(head) < 8 or struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:
+        raise _not_a_checkpoint(path)
+
+
+@contextlib.contextmanager
+def _open_checkpoint(path: Path) -> Iterator[Any]:
+    """A ``safe_open`` handle on ``path`` (memory-mapped: tensors are read only when asked for)."""
+    require_regular_file(path, "checkpoint", "train first or pass --run DIR / --checkpoint FILE")
+    _check_leading_bytes(path)
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except OSError as exc:
+        raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    except Exception:  # safetensors raises its own error types for every malformation of the header
+        raise _not_a_checkpoint(path) from None
+    with handle:
+        yield handle
+
+
 @dataclass(frozen=True)
-class _Header:
-    drnn: dict[str, Any]  # drnn's own metadata
+class CheckpointInfo:
+    """A checkpoint's header: everything but the tensors, read without materialising any of them."""
+
+    config: Config
+    vocab: Vocab
+    epoch: int
+    step_in_epoch: int
+    best_val_ppl: float | None
+    init_from: str | None
+    corpus_sha1: str | None
+    packed_trainer_state: Any  # JSON, its tensors as {"__tensor__": name} (unpack_tree)
     shapes: dict[str, tuple[int, ...]]  # every tensor's shape, as the safetensors header claims
 
 
-def _read_header(path: Path, payload: bytes) -> _Header:
-    """The drnn metadata of a safetensors file, parsed as JSON and never executed.
-
-    Files that are not drnn checkpoints are refused; pickles (which could run code when loaded)
-    are named as such, and nothing in them is ever interpreted.
-    """
-    header = _parse_metadata(payload)
-    if header is None:
-        if _looks_like_pickle(payload[:8]):
-            raise DrnnError(
-                f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
-                f"and loads only its own safetensors checkpoints"
-            )
-        raise DrnnError(
-            f"checkpoint {path} is corrupt or not a drnn checkpoint; retrain or pick another file"
-        )
-    if header.drnn.get("version") != FORMAT_VERSION:
-        raise DrnnError(
-            f"checkpoint {path} has format version {header.drnn.get('version')}; this drnn reads {FORMAT_VERSION}"
-        )
-    return header
+def read_checkpoint_info(path: Path) -> CheckpointInfo:
+    """The header of the checkpoint at ``path``, with every refusal :func:`load_checkpoint` makes on it."""
+    with _open_checkpoint(path) as handle:
+        return _read_info(path, handle)
 
 
-def _parse_metadata(payload: bytes) -> _Header | None:
-    if len(payload) < 8:
-        return None
-    (length,) = struct.unpack("<Q", payload[:8])
-    if length > len(payload) - 8 or length > MAX_HEADER_BYTES:
-        return None
+def _read_info(path: Path, handle: Any) -> CheckpointInfo:
+    """The drnn metadata of an open safetensors file, parsed as JSON and never executed."""
     try:
-        header = json.loads(payload[8 : 8 + length])
-        drnn = json.loads(header["__metadata__"]["drnn"])
-        shapes = {
-            name: tuple(int(size) for size in entry["shape"])
-            for name, entry in header.items()
-            if name != "__metadata__"
-        }
+        drnn = json.loads((handle.metadata() or {})["drnn"])
+        names: list[str] = handle.keys()  # a safe_open handle is not iterable itself
+        shapes = {name: tuple(int(size) for size in handle.get_slice(name).get_shape()) for name in names}
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None  # RecursionError: JSON nested deeper than the parser's stack
+        raise _not_a_checkpoint(path) from None  # RecursionError: JSON nested deeper than the parser's stack
     if not isinstance(drnn, dict) or drnn.get("format") != FORMAT or _too_deep(drnn, MAX_HEADER_DEPTH):
-        return None
-    return _Header(drnn, shapes)
+        raise _not_a_checkpoint(path)
+    if drnn.get("version") != FORMAT_VERSION:
+        raise DrnnError(
+            f"checkpoint {path} has format version {drnn.get('version')}; this drnn reads {FORMAT_VERSION}"
+        )
+    try:
+        config = build_config(drnn["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
+    try:
+        vocab = Vocab.from_dict(drnn["vocab"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DrnnError(
+            f"checkpoint {path} is corrupt (unreadable vocabulary); retrain or pick another"
+        ) from None
+    try:
+        return CheckpointInfo(
+            config=config,
+            vocab=vocab,
+            epoch=int(drnn["epoch"]),
+            step_in_epoch=int(drnn.get("step_in_epoch", 0)),
+            best_val_ppl=drnn.get("best_val_ppl"),
+            init_from=drnn.get("init_from"),
+            corpus_sha1=drnn.get("corpus_sha1"),
+            packed_trainer_state=drnn.get("trainer_state", {}),
+            shapes=shapes,
+        )
+    except (KeyError, TypeError, ValueError):
+        raise DrnnError(
+            f"checkpoint {path} is corrupt (incomplete header); retrain or pick another file"
+        ) from None
 
 
 def _too_deep(tree: Any, limit: int) -> bool:
@@ -303,31 +279,15 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     with the shapes the file holds, so a small file claiming a huge model is refused without
     allocating it; a tensor holding NaN or infinity is refused after reading.
     """
-    require_regular_file(path, "checkpoint", "train first or pass --run DIR / --checkpoint FILE")
-    try:
-        payload = path.read_bytes()
-    except OSError as exc:
-        raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    header = _read_header(path, payload)
-    drnn = header.drnn
-    try:
-        config = build_config(drnn["config"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
-    try:
-        vocab = Vocab.from_dict(drnn["vocab"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (unreadable vocabulary); retrain or pick another"
-        ) from None
-    _check_model_shapes(path, config, len(vocab), header.shapes)
-    try:
-        tensors = load_safetensors(payload)
-    except Exception:  # safetensors raises its own error types for every malformation
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (tensor data unreadable); retrain or pick another"
-        ) from None
-    del payload
+    with _open_checkpoint(path) as handle:
+        info = _read_info(path, handle)
+        _check_model_shapes(path, info.config, len(info.vocab), info.shapes)
+        try:
+            tensors = {name: handle.get_tensor(name) for name in info.shapes}
+        except Exception:  # safetensors raises its own error types for every malformation
+            raise DrnnError(
+                f"checkpoint {path} is corrupt (tensor data unreadable); retrain or pick another"
+            ) from None
     bad = first_non_finite(tensors)
     if bad is not None:
         raise NonFiniteCheckpoint(
@@ -337,21 +297,22 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     tensors = {key: value.to(device) for key, value in tensors.items()}
     model_state = {key[len("model.") :]: value for key, value in tensors.items() if key.startswith("model.")}
     try:
-        return Checkpoint(
-            config=config,
-            vocab=vocab,
-            model_state=model_state,
-            epoch=int(drnn["epoch"]),
-            step_in_epoch=int(drnn.get("step_in_epoch", 0)),
-            best_val_ppl=drnn.get("best_val_ppl"),
-            trainer_state=unpack_tree(drnn.get("trainer_state", {}), tensors),
-            init_from=drnn.get("init_from"),
-            corpus_sha1=drnn.get("corpus_sha1"),
-        )
+        trainer_state = unpack_tree(info.packed_trainer_state, tensors)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise DrnnError(
             f"checkpoint {path} is corrupt (incomplete header); retrain or pick another file"
         ) from None
+    return Checkpoint(
+        config=info.config,
+        vocab=info.vocab,
+        model_state=model_state,
+        epoch=info.epoch,
+        step_in_epoch=info.step_in_epoch,
+        best_val_ppl=info.best_val_ppl,
+        trainer_state=trainer_state,
+        init_from=info.init_from,
+        corpus_sha1=info.corpus_sha1,
+    )
 
 
 def _check_model_shapes(
@@ -365,102 +326,3 @@ def _check_model_shapes(
                 f"checkpoint {path} does not match its own model config: {name} should have shape "
                 f"{expected.get(name)} but the file holds {held.get(name)}; it is corrupt, retrain or pick another"
             )
-
-
-# ---------------------------------------------------------------------------------------------
-# Run directories
-
-
-def default_run_dir(config_path: Path) -> Path:
-    return RUNS_ROOT / config_path.stem
-
-
-def mark_latest(run_dir: Path) -> bool:
-    """Record ``run_dir`` as the latest run; False when the marker cannot be written (read-only cwd)."""
-    try:
-        atomic_write_text(RUNS_ROOT / LATEST_MARKER, str(run_dir.resolve()) + "\n")
-    except DrnnError:
-        return False
-    return True
-
-
-def latest_run() -> Path:
-    marker = RUNS_ROOT / LATEST_MARKER
-    fix = "train one first (drnn train --config configs/quick.yaml) or pass --run DIR / --checkpoint FILE"
-    if not marker.exists():
-        raise DrnnError(f"no run to use: {marker} does not exist; {fix}")
-    try:
-        require_regular_file(marker, "the latest-run marker", f"delete it and {fix}")
-        if marker.stat().st_size > 4096:
-            raise ValueError("too long for a path")
-        text = marker.read_text(encoding="utf-8").strip()
-        if not text or "\n" in text or "\0" in text:
-            raise ValueError("not one path")
-    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-        raise DrnnError(
-            f"the latest-run marker {marker} does not hold a run directory path; delete it and {fix}"
-        ) from None
-    return Path(text)
-
-
-def run_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint that stands for a run: best by validation if there is one, else the last."""
-    if not run_dir.is_dir():
-        raise DrnnError(f"run directory {run_dir} does not exist; pass an existing --run DIR")
-    for name in (BEST, LAST):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise DrnnError(f"run directory {run_dir} holds no checkpoint ({BEST} or {LAST}); train it first")
-
-
-def resolve_checkpoint(run: Path | None, checkpoint: Path | None) -> Path:
-    if run is not None and checkpoint is not None:
-        raise DrnnError("pass either --run or --checkpoint, not both")
-    if checkpoint is not None:
-        return checkpoint
-    return run_checkpoint(run if run is not None else latest_run())
-
-
-class RunLock:
-    """Exclusive ownership of a run directory by one training process.
-
-    An OS file lock (``filelock``: ``flock`` on POSIX) on ``train.lock``: taking it is one atomic
-    system call, and the kernel frees it when its process ends, even by SIGKILL, so a crash never
-    leaves a run stuck and two processes can never both hold it. The file stays after release and
-    names the last holder (``host pid``), for the message a refused training prints.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOCK_NAME
-        self.held = False
-        self._lock = filelock.FileLock(self.path, timeout=0, is_singleton=False, thread_local=False)
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire()
-        except filelock.Timeout:
-            time.sleep(0.05)  # let a holder that has just taken the lock write its name
-            owner = ""
-            with contextlib.suppress(OSError):
-                owner = self.path.read_text(encoding="utf-8", errors="replace").strip()[:200]
-            owner = owner or "another process"
-            raise DrnnError(
-                f"run directory {self.path.parent} is in use by another training ({owner}); wait for "
-                f"it to finish or choose another --run DIR"
-            ) from None
-        self.held = True
-        with contextlib.suppress(OSError):
-            self.path.write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
-
-    def release(self) -> None:
-        if self.held:
-            self._lock.release()
-            self.held = False
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -7,12 +7,14 @@ user can fix arrives as a :class:`DrnnError` and leaves as one line on stderr wi
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
 import os
 import sys
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -57,7 +59,21 @@ RunOption = Annotated[Path | None, typer.Option("--run", help="Run directory (de
 CheckpointOption = Annotated[
     Path | None, typer.Option("--checkpoint", help="A checkpoint file instead of a run.")
 ]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+
+
+class Device(str, enum.Enum):
+    auto = "auto"  # CUDA when present
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Split(str, enum.Enum):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+DeviceOption = Annotated[Device, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
 
 
 def _consoles(json_mode: bool) -> tuple[Console, Console]:
@@ -118,15 +134,23 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+@dataclass
+class Session:
+    """What the root options tell :func:`main`, which reads it after the command has ended."""
+
+    debug: bool = False  # print the traceback of an internal error
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.")] = False,
 ) -> None:
-    if debug:
-        os.environ["DRNN_DEBUG"] = "1"
+    if debug and isinstance(ctx.obj, Session):
+        ctx.obj.debug = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +311,7 @@ def train_command(
         Path | None, typer.Option("--run", help="Run directory (default: runs/<config stem>).")
     ] = None,
     device: Annotated[
-        str | None, typer.Option("--device", help="auto, cpu or cuda (overrides train.device).")
+        Device | None, typer.Option("--device", help="auto, cpu or cuda (overrides train.device).")
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")
@@ -324,7 +348,7 @@ def train_command(
         config_path=find_config(config),
         overrides=tuple(set_ or ()),
         run_dir=run,
-        device=device,
+        device=device.value if device is not None else None,
         resume=resume,
         init_from=init_from,
         max_unknown_fraction=max_unknown,
@@ -391,21 +415,24 @@ def predict_command(
         float | None, typer.Option("--top-p", help="Sample from the smallest set with mass ≥ P.")
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Make sampling reproducible.")] = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
     """Continue prefixes with the latest run's best model (greedy by default, as d2l's predict_ch8).
 
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """
-    from drnn_cli.commands import load_model, predict
-    from drnn_cli.decode import DecodeOptions
+    from drnn_cli.commands import Continuation, PredictReport, load_model, predict
+    from drnn_cli.decode import DecodeOptions, InvalidDecodeOption
 
-    options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
-    loaded = load_model(run, checkpoint, device)
+    try:
+        options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
+    except InvalidDecodeOption as invalid:
+        raise DrnnError(_predict_option_message(invalid)) from None
+    loaded = load_model(run, checkpoint, device.value)
     token = loaded.checkpoint.config.data.token
     stream = not json_out and sys.stdout.isatty()
-    results = []
+    continuations = []
     for prefix in prefixes:
         on_token = None
         if stream:
@@ -418,17 +445,32 @@ def predict_command(
                 written.append(piece)
 
         text = predict(loaded, prefix, options, on_token)
-        results.append({"prefix": prefix, "text": text})
+        continuations.append(Continuation(prefix, text))
         if stream:
             sys.stdout.write("\n")
         else:
             out, _ = _consoles(json_out)
             out.print(text, markup=False, highlight=False, soft_wrap=True)
     if json_out:
-        payload = dict(results[0])
-        if len(results) > 1:
-            payload["results"] = results
-        _emit_json(payload)
+        _emit_json(PredictReport(tuple(continuations)).summary())
+
+
+# The predict flag of each DecodeOptions field, for messages that name what the user typed.
+PREDICT_FLAGS = {
+    "num_tokens": "-n/--num-chars",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+}
+
+
+def _predict_option_message(invalid: Any) -> str:
+    """An InvalidDecodeOption in the words of the command line: the flag, its range, the value given."""
+    message = f"{PREDICT_FLAGS[invalid.field_name]} {invalid.requirement} (got {invalid.value})"
+    if invalid.field_name == "temperature":
+        message += "; for the most likely token drop --sample"
+    return message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +482,7 @@ def eval_command(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
     split: Annotated[
-        str | None,
+        Split | None,
         typer.Option("--split", help="train, val or test (default: val if the run has one, else train)."),
     ] = None,
     data: Annotated[
@@ -455,22 +497,18 @@ def eval_command(
             "data.batch_size; 1 = one continuous stream, as drnn inspect reads it).",
         ),
     ] = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
     """Perplexity and bits per token of a checkpoint, over every token of a split or a file exactly once.
 
     Example: drnn eval --split test --json
     """
-    if split is not None and split not in {"train", "val", "test"}:
-        raise DrnnError(f"--split must be train, val or test (got {split!r})")
     from drnn_cli.commands import evaluate_split, load_model
 
     out, _ = _consoles(json_out)
-    loaded = load_model(run, checkpoint, device)
-    if split is None:
-        split = "val" if loaded.checkpoint.config.data.val_fraction > 0 else "train"
-    report = evaluate_split(loaded, split, data, rows)
+    loaded = load_model(run, checkpoint, device.value)
+    report = evaluate_split(loaded, split.value if split is not None else None, data, rows)
     out.print(
         f"{report.source}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
         f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch})",
@@ -517,15 +555,15 @@ def inspect_command(
         Path | None,
         typer.Option("--png", help="Write a heatmap and gate-saturation histograms (needs matplotlib)."),
     ] = None,
-    device: DeviceOption = "auto",
+    device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
     """See what the network learned: per-character activations, gates, surprisal and next-character guesses.
 
     Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
     """
-    from drnn_cli.checkpoint import atomic_write_text
     from drnn_cli.commands import load_model
+    from drnn_cli.files import atomic_write_text
     from drnn_cli.inspect_html import render_html
     from drnn_cli.inspect_plot import write_inspection_plot
     from drnn_cli.introspect import InspectRequest, inspect_text
@@ -536,7 +574,7 @@ def inspect_command(
         raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})") from None
     request = InspectRequest(text, file, layer, chosen, top, signal)
     out, _ = _consoles(json_out)
-    loaded = load_model(run, checkpoint, device)
+    loaded = load_model(run, checkpoint, device.value)
     result = inspect_text(
         loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
     )
@@ -582,9 +620,10 @@ def main(argv: list[str] | None = None) -> None:
     stdout (``drnn train | head -1``) is a SIGPIPE: training checkpoints and stops, others exit 141.
     """
     errors = Console(stderr=True, highlight=False)
+    session = Session(debug=bool(os.environ.get("DRNN_DEBUG")))  # the README's DRNN_DEBUG=1, or --debug
     with exit_on_signals() as stopped, guard_stdout():
         try:
-            app(args=argv, prog_name="drnn", standalone_mode=False)
+            app(args=argv, prog_name="drnn", standalone_mode=False, obj=session)
         except DrnnError as error:
             _say(errors, f"drnn: error: {error}")
             sys.exit(error.exit_code)
@@ -607,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
             if _is_usage_error(error):
                 _report_usage_error(error, errors)
             # anything else is a bug: still one line, unless asked for the traceback
-            if os.environ.get("DRNN_DEBUG"):
+            if session.debug:
                 traceback.print_exc()
             _say(
                 errors,
@@ -634,7 +673,8 @@ def _report_usage_error(error: Any, errors: Console) -> None:
         sys.exit(0)
     ctx = getattr(error, "ctx", None)
     command = ctx.command_path if ctx is not None else "drnn"
-    message = " ".join(error.format_message().split())
+    # Typer validates enum choices through pydantic-style messages: drop their "Value error, " prefix.
+    message = " ".join(error.format_message().split()).replace(": Value error, ", ": ")
     errors.print(f"drnn: error: {message} (see {command} --help)", markup=False, soft_wrap=True)
     sys.exit(error.exit_code)
 

@@ -11,30 +11,32 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import Splits, check_trainable, epoch_generator, training_batches
-from drnn_cli.checkpoint import (
-    BEST,
-    LAST,
-    LOCK_NAME,
-    RUNS_ROOT,
-    Checkpoint,
-    RunLock,
-    default_run_dir,
-    load_checkpoint,
-    mark_latest,
-    remove_stale_temporaries,
-    resolve_checkpoint,
-)
+from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook, cached_corpus
 from drnn_cli.data import Dataset, load_dataset, read_token_stream
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
+from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.report import Reporter, TrainResult
 from drnn_cli.run_files import RunFiles
-from drnn_cli.rundir import check_run_dir, discard, holds_run, mark_run_dir, staging_dir, swap_in
+from drnn_cli.rundir import (
+    DEFAULT_RUNS_ROOT,
+    LOCK_NAME,
+    RunLock,
+    check_run_dir,
+    default_run_dir,
+    discard,
+    holds_run,
+    mark_latest,
+    mark_run_dir,
+    resolve_checkpoint,
+    staging_dir,
+    swap_in,
+)
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import Trainer
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
@@ -185,6 +187,7 @@ class TrainRequest:
     init_from: Path | None = None
     max_unknown_fraction: float = 0.01
     overwrite: bool = False
+    runs_root: Path = DEFAULT_RUNS_ROOT  # holds runs/<config stem> and the latest-run marker
 
 
 def train_run(
@@ -203,7 +206,11 @@ def train_run(
     if request.device is not None:
         overrides = (*overrides, f"train.device={request.device}")  # validated like the config key
     config = load_config(request.config_path, overrides)
-    run_dir = request.run_dir if request.run_dir is not None else default_run_dir(request.config_path)
+    run_dir = (
+        request.run_dir
+        if request.run_dir is not None
+        else default_run_dir(request.config_path, request.runs_root)
+    )
     dist = init_distributed(config.train.device)
     finished = False
     try:
@@ -300,7 +307,7 @@ def _train_locked(
         expected_sha1 = resume_from.corpus_sha1
         if (run_dir / BEST).is_file():
             # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
-            best = load_checkpoint(run_dir / BEST).best_val_ppl
+            best = read_checkpoint_info(run_dir / BEST).best_val_ppl  # the header is enough
             if best is not None and (resume_from.best_val_ppl is None or best < resume_from.best_val_ppl):
                 resume_from.best_val_ppl = best
     if request.init_from is not None:
@@ -338,9 +345,9 @@ def _train_locked(
             for stale in (run_dir / LAST, run_dir / BEST, files.metrics, files.plot, files.init_from):
                 stale.unlink(missing_ok=True)
         mark_run_dir(run_dir)
-        if not mark_latest(final_dir) and reporter is not None:
+        if not mark_latest(final_dir, request.runs_root) and reporter is not None:
             reporter.note(
-                f"cannot record the latest run in {RUNS_ROOT}/ (not writable); pass --run to predict/eval"
+                f"cannot record the latest run in {request.runs_root}/ (not writable); pass --run to predict/eval"
             )
     return trainer.fit()
 
@@ -385,8 +392,10 @@ class LoadedModel:
     path: Path
 
 
-def load_model(run: Path | None, checkpoint: Path | None, device_choice: str) -> LoadedModel:
-    path = resolve_checkpoint(run, checkpoint)
+def load_model(
+    run: Path | None, checkpoint: Path | None, device_choice: str, runs_root: Path = DEFAULT_RUNS_ROOT
+) -> LoadedModel:
+    path = resolve_checkpoint(run, checkpoint, runs_root)
     device = resolve_device(device_choice)
     loaded = load_checkpoint(path, device)
     model = build_model(len(loaded.vocab), loaded.config.model)
@@ -415,6 +424,25 @@ def predict(
 
 
 @dataclass(frozen=True)
+class Continuation:
+    prefix: str
+    text: str  # the prefix as the model saw it (preprocessed), then the generated tokens
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    continuations: tuple[Continuation, ...]
+
+    def summary(self) -> dict:
+        """``--json``: the first prefix and its text; with several prefixes, all of them under ``results``."""
+        first = self.continuations[0]
+        payload: dict = {"prefix": first.prefix, "text": first.text}
+        if len(self.continuations) > 1:
+            payload["results"] = [{"prefix": c.prefix, "text": c.text} for c in self.continuations]
+        return payload
+
+
+@dataclass(frozen=True)
 class EvalReport:
     split: str
     epoch: int
@@ -432,16 +460,23 @@ class EvalReport:
         }
 
 
+def default_split(config: Config) -> str:
+    """The split ``drnn eval`` reads when none is named: validation if the run has one, else train."""
+    return "val" if config.data.val_fraction > 0 else "train"
+
+
 def evaluate_split(
-    loaded: LoadedModel, split: str, data_file: Path | None = None, rows: int | None = None
+    loaded: LoadedModel, split: str | None = None, data_file: Path | None = None, rows: int | None = None
 ) -> EvalReport:
-    """Perplexity of the checkpoint on a split of its own corpus, or on ``data_file``.
+    """Perplexity of the checkpoint on a split of its own corpus (default: :func:`default_split`), or on
+    ``data_file``.
 
     The tokens are read as ``rows`` parallel streams (default: the run's ``data.batch_size``), each
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
     """
     config = loaded.checkpoint.config
     vocab = loaded.checkpoint.vocab
+    split = split if split is not None else default_split(config)
     if data_file is not None:
         stream = read_token_stream(data_file, config.data)
         if len(stream) < 2:

@@ -18,6 +18,16 @@ MAX_TEMPERATURE = 1e3
 MAX_DECODE_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 
 
+class InvalidDecodeOption(DrnnError):
+    """A :class:`DecodeOptions` field out of its range; the message names the field, not a CLI flag."""
+
+    def __init__(self, field_name: str, requirement: str, value: object) -> None:
+        self.field_name = field_name
+        self.requirement = requirement  # e.g. "must be >= 1"
+        self.value = value
+        super().__init__(f"{field_name} {requirement} (got {value})")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How to pick each next token. Greedy unless ``sample`` is set."""
@@ -31,18 +41,19 @@ class DecodeOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_tokens <= MAX_NEW_TOKENS:
-            raise DrnnError(f"-n/--num-chars must be in 0..{MAX_NEW_TOKENS:,} (got {self.num_tokens})")
+            raise InvalidDecodeOption("num_tokens", f"must be in 0..{MAX_NEW_TOKENS:,}", self.num_tokens)
         if self.sample and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
-            raise DrnnError(
-                f"--temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}] when sampling "
-                f"(got {self.temperature}); for the most likely token drop --sample"
+            raise InvalidDecodeOption(
+                "temperature",
+                f"must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}] when sampling",
+                self.temperature,
             )
         if self.seed is not None and not 0 <= self.seed <= MAX_DECODE_SEED:
-            raise DrnnError(f"--seed must be in 0..{MAX_DECODE_SEED} (got {self.seed})")
+            raise InvalidDecodeOption("seed", f"must be in 0..{MAX_DECODE_SEED}", self.seed)
         if self.top_k is not None and self.top_k < 1:
-            raise DrnnError(f"--top-k must be >= 1 (got {self.top_k})")
+            raise InvalidDecodeOption("top_k", "must be >= 1", self.top_k)
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise DrnnError(f"--top-p must be in (0, 1] (got {self.top_p})")
+            raise InvalidDecodeOption("top_p", "must be in (0, 1]", self.top_p)
 
 
 def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> list[str]:

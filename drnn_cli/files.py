@@ -1,15 +1,22 @@
-"""Opening user-named input files: only regular files, with one-line errors that say what is wrong.
+"""Files in and out: user-named inputs must be regular files; outputs are written atomically.
 
 A FIFO, ``/dev/zero`` or a directory given where a file is expected would block, grow without end or
-fail with an unrelated message; they are refused by what they are before a byte is read.
+fail with an unrelated message; they are refused by what they are before a byte is read. Every file
+drnn writes (checkpoints, run files, caches, pages) goes through :func:`atomic_write_bytes`, so a
+crash leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import stat
+import tempfile
 from pathlib import Path
 
 from drnn_cli.errors import DrnnError
+
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def require_regular_file(path: Path, what: str, fix: str) -> int:
@@ -26,3 +33,56 @@ def require_regular_file(path: Path, what: str, fix: str) -> int:
         kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or special file"
         raise DrnnError(f"{what} {path} is {kind}, not a regular file; {fix}")
     return info.st_size
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
+
+    A crash at any point leaves either the old file or the new one, never a mixture (a process
+    killed mid-write can leave a ``.NAME.*.tmp`` beside it: :func:`remove_stale_temporaries`).
+    An OS error (full disk, read-only folder) becomes a one-line DrnnError naming the path.
+    """
+    try:
+        _atomic_write(path, payload)
+    except OSError as exc:
+        raise DrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)  # mkstemp's 0600 would hide runs from the rest of a shared team
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    with contextlib.suppress(OSError):
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files a killed writer left; call it only while holding the run's lock."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in directory.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed

@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from drnn_cli.checkpoint import atomic_write_bytes
 from drnn_cli.errors import DrnnError
+from drnn_cli.files import atomic_write_bytes
 from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drnn_cli.budget import StopReason
-from drnn_cli.checkpoint import atomic_write_bytes, atomic_write_text
 from drnn_cli.config import Config, dump_config
+from drnn_cli.files import atomic_write_bytes, atomic_write_text
 from drnn_cli.plot import render_perplexity_plot
 from drnn_cli.run_files import RunFiles
 from drnn_cli.vocab import Vocab

@@ -1,4 +1,22 @@
-"""Which directories ``drnn train`` may write into, and replacing a run only once its successor exists.
+"""Run directories: where a run lives, which checkpoint stands for it, the latest run, its lock.
+
+Layout (the file names are defined in run_files.py, checkpoint.py and here)::
+
+    runs/<name>/
+      config.yaml        resolved config of the run
+      vocab.json         the vocabulary
+      last.safetensors   the newest consistent state (resumable)
+      best.safetensors   the best validation perplexity so far (only with a validation split)
+      metrics.jsonl      one JSON line per epoch end or evaluation
+      perplexity.png     train/validation perplexity against tokens seen
+      init_from.txt      the checkpoint a fine-tuned run started from
+      tensorboard/       event files (train.tensorboard: true)
+      .drnn-run          marks the directory as drnn's
+      train.lock         the OS file lock of the training process that owns the directory
+    runs/latest          the path of the most recently started run
+
+``runs/`` is the ``runs_root`` argument of the functions below (relative to the working directory
+at call time), never a module global.
 
 A run directory is new, empty, or one drnn made (it holds the ``.drnn-run`` marker, or a checkpoint
 of a run made before the marker existed). Anything else, such as the current directory, ``/``, the
@@ -15,11 +33,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
-from drnn_cli.checkpoint import BEST, LAST, LOCK_NAME, TEMPORARY_SUFFIX, atomic_write_text
-from drnn_cli.errors import DrnnError
+import filelock
 
+from drnn_cli.checkpoint import BEST, LAST
+from drnn_cli.errors import DrnnError
+from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_file
+
+DEFAULT_RUNS_ROOT = Path("runs")  # relative: resolved against the working directory when used
+LATEST_MARKER = "latest"
+LOCK_NAME = "train.lock"
 RUN_MARKER = ".drnn-run"
 
 
@@ -98,3 +124,105 @@ def swap_in(staging: Path, run_dir: Path) -> None:
             f"cannot put the new run in place of {run_dir} ({exc.strerror}); the new run is in {staging}"
         ) from None
     discard(retired)
+
+
+# ---------------------------------------------------------------------------------------------
+# The latest run, the checkpoint of a run, the lock
+
+
+def default_run_dir(config_path: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    return runs_root / config_path.stem
+
+
+def mark_latest(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> bool:
+    """Record ``run_dir`` as the latest run; False when the marker cannot be written (read-only cwd)."""
+    try:
+        atomic_write_text(runs_root / LATEST_MARKER, str(run_dir.resolve()) + "\n")
+    except DrnnError:
+        return False
+    return True
+
+
+def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    marker = runs_root / LATEST_MARKER
+    fix = "train one first (drnn train --config configs/quick.yaml) or pass --run DIR / --checkpoint FILE"
+    if not marker.exists():
+        raise DrnnError(f"no run to use: {marker} does not exist; {fix}")
+    try:
+        require_regular_file(marker, "the latest-run marker", f"delete it and {fix}")
+        if marker.stat().st_size > 4096:
+            raise ValueError("too long for a path")
+        text = marker.read_text(encoding="utf-8").strip()
+        if not text or "\n" in text or "\0" in text:
+            raise ValueError("not one path")
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        raise DrnnError(
+            f"the latest-run marker {marker} does not hold a run directory path; delete it and {fix}"
+        ) from None
+    return Path(text)
+
+
+def run_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint that stands for a run: best by validation if there is one, else the last."""
+    if not run_dir.is_dir():
+        raise DrnnError(f"run directory {run_dir} does not exist; pass an existing --run DIR")
+    for name in (BEST, LAST):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise DrnnError(f"run directory {run_dir} holds no checkpoint ({BEST} or {LAST}); train it first")
+
+
+def resolve_checkpoint(
+    run: Path | None, checkpoint: Path | None, runs_root: Path = DEFAULT_RUNS_ROOT
+) -> Path:
+    """The checkpoint ``--run`` / ``--checkpoint`` name, or the latest run's."""
+    if run is not None and checkpoint is not None:
+        raise DrnnError("pass either --run or --checkpoint, not both")
+    if checkpoint is not None:
+        return checkpoint
+    return run_checkpoint(run if run is not None else latest_run(runs_root))
+
+
+class RunLock:
+    """Exclusive ownership of a run directory by one training process.
+
+    An OS file lock (``filelock``: ``flock`` on POSIX) on ``train.lock``: taking it is one atomic
+    system call, and the kernel frees it when its process ends, even by SIGKILL, so a crash never
+    leaves a run stuck and two processes can never both hold it. The file stays after release and
+    names the last holder (``host pid``), for the message a refused training prints.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self.held = False
+        self._lock = filelock.FileLock(self.path, timeout=0, is_singleton=False, thread_local=False)
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            time.sleep(0.05)  # let a holder that has just taken the lock write its name
+            owner = ""
+            with contextlib.suppress(OSError):
+                owner = self.path.read_text(encoding="utf-8", errors="replace").strip()[:200]
+            owner = owner or "another process"
+            raise DrnnError(
+                f"run directory {self.path.parent} is in use by another training ({owner}); wait for "
+                f"it to finish or choose another --run DIR"
+            ) from None
+        self.held = True
+        with contextlib.suppress(OSError):
+            self.path.write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
+
+    def release(self) -> None:
+        if self.held:
+            self._lock.release()
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

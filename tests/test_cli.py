@@ -96,3 +96,21 @@ def test_json_never_holds_nan_or_infinity():
     assert json.dumps(_finite({"a": float("inf"), "b": [float("nan"), 1.5], "c": "x"})) == (
         '{"a": null, "b": [null, 1.5], "c": "x"}'
     )
+
+
+def test_an_internal_error_is_one_line_and_debug_shows_its_traceback(cli, monkeypatch: pytest.MonkeyPatch):
+    from drnn_cli import commands
+
+    def broken(root: Path | None = None) -> list:
+        raise RuntimeError("a bug\nover two lines")
+
+    monkeypatch.setattr(commands, "describe_presets", broken)
+    line = "drnn: internal error: RuntimeError: a bug over two lines (rerun with drnn --debug ... for the traceback)\n"
+    assert cli("presets") == (1, "", line)
+    code, out, err = cli("--debug", "presets")
+    assert (code, out) == (1, "")
+    assert err.startswith("Traceback (most recent call last):") and err.endswith(line)
+    assert "DRNN_DEBUG" not in os.environ  # --debug travels with the call, not through the environment
+    monkeypatch.setenv("DRNN_DEBUG", "1")
+    code, _, err = cli("presets")
+    assert code == 1 and err.startswith("Traceback (most recent call last):") and err.endswith(line)

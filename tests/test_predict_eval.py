@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import evaluate_split, load_model, predict
-from drnn_cli.config import ModelConfig
-from drnn_cli.decode import DecodeOptions, prefix_tokens
+from drnn_cli.commands import Continuation, PredictReport, default_split, evaluate_split, load_model, predict
+from drnn_cli.config import ModelConfig, build_config
+from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.models import RNNLanguageModel
@@ -72,15 +72,38 @@ def test_prefix_errors_name_the_problem():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"num_tokens": -1}, "-n/--num-chars must be in 0..100,000"),
-        ({"sample": True, "temperature": 0.0}, r"--temperature must be in \[1e-06, 1000\]"),
-        ({"top_k": 0}, "--top-k must be >= 1"),
-        ({"top_p": 1.5}, "--top-p must be in"),
+        ({"num_tokens": -1}, "num_tokens must be in 0..100,000 (got -1)"),
+        (
+            {"sample": True, "temperature": 0.0},
+            "temperature must be in [1e-06, 1000] when sampling (got 0.0)",
+        ),
+        ({"top_k": 0}, "top_k must be >= 1 (got 0)"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1] (got 1.5)"),
+        ({"seed": -1}, f"seed must be in 0..{2**63 - 1} (got -1)"),
     ],
 )
-def test_decode_options_are_validated(options: dict, message: str):
-    with pytest.raises(DrnnError, match=message):
+def test_decode_options_are_validated_in_the_library_s_own_words(options: dict, message: str):
+    with pytest.raises(InvalidDecodeOption) as raised:
         DecodeOptions(**options)
+    assert str(raised.value) == message  # field names, no command-line flags
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-n", "-1"], "-n/--num-chars must be in 0..100,000 (got -1)"),
+        (
+            ["--sample", "--temperature", "0"],
+            "--temperature must be in [1e-06, 1000] when sampling (got 0.0); for the most likely token drop --sample",
+        ),
+        (["--top-k", "0"], "--top-k must be >= 1 (got 0)"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1] (got 1.5)"),
+        (["--seed", "-1"], f"--seed must be in 0..{2**63 - 1} (got -1)"),
+    ],
+)
+def test_predict_names_the_flag_of_an_out_of_range_option(cli, args: list[str], message: str):
+    code, out, err = cli("predict", "time", "--checkpoint", "never-read.safetensors", *args)
+    assert (code, out, err) == (1, "", f"drnn: error: {message}\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +189,31 @@ def test_predict_json_has_prefix_and_text(tiny_run: Path, cli):
 def test_predict_several_prefixes(tiny_run: Path, cli):
     code, out, _ = cli("predict", "the", "time", "--run", str(tiny_run), "-n", "3", "--json")
     payload = json.loads(out.strip().splitlines()[-1])
-    assert code == 0 and [r["prefix"] for r in payload["results"]] == ["the", "time"]
+    assert code == 0
+    assert payload["results"] == [
+        {"prefix": "the", "text": decode(tiny_run, "the", num_tokens=3)},
+        {"prefix": "time", "text": decode(tiny_run, "time", num_tokens=3)},
+    ]
+    assert (payload["prefix"], payload["text"]) == ("the", payload["results"][0]["text"])
+
+
+def test_predict_report_lists_results_only_for_several_prefixes():
+    one = PredictReport((Continuation("Time", "time machine"),))
+    assert one.summary() == {"prefix": "Time", "text": "time machine"}
+    two = PredictReport((Continuation("a", "ab"), Continuation("b", "bc")))
+    assert two.summary() == {
+        "prefix": "a",
+        "text": "ab",
+        "results": [{"prefix": "a", "text": "ab"}, {"prefix": "b", "text": "bc"}],
+    }
+
+
+def test_eval_reads_the_validation_split_unless_the_run_has_none(tiny_run: Path):
+    loaded = load_model(tiny_run, None, "cpu")
+    report = evaluate_split(loaded)
+    assert (report.split, report.result.tokens) == ("val", 600 - 1)
+    assert default_split(build_config({"data": {"val_fraction": 0.0}})) == "train"
+    assert default_split(build_config({"data": {"val_fraction": 0.1}})) == "val"
 
 
 def test_eval_json_fields(tiny_run: Path, cli):

@@ -26,9 +26,10 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from drnn_cli.checkpoint import RunLock, load_checkpoint
+from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.corpus import REGISTRY, fetch_corpus
 from drnn_cli.errors import DrnnError
+from drnn_cli.rundir import RunLock
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10},
@@ -197,8 +198,8 @@ def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path
 
 def _contend(directory: str, ready, go_at, tried, results, trials: int) -> None:
     """One contender: at each agreed instant (busy-waited, so both start within microseconds), try."""
-    from drnn_cli.checkpoint import RunLock as Lock
     from drnn_cli.errors import DrnnError as Refused
+    from drnn_cli.rundir import RunLock as Lock
 
     ready.wait()
     start = go_at.value
@@ -549,7 +550,7 @@ def test_a_full_disk_names_the_file(workdir: Path, cli, monkeypatch: pytest.Monk
     def full(_fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("drnn_cli.checkpoint.os.fsync", full)
+    monkeypatch.setattr("drnn_cli.files.os.fsync", full)
     code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
     assert_one_line_error(code, err, f"cannot write {Path('runs') / 'tiny'}", "No space left on device")
 
@@ -569,8 +570,11 @@ def test_a_broken_latest_marker_is_one_line(workdir: Path, cli, kind: str):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--device", "banana"], "train.device"),
-        (["--device", "cuda:1"], "train.device"),
+        (
+            ["--device", "banana"],
+            "Invalid value for '--device': 'banana' is not one of 'auto', 'cpu', 'cuda'.",
+        ),
+        (["--device", "cuda:1"], "'cuda:1' is not one of 'auto', 'cpu', 'cuda'"),
         (["--set", f"train.seed={2**70}"], "train.seed"),
         (["--set", "train.lr=1e39"], "train.lr"),
         (["--set", "model.hidden_size=1000000000"], "model.hidden_size"),

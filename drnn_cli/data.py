@@ -10,11 +10,26 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import ProgressHook, fetch_corpus, preprocess, preprocess_chars, read_text
+from drnn_cli.corpus import (
+    ProgressHook,
+    char_stream_bytes,
+    fetch_corpus,
+    preprocess,
+    preprocess_chars,
+    read_text,
+)
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, load_cached, store, text_sha1
-from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of, unknown_tokens
+from drnn_cli.vocab import (
+    Vocab,
+    count_ascii,
+    count_tokens,
+    encode_ascii_,
+    encode_tokens,
+    tokens_of,
+    unknown_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -87,12 +102,17 @@ def load_dataset(
 
 
 def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:
-    stream = read_token_stream(path, config)
+    stream: str | list[str]
+    chars = char_stream_bytes(path, config.preprocess) if config.token == "char" else None
+    if chars is not None and chars.isascii():
+        return _encode_ascii(path, config, vocab, chars)
+    if chars is not None:  # a non-ASCII character stream (``none``) is counted and encoded as str
+        stream = chars.decode("utf-8")
+        del chars
+    else:
+        stream = read_token_stream(path, config)
     if len(stream) == 0:
-        raise DrnnError(
-            f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; "
-            f"try data.preprocess: none"
-        )
+        raise _no_tokens(path, config)
     unknown: Counter[str] = Counter()
     if vocab is None:
         vocab = Vocab.from_counts(count_tokens(stream), min_freq=config.min_freq)
@@ -100,3 +120,23 @@ def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpu
         unknown = unknown_tokens(stream, vocab)  # a fixed vocabulary (fine-tuning) may lack some
     encoded = encode_tokens(stream, vocab)
     return EncodedCorpus(vocab, encoded, unknown)
+
+
+def _encode_ascii(path: Path, config: DataConfig, vocab: Vocab | None, chars: bytearray) -> EncodedCorpus:
+    """``_encode`` of an ASCII character stream held as bytes: encoded in place, no ``str`` of the text."""
+    if not chars:
+        raise _no_tokens(path, config)
+    counts = count_ascii(chars)
+    unknown: Counter[str] = Counter()
+    if vocab is None:
+        vocab = Vocab.from_counts(counts, min_freq=config.min_freq)
+    else:
+        unknown = Counter({token: count for token, count in counts.items() if token not in vocab})
+    return EncodedCorpus(vocab, encode_ascii_(chars, vocab), unknown)
+
+
+def _no_tokens(path: Path, config: DataConfig) -> DrnnError:
+    return DrnnError(
+        f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; "
+        f"try data.preprocess: none"
+    )

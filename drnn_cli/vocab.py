@@ -147,6 +147,47 @@ def encode_chars(text: str, vocab: Vocab) -> torch.Tensor:
     return out
 
 
+def count_ascii(data: bytearray) -> dict[str, int]:
+    """``count_chars`` of an ASCII text held as bytes: one ``bincount`` per chunk, no decoding."""
+    totals = torch.zeros(256, dtype=torch.int64)
+    for start in range(0, len(data), _CHUNK_CHARS):
+        count = min(_CHUNK_CHARS, len(data) - start)
+        totals += torch.bincount(
+            torch.frombuffer(data, dtype=torch.uint8, count=count, offset=start), minlength=256
+        )
+    present = torch.nonzero(totals).flatten().tolist()
+    first_seen = {code: data.find(bytes([code])) for code in present}  # one memchr per distinct byte
+    return {chr(code): int(totals[code]) for code in sorted(present, key=first_seen.__getitem__)}
+
+
+def encode_ascii_(data: bytearray, vocab: Vocab) -> torch.Tensor:
+    """``encode_chars`` of an ASCII text held as bytes, written over those bytes when indices fit a byte.
+
+    The returned uint8 tensor shares ``data``'s memory (so a 1 GiB text needs no second GiB); wider
+    dtypes (a fixed vocabulary of more than 256 tokens) get a new tensor.
+    """
+    known = [(ord(token), index) for index, token in enumerate(vocab.idx_to_token) if len(token) == 1]
+    lookup = [0] * 256  # ASCII bytes only: a code above 127 never occurs
+    for code, index in known:
+        if code < 256:
+            lookup[code] = index
+    dtype = index_dtype(len(vocab))
+    if not data:
+        return torch.empty(0, dtype=dtype)
+    if dtype == torch.uint8:
+        table = bytes(lookup)
+        for start in range(0, len(data), _CHUNK_CHARS):
+            data[start : start + _CHUNK_CHARS] = data[start : start + _CHUNK_CHARS].translate(table)
+        return torch.frombuffer(data, dtype=torch.uint8)
+    indices = torch.tensor(lookup, dtype=dtype)
+    out = torch.empty(len(data), dtype=dtype)
+    for start in range(0, len(data), _CHUNK_CHARS):
+        count = min(_CHUNK_CHARS, len(data) - start)
+        codes = torch.frombuffer(data, dtype=torch.uint8, count=count, offset=start)
+        out[start : start + count] = indices[codes.long()]
+    return out
+
+
 def split_words(pieces: Sequence[str]) -> list[str]:
     """Word tokens: each piece (a d2l line) split on whitespace, so lines never glue words together."""
     return [word for piece in pieces for word in piece.split()]

@@ -7,6 +7,7 @@ tokenizer reads, exactly as d2l 0.17.6 does for the ``d2l`` mode.
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import os
 import re
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-import torch
 import urllib3
 
 from drnn_cli.errors import DrnnError
@@ -330,13 +330,10 @@ _CHUNK_CHARS = 1 << 21  # 2 Mi characters per step of preprocess_chars
 def preprocess_chars(text: str, mode: str) -> str:
     """``"".join(preprocess(text, mode))`` for character tokens, without a Python object per line.
 
-    ``d2l`` and ``letters`` are rewritten as: the letter runs ("words") of the whole text, lower-cased,
-    in order, separated by nothing (``d2l``) when the gap between two words holds a line break and by
-    one space otherwise (``letters``: always a space). That is d2l's per-line rule: each line's words
-    joined by single spaces, leading and trailing non-letters stripped, lines glued. The text is
-    processed a few MiB at a time, each piece ending at a line break, as UTF-8 bytes (every byte of a
-    non-ASCII character is ≥ 0x80: a non-letter, like the character itself). The output is ASCII and
-    never longer than the text, so it is written into one buffer of ``len(text)`` bytes.
+    ``d2l`` and ``letters`` go a few MiB at a time, each piece ending at a line break, through
+    ``_letters_bytes`` as UTF-8 bytes (every byte of a non-ASCII character is ≥ 0x80: a non-letter,
+    like the character itself). The output is ASCII and never longer than the text, so it is written
+    into one buffer of ``len(text)`` bytes.
     """
     if mode not in {"d2l", "letters"}:
         return "".join(preprocess(text, mode))
@@ -346,14 +343,8 @@ def preprocess_chars(text: str, mode: str) -> str:
     while start < len(text):
         end = text.find("\n", min(start + _CHUNK_CHARS, len(text)) - 1)
         end = len(text) if end < 0 else end + 1
-        raw = torch.frombuffer(bytearray(text[start:end], "utf-8"), dtype=torch.uint8)
-        piece = _letters_piece(raw, mode)
-        if len(piece):
-            if written and mode == "letters":  # the gap across the piece boundary holds a line break
-                out[written] = 32
-                written += 1
-            torch.frombuffer(out, dtype=torch.uint8, count=len(piece), offset=written).copy_(piece)
-            written += len(piece)
+        piece = _letters_bytes(text[start:end].encode("utf-8"), mode, line_breaks=b"\n")
+        written = _append_piece(out, written, piece, mode)
         start = end
     return str(memoryview(out)[:written], "ascii")
 
@@ -379,18 +370,12 @@ def char_stream_bytes(path: Path, mode: str) -> bytearray | None:
     start = 0
     while start < len(data):
         end = _after_line_break(data, start + _CHUNK_CHARS)
+        with memoryview(data) as view:  # released at once: ``data`` is resized at the end
+            chunk = bytes(view[start:end])
         if mode in {"d2l", "letters"}:
-            raw = torch.frombuffer(data, dtype=torch.uint8, count=end - start, offset=start)
-            piece = _letters_piece(raw, mode, line_breaks=(10, 13))
-            del raw  # a tensor over ``data`` would forbid the resize below
-            if len(piece) and written and mode == "letters":  # the gap across the boundary keeps a space
-                data[written] = 32
-                written += 1
-            if len(piece):
-                torch.frombuffer(data, dtype=torch.uint8, count=len(piece), offset=written).copy_(piece)
-            written += len(piece)
+            written = _append_piece(data, written, _letters_bytes(chunk, mode, line_breaks=b"\n\r"), mode)
         else:
-            chunk = bytes(data[start:end]).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             if mode == "lower":
                 chunk = chunk.lower()  # ASCII only here: bytes.lower is str.lower
             data[written : written + len(chunk)] = chunk  # same length: no resize
@@ -411,27 +396,40 @@ def _after_line_break(data: bytearray, position: int) -> int:
     return lf + 1 if lf >= 0 else len(data)
 
 
-def _letters_piece(raw: torch.Tensor, mode: str, line_breaks: tuple[int, ...] = (10,)) -> torch.Tensor:
-    """One piece of ``preprocess_chars``: lower-cased letters, and a space for each gap that keeps one."""
-    lowered = raw | 32  # A-Z → a-z; a byte is a letter iff its lowered form is in a-z
-    letter = (lowered - 97) < 26
-    if not bool(letter.any()):
-        return torch.empty(0, dtype=torch.uint8)
-    follows = torch.zeros_like(letter)
-    follows[1:] = letter[:-1]
-    starts = torch.nonzero(letter & ~follows).flatten()  # first byte of each word
-    ends = torch.nonzero(letter & ~torch.cat([letter[1:], letter.new_zeros(1)])).flatten()  # last byte
-    gap_starts, gap_ends = ends[:-1], starts[1:]  # gap k lies strictly between word k and word k+1
-    spaced = torch.ones(len(gap_ends), dtype=torch.bool)
-    if mode == "d2l":
-        is_break = raw == line_breaks[0]
-        for code in line_breaks[1:]:
-            is_break |= raw == code
-        newlines = torch.cumsum(is_break, 0, dtype=torch.int32)
-        spaced = newlines[gap_ends] == newlines[gap_starts]
-    keep = letter.clone()
-    keep[gap_ends[spaced] - 1] = True  # the last byte of a kept gap becomes its one space
-    return torch.where(letter, lowered, 32)[keep].to(torch.uint8)
+def _append_piece(out: bytearray, written: int, piece: bytes, mode: str) -> int:
+    """Write ``piece`` at ``out[written:]``; returns the new length. Pieces end at line breaks, so
+    ``letters`` puts a space between two non-empty ones and ``d2l`` glues them."""
+    if not piece:
+        return written
+    if written and mode == "letters":
+        out[written] = 32
+        written += 1
+    out[written : written + len(piece)] = piece  # same length: no resize
+    return written + len(piece)
+
+
+@functools.cache
+def _letters_table(line_breaks: bytes) -> bytes:
+    """A ``bytes.translate`` table: letters → lower case, line breaks → LF, every other byte → space."""
+    table = bytearray(b" " * 256)
+    for upper in range(ord("A"), ord("Z") + 1):
+        table[upper] = table[upper | 32] = upper | 32
+    for code in line_breaks:
+        table[code] = 10
+    return bytes(table)
+
+
+def _letters_bytes(chunk: bytes, mode: str, line_breaks: bytes) -> bytes:
+    """d2l's per-line rule on whole lines of UTF-8 bytes, with C-level bytes methods only.
+
+    After the translation a line is letters and spaces, so ``b" ".join(line.split())`` is
+    ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()``; ``d2l`` glues the lines, ``letters`` treats
+    the chunk as one line.
+    """
+    mapped = chunk.translate(_letters_table(line_breaks))
+    if mode == "letters":
+        return b" ".join(mapped.split())
+    return b"".join(map(b" ".join, map(bytes.split, mapped.split(b"\n"))))
 
 
 def preprocess_prefix(prefix: str, mode: str) -> str:

@@ -257,7 +257,7 @@ def _empty(path: Path) -> DrnnError:
     return DrnnError(f"corpus file {path} is empty; give data.path a file with text in it")
 
 
-_CHECK_BYTES = 1 << 24  # 16 MiB decoded at a time to check a non-ASCII file is UTF-8
+_CHECK_BYTES = 1 << 20  # 1 MiB decoded at a time to check a non-ASCII file is UTF-8
 
 
 def read_utf8(path: Path) -> bytearray:

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 import drnn_cli.corpus as corpus
 import drnn_cli.data as data
@@ -112,3 +113,16 @@ def test_read_utf8_refuses_a_blank_file_like_read_text(tmp_path: Path, content: 
         read_utf8(path)
     with pytest.raises(DrnnError, match="empty"):
         read_text(path)
+
+
+def test_a_fixed_vocabulary_of_more_than_256_tokens_encodes_to_int16_like_the_str_path(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "varied.txt"
+    path.write_bytes(varied_text(20_000, seed=3).encode("utf-8"))
+    vocab = Vocab.from_counts({chr(code): 1 for code in range(40, 400)})  # 361 tokens: indices need int16
+    new = data._encode(path, DataConfig(path=str(path), preprocess="letters", token="char"), vocab)
+    _, _, encoded = old_encoding(path, "letters", vocab)
+    assert new.tokens.dtype == encoded.dtype == torch.int16
+    assert new.tokens.tolist() == encoded.tolist()
+    assert list(new.unknown.items()) == [(" ", new.unknown[" "])] and new.unknown[" "] > 0

@@ -25,8 +25,10 @@ from drnn_cli.vocab import (
     Vocab,
     count_ascii,
     count_tokens,
+    count_utf8,
     encode_ascii_,
     encode_tokens,
+    encode_utf8_,
     tokens_of,
     unknown_tokens,
 )
@@ -102,15 +104,10 @@ def load_dataset(
 
 
 def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:
-    stream: str | list[str]
     chars = char_stream_bytes(path, config.preprocess) if config.token == "char" else None
-    if chars is not None and chars.isascii():
-        return _encode_ascii(path, config, vocab, chars)
-    if chars is not None:  # a non-ASCII character stream (``none``) is counted and encoded as str
-        stream = chars.decode("utf-8")
-        del chars
-    else:
-        stream = read_token_stream(path, config)
+    if chars is not None:
+        return _encode_bytes(path, config, vocab, chars)
+    stream = read_token_stream(path, config)
     if len(stream) == 0:
         raise _no_tokens(path, config)
     unknown: Counter[str] = Counter()
@@ -122,17 +119,20 @@ def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpu
     return EncodedCorpus(vocab, encoded, unknown)
 
 
-def _encode_ascii(path: Path, config: DataConfig, vocab: Vocab | None, chars: bytearray) -> EncodedCorpus:
-    """``_encode`` of an ASCII character stream held as bytes: encoded in place, no ``str`` of the text."""
+def _encode_bytes(path: Path, config: DataConfig, vocab: Vocab | None, chars: bytearray) -> EncodedCorpus:
+    """``_encode`` of a character stream held as UTF-8 bytes: encoded in place, no ``str`` of the text."""
     if not chars:
         raise _no_tokens(path, config)
-    counts = count_ascii(chars)
+    ascii_only = chars.isascii()
+    counts = count_ascii(chars) if ascii_only else count_utf8(chars)
     unknown: Counter[str] = Counter()
     if vocab is None:
         vocab = Vocab.from_counts(counts, min_freq=config.min_freq)
     else:
         unknown = Counter({token: count for token, count in counts.items() if token not in vocab})
-    return EncodedCorpus(vocab, encode_ascii_(chars, vocab), unknown)
+    if ascii_only:
+        return EncodedCorpus(vocab, encode_ascii_(chars, vocab), unknown)
+    return EncodedCorpus(vocab, encode_utf8_(chars, vocab, sum(counts.values())), unknown)
 
 
 def _no_tokens(path: Path, config: DataConfig) -> DrnnError:

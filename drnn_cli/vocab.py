@@ -7,9 +7,10 @@ tensor operations so a 100 MB file never becomes a Python list of ints.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -187,6 +188,45 @@ def encode_ascii_(data: bytearray, vocab: Vocab) -> torch.Tensor:
         codes = torch.frombuffer(data, dtype=torch.uint8, count=count, offset=start)
         out[start : start + count] = indices[codes.long()]
     return out
+
+
+def _decoded_pieces(data: bytearray) -> Iterator[str]:
+    """UTF-8 ``data`` as text a few MiB at a time (a character cut by a chunk end waits in the decoder)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with memoryview(data) as view:
+        for start in range(0, len(data), _CHUNK_CHARS):
+            yield decoder.decode(view[start : start + _CHUNK_CHARS], final=start + _CHUNK_CHARS >= len(data))
+
+
+def count_utf8(data: bytearray) -> dict[str, int]:
+    """``count_chars`` of a UTF-8 text held as bytes, never decoded whole."""
+    totals: dict[str, int] = {}
+    for piece in _decoded_pieces(data):
+        for char, count in count_chars(piece).items():  # a chunk's new characters follow older ones
+            totals[char] = totals.get(char, 0) + count
+    return totals
+
+
+def encode_utf8_(data: bytearray, vocab: Vocab, length: int) -> torch.Tensor:
+    """``encode_chars`` of a UTF-8 text of ``length`` characters held as bytes.
+
+    With a byte per index the result is written over ``data`` (``length`` ≤ its bytes, and the
+    characters written never pass the bytes decoded) and shares its memory.
+    """
+    dtype = index_dtype(len(vocab))
+    out = None if dtype == torch.uint8 else torch.empty(length, dtype=dtype)
+    written = 0
+    for piece in _decoded_pieces(data):
+        codes = encode_chars(piece, vocab)
+        if out is not None:
+            out[written : written + len(codes)] = codes
+        elif len(codes):
+            torch.frombuffer(data, dtype=torch.uint8, count=len(codes), offset=written).copy_(codes)
+        written += len(codes)
+    if out is not None:
+        return out
+    del data[written:]
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def split_words(pieces: Sequence[str]) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 
 import drnn_cli.corpus as corpus
 import drnn_cli.data as data
+import drnn_cli.vocab as vocab_module
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import char_stream_bytes, preprocess_chars, read_text, read_utf8
 from drnn_cli.errors import DrnnError
@@ -75,6 +76,22 @@ def test_the_byte_path_equals_the_str_path_across_many_chunk_boundaries(
         for mode in ("d2l", "letters", "none"):
             chars = char_stream_bytes(path, mode)
             assert chars is not None and chars.decode("utf-8") == preprocess_chars(read_text(path), mode)
+
+
+def test_encoding_bytes_in_place_equals_the_str_path_across_many_chunk_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vocab_module, "_CHUNK_CHARS", 7)  # splits multi-byte characters between chunks
+    monkeypatch.setattr(vocab_module, "_COUNT_CHUNK_BYTES", 5)
+    wide = Vocab.from_counts({chr(code): 1 for code in range(40, 400)})  # int16 indices: not in place
+    for seed in range(10):
+        path = tmp_path / f"small{seed}.txt"
+        path.write_bytes(varied_text(400, seed=seed).encode("utf-8"))
+        for mode, fixed in [("none", None), ("d2l", None), ("none", wide)]:
+            new = data._encode(path, DataConfig(path=str(path), preprocess=mode, token="char"), fixed)
+            _, vocab, encoded = old_encoding(path, mode, fixed)
+            assert new.vocab.idx_to_token == vocab.idx_to_token
+            assert (new.tokens.dtype, new.tokens.tolist()) == (encoded.dtype, encoded.tolist())
 
 
 def test_a_fixed_vocabulary_reports_the_same_unknown_characters(tmp_path: Path) -> None:

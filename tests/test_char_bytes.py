@@ -81,7 +81,7 @@ def test_the_byte_path_equals_the_str_path_across_many_chunk_boundaries(
 def test_encoding_bytes_in_place_equals_the_str_path_across_many_chunk_boundaries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vocab_module, "_CHUNK_CHARS", 7)  # splits multi-byte characters between chunks
+    monkeypatch.setattr(vocab_module, "_DECODE_BYTES", 7)  # splits multi-byte characters between chunks
     monkeypatch.setattr(vocab_module, "_COUNT_CHUNK_BYTES", 5)
     wide = Vocab.from_counts({chr(code): 1 for code in range(40, 400)})  # int16 indices: not in place
     for seed in range(10):

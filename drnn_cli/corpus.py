@@ -6,6 +6,8 @@ tokenizer reads, exactly as d2l 0.17.6 does for the ``d2l`` mode.
 
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import os
 import re
@@ -15,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-import torch
 import urllib3
 
 from drnn_cli.errors import DrnnError
@@ -236,16 +237,70 @@ def read_text(path: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DrnnError(
-            f"corpus file {path} is not UTF-8 (undecodable byte at offset {exc.start}); convert it, "
-            f"e.g. iconv -f latin1 -t utf-8"
-        ) from None
+        raise _not_utf8(path, exc.start) from None
     del raw
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")  # what open() in text mode does
     if not text.strip():
-        raise DrnnError(f"corpus file {path} is empty; give data.path a file with text in it")
+        raise _empty(path)
     return text
+
+
+def _not_utf8(path: Path, offset: int) -> DrnnError:
+    return DrnnError(
+        f"corpus file {path} is not UTF-8 (undecodable byte at offset {offset}); convert it, "
+        f"e.g. iconv -f latin1 -t utf-8"
+    )
+
+
+def _empty(path: Path) -> DrnnError:
+    return DrnnError(f"corpus file {path} is empty; give data.path a file with text in it")
+
+
+_CHECK_BYTES = 1 << 20  # 1 MiB decoded at a time to check a non-ASCII file is UTF-8
+
+
+def read_utf8(path: Path) -> bytearray:
+    """The file's bytes, checked like ``read_text`` (same errors) but never decoded whole.
+
+    A 1 GiB text is one 1 GiB buffer here, where ``read_text`` holds the bytes and the decoded
+    ``str`` at once; ``char_stream_bytes`` then works on it in place.
+    """
+    require_regular_file(path, "corpus file", "name a UTF-8 text file")
+    try:
+        with path.open("rb") as handle:
+            data = bytearray(os.fstat(handle.fileno()).st_size)
+            filled = 0
+            with memoryview(data) as view:
+                while filled < len(data) and (got := handle.readinto(view[filled:])):
+                    filled += got
+            del data[filled:]  # the file shrank since fstat
+            data += handle.read()  # or grew
+    except OSError as exc:
+        raise DrnnError(f"cannot read corpus file {path}: {exc.strerror}") from None
+    _check_utf8_text(path, data)
+    return data
+
+
+def _check_utf8_text(path: Path, data: bytearray) -> None:
+    """Raise ``read_text``'s errors: not UTF-8 (at the same offset), or nothing but white space."""
+    ascii_only = data.isascii()  # then it is UTF-8, and the first non-blank chunk ends the scan
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text = False
+    with memoryview(data) as view:
+        for start in range(0, len(data), _CHECK_BYTES):
+            pending = len(decoder.getstate()[0])  # bytes of a character split by the last chunk
+            try:
+                piece = decoder.decode(
+                    view[start : start + _CHECK_BYTES], final=start + _CHECK_BYTES >= len(data)
+                )
+            except UnicodeDecodeError as exc:  # exc.start counts from the pending bytes
+                raise _not_utf8(path, start - pending + exc.start) from None
+            has_text = has_text or bool(piece.strip())
+            if has_text and ascii_only:
+                return
+    if not has_text:
+        raise _empty(path)
 
 
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
@@ -275,13 +330,10 @@ _CHUNK_CHARS = 1 << 21  # 2 Mi characters per step of preprocess_chars
 def preprocess_chars(text: str, mode: str) -> str:
     """``"".join(preprocess(text, mode))`` for character tokens, without a Python object per line.
 
-    ``d2l`` and ``letters`` are rewritten as: the letter runs ("words") of the whole text, lower-cased,
-    in order, separated by nothing (``d2l``) when the gap between two words holds a line break and by
-    one space otherwise (``letters``: always a space). That is d2l's per-line rule: each line's words
-    joined by single spaces, leading and trailing non-letters stripped, lines glued. The text is
-    processed a few MiB at a time, each piece ending at a line break, as UTF-8 bytes (every byte of a
-    non-ASCII character is ≥ 0x80: a non-letter, like the character itself). The output is ASCII and
-    never longer than the text, so it is written into one buffer of ``len(text)`` bytes.
+    ``d2l`` and ``letters`` go a few MiB at a time, each piece ending at a line break, through
+    ``_letters_bytes`` as UTF-8 bytes (every byte of a non-ASCII character is ≥ 0x80: a non-letter,
+    like the character itself). The output is ASCII and never longer than the text, so it is written
+    into one buffer of ``len(text)`` bytes.
     """
     if mode not in {"d2l", "letters"}:
         return "".join(preprocess(text, mode))
@@ -291,36 +343,93 @@ def preprocess_chars(text: str, mode: str) -> str:
     while start < len(text):
         end = text.find("\n", min(start + _CHUNK_CHARS, len(text)) - 1)
         end = len(text) if end < 0 else end + 1
-        raw = torch.frombuffer(bytearray(text[start:end], "utf-8"), dtype=torch.uint8)
-        piece = _letters_piece(raw, mode)
-        if len(piece):
-            if written and mode == "letters":  # the gap across the piece boundary holds a line break
-                out[written] = 32
-                written += 1
-            torch.frombuffer(out, dtype=torch.uint8, count=len(piece), offset=written).copy_(piece)
-            written += len(piece)
+        piece = _letters_bytes(text[start:end].encode("utf-8"), mode, line_breaks=b"\n")
+        written = _append_piece(out, written, piece, mode)
         start = end
     return str(memoryview(out)[:written], "ascii")
 
 
-def _letters_piece(raw: torch.Tensor, mode: str) -> torch.Tensor:
-    """One piece of ``preprocess_chars``: lower-cased letters, and a space for each gap that keeps one."""
-    lowered = raw | 32  # A-Z → a-z; a byte is a letter iff its lowered form is in a-z
-    letter = (lowered - 97) < 26
-    if not bool(letter.any()):
-        return torch.empty(0, dtype=torch.uint8)
-    follows = torch.zeros_like(letter)
-    follows[1:] = letter[:-1]
-    starts = torch.nonzero(letter & ~follows).flatten()  # first byte of each word
-    ends = torch.nonzero(letter & ~torch.cat([letter[1:], letter.new_zeros(1)])).flatten()  # last byte
-    gap_starts, gap_ends = ends[:-1], starts[1:]  # gap k lies strictly between word k and word k+1
-    spaced = torch.ones(len(gap_ends), dtype=torch.bool)
-    if mode == "d2l":
-        newlines = torch.cumsum(raw == 10, 0, dtype=torch.int32)
-        spaced = newlines[gap_ends] == newlines[gap_starts]
-    keep = letter.clone()
-    keep[gap_ends[spaced] - 1] = True  # the last byte of a kept gap becomes its one space
-    return torch.where(letter, lowered, 32)[keep].to(torch.uint8)
+def char_stream_bytes(path: Path, mode: str) -> bytearray | None:
+    """``preprocess_chars(read_text(path), mode)`` as UTF-8 bytes, built in place in the file's buffer.
+
+    Exact at the byte level for every mode but ``lower`` on a non-ASCII text (Unicode lower-casing can
+    change a character's length), where it returns None. ``d2l`` and ``letters`` keep only ASCII letters
+    and every byte of a non-ASCII character is ≥ 0x80, a non-letter like the character itself; a line
+    break is a LF or a CR (``read_text`` turns CR LF and a lone CR into LF). ``none`` and ``lower``
+    only get ``read_text``'s CR normalisation (and ASCII lower-casing). Each piece is at most as long
+    as the bytes it came from and starts no later, so it is written back over bytes already read.
+    """
+    if mode not in {"d2l", "letters", "lower", "none"}:
+        preprocess("", mode)  # raises the unknown-mode error
+    data = read_utf8(path)
+    if mode == "lower" and not data.isascii():
+        return None
+    if mode == "none" and b"\r" not in data:
+        return data
+    written = 0
+    start = 0
+    while start < len(data):
+        end = _after_line_break(data, start + _CHUNK_CHARS)
+        with memoryview(data) as view:  # released at once: ``data`` is resized at the end
+            chunk = bytes(view[start:end])
+        if mode in {"d2l", "letters"}:
+            written = _append_piece(data, written, _letters_bytes(chunk, mode, line_breaks=b"\n\r"), mode)
+        else:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if mode == "lower":
+                chunk = chunk.lower()  # ASCII only here: bytes.lower is str.lower
+            data[written : written + len(chunk)] = chunk  # same length: no resize
+            written += len(chunk)
+        start = end
+    del data[written:]
+    return data
+
+
+def _after_line_break(data: bytearray, position: int) -> int:
+    """The index just past the first line break (LF, CR or CR LF) at or after ``position``; else the end."""
+    if position >= len(data):
+        return len(data)
+    lf = data.find(b"\n", position)
+    cr = data.find(b"\r", position, lf if lf >= 0 else len(data))  # only up to the LF: linear in all
+    if cr >= 0:
+        return cr + 2 if cr + 1 < len(data) and data[cr + 1] == 10 else cr + 1  # never split CR LF
+    return lf + 1 if lf >= 0 else len(data)
+
+
+def _append_piece(out: bytearray, written: int, piece: bytes, mode: str) -> int:
+    """Write ``piece`` at ``out[written:]``; returns the new length. Pieces end at line breaks, so
+    ``letters`` puts a space between two non-empty ones and ``d2l`` glues them."""
+    if not piece:
+        return written
+    if written and mode == "letters":
+        out[written] = 32
+        written += 1
+    out[written : written + len(piece)] = piece  # same length: no resize
+    return written + len(piece)
+
+
+@functools.cache
+def _letters_table(line_breaks: bytes) -> bytes:
+    """A ``bytes.translate`` table: letters → lower case, line breaks → LF, every other byte → space."""
+    table = bytearray(b" " * 256)
+    for upper in range(ord("A"), ord("Z") + 1):
+        table[upper] = table[upper | 32] = upper | 32
+    for code in line_breaks:
+        table[code] = 10
+    return bytes(table)
+
+
+def _letters_bytes(chunk: bytes, mode: str, line_breaks: bytes) -> bytes:
+    """d2l's per-line rule on whole lines of UTF-8 bytes, with C-level bytes methods only.
+
+    After the translation a line is letters and spaces, so ``b" ".join(line.split())`` is
+    ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()``; ``d2l`` glues the lines, ``letters`` treats
+    the chunk as one line.
+    """
+    mapped = chunk.translate(_letters_table(line_breaks))
+    if mode == "letters":
+        return b" ".join(mapped.split())
+    return b"".join(map(b" ".join, map(bytes.split, mapped.split(b"\n"))))
 
 
 def preprocess_prefix(prefix: str, mode: str) -> str:

@@ -10,11 +10,28 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import ProgressHook, fetch_corpus, preprocess, preprocess_chars, read_text
+from drnn_cli.corpus import (
+    ProgressHook,
+    char_stream_bytes,
+    fetch_corpus,
+    preprocess,
+    preprocess_chars,
+    read_text,
+)
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, load_cached, store, text_sha1
-from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of, unknown_tokens
+from drnn_cli.vocab import (
+    Vocab,
+    count_ascii,
+    count_tokens,
+    count_utf8,
+    encode_ascii_,
+    encode_tokens,
+    encode_utf8_,
+    tokens_of,
+    unknown_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -87,12 +104,12 @@ def load_dataset(
 
 
 def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:
+    chars = char_stream_bytes(path, config.preprocess) if config.token == "char" else None
+    if chars is not None:
+        return _encode_bytes(path, config, vocab, chars)
     stream = read_token_stream(path, config)
     if len(stream) == 0:
-        raise DrnnError(
-            f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; "
-            f"try data.preprocess: none"
-        )
+        raise _no_tokens(path, config)
     unknown: Counter[str] = Counter()
     if vocab is None:
         vocab = Vocab.from_counts(count_tokens(stream), min_freq=config.min_freq)
@@ -100,3 +117,26 @@ def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpu
         unknown = unknown_tokens(stream, vocab)  # a fixed vocabulary (fine-tuning) may lack some
     encoded = encode_tokens(stream, vocab)
     return EncodedCorpus(vocab, encoded, unknown)
+
+
+def _encode_bytes(path: Path, config: DataConfig, vocab: Vocab | None, chars: bytearray) -> EncodedCorpus:
+    """``_encode`` of a character stream held as UTF-8 bytes: encoded in place, no ``str`` of the text."""
+    if not chars:
+        raise _no_tokens(path, config)
+    ascii_only = chars.isascii()
+    counts = count_ascii(chars) if ascii_only else count_utf8(chars)
+    unknown: Counter[str] = Counter()
+    if vocab is None:
+        vocab = Vocab.from_counts(counts, min_freq=config.min_freq)
+    else:
+        unknown = Counter({token: count for token, count in counts.items() if token not in vocab})
+    if ascii_only:
+        return EncodedCorpus(vocab, encode_ascii_(chars, vocab), unknown)
+    return EncodedCorpus(vocab, encode_utf8_(chars, vocab, sum(counts.values())), unknown)
+
+
+def _no_tokens(path: Path, config: DataConfig) -> DrnnError:
+    return DrnnError(
+        f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; "
+        f"try data.preprocess: none"
+    )

@@ -30,7 +30,7 @@ FORMAT = 1
 MIN_CACHED_BYTES = 1 << 20
 RACY_SECONDS = 2.0  # a file modified this close to its hashing may change again within one mtime tick
 _DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
-_WRITE_CHUNK = 1 << 26  # bytes per write: the array is never copied whole
+_WRITE_CHUNK = 1 << 22  # bytes per write: the array is never copied whole (4 MiB at a time)
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,18 @@ tensor operations so a 100 MB file never becomes a Python list of ints.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 UNK = "<unk>"
 _CHUNK_CHARS = 1 << 22  # 4 Mi characters: 16 MiB of UTF-32 per chunk
+_DECODE_BYTES = 1 << 22  # 4 MiB of UTF-8 per decoded piece (fewer, bigger torch calls are faster)
+_COUNT_CHUNK_BYTES = 1 << 26  # views, not copies: few bincount calls (each has a fixed threading cost)
 
 
 @dataclass
@@ -145,6 +148,88 @@ def encode_chars(text: str, vocab: Vocab) -> torch.Tensor:
         out[offset : offset + len(codes)] = lookup[clamped].to(out.dtype)
         offset += len(codes)
     return out
+
+
+def count_ascii(data: bytearray) -> dict[str, int]:
+    """``count_chars`` of an ASCII text held as bytes: one ``bincount`` per chunk, no decoding."""
+    totals = torch.zeros(256, dtype=torch.int64)
+    for start in range(0, len(data), _COUNT_CHUNK_BYTES):
+        count = min(_COUNT_CHUNK_BYTES, len(data) - start)
+        totals += torch.bincount(
+            torch.frombuffer(data, dtype=torch.uint8, count=count, offset=start), minlength=256
+        )
+    present = torch.nonzero(totals).flatten().tolist()
+    first_seen = {code: data.find(bytes([code])) for code in present}  # one memchr per distinct byte
+    return {chr(code): int(totals[code]) for code in sorted(present, key=first_seen.__getitem__)}
+
+
+def encode_ascii_(data: bytearray, vocab: Vocab) -> torch.Tensor:
+    """``encode_chars`` of an ASCII text held as bytes, written over those bytes when indices fit a byte.
+
+    The returned uint8 tensor shares ``data``'s memory (so a 1 GiB text needs no second GiB); wider
+    dtypes (a fixed vocabulary of more than 256 tokens) get a new tensor.
+    """
+    known = [(ord(token), index) for index, token in enumerate(vocab.idx_to_token) if len(token) == 1]
+    lookup = [0] * 256  # ASCII bytes only: a code above 127 never occurs
+    for code, index in known:
+        if code < 256:
+            lookup[code] = index
+    dtype = index_dtype(len(vocab))
+    if not data:
+        return torch.empty(0, dtype=dtype)
+    if dtype == torch.uint8:
+        table = bytes(lookup)
+        for start in range(0, len(data), _CHUNK_CHARS):
+            data[start : start + _CHUNK_CHARS] = data[start : start + _CHUNK_CHARS].translate(table)
+        return torch.frombuffer(data, dtype=torch.uint8)
+    indices = torch.tensor(lookup, dtype=dtype)
+    out = torch.empty(len(data), dtype=dtype)
+    for start in range(0, len(data), _CHUNK_CHARS):
+        count = min(_CHUNK_CHARS, len(data) - start)
+        codes = torch.frombuffer(data, dtype=torch.uint8, count=count, offset=start)
+        out[start : start + count] = indices[codes.long()]
+    return out
+
+
+def _decoded_pieces(data: bytearray) -> Iterator[str]:
+    """UTF-8 ``data`` as text a few MiB at a time (a character cut by a chunk end waits in the decoder)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with memoryview(data) as view:
+        for start in range(0, len(data), _DECODE_BYTES):
+            yield decoder.decode(
+                view[start : start + _DECODE_BYTES], final=start + _DECODE_BYTES >= len(data)
+            )
+
+
+def count_utf8(data: bytearray) -> dict[str, int]:
+    """``count_chars`` of a UTF-8 text held as bytes, never decoded whole."""
+    totals: dict[str, int] = {}
+    for piece in _decoded_pieces(data):
+        for char, count in count_chars(piece).items():  # a chunk's new characters follow older ones
+            totals[char] = totals.get(char, 0) + count
+    return totals
+
+
+def encode_utf8_(data: bytearray, vocab: Vocab, length: int) -> torch.Tensor:
+    """``encode_chars`` of a UTF-8 text of ``length`` characters held as bytes.
+
+    With a byte per index the result is written over ``data`` (``length`` ≤ its bytes, and the
+    characters written never pass the bytes decoded) and shares its memory.
+    """
+    dtype = index_dtype(len(vocab))
+    out = None if dtype == torch.uint8 else torch.empty(length, dtype=dtype)
+    written = 0
+    for piece in _decoded_pieces(data):
+        codes = encode_chars(piece, vocab)
+        if out is not None:
+            out[written : written + len(codes)] = codes
+        elif len(codes):
+            torch.frombuffer(data, dtype=torch.uint8, count=len(codes), offset=written).copy_(codes)
+        written += len(codes)
+    if out is not None:
+        return out
+    del data[written:]
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def split_words(pieces: Sequence[str]) -> list[str]:

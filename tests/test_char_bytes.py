@@ -1,0 +1,145 @@
+"""The in-place byte path of character corpora (``char_stream_bytes``, ``count_ascii``, ``encode_ascii_``)
+gives exactly what the ``str`` path gives: the same characters, vocabulary order and encoded tensor."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import drnn_cli.corpus as corpus
+import drnn_cli.data as data
+import drnn_cli.vocab as vocab_module
+from drnn_cli.config import DataConfig
+from drnn_cli.corpus import char_stream_bytes, preprocess_chars, read_text, read_utf8
+from drnn_cli.errors import DrnnError
+from drnn_cli.vocab import Vocab, count_chars, encode_chars
+
+MODES = ["d2l", "letters", "lower", "none"]
+PIECES = [
+    "The", "Time", "traveller", "WAS", "x", "café", "naïve", "中文", "😀", "Straße", "İstanbul",
+    " ", "  ", "\t", "!!!", "--", "...", ",", "'", "9", "2024", "\n", "\n\n", "\r\n", "\r", "\r\r\n",
+    "\n \n", " \r ", "\x1c", "-\n-",
+]  # fmt: skip
+
+
+def varied_text(size: int, seed: int, ascii_only: bool = False) -> str:
+    """Words, non-ASCII characters, CR / LF / lone CR, punctuation runs and empty lines, mixed."""
+    rng = random.Random(seed)
+    pieces = [piece for piece in PIECES if piece.isascii() or not ascii_only]
+    out: list[str] = []
+    length = 0
+    while length < size:
+        piece = rng.choice(pieces)
+        out.append(piece)
+        length += len(piece)
+    return "".join(out)
+
+
+def old_encoding(path: Path, mode: str, vocab: Vocab | None = None):
+    """What _encode did before the byte path: read_text → preprocess_chars → count_chars → encode_chars."""
+    stream = preprocess_chars(read_text(path), mode)
+    built = vocab or Vocab.from_counts(count_chars(stream))
+    return stream, built, encode_chars(stream, built)
+
+
+@pytest.mark.parametrize("ascii_only", [False, True])
+def test_the_byte_path_equals_the_str_path_on_a_few_mb_of_varied_text(
+    tmp_path: Path, ascii_only: bool
+) -> None:
+    path = tmp_path / "varied.txt"
+    path.write_bytes(varied_text(3_000_000, seed=1 + ascii_only, ascii_only=ascii_only).encode("utf-8"))
+    for mode in MODES:
+        stream, vocab, encoded = old_encoding(path, mode)
+        chars = char_stream_bytes(path, mode)
+        if chars is None:  # lower-casing a non-ASCII text is left to str
+            assert mode == "lower" and not ascii_only
+        else:
+            assert chars.decode("utf-8") == stream
+        new = data._encode(path, DataConfig(path=str(path), preprocess=mode, token="char"), None)
+        assert new.vocab.idx_to_token == vocab.idx_to_token
+        assert new.vocab.token_freqs == vocab.token_freqs
+        assert new.tokens.dtype == encoded.dtype
+        assert new.tokens.tolist() == encoded.tolist()
+
+
+def test_the_byte_path_equals_the_str_path_across_many_chunk_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(corpus, "_CHUNK_CHARS", 5)
+    monkeypatch.setattr(corpus, "_CHECK_BYTES", 3)
+    for seed in range(20):
+        path = tmp_path / f"small{seed}.txt"
+        path.write_bytes(varied_text(300, seed=seed).encode("utf-8"))
+        for mode in ("d2l", "letters", "none"):
+            chars = char_stream_bytes(path, mode)
+            assert chars is not None and chars.decode("utf-8") == preprocess_chars(read_text(path), mode)
+
+
+def test_encoding_bytes_in_place_equals_the_str_path_across_many_chunk_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vocab_module, "_DECODE_BYTES", 7)  # splits multi-byte characters between chunks
+    monkeypatch.setattr(vocab_module, "_COUNT_CHUNK_BYTES", 5)
+    wide = Vocab.from_counts({chr(code): 1 for code in range(40, 400)})  # int16 indices: not in place
+    for seed in range(10):
+        path = tmp_path / f"small{seed}.txt"
+        path.write_bytes(varied_text(400, seed=seed).encode("utf-8"))
+        for mode, fixed in [("none", None), ("d2l", None), ("none", wide)]:
+            new = data._encode(path, DataConfig(path=str(path), preprocess=mode, token="char"), fixed)
+            _, vocab, encoded = old_encoding(path, mode, fixed)
+            assert new.vocab.idx_to_token == vocab.idx_to_token
+            assert (new.tokens.dtype, new.tokens.tolist()) == (encoded.dtype, encoded.tolist())
+
+
+def test_a_fixed_vocabulary_reports_the_same_unknown_characters(tmp_path: Path) -> None:
+    path = tmp_path / "varied.txt"
+    path.write_bytes(varied_text(20_000, seed=7).encode("utf-8"))
+    vocab = Vocab.from_counts(count_chars("the cat sat"))
+    config = DataConfig(path=str(path), preprocess="d2l", token="char")
+    new = data._encode(path, config, vocab)
+    stream, _, encoded = old_encoding(path, "d2l", vocab)
+    assert new.tokens.tolist() == encoded.tolist()
+    unknown = {char: stream.count(char) for char in dict.fromkeys(stream) if char not in vocab}
+    assert list(new.unknown.items()) == list(unknown.items()) and "w" in unknown
+
+
+def test_read_utf8_names_the_same_offset_as_read_text_across_check_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(
+        "été 中文 ".encode() * 3 + b"\xe4\xb8" + b" end"
+    )  # 3 × 13 bytes, then a character cut short
+    with pytest.raises(DrnnError) as old:
+        read_text(path)
+    for size in (1, 2, 3, 5, 1 << 20):
+        monkeypatch.setattr(corpus, "_CHECK_BYTES", size)
+        with pytest.raises(DrnnError) as new:
+            read_utf8(path)
+        assert str(new.value) == str(old.value) and "offset 39" in str(old.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"   \n\t\r\n  \n", "\u3000\n".encode(), b"\x1c\x1f"])
+def test_read_utf8_refuses_a_blank_file_like_read_text(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "blank.txt"
+    path.write_bytes(content)
+    with pytest.raises(DrnnError, match="empty"):
+        read_utf8(path)
+    with pytest.raises(DrnnError, match="empty"):
+        read_text(path)
+
+
+def test_a_fixed_vocabulary_of_more_than_256_tokens_encodes_to_int16_like_the_str_path(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "varied.txt"
+    path.write_bytes(varied_text(20_000, seed=3).encode("utf-8"))
+    vocab = Vocab.from_counts({chr(code): 1 for code in range(40, 400)})  # 361 tokens: indices need int16
+    new = data._encode(path, DataConfig(path=str(path), preprocess="letters", token="char"), vocab)
+    _, _, encoded = old_encoding(path, "letters", vocab)
+    assert new.tokens.dtype == encoded.dtype == torch.int16
+    assert new.tokens.tolist() == encoded.tolist()
+    assert list(new.unknown.items()) == [(" ", new.unknown[" "])] and new.unknown[" "] > 0

@@ -24,9 +24,6 @@ from safetensors.torch import save as save_safetensors
 from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, require_regular_file
-from drnn_cli.files import (
-    atomic_write_text as atomic_write_text,  # re-exported: token_cache.py imports it here
-)
 from drnn_cli.vocab import Vocab
 
 FORMAT = "drnn-checkpoint"

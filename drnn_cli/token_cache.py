@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.checkpoint import atomic_write_text
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import DATA_DIR_ENV, file_sha1
+from drnn_cli.files import atomic_write_text
 from drnn_cli.vocab import Vocab
 
 FORMAT = 1

@@ -88,3 +88,24 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return code, captured.out, captured.err
 
     return run
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """The error contract: non-zero exit, one ``drnn: error:`` line naming each needle, never a
+    traceback or an "internal error"."""
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("drnn: error: "), err
+    assert "internal error" not in err and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def config_file(directory: Path, tree: dict | str, name: str = "tiny.yaml") -> Path:
+    """``tree`` (a mapping, or raw YAML text) written as a config file in ``directory``."""
+    import yaml
+
+    path = directory / name
+    path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(tree))
+    return path

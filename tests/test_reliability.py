@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import assert_one_line_error, config_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,22 +30,6 @@ TINY = {
     "model": {"cell": "gru", "hidden_size": 16, "num_layers": 1},
     "train": {"epochs": 2, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"},
 }
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code != 0
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("drnn: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
-def config_file(directory: Path, tree: dict | str, name: str = "tiny.yaml") -> Path:
-    path = directory / name
-    path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(tree))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

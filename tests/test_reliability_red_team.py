@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import assert_one_line_error, config_file
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -37,22 +37,6 @@ TINY = {
     "train": {"epochs": 2, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"},
 }
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code != 0
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("drnn: error: "), err
-    assert "internal error" not in err and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
-def config_file(directory: Path, tree: dict | str, name: str = "tiny.yaml") -> Path:
-    path = directory / name
-    path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(tree))
-    return path
 
 
 def tiny(**train: object) -> dict:

@@ -67,6 +67,11 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
+class Signal(str, enum.Enum):
+    hidden = "hidden"
+    cell = "cell"  # LSTM cell state
+
+
 class Split(str, enum.Enum):
     train = "train"
     val = "val"
@@ -549,7 +554,9 @@ def inspect_command(
             "in turn (by variance when none varies).",
         ),
     ] = 5,
-    signal: Annotated[str, typer.Option("--signal", help="hidden, or cell (LSTM cell state).")] = "hidden",
+    signal: Annotated[
+        Signal, typer.Option("--signal", help="hidden, or cell (LSTM cell state).")
+    ] = Signal.hidden,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained page here.")] = None,
     png_out: Annotated[
         Path | None,
@@ -572,7 +579,7 @@ def inspect_command(
         chosen = tuple(int(u) for u in units.split(",")) if units else ()
     except ValueError:
         raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})") from None
-    request = InspectRequest(text, file, layer, chosen, top, signal)
+    request = InspectRequest(text, file, layer, chosen, top, signal.value)
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
     result = inspect_text(

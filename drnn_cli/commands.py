@@ -222,9 +222,8 @@ def train_run(
         if lock is not None:
             lock.acquire()
         try:
-            result = _train_in_place_or_staged(
-                request, config, run_dir, device, dist, reporter, progress, on_ready
-            )
+            job = _TrainJob(request, config, device, dist, reporter, progress, on_ready)
+            result = _train_in_place_or_staged(job, run_dir)
             finished = True
             return result
         finally:
@@ -238,17 +237,22 @@ def train_run(
         shutdown_distributed(dist, finished)
 
 
-def _train_in_place_or_staged(
-    request: TrainRequest,
-    config: Config,
-    run_dir: Path,
-    device: torch.device,
-    dist: DistContext,
-    reporter: Reporter | None,
-    progress: ProgressHook | None,
-    on_ready: Callable[[Dataset, Config], None] | None,
-) -> TrainResult:
+@dataclass(frozen=True)
+class _TrainJob:
+    """What one ``drnn train`` brings to the run directory: the request, its config and where it runs."""
+
+    request: TrainRequest
+    config: Config
+    device: torch.device
+    dist: DistContext
+    reporter: Reporter | None
+    progress: ProgressHook | None
+    on_ready: Callable[[Dataset, Config], None] | None
+
+
+def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
     """Train into ``run_dir``, or, for ``--overwrite`` of an existing run, beside it and swap on success."""
+    request, dist = job.request, job.dist
     if dist.is_main:
         remove_stale_temporaries(run_dir)  # left by a killed writer; we hold the lock, so none is live
     if not request.resume and holds_run(run_dir) and not request.overwrite:
@@ -257,11 +261,11 @@ def _train_in_place_or_staged(
             f"or replace it with --overwrite"
         )
     if request.resume or not holds_run(run_dir) or dist.enabled:
-        return _train_locked(request, config, run_dir, run_dir, device, dist, reporter, progress, on_ready)
+        return _train_locked(job, run_dir, run_dir)
     staging = staging_dir(run_dir)
     discard(staging)  # a leftover of an earlier replacement that was killed
     try:
-        result = _train_locked(request, config, staging, run_dir, device, dist, reporter, progress, on_ready)
+        result = _train_locked(job, staging, run_dir)
     except DrnnError as error:
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
@@ -274,17 +278,9 @@ def _train_in_place_or_staged(
     return replace(result, run_dir=run_dir)
 
 
-def _train_locked(
-    request: TrainRequest,
-    config: Config,
-    run_dir: Path,
-    final_dir: Path,
-    device: torch.device,
-    dist: DistContext,
-    reporter: Reporter | None,
-    progress: ProgressHook | None,
-    on_ready: Callable[[Dataset, Config], None] | None,
-) -> TrainResult:
+def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult:
+    """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train."""
+    request, config, device, dist, reporter = job.request, job.config, job.device, job.dist, job.reporter
     resume_from: Checkpoint | None = None
     expected_sha1: str | None = None
     init_from: Checkpoint | None = None
@@ -322,12 +318,12 @@ def _train_locked(
             )
         vocab = init_from.vocab
         init_label = str(source.resolve())
-    dataset = load_dataset(config.data, vocab=vocab, progress=progress)
+    dataset = load_dataset(config.data, vocab=vocab, progress=job.progress)
     _check_same_corpus(dataset, expected_sha1, "resume")
     if init_from is not None:
         _check_unknown_share(dataset, request.max_unknown_fraction, reporter)
-    if on_ready is not None:
-        on_ready(dataset, config)
+    if job.on_ready is not None:
+        job.on_ready(dataset, config)
     trainer = Trainer(  # validates everything that can still fail; writes nothing
         config,
         dataset,

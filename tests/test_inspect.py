@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import TINY_TREE
+from conftest import TINY_TREE, assert_one_line_error
 from torch.testing import assert_close
 
 from drnn_cli.commands import TrainRequest, load_model, train_run
@@ -353,7 +353,6 @@ def test_png_without_matplotlib_is_refused_in_one_line(cli, tiny_run: Path, tmp_
         (["--units", "3,32"], "--units 32 is out of range: the layer has units 0 to 31"),
         (["--units", "a"], "--units takes comma-separated unit numbers"),
         (["--top", "0"], "--top must be >= 1"),
-        (["--signal", "gates"], "--signal must be hidden or cell"),
         (["--file", "x.txt"], "give the text to inspect either as an argument or with --file FILE"),
     ],
 )
@@ -361,6 +360,12 @@ def test_wrong_options_are_one_line_errors(cli, tiny_run: Path, args: list[str],
     code, out, err = cli("inspect", "the time", "--run", str(tiny_run), *args)
     assert code == 1 and out == ""
     assert err.startswith("drnn: error: " + message) and err.count("\n") == 1
+
+
+def test_an_unknown_signal_is_a_usage_error_listing_the_choices(cli, tiny_run: Path):
+    code, out, err = cli("inspect", "the time", "--run", str(tiny_run), "--signal", "gates")
+    assert (code, out) == (2, "")
+    assert_one_line_error(code, err, "Invalid value for '--signal': 'gates' is not one of 'hidden', 'cell'.")
 
 
 def test_a_text_longer_than_the_cap_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from drnn_cli.config import ModelConfig
-from drnn_cli.models import build_model, make_recurrent, sequence_dropout
+from drnn_cli.models import build_model, dropout_scale, make_recurrent, sequence_dropout
 
 TOL = {"atol": 1e-12, "rtol": 1e-12}
 CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
@@ -92,6 +92,17 @@ def test_without_regularisers_the_torch_stack_is_plain_pytorch_and_draws_no_rand
     rng = torch.get_rng_state()
     assert torch.equal(module(inputs, state)[0], reference(inputs, state)[0])
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_dropout_mask_zeroes_a_p_share_and_scales_the_rest_by_one_over_one_minus_p():
+    like = torch.zeros(1, dtype=torch.float64)
+    torch.manual_seed(3)
+    scale = dropout_scale(like, (400, 250), 0.4)
+    torch.manual_seed(3)
+    uniform = torch.rand(400, 250, dtype=torch.float64)
+    assert scale.dtype == torch.float64 and scale.shape == (400, 250)
+    assert torch.equal(scale, (uniform >= 0.4).double() / 0.6)  # exactly the seeded draw
+    assert abs((scale == 0).double().mean().item() - 0.4) < 0.01  # 100,000 draws: sd 0.0015
 
 
 def test_locked_dropout_keeps_one_mask_for_every_timestep():

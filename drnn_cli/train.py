@@ -680,7 +680,8 @@ class Trainer:
                     stop_reason = "patience"
                     break
                 if budget_stop is not None:
-                    stop_reason = budget_stop
+                    if done < train.epochs:  # a budget that ends with the last epoch did not cut it short
+                        stop_reason = budget_stop
                     break
         if stop_reason == "patience":
             self.reporter.note(

@@ -115,6 +115,14 @@ def test_max_steps_stops_after_exactly_n_steps_inside_an_epoch(workdir: Path):
     assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
 
 
+def test_a_step_budget_that_ends_with_the_last_epoch_reports_the_epochs_as_the_end(workdir: Path):
+    """A preset may cap a larger text at exactly its epochs' steps: on its own text it runs to the end."""
+    result = train(write_config(workdir), f"train.max_steps={3 * STEPS_PER_EPOCH}")
+    assert (result.stop_reason, result.steps, result.epochs) == ("epochs", 57, 3)
+    shorter = train(write_config(workdir), f"train.max_steps={2 * STEPS_PER_EPOCH}", run_dir=workdir / "two")
+    assert (shorter.stop_reason, shorter.steps, shorter.epochs) == ("max_steps", 38, 2)
+
+
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
     train(write_config(workdir), "train.max_steps=30", "train.schedule=cosine", "train.min_lr=0.001")
     last = metrics(workdir / "runs" / "tiny")[-1]

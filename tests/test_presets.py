@@ -343,3 +343,20 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
     assert all(set(entry) == PRESET_KEYS for entry in listed)
     assert all(Path(entry["path"]).is_relative_to(purelib) for entry in listed)
     assert sorted(path.name for path in empty.iterdir()) == ["runs"]  # nothing downloaded, nothing else
+
+
+def test_the_held_out_presets_step_cap_is_exactly_its_epochs_on_the_time_machine(corpus_path: Path):
+    """README "Your own text": ``lstm_full_cpu``'s ``max_steps`` ends a larger text after as many updates
+    as the Time Machine's whole schedule, so on the Time Machine itself it must change nothing."""
+    from drnn_cli.batches import epoch_generator, training_batches
+    from drnn_cli.data import load_dataset
+
+    config = load_config(CONFIGS / "lstm_full_cpu.yaml", (f"data.path={corpus_path}",))
+    data, train = config.data, config.train
+    tokens = load_dataset(data).splits.train
+    steps = [
+        len(training_batches(tokens, data.sampling, data.batch_size, data.num_steps, epoch_generator(0, e)))
+        for e in range(train.epochs)
+    ]
+    assert steps == [149] * train.epochs  # sequential offsets could change the count by one: they do not
+    assert train.max_steps == sum(steps) == 7450

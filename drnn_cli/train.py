@@ -623,13 +623,21 @@ class Trainer:
         )
         return result.perplexity
 
+    def _planned_epochs(self) -> int:
+        """The epochs the run will reach: ``train.epochs``, or fewer where ``max_steps`` ends it first
+        (so a progress bar's total and time remaining are the run's; ``max_time`` cannot be foreseen)."""
+        train = self.config.train
+        if not train.max_steps:
+            return train.epochs
+        return min(train.epochs, math.ceil(train.max_steps / self.steps_per_epoch))
+
     def fit(self) -> TrainResult:
         """Train from ``start_epoch`` until ``train.epochs``, a budget or patience ends the run;
         checkpoints, metrics and plot kept current."""
         train = self.config.train
         self._write_run_files()
         parameters = count_parameters(self.model)
-        self.reporter.start(train.epochs, self.start_epoch, parameters, device_name(self.device))
+        self.reporter.start(self._planned_epochs(), self.start_epoch, parameters, device_name(self.device))
         train_ppl = self.records[-1].train_ppl if self.records else float("nan")
         val_ppl = self.records[-1].val_ppl if self.records else None
         tokens_per_s = 0.0

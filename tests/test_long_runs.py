@@ -123,6 +123,14 @@ def test_a_step_budget_that_ends_with_the_last_epoch_reports_the_epochs_as_the_e
     assert (shorter.stop_reason, shorter.steps, shorter.epochs) == ("max_steps", 38, 2)
 
 
+def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
+    """25 steps of 19 per epoch reach into epoch 2 of 50: the progress reports 2 epochs, not 50."""
+    code, out, _ = cli("train", "--config", str(write_config(workdir)), "--set", "train.max_steps=25",
+                       "--set", "train.epochs=50", "--set", "train.log_every=1")  # fmt: skip
+    assert code == 0
+    assert ", 2 epochs, from scratch" in out and "epoch 1/2 " in out and "/50" not in out
+
+
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
     train(write_config(workdir), "train.max_steps=30", "train.schedule=cosine", "train.min_lr=0.001")
     last = metrics(workdir / "runs" / "tiny")[-1]

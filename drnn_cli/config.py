@@ -116,8 +116,9 @@ class ModelConfig(_Section):
         0.0, ge=0.0, lt=1.0, description="DropConnect on the recurrent weights, one mask per minibatch"
     )
     bidirectional: bool = Field(False, description="refused: a bidirectional RNN sees the token it predicts")
-    impl: Literal["torch", "scratch"] = Field(
-        "torch", description="torch: nn.RNN/GRU/LSTM; scratch: own cells"
+    impl: Literal["torch", "scratch", "fused"] = Field(
+        "torch",
+        description="torch: nn.RNN/GRU/LSTM; scratch: own cells; fused: Triton LSTM kernels on CUDA (experimental)",
     )
     embedding_dim: int = Field(
         0, ge=0, le=MAX_WIDTH, description="0 = one-hot input as in d2l; else a learned embedding"
@@ -150,6 +151,15 @@ class ModelConfig(_Section):
             raise ValueError("model.embedding_dropout needs a learned embedding: set model.embedding_dim > 0")
         if self.nonlinearity == "relu" and self.cell != "rnn":
             raise ValueError("model.nonlinearity applies only to model.cell: rnn")
+        if self.impl == "fused" and self.cell != "lstm":
+            raise ValueError(
+                f"model.impl fused has an LSTM kernel only; for model.cell {self.cell} use impl torch or scratch"
+            )
+        if self.impl == "fused" and self.hidden_size % 16:
+            raise ValueError(
+                f"model.impl fused needs model.hidden_size divisible by 16 (the kernels' tile), "
+                f"not {self.hidden_size}"
+            )
         return self
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drnn_cli import fused_lstm
 from drnn_cli.config import ModelConfig
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -94,7 +95,7 @@ class ScratchRecurrent(nn.Module):
             projected = F.linear(layer_input, w_ih, b_ih)
             if self.cell == "lstm":
                 assert c0 is not None
-                outputs, h, c = _lstm_layer(projected + b_hh, h0[layer], c0[layer], w_hh.t())
+                outputs, h, c = self._lstm_recurrence(projected + b_hh, h0[layer], c0[layer], w_hh)
                 final_c.append(c)
             elif self.cell == "gru":
                 outputs, h = _gru_layer(projected, h0[layer], w_hh.t(), b_hh)
@@ -107,6 +108,34 @@ class ScratchRecurrent(nn.Module):
             layer_input = outputs
         h_n = torch.stack(final_h)
         return layer_input, ((h_n, torch.stack(final_c)) if self.cell == "lstm" else h_n)
+
+    def _lstm_recurrence(
+        self, x_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's recurrence over ``x_gates`` (T, B, 4H), which holds both biases."""
+        return _lstm_layer(x_gates, h, c, w_hh.t())
+
+
+class FusedRecurrent(ScratchRecurrent):
+    """``impl: fused``: the scratch LSTM stack with each layer's recurrence in Triton kernels
+    (:mod:`drnn_cli.fused_lstm`). Where they cannot run (no CUDA, no Triton), it steps the scratch
+    cells instead — the same equations and parameters — so a checkpoint trained on a GPU predicts
+    and evaluates anywhere. ``barrier_error`` becomes 1 if a persistent kernel's grid barrier gave
+    up waiting (the trainer checks it at epoch ends).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.cell != "lstm":
+            raise ValueError(f"model.impl fused has an LSTM kernel only, not {self.cell}")
+        self.register_buffer("barrier_error", torch.zeros((), dtype=torch.int32), persistent=False)
+
+    def _lstm_recurrence(
+        self, x_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not fused_lstm.can_run(x_gates.device):
+            return super()._lstm_recurrence(x_gates, h, c, w_hh)
+        return fused_lstm.fused_lstm_layer(x_gates, h, c, w_hh, error=self.barrier_error)
 
 
 def lstm_step(
@@ -266,8 +295,8 @@ def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
     """The recurrent stack that ``config.impl`` names, with dropout between layers as configured."""
     dropout = config.dropout if config.num_layers > 1 else 0.0
     locked = config.dropout_kind == "locked"
-    if config.impl == "scratch":
-        return ScratchRecurrent(
+    if config.impl in ("scratch", "fused"):
+        return (FusedRecurrent if config.impl == "fused" else ScratchRecurrent)(
             config.cell,
             input_size,
             config.hidden_size,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from drnn_cli import fused_lstm
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_generator, training_batches
 from drnn_cli.budget import Budget, Cadence, StopReason
@@ -30,7 +31,7 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
+from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
 from drnn_cli.report import (
     EpochRecord,
     PlotRefresh,
@@ -571,6 +572,12 @@ class Trainer:
             self.tensorboard.add_samples(samples, self.global_step)
 
     def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
+        if isinstance(self.model.rnn, FusedRecurrent) and int(self.model.rnn.barrier_error):
+            raise TrainingDiverged(
+                f"model.impl fused: a persistent kernel's barrier timed out in epoch {epoch + 1} (its programs "
+                f"were not all resident on the GPU at once); training stopped and {self._kept()}. "
+                "Use model.impl torch"
+            )
         bad = int(progress.first_bad_step)
         if bad >= 0:
             raise TrainingDiverged(
@@ -638,6 +645,11 @@ class Trainer:
         self._write_run_files()
         parameters = count_parameters(self.model)
         self.reporter.start(self._planned_epochs(), self.start_epoch, parameters, device_name(self.device))
+        if self.config.model.impl == "fused" and not fused_lstm.can_run(self.device):
+            self.reporter.note(
+                f"model.impl fused runs Triton kernels on CUDA; on {self.device.type} it steps the scratch "
+                "cells (the same model)"
+            )
         train_ppl = self.records[-1].train_ppl if self.records else float("nan")
         val_ppl = self.records[-1].val_ppl if self.records else None
         tokens_per_s = 0.0

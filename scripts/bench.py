@@ -122,6 +122,12 @@ BENCHMARKS: dict[str, BenchConfig] = {
             "rnn-seed with impl: scratch",
             ("model.cell=rnn", "train.lr=1.0", "model.impl=scratch"),
         ),
+        BenchConfig("fused-lstm-seed", "lstm-seed with impl: fused (Triton kernels)", ("model.impl=fused",)),
+        BenchConfig(
+            "fused-lstm-seed-bf16",
+            "lstm-seed with impl: fused under bf16 autocast",
+            ("model.impl=fused", "train.precision=bf16"),
+        ),
         BenchConfig(
             "lstm-b256", "2×256 LSTM, full corpus, B256 T35, fp32", (FULL, "data.batch_size=256"), True
         ),
@@ -135,6 +141,12 @@ BENCHMARKS: dict[str, BenchConfig] = {
             "lstm-b1024-bf16",
             "2×256 LSTM, full corpus, B1024 T64, bf16 autocast",
             (FULL, "data.batch_size=1024", "data.num_steps=64", "train.precision=bf16"),
+            True,
+        ),
+        BenchConfig(
+            "fused-lstm-b1024-bf16",
+            "lstm-b1024-bf16 with impl: fused",
+            (FULL, "data.batch_size=1024", "data.num_steps=64", "train.precision=bf16", "model.impl=fused"),
             True,
         ),
     )
@@ -419,6 +431,8 @@ def skip_reason(
     autocast is emulated on most CPUs, and nn.LSTM under it fails in oneDNN on AVX2-only ones."""
     if device.type != "cpu":
         return None
+    if config.model.impl == "fused":
+        return "impl: fused runs Triton kernels on CUDA (on a CPU it steps the scratch cells)"
     if config.train.precision != "fp32":
         return f"{config.train.precision} autocast is a GPU benchmark"
     if bench.big and not args.big:

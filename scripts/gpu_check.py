@@ -13,8 +13,10 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
  4. ``full-*``     configs/lstm_full.yaml, fp32 and bf16: best validation perplexity, the training
                    seconds at each evaluation (metrics.jsonl), ``drnn eval --split val`` of the best checkpoint;
  5. ``torchrun``   ``torchrun --standalone --nproc_per_node 1 -m drnn_cli -- train ...`` over NCCL;
- 6. ``bench``      ``scripts/bench.py --device cuda --json`` (eager and CUDA graph against the textbook loop);
- 7. ``full-bf16-graph`` configs/lstm_full.yaml, bf16, with the CUDA graph, if time is left.
+ 6. ``bench``      ``scripts/bench.py --device cuda --json`` (eager and CUDA graph against the textbook loop,
+                   impl torch, scratch and fused);
+ 7. ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
+ 8. ``full-bf16-graph`` configs/lstm_full.yaml, bf16, with the CUDA graph, if time is left.
 
 It writes into OUTDIR (at most 8 files, what the device tool brings back): report.md (the targets,
 measured, and a verdict each), results.json (every step), log.txt (every step's output), lstm2.json,
@@ -160,6 +162,12 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         ),
         Step("bench", "scripts/bench.py --device cuda", bench, 240),
         Step(
+            "lstm2-fused-graph-bf16",
+            "configs/lstm2.yaml, impl fused (Triton), cuda_graph on, bf16",
+            train("lstm2-fused-graph-bf16", lstm2, "--set", "model.impl=fused", *graph, *bf16),
+            60,
+        ),
+        Step(
             "full-bf16-graph",
             "configs/lstm_full.yaml, bf16, cuda_graph on",
             train("full-bf16-graph", full, *bf16, *graph),
@@ -193,7 +201,16 @@ def require_cuda() -> dict[str, Any]:
         "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
         "memory_gib": round(properties.total_memory / 2**30, 1),
         "gpus": torch.cuda.device_count(),
+        "triton": triton_version(),
     }
+
+
+def triton_version() -> str:
+    """Triton compiles model.impl fused; CUDA builds of torch ship it."""
+    try:
+        return importlib.import_module("triton").__version__
+    except ImportError:
+        return "not installed (model.impl fused cannot run)"
 
 
 def dependency_problem(modules: dict[str, str] = REQUIRED_MODULES) -> str | None:
@@ -375,6 +392,16 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
     ratio_target("seed GRU ≥ 5×", "gru-seed", 5.0)
     ratio_target("seed RNN ≥ 5×", "rnn-seed", 5.0)
     ratio_target("seed LSTM, impl scratch ≥ 3×", "scratch-lstm-seed", 3.0)
+    ratio_target("seed LSTM, impl fused (Triton), fp32 ≥ 5×", "fused-lstm-seed", 5.0)
+    ratio_target("seed LSTM, impl fused (Triton), bf16: aim past 15×", "fused-lstm-seed-bf16", 15.0)
+    fused_ppl = train_ppl("lstm2-fused-graph-bf16")
+    verdicts.append(
+        Verdict(
+            "seed LSTM, impl fused, bf16, CUDA graph (500 epochs): final perplexity ≤ 1.1",
+            f"{fused_ppl:.3f}" if fused_ppl is not None else "",
+            "not measured" if fused_ppl is None else ("met" if fused_ppl <= 1.1 else "missed"),
+        )
+    )
     big = bench_entry(results, "lstm-b1024-bf16")
     if big is None:
         verdicts.append(Verdict("B1024×T64 bf16 ≥ 20 M tokens/s", "", "not measured"))
@@ -444,7 +471,7 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
     lines += [
         f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.note.replace('|', '/')} |" for r in results.values()
     ]
-    for name in ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "torchrun"):
+    for name in ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-fused-graph-bf16", "torchrun"):
         step = results.get(name)
         data = step.data.get("json") if step else None
         if data:
@@ -500,7 +527,7 @@ def write_outputs(
     """The report and the per-run JSON files (rewritten after every step: a killed call keeps them)."""
     outdir.mkdir(parents=True, exist_ok=True)
     groups = {
-        "lstm2.json": ("lstm2", "lstm2-graph", "lstm2-graph-bf16"),
+        "lstm2.json": ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-fused-graph-bf16"),
         "lstm_full.json": ("full-fp32", "full-fp32-eval", "full-bf16", "full-bf16-eval", "full-bf16-graph"),
         "torchrun.json": ("torchrun",),
     }

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton decides when it is first imported whether kernels compile for a GPU or run in its CPU
+# interpreter, so the choice is made here, before any test imports it: without CUDA, the fused LSTM
+# kernels (tests/test_fused_lstm.py) run interpreted. (Importing torch does not import Triton.)
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 # DRNN_TEST_CORPUS points elsewhere where ../shared is absent (scripts/gpu_check.py on a GPU machine).

@@ -43,7 +43,7 @@ INVALID = {
     "model.embedding_dropout": (-0.1, "greater than or equal to 0"),
     "model.weight_drop": (1.5, "less than 1"),
     "model.bidirectional": (True, "predict"),
-    "model.impl": ("cudnn", "'torch' or 'scratch'"),
+    "model.impl": ("cudnn", "'torch', 'scratch' or 'fused'"),
     "model.embedding_dim": (-1, "greater than or equal to 0"),
     "model.nonlinearity": ("sigmoid", "'tanh' or 'relu'"),
     "model.init": ("xavier", "'torch' or 'd2l'"),

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fused_lstm import _pair, _run
 
+from drnn_cli import fused_lstm
 from drnn_cli.batches import epoch_generator, training_batches
 from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.config import Config, build_config
@@ -102,8 +104,12 @@ def batches(config: Config, device: torch.device, count: int) -> list[tuple[torc
     return out[:count]
 
 
-def test_a_gpu_checkpoint_evaluates_the_same_on_the_cpu(workdir: Path, cli, corpus_path: Path) -> None:
-    config = tiny_config(corpus_path, "data.val_fraction=0.2")
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_a_gpu_checkpoint_evaluates_the_same_on_the_cpu(
+    workdir: Path, cli, corpus_path: Path, impl: str
+) -> None:
+    """impl fused: trained by the Triton kernels, evaluated on the CPU by the scratch cells."""
+    config = tiny_config(corpus_path, "data.val_fraction=0.2", f"model.impl={impl}")
     run = workdir / "runs" / "gpu"
     train_run(TrainRequest(config_path=write_yaml(workdir / "gpu.yaml", config), run_dir=run, device="cuda"))
     results = {}
@@ -126,11 +132,16 @@ def test_gpu_and_cpu_losses_agree_over_the_first_steps(corpus_path: Path, sampli
     assert cpu_losses[-1] < cpu_losses[0]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_half_precision_training_stays_finite(workdir: Path, corpus_path: Path, precision: str) -> None:
-    config = tiny_config(corpus_path, f"train.precision={precision}", "data.val_fraction=0.2")
+@pytest.mark.parametrize(("precision", "impl"), [("bf16", "torch"), ("fp16", "torch"), ("bf16", "fused")])
+def test_half_precision_training_stays_finite(
+    workdir: Path, corpus_path: Path, precision: str, impl: str
+) -> None:
+    config = tiny_config(
+        corpus_path, f"train.precision={precision}", "data.val_fraction=0.2", f"model.impl={impl}"
+    )
     path = write_yaml(workdir / f"{precision}.yaml", config)
-    result = train_run(TrainRequest(config_path=path, run_dir=workdir / "runs" / precision, device="cuda"))
+    run_dir = workdir / "runs" / f"{precision}-{impl}"
+    result = train_run(TrainRequest(config_path=path, run_dir=run_dir, device="cuda"))
     assert math.isfinite(result.train_ppl) and result.train_ppl < 28
     assert result.val_ppl is not None and math.isfinite(result.val_ppl)
 
@@ -153,16 +164,21 @@ def test_torchrun_with_one_process_trains_over_nccl(tmp_path: Path, corpus_path:
     assert "NCCL INFO" in done.stdout + done.stderr  # the process group really was NCCL's
 
 
-CASES = [(o, s) for o in ("sgd", "adamw") for s in ("sequential", "random")]
+CASES = [(o, s, "torch") for o in ("sgd", "adamw") for s in ("sequential", "random")]
+CASES += [("sgd", "sequential", "fused"), ("adamw", "random", "fused")]
 
 
-@pytest.mark.parametrize(("optimizer", "sampling"), CASES)
+@pytest.mark.parametrize(("optimizer", "sampling", "impl"), CASES)
 def test_cuda_graph_replays_what_the_eager_step_computes(
-    corpus_path: Path, optimizer: str, sampling: str
+    corpus_path: Path, optimizer: str, sampling: str, impl: str
 ) -> None:
     lr = "0.01" if optimizer == "adamw" else "1.0"
     config = tiny_config(
-        corpus_path, f"train.optimizer={optimizer}", f"data.sampling={sampling}", f"train.lr={lr}"
+        corpus_path,
+        f"train.optimizer={optimizer}",
+        f"data.sampling={sampling}",
+        f"train.lr={lr}",
+        f"model.impl={impl}",
     )
     eager, eager_model = static_step(config, CUDA)
     graphed, graphed_model = static_step(config, CUDA, graph=True)
@@ -216,3 +232,25 @@ def test_trainer_with_cuda_graph_on_trains_as_eager(workdir: Path, corpus_path: 
     }
     assert results["on"].train_ppl == pytest.approx(results["off"].train_ppl, rel=1e-5)
     assert results["on"].val_ppl == pytest.approx(results["off"].val_ppl, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["persistent", "stepwise"])
+def test_fused_kernels_equal_nn_lstm_on_the_gpu(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed shape (2×256, batch 32, 35 steps): outputs, final state and every gradient as
+    nn.LSTM's (cuDNN, TF32 off), in both launch modes; no barrier timed out. The sums run in other
+    orders (tiles of 64 against cuBLAS's), hence 1e-4."""
+    real_plan = fused_lstm.plan_launch
+    monkeypatch.setattr(
+        fused_lstm, "plan_launch", lambda batch, hidden, slots, _=None: real_plan(batch, hidden, slots, mode)
+    )
+    fused, reference = (module.to(CUDA) for module in _pair(256, inputs=28))
+    torch.manual_seed(1)
+    steps, batch, layers = 35, 32, 2
+    x = torch.randn(steps, batch, 28, device=CUDA)
+    h0 = torch.randn(layers, batch, 256, device=CUDA)
+    c0 = torch.randn(layers, batch, 256, device=CUDA)
+    probes = tuple(torch.randn(shape, device=CUDA) for shape in ((steps, batch, 256), h0.shape, c0.shape))
+    got, want = _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert int(fused.barrier_error) == 0

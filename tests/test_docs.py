@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from drnn_cli.config import DataConfig, ModelConfig, TrainConfig
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def test_readme_documents_every_config_key():
     for section, model in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
         for key in model.model_fields:
             assert f"`{section}.{key}`" in README, f"{section}.{key} is missing from the README"
+
+
+def test_readme_config_table_is_the_schema_reference_row_for_row():
+    """scripts/config_reference.py prints the table from the schema: defaults, choices, bounds."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "config_reference.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) > 50
+    stale = [row for row in rows if row not in README.splitlines()]
+    assert not stale, "README rows differ from scripts/config_reference.py:\n" + "\n".join(stale)
 
 
 def test_quickstart_is_two_commands_that_train_the_seed_preset_predict_evaluate_and_test():

@@ -1,0 +1,174 @@
+"""The Triton kernels behind ``model.impl: fused`` (see :mod:`drnn_cli.fused_lstm` for the design).
+
+Imported only when the fused kernels run, so drnn imports without Triton. ``triton.jit`` decides at
+import whether the kernels compile for the GPU or run in the CPU interpreter (``TRITON_INTERPRET=1``).
+Index layout: every (T, B, X) buffer is contiguous, so element [t, b, x] sits at ``(t·B + b)·X + x``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def slowest(flags_ptr, others, valid, arrival):
+    """The lowest step any program has announced (the padding lanes count as arrived)."""
+    flags = tl.atomic_add(flags_ptr + others, 0, mask=valid, sem="acquire", scope="gpu")
+    return tl.min(tl.where(valid, flags, arrival), axis=0)
+
+
+@triton.jit
+def grid_barrier(flags_ptr, error_ptr, arrival, spin_limit, NUM_PROGRAMS: tl.constexpr, FLAGS: tl.constexpr):
+    """Every program has finished step ``arrival``: each raises its own flag to ``arrival``
+    (idempotent, so it does not matter how many threads issue the store), then polls all flags.
+    Release/acquire at GPU scope make the stores before the barrier visible to loads after it."""
+    tl.debug_barrier()  # all of this program's threads have issued their stores
+    me = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+    tl.atomic_xchg(flags_ptr + me, arrival, sem="release", scope="gpu")
+    others = tl.arange(0, FLAGS)
+    valid = others < NUM_PROGRAMS
+    seen = slowest(flags_ptr, others, valid, arrival)
+    polls = spin_limit * 0  # an int32 like spin_limit: a loop-carried value keeps one type
+    # Once one barrier has given up, later ones do not wait again (the results are void anyway).
+    waiting = tl.load(error_ptr, volatile=True) == 0
+    while (seen < arrival) & (polls < spin_limit) & waiting:
+        seen = slowest(flags_ptr, others, valid, arrival)
+        polls += 1
+    if seen < arrival:
+        tl.store(error_ptr, 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def forward(
+    xg_ptr,  # (T, B, 4H) fp32: x_t W_ih^T + b_ih + b_hh for every timestep
+    w_ptr,  # (4H, H) W_hh in the product dtype
+    hs_ptr,  # (T + 1, B, H) fp32: hs[0] = h0 (given), hs[t + 1] = h_t (written)
+    cs_ptr,  # (T + 1, B, H) fp32: likewise for c
+    act_ptr,  # (T, B, 4H) fp32: σ(i), σ(f), tanh(g), σ(o) at every step, for the backward pass
+    flags_ptr,
+    error_ptr,
+    t_begin,
+    n_steps,
+    B,
+    H: tl.constexpr,
+    spin_limit,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    FLAGS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ks = tl.arange(0, BLOCK_K)
+    live = (rows < B)[:, None]
+    here = rows[:, None] * H + units[None, :]  # (row, unit) in a (B, H) slab
+    gate_here = rows[:, None] * (4 * H) + units[None, :]  # gate 0's column of (row, unit) in (B, 4H)
+    for s in range(n_steps):
+        t = t_begin + s
+        xg = xg_ptr + t * B * 4 * H
+        acc_i = tl.load(xg + gate_here, mask=live, other=0.0)
+        acc_f = tl.load(xg + gate_here + H, mask=live, other=0.0)
+        acc_g = tl.load(xg + gate_here + 2 * H, mask=live, other=0.0)
+        acc_o = tl.load(xg + gate_here + 3 * H, mask=live, other=0.0)
+        for k0 in range(0, H, BLOCK_K):
+            # h_{t-1}[rows, k0:k0+K], written by other programs: read past L1 (.cg)
+            h = tl.load(
+                hs_ptr + t * B * H + rows[:, None] * H + (k0 + ks)[None, :],
+                mask=live,
+                other=0.0,
+                cache_modifier=".cg",
+            ).to(w_ptr.dtype.element_ty)
+            # W_hh^T tile of gate q: element [k, j] = W_hh[q·H + units[j], k0 + k]
+            w_t = w_ptr + units[None, :] * H + (k0 + ks)[:, None]
+            acc_i += tl.dot(h, tl.load(w_t), input_precision=PRECISION)
+            acc_f += tl.dot(h, tl.load(w_t + H * H), input_precision=PRECISION)
+            acc_g += tl.dot(h, tl.load(w_t + 2 * H * H), input_precision=PRECISION)
+            acc_o += tl.dot(h, tl.load(w_t + 3 * H * H), input_precision=PRECISION)
+        gi = sigmoid(acc_i)
+        gf = sigmoid(acc_f)
+        gg = tanh(acc_g)
+        go = sigmoid(acc_o)
+        c = gf * tl.load(cs_ptr + t * B * H + here, mask=live, other=0.0) + gi * gg
+        tl.store(cs_ptr + (t + 1) * B * H + here, c, mask=live)
+        tl.store(hs_ptr + (t + 1) * B * H + here, go * tanh(c), mask=live)
+        act = act_ptr + t * B * 4 * H + gate_here
+        tl.store(act, gi, mask=live)
+        tl.store(act + H, gf, mask=live)
+        tl.store(act + 2 * H, gg, mask=live)
+        tl.store(act + 3 * H, go, mask=live)
+        if PERSISTENT:
+            grid_barrier(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS)
+
+
+@triton.jit
+def backward(
+    w_ptr,  # (4H, H) W_hh in the product dtype
+    act_ptr,  # (T, B, 4H) fp32 from the forward pass
+    cs_ptr,  # (T + 1, B, H) fp32 from the forward pass
+    dout_ptr,  # (T, B, H) fp32: ∂loss/∂h_t from above (the last step's includes ∂loss/∂h_T)
+    dz_ptr,  # (T + 1, B, 4H) fp32: ∂loss/∂(pre-activation gates); dz[T] = 0 on entry
+    dc_ptr,  # (B, H) fp32: ∂loss/∂c_T on entry, ∂loss/∂c_0 on exit
+    flags_ptr,
+    error_ptr,
+    t_last,
+    n_steps,
+    B,
+    H: tl.constexpr,
+    spin_limit,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    FLAGS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ks = tl.arange(0, BLOCK_K)
+    live = (rows < B)[:, None]
+    here = rows[:, None] * H + units[None, :]
+    gate_here = rows[:, None] * (4 * H) + units[None, :]
+    for s in range(n_steps):
+        t = t_last - s
+        # ∂h_t = ∂out_t + dz_{t+1} W_hh[:, units]: the recurrent path, summed over all 4H gates
+        dh = tl.load(dout_ptr + t * B * H + here, mask=live, other=0.0)
+        for k0 in range(0, 4 * H, BLOCK_K):
+            dz_next = tl.load(
+                dz_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + (k0 + ks)[None, :],
+                mask=live,
+                other=0.0,
+                cache_modifier=".cg",
+            ).to(w_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
+            dh += tl.dot(dz_next, w, input_precision=PRECISION)
+        act = act_ptr + t * B * 4 * H + gate_here
+        gi = tl.load(act, mask=live, other=0.0)
+        gf = tl.load(act + H, mask=live, other=0.0)
+        gg = tl.load(act + 2 * H, mask=live, other=0.0)
+        go = tl.load(act + 3 * H, mask=live, other=0.0)
+        c = tl.load(cs_ptr + (t + 1) * B * H + here, mask=live, other=0.0)
+        c_prev = tl.load(cs_ptr + t * B * H + here, mask=live, other=0.0)
+        tc = tanh(c)
+        dc = tl.load(dc_ptr + here, mask=live, other=0.0) + dh * go * (1.0 - tc * tc)
+        dz = dz_ptr + t * B * 4 * H + gate_here
+        tl.store(dz, dc * gg * gi * (1.0 - gi), mask=live)
+        tl.store(dz + H, dc * c_prev * gf * (1.0 - gf), mask=live)
+        tl.store(dz + 2 * H, dc * gi * (1.0 - gg * gg), mask=live)
+        tl.store(dz + 3 * H, dh * tc * go * (1.0 - go), mask=live)
+        tl.store(dc_ptr + here, dc * gf, mask=live)
+        if PERSISTENT:
+            grid_barrier(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS)

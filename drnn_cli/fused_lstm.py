@@ -1,0 +1,235 @@
+"""``model.impl: fused`` — the LSTM recurrence as Triton kernels that run many timesteps per launch.
+
+Why: at batch 32 a GPU step is bound by kernel launches, not arithmetic. cuDNN launches a few kernels
+per timestep and layer; even as one CUDA graph the step is hundreds of dependent nodes. Here the input
+projection of all timesteps stays one matrix product (``F.linear``), and the recurrence runs inside a
+single *persistent* kernel per layer: the hidden units are split across programs (one per streaming
+multiprocessor at most), each program keeps its slice of the cell state and reads only its rows of
+``W_hh``, and the programs exchange ``h_t`` through global memory, meeting at a grid-wide barrier once
+per timestep (Diamos et al., 2016, "Persistent RNNs"). The backward pass does the same in reverse for
+``dh``; the weight gradient is then one matrix product over all timesteps.
+
+Where the grid would not fit on the device at once (a persistent grid needs every program resident,
+or the barrier never opens), the same kernel body is launched once per timestep instead: the launch
+boundary is the barrier. Tests run both modes through Triton's interpreter on the CPU
+(``TRITON_INTERPRET=1``) against ``nn.LSTM``; the barrier itself can only be exercised on a GPU, and
+it gives up after ``spin_limit`` polls and raises a flag rather than hang.
+
+Numerics: the matrix products multiply in the recurrent weights' dtype — fp32 with IEEE products
+(no TF32), or bf16/fp16 under autocast — and accumulate in fp32; gates, cell state, stored
+activations and gradients are fp32. Parameters keep PyTorch's names and gate order ``[i | f | g | o]``,
+so checkpoints move freely between ``impl: torch``, ``scratch`` and ``fused``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+
+Mode = Literal["persistent", "stepwise"]
+SPIN_LIMIT = 2_000_000  # polls of the arrival flags before a program gives up (~1 s, not a hang)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), as the tests do."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def can_run(device: torch.device) -> bool:
+    """Whether the fused kernels can run on ``device``: CUDA with Triton, or Triton's CPU interpreter."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def _kernels() -> ModuleType:
+    """The kernel module, imported on first use so that drnn imports without Triton."""
+    from drnn_cli import fused_kernels
+
+    return fused_kernels
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one layer's recurrence is cut into programs, and whether they run persistently."""
+
+    block_b: int  # batch rows per program
+    block_h: int  # hidden units per program (all four of their gates)
+    block_k: int  # width of the reduction tiles
+    grid: tuple[int, int]  # (hidden blocks, batch blocks)
+    persistent: bool
+    num_warps: int = 4
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def device_slots(device: torch.device) -> int:
+    """How many programs of a persistent grid can be resident at once: one per multiprocessor on a
+    GPU; one on the CPU, where the interpreter runs the programs of a grid one after another."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None) -> Launch:
+    """Tiles of 16–64 rows by 16–64 hidden units (``tl.dot`` needs 16 or more on each side).
+
+    The smallest tiles spread a timestep's work over the most multiprocessors; for a persistent grid
+    they grow (hidden units first, then rows) until every program fits on the device at once, one
+    per multiprocessor. If even 64 × 64 tiles do not fit, one launch per timestep of 16 × 16 tiles.
+    ``mode`` forces either (tests).
+    """
+    if hidden % 16:
+        raise ValueError(f"model.impl fused needs hidden_size divisible by 16, not {hidden}")
+    block_b = block_h = 16
+
+    def programs() -> int:
+        return (hidden // block_h) * -(-batch // block_b)
+
+    while mode != "stepwise" and programs() > slots:
+        if block_h < 64 and hidden % (2 * block_h) == 0:
+            block_h *= 2
+        elif block_b < 64:
+            block_b *= 2
+        else:
+            break
+    persistent = programs() <= slots if mode is None else mode == "persistent"
+    if not persistent:
+        block_b = block_h = 16
+    block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
+    grid = (hidden // block_h, -(-batch // block_b))
+    return Launch(block_b, block_h, block_k, grid, persistent, 8 if block_b * block_h >= 2048 else 4)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _product_dtype(device: torch.device) -> torch.dtype:
+    """bf16/fp16 products under autocast (as cuDNN's LSTM would run), else fp32."""
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+    return torch.float32
+
+
+def precision_for(fp32: bool) -> str:
+    """fp32 products in IEEE arithmetic (TF32 would round them to 10-bit mantissas); for half
+    precision operands the setting does not apply."""
+    return "ieee" if fp32 else "tf32"
+
+
+def _launch_args(launch: Launch, spin_limit: int, w: torch.Tensor) -> dict[str, Any]:
+    return {
+        "spin_limit": spin_limit,
+        "BLOCK_B": launch.block_b,
+        "BLOCK_H": launch.block_h,
+        "BLOCK_K": launch.block_k,
+        "PERSISTENT": launch.persistent,
+        "NUM_PROGRAMS": launch.programs,
+        "FLAGS": triton_next_power_of_2(launch.programs),
+        "PRECISION": precision_for(w.dtype == torch.float32),
+        "num_warps": launch.num_warps,
+    }
+
+
+class _FusedLSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        xg: torch.Tensor,
+        w_hh: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+        launch: Launch,
+        spin_limit: int,
+        error: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        steps, batch, gates = xg.shape
+        hidden = gates // 4
+        kernels = _kernels()
+        xg = xg.float().contiguous()
+        hs = torch.empty((steps + 1, batch, hidden), device=xg.device, dtype=torch.float32)
+        cs = torch.empty_like(hs)
+        hs[0].copy_(h0)
+        cs[0].copy_(c0)
+        act = torch.empty_like(xg)
+        flags = torch.zeros(launch.programs, device=xg.device, dtype=torch.int32)
+        args = _launch_args(launch, spin_limit, w_hh)
+        for t_begin, n_steps in _chunks(steps, launch.persistent):
+            kernels.forward[launch.grid](
+                xg, w_hh, hs, cs, act, flags, error, t_begin, n_steps, batch, hidden, **args
+            )
+        ctx.save_for_backward(w_hh, hs, cs, act)
+        ctx.launch, ctx.spin_limit, ctx.error = launch, spin_limit, error
+        return hs[1:], hs[steps], cs[steps]
+
+    @staticmethod
+    def backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None, d_c: torch.Tensor | None):  # type: ignore[override]
+        w_hh, hs, cs, act = ctx.saved_tensors
+        launch: Launch = ctx.launch
+        steps, batch, hidden = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        kernels = _kernels()
+        dout = (
+            torch.zeros((steps, batch, hidden), device=hs.device) if d_out is None else d_out.float().clone()
+        )
+        if d_h is not None:
+            dout[steps - 1] += d_h.float()  # h_T is the last output: its two gradients meet
+        dout = dout.contiguous()
+        dz = torch.empty((steps + 1, batch, 4 * hidden), device=hs.device, dtype=torch.float32)
+        dz[steps].zero_()
+        dc = (
+            torch.zeros((batch, hidden), device=hs.device)
+            if d_c is None
+            else d_c.float().clone().contiguous()
+        )
+        flags = torch.zeros(launch.programs, device=hs.device, dtype=torch.int32)
+        args = _launch_args(launch, ctx.spin_limit, w_hh)
+        for t_begin, n_steps in _chunks(steps, launch.persistent):
+            t_last = steps - 1 - t_begin
+            kernels.backward[launch.grid](
+                w_hh, act, cs, dout, dz, dc, flags, ctx.error, t_last, n_steps, batch, hidden, **args
+            )
+        d_xg = dz[:steps]
+        flat = d_xg.reshape(-1, 4 * hidden)
+        d_w = flat.t().mm(hs[:steps].reshape(-1, hidden)).to(w_hh.dtype)  # Σ_t dz_tᵀ h_{t-1}
+        d_h0 = dz[0].mm(w_hh.float())
+        return d_xg, d_w, d_h0, dc, None, None, None
+
+
+def _chunks(steps: int, persistent: bool) -> list[tuple[int, int]]:
+    """(first step, steps) per launch: all at once when persistent, else one launch per timestep."""
+    return [(0, steps)] if persistent else [(t, 1) for t in range(steps)]
+
+
+def fused_lstm_layer(
+    xg: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    launch: Launch | None = None,
+    spin_limit: int = SPIN_LIMIT,
+    error: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer's recurrence: ``xg`` (T, B, 4H) holds x_t W_ihᵀ + b_ih + b_hh; returns
+    ``(outputs (T, B, H), h_T, c_T)`` in fp32. ``error`` (an int32 scalar) becomes 1 if a grid
+    barrier gave up waiting; it is never read on the host here (that would cost a sync per layer)."""
+    batch, hidden = xg.shape[1], w_hh.shape[1]
+    launch = launch or plan_launch(batch, hidden, device_slots(xg.device))
+    if error is None:
+        error = torch.zeros((), device=xg.device, dtype=torch.int32)
+    w = w_hh.to(_product_dtype(xg.device)).contiguous()
+    return _FusedLSTM.apply(xg, w, h0, c0, launch, spin_limit, error)

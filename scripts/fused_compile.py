@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Compile the ``model.impl: fused`` kernels for a GPU that is not here, and report their resources.
+
+    python scripts/fused_compile.py [--arch 90] [--slots 132] [--json]
+
+Triton compiles for a named target without a device (its own ptxas ships in the wheel), so a CPU
+machine can prove that every kernel drnn would launch on an H100 (sm_90, 132 multiprocessors)
+compiles, and see what ptxas makes of it: registers per thread, spilled bytes, shared memory.
+It compiles, for each shape below, forward and backward, fp32 and bf16, exactly the launch
+:func:`drnn_cli.fused_lstm.plan_launch` plans. Exit 0 when all compiled, 1 when one failed.
+
+Run it without ``TRITON_INTERPRET`` set (under the interpreter nothing is compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# (name, batch rows, hidden units): the benchmark's shapes (scripts/bench.py)
+SHAPES = (("seed B32", 32, 256), ("B256", 256, 256), ("B1024", 1024, 256), ("B4096 (stepwise)", 4096, 256))
+POINTERS = {
+    "forward": ("xg_ptr", "w_ptr", "hs_ptr", "cs_ptr", "act_ptr", "flags_ptr", "error_ptr"),
+    "backward": ("w_ptr", "act_ptr", "cs_ptr", "dout_ptr", "dz_ptr", "dc_ptr", "flags_ptr", "error_ptr"),
+}
+
+
+def pointer_type(name: str, dtype: str) -> str:
+    if name == "w_ptr":
+        return f"*{dtype}"
+    return "*i32" if name in ("flags_ptr", "error_ptr") else "*fp32"
+
+
+def compile_one(kernel: Any, pointers: tuple[str, ...], constants: dict[str, Any], arch: int, warps: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    dtype = constants.pop("_dtype")
+    signature = {
+        name: "constexpr" if name in constants else pointer_type(name, dtype) if name in pointers else "i32"
+        for name in names
+    }
+    source = ASTSource(
+        fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
+    )
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+    """Registers and spills as ``ptxas -v`` reports them (Triton's own ptxas)."""
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptxas = str(bundled) if bundled.is_file() else "ptxas"
+    target = re.search(r"^\.target (\S+)", ptx, re.M)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"drnn-fused-{os.getpid()}.ptx"
+    path.write_text(ptx)
+    try:
+        done = subprocess.run(
+            [
+                ptxas,
+                "-v",
+                f"-arch={target.group(1) if target else f'sm_{arch}'}",
+                str(path),
+                "-o",
+                os.devnull,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        path.unlink(missing_ok=True)
+    text = done.stdout + done.stderr
+    registers = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores", text)
+    return {
+        "registers": int(registers.group(1)) if registers else -1,
+        "spill_bytes": int(spills.group(1)) if spills else 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
+    parser.add_argument("--slots", type=int, default=132, help="multiprocessors (132 on an H100 SXM)")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("fused_compile: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
+        return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("fused_compile: Triton is not installed (pip install triton)", file=sys.stderr)
+        return 2
+    from drnn_cli import fused_kernels
+    from drnn_cli.fused_lstm import plan_launch, precision_for, triton_next_power_of_2
+
+    rows: list[dict[str, Any]] = []
+    failed = False
+    for label, batch, hidden in SHAPES:
+        launch = plan_launch(batch, hidden, args.slots)
+        for dtype in ("fp32", "bf16"):
+            for name in ("forward", "backward"):
+                constants = {
+                    "_dtype": dtype,
+                    "H": hidden,
+                    "BLOCK_B": launch.block_b,
+                    "BLOCK_H": launch.block_h,
+                    "BLOCK_K": launch.block_k,
+                    "PERSISTENT": launch.persistent,
+                    "NUM_PROGRAMS": launch.programs,
+                    "FLAGS": triton_next_power_of_2(launch.programs),
+                    "PRECISION": precision_for(dtype == "fp32"),
+                }
+                row: dict[str, Any] = {
+                    "shape": label,
+                    "kernel": name,
+                    "dtype": dtype,
+                    "tile": f"{launch.block_b}x{launch.block_h}",
+                    "grid": launch.programs,
+                    "persistent": launch.persistent,
+                    "warps": launch.num_warps,
+                }
+                try:
+                    compiled = compile_one(
+                        getattr(fused_kernels, name), POINTERS[name], constants, args.arch, launch.num_warps
+                    )
+                    row |= ptxas_report(compiled.asm["ptx"], args.arch)
+                    row["shared_bytes"] = compiled.metadata.shared
+                    row["tensor_cores"] = "mma" in compiled.asm["ptx"]
+                except Exception as error:  # report every kernel, then fail
+                    failed = True
+                    row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+                rows.append(row)
+    if args.json:
+        print(json.dumps({"arch": args.arch, "slots": args.slots, "kernels": rows}))
+    else:
+        print(f"model.impl fused kernels compiled for sm_{args.arch} ({args.slots} multiprocessors)")
+        for row in rows:
+            what = row.get("error") or (
+                f"{row['registers']} registers, {row['spill_bytes']} B spilled, {row['shared_bytes']} B shared"
+                + (", tensor cores" if row["tensor_cores"] else "")
+            )
+            print(
+                f"  {row['shape']:<17} {row['kernel']:<8} {row['dtype']}  tile {row['tile']:<6} "
+                f"{row['grid']:>4} programs{' persistent' if row['persistent'] else ''}, "
+                f"{row['warps']} warps: {what}"
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""``model.impl: fused``: the Triton LSTM kernels equal ``nn.LSTM``, forward and backward.
+
+The kernels run here through Triton's CPU interpreter (``TRITON_INTERPRET=1``), which executes the
+programs of a grid one after another. That proves the arithmetic, the tiling (several hidden blocks,
+several batch blocks, rows masked off at the edge) and both launch modes — one launch per timestep,
+and the persistent kernel that loops over all timesteps. The grid barrier between persistent programs
+needs them resident at once, i.e. a GPU: here it runs with one program, and a two-program grid shows
+that a barrier that never opens gives up and raises its flag rather than hang. tests/test_cuda.py
+repeats the equality on a GPU. Without Triton installed, only the tests of the CPU fallback run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import config_file
+from pydantic import ValidationError
+from torch import nn
+
+from drnn_cli import fused_lstm
+from drnn_cli.config import ModelConfig
+from drnn_cli.models import FusedRecurrent, ScratchRecurrent, build_model, lm_loss
+
+REPO = Path(__file__).resolve().parents[1]
+# tests/conftest.py sets TRITON_INTERPRET=1 before Triton is imported, where there is no CUDA.
+needs_interpreter = pytest.mark.skipif(
+    not (fused_lstm.interpreting() and fused_lstm.triton_available()),
+    reason="needs Triton and its CPU interpreter (tests/test_cuda.py runs the kernels on a GPU)",
+)
+
+
+def _pair(hidden: int, layers: int = 2, inputs: int = 8) -> tuple[FusedRecurrent, nn.LSTM]:
+    torch.manual_seed(0)
+    reference = nn.LSTM(inputs, hidden, layers)
+    fused = FusedRecurrent("lstm", inputs, hidden, layers)
+    fused.load_state_dict(reference.state_dict())
+    return fused, reference
+
+
+def _run(module: nn.Module, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, probes: tuple) -> dict:
+    """Outputs, final state and the gradients of a loss that weighs every output of the layer."""
+    x = x.clone().requires_grad_(True)
+    h0 = h0.clone().requires_grad_(True)
+    c0 = c0.clone().requires_grad_(True)
+    out, (h_n, c_n) = module(x, (h0, c0))
+    loss = (out * probes[0]).sum() + (h_n * probes[1]).sum() + (c_n * probes[2]).sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    return {"out": out, "h_n": h_n, "c_n": c_n, "x": x.grad, "h0": h0.grad, "c0": c0.grad, **grads}
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("batch", "hidden", "mode", "grid"),
+    [
+        (5, 32, "stepwise", (2, 1)),  # two hidden blocks, 11 of 16 rows masked off
+        (70, 32, "stepwise", (2, 5)),  # and five batch blocks of 16
+        (5, 16, "persistent", (1, 1)),  # all timesteps in one launch
+        (3, 64, "persistent", (1, 1)),  # K loop of one 64-wide tile; backward's over 4H = 256
+    ],
+)
+def test_fused_stack_equals_nn_lstm_forward_and_backward(batch, hidden, mode, grid, monkeypatch):
+    planned = fused_lstm.plan_launch(batch, hidden, 1, mode)
+    assert planned.grid == grid and planned.persistent == (mode == "persistent")
+    real_plan = fused_lstm.plan_launch
+    monkeypatch.setattr(
+        fused_lstm, "plan_launch", lambda batch, hidden, slots, _=None: real_plan(batch, hidden, slots, mode)
+    )
+    fused, reference = _pair(hidden)
+    torch.manual_seed(1)
+    steps, layers = 4, 2
+    x = torch.randn(steps, batch, 8)
+    h0, c0 = torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden)
+    probes = (
+        torch.randn(steps, batch, hidden),
+        torch.randn(layers, batch, hidden),
+        torch.randn(layers, batch, hidden),
+    )
+    got = _run(fused, x, h0, c0, probes)
+    want = _run(reference, x, h0, c0, probes)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert int(fused.barrier_error) == 0
+
+
+@needs_interpreter
+def test_a_barrier_that_never_opens_gives_up_and_raises_the_flag():
+    """Two persistent programs under the interpreter run one after another, so the first waits for a
+    second that cannot start: after ``spin_limit`` polls it must give up, flag it, and return."""
+    torch.manual_seed(0)
+    hidden, batch, steps = 32, 2, 2
+    error = torch.zeros((), dtype=torch.int32)
+    fused_lstm.fused_lstm_layer(
+        torch.randn(steps, batch, 4 * hidden),
+        torch.zeros(batch, hidden),
+        torch.zeros(batch, hidden),
+        torch.randn(4 * hidden, hidden),
+        fused_lstm.Launch(block_b=16, block_h=16, block_k=16, grid=(2, 1), persistent=True),
+        spin_limit=3,
+        error=error,
+    )
+    assert int(error) == 1
+
+
+@needs_interpreter
+def test_fused_model_trains_step_for_step_like_the_scratch_model():
+    """Three SGD steps of the whole language model, with weight drop (the same masks: the fused stack
+    draws them exactly as the scratch stack does): the same losses and the same weights."""
+    config = ModelConfig(hidden_size=16, num_layers=2, embedding_dim=8, weight_drop=0.3, impl="fused")
+    losses = {}
+    weights = {}
+    for impl in ("fused", "scratch"):
+        model = build_model(12, config.model_copy(update={"impl": impl}), seed=3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        torch.manual_seed(4)
+        data = torch.randint(0, 12, (3, 5, 7))
+        losses[impl] = []
+        for batch in data:
+            state = model.begin_state(5, "cpu")
+            logits, _ = model(batch[:, :-1], state)
+            loss = lm_loss(logits, batch[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[impl].append(loss.item())
+        weights[impl] = model.state_dict()
+    assert losses["fused"] == pytest.approx(losses["scratch"], rel=1e-6)
+    for name, value in weights["scratch"].items():
+        torch.testing.assert_close(weights["fused"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_without_a_device_for_the_kernels_the_fused_stack_steps_the_scratch_cells(monkeypatch):
+    """On a CPU (no interpreter) a fused model — e.g. a checkpoint trained on a GPU — still predicts
+    and evaluates: the same equations through the scratch cells, bit for bit."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not fused_lstm.can_run(torch.device("cpu"))
+    torch.manual_seed(0)
+    scratch = ScratchRecurrent("lstm", 6, 16, 2)
+    fused = FusedRecurrent("lstm", 6, 16, 2)
+    fused.load_state_dict(scratch.state_dict())
+    x = torch.randn(3, 2, 6)
+    state = (torch.zeros(2, 2, 16), torch.zeros(2, 2, 16))
+    out_scratch, _ = scratch(x, state)
+    out_fused, _ = fused(x, state)
+    assert torch.equal(out_fused, out_scratch)
+
+
+def test_fused_impl_is_refused_where_there_is_no_kernel():
+    with pytest.raises(
+        ValidationError, match="LSTM kernel only; for model.cell gru use impl torch or scratch"
+    ):
+        ModelConfig(cell="gru", impl="fused")
+    with pytest.raises(ValidationError, match="hidden_size divisible by 16"):
+        ModelConfig(hidden_size=20, impl="fused")
+
+
+def test_launch_plan_fits_the_grid_to_the_device():
+    """On a GPU with 132 multiprocessors (an H100), the seed config's 2×256 LSTM at batch 32 runs as one
+    persistent grid of 32 programs of 16 × 16; at batch 1024 the tiles grow (units, then rows) until
+    the grid fits; at batch 4096 even 64 × 64 tiles would need 256 programs: one launch per step."""
+
+    seed = fused_lstm.plan_launch(32, 256, slots=132)
+    wide = fused_lstm.plan_launch(1024, 256, slots=132)
+    huge = fused_lstm.plan_launch(4096, 256, slots=132)
+    assert (seed.block_b, seed.block_h, seed.block_k, seed.grid) == (16, 16, 64, (16, 2))
+    assert (seed.persistent, seed.num_warps) == (True, 4)
+    assert (wide.block_b, wide.block_h, wide.grid) == (32, 64, (4, 32))
+    assert (wide.persistent, wide.num_warps) == (True, 8)
+    assert (huge.block_b, huge.block_h, huge.grid, huge.persistent) == (16, 16, (16, 256), False)
+
+
+FUSED_TREE = {
+    "data": {"max_tokens": 600, "batch_size": 4, "num_steps": 8, "val_fraction": 0.2},
+    "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 2},
+    "train": {"epochs": 2, "optimizer": "sgd", "lr": 1.0, "sample_every": 0, "device": "cpu", "seed": 3},
+}
+
+
+@needs_interpreter
+def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli):
+    """The whole trainer (static step, clipping, state carry, validation, checkpoint) over the kernels:
+    the same perplexities as the scratch cells."""
+    config = config_file(workdir, FUSED_TREE)
+    summaries = {}
+    for impl in ("fused", "scratch"):
+        code, out, err = cli(
+            "train", "--config", str(config), "--set", f"model.impl={impl}", "--run", f"runs/{impl}", "--json"
+        )
+        assert code == 0, err
+        assert "steps the scratch cells" not in out + err  # the interpreter ran the kernels
+        summaries[impl] = json.loads(out.strip().splitlines()[-1])
+    assert summaries["fused"]["train_ppl"] == pytest.approx(summaries["scratch"]["train_ppl"], rel=1e-5)
+    assert summaries["fused"]["val_ppl"] == pytest.approx(summaries["scratch"]["val_ppl"], rel=1e-5)
+
+
+def test_drnn_train_with_impl_fused_on_a_cpu_says_it_steps_the_scratch_cells(workdir, cli, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
+    code, out, err = cli("train", "--config", str(config), "--set", "model.impl=fused")
+    assert code == 0, err
+    said = " ".join((out + err).split())  # the console wraps long lines
+    assert "note: model.impl fused runs Triton kernels on CUDA; on cpu it steps the scratch cells" in said
+
+
+@pytest.mark.skipif(not fused_lstm.triton_available(), reason="Triton is not installed")
+def test_every_planned_kernel_compiles_for_an_h100_without_one():
+    """Triton compiles for a named target with no device present: forward and backward, fp32 and
+    bf16, for the launches planned at batch 32, 256, 1024 (persistent) and 4096 (one per step)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fused_compile.py"), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    kernels = json.loads(done.stdout)["kernels"]
+    assert len(kernels) == 16 and not [k for k in kernels if "error" in k]
+    assert all(0 < k["registers"] <= 255 for k in kernels)
+    # bf16 products run on the tensor cores; fp32 ones, kept IEEE-exact, on the FMA units.
+    assert all(k["tensor_cores"] == (k["dtype"] == "bf16") for k in kernels)
+    assert [k["persistent"] for k in kernels] == [True] * 12 + [False] * 4

@@ -80,7 +80,14 @@ class Launch:
 def device_slots(device: torch.device) -> int:
     """How many programs of a persistent grid can be resident at once: one per multiprocessor on a
     GPU; one on the CPU, where the interpreter runs the programs of a grid one after another."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    if device.type != "cuda":
+        return 1
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DDP all-reduces gradients while the backward pass runs: NCCL's kernels occupy
+        # multiprocessors of their own beside ours, so leave half of them free.
+        return multiprocessors // 2
+    return multiprocessors
 
 
 def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None) -> Launch:

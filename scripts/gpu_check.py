@@ -15,14 +15,15 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
  5. ``torchrun``   ``torchrun --standalone --nproc_per_node 1 -m drnn_cli -- train ...`` over NCCL;
  6. ``bench``      ``scripts/bench.py --device cuda --json`` (eager and CUDA graph against the textbook loop,
                    impl torch, scratch and fused);
- 7. ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
+ 7. ``fused-kernels`` ``scripts/fused_bench.py``: one layer fused against cuDNN, microseconds;
+    ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
  8. ``full-bf16-graph`` configs/lstm_full.yaml, bf16, with the CUDA graph, if time is left;
  9. ``full-cpu-recipe`` configs/lstm_full_cpu.yaml (the CPU's held-out recipe) on the GPU, if time is left:
                    the candidate to replace lstm_full.yaml's recipe.
 
 It writes into OUTDIR (at most 8 files, what the device tool brings back): report.md (the targets,
 measured, and a verdict each), results.json (every step), log.txt (every step's output), lstm2.json,
-lstm_full.json, torchrun.json, bench.json. Run directories go to a temporary folder. It exits 0 when
+lstm_full.json, torchrun.json, bench.json, fused.json. Run directories go to a temporary folder. It exits 0 when
 every step passed, 1 when one failed or ran out of time, 2 when it cannot start (no CUDA device, a
 missing Python package, no corpus), with one line saying why.
 
@@ -165,6 +166,12 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "torchrun", "torchrun, one process, NCCL (lstm2, 30 epochs)", torchrun, 90, {"NCCL_DEBUG": "INFO"}
         ),
         Step("bench", "scripts/bench.py --device cuda", bench, 240),
+        Step(
+            "fused-kernels",
+            "scripts/fused_bench.py: one layer's recurrence, fused vs cuDNN, eager and graph",
+            [sys.executable, "scripts/fused_bench.py", "--json"],
+            60,
+        ),
         Step(
             "lstm2-fused-graph-bf16",
             "configs/lstm2.yaml, impl fused (Triton), cuda_graph on, bf16",
@@ -533,6 +540,19 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
                 lines += [
                     f"| {name} | {mode} | {figures['tokens_per_s']:,.0f} | {figures['ratio']:.2f} | {figures['train_ppl']:.3f} |"
                 ]
+    fused = results.get("fused-kernels")
+    fused_rows = (fused.data.get("json") or {}).get("rows", []) if fused else []
+    if fused_rows:
+        sides = ("cudnn", "cudnn-graph", "fused", "fused-graph", "fused-stepwise", "fused-stepwise-graph")
+        lines += ["", "### fused-kernels (µs per forward + backward of one layer)", ""]
+        lines += ["| B × T × H | dtype | tile, programs | " + " | ".join(sides) + " |"]
+        lines += ["| --- | --- | --- | " + " | ".join("---" for _ in sides) + " |"]
+        for row in fused_rows:
+            where = f"{row['tile']}, {row['programs']}{' persistent' if row['persistent'] else ''}"
+            cells = " | ".join(str(row.get(side, "")) for side in sides)
+            lines += [
+                f"| {row['batch']} × {row['steps']} × {row['hidden']} | {row['dtype']} | {where} | {cells} |"
+            ]
     lines += ["", "## nvidia-smi", "", "```", smi, "```", ""]
     return "\n".join(lines)
 
@@ -551,6 +571,8 @@ def write_outputs(
         chosen = {name: asdict(results[name]) for name in names if name in results}
         if chosen:
             (outdir / filename).write_text(json.dumps(chosen, indent=1) + "\n")
+    if "fused-kernels" in results and results["fused-kernels"].data.get("json"):
+        (outdir / "fused.json").write_text(json.dumps(results["fused-kernels"].data["json"], indent=1) + "\n")
     if "bench" in results and results["bench"].data.get("json"):
         (outdir / "bench.json").write_text(json.dumps(results["bench"].data["json"], indent=1) + "\n")
     everything = {"env": env, "steps": {name: asdict(r) for name, r in results.items()}}

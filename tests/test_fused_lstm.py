@@ -229,3 +229,15 @@ def test_every_planned_kernel_compiles_for_an_h100_without_one():
     # bf16 products run on the tensor cores; fp32 ones, kept IEEE-exact, on the FMA units.
     assert all(k["tensor_cores"] == (k["dtype"] == "bf16") for k in kernels)
     assert [k["persistent"] for k in kernels] == [True] * 12 + [False] * 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")
+def test_the_kernel_benchmark_says_in_one_line_that_it_needs_cuda():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fused_bench.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", "fused_bench: no CUDA device\n")

@@ -91,6 +91,15 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "lstm-seed-bf16": bench_entry(160_000, 170_000, 1_500_000),  # 9.4×: missed
         "lstm-b1024-bf16": bench_entry(5e6, 8e6, 21e6),
         "gru-seed": {"name": "gru-seed", "error": "boom"},
+        "fused-lstm-seed-bf16": bench_entry(160_000, 170_000, 2_500_000),  # 15.6×: met
+    }
+    fused_row = {"batch": 32, "steps": 35, "hidden": 256, "dtype": "bf16", "tile": "16x16", "programs": 32}
+    fused_row |= {
+        "persistent": True,
+        "cudnn": 900.5,
+        "cudnn-graph": 700.0,
+        "fused": 300.0,
+        "fused-graph": 250.0,
     }
     samples = {"time traveller": gpu_check.D2L_CONTINUATION, "traveller": "traveller x"}
     results = {
@@ -112,6 +121,7 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
             },
         ),
         "bench": Result("bench", "", "ok", data={"json": {"configs": configs}}),
+        "fused-kernels": Result("fused-kernels", "", "ok", data={"json": {"rows": [fused_row]}}),
     }
     verdicts = {v.target: v for v in gpu_check.judge(results)}
     assert verdicts["seed LSTM fp32 ≥ 5× the textbook loop"].verdict == "met"
@@ -122,6 +132,8 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
     assert verdicts["B1024×T64 bf16 ≥ 20 M tokens/s"].verdict == "met"
     assert verdicts["lstm2 on the GPU: perplexity ≤ 1.1 and d2l's continuation"].verdict == "met"
     assert verdicts["lstm_full: validation perplexity ≤ 4.4 within 60 s"].verdict == "met"
+    assert verdicts["seed LSTM, impl fused (Triton), bf16: aim past 15×"].verdict == "met"
+    assert verdicts["seed LSTM, impl fused (Triton), fp32 ≥ 5×"].verdict == "not measured"
 
     gpu_check.write_outputs(tmp_path, {"gpu": "test"}, "smi", results, 540)
     report = (tmp_path / "report.md").read_text()
@@ -129,8 +141,10 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "| seed LSTM fp32 ≥ 5× the textbook loop | 5.62× (graph: 900,000 vs 160,000 tok/s) | met |" in report
     )
     assert "| 1 | 4.310 | 5.000 | 42.0 |" in report
+    assert "| 32 × 35 × 256 | bf16 | 16x16, 32 persistent | 900.5 | 700.0 | 300.0 | 250.0 |  |  |" in report
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bench.json",
+        "fused.json",
         "lstm2.json",
         "lstm_full.json",
         "report.md",

@@ -488,6 +488,7 @@ class Trainer:
         )
         all_reduce_sum(totals, self.dist)
         loss_sum, count, diverged_ranks = totals.tolist()
+        self._check_kernels(epoch)
         if diverged_ranks:
             self._check_finite(epoch, progress)
             raise TrainingDiverged(
@@ -571,13 +572,16 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.add_samples(samples, self.global_step)
 
-    def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
+    def _check_kernels(self, epoch: int) -> None:
+        """impl fused: a grid barrier that gave up leaves a flag on the device (read once an epoch)."""
         if isinstance(self.model.rnn, FusedRecurrent) and int(self.model.rnn.barrier_error):
             raise TrainingDiverged(
                 f"model.impl fused: a persistent kernel's barrier timed out in epoch {epoch + 1} (its programs "
                 f"were not all resident on the GPU at once); training stopped and {self._kept()}. "
                 "Use model.impl torch"
             )
+
+    def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
         bad = int(progress.first_bad_step)
         if bad >= 0:
             raise TrainingDiverged(

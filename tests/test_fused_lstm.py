@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import config_file
+from conftest import assert_one_line_error, config_file
 from pydantic import ValidationError
 from torch import nn
 
@@ -241,3 +241,19 @@ def test_the_kernel_benchmark_says_in_one_line_that_it_needs_cuda():
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (2, "", "fused_bench: no CUDA device\n")
+
+
+@needs_interpreter
+def test_a_barrier_timeout_stops_training_in_one_line(workdir, cli, monkeypatch):
+    """The flag is read at the epoch's end: training stops there, with the way out named."""
+    real_layer = fused_lstm.fused_lstm_layer
+
+    def timing_out(*args, **kwargs):
+        result = real_layer(*args, **kwargs)
+        kwargs["error"].fill_(1)  # as a barrier that gave up would leave it
+        return result
+
+    monkeypatch.setattr(fused_lstm, "fused_lstm_layer", timing_out)
+    config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
+    code, _, err = cli("train", "--config", str(config), "--set", "model.impl=fused")
+    assert_one_line_error(code, err, "barrier timed out in epoch 1", "Use model.impl torch")

@@ -21,6 +21,7 @@ from replay to replay: PyTorch advances the CUDA generator's offset at every rep
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -48,13 +49,24 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
     return norm
 
 
-def use_cuda_graph(choice: str, device: torch.device, precision: str, distributed: bool) -> bool:
+class GraphChoice(NamedTuple):
+    """Whether the step is captured, and, when ``on`` was asked for but is not used, the line saying why."""
+
+    enabled: bool
+    note: str | None = None
+
+
+def use_cuda_graph(
+    choice: str, device: torch.device, precision: str, distributed: bool, lr_every_step: bool = False
+) -> GraphChoice:
     """Whether ``train.cuda_graph`` captures the step; ``on`` where it cannot is a one-line error.
 
     ``auto`` means off for now: the capture has not yet been run on a GPU (README "Using a GPU").
+    A learning rate that changes at every step (``train.max_steps`` with a schedule or warm-up) would
+    be captured again at every step, slower than no graph: then the step runs eagerly, with a note.
     """
     if choice != "on":
-        return False
+        return GraphChoice(False)
     if device.type != "cuda":
         raise DrnnError(
             f"train.cuda_graph on needs a CUDA device, and this run is on {device.type}; "
@@ -70,7 +82,13 @@ def use_cuda_graph(choice: str, device: torch.device, precision: str, distribute
             "train.cuda_graph on cannot capture fp16 training: its gradient scaler reads the overflow check "
             "on the host at every step; use train.precision bf16 (no scaler) or train.cuda_graph off"
         )
-    return True
+    if lr_every_step:
+        return GraphChoice(
+            False,
+            "train.cuda_graph on: the learning rate changes at every step (train.max_steps with a schedule "
+            "or warm-up) and a captured step bakes it in; training runs without the graph",
+        )
+    return GraphChoice(True)
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:

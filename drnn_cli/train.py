@@ -149,9 +149,15 @@ class Trainer:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size)
         if config.train.precision == "fp16" and device.type == "cpu":
             raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
-        cuda_graph = use_cuda_graph(
-            config.train.cuda_graph, device, config.train.precision, self.dist.enabled
+        graph_choice = use_cuda_graph(
+            config.train.cuda_graph,
+            device,
+            config.train.precision,
+            self.dist.enabled,
+            lr_changes_every_step(config.train),
         )
+        self._graph_note = graph_choice.note
+        cuda_graph = graph_choice.enabled
 
         self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
         self.model.to(device)
@@ -417,7 +423,7 @@ class Trainer:
         """
         train = self.config.train
         self.stopped_mid_epoch = None
-        lr_per_step = bool(train.max_steps) and (train.schedule != "constant" or train.warmup_epochs > 0)
+        lr_per_step = lr_changes_every_step(train)
         self._set_lr(epoch)
         batches = self._batches(epoch)
         progress, self.progress = self.progress, EpochProgress.start(self.device)
@@ -649,6 +655,8 @@ class Trainer:
         self._write_run_files()
         parameters = count_parameters(self.model)
         self.reporter.start(self._planned_epochs(), self.start_epoch, parameters, device_name(self.device))
+        if self._graph_note:
+            self.reporter.note(self._graph_note)
         if self.config.model.impl == "fused" and not fused_lstm.can_run(self.device):
             self.reporter.note(
                 f"model.impl fused runs Triton kernels on CUDA; on {self.device.type} it steps the scratch "
@@ -732,6 +740,11 @@ class Trainer:
             stop_reason=stop_reason,
             steps=self.global_step,
         )
+
+
+def lr_changes_every_step(train: TrainConfig) -> bool:
+    """Under ``max_steps`` a schedule moves at every step (to anneal over the budget); else per epoch."""
+    return bool(train.max_steps) and (train.schedule != "constant" or train.warmup_epochs > 0)
 
 
 def _check_precision_works(model: RNNLanguageModel, device: torch.device, precision: str) -> None:

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from drnn_cli.batches import epoch_generator, training_batches
-from drnn_cli.config import Config, build_config
+from drnn_cli.config import Config, build_config, load_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.models import RNNLanguageModel, build_model, detach_state
 from drnn_cli.step import StaticStep, clip_gradients, use_cuda_graph
-from drnn_cli.train import Trainer, build_optimizer
+from drnn_cli.train import Trainer, build_optimizer, lr_changes_every_step
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -191,9 +191,15 @@ def test_cuda_graph_choice() -> None:
     assert build_config({"train": {"cuda_graph": True}}).train.cuda_graph == "on"
     assert build_config({"train": {"cuda_graph": False}}).train.cuda_graph == "off"
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert not use_cuda_graph("auto", cuda, "fp32", False)  # auto is off until verified on a GPU
-    assert not use_cuda_graph("off", cuda, "fp32", False)
-    assert use_cuda_graph("on", cuda, "bf16", False)
+    assert use_cuda_graph("auto", cuda, "fp32", False) == (False, None)  # off until verified on a GPU
+    assert use_cuda_graph("off", cuda, "fp32", False) == (False, None)
+    assert use_cuda_graph("on", cuda, "bf16", False) == (True, None)
+    # A rate that moves at every step would mean a capture at every step: eager, said in one line.
+    assert use_cuda_graph("on", cuda, "fp32", False, lr_every_step=True) == (
+        False,
+        "train.cuda_graph on: the learning rate changes at every step (train.max_steps with a schedule "
+        "or warm-up) and a captured step bakes it in; training runs without the graph",
+    )
     for device, precision, distributed, message in [
         (
             cpu,
@@ -219,6 +225,22 @@ def test_cuda_graph_choice() -> None:
         with pytest.raises(DrnnError) as error:
             use_cuda_graph("on", device, precision, distributed)
         assert str(error.value) == message
+
+
+def test_which_presets_change_the_learning_rate_at_every_step() -> None:
+    """Only a step budget anneals per step: lstm_full_cpu (max_steps + cosine) would defeat a graph;
+    the d2l presets (constant rate) and lstm_full (cosine per epoch) would not."""
+    presets = {
+        name: load_config(REPO / "configs" / f"{name}.yaml").train
+        for name in ("lstm2", "lstm_full", "lstm_full_cpu")
+    }
+    assert {name: lr_changes_every_step(train) for name, train in presets.items()} == {
+        "lstm2": False,
+        "lstm_full": False,
+        "lstm_full_cpu": True,
+    }
+    constant = presets["lstm_full_cpu"].model_copy(update={"schedule": "constant"})
+    assert not lr_changes_every_step(constant)
 
 
 def test_cuda_graph_on_without_cuda_is_a_one_line_error(workdir: Path, cli, corpus_path: Path) -> None:

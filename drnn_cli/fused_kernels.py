@@ -77,7 +77,7 @@ def forward(
     here = rows[:, None] * H + units[None, :]  # (row, unit) in a (B, H) slab
     gate_here = rows[:, None] * (4 * H) + units[None, :]  # gate 0's column of (row, unit) in (B, 4H)
     for s in range(n_steps):
-        t = t_begin + s
+        t = (t_begin + s).to(tl.int64)  # offsets of a (T, B, 4H) buffer can pass 2³¹ elements
         xg = xg_ptr + t * B * 4 * H
         acc_i = tl.load(xg + gate_here, mask=live, other=0.0)
         acc_f = tl.load(xg + gate_here + H, mask=live, other=0.0)
@@ -143,7 +143,7 @@ def backward(
     here = rows[:, None] * H + units[None, :]
     gate_here = rows[:, None] * (4 * H) + units[None, :]
     for s in range(n_steps):
-        t = t_last - s
+        t = (t_last - s).to(tl.int64)  # offsets of a (T, B, 4H) buffer can pass 2³¹ elements
         # ∂h_t = ∂out_t + dz_{t+1} W_hh[:, units]: the recurrent path, summed over all 4H gates
         dh = tl.load(dout_ptr + t * B * H + here, mask=live, other=0.0)
         for k0 in range(0, 4 * H, BLOCK_K):

@@ -139,18 +139,22 @@ def precision_for(fp32: bool) -> str:
     return "ieee" if fp32 else "tf32"
 
 
-def _launch_args(launch: Launch, spin_limit: int, w: torch.Tensor) -> dict[str, Any]:
+def kernel_constants(launch: Launch, fp32_products: bool) -> dict[str, Any]:
+    """The kernels' compile-time parameters for ``launch`` (scripts/fused_compile.py compiles the same)."""
     return {
-        "spin_limit": spin_limit,
         "BLOCK_B": launch.block_b,
         "BLOCK_H": launch.block_h,
         "BLOCK_K": launch.block_k,
         "PERSISTENT": launch.persistent,
         "NUM_PROGRAMS": launch.programs,
         "FLAGS": triton_next_power_of_2(launch.programs),
-        "PRECISION": precision_for(w.dtype == torch.float32),
-        "num_warps": launch.num_warps,
+        "PRECISION": precision_for(fp32_products),
     }
+
+
+def _launch_args(launch: Launch, spin_limit: int, w: torch.Tensor) -> dict[str, Any]:
+    constants = kernel_constants(launch, w.dtype == torch.float32)
+    return {"spin_limit": spin_limit, **constants, "num_warps": launch.num_warps}
 
 
 class _FusedLSTM(torch.autograd.Function):

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fused_compile: Triton is not installed (pip install triton)", file=sys.stderr)
         return 2
     from drnn_cli import fused_kernels
-    from drnn_cli.fused_lstm import plan_launch, precision_for, triton_next_power_of_2
+    from drnn_cli.fused_lstm import kernel_constants, plan_launch
 
     rows: list[dict[str, Any]] = []
     failed = False
@@ -115,17 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         launch = plan_launch(batch, hidden, args.slots)
         for dtype in ("fp32", "bf16"):
             for name in ("forward", "backward"):
-                constants = {
-                    "_dtype": dtype,
-                    "H": hidden,
-                    "BLOCK_B": launch.block_b,
-                    "BLOCK_H": launch.block_h,
-                    "BLOCK_K": launch.block_k,
-                    "PERSISTENT": launch.persistent,
-                    "NUM_PROGRAMS": launch.programs,
-                    "FLAGS": triton_next_power_of_2(launch.programs),
-                    "PRECISION": precision_for(dtype == "fp32"),
-                }
+                constants = {"_dtype": dtype, "H": hidden, **kernel_constants(launch, dtype == "fp32")}
                 row: dict[str, Any] = {
                     "shape": label,
                     "kernel": name,

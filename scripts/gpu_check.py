@@ -402,28 +402,22 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
         value = step.data.get("json", {}).get("train_ppl") if step and step.status == "ok" else None
         return float(value) if value is not None else None
 
+    def final_ppl_target(target: str, name: str) -> None:
+        ppl = train_ppl(name)
+        verdict = "not measured" if ppl is None else ("met" if ppl <= 1.1 else "missed")
+        verdicts.append(Verdict(target, f"{ppl:.3f}" if ppl is not None else "", verdict))
+
     ratio_target("seed LSTM fp32 ≥ 5× the textbook loop", "lstm-seed", 5.0)
     ratio_target("seed LSTM bf16 ≥ 10× the textbook loop", "lstm-seed-bf16", 10.0)
-    bf16_ppl = train_ppl("lstm2-graph-bf16")
-    verdicts.append(
-        Verdict(
-            "seed LSTM bf16 (CUDA graph, 500 epochs) final perplexity ≤ 1.1",
-            f"{bf16_ppl:.3f}" if bf16_ppl is not None else "",
-            "not measured" if bf16_ppl is None else ("met" if bf16_ppl <= 1.1 else "missed"),
-        )
-    )
+    final_ppl_target("seed LSTM bf16 (CUDA graph, 500 epochs) final perplexity ≤ 1.1", "lstm2-graph-bf16")
     ratio_target("seed GRU ≥ 5×", "gru-seed", 5.0)
     ratio_target("seed RNN ≥ 5×", "rnn-seed", 5.0)
     ratio_target("seed LSTM, impl scratch ≥ 3×", "scratch-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl fused (Triton), fp32 ≥ 5×", "fused-lstm-seed", 5.0)
     ratio_target("seed LSTM, impl fused (Triton), bf16: aim past 15×", "fused-lstm-seed-bf16", 15.0)
-    fused_ppl = train_ppl("lstm2-fused-graph-bf16")
-    verdicts.append(
-        Verdict(
-            "seed LSTM, impl fused, bf16, CUDA graph (500 epochs): final perplexity ≤ 1.1",
-            f"{fused_ppl:.3f}" if fused_ppl is not None else "",
-            "not measured" if fused_ppl is None else ("met" if fused_ppl <= 1.1 else "missed"),
-        )
+    final_ppl_target(
+        "seed LSTM, impl fused, bf16, CUDA graph (500 epochs): final perplexity ≤ 1.1",
+        "lstm2-fused-graph-bf16",
     )
     big = bench_entry(results, "lstm-b1024-bf16")
     if big is None:

@@ -27,6 +27,19 @@ def slowest(flags_ptr, others, valid, arrival):
 
 
 @triton.jit
+def program_tile(B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's batch rows and hidden units, the reduction lanes, which rows exist, and the
+    offsets of (row, unit) in a (B, H) slab and of gate 0's column for it in a (B, 4H) slab."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ks = tl.arange(0, BLOCK_K)
+    live = (rows < B)[:, None]
+    here = rows[:, None] * H + units[None, :]
+    gate_here = rows[:, None] * (4 * H) + units[None, :]
+    return rows, units, ks, live, here, gate_here
+
+
+@triton.jit
 def grid_barrier(flags_ptr, error_ptr, arrival, spin_limit, NUM_PROGRAMS: tl.constexpr, FLAGS: tl.constexpr):
     """Every program has finished step ``arrival``: each raises its own flag to ``arrival``
     (idempotent, so it does not matter how many threads issue the store), then polls all flags.
@@ -70,12 +83,7 @@ def forward(
     FLAGS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ks = tl.arange(0, BLOCK_K)
-    live = (rows < B)[:, None]
-    here = rows[:, None] * H + units[None, :]  # (row, unit) in a (B, H) slab
-    gate_here = rows[:, None] * (4 * H) + units[None, :]  # gate 0's column of (row, unit) in (B, 4H)
+    rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
     for s in range(n_steps):
         t = (t_begin + s).to(tl.int64)  # offsets of a (T, B, 4H) buffer can pass 2³¹ elements
         xg = xg_ptr + t * B * 4 * H
@@ -136,12 +144,7 @@ def backward(
     FLAGS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ks = tl.arange(0, BLOCK_K)
-    live = (rows < B)[:, None]
-    here = rows[:, None] * H + units[None, :]
-    gate_here = rows[:, None] * (4 * H) + units[None, :]
+    rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
     for s in range(n_steps):
         t = (t_last - s).to(tl.int64)  # offsets of a (T, B, 4H) buffer can pass 2³¹ elements
         # ∂h_t = ∂out_t + dz_{t+1} W_hh[:, units]: the recurrent path, summed over all 4H gates

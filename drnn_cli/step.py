@@ -12,15 +12,19 @@ Run eagerly, it does exactly the arithmetic of a plain loop that passes a freshl
 every minibatch (tests/test_step.py proves the losses and parameters bit-identical on the CPU).
 
 Under a graph the host never runs the step's Python again, so whatever the step bakes in must not
-change between replays: the learning rates (the graph is captured again when the schedule changes
-them), the inputs' addresses (minibatches are copied into the static buffers), the optimizer's step
-counters (Adam/AdamW keep them on the device with ``capturable=True``). Dropout masks still differ
-from replay to replay: PyTorch advances the CUDA generator's offset at every replay.
+change between replays: the inputs' addresses (minibatches are copied into the static buffers), the
+optimizer's step counters (Adam/AdamW keep them on the device with ``capturable=True``), the learning
+rates. Adam/AdamW read the rate from a device tensor that is refilled before each replay, so a
+schedule never needs a new capture; SGD takes it as a host number, so its graph is captured again
+when the rate changes. Dropout masks still differ from replay to replay: PyTorch advances the CUDA
+generator's offset at every replay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -62,8 +66,9 @@ def use_cuda_graph(
     """Whether ``train.cuda_graph`` captures the step; ``on`` where it cannot is a one-line error.
 
     ``auto`` means off for now: the capture has not yet been run on a GPU (README "Using a GPU").
-    A learning rate that changes at every step (``train.max_steps`` with a schedule or warm-up) would
-    be captured again at every step, slower than no graph: then the step runs eagerly, with a note.
+    ``lr_every_step``: the learning rate changes at every step (``train.max_steps`` with a schedule or
+    warm-up) and the optimizer bakes it into the graph (SGD: see ``reads_lr_on_device``), so the step
+    would be captured again at every step, slower than no graph: then it runs eagerly, with a note.
     """
     if choice != "on":
         return GraphChoice(False)
@@ -89,6 +94,16 @@ def use_cuda_graph(
             "or warm-up) and a captured step bakes it in; training runs without the graph",
         )
     return GraphChoice(True)
+
+
+def reads_lr_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a captured update can read the learning rate from device memory.
+
+    Adam/AdamW with ``capturable=True`` accept the rate as a one-element device tensor; SGD's update
+    passes it to its kernels as a host number (a tensor rate would be read back with ``.item()``, a
+    sync that cannot be captured), so a changed rate needs a new capture.
+    """
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
@@ -151,6 +166,15 @@ class StaticStep:
         self._captured_lrs: tuple[float, ...] = ()
         self._captured_loss: torch.Tensor | None = None
         self._eager_steps = 0
+        self.captures = 0  # how often the step was recorded (tests/test_cuda.py counts them)
+        # Adam/AdamW under a graph: the rates the replays read, refilled from the groups' floats
+        # (which the schedule sets and checkpoints keep) whenever those change.
+        self._device_lrs: list[torch.Tensor] | None = None
+        if graph and reads_lr_on_device(optimizer):
+            self._device_lrs = [
+                torch.tensor(float(group["lr"]), device=device) for group in optimizer.param_groups
+            ]
+        self._device_lr_values: tuple[float, ...] = ()
 
     # ----- the carried state -----------------------------------------------------------------
 
@@ -216,7 +240,15 @@ class StaticStep:
 
     def _graph_step(self) -> torch.Tensor:
         lrs = tuple(float(group["lr"]) for group in self.optimizer.param_groups)
-        if self._captured is None or lrs != self._captured_lrs:
+        if self._device_lrs is not None:
+            if lrs != self._device_lr_values:  # a kernel launch on this stream, no host sync
+                for buffer, lr in zip(self._device_lrs, lrs, strict=True):
+                    buffer.fill_(lr)
+                self._device_lr_values = lrs
+            stale = self._captured is None
+        else:
+            stale = self._captured is None or lrs != self._captured_lrs
+        if stale:
             if self._eager_steps < GRAPH_WARMUP_STEPS:
                 self._eager_steps += 1
                 return self._on_side_stream()
@@ -224,6 +256,22 @@ class StaticStep:
         assert self._captured is not None and self._captured_loss is not None
         self._captured.replay()
         return self._captured_loss
+
+    @contextlib.contextmanager
+    def _rates_from_device(self) -> Iterator[None]:
+        """While recording, the groups hold the device tensors; afterwards their floats again."""
+        if self._device_lrs is None:
+            yield
+            return
+        groups = self.optimizer.param_groups
+        saved = [group["lr"] for group in groups]
+        try:
+            for group, buffer in zip(groups, self._device_lrs, strict=True):
+                group["lr"] = buffer
+            yield
+        finally:
+            for group, lr in zip(groups, saved, strict=True):
+                group["lr"] = lr
 
     def _on_side_stream(self) -> torch.Tensor:
         """A real training step, run eagerly on a side stream as PyTorch asks before a capture."""
@@ -241,14 +289,15 @@ class StaticStep:
     def _capture(self, lrs: tuple[float, ...]) -> None:
         """Record the step for the minibatch now in the buffers; the replay that follows runs it.
 
-        A changed learning rate is baked into SGD's update kernels, so the old graph is dropped and
-        the step recorded again (once per schedule change: at most once an epoch).
+        A changed learning rate is baked into SGD's update kernels, so its old graph is dropped and
+        the step recorded again (once per schedule change: at most once an epoch). Adam/AdamW record
+        once: their update reads the rate from ``_device_lrs``.
         """
         self._captured = self._captured_loss = None
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with self._rates_from_device(), torch.cuda.graph(graph):
                 loss = self.body()
         except RuntimeError as error:  # unverified on real GPUs so far: say so in one line, no traceback
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
@@ -257,3 +306,4 @@ class StaticStep:
                 "set train.cuda_graph to off and report this"
             ) from None
         self._captured, self._captured_lrs, self._captured_loss = graph, lrs, loss
+        self.captures += 1

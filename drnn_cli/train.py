@@ -45,7 +45,7 @@ from drnn_cli.report import (
 )
 from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
-from drnn_cli.step import StaticStep, make_capturable, use_cuda_graph
+from drnn_cli.step import StaticStep, make_capturable, reads_lr_on_device, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
 
@@ -149,16 +149,6 @@ class Trainer:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size)
         if config.train.precision == "fp16" and device.type == "cpu":
             raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
-        graph_choice = use_cuda_graph(
-            config.train.cuda_graph,
-            device,
-            config.train.precision,
-            self.dist.enabled,
-            lr_changes_every_step(config.train),
-        )
-        self._graph_note = graph_choice.note
-        cuda_graph = graph_choice.enabled
-
         self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
         self.model.to(device)
         _check_precision_works(self.model, device, config.train.precision)
@@ -175,6 +165,15 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.optimizer = build_optimizer(self.model, config.train)
+        graph_choice = use_cuda_graph(
+            train.cuda_graph,
+            device,
+            train.precision,
+            self.dist.enabled,
+            lr_changes_every_step(train) and not reads_lr_on_device(self.optimizer),
+        )
+        self._graph_note = graph_choice.note
+        cuda_graph = graph_choice.enabled
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.train_tokens = dataset.splits.train.to(device)
         self.val_tokens = dataset.splits.val.to(device)

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from drnn_cli.batches import epoch_generator, training_batches
-from drnn_cli.config import Config, build_config, load_config
+from drnn_cli.config import Config, TrainConfig, build_config, load_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.models import RNNLanguageModel, build_model, detach_state
-from drnn_cli.step import StaticStep, clip_gradients, use_cuda_graph
+from drnn_cli.step import StaticStep, clip_gradients, reads_lr_on_device, use_cuda_graph
 from drnn_cli.train import Trainer, build_optimizer, lr_changes_every_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,8 +228,8 @@ def test_cuda_graph_choice() -> None:
 
 
 def test_which_presets_change_the_learning_rate_at_every_step() -> None:
-    """Only a step budget anneals per step: lstm_full_cpu (max_steps + cosine) would defeat a graph;
-    the d2l presets (constant rate) and lstm_full (cosine per epoch) would not."""
+    """Only a step budget anneals per step: lstm_full_cpu (max_steps + cosine). The d2l presets
+    (constant rate) and lstm_full (cosine per epoch) change it at most once an epoch."""
     presets = {
         name: load_config(REPO / "configs" / f"{name}.yaml").train
         for name in ("lstm2", "lstm_full", "lstm_full_cpu")
@@ -241,6 +241,17 @@ def test_which_presets_change_the_learning_rate_at_every_step() -> None:
     }
     constant = presets["lstm_full_cpu"].model_copy(update={"schedule": "constant"})
     assert not lr_changes_every_step(constant)
+
+
+def test_adam_reads_the_learning_rate_on_the_device_and_sgd_does_not() -> None:
+    """So a per-step schedule keeps the graph with Adam/AdamW (lstm_full_cpu's AdamW) and runs
+    eagerly with SGD (README "Using a GPU")."""
+    model = torch.nn.Linear(2, 2)
+    chosen = {
+        name: reads_lr_on_device(build_optimizer(model, TrainConfig(optimizer=name)))
+        for name in ("sgd", "adam", "adamw")
+    }
+    assert chosen == {"sgd": False, "adam": True, "adamw": True}
 
 
 def test_cuda_graph_on_without_cuda_is_a_one_line_error(workdir: Path, cli, corpus_path: Path) -> None:

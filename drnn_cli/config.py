@@ -210,6 +210,10 @@ class TrainConfig(_Section):
         "auto",
         description="replay each training step as one CUDA graph; auto = off for now (not yet verified on a GPU)",
     )
+    compile: Literal["on", "off"] = Field(
+        "off",
+        description="train model.impl scratch's cells through torch.compile (experimental)",
+    )
     sample_every: int | str = Field(
         10, description="greedy samples every N epochs or 'N steps' (0 = only at the end)"
     )
@@ -256,7 +260,7 @@ class TrainConfig(_Section):
     def _duration(cls, value: object) -> float:
         return parse_duration(value)
 
-    @field_validator("cuda_graph", mode="before")
+    @field_validator("cuda_graph", "compile", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         """YAML reads a bare on/off as true/false: take them as the words they were."""

@@ -20,7 +20,8 @@ a different model), so a scratch GRU equals ``nn.GRU``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,8 @@ class ScratchRecurrent(nn.Module):
         self.nonlinearity = nonlinearity
         self.weight_drop = weight_drop
         self.locked = locked
+        # What steps one timestep while training: the plain cell, or torch.compile's (compile_cells).
+        self._training_step: Callable[..., Any] = CELL_STEPS[cell]
         rows = GATES[cell] * hidden_size
         for layer in range(num_layers):
             width = input_size if layer == 0 else hidden_size
@@ -78,6 +81,16 @@ class ScratchRecurrent(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
 
+    def compile_cells(self, backend: str = "inductor") -> None:
+        """Step training minibatches through ``torch.compile``'s version of the cell (``train.compile``).
+
+        Each timestep is one recurrent matrix product and a handful of element-wise gate operations,
+        each its own kernel; compiled, the gate arithmetic (and its backward) becomes one generated
+        kernel. Evaluation and sampling keep the plain cell: other shapes and no gradients would mean
+        more compilations for a small share of the time.
+        """
+        self._training_step = torch.compile(CELL_STEPS[self.cell], backend=backend, fullgraph=True)
+
     def _layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
         w_ih = getattr(self, f"weight_ih_l{layer}")
         w_hh = getattr(self, f"weight_hh_l{layer}")
@@ -87,6 +100,7 @@ class ScratchRecurrent(nn.Module):
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         h0, c0 = state if isinstance(state, tuple) else (state, None)
+        step = self._training_step if self.training else CELL_STEPS[self.cell]
         final_h, final_c = [], []
         layer_input = inputs
         for layer in range(self.num_layers):
@@ -95,13 +109,13 @@ class ScratchRecurrent(nn.Module):
             projected = F.linear(layer_input, w_ih, b_ih)
             if self.cell == "lstm":
                 assert c0 is not None
-                outputs, h, c = self._lstm_recurrence(projected + b_hh, h0[layer], c0[layer], w_hh)
+                outputs, h, c = self._lstm_recurrence(projected + b_hh, h0[layer], c0[layer], w_hh, step)
                 final_c.append(c)
             elif self.cell == "gru":
-                outputs, h = _gru_layer(projected, h0[layer], w_hh.t(), b_hh)
+                outputs, h = _gru_layer(projected, h0[layer], w_hh.t(), b_hh, step)
             else:
                 activation = torch.tanh if self.nonlinearity == "tanh" else torch.relu
-                outputs, h = _rnn_layer(projected + b_hh, h0[layer], w_hh.t(), activation)
+                outputs, h = _rnn_layer(projected + b_hh, h0[layer], w_hh.t(), activation, step)
             final_h.append(h)
             if layer < self.num_layers - 1:
                 outputs = sequence_dropout(outputs, self.dropout, self.training, self.locked)
@@ -110,10 +124,15 @@ class ScratchRecurrent(nn.Module):
         return layer_input, ((h_n, torch.stack(final_c)) if self.cell == "lstm" else h_n)
 
     def _lstm_recurrence(
-        self, x_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor
+        self,
+        x_gates: torch.Tensor,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        w_hh: torch.Tensor,
+        step: Callable[..., Any],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's recurrence over ``x_gates`` (T, B, 4H), which holds both biases."""
-        return _lstm_layer(x_gates, h, c, w_hh.t())
+        return _lstm_layer(x_gates, h, c, w_hh.t(), step)
 
 
 class FusedRecurrent(ScratchRecurrent):
@@ -131,10 +150,15 @@ class FusedRecurrent(ScratchRecurrent):
         self.register_buffer("barrier_error", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def _lstm_recurrence(
-        self, x_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor
+        self,
+        x_gates: torch.Tensor,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        w_hh: torch.Tensor,
+        step: Callable[..., Any],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not fused_lstm.can_run(x_gates.device):
-            return super()._lstm_recurrence(x_gates, h, c, w_hh)
+            return super()._lstm_recurrence(x_gates, h, c, w_hh, step)
         return fused_lstm.fused_lstm_layer(x_gates, h, c, w_hh, error=self.barrier_error)
 
 
@@ -168,30 +192,47 @@ def rnn_step(x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, activ
     return activation(torch.addmm(x_gates, h, w_hh_t))
 
 
+CELL_STEPS: dict[str, Callable[..., Any]] = {"lstm": lstm_step, "gru": gru_step, "rnn": rnn_step}
+
+
 def _lstm_layer(
-    projected: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.Tensor
+    projected: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    w_hh_t: torch.Tensor,
+    step: Callable[..., Any] = lstm_step,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     outputs = []
     for x_gates in projected:
-        h, c, _ = lstm_step(x_gates, h, c, w_hh_t)
+        h, c, _ = step(x_gates, h, c, w_hh_t)
         outputs.append(h)
     return torch.stack(outputs), h, c
 
 
 def _gru_layer(
-    projected: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: torch.Tensor
+    projected: torch.Tensor,
+    h: torch.Tensor,
+    w_hh_t: torch.Tensor,
+    b_hh: torch.Tensor,
+    step: Callable[..., Any] = gru_step,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     outputs = []
     for x_gates in projected:
-        h, _ = gru_step(x_gates, h, w_hh_t, b_hh)
+        h, _ = step(x_gates, h, w_hh_t, b_hh)
         outputs.append(h)
     return torch.stack(outputs), h
 
 
-def _rnn_layer(projected: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, activation) -> tuple:
+def _rnn_layer(
+    projected: torch.Tensor,
+    h: torch.Tensor,
+    w_hh_t: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    step: Callable[..., Any] = rnn_step,
+) -> tuple[torch.Tensor, torch.Tensor]:
     outputs = []
     for x_gates in projected:
-        h = rnn_step(x_gates, h, w_hh_t, activation)
+        h = step(x_gates, h, w_hh_t, activation)
         outputs.append(h)
     return torch.stack(outputs), h
 

@@ -31,7 +31,7 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
+from drnn_cli.models import FusedRecurrent, RNNLanguageModel, ScratchRecurrent, build_model, count_parameters
 from drnn_cli.report import (
     EpochRecord,
     PlotRefresh,
@@ -172,8 +172,12 @@ class Trainer:
             self.dist.enabled,
             lr_changes_every_step(train) and not reads_lr_on_device(self.optimizer),
         )
-        self._graph_note = graph_choice.note
+        self._notes = [graph_choice.note] if graph_choice.note else []
         cuda_graph = graph_choice.enabled
+        if train.compile == "on":  # after the average's copy: that one evaluates, with the plain cells
+            self._notes.append(
+                compile_cells(self.model, device, train.precision, data.batch_size // self.dist.world_size)
+            )
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.train_tokens = dataset.splits.train.to(device)
         self.val_tokens = dataset.splits.val.to(device)
@@ -654,8 +658,8 @@ class Trainer:
         self._write_run_files()
         parameters = count_parameters(self.model)
         self.reporter.start(self._planned_epochs(), self.start_epoch, parameters, device_name(self.device))
-        if self._graph_note:
-            self.reporter.note(self._graph_note)
+        for note in self._notes:
+            self.reporter.note(note)
         if self.config.model.impl == "fused" and not fused_lstm.can_run(self.device):
             self.reporter.note(
                 f"model.impl fused runs Triton kernels on CUDA; on {self.device.type} it steps the scratch "
@@ -744,6 +748,42 @@ class Trainer:
 def lr_changes_every_step(train: TrainConfig) -> bool:
     """Under ``max_steps`` a schedule moves at every step (to anneal over the budget); else per epoch."""
     return bool(train.max_steps) and (train.schedule != "constant" or train.warmup_epochs > 0)
+
+
+def compile_cells(model: RNNLanguageModel, device: torch.device, precision: str, batch_rows: int) -> str:
+    """``train.compile on``: the scratch cells through ``torch.compile``, compiled now; returns the note.
+
+    One forward and backward of a two-step minibatch of the training shape (the first timestep's
+    state needs no gradient, the later ones do: two variants) compiles what training will call, so a
+    compiler failure is one line before training starts, its time is not counted as training time,
+    and a CUDA graph's warm-up finds the code ready. The random streams are put back afterwards:
+    the probe draws dropout masks that training must draw again.
+    """
+    impl = model.config.impl
+    if impl != "scratch":
+        raise DrnnError(
+            f"train.compile on compiles model.impl scratch's cells, and this model is impl {impl}; "
+            "set model.impl scratch or train.compile off"
+        )
+    started = time.perf_counter()
+    probe = torch.zeros((batch_rows, 2), dtype=torch.long, device=device)
+    devices = [device] if device.type == "cuda" else []
+    assert isinstance(model.rnn, ScratchRecurrent)
+    try:
+        model.rnn.compile_cells()
+        with torch.random.fork_rng(devices=devices), autocast(device, precision):
+            logits, _ = model(probe, model.begin_state(batch_rows, device))
+            logits.float().sum().backward()
+    except Exception as error:  # the compiler's failures come in many types; all end the same way
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise DrnnError(
+            f"train.compile on: torch.compile could not compile the {model.config.cell} cell ({first}); "
+            "set train.compile off"
+        ) from None
+    finally:
+        model.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    return f"train.compile on: the {model.config.cell} cell compiled in {seconds:.1f} s (torch.compile)"
 
 
 def _check_precision_works(model: RNNLanguageModel, device: torch.device, precision: str) -> None:

@@ -69,6 +69,7 @@ INVALID = {
     "train.device": ("tpu", "'auto', 'cpu' or 'cuda'"),
     "train.precision": ("fp8", "'fp32', 'bf16' or 'fp16'"),
     "train.cuda_graph": ("sometimes", "'auto', 'on' or 'off'"),
+    "train.compile": ("sometimes", "'on' or 'off'"),
     "train.sample_every": (-1, "integer number of epochs (≥ 0) or 'N steps'"),
     "train.sample_prefixes": ([""], "non-empty"),
     "train.sample_chars": (-1, "greater than or equal to 0"),

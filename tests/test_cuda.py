@@ -281,6 +281,28 @@ def test_trainer_with_cuda_graph_on_trains_as_eager(
     assert results["on"].val_ppl == pytest.approx(results["off"].val_ppl, rel=1e-5)
 
 
+def test_compiled_scratch_cells_inside_the_graph_train_as_the_plain_cells(
+    workdir: Path, corpus_path: Path
+) -> None:
+    """train.compile on with cuda_graph on: inductor's Triton kernels recorded in the graph. The
+    compiled gate arithmetic rounds differently from the eager kernels, hence 1e-4."""
+    config = tiny_config(corpus_path, "data.val_fraction=0.2", "model.impl=scratch")
+    path = write_yaml(workdir / "tiny.yaml", config)
+    results = {
+        name: train_run(
+            TrainRequest(
+                config_path=path, overrides=overrides, run_dir=workdir / "runs" / name, device="cuda"
+            )
+        )
+        for name, overrides in {
+            "plain": (),
+            "compiled-graph": ("train.compile=on", "train.cuda_graph=on"),
+        }.items()
+    }
+    assert results["compiled-graph"].train_ppl == pytest.approx(results["plain"].train_ppl, rel=1e-4)
+    assert results["compiled-graph"].val_ppl == pytest.approx(results["plain"].val_ppl, rel=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["persistent", "stepwise"])
 def test_fused_kernels_equal_nn_lstm_on_the_gpu(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The seed shape (2×256, batch 32, 35 steps): outputs, final state and every gradient as

@@ -4,6 +4,7 @@ tests are collected and skipped cleanly where there is no GPU."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,12 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
             },
         ),
         "bench": Result("bench", "", "ok", data={"json": {"configs": configs}}),
+        "bench-compiled": Result(  # a second benchmark step: its configurations join the first's
+            "bench-compiled",
+            "",
+            "ok",
+            data={"json": {"configs": {"compiled-lstm-seed": bench_entry(160_000, 300_000, 560_000)}}},
+        ),
         "fused-kernels": Result("fused-kernels", "", "ok", data={"json": {"rows": [fused_row]}}),
     }
     verdicts = {v.target: v for v in gpu_check.judge(results)}
@@ -134,6 +141,8 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
     assert verdicts["lstm_full: validation perplexity ≤ 4.4 within 60 s"].verdict == "met"
     assert verdicts["seed LSTM, impl fused (Triton), bf16: aim past 15×"].verdict == "met"
     assert verdicts["seed LSTM, impl fused (Triton), fp32 ≥ 5×"].verdict == "not measured"
+    compiled = verdicts["seed LSTM, impl scratch with train.compile on ≥ 3×"]
+    assert (compiled.measured, compiled.verdict) == ("3.50× (graph: 560,000 vs 160,000 tok/s)", "met")
 
     gpu_check.write_outputs(tmp_path, {"gpu": "test"}, "smi", results, 540)
     report = (tmp_path / "report.md").read_text()
@@ -141,6 +150,10 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "| seed LSTM fp32 ≥ 5× the textbook loop | 5.62× (graph: 900,000 vs 160,000 tok/s) | met |" in report
     )
     assert "| 1 | 4.310 | 5.000 | 42.0 |" in report
+    assert "| compiled-lstm-seed | graph | 560,000 | 3.50 | 1.500 |" in report
+    bench_json = json.loads((tmp_path / "bench.json").read_text())
+    assert sorted(bench_json) == ["bench", "bench-compiled"]
+    assert "compiled-lstm-seed" in bench_json["bench-compiled"]["configs"]
     assert "| 32 × 35 × 256 | bf16 | 16x16, 32 persistent | 900.5 | 700.0 | 300.0 | 250.0 |  |  |" in report
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bench.json",
@@ -173,6 +186,6 @@ def test_cuda_tests_are_collected_and_skipped_cleanly_without_cuda() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = done.stdout.strip().splitlines()[-1]
-    assert summary.startswith("22 skipped"), done.stdout
+    assert summary.startswith("23 skipped"), done.stdout
     assert done.stdout.count("SKIPPED [") >= 1 and "needs a CUDA device" in done.stdout
     assert "error" not in summary and "passed" not in summary

@@ -278,8 +278,11 @@ class RichReporter:
             self.progress.update(self.task, completed=record.epoch, epoch=int(record.epoch), status=status)
         elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
             where = f"step {record.step:,}  " if record.step else ""
+            epoch = f"{record.epoch:.2f}" if inside_epoch else f"{record.epoch:g}"
+            # soft_wrap: one line per record in a log file too (rich wraps at 80 columns off a terminal)
             self.console.print(
-                f"epoch {record.epoch:g}/{self.total}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s"
+                f"epoch {epoch}/{self.total}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",
+                soft_wrap=True,
             )
 
     def step(self, status: StepStatus) -> None:

@@ -203,6 +203,16 @@ def test_step_cadence_evaluates_and_checkpoints_inside_an_epoch(workdir: Path):
     assert best.best_val_ppl == result.best_val_ppl
 
 
+def test_log_lines_inside_an_epoch_show_the_epoch_to_two_decimals_on_one_line(workdir: Path, cli):
+    """A log file gets one line per evaluation (never wrapped at 80 columns), epoch 5/19 as 0.26."""
+    code, out, _ = cli("train", "--config", str(write_config(workdir)), "--set", "train.epochs=1",
+                       "--set", "train.eval_every=5 steps", "--set", "train.log_every=5 steps")  # fmt: skip
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["0.26/1", "0.53/1", "0.79/1", "1/1"]
+    assert all(line.rstrip().endswith("s") and "  lr " in line for line in lines), out
+
+
 def test_patience_counts_step_evaluations(workdir: Path):
     result = train(
         write_config(workdir),

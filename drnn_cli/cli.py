@@ -635,6 +635,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             app(args=argv, prog_name="drnn", standalone_mode=False, obj=session)
         except DrnnError as error:
+            if session.debug and error.__cause__ is not None:  # a library failure drnn put in one line
+                traceback.print_exception(error.__cause__)
             _say(errors, f"drnn: error: {error}")
             sys.exit(error.exit_code)
         except typer.Exit as done:

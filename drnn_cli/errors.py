@@ -26,3 +26,17 @@ class TrainingInterrupted(DrnnError):
 
 class TrainingDiverged(DrnnError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """What a one-line error quotes of a library's exception: its first non-empty line, or its type.
+
+    Wrappers that put the real error on a later line are unwrapped first: dynamo's
+    ``BackendCompilerFailed`` ("backend='inductor' raised:" then the cause) keeps the cause in
+    ``inner_exception``.
+    """
+    inner = getattr(error, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        error = inner
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(error).__name__

@@ -52,7 +52,9 @@ def grid_barrier(flags_ptr, error_ptr, arrival, spin_limit, NUM_PROGRAMS: tl.con
     seen = slowest(flags_ptr, others, valid, arrival)
     polls = spin_limit * 0  # an int32 like spin_limit: a loop-carried value keeps one type
     # Once one barrier has given up, later ones do not wait again (the results are void anyway).
-    waiting = tl.load(error_ptr, volatile=True) == 0
+    # A scalar atomic runs on one thread and is broadcast, so every warp takes the same path through
+    # the loop (whose debug barriers must pair up); a plain load could differ from warp to warp.
+    waiting = tl.atomic_add(error_ptr, 0, sem="relaxed", scope="gpu") == 0
     while (seen < arrival) & (polls < spin_limit) & waiting:
         seen = slowest(flags_ptr, others, valid, arrival)
         polls += 1

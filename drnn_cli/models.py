@@ -81,7 +81,7 @@ class ScratchRecurrent(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
 
-    def compile_cells(self, backend: str = "inductor") -> None:
+    def compile_cells(self, backend: str | Callable[..., Any] = "inductor") -> None:
         """Step training minibatches through ``torch.compile``'s version of the cell (``train.compile``).
 
         Each timestep is one recurrent matrix product and a handful of element-wise gate operations,

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.models import RNNLanguageModel, State, activation_penalty, lm_loss
 from drnn_cli.runtime import autocast
 
@@ -297,13 +297,17 @@ class StaticStep:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with self._rates_from_device(), torch.cuda.graph(graph):
+            # torch.cuda.graph records on a stream of the current device: make that this run's.
+            with torch.cuda.device(self.device), self._rates_from_device(), torch.cuda.graph(graph):
                 loss = self.body()
-        except RuntimeError as error:  # unverified on real GPUs so far: say so in one line, no traceback
-            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        except RuntimeError as error:  # unverified on real GPUs so far: say so in one line
+            # When an operation inside the capture fails, leaving the graph context ends the capture,
+            # which fails again ("operation failed due to a previous error during capture"): the
+            # first failure, the one worth naming, is that error's context.
+            cause = error.__context__ if isinstance(error.__context__, Exception) else error
             raise DrnnError(
-                f"train.cuda_graph on: capturing the training step failed ({first}); "
-                "set train.cuda_graph to off and report this"
-            ) from None
+                f"train.cuda_graph on: capturing the training step failed ({first_line(cause)}); "
+                "set train.cuda_graph to off and report this (DRNN_DEBUG=1 shows the traceback)"
+            ) from cause
         self._captured, self._captured_lrs, self._captured_loss = graph, lrs, loss
         self.captures += 1

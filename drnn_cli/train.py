@@ -29,7 +29,7 @@ from drnn_cli.checkpoint import BEST, LAST, Checkpoint, NonFiniteCheckpoint, sav
 from drnn_cli.config import Config, TrainConfig
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
-from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
+from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted, first_line
 from drnn_cli.evaluate import evaluate, perplexity
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, ScratchRecurrent, build_model, count_parameters
 from drnn_cli.report import (
@@ -176,7 +176,9 @@ class Trainer:
         cuda_graph = graph_choice.enabled
         if train.compile == "on":  # after the average's copy: that one evaluates, with the plain cells
             self._notes.append(
-                compile_cells(self.model, device, train.precision, data.batch_size // self.dist.world_size)
+                compile_cells(
+                    self.model, device, train.precision, data.batch_size // self.dist.world_size, cuda_graph
+                )
             )
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.train_tokens = dataset.splits.train.to(device)
@@ -497,7 +499,7 @@ class Trainer:
         )
         all_reduce_sum(totals, self.dist)
         loss_sum, count, diverged_ranks = totals.tolist()
-        self._check_kernels(epoch)
+        self._check_kernels(f"in epoch {epoch + 1}")
         if diverged_ranks:
             self._check_finite(epoch, progress)
             raise TrainingDiverged(
@@ -581,14 +583,16 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.add_samples(samples, self.global_step)
 
-    def _check_kernels(self, epoch: int) -> None:
-        """impl fused: a grid barrier that gave up leaves a flag on the device (read once an epoch)."""
-        if isinstance(self.model.rnn, FusedRecurrent) and int(self.model.rnn.barrier_error):
-            raise TrainingDiverged(
-                f"model.impl fused: a persistent kernel's barrier timed out in epoch {epoch + 1} (its programs "
-                f"were not all resident on the GPU at once); training stopped and {self._kept()}. "
-                "Use model.impl torch"
-            )
+    def _check_kernels(self, when: str) -> None:
+        """impl fused: a grid barrier that gave up leaves a flag on the device (read once an epoch and
+        after each validation). The averaged copy that validates has flags of its own."""
+        for model in (self.model, self.evaluated_model):
+            if isinstance(model.rnn, FusedRecurrent) and int(model.rnn.barrier_error):
+                raise TrainingDiverged(
+                    f"model.impl fused: a persistent kernel's barrier timed out {when} (its programs were "
+                    f"not all resident on the GPU at once); training stopped and {self._kept()}. "
+                    "Use model.impl torch"
+                )
 
     def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
         bad = int(progress.first_bad_step)
@@ -641,6 +645,7 @@ class Trainer:
             self.device,
             self.config.train.precision,
         )
+        self._check_kernels("while validating")
         return result.perplexity
 
     def _planned_epochs(self) -> int:
@@ -750,14 +755,17 @@ def lr_changes_every_step(train: TrainConfig) -> bool:
     return bool(train.max_steps) and (train.schedule != "constant" or train.warmup_epochs > 0)
 
 
-def compile_cells(model: RNNLanguageModel, device: torch.device, precision: str, batch_rows: int) -> str:
+def compile_cells(
+    model: RNNLanguageModel, device: torch.device, precision: str, batch_rows: int, graph: bool = False
+) -> str:
     """``train.compile on``: the scratch cells through ``torch.compile``, compiled now; returns the note.
 
     One forward and backward of a two-step minibatch of the training shape (the first timestep's
     state needs no gradient, the later ones do: two variants) compiles what training will call, so a
     compiler failure is one line before training starts, its time is not counted as training time,
     and a CUDA graph's warm-up finds the code ready. The random streams are put back afterwards:
-    the probe draws dropout masks that training must draw again.
+    the probe draws dropout masks that training must draw again. Autocast's weight-cast cache is on
+    or off as in the step (off under a graph): compiled code is specialised to that setting.
     """
     impl = model.config.impl
     if impl != "scratch":
@@ -771,15 +779,14 @@ def compile_cells(model: RNNLanguageModel, device: torch.device, precision: str,
     assert isinstance(model.rnn, ScratchRecurrent)
     try:
         model.rnn.compile_cells()
-        with torch.random.fork_rng(devices=devices), autocast(device, precision):
+        with torch.random.fork_rng(devices=devices), autocast(device, precision, cache_enabled=not graph):
             logits, _ = model(probe, model.begin_state(batch_rows, device))
             logits.float().sum().backward()
     except Exception as error:  # the compiler's failures come in many types; all end the same way
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise DrnnError(
-            f"train.compile on: torch.compile could not compile the {model.config.cell} cell ({first}); "
-            "set train.compile off"
-        ) from None
+            f"train.compile on: torch.compile could not compile the {model.config.cell} cell "
+            f"({first_line(error)}); set train.compile off (DRNN_DEBUG=1 shows the traceback)"
+        ) from error
     finally:
         model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
@@ -795,7 +802,7 @@ def _check_precision_works(model: RNNLanguageModel, device: torch.device, precis
         with torch.no_grad(), autocast(device, precision):
             model(probe, model.begin_state(1, device))
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0][:120]
+        first = first_line(error, 120)
         raise DrnnError(
             f"train.precision {precision} does not run on {device} with model.cell {model.config.cell} / "
             f"model.impl {model.config.impl} ({first}); use train.precision fp32"

@@ -57,7 +57,7 @@ from torch import nn
 from drnn_cli.batches import EpochBatches, epoch_generator, training_batches
 from drnn_cli.config import Config, DataConfig, build_config
 from drnn_cli.data import Dataset, load_dataset
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.runtime import device_name, resolve_device
 from drnn_cli.train import Trainer
 
@@ -487,7 +487,25 @@ def training_plan(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def run_training_benchmarks(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+def training_report(device: torch.device, results: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "benchmark": "training",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "configs": results,
+    }
+
+
+def run_training_benchmarks(
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    partial: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every chosen configuration; ``partial`` gets the report so far after each one (a run cut off
+    by a time limit still leaves what it measured)."""
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -507,19 +525,13 @@ def run_training_benchmarks(args: argparse.Namespace, log: Callable[[str], None]
             datasets[key] = load_dataset(config.data)
         try:
             results[name] = bench_config(bench, config, datasets[key], device, args, log)
-        except (RuntimeError, DrnnError) as error:  # one broken configuration does not end the run
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            log(f"{name}: failed ({first_line})")
-            results[name] = {"name": name, "description": bench.description, "error": first_line}
-    return {
-        "benchmark": "training",
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "configs": results,
-    }
+        except Exception as error:  # one broken configuration (Triton's errors included) ends only itself
+            problem = f"{type(error).__name__}: {first_line(error)}"
+            log(f"{name}: failed ({problem})")
+            results[name] = {"name": name, "description": bench.description, "error": problem}
+        if partial is not None:
+            partial(training_report(device, results))
+    return training_report(device, results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_scale is not None:
             report = run_data_benchmark(args, log)
         else:
-            report = run_training_benchmarks(args, log)
+            progress = (lambda so_far: print(json.dumps(so_far), flush=True)) if args.json else None
+            report = run_training_benchmarks(args, log, progress)
     except DrnnError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -47,6 +47,36 @@ def test_training_benchmark_reports_both_loops_and_their_ratio(bench, corpus_pat
     assert entry["modes"]["eager"]["tokens_per_s"] == entry["drnn_tokens_per_s"]
 
 
+def test_a_failing_configuration_is_reported_and_each_one_prints_the_report_so_far(
+    bench, corpus_path, capsys, monkeypatch
+):
+    """A Triton compile error is no RuntimeError; it ends its configuration only. With --json the
+    report so far is printed after every configuration, so a run cut off by a time limit still
+    leaves a JSON line with what it measured (scripts/gpu_check.py reads the last one)."""
+
+    class TritonLikeError(Exception):  # triton.errors.TritonError derives from Exception
+        pass
+
+    real = bench.bench_config
+
+    def flaky(spec, *args, **kwargs):
+        if spec.name == "gru-seed":
+            raise TritonLikeError("out of resource: shared memory\nmore detail")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_config", flaky)
+    tiny = ["data.max_tokens=800", "data.batch_size=4", "data.num_steps=8", "model.hidden_size=8"]
+    argv = ["--device", "cpu", "--configs", "gru-seed,lstm-seed", "--rounds", "1", "--epochs-per-round", "1"]
+    argv += ["--corpus", str(corpus_path), "--json"]
+    assert bench.main(argv + [arg for override in tiny for arg in ("--set", override)]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    # after each of the two configurations, then the final report
+    assert [sorted(r["configs"]) for r in reports] == [["gru-seed"], *[["gru-seed", "lstm-seed"]] * 2]
+    failed = reports[-1]["configs"]["gru-seed"]
+    assert failed["error"] == "TritonLikeError: out of resource: shared memory"
+    assert reports[-1]["configs"]["lstm-seed"]["ratio"] > 0
+
+
 def test_the_gpu_plan_lists_every_configuration_in_both_modes_without_a_gpu(bench, capsys):
     assert bench.main(["--device", "cuda", "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -163,3 +163,27 @@ def test_a_bare_yaml_on_means_on() -> None:
 
     assert build_config({"train": {"compile": True}}).train.compile == "on"
     assert build_config({"train": {"compile": False}}).train.compile == "off"
+
+
+def test_a_backend_failure_is_named_by_its_cause_and_debug_shows_the_traceback(
+    workdir: Path, cli, corpus_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dynamo wraps a backend's failure as "backend='...' raised:" with the cause on the next line:
+    the one line names the cause; DRNN_DEBUG=1 prints the traceback above it."""
+
+    def broken_backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> None:
+        raise ValueError("out of registers")
+
+    compile_cells = ScratchRecurrent.compile_cells
+    monkeypatch.setattr(ScratchRecurrent, "compile_cells", lambda self: compile_cells(self, broken_backend))
+    tree = {**TINY_TREE, "data": {**TINY_TREE["data"], "path": str(corpus_path)}}
+    tree["model"] = {**TINY_TREE["model"], "impl": "scratch"}
+    argv = ("train", "--config", str(config_file(workdir, tree)), "--set", "train.compile=on")
+    code, _, err = cli(*argv)
+    assert_one_line_error(
+        code, err, "could not compile the lstm cell (out of registers); set train.compile off"
+    )
+    monkeypatch.setenv("DRNN_DEBUG", "1")
+    code, _, err = cli(*argv)
+    assert code == 1 and "Traceback" in err and "ValueError: out of registers" in err
+    assert err.strip().splitlines()[-1].startswith("drnn: error: train.compile on: torch.compile could not")

@@ -257,3 +257,21 @@ def test_a_barrier_timeout_stops_training_in_one_line(workdir, cli, monkeypatch)
     config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
     code, _, err = cli("train", "--config", str(config), "--set", "model.impl=fused")
     assert_one_line_error(code, err, "barrier timed out in epoch 1", "Use model.impl torch")
+
+
+@needs_interpreter
+def test_a_barrier_timeout_while_the_averaged_copy_validates_stops_training(workdir, cli, monkeypatch):
+    """With train.average the deep-copied average validates, through kernels with a flag of their own:
+    that flag is read after each validation."""
+    real_layer = fused_lstm.fused_lstm_layer
+
+    def timing_out_without_gradients(*args, **kwargs):
+        result = real_layer(*args, **kwargs)
+        if not torch.is_grad_enabled():  # validation, not training
+            kwargs["error"].fill_(1)
+        return result
+
+    monkeypatch.setattr(fused_lstm, "fused_lstm_layer", timing_out_without_gradients)
+    tree = {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1, "average": "ema"}}
+    code, _, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "model.impl=fused")
+    assert_one_line_error(code, err, "barrier timed out while validating", "Use model.impl torch")

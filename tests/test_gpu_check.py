@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -63,6 +65,21 @@ def test_without_cuda_it_says_so_in_one_line(gpu_check, tmp_path: Path, capsys) 
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA device (torch "), captured.err
     assert captured.out == "" and not (tmp_path / "out").exists()
+
+
+def test_a_step_past_its_limit_is_killed_with_workers_in_sessions_of_their_own(gpu_check) -> None:
+    """torchrun's workers run in new sessions, outside the step's process group, and inherit its
+    output pipes: they are killed too, so the check goes on instead of waiting for them forever."""
+    worker = "import time; print('worker up', flush=True); time.sleep(120)"
+    launcher = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); time.sleep(120)"
+    )
+    step = gpu_check.Step("hung", "a launcher whose worker hangs", [sys.executable, "-c", launcher], 2)
+    started = time.monotonic()
+    result, out = gpu_check.run_step(step, 2.0, dict(os.environ), lambda _: None)
+    assert time.monotonic() - started < 20
+    assert result.status == "timeout" and "worker up" in out
 
 
 def test_a_missing_package_is_named_with_what_to_carry(gpu_check) -> None:

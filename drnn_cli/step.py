@@ -296,15 +296,20 @@ class StaticStep:
         self._captured = self._captured_loss = None
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
+        inside: Exception | None = None  # what failed inside the capture, if anything did
         try:
             # torch.cuda.graph records on a stream of the current device: make that this run's.
             with torch.cuda.device(self.device), self._rates_from_device(), torch.cuda.graph(graph):
-                loss = self.body()
-        except RuntimeError as error:  # unverified on real GPUs so far: say so in one line
+                try:
+                    loss = self.body()
+                except Exception as error:
+                    inside = error
+                    raise
+        except Exception as error:  # unverified on real GPUs so far: say so in one line
             # When an operation inside the capture fails, leaving the graph context ends the capture,
             # which fails again ("operation failed due to a previous error during capture"): the
-            # first failure, the one worth naming, is that error's context.
-            cause = error.__context__ if isinstance(error.__context__, Exception) else error
+            # first failure is the one worth naming.
+            cause = inside or error
             raise DrnnError(
                 f"train.cuda_graph on: capturing the training step failed ({first_line(cause)}); "
                 "set train.cuda_graph to off and report this (DRNN_DEBUG=1 shows the traceback)"

@@ -270,3 +270,52 @@ def test_cuda_graph_on_without_cuda_is_a_one_line_error(workdir: Path, cli, corp
         "set train.cuda_graph to auto or off"
     ]
     assert not (workdir / "runs" / "quick").exists() and not (workdir / "runs" / "latest").exists()
+
+
+def test_a_failed_capture_names_the_first_error_and_restores_the_rates(
+    corpus_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a capture an illegal operation fails, then ending the capture fails again ("a previous
+    error during capture"): the one line names the first failure, which stays chained for
+    DRNN_DEBUG. The optimizer's groups get their numeric rates back (checkpoints keep those)."""
+    import contextlib
+
+    config = tiny_config(corpus_path, "train.optimizer=adamw", "train.lr=0.01")
+    dataset = load_dataset(config.data)
+    model = build_model(len(dataset.vocab), config.model, seed=0)
+    optimizer = build_optimizer(model, config.train)
+    step = StaticStep(
+        model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 1.0, "fp32",
+        torch.device("cpu"), batch_rows=config.data.batch_size, num_steps=config.data.num_steps,
+        carries_state=True, graph=True,
+    )  # fmt: skip
+    seen_rates = []
+
+    def failing_body() -> torch.Tensor:
+        seen_rates.extend(group["lr"] for group in optimizer.param_groups)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    @contextlib.contextmanager
+    def capture(graph: object):  # ends the capture the way torch.cuda.graph does: it fails too
+        try:
+            yield
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(step, "body", failing_body)
+    with pytest.raises(DrnnError) as failure:
+        step._capture((0.01, 0.01))
+    assert str(failure.value) == (
+        "train.cuda_graph on: capturing the training step failed (CUDA error: operation not permitted "
+        "when stream is capturing); set train.cuda_graph to off and report this (DRNN_DEBUG=1 shows the "
+        "traceback)"
+    )
+    assert "not permitted" in str(failure.value.__cause__)
+    # While recording, AdamW read its rates from device tensors; afterwards the groups hold numbers.
+    assert [type(rate) for rate in seen_rates] == [torch.Tensor, torch.Tensor]
+    assert [group["lr"] for group in optimizer.param_groups] == [0.01, 0.01]
+    assert step.captures == 0

@@ -33,6 +33,8 @@ from drnn_cli.config import ModelConfig
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+# One timestep of a cell (lstm_step, gru_step, rnn_step), or torch.compile's version of it.
+CellStep = Callable[..., Any]
 
 
 class ScratchRecurrent(nn.Module):
@@ -66,7 +68,7 @@ class ScratchRecurrent(nn.Module):
         self.weight_drop = weight_drop
         self.locked = locked
         # What steps one timestep while training: the plain cell, or torch.compile's (compile_cells).
-        self._training_step: Callable[..., Any] = CELL_STEPS[cell]
+        self._training_step: CellStep = CELL_STEPS[cell]
         rows = GATES[cell] * hidden_size
         for layer in range(num_layers):
             width = input_size if layer == 0 else hidden_size
@@ -129,7 +131,7 @@ class ScratchRecurrent(nn.Module):
         h: torch.Tensor,
         c: torch.Tensor,
         w_hh: torch.Tensor,
-        step: Callable[..., Any],
+        step: CellStep,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's recurrence over ``x_gates`` (T, B, 4H), which holds both biases."""
         return _lstm_layer(x_gates, h, c, w_hh.t(), step)
@@ -155,7 +157,7 @@ class FusedRecurrent(ScratchRecurrent):
         h: torch.Tensor,
         c: torch.Tensor,
         w_hh: torch.Tensor,
-        step: Callable[..., Any],
+        step: CellStep,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not fused_lstm.can_run(x_gates.device):
             return super()._lstm_recurrence(x_gates, h, c, w_hh, step)
@@ -192,7 +194,7 @@ def rnn_step(x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, activ
     return activation(torch.addmm(x_gates, h, w_hh_t))
 
 
-CELL_STEPS: dict[str, Callable[..., Any]] = {"lstm": lstm_step, "gru": gru_step, "rnn": rnn_step}
+CELL_STEPS: dict[str, CellStep] = {"lstm": lstm_step, "gru": gru_step, "rnn": rnn_step}
 
 
 def _lstm_layer(
@@ -200,7 +202,7 @@ def _lstm_layer(
     h: torch.Tensor,
     c: torch.Tensor,
     w_hh_t: torch.Tensor,
-    step: Callable[..., Any] = lstm_step,
+    step: CellStep = lstm_step,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     outputs = []
     for x_gates in projected:
@@ -214,7 +216,7 @@ def _gru_layer(
     h: torch.Tensor,
     w_hh_t: torch.Tensor,
     b_hh: torch.Tensor,
-    step: Callable[..., Any] = gru_step,
+    step: CellStep = gru_step,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     outputs = []
     for x_gates in projected:
@@ -228,7 +230,7 @@ def _rnn_layer(
     h: torch.Tensor,
     w_hh_t: torch.Tensor,
     activation: Callable[[torch.Tensor], torch.Tensor],
-    step: Callable[..., Any] = rnn_step,
+    step: CellStep = rnn_step,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     outputs = []
     for x_gates in projected:

@@ -465,10 +465,14 @@ def detach_state(state: State) -> State:
 
 
 def select_state_row(state: State, row: int) -> State:
-    """Keep one row of the state, as a batch of one."""
+    """Keep one row of the state, as a batch of one.
+
+    Contiguous copies: cuDNN refuses a strided ``hx`` ("rnn: hx is not contiguous"); the CPU kernels
+    accept one, so only a GPU would notice.
+    """
     if isinstance(state, tuple):
-        return tuple(s[:, row : row + 1] for s in state)  # type: ignore[return-value]
-    return state[:, row : row + 1]
+        return tuple(s[:, row : row + 1].contiguous() for s in state)  # type: ignore[return-value]
+    return state[:, row : row + 1].contiguous()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -125,7 +125,7 @@ def drnn(*args: str) -> list[str]:
 def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
     """The steps, in order of importance: what must be known first runs first."""
     lstm2, full = "configs/lstm2.yaml", "configs/lstm_full.yaml"
-    pytest_args = ["-q", "-rs", "-p", "no:cacheprovider"] + (["-n", str(workers)] if workers > 1 else [])
+    pytest_args = ["-q", "-rfEs", "-p", "no:cacheprovider"] + (["-n", str(workers)] if workers > 1 else [])
     graph = ("--set", "train.cuda_graph=on")
     bf16 = ("--set", "train.precision=bf16")
 

@@ -82,7 +82,8 @@ def test_the_best_checkpoint_holds_the_average_and_eval_confirms_its_perplexity(
     raw = last.trainer_state["raw_model"]
     assert any(not torch.equal(raw[name], last.model_state[name]) for name in raw)  # averaged ≠ raw
     assert last.trainer_state["average_count"] > 0
-    code, out, _ = cli("eval", "--run", "runs/avg", "--split", "val", "--json")
+    # on the device it trained on: eval's default would take a GPU where there is one (other kernels)
+    code, out, _ = cli("eval", "--run", "runs/avg", "--split", "val", "--device", "cpu", "--json")
     assert code == 0
     assert json.loads(out.splitlines()[-1])["perplexity"] == pytest.approx(result.best_val_ppl, rel=1e-9)
     assert best.best_val_ppl == pytest.approx(result.best_val_ppl)

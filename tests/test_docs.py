@@ -28,7 +28,10 @@ def test_readme_config_table_is_the_schema_reference_row_for_row():
         text=True,
         check=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
     )
     rows = [line for line in done.stdout.splitlines() if line.startswith("| `")]
     assert len(rows) > 50

@@ -60,17 +60,26 @@ class GraphChoice(NamedTuple):
     note: str | None = None
 
 
+AUTO_GRAPH_NOTE = "train.cuda_graph auto: each training step replays as one CUDA graph (off: eager)"
+
+
 def use_cuda_graph(
     choice: str, device: torch.device, precision: str, distributed: bool, lr_every_step: bool = False
 ) -> GraphChoice:
     """Whether ``train.cuda_graph`` captures the step; ``on`` where it cannot is a one-line error.
 
-    ``auto`` means off for now: the capture has not yet been run on a GPU (README "Using a GPU").
+    ``auto`` captures on a CUDA device wherever ``on`` would (and says so in one note), and otherwise
+    trains eagerly without a word: no CPU, no torchrun, no fp16, no capture at every step. Verified on an H200 (README "Using a
+    GPU"): the same perplexities as eager, 3.6-4.2× the eager step at batch 32 in fp32.
     ``lr_every_step``: the learning rate changes at every step (``train.max_steps`` with a schedule or
     warm-up) and the optimizer bakes it into the graph (SGD: see ``reads_lr_on_device``), so the step
     would be captured again at every step, slower than no graph: then it runs eagerly, with a note.
     """
-    if choice != "on":
+    if choice == "off":
+        return GraphChoice(False)
+    if choice == "auto":
+        if device.type == "cuda" and not distributed and precision != "fp16" and not lr_every_step:
+            return GraphChoice(True, AUTO_GRAPH_NOTE)
         return GraphChoice(False)
     if device.type != "cuda":
         raise DrnnError(

@@ -191,7 +191,14 @@ def test_cuda_graph_choice() -> None:
     assert build_config({"train": {"cuda_graph": True}}).train.cuda_graph == "on"
     assert build_config({"train": {"cuda_graph": False}}).train.cuda_graph == "off"
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert use_cuda_graph("auto", cuda, "fp32", False) == (False, None)  # off until verified on a GPU
+    # auto: on for one CUDA device, quietly off wherever `on` would be refused or bypassed
+    graph_note = "train.cuda_graph auto: each training step replays as one CUDA graph (off: eager)"
+    assert use_cuda_graph("auto", cuda, "fp32", False) == (True, graph_note)
+    assert use_cuda_graph("auto", cuda, "bf16", False) == (True, graph_note)
+    assert use_cuda_graph("auto", cpu, "fp32", False) == (False, None)
+    assert use_cuda_graph("auto", cuda, "fp32", True) == (False, None)  # torchrun
+    assert use_cuda_graph("auto", cuda, "fp16", False) == (False, None)
+    assert use_cuda_graph("auto", cuda, "fp32", False, lr_every_step=True) == (False, None)
     assert use_cuda_graph("off", cuda, "fp32", False) == (False, None)
     assert use_cuda_graph("on", cuda, "bf16", False) == (True, None)
     # A rate that moves at every step would mean a capture at every step: eager, said in one line.

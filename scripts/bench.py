@@ -27,6 +27,15 @@ more), and that time is reported as ``cached_seconds`` (target ≤ 2 s)::
 
     python scripts/bench.py --data-scale 100 --json
 
+Profile (``--profile``). Instead of timing rounds, each chosen configuration's sides run
+``--epochs-per-round`` epochs (default 2) after the warm-up under ``torch.profiler``, and the report
+says, per training step: the wall time, what the device was busy for (the union of its kernels' and
+copies' intervals) and how many kernels it ran, the host's top-level operators, and the kernels (on a
+CPU, the operators) that took the most time. A step replayed as a CUDA graph that keeps the device
+busy for most of its wall time is bound by the kernels themselves; one with gaps, by launches::
+
+    python scripts/bench.py --device cuda --profile --configs lstm-seed,lstm-seed-bf16 --json
+
 With ``--json`` the last line on stdout is one JSON object; the human-readable table then goes to
 stderr. On a small shared CPU pass ``--threads 1``: a two-thread OpenMP team whose second core is busy
 can make a seed-size step 20-30× slower, on both sides, which swamps the comparison.
@@ -53,6 +62,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
+from torch.profiler import ProfilerActivity, profile
 
 from drnn_cli.batches import EpochBatches, epoch_generator, training_batches
 from drnn_cli.config import Config, DataConfig, build_config
@@ -487,9 +499,98 @@ def training_plan(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def training_report(device: torch.device, results: dict[str, Any]) -> dict[str, Any]:
+PROFILE_TOP = 8  # kernels (or operators) listed per side
+
+
+def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: device time with overlaps counted once."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def step_profile(events: list[FunctionEvent], seconds: float, steps: int) -> dict[str, Any]:
+    """Per-step figures of a profiled stretch of training (see the module docstring)."""
+    device_events = [e for e in events if e.device_type != DeviceType.CPU]
+    host_ops = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    if device_events:  # a GPU: what its kernels and copies took
+        timed = [(e.name, e.time_range.end - e.time_range.start) for e in device_events]
+    else:  # a CPU: where the operators spent their own time
+        timed = [(e.name, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU]
+    totals: dict[str, list[float]] = {}
+    for name, microseconds in timed:
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += microseconds
+    top = sorted(totals.items(), key=lambda item: -item[1][1])[:PROFILE_TOP]
+    busy = busy_microseconds([(e.time_range.start, e.time_range.end) for e in device_events])
+    wall_us = seconds * 1e6 / steps
     return {
-        "benchmark": "training",
+        "steps": steps,
+        "wall_us_per_step": wall_us,
+        "host_ops_per_step": len(host_ops) / steps,
+        "device_events_per_step": len(device_events) / steps,
+        "device_busy_us_per_step": busy / steps if device_events else None,
+        "device_busy_fraction": busy / steps / wall_us if device_events else None,
+        "top": [
+            {"name": name[:120], "per_step": count / steps, "us_per_step": microseconds / steps}
+            for name, (count, microseconds) in top
+        ],
+    }
+
+
+def profile_config(
+    bench: BenchConfig,
+    config: Config,
+    dataset: Dataset,
+    device: torch.device,
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Warm every side up, then profile ``--epochs-per-round`` epochs of each."""
+    check_reference_supports(config)
+    modes = drnn_modes(args, device)
+    epochs = args.epochs_per_round or 2
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = config.data.batch_size * config.data.num_steps  # tokens per step
+    sides_report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="drnn-bench-") as run_dir:
+        drnn_sides, reference = make_sides(config, dataset, device, Path(run_dir), modes)
+        for side in [*drnn_sides, reference]:
+            time_epochs(side, range(args.warmup_epochs), device)
+            with profile(activities=activities) as profiler:
+                seconds, tokens = time_epochs(
+                    side, range(args.warmup_epochs, args.warmup_epochs + epochs), device
+                )
+            figures = step_profile(list(profiler.events()), seconds, max(1, tokens // rows))
+            figures["tokens_per_s"] = tokens / seconds  # under the profiler: slower than the benchmark
+            sides_report[side.name] = figures
+            busy = figures["device_busy_fraction"]
+            log(
+                f"{bench.name}: {side.name}: {figures['wall_us_per_step']:,.0f} µs per step, "
+                f"{figures['host_ops_per_step']:.0f} host ops"
+                + (
+                    f", device busy {busy:.0%} ({figures['device_events_per_step']:.0f} kernels)"
+                    if busy
+                    else ""
+                )
+            )
+    return {
+        "name": bench.name,
+        "description": bench.description,
+        "device": device_name(device),
+        "config": config_summary(config, dataset),
+        "epochs": epochs,
+        "sides": sides_report,
+    }
+
+
+def training_report(device: torch.device, results: dict[str, Any], kind: str = "training") -> dict[str, Any]:
+    return {
+        "benchmark": kind,
         "device": device_name(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -510,6 +611,7 @@ def run_training_benchmarks(
     if args.threads:
         torch.set_num_threads(args.threads)
     names = chosen_configs(args, device)
+    kind = "profile" if args.profile else "training"
     datasets: dict[str, Dataset] = {}
     results: dict[str, Any] = {}
     for name in names:
@@ -524,14 +626,15 @@ def run_training_benchmarks(
         if key not in datasets:
             datasets[key] = load_dataset(config.data)
         try:
-            results[name] = bench_config(bench, config, datasets[key], device, args, log)
+            measure = profile_config if args.profile else bench_config
+            results[name] = measure(bench, config, datasets[key], device, args, log)
         except Exception as error:  # one broken configuration (Triton's errors included) ends only itself
             problem = f"{type(error).__name__}: {first_line(error)}"
             log(f"{name}: failed ({problem})")
             results[name] = {"name": name, "description": bench.description, "error": problem}
         if partial is not None:
-            partial(training_report(device, results))
-    return training_report(device, results)
+            partial(training_report(device, results, kind))
+    return training_report(device, results, kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,7 +757,30 @@ def run_data_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> 
 
 def render(report: dict[str, Any], to_stderr: bool) -> None:
     """A rich table of the report (plain text when rich is missing)."""
-    if report["benchmark"] == "training":
+    if report["benchmark"] == "profile":
+        title = f"per training step, under torch.profiler — {report['device']}, torch {report['torch']}"
+        header = ["config (side)", "wall µs", "device busy µs", "busy", "kernels", "host ops", "top"]
+        rows = []
+        for name, entry in report["configs"].items():
+            if "skipped" in entry or "error" in entry:
+                status = "skipped" if "skipped" in entry else "FAILED"
+                rows.append([name, status, entry.get("skipped") or entry["error"], "", "", "", ""])
+                continue
+            for side, figures in entry["sides"].items():
+                busy = figures["device_busy_us_per_step"]
+                top = figures["top"][0] if figures["top"] else None
+                rows.append(
+                    [
+                        f"{name} ({side})",
+                        f"{figures['wall_us_per_step']:,.0f}",
+                        f"{busy:,.0f}" if busy is not None else "",
+                        f"{figures['device_busy_fraction']:.0%}" if busy is not None else "",
+                        f"{figures['device_events_per_step']:.0f}" if busy is not None else "",
+                        f"{figures['host_ops_per_step']:.0f}",
+                        f"{top['name'][:40]} {top['us_per_step']:,.0f} µs" if top else "",
+                    ]
+                )
+    elif report["benchmark"] == "training":
         title = f"drnn vs the textbook loop — {report['device']}, torch {report['torch']}, {report['threads']} threads"
         header = ["config", "drnn tok/s", "reference tok/s", "ratio", "drnn ppl", "ref ppl", "rounds×epochs"]
         rows = []
@@ -746,6 +872,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="drnn modes, from: eager, graph (default: both on a GPU, eager on a CPU)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the training plan and exit")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing rounds: where a step's time goes (torch.profiler)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per side (median reported)")
     parser.add_argument(
         "--epochs-per-round", type=int, default=None, help="epochs per round (default: from --round-seconds)"

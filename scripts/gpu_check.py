@@ -18,6 +18,8 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
  7. ``fused-kernels`` ``scripts/fused_bench.py``: one layer fused against cuDNN, microseconds;
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
+    ``profile``   ``scripts/bench.py --profile``: per seed-config step, wall time against the device's busy
+                   time and kernel count, eager and as a graph (where the graph's time goes);
  8. ``full-bf16-graph`` configs/lstm_full.yaml, bf16, with the CUDA graph, if time is left;
  9. ``full-cpu-recipe`` configs/lstm_full_cpu.yaml (the CPU's held-out recipe) on the GPU, if time is left:
                    the candidate to replace lstm_full.yaml's recipe; then ``full-cpu-recipe-graph``, the
@@ -66,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 540
 MIN_STEP_S = 20  # a step with less time than this left is not started
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
+PROFILED = "lstm-seed,lstm-seed-bf16,scratch-lstm-seed,fused-lstm-seed"  # the profile step's configurations
 BENCH_STEPS = ("bench", "bench-compiled")  # scripts/bench.py runs; the second compiles (slow to start)
 FULL_RUNS = ("full-fp32", "full-bf16", "full-bf16-graph", "full-cpu-recipe", "full-cpu-recipe-graph")
 D2L_CONTINUATION = "time traveller for so it will be convenient to speak of himwas e"
@@ -141,7 +144,8 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     torchrun += ["-m", "drnn_cli", "--", "train", "--config", lstm2, "--device", "cuda"]
     torchrun += ["--set", "train.epochs=30", "--run", str(runs / "torchrun"), "--json"]
-    bench = [sys.executable, "scripts/bench.py", "--device", "cuda", "--json", "--corpus", str(corpus)]
+    bench_base = [sys.executable, "scripts/bench.py", "--device", "cuda", "--json", "--corpus", str(corpus)]
+    bench = list(bench_base)
     # Rounds are sized so the fastest side (the graph) runs ~0.3 s; the slower ones then take 2-10×
     # that: 15 configurations × 3 sides × 2 rounds fit the step's limit, and bench.py prints its
     # report after each configuration, so a step cut off at its limit keeps what it measured.
@@ -173,6 +177,12 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "torchrun", "torchrun, one process, NCCL (lstm2, 30 epochs)", torchrun, 90, {"NCCL_DEBUG": "INFO"}
         ),
         Step("bench", "scripts/bench.py --device cuda", bench, 240),
+        Step(
+            "profile",
+            "scripts/bench.py --profile: where a seed step's time goes, eager and as a graph (torch.profiler)",
+            [*bench_base, "--profile", "--configs", PROFILED, "--epochs-per-round", "4"],
+            60,
+        ),
         Step(
             "fused-kernels",
             "scripts/fused_bench.py: one layer's recurrence, fused vs cuDNN, eager and graph",
@@ -607,8 +617,31 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
             lines += [
                 f"| {row['batch']} × {row['steps']} × {row['hidden']} | {row['dtype']} | {where} | {cells} |"
             ]
+    lines += profile_lines(results.get("profile"))
     lines += ["", "## nvidia-smi", "", "```", smi, "```", ""]
     return "\n".join(lines)
+
+
+def profile_lines(step: StepResult | None) -> list[str]:
+    """The profile step's per-step figures: wall time, device-busy time, kernels, the top kernel."""
+    configs = ((step.data.get("json") or {}).get("configs") or {}) if step else {}
+    if not configs:
+        return []
+    lines = ["", "### profile (per training step, under torch.profiler)", ""]
+    lines += [
+        "| config | side | wall µs | device busy µs | busy | kernels | host ops | top kernels (µs per step) |"
+    ]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, entry in configs.items():
+        for side, figures in (entry.get("sides") or {}).items():
+            busy = figures.get("device_busy_us_per_step")
+            top = "; ".join(f"{t['name'][:60]} {t['us_per_step']:,.0f}" for t in figures.get("top", [])[:3])
+            lines += [
+                f"| {name} | {side} | {figures['wall_us_per_step']:,.0f} | "
+                + (f"{busy:,.0f} | {figures['device_busy_fraction']:.0%} | " if busy is not None else " | | ")
+                + f"{figures['device_events_per_step']:.0f} | {figures['host_ops_per_step']:.0f} | {top} |"
+            ]
+    return lines
 
 
 def write_outputs(
@@ -742,7 +775,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: target {verdict.verdict:>12}: {verdict.target}: {verdict.measured}")
     print(f"gpu_check: report in {args.outdir / 'report.md'}")
     # only if time is left
-    optional = {"full-bf16-graph", "full-cpu-recipe", "full-cpu-recipe-eval", "full-cpu-recipe-graph"}
+    optional = {
+        "profile",
+        "full-bf16-graph",
+        "full-cpu-recipe",
+        "full-cpu-recipe-eval",
+        "full-cpu-recipe-graph",
+    }
     failed = [
         r for r in results.values() if r.status != "ok" and not (r.name in optional and r.status == "not run")
     ]

@@ -113,3 +113,27 @@ def test_data_scale_benchmark_measures_a_fresh_process(bench, corpus_path, capsy
     assert report["file_bytes"] <= 0.5 * (1 << 20) and result["vocab_size"] == 28
     assert result["seconds"] > 0 and result["peak_rss_mib"] >= result["baseline_rss_mib"] > 0
     assert result["cached"] is False and result["cached_seconds"] > 0  # under 1 MiB: never cached
+
+
+def test_busy_time_counts_overlapping_kernels_once(bench):
+    # 0-10 and 5-15 overlap (15 µs together), 20-30 stands alone, 22-25 lies inside it
+    assert bench.busy_microseconds([(20, 30), (0, 10), (5, 15), (22, 25)]) == 25
+    assert bench.busy_microseconds([]) == 0
+
+
+def test_profile_says_where_a_step_goes_for_each_side(bench, corpus_path, capsys):
+    tiny = ["data.max_tokens=800", "data.batch_size=4", "data.num_steps=8", "model.hidden_size=16"]
+    argv = ["--device", "cpu", "--profile", "--configs", "lstm-seed,scratch-lstm-seed", "--threads", "1"]
+    argv += ["--warmup-epochs", "1", "--epochs-per-round", "1", "--corpus", str(corpus_path), "--json"]
+    assert bench.main(argv + [arg for override in tiny for arg in ("--set", override)]) == 0
+    report = last_json(capsys.readouterr().out)
+    assert report["benchmark"] == "profile"
+    plain, scratch = (report["configs"][name]["sides"] for name in ("lstm-seed", "scratch-lstm-seed"))
+    assert set(plain) == {"drnn-eager", "reference"}
+    for figures in (*plain.values(), *scratch.values()):
+        assert figures["steps"] == 24  # (800 − 1) // (4 × 8) minibatches in one epoch
+        assert figures["wall_us_per_step"] > 0 and figures["tokens_per_s"] > 0
+        assert figures["device_busy_us_per_step"] is None and figures["device_events_per_step"] == 0  # a CPU
+        assert figures["top"] and all(entry["per_step"] > 0 for entry in figures["top"])
+    # nn.LSTM runs a layer as one operator; the scratch cells step it timestep by timestep (8 here)
+    assert scratch["drnn-eager"]["host_ops_per_step"] > 4 * plain["drnn-eager"]["host_ops_per_step"]

@@ -120,6 +120,10 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "fused-graph": 250.0,
     }
     samples = {"time traveller": gpu_check.D2L_CONTINUATION, "traveller": "traveller x"}
+    graph_step = {"wall_us_per_step": 1250.4, "device_busy_us_per_step": 1100.0, "device_busy_fraction": 0.88}
+    graph_step |= {"device_events_per_step": 412.0, "host_ops_per_step": 3.0}
+    graph_step["top"] = [{"name": "RNN_blockPersist_fp_LSTM", "per_step": 2.0, "us_per_step": 300.0}]
+    profiled = {"drnn-graph": graph_step}
     results = {
         "lstm2": Result(
             "lstm2",
@@ -146,6 +150,9 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
             data={"json": {"configs": {"compiled-lstm-seed": bench_entry(160_000, 300_000, 560_000)}}},
         ),
         "fused-kernels": Result("fused-kernels", "", "ok", data={"json": {"rows": [fused_row]}}),
+        "profile": Result(
+            "profile", "", "ok", data={"json": {"configs": {"lstm-seed": {"sides": profiled}}}}
+        ),
     }
     verdicts = {v.target: v for v in gpu_check.judge(results)}
     assert verdicts["seed LSTM fp32 ≥ 5× the textbook loop"].verdict == "met"
@@ -172,6 +179,9 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
     assert sorted(bench_json) == ["bench", "bench-compiled"]
     assert "compiled-lstm-seed" in bench_json["bench-compiled"]["configs"]
     assert "| 32 × 35 × 256 | bf16 | 16x16, 32 persistent | 900.5 | 700.0 | 300.0 | 250.0 |  |  |" in report
+    assert (
+        "| lstm-seed | drnn-graph | 1,250 | 1,100 | 88% | 412 | 3 | RNN_blockPersist_fp_LSTM 300 |" in report
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bench.json",
         "fused.json",

@@ -69,7 +69,8 @@ DEFAULT_BUDGET_S = 540
 MIN_STEP_S = 20  # a step with less time than this left is not started
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
 PROFILED = "lstm-seed,lstm-seed-bf16,scratch-lstm-seed,fused-lstm-seed"  # the profile step's configurations
-BENCH_STEPS = ("bench", "bench-compiled")  # scripts/bench.py runs; the second compiles (slow to start)
+BENCH_STEPS = ("bench", "bench-compiled")
+AUTO_GRAPH_NOTE_START = "train.cuda_graph auto: each training step replays as one CUDA graph"  # drnn's note  # scripts/bench.py runs; the second compiles (slow to start)
 FULL_RUNS = ("full-fp32", "full-bf16", "full-bf16-graph", "full-cpu-recipe", "full-cpu-recipe-graph")
 D2L_CONTINUATION = "time traveller for so it will be convenient to speak of himwas e"
 CORPUS_CANDIDATES = (
@@ -159,7 +160,10 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         ),
         Step("lstm2", "configs/lstm2.yaml on the GPU (eager, fp32)", train("lstm2", lstm2, *eager), 120),
         Step(
-            "lstm2-graph", "configs/lstm2.yaml, cuda_graph on, fp32", train("lstm2-graph", lstm2, *graph), 60
+            "lstm2-graph",
+            "configs/lstm2.yaml as committed: train.cuda_graph auto, a graph on CUDA, fp32",
+            train("lstm2-graph", lstm2),
+            60,
         ),
         Step(
             "lstm2-graph-bf16",
@@ -316,8 +320,8 @@ def first_line(error: BaseException | str) -> str:
 
 def run_step(
     step: Step, timeout: float, env: dict[str, str], log: Callable[[str], None]
-) -> tuple[StepResult, str]:
-    """Run one step in its own process group; kill the group at ``timeout``. Returns (result, stdout)."""
+) -> tuple[StepResult, str, str]:
+    """Run one step in its own process group; kill the group at ``timeout``. Returns (result, stdout, stderr)."""
     log(f"\n===== {step.name}: {step.title} (limit {timeout:.0f} s)\n$ {shlex.join(step.command)}\n")
     started = time.monotonic()
     process = subprocess.Popen(
@@ -351,7 +355,7 @@ def run_step(
     log(err[-20000:])
     log(f"----- {step.name}: {status}, exit {process.returncode}, {seconds:.1f} s\n")
     note = "" if status == "ok" else (last_meaningful_line(err) or last_meaningful_line(out))
-    return StepResult(step.name, step.title, status, seconds, process.returncode, note=note), out
+    return StepResult(step.name, step.title, status, seconds, process.returncode, note=note), out, err
 
 
 def descendants(pid: int) -> list[int]:
@@ -396,7 +400,7 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def interpret(step: Step, result: StepResult, out: str, runs: Path) -> None:
+def interpret(step: Step, result: StepResult, out: str, runs: Path, err: str = "") -> None:
     """Pull the figures each step exists for out of its output."""
     if step.name == "tests":
         summary = last_meaningful_line(out)
@@ -413,6 +417,8 @@ def interpret(step: Step, result: StepResult, out: str, runs: Path) -> None:
     if step.name.startswith(("lstm2", "torchrun")) and data:
         samples = data.get("samples", {})
         result.data["matches_d2l_continuation"] = samples.get("time traveller") == D2L_CONTINUATION
+    if step.name == "lstm2-graph":  # the default path: auto must have chosen the graph, and said so
+        result.data["graph_by_default"] = AUTO_GRAPH_NOTE_START in out + err
     if step.name == "torchrun":
         result.data["nccl"] = "NCCL INFO" in out
     if step.name.startswith("full-") and not step.name.endswith("-eval"):
@@ -571,6 +577,8 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
             lines += [f"- first continuation equals d2l's: {step.data.get('matches_d2l_continuation')}"]
             if name == "torchrun":
                 lines += [f"- NCCL log lines seen: {step.data.get('nccl')}"]
+            if "graph_by_default" in step.data:
+                lines += [f"- train.cuda_graph auto chose the graph: {step.data['graph_by_default']}"]
     for name in FULL_RUNS:
         step = results.get(name)
         if step and step.data.get("evaluations"):
@@ -761,8 +769,8 @@ def main(argv: list[str] | None = None) -> int:
             # drnn prints the traceback behind a one-line error (a failed capture or compilation) into
             # log.txt; the test suite checks the one-line errors themselves, so not there.
             env = child_env if step.name == "tests" else {**child_env, "DRNN_DEBUG": "1"}
-            result, out = run_step(step, min(step.limit_s, left), env, log)
-            interpret(step, result, out, runs)
+            result, out, err = run_step(step, min(step.limit_s, left), env, log)
+            interpret(step, result, out, runs, err)
             results[step.name] = result
         result = results[step.name]
         print(

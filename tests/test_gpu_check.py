@@ -77,7 +77,7 @@ def test_a_step_past_its_limit_is_killed_with_workers_in_sessions_of_their_own(g
     )
     step = gpu_check.Step("hung", "a launcher whose worker hangs", [sys.executable, "-c", launcher], 2)
     started = time.monotonic()
-    result, out = gpu_check.run_step(step, 2.0, dict(os.environ), lambda _: None)
+    result, out, _ = gpu_check.run_step(step, 2.0, dict(os.environ), lambda _: None)
     assert time.monotonic() - started < 20
     assert result.status == "timeout" and "worker up" in out
 
@@ -216,3 +216,15 @@ def test_cuda_tests_are_collected_and_skipped_cleanly_without_cuda() -> None:
     assert summary.startswith("26 skipped"), done.stdout
     assert done.stdout.count("SKIPPED [") >= 1 and "needs a CUDA device" in done.stdout
     assert "error" not in summary and "passed" not in summary
+
+
+def test_the_default_graph_is_recognised_by_drnn_own_note(gpu_check) -> None:
+    """Step lstm2-graph runs configs/lstm2.yaml as committed and records whether auto chose the graph."""
+    from drnn_cli.step import AUTO_GRAPH_NOTE
+
+    assert AUTO_GRAPH_NOTE.startswith(gpu_check.AUTO_GRAPH_NOTE_START)
+    step = next(s for s in gpu_check.build_plan(Path("runs"), Path("c.txt"), 1) if s.name == "lstm2-graph")
+    assert "train.cuda_graph=on" not in step.command and "train.cuda_graph=off" not in step.command
+    result = gpu_check.StepResult("lstm2-graph", "", "ok")
+    gpu_check.interpret(step, result, '{"train_ppl": 1.02}', Path("runs"), f"note: {AUTO_GRAPH_NOTE}\n")
+    assert result.data["graph_by_default"] is True

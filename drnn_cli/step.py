@@ -69,8 +69,9 @@ def use_cuda_graph(
     """Whether ``train.cuda_graph`` captures the step; ``on`` where it cannot is a one-line error.
 
     ``auto`` captures on a CUDA device wherever ``on`` would (and says so in one note), and otherwise
-    trains eagerly without a word: no CPU, no torchrun, no fp16, no capture at every step. Verified on an H200 (README "Using a
-    GPU"): the same perplexities as eager, 3.6-4.2× the eager step at batch 32 in fp32.
+    trains eagerly without a word: on a CPU, under torchrun, with fp16, or where it would capture at
+    every step. Verified on an H200 (README "Using a GPU"): the same perplexities as eager, 3.6-4.2×
+    the eager step at batch 32 in fp32.
     ``lr_every_step``: the learning rate changes at every step (``train.max_steps`` with a schedule or
     warm-up) and the optimizer bakes it into the graph (SGD: see ``reads_lr_on_device``), so the step
     would be captured again at every step, slower than no graph: then it runs eagerly, with a note.

@@ -44,6 +44,7 @@ can make a seed-size step 20-30× slower, on both sides, which swamps the compar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -54,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,19 @@ def config_summary(config: Config, dataset: Dataset) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def bench_sides(
+    config: Config, dataset: Dataset, device: torch.device, args: argparse.Namespace
+) -> Iterator[tuple[list[str], list[Side], Side]]:
+    """(drnn modes, drnn's sides, the reference) for one configuration, their run files in a temporary
+    directory for as long as they are used: what timing and profiling both start from."""
+    check_reference_supports(config)
+    modes = drnn_modes(args, device)
+    with tempfile.TemporaryDirectory(prefix="drnn-bench-") as run_dir:
+        drnn_sides, reference = make_sides(config, dataset, device, Path(run_dir), modes)
+        yield modes, drnn_sides, reference
+
+
 def bench_config(
     bench: BenchConfig,
     config: Config,
@@ -376,10 +390,7 @@ def bench_config(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Warm both sides up, then time them in alternating rounds; the per-config JSON entry."""
-    check_reference_supports(config)
-    modes = drnn_modes(args, device)
-    with tempfile.TemporaryDirectory(prefix="drnn-bench-") as run_dir:
-        drnn_sides, reference = make_sides(config, dataset, device, Path(run_dir), modes)
+    with bench_sides(config, dataset, device, args) as (modes, drnn_sides, reference):
         sides = [*drnn_sides, reference]
         for side in sides:  # every side warms up on the same epochs; the last one calibrates
             for warmup_epoch in range(args.warmup_epochs):
@@ -551,14 +562,11 @@ def profile_config(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Warm every side up, then profile ``--epochs-per-round`` epochs of each."""
-    check_reference_supports(config)
-    modes = drnn_modes(args, device)
     epochs = args.epochs_per_round or 2
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     rows = config.data.batch_size * config.data.num_steps  # tokens per step
     sides_report: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="drnn-bench-") as run_dir:
-        drnn_sides, reference = make_sides(config, dataset, device, Path(run_dir), modes)
+    with bench_sides(config, dataset, device, args) as (_, drnn_sides, reference):
         for side in [*drnn_sides, reference]:
             time_epochs(side, range(args.warmup_epochs), device)
             with profile(activities=activities) as profiler:

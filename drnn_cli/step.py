@@ -17,7 +17,9 @@ optimizer's step counters (Adam/AdamW keep them on the device with ``capturable=
 rates. Adam/AdamW read the rate from a device tensor that is refilled before each replay, so a
 schedule never needs a new capture; SGD takes it as a host number, so its graph is captured again
 when the rate changes. Dropout masks still differ from replay to replay: PyTorch advances the CUDA
-generator's offset at every replay.
+generator's offset at every replay. fp16's loss scaler decides on the host whether to skip an update
+that overflowed, unless the optimizer is fused: then its update kernels read the overflow flag on the
+device and skip themselves (``fused_updates``), which is how fp16 is captured.
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ def use_cuda_graph(
     """Whether ``train.cuda_graph`` captures the step; ``on`` where it cannot is a one-line error.
 
     ``auto`` captures on a CUDA device wherever ``on`` would (and says so in one note), and otherwise
-    trains eagerly without a word: on a CPU, under torchrun, with fp16, or where it would capture at
-    every step. Verified on an H200 (README "Using a GPU"): the same perplexities as eager, 3.6-4.2×
-    the eager step at batch 32 in fp32.
+    trains eagerly without a word: on a CPU, under torchrun, or where it would capture at every step.
+    Verified on an H200 (README "Using a GPU"): the same perplexities as eager, 3.6-4.2× the eager
+    step at batch 32 in fp32. fp16 is captured only when asked for (``on``): its fused updates have
+    CUDA tests (tests/test_cuda.py) that have yet to run on a GPU, so ``auto`` keeps it eager.
     ``lr_every_step``: the learning rate changes at every step (``train.max_steps`` with a schedule or
     warm-up) and the optimizer bakes it into the graph (SGD: see ``reads_lr_on_device``), so the step
     would be captured again at every step, slower than no graph: then it runs eagerly, with a note.
@@ -92,11 +95,6 @@ def use_cuda_graph(
             "train.cuda_graph on is not supported under torchrun: DistributedDataParallel's gradient "
             "all-reduce is not captured; set train.cuda_graph to off"
         )
-    if precision == "fp16":
-        raise DrnnError(
-            "train.cuda_graph on cannot capture fp16 training: its gradient scaler reads the overflow check "
-            "on the host at every step; use train.precision bf16 (no scaler) or train.cuda_graph off"
-        )
     if lr_every_step:
         return GraphChoice(
             False,
@@ -106,30 +104,50 @@ def use_cuda_graph(
     return GraphChoice(True)
 
 
-def reads_lr_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a captured update can read the learning rate from device memory.
+def reads_lr_on_device(kind: type[torch.optim.Optimizer]) -> bool:
+    """Whether a captured update of this kind of optimizer can read the learning rate from device memory.
 
     Adam/AdamW with ``capturable=True`` accept the rate as a one-element device tensor; SGD's update
     passes it to its kernels as a host number (a tensor rate would be read back with ``.item()``, a
     sync that cannot be captured), so a changed rate needs a new capture.
     """
-    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+    return issubclass(kind, torch.optim.Adam | torch.optim.AdamW)
+
+
+def fused_updates(precision: str, graph: bool) -> bool:
+    """Whether the optimizer is built fused: fp16 under a graph.
+
+    ``GradScaler.step`` reads its overflow flag on the host (``.item()``) to skip an update whose
+    gradients overflowed, a sync that cannot be captured, except for optimizers whose update kernels
+    take the flag as a device tensor and skip themselves: PyTorch's fused SGD, Adam and AdamW. The
+    skip decisions and the scale are GradScaler's either way; the fused kernels round their updates
+    differently in the last bits (a fused multiply-add), which is why eager fp16 keeps the plain ones.
+    """
+    return graph and precision == "fp16"
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Adam/AdamW keep their step counters on the device, so a replayed update advances them.
+    """Ready an optimizer for capture, also after ``load_state_dict`` (which restores saved flags).
 
-    Also after ``load_state_dict`` of a state saved without it: the counters move to the device.
-    SGD has no counter and needs nothing.
+    Adam/AdamW keep their step counters on the device, so a replayed update advances them. A fused
+    optimizer (``fused_updates``) keeps the flag it was built with, and fused SGD with momentum gets
+    zero momentum buffers where it has none: PyTorch's fused SGD allocates them uninitialised at its
+    first step and leaves them so when that step is skipped for an overflow, as fp16's first steps
+    often are. A zero buffer gives the same first update (momentum · 0 + g = g, no dampening).
     """
-    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return
+    fused = bool(optimizer.defaults.get("fused"))
     for group in optimizer.param_groups:
-        group["capturable"] = True
+        if fused:  # not False otherwise: SGD would leave its foreach kernels for a per-tensor loop
+            group["fused"] = True
+        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+            group["capturable"] = True
         for param in group["params"]:
             state = optimizer.state.get(param, {})
             if "step" in state:
                 state["step"] = state["step"].to(dtype=torch.float32, device=param.device)
+            seeds_momentum = fused and isinstance(optimizer, torch.optim.SGD) and group["momentum"]
+            if seeds_momentum and state.get("momentum_buffer") is None:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
 
 
 class StaticStep:
@@ -180,7 +198,7 @@ class StaticStep:
         # Adam/AdamW under a graph: the rates the replays read, refilled from the groups' floats
         # (which the schedule sets and checkpoints keep) whenever those change.
         self._device_lrs: list[torch.Tensor] | None = None
-        if graph and reads_lr_on_device(optimizer):
+        if graph and reads_lr_on_device(type(optimizer)):
             self._device_lrs = [
                 torch.tensor(float(group["lr"]), device=device) for group in optimizer.param_groups
             ]

@@ -45,7 +45,13 @@ from drnn_cli.report import (
 )
 from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
-from drnn_cli.step import StaticStep, make_capturable, reads_lr_on_device, use_cuda_graph
+from drnn_cli.step import (
+    StaticStep,
+    fused_updates,
+    make_capturable,
+    reads_lr_on_device,
+    use_cuda_graph,
+)
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
 
@@ -80,30 +86,41 @@ def lr_factor(epoch: float, config: TrainConfig, horizon: float | None = None) -
     return 1.0
 
 
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The PyTorch optimizer that ``train.optimizer`` names."""
+    classes: dict[str, type[torch.optim.Optimizer]] = {
+        "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+    }
+    return classes[name]
+
+
 def build_optimizer(
-    model: nn.Module, config: TrainConfig, decay_biases: bool | None = None
+    model: nn.Module, config: TrainConfig, decay_biases: bool | None = None, fused: bool = False
 ) -> torch.optim.Optimizer:
     """SGD, Adam or AdamW over the trainable parameters.
 
     AdamW decays only parameters with two or more dimensions (weight matrices, embeddings), as
     nanoGPT does: shrinking biases and norm gains towards zero only regularises the offsets. Those go
     into a second group without decay, unless ``train.decay_biases`` (or ``decay_biases``, which
-    overrides it) asks for one group.
+    overrides it) asks for one group. ``fused``: PyTorch's fused update kernels (fp16 under a CUDA
+    graph, see ``step.fused_updates``); otherwise PyTorch's default (foreach on CUDA, a loop on a CPU).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    kind = optimizer_class(config.optimizer)
+    implementation = {"fused": True} if fused else {}
+    if kind is torch.optim.SGD:
+        return kind(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **implementation
         )
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.decay_biases if decay_biases is None else decay_biases:
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if kind is torch.optim.Adam or (config.decay_biases if decay_biases is None else decay_biases):
+        return kind(params, lr=config.lr, weight_decay=config.weight_decay, **implementation)
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    return kind([g for g in groups if g["params"]], lr=config.lr, **implementation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,16 +181,17 @@ class Trainer:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.optimizer = build_optimizer(self.model, config.train)
         graph_choice = use_cuda_graph(
             train.cuda_graph,
             device,
             train.precision,
             self.dist.enabled,
-            lr_changes_every_step(train) and not reads_lr_on_device(self.optimizer),
+            lr_changes_every_step(train) and not reads_lr_on_device(optimizer_class(train.optimizer)),
         )
         self._notes = [graph_choice.note] if graph_choice.note else []
         cuda_graph = graph_choice.enabled
+        self._fused_updates = fused_updates(train.precision, cuda_graph)
+        self.optimizer = build_optimizer(self.model, train, fused=self._fused_updates)
         if train.compile == "on":  # after the average's copy: that one evaluates, with the plain cells
             self._notes.append(
                 compile_cells(
@@ -283,7 +301,9 @@ class Trainer:
         if saved_groups != len(self.optimizer.param_groups):
             # AdamW with one group is a checkpoint from before biases went undecayed (or one written
             # with train.decay_biases): the resumed run continues the grouping it was trained with.
-            self.optimizer = build_optimizer(self.model, self.config.train, decay_biases=saved_groups == 1)
+            self.optimizer = build_optimizer(
+                self.model, self.config.train, decay_biases=saved_groups == 1, fused=self._fused_updates
+            )
         self.optimizer.load_state_dict(state.optimizer)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)

@@ -120,6 +120,11 @@ BENCHMARKS: dict[str, BenchConfig] = {
         BenchConfig("rnn-seed", "2×256 tanh RNN, seed setting, lr 1", ("model.cell=rnn", "train.lr=1.0")),
         BenchConfig("lstm-seed-bf16", "lstm-seed under bf16 autocast", ("train.precision=bf16",)),
         BenchConfig(
+            "lstm-seed-fp16",
+            "lstm-seed under fp16 autocast with loss scaling (under a graph: fused SGD)",
+            ("train.precision=fp16",),
+        ),
+        BenchConfig(
             "gru-seed-bf16", "gru-seed under bf16 autocast", ("model.cell=gru", "train.precision=bf16")
         ),
         BenchConfig(
@@ -220,13 +225,15 @@ def reference_epoch(
     device: torch.device,
     clip: float,
     precision: str,
+    scaler: torch.amp.GradScaler,
 ) -> tuple[float, int]:
     """d2l's ``train_epoch_ch8`` over ``batches`` (on the CPU, moved per step); returns (ppl, tokens).
 
     The state is carried and detached between sequential minibatches (out of place: ``detach_`` on
     the views nn.LSTM returns is refused by recent PyTorch), and the loss is read with ``.item()``
     every step, as d2l's ``Accumulator`` does. bf16/fp16 configurations run the forward pass and the
-    loss under ``torch.autocast``, which d2l does not have, so both sides do the same arithmetic.
+    loss under ``torch.autocast``, which d2l does not have, so both sides do the same arithmetic;
+    fp16 scales the loss as PyTorch's AMP recipe does (``scaler``: a no-op unless fp16).
     """
     loss_fn = nn.CrossEntropyLoss()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -243,10 +250,12 @@ def reference_epoch(
             y_hat, state = net(x, state)
             loss = loss_fn(y_hat, y.long()).mean()
         optimizer.zero_grad()
-        loss.backward()
+        scaler.scale(loss).backward()
         if clip > 0:
+            scaler.unscale_(optimizer)
             grad_clipping(net, clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         loss_sum += loss.item() * y.numel()
         count += y.numel()
     return math.exp(loss_sum / count), count
@@ -341,11 +350,14 @@ def make_sides(
     )
     net.to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.train.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
     train_cpu = dataset.splits.train
 
     def reference(epoch: int) -> tuple[float, int]:
         batches = epoch_batches(train_cpu, config, epoch)
-        return reference_epoch(net, batches, optimizer, device, config.train.clip, config.train.precision)
+        return reference_epoch(
+            net, batches, optimizer, device, config.train.clip, config.train.precision, scaler
+        )
 
     return drnn_sides, Side("reference", reference)
 

@@ -71,6 +71,7 @@ MIN_STEP_S = 20  # a step with less time than this left is not started
 PROFILED = "lstm-seed,lstm-seed-bf16,scratch-lstm-seed,fused-lstm-seed"  # the profile step's configurations
 BENCH_STEPS = ("bench", "bench-compiled")  # scripts/bench.py runs; the second compiles (slow to start)
 AUTO_GRAPH_NOTE_START = "train.cuda_graph auto: each training step replays as one CUDA graph"  # drnn's note
+LSTM2_RUNS = ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-graph-fp16", "lstm2-fused-graph-bf16")
 FULL_RUNS = ("full-fp32", "full-bf16", "full-bf16-graph", "full-cpu-recipe", "full-cpu-recipe-graph")
 D2L_CONTINUATION = "time traveller for so it will be convenient to speak of himwas e"
 CORPUS_CANDIDATES = (
@@ -169,6 +170,12 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "lstm2-graph-bf16",
             "configs/lstm2.yaml, cuda_graph on, bf16",
             train("lstm2-graph-bf16", lstm2, *graph, *bf16),
+            60,
+        ),
+        Step(
+            "lstm2-graph-fp16",
+            "configs/lstm2.yaml, cuda_graph on, fp16 (fused SGD skips overflowing steps on the device)",
+            train("lstm2-graph-fp16", lstm2, *graph, "--set", "train.precision=fp16"),
             60,
         ),
         Step("full-fp32", "configs/lstm_full.yaml, fp32 (eager)", train("full-fp32", full, *eager), 100),
@@ -486,6 +493,9 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
     ratio_target("seed LSTM fp32 ≥ 5× the textbook loop", "lstm-seed", 5.0)
     ratio_target("seed LSTM bf16 ≥ 10× the textbook loop", "lstm-seed-bf16", 10.0)
     final_ppl_target("seed LSTM bf16 (CUDA graph, 500 epochs) final perplexity ≤ 1.1", "lstm2-graph-bf16")
+    final_ppl_target(
+        "seed LSTM fp16 (CUDA graph, fused SGD, 500 epochs) final perplexity ≤ 1.1", "lstm2-graph-fp16"
+    )
     ratio_target("seed GRU ≥ 5×", "gru-seed", 5.0)
     ratio_target("seed RNN ≥ 5×", "rnn-seed", 5.0)
     ratio_target("seed LSTM, impl scratch ≥ 3×", "scratch-lstm-seed", 3.0)
@@ -565,7 +575,7 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
     lines += [
         f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.note.replace('|', '/')} |" for r in results.values()
     ]
-    for name in ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-fused-graph-bf16", "torchrun"):
+    for name in (*LSTM2_RUNS, "torchrun"):
         step = results.get(name)
         data = step.data.get("json") if step else None
         if data:
@@ -658,7 +668,7 @@ def write_outputs(
     """The report and the per-run JSON files (rewritten after every step: a killed call keeps them)."""
     outdir.mkdir(parents=True, exist_ok=True)
     groups = {
-        "lstm2.json": ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-fused-graph-bf16"),
+        "lstm2.json": LSTM2_RUNS,
         "lstm_full.json": (*FULL_RUNS, *(f"{name}-eval" for name in FULL_RUNS)),
         "torchrun.json": ("torchrun",),
     }

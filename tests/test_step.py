@@ -9,18 +9,22 @@ the same minibatches; losses and parameters must be *equal*, not close.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from drnn_cli.batches import epoch_generator, training_batches
 from drnn_cli.config import Config, TrainConfig, build_config, load_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.models import RNNLanguageModel, build_model, detach_state
-from drnn_cli.step import StaticStep, clip_gradients, reads_lr_on_device, use_cuda_graph
+from drnn_cli.step import StaticStep, clip_gradients, make_capturable, reads_lr_on_device, use_cuda_graph
 from drnn_cli.train import Trainer, build_optimizer, lr_changes_every_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,6 +205,7 @@ def test_cuda_graph_choice() -> None:
     assert use_cuda_graph("auto", cuda, "fp32", False, lr_every_step=True) == (False, None)
     assert use_cuda_graph("off", cuda, "fp32", False) == (False, None)
     assert use_cuda_graph("on", cuda, "bf16", False) == (True, None)
+    assert use_cuda_graph("on", cuda, "fp16", False) == (True, None)  # with fused updates: below
     # A rate that moves at every step would mean a capture at every step: eager, said in one line.
     assert use_cuda_graph("on", cuda, "fp32", False, lr_every_step=True) == (
         False,
@@ -220,13 +225,6 @@ def test_cuda_graph_choice() -> None:
             True,
             "train.cuda_graph on is not supported under torchrun: DistributedDataParallel's gradient all-reduce "
             "is not captured; set train.cuda_graph to off",
-        ),
-        (
-            cuda,
-            "fp16",
-            False,
-            "train.cuda_graph on cannot capture fp16 training: its gradient scaler reads the overflow check on "
-            "the host at every step; use train.precision bf16 (no scaler) or train.cuda_graph off",
         ),
     ]:
         with pytest.raises(DrnnError) as error:
@@ -255,7 +253,7 @@ def test_adam_reads_the_learning_rate_on_the_device_and_sgd_does_not() -> None:
     eagerly with SGD (README "Using a GPU")."""
     model = torch.nn.Linear(2, 2)
     chosen = {
-        name: reads_lr_on_device(build_optimizer(model, TrainConfig(optimizer=name)))
+        name: reads_lr_on_device(type(build_optimizer(model, TrainConfig(optimizer=name))))
         for name in ("sgd", "adam", "adamw")
     }
     assert chosen == {"sgd": False, "adam": True, "adamw": True}
@@ -326,3 +324,164 @@ def test_a_failed_capture_names_the_first_error_and_restores_the_rates(
     assert [type(rate) for rate in seen_rates] == [torch.Tensor, torch.Tensor]
     assert [group["lr"] for group in optimizer.param_groups] == [0.01, 0.01]
     assert step.captures == 0
+
+
+# ----- fp16 under a graph: fused updates, nothing read on the host ----------------------------------
+
+
+class HostRead(AssertionError):
+    """A device value read into Python: a sync that a CUDA graph cannot record."""
+
+
+class NoHostReads(TorchFunctionMode):
+    """Fails on every way of reading a tensor's value into Python (``.item()``, ``bool()``, ...).
+
+    On a CPU nothing syncs, but the same Python runs on a GPU, where each of these waits for the
+    device, and inside ``torch.cuda.graph`` fails the capture.
+    """
+
+    READS = frozenset(
+        {
+            torch.Tensor.item,
+            torch.Tensor.tolist,
+            torch.Tensor.numpy,
+            torch.Tensor.__bool__,
+            torch.Tensor.__float__,
+            torch.Tensor.__int__,
+        }
+    )
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if func in self.READS:
+            raise HostRead(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def fp16_step(config: Config, vocab_size: int, fused: bool) -> StaticStep:
+    """The step as the trainer builds it for fp16: eager (plain updates) or for a graph (fused)."""
+    model = build_model(vocab_size, config.model, seed=config.train.seed)
+    optimizer = build_optimizer(model, config.train, fused=fused)
+    if fused:
+        make_capturable(optimizer)
+    # A first scale far too large, and quick growth: the first steps overflow and are skipped, and
+    # the scale grows again within a dozen steps.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=3)
+    model.train()
+    return StaticStep(
+        model, model, optimizer, scaler, config.train.clip, "fp16", torch.device("cpu"),
+        batch_rows=config.data.batch_size, num_steps=config.data.num_steps, carries_state=True,
+    )  # fmt: skip
+
+
+FP16_CASES = {
+    "sgd-momentum": ("train.momentum=0.9",),
+    "adamw": ("train.optimizer=adamw", "train.lr=0.01"),
+    "sgd-unclipped": ("train.clip=0",),  # no unscale_ before the update: the fused kernel unscales
+}
+
+
+@pytest.mark.parametrize("case", FP16_CASES)
+def test_fp16_fused_updates_skip_what_grad_scaler_skips_without_reading_the_host(
+    corpus_path: Path, case: str
+) -> None:
+    """fp16 under a graph (README "Using a GPU"): the fused step reads nothing on the host, skips the
+    same overflowing steps as today's eager fp16 step (GradScaler's host check), leaves weights and
+    momentum untouched when it skips, ends at the same scale, and trains to the same weights up to
+    the fused kernels' rounding. The scratch cells: CPU autocast has no fp16 LSTM kernel."""
+    config = tiny_config(corpus_path, "model.impl=scratch", *FP16_CASES[case])
+    dataset = load_dataset(config.data)
+    batches = [batch for epoch in two_epochs_of_batches(config, dataset.splits.train) for batch in epoch]
+    plain, fused = (fp16_step(config, len(dataset.vocab), fused=f) for f in (False, True))
+
+    scales: dict[str, list[float]] = {"plain": [], "fused": []}
+    losses: dict[str, list[torch.Tensor]] = {"plain": [], "fused": []}
+    for x, y in batches:
+        before, scale_before = [p.detach().clone() for p in fused.parameters], fused.scaler.get_scale()
+        with NoHostReads():
+            losses["fused"].append(fused(x, y).clone())
+        losses["plain"].append(plain(x, y).clone())
+        for name, step in (("plain", plain), ("fused", fused)):
+            scales[name].append(step.scaler.get_scale())
+        skipped = scales["fused"][-1] < scale_before  # GradScaler halves the scale when it skips
+        moved = [not torch.equal(a, b) for a, b in zip(before, fused.parameters, strict=True)]
+        assert not any(moved) if skipped else all(moved)
+
+    assert scales["fused"] == scales["plain"]
+    halvings = sum(b < a for a, b in itertools.pairwise([2.0**24, *scales["fused"]]))
+    doublings = sum(b > a for a, b in itertools.pairwise([2.0**24, *scales["fused"]]))
+    assert halvings >= 3 and doublings >= 1, scales["fused"]
+    # Measured: losses equal, weights within 3e-8 after 12 steps (a fused multiply-add's rounding).
+    torch.testing.assert_close(torch.stack(losses["fused"]), torch.stack(losses["plain"]), rtol=1e-5, atol=0)
+    for a, b in zip(plain.parameters, fused.parameters, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_todays_eager_fp16_step_reads_the_overflow_flag_on_the_host(corpus_path: Path) -> None:
+    """Why fp16 under a graph needs fused updates: GradScaler.step asks ``found_inf.item()``."""
+    config = tiny_config(corpus_path, "model.impl=scratch")
+    dataset = load_dataset(config.data)
+    step = fp16_step(config, len(dataset.vocab), fused=False)
+    x, y = two_epochs_of_batches(config, dataset.splits.train)[0][0]
+    with NoHostReads(), pytest.raises(HostRead, match="item"):
+        step(x, y)
+
+
+@pytest.mark.parametrize(
+    ("precision", "overrides"),
+    [
+        ("fp32", ()),
+        ("fp32", ("train.momentum=0.9", "train.weight_decay=0.01", "data.sampling=random")),
+        (
+            "bf16",
+            ("model.cell=gru", "model.dropout=0.2", "model.output_dropout=0.1", "train.ar=1", "train.tar=1"),
+        ),
+        ("bf16", ("model.impl=scratch", "model.weight_drop=0.3", "model.embedding_dim=8")),
+    ],
+)
+def test_the_step_reads_nothing_on_the_host(
+    corpus_path: Path, precision: str, overrides: tuple[str, ...]
+) -> None:
+    """What a graph replays must not read a device value on the host; on the CPU, where the step's
+    Python is the same, every such read raises. (Adam/AdamW read their step counter unless made
+    capturable, which PyTorch allows on GPUs only: the CUDA tests cover those.)"""
+    config = tiny_config(corpus_path, f"train.precision={precision}", *overrides)
+    dataset = load_dataset(config.data)
+    model = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
+    model.train()
+    step = StaticStep(
+        model, model, build_optimizer(model, config.train), torch.amp.GradScaler("cpu", enabled=False),
+        config.train.clip, precision, torch.device("cpu"), batch_rows=config.data.batch_size,
+        num_steps=config.data.num_steps, carries_state=config.data.sampling == "sequential",
+        ar=config.train.ar, tar=config.train.tar,
+    )  # fmt: skip
+    batches = two_epochs_of_batches(config, dataset.splits.train)[0][:3]
+    before = [p.detach().clone() for p in step.parameters]
+    with NoHostReads():
+        for x, y in batches:
+            step(x, y)
+    assert all(not torch.equal(a, b) for a, b in zip(before, step.parameters, strict=True))
+
+
+def test_a_loaded_state_keeps_the_fused_update_and_gets_zero_momentum() -> None:
+    """load_state_dict restores the saved group flags: a state saved by an eager fp16 run (plain
+    SGD) loaded for a graph run must stay fused, and momentum it never had starts at zero."""
+    model = torch.nn.Linear(3, 2)
+    config = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9)
+    saved = build_optimizer(model, config).state_dict()  # never stepped: no momentum buffers
+    optimizer = build_optimizer(model, config, fused=True)
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["fused"] is None  # the plain optimizer's flag, restored
+    make_capturable(optimizer)
+    assert optimizer.param_groups[0]["fused"] is True
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    assert all(torch.equal(b, torch.zeros_like(p)) for b, p in zip(buffers, model.parameters(), strict=True))
+    # The plain optimizer is left as PyTorch built it: no flag forced, no state added.
+    plain = build_optimizer(model, config)
+    make_capturable(plain)
+    assert plain.param_groups[0]["fused"] is None and len(plain.state) == 0

@@ -9,6 +9,13 @@ per timestep, against ``nn.LSTM`` (cuDNN) on the same input, each run eagerly an
 Microseconds per forward + backward, from CUDA events over ``--iterations`` after a warm-up; every
 fused run also reports whether a grid barrier timed out. ``--tile BxH`` overrides the planned tile
 (a tuning aid). ``scripts/gpu_check.py`` runs it as its ``fused-kernels`` step.
+
+Then the seed model's two-layer stack through cuDNN (batch 32 × 35 steps, 256 units; the input one-hot
+28 wide as in d2l, or a 128-wide embedding), as one two-layer ``nn.LSTM`` call and as one call per
+layer, in fp32, bf16 and fp16, eager and as a graph, with the costliest kernels of a forward + backward.
+PyTorch lets cuDNN run its persistent kernels (the recurrent weights kept on chip across timesteps)
+only for a one-layer fp16 call whose input and hidden widths are multiples of 128, at batch ≤ 128
+(``get_algo`` in ATen's cudnn/RNN.cpp): the per-layer fp16 rows show whether that beats the stack.
 """
 
 from __future__ import annotations
@@ -88,6 +95,66 @@ def cudnn_runner(batch: int, steps: int, hidden: int, dtype: torch.dtype) -> Cal
     return run
 
 
+STACK_SHAPE = (32, 35, 256)  # (batch, steps, hidden): the seed configuration
+STACK_INPUTS = (28, 128)  # the one-hot width of d2l's vocabulary; an embedding cuDNN can persist on
+DTYPES = (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+
+
+def stack_runner(input_size: int, dtype: torch.dtype, per_layer: bool) -> Callable[[], None]:
+    """Two LSTM layers through cuDNN: one ``nn.LSTM(num_layers=2)`` call, or one call per layer."""
+    batch, steps, hidden = STACK_SHAPE
+    device = torch.device("cuda")
+    if per_layer:
+        layers = [nn.LSTM(input_size, hidden).to(device), nn.LSTM(hidden, hidden).to(device)]
+    else:
+        layers = [nn.LSTM(input_size, hidden, num_layers=2).to(device)]
+    x = torch.randn(steps, batch, input_size, device=device)  # the input needs no gradient, as one-hot
+    probe = torch.randn(steps, batch, hidden, device=device)
+
+    def run() -> None:
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = x
+            for layer in layers:
+                out, _ = layer(out)
+        (out.float() * probe).sum().backward()
+
+    return run
+
+
+def top_kernels(run: Callable[[], None], count: int = 3) -> list[str]:
+    """The names of the kernels that took the most device time in one call of ``run``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        run()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in profiler.events():
+        if event.device_type == DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.end - event.time_range.start
+    return [name[:100] for name, _ in sorted(totals.items(), key=lambda item: -item[1])[:count]]
+
+
+def stack_rows(iterations: int) -> tuple[list[dict[str, Any]], bool]:
+    """µs per forward + backward of the two-layer stack, each way; and whether any side failed."""
+    rows, failed = [], False
+    for input_size in STACK_INPUTS:
+        for dtype_name, dtype in DTYPES:
+            row: dict[str, Any] = {"input": input_size, "dtype": dtype_name}
+            for label, per_layer in (("stack", False), ("per-layer", True)):
+                try:
+                    run = stack_runner(input_size, dtype, per_layer)
+                    row[label] = round(time_us(run, iterations, graph=False), 1)
+                    row[f"{label}-graph"] = round(time_us(run, iterations, graph=True), 1)
+                    row[f"{label}-kernels"] = top_kernels(run)
+                except Exception as problem:  # report every side, then fail
+                    row[label] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
+                    failed = True
+            rows.append(row)
+    return rows, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -105,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     failed = False
     for batch, steps, hidden in SHAPES:
-        for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for dtype_name, dtype in DTYPES:
             planned = fused_lstm.plan_launch(batch, hidden, slots)
             if args.tile:
                 block_b, block_h = (int(part) for part in args.tile.lower().split("x"))
@@ -147,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             if not args.json:
                 print(json.dumps(row), flush=True)
+    stack, stack_failed = stack_rows(args.iterations)
+    if not args.json:
+        for row in stack:
+            print(json.dumps(row), flush=True)
     if args.json:
-        print(json.dumps({"device": torch.cuda.get_device_name(0), "slots": slots, "rows": rows}))
-    return 1 if failed else 0
+        report = {"device": torch.cuda.get_device_name(0), "slots": slots, "rows": rows, "stack": stack}
+        print(json.dumps(report))
+    return 1 if failed or stack_failed else 0
 
 
 if __name__ == "__main__":

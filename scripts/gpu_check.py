@@ -15,7 +15,8 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
  5. ``torchrun``   ``torchrun --standalone --nproc_per_node 1 -m drnn_cli -- train ...`` over NCCL;
  6. ``bench``      ``scripts/bench.py --device cuda --json`` (eager and CUDA graph against the textbook loop,
                    impl torch, scratch and fused);
- 7. ``fused-kernels`` ``scripts/fused_bench.py``: one layer fused against cuDNN, microseconds;
+ 7. ``fused-kernels`` ``scripts/fused_bench.py``: one layer fused against cuDNN, and the seed stack as one
+                   cuDNN call against one call per layer (fp32/bf16/fp16), microseconds;
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
     ``profile``   ``scripts/bench.py --profile``: per seed-config step, wall time against the device's busy
@@ -68,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 540
 MIN_STEP_S = 20  # a step with less time than this left is not started
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
-PROFILED = "lstm-seed,lstm-seed-bf16,scratch-lstm-seed,fused-lstm-seed"  # the profile step's configurations
+PROFILED = "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,scratch-lstm-seed,fused-lstm-seed"  # the profile step's configurations
 BENCH_STEPS = ("bench", "bench-compiled")  # scripts/bench.py runs; the second compiles (slow to start)
 AUTO_GRAPH_NOTE_START = "train.cuda_graph auto: each training step replays as one CUDA graph"  # drnn's note
 LSTM2_RUNS = ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-graph-fp16", "lstm2-fused-graph-bf16")
@@ -196,9 +197,10 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         ),
         Step(
             "fused-kernels",
-            "scripts/fused_bench.py: one layer's recurrence, fused vs cuDNN, eager and graph",
+            "scripts/fused_bench.py: one layer's recurrence, fused vs cuDNN; the seed stack, one cuDNN call "
+            "or one per layer (fp16: cuDNN's persistent kernels); eager and graph",
             [sys.executable, "scripts/fused_bench.py", "--json"],
-            60,
+            90,
         ),
         Step(
             "bench-compiled",
@@ -635,6 +637,20 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
             lines += [
                 f"| {row['batch']} × {row['steps']} × {row['hidden']} | {row['dtype']} | {where} | {cells} |"
             ]
+    stack_rows = (fused.data.get("json") or {}).get("stack", []) if fused else []
+    if stack_rows:
+        sides = ("stack", "stack-graph", "per-layer", "per-layer-graph")
+        lines += [
+            "",
+            "### the seed stack through cuDNN (µs per forward + backward, 2 × 256 LSTM, B32 T35)",
+            "",
+        ]
+        lines += ["| input | dtype | " + " | ".join(sides) + " | per-layer kernels |"]
+        lines += ["| --- | --- | " + " | ".join("---" for _ in sides) + " | --- |"]
+        for row in stack_rows:
+            cells = " | ".join(str(row.get(side, "")) for side in sides)
+            kernels = "; ".join(row.get("per-layer-kernels", [])).replace("|", "/")
+            lines += [f"| {row['input']} | {row['dtype']} | {cells} | {kernels} |"]
     lines += profile_lines(results.get("profile"))
     lines += ["", "## nvidia-smi", "", "```", smi, "```", ""]
     return "\n".join(lines)

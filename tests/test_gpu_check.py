@@ -119,6 +119,8 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "fused": 300.0,
         "fused-graph": 250.0,
     }
+    stack_row = {"input": 128, "dtype": "fp16", "stack": 900.0, "stack-graph": 600.0, "per-layer": 800.0}
+    stack_row |= {"per-layer-graph": 300.0, "per-layer-kernels": ["RNN_blockPersist_fp_LSTM", "gemm|x"]}
     samples = {"time traveller": gpu_check.D2L_CONTINUATION, "traveller": "traveller x"}
     graph_step = {"wall_us_per_step": 1250.4, "device_busy_us_per_step": 1100.0, "device_busy_fraction": 0.88}
     graph_step |= {"device_events_per_step": 412.0, "host_ops_per_step": 3.0}
@@ -149,7 +151,9 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
             "ok",
             data={"json": {"configs": {"compiled-lstm-seed": bench_entry(160_000, 300_000, 560_000)}}},
         ),
-        "fused-kernels": Result("fused-kernels", "", "ok", data={"json": {"rows": [fused_row]}}),
+        "fused-kernels": Result(
+            "fused-kernels", "", "ok", data={"json": {"rows": [fused_row], "stack": [stack_row]}}
+        ),
         "profile": Result(
             "profile", "", "ok", data={"json": {"configs": {"lstm-seed": {"sides": profiled}}}}
         ),
@@ -182,6 +186,7 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
     assert (
         "| lstm-seed | drnn-graph | 1,250 | 1,100 | 88% | 412 | 3 | RNN_blockPersist_fp_LSTM 300 |" in report
     )
+    assert "| 128 | fp16 | 900.0 | 600.0 | 800.0 | 300.0 | RNN_blockPersist_fp_LSTM; gemm/x |" in report
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bench.json",
         "fused.json",

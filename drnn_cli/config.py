@@ -120,6 +120,11 @@ class ModelConfig(_Section):
         "torch",
         description="torch: nn.RNN/GRU/LSTM; scratch: own cells; fused: Triton LSTM kernels on CUDA (experimental)",
     )
+    layer_calls: Literal["stack", "each"] = Field(
+        "stack",
+        description="impl torch in training: all layers in one cuDNN/oneDNN call, or one call each "
+        "(fp16 on a GPU: lets cuDNN pick its persistent kernels; experimental)",
+    )
     embedding_dim: int = Field(
         0, ge=0, le=MAX_WIDTH, description="0 = one-hot input as in d2l; else a learned embedding"
     )
@@ -151,6 +156,11 @@ class ModelConfig(_Section):
             raise ValueError("model.embedding_dropout needs a learned embedding: set model.embedding_dim > 0")
         if self.nonlinearity == "relu" and self.cell != "rnn":
             raise ValueError("model.nonlinearity applies only to model.cell: rnn")
+        if self.layer_calls == "each" and self.impl != "torch":
+            raise ValueError(
+                f"model.layer_calls each applies to model.impl torch (impl {self.impl} steps its layers "
+                "one by one already); set it to stack"
+            )
         if self.impl == "fused" and self.cell != "lstm":
             raise ValueError(
                 f"model.impl fused has an LSTM kernel only; for model.cell {self.cell} use impl torch or scratch"

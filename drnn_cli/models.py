@@ -248,16 +248,20 @@ class _LayerwiseRegularised:
     sequence between layers. In training, with either active, the stack runs one layer at a time
     through the same kernels (``torch.lstm`` / ``torch.gru`` / ``torch.rnn_*``), drawing random numbers
     in the same order as :class:`ScratchRecurrent`, so the two implementations agree mask for mask.
-    Otherwise, and always in evaluation, the module's own fused forward runs unchanged. Parameter
-    names stay PyTorch's, so checkpoints move freely between the paths and implementations.
+    ``model.layer_calls: each`` takes the same path without them: cuDNN runs its persistent kernels
+    (the recurrent weights kept on chip across timesteps) only for one-layer fp16 calls (PyTorch's
+    ``get_algo``, aten/src/ATen/native/cudnn/RNN.cpp). Otherwise, and always in evaluation, the
+    module's own fused forward runs unchanged. Parameter names stay PyTorch's, so checkpoints move
+    freely between the paths and implementations.
     """
 
     weight_drop: float = 0.0
     locked: bool = False
+    per_layer: bool = False  # model.layer_calls: each
     layer_dropout: float = 0.0  # between layers; the module's own ``dropout`` is 0 on the layerwise path
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:  # type: ignore[override]
-        if not self.training or (self.weight_drop == 0 and not self.locked):
+        if not self.training or (self.weight_drop == 0 and not self.locked and not self.per_layer):
             return super().forward(inputs, state)  # type: ignore[misc]
         module: nn.RNNBase = self  # type: ignore[assignment]
         h0, c0 = state if isinstance(state, tuple) else (state, None)
@@ -349,7 +353,8 @@ def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
             config.weight_drop,
             locked,
         )
-    layerwise = config.weight_drop > 0 or locked
+    per_layer = config.layer_calls == "each"
+    layerwise = config.weight_drop > 0 or locked or per_layer
     # On the layerwise path this class applies the between-layer dropout itself.
     fused_dropout = 0.0 if layerwise else dropout
     if config.cell == "lstm":
@@ -368,6 +373,7 @@ def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
         )
     module.weight_drop = config.weight_drop
     module.locked = locked
+    module.per_layer = per_layer
     module.layer_dropout = dropout
     return module
 

@@ -125,6 +125,11 @@ BENCHMARKS: dict[str, BenchConfig] = {
             ("train.precision=fp16",),
         ),
         BenchConfig(
+            "lstm-seed-fp16-each",
+            "lstm-seed-fp16 with model.layer_calls: each (cuDNN may persist layer 2: input 256, fp16)",
+            ("train.precision=fp16", "model.layer_calls=each"),
+        ),
+        BenchConfig(
             "gru-seed-bf16", "gru-seed under bf16 autocast", ("model.cell=gru", "train.precision=bf16")
         ),
         BenchConfig(
@@ -775,6 +780,12 @@ def run_data_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> 
 # Output
 
 
+def unmeasured_row(name: str, entry: dict[str, Any]) -> list[str]:
+    """A table row for a configuration that was skipped or failed: why, in the row's third cell."""
+    status = "skipped" if "skipped" in entry else "FAILED"
+    return [name, status, entry.get("skipped") or entry["error"], "", "", "", ""]
+
+
 def render(report: dict[str, Any], to_stderr: bool) -> None:
     """A rich table of the report (plain text when rich is missing)."""
     if report["benchmark"] == "profile":
@@ -783,8 +794,7 @@ def render(report: dict[str, Any], to_stderr: bool) -> None:
         rows = []
         for name, entry in report["configs"].items():
             if "skipped" in entry or "error" in entry:
-                status = "skipped" if "skipped" in entry else "FAILED"
-                rows.append([name, status, entry.get("skipped") or entry["error"], "", "", "", ""])
+                rows.append(unmeasured_row(name, entry))
                 continue
             for side, figures in entry["sides"].items():
                 busy = figures["device_busy_us_per_step"]
@@ -806,8 +816,7 @@ def render(report: dict[str, Any], to_stderr: bool) -> None:
         rows = []
         for name, entry in report["configs"].items():
             if "skipped" in entry or "error" in entry:
-                status = "skipped" if "skipped" in entry else "FAILED"
-                rows.append([name, status, entry.get("skipped") or entry["error"], "", "", "", ""])
+                rows.append(unmeasured_row(name, entry))
                 continue
             for mode, figures in entry["modes"].items():
                 rows.append(

@@ -44,6 +44,7 @@ INVALID = {
     "model.weight_drop": (1.5, "less than 1"),
     "model.bidirectional": (True, "predict"),
     "model.impl": ("cudnn", "'torch', 'scratch' or 'fused'"),
+    "model.layer_calls": ("per-layer", "'stack' or 'each'"),
     "model.embedding_dim": (-1, "greater than or equal to 0"),
     "model.nonlinearity": ("sigmoid", "'tanh' or 'relu'"),
     "model.init": ("xavier", "'torch' or 'd2l'"),
@@ -138,6 +139,8 @@ def test_cross_field_rules_name_the_keys():
         build_config({"model": {"tie_weights": True, "embedding_dim": 8, "hidden_size": 16}})
     with pytest.raises(ConfigError, match="embedding_dropout needs a learned embedding"):
         build_config({"model": {"embedding_dropout": 0.2}})
+    with pytest.raises(ConfigError, match="model.layer_calls each applies to model.impl torch"):
+        build_config({"model": {"layer_calls": "each", "impl": "scratch"}})
 
 
 def test_set_overrides_nested_keys_with_yaml_typed_values():

@@ -94,6 +94,42 @@ def test_without_regularisers_the_torch_stack_is_plain_pytorch_and_draws_no_rand
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.parametrize(("cell", "nonlinearity"), CELLS, ids=["rnn-tanh", "rnn-relu", "gru", "lstm"])
+def test_layer_calls_each_runs_one_kernel_call_per_layer_and_computes_the_stack(
+    cell: str, nonlinearity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.layer_calls each (README "Using a GPU"): in training, one torch.lstm/gru/rnn_* call per
+    layer, with the stacked call's outputs, final state and gradients; in evaluation, the stacked call."""
+    kernel = {"lstm": "lstm", "gru": "gru", "rnn": f"rnn_{nonlinearity}"}[cell]
+    calls = []
+    original = getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda *args: calls.append(1) or original(*args))
+    settings = {"cell": cell, "nonlinearity": nonlinearity}
+    each = make_recurrent(config(layer_calls="each", **settings), 5).double().train()
+    stack = make_recurrent(config(**settings), 5).double().train()
+    stack.load_state_dict(each.state_dict(), strict=True)
+    inputs = torch.randn(7, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    state = initial_state(cell, 3, 4, 6)
+
+    results = []
+    for module in (each, stack):
+        outputs, final = module(inputs, state)
+        loss = outputs.square().sum() + sum(
+            part.sum() for part in (final if isinstance(final, tuple) else (final,))
+        )
+        results.append((outputs, final, torch.autograd.grad(loss, list(module.parameters()))))
+    assert len(calls) == 3  # the three layers of `each`; the stack went through one fused call
+    (out_a, final_a, grads_a), (out_b, final_b, grads_b) = results
+    assert_close(out_a, out_b, **TOL)
+    assert_close(final_a, final_b, **TOL)
+    for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+        assert_close(grad_a, grad_b, **TOL)
+    each.eval()
+    with torch.no_grad():
+        each(inputs, state)
+    assert len(calls) == 3
+
+
 def test_a_dropout_mask_zeroes_a_p_share_and_scales_the_rest_by_one_over_one_minus_p():
     like = torch.zeros(1, dtype=torch.float64)
     torch.manual_seed(3)

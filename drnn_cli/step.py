@@ -127,18 +127,16 @@ def fused_updates(precision: str, graph: bool) -> bool:
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Ready an optimizer for capture, also after ``load_state_dict`` (which restores saved flags).
+    """Ready an optimizer for capture (after ``train.restore_optimizer_state``, when resuming).
 
-    Adam/AdamW keep their step counters on the device, so a replayed update advances them. A fused
-    optimizer (``fused_updates``) keeps the flag it was built with, and fused SGD with momentum gets
-    zero momentum buffers where it has none: PyTorch's fused SGD allocates them uninitialised at its
-    first step and leaves them so when that step is skipped for an overflow, as fp16's first steps
-    often are. A zero buffer gives the same first update (momentum · 0 + g = g, no dampening).
+    Adam/AdamW keep their step counters on the device, so a replayed update advances them. Fused SGD
+    with momentum (``fused_updates``) gets zero momentum buffers where it has none: PyTorch's fused
+    SGD allocates them uninitialised at its first step and leaves them so when that step is skipped
+    for an overflow, as fp16's first steps often are. A zero buffer gives the same first update
+    (momentum · 0 + g = g, no dampening).
     """
     fused = bool(optimizer.defaults.get("fused"))
     for group in optimizer.param_groups:
-        if fused:  # not False otherwise: SGD would leave its foreach kernels for a per-tensor loop
-            group["fused"] = True
         if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
             group["capturable"] = True
         for param in group["params"]:

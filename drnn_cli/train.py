@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,6 +124,32 @@ def build_optimizer(
     return kind([g for g in groups if g["params"]], lr=config.lr, **implementation)
 
 
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable")  # how an optimizer runs, not what it computes
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load a checkpoint's optimizer state into the optimizer built for this run.
+
+    ``load_state_dict`` also brings back the saved groups' implementation flags, and places Adam's
+    step counters by them: a state saved by a CUDA-graph run (``capturable``, perhaps ``fused``)
+    resumed on a CPU would make PyTorch refuse the update ("capturable=True ... supported devices"),
+    and resumed eagerly would run fused or capturable kernels that this run did not choose. The flags
+    go back to the ones this optimizer was built with, and the counters of a plain Adam/AdamW back to
+    the host, where PyTorch keeps them; ``step.make_capturable`` readies them for a graph afterwards.
+    """
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        for flag in IMPLEMENTATION_FLAGS:
+            if flag in optimizer.defaults:
+                group[flag] = optimizer.defaults[flag]
+        if group.get("capturable") or group.get("fused"):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].cpu()
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 
@@ -223,7 +250,7 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
         if cuda_graph:
-            make_capturable(self.optimizer)  # after _restore: a loaded state dict resets the flag
+            make_capturable(self.optimizer)  # after _restore, which puts back the flags it was built with
         self.static_step = StaticStep(
             self.network,
             self.model,
@@ -304,7 +331,7 @@ class Trainer:
             self.optimizer = build_optimizer(
                 self.model, self.config.train, decay_biases=saved_groups == 1, fused=self._fused_updates
             )
-        self.optimizer.load_state_dict(state.optimizer)
+        restore_optimizer_state(self.optimizer, state.optimizer)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)
         own = state.for_rank(self.dist.rank, self.dist.world_size)

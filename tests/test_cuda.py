@@ -175,8 +175,10 @@ def test_torchrun_with_one_process_trains_over_nccl(tmp_path: Path, corpus_path:
 CASES = [(o, s, "torch", "fp32") for o in ("sgd", "adamw") for s in ("sequential", "random")]
 CASES += [("sgd", "sequential", "fused", "fp32"), ("adamw", "random", "fused", "fp32")]
 # fp16: GradScaler's skips decided on the device by the fused updates (SGD with momentum: the first,
-# skipped, steps must leave its buffers at zero)
+# skipped, steps must leave its buffers at zero;
+# the other, unclipped: GradScaler does not unscale first, the fused kernel divides by the scale)
 CASES += [("sgd-momentum", "sequential", "torch", "fp16"), ("adamw", "random", "torch", "fp16")]
+CASES += [("sgd-unclipped", "random", "torch", "fp16")]
 
 
 @pytest.mark.parametrize(("optimizer", "sampling", "impl", "precision"), CASES)
@@ -187,8 +189,9 @@ def test_cuda_graph_replays_what_the_eager_step_computes(
     momentum = "0.9" if optimizer == "sgd-momentum" else "0"
     config = tiny_config(
         corpus_path,
-        f"train.optimizer={optimizer.removesuffix('-momentum')}",
+        f"train.optimizer={optimizer.split('-')[0]}",
         f"train.momentum={momentum}",
+        f"train.clip={0 if optimizer == 'sgd-unclipped' else 1}",
         f"data.sampling={sampling}",
         f"train.lr={lr}",
         f"model.impl={impl}",
@@ -325,16 +328,16 @@ def test_trainer_with_cuda_graph_on_trains_as_eager(
     assert results["on"].val_ppl == pytest.approx(results["off"].val_ppl, rel=rel)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "sgd-fp16"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "sgd-fp16", "adamw-fp16"])
 def test_a_graph_run_stopped_mid_epoch_and_resumed_trains_as_a_straight_one(
     workdir: Path, corpus_path: Path, optimizer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGINT at a step boundary inside epoch 2, then --resume, under cuda_graph on: the resumed process
     records its graph again (its first steps are eager warm-ups, AdamW's state made capturable after
-    loading, fp16's SGD fused again and its loss scale restored) and ends where an uninterrupted graph
+    loading, fp16's optimizer fused again and its loss scale restored) and ends where an uninterrupted graph
     run ends. Not bit for bit: warm-up steps run eagerly where the straight run replays (1e-5
     relative, as graph against eager)."""
-    lr = "0.01" if optimizer == "adamw" else "1.0"
+    lr = "0.01" if optimizer.startswith("adamw") else "1.0"
     precision = "fp16" if optimizer.endswith("-fp16") else "fp32"
     config = tiny_config(
         corpus_path,
@@ -342,7 +345,7 @@ def test_a_graph_run_stopped_mid_epoch_and_resumed_trains_as_a_straight_one(
         f"train.lr={lr}",
         "train.cuda_graph=on",
         f"train.precision={precision}",
-        f"train.momentum={0.5 if precision == 'fp16' else 0}",
+        f"train.momentum={0.5 if optimizer == 'sgd-fp16' else 0}",
     )
     path = write_yaml(workdir / "tiny.yaml", config)
 

@@ -9,6 +9,7 @@ the same minibatches; losses and parameters must be *equal*, not close.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.models import RNNLanguageModel, build_model, detach_state
 from drnn_cli.step import StaticStep, clip_gradients, make_capturable, reads_lr_on_device, use_cuda_graph
-from drnn_cli.train import Trainer, build_optimizer, lr_changes_every_step
+from drnn_cli.train import Trainer, build_optimizer, lr_changes_every_step, restore_optimizer_state
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -468,20 +469,48 @@ def test_the_step_reads_nothing_on_the_host(
     assert all(not torch.equal(a, b) for a, b in zip(before, step.parameters, strict=True))
 
 
-def test_a_loaded_state_keeps_the_fused_update_and_gets_zero_momentum() -> None:
+def test_a_restored_state_keeps_the_fused_update_and_gets_zero_momentum() -> None:
     """load_state_dict restores the saved group flags: a state saved by an eager fp16 run (plain
-    SGD) loaded for a graph run must stay fused, and momentum it never had starts at zero."""
+    SGD) restored for a graph run must stay fused, and momentum it never had starts at zero."""
     model = torch.nn.Linear(3, 2)
     config = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9)
     saved = build_optimizer(model, config).state_dict()  # never stepped: no momentum buffers
-    optimizer = build_optimizer(model, config, fused=True)
-    optimizer.load_state_dict(saved)
-    assert optimizer.param_groups[0]["fused"] is None  # the plain optimizer's flag, restored
-    make_capturable(optimizer)
-    assert optimizer.param_groups[0]["fused"] is True
-    buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    fused = build_optimizer(model, config, fused=True)
+    fused.load_state_dict(saved)
+    assert fused.param_groups[0]["fused"] is None  # what load_state_dict alone leaves
+    restore_optimizer_state(fused, saved)
+    make_capturable(fused)
+    assert fused.param_groups[0]["fused"] is True
+    buffers = [fused.state[p]["momentum_buffer"] for p in model.parameters()]
     assert all(torch.equal(b, torch.zeros_like(p)) for b, p in zip(buffers, model.parameters(), strict=True))
     # The plain optimizer is left as PyTorch built it: no flag forced, no state added.
     plain = build_optimizer(model, config)
     make_capturable(plain)
     assert plain.param_groups[0]["fused"] is None and len(plain.state) == 0
+
+
+def test_a_graph_runs_adamw_state_resumes_on_a_cpu() -> None:
+    """A CUDA-graph run saves AdamW's groups with capturable (and, under fp16, fused) set; resumed on
+    a CPU, PyTorch would refuse the update ("capturable=True ... supported devices"). Restored, the
+    optimizer runs as built and continues exactly where the saved one would have."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    config = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+    original = build_optimizer(model, config)
+    for _ in range(2):
+        model.weight.grad, model.bias.grad = torch.randn(2, 3), torch.randn(2)
+        original.step()
+    saved = copy.deepcopy(original.state_dict())  # a checkpoint holds copies of the moments
+    for group in saved["param_groups"]:  # as a graph run on a GPU saves them
+        group |= {"capturable": True, "fused": True, "foreach": None}
+    resumed_model = torch.nn.Linear(3, 2)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = build_optimizer(resumed_model, config)
+    restore_optimizer_state(resumed, saved)
+    assert [(g["capturable"], g["fused"]) for g in resumed.param_groups] == [(False, None)] * 2
+    grads = torch.randn(2, 3), torch.randn(2)
+    for m, optimizer in ((model, original), (resumed_model, resumed)):
+        m.weight.grad, m.bias.grad = (g.clone() for g in grads)
+        optimizer.step()
+    assert torch.equal(resumed_model.weight, model.weight) and torch.equal(resumed_model.bias, model.bias)
+    assert float(resumed.state[resumed_model.weight]["step"]) == 3.0

@@ -2,7 +2,8 @@
 
 ``tensorboard`` is an optional extra (``pip install 'drnn[tensorboard]'``); without it the option is
 refused before training starts. Gradient norms are summed on the device at every step and read
-only when a metrics line is logged, so logging adds no host sync to the loop.
+only when a metrics line is logged, so logging adds no host sync to the loop. A non-finite norm (an
+fp16 step whose gradients overflowed, which the loss scaler skips) is left out of the mean.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class TensorBoardLog:
         self.log_dir = log_dir
         self.resume_step = resume_step  # None: a fresh run, whose old event files are dropped
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.grad_norm_count = 0
+        self.grad_norm_count = torch.zeros((), dtype=torch.float64, device=device)  # finite norms summed
 
     @property
     def writer(self) -> Any:
@@ -41,8 +42,9 @@ class TensorBoardLog:
         return self._writer
 
     def add_grad_norm(self, norm: torch.Tensor) -> None:
-        self.grad_norm_sum += norm.double()
-        self.grad_norm_count += 1
+        finite = torch.isfinite(norm)
+        self.grad_norm_sum += torch.where(finite, norm.double(), 0.0)
+        self.grad_norm_count += finite
 
     def add_record(self, record: Any) -> None:
         """A metrics.jsonl line (report.EpochRecord) and the mean gradient norm since the last one."""
@@ -52,10 +54,11 @@ class TensorBoardLog:
             "learning_rate": record.lr,
             "tokens_per_s": record.tokens_per_s,
         }
-        if self.grad_norm_count:
-            scalars["gradient_norm"] = float(self.grad_norm_sum) / self.grad_norm_count
-            self.grad_norm_sum.zero_()
-            self.grad_norm_count = 0
+        count = float(self.grad_norm_count)
+        if count:
+            scalars["gradient_norm"] = float(self.grad_norm_sum) / count
+        self.grad_norm_sum.zero_()
+        self.grad_norm_count.zero_()
         for tag, value in scalars.items():
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, record.step)

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -77,3 +78,35 @@ def test_without_the_package_the_option_is_refused_in_one_line(
         "or set train.tensorboard: false"
     )
     assert not (workdir / "runs" / "tiny").exists()
+
+
+def test_the_logged_gradient_norm_leaves_out_the_steps_an_fp16_overflow_skipped(tmp_path: Path) -> None:
+    """fp16: a step whose gradients overflowed has an inf/NaN norm and no update; the interval's
+    mean is over the other steps, where it used to be dropped whole (a non-finite sum)."""
+    import torch
+
+    from drnn_cli.tensorboard_log import TensorBoardLog
+
+    scalars: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def __init__(self, log_dir: str, purge_step: int | None) -> None:
+            pass
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            scalars.append((tag, value, step))
+
+        def flush(self) -> None:
+            pass
+
+    log = TensorBoardLog(Writer, tmp_path, torch.device("cpu"), resume_step=None)
+    for norm in (2.0, math.inf, 4.0, math.nan):
+        log.add_grad_norm(torch.tensor(norm))
+    record = SimpleNamespace(train_ppl=5.0, val_ppl=None, lr=0.1, tokens_per_s=100.0, step=4)
+    log.add_record(record)
+    for norm in (math.inf,):  # an interval of skipped steps only: no figure rather than a wrong one
+        log.add_grad_norm(torch.tensor(norm))
+    log.add_record(SimpleNamespace(**{**vars(record), "step": 5}))
+    assert [(tag, value) for tag, value, step in scalars if tag == "gradient_norm"] == [
+        ("gradient_norm", 3.0)
+    ]

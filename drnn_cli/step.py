@@ -34,6 +34,7 @@ from torch import nn
 
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.models import RNNLanguageModel, State, activation_penalty, lm_loss
+from drnn_cli.optimizers import reads_lr_on_device
 from drnn_cli.runtime import autocast
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture: optimizer state, cuDNN workspaces
@@ -102,50 +103,6 @@ def use_cuda_graph(
             "or warm-up) and a captured step bakes it in; training runs without the graph",
         )
     return GraphChoice(True)
-
-
-def reads_lr_on_device(kind: type[torch.optim.Optimizer]) -> bool:
-    """Whether a captured update of this kind of optimizer can read the learning rate from device memory.
-
-    Adam/AdamW with ``capturable=True`` accept the rate as a one-element device tensor; SGD's update
-    passes it to its kernels as a host number (a tensor rate would be read back with ``.item()``, a
-    sync that cannot be captured), so a changed rate needs a new capture.
-    """
-    return issubclass(kind, torch.optim.Adam | torch.optim.AdamW)
-
-
-def fused_updates(precision: str, graph: bool) -> bool:
-    """Whether the optimizer is built fused: fp16 under a graph.
-
-    ``GradScaler.step`` reads its overflow flag on the host (``.item()``) to skip an update whose
-    gradients overflowed, a sync that cannot be captured, except for optimizers whose update kernels
-    take the flag as a device tensor and skip themselves: PyTorch's fused SGD, Adam and AdamW. The
-    skip decisions and the scale are GradScaler's either way; the fused kernels round their updates
-    differently in the last bits (a fused multiply-add), which is why eager fp16 keeps the plain ones.
-    """
-    return graph and precision == "fp16"
-
-
-def make_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """Ready an optimizer for capture (after ``train.restore_optimizer_state``, when resuming).
-
-    Adam/AdamW keep their step counters on the device, so a replayed update advances them. Fused SGD
-    with momentum (``fused_updates``) gets zero momentum buffers where it has none: PyTorch's fused
-    SGD allocates them uninitialised at its first step and leaves them so when that step is skipped
-    for an overflow, as fp16's first steps often are. A zero buffer gives the same first update
-    (momentum · 0 + g = g, no dampening).
-    """
-    fused = bool(optimizer.defaults.get("fused"))
-    for group in optimizer.param_groups:
-        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-            group["capturable"] = True
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            if "step" in state:
-                state["step"] = state["step"].to(dtype=torch.float32, device=param.device)
-            seeds_momentum = fused and isinstance(optimizer, torch.optim.SGD) and group["momentum"]
-            if seeds_momentum and state.get("momentum_buffer") is None:
-                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
 
 
 class StaticStep:

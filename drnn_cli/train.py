@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -27,12 +26,22 @@ from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_generator, training_batches
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, NonFiniteCheckpoint, save_checkpoint
-from drnn_cli.config import Config, TrainConfig
+from drnn_cli.config import Config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted, first_line
 from drnn_cli.evaluate import evaluate, perplexity
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, ScratchRecurrent, build_model, count_parameters
+from drnn_cli.optimizers import (
+    build_optimizer,
+    fused_updates,
+    lr_changes_every_step,
+    lr_factor,
+    make_capturable,
+    optimizer_class,
+    reads_lr_on_device,
+    restore_optimizer_state,
+)
 from drnn_cli.report import (
     EpochRecord,
     PlotRefresh,
@@ -46,108 +55,13 @@ from drnn_cli.report import (
 )
 from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
-from drnn_cli.step import (
-    StaticStep,
-    fused_updates,
-    make_capturable,
-    reads_lr_on_device,
-    use_cuda_graph,
-)
+from drnn_cli.step import StaticStep, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
 
 # SIGPIPE: stdout was closed (drnn train | head); drnn_cli.signals raises it on the first failed write.
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGPIPE: 141}
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces of one step
-
-
-def lr_factor(epoch: float, config: TrainConfig, horizon: float | None = None) -> float:
-    """Learning-rate multiplier for (0-based) ``epoch``: linear warm-up, then the schedule.
-
-    Per epoch, ``epoch`` is an integer and cosine spans ``train.epochs``. Under ``train.max_steps``
-    it is the fractional epoch of the step about to be taken and cosine spans ``horizon``, the
-    epochs the run will take, so a step-budgeted run anneals fully.
-    """
-    if epoch < config.warmup_epochs:
-        return (epoch + 1) / (config.warmup_epochs + 1)
-    progress = epoch - config.warmup_epochs
-    if config.schedule == "step":
-        return config.gamma ** (progress // config.step_size)
-    if config.schedule == "cosine":
-        if horizon is None:
-            span = max(1, config.epochs - config.warmup_epochs)
-        else:
-            span = max(horizon - config.warmup_epochs, 1e-9)
-        floor = config.min_lr / config.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, span) / span))
-    return 1.0
-
-
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The PyTorch optimizer that ``train.optimizer`` names."""
-    classes: dict[str, type[torch.optim.Optimizer]] = {
-        "sgd": torch.optim.SGD,
-        "adam": torch.optim.Adam,
-        "adamw": torch.optim.AdamW,
-    }
-    return classes[name]
-
-
-def build_optimizer(
-    model: nn.Module, config: TrainConfig, decay_biases: bool | None = None, fused: bool = False
-) -> torch.optim.Optimizer:
-    """SGD, Adam or AdamW over the trainable parameters.
-
-    AdamW decays only parameters with two or more dimensions (weight matrices, embeddings), as
-    nanoGPT does: shrinking biases and norm gains towards zero only regularises the offsets. Those go
-    into a second group without decay, unless ``train.decay_biases`` (or ``decay_biases``, which
-    overrides it) asks for one group. ``fused``: PyTorch's fused update kernels (fp16 under a CUDA
-    graph, see ``step.fused_updates``); otherwise PyTorch's default (foreach on CUDA, a loop on a CPU).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    kind = optimizer_class(config.optimizer)
-    implementation = {"fused": True} if fused else {}
-    if kind is torch.optim.SGD:
-        return kind(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **implementation
-        )
-    if kind is torch.optim.Adam or (config.decay_biases if decay_biases is None else decay_biases):
-        return kind(params, lr=config.lr, weight_decay=config.weight_decay, **implementation)
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return kind([g for g in groups if g["params"]], lr=config.lr, **implementation)
-
-
-IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable")  # how an optimizer runs, not what it computes
-
-
-def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Load a checkpoint's optimizer state into the optimizer built for this run.
-
-    ``load_state_dict`` also brings back the saved groups' implementation flags, and places Adam's
-    step counters by them: a state saved by a CUDA-graph run (``capturable``, perhaps ``fused``)
-    resumed on a CPU would make PyTorch refuse the update ("capturable=True ... supported devices"),
-    and resumed eagerly would run fused or capturable kernels that this run did not choose. The flags
-    go back to the ones this optimizer was built with, and the counters of a plain Adam/AdamW back to
-    the host, where PyTorch keeps them; ``step.make_capturable`` readies them for a graph afterwards.
-    """
-    optimizer.load_state_dict(saved)
-    for group in optimizer.param_groups:
-        for flag in IMPLEMENTATION_FLAGS:
-            if flag in optimizer.defaults:
-                group[flag] = optimizer.defaults[flag]
-        if group.get("capturable") or group.get("fused"):
-            continue
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,11 +720,6 @@ class Trainer:
             stop_reason=stop_reason,
             steps=self.global_step,
         )
-
-
-def lr_changes_every_step(train: TrainConfig) -> bool:
-    """Under ``max_steps`` a schedule moves at every step (to anneal over the budget); else per epoch."""
-    return bool(train.max_steps) and (train.schedule != "constant" or train.warmup_epochs > 0)
 
 
 def compile_cells(

@@ -35,8 +35,9 @@ from drnn_cli.config import Config, build_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.models import build_model
-from drnn_cli.step import StaticStep, make_capturable
-from drnn_cli.train import Trainer, build_optimizer
+from drnn_cli.optimizers import build_optimizer, make_capturable
+from drnn_cli.step import StaticStep
+from drnn_cli.train import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -25,8 +25,15 @@ from drnn_cli.config import Config, TrainConfig, build_config, load_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.models import RNNLanguageModel, build_model, detach_state
-from drnn_cli.step import StaticStep, clip_gradients, make_capturable, reads_lr_on_device, use_cuda_graph
-from drnn_cli.train import Trainer, build_optimizer, lr_changes_every_step, restore_optimizer_state
+from drnn_cli.optimizers import (
+    build_optimizer,
+    lr_changes_every_step,
+    make_capturable,
+    reads_lr_on_device,
+    restore_optimizer_state,
+)
+from drnn_cli.step import StaticStep, clip_gradients, use_cuda_graph
+from drnn_cli.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12

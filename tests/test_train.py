@@ -15,9 +15,10 @@ from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.config import ModelConfig, TrainConfig
 from drnn_cli.errors import DrnnError, TrainingDiverged
 from drnn_cli.models import build_model
+from drnn_cli.optimizers import build_optimizer, lr_factor
 from drnn_cli.report import EpochRecord, SilentReporter
 from drnn_cli.step import clip_gradients
-from drnn_cli.train import Trainer, build_optimizer, lr_factor
+from drnn_cli.train import Trainer
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10},

@@ -231,9 +231,10 @@ class Trainer:
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         state = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch)
-        if self.average is not None and state.raw_model is not None:
-            self.model.load_state_dict(state.raw_model)
-            self.average.load_state_dict(checkpoint.model_state, state.average_count)
+        if state.raw_model is not None:  # an averaged run: the checkpoint's weights are the average
+            self.model.load_state_dict(state.raw_model)  # training goes on from the raw ones, averaged or not
+            if self.average is not None:
+                self.average.load_state_dict(checkpoint.model_state, state.average_count)
         else:
             self.model.load_state_dict(checkpoint.model_state)
             if self.average is not None:  # averaging switched on for a resumed run: start from here

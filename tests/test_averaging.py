@@ -118,6 +118,22 @@ def test_a_resumed_averaged_run_ends_bit_identical_to_an_uninterrupted_one(workd
     assert straight.trainer_state["average_count"] == split.trainer_state["average_count"]
 
 
+def test_an_averaged_run_resumed_without_averaging_trains_on_from_the_raw_weights(workdir: Path):
+    """The checkpoint's weights are the average; the optimizer's moments belong to the raw weights
+    (trainer_state.raw_model), which are what training goes on from: the same weights an averaged run
+    trains, since the average never feeds back into training."""
+    settings = ("train.average=ema", "train.average_decay=0.9")
+    straight = train(workdir, TINY, *settings, run="runs/straight")
+    train(workdir, TINY, *settings, "train.epochs=1", run="runs/split")
+    resumed = train(workdir, TINY, run="runs/split", resume=True)  # averaging off from here
+    assert resumed.train_ppl == straight.train_ppl
+    raw = load_checkpoint(workdir / "runs/straight/last.safetensors").trainer_state["raw_model"]
+    split = load_checkpoint(workdir / "runs/split/last.safetensors")
+    assert split.trainer_state.get("raw_model") is None
+    for name, value in raw.items():
+        assert torch.equal(value, split.model_state[name]), name
+
+
 # ---------------------------------------------------------------------------------------------
 # AR / TAR
 

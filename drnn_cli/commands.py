@@ -214,7 +214,9 @@ def train_run(
     dist = init_distributed(config.train.device)
     finished = False
     try:
-        device = resolve_device(config.train.device, dist.local_rank)
+        device = resolve_device(
+            config.train.device, dist.local_rank, "--device" if request.device is not None else "train.device"
+        )
         if dist.is_main:
             check_run_dir(run_dir)
         created = not run_dir.exists()

@@ -14,8 +14,12 @@ from drnn_cli.errors import DrnnError
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
+def resolve_device(choice: str, local_rank: int = 0, source: str = "--device") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is a clear error.
+
+    ``source``: where the choice came from (``--device``, or the config's ``train.device``), named in
+    the error so that it points at what the user wrote.
+    """
     if choice not in {"auto", "cpu", "cuda"} and not choice.startswith("cuda:"):
         raise DrnnError(f"unknown device {choice!r}; --device allows auto, cpu, cuda")
     if choice == "cpu":
@@ -24,7 +28,7 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         if choice == "auto":
             return torch.device("cpu")
         raise DrnnError(
-            f"--device {choice}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto"
+            f"{source} {choice}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto"
         )
     if choice.startswith("cuda:"):
         return torch.device(choice)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from drnn_cli import __version__
 
@@ -114,3 +115,20 @@ def test_an_internal_error_is_one_line_and_debug_shows_its_traceback(cli, monkey
     monkeypatch.setenv("DRNN_DEBUG", "1")
     code, _, err = cli("presets")
     assert code == 1 and err.startswith("Traceback (most recent call last):") and err.endswith(line)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    ("args", "named"), [(("--set", "train.device=cuda"), "train.device"), (("--device", "cuda"), "--device")]
+)
+def test_cuda_on_a_machine_without_it_names_where_it_was_asked_for(
+    workdir: Path, cli, corpus_path: Path, args: tuple[str, ...], named: str
+) -> None:
+    """A config (or --set) that says train.device: cuda is not a --device the user typed."""
+    code, out, err = cli("train", "--config", str(REPO / "configs" / "quick.yaml"), *args)
+    assert code != 0 and out == ""
+    assert err.strip().splitlines() == [
+        f"drnn: error: {named} cuda: CUDA is not available here (torch {torch.__version__}); "
+        "use --device cpu or auto"
+    ]
+    assert not (workdir / "runs").exists()

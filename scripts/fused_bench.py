@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""Time one LSTM layer's recurrence, forward and backward: ``model.impl: fused`` against cuDNN.
+"""Time recurrences on a GPU, forward and backward: cuDNN's stack two ways, and ``impl: fused``.
 
     python scripts/fused_bench.py [--json] [--iterations 50] [--tile 16x16]
 
-On a CUDA GPU, for the benchmark's shapes (batch 32 × 35 steps, 256 × 35, 1024 × 64; 256 units) in
-fp32 and bf16: the fused kernels as planned (persistent where the grid fits) and forced to one launch
-per timestep, against ``nn.LSTM`` (cuDNN) on the same input, each run eagerly and as one CUDA graph.
-Microseconds per forward + backward, from CUDA events over ``--iterations`` after a warm-up; every
-fused run also reports whether a grid barrier timed out. ``--tile BxH`` overrides the planned tile
-(a tuning aid). ``scripts/gpu_check.py`` runs it as its ``fused-kernels`` step.
-
-Then the seed model's two-layer stack through cuDNN (batch 32 × 35 steps, 256 units; the input one-hot
-28 wide as in d2l, or a 128-wide embedding), as one two-layer ``nn.LSTM`` call and as one call per
-layer, in fp32, bf16 and fp16, eager and as a graph, with the costliest kernels of a forward + backward.
+First the seed model's two-layer stack through cuDNN (batch 32 × 35 steps, 256 units; the input
+one-hot 28 wide as in d2l, or a 128-wide embedding), as one two-layer ``nn.LSTM`` call and as one call
+per layer, in fp32, bf16 and fp16, eager and as a graph; the fp16 rows name their costliest kernels.
 PyTorch lets cuDNN run its persistent kernels (the recurrent weights kept on chip across timesteps)
-only for a one-layer fp16 call whose input and hidden widths are multiples of 128, at batch ≤ 128
-(``get_algo`` in ATen's cudnn/RNN.cpp): the per-layer fp16 rows show whether that beats the stack.
+for 256 units only in a one-layer fp16 call whose input and hidden widths are multiples of 128, at
+batch ≤ 128 (``get_algo`` in ATen's cudnn/RNN.cpp): the per-layer fp16 rows show whether that beats
+the stack.
+
+Then one LSTM layer's recurrence for the benchmark's shapes (batch 32 × 35 steps, 256 × 35,
+1024 × 64; 256 units) in fp32, bf16 and fp16: the fused Triton kernels as planned (persistent where
+the grid fits) and forced to one launch per timestep, against ``nn.LSTM`` (cuDNN) on the same input,
+each run eagerly and as one CUDA graph; every fused run also reports whether a grid barrier timed out.
+
+Microseconds per forward + backward, from CUDA events over ``--iterations`` after a warm-up. With
+``--json`` the whole report so far is printed after every row (the last line is complete). ``--tile
+BxH`` overrides the planned tile (a tuning aid). ``scripts/gpu_check.py`` runs it as its
+``fused-kernels`` step.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,23 +140,24 @@ def top_kernels(run: Callable[[], None], count: int = 3) -> list[str]:
     return [name[:100] for name, _ in sorted(totals.items(), key=lambda item: -item[1])[:count]]
 
 
-def stack_rows(iterations: int) -> tuple[list[dict[str, Any]], bool]:
-    """µs per forward + backward of the two-layer stack, each way; and whether any side failed."""
-    rows, failed = [], False
+def stack_rows(iterations: int) -> Iterator[tuple[dict[str, Any], bool]]:
+    """µs per forward + backward of the two-layer stack, each way, a row at a time with whether a
+    side failed; the fp16 rows also name their costliest kernels (is cuDNN's persistent one there?)."""
     for input_size in STACK_INPUTS:
         for dtype_name, dtype in DTYPES:
             row: dict[str, Any] = {"input": input_size, "dtype": dtype_name}
+            failed = False
             for label, per_layer in (("stack", False), ("per-layer", True)):
                 try:
                     run = stack_runner(input_size, dtype, per_layer)
                     row[label] = round(time_us(run, iterations, graph=False), 1)
                     row[f"{label}-graph"] = round(time_us(run, iterations, graph=True), 1)
-                    row[f"{label}-kernels"] = top_kernels(run)
+                    if dtype == torch.float16:
+                        row[f"{label}-kernels"] = top_kernels(run)
                 except Exception as problem:  # report every side, then fail
                     row[label] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
                     failed = True
-            rows.append(row)
-    return rows, failed
+            yield row, failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     slots = fused_lstm.device_slots(torch.device("cuda"))
     rows: list[dict[str, Any]] = []
+    stack: list[dict[str, Any]] = []
+    report = {"device": torch.cuda.get_device_name(0), "slots": slots, "rows": rows, "stack": stack}
+
+    def emit(row: dict[str, Any]) -> None:
+        """With --json, the whole report so far after every row: a run cut off keeps what it measured."""
+        print(json.dumps(report if args.json else row), flush=True)
+
     failed = False
+    for row, row_failed in stack_rows(args.iterations):  # first: the question the next step hangs on
+        stack.append(row)
+        failed |= row_failed
+        emit(row)
     for batch, steps, hidden in SHAPES:
         for dtype_name, dtype in DTYPES:
             planned = fused_lstm.plan_launch(batch, hidden, slots)
@@ -212,16 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                         row[key] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
                         failed = True
             rows.append(row)
-            if not args.json:
-                print(json.dumps(row), flush=True)
-    stack, stack_failed = stack_rows(args.iterations)
-    if not args.json:
-        for row in stack:
-            print(json.dumps(row), flush=True)
-    if args.json:
-        report = {"device": torch.cuda.get_device_name(0), "slots": slots, "rows": rows, "stack": stack}
-        print(json.dumps(report))
-    return 1 if failed or stack_failed else 0
+            emit(row)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
  1. ``env``        nvidia-smi, Python, torch, CUDA, cuDNN, the GPU;
  2. ``tests``      the test suite with the CUDA tests enabled (tests/test_cuda.py);
  3. ``lstm2*``     ``drnn train --config configs/lstm2.yaml --device cuda`` (500 epochs): final perplexity,
-                   tokens/s, both continuations; then the same with ``train.cuda_graph=on``, fp32 and bf16;
+                   tokens/s, both continuations; then the same as a CUDA graph, fp32, bf16 and fp16;
  4. ``full-*``     configs/lstm_full.yaml, fp32 and bf16: best validation perplexity, the training
                    seconds at each evaluation (metrics.jsonl), ``drnn eval --split val`` of the best checkpoint;
  5. ``torchrun``   ``torchrun --standalone --nproc_per_node 1 -m drnn_cli -- train ...`` over NCCL;
@@ -17,10 +17,10 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
                    impl torch, scratch and fused);
  7. ``fused-kernels`` ``scripts/fused_bench.py``: one layer fused against cuDNN, and the seed stack as one
                    cuDNN call against one call per layer (fp32/bf16/fp16), microseconds;
-    ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
-    ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
     ``profile``   ``scripts/bench.py --profile``: per seed-config step, wall time against the device's busy
                    time and kernel count, eager and as a graph (where the graph's time goes);
+    ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
+    ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
  8. ``full-bf16-graph`` configs/lstm_full.yaml, bf16, with the CUDA graph, if time is left;
  9. ``full-cpu-recipe`` configs/lstm_full_cpu.yaml (the CPU's held-out recipe) on the GPU, if time is left:
                    the candidate to replace lstm_full.yaml's recipe; then ``full-cpu-recipe-graph``, the
@@ -190,16 +190,16 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         ),
         Step("bench", "scripts/bench.py --device cuda", bench, 240),
         Step(
-            "profile",
-            "scripts/bench.py --profile: where a seed step's time goes, eager and as a graph (torch.profiler)",
-            [*bench_base, "--profile", "--configs", PROFILED, "--epochs-per-round", "4"],
-            90,
-        ),
-        Step(
             "fused-kernels",
             "scripts/fused_bench.py: one layer's recurrence, fused vs cuDNN; the seed stack, one cuDNN call "
             "or one per layer (fp16: cuDNN's persistent kernels); eager and graph",
             [sys.executable, "scripts/fused_bench.py", "--json"],
+            90,
+        ),
+        Step(
+            "profile",
+            "scripts/bench.py --profile: where a seed step's time goes, eager and as a graph (torch.profiler)",
+            [*bench_base, "--profile", "--configs", PROFILED, "--epochs-per-round", "4"],
             90,
         ),
         Step(

@@ -227,10 +227,12 @@ def test_cuda_graph_replays_what_the_eager_step_computes(
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_layer_calls_each_trains_as_the_stack(corpus_path: Path, precision: str) -> None:
-    """model.layer_calls each: one cuDNN call per layer. 128 units, batch 16: in fp16 the second
-    layer (input 128) meets PyTorch's conditions for cuDNN's persistent kernels, which round
-    differently from the stacked call's; fp32 runs the same standard kernels, layer by layer."""
-    config = tiny_config(corpus_path, "model.hidden_size=128", f"train.precision={precision}")
+    """model.layer_calls each: one cuDNN call per layer. 256 units, batch 16: in fp16 the second
+    layer (input 256) meets PyTorch's conditions for cuDNN's persistent kernels (PERSIST_STATIC),
+    which round differently from the stacked call's standard ones; in fp32 both run the standard
+    kernels (PyTorch's small-hidden persistent kernels need ≤ 192 units forward, ≤ 128 backward), but
+    as different calls: 1e-4 over 30 steps at lr 1, as the GPU against the CPU."""
+    config = tiny_config(corpus_path, "model.hidden_size=256", f"train.precision={precision}")
     each_config = config.model_copy(deep=True)
     each_config.model.layer_calls = "each"
     stack, _ = static_step(config, CUDA)
@@ -238,7 +240,7 @@ def test_layer_calls_each_trains_as_the_stack(corpus_path: Path, precision: str)
     pairs = [(float(stack(x, y)), float(each(x, y))) for x, y in batches(config, CUDA, 30)]
     stacked, layered = zip(*pairs, strict=True)
     assert all(math.isfinite(loss) for loss in layered)
-    assert list(layered) == pytest.approx(list(stacked), rel=1e-5 if precision == "fp32" else 1e-2)
+    assert list(layered) == pytest.approx(list(stacked), rel=1e-4 if precision == "fp32" else 1e-2)
     assert layered[-1] < layered[0]
 
 

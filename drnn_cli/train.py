@@ -270,8 +270,8 @@ class Trainer:
             if state.tokens_seen is not None
             else self.global_step * data.batch_size * data.num_steps
         )
-        if state.epoch_progress is not None:
-            progress = own.progress if own is not None else state.epoch_progress
+        progress = state.progress_for(self.dist.rank, self.dist.world_size, data.batch_size)
+        if progress is not None:
             self.progress = progress.to(self.device)
 
     def _save(self, name: str, epoch: int, progress: EpochProgress | None = None) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from drnn_cli.batches import Shard
 from drnn_cli.models import State
 
 
@@ -155,6 +156,38 @@ class TrainerState:
             return self.ranks[rank]
         return None
 
+    def progress_for(self, rank: int, world_size: int, batch_size: int) -> EpochProgress | None:
+        """``rank``'s progress through the epoch a mid-epoch checkpoint stopped in; None at a boundary.
+
+        Written by as many processes as resume it, each takes its own part. Written by another
+        number (one process resumed under torchrun, or the reverse), the parts are put back together
+        and shared out again: the carried state of the whole batch, rows in rank order, gives each
+        process its rows (batches.Shard), and the epoch's loss sums and counts go to rank 0 alone, so
+        the epoch's totals, summed over the processes, stay what they were.
+        """
+        if self.epoch_progress is None:
+            return None
+        own = self.for_rank(rank, world_size)
+        if own is not None:
+            return own.progress
+        parts = [part.progress for part in self.ranks] if self.ranks is not None else [self.epoch_progress]
+        first = parts[0]
+        loss_sum = sum((part.loss_sum for part in parts), torch.zeros_like(first.loss_sum))
+        bad_steps = [int(part.first_bad_step) for part in parts if int(part.first_bad_step) >= 0]
+        first_bad_step = min(bad_steps) if bad_steps else -1
+        if rank > 0:  # the totals live on rank 0
+            loss_sum, first_bad_step = torch.zeros_like(loss_sum), -1
+        return EpochProgress(
+            loss_sum=loss_sum,
+            first_bad_step=torch.full_like(first.first_bad_step, first_bad_step),
+            step=first.step,
+            count=sum(part.count for part in parts) if rank == 0 else 0,
+            state=_rows_taken(
+                _rows_joined([part.state for part in parts]), Shard(rank, world_size).rows(batch_size)
+            ),
+            elapsed=first.elapsed,
+        )
+
 
 def gather_ranks(progress: EpochProgress, device: torch.device, world_size: int) -> list[RankState]:
     """Every torchrun rank's ``RankState``, by rank, on every rank: a collective, so all must call it."""
@@ -190,6 +223,23 @@ def gather_ranks(progress: EpochProgress, device: torch.device, world_size: int)
         )
         for rank in range(world_size)
     ]
+
+
+def _rows_joined(states: list[State | None]) -> State | None:
+    """The ranks' carried states (layers × rows × hidden, and the LSTM's cells) side by side in rows."""
+    if states[0] is None:
+        return None
+    if isinstance(states[0], tuple | list):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
+    return torch.cat(states, dim=1)  # type: ignore[arg-type]
+
+
+def _rows_taken(state: State | None, rows: slice) -> State | None:
+    if state is None:
+        return None
+    if isinstance(state, tuple | list):
+        return tuple(s[:, rows].contiguous() for s in state)
+    return state[:, rows].contiguous()
 
 
 def _state_to(state: State | None, device: torch.device) -> State | None:

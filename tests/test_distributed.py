@@ -102,17 +102,35 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
     env["OMP_NUM_THREADS"] = "1"  # one intra-op thread per rank
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
 
-    def start(name: str, config: Path, *extra: str, then: tuple[str, ...] = ()) -> Launch:
-        """One job; with ``then``, a second one on the same run directory once the first succeeded."""
+    def start(
+        name: str, config: Path, *extra: str, then: tuple[str, ...] = (), processes: tuple[int, int] = (2, 2)
+    ) -> Launch:
+        """One job; with ``then``, a second one on the same run directory once the first succeeded.
+        ``processes``: how many processes each of the two runs (1: plain ``python -m drnn_cli``)."""
         run_dir = root / "runs" / name
-        # `--` keeps torchrun's parser off drnn's options: `--run` alone is an ambiguous prefix of
-        # torchrun's --run-path/--run_path.
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        command += ["--nproc_per_node", str(WORLD_SIZE), "-m", "drnn_cli", "--"]
-        command += ["train", "--config", str(config), "--device", "cpu", "--run", str(run_dir), "--json"]
-        argv = [*command, *extra]
+
+        def command(count: int) -> list[str]:
+            # `--` keeps torchrun's parser off drnn's options: `--run` alone is an ambiguous prefix of
+            # torchrun's --run-path/--run_path.
+            launcher = [sys.executable, "-m", "drnn_cli"]
+            if count > 1:
+                launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+                launcher += ["--nproc_per_node", str(count), "-m", "drnn_cli", "--"]
+            return [
+                *launcher,
+                "train",
+                "--config",
+                str(config),
+                "--device",
+                "cpu",
+                "--run",
+                str(run_dir),
+                "--json",
+            ]
+
+        argv = [*command(processes[0]), *extra]
         if then:
-            argv = ["sh", "-c", f"{shlex.join(argv)} && {shlex.join([*command, *then])}"]
+            argv = ["sh", "-c", f"{shlex.join(argv)} && {shlex.join([*command(processes[1]), *then])}"]
         stdout, stderr = root / f"{name}.out", root / f"{name}.err"
         with stdout.open("wb") as out, stderr.open("wb") as err:
             process = subprocess.Popen(
@@ -133,6 +151,16 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
         "train.max_steps=30",
         then=("--resume", "--set", "train.max_steps=0"),
     )
+    # Stopped inside epoch 1 by one number of processes, resumed by another.
+    for name, processes in (("two_then_one", (2, 1)), ("one_then_two", (1, 2))):
+        jobs[name] = start(
+            name,
+            write_config(root, "sequential"),
+            "--set",
+            "train.max_steps=30",
+            then=("--resume", "--set", "train.max_steps=0"),
+            processes=processes,
+        )
     try:
         yield jobs
     finally:
@@ -207,6 +235,31 @@ def test_two_processes_resumed_inside_an_epoch_train_what_an_uninterrupted_run_t
     assert continued.trainer_state["global_step"] == full.trainer_state["global_step"] > 30
     for name, expected in full.model_state.items():
         torch.testing.assert_close(continued.model_state[name], expected, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_with_another_number_of_processes(
+    launches: dict[str, Launch], workdir: Path
+) -> None:
+    """Two processes stopped at step 30 (inside epoch 2) and resumed by one, and the reverse, end
+    where one uninterrupted process ends: the rows' carried states are put back together and shared
+    out again, the epoch's loss sums kept (README "Several processes, GPUs or nodes")."""
+    one_dir = workdir / "runs" / "one"
+    one = train_run(
+        TrainRequest(config_path=write_config(workdir, "sequential"), run_dir=one_dir, device="cpu")
+    )
+    reference = load_checkpoint(one_dir / "last.safetensors")
+    for name in ("two_then_one", "one_then_two"):
+        code, out, err = launches[name].finish()
+        assert code == 0, f"{name} failed ({code})\nstdout:\n{out}\nstderr:\n{err}"
+        stopped, resumed = (json.loads(line) for line in out.splitlines() if line.startswith("{"))
+        assert (stopped["stop_reason"], stopped["steps"]) == ("max_steps", 30), name
+        assert resumed["start_epoch"] == 1 and resumed["epochs"] == 2, name
+        assert resumed["train_ppl"] == pytest.approx(one.train_ppl, rel=1e-5), name
+        continued = load_checkpoint(launches[name].run_dir / "last.safetensors")
+        for key, expected in reference.model_state.items():
+            torch.testing.assert_close(
+                continued.model_state[key], expected, rtol=0, atol=1e-5, msg=f"{name} {key}"
+            )
 
 
 def test_a_batch_that_does_not_divide_among_the_processes_is_a_one_line_error(

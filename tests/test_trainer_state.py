@@ -133,3 +133,42 @@ def test_a_fresh_epoch_has_a_zero_loss_sum_and_no_bad_step() -> None:
     assert progress.loss_sum.dtype == torch.float64 and float(progress.loss_sum) == 0.0
     assert progress.first_bad_step.dtype == torch.int64 and int(progress.first_bad_step) == -1
     assert (progress.step, progress.count, progress.state, progress.elapsed) == (0, 0, None, 0.0)
+
+
+def _progress(loss: float, count: int, rows: list[float]) -> EpochProgress:
+    """Mid-epoch progress at step 5 carrying (h, c) for the given rows (2 layers, hidden 3)."""
+    h = torch.tensor(rows).reshape(1, -1, 1).expand(2, -1, 3).contiguous()
+    return EpochProgress(
+        torch.tensor(loss, dtype=torch.float64), torch.tensor(-1), 5, count, (h, -h), elapsed=1.5
+    )
+
+
+def test_a_mid_epoch_state_written_by_two_processes_is_shared_out_to_one_or_four() -> None:
+    """Rows keep their places in the global batch; the epoch's totals land on rank 0 alone, so summed
+    over the processes they stay what the writers had."""
+    ranks = [
+        RankState(torch.zeros(1), None, _progress(10.0, 40, [0.0, 1.0])),
+        RankState(torch.zeros(1), None, _progress(30.0, 40, [2.0, 3.0])),
+    ]
+    state = TrainerState({}, {}, torch.zeros(1), epoch_progress=ranks[0].progress, ranks=ranks)
+
+    assert state.progress_for(1, 2, batch_size=4) is ranks[1].progress  # the same world: its own part
+    alone = state.progress_for(0, 1, batch_size=4)
+    assert alone is not None and (alone.step, alone.count, float(alone.loss_sum)) == (5, 80, 40.0)
+    assert alone.state[0][0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert torch.equal(alone.state[1], -alone.state[0])
+    quarters = [state.progress_for(rank, 4, batch_size=4) for rank in range(4)]
+    assert [q.state[0][1, :, 2].tolist() for q in quarters] == [[0.0], [1.0], [2.0], [3.0]]
+    assert [(q.count, float(q.loss_sum), int(q.first_bad_step)) for q in quarters] == [
+        (80, 40.0, -1),
+        (0, 0.0, -1),
+        (0, 0.0, -1),
+        (0, 0.0, -1),
+    ]
+    # Written by one process (no per-rank parts): two processes take its halves.
+    single = TrainerState({}, {}, torch.zeros(1), epoch_progress=_progress(7.0, 80, [0.0, 1.0, 2.0, 3.0]))
+    halves = [single.progress_for(rank, 2, batch_size=4) for rank in range(2)]
+    assert [h.state[0][0, :, 0].tolist() for h in halves] == [[0.0, 1.0], [2.0, 3.0]]
+    assert [(h.count, float(h.loss_sum)) for h in halves] == [(80, 7.0), (0, 0.0)]
+    boundary = TrainerState({}, {}, torch.zeros(1))
+    assert boundary.progress_for(0, 2, batch_size=4) is None

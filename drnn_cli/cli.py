@@ -494,7 +494,12 @@ def eval_command(
         typer.Option("--split", help="train, val or test (default: val if the run has one, else train)."),
     ] = None,
     data: Annotated[
-        Path | None, typer.Option("--data", help="Evaluate on this text file instead of a split.")
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Evaluate on this text file instead of a split; with --split, the run's own corpus "
+            "found at FILE (the same text, moved): that split of it.",
+        ),
     ] = None,
     rows: Annotated[
         int | None,

@@ -45,10 +45,9 @@ from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
 # differ between a checkpoint and the run that continues from it.
 ARCHITECTURE_KEYS = ("cell", "hidden_size", "num_layers", "embedding_dim", "nonlinearity", "tie_weights")
 TOKEN_KEYS = ("preprocess", "token")
-# Data keys that decide which tokens form the splits: a resumed run must see the same ones.
+# Data keys that decide which tokens form the splits: a resumed run must see the same ones. Which
+# text is not among them: the corpus is checked by its SHA-1 once loaded, so a moved file resumes.
 SPLIT_KEYS = (
-    "corpus",
-    "path",
     "preprocess",
     "token",
     "max_tokens",
@@ -206,6 +205,8 @@ def train_run(
     if request.device is not None:
         overrides = (*overrides, f"train.device={request.device}")  # validated like the config key
     config = load_config(request.config_path, overrides)
+    if config.data.path:  # the run keeps an absolute path: eval and --resume work from any directory
+        config.data.path = str(Path(config.data.path).expanduser().absolute())
     run_dir = (
         request.run_dir
         if request.run_dir is not None
@@ -321,7 +322,9 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         vocab = init_from.vocab
         init_label = str(source.resolve())
     dataset = load_dataset(config.data, vocab=vocab, progress=job.progress)
-    _check_same_corpus(dataset, expected_sha1, "resume")
+    _check_same_corpus(
+        dataset, expected_sha1, "resume", "point data.path at that text, or start a new run with --run DIR"
+    )
     if init_from is not None:
         _check_unknown_share(dataset, request.max_unknown_fraction, reporter)
     if job.on_ready is not None:
@@ -350,12 +353,12 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     return trainer.fit()
 
 
-def _check_same_corpus(dataset: Dataset, expected_sha1: str | None, action: str) -> None:
+def _check_same_corpus(dataset: Dataset, expected_sha1: str | None, action: str, fix: str) -> None:
     """Splits are positions in a file: if the file changed since training, they mean other text."""
     if expected_sha1 and dataset.sha1 != expected_sha1:
         raise DrnnError(
-            f"cannot {action}: {dataset.path} changed since the checkpoint was trained (SHA-1 {expected_sha1}, "
-            f"now {dataset.sha1}); restore the file, or evaluate other text with --data FILE"
+            f"cannot {action}: {dataset.path} is not the text the checkpoint was trained on (SHA-1 "
+            f"{expected_sha1}, this file {dataset.sha1}); {fix}"
         )
 
 
@@ -467,15 +470,17 @@ def evaluate_split(
     loaded: LoadedModel, split: str | None = None, data_file: Path | None = None, rows: int | None = None
 ) -> EvalReport:
     """Perplexity of the checkpoint on a split of its own corpus (default: :func:`default_split`), or on
-    ``data_file``.
+    ``data_file``; ``data_file`` with a ``split`` is the run's corpus found at another path (its SHA-1
+    must match), and the split is read from it.
 
     The tokens are read as ``rows`` parallel streams (default: the run's ``data.batch_size``), each
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
     """
     config = loaded.checkpoint.config
     vocab = loaded.checkpoint.vocab
+    relocated = data_file is not None and split is not None  # the run's own corpus, found elsewhere
     split = split if split is not None else default_split(config)
-    if data_file is not None:
+    if data_file is not None and not relocated:
         stream = read_token_stream(data_file, config.data)
         if len(stream) < 2:
             raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
@@ -485,14 +490,31 @@ def evaluate_split(
         if missing:
             source += f" ({sum(missing.values())} tokens not in the vocabulary scored as <unk>)"
     else:
-        dataset = load_dataset(config.data, vocab=vocab)
-        _check_same_corpus(dataset, loaded.checkpoint.corpus_sha1, f"evaluate the {split} split")
+        data = config.data
+        if relocated:
+            data = data.model_copy(update={"path": str(data_file)})
+        elif data.path and not Path(data.path).expanduser().exists():
+            raise DrnnError(
+                f"cannot evaluate the {split} split: the run's corpus {data.path} is not there (moved, or "
+                f"on another machine); pass it with --data FILE --split {split}, or score any text with --data FILE"
+            )
+        dataset = load_dataset(data, vocab=vocab)
+        _check_same_corpus(
+            dataset,
+            loaded.checkpoint.corpus_sha1,
+            f"evaluate the {split} split",
+            "--split reads the run's own corpus; drop it to score all of this file"
+            if relocated
+            else "restore the file, or score other text with --data FILE",
+        )
         tokens = _split_or_error(dataset.splits, split, config)
         source = f"{dataset.path} [{split}]"
     result = evaluate(
         loaded.model, tokens, rows or config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
     )
-    return EvalReport(split if data_file is None else "file", loaded.checkpoint.epoch, result, source)
+    return EvalReport(
+        "file" if data_file is not None and not relocated else split, loaded.checkpoint.epoch, result, source
+    )
 
 
 def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drnn_cli.checkpoint import load_checkpoint
+from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
 from drnn_cli.commands import Continuation, PredictReport, default_split, evaluate_split, load_model, predict
 from drnn_cli.config import ModelConfig, build_config
 from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, prefix_tokens
@@ -237,3 +237,63 @@ def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, cli):
 def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, cli):
     code, _, err = cli("eval", "--run", str(tiny_run), "--split", "test")
     assert code == 1 and "no test split" in err and "data.test_fraction" in err
+
+
+def test_eval_finds_the_runs_corpus_at_another_path(tiny_run: Path, tmp_path: Path, corpus_path: Path, cli):
+    """A run copied to another machine (its data.path gone): --data FILE --split reads that split from
+    FILE when its SHA-1 shows it is the run's text; without the file, the error says so."""
+    import shutil
+
+    copied = tmp_path / "run"
+    shutil.copytree(tiny_run, copied)
+    checkpoint = load_checkpoint(copied / "best.safetensors")
+    checkpoint.config.data.path = str(tmp_path / "gone" / "timemachine.txt")  # as on the machine it came from
+    save_checkpoint(copied / "best.safetensors", checkpoint)
+    code, _, err = cli("eval", "--run", str(copied), "--split", "val")
+    assert code == 1 and err.strip().splitlines() == [
+        f"drnn: error: cannot evaluate the val split: the run's corpus {tmp_path / 'gone' / 'timemachine.txt'} "
+        "is not there (moved, or on another machine); pass it with --data FILE --split val, or score any "
+        "text with --data FILE"
+    ]
+    here = tmp_path / "here.txt"
+    shutil.copyfile(corpus_path, here)
+    code, out, _ = cli("eval", "--run", str(copied), "--data", str(here), "--split", "val", "--json")
+    moved = json.loads(out.strip().splitlines()[-1])
+    code_original, out_original, _ = cli("eval", "--run", str(tiny_run), "--split", "val", "--json")
+    original = json.loads(out_original.strip().splitlines()[-1])
+    assert code == code_original == 0
+    assert (moved["split"], moved["tokens"], moved["perplexity"]) == (
+        "val",
+        original["tokens"],
+        original["perplexity"],
+    )
+    other = tmp_path / "other.txt"
+    other.write_text("not the time machine at all, not even close\n" * 50)
+    code, _, err = cli("eval", "--run", str(copied), "--data", str(other), "--split", "val")
+    assert code == 1 and "is not the text the checkpoint was trained on" in err
+    assert "--split reads the run's own corpus; drop it to score all of this file" in err
+
+
+def test_a_relative_data_path_is_kept_absolute_so_eval_works_from_anywhere(
+    workdir: Path, corpus_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    import shutil
+
+    import yaml
+
+    shutil.copyfile(corpus_path, workdir / "my_text.txt")
+    config = workdir / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"data": {"max_tokens": 2000, "batch_size": 4, "num_steps": 8}}))
+    code, _, err = cli(
+        "train", "--config", str(config), "--set", "data.path=my_text.txt", "--set", "train.epochs=1",
+        "--set", "model.hidden_size=8", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    run = workdir / "runs" / "tiny"
+    assert load_checkpoint(run / "last.safetensors").config.data.path == str(workdir / "my_text.txt")
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = cli("eval", "--run", str(run), "--split", "train", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["split"] == "train"

@@ -245,8 +245,28 @@ def test_resume_refuses_a_corpus_file_that_changed(workdir: Path, corpus_path: P
     config = write_config(workdir, {**TINY, "data": {**TINY["data"], "path": str(text)}})
     train(config, "train.epochs=1")
     text.write_bytes(corpus_path.read_bytes()[1:30_001])
-    with pytest.raises(DrnnError, match="changed since the checkpoint was trained"):
+    with pytest.raises(DrnnError, match="is not the text the checkpoint was trained on"):
         train(config, resume=True)
+
+
+def test_resume_follows_the_same_corpus_to_another_path(workdir: Path, corpus_path: Path):
+    """The text is checked by its SHA-1, not its path: a run moved to another machine (or a corpus
+    moved on this one) resumes with data.path pointing at the new place, and ends where a straight run
+    ends. Another text at the new path is refused."""
+    first, moved = workdir / "a" / "text.txt", workdir / "b" / "text.txt"
+    for path in (first, moved):
+        path.parent.mkdir()
+    first.write_bytes(corpus_path.read_bytes()[:30_000])
+    tree = {**TINY, "data": {**TINY["data"], "path": str(first)}}
+    config = write_config(workdir, tree)
+    straight = train(config, run_dir=workdir / "runs/straight")
+    train(config, "train.epochs=1", run_dir=workdir / "runs/split")
+    first.rename(moved)
+    resumed = train(config, f"data.path={moved}", run_dir=workdir / "runs/split", resume=True)
+    assert resumed.train_ppl == straight.train_ppl
+    moved.write_bytes(corpus_path.read_bytes()[1:30_001])
+    with pytest.raises(DrnnError, match="point data.path at that text, or start a new run"):
+        train(config, f"data.path={moved}", "train.epochs=3", run_dir=workdir / "runs/split", resume=True)
 
 
 def test_resume_without_a_checkpoint_says_so(workdir: Path):

@@ -14,11 +14,11 @@ from drnn_cli.batches import Splits, check_trainable, epoch_generator, training_
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook, cached_corpus
-from drnn_cli.data import Dataset, load_dataset, read_token_stream
+from drnn_cli.data import CorpusMismatch, Dataset, load_dataset, read_token_stream
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
-from drnn_cli.files import remove_stale_temporaries
+from drnn_cli.files import remove_stale_temporaries, require_regular_file
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.report import Reporter, TrainResult
@@ -304,6 +304,11 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
             )
         vocab = resume_from.vocab
         expected_sha1 = resume_from.corpus_sha1
+        if config.data.path and not Path(config.data.path).exists():
+            raise DrnnError(
+                f"cannot resume {run_dir}: its corpus {config.data.path} is not there (moved, or on another "
+                "machine); point at it with --set data.path=FILE (the text is checked by its SHA-1)"
+            )
         if (run_dir / BEST).is_file():
             # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
             best = read_checkpoint_info(run_dir / BEST).best_val_ppl  # the header is enough
@@ -321,9 +326,13 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
             )
         vocab = init_from.vocab
         init_label = str(source.resolve())
-    dataset = load_dataset(config.data, vocab=vocab, progress=job.progress)
-    _check_same_corpus(
-        dataset, expected_sha1, "resume", "point data.path at that text, or start a new run with --run DIR"
+    dataset = _load_same_corpus(
+        config.data,
+        vocab,
+        expected_sha1,
+        "resume",
+        "point data.path at that text, or start a new run with --run DIR",
+        job.progress,
     )
     if init_from is not None:
         _check_unknown_share(dataset, request.max_unknown_fraction, reporter)
@@ -353,13 +362,20 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     return trainer.fit()
 
 
-def _check_same_corpus(dataset: Dataset, expected_sha1: str | None, action: str, fix: str) -> None:
-    """Splits are positions in a file: if the file changed since training, they mean other text."""
-    if expected_sha1 and dataset.sha1 != expected_sha1:
-        raise DrnnError(
-            f"cannot {action}: {dataset.path} is not the text the checkpoint was trained on (SHA-1 "
-            f"{expected_sha1}, this file {dataset.sha1}); {fix}"
-        )
+def _load_same_corpus(
+    data: DataConfig,
+    vocab: Vocab | None,
+    expected_sha1: str | None,
+    action: str,
+    fix: str,
+    progress: ProgressHook | None = None,
+) -> Dataset:
+    """The dataset, refused (before it is encoded) unless it is the text the checkpoint was trained
+    on: splits are positions in a file, and in another file they mean other text."""
+    try:
+        return load_dataset(data, vocab=vocab, progress=progress, expected_sha1=expected_sha1)
+    except CorpusMismatch as mismatch:
+        raise DrnnError(f"cannot {action}: {mismatch}; {fix}") from None
 
 
 def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:
@@ -480,6 +496,10 @@ def evaluate_split(
     vocab = loaded.checkpoint.vocab
     relocated = data_file is not None and split is not None  # the run's own corpus, found elsewhere
     split = split if split is not None else default_split(config)
+    if data_file is not None and not require_regular_file(
+        data_file, "--data file", "give --data a UTF-8 text file"
+    ):
+        raise DrnnError(f"--data file {data_file} is empty; nothing to evaluate")
     if data_file is not None and not relocated:
         stream = read_token_stream(data_file, config.data)
         if len(stream) < 2:
@@ -494,20 +514,26 @@ def evaluate_split(
         if relocated:
             data = data.model_copy(update={"path": str(data_file)})
         elif data.path and not Path(data.path).expanduser().exists():
-            raise DrnnError(
-                f"cannot evaluate the {split} split: the run's corpus {data.path} is not there (moved, or "
-                f"on another machine); pass it with --data FILE --split {split}, or score any text with --data FILE"
-            )
-        dataset = load_dataset(data, vocab=vocab)
-        _check_same_corpus(
-            dataset,
+            moved = _corpus_path_of_run(loaded.path.parent)
+            if moved is None or not Path(moved).expanduser().exists():
+                raise DrnnError(
+                    f"cannot evaluate the {split} split: the run's corpus {data.path} is not there (moved, "
+                    f"or on another machine); pass it with --data FILE --split {split}, or score any text "
+                    "with --data FILE"
+                )
+            data = data.model_copy(update={"path": moved})
+        dataset = _load_same_corpus(
+            data,
+            vocab,
             loaded.checkpoint.corpus_sha1,
             f"evaluate the {split} split",
             "--split reads the run's own corpus; drop it to score all of this file"
             if relocated
             else "restore the file, or score other text with --data FILE",
         )
-        tokens = _split_or_error(dataset.splits, split, config)
+        tokens = _split_or_error(
+            dataset.splits, split, config, "drop --split to score all of FILE" if relocated else ""
+        )
         source = f"{dataset.path} [{split}]"
     result = evaluate(
         loaded.model, tokens, rows or config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
@@ -517,12 +543,22 @@ def evaluate_split(
     )
 
 
-def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:
+def _corpus_path_of_run(run_dir: Path) -> str | None:
+    """``data.path`` as the run's ``config.yaml`` has it: the newest, when a resume pointed it at a
+    moved corpus (--set data.path=NEW) after the best checkpoint was written. None without one."""
+    try:
+        return load_config(RunFiles(run_dir).config).data.path
+    except DrnnError:
+        return None
+
+
+def _split_or_error(splits: Splits, split: str, config: Config, fix: str = "") -> torch.Tensor:
     tokens = splits.get(split)
     if len(tokens) < 2:
         key = {"val": "data.val_fraction", "test": "data.test_fraction"}.get(split, "data.max_tokens")
         raise DrnnError(
             f"the run has no {split} split ({len(tokens)} tokens); it was trained with {key} = "
-            f"{getattr(config.data, key.split('.')[1])}; evaluate another split or pass --data FILE"
+            f"{getattr(config.data, key.split('.')[1])}; evaluate another split or "
+            + (fix or "pass --data FILE")
         )
     return tokens

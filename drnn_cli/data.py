@@ -81,16 +81,33 @@ def read_token_stream(path: Path, config: DataConfig) -> str | list[str]:
     return tokens_of(preprocess(read_text(path), config.preprocess), config.token)
 
 
+class CorpusMismatch(DrnnError):
+    """The corpus file is not the text a checkpoint was trained on (its SHA-1 differs)."""
+
+    def __init__(self, path: Path, expected: str, actual: str) -> None:
+        super().__init__(
+            f"{path} is not the text the checkpoint was trained on (SHA-1 {expected}, this file {actual})"
+        )
+        self.path, self.expected, self.actual = path, expected, actual
+
+
 def load_dataset(
-    config: DataConfig, vocab: Vocab | None = None, progress: ProgressHook | None = None
+    config: DataConfig,
+    vocab: Vocab | None = None,
+    progress: ProgressHook | None = None,
+    expected_sha1: str | None = None,
 ) -> Dataset:
     """Read, preprocess, tokenize and encode the corpus of ``config``.
 
     Like d2l, the vocabulary is built from the whole text and ``max_tokens`` then keeps the first
     tokens. Pass ``vocab`` to encode with a fixed vocabulary (evaluation, fine-tuning) instead.
     A big text's encoding is kept in the token cache and memory-mapped the next time.
+    ``expected_sha1``: the text a checkpoint was trained on (resuming, evaluating a split); another
+    text raises :class:`CorpusMismatch` before anything is read further or cached.
     """
     path, sha1 = resolve_corpus_file(config, progress)
+    if expected_sha1 and sha1 != expected_sha1:
+        raise CorpusMismatch(path, expected_sha1, sha1)
     corpus = load_cached(path, sha1, config, vocab)
     if corpus is None:
         corpus = _encode(path, config, vocab)

@@ -25,6 +25,7 @@ from drnn_cli.corpus import preprocess_prefix
 from drnn_cli.data import read_token_stream
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import perplexity
+from drnn_cli.files import require_regular_file
 from drnn_cli.models import RNNLanguageModel, gru_step, lstm_step, rnn_step
 from drnn_cli.vocab import UNK, Vocab, encode_tokens
 
@@ -319,6 +320,8 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
             f"drnn inspect reads character models; this run uses data.token={data.token}; inspect a char run"
         )
     if request.file is not None:
+        if not require_regular_file(request.file, "--file", "give --file a UTF-8 text file"):
+            raise DrnnError(f"--file {request.file} is empty; give it the text to inspect")
         chars = list(read_token_stream(request.file, data))
         source = str(request.file)
     else:

@@ -233,8 +233,10 @@ class Trainer:
         state = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch)
         if state.raw_model is not None:  # an averaged run: the checkpoint's weights are the average
             self.model.load_state_dict(state.raw_model)  # training goes on from the raw ones, averaged or not
-            if self.average is not None:
+            if self.average is not None and checkpoint.config.train.average == self.average.kind:
                 self.average.load_state_dict(checkpoint.model_state, state.average_count)
+            elif self.average is not None:  # an EMA is no mean of N steps (nor the reverse): start afresh
+                self.average.load_state_dict(state.raw_model, 0)
         else:
             self.model.load_state_dict(checkpoint.model_state)
             if self.average is not None:  # averaging switched on for a resumed run: start from here

@@ -134,6 +134,21 @@ def test_an_averaged_run_resumed_without_averaging_trains_on_from_the_raw_weight
         assert torch.equal(value, split.model_state[name]), name
 
 
+def test_a_resume_that_changes_the_kind_of_average_starts_the_new_one_afresh(workdir: Path):
+    """An EMA is not a mean of N steps: resumed as SWA, the average starts from the raw weights, exactly
+    as in a run that switches averaging on at the resume."""
+    train(workdir, TINY, "train.average=ema", "train.average_decay=0.9", "train.epochs=1", run="runs/ema")
+    train(workdir, TINY, "train.epochs=1", run="runs/plain")
+    for name in ("ema", "plain"):
+        train(workdir, TINY, "train.average=swa", "train.epochs=2", run=f"runs/{name}", resume=True)
+    switched, switched_on = (
+        load_checkpoint(workdir / f"runs/{n}/last.safetensors") for n in ("ema", "plain")
+    )
+    assert switched.trainer_state["average_count"] == switched_on.trainer_state["average_count"] > 0
+    for name, value in switched_on.model_state.items():
+        assert torch.equal(switched.model_state[name], value), name
+
+
 # ---------------------------------------------------------------------------------------------
 # AR / TAR
 

@@ -239,16 +239,24 @@ def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, cli):
     assert code == 1 and "no test split" in err and "data.test_fraction" in err
 
 
-def test_eval_finds_the_runs_corpus_at_another_path(tiny_run: Path, tmp_path: Path, corpus_path: Path, cli):
+def test_eval_finds_the_runs_corpus_at_another_path(
+    tiny_run: Path, tmp_path: Path, corpus_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
     """A run copied to another machine (its data.path gone): --data FILE --split reads that split from
-    FILE when its SHA-1 shows it is the run's text; without the file, the error says so."""
+    FILE when its SHA-1 shows it is the run's text; without the file, the error says so. Another text is
+    refused before it is encoded (a big file would take minutes, and fill the token cache)."""
     import shutil
+
+    import yaml
 
     copied = tmp_path / "run"
     shutil.copytree(tiny_run, copied)
     checkpoint = load_checkpoint(copied / "best.safetensors")
     checkpoint.config.data.path = str(tmp_path / "gone" / "timemachine.txt")  # as on the machine it came from
     save_checkpoint(copied / "best.safetensors", checkpoint)
+    tree = yaml.safe_load((copied / "config.yaml").read_text())
+    tree["data"]["path"] = checkpoint.config.data.path
+    (copied / "config.yaml").write_text(yaml.safe_dump(tree))
     code, _, err = cli("eval", "--run", str(copied), "--split", "val")
     assert code == 1 and err.strip().splitlines() == [
         f"drnn: error: cannot evaluate the val split: the run's corpus {tmp_path / 'gone' / 'timemachine.txt'} "
@@ -269,6 +277,11 @@ def test_eval_finds_the_runs_corpus_at_another_path(tiny_run: Path, tmp_path: Pa
     )
     other = tmp_path / "other.txt"
     other.write_text("not the time machine at all, not even close\n" * 50)
+
+    def encoded(*args: object) -> None:
+        raise AssertionError("the other text was encoded")
+
+    monkeypatch.setattr("drnn_cli.data._encode", encoded)
     code, _, err = cli("eval", "--run", str(copied), "--data", str(other), "--split", "val")
     assert code == 1 and "is not the text the checkpoint was trained on" in err
     assert "--split reads the run's own corpus; drop it to score all of this file" in err
@@ -297,3 +310,46 @@ def test_a_relative_data_path_is_kept_absolute_so_eval_works_from_anywhere(
     code, out, err = cli("eval", "--run", str(run), "--split", "train", "--json")
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["split"] == "train"
+
+
+def test_after_a_resume_that_followed_the_corpus_eval_follows_it_too(workdir: Path, corpus_path: Path, cli):
+    """The best checkpoint may predate the resume that gave data.path its new place; eval then takes
+    the place from the run's config.yaml (and checks the text by its SHA-1 as always)."""
+    import shutil
+
+    import yaml
+
+    first, moved = workdir / "a.txt", workdir / "b.txt"
+    shutil.copyfile(corpus_path, first)
+    config = workdir / "tiny.yaml"
+    data = {"path": str(first), "max_tokens": 2000, "batch_size": 4, "num_steps": 8, "val_fraction": 0.2}
+    config.write_text(yaml.safe_dump({"data": data, "model": {"hidden_size": 8}, "train": {"epochs": 1}}))
+    base = ("train", "--config", str(config), "--device", "cpu", "--run", str(workdir / "runs" / "r"))
+    assert cli(*base)[0] == 0
+    first.rename(moved)
+    code, _, err = cli(*base, "--resume")
+    assert code == 1 and err.strip().splitlines() == [
+        f"drnn: error: cannot resume {workdir / 'runs' / 'r'}: its corpus {first} is not there (moved, or on "
+        "another machine); point at it with --set data.path=FILE (the text is checked by its SHA-1)"
+    ]
+    # A rate too small to improve on the best checkpoint: best.safetensors keeps the old path.
+    resumed = cli(
+        *base, "--resume", "--set", f"data.path={moved}", "--set", "train.epochs=2", "--set", "train.lr=1e-30"
+    )
+    assert resumed[0] == 0, resumed[2]
+    best = load_checkpoint(workdir / "runs" / "r" / "best.safetensors")
+    assert best.config.data.path == str(first) and best.epoch == 1
+    code, out, err = cli("eval", "--run", str(workdir / "runs" / "r"), "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["source"] == f"{moved} [val]"
+
+
+def test_eval_and_inspect_name_their_own_flag_for_an_empty_file(tiny_run: Path, tmp_path: Path, cli):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = cli("eval", "--run", str(tiny_run), "--data", str(empty))
+    assert code == 1 and err.strip() == f"drnn: error: --data file {empty} is empty; nothing to evaluate"
+    code, _, err = cli("inspect", "--file", str(empty), "--run", str(tiny_run))
+    assert code == 1 and err.strip() == f"drnn: error: --file {empty} is empty; give it the text to inspect"
+    code, _, err = cli("eval", "--run", str(tiny_run), "--data", str(tmp_path))
+    assert code == 1 and err.strip().startswith(f"drnn: error: --data file {tmp_path} is a directory")

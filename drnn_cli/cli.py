@@ -494,11 +494,14 @@ def eval_command(
         typer.Option("--split", help="train, val or test (default: val if the run has one, else train)."),
     ] = None,
     data: Annotated[
+        Path | None, typer.Option("--data", help="Evaluate on this text file instead of a split.")
+    ] = None,
+    corpus: Annotated[
         Path | None,
         typer.Option(
-            "--data",
-            help="Evaluate on this text file instead of a split; with --split, the run's own corpus "
-            "found at FILE (the same text, moved): that split of it.",
+            "--corpus",
+            help="Where the run's corpus is now, if it moved (another machine): its splits are read "
+            "from this file once its SHA-1 shows it is the same text.",
         ),
     ] = None,
     rows: Annotated[
@@ -521,7 +524,7 @@ def eval_command(
 
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
-    report = evaluate_split(loaded, split.value if split is not None else None, data, rows)
+    report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus)
     out.print(
         f"{report.source}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
         f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch})",

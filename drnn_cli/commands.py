@@ -296,6 +296,8 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         resume_from = load_checkpoint(last, device)
         changed = differing_keys(resume_from.config, config, "model", (*ARCHITECTURE_KEYS, "impl"))
         changed += differing_keys(resume_from.config, config, "data", RESUME_DATA_KEYS)
+        if resume_from.corpus_sha1 is None and not _same_corpus_named(resume_from.config, config):
+            changed.append("data.path")  # a checkpoint too old to know its text's SHA-1: the name must do
         changed += differing_keys(resume_from.config, config, "train", RESUME_TRAIN_KEYS)
         if changed:
             raise DrnnError(
@@ -483,64 +485,81 @@ def default_split(config: Config) -> str:
 
 
 def evaluate_split(
-    loaded: LoadedModel, split: str | None = None, data_file: Path | None = None, rows: int | None = None
+    loaded: LoadedModel,
+    split: str | None = None,
+    data_file: Path | None = None,
+    rows: int | None = None,
+    corpus_file: Path | None = None,
 ) -> EvalReport:
     """Perplexity of the checkpoint on a split of its own corpus (default: :func:`default_split`), or on
-    ``data_file``; ``data_file`` with a ``split`` is the run's corpus found at another path (its SHA-1
-    must match), and the split is read from it.
+    all of ``data_file``. ``corpus_file``: where the run's corpus is now, when it moved (its SHA-1 must
+    match the checkpoint's).
 
     The tokens are read as ``rows`` parallel streams (default: the run's ``data.batch_size``), each
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
     """
     config = loaded.checkpoint.config
-    vocab = loaded.checkpoint.vocab
-    relocated = data_file is not None and split is not None  # the run's own corpus, found elsewhere
     split = split if split is not None else default_split(config)
-    if data_file is not None and not require_regular_file(
-        data_file, "--data file", "give --data a UTF-8 text file"
-    ):
-        raise DrnnError(f"--data file {data_file} is empty; nothing to evaluate")
-    if data_file is not None and not relocated:
-        stream = read_token_stream(data_file, config.data)
-        if len(stream) < 2:
-            raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
-        missing = unknown_tokens(stream, vocab)
-        tokens = encode_tokens(stream, vocab)
-        source = str(data_file)
-        if missing:
-            source += f" ({sum(missing.values())} tokens not in the vocabulary scored as <unk>)"
+    if data_file is not None:
+        tokens, source = _file_tokens(data_file, loaded.checkpoint)
     else:
-        data = config.data
-        if relocated:
-            data = data.model_copy(update={"path": str(data_file)})
-        elif data.path and not Path(data.path).expanduser().exists():
-            moved = _corpus_path_of_run(loaded.path.parent)
-            if moved is None or not Path(moved).expanduser().exists():
-                raise DrnnError(
-                    f"cannot evaluate the {split} split: the run's corpus {data.path} is not there (moved, "
-                    f"or on another machine); pass it with --data FILE --split {split}, or score any text "
-                    "with --data FILE"
-                )
-            data = data.model_copy(update={"path": moved})
-        dataset = _load_same_corpus(
-            data,
-            vocab,
-            loaded.checkpoint.corpus_sha1,
-            f"evaluate the {split} split",
-            "--split reads the run's own corpus; drop it to score all of this file"
-            if relocated
-            else "restore the file, or score other text with --data FILE",
-        )
-        tokens = _split_or_error(
-            dataset.splits, split, config, "drop --split to score all of FILE" if relocated else ""
-        )
-        source = f"{dataset.path} [{split}]"
+        tokens, source = _split_tokens(loaded, split, corpus_file)
     result = evaluate(
         loaded.model, tokens, rows or config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
     )
-    return EvalReport(
-        "file" if data_file is not None and not relocated else split, loaded.checkpoint.epoch, result, source
+    return EvalReport("file" if data_file is not None else split, loaded.checkpoint.epoch, result, source)
+
+
+def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor, str]:
+    """All of a text file, preprocessed like the run's corpus and encoded with its vocabulary."""
+    if not require_regular_file(data_file, "--data file", "give --data a UTF-8 text file"):
+        raise DrnnError(f"--data file {data_file} is empty; nothing to evaluate")
+    stream = read_token_stream(data_file, checkpoint.config.data)
+    if len(stream) < 2:
+        raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
+    missing = unknown_tokens(stream, checkpoint.vocab)
+    source = str(data_file)
+    if missing:
+        source += f" ({sum(missing.values())} tokens not in the vocabulary scored as <unk>)"
+    return encode_tokens(stream, checkpoint.vocab), source
+
+
+def _split_tokens(loaded: LoadedModel, split: str, corpus_file: Path | None) -> tuple[torch.Tensor, str]:
+    """A split of the run's own corpus: where ``corpus_file`` says, else where the checkpoint (or, when
+    that place is gone, the run's ``config.yaml``) says; refused unless it is the same text."""
+    checkpoint = loaded.checkpoint
+    data = checkpoint.config.data
+    if corpus_file is not None:
+        require_regular_file(corpus_file, "--corpus file", "give --corpus the run's corpus, moved")
+        data = data.model_copy(update={"path": str(corpus_file)})
+    elif data.path and not Path(data.path).expanduser().exists():
+        moved = _corpus_path_of_run(loaded.path.parent)
+        if moved is None or not Path(moved).expanduser().exists():
+            raise DrnnError(
+                f"cannot evaluate the {split} split: the run's corpus {data.path} is not there (moved, or "
+                "on another machine); say where it is with --corpus FILE, or score any text with --data FILE"
+            )
+        data = data.model_copy(update={"path": moved})
+    dataset = _load_same_corpus(
+        data,
+        checkpoint.vocab,
+        checkpoint.corpus_sha1,
+        f"evaluate the {split} split",
+        "give --corpus the run's own text, or score this file whole with --data FILE"
+        if corpus_file is not None
+        else "restore the file, or score other text with --data FILE",
     )
+    return _split_or_error(dataset.splits, split, checkpoint.config), f"{dataset.path} [{split}]"
+
+
+def _same_corpus_named(saved: Config, now: Config) -> bool:
+    """Whether two configs name the same corpus: the same registry name, or the same file."""
+
+    def where(config: Config) -> str | None:
+        path = config.data.path
+        return str(Path(path).expanduser().absolute()) if path else None
+
+    return (saved.data.corpus, where(saved)) == (now.data.corpus, where(now))
 
 
 def _corpus_path_of_run(run_dir: Path) -> str | None:
@@ -552,13 +571,12 @@ def _corpus_path_of_run(run_dir: Path) -> str | None:
         return None
 
 
-def _split_or_error(splits: Splits, split: str, config: Config, fix: str = "") -> torch.Tensor:
+def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:
     tokens = splits.get(split)
     if len(tokens) < 2:
         key = {"val": "data.val_fraction", "test": "data.test_fraction"}.get(split, "data.max_tokens")
         raise DrnnError(
             f"the run has no {split} split ({len(tokens)} tokens); it was trained with {key} = "
-            f"{getattr(config.data, key.split('.')[1])}; evaluate another split or "
-            + (fix or "pass --data FILE")
+            f"{getattr(config.data, key.split('.')[1])}; evaluate another split or pass --data FILE"
         )
     return tokens

@@ -88,7 +88,6 @@ class CorpusMismatch(DrnnError):
         super().__init__(
             f"{path} is not the text the checkpoint was trained on (SHA-1 {expected}, this file {actual})"
         )
-        self.path, self.expected, self.actual = path, expected, actual
 
 
 def load_dataset(

@@ -470,15 +470,27 @@ def detach_state(state: State) -> State:
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()  # type: ignore[return-value]
 
 
-def select_state_row(state: State, row: int) -> State:
-    """Keep one row of the state, as a batch of one.
+def select_state_rows(state: State, rows: slice) -> State:
+    """Keep some rows (batch entries) of the state.
 
     Contiguous copies: cuDNN refuses a strided ``hx`` ("rnn: hx is not contiguous"); the CPU kernels
     accept one, so only a GPU would notice.
     """
-    if isinstance(state, tuple):
-        return tuple(s[:, row : row + 1].contiguous() for s in state)  # type: ignore[return-value]
-    return state[:, row : row + 1].contiguous()
+    if isinstance(state, tuple | list):
+        return tuple(s[:, rows].contiguous() for s in state)  # type: ignore[return-value]
+    return state[:, rows].contiguous()
+
+
+def select_state_row(state: State, row: int) -> State:
+    """Keep one row of the state, as a batch of one."""
+    return select_state_rows(state, slice(row, row + 1))
+
+
+def join_state_rows(states: list[State]) -> State:
+    """States of consecutive row groups (e.g. torchrun ranks'), side by side as one batch."""
+    if isinstance(states[0], tuple | list):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))  # type: ignore[return-value]
+    return torch.cat(states, dim=1)  # type: ignore[arg-type]
 
 
 def count_parameters(model: nn.Module) -> int:

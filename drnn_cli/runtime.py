@@ -28,7 +28,12 @@ def resolve_device(choice: str, local_rank: int = 0, source: str = "--device") -
         if choice == "auto":
             return torch.device("cpu")
         raise DrnnError(
-            f"{source} {choice}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto"
+            f"{source} {choice}: CUDA is not available here (torch {torch.__version__}); "
+            + (
+                "use --device cpu or auto"
+                if source == "--device"
+                else f"set {source} to cpu or auto, or pass --device cpu"
+            )
         )
     if choice.startswith("cuda:"):
         return torch.device(choice)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from drnn_cli.batches import Shard
-from drnn_cli.models import State
+from drnn_cli.models import State, join_state_rows, select_state_rows
 
 
 @dataclass
@@ -182,8 +182,11 @@ class TrainerState:
             first_bad_step=torch.full_like(first.first_bad_step, first_bad_step),
             step=first.step,
             count=sum(part.count for part in parts) if rank == 0 else 0,
-            state=_rows_taken(
-                _rows_joined([part.state for part in parts]), Shard(rank, world_size).rows(batch_size)
+            state=None
+            if first.state is None
+            else select_state_rows(
+                join_state_rows([part.state for part in parts]),  # type: ignore[misc]
+                Shard(rank, world_size).rows(batch_size),
             ),
             elapsed=first.elapsed,
         )
@@ -223,23 +226,6 @@ def gather_ranks(progress: EpochProgress, device: torch.device, world_size: int)
         )
         for rank in range(world_size)
     ]
-
-
-def _rows_joined(states: list[State | None]) -> State | None:
-    """The ranks' carried states (layers × rows × hidden, and the LSTM's cells) side by side in rows."""
-    if states[0] is None:
-        return None
-    if isinstance(states[0], tuple | list):
-        return tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
-    return torch.cat(states, dim=1)  # type: ignore[arg-type]
-
-
-def _rows_taken(state: State | None, rows: slice) -> State | None:
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return tuple(s[:, rows].contiguous() for s in state)
-    return state[:, rows].contiguous()
 
 
 def _state_to(state: State | None, device: torch.device) -> State | None:

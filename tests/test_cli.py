@@ -119,16 +119,23 @@ def test_an_internal_error_is_one_line_and_debug_shows_its_traceback(cli, monkey
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize(
-    ("args", "named"), [(("--set", "train.device=cuda"), "train.device"), (("--device", "cuda"), "--device")]
+    ("args", "named", "fix"),
+    [
+        (
+            ("--set", "train.device=cuda"),
+            "train.device",
+            "set train.device to cpu or auto, or pass --device cpu",
+        ),
+        (("--device", "cuda"), "--device", "use --device cpu or auto"),
+    ],
 )
 def test_cuda_on_a_machine_without_it_names_where_it_was_asked_for(
-    workdir: Path, cli, corpus_path: Path, args: tuple[str, ...], named: str
+    workdir: Path, cli, corpus_path: Path, args: tuple[str, ...], named: str, fix: str
 ) -> None:
     """A config (or --set) that says train.device: cuda is not a --device the user typed."""
     code, out, err = cli("train", "--config", str(REPO / "configs" / "quick.yaml"), *args)
     assert code != 0 and out == ""
     assert err.strip().splitlines() == [
-        f"drnn: error: {named} cuda: CUDA is not available here (torch {torch.__version__}); "
-        "use --device cpu or auto"
+        f"drnn: error: {named} cuda: CUDA is not available here (torch {torch.__version__}); {fix}"
     ]
     assert not (workdir / "runs").exists()

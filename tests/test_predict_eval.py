@@ -242,9 +242,9 @@ def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, cli):
 def test_eval_finds_the_runs_corpus_at_another_path(
     tiny_run: Path, tmp_path: Path, corpus_path: Path, cli, monkeypatch: pytest.MonkeyPatch
 ):
-    """A run copied to another machine (its data.path gone): --data FILE --split reads that split from
-    FILE when its SHA-1 shows it is the run's text; without the file, the error says so. Another text is
-    refused before it is encoded (a big file would take minutes, and fill the token cache)."""
+    """A run copied to another machine (its data.path gone): --corpus FILE reads the splits from FILE
+    when its SHA-1 shows it is the run's text; without it, the error says so. Another text is refused
+    before it is encoded (a big file would take minutes, and fill the token cache)."""
     import shutil
 
     import yaml
@@ -260,12 +260,12 @@ def test_eval_finds_the_runs_corpus_at_another_path(
     code, _, err = cli("eval", "--run", str(copied), "--split", "val")
     assert code == 1 and err.strip().splitlines() == [
         f"drnn: error: cannot evaluate the val split: the run's corpus {tmp_path / 'gone' / 'timemachine.txt'} "
-        "is not there (moved, or on another machine); pass it with --data FILE --split val, or score any "
-        "text with --data FILE"
+        "is not there (moved, or on another machine); say where it is with --corpus FILE, or score any text "
+        "with --data FILE"
     ]
     here = tmp_path / "here.txt"
     shutil.copyfile(corpus_path, here)
-    code, out, _ = cli("eval", "--run", str(copied), "--data", str(here), "--split", "val", "--json")
+    code, out, _ = cli("eval", "--run", str(copied), "--corpus", str(here), "--split", "val", "--json")
     moved = json.loads(out.strip().splitlines()[-1])
     code_original, out_original, _ = cli("eval", "--run", str(tiny_run), "--split", "val", "--json")
     original = json.loads(out_original.strip().splitlines()[-1])
@@ -282,9 +282,9 @@ def test_eval_finds_the_runs_corpus_at_another_path(
         raise AssertionError("the other text was encoded")
 
     monkeypatch.setattr("drnn_cli.data._encode", encoded)
-    code, _, err = cli("eval", "--run", str(copied), "--data", str(other), "--split", "val")
+    code, _, err = cli("eval", "--run", str(copied), "--corpus", str(other), "--split", "val")
     assert code == 1 and "is not the text the checkpoint was trained on" in err
-    assert "--split reads the run's own corpus; drop it to score all of this file" in err
+    assert "give --corpus the run's own text, or score this file whole with --data FILE" in err
 
 
 def test_a_relative_data_path_is_kept_absolute_so_eval_works_from_anywhere(

@@ -104,8 +104,7 @@ def test_the_logged_gradient_norm_leaves_out_the_steps_an_fp16_overflow_skipped(
         log.add_grad_norm(torch.tensor(norm))
     record = SimpleNamespace(train_ppl=5.0, val_ppl=None, lr=0.1, tokens_per_s=100.0, step=4)
     log.add_record(record)
-    for norm in (math.inf,):  # an interval of skipped steps only: no figure rather than a wrong one
-        log.add_grad_norm(torch.tensor(norm))
+    log.add_grad_norm(torch.tensor(math.inf))  # an interval of skipped steps only: no figure, not a wrong one
     log.add_record(SimpleNamespace(**{**vars(record), "step": 5}))
     assert [(tag, value) for tag, value, step in scalars if tag == "gradient_norm"] == [
         ("gradient_norm", 3.0)

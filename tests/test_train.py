@@ -269,6 +269,26 @@ def test_resume_follows_the_same_corpus_to_another_path(workdir: Path, corpus_pa
         train(config, f"data.path={moved}", "train.epochs=3", run_dir=workdir / "runs/split", resume=True)
 
 
+def test_a_checkpoint_without_its_texts_sha1_resumes_only_from_the_same_path(
+    workdir: Path, corpus_path: Path
+):
+    """Checkpoints from before corpus SHA-1s were kept: the path is all there is to go by."""
+    from drnn_cli.checkpoint import save_checkpoint
+
+    text, copy = workdir / "text.txt", workdir / "copy.txt"
+    text.write_bytes(corpus_path.read_bytes()[:30_000])
+    copy.write_bytes(text.read_bytes())
+    config = write_config(workdir, {**TINY, "data": {**TINY["data"], "path": str(text)}})
+    train(config, "train.epochs=1")
+    last = workdir / "runs" / "tiny" / "last.safetensors"
+    old = load_checkpoint(last)
+    old.corpus_sha1 = None
+    save_checkpoint(last, old)
+    with pytest.raises(DrnnError, match=r"the config changed data.path \("):
+        train(config, f"data.path={copy}", "train.epochs=2", resume=True)
+    assert train(config, "train.epochs=2", resume=True).start_epoch == 1
+
+
 def test_resume_without_a_checkpoint_says_so(workdir: Path):
     with pytest.raises(DrnnError, match="nothing to resume"):
         train(write_config(workdir, TINY), resume=True)

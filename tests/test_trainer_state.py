@@ -172,3 +172,7 @@ def test_a_mid_epoch_state_written_by_two_processes_is_shared_out_to_one_or_four
     assert [(h.count, float(h.loss_sum)) for h in halves] == [(80, 7.0), (0, 0.0)]
     boundary = TrainerState({}, {}, torch.zeros(1))
     assert boundary.progress_for(0, 2, batch_size=4) is None
+    # A non-finite loss seen by one writer: rank 0 carries the first such step, so the epoch still stops.
+    ranks[1].progress.first_bad_step = torch.tensor(3)
+    merged = [state.progress_for(rank, 1 if rank == 0 else 4, batch_size=4) for rank in (0, 2)]
+    assert [int(m.first_bad_step) for m in merged] == [3, -1]

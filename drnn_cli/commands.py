@@ -285,6 +285,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train."""
     request, config, device, dist, reporter = job.request, job.config, job.device, job.dist, job.reporter
     resume_from: Checkpoint | None = None
+    best_kept: float | None = None
     expected_sha1: str | None = None
     init_from: Checkpoint | None = None
     init_label: str | None = None
@@ -313,9 +314,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
             )
         if (run_dir / BEST).is_file():
             # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
-            best = read_checkpoint_info(run_dir / BEST).best_val_ppl  # the header is enough
-            if best is not None and (resume_from.best_val_ppl is None or best < resume_from.best_val_ppl):
-                resume_from.best_val_ppl = best
+            best_kept = read_checkpoint_info(run_dir / BEST).best_val_ppl  # the header is enough
     if request.init_from is not None:
         source = resolve_init_source(request.init_from)
         init_from = load_checkpoint(source, device)
@@ -350,6 +349,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         resume=resume_from,
         init_from=init_from,
         init_from_label=init_label,
+        best_kept=best_kept,
     )
     if dist.is_main:
         if not request.resume:

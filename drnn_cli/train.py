@@ -95,6 +95,7 @@ class Trainer:
         resume: Checkpoint | None = None,
         init_from: Checkpoint | None = None,
         init_from_label: str | None = None,
+        best_kept: float | None = None,
     ) -> None:
         self.config = config
         self.dataset = dataset
@@ -163,6 +164,13 @@ class Trainer:
         self.last_grad_norm: torch.Tensor | None = None
         if resume is not None:
             self._restore(resume)
+        # The perplexity of the best checkpoint on disk. After a hard kill it can beat the resumed
+        # checkpoint's own best (`best` written after `last`): it keeps a worse model from replacing
+        # that file, while patience counts against the resumed run's own best, whose evaluations the
+        # run now replays (else it would count those replayed improvements as failures).
+        self.best_kept = self.best_val_ppl
+        if best_kept is not None and (self.best_kept is None or best_kept < self.best_kept):
+            self.best_kept = best_kept
         if cuda_graph:
             make_capturable(self.optimizer)  # after _restore, which puts back the flags it was built with
         self.static_step = StaticStep(
@@ -510,7 +518,9 @@ class Trainer:
             return
         if self.best_val_ppl is None or val_ppl < self.best_val_ppl:
             self.best_val_ppl, self.bad_evals = val_ppl, 0
-            self._save(BEST, epoch, progress)
+            if self.best_kept is None or val_ppl < self.best_kept:
+                self.best_kept = val_ppl
+                self._save(BEST, epoch, progress)
         else:
             self.bad_evals += 1
 
@@ -544,7 +554,7 @@ class Trainer:
         if val_ppl is not None or stop is not None:
             self._append_metrics(record)
         if val_ppl is not None or stop is not None or self.cadence.log.due_at_step(global_step):
-            self.reporter.epoch_end(record, self.best_val_ppl)
+            self.reporter.epoch_end(record, self.best_kept)
         if stop is not None or self.cadence.checkpoint.due_at_step(global_step):
             self._save(LAST, epoch, progress)
         if stop is None and self.dist.is_main and self.cadence.sample.due_at_step(global_step):
@@ -680,7 +690,7 @@ class Trainer:
                 last_epoch = final or stopped_early
                 if self.cadence.checkpoint.due_at_epoch_end(done, self.global_step) or last_epoch:
                     self._save(LAST, done)
-                self.reporter.epoch_end(record, self.best_val_ppl)
+                self.reporter.epoch_end(record, self.best_kept)
                 if (
                     self.dist.is_main
                     and self.cadence.sample.due_at_epoch_end(done, self.global_step)
@@ -713,7 +723,7 @@ class Trainer:
             start_epoch=self.start_epoch,
             train_ppl=train_ppl,
             val_ppl=val_ppl,
-            best_val_ppl=self.best_val_ppl,
+            best_val_ppl=self.best_kept,
             tokens_per_s=tokens_per_s,
             device=device_name(self.device),
             world_size=self.dist.world_size,

@@ -289,6 +289,29 @@ def test_a_checkpoint_without_its_texts_sha1_resumes_only_from_the_same_path(
     assert train(config, "train.epochs=2", resume=True).start_epoch == 1
 
 
+def test_after_a_hard_kill_patience_counts_against_the_resumed_checkpoints_own_best(workdir: Path):
+    """Killed after `best` (epoch 6) but before `last` (epoch 3) was written again: the resumed run
+    replays epochs 4-6 and must count their improvements as improvements, not as evaluations that
+    failed to beat the newer `best` (which stopped such runs early on patience). It ends as a run
+    never killed ends, and `best` is never replaced by a worse model."""
+    import shutil
+
+    settings = ("data.val_fraction=0.2", "train.patience=2", "train.lr=0.003", "train.checkpoint_every=1")
+    config = write_config(workdir, TINY)
+    straight = train(config, *settings, "train.epochs=10", run_dir=workdir / "runs/straight")
+    split = workdir / "runs/split"
+    train(config, *settings, "train.epochs=3", run_dir=split)
+    shutil.copyfile(split / "last.safetensors", workdir / "last-3.safetensors")
+    train(config, *settings, "train.epochs=6", run_dir=split, resume=True)
+    best_6 = load_checkpoint(split / "best.safetensors")
+    shutil.copyfile(workdir / "last-3.safetensors", split / "last.safetensors")  # as a kill -9 leaves it
+    resumed = train(config, *settings, "train.epochs=10", run_dir=split, resume=True)
+    assert best_6.epoch == 6  # validation improved up to epoch 6: the replayed epochs improve too
+    assert (resumed.epochs, resumed.stop_reason) == (straight.epochs, straight.stop_reason)
+    assert resumed.best_val_ppl == straight.best_val_ppl and resumed.train_ppl == straight.train_ppl
+    assert load_checkpoint(split / "best.safetensors").best_val_ppl <= best_6.best_val_ppl
+
+
 def test_resume_without_a_checkpoint_says_so(workdir: Path):
     with pytest.raises(DrnnError, match="nothing to resume"):
         train(write_config(workdir, TINY), resume=True)

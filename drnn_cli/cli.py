@@ -28,7 +28,7 @@ from drnn_cli.budget import Cadence, format_duration
 from drnn_cli.config import Config, load_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.presets import find_config
-from drnn_cli.signals import Signalled, exit_on_signals, guard_stdout
+from drnn_cli.signals import Signalled, exit_on_signals, guard_output
 
 if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
     from drnn_cli.report import EpochRecord, StepStatus
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     errors = Console(stderr=True, highlight=False)
     session = Session(debug=bool(os.environ.get("DRNN_DEBUG")))  # the README's DRNN_DEBUG=1, or --debug
-    with exit_on_signals() as stopped, guard_stdout():
+    with exit_on_signals() as stopped, guard_output():
         try:
             app(args=argv, prog_name="drnn", standalone_mode=False, obj=session)
         except DrnnError as error:

@@ -2,7 +2,7 @@
 
 Outside the training loop (which installs its own handlers so that it can write a checkpoint first),
 SIGINT and SIGTERM raise :class:`Signalled`, which the CLI turns into one line and exit 128 + signal.
-Writing to a closed stdout (``drnn train ... | head -1``) sends further output to /dev/null and, once,
+Writing to a closed stdout or stderr (``drnn train ... | head -1``) sends further output to /dev/null and, once,
 raises SIGPIPE for the training loop's handler (training stops like on SIGTERM, with a checkpoint) or,
 outside it, :class:`Signalled` (other commands exit 141 without a word, as Unix tools do).
 """
@@ -48,12 +48,20 @@ def exit_on_signals() -> Iterator[type[Signalled]]:
             signal.signal(signum, old)
 
 
-class _PipeGuard:
-    """A stdout that turns the first BrokenPipeError into SIGPIPE and then discards output."""
+class _Once:
+    """Whether SIGPIPE was raised already: stdout and stderr often close together (``2>&1 | head``),
+    and a second signal would read as a second Ctrl-C, which stops without a checkpoint."""
 
-    def __init__(self, stream: TextIO) -> None:
+    raised = False
+
+
+class _PipeGuard:
+    """An output stream that turns the first BrokenPipeError into SIGPIPE and then discards output."""
+
+    def __init__(self, stream: TextIO, once: _Once) -> None:
         self._stream = stream
         self._broken = False
+        self._once = once
 
     def write(self, text: str) -> int:
         if not self._broken:
@@ -77,8 +85,9 @@ class _PipeGuard:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
             os.close(devnull)
-        if not hasattr(signal, "SIGPIPE"):
+        if not hasattr(signal, "SIGPIPE") or self._once.raised:
             return
+        self._once.raised = True
         if callable(signal.getsignal(signal.SIGPIPE)):
             signal.raise_signal(signal.SIGPIPE)  # the training loop's handler: checkpoint, then stop
         else:
@@ -89,10 +98,13 @@ class _PipeGuard:
 
 
 @contextlib.contextmanager
-def guard_stdout() -> Iterator[None]:
-    original = sys.stdout
-    sys.stdout = _PipeGuard(original)  # type: ignore[assignment]
+def guard_output() -> Iterator[None]:
+    """stdout and stderr behind pipe guards: the run log goes to stderr under ``--json``, and rich,
+    left to itself, answers a closed stderr with exit 1 and no checkpoint."""
+    originals = sys.stdout, sys.stderr
+    once = _Once()
+    sys.stdout, sys.stderr = _PipeGuard(originals[0], once), _PipeGuard(originals[1], once)  # type: ignore[assignment]
     try:
         yield
     finally:
-        sys.stdout = original
+        sys.stdout, sys.stderr = originals

@@ -319,11 +319,15 @@ def test_importing_the_cli_does_not_import_torch():
     assert done.stdout.strip() == "False", done.stderr
 
 
-@pytest.mark.parametrize("stderr_too", [False, True], ids=["| head -1", "2>&1 | head -1"])
-def test_a_closed_stdout_stops_training_with_a_checkpoint(workdir: Path, stderr_too: bool):
+@pytest.mark.parametrize(
+    ("stderr_too", "json"),
+    [(False, False), (True, False), (True, True)],
+    ids=["| head -1", "2>&1 | head -1", "--json 2>&1 | head -1 (the log on stderr)"],
+)
+def test_a_closed_stdout_stops_training_with_a_checkpoint(workdir: Path, stderr_too: bool, json: bool):
     config = config_file(workdir, tiny(epochs=500, checkpoint_every=1000, log_every=1))
     process = subprocess.Popen(
-        [sys.executable, "-m", "drnn_cli", "train", "--config", str(config)],
+        [sys.executable, "-m", "drnn_cli", "train", "--config", str(config), *(["--json"] if json else [])],
         cwd=workdir, env=CHILD_ENV, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, text=True,
     )  # fmt: skip

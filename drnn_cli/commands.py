@@ -263,21 +263,26 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
             f"run directory {run_dir} already holds a run; continue it with --resume, pick another with --run DIR, "
             f"or replace it with --overwrite"
         )
-    if request.resume or not holds_run(run_dir) or dist.enabled:
+    if request.resume or not holds_run(run_dir):
         return _train_locked(job, run_dir, run_dir)
+    # Every torchrun rank trains "into" the staging directory (rank 0 alone writes); rank 0 alone
+    # moves directories, so that no rank removes what another is about to swap in.
     staging = staging_dir(run_dir)
-    discard(staging)  # a leftover of an earlier replacement that was killed
+    if dist.is_main:
+        discard(staging)  # a leftover of an earlier replacement that was killed
     try:
         result = _train_locked(job, staging, run_dir)
     except DrnnError as error:
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
-        swap_in(staging, run_dir)
+        if dist.is_main:
+            swap_in(staging, run_dir)
         raise type(error)(str(error).replace(str(staging), str(run_dir)), error.exit_code) from None
     finally:
-        if staging.exists() and holds_run(run_dir) and not holds_run(staging):
+        if dist.is_main and staging.exists() and holds_run(run_dir) and not holds_run(staging):
             discard(staging)
-    swap_in(staging, run_dir)
+    if dist.is_main:
+        swap_in(staging, run_dir)
     return replace(result, run_dir=run_dir)
 
 

@@ -161,11 +161,42 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
             then=("--resume", "--set", "train.max_steps=0"),
             processes=processes,
         )
+    # --overwrite of a finished run under torchrun, killed before its first checkpoint.
+    overwrite = write_config(root, "random")
+    finished = root / "runs" / "overwrite"
+    subprocess.run(
+        [sys.executable, "-m", "drnn_cli", "train", "--config", str(overwrite), "--device", "cpu", "--run",
+         str(finished), "--set", "train.epochs=1"],
+        cwd=root, env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    jobs["overwrite"] = start(  # killed by the test once it trains: its first checkpoint never comes
+        "overwrite", overwrite, "--overwrite", "--set", "model.cell=gru", "--set", "train.epochs=10000",
+        "--set", "train.checkpoint_every=10000", "--set", "train.log_every=1",
+    )  # fmt: skip
     try:
         yield jobs
     finally:
         for job in jobs.values():
             job.stop()
+
+
+# First: it stops the job that would otherwise train on beside every other test.
+def test_overwrite_under_torchrun_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
+    launches: dict[str, Launch],
+) -> None:
+    """--overwrite trains beside the old run and swaps only on success, under torchrun too: killed
+    while it trains, before its first checkpoint, the old run is still there, unchanged."""
+    import time
+
+    job = launches["overwrite"]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while "epoch 1/" not in job.stderr.read_text() and job.process.poll() is None:
+        assert time.monotonic() < deadline, job.stderr.read_text()
+        time.sleep(0.2)
+    job.stop()  # SIGKILL to torchrun and its ranks, as an out-of-memory killer would
+    old = load_checkpoint(job.run_dir / "last.safetensors")
+    assert (old.config.model.cell, old.epoch) == ("lstm", 1)
+    assert yaml.safe_load((job.run_dir / "config.yaml").read_text())["model"]["cell"] == "lstm"
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)

@@ -298,6 +298,11 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     vocab = None
     if request.resume:
         if not last.is_file():
+            if (run_dir / BEST).is_file():  # killed before its first `last`: its best can seed a new run
+                raise DrnnError(
+                    f"nothing to resume: {last} does not exist (the run stopped before its first one); start "
+                    f"over with --overwrite, or from its best weights with --init-from {run_dir} --run NEW_DIR"
+                )
             raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
         resume_from = load_checkpoint(last, device)
         changed = differing_keys(resume_from.config, config, "model", (*ARCHITECTURE_KEYS, "impl"))

@@ -317,6 +317,21 @@ def test_resume_without_a_checkpoint_says_so(workdir: Path):
         train(write_config(workdir, TINY), resume=True)
 
 
+def test_a_run_killed_before_its_first_last_checkpoint_points_at_its_best(workdir: Path):
+    """Only `best` is there (kill -9 before `last` was written): the way on is --overwrite, or a new run
+    from those weights, not the circle of "drop --resume" / "continue it with --resume"."""
+    config = write_config(workdir, TINY)
+    train(config, "data.val_fraction=0.2", "train.epochs=1")
+    run = workdir / "runs" / "tiny"
+    (run / "last.safetensors").unlink()
+    with pytest.raises(DrnnError) as error:
+        train(config, "data.val_fraction=0.2", resume=True)
+    assert str(error.value) == (
+        f"nothing to resume: {run / 'last.safetensors'} does not exist (the run stopped before its first one); "
+        f"start over with --overwrite, or from its best weights with --init-from {run} --run NEW_DIR"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Stopping
 

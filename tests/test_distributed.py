@@ -14,6 +14,7 @@ cache filled, downloads pointed at a dead address); the references and ``drnn ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -84,10 +85,24 @@ class Launch:
         return code, out, err
 
     def stop(self) -> None:
-        """End the job's own process group (torchrun and its ranks) if it is still running."""
+        """SIGKILL the job: its ranks first (torchrun starts each in a session of its own, so killing
+        torchrun's process group would orphan them, training on), then its own process group."""
         if self.process.poll() is None:
+            for pid in _descendants(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid``, children first (``pgrep -P``, level by level)."""
+    found, level = [], [pid]
+    while level:
+        listed = subprocess.run(["pgrep", "-P", ",".join(map(str, level))], capture_output=True, text=True)
+        level = [int(child) for child in listed.stdout.split()]
+        found += level
+    return found
 
 
 @pytest.fixture(scope="module")

@@ -322,8 +322,8 @@ def test_a_run_killed_before_its_first_last_checkpoint_points_at_its_best(workdi
     from those weights, not the circle of "drop --resume" / "continue it with --resume"."""
     config = write_config(workdir, TINY)
     train(config, "data.val_fraction=0.2", "train.epochs=1")
-    run = workdir / "runs" / "tiny"
-    (run / "last.safetensors").unlink()
+    run = Path("runs") / "tiny"  # the default run directory, as the user's --run would name it
+    (workdir / run / "last.safetensors").unlink()
     with pytest.raises(DrnnError) as error:
         train(config, "data.val_fraction=0.2", resume=True)
     assert str(error.value) == (

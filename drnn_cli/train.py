@@ -650,6 +650,11 @@ class Trainer:
         self.reporter.start(self._planned_epochs(), self.start_epoch, parameters, device_name(self.device))
         for note in self._notes:
             self.reporter.note(note)
+        if train.patience and len(self.val_tokens) < 2:
+            self.reporter.note(
+                f"train.patience {train.patience} counts evaluations of the validation split, and this run "
+                "has none: it trains all its epochs (set data.val_fraction > 0 to stop early)"
+            )
         if self.config.model.impl == "fused" and not fused_lstm.can_run(self.device):
             self.reporter.note(
                 f"model.impl fused runs Triton kernels on CUDA; on {self.device.type} it steps the scratch "

@@ -392,3 +392,23 @@ def test_half_precision_the_device_cannot_run_is_one_clear_error_or_works(workdi
         assert math.isfinite(result.train_ppl)
     except DrnnError as error:
         assert "train.precision bf16 does not run on cpu" in str(error) and "fp32" in str(error)
+
+
+def test_patience_without_a_validation_split_says_it_cannot_stop_the_run(workdir: Path):
+    class Notes(SilentReporter):
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    notes = Notes()
+    request = TrainRequest(
+        config_path=write_config(workdir, TINY), overrides=("train.patience=1", "train.epochs=2")
+    )
+    result = train_run(request, reporter=notes)
+    assert result.epochs == 2 and result.stop_reason == "epochs"
+    assert notes.notes == [
+        "train.patience 1 counts evaluations of the validation split, and this run has none: it trains all "
+        "its epochs (set data.val_fraction > 0 to stop early)"
+    ]

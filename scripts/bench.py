@@ -780,10 +780,52 @@ def run_data_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> 
 # Output
 
 
-def unmeasured_row(name: str, entry: dict[str, Any]) -> list[str]:
-    """A table row for a configuration that was skipped or failed: why, in the row's third cell."""
-    status = "skipped" if "skipped" in entry else "FAILED"
-    return [name, status, entry.get("skipped") or entry["error"], "", "", "", ""]
+def config_rows(
+    report: dict[str, Any], measured_rows: Callable[[str, dict[str, Any]], list[list[str]]]
+) -> list[list[str]]:
+    """Table rows for every configuration: ``measured_rows``'s, or why it was skipped or failed."""
+    rows = []
+    for name, entry in report["configs"].items():
+        if "skipped" in entry or "error" in entry:
+            status = "skipped" if "skipped" in entry else "FAILED"
+            rows.append([name, status, entry.get("skipped") or entry["error"], "", "", "", ""])
+        else:
+            rows += measured_rows(name, entry)
+    return rows
+
+
+def profile_rows(name: str, entry: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for side, figures in entry["sides"].items():
+        busy = figures["device_busy_us_per_step"]
+        top = figures["top"][0] if figures["top"] else None
+        rows.append(
+            [
+                f"{name} ({side})",
+                f"{figures['wall_us_per_step']:,.0f}",
+                f"{busy:,.0f}" if busy is not None else "",
+                f"{figures['device_busy_fraction']:.0%}" if busy is not None else "",
+                f"{figures['device_events_per_step']:.0f}" if busy is not None else "",
+                f"{figures['host_ops_per_step']:.0f}",
+                f"{top['name'][:40]} {top['us_per_step']:,.0f} µs" if top else "",
+            ]
+        )
+    return rows
+
+
+def training_rows(name: str, entry: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            f"{name} ({mode})",
+            f"{figures['tokens_per_s']:,.0f}",
+            f"{entry['reference_tokens_per_s']:,.0f}",
+            f"{figures['ratio']:.2f}×",
+            f"{figures['train_ppl']:.2f}",
+            f"{entry['reference_train_ppl']:.2f}",
+            f"{entry['rounds']}×{entry['epochs_per_round']}",
+        ]
+        for mode, figures in entry["modes"].items()
+    ]
 
 
 def render(report: dict[str, Any], to_stderr: bool) -> None:
@@ -791,45 +833,11 @@ def render(report: dict[str, Any], to_stderr: bool) -> None:
     if report["benchmark"] == "profile":
         title = f"per training step, under torch.profiler — {report['device']}, torch {report['torch']}"
         header = ["config (side)", "wall µs", "device busy µs", "busy", "kernels", "host ops", "top"]
-        rows = []
-        for name, entry in report["configs"].items():
-            if "skipped" in entry or "error" in entry:
-                rows.append(unmeasured_row(name, entry))
-                continue
-            for side, figures in entry["sides"].items():
-                busy = figures["device_busy_us_per_step"]
-                top = figures["top"][0] if figures["top"] else None
-                rows.append(
-                    [
-                        f"{name} ({side})",
-                        f"{figures['wall_us_per_step']:,.0f}",
-                        f"{busy:,.0f}" if busy is not None else "",
-                        f"{figures['device_busy_fraction']:.0%}" if busy is not None else "",
-                        f"{figures['device_events_per_step']:.0f}" if busy is not None else "",
-                        f"{figures['host_ops_per_step']:.0f}",
-                        f"{top['name'][:40]} {top['us_per_step']:,.0f} µs" if top else "",
-                    ]
-                )
+        rows = config_rows(report, profile_rows)
     elif report["benchmark"] == "training":
         title = f"drnn vs the textbook loop — {report['device']}, torch {report['torch']}, {report['threads']} threads"
         header = ["config", "drnn tok/s", "reference tok/s", "ratio", "drnn ppl", "ref ppl", "rounds×epochs"]
-        rows = []
-        for name, entry in report["configs"].items():
-            if "skipped" in entry or "error" in entry:
-                rows.append(unmeasured_row(name, entry))
-                continue
-            for mode, figures in entry["modes"].items():
-                rows.append(
-                    [
-                        f"{name} ({mode})",
-                        f"{figures['tokens_per_s']:,.0f}",
-                        f"{entry['reference_tokens_per_s']:,.0f}",
-                        f"{figures['ratio']:.2f}×",
-                        f"{figures['train_ppl']:.2f}",
-                        f"{entry['reference_train_ppl']:.2f}",
-                        f"{entry['rounds']}×{entry['epochs_per_round']}",
-                    ]
-                )
+        rows = config_rows(report, training_rows)
     else:
         target = report["target"]
         title = (

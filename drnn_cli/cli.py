@@ -247,12 +247,11 @@ class RichReporter:
         self.task: TaskID | None = None
         self.total = 0
 
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None:
+    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str, origin: str) -> None:
         self.total = total_epochs
         cadence = Cadence.of(self.log_every)
         self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
-        where = f"from epoch {start_epoch + 1}" if start_epoch else "from scratch"
-        self.console.print(f"training {parameters:,} parameters on {device}, {total_epochs} epochs, {where}")
+        self.console.print(f"training {parameters:,} parameters on {device}, {total_epochs} epochs, {origin}")
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}/{task.total}"),
@@ -388,10 +387,11 @@ def train_command(
         table.add_row(
             "validation perplexity (last / best)", f"{result.val_ppl:.3f} / {result.best_val_ppl:.3f}"
         )
-    table.add_row("tokens/s", f"{result.tokens_per_s:,.1f}")
+    speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
+    table.add_row("tokens/s", "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}")
     table.add_row("device", f"{result.device} × {result.world_size}")
     out.print(table)
-    out.print(f"perplexity {result.train_ppl:.1f}, {result.tokens_per_s:.1f} tokens/sec on {result.device}")
+    out.print(f"perplexity {result.train_ppl:.1f}, {speed} on {result.device}")
     for text in result.samples.values():
         out.print(text, markup=False)
     if json_out:

@@ -201,6 +201,11 @@ def train_run(
             "--resume and --init-from cannot be combined: --resume continues this run (weights, optimizer, "
             "epoch), --init-from starts a new run from another run's weights"
         )
+    if request.resume and request.overwrite:
+        raise DrnnError(
+            "--resume and --overwrite cannot be combined: --resume continues the run in the run directory, "
+            "--overwrite replaces it with a new one; pick one"
+        )
     overrides = request.overrides
     if request.device is not None:
         overrides = (*overrides, f"train.device={request.device}")  # validated like the config key

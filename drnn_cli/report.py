@@ -52,7 +52,7 @@ class TrainResult:
     train_ppl: float
     val_ppl: float | None
     best_val_ppl: float | None
-    tokens_per_s: float
+    tokens_per_s: float | None  # None: nothing trained in this session
     device: str
     world_size: int
     parameters: int
@@ -95,7 +95,9 @@ class StepStatus:
 class Reporter(Protocol):
     """How the loop talks to its user; the CLI renders these with rich, tests collect them."""
 
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None: ...
+    def start(
+        self, total_epochs: int, start_epoch: int, parameters: int, device: str, origin: str
+    ) -> None: ...
     def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None: ...
     def samples(self, epoch: int, samples: dict[str, str]) -> None: ...
     def note(self, message: str) -> None: ...
@@ -104,7 +106,7 @@ class Reporter(Protocol):
 
 
 class SilentReporter:
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str) -> None:
+    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str, origin: str) -> None:
         pass
 
     def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:

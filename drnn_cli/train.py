@@ -641,14 +641,65 @@ class Trainer:
             return train.epochs
         return min(train.epochs, math.ceil(train.max_steps / self.steps_per_epoch))
 
+    def _origin(self) -> str:
+        """Where this session starts, for the first line: a fresh run, fine-tuning, or a resume."""
+        if self.global_step == 0:
+            return f"from the weights of {self.init_from_label}" if self.init_from_label else "from scratch"
+        step = self.progress.step
+        return f"from epoch {self.start_epoch + 1}" + (f", step {step + 1}" if step else "")
+
+    def _already_done(self) -> StopReason | None:
+        """Why a resumed run has nothing left to train: its budget, its epochs or its patience spent."""
+        train = self.config.train
+        reached = self.budget.reached(self.global_step)
+        if reached is not None:
+            return reached
+        if self.start_epoch >= train.epochs:
+            return "epochs"
+        if train.patience and self.bad_evals >= train.patience:
+            return "patience"
+        return None
+
+    def _nothing_to_train(self, reason: StopReason) -> str:
+        """The note for a resume that finds the run over, naming the setting that lets it go on."""
+        train = self.config.train
+        why, fix = {
+            "epochs": (
+                f"its epochs are done ({self.start_epoch} trained, train.epochs {train.epochs})",
+                "train.epochs=N",
+            ),
+            "patience": (
+                f"it stopped early: validation perplexity did not improve for {self.bad_evals} evaluations "
+                f"(train.patience {train.patience})",
+                "train.patience=N (0: off)",
+            ),
+            "max_steps": (
+                f"it has taken {self.global_step:,} steps (train.max_steps {train.max_steps:,})",
+                "train.max_steps=N",
+            ),
+            "max_time": (f"train.max_time {train.max_time:g} s is spent", "train.max_time=SECONDS"),
+        }[reason]
+        return f"nothing to train: {why}; to train on, --resume --set {fix} with a larger value"
+
     def fit(self) -> TrainResult:
         """Train from ``start_epoch`` until ``train.epochs``, a budget or patience ends the run;
         checkpoints, metrics and plot kept current."""
         train = self.config.train
         self._write_run_files()
         parameters = count_parameters(self.model)
-        self.reporter.start(self._planned_epochs(), self.start_epoch, parameters, device_name(self.device))
-        for note in self._notes:
+        self.budget.start()
+        already = self._already_done()
+        if already is None:
+            self.reporter.start(
+                self._planned_epochs(),
+                self.start_epoch,
+                parameters,
+                device_name(self.device),
+                self._origin(),
+            )
+        else:
+            self.reporter.note(self._nothing_to_train(already))
+        for note in self._notes if already is None else ():
             self.reporter.note(note)
         if train.patience and len(self.val_tokens) < 2:
             self.reporter.note(
@@ -662,12 +713,12 @@ class Trainer:
             )
         train_ppl = self.records[-1].train_ppl if self.records else float("nan")
         val_ppl = self.records[-1].val_ppl if self.records else None
-        tokens_per_s = 0.0
+        tokens_per_s: float | None = None  # none measured until an epoch is trained
         stop_reason: StopReason = "epochs"
-        self.budget.start()
-        already = self.budget.reached(self.global_step)  # resumed with a step budget already spent
         if already is not None:
-            stop_reason, val_ppl = already, self._validate()
+            stop_reason = already
+            if val_ppl is None:
+                val_ppl = self._validate()
         with self._signals():
             for epoch in range(self.start_epoch, train.epochs if already is None else 0):
                 train_ppl, tokens_per_s = self.train_epoch(epoch)
@@ -713,7 +764,7 @@ class Trainer:
                     if done < train.epochs:  # a budget that ends with the last epoch did not cut it short
                         stop_reason = budget_stop
                     break
-        if stop_reason == "patience":
+        if stop_reason == "patience" and already is None:
             self.reporter.note(
                 f"early stop: validation perplexity has not improved for {train.patience} evaluations"
             )

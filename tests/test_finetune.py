@@ -122,6 +122,16 @@ def test_init_from_and_resume_together_are_refused(tmp_path: Path, texts: tuple[
         train_run(TrainRequest(config_for(tmp_path, first, "x"), init_from=Path("runs/base"), resume=True))
 
 
+def test_a_fine_tuned_run_says_whose_weights_it_starts_from(tmp_path: Path, texts: tuple[Path, Path], cli):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    code, out, _ = cli("train", "--config", str(config_for(tmp_path, second, "tuned", train={"epochs": 1})),
+                       "--init-from", "runs/base")  # fmt: skip
+    source = (tmp_path / "runs" / "base" / "last.safetensors").resolve()
+    assert code == 0 and f", 1 epochs, from the weights of {source}" in out.replace("\n", ""), out
+    assert "from scratch" not in out
+
+
 def test_init_from_a_checkpoint_file_works_too(tmp_path: Path, texts: tuple[Path, Path]):
     first, second = texts
     train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))

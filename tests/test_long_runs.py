@@ -177,14 +177,34 @@ def test_step_budget_interrupted_and_resumed_ends_bit_identical(
     assert resumed.best_val_ppl == straight.best_val_ppl
 
 
-def test_resuming_a_spent_step_budget_trains_nothing(workdir: Path):
+def test_resuming_a_spent_step_budget_trains_nothing(workdir: Path, cli):
     config = write_config(workdir)
     train(config, "train.max_steps=10")
     before = _weights(workdir / "runs/tiny")
     again = train(config, "train.max_steps=10", resume=True)
-    assert (again.stop_reason, again.steps) == ("max_steps", 10)
+    assert (again.stop_reason, again.steps, again.tokens_per_s) == ("max_steps", 10, None)
     after = _weights(workdir / "runs/tiny")
     assert all(torch.equal(before[name], after[name]) for name in before)
+    # A larger budget goes on inside epoch 1, from its 11th step (of 19), and says so.
+    code, out, _ = cli("train", "--config", str(config), "--set", "train.max_steps=12", "--resume")
+    assert code == 0 and ", 1 epochs, from epoch 1, step 11" in out, out
+
+
+def test_resuming_a_finished_run_trains_nothing_until_train_epochs_is_raised(workdir: Path, cli):
+    config = write_config(workdir)
+    assert cli("train", "--config", str(config), "--set", "train.epochs=1")[0] == 0
+    code, out, _ = cli("train", "--config", str(config), "--set", "train.epochs=1", "--resume")
+    assert code == 0
+    out = " ".join(out.split())  # a note wraps at the console's width
+    assert (
+        "note: nothing to train: its epochs are done (1 trained, train.epochs 1); to train on, --resume "
+        in out
+    )
+    assert "--set train.epochs=N with a larger value" in out and "nothing trained on cpu" in out
+    assert [line["epoch"] for line in metrics(workdir / "runs" / "tiny")] == [1]
+    code, out, _ = cli("train", "--config", str(config), "--set", "train.epochs=2", "--resume")
+    assert code == 0 and ", 2 epochs, from epoch 2\n" in out and "nothing to train" not in out, out
+    assert [line["epoch"] for line in metrics(workdir / "runs" / "tiny")] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,18 +234,35 @@ def test_log_lines_inside_an_epoch_show_the_epoch_to_two_decimals_on_one_line(wo
     assert all(line.rstrip().endswith("s") and "  lr " in line for line in lines), out
 
 
-def test_patience_counts_step_evaluations(workdir: Path):
-    result = train(
-        write_config(workdir),
-        "train.epochs=40",
-        "train.lr=0.05",
-        "train.eval_every=3 steps",
-        "train.patience=2",
-    )
-    lines = [line for line in metrics(workdir / "runs" / "tiny") if line["val_ppl"] is not None]
+def test_patience_counts_step_evaluations(workdir: Path, cli):
+    config = write_config(workdir)
+    settings = ("train.epochs=40", "train.lr=0.05", "train.eval_every=3 steps")
+    result = train(config, *settings, "train.patience=2")
+    run = workdir / "runs" / "tiny"
+    lines = [line for line in metrics(run) if line["val_ppl"] is not None]
     assert result.stop_reason == "patience" and result.stopped_early
     best = min(range(len(lines)), key=lambda i: lines[i]["val_ppl"])
     assert len(lines) == best + 3  # the best evaluation, then two without improvement
+
+    # Resumed as it is, the run is over: nothing trained, and the note names the setting to raise.
+    before = (run / "metrics.jsonl").read_text()
+    sets = [arg for setting in (*settings, "train.patience=2") for arg in ("--set", setting)]
+    code, out, err = cli("train", "--config", str(config), *sets, "--resume", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    out = " ".join(err.split())  # --json: the human output is on stderr; a note wraps at its width
+    assert "note: nothing to train: it stopped early: validation perplexity did not improve for 2 " in out
+    assert "--resume --set train.patience=N (0: off) with a larger value" in out
+    assert "nothing trained on cpu" in out and "early stop:" not in out and "training " not in out
+    assert (summary["stop_reason"], summary["tokens_per_s"], summary["steps"]) == (
+        "patience",
+        None,
+        result.steps,
+    )
+    assert (run / "metrics.jsonl").read_text() == before
+    # A larger patience lets it go on from where it stopped (two failures counted, a third allowed).
+    again = train(config, *settings, "train.patience=3", resume=True)
+    assert again.steps > result.steps and again.start_epoch == result.epochs
 
 
 def test_eval_tokens_caps_validation_while_training(workdir: Path):

@@ -81,6 +81,14 @@ def test_a_failed_overwrite_keeps_the_previous_run(workdir: Path, cli):
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
 
 
+def test_resume_and_overwrite_together_are_refused_and_the_run_is_kept(workdir: Path, cli):
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    assert cli("train", "--config", str(config))[0] == 0
+    code, _, err = cli("train", "--config", str(config), "--resume", "--overwrite", "--set", "train.epochs=2")
+    assert_one_line_error(code, err, "--resume and --overwrite cannot be combined", "pick one")
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Downloads
 

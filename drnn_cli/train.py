@@ -805,9 +805,13 @@ def compile_cells(
     """
     impl = model.config.impl
     if impl != "scratch":
+        # impl scratch steps its layers one by one: model.layer_calls each (impl torch only) must go too
+        scratch = "model.impl scratch" + (
+            " with model.layer_calls stack" if model.config.layer_calls == "each" else ""
+        )
         raise DrnnError(
             f"train.compile on compiles model.impl scratch's cells, and this model is impl {impl}; "
-            "set model.impl scratch or train.compile off"
+            f"set {scratch}, or train.compile off"
         )
     started = time.perf_counter()
     probe = torch.zeros((batch_rows, 2), dtype=torch.long, device=device)

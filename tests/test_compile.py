@@ -133,9 +133,20 @@ def test_compile_on_with_torch_cells_is_a_one_line_error(workdir: Path, cli, cor
     code, out, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "train.compile=on")
     assert out == ""
     assert_one_line_error(
-        code, err, "train.compile on compiles model.impl scratch's cells, and this model is impl torch"
-    )
+        code, err, "train.compile on compiles model.impl scratch's cells, and this model is impl torch",
+        "set model.impl scratch, or train.compile off",
+    )  # fmt: skip
     assert not (workdir / "runs").exists() or not any((workdir / "runs").rglob("*.safetensors"))
+    # With one cuDNN call per layer the advice names both keys: impl scratch refuses layer_calls each.
+    code, _, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "train.compile=on",
+                       "--set", "model.layer_calls=each")  # fmt: skip
+    assert_one_line_error(
+        code, err, "set model.impl scratch with model.layer_calls stack, or train.compile off"
+    )
+    fixed = ("--set", "model.impl=scratch", "--set", "model.layer_calls=stack", "--set", "train.epochs=1")
+    assert (
+        cli("train", "--config", str(config_file(workdir, tree)), "--set", "train.compile=on", *fixed)[0] == 0
+    )
 
 
 def test_a_compiler_failure_is_a_one_line_error(

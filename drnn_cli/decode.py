@@ -90,6 +90,8 @@ def _pick(logits: torch.Tensor, options: DecodeOptions, generator: torch.Generat
     if not options.sample:
         return int(logits.argmax())
     scores = logits.double().cpu() / options.temperature
+    # <unk> (index 0) stands for "some token outside the vocabulary": a sample never writes it
+    scores[0] = float("-inf")
     if options.top_k is not None and options.top_k < scores.numel():
         threshold = torch.topk(scores, options.top_k).values[-1]
         scores = scores.masked_fill(scores < threshold, float("-inf"))

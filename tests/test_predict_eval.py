@@ -54,6 +54,18 @@ def test_top_k_1_tiny_temperature_and_tiny_top_p_equal_greedy(tiny_run: Path, op
     )
 
 
+def test_a_sample_never_draws_unk_where_greedy_would(tiny_run: Path):
+    """A model that has not yet learned that ``<unk>`` never comes (its bias pushed up here): greedy
+    decoding shows it, as d2l's does, but a sample draws from the other tokens only."""
+    loaded = load_model(tiny_run, None, "cpu")
+    with torch.no_grad():
+        loaded.model.decoder.bias[0] += 8.0  # <unk> now ~e^8 times likelier than before
+    assert predict(loaded, "the", DecodeOptions(num_tokens=3)) == "the<unk><unk><unk>"
+    for seed in range(5):
+        text = predict(loaded, "the", DecodeOptions(num_tokens=40, sample=True, temperature=2.0, seed=seed))
+        assert len(text) == 3 + 40 and "<unk>" not in text
+
+
 def test_prefix_is_preprocessed_like_the_corpus(tiny_run: Path):
     assert decode(tiny_run, "Time Traveller!", num_tokens=5).startswith("time traveller")
 

@@ -7,6 +7,7 @@ and what is allowed, so ``--set model.num_layers=0`` and a typo in a YAML file g
 from __future__ import annotations
 
 import copy
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
@@ -319,6 +320,8 @@ def describe_error(error: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
     shown = "" if isinstance(given, dict) else f" (got {_short_repr(given)})"
+    if first["type"] == "string_type" and isinstance(given, bool | int | float):
+        message += "; put it in quotes (YAML reads yes, no, on, off and bare numbers as other types)"
     return f"config error: {key or 'config'}: {message}{shown}"
 
 
@@ -353,7 +356,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise ConfigError(f"--set key {key!r} has an empty part; use dotted keys like train.lr=0.5")
     try:
-        value = yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else None
+        value = _parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: {raw!r} is not a valid YAML value ({_yaml_problem(exc)})") from None
     if raw.strip() and value is None and raw.strip() not in {"null", "~", "Null", "NULL"}:
@@ -364,7 +367,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node = tree
     for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}  # a section left empty (``train:``, or ``--set train=``)
+        child = node[part]
         if not isinstance(child, dict):
             dotted = ".".join(parts[: depth + 1])
             raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a section")
@@ -382,12 +387,25 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000  # YAML nodes after expanding aliases: a config has a few dozen
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _parse_yaml(text: str) -> Any:
+    """YAML through :class:`_ConfigLoader`; whatever it refuses is a ``yaml.YAMLError``."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except RecursionError:  # PyYAML's parser recurses once per level: ``[[[[…]]]]`` a thousand deep
+        raise yaml.constructor.ConstructorError(problem="it nests lists or mappings too deeply") from None
+
+
 class _ConfigLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys and alias expansion past :data:`MAX_CONFIG_NODES`.
 
     Aliases share nodes, so ten nested ``[*a, *a, …]`` lines describe 10**10 strings in a few
     hundred bytes; validation and error messages would expand them. The document's expanded size is
-    counted (each distinct node once, memoised) before anything is constructed.
+    counted (each distinct node once, memoised) before anything is constructed. Merge keys (``<<:
+    *defaults``) work as in PyYAML's SafeLoader: a key written out overrides a merged one. A number
+    written with leading zeros (``010``) is decimal, as in YAML 1.2, not YAML 1.1's octal.
     """
 
     def construct_document(self, node: yaml.Node) -> Any:
@@ -400,13 +418,29 @@ class _ConfigLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue  # ``<<``: its keys are merged in (and may be overridden) by flatten_mapping
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if not isinstance(key, str | int | float | bool | None):
+                raise yaml.constructor.ConstructorError(
+                    problem=f"a key must be a plain name, not a {type(key).__name__}",
+                    problem_mark=key_node.start_mark,
+                )
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     problem=f"duplicate key {key!r} (drop one of them)", problem_mark=key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        digits = str(self.construct_scalar(node)).replace("_", "")
+        if re.fullmatch(r"[-+]?0[0-9]+", digits):
+            return int(digits, 10)  # YAML 1.1 would read 010 as octal 8
+        return super().construct_yaml_int(node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
 
 
 def _expanded_size(root: yaml.Node) -> int:
@@ -451,7 +485,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        tree = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
+        tree = _parse_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if tree is None:
@@ -467,6 +501,9 @@ def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(tree, parts, value)
+    for section in Config.model_fields:
+        if section in tree and tree[section] is None:
+            tree[section] = {}  # ``train:`` with every key commented out: an empty section
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

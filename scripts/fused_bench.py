@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time recurrences on a GPU, forward and backward: cuDNN's stack two ways, and ``impl: fused``.
 
-    python scripts/fused_bench.py [--json] [--iterations 50] [--tile 16x16]
+    python scripts/fused_bench.py [--json] [--iterations 50] [--tile 16x16 | --sweep-tiles]
 
 First the seed model's two-layer stack through cuDNN (batch 32 × 35 steps, 256 units; the input
 one-hot 28 wide as in d2l, or a 128-wide embedding), as one two-layer ``nn.LSTM`` call and as one call
@@ -18,8 +18,9 @@ each run eagerly and as one CUDA graph; every fused run also reports whether a g
 
 Microseconds per forward + backward, from CUDA events over ``--iterations`` after a warm-up. With
 ``--json`` the whole report so far is printed after every row (the last line is complete). ``--tile
-BxH`` overrides the planned tile (a tuning aid). ``scripts/gpu_check.py`` runs it as its
-``fused-kernels`` step.
+BxH`` overrides the planned tile (a tuning aid); ``--sweep-tiles`` times only the seed layer's
+persistent kernel as a graph, in bf16 and fp32, for tiles from 16 × 16 (32 programs) to 32 × 64
+(4 programs), at 4 or 8 warps. ``scripts/gpu_check.py`` runs it as its ``fused-kernels`` and ``fused-tiles`` steps.
 """
 
 from __future__ import annotations
@@ -160,11 +161,53 @@ def stack_rows(iterations: int) -> Iterator[tuple[dict[str, Any], bool]]:
             yield row, failed
 
 
+def with_tile(
+    planned: fused_lstm.Launch, batch: int, hidden: int, block_b: int, block_h: int, warps: int | None = None
+) -> fused_lstm.Launch:
+    """``planned`` cut into ``block_b`` rows × ``block_h`` units per program instead."""
+    grid = (hidden // block_h, -(-batch // block_b))
+    warps = warps or (8 if block_b * block_h >= 2048 else 4)
+    return fused_lstm.Launch(block_b, block_h, planned.block_k, grid, planned.persistent, warps)
+
+
+# (rows, units, warps). Compiled for sm_90 on a CPU (scripts/fused_compile.py's ptxas), the forward
+# kernel of every tile past 16 × 16 spills at 4 warps (up to 392 B) and not, or barely (≤ 72 B), at 8;
+# 32 × 128 needs 272 KiB of shared memory in fp32, more than a multiprocessor has.
+SWEPT_TILES = ((16, 16, 4), (16, 32, 4), (16, 32, 8), (32, 16, 8), (16, 64, 8), (32, 32, 8), (32, 64, 8))
+
+
+def tile_rows(iterations: int, slots: int) -> Iterator[tuple[dict[str, Any], bool]]:
+    """The seed layer (batch 32 × 35 steps, 256 units) through the persistent kernel as one graph,
+    tile by tile, bf16 first: fewer, larger programs meet at a cheaper barrier but each does more."""
+    batch, steps, hidden = STACK_SHAPE
+    planned = fused_lstm.plan_launch(batch, hidden, slots)
+    for dtype_name, dtype in (DTYPES[1], DTYPES[0]):
+        for block_b, block_h, warps in SWEPT_TILES:
+            launch = with_tile(planned, batch, hidden, block_b, block_h, warps)
+            row: dict[str, Any] = {"dtype": dtype_name, "tile": f"{block_b}x{block_h}", "warps": warps}
+            row["programs"] = launch.programs
+            error = torch.zeros((), device="cuda", dtype=torch.int32)
+            try:
+                run = fused_runner(batch, steps, hidden, dtype, launch, error)
+                row["fused-graph"] = round(time_us(run, iterations, graph=True), 1)
+                row["barrier-timeout"] = bool(int(error))
+                failed = row["barrier-timeout"]
+            except Exception as problem:  # a tile the device refuses (resources) is a finding, not the end
+                row["fused-graph"] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
+                failed = False
+            yield row, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--tile", default="", help="BxH tile instead of the planned one, e.g. 32x16")
+    parser.add_argument(
+        "--sweep-tiles",
+        action="store_true",
+        help="only the seed layer's persistent kernel, tile by tile (graph)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("fused_bench: no CUDA device", file=sys.stderr)
@@ -183,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report if args.json else row), flush=True)
 
     failed = False
+    if args.sweep_tiles:
+        report["tiles"] = tiles = []
+        for row, row_failed in tile_rows(args.iterations, slots):
+            tiles.append(row)
+            failed |= row_failed
+            emit(row)
+        return 1 if failed else 0
     for row, row_failed in stack_rows(args.iterations):  # first: the question the next step hangs on
         stack.append(row)
         failed |= row_failed
@@ -192,14 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             planned = fused_lstm.plan_launch(batch, hidden, slots)
             if args.tile:
                 block_b, block_h = (int(part) for part in args.tile.lower().split("x"))
-                planned = fused_lstm.Launch(
-                    block_b,
-                    block_h,
-                    planned.block_k,
-                    (hidden // block_h, -(-batch // block_b)),
-                    planned.persistent,
-                    8 if block_b * block_h >= 2048 else 4,
-                )
+                planned = with_tile(planned, batch, hidden, block_b, block_h)
             stepwise = fused_lstm.plan_launch(batch, hidden, slots, mode="stepwise")
             sides: dict[str, tuple[Callable[[], None], torch.Tensor | None]] = {
                 "cudnn": (cudnn_runner(batch, steps, hidden, dtype), None)

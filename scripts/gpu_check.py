@@ -19,6 +19,8 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
                    cuDNN call against one call per layer (fp32/bf16/fp16), microseconds;
     ``profile``   ``scripts/bench.py --profile``: per seed-config step, wall time against the device's busy
                    time and kernel count, eager and as a graph (where the graph's time goes);
+    ``fused-tiles`` ``scripts/fused_bench.py --sweep-tiles``: the seed layer's persistent Triton kernel,
+                   tile by tile (is fewer, larger programs the way past cuDNN?);
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
  8. ``full-bf16-graph`` configs/lstm_full.yaml, bf16, with the CUDA graph, if time is left;
@@ -70,6 +72,7 @@ DEFAULT_BUDGET_S = 540
 MIN_STEP_S = 20  # a step with less time than this left is not started
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
 PROFILED = "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,fused-lstm-seed"  # the profile step's configurations
+FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, both kept in fused.json
 BENCH_STEPS = ("bench", "bench-compiled")  # scripts/bench.py runs; the second compiles (slow to start)
 AUTO_GRAPH_NOTE_START = "train.cuda_graph auto: each training step replays as one CUDA graph"  # drnn's note
 LSTM2_RUNS = ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-graph-fp16", "lstm2-fused-graph-bf16")
@@ -201,6 +204,13 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "scripts/bench.py --profile: where a seed step's time goes, eager and as a graph (torch.profiler)",
             [*bench_base, "--profile", "--configs", PROFILED, "--epochs-per-round", "4"],
             90,
+        ),
+        Step(
+            "fused-tiles",
+            "scripts/fused_bench.py --sweep-tiles: the seed layer's persistent Triton kernel as a graph, "
+            "tile by tile (32 programs of 16 × 16 down to 2 of 32 × 128), fp32 and bf16",
+            [sys.executable, "scripts/fused_bench.py", "--json", "--sweep-tiles"],
+            60,
         ),
         Step(
             "bench-compiled",
@@ -652,8 +662,29 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
             kernels = "; ".join(row.get("per-layer-kernels", [])).replace("|", "/")
             lines += [f"| {row['input']} | {row['dtype']} | {cells} | {kernels} |"]
     lines += profile_lines(results.get("profile"))
+    lines += tile_lines(results.get("fused-tiles"))
     lines += ["", "## nvidia-smi", "", "```", smi, "```", ""]
     return "\n".join(lines)
+
+
+def tile_lines(step: StepResult | None) -> list[str]:
+    """The fused-tiles step: µs per forward + backward of the seed layer, one row per tile."""
+    rows = ((step.data.get("json") or {}).get("tiles") or []) if step else []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### fused-tiles (µs per forward + backward of the seed layer, persistent kernel, graph)",
+        "",
+    ]
+    lines += ["| dtype | tile (rows × units) | programs | fused, graph | barrier timed out |"]
+    lines += ["| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines += [
+            f"| {row['dtype']} | {row['tile']} | {row['programs']} | {row['fused-graph']} | "
+            f"{'yes' if row.get('barrier-timeout') else 'no'} |"
+        ]
+    return lines
 
 
 def profile_lines(step: StepResult | None) -> list[str]:
@@ -692,8 +723,9 @@ def write_outputs(
         chosen = {name: asdict(results[name]) for name in names if name in results}
         if chosen:
             (outdir / filename).write_text(json.dumps(chosen, indent=1) + "\n")
-    if "fused-kernels" in results and results["fused-kernels"].data.get("json"):
-        (outdir / "fused.json").write_text(json.dumps(results["fused-kernels"].data["json"], indent=1) + "\n")
+    fused = {name: results[name].data.get("json") for name in FUSED_STEPS if name in results}
+    if any(fused.values()):
+        (outdir / "fused.json").write_text(json.dumps(fused, indent=1) + "\n")
     if any(results[name].data.get("json") for name in BENCH_STEPS if name in results):
         measured = {name: results[name].data.get("json") for name in BENCH_STEPS if name in results}
         (outdir / "bench.json").write_text(json.dumps(measured, indent=1) + "\n")

@@ -201,6 +201,13 @@ def test_set_value_keeps_an_equals_sign():
         ("data: [1, 2\n", "not valid YAML"),
         ("- a\n- b\n", "must be a mapping"),
         ("data:\n  batch_size: 0\n", "data.batch_size"),
+        (
+            "train:\n  sample_prefixes: " + "[" * 2000 + "]" * 2000 + "\n",
+            "nests lists or mappings too deeply",
+        ),
+        ("train: {[a]: 1}\n", "a key must be a plain name, not a list at line 1, column 9"),
+        ("train: {epochs: 2, epochs: 3}\n", "duplicate key 'epochs'"),
+        ("data:\n  path: yes\n", "data.path: Input should be a valid string; put it in quotes"),
     ],
 )
 def test_bad_yaml_files_get_one_line(tmp_path: Path, content: str, problem: str):
@@ -214,6 +221,23 @@ def test_bad_yaml_files_get_one_line(tmp_path: Path, content: str, problem: str)
 def test_missing_config_file_is_named(tmp_path: Path):
     with pytest.raises(ConfigError, match="does-not-exist.yaml does not exist"):
         load_config(tmp_path / "does-not-exist.yaml")
+
+
+def test_yaml_merge_keys_merge_and_written_keys_override(tmp_path: Path):
+    path = tmp_path / "merged.yaml"
+    path.write_text("model:\n  <<: {hidden_size: 8, num_layers: 1}\n  num_layers: 3\n")
+    model = load_config(path).model
+    assert (model.hidden_size, model.num_layers) == (8, 3)
+
+
+def test_leading_zeros_are_decimal_and_an_empty_section_is_the_defaults(tmp_path: Path):
+    """YAML 1.1 reads ``010`` as octal 8; a config means ten. ``train:`` with every key commented out
+    is an empty section, in the file and under ``--set``."""
+    path = tmp_path / "commented.yaml"
+    path.write_text("train:\n  # epochs: 5\nmodel:\n  hidden_size: 8\n")
+    config = load_config(path, ["train.epochs=010", "model.num_layers=0_3"])
+    assert (config.train.epochs, config.model.num_layers, config.model.hidden_size) == (10, 3, 8)
+    assert load_config(path, ["train=", "train.epochs=2"]).train.epochs == 2  # `--set train=` empties it too
 
 
 def test_empty_file_gives_the_defaults(tmp_path: Path):

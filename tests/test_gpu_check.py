@@ -126,6 +126,13 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
     graph_step |= {"device_events_per_step": 412.0, "host_ops_per_step": 3.0}
     graph_step["top"] = [{"name": "RNN_blockPersist_fp_LSTM", "per_step": 2.0, "us_per_step": 300.0}]
     profiled = {"drnn-graph": graph_step}
+    tile_row = {
+        "dtype": "bf16",
+        "tile": "32x64",
+        "programs": 4,
+        "fused-graph": 280.5,
+        "barrier-timeout": False,
+    }
     results = {
         "lstm2": Result(
             "lstm2",
@@ -157,6 +164,7 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "profile": Result(
             "profile", "", "ok", data={"json": {"configs": {"lstm-seed": {"sides": profiled}}}}
         ),
+        "fused-tiles": Result("fused-tiles", "", "ok", data={"json": {"tiles": [tile_row]}}),
     }
     verdicts = {v.target: v for v in gpu_check.judge(results)}
     assert verdicts["seed LSTM fp32 ≥ 5× the textbook loop"].verdict == "met"
@@ -187,6 +195,11 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "| lstm-seed | drnn-graph | 1,250 | 1,100 | 88% | 412 | 3 | RNN_blockPersist_fp_LSTM 300 |" in report
     )
     assert "| 128 | fp16 | 900.0 | 600.0 | 800.0 | 300.0 | RNN_blockPersist_fp_LSTM; gemm/x |" in report
+    assert "| bf16 | 32x64 | 4 | 280.5 | no |" in report
+    fused_json = json.loads((tmp_path / "fused.json").read_text())
+    assert fused_json["fused-tiles"]["tiles"] == [tile_row] and fused_json["fused-kernels"]["stack"] == [
+        stack_row
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bench.json",
         "fused.json",

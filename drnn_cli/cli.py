@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
-import math
 import os
 import sys
 import traceback
@@ -23,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from drnn_cli import __version__
+from drnn_cli import __version__, strict_json
 from drnn_cli.budget import Cadence, format_duration
 from drnn_cli.config import Config, load_config
 from drnn_cli.errors import DrnnError
@@ -86,19 +84,8 @@ def _consoles(json_mode: bool) -> tuple[Console, Console]:
     return Console(stderr=json_mode, highlight=False), Console(stderr=True, highlight=False)
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or Infinity: a diverged perplexity is reported as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
-
-
 def _emit_json(payload: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(_finite(payload), ensure_ascii=False, allow_nan=False) + "\n")
+    sys.stdout.write(strict_json.dumps(payload, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from drnn_cli import strict_json
 from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, dump_config
 from drnn_cli.files import atomic_write_bytes, atomic_write_text
@@ -41,7 +43,15 @@ class EpochRecord:
     tokens_seen: int = 0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """The line; a perplexity past float range (a loss over ~709 nats) is null, as in ``--json``."""
+        return strict_json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, line: str) -> EpochRecord:
+        fields = json.loads(line)
+        if fields.get("train_ppl", 0.0) is None:
+            fields["train_ppl"] = math.inf  # written as null: it had overflowed
+        return cls(**fields)
 
 
 @dataclass
@@ -139,7 +149,7 @@ def read_metrics(path: Path, global_step: int, start_epoch: int) -> list[EpochRe
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(ValueError, TypeError):
-                record = EpochRecord(**json.loads(line))
+                record = EpochRecord.from_json(line)
                 if record.step <= global_step if record.step else record.epoch <= start_epoch:
                     records.append(record)
     return records

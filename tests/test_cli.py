@@ -92,11 +92,24 @@ def test_plain_output_without_a_terminal_is_lines_not_a_progress_bar(workdir: Pa
 
 
 def test_json_never_holds_nan_or_infinity():
-    from drnn_cli.cli import _finite
+    from drnn_cli import strict_json
 
-    assert json.dumps(_finite({"a": float("inf"), "b": [float("nan"), 1.5], "c": "x"})) == (
-        '{"a": null, "b": [null, 1.5], "c": "x"}'
+    assert strict_json.dumps({"a": float("inf"), "b": [float("nan"), 1.5], "c": ("x", -float("inf"))}) == (
+        '{"a": null, "b": [null, 1.5], "c": ["x", null]}'
     )
+
+
+def test_an_overflowed_perplexity_is_null_in_metrics_jsonl_and_reads_back_as_infinite(tmp_path: Path):
+    """exp(loss) overflows past ~709 nats while the loss itself is finite (no divergence stop):
+    the metrics line must still be JSON that strict readers take, and a resume must read it back."""
+    from drnn_cli.report import EpochRecord, append_metrics, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    append_metrics(path, EpochRecord(1, float("inf"), float("inf"), 0.1, 9.0, 1.0, 4, 40))
+    line = path.read_text()
+    assert json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))["train_ppl"] is None
+    (record,) = read_metrics(path, global_step=4, start_epoch=1)
+    assert record.train_ppl == float("inf") and record.val_ppl is None and record.step == 4
 
 
 def test_an_internal_error_is_one_line_and_debug_shows_its_traceback(cli, monkeypatch: pytest.MonkeyPatch):

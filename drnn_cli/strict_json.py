@@ -1,0 +1,23 @@
+"""JSON that every parser reads: Python's ``json`` writes NaN and Infinity, which the JSON standard
+(and ``jq``, JavaScript, pandas' strict readers) refuse. A diverged perplexity becomes null instead."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts and lists too) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
+def dumps(value: Any, **options: Any) -> str:
+    return json.dumps(finite(value), allow_nan=False, **options)

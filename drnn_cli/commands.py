@@ -270,9 +270,11 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
         )
     if request.resume or not holds_run(run_dir):
         return _train_locked(job, run_dir, run_dir)
+    # A --run that is a symlink: the run it points at is replaced (on its own disk), the link kept.
+    target = run_dir.resolve() if run_dir.is_symlink() else run_dir
     # Every torchrun rank trains "into" the staging directory (rank 0 alone writes); rank 0 alone
     # moves directories, so that no rank removes what another is about to swap in.
-    staging = staging_dir(run_dir)
+    staging = staging_dir(target)
     if dist.is_main:
         discard(staging)  # a leftover of an earlier replacement that was killed
     try:
@@ -281,13 +283,15 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
         if dist.is_main:
-            swap_in(staging, run_dir)
-        raise type(error)(str(error).replace(str(staging), str(run_dir)), error.exit_code) from None
+            swap_in(staging, target)
+        message = str(error).replace(str(staging), str(run_dir))
+        replaced = f" (the new run has replaced the previous one in {run_dir})"
+        raise type(error)(message + replaced, error.exit_code) from None
     finally:
-        if dist.is_main and staging.exists() and holds_run(run_dir) and not holds_run(staging):
+        if dist.is_main and staging.exists() and holds_run(target) and not holds_run(staging):
             discard(staging)
     if dist.is_main:
-        swap_in(staging, run_dir)
+        swap_in(staging, target)
     return replace(result, run_dir=run_dir)
 
 
@@ -332,6 +336,11 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
             best_kept = read_checkpoint_info(run_dir / BEST).best_val_ppl  # the header is enough
     if request.init_from is not None:
         source = resolve_init_source(request.init_from)
+        if request.overwrite and source.resolve().is_relative_to(final_dir.resolve()):
+            raise DrnnError(
+                f"--init-from {request.init_from} is a checkpoint of the run --overwrite replaces: the new run "
+                f"would record weights that no longer exist; train it beside the old one with --run NEW_DIR"
+            )
         init_from = load_checkpoint(source, device)
         changed = differing_keys(init_from.config, config, "model", ARCHITECTURE_KEYS)
         changed += differing_keys(init_from.config, config, "data", TOKEN_KEYS)

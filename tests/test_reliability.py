@@ -81,6 +81,71 @@ def test_a_failed_overwrite_keeps_the_previous_run(workdir: Path, cli):
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
 
 
+def test_overwrite_through_a_symlinked_run_replaces_the_run_it_points_at(workdir: Path, cli):
+    """``runs/big -> ../disk/big``: the new run is built and swapped in on the link's disk; the link,
+    and ``runs/latest``, then lead to the new run; nothing is left over."""
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    (workdir / "disk" / "big").mkdir(parents=True)
+    (workdir / "runs").mkdir()
+    (workdir / "runs" / "big").symlink_to(Path("..") / "disk" / "big")
+    assert cli("train", "--config", str(config), "--run", "runs/big")[0] == 0
+    code, _, err = cli(
+        "train", "--config", str(config), "--run", "runs/big", "--overwrite", "--set", "train.seed=7"
+    )
+    assert code == 0, err
+    assert (workdir / "runs" / "big").is_symlink()
+    assert load_checkpoint(workdir / "disk" / "big" / "last.safetensors").config.train.seed == 7
+    assert Path((workdir / "runs" / "latest").read_text().strip()) == (workdir / "disk" / "big").resolve()
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["big", "latest"]
+    assert sorted(p.name for p in (workdir / "disk").iterdir()) == ["big"]
+
+
+def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_old_run(workdir: Path):
+    """``--overwrite`` swaps the new run in once it has a checkpoint, also when it then stops (a signal,
+    a NaN): the message says so, as the old run is gone."""
+    from drnn_cli.commands import TrainRequest, train_run
+    from drnn_cli.report import SilentReporter
+
+    class StopAfterFirstEpoch(SilentReporter):
+        def epoch_end(self, record: object, best_val_ppl: float | None) -> None:
+            raise DrnnError("training stopped by the test at epoch 1; --resume continues it", 130)
+
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    train_run(TrainRequest(config))
+    request = TrainRequest(
+        config, ("train.epochs=3", "train.seed=7", "train.checkpoint_every=1"), overwrite=True
+    )
+    with pytest.raises(DrnnError) as stopped:
+        train_run(request, reporter=StopAfterFirstEpoch())
+    assert str(stopped.value).endswith("(the new run has replaced the previous one in runs/tiny)")
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").config.train.seed == 7
+
+
+def test_init_from_the_run_that_overwrite_replaces_is_refused(workdir: Path, cli):
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    assert cli("train", "--config", str(config))[0] == 0
+    code, _, err = cli("train", "--config", str(config), "--overwrite", "--init-from", "runs/tiny")
+    assert_one_line_error(code, err, "--init-from runs/tiny is a checkpoint of the run --overwrite replaces",
+                          "--run NEW_DIR")  # fmt: skip
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
+    assert not (workdir / "runs" / "tiny" / "init_from.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("run", "needles"),
+    [
+        ("dangling", ("dangling is a symlink to", "missing", "which does not exist")),
+        ("runs/a\nb", ("holds a control character", "--run runs/NAME")),
+    ],
+)
+def test_a_dangling_symlink_or_a_control_character_in_run_is_refused(workdir: Path, cli, run: str, needles):
+    (workdir / "dangling").symlink_to(workdir / "missing")
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    code, _, err = cli("train", "--config", str(config), "--run", run)
+    assert_one_line_error(code, err, *needles)
+    assert not (workdir / "runs" / "latest").exists()
+
+
 def test_resume_and_overwrite_together_are_refused_and_the_run_is_kept(workdir: Path, cli):
     config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
     assert cli("train", "--config", str(config))[0] == 0

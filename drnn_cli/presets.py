@@ -98,6 +98,8 @@ def find_config(value: str, root: Path | None = None) -> Path:
     name = preset_name(value)
     if name in files:
         return files[name]
+    if given.exists():
+        return given  # a directory, a FIFO, a device: read_yaml says which, and refuses it
     listed = ", ".join(closest_first(name, list(files)))
     raise ConfigError(
         f"--config {value}: no such file and no such preset; presets (closest first): {listed} "

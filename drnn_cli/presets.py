@@ -98,10 +98,11 @@ def find_config(value: str, root: Path | None = None) -> Path:
     name = preset_name(value)
     if name in files:
         return files[name]
-    if given.exists():
-        return given  # a directory, a FIFO, a device: read_yaml says which, and refuses it
+    if given.exists() and not given.is_dir():
+        return given  # a FIFO, a device: read_yaml says which, and refuses it
     listed = ", ".join(closest_first(name, list(files)))
+    what = "a directory, not a config file," if given.is_dir() else "no such file"
     raise ConfigError(
-        f"--config {value}: no such file and no such preset; presets (closest first): {listed} "
+        f"--config {value}: {what} and no such preset; presets (closest first): {listed} "
         f"(drnn presets describes them)"
     )

@@ -91,9 +91,14 @@ def test_an_existing_path_wins_over_the_preset_of_the_same_name(workdir: Path):
 def test_a_directory_is_not_a_preset(workdir: Path):
     (workdir / "quick.yaml").mkdir()  # a directory in the way is no config file: the preset is meant
     assert find_config("quick.yaml") == CONFIGS / "quick.yaml"
-    for value in ("d2l", "d2l/", "configs/d2l", "."):
+    for value in ("d2l", "d2l/", "configs/d2l"):
         with pytest.raises(ConfigError, match="no such file and no such preset"):
             find_config(value)
+    with pytest.raises(ConfigError, match=r"--config \.: a directory, not a config file, and no such preset"):
+        find_config(".")
+    os.mkfifo(workdir / "fifo.yaml")  # a FIFO is handed on: reading the config refuses it by name
+    with pytest.raises(ConfigError, match="config file fifo.yaml is a FIFO, not a regular file"):
+        load_config(find_config("fifo.yaml"))
 
 
 def test_a_name_with_dotdot_cannot_escape_the_presets_directory(tmp_path: Path, monkeypatch):

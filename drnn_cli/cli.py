@@ -81,7 +81,10 @@ DeviceOption = Annotated[Device, typer.Option("--device", help="auto (CUDA when 
 
 def _consoles(json_mode: bool) -> tuple[Console, Console]:
     """(human output, errors): with --json the human output moves to stderr so stdout is pure JSON."""
-    return Console(stderr=json_mode, highlight=False), Console(stderr=True, highlight=False)
+    # emoji=False: a ':smile:' in a prefix or a file name is text, not an emoji code
+    return Console(stderr=json_mode, highlight=False, emoji=False), Console(
+        stderr=True, highlight=False, emoji=False
+    )
 
 
 def _emit_json(payload: dict[str, Any]) -> None:
@@ -402,7 +405,9 @@ def predict_command(
     sample: Annotated[
         bool, typer.Option("--sample", help="Sample instead of taking the most likely token.")
     ] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (> 0).")] = 1.0,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Sampling temperature (> 0; default 1).")
+    ] = None,
     top_k: Annotated[
         int | None, typer.Option("--top-k", help="Sample only among the K most likely tokens.")
     ] = None,
@@ -420,8 +425,17 @@ def predict_command(
     from drnn_cli.commands import Continuation, PredictReport, load_model, predict
     from drnn_cli.decode import DecodeOptions, InvalidDecodeOption
 
+    shaping = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
+    given = [flag for flag, value in shaping.items() if value is not None]
+    if given and not sample:
+        raise DrnnError(
+            f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} sampling; add --sample (without it predict "
+            "takes the most likely token, as d2l's predict_ch8)"
+        )
     try:
-        options = DecodeOptions(num_chars, sample, temperature, top_k, top_p, seed)
+        options = DecodeOptions(
+            num_chars, sample, 1.0 if temperature is None else temperature, top_k, top_p, seed
+        )
     except InvalidDecodeOption as invalid:
         raise DrnnError(_predict_option_message(invalid)) from None
     loaded = load_model(run, checkpoint, device.value)
@@ -443,9 +457,9 @@ def predict_command(
         continuations.append(Continuation(prefix, text))
         if stream:
             sys.stdout.write("\n")
-        else:
+        else:  # the text exactly as generated (tabs and all): rich would expand and restyle it
             out, _ = _consoles(json_out)
-            out.print(text, markup=False, highlight=False, soft_wrap=True)
+            out.file.write(text + "\n")
     if json_out:
         _emit_json(PredictReport(tuple(continuations)).summary())
 
@@ -509,6 +523,11 @@ def eval_command(
     """
     from drnn_cli.commands import evaluate_split, load_model
 
+    if data is not None and (split is not None or corpus is not None):
+        given = "--split" if split is not None else "--corpus"
+        raise DrnnError(
+            f"--data evaluates all of another text, and {given} picks a split of the run's corpus; give one of them"
+        )
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
     report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus)
@@ -516,6 +535,7 @@ def eval_command(
         f"{report.source}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
         f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch})",
         markup=False,
+        soft_wrap=True,
     )
     if json_out:
         _emit_json(report.summary())
@@ -568,11 +588,13 @@ def inspect_command(
     Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
     """
     from drnn_cli.commands import load_model
-    from drnn_cli.files import atomic_write_text
+    from drnn_cli.files import atomic_write_text, output_file
     from drnn_cli.inspect_html import render_html
     from drnn_cli.inspect_plot import write_inspection_plot
     from drnn_cli.introspect import InspectRequest, inspect_text
 
+    html_path = output_file(html_out, "--html") if html_out is not None else None
+    png_path = output_file(png_out, "--png") if png_out is not None else None
     try:
         chosen = tuple(int(u) for u in units.split(",")) if units else ()
     except ValueError:
@@ -584,14 +606,15 @@ def inspect_command(
         loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
     )
     page = render_html(result, str(loaded.path)) if html_out is not None else None
-    if png_out is not None:
-        write_inspection_plot(result, png_out)
-    if page is not None and html_out is not None:
-        atomic_write_text(html_out, page)
+    if png_path is not None:
+        write_inspection_plot(result, png_path)
+    if page is not None and html_path is not None:
+        atomic_write_text(html_path, page)
     out.print(
         f"{result.tokens:,} predicted characters: perplexity {result.perplexity:.4f}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
         markup=False,
+        soft_wrap=True,
     )
     table = Table(show_header=True)
     for column in ("unit", "follows", "r"):
@@ -605,10 +628,10 @@ def inspect_command(
                 f"{name} {sat.left.mean():.0%} < 0.1 / {sat.right.mean():.0%} > 0.9"
                 for name, sat in gates.items()
             )
-            out.print(f"layer {index} gates saturated: {shares}", markup=False)
+            out.print(f"layer {index} gates saturated: {shares}", markup=False, soft_wrap=True)
     for written in (html_out, png_out):
         if written is not None:
-            out.print(f"wrote {written}", markup=False)
+            out.print(f"wrote {written}", markup=False, soft_wrap=True)
     if json_out:
         _emit_json(result.summary())
 
@@ -624,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     loop, which checkpoints first, they end the command with one line and exit 130 / 143. A closed
     stdout (``drnn train | head -1``) is a SIGPIPE: training checkpoints and stops, others exit 141.
     """
-    errors = Console(stderr=True, highlight=False)
+    _, errors = _consoles(json_mode=False)
     session = Session(debug=bool(os.environ.get("DRNN_DEBUG")))  # the README's DRNN_DEBUG=1, or --debug
     with exit_on_signals() as stopped, guard_output():
         try:
@@ -646,8 +669,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(signalled.exit_code)
         except OSError as error:
             # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
-            where = f" {error.filename}" if error.filename else ""
-            _say(errors, f"drnn: error: cannot access{where}: {error.strerror or error}")
+            where = f"cannot access {error.filename}: " if error.filename else ""  # none: e.g. stdout
+            _say(errors, f"drnn: error: {where}{error.strerror or error}")
             sys.exit(1)
         except Exception as error:
             if _is_usage_error(error):

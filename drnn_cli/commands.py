@@ -25,6 +25,7 @@ from drnn_cli.report import Reporter, TrainResult
 from drnn_cli.run_files import RunFiles
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
+    LATEST_MARKER,
     LOCK_NAME,
     RunLock,
     check_run_dir,
@@ -225,6 +226,10 @@ def train_run(
         )
         if dist.is_main:
             check_run_dir(run_dir)
+            if run_dir.resolve() == (request.runs_root / LATEST_MARKER).resolve():
+                raise DrnnError(
+                    f"--run {run_dir} is the file where drnn records the latest run; pick another name"
+                )
         created = not run_dir.exists()
         lock = RunLock(run_dir) if dist.is_main else None
         if lock is not None:

@@ -114,8 +114,15 @@ def generate(
     device: torch.device,
     on_token: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Warm the state on ``tokens``, then append ``options.num_tokens`` tokens; returns only the new ones."""
+    """Warm the state on ``tokens``, then append ``options.num_tokens`` tokens; returns only the new ones.
+
+    On a CPU one thread: a step is a 1-row product, too small to share, and on a busy machine
+    OpenMP's threads wait for each other at every step (10× slower under a load of 3).
+    """
     was_training = model.training
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     model.eval()
     try:
         generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
@@ -133,6 +140,7 @@ def generate(
         return produced
     finally:
         model.train(was_training)
+        torch.set_num_threads(threads)
 
 
 def continue_prefix(

@@ -35,6 +35,30 @@ def require_regular_file(path: Path, what: str, fix: str) -> int:
     return info.st_size
 
 
+def output_file(path: Path, flag: str) -> Path:
+    """Where a user-named output (``--html``, ``--png``) is written: ``path``, or the file a symlink
+    there points at. An atomic write renames over its target, so a FIFO, a device (``/dev/null``) or
+    a directory there is refused rather than replaced, as is a folder that does not exist (a typo
+    would otherwise leave a new tree of folders)."""
+    target = path.resolve() if path.is_symlink() else path
+    try:
+        info = target.stat()
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise DrnnError(
+                f"{flag} {path}: the folder {target.parent} does not exist; create it first"
+            ) from None
+        return target
+    except OSError as exc:
+        raise DrnnError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DrnnError(f"{flag} {path} is a directory; name a file in it, e.g. {path / 'out'}")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or special file"
+        raise DrnnError(f"{flag} {path} is {kind}, which drnn would replace by a file; name a regular file")
+    return target
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
 

@@ -171,6 +171,10 @@ def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
 
 def run_checkpoint(run_dir: Path) -> Path:
     """The checkpoint that stands for a run: best by validation if there is one, else the last."""
+    if run_dir.is_file():
+        raise DrnnError(
+            f"--run takes a run directory, and {run_dir} is a file; a checkpoint goes to --checkpoint"
+        )
     if not run_dir.is_dir():
         raise DrnnError(f"run directory {run_dir} does not exist; pass an existing --run DIR")
     for name in (BEST, LAST):

@@ -23,6 +23,7 @@ import torch
 
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import DATA_DIR_ENV, file_sha1
+from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_text
 from drnn_cli.vocab import Vocab
 
@@ -63,12 +64,14 @@ def text_sha1(text: Path) -> str:
     if not wants_cache(text):
         return file_sha1(text)
     stat = text.stat()
-    stamp = cache_dir(text) / f"{text.stem}-{_digest(str(text.resolve()))[:16]}.sha1"
+    stamp = cache_dir(text) / f"{_name_part(text)}-{_digest(str(text.resolve()))[:16]}.sha1"
     try:
         known = json.loads(stamp.read_text(encoding="utf-8"))
         if (
             known["size"] == stat.st_size
             and known["mtime_ns"] == stat.st_mtime_ns
+            and known["ctime_ns"] == stat.st_ctime_ns  # an edit that put the old mtime back (touch -r)
+            and known["inode"] == stat.st_ino  # a file replaced by another (mv, rsync)
             and known["hashed_at_ns"] - stat.st_mtime_ns > RACY_SECONDS * 1e9
         ):
             return str(known["sha1"])
@@ -76,7 +79,8 @@ def text_sha1(text: Path) -> str:
         pass
     hashed_at = time.time_ns()
     sha1 = file_sha1(text)
-    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hashed_at_ns": hashed_at, "sha1": sha1}
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+    record |= {"inode": stat.st_ino, "hashed_at_ns": hashed_at, "sha1": sha1}
     _try_write(stamp, json.dumps(record))
     return sha1
 
@@ -96,7 +100,7 @@ def _key(sha1: str, config: DataConfig, vocab: Vocab | None) -> dict[str, object
 
 
 def _paths(text: Path, key: dict[str, object]) -> tuple[Path, Path]:
-    name = f"{text.stem}-{_digest(json.dumps(key, sort_keys=True))[:20]}"
+    name = f"{_name_part(text)}-{_digest(json.dumps(key, sort_keys=True))[:20]}"
     directory = cache_dir(text)
     return directory / f"{name}.tokens", directory / f"{name}.json"
 
@@ -153,7 +157,7 @@ def store(
         tokens_path.parent.mkdir(parents=True, exist_ok=True)
         _write_tensor(tokens_path, corpus.tokens)
         atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))  # last: it marks the entry whole
-    except OSError:
+    except (OSError, DrnnError):
         return
 
 
@@ -179,5 +183,10 @@ def _try_write(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)
-    except OSError:
+    except (OSError, DrnnError):  # atomic_write_text reports an OSError as a DrnnError
         pass
+
+
+def _name_part(text: Path) -> str:
+    """The text's name as cache file names begin (cut: a long name plus a digest passes 255 bytes)."""
+    return text.stem[:64]

@@ -389,3 +389,28 @@ def test_cell_signal_needs_an_lstm():
             InspectRequest("aa", signal="cell"),
             torch.device("cpu"),
         )
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused_and_a_symlink_is_written_through(
+    cli, tiny_run: Path, tmp_path: Path
+):
+    """An atomic write renames over its target: a FIFO or a device there would become a plain file."""
+    import os
+
+    fifo, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for flag, target, needle in (
+        ("--png", fifo, "is a FIFO, which drnn would replace by a file"),
+        ("--html", folder, "is a directory; name a file in it"),
+        ("--html", tmp_path / "typo" / "x.html", f"the folder {tmp_path / 'typo'} does not exist"),
+    ):
+        code, _, err = cli("inspect", "abc", "--run", str(tiny_run), flag, str(target))
+        assert_one_line_error(code, err, f"{flag} {target}", needle)
+    assert not os.path.isfile(fifo) and not (tmp_path / "typo").exists()
+    page = tmp_path / "real.html"
+    page.write_text("old")
+    (tmp_path / "link.html").symlink_to(page)
+    code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--html", str(tmp_path / "link.html"))
+    assert code == 0, err
+    assert (tmp_path / "link.html").is_symlink() and page.read_text().startswith("<!DOCTYPE html>")

@@ -146,6 +146,18 @@ def test_a_dangling_symlink_or_a_control_character_in_run_is_refused(workdir: Pa
     assert not (workdir / "runs" / "latest").exists()
 
 
+def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Path, cli):
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    code, _, err = cli("train", "--config", str(config), "--run", "runs/latest")
+    assert_one_line_error(code, err, "--run runs/latest is the file where drnn records the latest run")
+    assert not (workdir / "runs" / "latest").exists()
+    assert cli("train", "--config", str(config))[0] == 0
+    code, _, err = cli("predict", "time", "--run", "runs/tiny/last.safetensors")
+    assert_one_line_error(
+        code, err, "runs/tiny/last.safetensors is a file; a checkpoint goes to --checkpoint"
+    )
+
+
 def test_resume_and_overwrite_together_are_refused_and_the_run_is_kept(workdir: Path, cli):
     config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
     assert cli("train", "--config", str(config))[0] == 0
@@ -205,7 +217,7 @@ def test_checksum_mismatch_names_url_and_hashes_and_leaves_nothing(
         (["predict", ""], ("prefix is empty",)),
         (["predict", "time", "-n", "-1"], ("-n/--num-chars", "0..100,000")),
         (["predict", "time", "--sample", "--temperature", "0"], ("--temperature", "[1e-06, 1000]")),
-        (["predict", "time", "--top-k", "0"], ("--top-k", ">= 1")),
+        (["predict", "time", "--sample", "--top-k", "0"], ("--top-k", ">= 1")),
         (
             ["eval", "--split", "dev"],
             ("Invalid value for '--split': 'dev' is not one of 'train', 'val', 'test'.",),

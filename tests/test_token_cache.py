@@ -114,6 +114,35 @@ def test_an_old_stable_text_reuses_its_remembered_hash(workdir: Path, big_text: 
     assert load_dataset(config).sha1 == first.sha1
 
 
+def test_an_old_text_edited_with_its_timestamp_put_back_is_hashed_again(workdir: Path, big_text: Path):
+    """``sed -i …; touch -r saved big.txt``: size and mtime as remembered, but the inode (sed writes a
+    new file) and the change time differ, and the stamp is not trusted."""
+    old = 1_600_000_000_000_000_000
+    os.utime(big_text, ns=(old, old))
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config)
+    content = bytearray(big_text.read_bytes())
+    content[:4] = b"XYZW"
+    replacement = big_text.with_name("edited.tmp")
+    replacement.write_bytes(bytes(content))
+    os.replace(replacement, big_text)
+    os.utime(big_text, ns=(old, old))
+    again = load_dataset(config)
+    assert again.sha1 != first.sha1 and again.vocab.to_tokens(again.tokens[:4]) == list("XYZW")
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(workdir: Path, big_text: Path):
+    """A text whose name is near the 255-byte limit (cache names add a digest) and a cache folder that
+    is a file: the data loads all the same, as if there were no cache."""
+    long_text = big_text.rename(workdir / ("a" * 230 + ".txt"))
+    first = load_dataset(DataConfig(path=str(long_text), preprocess="none"))
+    assert len(entries(workdir)) == 1  # the name was cut, not refused
+    (workdir / "data" / "token-cache").rename(workdir / "data" / "elsewhere")
+    (workdir / "data" / "token-cache").write_text("not a folder")
+    again = load_dataset(DataConfig(path=str(long_text), preprocess="lower"))  # a new entry it cannot store
+    assert again.total_tokens == first.total_tokens and again.sha1 == first.sha1
+
+
 def test_small_texts_are_not_cached(workdir: Path):
     load_dataset(DataConfig(preprocess="none"))  # the 179 kB Time Machine
     assert entries(workdir) == []

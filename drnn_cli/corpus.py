@@ -239,11 +239,15 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc.start) from None
     del raw
+    text = text.removeprefix(BYTE_ORDER_MARK)  # Windows editors' marker, not a character of the text
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")  # what open() in text mode does
     if not text.strip():
         raise _empty(path)
     return text
+
+
+BYTE_ORDER_MARK = "\ufeff"
 
 
 def _not_utf8(path: Path, offset: int) -> DrnnError:
@@ -278,6 +282,8 @@ def read_utf8(path: Path) -> bytearray:
             data += handle.read()  # or grew
     except OSError as exc:
         raise DrnnError(f"cannot read corpus file {path}: {exc.strerror}") from None
+    if data.startswith(BYTE_ORDER_MARK.encode("utf-8")):
+        del data[:3]  # as read_text drops it
     _check_utf8_text(path, data)
     return data
 

@@ -27,7 +27,7 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_text
 from drnn_cli.vocab import Vocab
 
-FORMAT = 1
+FORMAT = 2  # 2: a UTF-8 byte order mark at the start is no longer a token
 MIN_CACHED_BYTES = 1 << 20
 RACY_SECONDS = 2.0  # a file modified this close to its hashing may change again within one mtime tick
 _DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}

@@ -257,6 +257,23 @@ def test_read_text_normalises_crlf(tmp_path: Path) -> None:
     assert read_text(path) == "The Time\nMachine\n"
 
 
+@pytest.mark.parametrize("mode", ["none", "lower", "d2l"])
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path: Path, mode: str) -> None:
+    """Notepad's UTF-8 files start with EF BB BF: both readers (in memory and byte-level) drop it,
+    so it is no token of the vocabulary (and d2l's text does not start with a space)."""
+    from drnn_cli.corpus import char_stream_bytes
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfThe Time\r\nMachine \xef\xbb\xbf\n")  # a later U+FEFF is text
+    assert read_text(path) == "The Time\nMachine \ufeff\n"
+    assert char_stream_bytes(path, mode) in (None, "".join(preprocess(read_text(path), mode)).encode("utf-8"))
+    dataset = load_dataset(DataConfig(path=str(path), preprocess=mode, val_fraction=0))
+    assert "".join(dataset.vocab.to_tokens(dataset.tokens[:3].tolist())) == (
+        "The" if mode == "none" else "the"
+    )
+    assert ("\ufeff" in dataset.vocab.idx_to_token) == (mode != "d2l")  # the one inside the text
+
+
 def test_read_text_turns_a_lone_cr_into_a_line_break_like_text_mode_open(tmp_path: Path) -> None:
     path = tmp_path / "mac.txt"
     path.write_bytes(b"The Time\rMachine\r\nby H. G. Wells\r")

@@ -292,7 +292,7 @@ class RichReporter:
             self.console.print(f"  [{epoch}] {text}", markup=False)
 
     def note(self, message: str) -> None:
-        self.console.print(f"note: {message}", markup=False)
+        self.console.print(f"note: {message}", markup=False, soft_wrap=True)  # one line in a log, for grep
 
     def finish(self) -> None:
         if self.progress is not None:

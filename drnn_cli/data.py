@@ -128,7 +128,7 @@ def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpu
         raise _no_tokens(path, config)
     unknown: Counter[str] = Counter()
     if vocab is None:
-        vocab = Vocab.from_counts(count_tokens(stream), min_freq=config.min_freq)
+        vocab = _build_vocab(count_tokens(stream), path, config)
     else:
         unknown = unknown_tokens(stream, vocab)  # a fixed vocabulary (fine-tuning) may lack some
     encoded = encode_tokens(stream, vocab)
@@ -143,12 +143,23 @@ def _encode_bytes(path: Path, config: DataConfig, vocab: Vocab | None, chars: by
     counts = count_ascii(chars) if ascii_only else count_utf8(chars)
     unknown: Counter[str] = Counter()
     if vocab is None:
-        vocab = Vocab.from_counts(counts, min_freq=config.min_freq)
+        vocab = _build_vocab(counts, path, config)
     else:
         unknown = Counter({token: count for token, count in counts.items() if token not in vocab})
     if ascii_only:
         return EncodedCorpus(vocab, encode_ascii_(chars, vocab), unknown)
     return EncodedCorpus(vocab, encode_utf8_(chars, vocab, sum(counts.values())), unknown)
+
+
+def _build_vocab(counts: dict[str, int], path: Path, config: DataConfig) -> Vocab:
+    """The text's vocabulary; one that ``min_freq`` left with ``<unk>`` alone could only learn that."""
+    vocab = Vocab.from_counts(counts, min_freq=config.min_freq)
+    if len(vocab) < 2:
+        raise DrnnError(
+            f"data.min_freq {config.min_freq} leaves no {config.token} of {path} in the vocabulary (the most "
+            f"frequent occurs {max(counts.values()):,} times); lower data.min_freq"
+        )
+    return vocab
 
 
 def _no_tokens(path: Path, config: DataConfig) -> DrnnError:

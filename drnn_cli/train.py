@@ -28,7 +28,7 @@ from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config
 from drnn_cli.data import Dataset
-from drnn_cli.decode import DecodeOptions, continue_prefix
+from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted, first_line
 from drnn_cli.evaluate import evaluate, perplexity
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, ScratchRecurrent, build_model, count_parameters
@@ -648,6 +648,36 @@ class Trainer:
         step = self.progress.step
         return f"from epoch {self.start_epoch + 1}" + (f", step {step + 1}" if step else "")
 
+    def _start_notes(self) -> list[str]:
+        """What the user should know before the first epoch: how the run was set up (``_notes``), and
+        settings that cannot do what they say with this text."""
+        train, data = self.config.train, self.config.data
+        notes = list(self._notes)
+        if data.val_fraction > 0 and len(self.val_tokens) < 2:
+            notes.append(
+                f"data.val_fraction {data.val_fraction:g} leaves {len(self.val_tokens)} validation token(s), too "
+                "few to evaluate: this run has no validation (raise data.val_fraction)"
+            )
+        if train.patience and len(self.val_tokens) < 2:
+            notes.append(
+                f"train.patience {train.patience} counts evaluations of the validation split, and this run "
+                "has none: it trains all its epochs (set data.val_fraction > 0 to stop early)"
+            )
+        for prefix in train.sample_prefixes:
+            try:
+                prefix_tokens(prefix, self.dataset.vocab, data.preprocess, data.token)
+            except DrnnError:
+                notes.append(
+                    f"train.sample_prefixes: {prefix!r} cannot be written in this text's {data.token}s, so it "
+                    "gets no samples; set train.sample_prefixes to words of this text"
+                )
+        if self.config.model.impl == "fused" and not fused_lstm.can_run(self.device):
+            notes.append(
+                f"model.impl fused runs Triton kernels on CUDA; on {self.device.type} it steps the scratch "
+                "cells (the same model)"
+            )
+        return notes
+
     def _already_done(self) -> StopReason | None:
         """Why a resumed run has nothing left to train: its budget, its epochs or its patience spent."""
         train = self.config.train
@@ -699,18 +729,8 @@ class Trainer:
             )
         else:
             self.reporter.note(self._nothing_to_train(already))
-        for note in self._notes if already is None else ():
+        for note in self._start_notes() if already is None else ():
             self.reporter.note(note)
-        if train.patience and len(self.val_tokens) < 2:
-            self.reporter.note(
-                f"train.patience {train.patience} counts evaluations of the validation split, and this run "
-                "has none: it trains all its epochs (set data.val_fraction > 0 to stop early)"
-            )
-        if self.config.model.impl == "fused" and not fused_lstm.can_run(self.device):
-            self.reporter.note(
-                f"model.impl fused runs Triton kernels on CUDA; on {self.device.type} it steps the scratch "
-                "cells (the same model)"
-            )
         train_ppl = self.records[-1].train_ppl if self.records else float("nan")
         val_ppl = self.records[-1].val_ppl if self.records else None
         tokens_per_s: float | None = None  # none measured until an epoch is trained

@@ -158,6 +158,34 @@ def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Pat
     )
 
 
+def test_a_min_freq_that_leaves_only_unk_is_refused(workdir: Path, cli):
+    code, _, err = cli("data", "--set", "data.min_freq=100000")
+    assert_one_line_error(
+        code, err, "data.min_freq 100000 leaves no char of", "occurs 29,927 times", "lower data.min_freq"
+    )
+
+
+def test_settings_this_text_cannot_honour_are_noted_on_one_line_each(workdir: Path, cli):
+    """Own text without the default prefixes' letters, and a validation share that rounds to nothing."""
+    text = workdir / "small.txt"
+    text.write_text("hello world, this is a small text. " * 20)
+    config = config_file(workdir, {**TINY, "data": {"path": str(text), "batch_size": 2, "num_steps": 5}})
+    code, out, err = cli(
+        "train", "--config", str(config), "--set", "train.epochs=1", "--set", "data.val_fraction=0.001"
+    )
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes[0] == (
+        "note: data.val_fraction 0.001 leaves 0 validation token(s), too few to evaluate: this run has no "
+        "validation (raise data.val_fraction)"
+    )
+    assert notes[1:] == [
+        f"note: train.sample_prefixes: {prefix!r} cannot be written in this text's chars, so it gets no samples; "
+        "set train.sample_prefixes to words of this text"
+        for prefix in ("time traveller", "traveller")
+    ]
+
+
 def test_resume_and_overwrite_together_are_refused_and_the_run_is_kept(workdir: Path, cli):
     config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
     assert cli("train", "--config", str(config))[0] == 0

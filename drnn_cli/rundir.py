@@ -61,15 +61,15 @@ def check_run_dir(run_dir: Path) -> None:
         raise DrnnError(f"--run is empty or '.' (the current directory); {fix}")
     if any(ord(char) < 32 or ord(char) == 127 for char in str(run_dir)):
         raise DrnnError(f"run directory {str(run_dir)!r} holds a control character (a newline?); {fix}")
+    try:
+        resolved = run_dir.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise DrnnError(f"run directory {run_dir} cannot be resolved ({exc}); {fix}") from None
     if run_dir.is_symlink() and not run_dir.exists():
         raise DrnnError(
             f"run directory {run_dir} is a symlink to {os.readlink(run_dir)}, which does not exist; "
             f"create that directory, or {fix}"
         )
-    try:
-        resolved = run_dir.resolve()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise DrnnError(f"run directory {run_dir} cannot be resolved ({exc}); {fix}") from None
     if resolved == Path(resolved.anchor):
         raise DrnnError(f"run directory {run_dir} is the filesystem root; {fix}")
     for name, place in (("your home directory", Path.home()), ("the current directory", Path.cwd())):

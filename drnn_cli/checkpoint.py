@@ -234,16 +234,27 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
             vocab=vocab,
             epoch=int(drnn["epoch"]),
             step_in_epoch=int(drnn.get("step_in_epoch", 0)),
-            best_val_ppl=drnn.get("best_val_ppl"),
-            init_from=drnn.get("init_from"),
-            corpus_sha1=drnn.get("corpus_sha1"),
+            best_val_ppl=_optional(drnn.get("best_val_ppl"), float),
+            init_from=_optional(drnn.get("init_from"), str),
+            corpus_sha1=_optional(drnn.get("corpus_sha1"), str),
             packed_trainer_state=drnn.get("trainer_state", {}),
             shapes=shapes,
         )
     except (KeyError, TypeError, ValueError):
         raise DrnnError(
-            f"checkpoint {path} is corrupt (incomplete header); retrain or pick another file"
+            f"checkpoint {path} is corrupt (a header field missing or of the wrong type); retrain or pick another file"
         ) from None
+
+
+def _optional(value: Any, kind: type[float] | type[str]) -> Any:
+    """``value`` as ``kind`` (an int stands for a float), or None; any other type is a corrupt header."""
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise TypeError(f"{type(value).__name__} where a {kind.__name__} belongs")
 
 
 def _too_deep(tree: Any, limit: int) -> bool:
@@ -297,7 +308,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
         trainer_state = unpack_tree(info.packed_trainer_state, tensors)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise DrnnError(
-            f"checkpoint {path} is corrupt (incomplete header); retrain or pick another file"
+            f"checkpoint {path} is corrupt (a header field missing or of the wrong type); retrain or pick another file"
         ) from None
     return Checkpoint(
         config=info.config,

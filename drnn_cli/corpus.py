@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 import urllib3
 
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import ConfigError, DrnnError
 from drnn_cli.files import require_regular_file
 
 DEFAULT_DATA_DIR = "data"
@@ -108,7 +108,9 @@ def fetch_corpus(
     spec = REGISTRY.get(name)
     if spec is None:
         known = ", ".join(sorted(REGISTRY))
-        raise DrnnError(f"unknown corpus {name!r}; data.corpus must be one of: {known} (or set data.path)")
+        raise ConfigError(
+            f"config error: data.corpus: unknown corpus {name!r}; one of: {known} (or set data.path)"
+        )
     cache_dir = cache_dir or data_dir()
     target = cache_dir / spec.filename
     _remove_stale_partials(target)  # a dead download's .part, even when the cache is already good

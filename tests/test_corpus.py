@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import REGISTRY, fetch_corpus, preprocess, preprocess_chars, preprocess_prefix, read_text
 from drnn_cli.data import load_dataset
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import ConfigError, DrnnError
 
 SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 SIZE = 178_979
@@ -212,8 +212,10 @@ def test_a_cached_file_with_the_wrong_content_is_replaced(
 
 
 def test_an_unknown_corpus_name_points_at_data_corpus(tmp_path: Path) -> None:
-    with pytest.raises(DrnnError, match=r"data\.corpus.*timemachine"):
-        fetch_corpus("wells", cache_dir=tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"config error: data\.corpus: unknown corpus 'wells'; one of: timemachine"
+    ):
+        fetch_corpus("wells", cache_dir=tmp_path)  # a config error: exit 2, like every other
 
 
 # -------------------------------------------------------------------------------------------------

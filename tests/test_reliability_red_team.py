@@ -176,6 +176,18 @@ def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path
     assert out == ""
 
 
+@pytest.mark.parametrize(("key", "value"), [("best_val_ppl", "x"), ("corpus_sha1", 5), ("init_from", ["a"])])
+def test_a_header_value_of_the_wrong_type_is_a_corrupt_checkpoint(
+    tiny_run: Path, tmp_path: Path, cli, key, value
+):
+    """Read as is, ``"best_val_ppl": "x"`` would load and fail later, comparing a string with a float."""
+    bad = tmp_path / "typed.safetensors"
+    rewrite_checkpoint(tiny_run / "last.safetensors", bad, edit_header=lambda drnn: drnn.update({key: value}))
+    code, out, err = cli("predict", "time", "--checkpoint", str(bad))
+    assert_one_line_error(code, err, str(bad), "corrupt (a header field missing or of the wrong type)")
+    assert out == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The run lock raced (file created, then the pid written)
 

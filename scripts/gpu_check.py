@@ -208,9 +208,9 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         Step(
             "fused-tiles",
             "scripts/fused_bench.py --sweep-tiles: the seed layer's persistent Triton kernel as a graph, "
-            "tile by tile (32 programs of 16 × 16 down to 2 of 32 × 128), fp32 and bf16",
+            "tile by tile (32 programs of 16 × 16 down to 4 of 32 × 64, 4 or 8 warps), bf16 then fp32",
             [sys.executable, "scripts/fused_bench.py", "--json", "--sweep-tiles"],
-            60,
+            120,
         ),
         Step(
             "bench-compiled",
@@ -677,11 +677,11 @@ def tile_lines(step: StepResult | None) -> list[str]:
         "### fused-tiles (µs per forward + backward of the seed layer, persistent kernel, graph)",
         "",
     ]
-    lines += ["| dtype | tile (rows × units) | programs | fused, graph | barrier timed out |"]
-    lines += ["| --- | --- | --- | --- | --- |"]
+    lines += ["| dtype | tile (rows × units) | warps | programs | fused, graph | barrier timed out |"]
+    lines += ["| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         lines += [
-            f"| {row['dtype']} | {row['tile']} | {row['programs']} | {row['fused-graph']} | "
+            f"| {row['dtype']} | {row['tile']} | {row['warps']} | {row['programs']} | {row['fused-graph']} | "
             f"{'yes' if row.get('barrier-timeout') else 'no'} |"
         ]
     return lines

@@ -129,6 +129,7 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
     tile_row = {
         "dtype": "bf16",
         "tile": "32x64",
+        "warps": 8,
         "programs": 4,
         "fused-graph": 280.5,
         "barrier-timeout": False,
@@ -195,7 +196,7 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "| lstm-seed | drnn-graph | 1,250 | 1,100 | 88% | 412 | 3 | RNN_blockPersist_fp_LSTM 300 |" in report
     )
     assert "| 128 | fp16 | 900.0 | 600.0 | 800.0 | 300.0 | RNN_blockPersist_fp_LSTM; gemm/x |" in report
-    assert "| bf16 | 32x64 | 4 | 280.5 | no |" in report
+    assert "| bf16 | 32x64 | 8 | 4 | 280.5 | no |" in report
     fused_json = json.loads((tmp_path / "fused.json").read_text())
     assert fused_json["fused-tiles"]["tiles"] == [tile_row] and fused_json["fused-kernels"]["stack"] == [
         stack_row

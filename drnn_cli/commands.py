@@ -25,13 +25,13 @@ from drnn_cli.report import Reporter, TrainResult
 from drnn_cli.run_files import RunFiles
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
-    LATEST_MARKER,
     LOCK_NAME,
     RunLock,
     check_run_dir,
     default_run_dir,
     discard,
     holds_run,
+    is_latest_marker,
     mark_latest,
     mark_run_dir,
     resolve_checkpoint,
@@ -225,11 +225,11 @@ def train_run(
             config.train.device, dist.local_rank, "--device" if request.device is not None else "train.device"
         )
         if dist.is_main:
-            check_run_dir(run_dir)
-            if run_dir.resolve() == (request.runs_root / LATEST_MARKER).resolve():
+            if is_latest_marker(run_dir, request.runs_root):
                 raise DrnnError(
                     f"--run {run_dir} is the file where drnn records the latest run; pick another name"
                 )
+            check_run_dir(run_dir)
         created = not run_dir.exists()
         lock = RunLock(run_dir) if dist.is_main else None
         if lock is not None:
@@ -289,7 +289,13 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
         if dist.is_main:
             swap_in(staging, target)
-        message = str(error).replace(str(staging), str(run_dir))
+        message = (
+            str(error)
+            .replace(str(staging), str(run_dir))
+            .replace(
+                "the same command plus --resume", "the same command with --resume in place of --overwrite"
+            )
+        )
         replaced = f" (the new run has replaced the previous one in {run_dir})"
         raise type(error)(message + replaced, error.exit_code) from None
     finally:

@@ -284,9 +284,9 @@ def read_utf8(path: Path) -> bytearray:
             data += handle.read()  # or grew
     except OSError as exc:
         raise DrnnError(f"cannot read corpus file {path}: {exc.strerror}") from None
+    _check_utf8_text(path, data)  # first: an offset in its message counts the file's bytes
     if data.startswith(BYTE_ORDER_MARK.encode("utf-8")):
         del data[:3]  # as read_text drops it
-    _check_utf8_text(path, data)
     return data
 
 

@@ -63,13 +63,15 @@ def check_run_dir(run_dir: Path) -> None:
         raise DrnnError(f"run directory {str(run_dir)!r} holds a control character (a newline?); {fix}")
     try:
         resolved = run_dir.resolve()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise DrnnError(f"run directory {run_dir} cannot be resolved ({exc}); {fix}") from None
-    if run_dir.is_symlink() and not run_dir.exists():
+        if run_dir.is_symlink():
+            os.stat(run_dir)  # a loop (Python 3.13's resolve() no longer raises for one), or dangling
+    except FileNotFoundError:
         raise DrnnError(
             f"run directory {run_dir} is a symlink to {os.readlink(run_dir)}, which does not exist; "
             f"create that directory, or {fix}"
-        )
+        ) from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise DrnnError(f"run directory {run_dir} cannot be resolved ({exc}); {fix}") from None
     if resolved == Path(resolved.anchor):
         raise DrnnError(f"run directory {run_dir} is the filesystem root; {fix}")
     for name, place in (("your home directory", Path.home()), ("the current directory", Path.cwd())):
@@ -150,6 +152,11 @@ def mark_latest(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> bool:
     return True
 
 
+def is_latest_marker(path: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> bool:
+    """Whether ``path`` names ``runs/latest`` (compared as written: resolving a link loop would raise)."""
+    return os.path.normpath(path.absolute()) == os.path.normpath((runs_root / LATEST_MARKER).absolute())
+
+
 def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
     marker = runs_root / LATEST_MARKER
     fix = "train one first (drnn train --config configs/quick.yaml) or pass --run DIR / --checkpoint FILE"
@@ -189,6 +196,10 @@ def resolve_checkpoint(
     """The checkpoint ``--run`` / ``--checkpoint`` name, or the latest run's."""
     if run is not None and checkpoint is not None:
         raise DrnnError("pass either --run or --checkpoint, not both")
+    if run is not None and is_latest_marker(run, runs_root):
+        raise DrnnError(
+            f"--run {run} is the latest-run marker, not a run; drop --run to use the run it names"
+        )
     if checkpoint is not None:
         return checkpoint
     return run_checkpoint(run if run is not None else latest_run(runs_root))

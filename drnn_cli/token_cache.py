@@ -189,4 +189,4 @@ def _try_write(path: Path, text: str) -> None:
 
 def _name_part(text: Path) -> str:
     """The text's name as cache file names begin (cut: a long name plus a digest passes 255 bytes)."""
-    return text.stem[:64]
+    return text.stem.encode("utf-8")[:64].decode("utf-8", "ignore")  # bytes: the limit is 255 bytes

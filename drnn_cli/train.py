@@ -679,13 +679,14 @@ class Trainer:
         return notes
 
     def _already_done(self) -> StopReason | None:
-        """Why a resumed run has nothing left to train: its budget, its epochs or its patience spent."""
+        """Why a resumed run has nothing left to train: its epochs, its budget or its patience spent
+        (epochs first: a step budget that ends with the last epoch did not cut the run short)."""
         train = self.config.train
+        if self.start_epoch >= train.epochs:
+            return "epochs"
         reached = self.budget.reached(self.global_step)
         if reached is not None:
             return reached
-        if self.start_epoch >= train.epochs:
-            return "epochs"
         if train.patience and self.bad_evals >= train.patience:
             return "patience"
         return None

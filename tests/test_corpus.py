@@ -276,6 +276,18 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path: Path, mode: str) ->
     assert ("\ufeff" in dataset.vocab.idx_to_token) == (mode != "d2l")  # the one inside the text
 
 
+def test_both_readers_name_the_same_offset_in_a_file_that_starts_with_a_byte_order_mark(
+    tmp_path: Path,
+) -> None:
+    from drnn_cli.corpus import read_utf8
+
+    path = tmp_path / "bom-latin1.txt"
+    path.write_bytes(b"\xef\xbb\xbfabcdefg\xffhij")
+    for reader in (read_text, read_utf8):
+        with pytest.raises(DrnnError, match="undecodable byte at offset 10"):
+            reader(path)
+
+
 def test_read_text_turns_a_lone_cr_into_a_line_break_like_text_mode_open(tmp_path: Path) -> None:
     path = tmp_path / "mac.txt"
     path.write_bytes(b"The Time\rMachine\r\nby H. G. Wells\r")

@@ -122,6 +122,12 @@ def test_a_step_budget_that_ends_with_the_last_epoch_reports_the_epochs_as_the_e
     assert (result.stop_reason, result.steps, result.epochs) == ("epochs", 57, 3)
     shorter = train(write_config(workdir), f"train.max_steps={2 * STEPS_PER_EPOCH}", run_dir=workdir / "two")
     assert (shorter.stop_reason, shorter.steps, shorter.epochs) == ("max_steps", 38, 2)
+    again = train(write_config(workdir), f"train.max_steps={3 * STEPS_PER_EPOCH}", resume=True)
+    assert (again.stop_reason, again.steps, again.tokens_per_s) == (
+        "epochs",
+        57,
+        None,
+    )  # resumed: the same end
 
 
 def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
@@ -195,12 +201,11 @@ def test_resuming_a_finished_run_trains_nothing_until_train_epochs_is_raised(wor
     assert cli("train", "--config", str(config), "--set", "train.epochs=1")[0] == 0
     code, out, _ = cli("train", "--config", str(config), "--set", "train.epochs=1", "--resume")
     assert code == 0
-    out = " ".join(out.split())  # a note wraps at the console's width
-    assert (
-        "note: nothing to train: its epochs are done (1 trained, train.epochs 1); to train on, --resume "
-        in out
-    )
-    assert "--set train.epochs=N with a larger value" in out and "nothing trained on cpu" in out
+    assert [line for line in out.splitlines() if line.startswith("note: ")] == [
+        "note: nothing to train: its epochs are done (1 trained, train.epochs 1); to train on, --resume --set "
+        "train.epochs=N with a larger value"
+    ]
+    assert "nothing trained on cpu" in out
     assert [line["epoch"] for line in metrics(workdir / "runs" / "tiny")] == [1]
     code, out, _ = cli("train", "--config", str(config), "--set", "train.epochs=2", "--resume")
     assert code == 0 and ", 2 epochs, from epoch 2\n" in out and "nothing to train" not in out, out
@@ -250,10 +255,12 @@ def test_patience_counts_step_evaluations(workdir: Path, cli):
     code, out, err = cli("train", "--config", str(config), *sets, "--resume", "--json")
     assert code == 0
     summary = json.loads(out)
-    out = " ".join(err.split())  # --json: the human output is on stderr; a note wraps at its width
-    assert "note: nothing to train: it stopped early: validation perplexity did not improve for 2 " in out
-    assert "--resume --set train.patience=N (0: off) with a larger value" in out
-    assert "nothing trained on cpu" in out and "early stop:" not in out and "training " not in out
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]  # --json: the rest is on stderr
+    assert notes == [
+        "note: nothing to train: it stopped early: validation perplexity did not improve for 2 evaluations "
+        "(train.patience 2); to train on, --resume --set train.patience=N (0: off) with a larger value"
+    ]
+    assert "nothing trained on cpu" in err and "early stop:" not in err and "training " not in err
     assert (summary["stop_reason"], summary["tokens_per_s"], summary["steps"]) == (
         "patience",
         None,

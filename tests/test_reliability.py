@@ -108,7 +108,7 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
 
     class StopAfterFirstEpoch(SilentReporter):
         def epoch_end(self, record: object, best_val_ppl: float | None) -> None:
-            raise DrnnError("training stopped by the test at epoch 1; --resume continues it", 130)
+            raise DrnnError("training stopped by the test; continue with the same command plus --resume", 130)
 
     config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
     train_run(TrainRequest(config))
@@ -117,7 +117,10 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
     )
     with pytest.raises(DrnnError) as stopped:
         train_run(request, reporter=StopAfterFirstEpoch())
-    assert str(stopped.value).endswith("(the new run has replaced the previous one in runs/tiny)")
+    assert str(stopped.value) == (
+        "training stopped by the test; continue with the same command with --resume in place of --overwrite "
+        "(the new run has replaced the previous one in runs/tiny)"
+    )  # "the same command plus --resume" would be refused: --resume --overwrite
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").config.train.seed == 7
 
 
@@ -156,6 +159,10 @@ def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Pat
     assert_one_line_error(
         code, err, "runs/tiny/last.safetensors is a file; a checkpoint goes to --checkpoint"
     )
+    code, _, err = cli("predict", "time", "--run", "runs/latest")
+    assert_one_line_error(code, err, "--run runs/latest is the latest-run marker, not a run; drop --run")
+    code, _, err = cli("train", "--config", str(config), "--run", "runs/./latest")  # the marker exists now
+    assert_one_line_error(code, err, "--run runs/latest is the file where drnn records the latest run")
 
 
 def test_a_min_freq_that_leaves_only_unk_is_refused(workdir: Path, cli):

@@ -134,7 +134,11 @@ def test_an_old_text_edited_with_its_timestamp_put_back_is_hashed_again(workdir:
 def test_a_cache_that_cannot_be_written_is_skipped(workdir: Path, big_text: Path):
     """A text whose name is near the 255-byte limit (cache names add a digest) and a cache folder that
     is a file: the data loads all the same, as if there were no cache."""
-    long_text = big_text.rename(workdir / ("a" * 230 + ".txt"))
+    wide = big_text.rename(workdir / ("é" * 120 + ".txt"))  # 240 bytes: cut to 64 bytes, not 64 characters
+    load_dataset(DataConfig(path=str(wide), preprocess="none"))
+    assert len(entries(workdir)) == 1
+    (workdir / "data" / "token-cache").rename(workdir / "data" / "wide-cache")
+    long_text = wide.rename(workdir / ("a" * 230 + ".txt"))
     first = load_dataset(DataConfig(path=str(long_text), preprocess="none"))
     assert len(entries(workdir)) == 1  # the name was cut, not refused
     (workdir / "data" / "token-cache").rename(workdir / "data" / "elsewhere")

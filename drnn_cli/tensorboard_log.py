@@ -74,8 +74,9 @@ class TensorBoardLog:
             self._writer.close()
 
 
-def open_tensorboard(run_dir: Path, device: torch.device, resume_step: int | None) -> TensorBoardLog:
-    """A log for ``run_dir/tensorboard`` (nothing written yet); a one-line DrnnError without the package."""
+def summary_writer_class() -> Any:
+    """PyTorch's SummaryWriter; a one-line DrnnError without the package (every torchrun rank asks,
+    so none goes on to meet the others in a collective that one of them has left)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -83,4 +84,11 @@ def open_tensorboard(run_dir: Path, device: torch.device, resume_step: int | Non
             "train.tensorboard needs the tensorboard package: pip install 'drnn[tensorboard]', "
             "or set train.tensorboard: false"
         ) from None
-    return TensorBoardLog(SummaryWriter, RunFiles(run_dir).tensorboard, device, resume_step)
+    return SummaryWriter
+
+
+def open_tensorboard(run_dir: Path, device: torch.device, resumed_at: int | None) -> TensorBoardLog:
+    """A log for ``run_dir/tensorboard`` (nothing written yet). ``resumed_at``: the step of the
+    checkpoint a resumed run continues from; its events stay, the later ones are written again."""
+    resume_step = None if resumed_at is None else resumed_at + 1
+    return TensorBoardLog(summary_writer_class(), RunFiles(run_dir).tensorboard, device, resume_step)

@@ -14,7 +14,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ from drnn_cli.report import (
 from drnn_cli.run_files import RunFiles
 from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
 from drnn_cli.step import StaticStep, use_cuda_graph
-from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
+from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
 from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
 
 # SIGPIPE: stdout was closed (drnn train | head); drnn_cli.signals raises it on the first failed write.
@@ -189,7 +189,9 @@ class Trainer:
             tar=config.train.tar,
         )
         self.tensorboard: TensorBoardLog | None = None
-        if train.tensorboard and self.dist.is_main:  # refused in one line without the package
+        if train.tensorboard:
+            summary_writer_class()  # refused in one line without the package, on every rank
+        if train.tensorboard and self.dist.is_main:
             self.tensorboard = open_tensorboard(
                 run_dir, device, self.global_step if resume is not None else None
             )
@@ -296,7 +298,10 @@ class Trainer:
         )
         if self.dist.is_main:
             try:
-                save_checkpoint(self.run_dir / name, self._checkpoint(epoch, progress, ranks))
+                checkpoint = self._checkpoint(epoch, progress, ranks)
+                if name == BEST:  # its header names its own perplexity (patience's best may be older)
+                    checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
+                save_checkpoint(self.run_dir / name, checkpoint)
             except NonFiniteCheckpoint:
                 raise TrainingDiverged(
                     f"the weights became NaN or infinite by epoch {epoch}; training stopped and {self._kept()}. "
@@ -512,17 +517,29 @@ class Trainer:
             left = by_steps if left is None else min(left, by_steps)
         return left
 
-    def _judge(self, val_ppl: float | None, epoch: int, progress: EpochProgress | None = None) -> None:
-        """Keep the best checkpoint; count evaluations without improvement for patience."""
+    def _judge(
+        self,
+        val_ppl: float | None,
+        epoch: int,
+        progress: EpochProgress | None = None,
+        on_cadence: bool = True,
+    ) -> None:
+        """Keep the best checkpoint; count evaluations without improvement for patience.
+
+        An evaluation off ``train.eval_every``'s cadence (the one a budget or the last epoch adds)
+        can replace ``best`` but leaves patience alone: a run stopped there and resumed must count
+        exactly the evaluations an uninterrupted run counts.
+        """
         if val_ppl is None:
             return
-        if self.best_val_ppl is None or val_ppl < self.best_val_ppl:
-            self.best_val_ppl, self.bad_evals = val_ppl, 0
-            if self.best_kept is None or val_ppl < self.best_kept:
-                self.best_kept = val_ppl
-                self._save(BEST, epoch, progress)
-        else:
-            self.bad_evals += 1
+        if on_cadence:
+            if self.best_val_ppl is None or val_ppl < self.best_val_ppl:
+                self.best_val_ppl, self.bad_evals = val_ppl, 0
+            else:
+                self.bad_evals += 1
+        if self.best_kept is None or val_ppl < self.best_kept:
+            self.best_kept = val_ppl
+            self._save(BEST, epoch, progress)
 
     def _inside_epoch(
         self, epoch: int, progress: EpochProgress, steps_in_epoch: int, stop: StopReason | None
@@ -536,9 +553,10 @@ class Trainer:
         loss_sum, count = self._totals(epoch, progress)
         global_step = self.global_step
         val_ppl = None
-        if stop is not None or self.cadence.eval.due_at_step(global_step):
+        on_cadence = self.cadence.eval.due_at_step(global_step)
+        if stop is not None or on_cadence:
             val_ppl = self._validate()
-            self._judge(val_ppl, epoch, progress)
+            self._judge(val_ppl, epoch, progress, on_cadence)
             if stop is None and train.patience and self.bad_evals >= train.patience:
                 stop = "patience"
         record = EpochRecord(
@@ -749,9 +767,9 @@ class Trainer:
                 done = epoch + 1
                 budget_stop = self._budget_reached(vote_now=True)
                 final = done == train.epochs or budget_stop is not None
-                evaluate_now = self.cadence.eval.due_at_epoch_end(done, self.global_step) or final
-                val_ppl = self._validate() if evaluate_now else None
-                self._judge(val_ppl, done)
+                on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
+                val_ppl = self._validate() if on_cadence or final else None
+                self._judge(val_ppl, done, on_cadence=on_cadence)
                 record = EpochRecord(
                     done,
                     train_ppl,
@@ -791,7 +809,8 @@ class Trainer:
             )
         samples = self._samples() if self.dist.is_main else {}
         if self.tensorboard is not None:
-            self.tensorboard.add_samples(samples, self.global_step)
+            if already is None:  # a resume that trained nothing has nothing new to log
+                self.tensorboard.add_samples(samples, self.global_step)
             self.tensorboard.close()
         self.reporter.finish()
         return TrainResult(

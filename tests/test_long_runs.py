@@ -272,6 +272,29 @@ def test_patience_counts_step_evaluations(workdir: Path, cli):
     assert again.steps > result.steps and again.start_epoch == result.epochs
 
 
+def test_a_budgets_extra_evaluation_does_not_count_toward_patience(workdir: Path):
+    """A step budget ends with an evaluation off ``eval_every``'s cadence; it may keep a better
+    ``best`` but must not count for patience, or a run stopped there and resumed stops elsewhere
+    than the uninterrupted run (before the fix: at step 20 instead of 115 when split at step 12)."""
+    config = write_config(workdir)
+    settings = ("train.epochs=40", "train.lr=0.05", "train.eval_every=5 steps", "train.patience=2")
+    straight = train(config, *settings, run_dir=workdir / "straight")
+    assert (straight.stop_reason, straight.steps) == ("patience", 115)
+    for split in (12, 112):
+        run = workdir / f"split-{split}"
+        train(config, *settings, f"train.max_steps={split}", run_dir=run)
+        resumed = train(config, *settings, run_dir=run, resume=True)
+        assert (resumed.stop_reason, resumed.steps) == ("patience", 115), split
+        assert (
+            resumed.best_val_ppl <= straight.best_val_ppl
+        )  # the extra evaluation may have found a better best
+
+        def evaluations(directory: Path) -> list[tuple[int, float]]:
+            return [(line["step"], line["val_ppl"]) for line in metrics(directory) if line["step"] % 5 == 0]
+
+        assert evaluations(run) == evaluations(workdir / "straight"), split
+
+
 def test_eval_tokens_caps_validation_while_training(workdir: Path):
     from drnn_cli.commands import evaluate_split, load_model
     from drnn_cli.data import load_dataset

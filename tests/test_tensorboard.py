@@ -67,6 +67,28 @@ def test_scalars_and_samples_are_in_the_event_file(workdir: Path):
     assert text.startswith("the") and len(text) == len("the") + 5
 
 
+def test_a_resumed_run_keeps_the_events_up_to_its_checkpoint_and_a_finished_one_adds_none(workdir: Path):
+    """TensorBoard equals metrics.jsonl after a resume: the checkpoint's own step stays, and a resume
+    that has nothing to train neither hides events nor writes its samples a second time."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = workdir / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    settings = ("train.tensorboard=true", "train.eval_every=5 steps", "train.sample_prefixes=[the]")
+    train_run(TrainRequest(config_path=config, overrides=(*settings, "train.max_steps=10")))
+    for _ in range(2):  # to the end of the epoch (step 19), then again with nothing left to train
+        train_run(TrainRequest(config_path=config, overrides=settings, resume=True))
+    run = workdir / "runs" / "tiny"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10, 15, 19]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    logged = events.Scalars("perplexity/validation")
+    assert [event.step for event in logged] == [5, 10, 15, 19]
+    assert [event.value for event in logged] == pytest.approx([line["val_ppl"] for line in lines], rel=1e-6)
+    assert [event.step for event in events.Tensors("samples/the/text_summary")] == [10, 19]
+
+
 def test_without_the_package_the_option_is_refused_in_one_line(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):

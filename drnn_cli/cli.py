@@ -241,7 +241,10 @@ class RichReporter:
         self.total = total_epochs
         cadence = Cadence.of(self.log_every)
         self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
-        self.console.print(f"training {parameters:,} parameters on {device}, {total_epochs} epochs, {origin}")
+        epochs = f"{total_epochs} epoch{'' if total_epochs == 1 else 's'}"
+        self.console.print(
+            f"training {parameters:,} parameters on {device}, {epochs}, {origin}", soft_wrap=True
+        )
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}/{task.total}"),
@@ -320,14 +323,14 @@ def train_command(
         ),
     ] = None,
     max_unknown: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--max-unknown",
             min=0.0,
             max=1.0,
-            help="With --init-from: largest share of tokens allowed to be <unk>.",
+            help="With --init-from: largest share of tokens allowed to be <unk> (default 0.01).",
         ),
-    ] = 0.01,
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run in the run directory.")
     ] = False,
@@ -340,6 +343,10 @@ def train_command(
     from drnn_cli.commands import TrainRequest, train_run
     from drnn_cli.runtime import launched_rank
 
+    if max_unknown is not None and init_from is None:
+        raise DrnnError(
+            "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"
+        )
     out, _ = _consoles(json_out)
     request = TrainRequest(
         config_path=find_config(config),
@@ -348,7 +355,7 @@ def train_command(
         device=device.value if device is not None else None,
         resume=resume,
         init_from=init_from,
-        max_unknown_fraction=max_unknown,
+        max_unknown_fraction=0.01 if max_unknown is None else max_unknown,
         overwrite=overwrite,
     )
     is_main = launched_rank() == 0
@@ -369,7 +376,7 @@ def train_command(
     table = Table(title=f"run {result.run_dir}", show_header=False)
     table.add_row(
         "epochs",
-        f"{result.start_epoch} → {result.epochs}" + (" (early stop)" if result.stopped_early else ""),
+        f"{result.start_epoch} → {result.epochs:g}" + (" (early stop)" if result.stopped_early else ""),
     )
     table.add_row("steps / stopped by", f"{result.steps:,} / {result.stop_reason}")
     table.add_row("train perplexity", f"{result.train_ppl:.3f}")
@@ -564,14 +571,14 @@ def inspect_command(
         str | None, typer.Option("--units", help="Units to show, e.g. 3,17 (0-based; instead of --top).")
     ] = None,
     top: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--top",
             help="Show the K units that follow a text property best (|Pearson r|): position in word, "
             "at a space, position in line, inside quotes, inside brackets; the best unit of each property "
-            "in turn (by variance when none varies).",
+            "in turn (by variance when none varies). Default 5.",
         ),
-    ] = 5,
+    ] = None,
     signal: Annotated[
         Signal, typer.Option("--signal", help="hidden, or cell (LSTM cell state).")
     ] = Signal.hidden,
@@ -599,7 +606,9 @@ def inspect_command(
         chosen = tuple(int(u) for u in units.split(",")) if units else ()
     except ValueError:
         raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})") from None
-    request = InspectRequest(text, file, layer, chosen, top, signal.value)
+    if chosen and top is not None:
+        raise DrnnError("--units names the units to show and --top picks them; give one of them")
+    request = InspectRequest(text, file, layer, chosen, 5 if top is None else top, signal.value)
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
     result = inspect_text(

@@ -57,7 +57,7 @@ class EpochRecord:
 @dataclass
 class TrainResult:
     run_dir: Path
-    epochs: int
+    epochs: float  # epochs done when it stopped: fractional when a budget or a signal ended it inside one
     start_epoch: int
     train_ppl: float
     val_ppl: float | None

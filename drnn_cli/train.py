@@ -815,7 +815,7 @@ class Trainer:
         self.reporter.finish()
         return TrainResult(
             run_dir=self.run_dir,
-            epochs=int(self.records[-1].epoch) if self.records else self.start_epoch,
+            epochs=self.records[-1].epoch if self.records else self.start_epoch,
             start_epoch=self.start_epoch,
             train_ppl=train_ppl,
             val_ppl=val_ppl,

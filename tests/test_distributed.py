@@ -273,7 +273,7 @@ def test_two_processes_resumed_inside_an_epoch_train_what_an_uninterrupted_run_t
     stopped, resumed = (
         json.loads(line) for line in launches["dropout_resumed"].stdout.read_text().splitlines()
     )
-    assert (stopped["stop_reason"], stopped["steps"], stopped["epochs"]) == ("max_steps", 30, 1)
+    assert (stopped["stop_reason"], stopped["steps"]) == ("max_steps", 30) and 1 < stopped["epochs"] < 2
     assert (resumed["stop_reason"], resumed["epochs"], resumed["start_epoch"]) == ("epochs", 2, 1)
     full = load_checkpoint(launches["dropout_full"].run_dir / "last.safetensors")
     continued = load_checkpoint(launches["dropout_resumed"].run_dir / "last.safetensors")

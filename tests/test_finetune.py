@@ -128,7 +128,7 @@ def test_a_fine_tuned_run_says_whose_weights_it_starts_from(tmp_path: Path, text
     code, out, _ = cli("train", "--config", str(config_for(tmp_path, second, "tuned", train={"epochs": 1})),
                        "--init-from", "runs/base")  # fmt: skip
     source = (tmp_path / "runs" / "base" / "last.safetensors").resolve()
-    assert code == 0 and f", 1 epochs, from the weights of {source}" in out.replace("\n", ""), out
+    assert code == 0 and f", 1 epoch, from the weights of {source}\n" in out, out
     assert "from scratch" not in out
 
 

@@ -353,6 +353,10 @@ def test_png_without_matplotlib_is_refused_in_one_line(cli, tiny_run: Path, tmp_
         (["--units", "3,32"], "--units 32 is out of range: the layer has units 0 to 31"),
         (["--units", "a"], "--units takes comma-separated unit numbers"),
         (["--top", "0"], "--top must be >= 1"),
+        (
+            ["--units", "3", "--top", "2"],
+            "--units names the units to show and --top picks them; give one of them",
+        ),
         (["--file", "x.txt"], "give the text to inspect either as an argument or with --file FILE"),
     ],
 )

@@ -649,6 +649,12 @@ def test_config_mistakes_that_used_to_pass(workdir: Path, cli, content: str, nee
     assert code == 2
 
 
+def test_max_unknown_without_init_from_is_refused(workdir: Path, cli):
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--max-unknown", "0.5")
+    assert_one_line_error(code, err, "--max-unknown applies with --init-from")
+    assert not (workdir / "runs").exists()
+
+
 def test_a_negative_max_unknown_is_a_usage_error(workdir: Path, cli):
     code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--max-unknown", "-1")
     assert_one_line_error(code, err, "--max-unknown")

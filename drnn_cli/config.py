@@ -240,7 +240,7 @@ class TrainConfig(_Section):
         10, description="write the 'last' checkpoint every N epochs or 'N steps'"
     )
     log_every: int | str = Field(
-        0, description="plain-text progress line every N epochs or 'N steps' (0 = auto)"
+        0, description="plain-text progress line every N epochs or 'N steps' (0 = auto: about 25 lines a run)"
     )
     max_steps: int = Field(
         0, ge=0, le=MAX_COUNT, description="stop after N optimizer steps in all (0 = no limit)"

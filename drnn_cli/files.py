@@ -30,9 +30,13 @@ def require_regular_file(path: Path, what: str, fix: str) -> int:
     if stat.S_ISDIR(info.st_mode):
         raise DrnnError(f"{what} {path} is a directory, not a file; {fix}")
     if not stat.S_ISREG(info.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or special file"
-        raise DrnnError(f"{what} {path} is {kind}, not a regular file; {fix}")
+        raise DrnnError(f"{what} {path} is {_special_kind(info)}, not a regular file; {fix}")
     return info.st_size
+
+
+def _special_kind(info: os.stat_result) -> str:
+    """What a path that is neither a regular file nor a directory is, in words."""
+    return "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or special file"
 
 
 def output_file(path: Path, flag: str) -> Path:
@@ -54,8 +58,9 @@ def output_file(path: Path, flag: str) -> Path:
     if stat.S_ISDIR(info.st_mode):
         raise DrnnError(f"{flag} {path} is a directory; name a file in it, e.g. {path / 'out'}")
     if not stat.S_ISREG(info.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or special file"
-        raise DrnnError(f"{flag} {path} is {kind}, which drnn would replace by a file; name a regular file")
+        raise DrnnError(
+            f"{flag} {path} is {_special_kind(info)}, which drnn would replace by a file; name a regular file"
+        )
     return target
 
 

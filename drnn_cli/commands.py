@@ -71,6 +71,7 @@ RESUME_TRAIN_KEYS = ("optimizer", "momentum", "weight_decay", "seed")
 class DataReport:
     dataset: Dataset
     train_batches: int
+    untrainable: str | None = None  # why `drnn train` would refuse this data, in its words
 
     def summary(self) -> dict:
         return self.dataset.summary()
@@ -81,13 +82,14 @@ def describe_data(config: Config, progress: ProgressHook | None = None) -> DataR
     data = config.data
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps)
-    except DrnnError:
-        batches = 0  # `drnn data` describes a corpus too short to train on; `drnn train` refuses it
-    else:
-        generator = epoch_generator(config.train.seed, 0)
-        batches = len(
-            training_batches(dataset.splits.train, data.sampling, data.batch_size, data.num_steps, generator)
-        )
+    except (
+        DrnnError
+    ) as refused:  # `drnn data` describes a corpus too short to train on; `drnn train` refuses it
+        return DataReport(dataset, 0, str(refused))
+    generator = epoch_generator(config.train.seed, 0)
+    batches = len(
+        training_batches(dataset.splits.train, data.sampling, data.batch_size, data.num_steps, generator)
+    )
     return DataReport(dataset, batches)
 
 

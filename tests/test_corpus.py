@@ -482,6 +482,18 @@ def test_drnn_data_json_on_the_default_corpus(workdir: Path, cli) -> None:
     assert Path(summary["path"]).resolve() == (workdir / "data" / "timemachine.txt").resolve()
 
 
+def test_drnn_data_on_a_text_too_short_to_train_says_what_train_would_say(workdir: Path, cli) -> None:
+    code, out, err = cli("data", "--set", "data.max_tokens=500")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: drnn train would refuse this: the training split has 500 tokens but one minibatch of "
+        "data.batch_size 32 × data.num_steps 35 needs 1121; lower data.batch_size or data.num_steps, raise "
+        "data.max_tokens, or use a longer text"
+    ]
+    assert "note:" not in cli("data")[1]
+
+
 def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(workdir: Path, cli) -> None:
     code, _out, err = cli("data", "--set", "data.path=absent.txt", "--json")
     assert code != 0

@@ -542,7 +542,8 @@ def eval_command(
     report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus)
     out.print(
         f"{report.source}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
-        f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch})",
+        f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch}"
+        + (f", step {report.step:,})" if report.step is not None else ")"),
         markup=False,
         soft_wrap=True,
     )

@@ -40,6 +40,7 @@ from drnn_cli.rundir import (
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import Trainer
+from drnn_cli.trainer_state import TrainerState
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
@@ -501,14 +502,16 @@ class PredictReport:
 @dataclass(frozen=True)
 class EvalReport:
     split: str
-    epoch: int
+    epoch: int  # whole epochs the checkpoint had trained
     result: Perplexity
     source: str
+    step: int | None = None  # optimizer steps it had taken (None: a checkpoint older than step counts)
 
     def summary(self) -> dict:
         return {
             "split": self.split,
             "epoch": self.epoch,
+            "step": self.step,
             "perplexity": self.result.perplexity,
             "bits_per_token": self.result.bits_per_token,
             "tokens": self.result.tokens,
@@ -544,7 +547,12 @@ def evaluate_split(
     result = evaluate(
         loaded.model, tokens, rows or config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
     )
-    return EvalReport("file" if data_file is not None else split, loaded.checkpoint.epoch, result, source)
+    checkpoint = loaded.checkpoint
+    try:
+        step = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch).global_step
+    except (KeyError, TypeError):  # a checkpoint without a trainer state: its epoch is all there is
+        step = None
+    return EvalReport("file" if data_file is not None else split, checkpoint.epoch, result, source, step)
 
 
 def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor, str]:

@@ -116,6 +116,10 @@ def test_max_steps_stops_after_exactly_n_steps_inside_an_epoch(workdir: Path):
     )
     lines = metrics(run)
     assert [(line["epoch"], line["step"]) for line in lines] == [(1, 19), (round(1 + 6 / 19, 6), 25)]
+    from drnn_cli.commands import evaluate_split, load_model
+
+    evaluated = evaluate_split(load_model(None, run / "last.safetensors", "cpu")).summary()
+    assert (evaluated["epoch"], evaluated["step"]) == (1, 25)  # whole epochs, and the steps inside the next
     assert lines[-1]["val_ppl"] == result.val_ppl and lines[-1]["tokens_seen"] == 25 * 80
     assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
 

@@ -676,6 +676,12 @@ class Trainer:
                 f"data.val_fraction {data.val_fraction:g} leaves {len(self.val_tokens)} validation token(s), too "
                 "few to evaluate: this run has no validation (raise data.val_fraction)"
             )
+        if train.eval_tokens and len(self.val_tokens) > train.eval_tokens + 1:
+            notes.append(
+                f"train.eval_tokens {train.eval_tokens:,}: the validation perplexities of this run (and its choice "
+                f"of best) read the first {train.eval_tokens:,} of {len(self.val_tokens) - 1:,} validation tokens; "
+                "drnn eval --split val reads them all"
+            )
         if train.patience and len(self.val_tokens) < 2:
             notes.append(
                 f"train.patience {train.patience} counts evaluations of the validation split, and this run "
@@ -687,7 +693,7 @@ class Trainer:
             except DrnnError:
                 notes.append(
                     f"train.sample_prefixes: {prefix!r} cannot be written in this text's {data.token}s, so it "
-                    "gets no samples; set train.sample_prefixes to words of this text"
+                    "gets no samples; set train.sample_prefixes to text it can spell"
                 )
         if self.config.model.impl == "fused" and not fused_lstm.can_run(self.device):
             notes.append(

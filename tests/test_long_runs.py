@@ -308,7 +308,19 @@ def test_eval_tokens_caps_validation_while_training(workdir: Path):
     from drnn_cli.data import load_dataset
     from drnn_cli.evaluate import evaluate
 
-    train(write_config(workdir), "train.epochs=1", "train.eval_tokens=100")
+    notes: list[str] = []
+
+    class Notes(SilentReporter):
+        def note(self, message: str) -> None:
+            notes.append(message)
+
+    train_run(
+        TrainRequest(write_config(workdir), ("train.epochs=1", "train.eval_tokens=100")), reporter=Notes()
+    )
+    assert notes == [
+        "train.eval_tokens 100: the validation perplexities of this run (and its choice of best) read the first "
+        "100 of 399 validation tokens; drnn eval --split val reads them all"
+    ]
     run = workdir / "runs" / "tiny"
     loaded = load_model(run, None, "cpu")
     val = load_dataset(loaded.checkpoint.config.data, vocab=loaded.checkpoint.vocab).splits.val

@@ -188,7 +188,7 @@ def test_settings_this_text_cannot_honour_are_noted_on_one_line_each(workdir: Pa
     )
     assert notes[1:] == [
         f"note: train.sample_prefixes: {prefix!r} cannot be written in this text's chars, so it gets no samples; "
-        "set train.sample_prefixes to words of this text"
+        "set train.sample_prefixes to text it can spell"
         for prefix in ("time traveller", "traveller")
     ]
 

@@ -341,8 +341,13 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
     predicted = run("predict", "time traveller", "--json")
     assert set(predicted) == {"prefix", "text"} and len(predicted["text"]) == len("time traveller") + 50
     evaluated = run("eval", "--json")
-    assert set(evaluated) == {"split", "epoch", "perplexity", "bits_per_token", "tokens", "source"}
-    assert (evaluated["split"], evaluated["epoch"], evaluated["tokens"]) == ("train", 2, 9_999)
+    assert set(evaluated) == {"split", "epoch", "step", "perplexity", "bits_per_token", "tokens", "source"}
+    assert (evaluated["split"], evaluated["epoch"], evaluated["step"], evaluated["tokens"]) == (
+        "train",
+        2,
+        16,
+        9_999,
+    )
     listed = run("presets", "--json")["presets"]
     assert {entry["name"] for entry in listed} == configs_names()
     assert all(set(entry) == PRESET_KEYS for entry in listed)

@@ -39,7 +39,7 @@ from drnn_cli.rundir import (
     swap_in,
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
-from drnn_cli.train import Trainer
+from drnn_cli.train import RESUME_ADVICE, Trainer
 from drnn_cli.trainer_state import TrainerState
 from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
 
@@ -83,10 +83,8 @@ def describe_data(config: Config, progress: ProgressHook | None = None) -> DataR
     data = config.data
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps)
-    except (
-        DrnnError
-    ) as refused:  # `drnn data` describes a corpus too short to train on; `drnn train` refuses it
-        return DataReport(dataset, 0, str(refused))
+    except DrnnError as refused:
+        return DataReport(dataset, 0, str(refused))  # described all the same; `drnn train` refuses it
     generator = epoch_generator(config.train.seed, 0)
     batches = len(
         training_batches(dataset.splits.train, data.sampling, data.batch_size, data.num_steps, generator)
@@ -295,9 +293,7 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
         message = (
             str(error)
             .replace(str(staging), str(run_dir))
-            .replace(
-                "the same command plus --resume", "the same command with --resume in place of --overwrite"
-            )
+            .replace(RESUME_ADVICE, "the same command with --resume in place of --overwrite")
         )
         replaced = f" (the new run has replaced the previous one in {run_dir})"
         raise type(error)(message + replaced, error.exit_code) from None

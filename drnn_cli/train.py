@@ -59,6 +59,9 @@ from drnn_cli.step import StaticStep, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
 from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
 
+# How an interrupted run is told to go on; a replacement (--overwrite) rewords it (commands.py).
+RESUME_ADVICE = "the same command plus --resume"
+
 # SIGPIPE: stdout was closed (drnn train | head); drnn_cli.signals raises it on the first failed write.
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGPIPE: 141}
 STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
@@ -611,7 +614,7 @@ class Trainer:
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
             f"training stopped by {name} at epoch {epoch + 1}, step {progress.step if progress else 0}; a checkpoint of that step "
-            f"is in {self.run_dir / LAST}; continue with the same command plus --resume",
+            f"is in {self.run_dir / LAST}; continue with {RESUME_ADVICE}",
             exit_code=SIGNAL_EXIT_CODES.get(signum, 130),
         )
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from drnn_cli.cells import gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import preprocess_prefix
 from drnn_cli.data import read_token_stream
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import perplexity
 from drnn_cli.files import require_regular_file
-from drnn_cli.models import RNNLanguageModel, gru_step, lstm_step, rnn_step
+from drnn_cli.models import RNNLanguageModel
 from drnn_cli.vocab import UNK, Vocab, encode_tokens
 
 MAX_CHARS = 20_000  # keeps the page, the JSON and the step-by-step trace bounded
@@ -57,7 +58,6 @@ def trace_layers(model: RNNLanguageModel, ids: torch.Tensor) -> list[LayerTrace]
     """
     config = model.config
     rnn = model.rnn
-    activation = torch.relu if config.nonlinearity == "relu" else torch.tanh
     layer_input = model.encode(ids.view(1, -1))[:, 0]  # (T, I)
     traces = []
     for layer in range(config.num_layers):
@@ -71,14 +71,14 @@ def trace_layers(model: RNNLanguageModel, ids: torch.Tensor) -> list[LayerTrace]
         hs, cs, gates = [], [], []
         for x_gates in projected.unsqueeze(1):  # (1, G·H) per step
             if config.cell == "lstm":
-                h, c, sig = lstm_step(x_gates, h, c, w_hh_t)
+                h, c, lstm_gates = lstm_step(x_gates, h, c, w_hh_t)
                 cs.append(c)
-                gates.append(sig)
+                gates.append(lstm_gates)
             elif config.cell == "gru":
-                h, rz = gru_step(x_gates, h, w_hh_t, b_hh)
+                h, rz, _, _ = gru_step(x_gates, h, w_hh_t, b_hh)
                 gates.append(rz)
             else:
-                h = rnn_step(x_gates, h, w_hh_t, activation)
+                h = rnn_step(x_gates, h, w_hh_t, config.nonlinearity)
             hs.append(h)
         hidden = torch.cat(hs)
         traces.append(LayerTrace(hidden, torch.cat(cs) if cs else None, _split_gates(config.cell, gates)))
@@ -94,7 +94,7 @@ def _split_gates(cell: str, steps: list[torch.Tensor]) -> dict[str, torch.Tensor
         return {}
     stacked = torch.cat(steps)
     size = stacked.shape[1] // (4 if cell == "lstm" else 2)
-    # lstm σ blocks [i | f | (g) | o]; gru [r | z]
+    # lstm [σ(i) | σ(f) | (tanh g) | σ(o)]; gru [σ(r) | σ(z)]
     blocks = (0, 1, 3) if cell == "lstm" else (0, 1)
     return {
         name: stacked[:, b * size : (b + 1) * size] for name, b in zip(GATE_NAMES[cell], blocks, strict=True)

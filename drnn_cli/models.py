@@ -3,18 +3,12 @@
 Two implementations of the recurrent stack sit behind one interface:
 
 * ``impl: torch`` uses ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (cuDNN on a GPU);
-* ``impl: scratch`` steps the cells written from d2l's equations, with *the same parameter names
-  and layouts* as PyTorch's, so weights copy across and the two are tested equal.
+* ``impl: scratch`` steps the cells written from d2l's equations, with their backward pass through
+  time written out too (:mod:`drnn_cli.cells`), with *the same parameter names and layouts* as
+  PyTorch's, so weights copy across and the two are tested equal.
 
-Gate layouts (rows of ``weight_ih_l{k}`` / ``weight_hh_l{k}``, as PyTorch and cuDNN order them)::
-
-    lstm  [ i | f | g | o ]   c' = σ(f)⊙c + σ(i)⊙tanh(g);   h' = σ(o)⊙tanh(c')
-    gru   [ r | z | n ]       n  = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))   ← reset gate applied
-                              h' = (1 − z)⊙n + z⊙h                                AFTER the product
-    rnn   [ h ]               h' = tanh(W_ih x + b_ih + W_hh h + b_hh)   (or relu)
-
-The GRU is cuDNN's form (d2l's code; d2l's printed formula applies r before the product, which is
-a different model), so a scratch GRU equals ``nn.GRU``.
+The GRU is cuDNN's form (d2l's code; d2l's printed formula applies the reset gate before the
+recurrent product, which is a different model), so a scratch GRU equals ``nn.GRU``.
 """
 
 from __future__ import annotations
@@ -28,13 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from drnn_cli import fused_lstm
+from drnn_cli.cells import CELL_STEPS, CellSteps, gru_layer, lstm_layer, rnn_layer
 from drnn_cli.config import ModelConfig
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-# One timestep of a cell (lstm_step, gru_step, rnn_step), or torch.compile's version of it.
-CellStep = Callable[..., Any]
 
 
 class ScratchRecurrent(nn.Module):
@@ -42,7 +35,8 @@ class ScratchRecurrent(nn.Module):
 
     Input ``(T, B, I)`` time-major; state ``h`` (and ``c`` for LSTM) of shape ``(L, B, H)``. The input
     projection of all timesteps is one matrix product per layer; each timestep then costs one
-    ``addmm`` for the recurrent product and a few element-wise gate operations.
+    ``addmm`` for the recurrent product and a few element-wise gate operations, forward and backward
+    (:mod:`drnn_cli.cells`).
     """
 
     def __init__(
@@ -67,8 +61,9 @@ class ScratchRecurrent(nn.Module):
         self.nonlinearity = nonlinearity
         self.weight_drop = weight_drop
         self.locked = locked
-        # What steps one timestep while training: the plain cell, or torch.compile's (compile_cells).
-        self._training_step: CellStep = CELL_STEPS[cell]
+        # What steps a timestep, forward and backward, while training: the plain cell, or
+        # torch.compile's (compile_cells).
+        self._training_steps: CellSteps = CELL_STEPS[cell]
         rows = GATES[cell] * hidden_size
         for layer in range(num_layers):
             width = input_size if layer == 0 else hidden_size
@@ -87,11 +82,11 @@ class ScratchRecurrent(nn.Module):
         """Step training minibatches through ``torch.compile``'s version of the cell (``train.compile``).
 
         Each timestep is one recurrent matrix product and a handful of element-wise gate operations,
-        each its own kernel; compiled, the gate arithmetic (and its backward) becomes one generated
-        kernel. Evaluation and sampling keep the plain cell: other shapes and no gradients would mean
-        more compilations for a small share of the time.
+        each its own kernel; compiled, the gate arithmetic of a forward timestep, and that of a
+        backward one, each become one generated kernel. Evaluation and sampling keep the plain cell:
+        other shapes and no gradients would mean more compilations for a small share of the time.
         """
-        self._training_step = torch.compile(CELL_STEPS[self.cell], backend=backend, fullgraph=True)
+        self._training_steps = CELL_STEPS[self.cell].compiled(backend)
 
     def _layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
         w_ih = getattr(self, f"weight_ih_l{layer}")
@@ -102,7 +97,7 @@ class ScratchRecurrent(nn.Module):
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         h0, c0 = state if isinstance(state, tuple) else (state, None)
-        step = self._training_step if self.training else CELL_STEPS[self.cell]
+        steps = self._training_steps if self.training else CELL_STEPS[self.cell]
         final_h, final_c = [], []
         layer_input = inputs
         for layer in range(self.num_layers):
@@ -111,13 +106,12 @@ class ScratchRecurrent(nn.Module):
             projected = F.linear(layer_input, w_ih, b_ih)
             if self.cell == "lstm":
                 assert c0 is not None
-                outputs, h, c = self._lstm_recurrence(projected + b_hh, h0[layer], c0[layer], w_hh, step)
+                outputs, h, c = self._lstm_recurrence(projected + b_hh, h0[layer], c0[layer], w_hh, steps)
                 final_c.append(c)
             elif self.cell == "gru":
-                outputs, h = _gru_layer(projected, h0[layer], w_hh.t(), b_hh, step)
+                outputs, h = gru_layer(projected, h0[layer], w_hh, b_hh, steps)
             else:
-                activation = torch.tanh if self.nonlinearity == "tanh" else torch.relu
-                outputs, h = _rnn_layer(projected + b_hh, h0[layer], w_hh.t(), activation, step)
+                outputs, h = rnn_layer(projected + b_hh, h0[layer], w_hh, self.nonlinearity, steps)
             final_h.append(h)
             if layer < self.num_layers - 1:
                 outputs = sequence_dropout(outputs, self.dropout, self.training, self.locked)
@@ -131,10 +125,10 @@ class ScratchRecurrent(nn.Module):
         h: torch.Tensor,
         c: torch.Tensor,
         w_hh: torch.Tensor,
-        step: CellStep,
+        steps: CellSteps,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's recurrence over ``x_gates`` (T, B, 4H), which holds both biases."""
-        return _lstm_layer(x_gates, h, c, w_hh.t(), step)
+        return lstm_layer(x_gates, h, c, w_hh, steps)
 
 
 class FusedRecurrent(ScratchRecurrent):
@@ -157,86 +151,11 @@ class FusedRecurrent(ScratchRecurrent):
         h: torch.Tensor,
         c: torch.Tensor,
         w_hh: torch.Tensor,
-        step: CellStep,
+        steps: CellSteps,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not fused_lstm.can_run(x_gates.device):
-            return super()._lstm_recurrence(x_gates, h, c, w_hh, step)
+            return super()._lstm_recurrence(x_gates, h, c, w_hh, steps)
         return fused_lstm.fused_lstm_layer(x_gates, h, c, w_hh, error=self.barrier_error)
-
-
-def lstm_step(
-    x_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One LSTM step: ``(h', c', σ(gates))``; the input, forget and output gates are the
-    ``[i | f | · | o]`` blocks of the last (its g block is unused). ``x_gates`` holds both biases."""
-    hidden = h.shape[-1]
-    gates = torch.addmm(x_gates, h, w_hh_t)
-    sig = torch.sigmoid(gates)  # σ over all four blocks at once
-    i, f, o = sig[:, :hidden], sig[:, hidden : 2 * hidden], sig[:, 3 * hidden :]
-    g = torch.tanh(gates[:, 2 * hidden : 3 * hidden])
-    c = f * c + i * g
-    return o * torch.tanh(c), c, sig
-
-
-def gru_step(
-    x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One GRU step: ``(h', σ([r | z]))``, the reset and update gates side by side."""
-    hidden = h.shape[-1]
-    h_gates = torch.addmm(b_hh, h, w_hh_t)
-    rz = torch.sigmoid(x_gates[:, : 2 * hidden] + h_gates[:, : 2 * hidden])
-    r, z = rz[:, :hidden], rz[:, hidden:]
-    n = torch.tanh(x_gates[:, 2 * hidden :] + r * h_gates[:, 2 * hidden :])
-    return n + z * (h - n), rz  # n + z(h − n) = (1 − z)⊙n + z⊙h
-
-
-def rnn_step(x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, activation) -> torch.Tensor:
-    return activation(torch.addmm(x_gates, h, w_hh_t))
-
-
-CELL_STEPS: dict[str, CellStep] = {"lstm": lstm_step, "gru": gru_step, "rnn": rnn_step}
-
-
-def _lstm_layer(
-    projected: torch.Tensor,
-    h: torch.Tensor,
-    c: torch.Tensor,
-    w_hh_t: torch.Tensor,
-    step: CellStep = lstm_step,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    outputs = []
-    for x_gates in projected:
-        h, c, _ = step(x_gates, h, c, w_hh_t)
-        outputs.append(h)
-    return torch.stack(outputs), h, c
-
-
-def _gru_layer(
-    projected: torch.Tensor,
-    h: torch.Tensor,
-    w_hh_t: torch.Tensor,
-    b_hh: torch.Tensor,
-    step: CellStep = gru_step,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    outputs = []
-    for x_gates in projected:
-        h, _ = step(x_gates, h, w_hh_t, b_hh)
-        outputs.append(h)
-    return torch.stack(outputs), h
-
-
-def _rnn_layer(
-    projected: torch.Tensor,
-    h: torch.Tensor,
-    w_hh_t: torch.Tensor,
-    activation: Callable[[torch.Tensor], torch.Tensor],
-    step: CellStep = rnn_step,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    outputs = []
-    for x_gates in projected:
-        h = step(x_gates, h, w_hh_t, activation)
-        outputs.append(h)
-    return torch.stack(outputs), h
 
 
 class _LayerwiseRegularised:

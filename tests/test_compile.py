@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import TINY_TREE, assert_one_line_error, config_file
 
+from drnn_cli.cells import CellSteps
 from drnn_cli.models import ScratchRecurrent
 
 CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "relu")]
@@ -71,7 +72,7 @@ def test_evaluation_and_sampling_step_the_plain_cells() -> None:
     def refuse(*args: object) -> None:
         raise AssertionError("the compiled cell ran in eval mode")
 
-    stack._training_step = refuse
+    stack._training_steps = CellSteps(refuse, refuse)
     stack.eval()
     outputs, _ = stack(torch.randn(4, 1, 6), (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8)))
     assert outputs.shape == (4, 1, 8)

@@ -1,0 +1,351 @@
+"""The from-scratch cells (``model.impl: scratch``): one timestep forward, and backpropagation through
+time written out by hand (d2l §9.7), tested equal to autograd's.
+
+Why a hand-written backward pass: stepped through autograd, each timestep records every gate
+operation, and its backward replays them one small kernel at a time — slicing a gate block back out
+of the four zero-fills the rest, and the recurrent weight's gradient is one matrix product *per
+timestep*, added up. Written out, the derivative of every gate that does not depend on the incoming
+gradient is computed for all timesteps at once after the forward loop, a timestep of the backward
+loop is five element-wise operations and one matrix product (for ``∂h_{t-1}``), and ``∂W_hh`` is one
+matrix product over all timesteps. On a GPU, where a batch-32 step is bound by how many kernels run
+one after another, that is about a third of the kernels (1,481 → 562 operators for a seed-size LSTM
+layer over 35 steps, forward and backward); on a CPU it is about as fast as autograd at the seed size
+and faster for small layers.
+
+Gate layouts are PyTorch's and cuDNN's (rows of ``weight_ih_l{k}`` / ``weight_hh_l{k}``)::
+
+    lstm  [ i | f | g | o ]   c' = σ(f)⊙c + σ(i)⊙tanh(g);   h' = σ(o)⊙tanh(c')
+    gru   [ r | z | n ]       n  = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))   ← reset gate applied
+                              h' = (1 − z)⊙n + z⊙h                                AFTER the product
+    rnn   [ h ]               h' = tanh(W_ih x + b_ih + W_hh h + b_hh)   (or relu)
+
+A layer's functions take ``x_gates`` (T, B, G·H), the input projection of all timesteps (for the LSTM
+and RNN with both biases in it; the GRU adds ``b_hh`` inside the reset product), and ``w_hh`` (G·H, H).
+Under autocast the backward pass runs under the forward pass's autocast state, as autograd's would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# A function of one timestep (forward or backward), plain or torch.compile's version of it.
+CellStep = Callable[..., Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# One timestep forward (also what drnn inspect traces, one character at a time)
+
+
+def lstm_step(
+    x_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM step: ``(h', c', gates)`` with ``gates`` = ``[σ(i) | σ(f) | tanh(g) | σ(o)]``."""
+    hidden = h.shape[-1]
+    pre = torch.addmm(x_gates, h, w_hh_t)
+    gates = torch.sigmoid(pre)  # σ over all four blocks at once, then tanh for the g block
+    gates[:, 2 * hidden : 3 * hidden] = torch.tanh(pre[:, 2 * hidden : 3 * hidden])
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.addcmul(f * c, i, g)
+    return o * torch.tanh(c), c, gates
+
+
+def gru_step(
+    x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GRU step: ``(h', σ([r | z]), n, W_hn h + b_hn)``."""
+    hidden = h.shape[-1]
+    h_gates = torch.addmm(b_hh, h, w_hh_t)
+    rz = torch.sigmoid(x_gates[:, : 2 * hidden] + h_gates[:, : 2 * hidden])
+    r, z = rz.chunk(2, dim=1)
+    h_n = h_gates[:, 2 * hidden :]
+    n = torch.tanh(torch.addcmul(x_gates[:, 2 * hidden :], r, h_n))
+    return torch.addcmul(n, z, h - n), rz, n, h_n  # n + z(h − n) = (1 − z)⊙n + z⊙h
+
+
+def rnn_step(x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, nonlinearity: str) -> torch.Tensor:
+    pre = torch.addmm(x_gates, h, w_hh_t)
+    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+
+
+# ---------------------------------------------------------------------------------------------
+# One timestep backward. Each takes ∂L/∂h_t (all paths: the layer above, and h_{t+1}), the
+# gradient the layer above sends to h_{t-1} (``d_out_prev``), and returns the gate gradients at t
+# and ∂L/∂h_{t-1}. The ``slope`` arguments are derivatives computed for all timesteps at once.
+
+
+def lstm_backward_step(
+    dh: torch.Tensor,
+    dc: torch.Tensor,
+    d_out_prev: torch.Tensor,
+    slope: torch.Tensor,
+    h_from_c: torch.Tensor,
+    c_from_gates: torch.Tensor,
+    tanh_c: torch.Tensor,
+    forget: torch.Tensor,
+    w_hh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(∂pre-activations (B, 4H), ∂h_{t-1}, ∂c_{t-1})``; ``dc`` arrives from c_{t+1} only."""
+    dc = torch.addcmul(dc, dh, h_from_c)  # + ∂h_t/∂c_t, the path through h_t
+    # ∂c_t/∂[i | f | g] = [g | c_{t-1} | i] (B, 3, H) and ∂h_t/∂o = tanh(c_t), each times its slope
+    d_pre = torch.cat([(c_from_gates * dc.unsqueeze(1)).flatten(1), dh * tanh_c], dim=1) * slope
+    return d_pre, torch.addmm(d_out_prev, d_pre, w_hh), dc * forget
+
+
+def gru_backward_step(
+    dh: torch.Tensor,
+    d_out_prev: torch.Tensor,
+    slope_n: torch.Tensor,
+    slope_z: torch.Tensor,
+    slope_r: torch.Tensor,
+    reset: torch.Tensor,
+    update: torch.Tensor,
+    w_hh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(∂x_gates (B, 3H), ∂h_gates (B, 3H), ∂h_{t-1})``: the two differ in the n block, where the
+    recurrent product is multiplied by the reset gate."""
+    d_n = dh * slope_n
+    d_r = d_n * slope_r
+    d_z = dh * slope_z
+    d_x = torch.cat([d_r, d_z, d_n], dim=1)
+    d_h_gates = torch.cat([d_r, d_z, d_n * reset], dim=1)
+    return d_x, d_h_gates, torch.addmm(torch.addcmul(d_out_prev, dh, update), d_h_gates, w_hh)
+
+
+def rnn_backward_step(
+    dh: torch.Tensor, d_out_prev: torch.Tensor, slope: torch.Tensor, w_hh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂pre-activation, ∂h_{t-1})``."""
+    d_pre = dh * slope
+    return d_pre, torch.addmm(d_out_prev, d_pre, w_hh)
+
+
+@dataclass(frozen=True)
+class CellSteps:
+    """A cell's forward and backward timestep, plain or compiled (``train.compile``)."""
+
+    forward: CellStep
+    backward: CellStep
+
+    def compiled(self, backend: str | Callable[..., Any]) -> CellSteps:
+        return CellSteps(
+            torch.compile(self.forward, backend=backend, fullgraph=True),
+            torch.compile(self.backward, backend=backend, fullgraph=True),
+        )
+
+
+CELL_STEPS = {
+    "lstm": CellSteps(lstm_step, lstm_backward_step),
+    "gru": CellSteps(gru_step, gru_backward_step),
+    "rnn": CellSteps(rnn_step, rnn_backward_step),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# A layer over all timesteps
+
+
+def _previous(first: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """``[first, sequence[0], …, sequence[T-2]]``: what each timestep read from the step before."""
+    return torch.cat([first.unsqueeze(0), sequence[:-1]])
+
+
+def _from_above(d_out: torch.Tensor) -> torch.Tensor:
+    """Index t: the gradient the layer above sends to h_{t-1}; none reaches h_0 (index 0)."""
+    return _previous(torch.zeros_like(d_out[0]), d_out)
+
+
+def _weight_gradient(d_pre: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+    """Σ_t ∂pre_tᵀ h_{t-1} as one (G·H, T·B) × (T·B, H) product."""
+    return d_pre.flatten(0, 1).t().mm(h_prev.flatten(0, 1))
+
+
+@dataclass(frozen=True)
+class _Autocast:
+    """The forward pass's autocast state, for its backward pass (what ``torch.amp.custom_bwd`` does
+    for one device type)."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def current(cls, device: torch.device) -> _Autocast:
+        kind = device.type
+        return cls(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+
+    def __call__(self) -> torch.autocast:
+        return torch.autocast(self.device_type, self.dtype, enabled=self.enabled)
+
+
+def _dtypes(*inputs: torch.Tensor) -> tuple[torch.dtype, ...]:
+    return tuple(x.dtype for x in inputs)
+
+
+def _cast(gradients: tuple[torch.Tensor, ...], dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor, ...]:
+    """Each gradient in its input's dtype (products under autocast may have made them half)."""
+    return tuple(g.to(dtype) for g, dtype in zip(gradients, dtypes, strict=True))
+
+
+class _LSTMLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_gates, h0, c0, w_hh, steps: CellSteps):  # type: ignore[override]
+        w_hh_t = w_hh.t()
+        h, c = h0, c0
+        outputs, cells, gates = [], [c0], []
+        for x_t in x_gates:
+            h, c, gates_t = steps.forward(x_t, h, c, w_hh_t)
+            outputs.append(h)
+            cells.append(c)
+            gates.append(gates_t)
+        out = torch.stack(outputs)
+        ctx.save_for_backward(h0, out, torch.stack(cells), torch.stack(gates), w_hh)
+        ctx.steps, ctx.autocast, ctx.dtypes = (
+            steps,
+            _Autocast.current(x_gates.device),
+            _dtypes(x_gates, h0, c0, w_hh),
+        )
+        return out, h, c
+
+    @staticmethod
+    def backward(ctx: Any, d_out, d_h, d_c):  # type: ignore[override]
+        h0, out, cells, gates, w_hh = ctx.saved_tensors
+        with ctx.autocast():
+            i, f, g, o = gates.chunk(4, dim=2)
+            tanh_c = torch.tanh(cells[1:])
+            # ∂gate/∂pre-activation: σ' = σ(1 − σ) for i, f, o; tanh' = 1 − tanh² for g
+            slope = torch.cat([i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)], dim=2)
+            h_from_c = o * (1 - tanh_c * tanh_c)  # ∂h_t/∂c_t
+            c_from_gates = torch.stack([g, cells[:-1], i], dim=2)  # ∂c_t/∂[σ(i), σ(f), tanh(g)]
+            above = _from_above(d_out)
+            dh, dc = d_out[-1] + d_h, d_c
+            d_pre = [torch.Tensor()] * len(out)
+            for t in reversed(range(len(out))):
+                d_pre[t], dh, dc = ctx.steps.backward(
+                    dh, dc, above[t], slope[t], h_from_c[t], c_from_gates[t], tanh_c[t], f[t], w_hh
+                )
+            d_x = torch.stack(d_pre)
+            d_w = _weight_gradient(d_x, _previous(h0, out))
+        return *_cast((d_x, dh, dc, d_w), ctx.dtypes), None
+
+
+class _GRULayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_gates, h0, w_hh, b_hh, steps: CellSteps):  # type: ignore[override]
+        w_hh_t = w_hh.t()
+        h = h0
+        outputs, rz, n, h_n = [], [], [], []
+        for x_t in x_gates:
+            h, rz_t, n_t, h_n_t = steps.forward(x_t, h, w_hh_t, b_hh)
+            outputs.append(h)
+            rz.append(rz_t)
+            n.append(n_t)
+            h_n.append(h_n_t)
+        out = torch.stack(outputs)
+        ctx.save_for_backward(h0, out, torch.stack(rz), torch.stack(n), torch.stack(h_n), w_hh)
+        ctx.steps, ctx.autocast, ctx.dtypes = (
+            steps,
+            _Autocast.current(x_gates.device),
+            _dtypes(x_gates, h0, w_hh, b_hh),
+        )
+        return out, h
+
+    @staticmethod
+    def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
+        h0, out, rz, n, h_n, w_hh = ctx.saved_tensors
+        with ctx.autocast():
+            r, z = rz.chunk(2, dim=2)
+            h_prev = _previous(h0, out)
+            slope_n = (1 - z) * (1 - n * n)  # ∂h_t/∂(n's pre-activation)
+            slope_z = (h_prev - n) * z * (1 - z)  # ∂h_t/∂(z's pre-activation)
+            slope_r = h_n * r * (1 - r)  # ∂(n's pre-activation)/∂(r's pre-activation)
+            above = _from_above(d_out)
+            dh = d_out[-1] + d_h
+            d_x = [torch.Tensor()] * len(out)
+            d_h_gates = [torch.Tensor()] * len(out)
+            for t in reversed(range(len(out))):
+                d_x[t], d_h_gates[t], dh = ctx.steps.backward(
+                    dh, above[t], slope_n[t], slope_z[t], slope_r[t], r[t], z[t], w_hh
+                )
+            d_hg = torch.stack(d_h_gates)
+            d_w = _weight_gradient(d_hg, h_prev)
+            d_b = d_hg.sum(dim=(0, 1))
+        return *_cast((torch.stack(d_x), dh, d_w, d_b), ctx.dtypes), None
+
+
+class _RNNLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_gates, h0, w_hh, nonlinearity: str, steps: CellSteps):  # type: ignore[override]
+        w_hh_t = w_hh.t()
+        h = h0
+        outputs = []
+        for x_t in x_gates:
+            h = steps.forward(x_t, h, w_hh_t, nonlinearity)
+            outputs.append(h)
+        out = torch.stack(outputs)
+        ctx.save_for_backward(h0, out, w_hh)
+        ctx.nonlinearity, ctx.steps = nonlinearity, steps
+        ctx.autocast, ctx.dtypes = _Autocast.current(x_gates.device), _dtypes(x_gates, h0, w_hh)
+        return out, h
+
+    @staticmethod
+    def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
+        h0, out, w_hh = ctx.saved_tensors
+        with ctx.autocast():
+            # tanh' = 1 − h², relu' = 1 where h > 0 (0 at 0, as autograd's relu)
+            slope = 1 - out * out if ctx.nonlinearity == "tanh" else (out > 0).to(out.dtype)
+            above = _from_above(d_out)
+            dh = d_out[-1] + d_h
+            d_pre = [torch.Tensor()] * len(out)
+            for t in reversed(range(len(out))):
+                d_pre[t], dh = ctx.steps.backward(dh, above[t], slope[t], w_hh)
+            d_x = torch.stack(d_pre)
+            d_w = _weight_gradient(d_x, _previous(h0, out))
+        return *_cast((d_x, dh, d_w), ctx.dtypes), None, None
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records this call, so the forward pass must keep what its backward reads."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def lstm_layer(
+    x_gates: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, steps: CellSteps
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(outputs (T, B, H), h_T, c_T)``."""
+    if _recording(x_gates, h0, c0, w_hh):
+        return _LSTMLayer.apply(x_gates, h0, c0, w_hh, steps)
+    w_hh_t, h, c, outputs = w_hh.t(), h0, c0, []
+    for x_t in x_gates:
+        h, c, _ = steps.forward(x_t, h, c, w_hh_t)
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+def gru_layer(
+    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, steps: CellSteps
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outputs (T, B, H), h_T)``; ``x_gates`` without ``b_hh``."""
+    if _recording(x_gates, h0, w_hh, b_hh):
+        return _GRULayer.apply(x_gates, h0, w_hh, b_hh, steps)
+    w_hh_t, h, outputs = w_hh.t(), h0, []
+    for x_t in x_gates:
+        h = steps.forward(x_t, h, w_hh_t, b_hh)[0]
+        outputs.append(h)
+    return torch.stack(outputs), h
+
+
+def rnn_layer(
+    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, nonlinearity: str, steps: CellSteps
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outputs (T, B, H), h_T)``; ``nonlinearity`` is ``tanh`` or ``relu``."""
+    if _recording(x_gates, h0, w_hh):
+        return _RNNLayer.apply(x_gates, h0, w_hh, nonlinearity, steps)
+    w_hh_t, h, outputs = w_hh.t(), h0, []
+    for x_t in x_gates:
+        h = steps.forward(x_t, h, w_hh_t, nonlinearity)
+        outputs.append(h)
+    return torch.stack(outputs), h

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from drnn_cli.config import DataConfig
 from drnn_cli.errors import DrnnError
 
 
@@ -65,9 +66,14 @@ def check_trainable(n_tokens: int, batch_size: int, num_steps: int, world_size: 
         )
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One seed per run and epoch: an epoch's randomness is independent of everything before it."""
+    return seed * 1_000_003 + epoch
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The batching randomness of one epoch, independent of everything that ran before it."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    """The batching randomness of one epoch."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
 
 @dataclass
@@ -160,6 +166,15 @@ def training_batches(
 ) -> EpochBatches:
     build = sequential_batches if sampling == "sequential" else random_batches
     return build(tokens, batch_size, num_steps, generator, shard)
+
+
+def epoch_batches(
+    tokens: torch.Tensor, data: DataConfig, seed: int, epoch: int, shard: Shard = Shard()
+) -> EpochBatches:
+    """The minibatches a run with ``data`` and ``train.seed`` trains on in ``epoch`` (this rank's rows)."""
+    return training_batches(
+        tokens, data.sampling, data.batch_size, data.num_steps, epoch_generator(seed, epoch), shard
+    )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.batches import Splits, check_trainable, epoch_generator, training_batches
+from drnn_cli.batches import Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook, cached_corpus
@@ -85,11 +85,7 @@ def describe_data(config: Config, progress: ProgressHook | None = None) -> DataR
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps)
     except DrnnError as refused:
         return DataReport(dataset, 0, str(refused))  # described all the same; `drnn train` refuses it
-    generator = epoch_generator(config.train.seed, 0)
-    batches = len(
-        training_batches(dataset.splits.train, data.sampling, data.batch_size, data.num_steps, generator)
-    )
-    return DataReport(dataset, batches)
+    return DataReport(dataset, len(epoch_batches(dataset.splits.train, data, config.train.seed, 0)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,3 +117,14 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
     if context.enabled:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
+
+
+def vote_max(value: float, context: DistContext, device: torch.device) -> float:
+    """The largest ``value`` any rank holds (each rank's own without torchrun): how ranks agree on a
+    stop, so that all of them stop after the same step (else the next all-reduce would hang). One
+    collective and one host read."""
+    if not context.enabled:
+        return value
+    votes = torch.tensor([value], device=device)
+    torch_dist.all_reduce(votes, op=torch_dist.ReduceOp.MAX)
+    return votes.item()

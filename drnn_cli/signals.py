@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE") if hasattr(signal, name))
@@ -31,21 +31,57 @@ class Signalled(BaseException):
 
 
 @contextlib.contextmanager
+def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """``handler`` for the HANDLED signals inside the block, the previous handlers after it."""
+    previous: dict[int, Any] = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for signum in HANDLED:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
 def exit_on_signals() -> Iterator[type[Signalled]]:
     """Raise :class:`Signalled` on SIGINT/SIGTERM inside the block (main thread only)."""
 
     def handler(signum: int, _frame: object) -> None:
         raise Signalled(signum)
 
-    previous: dict[int, Any] = {}
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        for signum in HANDLED:
-            previous[signum] = signal.signal(signum, handler)
-    try:
+    with _handling(handler):
         yield Signalled
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+
+
+class StopRequests:
+    """The training loop's handlers: a signal is noted, not raised, so that the loop stops at the
+    next step boundary with a checkpoint of that step. ``signum`` is the first one that arrived."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @contextlib.contextmanager
+    def noted(self) -> Iterator[StopRequests]:
+        def note(signum: int, _frame: object) -> None:
+            self.signum = signum
+
+        with _handling(note):
+            yield self
+
+    @property
+    def pending(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal, as a shell reports a process it ended (SIGINT, if none arrived)."""
+        return 128 + (self.signum or signal.SIGINT)
 
 
 class _Once:

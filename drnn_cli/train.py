@@ -9,11 +9,8 @@ log line), so the hot loop never waits for the host.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,15 +20,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from drnn_cli import fused_lstm
 from drnn_cli.averaging import WeightAverage
-from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_generator, training_batches
+from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_batches, epoch_seed
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
-from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted, first_line
+from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
-from drnn_cli.models import FusedRecurrent, RNNLanguageModel, ScratchRecurrent, build_model, count_parameters
+from drnn_cli.model_probes import check_precision_works, compile_cells
+from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
 from drnn_cli.optimizers import (
     build_optimizer,
     fused_updates,
@@ -54,7 +52,8 @@ from drnn_cli.report import (
     write_run_files,
 )
 from drnn_cli.run_files import RunFiles
-from drnn_cli.runtime import DistContext, all_reduce_sum, autocast, device_name
+from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
+from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
 from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
@@ -62,9 +61,9 @@ from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gathe
 # How an interrupted run is told to go on; a replacement (--overwrite) rewords it (commands.py).
 RESUME_ADVICE = "the same command plus --resume"
 
-# SIGPIPE: stdout was closed (drnn train | head); drnn_cli.signals raises it on the first failed write.
-SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGPIPE: 141}
-STOP_VOTE_EVERY = 8  # under torchrun, steps between the ranks' votes on a pending SIGINT/SIGTERM
+# Under torchrun, steps between the ranks' votes on a pending signal or a spent max_time: a vote is
+# a collective and a host read.
+STOP_VOTE_EVERY = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +112,7 @@ class Trainer:
             raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
         self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
         self.model.to(device)
-        _check_precision_works(self.model, device, config.train.precision)
+        check_precision_works(self.model, device, config.train.precision)
         self.init_from_label = init_from_label or (resume.init_from if resume else None)
         if init_from is not None:
             self.model.load_state_dict(init_from.model_state)
@@ -152,7 +151,6 @@ class Trainer:
         self.bad_evals = 0
         self.elapsed = 0.0
         self.progress = EpochProgress.start(device)
-        train = config.train
         self.global_step = 0  # optimizer steps since the run began (across resumes)
         self.tokens_seen = 0
         self.budget = Budget(train.max_steps, train.max_time)
@@ -164,7 +162,6 @@ class Trainer:
         )
         self._steps_per_epoch = 0
         self.stopped_mid_epoch: StopReason | None = None
-        self.last_grad_norm: torch.Tensor | None = None
         if resume is not None:
             self._restore(resume)
         # The perplexity of the best checkpoint on disk. After a hard kill it can beat the resumed
@@ -199,7 +196,8 @@ class Trainer:
                 run_dir, device, self.global_step if resume is not None else None
             )
         self._first_step = self.global_step
-        self._stop_signal: int | None = None
+        # SIGINT, SIGTERM, or SIGPIPE (stdout closed: drnn_cli.signals raises it on the first failed write)
+        self.stops = StopRequests()
         self.files = RunFiles(run_dir)
         self.plot = PlotRefresh(self.files.plot, self.reporter)
         self.records: list[EpochRecord] = (
@@ -306,10 +304,12 @@ class Trainer:
                     checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
                 save_checkpoint(self.run_dir / name, checkpoint)
             except NonFiniteCheckpoint:
-                raise TrainingDiverged(
-                    f"the weights became NaN or infinite by epoch {epoch}; training stopped and {self._kept()}. "
-                    f"Lower train.lr, or keep train.clip > 0"
-                ) from None
+                raise self._diverged(f"the weights became NaN or infinite by epoch {epoch}") from None
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{what}; training stopped and {self._kept()}. Lower train.lr, or keep train.clip > 0"
+        )
 
     def _kept(self) -> str:
         """What the divergence message may truthfully promise: checkpoints are never non-finite."""
@@ -337,47 +337,22 @@ class Trainer:
 
     # ----- signals ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        def request_stop(signum: int, _frame: object) -> None:
-            self._stop_signal = signum
-
-        previous = {}
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            for signum in SIGNAL_EXIT_CODES:
-                previous[signum] = signal.signal(signum, request_stop)
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
     def _stop_requested(self, step: int | None = None) -> bool:
-        flag = self._stop_signal is not None
+        """Whether a signal asks to stop: under torchrun, whether one reached any rank (voted on
+        every STOP_VOTE_EVERY steps inside an epoch, and at each epoch's end)."""
         if not self.dist.enabled:
-            return flag
+            return self.stops.pending
         if step is not None and step % STOP_VOTE_EVERY:
-            return False  # ranks vote every few steps: a vote is a collective plus a host read
-        # Every rank must stop at the same step, or the next all-reduce would hang.
-        votes = torch.tensor([float(self._stop_signal or 0)], device=self.device)
-        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
-        vote = int(votes.item())  # the step's one host read
-        if vote and self._stop_signal is None:
-            self._stop_signal = vote
+            return False
+        vote = int(vote_max(float(self.stops.signum or 0), self.dist, self.device))
+        if vote and not self.stops.pending:
+            self.stops.signum = vote  # another rank's signal: reported and exited with as its own
         return bool(vote)
 
     # ----- the loop --------------------------------------------------------------------------
 
     def _batches(self, epoch: int) -> EpochBatches:
-        data = self.config.data
-        return training_batches(
-            self.train_tokens,
-            data.sampling,
-            data.batch_size,
-            data.num_steps,
-            epoch_generator(self.config.train.seed, epoch),
-            self.shard,
-        )
+        return epoch_batches(self.train_tokens, self.config.data, self.config.train.seed, epoch, self.shard)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -415,7 +390,7 @@ class Trainer:
         self.static_step.begin_epoch(progress.state if batches.carries_state else None)
         if self.dist.enabled and progress.step == 0:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
-            torch.manual_seed((self.config.train.seed * 1_000_003 + epoch) * 1_009 + self.dist.rank)
+            torch.manual_seed(epoch_seed(self.config.train.seed, epoch) * 1_009 + self.dist.rank)
         started = self._training_clock() - progress.elapsed
         shown = 0.0
         self.model.train()
@@ -425,7 +400,6 @@ class Trainer:
             if lr_per_step:
                 self._set_lr(epoch)
             loss = self.static_step(x, y)  # the state carry happens inside the step
-            self.last_grad_norm = self.static_step.grad_norm
             if self.average is not None:
                 self.average.update(self.model, active=epoch >= self.config.train.average_start)
             progress.loss_sum += loss.double() * y.numel()
@@ -436,8 +410,8 @@ class Trainer:
             progress.step = step + 1
             self.global_step += 1
             self.tokens_seen += y.numel() * self.dist.world_size
-            if self.tensorboard is not None and self.last_grad_norm is not None:
-                self.tensorboard.add_grad_norm(self.last_grad_norm)  # summed on the device, no sync
+            if self.tensorboard is not None and self.static_step.grad_norm is not None:
+                self.tensorboard.add_grad_norm(self.static_step.grad_norm)  # summed on the device, no sync
             if self._stop_requested(progress.step):
                 self._check_finite(epoch, progress)
                 progress.state = self.static_step.carried_state() if batches.carries_state else None
@@ -493,10 +467,7 @@ class Trainer:
         self._check_kernels(f"in epoch {epoch + 1}")
         if diverged_ranks:
             self._check_finite(epoch, progress)
-            raise TrainingDiverged(
-                f"the loss became NaN or infinite at epoch {epoch + 1} on another process; training stopped "
-                f"and {self._kept()}. Lower train.lr, or keep train.clip > 0"
-            )
+            raise self._diverged(f"the loss became NaN or infinite at epoch {epoch + 1} on another process")
         return loss_sum, count
 
     def _budget_reached(self, vote_now: bool = False) -> StopReason | None:
@@ -506,9 +477,7 @@ class Trainer:
         if not vote_now and self.global_step % STOP_VOTE_EVERY:
             return None
         # Clocks differ between ranks: they vote, so all of them stop after the same step.
-        flag = torch.tensor([1.0 if reason else 0.0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return "max_time" if flag.item() else None
+        return "max_time" if vote_max(1.0 if reason else 0.0, self.dist, self.device) else None
 
     def _seconds_left(self) -> float | None:
         """Time to the first budget: max_time's clock, or the remaining steps at this session's pace."""
@@ -544,6 +513,20 @@ class Trainer:
             self.best_kept = val_ppl
             self._save(BEST, epoch, progress)
 
+    @property
+    def _patience_spent(self) -> bool:
+        patience = self.config.train.patience
+        return bool(patience) and self.bad_evals >= patience
+
+    def _record(
+        self, epoch: float, train_ppl: float, val_ppl: float | None, tokens_per_s: float, elapsed: float
+    ) -> EpochRecord:
+        """A line of ``metrics.jsonl`` at the current step (``epoch`` fractional inside an epoch)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        return EpochRecord(
+            epoch, train_ppl, val_ppl, lr, tokens_per_s, elapsed, self.global_step, self.tokens_seen
+        )
+
     def _inside_epoch(
         self, epoch: int, progress: EpochProgress, steps_in_epoch: int, stop: StopReason | None
     ) -> StopReason | None:
@@ -552,7 +535,6 @@ class Trainer:
         Checkpoints here carry ``progress`` (the step in the epoch, the carried state, the loss sums),
         as a signal's do, so a run resumed from one continues exactly.
         """
-        train = self.config.train
         loss_sum, count = self._totals(epoch, progress)
         global_step = self.global_step
         val_ppl = None
@@ -560,17 +542,14 @@ class Trainer:
         if stop is not None or on_cadence:
             val_ppl = self._validate()
             self._judge(val_ppl, epoch, progress, on_cadence)
-            if stop is None and train.patience and self.bad_evals >= train.patience:
+            if stop is None and self._patience_spent:
                 stop = "patience"
-        record = EpochRecord(
+        record = self._record(
             round(epoch + progress.step / steps_in_epoch, 6),
             perplexity(loss_sum, count),
             val_ppl,
-            self.optimizer.param_groups[0]["lr"],
             count / max(progress.elapsed, 1e-9),
             self.elapsed + progress.elapsed,
-            global_step,
-            self.tokens_seen,
         )
         if val_ppl is not None or stop is not None:
             self._append_metrics(record)
@@ -603,19 +582,14 @@ class Trainer:
     def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
         bad = int(progress.first_bad_step)
         if bad >= 0:
-            raise TrainingDiverged(
-                f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}; training stopped and "
-                f"{self._kept()}. Lower train.lr, or keep train.clip > 0"
-            )
+            raise self._diverged(f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}")
 
     def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
-        signum = self._stop_signal or signal.SIGINT
         self._save(LAST, epoch, progress)
-        name = signal.Signals(signum).name
         raise TrainingInterrupted(
-            f"training stopped by {name} at epoch {epoch + 1}, step {progress.step if progress else 0}; a checkpoint of that step "
-            f"is in {self.run_dir / LAST}; continue with {RESUME_ADVICE}",
-            exit_code=SIGNAL_EXIT_CODES.get(signum, 130),
+            f"training stopped by {self.stops.name} at epoch {epoch + 1}, step {progress.step if progress else 0}; "
+            f"a checkpoint of that step is in {self.run_dir / LAST}; continue with {RESUME_ADVICE}",
+            exit_code=self.stops.exit_code,
         )
 
     def _samples(self) -> dict[str, str]:
@@ -714,7 +688,7 @@ class Trainer:
         reached = self.budget.reached(self.global_step)
         if reached is not None:
             return reached
-        if train.patience and self.bad_evals >= train.patience:
+        if self._patience_spent:
             return "patience"
         return None
 
@@ -767,7 +741,7 @@ class Trainer:
             stop_reason = already
             if val_ppl is None:
                 val_ppl = self._validate()
-        with self._signals():
+        with self.stops.noted():
             for epoch in range(self.start_epoch, train.epochs if already is None else 0):
                 train_ppl, tokens_per_s = self.train_epoch(epoch)
                 if self.stopped_mid_epoch is not None:
@@ -779,18 +753,9 @@ class Trainer:
                 on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
                 val_ppl = self._validate() if on_cadence or final else None
                 self._judge(val_ppl, done, on_cadence=on_cadence)
-                record = EpochRecord(
-                    done,
-                    train_ppl,
-                    val_ppl,
-                    self.optimizer.param_groups[0]["lr"],
-                    tokens_per_s,
-                    self.elapsed,
-                    self.global_step,
-                    self.tokens_seen,
-                )
+                record = self._record(done, train_ppl, val_ppl, tokens_per_s, self.elapsed)
                 self._append_metrics(record)
-                stopped_early = bool(train.patience and self.bad_evals >= train.patience)
+                stopped_early = self._patience_spent
                 last_epoch = final or stopped_early
                 if self.cadence.checkpoint.due_at_epoch_end(done, self.global_step) or last_epoch:
                     self._save(LAST, done)
@@ -803,7 +768,7 @@ class Trainer:
                     self._report_samples(done)
                 self._update_plot(force=last_epoch)
                 # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
-                if self._stop_requested() if self.dist.enabled else self._stop_signal is not None:
+                if self._stop_requested():
                     self._interrupt(done, None)
                 if stopped_early:
                     stop_reason = "patience"
@@ -838,62 +803,3 @@ class Trainer:
             stop_reason=stop_reason,
             steps=self.global_step,
         )
-
-
-def compile_cells(
-    model: RNNLanguageModel, device: torch.device, precision: str, batch_rows: int, graph: bool = False
-) -> str:
-    """``train.compile on``: the scratch cells through ``torch.compile``, compiled now; returns the note.
-
-    One forward and backward of a two-step minibatch of the training shape (the first timestep's
-    state needs no gradient, the later ones do: two variants) compiles what training will call, so a
-    compiler failure is one line before training starts, its time is not counted as training time,
-    and a CUDA graph's warm-up finds the code ready. The random streams are put back afterwards:
-    the probe draws dropout masks that training must draw again. Autocast's weight-cast cache is on
-    or off as in the step (off under a graph): compiled code is specialised to that setting.
-    """
-    impl = model.config.impl
-    if impl != "scratch":
-        # impl scratch steps its layers one by one: model.layer_calls each (impl torch only) must go too
-        scratch = "model.impl scratch" + (
-            " with model.layer_calls stack" if model.config.layer_calls == "each" else ""
-        )
-        raise DrnnError(
-            f"train.compile on compiles model.impl scratch's cells, and this model is impl {impl}; "
-            f"set {scratch}, or train.compile off"
-        )
-    started = time.perf_counter()
-    probe = torch.zeros((batch_rows, 2), dtype=torch.long, device=device)
-    devices = [device] if device.type == "cuda" else []
-    assert isinstance(model.rnn, ScratchRecurrent)
-    try:
-        model.rnn.compile_cells()
-        with torch.random.fork_rng(devices=devices), autocast(device, precision, cache_enabled=not graph):
-            logits, _ = model(probe, model.begin_state(batch_rows, device))
-            logits.float().sum().backward()
-    except Exception as error:  # the compiler's failures come in many types; all end the same way
-        raise DrnnError(
-            f"train.compile on: torch.compile could not compile the {model.config.cell} cell "
-            f"({first_line(error)}); set train.compile off (DRNN_DEBUG=1 shows the traceback)"
-        ) from error
-    finally:
-        model.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - started
-    return f"train.compile on: the {model.config.cell} cell compiled in {seconds:.1f} s (torch.compile)"
-
-
-def _check_precision_works(model: RNNLanguageModel, device: torch.device, precision: str) -> None:
-    """Half precision is not everywhere: e.g. oneDNN has no bf16 LSTM on CPUs without AVX-512 BF16."""
-    if precision == "fp32":
-        return
-    probe = torch.zeros((1, 1), dtype=torch.long, device=device)
-    try:
-        with torch.no_grad(), autocast(device, precision):
-            model(probe, model.begin_state(1, device))
-    except RuntimeError as error:
-        first = first_line(error, 120)
-        raise DrnnError(
-            f"train.precision {precision} does not run on {device} with model.cell {model.config.cell} / "
-            f"model.impl {model.config.impl} ({first}); use train.precision fp32"
-            + (" or model.impl scratch" if model.config.impl == "torch" else "")
-        ) from None

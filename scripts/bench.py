@@ -4,7 +4,7 @@
 Training (default mode). For each configuration, in one process, on one device, drnn's ``Trainer``
 and a plain reference loop written below (d2l 0.17.6 ``train_epoch_ch8``: one-hot → nn.LSTM/GRU/RNN
 → linear, cross-entropy, d2l's ``grad_clipping``, SGD, ``loss.item()`` every step) are warmed up,
-then timed in alternating rounds over the same minibatches (``drnn_cli.batches.training_batches``
+then timed in alternating rounds over the same minibatches (``drnn_cli.batches.epoch_batches``
 with drnn's per-epoch generators) and from the same initial weights. The median tokens/s of each
 side and their ratio drnn/reference are reported::
 
@@ -30,8 +30,9 @@ more), and that time is reported as ``cached_seconds`` (target ≤ 2 s)::
 Profile (``--profile``). Instead of timing rounds, each chosen configuration's sides run
 ``--epochs-per-round`` epochs (default 2) after the warm-up under ``torch.profiler``, and the report
 says, per training step: the wall time, what the device was busy for (the union of its kernels' and
-copies' intervals) and how many kernels it ran, the host's top-level operators, and the kernels (on a
-CPU, the operators) that took the most time. A step replayed as a CUDA graph that keeps the device
+copies' intervals) and how many kernels it ran, the host's top-level operators, the operators that
+compute (not views or allocations: on a GPU about one kernel each, so on a CPU the stand-in for a
+step's launches), and the kernels (on a CPU, the operators) that took the most time. A step replayed as a CUDA graph that keeps the device
 busy for most of its wall time is bound by the kernels themselves; one with gaps, by launches::
 
     python scripts/bench.py --device cuda --profile --configs lstm-seed,lstm-seed-bf16 --json
@@ -67,7 +68,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
-from drnn_cli.batches import EpochBatches, epoch_generator, training_batches
+from drnn_cli.batches import EpochBatches, epoch_batches
 from drnn_cli.config import Config, DataConfig, build_config
 from drnn_cli.data import Dataset, load_dataset
 from drnn_cli.errors import DrnnError, first_line
@@ -317,13 +318,6 @@ def time_epochs(side: Side, epochs: Iterable[int], device: torch.device) -> tupl
     return time.perf_counter() - started, tokens
 
 
-def epoch_batches(tokens: torch.Tensor, config: Config, epoch: int) -> EpochBatches:
-    """The minibatches drnn's trainer sees in ``epoch`` (same generator, same partition)."""
-    data = config.data
-    generator = epoch_generator(config.train.seed, epoch)
-    return training_batches(tokens, data.sampling, data.batch_size, data.num_steps, generator)
-
-
 MODES = {"eager": "off", "graph": "on"}  # drnn mode → train.cuda_graph
 
 
@@ -337,7 +331,11 @@ def drnn_side(config: Config, dataset: Dataset, device: torch.device, run_dir: P
     def drnn_epoch(epoch: int) -> tuple[float, int]:
         # Trainer.train_epoch is the loop of Trainer.fit without validation, checkpoints or samples.
         ppl, _ = trainer.train_epoch(epoch)
-        n = len(epoch_batches(dataset.splits.train, config, epoch)) * data.batch_size * data.num_steps
+        n = (
+            len(epoch_batches(dataset.splits.train, config.data, config.train.seed, epoch))
+            * data.batch_size
+            * data.num_steps
+        )
         return ppl, n
 
     return Side(f"drnn-{mode}", drnn_epoch)
@@ -359,7 +357,7 @@ def make_sides(
     train_cpu = dataset.splits.train
 
     def reference(epoch: int) -> tuple[float, int]:
-        batches = epoch_batches(train_cpu, config, epoch)
+        batches = epoch_batches(train_cpu, config.data, config.train.seed, epoch)
         return reference_epoch(
             net, batches, optimizer, device, config.train.clip, config.train.precision, scaler
         )
@@ -528,6 +526,49 @@ def training_plan(args: argparse.Namespace) -> list[str]:
 
 
 PROFILE_TOP = 8  # kernels (or operators) listed per side
+# Operators that only describe or allocate memory: on a GPU they launch no kernel.
+SHAPE_ONLY = frozenset(
+    "aten::" + name
+    for name in [
+        "as_strided",
+        "alias",
+        "view",
+        "reshape",
+        "_reshape_alias",
+        "_unsafe_view",
+        "expand",
+        "slice",
+        "select",
+        "narrow",
+        "t",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "split",
+        "chunk",
+        "unbind",
+        "detach",
+        "resolve_conj",
+        "resolve_neg",
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "lift_fresh",
+    ]
+)
+
+
+def computes(event: FunctionEvent) -> bool:
+    """An operator that does arithmetic or moves data itself (not through operators it calls): on a
+    GPU, about one kernel each, so on a CPU their count stands in for a step's kernel launches."""
+    return (
+        event.device_type == DeviceType.CPU
+        and event.name.startswith("aten::")
+        and event.name not in SHAPE_ONLY
+        and not any(child.name.startswith("aten::") for child in event.cpu_children)
+    )
 
 
 def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
@@ -560,6 +601,7 @@ def step_profile(events: list[FunctionEvent], seconds: float, steps: int) -> dic
         "steps": steps,
         "wall_us_per_step": wall_us,
         "host_ops_per_step": len(host_ops) / steps,
+        "computing_ops_per_step": sum(map(computes, events)) / steps,
         "device_events_per_step": len(device_events) / steps,
         "device_busy_us_per_step": busy / steps if device_events else None,
         "device_busy_fraction": busy / steps / wall_us if device_events else None,
@@ -596,7 +638,8 @@ def profile_config(
             busy = figures["device_busy_fraction"]
             log(
                 f"{bench.name}: {side.name}: {figures['wall_us_per_step']:,.0f} µs per step, "
-                f"{figures['host_ops_per_step']:.0f} host ops"
+                f"{figures['host_ops_per_step']:.0f} host ops, "
+                f"{figures['computing_ops_per_step']:.0f} computing"
                 + (
                     f", device busy {busy:.0%} ({figures['device_events_per_step']:.0f} kernels)"
                     if busy
@@ -807,6 +850,7 @@ def profile_rows(name: str, entry: dict[str, Any]) -> list[list[str]]:
                 f"{figures['device_busy_fraction']:.0%}" if busy is not None else "",
                 f"{figures['device_events_per_step']:.0f}" if busy is not None else "",
                 f"{figures['host_ops_per_step']:.0f}",
+                f"{figures['computing_ops_per_step']:.0f}",
                 f"{top['name'][:40]} {top['us_per_step']:,.0f} µs" if top else "",
             ]
         )
@@ -832,7 +876,16 @@ def render(report: dict[str, Any], to_stderr: bool) -> None:
     """A rich table of the report (plain text when rich is missing)."""
     if report["benchmark"] == "profile":
         title = f"per training step, under torch.profiler — {report['device']}, torch {report['torch']}"
-        header = ["config (side)", "wall µs", "device busy µs", "busy", "kernels", "host ops", "top"]
+        header = [
+            "config (side)",
+            "wall µs",
+            "device busy µs",
+            "busy",
+            "kernels",
+            "host ops",
+            "computing",
+            "top",
+        ]
         rows = config_rows(report, profile_rows)
     elif report["benchmark"] == "training":
         title = f"drnn vs the textbook loop — {report['device']}, torch {report['torch']}, {report['threads']} threads"

@@ -28,7 +28,7 @@ import torch
 from test_fused_lstm import _pair, _run
 
 from drnn_cli import fused_lstm
-from drnn_cli.batches import epoch_generator, training_batches
+from drnn_cli.batches import epoch_batches
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.config import Config, build_config
@@ -107,8 +107,7 @@ def batches(config: Config, device: torch.device, count: int) -> list[tuple[torc
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     epoch = 0
     while len(out) < count:
-        generator = epoch_generator(config.train.seed, epoch)
-        out += list(training_batches(tokens, data.sampling, data.batch_size, data.num_steps, generator))
+        out += list(epoch_batches(tokens, data, config.train.seed, epoch))
         epoch += 1
     return out[:count]
 
@@ -358,13 +357,11 @@ def test_a_graph_run_stopped_mid_epoch_and_resumed_trains_as_a_straight_one(
         )
 
     straight = run("straight")
-    calls = {"n": 0}
     original = Trainer._stop_requested
 
     def stop_at_step_20(self: Trainer, *args: object) -> bool:
-        calls["n"] += 1
-        if calls["n"] == 20:  # 15 minibatches an epoch (4,000 characters, 16 × 16): step 5 of epoch 2
-            self._stop_signal = 2
+        if self.global_step == 20:  # 15 minibatches an epoch (4,000 characters, 16 × 16): step 5 of epoch 2
+            self.stops.signum = 2
         return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_step_20)

@@ -171,7 +171,7 @@ def test_step_budget_interrupted_and_resumed_ends_bit_identical(
 
     def stop_at_global_step_23(self: Trainer, *args: object) -> bool:
         if self.global_step == 23:
-            self._stop_signal = 15
+            self.stops.signum = 15
         return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_global_step_23)

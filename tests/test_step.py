@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from drnn_cli.batches import epoch_generator, training_batches
+from drnn_cli.batches import epoch_batches
 from drnn_cli.config import Config, TrainConfig, build_config, load_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
@@ -69,15 +69,7 @@ def reference_losses(
 
 
 def two_epochs_of_batches(config: Config, tokens: torch.Tensor) -> list[list]:
-    data = config.data
-    return [
-        list(
-            training_batches(
-                tokens, data.sampling, data.batch_size, data.num_steps, epoch_generator(config.train.seed, e)
-            )
-        )[: STEPS // 2]
-        for e in range(2)
-    ]
+    return [list(epoch_batches(tokens, config.data, config.train.seed, e))[: STEPS // 2] for e in range(2)]
 
 
 CASES = [
@@ -150,13 +142,7 @@ def test_trainer_epochs_equal_the_plain_loop(corpus_path: Path, tmp_path: Path) 
     plain.train()
     data = config.data
     for epoch in range(2):
-        batches = training_batches(
-            dataset.splits.train,
-            data.sampling,
-            data.batch_size,
-            data.num_steps,
-            epoch_generator(config.train.seed, epoch),
-        )
+        batches = epoch_batches(dataset.splits.train, data, config.train.seed, epoch)
         losses = reference_losses(plain, optimizer, config, list(batches))
         mean = sum(loss.double() * data.batch_size * data.num_steps for loss in losses) / (
             len(losses) * data.batch_size * data.num_steps

@@ -205,13 +205,11 @@ def test_run_stopped_mid_epoch_resumes_bit_identical(workdir: Path, monkeypatch:
     config = write_config(workdir, {**TINY, "model": {**TINY["model"], "dropout": 0.2}})
     train(config, run_dir=Path("runs/straight"))
 
-    calls = {"n": 0}
     original = Trainer._stop_requested
 
     def stop_at_step_30(self: Trainer, *args: object) -> bool:
-        calls["n"] += 1
-        if calls["n"] == 30:  # epoch 1 has 24 minibatches: this is step 6 of epoch 2
-            self._stop_signal = 2
+        if self.global_step == 30:  # epoch 1 has 24 minibatches: this is step 6 of epoch 2
+            self.stops.signum = 2
         return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_step_30)

@@ -1,16 +1,15 @@
 """The from-scratch cells (``model.impl: scratch``): one timestep forward, and backpropagation through
 time written out by hand (d2l §9.7), tested equal to autograd's.
 
-Why a hand-written backward pass: stepped through autograd, each timestep records every gate
-operation, and its backward replays them one small kernel at a time — slicing a gate block back out
-of the four zero-fills the rest, and the recurrent weight's gradient is one matrix product *per
-timestep*, added up. Written out, the derivative of every gate that does not depend on the incoming
-gradient is computed for all timesteps at once after the forward loop, a timestep of the backward
-loop is five element-wise operations and one matrix product (for ``∂h_{t-1}``), and ``∂W_hh`` is one
-matrix product over all timesteps. On a GPU, where a batch-32 step is bound by how many kernels run
-one after another, that is about a third of the kernels (1,481 → 562 operators for a seed-size LSTM
-layer over 35 steps, forward and backward); on a CPU it is about as fast as autograd at the seed size
-and faster for small layers.
+Why a hand-written backward pass: through autograd, the recurrent weight's gradient is one small
+matrix product per timestep, added up, and a timestep's backward is a replay of each gate operation
+on its own (a gate block sliced out of four gets the other three zero-filled on the way back).
+Written out, ``∂W_hh`` is one matrix product over all timesteps, and a timestep's backward is one
+function of what its forward step kept: the chain rule through that step, which reads as the
+equations below. ``train.compile`` turns each such function into one generated kernel beside the
+product for ``∂h_{t-1}`` (a GPU's batch-32 step is bound by how many kernels run one after another).
+On a CPU it is as fast as autograd at the seed size and faster for small layers (README
+"Benchmarks").
 
 Gate layouts are PyTorch's and cuDNN's (rows of ``weight_ih_l{k}`` / ``weight_hh_l{k}``)::
 
@@ -72,54 +71,57 @@ def rnn_step(x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, nonli
 
 
 # ---------------------------------------------------------------------------------------------
-# One timestep backward. Each takes ∂L/∂h_t (all paths: the layer above, and h_{t+1}), the
-# gradient the layer above sends to h_{t-1} (``d_out_prev``), and returns the gate gradients at t
-# and ∂L/∂h_{t-1}. The ``slope`` arguments are derivatives computed for all timesteps at once.
+# One timestep backward: the chain rule through one step, from what that step's forward pass
+# kept. Each takes ∂L/∂h_t (all paths: the layer above, and h_{t+1}) and the gradient the layer
+# above sends to h_{t-1} (``d_out_prev``), and returns the gate gradients at t and ∂L/∂h_{t-1}.
 
 
 def lstm_backward_step(
     dh: torch.Tensor,
     dc: torch.Tensor,
     d_out_prev: torch.Tensor,
-    slope: torch.Tensor,
-    h_from_c: torch.Tensor,
-    c_from_gates: torch.Tensor,
-    tanh_c: torch.Tensor,
-    forget: torch.Tensor,
+    gates: torch.Tensor,
+    c_prev: torch.Tensor,
+    c: torch.Tensor,
     w_hh: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(∂pre-activations (B, 4H), ∂h_{t-1}, ∂c_{t-1})``; ``dc`` arrives from c_{t+1} only."""
-    dc = torch.addcmul(dc, dh, h_from_c)  # + ∂h_t/∂c_t, the path through h_t
-    # ∂c_t/∂[i | f | g] = [g | c_{t-1} | i] (B, 3, H) and ∂h_t/∂o = tanh(c_t), each times its slope
-    d_pre = torch.cat([(c_from_gates * dc.unsqueeze(1)).flatten(1), dh * tanh_c], dim=1) * slope
-    return d_pre, torch.addmm(d_out_prev, d_pre, w_hh), dc * forget
+    i, f, g, o = gates.chunk(4, dim=1)
+    tanh_c = torch.tanh(c)
+    dc = dc + dh * o * (1 - tanh_c * tanh_c)  # + the path through h_t = o·tanh(c_t)
+    # c_t = f·c_{t-1} + i·g and h_t = o·tanh(c_t); σ' = σ(1 − σ), tanh' = 1 − tanh²
+    d_pre = torch.cat(
+        [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)],
+        dim=1,
+    )
+    return d_pre, torch.addmm(d_out_prev, d_pre, w_hh), dc * f
 
 
 def gru_backward_step(
     dh: torch.Tensor,
     d_out_prev: torch.Tensor,
-    slope_n: torch.Tensor,
-    slope_z: torch.Tensor,
-    slope_r: torch.Tensor,
-    reset: torch.Tensor,
-    update: torch.Tensor,
+    rz: torch.Tensor,
+    n: torch.Tensor,
+    h_n: torch.Tensor,
+    h_prev: torch.Tensor,
     w_hh: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(∂x_gates (B, 3H), ∂h_gates (B, 3H), ∂h_{t-1})``: the two differ in the n block, where the
     recurrent product is multiplied by the reset gate."""
-    d_n = dh * slope_n
-    d_r = d_n * slope_r
-    d_z = dh * slope_z
+    r, z = rz.chunk(2, dim=1)
+    d_n = dh * (1 - z) * (1 - n * n)  # h_t = n + z·(h_{t-1} − n)
+    d_z = dh * (h_prev - n) * z * (1 - z)
+    d_r = d_n * h_n * r * (1 - r)  # n = tanh(x_n + r·h_n)
     d_x = torch.cat([d_r, d_z, d_n], dim=1)
-    d_h_gates = torch.cat([d_r, d_z, d_n * reset], dim=1)
-    return d_x, d_h_gates, torch.addmm(torch.addcmul(d_out_prev, dh, update), d_h_gates, w_hh)
+    d_h_gates = torch.cat([d_r, d_z, d_n * r], dim=1)
+    return d_x, d_h_gates, torch.addmm(d_out_prev + dh * z, d_h_gates, w_hh)
 
 
 def rnn_backward_step(
-    dh: torch.Tensor, d_out_prev: torch.Tensor, slope: torch.Tensor, w_hh: torch.Tensor
+    dh: torch.Tensor, d_out_prev: torch.Tensor, h: torch.Tensor, nonlinearity: str, w_hh: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(∂pre-activation, ∂h_{t-1})``."""
-    d_pre = dh * slope
+    """``(∂pre-activation, ∂h_{t-1})``; tanh' = 1 − h², relu' = 1 where h > 0 (0 at 0, as autograd's)."""
+    d_pre = dh * (1 - h * h) if nonlinearity == "tanh" else dh * (h > 0)
     return d_pre, torch.addmm(d_out_prev, d_pre, w_hh)
 
 
@@ -148,18 +150,14 @@ CELL_STEPS = {
 # A layer over all timesteps
 
 
-def _previous(first: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
-    """``[first, sequence[0], …, sequence[T-2]]``: what each timestep read from the step before."""
-    return torch.cat([first.unsqueeze(0), sequence[:-1]])
+def _above(d_out: torch.Tensor, t: int, zero: torch.Tensor) -> torch.Tensor:
+    """The gradient the layer above sends to h_{t-1}; none reaches h_0."""
+    return d_out[t - 1] if t else zero
 
 
-def _from_above(d_out: torch.Tensor) -> torch.Tensor:
-    """Index t: the gradient the layer above sends to h_{t-1}; none reaches h_0 (index 0)."""
-    return _previous(torch.zeros_like(d_out[0]), d_out)
-
-
-def _weight_gradient(d_pre: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+def _weight_gradient(d_pre: torch.Tensor, h0: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Σ_t ∂pre_tᵀ h_{t-1} as one (G·H, T·B) × (T·B, H) product."""
+    h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])
     return d_pre.flatten(0, 1).t().mm(h_prev.flatten(0, 1))
 
 
@@ -202,33 +200,28 @@ class _LSTMLayer(torch.autograd.Function):
             cells.append(c)
             gates.append(gates_t)
         out = torch.stack(outputs)
-        ctx.save_for_backward(h0, out, torch.stack(cells), torch.stack(gates), w_hh)
-        ctx.steps, ctx.autocast, ctx.dtypes = (
-            steps,
-            _Autocast.current(x_gates.device),
-            _dtypes(x_gates, h0, c0, w_hh),
-        )
+        ctx.save_for_backward(h0, out, w_hh)
+        # Intermediate values, kept per timestep (the backward pass reads them one step at a time)
+        # until the graph is freed, as training does once its step is done
+        ctx.cells, ctx.gates = cells, gates
+        ctx.steps, ctx.autocast = steps, _Autocast.current(x_gates.device)
+        ctx.dtypes = _dtypes(x_gates, h0, c0, w_hh)
         return out, h, c
 
     @staticmethod
     def backward(ctx: Any, d_out, d_h, d_c):  # type: ignore[override]
-        h0, out, cells, gates, w_hh = ctx.saved_tensors
+        h0, out, w_hh = ctx.saved_tensors
+        cells, gates = ctx.cells, ctx.gates
         with ctx.autocast():
-            i, f, g, o = gates.chunk(4, dim=2)
-            tanh_c = torch.tanh(cells[1:])
-            # ∂gate/∂pre-activation: σ' = σ(1 − σ) for i, f, o; tanh' = 1 − tanh² for g
-            slope = torch.cat([i * (1 - i), f * (1 - f), 1 - g * g, o * (1 - o)], dim=2)
-            h_from_c = o * (1 - tanh_c * tanh_c)  # ∂h_t/∂c_t
-            c_from_gates = torch.stack([g, cells[:-1], i], dim=2)  # ∂c_t/∂[σ(i), σ(f), tanh(g)]
-            above = _from_above(d_out)
+            zero = torch.zeros_like(h0)
             dh, dc = d_out[-1] + d_h, d_c
             d_pre = [torch.Tensor()] * len(out)
             for t in reversed(range(len(out))):
                 d_pre[t], dh, dc = ctx.steps.backward(
-                    dh, dc, above[t], slope[t], h_from_c[t], c_from_gates[t], tanh_c[t], f[t], w_hh
+                    dh, dc, _above(d_out, t, zero), gates[t], cells[t], cells[t + 1], w_hh
                 )
             d_x = torch.stack(d_pre)
-            d_w = _weight_gradient(d_x, _previous(h0, out))
+            d_w = _weight_gradient(d_x, h0, out)
         return *_cast((d_x, dh, dc, d_w), ctx.dtypes), None
 
 
@@ -237,41 +230,33 @@ class _GRULayer(torch.autograd.Function):
     def forward(ctx: Any, x_gates, h0, w_hh, b_hh, steps: CellSteps):  # type: ignore[override]
         w_hh_t = w_hh.t()
         h = h0
-        outputs, rz, n, h_n = [], [], [], []
+        outputs, kept = [], []
         for x_t in x_gates:
-            h, rz_t, n_t, h_n_t = steps.forward(x_t, h, w_hh_t, b_hh)
+            h, *kept_t = steps.forward(x_t, h, w_hh_t, b_hh)
             outputs.append(h)
-            rz.append(rz_t)
-            n.append(n_t)
-            h_n.append(h_n_t)
+            kept.append(kept_t)  # σ([r | z]), n, W_hn h + b_hn
         out = torch.stack(outputs)
-        ctx.save_for_backward(h0, out, torch.stack(rz), torch.stack(n), torch.stack(h_n), w_hh)
-        ctx.steps, ctx.autocast, ctx.dtypes = (
-            steps,
-            _Autocast.current(x_gates.device),
-            _dtypes(x_gates, h0, w_hh, b_hh),
-        )
+        ctx.save_for_backward(h0, out, w_hh)
+        ctx.kept, ctx.steps, ctx.autocast = kept, steps, _Autocast.current(x_gates.device)
+        ctx.dtypes = _dtypes(x_gates, h0, w_hh, b_hh)
         return out, h
 
     @staticmethod
     def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
-        h0, out, rz, n, h_n, w_hh = ctx.saved_tensors
+        h0, out, w_hh = ctx.saved_tensors
+        kept = ctx.kept
         with ctx.autocast():
-            r, z = rz.chunk(2, dim=2)
-            h_prev = _previous(h0, out)
-            slope_n = (1 - z) * (1 - n * n)  # ∂h_t/∂(n's pre-activation)
-            slope_z = (h_prev - n) * z * (1 - z)  # ∂h_t/∂(z's pre-activation)
-            slope_r = h_n * r * (1 - r)  # ∂(n's pre-activation)/∂(r's pre-activation)
-            above = _from_above(d_out)
+            zero = torch.zeros_like(h0)
             dh = d_out[-1] + d_h
             d_x = [torch.Tensor()] * len(out)
             d_h_gates = [torch.Tensor()] * len(out)
             for t in reversed(range(len(out))):
+                h_prev = out[t - 1] if t else h0
                 d_x[t], d_h_gates[t], dh = ctx.steps.backward(
-                    dh, above[t], slope_n[t], slope_z[t], slope_r[t], r[t], z[t], w_hh
+                    dh, _above(d_out, t, zero), *kept[t], h_prev, w_hh
                 )
             d_hg = torch.stack(d_h_gates)
-            d_w = _weight_gradient(d_hg, h_prev)
+            d_w = _weight_gradient(d_hg, h0, out)
             d_b = d_hg.sum(dim=(0, 1))
         return *_cast((torch.stack(d_x), dh, d_w, d_b), ctx.dtypes), None
 
@@ -295,15 +280,13 @@ class _RNNLayer(torch.autograd.Function):
     def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
         h0, out, w_hh = ctx.saved_tensors
         with ctx.autocast():
-            # tanh' = 1 − h², relu' = 1 where h > 0 (0 at 0, as autograd's relu)
-            slope = 1 - out * out if ctx.nonlinearity == "tanh" else (out > 0).to(out.dtype)
-            above = _from_above(d_out)
+            zero = torch.zeros_like(h0)
             dh = d_out[-1] + d_h
             d_pre = [torch.Tensor()] * len(out)
             for t in reversed(range(len(out))):
-                d_pre[t], dh = ctx.steps.backward(dh, above[t], slope[t], w_hh)
+                d_pre[t], dh = ctx.steps.backward(dh, _above(d_out, t, zero), out[t], ctx.nonlinearity, w_hh)
             d_x = torch.stack(d_pre)
-            d_w = _weight_gradient(d_x, _previous(h0, out))
+            d_w = _weight_gradient(d_x, h0, out)
         return *_cast((d_x, dh, d_w), ctx.dtypes), None, None
 
 

@@ -87,7 +87,9 @@ class Checkpoint:
     vocab: Vocab
     model_state: dict[str, torch.Tensor]
     epoch: int  # completed epochs
-    step_in_epoch: int = 0  # > 0: written mid-epoch (signal); resume skips these minibatches
+    step_in_epoch: int = (
+        0  # > 0: written mid-epoch (a signal, a step cadence, a budget); resume skips these minibatches
+    )
     best_val_ppl: float | None = None
     trainer_state: dict[str, Any] = field(default_factory=dict)  # optimizer, RNG, carried state…
     init_from: str | None = None

@@ -23,13 +23,13 @@ from rich.table import Table
 
 from drnn_cli import __version__, strict_json
 from drnn_cli.budget import Cadence, format_duration
-from drnn_cli.config import Config, load_config
+from drnn_cli.config import load_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.presets import find_config
 from drnn_cli.signals import Signalled, exit_on_signals, guard_output
 
 if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
-    from drnn_cli.report import EpochRecord, StepStatus
+    from drnn_cli.report import EpochRecord, RunStart, StepStatus
 
 app = typer.Typer(
     name="drnn",
@@ -232,20 +232,21 @@ class RichReporter:
     the bar then also counts the steps of the epoch in progress and the time left to a budget.
     """
 
-    def __init__(self, console: Console, log_every: int | str = 0) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
-        self.log_every = log_every
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         self.total = 0
+        self.every = 0
 
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str, origin: str) -> None:
+    def start(self, run: RunStart) -> None:
+        total_epochs, start_epoch = run.total_epochs, run.start_epoch
         self.total = total_epochs
-        cadence = Cadence.of(self.log_every)
+        cadence = Cadence.of(run.log_every)
         self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
         epochs = f"{total_epochs} epoch{'' if total_epochs == 1 else 's'}"
         self.console.print(
-            f"training {parameters:,} parameters on {device}, {epochs}, {origin}", soft_wrap=True
+            f"training {run.parameters:,} parameters on {run.device}, {epochs}, {run.origin}", soft_wrap=True
         )
         if self.console.is_terminal:
             self.progress = Progress(
@@ -262,7 +263,7 @@ class RichReporter:
                 epoch=start_epoch,
             )  # fmt: skip
 
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
+    def epoch_end(self, record: EpochRecord) -> None:
         status = f"ppl {record.train_ppl:.2f}"
         if record.val_ppl is not None:
             status += f"  val {record.val_ppl:.2f}"
@@ -364,13 +365,9 @@ def train_command(
     if not is_main:  # under torchrun only rank 0 talks
         out = Console(quiet=True)
     reporter = RichReporter(out)
-
-    def configure(_dataset: object, resolved: Config) -> None:
-        reporter.log_every = resolved.train.log_every
-
     with _download_progress(out) as hook:
         try:
-            result = train_run(request, reporter=reporter, progress=hook, on_ready=configure)
+            result = train_run(request, reporter=reporter, progress=hook)
         finally:
             reporter.finish()
     if not is_main:
@@ -448,19 +445,16 @@ def predict_command(
     except InvalidDecodeOption as invalid:
         raise DrnnError(_predict_option_message(invalid)) from None
     loaded = load_model(run, checkpoint, device.value)
-    token = loaded.checkpoint.config.data.token
     stream = not json_out and sys.stdout.isatty()
     continuations = []
     for prefix in prefixes:
         on_token = None
         if stream:
-            written: list[str] = []
 
-            def on_token(piece: str, written: list[str] = written) -> None:
+            def on_token(piece: str) -> None:
                 """First the prefix as the model saw it, then each new token as it is generated."""
-                sys.stdout.write((" " if token == "word" and written else "") + piece)
+                sys.stdout.write(piece)
                 sys.stdout.flush()
-                written.append(piece)
 
         text = predict(loaded, prefix, options, on_token)
         continuations.append(Continuation(prefix, text))

@@ -191,7 +191,6 @@ def train_run(
     request: TrainRequest,
     reporter: Reporter | None = None,
     progress: ProgressHook | None = None,
-    on_ready: Callable[[Dataset, Config], None] | None = None,
 ) -> TrainResult:
     """Everything ``drnn train`` does: config, run directory, lock, data, model, loop."""
     if request.resume and request.init_from is not None:
@@ -232,7 +231,7 @@ def train_run(
         if lock is not None:
             lock.acquire()
         try:
-            job = _TrainJob(request, config, device, dist, reporter, progress, on_ready)
+            job = _TrainJob(request, config, device, dist, reporter, progress)
             result = _train_in_place_or_staged(job, run_dir)
             finished = True
             return result
@@ -257,7 +256,6 @@ class _TrainJob:
     dist: DistContext
     reporter: Reporter | None
     progress: ProgressHook | None
-    on_ready: Callable[[Dataset, Config], None] | None
 
 
 def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
@@ -367,8 +365,6 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     )
     if init_from is not None:
         _check_unknown_share(dataset, request.max_unknown_fraction, reporter)
-    if job.on_ready is not None:
-        job.on_ready(dataset, config)
     trainer = Trainer(  # validates everything that can still fail; writes nothing
         config,
         dataset,

@@ -82,8 +82,13 @@ def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> lis
     return tokens
 
 
+def separator(token: str) -> str:
+    """What stands between two tokens in text: nothing between characters, a space between words."""
+    return "" if token == "char" else " "
+
+
 def join_tokens(tokens: list[str], token: str) -> str:
-    return "".join(tokens) if token == "char" else " ".join(tokens)
+    return separator(token).join(tokens)
 
 
 def _pick(logits: torch.Tensor, options: DecodeOptions, generator: torch.Generator | None) -> int:
@@ -155,10 +160,17 @@ def continue_prefix(
 ) -> str:
     """The prefix (as the model saw it) followed by the continuation, as d2l prints it.
 
-    ``on_token`` (for streaming) receives the checked, preprocessed prefix first, then each new token.
+    ``on_token`` (for streaming) receives the checked, preprocessed prefix first, then each new token
+    with the separator before it, so that the pieces written one after another are the returned text.
     """
     tokens = prefix_tokens(prefix, vocab, preprocess, token)
+    stream = None
     if on_token is not None:
         on_token(join_tokens(tokens, token))
-    produced = generate(model, vocab, tokens, options, device, on_token)
+        gap = separator(token)
+
+        def stream(piece: str) -> None:
+            on_token(gap + piece)
+
+    produced = generate(model, vocab, tokens, options, device, stream)
     return join_tokens(tokens + produced, token)

@@ -105,13 +105,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temporaries(directory: Path) -> list[Path]:
+def remove_stale_temporaries(directory: Path) -> None:
     """Delete the ``.NAME.*.tmp`` files a killed writer left; call it only while holding the run's lock."""
-    removed = []
     with contextlib.suppress(OSError):
         for entry in directory.iterdir():
             if entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX) and entry.is_file():
                 with contextlib.suppress(OSError):
                     entry.unlink()
-                    removed.append(entry)
-    return removed

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # report.py imports this module to draw its records
+    from drnn_cli.report import EpochRecord
 
 
-def render_perplexity_plot(records: Sequence[Any]) -> bytes | None:
+def render_perplexity_plot(records: Sequence[EpochRecord]) -> bytes | None:
     """Train (and validation) perplexity against training tokens seen (against epoch for runs whose
     metrics predate token counts), as PNG bytes; None when matplotlib is missing."""
     try:
@@ -22,7 +25,7 @@ def render_perplexity_plot(records: Sequence[Any]) -> bytes | None:
         return None
     figure = Figure(figsize=(6, 4), dpi=100)
     axes = figure.subplots()
-    by_tokens = all(getattr(r, "tokens_seen", 0) for r in records)
+    by_tokens = all(r.tokens_seen for r in records)
     xs = [r.tokens_seen if by_tokens else r.epoch for r in records]
     axes.plot(xs, [r.train_ppl for r in records], label="train")
     validated = [(x, r.val_ppl) for x, r in zip(xs, records, strict=True) if r.val_ppl is not None]

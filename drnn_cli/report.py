@@ -102,13 +102,23 @@ class StepStatus:
     seconds_left: float | None  # to the first budget (max_time, or max_steps at the current pace)
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """What a session's first line says, and how often its log writes a line."""
+
+    total_epochs: int  # the epochs the run will reach (fewer than train.epochs under max_steps)
+    start_epoch: int
+    parameters: int
+    device: str
+    origin: str  # "from scratch", "from the weights of RUN", "from epoch 3, step 11"
+    log_every: int | str  # train.log_every: N epochs (0: about 25 lines a run), or "N steps"
+
+
 class Reporter(Protocol):
     """How the loop talks to its user; the CLI renders these with rich, tests collect them."""
 
-    def start(
-        self, total_epochs: int, start_epoch: int, parameters: int, device: str, origin: str
-    ) -> None: ...
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None: ...
+    def start(self, run: RunStart) -> None: ...
+    def epoch_end(self, record: EpochRecord) -> None: ...
     def samples(self, epoch: int, samples: dict[str, str]) -> None: ...
     def note(self, message: str) -> None: ...
     def step(self, status: StepStatus) -> None: ...
@@ -116,10 +126,10 @@ class Reporter(Protocol):
 
 
 class SilentReporter:
-    def start(self, total_epochs: int, start_epoch: int, parameters: int, device: str, origin: str) -> None:
+    def start(self, run: RunStart) -> None:
         pass
 
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
+    def epoch_end(self, record: EpochRecord) -> None:
         pass
 
     def samples(self, epoch: int, samples: dict[str, str]) -> None:

@@ -44,6 +44,7 @@ from drnn_cli.report import (
     EpochRecord,
     PlotRefresh,
     Reporter,
+    RunStart,
     SilentReporter,
     StepStatus,
     TrainResult,
@@ -554,7 +555,7 @@ class Trainer:
         if val_ppl is not None or stop is not None:
             self._append_metrics(record)
         if val_ppl is not None or stop is not None or self.cadence.log.due_at_step(global_step):
-            self.reporter.epoch_end(record, self.best_kept)
+            self.reporter.epoch_end(record)
         if stop is not None or self.cadence.checkpoint.due_at_step(global_step):
             self._save(LAST, epoch, progress)
         if stop is None and self.dist.is_main and self.cadence.sample.due_at_step(global_step):
@@ -723,11 +724,14 @@ class Trainer:
         already = self._already_done()
         if already is None:
             self.reporter.start(
-                self._planned_epochs(),
-                self.start_epoch,
-                parameters,
-                device_name(self.device),
-                self._origin(),
+                RunStart(
+                    self._planned_epochs(),
+                    self.start_epoch,
+                    parameters,
+                    device_name(self.device),
+                    self._origin(),
+                    train.log_every,
+                )
             )
         else:
             self.reporter.note(self._nothing_to_train(already))
@@ -759,7 +763,7 @@ class Trainer:
                 last_epoch = final or stopped_early
                 if self.cadence.checkpoint.due_at_epoch_end(done, self.global_step) or last_epoch:
                     self._save(LAST, done)
-                self.reporter.epoch_end(record, self.best_kept)
+                self.reporter.epoch_end(record)
                 if (
                     self.dist.is_main
                     and self.cadence.sample.due_at_epoch_end(done, self.global_step)

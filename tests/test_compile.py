@@ -12,14 +12,15 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_TREE, assert_one_line_error, config_file
 
-from drnn_cli.cells import CellSteps
+from drnn_cli.cells import CELL_STEPS, CellSteps
 from drnn_cli.models import ScratchRecurrent
 
 CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "relu")]
@@ -79,6 +80,25 @@ def test_evaluation_and_sampling_step_the_plain_cells() -> None:
     stack.train()
     with pytest.raises(AssertionError, match="compiled cell ran in eval mode"):
         stack(torch.randn(4, 1, 6), (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8)))
+
+
+def test_training_runs_both_timesteps_of_the_training_cell_forward_and_backward() -> None:
+    """What compile_cells compiles is what training calls: the forward and the backward timestep."""
+    stack = ScratchRecurrent("gru", 6, 8, 1)
+    calls: Counter[str] = Counter()
+    plain = CELL_STEPS["gru"]
+
+    def counted(name: str, step: Callable) -> Callable:
+        def wrapper(*args: object) -> object:
+            calls[name] += 1
+            return step(*args)
+
+        return wrapper
+
+    stack._training_steps = CellSteps(counted("forward", plain.forward), counted("backward", plain.backward))
+    outputs, _ = stack(torch.randn(4, 1, 6), torch.zeros(1, 1, 8))
+    outputs.sum().backward()
+    assert calls == Counter({"forward": 4, "backward": 4})
 
 
 @pytest.mark.skipif(

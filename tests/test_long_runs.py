@@ -336,7 +336,7 @@ class PoisonAtStep5(SilentReporter):
     def __init__(self) -> None:
         self.trainer: Trainer | None = None
 
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
+    def epoch_end(self, record: EpochRecord) -> None:
         if record.step == 5 and self.trainer is not None:
             with torch.no_grad():
                 self.trainer.model.decoder.bias.fill_(float("nan"))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
 from drnn_cli.commands import Continuation, PredictReport, default_split, evaluate_split, load_model, predict
 from drnn_cli.config import ModelConfig, build_config
-from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, prefix_tokens
+from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.models import RNNLanguageModel
@@ -64,6 +64,26 @@ def test_a_sample_never_draws_unk_where_greedy_would(tiny_run: Path):
     for seed in range(5):
         text = predict(loaded, "the", DecodeOptions(num_tokens=40, sample=True, temperature=2.0, seed=seed))
         assert len(text) == 3 + 40 and "<unk>" not in text
+
+
+@pytest.mark.parametrize(("token", "vocabulary", "prefix"), [
+    ("char", ["<unk>", " ", *"abcde"], "ab c"),
+    ("word", ["<unk>", "the", "time", "machine", "was"], "the time"),
+])  # fmt: skip
+def test_streamed_pieces_written_one_after_another_are_the_returned_text(
+    token: str, vocabulary: list[str], prefix: str
+) -> None:
+    """What ``drnn predict`` writes to a terminal as it generates: word tokens come with their space."""
+    model = RNNLanguageModel(len(vocabulary), ModelConfig(hidden_size=8, num_layers=1))
+    pieces: list[str] = []
+    options = DecodeOptions(num_tokens=6, sample=True, seed=3)
+    text = continue_prefix(
+        model, Vocab(vocabulary), prefix, "none", token, options, torch.device("cpu"), pieces.append
+    )
+    assert "".join(pieces) == text
+    assert pieces[0] == prefix and len(pieces) == 1 + 6
+    if token == "word":
+        assert all(piece.startswith(" ") and piece[1:] in vocabulary for piece in pieces[1:])
 
 
 def test_decoding_on_a_cpu_runs_one_thread_and_gives_the_others_back(tiny_run: Path, monkeypatch):

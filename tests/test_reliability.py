@@ -107,7 +107,7 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
     from drnn_cli.report import SilentReporter
 
     class StopAfterFirstEpoch(SilentReporter):
-        def epoch_end(self, record: object, best_val_ppl: float | None) -> None:
+        def epoch_end(self, record: object) -> None:
             raise DrnnError("training stopped by the test; continue with the same command plus --resume", 130)
 
     config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})

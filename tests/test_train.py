@@ -340,7 +340,7 @@ class PoisonAfterFirstEpoch(SilentReporter):
     def __init__(self) -> None:
         self.trainer: Trainer | None = None
 
-    def epoch_end(self, record: EpochRecord, best_val_ppl: float | None) -> None:
+    def epoch_end(self, record: EpochRecord) -> None:
         if record.epoch == 1 and self.trainer is not None:
             with torch.no_grad():
                 self.trainer.model.decoder.bias.fill_(float("nan"))

@@ -346,10 +346,6 @@ def train_command(
     from drnn_cli.commands import TrainRequest, train_run
     from drnn_cli.runtime import launched_rank
 
-    if max_unknown is not None and init_from is None:
-        raise DrnnError(
-            "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"
-        )
     out, _ = _consoles(json_out)
     request = TrainRequest(
         config_path=find_config(config),
@@ -358,7 +354,7 @@ def train_command(
         device=device.value if device is not None else None,
         resume=resume,
         init_from=init_from,
-        max_unknown_fraction=0.01 if max_unknown is None else max_unknown,
+        max_unknown_fraction=max_unknown,
         overwrite=overwrite,
     )
     is_main = launched_rank() == 0

@@ -174,6 +174,10 @@ def resolve_init_source(source: Path) -> Path:
     return resolve_checkpoint(source, None) if source.is_dir() else source
 
 
+# With --init-from: the largest share of the new text's tokens that may fall outside the vocabulary.
+DEFAULT_MAX_UNKNOWN = 0.01
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     config_path: Path
@@ -182,7 +186,7 @@ class TrainRequest:
     device: str | None = None
     resume: bool = False
     init_from: Path | None = None
-    max_unknown_fraction: float = 0.01
+    max_unknown_fraction: float | None = None  # with init_from; None: DEFAULT_MAX_UNKNOWN
     overwrite: bool = False
     runs_root: Path = DEFAULT_RUNS_ROOT  # holds runs/<config stem> and the latest-run marker
 
@@ -197,6 +201,10 @@ def train_run(
         raise DrnnError(
             "--resume and --init-from cannot be combined: --resume continues this run (weights, optimizer, "
             "epoch), --init-from starts a new run from another run's weights"
+        )
+    if request.max_unknown_fraction is not None and request.init_from is None:
+        raise DrnnError(
+            "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"
         )
     if request.resume and request.overwrite:
         raise DrnnError(
@@ -364,7 +372,8 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         job.progress,
     )
     if init_from is not None:
-        _check_unknown_share(dataset, request.max_unknown_fraction, reporter)
+        limit = request.max_unknown_fraction
+        _check_unknown_share(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit, reporter)
     trainer = Trainer(  # validates everything that can still fail; writes nothing
         config,
         dataset,

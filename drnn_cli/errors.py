@@ -1,5 +1,11 @@
 """The one exception type the CLI turns into a single line on stderr."""
 
+import re
+
+# Line breaks, tabs and the spaces around them: what a one-line message replaces by one space. Runs
+# of plain spaces stay, since they may be part of what the message quotes (a prefix, a path).
+_BREAKS = re.compile(r" *[^\S ]+[\s]*")
+
 
 class DrnnError(Exception):
     """A problem the user can fix: the message names it and says how.
@@ -11,7 +17,7 @@ class DrnnError(Exception):
     exit_code: int = 1
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
-        super().__init__(" ".join(message.split()))
+        super().__init__(_BREAKS.sub(" ", message).strip())
         if exit_code is not None:
             self.exit_code = exit_code
 

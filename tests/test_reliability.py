@@ -560,3 +560,14 @@ def test_any_yaml_file_loads_or_gives_a_config_error(tmp_path: Path, text: str):
 
 def test_drnn_error_messages_collapse_to_one_line():
     assert str(DrnnError("first line\n  second line")) == "first line second line"
+
+
+def test_an_error_is_one_line_and_keeps_the_spaces_it_quotes() -> None:
+    """Line breaks and tabs (a library's message, a multi-line f-string) become one space; runs of
+    spaces stay, as they may be part of a quoted prefix or path."""
+    from drnn_cli.errors import DrnnError
+
+    assert str(DrnnError("cannot read 'my  notes.txt':\n  permission denied\t(errno 13)")) == (
+        "cannot read 'my  notes.txt': permission denied (errno 13)"
+    )
+    assert str(DrnnError("\n  prefix '   ' has no letters\r\n")) == "prefix '   ' has no letters"

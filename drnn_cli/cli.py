@@ -612,8 +612,10 @@ def inspect_command(
         write_inspection_plot(result, png_path)
     if page is not None and html_path is not None:
         atomic_write_text(html_path, page)
+    unknown = sum(result.unknown)
+    scored_as_unk = f" ({unknown:,} not in the vocabulary, read and scored as <unk>)" if unknown else ""
     out.print(
-        f"{result.tokens:,} predicted characters: perplexity {result.perplexity:.4f}, "
+        f"{result.tokens:,} predicted characters{scored_as_unk}: perplexity {result.perplexity:.4f}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
         markup=False,
         soft_wrap=True,

@@ -230,6 +230,25 @@ def test_surprisal_sum_equals_drnn_eval_with_one_row_on_any_run(cli, tiny_run: P
     assert json.loads(out)["perplexity"] != pytest.approx(evaluated["perplexity"], rel=1e-6)
 
 
+def test_the_summary_line_says_how_many_characters_were_scored_as_unk(cli, tmp_path: Path, corpus_path: Path):
+    """With data.min_freq 500 the book's rarest letters (q, x, j, z) are left out of the vocabulary."""
+    tree = {
+        "data": {**TINY_TREE["data"], "path": str(corpus_path), "min_freq": 500},
+        "model": {"cell": "gru", "hidden_size": 8, "num_layers": 1},
+        "train": {**TINY_TREE["train"], "epochs": 1},
+    }
+    config = tmp_path / "rare.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    train_run(TrainRequest(config_path=config, run_dir=tmp_path / "run"))
+    vocab = set(json.loads((tmp_path / "run" / "vocab.json").read_text())["idx_to_token"])
+    assert not {"q", "z"} & vocab
+    code, out, err = cli("inspect", "a quick quiz", "--run", str(tmp_path / "run"))
+    assert code == 0, err
+    assert out.startswith("11 predicted characters (3 not in the vocabulary, read and scored as <unk>): ")
+    code, out, err = cli("inspect", "the time", "--run", str(tmp_path / "run"))
+    assert out.startswith("7 predicted characters: perplexity ")
+
+
 def test_surprisal_sum_equals_drnn_eval_on_the_same_file(cli, one_row_run: Path, tmp_path: Path):
     text = tmp_path / "excerpt.txt"
     text.write_text("The Time Traveller (for so it will be convenient\nto speak of him) was expounding.\n")

@@ -58,7 +58,7 @@ class EpochRecord:
 class TrainResult:
     run_dir: Path
     epochs: float  # epochs done when it stopped: fractional when a budget or a signal ended it inside one
-    start_epoch: int
+    start_epoch: float  # epochs done when this session began: fractional for a resume inside an epoch
     train_ppl: float
     val_ppl: float | None
     best_val_ppl: float | None
@@ -69,7 +69,8 @@ class TrainResult:
     samples: dict[str, str] = field(default_factory=dict)
     stopped_early: bool = False
     stop_reason: StopReason = "epochs"
-    steps: int = 0
+    steps: int = 0  # optimizer steps since the run began, when it stopped
+    start_step: int = 0  # … when this session began
 
     def summary(self) -> dict[str, Any]:
         """The ``drnn train --json`` object (README "Commands": `drnn train`)."""
@@ -87,6 +88,7 @@ class TrainResult:
             "stopped_early": self.stopped_early,
             "stop_reason": self.stop_reason,
             "steps": self.steps,
+            "start_step": self.start_step,
             "samples": self.samples,
         }
 

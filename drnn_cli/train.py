@@ -637,6 +637,14 @@ class Trainer:
             return train.epochs
         return min(train.epochs, math.ceil(train.max_steps / self.steps_per_epoch))
 
+    def _position(self) -> float:
+        """Epochs done before this session, fractional when it resumes inside an epoch (as the
+        ``epoch`` of a metrics line written there)."""
+        step = self.progress.step
+        if not step:
+            return self.start_epoch
+        return round(self.start_epoch + step / len(self._batches(self.start_epoch)), 6)
+
     def _origin(self) -> str:
         """Where this session starts, for the first line: a fresh run, fine-tuning, or a resume."""
         if self.global_step == 0:
@@ -720,6 +728,7 @@ class Trainer:
         train = self.config.train
         self._write_run_files()
         parameters = count_parameters(self.model)
+        began_at = self._position()
         self.budget.start()
         already = self._already_done()
         if already is None:
@@ -793,8 +802,9 @@ class Trainer:
         self.reporter.finish()
         return TrainResult(
             run_dir=self.run_dir,
-            epochs=self.records[-1].epoch if self.records else self.start_epoch,
-            start_epoch=self.start_epoch,
+            epochs=self.records[-1].epoch if self.records else began_at,
+            start_epoch=began_at,
+            start_step=self._first_step,
             train_ppl=train_ppl,
             val_ppl=val_ppl,
             best_val_ppl=self.best_kept,

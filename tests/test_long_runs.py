@@ -277,7 +277,10 @@ def test_patience_counts_step_evaluations(workdir: Path, cli):
     assert (run / "metrics.jsonl").read_text() == before
     # A larger patience lets it go on from where it stopped (two failures counted, a third allowed).
     again = train(config, *settings, "train.patience=3", resume=True)
-    assert again.steps > result.steps and again.start_epoch == int(result.epochs) == 0
+    assert again.steps > result.steps and (again.start_epoch, again.start_step) == (
+        result.epochs,
+        result.steps,
+    )
 
 
 def test_a_budgets_extra_evaluation_does_not_count_toward_patience(workdir: Path):

@@ -219,9 +219,15 @@ def test_run_stopped_mid_epoch_resumes_bit_identical(workdir: Path, monkeypatch:
     partial = load_checkpoint(workdir / "runs/split/last.safetensors")
     assert (partial.epoch, partial.step_in_epoch) == (1, 6)
     monkeypatch.setattr(Trainer, "_stop_requested", original)
-    train(config, run_dir=Path("runs/split"), resume=True)
+    resumed = train(config, run_dir=Path("runs/split"), resume=True)
     straight, split = _weights(workdir / "runs/straight"), _weights(workdir / "runs/split")
     assert all(torch.equal(straight[name], split[name]) for name in straight)
+    # --json says where the session began as metrics.jsonl counts epochs: 6 steps into epoch 2
+    steps = [
+        json.loads(line)["step"]
+        for line in (workdir / "runs/straight/metrics.jsonl").read_text().splitlines()
+    ]
+    assert (resumed.start_epoch, resumed.start_step) == (round(1 + 6 / (steps[1] - steps[0]), 6), 30)
 
 
 def test_resume_refuses_a_changed_model_or_corpus(workdir: Path):

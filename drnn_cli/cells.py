@@ -20,7 +20,8 @@ Gate layouts are PyTorch's and cuDNN's (rows of ``weight_ih_l{k}`` / ``weight_hh
 
 A layer's functions take ``x_gates`` (T, B, G·H), the input projection of all timesteps (for the LSTM
 and RNN with both biases in it; the GRU adds ``b_hh`` inside the reset product), and ``w_hh`` (G·H, H).
-Under autocast the backward pass runs under the forward pass's autocast state, as autograd's would.
+Under autocast the backward pass runs under the forward pass's autocast state (what
+``torch.amp.custom_bwd`` does), so its products are half precision where the forward's were.
 """
 
 from __future__ import annotations
@@ -183,6 +184,12 @@ def _dtypes(*inputs: torch.Tensor) -> tuple[torch.dtype, ...]:
     return tuple(x.dtype for x in inputs)
 
 
+def _saved(ctx: Any) -> list[torch.Tensor]:
+    """What the forward pass saved, detached: a step function then sees tensors that need no
+    gradient at every timestep (one compiled variant, not one for outputs and one for h_0)."""
+    return [tensor.detach() for tensor in ctx.saved_tensors]
+
+
 def _cast(gradients: tuple[torch.Tensor, ...], dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor, ...]:
     """Each gradient in its input's dtype (products under autocast may have made them half)."""
     return tuple(g.to(dtype) for g, dtype in zip(gradients, dtypes, strict=True))
@@ -200,20 +207,20 @@ class _LSTMLayer(torch.autograd.Function):
             cells.append(c)
             gates.append(gates_t)
         out = torch.stack(outputs)
-        ctx.save_for_backward(h0, out, w_hh)
-        # Intermediate values, kept per timestep (the backward pass reads them one step at a time)
-        # until the graph is freed, as training does once its step is done
-        ctx.cells, ctx.gates = cells, gates
+        # Per timestep, as the backward pass reads them; saved tensors are freed once it ran, and an
+        # in-place change to one of them before then (c_0, say) is an error, not a wrong gradient.
+        ctx.save_for_backward(h0, out, w_hh, *cells, *gates)
         ctx.steps, ctx.autocast = steps, _Autocast.current(x_gates.device)
         ctx.dtypes = _dtypes(x_gates, h0, c0, w_hh)
         return out, h, c
 
     @staticmethod
     def backward(ctx: Any, d_out, d_h, d_c):  # type: ignore[override]
-        h0, out, w_hh = ctx.saved_tensors
-        cells, gates = ctx.cells, ctx.gates
+        h0, out, w_hh, *kept = _saved(ctx)
+        steps = len(out)
+        cells, gates = kept[: steps + 1], kept[steps + 1 :]
         with ctx.autocast():
-            zero = torch.zeros_like(h0)
+            zero = torch.zeros_like(d_out[0])  # what reaches h_0 from above: none, in d_out's dtype
             dh, dc = d_out[-1] + d_h, d_c
             d_pre = [torch.Tensor()] * len(out)
             for t in reversed(range(len(out))):
@@ -234,26 +241,25 @@ class _GRULayer(torch.autograd.Function):
         for x_t in x_gates:
             h, *kept_t = steps.forward(x_t, h, w_hh_t, b_hh)
             outputs.append(h)
-            kept.append(kept_t)  # σ([r | z]), n, W_hn h + b_hn
+            kept.extend(kept_t)  # σ([r | z]), n, W_hn h + b_hn
         out = torch.stack(outputs)
-        ctx.save_for_backward(h0, out, w_hh)
-        ctx.kept, ctx.steps, ctx.autocast = kept, steps, _Autocast.current(x_gates.device)
+        ctx.save_for_backward(h0, out, w_hh, *kept)  # per timestep, as the backward pass reads them
+        ctx.steps, ctx.autocast = steps, _Autocast.current(x_gates.device)
         ctx.dtypes = _dtypes(x_gates, h0, w_hh, b_hh)
         return out, h
 
     @staticmethod
     def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
-        h0, out, w_hh = ctx.saved_tensors
-        kept = ctx.kept
+        h0, out, w_hh, *kept = _saved(ctx)
         with ctx.autocast():
-            zero = torch.zeros_like(h0)
+            zero = torch.zeros_like(d_out[0])  # what reaches h_0 from above: none, in d_out's dtype
             dh = d_out[-1] + d_h
             d_x = [torch.Tensor()] * len(out)
             d_h_gates = [torch.Tensor()] * len(out)
             for t in reversed(range(len(out))):
                 h_prev = out[t - 1] if t else h0
                 d_x[t], d_h_gates[t], dh = ctx.steps.backward(
-                    dh, _above(d_out, t, zero), *kept[t], h_prev, w_hh
+                    dh, _above(d_out, t, zero), *kept[3 * t : 3 * t + 3], h_prev, w_hh
                 )
             d_hg = torch.stack(d_h_gates)
             d_w = _weight_gradient(d_hg, h0, out)
@@ -278,9 +284,9 @@ class _RNNLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
-        h0, out, w_hh = ctx.saved_tensors
+        h0, out, w_hh = _saved(ctx)
         with ctx.autocast():
-            zero = torch.zeros_like(h0)
+            zero = torch.zeros_like(d_out[0])  # what reaches h_0 from above: none, in d_out's dtype
             dh = d_out[-1] + d_h
             d_pre = [torch.Tensor()] * len(out)
             for t in reversed(range(len(out))):

@@ -57,7 +57,7 @@ def exit_on_signals() -> Iterator[type[Signalled]]:
 
 class StopRequests:
     """The training loop's handlers: a signal is noted, not raised, so that the loop stops at the
-    next step boundary with a checkpoint of that step. ``signum`` is the first one that arrived."""
+    next step boundary with a checkpoint of that step. ``signum`` is the last one that arrived."""
 
     def __init__(self) -> None:
         self.signum: int | None = None

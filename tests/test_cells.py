@@ -8,6 +8,8 @@ behaviour under autocast.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import Counter
 from collections.abc import Callable
 
@@ -105,3 +107,31 @@ def test_without_gradients_the_layer_computes_what_training_computes(cell: str, 
         plain = layer(*inputs)
     for a, b in zip(recorded, plain, strict=True):
         assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize(("cell", "nonlinearity"), CASES, ids=IDS)
+def test_a_layer_s_graph_is_freed_with_its_outputs_not_by_the_garbage_collector(
+    cell: str, nonlinearity: str
+) -> None:
+    """What a backward pass keeps is freed as soon as nothing refers to the outputs: a reference
+    cycle (a returned c_T kept by its own graph node) would hold every step's activations until a
+    full collection — on a GPU trained without a CUDA graph, device memory."""
+    layer, inputs = layer_call(cell, nonlinearity)
+    gc.disable()
+    try:
+        outputs = layer(*inputs)
+        node = weakref.ref(outputs[0].grad_fn)
+        del outputs
+        assert node() is None
+    finally:
+        gc.enable()
+
+
+def test_changing_the_initial_cell_state_in_place_before_the_backward_pass_is_an_error() -> None:
+    """As autograd's own: the backward pass would read the changed c_0 and give a wrong gradient."""
+    layer, (x_gates, h0, c0, w_hh) = layer_call("lstm")
+    outputs = layer(x_gates, h0, c0, w_hh)
+    with torch.no_grad():
+        c0.zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        outputs[0].sum().backward()

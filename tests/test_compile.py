@@ -82,6 +82,26 @@ def test_evaluation_and_sampling_step_the_plain_cells() -> None:
         stack(torch.randn(4, 1, 6), (torch.zeros(2, 1, 8), torch.zeros(2, 1, 8)))
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_two_step_probe_compiles_every_variant_a_longer_minibatch_needs(cell: str) -> None:
+    """compile_cells' probe (two timesteps, as in drnn_cli/model_probes.py) must leave nothing to
+    compile inside the first training step: under bf16 a backward timestep sees an fp32 ∂h at the
+    last timestep and a bf16 one after it, and every timestep's saved values alike."""
+    stack = ScratchRecurrent(cell, 6, 8, 2)
+    stack.compile_cells(backend="aot_eager")
+
+    def train_step(steps: int) -> None:
+        h0 = torch.zeros(2, 3, 8)
+        with torch.autocast("cpu", torch.bfloat16):
+            outputs, _ = stack(torch.randn(steps, 3, 6), (h0, h0.clone()) if cell == "lstm" else h0)
+        outputs.float().square().sum().backward()  # ∂outputs as a layer above sends it: dense, bf16
+
+    train_step(2)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    train_step(7)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled > 0
+
+
 def test_training_runs_both_timesteps_of_the_training_cell_forward_and_backward() -> None:
     """What compile_cells compiles is what training calls: the forward and the backward timestep."""
     stack = ScratchRecurrent("gru", 6, 8, 1)

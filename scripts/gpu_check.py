@@ -23,6 +23,9 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
                    tile by tile (is fewer, larger programs the way past cuDNN?);
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
+    ``bench-open`` (last; for a short call, with ``--only``) the benchmark's configurations that decide
+                   what is still open: fp16 and fp16 one call per layer under the graph, impl scratch
+                   plain and compiled;
  8. ``full-bf16-graph`` configs/lstm_full.yaml, bf16, with the CUDA graph, if time is left;
  9. ``full-cpu-recipe`` configs/lstm_full_cpu.yaml (the CPU's held-out recipe) on the GPU, if time is left:
                    the candidate to replace lstm_full.yaml's recipe; then ``full-cpu-recipe-graph``, the
@@ -73,7 +76,13 @@ MIN_STEP_S = 20  # a step with less time than this left is not started
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
 PROFILED = "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,fused-lstm-seed"  # the profile step's configurations
 FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, both kept in fused.json
-BENCH_STEPS = ("bench", "bench-compiled")  # scripts/bench.py runs; the second compiles (slow to start)
+# scripts/bench.py runs; bench-compiled compiles (slow to start); bench-open, last in the plan, is the few
+# configurations whose figures decide what is still open (fp16 under the graph, one cuDNN call per layer,
+# the scratch cells' written-out backward pass, compiled), for a call too short for the whole benchmark.
+BENCH_STEPS = ("bench", "bench-compiled", "bench-open")
+OPEN_CONFIGS = (
+    "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,compiled-lstm-seed"
+)
 AUTO_GRAPH_NOTE_START = "train.cuda_graph auto: each training step replays as one CUDA graph"  # drnn's note
 LSTM2_RUNS = ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-graph-fp16", "lstm2-fused-graph-bf16")
 FULL_RUNS = ("full-fp32", "full-bf16", "full-bf16-graph", "full-cpu-recipe", "full-cpu-recipe-graph")
@@ -253,6 +262,13 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "configs/lstm_full_cpu.yaml on the GPU as one CUDA graph, no time cap",
             train("full-cpu-recipe-graph", "configs/lstm_full_cpu.yaml", "--set", "train.max_time=0", *graph),
             100,
+        ),
+        Step(
+            "bench-open",
+            "scripts/bench.py, the configurations that decide what is open: fp16 under the graph, one cuDNN "
+            "call per layer, impl scratch (written-out backward), plain and compiled",
+            [*bench, "--configs", OPEN_CONFIGS],
+            200,
         ),
     ]
 

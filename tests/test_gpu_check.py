@@ -58,6 +58,23 @@ def test_the_steps_fit_the_device_call(gpu_check, tmp_path: Path) -> None:
     assert gpu_check.DEFAULT_BUDGET_S <= 560
 
 
+def test_every_benchmark_configuration_a_step_names_exists(gpu_check, tmp_path: Path) -> None:
+    """A misspelt --configs name would cost a device call; bench.py refuses unknown names, here first."""
+    spec = importlib.util.spec_from_file_location("drnn_bench_for_gpu_check", REPO / "scripts" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    named = [
+        name
+        for step in gpu_check.build_plan(tmp_path, tmp_path / "corpus.txt", 8)
+        if "--configs" in step.command
+        for name in step.command[step.command.index("--configs") + 1].split(",")
+    ]
+    assert "compiled-lstm-seed" in named and "lstm-seed-fp16-each" in named
+    assert set(named) <= set(bench.BENCHMARKS)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_without_cuda_it_says_so_in_one_line(gpu_check, tmp_path: Path, capsys) -> None:
     assert gpu_check.main([str(tmp_path / "out")]) == 2

@@ -13,8 +13,8 @@ import torch
 from drnn_cli.batches import Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, DataConfig, load_config
-from drnn_cli.corpus import ProgressHook, cached_corpus
-from drnn_cli.data import CorpusMismatch, Dataset, load_dataset, read_token_stream
+from drnn_cli.corpus import ProgressHook
+from drnn_cli.data import CorpusMismatch, Dataset, load_dataset, local_vocab_size, read_token_stream
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
@@ -41,7 +41,7 @@ from drnn_cli.rundir import (
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import RESUME_ADVICE, Trainer
 from drnn_cli.trainer_state import TrainerState
-from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, unknown_tokens
+from drnn_cli.vocab import Vocab, encode_tokens, unknown_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and the run that continues from it.
@@ -126,28 +126,13 @@ def describe_presets(root: Path | None = None) -> list[PresetReport]:
         data = config.data
         key = (data.path, data.corpus, data.preprocess, data.token, data.min_freq)
         if key not in vocab_sizes:
-            vocab_sizes[key] = _local_vocab_size(data)
+            vocab_sizes[key] = local_vocab_size(data)
         vocab_size = vocab_sizes[key]
         parameters = None
         if vocab_size is not None:
             parameters = count_parameters(build_model(vocab_size, config.model))
         reports.append(PresetReport(preset, config, vocab_size, parameters))
     return reports
-
-
-def _local_vocab_size(data: DataConfig) -> int | None:
-    """The vocabulary ``drnn train`` would build (from the whole text, as load_dataset does), if the
-    corpus is on disk; None when it would first have to be downloaded."""
-    if data.path:
-        path = Path(data.path).expanduser()
-        if not path.is_file():
-            return None
-    else:
-        cached = cached_corpus(data.corpus)
-        if cached is None:
-            return None
-        path = cached.path
-    return len(Vocab.from_counts(count_tokens(read_token_stream(path, data)), min_freq=data.min_freq))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import (
     ProgressHook,
+    cached_corpus,
     char_stream_bytes,
     fetch_corpus,
     preprocess,
@@ -117,6 +118,24 @@ def load_dataset(
         encoded = encoded[: config.max_tokens].clone()
     splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
     return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown)
+
+
+def local_vocab_size(config: DataConfig) -> int | None:
+    """The size of the vocabulary ``load_dataset`` would build, when the corpus is already on disk
+    (``drnn presets`` lists it without downloading); None otherwise, or for a text it would refuse."""
+    if config.path:
+        path = Path(config.path).expanduser()
+        if not path.is_file():
+            return None
+    else:
+        cached = cached_corpus(config.corpus)
+        if cached is None:
+            return None
+        path = cached.path
+    try:
+        return len(_encode(path, config, None).vocab)
+    except DrnnError:
+        return None
 
 
 def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:

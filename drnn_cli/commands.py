@@ -292,71 +292,91 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
     return replace(result, run_dir=run_dir)
 
 
+@dataclass(frozen=True)
+class _StartPoint:
+    """What a session starts from: the run's own last checkpoint (``--resume``), another run's
+    weights (``--init-from``), or neither; and what that fixes for the data stage."""
+
+    resume: Checkpoint | None = None
+    init_from: Checkpoint | None = None
+    init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
+    vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
+    expected_sha1: str | None = None  # the text a resumed run was trained on
+    best_kept: float | None = None  # the perplexity of `best` on disk, which a worse model never replaces
+
+
+def _resume_point(run_dir: Path, config: Config, device: torch.device) -> _StartPoint:
+    """``--resume``: the run's last checkpoint, refused if the config changed what it cannot change."""
+    last = run_dir / LAST
+    if not last.is_file():
+        if (run_dir / BEST).is_file():  # killed before its first `last`: its best can seed a new run
+            raise DrnnError(
+                f"nothing to resume: {last} does not exist (the run stopped before its first one); start "
+                f"over with --overwrite, or from its best weights with --init-from {run_dir} --run NEW_DIR"
+            )
+        raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
+    checkpoint = load_checkpoint(last, device)
+    changed = differing_keys(checkpoint.config, config, "model", (*ARCHITECTURE_KEYS, "impl"))
+    changed += differing_keys(checkpoint.config, config, "data", RESUME_DATA_KEYS)
+    if checkpoint.corpus_sha1 is None and not _same_corpus_named(checkpoint.config, config):
+        changed.append("data.path")  # a checkpoint too old to know its text's SHA-1: the name must do
+    changed += differing_keys(checkpoint.config, config, "train", RESUME_TRAIN_KEYS)
+    if changed:
+        raise DrnnError(
+            f"cannot resume {run_dir}: the config changed {_describe_differences(checkpoint.config, config, changed)}; "
+            f"restore them or start a new run with --run DIR"
+        )
+    if config.data.path and not Path(config.data.path).exists():
+        raise DrnnError(
+            f"cannot resume {run_dir}: its corpus {config.data.path} is not there (moved, or on another "
+            "machine); point at it with --set data.path=FILE (the text is checked by its SHA-1)"
+        )
+    # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
+    best = run_dir / BEST
+    best_kept = read_checkpoint_info(best).best_val_ppl if best.is_file() else None  # the header is enough
+    return _StartPoint(
+        resume=checkpoint, vocab=checkpoint.vocab, expected_sha1=checkpoint.corpus_sha1, best_kept=best_kept
+    )
+
+
+def _init_point(request: TrainRequest, config: Config, device: torch.device, final_dir: Path) -> _StartPoint:
+    """``--init-from``: another run's weights, refused unless the architecture and tokens match."""
+    assert request.init_from is not None
+    source = resolve_init_source(request.init_from)
+    if request.overwrite and source.resolve().is_relative_to(final_dir.resolve()):
+        raise DrnnError(
+            f"--init-from {request.init_from} is a checkpoint of the run --overwrite replaces: the new run "
+            f"would record weights that no longer exist; train it beside the old one with --run NEW_DIR"
+        )
+    checkpoint = load_checkpoint(source, device)
+    changed = differing_keys(checkpoint.config, config, "model", ARCHITECTURE_KEYS)
+    changed += differing_keys(checkpoint.config, config, "data", TOKEN_KEYS)
+    if changed:
+        raise DrnnError(
+            f"cannot initialise from {source}: {_describe_differences(checkpoint.config, config, changed)}; "
+            f"make the new config match"
+        )
+    return _StartPoint(init_from=checkpoint, init_label=str(source.resolve()), vocab=checkpoint.vocab)
+
+
 def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult:
     """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train."""
     request, config, device, dist, reporter = job.request, job.config, job.device, job.dist, job.reporter
-    resume_from: Checkpoint | None = None
-    best_kept: float | None = None
-    expected_sha1: str | None = None
-    init_from: Checkpoint | None = None
-    init_label: str | None = None
-    last = run_dir / LAST
-    vocab = None
     if request.resume:
-        if not last.is_file():
-            if (run_dir / BEST).is_file():  # killed before its first `last`: its best can seed a new run
-                raise DrnnError(
-                    f"nothing to resume: {last} does not exist (the run stopped before its first one); start "
-                    f"over with --overwrite, or from its best weights with --init-from {run_dir} --run NEW_DIR"
-                )
-            raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
-        resume_from = load_checkpoint(last, device)
-        changed = differing_keys(resume_from.config, config, "model", (*ARCHITECTURE_KEYS, "impl"))
-        changed += differing_keys(resume_from.config, config, "data", RESUME_DATA_KEYS)
-        if resume_from.corpus_sha1 is None and not _same_corpus_named(resume_from.config, config):
-            changed.append("data.path")  # a checkpoint too old to know its text's SHA-1: the name must do
-        changed += differing_keys(resume_from.config, config, "train", RESUME_TRAIN_KEYS)
-        if changed:
-            raise DrnnError(
-                f"cannot resume {run_dir}: the config changed {_describe_differences(resume_from.config, config, changed)}; "
-                f"restore them or start a new run with --run DIR"
-            )
-        vocab = resume_from.vocab
-        expected_sha1 = resume_from.corpus_sha1
-        if config.data.path and not Path(config.data.path).exists():
-            raise DrnnError(
-                f"cannot resume {run_dir}: its corpus {config.data.path} is not there (moved, or on another "
-                "machine); point at it with --set data.path=FILE (the text is checked by its SHA-1)"
-            )
-        if (run_dir / BEST).is_file():
-            # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
-            best_kept = read_checkpoint_info(run_dir / BEST).best_val_ppl  # the header is enough
-    if request.init_from is not None:
-        source = resolve_init_source(request.init_from)
-        if request.overwrite and source.resolve().is_relative_to(final_dir.resolve()):
-            raise DrnnError(
-                f"--init-from {request.init_from} is a checkpoint of the run --overwrite replaces: the new run "
-                f"would record weights that no longer exist; train it beside the old one with --run NEW_DIR"
-            )
-        init_from = load_checkpoint(source, device)
-        changed = differing_keys(init_from.config, config, "model", ARCHITECTURE_KEYS)
-        changed += differing_keys(init_from.config, config, "data", TOKEN_KEYS)
-        if changed:
-            raise DrnnError(
-                f"cannot initialise from {source}: {_describe_differences(init_from.config, config, changed)}; "
-                f"make the new config match"
-            )
-        vocab = init_from.vocab
-        init_label = str(source.resolve())
+        start = _resume_point(run_dir, config, device)
+    elif request.init_from is not None:
+        start = _init_point(request, config, device, final_dir)
+    else:
+        start = _StartPoint()
     dataset = _load_same_corpus(
         config.data,
-        vocab,
-        expected_sha1,
+        start.vocab,
+        start.expected_sha1,
         "resume",
         "point data.path at that text, or start a new run with --run DIR",
         job.progress,
     )
-    if init_from is not None:
+    if start.init_from is not None:
         limit = request.max_unknown_fraction
         _check_unknown_share(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit, reporter)
     trainer = Trainer(  # validates everything that can still fail; writes nothing
@@ -366,10 +386,10 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         device,
         reporter,
         dist,
-        resume=resume_from,
-        init_from=init_from,
-        init_from_label=init_label,
-        best_kept=best_kept,
+        resume=start.resume,
+        init_from=start.init_from,
+        init_from_label=start.init_label,
+        best_kept=start.best_kept,
     )
     if dist.is_main:
         if not request.resume:

@@ -18,14 +18,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from drnn_cli import fused_lstm
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_batches, epoch_seed
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import BEST, LAST, Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config
 from drnn_cli.data import Dataset
-from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
+from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import evaluate, perplexity
 from drnn_cli.model_probes import check_precision_works, compile_cells
@@ -53,6 +52,7 @@ from drnn_cli.report import (
     write_run_files,
 )
 from drnn_cli.run_files import RunFiles
+from drnn_cli.run_notes import data_notes, nothing_to_train
 from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, use_cuda_graph
@@ -652,42 +652,6 @@ class Trainer:
         step = self.progress.step
         return f"from epoch {self.start_epoch + 1}" + (f", step {step + 1}" if step else "")
 
-    def _start_notes(self) -> list[str]:
-        """What the user should know before the first epoch: how the run was set up (``_notes``), and
-        settings that cannot do what they say with this text."""
-        train, data = self.config.train, self.config.data
-        notes = list(self._notes)
-        if data.val_fraction > 0 and len(self.val_tokens) < 2:
-            notes.append(
-                f"data.val_fraction {data.val_fraction:g} leaves {len(self.val_tokens)} validation token(s), too "
-                "few to evaluate: this run has no validation (raise data.val_fraction)"
-            )
-        if train.eval_tokens and len(self.val_tokens) > train.eval_tokens + 1:
-            notes.append(
-                f"train.eval_tokens {train.eval_tokens:,}: the validation perplexities of this run (and its choice "
-                f"of best) read the first {train.eval_tokens:,} of {len(self.val_tokens) - 1:,} validation tokens; "
-                "drnn eval --split val reads them all"
-            )
-        if train.patience and len(self.val_tokens) < 2:
-            notes.append(
-                f"train.patience {train.patience} counts evaluations of the validation split, and this run "
-                "has none: it trains all its epochs (set data.val_fraction > 0 to stop early)"
-            )
-        for prefix in train.sample_prefixes:
-            try:
-                prefix_tokens(prefix, self.dataset.vocab, data.preprocess, data.token)
-            except DrnnError:
-                notes.append(
-                    f"train.sample_prefixes: {prefix!r} cannot be written in this text's {data.token}s, so it "
-                    "gets no samples; set train.sample_prefixes to text it can spell"
-                )
-        if self.config.model.impl == "fused" and not fused_lstm.can_run(self.device):
-            notes.append(
-                f"model.impl fused runs Triton kernels on CUDA; on {self.device.type} it steps the scratch "
-                "cells (the same model)"
-            )
-        return notes
-
     def _already_done(self) -> StopReason | None:
         """Why a resumed run has nothing left to train: its epochs, its budget or its patience spent
         (epochs first: a step budget that ends with the last epoch did not cut the run short)."""
@@ -700,27 +664,6 @@ class Trainer:
         if self._patience_spent:
             return "patience"
         return None
-
-    def _nothing_to_train(self, reason: StopReason) -> str:
-        """The note for a resume that finds the run over, naming the setting that lets it go on."""
-        train = self.config.train
-        why, fix = {
-            "epochs": (
-                f"its epochs are done ({self.start_epoch} trained, train.epochs {train.epochs})",
-                "train.epochs=N",
-            ),
-            "patience": (
-                f"it stopped early: validation perplexity did not improve for {self.bad_evals} evaluations "
-                f"(train.patience {train.patience})",
-                "train.patience=N (0: off)",
-            ),
-            "max_steps": (
-                f"it has taken {self.global_step:,} steps (train.max_steps {train.max_steps:,})",
-                "train.max_steps=N",
-            ),
-            "max_time": (f"train.max_time {train.max_time:g} s is spent", "train.max_time=SECONDS"),
-        }[reason]
-        return f"nothing to train: {why}; to train on, --resume --set {fix} with a larger value"
 
     def fit(self) -> TrainResult:
         """Train from ``start_epoch`` until ``train.epochs``, a budget or patience ends the run;
@@ -743,8 +686,14 @@ class Trainer:
                 )
             )
         else:
-            self.reporter.note(self._nothing_to_train(already))
-        for note in self._start_notes() if already is None else ():
+            self.reporter.note(
+                nothing_to_train(already, train, self.start_epoch, self.global_step, self.bad_evals)
+            )
+        setup = (
+            *self._notes,
+            *data_notes(self.config, len(self.val_tokens), self.dataset.vocab, self.device),
+        )
+        for note in setup if already is None else ():
             self.reporter.note(note)
         train_ppl = self.records[-1].train_ppl if self.records else float("nan")
         val_ppl = self.records[-1].val_ppl if self.records else None

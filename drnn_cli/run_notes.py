@@ -1,0 +1,76 @@
+"""What a training session tells its user in notes before it starts: settings that cannot do what
+they say with this text, and why a resumed run has nothing left to train. Text only, from the config
+and a few counts; the trainer decides when to say it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drnn_cli import fused_lstm
+from drnn_cli.budget import StopReason
+from drnn_cli.config import Config, TrainConfig
+from drnn_cli.decode import prefix_tokens
+from drnn_cli.errors import DrnnError
+from drnn_cli.vocab import Vocab
+
+
+def data_notes(config: Config, validation_tokens: int, vocab: Vocab, device: torch.device) -> list[str]:
+    """Settings this text or device defeats: a validation split too small to evaluate, a capped
+    evaluation, patience without validation, sample prefixes the vocabulary cannot spell, Triton
+    kernels without CUDA."""
+    train, data = config.train, config.data
+    notes = []
+    if data.val_fraction > 0 and validation_tokens < 2:
+        notes.append(
+            f"data.val_fraction {data.val_fraction:g} leaves {validation_tokens} validation token(s), too "
+            "few to evaluate: this run has no validation (raise data.val_fraction)"
+        )
+    if train.eval_tokens and validation_tokens > train.eval_tokens + 1:
+        notes.append(
+            f"train.eval_tokens {train.eval_tokens:,}: the validation perplexities of this run (and its choice "
+            f"of best) read the first {train.eval_tokens:,} of {validation_tokens - 1:,} validation tokens; "
+            "drnn eval --split val reads them all"
+        )
+    if train.patience and validation_tokens < 2:
+        notes.append(
+            f"train.patience {train.patience} counts evaluations of the validation split, and this run "
+            "has none: it trains all its epochs (set data.val_fraction > 0 to stop early)"
+        )
+    for prefix in train.sample_prefixes:
+        try:
+            prefix_tokens(prefix, vocab, data.preprocess, data.token)
+        except DrnnError:
+            notes.append(
+                f"train.sample_prefixes: {prefix!r} cannot be written in this text's {data.token}s, so it "
+                "gets no samples; set train.sample_prefixes to text it can spell"
+            )
+    if config.model.impl == "fused" and not fused_lstm.can_run(device):
+        notes.append(
+            f"model.impl fused runs Triton kernels on CUDA; on {device.type} it steps the scratch "
+            "cells (the same model)"
+        )
+    return notes
+
+
+def nothing_to_train(
+    reason: StopReason, train: TrainConfig, epochs_done: int, global_step: int, bad_evals: int
+) -> str:
+    """The note for a resume that finds the run over, naming the setting that lets it go on."""
+    why, fix = {
+        "epochs": (
+            f"its epochs are done ({epochs_done} trained, train.epochs {train.epochs})",
+            "train.epochs=N",
+        ),
+        "patience": (
+            f"it stopped early: validation perplexity did not improve for {bad_evals} evaluations "
+            f"(train.patience {train.patience})",
+            "train.patience=N (0: off)",
+        ),
+        "max_steps": (
+            f"it has taken {global_step:,} steps (train.max_steps {train.max_steps:,})",
+            "train.max_steps=N",
+        ),
+        "max_time": (f"train.max_time {train.max_time:g} s is spent", "train.max_time=SECONDS"),
+    }[reason]
+    return f"nothing to train: {why}; to train on, --resume --set {fix} with a larger value"

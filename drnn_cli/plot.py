@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # report.py imports this module to draw its records
-    from drnn_cli.report import EpochRecord
+from typing import Protocol
 
 
-def render_perplexity_plot(records: Sequence[EpochRecord]) -> bytes | None:
+class PlottedRecord(Protocol):
+    """What the plot reads of a metrics line (report.py's ``EpochRecord``, which imports this module)."""
+
+    epoch: float
+    train_ppl: float
+    val_ppl: float | None
+    tokens_seen: int
+
+
+def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
     """Train (and validation) perplexity against training tokens seen (against epoch for runs whose
     metrics predate token counts), as PNG bytes; None when matplotlib is missing."""
     try:

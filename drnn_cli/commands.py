@@ -41,7 +41,7 @@ from drnn_cli.rundir import (
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import RESUME_ADVICE, Trainer
 from drnn_cli.trainer_state import TrainerState
-from drnn_cli.vocab import Vocab, encode_tokens, unknown_tokens
+from drnn_cli.vocab import UNK, Vocab, encode_tokens, unknown_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and the run that continues from it.
@@ -421,22 +421,34 @@ def _load_same_corpus(
 
 
 def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:
-    """Fine-tuning keeps the checkpoint's vocabulary: report (or refuse) text it cannot spell."""
-    count = dataset.unknown_tokens
-    if not count:
+    """Fine-tuning keeps the checkpoint's vocabulary: report (or refuse) text it cannot spell.
+
+    The share is of the tokens training reads (after ``data.max_tokens``), which are what a model
+    fine-tuned on many ``<unk>`` would learn from; which tokens they are is known for the whole text.
+    """
+    if not dataset.unknown_tokens:
         return
-    share = count / max(1, dataset.total_tokens)
-    worst = ", ".join(f"{token!r} ×{n}" for token, n in dataset.unknown.most_common(5))
+    used = len(dataset.tokens)
+    count = int((dataset.tokens == dataset.vocab[UNK]).sum())
+    share = count / max(1, used)
+    worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
+    where = " in the whole text" if used < dataset.total_tokens else ""
     if share > limit:
         raise DrnnError(
-            f"{count} of {dataset.total_tokens} tokens ({share:.1%}) are not in the checkpoint's vocabulary "
-            f"({worst}), above the allowed {limit:.1%}; raise --max-unknown, or preprocess the text like the "
-            f"original run"
+            f"{count:,} of the {used:,} tokens training reads ({_percent(share)}) are not in the checkpoint's "
+            f"vocabulary ({worst}{where}), above the allowed {_percent(limit)}; raise --max-unknown, or "
+            "preprocess the text like the original run"
         )
-    if reporter is not None:
+    if reporter is not None and count:
         reporter.note(
-            f"{count} of {dataset.total_tokens} tokens ({share:.2%}) are not in the vocabulary and map to <unk>: {worst}"
+            f"{count:,} of the {used:,} tokens training reads ({_percent(share)}) are not in the vocabulary and "
+            f"map to <unk> ({worst}{where})"
         )
+
+
+def _percent(share: float) -> str:
+    """Three significant digits: a share just above a limit never prints as the limit itself."""
+    return f"{share * 100:.3g}%"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def test_too_much_unknown_text_is_refused_and_a_little_is_reported(tmp_path: Pat
         config_for(tmp_path, shouty, "ft", train={"epochs": 1}), init_from=Path("runs/base")
     )
     with pytest.raises(
-        DrnnError, match=r"2200 of 5400 tokens \(40.7%\) are not in the checkpoint's vocabulary"
+        DrnnError,
+        match=r"2,200 of the 5,400 tokens training reads \(40.7%\) are not in the checkpoint's vocabulary",
     ):
         train_run(request)
     notes = Notes()
@@ -97,7 +98,30 @@ def test_too_much_unknown_text_is_refused_and_a_little_is_reported(tmp_path: Pat
         ),
         reporter=notes,
     )
-    assert any("2200 of 5400 tokens" in note and "map to <unk>" in note for note in notes.notes)
+    assert any(
+        "2,200 of the 5,400 tokens training reads" in note and "map to <unk>" in note for note in notes.notes
+    )
+
+
+def test_the_unknown_share_is_of_the_tokens_training_reads(tmp_path: Path, texts: tuple[Path, Path]):
+    """data.max_tokens keeps the first tokens: what lies past them cannot spoil the run, and a
+    trained-on head full of <unk> is refused however clean the rest of the file is."""
+    first, _ = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    clean_head = tmp_path / "clean_head.txt"
+    clean_head.write_text("the lazy dog " * 200 + "THE LAZY DOG! " * 200)  # 2,600 clean, then 2,200 of 2,800
+    notes = Notes()
+    head = {"max_tokens": 2600}
+    config = config_for(tmp_path, clean_head, "clean", data=head, train={"epochs": 1})
+    train_run(TrainRequest(config, init_from=Path("runs/base")), reporter=notes)
+    assert not any("<unk>" in note for note in notes.notes)
+    shouty_head = tmp_path / "shouty_head.txt"
+    shouty_head.write_text("THE LAZY DOG! " * 20 + "the lazy dog " * 2000)  # 220 of 26,280: 0.84% overall
+    config = config_for(tmp_path, shouty_head, "shouty", data={"max_tokens": 280}, train={"epochs": 1})
+    with pytest.raises(
+        DrnnError, match=r"220 of the 280 tokens training reads \(78.6%\) .*in the whole text\)"
+    ):
+        train_run(TrainRequest(config, init_from=Path("runs/base")))
 
 
 def test_mismatched_architecture_and_preprocessing_are_refused_naming_the_keys(

@@ -424,7 +424,7 @@ def predict_command(
 
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """
-    from drnn_cli.commands import Continuation, PredictReport, load_model, predict
+    from drnn_cli.commands import Continuation, PredictReport, check_prefixes, load_model, predict
     from drnn_cli.decode import DecodeOptions, InvalidDecodeOption
 
     shaping = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
@@ -441,6 +441,7 @@ def predict_command(
     except InvalidDecodeOption as invalid:
         raise DrnnError(_predict_option_message(invalid)) from None
     loaded = load_model(run, checkpoint, device.value)
+    check_prefixes(loaded, prefixes)
     stream = not json_out and sys.stdout.isatty()
     continuations = []
     for prefix in prefixes:

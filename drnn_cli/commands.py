@@ -15,7 +15,7 @@ from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, read_ch
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook
 from drnn_cli.data import CorpusMismatch, Dataset, load_dataset, local_vocab_size, read_token_stream
-from drnn_cli.decode import DecodeOptions, continue_prefix
+from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
 from drnn_cli.files import remove_stale_temporaries, require_regular_file
@@ -476,6 +476,14 @@ def load_model(
         raise DrnnError(f"checkpoint {path} does not match its own model config; it is corrupt") from None
     model.to(device).eval()
     return LoadedModel(loaded, model, device, path)
+
+
+def check_prefixes(loaded: LoadedModel, prefixes: list[str]) -> None:
+    """Refuse the first prefix the model cannot read before any is continued: a bad last prefix must
+    not cost the continuations before it, nor leave them on stdout with a failing exit status."""
+    data = loaded.checkpoint.config.data
+    for prefix in prefixes:
+        prefix_tokens(prefix, loaded.checkpoint.vocab, data.preprocess, data.token)
 
 
 def predict(

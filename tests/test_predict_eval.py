@@ -256,6 +256,13 @@ def test_predict_several_prefixes(tiny_run: Path, cli):
     assert (payload["prefix"], payload["text"]) == ("the", payload["results"][0]["text"])
 
 
+@pytest.mark.parametrize("bad", ["", "1984"], ids=["empty", "no-letters"])
+def test_a_bad_prefix_among_several_is_refused_before_any_is_continued(tiny_run: Path, cli, bad: str):
+    code, out, err = cli("predict", "the", "time", bad, "--run", str(tiny_run), "-n", "3")
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "prefix" in err
+
+
 def test_predict_report_lists_results_only_for_several_prefixes():
     one = PredictReport((Continuation("Time", "time machine"),))
     assert one.summary() == {"prefix": "Time", "text": "time machine"}

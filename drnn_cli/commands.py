@@ -32,6 +32,7 @@ from drnn_cli.rundir import (
     discard,
     holds_run,
     is_latest_marker,
+    latest_run,
     mark_latest,
     mark_run_dir,
     resolve_checkpoint,
@@ -154,9 +155,19 @@ def _describe_differences(old: Config, new: Config, keys: list[str]) -> str:
     )
 
 
-def resolve_init_source(source: Path) -> Path:
-    """``--init-from`` takes a run directory (its best/last checkpoint) or a checkpoint file."""
-    return resolve_checkpoint(source, None) if source.is_dir() else source
+def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """``--init-from`` takes a run directory (its best/last checkpoint), a checkpoint file, or the
+    latest-run marker (the run it names)."""
+    if is_latest_marker(source, runs_root):
+        source = latest_run(runs_root)
+    if source.is_dir():
+        return resolve_checkpoint(source, None)
+    if not source.exists():
+        raise DrnnError(
+            f"--init-from {source}: no such run directory or checkpoint file; name a run (runs/NAME) or "
+            "its .safetensors checkpoint"
+        )
+    return source
 
 
 # With --init-from: the largest share of the new text's tokens that may fall outside the vocabulary.
@@ -342,7 +353,7 @@ def _resume_point(run_dir: Path, config: Config, device: torch.device) -> _Start
 def _init_point(request: TrainRequest, config: Config, device: torch.device, final_dir: Path) -> _StartPoint:
     """``--init-from``: another run's weights, refused unless the architecture and tokens match."""
     assert request.init_from is not None
-    source = resolve_init_source(request.init_from)
+    source = resolve_init_source(request.init_from, request.runs_root)
     if request.overwrite and source.resolve().is_relative_to(final_dir.resolve()):
         raise DrnnError(
             f"--init-from {request.init_from} is a checkpoint of the run --overwrite replaces: the new run "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_one_line_error
 
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import TrainRequest, evaluate_split, load_model, train_run
@@ -166,3 +167,31 @@ def test_init_from_a_checkpoint_file_works_too(tmp_path: Path, texts: tuple[Path
         )
     )
     assert result.epochs == 1 and result.start_epoch == 0
+
+
+def test_init_from_the_latest_run_marker_starts_from_the_run_it_names(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    tuned = train_run(
+        TrainRequest(
+            config_for(tmp_path, second, "tuned", train={"epochs": 1}), init_from=Path("runs/latest")
+        )
+    )
+    started_from = load_checkpoint(tuned.run_dir / "last.safetensors").init_from
+    assert started_from == str((tmp_path / "runs" / "base" / "last.safetensors").resolve())
+
+
+def test_init_from_a_path_that_does_not_exist_says_what_init_from_takes(
+    tmp_path: Path, texts: tuple[Path, Path], cli
+):
+    first, _ = texts
+    code, out, err = cli(
+        "train", "--config", str(config_for(tmp_path, first, "x")), "--init-from", "runs/nope"
+    )
+    assert out == ""
+    assert_one_line_error(
+        code, err, "--init-from runs/nope: no such run directory or checkpoint file; name a run (runs/NAME)"
+    )
+    assert "--checkpoint" not in err

@@ -221,6 +221,11 @@ def presets_command(json_out: JsonOption = False) -> None:
         _emit_json({"presets": [report.summary() for report in reports]})
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 token``, ``2 tokens``, ``1,024 tokens``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 # ---------------------------------------------------------------------------------------------
 # drnn train
 
@@ -531,8 +536,13 @@ def eval_command(
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
     report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus)
+    unknown = (
+        f" ({_count(report.unknown, 'token')} not in the vocabulary, scored as <unk>)"
+        if report.unknown
+        else ""
+    )
     out.print(
-        f"{report.source}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
+        f"{report.source}{unknown}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
         f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch}"
         + (f", step {report.step:,})" if report.step is not None else ")"),
         markup=False,
@@ -613,10 +623,10 @@ def inspect_command(
         write_inspection_plot(result, png_path)
     if page is not None and html_path is not None:
         atomic_write_text(html_path, page)
-    unknown = sum(result.unknown)
-    scored_as_unk = f" ({unknown:,} not in the vocabulary, read and scored as <unk>)" if unknown else ""
+    unknown = result.scored_unknown
+    scored_as_unk = f" ({unknown:,} not in the vocabulary, scored as <unk>)" if unknown else ""
     out.print(
-        f"{result.tokens:,} predicted characters{scored_as_unk}: perplexity {result.perplexity:.4f}, "
+        f"{_count(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {result.perplexity:.4f}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
         markup=False,
         soft_wrap=True,

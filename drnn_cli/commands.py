@@ -42,7 +42,7 @@ from drnn_cli.rundir import (
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import RESUME_ADVICE, Trainer
 from drnn_cli.trainer_state import TrainerState
-from drnn_cli.vocab import UNK, Vocab, encode_tokens, unknown_tokens
+from drnn_cli.vocab import UNK, Vocab, encode_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and the run that continues from it.
@@ -539,6 +539,7 @@ class EvalReport:
     result: Perplexity
     source: str
     step: int | None = None  # optimizer steps it had taken (None: a checkpoint older than step counts)
+    unknown: int = 0  # predicted tokens not in the vocabulary, scored as <unk>
 
     def summary(self) -> dict:
         return {
@@ -548,6 +549,7 @@ class EvalReport:
             "perplexity": self.result.perplexity,
             "bits_per_token": self.result.bits_per_token,
             "tokens": self.result.tokens,
+            "unknown": self.unknown,
             "source": self.source,
         }
 
@@ -585,7 +587,9 @@ def evaluate_split(
         step = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch).global_step
     except (KeyError, TypeError):  # a checkpoint without a trainer state: its epoch is all there is
         step = None
-    return EvalReport("file" if data_file is not None else split, checkpoint.epoch, result, source, step)
+    unknown = int((tokens[1:] == checkpoint.vocab[UNK]).sum())  # the first token is read, not predicted
+    split_name = "file" if data_file is not None else split
+    return EvalReport(split_name, checkpoint.epoch, result, source, step, unknown)
 
 
 def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor, str]:
@@ -595,11 +599,7 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
     stream = read_token_stream(data_file, checkpoint.config.data)
     if len(stream) < 2:
         raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
-    missing = unknown_tokens(stream, checkpoint.vocab)
-    source = str(data_file)
-    if missing:
-        source += f" ({sum(missing.values())} tokens not in the vocabulary scored as <unk>)"
-    return encode_tokens(stream, checkpoint.vocab), source
+    return encode_tokens(stream, checkpoint.vocab), str(data_file)
 
 
 def _split_tokens(loaded: LoadedModel, split: str, corpus_file: Path | None) -> tuple[torch.Tensor, str]:

@@ -261,6 +261,11 @@ class Inspection:
         return "".join(self.chars)
 
     @property
+    def scored_unknown(self) -> int:
+        """Predicted characters (all but the first) not in the vocabulary: scored as <unk>."""
+        return sum(self.unknown[1:])
+
+    @property
     def nll(self) -> float:
         return math.fsum(s for s in self.surprisal if s is not None)
 
@@ -299,7 +304,7 @@ class Inspection:
             "tokens": self.tokens,
             "perplexity": self.perplexity,
             "bits_per_token": self.bits_per_char,
-            "unknown": sum(self.unknown),
+            "unknown": self.scored_unknown,
             "top_next": [[[char, round(p, 5)] for char, p in guesses] for guesses in self.top_next],
             "gate_saturation": [
                 {"layer": index + 1, "gates": {name: sat.summary() for name, sat in gates.items()}}

@@ -244,9 +244,20 @@ def test_the_summary_line_says_how_many_characters_were_scored_as_unk(cli, tmp_p
     assert not {"q", "z"} & vocab
     code, out, err = cli("inspect", "a quick quiz", "--run", str(tmp_path / "run"))
     assert code == 0, err
-    assert out.startswith("11 predicted characters (3 not in the vocabulary, read and scored as <unk>): ")
+    assert out.startswith("11 predicted characters (3 not in the vocabulary, scored as <unk>): ")
     code, out, err = cli("inspect", "the time", "--run", str(tmp_path / "run"))
     assert out.startswith("7 predicted characters: perplexity ")
+    # The first character is read, never predicted: its q is not among the scored ones
+    code, out, err = cli("inspect", "quiz", "--run", str(tmp_path / "run"), "--json")
+    assert json.loads(out)["unknown"] == 1
+    code, out, err = cli("inspect", "th", "--run", str(tmp_path / "run"))
+    assert out.startswith("1 predicted character: perplexity ")
+    text = tmp_path / "quiz.txt"
+    text.write_text("quiz the quiz")
+    code, out, err = cli("eval", "--run", str(tmp_path / "run"), "--data", str(text), "--json")
+    assert code == 0, err
+    assert err.startswith(f"{text} (3 tokens not in the vocabulary, scored as <unk>): perplexity ")
+    assert (json.loads(out)["unknown"], json.loads(out)["source"]) == (3, str(text))  # source: the path alone
 
 
 def test_surprisal_sum_equals_drnn_eval_on_the_same_file(cli, one_row_run: Path, tmp_path: Path):

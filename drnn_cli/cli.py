@@ -376,7 +376,7 @@ def train_command(
     table = Table(title=f"run {result.run_dir}", show_header=False)
     table.add_row(
         "epochs",
-        f"{result.start_epoch} → {result.epochs:g}" + (" (early stop)" if result.stopped_early else ""),
+        f"{result.start_epoch:g} → {result.epochs:g}" + (" (early stop)" if result.stopped_early else ""),
     )
     table.add_row("steps / stopped by", f"{result.steps:,} / {result.stop_reason}")
     table.add_row("train perplexity", f"{result.train_ppl:.3f}")

@@ -341,7 +341,16 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
     predicted = run("predict", "time traveller", "--json")
     assert set(predicted) == {"prefix", "text"} and len(predicted["text"]) == len("time traveller") + 50
     evaluated = run("eval", "--json")
-    assert set(evaluated) == {"split", "epoch", "step", "perplexity", "bits_per_token", "tokens", "source"}
+    assert set(evaluated) == {
+        "split",
+        "epoch",
+        "step",
+        "perplexity",
+        "bits_per_token",
+        "tokens",
+        "unknown",
+        "source",
+    }
     assert (evaluated["split"], evaluated["epoch"], evaluated["step"], evaluated["tokens"]) == (
         "train",
         2,

@@ -566,11 +566,15 @@ def test_drnn_error_messages_collapse_to_one_line():
 
 
 def test_an_error_is_one_line_and_keeps_the_spaces_it_quotes() -> None:
-    """Line breaks and tabs (a library's message, a multi-line f-string) become one space; runs of
-    spaces stay, as they may be part of a quoted prefix or path."""
+    """Line breaks (a library's message, a multi-line f-string) become one space; runs of spaces stay,
+    as they may be part of a quoted prefix or path; a tab or an escape is shown escaped, so a path
+    holding one is not mistaken for another and nothing reaches the terminal as a control sequence."""
     from drnn_cli.errors import DrnnError
 
-    assert str(DrnnError("cannot read 'my  notes.txt':\n  permission denied\t(errno 13)")) == (
+    assert str(DrnnError("cannot read 'my  notes.txt':\n  permission denied (errno 13)")) == (
         "cannot read 'my  notes.txt': permission denied (errno 13)"
     )
     assert str(DrnnError("\n  prefix '   ' has no letters\r\n")) == "prefix '   ' has no letters"
+    assert str(DrnnError("run directory r/no\tsuch\x1b[2J does not exist")) == (
+        "run directory r/no\\tsuch\\x1b[2J does not exist"
+    )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from drnn_cli.config import read_yaml
 from drnn_cli.errors import ConfigError, DrnnError
 
 PRESET_SUFFIX = ".yaml"
@@ -92,10 +93,12 @@ def find_config(value: str, root: Path | None = None) -> Path:
     """What ``--config VALUE`` names: an existing file (it wins), else a preset, else a ConfigError
     that lists the presets, the closest name first."""
     given = Path(value).expanduser()
-    if given.is_file():
-        return given
     files = preset_files(root)
     name = preset_name(value)
+    if given.is_file():
+        if name in files:
+            _check_not_shadowing(given, value, name)
+        return given
     if name in files:
         return files[name]
     if given.exists() and not given.is_dir():
@@ -106,3 +109,15 @@ def find_config(value: str, root: Path | None = None) -> Path:
         f"--config {value}: {what} and no such preset; presets (closest first): {listed} "
         f"(drnn presets describes them)"
     )
+
+
+def _check_not_shadowing(given: Path, value: str, name: str) -> None:
+    """A file named like a preset wins (a user's edited copy, say); one that is no config at all, such
+    as a text named ``quick``, would otherwise be refused without a word about the preset it hid."""
+    try:
+        read_yaml(given)
+    except ConfigError as refused:
+        raise ConfigError(
+            f"{refused} (--config {value} read the file {given}, not the preset {name}; "
+            f"--config {CHECKOUT_PREFIX}{name}{PRESET_SUFFIX} names the preset)"
+        ) from None

@@ -88,6 +88,17 @@ def test_an_existing_path_wins_over_the_preset_of_the_same_name(workdir: Path):
     assert load_config(find_config("lstm2")).model.hidden_size == 256
 
 
+def test_a_file_that_is_no_config_but_hides_a_preset_says_how_to_name_the_preset(workdir: Path):
+    (workdir / "quick").write_text("It was a quick brown fox.\n")  # a text, named like the preset
+    with pytest.raises(ConfigError) as refused:
+        find_config("quick")
+    assert str(refused.value) == (
+        "config file quick must be a mapping with sections data, model, train (--config quick read the file "
+        "quick, not the preset quick; --config configs/quick.yaml names the preset)"
+    )
+    assert find_config("configs/quick.yaml") == CONFIGS / "quick.yaml"
+
+
 def test_a_directory_is_not_a_preset(workdir: Path):
     (workdir / "quick.yaml").mkdir()  # a directory in the way is no config file: the preset is meant
     assert find_config("quick.yaml") == CONFIGS / "quick.yaml"

@@ -263,9 +263,10 @@ class RichReporter:
                 console=self.console,
             )
             self.progress.start()
+            # The bar names the epoch in progress (1-based), as the first line does: "from epoch 2, step 3"
             self.task = self.progress.add_task(
                 "train", total=total_epochs, completed=start_epoch, status="", steps="", budget="",
-                epoch=start_epoch,
+                epoch=min(int(start_epoch) + 1, total_epochs),
             )  # fmt: skip
 
     def epoch_end(self, record: EpochRecord) -> None:
@@ -293,7 +294,7 @@ class RichReporter:
         self.progress.update(
             self.task,
             completed=status.epoch + status.step_in_epoch / max(1, status.steps_in_epoch),
-            epoch=status.epoch,
+            epoch=status.epoch + 1,
             steps=f"step {status.step_in_epoch:,}/{status.steps_in_epoch:,}  ",
             budget=left,
         )

@@ -197,3 +197,30 @@ def test_cuda_on_a_machine_without_it_names_where_it_was_asked_for(
         f"drnn: error: {named} cuda: CUDA is not available here (torch {torch.__version__}); {fix}"
     ]
     assert not (workdir / "runs").exists()
+
+
+def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -> None:
+    """On a terminal: resumed 3 steps into epoch 2 of 4, the first line says "from epoch 2, step 3" and
+    the bar "epoch 2/4" (it counted epochs done, "epoch 1/4", before)."""
+    import io
+
+    from rich.console import Console
+
+    from drnn_cli.cli import RichReporter
+    from drnn_cli.report import EpochRecord, RunStart, StepStatus
+
+    screen = io.StringIO()
+    reporter = RichReporter(Console(file=screen, force_terminal=True, width=120))
+    reporter.start(RunStart(4, 1, 1_000, "cpu", "from epoch 2, step 3", 0))
+    try:
+        assert reporter.progress is not None
+        (task,) = reporter.progress.tasks
+        assert (task.fields["epoch"], task.completed) == (2, 1)
+        reporter.step(StepStatus(1, 4, 8, 12, None))
+        assert (task.fields["epoch"], task.completed) == (2, 1.5)
+        reporter.epoch_end(EpochRecord(2, 9.5, None, 0.1, 1_000.0, 3.0, 16, 512))
+        reporter.step(StepStatus(2, 1, 8, 17, None))
+        assert task.fields["epoch"] == 3
+    finally:
+        reporter.finish()
+    assert "epoch 3/4" in screen.getvalue()

@@ -221,6 +221,13 @@ def presets_command(json_out: JsonOption = False) -> None:
         _emit_json({"presets": [report.summary() for report in reports]})
 
 
+def _share(value: float | None) -> float | None:
+    """A share from 0 to 1; NaN is refused as such (a range check lets it through with an odd message)."""
+    if value is not None and not 0 <= value <= 1:
+        raise typer.BadParameter(f"{value:g} is not a share from 0 to 1")
+    return value
+
+
 def _count(n: int, noun: str) -> str:
     """``1 token``, ``2 tokens``, ``1,024 tokens``."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
@@ -335,8 +342,7 @@ def train_command(
         float | None,
         typer.Option(
             "--max-unknown",
-            min=0.0,
-            max=1.0,
+            callback=_share,
             help="With --init-from: largest share of tokens allowed to be <unk> (default 0.01).",
         ),
     ] = None,

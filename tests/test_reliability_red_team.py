@@ -655,9 +655,10 @@ def test_max_unknown_without_init_from_is_refused(workdir: Path, cli):
     assert not (workdir / "runs").exists()
 
 
-def test_a_negative_max_unknown_is_a_usage_error(workdir: Path, cli):
-    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--max-unknown", "-1")
-    assert_one_line_error(code, err, "--max-unknown")
+@pytest.mark.parametrize("share", ["-1", "1.5", "nan"])
+def test_a_max_unknown_outside_0_to_1_is_a_usage_error(workdir: Path, cli, share: str):
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--max-unknown", share)
+    assert_one_line_error(code, err, f"Invalid value for '--max-unknown': {share} is not a share from 0 to 1")
     assert code == 2
 
 

@@ -201,18 +201,49 @@ def _cast(gradients: tuple[torch.Tensor, ...], dtypes: tuple[torch.dtype, ...]) 
     return tuple(g.to(dtype) for g, dtype in zip(gradients, dtypes, strict=True))
 
 
+def _lstm_forward(
+    x_gates: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, steps: CellSteps
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The forward loop: ``(outputs, h_T, c_T, [c_0 … c_T], [gates_1 … gates_T])``."""
+    w_hh_t, h, c = w_hh.t(), h0, c0
+    outputs, cells, gates = [], [c0], []
+    for x_t in x_gates:
+        h, c, gates_t = steps.forward(x_t, h, c, w_hh_t)
+        outputs.append(h)
+        cells.append(c)
+        gates.append(gates_t)
+    return torch.stack(outputs), h, c, cells, gates
+
+
+def _gru_forward(
+    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, steps: CellSteps
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The forward loop: ``(outputs, h_T, [σ([r | z]), n, W_hn h + b_hn] for each timestep, flat)``."""
+    w_hh_t, h = w_hh.t(), h0
+    outputs, kept = [], []
+    for x_t in x_gates:
+        h, *kept_t = steps.forward(x_t, h, w_hh_t, b_hh)
+        outputs.append(h)
+        kept.extend(kept_t)
+    return torch.stack(outputs), h, kept
+
+
+def _rnn_forward(
+    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, nonlinearity: str, steps: CellSteps
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward loop: ``(outputs, h_T)``."""
+    w_hh_t, h = w_hh.t(), h0
+    outputs = []
+    for x_t in x_gates:
+        h = steps.forward(x_t, h, w_hh_t, nonlinearity)
+        outputs.append(h)
+    return torch.stack(outputs), h
+
+
 class _LSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_gates, h0, c0, w_hh, steps: CellSteps):  # type: ignore[override]
-        w_hh_t = w_hh.t()
-        h, c = h0, c0
-        outputs, cells, gates = [], [c0], []
-        for x_t in x_gates:
-            h, c, gates_t = steps.forward(x_t, h, c, w_hh_t)
-            outputs.append(h)
-            cells.append(c)
-            gates.append(gates_t)
-        out = torch.stack(outputs)
+        out, h, c, cells, gates = _lstm_forward(x_gates, h0, c0, w_hh, steps)
         # Per timestep, as the backward pass reads them; saved tensors are freed once it ran, and an
         # in-place change to one of them before then (c_0, say) is an error, not a wrong gradient.
         ctx.save_for_backward(h0, out, w_hh, *cells, *gates)
@@ -228,8 +259,8 @@ class _LSTMLayer(torch.autograd.Function):
         with ctx.autocast():
             zero = torch.zeros_like(d_out[0])  # what reaches h_0 from above: none, in d_out's dtype
             dh, dc = d_out[-1] + d_h, d_c
-            d_pre = [torch.Tensor()] * len(out)
-            for t in reversed(range(len(out))):
+            d_pre = [torch.Tensor()] * steps
+            for t in reversed(range(steps)):
                 d_pre[t], dh, dc = ctx.steps.backward(
                     dh, dc, _above(d_out, t, zero), gates[t], cells[t], cells[t + 1], w_hh
                 )
@@ -241,14 +272,7 @@ class _LSTMLayer(torch.autograd.Function):
 class _GRULayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_gates, h0, w_hh, b_hh, steps: CellSteps):  # type: ignore[override]
-        w_hh_t = w_hh.t()
-        h = h0
-        outputs, kept = [], []
-        for x_t in x_gates:
-            h, *kept_t = steps.forward(x_t, h, w_hh_t, b_hh)
-            outputs.append(h)
-            kept.extend(kept_t)  # σ([r | z]), n, W_hn h + b_hn
-        out = torch.stack(outputs)
+        out, h, kept = _gru_forward(x_gates, h0, w_hh, b_hh, steps)
         ctx.save_for_backward(h0, out, w_hh, *kept)  # per timestep, as the backward pass reads them
         ctx.steps, ctx.autocast = steps, _Autocast.current(x_gates.device)
         ctx.dtypes = _dtypes(x_gates, h0, w_hh, b_hh)
@@ -257,12 +281,13 @@ class _GRULayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
         h0, out, w_hh, *kept = _saved(ctx)
+        steps = len(out)
         with ctx.autocast():
             zero = torch.zeros_like(d_out[0])  # what reaches h_0 from above: none, in d_out's dtype
             dh = d_out[-1] + d_h
-            d_x = [torch.Tensor()] * len(out)
-            d_h_gates = [torch.Tensor()] * len(out)
-            for t in reversed(range(len(out))):
+            d_x = [torch.Tensor()] * steps
+            d_h_gates = [torch.Tensor()] * steps
+            for t in reversed(range(steps)):
                 h_prev = out[t - 1] if t else h0
                 d_x[t], d_h_gates[t], dh = ctx.steps.backward(
                     dh, _above(d_out, t, zero), *kept[3 * t : 3 * t + 3], h_prev, w_hh
@@ -276,13 +301,7 @@ class _GRULayer(torch.autograd.Function):
 class _RNNLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_gates, h0, w_hh, nonlinearity: str, steps: CellSteps):  # type: ignore[override]
-        w_hh_t = w_hh.t()
-        h = h0
-        outputs = []
-        for x_t in x_gates:
-            h = steps.forward(x_t, h, w_hh_t, nonlinearity)
-            outputs.append(h)
-        out = torch.stack(outputs)
+        out, h = _rnn_forward(x_gates, h0, w_hh, nonlinearity, steps)
         ctx.save_for_backward(h0, out, w_hh)
         ctx.nonlinearity, ctx.steps = nonlinearity, steps
         ctx.autocast, ctx.dtypes = _Autocast.current(x_gates.device), _dtypes(x_gates, h0, w_hh)
@@ -291,11 +310,12 @@ class _RNNLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
         h0, out, w_hh = _saved(ctx)
+        steps = len(out)
         with ctx.autocast():
             zero = torch.zeros_like(d_out[0])  # what reaches h_0 from above: none, in d_out's dtype
             dh = d_out[-1] + d_h
-            d_pre = [torch.Tensor()] * len(out)
-            for t in reversed(range(len(out))):
+            d_pre = [torch.Tensor()] * steps
+            for t in reversed(range(steps)):
                 d_pre[t], dh = ctx.steps.backward(dh, _above(d_out, t, zero), out[t], ctx.nonlinearity, w_hh)
             d_x = torch.stack(d_pre)
             d_w = _weight_gradient(d_x, h0, out)
@@ -313,11 +333,8 @@ def lstm_layer(
     """``(outputs (T, B, H), h_T, c_T)``."""
     if _recording(x_gates, h0, c0, w_hh):
         return _LSTMLayer.apply(x_gates, h0, c0, w_hh, steps)
-    w_hh_t, h, c, outputs = w_hh.t(), h0, c0, []
-    for x_t in x_gates:
-        h, c, _ = steps.forward(x_t, h, c, w_hh_t)
-        outputs.append(h)
-    return torch.stack(outputs), h, c
+    out, h, c, _, _ = _lstm_forward(x_gates, h0, c0, w_hh, steps)
+    return out, h, c
 
 
 def gru_layer(
@@ -326,11 +343,8 @@ def gru_layer(
     """``(outputs (T, B, H), h_T)``; ``x_gates`` without ``b_hh``."""
     if _recording(x_gates, h0, w_hh, b_hh):
         return _GRULayer.apply(x_gates, h0, w_hh, b_hh, steps)
-    w_hh_t, h, outputs = w_hh.t(), h0, []
-    for x_t in x_gates:
-        h = steps.forward(x_t, h, w_hh_t, b_hh)[0]
-        outputs.append(h)
-    return torch.stack(outputs), h
+    out, h, _ = _gru_forward(x_gates, h0, w_hh, b_hh, steps)
+    return out, h
 
 
 def rnn_layer(
@@ -339,8 +353,4 @@ def rnn_layer(
     """``(outputs (T, B, H), h_T)``; ``nonlinearity`` is ``tanh`` or ``relu``."""
     if _recording(x_gates, h0, w_hh):
         return _RNNLayer.apply(x_gates, h0, w_hh, nonlinearity, steps)
-    w_hh_t, h, outputs = w_hh.t(), h0, []
-    for x_t in x_gates:
-        h = steps.forward(x_t, h, w_hh_t, nonlinearity)
-        outputs.append(h)
-    return torch.stack(outputs), h
+    return _rnn_forward(x_gates, h0, w_hh, nonlinearity, steps)

@@ -28,8 +28,6 @@ from drnn_cli.vocab import Vocab
 
 FORMAT = "drnn-checkpoint"
 FORMAT_VERSION = 1
-LAST = "last.safetensors"  # a run's newest consistent state (rundir.py)
-BEST = "best.safetensors"  # a run's best by validation perplexity
 # A checkpoint header is JSON: its config, vocabulary and optimizer hyper-parameters. A word vocabulary
 # of a few hundred thousand entries fits in a few MiB; anything near these limits is not drnn's.
 MAX_HEADER_BYTES = 64 << 20

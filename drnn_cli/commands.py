@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import Splits, check_trainable, epoch_batches
-from drnn_cli.checkpoint import BEST, LAST, Checkpoint, load_checkpoint, read_checkpoint_info
+from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook
 from drnn_cli.data import CorpusMismatch, Dataset, load_dataset, local_vocab_size, read_token_stream
@@ -22,10 +22,9 @@ from drnn_cli.files import remove_stale_temporaries, require_regular_file
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.report import Reporter, TrainResult
-from drnn_cli.run_files import RunFiles
+from drnn_cli.run_files import BEST, LAST, LOCK_NAME, RunFiles
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
-    LOCK_NAME,
     RunLock,
     check_run_dir,
     default_run_dir,
@@ -63,6 +62,8 @@ SPLIT_KEYS = (
 # as saved) and the seed (it drives the batching of the remaining epochs).
 RESUME_DATA_KEYS = (*SPLIT_KEYS, "batch_size", "num_steps", "sampling")
 RESUME_TRAIN_KEYS = ("optimizer", "momentum", "weight_decay", "seed")
+
+OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,11 +289,7 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
         if dist.is_main:
             swap_in(staging, target)
-        message = (
-            str(error)
-            .replace(str(staging), str(run_dir))
-            .replace(RESUME_ADVICE, "the same command with --resume in place of --overwrite")
-        )
+        message = str(error).replace(str(staging), str(run_dir))
         replaced = f" (the new run has replaced the previous one in {run_dir})"
         raise type(error)(message + replaced, error.exit_code) from None
     finally:
@@ -401,6 +398,8 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         init_from=start.init_from,
         init_from_label=start.init_label,
         best_kept=start.best_kept,
+        # an --overwrite session trains in a staging directory that its first checkpoint swaps in
+        resume_advice=RESUME_ADVICE if run_dir == final_dir else OVERWRITE_RESUME_ADVICE,
     )
     if dist.is_main:
         if not request.resume:

@@ -1,4 +1,4 @@
-"""The names of the files in a run directory, defined once (checkpoint.py names last/best).
+"""The names of the files in a run directory and beside it, defined once (layout: rundir.py).
 
 It imports nothing from drnn, so every module that reads or writes a run directory can use it.
 """
@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+LAST = "last.safetensors"  # a run's newest consistent state, the one --resume continues
+BEST = "best.safetensors"  # a run's best by validation perplexity (only with a validation split)
+RUN_MARKER = ".drnn-run"  # marks a directory as drnn's, so later runs may write into it
+LOCK_NAME = "train.lock"  # the OS file lock of the training process that owns the directory
+LATEST_MARKER = "latest"  # in the runs root: the path of the most recently started run
 
 
 @dataclass(frozen=True)

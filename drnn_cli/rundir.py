@@ -1,6 +1,6 @@
 """Run directories: where a run lives, which checkpoint stands for it, the latest run, its lock.
 
-Layout (the file names are defined in run_files.py, checkpoint.py and here)::
+Layout (the file names are defined in run_files.py)::
 
     runs/<name>/
       config.yaml        resolved config of the run
@@ -39,14 +39,11 @@ from pathlib import Path
 
 import filelock
 
-from drnn_cli.checkpoint import BEST, LAST
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_file
+from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_MARKER
 
 DEFAULT_RUNS_ROOT = Path("runs")  # relative: resolved against the working directory when used
-LATEST_MARKER = "latest"
-LOCK_NAME = "train.lock"
-RUN_MARKER = ".drnn-run"
 
 
 def holds_run(run_dir: Path) -> bool:

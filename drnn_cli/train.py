@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_batches, epoch_seed
 from drnn_cli.budget import Budget, Cadence, StopReason
-from drnn_cli.checkpoint import BEST, LAST, Checkpoint, NonFiniteCheckpoint, save_checkpoint
+from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
@@ -51,7 +51,7 @@ from drnn_cli.report import (
     read_metrics,
     write_run_files,
 )
-from drnn_cli.run_files import RunFiles
+from drnn_cli.run_files import BEST, LAST, RunFiles
 from drnn_cli.run_notes import data_notes, nothing_to_train
 from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
 from drnn_cli.signals import StopRequests
@@ -99,8 +99,10 @@ class Trainer:
         init_from: Checkpoint | None = None,
         init_from_label: str | None = None,
         best_kept: float | None = None,
+        resume_advice: str = RESUME_ADVICE,
     ) -> None:
         self.config = config
+        self.resume_advice = resume_advice  # how the user continues an interrupted session
         self.dataset = dataset
         self.run_dir = run_dir
         self.device = device
@@ -589,7 +591,7 @@ class Trainer:
         self._save(LAST, epoch, progress)
         raise TrainingInterrupted(
             f"training stopped by {self.stops.name} at epoch {epoch + 1}, step {progress.step if progress else 0}; "
-            f"a checkpoint of that step is in {self.run_dir / LAST}; continue with {RESUME_ADVICE}",
+            f"a checkpoint of that step is in {self.run_dir / LAST}; continue with {self.resume_advice}",
             exit_code=self.stops.exit_code,
         )
 

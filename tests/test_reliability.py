@@ -108,7 +108,7 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
 
     class StopAfterFirstEpoch(SilentReporter):
         def epoch_end(self, record: object) -> None:
-            raise DrnnError("training stopped by the test; continue with the same command plus --resume", 130)
+            os.kill(os.getpid(), signal.SIGINT)  # noted by the trainer, which stops at the next step
 
     config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
     train_run(TrainRequest(config))
@@ -118,7 +118,8 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
     with pytest.raises(DrnnError) as stopped:
         train_run(request, reporter=StopAfterFirstEpoch())
     assert str(stopped.value) == (
-        "training stopped by the test; continue with the same command with --resume in place of --overwrite "
+        "training stopped by SIGINT at epoch 2, step 0; a checkpoint of that step is in runs/tiny/last.safetensors; "
+        "continue with the same command with --resume in place of --overwrite "
         "(the new run has replaced the previous one in runs/tiny)"
     )  # "the same command plus --resume" would be refused: --resume --overwrite
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").config.train.seed == 7

@@ -44,7 +44,8 @@ from drnn_cli.trainer_state import TrainerState
 from drnn_cli.vocab import UNK, Vocab, encode_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
-# differ between a checkpoint and the run that continues from it.
+# differ between a checkpoint and a run fine-tuned from it (--init-from). A --resume also keeps
+# model.impl, so that it continues the same computation.
 ARCHITECTURE_KEYS = ("cell", "hidden_size", "num_layers", "embedding_dim", "nonlinearity", "tie_weights")
 TOKEN_KEYS = ("preprocess", "token")
 # Data keys that decide which tokens form the splits: a resumed run must see the same ones. Which
@@ -553,9 +554,10 @@ class EvalReport:
         }
 
 
-def default_split(config: Config) -> str:
-    """The split ``drnn eval`` reads when none is named: validation if the run has one, else train."""
-    return "val" if config.data.val_fraction > 0 else "train"
+def default_split(splits: Splits) -> str:
+    """The split ``drnn eval`` reads when none is named: validation if the run has one (2 tokens or
+    more: a `data.val_fraction` too small for the text leaves none, as training said), else train."""
+    return "val" if len(splits.val) >= 2 else "train"
 
 
 def evaluate_split(
@@ -565,7 +567,7 @@ def evaluate_split(
     rows: int | None = None,
     corpus_file: Path | None = None,
 ) -> EvalReport:
-    """Perplexity of the checkpoint on a split of its own corpus (default: :func:`default_split`), or on
+    """Perplexity of the checkpoint on a split of its own corpus (None: :func:`default_split`), or on
     all of ``data_file``. ``corpus_file``: where the run's corpus is now, when it moved (its SHA-1 must
     match the checkpoint's).
 
@@ -573,11 +575,11 @@ def evaluate_split(
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
     """
     config = loaded.checkpoint.config
-    split = split if split is not None else default_split(config)
     if data_file is not None:
         tokens, source = _file_tokens(data_file, loaded.checkpoint)
+        split_name = "file"
     else:
-        tokens, source = _split_tokens(loaded, split, corpus_file)
+        tokens, source, split_name = _split_tokens(loaded, split, corpus_file)
     result = evaluate(
         loaded.model, tokens, rows or config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
     )
@@ -587,7 +589,6 @@ def evaluate_split(
     except (KeyError, TypeError):  # a checkpoint without a trainer state: its epoch is all there is
         step = None
     unknown = int((tokens[1:] == checkpoint.vocab[UNK]).sum())  # the first token is read, not predicted
-    split_name = "file" if data_file is not None else split
     return EvalReport(split_name, checkpoint.epoch, result, source, step, unknown)
 
 
@@ -601,10 +602,14 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
     return encode_tokens(stream, checkpoint.vocab), str(data_file)
 
 
-def _split_tokens(loaded: LoadedModel, split: str, corpus_file: Path | None) -> tuple[torch.Tensor, str]:
-    """A split of the run's own corpus: where ``corpus_file`` says, else where the checkpoint (or, when
-    that place is gone, the run's ``config.yaml``) says; refused unless it is the same text."""
+def _split_tokens(
+    loaded: LoadedModel, split: str | None, corpus_file: Path | None
+) -> tuple[torch.Tensor, str, str]:
+    """A split of the run's own corpus (None: :func:`default_split`), its source and its name: where
+    ``corpus_file`` says, else where the checkpoint (or, when that place is gone, the run's
+    ``config.yaml``) says; refused unless it is the same text."""
     checkpoint = loaded.checkpoint
+    named = split or "default"  # for the messages below, before the corpus says which split that is
     data = checkpoint.config.data
     if corpus_file is not None:
         require_regular_file(corpus_file, "--corpus file", "give --corpus the run's corpus, moved")
@@ -613,7 +618,7 @@ def _split_tokens(loaded: LoadedModel, split: str, corpus_file: Path | None) -> 
         moved = _corpus_path_of_run(loaded.path.parent)
         if moved is None or not Path(moved).expanduser().exists():
             raise DrnnError(
-                f"cannot evaluate the {split} split: the run's corpus {data.path} is not there (moved, or "
+                f"cannot evaluate the {named} split: the run's corpus {data.path} is not there (moved, or "
                 "on another machine); say where it is with --corpus FILE, or score any text with --data FILE"
             )
         data = data.model_copy(update={"path": moved})
@@ -621,12 +626,13 @@ def _split_tokens(loaded: LoadedModel, split: str, corpus_file: Path | None) -> 
         data,
         checkpoint.vocab,
         checkpoint.corpus_sha1,
-        f"evaluate the {split} split",
+        f"evaluate the {named} split",
         "give --corpus the run's own text, or score this file whole with --data FILE"
         if corpus_file is not None
         else "restore the file, or score other text with --data FILE",
     )
-    return _split_or_error(dataset.splits, split, checkpoint.config), f"{dataset.path} [{split}]"
+    split = split or default_split(dataset.splits)
+    return _split_or_error(dataset.splits, split, checkpoint.config), f"{dataset.path} [{split}]", split
 
 
 def _same_corpus_named(saved: Config, now: Config) -> bool:

@@ -63,7 +63,7 @@ class DataConfig(_Section):
         "char", description="character or whitespace-separated word tokens"
     )
     max_tokens: int = Field(
-        -1, ge=-1, le=MAX_COUNT * 100, description="keep only the first N tokens (-1 = all)"
+        -1, ge=-1, le=MAX_COUNT * 100, description="keep only the first N tokens (-1 = all; 0 is refused)"
     )
     min_freq: int = Field(0, ge=0, le=MAX_COUNT, description="tokens rarer than this map to <unk>")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="tail share held out for validation")
@@ -134,7 +134,9 @@ class ModelConfig(_Section):
         "torch",
         description="torch: PyTorch defaults (recurrent weights uniform(±1/√H)); d2l: normal(0, 0.01), zero biases",
     )
-    tie_weights: bool = Field(False, description="share embedding and output weights (needs embedding_dim)")
+    tie_weights: bool = Field(
+        False, description="share embedding and output weights (needs embedding_dim = hidden_size)"
+    )
 
     @field_validator("bidirectional")
     @classmethod

@@ -1,6 +1,6 @@
 """The optimizer: which one, built how, on what schedule, restored from a checkpoint, readied for a graph.
 
-``train.optimizer`` names SGD, Adam or AdamW (README "Training"); the learning rate follows
+``train.optimizer`` names SGD, Adam or AdamW (README "Configuration"); the learning rate follows
 ``train.schedule`` with an optional warm-up. How PyTorch runs the update (its per-tensor loop,
 foreach or fused kernels, capturable step counters) is chosen here for the run at hand: a CUDA graph
 needs step counters on the device and, under fp16, fused updates that skip overflowed steps there.

@@ -1,6 +1,6 @@
 """One training step on preallocated ("static") buffers: run eagerly, or captured once as a CUDA graph.
 
-The step (README "Training"): mean cross-entropy over the B·T targets, backward, clip the global
+The step (README "Reproducing d2l"): mean cross-entropy over the B·T targets, backward, clip the global
 gradient norm to ``train.clip``, optimizer step, then the state carry: with sequential sampling the
 final state is copied (detached) into the input-state buffer the next minibatch starts from; with
 random sampling that buffer is zeroed before every minibatch. Every tensor the step reads lives at a

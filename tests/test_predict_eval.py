@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from drnn_cli.batches import split_tokens
 from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
 from drnn_cli.commands import Continuation, PredictReport, default_split, evaluate_split, load_model, predict
-from drnn_cli.config import ModelConfig, build_config
+from drnn_cli.config import ModelConfig
 from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
@@ -278,8 +279,12 @@ def test_eval_reads_the_validation_split_unless_the_run_has_none(tiny_run: Path)
     loaded = load_model(tiny_run, None, "cpu")
     report = evaluate_split(loaded)
     assert (report.split, report.result.tokens) == ("val", 600 - 1)
-    assert default_split(build_config({"data": {"val_fraction": 0.0}})) == "train"
-    assert default_split(build_config({"data": {"val_fraction": 0.1}})) == "val"
+    tokens = torch.arange(100)
+    assert default_split(split_tokens(tokens, val_fraction=0.0, test_fraction=0.0)) == "train"
+    assert default_split(split_tokens(tokens, val_fraction=0.02, test_fraction=0.0)) == "val"  # 2 tokens
+    assert (
+        default_split(split_tokens(tokens, val_fraction=0.015, test_fraction=0.0)) == "train"
+    )  # 1 token: none
 
 
 def test_eval_json_fields(tiny_run: Path, cli):

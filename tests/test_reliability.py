@@ -192,6 +192,11 @@ def test_settings_this_text_cannot_honour_are_noted_on_one_line_each(workdir: Pa
         "set train.sample_prefixes to text it can spell"
         for prefix in ("time traveller", "traveller")
     ]
+    code, out, err = cli(
+        "eval", "--json"
+    )  # no validation to read: the default split is train, as the note says
+    assert code == 0, err
+    assert json.loads(out)["split"] == "train"
 
 
 def test_resume_and_overwrite_together_are_refused_and_the_run_is_kept(workdir: Path, cli):

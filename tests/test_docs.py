@@ -51,3 +51,18 @@ def test_quickstart_is_two_commands_that_train_the_seed_preset_predict_evaluate_
 
 def test_readme_has_no_unfilled_placeholders():
     assert not re.search(r"^[A-Z0-9_]{6,}$", README, flags=re.M)
+
+
+def test_readme_sections_cited_in_the_code_exist():
+    """Docstrings and messages point readers to README sections by name (`README "Using a GPU"`): each
+    name must begin a heading of the README, so that a renamed section cannot leave a dead pointer."""
+    headings = [line.lstrip("#").strip() for line in README.splitlines() if line.startswith("#")]
+    sources = [*sorted((REPO / "drnn_cli").glob("*.py")), *sorted((REPO / "scripts").glob("*.py"))]
+    cited = {
+        (path.name, name)
+        for path in sources
+        for name in re.findall(r'README "([^"]+)"', path.read_text(encoding="utf-8"))
+    }
+    assert len(cited) >= 7
+    dead = sorted((file, name) for file, name in cited if not any(h.startswith(name) for h in headings))
+    assert not dead, f"README sections cited but not found: {dead}"

@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -699,6 +700,8 @@ def run_training_benchmarks(
         except Exception as error:  # one broken configuration (Triton's errors included) ends only itself
             problem = f"{type(error).__name__}: {first_line(error)}"
             log(f"{name}: failed ({problem})")
+            if os.environ.get("DRNN_DEBUG"):  # as drnn itself does: the traceback, for a GPU run's log
+                traceback.print_exc()
             results[name] = {"name": name, "description": bench.description, "error": problem}
         if partial is not None:
             partial(training_report(device, results, kind))

@@ -73,6 +73,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 540
 MIN_STEP_S = 20  # a step with less time than this left is not started
+TEST_TIMEOUT_S = 120  # one test's limit inside the test step (with pytest-timeout)
+LOG_TAIL_CHARS = 400_000  # of each step's stdout and stderr, kept in log.txt
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
 PROFILED = "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,fused-lstm-seed"  # the profile step's configurations
 FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, both kept in fused.json
@@ -143,7 +145,13 @@ def drnn(*args: str) -> list[str]:
 def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
     """The steps, in order of importance: what must be known first runs first."""
     lstm2, full = "configs/lstm2.yaml", "configs/lstm_full.yaml"
-    pytest_args = ["-q", "-rfEs", "-p", "no:cacheprovider"] + (["-n", str(workers)] if workers > 1 else [])
+    # Short tracebacks, so that several failures through cuDNN or inductor all fit the log; a per-test
+    # limit (the GPU image has pytest-timeout), so that one hung test fails alone instead of taking the
+    # step and every result with it ("thread": a hang inside a CUDA call never returns to Python).
+    pytest_args = ["-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider"]
+    pytest_args += ["-n", str(workers)] if workers > 1 else []
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        pytest_args += ["--timeout", str(TEST_TIMEOUT_S), "--timeout-method", "thread"]
     graph = ("--set", "train.cuda_graph=on")
     eager = ("--set", "train.cuda_graph=off")  # explicit: auto is a graph on CUDA
     bf16 = ("--set", "train.precision=bf16")
@@ -386,8 +394,8 @@ def run_step(
             out, err = "", "gpu_check: the step's output could not be collected after it was killed"
         status = "timeout"
     seconds = time.monotonic() - started
-    log(out[-20000:])
-    log(err[-20000:])
+    log(out[-LOG_TAIL_CHARS:])
+    log(err[-LOG_TAIL_CHARS:])
     log(f"----- {step.name}: {status}, exit {process.returncode}, {seconds:.1f} s\n")
     note = "" if status == "ok" else (last_meaningful_line(err) or last_meaningful_line(out))
     return StepResult(step.name, step.title, status, seconds, process.returncode, note=note), out, err

@@ -406,7 +406,9 @@ def test_tokens_per_second_under_a_graph_time_the_gpu_not_the_launches(
         step(x, y)
     torch.cuda.synchronize()
     measured = sum(y.numel() for _, y in data[5:]) / (time.perf_counter() - started)
-    assert measured / 1.5 < reported.tokens_per_s < measured * 1.5, (reported.tokens_per_s, measured)
+    # Wide: under pytest -n the GPU is shared with other workers' tests, which can slow one of the two
+    # timings and not the other; the bug this guards against read 4.4× the real rate.
+    assert measured / 2.5 < reported.tokens_per_s < measured * 2.5, (reported.tokens_per_s, measured)
 
 
 def test_compiled_scratch_cells_inside_the_graph_train_as_the_plain_cells(

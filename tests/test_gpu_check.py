@@ -58,6 +58,33 @@ def test_the_steps_fit_the_device_call(gpu_check, tmp_path: Path) -> None:
     assert gpu_check.DEFAULT_BUDGET_S <= 560
 
 
+@pytest.mark.parametrize("has_pytest_timeout", [True, False])
+def test_one_hung_test_fails_alone_and_tracebacks_are_short(
+    gpu_check, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, has_pytest_timeout: bool
+) -> None:
+    """A CUDA call that never returns would otherwise take the test step's whole limit and, with
+    ``-q``, every result with it: each test gets its own limit where pytest-timeout is installed (the
+    GPU image has it), enforced from a thread; tracebacks are short so that all failures fit the log."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        gpu_check.importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            (object() if has_pytest_timeout else None)
+            if name == "pytest_timeout"
+            else real_find_spec(name, *a)
+        ),
+    )
+    tests = next(
+        step for step in gpu_check.build_plan(tmp_path, tmp_path / "c.txt", 8) if step.name == "tests"
+    )
+    assert "--tb=short" in tests.command
+    limit = ["--timeout", "120", "--timeout-method", "thread"]
+    joined = " ".join(tests.command)
+    assert (" ".join(limit) in joined) is has_pytest_timeout
+    assert tests.limit_s > gpu_check.TEST_TIMEOUT_S
+
+
 def test_every_benchmark_configuration_a_step_names_exists(gpu_check, tmp_path: Path) -> None:
     """A misspelt --configs name would cost a device call; bench.py refuses unknown names, here first."""
     spec = importlib.util.spec_from_file_location("drnn_bench_for_gpu_check", REPO / "scripts" / "bench.py")

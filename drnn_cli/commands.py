@@ -26,6 +26,7 @@ from drnn_cli.run_files import BEST, LAST, LOCK_NAME, RunFiles
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
     RunLock,
+    check_replaceable,
     check_run_dir,
     default_run_dir,
     discard,
@@ -278,6 +279,7 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
         return _train_locked(job, run_dir, run_dir)
     # A --run that is a symlink: the run it points at is replaced (on its own disk), the link kept.
     target = run_dir.resolve() if run_dir.is_symlink() else run_dir
+    check_replaceable(target)
     # Every torchrun rank trains "into" the staging directory (rank 0 alone writes); rank 0 alone
     # moves directories, so that no rank removes what another is about to swap in.
     staging = staging_dir(target)

@@ -48,3 +48,13 @@ class RunFiles:
     def tensorboard(self) -> Path:
         """TensorBoard event files (``train.tensorboard: true``)."""
         return self.run_dir / "tensorboard"
+
+    def written(self) -> tuple[Path, ...]:
+        """Every path above: what a run of drnn may have written into its directory."""
+        return (self.config, self.vocab, self.metrics, self.plot, self.init_from, self.tensorboard)
+
+
+# What drnn writes into a run directory, by name: anything else there is the user's.
+RUN_ENTRY_NAMES = frozenset(
+    {LAST, BEST, RUN_MARKER, LOCK_NAME, *(path.name for path in RunFiles(Path()).written())}
+)

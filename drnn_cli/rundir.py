@@ -41,7 +41,7 @@ import filelock
 
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_file
-from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_MARKER
+from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_ENTRY_NAMES, RUN_MARKER
 
 DEFAULT_RUNS_ROOT = Path("runs")  # relative: resolved against the working directory when used
 
@@ -91,6 +91,24 @@ def check_run_dir(run_dir: Path) -> None:
         raise DrnnError(
             f"{run_dir} is not a drnn run directory and holds files drnn did not write ({shown}); "
             f"drnn would overwrite config.yaml, vocab.json and metrics.jsonl there; {fix}"
+        )
+
+
+def check_replaceable(run_dir: Path) -> None:
+    """Refuse to replace (``--overwrite``) a run directory that also holds files drnn did not write:
+    the replacement deletes the old directory whole, and a user's notes, analyses, backups or corpus
+    kept there would go with it."""
+    try:
+        foreign = sorted(
+            name for name in os.listdir(run_dir) if name not in RUN_ENTRY_NAMES and not _is_bookkeeping(name)
+        )
+    except OSError as exc:
+        raise DrnnError(f"cannot read run directory {run_dir}: {exc.strerror}") from None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        raise DrnnError(
+            f"--overwrite would delete files drnn did not write in {run_dir} ({shown}); move them out of it, "
+            "or train into another directory with --run DIR"
         )
 
 

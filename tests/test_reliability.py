@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,32 @@ def test_a_failed_overwrite_keeps_the_previous_run(workdir: Path, cli):
     code, _, err = cli("train", "--config", str(config), "--overwrite", "--set", "data.batch_size=1000")
     assert_one_line_error(code, err, "needs 10001")
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
+
+
+def test_overwrite_refuses_a_run_directory_holding_files_drnn_did_not_write(workdir: Path, cli):
+    """The replacement deletes the old directory whole: a user's notes, a backup checkpoint, an
+    analysis folder or the very text the new run trains on would go with it."""
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    assert cli("train", "--config", str(config))[0] == 0
+    run = workdir / "runs" / "tiny"
+    (run / "notes.txt").write_text("lr 0.5 was better\n")
+    (run / "analysis").mkdir()
+    (run / "epoch1-backup.safetensors").write_bytes((run / "last.safetensors").read_bytes())
+    before = sorted(path.name for path in run.iterdir())
+    code, _, err = cli("train", "--config", str(config), "--overwrite", "--set", "train.seed=7")
+    assert_one_line_error(
+        code,
+        err,
+        "--overwrite would delete files drnn did not write in runs/tiny (analysis, epoch1-backup.safetensors, "
+        "notes.txt); move them out of it, or train into another directory with --run DIR",
+    )
+    assert sorted(path.name for path in run.iterdir()) == before
+    assert load_checkpoint(run / "last.safetensors").config.train.seed == 0  # the old run, untouched
+    for name in ("notes.txt", "analysis", "epoch1-backup.safetensors"):
+        shutil.move(run / name, workdir / name)
+    code, _, err = cli("train", "--config", str(config), "--overwrite", "--set", "train.seed=7")
+    assert code == 0, err  # only drnn's own files (and a TensorBoard folder, a plot) are replaced
+    assert load_checkpoint(run / "last.safetensors").config.train.seed == 7
 
 
 def test_overwrite_through_a_symlinked_run_replaces_the_run_it_points_at(workdir: Path, cli):

@@ -54,12 +54,13 @@ def data_notes(config: Config, validation_tokens: int, vocab: Vocab, device: tor
 
 
 def nothing_to_train(
-    reason: StopReason, train: TrainConfig, epochs_done: int, global_step: int, bad_evals: int
+    reason: StopReason, train: TrainConfig, epochs_done: float, global_step: int, bad_evals: int
 ) -> str:
-    """The note for a resume that finds the run over, naming the setting that lets it go on."""
+    """The note for a resume that finds the run over, naming the setting that lets it go on.
+    ``epochs_done`` is fractional for a run stopped inside an epoch."""
     why, fix = {
         "epochs": (
-            f"its epochs are done ({epochs_done} trained, train.epochs {train.epochs})",
+            f"its epochs are done ({epochs_done:g} trained, train.epochs {train.epochs})",
             "train.epochs=N",
         ),
         "patience": (

@@ -689,7 +689,7 @@ class Trainer:
             )
         else:
             self.reporter.note(
-                nothing_to_train(already, train, self.start_epoch, self.global_step, self.bad_evals)
+                nothing_to_train(already, train, began_at, self.global_step, self.bad_evals)
             )
         setup = (
             *self._notes,
@@ -753,7 +753,9 @@ class Trainer:
         self.reporter.finish()
         return TrainResult(
             run_dir=self.run_dir,
-            epochs=self.records[-1].epoch if self.records else began_at,
+            # the last metrics line, or where a resume that trained nothing began (inside an epoch,
+            # after the last line, when an interrupt stopped the run there)
+            epochs=max(self.records[-1].epoch, began_at) if self.records else began_at,
             start_epoch=began_at,
             start_step=self._first_step,
             train_ppl=train_ppl,

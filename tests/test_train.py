@@ -219,6 +219,14 @@ def test_run_stopped_mid_epoch_resumes_bit_identical(workdir: Path, monkeypatch:
     partial = load_checkpoint(workdir / "runs/split/last.safetensors")
     assert (partial.epoch, partial.step_in_epoch) == (1, 6)
     monkeypatch.setattr(Trainer, "_stop_requested", original)
+    notes: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = notes.append  # type: ignore[method-assign]
+    request = TrainRequest(config, ("train.epochs=1",), run_dir=Path("runs/split"), resume=True)
+    over = train_run(request, reporter=reporter)
+    # 1.25 epochs done (6 of epoch 2's 24 steps), not the last metrics line's 1
+    assert (over.start_epoch, over.epochs, over.stop_reason) == (1.25, 1.25, "epochs")
+    assert notes[0].startswith("nothing to train: its epochs are done (1.25 trained, train.epochs 1)")
     resumed = train(config, run_dir=Path("runs/split"), resume=True)
     straight, split = _weights(workdir / "runs/straight"), _weights(workdir / "runs/split")
     assert all(torch.equal(straight[name], split[name]) for name in straight)

@@ -63,7 +63,24 @@ SPLIT_KEYS = (
 # layout (a mid-epoch checkpoint carries the state of its rows), the optimizer (its state is restored
 # as saved) and the seed (it drives the batching of the remaining epochs).
 RESUME_DATA_KEYS = (*SPLIT_KEYS, "batch_size", "num_steps", "sampling")
-RESUME_TRAIN_KEYS = ("optimizer", "momentum", "weight_decay", "seed")
+RESUME_TRAIN_KEYS = ("optimizer", "momentum", "weight_decay", "decay_biases", "seed")
+# What a resume may change that changes the training from there on: said in a note, not refused. The
+# other train keys are how long, how often and where (epochs, budgets, cadences, device), changed
+# freely; model.init does nothing to a run that loads its weights, so a resume keeps it too.
+RESUME_NOTED_KEYS = {
+    "model": (
+        "dropout",
+        "input_dropout",
+        "output_dropout",
+        "dropout_kind",
+        "embedding_dropout",
+        "weight_drop",
+    ),
+    "train": (
+        *("lr", "schedule", "warmup_epochs", "step_size", "gamma", "min_lr", "clip"),
+        *("ar", "tar", "average", "average_decay", "average_start", "precision"),
+    ),
+}
 
 OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"
 
@@ -148,14 +165,19 @@ def differing_keys(old: Config, new: Config, section: str, keys: tuple[str, ...]
     return [f"{section}.{key}" for key in keys if getattr(before, key) != getattr(after, key)]
 
 
-def _describe_differences(old: Config, new: Config, keys: list[str]) -> str:
-    def value(config: Config, dotted: str) -> object:
-        section, key = dotted.split(".")
-        return getattr(getattr(config, section), key)
+def _setting(config: Config, dotted: str) -> object:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
 
+
+def _describe_differences(old: Config, new: Config, keys: list[str]) -> str:
     return ", ".join(
-        f"{key} ({value(old, key)!r} in the checkpoint, {value(new, key)!r} now)" for key in keys
+        f"{key} ({_setting(old, key)!r} in the checkpoint, {_setting(new, key)!r} now)" for key in keys
     )
+
+
+def _describe_changes(old: Config, new: Config, keys: list[str]) -> str:
+    return ", ".join(f"{key} {_setting(old, key)!r} → {_setting(new, key)!r}" for key in keys)
 
 
 def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
@@ -314,6 +336,7 @@ class _StartPoint:
     vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
     expected_sha1: str | None = None  # the text a resumed run was trained on
     best_kept: float | None = None  # the perplexity of `best` on disk, which a worse model never replaces
+    changes: str | None = None  # a resume's note on the settings it changed (RESUME_NOTED_KEYS)
 
 
 def _resume_point(run_dir: Path, config: Config, device: torch.device) -> _StartPoint:
@@ -327,7 +350,7 @@ def _resume_point(run_dir: Path, config: Config, device: torch.device) -> _Start
             )
         raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
     checkpoint = load_checkpoint(last, device)
-    changed = differing_keys(checkpoint.config, config, "model", (*ARCHITECTURE_KEYS, "impl"))
+    changed = differing_keys(checkpoint.config, config, "model", (*ARCHITECTURE_KEYS, "impl", "init"))
     changed += differing_keys(checkpoint.config, config, "data", RESUME_DATA_KEYS)
     if checkpoint.corpus_sha1 is None and not _same_corpus_named(checkpoint.config, config):
         changed.append("data.path")  # a checkpoint too old to know its text's SHA-1: the name must do
@@ -345,8 +368,23 @@ def _resume_point(run_dir: Path, config: Config, device: torch.device) -> _Start
     # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
     best = run_dir / BEST
     best_kept = read_checkpoint_info(best).best_val_ppl if best.is_file() else None  # the header is enough
+    noted = [
+        key
+        for section, keys in RESUME_NOTED_KEYS.items()
+        for key in differing_keys(checkpoint.config, config, section, keys)
+    ]
+    changes = (
+        f"--resume with settings changed since the checkpoint: {_describe_changes(checkpoint.config, config, noted)} "
+        "(the run trains on with them; its config.yaml records them)"
+        if noted
+        else None
+    )
     return _StartPoint(
-        resume=checkpoint, vocab=checkpoint.vocab, expected_sha1=checkpoint.corpus_sha1, best_kept=best_kept
+        resume=checkpoint,
+        vocab=checkpoint.vocab,
+        expected_sha1=checkpoint.corpus_sha1,
+        best_kept=best_kept,
+        changes=changes,
     )
 
 
@@ -387,6 +425,8 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         "point data.path at that text, or start a new run with --run DIR",
         job.progress,
     )
+    if start.changes is not None and reporter is not None:
+        reporter.note(start.changes)
     if start.init_from is not None:
         limit = request.max_unknown_fraction
         _check_unknown_share(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit, reporter)

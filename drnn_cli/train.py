@@ -688,9 +688,7 @@ class Trainer:
                 )
             )
         else:
-            self.reporter.note(
-                nothing_to_train(already, train, began_at, self.global_step, self.bad_evals)
-            )
+            self.reporter.note(nothing_to_train(already, train, began_at, self.global_step, self.bad_evals))
         setup = (
             *self._notes,
             *data_notes(self.config, len(self.val_tokens), self.dataset.vocab, self.device),

@@ -88,9 +88,19 @@ def test_adamw_decays_matrices_and_leaves_biases_undecayed():
 
 
 def test_a_run_written_with_one_adamw_group_resumes_with_one(workdir: Path):
+    """Checkpoints from before biases went undecayed hold one AdamW group and no decay_biases
+    setting (it reads as the default, False): the resumed run keeps the grouping it was trained with."""
+    from drnn_cli.checkpoint import save_checkpoint
+
     config = write_config(workdir, TINY)
     adamw = ("train.optimizer=adamw", "train.weight_decay=0.01")
-    train(config, *adamw, "train.decay_biases=true", "train.epochs=1")  # as checkpoints before the split
+    train(config, *adamw, "train.decay_biases=true", "train.epochs=1")  # one group
+    last = workdir / "runs/tiny/last.safetensors"
+    old = load_checkpoint(last)
+    old.config = old.config.model_copy(
+        update={"train": old.config.train.model_copy(update={"decay_biases": False})}
+    )
+    save_checkpoint(last, old)
     resumed = train(config, *adamw, "train.epochs=2", resume=True)
     assert resumed.epochs == 2
     state = load_checkpoint(workdir / "runs/tiny/last.safetensors").trainer_state
@@ -249,6 +259,32 @@ def test_resume_refuses_a_changed_model_or_corpus(workdir: Path):
         train(config, "train.optimizer=sgd", resume=True)
     with pytest.raises(DrnnError, match="data.batch_size"):
         train(config, "data.batch_size=4", resume=True)
+
+
+def test_resume_says_which_training_settings_it_changes_and_refuses_those_it_cannot_apply(workdir: Path):
+    """The rate, clipping, regularisers, averaging and precision may change on a resume (lowering the
+    rate of a run that plateaued is common), but not silently; settings a resumed run cannot take up
+    (its parameter groups, its initialisation) are refused by name."""
+    config = write_config(workdir, TINY)
+    train(config, "train.epochs=1")
+    notes: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = notes.append  # type: ignore[method-assign]
+    overrides = ("train.epochs=2", "train.lr=0.002", "train.clip=0.5", "model.dropout=0.25")
+    train_run(TrainRequest(config, overrides, resume=True), reporter=reporter)
+    assert notes[0] == (
+        "--resume with settings changed since the checkpoint: model.dropout 0.0 → 0.25, train.lr 0.01 → 0.002, "
+        "train.clip 1.0 → 0.5 (the run trains on with them; its config.yaml records them)"
+    )
+    notes.clear()
+    train_run(TrainRequest(config, ("train.epochs=3", *overrides[1:]), resume=True), reporter=reporter)
+    assert not [
+        note for note in notes if "changed since the checkpoint" in note
+    ]  # the checkpoint has them now
+    with pytest.raises(DrnnError, match=r"train.decay_biases \(False in the checkpoint, True now\)"):
+        train(config, "train.decay_biases=true", resume=True)
+    with pytest.raises(DrnnError, match=r"model.init \('torch' in the checkpoint, 'd2l' now\)"):
+        train(config, "model.init=d2l", resume=True)
 
 
 def test_resume_refuses_a_corpus_file_that_changed(workdir: Path, corpus_path: Path):

@@ -35,7 +35,9 @@ from drnn_cli.rundir import (
     latest_run,
     mark_latest,
     mark_run_dir,
+    recorded_latest,
     resolve_checkpoint,
+    restore_latest,
     staging_dir,
     swap_in,
 )
@@ -444,17 +446,24 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         # an --overwrite session trains in a staging directory that its first checkpoint swaps in
         resume_advice=RESUME_ADVICE if run_dir == final_dir else OVERWRITE_RESUME_ADVICE,
     )
+    previous_latest: Path | None = None
     if dist.is_main:
         if not request.resume:
             files = RunFiles(run_dir)
             for stale in (run_dir / LAST, run_dir / BEST, files.metrics, files.plot, files.init_from):
                 stale.unlink(missing_ok=True)
         mark_run_dir(run_dir)
+        previous_latest = recorded_latest(request.runs_root)
         if not mark_latest(final_dir, request.runs_root) and reporter is not None:
             reporter.note(
                 f"cannot record the latest run in {request.runs_root}/ (not writable); pass --run to predict/eval"
             )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except BaseException:
+        if dist.is_main and not holds_run(run_dir) and not holds_run(final_dir):
+            restore_latest(final_dir, previous_latest, request.runs_root)  # it ended without a checkpoint
+        raise
 
 
 def _load_same_corpus(

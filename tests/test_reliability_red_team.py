@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -146,6 +147,25 @@ def test_nan_weights_are_never_checkpointed_and_the_message_says_none_was(
     code, _, err = cli("train", "--config", str(config_file(workdir, tiny(checkpoint_every=1))))
     assert_one_line_error(code, err, "NaN or infinite by epoch 1", "no checkpoint was written")
     assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()
+
+
+def test_a_new_run_that_ends_without_a_checkpoint_does_not_become_the_latest_run(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """``drnn predict`` and ``drnn eval`` go on using the run recorded before, not one with no weights."""
+    assert cli("train", "--config", str(config_file(workdir, tiny(epochs=1))), "--run", "runs/good")[0] == 0
+    with monkeypatch.context() as poisoned:
+        poison_after_epoch(poisoned, 1)
+        code, _, err = cli("train", "--config", str(config_file(workdir, tiny())), "--run", "runs/bad")
+    assert_one_line_error(code, err, "NaN or infinite", "no checkpoint was written")
+    assert Path((workdir / "runs" / "latest").read_text().strip()) == (workdir / "runs" / "good").resolve()
+    code, out, err = cli("eval", "--json")
+    assert code == 0, err
+    assert (json.loads(out)["split"], json.loads(out)["epoch"]) == ("train", 1)
+    shutil.rmtree(workdir / "runs")
+    poison_after_epoch(monkeypatch, 1)
+    cli("train", "--config", str(config_file(workdir, tiny())), "--run", "runs/bad")
+    assert not (workdir / "runs" / "latest").exists()  # no run before it: none recorded
 
 
 def test_nan_after_a_checkpoint_names_the_good_checkpoint_that_was_kept(

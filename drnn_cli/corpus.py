@@ -118,6 +118,7 @@ def fetch_corpus(
     if cached is not None:
         return cached
     url = corpus_url(spec)
+    misplaced = file_sha1(target) if target.is_file() else None  # a file there, but not this corpus
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -125,7 +126,14 @@ def fetch_corpus(
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     limits = _Limits(spec.size, timeout, time.monotonic() + deadline)
     try:
-        actual = _download_with_retries(url, partial, progress, retries, limits, backoff)
+        try:
+            actual = _download_with_retries(url, partial, progress, retries, limits, backoff)
+        except DrnnError as error:
+            if misplaced is None:
+                raise
+            raise DrnnError(
+                f"{target} is not the {name} corpus (its SHA-1 is {misplaced}, expected {spec.sha1}), and {error}"
+            ) from None
         if actual != spec.sha1:
             raise DrnnError(
                 f"checksum mismatch for {url}: expected SHA-1 {spec.sha1}, got {actual}; the download was "

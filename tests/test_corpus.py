@@ -136,6 +136,25 @@ def test_a_verified_cache_needs_no_network_at_all(
     assert fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0).sha1 == SHA1
 
 
+def test_another_file_in_the_corpus_cache_is_named_when_the_download_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, corpus_path: Path
+) -> None:
+    """Offline, with a truncated copy at the corpus's place: the message says that file is the
+    problem (it used to say only that the download failed, and to copy the file there)."""
+    truncated = corpus_path.read_bytes()[:100_000]
+    (tmp_path / "timemachine.txt").write_bytes(truncated)
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("DRNN_DATA_URL", url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with pytest.raises(DrnnError) as caught:
+        fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0, timeout=5)
+    assert str(caught.value).startswith(
+        f"{tmp_path / 'timemachine.txt'} is not the timemachine corpus (its SHA-1 is "
+        f"{hashlib.sha1(truncated).hexdigest()}, expected {SHA1}), and cannot download {url}/timemachine.txt ("
+    )
+    assert (tmp_path / "timemachine.txt").read_bytes() == truncated  # left as it was
+
+
 def test_a_trailing_slash_on_the_mirror_url_is_harmless(
     mirror: Mirror, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -122,7 +122,10 @@ def fetch_corpus(
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DrnnError(f"cannot create the corpus cache {cache_dir}: {exc}; set {DATA_DIR_ENV}") from None
+        what = "is a file, not a directory" if cache_dir.is_file() else f"cannot be created ({exc.strerror})"
+        raise DrnnError(
+            f"the corpus cache {cache_dir} {what}; set {DATA_DIR_ENV} to a directory drnn may write"
+        ) from None
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
     limits = _Limits(spec.size, timeout, time.monotonic() + deadline)
     try:
@@ -268,7 +271,9 @@ def _not_utf8(path: Path, offset: int) -> DrnnError:
 
 
 def _empty(path: Path) -> DrnnError:
-    return DrnnError(f"corpus file {path} is empty; give data.path a file with text in it")
+    return DrnnError(
+        f"corpus file {path} holds no text (it is empty or only white space); use a file with text in it"
+    )
 
 
 _CHECK_BYTES = 1 << 20  # 1 MiB decoded at a time to check a non-ASCII file is UTF-8
@@ -302,7 +307,7 @@ def _check_utf8_text(path: Path, data: bytearray) -> None:
     """Raise ``read_text``'s errors: not UTF-8 (at the same offset), or nothing but white space."""
     ascii_only = data.isascii()  # then it is UTF-8, and the first non-blank chunk ends the scan
     decoder = codecs.getincrementaldecoder("utf-8")()
-    has_text = False
+    has_text, first_piece = False, True
     with memoryview(data) as view:
         for start in range(0, len(data), _CHECK_BYTES):
             pending = len(decoder.getstate()[0])  # bytes of a character split by the last chunk
@@ -312,6 +317,8 @@ def _check_utf8_text(path: Path, data: bytearray) -> None:
                 )
             except UnicodeDecodeError as exc:  # exc.start counts from the pending bytes
                 raise _not_utf8(path, start - pending + exc.start) from None
+            if first_piece and piece:  # a byte order mark is dropped when read: a file of only one is empty
+                piece, first_piece = piece.removeprefix(BYTE_ORDER_MARK), False
             has_text = has_text or bool(piece.strip())
             if has_text and ascii_only:
                 return

@@ -182,7 +182,7 @@ def _build_vocab(counts: dict[str, int], path: Path, config: DataConfig) -> Voca
 
 
 def _no_tokens(path: Path, config: DataConfig) -> DrnnError:
+    fix = "use a file with text in it" if config.preprocess == "none" else "try data.preprocess: none"
     return DrnnError(
-        f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; "
-        f"try data.preprocess: none"
+        f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; {fix}"
     )

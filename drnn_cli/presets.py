@@ -92,6 +92,8 @@ def closest_first(name: str, names: list[str]) -> list[str]:
 def find_config(value: str, root: Path | None = None) -> Path:
     """What ``--config VALUE`` names: an existing file (it wins), else a preset, else a ConfigError
     that lists the presets, the closest name first."""
+    if not value.strip():  # Path("") is the current directory
+        raise ConfigError("--config is empty; give a config file or a preset name (drnn presets lists them)")
     given = Path(value).expanduser()
     files = preset_files(root)
     name = preset_name(value)

@@ -122,14 +122,28 @@ def test_read_utf8_names_the_same_offset_as_read_text_across_check_chunks(
         assert str(new.value) == str(old.value) and "offset 39" in str(old.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"   \n\t\r\n  \n", "\u3000\n".encode(), b"\x1c\x1f"])
-def test_read_utf8_refuses_a_blank_file_like_read_text(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"   \n\t\r\n  \n", "\u3000\n".encode(), b"\x1c\x1f", b"\xef\xbb\xbf", b"\xef\xbb\xbf \n"],
+)
+@pytest.mark.parametrize("check_bytes", [1, 1 << 20])
+def test_read_utf8_refuses_a_blank_file_like_read_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, check_bytes: int
+) -> None:
+    """Nothing but white space, or a byte order mark (dropped when read), is no text, however the
+    bytes are chunked."""
     path = tmp_path / "blank.txt"
     path.write_bytes(content)
-    with pytest.raises(DrnnError, match="empty"):
+    monkeypatch.setattr(corpus, "_CHECK_BYTES", check_bytes)
+    message = (
+        f"corpus file {path} holds no text (it is empty or only white space); use a file with text in it"
+    )
+    with pytest.raises(DrnnError) as new:
         read_utf8(path)
-    with pytest.raises(DrnnError, match="empty"):
+    assert str(new.value) == message
+    with pytest.raises(DrnnError) as old:
         read_text(path)
+    assert str(old.value) == message
 
 
 def test_a_fixed_vocabulary_of_more_than_256_tokens_encodes_to_int16_like_the_str_path(

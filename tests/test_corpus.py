@@ -155,6 +155,16 @@ def test_another_file_in_the_corpus_cache_is_named_when_the_download_fails(
     assert (tmp_path / "timemachine.txt").read_bytes() == truncated  # left as it was
 
 
+def test_a_corpus_cache_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    cache = tmp_path / "data"
+    cache.write_text("not a directory")
+    with pytest.raises(DrnnError) as caught:
+        fetch_corpus("timemachine", cache_dir=cache, retries=1, backoff=0)
+    assert str(caught.value) == (
+        f"the corpus cache {cache} is a file, not a directory; set DRNN_DATA_DIR to a directory drnn may write"
+    )
+
+
 def test_a_trailing_slash_on_the_mirror_url_is_harmless(
     mirror: Mirror, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -107,6 +107,13 @@ def test_a_directory_is_not_a_preset(workdir: Path):
             find_config(value)
     with pytest.raises(ConfigError, match=r"--config \.: a directory, not a config file, and no such preset"):
         find_config(".")
+    for blank in ("", "  "):  # Path("") is the current directory, which is no reason to name a directory
+        with pytest.raises(ConfigError) as refused:
+            find_config(blank)
+        assert (
+            str(refused.value)
+            == "--config is empty; give a config file or a preset name (drnn presets lists them)"
+        )
     os.mkfifo(workdir / "fifo.yaml")  # a FIFO is handed on: reading the config refuses it by name
     with pytest.raises(ConfigError, match="config file fifo.yaml is a FIFO, not a regular file"):
         load_config(find_config("fifo.yaml"))

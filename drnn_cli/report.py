@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from drnn_cli import strict_json
 from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, dump_config
+from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, atomic_write_text
 from drnn_cli.plot import render_perplexity_plot
 from drnn_cli.run_files import RunFiles
@@ -191,7 +192,7 @@ def write_run_files(
 
 class PlotRefresh:
     """Redraws ``perplexity.png`` at most every ``every`` seconds (or when forced); says once when
-    matplotlib is missing."""
+    matplotlib is missing or the file cannot be written, and stops trying."""
 
     def __init__(self, path: Path, reporter: Reporter, every: float = 5.0) -> None:
         self.path = path
@@ -210,4 +211,8 @@ class PlotRefresh:
             self._ok = False  # say it once, not at every refresh
             self.reporter.note("matplotlib is not installed: no plot (pip install 'drnn[plot]')")
             return
-        atomic_write_bytes(self.path, png)
+        try:
+            atomic_write_bytes(self.path, png)
+        except DrnnError as error:  # the plot is a view of metrics.jsonl: no reason to stop training
+            self._ok = False
+            self.reporter.note(f"{error}; training goes on without the plot")

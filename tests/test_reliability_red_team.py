@@ -168,6 +168,24 @@ def test_a_new_run_that_ends_without_a_checkpoint_does_not_become_the_latest_run
     assert not (workdir / "runs" / "latest").exists()  # no run before it: none recorded
 
 
+def test_a_plot_that_cannot_be_written_is_noted_once_and_training_goes_on(workdir: Path, cli):
+    """perplexity.png is a view of metrics.jsonl: failing to write it must not stop a run (it did, at the
+    first epoch end, with metrics.jsonl ahead of the last checkpoint)."""
+    config = config_file(workdir, tiny(epochs=1))
+    assert cli("train", "--config", str(config))[0] == 0
+    plot = workdir / "runs" / "tiny" / "perplexity.png"
+    plot.unlink()
+    plot.mkdir()  # in the way of the atomic rename
+    code, out, err = cli("train", "--config", str(config), "--resume", "--set", "train.epochs=3")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "perplexity.png" in line]
+    assert len(notes) == 1 and notes[0].startswith(
+        f"note: cannot write {Path('runs') / 'tiny' / 'perplexity.png'}: "
+    )
+    assert notes[0].endswith("; training goes on without the plot")
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 3
+
+
 def test_nan_after_a_checkpoint_names_the_good_checkpoint_that_was_kept(
     workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
 ):

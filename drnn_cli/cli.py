@@ -283,7 +283,10 @@ class RichReporter:
         status += f"  {record.tokens_per_s:,.0f} tok/s"
         inside_epoch = record.epoch != int(record.epoch)  # an evaluation or a budget's end inside an epoch
         if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, completed=record.epoch, epoch=int(record.epoch), status=status)
+            # the epoch's steps are done: its count would stand still at the last half-second's
+            self.progress.update(
+                self.task, completed=record.epoch, epoch=int(record.epoch), status=status, steps=""
+            )
         elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
             where = f"step {record.step:,}  " if record.step else ""
             epoch = f"{record.epoch:.2f}" if inside_epoch else f"{record.epoch:g}"

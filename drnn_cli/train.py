@@ -395,7 +395,7 @@ class Trainer:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
             torch.manual_seed(epoch_seed(self.config.train.seed, epoch) * 1_009 + self.dist.rank)
         started = self._training_clock() - progress.elapsed
-        shown = 0.0
+        shown = time.monotonic()  # the bar shows steps once an epoch has run half a second
         self.model.train()
         for step, (x, y) in enumerate(batches):
             if step < progress.step:

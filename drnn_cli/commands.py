@@ -257,7 +257,9 @@ def train_run(
                     f"--run {run_dir} is the file where drnn records the latest run; pick another name"
                 )
             check_run_dir(run_dir)
-        created = not run_dir.exists()
+        # the outermost folder this run creates (runs/ itself, on a first run): removed again, if empty,
+        # by a run that fails before writing anything
+        created = next((p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()), None)
         lock = RunLock(run_dir) if dist.is_main else None
         if lock is not None:
             lock.acquire()
@@ -269,12 +271,22 @@ def train_run(
         finally:
             if lock is not None:
                 lock.release()
-                if created and run_dir.is_dir() and not (set(os.listdir(run_dir)) - {LOCK_NAME}):
-                    shutil.rmtree(
-                        run_dir, ignore_errors=True
-                    )  # a run that failed before writing leaves nothing
+                if created is not None and run_dir.is_dir() and not (set(os.listdir(run_dir)) - {LOCK_NAME}):
+                    _remove_created(run_dir, created)  # a run that failed before writing leaves nothing
     finally:
         shutdown_distributed(dist, finished)
+
+
+def _remove_created(run_dir: Path, created: Path) -> None:
+    """Remove ``run_dir`` (its lock at most) and its parents up to ``created`` while they are empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in run_dir.parents:
+        if not folder.is_relative_to(created):
+            break
+        try:
+            folder.rmdir()  # only if empty: another run may have appeared there meanwhile
+        except OSError:
+            break
 
 
 @dataclass(frozen=True)

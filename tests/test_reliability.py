@@ -71,7 +71,10 @@ def test_corpus_shorter_than_one_minibatch_names_the_sizes(workdir: Path, cli):
     config = config_file(workdir, {**TINY, "data": {"max_tokens": 50, "batch_size": 8, "num_steps": 10}})
     code, _, err = cli("train", "--config", str(config))
     assert_one_line_error(code, err, "50 tokens", "needs 81", "lower data.batch_size or data.num_steps")
-    assert not (workdir / "runs" / "tiny").exists() and not (workdir / "runs" / "latest").exists()
+    assert not (workdir / "runs").exists()  # a first run that failed before writing leaves no runs/ behind
+    (workdir / "runs" / "other").mkdir(parents=True)
+    code, _, err = cli("train", "--config", str(config))
+    assert sorted(path.name for path in (workdir / "runs").iterdir()) == ["other"]  # what was there stays
 
 
 def test_a_failed_overwrite_keeps_the_previous_run(workdir: Path, cli):

@@ -48,7 +48,7 @@ from drnn_cli.vocab import UNK, Vocab, encode_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and a run fine-tuned from it (--init-from). A --resume also keeps
-# model.impl, so that it continues the same computation.
+# model.impl (the same computation) and model.init (RESUME_NOTED_KEYS says why).
 ARCHITECTURE_KEYS = ("cell", "hidden_size", "num_layers", "embedding_dim", "nonlinearity", "tie_weights")
 TOKEN_KEYS = ("preprocess", "token")
 # Data keys that decide which tokens form the splits: a resumed run must see the same ones. Which

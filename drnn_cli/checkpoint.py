@@ -24,7 +24,7 @@ from safetensors.torch import save as save_safetensors
 from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, require_regular_file
-from drnn_cli.vocab import Vocab
+from drnn_cli.vocab import Vocab, VocabError
 
 FORMAT = "drnn-checkpoint"
 FORMAT_VERSION = 1
@@ -224,6 +224,10 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
         raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
     try:
         vocab = Vocab.from_dict(drnn["vocab"])
+    except VocabError as exc:
+        raise DrnnError(
+            f"checkpoint {path} is corrupt (its vocabulary: {exc}); retrain or pick another"
+        ) from None
     except (KeyError, TypeError, ValueError, AttributeError):
         raise DrnnError(
             f"checkpoint {path} is corrupt (unreadable vocabulary); retrain or pick another"

@@ -71,6 +71,12 @@ class Vocab:
 
     @classmethod
     def from_dict(cls, data: dict) -> Vocab:
+        """A stored vocabulary (checkpoint, token cache), checked: a tampered one must not load.
+
+        A token listed twice would map to one index only, so the text could never produce the other
+        and perplexities would be computed over a different vocabulary than the model's.
+        """
+        check_tokens(data["idx_to_token"])
         return cls(
             idx_to_token=list(data["idx_to_token"]),
             token_freqs=[(str(token), int(freq)) for token, freq in data.get("token_freqs", [])],
@@ -84,6 +90,21 @@ class Vocab:
     @classmethod
     def from_json(cls, text: str) -> Vocab:
         return cls.from_dict(json.loads(text))
+
+
+class VocabError(ValueError):
+    """A stored vocabulary that breaks an invariant of ``Vocab``; the message says which."""
+
+
+def check_tokens(tokens: object) -> None:
+    """Raise :class:`VocabError` unless ``tokens`` is a list of distinct strings with ``<unk>`` first."""
+    if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
+        raise VocabError("its tokens are not a list of strings")
+    if not tokens or tokens[0] != UNK:
+        raise VocabError(f"index 0 is not {UNK}")
+    if len(set(tokens)) != len(tokens):
+        twice = next(token for token, count in Counter(tokens).items() if count > 1)
+        raise VocabError(f"the token {twice[:20]!r} is listed twice")
 
 
 def index_dtype(vocab_size: int) -> torch.dtype:

@@ -226,6 +226,24 @@ def test_a_header_value_of_the_wrong_type_is_a_corrupt_checkpoint(
     assert out == ""
 
 
+def test_a_checkpoint_whose_vocabulary_lists_a_token_twice_is_corrupt(tiny_run: Path, tmp_path: Path, cli):
+    """Loaded, such a vocabulary maps both copies to one index: ``drnn eval`` reported a wrong perplexity."""
+    bad = tmp_path / "twice.safetensors"
+
+    def duplicate(drnn: dict) -> None:
+        tokens = drnn["vocab"]["idx_to_token"]
+        assert tokens[4:6] == ["a", "i"]
+        tokens[5] = "a"
+
+    rewrite_checkpoint(tiny_run / "last.safetensors", bad, edit_header=duplicate)
+    for command in (["eval"], ["predict", "time"]):
+        code, out, err = cli(*command, "--checkpoint", str(bad))
+        assert_one_line_error(
+            code, err, f"checkpoint {bad} is corrupt (its vocabulary: the token 'a' is listed twice); retrain"
+        )
+        assert (code, out) == (1, "")
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The run lock raced (file created, then the pid written)
 

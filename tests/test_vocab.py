@@ -14,6 +14,7 @@ from drnn_cli import vocab as vocab_module
 from drnn_cli.vocab import (
     UNK,
     Vocab,
+    VocabError,
     count_chars,
     count_tokens,
     count_words,
@@ -95,6 +96,24 @@ def test_json_round_trip_restores_the_vocabulary_identically() -> None:
     assert restored.reserved_tokens == ["<pad>"]
     assert restored.token_to_idx == vocab.token_to_idx
     assert "日" in vocab.to_json()  # stored readable, not \u-escaped
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ([UNK, " ", "e", "a", "a"], "the token 'a' is listed twice"),
+        (["e", UNK, "a"], "index 0 is not <unk>"),
+        ([], "index 0 is not <unk>"),
+        ("<unk>ab", "its tokens are not a list of strings"),
+        ([UNK, 5], "its tokens are not a list of strings"),
+    ],
+    ids=["duplicate", "unk-not-first", "empty", "a-string", "a-number"],
+)
+def test_a_stored_vocabulary_that_breaks_an_invariant_is_refused(tokens: object, message: str) -> None:
+    """A tampered file: with a token listed twice, one index of the two could never be produced."""
+    with pytest.raises(VocabError) as refused:
+        Vocab.from_dict({"idx_to_token": tokens})
+    assert str(refused.value) == message
 
 
 # -------------------------------------------------------------------------------------------------

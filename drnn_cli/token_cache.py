@@ -114,6 +114,8 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     if not wants_cache(text):
         return None
     found = _load_entry(text, _key(sha1, config, vocab))
+    if found is not None and vocab is not None and found.vocab.idx_to_token != vocab.idx_to_token:
+        found = None  # an entry keyed by this vocabulary that holds another was tampered with: rebuilt
     if found is None and vocab is not None and config.min_freq == 0:
         built = _load_entry(text, _key(sha1, config, None))
         if built is not None and built.vocab.idx_to_token == vocab.idx_to_token:
@@ -129,11 +131,29 @@ def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
         length = int(meta["length"])
         if meta["key"] != key or tokens_path.stat().st_size != length * dtype.itemsize:
             return None
-        # shared=False maps the file copy-on-write: pages are read as the trainer touches them.
+        # shared=False maps the file copy-on-write: nothing is copied, and the range check reads it once.
         tokens = torch.from_file(str(tokens_path), shared=False, size=length, dtype=dtype)
-        return EncodedCorpus(Vocab.from_dict(meta["vocab"]), tokens, Counter(meta["unknown"]))
+        vocab = Vocab.from_dict(meta["vocab"])  # refuses a vocabulary with a token listed twice
+        unknown = meta["unknown"]
+        if not _ids_in_range(tokens, len(vocab)) or not _is_count_map(unknown):
+            return None
+        return EncodedCorpus(vocab, tokens, Counter(unknown))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
+
+
+def _ids_in_range(tokens: torch.Tensor, vocab_size: int) -> bool:
+    """Whether every id indexes the vocabulary. One past it (a tampered or rotted file) would reach
+    the loss as a class the model has no output for and fail mid-training, or at ``drnn eval``."""
+    if len(tokens) == 0 or (tokens.dtype == torch.uint8 and vocab_size >= 256):
+        return True  # nothing to check: no id, or none a byte can hold is out of range
+    low, high = torch.aminmax(tokens)
+    return int(low) >= 0 and int(high) < vocab_size
+
+
+def _is_count_map(unknown: object) -> bool:
+    """Whether ``unknown`` maps tokens to counts (``--init-from`` sums them to judge the unknown share)."""
+    return isinstance(unknown, dict) and all(type(count) is int and count >= 0 for count in unknown.values())
 
 
 def store(

@@ -90,6 +90,65 @@ def test_a_torn_entry_is_rebuilt(workdir: Path, big_text: Path):
     assert tokens_file.stat().st_size == first.total_tokens
 
 
+def test_an_entry_whose_vocabulary_lists_a_token_twice_is_rebuilt(workdir: Path, big_text: Path):
+    """Used as is, the tampered entry's vocabulary could never spell "n": a run trained on it would
+    lack a character of its text."""
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config)
+    meta_file = entries(workdir)[0]
+    meta = json.loads(meta_file.read_text())
+    assert meta["vocab"]["idx_to_token"][4:6] == ["a", "n"]
+    meta["vocab"]["idx_to_token"][5] = "a"
+    meta_file.write_text(json.dumps(meta))
+    again = load_dataset(config)
+    assert again.vocab.idx_to_token == first.vocab.idx_to_token and again.vocab["n"] == 5
+    assert torch.equal(again.tokens, first.tokens)
+    assert json.loads(meta_file.read_text())["vocab"]["idx_to_token"][5] == "n"  # the entry was rewritten
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["built", "fixed-vocabulary"])
+def test_an_entry_holding_ids_past_its_vocabulary_is_rebuilt(workdir: Path, big_text: Path, fixed: bool):
+    """Ids 250-252 in a vocabulary of a few dozen tokens used to train silently and fail in ``drnn
+    eval`` ("Class values must be smaller than num_classes")."""
+    vocab = Vocab(["<unk>", *"abcdefghijklmnopqrstuvwxyz "]) if fixed else None
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config, vocab=vocab)
+    tokens_file = entries(workdir)[0].with_suffix(".tokens")
+    data = bytearray(tokens_file.read_bytes())
+    data[100:103] = bytes([250, 251, 252])
+    tokens_file.write_bytes(bytes(data))
+    again = load_dataset(config, vocab=vocab)
+    assert torch.equal(again.tokens, first.tokens) and int(again.tokens.max()) < len(again.vocab)
+    assert tokens_file.read_bytes()[100:103] == bytes(first.tokens[100:103].tolist())
+
+
+def test_an_entry_whose_unknown_counts_are_no_counts_is_rebuilt(workdir: Path, big_text: Path):
+    """``--init-from`` sums them to judge the share of unknown tokens: a string there was a TypeError."""
+    vocab = Vocab(["<unk>", *"abcdefghijklmnopqrstuvwxyz "])
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config, vocab=vocab)
+    meta_file = entries(workdir)[0]
+    meta = json.loads(meta_file.read_text())
+    meta["unknown"]["T"] = "many"
+    meta_file.write_text(json.dumps(meta))
+    again = load_dataset(config, vocab=vocab)
+    assert again.unknown == first.unknown and again.unknown_tokens == first.unknown_tokens > 0
+
+
+def test_an_entry_keyed_by_a_fixed_vocabulary_that_holds_another_is_rebuilt(workdir: Path, big_text: Path):
+    """The key names the fixed vocabulary; an entry whose own vocabulary differs was edited, and its ids
+    would mean other tokens than the checkpoint's."""
+    vocab = Vocab(["<unk>", *"abcdefghijklmnopqrstuvwxyz "])
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config, vocab=vocab)
+    meta_file = entries(workdir)[0]
+    meta = json.loads(meta_file.read_text())
+    meta["vocab"]["idx_to_token"][1:3] = ["b", "a"]
+    meta_file.write_text(json.dumps(meta))
+    again = load_dataset(config, vocab=vocab)
+    assert again.vocab.idx_to_token == vocab.idx_to_token and torch.equal(again.tokens, first.tokens)
+
+
 def test_a_text_rewritten_within_one_mtime_tick_is_hashed_again(workdir: Path, big_text: Path):
     config = DataConfig(path=str(big_text), preprocess="none")
     first = load_dataset(config)

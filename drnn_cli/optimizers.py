@@ -88,8 +88,17 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, A
     and resumed eagerly would run fused or capturable kernels that this run did not choose. The flags
     go back to the ones this optimizer was built with, and the counters of a plain Adam/AdamW back to
     the host, where PyTorch keeps them; ``make_capturable`` readies them for a graph afterwards.
+
+    A saved state that does not fit this optimizer (a tampered or corrupt checkpoint) raises a
+    ValueError naming the part: PyTorch checks only the number of groups and parameters, so a buffer
+    of another shape or a hyper-parameter of another type would fail at the first update instead.
     """
+    built = [
+        {key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups
+    ]
+    _check_saved_form(saved)
     optimizer.load_state_dict(saved)
+    _check_restored(optimizer, saved, built)
     for group in optimizer.param_groups:
         for flag in IMPLEMENTATION_FLAGS:
             if flag in optimizer.defaults:
@@ -100,6 +109,89 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, A
             state = optimizer.state.get(param, {})
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].cpu()
+
+
+# Per-parameter buffers an update reads once a parameter has state (PyTorch starts afresh only from none).
+_REQUIRED_STATE = {
+    torch.optim.Adam: ("step", "exp_avg", "exp_avg_sq"),
+    torch.optim.AdamW: ("step", "exp_avg", "exp_avg_sq"),
+}
+_SQUARES = ("exp_avg_sq", "max_exp_avg_sq")  # running means of squares: never negative
+
+
+def _check_saved_form(saved: dict[str, Any]) -> None:
+    """The form ``load_state_dict`` relies on: groups listing distinct integer ids, and each
+    parameter's state a dict of tensors and numbers (PyTorch would iterate a string as a sequence)."""
+    groups = saved["param_groups"]
+    for index, group in enumerate(groups):
+        params = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(params, list) or not all(type(param) is int for param in params):
+            raise ValueError(f"param_groups.{index} is no group of parameter ids")
+    ids = [param for group in groups for param in group["params"]]
+    if len(set(ids)) != len(ids):
+        raise ValueError("param_groups list a parameter twice")
+    for key, entry in saved["state"].items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"state.{key} is a {type(entry).__name__}")
+        for name, value in entry.items():
+            if isinstance(value, bool) or not isinstance(value, torch.Tensor | int | float | None):
+                raise ValueError(f"state.{key}.{name} is a {type(value).__name__}")
+
+
+def _check_restored(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], built: list[dict[str, Any]]
+) -> None:
+    """Each loaded group's hyper-parameters of the kinds this optimizer was built with, and each
+    parameter's buffers of its shape (``step`` a non-negative count)."""
+    for index, (group, fresh) in enumerate(zip(optimizer.param_groups, built, strict=True)):
+        for key, value in fresh.items():
+            if key in IMPLEMENTATION_FLAGS or value is None or isinstance(value, torch.Tensor):
+                continue  # the flags are put back below; None and tensors are PyTorch's own defaults
+            if key not in group:
+                raise ValueError(f"param_groups.{index}.{key} is missing")
+            if not _same_kind(group[key], value):
+                raise ValueError(f"param_groups.{index}.{key} is {group[key]!r:.40}")
+    required = _REQUIRED_STATE.get(type(optimizer), ())
+    saved_ids = [param_id for group in saved["param_groups"] for param_id in group["params"]]
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for param_id, param in zip(saved_ids, params, strict=True):
+        entry = optimizer.state.get(param)
+        if not entry:
+            continue
+        for key in required:
+            if entry.get(key) is None:
+                raise ValueError(f"state.{param_id}.{key} is missing")
+        for key, value in entry.items():
+            where = f"state.{param_id}.{key}"
+            if key == "step":
+                count = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if not _same_kind(count, 0.0) or count < 0:
+                    raise ValueError(f"{where} is no step count")
+            elif value is not None:
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    raise ValueError(f"{where} is no floating-point tensor")
+                if value.shape != param.shape:
+                    raise ValueError(
+                        f"{where} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}"
+                    )
+                if key in _SQUARES and bool((value < 0).any()):
+                    raise ValueError(f"{where} holds negative values")
+
+
+def _same_kind(value: Any, like: Any) -> bool:
+    """Whether ``value`` is a hyper-parameter of the kind of ``like``: a bool, a finite number, or a
+    tuple of finite numbers of the same length (Adam's betas)."""
+    if isinstance(like, bool):
+        return isinstance(value, bool)
+    if isinstance(like, int | float):
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(like, tuple | list):
+        return (
+            isinstance(value, tuple | list)
+            and len(value) == len(like)
+            and all(_same_kind(part, 0.0) for part in value)
+        )
+    return isinstance(value, type(like))
 
 
 def lr_changes_every_step(train: TrainConfig) -> bool:

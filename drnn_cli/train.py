@@ -57,7 +57,15 @@ from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
-from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, gather_ranks
+from drnn_cli.trainer_state import (
+    EpochProgress,
+    RankState,
+    TrainerState,
+    UnusableTrainerState,
+    check_shapes,
+    gather_ranks,
+    loading,
+)
 
 # How an interrupted run is told to go on; a replacement (--overwrite) rewords it (commands.py).
 RESUME_ADVICE = "the same command plus --resume"
@@ -244,8 +252,20 @@ class Trainer:
         return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
 
     def _restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from the run's last checkpoint. A trainer state that cannot be continued from (tampered
+        or corrupt) is refused here, in the constructor: in one line, before the run directory is written."""
+        try:
+            self._load_trainer_state(checkpoint)
+        except UnusableTrainerState as unusable:
+            raise DrnnError(
+                f"checkpoint {self.run_dir / LAST} holds no usable training state ({unusable}); start a new "
+                f"run from its weights with --init-from {self.run_dir} --run NEW_DIR"
+            ) from None
+
+    def _load_trainer_state(self, checkpoint: Checkpoint) -> None:
         state = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch)
         if state.raw_model is not None:  # an averaged run: the checkpoint's weights are the average
+            check_shapes("trainer.raw_model", state.raw_model, self.model.state_dict())
             self.model.load_state_dict(state.raw_model)  # training goes on from the raw ones, averaged or not
             if self.average is not None and checkpoint.config.train.average == self.average.kind:
                 self.average.load_state_dict(checkpoint.model_state, state.average_count)
@@ -262,16 +282,20 @@ class Trainer:
             self.optimizer = build_optimizer(
                 self.model, self.config.train, decay_biases=saved_groups == 1, fused=self._fused_updates
             )
-        restore_optimizer_state(self.optimizer, state.optimizer)
+        with loading("trainer.optimizer"):
+            restore_optimizer_state(self.optimizer, state.optimizer)
         if state.scaler:
-            self.scaler.load_state_dict(state.scaler)
+            with loading("trainer.scaler"):
+                self.scaler.load_state_dict(state.scaler)
         own = state.for_rank(self.dist.rank, self.dist.world_size)
         rng_cpu, rng_cuda = (
             (own.rng_cpu, own.rng_cuda) if own is not None else (state.rng_cpu, state.rng_cuda)
         )
-        torch.set_rng_state(rng_cpu.cpu())
+        with loading("trainer.rng_cpu"):  # PyTorch checks the size of a random state
+            torch.set_rng_state(rng_cpu.cpu())
         if rng_cuda is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
+            with loading("trainer.rng_cuda"):
+                torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
         self.start_epoch = checkpoint.epoch
         self.best_val_ppl = checkpoint.best_val_ppl
         self.bad_evals = state.bad_evals
@@ -286,8 +310,14 @@ class Trainer:
             if state.tokens_seen is not None
             else self.global_step * data.batch_size * data.num_steps
         )
-        progress = state.progress_for(self.dist.rank, self.dist.world_size, data.batch_size)
+        with loading("trainer.epoch_progress"):  # joining the ranks' carried states checks their shapes
+            progress = state.progress_for(self.dist.rank, self.dist.world_size, data.batch_size)
         if progress is not None:
+            if progress.state is not None:
+                rows = data.batch_size // self.dist.world_size
+                check_shapes(
+                    "trainer.epoch_progress.state", progress.state, self.model.begin_state(rows, "meta")
+                )
             self.progress = progress.to(self.device)
 
     def _save(self, name: str, epoch: int, progress: EpochProgress | None = None) -> None:

@@ -2,18 +2,132 @@
 
 ``Checkpoint.trainer_state`` (checkpoint.py) stores a nested dict of tensors and JSON values; these
 classes convert to and from it with the keys checkpoints have always used, so files written before
-this module existed still load (their missing keys take the defaults below).
+this module existed still load (their missing keys take the defaults below). A tree that is not of
+that form (a tampered or corrupt checkpoint) raises :class:`UnusableTrainerState` as it is read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from drnn_cli.batches import Shard
+from drnn_cli.errors import first_line
 from drnn_cli.models import State, join_state_rows, select_state_rows
+
+_REQUIRED = object()  # _field's default: the key must be there
+
+
+class UnusableTrainerState(TypeError):
+    """A checkpoint's trainer state that training cannot continue from; the message names the part.
+
+    A TypeError, as reading a tree of the wrong form raises one: ``drnn eval``, which wants only the
+    step count from it, falls back on a TypeError.
+    """
+
+
+def _kind(value: Any) -> str:
+    """What ``value`` is, for a message: "null", "a str", "a torch.uint8 tensor of shape (3,)"."""
+    if value is None:
+        return "null"
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _field(
+    tree: dict[str, Any], key: str, kinds: type | tuple[type, ...], where: str, default: Any = _REQUIRED
+) -> Any:
+    """``tree[key]``, refused unless one of ``kinds`` (a bool is no number); ``default`` when absent."""
+    if key not in tree:
+        if default is _REQUIRED:
+            raise UnusableTrainerState(f"{where}{key} is missing")
+        return default
+    value = tree[key]
+    allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise UnusableTrainerState(f"{where}{key} is {_kind(value)}")
+    return value
+
+
+def _count(tree: dict[str, Any], key: str, where: str, default: Any = _REQUIRED) -> Any:
+    """A counter: a non-negative int (``default`` when absent)."""
+    value = _field(tree, key, int, where, default)
+    if isinstance(value, int) and value < 0:
+        raise UnusableTrainerState(f"{where}{key} is negative ({value})")
+    return value
+
+
+def _seconds(tree: dict[str, Any], key: str, where: str, default: Any = _REQUIRED) -> float:
+    """A duration: a finite, non-negative number (JSON headers may hold NaN or Infinity)."""
+    value = _field(tree, key, (int, float), where, default)
+    if not math.isfinite(value) or value < 0:
+        raise UnusableTrainerState(f"{where}{key} is {value}, not a duration")
+    return float(value)
+
+
+def _tensor(tree: dict[str, Any], key: str, where: str, integral: bool, default: Any = _REQUIRED) -> Any:
+    """A tensor of integer (``integral``) or floating-point values (``default`` when absent)."""
+    value = _field(tree, key, torch.Tensor, where, default)
+    if isinstance(value, torch.Tensor) and value.is_floating_point() == integral:
+        raise UnusableTrainerState(f"{where}{key} is {_kind(value)}")
+    return value
+
+
+def _tensor_map(tree: dict[str, Any], key: str, where: str) -> dict[str, torch.Tensor] | None:
+    """Named tensors (weights), or None when absent."""
+    value = _field(tree, key, dict, where, None)
+    if value is not None:
+        for name, tensor in value.items():
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise UnusableTrainerState(f"{where}{key}.{name} is {_kind(tensor)}")
+    return value
+
+
+def _carried_state(tree: dict[str, Any], where: str) -> State | None:
+    """The carried hidden state: None, a tensor, or (for an LSTM) a pair of tensors."""
+    value = _field(tree, "state", (torch.Tensor, tuple, list, type(None)), where)
+    if isinstance(value, tuple | list):
+        if len(value) != 2 or not all(isinstance(part, torch.Tensor) for part in value):
+            raise UnusableTrainerState(f"{where}state is {_kind(value)} of {len(value)} parts, not 2 tensors")
+        return tuple(value)  # type: ignore[return-value]
+    return value
+
+
+@contextlib.contextmanager
+def loading(part: str) -> Iterator[None]:
+    """PyTorch's refusal to load ``part`` of a trainer state (a wrong size, shape or type) as an
+    :class:`UnusableTrainerState` naming that part; running out of memory is no such refusal."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise UnusableTrainerState(f"{part}: {first_line(exc)}") from None
+
+
+def check_shapes(part: str, held: Any, expected: State | dict[str, torch.Tensor]) -> None:
+    """Refuse ``held`` (weights, a carried state) unless its tensors have the shapes of ``expected``'s,
+    under the same names or in the same parts: PyTorch would fail on them later, or load them wrongly."""
+    if isinstance(expected, dict):
+        names = sorted(set(expected) | set(held))
+        pairs = [(f"{part}.{name}", held.get(name), expected.get(name)) for name in names]
+    elif isinstance(expected, tuple):
+        if not isinstance(held, tuple) or len(held) != len(expected):
+            raise UnusableTrainerState(f"{part} is {_kind(held)}, not {len(expected)} tensors")
+        pairs = [(f"{part}.{index}", h, e) for index, (h, e) in enumerate(zip(held, expected, strict=True))]
+    else:
+        pairs = [(part, held, expected)]
+    for name, tensor, want in pairs:
+        have = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
+        wanted = tuple(want.shape) if isinstance(want, torch.Tensor) else None
+        if have != wanted:
+            raise UnusableTrainerState(f"{name} has shape {have}, this model's {wanted}")
 
 
 @dataclass
@@ -55,14 +169,21 @@ class EpochProgress:
         }
 
     @classmethod
-    def from_tree(cls, tree: dict[str, Any], step: int) -> EpochProgress:
+    def from_tree(cls, tree: Any, step: int, where: str = "trainer.epoch_progress.") -> EpochProgress:
+        if not isinstance(tree, dict):
+            raise UnusableTrainerState(f"{where.rstrip('.')} is {_kind(tree)}")
+        loss_sum = _tensor(tree, "loss_sum", where, integral=False)
+        first_bad_step = _tensor(tree, "first_bad_step", where, integral=True)
+        for key, value in (("loss_sum", loss_sum), ("first_bad_step", first_bad_step)):
+            if value.dim() != 0:
+                raise UnusableTrainerState(f"{where}{key} is {_kind(value)}, not a scalar")
         return cls(
-            loss_sum=tree["loss_sum"],
-            first_bad_step=tree["first_bad_step"],
+            loss_sum=loss_sum,
+            first_bad_step=first_bad_step,
             step=step,
-            count=int(tree["count"]),
-            state=tree["state"],
-            elapsed=float(tree["elapsed"]),
+            count=_count(tree, "count", where),
+            state=_carried_state(tree, where),
+            elapsed=_seconds(tree, "elapsed", where),
         )
 
 
@@ -82,9 +203,15 @@ class RankState:
         return tree
 
     @classmethod
-    def from_tree(cls, tree: dict[str, Any], step: int) -> RankState:
+    def from_tree(cls, tree: Any, step: int, where: str) -> RankState:
+        if not isinstance(tree, dict):
+            raise UnusableTrainerState(f"{where.rstrip('.')} is {_kind(tree)}")
         return cls(
-            tree["rng_cpu"], tree.get("rng_cuda"), EpochProgress.from_tree(tree["epoch_progress"], step)
+            _tensor(tree, "rng_cpu", where, integral=True),
+            _tensor(tree, "rng_cuda", where, integral=True, default=None),
+            EpochProgress.from_tree(
+                _field(tree, "epoch_progress", dict, where), step, f"{where}epoch_progress."
+            ),
         )
 
 
@@ -130,23 +257,50 @@ class TrainerState:
         return tree
 
     @classmethod
-    def from_tree(cls, tree: dict[str, Any], step_in_epoch: int = 0) -> TrainerState:
-        """Read ``Checkpoint.trainer_state``; ``step_in_epoch`` > 0 marks a mid-epoch checkpoint."""
-        partial = tree.get("epoch_progress") if step_in_epoch else None
-        ranks = tree.get("ranks") if partial is not None else None
+    def from_tree(cls, tree: Any, step_in_epoch: int = 0) -> TrainerState:
+        """Read ``Checkpoint.trainer_state``; ``step_in_epoch`` > 0 marks a mid-epoch checkpoint.
+
+        Each field is checked for its kind here, so a tampered or corrupt tree is refused at once
+        (:class:`UnusableTrainerState`), not inside PyTorch once training runs. What only the model
+        and PyTorch can judge (shapes, the size of a random state) is checked where it is loaded
+        (``Trainer._restore``, with :func:`loading` and :func:`check_shapes`).
+        """
+        where = "trainer."
+        if not isinstance(tree, dict):
+            raise UnusableTrainerState(f"the trainer state is {_kind(tree)}")
+        optimizer = _field(tree, "optimizer", dict, where)
+        _field(optimizer, "param_groups", list, f"{where}optimizer.")
+        _field(optimizer, "state", dict, f"{where}optimizer.")
+        scaler = _field(tree, "scaler", (dict, type(None)), where, None) or {}
+        for key, value in scaler.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UnusableTrainerState(f"{where}scaler.{key} is {_kind(value)}")
+        partial = _field(tree, "epoch_progress", dict, where, None) if step_in_epoch else None
+        ranks = _field(tree, "ranks", list, where, None) if partial is not None else None
         return cls(
-            optimizer=tree["optimizer"],
-            scaler=tree.get("scaler") or {},
-            rng_cpu=tree["rng_cpu"],
-            rng_cuda=tree.get("rng_cuda"),
-            bad_evals=int(tree.get("bad_evals", 0)),
-            elapsed=float(tree.get("elapsed", 0.0)),
-            global_step=int(tree["global_step"]) if "global_step" in tree else None,
-            tokens_seen=int(tree["tokens_seen"]) if "tokens_seen" in tree else None,
-            epoch_progress=EpochProgress.from_tree(partial, step_in_epoch) if partial is not None else None,
-            raw_model=tree.get("raw_model"),
-            average_count=int(tree.get("average_count", 0)),
-            ranks=[RankState.from_tree(rank, step_in_epoch) for rank in ranks] if ranks is not None else None,
+            optimizer=optimizer,
+            scaler=scaler,
+            rng_cpu=_tensor(tree, "rng_cpu", where, integral=True),
+            rng_cuda=_tensor(tree, "rng_cuda", where, integral=True, default=None),
+            bad_evals=_count(tree, "bad_evals", where, 0),
+            elapsed=_seconds(tree, "elapsed", where, 0.0),
+            global_step=_count(tree, "global_step", where, None),
+            tokens_seen=_count(tree, "tokens_seen", where, None),
+            epoch_progress=(
+                EpochProgress.from_tree(partial, step_in_epoch, f"{where}epoch_progress.")
+                if partial is not None
+                else None
+            ),
+            raw_model=_tensor_map(tree, "raw_model", where),
+            average_count=_count(tree, "average_count", where, 0),
+            ranks=(
+                [
+                    RankState.from_tree(rank, step_in_epoch, f"{where}ranks.{i}.")
+                    for i, rank in enumerate(ranks)
+                ]
+                if ranks is not None
+                else None
+            ),
         )
 
     def for_rank(self, rank: int, world_size: int) -> RankState | None:

@@ -30,6 +30,7 @@ from safetensors.torch import save as save_safetensors
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.corpus import REGISTRY, fetch_corpus
 from drnn_cli.errors import DrnnError
+from drnn_cli.run_files import LOCK_NAME
 from drnn_cli.rundir import RunLock
 
 TINY = {
@@ -666,6 +667,81 @@ def test_corrupt_tensors_on_resume_or_init_from_are_one_line(workdir: Path, cli,
     extra = ["--resume"] if option == "--resume" else ["--init-from", str(last), "--run", "runs/fine"]
     code, _, err = cli("train", "--config", str(config), "--set", "train.epochs=2", *extra)
     assert_one_line_error(code, err, str(Path("runs") / "tiny" / "last.safetensors"), "NaN or infinite")
+
+
+def _files_of(run: Path) -> dict[str, bytes]:
+    """A run directory's files and their bytes, but the lock (which a refused session takes and frees)."""
+    return {path.name: path.read_bytes() for path in sorted(run.iterdir()) if path.name != LOCK_NAME}
+
+
+ADAM, SGD_MOMENTUM = {"optimizer": "adam"}, {"optimizer": "sgd", "momentum": 0.9}
+
+
+def _set_trainer_state(value: object):
+    return lambda drnn: drnn.update(trainer_state=value)
+
+
+def _replace_tensor(name: str, value: torch.Tensor):
+    return lambda tensors: tensors.update({name: value})
+
+
+@pytest.mark.parametrize(
+    ("train", "edit_header", "edit_tensors", "what"),
+    [
+        (ADAM, lambda drnn: drnn.pop("trainer_state"), None, "trainer.optimizer is missing"),
+        (ADAM, _set_trainer_state({}), None, "trainer.optimizer is missing"),
+        (ADAM, _set_trainer_state(None), None, "the trainer state is null"),
+        (
+            ADAM,
+            None,
+            _replace_tensor("trainer.optimizer.state.0.exp_avg", torch.zeros(3)),
+            "trainer.optimizer: state.0.exp_avg has shape (3,), its parameter (48, 28)",
+        ),
+        (
+            SGD_MOMENTUM,
+            None,
+            _replace_tensor("trainer.optimizer.state.0.momentum_buffer", torch.zeros(3)),
+            "trainer.optimizer: state.0.momentum_buffer has shape (3,), its parameter (48, 28)",
+        ),
+        (
+            ADAM,
+            None,
+            _replace_tensor("trainer.rng_cpu", torch.zeros(3, dtype=torch.uint8)),
+            "trainer.rng_cpu: Expected a CPUGeneratorImplState of size",  # PyTorch's words follow
+        ),
+    ],
+    ids=["missing", "empty", "null", "adam-buffer-shape", "sgd-buffer-shape", "rng-size"],
+)
+def test_a_resume_from_an_unusable_trainer_state_is_one_line_and_writes_nothing(
+    workdir: Path, cli, train: dict, edit_header, edit_tensors, what: str
+):
+    """These were "internal error"s (KeyError, TypeError, a size mismatch at the first update); the
+    weights are fine, so the advice starts a new run from them, and it works."""
+    config = config_file(workdir, tiny(epochs=1, **train))
+    assert cli("train", "--config", str(config))[0] == 0
+    run = workdir / "runs" / "tiny"
+    rewrite_checkpoint(run / "last.safetensors", run / "last.safetensors", edit_tensors, edit_header)
+    before = _files_of(run)
+    code, out, err = cli("train", "--config", str(config), "--set", "train.epochs=2", "--resume")
+    last = Path("runs") / "tiny" / "last.safetensors"
+    assert_one_line_error(
+        code,
+        err,
+        f"drnn: error: checkpoint {last} holds no usable training state ({what}",
+        f"); start a new run from its weights with --init-from {Path('runs') / 'tiny'} --run NEW_DIR",
+    )
+    assert (code, out) == (1, "")
+    assert _files_of(run) == before
+    assert cli("train", "--config", str(config), "--init-from", "runs/tiny", "--run", "runs/fresh")[0] == 0
+
+
+def test_predict_and_eval_need_no_trainer_state(workdir: Path, tiny_run: Path, cli):
+    """They read the weights alone: a checkpoint whose trainer state is unusable still evaluates."""
+    bad = workdir / "weights-only.safetensors"
+    rewrite_checkpoint(tiny_run / "last.safetensors", bad, edit_header=_set_trainer_state(None))
+    code, out, err = cli("eval", "--checkpoint", str(bad))
+    assert (code, err) == (0, "") and f"(checkpoint {bad}, epoch 4)" in out
+    assert cli("predict", "time", "--checkpoint", str(bad))[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------

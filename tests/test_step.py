@@ -507,3 +507,65 @@ def test_a_graph_runs_adamw_state_resumes_on_a_cpu() -> None:
         optimizer.step()
     assert torch.equal(resumed_model.weight, model.weight) and torch.equal(resumed_model.bias, model.bias)
     assert float(resumed.state[resumed_model.weight]["step"]) == 3.0
+
+
+def _edited_adamw_state(
+    edit: Callable[[dict[str, Any]], None],
+) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    """A fresh AdamW over Linear(3, 2) and a stepped one's saved state, edited as a tampered file might be."""
+    model = torch.nn.Linear(3, 2)
+    config = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+    stepped = build_optimizer(model, config)
+    model.weight.grad, model.bias.grad = torch.randn(2, 3), torch.randn(2)
+    stepped.step()
+    saved = copy.deepcopy(stepped.state_dict())
+    edit(saved)
+    return build_optimizer(torch.nn.Linear(3, 2), config), saved
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s["state"][0].update(exp_avg=torch.zeros(3)), "state.0.exp_avg has shape (3,), its parameter (2, 3)"),
+        (lambda s: s["state"][1].update(exp_avg_sq=5), "state.1.exp_avg_sq is no floating-point tensor"),
+        (lambda s: s["state"][0].update(exp_avg_sq=-torch.ones(2, 3)), "state.0.exp_avg_sq holds negative values"),
+        (lambda s: s["state"][0].pop("exp_avg"), "state.0.exp_avg is missing"),
+        (lambda s: s["state"][0].update(step="7"), "state.0.step is a str"),
+        (lambda s: s["state"][0].update(step=torch.tensor(-1.0)), "state.0.step is no step count"),
+        (lambda s: s["state"].update({1: [1, 2]}), "state.1 is a list"),
+        (lambda s: s["param_groups"][0].update(betas="ab"), "param_groups.0.betas is 'ab'"),
+        (lambda s: s["param_groups"][1].update(eps=float("nan")), "param_groups.1.eps is nan"),
+        (lambda s: s["param_groups"][1].pop("lr"), "param_groups.1.lr is missing"),
+        (lambda s: s["param_groups"][0].update(params=[1]), "param_groups list a parameter twice"),
+        (lambda s: s["param_groups"][0].update(params=["0"]), "param_groups.0 is no group of parameter ids"),
+        (lambda s: s["param_groups"][0].update(params=[0, 2]), "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"),
+    ],
+    ids=[
+        "buffer-shape", "buffer-number", "negative-squares", "missing-buffer", "step-str", "negative-step",
+        "state-not-dict", "betas-str", "eps-nan", "missing-lr", "duplicate-id", "id-str", "group-size",
+    ],
+)  # fmt: skip
+def test_a_saved_optimizer_state_that_does_not_fit_is_refused_before_any_update(
+    edit: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    """PyTorch checks only the numbers of groups and parameters: any of these used to load and fail at
+    the first update (a size mismatch, a TypeError) or train on nonsense (a NaN from negative squares)."""
+    optimizer, saved = _edited_adamw_state(edit)
+    with pytest.raises(ValueError) as refused:
+        restore_optimizer_state(optimizer, saved)
+    assert str(refused.value) == message
+
+
+def test_an_sgd_state_with_a_wrong_momentum_buffer_is_refused() -> None:
+    model = torch.nn.Linear(3, 2)
+    config = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9)
+    stepped = build_optimizer(model, config)
+    model.weight.grad, model.bias.grad = torch.randn(2, 3), torch.randn(2)
+    stepped.step()
+    saved = copy.deepcopy(stepped.state_dict())
+    restore_optimizer_state(build_optimizer(torch.nn.Linear(3, 2), config), saved)  # as saved: fine
+    saved["state"][0]["momentum_buffer"] = torch.zeros(3)
+    with pytest.raises(
+        ValueError, match=r"^state\.0\.momentum_buffer has shape \(3,\), its parameter \(2, 3\)$"
+    ):
+        restore_optimizer_state(build_optimizer(torch.nn.Linear(3, 2), config), saved)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from drnn_cli.config import build_config
 from drnn_cli.models import build_model
-from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState
+from drnn_cli.trainer_state import EpochProgress, RankState, TrainerState, UnusableTrainerState, check_shapes
 from drnn_cli.vocab import Vocab
 
 
@@ -126,6 +127,99 @@ def test_a_tree_from_before_step_counts_takes_the_defaults() -> None:
     state = TrainerState.from_tree(old)
     assert (state.bad_evals, state.elapsed, state.global_step, state.tokens_seen) == (0, 0.0, None, None)
     assert state.epoch_progress is None and state.rng_cuda is None
+
+
+def _a_tree(**changes: Any) -> dict[str, Any]:
+    """A valid epoch-boundary tree with ``changes`` applied (a value of ``...`` removes the key)."""
+    tree = {"optimizer": {"state": {}, "param_groups": []}, "scaler": {}, "rng_cpu": torch.get_rng_state()}
+    tree |= {"bad_evals": 1, "elapsed": 2.5, "global_step": 40, "tokens_seen": 3200}
+    tree |= changes
+    return {key: value for key, value in tree.items() if value is not ...}
+
+
+PROGRESS = {
+    "loss_sum": torch.tensor(1.0, dtype=torch.float64),
+    "first_bad_step": torch.tensor(-1),
+    "count": 8,
+    "state": None,
+    "elapsed": 1.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("tree", "step_in_epoch", "message"),
+    [
+        (None, 0, "the trainer state is null"),
+        ([1, 2], 0, "the trainer state is a list"),
+        ({}, 0, "trainer.optimizer is missing"),
+        (_a_tree(optimizer=None), 0, "trainer.optimizer is null"),
+        (_a_tree(optimizer={"state": {}}), 0, "trainer.optimizer.param_groups is missing"),
+        (_a_tree(rng_cpu=...), 0, "trainer.rng_cpu is missing"),
+        (_a_tree(rng_cpu=torch.zeros(3)), 0, "trainer.rng_cpu is a torch.float32 tensor of shape (3,)"),
+        (_a_tree(rng_cuda="x"), 0, "trainer.rng_cuda is a str"),
+        (_a_tree(scaler={"scale": "big"}), 0, "trainer.scaler.scale is a str"),
+        (_a_tree(global_step=-1), 0, "trainer.global_step is negative (-1)"),
+        (_a_tree(bad_evals=True), 0, "trainer.bad_evals is a bool"),
+        (_a_tree(elapsed=float("nan")), 0, "trainer.elapsed is nan, not a duration"),
+        (_a_tree(raw_model={"w": [1.0]}), 0, "trainer.raw_model.w is a list"),
+        (_a_tree(epoch_progress="x"), 5, "trainer.epoch_progress is a str"),
+        (
+            _a_tree(epoch_progress=PROGRESS | {"loss_sum": torch.zeros(2, dtype=torch.float64)}),
+            5,
+            "trainer.epoch_progress.loss_sum is a torch.float64 tensor of shape (2,), not a scalar",
+        ),
+        (_a_tree(epoch_progress=PROGRESS | {"count": "8"}), 5, "trainer.epoch_progress.count is a str"),
+        (
+            _a_tree(epoch_progress=PROGRESS | {"state": (torch.zeros(1),)}),
+            5,
+            "trainer.epoch_progress.state is a tuple of 1 parts, not 2 tensors",
+        ),
+        (
+            _a_tree(epoch_progress=PROGRESS, ranks=[{"rng_cpu": torch.get_rng_state()}]),
+            5,
+            "trainer.ranks.0.epoch_progress is missing",
+        ),
+    ],
+)
+def test_a_tree_that_is_not_a_trainer_state_is_refused_naming_the_part(
+    tree: Any, step_in_epoch: int, message: str
+) -> None:
+    """A tampered or corrupt checkpoint: refused as it is read, not inside PyTorch once training runs.
+    Each refusal is also a TypeError, on which ``drnn eval`` (which wants only the step) falls back."""
+    with pytest.raises(UnusableTrainerState) as refused:
+        TrainerState.from_tree(tree, step_in_epoch)
+    assert str(refused.value) == message
+    assert isinstance(refused.value, TypeError)
+
+
+def test_a_valid_tree_reads_its_values() -> None:
+    state = TrainerState.from_tree(_a_tree(epoch_progress=PROGRESS), 5)
+    assert (state.bad_evals, state.elapsed, state.global_step, state.tokens_seen) == (1, 2.5, 40, 3200)
+    assert state.epoch_progress is not None and (state.epoch_progress.step, state.epoch_progress.count) == (
+        5,
+        8,
+    )
+
+
+def test_weights_and_carried_states_of_other_shapes_are_refused_naming_the_tensor() -> None:
+    """What only the model can judge, checked before PyTorch loads it (an averaged run's raw weights,
+    a mid-epoch checkpoint's carried state)."""
+    h = torch.zeros(2, 4, 3)
+    check_shapes("trainer.epoch_progress.state", (h, h), (h, h))  # the same shapes: accepted
+    with pytest.raises(
+        UnusableTrainerState, match=r"^trainer\.raw_model\.w has shape \(3,\), this model's \(2, 3\)$"
+    ):
+        check_shapes("trainer.raw_model", {"w": torch.zeros(3)}, {"w": torch.zeros(2, 3)})
+    with pytest.raises(
+        UnusableTrainerState, match=r"^trainer\.raw_model\.b has shape None, this model's \(2,\)$"
+    ):
+        check_shapes("trainer.raw_model", {}, {"b": torch.zeros(2)})
+    with pytest.raises(
+        UnusableTrainerState, match=r"^s is a torch\.float32 tensor of shape \(2, 4, 3\), not 2 tensors$"
+    ):
+        check_shapes("s", h, (h, h))  # a GRU's state where an LSTM's pair belongs
+    with pytest.raises(UnusableTrainerState, match=r"^s\.1 has shape \(2, 5, 3\), this model's \(2, 4, 3\)$"):
+        check_shapes("s", (h, torch.zeros(2, 5, 3)), (h, h))
 
 
 def test_a_fresh_epoch_has_a_zero_loss_sum_and_no_bad_step() -> None:

@@ -49,10 +49,20 @@ class EpochRecord:
 
     @classmethod
     def from_json(cls, line: str) -> EpochRecord:
+        """A line as ``to_json`` writes it; any other (``null``, a list, a field of another type) raises
+        a ValueError or TypeError, which ``read_metrics`` skips like a torn line."""
         fields = json.loads(line)
+        if not isinstance(fields, dict):
+            raise ValueError(f"a metrics line is a JSON object, not {type(fields).__name__}")
         if fields.get("train_ppl", 0.0) is None:
             fields["train_ppl"] = math.inf  # written as null: it had overflowed
-        return cls(**fields)
+        record = cls(**fields)
+        for name, value in asdict(record).items():
+            if not (value is None and name == "val_ppl") and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise ValueError(f"metrics field {name} is {value!r:.40}, not a number")
+        return record
 
 
 @dataclass

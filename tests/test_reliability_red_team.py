@@ -744,6 +744,36 @@ def test_predict_and_eval_need_no_trainer_state(workdir: Path, tiny_run: Path, c
     assert cli("predict", "time", "--checkpoint", str(bad))[0] == 0
 
 
+A_RECORD = {
+    "train_ppl": 5,
+    "val_ppl": None,
+    "lr": 0.01,
+    "tokens_per_s": 1,
+    "elapsed": 1,
+    "step": 1,
+    "tokens_seen": 8,
+}
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["null", "[1, 2]", '"text"', "garbage{", json.dumps({"epoch": "x", **A_RECORD})],
+    ids=["null", "list", "string", "torn", "epoch-a-string"],
+)
+def test_a_metrics_line_that_is_no_record_is_dropped_on_resume(workdir: Path, cli, line: str):
+    """``null`` and ``[1, 2]`` were an "internal error" (AttributeError), and a record with a field of
+    another type was kept; now every line that is not a record is skipped, as a torn line always was,
+    and the rewritten file holds the records alone."""
+    config = config_file(workdir, tiny(epochs=1))
+    assert cli("train", "--config", str(config))[0] == 0
+    metrics = workdir / "runs" / "tiny" / "metrics.jsonl"
+    with metrics.open("a") as stream:
+        stream.write(line + "\n")
+    code, _, err = cli("train", "--config", str(config), "--set", "train.epochs=2", "--resume")
+    assert (code, err) == (0, "")
+    assert [json.loads(record)["epoch"] for record in metrics.read_text().splitlines()] == [1, 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. Misleading or missing validation
 

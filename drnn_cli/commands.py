@@ -43,7 +43,7 @@ from drnn_cli.rundir import (
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import RESUME_ADVICE, Trainer
-from drnn_cli.trainer_state import TrainerState
+from drnn_cli.trainer_state import TrainerState, UnusableTrainerState
 from drnn_cli.vocab import UNK, Vocab, encode_tokens
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
@@ -649,7 +649,7 @@ def evaluate_split(
     checkpoint = loaded.checkpoint
     try:
         step = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch).global_step
-    except (KeyError, TypeError):  # a checkpoint without a trainer state: its epoch is all there is
+    except UnusableTrainerState:  # a checkpoint without a (usable) trainer state: its epoch is all there is
         step = None
     unknown = int((tokens[1:] == checkpoint.vocab[UNK]).sum())  # the first token is read, not predicted
     return EvalReport(split_name, checkpoint.epoch, result, source, step, unknown)

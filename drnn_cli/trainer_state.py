@@ -23,12 +23,8 @@ from drnn_cli.models import State, join_state_rows, select_state_rows
 _REQUIRED = object()  # _field's default: the key must be there
 
 
-class UnusableTrainerState(TypeError):
-    """A checkpoint's trainer state that training cannot continue from; the message names the part.
-
-    A TypeError, as reading a tree of the wrong form raises one: ``drnn eval``, which wants only the
-    step count from it, falls back on a TypeError.
-    """
+class UnusableTrainerState(ValueError):
+    """A checkpoint's trainer state that training cannot continue from; the message names the part."""
 
 
 def _kind(value: Any) -> str:

@@ -77,7 +77,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Pat
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(tree))
     run_dir = root / "run"
-    train_run(TrainRequest(config_path=config, run_dir=run_dir))
+    # its own runs root: the fixture may be set up before a test moves into its workdir, and must not
+    # record a latest run in whatever directory pytest started in (the checkout)
+    train_run(TrainRequest(config_path=config, run_dir=run_dir, runs_root=root / "runs"))
     return run_dir
 
 

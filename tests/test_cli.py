@@ -143,24 +143,24 @@ def test_an_os_error_without_a_path_is_its_reason_alone(cli, monkeypatch: pytest
     assert cli("presets") == (1, "", "drnn: error: No space left on device\n")
 
 
-def test_piped_text_is_written_as_is_and_lines_are_not_wrapped(cli, tiny_run: Path, tmp_path: Path):
+def test_piped_text_is_written_as_is_and_lines_are_not_wrapped(cli, tiny_run: Path, workdir: Path):
     """Without a terminal, rich would turn ':thumbs_up:' into an emoji, expand tabs and wrap long
     lines at 80 columns; a continuation redirected to a file must be the text itself."""
-    text = tmp_path / "tabbed.txt"
+    text = workdir / "tabbed.txt"
     text.write_text("the\tquick brown fox jumps over the lazy dog\n" * 200)
-    config = tmp_path / "raw.yaml"
+    config = workdir / "raw.yaml"
     config.write_text(
         "data: {preprocess: none, batch_size: 4, num_steps: 8, path: " + str(text) + "}\n"
         "model: {cell: gru, hidden_size: 8, num_layers: 1}\ntrain: {epochs: 1, sample_every: 0, device: cpu}\n"
     )
-    assert cli("train", "--config", str(config), "--run", str(tmp_path / "raw"))[0] == 0
-    code, out, err = cli("predict", "the\tquick:thumbs_up:", "--run", str(tmp_path / "raw"), "-n", "0")
+    assert cli("train", "--config", str(config), "--run", str(workdir / "raw"))[0] == 0
+    code, out, err = cli("predict", "the\tquick:thumbs_up:", "--run", str(workdir / "raw"), "-n", "0")
     assert (code, out) == (1, "") and "':'" in err  # ':' is not in this text's vocabulary
-    code, out, _ = cli("predict", "the\tquick", "--run", str(tmp_path / "raw"), "-n", "0")
+    code, out, _ = cli("predict", "the\tquick", "--run", str(workdir / "raw"), "-n", "0")
     assert (code, out) == (0, "the\tquick\n")
     code, _, err = cli("eval", "--run", str(tiny_run), "--data", ":thumbs_up:.txt")
     assert code == 1 and ":thumbs_up:.txt" in err
-    long_run = tmp_path / ("a-run-directory-with-a-long-name-" * 3)
+    long_run = workdir / ("a-run-directory-with-a-long-name-" * 3)
     long_run.symlink_to(tiny_run)
     code, out, _ = cli("eval", "--run", str(long_run))
     assert code == 0 and out.count("\n") == 1 and len(out) > 120 and f"checkpoint {long_run}" in out

@@ -21,6 +21,14 @@ CORPUS = Path(os.environ.get("DRNN_TEST_CORPUS") or REPO.parent / "shared" / "da
 TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_checkout(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts in a scratch directory, so that what drnn writes relative to the working
+    directory (``runs/latest``, ``runs/<config>``, ``data/``) never lands in the checkout; ``workdir``
+    moves a test into a directory of its own that already holds the corpus."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def corpus_path() -> Path:
     """``../shared/data/timemachine.txt``: the file d2l downloads, never committed here."""

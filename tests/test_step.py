@@ -509,12 +509,14 @@ def test_a_graph_runs_adamw_state_resumes_on_a_cpu() -> None:
     assert float(resumed.state[resumed_model.weight]["step"]) == 3.0
 
 
-def _edited_adamw_state(
-    edit: Callable[[dict[str, Any]], None],
+ADAMW = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+
+
+def _edited_state(
+    edit: Callable[[dict[str, Any]], None], config: TrainConfig = ADAMW
 ) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
-    """A fresh AdamW over Linear(3, 2) and a stepped one's saved state, edited as a tampered file might be."""
+    """A fresh optimizer over Linear(3, 2) and a stepped one's saved state, edited as a tampered file might be."""
     model = torch.nn.Linear(3, 2)
-    config = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
     stepped = build_optimizer(model, config)
     model.weight.grad, model.bias.grad = torch.randn(2, 3), torch.randn(2)
     stepped.step()
@@ -550,22 +552,19 @@ def test_a_saved_optimizer_state_that_does_not_fit_is_refused_before_any_update(
 ) -> None:
     """PyTorch checks only the numbers of groups and parameters: any of these used to load and fail at
     the first update (a size mismatch, a TypeError) or train on nonsense (a NaN from negative squares)."""
-    optimizer, saved = _edited_adamw_state(edit)
+    optimizer, saved = _edited_state(edit)
     with pytest.raises(ValueError) as refused:
         restore_optimizer_state(optimizer, saved)
     assert str(refused.value) == message
 
 
 def test_an_sgd_state_with_a_wrong_momentum_buffer_is_refused() -> None:
-    model = torch.nn.Linear(3, 2)
-    config = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9)
-    stepped = build_optimizer(model, config)
-    model.weight.grad, model.bias.grad = torch.randn(2, 3), torch.randn(2)
-    stepped.step()
-    saved = copy.deepcopy(stepped.state_dict())
-    restore_optimizer_state(build_optimizer(torch.nn.Linear(3, 2), config), saved)  # as saved: fine
-    saved["state"][0]["momentum_buffer"] = torch.zeros(3)
+    sgd = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9)
+    restore_optimizer_state(*_edited_state(lambda saved: None, sgd))  # as saved: fine
+    optimizer, saved = _edited_state(
+        lambda saved: saved["state"][0].update(momentum_buffer=torch.zeros(3)), sgd
+    )
     with pytest.raises(
         ValueError, match=r"^state\.0\.momentum_buffer has shape \(3,\), its parameter \(2, 3\)$"
     ):
-        restore_optimizer_state(build_optimizer(torch.nn.Linear(3, 2), config), saved)
+        restore_optimizer_state(optimizer, saved)

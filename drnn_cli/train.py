@@ -313,6 +313,11 @@ class Trainer:
         with loading("trainer.epoch_progress"):  # joining the ranks' carried states checks their shapes
             progress = state.progress_for(self.dist.rank, self.dist.world_size, data.batch_size)
         if progress is not None:
+            steps = len(self._batches(checkpoint.epoch))
+            if not 0 < progress.step < steps:  # the loop would skip the epoch or index past its batches
+                raise UnusableTrainerState(
+                    f"step_in_epoch is {progress.step}, and an epoch has {steps} steps"
+                )
             if progress.state is not None:
                 rows = data.batch_size // self.dist.world_size
                 check_shapes(

@@ -735,6 +735,27 @@ def test_a_resume_from_an_unusable_trainer_state_is_one_line_and_writes_nothing(
     assert cli("train", "--config", str(config), "--init-from", "runs/tiny", "--run", "runs/fresh")[0] == 0
 
 
+@pytest.mark.parametrize("step_in_epoch", [-3, 24, 10_000])
+def test_a_resume_inside_an_epoch_from_a_step_the_epoch_does_not_have_is_refused(
+    workdir: Path, cli, step_in_epoch: int
+):
+    """The loop would skip the rest of the epoch, or index past its minibatches (24 in this epoch)."""
+    config = config_file(workdir, tiny(epochs=2, max_steps=5))
+    assert cli("train", "--config", str(config))[0] == 0  # stops 5 steps into epoch 1
+    run = workdir / "runs" / "tiny"
+    rewrite_checkpoint(
+        run / "last.safetensors",
+        run / "last.safetensors",
+        edit_header=lambda drnn: drnn.update(step_in_epoch=step_in_epoch),
+    )
+    code, _, err = cli("train", "--config", str(config), "--set", "train.max_steps=0", "--resume")
+    assert_one_line_error(
+        code,
+        err,
+        f"holds no usable training state (step_in_epoch is {step_in_epoch}, and an epoch has 24 steps)",
+    )
+
+
 def test_predict_and_eval_need_no_trainer_state(workdir: Path, tiny_run: Path, cli):
     """They read the weights alone: a checkpoint whose trainer state is unusable still evaluates."""
     bad = workdir / "weights-only.safetensors"

@@ -65,7 +65,7 @@ SPLIT_KEYS = (
 # layout (a mid-epoch checkpoint carries the state of its rows), the optimizer (its state is restored
 # as saved) and the seed (it drives the batching of the remaining epochs).
 RESUME_DATA_KEYS = (*SPLIT_KEYS, "batch_size", "num_steps", "sampling")
-RESUME_TRAIN_KEYS = ("optimizer", "momentum", "weight_decay", "decay_biases", "seed")
+RESUME_TRAIN_KEYS = ("optimizer", "momentum", "weight_decay", "seed")
 # What a resume may change that changes the training from there on: said in a note, not refused. The
 # other train keys are how long, how often and where (epochs, budgets, cadences, device), changed
 # freely; model.init does nothing to a run that loads its weights, so a resume keeps it too.
@@ -369,6 +369,8 @@ def _resume_point(run_dir: Path, config: Config, device: torch.device) -> _Start
     if checkpoint.corpus_sha1 is None and not _same_corpus_named(checkpoint.config, config):
         changed.append("data.path")  # a checkpoint too old to know its text's SHA-1: the name must do
     changed += differing_keys(checkpoint.config, config, "train", RESUME_TRAIN_KEYS)
+    if config.train.optimizer == "adamw":  # its parameter groups (biases decayed or not) resume as saved
+        changed += differing_keys(checkpoint.config, config, "train", ("decay_biases",))
     if changed:
         raise DrnnError(
             f"cannot resume {run_dir}: the config changed {_describe_differences(checkpoint.config, config, changed)}; "

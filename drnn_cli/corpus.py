@@ -118,7 +118,6 @@ def fetch_corpus(
     if cached is not None:
         return cached
     url = corpus_url(spec)
-    misplaced = file_sha1(target) if target.is_file() else None  # a file there, but not this corpus
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -132,10 +131,11 @@ def fetch_corpus(
         try:
             actual = _download_with_retries(url, partial, progress, retries, limits, backoff)
         except DrnnError as error:
-            if misplaced is None:
+            if not target.is_file():
                 raise
-            raise DrnnError(
-                f"{target} is not the {name} corpus (its SHA-1 is {misplaced}, expected {spec.sha1}), and {error}"
+            raise DrnnError(  # a file at the corpus's place that cached_corpus found is not the corpus
+                f"{target} is not the {name} corpus (its SHA-1 is {file_sha1(target)}, expected {spec.sha1}), "
+                f"and {error}"
             ) from None
         if actual != spec.sha1:
             raise DrnnError(

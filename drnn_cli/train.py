@@ -430,7 +430,7 @@ class Trainer:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
             torch.manual_seed(epoch_seed(self.config.train.seed, epoch) * 1_009 + self.dist.rank)
         started = self._training_clock() - progress.elapsed
-        shown = time.monotonic()  # the bar shows steps once an epoch has run half a second
+        shown = 0.0  # the bar's step count and budget, shown at an epoch's first step and every 0.5 s
         self.model.train()
         for step, (x, y) in enumerate(batches):
             if step < progress.step:

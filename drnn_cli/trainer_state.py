@@ -103,7 +103,7 @@ def loading(part: str) -> Iterator[None]:
         yield
     except torch.OutOfMemoryError:
         raise
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (ValueError, LookupError, TypeError, RuntimeError) as exc:
         raise UnusableTrainerState(f"{part}: {first_line(exc)}") from None
 
 
@@ -273,6 +273,8 @@ class TrainerState:
                 raise UnusableTrainerState(f"{where}scaler.{key} is {_kind(value)}")
         partial = _field(tree, "epoch_progress", dict, where, None) if step_in_epoch else None
         ranks = _field(tree, "ranks", list, where, None) if partial is not None else None
+        if ranks == []:  # written by one process there is no list; by several, one entry each
+            raise UnusableTrainerState(f"{where}ranks is empty")
         return cls(
             optimizer=optimizer,
             scaler=scaler,

@@ -145,12 +145,13 @@ def drnn(*args: str) -> list[str]:
 def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
     """The steps, in order of importance: what must be known first runs first."""
     lstm2, full = "configs/lstm2.yaml", "configs/lstm_full.yaml"
-    # Short tracebacks, so that several failures through cuDNN or inductor all fit the log; a per-test
-    # limit (the GPU image has pytest-timeout), so that one hung test fails alone instead of taking the
-    # step and every result with it ("thread": a hang inside a CUDA call never returns to Python).
+    # Short tracebacks, so that several failures through cuDNN or inductor all fit the log; under
+    # xdist, a per-test limit (the GPU image has pytest-timeout), so that one hung test ends its worker
+    # alone instead of taking the step and every result with it ("thread": a hang inside a CUDA call
+    # never returns to Python; it ends the whole process, which without xdist is the whole session).
     pytest_args = ["-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider"]
     pytest_args += ["-n", str(workers)] if workers > 1 else []
-    if importlib.util.find_spec("pytest_timeout") is not None:
+    if workers > 1 and importlib.util.find_spec("pytest_timeout") is not None:
         pytest_args += ["--timeout", str(TEST_TIMEOUT_S), "--timeout-method", "thread"]
     graph = ("--set", "train.cuda_graph=on")
     eager = ("--set", "train.cuda_graph=off")  # explicit: auto is a graph on CUDA

@@ -83,6 +83,11 @@ def test_one_hung_test_fails_alone_and_tracebacks_are_short(
     joined = " ".join(tests.command)
     assert (" ".join(limit) in joined) is has_pytest_timeout
     assert tests.limit_s > gpu_check.TEST_TIMEOUT_S
+    # without xdist a timed-out test would end the whole session (the thread method exits the process)
+    alone = next(
+        step for step in gpu_check.build_plan(tmp_path, tmp_path / "c.txt", 1) if step.name == "tests"
+    )
+    assert "--timeout" not in alone.command and "-n" not in alone.command
 
 
 def test_every_benchmark_configuration_a_step_names_exists(gpu_check, tmp_path: Path) -> None:

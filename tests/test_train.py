@@ -281,8 +281,12 @@ def test_resume_says_which_training_settings_it_changes_and_refuses_those_it_can
     assert not [
         note for note in notes if "changed since the checkpoint" in note
     ]  # the checkpoint has them now
+    adamw = ("train.optimizer=adamw", "train.weight_decay=0.1")
+    train(config, *adamw, "train.epochs=1", run_dir=workdir / "adamw")
     with pytest.raises(DrnnError, match=r"train.decay_biases \(False in the checkpoint, True now\)"):
-        train(config, "train.decay_biases=true", resume=True)
+        train(config, *adamw, "train.decay_biases=true", run_dir=workdir / "adamw", resume=True)
+    # Adam keeps one group whatever decay_biases says: nothing for a resume to refuse
+    assert train(config, "train.epochs=3", "train.decay_biases=true", resume=True).epochs == 3
     with pytest.raises(DrnnError, match=r"model.init \('torch' in the checkpoint, 'd2l' now\)"):
         train(config, "model.init=d2l", resume=True)
 

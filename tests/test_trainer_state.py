@@ -179,6 +179,7 @@ PROGRESS = {
             5,
             "trainer.ranks.0.epoch_progress is missing",
         ),
+        (_a_tree(epoch_progress=PROGRESS, ranks=[]), 5, "trainer.ranks is empty"),  # was an IndexError
     ],
 )
 def test_a_tree_that_is_not_a_trainer_state_is_refused_naming_the_part(

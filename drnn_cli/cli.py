@@ -301,11 +301,16 @@ class RichReporter:
         if self.progress is None or self.task is None:
             return
         left = "" if status.seconds_left is None else f"budget left {format_duration(status.seconds_left)}"
+        # An epoch's first step comes at once (for the budget): its count would stand all through a
+        # short epoch, so counts start with the next report, half a second in.
+        steps = (
+            f"step {status.step_in_epoch:,}/{status.steps_in_epoch:,}  " if status.step_in_epoch > 1 else ""
+        )
         self.progress.update(
             self.task,
             completed=status.epoch + status.step_in_epoch / max(1, status.steps_in_epoch),
             epoch=status.epoch + 1,
-            steps=f"step {status.step_in_epoch:,}/{status.steps_in_epoch:,}  ",
+            steps=steps,
             budget=left,
         )
 

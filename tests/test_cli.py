@@ -220,8 +220,9 @@ def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -
         assert (task.fields["epoch"], task.completed, task.fields["steps"]) == (2, 1.5, "step 4/8  ")
         reporter.epoch_end(EpochRecord(2, 9.5, None, 0.1, 1_000.0, 3.0, 16, 512))
         assert task.fields["steps"] == ""  # the epoch's steps are done; "step 4/8" would stand still
-        reporter.step(StepStatus(2, 1, 8, 17, None))
+        reporter.step(StepStatus(2, 1, 8, 17, 90.0))
         assert task.fields["epoch"] == 3
+        assert (task.fields["steps"], task.fields["budget"]) == ("", "budget left 1:30")  # no "step 1/8"
     finally:
         reporter.finish()
     assert "epoch 3/4" in screen.getvalue()

@@ -14,6 +14,10 @@ import torch
 from drnn_cli.config import DataConfig
 from drnn_cli.errors import DrnnError
 
+# One token read, one predicted: the fewest a perplexity is computed from. A split shorter than this
+# is no split (a validation share that rounds to nothing).
+MIN_EVAL_TOKENS = 2
+
 
 @dataclass(frozen=True)
 class Splits:

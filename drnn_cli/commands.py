@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.batches import Splits, check_trainable, epoch_batches
+from drnn_cli.batches import MIN_EVAL_TOKENS, Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook
@@ -622,7 +622,7 @@ class EvalReport:
 def default_split(splits: Splits) -> str:
     """The split ``drnn eval`` reads when none is named: validation if the run has one (2 tokens or
     more: a `data.val_fraction` too small for the text leaves none, as training said), else train."""
-    return "val" if len(splits.val) >= 2 else "train"
+    return "val" if len(splits.val) >= MIN_EVAL_TOKENS else "train"
 
 
 def evaluate_split(
@@ -662,7 +662,7 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
     if not require_regular_file(data_file, "--data file", "give --data a UTF-8 text file"):
         raise DrnnError(f"--data file {data_file} is empty; nothing to evaluate")
     stream = read_token_stream(data_file, checkpoint.config.data)
-    if len(stream) < 2:
+    if len(stream) < MIN_EVAL_TOKENS:
         raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
     return encode_tokens(stream, checkpoint.vocab), str(data_file)
 
@@ -721,7 +721,7 @@ def _corpus_path_of_run(run_dir: Path) -> str | None:
 
 def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:
     tokens = splits.get(split)
-    if len(tokens) < 2:
+    if len(tokens) < MIN_EVAL_TOKENS:
         key = {"val": "data.val_fraction", "test": "data.test_fraction"}.get(split, "data.max_tokens")
         raise DrnnError(
             f"the run has no {split} split ({len(tokens)} tokens); it was trained with {key} = "

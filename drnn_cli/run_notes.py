@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from drnn_cli import fused_lstm
+from drnn_cli.batches import MIN_EVAL_TOKENS
 from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, TrainConfig
 from drnn_cli.decode import prefix_tokens
@@ -21,7 +22,7 @@ def data_notes(config: Config, validation_tokens: int, vocab: Vocab, device: tor
     kernels without CUDA."""
     train, data = config.train, config.data
     notes = []
-    if data.val_fraction > 0 and validation_tokens < 2:
+    if data.val_fraction > 0 and validation_tokens < MIN_EVAL_TOKENS:
         notes.append(
             f"data.val_fraction {data.val_fraction:g} leaves {validation_tokens} validation token(s), too "
             "few to evaluate: this run has no validation (raise data.val_fraction)"
@@ -32,7 +33,7 @@ def data_notes(config: Config, validation_tokens: int, vocab: Vocab, device: tor
             f"of best) read the first {train.eval_tokens:,} of {validation_tokens - 1:,} validation tokens; "
             "drnn eval --split val reads them all"
         )
-    if train.patience and validation_tokens < 2:
+    if train.patience and validation_tokens < MIN_EVAL_TOKENS:
         notes.append(
             f"train.patience {train.patience} counts evaluations of the validation split, and this run "
             "has none: it trains all its epochs (set data.val_fraction > 0 to stop early)"

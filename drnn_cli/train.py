@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from drnn_cli.averaging import WeightAverage
-from drnn_cli.batches import EpochBatches, Shard, check_trainable, epoch_batches, epoch_seed
+from drnn_cli.batches import MIN_EVAL_TOKENS, EpochBatches, Shard, check_trainable, epoch_batches, epoch_seed
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config
@@ -651,7 +651,7 @@ class Trainer:
 
     def _validate(self) -> float | None:
         """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens."""
-        if len(self.val_tokens) < 2:
+        if len(self.val_tokens) < MIN_EVAL_TOKENS:
             return None
         data = self.config.data
         limit = self.config.train.eval_tokens

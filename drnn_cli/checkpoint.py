@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, require_regular_file
+from drnn_cli.strict_json import is_number
 from drnn_cli.vocab import Vocab, VocabError
 
 FORMAT = "drnn-checkpoint"
@@ -254,7 +255,7 @@ def _optional(value: Any, kind: type[float] | type[str]) -> Any:
     """``value`` as ``kind`` (an int stands for a float), or None; any other type is a corrupt header."""
     if value is None:
         return None
-    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if kind is float and is_number(value):
         return float(value)
     if kind is str and isinstance(value, str):
         return value

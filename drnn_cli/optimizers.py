@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from drnn_cli.config import TrainConfig
+from drnn_cli.strict_json import is_number
 
 
 def lr_factor(epoch: float, config: TrainConfig, horizon: float | None = None) -> float:
@@ -184,7 +185,7 @@ def _same_kind(value: Any, like: Any) -> bool:
     if isinstance(like, bool):
         return isinstance(value, bool)
     if isinstance(like, int | float):
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return is_number(value) and math.isfinite(value)
     if isinstance(like, tuple | list):
         return (
             isinstance(value, tuple | list)

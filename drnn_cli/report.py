@@ -58,9 +58,7 @@ class EpochRecord:
             fields["train_ppl"] = math.inf  # written as null: it had overflowed
         record = cls(**fields)
         for name, value in asdict(record).items():
-            if not (value is None and name == "val_ppl") and (
-                isinstance(value, bool) or not isinstance(value, int | float)
-            ):
+            if not (value is None and name == "val_ppl") and not strict_json.is_number(value):
                 raise ValueError(f"metrics field {name} is {value!r:.40}, not a number")
         return record
 

@@ -19,5 +19,11 @@ def finite(value: Any) -> Any:
     return value
 
 
+def is_number(value: Any) -> bool:
+    """Whether a value read from JSON is a number: an int or a float, not a bool (``True`` is an int
+    to Python, and a tampered file may hold one where a count or a rate belongs)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def dumps(value: Any, **options: Any) -> str:
     return json.dumps(finite(value), allow_nan=False, **options)

@@ -19,6 +19,7 @@ import torch
 from drnn_cli.batches import Shard
 from drnn_cli.errors import first_line
 from drnn_cli.models import State, join_state_rows, select_state_rows
+from drnn_cli.strict_json import is_number
 
 _REQUIRED = object()  # _field's default: the key must be there
 
@@ -269,7 +270,7 @@ class TrainerState:
         _field(optimizer, "state", dict, f"{where}optimizer.")
         scaler = _field(tree, "scaler", (dict, type(None)), where, None) or {}
         for key, value in scaler.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not is_number(value):
                 raise UnusableTrainerState(f"{where}scaler.{key} is {_kind(value)}")
         partial = _field(tree, "epoch_progress", dict, where, None) if step_in_epoch else None
         ranks = _field(tree, "ranks", list, where, None) if partial is not None else None

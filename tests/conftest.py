@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 # DRNN_TEST_CORPUS points elsewhere where ../shared is absent (scripts/gpu_check.py on a GPU machine).
 CORPUS = Path(os.environ.get("DRNN_TEST_CORPUS") or REPO.parent / "shared" / "data" / "timemachine.txt")
 TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Module- and session-scoped fixtures (runs trained once) are set up in a scratch directory too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("session-cwd"))
+        yield
 
 
 @pytest.fixture(autouse=True)

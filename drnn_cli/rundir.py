@@ -87,7 +87,7 @@ def check_run_dir(run_dir: Path) -> None:
     except OSError as exc:
         raise DrnnError(f"cannot read run directory {run_dir}: {exc.strerror}; {fix}") from None
     if entries and RUN_MARKER not in entries and not holds_run(run_dir):
-        shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+        shown = _first_names(entries)
         raise DrnnError(
             f"{run_dir} is not a drnn run directory and holds files drnn did not write ({shown}); "
             f"drnn would overwrite config.yaml, vocab.json and metrics.jsonl there; {fix}"
@@ -105,11 +105,16 @@ def check_replaceable(run_dir: Path) -> None:
     except OSError as exc:
         raise DrnnError(f"cannot read run directory {run_dir}: {exc.strerror}") from None
     if foreign:
-        shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        shown = _first_names(foreign)
         raise DrnnError(
             f"--overwrite would delete files drnn did not write in {run_dir} ({shown}); move them out of it, "
             "or train into another directory with --run DIR"
         )
+
+
+def _first_names(names: list[str], shown: int = 5) -> str:
+    """A message's list of a directory's entries: the first few, and an ellipsis for the rest."""
+    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
 
 
 def _is_bookkeeping(name: str) -> bool:

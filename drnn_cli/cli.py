@@ -256,9 +256,9 @@ class RichReporter:
         self.total = total_epochs
         cadence = Cadence.of(run.log_every)
         self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
-        epochs = f"{total_epochs} epoch{'' if total_epochs == 1 else 's'}"
         self.console.print(
-            f"training {run.parameters:,} parameters on {run.device}, {epochs}, {run.origin}", soft_wrap=True
+            f"training {run.parameters:,} parameters on {run.device}, {run.span()}, {run.origin}",
+            soft_wrap=True,
         )
         if self.console.is_terminal:
             self.progress = Progress(

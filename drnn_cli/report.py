@@ -123,6 +123,14 @@ class RunStart:
     device: str
     origin: str  # "from scratch", "from the weights of RUN", "from epoch 3, step 11"
     log_every: int | str  # train.log_every: N epochs (0: about 25 lines a run), or "N steps"
+    max_steps: int = 0  # train.max_steps where it ends the run before train.epochs, else 0
+    steps_per_epoch: int = 0  # with max_steps: what the first line converts its steps to epochs with
+
+    def span(self) -> str:
+        """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it."""
+        if self.max_steps:
+            return f"{self.max_steps} steps ({self.max_steps / self.steps_per_epoch:.3g} epochs)"
+        return f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
 
 
 class Reporter(Protocol):

@@ -674,6 +674,11 @@ class Trainer:
             return train.epochs
         return min(train.epochs, math.ceil(train.max_steps / self.steps_per_epoch))
 
+    def _step_budget(self) -> int:
+        """``train.max_steps`` where it ends the run before ``train.epochs`` does, else 0."""
+        max_steps = self.config.train.max_steps
+        return max_steps if max_steps and max_steps < self.config.train.epochs * self.steps_per_epoch else 0
+
     def _position(self) -> float:
         """Epochs done before this session, fractional when it resumes inside an epoch (as the
         ``epoch`` of a metrics line written there)."""
@@ -712,6 +717,7 @@ class Trainer:
         self.budget.start()
         already = self._already_done()
         if already is None:
+            step_budget = self._step_budget()
             self.reporter.start(
                 RunStart(
                     self._planned_epochs(),
@@ -720,6 +726,8 @@ class Trainer:
                     device_name(self.device),
                     self._origin(),
                     train.log_every,
+                    step_budget,
+                    self.steps_per_epoch if step_budget else 0,
                 )
             )
         else:

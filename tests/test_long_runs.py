@@ -139,11 +139,11 @@ def test_a_step_budget_that_ends_with_the_last_epoch_reports_the_epochs_as_the_e
 
 
 def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
-    """25 steps of 19 per epoch reach into epoch 2 of 50: the progress reports 2 epochs, not 50."""
+    """25 steps of 19 per epoch reach into epoch 2 of 50: the first line says 25 steps, the bar 2 epochs, not 50."""
     code, out, _ = cli("train", "--config", str(write_config(workdir)), "--set", "train.max_steps=25",
                        "--set", "train.epochs=50", "--set", "train.log_every=1")  # fmt: skip
     assert code == 0
-    assert ", 2 epochs, from scratch" in out and "epoch 1/2 " in out and "/50" not in out
+    assert ", 25 steps (1.32 epochs), from scratch" in out and "epoch 1/2 " in out and "/50" not in out
 
 
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
@@ -201,7 +201,7 @@ def test_resuming_a_spent_step_budget_trains_nothing(workdir: Path, cli):
     assert all(torch.equal(before[name], after[name]) for name in before)
     # A larger budget goes on inside epoch 1, from its 11th step (of 19), and says so.
     code, out, _ = cli("train", "--config", str(config), "--set", "train.max_steps=12", "--resume")
-    assert code == 0 and ", 1 epoch, from epoch 1, step 11\n" in out, out
+    assert code == 0 and ", 12 steps (0.632 epochs), from epoch 1, step 11\n" in out, out
 
 
 def test_resuming_a_finished_run_trains_nothing_until_train_epochs_is_raised(workdir: Path, cli):

@@ -451,7 +451,9 @@ class Trainer:
             if self.tensorboard is not None and self.static_step.grad_norm is not None:
                 self.tensorboard.add_grad_norm(self.static_step.grad_norm)  # summed on the device, no sync
             if self._stop_requested(progress.step):
-                self._check_finite(epoch, progress)
+                self._totals(
+                    epoch, progress
+                )  # a NaN on any process ends the run; nothing non-finite is saved
                 progress.state = self.static_step.carried_state() if batches.carries_state else None
                 progress.elapsed = self._training_clock() - started
                 self._interrupt(epoch, progress)

@@ -174,6 +174,10 @@ class EpochProgress:
         for key, value in (("loss_sum", loss_sum), ("first_bad_step", first_bad_step)):
             if value.dim() != 0:
                 raise UnusableTrainerState(f"{where}{key} is {_kind(value)}, not a scalar")
+        if not -1 <= int(first_bad_step) < max(step, 0):  # -1: every loss so far was finite
+            raise UnusableTrainerState(
+                f"{where}first_bad_step is {int(first_bad_step)}, not -1 or one of the epoch's {step} steps"
+            )
         return cls(
             loss_sum=loss_sum,
             first_bad_step=first_bad_step,

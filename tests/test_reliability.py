@@ -486,6 +486,31 @@ def test_nan_loss_stops_with_epoch_and_step(workdir: Path, cli, monkeypatch: pyt
     assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()
 
 
+def test_a_stop_request_that_meets_a_nan_on_another_process_keeps_the_last_good_checkpoint(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Under torchrun the processes share one update: a NaN on any of them poisons every one's
+    weights, so a signal in that step must end the run as a divergence, not save a checkpoint."""
+    import torch
+
+    from drnn_cli import train
+    from drnn_cli.train import Trainer
+
+    config = str(config_file(workdir, TINY))
+    assert cli("train", "--config", config, "--set", "train.epochs=1")[0] == 0
+
+    def another_process_saw_a_nan(totals: torch.Tensor, _context: object) -> torch.Tensor:
+        totals[2] += 1  # the count of processes whose loss was not finite
+        return totals
+
+    monkeypatch.setattr(train, "all_reduce_sum", another_process_saw_a_nan)
+    monkeypatch.setattr(Trainer, "_stop_requested", lambda self, step=None: step == 3)
+    code, _, err = cli("train", "--config", config, "--resume")
+    assert_one_line_error(code, err, "NaN or infinite at epoch 2 on another process", "last good checkpoint")
+    kept = load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors")
+    assert (kept.epoch, kept.step_in_epoch) == (1, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Signals, with a real process
 

@@ -169,6 +169,11 @@ PROGRESS = {
             "trainer.epoch_progress.loss_sum is a torch.float64 tensor of shape (2,), not a scalar",
         ),
         (_a_tree(epoch_progress=PROGRESS | {"count": "8"}), 5, "trainer.epoch_progress.count is a str"),
+        (  # a checkpoint is written only while every loss is finite: this would resume into a false NaN stop
+            _a_tree(epoch_progress=PROGRESS | {"first_bad_step": torch.tensor(5)}),
+            5,
+            "trainer.epoch_progress.first_bad_step is 5, not -1 or one of the epoch's 5 steps",
+        ),
         (
             _a_tree(epoch_progress=PROGRESS | {"state": (torch.zeros(1),)}),
             5,

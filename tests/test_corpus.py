@@ -297,7 +297,9 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path: Path, mode: str) ->
     path = tmp_path / "bom.txt"
     path.write_bytes(b"\xef\xbb\xbfThe Time\r\nMachine \xef\xbb\xbf\n")  # a later U+FEFF is text
     assert read_text(path) == "The Time\nMachine \ufeff\n"
-    assert char_stream_bytes(path, mode) in (None, "".join(preprocess(read_text(path), mode)).encode("utf-8"))
+    # the byte path gives way only to str lower-casing of a non-ASCII text (the later U+FEFF is one)
+    expected = None if mode == "lower" else "".join(preprocess(read_text(path), mode)).encode("utf-8")
+    assert char_stream_bytes(path, mode) == expected
     dataset = load_dataset(DataConfig(path=str(path), preprocess=mode, val_fraction=0))
     assert "".join(dataset.vocab.to_tokens(dataset.tokens[:3].tolist())) == (
         "The" if mode == "none" else "the"

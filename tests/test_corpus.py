@@ -275,13 +275,6 @@ def test_read_text_of_non_utf8_bytes_names_the_offset(tmp_path: Path) -> None:
     assert "offset 18" in message  # 15 bytes of "time traveller " + "caf", then 0xE9
 
 
-@pytest.mark.parametrize("content", [b"", b"   \n\t\r\n  \n"])
-def test_read_text_of_an_empty_or_blank_file(tmp_path: Path, content: bytes) -> None:
-    path = tmp_path / "blank.txt"
-    path.write_bytes(content)
-    assert "empty" in _one_line_error(path)
-
-
 def test_read_text_normalises_crlf(tmp_path: Path) -> None:
     path = tmp_path / "dos.txt"
     path.write_bytes(b"The Time\r\nMachine\r\n")

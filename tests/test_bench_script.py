@@ -101,8 +101,10 @@ def test_a_cuda_graph_on_a_cpu_is_refused(bench, capsys):
 
 
 def test_unknown_configuration_is_one_line_error(bench, capsys):
-    assert bench.main(["--device", "cpu", "--configs", "nope"]) != 0
-    assert "lstm-seed" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--configs", "lstm-seed,nope"]) != 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: unknown --configs nope; choose from: {', '.join(bench.BENCHMARKS)}\n"
 
 
 def test_data_scale_benchmark_measures_a_fresh_process(bench, corpus_path, capsys):

@@ -296,3 +296,6 @@ def test_the_default_graph_is_recognised_by_drnn_own_note(gpu_check) -> None:
     result = gpu_check.StepResult("lstm2-graph", "", "ok")
     gpu_check.interpret(step, result, '{"train_ppl": 1.02}', Path("runs"), f"note: {AUTO_GRAPH_NOTE}\n")
     assert result.data["graph_by_default"] is True
+    eager = gpu_check.StepResult("lstm2-graph", "", "ok")  # auto kept the eager step: no note
+    gpu_check.interpret(step, eager, '{"train_ppl": 1.02}', Path("runs"), "")
+    assert eager.data["graph_by_default"] is False

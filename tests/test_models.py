@@ -138,9 +138,10 @@ def test_scratch_recurrent_refuses_an_unknown_cell():
 @pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("impl", ["torch", "scratch"])
 def test_d2l_rnn_layer_shapes_vocab_28_hidden_256_35_steps(impl, batch):
-    """d2l §8.6: ``nn.RNN(len(vocab), 256)``, X (35, B, 28) → Y (35, B, 256), state (1, B, 256)."""
+    """d2l §8.6: ``nn.RNN(len(vocab), 256)``, X (35, B, 28) → Y (35, B, 256), state (1, B, 256), from
+    the recurrent layer drnn builds for ``model.cell rnn`` under either impl."""
     torch.manual_seed(0)
-    layer = nn.RNN(28, 256) if impl == "torch" else ScratchRecurrent("rnn", 28, 256, 1)
+    layer = make_recurrent(ModelConfig(cell="rnn", impl=impl, hidden_size=256, num_layers=1), 28)
     state = torch.zeros((1, batch, 256))
     x = torch.rand(size=(35, batch, 28))
     with torch.no_grad():

@@ -214,7 +214,8 @@ def test_eval_of_the_validation_split_matches_the_best_validation_perplexity_of_
     assert loaded.path.name == "best.safetensors"
     report = evaluate_split(loaded, "val")
     best = loaded.checkpoint.best_val_ppl
-    assert report.result.perplexity == pytest.approx(best, rel=0.01)
+    # the same weights, split and batching on the same device: the same number, not one within 1 %
+    assert report.result.perplexity == pytest.approx(best, rel=1e-9)
     assert report.result.tokens == 600 - 1  # 20% of 3,000 tokens, every target once
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error
 
 from drnn_cli.batches import split_tokens
 from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
@@ -258,11 +259,17 @@ def test_predict_several_prefixes(tiny_run: Path, cli):
     assert (payload["prefix"], payload["text"]) == ("the", payload["results"][0]["text"])
 
 
-@pytest.mark.parametrize("bad", ["", "1984"], ids=["empty", "no-letters"])
-def test_a_bad_prefix_among_several_is_refused_before_any_is_continued(tiny_run: Path, cli, bad: str):
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [("", "prefix is empty"), ("1984", "prefix '1984' is empty after data.preprocess=d2l")],
+    ids=["empty", "no-letters"],
+)
+def test_a_bad_prefix_among_several_is_refused_before_any_is_continued(
+    tiny_run: Path, cli, bad: str, problem: str
+):
     code, out, err = cli("predict", "the", "time", bad, "--run", str(tiny_run), "-n", "3")
-    assert code == 1 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "prefix" in err
+    assert (code, out) == (1, "")  # neither "the" nor "time" was continued
+    assert_one_line_error(code, err, problem)
 
 
 def test_predict_report_lists_results_only_for_several_prefixes():

@@ -74,6 +74,7 @@ def test_corpus_shorter_than_one_minibatch_names_the_sizes(workdir: Path, cli):
     assert not (workdir / "runs").exists()  # a first run that failed before writing leaves no runs/ behind
     (workdir / "runs" / "other").mkdir(parents=True)
     code, _, err = cli("train", "--config", str(config))
+    assert_one_line_error(code, err, "50 tokens", "needs 81", "lower data.batch_size or data.num_steps")
     assert sorted(path.name for path in (workdir / "runs").iterdir()) == ["other"]  # what was there stays
 
 

@@ -59,8 +59,12 @@ def test_compiled_cells_train_as_the_plain_cells(cell: str, nonlinearity: str) -
     plain = ScratchRecurrent(cell, 6, 8, 2, nonlinearity=nonlinearity)
     compiled = copy.deepcopy(plain)
     compiled.compile_cells(backend="aot_eager")
+    graphs = torch._dynamo.utils.counters["stats"]  # kept across dynamo resets: counted from here
+    before = graphs["unique_graphs"]
     plain_losses, plain_params = train_three_steps(plain)
+    assert graphs["unique_graphs"] == before
     compiled_losses, compiled_params = train_three_steps(compiled)
+    assert graphs["unique_graphs"] >= before + 2  # the forward and the backward timestep went through dynamo
     assert compiled_losses == pytest.approx(plain_losses, rel=1e-6)
     for a, b in zip(plain_params, compiled_params, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -69,9 +69,13 @@ def test_fused_stack_equals_nn_lstm_forward_and_backward(batch, hidden, mode, gr
     planned = fused_lstm.plan_launch(batch, hidden, 1, mode)
     assert planned.grid == grid and planned.persistent == (mode == "persistent")
     real_plan = fused_lstm.plan_launch
-    monkeypatch.setattr(
-        fused_lstm, "plan_launch", lambda batch, hidden, slots, _=None: real_plan(batch, hidden, slots, mode)
-    )
+    launched: list[tuple[int, int]] = []
+
+    def forced(batch: int, hidden: int, slots: int, _: object = None) -> fused_lstm.Launch:
+        launched.append((batch, hidden))
+        return real_plan(batch, hidden, slots, mode)
+
+    monkeypatch.setattr(fused_lstm, "plan_launch", forced)
     fused, reference = _pair(hidden)
     torch.manual_seed(1)
     steps, layers = 4, 2
@@ -87,6 +91,7 @@ def test_fused_stack_equals_nn_lstm_forward_and_backward(batch, hidden, mode, gr
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert launched == [(batch, hidden)] * layers  # the kernels ran, not the scratch cells' fallback
     assert int(fused.barrier_error) == 0
 
 
@@ -110,9 +115,16 @@ def test_a_barrier_that_never_opens_gives_up_and_raises_the_flag():
 
 
 @needs_interpreter
-def test_fused_model_trains_step_for_step_like_the_scratch_model():
+def test_fused_model_trains_step_for_step_like_the_scratch_model(monkeypatch):
     """Three SGD steps of the whole language model, with weight drop (the same masks: the fused stack
     draws them exactly as the scratch stack does): the same losses and the same weights."""
+    real_layer = fused_lstm.fused_lstm_layer
+    layer_calls = []
+    monkeypatch.setattr(
+        fused_lstm,
+        "fused_lstm_layer",
+        lambda *args, **kwargs: layer_calls.append(1) or real_layer(*args, **kwargs),
+    )
     config = ModelConfig(hidden_size=16, num_layers=2, embedding_dim=8, weight_drop=0.3, impl="fused")
     losses = {}
     weights = {}
@@ -131,6 +143,7 @@ def test_fused_model_trains_step_for_step_like_the_scratch_model():
             optimizer.step()
             losses[impl].append(loss.item())
         weights[impl] = model.state_dict()
+    assert len(layer_calls) == 3 * 2  # the fused model's 3 steps × 2 layers ran the kernels
     assert losses["fused"] == pytest.approx(losses["scratch"], rel=1e-6)
     for name, value in weights["scratch"].items():
         torch.testing.assert_close(weights["fused"][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -419,10 +419,15 @@ def test_dropout_sits_between_layers_and_spares_the_top_layers_output(cell, impl
     torch.manual_seed(0)
     recurrent = make_recurrent(model_config(cell=cell, impl=impl, dropout=0.5, hidden_size=16), 5).train()
     state = torch.zeros(2, 4, 16)
+    state = (state, state) if cell == "lstm" else state
+    inputs = torch.randn(6, 4, 5)
     with torch.no_grad():
-        outputs, final = recurrent(torch.randn(6, 4, 5), (state, state) if cell == "lstm" else state)
+        outputs, final = recurrent(inputs, state)
+        undropped, _ = recurrent.eval()(inputs, state)
     assert (outputs != 0).all()  # a dropped unit would be exactly 0
     assert torch.equal(outputs[-1], as_tuple(final)[0][-1])
+    # …yet the top layer's output moved: what layer 0 handed it was dropped
+    assert (outputs - undropped).abs().amax() > 1e-3
 
 
 @pytest.mark.parametrize(

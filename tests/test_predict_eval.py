@@ -300,7 +300,9 @@ def test_eval_json_fields(tiny_run: Path, cli):
     payload = json.loads(out.strip().splitlines()[-1])
     assert code == 0
     assert {"split", "epoch", "perplexity", "bits_per_token", "tokens"} <= set(payload)
-    assert payload["split"] == "val" and 1 <= payload["epoch"] <= 4
+    best = load_checkpoint(tiny_run / "best.safetensors")  # what drnn eval --run reads
+    assert (payload["split"], payload["epoch"], payload["tokens"]) == ("val", best.epoch, 600 - 1)
+    assert payload["perplexity"] == pytest.approx(best.best_val_ppl, rel=1e-9)
     assert payload["bits_per_token"] == pytest.approx(math.log2(payload["perplexity"]))
 
 

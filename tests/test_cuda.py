@@ -71,6 +71,20 @@ def write_yaml(path: Path, config: Config) -> Path:
     return path
 
 
+def count_captures(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time any StaticStep records its step as a CUDA graph: a run
+    that fell back to eager would match an eager run trivially."""
+    recorded: list[int] = []
+    real = StaticStep._capture
+
+    def capture(self: StaticStep, lrs: tuple[float, ...]) -> None:
+        real(self, lrs)
+        recorded.append(1)
+
+    monkeypatch.setattr(StaticStep, "_capture", capture)
+    return recorded
+
+
 def static_step(
     config: Config, device: torch.device, graph: bool = False
 ) -> tuple[StaticStep, torch.nn.Module]:
@@ -310,12 +324,14 @@ def test_dropout_masks_differ_between_replays(corpus_path: Path, dropout: str) -
     ids=["sgd", "sgd-fp16", "adamw-per-step-schedule"],
 )
 def test_trainer_with_cuda_graph_on_trains_as_eager(
-    workdir: Path, corpus_path: Path, overrides: tuple[str, ...]
+    workdir: Path, corpus_path: Path, overrides: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tiny_config(corpus_path, "data.val_fraction=0.2", *overrides)
     path = write_yaml(workdir / "tiny.yaml", config)
-    results = {
-        mode: train_run(
+    captures = count_captures(monkeypatch)
+    results = {}
+    for mode in ("off", "on"):
+        results[mode] = train_run(
             TrainRequest(
                 config_path=path,
                 overrides=(f"train.cuda_graph={mode}",),
@@ -323,8 +339,7 @@ def test_trainer_with_cuda_graph_on_trains_as_eager(
                 device="cuda",
             )
         )
-        for mode in ("off", "on")
-    }
+        assert (len(captures) > 0) == (mode == "on"), mode  # off never records; on did
     rel = 1e-4 if "train.precision=fp16" in overrides else 1e-5
     assert results["on"].train_ppl == pytest.approx(results["off"].train_ppl, rel=rel)
     assert results["on"].val_ppl == pytest.approx(results["off"].val_ppl, rel=rel)
@@ -412,23 +427,27 @@ def test_tokens_per_second_under_a_graph_time_the_gpu_not_the_launches(
 
 
 def test_compiled_scratch_cells_inside_the_graph_train_as_the_plain_cells(
-    workdir: Path, corpus_path: Path
+    workdir: Path, corpus_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """train.compile on with cuda_graph on: inductor's Triton kernels recorded in the graph. The
     compiled gate arithmetic rounds differently from the eager kernels, hence 1e-4."""
     config = tiny_config(corpus_path, "data.val_fraction=0.2", "model.impl=scratch")
     path = write_yaml(workdir / "tiny.yaml", config)
-    results = {
-        name: train_run(
+    captures = count_captures(monkeypatch)
+    graphs = torch._dynamo.utils.counters["stats"]  # kept across dynamo resets: counted from here
+    results = {}
+    for name, overrides in {
+        "plain": ("train.cuda_graph=off",),
+        "compiled-graph": ("train.compile=on", "train.cuda_graph=on"),
+    }.items():
+        before = graphs["unique_graphs"]
+        results[name] = train_run(
             TrainRequest(
                 config_path=path, overrides=overrides, run_dir=workdir / "runs" / name, device="cuda"
             )
         )
-        for name, overrides in {
-            "plain": (),
-            "compiled-graph": ("train.compile=on", "train.cuda_graph=on"),
-        }.items()
-    }
+        compiled = name == "compiled-graph"
+        assert (len(captures) > 0, graphs["unique_graphs"] >= before + 2) == (compiled, compiled), name
     assert results["compiled-graph"].train_ppl == pytest.approx(results["plain"].train_ppl, rel=1e-4)
     assert results["compiled-graph"].val_ppl == pytest.approx(results["plain"].val_ppl, rel=1e-4)
 
@@ -439,9 +458,13 @@ def test_fused_kernels_equal_nn_lstm_on_the_gpu(mode: str, monkeypatch: pytest.M
     nn.LSTM's (cuDNN, TF32 off), in both launch modes; no barrier timed out. The sums run in other
     orders (tiles of 64 against cuBLAS's), hence 1e-4."""
     real_plan = fused_lstm.plan_launch
-    monkeypatch.setattr(
-        fused_lstm, "plan_launch", lambda batch, hidden, slots, _=None: real_plan(batch, hidden, slots, mode)
-    )
+    launched: list[int] = []
+
+    def forced(batch: int, hidden: int, slots: int, _: object = None) -> fused_lstm.Launch:
+        launched.append(batch)
+        return real_plan(batch, hidden, slots, mode)
+
+    monkeypatch.setattr(fused_lstm, "plan_launch", forced)
     fused, reference = (module.to(CUDA) for module in _pair(256, inputs=28))
     torch.manual_seed(1)
     steps, batch, layers = 35, 32, 2
@@ -452,4 +475,5 @@ def test_fused_kernels_equal_nn_lstm_on_the_gpu(mode: str, monkeypatch: pytest.M
     got, want = _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert launched == [batch] * layers  # the kernels ran, not the scratch cells' fallback
     assert int(fused.barrier_error) == 0

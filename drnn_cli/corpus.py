@@ -252,15 +252,19 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc.start) from None
     del raw
-    text = text.removeprefix(BYTE_ORDER_MARK)  # Windows editors' marker, not a character of the text
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")  # what open() in text mode does
+    text = normalize_line_breaks(text.removeprefix(BYTE_ORDER_MARK))  # BOM: an editor's marker, not text
     if not text.strip():
         raise _empty(path)
     return text
 
 
 BYTE_ORDER_MARK = "\ufeff"
+
+
+def normalize_line_breaks(text: str) -> str:
+    """CR LF and a lone CR as LF, what ``open()`` in text mode does: a text's line breaks are one
+    token however its editor wrote them (the byte-level reader does the same)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 def _not_utf8(path: Path, offset: int) -> DrnnError:
@@ -456,5 +460,6 @@ def _letters_bytes(chunk: bytes, mode: str, line_breaks: bytes) -> bytes:
 
 
 def preprocess_prefix(prefix: str, mode: str) -> str:
-    """A user's prompt treated like one line of the training text."""
-    return "".join(preprocess(prefix, mode))
+    """A user's prompt treated like one line of the training text, its line breaks read as the
+    corpus reader reads them (a pasted Windows line break is the text's ``\\n``, never a ``\\r``)."""
+    return "".join(preprocess(normalize_line_breaks(prefix), mode))

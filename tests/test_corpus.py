@@ -370,6 +370,17 @@ def test_a_prefix_is_preprocessed_like_one_line() -> None:
     assert preprocess_prefix("Time Traveller!", "none") == "Time Traveller!"
 
 
+@pytest.mark.parametrize("mode", ["none", "lower"])
+def test_a_prefix_s_line_breaks_are_read_as_the_corpus_reads_them(tmp_path: Path, mode: str) -> None:
+    """A prompt pasted from a Windows or old-Mac file holds CR LF or CR; the corpus reader made those
+    LF, so the prefix must too (a CR is no token of the vocabulary: the prefix was refused)."""
+    path = tmp_path / "dos.txt"
+    path.write_bytes(b"The\r\nTime\rMachine")
+    assert preprocess_prefix("The\r\nTime\rMachine", mode) == "".join(preprocess(read_text(path), mode))
+    assert preprocess_prefix("The\r\nTime\rMachine", "none") == "The\nTime\nMachine"
+    assert preprocess_prefix("a\r\n\r\rb", mode) == "a\n\n\nb"
+
+
 # -------------------------------------------------------------------------------------------------
 # load_dataset on the real corpus
 

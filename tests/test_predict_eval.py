@@ -120,6 +120,13 @@ def test_prefix_errors_name_the_problem():
     assert prefix_tokens("ab ba", vocab, "none", "char") == list("ab ba")
 
 
+def test_a_prefix_with_windows_line_breaks_continues_on_a_run_that_keeps_line_breaks():
+    """The corpus reader turned the text's CR LF into LF, so "\\n" is in the vocabulary and "\\r" is
+    not: a prompt pasted with CR LF is the same prefix (drnn predict refused it naming '\\r')."""
+    vocab = Vocab(["<unk>", "a", "b", "\n"])
+    assert prefix_tokens("ab\r\nba\r", vocab, "none", "char") == ["a", "b", "\n", "b", "a", "\n"]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

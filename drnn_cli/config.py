@@ -25,7 +25,7 @@ from pydantic import (
 
 from drnn_cli.budget import parse_cadence, parse_duration
 from drnn_cli.errors import ConfigError, DrnnError
-from drnn_cli.files import require_regular_file
+from drnn_cli.files import not_utf8, require_regular_file
 
 # Upper bounds: far above any sensible run, low enough that nothing downstream overflows (a seed feeds
 # torch.manual_seed after `seed * 1_000_003 + epoch` and, under torchrun, `* 1_009 + rank`).
@@ -483,9 +483,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"config file {path} is {size:,} bytes; a drnn config is a few hundred (at most {MAX_CONFIG_BYTES:,})"
         )
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(not_utf8("config file", path, raw[:4], exc.start))) from None
     try:
         tree = _parse_yaml(text)
     except yaml.YAMLError as exc:

@@ -8,6 +8,7 @@ crash leaves the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import stat
@@ -32,6 +33,33 @@ def require_regular_file(path: Path, what: str, fix: str) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise DrnnError(f"{what} {path} is {_special_kind(info)}, not a regular file; {fix}")
     return info.st_size
+
+
+_UNICODE_BYTE_ORDER_MARKS = (  # UTF-32's marks first: UTF-32LE's starts with UTF-16LE's
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
+    """The error for a file that is not UTF-8, with the ``iconv`` that converts it.
+
+    A UTF-16 or UTF-32 file announces itself with a byte order mark (Windows PowerShell's ``>``
+    writes UTF-16): its encoding is named, as Latin-1, the likeliest guess for other bytes, would
+    turn it into a text of NULs and mojibake.
+    """
+    for mark, encoding in _UNICODE_BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return DrnnError(
+                f"{what} {path} is {encoding.upper()} (it starts with that byte order mark), not UTF-8; "
+                f"convert it, e.g. iconv -f {encoding} -t utf-8"
+            )
+    return DrnnError(
+        f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); convert it, "
+        "e.g. iconv -f latin1 -t utf-8"
+    )
 
 
 def _special_kind(info: os.stat_result) -> str:

@@ -220,6 +220,30 @@ def test_bad_yaml_files_get_one_line(tmp_path: Path, content: str, problem: str)
     assert problem in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (
+            "data: {max_tokens: 3000}\n".encode("utf-16"),  # what Windows PowerShell's > writes
+            "is UTF-16 (it starts with that byte order mark), not UTF-8; convert it, e.g. iconv -f utf-16 -t utf-8",
+        ),
+        (
+            "data: {path: café.txt}\n".encode("latin-1"),
+            "is not UTF-8 (undecodable byte at offset 16); convert it, e.g. iconv -f latin1 -t utf-8",
+        ),
+    ],
+    ids=["utf-16", "latin-1"],
+)
+def test_a_config_file_that_is_not_utf8_is_named_with_the_conversion(
+    tmp_path: Path, payload: bytes, message: str
+):
+    path = tmp_path / "windows.yaml"
+    path.write_bytes(payload)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"config file {path} {message}"
+
+
 def test_missing_config_file_is_named(tmp_path: Path):
     with pytest.raises(ConfigError, match="does-not-exist.yaml does not exist"):
         load_config(tmp_path / "does-not-exist.yaml")

@@ -5,6 +5,7 @@ Downloads go to a loopback HTTP server started by the test; nothing here touches
 
 from __future__ import annotations
 
+import codecs
 import collections
 import hashlib
 import io
@@ -298,6 +299,31 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path: Path, mode: str) ->
         "The" if mode == "none" else "the"
     )
     assert ("\ufeff" in dataset.vocab.idx_to_token) == (mode != "d2l")  # the one inside the text
+
+
+@pytest.mark.parametrize(
+    ("payload", "family"),
+    [
+        ("The Time Machine\n".encode("utf-16"), "utf-16"),  # what Windows PowerShell's > writes
+        (codecs.BOM_UTF16_BE + "The Time Machine\n".encode("utf-16-be"), "utf-16"),
+        ("The Time Machine\n".encode("utf-32"), "utf-32"),
+        (codecs.BOM_UTF32_BE + "The Time Machine\n".encode("utf-32-be"), "utf-32"),
+    ],
+    ids=["utf-16le", "utf-16be", "utf-32le", "utf-32be"],
+)
+def test_a_utf16_or_utf32_text_is_named_with_its_own_conversion(tmp_path: Path, payload: bytes, family: str):
+    """Its byte order mark says what it is; the Latin-1 advice for other bytes would turn it into NULs."""
+    from drnn_cli.corpus import read_utf8
+
+    path = tmp_path / "powershell.txt"
+    path.write_bytes(payload)
+    for reader in (read_text, read_utf8):
+        with pytest.raises(DrnnError) as error:
+            reader(path)
+        assert str(error.value) == (
+            f"corpus file {path} is {family.upper()} (it starts with that byte order mark), not UTF-8; "
+            f"convert it, e.g. iconv -f {family} -t utf-8"
+        )
 
 
 def test_both_readers_name_the_same_offset_in_a_file_that_starts_with_a_byte_order_mark(

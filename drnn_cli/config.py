@@ -423,10 +423,9 @@ class _ConfigLoader(yaml.SafeLoader):
             if key_node.tag == _MERGE_TAG:
                 continue  # ``<<``: its keys are merged in (and may be overridden) by flatten_mapping
             key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, str | int | float | bool | None):
+            if not isinstance(key, str):
                 raise yaml.constructor.ConstructorError(
-                    problem=f"a key must be a plain name, not a {type(key).__name__}",
-                    problem_mark=key_node.start_mark,
+                    problem=_not_a_name(key, key_node, node), problem_mark=key_node.start_mark
                 )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -443,6 +442,29 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
+def _not_a_name(key: object, key_node: yaml.Node, mapping: yaml.MappingNode) -> str:
+    """Why a mapping key is refused: every key of a config is a name, and YAML reads some plain words
+    and numbers as other things (``yes: 1``; ``{max_tokens: 3,000}`` holds a second key ``000``)."""
+    if not isinstance(key_node, yaml.ScalarNode):
+        return f"a key must be a plain name, not a {type(key).__name__}"
+    if isinstance(key, bool):
+        shown = str(key).lower()
+    elif isinstance(key, int | float):
+        shown = "a number"
+    elif key is None:
+        shown = "null"
+    else:
+        shown = f"a {type(key).__name__}"
+    index = next(i for i, (k, _) in enumerate(mapping.value) if k is key_node)
+    before = mapping.value[index - 1][1] if index else None  # the value a comma would have cut: 3,000
+    fix = (
+        "inside {…} a comma starts a new key (write 3,000 as 3000)"
+        if mapping.flow_style and type(key) is int and getattr(before, "tag", "") == "tag:yaml.org,2002:int"
+        else "quote it if it is meant as a name"
+    )
+    return f"key {key_node.value!r} is read as {shown}, not a name; {fix}"
 
 
 def _expanded_size(root: yaml.Node) -> int:

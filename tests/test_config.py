@@ -244,6 +244,50 @@ def test_a_config_file_that_is_not_utf8_is_named_with_the_conversion(
     assert str(error.value) == f"config file {path} {message}"
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (
+            "data: {max_tokens: 3,000}\n",  # flow style: a second key 000 with no value
+            "key '000' is read as a number, not a name; inside {…} a comma starts a new key "
+            "(write 3,000 as 3000) at line 1, column 22",
+        ),
+        (
+            "train:\n  yes: 3\n",
+            "key 'yes' is read as true, not a name; quote it if it is meant as a name at line 2, column 3",
+        ),
+        (
+            "1: 3\n",
+            "key '1' is read as a number, not a name; quote it if it is meant as a name at line 1, column 1",
+        ),
+        (
+            "2020-01-01: 3\n",
+            "key '2020-01-01' is read as a date, not a name; quote it if it is meant as a name at line 1, column 1",
+        ),
+    ],
+    ids=["comma-in-braces", "yes", "number", "date"],
+)
+def test_a_key_yaml_reads_as_no_name_is_named_as_written_with_its_line(
+    tmp_path: Path, content: str, problem: str
+):
+    """Every key of a config is a name; pydantic's "1: Keys should be strings (got True)" named neither
+    the key as written nor its line."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"config file {path} is not valid YAML: {problem}"
+
+
+def test_a_set_value_with_a_key_yaml_reads_as_no_name_is_refused_in_the_same_words():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["data={max_tokens: 1,500}"])
+    assert str(error.value) == (
+        "--set data: '{max_tokens: 1,500}' is not a valid YAML value (key '500' is read as a number, not a "
+        "name; inside {…} a comma starts a new key (write 3,000 as 3000) at line 1, column 16)"
+    )
+
+
 def test_missing_config_file_is_named(tmp_path: Path):
     with pytest.raises(ConfigError, match="does-not-exist.yaml does not exist"):
         load_config(tmp_path / "does-not-exist.yaml")

@@ -723,8 +723,14 @@ def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:
     tokens = splits.get(split)
     if len(tokens) < MIN_EVAL_TOKENS:
         key = {"val": "data.val_fraction", "test": "data.test_fraction"}.get(split, "data.max_tokens")
+        held = (
+            f"the run has no {split} split"
+            if not len(tokens)  # a share that rounds to a single token is there, but cannot be scored
+            else f"the run's {split} split is {len(tokens)} token, too few to evaluate (one is read, the "
+            f"next predicted: {MIN_EVAL_TOKENS} at least)"
+        )
         raise DrnnError(
-            f"the run has no {split} split ({len(tokens)} tokens); it was trained with {key} = "
-            f"{getattr(config.data, key.split('.')[1])}; evaluate another split or pass --data FILE"
+            f"{held}; it was trained with {key} = {getattr(config.data, key.split('.')[1])}; evaluate "
+            "another split or pass --data FILE"
         )
     return tokens

@@ -14,7 +14,7 @@ from conftest import assert_one_line_error
 from drnn_cli.batches import split_tokens
 from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
 from drnn_cli.commands import Continuation, PredictReport, default_split, evaluate_split, load_model, predict
-from drnn_cli.config import ModelConfig
+from drnn_cli.config import Config, ModelConfig
 from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
@@ -325,6 +325,26 @@ def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, cli):
 def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, cli):
     code, _, err = cli("eval", "--run", str(tiny_run), "--split", "test")
     assert code == 1 and "no test split" in err and "data.test_fraction" in err
+
+
+def test_eval_of_a_split_of_one_token_says_it_is_too_few_rather_than_none():
+    """data.test_fraction 0.0004 of 3,000 tokens keeps one: the line said 'no test split (1 tokens)'."""
+    from drnn_cli.commands import _split_or_error
+
+    config = Config.model_validate({"data": {"val_fraction": 0.0, "test_fraction": 0.0004}})
+    splits = split_tokens(torch.arange(3000), 0.0, 0.0004)
+    with pytest.raises(DrnnError) as error:
+        _split_or_error(splits, "test", config)
+    assert str(error.value) == (
+        "the run's test split is 1 token, too few to evaluate (one is read, the next predicted: 2 at least); "
+        "it was trained with data.test_fraction = 0.0004; evaluate another split or pass --data FILE"
+    )
+    with pytest.raises(DrnnError) as error:
+        _split_or_error(splits, "val", config)
+    assert str(error.value) == (
+        "the run has no val split; it was trained with data.val_fraction = 0.0; evaluate another split or "
+        "pass --data FILE"
+    )
 
 
 def test_eval_finds_the_runs_corpus_at_another_path(

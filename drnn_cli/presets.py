@@ -85,8 +85,12 @@ def preset_name(value: str) -> str:
 
 
 def closest_first(name: str, names: list[str]) -> list[str]:
-    """All ``names``, the most similar to ``name`` first (difflib's ratio; ties keep their order)."""
-    return sorted(names, key=lambda candidate: -difflib.SequenceMatcher(None, name, candidate).ratio())
+    """All ``names``, the most similar to ``name`` first (difflib's ratio, ignoring case: ``QUICK`` or
+    ``LSTM2`` from a caps-lock or a Windows habit means ``quick``, ``lstm2``; ties keep their order)."""
+    wanted = name.lower()
+    return sorted(
+        names, key=lambda candidate: -difflib.SequenceMatcher(None, wanted, candidate.lower()).ratio()
+    )
 
 
 def find_config(value: str, root: Path | None = None) -> Path:

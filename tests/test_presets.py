@@ -145,6 +145,10 @@ def test_an_unknown_name_is_one_line_listing_the_presets_closest_first_exit_2(wo
     assert code == 2 and listed_presets(err)[0] == "lstm2"
     code, _, err = cli("data", "--config", "lstm_ful.yaml")
     assert code == 2 and listed_presets(err)[:2] == ["lstm_full", "lstm_full_cpu"]
+    code, _, err = cli("data", "--config", "QUICK")  # names are case-sensitive; the listing is not
+    assert code == 2 and listed_presets(err)[0] == "quick"
+    code, _, err = cli("data", "--config", "D2L/CH9_3_DEEP_LSTM")
+    assert code == 2 and listed_presets(err)[0] == "d2l/ch9_3_deep_lstm"
 
 
 # ---------------------------------------------------------------------------------------------

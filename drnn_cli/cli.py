@@ -614,7 +614,7 @@ def inspect_command(
     Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
     """
     from drnn_cli.commands import load_model
-    from drnn_cli.files import atomic_write_text, output_file
+    from drnn_cli.files import atomic_write_text, output_file, refuse_overwriting
     from drnn_cli.inspect_html import render_html
     from drnn_cli.inspect_plot import write_inspection_plot
     from drnn_cli.introspect import InspectRequest, inspect_text
@@ -630,6 +630,10 @@ def inspect_command(
     request = InspectRequest(text, file, layer, chosen, 5 if top is None else top, signal.value)
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
+    refuse_overwriting(
+        {"--html": html_path, "--png": png_path},
+        {"the checkpoint this command reads": loaded.path, "the text --file reads": file},
+    )
     result = inspect_text(
         loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
     )

@@ -13,6 +13,7 @@ import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from drnn_cli.errors import DrnnError
@@ -90,6 +91,36 @@ def output_file(path: Path, flag: str) -> Path:
             f"{flag} {path} is {_special_kind(info)}, which drnn would replace by a file; name a regular file"
         )
     return target
+
+
+def refuse_overwriting(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None]) -> None:
+    """Refuse an output (keyed by its flag) that is one of the command's inputs (keyed by what they
+    are, "the checkpoint this command reads"), or another output's file.
+
+    The write would replace the checkpoint being read or the text given to ``--file`` (one flag's
+    value typed for another), and two outputs on one path keep only the last one written. Files
+    are compared as the OS sees them (through symlinks and hard links).
+    """
+    claimed: list[tuple[str, tuple[int, int] | str]] = [
+        (what, _identity(path)) for what, path in inputs.items() if path is not None
+    ]
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        identity = _identity(path)
+        for what, other in claimed:
+            if identity == other:
+                raise DrnnError(f"{flag} {path} is {what}; give {flag} a file of its own")
+        claimed.append((f"the file {flag} writes", identity))
+
+
+def _identity(path: Path) -> tuple[int, int] | str:
+    """The file ``path`` names: its device and inode when it exists, else its absolute path."""
+    try:
+        info = path.stat()
+    except OSError:
+        return os.path.abspath(path)
+    return (info.st_dev, info.st_ino)
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

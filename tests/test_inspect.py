@@ -425,6 +425,49 @@ def test_cell_signal_needs_an_lstm():
         )
 
 
+def test_an_output_on_an_input_or_on_the_other_output_is_refused_and_nothing_is_written(
+    cli, tiny_run: Path, tmp_path: Path
+):
+    """--html or --png on the checkpoint being read (through a symlink or a hard link too) or on the
+    --file text would replace it by the page; --html and --png on one file would keep only the last
+    written. Each is refused naming both sides, and the inputs stay as they were."""
+    import os
+    import shutil
+
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_run / "best.safetensors", checkpoint)
+    text = tmp_path / "excerpt.txt"
+    text.write_text("The Time Traveller smiled.\n")
+    (tmp_path / "link.html").symlink_to(checkpoint)
+    os.link(text, tmp_path / "hard.png")
+    before = checkpoint.read_bytes()
+    for args, flag, target, what in (
+        (["--html", str(checkpoint)], "--html", checkpoint, "the checkpoint this command reads"),
+        (["--png", str(tmp_path / "link.html")], "--png", checkpoint, "the checkpoint this command reads"),
+        (["--file", str(text), "--html", str(text)], "--html", text, "the text --file reads"),
+        (
+            ["--file", str(text), "--png", str(tmp_path / "hard.png")],
+            "--png",
+            tmp_path / "hard.png",
+            "the text --file reads",
+        ),
+        (
+            ["--html", str(tmp_path / "x.out"), "--png", str(tmp_path / "x.out")],
+            "--png",
+            tmp_path / "x.out",
+            "the file --html writes",
+        ),
+    ):
+        source = [] if "--file" in args else ["abc"]
+        code, _, err = cli("inspect", *source, "--checkpoint", str(checkpoint), *args)
+        assert (
+            code == 1
+            and err.strip() == f"drnn: error: {flag} {target} is {what}; give {flag} a file of its own"
+        )
+    assert checkpoint.read_bytes() == before and text.read_text() == "The Time Traveller smiled.\n"
+    assert not (tmp_path / "x.out").exists()
+
+
 def test_an_output_that_is_not_a_regular_file_is_refused_and_a_symlink_is_written_through(
     cli, tiny_run: Path, tmp_path: Path
 ):

@@ -25,7 +25,7 @@ from pydantic import (
 
 from drnn_cli.budget import parse_cadence, parse_duration
 from drnn_cli.errors import ConfigError, DrnnError
-from drnn_cli.files import not_utf8, require_regular_file
+from drnn_cli.files import NOT_UTF8_HEAD, not_utf8, require_regular_file
 
 # Upper bounds: far above any sensible run, low enough that nothing downstream overflows (a seed feeds
 # torch.manual_seed after `seed * 1_000_003 + epoch` and, under torchrun, `* 1_009 + rank`).
@@ -511,7 +511,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(str(not_utf8("config file", path, raw[:4], exc.start))) from None
+        raise ConfigError(str(not_utf8("config file", path, raw[:NOT_UTF8_HEAD], exc.start))) from None
     try:
         tree = _parse_yaml(text)
     except yaml.YAMLError as exc:

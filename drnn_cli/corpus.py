@@ -20,7 +20,7 @@ import requests
 import urllib3
 
 from drnn_cli.errors import ConfigError, DrnnError
-from drnn_cli.files import not_utf8, require_regular_file
+from drnn_cli.files import NOT_UTF8_HEAD, not_utf8, require_regular_file
 
 DEFAULT_DATA_DIR = "data"
 DATA_DIR_ENV = "DRNN_DATA_DIR"
@@ -250,7 +250,7 @@ def read_text(path: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise not_utf8("corpus file", path, raw[:4], exc.start) from None
+        raise not_utf8("corpus file", path, raw[:NOT_UTF8_HEAD], exc.start) from None
     del raw
     text = normalize_line_breaks(text.removeprefix(BYTE_ORDER_MARK))  # BOM: an editor's marker, not text
     if not text.strip():
@@ -313,7 +313,9 @@ def _check_utf8_text(path: Path, data: bytearray) -> None:
                     view[start : start + _CHECK_BYTES], final=start + _CHECK_BYTES >= len(data)
                 )
             except UnicodeDecodeError as exc:  # exc.start counts from the pending bytes
-                raise not_utf8("corpus file", path, data[:4], start - pending + exc.start) from None
+                raise not_utf8(
+                    "corpus file", path, bytes(data[:NOT_UTF8_HEAD]), start - pending + exc.start
+                ) from None
             if first_piece and piece:  # a byte order mark is dropped when read: a file of only one is empty
                 piece, first_piece = piece.removeprefix(BYTE_ORDER_MARK), False
             has_text = has_text or bool(piece.strip())

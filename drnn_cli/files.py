@@ -44,8 +44,12 @@ _UNICODE_BYTE_ORDER_MARKS = (  # UTF-32's marks first: UTF-32LE's starts with UT
 )
 
 
+NOT_UTF8_HEAD = 8192  # bytes of a file's start that :func:`not_utf8` looks at
+
+
 def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
-    """The error for a file that is not UTF-8, with the ``iconv`` that converts it.
+    """The error for a file that is not UTF-8, with the ``iconv`` that converts it; ``head`` is its
+    first few KiB.
 
     A UTF-16 or UTF-32 file announces itself with a byte order mark (Windows PowerShell's ``>``
     writes UTF-16): its encoding is named, as Latin-1, the likeliest guess for other bytes, would
@@ -57,6 +61,12 @@ def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
                 f"{what} {path} is {encoding.upper()} (it starts with that byte order mark), not UTF-8; "
                 f"convert it, e.g. iconv -f {encoding} -t utf-8"
             )
+    if b"\0" in head:  # as git and grep tell a binary file: text in any 8-bit encoding has no NUL
+        return DrnnError(
+            f"{what} {path} is not text: it holds NUL bytes and an undecodable byte at offset {offset}, as "
+            "a binary file (an image, a checkpoint) does; name a text file (a UTF-16 text without a byte "
+            "order mark converts with iconv -f utf-16le -t utf-8)"
+        )
     return DrnnError(
         f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); convert it, "
         "e.g. iconv -f latin1 -t utf-8"

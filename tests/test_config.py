@@ -231,8 +231,14 @@ def test_bad_yaml_files_get_one_line(tmp_path: Path, content: str, problem: str)
             "data: {path: café.txt}\n".encode("latin-1"),
             "is not UTF-8 (undecodable byte at offset 16); convert it, e.g. iconv -f latin1 -t utf-8",
         ),
+        (
+            b"\x18\x02\x00\x00\x00\x00\x00\x00{\xff",  # a checkpoint given to --config
+            "is not text: it holds NUL bytes and an undecodable byte at offset 9, as a binary file (an "
+            "image, a checkpoint) does; name a text file (a UTF-16 text without a byte order mark converts "
+            "with iconv -f utf-16le -t utf-8)",
+        ),
     ],
-    ids=["utf-16", "latin-1"],
+    ids=["utf-16", "latin-1", "binary"],
 )
 def test_a_config_file_that_is_not_utf8_is_named_with_the_conversion(
     tmp_path: Path, payload: bytes, message: str

@@ -326,6 +326,23 @@ def test_a_utf16_or_utf32_text_is_named_with_its_own_conversion(tmp_path: Path, 
         )
 
 
+def test_a_binary_file_is_named_as_one_not_sent_to_iconv(tmp_path: Path):
+    """A PNG or a checkpoint given as the text: converting it from Latin-1 (the advice for text in
+    another encoding) would train on noise. NUL bytes tell it, as they tell git and grep."""
+    from drnn_cli.corpus import read_utf8
+
+    path = tmp_path / "perplexity.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    for reader in (read_text, read_utf8):
+        with pytest.raises(DrnnError) as error:
+            reader(path)
+        assert str(error.value) == (
+            f"corpus file {path} is not text: it holds NUL bytes and an undecodable byte at offset 0, as a "
+            "binary file (an image, a checkpoint) does; name a text file (a UTF-16 text without a byte order "
+            "mark converts with iconv -f utf-16le -t utf-8)"
+        )
+
+
 def test_both_readers_name_the_same_offset_in_a_file_that_starts_with_a_byte_order_mark(
     tmp_path: Path,
 ) -> None:

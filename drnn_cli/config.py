@@ -460,7 +460,8 @@ def _not_a_name(key: object, key_node: yaml.Node, mapping: yaml.MappingNode) -> 
     index = next(i for i, (k, _) in enumerate(mapping.value) if k is key_node)
     before = mapping.value[index - 1][1] if index else None  # the value a comma would have cut: 3,000
     fix = (
-        "inside {…} a comma starts a new key (write 3,000 as 3000)"
+        f"inside {{…}} a comma starts a new key (write {before.value},{key_node.value} as "
+        f"{before.value}{key_node.value})"
         if mapping.flow_style and type(key) is int and getattr(before, "tag", "") == "tag:yaml.org,2002:int"
         else "quote it if it is meant as a name"
     )

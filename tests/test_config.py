@@ -290,7 +290,7 @@ def test_a_set_value_with_a_key_yaml_reads_as_no_name_is_refused_in_the_same_wor
         load_config(None, ["data={max_tokens: 1,500}"])
     assert str(error.value) == (
         "--set data: '{max_tokens: 1,500}' is not a valid YAML value (key '500' is read as a number, not a "
-        "name; inside {…} a comma starts a new key (write 3,000 as 3000) at line 1, column 16)"
+        "name; inside {…} a comma starts a new key (write 1,500 as 1500) at line 1, column 16)"
     )
 
 

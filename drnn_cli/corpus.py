@@ -20,7 +20,7 @@ import requests
 import urllib3
 
 from drnn_cli.errors import ConfigError, DrnnError
-from drnn_cli.files import NOT_UTF8_HEAD, not_utf8, require_regular_file
+from drnn_cli.files import NOT_UTF8_HEAD, not_utf8, refuse_nul_bytes, require_regular_file
 
 DEFAULT_DATA_DIR = "data"
 DATA_DIR_ENV = "DRNN_DATA_DIR"
@@ -251,6 +251,7 @@ def read_text(path: Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise not_utf8("corpus file", path, raw[:NOT_UTF8_HEAD], exc.start) from None
+    refuse_nul_bytes("corpus file", path, raw[:NOT_UTF8_HEAD])
     del raw
     text = normalize_line_breaks(text.removeprefix(BYTE_ORDER_MARK))  # BOM: an editor's marker, not text
     if not text.strip():
@@ -301,7 +302,7 @@ def read_utf8(path: Path) -> bytearray:
 
 
 def _check_utf8_text(path: Path, data: bytearray) -> None:
-    """Raise ``read_text``'s errors: not UTF-8 (at the same offset), or nothing but white space."""
+    """Raise ``read_text``'s errors: not UTF-8 (at the same offset), NUL bytes, or nothing but white space."""
     ascii_only = data.isascii()  # then it is UTF-8, and the first non-blank chunk ends the scan
     decoder = codecs.getincrementaldecoder("utf-8")()
     has_text, first_piece = False, True
@@ -320,7 +321,8 @@ def _check_utf8_text(path: Path, data: bytearray) -> None:
                 piece, first_piece = piece.removeprefix(BYTE_ORDER_MARK), False
             has_text = has_text or bool(piece.strip())
             if has_text and ascii_only:
-                return
+                break
+    refuse_nul_bytes("corpus file", path, bytes(data[:NOT_UTF8_HEAD]))  # after not_utf8, which names a binary
     if not has_text:
         raise _empty(path)
 

@@ -73,6 +73,19 @@ def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
     )
 
 
+def refuse_nul_bytes(what: str, path: Path, head: bytes) -> None:
+    """Refuse a file that decodes as UTF-8 but starts with NUL bytes, as no text does: most likely
+    UTF-16 without a byte order mark, whose ASCII letters are each followed by a NUL (every token
+    would be trained beside a NUL), or a binary file. ``head`` is its first few KiB."""
+    offset = head.find(b"\0")
+    if offset >= 0:
+        order = "le" if offset % 2 else "be"  # "T\0h\0" (little-endian) or "\0T\0h" (big-endian)
+        raise DrnnError(
+            f"{what} {path} holds NUL bytes (the first at offset {offset}), which text does not: convert "
+            f"a UTF-16 text without a byte order mark with iconv -f utf-16{order} -t utf-8, or name a text file"
+        )
+
+
 def _special_kind(info: os.stat_result) -> str:
     """What a path that is neither a regular file nor a directory is, in words."""
     return "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or special file"

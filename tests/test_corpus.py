@@ -343,6 +343,25 @@ def test_a_binary_file_is_named_as_one_not_sent_to_iconv(tmp_path: Path):
         )
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_an_ascii_text_in_utf16_without_a_byte_order_mark_is_refused_for_its_nul_bytes(
+    tmp_path: Path, encoding: str
+):
+    """Valid UTF-8 (each ASCII letter beside a NUL), it would train on NULs between the letters."""
+    from drnn_cli.corpus import read_utf8
+
+    path = tmp_path / "no-bom.txt"
+    path.write_bytes("The Time Machine\n".encode(encoding))
+    for reader in (read_text, read_utf8):
+        with pytest.raises(DrnnError) as error:
+            reader(path)
+        assert str(error.value) == (
+            f"corpus file {path} holds NUL bytes (the first at offset {1 if encoding == 'utf-16-le' else 0}), "
+            "which text does not: convert a UTF-16 text without a byte order mark with iconv -f "
+            f"{encoding.replace('-16-', '-16')} -t utf-8, or name a text file"
+        )
+
+
 def test_both_readers_name_the_same_offset_in_a_file_that_starts_with_a_byte_order_mark(
     tmp_path: Path,
 ) -> None:

@@ -367,7 +367,9 @@ def inspect_text(
     if not 1 <= layer <= config.num_layers:
         raise DrnnError(f"--layer {layer} does not exist: the model has layers 1 to {config.num_layers}")
     if request.signal == "cell" and config.cell != "lstm":
-        raise DrnnError(f"--signal cell needs an LSTM; this model is a {config.cell}; use --signal hidden")
+        raise DrnnError(
+            f"--signal cell needs an LSTM; this model's cell is {config.cell}; use --signal hidden"
+        )
     chars, source = read_chars(request, data)
     ids = encode_tokens("".join(chars), vocab).long().to(device)
     unknown = [vocab[c] == vocab[UNK] for c in chars]

@@ -321,7 +321,7 @@ def test_page_has_one_coloured_span_per_character_and_unit_and_the_picture_exist
         "--run",
         str(tiny_run),
         "--units",
-        "3,17,0",
+        "3,17,0,17",  # a unit named twice is shown once
         "--html",
         str(page),
         "--png",
@@ -415,7 +415,9 @@ def test_a_text_longer_than_the_cap_is_refused_in_one_line(cli, tiny_run: Path, 
 
 def test_cell_signal_needs_an_lstm():
     model = small_model("gru", "tanh", "torch")
-    with pytest.raises(DrnnError, match="--signal cell needs an LSTM; this model is a gru"):
+    with pytest.raises(
+        DrnnError, match="--signal cell needs an LSTM; this model's cell is gru; use --signal hidden"
+    ):
         inspect_text(
             model,
             Vocab(["<unk>", "a"]),

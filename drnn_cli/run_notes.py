@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from drnn_cli import fused_lstm
-from drnn_cli.batches import MIN_EVAL_TOKENS
+from drnn_cli.batches import MIN_EVAL_TOKENS, Splits
 from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, TrainConfig
 from drnn_cli.decode import prefix_tokens
@@ -16,16 +16,22 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.vocab import Vocab
 
 
-def data_notes(config: Config, validation_tokens: int, vocab: Vocab, device: torch.device) -> list[str]:
-    """Settings this text or device defeats: a validation split too small to evaluate, a capped
-    evaluation, patience without validation, sample prefixes the vocabulary cannot spell, Triton
-    kernels without CUDA."""
+def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device) -> list[str]:
+    """Settings this text or device defeats: a validation or test split too small to evaluate, a
+    capped evaluation, patience without validation, sample prefixes the vocabulary cannot spell,
+    Triton kernels without CUDA."""
     train, data = config.train, config.data
+    validation_tokens, test_tokens = len(splits.val), len(splits.test)
     notes = []
     if data.val_fraction > 0 and validation_tokens < MIN_EVAL_TOKENS:
         notes.append(
             f"data.val_fraction {data.val_fraction:g} leaves {validation_tokens} validation token(s), too "
             "few to evaluate: this run has no validation (raise data.val_fraction)"
+        )
+    if data.test_fraction > 0 and test_tokens < MIN_EVAL_TOKENS:
+        notes.append(
+            f"data.test_fraction {data.test_fraction:g} leaves {test_tokens} test token(s), too few to "
+            "evaluate: drnn eval --split test will have nothing to read (raise data.test_fraction)"
         )
     if train.eval_tokens and validation_tokens > train.eval_tokens + 1:
         notes.append(

@@ -736,7 +736,7 @@ class Trainer:
             self.reporter.note(nothing_to_train(already, train, began_at, self.global_step, self.bad_evals))
         setup = (
             *self._notes,
-            *data_notes(self.config, len(self.val_tokens), self.dataset.vocab, self.device),
+            *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
         )
         for note in setup if already is None else ():
             self.reporter.note(note)

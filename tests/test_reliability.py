@@ -209,16 +209,17 @@ def test_settings_this_text_cannot_honour_are_noted_on_one_line_each(workdir: Pa
     text = workdir / "small.txt"
     text.write_text("hello world, this is a small text. " * 20)
     config = config_file(workdir, {**TINY, "data": {"path": str(text), "batch_size": 2, "num_steps": 5}})
-    code, out, err = cli(
-        "train", "--config", str(config), "--set", "train.epochs=1", "--set", "data.val_fraction=0.001"
-    )
+    code, out, err = cli("train", "--config", str(config), "--set", "train.epochs=1",
+                         "--set", "data.val_fraction=0.001", "--set", "data.test_fraction=0.002")  # fmt: skip
     assert code == 0, err
     notes = [line for line in out.splitlines() if line.startswith("note: ")]
-    assert notes[0] == (
+    assert notes[:2] == [  # 700 tokens: 0.7 of one validation token, 1.4 of one test token
         "note: data.val_fraction 0.001 leaves 0 validation token(s), too few to evaluate: this run has no "
-        "validation (raise data.val_fraction)"
-    )
-    assert notes[1:] == [
+        "validation (raise data.val_fraction)",
+        "note: data.test_fraction 0.002 leaves 1 test token(s), too few to evaluate: drnn eval --split test "
+        "will have nothing to read (raise data.test_fraction)",
+    ]
+    assert notes[2:] == [
         f"note: train.sample_prefixes: {prefix!r} cannot be written in this text's chars, so it gets no samples; "
         "set train.sample_prefixes to text it can spell"
         for prefix in ("time traveller", "traveller")

@@ -369,11 +369,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node = tree
     for depth, part in enumerate(parts[:-1]):
-        if node.get(part) is None:
-            node[part] = {}  # a section left empty (``train:``, or ``--set train=``)
-        child = node[part]
+        dotted = ".".join(parts[: depth + 1])
+        child = node.get(part)
+        if child is None and depth == 0:
+            child = node[part] = {}  # a section left empty (``train:``, or ``--set train=``)
+        elif (
+            child is None
+        ):  # a key left at its default (data.path: null), or none at all: no section holds sections
+            raise ConfigError(
+                f"--set {'.'.join(parts)}: {dotted} is not a section; keys are SECTION.NAME, e.g. data.path"
+            )
         if not isinstance(child, dict):
-            dotted = ".".join(parts[: depth + 1])
             raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a section")
         node = child
     node[parts[-1]] = value

@@ -180,6 +180,10 @@ def test_later_set_wins_and_file_values_are_kept_otherwise(tmp_path: Path):
         ("=3", "--set expects KEY=VALUE with a dotted key, e.g. --set model.num_layers=3 (got '=3')"),
         ("model..cell=gru", "--set key 'model..cell' has an empty part; use dotted keys like train.lr=0.5"),
         ("data.batch_size.rows=3", "--set data.batch_size.rows: data.batch_size is a value, not a section"),
+        (  # data.path is null by default: it was taken for an empty section, then refused as "a valid string"
+            "data.path.x=3",
+            "--set data.path.x: data.path is not a section; keys are SECTION.NAME, e.g. data.path",
+        ),
         (
             "train.lr=[1, 2",
             "--set train.lr: '[1, 2' is not a valid YAML value (expected ',' or ']', but got '<stream end>' at line 1, column 6)",

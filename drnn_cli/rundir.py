@@ -200,9 +200,13 @@ def is_latest_marker(path: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> bool:
 
 def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
     marker = runs_root / LATEST_MARKER
-    fix = "train one first (drnn train --config configs/quick.yaml) or pass --run DIR / --checkpoint FILE"
+    # runs/ is found from the working directory, and a preset's name works from any directory
+    fix = "train one first (drnn train --config quick) or pass --run DIR / --checkpoint FILE"
     if not marker.exists():
-        raise DrnnError(f"no run to use: {marker} does not exist; {fix}")
+        raise DrnnError(
+            f"no run to use: {marker} does not exist in {Path.cwd()}; run from the directory you trained "
+            f"in, {fix}"
+        )
     try:
         require_regular_file(marker, "the latest-run marker", f"delete it and {fix}")
         if marker.stat().st_size > 4096:

@@ -7,8 +7,10 @@ Two implementations of the recurrent stack sit behind one interface:
   time written out too (:mod:`drnn_cli.cells`), with *the same parameter names and layouts* as
   PyTorch's, so weights copy across and the two are tested equal.
 
-The GRU is cuDNN's form (d2l's code; d2l's printed formula applies the reset gate before the
-recurrent product, which is a different model), so a scratch GRU equals ``nn.GRU``.
+The GRU is cuDNN's form (reset gate after the recurrent product), so a scratch GRU equals ``nn.GRU``
+(d2l's concise §9.1). It is not d2l's from-scratch ``gru``, which applies the reset gate before the
+product, as its formula does; and every scratch cell keeps PyTorch's two biases per gate where d2l's
+scratch code has one (README "Reproducing d2l").
 """
 
 from __future__ import annotations

@@ -347,3 +347,52 @@ def test_every_shipped_config_is_valid():
         load_config(path)
     assert load_config(REPO / "configs" / "rnn2.yaml").train.lr == 1.0
     assert load_config(REPO / "configs" / "gru2.yaml").model.cell == "gru"
+
+
+# d2l v0.17.6's recipes, from its chapter sources: batch_size, num_steps = 32, 35 and
+# load_data_time_machine's max_tokens=10000 (every section); num_hiddens / num_layers / lr / num_epochs
+# from rnn-scratch.md (512, lr 1), rnn-concise.md (256, lr 1), gru.md and lstm.md (256, lr 1),
+# deep-rnn.md (256 × 2, lr 2), all 500 epochs; train_ch8 uses SGD and grad_clipping(net, 1).
+D2L_RECIPES = {
+    "ch8_5_rnn_scratch": ("rnn", 512, 1, "scratch", "d2l", 1.0),
+    "ch8_6_rnn_concise": ("rnn", 256, 1, "torch", "torch", 1.0),
+    "ch9_1_gru": ("gru", 256, 1, "scratch", "d2l", 1.0),
+    "ch9_2_lstm": ("lstm", 256, 1, "scratch", "d2l", 1.0),
+    "ch9_3_deep_lstm": ("lstm", 256, 2, "torch", "torch", 2.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(D2L_RECIPES))
+def test_d2l_recipes_are_d2l_0_17_6s_hyperparameters(name):
+    config = load_config(REPO / "configs" / "d2l" / f"{name}.yaml")
+    data, model, train = config.data, config.model, config.train
+    cell, hidden, layers, impl, init, lr = D2L_RECIPES[name]
+    assert (data.corpus, data.preprocess, data.token, data.max_tokens, data.min_freq) == (
+        "timemachine",
+        "d2l",
+        "char",
+        10000,
+        0,
+    )
+    assert (data.batch_size, data.num_steps, data.sampling) == (32, 35, "sequential")
+    assert (data.val_fraction, data.test_fraction) == (0.0, 0.0)
+    assert (model.cell, model.hidden_size, model.num_layers, model.impl, model.init) == (
+        cell,
+        hidden,
+        layers,
+        impl,
+        init,
+    )
+    assert (model.embedding_dim, model.dropout, model.nonlinearity) == (0, 0.0, "tanh")  # one-hot, tanh
+    assert (train.optimizer, train.lr, train.momentum, train.weight_decay) == ("sgd", lr, 0.0, 0.0)
+    assert (train.clip, train.epochs, train.schedule) == (1.0, 500, "constant")
+    # train_ch8: predict_ch8(prefix, 50, …) every 10 epochs, then 'time traveller' and 'traveller'
+    assert (train.sample_every, train.sample_chars) == (10, 50)
+    assert train.sample_prefixes == ["time traveller", "traveller"]
+
+
+def test_d2l_deep_lstm_recipe_is_the_seed_recipe():
+    d2l = load_config(REPO / "configs" / "d2l" / "ch9_3_deep_lstm.yaml")
+    seed = load_config(REPO / "configs" / "lstm2.yaml")
+    assert d2l.data == seed.data and d2l.model == seed.model
+    assert d2l.train.model_dump(exclude={"sample_every"}) == seed.train.model_dump(exclude={"sample_every"})

@@ -16,10 +16,13 @@ Gate layouts are PyTorch's and cuDNN's (rows of ``weight_ih_l{k}`` / ``weight_hh
     lstm  [ i | f | g | o ]   c' = σ(f)⊙c + σ(i)⊙tanh(g);   h' = σ(o)⊙tanh(c')
     gru   [ r | z | n ]       n  = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))   ← reset gate applied
                               h' = (1 − z)⊙n + z⊙h                                AFTER the product
+    gru, d2l's form           n  = tanh(W_in x + b_n + W_hn (r ⊙ h))            ← BEFORE the product
+                                                                                 (model.cell_form d2l)
     rnn   [ h ]               h' = tanh(W_ih x + b_ih + W_hh h + b_hh)   (or relu)
 
-A layer's functions take ``x_gates`` (T, B, G·H), the input projection of all timesteps (for the LSTM
-and RNN with both biases in it; the GRU adds ``b_hh`` inside the reset product), and ``w_hh`` (G·H, H).
+A layer's functions take ``x_gates`` (T, B, G·H), the input projection of all timesteps (for the LSTM,
+the RNN and d2l's GRU with both biases in it; cuDNN's GRU adds ``b_hh`` inside the reset product), and
+``w_hh`` (G·H, H).
 Under autocast the backward pass runs under the forward pass's autocast state (what
 ``torch.amp.custom_bwd`` does), so its products are half precision where the forward's were.
 """
@@ -64,6 +67,20 @@ def gru_step(
     h_n = h_gates[:, 2 * hidden :]
     n = torch.tanh(torch.addcmul(x_gates[:, 2 * hidden :], r, h_n))
     return torch.addcmul(n, z, h - n), rz, n, h_n  # n + z(h − n) = (1 − z)⊙n + z⊙h
+
+
+def gru_d2l_step(
+    x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of d2l's from-scratch GRU (§9.1, ``H̃ = tanh(X W_xh + (R ⊙ H) W_hh + b_h)``): the reset
+    gate scales ``h`` before the candidate's recurrent product, so the step takes two products, the
+    second waiting for the gates. ``(h', σ([r | z]), n, r ⊙ h)``."""
+    hidden = h.shape[-1]
+    rz = torch.sigmoid(torch.addmm(x_gates[:, : 2 * hidden], h, w_hh_t[:, : 2 * hidden]))
+    r, z = rz.chunk(2, dim=1)
+    reset_h = r * h
+    n = torch.tanh(torch.addmm(x_gates[:, 2 * hidden :], reset_h, w_hh_t[:, 2 * hidden :]))
+    return torch.addcmul(n, z, h - n), rz, n, reset_h  # n + z(h − n) = (1 − z)⊙n + z⊙h
 
 
 def rnn_step(x_gates: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, nonlinearity: str) -> torch.Tensor:
@@ -124,6 +141,28 @@ def gru_backward_step(
     return d_x, d_h_gates, torch.addmm(d_out_prev + dh * z, d_h_gates, w_hh)
 
 
+def gru_d2l_backward_step(
+    dh: torch.Tensor,
+    d_out_prev: torch.Tensor,
+    rz: torch.Tensor,
+    n: torch.Tensor,
+    reset_h: torch.Tensor,
+    h_prev: torch.Tensor,
+    w_hh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂x_gates (B, 3H), ∂h_{t-1})`` of :func:`gru_d2l_step`; ``h_{t-1}`` reaches the loss through
+    the update gate, both gates' products and, scaled by r, the candidate's product."""
+    hidden = h_prev.shape[-1]
+    r, z = rz.chunk(2, dim=1)
+    d_n = dh * (1 - z) * (1 - n * n)  # h_t = n + z·(h_{t-1} − n)
+    d_z = dh * (h_prev - n) * z * (1 - z)
+    d_reset_h = d_n.mm(w_hh[2 * hidden :])  # n = tanh(x_n + (r·h) W_hnᵀ)
+    d_r = d_reset_h * h_prev * r * (1 - r)
+    d_rz = torch.cat([d_r, d_z], dim=1)
+    d_h_prev = torch.addmm(d_out_prev + dh * z + d_reset_h * r, d_rz, w_hh[: 2 * hidden])
+    return torch.cat([d_rz, d_n], dim=1), d_h_prev
+
+
 def rnn_backward_step(
     dh: torch.Tensor, d_out_prev: torch.Tensor, h: torch.Tensor, nonlinearity: str, w_hh: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +188,7 @@ class CellSteps:
 CELL_STEPS = {
     "lstm": CellSteps(lstm_step, lstm_backward_step),
     "gru": CellSteps(gru_step, gru_backward_step),
+    "gru_d2l": CellSteps(gru_d2l_step, gru_d2l_backward_step),
     "rnn": CellSteps(rnn_step, rnn_backward_step),
 }
 
@@ -228,6 +268,19 @@ def _gru_forward(
     return torch.stack(outputs), h, kept
 
 
+def _gru_d2l_forward(
+    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, steps: CellSteps
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The forward loop: ``(outputs, h_T, [σ([r | z]), n, r ⊙ h_{t-1}] for each timestep, flat)``."""
+    w_hh_t, h = w_hh.t(), h0
+    outputs, kept = [], []
+    for x_t in x_gates:
+        h, *kept_t = steps.forward(x_t, h, w_hh_t)
+        outputs.append(h)
+        kept.extend(kept_t)
+    return torch.stack(outputs), h, kept
+
+
 def _rnn_forward(
     x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, nonlinearity: str, steps: CellSteps
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +351,40 @@ class _GRULayer(torch.autograd.Function):
         return *_cast((torch.stack(d_x), dh, d_w, d_b), ctx.dtypes), None
 
 
+class _GRUD2LLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_gates, h0, w_hh, steps: CellSteps):  # type: ignore[override]
+        out, h, kept = _gru_d2l_forward(x_gates, h0, w_hh, steps)
+        ctx.save_for_backward(h0, out, w_hh, *kept)  # per timestep, as the backward pass reads them
+        ctx.steps, ctx.autocast = steps, _Autocast.current(x_gates.device)
+        ctx.dtypes = _dtypes(x_gates, h0, w_hh)
+        return out, h
+
+    @staticmethod
+    def backward(ctx: Any, d_out, d_h):  # type: ignore[override]
+        h0, out, w_hh, *kept = _saved(ctx)
+        steps, hidden = len(out), h0.shape[-1]
+        with ctx.autocast():
+            zero = torch.zeros_like(d_out[0])  # what reaches h_0 from above: none, in d_out's dtype
+            dh = d_out[-1] + d_h
+            d_x = [torch.Tensor()] * steps
+            for t in reversed(range(steps)):
+                h_prev = out[t - 1] if t else h0
+                d_x[t], dh = ctx.steps.backward(
+                    dh, _above(d_out, t, zero), *kept[3 * t : 3 * t + 3], h_prev, w_hh
+                )
+            d_gates = torch.stack(d_x)
+            # The r and z rows multiply h_{t-1}; the candidate's rows multiply r ⊙ h_{t-1}.
+            reset_h = torch.stack(kept[2::3])
+            d_w = torch.cat(
+                [
+                    _weight_gradient(d_gates[..., : 2 * hidden], h0, out),
+                    d_gates[..., 2 * hidden :].flatten(0, 1).t().mm(reset_h.flatten(0, 1)),
+                ]
+            )
+        return *_cast((d_gates, dh, d_w), ctx.dtypes), None
+
+
 class _RNNLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_gates, h0, w_hh, nonlinearity: str, steps: CellSteps):  # type: ignore[override]
@@ -344,6 +431,16 @@ def gru_layer(
     if _recording(x_gates, h0, w_hh, b_hh):
         return _GRULayer.apply(x_gates, h0, w_hh, b_hh, steps)
     out, h, _ = _gru_forward(x_gates, h0, w_hh, b_hh, steps)
+    return out, h
+
+
+def gru_d2l_layer(
+    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, steps: CellSteps
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """d2l's GRU form: ``(outputs (T, B, H), h_T)``; ``x_gates`` holds both biases."""
+    if _recording(x_gates, h0, w_hh):
+        return _GRUD2LLayer.apply(x_gates, h0, w_hh, steps)
+    out, h, _ = _gru_d2l_forward(x_gates, h0, w_hh, steps)
     return out, h
 
 

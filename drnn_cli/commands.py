@@ -49,7 +49,9 @@ from drnn_cli.vocab import UNK, Vocab, encode_tokens
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and a run fine-tuned from it (--init-from). A --resume also keeps
 # model.impl (the same computation) and model.init (RESUME_NOTED_KEYS says why).
-ARCHITECTURE_KEYS = ("cell", "hidden_size", "num_layers", "embedding_dim", "nonlinearity", "tie_weights")
+ARCHITECTURE_KEYS = (
+    *("cell", "hidden_size", "num_layers", "embedding_dim", "nonlinearity", "tie_weights", "cell_form"),
+)
 TOKEN_KEYS = ("preprocess", "token")
 # Data keys that decide which tokens form the splits: a resumed run must see the same ones. Which
 # text is not among them: the corpus is checked by its SHA-1 once loaded, so a moved file resumes.
@@ -79,7 +81,7 @@ RESUME_NOTED_KEYS = {
         "weight_drop",
     ),
     "train": (
-        *("lr", "schedule", "warmup_epochs", "step_size", "gamma", "min_lr", "clip"),
+        *("lr", "schedule", "warmup_epochs", "step_size", "gamma", "min_lr", "clip", "reset_state"),
         *("ar", "tar", "average", "average_decay", "average_start", "precision"),
     ),
 }

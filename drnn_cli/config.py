@@ -137,6 +137,12 @@ class ModelConfig(_Section):
     tie_weights: bool = Field(
         False, description="share embedding and output weights (needs embedding_dim = hidden_size)"
     )
+    cell_form: Literal["torch", "d2l"] = Field(
+        "torch",
+        description="torch: PyTorch's cells (two biases per gate; the GRU's reset gate after its recurrent "
+        "product); d2l: d2l's from-scratch cells (one bias per gate: bias_hh held at zero, untrained; the "
+        "GRU's reset gate before the product); d2l needs impl scratch",
+    )
 
     @field_validator("bidirectional")
     @classmethod
@@ -163,6 +169,11 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"model.layer_calls each applies to model.impl torch (impl {self.impl} steps its layers "
                 "one by one already); set it to stack"
+            )
+        if self.cell_form == "d2l" and self.impl != "scratch":
+            raise ValueError(
+                f"model.cell_form d2l is d2l's from-scratch cells, which model.impl scratch steps; impl "
+                f"{self.impl} runs PyTorch's form: set model.impl scratch, or model.cell_form torch"
             )
         if self.impl == "fused" and self.cell != "lstm":
             raise ValueError(
@@ -191,6 +202,11 @@ class TrainConfig(_Section):
         description="adamw: decay biases and other 1-D parameters too (default: matrices only, as nanoGPT)",
     )
     clip: float = Field(1.0, ge=0.0, le=1e9, description="clip the global gradient norm to this (0 = off)")
+    reset_state: bool = Field(
+        False,
+        description="start every minibatch from a zero state, not the previous one's (sequential sampling; "
+        "random always does): d2l's use_random_iter=True on its sequential iterator, §8.5's second run",
+    )
     schedule: Literal["constant", "step", "cosine"] = Field("constant", description="learning-rate schedule")
     warmup_epochs: int = Field(0, ge=0, le=MAX_COUNT, description="linear warm-up epochs before the schedule")
     step_size: int = Field(100, ge=1, le=MAX_COUNT, description="step schedule: epochs between decays")

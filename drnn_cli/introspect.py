@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from drnn_cli.cells import gru_step, lstm_step, rnn_step
+from drnn_cli.cells import gru_d2l_step, gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import preprocess_prefix
 from drnn_cli.data import read_token_stream
@@ -64,8 +64,9 @@ def trace_layers(model: RNNLanguageModel, ids: torch.Tensor) -> list[LayerTrace]
         w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}") for name in _PARAMETERS)
         w_hh_t = w_hh.t()
         projected = F.linear(layer_input, w_ih, b_ih)  # (T, G·H), all steps at once as the stack does
-        if config.cell != "gru":
-            projected = projected + b_hh  # the GRU adds b_hh inside the reset product instead
+        d2l_gru = config.cell == "gru" and config.cell_form == "d2l"
+        if config.cell != "gru" or d2l_gru:
+            projected = projected + b_hh  # cuDNN's GRU adds b_hh inside the reset product instead
         h = projected.new_zeros(1, config.hidden_size)
         c = torch.zeros_like(h)
         hs, cs, gates = [], [], []
@@ -74,6 +75,9 @@ def trace_layers(model: RNNLanguageModel, ids: torch.Tensor) -> list[LayerTrace]
                 h, c, lstm_gates = lstm_step(x_gates, h, c, w_hh_t)
                 cs.append(c)
                 gates.append(lstm_gates)
+            elif d2l_gru:
+                h, rz, _, _ = gru_d2l_step(x_gates, h, w_hh_t)
+                gates.append(rz)
             elif config.cell == "gru":
                 h, rz, _, _ = gru_step(x_gates, h, w_hh_t, b_hh)
                 gates.append(rz)

@@ -7,10 +7,11 @@ Two implementations of the recurrent stack sit behind one interface:
   time written out too (:mod:`drnn_cli.cells`), with *the same parameter names and layouts* as
   PyTorch's, so weights copy across and the two are tested equal.
 
-The GRU is cuDNN's form (reset gate after the recurrent product), so a scratch GRU equals ``nn.GRU``
-(d2l's concise §9.1). It is not d2l's from-scratch ``gru``, which applies the reset gate before the
-product, as its formula does; and every scratch cell keeps PyTorch's two biases per gate where d2l's
-scratch code has one (README "Reproducing d2l").
+By default the scratch cells are PyTorch's form: the GRU applies its reset gate after the recurrent
+product, and every gate has two biases, so a scratch stack equals ``nn.GRU`` & co. (d2l's concise
+§9.1–9.3). ``model.cell_form: d2l`` makes them d2l's from-scratch code (§8.5, §9.1, §9.2): one bias
+per gate (``bias_hh`` is kept, at zero and untrained, so checkpoints keep PyTorch's names) and the
+GRU's reset gate before the product (README "Reproducing d2l").
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drnn_cli import fused_lstm
-from drnn_cli.cells import CELL_STEPS, CellSteps, gru_layer, lstm_layer, rnn_layer
+from drnn_cli.cells import CELL_STEPS, CellSteps, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
 from drnn_cli.config import ModelConfig
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -51,11 +52,14 @@ class ScratchRecurrent(nn.Module):
         nonlinearity: str = "tanh",
         weight_drop: float = 0.0,
         locked: bool = False,
+        form: str = "torch",
     ) -> None:
         super().__init__()
         if cell not in GATES:
             raise ValueError(f"unknown cell {cell!r}; choose rnn, gru or lstm")
         self.cell = cell
+        self.form = form  # model.cell_form
+        self._steps_name = "gru_d2l" if (cell, form) == ("gru", "d2l") else cell
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -65,20 +69,27 @@ class ScratchRecurrent(nn.Module):
         self.locked = locked
         # What steps a timestep, forward and backward, while training: the plain cell, or
         # torch.compile's (compile_cells).
-        self._training_steps: CellSteps = CELL_STEPS[cell]
+        self._training_steps: CellSteps = CELL_STEPS[self._steps_name]
         rows = GATES[cell] * hidden_size
         for layer in range(num_layers):
             width = input_size if layer == 0 else hidden_size
             self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(rows, width)))
             self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(rows, hidden_size)))
             self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(rows)))
-            self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(rows)))
+            # d2l's cells have one bias per gate: the second stays zero and gets no gradient, so neither
+            # SGD nor the clipping norm counts a gate's bias gradient twice.
+            self.register_parameter(
+                f"bias_hh_l{layer}", nn.Parameter(torch.empty(rows), requires_grad=form != "d2l")
+            )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.hidden_size)
         for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+            if weight.requires_grad:
+                nn.init.uniform_(weight, -bound, bound)
+            else:
+                nn.init.zeros_(weight)  # d2l's form: the held recurrent bias
 
     def compile_cells(self, backend: str | Callable[..., Any] = "inductor") -> None:
         """Step training minibatches through ``torch.compile``'s version of the cell (``train.compile``).
@@ -88,7 +99,7 @@ class ScratchRecurrent(nn.Module):
         backward one, each become one generated kernel. Evaluation and sampling keep the plain cell:
         other shapes and no gradients would mean more compilations for a small share of the time.
         """
-        self._training_steps = CELL_STEPS[self.cell].compiled(backend)
+        self._training_steps = CELL_STEPS[self._steps_name].compiled(backend)
 
     def _layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
         w_ih = getattr(self, f"weight_ih_l{layer}")
@@ -99,7 +110,7 @@ class ScratchRecurrent(nn.Module):
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         h0, c0 = state if isinstance(state, tuple) else (state, None)
-        steps = self._training_steps if self.training else CELL_STEPS[self.cell]
+        steps = self._training_steps if self.training else CELL_STEPS[self._steps_name]
         final_h, final_c = [], []
         layer_input = inputs
         for layer in range(self.num_layers):
@@ -110,6 +121,8 @@ class ScratchRecurrent(nn.Module):
                 assert c0 is not None
                 outputs, h, c = self._lstm_recurrence(projected + b_hh, h0[layer], c0[layer], w_hh, steps)
                 final_c.append(c)
+            elif self.cell == "gru" and self.form == "d2l":
+                outputs, h = gru_d2l_layer(projected + b_hh, h0[layer], w_hh, steps)
             elif self.cell == "gru":
                 outputs, h = gru_layer(projected, h0[layer], w_hh, b_hh, steps)
             else:
@@ -273,6 +286,7 @@ def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
             config.nonlinearity,
             config.weight_drop,
             locked,
+            config.cell_form,
         )
     per_layer = config.layer_calls == "each"
     layerwise = config.weight_drop > 0 or locked or per_layer

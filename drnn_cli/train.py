@@ -194,7 +194,7 @@ class Trainer:
             device,
             batch_rows=data.batch_size // self.dist.world_size,
             num_steps=data.num_steps,
-            carries_state=data.sampling == "sequential",
+            carries_state=data.sampling == "sequential" and not config.train.reset_state,
             graph=cuda_graph,
             ar=config.train.ar,
             tar=config.train.tar,
@@ -425,7 +425,8 @@ class Trainer:
         self._set_lr(epoch)
         batches = self._batches(epoch)
         progress, self.progress = self.progress, EpochProgress.start(self.device)
-        self.static_step.begin_epoch(progress.state if batches.carries_state else None)
+        carries_state = self.static_step.carries_state
+        self.static_step.begin_epoch(progress.state if carries_state else None)
         if self.dist.enabled and progress.step == 0:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
             torch.manual_seed(epoch_seed(self.config.train.seed, epoch) * 1_009 + self.dist.rank)
@@ -454,13 +455,13 @@ class Trainer:
                 self._totals(
                     epoch, progress
                 )  # a NaN on any process ends the run; nothing non-finite is saved
-                progress.state = self.static_step.carried_state() if batches.carries_state else None
+                progress.state = self.static_step.carried_state() if carries_state else None
                 progress.elapsed = self._training_clock() - started
                 self._interrupt(epoch, progress)
             stop = self._budget_reached()
             if progress.step < len(batches) and (stop or self.cadence.due_at_step(self.global_step)):
                 # A boundary inside the epoch; the epoch's last step is handled by fit at its end.
-                progress.state = self.static_step.carried_state() if batches.carries_state else None
+                progress.state = self.static_step.carried_state() if carries_state else None
                 progress.elapsed = self._training_clock() - started
                 paused = time.perf_counter()
                 stop = self._inside_epoch(epoch, progress, len(batches), stop)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from drnn_cli.cells import CELL_STEPS, gru_layer, lstm_layer, rnn_layer
+from drnn_cli.cells import CELL_STEPS, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
 
 T, B, H = 4, 3, 5
 
@@ -25,7 +25,7 @@ T, B, H = 4, 3, 5
 def layer_call(cell: str, nonlinearity: str = "tanh") -> tuple[Callable, tuple[torch.Tensor, ...]]:
     """A layer function of ``cell`` and float64 inputs for it, each requiring a gradient."""
     generator = torch.Generator().manual_seed(7)
-    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    gates = {"lstm": 4, "gru": 3, "gru_d2l": 3, "rnn": 1}[cell]
 
     def tensor(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * 0.7).requires_grad_()
@@ -36,11 +36,13 @@ def layer_call(cell: str, nonlinearity: str = "tanh") -> tuple[Callable, tuple[t
         return (lambda x, h, c, w: lstm_layer(x, h, c, w, steps)), (x_gates, h0, tensor(B, H), w_hh)
     if cell == "gru":
         return (lambda x, h, w, b: gru_layer(x, h, w, b, steps)), (x_gates, h0, w_hh, tensor(gates * H))
+    if cell == "gru_d2l":
+        return (lambda x, h, w: gru_d2l_layer(x, h, w, steps)), (x_gates, h0, w_hh)
     return (lambda x, h, w: rnn_layer(x, h, w, nonlinearity, steps)), (x_gates, h0, w_hh)
 
 
-CASES = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
-IDS = ["lstm", "gru", "rnn-tanh", "rnn-relu"]
+CASES = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu"), ("gru_d2l", "tanh")]
+IDS = ["lstm", "gru", "rnn-tanh", "rnn-relu", "gru-d2l"]
 
 
 @pytest.mark.parametrize(("cell", "nonlinearity"), CASES, ids=IDS)
@@ -79,6 +81,17 @@ def test_the_backward_pass_is_one_product_per_timestep_and_one_for_the_weights(
     with MatrixProducts() as products:
         loss.backward()
     assert products.counts == Counter({"addmm": T, "mm": 1})
+
+
+def test_d2l_s_gru_backward_pass_is_two_products_per_timestep_and_two_for_the_weights() -> None:
+    """The candidate's product reads r ⊙ h_{t-1}, so ∂(r ⊙ h) and ∂h_{t-1} are a product each, and
+    ∂W_hh is one product for the r and z rows (over h_{t-1}) and one for the candidate's (over r ⊙ h)."""
+    layer, inputs = layer_call("gru_d2l")
+    outputs = layer(*inputs)
+    loss = sum(o.sum() for o in outputs)
+    with MatrixProducts() as products:
+        loss.backward()
+    assert products.counts == Counter({"addmm": T, "mm": T + 2})
 
 
 def test_under_autocast_the_backward_products_run_in_its_dtype_and_gradients_come_back_in_fp32() -> None:

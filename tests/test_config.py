@@ -49,6 +49,7 @@ INVALID = {
     "model.nonlinearity": ("sigmoid", "'tanh' or 'relu'"),
     "model.init": ("xavier", "'torch' or 'd2l'"),
     "model.tie_weights": ("maybe", "boolean"),
+    "model.cell_form": ("cudnn", "'torch' or 'd2l'"),
     "train.epochs": (0, "greater than or equal to 1"),
     "train.optimizer": ("rmsprop", "'sgd', 'adam' or 'adamw'"),
     "train.lr": (0, "greater than 0"),
@@ -56,6 +57,7 @@ INVALID = {
     "train.weight_decay": (-1, "greater than or equal to 0"),
     "train.decay_biases": ("sometimes", "valid boolean"),
     "train.clip": (-1, "greater than or equal to 0"),
+    "train.reset_state": ("often", "valid boolean"),
     "train.schedule": ("linear", "'constant', 'step' or 'cosine'"),
     "train.warmup_epochs": (-1, "greater than or equal to 0"),
     "train.step_size": (0, "greater than or equal to 1"),
@@ -360,6 +362,8 @@ D2L_RECIPES = {
     "ch9_2_lstm": ("lstm", 256, 1, "scratch", "d2l", 1.0),
     "ch9_3_deep_lstm": ("lstm", 256, 2, "torch", "torch", 2.0),
 }
+# The from-scratch recipes (§8.5, §9.1, §9.2) train d2l's scratch cells: one bias per gate, the GRU's
+# reset gate before its product (tests/test_models.py proves them equal to d2l's code).
 
 
 @pytest.mark.parametrize("name", sorted(D2L_RECIPES))
@@ -384,6 +388,8 @@ def test_d2l_recipes_are_d2l_0_17_6s_hyperparameters(name):
         init,
     )
     assert (model.embedding_dim, model.dropout, model.nonlinearity) == (0, 0.0, "tanh")  # one-hot, tanh
+    assert model.cell_form == ("d2l" if impl == "scratch" else "torch")
+    assert not train.reset_state  # §8.5's second run adds it
     assert (train.optimizer, train.lr, train.momentum, train.weight_decay) == ("sgd", lr, 0.0, 0.0)
     assert (train.clip, train.epochs, train.schedule) == (1.0, 500, "constant")
     # train_ch8: predict_ch8(prefix, 50, …) every 10 epochs, then 'time traveller' and 'traveller'

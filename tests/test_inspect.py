@@ -37,10 +37,12 @@ TOL = {"atol": 1e-10, "rtol": 1e-10}  # float64 models
 
 
 def small_model(cell: str, nonlinearity: str, impl: str, embedding_dim: int = 0):
+    """``impl`` "scratch-d2l": the scratch cells in d2l's form (model.cell_form d2l)."""
     config = ModelConfig(
         cell=cell,
         nonlinearity=nonlinearity,
-        impl=impl,
+        impl=impl.removesuffix("-d2l"),
+        cell_form="d2l" if impl.endswith("-d2l") else "torch",
         hidden_size=6,
         num_layers=3,
         embedding_dim=embedding_dim,
@@ -52,7 +54,7 @@ def small_model(cell: str, nonlinearity: str, impl: str, embedding_dim: int = 0)
 # Step-by-step states
 
 
-@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize("impl", ["torch", "scratch", "scratch-d2l"])
 @pytest.mark.parametrize(("cell", "nonlinearity"), CELLS, ids=["lstm", "gru", "rnn-tanh", "rnn-relu"])
 def test_step_by_step_states_of_every_layer_equal_the_models_forward_on_each_prefix(cell, nonlinearity, impl):
     model = small_model(cell, nonlinearity, impl, embedding_dim=4 if cell == "gru" else 0)

@@ -3,6 +3,7 @@ parameter counts, initialisations, refused configurations, dropout, state helper
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -124,6 +125,152 @@ def test_scratch_gru_applies_the_reset_gate_after_the_recurrent_product():
         outputs, final = gru(x, h)
     assert_close(outputs[0], expected, **TOL)
     assert_close(final[0], expected, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# model.cell_form d2l trains what d2l 0.17.6's from-scratch code trains
+
+
+def d2l_rnn(inputs, state, params):
+    """d2l 0.17.6 §8.5 ``rnn``, as printed."""
+    W_xh, W_hh, b_h, W_hq, b_q = params
+    (H,) = state
+    outputs = []
+    for X in inputs:
+        H = torch.tanh(torch.mm(X, W_xh) + torch.mm(H, W_hh) + b_h)
+        outputs.append(torch.mm(H, W_hq) + b_q)
+    return torch.cat(outputs, dim=0), (H,)
+
+
+def d2l_gru(inputs, state, params):
+    """d2l 0.17.6 §9.1 ``gru``: the reset gate scales H before the product with W_hh."""
+    W_xz, W_hz, b_z, W_xr, W_hr, b_r, W_xh, W_hh, b_h, W_hq, b_q = params
+    (H,) = state
+    outputs = []
+    for X in inputs:
+        Z = torch.sigmoid((X @ W_xz) + (H @ W_hz) + b_z)
+        R = torch.sigmoid((X @ W_xr) + (H @ W_hr) + b_r)
+        H_tilda = torch.tanh((X @ W_xh) + ((R * H) @ W_hh) + b_h)
+        H = Z * H + (1 - Z) * H_tilda
+        outputs.append(H @ W_hq + b_q)
+    return torch.cat(outputs, dim=0), (H,)
+
+
+def d2l_lstm(inputs, state, params):
+    """d2l 0.17.6 §9.2 ``lstm``."""
+    W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q = params
+    (H, C) = state
+    outputs = []
+    for X in inputs:
+        I = torch.sigmoid((X @ W_xi) + (H @ W_hi) + b_i)  # noqa: E741 (d2l's names)
+        F_ = torch.sigmoid((X @ W_xf) + (H @ W_hf) + b_f)
+        O = torch.sigmoid((X @ W_xo) + (H @ W_ho) + b_o)  # noqa: E741
+        C_tilda = torch.tanh((X @ W_xc) + (H @ W_hc) + b_c)
+        C = F_ * C + I * C_tilda
+        H = O * torch.tanh(C)
+        outputs.append(H @ W_hq + b_q)
+    return torch.cat(outputs, dim=0), (H, C)
+
+
+# d2l's parameter order, as the gate blocks of PyTorch's layout (LSTM i f g o; GRU r z n).
+D2L_BLOCKS = {"rnn": [0], "gru": [1, 0, 2], "lstm": [0, 1, 3, 2]}
+D2L_CELLS = {"rnn": d2l_rnn, "gru": d2l_gru, "lstm": d2l_lstm}
+
+
+def d2l_params(model: nn.Module, cell: str, hidden: int) -> list[torch.Tensor]:
+    """d2l's ``get_params`` list holding the model's values: W_x, W_h, b per gate, then W_hq, b_q."""
+    rnn = model.rnn
+    params = []
+    for block in D2L_BLOCKS[cell]:
+        rows = slice(block * hidden, (block + 1) * hidden)
+        params += [rnn.weight_ih_l0[rows].t(), rnn.weight_hh_l0[rows].t(), rnn.bias_ih_l0[rows]]
+    params += [model.decoder.weight.t(), model.decoder.bias]
+    return [p.detach().clone().requires_grad_(True) for p in params]
+
+
+def d2l_train(cell: str, params: list[torch.Tensor], batches, vocab: int, lr: float, theta: float):
+    """d2l's ``train_epoch_ch8`` with its scratch ``sgd`` and ``grad_clipping``, sequential batches."""
+    state = None
+    losses = []
+    for X, Y in batches:
+        if state is None:
+            H = torch.zeros(X.shape[0], params[1].shape[0], dtype=torch.float64)
+            state = (H, torch.zeros_like(H)) if cell == "lstm" else (H,)
+        else:
+            state = tuple(s.detach() for s in state)
+        y_hat, state = D2L_CELLS[cell](F_one_hot(X.T, vocab), state, params)
+        loss = torch.nn.functional.cross_entropy(y_hat, Y.T.reshape(-1)).mean()
+        loss.backward()
+        norm = torch.sqrt(sum(torch.sum(p.grad**2) for p in params))
+        if norm > theta:
+            for p in params:
+                p.grad[:] *= theta / norm
+        with torch.no_grad():
+            for p in params:
+                p -= lr * p.grad
+                p.grad.zero_()
+        losses.append(loss.item())
+    return losses
+
+
+def F_one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(tokens, vocab).double()
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_cell_form_d2l_trains_what_d2l_s_from_scratch_code_trains(cell: str) -> None:
+    """d2l's scratch cells (§8.5, §9.1, §9.2) have one bias per gate, and its GRU resets h before the
+    product: drnn's training step on cell_form d2l takes the same SGD steps, clipping included, from
+    the same weights. PyTorch's form from those weights takes other steps: each gate's two biases get
+    the same gradient, so their sum moves twice as far and counts twice in the clipping norm."""
+    from drnn_cli.optimizers import build_optimizer
+    from drnn_cli.step import StaticStep
+
+    vocab, hidden, batch, steps, lr, theta = 7, 6, 3, 5, 1.0, 0.5
+    generator = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, vocab, (4, batch, steps + 1), generator=generator)
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    biases = torch.randn(GATES[cell] * hidden, generator=generator), torch.randn(vocab, generator=generator)
+    start: dict[str, torch.Tensor] = {}
+    trained = {}
+    for form in ("d2l", "torch"):
+        config = model_config(
+            cell=cell, hidden_size=hidden, num_layers=1, impl="scratch", init="d2l", cell_form=form
+        )
+        model = build_model(vocab, config, seed=3).double()
+        if form == "d2l":
+            with torch.no_grad():  # biases away from zero, so their handling shows
+                model.rnn.bias_ih_l0.copy_(biases[0])
+                model.decoder.bias.copy_(biases[1])
+            start, reference = copy.deepcopy(model.state_dict()), d2l_params(model, cell, hidden)
+        else:
+            model.load_state_dict(start)  # the same weights, bias_hh zero
+        optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=lr, clip=theta))
+        step = StaticStep(
+            model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), theta, "fp32",
+            torch.device("cpu"), batch_rows=batch, num_steps=steps, carries_state=True,
+        )  # fmt: skip
+        model.train()
+        step.begin_epoch(None)
+        losses = [step(x, y).item() for x, y in batches]
+        trained[form] = (losses, d2l_params(model, cell, hidden), model)
+    expected_losses = d2l_train(cell, reference, batches, vocab, lr, theta)
+
+    losses, params, model = trained["d2l"]
+    # float64 both sides, but drnn forms the clipping factor θ/‖g‖ in fp32 (step.clip_gradients)
+    assert losses == pytest.approx(expected_losses, rel=1e-7)
+    for ours, theirs in zip(params, reference, strict=True):
+        assert_close(ours, theirs.detach(), atol=1e-7, rtol=1e-6)
+    assert torch.count_nonzero(model.rnn.bias_hh_l0) == 0 and not model.rnn.bias_hh_l0.requires_grad
+    torch_losses = trained["torch"][0]
+    if cell != "gru":  # the same forward pass (the GRU's forms differ there already); then the updates part
+        assert torch_losses[0] == pytest.approx(expected_losses[0], rel=1e-12)
+    assert max(abs(a - b) for a, b in zip(torch_losses, expected_losses, strict=True)) > 1e-4
+
+
+def test_cell_form_d2l_needs_the_scratch_cells():
+    with pytest.raises(ValidationError, match="model.cell_form d2l is d2l's from-scratch cells"):
+        ModelConfig(cell="gru", impl="torch", cell_form="d2l")
 
 
 def test_scratch_recurrent_refuses_an_unknown_cell():

@@ -53,10 +53,14 @@ def train_three_steps(stack: ScratchRecurrent, seed: int = 0) -> tuple[list[floa
     return losses, [p.detach().clone() for p in stack.parameters()]
 
 
-@pytest.mark.parametrize(("cell", "nonlinearity"), CELLS, ids=[c for c, _ in CELLS])
-def test_compiled_cells_train_as_the_plain_cells(cell: str, nonlinearity: str) -> None:
+@pytest.mark.parametrize(
+    ("cell", "nonlinearity", "form"),
+    [(cell, nonlinearity, "torch") for cell, nonlinearity in CELLS] + [("gru", "tanh", "d2l")],
+    ids=[*(c for c, _ in CELLS), "gru-d2l"],
+)
+def test_compiled_cells_train_as_the_plain_cells(cell: str, nonlinearity: str, form: str) -> None:
     torch.manual_seed(0)
-    plain = ScratchRecurrent(cell, 6, 8, 2, nonlinearity=nonlinearity)
+    plain = ScratchRecurrent(cell, 6, 8, 2, nonlinearity=nonlinearity, form=form)
     compiled = copy.deepcopy(plain)
     compiled.compile_cells(backend="aot_eager")
     graphs = torch._dynamo.utils.counters["stats"]  # kept across dynamo resets: counted from here

@@ -314,7 +314,8 @@ class Trainer:
             progress = state.progress_for(self.dist.rank, self.dist.world_size, data.batch_size)
         if progress is not None:
             steps = len(self._batches(checkpoint.epoch))
-            if not 0 < progress.step < steps:  # the loop would skip the epoch or index past its batches
+            # step == steps: the epoch's steps all done, its end not yet handled (written before 2026-11-26)
+            if not 0 < progress.step <= steps:  # the loop would index past its batches
                 raise UnusableTrainerState(
                     f"step_in_epoch is {progress.step}, and an epoch has {steps} steps"
                 )
@@ -451,10 +452,10 @@ class Trainer:
             self.tokens_seen += y.numel() * self.dist.world_size
             if self.tensorboard is not None and self.static_step.grad_norm is not None:
                 self.tensorboard.add_grad_norm(self.static_step.grad_norm)  # summed on the device, no sync
-            if self._stop_requested(progress.step):
-                self._totals(
-                    epoch, progress
-                )  # a NaN on any process ends the run; nothing non-finite is saved
+            # The epoch's last step leaves a signal to the epoch's end, whose checkpoint is a boundary's.
+            if progress.step < len(batches) and self._stop_requested(progress.step):
+                # A NaN on any process ends the run: nothing non-finite is saved.
+                self._totals(epoch, progress)
                 progress.state = self.static_step.carried_state() if carries_state else None
                 progress.elapsed = self._training_clock() - started
                 self._interrupt(epoch, progress)

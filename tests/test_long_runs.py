@@ -191,6 +191,33 @@ def test_step_budget_interrupted_and_resumed_ends_bit_identical(
     assert resumed.best_val_ppl == straight.best_val_ppl
 
 
+def test_a_signal_at_an_epoch_s_last_step_stops_at_that_epoch_s_end(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The epoch is trained: its end is handled (metrics line, checkpoint) and the checkpoint is the
+    boundary's. A mid-epoch checkpoint of step 19 of 19 was written before, and refused on --resume."""
+    config = write_config(workdir)
+    straight = train(config, "train.epochs=3", run_dir=Path("runs/straight"))
+    original = Trainer._stop_requested
+
+    def stop_at_the_end_of_epoch_2(self: Trainer, *args: object) -> bool:
+        if self.global_step == 2 * STEPS_PER_EPOCH:
+            self.stops.signum = 15
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_stop_requested", stop_at_the_end_of_epoch_2)
+    with pytest.raises(DrnnError, match="stopped by SIGTERM at epoch 3, step 0"):
+        train(config, "train.epochs=3", run_dir=Path("runs/split"))
+    monkeypatch.setattr(Trainer, "_stop_requested", original)
+    stopped = load_checkpoint(workdir / "runs/split/last.safetensors")
+    assert (stopped.epoch, stopped.step_in_epoch) == (2, 0)
+    assert [line["epoch"] for line in metrics(workdir / "runs/split")] == [1, 2]
+    resumed = train(config, "train.epochs=3", run_dir=Path("runs/split"), resume=True)
+    assert (resumed.start_epoch, resumed.epochs, resumed.steps) == (2, 3, straight.steps)
+    a, b = _weights(workdir / "runs/straight"), _weights(workdir / "runs/split")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_resuming_a_spent_step_budget_trains_nothing(workdir: Path, cli):
     config = write_config(workdir)
     train(config, "train.max_steps=10")

@@ -24,7 +24,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 90s, 10m or 2h (0 = no limit)")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # a YAML integer has no size limit; one past float range is refused as inf is
+            seconds = float("inf")
     else:
         match = _DURATION.match(str(value))
         if match is None:

@@ -55,6 +55,15 @@ def test_durations_take_seconds_minutes_and_hours():
             parse_duration(bad)
 
 
+def test_a_duration_past_float_range_is_refused_as_a_config_error_not_a_crash():
+    # YAML integers have no size limit; float() of one past ~1.8e308 raises OverflowError
+    for huge in (10**400, -(10**400)):
+        with pytest.raises(ValueError, match="duration of 0 or more seconds"):
+            parse_duration(huge)
+    with pytest.raises(ConfigError, match=r"^config error: train\.max_time: must be a duration"):
+        load_config(None, ["train.max_time=1" + "0" * 400])
+
+
 def test_cadences_are_epochs_by_default_or_steps():
     assert parse_cadence(3, allow_zero=False) == 3
     assert parse_cadence("2 epochs", allow_zero=False) == 2

@@ -476,7 +476,9 @@ class Trainer:
                 self.reporter.step(
                     StepStatus(epoch, progress.step, len(batches), self.global_step, self._seconds_left())
                 )
-        seconds = self._training_clock() - started
+        # A mid-epoch stop was timed and logged at its boundary: the run's summary repeats that
+        # metrics line's tokens/s rather than a second reading of the clock taken after validating.
+        seconds = progress.elapsed if self.stopped_mid_epoch else self._training_clock() - started
         loss_sum, count = self._totals(epoch, progress)
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
         return perplexity(loss_sum, count), count / max(seconds, 1e-9)

@@ -133,6 +133,18 @@ def test_max_steps_stops_after_exactly_n_steps_inside_an_epoch(workdir: Path):
     assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
 
 
+def test_a_run_stopped_inside_an_epoch_reports_the_figures_of_its_last_metrics_line(workdir: Path):
+    # the summary (--json, the table, d2l's line) and metrics.jsonl describe the same stop
+    result = train(write_config(workdir), "train.max_steps=25", "train.epochs=50")
+    last = metrics(workdir / "runs" / "tiny")[-1]
+    assert last["step"] == 25 and last["epoch"] == result.epochs
+    assert (result.train_ppl, result.val_ppl, result.tokens_per_s) == (
+        last["train_ppl"],
+        last["val_ppl"],
+        last["tokens_per_s"],
+    )
+
+
 def test_a_step_budget_that_ends_with_the_last_epoch_reports_the_epochs_as_the_end(workdir: Path):
     """A preset may cap a larger text at exactly its epochs' steps: on its own text it runs to the end."""
     result = train(write_config(workdir), f"train.max_steps={3 * STEPS_PER_EPOCH}")

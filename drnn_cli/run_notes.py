@@ -60,6 +60,18 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
     return notes
 
 
+def averaging_notes(train: TrainConfig, planned_epochs: int) -> list[str]:
+    """``train.average_start`` at or past the last epoch this run trains: the average would only ever
+    follow the raw weights, so validation, ``best`` and prediction get no averaging, without a word."""
+    if train.average == "none" or train.average_start < planned_epochs:
+        return []
+    return [
+        f"train.average {train.average} starts after train.average_start {train.average_start} epochs, and "
+        f"this run trains {planned_epochs}: its weights are never averaged (set train.average_start below "
+        f"{planned_epochs})"
+    ]
+
+
 def nothing_to_train(
     reason: StopReason, train: TrainConfig, epochs_done: float, global_step: int, bad_evals: int
 ) -> str:

@@ -14,6 +14,7 @@ from drnn_cli.averaging import WeightAverage
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.models import activation_penalty
+from drnn_cli.report import SilentReporter
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.2},
@@ -102,6 +103,30 @@ def test_averaging_starts_after_average_start_epochs(workdir: Path):
     assert last.trainer_state["average_count"] == 0  # not yet active: the average is the raw weights
     raw = last.trainer_state["raw_model"]
     assert all(torch.equal(raw[name], last.model_state[name]) for name in raw)
+
+
+class _Notes(SilentReporter):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_an_average_that_never_starts_is_noted_before_training(workdir: Path):
+    # average_start counts whole epochs: a run that ends first validates and predicts with raw weights
+    config = workdir / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    late, soon = _Notes(), _Notes()
+    settings = ("train.average=swa", "train.epochs=2")
+    train_run(TrainRequest(config, (*settings, "train.average_start=2"), run_dir=Path("runs/late")), late)
+    train_run(TrainRequest(config, (*settings, "train.average_start=1"), run_dir=Path("runs/soon")), soon)
+    assert late.notes == [
+        "train.average swa starts after train.average_start 2 epochs, and this run trains 2: its weights "
+        "are never averaged (set train.average_start below 2)"
+    ]
+    assert soon.notes == []
+    assert load_checkpoint(workdir / "runs/soon/last.safetensors").trainer_state["average_count"] > 0
 
 
 def test_a_resumed_averaged_run_ends_bit_identical_to_an_uninterrupted_one(workdir: Path):

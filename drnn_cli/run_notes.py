@@ -60,16 +60,24 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
     return notes
 
 
-def averaging_notes(train: TrainConfig, planned_epochs: int) -> list[str]:
-    """``train.average_start`` at or past the last epoch this run trains: the average would only ever
-    follow the raw weights, so validation, ``best`` and prediction get no averaging, without a word."""
-    if train.average == "none" or train.average_start < planned_epochs:
-        return []
-    return [
-        f"train.average {train.average} starts after train.average_start {train.average_start} epochs, and "
-        f"this run trains {planned_epochs}: its weights are never averaged (set train.average_start below "
-        f"{planned_epochs})"
-    ]
+def idle_setting_notes(config: Config, planned_epochs: int) -> list[str]:
+    """Settings that would do nothing in this run, which it would otherwise show no sign of: an
+    ``average_start`` at or past its last epoch (validation, ``best`` and prediction get the raw
+    weights), a ``model.dropout`` with no second layer to drop between."""
+    train, model = config.train, config.model
+    notes = []
+    if train.average != "none" and train.average_start >= planned_epochs:
+        notes.append(
+            f"train.average {train.average} starts after train.average_start {train.average_start} epochs, "
+            f"and this run trains {planned_epochs}: its weights are never averaged (set "
+            f"train.average_start below {planned_epochs})"
+        )
+    if model.dropout > 0 and model.num_layers == 1:
+        notes.append(
+            f"model.dropout {model.dropout:g} drops between stacked layers, and this model has one: it drops "
+            "nothing (use model.output_dropout or model.input_dropout, or set model.num_layers ≥ 2)"
+        )
+    return notes
 
 
 def nothing_to_train(

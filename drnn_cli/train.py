@@ -52,7 +52,7 @@ from drnn_cli.report import (
     write_run_files,
 )
 from drnn_cli.run_files import BEST, LAST, RunFiles
-from drnn_cli.run_notes import averaging_notes, data_notes, nothing_to_train
+from drnn_cli.run_notes import data_notes, idle_setting_notes, nothing_to_train
 from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, use_cuda_graph
@@ -741,7 +741,7 @@ class Trainer:
         setup = (
             *self._notes,
             *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
-            *averaging_notes(train, self._planned_epochs()),
+            *idle_setting_notes(self.config, self._planned_epochs()),
         )
         for note in setup if already is None else ():
             self.reporter.note(note)

@@ -13,8 +13,9 @@ from pydantic import ValidationError
 from torch import nn
 from torch.testing import assert_close
 
-from drnn_cli.config import ModelConfig
+from drnn_cli.config import ModelConfig, build_config
 from drnn_cli.models import build_model, dropout_scale, make_recurrent, sequence_dropout
+from drnn_cli.run_notes import idle_setting_notes
 
 TOL = {"atol": 1e-12, "rtol": 1e-12}
 CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
@@ -194,3 +195,16 @@ def test_embedding_dropout_needs_a_learned_embedding():
 def test_dropout_kind_is_standard_or_locked():
     with pytest.raises(ValidationError, match=r"dropout_kind"):
         ModelConfig(dropout_kind="variational")
+
+
+def test_between_layer_dropout_on_one_layer_drops_nothing_and_training_says_so():
+    one_layer = {"model": {"hidden_size": 6, "num_layers": 1, "dropout": 0.3}}
+    stack = make_recurrent(build_config(one_layer).model, 5).train()
+    inputs, state = torch.randn(7, 4, 5), (torch.zeros(1, 4, 6), torch.zeros(1, 4, 6))
+    assert torch.equal(stack(inputs, state)[0], stack(inputs, state)[0])  # no mask: no second layer
+    assert idle_setting_notes(build_config(one_layer), planned_epochs=3) == [
+        "model.dropout 0.3 drops between stacked layers, and this model has one: it drops nothing "
+        "(use model.output_dropout or model.input_dropout, or set model.num_layers ≥ 2)"
+    ]
+    two_layers = {"model": {**one_layer["model"], "num_layers": 2}}
+    assert idle_setting_notes(build_config(two_layers), planned_epochs=3) == []

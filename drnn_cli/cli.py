@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import os
 import sys
 import traceback
@@ -283,9 +284,10 @@ class RichReporter:
         status += f"  {record.tokens_per_s:,.0f} tok/s"
         inside_epoch = record.epoch != int(record.epoch)  # an evaluation or a budget's end inside an epoch
         if self.progress is not None and self.task is not None:
-            # the epoch's steps are done: its count would stand still at the last half-second's
+            # the epoch's steps are done: its count would stand still at the last half-second's. The
+            # label stays the epoch in progress (1-based): a record inside epoch 3 (2.5) is "epoch 3"
             self.progress.update(
-                self.task, completed=record.epoch, epoch=int(record.epoch), status=status, steps=""
+                self.task, completed=record.epoch, epoch=math.ceil(record.epoch), status=status, steps=""
             )
         elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
             where = f"step {record.step:,}  " if record.step else ""

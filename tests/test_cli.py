@@ -223,6 +223,9 @@ def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -
         reporter.step(StepStatus(2, 1, 8, 17, 90.0))
         assert task.fields["epoch"] == 3
         assert (task.fields["steps"], task.fields["budget"]) == ("", "budget left 1:30")  # no "step 1/8"
+        reporter.step(StepStatus(2, 4, 8, 20, 80.0))
+        reporter.epoch_end(EpochRecord(2.5, 9.0, 8.5, 0.1, 1_000.0, 4.0, 20, 640))  # a validation inside it
+        assert (task.fields["epoch"], task.completed) == (3, 2.5)  # still epoch 3, not "epoch 2/4"
     finally:
         reporter.finish()
     assert "epoch 3/4" in screen.getvalue()

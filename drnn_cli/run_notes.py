@@ -63,7 +63,7 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
 def idle_setting_notes(config: Config, planned_epochs: int) -> list[str]:
     """Settings that would do nothing in this run, which it would otherwise show no sign of: an
     ``average_start`` at or past its last epoch (validation, ``best`` and prediction get the raw
-    weights), a ``model.dropout`` with no second layer to drop between."""
+    weights), a ``model.dropout`` with no second layer to drop between, SGD's momentum under Adam."""
     train, model = config.train, config.model
     notes = []
     if train.average != "none" and train.average_start >= planned_epochs:
@@ -76,6 +76,11 @@ def idle_setting_notes(config: Config, planned_epochs: int) -> list[str]:
         notes.append(
             f"model.dropout {model.dropout:g} drops between stacked layers, and this model has one: it drops "
             "nothing (use model.output_dropout or model.input_dropout, or set model.num_layers ≥ 2)"
+        )
+    if train.momentum > 0 and train.optimizer != "sgd":
+        notes.append(
+            f"train.momentum {train.momentum:g} is SGD's, and train.optimizer {train.optimizer} does not use it "
+            "(its moment estimates take PyTorch's default betas); set train.momentum 0, or train.optimizer sgd"
         )
     return notes
 

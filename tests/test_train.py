@@ -12,11 +12,12 @@ import yaml
 
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import TrainRequest, train_run
-from drnn_cli.config import ModelConfig, TrainConfig
+from drnn_cli.config import Config, ModelConfig, TrainConfig
 from drnn_cli.errors import DrnnError, TrainingDiverged
 from drnn_cli.models import build_model
 from drnn_cli.optimizers import build_optimizer, lr_factor
 from drnn_cli.report import EpochRecord, SilentReporter
+from drnn_cli.run_notes import idle_setting_notes
 from drnn_cli.step import clip_gradients
 from drnn_cli.train import Trainer
 
@@ -85,6 +86,21 @@ def test_adamw_decays_matrices_and_leaves_biases_undecayed():
     assert len(one_group.param_groups) == 1 and one_group.param_groups[0]["weight_decay"] == 0.5
     # SGD and Adam keep one group: decay_biases concerns AdamW only.
     assert len(build_optimizer(model, TrainConfig(optimizer="sgd", weight_decay=0.5)).param_groups) == 1
+
+
+def test_momentum_is_sgds_and_an_adam_run_that_sets_it_is_told_so():
+    model = build_model(28, ModelConfig(cell="lstm", hidden_size=8, num_layers=1), seed=0)
+    for kind in ("adam", "adamw"):
+        config = Config(train=TrainConfig(optimizer=kind, momentum=0.9))
+        group = build_optimizer(model, config.train).param_groups[0]
+        assert "momentum" not in group  # Adam's moments take its betas: the 0.9 goes nowhere
+        assert idle_setting_notes(config, planned_epochs=3) == [
+            f"train.momentum 0.9 is SGD's, and train.optimizer {kind} does not use it (its moment estimates "
+            "take PyTorch's default betas); set train.momentum 0, or train.optimizer sgd"
+        ]
+    sgd = Config(train=TrainConfig(optimizer="sgd", momentum=0.9))
+    assert build_optimizer(model, sgd.train).param_groups[0]["momentum"] == 0.9
+    assert idle_setting_notes(sgd, planned_epochs=3) == []
 
 
 def test_a_run_written_with_one_adamw_group_resumes_with_one(workdir: Path):

@@ -316,9 +316,11 @@ class RichReporter:
             budget=left,
         )
 
-    def samples(self, epoch: int, samples: dict[str, str]) -> None:
+    def samples(self, epoch: float, samples: dict[str, str]) -> None:
+        # labelled as the log lines count epochs: "[2]" after epoch 2, "[2.14]" at a step inside epoch 3
+        label = f"{epoch:g}" if epoch == int(epoch) else f"{epoch:.2f}"
         for text in samples.values():
-            self.console.print(f"  [{epoch}] {text}", markup=False)
+            self.console.print(f"  [{label}] {text}", markup=False)
 
     def note(self, message: str) -> None:
         self.console.print(f"note: {message}", markup=False, soft_wrap=True)  # one line in a log, for grep

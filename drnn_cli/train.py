@@ -602,11 +602,12 @@ class Trainer:
         if stop is not None or self.cadence.checkpoint.due_at_step(global_step):
             self._save(LAST, epoch, progress)
         if stop is None and self.dist.is_main and self.cadence.sample.due_at_step(global_step):
-            self._report_samples(epoch)
+            self._report_samples(record.epoch)
         self._update_plot(force=stop is not None)
         return stop
 
-    def _report_samples(self, epochs_done: int) -> None:
+    def _report_samples(self, epochs_done: float) -> None:
+        """Greedy samples, labelled with the epochs done (fractional inside an epoch, as its log line)."""
         samples = self._samples()
         self.reporter.samples(epochs_done, samples)
         if self.tensorboard is not None:

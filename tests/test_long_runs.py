@@ -295,6 +295,16 @@ def test_log_lines_inside_an_epoch_show_the_epoch_to_two_decimals_on_one_line(wo
     assert all(line.rstrip().endswith("s") and "  lr " in line for line in lines), out
 
 
+def test_samples_on_a_step_cadence_are_labelled_with_the_epochs_done_as_the_log_lines_are(workdir: Path, cli):
+    """Samples every 10 steps of a 19-step epoch come at epochs 0.53, 1.05, 1.58: each label names
+    its own point (they were labelled with whole epochs: "[1]" twice, at steps 20 and 30)."""
+    code, out, _ = cli("train", "--config", str(write_config(workdir)), "--set", "train.epochs=2",
+                       "--set", "train.sample_every=10 steps", "--set", "train.sample_prefixes=[the]")  # fmt: skip
+    assert code == 0
+    labels = [line.split()[0] for line in out.splitlines() if line.startswith("  [")]
+    assert labels == ["[0.53]", "[1.05]", "[1.58]"]
+
+
 def test_patience_counts_step_evaluations(workdir: Path, cli):
     config = write_config(workdir)
     settings = ("train.epochs=40", "train.lr=0.05", "train.eval_every=3 steps")

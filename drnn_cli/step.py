@@ -50,10 +50,18 @@ def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads).float()
+    norm = gradient_norm(parameters)
     factor = (max_norm / norm).clamp(max=1.0)
     torch._foreach_mul_(grads, factor.to(grads[0].dtype))
     return norm
+
+
+def gradient_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
+    """‖g‖ over all parameters together, as ``clip_gradients`` measures it, leaving the gradients alone."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads).float()
 
 
 class GraphChoice(NamedTuple):
@@ -128,6 +136,7 @@ class StaticStep:
         graph: bool = False,
         ar: float = 0.0,
         tar: float = 0.0,
+        measure_norm: bool = False,
     ) -> None:
         self.network = network  # the model, or its DistributedDataParallel wrapper
         self.model = model
@@ -140,7 +149,10 @@ class StaticStep:
         self.carries_state = carries_state
         self.graph = graph
         self.ar, self.tar = ar, tar  # AWD-LSTM's activation penalties (train.ar / train.tar)
-        self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm (before clipping)
+        # The last step's gradient norm (before clipping): clipping computes it; without clipping only
+        # when ``measure_norm`` asks (TensorBoard's gradient_norm), as it costs a reduction per step.
+        self.measure_norm = measure_norm
+        self.grad_norm: torch.Tensor | None = None
         self.inputs = torch.zeros((batch_rows, num_steps), dtype=torch.long, device=device)
         self.targets = torch.zeros_like(self.inputs)
         initial = model.begin_state(batch_rows, device)
@@ -210,6 +222,9 @@ class StaticStep:
         if self.clip > 0:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = clip_gradients(self.parameters, self.clip)
+        elif self.measure_norm:  # unscaled first, as clipping does: the update is the same either way
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = gradient_norm(self.parameters)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.carries_state:

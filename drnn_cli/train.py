@@ -198,6 +198,7 @@ class Trainer:
             graph=cuda_graph,
             ar=config.train.ar,
             tar=config.train.tar,
+            measure_norm=train.tensorboard,
         )
         self.tensorboard: TensorBoardLog | None = None
         if train.tensorboard:

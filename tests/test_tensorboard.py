@@ -67,6 +67,25 @@ def test_scalars_and_samples_are_in_the_event_file(workdir: Path):
     assert text.startswith("the") and len(text) == len("the") + 5
 
 
+def test_an_unclipped_run_logs_its_gradient_norm_and_trains_as_without_the_log(workdir: Path):
+    """train.clip 0 (d2l's unclipped recipes) is where the norm matters most: it is measured for the
+    log all the same, and measuring it leaves the training untouched."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = train(workdir, "train.clip=0", "train.tensorboard=true", "train.eval_every=5 steps")
+    events = EventAccumulator(str(workdir / "runs" / "tiny" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    norms = [(event.step, event.value) for event in events.Scalars("gradient_norm")]
+    assert [step for step, _ in norms] == [5, 10, 15, 19]
+    assert all(math.isfinite(norm) and norm > 0 for _, norm in norms)
+    plain = train_run(
+        TrainRequest(
+            workdir / "tiny.yaml", ("train.clip=0", "train.eval_every=5 steps"), run_dir=Path("runs/plain")
+        )
+    )
+    assert (plain.train_ppl, plain.best_val_ppl) == (logged.train_ppl, logged.best_val_ppl)
+
+
 def test_a_resumed_run_keeps_the_events_up_to_its_checkpoint_and_a_finished_one_adds_none(workdir: Path):
     """TensorBoard equals metrics.jsonl after a resume: the checkpoint's own step stays, and a resume
     that has nothing to train neither hides events nor writes its samples a second time."""

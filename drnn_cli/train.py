@@ -793,7 +793,8 @@ class Trainer:
                     break
         if stop_reason == "patience" and already is None:
             self.reporter.note(
-                f"early stop: validation perplexity has not improved for {train.patience} evaluations"
+                "early stop: validation perplexity has not improved for "
+                f"{train.patience} evaluation{'' if train.patience == 1 else 's'}"
             )
         samples = self._samples() if self.dist.is_main else {}
         if self.tensorboard is not None:

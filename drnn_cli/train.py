@@ -315,8 +315,9 @@ class Trainer:
             progress = state.progress_for(self.dist.rank, self.dist.world_size, data.batch_size)
         if progress is not None:
             steps = len(self._batches(checkpoint.epoch))
-            # step == steps: the epoch's steps all done, its end not yet handled (written before 2026-11-26)
-            if not 0 < progress.step <= steps:  # the loop would index past its batches
+            # At step == steps the loop would skip to the epoch's end with whatever loss sums the file holds
+            # (a signal at an epoch's last step now waits for the epoch's end and a boundary checkpoint).
+            if not 0 < progress.step < steps:
                 raise UnusableTrainerState(
                     f"step_in_epoch is {progress.step}, and an epoch has {steps} steps"
                 )

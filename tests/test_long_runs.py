@@ -216,7 +216,7 @@ def test_a_signal_at_an_epoch_s_last_step_stops_at_that_epoch_s_end(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """The epoch is trained: its end is handled (metrics line, checkpoint) and the checkpoint is the
-    boundary's. A mid-epoch checkpoint of step 19 of 19 was written before, and refused on --resume."""
+    boundary's. A mid-epoch checkpoint of step 19 of 19 was written before, which --resume refuses."""
     config = write_config(workdir)
     straight = train(config, "train.epochs=3", run_dir=Path("runs/straight"))
     original = Trainer._stop_requested

@@ -63,7 +63,8 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
 def idle_setting_notes(config: Config, planned_epochs: int) -> list[str]:
     """Settings that would do nothing in this run, which it would otherwise show no sign of: an
     ``average_start`` at or past its last epoch (validation, ``best`` and prediction get the raw
-    weights), a ``model.dropout`` with no second layer to drop between, SGD's momentum under Adam."""
+    weights), a ``model.dropout`` with no second layer to drop between, SGD's momentum under Adam,
+    ``train.reset_state`` under random sampling (which starts every minibatch from zeros already)."""
     train, model = config.train, config.model
     notes = []
     if train.average != "none" and train.average_start >= planned_epochs:
@@ -81,6 +82,11 @@ def idle_setting_notes(config: Config, planned_epochs: int) -> list[str]:
         notes.append(
             f"train.momentum {train.momentum:g} is SGD's, and train.optimizer {train.optimizer} does not use it "
             "(its moment estimates take PyTorch's default betas); set train.momentum 0, or train.optimizer sgd"
+        )
+    if train.reset_state and config.data.sampling == "random":
+        notes.append(
+            "train.reset_state starts every minibatch from a zero state, which data.sampling random does "
+            "already: it changes nothing (it is for data.sampling sequential)"
         )
     return notes
 

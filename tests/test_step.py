@@ -157,6 +157,20 @@ def test_trainer_epochs_equal_the_plain_loop(corpus_path: Path, tmp_path: Path, 
         assert torch.equal(a, b)
 
 
+def test_reset_state_under_random_sampling_does_nothing_and_training_says_so() -> None:
+    """Random sampling starts every minibatch from zeros already: train.reset_state there changes
+    nothing, which a run would otherwise not show (it is for sequential sampling, d2l §8.5)."""
+    from drnn_cli.run_notes import idle_setting_notes
+
+    random = build_config({"data": {"sampling": "random"}}, ["train.reset_state=true"])
+    assert idle_setting_notes(random, planned_epochs=3) == [
+        "train.reset_state starts every minibatch from a zero state, which data.sampling random does "
+        "already: it changes nothing (it is for data.sampling sequential)"
+    ]
+    sequential = build_config({"data": {"sampling": "sequential"}}, ["train.reset_state=true"])
+    assert idle_setting_notes(sequential, planned_epochs=3) == []
+
+
 def test_a_resumed_epoch_starts_from_the_carried_state(corpus_path: Path) -> None:
     config = tiny_config(corpus_path)
     model = build_model(30, config.model, seed=0)

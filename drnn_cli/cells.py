@@ -256,26 +256,15 @@ def _lstm_forward(
 
 
 def _gru_forward(
-    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, steps: CellSteps
+    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, steps: CellSteps, *b_hh: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """The forward loop: ``(outputs, h_T, [σ([r | z]), n, W_hn h + b_hn] for each timestep, flat)``."""
+    """The forward loop of either GRU form: ``(outputs, h_T, [σ([r | z]), n, W_hn h + b_hn] for each
+    timestep, flat)``; ``b_hh`` for cuDNN's form only, whose step adds it inside the reset product
+    (d2l's keeps ``r ⊙ h_{t-1}`` in the last place)."""
     w_hh_t, h = w_hh.t(), h0
     outputs, kept = [], []
     for x_t in x_gates:
-        h, *kept_t = steps.forward(x_t, h, w_hh_t, b_hh)
-        outputs.append(h)
-        kept.extend(kept_t)
-    return torch.stack(outputs), h, kept
-
-
-def _gru_d2l_forward(
-    x_gates: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, steps: CellSteps
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """The forward loop: ``(outputs, h_T, [σ([r | z]), n, r ⊙ h_{t-1}] for each timestep, flat)``."""
-    w_hh_t, h = w_hh.t(), h0
-    outputs, kept = [], []
-    for x_t in x_gates:
-        h, *kept_t = steps.forward(x_t, h, w_hh_t)
+        h, *kept_t = steps.forward(x_t, h, w_hh_t, *b_hh)
         outputs.append(h)
         kept.extend(kept_t)
     return torch.stack(outputs), h, kept
@@ -325,7 +314,7 @@ class _LSTMLayer(torch.autograd.Function):
 class _GRULayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_gates, h0, w_hh, b_hh, steps: CellSteps):  # type: ignore[override]
-        out, h, kept = _gru_forward(x_gates, h0, w_hh, b_hh, steps)
+        out, h, kept = _gru_forward(x_gates, h0, w_hh, steps, b_hh)
         ctx.save_for_backward(h0, out, w_hh, *kept)  # per timestep, as the backward pass reads them
         ctx.steps, ctx.autocast = steps, _Autocast.current(x_gates.device)
         ctx.dtypes = _dtypes(x_gates, h0, w_hh, b_hh)
@@ -354,7 +343,7 @@ class _GRULayer(torch.autograd.Function):
 class _GRUD2LLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_gates, h0, w_hh, steps: CellSteps):  # type: ignore[override]
-        out, h, kept = _gru_d2l_forward(x_gates, h0, w_hh, steps)
+        out, h, kept = _gru_forward(x_gates, h0, w_hh, steps)
         ctx.save_for_backward(h0, out, w_hh, *kept)  # per timestep, as the backward pass reads them
         ctx.steps, ctx.autocast = steps, _Autocast.current(x_gates.device)
         ctx.dtypes = _dtypes(x_gates, h0, w_hh)
@@ -430,7 +419,7 @@ def gru_layer(
     """``(outputs (T, B, H), h_T)``; ``x_gates`` without ``b_hh``."""
     if _recording(x_gates, h0, w_hh, b_hh):
         return _GRULayer.apply(x_gates, h0, w_hh, b_hh, steps)
-    out, h, _ = _gru_forward(x_gates, h0, w_hh, b_hh, steps)
+    out, h, _ = _gru_forward(x_gates, h0, w_hh, steps, b_hh)
     return out, h
 
 
@@ -440,7 +429,7 @@ def gru_d2l_layer(
     """d2l's GRU form: ``(outputs (T, B, H), h_T)``; ``x_gates`` holds both biases."""
     if _recording(x_gates, h0, w_hh):
         return _GRUD2LLayer.apply(x_gates, h0, w_hh, steps)
-    out, h, _ = _gru_d2l_forward(x_gates, h0, w_hh, steps)
+    out, h, _ = _gru_forward(x_gates, h0, w_hh, steps)
     return out, h
 
 

@@ -389,9 +389,7 @@ def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
         child = node.get(part)
         if child is None and depth == 0:
             child = node[part] = {}  # a section left empty (``train:``, or ``--set train=``)
-        elif (
-            child is None
-        ):  # a key left at its default (data.path: null), or none at all: no section holds sections
+        elif child is None:  # a key at its default (data.path: null), or none: sections hold no sections
             raise ConfigError(
                 f"--set {'.'.join(parts)}: {dotted} is not a section; keys are SECTION.NAME, e.g. data.path"
             )

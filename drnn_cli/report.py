@@ -129,7 +129,7 @@ class RunStart:
     def span(self) -> str:
         """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it."""
         if self.max_steps:
-            return f"{self.max_steps} steps ({self.max_steps / self.steps_per_epoch:.3g} epochs)"
+            return f"{self.max_steps:,} steps ({self.max_steps / self.steps_per_epoch:.3g} epochs)"
         return f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
 
 

@@ -501,7 +501,7 @@ def _load_same_corpus(
 def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:
     """Fine-tuning keeps the checkpoint's vocabulary: report (or refuse) text it cannot spell.
 
-    The share is of the tokens training reads (after ``data.max_tokens``), which are what a model
+    The share is of the tokens the run uses, all its splits (after ``data.max_tokens``), which are what a model
     fine-tuned on many ``<unk>`` would learn from; which tokens they are is known for the whole text.
     """
     if not dataset.unknown_tokens:
@@ -513,13 +513,13 @@ def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | No
     where = " in the whole text" if used < dataset.total_tokens else ""
     if share > limit:
         raise DrnnError(
-            f"{count:,} of the {used:,} tokens training reads ({_percent(share)}) are not in the checkpoint's "
+            f"{count:,} of the {used:,} tokens the run uses ({_percent(share)}) are not in the checkpoint's "
             f"vocabulary ({worst}{where}), above the allowed {_percent(limit)}; raise --max-unknown, or "
             "preprocess the text like the original run"
         )
     if reporter is not None and count:
         reporter.note(
-            f"{count:,} of the {used:,} tokens training reads ({_percent(share)}) are not in the vocabulary and "
+            f"{count:,} of the {used:,} tokens the run uses ({_percent(share)}) are not in the vocabulary and "
             f"map to <unk> ({worst}{where})"
         )
 

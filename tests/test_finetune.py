@@ -86,7 +86,7 @@ def test_too_much_unknown_text_is_refused_and_a_little_is_reported(tmp_path: Pat
     )
     with pytest.raises(
         DrnnError,
-        match=r"2,200 of the 5,400 tokens training reads \(40.7%\) are not in the checkpoint's vocabulary",
+        match=r"2,200 of the 5,400 tokens the run uses \(40.7%\) are not in the checkpoint's vocabulary",
     ):
         train_run(request)
     notes = Notes()
@@ -100,7 +100,7 @@ def test_too_much_unknown_text_is_refused_and_a_little_is_reported(tmp_path: Pat
         reporter=notes,
     )
     assert any(
-        "2,200 of the 5,400 tokens training reads" in note and "map to <unk>" in note for note in notes.notes
+        "2,200 of the 5,400 tokens the run uses" in note and "map to <unk>" in note for note in notes.notes
     )
 
 
@@ -120,7 +120,7 @@ def test_the_unknown_share_is_of_the_tokens_training_reads(tmp_path: Path, texts
     shouty_head.write_text("THE LAZY DOG! " * 20 + "the lazy dog " * 2000)  # 220 of 26,280: 0.84% overall
     config = config_for(tmp_path, shouty_head, "shouty", data={"max_tokens": 280}, train={"epochs": 1})
     with pytest.raises(
-        DrnnError, match=r"220 of the 280 tokens training reads \(78.6%\) .*in the whole text\)"
+        DrnnError, match=r"220 of the 280 tokens the run uses \(78.6%\) .*in the whole text\)"
     ):
         train_run(TrainRequest(config, init_from=Path("runs/base")))
 

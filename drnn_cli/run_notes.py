@@ -13,12 +13,14 @@ from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, TrainConfig
 from drnn_cli.decode import prefix_tokens
 from drnn_cli.errors import DrnnError
-from drnn_cli.vocab import Vocab
+from drnn_cli.vocab import UNK, Vocab
+
+UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
 
 
 def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device) -> list[str]:
     """Settings this text or device defeats: a validation or test split too small to evaluate, a
-    capped evaluation, patience without validation, sample prefixes the vocabulary cannot spell,
+    min_freq that turns much of the text into <unk>, a capped evaluation, patience without validation, sample prefixes the vocabulary cannot spell,
     Triton kernels without CUDA."""
     train, data = config.train, config.data
     validation_tokens, test_tokens = len(splits.val), len(splits.test)
@@ -28,6 +30,13 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             f"data.val_fraction {data.val_fraction:g} leaves {validation_tokens} validation token(s), too "
             "few to evaluate: this run has no validation (raise data.val_fraction)"
         )
+    if data.min_freq > 0 and len(splits.train):
+        unknown = float((splits.train == vocab[UNK]).sum()) / len(splits.train)
+        if unknown >= UNKNOWN_SHARE_NOTED:
+            notes.append(
+                f"data.min_freq {data.min_freq} maps {unknown:.1%} of the training tokens to <unk>: the model "
+                "learns to predict <unk>, and its perplexities count those guesses (lower data.min_freq)"
+            )
     if data.test_fraction > 0 and test_tokens < MIN_EVAL_TOKENS:
         notes.append(
             f"data.test_fraction {data.test_fraction:g} leaves {test_tokens} test token(s), too few to "

@@ -197,6 +197,22 @@ def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Pat
     assert_one_line_error(code, err, "--run runs/latest is the file where drnn records the latest run")
 
 
+def test_a_min_freq_that_turns_much_of_the_text_into_unk_is_noted(workdir: Path, cli):
+    """'aaaabbc ' × 100: with min_freq 150, c (100) and the space (100) become <unk>, 2 tokens of 8."""
+    text = workdir / "small.txt"
+    text.write_text("aaaabbc " * 100)
+    tree = {**TINY, "data": {"path": str(text), "preprocess": "none", "batch_size": 2, "num_steps": 5}}
+    config = str(config_file(workdir, tree))
+    code, out, err = cli("train", "--config", config, "--set", "train.epochs=1", "--set", "data.min_freq=150")
+    assert code == 0, err
+    assert (
+        "note: data.min_freq 150 maps 25.0% of the training tokens to <unk>: the model learns to predict "
+        "<unk>, and its perplexities count those guesses (lower data.min_freq)"
+    ) in out.splitlines()
+    code, out, err = cli("train", "--config", config, "--set", "data.min_freq=100", "--overwrite")
+    assert code == 0 and "<unk>" not in out, err  # a min_freq that keeps every token: nothing to note
+
+
 def test_a_min_freq_that_leaves_only_unk_is_refused(workdir: Path, cli):
     code, _, err = cli("data", "--set", "data.min_freq=100000")
     assert_one_line_error(

@@ -83,6 +83,7 @@ RESUME_NOTED_KEYS = {
     "train": (
         *("lr", "schedule", "warmup_epochs", "step_size", "gamma", "min_lr", "clip", "reset_state"),
         *("ar", "tar", "average", "average_decay", "average_start", "precision"),
+        "eval_tokens",  # the best so far was chosen on the other share of the validation split
     ),
 }
 

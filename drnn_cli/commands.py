@@ -664,7 +664,7 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
     """All of a text file, preprocessed like the run's corpus and encoded with its vocabulary."""
     if not require_regular_file(data_file, "--data file", "give --data a UTF-8 text file"):
         raise DrnnError(f"--data file {data_file} is empty; nothing to evaluate")
-    stream = read_token_stream(data_file, checkpoint.config.data)
+    stream = read_token_stream(data_file, checkpoint.config.data, "--data file")
     if len(stream) < MIN_EVAL_TOKENS:
         raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
     return encode_tokens(stream, checkpoint.vocab), str(data_file)

@@ -240,22 +240,23 @@ def _download(url: str, partial: Path, progress: ProgressHook | None, limits: _L
     return digest.hexdigest()
 
 
-def read_text(path: Path) -> str:
-    """The file as text, with one-line errors for the usual problems."""
-    require_regular_file(path, "corpus file", "name a UTF-8 text file")  # not /dev/zero, a FIFO, a folder
+def read_text(path: Path, what: str = "corpus file") -> str:
+    """The file as text, with one-line errors for the usual problems, naming the file as ``what``
+    (the option that gave it: "--data file", "--file")."""
+    require_regular_file(path, what, "name a UTF-8 text file")  # not /dev/zero, a FIFO, a folder
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DrnnError(f"cannot read corpus file {path}: {exc.strerror}") from None
+        raise DrnnError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise not_utf8("corpus file", path, raw[:NOT_UTF8_HEAD], exc.start) from None
-    refuse_nul_bytes("corpus file", path, raw[:NOT_UTF8_HEAD])
+        raise not_utf8(what, path, raw[:NOT_UTF8_HEAD], exc.start) from None
+    refuse_nul_bytes(what, path, raw[:NOT_UTF8_HEAD])
     del raw
     text = normalize_line_breaks(text.removeprefix(BYTE_ORDER_MARK))  # BOM: an editor's marker, not text
     if not text.strip():
-        raise _empty(path)
+        raise _empty(path, what)
     return text
 
 
@@ -268,9 +269,9 @@ def normalize_line_breaks(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
-def _empty(path: Path) -> DrnnError:
+def _empty(path: Path, what: str = "corpus file") -> DrnnError:
     return DrnnError(
-        f"corpus file {path} holds no text (it is empty or only white space); use a file with text in it"
+        f"{what} {path} holds no text (it is empty or only white space); use a file with text in it"
     )
 
 

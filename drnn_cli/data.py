@@ -76,10 +76,12 @@ def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None
     return corpus.path, corpus.sha1
 
 
-def read_token_stream(path: Path, config: DataConfig) -> str | list[str]:
+def read_token_stream(path: Path, config: DataConfig, what: str = "corpus file") -> str | list[str]:
+    """The tokens of another text as ``config`` reads its corpus; errors name the file as ``what``."""
+    text = read_text(path, what)
     if config.token == "char":
-        return preprocess_chars(read_text(path), config.preprocess)
-    return tokens_of(preprocess(read_text(path), config.preprocess), config.token)
+        return preprocess_chars(text, config.preprocess)
+    return tokens_of(preprocess(text, config.preprocess), config.token)
 
 
 class CorpusMismatch(DrnnError):

@@ -331,7 +331,7 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
     if request.file is not None:
         if not require_regular_file(request.file, "--file", "give --file a UTF-8 text file"):
             raise DrnnError(f"--file {request.file} is empty; give it the text to inspect")
-        chars = list(read_token_stream(request.file, data))
+        chars = list(read_token_stream(request.file, data, "--file"))
         source = str(request.file)
     else:
         chars = list(preprocess_prefix(request.text or "", data.preprocess))

@@ -166,6 +166,27 @@ def test_piped_text_is_written_as_is_and_lines_are_not_wrapped(cli, tiny_run: Pa
     assert code == 0 and out.count("\n") == 1 and len(out) > 120 and f"checkpoint {long_run}" in out
 
 
+def test_a_text_given_to_data_or_file_is_named_by_its_option_in_errors(cli, tiny_run: Path, tmp_path: Path):
+    """Not "corpus file": the run's corpus is not what failed to read."""
+    latin1, blank = tmp_path / "latin1.txt", tmp_path / "blank.txt"
+    latin1.write_bytes("the time machine, caf\xe9".encode("latin-1"))
+    blank.write_text(" \n\n")
+    code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(latin1))
+    assert (code, out, err) == (
+        1,
+        "",
+        f"drnn: error: --data file {latin1} is not UTF-8 (undecodable byte at offset 21); convert it, e.g. "
+        "iconv -f latin1 -t utf-8\n",
+    )
+    code, out, err = cli("inspect", "--file", str(blank), "--run", str(tiny_run))
+    assert (code, out, err) == (
+        1,
+        "",
+        f"drnn: error: --file {blank} holds no text (it is empty or only white space); use a file with text "
+        "in it\n",
+    )
+
+
 def test_eval_refuses_data_with_split_or_corpus(cli, tiny_run: Path):
     for extra in (["--split", "val"], ["--corpus", "elsewhere.txt"]):
         code, out, err = cli("eval", "--run", str(tiny_run), "--data", "some.txt", *extra)

@@ -25,7 +25,7 @@ from pydantic import (
 
 from drnn_cli.budget import parse_cadence, parse_duration
 from drnn_cli.errors import ConfigError, DrnnError
-from drnn_cli.files import NOT_UTF8_HEAD, not_utf8, require_regular_file
+from drnn_cli.files import read_utf8_text, require_regular_file
 
 # Upper bounds: far above any sensible run, low enough that nothing downstream overflows (a seed feeds
 # torch.manual_seed after `seed * 1_000_003 + epoch` and, under torchrun, `* 1_009 + rank`).
@@ -526,13 +526,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"config file {path} is {size:,} bytes; a drnn config is a few hundred (at most {MAX_CONFIG_BYTES:,})"
         )
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(not_utf8("config file", path, raw[:NOT_UTF8_HEAD], exc.start))) from None
+        text = read_utf8_text(path, "config file")
+    except DrnnError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         tree = _parse_yaml(text)
     except yaml.YAMLError as exc:

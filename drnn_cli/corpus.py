@@ -20,7 +20,7 @@ import requests
 import urllib3
 
 from drnn_cli.errors import ConfigError, DrnnError
-from drnn_cli.files import NOT_UTF8_HEAD, not_utf8, refuse_nul_bytes, require_regular_file
+from drnn_cli.files import NOT_UTF8_HEAD, not_utf8, read_utf8_text, refuse_nul_bytes, require_regular_file
 
 DEFAULT_DATA_DIR = "data"
 DATA_DIR_ENV = "DRNN_DATA_DIR"
@@ -244,17 +244,8 @@ def read_text(path: Path, what: str = "corpus file") -> str:
     """The file as text, with one-line errors for the usual problems, naming the file as ``what``
     (the option that gave it: "--data file", "--file")."""
     require_regular_file(path, what, "name a UTF-8 text file")  # not /dev/zero, a FIFO, a folder
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DrnnError(f"cannot read {what} {path}: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise not_utf8(what, path, raw[:NOT_UTF8_HEAD], exc.start) from None
-    refuse_nul_bytes(what, path, raw[:NOT_UTF8_HEAD])
-    del raw
-    text = normalize_line_breaks(text.removeprefix(BYTE_ORDER_MARK))  # BOM: an editor's marker, not text
+    # A byte order mark is an editor's marker, not text.
+    text = normalize_line_breaks(read_utf8_text(path, what).removeprefix(BYTE_ORDER_MARK))
     if not text.strip():
         raise _empty(path, what)
     return text

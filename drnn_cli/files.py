@@ -73,6 +73,21 @@ def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
     )
 
 
+def read_utf8_text(path: Path, what: str) -> str:
+    """The file decoded as UTF-8; one line naming it as ``what`` when it cannot be read, is not UTF-8
+    (with the conversion that fixes it), or holds NUL bytes."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DrnnError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(what, path, raw[:NOT_UTF8_HEAD], exc.start) from None
+    refuse_nul_bytes(what, path, raw[:NOT_UTF8_HEAD])
+    return text
+
+
 def refuse_nul_bytes(what: str, path: Path, head: bytes) -> None:
     """Refuse a file that decodes as UTF-8 but starts with NUL bytes, as no text does: most likely
     UTF-16 without a byte order mark, whose ASCII letters are each followed by a NUL (every token

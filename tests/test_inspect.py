@@ -193,6 +193,19 @@ def test_characters_outside_the_vocabulary_are_read_and_scored_as_unk():
     assert result.surprisal[2] == pytest.approx(-float(logits[1, 0].detach().log_softmax(-1)[0]), rel=1e-12)
 
 
+def test_an_argument_with_bytes_that_are_not_utf8_is_refused_in_one_line():
+    """A shell passes an undecodable byte as a lone surrogate (0xff as \\udcff); encoding the text
+    for the vocabulary failed on it with an internal UnicodeEncodeError (red-team finding)."""
+    model = small_model("lstm", "tanh", "torch")
+    vocab = Vocab(["<unk>", " ", *"abcdefghi"])
+    request = InspectRequest(text="ab\udcffcd")
+    with pytest.raises(DrnnError, match=r"holds a byte 0xff, which is not UTF-8 text"):
+        inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    # d2l preprocessing reads it as a non-letter, a space, as drnn predict does
+    result = inspect_text(model, vocab, DataConfig(), request, torch.device("cpu"))
+    assert result.text == "ab cd"
+
+
 # ---------------------------------------------------------------------------------------------
 # The command: eval equality, page, picture, JSON, errors
 

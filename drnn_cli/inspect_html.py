@@ -11,7 +11,7 @@ import html
 import json
 import math
 
-from drnn_cli.introspect import Inspection
+from drnn_cli.introspect import Inspection, visible_char
 
 SURPRISAL_FULL_BITS = 6.0  # a character this surprising (or more) is fully red
 
@@ -38,7 +38,7 @@ def surprisal_colour(nats: float | None) -> str:
 def _chars(inspection: Inspection, colours: list[str]) -> str:
     spans = []
     for index, (char, colour) in enumerate(zip(inspection.chars, colours, strict=True)):
-        shown = "↵" if char == "\n" else html.escape(char)
+        shown = "↵" if char == "\n" else html.escape(visible_char(char))
         extra = " unk" if inspection.unknown[index] else ""
         spans.append(f'<span class="ch{extra}" data-i="{index}" style="background:{colour}">{shown}</span>')
         if char == "\n":
@@ -125,9 +125,9 @@ def render_html(inspection: Inspection, title: str) -> str:
             f"{_chars(inspection, [activation_colour(v, scale) for v in values])}</div>"
         )
     data = {
-        "CHARS": inspection.chars,
+        "CHARS": [visible_char(c) for c in inspection.chars],  # for the tooltip, drawn as on the page
         "SURPRISAL": inspection.surprisal,
-        "TOP": [[[c, round(p, 4)] for c, p in guesses] for guesses in inspection.top_next],
+        "TOP": [[[visible_char(c), round(p, 4)] for c, p in guesses] for guesses in inspection.top_next],
         "ACTS": acts,
     }
     script = "".join(f"const {name} = {_script_json(value)};\n" for name, value in data.items())

@@ -369,6 +369,33 @@ def test_page_has_one_coloured_span_per_character_and_unit_and_the_picture_exist
     assert summary["perplexity"] == pytest.approx(math.exp(summary["nll"] / summary["tokens"]), rel=1e-12)
 
 
+def test_the_page_is_inert_and_valid_whatever_the_text_holds():
+    """Markup in the text stays text, and a character that is invisible or acts on the text around it
+    (a bidi override reverses every later character on the line, a C0 control or a line separator is
+    a parse error or a break) is drawn as its code point: the page held them raw (red-team finding)."""
+    import unicodedata
+
+    from drnn_cli.inspect_html import render_html
+
+    text = 'a <!--<script>alert("x")</script> & </span> \u202eabc\u202c \x01\x7f\x85 z\u200dw \u2028\ufdd0\tq'
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=2), seed=0).double().eval()
+    result = inspect_text(
+        model, vocab, DataConfig(preprocess="none"), InspectRequest(text=text, top=2), torch.device("cpu")
+    )
+    page = render_html(result, "<b>run</b>")
+    parser = SpanCounter()
+    parser.feed(page)
+    assert parser.external == [] and "<b>run</b>" not in page
+    assert len(parser.rows) == 3
+    expected = [f"⟨U+{ord(c):04X}⟩" if c in "\u202e\u202c\x01\x7f\x85\u200d\u2028\ufdd0" else c for c in text]
+    for row in parser.rows:
+        assert [char for _, char in row["spans"]] == expected
+    assert page.count("<script>") == 1 and page.count("</script>") == 1
+    controls = [c for c in page if c not in "\t\n" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    assert controls == [] and "\ufdd0" not in page
+
+
 def test_top_units_and_the_cell_signal_of_a_trained_lstm(tiny_run: Path):
     loaded = load_model(tiny_run, None, "cpu")
     request = InspectRequest(text="the time machine is a story", layer=1, top=4, signal="cell")

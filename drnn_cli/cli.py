@@ -642,8 +642,7 @@ def inspect_command(
         loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
     )
     page = render_html(result, str(loaded.path)) if html_out is not None else None
-    if png_path is not None:
-        write_inspection_plot(result, png_path)
+    missing_glyphs = write_inspection_plot(result, png_path) if png_path is not None else []
     if page is not None and html_path is not None:
         atomic_write_text(html_path, page)
     unknown = result.scored_unknown
@@ -670,6 +669,14 @@ def inspect_command(
     for written in (html_out, png_out):
         if written is not None:
             out.print(f"wrote {written}", markup=False, soft_wrap=True)
+    if missing_glyphs:
+        shown = " ".join(missing_glyphs[:20]) + (" …" if len(missing_glyphs) > 20 else "")
+        out.print(
+            f"note: the PNG's font has no glyph for {_count(len(missing_glyphs), 'character')} of the text "
+            f"(drawn as boxes on its axis; the --html page shows them): {shown}",
+            markup=False,
+            soft_wrap=True,
+        )
     if json_out:
         _emit_json(result.summary())
 

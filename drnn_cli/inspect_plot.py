@@ -8,16 +8,25 @@ they spend saturated. matplotlib is the optional ``plot`` extra.
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from pathlib import Path
 
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
-from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection
+from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, visible_char
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 
 
-def write_inspection_plot(inspection: Inspection, path: Path) -> None:
+def _label(char: str) -> str:
+    return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(char) or visible_char(char)
+
+
+def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
+    """Write the PNG; returns the characters of the axis labels its font has no glyph for (drawn as
+    boxes), in text order, for one note instead of matplotlib's two warnings per character."""
     try:
         import matplotlib
 
@@ -42,9 +51,7 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> None:
     scale[scale == 0] = 1
     heat.imshow(values / scale, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     heat.set_yticks(range(len(inspection.units)), [f"unit {s.unit}" for s in inspection.units])
-    heat.set_xticks(
-        range(shown), ["␣" if c == " " else "↵" if c == "\n" else c for c in inspection.chars[:shown]]
-    )
+    heat.set_xticks(range(shown), [_label(c) for c in inspection.chars[:shown]])
     heat.tick_params(axis="x", labelsize=7, length=0)
     of = f" (first {shown} of {len(inspection.chars):,} characters)" if shown < len(inspection.chars) else ""
     signal = "cell state" if inspection.signal == "cell" else "hidden state"
@@ -64,7 +71,17 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> None:
             axes.tick_params(labelsize=7)
             if column == 0:
                 axes.legend(fontsize=7)
-    figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.tight_layout()
+        figure.savefig(buffer, format="png", dpi=100)
+    missing: dict[str, None] = {}
+    for warning in caught:
+        glyph = _MISSING_GLYPH.match(str(warning.message))
+        if glyph:
+            missing[chr(int(glyph.group(1)))] = None
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     atomic_write_bytes(path, buffer.getvalue())
+    return list(missing)

@@ -409,6 +409,27 @@ def test_top_units_and_the_cell_signal_of_a_trained_lstm(tiny_run: Path):
     assert_close(result.activations, traces[0].cell[:, [u.unit for u in result.units]].t())
 
 
+def test_png_labels_missing_from_its_font_are_returned_for_one_note_not_warned_twice_each(tmp_path: Path):
+    """matplotlib warned twice per character its font lacks (CJK, a C0 control, a tab), each warning
+    with its source line on stderr (red-team finding); invisible characters are labelled by code point."""
+    import warnings
+
+    from drnn_cli.inspect_plot import write_inspection_plot
+
+    text = "ab 漢字 x\x01y\tz 漢"
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=2), seed=0).double().eval()
+    request = InspectRequest(text=text, top=2)
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    picture = tmp_path / "x.png"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        missing = write_inspection_plot(result, picture)
+    assert [str(w.message) for w in caught] == []
+    assert missing in (["漢", "字"], [])  # [] where a CJK font is installed; the control and tab are labels
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_png_without_matplotlib_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     picture, page = tmp_path / "x.png", tmp_path / "x.html"

@@ -626,7 +626,8 @@ def inspect_command(
     html_path = output_file(html_out, "--html") if html_out is not None else None
     png_path = output_file(png_out, "--png") if png_out is not None else None
     try:
-        chosen = tuple(dict.fromkeys(int(u) for u in units.split(","))) if units else ()  # each unit once
+        # each unit once; an empty --units "" is refused, not taken for --top 5
+        chosen = tuple(dict.fromkeys(int(u) for u in units.split(","))) if units is not None else ()
     except ValueError:
         raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})") from None
     if chosen and top is not None:

@@ -445,6 +445,7 @@ def test_png_without_matplotlib_is_refused_in_one_line(cli, tiny_run: Path, tmp_
         (["--layer", "3"], "--layer 3 does not exist: the model has layers 1 to 2"),
         (["--units", "3,32"], "--units 32 is out of range: the layer has units 0 to 31"),
         (["--units", "a"], "--units takes comma-separated unit numbers"),
+        (["--units", ""], "--units takes comma-separated unit numbers"),
         (["--top", "0"], "--top must be >= 1"),
         (
             ["--units", "3", "--top", "2"],

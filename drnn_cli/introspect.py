@@ -204,7 +204,8 @@ def top_units(scores: list[UnitScore], activations: torch.Tensor, k: int) -> lis
     Units are grouped by their best feature and ranked by |r| within it; the pick takes the best
     remaining unit of each feature in turn (features ordered by their best |r|), so a feature many
     units follow (e.g. "at a space") does not crowd out the others. When no feature varies over the
-    text, the units with the largest variance are taken.
+    text, the units with the largest variance are taken; so are the ones the ``k`` needs beyond the
+    units that follow a feature (a constant unit follows none).
     """
     if not any(score.feature for score in scores):
         variance = activations.double().var(0, correction=0).tolist()
@@ -219,6 +220,10 @@ def top_units(scores: list[UnitScore], activations: torch.Tensor, k: int) -> lis
         for queue in queues:
             if queue and len(picked) < k:
                 picked.append(queue.pop(0))
+    if len(picked) < k:  # more asked for than units follow a feature: then those that follow none
+        variance = activations.double().var(0, correction=0).tolist()
+        rest = sorted((s for s in scores if not s.feature), key=lambda s: -variance[s.unit])
+        picked.extend(rest[: k - len(picked)])
     return picked
 
 

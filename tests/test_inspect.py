@@ -160,6 +160,18 @@ def test_without_a_varying_feature_the_units_with_the_largest_variance_are_picke
     assert [s.unit for s in top_units(scores, activations, 2)] == [2, 1]
 
 
+def test_asking_for_more_units_than_follow_a_feature_adds_those_that_follow_none():
+    """--top 16 on a 16-unit layer showed 15 when one unit was constant (red-team finding)."""
+    activations = torch.tensor(
+        [[0.0, 1.0, 0.5, 3.0], [1.0, 2.0, 0.5, 3.0], [0.0, 1.0, 0.5, 3.0], [1.0, 5.0, 0.5, 3.0]],
+        dtype=torch.float64,
+    )
+    scores = score_units(activations, text_features(list("a a ")))
+    assert [s.feature for s in scores] == ["position in word", "position in word", None, None]
+    assert [s.unit for s in top_units(scores, activations, 4)] == [0, 1, 2, 3]
+    assert [s.unit for s in top_units(scores, activations, 3)] == [0, 1, 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # Surprisal and guesses
 

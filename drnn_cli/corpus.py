@@ -451,4 +451,19 @@ def _letters_bytes(chunk: bytes, mode: str, line_breaks: bytes) -> bytes:
 def preprocess_prefix(prefix: str, mode: str) -> str:
     """A user's prompt treated like one line of the training text, its line breaks read as the
     corpus reader reads them (a pasted Windows line break is the text's ``\\n``, never a ``\\r``)."""
-    return "".join(preprocess(normalize_line_breaks(prefix), mode))
+    text = "".join(preprocess(normalize_line_breaks(prefix), mode))
+    _refuse_undecodable(text, mode)
+    return text
+
+
+def _refuse_undecodable(text: str, mode: str) -> None:
+    """A command-line argument's bytes that are not UTF-8 reach Python as lone surrogates (``\\udcff``
+    for 0xff); those preprocessing keeps are no character any vocabulary holds, nor can a page show them."""
+    bad = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        code = ord(bad)
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
+        raise DrnnError(
+            f"the text holds a {byte}, which is not UTF-8 text (data.preprocess={mode} keeps it); "
+            "give the text as UTF-8"
+        )

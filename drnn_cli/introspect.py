@@ -361,7 +361,6 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
     else:
         chars = list(preprocess_prefix(request.text or "", data.preprocess))
         source = "argument"
-        _refuse_undecodable(chars, data.preprocess)
     if len(chars) < 2:
         raise DrnnError(
             f"the text has {len(chars)} character(s) after data.preprocess={data.preprocess}; give at least 2"
@@ -372,19 +371,6 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
             f"{MAX_CHARS:,}; inspect a shorter excerpt"
         )
     return chars, source
-
-
-def _refuse_undecodable(chars: list[str], preprocess: str) -> None:
-    """An argument's bytes that are not UTF-8 reach Python as lone surrogates (``\\udcff`` for 0xff);
-    the ones preprocessing keeps are no character any vocabulary holds, nor can the page be written."""
-    bad = next((c for c in chars if "\ud800" <= c <= "\udfff"), None)
-    if bad is not None:
-        code = ord(bad)
-        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
-        raise DrnnError(
-            f"the text holds a {byte}, which is not UTF-8 text (data.preprocess={preprocess} keeps it); "
-            "give the text as UTF-8"
-        )
 
 
 def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torch.Tensor) -> list[UnitScore]:

@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 from drnn_cli.commands import TrainRequest, load_model, train_run
 from drnn_cli.config import DataConfig, ModelConfig
+from drnn_cli.corpus import preprocess_prefix
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.introspect import (
@@ -216,6 +217,9 @@ def test_an_argument_with_bytes_that_are_not_utf8_is_refused_in_one_line():
     # d2l preprocessing reads it as a non-letter, a space, as drnn predict does
     result = inspect_text(model, vocab, DataConfig(), request, torch.device("cpu"))
     assert result.text == "ab cd"
+    # drnn predict reads its prefix through the same preprocessing, and says the same
+    with pytest.raises(DrnnError, match=r"^the text holds a byte 0xff, which is not UTF-8 text"):
+        preprocess_prefix("time \udcff", "lower")
 
 
 # ---------------------------------------------------------------------------------------------

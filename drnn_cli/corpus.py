@@ -165,11 +165,11 @@ def _remove_stale_partials(target: Path) -> None:
         return
     for partial in target.parent.glob(f".{target.name}.*.part"):
         pid_text = partial.name[len(target.name) + 2 : -len(".part")]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             partial.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -3,14 +3,18 @@
 An entry is keyed by the text's SHA-1, ``data.preprocess``, ``data.token`` and the vocabulary (the one
 built with ``data.min_freq``, or a fixed one from a checkpoint), so changing any of them builds a new
 entry. It lives in ``$DRNN_DATA_DIR/token-cache/`` when that is set, else in ``.drnn-cache/`` beside the
-text, as two files: ``NAME.tokens`` (the raw index array) and ``NAME.json`` (dtype, length, vocabulary),
-each written to a temporary file and renamed, the JSON last, so a reader never sees half an entry.
+text, as two files: ``NAME.tokens`` (the raw index array) and ``NAME.json`` (dtype, length, vocabulary,
+the largest id, and the tokens file's identity: inode, size, modification and change times), each written
+to a temporary file and renamed, the JSON last, so a reader never sees half an entry. A tokens file that is
+not the one its JSON describes (rewritten, or swapped in from another entry) is rebuilt from the text; the
+ids are checked against the vocabulary when written, so a reload maps the file without reading it.
 Texts under ``MIN_CACHED_BYTES`` are not cached: they encode faster than a cache would help.
 Deleting the directory is always safe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import DATA_DIR_ENV, file_sha1
+from drnn_cli.corpus import DATA_DIR_ENV, file_sha1, process_alive
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_text
 from drnn_cli.vocab import Vocab
@@ -113,6 +117,7 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     """
     if not wants_cache(text):
         return None
+    _remove_dead_writers_parts(cache_dir(text))
     found = _load_entry(text, _key(sha1, config, vocab))
     if found is not None and vocab is not None and found.vocab.idx_to_token != vocab.idx_to_token:
         found = None  # an entry keyed by this vocabulary that holds another was tampered with: rebuilt
@@ -131,24 +136,56 @@ def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
         length = int(meta["length"])
         if meta["key"] != key or tokens_path.stat().st_size != length * dtype.itemsize:
             return None
-        # shared=False maps the file copy-on-write: nothing is copied, and the range check reads it once.
-        tokens = torch.from_file(str(tokens_path), shared=False, size=length, dtype=dtype)
+        identity = _identity(tokens_path)
+        if meta["tokens_file"] != identity:
+            return None  # rewritten since the entry was stored, or another entry's file moved here
         vocab = Vocab.from_dict(meta["vocab"])  # refuses a vocabulary with a token listed twice
         unknown = meta["unknown"]
-        if not _ids_in_range(tokens, len(vocab)) or not _is_count_map(unknown):
-            return None
+        largest = meta["largest_id"]
+        if type(largest) is not int or largest >= len(vocab) or not _is_count_map(unknown):
+            return None  # an id past the vocabulary would fail mid-training, or at ``drnn eval``
+        if time.time_ns() - identity["mtime_ns"] < RACY_SECONDS * 1e9 and not _ids_below(
+            tokens_path, dtype, len(vocab)
+        ):
+            return None  # rewritten within one timestamp tick of its storing, where its identity is the same
+        # shared=False maps the file copy-on-write: nothing is read until training reads it.
+        tokens = torch.from_file(str(tokens_path), shared=False, size=length, dtype=dtype)
         return EncodedCorpus(vocab, tokens, Counter(unknown))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
 
 
-def _ids_in_range(tokens: torch.Tensor, vocab_size: int) -> bool:
-    """Whether every id indexes the vocabulary. One past it (a tampered or rotted file) would reach
-    the loss as a class the model has no output for and fail mid-training, or at ``drnn eval``."""
-    if len(tokens) == 0 or (tokens.dtype == torch.uint8 and vocab_size >= 256):
-        return True  # nothing to check: no id, or none a byte can hold is out of range
+def _identity(path: Path) -> dict[str, int]:
+    """What tells one tokens file from another: a file swapped in has another inode, one rewritten in
+    place another modification time, and one whose old time was put back another change time."""
+    info = path.stat()
+    return {
+        "inode": info.st_ino,
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "ctime_ns": info.st_ctime_ns,
+    }
+
+
+def _ids_below(path: Path, dtype: torch.dtype, vocab_size: int) -> bool:
+    """Whether every id in the file indexes the vocabulary, read a few MiB at a time (not mapped: the
+    pages read would stay in this process's resident memory)."""
+    buffer = bytearray(_WRITE_CHUNK)
+    with path.open("rb", buffering=0) as handle:
+        while got := handle.readinto(buffer):
+            ids = torch.frombuffer(buffer, dtype=dtype, count=got // dtype.itemsize)
+            low, high = torch.aminmax(ids)
+            if int(low) < 0 or int(high) >= vocab_size:
+                return False
+    return True
+
+
+def _largest_id(tokens: torch.Tensor) -> int | None:
+    """The largest id, -1 when there is none; None when one is negative (no encoding writes that)."""
+    if len(tokens) == 0:
+        return -1
     low, high = torch.aminmax(tokens)
-    return int(low) >= 0 and int(high) < vocab_size
+    return int(high) if int(low) >= 0 else None
 
 
 def _is_count_map(unknown: object) -> bool:
@@ -165,6 +202,9 @@ def store(
     key = _key(sha1, config, fixed_vocab)
     tokens_path, meta_path = _paths(text, key)
     dtype = next(name for name, value in _DTYPES.items() if value == corpus.tokens.dtype)
+    largest = _largest_id(corpus.tokens)
+    if largest is None or largest >= len(corpus.vocab):
+        return  # ids the vocabulary cannot index (a bug): not kept, and the command goes on
     meta = {
         "key": key,
         "text": str(text.resolve()),
@@ -172,10 +212,12 @@ def store(
         "length": len(corpus.tokens),
         "vocab": corpus.vocab.to_dict(),
         "unknown": dict(corpus.unknown),
+        "largest_id": largest,
     }
     try:
         tokens_path.parent.mkdir(parents=True, exist_ok=True)
         _write_tensor(tokens_path, corpus.tokens)
+        meta["tokens_file"] = _identity(tokens_path)
         atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))  # last: it marks the entry whole
     except (OSError, DrnnError):
         return
@@ -197,6 +239,20 @@ def _write_tensor(path: Path, tokens: torch.Tensor) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _remove_dead_writers_parts(directory: Path) -> None:
+    """Delete the ``.NAME.tokens.PID.part`` files of writers no longer running (killed mid-write: as
+    big as their text, and otherwise kept for good); a live writer's is left alone."""
+    try:
+        partials = list(directory.glob(".*.tokens.*.part"))
+    except OSError:
+        return
+    for partial in partials:
+        pid_text = partial.name[: -len(".part")].rpartition(".")[2]
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
+            with contextlib.suppress(OSError):  # a read-only cache: the next writable run removes it
+                partial.unlink()
 
 
 def _try_write(path: Path, text: str) -> None:

@@ -221,3 +221,66 @@ def test_resume_and_eval_reuse_the_entry_of_the_vocabulary_the_text_builds(
     again = load_dataset(config, vocab=fixed)
     assert torch.equal(again.tokens, built.tokens) and again.unknown == Counter()
     assert len(entries(workdir)) == 1
+
+
+def test_a_tokens_file_swapped_in_from_another_text_is_rebuilt(workdir: Path, big_text: Path):
+    """Two texts of one size and alphabet (the second is the first backwards): their entries' token files
+    have the same length and ids in range, so a swapped file used to be read as the other text's."""
+    reversed_text = workdir / "reversed.txt"
+    reversed_text.write_bytes(big_text.read_bytes()[::-1])
+    first = load_dataset(DataConfig(path=str(big_text), preprocess="none"))
+    load_dataset(DataConfig(path=str(reversed_text), preprocess="none"))
+    ours, theirs = (
+        next((workdir / "data" / "token-cache").glob(f"{n}-*.tokens")) for n in ("big", "reversed")
+    )
+    assert ours.stat().st_size == theirs.stat().st_size
+    os.replace(theirs, ours)
+    again = load_dataset(DataConfig(path=str(big_text), preprocess="none"))
+    assert again.vocab.to_tokens(again.tokens[:20]) == list(big_text.read_text()[:20])
+    assert torch.equal(again.tokens, first.tokens)
+
+
+def _resident_kib(path: Path) -> int | None:
+    """The resident size of this process's mappings of ``path`` (Linux: /proc/self/smaps), in KiB."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in lines:
+        fields = line.split()
+        if (
+            "-" in fields[0] and len(fields) >= 5
+        ):  # a mapping's header line: range, perms, offset, dev, inode, path
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_a_reload_maps_the_tokens_without_reading_them(workdir: Path, big_text: Path):
+    """README: a reload from the cache costs no more than the torch import, the corpus paged in as
+    training reads it. A check that scanned every id paged the whole file in (a 200 MB text's reload
+    peaked at 427 MiB against 235)."""
+    config = DataConfig(path=str(big_text), preprocess="none")
+    load_dataset(config)
+    again = load_dataset(config)
+    tokens_file = entries(workdir)[0].with_suffix(".tokens").resolve()
+    resident = _resident_kib(tokens_file)
+    if resident is None:
+        pytest.skip("no /proc/self/smaps on this system")
+    assert resident < 256, f"{resident} KiB of the {tokens_file.stat().st_size // 1024} KiB entry paged in"
+    assert len(again.tokens) == again.total_tokens  # still mapped: the check above saw the mapping
+
+
+def test_a_killed_writers_partial_tokens_file_is_removed(workdir: Path, big_text: Path):
+    """A process killed while writing an entry left its ``.NAME.tokens.PID.part`` (as big as the
+    text) for good; a live writer's is kept."""
+    cache = workdir / "data" / "token-cache"
+    cache.mkdir(parents=True)
+    dead = cache / ".big-0123456789abcdef0123.tokens.999999999.part"  # no such process
+    live = cache / f".big-0123456789abcdef0123.tokens.{os.getpid()}.part"
+    dead.write_bytes(b"\0" * 4096)
+    live.write_bytes(b"\0" * 4096)
+    load_dataset(DataConfig(path=str(big_text), preprocess="none"))
+    assert not dead.exists() and live.exists()

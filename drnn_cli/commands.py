@@ -14,7 +14,7 @@ from drnn_cli.batches import MIN_EVAL_TOKENS, Splits, check_trainable, epoch_bat
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import ProgressHook
-from drnn_cli.data import CorpusMismatch, Dataset, load_dataset, local_vocab_size, read_token_stream
+from drnn_cli.data import CorpusMismatch, Dataset, encode_text, load_dataset, local_vocab_size
 from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
@@ -44,7 +44,7 @@ from drnn_cli.rundir import (
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import RESUME_ADVICE, Trainer
 from drnn_cli.trainer_state import TrainerState, UnusableTrainerState
-from drnn_cli.vocab import UNK, Vocab, encode_tokens
+from drnn_cli.vocab import UNK, Vocab
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and a run fine-tuned from it (--init-from). A --resume also keeps
@@ -664,10 +664,10 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
     """All of a text file, preprocessed like the run's corpus and encoded with its vocabulary."""
     if not require_regular_file(data_file, "--data file", "give --data a UTF-8 text file"):
         raise DrnnError(f"--data file {data_file} is empty; nothing to evaluate")
-    stream = read_token_stream(data_file, checkpoint.config.data, "--data file")
-    if len(stream) < MIN_EVAL_TOKENS:
+    tokens = encode_text(data_file, checkpoint.config.data, checkpoint.vocab, "--data file")
+    if len(tokens) < MIN_EVAL_TOKENS:
         raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
-    return encode_tokens(stream, checkpoint.vocab), str(data_file)
+    return tokens, str(data_file)
 
 
 def _split_tokens(

@@ -269,13 +269,14 @@ def _empty(path: Path, what: str = "corpus file") -> DrnnError:
 _CHECK_BYTES = 1 << 20  # 1 MiB decoded at a time to check a non-ASCII file is UTF-8
 
 
-def read_utf8(path: Path) -> bytearray:
-    """The file's bytes, checked like ``read_text`` (same errors) but never decoded whole.
+def read_utf8(path: Path, what: str = "corpus file") -> bytearray:
+    """The file's bytes, checked like ``read_text`` (same errors, naming the file as ``what``) but never
+    decoded whole.
 
     A 1 GiB text is one 1 GiB buffer here, where ``read_text`` holds the bytes and the decoded
     ``str`` at once; ``char_stream_bytes`` then works on it in place.
     """
-    require_regular_file(path, "corpus file", "name a UTF-8 text file")
+    require_regular_file(path, what, "name a UTF-8 text file")
     try:
         with path.open("rb") as handle:
             data = bytearray(os.fstat(handle.fileno()).st_size)
@@ -286,14 +287,14 @@ def read_utf8(path: Path) -> bytearray:
             del data[filled:]  # the file shrank since fstat
             data += handle.read()  # or grew
     except OSError as exc:
-        raise DrnnError(f"cannot read corpus file {path}: {exc.strerror}") from None
-    _check_utf8_text(path, data)  # first: an offset in its message counts the file's bytes
+        raise DrnnError(f"cannot read {what} {path}: {exc.strerror}") from None
+    _check_utf8_text(path, data, what)  # first: an offset in its message counts the file's bytes
     if data.startswith(BYTE_ORDER_MARK.encode("utf-8")):
         del data[:3]  # as read_text drops it
     return data
 
 
-def _check_utf8_text(path: Path, data: bytearray) -> None:
+def _check_utf8_text(path: Path, data: bytearray, what: str) -> None:
     """Raise ``read_text``'s errors: not UTF-8 (at the same offset), NUL bytes, or nothing but white space."""
     ascii_only = data.isascii()  # then it is UTF-8, and the first non-blank chunk ends the scan
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -306,17 +307,15 @@ def _check_utf8_text(path: Path, data: bytearray) -> None:
                     view[start : start + _CHECK_BYTES], final=start + _CHECK_BYTES >= len(data)
                 )
             except UnicodeDecodeError as exc:  # exc.start counts from the pending bytes
-                raise not_utf8(
-                    "corpus file", path, bytes(data[:NOT_UTF8_HEAD]), start - pending + exc.start
-                ) from None
+                raise not_utf8(what, path, bytes(data[:NOT_UTF8_HEAD]), start - pending + exc.start) from None
             if first_piece and piece:  # a byte order mark is dropped when read: a file of only one is empty
                 piece, first_piece = piece.removeprefix(BYTE_ORDER_MARK), False
             has_text = has_text or bool(piece.strip())
             if has_text and ascii_only:
                 break
-    refuse_nul_bytes("corpus file", path, bytes(data[:NOT_UTF8_HEAD]))  # after not_utf8, which names a binary
+    refuse_nul_bytes(what, path, bytes(data[:NOT_UTF8_HEAD]))  # after not_utf8, which names a binary
     if not has_text:
-        raise _empty(path)
+        raise _empty(path, what)
 
 
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
@@ -365,7 +364,7 @@ def preprocess_chars(text: str, mode: str) -> str:
     return str(memoryview(out)[:written], "ascii")
 
 
-def char_stream_bytes(path: Path, mode: str) -> bytearray | None:
+def char_stream_bytes(path: Path, mode: str, what: str = "corpus file") -> bytearray | None:
     """``preprocess_chars(read_text(path), mode)`` as UTF-8 bytes, built in place in the file's buffer.
 
     Exact at the byte level for every mode but ``lower`` on a non-ASCII text (Unicode lower-casing can
@@ -377,7 +376,7 @@ def char_stream_bytes(path: Path, mode: str) -> bytearray | None:
     """
     if mode not in {"d2l", "letters", "lower", "none"}:
         preprocess("", mode)  # raises the unknown-mode error
-    data = read_utf8(path)
+    data = read_utf8(path, what)
     if mode == "lower" and not data.isascii():
         return None
     if mode == "none" and b"\r" not in data:

@@ -30,6 +30,7 @@ from drnn_cli.vocab import (
     encode_ascii_,
     encode_tokens,
     encode_utf8_,
+    index_dtype,
     tokens_of,
     unknown_tokens,
 )
@@ -120,6 +121,18 @@ def load_dataset(
         encoded = encoded[: config.max_tokens].clone()
     splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
     return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown)
+
+
+def encode_text(path: Path, config: DataConfig, vocab: Vocab, what: str) -> torch.Tensor:
+    """Another text (``drnn eval --data``) read as ``config`` reads its corpus and encoded with ``vocab``;
+    errors name the file as ``what``. Characters go through the file's own buffer, as a corpus does: a
+    ``str`` of a non-ASCII text holds 4 bytes a character (a 100 MB text peaked at 1.36 GB this way)."""
+    chars = char_stream_bytes(path, config.preprocess, what) if config.token == "char" else None
+    if chars is None:
+        return encode_tokens(read_token_stream(path, config, what), vocab)
+    if not chars:
+        return torch.empty(0, dtype=index_dtype(len(vocab)))
+    return _encode_bytes(path, config, vocab, chars).tokens
 
 
 def local_vocab_size(config: DataConfig) -> int | None:

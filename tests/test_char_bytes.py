@@ -157,3 +157,33 @@ def test_a_fixed_vocabulary_of_more_than_256_tokens_encodes_to_int16_like_the_st
     assert new.tokens.dtype == encoded.dtype == torch.int16
     assert new.tokens.tolist() == encoded.tolist()
     assert list(new.unknown.items()) == [(" ", new.unknown[" "])] and new.unknown[" "] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_data_encodes_through_the_byte_path_like_the_str_path(tmp_path: Path, monkeypatch, mode: str):
+    """``drnn eval --data`` read its text as a ``str`` (4 bytes a character once one is outside the
+    BMP: a 100 MB text peaked at 1.36 GB, the corpus path at 0.57 GB); now as a corpus is read, with
+    the same ids, unknown characters (not in the checkpoint's vocabulary) as ``<unk>`` included."""
+    path = tmp_path / "other.txt"
+    path.write_bytes(varied_text(200_000, seed=7).encode("utf-8"))
+    vocab = Vocab(["<unk>", *"etaoinsh \n"])  # a checkpoint's, lacking most of the text
+    config = DataConfig(path=str(path), preprocess=mode)
+    _, _, expected = old_encoding(path, mode, vocab)
+    if mode != "lower":  # lower-casing a non-ASCII text is left to str
+        monkeypatch.setattr(data, "read_text", lambda *_: pytest.fail("the text was decoded whole"))
+    encoded = data.encode_text(path, config, vocab, "--data file")
+    assert encoded.dtype == expected.dtype and torch.equal(encoded, expected)
+
+
+def test_eval_data_errors_name_the_data_file(tmp_path: Path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    blank = tmp_path / "blank.txt"
+    blank.write_bytes(b" \n\t\n")
+    config = DataConfig(path=str(latin1), preprocess="none")
+    with pytest.raises(
+        DrnnError, match=r"^--data file .*latin1.txt is not UTF-8 \(undecodable byte at offset 3\)"
+    ):
+        data.encode_text(latin1, config, Vocab(["<unk>", "a"]), "--data file")
+    with pytest.raises(DrnnError, match=r"^--data file .*blank.txt holds no text"):
+        data.encode_text(blank, config, Vocab(["<unk>", "a"]), "--data file")

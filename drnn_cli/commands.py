@@ -44,7 +44,7 @@ from drnn_cli.rundir import (
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.train import RESUME_ADVICE, Trainer
 from drnn_cli.trainer_state import TrainerState, UnusableTrainerState
-from drnn_cli.vocab import UNK, Vocab
+from drnn_cli.vocab import UNK, Vocab, count_index
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and a run fine-tuned from it (--init-from). A --resume also keeps
@@ -508,7 +508,7 @@ def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | No
     if not dataset.unknown_tokens:
         return
     used = len(dataset.tokens)
-    count = int((dataset.tokens == dataset.vocab[UNK]).sum())
+    count = count_index(dataset.tokens, dataset.vocab[UNK])
     share = count / max(1, used)
     worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
     where = " in the whole text" if used < dataset.total_tokens else ""
@@ -656,7 +656,7 @@ def evaluate_split(
         step = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch).global_step
     except UnusableTrainerState:  # a checkpoint without a (usable) trainer state: its epoch is all there is
         step = None
-    unknown = int((tokens[1:] == checkpoint.vocab[UNK]).sum())  # the first token is read, not predicted
+    unknown = count_index(tokens[1:], checkpoint.vocab[UNK])  # the first token is read, not predicted
     return EvalReport(split_name, checkpoint.epoch, result, source, step, unknown)
 
 

@@ -13,7 +13,7 @@ from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, TrainConfig
 from drnn_cli.decode import prefix_tokens
 from drnn_cli.errors import DrnnError
-from drnn_cli.vocab import UNK, Vocab
+from drnn_cli.vocab import UNK, Vocab, count_index
 
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
 
@@ -31,7 +31,7 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             "few to evaluate: this run has no validation (raise data.val_fraction)"
         )
     if data.min_freq > 0 and len(splits.train):
-        unknown = float((splits.train == vocab[UNK]).sum()) / len(splits.train)
+        unknown = count_index(splits.train, vocab[UNK]) / len(splits.train)
         if unknown >= UNKNOWN_SHARE_NOTED:
             notes.append(
                 f"data.min_freq {data.min_freq} maps {unknown:.1%} of the training tokens to <unk>: the model "

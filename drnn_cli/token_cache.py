@@ -221,6 +221,23 @@ def store(
         atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))  # last: it marks the entry whole
     except (OSError, DrnnError):
         return
+    _remove_older_versions(meta_path.parent, meta["text"], sha1)
+
+
+def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
+    """Delete the entries of this file's earlier contents: each edit of a big text would otherwise
+    leave an entry as large as the text for good. (A process still training from one keeps its
+    mapping: the file goes once it is closed.)"""
+    for meta_path in directory.glob("*.json"):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            older = meta["text"] == text and meta["key"]["sha1"] != sha1
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not an entry this version reads: left alone
+        if older:
+            with contextlib.suppress(OSError):
+                meta_path.unlink()  # first: without its JSON the tokens file is no entry
+                meta_path.with_suffix(".tokens").unlink()
 
 
 def _write_tensor(path: Path, tokens: torch.Tensor) -> None:

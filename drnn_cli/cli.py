@@ -172,7 +172,8 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
     table.add_row("tokens (all)", f"{dataset.total_tokens:,}")
     table.add_row("tokens used (max_tokens)", f"{len(dataset.tokens):,}")
     table.add_row("vocabulary", f"{len(dataset.vocab):,}")
-    top = ", ".join(f"{token!r} {freq:,}" for token, freq in dataset.vocab.token_freqs[:10])
+    kept = [(token, freq) for token, freq in dataset.vocab.token_freqs if token in dataset.vocab]
+    top = ", ".join(f"{token!r} {freq:,}" for token, freq in kept[:10])  # not those min_freq made <unk>
     table.add_row("most frequent", top)
     splits = dataset.splits
     table.add_row("train / val / test", f"{len(splits.train):,} / {len(splits.val):,} / {len(splits.test):,}")

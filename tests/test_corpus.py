@@ -567,6 +567,16 @@ def test_drnn_data_json_on_a_custom_file(workdir: Path, cli) -> None:
     assert summary["sha1"] == hashlib.sha1(text.encode()).hexdigest()
 
 
+def test_drnn_data_lists_as_most_frequent_only_tokens_in_the_vocabulary(workdir: Path, cli) -> None:
+    path = workdir / "counted.txt"
+    path.write_text("aaaabbc", encoding="utf-8")  # with min_freq 2, c (once) is <unk>
+    code, out, err = cli("data", "--set", f"data.path={path}", "--set", "data.preprocess=none",
+                         "--set", "data.min_freq=2")  # fmt: skip
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "most frequent" in line)
+    assert "'a' 4, 'b' 2 " in row + " " and "'c'" not in row
+
+
 def test_drnn_data_json_on_the_default_corpus(workdir: Path, cli) -> None:
     code, out, err = cli("data", "--json")
     assert code == 0, err

@@ -20,7 +20,14 @@ import requests
 import urllib3
 
 from drnn_cli.errors import ConfigError, DrnnError
-from drnn_cli.files import NOT_UTF8_HEAD, not_utf8, read_utf8_text, refuse_nul_bytes, require_regular_file
+from drnn_cli.files import (
+    NOT_UTF8_HEAD,
+    not_utf8,
+    read_utf8_text,
+    refuse_nul_bytes,
+    remove_dead_partials,
+    require_regular_file,
+)
 
 DEFAULT_DATA_DIR = "data"
 DATA_DIR_ENV = "DRNN_DATA_DIR"
@@ -113,7 +120,7 @@ def fetch_corpus(
         )
     cache_dir = cache_dir or data_dir()
     target = cache_dir / spec.filename
-    _remove_stale_partials(target)  # a dead download's .part, even when the cache is already good
+    remove_dead_partials(target.parent, f".{target.name}.*.part")  # a dead download's, even when cached
     cached = cached_corpus(name, cache_dir)
     if cached is not None:
         return cached
@@ -157,26 +164,6 @@ class _Limits:
 
 class _TooMuch(DrnnError):
     """The server sent more than the corpus can be, or took longer than the deadline: not retried."""
-
-
-def _remove_stale_partials(target: Path) -> None:
-    """Delete ``.NAME.PID.part`` files of downloads whose process no longer runs (killed mid-way)."""
-    if not target.parent.is_dir():
-        return
-    for partial in target.parent.glob(f".{target.name}.*.part"):
-        pid_text = partial.name[len(target.name) + 2 : -len(".part")]
-        if pid_text.isdigit() and not process_alive(int(pid_text)):
-            partial.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def _download_with_retries(

@@ -73,6 +73,31 @@ def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
     )
 
 
+def remove_dead_partials(directory: Path, pattern: str) -> None:
+    """Delete the ``….PID.part`` files in ``directory`` matching ``pattern`` whose writing process no
+    longer runs (killed mid-write, they would stay for good); a live writer's is left alone, and one that
+    cannot be deleted (a read-only folder) waits for a later run."""
+    try:
+        partials = list(directory.glob(pattern))
+    except OSError:
+        return
+    for partial in partials:
+        pid_text = partial.name.removesuffix(".part").rpartition(".")[2]
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
+            with contextlib.suppress(OSError):
+                partial.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def read_utf8_text(path: Path, what: str) -> str:
     """The file decoded as UTF-8; one line naming it as ``what`` when it cannot be read, is not UTF-8
     (with the conversion that fixes it), or holds NUL bytes."""

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import DATA_DIR_ENV, file_sha1, process_alive
+from drnn_cli.corpus import DATA_DIR_ENV, file_sha1
 from drnn_cli.errors import DrnnError
-from drnn_cli.files import atomic_write_text
+from drnn_cli.files import atomic_write_text, remove_dead_partials
 from drnn_cli.vocab import Vocab
 
 FORMAT = 2  # 2: a UTF-8 byte order mark at the start is no longer a token
@@ -117,7 +117,7 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     """
     if not wants_cache(text):
         return None
-    _remove_dead_writers_parts(cache_dir(text))
+    remove_dead_partials(cache_dir(text), ".*.tokens.*.part")  # a killed writer's, as big as its text
     found = _load_entry(text, _key(sha1, config, vocab))
     if found is not None and vocab is not None and found.vocab.idx_to_token != vocab.idx_to_token:
         found = None  # an entry keyed by this vocabulary that holds another was tampered with: rebuilt
@@ -256,20 +256,6 @@ def _write_tensor(path: Path, tokens: torch.Tensor) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def _remove_dead_writers_parts(directory: Path) -> None:
-    """Delete the ``.NAME.tokens.PID.part`` files of writers no longer running (killed mid-write: as
-    big as their text, and otherwise kept for good); a live writer's is left alone."""
-    try:
-        partials = list(directory.glob(".*.tokens.*.part"))
-    except OSError:
-        return
-    for partial in partials:
-        pid_text = partial.name[: -len(".part")].rpartition(".")[2]
-        if pid_text.isdigit() and not process_alive(int(pid_text)):
-            with contextlib.suppress(OSError):  # a read-only cache: the next writable run removes it
-                partial.unlink()
 
 
 def _try_write(path: Path, text: str) -> None:

@@ -301,6 +301,20 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path: Path, mode: str) ->
     assert ("\ufeff" in dataset.vocab.idx_to_token) == (mode != "d2l")  # the one inside the text
 
 
+def refusal_of_both_readers(path: Path) -> str:
+    """The one-line error the two corpus readers (whole ``str``, and the byte path big texts take) give
+    for ``path``: the same words from both."""
+    from drnn_cli.corpus import read_utf8
+
+    messages = set()
+    for reader in (read_text, read_utf8):
+        with pytest.raises(DrnnError) as error:
+            reader(path)
+        messages.add(str(error.value))
+    assert len(messages) == 1, messages
+    return messages.pop()
+
+
 @pytest.mark.parametrize(
     ("payload", "family"),
     [
@@ -313,34 +327,24 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path: Path, mode: str) ->
 )
 def test_a_utf16_or_utf32_text_is_named_with_its_own_conversion(tmp_path: Path, payload: bytes, family: str):
     """Its byte order mark says what it is; the Latin-1 advice for other bytes would turn it into NULs."""
-    from drnn_cli.corpus import read_utf8
-
     path = tmp_path / "powershell.txt"
     path.write_bytes(payload)
-    for reader in (read_text, read_utf8):
-        with pytest.raises(DrnnError) as error:
-            reader(path)
-        assert str(error.value) == (
-            f"corpus file {path} is {family.upper()} (it starts with that byte order mark), not UTF-8; "
-            f"convert it, e.g. iconv -f {family} -t utf-8"
-        )
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is {family.upper()} (it starts with that byte order mark), not UTF-8; "
+        f"convert it, e.g. iconv -f {family} -t utf-8"
+    )
 
 
 def test_a_binary_file_is_named_as_one_not_sent_to_iconv(tmp_path: Path):
     """A PNG or a checkpoint given as the text: converting it from Latin-1 (the advice for text in
     another encoding) would train on noise. NUL bytes tell it, as they tell git and grep."""
-    from drnn_cli.corpus import read_utf8
-
     path = tmp_path / "perplexity.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
-    for reader in (read_text, read_utf8):
-        with pytest.raises(DrnnError) as error:
-            reader(path)
-        assert str(error.value) == (
-            f"corpus file {path} is not text: it holds NUL bytes and an undecodable byte at offset 0, as a "
-            "binary file (an image, a checkpoint) does; name a text file (a UTF-16 text without a byte order "
-            "mark converts with iconv -f utf-16le -t utf-8)"
-        )
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is not text: it holds NUL bytes and an undecodable byte at offset 0, as a "
+        "binary file (an image, a checkpoint) does; name a text file (a UTF-16 text without a byte order "
+        "mark converts with iconv -f utf-16le -t utf-8)"
+    )
 
 
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
@@ -348,18 +352,13 @@ def test_an_ascii_text_in_utf16_without_a_byte_order_mark_is_refused_for_its_nul
     tmp_path: Path, encoding: str
 ):
     """Valid UTF-8 (each ASCII letter beside a NUL), it would train on NULs between the letters."""
-    from drnn_cli.corpus import read_utf8
-
     path = tmp_path / "no-bom.txt"
     path.write_bytes("The Time Machine\n".encode(encoding))
-    for reader in (read_text, read_utf8):
-        with pytest.raises(DrnnError) as error:
-            reader(path)
-        assert str(error.value) == (
-            f"corpus file {path} holds NUL bytes (the first at offset {1 if encoding == 'utf-16-le' else 0}), "
-            "which text does not: convert a UTF-16 text without a byte order mark with iconv -f "
-            f"{encoding.replace('-16-', '-16')} -t utf-8, or name a text file"
-        )
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} holds NUL bytes (the first at offset {1 if encoding == 'utf-16-le' else 0}), "
+        "which text does not: convert a UTF-16 text without a byte order mark with iconv -f "
+        f"{encoding.replace('-16-', '-16')} -t utf-8, or name a text file"
+    )
 
 
 def test_both_readers_name_the_same_offset_in_a_file_that_starts_with_a_byte_order_mark(

@@ -20,8 +20,8 @@ UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training t
 
 def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device) -> list[str]:
     """Settings this text or device defeats: a validation or test split too small to evaluate, a
-    min_freq that turns much of the text into <unk>, a capped evaluation, patience without validation, sample prefixes the vocabulary cannot spell,
-    Triton kernels without CUDA."""
+    min_freq that turns much of the text into <unk>, a capped evaluation, patience without validation,
+    sample prefixes the vocabulary cannot spell, Triton kernels without CUDA."""
     train, data = config.train, config.data
     validation_tokens, test_tokens = len(splits.val), len(splits.test)
     notes = []

@@ -22,6 +22,12 @@ CORPUS = Path(os.environ.get("DRNN_TEST_CORPUS") or REPO.parent / "shared" / "da
 TIMEMACHINE_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 
 
+def pythonpath_with_repo(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+    """PYTHONPATH for a child interpreter: the checkout first, then the caller's own entries (on the
+    GPU machine, the carried wheels that hold pydantic)."""
+    return os.pathsep.join(filter(None, [str(REPO), environ.get("PYTHONPATH")]))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _session_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Module- and session-scoped fixtures (runs trained once) are set up in a scratch directory too."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pythonpath_with_repo
 from test_fused_lstm import _pair, _run
 
 from drnn_cli import fused_lstm
@@ -175,7 +176,7 @@ def test_torchrun_with_one_process_trains_over_nccl(tmp_path: Path, corpus_path:
     config = write_yaml(tmp_path / "tiny.yaml", tiny_config(corpus_path))
     env = {k: v for k, v in os.environ.items() if k not in {"WORLD_SIZE", "RANK", "LOCAL_RANK"}}
     env |= {"DRNN_DATA_DIR": str(cache), "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = pythonpath_with_repo(env)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     command += ["-m", "drnn_cli", "--", "train", "--config", str(config), "--device", "cuda"]
     command += ["--run", str(tmp_path / "run"), "--json"]

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import pythonpath_with_repo
 
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import TrainRequest, train_run
@@ -115,7 +116,7 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
     env["DRNN_DATA_DIR"] = str(cache)
     env["DRNN_DATA_URL"] = "http://127.0.0.1:9/unreachable"  # any download would fail loudly
     env["OMP_NUM_THREADS"] = "1"  # one intra-op thread per rank
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = pythonpath_with_repo(env)
 
     def start(
         name: str, config: Path, *extra: str, then: tuple[str, ...] = (), processes: tuple[int, int] = (2, 2)

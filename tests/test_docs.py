@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import pythonpath_with_repo
+
 from drnn_cli.config import DataConfig, ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,10 +30,7 @@ def test_readme_config_table_is_the_schema_reference_row_for_row():
         text=True,
         check=True,
         cwd=REPO,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env={**os.environ, "PYTHONPATH": pythonpath_with_repo()},
     )
     rows = [line for line in done.stdout.splitlines() if line.startswith("| `")]
     assert len(rows) > 50

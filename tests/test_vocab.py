@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pythonpath_with_repo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -305,7 +306,7 @@ def test_counting_unknown_tokens_holds_no_copy_of_the_corpus(tmp_path):
     )
     if not Path("/proc/self/status").exists():
         pytest.skip("no /proc/self/status here")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_repo(), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
     )

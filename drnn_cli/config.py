@@ -237,7 +237,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")
     cuda_graph: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="replay each training step as one CUDA graph; auto = on for one CUDA device where it can (fp16: on only)",
+        description="replay each training step as one CUDA graph; auto = on for one CUDA device where it can",
     )
     compile: Literal["on", "off"] = Field(
         "off",

@@ -139,7 +139,6 @@ class Trainer:
         graph_choice = use_cuda_graph(
             train.cuda_graph,
             device,
-            train.precision,
             self.dist.enabled,
             lr_changes_every_step(train) and not reads_lr_on_device(optimizer_class(train.optimizer)),
         )

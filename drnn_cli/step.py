@@ -82,7 +82,7 @@ def use_cuda_graph(
     ``auto`` captures on a CUDA device wherever ``on`` would (and says so in one note), and otherwise
     trains eagerly without a word: on a CPU, under torchrun, or where it would capture at every step.
     Verified on an H200 (README "Using a GPU"): the same perplexities as eager, 3.6-4.9× the eager
-    step at batch 32 in fp32, about 10× in bf16 and fp16 (fp16 with fused updates that skip
+    step at batch 32 in fp32, 7.4-10.3× in bf16 and fp16 (fp16 with fused updates that skip
     overflowing steps on the device; its CUDA tests in tests/test_cuda.py passed there).
     ``lr_every_step``: the learning rate changes at every step (``train.max_steps`` with a schedule or
     warm-up) and the optimizer bakes it into the graph (SGD: see ``reads_lr_on_device``), so the step

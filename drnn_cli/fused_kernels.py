@@ -64,6 +64,50 @@ def grid_barrier(flags_ptr, error_ptr, arrival, spin_limit, NUM_PROGRAMS: tl.con
 
 
 @triton.jit
+def counter_barrier(counter_ptr, error_ptr, arrival, spin_limit, NUM_PROGRAMS: tl.constexpr):
+    """The same meeting through one counter: each program adds one when it has finished step
+    ``arrival``, then polls the counter until all have (``arrival · NUM_PROGRAMS``). One scalar atomic
+    to announce and one per poll, where ``grid_barrier`` reads every program's flag at each poll."""
+    tl.debug_barrier()  # all of this program's threads have issued their stores
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")  # scalar: once per program
+    target = arrival * NUM_PROGRAMS
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    polls = spin_limit * 0
+    waiting = tl.atomic_add(error_ptr, 0, sem="relaxed", scope="gpu") == 0
+    while (seen < target) & (polls < spin_limit) & waiting:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        polls += 1
+    if seen < target:
+        tl.store(error_ptr, 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def meet(
+    flags_ptr,
+    error_ptr,
+    arrival,
+    spin_limit,
+    NUM_PROGRAMS: tl.constexpr,
+    FLAGS: tl.constexpr,
+    COUNTER: tl.constexpr,
+):
+    """The grid barrier after step ``arrival``: one counter (``COUNTER``) or one flag per program."""
+    if COUNTER:
+        counter_barrier(flags_ptr, error_ptr, arrival, spin_limit, NUM_PROGRAMS)
+    else:
+        grid_barrier(flags_ptr, error_ptr, arrival, spin_limit, NUM_PROGRAMS, FLAGS)
+
+
+@triton.jit
+def product_past_l1(ptr, live, w, PRECISION: tl.constexpr):
+    """The (rows, K) block at ``ptr``, written by other programs and so read past L1 (.cg), in the
+    product dtype, times a (K, units) tile ``w``."""
+    block = tl.load(ptr, mask=live, other=0.0, cache_modifier=".cg").to(w.dtype)
+    return tl.dot(block, w, input_precision=PRECISION)
+
+
+@triton.jit
 def forward(
     xg_ptr,  # (T, B, 4H) fp32: x_t W_ih^T + b_ih + b_hh for every timestep
     w_ptr,  # (4H, H) W_hh in the product dtype
@@ -84,8 +128,16 @@ def forward(
     NUM_PROGRAMS: tl.constexpr,
     FLAGS: tl.constexpr,
     PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    COUNTER: tl.constexpr,
 ):
     rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
+    if RESIDENT:  # BLOCK_K == H: this program's four W_hh^T tiles, read once for all timesteps
+        w_t = w_ptr + units[None, :] * H + ks[:, None]
+        w_i = tl.load(w_t)
+        w_f = tl.load(w_t + H * H)
+        w_g = tl.load(w_t + 2 * H * H)
+        w_o = tl.load(w_t + 3 * H * H)
     for s in range(n_steps):
         t = (t_begin + s).to(tl.int64)  # offsets of a (T, B, 4H) buffer can pass 2³¹ elements
         xg = xg_ptr + t * B * 4 * H
@@ -93,20 +145,32 @@ def forward(
         acc_f = tl.load(xg + gate_here + H, mask=live, other=0.0)
         acc_g = tl.load(xg + gate_here + 2 * H, mask=live, other=0.0)
         acc_o = tl.load(xg + gate_here + 3 * H, mask=live, other=0.0)
-        for k0 in range(0, H, BLOCK_K):
-            # h_{t-1}[rows, k0:k0+K], written by other programs: read past L1 (.cg)
+        if RESIDENT:  # all of h_{t-1}[rows] in one load, one product per gate
             h = tl.load(
-                hs_ptr + t * B * H + rows[:, None] * H + (k0 + ks)[None, :],
+                hs_ptr + t * B * H + rows[:, None] * H + ks[None, :],
                 mask=live,
                 other=0.0,
                 cache_modifier=".cg",
             ).to(w_ptr.dtype.element_ty)
-            # W_hh^T tile of gate q: element [k, j] = W_hh[q·H + units[j], k0 + k]
-            w_t = w_ptr + units[None, :] * H + (k0 + ks)[:, None]
-            acc_i += tl.dot(h, tl.load(w_t), input_precision=PRECISION)
-            acc_f += tl.dot(h, tl.load(w_t + H * H), input_precision=PRECISION)
-            acc_g += tl.dot(h, tl.load(w_t + 2 * H * H), input_precision=PRECISION)
-            acc_o += tl.dot(h, tl.load(w_t + 3 * H * H), input_precision=PRECISION)
+            acc_i += tl.dot(h, w_i, input_precision=PRECISION)
+            acc_f += tl.dot(h, w_f, input_precision=PRECISION)
+            acc_g += tl.dot(h, w_g, input_precision=PRECISION)
+            acc_o += tl.dot(h, w_o, input_precision=PRECISION)
+        else:
+            for k0 in range(0, H, BLOCK_K):
+                # h_{t-1}[rows, k0:k0+K], written by other programs: read past L1 (.cg)
+                h = tl.load(
+                    hs_ptr + t * B * H + rows[:, None] * H + (k0 + ks)[None, :],
+                    mask=live,
+                    other=0.0,
+                    cache_modifier=".cg",
+                ).to(w_ptr.dtype.element_ty)
+                # W_hh^T tile of gate q: element [k, j] = W_hh[q·H + units[j], k0 + k]
+                w_t = w_ptr + units[None, :] * H + (k0 + ks)[:, None]
+                acc_i += tl.dot(h, tl.load(w_t), input_precision=PRECISION)
+                acc_f += tl.dot(h, tl.load(w_t + H * H), input_precision=PRECISION)
+                acc_g += tl.dot(h, tl.load(w_t + 2 * H * H), input_precision=PRECISION)
+                acc_o += tl.dot(h, tl.load(w_t + 3 * H * H), input_precision=PRECISION)
         gi = sigmoid(acc_i)
         gf = sigmoid(acc_f)
         gg = tanh(acc_g)
@@ -120,7 +184,7 @@ def forward(
         tl.store(act + 2 * H, gg, mask=live)
         tl.store(act + 3 * H, go, mask=live)
         if PERSISTENT:
-            grid_barrier(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS)
+            meet(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS, COUNTER)
 
 
 @triton.jit
@@ -145,21 +209,36 @@ def backward(
     NUM_PROGRAMS: tl.constexpr,
     FLAGS: tl.constexpr,
     PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    COUNTER: tl.constexpr,
 ):
     rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
+    if RESIDENT:  # BLOCK_K == H: W_hh[q·H + k, units] for the four gates q, read once for all timesteps
+        w_rows = w_ptr + ks[:, None] * H + units[None, :]
+        w_i = tl.load(w_rows)
+        w_f = tl.load(w_rows + H * H)
+        w_g = tl.load(w_rows + 2 * H * H)
+        w_o = tl.load(w_rows + 3 * H * H)
     for s in range(n_steps):
         t = (t_last - s).to(tl.int64)  # offsets of a (T, B, 4H) buffer can pass 2³¹ elements
         # ∂h_t = ∂out_t + dz_{t+1} W_hh[:, units]: the recurrent path, summed over all 4H gates
         dh = tl.load(dout_ptr + t * B * H + here, mask=live, other=0.0)
-        for k0 in range(0, 4 * H, BLOCK_K):
-            dz_next = tl.load(
-                dz_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + (k0 + ks)[None, :],
-                mask=live,
-                other=0.0,
-                cache_modifier=".cg",
-            ).to(w_ptr.dtype.element_ty)
-            w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
-            dh += tl.dot(dz_next, w, input_precision=PRECISION)
+        if RESIDENT:  # dz_{t+1}[rows] gate by gate, one product each
+            dz_row = dz_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + ks[None, :]
+            dh += product_past_l1(dz_row, live, w_i, PRECISION)
+            dh += product_past_l1(dz_row + H, live, w_f, PRECISION)
+            dh += product_past_l1(dz_row + 2 * H, live, w_g, PRECISION)
+            dh += product_past_l1(dz_row + 3 * H, live, w_o, PRECISION)
+        else:
+            for k0 in range(0, 4 * H, BLOCK_K):
+                dz_next = tl.load(
+                    dz_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + (k0 + ks)[None, :],
+                    mask=live,
+                    other=0.0,
+                    cache_modifier=".cg",
+                ).to(w_ptr.dtype.element_ty)
+                w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
+                dh += tl.dot(dz_next, w, input_precision=PRECISION)
         act = act_ptr + t * B * 4 * H + gate_here
         gi = tl.load(act, mask=live, other=0.0)
         gf = tl.load(act + H, mask=live, other=0.0)
@@ -176,4 +255,4 @@ def backward(
         tl.store(dz + 3 * H, dh * tc * go * (1.0 - go), mask=live)
         tl.store(dc_ptr + here, dc * gf, mask=live)
         if PERSISTENT:
-            grid_barrier(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS)
+            meet(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS, COUNTER)

@@ -71,6 +71,10 @@ class Launch:
     grid: tuple[int, int]  # (hidden blocks, batch blocks)
     persistent: bool
     num_warps: int = 4
+    # Variants that scripts/fused_bench.py --sweep-tiles measures against the plan (off in it):
+    resident: bool = False  # W_hh's tiles read once before the time loop (needs block_k = hidden)
+    counter_barrier: bool = False  # the grid meets at one counter, not at one flag per program
+    tf32: bool = False  # fp32 products on TF32 tensor cores, as cuDNN's fp32 LSTM runs them
 
     @property
     def programs(self) -> int:
@@ -133,10 +137,10 @@ def _product_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def precision_for(fp32: bool) -> str:
-    """fp32 products in IEEE arithmetic (TF32 would round them to 10-bit mantissas); for half
-    precision operands the setting does not apply."""
-    return "ieee" if fp32 else "tf32"
+def precision_for(fp32: bool, tf32: bool = False) -> str:
+    """fp32 products in IEEE arithmetic unless ``tf32`` (TF32 rounds them to 10-bit mantissas); for
+    half precision operands the setting does not apply."""
+    return "ieee" if fp32 and not tf32 else "tf32"
 
 
 def kernel_constants(launch: Launch, fp32_products: bool) -> dict[str, Any]:
@@ -148,7 +152,9 @@ def kernel_constants(launch: Launch, fp32_products: bool) -> dict[str, Any]:
         "PERSISTENT": launch.persistent,
         "NUM_PROGRAMS": launch.programs,
         "FLAGS": triton_next_power_of_2(launch.programs),
-        "PRECISION": precision_for(fp32_products),
+        "PRECISION": precision_for(fp32_products, launch.tf32),
+        "RESIDENT": launch.resident,
+        "COUNTER": launch.counter_barrier,
     }
 
 
@@ -240,6 +246,8 @@ def fused_lstm_layer(
     barrier gave up waiting; it is never read on the host here (that would cost a sync per layer)."""
     batch, hidden = xg.shape[1], w_hh.shape[1]
     launch = launch or plan_launch(batch, hidden, device_slots(xg.device))
+    if launch.resident and (launch.block_k != hidden or hidden & (hidden - 1)):
+        raise ValueError(f"a resident W_hh needs block_k = hidden_size, a power of two (hidden {hidden})")
     if error is None:
         error = torch.zeros((), device=xg.device, dtype=torch.int32)
     w = w_hh.to(_product_dtype(xg.device)).contiguous()

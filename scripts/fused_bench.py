@@ -18,14 +18,16 @@ each run eagerly and as one CUDA graph; every fused run also reports whether a g
 
 Microseconds per forward + backward, from CUDA events over ``--iterations`` after a warm-up. With
 ``--json`` the whole report so far is printed after every row (the last line is complete). ``--tile
-BxH`` overrides the planned tile (a tuning aid); ``--sweep-tiles`` times only the seed layer's
-persistent kernel as a graph, in bf16 and fp32, for tiles from 16 × 16 (32 programs) to 32 × 64
-(4 programs), at 4 or 8 warps. ``scripts/gpu_check.py`` runs it as its ``fused-kernels`` and ``fused-tiles`` steps.
+BxH`` overrides the planned tile (a tuning aid); ``--sweep-tiles`` times only the seed layer as a
+graph, in bf16 and fp32: cuDNN (fp32 with TF32 off and on), then the persistent kernel in each of
+SWEPT_VARIANTS (tiles from 16 × 16, 32 programs, to 32 × 64, 4 programs, at 4 or 8 warps; W_hh
+resident across timesteps; one counter for the barrier; TF32 products). ``scripts/gpu_check.py`` runs it as its ``fused-kernels`` and ``fused-tiles`` steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -174,25 +176,82 @@ def with_tile(
 # kernel of every tile past 16 × 16 spills at 4 warps (up to 392 B) and not, or barely (≤ 72 B), at 8;
 # 32 × 128 needs 272 KiB of shared memory in fp32, more than a multiprocessor has.
 SWEPT_TILES = ((16, 16, 4), (16, 32, 4), (16, 32, 8), (32, 16, 8), (16, 64, 8), (32, 32, 8), (32, 64, 8))
+# (name, rows, units, warps, Launch fields): the kernel built other ways, at the tiles that did best in
+# the tile sweep on an H200 (16 × 16 in fp32, 16 × 32 in bf16). "wide_k": one K tile as wide as the
+# layer (block_k = hidden); "resident" reads W_hh once before the time loop (and needs wide_k);
+# "counter_barrier" meets at one counter; "tf32" multiplies fp32 on TF32 tensor cores (fp32 rows only).
+SWEPT_VARIANTS: tuple[tuple[str, int, int, int, dict[str, bool]], ...] = (
+    *((f"{b}x{h} {w}w", b, h, w, {}) for b, h, w in SWEPT_TILES),
+    ("16x16 wide-k", 16, 16, 4, {"wide_k": True}),
+    ("16x16 resident", 16, 16, 4, {"wide_k": True, "resident": True}),
+    ("16x16 counter", 16, 16, 4, {"counter_barrier": True}),
+    ("16x16 resident counter", 16, 16, 4, {"wide_k": True, "resident": True, "counter_barrier": True}),
+    ("16x16 resident counter 8w", 16, 16, 8, {"wide_k": True, "resident": True, "counter_barrier": True}),
+    ("16x32 resident counter 8w", 16, 32, 8, {"wide_k": True, "resident": True, "counter_barrier": True}),
+    ("16x32 counter", 16, 32, 4, {"counter_barrier": True}),
+    ("16x16 tf32", 16, 16, 4, {"tf32": True}),
+    ("16x16 counter tf32", 16, 16, 4, {"counter_barrier": True, "tf32": True}),
+    (
+        "16x16 resident counter tf32",
+        16,
+        16,
+        4,
+        {"wide_k": True, "resident": True, "counter_barrier": True, "tf32": True},
+    ),
+)
+
+
+def variant_launches(slots: int) -> list[tuple[str, fused_lstm.Launch]]:
+    """The seed layer's persistent launch for every entry of SWEPT_VARIANTS, by name."""
+    batch, _, hidden = STACK_SHAPE
+    planned = fused_lstm.plan_launch(batch, hidden, slots)
+    launches = []
+    for name, block_b, block_h, warps, options in SWEPT_VARIANTS:
+        launch = with_tile(planned, batch, hidden, block_b, block_h, warps)
+        fields = {key: value for key, value in options.items() if key != "wide_k"}
+        launches.append(
+            (
+                name,
+                dataclasses.replace(
+                    launch, **fields, block_k=hidden if options.get("wide_k") else launch.block_k
+                ),
+            )
+        )
+    return launches
 
 
 def tile_rows(iterations: int, slots: int) -> Iterator[tuple[dict[str, Any], bool]]:
     """The seed layer (batch 32 × 35 steps, 256 units) through the persistent kernel as one graph,
-    tile by tile, bf16 first: fewer, larger programs meet at a cheaper barrier but each does more."""
+    variant by variant, bf16 first, after cuDNN's time for the same layer as a graph (in fp32 with TF32
+    off, as every fused variant but the tf32 ones, and on, cuDNN's default): fewer, larger programs meet
+    at a cheaper barrier but each does more; a resident W_hh and one counter cut what each timestep waits for."""
     batch, steps, hidden = STACK_SHAPE
-    planned = fused_lstm.plan_launch(batch, hidden, slots)
     for dtype_name, dtype in (DTYPES[1], DTYPES[0]):
-        for block_b, block_h, warps in SWEPT_TILES:
-            launch = with_tile(planned, batch, hidden, block_b, block_h, warps)
-            row: dict[str, Any] = {"dtype": dtype_name, "tile": f"{block_b}x{block_h}", "warps": warps}
-            row["programs"] = launch.programs
+        for tf32 in (False, True) if dtype == torch.float32 else (False,):
+            torch.backends.cudnn.allow_tf32 = tf32
+            row: dict[str, Any] = {
+                "dtype": dtype_name,
+                "tile": "cudnn" + (" tf32" if tf32 else ""),
+                "warps": 0,
+            }
+            row["programs"] = 0
+            row["fused-graph"] = round(
+                time_us(cudnn_runner(batch, steps, hidden, dtype), iterations, graph=True), 1
+            )
+            row["barrier-timeout"] = False
+            torch.backends.cudnn.allow_tf32 = False
+            yield row, False
+        for name, launch in variant_launches(slots):
+            if launch.tf32 and dtype != torch.float32:
+                continue  # TF32 is a way to multiply fp32 only
+            row = {"dtype": dtype_name, "tile": name, "warps": launch.num_warps, "programs": launch.programs}
             error = torch.zeros((), device="cuda", dtype=torch.int32)
             try:
                 run = fused_runner(batch, steps, hidden, dtype, launch, error)
                 row["fused-graph"] = round(time_us(run, iterations, graph=True), 1)
                 row["barrier-timeout"] = bool(int(error))
                 failed = row["barrier-timeout"]
-            except Exception as problem:  # a tile the device refuses (resources) is a finding, not the end
+            except Exception as problem:  # a variant the device refuses (resources) is a finding, not the end
                 row["fused-graph"] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
                 failed = False
             yield row, failed

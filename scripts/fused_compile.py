@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Compile the ``model.impl: fused`` kernels for a GPU that is not here, and report their resources.
 
-    python scripts/fused_compile.py [--arch 90] [--slots 132] [--json]
+    python scripts/fused_compile.py [--arch 90] [--slots 132] [--variants] [--json]
 
 Triton compiles for a named target without a device (its own ptxas ships in the wheel), so a CPU
 machine can prove that every kernel drnn would launch on an H100 (sm_90, 132 multiprocessors)
 compiles, and see what ptxas makes of it: registers per thread, spilled bytes, shared memory.
 It compiles, for each shape below, forward and backward, fp32 and bf16, exactly the launch
-:func:`drnn_cli.fused_lstm.plan_launch` plans. Exit 0 when all compiled, 1 when one failed.
+:func:`drnn_cli.fused_lstm.plan_launch` plans; with ``--variants``, also the seed layer's variants
+that ``scripts/fused_bench.py --sweep-tiles`` times (its SWEPT_VARIANTS: other tiles, W_hh resident,
+the counter barrier, TF32). Exit 0 when all compiled, 1 when one failed.
 
 Run it without ``TRITON_INTERPRET`` set (under the interpreter nothing is compiled).
 """
@@ -97,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
     parser.add_argument("--slots", type=int, default=132, help="multiprocessors (132 on an H100 SXM)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also the seed layer's variants that scripts/fused_bench.py --sweep-tiles times",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("fused_compile: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
@@ -109,15 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     from drnn_cli import fused_kernels
     from drnn_cli.fused_lstm import kernel_constants, plan_launch
 
+    sys.path.insert(0, str(REPO / "scripts"))
+    from fused_bench import variant_launches
+
+    launches = [(label, plan_launch(batch, hidden, args.slots)) for label, batch, hidden in SHAPES]
+    if args.variants:
+        launches += [(f"seed {name}", launch) for name, launch in variant_launches(args.slots)]
     rows: list[dict[str, Any]] = []
     failed = False
-    for label, batch, hidden in SHAPES:
-        launch = plan_launch(batch, hidden, args.slots)
+    for label, launch in launches:
+        hidden = launch.grid[0] * launch.block_h
         for dtype in ("fp32", "bf16"):
             for name in ("forward", "backward"):
                 constants = {"_dtype": dtype, "H": hidden, **kernel_constants(launch, dtype == "fp32")}
                 row: dict[str, Any] = {
-                    "shape": label,
+                    "shape": label[:40],
                     "kernel": name,
                     "dtype": dtype,
                     "tile": f"{launch.block_b}x{launch.block_h}",

@@ -20,7 +20,7 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
     ``profile``   ``scripts/bench.py --profile``: per seed-config step, wall time against the device's busy
                    time and kernel count, eager and as a graph (where the graph's time goes);
     ``fused-tiles`` ``scripts/fused_bench.py --sweep-tiles``: the seed layer's persistent Triton kernel,
-                   tile by tile (is fewer, larger programs the way past cuDNN?);
+                   variant by variant against cuDNN (tiles, W_hh resident, a counter barrier, TF32);
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
     ``bench-open`` (last; for a short call, with ``--only``) the benchmark's configurations that decide
@@ -225,8 +225,8 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         ),
         Step(
             "fused-tiles",
-            "scripts/fused_bench.py --sweep-tiles: the seed layer's persistent Triton kernel as a graph, "
-            "tile by tile (32 programs of 16 × 16 down to 4 of 32 × 64, 4 or 8 warps), bf16 then fp32",
+            "scripts/fused_bench.py --sweep-tiles: the seed layer as a graph, cuDNN then the persistent Triton "
+            "kernel's variants (tiles of 16 × 16 to 32 × 64, W_hh resident, a counter barrier, TF32), bf16 then fp32",
             [sys.executable, "scripts/fused_bench.py", "--json", "--sweep-tiles"],
             120,
         ),
@@ -699,10 +699,10 @@ def tile_lines(step: StepResult | None) -> list[str]:
         return []
     lines = [
         "",
-        "### fused-tiles (µs per forward + backward of the seed layer, persistent kernel, graph)",
+        "### fused-tiles (µs per forward + backward of the seed layer as a graph: cuDNN, then the persistent kernel's variants)",
         "",
     ]
-    lines += ["| dtype | tile (rows × units) | warps | programs | fused, graph | barrier timed out |"]
+    lines += ["| dtype | variant (rows × units, …) | warps | programs | graph µs | barrier timed out |"]
     lines += ["| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         lines += [

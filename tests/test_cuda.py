@@ -12,6 +12,7 @@ Tolerances, and why they are not zero:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -483,4 +484,47 @@ def test_fused_kernels_equal_nn_lstm_on_the_gpu(mode: str, monkeypatch: pytest.M
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
     assert launched == [batch] * layers  # the kernels ran, not the scratch cells' fallback
+    assert int(fused.barrier_error) == 0
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"resident": True},
+        {"counter_barrier": True},
+        {"resident": True, "counter_barrier": True},
+        {"tf32": True},
+    ],
+    ids=["resident", "counter", "resident-counter", "tf32"],
+)
+def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
+    variant: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The variants scripts/fused_bench.py --sweep-tiles times, at the seed shape with 32 programs
+    resident at once: the counter barrier is only proven where programs run concurrently. A resident
+    W_hh takes one K tile as wide as the layer. IEEE products as above (1e-4); TF32's 10-bit mantissas
+    over 35 steps, 2e-2."""
+    real_plan = fused_lstm.plan_launch
+    launched: list[fused_lstm.Launch] = []
+
+    def forced(batch: int, hidden: int, slots: int, _: object = None) -> fused_lstm.Launch:
+        planned = real_plan(batch, hidden, slots, "persistent")
+        wide = {"block_k": hidden} if variant.get("resident") else {}
+        launched.append(dataclasses.replace(planned, **variant, **wide))
+        return launched[-1]
+
+    monkeypatch.setattr(fused_lstm, "plan_launch", forced)
+    fused, reference = (module.to(CUDA) for module in _pair(256, inputs=28))
+    torch.manual_seed(1)
+    steps, batch, layers = 35, 32, 2
+    x = torch.randn(steps, batch, 28, device=CUDA)
+    h0 = torch.randn(layers, batch, 256, device=CUDA)
+    c0 = torch.randn(layers, batch, 256, device=CUDA)
+    probes = tuple(torch.randn(shape, device=CUDA) for shape in ((steps, batch, 256), h0.shape, c0.shape))
+    got, want = _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
+    tolerance = 2e-2 if variant.get("tf32") else 1e-4
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance, msg=name)
+    assert len(launched) == layers and launched[0].programs == 32
+    assert all(getattr(launch, key) for launch in launched for key in variant)
     assert int(fused.barrier_error) == 0

@@ -96,9 +96,11 @@ def test_fused_stack_equals_nn_lstm_forward_and_backward(batch, hidden, mode, gr
 
 
 @needs_interpreter
-def test_a_barrier_that_never_opens_gives_up_and_raises_the_flag():
+@pytest.mark.parametrize("counter_barrier", [False, True], ids=["flags", "counter"])
+def test_a_barrier_that_never_opens_gives_up_and_raises_the_flag(counter_barrier):
     """Two persistent programs under the interpreter run one after another, so the first waits for a
-    second that cannot start: after ``spin_limit`` polls it must give up, flag it, and return."""
+    second that cannot start: after ``spin_limit`` polls it must give up, flag it, and return (the
+    barrier of one flag per program, and the one of a single counter)."""
     torch.manual_seed(0)
     hidden, batch, steps = 32, 2, 2
     error = torch.zeros((), dtype=torch.int32)
@@ -107,11 +109,83 @@ def test_a_barrier_that_never_opens_gives_up_and_raises_the_flag():
         torch.zeros(batch, hidden),
         torch.zeros(batch, hidden),
         torch.randn(4 * hidden, hidden),
-        fused_lstm.Launch(block_b=16, block_h=16, block_k=16, grid=(2, 1), persistent=True),
+        fused_lstm.Launch(
+            block_b=16, block_h=16, block_k=16, grid=(2, 1), persistent=True, counter_barrier=counter_barrier
+        ),
         spin_limit=3,
         error=error,
     )
     assert int(error) == 1
+
+
+def _reference_layer(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor):
+    """The LSTM recurrence over precomputed input gates, written out in float64 (gate order i, f, g, o)."""
+    h, c, outputs = h0, c0, []
+    for gates_x in xg:
+        i, f, g, o = (gates_x + h @ w_hh.T).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("resident", "counter_barrier"),
+    [(True, False), (False, True), (True, True)],
+    ids=["resident", "counter", "both"],
+)
+def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(resident, counter_barrier):
+    """The variants scripts/fused_bench.py --sweep-tiles times against the plan: W_hh read once before
+    the time loop (one 32-wide K tile, so forward and backward are one product per gate), and the
+    barrier through one counter. Against the recurrence written out in float64: outputs, final
+    state, and the gradients of all four inputs."""
+    torch.manual_seed(5)
+    steps, batch, hidden = 4, 5, 32
+    inputs = [
+        torch.randn(steps, batch, 4 * hidden, dtype=torch.float64),
+        torch.randn(batch, hidden, dtype=torch.float64),
+        torch.randn(batch, hidden, dtype=torch.float64),
+        torch.randn(4 * hidden, hidden, dtype=torch.float64) / hidden**0.5,
+    ]
+    probes = [torch.randn(steps, batch, hidden), torch.randn(batch, hidden), torch.randn(batch, hidden)]
+    launch = fused_lstm.Launch(
+        block_b=16,
+        block_h=32,
+        block_k=32,
+        grid=(1, 1),
+        persistent=True,
+        resident=resident,
+        counter_barrier=counter_barrier,
+    )
+    error = torch.zeros((), dtype=torch.int32)
+    results = {}
+    for side in ("fused", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        if side == "fused":
+            xg, h0, c0, w = (t.float() for t in leaves)
+            outs = fused_lstm.fused_lstm_layer(xg, h0, c0, w, launch, error=error)
+        else:
+            outs = _reference_layer(*leaves)
+        sum(
+            ((out.double() * probe.double()).sum() for out, probe in zip(outs, probes, strict=True))
+        ).backward()
+        results[side] = [out.detach().double() for out in outs] + [t.grad for t in leaves]
+    for name, got, want in zip(
+        ("out", "h_T", "c_T", "xg", "h0", "c0", "w_hh"), results["fused"], results["reference"], strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    assert int(error) == 0
+
+
+def test_a_resident_w_hh_needs_one_k_tile_as_wide_as_the_layer():
+    launch = fused_lstm.Launch(
+        block_b=16, block_h=16, block_k=16, grid=(2, 1), persistent=True, resident=True
+    )
+    with pytest.raises(ValueError, match="block_k = hidden_size"):
+        fused_lstm.fused_lstm_layer(
+            torch.zeros(2, 1, 128), torch.zeros(1, 32), torch.zeros(1, 32), torch.zeros(128, 32), launch
+        )
 
 
 @needs_interpreter

@@ -24,14 +24,19 @@ so checkpoints move freely between ``impl: torch``, ``scratch`` and ``fused``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any, Literal
 
 import torch
 
+from drnn_cli.errors import DrnnError
+
 Mode = Literal["persistent", "stepwise"]
 SPIN_LIMIT = 2_000_000  # polls of the arrival flags before a program gives up (~1 s, not a hang)
+LAUNCH_ENV = "DRNN_FUSED_LAUNCH"  # the plan's variants, for measuring them end to end (README "Environment")
+LAUNCH_WORDS = {"resident": "resident", "counter": "counter_barrier", "tf32": "tf32"}
 
 
 def interpreting() -> bool:
@@ -100,7 +105,8 @@ def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None) -
     The smallest tiles spread a timestep's work over the most multiprocessors; for a persistent grid
     they grow (hidden units first, then rows) until every program fits on the device at once, one
     per multiprocessor. If even 64 × 64 tiles do not fit, one launch per timestep of 16 × 16 tiles.
-    ``mode`` forces either (tests).
+    ``mode`` forces either (tests); otherwise ``DRNN_FUSED_LAUNCH`` may change the plan
+    (:func:`launch_from_environment`).
     """
     if hidden % 16:
         raise ValueError(f"model.impl fused needs hidden_size divisible by 16, not {hidden}")
@@ -121,7 +127,48 @@ def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None) -
         block_b = block_h = 16
     block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
     grid = (hidden // block_h, -(-batch // block_b))
-    return Launch(block_b, block_h, block_k, grid, persistent, 8 if block_b * block_h >= 2048 else 4)
+    launch = Launch(block_b, block_h, block_k, grid, persistent, 8 if block_b * block_h >= 2048 else 4)
+    asked = os.environ.get(LAUNCH_ENV, "")
+    return launch_from_environment(asked, launch, batch, hidden, slots) if mode is None and asked else launch
+
+
+def launch_from_environment(asked: str, launch: Launch, batch: int, hidden: int, slots: int) -> Launch:
+    """``launch`` as ``DRNN_FUSED_LAUNCH`` asks: a comma-separated list of ``resident`` (W_hh read once
+    for all timesteps), ``counter`` (the grid barrier through one counter), ``tf32`` (fp32 products on
+    TF32 tensor cores) and a tile ``ROWSxUNITS``. The variants scripts/fused_bench.py --sweep-tiles
+    times one layer at a time, for measuring one in whole training steps; a word it does not know, or
+    a variant this layer cannot take, is a one-line error."""
+    fields: dict[str, Any] = {}
+    for word in (part.strip().lower() for part in asked.split(",") if part.strip()):
+        tile = re.fullmatch(r"(\d+)x(\d+)", word)
+        if word in LAUNCH_WORDS:
+            fields[LAUNCH_WORDS[word]] = True
+        elif tile:
+            block_b, block_h = int(tile.group(1)), int(tile.group(2))
+            if block_b % 16 or block_h % 16 or not block_b or not block_h or hidden % block_h:
+                raise DrnnError(
+                    f"{LAUNCH_ENV} tile {word}: rows and units must be multiples of 16, and the units "
+                    f"must divide model.hidden_size {hidden}"
+                )
+            grid = (hidden // block_h, -(-batch // block_b))
+            warps = 8 if block_b * block_h >= 2048 else 4  # as the plan sizes its own tiles
+            fields |= {"block_b": block_b, "block_h": block_h, "grid": grid, "num_warps": warps}
+        else:
+            raise DrnnError(
+                f"{LAUNCH_ENV}: unknown word {word!r}; use a comma-separated list of "
+                f"{', '.join(LAUNCH_WORDS)} and a tile such as 16x32"
+            )
+    if fields.get("resident"):
+        if hidden & (hidden - 1):
+            raise DrnnError(f"{LAUNCH_ENV} resident needs model.hidden_size a power of two, not {hidden}")
+        fields["block_k"] = hidden
+    launch = replace(launch, **fields)
+    if launch.persistent and launch.programs > slots:
+        raise DrnnError(
+            f"{LAUNCH_ENV}: {launch.programs} programs of {launch.block_b}x{launch.block_h} do not fit "
+            f"this device's {slots} at once; use a larger tile"
+        )
+    return launch
 
 
 def triton_next_power_of_2(n: int) -> int:

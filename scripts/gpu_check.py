@@ -21,6 +21,8 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
                    time and kernel count, eager and as a graph (where the graph's time goes);
     ``fused-tiles`` ``scripts/fused_bench.py --sweep-tiles``: the seed layer's persistent Triton kernel,
                    variant by variant against cuDNN (tiles, W_hh resident, a counter barrier, TF32);
+    ``bench-fused-variant`` the benchmark's ``fused-lstm-seed`` fp32 and bf16 with ``DRNN_FUSED_LAUNCH``
+                   (the tile sweep's variants in whole training steps);
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
     ``bench-open`` (last; for a short call, with ``--only``) the benchmark's configurations that decide
@@ -81,7 +83,10 @@ FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, b
 # scripts/bench.py runs; bench-compiled compiles (slow to start); bench-open, last in the plan, is the few
 # configurations whose figures decide what is still open (fp16 under the graph, one cuDNN call per layer,
 # the scratch cells' written-out backward pass, compiled), for a call too short for the whole benchmark.
-BENCH_STEPS = ("bench", "bench-compiled", "bench-open")
+BENCH_STEPS = ("bench", "bench-compiled", "bench-open", "bench-fused-variant")
+# the fused kernel's variants (drnn_cli/fused_lstm.py, DRNN_FUSED_LAUNCH) in whole training steps, for
+# the benchmark step that times them: its configurations are reported as "NAME [FUSED_VARIANT]"
+FUSED_VARIANT = "resident,counter,tf32"
 OPEN_CONFIGS = (
     "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,compiled-lstm-seed"
 )
@@ -229,6 +234,14 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "kernel's variants (tiles of 16 × 16 to 32 × 64, W_hh resident, a counter barrier, TF32), bf16 then fp32",
             [sys.executable, "scripts/fused_bench.py", "--json", "--sweep-tiles"],
             120,
+        ),
+        Step(
+            "bench-fused-variant",
+            f"scripts/bench.py, impl fused with DRNN_FUSED_LAUNCH={FUSED_VARIANT} (W_hh resident, one-counter "
+            "barrier, TF32 products in fp32): the sweep's variants in whole training steps",
+            [*bench, "--configs", "fused-lstm-seed,fused-lstm-seed-bf16"],
+            90,
+            env={"DRNN_FUSED_LAUNCH": FUSED_VARIANT},
         ),
         Step(
             "bench-compiled",
@@ -484,11 +497,14 @@ class Verdict:
 
 
 def bench_configs(results: dict[str, StepResult]) -> dict[str, Any]:
-    """Every benchmark configuration measured, by name, from both benchmark steps."""
+    """Every benchmark configuration measured, by name, from the benchmark steps (the fused variant's
+    as "NAME [variant]", beside the plain plan's NAME)."""
     configs: dict[str, Any] = {}
     for name in BENCH_STEPS:
         step = results.get(name)
-        configs.update((step.data.get("json") or {}).get("configs", {}) if step else {})
+        measured = (step.data.get("json") or {}).get("configs", {}) if step else {}
+        suffix = f" [{FUSED_VARIANT}]" if name == "bench-fused-variant" else ""
+        configs.update((config + suffix, entry) for config, entry in measured.items())
     return configs
 
 

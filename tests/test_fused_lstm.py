@@ -25,6 +25,7 @@ from torch import nn
 
 from drnn_cli import fused_lstm
 from drnn_cli.config import ModelConfig
+from drnn_cli.errors import DrnnError
 from drnn_cli.models import FusedRecurrent, ScratchRecurrent, build_model, lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +177,70 @@ def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(resident,
     ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
     assert int(error) == 0
+
+
+def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
+    """README "Environment": the variants fused_bench times one layer at a time, for whole runs."""
+    planned = fused_lstm.plan_launch(32, 256, 132)
+    assert planned == fused_lstm.Launch(16, 16, 64, (16, 2), True, 4)
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "resident, counter,TF32")
+    assert fused_lstm.plan_launch(32, 256, 132) == fused_lstm.Launch(
+        16, 16, 256, (16, 2), True, 4, resident=True, counter_barrier=True, tf32=True
+    )
+    assert fused_lstm.plan_launch(32, 256, 132, "persistent") == planned  # a forced mode (tests) ignores it
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "32x64,counter")
+    assert fused_lstm.plan_launch(32, 256, 132) == fused_lstm.Launch(
+        32, 64, 64, (4, 1), True, 8, counter_barrier=True
+    )
+    for asked, hidden, slots, message in [
+        (
+            "fast",
+            256,
+            132,
+            "DRNN_FUSED_LAUNCH: unknown word 'fast'; use a comma-separated list of resident, "
+            "counter, tf32 and a tile such as 16x32",
+        ),
+        (
+            "16x48",
+            256,
+            132,
+            "DRNN_FUSED_LAUNCH tile 16x48: rows and units must be multiples of 16, and the "
+            "units must divide model.hidden_size 256",
+        ),
+        ("resident", 48, 132, "DRNN_FUSED_LAUNCH resident needs model.hidden_size a power of two, not 48"),
+        (
+            "16x16",
+            256,
+            20,
+            "DRNN_FUSED_LAUNCH: 32 programs of 16x16 do not fit this device's 20 at once; use a larger tile",
+        ),
+    ]:
+        monkeypatch.setenv("DRNN_FUSED_LAUNCH", asked)
+        with pytest.raises(DrnnError) as refused:
+            fused_lstm.plan_launch(32, hidden, slots)
+        assert str(refused.value) == message
+
+
+@needs_interpreter
+def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_lstm(monkeypatch):
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "resident,counter")
+    used: list[fused_lstm.Launch] = []
+    real = fused_lstm.launch_from_environment
+    monkeypatch.setattr(
+        fused_lstm, "launch_from_environment", lambda *args: used.append(real(*args)) or used[-1]
+    )
+    fused, reference = _pair(32)
+    torch.manual_seed(1)
+    steps, batch, layers = 3, 5, 2
+    x = torch.randn(steps, batch, 8)
+    h0, c0 = torch.randn(layers, batch, 32), torch.randn(layers, batch, 32)
+    probes = (torch.randn(steps, batch, 32), torch.randn(layers, batch, 32), torch.randn(layers, batch, 32))
+    got, want = _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert [(launch.resident, launch.counter_barrier, launch.block_k) for launch in used] == [
+        (True, True, 32)
+    ] * 2
 
 
 def test_a_resident_w_hh_needs_one_k_tile_as_wide_as_the_layer():

@@ -299,3 +299,28 @@ def test_the_default_graph_is_recognised_by_drnn_own_note(gpu_check) -> None:
     eager = gpu_check.StepResult("lstm2-graph", "", "ok")  # auto kept the eager step: no note
     gpu_check.interpret(step, eager, '{"train_ppl": 1.02}', Path("runs"), "")
     assert eager.data["graph_by_default"] is False
+
+
+def test_the_fused_variant_is_measured_under_its_own_name(gpu_check) -> None:
+    """Step bench-fused-variant runs fused-lstm-seed with DRNN_FUSED_LAUNCH set: its figures stand beside
+    the plan's under their own name, so neither overwrites the other (nor counts for the plan's targets)."""
+    step = next(
+        s for s in gpu_check.build_plan(Path("runs"), Path("c.txt"), 1) if s.name == "bench-fused-variant"
+    )
+    assert step.env == {"DRNN_FUSED_LAUNCH": "resident,counter,tf32"}
+    from drnn_cli.fused_lstm import launch_from_environment, plan_launch
+
+    planned = plan_launch(32, 256, 132)
+    assert launch_from_environment(step.env["DRNN_FUSED_LAUNCH"], planned, 32, 256, 132).resident
+    Result = gpu_check.StepResult
+    plain, variant = bench_entry(200_000, 300_000, 450_000), bench_entry(200_000, 300_000, 1_200_000)
+    results = {
+        "bench": Result("bench", "", "ok", data={"json": {"configs": {"fused-lstm-seed": plain}}}),
+        "bench-fused-variant": Result(
+            "bench-fused-variant", "", "ok", data={"json": {"configs": {"fused-lstm-seed": variant}}}
+        ),
+    }
+    assert gpu_check.bench_configs(results) == {
+        "fused-lstm-seed": plain,
+        "fused-lstm-seed [resident,counter,tf32]": variant,
+    }

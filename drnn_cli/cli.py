@@ -183,6 +183,8 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
         f"{report.train_batches:,} ({data.sampling}, batch {data.batch_size} × {data.num_steps} steps)",
     )
     out.print(table)
+    for note in report.dataset.notes:
+        out.print(f"note: {note}", markup=False, soft_wrap=True)
     if report.untrainable is not None:
         out.print(f"note: drnn train would refuse this: {report.untrainable}", markup=False, soft_wrap=True)
     if json_out:

@@ -47,6 +47,7 @@ class Dataset:
     sha1: str
     total_tokens: int  # before max_tokens
     unknown: Counter[str] = field(default_factory=Counter)  # tokens a fixed vocabulary lacked → <unk>
+    notes: tuple[str, ...] = ()  # what reading it could not do, said once (a token cache it cannot write)
 
     @property
     def unknown_tokens(self) -> int:
@@ -112,15 +113,17 @@ def load_dataset(
     if expected_sha1 and sha1 != expected_sha1:
         raise CorpusMismatch(path, expected_sha1, sha1)
     corpus = load_cached(path, sha1, config, vocab)
+    notes: tuple[str, ...] = ()
     if corpus is None:
         corpus = _encode(path, config, vocab)
-        store(path, sha1, config, vocab, corpus)
+        not_kept = store(path, sha1, config, vocab, corpus)
+        notes = (not_kept,) if not_kept else ()
     encoded = corpus.tokens
     total = len(encoded)
     if config.max_tokens > 0:
         encoded = encoded[: config.max_tokens].clone()
     splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
-    return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown)
+    return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown, notes)
 
 
 def encode_text(path: Path, config: DataConfig, vocab: Vocab, what: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -86,6 +87,19 @@ def remove_dead_partials(directory: Path, pattern: str) -> None:
         if pid_text.isdigit() and not process_alive(int(pid_text)):
             with contextlib.suppress(OSError):
                 partial.unlink()
+
+
+def remove_abandoned_temporaries(directory: Path, pattern: str, older_than_s: float) -> None:
+    """Delete the temporaries in ``directory`` matching ``pattern`` left unmodified for ``older_than_s``:
+    for files written in milliseconds (``atomic_write_bytes``'s), one that old was a killed writer's."""
+    try:
+        temporaries = list(directory.glob(pattern))
+    except OSError:
+        return
+    for temporary in temporaries:
+        with contextlib.suppress(OSError):
+            if time.time() - temporary.stat().st_mtime > older_than_s:
+                temporary.unlink()
 
 
 def process_alive(pid: int) -> bool:

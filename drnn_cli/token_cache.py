@@ -28,7 +28,12 @@ import torch
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import DATA_DIR_ENV, file_sha1
 from drnn_cli.errors import DrnnError
-from drnn_cli.files import atomic_write_text, remove_dead_partials
+from drnn_cli.files import (
+    TEMPORARY_SUFFIX,
+    atomic_write_text,
+    remove_abandoned_temporaries,
+    remove_dead_partials,
+)
 from drnn_cli.vocab import Vocab
 
 FORMAT = 2  # 2: a UTF-8 byte order mark at the start is no longer a token
@@ -36,6 +41,7 @@ MIN_CACHED_BYTES = 1 << 20
 RACY_SECONDS = 2.0  # a file modified this close to its hashing may change again within one mtime tick
 _DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
 _WRITE_CHUNK = 1 << 22  # bytes per write: the array is never copied whole (4 MiB at a time)
+ABANDONED_AFTER_S = 3600.0  # an entry's JSON temporary this old was a killed writer's
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     if not wants_cache(text):
         return None
     remove_dead_partials(cache_dir(text), ".*.tokens.*.part")  # a killed writer's, as big as its text
+    remove_abandoned_temporaries(cache_dir(text), f".*.json.*{TEMPORARY_SUFFIX}", ABANDONED_AFTER_S)
     found = _load_entry(text, _key(sha1, config, vocab))
     if found is not None and vocab is not None and found.vocab.idx_to_token != vocab.idx_to_token:
         found = None  # an entry keyed by this vocabulary that holds another was tampered with: rebuilt
@@ -195,16 +202,17 @@ def _is_count_map(unknown: object) -> bool:
 
 def store(
     text: Path, sha1: str, config: DataConfig, fixed_vocab: Vocab | None, corpus: EncodedCorpus
-) -> None:
-    """Keep ``corpus`` for the next run; a cache that cannot be written is skipped, never fatal."""
+) -> str | None:
+    """Keep ``corpus`` for the next run. A cache that cannot be written is skipped, never fatal: the
+    returned note says so (each run would otherwise read and encode a big text again without a word)."""
     if not wants_cache(text):
-        return
+        return None
     key = _key(sha1, config, fixed_vocab)
     tokens_path, meta_path = _paths(text, key)
     dtype = next(name for name, value in _DTYPES.items() if value == corpus.tokens.dtype)
     largest = _largest_id(corpus.tokens)
     if largest is None or largest >= len(corpus.vocab):
-        return  # ids the vocabulary cannot index (a bug): not kept, and the command goes on
+        return None  # ids the vocabulary cannot index (a bug): not kept, and the command goes on
     meta = {
         "key": key,
         "text": str(text.resolve()),
@@ -219,9 +227,14 @@ def store(
         _write_tensor(tokens_path, corpus.tokens)
         meta["tokens_file"] = _identity(tokens_path)
         atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))  # last: it marks the entry whole
-    except (OSError, DrnnError):
-        return
+    except (OSError, DrnnError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        return (
+            f"the token cache in {tokens_path.parent} cannot be written ({reason}): this text is read and "
+            f"encoded again on every run (set {DATA_DIR_ENV} to a writable folder)"
+        )
     _remove_older_versions(meta_path.parent, meta["text"], sha1)
+    return None
 
 
 def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:

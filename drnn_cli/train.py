@@ -742,6 +742,7 @@ class Trainer:
             self.reporter.note(nothing_to_train(already, train, began_at, self.global_step, self.bad_evals))
         setup = (
             *self._notes,
+            *self.dataset.notes,
             *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
             *idle_setting_notes(self.config, self._planned_epochs()),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -206,6 +207,27 @@ def test_a_cache_that_cannot_be_written_is_skipped(workdir: Path, big_text: Path
     (workdir / "data" / "token-cache").write_text("not a folder")
     again = load_dataset(DataConfig(path=str(long_text), preprocess="lower"))  # a new entry it cannot store
     assert again.total_tokens == first.total_tokens and again.sha1 == first.sha1
+    assert first.notes == ()  # stored
+    # ... and says so once, or a 100 MB text would be read and encoded again every run without a word
+    cache = workdir / "data" / "token-cache"
+    assert again.notes == (
+        f"the token cache in {cache} cannot be written (File exists): this text is read and encoded again "
+        "on every run (set DRNN_DATA_DIR to a writable folder)",
+    )
+
+
+def test_drnn_train_and_data_say_when_the_token_cache_cannot_be_written(workdir: Path, big_text: Path, cli):
+    (workdir / "data").mkdir(exist_ok=True)
+    (workdir / "data" / "token-cache").write_text("not a folder")
+    said = "the token cache in"
+    code, out, err = cli("data", "--config", "quick", "--set", f"data.path={big_text}")
+    assert code == 0 and said in out + err
+    overrides = ["--set", f"data.path={big_text}", "--set", "train.epochs=1", "--set", "data.max_tokens=3000"]
+    code, out, err = cli("train", "--config", "quick", "--run", str(workdir / "run"), *overrides)
+    assert code == 0, err
+    assert said in " ".join((out + err).split()) and "set DRNN_DATA_DIR to a writable folder" in " ".join(
+        (out + err).split()
+    )
 
 
 def test_small_texts_are_not_cached(workdir: Path):
@@ -284,5 +306,12 @@ def test_a_killed_writers_partial_tokens_file_is_removed(workdir: Path, big_text
     live = cache / f".big-0123456789abcdef0123.tokens.{os.getpid()}.part"
     dead.write_bytes(b"\0" * 4096)
     live.write_bytes(b"\0" * 4096)
+    # an entry's JSON is written through a .NAME.json.XXXX.tmp in milliseconds: one an hour old is a
+    # killed writer's, one from now may be a live one's
+    abandoned, fresh = cache / ".big-0123.json.a1b2c3.tmp", cache / ".big-4567.json.d4e5f6.tmp"
+    abandoned.write_text("{")
+    fresh.write_text("{")
+    os.utime(abandoned, (time.time() - 3700, time.time() - 3700))
     load_dataset(DataConfig(path=str(big_text), preprocess="none"))
     assert not dead.exists() and live.exists()
+    assert not abandoned.exists() and fresh.exists()

@@ -17,6 +17,7 @@ from drnn_cli.files import atomic_write_bytes
 from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, visible_char
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
+MAX_UNITS = 64  # heatmap rows: --top 2000 drew a PNG 70,000 pixels tall
 _MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 
 
@@ -27,6 +28,11 @@ def _label(char: str) -> str:
 def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
     """Write the PNG; returns the characters of the axis labels its font has no glyph for (drawn as
     boxes), in text order, for one note instead of matplotlib's two warnings per character."""
+    if len(inspection.units) > MAX_UNITS:
+        raise DrnnError(
+            f"--png draws at most {MAX_UNITS} units and this asks for {len(inspection.units):,}; choose fewer "
+            "with --top or --units (--html and --json show any number)"
+        )
     try:
         import matplotlib
 

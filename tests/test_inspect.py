@@ -493,6 +493,51 @@ def test_a_text_longer_than_the_cap_is_refused_in_one_line(cli, tiny_run: Path, 
     )
 
 
+def test_a_huge_file_is_refused_before_it_is_read(cli, tiny_run: Path, tmp_path: Path, monkeypatch):
+    huge = tmp_path / "huge.txt"
+    with huge.open("wb") as handle:  # sparse: 17 MiB on paper, nothing on disk
+        handle.truncate(17 << 20)
+    monkeypatch.setattr(
+        "drnn_cli.introspect.read_token_stream",
+        lambda *_: pytest.fail("the file was read before the size check"),
+    )
+    code, _, err = cli("inspect", "--file", str(huge), "--run", str(tiny_run))
+    assert err == (
+        f"drnn: error: --file {huge} holds 17 MiB and drnn inspect reads at most {MAX_CHARS:,} characters; "
+        "give it an excerpt (head -c 20000 FILE > excerpt.txt)\n"
+    )
+    assert code == 1
+
+
+def test_a_png_of_more_units_than_it_can_draw_is_refused_and_nothing_is_written(
+    cli, tiny_run: Path, tmp_path: Path
+):
+    """--top 2000 drew a PNG 70,000 pixels tall; the tiny run's 32 units pass at --top 32, and 65
+    through a model of 80 units is refused (the page is not written either)."""
+    from drnn_cli.inspect_plot import MAX_UNITS, write_inspection_plot
+
+    picture, page = tmp_path / "x.png", tmp_path / "x.html"
+    code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--top", "32", "--png", str(picture))
+    assert code == 0 and picture.read_bytes()[:4] == b"\x89PNG", err
+    vocab = Vocab(["<unk>", "a", "b", "c"])
+    model = build_model(len(vocab), ModelConfig(hidden_size=80, num_layers=1), seed=0).eval()
+    wide = inspect_text(
+        model,
+        vocab,
+        DataConfig(preprocess="none"),
+        InspectRequest(text="abcab", top=MAX_UNITS + 1),
+        torch.device("cpu"),
+    )
+    assert len(wide.units) == MAX_UNITS + 1
+    with pytest.raises(DrnnError) as refused:
+        write_inspection_plot(wide, page)
+    assert str(refused.value) == (
+        "--png draws at most 64 units and this asks for 65; choose fewer with --top or --units (--html and "
+        "--json show any number)"
+    )
+    assert not page.exists()
+
+
 def test_cell_signal_needs_an_lstm():
     model = small_model("gru", "tanh", "torch")
     with pytest.raises(

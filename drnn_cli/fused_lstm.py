@@ -37,6 +37,8 @@ Mode = Literal["persistent", "stepwise"]
 SPIN_LIMIT = 2_000_000  # polls of the arrival flags before a program gives up (~1 s, not a hang)
 LAUNCH_ENV = "DRNN_FUSED_LAUNCH"  # the plan's variants, for measuring them end to end (README "Environment")
 LAUNCH_WORDS = {"resident": "resident", "counter": "counter_barrier", "tf32": "tf32"}
+RESIDENT_BYTES = 128 << 10  # a resident W_hh's share of a Hopper multiprocessor's 227 KiB (fp32: 160 KiB
+# in all at hidden 512, 16 units, compiled for sm_90; 320 KiB at 1024 does not fit)
 
 
 def interpreting() -> bool:
@@ -158,11 +160,18 @@ def launch_from_environment(asked: str, launch: Launch, batch: int, hidden: int,
                 f"{LAUNCH_ENV}: unknown word {word!r}; use a comma-separated list of "
                 f"{', '.join(LAUNCH_WORDS)} and a tile such as 16x32"
             )
-    if fields.get("resident"):
+    launch = replace(launch, **fields)
+    if launch.resident:
         if hidden & (hidden - 1):
             raise DrnnError(f"{LAUNCH_ENV} resident needs model.hidden_size a power of two, not {hidden}")
-        fields["block_k"] = hidden
-    launch = replace(launch, **fields)
+        weights = 4 * hidden * launch.block_h * 4  # the four gates' fp32 tiles, in shared memory
+        if weights > RESIDENT_BYTES:
+            raise DrnnError(
+                f"{LAUNCH_ENV} resident keeps {weights >> 10} KiB of W_hh per program at hidden {hidden} and "
+                f"{launch.block_h} units a program, more than a multiprocessor's shared memory holds beside "
+                "the rest; use a tile of fewer units, or leave out resident"
+            )
+        launch = replace(launch, block_k=hidden)
     if launch.persistent and launch.programs > slots:
         raise DrnnError(
             f"{LAUNCH_ENV}: {launch.programs} programs of {launch.block_b}x{launch.block_h} do not fit "

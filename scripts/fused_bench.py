@@ -229,17 +229,15 @@ def tile_rows(iterations: int, slots: int) -> Iterator[tuple[dict[str, Any], boo
     for dtype_name, dtype in (DTYPES[1], DTYPES[0]):
         for tf32 in (False, True) if dtype == torch.float32 else (False,):
             torch.backends.cudnn.allow_tf32 = tf32
-            row: dict[str, Any] = {
-                "dtype": dtype_name,
-                "tile": "cudnn" + (" tf32" if tf32 else ""),
-                "warps": 0,
-            }
-            row["programs"] = 0
-            row["fused-graph"] = round(
-                time_us(cudnn_runner(batch, steps, hidden, dtype), iterations, graph=True), 1
-            )
-            row["barrier-timeout"] = False
-            torch.backends.cudnn.allow_tf32 = False
+            row: dict[str, Any] = {"dtype": dtype_name, "tile": "cudnn" + (" tf32" if tf32 else "")}
+            row |= {"warps": 0, "programs": 0, "barrier-timeout": False}
+            try:
+                runner = cudnn_runner(batch, steps, hidden, dtype)
+                row["fused-graph"] = round(time_us(runner, iterations, graph=True), 1)
+            except Exception as problem:  # the Triton rows still run
+                row["fused-graph"] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
+            finally:
+                torch.backends.cudnn.allow_tf32 = False
             yield row, False
         for name, launch in variant_launches(slots):
             if launch.tf32 and dtype != torch.float32:
@@ -251,9 +249,10 @@ def tile_rows(iterations: int, slots: int) -> Iterator[tuple[dict[str, Any], boo
                 row["fused-graph"] = round(time_us(run, iterations, graph=True), 1)
                 row["barrier-timeout"] = bool(int(error))
                 failed = row["barrier-timeout"]
-            except Exception as problem:  # a variant the device refuses (resources) is a finding, not the end
+            except Exception as problem:
                 row["fused-graph"] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
-                failed = False
+                # a variant the device has too few resources for is a finding; anything else is a failure
+                failed = type(problem).__name__ != "OutOfResources"
             yield row, failed
 
 
@@ -291,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
             tiles.append(row)
             failed |= row_failed
             emit(row)
-        timed = [row for row in tiles if isinstance(row["fused-graph"], float)]
-        return 1 if failed or not timed else 0  # a refused tile is a finding; none timed is a failure
+        timed = [row for row in tiles if isinstance(row["fused-graph"], float) and row["programs"]]
+        return (
+            1 if failed or not timed else 0
+        )  # a refused variant is a finding; no Triton row timed, a failure
     for row, row_failed in stack_rows(args.iterations):  # first: the question the next step hangs on
         stack.append(row)
         failed |= row_failed

@@ -501,19 +501,23 @@ def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
     variant: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The variants scripts/fused_bench.py --sweep-tiles times, at the seed shape with 32 programs
-    resident at once: the counter barrier is only proven where programs run concurrently. A resident
-    W_hh takes one K tile as wide as the layer. IEEE products as above (1e-4); TF32's 10-bit mantissas
-    over 35 steps, 2e-2."""
-    real_plan = fused_lstm.plan_launch
-    launched: list[fused_lstm.Launch] = []
+    resident at once (a barrier is only exercised where programs run concurrently). A resident W_hh
+    takes one K tile as wide as the layer. IEEE products as above (1e-4); TF32's 10-bit mantissas over
+    35 steps stay within 2e-2 (4e-3 worst, emulated on a CPU) but must differ from the IEEE result."""
+    real_plan, real_constants = fused_lstm.plan_launch, fused_lstm.kernel_constants
+    compiled: list[dict] = []
 
     def forced(batch: int, hidden: int, slots: int, _: object = None) -> fused_lstm.Launch:
         planned = real_plan(batch, hidden, slots, "persistent")
         wide = {"block_k": hidden} if variant.get("resident") else {}
-        launched.append(dataclasses.replace(planned, **variant, **wide))
-        return launched[-1]
+        return dataclasses.replace(planned, **variant, **wide)
+
+    def recorded(launch: fused_lstm.Launch, fp32_products: bool) -> dict:
+        compiled.append(real_constants(launch, fp32_products))
+        return compiled[-1]
 
     monkeypatch.setattr(fused_lstm, "plan_launch", forced)
+    monkeypatch.setattr(fused_lstm, "kernel_constants", recorded)  # what the kernels were launched with
     fused, reference = (module.to(CUDA) for module in _pair(256, inputs=28))
     torch.manual_seed(1)
     steps, batch, layers = 35, 32, 2
@@ -525,6 +529,46 @@ def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
     tolerance = 2e-2 if variant.get("tf32") else 1e-4
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance, msg=name)
-    assert len(launched) == layers and launched[0].programs == 32
-    assert all(getattr(launch, key) for launch in launched for key in variant)
+    if variant.get("tf32"):
+        assert (got["out"] - want["out"]).abs().max() > 1e-5  # TF32 really rounded the products
+    assert len(compiled) == 2 * layers  # forward and backward of each layer
+    expected = {"RESIDENT": bool(variant.get("resident")), "COUNTER": bool(variant.get("counter_barrier"))}
+    expected |= {"PRECISION": "tf32" if variant.get("tf32") else "ieee", "NUM_PROGRAMS": 32}
+    assert all({key: constants[key] for key in expected} == expected for constants in compiled), compiled
     assert int(fused.barrier_error) == 0
+
+
+def test_the_counter_barrier_counts_each_program_once_per_timestep() -> None:
+    """Each of the 32 programs adds one to the counter per timestep (a scalar atomic runs on one thread
+    of the program): after 35 steps it holds 35 × 32. Were every thread to add, the barrier would open
+    before its programs had arrived, which equal results need not show."""
+    kernels = fused_lstm._kernels()
+    steps, batch, hidden = 35, 32, 256
+    planned = fused_lstm.plan_launch(batch, hidden, fused_lstm.device_slots(CUDA), "persistent")
+    launch = dataclasses.replace(planned, counter_barrier=True)
+    torch.manual_seed(0)
+    xg = torch.randn(steps, batch, 4 * hidden, device=CUDA)
+    w_hh = torch.randn(4 * hidden, hidden, device=CUDA) / hidden**0.5
+    hs = torch.zeros(steps + 1, batch, hidden, device=CUDA)
+    cs = torch.zeros_like(hs)
+    act = torch.empty_like(xg)
+    flags = torch.zeros(launch.programs, device=CUDA, dtype=torch.int32)
+    error = torch.zeros((), device=CUDA, dtype=torch.int32)
+    args = fused_lstm._launch_args(launch, fused_lstm.SPIN_LIMIT, w_hh)
+    kernels.forward[launch.grid](xg, w_hh, hs, cs, act, flags, error, 0, steps, batch, hidden, **args)
+    torch.cuda.synchronize()
+    assert (int(flags[0]), int(error), launch.programs) == (steps * 32, 0, 32)
+
+
+def test_auto_keeps_fp16_through_the_scratch_cells_eager(
+    workdir: Path, corpus_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 under a graph ran on a GPU with impl torch only: auto captures that, and keeps fp16 through
+    the scratch cells eager (on still captures it)."""
+    captures = count_captures(monkeypatch)
+    for impl, expected in (("torch", True), ("scratch", False)):
+        config = tiny_config(corpus_path, "train.precision=fp16", f"model.impl={impl}", "train.epochs=1")
+        path = write_yaml(workdir / f"{impl}.yaml", config)
+        before = len(captures)
+        train_run(TrainRequest(config_path=path, run_dir=workdir / "runs" / impl, device="cuda"))
+        assert (len(captures) > before) == expected, impl

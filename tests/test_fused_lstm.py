@@ -132,15 +132,19 @@ def _reference_layer(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh:
 
 @needs_interpreter
 @pytest.mark.parametrize(
-    ("resident", "counter_barrier"),
-    [(True, False), (False, True), (True, True)],
-    ids=["resident", "counter", "both"],
+    ("resident", "counter_barrier", "block_h", "persistent"),
+    [(True, False, 32, True), (False, True, 32, True), (True, True, 32, True), (True, False, 16, False)],
+    ids=["resident", "counter", "both", "resident-two-programs"],
 )
-def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(resident, counter_barrier):
+def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(
+    resident, counter_barrier, block_h, persistent
+):
     """The variants scripts/fused_bench.py --sweep-tiles times against the plan: W_hh read once before
     the time loop (one 32-wide K tile, so forward and backward are one product per gate), and the
     barrier through one counter. Against the recurrence written out in float64: outputs, final
-    state, and the gradients of all four inputs."""
+    state, and the gradients of all four inputs. Two programs of 16 units each (launched per
+    timestep: the interpreter runs programs one after another) prove each reads its own units' rows
+    of W_hh, which one program holding all 32 cannot."""
     torch.manual_seed(5)
     steps, batch, hidden = 4, 5, 32
     inputs = [
@@ -152,10 +156,10 @@ def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(resident,
     probes = [torch.randn(steps, batch, hidden), torch.randn(batch, hidden), torch.randn(batch, hidden)]
     launch = fused_lstm.Launch(
         block_b=16,
-        block_h=32,
+        block_h=block_h,
         block_k=32,
-        grid=(1, 1),
-        persistent=True,
+        grid=(hidden // block_h, 1),
+        persistent=persistent,
         resident=resident,
         counter_barrier=counter_barrier,
     )
@@ -209,6 +213,14 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
         ),
         ("resident", 48, 132, "DRNN_FUSED_LAUNCH resident needs model.hidden_size a power of two, not 48"),
         (
+            "resident,16x32",
+            512,
+            132,
+            "DRNN_FUSED_LAUNCH resident keeps 256 KiB of W_hh per program at hidden 512 and 32 units a program, "
+            "more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer units, or "
+            "leave out resident",
+        ),
+        (
             "16x16",
             256,
             20,
@@ -243,14 +255,45 @@ def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_ls
     ] * 2
 
 
-def test_a_resident_w_hh_needs_one_k_tile_as_wide_as_the_layer():
+@pytest.mark.parametrize(("hidden", "block_k"), [(32, 16), (48, 48)], ids=["narrow-k", "not-a-power-of-two"])
+def test_a_resident_w_hh_needs_one_k_tile_as_wide_as_the_layer(hidden, block_k):
     launch = fused_lstm.Launch(
-        block_b=16, block_h=16, block_k=16, grid=(2, 1), persistent=True, resident=True
+        block_b=16, block_h=16, block_k=block_k, grid=(2, 1), persistent=True, resident=True
     )
-    with pytest.raises(ValueError, match="block_k = hidden_size"):
+    with pytest.raises(ValueError, match="block_k = hidden_size, a power of two"):
         fused_lstm.fused_lstm_layer(
-            torch.zeros(2, 1, 128), torch.zeros(1, 32), torch.zeros(1, 32), torch.zeros(128, 32), launch
+            torch.zeros(2, 1, 4 * hidden),
+            torch.zeros(1, hidden),
+            torch.zeros(1, hidden),
+            torch.zeros(4 * hidden, hidden),
+            launch,
         )
+
+
+def test_the_kernels_are_compiled_as_the_launch_asks():
+    """fp32 products are IEEE unless the launch asks for TF32; half precision operands run on the tensor
+    cores either way (the setting only matters for fp32); the variants reach the kernels as constants."""
+    plain = fused_lstm.Launch(16, 16, 64, (16, 2), True)
+    variant = fused_lstm.Launch(16, 16, 256, (16, 2), True, resident=True, counter_barrier=True, tf32=True)
+    assert fused_lstm.kernel_constants(plain, True) == {
+        "BLOCK_B": 16,
+        "BLOCK_H": 16,
+        "BLOCK_K": 64,
+        "PERSISTENT": True,
+        "NUM_PROGRAMS": 32,
+        "FLAGS": 32,
+        "PRECISION": "ieee",
+        "RESIDENT": False,
+        "COUNTER": False,
+    }
+    assert fused_lstm.kernel_constants(plain, False)["PRECISION"] == "tf32"
+    constants = fused_lstm.kernel_constants(variant, True)
+    assert (constants["PRECISION"], constants["RESIDENT"], constants["COUNTER"], constants["BLOCK_K"]) == (
+        "tf32",
+        True,
+        True,
+        256,
+    )
 
 
 @needs_interpreter

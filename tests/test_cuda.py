@@ -460,6 +460,19 @@ def test_compiled_scratch_cells_inside_the_graph_train_as_the_plain_cells(
     assert results["compiled-graph"].val_ppl == pytest.approx(results["plain"].val_ppl, rel=1e-4)
 
 
+def seed_stack_against_cudnn() -> tuple[torch.nn.Module, dict, dict]:
+    """The seed stack (2×256, one-hot 28 wide, batch 32, 35 steps) through the fused kernels as planned
+    and through nn.LSTM from the same weights: (fused module, its results, cuDNN's); see ``_run``."""
+    fused, reference = (module.to(CUDA) for module in _pair(256, inputs=28))
+    torch.manual_seed(1)
+    steps, batch, layers = 35, 32, 2
+    x = torch.randn(steps, batch, 28, device=CUDA)
+    h0 = torch.randn(layers, batch, 256, device=CUDA)
+    c0 = torch.randn(layers, batch, 256, device=CUDA)
+    probes = tuple(torch.randn(shape, device=CUDA) for shape in ((steps, batch, 256), h0.shape, c0.shape))
+    return fused, _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
+
+
 @pytest.mark.parametrize("mode", ["persistent", "stepwise"])
 def test_fused_kernels_equal_nn_lstm_on_the_gpu(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The seed shape (2×256, batch 32, 35 steps): outputs, final state and every gradient as
@@ -473,17 +486,10 @@ def test_fused_kernels_equal_nn_lstm_on_the_gpu(mode: str, monkeypatch: pytest.M
         return real_plan(batch, hidden, slots, mode)
 
     monkeypatch.setattr(fused_lstm, "plan_launch", forced)
-    fused, reference = (module.to(CUDA) for module in _pair(256, inputs=28))
-    torch.manual_seed(1)
-    steps, batch, layers = 35, 32, 2
-    x = torch.randn(steps, batch, 28, device=CUDA)
-    h0 = torch.randn(layers, batch, 256, device=CUDA)
-    c0 = torch.randn(layers, batch, 256, device=CUDA)
-    probes = tuple(torch.randn(shape, device=CUDA) for shape in ((steps, batch, 256), h0.shape, c0.shape))
-    got, want = _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
+    fused, got, want = seed_stack_against_cudnn()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
-    assert launched == [batch] * layers  # the kernels ran, not the scratch cells' fallback
+    assert launched == [32, 32]  # both layers ran the kernels, not the scratch cells' fallback
     assert int(fused.barrier_error) == 0
 
 
@@ -518,20 +524,13 @@ def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
 
     monkeypatch.setattr(fused_lstm, "plan_launch", forced)
     monkeypatch.setattr(fused_lstm, "kernel_constants", recorded)  # what the kernels were launched with
-    fused, reference = (module.to(CUDA) for module in _pair(256, inputs=28))
-    torch.manual_seed(1)
-    steps, batch, layers = 35, 32, 2
-    x = torch.randn(steps, batch, 28, device=CUDA)
-    h0 = torch.randn(layers, batch, 256, device=CUDA)
-    c0 = torch.randn(layers, batch, 256, device=CUDA)
-    probes = tuple(torch.randn(shape, device=CUDA) for shape in ((steps, batch, 256), h0.shape, c0.shape))
-    got, want = _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
+    fused, got, want = seed_stack_against_cudnn()
     tolerance = 2e-2 if variant.get("tf32") else 1e-4
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance, msg=name)
     if variant.get("tf32"):
         assert (got["out"] - want["out"]).abs().max() > 1e-5  # TF32 really rounded the products
-    assert len(compiled) == 2 * layers  # forward and backward of each layer
+    assert len(compiled) == 4  # forward and backward of each of the two layers
     expected = {"RESIDENT": bool(variant.get("resident")), "COUNTER": bool(variant.get("counter_barrier"))}
     expected |= {"PRECISION": "tf32" if variant.get("tf32") else "ieee", "NUM_PROGRAMS": 32}
     assert all({key: constants[key] for key in expected} == expected for constants in compiled), compiled

@@ -37,6 +37,9 @@ Mode = Literal["persistent", "stepwise"]
 SPIN_LIMIT = 2_000_000  # polls of the arrival flags before a program gives up (~1 s, not a hang)
 LAUNCH_ENV = "DRNN_FUSED_LAUNCH"  # the plan's variants, for measuring them end to end (README "Environment")
 LAUNCH_WORDS = {"resident": "resident", "counter": "counter_barrier", "tf32": "tf32"}
+# A tile's sides as the plan and the sweep cut them: tl.arange takes powers of two only, and past 64
+# the kernel's registers and shared memory were never sized (32 × 128 overflows shared memory in fp32).
+LAUNCH_TILE_SIDES = {"16": 16, "32": 32, "64": 64}
 RESIDENT_BYTES = 128 << 10  # a resident W_hh's share of a Hopper multiprocessor's 227 KiB (fp32: 160 KiB
 # in all at hidden 512, 16 units, compiled for sm_90; 320 KiB at 1024 does not fit)
 
@@ -141,15 +144,20 @@ def launch_from_environment(asked: str, launch: Launch, batch: int, hidden: int,
     times one layer at a time, for measuring one in whole training steps; a word it does not know, or
     a variant this layer cannot take, is a one-line error."""
     fields: dict[str, Any] = {}
+    tiles: list[str] = []
     for word in (part.strip().lower() for part in asked.split(",") if part.strip()):
         tile = re.fullmatch(r"(\d+)x(\d+)", word)
         if word in LAUNCH_WORDS:
             fields[LAUNCH_WORDS[word]] = True
         elif tile:
-            block_b, block_h = int(tile.group(1)), int(tile.group(2))
-            if block_b % 16 or block_h % 16 or not block_b or not block_h or hidden % block_h:
+            tiles.append(word)
+            if len(tiles) > 1:
+                raise DrnnError(f"{LAUNCH_ENV}: two tiles, {tiles[0]} and {word}; give one")
+            # looked up, not int(): that reads "１６" as 16, and 5,000 digits raise a ValueError
+            block_b, block_h = (LAUNCH_TILE_SIDES.get(side, 0) for side in tile.groups())
+            if not block_b or not block_h or hidden % block_h:
                 raise DrnnError(
-                    f"{LAUNCH_ENV} tile {word}: rows and units must be multiples of 16, and the units "
+                    f"{LAUNCH_ENV} tile {word}: rows and units must each be 16, 32 or 64, and the units "
                     f"must divide model.hidden_size {hidden}"
                 )
             grid = (hidden // block_h, -(-batch // block_b))

@@ -208,7 +208,7 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
             "16x48",
             256,
             132,
-            "DRNN_FUSED_LAUNCH tile 16x48: rows and units must be multiples of 16, and the "
+            "DRNN_FUSED_LAUNCH tile 16x48: rows and units must each be 16, 32 or 64, and the "
             "units must divide model.hidden_size 256",
         ),
         ("resident", 48, 132, "DRNN_FUSED_LAUNCH resident needs model.hidden_size a power of two, not 48"),
@@ -231,6 +231,34 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
         with pytest.raises(DrnnError) as refused:
             fused_lstm.plan_launch(32, hidden, slots)
         assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    "tile",
+    [
+        "48x16",  # tl.arange takes powers of two only: Triton failed inside the first training step
+        "16x48",
+        "1024x16",  # past the plan's 64: registers and shared memory the kernel was never sized for
+        "\uff11\uff16x16",  # full-width digits, which \\d and int() read as 16
+        "1" * 5000 + "x16",  # int() refuses 4,300 digits with a ValueError (a traceback)
+    ],
+)
+def test_drnn_fused_launch_takes_only_the_tiles_the_kernel_is_built_for(monkeypatch, tile):
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", tile)
+    with pytest.raises(DrnnError) as refused:
+        fused_lstm.plan_launch(32, 768, 132)
+    assert str(refused.value) == (
+        f"DRNN_FUSED_LAUNCH tile {tile}: rows and units must each be 16, 32 or 64, and the units must "
+        "divide model.hidden_size 768"
+    )
+
+
+def test_drnn_fused_launch_takes_one_tile(monkeypatch):
+    """Two tiles were taken as the last one, without a word."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "16x16,32x32")
+    with pytest.raises(DrnnError) as refused:
+        fused_lstm.plan_launch(32, 256, 132)
+    assert str(refused.value) == "DRNN_FUSED_LAUNCH: two tiles, 16x16 and 32x32; give one"
 
 
 @needs_interpreter

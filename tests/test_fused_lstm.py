@@ -432,6 +432,19 @@ def test_drnn_train_with_impl_fused_on_a_cpu_says_it_steps_the_scratch_cells(wor
     assert "note: model.impl fused runs Triton kernels on CUDA; on cpu it steps the scratch cells" in said
 
 
+@needs_interpreter
+def test_drnn_train_refuses_a_drnn_fused_launch_it_cannot_run_before_writing_the_run(
+    workdir, cli, monkeypatch
+):
+    """The plan was first made inside the first training step: the error came after the run's
+    config.yaml, vocab.json and an empty metrics.jsonl were written."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "fast")
+    config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
+    code, out, err = cli("train", "--config", str(config), "--set", "model.impl=fused", "--run", "runs/x")
+    assert_one_line_error(code, err, "DRNN_FUSED_LAUNCH: unknown word 'fast'")
+    assert out == "" and not (workdir / "runs").exists()
+
+
 @pytest.mark.skipif(not fused_lstm.triton_available(), reason="Triton is not installed")
 def test_every_planned_kernel_compiles_for_an_h100_without_one():
     """Triton compiles for a named target with no device present: forward and backward, fp32 and

@@ -228,13 +228,27 @@ def store(
         meta["tokens_file"] = _identity(tokens_path)
         atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))  # last: it marks the entry whole
     except (OSError, DrnnError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        with contextlib.suppress(OSError):
+            tokens_path.unlink(missing_ok=True)  # as large as the text, and no entry without its JSON
         return (
-            f"the token cache in {tokens_path.parent} cannot be written ({reason}): this text is read and "
-            f"encoded again on every run (set {DATA_DIR_ENV} to a writable folder)"
+            f"the token cache in {tokens_path.parent} cannot be written ({_reason(error, tokens_path.parent)}): "
+            f"this text is read and encoded again on every run (set {DATA_DIR_ENV} to a writable folder)"
         )
     _remove_older_versions(meta_path.parent, meta["text"], sha1)
     return None
+
+
+def _reason(error: OSError | DrnnError, directory: Path) -> str:
+    """Why the cache could not be written: a file where its folder should be, named as that (mkdir
+    says "File exists" or "Not a directory"), else the OS's words (atomic_write_text's DrnnError
+    carries them in the OSError it was raised from)."""
+    in_the_way = next(  # os.path's: Path.exists raises PermissionError, which this is not to end on
+        (p for p in (directory, *directory.parents) if os.path.exists(p) and not os.path.isdir(p)), None
+    )
+    if in_the_way is not None:
+        return f"{in_the_way} is a file, not a folder"
+    cause = error if isinstance(error, OSError) else error.__context__
+    return cause.strerror if isinstance(cause, OSError) and cause.strerror else str(error)
 
 
 def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:

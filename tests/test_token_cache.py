@@ -211,9 +211,27 @@ def test_a_cache_that_cannot_be_written_is_skipped(workdir: Path, big_text: Path
     # ... and says so once, or a 100 MB text would be read and encoded again every run without a word
     cache = workdir / "data" / "token-cache"
     assert again.notes == (
-        f"the token cache in {cache} cannot be written (File exists): this text is read and encoded again "
+        f"the token cache in {cache} cannot be written ({cache} is a file, not a folder): this text is read "
+        "and encoded again on every run (set DRNN_DATA_DIR to a writable folder)",
+    )  # not mkdir's "File exists", which names no file
+
+
+def test_an_entry_whose_json_cannot_be_written_leaves_no_tokens_file(workdir: Path, big_text: Path):
+    """The tokens file is written first, as large as the text: without its JSON it is no entry, and
+    was left for good (a disk that fills up between the two leaves it full)."""
+    config = DataConfig(path=str(big_text), preprocess="none")
+    load_dataset(config)
+    (meta,) = entries(workdir)
+    meta.unlink()
+    meta.with_suffix(".tokens").unlink()
+    meta.mkdir()  # the JSON's rename fails as on a full disk, after the tokens file is written
+    again = load_dataset(config)
+    cache = workdir / "data" / "token-cache"
+    assert again.notes == (
+        f"the token cache in {cache} cannot be written (Is a directory): this text is read and encoded again "
         "on every run (set DRNN_DATA_DIR to a writable folder)",
-    )
+    )  # the OS's words once, not "(cannot write ….json: Is a directory)" inside "cannot be written"
+    assert sorted(path.suffix for path in cache.iterdir()) == [".json", ".sha1"]  # the folder, the hash
 
 
 def test_drnn_train_and_data_say_when_the_token_cache_cannot_be_written(workdir: Path, big_text: Path, cli):

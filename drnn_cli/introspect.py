@@ -360,8 +360,8 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
         size = request.file.stat().st_size
         if size > MAX_FILE_BYTES:  # read whole, then refused past MAX_CHARS: not worth reading at all
             raise DrnnError(
-                f"--file {request.file} holds {size / 2**20:,.0f} MiB and drnn inspect reads at most "
-                f"{MAX_CHARS:,} characters; give it an excerpt (head -c 20000 FILE > excerpt.txt)"
+                f"--file {request.file} holds {size:,} bytes, more than drnn inspect's {MAX_FILE_BYTES:,} (it "
+                f"shows at most {MAX_CHARS:,} characters); give it an excerpt, e.g. head -n 200 FILE > excerpt.txt"
             )
         chars = list(read_token_stream(request.file, data, "--file"))
         source = str(request.file)

@@ -503,8 +503,8 @@ def test_a_huge_file_is_refused_before_it_is_read(cli, tiny_run: Path, tmp_path:
     )
     code, _, err = cli("inspect", "--file", str(huge), "--run", str(tiny_run))
     assert err == (
-        f"drnn: error: --file {huge} holds 17 MiB and drnn inspect reads at most {MAX_CHARS:,} characters; "
-        "give it an excerpt (head -c 20000 FILE > excerpt.txt)\n"
+        f"drnn: error: --file {huge} holds 17,825,792 bytes, more than drnn inspect's 16,777,216 (it shows "
+        f"at most {MAX_CHARS:,} characters); give it an excerpt, e.g. head -n 200 FILE > excerpt.txt\n"
     )
     assert code == 1
 

@@ -57,7 +57,8 @@ class DataConfig(_Section):
     )
     preprocess: Literal["d2l", "letters", "lower", "none"] = Field(
         "d2l",
-        description="d2l: letters only, lower-cased, lines glued; letters: same, lines joined by spaces",
+        description="d2l: letters only, lower-cased, lines glued; letters: same, lines joined by spaces; "
+        "lower: every character, lower-cased; none: the text as it is",
     )
     token: Literal["char", "word"] = Field(
         "char", description="character or whitespace-separated word tokens"
@@ -250,12 +251,12 @@ class TrainConfig(_Section):
         default_factory=lambda: ["time traveller", "traveller"], description="prefixes sampled while training"
     )
     sample_chars: int = Field(50, ge=0, le=10_000, description="tokens generated per sample")
-    eval_every: int | str = Field(1, description="validation perplexity every N epochs or 'N steps'")
+    eval_every: int | str = Field(1, description="validation perplexity every N ≥ 1 epochs or 'N steps'")
     patience: int = Field(
         0, ge=0, le=MAX_COUNT, description="stop after N evaluations without improvement (0 = off)"
     )
     checkpoint_every: int | str = Field(
-        10, description="write the 'last' checkpoint every N epochs or 'N steps'"
+        10, description="write the 'last' checkpoint every N ≥ 1 epochs or 'N steps'"
     )
     log_every: int | str = Field(
         0, description="plain-text progress line every N epochs or 'N steps' (0 = auto: about 25 lines a run)"
@@ -264,7 +265,7 @@ class TrainConfig(_Section):
         0, ge=0, le=MAX_COUNT, description="stop after N optimizer steps in all (0 = no limit)"
     )
     max_time: float = Field(
-        0.0, description="stop after this much training time: 90s, 10m, 2h (0 = no limit)"
+        0.0, description="stop after this much training time: seconds, or 90s, 10m, 2h (0 = no limit)"
     )
     eval_tokens: int = Field(
         0,

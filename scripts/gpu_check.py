@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,10 @@ FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, b
 # the scratch cells' written-out backward pass, compiled), for a call too short for the whole benchmark.
 BENCH_STEPS = ("bench", "bench-compiled", "bench-open", "bench-fused-variant")
 # the fused kernel's variants (drnn_cli/fused_lstm.py, DRNN_FUSED_LAUNCH) in whole training steps, for
-# the benchmark step that times them: its configurations are reported as "NAME [FUSED_VARIANT]"
+# the benchmark step that times them: the fused-tiles step's fastest bf16 variant when that step ran
+# (best_variant), else this one; its configurations are reported as "NAME [VARIANT]"
 FUSED_VARIANT = "resident,counter,tf32"
+VARIANT_WORDS = ("resident", "counter", "tf32")  # what DRNN_FUSED_LAUNCH takes besides a tile
 OPEN_CONFIGS = (
     "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,compiled-lstm-seed"
 )
@@ -237,8 +239,8 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         ),
         Step(
             "bench-fused-variant",
-            f"scripts/bench.py, impl fused with DRNN_FUSED_LAUNCH={FUSED_VARIANT} (W_hh resident, one-counter "
-            "barrier, TF32 products in fp32): the sweep's variants in whole training steps",
+            f"scripts/bench.py, impl fused with DRNN_FUSED_LAUNCH: the fused-tiles step's fastest bf16 variant "
+            f"(else {FUSED_VARIANT}), TF32 for fp32, in whole training steps",
             [*bench, "--configs", "fused-lstm-seed,fused-lstm-seed-bf16"],
             90,
             env={"DRNN_FUSED_LAUNCH": FUSED_VARIANT},
@@ -503,9 +505,28 @@ def bench_configs(results: dict[str, StepResult]) -> dict[str, Any]:
     for name in BENCH_STEPS:
         step = results.get(name)
         measured = (step.data.get("json") or {}).get("configs", {}) if step else {}
-        suffix = f" [{FUSED_VARIANT}]" if name == "bench-fused-variant" else ""
+        suffix = (
+            f" [{step.data.get('variant', FUSED_VARIANT)}]" if step and name == "bench-fused-variant" else ""
+        )
         configs.update((config + suffix, entry) for config, entry in measured.items())
     return configs
+
+
+def best_variant(tiles: StepResult | None) -> str | None:
+    """DRNN_FUSED_LAUNCH for the fastest Triton row of the fused-tiles step in bf16 (the half precision
+    the 15× aim is set in), with TF32 for the fp32 configuration; None when no such row was timed.
+    A row's name is its tile then its words ("16x32 resident counter 8w"): warps and "wide-k" have no
+    word (the tile decides the warps; resident implies a K tile as wide as the layer)."""
+    rows = ((tiles.data.get("json") or {}).get("tiles") or []) if tiles else []
+    timed = [
+        row
+        for row in rows
+        if row.get("dtype") == "bf16" and row.get("programs") and isinstance(row.get("fused-graph"), float)
+    ]
+    if not timed:
+        return None
+    tile, *words = min(timed, key=lambda row: row["fused-graph"])["tile"].split()
+    return ",".join([tile, *(word for word in VARIANT_WORDS if word in words and word != "tf32"), "tf32"])
 
 
 def bench_entry(results: dict[str, StepResult], name: str) -> dict[str, Any] | None:
@@ -868,8 +889,13 @@ def main(argv: list[str] | None = None) -> int:
             # drnn prints the traceback behind a one-line error (a failed capture or compilation) into
             # log.txt; the test suite checks the one-line errors themselves, so not there.
             env = child_env if step.name == "tests" else {**child_env, "DRNN_DEBUG": "1"}
+            variant = best_variant(results.get("fused-tiles")) if step.name == "bench-fused-variant" else None
+            if variant:  # the sweep's winner, measured in whole training steps
+                step = replace(step, env={**step.env, "DRNN_FUSED_LAUNCH": variant})
             result, out, err = run_step(step, min(step.limit_s, left), env, log)
             interpret(step, result, out, runs, err)
+            if step.name == "bench-fused-variant":
+                result.data["variant"] = step.env["DRNN_FUSED_LAUNCH"]
             results[step.name] = result
         result = results[step.name]
         print(

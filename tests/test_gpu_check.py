@@ -317,10 +317,38 @@ def test_the_fused_variant_is_measured_under_its_own_name(gpu_check) -> None:
     results = {
         "bench": Result("bench", "", "ok", data={"json": {"configs": {"fused-lstm-seed": plain}}}),
         "bench-fused-variant": Result(
-            "bench-fused-variant", "", "ok", data={"json": {"configs": {"fused-lstm-seed": variant}}}
+            "bench-fused-variant",
+            "",
+            "ok",
+            data={"json": {"configs": {"fused-lstm-seed": variant}}, "variant": "16x32,counter,tf32"},
         ),
     }
     assert gpu_check.bench_configs(results) == {
         "fused-lstm-seed": plain,
-        "fused-lstm-seed [resident,counter,tf32]": variant,
+        "fused-lstm-seed [16x32,counter,tf32]": variant,
     }
+
+
+def test_the_variant_measured_in_whole_steps_is_the_sweeps_fastest_in_bf16(gpu_check) -> None:
+    """cuDNN's rows (no programs), fp32 rows and refused variants do not count; the winner's name becomes
+    DRNN_FUSED_LAUNCH words (its warps and "wide-k" have none), with TF32 for the fp32 configuration."""
+    rows = [
+        {"dtype": "bf16", "tile": "cudnn", "programs": 0, "fused-graph": 300.0},
+        {"dtype": "bf16", "tile": "16x16 4w", "programs": 32, "fused-graph": 520.0},
+        {"dtype": "bf16", "tile": "16x32 resident counter 8w", "programs": 16, "fused-graph": 410.5},
+        {"dtype": "bf16", "tile": "16x16 resident", "programs": 32, "fused-graph": "OutOfResources: shared"},
+        {"dtype": "fp32", "tile": "16x16 counter tf32", "programs": 32, "fused-graph": 200.0},
+    ]
+    tiles = gpu_check.StepResult("fused-tiles", "", "ok", data={"json": {"tiles": rows}})
+    assert gpu_check.best_variant(tiles) == "16x32,resident,counter,tf32"
+    from drnn_cli.fused_lstm import launch_from_environment, plan_launch
+
+    launch = launch_from_environment("16x32,resident,counter,tf32", plan_launch(32, 256, 132), 32, 256, 132)
+    assert (launch.block_h, launch.resident, launch.counter_barrier, launch.tf32) == (32, True, True, True)
+    assert (
+        gpu_check.best_variant(
+            gpu_check.StepResult("fused-tiles", "", "ok", data={"json": {"tiles": rows[:1]}})
+        )
+        is None
+    )
+    assert gpu_check.best_variant(None) is None

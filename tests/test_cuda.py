@@ -325,8 +325,11 @@ def test_dropout_masks_differ_between_replays(corpus_path: Path, dropout: str) -
         # d2l §8.5's second run on d2l's own GRU: one bias per gate (bias_hh held at zero), the
         # reset gate before the product, and a zero state before every minibatch
         ("model.impl=scratch", "model.cell=gru", "model.cell_form=d2l", "train.reset_state=true"),
+        # fp16 through the scratch cells and the Triton kernels: auto keeps them eager until these pass
+        ("train.precision=fp16", "model.impl=scratch"),
+        ("train.precision=fp16", "model.impl=fused"),
     ],
-    ids=["sgd", "sgd-fp16", "adamw-per-step-schedule", "d2l-gru-reset-state"],
+    ids=["sgd", "sgd-fp16", "adamw-per-step-schedule", "d2l-gru-reset-state", "scratch-fp16", "fused-fp16"],
 )
 def test_trainer_with_cuda_graph_on_trains_as_eager(
     workdir: Path, corpus_path: Path, overrides: tuple[str, ...], monkeypatch: pytest.MonkeyPatch

@@ -25,6 +25,8 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
                    (the tile sweep's variants in whole training steps);
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
+    ``tests-cuda`` (only when ``--only`` names it) the CUDA tests with the CPU tests of the step and the
+                   fused kernels: the suite of a call too short for ``tests``;
     ``bench-open`` (last; for a short call, with ``--only``) the benchmark's configurations that decide
                    what is still open: fp16 and fp16 one call per layer under the graph, impl scratch
                    plain and compiled;
@@ -83,6 +85,10 @@ FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, b
 # scripts/bench.py runs; bench-compiled compiles (slow to start); bench-open, last in the plan, is the few
 # configurations whose figures decide what is still open (fp16 under the graph, one cuDNN call per layer,
 # the scratch cells' written-out backward pass, compiled), for a call too short for the whole benchmark.
+# The suite's steps: the whole suite, or for a short call the CUDA tests with the CPU tests of the code they
+# drive (the step and the fused kernels), which runs only when --only names it
+TEST_STEPS = ("tests", "tests-cuda")
+ONLY_WHEN_NAMED = ("tests-cuda",)
 BENCH_STEPS = ("bench", "bench-compiled", "bench-open", "bench-fused-variant")
 # the fused kernel's variants (drnn_cli/fused_lstm.py, DRNN_FUSED_LAUNCH) in whole training steps, for
 # the benchmark step that times them: the fused-tiles step's fastest bf16 variant when that step ran
@@ -187,6 +193,16 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "test suite, CUDA tests enabled",
             [sys.executable, "-m", "pytest", *pytest_args, "tests"],
             200,
+        ),
+        Step(
+            "tests-cuda",
+            "the CUDA tests with the CPU tests of the step and the fused kernels (a short call's suite; "
+            "only with --only)",
+            [
+                *(sys.executable, "-m", "pytest", *pytest_args),
+                *("tests/test_cuda.py", "tests/test_step.py", "tests/test_fused_lstm.py"),
+            ],
+            120,
         ),
         Step("lstm2", "configs/lstm2.yaml on the GPU (eager, fp32)", train("lstm2", lstm2, *eager), 120),
         Step(
@@ -461,7 +477,7 @@ def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
 
 def interpret(step: Step, result: StepResult, out: str, runs: Path, err: str = "") -> None:
     """Pull the figures each step exists for out of its output."""
-    if step.name == "tests":
+    if step.name in TEST_STEPS:
         summary = last_meaningful_line(out)
         result.data["summary"] = summary
         if result.status == "failed" and summary:
@@ -833,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         plan = [step for step in plan if step.name in args.only]
+    else:
+        plan = [step for step in plan if step.name not in ONLY_WHEN_NAMED]
     if args.dry_run:
         print(f"gpu_check plan (budget {args.budget:.0f} s, outputs in {args.outdir}):")
         for step in plan:
@@ -888,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # drnn prints the traceback behind a one-line error (a failed capture or compilation) into
             # log.txt; the test suite checks the one-line errors themselves, so not there.
-            env = child_env if step.name == "tests" else {**child_env, "DRNN_DEBUG": "1"}
+            env = child_env if step.name in TEST_STEPS else {**child_env, "DRNN_DEBUG": "1"}
             variant = best_variant(results.get("fused-tiles")) if step.name == "bench-fused-variant" else None
             if variant:  # the sweep's winner, measured in whole training steps
                 step = replace(step, env={**step.env, "DRNN_FUSED_LAUNCH": variant})

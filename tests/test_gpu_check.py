@@ -352,3 +352,23 @@ def test_the_variant_measured_in_whole_steps_is_the_sweeps_fastest_in_bf16(gpu_c
         is None
     )
     assert gpu_check.best_variant(None) is None
+
+
+def test_the_short_calls_suite_runs_only_when_named(gpu_check, tmp_path: Path, capsys) -> None:
+    """tests-cuda (the CUDA tests with the CPU tests of the code they drive) stands in for the whole
+    suite in a short call; the whole plan runs the whole suite and not this one as well."""
+    assert gpu_check.main([str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "  tests-cuda " not in capsys.readouterr().out
+    assert gpu_check.main([str(tmp_path / "out"), "--dry-run", "--only", "tests-cuda,fused-tiles"]) == 0
+    plan = capsys.readouterr().out
+    assert (
+        "  tests-cuda " in plan and "tests/test_cuda.py tests/test_step.py tests/test_fused_lstm.py" in plan
+    )
+    step = next(s for s in gpu_check.build_plan(tmp_path, tmp_path / "c.txt", 1) if s.name == "tests-cuda")
+    result = gpu_check.StepResult("tests-cuda", "", "failed")
+    gpu_check.interpret(step, result, "....F\n1 failed, 150 passed, 2 skipped in 40.00s\n", tmp_path)
+    assert (result.data["failed"], result.data["passed"], result.note) == (
+        1,
+        150,
+        "1 failed, 150 passed, 2 skipped in 40.00s",
+    )

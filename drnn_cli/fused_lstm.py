@@ -131,10 +131,19 @@ def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None) -
     if not persistent:
         block_b = block_h = 16
     block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
-    grid = (hidden // block_h, -(-batch // block_b))
-    launch = Launch(block_b, block_h, block_k, grid, persistent, 8 if block_b * block_h >= 2048 else 4)
+    launch = with_tile(Launch(block_b, block_h, block_k, (0, 0), persistent), batch, hidden, block_b, block_h)
     asked = os.environ.get(LAUNCH_ENV, "")
     return launch_from_environment(asked, launch, batch, hidden, slots) if mode is None and asked else launch
+
+
+def with_tile(
+    launch: Launch, batch: int, hidden: int, block_b: int, block_h: int, warps: int | None = None
+) -> Launch:
+    """``launch`` cut into ``block_b`` rows × ``block_h`` units per program: its grid, and (unless
+    given) 8 warps for tiles of 2,048 elements or more, 4 below."""
+    grid = (hidden // block_h, -(-batch // block_b))
+    warps = warps or (8 if block_b * block_h >= 2048 else 4)
+    return replace(launch, block_b=block_b, block_h=block_h, grid=grid, num_warps=warps)
 
 
 def launch_from_environment(asked: str, launch: Launch, batch: int, hidden: int, slots: int) -> Launch:
@@ -144,15 +153,15 @@ def launch_from_environment(asked: str, launch: Launch, batch: int, hidden: int,
     times one layer at a time, for measuring one in whole training steps; a word it does not know, or
     a variant this layer cannot take, is a one-line error."""
     fields: dict[str, Any] = {}
-    tiles: list[str] = []
+    tile_word: str | None = None
     for word in (part.strip().lower() for part in asked.split(",") if part.strip()):
         tile = re.fullmatch(r"(\d+)x(\d+)", word)
         if word in LAUNCH_WORDS:
             fields[LAUNCH_WORDS[word]] = True
         elif tile:
-            tiles.append(word)
-            if len(tiles) > 1:
-                raise DrnnError(f"{LAUNCH_ENV}: two tiles, {tiles[0]} and {word}; give one")
+            if tile_word is not None:
+                raise DrnnError(f"{LAUNCH_ENV}: two tiles, {tile_word} and {word}; give one")
+            tile_word = word
             # looked up, not int(): that reads "１６" as 16, and 5,000 digits raise a ValueError
             block_b, block_h = (LAUNCH_TILE_SIDES.get(side, 0) for side in tile.groups())
             if not block_b or not block_h or hidden % block_h:
@@ -160,9 +169,7 @@ def launch_from_environment(asked: str, launch: Launch, batch: int, hidden: int,
                     f"{LAUNCH_ENV} tile {word}: rows and units must each be 16, 32 or 64, and the units "
                     f"must divide model.hidden_size {hidden}"
                 )
-            grid = (hidden // block_h, -(-batch // block_b))
-            warps = 8 if block_b * block_h >= 2048 else 4  # as the plan sizes its own tiles
-            fields |= {"block_b": block_b, "block_h": block_h, "grid": grid, "num_warps": warps}
+            launch = with_tile(launch, batch, hidden, block_b, block_h)
         else:
             raise DrnnError(
                 f"{LAUNCH_ENV}: unknown word {word!r}; use a comma-separated list of "

@@ -163,15 +163,6 @@ def stack_rows(iterations: int) -> Iterator[tuple[dict[str, Any], bool]]:
             yield row, failed
 
 
-def with_tile(
-    planned: fused_lstm.Launch, batch: int, hidden: int, block_b: int, block_h: int, warps: int | None = None
-) -> fused_lstm.Launch:
-    """``planned`` cut into ``block_b`` rows × ``block_h`` units per program instead."""
-    grid = (hidden // block_h, -(-batch // block_b))
-    warps = warps or (8 if block_b * block_h >= 2048 else 4)
-    return fused_lstm.Launch(block_b, block_h, planned.block_k, grid, planned.persistent, warps)
-
-
 # (rows, units, warps). Compiled for sm_90 on a CPU (scripts/fused_compile.py's ptxas), the forward
 # kernel of every tile past 16 × 16 spills at 4 warps (up to 392 B) and not, or barely (≤ 72 B), at 8;
 # 32 × 128 needs 272 KiB of shared memory in fp32, more than a multiprocessor has.
@@ -207,7 +198,7 @@ def variant_launches(slots: int) -> list[tuple[str, fused_lstm.Launch]]:
     planned = fused_lstm.plan_launch(batch, hidden, slots)
     launches = []
     for name, block_b, block_h, warps, options in SWEPT_VARIANTS:
-        launch = with_tile(planned, batch, hidden, block_b, block_h, warps)
+        launch = fused_lstm.with_tile(planned, batch, hidden, block_b, block_h, warps)
         fields = {key: value for key, value in options.items() if key != "wide_k"}
         launches.append(
             (
@@ -303,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             planned = fused_lstm.plan_launch(batch, hidden, slots)
             if args.tile:
                 block_b, block_h = (int(part) for part in args.tile.lower().split("x"))
-                planned = with_tile(planned, batch, hidden, block_b, block_h)
+                planned = fused_lstm.with_tile(planned, batch, hidden, block_b, block_h)
             stepwise = fused_lstm.plan_launch(batch, hidden, slots, mode="stepwise")
             sides: dict[str, tuple[Callable[[], None], torch.Tensor | None]] = {
                 "cudnn": (cudnn_runner(batch, steps, hidden, dtype), None)

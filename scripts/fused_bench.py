@@ -282,9 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             failed |= row_failed
             emit(row)
         timed = [row for row in tiles if isinstance(row["fused-graph"], float) and row["programs"]]
-        return (
-            1 if failed or not timed else 0
-        )  # a refused variant is a finding; no Triton row timed, a failure
+        # a variant refused for resources is a finding; no Triton row timed at all, a failure
+        return 1 if failed or not timed else 0
     for row, row_failed in stack_rows(args.iterations):  # first: the question the next step hangs on
         stack.append(row)
         failed |= row_failed

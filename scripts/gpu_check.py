@@ -96,7 +96,9 @@ BENCH_STEPS = ("bench", "bench-compiled", "bench-open", "bench-fused-variant")
 # the benchmark step that times them: the fused-tiles step's fastest bf16 variant when that step ran
 # (best_variant), else this one; its configurations are reported as "NAME [VARIANT]"
 FUSED_VARIANT = "resident,counter,tf32"
-VARIANT_WORDS = ("resident", "counter", "tf32")  # what DRNN_FUSED_LAUNCH takes besides a tile
+# what DRNN_FUSED_LAUNCH takes besides a tile (drnn_cli.fused_lstm.LAUNCH_WORDS; this script imports no drnn
+# module before it has checked that drnn's dependencies are there)
+VARIANT_WORDS = ("resident", "counter", "tf32")
 OPEN_CONFIGS = (
     "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,compiled-lstm-seed"
 )

@@ -339,6 +339,9 @@ def test_the_variant_measured_in_whole_steps_is_the_sweeps_fastest_in_bf16(gpu_c
         {"dtype": "bf16", "tile": "16x16 resident", "programs": 32, "fused-graph": "OutOfResources: shared"},
         {"dtype": "fp32", "tile": "16x16 counter tf32", "programs": 32, "fused-graph": 200.0},
     ]
+    from drnn_cli.fused_lstm import LAUNCH_WORDS
+
+    assert tuple(LAUNCH_WORDS) == gpu_check.VARIANT_WORDS  # the words drnn reads
     tiles = gpu_check.StepResult("fused-tiles", "", "ok", data={"json": {"tiles": rows}})
     assert gpu_check.best_variant(tiles) == "16x32,resident,counter,tf32"
     from drnn_cli.fused_lstm import launch_from_environment, plan_launch

@@ -88,6 +88,11 @@ def _consoles(json_mode: bool) -> tuple[Console, Console]:
     )
 
 
+def _print_note(console: Console, message: str) -> None:
+    """A ``note:`` line, one line however long (rich wraps at 80 columns off a terminal): grep finds it."""
+    console.print(f"note: {message}", markup=False, soft_wrap=True)
+
+
 def _emit_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(strict_json.dumps(payload, ensure_ascii=False) + "\n")
     sys.stdout.flush()
@@ -184,9 +189,9 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
     )
     out.print(table)
     for note in report.dataset.notes:
-        out.print(f"note: {note}", markup=False, soft_wrap=True)
+        _print_note(out, note)
     if report.untrainable is not None:
-        out.print(f"note: drnn train would refuse this: {report.untrainable}", markup=False, soft_wrap=True)
+        _print_note(out, f"drnn train would refuse this: {report.untrainable}")
     if json_out:
         _emit_json(report.summary())
 
@@ -326,7 +331,7 @@ class RichReporter:
             self.console.print(f"  [{label}] {text}", markup=False)
 
     def note(self, message: str) -> None:
-        self.console.print(f"note: {message}", markup=False, soft_wrap=True)  # one line in a log, for grep
+        _print_note(self.console, message)
 
     def finish(self) -> None:
         if self.progress is not None:
@@ -570,6 +575,8 @@ def eval_command(
         markup=False,
         soft_wrap=True,
     )
+    for note in report.notes:
+        _print_note(out, note)
     if json_out:
         _emit_json(report.summary())
 
@@ -675,11 +682,10 @@ def inspect_command(
             out.print(f"wrote {written}", markup=False, soft_wrap=True)
     if missing_glyphs:
         shown = " ".join(missing_glyphs[:20]) + (" …" if len(missing_glyphs) > 20 else "")
-        out.print(
-            f"note: the PNG's font has no glyph for {_count(len(missing_glyphs), 'character')} of the text "
+        _print_note(
+            out,
+            f"the PNG's font has no glyph for {_count(len(missing_glyphs), 'character')} of the text "
             f"(drawn as boxes on its axis; the --html page shows them): {shown}",
-            markup=False,
-            soft_wrap=True,
         )
     if json_out:
         _emit_json(result.summary())

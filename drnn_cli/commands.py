@@ -608,6 +608,7 @@ class EvalReport:
     source: str
     step: int | None = None  # optimizer steps it had taken (None: a checkpoint older than step counts)
     unknown: int = 0  # predicted tokens not in the vocabulary, scored as <unk>
+    notes: tuple[str, ...] = ()  # what reading the run's corpus could not do (Dataset.notes)
 
     def summary(self) -> dict:
         return {
@@ -643,11 +644,12 @@ def evaluate_split(
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
     """
     config = loaded.checkpoint.config
+    notes: tuple[str, ...] = ()  # a --data file is encoded apart from the token cache
     if data_file is not None:
         tokens, source = _file_tokens(data_file, loaded.checkpoint)
         split_name = "file"
     else:
-        tokens, source, split_name = _split_tokens(loaded, split, corpus_file)
+        tokens, source, split_name, notes = _split_tokens(loaded, split, corpus_file)
     result = evaluate(
         loaded.model, tokens, rows or config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
     )
@@ -657,7 +659,7 @@ def evaluate_split(
     except UnusableTrainerState:  # a checkpoint without a (usable) trainer state: its epoch is all there is
         step = None
     unknown = count_index(tokens[1:], checkpoint.vocab[UNK])  # the first token is read, not predicted
-    return EvalReport(split_name, checkpoint.epoch, result, source, step, unknown)
+    return EvalReport(split_name, checkpoint.epoch, result, source, step, unknown, notes)
 
 
 def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor, str]:
@@ -672,8 +674,9 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
 
 def _split_tokens(
     loaded: LoadedModel, split: str | None, corpus_file: Path | None
-) -> tuple[torch.Tensor, str, str]:
-    """A split of the run's own corpus (None: :func:`default_split`), its source and its name: where
+) -> tuple[torch.Tensor, str, str, tuple[str, ...]]:
+    """A split of the run's own corpus (None: :func:`default_split`), its source, its name and the
+    dataset's notes (a token cache it could not write, which costs every eval the whole encoding): where
     ``corpus_file`` says, else where the checkpoint (or, when that place is gone, the run's
     ``config.yaml``) says; refused unless it is the same text."""
     checkpoint = loaded.checkpoint
@@ -700,7 +703,8 @@ def _split_tokens(
         else "restore the file, or score other text with --data FILE",
     )
     split = split or default_split(dataset.splits)
-    return _split_or_error(dataset.splits, split, checkpoint.config), f"{dataset.path} [{split}]", split
+    tokens = _split_or_error(dataset.splits, split, checkpoint.config)
+    return tokens, f"{dataset.path} [{split}]", split, dataset.notes
 
 
 def _same_corpus_named(saved: Config, now: Config) -> bool:

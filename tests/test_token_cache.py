@@ -248,6 +248,32 @@ def test_drnn_train_and_data_say_when_the_token_cache_cannot_be_written(workdir:
     )
 
 
+def test_drnn_eval_of_a_split_says_when_the_token_cache_cannot_be_written(workdir: Path, big_text: Path, cli):
+    """``drnn eval`` reads a split through the token cache as training does (with the checkpoint's
+    vocabulary), so a cache it cannot write costs it the same full encoding every time: it says so.
+    ``--data FILE`` is encoded apart from the cache, and says nothing."""
+    overrides = ["--set", f"data.path={big_text}", "--set", "train.epochs=1", "--set", "data.max_tokens=3000"]
+    code, _out, err = cli("train", "--config", "quick", "--run", str(workdir / "run"), *overrides)
+    assert code == 0, err
+    cache = workdir / "data" / "token-cache"
+    cache.rename(workdir / "data" / "elsewhere")
+    cache.write_text("not a folder")
+    note = (
+        f"note: the token cache in {cache} cannot be written ({cache} is a file, not a folder): this text is "
+        "read and encoded again on every run (set DRNN_DATA_DIR to a writable folder)"
+    )
+    code, out, err = cli("eval", "--run", str(workdir / "run"), "--split", "train", "--json")
+    assert code == 0, err
+    assert json.loads(out)["split"] == "train"  # stdout stays one JSON object: the note is on stderr
+    assert [line for line in err.splitlines() if line.startswith("note: ")] == [note]
+    code, out, _err = cli("eval", "--run", str(workdir / "run"), "--split", "train")
+    assert code == 0 and [line for line in out.splitlines() if line.startswith("note: ")] == [note]
+    excerpt = workdir / "excerpt.txt"
+    excerpt.write_text("the time traveller was expounding a recondite matter to us\n")
+    code, out, err = cli("eval", "--run", str(workdir / "run"), "--data", str(excerpt))
+    assert code == 0 and "note:" not in out + err
+
+
 def test_small_texts_are_not_cached(workdir: Path):
     load_dataset(DataConfig(preprocess="none"))  # the 179 kB Time Machine
     assert entries(workdir) == []

@@ -41,7 +41,7 @@ MIN_CACHED_BYTES = 1 << 20
 RACY_SECONDS = 2.0  # a file modified this close to its hashing may change again within one mtime tick
 _DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
 _WRITE_CHUNK = 1 << 22  # bytes per write: the array is never copied whole (4 MiB at a time)
-ABANDONED_AFTER_S = 3600.0  # an entry's JSON temporary this old was a killed writer's
+ABANDONED_AFTER_S = 3600.0  # an entry's JSON or a hash stamp's temporary this old was a killed writer's
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     if not wants_cache(text):
         return None
     remove_dead_partials(cache_dir(text), ".*.tokens.*.part")  # a killed writer's, as big as its text
-    remove_abandoned_temporaries(cache_dir(text), f".*.json.*{TEMPORARY_SUFFIX}", ABANDONED_AFTER_S)
+    for written in ("json", "sha1"):  # atomic_write_text's temporaries: an entry's JSON, text_sha1's stamp
+        remove_abandoned_temporaries(cache_dir(text), f".*.{written}.*{TEMPORARY_SUFFIX}", ABANDONED_AFTER_S)
     found = _load_entry(text, _key(sha1, config, vocab))
     if found is not None and vocab is not None and found.vocab.idx_to_token != vocab.idx_to_token:
         found = None  # an entry keyed by this vocabulary that holds another was tampered with: rebuilt

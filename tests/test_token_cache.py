@@ -359,3 +359,18 @@ def test_a_killed_writers_partial_tokens_file_is_removed(workdir: Path, big_text
     load_dataset(DataConfig(path=str(big_text), preprocess="none"))
     assert not dead.exists() and live.exists()
     assert not abandoned.exists() and fresh.exists()
+
+
+def test_a_killed_writers_hash_stamp_temporary_is_removed(workdir: Path, big_text: Path):
+    """The text's remembered SHA-1 (``NAME.sha1``) is written through a ``.NAME.sha1.XXXX.tmp`` like an
+    entry's JSON: one an hour old is a killed writer's and goes, one from now may be a live one's."""
+    cache = workdir / "data" / "token-cache"
+    cache.mkdir(parents=True)
+    abandoned = cache / ".big-0123456789abcdef.sha1.a1b2c3.tmp"
+    fresh = cache / ".big-fedcba9876543210.sha1.d4e5f6.tmp"
+    for temporary in (abandoned, fresh):
+        temporary.write_text("{")
+    os.utime(abandoned, (time.time() - 3700, time.time() - 3700))
+    load_dataset(DataConfig(path=str(big_text), preprocess="none"))
+    assert not abandoned.exists() and fresh.exists()
+    assert len(list(cache.glob("big-*.sha1"))) == 1  # the run's own stamp, written and renamed

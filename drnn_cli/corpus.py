@@ -227,12 +227,12 @@ def _download(url: str, partial: Path, progress: ProgressHook | None, limits: _L
     return digest.hexdigest()
 
 
-def read_text(path: Path, what: str = "corpus file") -> str:
+def read_text(path: Path, what: str = "corpus file", max_bytes: int | None = None) -> str:
     """The file as text, with one-line errors for the usual problems, naming the file as ``what``
-    (the option that gave it: "--data file", "--file")."""
+    (the option that gave it: "--data file", "--file"); ``max_bytes``: as ``read_utf8_text``."""
     require_regular_file(path, what, "name a UTF-8 text file")  # not /dev/zero, a FIFO, a folder
     # A byte order mark is an editor's marker, not text.
-    text = normalize_line_breaks(read_utf8_text(path, what).removeprefix(BYTE_ORDER_MARK))
+    text = normalize_line_breaks(read_utf8_text(path, what, max_bytes).removeprefix(BYTE_ORDER_MARK))
     if not text.strip():
         raise _empty(path, what)
     return text

@@ -78,9 +78,12 @@ def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None
     return corpus.path, corpus.sha1
 
 
-def read_token_stream(path: Path, config: DataConfig, what: str = "corpus file") -> str | list[str]:
-    """The tokens of another text as ``config`` reads its corpus; errors name the file as ``what``."""
-    text = read_text(path, what)
+def read_token_stream(
+    path: Path, config: DataConfig, what: str = "corpus file", max_bytes: int | None = None
+) -> str | list[str]:
+    """The tokens of another text as ``config`` reads its corpus; errors name the file as ``what``, and a
+    file over ``max_bytes`` is refused after reading no more than that and one byte."""
+    text = read_text(path, what, max_bytes)
     if config.token == "char":
         return preprocess_chars(text, config.preprocess)
     return tokens_of(preprocess(text, config.preprocess), config.token)

@@ -112,13 +112,23 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def read_utf8_text(path: Path, what: str) -> str:
+def read_utf8_text(path: Path, what: str, max_bytes: int | None = None) -> str:
     """The file decoded as UTF-8; one line naming it as ``what`` when it cannot be read, is not UTF-8
-    (with the conversion that fixes it), or holds NUL bytes."""
+    (with the conversion that fixes it), or holds NUL bytes.
+
+    ``max_bytes``: refuse a file longer than this, judged by what is read (``max_bytes`` and one byte
+    more), not by its size on disk: a file still being written grows past any size it had when looked at.
+    """
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as handle:
+            raw = handle.read(-1 if max_bytes is None else max_bytes + 1)
     except OSError as exc:
         raise DrnnError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise DrnnError(
+            f"{what} {path} holds more than {max_bytes:,} bytes, the most this command reads; give it an "
+            "excerpt, e.g. head -n 200 FILE > excerpt.txt"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

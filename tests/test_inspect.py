@@ -493,20 +493,56 @@ def test_a_text_longer_than_the_cap_is_refused_in_one_line(cli, tiny_run: Path, 
     )
 
 
-def test_a_huge_file_is_refused_before_it_is_read(cli, tiny_run: Path, tmp_path: Path, monkeypatch):
+def test_a_huge_file_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path):
     huge = tmp_path / "huge.txt"
     with huge.open("wb") as handle:  # sparse: 17 MiB on paper, nothing on disk
         handle.truncate(17 << 20)
-    monkeypatch.setattr(
-        "drnn_cli.introspect.read_token_stream",
-        lambda *_: pytest.fail("the file was read before the size check"),
-    )
     code, _, err = cli("inspect", "--file", str(huge), "--run", str(tiny_run))
     assert err == (
-        f"drnn: error: --file {huge} holds 17,825,792 bytes, more than drnn inspect's 16,777,216 (it shows "
-        f"at most {MAX_CHARS:,} characters); give it an excerpt, e.g. head -n 200 FILE > excerpt.txt\n"
-    )
+        f"drnn: error: --file {huge} holds more than 16,777,216 bytes, the most this command reads; give it "
+        "an excerpt, e.g. head -n 200 FILE > excerpt.txt\n"
+    )  # refused for its size before its NUL bytes are looked at
     assert code == 1
+
+
+@pytest.mark.parametrize("size", [1000, 1001])
+def test_a_file_is_read_up_to_the_limit_and_refused_a_byte_past_it(
+    cli, tiny_run: Path, tmp_path: Path, monkeypatch, size: int
+):
+    monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    text = tmp_path / "text.txt"
+    text.write_text("a" * size)
+    code, out, err = cli("inspect", "--file", str(text), "--run", str(tiny_run), "--json")
+    if size == 1000:
+        assert code == 0, err
+        assert json.loads(out)["text"] == "a" * 1000
+    else:
+        assert code == 1 and err == (
+            f"drnn: error: --file {text} holds more than 1,000 bytes, the most this command reads; give it "
+            "an excerpt, e.g. head -n 200 FILE > excerpt.txt\n"
+        )
+
+
+def test_a_file_that_grew_after_its_size_was_taken_is_refused_by_what_is_read(
+    cli, tiny_run: Path, tmp_path: Path, monkeypatch
+):
+    """A file still being written (a log) passed a check of its size on disk and was then read whole,
+    however long it had grown: the limit holds on the bytes read."""
+    monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    growing = tmp_path / "growing.txt"
+    growing.write_text("the time traveller\n")
+    before = growing.stat()
+    with growing.open("a") as handle:
+        handle.write("the time traveller\n" * 100)  # 1,919 bytes
+    real_stat = Path.stat
+    monkeypatch.setattr(  # the size as it was when looked at, before the writer went on
+        Path, "stat", lambda self, **kwargs: before if self == growing else real_stat(self, **kwargs)
+    )
+    code, _, err = cli("inspect", "--file", str(growing), "--run", str(tiny_run))
+    assert code == 1 and err == (
+        f"drnn: error: --file {growing} holds more than 1,000 bytes, the most this command reads; give it "
+        "an excerpt, e.g. head -n 200 FILE > excerpt.txt\n"
+    )
 
 
 def test_a_png_of_more_units_than_it_can_draw_is_refused_and_nothing_is_written(

@@ -2,7 +2,10 @@
 
 Imported only when the fused kernels run, so drnn imports without Triton. ``triton.jit`` decides at
 import whether the kernels compile for the GPU or run in the CPU interpreter (``TRITON_INTERPRET=1``).
-Index layout: every (T, B, X) buffer is contiguous, so element [t, b, x] sits at ``(t·B + b)·X + x``.
+Index layout: every (L, T, B, X) buffer is contiguous, so element [l, t, b, x] sits at
+``((l·T + t)·B + b)·X + x``. One launch runs the recurrence of one layer, or of a whole stack as a
+wavefront (``LAYERS`` > 1): the grid's third axis is the layer, and layer l runs timestep t at
+super-step t + l, so the layers' timesteps overlap and the stack meets at T + L - 1 barriers, not L·T.
 """
 
 import triton
@@ -27,25 +30,12 @@ def slowest(flags_ptr, others, valid, arrival):
 
 
 @triton.jit
-def program_tile(B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's batch rows and hidden units, the reduction lanes, which rows exist, and the
-    offsets of (row, unit) in a (B, H) slab and of gate 0's column for it in a (B, 4H) slab."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ks = tl.arange(0, BLOCK_K)
-    live = (rows < B)[:, None]
-    here = rows[:, None] * H + units[None, :]
-    gate_here = rows[:, None] * (4 * H) + units[None, :]
-    return rows, units, ks, live, here, gate_here
-
-
-@triton.jit
 def grid_barrier(flags_ptr, error_ptr, arrival, spin_limit, NUM_PROGRAMS: tl.constexpr, FLAGS: tl.constexpr):
     """Every program has finished step ``arrival``: each raises its own flag to ``arrival``
     (idempotent, so it does not matter how many threads issue the store), then polls all flags.
     Release/acquire at GPU scope make the stores before the barrier visible to loads after it."""
     tl.debug_barrier()  # all of this program's threads have issued their stores
-    me = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+    me = tl.program_id(0) + (tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)) * tl.num_programs(0)
     tl.atomic_xchg(flags_ptr + me, arrival, sem="release", scope="gpu")
     others = tl.arange(0, FLAGS)
     valid = others < NUM_PROGRAMS
@@ -100,6 +90,29 @@ def meet(
 
 
 @triton.jit
+def program_tile(B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's batch rows and hidden units, the reduction lanes, which rows exist, and the
+    offsets of (row, unit) in a (B, H) slab and of gate 0's column for it in a (B, 4H) slab."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ks = tl.arange(0, BLOCK_K)
+    live = (rows < B)[:, None]
+    here = rows[:, None] * H + units[None, :]
+    gate_here = rows[:, None] * (4 * H) + units[None, :]
+    return rows, units, ks, live, here, gate_here
+
+
+@triton.jit
+def load_past_l1(ptr, live, scale_ptr, SCALED: tl.constexpr):
+    """A (rows, K) fp32 block written by other programs, so read past L1 (.cg); times the dropout
+    scale at ``scale_ptr`` if ``SCALED``."""
+    block = tl.load(ptr, mask=live, other=0.0, cache_modifier=".cg")
+    if SCALED:
+        block = block * tl.load(scale_ptr, mask=live, other=0.0)
+    return block
+
+
+@triton.jit
 def product_past_l1(ptr, live, w, PRECISION: tl.constexpr):
     """The (rows, K) block at ``ptr``, written by other programs and so read past L1 (.cg), in the
     product dtype, times a (K, units) tile ``w``."""
@@ -108,16 +121,146 @@ def product_past_l1(ptr, live, w, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def transposed_tiles(w_ptr, units, ks, H: tl.constexpr):
+    """The four gates' tiles of Wᵀ over all of K (= H) for this program's units: element [k, j] of
+    gate q's is W[q·H + units[j], k], for W (4H, H) at ``w_ptr`` (the forward pass's products)."""
+    w_t = w_ptr + units[None, :] * H + ks[:, None]
+    return tl.load(w_t), tl.load(w_t + H * H), tl.load(w_t + 2 * H * H), tl.load(w_t + 3 * H * H)
+
+
+@triton.jit
+def row_tiles(w_ptr, units, ks, H: tl.constexpr):
+    """W[q·H + k, units] for the four gates q and all k < H (the backward pass's products)."""
+    w_rows = w_ptr + ks[:, None] * H + units[None, :]
+    return tl.load(w_rows), tl.load(w_rows + H * H), tl.load(w_rows + 2 * H * H), tl.load(w_rows + 3 * H * H)
+
+
+@triton.jit
+def gate_products(
+    acc_i,
+    acc_f,
+    acc_g,
+    acc_o,
+    src_ptr,
+    scale_ptr,
+    w_ptr,
+    rows,
+    units,
+    ks,
+    live,
+    H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    """acc_q += x W_qᵀ[:, units] for the gates q = i, f, g, o: x is rows of the (B, H) slab at
+    ``src_ptr`` (times the dropout scale at ``scale_ptr`` if SCALED), W (4H, H) sits at ``w_ptr``;
+    one BLOCK_K-wide tile of K at a time, W's tiles read from memory at every call."""
+    for k0 in range(0, H, BLOCK_K):
+        at = rows[:, None] * H + (k0 + ks)[None, :]
+        x = load_past_l1(src_ptr + at, live, scale_ptr + at, SCALED).to(w_ptr.dtype.element_ty)
+        # Wᵀ tile of gate q: element [k, j] = W[q·H + units[j], k0 + k]
+        w_t = w_ptr + units[None, :] * H + (k0 + ks)[:, None]
+        acc_i += tl.dot(x, tl.load(w_t), input_precision=PRECISION)
+        acc_f += tl.dot(x, tl.load(w_t + H * H), input_precision=PRECISION)
+        acc_g += tl.dot(x, tl.load(w_t + 2 * H * H), input_precision=PRECISION)
+        acc_o += tl.dot(x, tl.load(w_t + 3 * H * H), input_precision=PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def resident_gate_products(
+    acc_i,
+    acc_f,
+    acc_g,
+    acc_o,
+    src_ptr,
+    scale_ptr,
+    w_i,
+    w_f,
+    w_g,
+    w_o,
+    rows,
+    ks,
+    live,
+    H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    """:func:`gate_products` with Wᵀ's tiles held (:func:`transposed_tiles`): all of x in one load,
+    one product per gate."""
+    at = rows[:, None] * H + ks[None, :]
+    x = load_past_l1(src_ptr + at, live, scale_ptr + at, SCALED).to(w_i.dtype)
+    acc_i += tl.dot(x, w_i, input_precision=PRECISION)
+    acc_f += tl.dot(x, w_f, input_precision=PRECISION)
+    acc_g += tl.dot(x, w_g, input_precision=PRECISION)
+    acc_o += tl.dot(x, w_o, input_precision=PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def gradient_products(
+    dh, dz_ptr, w_ptr, rows, units, ks, live, H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr
+):
+    """dh += dz W[:, units]: rows of the (B, 4H) slab of gate gradients at ``dz_ptr`` (other programs'
+    writes) times W (4H, H) at ``w_ptr``, summed over all 4H gates a BLOCK_K-wide tile at a time."""
+    for k0 in range(0, 4 * H, BLOCK_K):
+        block = load_past_l1(dz_ptr + rows[:, None] * (4 * H) + (k0 + ks)[None, :], live, dz_ptr, False)
+        w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
+        dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
+    return dh
+
+
+@triton.jit
+def resident_gradient_products(
+    dh, dz_ptr, w_i, w_f, w_g, w_o, rows, ks, live, H: tl.constexpr, PRECISION: tl.constexpr
+):
+    """:func:`gradient_products` with W's rows held (:func:`row_tiles`): gate by gate, one product each."""
+    dz_row = dz_ptr + rows[:, None] * (4 * H) + ks[None, :]
+    dh += product_past_l1(dz_row, live, w_i, PRECISION)
+    dh += product_past_l1(dz_row + H, live, w_f, PRECISION)
+    dh += product_past_l1(dz_row + 2 * H, live, w_g, PRECISION)
+    dh += product_past_l1(dz_row + 3 * H, live, w_o, PRECISION)
+    return dh
+
+
+@triton.jit
+def input_gates(xg_ptr, gate_here, live, H: tl.constexpr):
+    """The four gates' precomputed input terms at one timestep's (B, 4H) slab ``xg_ptr``."""
+    acc_i = tl.load(xg_ptr + gate_here, mask=live, other=0.0)
+    acc_f = tl.load(xg_ptr + gate_here + H, mask=live, other=0.0)
+    acc_g = tl.load(xg_ptr + gate_here + 2 * H, mask=live, other=0.0)
+    acc_o = tl.load(xg_ptr + gate_here + 3 * H, mask=live, other=0.0)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def bias_gates(bias_ptr, units, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, H: tl.constexpr):
+    """The four gates' biases (a 4H vector at ``bias_ptr``) for this program's units, on every row."""
+    zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    return (
+        zero + tl.load(bias_ptr + units)[None, :],
+        zero + tl.load(bias_ptr + H + units)[None, :],
+        zero + tl.load(bias_ptr + 2 * H + units)[None, :],
+        zero + tl.load(bias_ptr + 3 * H + units)[None, :],
+    )
+
+
+@triton.jit
 def forward(
-    xg_ptr,  # (T, B, 4H) fp32: x_t W_ih^T + b_ih + b_hh for every timestep
-    w_ptr,  # (4H, H) W_hh in the product dtype
-    hs_ptr,  # (T + 1, B, H) fp32: hs[0] = h0 (given), hs[t + 1] = h_t (written)
-    cs_ptr,  # (T + 1, B, H) fp32: likewise for c
-    act_ptr,  # (T, B, 4H) fp32: σ(i), σ(f), tanh(g), σ(o) at every step, for the backward pass
+    xg_ptr,  # (T, B, 4H) fp32: layer 0's x_t W_ihᵀ + b_ih + b_hh for every timestep
+    w_ptr,  # (L, 4H, H) every layer's W_hh in the product dtype
+    wx_ptr,  # (L - 1, 4H, H) W_ih of layers 1 … L-1 in the product dtype (read only when LAYERS > 1)
+    bias_ptr,  # (L - 1, 4H) fp32: b_ih + b_hh of layers 1 … L-1
+    mask_ptr,  # (L - 1, T, B, H) fp32: the dropout scale of each lower layer's output (MASKED only)
+    hs_ptr,  # (L, T + 1, B, H) fp32: hs[l, 0] = h0 (given), hs[l, t + 1] = h_t (written)
+    cs_ptr,  # (L, T + 1, B, H) fp32: likewise for c
+    act_ptr,  # (L, T, B, 4H) fp32: σ(i), σ(f), tanh(g), σ(o) at every step, for the backward pass
     flags_ptr,
     error_ptr,
     t_begin,
     n_steps,
+    T,
     B,
     H: tl.constexpr,
     spin_limit,
@@ -130,75 +273,149 @@ def forward(
     PRECISION: tl.constexpr,
     RESIDENT: tl.constexpr,
     COUNTER: tl.constexpr,
+    LAYERS: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
+    """``n_steps`` super-steps from ``t_begin`` of a stack of LAYERS layers: at super-step s, layer l
+    runs timestep s - l (a wavefront), its input h_{s-l} of layer l - 1 written one super-step before."""
     rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
-    if RESIDENT:  # BLOCK_K == H: this program's four W_hh^T tiles, read once for all timesteps
-        w_t = w_ptr + units[None, :] * H + ks[:, None]
-        w_i = tl.load(w_t)
-        w_f = tl.load(w_t + H * H)
-        w_g = tl.load(w_t + 2 * H * H)
-        w_o = tl.load(w_t + 3 * H * H)
+    # The grid's last axis counts layers from the top, so Triton's interpreter, which runs programs
+    # in order, runs a layer before the one below it: were a layer to read what the layer below
+    # writes in the same super-step, the tests would see stale values.
+    layer = LAYERS - 1 - tl.program_id(2)
+    layer64 = layer.to(tl.int64)  # offsets of a (L, T, B, 4H) buffer can pass 2³¹ elements
+    below = tl.maximum(layer64 - 1, 0)  # layer 0 reads no W_ih here: its input gates come in xg
+    w_layer = w_ptr + layer64 * 4 * H * H
+    wx_layer = wx_ptr + below * 4 * H * H
+    hs_layer = hs_ptr + layer64 * (T + 1) * B * H
+    cs_layer = cs_ptr + layer64 * (T + 1) * B * H
+    if RESIDENT:  # BLOCK_K == H: this program's Wᵀ tiles, read once for all timesteps
+        w_i, w_f, w_g, w_o = transposed_tiles(w_layer, units, ks, H)
+        if LAYERS > 1:
+            x_i, x_f, x_g, x_o = transposed_tiles(wx_layer, units, ks, H)
     for s in range(n_steps):
-        t = (t_begin + s).to(tl.int64)  # offsets of a (T, B, 4H) buffer can pass 2³¹ elements
-        xg = xg_ptr + t * B * 4 * H
-        acc_i = tl.load(xg + gate_here, mask=live, other=0.0)
-        acc_f = tl.load(xg + gate_here + H, mask=live, other=0.0)
-        acc_g = tl.load(xg + gate_here + 2 * H, mask=live, other=0.0)
-        acc_o = tl.load(xg + gate_here + 3 * H, mask=live, other=0.0)
-        if RESIDENT:  # all of h_{t-1}[rows] in one load, one product per gate
-            h = tl.load(
-                hs_ptr + t * B * H + rows[:, None] * H + ks[None, :],
-                mask=live,
-                other=0.0,
-                cache_modifier=".cg",
-            ).to(w_ptr.dtype.element_ty)
-            acc_i += tl.dot(h, w_i, input_precision=PRECISION)
-            acc_f += tl.dot(h, w_f, input_precision=PRECISION)
-            acc_g += tl.dot(h, w_g, input_precision=PRECISION)
-            acc_o += tl.dot(h, w_o, input_precision=PRECISION)
-        else:
-            for k0 in range(0, H, BLOCK_K):
-                # h_{t-1}[rows, k0:k0+K], written by other programs: read past L1 (.cg)
-                h = tl.load(
-                    hs_ptr + t * B * H + rows[:, None] * H + (k0 + ks)[None, :],
-                    mask=live,
-                    other=0.0,
-                    cache_modifier=".cg",
-                ).to(w_ptr.dtype.element_ty)
-                # W_hh^T tile of gate q: element [k, j] = W_hh[q·H + units[j], k0 + k]
-                w_t = w_ptr + units[None, :] * H + (k0 + ks)[:, None]
-                acc_i += tl.dot(h, tl.load(w_t), input_precision=PRECISION)
-                acc_f += tl.dot(h, tl.load(w_t + H * H), input_precision=PRECISION)
-                acc_g += tl.dot(h, tl.load(w_t + 2 * H * H), input_precision=PRECISION)
-                acc_o += tl.dot(h, tl.load(w_t + 3 * H * H), input_precision=PRECISION)
-        gi = sigmoid(acc_i)
-        gf = sigmoid(acc_f)
-        gg = tanh(acc_g)
-        go = sigmoid(acc_o)
-        c = gf * tl.load(cs_ptr + t * B * H + here, mask=live, other=0.0) + gi * gg
-        tl.store(cs_ptr + (t + 1) * B * H + here, c, mask=live)
-        tl.store(hs_ptr + (t + 1) * B * H + here, go * tanh(c), mask=live)
-        act = act_ptr + t * B * 4 * H + gate_here
-        tl.store(act, gi, mask=live)
-        tl.store(act + H, gf, mask=live)
-        tl.store(act + 2 * H, gg, mask=live)
-        tl.store(act + 3 * H, go, mask=live)
+        step = t_begin + s - layer
+        if (step >= 0) & (step < T):
+            t = step.to(tl.int64)
+            xg = xg_ptr + t * B * 4 * H
+            if LAYERS > 1:
+                if layer > 0:  # the input gates: b + dropout(h_t of the layer below) W_ihᵀ
+                    acc_i, acc_f, acc_g, acc_o = bias_gates(
+                        bias_ptr + below * 4 * H, units, BLOCK_B, BLOCK_H, H
+                    )
+                    h_below = hs_ptr + below * (T + 1) * B * H + (t + 1) * B * H
+                    scale = mask_ptr + (below * T + t) * B * H
+                    if RESIDENT:
+                        acc_i, acc_f, acc_g, acc_o = resident_gate_products(
+                            acc_i,
+                            acc_f,
+                            acc_g,
+                            acc_o,
+                            h_below,
+                            scale,
+                            x_i,
+                            x_f,
+                            x_g,
+                            x_o,
+                            rows,
+                            ks,
+                            live,
+                            H,
+                            PRECISION,
+                            MASKED,
+                        )
+                    else:
+                        acc_i, acc_f, acc_g, acc_o = gate_products(
+                            acc_i,
+                            acc_f,
+                            acc_g,
+                            acc_o,
+                            h_below,
+                            scale,
+                            wx_layer,
+                            rows,
+                            units,
+                            ks,
+                            live,
+                            H,
+                            BLOCK_K,
+                            PRECISION,
+                            MASKED,
+                        )
+                else:
+                    acc_i, acc_f, acc_g, acc_o = input_gates(xg, gate_here, live, H)
+            else:
+                acc_i, acc_f, acc_g, acc_o = input_gates(xg, gate_here, live, H)
+            # + h_{t-1} W_hhᵀ, h_{t-1} written by other programs one super-step before
+            h_prev = hs_layer + t * B * H
+            if RESIDENT:
+                acc_i, acc_f, acc_g, acc_o = resident_gate_products(
+                    acc_i,
+                    acc_f,
+                    acc_g,
+                    acc_o,
+                    h_prev,
+                    h_prev,
+                    w_i,
+                    w_f,
+                    w_g,
+                    w_o,
+                    rows,
+                    ks,
+                    live,
+                    H,
+                    PRECISION,
+                    False,
+                )
+            else:
+                acc_i, acc_f, acc_g, acc_o = gate_products(
+                    acc_i,
+                    acc_f,
+                    acc_g,
+                    acc_o,
+                    h_prev,
+                    h_prev,
+                    w_layer,
+                    rows,
+                    units,
+                    ks,
+                    live,
+                    H,
+                    BLOCK_K,
+                    PRECISION,
+                    False,
+                )
+            gi = sigmoid(acc_i)
+            gf = sigmoid(acc_f)
+            gg = tanh(acc_g)
+            go = sigmoid(acc_o)
+            c = gf * tl.load(cs_layer + t * B * H + here, mask=live, other=0.0) + gi * gg
+            tl.store(cs_layer + (t + 1) * B * H + here, c, mask=live)
+            tl.store(hs_layer + (t + 1) * B * H + here, go * tanh(c), mask=live)
+            act = act_ptr + (layer64 * T + t) * B * 4 * H + gate_here
+            tl.store(act, gi, mask=live)
+            tl.store(act + H, gf, mask=live)
+            tl.store(act + 2 * H, gg, mask=live)
+            tl.store(act + 3 * H, go, mask=live)
         if PERSISTENT:
             meet(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS, COUNTER)
 
 
 @triton.jit
 def backward(
-    w_ptr,  # (4H, H) W_hh in the product dtype
-    act_ptr,  # (T, B, 4H) fp32 from the forward pass
-    cs_ptr,  # (T + 1, B, H) fp32 from the forward pass
-    dout_ptr,  # (T, B, H) fp32: ∂loss/∂h_t from above (the last step's includes ∂loss/∂h_T)
-    dz_ptr,  # (T + 1, B, 4H) fp32: ∂loss/∂(pre-activation gates); dz[T] = 0 on entry
-    dc_ptr,  # (B, H) fp32: ∂loss/∂c_T on entry, ∂loss/∂c_0 on exit
+    w_ptr,  # (L, 4H, H) W_hh in the product dtype
+    wx_ptr,  # (L - 1, 4H, H) W_ih of layers 1 … L-1 in the product dtype (read only when LAYERS > 1)
+    mask_ptr,  # (L - 1, T, B, H) fp32: the dropout scale of each lower layer's output (MASKED only)
+    act_ptr,  # (L, T, B, 4H) fp32 from the forward pass
+    cs_ptr,  # (L, T + 1, B, H) fp32 from the forward pass
+    dout_ptr,  # (L, T, B, H) fp32: ∂loss/∂h_t from outside the stack (the top layer's outputs; h_T)
+    dz_ptr,  # (L, T + 1, B, 4H) fp32: ∂loss/∂(pre-activation gates); dz[:, T] = 0 on entry
+    dc_ptr,  # (L, B, H) fp32: ∂loss/∂c_T on entry, ∂loss/∂c_0 on exit
     flags_ptr,
     error_ptr,
     t_last,
     n_steps,
+    T,
     B,
     H: tl.constexpr,
     spin_limit,
@@ -211,48 +428,66 @@ def backward(
     PRECISION: tl.constexpr,
     RESIDENT: tl.constexpr,
     COUNTER: tl.constexpr,
+    LAYERS: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
+    """``n_steps`` super-steps back from ``t_last``: at super-step s the top layer runs timestep
+    t_last - s and layer l the one after it by L - 1 - l, once the layer above has its gate gradients."""
     rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
-    if RESIDENT:  # BLOCK_K == H: W_hh[q·H + k, units] for the four gates q, read once for all timesteps
-        w_rows = w_ptr + ks[:, None] * H + units[None, :]
-        w_i = tl.load(w_rows)
-        w_f = tl.load(w_rows + H * H)
-        w_g = tl.load(w_rows + 2 * H * H)
-        w_o = tl.load(w_rows + 3 * H * H)
+    # Layers counted from the bottom, so the interpreter runs a layer before the one above it (see
+    # forward): reading the gradients the layer above writes in the same super-step would fail the tests.
+    layer = tl.program_id(2)
+    layer64 = layer.to(tl.int64)
+    above = tl.maximum(tl.minimum(layer64, LAYERS - 2), 0)  # W_ih of layer l + 1 sits at wx[l]
+    w_layer = w_ptr + layer64 * 4 * H * H
+    wx_above = wx_ptr + above * 4 * H * H
+    dz_layer = dz_ptr + layer64 * (T + 1) * B * 4 * H
+    cs_layer = cs_ptr + layer64 * (T + 1) * B * H
+    if RESIDENT:  # BLOCK_K == H: W[q·H + k, units] for the four gates q, read once for all timesteps
+        w_i, w_f, w_g, w_o = row_tiles(w_layer, units, ks, H)
+        if LAYERS > 1:
+            x_i, x_f, x_g, x_o = row_tiles(wx_above, units, ks, H)
     for s in range(n_steps):
-        t = (t_last - s).to(tl.int64)  # offsets of a (T, B, 4H) buffer can pass 2³¹ elements
-        # ∂h_t = ∂out_t + dz_{t+1} W_hh[:, units]: the recurrent path, summed over all 4H gates
-        dh = tl.load(dout_ptr + t * B * H + here, mask=live, other=0.0)
-        if RESIDENT:  # dz_{t+1}[rows] gate by gate, one product each
-            dz_row = dz_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + ks[None, :]
-            dh += product_past_l1(dz_row, live, w_i, PRECISION)
-            dh += product_past_l1(dz_row + H, live, w_f, PRECISION)
-            dh += product_past_l1(dz_row + 2 * H, live, w_g, PRECISION)
-            dh += product_past_l1(dz_row + 3 * H, live, w_o, PRECISION)
-        else:
-            for k0 in range(0, 4 * H, BLOCK_K):
-                dz_next = tl.load(
-                    dz_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + (k0 + ks)[None, :],
-                    mask=live,
-                    other=0.0,
-                    cache_modifier=".cg",
-                ).to(w_ptr.dtype.element_ty)
-                w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
-                dh += tl.dot(dz_next, w, input_precision=PRECISION)
-        act = act_ptr + t * B * 4 * H + gate_here
-        gi = tl.load(act, mask=live, other=0.0)
-        gf = tl.load(act + H, mask=live, other=0.0)
-        gg = tl.load(act + 2 * H, mask=live, other=0.0)
-        go = tl.load(act + 3 * H, mask=live, other=0.0)
-        c = tl.load(cs_ptr + (t + 1) * B * H + here, mask=live, other=0.0)
-        c_prev = tl.load(cs_ptr + t * B * H + here, mask=live, other=0.0)
-        tc = tanh(c)
-        dc = tl.load(dc_ptr + here, mask=live, other=0.0) + dh * go * (1.0 - tc * tc)
-        dz = dz_ptr + t * B * 4 * H + gate_here
-        tl.store(dz, dc * gg * gi * (1.0 - gi), mask=live)
-        tl.store(dz + H, dc * c_prev * gf * (1.0 - gf), mask=live)
-        tl.store(dz + 2 * H, dc * gi * (1.0 - gg * gg), mask=live)
-        tl.store(dz + 3 * H, dh * tc * go * (1.0 - go), mask=live)
-        tl.store(dc_ptr + here, dc * gf, mask=live)
+        step = t_last - s + (LAYERS - 1 - layer)
+        if (step >= 0) & (step < T):
+            t = step.to(tl.int64)
+            # ∂h_t = ∂out_t + dz_{t+1} W_hh[:, units] (the recurrent path, summed over all 4H gates)
+            dh = tl.load(dout_ptr + (layer64 * T + t) * B * H + here, mask=live, other=0.0)
+            dz_next = dz_layer + (t + 1) * B * 4 * H
+            if RESIDENT:
+                dh = resident_gradient_products(dh, dz_next, w_i, w_f, w_g, w_o, rows, ks, live, H, PRECISION)
+            else:
+                dh = gradient_products(dh, dz_next, w_layer, rows, units, ks, live, H, BLOCK_K, PRECISION)
+            if LAYERS > 1:  # noqa: SIM102 (a compile-time test; Triton cannot join it with a runtime one)
+                if layer < LAYERS - 1:  # + dropout'(dz_t of the layer above W_ih[:, units])
+                    dz_above = dz_ptr + ((layer64 + 1) * (T + 1) + t) * B * 4 * H
+                    dx = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    if RESIDENT:
+                        dx = resident_gradient_products(
+                            dx, dz_above, x_i, x_f, x_g, x_o, rows, ks, live, H, PRECISION
+                        )
+                    else:
+                        dx = gradient_products(
+                            dx, dz_above, wx_above, rows, units, ks, live, H, BLOCK_K, PRECISION
+                        )
+                    if MASKED:
+                        dx = dx * tl.load(mask_ptr + (layer64 * T + t) * B * H + here, mask=live, other=0.0)
+                    dh += dx
+            act = act_ptr + (layer64 * T + t) * B * 4 * H + gate_here
+            gi = tl.load(act, mask=live, other=0.0)
+            gf = tl.load(act + H, mask=live, other=0.0)
+            gg = tl.load(act + 2 * H, mask=live, other=0.0)
+            go = tl.load(act + 3 * H, mask=live, other=0.0)
+            c = tl.load(cs_layer + (t + 1) * B * H + here, mask=live, other=0.0)
+            c_prev = tl.load(cs_layer + t * B * H + here, mask=live, other=0.0)
+            tc = tanh(c)
+            dc_here = dc_ptr + layer64 * B * H + here
+            dc = tl.load(dc_here, mask=live, other=0.0) + dh * go * (1.0 - tc * tc)
+            dz = dz_layer + t * B * 4 * H + gate_here
+            tl.store(dz, dc * gg * gi * (1.0 - gi), mask=live)
+            tl.store(dz + H, dc * c_prev * gf * (1.0 - gf), mask=live)
+            tl.store(dz + 2 * H, dc * gi * (1.0 - gg * gg), mask=live)
+            tl.store(dz + 3 * H, dh * tc * go * (1.0 - go), mask=live)
+            tl.store(dc_here, dc * gf, mask=live)
         if PERSISTENT:
             meet(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS, COUNTER)

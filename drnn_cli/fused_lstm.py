@@ -36,7 +36,8 @@ from drnn_cli.errors import DrnnError
 Mode = Literal["persistent", "stepwise"]
 SPIN_LIMIT = 2_000_000  # polls of the arrival flags before a program gives up (~1 s, not a hang)
 LAUNCH_ENV = "DRNN_FUSED_LAUNCH"  # the plan's variants, for measuring them end to end (README "Environment")
-LAUNCH_WORDS = {"resident": "resident", "counter": "counter_barrier", "tf32": "tf32"}
+# its words, each the Launch field it turns on ("wavefront": the whole stack in one launch, see Launch.layers)
+LAUNCH_WORDS = {"resident": "resident", "counter": "counter_barrier", "tf32": "tf32", "wavefront": "layers"}
 # A tile's sides as the plan and the sweep cut them: tl.arange takes powers of two only, and past 64
 # the kernel's registers and shared memory were never sized (32 × 128 overflows shared memory in fp32).
 LAUNCH_TILE_SIDES = {"16": 16, "32": 32, "64": 64}
@@ -85,10 +86,18 @@ class Launch:
     resident: bool = False  # W_hh's tiles read once before the time loop (needs block_k = hidden)
     counter_barrier: bool = False  # the grid meets at one counter, not at one flag per program
     tf32: bool = False  # fp32 products on TF32 tensor cores, as cuDNN's fp32 LSTM runs them
+    # Layers run by one launch as a wavefront (layer l at timestep t during super-step t + l): each
+    # has a grid of its own, the barriers are shared, and layers > 1 computes the input products of
+    # the layers above the first inside the kernel. 1: one launch per layer.
+    layers: int = 1
+
+    @property
+    def kernel_grid(self) -> tuple[int, int, int]:
+        return (*self.grid, self.layers)
 
     @property
     def programs(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.grid[0] * self.grid[1] * self.layers
 
 
 def device_slots(device: torch.device) -> int:
@@ -104,21 +113,24 @@ def device_slots(device: torch.device) -> int:
     return multiprocessors
 
 
-def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None) -> Launch:
+def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None, layers: int = 1) -> Launch:
     """Tiles of 16–64 rows by 16–64 hidden units (``tl.dot`` needs 16 or more on each side).
 
     The smallest tiles spread a timestep's work over the most multiprocessors; for a persistent grid
     they grow (hidden units first, then rows) until every program fits on the device at once, one
     per multiprocessor. If even 64 × 64 tiles do not fit, one launch per timestep of 16 × 16 tiles.
     ``mode`` forces either (tests); otherwise ``DRNN_FUSED_LAUNCH`` may change the plan
-    (:func:`launch_from_environment`).
+    (:func:`launch_from_environment`), and run a stack of ``layers`` layers as one wavefront, whose
+    grid is one layer's times ``layers``.
     """
     if hidden % 16:
         raise ValueError(f"model.impl fused needs hidden_size divisible by 16, not {hidden}")
+    asked = os.environ.get(LAUNCH_ENV, "") if mode is None else ""
+    stacked = layers if "wavefront" in launch_words(asked) else 1
     block_b = block_h = 16
 
     def programs() -> int:
-        return (hidden // block_h) * -(-batch // block_b)
+        return (hidden // block_h) * -(-batch // block_b) * stacked
 
     while mode != "stepwise" and programs() > slots:
         if block_h < 64 and hidden % (2 * block_h) == 0:
@@ -132,8 +144,17 @@ def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None) -
         block_b = block_h = 16
     block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
     launch = with_tile(Launch(block_b, block_h, block_k, (0, 0), persistent), batch, hidden, block_b, block_h)
-    asked = os.environ.get(LAUNCH_ENV, "")
-    return launch_from_environment(asked, launch, batch, hidden, slots) if mode is None and asked else launch
+    return launch_from_environment(asked, launch, batch, hidden, slots, layers) if asked else launch
+
+
+def wavefront_asked() -> bool:
+    """Whether ``DRNN_FUSED_LAUNCH`` asks to run each stack as one wavefront."""
+    return "wavefront" in launch_words(os.environ.get(LAUNCH_ENV, ""))
+
+
+def launch_words(asked: str) -> list[str]:
+    """``DRNN_FUSED_LAUNCH``'s comma-separated words, trimmed and in lower case."""
+    return [part.strip().lower() for part in asked.split(",") if part.strip()]
 
 
 def with_tile(
@@ -146,18 +167,20 @@ def with_tile(
     return replace(launch, block_b=block_b, block_h=block_h, grid=grid, num_warps=warps)
 
 
-def launch_from_environment(asked: str, launch: Launch, batch: int, hidden: int, slots: int) -> Launch:
+def launch_from_environment(
+    asked: str, launch: Launch, batch: int, hidden: int, slots: int, layers: int = 1
+) -> Launch:
     """``launch`` as ``DRNN_FUSED_LAUNCH`` asks: a comma-separated list of ``resident`` (W_hh read once
     for all timesteps), ``counter`` (the grid barrier through one counter), ``tf32`` (fp32 products on
-    TF32 tensor cores) and a tile ``ROWSxUNITS``. The variants scripts/fused_bench.py --sweep-tiles
-    times one layer at a time, for measuring one in whole training steps; a word it does not know, or
-    a variant this layer cannot take, is a one-line error."""
+    TF32 tensor cores), ``wavefront`` (a stack of ``layers`` in one launch) and a tile ``ROWSxUNITS``.
+    The variants scripts/fused_bench.py --sweep-tiles times, for measuring one in whole training
+    steps; a word it does not know, or a variant this stack cannot take, is a one-line error."""
     fields: dict[str, Any] = {}
     tile_word: str | None = None
-    for word in (part.strip().lower() for part in asked.split(",") if part.strip()):
+    for word in launch_words(asked):
         tile = re.fullmatch(r"(\d+)x(\d+)", word)
         if word in LAUNCH_WORDS:
-            fields[LAUNCH_WORDS[word]] = True
+            fields[LAUNCH_WORDS[word]] = layers if word == "wavefront" else True
         elif tile:
             if tile_word is not None:
                 raise DrnnError(f"{LAUNCH_ENV}: two tiles, {tile_word} and {word}; give one")
@@ -179,18 +202,20 @@ def launch_from_environment(asked: str, launch: Launch, batch: int, hidden: int,
     if launch.resident:
         if hidden & (hidden - 1):
             raise DrnnError(f"{LAUNCH_ENV} resident needs model.hidden_size a power of two, not {hidden}")
-        weights = 4 * hidden * launch.block_h * 4  # the four gates' fp32 tiles, in shared memory
+        # the four gates' fp32 tiles of W_hh, and of W_ih in a wavefront's upper layers, in shared memory
+        weights = 4 * hidden * launch.block_h * 4 * (2 if launch.layers > 1 else 1)
         if weights > RESIDENT_BYTES:
             raise DrnnError(
-                f"{LAUNCH_ENV} resident keeps {weights >> 10} KiB of W_hh per program at hidden {hidden} and "
+                f"{LAUNCH_ENV} resident keeps {weights >> 10} KiB of weights per program at hidden {hidden} and "
                 f"{launch.block_h} units a program, more than a multiprocessor's shared memory holds beside "
                 "the rest; use a tile of fewer units, or leave out resident"
             )
         launch = replace(launch, block_k=hidden)
     if launch.persistent and launch.programs > slots:
         raise DrnnError(
-            f"{LAUNCH_ENV}: {launch.programs} programs of {launch.block_b}x{launch.block_h} do not fit "
-            f"this device's {slots} at once; use a larger tile"
+            f"{LAUNCH_ENV}: {launch.programs} programs of {launch.block_b}x{launch.block_h}"
+            f"{f' ({launch.layers} layers)' if launch.layers > 1 else ''} do not fit this device's {slots} "
+            "at once; use a larger tile"
         )
     return launch
 
@@ -214,8 +239,9 @@ def precision_for(fp32: bool, tf32: bool = False) -> str:
     return "ieee" if fp32 and not tf32 else "tf32"
 
 
-def kernel_constants(launch: Launch, fp32_products: bool) -> dict[str, Any]:
-    """The kernels' compile-time parameters for ``launch`` (scripts/fused_compile.py compiles the same)."""
+def kernel_constants(launch: Launch, fp32_products: bool, masked: bool = False) -> dict[str, Any]:
+    """The kernels' compile-time parameters for ``launch`` (scripts/fused_compile.py compiles the same);
+    ``masked``: dropout between a wavefront's layers."""
     return {
         "BLOCK_B": launch.block_b,
         "BLOCK_H": launch.block_h,
@@ -226,20 +252,29 @@ def kernel_constants(launch: Launch, fp32_products: bool) -> dict[str, Any]:
         "PRECISION": precision_for(fp32_products, launch.tf32),
         "RESIDENT": launch.resident,
         "COUNTER": launch.counter_barrier,
+        "LAYERS": launch.layers,
+        "MASKED": masked,
     }
 
 
-def _launch_args(launch: Launch, spin_limit: int, w: torch.Tensor) -> dict[str, Any]:
-    constants = kernel_constants(launch, w.dtype == torch.float32)
+def _launch_args(launch: Launch, spin_limit: int, w: torch.Tensor, masked: bool) -> dict[str, Any]:
+    constants = kernel_constants(launch, w.dtype == torch.float32, masked)
     return {"spin_limit": spin_limit, **constants, "num_warps": launch.num_warps}
 
 
-class _FusedLSTM(torch.autograd.Function):
+class _FusedStack(torch.autograd.Function):
+    """A stack of L layers: one kernel pair per layer (``launch.layers`` = 1, L = 1) or one for all of
+    them (``launch.layers`` = L). Layer 0's input gates come precomputed; the layers above compute
+    theirs in the kernel from the layer below's h_t (times its dropout mask) and their W_ih."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         xg: torch.Tensor,
         w_hh: torch.Tensor,
+        w_ih: torch.Tensor,
+        bias: torch.Tensor,
+        mask: torch.Tensor | None,
         h0: torch.Tensor,
         c0: torch.Tensor,
         launch: Launch,
@@ -247,60 +282,136 @@ class _FusedLSTM(torch.autograd.Function):
         error: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         steps, batch, gates = xg.shape
-        hidden = gates // 4
+        layers, hidden = w_hh.shape[0], gates // 4
         kernels = _kernels()
         xg = xg.float().contiguous()
-        hs = torch.empty((steps + 1, batch, hidden), device=xg.device, dtype=torch.float32)
+        hs = torch.empty((layers, steps + 1, batch, hidden), device=xg.device, dtype=torch.float32)
         cs = torch.empty_like(hs)
-        hs[0].copy_(h0)
-        cs[0].copy_(c0)
-        act = torch.empty_like(xg)
+        hs[:, 0].copy_(h0)
+        cs[:, 0].copy_(c0)
+        act = torch.empty((layers, steps, batch, gates), device=xg.device, dtype=torch.float32)
         flags = torch.zeros(launch.programs, device=xg.device, dtype=torch.int32)
-        args = _launch_args(launch, spin_limit, w_hh)
-        for t_begin, n_steps in _chunks(steps, launch.persistent):
-            kernels.forward[launch.grid](
-                xg, w_hh, hs, cs, act, flags, error, t_begin, n_steps, batch, hidden, **args
+        args = _launch_args(launch, spin_limit, w_hh, mask is not None)
+        scale = hs if mask is None else mask  # a pointer the kernel reads only when masked
+        for t_begin, n_steps in _chunks(steps + layers - 1, launch.persistent):
+            kernels.forward[launch.kernel_grid](
+                xg,
+                w_hh,
+                w_ih,
+                bias,
+                scale,
+                hs,
+                cs,
+                act,
+                flags,
+                error,
+                t_begin,
+                n_steps,
+                steps,
+                batch,
+                hidden,
+                **args,
             )
-        ctx.save_for_backward(w_hh, hs, cs, act)
+        ctx.save_for_backward(w_hh, w_ih, mask, hs, cs, act)
         ctx.launch, ctx.spin_limit, ctx.error = launch, spin_limit, error
-        return hs[1:], hs[steps], cs[steps]
+        return hs[layers - 1, 1:], hs[:, steps], cs[:, steps]
 
     @staticmethod
     def backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None, d_c: torch.Tensor | None):  # type: ignore[override]
-        w_hh, hs, cs, act = ctx.saved_tensors
+        w_hh, w_ih, mask, hs, cs, act = ctx.saved_tensors
         launch: Launch = ctx.launch
-        steps, batch, hidden = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+        layers, steps, batch, hidden = hs.shape[0], hs.shape[1] - 1, hs.shape[2], hs.shape[3]
         kernels = _kernels()
-        dout = (
-            torch.zeros((steps, batch, hidden), device=hs.device) if d_out is None else d_out.float().clone()
-        )
+        dout = torch.zeros((layers, steps, batch, hidden), device=hs.device)
+        if d_out is not None:
+            dout[layers - 1] += d_out.float()
         if d_h is not None:
-            dout[steps - 1] += d_h.float()  # h_T is the last output: its two gradients meet
-        dout = dout.contiguous()
-        dz = torch.empty((steps + 1, batch, 4 * hidden), device=hs.device, dtype=torch.float32)
-        dz[steps].zero_()
+            dout[:, steps - 1] += d_h.float()  # h_T is each layer's last output: its two gradients meet
+        dz = torch.empty((layers, steps + 1, batch, 4 * hidden), device=hs.device, dtype=torch.float32)
+        dz[:, steps].zero_()
         dc = (
-            torch.zeros((batch, hidden), device=hs.device)
+            torch.zeros((layers, batch, hidden), device=hs.device)
             if d_c is None
-            else d_c.float().clone().contiguous()
+            else d_c.float().contiguous()
         )
+        dc = dc.clone()
         flags = torch.zeros(launch.programs, device=hs.device, dtype=torch.int32)
-        args = _launch_args(launch, ctx.spin_limit, w_hh)
-        for t_begin, n_steps in _chunks(steps, launch.persistent):
+        args = _launch_args(launch, ctx.spin_limit, w_hh, mask is not None)
+        scale = hs if mask is None else mask
+        for t_begin, n_steps in _chunks(steps + layers - 1, launch.persistent):
             t_last = steps - 1 - t_begin
-            kernels.backward[launch.grid](
-                w_hh, act, cs, dout, dz, dc, flags, ctx.error, t_last, n_steps, batch, hidden, **args
+            kernels.backward[launch.kernel_grid](
+                w_hh,
+                w_ih,
+                scale,
+                act,
+                cs,
+                dout,
+                dz,
+                dc,
+                flags,
+                ctx.error,
+                t_last,
+                n_steps,
+                steps,
+                batch,
+                hidden,
+                **args,
             )
-        d_xg = dz[:steps]
-        flat = d_xg.reshape(-1, 4 * hidden)
-        d_w = flat.t().mm(hs[:steps].reshape(-1, hidden)).to(w_hh.dtype)  # Σ_t dz_tᵀ h_{t-1}
-        d_h0 = dz[0].mm(w_hh.float())
-        return d_xg, d_w, d_h0, dc, None, None, None
+        gates = dz[:, :steps].reshape(layers, -1, 4 * hidden)
+        d_w_hh = (
+            gates.transpose(1, 2).bmm(hs[:, :steps].reshape(layers, -1, hidden)).to(w_hh.dtype)
+        )  # Σ_t dz_tᵀ h_{t-1}
+        d_h0 = dz[:, 0].bmm(w_hh.float())
+        d_w_ih = d_bias = None
+        if layers > 1:  # the upper layers' inputs: the layer below's outputs, dropped out
+            inputs = hs[:-1, 1:] if mask is None else hs[:-1, 1:] * mask
+            d_w_ih = gates[1:].transpose(1, 2).bmm(inputs.reshape(layers - 1, -1, hidden)).to(w_ih.dtype)
+            d_bias = gates[1:].sum(1)
+        return dz[0, :steps], d_w_hh, d_w_ih, d_bias, None, d_h0, dc, None, None, None
 
 
 def _chunks(steps: int, persistent: bool) -> list[tuple[int, int]]:
-    """(first step, steps) per launch: all at once when persistent, else one launch per timestep."""
+    """(first super-step, super-steps) per launch: all at once when persistent, else one at a time."""
     return [(0, steps)] if persistent else [(t, 1) for t in range(steps)]
+
+
+def fused_lstm_stack(
+    xg: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: list[torch.Tensor],
+    w_ih: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    masks: list[torch.Tensor] | None,
+    launch: Launch,
+    spin_limit: int = SPIN_LIMIT,
+    error: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stack of LSTM layers in one launch (``launch.layers`` of them, as a wavefront). ``xg`` (T, B,
+    4H) holds layer 0's x_t W_ihᵀ + b_ih + b_hh; ``w_ih`` and ``biases`` (b_ih + b_hh) are the layers'
+    above it; ``masks`` the dropout scale of each lower layer's output, (T or 1, B, H), or None. Returns
+    ``(top layer's outputs (T, B, H), h_n (L, B, H), c_n)`` in fp32; ``error`` as for :func:`fused_lstm_layer`."""
+    layers, (steps, batch, _), hidden = len(w_hh), xg.shape, w_hh[0].shape[1]
+    if launch.layers != layers or layers < 2:
+        raise ValueError(f"a wavefront launch of {launch.layers} layers cannot run a stack of {layers}")
+    _check_resident(launch, hidden)
+    dtype = _product_dtype(xg.device)
+    stacked_mask = None
+    if masks is not None:  # one contiguous (L - 1, T, B, H) scale: a locked mask repeats over time
+        stacked_mask = torch.stack([mask.float().expand(steps, batch, hidden) for mask in masks]).contiguous()
+    return _FusedStack.apply(
+        xg,
+        torch.stack(w_hh).to(dtype),
+        torch.stack(w_ih).to(dtype),
+        torch.stack(biases).float(),
+        stacked_mask,
+        h0,
+        c0,
+        launch,
+        spin_limit,
+        _error_flag(error, xg.device),
+    )
 
 
 def fused_lstm_layer(
@@ -317,9 +428,30 @@ def fused_lstm_layer(
     barrier gave up waiting; it is never read on the host here (that would cost a sync per layer)."""
     batch, hidden = xg.shape[1], w_hh.shape[1]
     launch = launch or plan_launch(batch, hidden, device_slots(xg.device))
+    if launch.layers != 1:
+        launch = replace(launch, layers=1)  # one layer's grid: a wavefront plan seen by one layer
+    _check_resident(launch, hidden)
+    w = w_hh.to(_product_dtype(xg.device)).unsqueeze(0).contiguous()
+    no_bias = xg.new_zeros((1,), dtype=torch.float32)  # a lone layer has no layer above: never read
+    out, h_n, c_n = _FusedStack.apply(
+        xg,
+        w,
+        w,
+        no_bias,
+        None,
+        h0.unsqueeze(0),
+        c0.unsqueeze(0),
+        launch,
+        spin_limit,
+        _error_flag(error, xg.device),
+    )
+    return out, h_n[0], c_n[0]
+
+
+def _check_resident(launch: Launch, hidden: int) -> None:
     if launch.resident and (launch.block_k != hidden or hidden & (hidden - 1)):
         raise ValueError(f"a resident W_hh needs block_k = hidden_size, a power of two (hidden {hidden})")
-    if error is None:
-        error = torch.zeros((), device=xg.device, dtype=torch.int32)
-    w = w_hh.to(_product_dtype(xg.device)).contiguous()
-    return _FusedLSTM.apply(xg, w, h0, c0, launch, spin_limit, error)
+
+
+def _error_flag(error: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    return torch.zeros((), device=device, dtype=torch.int32) if error is None else error

@@ -160,6 +160,40 @@ class FusedRecurrent(ScratchRecurrent):
             raise ValueError(f"model.impl fused has an LSTM kernel only, not {self.cell}")
         self.register_buffer("barrier_error", torch.zeros((), dtype=torch.int32), persistent=False)
 
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Layer by layer as the scratch stack does, unless the plan runs the stack as one wavefront
+        (``DRNN_FUSED_LAUNCH=wavefront``): then one launch for all layers, with the same weight-drop and
+        dropout masks drawn in the same order as the layer-by-layer path draws them."""
+        launch = self._wavefront(inputs)
+        if launch is None:
+            return super().forward(inputs, state)
+        h0, c0 = state
+        assert c0 is not None
+        w_hh, w_ih, biases, masks = [], [], [], []
+        for layer in range(self.num_layers):
+            weights = self._layer_weights(layer)
+            w_hh.append(weights[1])
+            if layer > 0:
+                w_ih.append(weights[0])
+                biases.append(weights[2] + weights[3])
+            else:
+                x_gates = F.linear(inputs, weights[0], weights[2]) + weights[3]
+            if layer < self.num_layers - 1 and self.training and self.dropout > 0:
+                shape = (1 if self.locked else inputs.shape[0], inputs.shape[1], self.hidden_size)
+                masks.append(dropout_scale(inputs.new_empty((), dtype=torch.float32), shape, self.dropout))
+        out, h_n, c_n = fused_lstm.fused_lstm_stack(
+            x_gates, h0, c0, w_hh, w_ih, biases, masks or None, launch, error=self.barrier_error
+        )
+        return out, (h_n, c_n)
+
+    def _wavefront(self, inputs: torch.Tensor) -> fused_lstm.Launch | None:
+        """The plan's launch when it runs this stack as one wavefront, else None."""
+        if self.num_layers < 2 or not fused_lstm.wavefront_asked() or not fused_lstm.can_run(inputs.device):
+            return None
+        slots = fused_lstm.device_slots(inputs.device)
+        launch = fused_lstm.plan_launch(inputs.shape[1], self.hidden_size, slots, layers=self.num_layers)
+        return launch if launch.layers > 1 else None
+
     def _lstm_recurrence(
         self,
         x_gates: torch.Tensor,

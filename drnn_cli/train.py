@@ -128,7 +128,10 @@ class Trainer:
         if config.model.impl == "fused" and fused_lstm.can_run(device):
             # DRNN_FUSED_LAUNCH's errors now, not in the first step after the run's files are written;
             # validation's whole data.batch_size makes the most programs of any launch in the run
-            fused_lstm.plan_launch(data.batch_size, config.model.hidden_size, fused_lstm.device_slots(device))
+            model = config.model
+            fused_lstm.plan_launch(
+                data.batch_size, model.hidden_size, fused_lstm.device_slots(device), layers=model.num_layers
+            )
         self.init_from_label = init_from_label or (resume.init_from if resume else None)
         if init_from is not None:
             self.model.load_state_dict(init_from.model_state)

@@ -21,14 +21,19 @@ Microseconds per forward + backward, from CUDA events over ``--iterations`` afte
 BxH`` overrides the planned tile (a tuning aid); ``--sweep-tiles`` times only the seed layer as a
 graph, in bf16 and fp32: cuDNN (fp32 with TF32 off and on), then the persistent kernel in each of
 SWEPT_VARIANTS (tiles from 16 × 16, 32 programs, to 32 × 64, 4 programs, at 4 or 8 warps; W_hh
-resident across timesteps; one counter for the barrier; TF32 products). ``scripts/gpu_check.py`` runs it as its ``fused-kernels`` and ``fused-tiles`` steps.
+resident across timesteps; one counter for the barrier; TF32 products); then the seed model's whole
+two-layer stack, cuDNN's against ``impl: fused`` under each DRNN_FUSED_LAUNCH of STACK_VARIANTS
+(layer by layer, and the whole stack as one wavefront launch). ``scripts/gpu_check.py`` runs it as
+its ``fused-kernels`` and ``fused-tiles`` steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -247,6 +252,92 @@ def tile_rows(iterations: int, slots: int) -> Iterator[tuple[dict[str, Any], boo
             yield row, failed
 
 
+# DRNN_FUSED_LAUNCH values the sweep times the seed model's whole two-layer stack through (as
+# model.impl fused runs it in training): layer by layer as planned, and as one wavefront launch (the
+# layers' timesteps overlapped, the layer above's input products inside the kernel) in its variants.
+# fp32 rows add tf32 to each (cuDNN multiplies fp32 on TF32 tensor cores by default).
+STACK_VARIANTS = (
+    "16x16",
+    "16x16,wavefront",
+    "16x16,wavefront,counter",
+    "16x16,wavefront,resident",
+    "16x16,wavefront,resident,counter",
+    "16x32,wavefront,counter",
+    "32x16,wavefront,counter",
+)
+
+
+@contextlib.contextmanager
+def launch_environment(words: str) -> Iterator[None]:
+    """DRNN_FUSED_LAUNCH set to ``words`` inside the block (the fused stack plans under it)."""
+    os.environ[fused_lstm.LAUNCH_ENV] = words
+    try:
+        yield
+    finally:
+        del os.environ[fused_lstm.LAUNCH_ENV]
+
+
+def stack_variant_launches(slots: int) -> list[tuple[str, fused_lstm.Launch]]:
+    """The seed stack's launch under each of STACK_VARIANTS (with TF32: fp32's), as training plans it."""
+    batch, _, hidden = STACK_SHAPE
+    launches = []
+    for words in STACK_VARIANTS:
+        with launch_environment(words):
+            launches.append((words, fused_lstm.plan_launch(batch, hidden, slots, layers=2)))
+    return launches
+
+
+def fused_stack_runner(input_size: int, dtype: torch.dtype) -> tuple[Callable[[], None], torch.Tensor]:
+    """The seed model's two LSTM layers through ``impl: fused`` (:class:`FusedRecurrent`), planned
+    when first run, i.e. under the DRNN_FUSED_LAUNCH set at that time; and its barrier's error flag."""
+    from drnn_cli.models import FusedRecurrent
+
+    batch, steps, hidden = STACK_SHAPE
+    device = torch.device("cuda")
+    stack = FusedRecurrent("lstm", input_size, hidden, 2).to(device)
+    x = torch.randn(steps, batch, input_size, device=device)
+    state = (torch.zeros(2, batch, hidden, device=device), torch.zeros(2, batch, hidden, device=device))
+    probe = torch.randn(steps, batch, hidden, device=device)
+
+    def run() -> None:
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out, _ = stack(x, state)
+        (out.float() * probe).sum().backward()
+
+    return run, stack.barrier_error
+
+
+def stack_variant_rows(iterations: int) -> Iterator[tuple[dict[str, Any], bool]]:
+    """µs per forward + backward of the seed model's two-layer stack as a graph, input one-hot 28 wide:
+    cuDNN's (fp32 with TF32 off and on), then impl fused under each of STACK_VARIANTS, bf16 first."""
+    input_size = STACK_INPUTS[0]
+    for dtype_name, dtype in (DTYPES[1], DTYPES[0]):
+        for tf32 in (False, True) if dtype == torch.float32 else (False,):
+            torch.backends.cudnn.allow_tf32 = tf32
+            row: dict[str, Any] = {"dtype": dtype_name, "variant": "cudnn" + (" tf32" if tf32 else "")}
+            try:
+                row["graph"] = round(
+                    time_us(stack_runner(input_size, dtype, False), iterations, graph=True), 1
+                )
+            except Exception as problem:  # the Triton rows still run
+                row["graph"] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
+            finally:
+                torch.backends.cudnn.allow_tf32 = False
+            yield row, False
+        for variant in STACK_VARIANTS:
+            words = f"{variant},tf32" if dtype == torch.float32 else variant
+            row = {"dtype": dtype_name, "variant": words}
+            try:
+                with launch_environment(words):
+                    run, error = fused_stack_runner(input_size, dtype)
+                    row["graph"] = round(time_us(run, iterations, graph=True), 1)
+                row["barrier-timeout"] = failed = bool(int(error))
+            except Exception as problem:
+                row["graph"] = f"{type(problem).__name__}: {str(problem).strip().splitlines()[0][:160]}"
+                failed = type(problem).__name__ != "OutOfResources"  # as in tile_rows
+            yield row, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -279,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         report["tiles"] = tiles = []
         for row, row_failed in tile_rows(args.iterations, slots):
             tiles.append(row)
+            failed |= row_failed
+            emit(row)
+        report["stack-tiles"] = stack_tiles = []
+        for row, row_failed in stack_variant_rows(args.iterations):
+            stack_tiles.append(row)
             failed |= row_failed
             emit(row)
         timed = [row for row in tiles if isinstance(row["fused-graph"], float) and row["programs"]]

@@ -9,7 +9,8 @@ compiles, and see what ptxas makes of it: registers per thread, spilled bytes, s
 It compiles, for each shape below, forward and backward, fp32 and bf16, exactly the launch
 :func:`drnn_cli.fused_lstm.plan_launch` plans; with ``--variants``, also the seed layer's variants
 that ``scripts/fused_bench.py --sweep-tiles`` times (its SWEPT_VARIANTS: other tiles, W_hh resident,
-the counter barrier, TF32). Exit 0 when all compiled, 1 when one failed.
+the counter barrier, TF32) and the two-layer stack's launches it times (STACK_VARIANTS: the wavefront
+kernels, with dropout between the layers). Exit 0 when all compiled, 1 when one failed.
 
 Run it without ``TRITON_INTERPRET`` set (under the interpreter nothing is compiled).
 """
@@ -23,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,19 @@ sys.path.insert(0, str(REPO))
 # (name, batch rows, hidden units): the benchmark's shapes (scripts/bench.py)
 SHAPES = (("seed B32", 32, 256), ("B256", 256, 256), ("B1024", 1024, 256), ("B4096 (stepwise)", 4096, 256))
 POINTERS = {
-    "forward": ("xg_ptr", "w_ptr", "hs_ptr", "cs_ptr", "act_ptr", "flags_ptr", "error_ptr"),
-    "backward": ("w_ptr", "act_ptr", "cs_ptr", "dout_ptr", "dz_ptr", "dc_ptr", "flags_ptr", "error_ptr"),
+    "forward": (
+        *("xg_ptr", "w_ptr", "wx_ptr", "bias_ptr", "mask_ptr"),
+        *("hs_ptr", "cs_ptr", "act_ptr", "flags_ptr", "error_ptr"),
+    ),
+    "backward": (
+        *("w_ptr", "wx_ptr", "mask_ptr", "act_ptr", "cs_ptr"),
+        *("dout_ptr", "dz_ptr", "dc_ptr", "flags_ptr", "error_ptr"),
+    ),
 }
 
 
 def pointer_type(name: str, dtype: str) -> str:
-    if name == "w_ptr":
+    if name in ("w_ptr", "wx_ptr"):  # the weights, in the product dtype
         return f"*{dtype}"
     return "*i32" if name in ("flags_ptr", "error_ptr") else "*fp32"
 
@@ -117,18 +125,29 @@ def main(argv: list[str] | None = None) -> int:
     from drnn_cli.fused_lstm import kernel_constants, plan_launch
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from fused_bench import variant_launches
+    from fused_bench import stack_variant_launches, variant_launches
 
     launches = [(label, plan_launch(batch, hidden, args.slots)) for label, batch, hidden in SHAPES]
     if args.variants:
         launches += [(f"seed {name}", launch) for name, launch in variant_launches(args.slots)]
+        # the sweep's fp32 stack rows all multiply on TF32 tensor cores (STACK_VARIANTS)
+        launches += [
+            (f"seed stack {words}", replace(launch, tf32=True))
+            for words, launch in stack_variant_launches(args.slots)
+        ]
     rows: list[dict[str, Any]] = []
     failed = False
     for label, launch in launches:
         hidden = launch.grid[0] * launch.block_h
         for dtype in ("fp32", "bf16"):
             for name in ("forward", "backward"):
-                constants = {"_dtype": dtype, "H": hidden, **kernel_constants(launch, dtype == "fp32")}
+                # a wavefront's kernels as training runs them, with dropout between the layers
+                masked = launch.layers > 1
+                constants = {
+                    "_dtype": dtype,
+                    "H": hidden,
+                    **kernel_constants(launch, dtype == "fp32", masked),
+                }
                 row: dict[str, Any] = {
                     "shape": label[:40],
                     "kernel": name,

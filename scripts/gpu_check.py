@@ -98,7 +98,7 @@ BENCH_STEPS = ("bench", "bench-compiled", "bench-open", "bench-fused-variant")
 FUSED_VARIANT = "resident,counter,tf32"
 # what DRNN_FUSED_LAUNCH takes besides a tile (drnn_cli.fused_lstm.LAUNCH_WORDS; this script imports no drnn
 # module before it has checked that drnn's dependencies are there)
-VARIANT_WORDS = ("resident", "counter", "tf32")
+VARIANT_WORDS = ("resident", "counter", "tf32", "wavefront")
 OPEN_CONFIGS = (
     "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,compiled-lstm-seed"
 )
@@ -253,9 +253,10 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         Step(
             "fused-tiles",
             "scripts/fused_bench.py --sweep-tiles: the seed layer as a graph, cuDNN then the persistent Triton "
-            "kernel's variants (tiles of 16 × 16 to 32 × 64, W_hh resident, a counter barrier, TF32), bf16 then fp32",
+            "kernel's variants (tiles of 16 × 16 to 32 × 64, W_hh resident, a counter barrier, TF32), bf16 then fp32; "
+            "then the seed model's two-layer stack, cuDNN's against impl fused layer by layer and as one wavefront",
             [sys.executable, "scripts/fused_bench.py", "--json", "--sweep-tiles"],
-            120,
+            200,
         ),
         Step(
             "bench-fused-variant",
@@ -535,17 +536,28 @@ def bench_configs(results: dict[str, StepResult]) -> dict[str, Any]:
 def best_variant(tiles: StepResult | None) -> str | None:
     """DRNN_FUSED_LAUNCH for the fastest Triton row of the fused-tiles step in bf16 (the half precision
     the 15× aim is set in), with TF32 for the fp32 configuration; None when no such row was timed.
-    A row's name is its tile then its words ("16x32 resident counter 8w"): warps and "wide-k" have no
-    word (the tile decides the warps; resident implies a K tile as wide as the layer)."""
-    rows = ((tiles.data.get("json") or {}).get("tiles") or []) if tiles else []
-    timed = [
-        row
-        for row in rows
-        if row.get("dtype") == "bf16" and row.get("programs") and isinstance(row.get("fused-graph"), float)
+    The two-layer stack's rows decide when any was timed (they time what a training step runs; their
+    variant is DRNN_FUSED_LAUNCH's words already); else the one-layer rows, whose name is a tile then
+    words ("16x32 resident counter 8w"): warps and "wide-k" have no word (the tile decides the warps;
+    resident implies a K tile as wide as the layer)."""
+    data = (tiles.data.get("json") or {}) if tiles else {}
+    stacks = [
+        row for row in data.get("stack-tiles") or [] if row.get("variant", "").startswith(tuple("0123456789"))
     ]
-    if not timed:
-        return None
-    tile, *words = min(timed, key=lambda row: row["fused-graph"])["tile"].split()
+    timed = [row for row in stacks if row.get("dtype") == "bf16" and isinstance(row.get("graph"), float)]
+    if timed:
+        tile, *words = min(timed, key=lambda row: row["graph"])["variant"].split(",")
+    else:
+        timed = [
+            row
+            for row in data.get("tiles") or []
+            if row.get("dtype") == "bf16"
+            and row.get("programs")
+            and isinstance(row.get("fused-graph"), float)
+        ]
+        if not timed:
+            return None
+        tile, *words = min(timed, key=lambda row: row["fused-graph"])["tile"].split()
     return ",".join([tile, *(word for word in VARIANT_WORDS if word in words and word != "tf32"), "tf32"])
 
 
@@ -766,6 +778,18 @@ def tile_lines(step: StepResult | None) -> list[str]:
             f"| {row['dtype']} | {row['tile']} | {row['warps']} | {row['programs']} | {row['fused-graph']} | "
             f"{'yes' if row.get('barrier-timeout') else 'no'} |"
         ]
+    stacks = (step.data.get("json") or {}).get("stack-tiles") or []
+    if stacks:
+        lines += [
+            "",
+            "### fused-tiles, the seed model's two-layer stack (µs per forward + backward as a graph)",
+            "",
+        ]
+        lines += [
+            "| dtype | cuDNN, or impl fused under DRNN_FUSED_LAUNCH | graph µs |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {row['dtype']} | {row['variant']} | {row['graph']} |" for row in stacks]
     return lines
 
 

@@ -33,10 +33,10 @@ from drnn_cli import fused_lstm
 from drnn_cli.batches import epoch_batches
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import TrainRequest, train_run
-from drnn_cli.config import Config, build_config
+from drnn_cli.config import Config, ModelConfig, build_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
-from drnn_cli.models import build_model
+from drnn_cli.models import build_model, lm_loss
 from drnn_cli.optimizers import build_optimizer, make_capturable
 from drnn_cli.step import StaticStep
 from drnn_cli.train import Trainer
@@ -521,8 +521,8 @@ def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
         wide = {"block_k": hidden} if variant.get("resident") else {}
         return dataclasses.replace(planned, **variant, **wide)
 
-    def recorded(launch: fused_lstm.Launch, fp32_products: bool) -> dict:
-        compiled.append(real_constants(launch, fp32_products))
+    def recorded(launch: fused_lstm.Launch, fp32_products: bool, masked: bool = False) -> dict:
+        compiled.append(real_constants(launch, fp32_products, masked))
         return compiled[-1]
 
     monkeypatch.setattr(fused_lstm, "plan_launch", forced)
@@ -540,6 +540,58 @@ def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
     assert int(fused.barrier_error) == 0
 
 
+@pytest.mark.parametrize(
+    "words",
+    ["wavefront", "wavefront,counter", "wavefront,resident,counter", "16x32,wavefront,counter,tf32"],
+)
+def test_a_wavefront_stack_equals_nn_lstm_on_the_gpu(words: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DRNN_FUSED_LAUNCH=wavefront: both layers of the seed shape in one persistent launch (64 programs
+    resident at once, meeting at one barrier per super-step; the second layer's input products in the
+    kernel). Outputs, final state and every gradient as nn.LSTM's (cuDNN, TF32 off): 1e-4 with IEEE
+    products, 2e-2 with TF32 (as for one layer); no barrier timed out."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+    launches: list[fused_lstm.Launch] = []
+    real = fused_lstm.fused_lstm_stack
+    monkeypatch.setattr(
+        fused_lstm,
+        "fused_lstm_stack",
+        lambda *args, **kwargs: launches.append(args[7]) or real(*args, **kwargs),
+    )
+    fused, got, want = seed_stack_against_cudnn()
+    tolerance = 2e-2 if "tf32" in words else 1e-4
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance, msg=name)
+    assert [(launch.layers, launch.persistent) for launch in launches] == [(2, True)]
+    assert int(fused.barrier_error) == 0
+
+
+def test_a_wavefront_stack_with_dropout_trains_as_the_layer_by_layer_one_on_the_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dropout between the layers (its masks multiplied in inside the wavefront kernels) and weight
+    drop: three SGD steps of the language model, persistent, as the layer-by-layer kernels take them."""
+    config = ModelConfig(
+        hidden_size=256, num_layers=2, weight_drop=0.2, dropout=0.3, dropout_kind="locked", impl="fused"
+    )
+    losses = {}
+    for words in ("", "wavefront"):
+        monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+        model = build_model(28, config, seed=3).to(CUDA)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        torch.manual_seed(4)
+        data = torch.randint(0, 28, (3, 32, 36), device=CUDA)
+        losses[words] = []
+        for batch in data:
+            logits, _ = model(batch[:, :-1], model.begin_state(32, CUDA))
+            loss = lm_loss(logits, batch[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[words].append(loss.item())
+        assert int(model.rnn.barrier_error) == 0
+    assert losses["wavefront"] == pytest.approx(losses[""], rel=1e-4)
+
+
 def test_the_counter_barrier_counts_each_program_once_per_timestep() -> None:
     """Each of the 32 programs adds one to the counter per timestep (a scalar atomic runs on one thread
     of the program): after 35 steps it holds 35 × 32. Were every thread to add, the barrier would open
@@ -551,13 +603,16 @@ def test_the_counter_barrier_counts_each_program_once_per_timestep() -> None:
     torch.manual_seed(0)
     xg = torch.randn(steps, batch, 4 * hidden, device=CUDA)
     w_hh = torch.randn(4 * hidden, hidden, device=CUDA) / hidden**0.5
-    hs = torch.zeros(steps + 1, batch, hidden, device=CUDA)
+    hs = torch.zeros(1, steps + 1, batch, hidden, device=CUDA)  # (layers, T + 1, B, H)
     cs = torch.zeros_like(hs)
-    act = torch.empty_like(xg)
+    act = torch.empty(1, steps, batch, 4 * hidden, device=CUDA)
     flags = torch.zeros(launch.programs, device=CUDA, dtype=torch.int32)
     error = torch.zeros((), device=CUDA, dtype=torch.int32)
-    args = fused_lstm._launch_args(launch, fused_lstm.SPIN_LIMIT, w_hh)
-    kernels.forward[launch.grid](xg, w_hh, hs, cs, act, flags, error, 0, steps, batch, hidden, **args)
+    args = fused_lstm._launch_args(launch, fused_lstm.SPIN_LIMIT, w_hh, masked=False)
+    unused = torch.zeros(1, device=CUDA)  # a lone layer's W_ih, biases and dropout scale: never read
+    kernels.forward[launch.kernel_grid](
+        xg, w_hh, w_hh, unused, unused, hs, cs, act, flags, error, 0, steps, steps, batch, hidden, **args
+    )
     torch.cuda.synchronize()
     assert (int(flags[0]), int(error), launch.programs) == (steps * 32, 0, 32)
 

@@ -11,6 +11,7 @@ repeats the equality on a GPU. Without Triton installed, only the tests of the C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,6 +38,7 @@ needs_interpreter = pytest.mark.skipif(
 
 
 def _pair(hidden: int, layers: int = 2, inputs: int = 8) -> tuple[FusedRecurrent, nn.LSTM]:
+    """A fused stack and ``nn.LSTM`` with the same weights."""
     torch.manual_seed(0)
     reference = nn.LSTM(inputs, hidden, layers)
     fused = FusedRecurrent("lstm", inputs, hidden, layers)
@@ -202,7 +204,7 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
             256,
             132,
             "DRNN_FUSED_LAUNCH: unknown word 'fast'; use a comma-separated list of resident, "
-            "counter, tf32 and a tile such as 16x32",
+            "counter, tf32, wavefront and a tile such as 16x32",
         ),
         (
             "16x48",
@@ -216,9 +218,24 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
             "resident,16x32",
             512,
             132,
-            "DRNN_FUSED_LAUNCH resident keeps 256 KiB of W_hh per program at hidden 512 and 32 units a program, "
-            "more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer units, or "
-            "leave out resident",
+            "DRNN_FUSED_LAUNCH resident keeps 256 KiB of weights per program at hidden 512 and 32 units a "
+            "program, more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer "
+            "units, or leave out resident",
+        ),
+        (
+            "resident,wavefront,16x32",  # W_ih's tiles too: twice the weights of one layer's kernel
+            256,
+            132,
+            "DRNN_FUSED_LAUNCH resident keeps 256 KiB of weights per program at hidden 256 and 32 units a "
+            "program, more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer "
+            "units, or leave out resident",
+        ),
+        (
+            "wavefront,16x16",
+            256,
+            40,
+            "DRNN_FUSED_LAUNCH: 64 programs of 16x16 (2 layers) do not fit this device's 40 at once; use a "
+            "larger tile",
         ),
         (
             "16x16",
@@ -229,8 +246,35 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
     ]:
         monkeypatch.setenv("DRNN_FUSED_LAUNCH", asked)
         with pytest.raises(DrnnError) as refused:
-            fused_lstm.plan_launch(32, hidden, slots)
+            fused_lstm.plan_launch(32, hidden, slots, layers=2)
         assert str(refused.value) == message
+
+
+def test_drnn_fused_launch_wavefront_plans_one_grid_for_the_whole_stack(monkeypatch):
+    """``wavefront``: every layer's grid in one launch, so the persistent plan fits all of them at once
+    (a one-layer call, the layer-by-layer path, is planned as before)."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront")
+    seed = fused_lstm.plan_launch(32, 256, 132, layers=2)
+    assert seed == fused_lstm.Launch(16, 16, 64, (16, 2), True, 4, layers=2)
+    assert (seed.programs, seed.kernel_grid) == (64, (16, 2, 2))
+    assert fused_lstm.plan_launch(32, 256, 132) == fused_lstm.Launch(16, 16, 64, (16, 2), True, 4)
+    # batch 1024: one layer fits in 32 × 64 tiles (128 programs); two need 64 × 64 (2 × 64)
+    wide = fused_lstm.plan_launch(1024, 256, 132, layers=2)
+    assert (wide.block_b, wide.block_h, wide.grid, wide.persistent, wide.programs) == (
+        64,
+        64,
+        (4, 16),
+        True,
+        128,
+    )
+    # where no tile fits, one launch per super-step (Triton's interpreter: one program at a time)
+    assert fused_lstm.plan_launch(5, 32, 1, layers=3) == fused_lstm.Launch(
+        16, 16, 32, (2, 1), False, 4, layers=3
+    )
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,resident,counter")
+    assert fused_lstm.plan_launch(32, 256, 132, layers=2) == fused_lstm.Launch(
+        16, 16, 256, (16, 2), True, 4, resident=True, counter_barrier=True, layers=2
+    )
 
 
 @pytest.mark.parametrize(
@@ -269,18 +313,74 @@ def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_ls
     monkeypatch.setattr(
         fused_lstm, "launch_from_environment", lambda *args: used.append(real(*args)) or used[-1]
     )
-    fused, reference = _pair(32)
-    torch.manual_seed(1)
-    steps, batch, layers = 3, 5, 2
-    x = torch.randn(steps, batch, 8)
-    h0, c0 = torch.randn(layers, batch, 32), torch.randn(layers, batch, 32)
-    probes = (torch.randn(steps, batch, 32), torch.randn(layers, batch, 32), torch.randn(layers, batch, 32))
-    got, want = _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    _assert_equal_to_nn_lstm(*_pair(32), steps=3, batch=5)
     assert [(launch.resident, launch.counter_barrier, launch.block_k) for launch in used] == [
         (True, True, 32)
     ] * 2
+
+
+def _assert_equal_to_nn_lstm(fused: FusedRecurrent, reference: nn.LSTM, steps: int, batch: int) -> None:
+    """Outputs, final state and every gradient (inputs, initial state, parameters) of the two stacks."""
+    layers, hidden = reference.num_layers, reference.hidden_size
+    torch.manual_seed(1)
+    x = torch.randn(steps, batch, reference.input_size)
+    h0, c0 = torch.randn(layers, batch, hidden), torch.randn(layers, batch, hidden)
+    probes = (
+        torch.randn(steps, batch, hidden),
+        torch.randn(layers, batch, hidden),
+        torch.randn(layers, batch, hidden),
+    )
+    got, want = _run(fused, x, h0, c0, probes), _run(reference, x, h0, c0, probes)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("layers", "batch", "words"),
+    [(2, 5, "wavefront"), (3, 20, "wavefront"), (2, 5, "wavefront,resident")],
+    ids=["two-layers", "three-layers-two-batch-blocks", "resident"],
+)
+def test_a_stack_run_as_one_wavefront_equals_nn_lstm(layers, batch, words, monkeypatch):
+    """``wavefront``: the whole stack in one launch per super-step, layer l at timestep s - l, the input
+    products of the layers above the first inside the kernel. The interpreter runs a launch's
+    programs top layer first forward and bottom layer first backward, so a schedule that read what
+    another layer writes in the same super-step fails here (checked by mutation: every layer at s)."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+    launches: list[fused_lstm.Launch] = []
+    real = fused_lstm.fused_lstm_stack
+    monkeypatch.setattr(
+        fused_lstm,
+        "fused_lstm_stack",
+        lambda *args, **kwargs: launches.append(args[7]) or real(*args, **kwargs),
+    )
+    _assert_equal_to_nn_lstm(*_pair(32, layers), steps=4, batch=batch)
+    assert [
+        (launch.layers, launch.persistent, launch.resident, launch.kernel_grid) for launch in launches
+    ] == [(layers, False, "resident" in words, (2, -(-batch // 16), layers))]
+
+
+@needs_interpreter
+def test_a_persistent_wavefront_meets_at_one_barrier_for_all_layers():
+    """The top layer's program runs first in the interpreter and waits for the layer below's at the
+    first barrier: it must give up and raise the flag (every layer's programs count at the barrier)."""
+    torch.manual_seed(0)
+    hidden, batch, steps = 16, 2, 2
+    error = torch.zeros((), dtype=torch.int32)
+    fused_lstm.fused_lstm_stack(
+        torch.randn(steps, batch, 4 * hidden),
+        torch.zeros(2, batch, hidden),
+        torch.zeros(2, batch, hidden),
+        [torch.randn(4 * hidden, hidden)] * 2,
+        [torch.randn(4 * hidden, hidden)],
+        [torch.zeros(4 * hidden)],
+        None,
+        fused_lstm.Launch(block_b=16, block_h=16, block_k=16, grid=(1, 1), persistent=True, layers=2),
+        spin_limit=3,
+        error=error,
+    )
+    assert int(error) == 1
 
 
 @pytest.mark.parametrize(("hidden", "block_k"), [(32, 16), (48, 48)], ids=["narrow-k", "not-a-power-of-two"])
@@ -313,8 +413,12 @@ def test_the_kernels_are_compiled_as_the_launch_asks():
         "PRECISION": "ieee",
         "RESIDENT": False,
         "COUNTER": False,
+        "LAYERS": 1,
+        "MASKED": False,
     }
     assert fused_lstm.kernel_constants(plain, False)["PRECISION"] == "tf32"
+    stack = fused_lstm.kernel_constants(dataclasses.replace(plain, layers=3), True, masked=True)
+    assert (stack["LAYERS"], stack["MASKED"], stack["NUM_PROGRAMS"], stack["FLAGS"]) == (3, True, 96, 128)
     constants = fused_lstm.kernel_constants(variant, True)
     assert (constants["PRECISION"], constants["RESIDENT"], constants["COUNTER"], constants["BLOCK_K"]) == (
         "tf32",
@@ -325,17 +429,32 @@ def test_the_kernels_are_compiled_as_the_launch_asks():
 
 
 @needs_interpreter
-def test_fused_model_trains_step_for_step_like_the_scratch_model(monkeypatch):
-    """Three SGD steps of the whole language model, with weight drop (the same masks: the fused stack
-    draws them exactly as the scratch stack does): the same losses and the same weights."""
-    real_layer = fused_lstm.fused_lstm_layer
-    layer_calls = []
-    monkeypatch.setattr(
-        fused_lstm,
-        "fused_lstm_layer",
-        lambda *args, **kwargs: layer_calls.append(1) or real_layer(*args, **kwargs),
+@pytest.mark.parametrize(
+    ("words", "dropout_kind", "kernel"),
+    [
+        ("", "standard", "fused_lstm_layer"),
+        ("wavefront", "standard", "fused_lstm_stack"),
+        ("wavefront", "locked", "fused_lstm_stack"),
+    ],
+    ids=["layer-by-layer", "wavefront", "wavefront-locked"],
+)
+def test_fused_model_trains_step_for_step_like_the_scratch_model(words, dropout_kind, kernel, monkeypatch):
+    """Three SGD steps of the whole language model, with weight drop and dropout between the layers
+    (the same masks: the fused stack draws them exactly as the scratch stack does, layer by layer or
+    as one wavefront, which multiplies them in inside the kernels): the same losses and weights."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+    real = getattr(fused_lstm, kernel)
+    calls = []
+    monkeypatch.setattr(fused_lstm, kernel, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    config = ModelConfig(
+        hidden_size=16,
+        num_layers=2,
+        embedding_dim=8,
+        weight_drop=0.3,
+        dropout=0.4,
+        dropout_kind=dropout_kind,
+        impl="fused",
     )
-    config = ModelConfig(hidden_size=16, num_layers=2, embedding_dim=8, weight_drop=0.3, impl="fused")
     losses = {}
     weights = {}
     for impl in ("fused", "scratch"):
@@ -353,7 +472,8 @@ def test_fused_model_trains_step_for_step_like_the_scratch_model(monkeypatch):
             optimizer.step()
             losses[impl].append(loss.item())
         weights[impl] = model.state_dict()
-    assert len(layer_calls) == 3 * 2  # the fused model's 3 steps × 2 layers ran the kernels
+    # the fused model's 3 steps ran the kernels: 2 layers each, or one stack
+    assert len(calls) == 3 * (1 if words else 2)
     assert losses["fused"] == pytest.approx(losses["scratch"], rel=1e-6)
     for name, value in weights["scratch"].items():
         torch.testing.assert_close(weights["fused"][name], value, rtol=1e-5, atol=1e-6, msg=name)

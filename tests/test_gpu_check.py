@@ -357,6 +357,38 @@ def test_the_variant_measured_in_whole_steps_is_the_sweeps_fastest_in_bf16(gpu_c
     assert gpu_check.best_variant(None) is None
 
 
+def test_the_two_layer_stacks_fastest_bf16_variant_decides_when_the_sweep_timed_stacks(gpu_check) -> None:
+    """The stack rows time what a training step runs (both layers, one wavefront or one after the
+    other), so they decide over the one-layer rows; cuDNN's, fp32 and failed rows do not count."""
+    stacks = [
+        {"dtype": "bf16", "variant": "cudnn", "graph": 400.0},
+        {"dtype": "bf16", "variant": "16x16", "graph": 980.0},
+        {"dtype": "bf16", "variant": "16x16,wavefront,resident,counter", "graph": 610.2},
+        {"dtype": "bf16", "variant": "32x16,wavefront,counter", "graph": "OutOfResources: shared"},
+        {"dtype": "fp32", "variant": "16x32,wavefront,counter,tf32", "graph": 500.0},
+    ]
+    layer_rows = [{"dtype": "bf16", "tile": "16x32 counter", "programs": 16, "fused-graph": 300.0}]
+    sweep = {"tiles": layer_rows, "stack-tiles": stacks}
+    tiles = gpu_check.StepResult("fused-tiles", "", "ok", data={"json": sweep})
+    assert gpu_check.best_variant(tiles) == "16x16,resident,counter,wavefront,tf32"
+    without_stacks = {"tiles": layer_rows, "stack-tiles": stacks[:1]}
+    assert gpu_check.best_variant(
+        gpu_check.StepResult("fused-tiles", "", "ok", data={"json": without_stacks})
+    ) == ("16x32,counter,tf32")
+    from drnn_cli.fused_lstm import launch_from_environment, plan_launch
+
+    launch = launch_from_environment(
+        "16x16,resident,counter,wavefront,tf32", plan_launch(32, 256, 132), 32, 256, 132, layers=2
+    )
+    assert (launch.layers, launch.resident, launch.counter_barrier, launch.tf32, launch.programs) == (
+        2,
+        True,
+        True,
+        True,
+        64,
+    )
+
+
 def test_the_short_calls_suite_runs_only_when_named(gpu_check, tmp_path: Path, capsys) -> None:
     """tests-cuda (the CUDA tests with the CPU tests of the code they drive) stands in for the whole
     suite in a short call; the whole plan runs the whole suite and not this one as well."""

@@ -81,8 +81,9 @@ TEST_TIMEOUT_S = 120  # one test's limit inside the test step (with pytest-timeo
 LOG_TAIL_CHARS = 400_000  # of each step's stdout and stderr, kept in log.txt
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
 # the profile step's configurations, most wanted first (a step cut at its limit keeps what it measured):
-# cuDNN's seed step against the fused kernels', fp32 and bf16 (the H200 profiled the fp16 ones already)
-PROFILED = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,scratch-lstm-seed"
+# cuDNN's seed step against the fused kernels', fp32 and bf16 (the H200 profiled the fp16 ones already),
+# then batch 1024 × 64 in bf16, the last target that is cuDNN's arithmetic rather than launches
+PROFILED = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,lstm-b1024-bf16"
 FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, both kept in fused.json
 # scripts/bench.py runs; bench-compiled compiles (slow to start); bench-open, last in the plan, is the few
 # configurations whose figures decide what is still open (fp16 under the graph, one cuDNN call per layer,

@@ -104,8 +104,11 @@ def program_tile(B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexp
 
 @triton.jit
 def load_past_l1(ptr, live, scale_ptr, SCALED: tl.constexpr):
-    """A (rows, K) fp32 block written by other programs, so read past L1 (.cg); times the dropout
-    scale at ``scale_ptr`` if ``SCALED``."""
+    """A (rows, K) fp32 block written by other programs; times the dropout scale at ``scale_ptr`` if
+    ``SCALED``. Asked to bypass L1 (.cg), which holds where the load stands alone (``resident``); in a
+    K loop Triton's software pipelining turns it into an L1-caching ``cp.async``. Either way what makes
+    other programs' writes visible is the barrier's GPU-scope release/acquire, and no address is read
+    within a launch before it is written, so no stale L1 line can exist."""
     block = tl.load(ptr, mask=live, other=0.0, cache_modifier=".cg")
     if SCALED:
         block = block * tl.load(scale_ptr, mask=live, other=0.0)
@@ -279,9 +282,9 @@ def forward(
     """``n_steps`` super-steps from ``t_begin`` of a stack of LAYERS layers: at super-step s, layer l
     runs timestep s - l (a wavefront), its input h_{s-l} of layer l - 1 written one super-step before."""
     rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
-    # The grid's last axis counts layers from the top, so Triton's interpreter, which runs programs
-    # in order, runs a layer before the one below it: were a layer to read what the layer below
-    # writes in the same super-step, the tests would see stale values.
+    # The grid's last axis counts layers from the top: Triton's interpreter runs the programs of a
+    # tile's column (its third axis innermost) top layer first, so were a layer to read what the
+    # layer below writes in the same super-step, the tests would see stale values.
     layer = LAYERS - 1 - tl.program_id(2)
     layer64 = layer.to(tl.int64)  # offsets of a (L, T, B, 4H) buffer can pass 2³¹ elements
     below = tl.maximum(layer64 - 1, 0)  # layer 0 reads no W_ih here: its input gates come in xg
@@ -434,8 +437,8 @@ def backward(
     """``n_steps`` super-steps back from ``t_last``: at super-step s the top layer runs timestep
     t_last - s and layer l the one after it by L - 1 - l, once the layer above has its gate gradients."""
     rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
-    # Layers counted from the bottom, so the interpreter runs a layer before the one above it (see
-    # forward): reading the gradients the layer above writes in the same super-step would fail the tests.
+    # Layers counted from the bottom, so the interpreter runs a tile's layers bottom first (see
+    # forward): reading the gradients the layer above writes in the same super-step fails the tests.
     layer = tl.program_id(2)
     layer64 = layer.to(tl.int64)
     above = tl.maximum(tl.minimum(layer64, LAYERS - 2), 0)  # W_ih of layer l + 1 sits at wx[l]

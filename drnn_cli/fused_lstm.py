@@ -121,16 +121,30 @@ def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None, l
     per multiprocessor. If even 64 × 64 tiles do not fit, one launch per timestep of 16 × 16 tiles.
     ``mode`` forces either (tests); otherwise ``DRNN_FUSED_LAUNCH`` may change the plan
     (:func:`launch_from_environment`), and run a stack of ``layers`` layers as one wavefront, whose
-    grid is one layer's times ``layers``.
+    grid is one layer's times ``layers`` — where that grid is persistent, or one layer's would not be
+    either: a wavefront of one launch per super-step is no gain over persistent layers one at a time.
     """
     if hidden % 16:
         raise ValueError(f"model.impl fused needs hidden_size divisible by 16, not {hidden}")
     asked = os.environ.get(LAUNCH_ENV, "") if mode is None else ""
-    stacked = layers if "wavefront" in launch_words(asked) else 1
+    block_b, block_h, persistent = _tiles(batch, hidden, slots, mode, 1)
+    if layers > 1 and "wavefront" in launch_words(asked):
+        stack_b, stack_h, stack_persistent = _tiles(batch, hidden, slots, mode, layers)
+        if stack_persistent or not persistent:
+            block_b, block_h, persistent = stack_b, stack_h, stack_persistent
+        else:
+            layers = 1  # the layers one at a time, each grid resident
+    block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
+    launch = with_tile(Launch(block_b, block_h, block_k, (0, 0), persistent), batch, hidden, block_b, block_h)
+    return launch_from_environment(asked, launch, batch, hidden, slots, layers) if asked else launch
+
+
+def _tiles(batch: int, hidden: int, slots: int, mode: Mode | None, grids: int) -> tuple[int, int, bool]:
+    """(rows, units, persistent) of the smallest tile whose ``grids`` grids fit ``slots`` at once."""
     block_b = block_h = 16
 
     def programs() -> int:
-        return (hidden // block_h) * -(-batch // block_b) * stacked
+        return (hidden // block_h) * -(-batch // block_b) * grids
 
     while mode != "stepwise" and programs() > slots:
         if block_h < 64 and hidden % (2 * block_h) == 0:
@@ -140,11 +154,7 @@ def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None, l
         else:
             break
     persistent = programs() <= slots if mode is None else mode == "persistent"
-    if not persistent:
-        block_b = block_h = 16
-    block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
-    launch = with_tile(Launch(block_b, block_h, block_k, (0, 0), persistent), batch, hidden, block_b, block_h)
-    return launch_from_environment(asked, launch, batch, hidden, slots, layers) if asked else launch
+    return (block_b, block_h, True) if persistent else (16, 16, False)
 
 
 def wavefront_asked() -> bool:
@@ -400,7 +410,7 @@ def fused_lstm_stack(
     stacked_mask = None
     if masks is not None:  # one contiguous (L - 1, T, B, H) scale: a locked mask repeats over time
         stacked_mask = torch.stack([mask.float().expand(steps, batch, hidden) for mask in masks]).contiguous()
-    return _FusedStack.apply(
+    out, h_n, c_n = _FusedStack.apply(
         xg,
         torch.stack(w_hh).to(dtype),
         torch.stack(w_ih).to(dtype),
@@ -412,6 +422,7 @@ def fused_lstm_stack(
         spin_limit,
         _error_flag(error, xg.device),
     )
+    return out, h_n.contiguous(), c_n.contiguous()  # (L, B, H) slices of (L, T + 1, B, H) buffers
 
 
 def fused_lstm_layer(

@@ -270,11 +270,15 @@ STACK_VARIANTS = (
 @contextlib.contextmanager
 def launch_environment(words: str) -> Iterator[None]:
     """DRNN_FUSED_LAUNCH set to ``words`` inside the block (the fused stack plans under it)."""
+    before = os.environ.get(fused_lstm.LAUNCH_ENV)
     os.environ[fused_lstm.LAUNCH_ENV] = words
     try:
         yield
     finally:
-        del os.environ[fused_lstm.LAUNCH_ENV]
+        if before is None:
+            del os.environ[fused_lstm.LAUNCH_ENV]
+        else:
+            os.environ[fused_lstm.LAUNCH_ENV] = before
 
 
 def stack_variant_launches(slots: int) -> list[tuple[str, fused_lstm.Launch]]:

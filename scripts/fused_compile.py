@@ -130,26 +130,25 @@ def main(argv: list[str] | None = None) -> int:
     launches = [(label, plan_launch(batch, hidden, args.slots)) for label, batch, hidden in SHAPES]
     if args.variants:
         launches += [(f"seed {name}", launch) for name, launch in variant_launches(args.slots)]
-        # the sweep's fp32 stack rows all multiply on TF32 tensor cores (STACK_VARIANTS)
-        launches += [
-            (f"seed stack {words}", replace(launch, tf32=True))
-            for words, launch in stack_variant_launches(args.slots)
-        ]
+        # as the sweep times them (dropout between the layers; fp32 rows on TF32 tensor cores), and as
+        # the CUDA tests run them (no dropout, IEEE fp32)
+        for words, launch in stack_variant_launches(args.slots):
+            launches += [(f"seed stack {words} dropout tf32", replace(launch, tf32=True))]
+            launches += [(f"seed stack {words}", launch)]
     rows: list[dict[str, Any]] = []
     failed = False
     for label, launch in launches:
         hidden = launch.grid[0] * launch.block_h
         for dtype in ("fp32", "bf16"):
             for name in ("forward", "backward"):
-                # a wavefront's kernels as training runs them, with dropout between the layers
-                masked = launch.layers > 1
+                masked = label.endswith("dropout tf32")
                 constants = {
                     "_dtype": dtype,
                     "H": hidden,
                     **kernel_constants(launch, dtype == "fp32", masked),
                 }
                 row: dict[str, Any] = {
-                    "shape": label[:40],
+                    "shape": label[:56],
                     "kernel": name,
                     "dtype": dtype,
                     "tile": f"{launch.block_b}x{launch.block_h}",

@@ -542,10 +542,14 @@ def best_variant(tiles: StepResult | None) -> str | None:
     words ("16x32 resident counter 8w"): warps and "wide-k" have no word (the tile decides the warps;
     resident implies a K tile as wide as the layer)."""
     data = (tiles.data.get("json") or {}) if tiles else {}
-    stacks = [
-        row for row in data.get("stack-tiles") or [] if row.get("variant", "").startswith(tuple("0123456789"))
+    timed = [
+        row
+        for row in data.get("stack-tiles") or []
+        if row.get("dtype") == "bf16"
+        and not row.get("variant", "cudnn").startswith("cudnn")
+        and isinstance(row.get("graph"), float)
+        and not row.get("barrier-timeout")  # a barrier that gave up stops waiting: fast and wrong
     ]
-    timed = [row for row in stacks if row.get("dtype") == "bf16" and isinstance(row.get("graph"), float)]
     if timed:
         tile, *words = min(timed, key=lambda row: row["graph"])["variant"].split(",")
     else:
@@ -555,6 +559,7 @@ def best_variant(tiles: StepResult | None) -> str | None:
             if row.get("dtype") == "bf16"
             and row.get("programs")
             and isinstance(row.get("fused-graph"), float)
+            and not row.get("barrier-timeout")
         ]
         if not timed:
             return None

@@ -267,10 +267,14 @@ def test_drnn_fused_launch_wavefront_plans_one_grid_for_the_whole_stack(monkeypa
         True,
         128,
     )
-    # where no tile fits, one launch per super-step (Triton's interpreter: one program at a time)
-    assert fused_lstm.plan_launch(5, 32, 1, layers=3) == fused_lstm.Launch(
+    # on an H100 PCIe (114 multiprocessors) one layer's grid fits at 64 × 64, two do not: layer by layer
+    assert fused_lstm.plan_launch(1024, 256, 114, layers=2) == fused_lstm.Launch(64, 64, 64, (4, 16), True, 8)
+    # where no tile fits, one launch per super-step (Triton's interpreter: one program at a time) ...
+    assert fused_lstm.plan_launch(5, 32, 0, layers=3) == fused_lstm.Launch(
         16, 16, 32, (2, 1), False, 4, layers=3
     )
+    # ... but where one layer's grid is resident and the stack's is not, the layers run one at a time
+    assert fused_lstm.plan_launch(5, 32, 1, layers=3) == fused_lstm.Launch(16, 32, 32, (1, 1), True, 4)
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,resident,counter")
     assert fused_lstm.plan_launch(32, 256, 132, layers=2) == fused_lstm.Launch(
         16, 16, 256, (16, 2), True, 4, resident=True, counter_barrier=True, layers=2
@@ -319,6 +323,13 @@ def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_ls
     ] * 2
 
 
+def no_resident_grid(device: torch.device) -> int:
+    """A device where no grid is resident at once: a wavefront runs one launch per super-step, the only
+    way Triton's interpreter, one program at a time, can run a stack's programs (with one slot, the
+    plan would run the layers one at a time, each grid resident)."""
+    return 0
+
+
 def _assert_equal_to_nn_lstm(fused: FusedRecurrent, reference: nn.LSTM, steps: int, batch: int) -> None:
     """Outputs, final state and every gradient (inputs, initial state, parameters) of the two stacks."""
     layers, hidden = reference.num_layers, reference.hidden_size
@@ -348,6 +359,7 @@ def test_a_stack_run_as_one_wavefront_equals_nn_lstm(layers, batch, words, monke
     programs top layer first forward and bottom layer first backward, so a schedule that read what
     another layer writes in the same super-step fails here (checked by mutation: every layer at s)."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+    monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
     launches: list[fused_lstm.Launch] = []
     real = fused_lstm.fused_lstm_stack
     monkeypatch.setattr(
@@ -443,6 +455,8 @@ def test_fused_model_trains_step_for_step_like_the_scratch_model(words, dropout_
     (the same masks: the fused stack draws them exactly as the scratch stack does, layer by layer or
     as one wavefront, which multiplies them in inside the kernels): the same losses and weights."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+    if words:
+        monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
     real = getattr(fused_lstm, kernel)
     calls = []
     monkeypatch.setattr(fused_lstm, kernel, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))

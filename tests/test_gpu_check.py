@@ -359,12 +359,14 @@ def test_the_variant_measured_in_whole_steps_is_the_sweeps_fastest_in_bf16(gpu_c
 
 def test_the_two_layer_stacks_fastest_bf16_variant_decides_when_the_sweep_timed_stacks(gpu_check) -> None:
     """The stack rows time what a training step runs (both layers, one wavefront or one after the
-    other), so they decide over the one-layer rows; cuDNN's, fp32 and failed rows do not count."""
+    other), so they decide over the one-layer rows; cuDNN's, fp32, failed and timed-out rows do not count."""
     stacks = [
         {"dtype": "bf16", "variant": "cudnn", "graph": 400.0},
         {"dtype": "bf16", "variant": "16x16", "graph": 980.0},
         {"dtype": "bf16", "variant": "16x16,wavefront,resident,counter", "graph": 610.2},
         {"dtype": "bf16", "variant": "32x16,wavefront,counter", "graph": "OutOfResources: shared"},
+        # a barrier that gave up stops waiting at every later one: the fastest row, and a wrong one
+        {"dtype": "bf16", "variant": "16x16,wavefront", "graph": 1.0, "barrier-timeout": True},
         {"dtype": "fp32", "variant": "16x32,wavefront,counter,tf32", "graph": 500.0},
     ]
     layer_rows = [{"dtype": "bf16", "tile": "16x32 counter", "programs": 16, "fused-graph": 300.0}]

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import pythonpath_with_repo
-from test_fused_lstm import _pair, _run
+from test_fused_lstm import _pair, _run, record_stack_launches
 
 from drnn_cli import fused_lstm
 from drnn_cli.batches import epoch_batches
@@ -550,13 +550,7 @@ def test_a_wavefront_stack_equals_nn_lstm_on_the_gpu(words: str, monkeypatch: py
     kernel). Outputs, final state and every gradient as nn.LSTM's (cuDNN, TF32 off): 1e-4 with IEEE
     products, 2e-2 with TF32 (as for one layer); no barrier timed out."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
-    launches: list[fused_lstm.Launch] = []
-    real = fused_lstm.fused_lstm_stack
-    monkeypatch.setattr(
-        fused_lstm,
-        "fused_lstm_stack",
-        lambda *args, **kwargs: launches.append(args[7]) or real(*args, **kwargs),
-    )
+    launches = record_stack_launches(monkeypatch)
     fused, got, want = seed_stack_against_cudnn()
     tolerance = 2e-2 if "tf32" in words else 1e-4
     for name in want:

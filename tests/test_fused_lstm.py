@@ -323,6 +323,19 @@ def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_ls
     ] * 2
 
 
+def record_stack_launches(monkeypatch: pytest.MonkeyPatch) -> list[fused_lstm.Launch]:
+    """The launch of every stack run as one wavefront from now on (the kernels still run)."""
+    launches: list[fused_lstm.Launch] = []
+    real = fused_lstm.fused_lstm_stack
+
+    def recorded(*args, **kwargs):
+        launches.append(args[7])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_lstm, "fused_lstm_stack", recorded)
+    return launches
+
+
 def no_resident_grid(device: torch.device) -> int:
     """A device where no grid is resident at once: a wavefront runs one launch per super-step, the only
     way Triton's interpreter, one program at a time, can run a stack's programs (with one slot, the
@@ -360,13 +373,7 @@ def test_a_stack_run_as_one_wavefront_equals_nn_lstm(layers, batch, words, monke
     another layer writes in the same super-step fails here (checked by mutation: every layer at s)."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
     monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
-    launches: list[fused_lstm.Launch] = []
-    real = fused_lstm.fused_lstm_stack
-    monkeypatch.setattr(
-        fused_lstm,
-        "fused_lstm_stack",
-        lambda *args, **kwargs: launches.append(args[7]) or real(*args, **kwargs),
-    )
+    launches = record_stack_launches(monkeypatch)
     _assert_equal_to_nn_lstm(*_pair(32, layers), steps=4, batch=batch)
     assert [
         (launch.layers, launch.persistent, launch.resident, launch.kernel_grid) for launch in launches

@@ -41,6 +41,7 @@ LAUNCH_WORDS = {"resident": "resident", "counter": "counter_barrier", "tf32": "t
 # A tile's sides as the plan and the sweep cut them: tl.arange takes powers of two only, and past 64
 # the kernel's registers and shared memory were never sized (32 × 128 overflows shared memory in fp32).
 LAUNCH_TILE_SIDES = {"16": 16, "32": 32, "64": 64}
+TILE_PATTERN = re.compile(r"(\d+)x(\d+)")  # DRNN_FUSED_LAUNCH's ROWSxUNITS
 RESIDENT_BYTES = 128 << 10  # a resident W_hh's share of a Hopper multiprocessor's 227 KiB (fp32: 160 KiB
 # in all at hidden 512, 16 units, compiled for sm_90; 320 KiB at 1024 does not fit)
 
@@ -128,9 +129,11 @@ def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None, l
         raise ValueError(f"model.impl fused needs hidden_size divisible by 16, not {hidden}")
     asked = os.environ.get(LAUNCH_ENV, "") if mode is None else ""
     block_b, block_h, persistent = _tiles(batch, hidden, slots, mode, 1)
-    if layers > 1 and "wavefront" in launch_words(asked):
+    words = launch_words(asked)
+    if layers > 1 and "wavefront" in words:
         stack_b, stack_h, stack_persistent = _tiles(batch, hidden, slots, mode, layers)
-        if stack_persistent or not persistent:
+        # a tile asked for is the stack's, fitting or refused (launch_from_environment)
+        if stack_persistent or not persistent or any(TILE_PATTERN.fullmatch(word) for word in words):
             block_b, block_h, persistent = stack_b, stack_h, stack_persistent
         else:
             layers = 1  # the layers one at a time, each grid resident
@@ -188,7 +191,7 @@ def launch_from_environment(
     fields: dict[str, Any] = {}
     tile_word: str | None = None
     for word in launch_words(asked):
-        tile = re.fullmatch(r"(\d+)x(\d+)", word)
+        tile = TILE_PATTERN.fullmatch(word)
         if word in LAUNCH_WORDS:
             fields[LAUNCH_WORDS[word]] = layers if word == "wavefront" else True
         elif tile:

@@ -273,8 +273,13 @@ def test_drnn_fused_launch_wavefront_plans_one_grid_for_the_whole_stack(monkeypa
     assert fused_lstm.plan_launch(5, 32, 0, layers=3) == fused_lstm.Launch(
         16, 16, 32, (2, 1), False, 4, layers=3
     )
-    # ... but where one layer's grid is resident and the stack's is not, the layers run one at a time
+    # ... but where one layer's grid is resident and the stack's is not, the layers run one at a time,
+    # unless a tile was asked for: that is the stack's, as for any other tile
     assert fused_lstm.plan_launch(5, 32, 1, layers=3) == fused_lstm.Launch(16, 32, 32, (1, 1), True, 4)
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,16x16")
+    assert fused_lstm.plan_launch(5, 32, 1, layers=3) == fused_lstm.Launch(
+        16, 16, 32, (2, 1), False, 4, layers=3
+    )
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,resident,counter")
     assert fused_lstm.plan_launch(32, 256, 132, layers=2) == fused_lstm.Launch(
         16, 16, 256, (16, 2), True, 4, resident=True, counter_barrier=True, layers=2
@@ -548,10 +553,17 @@ FUSED_TREE = {
 
 
 @needs_interpreter
-def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli):
-    """The whole trainer (static step, clipping, state carry, validation, checkpoint) over the kernels:
-    the same perplexities as the scratch cells."""
-    config = config_file(workdir, FUSED_TREE)
+@pytest.mark.parametrize("words", ["", "wavefront"], ids=["layer-by-layer", "wavefront"])
+def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeypatch, words):
+    """The whole trainer (static step, clipping, state carry, validation, checkpoint) over the kernels,
+    layer by layer or the stack as one wavefront (one epoch: a launch per super-step is slow here): the
+    same perplexities as the scratch cells."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+    if words:
+        monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
+    launches = record_stack_launches(monkeypatch)
+    epochs = 1 if words else FUSED_TREE["train"]["epochs"]
+    config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": epochs}})
     summaries = {}
     for impl in ("fused", "scratch"):
         code, out, err = cli(
@@ -562,6 +574,7 @@ def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli):
         summaries[impl] = json.loads(out.strip().splitlines()[-1])
     assert summaries["fused"]["train_ppl"] == pytest.approx(summaries["scratch"]["train_ppl"], rel=1e-5)
     assert summaries["fused"]["val_ppl"] == pytest.approx(summaries["scratch"]["val_ppl"], rel=1e-5)
+    assert bool(launches) == bool(words) and all(launch.layers == 2 for launch in launches)
 
 
 def test_drnn_train_with_impl_fused_on_a_cpu_says_it_steps_the_scratch_cells(workdir, cli, monkeypatch):

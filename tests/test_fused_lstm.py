@@ -546,7 +546,7 @@ def test_launch_plan_fits_the_grid_to_the_device():
 
 
 FUSED_TREE = {
-    "data": {"max_tokens": 600, "batch_size": 4, "num_steps": 8, "val_fraction": 0.2},
+    "data": {"max_tokens": 400, "batch_size": 4, "num_steps": 8, "val_fraction": 0.2},
     "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 2},
     "train": {"epochs": 2, "optimizer": "sgd", "lr": 1.0, "sample_every": 0, "device": "cpu", "seed": 3},
 }

@@ -369,10 +369,17 @@ def test_the_two_layer_stacks_fastest_bf16_variant_decides_when_the_sweep_timed_
         {"dtype": "bf16", "variant": "16x16,wavefront", "graph": 1.0, "barrier-timeout": True},
         {"dtype": "fp32", "variant": "16x32,wavefront,counter,tf32", "graph": 500.0},
     ]
-    layer_rows = [{"dtype": "bf16", "tile": "16x32 counter", "programs": 16, "fused-graph": 300.0}]
+    layer_rows = [
+        {"dtype": "bf16", "tile": "16x32 counter", "warps": 4, "programs": 16, "fused-graph": 300.0}
+    ]
     sweep = {"tiles": layer_rows, "stack-tiles": stacks}
     tiles = gpu_check.StepResult("fused-tiles", "", "ok", data={"json": sweep})
     assert gpu_check.best_variant(tiles) == "16x16,resident,counter,wavefront,tf32"
+    report = gpu_check.tile_lines(tiles)  # report.md's table of the stack rows, after the layer's
+    assert "| bf16 | 16x16,wavefront,resident,counter | 610.2 |" in report
+    assert report.index("| bf16 | cudnn | 400.0 |") > report.index(
+        "| bf16 | 16x32 counter | 0 | 16 | 300.0 | no |"
+    )
     without_stacks = {"tiles": layer_rows, "stack-tiles": stacks[:1]}
     assert gpu_check.best_variant(
         gpu_check.StepResult("fused-tiles", "", "ok", data={"json": without_stacks})

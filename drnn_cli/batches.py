@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 
@@ -32,14 +33,22 @@ class Splits:
 
 
 def split_tokens(tokens: torch.Tensor, val_fraction: float, test_fraction: float) -> Splits:
-    """Tail segments: ``[ train | val | test ]``, sizes rounded down for the held-out parts."""
+    """Tail segments: ``[ train | val | test ]``, sizes rounded down for the held-out parts.
+
+    A size is the fraction as written times the length, in decimal: in binary floating point
+    100 × 0.29 is 28.999999999999996, which rounded down held out 28 tokens, not 29."""
     total = len(tokens)
-    n_test = int(total * test_fraction)
-    n_val = int(total * val_fraction)
+    n_test = held_out(total, test_fraction)
+    n_val = held_out(total, val_fraction)
     n_train = total - n_val - n_test
     return Splits(
         train=tokens[:n_train], val=tokens[n_train : n_train + n_val], test=tokens[n_train + n_val :]
     )
+
+
+def held_out(total: int, fraction: float) -> int:
+    """``fraction`` (as its shortest decimal, the way it was written) of ``total``, rounded down."""
+    return int(Decimal(repr(fraction)) * total)
 
 
 @dataclass(frozen=True)

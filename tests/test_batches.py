@@ -424,6 +424,8 @@ def test_eval_batches_follow_the_values_not_the_positions() -> None:
         (10, 0.0, 0.0, (10, 0, 0)),
         (10, 0.05, 0.0, (10, 0, 0)),
         (170_580, 0.1, 0.1, (136_464, 17_058, 17_058)),
+        (100, 0.29, 0.0, (71, 29, 0)),  # in binary floating point 100 × 0.29 = 28.999999999999996
+        (180, 0.05, 0.35, (108, 9, 63)),  # 180 × 0.35 = 62.99999999999999
     ],
 )
 def test_split_tokens_sizes_round_the_held_out_parts_down(

@@ -47,8 +47,9 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float, test_fraction: float
 
 
 def held_out(total: int, fraction: float) -> int:
-    """``fraction`` (as its shortest decimal, the way it was written) of ``total``, rounded down."""
-    return int(Decimal(repr(fraction)) * total)
+    """``fraction`` (as its shortest decimal, the way it was written) of ``total``, rounded down; the
+    repr of a plain ``float``, as a subclass's (NumPy's ``np.float64(0.29)``) is no decimal."""
+    return int(Decimal(repr(float(fraction))) * total)
 
 
 @dataclass(frozen=True)

@@ -435,6 +435,14 @@ def test_split_tokens_sizes_round_the_held_out_parts_down(
     assert (len(splits.train), len(splits.val), len(splits.test)) == sizes
 
 
+def test_split_tokens_take_any_float_such_as_numpy_s() -> None:
+    """A NumPy float is a ``float`` (a sweep's ``np.linspace``), but its repr is ``np.float64(0.29)``:
+    the decimal size is taken from the float's own shortest digits, 29 of 100 as for 0.29."""
+    np = pytest.importorskip("numpy")
+    splits = split_tokens(torch.arange(100), np.float64(0.29), np.linspace(0.0, 0.35, 2)[1])
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (36, 29, 35)
+
+
 def test_split_tokens_are_contiguous_train_val_test_segments() -> None:
     tokens = torch.arange(100)
     splits = split_tokens(tokens, 0.1, 0.2)

@@ -7,7 +7,9 @@ single *persistent* kernel per layer: the hidden units are split across programs
 multiprocessor at most), each program keeps its slice of the cell state and reads only its rows of
 ``W_hh``, and the programs exchange ``h_t`` through global memory, meeting at a grid-wide barrier once
 per timestep (Diamos et al., 2016, "Persistent RNNs"). The backward pass does the same in reverse for
-``dh``; the weight gradient is then one matrix product over all timesteps.
+``dh``; the weight gradient is then one matrix product over all timesteps. With ``DRNN_FUSED_LAUNCH=
+wavefront`` one launch runs the whole stack instead: layer l at timestep t during super-step t + l, the
+upper layers' input products inside the kernel, so the layers overlap and meet at T + L - 1 barriers.
 
 Where the grid would not fit on the device at once (a persistent grid needs every program resident,
 or the barrier never opens), the same kernel body is launched once per timestep instead: the launch

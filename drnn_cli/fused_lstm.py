@@ -223,7 +223,7 @@ def launch_from_environment(
             raise DrnnError(
                 f"{LAUNCH_ENV} resident keeps {weights >> 10} KiB of weights per program at hidden {hidden} and "
                 f"{launch.block_h} units a program, more than a multiprocessor's shared memory holds beside "
-                "the rest; use a tile of fewer units, or leave out resident"
+                f"the rest; use a tile of fewer units, or leave out resident{' or wavefront' if launch.layers > 1 else ''}"
             )
         launch = replace(launch, block_k=hidden)
     if launch.persistent and launch.programs > slots:

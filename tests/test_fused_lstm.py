@@ -228,7 +228,7 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
             132,
             "DRNN_FUSED_LAUNCH resident keeps 256 KiB of weights per program at hidden 256 and 32 units a "
             "program, more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer "
-            "units, or leave out resident",
+            "units, or leave out resident or wavefront",
         ),
         (
             "wavefront,16x16",

@@ -599,6 +599,33 @@ def test_drnn_train_refuses_a_drnn_fused_launch_it_cannot_run_before_writing_the
     assert out == "" and not (workdir / "runs").exists()
 
 
+def test_every_stack_variant_the_sweep_times_plans_a_resident_grid_on_an_h100(monkeypatch):
+    """scripts/fused_bench.py's STACK_VARIANTS, as the seed model's stack plans them on 132
+    multiprocessors: the plan's layers one at a time, then wavefronts of both layers' grids, all
+    resident at once (a refused or stepwise one would time nothing the issue asks about)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("drnn_fused_bench", REPO / "scripts" / "fused_bench.py")
+    assert spec is not None and spec.loader is not None
+    fused_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fused_bench)
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "counter")  # what the sweep sets, it sets for its own rows only
+    planned = {words: launch for words, launch in fused_bench.stack_variant_launches(132)}
+    assert os.environ["DRNN_FUSED_LAUNCH"] == "counter"
+    assert {
+        words: (launch.layers, launch.programs, launch.persistent) for words, launch in planned.items()
+    } == {
+        "16x16": (1, 32, True),
+        "16x16,wavefront": (2, 64, True),
+        "16x16,wavefront,counter": (2, 64, True),
+        "16x16,wavefront,resident": (2, 64, True),
+        "16x16,wavefront,resident,counter": (2, 64, True),
+        "16x32,wavefront,counter": (2, 32, True),
+        "32x16,wavefront,counter": (2, 32, True),
+    }
+    assert planned["16x16,wavefront,resident"].block_k == 256  # one K tile as wide as the layer
+
+
 @pytest.mark.skipif(not fused_lstm.triton_available(), reason="Triton is not installed")
 def test_every_planned_kernel_compiles_for_an_h100_without_one():
     """Triton compiles for a named target with no device present: forward and backward, fp32 and

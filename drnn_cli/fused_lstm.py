@@ -344,12 +344,11 @@ class _FusedStack(torch.autograd.Function):
             dout[:, steps - 1] += d_h.float()  # h_T is each layer's last output: its two gradients meet
         dz = torch.empty((layers, steps + 1, batch, 4 * hidden), device=hs.device, dtype=torch.float32)
         dz[:, steps].zero_()
-        dc = (
+        dc = (  # the kernel writes ∂loss/∂c_0 over it: a fresh contiguous buffer either way
             torch.zeros((layers, batch, hidden), device=hs.device)
             if d_c is None
-            else d_c.float().contiguous()
+            else d_c.float().clone(memory_format=torch.contiguous_format)
         )
-        dc = dc.clone()
         flags = torch.zeros(launch.programs, device=hs.device, dtype=torch.int32)
         args = _launch_args(launch, ctx.spin_limit, w_hh, mask is not None)
         scale = hs if mask is None else mask

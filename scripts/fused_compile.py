@@ -10,7 +10,7 @@ It compiles, for each shape below, forward and backward, fp32 and bf16, exactly 
 :func:`drnn_cli.fused_lstm.plan_launch` plans; with ``--variants``, also the seed layer's variants
 that ``scripts/fused_bench.py --sweep-tiles`` times (its SWEPT_VARIANTS: other tiles, W_hh resident,
 the counter barrier, TF32) and the two-layer stack's launches it times (STACK_VARIANTS: the wavefront
-kernels, with dropout between the layers). Exit 0 when all compiled, 1 when one failed.
+kernels, with dropout between the layers), and batch 1024's wavefront (BIG_STACK_VARIANTS). Exit 0 when all compiled, 1 when one failed.
 
 Run it without ``TRITON_INTERPRET`` set (under the interpreter nothing is compiled).
 """
@@ -33,6 +33,8 @@ sys.path.insert(0, str(REPO))
 
 # (name, batch rows, hidden units): the benchmark's shapes (scripts/bench.py)
 SHAPES = (("seed B32", 32, 256), ("B256", 256, 256), ("B1024", 1024, 256), ("B4096 (stepwise)", 4096, 256))
+# the words scripts/gpu_check.py's bench-fused-b1024 step may train batch 1024 through (no tile, not resident)
+BIG_STACK_VARIANTS = ("wavefront", "wavefront,counter")
 POINTERS = {
     "forward": (
         *("xg_ptr", "w_ptr", "wx_ptr", "bias_ptr", "mask_ptr"),
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from drnn_cli.fused_lstm import kernel_constants, plan_launch
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from fused_bench import stack_variant_launches, variant_launches
+    from fused_bench import launch_environment, stack_variant_launches, variant_launches
 
     launches = [(label, plan_launch(batch, hidden, args.slots)) for label, batch, hidden in SHAPES]
     if args.variants:
@@ -135,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         for words, launch in stack_variant_launches(args.slots):
             launches += [(f"seed stack {words} dropout tf32", replace(launch, tf32=True))]
             launches += [(f"seed stack {words}", launch)]
+        # batch 1024 × 64 as one wavefront (scripts/gpu_check.py's bench-fused-b1024), no dropout
+        for words in BIG_STACK_VARIANTS:
+            with launch_environment(words):
+                launches += [(f"B1024 stack {words}", plan_launch(1024, 256, args.slots, layers=2))]
     rows: list[dict[str, Any]] = []
     failed = False
     for label, launch in launches:

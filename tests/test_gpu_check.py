@@ -398,6 +398,60 @@ def test_the_two_layer_stacks_fastest_bf16_variant_decides_when_the_sweep_timed_
     )
 
 
+def test_batch_1024_trains_through_the_fastest_variants_words_without_its_tile_or_resident(
+    gpu_check, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step bench-fused-b1024 times the batch-1024 target's shape through the fused kernels: the sweep's
+    tile is sized for batch 32 (1,024 programs a layer at batch 1024) and resident cannot hold 64
+    units' weights, so both are dropped and the plan grows the tiles until the stack fits."""
+    step = next(
+        s for s in gpu_check.build_plan(Path("runs"), Path("c.txt"), 1) if s.name == "bench-fused-b1024"
+    )
+    assert step.env == {"DRNN_FUSED_LAUNCH": "wavefront,counter"}
+    assert "lstm-b1024-bf16,fused-lstm-b1024-bf16" in step.command
+    assert gpu_check.big_variant("16x16,resident,counter,wavefront,tf32") == "counter,wavefront,tf32"
+    assert gpu_check.big_variant("16x32,counter,tf32") == "counter,tf32"
+    assert gpu_check.big_variant(None) == "wavefront,counter"
+    from drnn_cli.errors import DrnnError
+    from drnn_cli.fused_lstm import LAUNCH_ENV, plan_launch
+
+    monkeypatch.setenv(LAUNCH_ENV, "counter,wavefront,tf32")
+    launch = plan_launch(1024, 256, 132, layers=2)
+    assert (launch.layers, launch.block_b, launch.block_h, launch.programs, launch.persistent) == (
+        2,
+        64,
+        64,
+        128,
+        True,
+    )
+    monkeypatch.setenv(LAUNCH_ENV, "counter,wavefront,resident")
+    with pytest.raises(DrnnError, match="512 KiB of weights per program"):
+        plan_launch(1024, 256, 132, layers=2)
+
+    Result = gpu_check.StepResult
+    cudnn, fused = bench_entry(5e6, 8e6, 17e6), bench_entry(5e6, 9e6, 24e6)
+    results = {
+        "bench-fused-b1024": Result(
+            "bench-fused-b1024",
+            "",
+            "ok",
+            data={
+                "json": {"configs": {"lstm-b1024-bf16": cudnn, "fused-lstm-b1024-bf16": fused}},
+                "variant": "counter,wavefront,tf32",
+            },
+        )
+    }
+    assert gpu_check.bench_configs(results) == {
+        "lstm-b1024-bf16": cudnn,  # cuDNN's call, beside the variant in the same process
+        "fused-lstm-b1024-bf16 [counter,wavefront,tf32]": fused,
+    }
+    verdicts = {v.target: v for v in gpu_check.judge(results)}
+    plain = verdicts["B1024×T64 bf16 ≥ 20 M tokens/s"]
+    assert (plain.measured, plain.verdict) == ("17.00 M (graph)", "missed")
+    through_fused = verdicts["B1024×T64 bf16, impl fused (Triton) ≥ 20 M tokens/s"]
+    assert (through_fused.measured, through_fused.verdict) == ("24.00 M (graph)", "met")
+
+
 def test_the_short_calls_suite_runs_only_when_named(gpu_check, tmp_path: Path, capsys) -> None:
     """tests-cuda (the CUDA tests with the CPU tests of the code they drive) stands in for the whole
     suite in a short call; the whole plan runs the whole suite and not this one as well."""

@@ -273,9 +273,17 @@ def train_run(
             return result
         finally:
             if lock is not None:
-                lock.release()
-                if created is not None and run_dir.is_dir() and not (set(os.listdir(run_dir)) - {LOCK_NAME}):
-                    _remove_created(run_dir, created)  # a run that failed before writing leaves nothing
+                # removed while the lock is held: released first, another training could take the
+                # lock and then lose its lock file (and the folder) to this removal
+                try:
+                    if (
+                        created is not None
+                        and run_dir.is_dir()
+                        and not (set(os.listdir(run_dir)) - {LOCK_NAME})
+                    ):
+                        _remove_created(run_dir, created)  # a run that failed before writing leaves nothing
+                finally:
+                    lock.release()
     finally:
         shutdown_distributed(dist, finished)
 
@@ -326,11 +334,13 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
         discard(staging)  # a leftover of an earlier replacement that was killed
     try:
         result = _train_locked(job, staging, run_dir)
-    except DrnnError as error:
+    except BaseException as error:  # a stop, a failure, a signal outside the loop, an out-of-memory...
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
-        if dist.is_main:
+        if dist.is_main:  # ...after the new run's first checkpoint: that run is the one to resume
             swap_in(staging, target)
+        if not isinstance(error, DrnnError):
+            raise
         message = str(error).replace(str(staging), str(run_dir))
         replaced = f" (the new run has replaced the previous one in {run_dir})"
         raise type(error)(message + replaced, error.exit_code) from None
@@ -547,14 +557,16 @@ def load_model(
 ) -> LoadedModel:
     path = resolve_checkpoint(run, checkpoint, runs_root)
     device = resolve_device(device_choice)
-    loaded = load_checkpoint(path, device)
+    # Read on the CPU: only the model goes to the device, not the trainer state beside it (the
+    # optimizer's moments, an averaged run's raw weights); the weights are kept once, in the model.
+    loaded = load_checkpoint(path)
     model = build_model(len(loaded.vocab), loaded.config.model)
     try:
         model.load_state_dict(loaded.model_state)
     except RuntimeError:
         raise DrnnError(f"checkpoint {path} does not match its own model config; it is corrupt") from None
     model.to(device).eval()
-    return LoadedModel(loaded, model, device, path)
+    return LoadedModel(replace(loaded, model_state={}), model, device, path)
 
 
 def check_prefixes(loaded: LoadedModel, prefixes: list[str]) -> None:

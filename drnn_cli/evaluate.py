@@ -13,9 +13,10 @@ from drnn_cli.runtime import autocast
 
 
 def perplexity(nll_sum: float, count: float) -> float:
-    """exp(mean loss), and +inf rather than an OverflowError for a model that is far off."""
+    """exp(mean loss), and +inf rather than an OverflowError for a model that is far off (a NaN loss
+    stays NaN: it is no perplexity, however large)."""
     mean = nll_sum / count
-    return math.exp(mean) if mean < 700 else math.inf
+    return math.exp(mean) if mean < 700 or math.isnan(mean) else math.inf
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import os
+import secrets
 import stat
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -223,12 +224,23 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise DrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new ``.NAME.RANDOM.tmp`` beside ``path``, opened for writing. Created with mode 0666 less the
+    umask, as ``open()`` makes files (``mkstemp``'s 0600 would hide runs from the rest of a shared
+    team); reading the umask instead would mean setting it, for an instant, for every thread."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
 def _atomic_write(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)  # mkstemp's 0600 would hide runs from the rest of a shared team
+    handle, temporary = _new_temporary(path)
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(payload)

@@ -121,10 +121,10 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
 
 def vote_max(value: float, context: DistContext, device: torch.device) -> float:
     """The largest ``value`` any rank holds (each rank's own without torchrun): how ranks agree on a
-    stop, so that all of them stop after the same step (else the next all-reduce would hang). One
-    collective and one host read."""
+    stop, so that all of them stop after the same step (else the next all-reduce would hang), or on a
+    validation perplexity. One collective and one host read; float64, so a perplexity keeps its digits."""
     if not context.enabled:
         return value
-    votes = torch.tensor([value], device=device)
+    votes = torch.tensor([value], dtype=torch.float64, device=device)
     torch_dist.all_reduce(votes, op=torch_dist.ReduceOp.MAX)
     return votes.item()

@@ -57,14 +57,24 @@ def exit_on_signals() -> Iterator[type[Signalled]]:
 
 class StopRequests:
     """The training loop's handlers: a signal is noted, not raised, so that the loop stops at the
-    next step boundary with a checkpoint of that step. ``signum`` is the last one that arrived."""
+    next step boundary with a checkpoint of that step. ``signum`` is the last one that arrived.
+
+    The same signal a second time (Ctrl-C pressed again while a long step, validation or checkpoint
+    runs) raises :class:`Signalled` at once, without that checkpoint: the last one written stays.
+    A different signal does not: torchrun answers a Ctrl-C, which its workers receive too, with a
+    SIGTERM of its own, and a reader that goes away after a Ctrl-C (``drnn train | head``) raises
+    SIGPIPE; neither is asking twice."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._seen: set[int] = set()
 
     @contextlib.contextmanager
     def noted(self) -> Iterator[StopRequests]:
         def note(signum: int, _frame: object) -> None:
+            if signum in self._seen and signum != getattr(signal, "SIGPIPE", None):
+                raise Signalled(signum)
+            self._seen.add(signum)
             self.signum = signum
 
         with _handling(note):

@@ -594,7 +594,7 @@ class Trainer:
         val_ppl = None
         on_cadence = self.cadence.eval.due_at_step(global_step)
         if stop is not None or on_cadence:
-            val_ppl = self._validate()
+            val_ppl = self._validate_to_judge()
             self._judge(val_ppl, epoch, progress, on_cadence)
             if stop is None and self._patience_spent:
                 stop = "patience"
@@ -683,6 +683,13 @@ class Trainer:
         self._check_kernels("while validating")
         return result.perplexity
 
+    def _validate_to_judge(self) -> float | None:
+        """Validation perplexity that every torchrun rank holds alike. Each validates the same weights
+        on the same tokens, yet each decides from its number whether to keep a best checkpoint, and
+        writing one is a collective: ranks that disagreed by a last bit would wait on each other."""
+        val_ppl = self._validate()
+        return None if val_ppl is None else vote_max(val_ppl, self.dist, self.device)
+
     def _planned_epochs(self) -> int:
         """The epochs the run will reach: ``train.epochs``, or fewer where ``max_steps`` ends it first
         (so a progress bar's total and time remaining are the run's; ``max_time`` cannot be foreseen)."""
@@ -726,7 +733,15 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train from ``start_epoch`` until ``train.epochs``, a budget or patience ends the run;
-        checkpoints, metrics and plot kept current."""
+        checkpoints, metrics and plot kept current. The TensorBoard log is closed however it ends
+        (its writer holds a thread and an open file)."""
+        try:
+            return self._fit()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _fit(self) -> TrainResult:
         train = self.config.train
         self._write_run_files()
         parameters = count_parameters(self.model)
@@ -775,7 +790,7 @@ class Trainer:
                 budget_stop = self._budget_reached(vote_now=True)
                 final = done == train.epochs or budget_stop is not None
                 on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
-                val_ppl = self._validate() if on_cadence or final else None
+                val_ppl = self._validate_to_judge() if on_cadence or final else None
                 self._judge(val_ppl, done, on_cadence=on_cadence)
                 record = self._record(done, train_ppl, val_ppl, tokens_per_s, self.elapsed)
                 self._append_metrics(record)
@@ -793,7 +808,10 @@ class Trainer:
                 self._update_plot(force=last_epoch)
                 # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
                 if self._stop_requested():
-                    self._interrupt(done, None)
+                    if not last_epoch and budget_stop is None:
+                        self._interrupt(done, None)
+                    # the last epoch's checkpoint is written: the run is complete, and ends as one
+                    self.reporter.note(f"{self.stops.name} arrived after the last epoch: the run is complete")
                 if stopped_early:
                     stop_reason = "patience"
                     break
@@ -807,10 +825,8 @@ class Trainer:
                 f"{train.patience} evaluation{'' if train.patience == 1 else 's'}"
             )
         samples = self._samples() if self.dist.is_main else {}
-        if self.tensorboard is not None:
-            if already is None:  # a resume that trained nothing has nothing new to log
-                self.tensorboard.add_samples(samples, self.global_step)
-            self.tensorboard.close()
+        if self.tensorboard is not None and already is None:  # a resume that trained nothing logs nothing
+            self.tensorboard.add_samples(samples, self.global_step)
         self.reporter.finish()
         return TrainResult(
             run_dir=self.run_dir,

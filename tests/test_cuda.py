@@ -145,6 +145,23 @@ def test_a_gpu_checkpoint_evaluates_the_same_on_the_cpu(
     assert results["cpu"] == pytest.approx(results["cuda"], rel=1e-4)
 
 
+def test_predict_puts_the_model_on_the_gpu_and_leaves_the_trainer_state_on_the_cpu(
+    workdir: Path, corpus_path: Path
+) -> None:
+    """An AdamW run with an average: its moments and raw weights would double or triple the weights'
+    GPU memory for nothing a prediction reads."""
+    from drnn_cli.commands import load_model
+
+    config = tiny_config(corpus_path, "train.optimizer=adamw", "train.lr=0.01", "train.average=ema")
+    run = workdir / "runs" / "gpu"
+    train_run(TrainRequest(config_path=write_yaml(workdir / "gpu.yaml", config), run_dir=run, device="cuda"))
+    loaded = load_model(run, None, "cuda")
+    assert {p.device.type for p in loaded.model.parameters()} == {"cuda"}
+    held = [v for v in loaded.checkpoint.trainer_state["raw_model"].values()]
+    assert held and {t.device.type for t in held} == {"cpu"}
+    assert loaded.checkpoint.model_state == {}  # the weights are kept once, in the model
+
+
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
 def test_gpu_and_cpu_losses_agree_over_the_first_steps(corpus_path: Path, sampling: str) -> None:
     config = tiny_config(corpus_path, f"data.sampling={sampling}")

@@ -8,6 +8,7 @@ closed stdout, 6 small inputs with big costs, 7 user-fixable problems that were 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -905,3 +906,152 @@ def test_sigterm_during_a_download_leaves_no_part_file(
     assert code == 143
     assert err.strip() == "drnn: interrupted (SIGTERM)"
     assert list(empty_cache.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. What a code review found (2026-11-26)
+
+
+def test_an_overwrite_stopped_by_a_signal_after_its_checkpoint_has_replaced_the_run(
+    sigterm_guard: None, workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """A signal outside the loop (the final samples) is no DrnnError: the finished new run used to
+    stay in the staging folder while the old run stayed in place, and the next --overwrite deleted it."""
+    from drnn_cli.train import Trainer
+
+    config = config_file(workdir, tiny(epochs=2))
+    assert cli("train", "--config", str(config))[0] == 0
+    monkeypatch.setattr(Trainer, "_samples", _raise_signal(signal.SIGINT))
+    code, _, err = cli("train", "--config", str(config), "--overwrite", "--set", "train.epochs=1")
+    assert (code, err.strip()) == (130, "drnn: interrupted (SIGINT)")
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1  # the new run's
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["latest", "tiny"]  # no staging left
+
+
+def test_a_failed_runs_folder_is_removed_before_its_lock_is_released(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Released first, another training could take the lock in between and lose its lock file and
+    folder to the removal (then a third could lock the same run)."""
+    run = workdir / "runs" / "tiny"
+    folder_at_release = []
+    release = RunLock.release
+
+    def recording_release(self: RunLock) -> None:
+        folder_at_release.append(run.exists())
+        release(self)
+
+    monkeypatch.setattr(RunLock, "release", recording_release)
+    config = config_file(workdir, {**TINY, "data": {**TINY["data"], "max_tokens": 50}})
+    code, _, err = cli("train", "--config", str(config))
+    assert_one_line_error(code, err, "one minibatch")
+    assert folder_at_release == [False] and not (workdir / "runs").exists()
+
+
+def test_a_run_that_fails_closes_its_tensorboard_log(workdir: Path, cli, monkeypatch: pytest.MonkeyPatch):
+    """The writer holds a thread and an open event file: closed on a failure too, not only at the end."""
+    from drnn_cli.tensorboard_log import TensorBoardLog
+
+    closed = []
+    close = TensorBoardLog.close
+    monkeypatch.setattr(TensorBoardLog, "close", lambda self: (closed.append(True), close(self)))
+    poison_after_epoch(monkeypatch, 1)
+    config = config_file(workdir, tiny(epochs=2, tensorboard=True))
+    code, _, err = cli("train", "--config", str(config))
+    assert_one_line_error(code, err, "NaN or infinite")
+    assert closed == [True]
+
+
+def test_a_signal_after_the_last_epochs_checkpoint_lets_the_finished_run_end(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """It used to report "stopped by SIGINT at epoch 2", exit 130 and advise a --resume that had
+    nothing left to train."""
+    from drnn_cli.train import Trainer
+
+    validate = Trainer._validate
+
+    def interrupted_validation(self: Trainer):
+        self.stops.signum = signal.SIGINT  # Ctrl-C while the last epoch validates
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "_validate", interrupted_validation)
+    code, out, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))), "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["epochs"] == 1
+    assert "SIGINT arrived after the last epoch: the run is complete" in err
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
+
+
+def test_the_same_signal_twice_stops_at_once_and_another_is_only_noted(sigterm_guard: None):
+    """A second Ctrl-C is a user insisting; torchrun's SIGTERM after the terminal's SIGINT, or the
+    SIGPIPE of a reader that left, is not."""
+    from drnn_cli.signals import Signalled, StopRequests
+
+    stops = StopRequests()
+    with stops.noted():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGPIPE)
+        signal.raise_signal(signal.SIGPIPE)
+        assert stops.signum == signal.SIGPIPE
+        with pytest.raises(Signalled) as second:
+            signal.raise_signal(signal.SIGINT)
+    assert second.value.exit_code == 130
+
+
+def test_a_second_ctrl_c_during_validation_exits_without_waiting_for_the_checkpoint(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    from drnn_cli.train import Trainer
+
+    def pressed_twice(self: Trainer):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("the second Ctrl-C did not stop training")
+
+    monkeypatch.setattr(Trainer, "_validate", pressed_twice)
+    code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=2))))
+    assert (code, err.strip()) == (130, "drnn: interrupted (SIGINT)")
+    assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()  # none was written after it
+
+
+def test_a_nan_loss_has_a_nan_perplexity_not_an_infinite_one():
+    from drnn_cli.evaluate import perplexity
+
+    assert math.isnan(perplexity(float("nan"), 10))
+    assert perplexity(7000.0, 10) == math.inf  # a finite loss past exp's range: +inf, no OverflowError
+    assert perplexity(10 * math.log(4.0), 10) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_take_the_umask_like_any_new_file(tmp_path: Path, umask: int, mode: int):
+    """Not mkstemp's 0600 (which would hide runs from the rest of a team), and without setting the
+    process's umask to read it (which, for an instant, applied to every thread's new files)."""
+    from drnn_cli.files import atomic_write_bytes
+
+    before = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "out.txt", b"payload")
+        assert os.umask(umask) == umask  # left as it was
+    finally:
+        os.umask(before)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary left
+
+
+def test_the_validation_that_picks_the_best_checkpoint_is_the_one_the_ranks_agree_on(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Under torchrun each rank decides from its validation whether to write a best checkpoint (a
+    collective): the number judged is the ranks' vote, not each rank's own (here, a vote that adds 1000
+    to perplexities and leaves the stop votes, whole numbers, alone)."""
+    from drnn_cli import train
+
+    monkeypatch.setattr(train, "vote_max", lambda value, _dist, _device: value + 1000 * (value % 1 != 0))
+    config = config_file(workdir, {**tiny(epochs=1), "data": {**TINY["data"], "val_fraction": 0.2}})
+    code, out, err = cli("train", "--config", str(config), "--json")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["best_val_ppl"] == summary["val_ppl"] > 1000
+    assert load_checkpoint(workdir / "runs" / "tiny" / "best.safetensors").best_val_ppl > 1000

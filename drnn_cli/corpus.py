@@ -23,6 +23,7 @@ from drnn_cli.errors import ConfigError, DrnnError
 from drnn_cli.files import (
     NOT_UTF8_HEAD,
     not_utf8,
+    partial_path,
     read_utf8_text,
     refuse_nul_bytes,
     remove_dead_partials,
@@ -132,7 +133,7 @@ def fetch_corpus(
         raise DrnnError(
             f"the corpus cache {cache_dir} {what}; set {DATA_DIR_ENV} to a directory drnn may write"
         ) from None
-    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    partial = partial_path(target)
     limits = _Limits(spec.size, timeout, time.monotonic() + deadline)
     try:
         try:

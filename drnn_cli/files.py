@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import secrets
+import socket
 import stat
 import time
 from collections.abc import Mapping
@@ -75,17 +76,28 @@ def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
     )
 
 
+def partial_path(path: Path) -> Path:
+    """Where this process streams ``path`` before renaming it into place: ``.NAME.HOST@PID.part``. The
+    host too, since a data folder shared by several machines holds their process ids side by side."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}@{os.getpid()}.part")
+
+
 def remove_dead_partials(directory: Path, pattern: str) -> None:
-    """Delete the ``….PID.part`` files in ``directory`` matching ``pattern`` whose writing process no
-    longer runs (killed mid-write, they would stay for good); a live writer's is left alone, and one that
+    """Delete the :func:`partial_path` files in ``directory`` matching ``pattern`` that this machine's
+    processes were writing and no longer are (killed mid-write, they would stay for good). A live
+    writer's is left alone, so is another machine's (its process ids mean nothing here), and one that
     cannot be deleted (a read-only folder) waits for a later run."""
     try:
         partials = list(directory.glob(pattern))
     except OSError:
         return
+    host = socket.gethostname()
     for partial in partials:
-        pid_text = partial.name.removesuffix(".part").rpartition(".")[2]
-        if pid_text.isdigit() and not process_alive(int(pid_text)):
+        stem = partial.name.removesuffix(".part")
+        writer, at, pid_text = stem.rpartition("@")
+        if not at:  # ``.NAME.PID.part``, from before the host was in the name: a writer on this machine
+            writer, pid_text = f".{host}", stem.rpartition(".")[2]
+        if writer.endswith(f".{host}") and pid_text.isdigit() and not process_alive(int(pid_text)):
             with contextlib.suppress(OSError):
                 partial.unlink()
 

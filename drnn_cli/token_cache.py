@@ -31,6 +31,7 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.files import (
     TEMPORARY_SUFFIX,
     atomic_write_text,
+    partial_path,
     remove_abandoned_temporaries,
     remove_dead_partials,
 )
@@ -271,7 +272,7 @@ def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
 def _write_tensor(path: Path, tokens: torch.Tensor) -> None:
     """The raw array through a temporary file and a rename, a few MiB at a time."""
     data = tokens.contiguous().view(torch.uint8)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    partial = partial_path(path)
     try:
         with partial.open("wb") as handle:
             for start in range(0, len(data), _WRITE_CHUNK):

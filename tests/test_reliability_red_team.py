@@ -868,10 +868,17 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(workdir: Pat
 
 
 def test_a_dead_downloads_part_file_is_removed(workdir: Path, cli):
-    leftover = workdir / "data" / f".timemachine.txt.{_dead_pid()}.part"
-    leftover.write_bytes(b"partial")
+    import socket
+
+    dead = _dead_pid()
+    ours = workdir / "data" / f".timemachine.txt.{socket.gethostname()}@{dead}.part"
+    older = workdir / "data" / f".timemachine.txt.{dead}.part"  # named before the host was in the name
+    # a data folder shared between machines: the same process id there says nothing of that writer
+    elsewhere = workdir / "data" / f".timemachine.txt.other-node.cluster@{dead}.part"
+    for leftover in (ours, older, elsewhere):
+        leftover.write_bytes(b"partial")
     assert cli("data")[0] == 0
-    assert not leftover.exists()
+    assert not ours.exists() and not older.exists() and elsewhere.exists()
 
 
 class _SignalMidway(BaseHTTPRequestHandler):

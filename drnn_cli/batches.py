@@ -109,9 +109,13 @@ class EpochBatches:
         return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.from_step(0)
+
+    def from_step(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Minibatches ``first``, ``first + 1``, …: a run resumed inside the epoch builds none it skips."""
         steps = self.num_steps
         window = torch.arange(steps + 1, device=self.xs.device)
-        for i in range(self.num_batches):
+        for i in range(first, self.num_batches):
             if self.ys is not None:
                 columns = slice(i * steps, (i + 1) * steps)
                 yield self.xs[:, columns].long(), self.ys[:, columns].long()

@@ -241,8 +241,8 @@ def train_run(
     if request.device is not None:
         overrides = (*overrides, f"train.device={request.device}")  # validated like the config key
     config = load_config(request.config_path, overrides)
-    if config.data.path:  # the run keeps an absolute path: eval and --resume work from any directory
-        config.data.path = str(Path(config.data.path).expanduser().absolute())
+    if config.data.file is not None:  # the run keeps an absolute path: eval and --resume work from anywhere
+        config.data.path = str(config.data.file.absolute())
     run_dir = (
         request.run_dir
         if request.run_dir is not None
@@ -697,7 +697,7 @@ def _split_tokens(
     if corpus_file is not None:
         require_regular_file(corpus_file, "--corpus file", "give --corpus the run's corpus, moved")
         data = data.model_copy(update={"path": str(corpus_file)})
-    elif data.path and not Path(data.path).expanduser().exists():
+    elif data.file is not None and not data.file.exists():
         moved = _corpus_path_of_run(loaded.path.parent)
         if moved is None or not Path(moved).expanduser().exists():
             raise DrnnError(
@@ -722,9 +722,8 @@ def _split_tokens(
 def _same_corpus_named(saved: Config, now: Config) -> bool:
     """Whether two configs name the same corpus: the same registry name, or the same file."""
 
-    def where(config: Config) -> str | None:
-        path = config.data.path
-        return str(Path(path).expanduser().absolute()) if path else None
+    def where(config: Config) -> Path | None:
+        return config.data.file.absolute() if config.data.file is not None else None
 
     return (saved.data.corpus, where(saved)) == (now.data.corpus, where(now))
 

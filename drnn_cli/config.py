@@ -95,6 +95,11 @@ class DataConfig(_Section):
             )
         return self
 
+    @property
+    def file(self) -> Path | None:
+        """``data.path`` as a path on this machine (``~`` expanded); None for a registered corpus."""
+        return Path(self.path).expanduser() if self.path else None
+
 
 class ModelConfig(_Section):
     """The language model: input encoding, stacked recurrent layers, output layer."""

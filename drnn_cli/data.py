@@ -70,8 +70,8 @@ class Dataset:
 
 def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None) -> tuple[Path, str]:
     """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed)."""
-    if config.path:
-        path = Path(config.path).expanduser()
+    if config.file is not None:
+        path = config.file
         require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
         return path, text_sha1(path)
     corpus = fetch_corpus(config.corpus, progress=progress)
@@ -144,8 +144,8 @@ def encode_text(path: Path, config: DataConfig, vocab: Vocab, what: str) -> torc
 def local_vocab_size(config: DataConfig) -> int | None:
     """The size of the vocabulary ``load_dataset`` would build, when the corpus is already on disk
     (``drnn presets`` lists it without downloading); None otherwise, or for a text it would refuse."""
-    if config.path:
-        path = Path(config.path).expanduser()
+    if config.file is not None:
+        path = config.file
         if not path.is_file():
             return None
     else:

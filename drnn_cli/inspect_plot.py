@@ -34,9 +34,7 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
             "with --top or --units (--html and --json show any number)"
         )
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
+        # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
         from matplotlib.figure import Figure
     except ImportError:
         raise DrnnError("--png needs matplotlib: pip install 'drnn[plot]' (or leave out --png)") from None

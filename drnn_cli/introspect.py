@@ -26,7 +26,7 @@ from drnn_cli.config import DataConfig
 from drnn_cli.corpus import preprocess_prefix
 from drnn_cli.data import read_token_stream
 from drnn_cli.errors import DrnnError
-from drnn_cli.evaluate import perplexity
+from drnn_cli.evaluate import Perplexity
 from drnn_cli.files import require_regular_file
 from drnn_cli.models import RNNLanguageModel
 from drnn_cli.vocab import UNK, Vocab, encode_tokens
@@ -305,11 +305,11 @@ class Inspection:
 
     @property
     def perplexity(self) -> float:
-        return perplexity(self.nll, self.tokens)
+        return Perplexity(self.nll, self.tokens).perplexity
 
     @property
     def bits_per_char(self) -> float:
-        return self.nll / self.tokens / math.log(2)
+        return Perplexity(self.nll, self.tokens).bits_per_token
 
     def summary(self) -> dict:
         """The ``drnn inspect --json`` object (README, "Seeing what the network learned")."""

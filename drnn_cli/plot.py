@@ -23,9 +23,7 @@ def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
     """Train (and validation) perplexity against training tokens seen (against epoch for runs whose
     metrics predate token counts), as PNG bytes; None when matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
+        # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
         from matplotlib.figure import Figure
     except ImportError:
         return None

@@ -444,9 +444,8 @@ class Trainer:
         started = self._training_clock() - progress.elapsed
         shown = 0.0  # the bar's step count and budget, shown at an epoch's first step and every 0.5 s
         self.model.train()
-        for step, (x, y) in enumerate(batches):
-            if step < progress.step:
-                continue  # resuming mid-epoch: these minibatches were trained before the stop
+        # resuming mid-epoch: the minibatches before progress.step were trained before the stop
+        for step, (x, y) in enumerate(batches.from_step(progress.step), start=progress.step):
             if lr_per_step:
                 self._set_lr(epoch)
             loss = self.static_step(x, y)  # the state carry happens inside the step

@@ -205,6 +205,15 @@ def test_training_batches_dispatches_on_sampling() -> None:
     assert as_lists(rnd) == as_lists(random_batches(CORPUS, B, T, torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+def test_an_epoch_resumed_at_a_step_yields_the_minibatches_from_that_step_on(sampling: str) -> None:
+    batches = training_batches(CORPUS, sampling, B, T, torch.Generator().manual_seed(5))
+    whole = as_lists(batches)
+    assert len(whole) >= 2
+    assert as_lists(batches.from_step(1)) == whole[1:]
+    assert list(batches.from_step(len(whole))) == []
+
+
 # -------------------------------------------------------------------------------------------------
 # Sharding across processes
 

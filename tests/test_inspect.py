@@ -447,7 +447,8 @@ def test_png_labels_missing_from_its_font_are_returned_for_one_note_not_warned_t
 
 
 def test_png_without_matplotlib_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    for module in ("matplotlib", "matplotlib.figure"):  # importing either now raises ImportError
+        monkeypatch.setitem(sys.modules, module, None)
     picture, page = tmp_path / "x.png", tmp_path / "x.html"
     code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--png", str(picture), "--html", str(page))
     assert code == 1

@@ -60,8 +60,10 @@ def check_precision_works(model: RNNLanguageModel, device: torch.device, precisi
     if precision == "fp32":
         return
     probe = torch.zeros((1, 1), dtype=torch.long, device=device)
+    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.no_grad(), autocast(device, precision):
+        # its dropout draws come from a forked generator: training's masks are the same with or without it
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast(device, precision):
             model(probe, model.begin_state(1, device))
     except RuntimeError as error:
         first = first_line(error, 120)

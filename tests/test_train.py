@@ -468,6 +468,18 @@ def test_half_precision_the_device_cannot_run_is_one_clear_error_or_works(workdi
         assert "train.precision bf16 does not run on cpu" in str(error) and "fp32" in str(error)
 
 
+def test_the_half_precision_probe_leaves_trainings_random_stream_alone():
+    """It runs the model once in training mode: its dropout must not draw what training would draw."""
+    from drnn_cli.config import ModelConfig
+    from drnn_cli.model_probes import check_precision_works
+    from drnn_cli.models import build_model
+
+    model = build_model(28, ModelConfig(cell="gru", hidden_size=8, num_layers=2, dropout=0.5, impl="scratch"))
+    before = torch.get_rng_state()
+    check_precision_works(model.train(), torch.device("cpu"), "bf16")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_patience_without_a_validation_split_says_it_cannot_stop_the_run(workdir: Path):
     class Notes(SilentReporter):
         def __init__(self) -> None:

@@ -437,7 +437,12 @@ class _ConfigLoader(yaml.SafeLoader):
     """
 
     def construct_document(self, node: yaml.Node) -> Any:
-        if _expanded_size(node) > MAX_CONFIG_NODES:
+        size = _expanded_size(node)
+        if size is None:
+            raise yaml.constructor.ConstructorError(
+                problem="an alias refers to a value that holds it (&a [*a]): the value would never end"
+            )
+        if size > MAX_CONFIG_NODES:
             raise yaml.constructor.ConstructorError(
                 problem=f"it expands to more than {MAX_CONFIG_NODES:,} values through anchors and aliases"
             )
@@ -494,14 +499,20 @@ def _not_a_name(key: object, key_node: yaml.Node, mapping: yaml.MappingNode) -> 
     return f"key {key_node.value!r} is read as {shown}, not a name; {fix}"
 
 
-def _expanded_size(root: yaml.Node) -> int:
-    """How many nodes ``root`` has once every alias is expanded (post-order, memoised by identity)."""
+def _expanded_size(root: yaml.Node) -> int | None:
+    """How many nodes ``root`` has once every alias is expanded (post-order, memoised by identity);
+    None when an alias points back into the value that holds it, which would expand without end."""
     sizes: dict[int, int] = {}
+    entered: set[int] = set()  # nodes whose children are being counted: this node's ancestors
     pending: list[tuple[yaml.Node, bool]] = [(root, False)]
     while pending:
         node, children_done = pending.pop()
         if id(node) in sizes:
             continue
+        if not children_done:
+            if id(node) in entered:  # reached again below itself: a cycle
+                return None
+            entered.add(id(node))
         children = _children(node)
         if children_done or not children:
             sizes[id(node)] = 1 + sum(sizes.get(id(child), 0) for child in children)

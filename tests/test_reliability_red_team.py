@@ -1062,3 +1062,27 @@ def test_the_validation_that_picks_the_best_checkpoint_is_the_one_the_ranks_agre
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["best_val_ppl"] == summary["val_ppl"] > 1000
     assert load_checkpoint(workdir / "runs" / "tiny" / "best.safetensors").best_val_ppl > 1000
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a: &a [*a]\n", "data: &d {max_tokens: 2000, <<: *d}\n", "model: &m {x: [1, {y: *m}]}\n"],
+)
+def test_an_alias_inside_the_value_it_names_is_one_line_not_an_endless_expansion(
+    workdir: Path, cli, text: str
+):
+    """The alias counter followed such a cycle for ever: memory grew until the OS killed drnn."""
+    import yaml
+
+    from drnn_cli.config import _expanded_size
+
+    assert _expanded_size(yaml.compose(text)) is None
+    # shared, not circular: the map, keys a and b, [1, 2] (3), and b's list holding it twice (1 + 3 + 3)
+    assert _expanded_size(yaml.compose("a: &a [1, 2]\nb: [*a, *a]\n")) == 13
+    (workdir / "loop.yaml").write_text(text)
+    code, _, err = cli("data", "--config", "loop.yaml")
+    assert_one_line_error(
+        code, err, "loop.yaml is not valid YAML", "an alias refers to a value that holds it"
+    )
+    code, _, err = cli("data", "--set", "model.hidden_size=&a [*a]")
+    assert_one_line_error(code, err, "--set model.hidden_size", "an alias refers to a value that holds it")

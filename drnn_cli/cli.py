@@ -82,9 +82,10 @@ DeviceOption = Annotated[Device, typer.Option("--device", help="auto (CUDA when 
 
 def _consoles(json_mode: bool) -> tuple[Console, Console]:
     """(human output, errors): with --json the human output moves to stderr so stdout is pure JSON."""
-    # emoji=False: a ':smile:' in a prefix or a file name is text, not an emoji code
-    return Console(stderr=json_mode, highlight=False, emoji=False), Console(
-        stderr=True, highlight=False, emoji=False
+    # markup=False, emoji=False: what drnn prints holds the user's words (a corpus's tokens, run and file
+    # names, prefixes), and a "[/INST]" or ":smile:" there is text, not a style tag or an emoji code
+    return Console(stderr=json_mode, highlight=False, emoji=False, markup=False), Console(
+        stderr=True, highlight=False, emoji=False, markup=False
     )
 
 

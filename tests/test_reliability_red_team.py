@@ -1086,3 +1086,19 @@ def test_an_alias_inside_the_value_it_names_is_one_line_not_an_endless_expansion
     )
     code, _, err = cli("data", "--set", "model.hidden_size=&a [*a]")
     assert_one_line_error(code, err, "--set model.hidden_size", "an alias refers to a value that holds it")
+
+
+def test_the_users_words_print_as_text_not_as_rich_markup(workdir: Path, cli):
+    """A chat corpus's "[/INST]" (or BBCode's "[/quote]") crashed drnn data as an unmatched closing tag,
+    a run named runs/a[/b] crashed after training, and runs/exp[v2] lost its "[v2]" in titles."""
+    text = workdir / "chat.txt"
+    text.write_text("hello [/INST] world [bold]x[/bold] and [/quote] again\n" * 300)
+    code, out, err = cli("data", "--set", f"data.path={text}", "--set", "data.preprocess=none",
+                         "--set", "data.token=word")  # fmt: skip
+    assert code == 0, err
+    assert "'[/INST]' 300" in out and "'[bold]x[/bold]' 300" in out
+    config = config_file(workdir, tiny(epochs=1))
+    for run in ("runs/a[/b]", "runs/exp[v2]"):
+        code, out, err = cli("train", "--config", str(config), "--run", run)
+        assert code == 0, err
+        assert f"run {run}" in out

@@ -58,6 +58,13 @@ def check_run_dir(run_dir: Path) -> None:
         raise DrnnError(f"--run is empty or '.' (the current directory); {fix}")
     if any(ord(char) < 32 or ord(char) == 127 for char in str(run_dir)):
         raise DrnnError(f"run directory {str(run_dir)!r} holds a control character (a newline?); {fix}")
+    try:  # a byte the file system's encoding cannot read arrives as a lone surrogate (PEP 383)
+        str(run_dir).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(run_dir).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise DrnnError(
+            f"run directory {shown} is not valid UTF-8 (runs/latest records it as text); {fix}"
+        ) from None
     try:
         resolved = run_dir.resolve()
         if run_dir.is_symlink():

@@ -1102,3 +1102,12 @@ def test_the_users_words_print_as_text_not_as_rich_markup(workdir: Path, cli):
         code, out, err = cli("train", "--config", str(config), "--run", run)
         assert code == 0, err
         assert f"run {run}" in out
+
+
+def test_a_run_name_that_is_not_utf8_is_refused_before_anything_is_written(workdir: Path, cli):
+    """Its runs/latest could not be written: an internal error after training, and a stray folder."""
+    config = config_file(workdir, tiny(epochs=1))
+    name = os.fsdecode(b"runs/bad\xffrun")  # as Python hands such a byte from the command line
+    code, _, err = cli("train", "--config", str(config), "--run", name)
+    assert_one_line_error(code, err, "run directory runs/bad\\xffrun is not valid UTF-8", "--run runs/NAME")
+    assert not (workdir / "runs").exists()

@@ -89,6 +89,12 @@ def _consoles(json_mode: bool) -> tuple[Console, Console]:
     )
 
 
+def _perplexity(value: float, decimals: int) -> str:
+    """A perplexity with ``decimals`` places; from a million on in scientific notation, where a
+    diverging run's 10²⁰⁰ would print as a line of digits."""
+    return f"{value:.{decimals}f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
 def _print_note(console: Console, message: str) -> None:
     """A ``note:`` line, one line however long (rich wraps at 80 columns off a terminal): grep finds it."""
     console.print(f"note: {message}", markup=False, soft_wrap=True)
@@ -260,6 +266,7 @@ class RichReporter:
         self.task: TaskID | None = None
         self.total = 0
         self.every = 0
+        self._held: tuple[EpochRecord, str] | None = None  # a record off the log cadence, not yet printed
 
     def start(self, run: RunStart) -> None:
         total_epochs, start_epoch = run.total_epochs, run.start_epoch
@@ -287,9 +294,9 @@ class RichReporter:
             )  # fmt: skip
 
     def epoch_end(self, record: EpochRecord) -> None:
-        status = f"ppl {record.train_ppl:.2f}"
+        status = f"ppl {_perplexity(record.train_ppl, 2)}"
         if record.val_ppl is not None:
-            status += f"  val {record.val_ppl:.2f}"
+            status += f"  val {_perplexity(record.val_ppl, 2)}"
         status += f"  {record.tokens_per_s:,.0f} tok/s"
         inside_epoch = record.epoch != int(record.epoch)  # an evaluation or a budget's end inside an epoch
         if self.progress is not None and self.task is not None:
@@ -299,13 +306,25 @@ class RichReporter:
                 self.task, completed=record.epoch, epoch=math.ceil(record.epoch), status=status, steps=""
             )
         elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
-            where = f"step {record.step:,}  " if record.step else ""
-            epoch = f"{record.epoch:.2f}" if inside_epoch else f"{record.epoch:g}"
-            # soft_wrap: one line per record in a log file too (rich wraps at 80 columns off a terminal)
-            self.console.print(
-                f"epoch {epoch}/{self.total}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",
-                soft_wrap=True,
-            )
+            self._held = None
+            self._print_record(record, status)
+        else:  # printed if the run ends here (early stop, a budget, a signal): the log shows where it did
+            self._held = (record, status)
+
+    def _print_record(self, record: EpochRecord, status: str) -> None:
+        inside_epoch = record.epoch != int(record.epoch)
+        where = f"step {record.step:,}  " if record.step else ""
+        epoch = f"{record.epoch:.2f}" if inside_epoch else f"{record.epoch:g}"
+        # soft_wrap: one line per record in a log file too (rich wraps at 80 columns off a terminal)
+        self.console.print(
+            f"epoch {epoch}/{self.total}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",
+            soft_wrap=True,
+        )
+
+    def _print_held(self) -> None:
+        if self._held is not None:
+            self._print_record(*self._held)
+            self._held = None
 
     def step(self, status: StepStatus) -> None:
         """The bar inside a long epoch: its steps, and the time left to the first budget."""
@@ -326,15 +345,18 @@ class RichReporter:
         )
 
     def samples(self, epoch: float, samples: dict[str, str]) -> None:
+        self._held = None  # samples come on their own cadence, after an epoch the log may skip
         # labelled as the log lines count epochs: "[2]" after epoch 2, "[2.14]" at a step inside epoch 3
         label = f"{epoch:g}" if epoch == int(epoch) else f"{epoch:.2f}"
         for text in samples.values():
             self.console.print(f"  [{label}] {text}", markup=False)
 
     def note(self, message: str) -> None:
+        self._print_held()
         _print_note(self.console, message)
 
     def finish(self) -> None:
+        self._print_held()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -407,16 +429,17 @@ def train_command(
         f"{result.start_epoch:g} → {result.epochs:g}" + (" (early stop)" if result.stopped_early else ""),
     )
     table.add_row("steps / stopped by", f"{result.steps:,} / {result.stop_reason}")
-    table.add_row("train perplexity", f"{result.train_ppl:.3f}")
+    table.add_row("train perplexity", _perplexity(result.train_ppl, 3))
     if result.best_val_ppl is not None:
         table.add_row(
-            "validation perplexity (last / best)", f"{result.val_ppl:.3f} / {result.best_val_ppl:.3f}"
+            "validation perplexity (last / best)",
+            f"{_perplexity(result.val_ppl, 3)} / {_perplexity(result.best_val_ppl, 3)}",
         )
     speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
     table.add_row("tokens/s", "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}")
     table.add_row("device", f"{result.device} × {result.world_size}")
     out.print(table)
-    out.print(f"perplexity {result.train_ppl:.1f}, {speed} on {result.device}")
+    out.print(f"perplexity {_perplexity(result.train_ppl, 1)}, {speed} on {result.device}")  # d2l's line
     for text in result.samples.values():
         out.print(text, markup=False)
     if json_out:
@@ -570,7 +593,7 @@ def eval_command(
         else ""
     )
     out.print(
-        f"{report.source}{unknown}: perplexity {report.result.perplexity:.4f}, {report.result.bits_per_token:.4f} bits/token "
+        f"{report.source}{unknown}: perplexity {_perplexity(report.result.perplexity, 4)}, {report.result.bits_per_token:.4f} bits/token "
         f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch}"
         + (f", step {report.step:,})" if report.step is not None else ")"),
         markup=False,
@@ -660,7 +683,7 @@ def inspect_command(
     unknown = result.scored_unknown
     scored_as_unk = f" ({unknown:,} not in the vocabulary, scored as <unk>)" if unknown else ""
     out.print(
-        f"{_count(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {result.perplexity:.4f}, "
+        f"{_count(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {_perplexity(result.perplexity, 4)}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
         markup=False,
         soft_wrap=True,

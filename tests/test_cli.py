@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -250,3 +251,41 @@ def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -
     finally:
         reporter.finish()
     assert "epoch 3/4" in screen.getvalue()
+
+
+def _plain_reporter():
+    """drnn train's reporter writing to a string, as when its output is piped (no progress bar)."""
+    import io
+
+    from rich.console import Console
+
+    from drnn_cli.cli import RichReporter
+
+    stream = io.StringIO()
+    return RichReporter(Console(file=stream, width=200, markup=False)), stream
+
+
+def test_a_run_that_stops_between_log_lines_prints_where_it_stopped():
+    """200 epochs log every 8th; an early stop at epoch 6 used to print no epoch line at all."""
+    from drnn_cli.report import EpochRecord, RunStart
+
+    reporter, stream = _plain_reporter()
+    reporter.start(RunStart(200, 0, 1000, "cpu", "from scratch", 0))
+    for epoch in range(1, 7):
+        reporter.epoch_end(EpochRecord(epoch, 10.0 - epoch, 12.0, 0.5, 1000.0, float(epoch), epoch * 3))
+    reporter.note("early stop: validation perplexity has not improved for 1 evaluation")
+    reporter.finish()
+    lines = stream.getvalue().splitlines()[1:]
+    assert lines == [
+        "epoch 6/200  step 18  ppl 4.00  val 12.00  1,000 tok/s  lr 0.5  6.0s",
+        "note: early stop: validation perplexity has not improved for 1 evaluation",
+    ]
+
+
+def test_a_perplexity_past_a_million_prints_in_scientific_notation():
+    from drnn_cli.report import EpochRecord, RunStart
+
+    reporter, stream = _plain_reporter()
+    reporter.start(RunStart(1, 0, 1000, "cpu", "from scratch", 1))
+    reporter.epoch_end(EpochRecord(1, 3.906e190, math.inf, 1000.0, 50.0, 2.0, 9))
+    assert "epoch 1/1  step 9  ppl 3.906e+190  val inf  50 tok/s" in stream.getvalue()

@@ -216,7 +216,17 @@ def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path
     assert out == ""
 
 
-@pytest.mark.parametrize(("key", "value"), [("best_val_ppl", "x"), ("corpus_sha1", 5), ("init_from", ["a"])])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("best_val_ppl", "x"),
+        ("corpus_sha1", 5),
+        ("init_from", ["a"]),
+        ("epoch", -3),  # --resume began at epoch -3 and trained 104 epochs of a 100-epoch run
+        ("epoch", "3"),
+        ("step_in_epoch", 2.5),
+    ],
+)
 def test_a_header_value_of_the_wrong_type_is_a_corrupt_checkpoint(
     tiny_run: Path, tmp_path: Path, cli, key, value
 ):

@@ -10,6 +10,7 @@ import contextlib
 import enum
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -658,12 +659,15 @@ def inspect_command(
     from drnn_cli.introspect import InspectRequest, inspect_text
 
     html_path = output_file(html_out, "--html") if html_out is not None else None
+    if png_out is not None and png_out.suffix.lower() != ".png":  # it would hold PNG bytes all the same
+        raise DrnnError(f"--png writes a PNG image; name it so, e.g. {png_out.with_suffix('.png')}")
     png_path = output_file(png_out, "--png") if png_out is not None else None
-    try:
-        # each unit once; an empty --units "" is refused, not taken for --top 5
-        chosen = tuple(dict.fromkeys(int(u) for u in units.split(","))) if units is not None else ()
-    except ValueError:
-        raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})") from None
+    # each unit once; an empty --units "" is refused, not taken for --top 5; ASCII digits only (int()
+    # would read "1_0" as 10 and "٣" as 3)
+    pieces = [piece.strip() for piece in units.split(",")] if units is not None else []
+    if not all(re.fullmatch(r"[0-9]+", piece) for piece in pieces):
+        raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})")
+    chosen = tuple(dict.fromkeys(int(piece) for piece in pieces))
     if chosen and top is not None:
         raise DrnnError("--units names the units to show and --top picks them; give one of them")
     request = InspectRequest(text, file, layer, chosen, 5 if top is None else top, signal.value)

@@ -195,6 +195,15 @@ def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Pat
     assert_one_line_error(code, err, "--run runs/latest is the latest-run marker, not a run; drop --run")
     code, _, err = cli("train", "--config", str(config), "--run", "runs/./latest")  # the marker exists now
     assert_one_line_error(code, err, "--run runs/latest is the file where drnn records the latest run")
+    named_latest = workdir / "latest.yaml"  # no --run: the run directory is named after the config
+    named_latest.write_bytes(config.read_bytes())
+    code, _, err = cli("train", "--config", str(named_latest))
+    assert_one_line_error(
+        code,
+        err,
+        "the run directory runs/latest (named after the config latest.yaml) is the file where drnn records "
+        "the latest run; pick another name with --run DIR",
+    )
 
 
 def test_a_min_freq_that_turns_much_of_the_text_into_unk_is_noted(workdir: Path, cli):

@@ -487,10 +487,9 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
                 stale.unlink(missing_ok=True)
         mark_run_dir(run_dir)
         previous_latest = recorded_latest(request.runs_root)
-        if not mark_latest(final_dir, request.runs_root) and reporter is not None:
-            reporter.note(
-                f"cannot record the latest run in {request.runs_root}/ (not writable); pass --run to predict/eval"
-            )
+        unmarked = mark_latest(final_dir, request.runs_root)
+        if unmarked is not None and reporter is not None:
+            reporter.note(f"the latest run is not recorded ({unmarked}); pass --run to predict/eval")
     try:
         return trainer.fit()
     except BaseException:

@@ -170,13 +170,14 @@ def default_run_dir(config_path: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> P
     return runs_root / config_path.stem
 
 
-def mark_latest(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> bool:
-    """Record ``run_dir`` as the latest run; False when the marker cannot be written (read-only cwd)."""
+def mark_latest(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> str | None:
+    """Record ``run_dir`` as the latest run; why not, when the marker cannot be written (a read-only
+    folder, a directory in its place), else None."""
     try:
         atomic_write_text(runs_root / LATEST_MARKER, str(run_dir.resolve()) + "\n")
-    except DrnnError:
-        return False
-    return True
+    except DrnnError as error:
+        return str(error)
+    return None
 
 
 def recorded_latest(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path | None:

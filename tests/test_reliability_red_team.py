@@ -608,8 +608,17 @@ def test_an_unwritable_latest_marker_does_not_stop_a_run_elsewhere(workdir: Path
     (workdir / "runs").write_text("a file where drnn keeps runs/latest")
     code, out, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))), "--run", "elsewhere")
     assert code == 0, err
-    assert "cannot record the latest run" in out
+    assert "note: the latest run is not recorded (cannot write runs/latest:" in out
+    assert "pass --run to predict/eval" in out
     assert load_checkpoint(workdir / "elsewhere" / "last.safetensors").epoch == 1
+
+
+def test_a_directory_where_the_latest_marker_goes_is_named_as_the_reason(workdir: Path, cli):
+    """The note said runs/ was not writable; the reason was a directory named latest in it."""
+    (workdir / "runs" / "latest").mkdir(parents=True)
+    code, out, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))
+    assert code == 0, err
+    assert "note: the latest run is not recorded (cannot write runs/latest: Is a directory)" in out
 
 
 def test_a_full_disk_names_the_file(workdir: Path, cli, monkeypatch: pytest.MonkeyPatch):

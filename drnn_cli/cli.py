@@ -90,6 +90,12 @@ def _consoles(json_mode: bool) -> tuple[Console, Console]:
     )
 
 
+# the names of image files --png would fill with PNG bytes all the same (a name without one is fine)
+OTHER_IMAGE_SUFFIXES = frozenset(
+    (".svg", ".svgz", ".pdf", ".eps", ".ps", ".jpg", ".jpeg", ".gif", ".tif", ".tiff", ".webp", ".bmp")
+)
+
+
 def _perplexity(value: float, decimals: int) -> str:
     """A perplexity with ``decimals`` places; from a million on in scientific notation, where a
     diverging run's 10²⁰⁰ would print as a line of digits."""
@@ -659,8 +665,12 @@ def inspect_command(
     from drnn_cli.introspect import InspectRequest, inspect_text
 
     html_path = output_file(html_out, "--html") if html_out is not None else None
-    if png_out is not None and png_out.suffix.lower() != ".png":  # it would hold PNG bytes all the same
-        raise DrnnError(f"--png writes a PNG image; name it so, e.g. {png_out.with_suffix('.png')}")
+    other_image = png_out.suffix.lower() in OTHER_IMAGE_SUFFIXES if png_out is not None else False
+    if png_out is not None and other_image:  # it would hold PNG bytes all the same
+        raise DrnnError(
+            f"--png writes a PNG image, not {png_out.suffix[1:].upper()}; name it so, e.g. "
+            f"{png_out.with_suffix('.png')}"
+        )
     png_path = output_file(png_out, "--png") if png_out is not None else None
     # each unit once; an empty --units "" is refused, not taken for --top 5; ASCII digits only (int()
     # would read "1_0" as 10 and "٣" as 3)

@@ -465,7 +465,7 @@ def test_png_without_matplotlib_is_refused_in_one_line(cli, tiny_run: Path, tmp_
         (["--units", ""], "--units takes comma-separated unit numbers"),
         (["--units", "1_0"], "--units takes comma-separated unit numbers"),  # int() reads 10
         (["--units", "\u0663"], "--units takes comma-separated unit numbers"),  # int() reads Arabic-Indic 3
-        (["--png", "heatmap.svg"], "--png writes a PNG image; name it so, e.g. heatmap.png"),
+        (["--png", "heatmap.svg"], "--png writes a PNG image, not SVG; name it so, e.g. heatmap.png"),
         (["--top", "0"], "--top must be >= 1"),
         (
             ["--units", "3", "--top", "2"],

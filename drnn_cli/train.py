@@ -807,9 +807,9 @@ class Trainer:
                 self._update_plot(force=last_epoch)
                 # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
                 if self._stop_requested():
-                    if not last_epoch and budget_stop is None:
+                    if not last_epoch:
                         self._interrupt(done, None)
-                    # the last epoch's checkpoint is written: the run is complete, and ends as one
+                    # its last epoch (of train.epochs, a budget or patience) is checkpointed: it ends as one
                     self.reporter.note(f"{self.stops.name} arrived after the last epoch: the run is complete")
                 if stopped_early:
                     stop_reason = "patience"

@@ -1,0 +1,195 @@
+"""Where a training session starts: the run's own last checkpoint (``--resume``), another run's
+weights (``--init-from``), or neither; what each may change in the config, and what it fixes for the
+data stage (the vocabulary, the text's SHA-1, the best perplexity kept on disk)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
+from drnn_cli.config import Config
+from drnn_cli.errors import DrnnError
+from drnn_cli.run_files import BEST, LAST
+from drnn_cli.rundir import DEFAULT_RUNS_ROOT, is_latest_marker, latest_run, resolve_checkpoint
+from drnn_cli.vocab import Vocab
+
+# Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
+# differ between a checkpoint and a run fine-tuned from it (--init-from). A --resume also keeps
+# model.impl (the same computation) and model.init (RESUME_NOTED_KEYS says why).
+ARCHITECTURE_KEYS = (
+    "cell",
+    "hidden_size",
+    "num_layers",
+    "embedding_dim",
+    "nonlinearity",
+    "tie_weights",
+    "cell_form",
+)
+TOKEN_KEYS = ("preprocess", "token")
+# Data keys that decide which tokens form the splits: a resumed run must see the same ones. Which
+# text is not among them: the corpus is checked by its SHA-1 once loaded, so a moved file resumes.
+SPLIT_KEYS = (
+    "preprocess",
+    "token",
+    "max_tokens",
+    "min_freq",
+    "val_fraction",
+    "test_fraction",
+)
+# What a resumed run must keep so that it continues the same computation: the splits, the minibatch
+# layout (a mid-epoch checkpoint carries the state of its rows), the optimizer (its state is restored
+# as saved) and the seed (it drives the batching of the remaining epochs).
+RESUME_DATA_KEYS = (*SPLIT_KEYS, "batch_size", "num_steps", "sampling")
+RESUME_TRAIN_KEYS = ("optimizer", "momentum", "weight_decay", "seed")
+# What a resume may change that changes the training from there on: said in a note, not refused. The
+# other train keys are how long, how often and where (epochs, budgets, cadences, device), changed
+# freely; model.init does nothing to a run that loads its weights, so a resume keeps it too.
+RESUME_NOTED_KEYS = {
+    "model": (
+        "dropout",
+        "input_dropout",
+        "output_dropout",
+        "dropout_kind",
+        "embedding_dropout",
+        "weight_drop",
+    ),
+    "train": (
+        *("lr", "schedule", "warmup_epochs", "step_size", "gamma", "min_lr", "clip", "reset_state"),
+        *("ar", "tar", "average", "average_decay", "average_start", "precision"),
+        "eval_tokens",  # the best so far was chosen on the other share of the validation split
+    ),
+}
+
+
+def differing_keys(old: Config, new: Config, section: str, keys: tuple[str, ...]) -> list[str]:
+    before, after = getattr(old, section), getattr(new, section)
+    return [f"{section}.{key}" for key in keys if getattr(before, key) != getattr(after, key)]
+
+
+def _setting(config: Config, dotted: str) -> object:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def _describe_differences(old: Config, new: Config, keys: list[str]) -> str:
+    return ", ".join(
+        f"{key} ({_setting(old, key)!r} in the checkpoint, {_setting(new, key)!r} now)" for key in keys
+    )
+
+
+def _describe_changes(old: Config, new: Config, keys: list[str]) -> str:
+    return ", ".join(f"{key} {_setting(old, key)!r} → {_setting(new, key)!r}" for key in keys)
+
+
+def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """``--init-from`` takes a run directory (its best/last checkpoint), a checkpoint file, or the
+    latest-run marker (the run it names)."""
+    if is_latest_marker(source, runs_root):
+        source = latest_run(runs_root)
+    if source.is_dir():
+        return resolve_checkpoint(source, None)
+    if not source.exists():
+        raise DrnnError(
+            f"--init-from {source}: no such run directory or checkpoint file; name a run (runs/NAME) or "
+            "its .safetensors checkpoint"
+        )
+    return source
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """What a session starts from: the run's own last checkpoint (``--resume``), another run's
+    weights (``--init-from``), or neither; and what that fixes for the data stage."""
+
+    resume: Checkpoint | None = None
+    init_from: Checkpoint | None = None
+    init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
+    vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
+    expected_sha1: str | None = None  # the text a resumed run was trained on
+    best_kept: float | None = None  # the perplexity of `best` on disk, which a worse model never replaces
+    changes: str | None = None  # a resume's note on the settings it changed (RESUME_NOTED_KEYS)
+
+
+def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPoint:
+    """``--resume``: the run's last checkpoint, refused if the config changed what it cannot change."""
+    last = run_dir / LAST
+    if not last.is_file():
+        if (run_dir / BEST).is_file():  # killed before its first `last`: its best can seed a new run
+            raise DrnnError(
+                f"nothing to resume: {last} does not exist (the run stopped before its first one); start "
+                f"over with --overwrite, or from its best weights with --init-from {run_dir} --run NEW_DIR"
+            )
+        raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
+    checkpoint = load_checkpoint(last, device)
+    changed = differing_keys(checkpoint.config, config, "model", (*ARCHITECTURE_KEYS, "impl", "init"))
+    changed += differing_keys(checkpoint.config, config, "data", RESUME_DATA_KEYS)
+    if checkpoint.corpus_sha1 is None and not _same_corpus_named(checkpoint.config, config):
+        changed.append("data.path")  # a checkpoint too old to know its text's SHA-1: the name must do
+    changed += differing_keys(checkpoint.config, config, "train", RESUME_TRAIN_KEYS)
+    if config.train.optimizer == "adamw":  # its parameter groups (biases decayed or not) resume as saved
+        changed += differing_keys(checkpoint.config, config, "train", ("decay_biases",))
+    if changed:
+        raise DrnnError(
+            f"cannot resume {run_dir}: the config changed {_describe_differences(checkpoint.config, config, changed)}; "
+            f"restore them or start a new run with --run DIR"
+        )
+    if config.data.file is not None and not config.data.file.exists():
+        raise DrnnError(
+            f"cannot resume {run_dir}: its corpus {config.data.path} is not there (moved, or on another "
+            "machine); point at it with --set data.path=FILE (the text is checked by its SHA-1)"
+        )
+    # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
+    best = run_dir / BEST
+    best_kept = read_checkpoint_info(best).best_val_ppl if best.is_file() else None  # the header is enough
+    noted = [
+        key
+        for section, keys in RESUME_NOTED_KEYS.items()
+        for key in differing_keys(checkpoint.config, config, section, keys)
+    ]
+    changes = (
+        f"--resume with settings changed since the checkpoint: {_describe_changes(checkpoint.config, config, noted)} "
+        "(the run trains on with them; its config.yaml records them)"
+        if noted
+        else None
+    )
+    return StartPoint(
+        resume=checkpoint,
+        vocab=checkpoint.vocab,
+        expected_sha1=checkpoint.corpus_sha1,
+        best_kept=best_kept,
+        changes=changes,
+    )
+
+
+def init_point(
+    init_from: Path, config: Config, device: torch.device, final_dir: Path, overwrite: bool, runs_root: Path
+) -> StartPoint:
+    """``--init-from``: another run's weights, refused unless the architecture and tokens match;
+    ``overwrite``: the new run replaces ``final_dir``, whose own checkpoints cannot seed it."""
+    source = resolve_init_source(init_from, runs_root)
+    if overwrite and source.resolve().is_relative_to(final_dir.resolve()):
+        raise DrnnError(
+            f"--init-from {init_from} is a checkpoint of the run --overwrite replaces: the new run "
+            f"would record weights that no longer exist; train it beside the old one with --run NEW_DIR"
+        )
+    checkpoint = load_checkpoint(source, device)
+    changed = differing_keys(checkpoint.config, config, "model", ARCHITECTURE_KEYS)
+    changed += differing_keys(checkpoint.config, config, "data", TOKEN_KEYS)
+    if changed:
+        raise DrnnError(
+            f"cannot initialise from {source}: {_describe_differences(checkpoint.config, config, changed)}; "
+            f"make the new config match"
+        )
+    return StartPoint(init_from=checkpoint, init_label=str(source.resolve()), vocab=checkpoint.vocab)
+
+
+def _same_corpus_named(saved: Config, now: Config) -> bool:
+    """Whether two configs name the same corpus: the same registry name, or the same file."""
+
+    def where(config: Config) -> Path | None:
+        return config.data.file.absolute() if config.data.file is not None else None
+
+    return (saved.data.corpus, where(saved)) == (now.data.corpus, where(now))

@@ -13,7 +13,7 @@ from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_inf
 from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError
 from drnn_cli.run_files import BEST, LAST
-from drnn_cli.rundir import DEFAULT_RUNS_ROOT, is_latest_marker, latest_run, resolve_checkpoint
+from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, is_latest_marker, latest_run, resolve_checkpoint
 from drnn_cli.vocab import Vocab
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
@@ -169,6 +169,11 @@ def init_point(
 ) -> StartPoint:
     """``--init-from``: another run's weights, refused unless the architecture and tokens match;
     ``overwrite``: the new run replaces ``final_dir``, whose own checkpoints cannot seed it."""
+    if init_from.resolve().is_relative_to(final_dir.resolve()) and not holds_run(final_dir):
+        raise DrnnError(
+            f"--init-from {init_from} is the run directory this training creates (--run {final_dir}), which "
+            "holds no weights yet; name another run or checkpoint"
+        )
     source = resolve_init_source(init_from, runs_root)
     if overwrite and source.resolve().is_relative_to(final_dir.resolve()):
         raise DrnnError(

@@ -166,6 +166,20 @@ def test_init_from_the_run_that_overwrite_replaces_is_refused(workdir: Path, cli
     assert not (workdir / "runs" / "tiny" / "init_from.txt").exists()
 
 
+@pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
+def test_init_from_the_run_this_training_creates_is_named_as_such(workdir: Path, cli, overwrite: tuple):
+    """It said the directory "holds no checkpoint": the training had just created it for its lock."""
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    code, _, err = cli(
+        "train", "--config", str(config), "--run", "runs/new", "--init-from", "runs/new", *overwrite
+    )
+    assert_one_line_error(
+        code, err, "--init-from runs/new is the run directory this training creates (--run runs/new)",
+        "name another run or checkpoint",
+    )  # fmt: skip
+    assert not (workdir / "runs").exists()  # a run that failed before writing leaves nothing
+
+
 @pytest.mark.parametrize(
     ("run", "needles"),
     [

@@ -767,7 +767,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         except Exception as error:
             if _is_usage_error(error):
-                _report_usage_error(error, errors)
+                _report_usage_error(error, errors, sys.argv[1:] if argv is None else argv)
             # anything else is a bug: still one line, unless asked for the traceback
             if session.debug:
                 traceback.print_exc()
@@ -790,12 +790,16 @@ def _is_usage_error(error: Exception) -> bool:
     return hasattr(error, "format_message") and hasattr(error, "exit_code")
 
 
-def _report_usage_error(error: Any, errors: Console) -> None:
+def _report_usage_error(error: Any, errors: Console, argv: list[str]) -> None:
     if type(error).__name__ == "NoArgsIsHelpError":
         sys.stdout.write(error.format_message().rstrip() + "\n")
         sys.exit(0)
     ctx = getattr(error, "ctx", None)
-    command = ctx.command_path if ctx is not None else "drnn"
+    if ctx is not None:
+        command = ctx.command_path
+    else:  # the parser refused an option before the command's context existed: the command is in argv
+        names = {info.name for info in app.registered_commands}
+        command = " ".join(["drnn", *[arg for arg in argv if arg in names][:1]])
     # Typer validates enum choices through pydantic-style messages: drop their "Value error, " prefix.
     message = " ".join(error.format_message().split()).replace(": Value error, ", ": ")
     errors.print(f"drnn: error: {message} (see {command} --help)", markup=False, soft_wrap=True)

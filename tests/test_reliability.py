@@ -65,6 +65,11 @@ def test_bad_set_is_refused_like_the_file(workdir: Path, cli):
 def test_unknown_option_is_one_line(cli):
     code, _, err = cli("train", "--confg", "x.yaml")
     assert_one_line_error(code, err, "--confg", "drnn train --help")
+    # refused by the parser before the command's context exists: the help named is still the command's
+    code, _, err = cli("predict", "time", "--run")
+    assert err == "drnn: error: Option '--run' requires an argument. (see drnn predict --help)\n"
+    code, _, err = cli("--bogus")
+    assert_one_line_error(code, err, "--bogus", "(see drnn --help)")
 
 
 def test_corpus_shorter_than_one_minibatch_names_the_sizes(workdir: Path, cli):

@@ -665,8 +665,7 @@ def inspect_command(
     from drnn_cli.introspect import InspectRequest, inspect_text
 
     html_path = output_file(html_out, "--html") if html_out is not None else None
-    other_image = png_out.suffix.lower() in OTHER_IMAGE_SUFFIXES if png_out is not None else False
-    if png_out is not None and other_image:  # it would hold PNG bytes all the same
+    if png_out is not None and png_out.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # it would hold PNG bytes
         raise DrnnError(
             f"--png writes a PNG image, not {png_out.suffix[1:].upper()}; name it so, e.g. "
             f"{png_out.with_suffix('.png')}"

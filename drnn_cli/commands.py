@@ -180,14 +180,13 @@ def train_run(
         )
         if dist.is_main:
             if is_latest_marker(run_dir, request.runs_root):
-                given = f"--run {run_dir}" if request.run_dir is not None else f"the run directory {run_dir}"
-                named = (
-                    ""
+                given = (
+                    f"--run {run_dir}"
                     if request.run_dir is not None
-                    else f" (named after the config {request.config_path.name})"
+                    else f"the run directory {run_dir} (named after the config {request.config_path.name})"
                 )
                 raise DrnnError(
-                    f"{given}{named} is the file where drnn records the latest run; pick another name with --run DIR"
+                    f"{given} is the file where drnn records the latest run; pick another name with --run DIR"
                 )
             check_run_dir(run_dir)
         # the outermost folder this run creates (runs/ itself, on a first run): removed again, if empty,

@@ -10,8 +10,8 @@
 # safetensors; tests: pytest, hypothesis) minus what the machine's image already holds (see the device
 # tool's package list), plus their own Requires-Dist: pydantic → pydantic-core (exact pin),
 # annotated-types, typing-inspection, typing-extensions>=4.16; typer 0.29 → pydantic, rich>=13.8,
-# shellingham, annotated-doc. typer, rich and typing-extensions are present there in unknown versions,
-# so the tested ones travel too. One version of each: two would stop the install.
+# shellingham, annotated-doc. typer, rich, typing-extensions, shellingham and annotated-doc are present
+# there in unknown versions, so the tested ones travel too (without the last two, typer does not import). One version of each: two would stop the install.
 #
 #   scripts/device_wheels.sh            # then, through the device tool (carry: .whl, .device-data):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py $OUT/gpu
@@ -25,6 +25,8 @@ PACKAGES=(
     typing-inspection==0.4.5
     typing-extensions==4.16.0
     typer==0.29.2
+    shellingham==1.5.4
+    annotated-doc==0.0.7
     rich==15.0.0
 )
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)

@@ -70,6 +70,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -79,8 +80,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 540
 MIN_STEP_S = 20  # a step with less time than this left is not started
-TEST_TIMEOUT_S = 120  # one test's limit inside the test step (with pytest-timeout)
-LOG_TAIL_CHARS = 400_000  # of each step's stdout and stderr, kept in log.txt
+# a step killed at its limit takes this long more to end and hand over its output: its limit is cut by
+# as much where the budget is nearly spent, so the last step ends inside the budget too
+KILL_GRACE_S = 10
+# one test's limit inside a test step (with pytest-timeout): under the shortest test step's limit, so
+# that a hung test ends alone and pytest still prints its summary, instead of the step being killed mute
+TEST_TIMEOUT_S = 90
+LOG_LINE_CHARS = 4_000  # a longer line of a step's output (bench's growing --json report) is cut in log.txt
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
 # the profile step's configurations, most wanted first (a step cut at its limit keeps what it measured):
 # cuDNN's seed step against the fused kernels', fp32 and bf16 (the H200 profiled the fp16 ones already),
@@ -417,7 +423,10 @@ def first_line(error: BaseException | str) -> str:
 def run_step(
     step: Step, timeout: float, env: dict[str, str], log: Callable[[str], None]
 ) -> tuple[StepResult, str, str]:
-    """Run one step in its own process group; kill the group at ``timeout``. Returns (result, stdout, stderr)."""
+    """Run one step in its own process group; kill the group at ``timeout``. Returns (result, stdout, stderr).
+
+    The output goes to ``log`` line by line as the step prints it: a call cut off by the device tool's
+    own limit still brings back what the running step had printed."""
     log(f"\n===== {step.name}: {step.title} (limit {timeout:.0f} s)\n$ {shlex.join(step.command)}\n")
     started = time.monotonic()
     process = subprocess.Popen(
@@ -427,10 +436,16 @@ def run_step(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        errors="replace",
         start_new_session=True,
     )
+    log_lock = threading.Lock()
+    readers = [
+        StreamReader(stream, log, log_lock, prefix)
+        for stream, prefix in ((process.stdout, ""), (process.stderr, "! "))
+    ]
     try:
-        out, err = process.communicate(timeout=timeout)
+        process.wait(timeout=timeout)
         status = "ok" if process.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
         # torchrun starts its workers in sessions of their own: kill every descendant, not only the
@@ -440,18 +455,41 @@ def run_step(
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        try:
-            out, err = process.communicate(timeout=15)
-        except subprocess.TimeoutExpired:  # something outside the tree still holds a pipe: give up on it
-            process.kill()
-            out, err = "", "gpu_check: the step's output could not be collected after it was killed"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=KILL_GRACE_S / 2)
         status = "timeout"
+    # something outside the tree that still holds a pipe keeps its reader waiting: not this script
+    readers_end = time.monotonic() + KILL_GRACE_S / 2
+    for reader in readers:
+        reader.join(max(0.0, readers_end - time.monotonic()))
+    out, err = (reader.text() for reader in readers)
     seconds = time.monotonic() - started
-    log(out[-LOG_TAIL_CHARS:])
-    log(err[-LOG_TAIL_CHARS:])
     log(f"----- {step.name}: {status}, exit {process.returncode}, {seconds:.1f} s\n")
     note = "" if status == "ok" else (last_meaningful_line(err) or last_meaningful_line(out))
     return StepResult(step.name, step.title, status, seconds, process.returncode, note=note), out, err
+
+
+class StreamReader:
+    """A thread that keeps one output stream of a step whole and copies each line to the log as it comes
+    (stderr's lines marked ``! ``; a line over LOG_LINE_CHARS cut there)."""
+
+    def __init__(self, stream: Any, log: Callable[[str], None], lock: threading.Lock, prefix: str) -> None:
+        self._lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream, log, lock, prefix), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: Any, log: Callable[[str], None], lock: threading.Lock, prefix: str) -> None:
+        for line in stream:
+            self._lines.append(line)
+            shown = line if len(line) <= LOG_LINE_CHARS else f"{line[:300]}… ({len(line):,} characters)\n"
+            with lock:
+                log(prefix + shown)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def text(self) -> str:
+        return "".join(list(self._lines))
 
 
 def descendants(pid: int) -> list[int]:
@@ -894,6 +932,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # the budget counts from here: CUDA's start-up and the imports are in it
     args = parse_args(argv)
     runs = Path(tempfile.gettempdir()) / "drnn-gpu-check" / "runs"
     corpus_hint = Path(args.corpus) if args.corpus else CORPUS_CANDIDATES[0]
@@ -930,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1 and importlib.util.find_spec("xdist") is None:
         plan = [step for step in build_plan(runs, corpus, 1) if step.name in {s.name for s in plan}]
 
-    deadline = time.monotonic() + args.budget
+    deadline = started + args.budget
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     cache = runs.parent / "data"
@@ -971,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
                 step = replace(step, env={**step.env, "DRNN_FUSED_LAUNCH": variant})
             elif step.name == "bench-fused-b1024":
                 step = replace(step, env={**step.env, "DRNN_FUSED_LAUNCH": big_variant(variant)})
-            result, out, err = run_step(step, min(step.limit_s, left), env, log)
+            result, out, err = run_step(step, min(step.limit_s, left - KILL_GRACE_S), env, log)
             interpret(step, result, out, runs, err)
             if step.name in VARIANT_STEPS:
                 result.data["variant"] = step.env["DRNN_FUSED_LAUNCH"]

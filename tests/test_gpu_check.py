@@ -79,10 +79,16 @@ def test_one_hung_test_fails_alone_and_tracebacks_are_short(
         step for step in gpu_check.build_plan(tmp_path, tmp_path / "c.txt", 8) if step.name == "tests"
     )
     assert "--tb=short" in tests.command
-    limit = ["--timeout", "120", "--timeout-method", "thread"]
+    limit = ["--timeout", "90", "--timeout-method", "thread"]
     joined = " ".join(tests.command)
     assert (" ".join(limit) in joined) is has_pytest_timeout
-    assert tests.limit_s > gpu_check.TEST_TIMEOUT_S
+    # a hung test ends before its step does, so that pytest still prints which one it was
+    shortest = min(
+        step.limit_s
+        for step in gpu_check.build_plan(tmp_path, tmp_path / "c.txt", 8)
+        if "pytest" in step.command
+    )
+    assert gpu_check.TEST_TIMEOUT_S + 20 <= shortest
     # without xdist a timed-out test would end the whole session (the thread method exits the process)
     alone = next(
         step for step in gpu_check.build_plan(tmp_path, tmp_path / "c.txt", 1) if step.name == "tests"
@@ -129,6 +135,26 @@ def test_a_step_past_its_limit_is_killed_with_workers_in_sessions_of_their_own(g
     result, out, _ = gpu_check.run_step(step, 2.0, dict(os.environ), lambda _: None)
     assert time.monotonic() - started < 20
     assert result.status == "timeout" and "worker up" in out
+
+
+def test_a_steps_output_reaches_the_log_while_it_runs(gpu_check) -> None:
+    """The device tool kills the whole call at its own limit: what the running step printed until then
+    must already be in log.txt, stderr's lines marked, an over-long line (bench's growing JSON) cut."""
+    printer = (
+        "import sys, time; print('first', flush=True); print('x' * 9000, flush=True); "
+        "print('warned', file=sys.stderr, flush=True); time.sleep(60)"
+    )
+    step = gpu_check.Step("slow", "prints, then hangs", [sys.executable, "-c", printer], 60)
+    logged: list[tuple[float, str]] = []
+    started = time.monotonic()
+    result, out, err = gpu_check.run_step(
+        step, 3.0, dict(os.environ), lambda text: logged.append((time.monotonic(), text))
+    )
+    assert result.status == "timeout"
+    lines = {text: at - started for at, text in logged}
+    assert lines["first\n"] < 3.0 and lines["! warned\n"] < 3.0  # logged before the kill, not after
+    assert f"{'x' * 300}… (9,001 characters)\n" in lines
+    assert out == "first\n" + "x" * 9000 + "\n" and err == "warned\n"  # the step's own output stays whole
 
 
 def test_a_missing_package_is_named_with_what_to_carry(gpu_check) -> None:

@@ -405,8 +405,8 @@ def train_command(
 
     Example: drnn train --config lstm2.yaml --set train.epochs=5
     """
-    from drnn_cli.commands import TrainRequest, train_run
     from drnn_cli.runtime import launched_rank
+    from drnn_cli.train_session import TrainRequest, train_run
 
     out, _ = _consoles(json_out)
     request = TrainRequest(

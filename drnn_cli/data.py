@@ -129,6 +129,22 @@ def load_dataset(
     return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown, notes)
 
 
+def load_same_corpus(
+    data: DataConfig,
+    vocab: Vocab | None,
+    expected_sha1: str | None,
+    action: str,
+    fix: str,
+    progress: ProgressHook | None = None,
+) -> Dataset:
+    """The dataset, refused (before it is encoded) unless it is the text the checkpoint was trained
+    on: splits are positions in a file, and in another file they mean other text."""
+    try:
+        return load_dataset(data, vocab=vocab, progress=progress, expected_sha1=expected_sha1)
+    except CorpusMismatch as mismatch:
+        raise DrnnError(f"cannot {action}: {mismatch}; {fix}") from None
+
+
 def encode_text(path: Path, config: DataConfig, vocab: Vocab, what: str) -> torch.Tensor:
     """Another text (``drnn eval --data``) read as ``config`` reads its corpus and encoded with ``vocab``;
     errors name the file as ``what``. Characters go through the file's own buffer, as a corpus does: a

@@ -68,7 +68,7 @@ from drnn_cli.trainer_state import (
     loading,
 )
 
-# How an interrupted run is told to go on (an --overwrite session is told another way: commands.py).
+# How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py).
 RESUME_ADVICE = "the same command plus --resume"
 
 # Under torchrun, steps between the ranks' votes on a pending signal or a spent max_time: a vote is

@@ -92,7 +92,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Pat
     import torch
     import yaml
 
-    from drnn_cli.commands import TrainRequest, train_run
+    from drnn_cli.train_session import TrainRequest, train_run
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny_run")

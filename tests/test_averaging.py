@@ -12,9 +12,9 @@ from torch import nn
 
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.models import activation_penalty
 from drnn_cli.report import SilentReporter
+from drnn_cli.train_session import TrainRequest, train_run
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.2},

@@ -32,7 +32,6 @@ from test_fused_lstm import _pair, _run, record_stack_launches
 from drnn_cli import fused_lstm
 from drnn_cli.batches import epoch_batches
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.config import Config, ModelConfig, build_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
@@ -40,6 +39,7 @@ from drnn_cli.models import build_model, lm_loss
 from drnn_cli.optimizers import build_optimizer, make_capturable
 from drnn_cli.step import StaticStep
 from drnn_cli.train import Trainer
+from drnn_cli.train_session import TrainRequest, train_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -32,8 +32,8 @@ import yaml
 from conftest import pythonpath_with_repo
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.models import build_model
+from drnn_cli.train_session import TrainRequest, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2

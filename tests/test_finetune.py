@@ -9,11 +9,12 @@ import yaml
 from conftest import assert_one_line_error
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import TrainRequest, evaluate_split, load_model, train_run
+from drnn_cli.commands import evaluate_split, load_model
 from drnn_cli.config import build_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.report import SilentReporter
+from drnn_cli.train_session import TrainRequest, train_run
 from drnn_cli.vocab import Vocab
 
 BASE = {

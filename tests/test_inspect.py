@@ -16,7 +16,7 @@ import yaml
 from conftest import TINY_TREE, assert_one_line_error
 from torch.testing import assert_close
 
-from drnn_cli.commands import TrainRequest, load_model, train_run
+from drnn_cli.commands import load_model
 from drnn_cli.config import DataConfig, ModelConfig
 from drnn_cli.corpus import preprocess_prefix
 from drnn_cli.errors import DrnnError
@@ -31,6 +31,7 @@ from drnn_cli.introspect import (
     trace_layers,
 )
 from drnn_cli.models import build_model
+from drnn_cli.train_session import TrainRequest, train_run
 from drnn_cli.vocab import Vocab
 
 CELLS = [("lstm", "tanh"), ("gru", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]

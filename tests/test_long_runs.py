@@ -12,12 +12,12 @@ import yaml
 
 from drnn_cli.budget import Cadence, parse_cadence, parse_duration
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.config import TrainConfig, load_config
 from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged
 from drnn_cli.optimizers import lr_factor
 from drnn_cli.report import EpochRecord, SilentReporter
 from drnn_cli.train import Trainer
+from drnn_cli.train_session import TrainRequest, train_run
 
 # 1600 training tokens (val_fraction 0.2 of 2000) in 8 rows → 19 minibatches of 8 × 10 per epoch
 STEPS_PER_EPOCH = 19

@@ -139,8 +139,8 @@ def test_overwrite_through_a_symlinked_run_replaces_the_run_it_points_at(workdir
 def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_old_run(workdir: Path):
     """``--overwrite`` swaps the new run in once it has a checkpoint, also when it then stops (a signal,
     a NaN): the message says so, as the old run is gone."""
-    from drnn_cli.commands import TrainRequest, train_run
     from drnn_cli.report import SilentReporter
+    from drnn_cli.train_session import TrainRequest, train_run
 
     class StopAfterFirstEpoch(SilentReporter):
         def epoch_end(self, record: object) -> None:

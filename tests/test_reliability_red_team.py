@@ -373,11 +373,11 @@ def test_a_signal_anywhere_is_one_line_and_the_signal_exit_code(
     exit_code: int,
     stage: str,
 ):
-    from drnn_cli import commands
+    from drnn_cli import commands, data
     from drnn_cli.train import Trainer
 
     if stage == "data loading":
-        monkeypatch.setattr(commands, "load_dataset", _raise_signal(signum))
+        monkeypatch.setattr(data, "load_dataset", _raise_signal(signum))
         args = ["train", "--config", str(config_file(workdir, TINY))]
     elif stage == "final sampling":
         monkeypatch.setattr(Trainer, "_samples", _raise_signal(signum))

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.errors import DrnnError
+from drnn_cli.train_session import TrainRequest, train_run
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.2},

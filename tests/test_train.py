@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.commands import TrainRequest, train_run
 from drnn_cli.config import Config, ModelConfig, TrainConfig
 from drnn_cli.errors import DrnnError, TrainingDiverged
 from drnn_cli.models import build_model
@@ -20,6 +19,7 @@ from drnn_cli.report import EpochRecord, SilentReporter
 from drnn_cli.run_notes import idle_setting_notes
 from drnn_cli.step import clip_gradients
 from drnn_cli.train import Trainer
+from drnn_cli.train_session import TrainRequest, train_run
 
 TINY = {
     "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10},

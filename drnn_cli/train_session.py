@@ -1,0 +1,285 @@
+"""Where ``drnn train`` runs: the run directory (its lock, ``--overwrite``'s staging copy swapped in
+once it holds a checkpoint, the latest-run marker), the session's start point, the data and the trainer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from drnn_cli.config import Config, load_config
+from drnn_cli.corpus import ProgressHook
+from drnn_cli.data import Dataset, load_same_corpus
+from drnn_cli.errors import DrnnError
+from drnn_cli.files import remove_stale_temporaries
+from drnn_cli.report import Reporter, TrainResult
+from drnn_cli.run_files import BEST, LAST, LOCK_NAME, RunFiles
+from drnn_cli.rundir import (
+    DEFAULT_RUNS_ROOT,
+    RunLock,
+    check_replaceable,
+    check_run_dir,
+    default_run_dir,
+    discard,
+    holds_run,
+    is_latest_marker,
+    mark_latest,
+    mark_run_dir,
+    recorded_latest,
+    restore_latest,
+    staging_dir,
+    swap_in,
+)
+from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
+from drnn_cli.start_point import StartPoint, init_point, resume_point
+from drnn_cli.train import RESUME_ADVICE, Trainer
+from drnn_cli.vocab import UNK, count_index
+
+# How an interrupted --overwrite session is told to go on (it trained beside the run it replaces).
+OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"
+
+
+# With --init-from: the largest share of the new text's tokens that may fall outside the vocabulary.
+DEFAULT_MAX_UNKNOWN = 0.01
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    config_path: Path
+    overrides: tuple[str, ...] = ()
+    run_dir: Path | None = None
+    device: str | None = None
+    resume: bool = False
+    init_from: Path | None = None
+    max_unknown_fraction: float | None = None  # with init_from; None: DEFAULT_MAX_UNKNOWN
+    overwrite: bool = False
+    runs_root: Path = DEFAULT_RUNS_ROOT  # holds runs/<config stem> and the latest-run marker
+
+
+def train_run(
+    request: TrainRequest,
+    reporter: Reporter | None = None,
+    progress: ProgressHook | None = None,
+) -> TrainResult:
+    """Everything ``drnn train`` does: config, run directory, lock, data, model, loop."""
+    if request.resume and request.init_from is not None:
+        raise DrnnError(
+            "--resume and --init-from cannot be combined: --resume continues this run (weights, optimizer, "
+            "epoch), --init-from starts a new run from another run's weights"
+        )
+    if request.max_unknown_fraction is not None and request.init_from is None:
+        raise DrnnError(
+            "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"
+        )
+    if request.resume and request.overwrite:
+        raise DrnnError(
+            "--resume and --overwrite cannot be combined: --resume continues the run in the run directory, "
+            "--overwrite replaces it with a new one; pick one"
+        )
+    overrides = request.overrides
+    if request.device is not None:
+        overrides = (*overrides, f"train.device={request.device}")  # validated like the config key
+    config = load_config(request.config_path, overrides)
+    if config.data.file is not None:  # the run keeps an absolute path: eval and --resume work from anywhere
+        config.data.path = str(config.data.file.absolute())
+    run_dir = (
+        request.run_dir
+        if request.run_dir is not None
+        else default_run_dir(request.config_path, request.runs_root)
+    )
+    dist = init_distributed(config.train.device)
+    finished = False
+    try:
+        device = resolve_device(
+            config.train.device, dist.local_rank, "--device" if request.device is not None else "train.device"
+        )
+        if dist.is_main:
+            if is_latest_marker(run_dir, request.runs_root):
+                given = (
+                    f"--run {run_dir}"
+                    if request.run_dir is not None
+                    else f"the run directory {run_dir} (named after the config {request.config_path.name})"
+                )
+                raise DrnnError(
+                    f"{given} is the file where drnn records the latest run; pick another name with --run DIR"
+                )
+            check_run_dir(run_dir)
+        # the outermost folder this run creates (runs/ itself, on a first run): removed again, if empty,
+        # by a run that fails before writing anything
+        created = next((p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()), None)
+        lock = RunLock(run_dir) if dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            job = _TrainJob(request, config, device, dist, reporter, progress)
+            result = _train_in_place_or_staged(job, run_dir)
+            finished = True
+            return result
+        finally:
+            if lock is not None:
+                # removed while the lock is held: released first, another training could take the
+                # lock and then lose its lock file (and the folder) to this removal
+                try:
+                    if (
+                        created is not None
+                        and run_dir.is_dir()
+                        and not (set(os.listdir(run_dir)) - {LOCK_NAME})
+                    ):
+                        _remove_created(run_dir, created)  # a run that failed before writing leaves nothing
+                finally:
+                    lock.release()
+    finally:
+        shutdown_distributed(dist, finished)
+
+
+def _remove_created(run_dir: Path, created: Path) -> None:
+    """Remove ``run_dir`` (its lock at most) and its parents up to ``created`` while they are empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in run_dir.parents:
+        if not folder.is_relative_to(created):
+            break
+        try:
+            folder.rmdir()  # only if empty: another run may have appeared there meanwhile
+        except OSError:
+            break
+
+
+@dataclass(frozen=True)
+class _TrainJob:
+    """What one ``drnn train`` brings to the run directory: the request, its config and where it runs."""
+
+    request: TrainRequest
+    config: Config
+    device: torch.device
+    dist: DistContext
+    reporter: Reporter | None
+    progress: ProgressHook | None
+
+
+def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
+    """Train into ``run_dir``, or, for ``--overwrite`` of an existing run, beside it and swap on success."""
+    request, dist = job.request, job.dist
+    if dist.is_main:
+        remove_stale_temporaries(run_dir)  # left by a killed writer; we hold the lock, so none is live
+    if not request.resume and holds_run(run_dir) and not request.overwrite:
+        raise DrnnError(
+            f"run directory {run_dir} already holds a run; continue it with --resume, pick another with --run DIR, "
+            f"or replace it with --overwrite"
+        )
+    if request.resume or not holds_run(run_dir):
+        return _train_locked(job, run_dir, run_dir)
+    # A --run that is a symlink: the run it points at is replaced (on its own disk), the link kept.
+    target = run_dir.resolve() if run_dir.is_symlink() else run_dir
+    check_replaceable(target)
+    # Every torchrun rank trains "into" the staging directory (rank 0 alone writes); rank 0 alone
+    # moves directories, so that no rank removes what another is about to swap in.
+    staging = staging_dir(target)
+    if dist.is_main:
+        discard(staging)  # a leftover of an earlier replacement that was killed
+    try:
+        result = _train_locked(job, staging, run_dir)
+    except BaseException as error:  # a stop, a failure, a signal outside the loop, an out-of-memory...
+        if not holds_run(staging):
+            raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
+        if dist.is_main:  # ...after the new run's first checkpoint: that run is the one to resume
+            swap_in(staging, target)
+        if not isinstance(error, DrnnError):
+            raise
+        message = str(error).replace(str(staging), str(run_dir))
+        replaced = f" (the new run has replaced the previous one in {run_dir})"
+        raise type(error)(message + replaced, error.exit_code) from None
+    finally:
+        if dist.is_main and staging.exists() and holds_run(target) and not holds_run(staging):
+            discard(staging)
+    if dist.is_main:
+        swap_in(staging, target)
+    return replace(result, run_dir=run_dir)
+
+
+def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult:
+    """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train."""
+    request, config, device, dist, reporter = job.request, job.config, job.device, job.dist, job.reporter
+    if request.resume:
+        start = resume_point(run_dir, config, device)
+    elif request.init_from is not None:
+        start = init_point(request.init_from, config, device, final_dir, request.overwrite, request.runs_root)
+    else:
+        start = StartPoint()
+    dataset = load_same_corpus(
+        config.data,
+        start.vocab,
+        start.expected_sha1,
+        "resume",
+        "point data.path at that text, or start a new run with --run DIR",
+        job.progress,
+    )
+    if start.changes is not None and reporter is not None:
+        reporter.note(start.changes)
+    if start.init_from is not None:
+        limit = request.max_unknown_fraction
+        _check_unknown_share(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit, reporter)
+    trainer = Trainer(  # validates everything that can still fail; writes nothing
+        config,
+        dataset,
+        run_dir,
+        device,
+        reporter,
+        dist,
+        resume=start.resume,
+        init_from=start.init_from,
+        init_from_label=start.init_label,
+        best_kept=start.best_kept,
+        # an --overwrite session trains in a staging directory that its first checkpoint swaps in
+        resume_advice=RESUME_ADVICE if run_dir == final_dir else OVERWRITE_RESUME_ADVICE,
+    )
+    previous_latest: Path | None = None
+    if dist.is_main:
+        if not request.resume:
+            files = RunFiles(run_dir)
+            for stale in (run_dir / LAST, run_dir / BEST, files.metrics, files.plot, files.init_from):
+                stale.unlink(missing_ok=True)
+        mark_run_dir(run_dir)
+        previous_latest = recorded_latest(request.runs_root)
+        unmarked = mark_latest(final_dir, request.runs_root)
+        if unmarked is not None and reporter is not None:
+            reporter.note(f"the latest run is not recorded ({unmarked}); pass --run to predict/eval")
+    try:
+        return trainer.fit()
+    except BaseException:
+        if dist.is_main and not holds_run(run_dir) and not holds_run(final_dir):
+            restore_latest(final_dir, previous_latest, request.runs_root)  # it ended without a checkpoint
+        raise
+
+
+def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:
+    """Fine-tuning keeps the checkpoint's vocabulary: report (or refuse) text it cannot spell.
+
+    The share is of the tokens the run uses, all its splits (after ``data.max_tokens``), which are what a model
+    fine-tuned on many ``<unk>`` would learn from; which tokens they are is known for the whole text.
+    """
+    if not dataset.unknown_tokens:
+        return
+    used = len(dataset.tokens)
+    count = count_index(dataset.tokens, dataset.vocab[UNK])
+    share = count / max(1, used)
+    worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
+    where = " in the whole text" if used < dataset.total_tokens else ""
+    if share > limit:
+        raise DrnnError(
+            f"{count:,} of the {used:,} tokens the run uses ({_percent(share)}) are not in the checkpoint's "
+            f"vocabulary ({worst}{where}), above the allowed {_percent(limit)}; raise --max-unknown, or "
+            "preprocess the text like the original run"
+        )
+    if reporter is not None and count:
+        reporter.note(
+            f"{count:,} of the {used:,} tokens the run uses ({_percent(share)}) are not in the vocabulary and "
+            f"map to <unk> ({worst}{where})"
+        )
+
+
+def _percent(share: float) -> str:
+    """Three significant digits: a share just above a limit never prints as the limit itself."""
+    return f"{share * 100:.3g}%"

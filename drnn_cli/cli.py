@@ -585,6 +585,7 @@ def eval_command(
     Example: drnn eval --split test --json
     """
     from drnn_cli.commands import evaluate_split, load_model
+    from drnn_cli.report import training_position
 
     if data is not None and (split is not None or corpus is not None):
         given = "--split" if split is not None else "--corpus"
@@ -601,8 +602,8 @@ def eval_command(
     )
     out.print(
         f"{report.source}{unknown}: perplexity {_perplexity(report.result.perplexity, 4)}, {report.result.bits_per_token:.4f} bits/token "
-        f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, epoch {report.epoch}"
-        + (f", step {report.step:,})" if report.step is not None else ")"),
+        f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, "
+        f"{training_position(report.epoch, report.step_in_epoch, report.step)})",
         markup=False,
         soft_wrap=True,
     )

@@ -178,6 +178,7 @@ class EvalReport:
     step: int | None = None  # optimizer steps it had taken (None: a checkpoint older than step counts)
     unknown: int = 0  # predicted tokens not in the vocabulary, scored as <unk>
     notes: tuple[str, ...] = ()  # what reading the run's corpus could not do (Dataset.notes)
+    step_in_epoch: int = 0  # steps into the epoch after ``epoch`` (a checkpoint written inside an epoch)
 
     def summary(self) -> dict:
         return {
@@ -228,7 +229,9 @@ def evaluate_split(
     except UnusableTrainerState:  # a checkpoint without a (usable) trainer state: its epoch is all there is
         step = None
     unknown = count_index(tokens[1:], checkpoint.vocab[UNK])  # the first token is read, not predicted
-    return EvalReport(split_name, checkpoint.epoch, result, source, step, unknown, notes)
+    return EvalReport(
+        split_name, checkpoint.epoch, result, source, step, unknown, notes, checkpoint.step_in_epoch
+    )
 
 
 def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor, str]:

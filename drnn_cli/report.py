@@ -25,6 +25,19 @@ from drnn_cli.run_files import RunFiles
 from drnn_cli.vocab import Vocab
 
 
+def training_position(epochs_done: int, steps_into_epoch: int, global_step: int | None = None) -> str:
+    """Where a run stands, worded alike in every message that says it: "after step 3 of epoch 2" (the
+    epoch in progress, counted from 1), "after epoch 2" (two whole epochs), then the optimizer steps
+    since the run began, which count across epochs and resumes (``drnn eval``'s ``step``)."""
+    if steps_into_epoch:
+        where = f"after step {steps_into_epoch:,} of epoch {epochs_done + 1:,}"
+    elif epochs_done:
+        where = f"after epoch {epochs_done:,}"
+    else:
+        return "before its first step"
+    return where + (f", optimizer step {global_step:,}" if global_step is not None else "")
+
+
 @dataclass(frozen=True)
 class EpochRecord:
     """One line of ``metrics.jsonl``: an epoch's end, or an evaluation inside an epoch.

@@ -50,6 +50,7 @@ from drnn_cli.report import (
     TrainResult,
     append_metrics,
     read_metrics,
+    training_position,
     write_run_files,
 )
 from drnn_cli.run_files import BEST, LAST, RunFiles
@@ -636,13 +637,16 @@ class Trainer:
     def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
         bad = int(progress.first_bad_step)
         if bad >= 0:
-            raise self._diverged(f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}")
+            raise self._diverged(
+                f"the loss became NaN or infinite at step {bad + 1:,} of epoch {epoch + 1:,}"
+            )
 
     def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
         self._save(LAST, epoch, progress)
         raise TrainingInterrupted(
-            f"training stopped by {self.stops.name} at epoch {epoch + 1}, step {progress.step if progress else 0}; "
-            f"a checkpoint of that step is in {self.run_dir / LAST}; continue with {self.resume_advice}",
+            f"training stopped by {self.stops.name} "
+            f"{training_position(epoch, progress.step if progress else 0, self.global_step)}; "
+            f"its checkpoint is in {self.run_dir / LAST}; continue with {self.resume_advice}",
             exit_code=self.stops.exit_code,
         )
 
@@ -715,7 +719,8 @@ class Trainer:
         if self.global_step == 0:
             return f"from the weights of {self.init_from_label}" if self.init_from_label else "from scratch"
         step = self.progress.step
-        return f"from epoch {self.start_epoch + 1}" + (f", step {step + 1}" if step else "")
+        # the step it runs next: the stop before it said "after step N of epoch E"
+        return (f"from step {step + 1:,} of " if step else "from ") + f"epoch {self.start_epoch + 1:,}"
 
     def _already_done(self) -> StopReason | None:
         """Why a resumed run has nothing left to train: its epochs, its budget or its patience spent

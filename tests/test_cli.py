@@ -222,7 +222,7 @@ def test_cuda_on_a_machine_without_it_names_where_it_was_asked_for(
 
 
 def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -> None:
-    """On a terminal: resumed 3 steps into epoch 2 of 4, the first line says "from epoch 2, step 3" and
+    """On a terminal: resumed 3 steps into epoch 2 of 4, the first line says "from step 3 of epoch 2" and
     the bar "epoch 2/4" (it counted epochs done, "epoch 1/4", before)."""
     import io
 
@@ -233,7 +233,7 @@ def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -
 
     screen = io.StringIO()
     reporter = RichReporter(Console(file=screen, force_terminal=True, width=120))
-    reporter.start(RunStart(4, 1, 1_000, "cpu", "from epoch 2, step 3", 0))
+    reporter.start(RunStart(4, 1, 1_000, "cpu", "from step 3 of epoch 2", 0))
     try:
         assert reporter.progress is not None
         (task,) = reporter.progress.tasks

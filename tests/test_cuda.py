@@ -405,7 +405,7 @@ def test_a_graph_run_stopped_mid_epoch_and_resumed_trains_as_a_straight_one(
         return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_step_20)
-    with pytest.raises(DrnnError, match="stopped by SIGINT at epoch 2, step 5"):
+    with pytest.raises(DrnnError, match="stopped by SIGINT after step 5 of epoch 2, optimizer step 20;"):
         run("split")
     monkeypatch.setattr(Trainer, "_stop_requested", original)
     resumed = run("split", resume=True)

@@ -196,7 +196,7 @@ def test_step_budget_interrupted_and_resumed_ends_bit_identical(
         return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_global_step_23)
-    with pytest.raises(DrnnError, match="stopped by SIGTERM at epoch 2, step 4"):
+    with pytest.raises(DrnnError, match="stopped by SIGTERM after step 4 of epoch 2, optimizer step 23;"):
         train(config, *overrides, run_dir=Path("runs/split"))
     monkeypatch.setattr(Trainer, "_stop_requested", original)
     resumed = train(config, *overrides, run_dir=Path("runs/split"), resume=True)
@@ -227,7 +227,7 @@ def test_a_signal_at_an_epoch_s_last_step_stops_at_that_epoch_s_end(
         return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_the_end_of_epoch_2)
-    with pytest.raises(DrnnError, match="stopped by SIGTERM at epoch 3, step 0"):
+    with pytest.raises(DrnnError, match="stopped by SIGTERM after epoch 2, optimizer step 38;"):
         train(config, "train.epochs=3", run_dir=Path("runs/split"))
     monkeypatch.setattr(Trainer, "_stop_requested", original)
     stopped = load_checkpoint(workdir / "runs/split/last.safetensors")
@@ -249,7 +249,7 @@ def test_resuming_a_spent_step_budget_trains_nothing(workdir: Path, cli):
     assert all(torch.equal(before[name], after[name]) for name in before)
     # A larger budget goes on inside epoch 1, from its 11th step (of 19), and says so.
     code, out, _ = cli("train", "--config", str(config), "--set", "train.max_steps=12", "--resume")
-    assert code == 0 and ", 12 steps (0.632 epochs), from epoch 1, step 11\n" in out, out
+    assert code == 0 and ", 12 steps (0.632 epochs), from step 11 of epoch 1\n" in out, out
 
 
 def test_resuming_a_finished_run_trains_nothing_until_train_epochs_is_raised(workdir: Path, cli):
@@ -410,7 +410,7 @@ def test_nan_is_noticed_at_the_next_step_boundary(workdir: Path):
     reporter = PoisonAtStep5()
     trainer = Trainer(config, load_dataset(config.data), workdir / "run", torch.device("cpu"), reporter)
     reporter.trainer = trainer
-    with pytest.raises(TrainingDiverged, match="NaN or infinite at epoch 1, step 6"):
+    with pytest.raises(TrainingDiverged, match="NaN or infinite at step 6 of epoch 1"):
         trainer.fit()
     assert trainer.global_step == 10  # read at the next log boundary, not at the epoch's end (19)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error
+from conftest import TINY_TREE, assert_one_line_error, config_file
 
 from drnn_cli.batches import split_tokens
 from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
@@ -312,6 +312,20 @@ def test_eval_json_fields(tiny_run: Path, cli):
     assert (payload["split"], payload["epoch"], payload["tokens"]) == ("val", best.epoch, 600 - 1)
     assert payload["perplexity"] == pytest.approx(best.best_val_ppl, rel=1e-9)
     assert payload["bits_per_token"] == pytest.approx(math.log2(payload["perplexity"]))
+
+
+def test_eval_says_where_its_checkpoint_stood_in_the_words_training_stopped_with(workdir: Path, cli):
+    """A checkpoint written inside an epoch (a step budget) is "after step 4 of epoch 2", as the stop
+    message of a run stopped there says; the optimizer step counts across epochs, as in --json."""
+    config = config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "max_steps": 33}})
+    assert cli("train", "--config", str(config))[0] == 0
+    last = load_checkpoint(workdir / "runs/tiny/last.safetensors")
+    assert (last.epoch, last.step_in_epoch) == (1, 4)  # 29 minibatches an epoch: 33 = 29 + 4
+    code, out, _ = cli("eval", "--checkpoint", "runs/tiny/last.safetensors", "--split", "train")
+    assert code == 0
+    assert out.rstrip().endswith(
+        "(checkpoint runs/tiny/last.safetensors, after step 4 of epoch 2, optimizer step 33)"
+    )
 
 
 def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, cli):

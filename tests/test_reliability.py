@@ -154,7 +154,7 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
     with pytest.raises(DrnnError) as stopped:
         train_run(request, reporter=StopAfterFirstEpoch())
     assert str(stopped.value) == (
-        "training stopped by SIGINT at epoch 2, step 0; a checkpoint of that step is in runs/tiny/last.safetensors; "
+        "training stopped by SIGINT after epoch 1, optimizer step 24; its checkpoint is in runs/tiny/last.safetensors; "
         "continue with the same command with --resume in place of --overwrite "
         "(the new run has replaced the previous one in runs/tiny)"
     )  # "the same command plus --resume" would be refused: --resume --overwrite
@@ -529,7 +529,7 @@ def test_nan_loss_stops_with_epoch_and_step(workdir: Path, cli, monkeypatch: pyt
     poison_weights_after(monkeypatch, 3)
     code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
     assert_one_line_error(
-        code, err, "NaN or infinite at epoch 1, step 4", "no checkpoint was written", "train.lr"
+        code, err, "NaN or infinite at step 4 of epoch 1", "no checkpoint was written", "train.lr"
     )
     assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()
 

@@ -783,7 +783,7 @@ def test_predict_and_eval_need_no_trainer_state(workdir: Path, tiny_run: Path, c
     bad = workdir / "weights-only.safetensors"
     rewrite_checkpoint(tiny_run / "last.safetensors", bad, edit_header=_set_trainer_state(None))
     code, out, err = cli("eval", "--checkpoint", str(bad))
-    assert (code, err) == (0, "") and f"(checkpoint {bad}, epoch 4)" in out
+    assert (code, err) == (0, "") and f"(checkpoint {bad}, after epoch 4)" in out
     assert cli("predict", "time", "--checkpoint", str(bad))[0] == 0
 
 

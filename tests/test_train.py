@@ -226,6 +226,22 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(workdir: Path, s
     assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("epochs_done", "steps_into_epoch", "global_step", "said"),
+    [
+        (1, 6, 30, "after step 6 of epoch 2, optimizer step 30"),  # the epoch in progress counts from 1
+        (2, 0, 48, "after epoch 2, optimizer step 48"),  # two whole epochs
+        (1_000, 1_234, 12_345_678, "after step 1,234 of epoch 1,001, optimizer step 12,345,678"),
+        (4, 0, None, "after epoch 4"),  # a checkpoint without a step count (its trainer state unusable)
+        (0, 0, 0, "before its first step"),
+    ],
+)
+def test_where_a_run_stands_is_worded_one_way(epochs_done, steps_into_epoch, global_step, said):
+    from drnn_cli.report import training_position
+
+    assert training_position(epochs_done, steps_into_epoch, global_step) == said
+
+
 def test_run_stopped_mid_epoch_resumes_bit_identical(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     """A stop after a step inside epoch 2 writes that step; resuming finishes as if never stopped."""
     config = write_config(workdir, {**TINY, "model": {**TINY["model"], "dropout": 0.2}})
@@ -239,7 +255,9 @@ def test_run_stopped_mid_epoch_resumes_bit_identical(workdir: Path, monkeypatch:
         return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_step_30)
-    with pytest.raises(DrnnError, match="stopped by SIGINT at epoch 2, step 6") as stopped:
+    with pytest.raises(
+        DrnnError, match="stopped by SIGINT after step 6 of epoch 2, optimizer step 30;"
+    ) as stopped:
         train(config, run_dir=Path("runs/split"))
     assert stopped.value.exit_code == 130
     partial = load_checkpoint(workdir / "runs/split/last.safetensors")
@@ -431,7 +449,7 @@ def test_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good_c
     reporter = PoisonAfterFirstEpoch()
     trainer = Trainer(config, dataset, workdir / "run", torch.device("cpu"), reporter)
     reporter.trainer = trainer
-    with pytest.raises(TrainingDiverged, match="NaN or infinite at epoch 2, step 1"):
+    with pytest.raises(TrainingDiverged, match="NaN or infinite at step 1 of epoch 2"):
         trainer.fit()
     kept = load_checkpoint(workdir / "run" / "last.safetensors")
     assert kept.epoch == 1

@@ -562,6 +562,10 @@ def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeyp
     if words:
         monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
     launches = record_stack_launches(monkeypatch)
+    real_layer, layer_calls = fused_lstm.fused_lstm_layer, []
+    monkeypatch.setattr(
+        fused_lstm, "fused_lstm_layer", lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k)
+    )
     epochs = 1 if words else FUSED_TREE["train"]["epochs"]
     config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": epochs}})
     summaries = {}
@@ -575,6 +579,7 @@ def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeyp
     assert summaries["fused"]["train_ppl"] == pytest.approx(summaries["scratch"]["train_ppl"], rel=1e-5)
     assert summaries["fused"]["val_ppl"] == pytest.approx(summaries["scratch"]["val_ppl"], rel=1e-5)
     assert bool(launches) == bool(words) and all(launch.layers == 2 for launch in launches)
+    assert bool(layer_calls) != bool(words)  # layer by layer: the one-layer kernels, each step
 
 
 def test_drnn_train_with_impl_fused_on_a_cpu_says_it_steps_the_scratch_cells(workdir, cli, monkeypatch):

@@ -84,6 +84,22 @@ def test_an_unclipped_run_logs_its_gradient_norm_and_trains_as_without_the_log(w
         )
     )
     assert (plain.train_ppl, plain.best_val_ppl) == (logged.train_ppl, logged.best_val_ppl)
+    # the norm's value: a clip too large to act reports the norm it measured before clipping (tested by
+    # value against torch's in test_train.py), and trains the same steps
+    train_run(
+        TrainRequest(
+            workdir / "tiny.yaml",
+            ("train.clip=1e9", "train.tensorboard=true", "train.eval_every=5 steps"),
+            run_dir=Path("runs/unclipped-by-a-huge-clip"),
+        )
+    )
+    reference = EventAccumulator(
+        str(workdir / "runs" / "unclipped-by-a-huge-clip" / "tensorboard"), size_guidance={"scalars": 0}
+    )
+    reference.Reload()
+    assert norms == [
+        (event.step, pytest.approx(event.value, rel=1e-6)) for event in reference.Scalars("gradient_norm")
+    ]
 
 
 def test_a_resumed_run_keeps_the_events_up_to_its_checkpoint_and_a_finished_one_adds_none(workdir: Path):

@@ -50,6 +50,8 @@ def test_second_load_is_memory_mapped_from_the_cache(workdir: Path, big_text: Pa
     assert torch.equal(again.splits.val, first.splits.val)
     tokens_file = entries(workdir)[0].with_suffix(".tokens")
     assert tokens_file.stat().st_size == first.total_tokens  # one byte per character token
+    mapping = _mapping_of(tokens_file)
+    assert mapping is None or mapping[0], "the second load read the tokens instead of mapping them"
 
 
 def test_a_changed_preprocessing_token_vocabulary_or_text_builds_a_new_entry(
@@ -308,22 +310,24 @@ def test_a_tokens_file_swapped_in_from_another_text_is_rebuilt(workdir: Path, bi
     assert torch.equal(again.tokens, first.tokens)
 
 
-def _resident_kib(path: Path) -> int | None:
-    """The resident size of this process's mappings of ``path`` (Linux: /proc/self/smaps), in KiB."""
+def _mapping_of(path: Path) -> tuple[bool, int] | None:
+    """Whether this process maps ``path``, and the resident KiB of its mappings (Linux: /proc/self/smaps;
+    None without it). A file read whole is not mapped at all: 0 KiB resident would say nothing."""
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
         return None
-    total, inside = 0, False
+    total, inside, found = 0, False, False
     for line in lines:
         fields = line.split()
         if (
             "-" in fields[0] and len(fields) >= 5
         ):  # a mapping's header line: range, perms, offset, dev, inode, path
             inside = len(fields) >= 6 and fields[5] == str(path)
+            found |= inside
         elif inside and fields[0] == "Rss:":
             total += int(fields[1])
-    return total
+    return found, total
 
 
 def test_a_reload_maps_the_tokens_without_reading_them(workdir: Path, big_text: Path):
@@ -334,11 +338,13 @@ def test_a_reload_maps_the_tokens_without_reading_them(workdir: Path, big_text: 
     load_dataset(config)
     again = load_dataset(config)
     tokens_file = entries(workdir)[0].with_suffix(".tokens").resolve()
-    resident = _resident_kib(tokens_file)
-    if resident is None:
+    mapping = _mapping_of(tokens_file)
+    if mapping is None:
         pytest.skip("no /proc/self/smaps on this system")
+    mapped, resident = mapping
+    assert mapped, "the tokens were read into memory, not mapped"
     assert resident < 256, f"{resident} KiB of the {tokens_file.stat().st_size // 1024} KiB entry paged in"
-    assert len(again.tokens) == again.total_tokens  # still mapped: the check above saw the mapping
+    assert len(again.tokens) == again.total_tokens  # keeps the mapping alive until the check above
 
 
 def test_a_killed_writers_partial_tokens_file_is_removed(workdir: Path, big_text: Path):

@@ -73,8 +73,15 @@ def test_cadences_are_epochs_by_default_or_steps():
     assert Cadence.of("500 steps") == Cadence(500, "steps") and Cadence.of(2) == Cadence(2, "epochs")
     assert [Cadence.of("5 steps").due_at_step(s) for s in (4, 5, 10)] == [False, True, True]
     assert not Cadence.of(1).due_at_step(5)  # an epoch cadence never fires inside an epoch
-    for bad in (0, "0 steps", "5 minutes", "steps", -1):
-        with pytest.raises(ValueError):
+    epochs_or_steps = r"must be an integer number of epochs \(≥ 1\) or 'N steps', e\.g\. 500 steps"
+    for bad, said in (
+        (0, epochs_or_steps),
+        ("0 steps", r"a step cadence needs at least 1 step, e\.g\. 500 steps"),
+        ("5 minutes", epochs_or_steps),
+        ("steps", epochs_or_steps),
+        (-1, epochs_or_steps),
+    ):
+        with pytest.raises(ValueError, match=said):
             parse_cadence(bad, allow_zero=False)
 
 

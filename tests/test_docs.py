@@ -65,3 +65,21 @@ def test_readme_sections_cited_in_the_code_exist():
     assert len(cited) >= 7
     dead = sorted((file, name) for file, name in cited if not any(h.startswith(name) for h in headings))
     assert not dead, f"README sections cited but not found: {dead}"
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a heading: lower case, punctuation but hyphens dropped, spaces hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_github_anchor_follows_githubs_rule():
+    assert github_anchor("Fine-tuning: `--init-from`") == "fine-tuning---init-from"
+    assert github_anchor("Several processes, GPUs or nodes") == "several-processes-gpus-or-nodes"
+
+
+def test_every_link_inside_the_readme_reaches_a_heading():
+    """The contents line and the cross-references link to `#fragments`; a renamed heading breaks them."""
+    anchors = {github_anchor(line.lstrip("#")) for line in README.splitlines() if line.startswith("#")}
+    links = re.findall(r"\]\(#([^)]+)\)", README)
+    assert len(links) >= 15
+    assert not sorted(set(links) - anchors)

@@ -548,7 +548,16 @@ def test_launch_plan_fits_the_grid_to_the_device():
 FUSED_TREE = {
     "data": {"max_tokens": 400, "batch_size": 4, "num_steps": 8, "val_fraction": 0.2},
     "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 2},
-    "train": {"epochs": 2, "optimizer": "sgd", "lr": 1.0, "sample_every": 0, "device": "cpu", "seed": 3},
+    # Short samples: in the interpreter each generated character is a launch per layer.
+    "train": {
+        "epochs": 2,
+        "optimizer": "sgd",
+        "lr": 1.0,
+        "sample_every": 0,
+        "sample_chars": 4,
+        "device": "cpu",
+        "seed": 3,
+    },
 }
 
 
@@ -578,6 +587,8 @@ def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeyp
         summaries[impl] = json.loads(out.strip().splitlines()[-1])
     assert summaries["fused"]["train_ppl"] == pytest.approx(summaries["scratch"]["train_ppl"], rel=1e-5)
     assert summaries["fused"]["val_ppl"] == pytest.approx(summaries["scratch"]["val_ppl"], rel=1e-5)
+    assert summaries["fused"]["samples"] == summaries["scratch"]["samples"]
+    assert all(len(text) == len(prefix) + 4 for prefix, text in summaries["fused"]["samples"].items())
     assert bool(launches) == bool(words) and all(launch.layers == 2 for launch in launches)
     assert bool(layer_calls) != bool(words)  # layer by layer: the one-layer kernels, each step
 

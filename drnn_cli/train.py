@@ -94,6 +94,13 @@ class _Cadences:
         return any(c.due_at_step(global_step) for c in (self.eval, self.checkpoint, self.sample, self.log))
 
 
+def improves_on(val_ppl: float, best: float | None) -> bool:
+    """A validation perplexity better than the best so far. A NaN (half-precision logits that
+    overflowed while validating) is no improvement and never the best: kept, it would beat nothing
+    that follows, since every comparison with NaN is false."""
+    return not math.isnan(val_ppl) and (best is None or val_ppl < best)
+
+
 class Trainer:
     """Trains one run directory from a resolved config and an encoded dataset."""
 
@@ -559,11 +566,11 @@ class Trainer:
         if val_ppl is None:
             return
         if on_cadence:
-            if self.best_val_ppl is None or val_ppl < self.best_val_ppl:
+            if improves_on(val_ppl, self.best_val_ppl):
                 self.best_val_ppl, self.bad_evals = val_ppl, 0
             else:
                 self.bad_evals += 1
-        if self.best_kept is None or val_ppl < self.best_kept:
+        if improves_on(val_ppl, self.best_kept):
             self.best_kept = val_ppl
             self._save(BEST, epoch, progress)
 

@@ -516,3 +516,16 @@ def test_patience_without_a_validation_split_says_it_cannot_stop_the_run(workdir
         "train.patience 1 counts evaluations of the validation split, and this run has none: it trains all "
         "its epochs (set data.val_fraction > 0 to stop early)"
     ]
+
+
+def test_a_nan_validation_is_never_the_best_and_no_improvement(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """fp16 logits can overflow while validating: that NaN must not become the best (every later
+    comparison with it is false, so nothing would replace it and patience would run out)."""
+    scripted = iter([math.nan, 50.0, 20.0, 10.0])
+    monkeypatch.setattr(Trainer, "_validate", lambda self: next(scripted))
+    tree = {**TINY, "data": {**TINY["data"], "val_fraction": 0.3}}
+    result = train(write_config(workdir, tree), "train.epochs=4", "train.patience=2")
+    assert (result.epochs, result.stopped_early, result.best_val_ppl) == (4, False, 10.0)
+    assert load_checkpoint(workdir / "runs/tiny/best.safetensors").epoch == 4

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import errno
 import os
 import secrets
 import socket
@@ -239,15 +238,11 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 def _new_temporary(path: Path) -> tuple[int, Path]:
     """A new ``.NAME.RANDOM.tmp`` beside ``path``, opened for writing. Created with mode 0666 less the
     umask, as ``open()`` makes files (``mkstemp``'s 0600 would hide runs from the rest of a shared
-    team); reading the umask instead would mean setting it, for an instant, for every thread."""
+    team); reading the umask instead would mean setting it, for an instant, for every thread. 64
+    random bits make a clash with another writer's name negligible; ``O_EXCL`` makes one harmless."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
-        try:
-            return os.open(temporary, flags, 0o666), temporary
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}{TEMPORARY_SUFFIX}"
+    return os.open(temporary, flags, 0o666), temporary
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:

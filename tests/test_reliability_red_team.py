@@ -1053,15 +1053,22 @@ def test_a_nan_loss_has_a_nan_perplexity_not_an_infinite_one():
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
-def test_written_files_take_the_umask_like_any_new_file(tmp_path: Path, umask: int, mode: int):
+def test_written_files_take_the_umask_like_any_new_file(
+    tmp_path: Path, umask: int, mode: int, monkeypatch: pytest.MonkeyPatch
+):
     """Not mkstemp's 0600 (which would hide runs from the rest of a team), and without setting the
     process's umask to read it (which, for an instant, applied to every thread's new files)."""
     from drnn_cli.files import atomic_write_bytes
 
     before = os.umask(umask)
     try:
-        atomic_write_bytes(tmp_path / "out.txt", b"payload")
-        assert os.umask(umask) == umask  # left as it was
+        with monkeypatch.context() as patch:
+
+            def no_umask(_mask: int) -> int:
+                raise AssertionError("os.umask called while writing")
+
+            patch.setattr(os, "umask", no_umask)
+            atomic_write_bytes(tmp_path / "out.txt", b"payload")
     finally:
         os.umask(before)
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == mode

@@ -361,7 +361,8 @@ class Trainer:
                     checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
                 save_checkpoint(self.run_dir / name, checkpoint)
             except NonFiniteCheckpoint:
-                raise self._diverged(f"the weights became NaN or infinite by epoch {epoch}") from None
+                where = training_position(epoch, progress.step if progress else 0, self.global_step)
+                raise self._diverged(f"the weights became NaN or infinite {where}") from None
 
     def _diverged(self, what: str) -> TrainingDiverged:
         return TrainingDiverged(
@@ -528,7 +529,9 @@ class Trainer:
         self._check_kernels(f"in epoch {epoch + 1}")
         if diverged_ranks:
             self._check_finite(epoch, progress)
-            raise self._diverged(f"the loss became NaN or infinite at epoch {epoch + 1} on another process")
+            raise self._diverged(
+                f"the loss became NaN or infinite by step {progress.step:,} of epoch {epoch + 1:,} on another process"
+            )
         return loss_sum, count
 
     def _budget_reached(self, vote_now: bool = False) -> StopReason | None:

@@ -554,7 +554,9 @@ def test_a_stop_request_that_meets_a_nan_on_another_process_keeps_the_last_good_
     monkeypatch.setattr(train, "all_reduce_sum", another_process_saw_a_nan)
     monkeypatch.setattr(Trainer, "_stop_requested", lambda self, step=None: step == 3)
     code, _, err = cli("train", "--config", config, "--resume")
-    assert_one_line_error(code, err, "NaN or infinite at epoch 2 on another process", "last good checkpoint")
+    assert_one_line_error(
+        code, err, "NaN or infinite by step 3 of epoch 2 on another process", "last good checkpoint"
+    )
     kept = load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors")
     assert (kept.epoch, kept.step_in_epoch) == (1, 0)
 

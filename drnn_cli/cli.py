@@ -448,7 +448,7 @@ def train_command(
     out.print(table)
     out.print(f"perplexity {_perplexity(result.train_ppl, 1)}, {speed} on {result.device}")  # d2l's line
     for text in result.samples.values():
-        out.print(text, markup=False)
+        out.print(text)
     if json_out:
         _emit_json(result.summary())
 
@@ -604,7 +604,6 @@ def eval_command(
         f"{report.source}{unknown}: perplexity {_perplexity(report.result.perplexity, 4)}, {report.result.bits_per_token:.4f} bits/token "
         f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, "
         f"{training_position(report.epoch, report.step_in_epoch, report.step)})",
-        markup=False,
         soft_wrap=True,
     )
     for note in report.notes:
@@ -699,7 +698,6 @@ def inspect_command(
     out.print(
         f"{_count(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {_perplexity(result.perplexity, 4)}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
-        markup=False,
         soft_wrap=True,
     )
     table = Table(show_header=True)
@@ -714,10 +712,10 @@ def inspect_command(
                 f"{name} {sat.left.mean():.0%} < 0.1 / {sat.right.mean():.0%} > 0.9"
                 for name, sat in gates.items()
             )
-            out.print(f"layer {index} gates saturated: {shares}", markup=False, soft_wrap=True)
+            out.print(f"layer {index} gates saturated: {shares}", soft_wrap=True)
     for written in (html_out, png_out):
         if written is not None:
-            out.print(f"wrote {written}", markup=False, soft_wrap=True)
+            out.print(f"wrote {written}", soft_wrap=True)
     if missing_glyphs:
         shown = " ".join(missing_glyphs[:20]) + (" …" if len(missing_glyphs) > 20 else "")
         _print_note(
@@ -782,7 +780,7 @@ def main(argv: list[str] | None = None) -> None:
 def _say(errors: Console, line: str) -> None:
     """The one stderr line; a closed stderr (``drnn ... 2>&1 | head -1``) must not turn it into a traceback."""
     with contextlib.suppress(OSError, Signalled):
-        errors.print(line, markup=False, soft_wrap=True)
+        errors.print(line, soft_wrap=True)
 
 
 def _is_usage_error(error: Exception) -> bool:
@@ -802,7 +800,7 @@ def _report_usage_error(error: Any, errors: Console, argv: list[str]) -> None:
         command = " ".join(["drnn", *[arg for arg in argv if arg in names][:1]])
     # Typer validates enum choices through pydantic-style messages: drop their "Value error, " prefix.
     message = " ".join(error.format_message().split()).replace(": Value error, ", ": ")
-    errors.print(f"drnn: error: {message} (see {command} --help)", markup=False, soft_wrap=True)
+    errors.print(f"drnn: error: {message} (see {command} --help)", soft_wrap=True)
     sys.exit(error.exit_code)
 
 

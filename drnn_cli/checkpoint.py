@@ -237,8 +237,8 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
         return CheckpointInfo(
             config=config,
             vocab=vocab,
-            epoch=_count(drnn["epoch"]),
-            step_in_epoch=_count(drnn.get("step_in_epoch", 0)),
+            epoch=_header_count(drnn["epoch"]),
+            step_in_epoch=_header_count(drnn.get("step_in_epoch", 0)),
             best_val_ppl=_optional(drnn.get("best_val_ppl"), float),
             init_from=_optional(drnn.get("init_from"), str),
             corpus_sha1=_optional(drnn.get("corpus_sha1"), str),
@@ -251,7 +251,7 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
         ) from None
 
 
-def _count(value: Any) -> int:
+def _header_count(value: Any) -> int:
     """A header's count of epochs or steps: a whole number ≥ 0 (int() would also take 2.7, "3" or -3)."""
     if type(value) is not int or value < 0:
         raise ValueError(f"{value!r} is no count")

@@ -251,7 +251,7 @@ def _share(value: float | None) -> float | None:
     return value
 
 
-def _count(n: int, noun: str) -> str:
+def _plural(n: int, noun: str) -> str:
     """``1 token``, ``2 tokens``, ``1,024 tokens``."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
@@ -596,7 +596,7 @@ def eval_command(
     loaded = load_model(run, checkpoint, device.value)
     report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus)
     unknown = (
-        f" ({_count(report.unknown, 'token')} not in the vocabulary, scored as <unk>)"
+        f" ({_plural(report.unknown, 'token')} not in the vocabulary, scored as <unk>)"
         if report.unknown
         else ""
     )
@@ -696,7 +696,7 @@ def inspect_command(
     unknown = result.scored_unknown
     scored_as_unk = f" ({unknown:,} not in the vocabulary, scored as <unk>)" if unknown else ""
     out.print(
-        f"{_count(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {_perplexity(result.perplexity, 4)}, "
+        f"{_plural(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {_perplexity(result.perplexity, 4)}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
         soft_wrap=True,
     )
@@ -720,7 +720,7 @@ def inspect_command(
         shown = " ".join(missing_glyphs[:20]) + (" …" if len(missing_glyphs) > 20 else "")
         _print_note(
             out,
-            f"the PNG's font has no glyph for {_count(len(missing_glyphs), 'character')} of the text "
+            f"the PNG's font has no glyph for {_plural(len(missing_glyphs), 'character')} of the text "
             f"(drawn as boxes on its axis; the --html page shows them): {shown}",
         )
     if json_out:

@@ -258,13 +258,13 @@ def _split_tokens(
         require_regular_file(corpus_file, "--corpus file", "give --corpus the run's corpus, moved")
         data = data.model_copy(update={"path": str(corpus_file)})
     elif data.file is not None and not data.file.exists():
-        moved = _corpus_path_of_run(loaded.path.parent)
-        if moved is None or not Path(moved).expanduser().exists():
+        moved = _corpus_file_of_run(loaded.path.parent)
+        if moved is None or not moved.exists():
             raise DrnnError(
                 f"cannot evaluate the {named} split: the run's corpus {data.path} is not there (moved, or "
                 "on another machine); say where it is with --corpus FILE, or score any text with --data FILE"
             )
-        data = data.model_copy(update={"path": moved})
+        data = data.model_copy(update={"path": str(moved)})
     dataset = load_same_corpus(
         data,
         checkpoint.vocab,
@@ -279,11 +279,11 @@ def _split_tokens(
     return tokens, f"{dataset.path} [{split}]", split, dataset.notes
 
 
-def _corpus_path_of_run(run_dir: Path) -> str | None:
-    """``data.path`` as the run's ``config.yaml`` has it: the newest, when a resume pointed it at a
+def _corpus_file_of_run(run_dir: Path) -> Path | None:
+    """The corpus file the run's ``config.yaml`` names: the newest, when a resume pointed it at a
     moved corpus (--set data.path=NEW) after the best checkpoint was written. None without one."""
     try:
-        return load_config(RunFiles(run_dir).config).data.path
+        return load_config(RunFiles(run_dir).config).data.file
     except DrnnError:
         return None
 

@@ -4,6 +4,7 @@ half precision asked for runs there, and ``train.compile``'s cells compile (outs
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -11,6 +12,12 @@ import torch
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.models import RNNLanguageModel, ScratchRecurrent
 from drnn_cli.runtime import autocast
+
+
+def _random_streams_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A probe's dropout draws come from forked generators (the CPU's, and the device's on CUDA):
+    training draws the same masks with or without the probe."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def compile_cells(
@@ -37,11 +44,10 @@ def compile_cells(
         )
     started = time.perf_counter()
     probe = torch.zeros((batch_rows, 2), dtype=torch.long, device=device)
-    devices = [device] if device.type == "cuda" else []
     assert isinstance(model.rnn, ScratchRecurrent)
     try:
         model.rnn.compile_cells()
-        with torch.random.fork_rng(devices=devices), autocast(device, precision, cache_enabled=not graph):
+        with _random_streams_kept(device), autocast(device, precision, cache_enabled=not graph):
             logits, _ = model(probe, model.begin_state(batch_rows, device))
             logits.float().sum().backward()
     except Exception as error:  # the compiler's failures come in many types; all end the same way
@@ -60,10 +66,8 @@ def check_precision_works(model: RNNLanguageModel, device: torch.device, precisi
     if precision == "fp32":
         return
     probe = torch.zeros((1, 1), dtype=torch.long, device=device)
-    devices = [device] if device.type == "cuda" else []
     try:
-        # its dropout draws come from a forked generator: training's masks are the same with or without it
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast(device, precision):
+        with torch.no_grad(), _random_streams_kept(device), autocast(device, precision):
             model(probe, model.begin_state(1, device))
     except RuntimeError as error:
         first = first_line(error, 120)

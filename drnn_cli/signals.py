@@ -61,8 +61,10 @@ class StopRequests:
 
     The same signal a second time (Ctrl-C pressed again while a long step, validation or checkpoint
     runs) raises :class:`Signalled` at once, without that checkpoint: the last one written stays.
-    A different signal does not: torchrun answers a Ctrl-C, which its workers receive too, with a
-    SIGTERM of its own, and a reader that goes away after a Ctrl-C (``drnn train | head``) raises
+    A different signal does not: a launcher may pass a Ctrl-C on as a SIGTERM (torchrun forwards the
+    signal it got, and starts its workers in sessions of their own, so each receives the one Ctrl-C
+    once; a launcher that left them in the terminal's process group would deliver it twice, which
+    stops at once), and a reader that goes away after a Ctrl-C (``drnn train | head``) raises
     SIGPIPE; neither is asking twice."""
 
     def __init__(self) -> None:

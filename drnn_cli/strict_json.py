@@ -25,5 +25,12 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+# Characters that ``str.splitlines`` (and JavaScript's line terminators) break lines at and that
+# ``json.dumps(ensure_ascii=False)`` writes raw: a corpus holding one would split a one-line JSON object.
+# (JSON escapes every C0 control character, \n, \r, \v, \f and \x1c-\x1e among them, by itself.)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def dumps(value: Any, **options: Any) -> str:
-    return json.dumps(finite(value), allow_nan=False, **options)
+    """JSON on one line, whatever its strings hold, for the parsers above and line-based readers."""
+    return json.dumps(finite(value), allow_nan=False, **options).translate(_LINE_BREAKS)

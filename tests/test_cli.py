@@ -100,6 +100,19 @@ def test_json_never_holds_nan_or_infinity():
     )
 
 
+def test_the_json_line_stays_one_line_for_splitlines_whatever_the_corpus_holds(workdir: Path, cli):
+    """A text with U+2028, U+2029 or NEL (U+0085) tokens: written raw, each split `--json`'s one line in
+    three for ``str.splitlines`` and JavaScript; escaped, the line parses back to the same tokens."""
+    text = workdir / "breaks.txt"
+    text.write_text("a\u2028b\x85 c\u2029d " * 200, encoding="utf-8")
+    settings = ["--set", f"data.path={text}", "--set", "data.preprocess=none", "--set", "data.batch_size=4"]
+    code, out, err = cli("data", *settings, "--set", "data.num_steps=10", "--json")
+    assert code == 0, err
+    assert "\u2028" not in out and "\x85" not in out
+    tokens = json.loads(out.splitlines()[-1])["idx_to_token"]
+    assert {"\u2028", "\x85", "\u2029"} <= set(tokens)
+
+
 def test_an_overflowed_perplexity_is_null_in_metrics_jsonl_and_reads_back_as_infinite(tmp_path: Path):
     """exp(loss) overflows past ~709 nats while the loss itself is finite (no divergence stop):
     the metrics line must still be JSON that strict readers take, and a resume must read it back."""

@@ -433,7 +433,8 @@ class _ConfigLoader(yaml.SafeLoader):
     hundred bytes; validation and error messages would expand them. The document's expanded size is
     counted (each distinct node once, memoised) before anything is constructed. Merge keys (``<<:
     *defaults``) work as in PyYAML's SafeLoader: a key written out overrides a merged one. A number
-    written with leading zeros (``010``) is decimal, as in YAML 1.2, not YAML 1.1's octal.
+    written with leading zeros (``010``) is decimal, as in YAML 1.2, not YAML 1.1's octal, and
+    ``1:30`` is text, not YAML 1.1's base 60.
     """
 
     def construct_document(self, node: yaml.Node) -> Any:
@@ -465,14 +466,24 @@ class _ConfigLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
         digits = str(self.construct_scalar(node)).replace("_", "")
         if re.fullmatch(r"[-+]?0[0-9]+", digits):
             return int(digits, 10)  # YAML 1.1 would read 010 as octal 8
+        if ":" in digits:
+            return str(self.construct_scalar(node))  # see construct_yaml_float
         return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float | str:
+        """YAML 1.1 reads ``1:30`` as base 60 (90) and ``10:00`` as 600; YAML 1.2 as the text it is.
+        Text it stays, so a time meant as 1 h 30 min is refused by name, not trained for 90 s."""
+        if ":" in str(self.construct_scalar(node)):
+            return str(self.construct_scalar(node))
+        return super().construct_yaml_float(node)
 
 
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader.construct_yaml_float)
 
 
 def _not_a_name(key: object, key_node: yaml.Node, mapping: yaml.MappingNode) -> str:

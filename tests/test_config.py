@@ -322,6 +322,21 @@ def test_leading_zeros_are_decimal_and_an_empty_section_is_the_defaults(tmp_path
     assert load_config(path, ["train=", "train.epochs=2"]).train.epochs == 2  # `--set train=` empties it too
 
 
+def test_colon_numbers_are_text_not_yaml_1_1_base_60(tmp_path: Path):
+    """YAML 1.1 reads ``1:30`` as 90 and ``10:00`` as 600: a time meant as 1 h 30 min would train for
+    90 s, and a batch of 600 would go unnoticed. As in YAML 1.2 they are text, refused by name."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"train\.max_time"):
+        load_config(path, ["train.max_time=1:30"])
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        load_config(path, ["data.batch_size=10:00"])
+    path.write_text("train:\n  max_time: 1:30.5\n")
+    with pytest.raises(ConfigError, match=r"train\.max_time"):
+        load_config(path)
+    assert load_config(path, ["train.max_time=90"]).train.max_time == 90.0
+
+
 def test_empty_file_gives_the_defaults(tmp_path: Path):
     path = tmp_path / "empty.yaml"
     path.write_text("")

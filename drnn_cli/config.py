@@ -79,6 +79,14 @@ class DataConfig(_Section):
         "sequential", description="sequential carries the state across minibatches; random resets it"
     )
 
+    @field_validator("path")
+    @classmethod
+    def _names_a_file(cls, value: str | None) -> str | None:
+        """An empty path (``--set data.path=$TEXT`` with TEXT unset) would train on data.corpus."""
+        if value is not None and not value.strip():
+            raise ValueError("is empty: name a text file, or leave data.path out to use data.corpus")
+        return value
+
     @field_validator("max_tokens")
     @classmethod
     def _not_zero(cls, value: int) -> int:
@@ -379,6 +387,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if any(not part for part in parts):
         raise ConfigError(f"--set key {key!r} has an empty part; use dotted keys like train.lr=0.5")
+    if not raw.strip() and len(parts) > 1:  # ``--set data.path=$TEXT`` with TEXT unset
+        raise ConfigError(f"--set {key}= has no value; give one, or {key}=null for its default")
     try:
         value = _parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
@@ -402,7 +412,11 @@ def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        # ``--set 'data={path: x}'`` sets those keys and keeps the section's others
+        node[parts[-1]] = {**node[parts[-1]], **value}
+    else:
+        node[parts[-1]] = value
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

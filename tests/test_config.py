@@ -337,6 +337,21 @@ def test_colon_numbers_are_text_not_yaml_1_1_base_60(tmp_path: Path):
     assert load_config(path, ["train.max_time=90"]).train.max_time == 90.0
 
 
+def test_an_empty_set_value_is_refused_and_a_section_mapping_sets_only_its_keys(tmp_path: Path):
+    """``--set data.path=$TEXT`` with TEXT unset trained on the default corpus without a word; and
+    ``--set 'data={path: x}'`` dropped the file's batch size, splits and preprocessing."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  batch_size: 4\n  preprocess: none\n")
+    with pytest.raises(ConfigError, match=r"--set data\.path= has no value; give one, or data\.path=null"):
+        load_config(path, ["data.path="])
+    assert load_config(path, ["data.path=null"]).data.path is None
+    data = load_config(path, ["data={path: mine.txt, num_steps: 7}"]).data
+    assert (data.path, data.num_steps, data.batch_size, data.preprocess) == ("mine.txt", 7, 4, "none")
+    assert load_config(path, ["data="]).data.batch_size == 32  # an empty section: its defaults
+    with pytest.raises(ConfigError, match=r"data\.path: is empty: name a text file"):
+        load_config(path, ["data.path=' '"])
+
+
 def test_empty_file_gives_the_defaults(tmp_path: Path):
     path = tmp_path / "empty.yaml"
     path.write_text("")

@@ -59,7 +59,7 @@ RESUME_NOTED_KEYS = {
     "train": (
         *("lr", "schedule", "warmup_epochs", "step_size", "gamma", "min_lr", "clip", "reset_state"),
         *("ar", "tar", "average", "average_decay", "average_start", "precision"),
-        "eval_tokens",  # the best so far was chosen on the other share of the validation split
+        "eval_tokens",  # the best so far was measured on other tokens: it starts over (best_restarts)
     ),
 }
 
@@ -110,6 +110,9 @@ class StartPoint:
     vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
     expected_sha1: str | None = None  # the text a resumed run was trained on
     best_kept: float | None = None  # the perplexity of `best` on disk, which a worse model never replaces
+    # a resume whose validation reads other tokens (train.eval_tokens changed): the best so far and
+    # patience's count were measured on the old ones, and start over
+    best_restarts: bool = False
     changes: str | None = None  # a resume's note on the settings it changed (RESUME_NOTED_KEYS)
 
 
@@ -149,9 +152,16 @@ def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPo
         for section, keys in RESUME_NOTED_KEYS.items()
         for key in differing_keys(checkpoint.config, config, section, keys)
     ]
+    best_restarts = "train.eval_tokens" in noted
     changes = (
         f"--resume with settings changed since the checkpoint: {_describe_changes(checkpoint.config, config, noted)} "
         "(the run trains on with them; its config.yaml records them)"
+        + (
+            "; validation now reads other tokens, so the best checkpoint and patience start over at the "
+            "next validation"
+            if best_restarts
+            else ""
+        )
         if noted
         else None
     )
@@ -159,8 +169,9 @@ def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPo
         resume=checkpoint,
         vocab=checkpoint.vocab,
         expected_sha1=checkpoint.corpus_sha1,
-        best_kept=best_kept,
+        best_kept=None if best_restarts else best_kept,
         changes=changes,
+        best_restarts=best_restarts,
     )
 
 

@@ -116,6 +116,7 @@ class Trainer:
         init_from: Checkpoint | None = None,
         init_from_label: str | None = None,
         best_kept: float | None = None,
+        best_restarts: bool = False,
         resume_advice: str = RESUME_ADVICE,
     ) -> None:
         self.config = config
@@ -191,6 +192,8 @@ class Trainer:
         self.stopped_mid_epoch: StopReason | None = None
         if resume is not None:
             self._restore(resume)
+            if best_restarts:  # its validations read other tokens: their best and count mean nothing now
+                self.best_val_ppl, self.bad_evals = None, 0
         # The perplexity of the best checkpoint on disk. After a hard kill it can beat the resumed
         # checkpoint's own best (`best` written after `last`): it keeps a worse model from replacing
         # that file, while patience counts against the resumed run's own best, whose evaluations the

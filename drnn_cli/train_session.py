@@ -232,6 +232,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         init_from=start.init_from,
         init_from_label=start.init_label,
         best_kept=start.best_kept,
+        best_restarts=start.best_restarts,
         # an --overwrite session trains in a staging directory that its first checkpoint swaps in
         resume_advice=RESUME_ADVICE if run_dir == final_dir else OVERWRITE_RESUME_ADVICE,
     )

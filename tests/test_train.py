@@ -529,3 +529,30 @@ def test_a_nan_validation_is_never_the_best_and_no_improvement(
     result = train(write_config(workdir, tree), "train.epochs=4", "train.patience=2")
     assert (result.epochs, result.stopped_early, result.best_val_ppl) == (4, False, 10.0)
     assert load_checkpoint(workdir / "runs/tiny/best.safetensors").epoch == 4
+
+
+def test_a_resume_that_changes_eval_tokens_starts_the_best_and_patience_over(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The best so far was measured on other validation tokens (here 20 easy ones, perplexity 2; then
+    all of them, 5): compared with the new numbers it kept a stale best.safetensors, reported a best
+    perplexity `drnn eval` contradicted, and spent patience."""
+
+    class Notes(SilentReporter):
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    scripted = iter([3.0, 2.0, 5.0, 6.0])
+    monkeypatch.setattr(Trainer, "_validate", lambda self: next(scripted))
+    tree = {**TINY, "data": {**TINY["data"], "val_fraction": 0.3}}
+    config = write_config(workdir, tree)
+    assert train(config, "train.epochs=2", "train.eval_tokens=20").best_val_ppl == 2.0
+    notes = Notes()
+    overrides = ("train.epochs=4", "train.eval_tokens=0", "train.patience=2")
+    resumed = train_run(TrainRequest(config_path=config, overrides=overrides, resume=True), reporter=notes)
+    assert (resumed.best_val_ppl, resumed.epochs, resumed.stopped_early) == (5.0, 4, False)
+    assert load_checkpoint(workdir / "runs/tiny/best.safetensors").epoch == 3
+    assert any("the best checkpoint and patience start over" in note for note in notes.notes)

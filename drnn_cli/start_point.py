@@ -113,7 +113,7 @@ class StartPoint:
     # a resume whose validation reads other tokens (train.eval_tokens changed): the best so far and
     # patience's count were measured on the old ones, and start over
     best_restarts: bool = False
-    changes: str | None = None  # a resume's note on the settings it changed (RESUME_NOTED_KEYS)
+    changes: str | None = None  # a note on settings changed (RESUME_NOTED_KEYS) or ignored (min_freq)
 
 
 def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPoint:
@@ -199,7 +199,15 @@ def init_point(
             f"cannot initialise from {source}: {_describe_differences(checkpoint.config, config, changed)}; "
             f"make the new config match"
         )
-    return StartPoint(init_from=checkpoint, init_label=str(source.resolve()), vocab=checkpoint.vocab)
+    ignored = (
+        f"data.min_freq {config.data.min_freq} does not apply with --init-from: the run keeps the "
+        f"checkpoint's vocabulary of {len(checkpoint.vocab):,} tokens"
+        if config.data.min_freq != checkpoint.config.data.min_freq
+        else None
+    )
+    return StartPoint(
+        init_from=checkpoint, init_label=str(source.resolve()), vocab=checkpoint.vocab, changes=ignored
+    )
 
 
 def _same_corpus_named(saved: Config, now: Config) -> bool:

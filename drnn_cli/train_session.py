@@ -268,6 +268,12 @@ def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | No
     share = count / max(1, used)
     worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
     where = " in the whole text" if used < dataset.total_tokens else ""
+    if count == used:  # whatever --max-unknown says: a model of <unk> alone learns nothing, at perplexity 1
+        raise DrnnError(
+            f"none of the {used:,} tokens the run uses is in the checkpoint's vocabulary ({worst}{where}): "
+            "fine-tuning would learn to predict <unk> alone; preprocess the text like the original run, or "
+            "train a new model without --init-from"
+        )
     if share > limit:
         raise DrnnError(
             f"{count:,} of the {used:,} tokens the run uses ({_percent(share)}) are not in the checkpoint's "

@@ -114,6 +114,27 @@ def test_too_much_unknown_text_is_refused_and_a_little_is_reported(tmp_path: Pat
     )
 
 
+def test_a_text_the_vocabulary_cannot_spell_at_all_is_refused_whatever_max_unknown_says(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """Every token <unk>: it trained to perplexity 1.00 (predicting <unk> after <unk>) under
+    --max-unknown 1, a number that says nothing about the text."""
+    first, _ = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("ЖЩЮ" * 600)
+    request = TrainRequest(
+        config_for(tmp_path, foreign, "ft", train={"epochs": 1}),
+        init_from=Path("runs/base"),
+        max_unknown_fraction=1.0,
+    )
+    with pytest.raises(
+        DrnnError, match=r"none of the 1,800 tokens the run uses is in the checkpoint's vocabulary"
+    ):
+        train_run(request)
+    assert not Path("runs/ft").exists()
+
+
 def test_the_unknown_share_is_of_the_tokens_training_reads(tmp_path: Path, texts: tuple[Path, Path]):
     """data.max_tokens keeps the first tokens: what lies past them cannot spoil the run, and a
     trained-on head full of <unk> is refused however clean the rest of the file is."""
@@ -205,3 +226,18 @@ def test_init_from_a_path_that_does_not_exist_says_what_init_from_takes(
         code, err, "--init-from runs/nope: no such run directory or checkpoint file; name a run (runs/NAME)"
     )
     assert "--checkpoint" not in err
+
+
+def test_min_freq_under_init_from_is_noted_as_not_applying(tmp_path: Path, texts: tuple[Path, Path]):
+    """The vocabulary is the checkpoint's: a min_freq that would have built another one is said to
+    do nothing (the run's config.yaml still records it)."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    base_vocab = len(load_checkpoint(Path("runs/base/last.safetensors")).vocab)
+    notes = Notes()
+    tuned = config_for(tmp_path, second, "ft", data={"min_freq": 5}, train={"epochs": 1})
+    train_run(TrainRequest(tuned, init_from=Path("runs/base")), reporter=notes)
+    assert (
+        f"data.min_freq 5 does not apply with --init-from: the run keeps the checkpoint's vocabulary of "
+        f"{base_vocab:,} tokens" in notes.notes
+    )

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import traceback
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,34 @@ def _perplexity(value: float, decimals: int) -> str:
     """A perplexity with ``decimals`` places; from a million on in scientific notation, where a
     diverging run's 10²⁰⁰ would print as a line of digits."""
     return f"{value:.{decimals}f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
+# Characters a terminal acts on instead of showing: C0 and C1 controls (ESC begins the sequences that
+# set a window title or clear the screen) and the bidirectional overrides that reorder what follows.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_safe(text: str) -> str:
+    """Generated text as a terminal should show it: a model (or a shared checkpoint's vocabulary) can
+    emit any token, so those characters appear escaped (``\\x1b``); line breaks and tabs stay."""
+    return "".join(
+        char
+        if char in "\n\t" or (unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS)
+        else f"\\u{ord(char):04x}"
+        if ord(char) > 0xFF
+        else f"\\x{ord(char):02x}"
+        for char in text
+    )
+
+
+def _print_generated(console: Console, line: str) -> None:
+    """A line holding generated text: on a terminal with its controls escaped (:func:`terminal_safe`),
+    one line however long; piped or redirected, exactly as generated (rich would drop control
+    characters, expand tabs and wrap at 80 columns)."""
+    if console.is_terminal:
+        console.print(terminal_safe(line), markup=False, soft_wrap=True)
+    else:
+        console.file.write(line + "\n")
 
 
 def _print_note(console: Console, message: str) -> None:
@@ -356,7 +385,7 @@ class RichReporter:
         # labelled as the log lines count epochs: "[2]" after epoch 2, "[2.14]" at a step inside epoch 3
         label = f"{epoch:g}" if epoch == int(epoch) else f"{epoch:.2f}"
         for text in samples.values():
-            self.console.print(f"  [{label}] {text}", markup=False)
+            _print_generated(self.console, f"  [{label}] {text}")
 
     def note(self, message: str) -> None:
         self._print_held()
@@ -448,7 +477,7 @@ def train_command(
     out.print(table)
     out.print(f"perplexity {_perplexity(result.train_ppl, 1)}, {speed} on {result.device}")  # d2l's line
     for text in result.samples.values():
-        out.print(text)
+        _print_generated(out, text)
     if json_out:
         _emit_json(result.summary())
 
@@ -513,16 +542,15 @@ def predict_command(
 
             def on_token(piece: str) -> None:
                 """First the prefix as the model saw it, then each new token as it is generated."""
-                sys.stdout.write(piece)
+                sys.stdout.write(terminal_safe(piece))  # streaming: stdout is a terminal
                 sys.stdout.flush()
 
         text = predict(loaded, prefix, options, on_token)
         continuations.append(Continuation(prefix, text))
         if stream:
             sys.stdout.write("\n")
-        else:  # the text exactly as generated (tabs and all): rich would expand and restyle it
-            out, _ = _consoles(json_out)
-            out.file.write(text + "\n")
+        else:
+            _print_generated(_consoles(json_out)[0], text)
     if json_out:
         _emit_json(PredictReport(tuple(continuations)).summary())
 

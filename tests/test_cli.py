@@ -302,3 +302,25 @@ def test_a_perplexity_past_a_million_prints_in_scientific_notation():
     reporter.start(RunStart(1, 0, 1000, "cpu", "from scratch", 1))
     reporter.epoch_end(EpochRecord(1, 3.906e190, math.inf, 1000.0, 50.0, 2.0, 9))
     assert "epoch 1/1  step 9  ppl 3.906e+190  val inf  50 tok/s" in stream.getvalue()
+
+
+def test_generated_text_reaches_a_terminal_escaped_and_a_pipe_exactly() -> None:
+    """A word model of a text holding terminal sequences (or a shared checkpoint's vocabulary) can
+    generate ESC ] 0 ; … BEL, which retitles the window, or ESC [ 2 J, which clears it; a right-to-left
+    override reorders the line. On a terminal they are shown escaped; piped, a sample is the text as
+    generated, on one line however long (rich wrapped it at 80 columns)."""
+    import io
+
+    from rich.console import Console
+
+    from drnn_cli.cli import RichReporter, terminal_safe
+
+    hostile = "hello \x1b]0;PWNED\x07\x1b[2J w\u202eorld\n\té 日本 \x85"
+    assert terminal_safe(hostile) == "hello \\x1b]0;PWNED\\x07\\x1b[2J w\\u202eorld\n\té 日本 \\x85"
+    screen, pipe = io.StringIO(), io.StringIO()
+    long_sample = "the time traveller " * 10 + hostile
+    plain = {"highlight": False, "markup": False, "emoji": False, "width": 80}  # as drnn's consoles
+    for console in (Console(file=screen, force_terminal=True, **plain), Console(file=pipe, **plain)):
+        RichReporter(console).samples(2, {"hello": long_sample})
+    assert "\x1b]0;PWNED" not in screen.getvalue() and "\\x1b]0;PWNED\\x07" in screen.getvalue()
+    assert pipe.getvalue() == f"  [2] {long_sample}\n"

@@ -16,6 +16,8 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.vocab import UNK, Vocab, count_index
 
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
+# Fewer validation predictions than this: each one moves the perplexity by a few percent or more
+FEW_VALIDATION_PREDICTIONS = 100
 
 
 def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device) -> list[str]:
@@ -29,6 +31,12 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
         notes.append(
             f"data.val_fraction {data.val_fraction:g} leaves {validation_tokens} validation token(s), too "
             "few to evaluate: this run has no validation (raise data.val_fraction)"
+        )
+    elif data.val_fraction > 0 and validation_tokens - 1 < FEW_VALIDATION_PREDICTIONS:
+        notes.append(
+            f"data.val_fraction {data.val_fraction:g} leaves {validation_tokens - 1} validation prediction(s): "
+            "perplexities over so few are noise, yet they pick the best checkpoint and drive patience "
+            "(raise data.val_fraction)"
         )
     if data.min_freq > 0 and len(splits.train):
         unknown = count_index(splits.train, vocab[UNK]) / len(splits.train)

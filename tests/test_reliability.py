@@ -248,6 +248,23 @@ def test_a_min_freq_that_leaves_only_unk_is_refused(workdir: Path, cli):
     )
 
 
+def test_a_validation_split_of_a_few_predictions_is_noted_as_noise(workdir: Path, cli):
+    """Two validation tokens, one prediction: its perplexity picked the best checkpoint and drove
+    patience without a word."""
+    text = workdir / "small.txt"
+    text.write_text("hello world, this is a small text. " * 20)  # 700 characters
+    config = config_file(workdir, {**TINY, "data": {"path": str(text), "batch_size": 2, "num_steps": 5}})
+    few = ("--set", "train.epochs=1", "--set", "train.sample_prefixes=[hello]", "--run")
+    code, out, err = cli("train", "--config", str(config), *few, "runs/a", "--set", "data.val_fraction=0.004")
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("note: ")] == [
+        "note: data.val_fraction 0.004 leaves 1 validation prediction(s): perplexities over so few are noise, "
+        "yet they pick the best checkpoint and drive patience (raise data.val_fraction)"
+    ]
+    code, out, err = cli("train", "--config", str(config), *few, "runs/b", "--set", "data.val_fraction=0.2")
+    assert code == 0 and "note: " not in out + err  # over a hundred predictions: no note
+
+
 def test_settings_this_text_cannot_honour_are_noted_on_one_line_each(workdir: Path, cli):
     """Own text without the default prefixes' letters, and a validation share that rounds to nothing."""
     text = workdir / "small.txt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,12 +75,20 @@ def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> lis
         )
     unknown = sorted({t for t in tokens if t not in vocab or vocab[t] == 0})
     if unknown:
-        shown = ", ".join(repr(t) for t in unknown[:10])
+        shown = ", ".join(_named(t) for t in unknown[:10])
         raise DrnnError(
             f"the prefix {prefix!r} contains {token}s not in the model's vocabulary: {shown}; "
             f"remove or replace them"
         )
     return tokens
+
+
+def _named(token: str) -> str:
+    """A token as an error shows it; a character that shows as nothing or as part of its neighbour (a
+    combining accent, a zero-width or other format character, an unusual space) also by its code point."""
+    if len(token) == 1 and token != " " and unicodedata.category(token)[0] in "MCZ":
+        return f"{token!r} (U+{ord(token):04X})"
+    return repr(token)
 
 
 def separator(token: str) -> str:

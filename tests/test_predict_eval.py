@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,9 @@ def test_prefix_errors_name_the_problem():
     with pytest.raises(DrnnError, match=r"not in the model's vocabulary: 'c', 'z'"):
         prefix_tokens("abzc", vocab, "none", "char")
     assert prefix_tokens("ab ba", vocab, "none", "char") == list("ab ba")
+    invisible = "vocabulary: 'c', '\u0301' (U+0301), '\\u200b' (U+200B);"  # an accent, a zero-width space
+    with pytest.raises(DrnnError, match=re.escape(invisible)):
+        prefix_tokens("a\u0301b\u200bc", vocab, "none", "char")
 
 
 def test_a_prefix_with_windows_line_breaks_continues_on_a_run_that_keeps_line_breaks():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -103,14 +104,31 @@ def init_distributed(device_choice: str) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, launched=launched)
 
 
+LEAVE_WAIT = timedelta(seconds=60)  # how long rank 0 waits for the others to leave the group
+
+
 def shutdown_distributed(context: DistContext, finished: bool = False) -> None:
-    """Leave the process group. After a finished run, first wait for every rank: rank 0 still writes
-    samples and the summary when the others are done, and a rank that tears down its gloo pairs while
-    a peer still holds them can abort at exit ("terminate called without an active exception")."""
-    if context.enabled and torch_dist.is_initialized():
-        if finished:
-            torch_dist.barrier()
+    """Leave the process group. After a finished run, first wait for every rank (rank 0 still writes
+    samples and the summary when the others are done), then leave one side at a time: a rank that
+    tears down its gloo pairs while a peer is tearing down its own can abort at exit ("terminate called
+    without an active exception", and torchrun fails a finished run: seen once in a CI run of six
+    two-process runs sharing 2 cores, with the barrier alone). The others leave first and say so in
+    the rendezvous store, which outlives the group; rank 0 leaves once all have (or after
+    ``LEAVE_WAIT``)."""
+    if not (context.enabled and torch_dist.is_initialized()):
+        return
+    if not finished:
         torch_dist.destroy_process_group()
+        return
+    torch_dist.barrier()
+    store = torch_dist.distributed_c10d._get_default_store()
+    if context.rank != 0:
+        torch_dist.destroy_process_group()
+        store.set(f"drnn/left/{context.rank}", "1")
+        return
+    with contextlib.suppress(RuntimeError):  # a rank that never says so: leave after the wait anyway
+        store.wait([f"drnn/left/{rank}" for rank in range(1, context.world_size)], LEAVE_WAIT)
+    torch_dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:

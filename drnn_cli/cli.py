@@ -111,14 +111,13 @@ _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u20
 def terminal_safe(text: str) -> str:
     """Generated text as a terminal should show it: a model (or a shared checkpoint's vocabulary) can
     emit any token, so those characters appear escaped (``\\x1b``); line breaks and tabs stay."""
-    return "".join(
-        char
-        if char in "\n\t" or (unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS)
-        else f"\\u{ord(char):04x}"
-        if ord(char) > 0xFF
-        else f"\\x{ord(char):02x}"
-        for char in text
-    )
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if char in "\n\t" or (unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS):
+        return char
+    return f"\\x{ord(char):02x}" if ord(char) <= 0xFF else f"\\u{ord(char):04x}"
 
 
 def _print_generated(console: Console, line: str) -> None:

@@ -485,15 +485,14 @@ class _ConfigLoader(yaml.SafeLoader):
         if re.fullmatch(r"[-+]?0[0-9]+", digits):
             return int(digits, 10)  # YAML 1.1 would read 010 as octal 8
         if ":" in digits:
-            return str(self.construct_scalar(node))  # see construct_yaml_float
+            return str(self.construct_scalar(node))  # text: see construct_yaml_float
         return super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float | str:
         """YAML 1.1 reads ``1:30`` as base 60 (90) and ``10:00`` as 600; YAML 1.2 as the text it is.
         Text it stays, so a time meant as 1 h 30 min is refused by name, not trained for 90 s."""
-        if ":" in str(self.construct_scalar(node)):
-            return str(self.construct_scalar(node))
-        return super().construct_yaml_float(node)
+        written = str(self.construct_scalar(node))
+        return written if ":" in written else super().construct_yaml_float(node)
 
 
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)

@@ -13,7 +13,6 @@ import os
 import re
 import sys
 import traceback
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from drnn_cli.budget import Cadence, format_duration
 from drnn_cli.config import load_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.presets import find_config
+from drnn_cli.shown_text import terminal_safe
 from drnn_cli.signals import Signalled, exit_on_signals, guard_output
 
 if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
@@ -103,23 +103,6 @@ def _perplexity(value: float, decimals: int) -> str:
     return f"{value:.{decimals}f}" if abs(value) < 1e6 else f"{value:.4g}"
 
 
-# Characters a terminal acts on instead of showing: C0 and C1 controls (ESC begins the sequences that
-# set a window title or clear the screen) and the bidirectional overrides that reorder what follows.
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def terminal_safe(text: str) -> str:
-    """Generated text as a terminal should show it: a model (or a shared checkpoint's vocabulary) can
-    emit any token, so those characters appear escaped (``\\x1b``); line breaks and tabs stay."""
-    return "".join(_escaped(char) for char in text)
-
-
-def _escaped(char: str) -> str:
-    if char in "\n\t" or (unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS):
-        return char
-    return f"\\x{ord(char):02x}" if ord(char) <= 0xFF else f"\\u{ord(char):04x}"
-
-
 def _print_generated(console: Console, line: str) -> None:
     """A line holding generated text: on a terminal with its controls escaped (:func:`terminal_safe`),
     one line however long; piped or redirected, exactly as generated (rich would drop control
@@ -131,8 +114,9 @@ def _print_generated(console: Console, line: str) -> None:
 
 
 def _print_note(console: Console, message: str) -> None:
-    """A ``note:`` line, one line however long (rich wraps at 80 columns off a terminal): grep finds it."""
-    console.print(f"note: {message}", markup=False, soft_wrap=True)
+    """A ``note:`` line, one line however long (rich wraps at 80 columns off a terminal): grep finds it.
+    Its controls are escaped, as an error's are: a note quotes tokens and paths drnn did not choose."""
+    console.print(f"note: {terminal_safe(message, keep='')}", markup=False, soft_wrap=True)
 
 
 def _emit_json(payload: dict[str, Any]) -> None:

@@ -2,16 +2,11 @@
 
 import re
 
+from drnn_cli.shown_text import terminal_safe
+
 # Line breaks and the spaces around them: what a one-line message replaces by one space. Runs of
 # plain spaces stay, since they may be part of what the message quotes (a prefix, a path).
 _BREAKS = re.compile(r"[ \t]*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")
-# Other control characters (a tab, an escape) are shown escaped: a path holding a tab must not read
-# as one holding a space, and an escape sequence in a file name must not reach the terminal.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _escaped(match: re.Match[str]) -> str:
-    return repr(match.group())[1:-1]
 
 
 class DrnnError(Exception):
@@ -24,7 +19,9 @@ class DrnnError(Exception):
     exit_code: int = 1
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
-        super().__init__(_CONTROL.sub(_escaped, _BREAKS.sub(" ", message).strip()))
+        # other controls (a tab, an escape, a bidi override) are shown escaped: a path holding a tab
+        # must not read as one holding a space, nor an escape sequence in a file name reach the terminal
+        super().__init__(terminal_safe(_BREAKS.sub(" ", message).strip(), keep=""))
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -11,7 +11,8 @@ import html
 import json
 import math
 
-from drnn_cli.introspect import Inspection, visible_char
+from drnn_cli.introspect import Inspection
+from drnn_cli.shown_text import visible_char
 
 SURPRISAL_FULL_BITS = 6.0  # a character this surprising (or more) is fully red
 

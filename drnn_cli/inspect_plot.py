@@ -14,7 +14,8 @@ from pathlib import Path
 
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
-from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, visible_char
+from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection
+from drnn_cli.shown_text import visible_char
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
 MAX_UNITS = 64  # heatmap rows: --top 2000 drew a PNG 70,000 pixels tall

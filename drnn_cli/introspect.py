@@ -14,7 +14,6 @@ Networks" (2015): a unit is interesting when its activation follows a property o
 from __future__ import annotations
 
 import math
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,21 +120,6 @@ def forward_logits(model: RNNLanguageModel, ids: torch.Tensor, num_steps: int) -
 
 # ---------------------------------------------------------------------------------------------
 # Showing a character
-
-
-def visible_char(char: str) -> str:
-    """How the page and the picture draw a character: one that is invisible or acts on the text around
-    it (a control character, a bidi override or another format character, a line or paragraph
-    separator, a surrogate or a noncharacter) as ``⟨U+202E⟩``, so that it neither reorders nor breaks
-    the characters after it, nor makes the page invalid HTML. Tab and line break stay themselves
-    (the caller shows them); a longer token (``<unk>``) too."""
-    if len(char) != 1 or char in "\t\n":
-        return char
-    code = ord(char)
-    noncharacter = 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
-    if noncharacter or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-        return f"⟨U+{code:04X}⟩"
-    return char
 
 
 # ---------------------------------------------------------------------------------------------

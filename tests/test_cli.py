@@ -313,7 +313,8 @@ def test_generated_text_reaches_a_terminal_escaped_and_a_pipe_exactly() -> None:
 
     from rich.console import Console
 
-    from drnn_cli.cli import RichReporter, terminal_safe
+    from drnn_cli.cli import RichReporter
+    from drnn_cli.shown_text import terminal_safe
 
     hostile = "hello \x1b]0;PWNED\x07\x1b[2J w\u202eorld\n\té 日本 \x85"
     assert terminal_safe(hostile) == "hello \\x1b]0;PWNED\\x07\\x1b[2J w\\u202eorld\n\té 日本 \\x85"
@@ -324,3 +325,18 @@ def test_generated_text_reaches_a_terminal_escaped_and_a_pipe_exactly() -> None:
         RichReporter(console).samples(2, {"hello": long_sample})
     assert "\x1b]0;PWNED" not in screen.getvalue() and "\\x1b]0;PWNED\\x07" in screen.getvalue()
     assert pipe.getvalue() == f"  [2] {long_sample}\n"
+
+
+def test_a_note_quoting_a_token_or_path_reaches_the_terminal_escaped() -> None:
+    """Notes quote what drnn did not choose (a corpus's tokens, a file's name), and rich passes an
+    escape sequence through to the terminal: a note is one line with its controls escaped."""
+    import io
+
+    from rich.console import Console
+
+    from drnn_cli.cli import RichReporter
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, highlight=False, markup=False, emoji=False)
+    RichReporter(console).note("data.path 'x\x1b]0;PWNED\x07\u202e.txt' is\tshort")
+    assert screen.getvalue() == "note: data.path 'x\\x1b]0;PWNED\\x07\\u202e.txt' is\\tshort\n"

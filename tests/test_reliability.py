@@ -696,7 +696,8 @@ def test_drnn_error_messages_collapse_to_one_line():
 def test_an_error_is_one_line_and_keeps_the_spaces_it_quotes() -> None:
     """Line breaks (a library's message, a multi-line f-string) become one space; runs of spaces stay,
     as they may be part of a quoted prefix or path; a tab or an escape is shown escaped, so a path
-    holding one is not mistaken for another and nothing reaches the terminal as a control sequence."""
+    holding one is not mistaken for another and nothing reaches the terminal as a control sequence;
+    nor a right-to-left override, which shows "exe.txt" as "txt.exe"."""
     from drnn_cli.errors import DrnnError
 
     assert str(DrnnError("cannot read 'my  notes.txt':\n  permission denied (errno 13)")) == (
@@ -706,3 +707,4 @@ def test_an_error_is_one_line_and_keeps_the_spaces_it_quotes() -> None:
     assert str(DrnnError("run directory r/no\tsuch\x1b[2J does not exist")) == (
         "run directory r/no\\tsuch\\x1b[2J does not exist"
     )
+    assert str(DrnnError("cannot read a\u202etxt.exe")) == "cannot read a\\u202etxt.exe"

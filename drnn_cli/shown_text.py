@@ -1,0 +1,39 @@
+"""How drnn shows characters it did not choose (a corpus's tokens, a user's path, generated text).
+
+A terminal acts on some characters instead of showing them, and so does a page: an escape sequence
+can retitle the window or clear the screen, a bidi override reorders what follows. The terminal rule
+(:func:`terminal_safe`) writes those escaped as Python does (``\\x1b``, ``\\u202e``); the page and
+picture rule (:func:`visible_char`) draws every invisible or format character as its code point.
+"""
+
+import unicodedata
+
+# The bidirectional embeddings, overrides and isolates: they reorder the characters after them.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_safe(text: str, keep: str = "\n\t") -> str:
+    """``text`` with its C0/C1 controls and bidi controls escaped, except those in ``keep``: generated
+    text keeps its line breaks and tabs; an error line, which must read as one line, keeps none."""
+    return "".join(_escaped(char, keep) for char in text)
+
+
+def _escaped(char: str, keep: str) -> str:
+    if char in keep or (unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS):
+        return char
+    return repr(char)[1:-1]  # \t, \x1b, \x85, \u202e
+
+
+def visible_char(char: str) -> str:
+    """How the page and the picture draw a character: one that is invisible or acts on the text around
+    it (a control character, a bidi override or another format character, a line or paragraph
+    separator, a surrogate or a noncharacter) as ``⟨U+202E⟩``, so that it neither reorders nor breaks
+    the characters after it, nor makes the page invalid HTML. Tab and line break stay themselves
+    (the caller shows them); a longer token (``<unk>``) too."""
+    if len(char) != 1 or char in "\t\n":
+        return char
+    code = ord(char)
+    noncharacter = 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
+    if noncharacter or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+        return f"⟨U+{code:04X}⟩"
+    return char

@@ -10,7 +10,6 @@ import contextlib
 import enum
 import math
 import os
-import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -89,12 +88,6 @@ def _consoles(json_mode: bool) -> tuple[Console, Console]:
     return Console(stderr=json_mode, highlight=False, emoji=False, markup=False), Console(
         stderr=True, highlight=False, emoji=False, markup=False
     )
-
-
-# the names of image files --png would fill with PNG bytes all the same (a name without one is fine)
-OTHER_IMAGE_SUFFIXES = frozenset(
-    (".svg", ".svgz", ".pdf", ".eps", ".ps", ".jpg", ".jpeg", ".gif", ".tif", ".tiff", ".webp", ".bmp")
-)
 
 
 def _perplexity(value: float, decimals: int) -> str:
@@ -669,41 +662,15 @@ def inspect_command(
 
     Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
     """
-    from drnn_cli.commands import load_model
-    from drnn_cli.files import atomic_write_text, output_file, refuse_overwriting
-    from drnn_cli.inspect_html import render_html
-    from drnn_cli.inspect_plot import write_inspection_plot
-    from drnn_cli.introspect import InspectRequest, inspect_text
+    from drnn_cli.commands import InspectOutputs, inspect, load_model
+    from drnn_cli.introspect import InspectRequest, parse_units
 
-    html_path = output_file(html_out, "--html") if html_out is not None else None
-    if png_out is not None and png_out.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # it would hold PNG bytes
-        raise DrnnError(
-            f"--png writes a PNG image, not {png_out.suffix[1:].upper()}; name it so, e.g. "
-            f"{png_out.with_suffix('.png')}"
-        )
-    png_path = output_file(png_out, "--png") if png_out is not None else None
-    # each unit once; an empty --units "" is refused, not taken for --top 5; ASCII digits only (int()
-    # would read "1_0" as 10 and "٣" as 3)
-    pieces = [piece.strip() for piece in units.split(",")] if units is not None else []
-    if not all(re.fullmatch(r"[0-9]+", piece) for piece in pieces):
-        raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {units!r})")
-    chosen = tuple(dict.fromkeys(int(piece) for piece in pieces))
-    if chosen and top is not None:
-        raise DrnnError("--units names the units to show and --top picks them; give one of them")
-    request = InspectRequest(text, file, layer, chosen, 5 if top is None else top, signal.value)
+    outputs = InspectOutputs.checked(html_out, png_out)
+    request = InspectRequest(text, file, layer, parse_units(units), top, signal.value)
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
-    refuse_overwriting(
-        {"--html": html_path, "--png": png_path},
-        {"the checkpoint this command reads": loaded.path, "the text --file reads": file},
-    )
-    result = inspect_text(
-        loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
-    )
-    page = render_html(result, str(loaded.path)) if html_out is not None else None
-    missing_glyphs = write_inspection_plot(result, png_path) if png_path is not None else []
-    if page is not None and html_path is not None:
-        atomic_write_text(html_path, page)
+    report = inspect(loaded, request, outputs)
+    result = report.inspection
     unknown = result.scored_unknown
     scored_as_unk = f" ({unknown:,} not in the vocabulary, scored as <unk>)" if unknown else ""
     out.print(
@@ -724,9 +691,9 @@ def inspect_command(
                 for name, sat in gates.items()
             )
             out.print(f"layer {index} gates saturated: {shares}", soft_wrap=True)
-    for written in (html_out, png_out):
-        if written is not None:
-            out.print(f"wrote {written}", soft_wrap=True)
+    for written in report.written:
+        out.print(f"wrote {written}", soft_wrap=True)
+    missing_glyphs = report.missing_glyphs
     if missing_glyphs:
         shown = " ".join(missing_glyphs[:20]) + (" …" if len(missing_glyphs) > 20 else "")
         _print_note(

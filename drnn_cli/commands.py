@@ -1,5 +1,5 @@
-"""What ``data``, ``presets``, ``predict`` and ``eval`` do, as library calls (``train``: train_session.py):
-the CLI parses and renders, these do the work."""
+"""What ``data``, ``presets``, ``predict``, ``eval`` and ``inspect`` do, as library calls (``train``:
+train_session.py): the CLI parses and renders, these do the work."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus, 
 from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
-from drnn_cli.files import require_regular_file
+from drnn_cli.files import atomic_write_text, output_file, refuse_overwriting, require_regular_file
+from drnn_cli.inspect_html import render_html
+from drnn_cli.inspect_plot import check_plot_request, write_inspection_plot
+from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.run_files import RunFiles
@@ -303,3 +306,66 @@ def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:
             "another split or pass --data FILE"
         )
     return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# drnn inspect
+
+# the names of image files --png would fill with PNG bytes all the same (a name without one is fine)
+OTHER_IMAGE_SUFFIXES = frozenset(
+    (".svg", ".svgz", ".pdf", ".eps", ".ps", ".jpg", ".jpeg", ".gif", ".tif", ".tiff", ".webp", ".bmp")
+)
+
+
+@dataclass(frozen=True)
+class InspectOutputs:
+    """The files ``--html`` and ``--png`` name, as given (for messages) and as written (a symlink's
+    target): checked before the model loads, so a typo costs nothing."""
+
+    html: Path | None = None
+    png: Path | None = None
+    html_target: Path | None = None
+    png_target: Path | None = None
+
+    @classmethod
+    def checked(cls, html: Path | None, png: Path | None) -> InspectOutputs:
+        if png is not None and png.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # it would hold PNG bytes
+            raise DrnnError(
+                f"--png writes a PNG image, not {png.suffix[1:].upper()}; name it so, e.g. {png.with_suffix('.png')}"
+            )
+        return cls(
+            html,
+            png,
+            output_file(html, "--html") if html is not None else None,
+            output_file(png, "--png") if png is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    inspection: Inspection
+    written: tuple[Path, ...]  # as the user named them, in the order written
+    missing_glyphs: tuple[str, ...]  # characters the PNG's font draws as boxes
+
+
+def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutputs) -> InspectReport:
+    """Read the text with the model, then write the page before the picture: everything the picture
+    can refuse is refused before the text is read, and a failing picture never costs the page."""
+    refuse_overwriting(
+        {"--html": outputs.html_target, "--png": outputs.png_target},
+        {"the checkpoint this command reads": loaded.path, "the text --file reads": request.file},
+    )
+    if outputs.png is not None:
+        check_plot_request(request.units_shown(loaded.checkpoint.config.model.hidden_size))
+    inspection = inspect_text(
+        loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
+    )
+    written: list[Path] = []
+    if outputs.html is not None and outputs.html_target is not None:
+        atomic_write_text(outputs.html_target, render_html(inspection, str(loaded.path)))
+        written.append(outputs.html)
+    missing: list[str] = []
+    if outputs.png is not None and outputs.png_target is not None:
+        missing = write_inspection_plot(inspection, outputs.png_target)
+        written.append(outputs.png)
+    return InspectReport(inspection, tuple(written), tuple(missing))

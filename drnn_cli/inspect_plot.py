@@ -26,19 +26,27 @@ def _label(char: str) -> str:
     return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(char) or visible_char(char)
 
 
-def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
-    """Write the PNG; returns the characters of the axis labels its font has no glyph for (drawn as
-    boxes), in text order, for one note instead of matplotlib's two warnings per character."""
-    if len(inspection.units) > MAX_UNITS:
+def check_plot_request(units: int) -> None:
+    """Refuse a picture that cannot be drawn before the text is read: a command that also writes the
+    page must not lose it to a refusal only the picture needed."""
+    if units > MAX_UNITS:
         raise DrnnError(
-            f"--png draws at most {MAX_UNITS} units and this asks for {len(inspection.units):,}; choose fewer "
+            f"--png draws at most {MAX_UNITS} units and this asks for {units:,}; choose fewer "
             "with --top or --units (--html and --json show any number)"
         )
     try:
-        # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
         raise DrnnError("--png needs matplotlib: pip install 'drnn[plot]' (or leave out --png)") from None
+
+
+def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
+    """Write the PNG; returns the characters of the axis labels its font has no glyph for (drawn as
+    boxes), in text order, for one note instead of matplotlib's two warnings per character."""
+    check_plot_request(len(inspection.units))
+    # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
+    from matplotlib.figure import Figure
+
     gate_rows = [(layer, gates) for layer, gates in enumerate(inspection.saturation, start=1) if gates]
     columns = max((len(gates) for _, gates in gate_rows), default=1)
     rows = 1 + len(gate_rows)

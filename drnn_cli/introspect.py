@@ -14,6 +14,7 @@ Networks" (2015): a unit is interesting when its activation follows a property o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from drnn_cli.vocab import UNK, Vocab, encode_tokens
 MAX_CHARS = 20_000  # keeps the page, the JSON and the step-by-step trace bounded
 MAX_FILE_BYTES = 16 << 20  # a --file is read up to this and a byte, refused past it (MAX_CHARS of it fit)
 TOP_NEXT = 5
+DEFAULT_TOP = 5  # units --top ranks when neither --top nor --units is given
 SATURATED_LOW, SATURATED_HIGH = 0.1, 0.9  # the paper's thresholds for a saturated gate
 GATE_NAMES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update"), "rnn": ()}
 SIGNALS = ("hidden", "cell")
@@ -222,7 +224,7 @@ class InspectRequest:
     file: Path | None = None
     layer: int | None = None  # 1-based; None: the top layer
     units: tuple[int, ...] = ()  # explicit units; empty: the ``top`` best-scored ones
-    top: int = 5
+    top: int | None = None  # None: DEFAULT_TOP, unless units are named
     signal: str = "hidden"  # hidden, or cell (LSTM)
 
     def __post_init__(self) -> None:
@@ -231,10 +233,27 @@ class InspectRequest:
                 "give the text to inspect either as an argument or with --file FILE, "
                 'e.g. drnn inspect "the time traveller"'
             )
-        if not self.units and self.top < 1:
+        if self.units and self.top is not None:
+            raise DrnnError("--units names the units to show and --top picks them; give one of them")
+        if self.top is not None and self.top < 1:
             raise DrnnError(f"--top must be >= 1 (got {self.top})")
         if self.signal not in SIGNALS:
             raise DrnnError(f"--signal must be hidden or cell (got {self.signal!r})")
+
+    def units_shown(self, layer_size: int) -> int:
+        """How many units the inspection shows of a layer this wide."""
+        return len(self.units) or min(self.top or DEFAULT_TOP, layer_size)
+
+
+def parse_units(text: str | None) -> tuple[int, ...]:
+    """``--units 3,17``: each unit once, in the order given. An empty ``--units ""`` is refused, not
+    taken for the default ranking; ASCII digits only (``int()`` would read "1_0" as 10 and "٣" as 3)."""
+    if text is None:
+        return ()
+    pieces = [piece.strip() for piece in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", piece) for piece in pieces):
+        raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {text!r})")
+    return tuple(dict.fromkeys(int(piece) for piece in pieces))
 
 
 @dataclass(frozen=True)
@@ -366,7 +385,7 @@ def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torc
         if wrong:
             raise DrnnError(f"--units {wrong[0]} is out of range: the layer has units 0 to {size - 1}")
         return [scores[u] for u in request.units]
-    return top_units(scores, signal, min(request.top, size))
+    return top_units(scores, signal, request.units_shown(size))
 
 
 def inspect_text(

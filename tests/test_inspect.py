@@ -447,14 +447,43 @@ def test_png_labels_missing_from_its_font_are_returned_for_one_note_not_warned_t
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_png_without_matplotlib_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path, monkeypatch):
+def test_png_without_matplotlib_is_refused_in_one_line_before_the_text_is_read(
+    cli, tiny_run: Path, tmp_path: Path, monkeypatch
+):
+    """The refusal comes before the text is read (a --file that does not exist is not reached): a
+    20,000-character trace is not spent on a picture that cannot be drawn."""
     for module in ("matplotlib", "matplotlib.figure"):  # importing either now raises ImportError
         monkeypatch.setitem(sys.modules, module, None)
     picture, page = tmp_path / "x.png", tmp_path / "x.html"
-    code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--png", str(picture), "--html", str(page))
+    args = ("--run", str(tiny_run), "--png", str(picture), "--html", str(page))
+    code, _, err = cli("inspect", "--file", str(tmp_path / "missing.txt"), *args)
     assert code == 1
     assert err.startswith("drnn: error: --png needs matplotlib") and err.count("\n") == 1
     assert not picture.exists() and not page.exists()
+
+
+def test_too_many_units_for_the_png_are_refused_before_the_text_is_read(cli, tiny_run: Path, tmp_path: Path):
+    """65 units named for a 32-unit layer: the picture's limit is what the user meets first, not the
+    range of the units nor the missing --file, after the model is read and before the text is."""
+    picture = tmp_path / "x.png"
+    many = ",".join(str(unit) for unit in range(65))
+    code, _, err = cli(
+        "inspect",
+        "--file",
+        str(tmp_path / "missing.txt"),
+        "--run",
+        str(tiny_run),
+        "--units",
+        many,
+        "--png",
+        str(picture),
+    )
+    assert (code, err) == (
+        1,
+        "drnn: error: --png draws at most 64 units and this asks for 65; choose fewer with --top or "
+        "--units (--html and --json show any number)\n",
+    )
+    assert not picture.exists()
 
 
 @pytest.mark.parametrize(

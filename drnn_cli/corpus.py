@@ -435,12 +435,18 @@ def _letters_bytes(chunk: bytes, mode: str, line_breaks: bytes) -> bytes:
     return b"".join(map(b" ".join, map(bytes.split, mapped.split(b"\n"))))
 
 
+def prefix_pieces(prefix: str, mode: str) -> list[str]:
+    """A user's prompt preprocessed as the training text is, piece by piece (a d2l line each), its
+    line breaks read as the corpus reader reads them (a pasted Windows line break is the text's
+    ``\\n``, never a ``\\r``): characters glue the pieces, words never join across them."""
+    pieces = preprocess(normalize_line_breaks(prefix), mode)
+    _refuse_undecodable("".join(pieces), mode)
+    return pieces
+
+
 def preprocess_prefix(prefix: str, mode: str) -> str:
-    """A user's prompt treated like one line of the training text, its line breaks read as the
-    corpus reader reads them (a pasted Windows line break is the text's ``\\n``, never a ``\\r``)."""
-    text = "".join(preprocess(normalize_line_breaks(prefix), mode))
-    _refuse_undecodable(text, mode)
-    return text
+    """A user's prompt as one run of characters, like the training text's."""
+    return "".join(prefix_pieces(prefix, mode))
 
 
 def _refuse_undecodable(text: str, mode: str) -> None:

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from drnn_cli.corpus import preprocess_prefix
+from drnn_cli.corpus import prefix_pieces
 from drnn_cli.errors import DrnnError
 from drnn_cli.models import RNNLanguageModel
-from drnn_cli.vocab import Vocab
+from drnn_cli.vocab import Vocab, tokens_of
 
 MAX_NEW_TOKENS = 100_000
 MIN_TEMPERATURE = 1e-6  # far below it logits / T overflow to inf; sampling is greedy long before
@@ -67,8 +67,7 @@ def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> lis
         raise DrnnError(
             'the prefix is empty; give at least one character, e.g. drnn predict "time traveller"'
         )
-    text = preprocess_prefix(prefix, preprocess)
-    tokens = list(text) if token == "char" else text.split()
+    tokens = list(tokens_of(prefix_pieces(prefix, preprocess), token))  # words split line by line
     if not tokens:
         raise DrnnError(
             f"the prefix {prefix!r} is empty after data.preprocess={preprocess}; use letters the model knows"

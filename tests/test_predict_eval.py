@@ -131,6 +131,17 @@ def test_a_prefix_with_windows_line_breaks_continues_on_a_run_that_keeps_line_br
     assert prefix_tokens("ab\r\nba\r", vocab, "none", "char") == ["a", "b", "\n", "b", "a", "\n"]
 
 
+def test_a_word_prefix_over_two_lines_splits_its_words_line_by_line_as_the_corpus_does():
+    """d2l preprocessing glues a text's lines for characters ("him" + "was"), but word tokens split each
+    line on its own, so "time" ending a line and "machine" starting the next are two words in the
+    corpus: the prefix refused 'timemachine' as a word not in the vocabulary."""
+    vocab = Vocab(["<unk>", "the", "time", "machine"])
+    assert prefix_tokens("The time\nMachine", vocab, "d2l", "word") == ["the", "time", "machine"]
+    assert prefix_tokens("the time\r\nmachine", vocab, "d2l", "word") == ["the", "time", "machine"]
+    chars = Vocab(["<unk>", " ", *"acehimnt"])
+    assert prefix_tokens("the time\nmachine", chars, "d2l", "char") == list("the timemachine")  # d2l's glue
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -40,7 +40,11 @@ class DataReport:
     untrainable: str | None = None  # why `drnn train` would refuse this data, in its words
 
     def summary(self) -> dict:
-        return self.dataset.summary()
+        return {
+            **self.dataset.summary(),
+            "minibatches_per_epoch": self.train_batches,
+            "train_would_refuse": self.untrainable,
+        }
 
 
 def describe_data(config: Config, progress: ProgressHook | None = None) -> DataReport:

@@ -598,6 +598,13 @@ def test_drnn_data_on_a_text_too_short_to_train_says_what_train_would_say(workdi
         "data.max_tokens, or use a longer text"
     ]
     assert "note:" not in cli("data")[1]
+    summary = last_json_line(cli("data", "--set", "data.max_tokens=500", "--json")[1])
+    assert (summary["minibatches_per_epoch"], summary["train_would_refuse"]) == (
+        0,
+        notes[0].removeprefix("note: drnn train would refuse this: "),
+    )
+    summary = last_json_line(cli("data", "--json")[1])  # 170,580 tokens: (170,580 - 1 - offset) // 32 // 35
+    assert (summary["minibatches_per_epoch"], summary["train_would_refuse"]) == (152, None)
 
 
 def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(workdir: Path, cli) -> None:

@@ -309,14 +309,15 @@ class StaticStep:
                 except Exception as error:
                     inside = error
                     raise
-        except Exception as error:  # unverified on real GPUs so far: say so in one line
+        except Exception as error:  # one line; `auto` captures too, so the message names both
             # When an operation inside the capture fails, leaving the graph context ends the capture,
             # which fails again ("operation failed due to a previous error during capture"): the
             # first failure is the one worth naming.
             cause = inside or error
             raise DrnnError(
-                f"train.cuda_graph on: capturing the training step failed ({first_line(cause)}); "
-                "set train.cuda_graph to off and report this (DRNN_DEBUG=1 shows the traceback)"
+                f"capturing the training step as a CUDA graph (train.cuda_graph auto or on) failed "
+                f"({first_line(cause)}); set train.cuda_graph to off and report this (DRNN_DEBUG=1 shows "
+                "the traceback)"
             ) from cause
         self._captured, self._captured_lrs, self._captured_loss = graph, lrs, loss
         self.captures += 1

@@ -326,9 +326,9 @@ def test_a_failed_capture_names_the_first_error_and_restores_the_rates(
     with pytest.raises(DrnnError) as failure:
         step._capture((0.01, 0.01))
     assert str(failure.value) == (
-        "train.cuda_graph on: capturing the training step failed (CUDA error: operation not permitted "
-        "when stream is capturing); set train.cuda_graph to off and report this (DRNN_DEBUG=1 shows the "
-        "traceback)"
+        "capturing the training step as a CUDA graph (train.cuda_graph auto or on) failed (CUDA error: "
+        "operation not permitted when stream is capturing); set train.cuda_graph to off and report this "
+        "(DRNN_DEBUG=1 shows the traceback)"
     )
     assert "not permitted" in str(failure.value.__cause__)
     # While recording, AdamW read its rates from device tensors; afterwards the groups hold numbers.

@@ -25,7 +25,7 @@ from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, require_regular_file
 from drnn_cli.strict_json import is_number
-from drnn_cli.vocab import Vocab, VocabError
+from drnn_cli.vocab import Vocab, VocabError, check_char_tokens
 
 FORMAT = "drnn-checkpoint"
 FORMAT_VERSION = 1
@@ -225,6 +225,8 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
         raise DrnnError(f"checkpoint {path} holds an invalid config ({exc})") from None
     try:
         vocab = Vocab.from_dict(drnn["vocab"])
+        if config.data.token == "char":
+            check_char_tokens(vocab.idx_to_token)
     except VocabError as exc:
         raise DrnnError(
             f"checkpoint {path} is corrupt (its vocabulary: {exc}); retrain or pick another"

@@ -106,10 +106,15 @@ def _print_generated(console: Console, line: str) -> None:
         console.file.write(line + "\n")
 
 
+def _print_line(console: Console, line: str) -> None:
+    """A line quoting paths or names the user gave: one line, its controls escaped as an error's are."""
+    console.print(terminal_safe(line, keep=""), markup=False, soft_wrap=True)
+
+
 def _print_note(console: Console, message: str) -> None:
     """A ``note:`` line, one line however long (rich wraps at 80 columns off a terminal): grep finds it.
     Its controls are escaped, as an error's are: a note quotes tokens and paths drnn did not choose."""
-    console.print(f"note: {terminal_safe(message, keep='')}", markup=False, soft_wrap=True)
+    _print_line(console, f"note: {message}")
 
 
 def _emit_json(payload: dict[str, Any]) -> None:
@@ -604,11 +609,11 @@ def eval_command(
         if report.unknown
         else ""
     )
-    out.print(
+    _print_line(
+        out,
         f"{report.source}{unknown}: perplexity {_perplexity(report.result.perplexity, 4)}, {report.result.bits_per_token:.4f} bits/token "
-        f"over {report.result.tokens:,} tokens (checkpoint {loaded.path}, "
+        f"over {_plural(report.result.tokens, 'token')} (checkpoint {loaded.path}, "
         f"{training_position(report.epoch, report.step_in_epoch, report.step)})",
-        soft_wrap=True,
     )
     for note in report.notes:
         _print_note(out, note)
@@ -673,10 +678,10 @@ def inspect_command(
     result = report.inspection
     unknown = result.scored_unknown
     scored_as_unk = f" ({unknown:,} not in the vocabulary, scored as <unk>)" if unknown else ""
-    out.print(
+    _print_line(
+        out,
         f"{_plural(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {_perplexity(result.perplexity, 4)}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
-        soft_wrap=True,
     )
     table = Table(show_header=True)
     for column in ("unit", "follows", "r"):
@@ -692,7 +697,9 @@ def inspect_command(
             )
             out.print(f"layer {index} gates saturated: {shares}", soft_wrap=True)
     for written in report.written:
-        out.print(f"wrote {written}", soft_wrap=True)
+        _print_line(out, f"wrote {written}")
+    for note in result.notes:
+        _print_note(out, note)
     missing_glyphs = report.missing_glyphs
     if missing_glyphs:
         shown = " ".join(missing_glyphs[:20]) + (" …" if len(missing_glyphs) > 20 else "")

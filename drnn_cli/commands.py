@@ -24,7 +24,7 @@ from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.run_files import RunFiles
-from drnn_cli.rundir import DEFAULT_RUNS_ROOT, resolve_checkpoint
+from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
 from drnn_cli.trainer_state import TrainerState, UnusableTrainerState
 from drnn_cli.vocab import UNK, count_index
@@ -319,6 +319,7 @@ def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:
 OTHER_IMAGE_SUFFIXES = frozenset(
     (".svg", ".svgz", ".pdf", ".eps", ".ps", ".jpg", ".jpeg", ".gif", ".tif", ".tiff", ".webp", ".bmp")
 )
+IMAGE_SUFFIXES = OTHER_IMAGE_SUFFIXES | {".png"}  # what --html would fill with a page all the same
 
 
 @dataclass(frozen=True)
@@ -337,12 +338,18 @@ class InspectOutputs:
             raise DrnnError(
                 f"--png writes a PNG image, not {png.suffix[1:].upper()}; name it so, e.g. {png.with_suffix('.png')}"
             )
-        return cls(
-            html,
-            png,
-            output_file(html, "--html") if html is not None else None,
-            output_file(png, "--png") if png is not None else None,
-        )
+        if html is not None and html.suffix.lower() in IMAGE_SUFFIXES:  # the mirror-image slip
+            raise DrnnError(
+                f"--html writes a web page, not a {html.suffix[1:].upper()} image; name it so, e.g. "
+                f"{html.with_suffix('.html')} (--png draws the picture)"
+            )
+        html_target = output_file(html, "--html") if html is not None else None
+        png_target = output_file(png, "--png") if png is not None else None
+        for flag, path, target in (("--html", html, html_target), ("--png", png, png_target)):
+            if path is not None and target is not None:
+                refuse_run_file(path, flag)
+                refuse_run_file(target, flag)  # where a symlink of that name points
+        return cls(html, png, html_target, png_target)
 
 
 @dataclass(frozen=True)
@@ -359,8 +366,9 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
         {"--html": outputs.html_target, "--png": outputs.png_target},
         {"the checkpoint this command reads": loaded.path, "the text --file reads": request.file},
     )
+    request.units_shown(loaded.checkpoint.config.model.hidden_size)  # refuses too many before reading
     if outputs.png is not None:
-        check_plot_request(request.units_shown(loaded.checkpoint.config.model.hidden_size))
+        check_plot_request()
     inspection = inspect_text(
         loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
     )

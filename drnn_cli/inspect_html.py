@@ -12,7 +12,7 @@ import json
 import math
 
 from drnn_cli.introspect import Inspection
-from drnn_cli.shown_text import visible_char
+from drnn_cli.shown_text import labelled_char, visible_char
 
 SURPRISAL_FULL_BITS = 6.0  # a character this surprising (or more) is fully red
 
@@ -67,13 +67,12 @@ _SCRIPT = """
 const tip = document.getElementById('tip');
 function show(span) {
   const i = +span.dataset.i, row = span.parentElement.dataset.unit;
-  const ch = CHARS[i] === ' ' ? '␣' : CHARS[i] === '\\n' ? '↵' : CHARS[i];
-  let s = 'char ' + i + ': ' + ch + '\\n';
+  let s = 'char ' + i + ': ' + CHARS[i] + '\\n';
   s += SURPRISAL[i] === null ? 'surprisal: - (first character)\\n'
        : 'surprisal: ' + (SURPRISAL[i] / Math.LN2).toFixed(2) + ' bits (p = ' + Math.exp(-SURPRISAL[i]).toFixed(3) + ')\\n';
   if (row !== undefined) s += 'unit ' + row + ': ' + ACTS[row][i].toFixed(3) + '\\n';
   s += 'next guesses:';
-  for (const [c, p] of TOP[i]) s += '\\n  ' + (c === ' ' ? '␣' : c) + '  ' + p.toFixed(3);
+  for (const [c, p] of TOP[i]) s += '\\n  ' + c + '  ' + p.toFixed(3);
   tip.textContent = s;
   const r = span.getBoundingClientRect();
   tip.style.display = 'block';
@@ -91,9 +90,14 @@ if (pin) {
 """
 
 
+# Inside <script>, "</script" closes the element and "<!--" then "<script" makes the parser skip the
+# real end tag (a checkpoint's vocabulary can hold any string); JSON's \u escapes read back the same.
+_SCRIPT_UNSAFE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})
+
+
 def _script_json(value: object) -> str:
-    """JSON safe inside <script>: a "</" in the text must not close the element."""
-    return json.dumps(value, ensure_ascii=False).replace("</", "<\\/")
+    """JSON that cannot end or confuse the <script> element it sits in."""
+    return json.dumps(value, ensure_ascii=False).translate(_SCRIPT_UNSAFE)
 
 
 def render_html(inspection: Inspection, title: str) -> str:
@@ -126,9 +130,9 @@ def render_html(inspection: Inspection, title: str) -> str:
             f"{_chars(inspection, [activation_colour(v, scale) for v in values])}</div>"
         )
     data = {
-        "CHARS": [visible_char(c) for c in inspection.chars],  # for the tooltip, drawn as on the page
+        "CHARS": [labelled_char(c) for c in inspection.chars],  # the tooltip's, whitespace as symbols
         "SURPRISAL": inspection.surprisal,
-        "TOP": [[[visible_char(c), round(p, 4)] for c, p in guesses] for guesses in inspection.top_next],
+        "TOP": [[[labelled_char(c), round(p, 4)] for c, p in guesses] for guesses in inspection.top_next],
         "ACTS": acts,
     }
     script = "".join(f"const {name} = {_script_json(value)};\n" for name, value in data.items())
@@ -139,8 +143,8 @@ def render_html(inspection: Inspection, title: str) -> str:
         f"perplexity {inspection.perplexity:.3f}, {inspection.bits_per_char:.3f} bits/char over "
         f"{inspection.tokens:,} predicted characters"
         + (
-            f"; {sum(inspection.unknown)} not in the vocabulary (underlined)"
-            if any(inspection.unknown)
+            f"; {inspection.scored_unknown:,} of them not in the vocabulary, scored as <unk> (underlined)"
+            if inspection.scored_unknown
             else ""
         )
         + ". Hover a character for the model's next guesses."

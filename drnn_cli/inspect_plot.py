@@ -15,25 +15,15 @@ from pathlib import Path
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
 from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection
-from drnn_cli.shown_text import visible_char
+from drnn_cli.shown_text import labelled_char
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
-MAX_UNITS = 64  # heatmap rows: --top 2000 drew a PNG 70,000 pixels tall
 _MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 
 
-def _label(char: str) -> str:
-    return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(char) or visible_char(char)
-
-
-def check_plot_request(units: int) -> None:
-    """Refuse a picture that cannot be drawn before the text is read: a command that also writes the
-    page must not lose it to a refusal only the picture needed."""
-    if units > MAX_UNITS:
-        raise DrnnError(
-            f"--png draws at most {MAX_UNITS} units and this asks for {units:,}; choose fewer "
-            "with --top or --units (--html and --json show any number)"
-        )
+def check_plot_request() -> None:
+    """Refuse a picture that cannot be drawn before the text is read (the units' count is
+    :data:`~drnn_cli.introspect.MAX_UNITS`'s, checked with the request)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -43,7 +33,7 @@ def check_plot_request(units: int) -> None:
 def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
     """Write the PNG; returns the characters of the axis labels its font has no glyph for (drawn as
     boxes), in text order, for one note instead of matplotlib's two warnings per character."""
-    check_plot_request(len(inspection.units))
+    check_plot_request()
     # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
     from matplotlib.figure import Figure
 
@@ -64,7 +54,7 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
     scale[scale == 0] = 1
     heat.imshow(values / scale, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     heat.set_yticks(range(len(inspection.units)), [f"unit {s.unit}" for s in inspection.units])
-    heat.set_xticks(range(shown), [_label(c) for c in inspection.chars[:shown]])
+    heat.set_xticks(range(shown), [labelled_char(c) for c in inspection.chars[:shown]])
     heat.tick_params(axis="x", labelsize=7, length=0)
     of = f" (first {shown} of {len(inspection.chars):,} characters)" if shown < len(inspection.chars) else ""
     signal = "cell state" if inspection.signal == "cell" else "hidden state"

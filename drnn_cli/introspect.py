@@ -35,6 +35,10 @@ MAX_CHARS = 20_000  # keeps the page, the JSON and the step-by-step trace bounde
 MAX_FILE_BYTES = 16 << 20  # a --file is read up to this and a byte, refused past it (MAX_CHARS of it fit)
 TOP_NEXT = 5
 DEFAULT_TOP = 5  # units --top ranks when neither --top nor --units is given
+# Units shown at once: each repeats every character on the page (--top 256 over 20,000 characters made a
+# 372 MB page), a row of the picture, and a list of activations in the JSON.
+MAX_UNITS = 64
+MIN_RANKING_CHARS = 50  # below this, any varying unit correlates strongly with some property
 SATURATED_LOW, SATURATED_HIGH = 0.1, 0.9  # the paper's thresholds for a saturated gate
 GATE_NAMES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update"), "rnn": ()}
 SIGNALS = ("hidden", "cell")
@@ -241,8 +245,15 @@ class InspectRequest:
             raise DrnnError(f"--signal must be hidden or cell (got {self.signal!r})")
 
     def units_shown(self, layer_size: int) -> int:
-        """How many units the inspection shows of a layer this wide."""
-        return len(self.units) or min(self.top or DEFAULT_TOP, layer_size)
+        """How many units the inspection shows of a layer this wide; refused past :data:`MAX_UNITS`
+        (checked before the text is read)."""
+        shown = len(self.units) or min(self.top or DEFAULT_TOP, layer_size)
+        if shown > MAX_UNITS:
+            raise DrnnError(
+                f"drnn inspect shows at most {MAX_UNITS} units at once and this asks for {shown:,}; "
+                "choose fewer with --top or --units (run it again for the others)"
+            )
+        return shown
 
 
 def parse_units(text: str | None) -> tuple[int, ...]:
@@ -288,6 +299,17 @@ class Inspection:
     top_next: list[list[tuple[str, float]]]  # after character t: the 5 likeliest next characters
     saturation: list[dict[str, GateSaturation]]  # per layer, per gate
     source: str
+    ranked: bool = True  # the units were picked by their correlations (--top), not named (--units)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the numbers cannot tell, in words."""
+        if self.ranked and self.tokens < MIN_RANKING_CHARS:
+            return [
+                f"correlations over {len(self.chars)} characters say little (over a few, any unit that varies "
+                "follows some property closely): rank units over a paragraph or more, e.g. with --file"
+            ]
+        return []
 
     @property
     def text(self) -> str:
@@ -384,6 +406,7 @@ def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torc
         wrong = [u for u in request.units if not 0 <= u < size]
         if wrong:
             raise DrnnError(f"--units {wrong[0]} is out of range: the layer has units 0 to {size - 1}")
+        request.units_shown(size)
         return [scores[u] for u in request.units]
     return top_units(scores, signal, request.units_shown(size))
 
@@ -455,4 +478,5 @@ def inspect_text(
         top_next,
         saturation,
         source,
+        ranked=not request.units,
     )

@@ -101,6 +101,18 @@ def check_run_dir(run_dir: Path) -> None:
         )
 
 
+def refuse_run_file(path: Path, flag: str) -> None:
+    """Refuse an output named like a file drnn keeps in a run directory, inside one: ``--html
+    runs/x/last.safetensors`` (a tab completion away from a page's name) would replace the state
+    ``--resume`` continues, ``metrics.jsonl`` the run's history."""
+    folder = path.parent
+    if path.name in RUN_ENTRY_NAMES and ((folder / RUN_MARKER).exists() or holds_run(folder)):
+        raise DrnnError(
+            f"{flag} {path} is a file of the run directory {folder} (drnn's checkpoints, config and history "
+            f"live there); give {flag} a name of its own, e.g. {folder / ('inspect' + path.suffix)}"
+        )
+
+
 def check_replaceable(run_dir: Path) -> None:
     """Refuse to replace (``--overwrite``) a run directory that also holds files drnn did not write:
     the replacement deletes the old directory whole, and a user's notes, analyses, backups or corpus

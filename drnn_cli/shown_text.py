@@ -24,6 +24,11 @@ def _escaped(char: str, keep: str) -> str:
     return repr(char)[1:-1]  # \t, \x1b, \x85, \u202e
 
 
+def labelled_char(char: str) -> str:
+    """A character as a label on its own (an axis tick, a tooltip line): whitespace as a symbol too."""
+    return {" ": "␣", "\n": "↵", "\t": "⇥"}.get(char) or visible_char(char)
+
+
 def visible_char(char: str) -> str:
     """How the page and the picture draw a character: one that is invisible or acts on the text around
     it (a control character, a bidi override or another format character, a line or paragraph

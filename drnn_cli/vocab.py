@@ -107,6 +107,14 @@ def check_tokens(tokens: object) -> None:
         raise VocabError(f"the token {twice[:20]!r} is listed twice")
 
 
+def check_char_tokens(tokens: Sequence[str]) -> None:
+    """Raise :class:`VocabError` unless every token but ``<unk>`` is one character, as a character
+    corpus makes them: what reads a character vocabulary may rely on it."""
+    longer = next((token for token in tokens[1:] if len(token) != 1), None)
+    if longer is not None:
+        raise VocabError(f"the character vocabulary holds {longer[:20]!r}, not one character")
+
+
 def index_dtype(vocab_size: int) -> torch.dtype:
     """The narrowest integer dtype that holds every index: 1 byte per token for character corpora."""
     if vocab_size <= 256:

@@ -462,28 +462,23 @@ def test_png_without_matplotlib_is_refused_in_one_line_before_the_text_is_read(
     assert not picture.exists() and not page.exists()
 
 
-def test_too_many_units_for_the_png_are_refused_before_the_text_is_read(cli, tiny_run: Path, tmp_path: Path):
-    """65 units named for a 32-unit layer: the picture's limit is what the user meets first, not the
-    range of the units nor the missing --file, after the model is read and before the text is."""
-    picture = tmp_path / "x.png"
+def test_more_units_than_inspect_shows_are_refused_before_the_text_is_read(
+    cli, tiny_run: Path, tmp_path: Path
+):
+    """65 units named for a 32-unit layer: the limit is what the user meets first, not the range of
+    the units nor the missing --file, after the model is read and before the text is; nothing written."""
+    picture, page = tmp_path / "x.png", tmp_path / "x.html"
     many = ",".join(str(unit) for unit in range(65))
     code, _, err = cli(
-        "inspect",
-        "--file",
-        str(tmp_path / "missing.txt"),
-        "--run",
-        str(tiny_run),
-        "--units",
-        many,
-        "--png",
-        str(picture),
-    )
+        "inspect", "--file", str(tmp_path / "missing.txt"), "--run", str(tiny_run), "--units", many,
+        "--png", str(picture), "--html", str(page),
+    )  # fmt: skip
     assert (code, err) == (
         1,
-        "drnn: error: --png draws at most 64 units and this asks for 65; choose fewer with --top or "
-        "--units (--html and --json show any number)\n",
+        "drnn: error: drnn inspect shows at most 64 units at once and this asks for 65; choose fewer with "
+        "--top or --units (run it again for the others)\n",
     )
-    assert not picture.exists()
+    assert not picture.exists() and not page.exists()
 
 
 @pytest.mark.parametrize(
@@ -579,33 +574,101 @@ def test_a_file_that_grew_after_its_size_was_taken_is_refused_by_what_is_read(
     )
 
 
-def test_a_png_of_more_units_than_it_can_draw_is_refused_and_nothing_is_written(
-    cli, tiny_run: Path, tmp_path: Path
-):
-    """--top 2000 drew a PNG 70,000 pixels tall; the tiny run's 32 units pass at --top 32, and 65
-    through a model of 80 units is refused (the page is not written either)."""
-    from drnn_cli.inspect_plot import MAX_UNITS, write_inspection_plot
+def test_more_units_than_inspect_shows_are_refused_in_every_mode(cli, tiny_run: Path, tmp_path: Path):
+    """--top 2000 drew a PNG 70,000 pixels tall, and --top 256 over 20,000 characters a 372 MB page
+    (each unit repeats every character): 64 units at most, whatever the output. The tiny run's 32
+    units pass at --top 100 (all of them); 65 of a layer of 80 are refused, by --top as by --units."""
+    from drnn_cli.introspect import MAX_UNITS
 
-    picture, page = tmp_path / "x.png", tmp_path / "x.html"
-    code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--top", "32", "--png", str(picture))
+    picture = tmp_path / "x.png"
+    code, out, err = cli(
+        "inspect", "abc", "--run", str(tiny_run), "--top", "100", "--png", str(picture), "--json"
+    )
     assert code == 0 and picture.read_bytes()[:4] == b"\x89PNG", err
+    assert len(json.loads(out.splitlines()[-1])["units"]) == 32
     vocab = Vocab(["<unk>", "a", "b", "c"])
     model = build_model(len(vocab), ModelConfig(hidden_size=80, num_layers=1), seed=0).eval()
-    wide = inspect_text(
-        model,
-        vocab,
-        DataConfig(preprocess="none"),
+    data, cpu = DataConfig(preprocess="none"), torch.device("cpu")
+    for request in (
         InspectRequest(text="abcab", top=MAX_UNITS + 1),
-        torch.device("cpu"),
+        InspectRequest(text="abcab", units=tuple(range(MAX_UNITS + 1))),
+    ):
+        with pytest.raises(
+            DrnnError, match="^drnn inspect shows at most 64 units at once and this asks for 65;"
+        ):
+            inspect_text(model, vocab, data, request, cpu)
+    assert len(inspect_text(model, vocab, data, InspectRequest(text="abcab", top=64), cpu).units) == 64
+
+
+def test_an_output_named_like_a_file_of_a_run_directory_inside_one_is_refused(
+    cli, tiny_run: Path, tmp_path: Path
+):
+    """The run read holds best.safetensors; --html on its last.safetensors (a tab completion away)
+    replaced the state --resume continues with a page, and on metrics.jsonl the run's history, without
+    a word. Refused, through a symlink too; a name of one's own in the run directory is fine."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {
+        name: (run / name).read_bytes() for name in ("last.safetensors", "metrics.jsonl", "config.yaml")
+    }
+    (tmp_path / "page.html").symlink_to(run / "last.safetensors")
+    for flag, given, named in (
+        ("--html", run / "last.safetensors", run / "last.safetensors"),
+        ("--png", run / "metrics.jsonl", run / "metrics.jsonl"),
+        ("--html", run / "config.yaml", run / "config.yaml"),
+        ("--html", tmp_path / "page.html", run / "last.safetensors"),
+    ):
+        code, out, err = cli("inspect", "the time", "--run", str(run), flag, str(given))
+        assert (code, out, err) == (
+            1,
+            "",
+            f"drnn: error: {flag} {named} is a file of the run directory {run} (drnn's checkpoints, config "
+            f"and history live there); give {flag} a name of its own, e.g. {run / ('inspect' + named.suffix)}\n",
+        )
+    assert before == {name: (run / name).read_bytes() for name in before}
+    code, _, err = cli("inspect", "the time", "--run", str(run), "--html", str(run / "inspect.html"))
+    assert code == 0 and (run / "inspect.html").read_text().startswith("<!DOCTYPE html>"), err
+
+
+def test_a_page_named_as_an_image_is_refused_as_a_picture_named_as_another_image_is(
+    cli, tiny_run: Path, tmp_path: Path
+):
+    code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--html", str(tmp_path / "p.png"))
+    assert (code, err) == (
+        1,
+        f"drnn: error: --html writes a web page, not a PNG image; name it so, e.g. {tmp_path / 'p.html'} "
+        "(--png draws the picture)\n",
     )
-    assert len(wide.units) == MAX_UNITS + 1
-    with pytest.raises(DrnnError) as refused:
-        write_inspection_plot(wide, page)
-    assert str(refused.value) == (
-        "--png draws at most 64 units and this asks for 65; choose fewer with --top or --units (--html and "
-        "--json show any number)"
-    )
-    assert not page.exists()
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_a_ranking_over_a_few_characters_says_its_correlations_are_noise(cli, tiny_run: Path):
+    """Over 2 or 3 characters every unit that varies correlates ±1 with position in word: the table
+    ranked them as clean counters. A note says so below 50 predictions; named units get no note."""
+    code, out, err = cli("inspect", "the time", "--run", str(tiny_run))
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+        "note: correlations over 8 characters say little (over a few, any unit that varies follows some "
+        "property closely): rank units over a paragraph or more, e.g. with --file"
+    ]
+    assert "note:" not in cli("inspect", "the time", "--run", str(tiny_run), "--units", "1")[1]
+    assert "note:" not in cli("inspect", "the time traveller " * 3, "--run", str(tiny_run))[1]
+
+
+def test_paths_in_inspect_and_eval_lines_reach_the_terminal_escaped(cli, tiny_run: Path, tmp_path: Path):
+    """Errors escaped a path's escape sequences; "wrote PATH" and "(checkpoint PATH" printed them raw,
+    so a name holding ESC [ 2 J cleared the screen."""
+    page = tmp_path / "o\x1b[2J.html"
+    code, out, err = cli("inspect", "the time", "--run", str(tiny_run), "--html", str(page))
+    assert code == 0 and page.exists(), err
+    assert "\x1b" not in out and f"wrote {tmp_path}/o\\x1b[2J.html" in out
+    text = tmp_path / "t\x1b]0;x\x07.txt"
+    text.write_text("ab")
+    code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text))
+    assert code == 0 and "\x1b" not in out and "\x07" not in out, err
+    assert "over 1 token (checkpoint" in out  # one prediction: "token", not "tokens"
 
 
 def test_cell_signal_needs_an_lstm():
@@ -688,3 +751,32 @@ def test_an_output_that_is_not_a_regular_file_is_refused_and_a_symlink_is_writte
     code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--html", str(tmp_path / "link.html"))
     assert code == 0, err
     assert (tmp_path / "link.html").is_symlink() and page.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_the_page_script_holds_no_markup_and_labels_whitespace_among_the_guesses():
+    """The page's data sits in one <script>: its JSON escapes <, >, & and the line separators (a
+    vocabulary's '<!--<script>' stopped the script, so no tooltip worked) and reads back the same. A
+    line break or tab among the next guesses showed as an empty row: labelled as on the page and axis."""
+    import re as regex
+
+    from drnn_cli.inspect_html import _script_json, render_html
+
+    hostile = ["<!--<script>", "</script>", "a & b > c", "\u2028\u2029"]
+    assert not set("<>&\u2028\u2029") & set(_script_json(hostile))
+    assert json.loads(_script_json(hostile)) == hostile
+    vocab = Vocab(["<unk>", "a", " ", "\n", "\t"])
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=1), seed=0).double().eval()
+    text = "a a\na\tz"  # z is not in the vocabulary: one predicted character scored as <unk>
+    result = inspect_text(
+        model,
+        vocab,
+        DataConfig(preprocess="none"),
+        InspectRequest(text=text, units=(0,)),
+        torch.device("cpu"),
+    )
+    page = render_html(result, "run")
+    declared = dict(regex.findall(r"^const (\w+) = (.*);$", page, regex.M))
+    assert json.loads(declared["CHARS"]) == ["a", "␣", "a", "↵", "a", "⇥", "z"]
+    guesses = {char for row in json.loads(declared["TOP"]) for char, _ in row}
+    assert guesses == {"a", "␣", "↵", "⇥", "<unk>"}  # all five tokens, every row
+    assert "; 1 of them not in the vocabulary, scored as &lt;unk&gt; (underlined)." in page

@@ -262,6 +262,28 @@ def test_a_checkpoint_whose_vocabulary_lists_a_token_twice_is_corrupt(tiny_run: 
         assert (code, out) == (1, "")
 
 
+def test_a_character_checkpoint_whose_vocabulary_holds_a_longer_token_is_corrupt(
+    tiny_run: Path, tmp_path: Path, cli
+):
+    """A character corpus makes one-character tokens; a header holding '<!--<script>' as one (which
+    broke inspect's page script) is not a character model drnn wrote, and is refused on loading."""
+    bad = tmp_path / "longer.safetensors"
+
+    def lengthen(drnn: dict) -> None:
+        drnn["vocab"]["idx_to_token"][2] = "<!--<script>"
+
+    rewrite_checkpoint(tiny_run / "last.safetensors", bad, edit_header=lengthen)
+    for command in (["eval"], ["inspect", "time"]):
+        code, out, err = cli(*command, "--checkpoint", str(bad))
+        assert_one_line_error(
+            code,
+            err,
+            f"checkpoint {bad} is corrupt (its vocabulary: the character vocabulary holds '<!--<script>', "
+            "not one character); retrain",
+        )
+        assert (code, out) == (1, "")
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The run lock raced (file created, then the pid written)
 

@@ -25,6 +25,7 @@ from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, require_regular_file
 from drnn_cli.strict_json import is_number
+from drnn_cli.trainer_state import TrainerState
 from drnn_cli.vocab import Vocab, VocabError, check_char_tokens
 
 FORMAT = "drnn-checkpoint"
@@ -93,6 +94,11 @@ class Checkpoint:
     trainer_state: dict[str, Any] = field(default_factory=dict)  # optimizer, RNG, carried state…
     init_from: str | None = None
     corpus_sha1: str | None = None  # of the corpus file the splits were cut from
+
+    def trainer(self) -> TrainerState:
+        """The trainer state, typed; :class:`~drnn_cli.trainer_state.UnusableTrainerState` names
+        the part of a tampered or foreign tree that cannot be continued from."""
+        return TrainerState.from_tree(self.trainer_state, self.step_in_epoch)
 
     def to_bytes(self) -> bytes:
         tensors: dict[str, torch.Tensor] = {}

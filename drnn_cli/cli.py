@@ -125,12 +125,12 @@ def _emit_json(payload: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def _download_progress(console: Console) -> Iterator[Any]:
     """A rich download bar, shown only when a download actually happens and the console is a terminal."""
-    state: dict[str, Any] = {}
+    bar: list[tuple[Progress, TaskID]] = []  # the bar once the first bytes arrive
 
     def hook(received: int, total: int | None) -> None:
         if not console.is_terminal:
             return
-        if "progress" not in state:
+        if not bar:
             progress = Progress(
                 TextColumn("downloading"),
                 BarColumn(),
@@ -139,14 +139,15 @@ def _download_progress(console: Console) -> Iterator[Any]:
                 console=console,
             )
             progress.start()
-            state["progress"], state["task"] = progress, progress.add_task("download", total=total)
-        state["progress"].update(state["task"], completed=received, total=total)
+            bar.append((progress, progress.add_task("download", total=total)))
+        progress, task = bar[0]
+        progress.update(task, completed=received, total=total)
 
     try:
         yield hook
     finally:
-        if "progress" in state:
-            state["progress"].stop()
+        for progress, _ in bar:
+            progress.stop()
 
 
 # ---------------------------------------------------------------------------------------------

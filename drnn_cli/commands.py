@@ -26,7 +26,7 @@ from drnn_cli.presets import Preset, list_presets
 from drnn_cli.run_files import RunFiles
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
-from drnn_cli.trainer_state import TrainerState, UnusableTrainerState
+from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK, count_index
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def evaluate_split(
     )
     checkpoint = loaded.checkpoint
     try:
-        step = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch).global_step
+        step = checkpoint.trainer().global_step
     except UnusableTrainerState:  # a checkpoint without a (usable) trainer state: its epoch is all there is
         step = None
     unknown = count_index(tokens[1:], checkpoint.vocab[UNK])  # the first token is read, not predicted

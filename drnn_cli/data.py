@@ -50,7 +50,8 @@ class Dataset:
     notes: tuple[str, ...] = ()  # what reading it could not do, said once (a token cache it cannot write)
 
     @property
-    def unknown_tokens(self) -> int:
+    def unknown_count(self) -> int:
+        """How many tokens of the text the vocabulary lacked (read as <unk>)."""
         return sum(self.unknown.values())
 
     def summary(self) -> dict:

@@ -21,8 +21,8 @@ def resolve_device(choice: str, local_rank: int = 0, source: str = "--device") -
     ``source``: where the choice came from (``--device``, or the config's ``train.device``), named in
     the error so that it points at what the user wrote.
     """
-    if choice not in {"auto", "cpu", "cuda"} and not choice.startswith("cuda:"):
-        raise DrnnError(f"unknown device {choice!r}; --device allows auto, cpu, cuda")
+    if choice not in {"auto", "cpu", "cuda"}:  # the CLI's and the config's choices are these three
+        raise DrnnError(f"{source} {choice!r} is no device; use auto, cpu or cuda")
     if choice == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -36,8 +36,6 @@ def resolve_device(choice: str, local_rank: int = 0, source: str = "--device") -
                 else f"set {source} to cpu or auto, or pass --device cpu"
             )
         )
-    if choice.startswith("cuda:"):
-        return torch.device(choice)
     return torch.device("cuda", local_rank)
 
 

@@ -283,7 +283,7 @@ class Trainer:
             ) from None
 
     def _load_trainer_state(self, checkpoint: Checkpoint) -> None:
-        state = TrainerState.from_tree(checkpoint.trainer_state, checkpoint.step_in_epoch)
+        state = checkpoint.trainer()
         if state.raw_model is not None:  # an averaged run: the checkpoint's weights are the average
             check_shapes("trainer.raw_model", state.raw_model, self.model.state_dict())
             self.model.load_state_dict(state.raw_model)  # training goes on from the raw ones, averaged or not

@@ -261,7 +261,7 @@ def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | No
     The share is of the tokens the run uses, all its splits (after ``data.max_tokens``), which are what a model
     fine-tuned on many ``<unk>`` would learn from; which tokens they are is known for the whole text.
     """
-    if not dataset.unknown_tokens:
+    if not dataset.unknown_count:
         return
     used = len(dataset.tokens)
     count = count_index(dataset.tokens, dataset.vocab[UNK])

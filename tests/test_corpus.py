@@ -455,7 +455,7 @@ def test_time_machine_has_170580_char_tokens_and_d2l_vocabulary(time_machine, co
     assert len(time_machine.tokens) == time_machine.total_tokens == 170_580
     assert time_machine.vocab.idx_to_token == D2L_VOCAB
     assert time_machine.tokens.dtype == torch.uint8
-    assert time_machine.unknown_tokens == 0
+    assert time_machine.unknown_count == 0
     assert time_machine.sha1 == SHA1
     assert time_machine.path == corpus_path
 

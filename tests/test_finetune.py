@@ -81,7 +81,7 @@ def test_unknown_characters_are_counted_exactly(tmp_path: Path):
     dataset = load_dataset(
         build_config({"data": {"path": str(text), "preprocess": "none"}}).data, vocab=vocab
     )
-    assert dataset.unknown_tokens == 4 and dict(dataset.unknown) == {"z": 2, "!": 1, "\n": 1}
+    assert dataset.unknown_count == 4 and dict(dataset.unknown) == {"z": 2, "!": 1, "\n": 1}
     assert dataset.total_tokens == 9
     assert dataset.tokens.tolist() == [1, 2, 0, 3, 0, 0, 0, 1, 2]
 

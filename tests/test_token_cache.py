@@ -78,7 +78,7 @@ def test_a_fixed_vocabulary_keeps_its_unknown_counts_in_the_cache(workdir: Path,
     vocab = Vocab(["<unk>", *"abcdefghijklmnopqrstuvwxyz "])
     config = DataConfig(path=str(big_text), preprocess="none")
     first = load_dataset(config, vocab=vocab)
-    assert first.unknown["T"] > 0 and first.unknown_tokens > 0
+    assert first.unknown["T"] > 0 and first.unknown_count > 0
     no_encoding(monkeypatch)
     again = load_dataset(config, vocab=vocab)
     assert again.unknown == first.unknown and isinstance(again.unknown, Counter)
@@ -137,7 +137,7 @@ def test_an_entry_whose_unknown_counts_are_no_counts_is_rebuilt(workdir: Path, b
     meta["unknown"]["T"] = "many"
     meta_file.write_text(json.dumps(meta))
     again = load_dataset(config, vocab=vocab)
-    assert again.unknown == first.unknown and again.unknown_tokens == first.unknown_tokens > 0
+    assert again.unknown == first.unknown and again.unknown_count == first.unknown_count > 0
 
 
 def test_an_entry_keyed_by_a_fixed_vocabulary_that_holds_another_is_rebuilt(workdir: Path, big_text: Path):

@@ -12,9 +12,9 @@ import torch
 from drnn_cli.batches import MIN_EVAL_TOKENS, Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
-from drnn_cli.corpus import ProgressHook
 from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus, local_vocab_size
 from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
+from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
 from drnn_cli.files import atomic_write_text, output_file, refuse_overwriting, require_regular_file

@@ -10,15 +10,8 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import (
-    ProgressHook,
-    cached_corpus,
-    char_stream_bytes,
-    fetch_corpus,
-    preprocess,
-    preprocess_chars,
-    read_text,
-)
+from drnn_cli.corpus import char_stream_bytes, preprocess, preprocess_chars, read_text
+from drnn_cli.download import ProgressHook, cached_corpus, fetch_corpus
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, load_cached, store, text_sha1

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import DATA_DIR_ENV, file_sha1
+from drnn_cli.download import DATA_DIR_ENV, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import (
     TEMPORARY_SUFFIX,

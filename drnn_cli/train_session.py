@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from drnn_cli.config import Config, load_config
-from drnn_cli.corpus import ProgressHook
 from drnn_cli.data import Dataset, load_same_corpus
+from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.report import Reporter, TrainResult

@@ -25,8 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import REGISTRY, fetch_corpus, preprocess, preprocess_chars, preprocess_prefix, read_text
+from drnn_cli.corpus import preprocess, preprocess_chars, preprocess_prefix, read_text
 from drnn_cli.data import load_dataset
+from drnn_cli.download import REGISTRY, fetch_corpus
 from drnn_cli.errors import ConfigError, DrnnError
 
 SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"

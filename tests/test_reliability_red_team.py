@@ -29,7 +29,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.corpus import REGISTRY, fetch_corpus
+from drnn_cli.download import REGISTRY, fetch_corpus
 from drnn_cli.errors import DrnnError
 from drnn_cli.run_files import LOCK_NAME
 from drnn_cli.rundir import RunLock

@@ -125,10 +125,6 @@ def forward_logits(model: RNNLanguageModel, ids: torch.Tensor, num_steps: int) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Showing a character
-
-
-# ---------------------------------------------------------------------------------------------
 # Text features and unit ranking
 
 

@@ -18,6 +18,8 @@ from drnn_cli.vocab import UNK, Vocab, count_index
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
 # Fewer validation predictions than this: each one moves the perplexity by a few percent or more
 FEW_VALIDATION_PREDICTIONS = 100
+# A one-hot input wider than this (a word vocabulary) costs more than an embedding would buy
+ONE_HOT_VOCAB_NOTED = 1024
 
 
 def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device) -> list[str]:
@@ -69,6 +71,16 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
                 f"train.sample_prefixes: {prefix!r} cannot be written in this text's {data.token}s, so it "
                 "gets no samples; set train.sample_prefixes to text it can spell"
             )
+    model = config.model
+    if not model.embedding_dim and len(vocab) > ONE_HOT_VOCAB_NOTED:
+        gates = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell]
+        one_hot_bytes = data.batch_size * data.num_steps * len(vocab) * 4
+        notes.append(
+            f"model.embedding_dim 0 feeds the first layer a one-hot vector of {len(vocab):,} tokens: "
+            f"{gates * model.hidden_size * len(vocab):,} input weights and {one_hot_bytes / 2**20:,.1f} MiB "
+            "of one-hot input a minibatch; a learned embedding (e.g. model.embedding_dim "
+            f"{min(model.hidden_size, 512)}) is the usual input for a vocabulary this large"
+        )
     if config.model.impl == "fused" and not fused_lstm.can_run(device):
         notes.append(
             f"model.impl fused runs Triton kernels on CUDA; on {device.type} it steps the scratch "

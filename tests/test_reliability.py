@@ -241,6 +241,30 @@ def test_a_min_freq_that_turns_much_of_the_text_into_unk_is_noted(workdir: Path,
     assert code == 0 and "<unk>" not in out, err  # a min_freq that keeps every token: nothing to note
 
 
+def test_a_one_hot_input_over_a_large_vocabulary_is_noted(workdir: Path, cli):
+    """A word text of 2,000 distinct words read one-hot: the first GRU layer holds 3 × hidden ×
+    2,001 input weights, and a minibatch 2 × 5 × 2,001 floats; the note names the embedding."""
+    text = workdir / "words.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(2000)) + "\n")
+    tree = {
+        **TINY,
+        "data": {"path": str(text), "preprocess": "none", "token": "word", "batch_size": 2, "num_steps": 5},
+    }
+    config = str(config_file(workdir, tree))
+    code, out, err = cli("train", "--config", config, "--set", "train.epochs=1")
+    assert code == 0, err
+    hidden = TINY["model"]["hidden_size"]
+    notes = [line for line in out.splitlines() if "one-hot" in line]
+    assert notes == [
+        f"note: model.embedding_dim 0 feeds the first layer a one-hot vector of 2,001 tokens: {3 * hidden * 2001:,} "
+        "input weights and 0.1 MiB of one-hot input a minibatch; a learned embedding (e.g. model.embedding_dim "
+        f"{hidden}) is the usual input for a vocabulary this large"
+    ]
+    code, out, err = cli("train", "--config", config, "--set", "train.epochs=1", "--set", "model.embedding_dim=8",
+                         "--overwrite")  # fmt: skip
+    assert code == 0 and "one-hot" not in out, err
+
+
 def test_a_min_freq_that_leaves_only_unk_is_refused(workdir: Path, cli):
     code, _, err = cli("data", "--set", "data.min_freq=100000")
     assert_one_line_error(

@@ -31,8 +31,10 @@ from drnn_cli.vocab import Vocab, VocabError, check_char_tokens
 FORMAT = "drnn-checkpoint"
 FORMAT_VERSION = 1
 # A checkpoint header is JSON: its config, vocabulary and optimizer hyper-parameters. A word vocabulary
-# of a few hundred thousand entries fits in a few MiB; anything near these limits is not drnn's.
+# of a million 20-letter words fits in about 30 MiB; drnn refuses, before training, a vocabulary that
+# would not fit (check_header_room), and never writes a header it would not read back.
 MAX_HEADER_BYTES = 64 << 20
+HEADER_ROOM_KEPT = 4 << 20  # for the config, counters and the optimizer's hyper-parameters
 MAX_HEADER_DEPTH = 64
 
 
@@ -117,10 +119,34 @@ class Checkpoint:
             "init_from": self.init_from,
             "corpus_sha1": self.corpus_sha1,
             "config": self.config.to_dict(),
-            "vocab": self.vocab.to_dict(),
+            "vocab": self.vocab.tokens_dict(),
             "trainer_state": packed_state,
         }
-        return save_safetensors(tensors, metadata={"drnn": json.dumps(header, ensure_ascii=False)})
+        payload = save_safetensors(tensors, metadata={"drnn": json.dumps(header, ensure_ascii=False)})
+        header_bytes = struct.unpack("<Q", payload[:8])[0]
+        if header_bytes > MAX_HEADER_BYTES:  # what the reader would refuse is never written
+            raise DrnnError(f"the checkpoint's header would be {_mib(header_bytes)}, {_over_the_cap()}")
+        return payload
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _over_the_cap() -> str:
+    return f"more than the {_mib(MAX_HEADER_BYTES)} drnn reads back; raise data.min_freq to keep fewer tokens"
+
+
+def check_header_room(vocab: Vocab) -> None:
+    """Refuse, before training, a vocabulary too large for a checkpoint header (a word text with
+    millions of distinct words): the run would train, then write checkpoints nothing can load."""
+    # the vocabulary as the header holds it: JSON inside the JSON string of safetensors' metadata
+    size = len(json.dumps(json.dumps(vocab.tokens_dict(), ensure_ascii=False), ensure_ascii=False).encode())
+    if size > MAX_HEADER_BYTES - HEADER_ROOM_KEPT:
+        raise DrnnError(
+            f"the vocabulary of {len(vocab):,} tokens would make a checkpoint header of {_mib(size)}, "
+            f"{_over_the_cap()}"
+        )
 
 
 class NonFiniteCheckpoint(DrnnError):
@@ -171,8 +197,14 @@ def _check_leading_bytes(path: Path) -> None:
             f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
             f"and loads only its own safetensors checkpoints"
         )
-    if len(head) < 8 or struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:
+    if len(head) < 8:
         raise _not_a_checkpoint(path)
+    header_bytes = struct.unpack("<Q", head)[0]
+    if header_bytes > MAX_HEADER_BYTES:
+        raise DrnnError(
+            f"checkpoint {path} declares a header of {_mib(header_bytes)}, more than the {_mib(MAX_HEADER_BYTES)} "
+            "drnn reads (drnn writes none that large); it is corrupt or not a drnn checkpoint"
+        )
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.run_files import RunFiles
+from drnn_cli.run_notes import UNKNOWN_SHARE_NOTED
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
 from drnn_cli.trainer_state import UnusableTrainerState
@@ -236,6 +237,13 @@ def evaluate_split(
     except UnusableTrainerState:  # a checkpoint without a (usable) trainer state: its epoch is all there is
         step = None
     unknown = count_index(tokens[1:], checkpoint.vocab[UNK])  # the first token is read, not predicted
+    if unknown and unknown >= UNKNOWN_SHARE_NOTED * result.tokens:
+        notes = (
+            *notes,
+            f"{unknown / result.tokens:.1%} of the predicted tokens are not in the vocabulary and are scored as "
+            "<unk>, one class for all of them, which is easy to predict: this perplexity is not comparable "
+            "with that of a text the model can spell",
+        )
     return EvalReport(
         split_name, checkpoint.epoch, result, source, step, unknown, notes, checkpoint.step_in_epoch
     )

@@ -373,7 +373,11 @@ class RNNLanguageModel(nn.Module):
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` indices → ``(T, B, I)`` features."""
         if self.embedding is None:
-            features = F.one_hot(inputs.t(), self.vocab_size).to(self.decoder.weight.dtype)
+            # one-hot in the weights' dtype at once: F.one_hot's int64 tensor is 2× this, then a copy
+            indices = inputs.t().long().unsqueeze(-1)
+            features = torch.zeros(
+                (*indices.shape[:-1], self.vocab_size), dtype=self.decoder.weight.dtype, device=inputs.device
+            ).scatter_(-1, indices, 1.0)
         else:
             weight = self.embedding.weight
             p = self.config.embedding_dropout

@@ -119,8 +119,9 @@ def _paths(text: Path, key: dict[str, object]) -> tuple[Path, Path]:
 def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus | None:
     """The cached encoding of ``text`` for these keys, memory-mapped; None when there is none.
 
-    A fixed vocabulary (``--resume``, ``drnn eval``) that is the one the text itself builds reuses that
-    entry: with ``min_freq`` 0 every token is in it, so the encoding is the same and nothing is unknown.
+    A fixed vocabulary (``--resume``, ``drnn eval``) that is the one the text itself builds with this
+    ``min_freq`` reuses that entry: the encoding is the same, and the tokens ``min_freq`` cut (whose
+    counts the built vocabulary keeps) are the unknown ones.
     """
     if not wants_cache(text):
         return None
@@ -130,10 +131,11 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     found = _load_entry(text, _key(sha1, config, vocab))
     if found is not None and vocab is not None and found.vocab.idx_to_token != vocab.idx_to_token:
         found = None  # an entry keyed by this vocabulary that holds another was tampered with: rebuilt
-    if found is None and vocab is not None and config.min_freq == 0:
+    if found is None and vocab is not None:
         built = _load_entry(text, _key(sha1, config, None))
         if built is not None and built.vocab.idx_to_token == vocab.idx_to_token:
-            return EncodedCorpus(vocab, built.tokens, Counter())
+            cut = Counter({token: count for token, count in built.vocab.token_freqs if token not in vocab})
+            return EncodedCorpus(vocab, built.tokens, cut)
     return found
 
 

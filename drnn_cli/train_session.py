@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from drnn_cli.checkpoint import check_header_room
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset, load_same_corpus
 from drnn_cli.download import ProgressHook
@@ -221,6 +222,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     if start.init_from is not None:
         limit = request.max_unknown_fraction
         _check_unknown_share(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit, reporter)
+    check_header_room(dataset.vocab)
     trainer = Trainer(  # validates everything that can still fail; writes nothing
         config,
         dataset,
@@ -278,7 +280,13 @@ def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | No
         raise DrnnError(
             f"{count:,} of the {used:,} tokens the run uses ({_percent(share)}) are not in the checkpoint's "
             f"vocabulary ({worst}{where}), above the allowed {_percent(limit)}; raise --max-unknown, or "
-            "preprocess the text like the original run"
+            + (
+                f"preprocess the text like the original run (its vocabulary kept only tokens seen "
+                f"{dataset.vocab.min_freq}+ times: data.min_freq {dataset.vocab.min_freq} made the rarer "
+                "<unk> by design, on its own text too)"
+                if dataset.vocab.min_freq > 1
+                else "preprocess the text like the original run"
+            )
         )
     if reporter is not None and count:
         reporter.note(

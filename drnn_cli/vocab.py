@@ -61,6 +61,15 @@ class Vocab:
     def to_tokens(self, indices: Iterable[int]) -> list[str]:
         return [self.idx_to_token[int(index)] for index in indices]
 
+    def tokens_dict(self) -> dict:
+        """What a model needs of its vocabulary: the tokens in index order (checkpoints). The counts of
+        every token of the text, the cut ones included, stay with the text's token cache."""
+        return {
+            "idx_to_token": self.idx_to_token,
+            "min_freq": self.min_freq,
+            "reserved_tokens": self.reserved_tokens,
+        }
+
     def to_dict(self) -> dict:
         return {
             "idx_to_token": self.idx_to_token,

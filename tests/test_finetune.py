@@ -241,3 +241,24 @@ def test_min_freq_under_init_from_is_noted_as_not_applying(tmp_path: Path, texts
         f"data.min_freq 5 does not apply with --init-from: the run keeps the checkpoint's vocabulary of "
         f"{base_vocab:,} tokens" in notes.notes
     )
+
+
+def test_init_from_a_min_freq_run_says_its_vocabulary_was_cut_by_design(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """A word run with min_freq 2 fine-tuned on its own text: the rare words are <unk> by design, and
+    the advice to preprocess the text like the original run could not help (it was)."""
+    first, _ = texts
+    own = tmp_path / "own.txt"
+    own.write_text(first.read_text() + " ".join(f"rare{i}" for i in range(100)) + "\n")
+    words = {"token": "word", "min_freq": 2}
+    base = config_for(tmp_path, own, "base", data=words, train={"epochs": 1})
+    train_run(TrainRequest(base))
+    with pytest.raises(DrnnError) as refused:
+        train_run(TrainRequest(config_for(tmp_path, own, "ft", data=words, train={"epochs": 1}),
+                               init_from=Path("runs/base")))  # fmt: skip
+    assert str(refused.value).endswith(
+        "raise --max-unknown, or preprocess the text like the original run (its vocabulary kept only tokens "
+        "seen 2+ times: data.min_freq 2 made the rarer <unk> by design, on its own text too)"
+    )
+    assert "100 of the 640 tokens the run uses (15.6%)" in str(refused.value)

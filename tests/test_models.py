@@ -718,3 +718,16 @@ def test_impl_scratch_and_impl_torch_train_to_the_same_perplexity(train_time_mac
     torch_ppl = train_time_machine(cell, "torch").train_ppl
     scratch_ppl = train_time_machine(cell, "scratch").train_ppl
     assert scratch_ppl == pytest.approx(torch_ppl, rel=0.01)
+
+
+def test_the_one_hot_input_is_built_in_the_weights_dtype_and_equals_f_one_hot():
+    """F.one_hot makes int64 (8 bytes a vocabulary entry, then a float copy): with a 50,000-word
+    vocabulary that was 3× what the run's note quotes. The features are built as floats at once."""
+    import torch.nn.functional as F
+
+    model = build_model(7, ModelConfig(hidden_size=4, num_layers=1), seed=0)
+    inputs = torch.tensor([[0, 3, 6], [5, 1, 2]], dtype=torch.uint8)  # (B, T), as the corpus stores them
+    features = model.encode(inputs)
+    assert features.dtype == torch.float32 and features.shape == (3, 2, 7)
+    assert torch.equal(features, F.one_hot(inputs.t().long(), 7).float())
+    assert model.double().encode(inputs).dtype == torch.float64

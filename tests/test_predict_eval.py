@@ -491,3 +491,33 @@ def test_eval_and_inspect_name_their_own_flag_for_an_empty_file(tiny_run: Path, 
     assert code == 1 and err.strip() == f"drnn: error: --file {empty} is empty; give it the text to inspect"
     code, _, err = cli("eval", "--run", str(tiny_run), "--data", str(tmp_path))
     assert code == 1 and err.strip().startswith(f"drnn: error: --data file {tmp_path} is a directory")
+
+
+def test_eval_of_a_text_mostly_unknown_to_the_model_says_its_perplexity_is_not_comparable(workdir: Path, cli):
+    """<unk> is one class for every token the vocabulary lacks, and easy to predict: a word model's
+    eval of gibberish (every word unknown) scored 19, its own validation text 389. From 5% of the
+    predictions on, a note says so; below, none."""
+    import yaml
+
+    text = workdir / "abc.txt"
+    text.write_text("abc cab bca " * 300)
+    tree = {"data": {"path": str(text), "preprocess": "none", "batch_size": 4, "num_steps": 8},
+            "model": {"cell": "gru", "hidden_size": 8, "num_layers": 1},
+            "train": {"epochs": 1, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"}}  # fmt: skip
+    config = workdir / "abc.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    code, _, err = cli("train", "--config", str(config), "--run", "runs/abc")
+    assert code == 0, err
+    mostly = workdir / "mostly.txt"
+    mostly.write_text("abc xyz " * 20)  # 160 characters, x y z unknown: 60 of 159 predictions
+    code, out, err = cli("eval", "--run", "runs/abc", "--data", str(mostly))
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+        "note: 37.7% of the predicted tokens are not in the vocabulary and are scored as <unk>, one class for "
+        "all of them, which is easy to predict: this perplexity is not comparable with that of a text the "
+        "model can spell"
+    ]
+    little = workdir / "little.txt"
+    little.write_text("abc cab bca " * 20 + "x")  # 1 of 240 predictions
+    code, out, err = cli("eval", "--run", "runs/abc", "--data", str(little))
+    assert code == 0 and "note:" not in out and "(1 token not in the vocabulary" in out, err

@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -466,6 +467,62 @@ def test_a_header_above_the_cap_is_refused_before_safetensors_parses_it(
     monkeypatch.setattr(checkpoint, "MAX_HEADER_BYTES", header_bytes - 1)
     with pytest.raises(DrnnError, match="corrupt or not a drnn checkpoint"):
         read_checkpoint_info(tiny_run / "best.safetensors")
+
+
+def test_a_vocabulary_too_large_for_a_checkpoint_header_is_refused_before_training(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """A word text of millions of distinct words trained, then wrote checkpoints over the header cap
+    that eval, predict and --resume refused as corrupt. Here the cap is lowered to what 5,000 words
+    overflow: refused in one line before anything is written, naming data.min_freq."""
+    from drnn_cli import checkpoint
+
+    text = workdir / "words.txt"
+    text.write_text(" ".join(f"word{i:05d}" for i in range(5000)) + "\n")
+    monkeypatch.setattr(checkpoint, "MAX_HEADER_BYTES", 60_000)
+    monkeypatch.setattr(checkpoint, "HEADER_ROOM_KEPT", 0)
+    tree = {**TINY, "data": {"path": str(text), "preprocess": "none", "token": "word", "batch_size": 2,
+                             "num_steps": 5, "max_tokens": -1}, "model": {**TINY["model"], "embedding_dim": 8}}  # fmt: skip
+    code, _, err = cli("train", "--config", str(config_file(workdir, tree)), "--run", "runs/w")
+    assert_one_line_error(
+        code, err, "the vocabulary of 5,001 tokens would make a checkpoint header of 0.1 MiB, more than the "
+        "0.1 MiB drnn reads back; raise data.min_freq to keep fewer tokens"
+    )  # fmt: skip
+    assert not (workdir / "runs" / "w" / "last.safetensors").exists()
+
+
+def test_a_checkpoint_keeps_its_tokens_not_the_counts_of_the_words_min_freq_cut(workdir: Path, cli):
+    """Every checkpoint held the count of every distinct word of the text, the ones min_freq cut too: a
+    5-word vocabulary over a text of 900,000 rare words wrote a 73 MB header. Its tokens are what a model
+    needs; a header over the cap is never written."""
+    from drnn_cli import checkpoint
+    from drnn_cli.checkpoint import Checkpoint
+
+    text = workdir / "rare.txt"
+    text.write_text(" ".join(f"rare{i}" for i in range(3000)) + " the cat sat" * 40 + "\n")
+    tree = {**TINY, "data": {"path": str(text), "preprocess": "none", "token": "word", "batch_size": 2,
+                             "num_steps": 5, "min_freq": 2}}  # fmt: skip
+    code, _, err = cli(
+        "train", "--config", str(config_file(workdir, tree)), "--run", "runs/rare", "--set", "train.epochs=1"
+    )
+    assert code == 0, err
+    payload = (workdir / "runs" / "rare" / "last.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(json.loads(payload[8 : 8 + length])["__metadata__"]["drnn"])
+    assert header["vocab"] == {
+        "idx_to_token": ["<unk>", "the", "cat", "sat"],
+        "min_freq": 2,
+        "reserved_tokens": [],
+    }
+    assert length < 20_000
+    saved = load_checkpoint(workdir / "runs" / "rare" / "last.safetensors")
+    smaller = Checkpoint(saved.config, saved.vocab, saved.model_state, 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "MAX_HEADER_BYTES", 1000)
+        with pytest.raises(
+            DrnnError, match=r"^the checkpoint's header would be 0\.\d MiB, more than the 0\.0 MiB"
+        ):
+            smaller.to_bytes()
 
 
 def test_the_header_reads_without_the_tensors(tiny_run: Path, tmp_path: Path):

@@ -380,3 +380,21 @@ def test_a_killed_writers_hash_stamp_temporary_is_removed(workdir: Path, big_tex
     load_dataset(DataConfig(path=str(big_text), preprocess="none"))
     assert not abandoned.exists() and fresh.exists()
     assert len(list(cache.glob("big-*.sha1"))) == 1  # the run's own stamp, written and renamed
+
+
+def test_a_min_freq_runs_own_vocabulary_reuses_the_built_entry_with_the_cut_tokens_as_unknown(
+    workdir: Path, big_text: Path, monkeypatch
+):
+    """A word run with min_freq 7 resumed (or evaluated) with its checkpoint's vocabulary: the text was
+    encoded again and cached a second, byte-identical time. The built entry serves, and the tokens
+    min_freq cut are the unknown ones, counted as a fresh encoding counts them."""
+    config = DataConfig(
+        path=str(big_text), preprocess="none", token="word", min_freq=7
+    )  # the text is the book 6 times
+    built = load_dataset(config)
+    fixed = Vocab.from_dict(built.vocab.tokens_dict())  # as a checkpoint stores it: no counts
+    fresh = data_module._encode(big_text, config, fixed)  # what a re-encoding finds
+    no_encoding(monkeypatch)
+    again = load_dataset(config, vocab=fixed)
+    assert torch.equal(again.tokens, built.tokens) and len(entries(workdir)) == 1
+    assert again.unknown == fresh.unknown and sum(again.unknown.values()) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from drnn_cli.vocab import (
     encode_tokens,
     encode_utf8_,
     index_dtype,
+    split_words,
     tokens_of,
     unknown_tokens,
 )
@@ -143,7 +145,9 @@ def encode_text(path: Path, config: DataConfig, vocab: Vocab, what: str) -> torc
     """Another text (``drnn eval --data``) read as ``config`` reads its corpus and encoded with ``vocab``;
     errors name the file as ``what``. Characters go through the file's own buffer, as a corpus does: a
     ``str`` of a non-ASCII text holds 4 bytes a character (a 100 MB text peaked at 1.36 GB this way)."""
-    chars = char_stream_bytes(path, config.preprocess, what) if config.token == "char" else None
+    if config.token == "word":
+        return _encoded_words(read_text(path, what), config.preprocess, vocab)
+    chars = char_stream_bytes(path, config.preprocess, what)
     if chars is None:
         return encode_tokens(read_token_stream(path, config, what), vocab)
     if not chars:
@@ -170,7 +174,9 @@ def local_vocab_size(config: DataConfig) -> int | None:
 
 
 def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:
-    chars = char_stream_bytes(path, config.preprocess) if config.token == "char" else None
+    if config.token == "word":
+        return _encode_words(path, config, vocab)
+    chars = char_stream_bytes(path, config.preprocess)
     if chars is not None:
         return _encode_bytes(path, config, vocab, chars)
     stream = read_token_stream(path, config)
@@ -183,6 +189,46 @@ def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpu
         unknown = unknown_tokens(stream, vocab)  # a fixed vocabulary (fine-tuning) may lack some
     encoded = encode_tokens(stream, vocab)
     return EncodedCorpus(vocab, encoded, unknown)
+
+
+_WORD_CHUNK_CHARS = 1 << 21  # 2 Mi characters of whole lines per step of the word path
+
+
+def _word_chunks(text: str, mode: str) -> Iterator[list[str]]:
+    """The words of ``text``, preprocessed, a few MiB of whole lines at a time. No preprocessing lets a
+    word span a line break, so each chunk splits as the whole text would; a list of every word of the
+    text at once held a str object per word, about 18 bytes of memory a byte of text."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + _WORD_CHUNK_CHARS)
+        end = len(text) if end < 0 else end + 1
+        yield split_words(preprocess(text[start:end], mode))
+        start = end
+
+
+def _encoded_words(text: str, mode: str, vocab: Vocab) -> torch.Tensor:
+    lookup, dtype = vocab.token_to_idx, index_dtype(len(vocab))
+    pieces = [
+        torch.tensor([lookup.get(word, 0) for word in words], dtype=dtype)
+        for words in _word_chunks(text, mode)
+    ]
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
+
+
+def _encode_words(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:
+    """``_encode`` of a word text: counted, then encoded, a chunk of lines at a time."""
+    text = read_text(path)
+    counts: Counter[str] = Counter()
+    for words in _word_chunks(text, config.preprocess):
+        counts.update(words)  # new words enter in first-seen order, which ties in the vocabulary keep
+    if not counts:
+        raise _no_tokens(path, config)
+    unknown: Counter[str] = Counter()
+    if vocab is None:
+        vocab = _build_vocab(dict(counts), path, config)
+    else:
+        unknown = Counter({token: count for token, count in counts.items() if token not in vocab})
+    return EncodedCorpus(vocab, _encoded_words(text, config.preprocess, vocab), unknown)
 
 
 def _encode_bytes(path: Path, config: DataConfig, vocab: Vocab | None, chars: bytearray) -> EncodedCorpus:

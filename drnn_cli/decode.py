@@ -60,8 +60,9 @@ class DecodeOptions:
 def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> list[str]:
     """The prefix as the run's tokens, preprocessed like its corpus; unknown tokens are refused.
 
-    Refusing (rather than mapping to ``<unk>``) keeps a continuation honest: the model never saw
-    ``<unk>`` in the d2l corpora, so it would condition on something meaningless.
+    Refusing (rather than mapping to ``<unk>``) keeps a continuation honest: ``<unk>`` stands for every
+    token the vocabulary lacks (none in the d2l corpora; every rare word under ``min_freq``), so a
+    continuation from it rests on no particular token.
     """
     if not prefix:
         raise DrnnError(

@@ -40,7 +40,7 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             "perplexities over so few are noise, yet they pick the best checkpoint and drive patience "
             "(raise data.val_fraction)"
         )
-    if data.min_freq > 0 and len(splits.train):
+    if data.min_freq > 1 and len(splits.train):  # min_freq 1 cuts nothing: an <unk> is the text's own
         unknown = count_index(splits.train, vocab[UNK]) / len(splits.train)
         if unknown >= UNKNOWN_SHARE_NOTED:
             notes.append(

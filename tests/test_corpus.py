@@ -635,3 +635,32 @@ def test_fast_character_preprocessing_across_chunk_boundaries(
     monkeypatch.setattr(corpus, "_CHUNK_CHARS", 7)
     for mode in ("d2l", "letters"):
         assert corpus.preprocess_chars(text, mode) == "".join(preprocess(text, mode))
+
+
+@pytest.mark.parametrize("mode", ["d2l", "letters", "lower", "none"])
+def test_a_word_text_is_counted_and_encoded_a_chunk_of_lines_at_a_time_as_it_is_whole(
+    monkeypatch: pytest.MonkeyPatch, corpus_path: Path, mode: str
+):
+    """Words were one list of str objects for the whole text, about 18 bytes a byte of text (a 100 MB
+    text peaked at 1.8 GB); counted and encoded per chunk of whole lines (7 characters here, so nearly
+    every line is a chunk boundary), the vocabulary, its first-seen order of ties, the ids and the
+    unknown counts are those of the whole text."""
+    import drnn_cli.data as data_module
+    from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of
+
+    text = read_text(corpus_path)[:30_000] + "\nlast line without a break"
+    path = corpus_path.parent / "unused"  # only named in errors
+    config = DataConfig(preprocess=mode, token="word")
+    whole = tokens_of(preprocess(text, mode), "word")
+    monkeypatch.setattr(data_module, "_WORD_CHUNK_CHARS", 7)
+    monkeypatch.setattr(data_module, "read_text", lambda *_args: text)
+    built = data_module._encode_words(path, config, None)
+    assert built.vocab.idx_to_token == Vocab.from_counts(count_tokens(whole)).idx_to_token
+    assert torch.equal(built.tokens, encode_tokens(whole, built.vocab))
+    fixed = Vocab(["<unk>", "the", "time", "machine"])
+    again = data_module._encode_words(path, config, fixed)
+    assert torch.equal(again.tokens, encode_tokens(whole, fixed))
+    assert (
+        again.unknown == collections.Counter(t for t in whole if t not in fixed)
+        and sum(again.unknown.values()) > 0
+    )

@@ -242,6 +242,17 @@ def test_a_min_freq_that_turns_much_of_the_text_into_unk_is_noted(workdir: Path,
     assert code == 0 and "<unk>" not in out, err  # a min_freq that keeps every token: nothing to note
 
 
+def test_min_freq_1_in_a_text_that_writes_unk_itself_is_not_noted(workdir: Path, cli):
+    """A text that writes <unk> itself (as Penn Treebank does) with min_freq 1, which cuts nothing:
+    the note said min_freq mapped 20% of it to <unk> and advised lowering it."""
+    text = workdir / "ptb.txt"
+    text.write_text("the <unk> sat on a mat\n" * 100)
+    tree = {**TINY, "data": {"path": str(text), "preprocess": "none", "token": "word", "batch_size": 2,
+                             "num_steps": 5, "min_freq": 1}}  # fmt: skip
+    code, out, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "train.epochs=1")
+    assert code == 0 and "data.min_freq" not in out, err
+
+
 def test_a_one_hot_input_over_a_large_vocabulary_is_noted(workdir: Path, cli):
     """A word text of 2,000 distinct words read one-hot: the first GRU layer holds 3 × hidden ×
     2,001 input weights, and a minibatch 2 × 5 × 2,001 floats; the note names the embedding."""

@@ -354,6 +354,13 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
             f"checkpoint {path} holds NaN or infinite values ({bad}); it cannot be used: retrain, or use "
             f"another checkpoint"
         )
+    tied = ("model.embedding.weight", "model.decoder.weight")
+    if info.config.model.tie_weights and not torch.equal(tensors[tied[0]], tensors[tied[1]]):
+        # one matrix the file stores twice: two that differ would load as whichever came last
+        raise DrnnError(
+            f"checkpoint {path} is corrupt (model.tie_weights, yet its embedding and output weights "
+            "differ); retrain or pick another file"
+        )
     tensors = {key: value.to(device) for key, value in tensors.items()}
     model_state = {key[len("model.") :]: value for key, value in tensors.items() if key.startswith("model.")}
     try:

@@ -262,6 +262,28 @@ def test_a_checkpoint_whose_vocabulary_lists_a_token_twice_is_corrupt(tiny_run: 
         assert (code, out) == (1, "")
 
 
+def test_a_tied_checkpoint_whose_two_copies_of_the_shared_matrix_differ_is_corrupt(
+    workdir: Path, tmp_path: Path, cli
+):
+    """model.tie_weights stores the one matrix twice (embedding and output); copies that differ loaded
+    as whichever came last, without a word (perplexity 796 → 3,712 with one copy zeroed)."""
+    tree = {**TINY, "model": {**TINY["model"], "embedding_dim": 16, "hidden_size": 16, "tie_weights": True}}
+    tree["data"] = {**TINY["data"], "path": str(workdir / "data" / "timemachine.txt"), "max_tokens": 2000}
+    code, _, err = cli(
+        "train", "--config", str(config_file(workdir, tree)), "--run", "runs/tied", "--set", "train.epochs=1"
+    )
+    assert code == 0, err
+    good, bad = workdir / "runs" / "tied" / "last.safetensors", tmp_path / "untied.safetensors"
+    rewrite_checkpoint(good, bad, edit_tensors=lambda tensors: tensors["model.decoder.weight"].zero_())
+    code, out, err = cli("eval", "--checkpoint", str(bad))
+    assert_one_line_error(
+        code,
+        err,
+        f"checkpoint {bad} is corrupt (model.tie_weights, yet its embedding and output weights differ)",
+    )
+    assert (code, out) == (1, "") and cli("eval", "--checkpoint", str(good))[0] == 0
+
+
 def test_a_character_checkpoint_whose_vocabulary_holds_a_longer_token_is_corrupt(
     tiny_run: Path, tmp_path: Path, cli
 ):

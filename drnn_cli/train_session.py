@@ -266,7 +266,9 @@ def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | No
     if not dataset.unknown_count:
         return
     used = len(dataset.tokens)
-    count = count_index(dataset.tokens, dataset.vocab[UNK])
+    # id 0 is also a literal <unk> the text writes itself (Penn Treebank's convention), which the
+    # vocabulary holds: the tokens it lacks in the whole text bound those among the tokens used
+    count = min(count_index(dataset.tokens, dataset.vocab[UNK]), dataset.unknown_count)
     share = count / max(1, used)
     worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
     where = " in the whole text" if used < dataset.total_tokens else ""

@@ -262,3 +262,23 @@ def test_init_from_a_min_freq_run_says_its_vocabulary_was_cut_by_design(
         "seen 2+ times: data.min_freq 2 made the rarer <unk> by design, on its own text too)"
     )
     assert "100 of the 640 tokens the run uses (15.6%)" in str(refused.value)
+
+
+def test_a_literal_unk_the_text_writes_itself_is_not_counted_as_unknown_under_init_from(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """Penn Treebank writes <unk> for its rare words, and the vocabulary holds it: one new word in such a
+    text was refused as 81 of 640 tokens 'not in the checkpoint's vocabulary' (all the literal <unk>s)."""
+    first, _ = texts
+    ptb = tmp_path / "ptb.txt"
+    ptb.write_text(first.read_text().replace("fox", "<unk>"))
+    words = {"token": "word"}
+    train_run(TrainRequest(config_for(tmp_path, ptb, "base", data=words, train={"epochs": 1})))
+    newer = tmp_path / "newer.txt"
+    newer.write_text(ptb.read_text().replace("lazy", "sleepy", 1))
+    with pytest.raises(DrnnError) as refused:
+        train_run(TrainRequest(config_for(tmp_path, newer, "ft", data=words, train={"epochs": 1}),
+                               init_from=Path("runs/base"), max_unknown_fraction=0.001))  # fmt: skip
+    assert str(refused.value).startswith(
+        "1 of the 540 tokens the run uses (0.185%) are not in the checkpoint's vocabulary ('sleepy' ×1)"
+    )

@@ -41,7 +41,16 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             "(raise data.val_fraction)"
         )
     if data.min_freq > 1 and len(splits.train):  # min_freq 1 cuts nothing: an <unk> is the text's own
-        unknown = count_index(splits.train, vocab[UNK]) / len(splits.train)
+        # the tokens min_freq cut, counted over the whole text, bound those in the training split: id 0 is
+        # also a literal <unk> the text writes itself, which no min_freq made (a checkpoint's vocabulary,
+        # on --resume, keeps no counts: there id 0 is all there is to count)
+        at_zero = count_index(splits.train, vocab[UNK])
+        cut = (
+            sum(count for token, count in vocab.token_freqs if token not in vocab)
+            if vocab.token_freqs
+            else at_zero
+        )
+        unknown = min(at_zero, cut) / len(splits.train)
         if unknown >= UNKNOWN_SHARE_NOTED:
             notes.append(
                 f"data.min_freq {data.min_freq} maps {unknown:.1%} of the training tokens to <unk>: the model "

@@ -242,7 +242,7 @@ def test_a_min_freq_that_turns_much_of_the_text_into_unk_is_noted(workdir: Path,
     assert code == 0 and "<unk>" not in out, err  # a min_freq that keeps every token: nothing to note
 
 
-def test_min_freq_1_in_a_text_that_writes_unk_itself_is_not_noted(workdir: Path, cli):
+def test_a_literal_unk_the_text_writes_itself_is_not_taken_for_what_min_freq_cut(workdir: Path, cli):
     """A text that writes <unk> itself (as Penn Treebank does) with min_freq 1, which cuts nothing:
     the note said min_freq mapped 20% of it to <unk> and advised lowering it."""
     text = workdir / "ptb.txt"
@@ -250,6 +250,13 @@ def test_min_freq_1_in_a_text_that_writes_unk_itself_is_not_noted(workdir: Path,
     tree = {**TINY, "data": {"path": str(text), "preprocess": "none", "token": "word", "batch_size": 2,
                              "num_steps": 5, "min_freq": 1}}  # fmt: skip
     code, out, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "train.epochs=1")
+    assert code == 0 and "data.min_freq" not in out, err
+    rare = workdir / "ptb2.txt"  # min_freq 2 cuts 'once' (1 of 601 tokens), not the 100 literal <unk>s
+    rare.write_text("the <unk> sat on a mat\n" * 100 + "once\n")
+    tree["data"] = {**tree["data"], "path": str(rare), "min_freq": 2}
+    code, out, err = cli(
+        "train", "--config", str(config_file(workdir, tree)), "--set", "train.epochs=1", "--overwrite"
+    )
     assert code == 0 and "data.min_freq" not in out, err
 
 

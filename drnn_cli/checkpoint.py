@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -332,18 +333,42 @@ def expected_model_shapes(config: Config, vocab_size: int) -> dict[str, tuple[in
     return {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
+# safetensors' dtype names, for the shapes a weights-only read stands in for the trainer's tensors
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+STAND_IN_ELEMENTS = (
+    4096  # smaller trainer tensors (counters, a scaler's scale) are read: some are read as numbers
+)
+
+
+def _stand_ins(handle: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The trainer's large tensors as shapes on the meta device, for a read that needs the model alone."""
+    stand_ins = {}
+    for name, shape in shapes.items():
+        dtype = _DTYPES.get(handle.get_slice(name).get_dtype())
+        if not name.startswith("model.") and math.prod(shape) > STAND_IN_ELEMENTS and dtype is not None:
+            stand_ins[name] = torch.empty(shape, dtype=dtype, device="meta")
+    return stand_ins
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only: bool = False) -> Checkpoint:
     """Read a checkpoint onto ``device`` (a GPU-trained one loads fine on a CPU-only machine).
 
     Before any tensor is materialised, the model shapes the header's config implies are compared
     with the shapes the file holds, so a small file claiming a huge model is refused without
-    allocating it; a tensor holding NaN or infinity is refused after reading.
+    allocating it; a tensor holding NaN or infinity is refused after reading. ``weights_only``
+    (predict, eval, inspect) reads the model's tensors and the trainer's small ones; its large ones
+    (an optimizer's moments are twice the model) stand in as shapes on the meta device.
     """
     with _open_checkpoint(path) as handle:
         info = _read_info(path, handle)
         _check_model_shapes(path, info.config, len(info.vocab), info.shapes)
         try:
-            tensors = {name: handle.get_tensor(name) for name in info.shapes}
+            stand_ins = _stand_ins(handle, info.shapes) if weights_only else {}
+            tensors = {name: handle.get_tensor(name) for name in info.shapes if name not in stand_ins}
         except Exception:  # safetensors raises its own error types for every malformation
             raise DrnnError(
                 f"checkpoint {path} is corrupt (tensor data unreadable); retrain or pick another"
@@ -361,7 +386,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
             f"checkpoint {path} is corrupt (model.tie_weights, yet its embedding and output weights "
             "differ); retrain or pick another file"
         )
-    tensors = {key: value.to(device) for key, value in tensors.items()}
+    tensors = {key: value.to(device) for key, value in tensors.items()} | stand_ins
     model_state = {key[len("model.") :]: value for key, value in tensors.items() if key.startswith("model.")}
     try:
         trainer_state = unpack_tree(info.packed_trainer_state, tensors)

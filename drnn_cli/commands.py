@@ -124,7 +124,7 @@ def load_model(
     device = resolve_device(device_choice)
     # Read on the CPU: only the model goes to the device, not the trainer state beside it (the
     # optimizer's moments, an averaged run's raw weights); the weights are kept once, in the model.
-    loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path, weights_only=True)  # the optimizer's state is not read
     model = build_model(len(loaded.vocab), loaded.config.model)
     try:
         model.load_state_dict(loaded.model_state)

@@ -336,8 +336,8 @@ def test_eval_says_where_its_checkpoint_stood_in_the_words_training_stopped_with
     assert cli("train", "--config", str(config))[0] == 0
     last = load_checkpoint(workdir / "runs/tiny/last.safetensors")
     assert (last.epoch, last.step_in_epoch) == (1, 4)  # 29 minibatches an epoch: 33 = 29 + 4
-    code, out, _ = cli("eval", "--checkpoint", "runs/tiny/last.safetensors", "--split", "train")
-    assert code == 0
+    code, out, _err = cli("eval", "--checkpoint", "runs/tiny/last.safetensors", "--split", "train")
+    assert code == 0, _err
     assert out.rstrip().endswith(
         "(checkpoint runs/tiny/last.safetensors, after step 4 of epoch 2, optimizer step 33)"
     )
@@ -521,3 +521,33 @@ def test_eval_of_a_text_mostly_unknown_to_the_model_says_its_perplexity_is_not_c
     little.write_text("abc cab bca " * 20 + "x")  # 1 of 240 predictions
     code, out, err = cli("eval", "--run", "runs/abc", "--data", str(little))
     assert code == 0 and "note:" not in out and "(1 token not in the vocabulary" in out, err
+
+
+def test_predict_eval_and_inspect_read_the_model_not_the_optimizers_moments(tiny_run: Path):
+    """A checkpoint holds the optimizer's state beside the weights (Adam's moments: twice the model):
+    predicting with a 412 MB word model took 2 GB. The commands that only run the model read its tensors
+    and the trainer's small ones (counters read as numbers); the large ones stand in as shapes."""
+    from drnn_cli.checkpoint import STAND_IN_ELEMENTS
+
+    path = tiny_run / "last.safetensors"
+    full, light = load_checkpoint(path), load_checkpoint(path, weights_only=True)
+    assert all(torch.equal(light.model_state[name], value) for name, value in full.model_state.items())
+    flat_full, flat_light = _tensors(full.trainer_state), _tensors(light.trainer_state)
+    large = [name for name, tensor in flat_full.items() if tensor.numel() > STAND_IN_ELEMENTS]
+    assert large  # the CPU random state (5,056 bytes) at least
+    for name, tensor in flat_full.items():
+        stood_in = flat_light[name]
+        assert (stood_in.shape, stood_in.dtype) == (tensor.shape, tensor.dtype)
+        assert stood_in.is_meta == (name in large)
+    assert light.trainer().global_step == full.trainer().global_step == 4 * 29
+    assert load_model(tiny_run, None, "cpu").checkpoint.trainer().global_step == 4 * 29
+
+
+def _tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a nested trainer state, by its path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = (
+        tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else []
+    )
+    return {path: t for key, value in items for path, t in _tensors(value, f"{prefix}/{key}").items()}

@@ -1,3 +1,3 @@
-from drnn_cli.cli import main
+from drnn_cli.cli import program
 
-main()
+program()

@@ -28,7 +28,7 @@ from drnn_cli.config import load_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.presets import find_config
 from drnn_cli.shown_text import terminal_safe
-from drnn_cli.signals import Signalled, exit_on_signals, guard_output
+from drnn_cli.signals import Signalled, exit_on_signals, exit_process, guard_output
 
 if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
     from drnn_cli.report import EpochRecord, RunStart, StepStatus
@@ -761,6 +761,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"(rerun with drnn --debug ... for the traceback)",
             )
             sys.exit(1)
+
+
+def program() -> None:
+    """The ``drnn`` command and ``python -m drnn_cli``: :func:`main`, then the process exit
+    (:func:`~drnn_cli.signals.exit_process`: a torchrun worker must not wait for the interpreter's)."""
+    exit_process(main)
 
 
 def _say(errors: Console, line: str) -> None:

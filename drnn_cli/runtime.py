@@ -11,6 +11,7 @@ import torch
 import torch.distributed as torch_dist
 
 from drnn_cli.errors import DrnnError
+from drnn_cli.signals import TORCHRUN_ENV
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,7 +90,7 @@ def init_distributed(device_choice: str) -> DistContext:
     GPU runs the very path a multi-GPU job takes: NCCL, DistributedDataParallel, the stop votes.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    launched = TORCHRUN_ENV in os.environ
     if world_size <= 1 and not launched:
         return DistContext()
     rank = launched_rank()

@@ -348,3 +348,28 @@ def test_torchrun_with_one_process_joins_a_process_group(monkeypatch: pytest.Mon
     assert not torch.distributed.is_initialized()
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert init_distributed("cpu").enabled is False  # a plain `python -m drnn_cli`: no process group
+
+
+@pytest.mark.parametrize("under_torchrun", [False, True])
+def test_a_torchrun_worker_leaves_without_the_interpreters_teardown(under_torchrun: bool) -> None:
+    """At interpreter exit, the gloo group DDP still held was torn down by destructors, and a worker
+    thread destroyed unjoined aborted the process ("terminate called without an active exception"):
+    torchrun failed two finished CI runs. Under torchrun the process leaves by os._exit once its output
+    is flushed (no atexit handler, no destructor runs), with the program's exit code; elsewhere as usual."""
+    script = (
+        "import atexit, sys\n"
+        "from drnn_cli.signals import exit_process\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "def program():\n"
+        "    sys.stdout.write('written, unflushed')\n"
+        "    sys.exit(3)\n"
+        "exit_process(program)\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "TORCHELASTIC_RUN_ID"}
+    if under_torchrun:
+        environment["TORCHELASTIC_RUN_ID"] = "test"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 3
+    assert done.stdout == ("written, unflushed" if under_torchrun else "written, unflushedteardown ran\n")

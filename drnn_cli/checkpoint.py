@@ -339,9 +339,8 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
-STAND_IN_ELEMENTS = (
-    4096  # smaller trainer tensors (counters, a scaler's scale) are read: some are read as numbers
-)
+# Smaller trainer tensors (counters, a scaler's scale) are read even then: some are read as numbers.
+STAND_IN_ELEMENTS = 4096
 
 
 def _stand_ins(handle: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

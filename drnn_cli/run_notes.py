@@ -13,6 +13,7 @@ from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, TrainConfig
 from drnn_cli.decode import prefix_tokens
 from drnn_cli.errors import DrnnError
+from drnn_cli.models import GATES
 from drnn_cli.vocab import UNK, Vocab, count_index
 
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
@@ -45,11 +46,7 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
         # also a literal <unk> the text writes itself, which no min_freq made (a checkpoint's vocabulary,
         # on --resume, keeps no counts: there id 0 is all there is to count)
         at_zero = count_index(splits.train, vocab[UNK])
-        cut = (
-            sum(count for token, count in vocab.token_freqs if token not in vocab)
-            if vocab.token_freqs
-            else at_zero
-        )
+        cut = sum(vocab.cut_counts().values()) if vocab.token_freqs else at_zero
         unknown = min(at_zero, cut) / len(splits.train)
         if unknown >= UNKNOWN_SHARE_NOTED:
             notes.append(
@@ -82,7 +79,7 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             )
     model = config.model
     if not model.embedding_dim and len(vocab) > ONE_HOT_VOCAB_NOTED:
-        gates = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell]
+        gates = GATES[model.cell]
         one_hot_bytes = data.batch_size * data.num_steps * len(vocab) * 4
         notes.append(
             f"model.embedding_dim 0 feeds the first layer a one-hot vector of {len(vocab):,} tokens: "

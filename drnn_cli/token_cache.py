@@ -134,8 +134,7 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     if found is None and vocab is not None:
         built = _load_entry(text, _key(sha1, config, None))
         if built is not None and built.vocab.idx_to_token == vocab.idx_to_token:
-            cut = Counter({token: count for token, count in built.vocab.token_freqs if token not in vocab})
-            return EncodedCorpus(vocab, built.tokens, cut)
+            return EncodedCorpus(vocab, built.tokens, built.vocab.cut_counts())
     return found
 
 

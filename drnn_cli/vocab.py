@@ -61,6 +61,11 @@ class Vocab:
     def to_tokens(self, indices: Iterable[int]) -> list[str]:
         return [self.idx_to_token[int(index)] for index in indices]
 
+    def cut_counts(self) -> Counter[str]:
+        """The text's tokens ``min_freq`` left out, with their counts over the whole text (none for a
+        vocabulary stored without counts, as a checkpoint's is)."""
+        return Counter({token: count for token, count in self.token_freqs if token not in self})
+
     def tokens_dict(self) -> dict:
         """What a model needs of its vocabulary: the tokens in index order (checkpoints). The counts of
         every token of the text, the cut ones included, stay with the text's token cache."""

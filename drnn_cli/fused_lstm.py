@@ -7,9 +7,9 @@ single *persistent* kernel per layer: the hidden units are split across programs
 multiprocessor at most), each program keeps its slice of the cell state and reads only its rows of
 ``W_hh``, and the programs exchange ``h_t`` through global memory, meeting at a grid-wide barrier once
 per timestep (Diamos et al., 2016, "Persistent RNNs"). The backward pass does the same in reverse for
-``dh``; the weight gradient is then one matrix product over all timesteps. With ``DRNN_FUSED_LAUNCH=
-wavefront`` one launch runs the whole stack instead: layer l at timestep t during super-step t + l, the
-upper layers' input products inside the kernel, so the layers overlap and meet at T + L - 1 barriers.
+``dh``; the weight gradient is then one matrix product over all timesteps. Where its grid fits, one
+launch runs the whole stack as a wavefront: layer l at timestep t during super-step t + l, the upper
+layers' input products inside the kernel, so the layers overlap and meet at T + L - 1 barriers.
 
 Where the grid would not fit on the device at once (a persistent grid needs every program resident,
 or the barrier never opens), the same kernel body is launched once per timestep instead: the launch
@@ -17,9 +17,14 @@ boundary is the barrier. Tests run both modes through Triton's interpreter on th
 (``TRITON_INTERPRET=1``) against ``nn.LSTM``; the barrier itself can only be exercised on a GPU, and
 it gives up after ``spin_limit`` polls and raises a flag rather than hang.
 
-Numerics: the matrix products multiply in the recurrent weights' dtype — fp32 with IEEE products
-(no TF32), or bf16/fp16 under autocast — and accumulate in fp32; gates, cell state, stored
-activations and gradients are fp32. Parameters keep PyTorch's names and gate order ``[i | f | g | o]``,
+The plan (:func:`plan_launch`) takes by default the variants measured fastest in whole training steps
+on an H200 (``TUNED_WORDS``: the stack as one wavefront, a one-counter barrier, ``W_hh`` resident in
+shared memory) wherever they fit; ``DRNN_FUSED_LAUNCH`` replaces them for measuring others.
+
+Numerics: the matrix products multiply in the recurrent weights' dtype — fp32, or bf16/fp16 under
+autocast — and accumulate in fp32; gates, cell state, stored activations and gradients are fp32. fp32
+products run on TF32 tensor cores where cuDNN's fp32 LSTM would (``torch.backends.cudnn.allow_tf32``,
+PyTorch's default on), in IEEE arithmetic where that is off. Parameters keep PyTorch's names and gate order ``[i | f | g | o]``,
 so checkpoints move freely between ``impl: torch``, ``scratch`` and ``fused``.
 """
 
@@ -36,10 +41,18 @@ import torch
 from drnn_cli.errors import DrnnError
 
 Mode = Literal["persistent", "stepwise"]
+# How the recurrent products multiply: fp32 in IEEE arithmetic, fp32 on TF32 tensor cores, bf16/fp16
+Products = Literal["ieee", "tf32", "half"]
 SPIN_LIMIT = 2_000_000  # polls of the arrival flags before a program gives up (~1 s, not a hang)
 LAUNCH_ENV = "DRNN_FUSED_LAUNCH"  # the plan's variants, for measuring them end to end (README "Environment")
 # its words, each the Launch field it turns on ("wavefront": the whole stack in one launch, see Launch.layers)
 LAUNCH_WORDS = {"resident": "resident", "counter": "counter_barrier", "tf32": "tf32", "wavefront": "layers"}
+PLAIN_WORD = "plain"  # DRNN_FUSED_LAUNCH's word for the plan without any variant (what the sweeps compare)
+# The variants the plan takes where they fit, each faster in whole seed training steps on an H200
+# (docs/measurements/2026-11-27-h200): the two-layer stack forward + backward as a graph, bf16, went
+# from 1,110 µs layer by layer to 722 µs with all three (cuDNN: 580), fp32 with TF32 from 1,174 to 779
+# (cuDNN: 1,073). resident only where the products are not IEEE fp32: there it took 11 ms, not 1.
+TUNED_WORDS = ("wavefront", "counter", "resident")
 # A tile's sides as the plan and the sweep cut them: tl.arange takes powers of two only, and past 64
 # the kernel's registers and shared memory were never sized (32 × 128 overflows shared memory in fp32).
 LAUNCH_TILE_SIDES = {"16": 16, "32": 32, "64": 64}
@@ -116,22 +129,32 @@ def device_slots(device: torch.device) -> int:
     return multiprocessors
 
 
-def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None, layers: int = 1) -> Launch:
+def plan_launch(
+    batch: int,
+    hidden: int,
+    slots: int,
+    mode: Mode | None = None,
+    layers: int = 1,
+    products: Products | None = None,
+) -> Launch:
     """Tiles of 16–64 rows by 16–64 hidden units (``tl.dot`` needs 16 or more on each side).
 
     The smallest tiles spread a timestep's work over the most multiprocessors; for a persistent grid
     they grow (hidden units first, then rows) until every program fits on the device at once, one
     per multiprocessor. If even 64 × 64 tiles do not fit, one launch per timestep of 16 × 16 tiles.
-    ``mode`` forces either (tests); otherwise ``DRNN_FUSED_LAUNCH`` may change the plan
-    (:func:`launch_from_environment`), and run a stack of ``layers`` layers as one wavefront, whose
-    grid is one layer's times ``layers`` — where that grid is persistent, or one layer's would not be
-    either: a wavefront of one launch per super-step is no gain over persistent layers one at a time.
+    ``mode`` forces either (tests). Given ``products`` (:func:`products_for`), the plan takes the
+    variants ``TUNED_WORDS`` where they fit (:func:`with_tuned_variants`); without, the plain plan the
+    sweeps compare against. ``DRNN_FUSED_LAUNCH`` replaces either (:func:`launch_from_environment`).
+    A stack of ``layers`` layers runs as one wavefront, whose grid is one layer's times ``layers`` —
+    where that grid is persistent, or one layer's would not be either: a wavefront of one launch per
+    super-step is no gain over persistent layers one at a time.
     """
     if hidden % 16:
         raise ValueError(f"model.impl fused needs hidden_size divisible by 16, not {hidden}")
     asked = os.environ.get(LAUNCH_ENV, "") if mode is None else ""
     block_b, block_h, persistent = _tiles(batch, hidden, slots, mode, 1)
-    words = launch_words(asked)
+    tuned = not asked and mode is None and products is not None
+    words = list(TUNED_WORDS) if tuned else launch_words(asked)
     if layers > 1 and "wavefront" in words:
         stack_b, stack_h, stack_persistent = _tiles(batch, hidden, slots, mode, layers)
         # a tile asked for is the stack's, fitting or refused (launch_from_environment)
@@ -139,9 +162,43 @@ def plan_launch(batch: int, hidden: int, slots: int, mode: Mode | None = None, l
             block_b, block_h, persistent = stack_b, stack_h, stack_persistent
         else:
             layers = 1  # the layers one at a time, each grid resident
+    else:
+        layers = 1
     block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
     launch = with_tile(Launch(block_b, block_h, block_k, (0, 0), persistent), batch, hidden, block_b, block_h)
-    return launch_from_environment(asked, launch, batch, hidden, slots, layers) if asked else launch
+    if asked:
+        return launch_from_environment(asked, launch, batch, hidden, slots, layers)
+    return with_tuned_variants(launch, hidden, layers, products) if tuned and products else launch
+
+
+def products_for(device: torch.device) -> Products:
+    """How the recurrent products will multiply on ``device`` now: ``half`` under a bf16/fp16 autocast;
+    fp32 on TF32 tensor cores on a GPU where cuDNN's fp32 LSTM would use them
+    (``torch.backends.cudnn.allow_tf32``, on by default), else ``ieee``."""
+    if _product_dtype(device) != torch.float32:
+        return "half"
+    return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def with_tuned_variants(launch: Launch, hidden: int, layers: int, products: Products) -> Launch:
+    """``launch`` with the variants ``TUNED_WORDS`` where they fit, silently left out where not (unlike
+    ``DRNN_FUSED_LAUNCH``'s, which are refused): the stack as one wavefront of ``layers`` (decided by
+    the plan's grids), the counter barrier, TF32 products for ``tf32``, and ``W_hh`` resident where
+    the grid is persistent, the products are not IEEE fp32, and its tiles fit (:func:`resident_bytes`)."""
+    launch = replace(launch, layers=layers, counter_barrier=True, tf32=products == "tf32")
+    resident = (
+        launch.persistent
+        and products != "ieee"
+        and not hidden & (hidden - 1)
+        and resident_bytes(launch, hidden) <= RESIDENT_BYTES
+    )
+    return replace(launch, resident=True, block_k=hidden) if resident else launch
+
+
+def resident_bytes(launch: Launch, hidden: int) -> int:
+    """Shared memory one program's resident weights take: the four gates' fp32 tiles of W_hh, and of
+    W_ih in a wavefront's upper layers."""
+    return 4 * hidden * launch.block_h * 4 * (2 if launch.layers > 1 else 1)
 
 
 def _tiles(batch: int, hidden: int, slots: int, mode: Mode | None, grids: int) -> tuple[int, int, bool]:
@@ -160,11 +217,6 @@ def _tiles(batch: int, hidden: int, slots: int, mode: Mode | None, grids: int) -
             break
     persistent = programs() <= slots if mode is None else mode == "persistent"
     return (block_b, block_h, True) if persistent else (16, 16, False)
-
-
-def wavefront_asked() -> bool:
-    """Whether ``DRNN_FUSED_LAUNCH`` asks to run each stack as one wavefront."""
-    return "wavefront" in launch_words(os.environ.get(LAUNCH_ENV, ""))
 
 
 def launch_words(asked: str) -> list[str]:
@@ -194,6 +246,8 @@ def launch_from_environment(
     tile_word: str | None = None
     for word in launch_words(asked):
         tile = TILE_PATTERN.fullmatch(word)
+        if word == PLAIN_WORD:
+            continue
         if word in LAUNCH_WORDS:
             fields[LAUNCH_WORDS[word]] = layers if word == "wavefront" else True
         elif tile:
@@ -211,14 +265,13 @@ def launch_from_environment(
         else:
             raise DrnnError(
                 f"{LAUNCH_ENV}: unknown word {word!r}; use a comma-separated list of "
-                f"{', '.join(LAUNCH_WORDS)} and a tile such as 16x32"
+                f"{', '.join(LAUNCH_WORDS)} and a tile such as 16x32, or {PLAIN_WORD}"
             )
     launch = replace(launch, **fields)
     if launch.resident:
         if hidden & (hidden - 1):
             raise DrnnError(f"{LAUNCH_ENV} resident needs model.hidden_size a power of two, not {hidden}")
-        # the four gates' fp32 tiles of W_hh, and of W_ih in a wavefront's upper layers, in shared memory
-        weights = 4 * hidden * launch.block_h * 4 * (2 if launch.layers > 1 else 1)
+        weights = resident_bytes(launch, hidden)
         if weights > RESIDENT_BYTES:
             raise DrnnError(
                 f"{LAUNCH_ENV} resident keeps {weights >> 10} KiB of weights per program at hidden {hidden} and "
@@ -442,7 +495,7 @@ def fused_lstm_layer(
     ``(outputs (T, B, H), h_T, c_T)`` in fp32. ``error`` (an int32 scalar) becomes 1 if a grid
     barrier gave up waiting; it is never read on the host here (that would cost a sync per layer)."""
     batch, hidden = xg.shape[1], w_hh.shape[1]
-    launch = launch or plan_launch(batch, hidden, device_slots(xg.device))
+    launch = launch or plan_launch(batch, hidden, device_slots(xg.device), products=products_for(xg.device))
     if launch.layers != 1:
         launch = replace(launch, layers=1)  # one layer's grid: a wavefront plan seen by one layer
     _check_resident(launch, hidden)

@@ -162,7 +162,7 @@ class FusedRecurrent(ScratchRecurrent):
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Layer by layer as the scratch stack does, unless the plan runs the stack as one wavefront
-        (``DRNN_FUSED_LAUNCH=wavefront``): then one launch for all layers, with the same weight-drop and
+        (where its grid fits the device): then one launch for all layers, with the same weight-drop and
         dropout masks drawn in the same order as the layer-by-layer path draws them."""
         launch = self._wavefront(inputs)
         if launch is None:
@@ -188,10 +188,13 @@ class FusedRecurrent(ScratchRecurrent):
 
     def _wavefront(self, inputs: torch.Tensor) -> fused_lstm.Launch | None:
         """The plan's launch when it runs this stack as one wavefront, else None."""
-        if self.num_layers < 2 or not fused_lstm.wavefront_asked() or not fused_lstm.can_run(inputs.device):
+        if self.num_layers < 2 or not fused_lstm.can_run(inputs.device):
             return None
         slots = fused_lstm.device_slots(inputs.device)
-        launch = fused_lstm.plan_launch(inputs.shape[1], self.hidden_size, slots, layers=self.num_layers)
+        products = fused_lstm.products_for(inputs.device)
+        launch = fused_lstm.plan_launch(
+            inputs.shape[1], self.hidden_size, slots, layers=self.num_layers, products=products
+        )
         return launch if launch.layers > 1 else None
 
     def _lstm_recurrence(

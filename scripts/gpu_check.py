@@ -26,7 +26,10 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
     ``profile``   ``scripts/bench.py --profile``: per step of the seed configurations and of batch 1024,
                    wall time against the device's busy time and kernel count, eager and as a graph;
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
-    ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels (``model.impl: fused``), bf16, graph;
+    ``lstm2-fused-graph`` and ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels
+                   (``model.impl: fused``, as planned), fp32 and bf16, graph;
+    ``bench-seed``  the seed configurations side by side, cuDNN's and impl fused's, fp32 and bf16,
+                   GRU and RNN (the seed targets, for a short call);
     ``tests-cuda`` (only when ``--only`` names it) the CUDA tests with the CPU tests of the step and the
                    fused kernels: the suite of a call too short for ``tests``;
     ``bench-open`` (last; for a short call, with ``--only``) the benchmark's configurations that decide
@@ -100,7 +103,17 @@ FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, b
 # drive (the step and the fused kernels), which runs only when --only names it
 TEST_STEPS = ("tests", "tests-cuda")
 ONLY_WHEN_NAMED = ("tests-cuda",)
-BENCH_STEPS = ("bench", "bench-compiled", "bench-open", "bench-fused-variant", "bench-fused-b1024")
+BENCH_STEPS = (
+    "bench",
+    "bench-seed",
+    "bench-compiled",
+    "bench-open",
+    "bench-fused-variant",
+    "bench-fused-b1024",
+)
+# the seed targets' configurations side by side in one process, cuDNN's and impl fused's (as planned),
+# for a call too short for the whole benchmark: their ratios then share one machine and one hour
+SEED_CONFIGS = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,gru-seed,rnn-seed"
 VARIANT_STEPS = ("bench-fused-variant", "bench-fused-b1024")  # their configurations named "NAME [VARIANT]"
 # the fused kernel's variants (drnn_cli/fused_lstm.py, DRNN_FUSED_LAUNCH) in whole training steps, for
 # the benchmark step that times them: the fused-tiles step's fastest bf16 variant when that step ran
@@ -117,7 +130,14 @@ OPEN_CONFIGS = (
     "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,compiled-lstm-seed"
 )
 AUTO_GRAPH_NOTE_START = "train.cuda_graph auto: each training step replays as one CUDA graph"  # drnn's note
-LSTM2_RUNS = ("lstm2", "lstm2-graph", "lstm2-graph-bf16", "lstm2-graph-fp16", "lstm2-fused-graph-bf16")
+LSTM2_RUNS = (
+    "lstm2",
+    "lstm2-graph",
+    "lstm2-graph-bf16",
+    "lstm2-graph-fp16",
+    "lstm2-fused-graph",
+    "lstm2-fused-graph-bf16",
+)
 FULL_RUNS = ("full-fp32", "full-bf16", "full-bf16-graph", "full-cpu-recipe", "full-cpu-recipe-graph")
 D2L_CONTINUATION = "time traveller for so it will be convenient to speak of himwas e"
 CORPUS_CANDIDATES = (
@@ -222,6 +242,13 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             ],
             120,
         ),
+        Step(
+            "bench-seed",
+            "scripts/bench.py, the seed configurations side by side (3 rounds): cuDNN and impl fused as "
+            "planned, fp32 and bf16; GRU and RNN",
+            [*bench_base, "--rounds", "3", "--round-seconds", "0.3", "--configs", SEED_CONFIGS],
+            200,
+        ),
         Step("lstm2", "configs/lstm2.yaml on the GPU (eager, fp32)", train("lstm2", lstm2, *eager), 120),
         Step(
             "lstm2-graph",
@@ -293,6 +320,12 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "scripts/bench.py, impl scratch with train.compile on (torch.compile), eager and graph",
             [*bench, "--configs", "compiled-lstm-seed"],
             120,
+        ),
+        Step(
+            "lstm2-fused-graph",
+            "configs/lstm2.yaml, impl fused (Triton, as planned: TF32 products), cuda_graph auto, fp32",
+            train("lstm2-fused-graph", lstm2, "--set", "model.impl=fused"),
+            60,
         ),
         Step(
             "lstm2-fused-graph-bf16",
@@ -675,6 +708,10 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
     ratio_target("seed LSTM, impl scratch with train.compile on ≥ 3×", "compiled-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl fused (Triton), fp32 ≥ 5×", "fused-lstm-seed", 5.0)
     ratio_target("seed LSTM, impl fused (Triton), bf16: aim past 15×", "fused-lstm-seed-bf16", 15.0)
+    final_ppl_target(
+        "seed LSTM, impl fused, fp32 (TF32 products), CUDA graph (500 epochs): final perplexity ≤ 1.1",
+        "lstm2-fused-graph",
+    )
     final_ppl_target(
         "seed LSTM, impl fused, bf16, CUDA graph (500 epochs): final perplexity ≤ 1.1",
         "lstm2-fused-graph-bf16",

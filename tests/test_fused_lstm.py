@@ -74,8 +74,11 @@ def test_fused_stack_equals_nn_lstm_forward_and_backward(batch, hidden, mode, gr
     real_plan = fused_lstm.plan_launch
     launched: list[tuple[int, int]] = []
 
-    def forced(batch: int, hidden: int, slots: int, _: object = None) -> fused_lstm.Launch:
-        launched.append((batch, hidden))
+    def forced(
+        batch: int, hidden: int, slots: int, _: object = None, layers: int = 1, **__
+    ) -> fused_lstm.Launch:
+        if layers == 1:  # a layer's plan (the stack's, one layer's grid: no wavefront, layer by layer)
+            launched.append((batch, hidden))
         return real_plan(batch, hidden, slots, mode)
 
     monkeypatch.setattr(fused_lstm, "plan_launch", forced)
@@ -204,7 +207,7 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
             256,
             132,
             "DRNN_FUSED_LAUNCH: unknown word 'fast'; use a comma-separated list of resident, "
-            "counter, tf32, wavefront and a tile such as 16x32",
+            "counter, tf32, wavefront and a tile such as 16x32, or plain",
         ),
         (
             "16x48",
@@ -286,6 +289,59 @@ def test_drnn_fused_launch_wavefront_plans_one_grid_for_the_whole_stack(monkeypa
     )
 
 
+def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
+    """Told how the products multiply (as the model tells it), the plan takes TUNED_WORDS: the seed stack
+    (2×256, batch 32) as one wavefront of 64 programs, the counter barrier, W_hh resident (256 × 16 × 4
+    gates × 4 bytes × 2 weights = 128 KiB, the cap) — but not resident for IEEE fp32 products, which it
+    slowed tenfold, and TF32 only where the products are TF32."""
+    monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
+    seed = fused_lstm.Launch(16, 16, 64, (16, 2), True, 4, counter_barrier=True, layers=2)
+    resident = dataclasses.replace(seed, block_k=256, resident=True)
+    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="half") == resident
+    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="tf32") == dataclasses.replace(
+        resident, tf32=True
+    )
+    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="ieee") == seed
+    # a layer alone (the layer-by-layer path): 64 KiB of W_hh resident
+    assert fused_lstm.plan_launch(32, 256, 132, products="half") == dataclasses.replace(
+        resident, layers=1, counter_barrier=True
+    )
+    # hidden 512: the stack's resident tiles would take 256 KiB; one layer's, 128 KiB, fit
+    assert not fused_lstm.plan_launch(32, 512, 132, layers=2, products="half").resident
+    assert fused_lstm.plan_launch(32, 512, 132, products="half").resident
+    # batch 1024: the stack fits as 64 × 64 tiles, whose resident weights (512 KiB) do not
+    wide = fused_lstm.plan_launch(1024, 256, 132, layers=2, products="half")
+    assert (wide.block_b, wide.block_h, wide.layers, wide.persistent, wide.resident) == (
+        64,
+        64,
+        2,
+        True,
+        False,
+    )
+    # not a power of two: no resident tile (its K loop is one tile as wide as the layer)
+    assert not fused_lstm.plan_launch(32, 48, 132, products="half").resident
+    # one launch per super-step (no grid resident): W_hh cannot stay on chip between launches
+    stepwise = fused_lstm.plan_launch(32, 256, 0, layers=2, products="half")
+    assert (stepwise.persistent, stepwise.resident, stepwise.layers) == (False, False, 2)
+    # DRNN_FUSED_LAUNCH replaces the measured variants; "plain" asks for none of them
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "plain")
+    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="half") == fused_lstm.plan_launch(
+        32, 256, 132
+    )
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "counter")
+    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="tf32") == dataclasses.replace(
+        seed, layers=1
+    )
+
+
+def test_products_follow_autocast_and_the_cudnn_tf32_switch():
+    """On a CPU fp32 stays IEEE whatever the switch says (the interpreter computes in fp32); under a
+    bf16 autocast the products are half precision."""
+    assert fused_lstm.products_for(torch.device("cpu")) == "ieee"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_lstm.products_for(torch.device("cpu")) == "half"
+
+
 @pytest.mark.parametrize(
     "tile",
     [
@@ -323,9 +379,10 @@ def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_ls
         fused_lstm, "launch_from_environment", lambda *args: used.append(real(*args)) or used[-1]
     )
     _assert_equal_to_nn_lstm(*_pair(32), steps=3, batch=5)
-    assert [(launch.resident, launch.counter_barrier, launch.block_k) for launch in used] == [
-        (True, True, 32)
-    ] * 2
+    # the stack's plan (no wavefront asked: one layer at a time), then each of the two layers'
+    assert [(launch.resident, launch.counter_barrier, launch.block_k, launch.layers) for launch in used] == [
+        (True, True, 32, 1)
+    ] * 3
 
 
 def record_stack_launches(monkeypatch: pytest.MonkeyPatch) -> list[fused_lstm.Launch]:

@@ -98,7 +98,8 @@ class Launch:
     grid: tuple[int, int]  # (hidden blocks, batch blocks)
     persistent: bool
     num_warps: int = 4
-    # Variants that scripts/fused_bench.py --sweep-tiles measures against the plan (off in it):
+    # Variants (scripts/fused_bench.py --sweep-tiles times them against the plain plan; the plan takes
+    # them where they fit: with_tuned_variants):
     resident: bool = False  # W_hh's tiles read once before the time loop (needs block_k = hidden)
     counter_barrier: bool = False  # the grid meets at one counter, not at one flag per program
     tf32: bool = False  # fp32 products on TF32 tensor cores, as cuDNN's fp32 LSTM runs them
@@ -157,8 +158,14 @@ def plan_launch(
     words = list(TUNED_WORDS) if tuned else launch_words(asked)
     if layers > 1 and "wavefront" in words:
         stack_b, stack_h, stack_persistent = _tiles(batch, hidden, slots, mode, layers)
-        # a tile asked for is the stack's, fitting or refused (launch_from_environment)
-        if stack_persistent or not persistent or any(TILE_PATTERN.fullmatch(word) for word in words):
+        if tuned:
+            # measured faster only where the whole stack fits at one layer's own tiles (the seed
+            # shape); larger tiles spill registers (64 × 64 at batch 1024 trained no faster)
+            take_stack = stack_persistent and (stack_b, stack_h) == (block_b, block_h)
+        else:
+            # a tile asked for is the stack's, fitting or refused (launch_from_environment)
+            take_stack = stack_persistent or not persistent or any(TILE_PATTERN.fullmatch(w) for w in words)
+        if take_stack:
             block_b, block_h, persistent = stack_b, stack_h, stack_persistent
         else:
             layers = 1  # the layers one at a time, each grid resident
@@ -182,9 +189,10 @@ def products_for(device: torch.device) -> Products:
 
 def with_tuned_variants(launch: Launch, hidden: int, layers: int, products: Products) -> Launch:
     """``launch`` with the variants ``TUNED_WORDS`` where they fit, silently left out where not (unlike
-    ``DRNN_FUSED_LAUNCH``'s, which are refused): the stack as one wavefront of ``layers`` (decided by
-    the plan's grids), the counter barrier, TF32 products for ``tf32``, and ``W_hh`` resident where
-    the grid is persistent, the products are not IEEE fp32, and its tiles fit (:func:`resident_bytes`)."""
+    ``DRNN_FUSED_LAUNCH``'s, which are refused): the stack as one wavefront of ``layers`` (where the
+    plan found it fits at one layer's tiles), the counter barrier, TF32 products for ``tf32``, and
+    ``W_hh`` resident where the grid is persistent, the products are not IEEE fp32, and its tiles fit
+    (:func:`resident_bytes`)."""
     launch = replace(launch, layers=layers, counter_barrier=True, tf32=products == "tf32")
     resident = (
         launch.persistent

@@ -79,7 +79,6 @@ def use_cuda_graph(
     device: torch.device,
     distributed: bool,
     lr_every_step: bool = False,
-    unverified: bool = False,
 ) -> GraphChoice:
     """Whether ``train.cuda_graph`` captures the step; ``on`` where it cannot is a one-line error.
 
@@ -87,9 +86,8 @@ def use_cuda_graph(
     trains eagerly without a word: on a CPU, under torchrun, or where it would capture at every step.
     Verified on an H200 (README "Using a GPU"): the same perplexities as eager, 3.6-4.9× the eager
     step at batch 32 in fp32, 7.4-10.3× in bf16 and fp16 (fp16 with fused updates that skip
-    overflowing steps on the device; its CUDA tests in tests/test_cuda.py passed there, for
-    ``model.impl torch``). ``unverified``: a kind of step that has not run as a graph on a GPU (fp16
-    through the scratch or fused cells): ``auto`` keeps it eager, ``on`` captures it as asked.
+    overflowing steps on the device; its CUDA tests in tests/test_cuda.py passed there for every
+    ``model.impl``: the graph trains as eager).
     ``lr_every_step``: the learning rate changes at every step (``train.max_steps`` with a schedule or
     warm-up) and the optimizer bakes it into the graph (SGD: see ``reads_lr_on_device``), so the step
     would be captured again at every step, slower than no graph: then it runs eagerly, with a note.
@@ -97,7 +95,7 @@ def use_cuda_graph(
     if choice == "off":
         return GraphChoice(False)
     if choice == "auto":
-        if device.type == "cuda" and not distributed and not lr_every_step and not unverified:
+        if device.type == "cuda" and not distributed and not lr_every_step:
             return GraphChoice(True, AUTO_GRAPH_NOTE)
         return GraphChoice(False)
     if device.type != "cuda":

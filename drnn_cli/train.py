@@ -158,7 +158,6 @@ class Trainer:
             device,
             self.dist.enabled,
             lr_changes_every_step(train) and not reads_lr_on_device(optimizer_class(train.optimizer)),
-            unverified=train.precision == "fp16" and config.model.impl != "torch",
         )
         self._notes = [graph_choice.note] if graph_choice.note else []
         cuda_graph = graph_choice.enabled

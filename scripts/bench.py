@@ -170,6 +170,18 @@ BENCHMARKS: dict[str, BenchConfig] = {
             True,
         ),
         BenchConfig(
+            "fused-lstm-b256",
+            "lstm-b256 with impl: fused",
+            (FULL, "data.batch_size=256", "model.impl=fused"),
+            True,
+        ),
+        BenchConfig(
+            "fused-lstm-b256-bf16",
+            "lstm-b256-bf16 with impl: fused",
+            (FULL, "data.batch_size=256", "train.precision=bf16", "model.impl=fused"),
+            True,
+        ),
+        BenchConfig(
             "lstm-b1024-bf16",
             "2×256 LSTM, full corpus, B1024 T64, bf16 autocast",
             (FULL, "data.batch_size=1024", "data.num_steps=64", "train.precision=bf16"),

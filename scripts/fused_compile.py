@@ -6,8 +6,10 @@
 Triton compiles for a named target without a device (its own ptxas ships in the wheel), so a CPU
 machine can prove that every kernel drnn would launch on an H100 (sm_90, 132 multiprocessors)
 compiles, and see what ptxas makes of it: registers per thread, spilled bytes, shared memory.
-It compiles, for each shape below, forward and backward, fp32 and bf16, exactly the launch
-:func:`drnn_cli.fused_lstm.plan_launch` plans; with ``--variants``, also the seed layer's variants
+It compiles, for each shape below, forward and backward, exactly the launch
+:func:`drnn_cli.fused_lstm.plan_launch` plans for the benchmark's two-layer stack: bf16 (half products),
+fp32 with TF32 products (PyTorch's default) and fp32 with IEEE ones (TF32 switched off), each with the
+variants the plan takes where they fit; with ``--variants``, also the seed layer's variants
 that ``scripts/fused_bench.py --sweep-tiles`` times (its SWEPT_VARIANTS: other tiles, W_hh resident,
 the counter barrier, TF32) and the two-layer stack's launches it times (STACK_VARIANTS: the wavefront
 kernels, with dropout between the layers), and batch 1024's wavefront (BIG_STACK_VARIANTS). Exit 0 when all compiled, 1 when one failed.
@@ -35,6 +37,8 @@ sys.path.insert(0, str(REPO))
 SHAPES = (("seed B32", 32, 256), ("B256", 256, 256), ("B1024", 1024, 256), ("B4096 (stepwise)", 4096, 256))
 # the words scripts/gpu_check.py's bench-fused-b1024 step may train batch 1024 through (no tile, not resident)
 BIG_STACK_VARIANTS = ("wavefront", "wavefront,counter")
+# the plan's launches, by the weights' dtype and how the products multiply (fused_lstm.products_for)
+PLANNED_PRODUCTS = (("bf16", "half"), ("fp32", "tf32"), ("fp32", "ieee"))
 POINTERS = {
     "forward": (
         *("xg_ptr", "w_ptr", "wx_ptr", "bias_ptr", "mask_ptr"),
@@ -124,28 +128,35 @@ def main(argv: list[str] | None = None) -> int:
         print("fused_compile: Triton is not installed (pip install triton)", file=sys.stderr)
         return 2
     from drnn_cli import fused_kernels
-    from drnn_cli.fused_lstm import kernel_constants, plan_launch
+    from drnn_cli.fused_lstm import Launch, kernel_constants, plan_launch
 
     sys.path.insert(0, str(REPO / "scripts"))
     from fused_bench import launch_environment, stack_variant_launches, variant_launches
 
-    launches = [(label, plan_launch(batch, hidden, args.slots)) for label, batch, hidden in SHAPES]
-    if args.variants:
-        launches += [(f"seed {name}", launch) for name, launch in variant_launches(args.slots)]
+    # (label, launch, the weights' dtypes it is compiled for): the plan's own for each dtype ...
+    launches: list[tuple[str, Launch, tuple[str, ...]]] = []
+    with launch_environment(""):  # the plan as a run without DRNN_FUSED_LAUNCH makes it
+        for label, batch, hidden in SHAPES:
+            for dtype, products in PLANNED_PRODUCTS:
+                launch = plan_launch(batch, hidden, args.slots, layers=2, products=products)
+                launches += [(f"{label} {products}", launch, (dtype,))]
+    if args.variants:  # ... and the sweep's variants in both
+        both = ("fp32", "bf16")
+        launches += [(f"seed {name}", launch, both) for name, launch in variant_launches(args.slots)]
         # as the sweep times them (dropout between the layers; fp32 rows on TF32 tensor cores), and as
         # the CUDA tests run them (no dropout, IEEE fp32)
         for words, launch in stack_variant_launches(args.slots):
-            launches += [(f"seed stack {words} dropout tf32", replace(launch, tf32=True))]
-            launches += [(f"seed stack {words}", launch)]
+            launches += [(f"seed stack {words} dropout tf32", replace(launch, tf32=True), both)]
+            launches += [(f"seed stack {words}", launch, both)]
         # batch 1024 × 64 as one wavefront (scripts/gpu_check.py's bench-fused-b1024), no dropout
         for words in BIG_STACK_VARIANTS:
             with launch_environment(words):
-                launches += [(f"B1024 stack {words}", plan_launch(1024, 256, args.slots, layers=2))]
+                launches += [(f"B1024 stack {words}", plan_launch(1024, 256, args.slots, layers=2), both)]
     rows: list[dict[str, Any]] = []
     failed = False
-    for label, launch in launches:
+    for label, launch, dtypes in launches:
         hidden = launch.grid[0] * launch.block_h
-        for dtype in ("fp32", "bf16"):
+        for dtype in dtypes:
             for name in ("forward", "backward"):
                 masked = label.endswith("dropout tf32")
                 constants = {
@@ -160,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                     "tile": f"{launch.block_b}x{launch.block_h}",
                     "grid": launch.programs,
                     "persistent": launch.persistent,
+                    "layers": launch.layers,
+                    "resident": launch.resident,
+                    "precision": constants["PRECISION"],
                     "warps": launch.num_warps,
                 }
                 try:
@@ -183,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 + (", tensor cores" if row["tensor_cores"] else "")
             )
             print(
-                f"  {row['shape']:<17} {row['kernel']:<8} {row['dtype']}  tile {row['tile']:<6} "
-                f"{row['grid']:>4} programs{' persistent' if row['persistent'] else ''}, "
-                f"{row['warps']} warps: {what}"
+                f"  {row['shape']:<22} {row['kernel']:<8} {row['dtype']}  tile {row['tile']:<6} "
+                f"{row['grid']:>4} programs{' persistent' if row['persistent'] else ''}"
+                f"{', resident' if row['resident'] else ''}, {row['warps']} warps: {what}"
             )
     return 1 if failed else 0
 

@@ -30,6 +30,7 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
                    (``model.impl: fused``, as planned), fp32 and bf16, graph;
     ``bench-seed``  the seed configurations side by side, cuDNN's and impl fused's, fp32 and bf16,
                    GRU and RNN (the seed targets, for a short call);
+    ``bench-fused-plan`` impl fused as planned at batch 256 and 1024, beside cuDNN's;
     ``tests-cuda`` (only when ``--only`` names it) the CUDA tests with the CPU tests of the step and the
                    fused kernels: the suite of a call too short for ``tests``;
     ``bench-open`` (last; for a short call, with ``--only``) the benchmark's configurations that decide
@@ -106,6 +107,7 @@ ONLY_WHEN_NAMED = ("tests-cuda",)
 BENCH_STEPS = (
     "bench",
     "bench-seed",
+    "bench-fused-plan",
     "bench-compiled",
     "bench-open",
     "bench-fused-variant",
@@ -114,6 +116,11 @@ BENCH_STEPS = (
 # the seed targets' configurations side by side in one process, cuDNN's and impl fused's (as planned),
 # for a call too short for the whole benchmark: their ratios then share one machine and one hour
 SEED_CONFIGS = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,gru-seed,rnn-seed"
+# the fused kernels' plan at the larger batches (layer by layer there: W_hh resident at 256, not at 1024),
+# each beside cuDNN's configuration in the same process
+FUSED_PLAN_CONFIGS = (
+    "lstm-b256,fused-lstm-b256,lstm-b256-bf16,fused-lstm-b256-bf16,lstm-b1024-bf16,fused-lstm-b1024-bf16"
+)
 VARIANT_STEPS = ("bench-fused-variant", "bench-fused-b1024")  # their configurations named "NAME [VARIANT]"
 # the fused kernel's variants (drnn_cli/fused_lstm.py, DRNN_FUSED_LAUNCH) in whole training steps, for
 # the benchmark step that times them: the fused-tiles step's fastest bf16 variant when that step ran
@@ -248,6 +255,13 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "planned, fp32 and bf16; GRU and RNN",
             [*bench_base, "--rounds", "3", "--round-seconds", "0.3", "--configs", SEED_CONFIGS],
             200,
+        ),
+        Step(
+            "bench-fused-plan",
+            "scripts/bench.py, impl fused as planned at batch 256 × 35 (fp32, bf16) and 1024 × 64 (bf16), "
+            "each beside cuDNN's",
+            [*bench, "--configs", FUSED_PLAN_CONFIGS],
+            150,
         ),
         Step("lstm2", "configs/lstm2.yaml on the GPU (eager, fp32)", train("lstm2", lstm2, *eager), 120),
         Step(

@@ -309,20 +309,24 @@ def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
     # hidden 512: the stack's resident tiles would take 256 KiB; one layer's, 128 KiB, fit
     assert not fused_lstm.plan_launch(32, 512, 132, layers=2, products="half").resident
     assert fused_lstm.plan_launch(32, 512, 132, products="half").resident
-    # batch 1024: the stack fits as 64 × 64 tiles, whose resident weights (512 KiB) do not
+    # batch 1024: one layer fits at 32 × 64 tiles, the stack only at 64 × 64, which spill registers and
+    # trained no faster: layer by layer, whose resident weights (4 × 256 × 64 × 4 = 256 KiB) do not fit
     wide = fused_lstm.plan_launch(1024, 256, 132, layers=2, products="half")
-    assert (wide.block_b, wide.block_h, wide.layers, wide.persistent, wide.resident) == (
+    assert (wide.block_b, wide.block_h, wide.layers, wide.resident, wide.counter_barrier) == (
+        32,
         64,
-        64,
-        2,
-        True,
+        1,
         False,
+        True,
     )
+    # batch 256: 16 × 32 for a layer, 16 × 64 for the stack: layer by layer, 128 KiB resident
+    mid = fused_lstm.plan_launch(256, 256, 132, layers=2, products="half")
+    assert (mid.block_b, mid.block_h, mid.layers, mid.resident, mid.block_k) == (16, 32, 1, True, 256)
     # not a power of two: no resident tile (its K loop is one tile as wide as the layer)
     assert not fused_lstm.plan_launch(32, 48, 132, products="half").resident
-    # one launch per super-step (no grid resident): W_hh cannot stay on chip between launches
+    # one launch per timestep (no grid resident): layer by layer, W_hh cannot stay on chip between launches
     stepwise = fused_lstm.plan_launch(32, 256, 0, layers=2, products="half")
-    assert (stepwise.persistent, stepwise.resident, stepwise.layers) == (False, False, 2)
+    assert (stepwise.persistent, stepwise.resident, stepwise.layers) == (False, False, 1)
     # DRNN_FUSED_LAUNCH replaces the measured variants; "plain" asks for none of them
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "plain")
     assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="half") == fused_lstm.plan_launch(
@@ -701,8 +705,9 @@ def test_every_stack_variant_the_sweep_times_plans_a_resident_grid_on_an_h100(mo
 
 @pytest.mark.skipif(not fused_lstm.triton_available(), reason="Triton is not installed")
 def test_every_planned_kernel_compiles_for_an_h100_without_one():
-    """Triton compiles for a named target with no device present: forward and backward, fp32 and
-    bf16, for the launches planned at batch 32, 256, 1024 (persistent) and 4096 (one per step)."""
+    """Triton compiles for a named target with no device present: forward and backward of the launches
+    the plan makes for the two-layer stack at batch 32, 256, 1024 (persistent) and 4096 (one per step),
+    in bf16, fp32 with TF32 products and fp32 with IEEE ones, each with the variants it takes there."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "fused_compile.py"), "--json"],
@@ -714,11 +719,16 @@ def test_every_planned_kernel_compiles_for_an_h100_without_one():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     kernels = json.loads(done.stdout)["kernels"]
-    assert len(kernels) == 16 and not [k for k in kernels if "error" in k]
+    assert len(kernels) == 24 and not [k for k in kernels if "error" in k]
     assert all(0 < k["registers"] <= 255 for k in kernels)
-    # bf16 products run on the tensor cores; fp32 ones, kept IEEE-exact, on the FMA units.
-    assert all(k["tensor_cores"] == (k["dtype"] == "bf16") for k in kernels)
-    assert [k["persistent"] for k in kernels] == [True] * 12 + [False] * 4
+    # bf16 and TF32 products run on the tensor cores; IEEE fp32 ones on the FMA units
+    assert all(k["tensor_cores"] == (k["precision"] == "tf32") for k in kernels)
+    assert [k["precision"] for k in kernels[:6]] == ["tf32", "tf32", "tf32", "tf32", "ieee", "ieee"]
+    assert [k["persistent"] for k in kernels] == [True] * 18 + [False] * 6
+    # the seed stack runs as one wavefront; W_hh resident wherever the products are not IEEE fp32 and
+    # its tiles fit (not at batch 1024's 64 units, nor between the launches of one per timestep)
+    assert [k["layers"] for k in kernels[:6]] == [2] * 6 and {k["layers"] for k in kernels[6:]} == {1}
+    assert [k["resident"] for k in kernels] == ([True] * 4 + [False] * 2) * 2 + [False] * 12
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")

@@ -215,8 +215,6 @@ def test_cuda_graph_choice() -> None:
     assert use_cuda_graph("auto", cpu, False) == (False, None)
     assert use_cuda_graph("auto", cuda, True) == (False, None)  # torchrun
     assert use_cuda_graph("auto", cuda, False, lr_every_step=True) == (False, None)
-    assert use_cuda_graph("auto", cuda, False, unverified=True) == (False, None)  # fp16 off impl torch
-    assert use_cuda_graph("on", cuda, False, unverified=True) == (True, None)
     assert use_cuda_graph("off", cuda, False) == (False, None)
     assert use_cuda_graph("on", cuda, False) == (True, None)
     # A rate that moves at every step would mean a capture at every step: eager, said in one line.

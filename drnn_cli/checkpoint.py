@@ -3,7 +3,8 @@
 Tensors (weights, optimizer buffers, RNG states, the carried hidden state) are stored as tensors;
 everything else (config, vocabulary, counters, optimizer hyper-parameters) is JSON in the header's
 metadata. Nothing is ever unpickled, so a crafted file cannot run code; ``torch.save`` / pickle files
-are recognised and refused before any parsing. Where checkpoints live in a run directory, and which
+are recognised and refused before any parsing. drnn writes the format itself (:func:`write_safetensors`),
+one tensor at a time, so that writing a checkpoint holds no copy of it in memory; safetensors reads it. Where checkpoints live in a run directory, and which
 one stands for a run, is rundir.py's business.
 """
 
@@ -16,15 +17,14 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
 
 from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
-from drnn_cli.files import atomic_write_bytes, require_regular_file
+from drnn_cli.files import atomic_write_stream, require_regular_file
 from drnn_cli.strict_json import is_number
 from drnn_cli.trainer_state import TrainerState
 from drnn_cli.vocab import Vocab, VocabError, check_char_tokens
@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 << 20
 HEADER_ROOM_KEPT = 4 << 20  # for the config, counters and the optimizer's hyper-parameters
 MAX_HEADER_DEPTH = 64
+FINITE_CHECK_ELEMENTS = 1 << 22  # the NaN/infinity check's slice on the CPU (16 MiB of fp32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,10 +45,11 @@ MAX_HEADER_DEPTH = 64
 
 
 def pack_tree(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Replace every tensor in a nested dict/list by ``{"__tensor__": key}`` and collect it."""
+    """Replace every tensor in a nested dict/list by ``{"__tensor__": key}`` and collect it (the
+    tensor itself, not a copy: :func:`write_safetensors` copies one at a time where it must)."""
     if isinstance(tree, torch.Tensor):
         key = prefix
-        tensors[key] = tree.detach().to("cpu", copy=True).contiguous()
+        tensors[key] = tree.detach()
         return {"__tensor__": key}
     if isinstance(tree, dict):
         return {"__dict__": [[pack_key(k), pack_tree(v, f"{prefix}.{k}", tensors)] for k, v in tree.items()]}
@@ -103,10 +105,10 @@ class Checkpoint:
         the part of a tampered or foreign tree that cannot be continued from."""
         return TrainerState.from_tree(self.trainer_state, self.step_in_epoch)
 
-    def to_bytes(self) -> bytes:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, value in self.model_state.items():
-            tensors[f"model.{name}"] = value.detach().to("cpu", copy=True).contiguous()
+    def stored(self) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """The file's header and the tensors it describes, in order (the live tensors: nothing is
+        copied), checked: no NaN or infinity, no header larger than drnn reads back."""
+        tensors = {f"model.{name}": value.detach() for name, value in self.model_state.items()}
         packed_state = pack_tree(self.trainer_state, "trainer", tensors)
         bad = first_non_finite(tensors)
         if bad is not None:
@@ -123,11 +125,42 @@ class Checkpoint:
             "vocab": self.vocab.tokens_dict(),
             "trainer_state": packed_state,
         }
-        payload = save_safetensors(tensors, metadata={"drnn": json.dumps(header, ensure_ascii=False)})
-        header_bytes = struct.unpack("<Q", payload[:8])[0]
+        head = safetensors_header(tensors, {"drnn": json.dumps(header, ensure_ascii=False)})
+        header_bytes = len(head) - 8
         if header_bytes > MAX_HEADER_BYTES:  # what the reader would refuse is never written
             raise DrnnError(f"the checkpoint's header would be {_mib(header_bytes)}, {_over_the_cap()}")
-        return payload
+        return head, tensors
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's first bytes for ``tensors`` stored back to back in this order: the
+    header's length (8 bytes, little-endian), then its JSON — each tensor's dtype, shape and byte
+    range, and ``metadata`` — padded with spaces to a multiple of 8 bytes, as the format asks."""
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"cannot store a {tensor.dtype} tensor in a checkpoint")
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(stream: BinaryIO, head: bytes, tensors: dict[str, torch.Tensor]) -> None:
+    """``head`` (:func:`safetensors_header`), then each tensor's bytes in its order. A tensor on the
+    CPU is written from its own memory; one elsewhere (a GPU) or strided is copied, one at a time."""
+    stream.write(head)
+    for tensor in tensors.values():
+        flat = tensor.to("cpu").contiguous().reshape(-1)
+        # raw bytes in memory order: little-endian on every platform PyTorch ships for, as the format asks
+        stream.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
 def _mib(size: int) -> str:
@@ -155,20 +188,28 @@ class NonFiniteCheckpoint(DrnnError):
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor with a NaN or infinity, or None."""
+    """The name of the first floating-point tensor with a NaN or infinity, or None. On the CPU a
+    slice at a time (``isfinite`` makes temporaries several times its input's size); elsewhere whole,
+    one read back per tensor."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.reshape(-1)
+        step = FINITE_CHECK_ELEMENTS if flat.device.type == "cpu" else max(flat.numel(), 1)
+        for start in range(0, flat.numel(), step):
+            if not bool(torch.isfinite(flat[start : start + step]).all()):
+                return name
     return None
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    """Write ``checkpoint`` atomically; a NonFiniteCheckpoint leaves whatever ``path`` held untouched."""
+    """Write ``checkpoint`` atomically, tensor by tensor; a refusal (NonFiniteCheckpoint, a header
+    too large) leaves whatever ``path`` held untouched."""
     try:
-        payload = checkpoint.to_bytes()
+        head, tensors = checkpoint.stored()
     except NonFiniteCheckpoint as exc:
         raise NonFiniteCheckpoint(f"refused to write {path}: {exc}") from None
-    atomic_write_bytes(path, payload)
+    atomic_write_stream(path, lambda stream: write_safetensors(stream, head, tensors))
 
 
 def _looks_like_pickle(head: bytes) -> bool:
@@ -339,6 +380,7 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # what the writer calls them
 # Smaller trainer tensors (counters, a scaler's scale) are read even then: some are read as numbers.
 STAND_IN_ELEMENTS = 4096
 

@@ -15,8 +15,9 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from drnn_cli.errors import DrnnError
 
@@ -229,8 +230,15 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     killed mid-write can leave a ``.NAME.*.tmp`` beside it: :func:`remove_stale_temporaries`).
     An OS error (full disk, read-only folder) becomes a one-line DrnnError naming the path.
     """
+    atomic_write_stream(path, lambda stream: stream.write(payload))
+
+
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """:func:`atomic_write_bytes` for a file written piece by piece (``write`` gets the open
+    temporary file): a large file need never be whole in memory. Whatever ``write`` raises leaves
+    ``path`` as it was."""
     try:
-        _atomic_write(path, payload)
+        _atomic_write(path, write)
     except OSError as exc:
         raise DrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -245,12 +253,12 @@ def _new_temporary(path: Path) -> tuple[int, Path]:
     return os.open(temporary, flags, 0o666), temporary
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = _new_temporary(path)
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

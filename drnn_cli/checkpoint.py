@@ -125,11 +125,22 @@ class Checkpoint:
             "vocab": self.vocab.tokens_dict(),
             "trainer_state": packed_state,
         }
+        tensors = in_stored_order(tensors)
         head = safetensors_header(tensors, {"drnn": json.dumps(header, ensure_ascii=False)})
         header_bytes = len(head) - 8
         if header_bytes > MAX_HEADER_BYTES:  # what the reader would refuse is never written
             raise DrnnError(f"the checkpoint's header would be {_mib(header_bytes)}, {_over_the_cap()}")
         return head, tensors
+
+
+def in_stored_order(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` in the order safetensors' own writer stores them: wider elements first (so every
+    tensor's bytes start aligned to its element size), then by name."""
+
+    def rank(dtype: torch.dtype) -> int:  # one drnn cannot store goes last: the header names it
+        return _STORED_ORDER.index(dtype) if dtype in _STORED_ORDER else len(_STORED_ORDER)
+
+    return dict(sorted(tensors.items(), key=lambda item: (rank(item[1].dtype), item[0])))
 
 
 def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -381,6 +392,10 @@ _DTYPES = {
     "BOOL": torch.bool,
 }  # fmt: skip
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # what the writer calls them
+# safetensors' order of the dtypes in a file (its Dtype enum, descending): alignment, widest first
+_STORED_ORDER = [
+    _DTYPES[name] for name in ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
+]
 # Smaller trainer tensors (counters, a scaler's scale) are read even then: some are read as numbers.
 STAND_IN_ELEMENTS = 4096
 

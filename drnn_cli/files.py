@@ -2,8 +2,8 @@
 
 A FIFO, ``/dev/zero`` or a directory given where a file is expected would block, grow without end or
 fail with an unrelated message; they are refused by what they are before a byte is read. Every file
-drnn writes (checkpoints, run files, caches, pages) goes through :func:`atomic_write_bytes`, so a
-crash leaves the old file or the new one, never half of one.
+drnn writes (run files, caches, pages; checkpoints piece by piece) goes through :func:`atomic_write_bytes`
+or :func:`atomic_write_stream`, so a crash leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations

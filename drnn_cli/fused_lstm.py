@@ -59,6 +59,10 @@ LAUNCH_TILE_SIDES = {"16": 16, "32": 32, "64": 64}
 TILE_PATTERN = re.compile(r"(\d+)x(\d+)")  # DRNN_FUSED_LAUNCH's ROWSxUNITS
 RESIDENT_BYTES = 128 << 10  # a resident W_hh's share of a Hopper multiprocessor's 227 KiB (fp32: 160 KiB
 # in all at hidden 512, 16 units, compiled for sm_90; 320 KiB at 1024 does not fit)
+# What a resident kernel keeps in shared memory beside the weights (16–18 KiB compiled for sm_90): the
+# weights and this must fit the device's shared memory per program, which is 99 KiB on an RTX 4090 or
+# L4 and 64 KiB on a T4, not a Hopper's 227 (Triton refuses a launch that needs more)
+RESIDENT_OTHER_BYTES = 24 << 10
 
 
 def interpreting() -> bool:
@@ -130,6 +134,28 @@ def device_slots(device: torch.device) -> int:
     return multiprocessors
 
 
+def device_shared_bytes(device: torch.device) -> int | None:
+    """Shared memory one program may take on ``device`` (opted in: Triton asks for it), or None on a
+    CPU, where the interpreter has no such limit, or where the device does not say."""
+    if device.type != "cuda":
+        return None
+    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return int(shared) or None
+
+
+def plan_for(device: torch.device, batch: int, hidden: int, layers: int = 1) -> Launch:
+    """The launch for ``layers`` LSTM layers on ``device`` now: its multiprocessors and shared memory,
+    and the products the current autocast makes (:func:`plan_launch`, with the tuned variants)."""
+    return plan_launch(
+        batch,
+        hidden,
+        device_slots(device),
+        layers=layers,
+        products=products_for(device),
+        shared_bytes=device_shared_bytes(device),
+    )
+
+
 def plan_launch(
     batch: int,
     hidden: int,
@@ -137,6 +163,7 @@ def plan_launch(
     mode: Mode | None = None,
     layers: int = 1,
     products: Products | None = None,
+    shared_bytes: int | None = None,
 ) -> Launch:
     """Tiles of 16–64 rows by 16–64 hidden units (``tl.dot`` needs 16 or more on each side).
 
@@ -144,15 +171,16 @@ def plan_launch(
     they grow (hidden units first, then rows) until every program fits on the device at once, one
     per multiprocessor. If even 64 × 64 tiles do not fit, one launch per timestep of 16 × 16 tiles.
     ``mode`` forces either (tests). Given ``products`` (:func:`products_for`), the plan takes the
-    variants ``TUNED_WORDS`` where they fit (:func:`with_tuned_variants`); without, the plain plan the
-    sweeps compare against. ``DRNN_FUSED_LAUNCH`` replaces either (:func:`launch_from_environment`).
+    variants ``TUNED_WORDS`` where they fit (:func:`with_tuned_variants`; ``shared_bytes``: the device's
+    shared memory per program, :func:`device_shared_bytes`); without, the plain plan the sweeps compare
+    against. ``DRNN_FUSED_LAUNCH`` replaces either (:func:`launch_from_environment`).
     A stack of ``layers`` layers runs as one wavefront, whose grid is one layer's times ``layers`` —
     where that grid is persistent, or one layer's would not be either: a wavefront of one launch per
     super-step is no gain over persistent layers one at a time.
     """
     if hidden % 16:
         raise ValueError(f"model.impl fused needs hidden_size divisible by 16, not {hidden}")
-    asked = os.environ.get(LAUNCH_ENV, "") if mode is None else ""
+    asked = os.environ.get(LAUNCH_ENV, "").strip() if mode is None else ""  # blank: unset
     block_b, block_h, persistent = _tiles(batch, hidden, slots, mode, 1)
     tuned = not asked and mode is None and products is not None
     words = list(TUNED_WORDS) if tuned else launch_words(asked)
@@ -174,31 +202,40 @@ def plan_launch(
     block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
     launch = with_tile(Launch(block_b, block_h, block_k, (0, 0), persistent), batch, hidden, block_b, block_h)
     if asked:
-        return launch_from_environment(asked, launch, batch, hidden, slots, layers)
-    return with_tuned_variants(launch, hidden, layers, products) if tuned and products else launch
+        return launch_from_environment(asked, launch, batch, hidden, slots, layers, shared_bytes)
+    if tuned and products:
+        return with_tuned_variants(launch, hidden, layers, products, shared_bytes)
+    return launch
 
 
 def products_for(device: torch.device) -> Products:
     """How the recurrent products will multiply on ``device`` now: ``half`` under a bf16/fp16 autocast;
-    fp32 on TF32 tensor cores on a GPU where cuDNN's fp32 LSTM would use them
-    (``torch.backends.cudnn.allow_tf32``, on by default), else ``ieee``."""
+    fp32 on TF32 tensor cores where cuDNN's fp32 LSTM would use them (a GPU that has them, compute
+    capability 8.0 on, and ``torch.backends.cudnn.allow_tf32``, on by default), else ``ieee``."""
     if _product_dtype(device) != torch.float32:
         return "half"
-    return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
+    tf32 = (
+        device.type == "cuda"
+        and torch.backends.cudnn.allow_tf32
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+    return "tf32" if tf32 else "ieee"
 
 
-def with_tuned_variants(launch: Launch, hidden: int, layers: int, products: Products) -> Launch:
+def with_tuned_variants(
+    launch: Launch, hidden: int, layers: int, products: Products, shared_bytes: int | None
+) -> Launch:
     """``launch`` with the variants ``TUNED_WORDS`` where they fit, silently left out where not (unlike
     ``DRNN_FUSED_LAUNCH``'s, which are refused): the stack as one wavefront of ``layers`` (where the
     plan found it fits at one layer's tiles), the counter barrier, TF32 products for ``tf32``, and
     ``W_hh`` resident where the grid is persistent, the products are not IEEE fp32, and its tiles fit
-    (:func:`resident_bytes`)."""
+    the device's known shared memory (:func:`resident_refusal`)."""
     launch = replace(launch, layers=layers, counter_barrier=True, tf32=products == "tf32")
     resident = (
         launch.persistent
         and products != "ieee"
-        and not hidden & (hidden - 1)
-        and resident_bytes(launch, hidden) <= RESIDENT_BYTES
+        and shared_bytes is not None
+        and resident_refusal(launch, hidden, shared_bytes) is None
     )
     return replace(launch, resident=True, block_k=hidden) if resident else launch
 
@@ -207,6 +244,25 @@ def resident_bytes(launch: Launch, hidden: int) -> int:
     """Shared memory one program's resident weights take: the four gates' fp32 tiles of W_hh, and of
     W_ih in a wavefront's upper layers."""
     return 4 * hidden * launch.block_h * 4 * (2 if launch.layers > 1 else 1)
+
+
+def resident_refusal(launch: Launch, hidden: int, shared_bytes: int | None) -> str | None:
+    """Why ``launch`` cannot keep its weights resident, in words that follow "resident", or None:
+    the hidden size must be a power of two (one K tile as wide as the layer), and the weights must fit
+    drnn's cap and, beside the rest (``RESIDENT_OTHER_BYTES``), the device's ``shared_bytes`` if known."""
+    if hidden & (hidden - 1):
+        return f"needs model.hidden_size a power of two, not {hidden}"
+    weights = resident_bytes(launch, hidden)
+    room = (
+        RESIDENT_BYTES if shared_bytes is None else min(RESIDENT_BYTES, shared_bytes - RESIDENT_OTHER_BYTES)
+    )
+    if weights <= room:
+        return None
+    return (
+        f"keeps {weights >> 10} KiB of weights per program at hidden {hidden} and {launch.block_h} units a "
+        "program, more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer "
+        f"units, or leave out resident{' or wavefront' if launch.layers > 1 else ''}"
+    )
 
 
 def _tiles(batch: int, hidden: int, slots: int, mode: Mode | None, grids: int) -> tuple[int, int, bool]:
@@ -243,7 +299,13 @@ def with_tile(
 
 
 def launch_from_environment(
-    asked: str, launch: Launch, batch: int, hidden: int, slots: int, layers: int = 1
+    asked: str,
+    launch: Launch,
+    batch: int,
+    hidden: int,
+    slots: int,
+    layers: int = 1,
+    shared_bytes: int | None = None,
 ) -> Launch:
     """``launch`` as ``DRNN_FUSED_LAUNCH`` asks: a comma-separated list of ``resident`` (W_hh read once
     for all timesteps), ``counter`` (the grid barrier through one counter), ``tf32`` (fp32 products on
@@ -277,15 +339,9 @@ def launch_from_environment(
             )
     launch = replace(launch, **fields)
     if launch.resident:
-        if hidden & (hidden - 1):
-            raise DrnnError(f"{LAUNCH_ENV} resident needs model.hidden_size a power of two, not {hidden}")
-        weights = resident_bytes(launch, hidden)
-        if weights > RESIDENT_BYTES:
-            raise DrnnError(
-                f"{LAUNCH_ENV} resident keeps {weights >> 10} KiB of weights per program at hidden {hidden} and "
-                f"{launch.block_h} units a program, more than a multiprocessor's shared memory holds beside "
-                f"the rest; use a tile of fewer units, or leave out resident{' or wavefront' if launch.layers > 1 else ''}"
-            )
+        refusal = resident_refusal(launch, hidden, shared_bytes)
+        if refusal:
+            raise DrnnError(f"{LAUNCH_ENV} resident {refusal}")
         launch = replace(launch, block_k=hidden)
     if launch.persistent and launch.programs > slots:
         raise DrnnError(
@@ -503,7 +559,7 @@ def fused_lstm_layer(
     ``(outputs (T, B, H), h_T, c_T)`` in fp32. ``error`` (an int32 scalar) becomes 1 if a grid
     barrier gave up waiting; it is never read on the host here (that would cost a sync per layer)."""
     batch, hidden = xg.shape[1], w_hh.shape[1]
-    launch = launch or plan_launch(batch, hidden, device_slots(xg.device), products=products_for(xg.device))
+    launch = launch or plan_for(xg.device, batch, hidden)
     if launch.layers != 1:
         launch = replace(launch, layers=1)  # one layer's grid: a wavefront plan seen by one layer
     _check_resident(launch, hidden)

@@ -190,11 +190,7 @@ class FusedRecurrent(ScratchRecurrent):
         """The plan's launch when it runs this stack as one wavefront, else None."""
         if self.num_layers < 2 or not fused_lstm.can_run(inputs.device):
             return None
-        slots = fused_lstm.device_slots(inputs.device)
-        products = fused_lstm.products_for(inputs.device)
-        launch = fused_lstm.plan_launch(
-            inputs.shape[1], self.hidden_size, slots, layers=self.num_layers, products=products
-        )
+        launch = fused_lstm.plan_for(inputs.device, inputs.shape[1], self.hidden_size, self.num_layers)
         return launch if launch.layers > 1 else None
 
     def _lstm_recurrence(

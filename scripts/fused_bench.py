@@ -12,8 +12,9 @@ batch ≤ 128 (``get_algo`` in ATen's cudnn/RNN.cpp): the per-layer fp16 rows sh
 the stack.
 
 Then one LSTM layer's recurrence for the benchmark's shapes (batch 32 × 35 steps, 256 × 35,
-1024 × 64; 256 units) in fp32, bf16 and fp16: the fused Triton kernels as planned (persistent where
-the grid fits) and forced to one launch per timestep, against ``nn.LSTM`` (cuDNN) on the same input,
+1024 × 64; 256 units) in fp32, bf16 and fp16: the fused Triton kernels under the plain plan (persistent
+where the grid fits, none of the variants training takes: ``--sweep-tiles`` times those) and forced to
+one launch per timestep, against ``nn.LSTM`` (cuDNN) on the same input,
 each run eagerly and as one CUDA graph; every fused run also reports whether a grid barrier timed out.
 
 Microseconds per forward + backward, from CUDA events over ``--iterations`` after a warm-up. With

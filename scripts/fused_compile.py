@@ -39,6 +39,9 @@ SHAPES = (("seed B32", 32, 256), ("B256", 256, 256), ("B1024", 1024, 256), ("B40
 BIG_STACK_VARIANTS = ("wavefront", "wavefront,counter")
 # the plan's launches, by the weights' dtype and how the products multiply (fused_lstm.products_for)
 PLANNED_PRODUCTS = (("bf16", "half"), ("fp32", "tf32"), ("fp32", "ieee"))
+# shared memory one program may take (CUDA's opt-in maximum per block), by compute capability: what
+# the plan is told on such a device (fused_lstm.device_shared_bytes)
+SHARED_BYTES = {70: 98_304, 75: 65_536, 80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 POINTERS = {
     "forward": (
         *("xg_ptr", "w_ptr", "wx_ptr", "bias_ptr", "mask_ptr"),
@@ -138,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     with launch_environment(""):  # the plan as a run without DRNN_FUSED_LAUNCH makes it
         for label, batch, hidden in SHAPES:
             for dtype, products in PLANNED_PRODUCTS:
-                launch = plan_launch(batch, hidden, args.slots, layers=2, products=products)
+                shared = SHARED_BYTES.get(args.arch)
+                launch = plan_launch(
+                    batch, hidden, args.slots, layers=2, products=products, shared_bytes=shared
+                )
                 launches += [(f"{label} {products}", launch, (dtype,))]
     if args.variants:  # ... and the sweep's variants in both
         both = ("fp32", "bf16")

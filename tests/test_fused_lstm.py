@@ -289,29 +289,37 @@ def test_drnn_fused_launch_wavefront_plans_one_grid_for_the_whole_stack(monkeypa
     )
 
 
+# shared memory one program may take (CUDA's opt-in per-block maximum): H100/H200, RTX 4090 or L4, T4
+HOPPER_SHARED, ADA_SHARED, TURING_SHARED = 232_448, 101_376, 65_536
+
+
 def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
-    """Told how the products multiply (as the model tells it), the plan takes TUNED_WORDS: the seed stack
-    (2×256, batch 32) as one wavefront of 64 programs, the counter barrier, W_hh resident (256 × 16 × 4
-    gates × 4 bytes × 2 weights = 128 KiB, the cap) — but not resident for IEEE fp32 products, which it
-    slowed tenfold, and TF32 only where the products are TF32."""
+    """Told how the products multiply and the device's shared memory (as the model tells it), the plan
+    takes TUNED_WORDS: the seed stack (2×256, batch 32) as one wavefront of 64 programs, the counter
+    barrier, W_hh resident (256 × 16 × 4 gates × 4 bytes × 2 weights = 128 KiB, the cap) — but not
+    resident for IEEE fp32 products, which it slowed tenfold, and TF32 only where the products are TF32."""
     monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
+
+    def plan(
+        batch: int, hidden: int, slots: int = 132, layers: int = 1, products="half", shared=HOPPER_SHARED
+    ):
+        return fused_lstm.plan_launch(
+            batch, hidden, slots, layers=layers, products=products, shared_bytes=shared
+        )
+
     seed = fused_lstm.Launch(16, 16, 64, (16, 2), True, 4, counter_barrier=True, layers=2)
     resident = dataclasses.replace(seed, block_k=256, resident=True)
-    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="half") == resident
-    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="tf32") == dataclasses.replace(
-        resident, tf32=True
-    )
-    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="ieee") == seed
+    assert plan(32, 256, layers=2) == resident
+    assert plan(32, 256, layers=2, products="tf32") == dataclasses.replace(resident, tf32=True)
+    assert plan(32, 256, layers=2, products="ieee") == seed
     # a layer alone (the layer-by-layer path): 64 KiB of W_hh resident
-    assert fused_lstm.plan_launch(32, 256, 132, products="half") == dataclasses.replace(
-        resident, layers=1, counter_barrier=True
-    )
+    assert plan(32, 256) == dataclasses.replace(resident, layers=1)
     # hidden 512: the stack's resident tiles would take 256 KiB; one layer's, 128 KiB, fit
-    assert not fused_lstm.plan_launch(32, 512, 132, layers=2, products="half").resident
-    assert fused_lstm.plan_launch(32, 512, 132, products="half").resident
+    assert not plan(32, 512, layers=2).resident
+    assert plan(32, 512).resident
     # batch 1024: one layer fits at 32 × 64 tiles, the stack only at 64 × 64, which spill registers and
     # trained no faster: layer by layer, whose resident weights (4 × 256 × 64 × 4 = 256 KiB) do not fit
-    wide = fused_lstm.plan_launch(1024, 256, 132, layers=2, products="half")
+    wide = plan(1024, 256, layers=2)
     assert (wide.block_b, wide.block_h, wide.layers, wide.resident, wide.counter_barrier) == (
         32,
         64,
@@ -320,30 +328,66 @@ def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
         True,
     )
     # batch 256: 16 × 32 for a layer, 16 × 64 for the stack: layer by layer, 128 KiB resident
-    mid = fused_lstm.plan_launch(256, 256, 132, layers=2, products="half")
+    mid = plan(256, 256, layers=2)
     assert (mid.block_b, mid.block_h, mid.layers, mid.resident, mid.block_k) == (16, 32, 1, True, 256)
     # not a power of two: no resident tile (its K loop is one tile as wide as the layer)
-    assert not fused_lstm.plan_launch(32, 48, 132, products="half").resident
+    assert not plan(32, 48).resident
     # one launch per timestep (no grid resident): layer by layer, W_hh cannot stay on chip between launches
-    stepwise = fused_lstm.plan_launch(32, 256, 0, layers=2, products="half")
+    stepwise = plan(32, 256, slots=0, layers=2)
     assert (stepwise.persistent, stepwise.resident, stepwise.layers) == (False, False, 1)
-    # DRNN_FUSED_LAUNCH replaces the measured variants; "plain" asks for none of them
+    # DRNN_FUSED_LAUNCH replaces the measured variants; "plain" asks for none of them, blank for the plan
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "plain")
-    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="half") == fused_lstm.plan_launch(
-        32, 256, 132
-    )
+    assert plan(32, 256, layers=2) == fused_lstm.plan_launch(32, 256, 132)
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "counter")
-    assert fused_lstm.plan_launch(32, 256, 132, layers=2, products="tf32") == dataclasses.replace(
-        seed, layers=1
+    assert plan(32, 256, layers=2, products="tf32") == dataclasses.replace(seed, layers=1)
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", " ")
+    assert plan(32, 256, layers=2) == resident
+
+
+def test_resident_weights_are_taken_only_where_the_device_holds_them(monkeypatch):
+    """A Hopper's 227 KiB hold the seed stack's 128 KiB of resident weights and ~18 KiB beside them; an
+    RTX 4090's or L4's 99 KiB hold one layer's 64 KiB but not the stack's; a T4's 64 KiB neither (Triton
+    would refuse the launch). A device that does not say (None) gets none; DRNN_FUSED_LAUNCH's resident
+    on a device that cannot hold it is a one-line error before training, not Triton's in its first step."""
+    monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
+
+    def resident(shared, layers):
+        return fused_lstm.plan_launch(
+            32, 256, 132, layers=layers, products="tf32", shared_bytes=shared
+        ).resident
+
+    assert [resident(HOPPER_SHARED, 2), resident(HOPPER_SHARED, 1)] == [True, True]
+    assert [resident(ADA_SHARED, 2), resident(ADA_SHARED, 1)] == [False, True]
+    assert [resident(TURING_SHARED, 2), resident(TURING_SHARED, 1)] == [False, False]
+    assert [resident(None, 2), resident(None, 1)] == [False, False]
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,resident")
+    with pytest.raises(DrnnError) as refused:
+        fused_lstm.plan_launch(32, 256, 132, layers=2, shared_bytes=ADA_SHARED)
+    assert str(refused.value) == (
+        "DRNN_FUSED_LAUNCH resident keeps 128 KiB of weights per program at hidden 256 and 16 units a "
+        "program, more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer "
+        "units, or leave out resident or wavefront"
     )
+    assert fused_lstm.plan_launch(32, 256, 132, layers=2, shared_bytes=HOPPER_SHARED).resident
 
 
-def test_products_follow_autocast_and_the_cudnn_tf32_switch():
+def test_products_follow_autocast_the_cudnn_tf32_switch_and_the_device(monkeypatch):
     """On a CPU fp32 stays IEEE whatever the switch says (the interpreter computes in fp32); under a
-    bf16 autocast the products are half precision."""
-    assert fused_lstm.products_for(torch.device("cpu")) == "ieee"
+    bf16 autocast the products are half precision. On a GPU, TF32 where cuDNN's switch is on and the
+    chip has TF32 tensor cores (compute capability 8.0 on: not a V100's 7.0 or a T4's 7.5)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert fused_lstm.products_for(cpu) == "ieee"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fused_lstm.products_for(torch.device("cpu")) == "half"
+        assert fused_lstm.products_for(cpu) == "half"
+    capability = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert fused_lstm.products_for(cuda) == "tf32"
+    capability = (7, 5)
+    assert fused_lstm.products_for(cuda) == "ieee"
+    capability = (8, 0)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert fused_lstm.products_for(cuda) == "ieee"
 
 
 @pytest.mark.parametrize(

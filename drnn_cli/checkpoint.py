@@ -169,7 +169,7 @@ def write_safetensors(stream: BinaryIO, head: bytes, tensors: dict[str, torch.Te
     CPU is written from its own memory; one elsewhere (a GPU) or strided is copied, one at a time."""
     stream.write(head)
     for tensor in tensors.values():
-        flat = tensor.to("cpu").contiguous().reshape(-1)
+        flat = tensor.to("cpu").resolve_neg().contiguous().reshape(-1)
         # raw bytes in memory order: little-endian on every platform PyTorch ships for, as the format asks
         stream.write(memoryview(flat.view(torch.uint8).numpy()))
 

@@ -582,6 +582,7 @@ def test_a_checkpoint_is_written_as_safetensors_writes_it(tmp_path):
         "strided": torch.randn(4, 6)[:, ::2],
         "row": torch.randn(5, 4)[2],  # a view into a larger storage
         "grad": torch.randn(3, requires_grad=True),
+        "negated": torch.randn(3)._neg_view(),  # a lazily negated view: its memory holds the opposite
     }
     path = tmp_path / "t.safetensors"
     path.write_bytes(_written(in_stored_order(mixed), metadata))
@@ -589,7 +590,7 @@ def test_a_checkpoint_is_written_as_safetensors_writes_it(tmp_path):
         assert handle.metadata() == metadata and set(handle.keys()) == set(mixed)
         for name, tensor in mixed.items():
             read = handle.get_tensor(name)
-            assert read.dtype == tensor.dtype and torch.equal(read, tensor.detach()), name
+            assert read.dtype == tensor.dtype and torch.equal(read, tensor.detach().resolve_neg()), name
 
 
 def test_a_checkpoint_write_that_fails_midway_leaves_the_old_file(workdir, tiny_run, monkeypatch):

@@ -433,6 +433,29 @@ def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_ls
     ] * 3
 
 
+@needs_interpreter
+def test_under_half_autocast_the_interpreter_runs_fp16_and_leaves_bf16_to_the_scratch_cells():
+    """Under fp16 autocast the kernels run interpreted and agree with the scratch cells under the same
+    autocast (both multiply in fp16); under bf16 the interpreter's products are wrong (outputs off by
+    ~1.2 after the first timestep), so the fused module steps the scratch cells: the same outputs."""
+    torch.manual_seed(0)
+    fused = FusedRecurrent("lstm", 8, 32, 1)
+    scratch = ScratchRecurrent("lstm", 8, 32, 1)
+    scratch.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 5, 8)
+    state = (torch.zeros(1, 5, 32), torch.zeros(1, 5, 32))
+    launched = []
+    real = fused_lstm.fused_lstm_layer
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_lstm, "fused_lstm_layer", lambda *a, **k: launched.append(1) or real(*a, **k))
+        for dtype, tolerance, kernels in ((torch.float16, 2e-3, 1), (torch.bfloat16, 0.0, 0)):
+            with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+                want, got = scratch(x, state)[0].float(), fused(x, state)[0].float()
+            torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=str(dtype))
+            assert len(launched) == kernels, dtype
+            launched.clear()
+
+
 def record_stack_launches(monkeypatch: pytest.MonkeyPatch) -> list[fused_lstm.Launch]:
     """The launch of every stack run as one wavefront from now on (the kernels still run)."""
     launches: list[fused_lstm.Launch] = []

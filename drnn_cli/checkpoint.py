@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -266,7 +267,14 @@ def _open_checkpoint(path: Path) -> Iterator[Any]:
     require_regular_file(path, "checkpoint", "train first or pass --run DIR / --checkpoint FILE")
     _check_leading_bytes(path)
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        name = os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:  # safetensors takes a Rust string: its open refused the file as "corrupt"
+        raise DrnnError(
+            f"cannot read checkpoint {path}: safetensors opens only files whose path is UTF-8; rename it, "
+            "or point to it through a symlink whose path is"
+        ) from None
+    try:
+        handle = safe_open(name, framework="pt", device="cpu")
     except OSError as exc:
         raise DrnnError(f"cannot read checkpoint {path}: {exc.strerror}") from None
     except Exception:  # safetensors raises its own error types for every malformation of the header

@@ -616,6 +616,24 @@ def test_a_checkpoint_write_that_fails_midway_leaves_the_old_file(workdir, tiny_
     assert [path.name for path in folder.iterdir()] == ["last.safetensors"]
 
 
+def test_a_checkpoint_whose_path_is_not_utf8_is_named_as_such(tiny_run: Path, workdir: Path):
+    """safetensors opens paths as UTF-8 strings: a good checkpoint under a Latin-1 name was refused as
+    "corrupt or not a drnn checkpoint"; now the message says what is wrong with it, and how to go on."""
+    odd = Path(os.fsdecode(os.fsencode(workdir) + b"/caf\xe9.safetensors"))
+    shutil.copy(tiny_run / "best.safetensors", odd)
+    with pytest.raises(DrnnError) as refused:
+        load_checkpoint(odd)
+    assert str(refused.value).endswith(
+        "safetensors opens only files whose path is UTF-8; rename it, or point to it through a symlink "
+        "whose path is"
+    )
+    (workdir / "cafe.safetensors").symlink_to(odd)
+    assert (
+        load_checkpoint(workdir / "cafe.safetensors").epoch
+        == load_checkpoint(tiny_run / "best.safetensors").epoch
+    )
+
+
 def test_the_header_reads_without_the_tensors(tiny_run: Path, tmp_path: Path):
     """read_checkpoint_info never touches tensor data: a file whose weights are NaN still reports its header."""
     data = bytearray((tiny_run / "best.safetensors").read_bytes())

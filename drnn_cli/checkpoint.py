@@ -3,9 +3,10 @@
 Tensors (weights, optimizer buffers, RNG states, the carried hidden state) are stored as tensors;
 everything else (config, vocabulary, counters, optimizer hyper-parameters) is JSON in the header's
 metadata. Nothing is ever unpickled, so a crafted file cannot run code; ``torch.save`` / pickle files
-are recognised and refused before any parsing. drnn writes the format itself (:func:`write_safetensors`),
-one tensor at a time, so that writing a checkpoint holds no copy of it in memory; safetensors reads it. Where checkpoints live in a run directory, and which
-one stands for a run, is rundir.py's business.
+are recognised and refused before any parsing. drnn writes the format itself, one tensor at a time
+(:func:`write_safetensors`), so that writing a checkpoint holds no copy of it in memory; safetensors
+reads it. Where checkpoints live in a run directory, and which one stands for a run, is rundir.py's
+business.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ shared memory) wherever they fit; ``DRNN_FUSED_LAUNCH`` replaces them for measur
 
 Numerics: the matrix products multiply in the recurrent weights' dtype — fp32, or bf16/fp16 under
 autocast — and accumulate in fp32; gates, cell state, stored activations and gradients are fp32. fp32
-products run on TF32 tensor cores where cuDNN's fp32 LSTM would (``torch.backends.cudnn.allow_tf32``,
-PyTorch's default on), in IEEE arithmetic where that is off. Parameters keep PyTorch's names and gate order ``[i | f | g | o]``,
-so checkpoints move freely between ``impl: torch``, ``scratch`` and ``fused``.
+products run on TF32 tensor cores where cuDNN's fp32 LSTM would (:func:`products_for`), in IEEE
+arithmetic elsewhere. Parameters keep PyTorch's names and gate order ``[i | f | g | o]``, so
+checkpoints move freely between ``impl: torch``, ``scratch`` and ``fused``.
 """
 
 from __future__ import annotations

@@ -46,6 +46,15 @@ def _pair(hidden: int, layers: int = 2, inputs: int = 8) -> tuple[FusedRecurrent
     return fused, reference
 
 
+def _scratch_pair(inputs: int, hidden: int, layers: int) -> tuple[FusedRecurrent, ScratchRecurrent]:
+    """A fused stack and the scratch cells with the same weights."""
+    torch.manual_seed(0)
+    scratch = ScratchRecurrent("lstm", inputs, hidden, layers)
+    fused = FusedRecurrent("lstm", inputs, hidden, layers)
+    fused.load_state_dict(scratch.state_dict())
+    return fused, scratch
+
+
 def _run(module: nn.Module, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, probes: tuple) -> dict:
     """Outputs, final state and the gradients of a loss that weighs every output of the layer."""
     x = x.clone().requires_grad_(True)
@@ -438,10 +447,7 @@ def test_under_half_autocast_the_interpreter_runs_fp16_and_leaves_bf16_to_the_sc
     """Under fp16 autocast the kernels run interpreted and agree with the scratch cells under the same
     autocast (both multiply in fp16); under bf16 the interpreter's products are wrong (outputs off by
     ~1.2 after the first timestep), so the fused module steps the scratch cells: the same outputs."""
-    torch.manual_seed(0)
-    fused = FusedRecurrent("lstm", 8, 32, 1)
-    scratch = ScratchRecurrent("lstm", 8, 32, 1)
-    scratch.load_state_dict(fused.state_dict())
+    fused, scratch = _scratch_pair(8, 32, 1)
     x = torch.randn(4, 5, 8)
     state = (torch.zeros(1, 5, 32), torch.zeros(1, 5, 32))
     launched = []
@@ -638,10 +644,7 @@ def test_without_a_device_for_the_kernels_the_fused_stack_steps_the_scratch_cell
     and evaluates: the same equations through the scratch cells, bit for bit."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not fused_lstm.can_run(torch.device("cpu"))
-    torch.manual_seed(0)
-    scratch = ScratchRecurrent("lstm", 6, 16, 2)
-    fused = FusedRecurrent("lstm", 6, 16, 2)
-    fused.load_state_dict(scratch.state_dict())
+    fused, scratch = _scratch_pair(6, 16, 2)
     x = torch.randn(3, 2, 6)
     state = (torch.zeros(2, 2, 16), torch.zeros(2, 2, 16))
     out_scratch, _ = scratch(x, state)

@@ -59,10 +59,6 @@ LAUNCH_TILE_SIDES = {"16": 16, "32": 32, "64": 64}
 TILE_PATTERN = re.compile(r"(\d+)x(\d+)")  # DRNN_FUSED_LAUNCH's ROWSxUNITS
 RESIDENT_BYTES = 128 << 10  # a resident W_hh's share of a Hopper multiprocessor's 227 KiB (fp32: 160 KiB
 # in all at hidden 512, 16 units, compiled for sm_90; 320 KiB at 1024 does not fit)
-# What a resident kernel keeps in shared memory beside the weights (16–18 KiB compiled for sm_90): the
-# weights and this must fit the device's shared memory per program, which is 99 KiB on an RTX 4090 or
-# L4 and 64 KiB on a T4, not a Hopper's 227 (Triton refuses a launch that needs more)
-RESIDENT_OTHER_BYTES = 24 << 10
 
 
 def interpreting() -> bool:
@@ -203,7 +199,7 @@ def plan_launch(
             layers = 1  # the layers one at a time, each grid resident
     else:
         layers = 1
-    block_k = next(k for k in (64, 32, 16) if hidden % k == 0)  # the K loops step over H and 4H
+    block_k = widest_k_tile(hidden, block_b, block_h, shared_bytes)
     launch = with_tile(Launch(block_b, block_h, block_k, (0, 0), persistent), batch, hidden, block_b, block_h)
     if asked:
         return launch_from_environment(asked, launch, batch, hidden, slots, layers, shared_bytes)
@@ -250,23 +246,54 @@ def resident_bytes(launch: Launch, hidden: int) -> int:
     return 4 * hidden * launch.block_h * 4 * (2 if launch.layers > 1 else 1)
 
 
+def widest_k_tile(hidden: int, block_b: int, block_h: int, shared_bytes: int | None) -> int:
+    """The K loops' tile (they step over H and 4H): the widest of 64, 32, 16 that divides ``hidden`` and
+    whose pipelined loads fit the device's ``shared_bytes`` (:func:`loop_shared_bytes`); 64 × 64 tiles
+    at K 64 need 160–240 KiB, more than any GPU but a Hopper or an A100 holds (Triton refuses the launch)."""
+    widths = [k for k in (64, 32, 16) if hidden % k == 0]
+    if shared_bytes is None:
+        return widths[0]
+    fitting = (k for k in widths if loop_shared_bytes(block_b, block_h, k) <= shared_bytes)
+    return next(fitting, widths[-1])
+
+
+def loop_shared_bytes(block_b: int, block_h: int, block_k: int) -> int:
+    """Shared memory the forward kernel's K loop may take as Triton pipelines it: three stages of the
+    fp32 tiles of x (rows × K) and of the four gates' W (K × units). Compiled, 16 × 64 tiles at K 64
+    took two stages (139,264 bytes) on sm_86 and sm_90; 64 × 64 with TF32 on sm_90, three (245,760)."""
+    return 3 * 4 * (block_b * block_k + 4 * block_k * block_h)
+
+
+def resident_beside_bytes(launch: Launch, hidden: int) -> int:
+    """Shared memory a resident kernel takes beside its weights, as compiled (for sm_80–sm_90, fp32):
+    the fp32 tile of all of h_{t-1} (rows × hidden) and the output tile (rows × units), and 1 KiB."""
+    return 4 * launch.block_b * (hidden + launch.block_h) + 1024
+
+
 def resident_refusal(launch: Launch, hidden: int, shared_bytes: int | None) -> str | None:
     """Why ``launch`` cannot keep its weights resident, in words that follow "resident", or None:
-    the hidden size must be a power of two (one K tile as wide as the layer), and the weights must fit
-    drnn's cap and, beside the rest (``RESIDENT_OTHER_BYTES``), the device's ``shared_bytes`` if known."""
+    the hidden size must be a power of two (one K tile as wide as the layer), the weights must fit
+    drnn's cap, and with what the kernel keeps beside them the device's ``shared_bytes`` if known (99
+    KiB on an RTX 4090 or L4, 64 on a T4, 163 on an A100, 227 on an H100: Triton refuses a launch
+    that needs more, in the first training step)."""
     if hidden & (hidden - 1):
         return f"needs model.hidden_size a power of two, not {hidden}"
     weights = resident_bytes(launch, hidden)
-    room = (
-        RESIDENT_BYTES if shared_bytes is None else min(RESIDENT_BYTES, shared_bytes - RESIDENT_OTHER_BYTES)
-    )
-    if weights <= room:
-        return None
-    return (
-        f"keeps {weights >> 10} KiB of weights per program at hidden {hidden} and {launch.block_h} units a "
-        "program, more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer "
-        f"units, or leave out resident{' or wavefront' if launch.layers > 1 else ''}"
-    )
+    leave_out = f"leave out resident{' or wavefront' if launch.layers > 1 else ''}"
+    if weights > RESIDENT_BYTES:
+        return (
+            f"keeps {weights >> 10} KiB of weights per program at hidden {hidden} and {launch.block_h} units a "
+            f"program, more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer "
+            f"units, or {leave_out}"
+        )
+    needed = weights + resident_beside_bytes(launch, hidden)
+    if shared_bytes is not None and needed > shared_bytes:
+        return (
+            f"needs {needed >> 10} KiB of shared memory per program at hidden {hidden} in "
+            f"{launch.block_b}x{launch.block_h} tiles, more than this device's {shared_bytes >> 10} KiB; use a "
+            f"smaller tile, or {leave_out}"
+        )
+    return None
 
 
 def _tiles(batch: int, hidden: int, slots: int, mode: Mode | None, grids: int) -> tuple[int, int, bool]:
@@ -336,6 +363,7 @@ def launch_from_environment(
                     f"must divide model.hidden_size {hidden}"
                 )
             launch = with_tile(launch, batch, hidden, block_b, block_h)
+            launch = replace(launch, block_k=widest_k_tile(hidden, block_b, block_h, shared_bytes))
         else:
             raise DrnnError(
                 f"{LAUNCH_ENV}: unknown word {word!r}; use a comma-separated list of "

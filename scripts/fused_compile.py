@@ -189,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                     row |= ptxas_report(compiled.asm["ptx"], args.arch)
                     row["shared_bytes"] = compiled.metadata.shared
                     row["tensor_cores"] = "mma" in compiled.asm["ptx"]
+                    limit = SHARED_BYTES.get(args.arch)
+                    if limit is not None and compiled.metadata.shared > limit:  # Triton would refuse it
+                        failed = True
+                        row["error"] = (
+                            f"needs {compiled.metadata.shared} B of shared memory, more than sm_{args.arch}'s {limit}"
+                        )
                 except Exception as error:  # report every kernel, then fail
                     failed = True
                     row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"

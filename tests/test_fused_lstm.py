@@ -298,8 +298,8 @@ def test_drnn_fused_launch_wavefront_plans_one_grid_for_the_whole_stack(monkeypa
     )
 
 
-# shared memory one program may take (CUDA's opt-in per-block maximum): H100/H200, RTX 4090 or L4, T4
-HOPPER_SHARED, ADA_SHARED, TURING_SHARED = 232_448, 101_376, 65_536
+# shared memory one program may take (CUDA's opt-in per-block maximum): H100/H200, RTX 4090 or L4, T4, A100
+HOPPER_SHARED, ADA_SHARED, TURING_SHARED, A100_SHARED = 232_448, 101_376, 65_536, 166_912
 
 
 def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
@@ -354,10 +354,12 @@ def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
 
 
 def test_resident_weights_are_taken_only_where_the_device_holds_them(monkeypatch):
-    """A Hopper's 227 KiB hold the seed stack's 128 KiB of resident weights and ~18 KiB beside them; an
-    RTX 4090's or L4's 99 KiB hold one layer's 64 KiB but not the stack's; a T4's 64 KiB neither (Triton
-    would refuse the launch). A device that does not say (None) gets none; DRNN_FUSED_LAUNCH's resident
-    on a device that cannot hold it is a one-line error before training, not Triton's in its first step."""
+    """A Hopper's 227 KiB hold the seed stack's 128 KiB of resident weights and the 17 KiB tile of h_{t-1}
+    beside them (+ 1 KiB); an RTX 4090's or L4's 99 KiB hold one layer's 64 KiB but not the stack's; a
+    T4's 64 KiB neither; an A100's 163 KiB not 64 × 64 tiles at hidden 128 (128 KiB of weights and 48 of
+    h: batch 2048 alone, or 1024 under DDP). Triton would refuse those launches. A device that does not
+    say (None) gets none; DRNN_FUSED_LAUNCH's resident on a device that cannot hold it (a tile of more
+    rows, too) is a one-line error before training, not Triton's in its first step."""
     monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
 
     def resident(shared, layers):
@@ -369,15 +371,67 @@ def test_resident_weights_are_taken_only_where_the_device_holds_them(monkeypatch
     assert [resident(ADA_SHARED, 2), resident(ADA_SHARED, 1)] == [False, True]
     assert [resident(TURING_SHARED, 2), resident(TURING_SHARED, 1)] == [False, False]
     assert [resident(None, 2), resident(None, 1)] == [False, False]
+    a100 = fused_lstm.plan_launch(2048, 128, 108, products="tf32", shared_bytes=A100_SHARED)
+    assert (a100.block_b, a100.block_h, a100.resident) == (64, 64, False)
+    assert fused_lstm.plan_launch(1024, 128, 108, products="tf32", shared_bytes=A100_SHARED).resident
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,resident")
     with pytest.raises(DrnnError) as refused:
         fused_lstm.plan_launch(32, 256, 132, layers=2, shared_bytes=ADA_SHARED)
     assert str(refused.value) == (
-        "DRNN_FUSED_LAUNCH resident keeps 128 KiB of weights per program at hidden 256 and 16 units a "
-        "program, more than a multiprocessor's shared memory holds beside the rest; use a tile of fewer "
-        "units, or leave out resident or wavefront"
+        "DRNN_FUSED_LAUNCH resident needs 146 KiB of shared memory per program at hidden 256 in 16x16 tiles, "
+        "more than this device's 99 KiB; use a smaller tile, or leave out resident or wavefront"
     )
     assert fused_lstm.plan_launch(32, 256, 132, layers=2, shared_bytes=HOPPER_SHARED).resident
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "resident,32x16")  # 32 rows of h_{t-1} at hidden 512: 66 KiB
+    with pytest.raises(DrnnError, match=r"needs 195 KiB .* 32x16 tiles, more than this device.s 163 KiB"):
+        fused_lstm.plan_launch(32, 512, 132, shared_bytes=A100_SHARED)
+
+
+def test_the_k_tile_narrows_until_the_loop_fits_the_device(monkeypatch):
+    """The forward kernel's K loop pipelines fp32 tiles of x and the four gates' W: at 32 × 64 tiles and
+    K 64 that is up to 3 × 4 × (32·64 + 4·64·64) = 216 KiB, which a Hopper holds (227 KiB) and an RTX
+    4090 (99 KiB) does not: Triton refused such launches in the first step. The K tile narrows to fit;
+    the shapes measured on the H200 keep K 64."""
+    monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
+
+    def k_tile(batch, hidden, slots, shared, layers=2):
+        return fused_lstm.plan_launch(
+            batch, hidden, slots, layers=layers, products="ieee", shared_bytes=shared
+        ).block_k
+
+    assert fused_lstm.loop_shared_bytes(32, 64, 64) == 221_184
+    assert [k_tile(32, 256, 132, HOPPER_SHARED), k_tile(1024, 256, 132, HOPPER_SHARED)] == [64, 64]
+    assert k_tile(1024, 256, 128, ADA_SHARED) == 16  # 32 × 64 tiles: K 32 would need 108 KiB
+    assert k_tile(1024, 512, 132, HOPPER_SHARED) == 32  # 64 × 64 tiles: K 64 would need 240 KiB
+    assert k_tile(1024, 512, 132, None) == 64  # a device that does not say: as before
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "64x64")  # a tile asked for gets its own K tile
+    assert k_tile(256, 256, 132, ADA_SHARED, layers=1) == 16
+
+
+@pytest.mark.skipif(not fused_lstm.triton_available(), reason="Triton is not installed")
+def test_every_planned_kernel_fits_an_rtx_4090s_shared_memory():
+    """Compiled for sm_89 (99 KiB of shared memory a program, 128 multiprocessors), every launch the
+    plan makes for the benchmark's shapes fits: scripts/fused_compile.py fails on one that would not."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "fused_compile.py"),
+            "--json",
+            "--arch",
+            "89",
+            "--slots",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    kernels = json.loads(done.stdout)["kernels"]
+    assert len(kernels) == 24 and max(k["shared_bytes"] for k in kernels) <= ADA_SHARED
 
 
 def test_products_follow_autocast_the_cudnn_tf32_switch_and_the_device(monkeypatch):

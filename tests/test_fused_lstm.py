@@ -412,17 +412,16 @@ def test_the_k_tile_narrows_until_the_loop_fits_the_device(monkeypatch):
 def test_every_planned_kernel_fits_an_rtx_4090s_shared_memory():
     """Compiled for sm_89 (99 KiB of shared memory a program, 128 multiprocessors), every launch the
     plan makes for the benchmark's shapes fits: scripts/fused_compile.py fails on one that would not."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kernels = compiled_plan("--arch", "89", "--slots", "128")
+    assert len(kernels) == 24 and max(k["shared_bytes"] for k in kernels) <= ADA_SHARED
+
+
+def compiled_plan(*args: str) -> list[dict]:
+    """scripts/fused_compile.py's report of every kernel the plan launches (compiled, not run), which
+    must have exited 0: each compiled and fits its architecture's shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter compiles nothing
     done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "fused_compile.py"),
-            "--json",
-            "--arch",
-            "89",
-            "--slots",
-            "128",
-        ],
+        [sys.executable, str(REPO / "scripts" / "fused_compile.py"), "--json", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -430,8 +429,7 @@ def test_every_planned_kernel_fits_an_rtx_4090s_shared_memory():
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    kernels = json.loads(done.stdout)["kernels"]
-    assert len(kernels) == 24 and max(k["shared_bytes"] for k in kernels) <= ADA_SHARED
+    return json.loads(done.stdout)["kernels"]
 
 
 def test_products_follow_autocast_the_cudnn_tf32_switch_and_the_device(monkeypatch):
@@ -832,17 +830,7 @@ def test_every_planned_kernel_compiles_for_an_h100_without_one():
     """Triton compiles for a named target with no device present: forward and backward of the launches
     the plan makes for the two-layer stack at batch 32, 256, 1024 (persistent) and 4096 (one per step),
     in bf16, fp32 with TF32 products and fp32 with IEEE ones, each with the variants it takes there."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fused_compile.py"), "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    kernels = json.loads(done.stdout)["kernels"]
+    kernels = compiled_plan()
     assert len(kernels) == 24 and not [k for k in kernels if "error" in k]
     assert all(0 < k["registers"] <= 255 for k in kernels)
     # bf16 and TF32 products run on the tensor cores; IEEE fp32 ones on the FMA units

@@ -92,14 +92,18 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 @dataclass
 class EpochBatches:
-    """The minibatches of one training epoch, as ``(X, Y)`` pairs of shape ``(B/W, T)``.
+    """The minibatches of one training epoch: minibatch i is a window of shape ``(B/W, T+1)``, whose
+    first T columns are the inputs X and last T columns the targets Y (X shifted by one).
 
+    Inputs and targets are one window because they overlap in all but one column: the training step
+    copies a minibatch into its buffers as one tensor, and the targets' transposed order the loss reads
+    is a view of that buffer, not a copy per step (README "Using a GPU": kernels per step).
     ``carries_state`` says whether row b of minibatch i+1 continues row b of minibatch i
     (sequential partition: the hidden state is carried over, detached).
     """
 
-    xs: torch.Tensor  # sequential: (B/W, L) input rows; random: the corpus from the offset on
-    ys: torch.Tensor | None  # sequential: (B/W, L) target rows (xs shifted by one); random: None
+    tokens: torch.Tensor  # sequential: (B/W, L+1) rows, each row's last token the next row's first
+    #                       (a view of the corpus); random: the corpus from the offset on
     num_batches: int
     num_steps: int
     carries_state: bool
@@ -111,18 +115,21 @@ class EpochBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.from_step(0)
 
-    def from_step(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Minibatches ``first``, ``first + 1``, …: a run resumed inside the epoch builds none it skips."""
+    def windows_from(self, first: int) -> Iterator[torch.Tensor]:
+        """Windows ``first``, ``first + 1``, …, in the corpus' own dtype: a run resumed inside the
+        epoch builds none it skips."""
         steps = self.num_steps
-        window = torch.arange(steps + 1, device=self.xs.device)
+        window = torch.arange(steps + 1, device=self.tokens.device)
         for i in range(first, self.num_batches):
-            if self.ys is not None:
-                columns = slice(i * steps, (i + 1) * steps)
-                yield self.xs[:, columns].long(), self.ys[:, columns].long()
+            if self.starts is None:
+                yield self.tokens[:, i * steps : (i + 1) * steps + 1]
             else:
-                assert self.starts is not None
-                rows = self.xs[self.starts[i].unsqueeze(1) + window].long()
-                yield rows[:, :-1], rows[:, 1:]
+                yield self.tokens[self.starts[i].unsqueeze(1) + window]
+
+    def from_step(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(X, Y)`` pairs of int64 ``(B/W, T)`` tensors from minibatch ``first`` on."""
+        for window in self.windows_from(first):
+            yield window[:, :-1].long(), window[:, 1:].long()
 
 
 def sequential_batches(
@@ -144,10 +151,16 @@ def sequential_batches(
     largest_offset = min(num_steps, len(tokens) - 1 - batch_size * num_steps)
     offset = int(torch.randint(0, largest_offset + 1, (1,), generator=generator))
     n = ((len(tokens) - offset - 1) // batch_size) * batch_size
-    xs = tokens[offset : offset + n].view(batch_size, -1)[shard.rows(batch_size)]
-    ys = tokens[offset + 1 : offset + 1 + n].view(batch_size, -1)[shard.rows(batch_size)]
+    row_len = n // batch_size
+    # Row b holds tokens [offset + b·L, offset + (b+1)·L]: L inputs and, one further, L targets.
+    # Consecutive rows share a token, so this is a strided view of the corpus, not a copy.
+    stride = tokens.stride(0)
+    rows = tokens[offset : offset + n + 1].as_strided((batch_size, row_len + 1), (row_len * stride, stride))
     return EpochBatches(
-        xs=xs, ys=ys, num_batches=xs.shape[1] // num_steps, num_steps=num_steps, carries_state=True
+        tokens=rows[shard.rows(batch_size)],
+        num_batches=row_len // num_steps,
+        num_steps=num_steps,
+        carries_state=True,
     )
 
 
@@ -165,8 +178,7 @@ def random_batches(
     num_batches = num_subseqs // batch_size
     starts = order[: num_batches * batch_size].reshape(num_batches, batch_size)[:, shard.rows(batch_size)]
     return EpochBatches(
-        xs=tokens[offset:],
-        ys=None,
+        tokens=tokens[offset:],
         num_batches=num_batches,
         num_steps=num_steps,
         carries_state=False,

@@ -11,6 +11,10 @@ is what bounds a small recurrent model on a GPU, and a graph launches them all a
 Run eagerly, it does exactly the arithmetic of a plain loop that passes a freshly detached state to
 every minibatch (tests/test_step.py proves the losses and parameters bit-identical on the CPU).
 
+The step also keeps the epoch's tally on the device (Σ loss·n, and how many steps ran before the first
+non-finite loss), so a minibatch costs the host one copy and one launch, not a dozen small kernels
+between replays.
+
 Under a graph the host never runs the step's Python again, so whatever the step bakes in must not
 change between replays: the inputs' addresses (minibatches are copied into the static buffers), the
 optimizer's step counters (Adam/AdamW keep them on the device with ``capturable=True``), the learning
@@ -25,6 +29,7 @@ device and skip themselves (``fused_updates``), which is how fp16 is captured.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -117,12 +122,20 @@ def use_cuda_graph(
     return GraphChoice(True)
 
 
-class StaticStep:
-    """The training step over buffers that keep their addresses: inputs, targets, carried state.
+class StepTally(NamedTuple):
+    """An epoch's losses so far, as the step keeps them on the device (copies, not the live buffers)."""
 
-    ``step(x, y)`` copies a minibatch into the buffers, runs the step (eagerly, or by replaying the
-    captured graph) and returns the step's mean loss, a device tensor (under a graph, the same
-    tensor every time: read it before the next step).
+    loss_sum: torch.Tensor  # Σ loss·n over the epoch's steps, float64
+    first_bad_step: torch.Tensor  # -1, or the first step whose loss was not finite, int64
+
+
+class StaticStep:
+    """The training step over buffers that keep their addresses: tokens, carried state, tally.
+
+    ``step(window)`` copies a minibatch's ``(B, T+1)`` token window (``EpochBatches.windows_from``)
+    into the buffers, runs the step (eagerly, or by replaying the captured graph) and returns the
+    step's mean loss, a device tensor (under a graph, the same tensor every time: read it before the
+    next step).
     """
 
     def __init__(
@@ -157,8 +170,17 @@ class StaticStep:
         # when ``measure_norm`` asks (TensorBoard's gradient_norm), as it costs a reduction per step.
         self.measure_norm = measure_norm
         self.grad_norm: torch.Tensor | None = None
-        self.inputs = torch.zeros((batch_rows, num_steps), dtype=torch.long, device=device)
-        self.targets = torch.zeros_like(self.inputs)
+        # One time-major buffer holds a minibatch: rows 0..T-1 are the inputs, rows 1..T the targets.
+        # The model and the loss read both as (B, T) views whose transposes are contiguous, so
+        # neither copies them into time-major order per step.
+        self.window = torch.zeros((num_steps + 1, batch_rows), dtype=torch.long, device=device)
+        self.inputs = self.window[:-1].t()
+        self.targets = self.window[1:].t()
+        # The epoch's tally. ``finite_steps`` counts the steps after which ``loss_sum`` was still
+        # finite: a non-finite loss leaves the sum non-finite for good (NaN and ∞ absorb every later
+        # finite term), so the first bad step is ``finite_steps`` once the sum is not finite.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.finite_steps = torch.zeros((), dtype=torch.int64, device=device)
         initial = model.begin_state(batch_rows, device)
         self.state: tuple[torch.Tensor, ...] = initial if isinstance(initial, tuple) else (initial,)
         self._captured: torch.cuda.CUDAGraph | None = None
@@ -177,8 +199,16 @@ class StaticStep:
 
     # ----- the carried state -----------------------------------------------------------------
 
-    def begin_epoch(self, carried: State | None) -> None:
-        """Zeros at an epoch's start; the saved state when a run resumes inside an epoch."""
+    def begin_epoch(self, carried: State | None, tally: StepTally | None = None, steps_done: int = 0) -> None:
+        """Zeros at an epoch's start; the saved state and tally when a run resumes inside an epoch
+        after ``steps_done`` steps."""
+        if tally is None:
+            self.loss_sum.zero_()
+            self.finite_steps.zero_()
+        else:
+            self.loss_sum.copy_(tally.loss_sum)
+            bad = tally.first_bad_step.to(self.device)
+            self.finite_steps.copy_(torch.where(bad >= 0, bad, steps_done))
         if carried is None:
             for buffer in self.state:
                 buffer.zero_()
@@ -186,6 +216,20 @@ class StaticStep:
         values = carried if isinstance(carried, tuple) else (carried,)
         for buffer, value in zip(self.state, values, strict=True):
             buffer.copy_(value)
+
+    def count(self, loss: torch.Tensor) -> None:
+        """Add a step's mean loss to the tally: three small kernels, inside the graph when there is one."""
+        # An fp32 loss times n < 2**29 is exact in float64 (24 + 29 bits of mantissa), so adding it with
+        # ``alpha`` is Σ loss.double()·n however the kernel rounds (a fused multiply-add or not).
+        self.loss_sum.add_(loss, alpha=self.targets.numel())
+        # A cross-entropy is ≥ 0 or NaN, so "finite" is "< ∞": one comparison, where isfinite is
+        # four kernels ((x == x) · (|x| ≠ ∞)).
+        self.finite_steps.add_(self.loss_sum < math.inf)
+
+    def tally(self) -> StepTally:
+        """The epoch's tally so far (read at boundaries: copies, no host sync)."""
+        first_bad = torch.where(self.loss_sum.isfinite(), -1, self.finite_steps)
+        return StepTally(self.loss_sum.clone(), first_bad)
 
     def carried_state(self) -> State:
         """A copy of the state the next minibatch would start from (what a checkpoint keeps)."""
@@ -197,15 +241,14 @@ class StaticStep:
 
     # ----- the step --------------------------------------------------------------------------
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.inputs.copy_(x)
-        self.targets.copy_(y)
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        self.window.copy_(window.t())  # one kernel: to time-major order and int64 at once
         if not self.graph:
             return self.body()
         return self._graph_step()
 
     def body(self) -> torch.Tensor:
-        """Forward, loss, backward, clip, update, carry: no host reads, no branch on device values."""
+        """Forward, loss, backward, clip, update, carry, tally: no host reads, no branch on device values."""
         if not self.carries_state:
             for buffer in self.state:
                 buffer.zero_()
@@ -220,6 +263,7 @@ class StaticStep:
             else:
                 logits, new_state = self.network(self.inputs, self._model_state())
         loss = lm_loss(logits, self.targets)  # mean over the B·T targets, in fp32
+        self.count(loss.detach())
         objective = loss if penalty is None else loss + penalty  # perplexity reports the loss alone
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(objective).backward()

@@ -57,7 +57,7 @@ from drnn_cli.run_files import BEST, LAST, RunFiles
 from drnn_cli.run_notes import data_notes, idle_setting_notes, nothing_to_train
 from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
 from drnn_cli.signals import StopRequests
-from drnn_cli.step import StaticStep, use_cuda_graph
+from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
 from drnn_cli.trainer_state import (
     EpochProgress,
@@ -446,7 +446,11 @@ class Trainer:
         batches = self._batches(epoch)
         progress, self.progress = self.progress, EpochProgress.start(self.device)
         carries_state = self.static_step.carries_state
-        self.static_step.begin_epoch(progress.state if carries_state else None)
+        self.static_step.begin_epoch(
+            progress.state if carries_state else None,
+            StepTally(progress.loss_sum, progress.first_bad_step),
+            progress.step,
+        )
         if self.dist.enabled and progress.step == 0:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
             torch.manual_seed(epoch_seed(self.config.train.seed, epoch) * 1_009 + self.dist.rank)
@@ -454,20 +458,17 @@ class Trainer:
         shown = 0.0  # the bar's step count and budget, shown at an epoch's first step and every 0.5 s
         self.model.train()
         # resuming mid-epoch: the minibatches before progress.step were trained before the stop
-        for step, (x, y) in enumerate(batches.from_step(progress.step), start=progress.step):
+        targets = self.static_step.targets.numel()
+        for step, window in enumerate(batches.windows_from(progress.step), start=progress.step):
             if lr_per_step:
                 self._set_lr(epoch)
-            loss = self.static_step(x, y)  # the state carry happens inside the step
+            self.static_step(window)  # the state carry and the loss tally happen inside the step
             if self.average is not None:
                 self.average.update(self.model, active=epoch >= self.config.train.average_start)
-            progress.loss_sum += loss.double() * y.numel()
-            progress.first_bad_step = torch.where(
-                (progress.first_bad_step < 0) & ~torch.isfinite(loss), step, progress.first_bad_step
-            )
-            progress.count += y.numel()
+            progress.count += targets
             progress.step = step + 1
             self.global_step += 1
-            self.tokens_seen += y.numel() * self.dist.world_size
+            self.tokens_seen += targets * self.dist.world_size
             if self.tensorboard is not None and self.static_step.grad_norm is not None:
                 self.tensorboard.add_grad_norm(self.static_step.grad_norm)  # summed on the device, no sync
             # The epoch's last step leaves a signal to the epoch's end, whose checkpoint is a boundary's.
@@ -516,7 +517,9 @@ class Trainer:
         """(Σ loss·n, n) over the epoch so far on all ranks: the one host read of a boundary.
 
         It also counts the ranks that saw a non-finite loss, so a NaN on one rank stops every rank.
+        ``progress`` takes the step's tally here: every read of it (checkpoints included) follows.
         """
+        progress.loss_sum, progress.first_bad_step = self.static_step.tally()
         totals = torch.stack(
             [
                 progress.loss_sum,

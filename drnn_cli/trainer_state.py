@@ -129,7 +129,10 @@ def check_shapes(part: str, held: Any, expected: State | dict[str, torch.Tensor]
 
 @dataclass
 class EpochProgress:
-    """Where the loop is inside an epoch: what a mid-epoch checkpoint must carry."""
+    """Where the loop is inside an epoch: what a mid-epoch checkpoint must carry.
+
+    The loss tally lives in the training step while the epoch runs (``StaticStep.count``); the
+    trainer copies it here at every boundary, before anything reads it."""
 
     loss_sum: torch.Tensor  # Σ loss·n over this epoch's finished steps (float64, on the device)
     first_bad_step: torch.Tensor  # -1, or the first step whose loss was not finite (int64, on the device)

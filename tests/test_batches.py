@@ -151,6 +151,41 @@ def test_minibatches_are_int64_whatever_the_corpus_dtype() -> None:
             assert x.dtype == y.dtype == torch.int64
 
 
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_window_is_its_minibatch_inputs_then_the_last_target_in_the_corpus_dtype(
+    sampling: str, world_size: int
+) -> None:
+    """What the training step copies: one (B/W, T+1) window per minibatch, X = its first T columns,
+    Y = its last T, in the corpus' own dtype (the step's copy makes them int64)."""
+    tokens = torch.arange(257, dtype=torch.int16)
+    for seed in range(5):
+        for rank in range(world_size):
+            batches = training_batches(
+                tokens, sampling, 4, T, torch.Generator().manual_seed(seed), Shard(rank, world_size)
+            )
+            windows = list(batches.windows_from(0))
+            assert len(windows) == len(batches) > 2
+            for window, (x, y) in zip(windows, batches, strict=True):
+                assert window.shape == (4 // world_size, T + 1) and window.dtype == torch.int16
+                assert torch.equal(window[:, :-1].long(), x) and torch.equal(window[:, 1:].long(), y)
+
+
+def test_a_sequential_window_is_a_view_of_the_corpus_even_across_a_row_end() -> None:
+    """Row b's window reaches one token past its last input: the next row's first (or, for the last
+    row, the token after the partition), read in place. The corpus is sized for rows of 2T tokens,
+    so the last window ends exactly at the rows' ends."""
+    offset = int(next(iter(sequential_batches(CORPUS, B, T, torch.Generator().manual_seed(1))))[0][0, 0])
+    corpus = torch.arange(offset + 2 * B * T + 1)  # rows of 2T inputs after the offset, then one target
+    batches = sequential_batches(corpus, B, T, torch.Generator().manual_seed(1))
+    assert len(batches) == 2
+    last = list(batches.windows_from(1))
+    assert len(last) == 1
+    assert last[0].untyped_storage().data_ptr() == corpus.untyped_storage().data_ptr()
+    assert last[0][:, -1].tolist() == [offset + 2 * T, offset + 4 * T]  # row 1's first; the tail
+    assert list(batches.windows_from(2)) == []
+
+
 # -------------------------------------------------------------------------------------------------
 # Random partition
 

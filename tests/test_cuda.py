@@ -117,13 +117,14 @@ def static_step(
     return step, model
 
 
-def batches(config: Config, device: torch.device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def windows(config: Config, device: torch.device, count: int) -> list[torch.Tensor]:
+    """The first ``count`` minibatch windows ``(B, T+1)`` of the run's epochs, as the trainer steps them."""
     data = config.data
     tokens = load_dataset(data).splits.train.to(device)
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out: list[torch.Tensor] = []
     epoch = 0
     while len(out) < count:
-        out += list(epoch_batches(tokens, data, config.train.seed, epoch))
+        out += list(epoch_batches(tokens, data, config.train.seed, epoch).windows_from(0))
         epoch += 1
     return out[:count]
 
@@ -168,8 +169,8 @@ def test_gpu_and_cpu_losses_agree_over_the_first_steps(corpus_path: Path, sampli
     config = tiny_config(corpus_path, f"data.sampling={sampling}")
     cpu_step, _ = static_step(config, CPU)
     gpu_step, _ = static_step(config, CUDA)
-    cpu_losses = [float(cpu_step(x, y)) for x, y in batches(config, CPU, 10)]
-    gpu_losses = [float(gpu_step(x, y)) for x, y in batches(config, CUDA, 10)]
+    cpu_losses = [float(cpu_step(window)) for window in windows(config, CPU, 10)]
+    gpu_losses = [float(gpu_step(window)) for window in windows(config, CUDA, 10)]
     assert gpu_losses == pytest.approx(cpu_losses, rel=1e-4)
     assert cpu_losses[-1] < cpu_losses[0]
 
@@ -235,7 +236,7 @@ def test_cuda_graph_replays_what_the_eager_step_computes(
     graphed, graphed_model = static_step(config, CUDA, graph=True)
     losses: dict[str, list[float]] = {"eager": [], "graph": []}
     scales: dict[str, list[float]] = {"eager": [], "graph": []}
-    for index, (x, y) in enumerate(batches(config, CUDA, 50)):
+    for index, window in enumerate(windows(config, CUDA, 50)):
         if index == 25:  # a schedule changes the rate: the graph is captured again
             for step in (eager, graphed):
                 for group in step.optimizer.param_groups:
@@ -243,8 +244,8 @@ def test_cuda_graph_replays_what_the_eager_step_computes(
         if index and index % 10 == 0 and sampling == "sequential":  # an epoch boundary
             eager.begin_epoch(None)
             graphed.begin_epoch(None)
-        losses["eager"].append(float(eager(x, y)))
-        losses["graph"].append(float(graphed(x, y)))
+        losses["eager"].append(float(eager(window)))
+        losses["graph"].append(float(graphed(window)))
         scales["eager"].append(eager.scaler.get_scale())
         scales["graph"].append(graphed.scaler.get_scale())
     # The later steps really were replays; SGD's halved rate needed a second recording, AdamW's
@@ -270,7 +271,7 @@ def test_layer_calls_each_trains_as_the_stack(corpus_path: Path, precision: str)
     each_config.model.layer_calls = "each"
     stack, _ = static_step(config, CUDA)
     each, _ = static_step(each_config, CUDA)
-    pairs = [(float(stack(x, y)), float(each(x, y))) for x, y in batches(config, CUDA, 30)]
+    pairs = [(float(stack(window)), float(each(window))) for window in windows(config, CUDA, 30)]
     stacked, layered = zip(*pairs, strict=True)
     assert all(math.isfinite(loss) for loss in layered)
     assert list(layered) == pytest.approx(list(stacked), rel=1e-4 if precision == "fp32" else 1e-2)
@@ -284,13 +285,13 @@ def test_adamw_under_a_graph_follows_a_rate_that_changes_at_every_step(corpus_pa
     eager, eager_model = static_step(config, CUDA)
     graphed, graphed_model = static_step(config, CUDA, graph=True)
     losses: dict[str, list[float]] = {"eager": [], "graph": []}
-    for index, (x, y) in enumerate(batches(config, CUDA, 40)):
+    for index, window in enumerate(windows(config, CUDA, 40)):
         rate = 0.01 * min(1.0, (index + 1) / 10) * 0.5 * (1 + math.cos(math.pi * index / 40))
         for step in (eager, graphed):
             for group in step.optimizer.param_groups:
                 group["lr"] = rate
-        losses["eager"].append(float(eager(x, y)))
-        losses["graph"].append(float(graphed(x, y)))
+        losses["eager"].append(float(eager(window)))
+        losses["graph"].append(float(graphed(window)))
     assert graphed.captures == 1
     assert all(isinstance(group["lr"], float) for group in graphed.optimizer.param_groups)  # as saved
     assert losses["graph"] == pytest.approx(losses["eager"], rel=1e-5)
@@ -310,8 +311,8 @@ def test_dropout_masks_differ_between_replays(corpus_path: Path, dropout: str) -
     config = tiny_config(corpus_path, "data.sampling=random", dropout)
     config.train.lr = 1e-9
     step, _ = static_step(config, CUDA, graph=True)
-    x, y = batches(config, CUDA, 1)[0]
-    losses = [float(step(x, y)) for _ in range(8)]
+    window = windows(config, CUDA, 1)[0]
+    losses = [float(step(window)) for _ in range(8)]
     replays = losses[3:]  # after the warm-up steps, every step is a replay
     # Weights move by ~1e-9, so a repeated mask would repeat the loss to within a float ulp (~2e-7
     # at a loss of 3.3); a fresh mask moves it by more than that, though not always by 1e-4 (on the
@@ -439,15 +440,15 @@ def test_tokens_per_second_under_a_graph_time_the_gpu_not_the_launches(
     path = write_yaml(workdir / "rate.yaml", config)
     reported = train_run(TrainRequest(config_path=path, run_dir=workdir / "runs" / "rate", device="cuda"))
     step, _ = static_step(config, CUDA, graph=True)
-    data = batches(config, CUDA, 45)
-    for x, y in data[:5]:  # warm-up and capture
-        step(x, y)
+    data = windows(config, CUDA, 45)
+    for window in data[:5]:  # warm-up and capture
+        step(window)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    for x, y in data[5:]:
-        step(x, y)
+    for window in data[5:]:
+        step(window)
     torch.cuda.synchronize()
-    measured = sum(y.numel() for _, y in data[5:]) / (time.perf_counter() - started)
+    measured = sum(step.targets.numel() for _ in data[5:]) / (time.perf_counter() - started)
     # Wide: under pytest -n the GPU is shared with other workers' tests, which can slow one of the two
     # timings and not the other; the bug this guards against read 4.4× the real rate.
     assert measured / 2.5 < reported.tokens_per_s < measured * 2.5, (reported.tokens_per_s, measured)

@@ -252,7 +252,7 @@ def test_cell_form_d2l_trains_what_d2l_s_from_scratch_code_trains(cell: str) -> 
         )  # fmt: skip
         model.train()
         step.begin_epoch(None)
-        losses = [step(x, y).item() for x, y in batches]
+        losses = [step(window).item() for window in tokens]
         trained[form] = (losses, d2l_params(model, cell, hidden), model)
     expected_losses = d2l_train(cell, reference, batches, vocab, lr, theta)
 

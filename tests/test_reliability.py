@@ -721,8 +721,8 @@ def poison_weights_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
     original = StaticStep.__call__
     taken = {"steps": 0}
 
-    def step(self, x, y):
-        loss = original(self, x, y)
+    def step(self, window):
+        loss = original(self, window)
         taken["steps"] += 1
         if taken["steps"] == steps:
             with torch.no_grad():

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from drnn_cli.batches import epoch_batches
 from drnn_cli.config import Config, TrainConfig, build_config, load_config
@@ -32,7 +33,7 @@ from drnn_cli.optimizers import (
     reads_lr_on_device,
     restore_optimizer_state,
 )
-from drnn_cli.step import StaticStep, clip_gradients, use_cuda_graph
+from drnn_cli.step import StaticStep, StepTally, clip_gradients, use_cuda_graph
 from drnn_cli.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,8 +69,17 @@ def reference_losses(
     return losses
 
 
-def two_epochs_of_batches(config: Config, tokens: torch.Tensor) -> list[list]:
-    return [list(epoch_batches(tokens, config.data, config.train.seed, e))[: STEPS // 2] for e in range(2)]
+def two_epochs_of_windows(config: Config, tokens: torch.Tensor) -> list[list[torch.Tensor]]:
+    """The first STEPS/2 minibatch windows ``(B, T+1)`` of epochs 0 and 1, as the trainer steps them."""
+    return [
+        list(epoch_batches(tokens, config.data, config.train.seed, e).windows_from(0))[: STEPS // 2]
+        for e in range(2)
+    ]
+
+
+def pairs(windows: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (X, Y) pairs a plain loop reads from the same windows."""
+    return [(window[:, :-1].long(), window[:, 1:].long()) for window in windows]
 
 
 CASES = [
@@ -91,7 +101,7 @@ def test_eager_static_step_is_bit_identical_to_the_plain_step(
     overrides = (f"train.optimizer={optimizer}", f"data.sampling={sampling}", f"train.clip={clip}", *extra)
     config = tiny_config(corpus_path, *overrides, *(["train.lr=0.01"] if optimizer == "adamw" else []))
     dataset = load_dataset(config.data)
-    epochs = two_epochs_of_batches(config, dataset.splits.train)
+    epochs = two_epochs_of_windows(config, dataset.splits.train)
     vocab_size = len(dataset.vocab)
 
     plain = build_model(vocab_size, config.model, seed=config.train.seed)
@@ -114,12 +124,19 @@ def test_eager_static_step_is_bit_identical_to_the_plain_step(
     static.train()
 
     expected, got = [], []
-    for batches in epochs:  # each epoch starts from a zero state on both sides
+    for windows in epochs:  # each epoch starts from a zero state on both sides
         torch.manual_seed(11)
-        expected += reference_losses(plain, plain_optimizer, config, batches)
+        losses = reference_losses(plain, plain_optimizer, config, pairs(windows))
+        expected += losses
         torch.manual_seed(11)
         step.begin_epoch(None)
-        got += [step(x, y).clone() for x, y in batches]
+        got += [step(window).clone() for window in windows]
+        # The step's tally is the sum the trainer formed after each step before it moved into the step.
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for loss in losses:
+            loss_sum += loss.double() * windows[0][:, 1:].numel()
+        assert torch.equal(step.tally().loss_sum, loss_sum)
+        assert int(step.tally().first_bad_step) == -1
 
     assert len(got) == STEPS
     assert torch.equal(torch.stack(got), torch.stack(expected))
@@ -128,6 +145,101 @@ def test_eager_static_step_is_bit_identical_to_the_plain_step(
     # The weights moved: identical because the arithmetic is, not because nothing happened.
     initial = build_model(vocab_size, config.model, seed=config.train.seed)
     assert not torch.equal(next(initial.parameters()), next(static.parameters()))
+
+
+def tiny_step(corpus_path: Path, carries_state: bool = True) -> StaticStep:
+    config = tiny_config(corpus_path)
+    model = build_model(30, config.model, seed=0)
+    return StaticStep(
+        model, model, build_optimizer(model, config.train), torch.amp.GradScaler("cpu", enabled=False), 1.0,
+        "fp32", torch.device("cpu"), batch_rows=4, num_steps=8, carries_state=carries_state,
+    )  # fmt: skip
+
+
+def test_the_tally_sums_loss_times_targets_and_finds_the_first_non_finite_step(corpus_path: Path) -> None:
+    """A non-finite loss leaves the sum non-finite for good, so the steps counted while it was finite
+    locate the first bad one; later finite losses do not hide it. 4 × 8 targets a step."""
+    step = tiny_step(corpus_path)
+    step.begin_epoch(None)
+    seen = []
+    for loss in (1.5, 2.25, float("inf"), 3.0, float("nan"), 0.5):
+        step.count(torch.tensor(loss))
+        tally = step.tally()
+        seen.append((float(tally.loss_sum), int(tally.first_bad_step)))
+    inf = float("inf")
+    assert seen[:3] == [(48.0, -1), (120.0, -1), (inf, 2)]
+    assert [bad for _, bad in seen[3:]] == [2, 2, 2]
+    assert all(total != total for total, _ in seen[4:])  # ∞ + NaN: NaN, still not finite
+    assert step.tally().loss_sum.dtype == torch.float64
+
+    # A new epoch starts from nothing.
+    step.begin_epoch(None)
+    step.count(torch.tensor(float("nan")))
+    assert int(step.tally().first_bad_step) == 0
+
+
+def test_a_resumed_tally_continues_the_saved_one(corpus_path: Path) -> None:
+    """Resumed after 3 steps: the saved sum goes on, and a bad step is numbered in the whole epoch."""
+    step = tiny_step(corpus_path)
+    saved = StepTally(torch.tensor(7.5, dtype=torch.float64), torch.tensor(-1))
+    step.begin_epoch(None, saved, steps_done=3)
+    step.count(torch.tensor(0.25))
+    assert float(step.tally().loss_sum) == 7.5 + 0.25 * 32
+    step.count(torch.tensor(float("nan")))
+    assert int(step.tally().first_bad_step) == 4  # steps 0-2 before the stop, 3 after it, 4 bad
+    assert float(saved.loss_sum) == 7.5  # the tally read at a boundary is a copy
+    # The live buffers are not what tally() hands out: a later step does not change a read one.
+    read = step.tally()
+    step.count(torch.tensor(1.0))
+    assert read.loss_sum.data_ptr() != step.loss_sum.data_ptr()
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the operators that compute (views excluded: no kernel runs for them) outside the step's
+    body; on a GPU each is a kernel launched between two replays of the captured step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outside = 0
+        self.in_body = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not self.in_body and not func.is_view:
+            self.outside += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("sampling", "per_step"), [("sequential", 1), ("random", 3)])
+def test_the_trainer_launches_one_copy_per_minibatch_outside_the_step(
+    corpus_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampling: str, per_step: int
+) -> None:
+    """Between two steps the trainer copies the minibatch's token window into the step's buffer and
+    nothing else: the loss tally, the NaN watch and the targets' time-major order live inside the
+    step (inside its CUDA graph when there is one). Random sampling gathers its window first (an add
+    of the start offsets, an index). Counted as the difference between two epoch lengths, so what an
+    epoch does once (its start and its totals) cancels."""
+    counter = KernelCounter()
+    body = StaticStep.body
+
+    def counted_body(self: StaticStep) -> torch.Tensor:
+        counter.in_body = True
+        try:
+            return body(self)
+        finally:
+            counter.in_body = False
+
+    monkeypatch.setattr(StaticStep, "body", counted_body)
+    counts = {}
+    for max_tokens in (700, 1400):
+        config = tiny_config(corpus_path, f"data.max_tokens={max_tokens}", f"data.sampling={sampling}")
+        trainer = Trainer(config, load_dataset(config.data), tmp_path / str(max_tokens), torch.device("cpu"))
+        counter.outside = 0
+        with counter:
+            trainer.train_epoch(0)
+        counts[trainer.steps_per_epoch] = counter.outside
+    (short, few), (long, many) = sorted(counts.items())
+    assert long > short
+    assert (many - few) / (long - short) == per_step
 
 
 @pytest.mark.parametrize("reset_state", [False, True])
@@ -405,16 +517,16 @@ def test_fp16_fused_updates_skip_what_grad_scaler_skips_without_reading_the_host
     the fused kernels' rounding. The scratch cells: CPU autocast has no fp16 LSTM kernel."""
     config = tiny_config(corpus_path, "model.impl=scratch", *FP16_CASES[case])
     dataset = load_dataset(config.data)
-    batches = [batch for epoch in two_epochs_of_batches(config, dataset.splits.train) for batch in epoch]
+    windows = [window for epoch in two_epochs_of_windows(config, dataset.splits.train) for window in epoch]
     plain, fused = (fp16_step(config, len(dataset.vocab), fused=f) for f in (False, True))
 
     scales: dict[str, list[float]] = {"plain": [], "fused": []}
     losses: dict[str, list[torch.Tensor]] = {"plain": [], "fused": []}
-    for x, y in batches:
+    for window in windows:
         before, scale_before = [p.detach().clone() for p in fused.parameters], fused.scaler.get_scale()
         with NoHostReads():
-            losses["fused"].append(fused(x, y).clone())
-        losses["plain"].append(plain(x, y).clone())
+            losses["fused"].append(fused(window).clone())
+        losses["plain"].append(plain(window).clone())
         for name, step in (("plain", plain), ("fused", fused)):
             scales[name].append(step.scaler.get_scale())
         skipped = scales["fused"][-1] < scale_before  # GradScaler halves the scale when it skips
@@ -436,9 +548,9 @@ def test_todays_eager_fp16_step_reads_the_overflow_flag_on_the_host(corpus_path:
     config = tiny_config(corpus_path, "model.impl=scratch")
     dataset = load_dataset(config.data)
     step = fp16_step(config, len(dataset.vocab), fused=False)
-    x, y = two_epochs_of_batches(config, dataset.splits.train)[0][0]
+    window = two_epochs_of_windows(config, dataset.splits.train)[0][0]
     with NoHostReads(), pytest.raises(HostRead, match="item"):
-        step(x, y)
+        step(window)
 
 
 @pytest.mark.parametrize(
@@ -469,11 +581,11 @@ def test_the_step_reads_nothing_on_the_host(
         num_steps=config.data.num_steps, carries_state=config.data.sampling == "sequential",
         ar=config.train.ar, tar=config.train.tar,
     )  # fmt: skip
-    batches = two_epochs_of_batches(config, dataset.splits.train)[0][:3]
+    windows = two_epochs_of_windows(config, dataset.splits.train)[0][:3]
     before = [p.detach().clone() for p in step.parameters]
     with NoHostReads():
-        for x, y in batches:
-            step(x, y)
+        for window in windows:
+            step(window)
     assert all(not torch.equal(a, b) for a, b in zip(before, step.parameters, strict=True))
 
 

@@ -95,7 +95,7 @@ LOG_LINE_CHARS = 4_000  # a longer line of a step's output (bench's growing --js
 # the profile step's configurations, most wanted first (a step cut at its limit keeps what it measured):
 # cuDNN's seed step against the fused kernels', fp32 and bf16 (the H200 profiled the fp16 ones already),
 # then batch 1024 × 64 in bf16, the last target that is cuDNN's arithmetic rather than launches
-PROFILED = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,lstm-b1024-bf16"
+PROFILED = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,rnn-seed,lstm-b1024-bf16"
 FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, both kept in fused.json
 # scripts/bench.py runs; bench-compiled compiles (slow to start); bench-open, last in the plan, is the few
 # configurations whose figures decide what is still open (fp16 under the graph, one cuDNN call per layer,
@@ -327,7 +327,7 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "profile",
             "scripts/bench.py --profile: where a seed step's time goes, eager and as a graph (torch.profiler)",
             [*bench_base, "--profile", "--configs", PROFILED, "--epochs-per-round", "4"],
-            90,
+            100,
         ),
         Step(
             "bench-compiled",

@@ -206,8 +206,10 @@ class StaticStep:
             self.loss_sum.zero_()
             self.finite_steps.zero_()
         else:
-            self.loss_sum.copy_(tally.loss_sum)
             bad = tally.first_bad_step.to(self.device)
+            # A tally that saw a bad step keeps a non-finite sum, which is what marks one (drnn saves
+            # no such checkpoint; a file that claims one still reports it).
+            self.loss_sum.copy_(torch.where(bad >= 0, math.nan, tally.loss_sum.to(self.device)))
             self.finite_steps.copy_(torch.where(bad >= 0, bad, steps_done))
         if carried is None:
             for buffer in self.state:

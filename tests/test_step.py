@@ -193,6 +193,11 @@ def test_a_resumed_tally_continues_the_saved_one(corpus_path: Path) -> None:
     step.count(torch.tensor(1.0))
     assert read.loss_sum.data_ptr() != step.loss_sum.data_ptr()
 
+    # A saved tally that names a bad step (drnn writes none: it stops first) keeps naming it.
+    step.begin_epoch(None, StepTally(torch.tensor(7.5, dtype=torch.float64), torch.tensor(1)), steps_done=3)
+    step.count(torch.tensor(0.25))
+    assert int(step.tally().first_bad_step) == 1
+
 
 class KernelCounter(TorchDispatchMode):
     """Counts the operators that compute (views excluded: no kernel runs for them) outside the step's

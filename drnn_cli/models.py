@@ -31,6 +31,10 @@ from drnn_cli.config import ModelConfig
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+# One-hot inputs of vocabularies up to this size are rows looked up in an identity table (at most 4 MiB
+# in fp32): one kernel per minibatch where zeros-then-scatter is two. Larger ones scatter, as a V × V
+# table would outgrow the features it saves a kernel on.
+ONE_HOT_TABLE_MAX = 1024
 
 
 class ScratchRecurrent(nn.Module):
@@ -363,6 +367,7 @@ class RNNLanguageModel(nn.Module):
         self.rnn = make_recurrent(config, config.embedding_dim or vocab_size)
         self.locked = config.dropout_kind == "locked"
         self.decoder = nn.Linear(config.hidden_size, vocab_size)
+        self._one_hot_rows: torch.Tensor | None = None  # the identity table, made at first use
         if config.tie_weights:
             assert self.embedding is not None
             self.decoder.weight = self.embedding.weight
@@ -372,11 +377,7 @@ class RNNLanguageModel(nn.Module):
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` indices → ``(T, B, I)`` features."""
         if self.embedding is None:
-            # one-hot in the weights' dtype at once: F.one_hot's int64 tensor is 2× this, then a copy
-            indices = inputs.t().long().unsqueeze(-1)
-            features = torch.zeros(
-                (*indices.shape[:-1], self.vocab_size), dtype=self.decoder.weight.dtype, device=inputs.device
-            ).scatter_(-1, indices, 1.0)
+            features = self._one_hot(inputs.t().long())
         else:
             weight = self.embedding.weight
             p = self.config.embedding_dropout
@@ -385,6 +386,21 @@ class RNNLanguageModel(nn.Module):
                 weight = weight * dropout_scale(weight, (weight.shape[0], 1), p)
             features = F.embedding(inputs.t(), weight)
         return sequence_dropout(features, self.config.input_dropout, self.training, self.locked)
+
+    def _one_hot(self, indices: torch.Tensor) -> torch.Tensor:
+        """One-hot rows in the weights' dtype at once (F.one_hot's int64 tensor is 2× the features,
+        then a copy). ``indices`` time-major: the training step's are contiguous, so a lookup is one
+        kernel."""
+        dtype = self.decoder.weight.dtype
+        if self.vocab_size > ONE_HOT_TABLE_MAX:
+            shape = (*indices.shape, self.vocab_size)
+            return torch.zeros(shape, dtype=dtype, device=indices.device).scatter_(
+                -1, indices.unsqueeze(-1), 1.0
+            )
+        table = self._one_hot_rows
+        if table is None or table.dtype != dtype or table.device != indices.device:
+            table = self._one_hot_rows = torch.eye(self.vocab_size, dtype=dtype, device=indices.device)
+        return F.embedding(indices, table)
 
     def forward(self, inputs: torch.Tensor, state: State, with_hidden: bool = False) -> tuple:
         """``(logits, state)``; with ``with_hidden`` also the last layer's output before and after

@@ -731,3 +731,51 @@ def test_the_one_hot_input_is_built_in_the_weights_dtype_and_equals_f_one_hot():
     assert features.dtype == torch.float32 and features.shape == (3, 2, 7)
     assert torch.equal(features, F.one_hot(inputs.t().long(), 7).float())
     assert model.double().encode(inputs).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_one_hot_rows_from_the_table_equal_the_scattered_ones_and_a_large_vocabulary_scatters(
+    dtype: torch.dtype,
+) -> None:
+    """Up to ONE_HOT_TABLE_MAX tokens the one-hot input is a row lookup (one kernel, where zeros then
+    scatter is two); above it, a scatter. Both give F.one_hot's values in the weights' dtype, and the
+    table follows the model to another dtype rather than keeping the old one."""
+    import torch.nn.functional as F
+
+    from drnn_cli.models import ONE_HOT_TABLE_MAX
+
+    for vocab in (7, ONE_HOT_TABLE_MAX, ONE_HOT_TABLE_MAX + 1):
+        model = build_model(vocab, ModelConfig(hidden_size=4, num_layers=1), seed=0).to(dtype)
+        inputs = torch.randint(0, vocab, (3, 5), generator=torch.Generator().manual_seed(vocab))
+        features = model.encode(inputs)
+        assert features.dtype == dtype
+        assert torch.equal(features, F.one_hot(inputs.t(), vocab).to(dtype))
+        assert (model._one_hot_rows is None) == (vocab > ONE_HOT_TABLE_MAX)
+    model = build_model(7, ModelConfig(hidden_size=4, num_layers=1), seed=0)
+    model.encode(torch.tensor([[1, 2]]))
+    assert model.double().encode(torch.tensor([[1, 2]])).dtype == torch.float64
+    assert model._one_hot_rows is not None and model._one_hot_rows.dtype == torch.float64
+
+
+def test_the_training_step_looks_its_one_hot_input_up_in_one_kernel() -> None:
+    """The step's inputs are a (B, T) view of a time-major buffer: transposed back they are contiguous,
+    and the one-hot input is one operator (a lookup of the table's rows), not a fill and a scatter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Computing(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if not func.is_view:
+                self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = build_model(7, ModelConfig(hidden_size=4, num_layers=1), seed=0)
+    window = torch.randint(0, 7, (6, 4))  # (T+1, B), as StaticStep keeps it
+    model.encode(window[:-1].t())  # the table is made once
+    seen = Computing()
+    with seen:
+        model.encode(window[:-1].t())
+    assert seen.names == ["embedding.default"]  # the table's rows, by index_select

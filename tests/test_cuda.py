@@ -278,6 +278,34 @@ def test_layer_calls_each_trains_as_the_stack(corpus_path: Path, precision: str)
     assert layered[-1] < layered[0]
 
 
+def test_the_tally_inside_the_graph_counts_each_replay_once_and_finds_the_first_nan(
+    corpus_path: Path,
+) -> None:
+    """The loss sum and the NaN watch run inside the captured step: a replay adds its loss once (three
+    warm-up steps eager, the capture records without running), and weights poisoned after step 8 make
+    step 8 the first bad one, as in the eager step."""
+    config = tiny_config(corpus_path)
+    eager, eager_model = static_step(config, CUDA)
+    graphed, graphed_model = static_step(config, CUDA, graph=True)
+    for step in (eager, graphed):
+        step.begin_epoch(None)
+    sums: dict[str, list[float]] = {"eager": [], "graph": []}
+    for index, window in enumerate(windows(config, CUDA, 12)):
+        if index == 8:
+            with torch.no_grad():
+                for model in (eager_model, graphed_model):
+                    next(model.parameters()).fill_(float("nan"))
+        eager(window)
+        graphed(window)
+        sums["eager"].append(float(eager.tally().loss_sum))
+        sums["graph"].append(float(graphed.tally().loss_sum))
+    assert graphed.captures == 1
+    assert sums["graph"][:8] == pytest.approx(sums["eager"][:8], rel=1e-5)
+    assert sums["eager"][0] > 0 and sums["eager"][7] > sums["eager"][6]
+    assert all(math.isnan(total) for total in sums["graph"][8:])
+    assert int(graphed.tally().first_bad_step) == int(eager.tally().first_bad_step) == 8
+
+
 def test_adamw_under_a_graph_follows_a_rate_that_changes_at_every_step(corpus_path: Path) -> None:
     """A warm-up then cosine decay at every step (train.max_steps with a schedule): one recording,
     and the replays follow the rate as the eager step does (the rate lives in a device tensor)."""

@@ -5,6 +5,10 @@ SIGINT and SIGTERM raise :class:`Signalled`, which the CLI turns into one line a
 Writing to a closed stdout or stderr (``drnn train ... | head -1``) sends further output to /dev/null and, once,
 raises SIGPIPE for the training loop's handler (training stops like on SIGTERM, with a checkpoint) or,
 outside it, :class:`Signalled` (other commands exit 141 without a word, as Unix tools do).
+
+A SIGPIPE counts only when drnn's own output lost its reader. The kernel raises one in any thread that
+writes to a pipe or socket whose reader left (a server thread, a process group's socket): Python
+ignores those by default, and so does drnn while its handlers are installed.
 """
 
 from __future__ import annotations
@@ -54,13 +58,27 @@ class Signalled(BaseException):
         self.quiet = signum == getattr(signal, "SIGPIPE", None)
 
 
+def output_closed_by_reader() -> bool:
+    """Whether drnn's stdout or stderr found its reader gone (its pipe guard turned that into SIGPIPE)."""
+    return any(
+        isinstance(stream, _PipeGuard) and stream.closed_by_reader for stream in (sys.stdout, sys.stderr)
+    )
+
+
 @contextlib.contextmanager
 def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
-    """``handler`` for the HANDLED signals inside the block, the previous handlers after it."""
+    """``handler`` for the HANDLED signals inside the block, the previous handlers after it; a SIGPIPE
+    reaches it only when drnn's own output lost its reader."""
+
+    def handle(signum: int, frame: object) -> None:
+        if signum == getattr(signal, "SIGPIPE", None) and not output_closed_by_reader():
+            return  # another writer's pipe or socket: as Python's default (ignored), not a stop
+        handler(signum, frame)
+
     previous: dict[int, Any] = {}
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         for signum in HANDLED:
-            previous[signum] = signal.signal(signum, handler)
+            previous[signum] = signal.signal(signum, handle)
     try:
         yield
     finally:
@@ -134,6 +152,10 @@ class _PipeGuard:
         self._stream = stream
         self._broken = False
         self._once = once
+
+    @property
+    def closed_by_reader(self) -> bool:
+        return self._broken
 
     def write(self, text: str) -> int:
         if not self._broken:

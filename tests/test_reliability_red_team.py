@@ -7,6 +7,7 @@ closed stdout, 6 small inputs with big costs, 7 user-fixable problems that were 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -1060,21 +1061,45 @@ def test_a_signal_after_the_last_epochs_checkpoint_lets_the_finished_run_end(
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
 
 
-def test_the_same_signal_twice_stops_at_once_and_another_is_only_noted(sigterm_guard: None):
+def test_the_same_signal_twice_stops_at_once_and_another_is_only_noted(
+    sigterm_guard: None, monkeypatch: pytest.MonkeyPatch
+):
     """A second Ctrl-C is a user insisting; torchrun's SIGTERM after the terminal's SIGINT, or the
-    SIGPIPE of a reader that left, is not."""
-    from drnn_cli.signals import Signalled, StopRequests
+    SIGPIPE of a reader that left (stdout, then stderr too), is not."""
+    import io
 
+    from drnn_cli.signals import Signalled, StopRequests, guard_output
+
+    class ReaderGone(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
     stops = StopRequests()
-    with stops.noted():
+    with stops.noted(), guard_output():
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGTERM)
-        signal.raise_signal(signal.SIGPIPE)
+        print("to a reader that left")  # drnn's guard turns the broken pipe into SIGPIPE
+        assert stops.signum == signal.SIGPIPE
         signal.raise_signal(signal.SIGPIPE)
         assert stops.signum == signal.SIGPIPE
         with pytest.raises(Signalled) as second:
             signal.raise_signal(signal.SIGINT)
     assert second.value.exit_code == 130
+
+
+def test_a_sigpipe_while_drnns_output_is_open_is_ignored_as_python_ignores_it() -> None:
+    """Another writer's broken pipe or socket is not drnn's reader leaving: neither the training loop's
+    handlers nor the other commands' stop on it (a download's socket to a server that hung up fails
+    as a download, not as exit 141)."""
+    from drnn_cli.signals import StopRequests, exit_on_signals
+
+    stops = StopRequests()
+    with stops.noted():
+        signal.raise_signal(signal.SIGPIPE)
+    assert not stops.pending
+    with exit_on_signals():
+        signal.raise_signal(signal.SIGPIPE)  # no Signalled
 
 
 def test_a_second_ctrl_c_during_validation_exits_without_waiting_for_the_checkpoint(
@@ -1188,3 +1213,33 @@ def test_a_run_name_that_is_not_utf8_is_refused_before_anything_is_written(workd
     code, _, err = cli("train", "--config", str(config), "--run", name)
     assert_one_line_error(code, err, "run directory runs/bad\\xffrun is not valid UTF-8", "--run runs/NAME")
     assert not (workdir / "runs").exists()
+
+
+def test_a_broken_socket_of_another_thread_does_not_stop_training(workdir: Path, cli):
+    """A write to a pipe or socket whose reader is gone raises SIGPIPE in the writing thread, whichever
+    thread that is (a server thread, a process group's socket). drnn stops on SIGPIPE only when its own
+    stdout or stderr lost its reader (``drnn train | head``); another thread's broken socket left
+    training stopped as "by SIGPIPE" with exit 141 (seen once in this suite, a loopback server's
+    thread answering a client that had gone)."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    theirs.close()  # every write to ``ours`` now meets a reader that left
+    done = threading.Event()
+
+    def writes_to_a_closed_socket() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                ours.send(b"x")
+            time.sleep(0.001)
+
+    writer = threading.Thread(target=writes_to_a_closed_socket, daemon=True)
+    writer.start()
+    try:
+        code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=3))))
+    finally:
+        done.set()
+        writer.join()
+        ours.close()
+    assert code == 0, err
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 3

@@ -197,8 +197,15 @@ def guard_output() -> Iterator[None]:
     left to itself, answers a closed stderr with exit 1 and no checkpoint."""
     originals = sys.stdout, sys.stderr
     once = _Once()
-    sys.stdout, sys.stderr = _PipeGuard(originals[0], once), _PipeGuard(originals[1], once)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = originals
+    with contextlib.ExitStack() as closing:
+        # A stream closed before drnn started (`>&-`, `2>&-`: a daemon, a cron job) is None in Python:
+        # what would go there goes to /dev/null, as no output was asked for, and the command runs.
+        stdout, stderr = (
+            stream if stream is not None else closing.enter_context(open(os.devnull, "w", encoding="utf-8"))
+            for stream in originals
+        )
+        sys.stdout, sys.stderr = _PipeGuard(stdout, once), _PipeGuard(stderr, once)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = originals

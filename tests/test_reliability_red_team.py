@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -1243,3 +1243,42 @@ def test_a_broken_socket_of_another_thread_does_not_stop_training(workdir: Path,
         ours.close()
     assert code == 0, err
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 3
+
+
+def _closing(fd: int) -> Callable[[], None]:
+    def close() -> None:  # in the child, after its pipes are in place: it starts with ``fd`` closed
+        os.close(fd)
+
+    return close
+
+
+@pytest.mark.parametrize(
+    ("command", "closed"),
+    [("train", 1), ("train --json", 2), ("predict", 1), ("eval --json", 2)],
+    ids=["train >&-", "train --json 2>&-", "predict >&-", "eval --json 2>&-"],
+)
+def test_a_stream_closed_before_drnn_starts_is_output_discarded_not_a_failure(
+    workdir: Path, tiny_run: Path, command: str, closed: int
+):
+    """A daemon, a cron job or `2>&-` starts drnn with stdout or stderr closed (Python's sys.stdout is
+    then None): the command runs as asked, its output on that stream discarded. Every command failed
+    with "internal error: AttributeError" (to the closed stream: nothing shown), training before its
+    first checkpoint."""
+    name, *flags = command.split()
+    if name == "train":
+        args = ["train", "--config", str(config_file(workdir, tiny(epochs=2))), *flags]
+    elif name == "predict":
+        args = ["predict", "time traveller", "--run", str(tiny_run)]
+    else:
+        args = ["eval", "--run", str(tiny_run), *flags]
+    done = subprocess.run(
+        [sys.executable, "-m", "drnn_cli", *args], cwd=workdir, env=CHILD_ENV, capture_output=True,
+        text=True, timeout=120, preexec_fn=_closing(closed), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    if closed == 2:  # --json: the result line on stdout, the log discarded
+        assert json.loads(done.stdout.strip().splitlines()[-1])
+    else:
+        assert done.stdout == "" and "error" not in done.stderr
+    if name == "train":
+        assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 2

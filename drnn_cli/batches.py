@@ -119,12 +119,13 @@ class EpochBatches:
         """Windows ``first``, ``first + 1``, …, in the corpus' own dtype: a run resumed inside the
         epoch builds none it skips."""
         steps = self.num_steps
-        window = torch.arange(steps + 1, device=self.tokens.device)
-        for i in range(first, self.num_batches):
-            if self.starts is None:
+        if self.starts is None:  # sequential: column slices of the overlapping rows, views
+            for i in range(first, self.num_batches):
                 yield self.tokens[:, i * steps : (i + 1) * steps + 1]
-            else:
-                yield self.tokens[self.starts[i].unsqueeze(1) + window]
+            return
+        window = torch.arange(steps + 1, device=self.tokens.device)  # random: gathered at the starts
+        for i in range(first, self.num_batches):
+            yield self.tokens[self.starts[i].unsqueeze(1) + window]
 
     def from_step(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(X, Y)`` pairs of int64 ``(B/W, T)`` tensors from minibatch ``first`` on."""

@@ -607,7 +607,10 @@ def step_profile(events: list[FunctionEvent], seconds: float, steps: int) -> dic
         entry = totals.setdefault(name, [0, 0.0])
         entry[0] += 1
         entry[1] += microseconds
-    top = sorted(totals.items(), key=lambda item: -item[1][1])[:PROFILE_TOP]
+    ranked = [
+        {"name": name[:160], "per_step": count / steps, "us_per_step": microseconds / steps}
+        for name, (count, microseconds) in sorted(totals.items(), key=lambda item: -item[1][1])
+    ]
     busy = busy_microseconds([(e.time_range.start, e.time_range.end) for e in device_events])
     wall_us = seconds * 1e6 / steps
     return {
@@ -618,10 +621,10 @@ def step_profile(events: list[FunctionEvent], seconds: float, steps: int) -> dic
         "device_events_per_step": len(device_events) / steps,
         "device_busy_us_per_step": busy / steps if device_events else None,
         "device_busy_fraction": busy / steps / wall_us if device_events else None,
-        "top": [
-            {"name": name[:120], "per_step": count / steps, "us_per_step": microseconds / steps}
-            for name, (count, microseconds) in top
-        ],
+        "top": ranked[:PROFILE_TOP],
+        # Every kernel (or operator), so that a later reading can sum what a step spends outside the
+        # few that dominate it (a lent GPU is not there to profile again).
+        "all": ranked,
     }
 
 

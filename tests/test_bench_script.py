@@ -137,6 +137,11 @@ def test_profile_says_where_a_step_goes_for_each_side(bench, corpus_path, capsys
         assert figures["wall_us_per_step"] > 0 and figures["tokens_per_s"] > 0
         assert figures["device_busy_us_per_step"] is None and figures["device_events_per_step"] == 0  # a CPU
         assert figures["top"] and all(entry["per_step"] > 0 for entry in figures["top"])
+        # every operator is kept, the costliest first; "top" is the head of that list
+        assert figures["all"][: len(figures["top"])] == figures["top"]
+        assert len(figures["all"]) > len(figures["top"])
+        times = [entry["us_per_step"] for entry in figures["all"]]
+        assert times == sorted(times, reverse=True)
     # nn.LSTM runs a layer as one operator; the scratch cells step it timestep by timestep (8 here),
     # forward and backward, a few element-wise operators and a matrix product each way
     plain_ops, scratch_ops = (side["drnn-eager"]["computing_ops_per_step"] for side in (plain, scratch))

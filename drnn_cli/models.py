@@ -367,7 +367,8 @@ class RNNLanguageModel(nn.Module):
         self.rnn = make_recurrent(config, config.embedding_dim or vocab_size)
         self.locked = config.dropout_kind == "locked"
         self.decoder = nn.Linear(config.hidden_size, vocab_size)
-        self._one_hot_rows: torch.Tensor | None = None  # the identity table, made at first use
+        # the identity tables the one-hot input looks rows up in, made at first use
+        self._one_hot_rows: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         if config.tie_weights:
             assert self.embedding is not None
             self.decoder.weight = self.embedding.weight
@@ -397,9 +398,12 @@ class RNNLanguageModel(nn.Module):
             return torch.zeros(shape, dtype=dtype, device=indices.device).scatter_(
                 -1, indices.unsqueeze(-1), 1.0
             )
-        table = self._one_hot_rows
-        if table is None or table.dtype != dtype or table.device != indices.device:
-            table = self._one_hot_rows = torch.eye(self.vocab_size, dtype=dtype, device=indices.device)
+        # One table per device and dtype, never replaced: a CUDA graph captured with one keeps its
+        # address, so a table freed after a capture would be read as whatever reused its memory.
+        key = (indices.device, dtype)
+        table = self._one_hot_rows.get(key)
+        if table is None:
+            table = self._one_hot_rows[key] = torch.eye(self.vocab_size, dtype=dtype, device=indices.device)
         return F.embedding(indices, table)
 
     def forward(self, inputs: torch.Tensor, state: State, with_hidden: bool = False) -> tuple:

@@ -448,7 +448,8 @@ class Trainer:
         carries_state = self.static_step.carries_state
         self.static_step.begin_epoch(
             progress.state if carries_state else None,
-            StepTally(progress.loss_sum, progress.first_bad_step),
+            # an epoch's first step starts from a zero tally (two kernels, not a restore's eight)
+            StepTally(progress.loss_sum, progress.first_bad_step) if progress.step else None,
             progress.step,
         )
         if self.dist.enabled and progress.step == 0:

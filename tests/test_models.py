@@ -738,8 +738,9 @@ def test_one_hot_rows_from_the_table_equal_the_scattered_ones_and_a_large_vocabu
     dtype: torch.dtype,
 ) -> None:
     """Up to ONE_HOT_TABLE_MAX tokens the one-hot input is a row lookup (one kernel, where zeros then
-    scatter is two); above it, a scatter. Both give F.one_hot's values in the weights' dtype, and the
-    table follows the model to another dtype rather than keeping the old one."""
+    scatter is two); above it, a scatter. Both give F.one_hot's values in the weights' dtype. The
+    model keeps one table per device and dtype and never replaces one: a CUDA graph captured with a
+    table keeps reading it at its address."""
     import torch.nn.functional as F
 
     from drnn_cli.models import ONE_HOT_TABLE_MAX
@@ -750,11 +751,17 @@ def test_one_hot_rows_from_the_table_equal_the_scattered_ones_and_a_large_vocabu
         features = model.encode(inputs)
         assert features.dtype == dtype
         assert torch.equal(features, F.one_hot(inputs.t(), vocab).to(dtype))
-        assert (model._one_hot_rows is None) == (vocab > ONE_HOT_TABLE_MAX)
+        assert list(model._one_hot_rows) == (
+            [] if vocab > ONE_HOT_TABLE_MAX else [(torch.device("cpu"), dtype)]
+        )
     model = build_model(7, ModelConfig(hidden_size=4, num_layers=1), seed=0)
     model.encode(torch.tensor([[1, 2]]))
+    fp32_table = model._one_hot_rows[torch.device("cpu"), torch.float32]
     assert model.double().encode(torch.tensor([[1, 2]])).dtype == torch.float64
-    assert model._one_hot_rows is not None and model._one_hot_rows.dtype == torch.float64
+    assert model._one_hot_rows[torch.device("cpu"), torch.float32] is fp32_table  # kept, not replaced
+    assert torch.equal(
+        model._one_hot_rows[torch.device("cpu"), torch.float64], torch.eye(7, dtype=torch.float64)
+    )
 
 
 def test_the_training_step_looks_its_one_hot_input_up_in_one_kernel() -> None:

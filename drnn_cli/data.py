@@ -14,7 +14,7 @@ from drnn_cli.config import DataConfig
 from drnn_cli.corpus import char_stream_bytes, preprocess, preprocess_chars, read_text
 from drnn_cli.download import ProgressHook, cached_corpus, fetch_corpus
 from drnn_cli.errors import DrnnError
-from drnn_cli.files import require_regular_file
+from drnn_cli.files import FileIdentity, file_identity, require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, load_cached, store, text_sha1
 from drnn_cli.vocab import (
     Vocab,
@@ -64,14 +64,28 @@ class Dataset:
         }
 
 
-def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None) -> tuple[Path, str]:
-    """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed)."""
+def resolve_corpus_file(
+    config: DataConfig, progress: ProgressHook | None = None
+) -> tuple[Path, str, FileIdentity]:
+    """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed), its
+    SHA-1, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
     if config.file is not None:
         path = config.file
         require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
-        return path, text_sha1(path)
+        identity = file_identity(path)  # before hashing: a change during the hash changes it
+        return path, text_sha1(path), identity
     corpus = fetch_corpus(config.corpus, progress=progress)
-    return corpus.path, corpus.sha1
+    return corpus.path, corpus.sha1, file_identity(corpus.path)
+
+
+def check_unchanged(path: Path, hashed: FileIdentity) -> None:
+    """Refuse a text that changed between its hashing and its reading (a re-export, an rsync or a
+    ``git checkout`` landing as a run starts): its tokens would be recorded, and cached, under the
+    SHA-1 of another text."""
+    if file_identity(path) != hashed:
+        raise DrnnError(
+            f"corpus file {path} changed while drnn read it; run again once it is written in full"
+        )
 
 
 def read_token_stream(
@@ -108,13 +122,14 @@ def load_dataset(
     ``expected_sha1``: the text a checkpoint was trained on (resuming, evaluating a split); another
     text raises :class:`CorpusMismatch` before anything is read further or cached.
     """
-    path, sha1 = resolve_corpus_file(config, progress)
+    path, sha1, hashed = resolve_corpus_file(config, progress)
     if expected_sha1 and sha1 != expected_sha1:
         raise CorpusMismatch(path, expected_sha1, sha1)
     corpus = load_cached(path, sha1, config, vocab)
     notes: tuple[str, ...] = ()
     if corpus is None:
         corpus = _encode(path, config, vocab)
+        check_unchanged(path, hashed)  # the bytes encoded are the bytes hashed, or nothing is kept
         not_kept = store(path, sha1, config, vocab, corpus)
         notes = (not_kept,) if not_kept else ()
     encoded = corpus.tokens

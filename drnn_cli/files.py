@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import os
 import secrets
 import socket
@@ -221,6 +222,44 @@ def _identity(path: Path) -> tuple[int, int] | str:
     except OSError:
         return os.path.abspath(path)
     return (info.st_dev, info.st_ino)
+
+
+def read_own_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a small file drnn writes for itself (a token-cache entry's JSON, a hash stamp),
+    read without following a symlink, waiting on a FIFO or reading more than ``max_bytes``: anything
+    else in its place (a link to ``/dev/zero``, a FIFO, a huge file) raises OSError, which every caller
+    takes as "no such file" and writes its own file again."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    descriptor = os.open(path, flags)
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        pieces, wanted = [], max_bytes + 1  # one byte more: a file that grew past its limit shows it
+        while wanted > 0 and (piece := os.read(descriptor, min(wanted, 1 << 20))):
+            pieces.append(piece)
+            wanted -= len(piece)
+    finally:
+        os.close(descriptor)
+    if wanted <= 0:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes:,} bytes", str(path))
+    return b"".join(pieces)
+
+
+FileIdentity = dict[str, int]
+
+
+def file_identity(path: Path) -> FileIdentity:
+    """What tells one version of a file from another: a file swapped in (``mv``, ``rsync``) has another
+    inode, one rewritten in place another size or modification time, and one whose old time was put
+    back (``touch -r``) another change time."""
+    info = path.stat()
+    return {
+        "inode": info.st_ino,
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "ctime_ns": info.st_ctime_ns,
+    }
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

@@ -18,10 +18,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +33,9 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.files import (
     TEMPORARY_SUFFIX,
     atomic_write_text,
+    file_identity,
     partial_path,
+    read_own_file,
     remove_abandoned_temporaries,
     remove_dead_partials,
 )
@@ -42,6 +46,11 @@ MIN_CACHED_BYTES = 1 << 20
 RACY_SECONDS = 2.0  # a file modified this close to its hashing may change again within one mtime tick
 _DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
 _WRITE_CHUNK = 1 << 22  # bytes per write: the array is never copied whole (4 MiB at a time)
+# What a cache file drnn wrote can hold (anything larger in its place is not drnn's): a hash stamp is a
+# few numbers; an entry's JSON a vocabulary, whose size a checkpoint's header bounds, and unknown counts.
+STAMP_MAX_BYTES = 1 << 16
+ENTRY_MAX_BYTES = 1 << 28
+ENTRY_NAME = re.compile(r".*-[0-9a-f]{20}\.json")  # _paths' names
 ABANDONED_AFTER_S = 3600.0  # an entry's JSON or a hash stamp's temporary this old was a killed writer's
 
 
@@ -74,26 +83,28 @@ def text_sha1(text: Path) -> str:
     """
     if not wants_cache(text):
         return file_sha1(text)
-    stat = text.stat()
+    identity = file_identity(text)
     stamp = cache_dir(text) / f"{_name_part(text)}-{_digest(str(text.resolve()))[:16]}.sha1"
-    try:
-        known = json.loads(stamp.read_text(encoding="utf-8"))
+    known = _read_json(stamp, STAMP_MAX_BYTES)
+    with contextlib.suppress(KeyError, TypeError):
         if (
-            known["size"] == stat.st_size
-            and known["mtime_ns"] == stat.st_mtime_ns
-            and known["ctime_ns"] == stat.st_ctime_ns  # an edit that put the old mtime back (touch -r)
-            and known["inode"] == stat.st_ino  # a file replaced by another (mv, rsync)
-            and known["hashed_at_ns"] - stat.st_mtime_ns > RACY_SECONDS * 1e9
+            all(known[name] == value for name, value in identity.items())
+            and known["hashed_at_ns"] - identity["mtime_ns"] > RACY_SECONDS * 1e9
         ):
             return str(known["sha1"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     hashed_at = time.time_ns()
     sha1 = file_sha1(text)
-    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
-    record |= {"inode": stat.st_ino, "hashed_at_ns": hashed_at, "sha1": sha1}
-    _try_write(stamp, json.dumps(record))
+    _try_write(stamp, json.dumps(identity | {"hashed_at_ns": hashed_at, "sha1": sha1}))
     return sha1
+
+
+def _read_json(path: Path, max_bytes: int) -> Any:
+    """A cache file's JSON, or None when it is missing or is not one drnn wrote (not a regular file,
+    too large, not JSON, nested past Python's recursion limit): the caller builds its file again."""
+    try:
+        return json.loads(read_own_file(path, max_bytes).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
 
 
 def _digest(text: str) -> str:
@@ -141,12 +152,12 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
 def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
     tokens_path, meta_path = _paths(text, key)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = _read_json(meta_path, ENTRY_MAX_BYTES)
         dtype = _DTYPES[meta["dtype"]]
         length = int(meta["length"])
         if meta["key"] != key or tokens_path.stat().st_size != length * dtype.itemsize:
             return None
-        identity = _identity(tokens_path)
+        identity = file_identity(tokens_path)
         if meta["tokens_file"] != identity:
             return None  # rewritten since the entry was stored, or another entry's file moved here
         vocab = Vocab.from_dict(meta["vocab"])  # refuses a vocabulary with a token listed twice
@@ -163,18 +174,6 @@ def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
         return EncodedCorpus(vocab, tokens, Counter(unknown))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
-
-
-def _identity(path: Path) -> dict[str, int]:
-    """What tells one tokens file from another: a file swapped in has another inode, one rewritten in
-    place another modification time, and one whose old time was put back another change time."""
-    info = path.stat()
-    return {
-        "inode": info.st_ino,
-        "size": info.st_size,
-        "mtime_ns": info.st_mtime_ns,
-        "ctime_ns": info.st_ctime_ns,
-    }
 
 
 def _ids_below(path: Path, dtype: torch.dtype, vocab_size: int) -> bool:
@@ -228,7 +227,7 @@ def store(
     try:
         tokens_path.parent.mkdir(parents=True, exist_ok=True)
         _write_tensor(tokens_path, corpus.tokens)
-        meta["tokens_file"] = _identity(tokens_path)
+        meta["tokens_file"] = file_identity(tokens_path)
         atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))  # last: it marks the entry whole
     except (OSError, DrnnError) as error:
         with contextlib.suppress(OSError):
@@ -259,10 +258,12 @@ def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
     leave an entry as large as the text for good. (A process still training from one keeps its
     mapping: the file goes once it is closed.)"""
     for meta_path in directory.glob("*.json"):
+        if not ENTRY_NAME.fullmatch(meta_path.name):
+            continue  # not an entry's name: not drnn's to read or delete
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = _read_json(meta_path, ENTRY_MAX_BYTES)
             older = meta["text"] == text and meta["key"]["sha1"] != sha1
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             continue  # not an entry this version reads: left alone
         if older:
             with contextlib.suppress(OSError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,7 +15,8 @@ import torch
 from drnn_cli import data as data_module
 from drnn_cli.config import DataConfig
 from drnn_cli.data import load_dataset
-from drnn_cli.token_cache import MIN_CACHED_BYTES
+from drnn_cli.errors import DrnnError
+from drnn_cli.token_cache import MIN_CACHED_BYTES, STAMP_MAX_BYTES
 from drnn_cli.vocab import Vocab
 
 
@@ -398,3 +400,92 @@ def test_a_min_freq_runs_own_vocabulary_reuses_the_built_entry_with_the_cut_toke
     again = load_dataset(config, vocab=fixed)
     assert torch.equal(again.tokens, built.tokens) and len(entries(workdir)) == 1
     assert again.unknown == fresh.unknown and sum(again.unknown.values()) > 0
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+def test_a_text_that_changes_between_its_hashing_and_its_encoding_is_refused_and_not_cached(
+    workdir: Path, big_text: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A re-export, rsync or ``git checkout`` landing as a run starts: the text is hashed, then read
+    again to be encoded. Tokens of the new text must not be kept (or trained on) under the old text's
+    SHA-1, where every later run would map them (found by a red team: 3 of 12 runs did)."""
+    other = big_text.read_bytes().replace(b"e", b"x")  # the same size
+    hash_of = data_module.text_sha1
+
+    def hash_then_change(path: Path) -> str:
+        sha1 = hash_of(path)
+        if how == "replaced":  # mv, rsync: a new inode
+            staged = path.with_name("staged.tmp")
+            staged.write_bytes(other)
+            os.replace(staged, path)
+        else:  # cp over it: the same inode, a new modification time
+            time.sleep(0.01)
+            path.write_bytes(other)
+        return sha1
+
+    monkeypatch.setattr(data_module, "text_sha1", hash_then_change)
+    config = DataConfig(path=str(big_text), preprocess="none")
+    with pytest.raises(DrnnError, match=r"big.txt changed while drnn read it; run again once it is written"):
+        load_dataset(config)
+    assert entries(workdir) == []
+    monkeypatch.setattr(data_module, "text_sha1", hash_of)
+    again = load_dataset(config)  # the text as it is now, hashed and encoded together
+    assert "x" in again.vocab.token_to_idx and "e" not in again.vocab.token_to_idx
+    assert len(entries(workdir)) == 1
+
+
+def _stamp_and_entry(workdir: Path, big_text: Path) -> tuple[DataConfig, Path, Path]:
+    config = DataConfig(path=str(big_text), preprocess="none")
+    load_dataset(config)
+    cache = workdir / "data" / "token-cache"
+    (stamp,), (entry,) = cache.glob("*.sha1"), cache.glob("*.json")
+    return config, stamp, entry
+
+
+PLANTED = ["a FIFO", "a link to /dev/zero", "JSON nested 100,000 deep"]
+
+
+@pytest.mark.parametrize(
+    ("which", "planted"), [("stamp", p) for p in [*PLANTED, "too large"]] + [("entry", p) for p in PLANTED]
+)
+def test_a_cache_file_that_drnn_did_not_write_is_ignored_and_written_again(
+    workdir: Path, big_text: Path, which: str, planted: str
+) -> None:
+    """A hash stamp or an entry's JSON replaced by something else (a shared data folder, a stray file):
+    a FIFO used to hang drnn for good, a link to /dev/zero to exhaust its memory, deep JSON to end in
+    an internal RecursionError. Each is now no stamp or no entry: the text is hashed or encoded again."""
+    config, stamp, entry = _stamp_and_entry(workdir, big_text)
+    target = stamp if which == "stamp" else entry
+    target.unlink()
+    if planted == "a FIFO":
+        os.mkfifo(target)
+    elif planted == "a link to /dev/zero":
+        target.symlink_to("/dev/zero")
+    elif planted == "JSON nested 100,000 deep":
+        target.write_text("[" * 100_000 + "]" * 100_000)
+    else:  # a valid stamp padded past the most a stamp can hold
+        target.write_text(" " * STAMP_MAX_BYTES + '{"sha1": "' + "0" * 40 + '"}')
+    dataset = load_dataset(config)
+    assert dataset.sha1 == hashlib.sha1(big_text.read_bytes()).hexdigest() and len(dataset.vocab) > 20
+    assert target.is_file() and not target.is_symlink()  # written again in its place
+    json.loads(target.read_text())
+
+
+@pytest.mark.parametrize("planted", PLANTED)
+def test_a_stray_json_in_the_cache_folder_is_not_read_when_older_entries_are_swept(
+    workdir: Path, big_text: Path, planted: str
+) -> None:
+    """After storing an entry drnn deletes the entries of the text's earlier versions, reading each
+    entry's JSON: a stray file there (not an entry's name, or not a regular file) is left alone."""
+    config, _, _ = _stamp_and_entry(workdir, big_text)
+    cache = workdir / "data" / "token-cache"
+    stray = cache / ("notes.json" if planted != "a FIFO" else f"big-{'0' * 20}.json")
+    if planted == "a FIFO":
+        os.mkfifo(stray)
+    elif planted == "a link to /dev/zero":
+        stray.symlink_to("/dev/zero")
+    else:
+        stray.write_text("[" * 100_000 + "]" * 100_000)
+    big_text.write_bytes(big_text.read_bytes().replace(b"e", b"x"))  # an edit: a new entry is stored
+    assert "x" in load_dataset(config).vocab.token_to_idx
+    assert os.path.lexists(stray) and len(entries(workdir)) == 2  # the new entry, and the stray file

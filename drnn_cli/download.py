@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 import requests
 import urllib3
 
-from drnn_cli.errors import ConfigError, DrnnError
+from drnn_cli.errors import ConfigError, DrnnError, first_line
 from drnn_cli.files import (
     partial_path,
     remove_dead_partials,
@@ -175,6 +176,9 @@ def _download_with_retries(
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             last_problem = type(exc).__name__  # raw reads raise urllib3's errors, not requests'
             partial.unlink(missing_ok=True)
+        except ValueError as exc:  # a redirect to a URL that does not parse (urllib's, not requests')
+            last_problem = f"an invalid response: {first_line(str(exc))[:200]}"
+            partial.unlink(missing_ok=True)
         if attempt + 1 < retries:
             if time.monotonic() + backoff * 2**attempt >= limits.deadline:
                 break
@@ -185,11 +189,46 @@ def _download_with_retries(
     )
 
 
+def _response_headers(url: str, limits: _Limits) -> requests.Response:
+    """The response to a GET of ``url``, its body not yet read, within the deadline. ``timeout`` bounds
+    each read of the socket, not their sum: a server that trickles its headers a byte at a time would
+    keep ``requests.get`` waiting for weeks. So the request runs in a worker thread, which is left
+    behind (a daemon: it ends with the process) when the deadline passes first."""
+    answer: list[requests.Response | BaseException] = []
+
+    def get() -> None:
+        try:
+            answer.append(requests.get(url, stream=True, timeout=limits.read_timeout))
+        except BaseException as error:  # handed to the waiting thread, which raises it
+            answer.append(error)
+
+    worker = threading.Thread(target=get, name="drnn-download", daemon=True)
+    worker.start()
+    worker.join(max(0.0, limits.deadline - time.monotonic()))
+    if not answer:
+        raise _TooMuch(
+            f"{url} sent no complete response within the time allowed; the download was abandoned. Retry, "
+            f"set {DATA_URL_ENV} to another mirror, or copy the file into {data_dir()} (or ${DATA_DIR_ENV})"
+        )
+    if isinstance(answer[0], BaseException):
+        raise answer[0]
+    return answer[0]
+
+
+def _announced_length(response: requests.Response) -> int | None:
+    """The Content-Length a server announced, None when it announced none or nonsense (the body's own
+    length is what the limits then hold to)."""
+    try:
+        return int(response.headers.get("Content-Length") or 0) or None
+    except ValueError:
+        return None
+
+
 def _download(url: str, partial: Path, progress: ProgressHook | None, limits: _Limits) -> str:
     digest = hashlib.sha1()
-    with requests.get(url, stream=True, timeout=limits.read_timeout) as response:
+    with _response_headers(url, limits) as response:
         response.raise_for_status()
-        total = int(response.headers.get("Content-Length") or 0) or None
+        total = _announced_length(response)
         if total is not None and total > limits.max_bytes:
             raise _TooMuch(
                 f"{url} announces {total:,} bytes but the corpus is {limits.max_bytes:,}; refusing it. Check "

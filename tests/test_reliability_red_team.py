@@ -625,6 +625,73 @@ def test_a_trickling_server_meets_the_total_deadline(tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+class _TrickledHeaders(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(100):  # a header line that never ends, a byte every 0.2 s
+                self.wfile.write(b"X")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_server_trickling_its_headers_meets_the_total_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The deadline held only for the body: a server that sent its headers a byte at a time (each
+    within the per-read timeout) kept drnn waiting for weeks (found by a red team)."""
+    with _Server(_TrickledHeaders) as server:
+        monkeypatch.setenv("DRNN_DATA_URL", server.url)
+        start = time.monotonic()
+        with pytest.raises(
+            DrnnError, match=r"sent no complete response within the time allowed; the download"
+        ):
+            fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0, timeout=5, deadline=1.0)
+        assert time.monotonic() - start < 3.0
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Malformed(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.endswith("/length/timemachine.txt"):  # a Content-Length that is no number
+            body = Path(os.environ["DRNN_TEST_BODY"]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", "abc")
+            self.end_headers()
+            self.wfile.write(body)
+        else:  # a redirect to a URL that does not parse
+            self.send_response(302)
+            self.send_header("Location", "http://[::1/x")
+            self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_malformed_content_length_is_ignored_and_a_malformed_redirect_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_path: Path
+):
+    """Both ended in an internal ValueError (found by a red team). A Content-Length that is no number
+    is as good as none (the corpus's size still bounds the body); a redirect to an unparseable URL is
+    the server's fault, said in one line."""
+    monkeypatch.setenv("DRNN_TEST_BODY", str(corpus_path))
+    with _Server(_Malformed) as server:
+        monkeypatch.setenv("DRNN_DATA_URL", server.url + "length/")
+        got = fetch_corpus("timemachine", cache_dir=tmp_path / "a", retries=1, backoff=0)
+        assert got.path.read_bytes() == corpus_path.read_bytes()
+        monkeypatch.setenv("DRNN_DATA_URL", server.url + "redirect/")
+        with pytest.raises(
+            DrnnError, match=r"cannot download .*redirect/timemachine.txt \(an invalid response: "
+        ):
+            fetch_corpus("timemachine", cache_dir=tmp_path / "b", retries=1, backoff=0)
+    assert list((tmp_path / "b").iterdir()) == []
+
+
 def test_sample_chars_has_an_upper_bound(workdir: Path, cli):
     code, _, err = cli("train", "--config", str(config_file(workdir, tiny(sample_chars=10**9))))
     assert_one_line_error(code, err, "train.sample_chars", "less than or equal to 10000")

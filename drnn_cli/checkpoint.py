@@ -27,7 +27,7 @@ from safetensors import safe_open
 from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_stream, require_regular_file
-from drnn_cli.strict_json import is_number
+from drnn_cli.strict_json import escape_surrogates, is_number
 from drnn_cli.trainer_state import TrainerState
 from drnn_cli.vocab import Vocab, VocabError, check_char_tokens
 
@@ -128,7 +128,10 @@ class Checkpoint:
             "trainer_state": packed_state,
         }
         tensors = in_stored_order(tensors)
-        head = safetensors_header(tensors, {"drnn": json.dumps(header, ensure_ascii=False)})
+        # a path that is not UTF-8 (a lone surrogate in Python) is written escaped, and read back as it was
+        head = safetensors_header(
+            tensors, {"drnn": escape_surrogates(json.dumps(header, ensure_ascii=False))}
+        )
         header_bytes = len(head) - 8
         if header_bytes > MAX_HEADER_BYTES:  # what the reader would refuse is never written
             raise DrnnError(f"the checkpoint's header would be {_mib(header_bytes)}, {_over_the_cap()}")

@@ -376,6 +376,10 @@ def _section_for(location: list[str]) -> type[BaseModel] | None:
     return model
 
 
+NULL_WORDS = frozenset({"null", "~", "Null", "NULL"})  # a key back to its default
+LITERAL_KEYS = [["data", "path"]]  # values --set takes as they are (unless quoted), not as YAML
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``model.num_layers=3`` → (["model", "num_layers"], 3); the value is parsed as a YAML scalar."""
     key, sep, raw = text.partition("=")
@@ -389,11 +393,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set key {key!r} has an empty part; use dotted keys like train.lr=0.5")
     if not raw.strip() and len(parts) > 1:  # ``--set data.path=$TEXT`` with TEXT unset
         raise ConfigError(f"--set {key}= has no value; give one, or {key}=null for its default")
+    if parts in LITERAL_KEYS and raw.strip() not in NULL_WORDS and not raw.lstrip().startswith(("'", '"')):
+        # A file name as the shell passed it: YAML would cut ``a #1.txt`` at its comment, refuse
+        # ``[draft].txt`` and a name that is not UTF-8, and read ``~`` as null.
+        return parts, raw
     try:
         value = _parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: {raw!r} is not a valid YAML value ({_yaml_problem(exc)})") from None
-    if raw.strip() and value is None and raw.strip() not in {"null", "~", "Null", "NULL"}:
+    if raw.strip() and value is None and raw.strip() not in NULL_WORDS:
         value = raw
     return parts, value
 

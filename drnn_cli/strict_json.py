@@ -28,9 +28,20 @@ def is_number(value: Any) -> bool:
 # Characters that ``str.splitlines`` (and JavaScript's line terminators) break lines at and that
 # ``json.dumps(ensure_ascii=False)`` writes raw: a corpus holding one would split a one-line JSON object.
 # (JSON escapes every C0 control character, \n, \r, \v, \f and \x1c-\x1e among them, by itself.)
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+# Lone surrogates too: a file name that is not UTF-8 reaches Python as one (\udcff for a byte 0xff),
+# which would be written as the raw byte (invalid UTF-8) or fail to encode at all; escaped, it is JSON.
+_SURROGATE_ESCAPES = {chr(code): f"\\u{code:04x}" for code in range(0xD800, 0xE000)}
+_ESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"} | _SURROGATE_ESCAPES)
+_SURROGATES = str.maketrans(_SURROGATE_ESCAPES)
+
+
+def escape_surrogates(text: str) -> str:
+    """``text`` (JSON written with ``ensure_ascii=False``) with its lone surrogates escaped, so that it
+    encodes as UTF-8."""
+    return text.translate(_SURROGATES)
 
 
 def dumps(value: Any, **options: Any) -> str:
-    """JSON on one line, whatever its strings hold, for the parsers above and line-based readers."""
-    return json.dumps(finite(value), allow_nan=False, **options).translate(_LINE_BREAKS)
+    """JSON on one line in valid UTF-8, whatever its strings hold, for the parsers above and line-based
+    readers."""
+    return json.dumps(finite(value), allow_nan=False, **options).translate(_ESCAPED)

@@ -100,6 +100,46 @@ def test_json_never_holds_nan_or_infinity():
     )
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8:strict"])
+def test_the_json_line_is_valid_utf8_when_a_file_name_is_not(workdir: Path, corpus_path: Path, encoding: str):
+    """A file name that is not UTF-8 (byte 0xff) reaches Python as a lone surrogate: written raw it was
+    invalid UTF-8 on stdout (C.UTF-8), or ended the command in an internal error after its work under a
+    strict encoder (found by a red team). Escaped, the line is JSON that names the file."""
+    name = os.fsdecode(b"t\xff.txt")
+    (workdir / name).write_bytes(corpus_path.read_bytes())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": encoding}
+    done = subprocess.run(
+        [sys.executable, "-m", "drnn_cli", "data", "--set", f"data.path={name}", "--json"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1].decode("utf-8")  # strict: valid UTF-8
+    assert json.loads(line)["path"].endswith("t\udcff.txt")
+
+
+def test_a_run_on_a_text_whose_name_is_not_utf8_checkpoints_and_evaluates(workdir: Path, corpus_path: Path):
+    """The checkpoint's header names the text: a lone surrogate there could not be encoded, and
+    training ended in an internal error at its first checkpoint. Written escaped, it reads back as the
+    same name, which ``drnn eval`` of the run's split then opens (stdout strict UTF-8, as under
+    en_US.UTF-8; Python's stderr escapes what it cannot encode by itself)."""
+    name = os.fsdecode(b"t\xff.txt")
+    (workdir / name).write_bytes(corpus_path.read_bytes())
+    settings = ["--set", f"data.path={name}", "--set", "data.max_tokens=3000", "--set", "train.epochs=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:strict"}
+    for args in (
+        ["train", "--config", "quick", *settings, "--run", "runs/u"],
+        ["eval", "--run", "runs/u", "--json"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "drnn_cli", *args], cwd=workdir, env=env, capture_output=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1].decode("utf-8"))["perplexity"] > 1
+
+
 def test_the_json_line_stays_one_line_for_splitlines_whatever_the_corpus_holds(workdir: Path, cli):
     """A text with U+2028, U+2029 or NEL (U+0085) tokens: written raw, each split `--json`'s one line in
     three for ``str.splitlines`` and JavaScript; escaped, the line parses back to the same tokens."""

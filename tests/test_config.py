@@ -305,6 +305,27 @@ def test_missing_config_file_is_named(tmp_path: Path):
         load_config(tmp_path / "does-not-exist.yaml")
 
 
+@pytest.mark.parametrize(
+    ("given", "path"),
+    [
+        ("a #1.txt", "a #1.txt"),  # YAML would cut it at its comment, and train on a file named "a"
+        ("[draft].txt", "[draft].txt"),  # YAML: a flow sequence, refused
+        ("*.txt", "*.txt"),  # YAML: an alias
+        ("t\udcff.txt", "t\udcff.txt"),  # a name that is not UTF-8, as Python passes it on
+        ("123", "123"),
+        ('"quoted name.txt"', "quoted name.txt"),  # quoted: YAML, as before
+        ("null", None),  # the documented way back to data.corpus
+        ("~", None),
+    ],
+)
+def test_set_data_path_takes_the_file_name_as_written(given: str, path: str | None):
+    """``--set data.path=NAME`` is a file name, not YAML (found by a red team: names with ``#``, ``[``,
+    ``*`` or bytes that are not UTF-8 were cut, refused or misread); null puts back the default."""
+    parts, value = parse_override(f"data.path={given}")
+    assert parts == ["data", "path"] and value == path
+    assert build_config({"data": {"path": value}}).data.path == path
+
+
 def test_yaml_merge_keys_merge_and_written_keys_override(tmp_path: Path):
     path = tmp_path / "merged.yaml"
     path.write_text("model:\n  <<: {hidden_size: 8, num_layers: 1}\n  num_layers: 3\n")

@@ -14,7 +14,7 @@ from typing import Literal
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)?\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600}
-_CADENCE = re.compile(r"^\s*(\d+)\s*(steps?|epochs?)\s*$")
+_CADENCE = re.compile(r"^\s*(\d{1,18})\s*(steps?|epochs?)\s*$")  # a count, not 4,300 digits
 
 Unit = Literal["epochs", "steps"]
 

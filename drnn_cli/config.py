@@ -400,7 +400,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = _parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: {raw!r} is not a valid YAML value ({_yaml_problem(exc)})") from None
+        raise ConfigError(
+            f"--set {key}: {_short_repr(raw)} is not a valid YAML value ({_yaml_problem(exc)})"
+        ) from None
     if raw.strip() and value is None and raw.strip() not in NULL_WORDS:
         value = raw
     return parts, value
@@ -435,6 +437,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000  # YAML nodes after expanding aliases: a config has a few dozen
+MAX_INT_DIGITS = 100  # no setting takes a number near 10**100
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -490,6 +493,11 @@ class _ConfigLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
         digits = str(self.construct_scalar(node)).replace("_", "")
+        if len(digits) > MAX_INT_DIGITS:  # Python refuses to read more than 4,300 digits, in a ValueError
+            raise yaml.constructor.ConstructorError(
+                problem=f"a number of {len(digits):,} digits is longer than any setting takes",
+                problem_mark=node.start_mark,
+            )
         if re.fullmatch(r"[-+]?0[0-9]+", digits):
             return int(digits, 10)  # YAML 1.1 would read 010 as octal 8
         if ":" in digits:

@@ -177,7 +177,7 @@ def _download_with_retries(
             last_problem = type(exc).__name__  # raw reads raise urllib3's errors, not requests'
             partial.unlink(missing_ok=True)
         except ValueError as exc:  # a redirect to a URL that does not parse (urllib's, not requests')
-            last_problem = f"an invalid response: {first_line(str(exc))[:200]}"
+            last_problem = f"an invalid response: {first_line(exc, 200)}"
             partial.unlink(missing_ok=True)
         if attempt + 1 < retries:
             if time.monotonic() + backoff * 2**attempt >= limits.deadline:

@@ -9,6 +9,9 @@ from drnn_cli.shown_text import terminal_safe
 _BREAKS = re.compile(r"[ \t]*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")
 
 
+MAX_MESSAGE_CHARS = 2000  # a one-line error quotes its input (a path, a value), never megabytes of it
+
+
 class DrnnError(Exception):
     """A problem the user can fix: the message names it and says how.
 
@@ -21,7 +24,11 @@ class DrnnError(Exception):
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         # other controls (a tab, an escape, a bidi override) are shown escaped: a path holding a tab
         # must not read as one holding a space, nor an escape sequence in a file name reach the terminal
-        super().__init__(terminal_safe(_BREAKS.sub(" ", message).strip(), keep=""))
+        text = terminal_safe(_BREAKS.sub(" ", message).strip(), keep="")
+        if len(text) > MAX_MESSAGE_CHARS:  # the middle goes: the problem comes first, the fix last
+            half = MAX_MESSAGE_CHARS // 2
+            text = f"{text[:half]} … {text[-half:]}"
+        super().__init__(text)
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -453,3 +453,40 @@ def test_d2l_deep_lstm_recipe_is_the_seed_recipe():
     seed = load_config(REPO / "configs" / "lstm2.yaml")
     assert d2l.data == seed.data and d2l.model == seed.model
     assert d2l.train.model_dump(exclude={"sample_every"}) == seed.train.model_dump(exclude={"sample_every"})
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "data.max_tokens=" + "9" * 5000,
+        "train.max_time=" + "9" * 5000,
+        "train.eval_every=" + "9" * 5000 + " steps",
+    ],
+)
+def test_a_number_of_thousands_of_digits_is_a_config_error_not_an_internal_one(setting: str, tmp_path: Path):
+    """Python refuses to read an integer of more than 4,300 digits with a ValueError, which reached the
+    user as an internal error (found by a red team); the line names the key and is no longer than a
+    line should be."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [setting])
+    message = str(refused.value)
+    assert setting.split("=")[0] in message and len(message) < 400
+    assert "set_int_max_str_digits" not in message
+    if not setting.startswith("train.eval_every"):  # the same value written in a config file
+        key, value = setting.split("=")
+        section, name = key.split(".")
+        written = tmp_path / "big.yaml"
+        written.write_text(f"{section}:\n  {name}: {value}\n")
+        with pytest.raises(ConfigError, match=r"a number of 5,000 digits is longer than any setting takes"):
+            load_config(written)
+
+
+def test_an_error_line_quotes_a_huge_value_cut_in_the_middle(tmp_path: Path):
+    """A 900 KB corpus name was echoed whole in its "one line" (found by a red team): every error line
+    is now at most MAX_MESSAGE_CHARS (and a few), keeping its start, the problem, and its end, the fix."""
+    from drnn_cli.errors import MAX_MESSAGE_CHARS, DrnnError
+
+    error = DrnnError("unknown corpus '" + "x" * 900_000 + "'; one of: timemachine (or set data.path)")
+    assert len(str(error)) <= MAX_MESSAGE_CHARS + 3
+    assert str(error).startswith("unknown corpus 'xxx") and str(error).endswith("(or set data.path)")
+    assert " … " in str(error)

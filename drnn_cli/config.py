@@ -437,7 +437,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000  # YAML nodes after expanding aliases: a config has a few dozen
-MAX_INT_DIGITS = 100  # no setting takes a number near 10**100
+MAX_INT_DIGITS = 4300  # what Python reads (sys.get_int_max_str_digits); a longer one is a ValueError
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"

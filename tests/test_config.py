@@ -112,7 +112,8 @@ def test_invalid_value_is_refused_with_its_dotted_path_and_what_is_allowed(dotte
     assert message.endswith(f" (got {value!r})")  # the value the user wrote, echoed
 
 
-@pytest.mark.parametrize("dotted", sorted(INVALID))
+# data.path's --set value is a file name as written (7 is the file "7"), not YAML: see below
+@pytest.mark.parametrize("dotted", sorted(INVALID.keys() - {"data.path"}))
 def test_invalid_value_through_set_gets_the_same_answer(dotted: str):
     value, _ = INVALID[dotted]
     text = json.dumps(value)  # JSON is YAML: what a user would type, quoted where needed

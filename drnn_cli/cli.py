@@ -25,7 +25,7 @@ from rich.table import Table
 from drnn_cli import __version__, strict_json
 from drnn_cli.budget import Cadence, format_duration
 from drnn_cli.config import load_config
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.presets import find_config
 from drnn_cli.shown_text import terminal_safe
 from drnn_cli.signals import Signalled, exit_on_signals, exit_process, guard_output
@@ -717,6 +717,26 @@ def inspect_command(
 # Entry point
 
 
+# What PyTorch's allocators say when an allocation fails (its CPU allocator raises a RuntimeError).
+_ALLOCATION_FAILED = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def _out_of_memory(error: Exception) -> str | None:
+    """The one line for an allocation that failed (a model, batch or ``--rows`` larger than the
+    machine's memory: the settings decide it, so it is the user's to fix), else None."""
+    failed = isinstance(
+        error, MemoryError
+    ) or (  # torch.OutOfMemoryError: a RuntimeError, "CUDA out of memory"
+        isinstance(error, RuntimeError) and any(words in str(error) for words in _ALLOCATION_FAILED)
+    )
+    if not failed:
+        return None
+    return (
+        f"out of memory ({first_line(error, 200)}); lower model.hidden_size, model.num_layers, "
+        "data.batch_size or data.num_steps (drnn eval: --rows), or run where there is more memory"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the app; turn every failure into one line on stderr and an exit code.
 
@@ -750,6 +770,9 @@ def main(argv: list[str] | None = None) -> None:
             _say(errors, f"drnn: error: {where}{error.strerror or error}")
             sys.exit(1)
         except Exception as error:
+            if _out_of_memory(error):
+                _say(errors, f"drnn: error: {_out_of_memory(error)}")
+                sys.exit(1)
             if _is_usage_error(error):
                 _report_usage_error(error, errors, sys.argv[1:] if argv is None else argv)
             # anything else is a bug: still one line, unless asked for the traceback

@@ -1349,3 +1349,34 @@ def test_a_stream_closed_before_drnn_starts_is_output_discarded_not_a_failure(
         assert done.stdout == "" and "error" not in done.stderr
     if name == "train":
         assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 2
+
+
+def _limited_to(gib: int) -> Callable[[], None]:
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+
+    return limit
+
+
+def test_a_model_larger_than_memory_is_one_line_naming_the_settings(workdir: Path, corpus_path: Path):
+    """64 layers of 16,384 units (the schema allows each) is 256 GiB of weights: under a memory limit
+    PyTorch's allocator refused it and drnn printed an internal error (found by a red team). Now one
+    line names what to lower, and no run is left behind."""
+    settings = ["model.hidden_size=16384", "model.num_layers=64", "train.epochs=1", "data.max_tokens=3000"]
+    args = ["train", "--config", "quick", "--run", "runs/big", *[a for s in settings for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DRNN_DATA_DIR": str(corpus_path.parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "drnn_cli", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limited_to(6),
+    )
+    assert_one_line_error(
+        done.returncode, done.stderr, "out of memory", "lower model.hidden_size, model.num_layers"
+    )
+    assert not (workdir / "runs" / "big").exists()

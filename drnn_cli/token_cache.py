@@ -232,6 +232,12 @@ def store(
     except (OSError, DrnnError) as error:
         with contextlib.suppress(OSError):
             tokens_path.unlink(missing_ok=True)  # as large as the text, and no entry without its JSON
+        in_the_way = next((p for p in (tokens_path, meta_path) if p.is_dir() and not p.is_symlink()), None)
+        if in_the_way is not None:  # the folder is writable: what blocks the entry is this folder
+            return (
+                f"the token cache cannot keep this text: {in_the_way} is a folder, where its entry goes; "
+                "remove it, or this text is read and encoded again on every run"
+            )
         return (
             f"the token cache in {tokens_path.parent} cannot be written ({_reason(error, tokens_path.parent)}): "
             f"this text is read and encoded again on every run (set {DATA_DIR_ENV} to a writable folder)"

@@ -232,9 +232,9 @@ def test_an_entry_whose_json_cannot_be_written_leaves_no_tokens_file(workdir: Pa
     again = load_dataset(config)
     cache = workdir / "data" / "token-cache"
     assert again.notes == (
-        f"the token cache in {cache} cannot be written (Is a directory): this text is read and encoded again "
-        "on every run (set DRNN_DATA_DIR to a writable folder)",
-    )  # the OS's words once, not "(cannot write ….json: Is a directory)" inside "cannot be written"
+        f"the token cache cannot keep this text: {meta} is a folder, where its entry goes; remove it, or "
+        "this text is read and encoded again on every run",
+    )
     assert sorted(path.suffix for path in cache.iterdir()) == [".json", ".sha1"]  # the folder, the hash
 
 
@@ -489,3 +489,23 @@ def test_a_stray_json_in_the_cache_folder_is_not_read_when_older_entries_are_swe
     big_text.write_bytes(big_text.read_bytes().replace(b"e", b"x"))  # an edit: a new entry is stored
     assert "x" in load_dataset(config).vocab.token_to_idx
     assert os.path.lexists(stray) and len(entries(workdir)) == 2  # the new entry, and the stray file
+
+
+@pytest.mark.parametrize("suffix", [".tokens", ".json"])
+def test_a_folder_where_an_entry_goes_is_named_in_the_note(workdir: Path, big_text: Path, suffix: str):
+    """The note blamed the cache folder ("set DRNN_DATA_DIR to a writable folder") though it was
+    writable; what blocked the entry was a folder in its place, which it now names (found by a red team)."""
+    config = DataConfig(path=str(big_text), preprocess="none")
+    load_dataset(config)
+    (entry,) = entries(workdir)
+    place = entry.with_suffix(suffix)
+    place.unlink()
+    place.with_suffix(".json" if suffix == ".tokens" else ".tokens").unlink()
+    place.mkdir()
+    (place / "x").write_text("kept")  # not drnn's to delete
+    (note,) = load_dataset(config).notes
+    assert note == (
+        f"the token cache cannot keep this text: {place} is a folder, where its entry goes; remove it, or "
+        "this text is read and encoded again on every run"
+    )
+    assert (place / "x").read_text() == "kept"

@@ -120,6 +120,10 @@ def fetch_corpus(
     if cached is not None:
         return cached
     url = corpus_url(spec)
+    if target.is_dir():  # the download would fail at its rename, naming only its temporary file
+        raise DrnnError(
+            f"{target} is a folder, where the {name} corpus goes; remove it, or set {DATA_DIR_ENV} to another folder"
+        )
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -1380,3 +1380,16 @@ def test_a_model_larger_than_memory_is_one_line_naming_the_settings(workdir: Pat
         done.returncode, done.stderr, "out of memory", "lower model.hidden_size, model.num_layers"
     )
     assert not (workdir / "runs" / "big").exists()
+
+
+def test_a_folder_where_the_corpus_goes_is_named(tmp_path: Path):
+    """The download failed at its rename with "cannot access …/.timemachine.txt.HOST@PID.part: Is a
+    directory", naming its temporary file and no fix (found by a red team); nothing is downloaded now."""
+    (tmp_path / "timemachine.txt").mkdir()
+    with pytest.raises(DrnnError) as refused:
+        fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
+    assert str(refused.value) == (
+        f"{tmp_path / 'timemachine.txt'} is a folder, where the timemachine corpus goes; remove it, or set "
+        "DRNN_DATA_DIR to another folder"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["timemachine.txt"]

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -218,6 +219,7 @@ def store(
     meta = {
         "key": key,
         "text": str(text.resolve()),
+        "host": socket.gethostname(),  # a shared cache folder: another machine's file at the same path
         "dtype": dtype,
         "length": len(corpus.tokens),
         "vocab": corpus.vocab.to_dict(),
@@ -262,13 +264,20 @@ def _reason(error: OSError | DrnnError, directory: Path) -> str:
 def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
     """Delete the entries of this file's earlier contents: each edit of a big text would otherwise
     leave an entry as large as the text for good. (A process still training from one keeps its
-    mapping: the file goes once it is closed.)"""
+    mapping: the file goes once it is closed.) Only this machine's: machines sharing a cache folder
+    (``DRNN_DATA_DIR`` on a network drive) may each have a different file at the same path."""
+    host = socket.gethostname()
     for meta_path in directory.glob("*.json"):
         if not ENTRY_NAME.fullmatch(meta_path.name):
             continue  # not an entry's name: not drnn's to read or delete
         try:
             meta = _read_json(meta_path, ENTRY_MAX_BYTES)
-            older = meta["text"] == text and meta["key"]["sha1"] != sha1
+            older = (
+                meta["text"] == text
+                and meta.get("host", host)
+                == host  # another machine's text at that path is not this one's past
+                and meta["key"]["sha1"] != sha1
+            )
         except (KeyError, TypeError):
             continue  # not an entry this version reads: left alone
         if older:

@@ -509,3 +509,24 @@ def test_a_folder_where_an_entry_goes_is_named_in_the_note(workdir: Path, big_te
         "this text is read and encoded again on every run"
     )
     assert (place / "x").read_text() == "kept"
+
+
+def test_machines_sharing_a_cache_folder_keep_each_others_entries(workdir: Path, big_text: Path, monkeypatch):
+    """Two machines with DRNN_DATA_DIR on one network drive and each its own file at the same path:
+    each run took the other machine's entry for an earlier version of its text and deleted it, so
+    both encoded their text again on every run. Only this machine's earlier versions go now."""
+    config = DataConfig(path=str(big_text), preprocess="none")
+    monkeypatch.setattr("socket.gethostname", lambda: "node-a")
+    load_dataset(config)
+    original = big_text.read_bytes()
+    big_text.write_bytes(original.replace(b"e", b"@"))
+    monkeypatch.setattr("socket.gethostname", lambda: "node-b")
+    load_dataset(config)  # node-b's file at the same path
+    assert sorted(json.loads(p.read_text())["host"] for p in entries(workdir)) == ["node-a", "node-b"]
+    big_text.write_bytes(original.replace(b"e", b"%"))  # node-b's text edited: its own old entry goes
+    load_dataset(config)
+    hosts = sorted(
+        (json.loads(p.read_text())["host"], "%" in json.loads(p.read_text())["vocab"]["idx_to_token"])
+        for p in entries(workdir)
+    )
+    assert hosts == [("node-a", False), ("node-b", True)]

@@ -771,6 +771,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         except Exception as error:
             if _out_of_memory(error):
+                if session.debug:  # a size computed wrongly is a bug that reads as one too
+                    traceback.print_exc()
                 _say(errors, f"drnn: error: {_out_of_memory(error)}")
                 sys.exit(1)
             if _is_usage_error(error):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import re
 import reprlib
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -396,7 +397,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if parts in LITERAL_KEYS and raw.strip() not in NULL_WORDS and not raw.lstrip().startswith(("'", '"')):
         # A file name as the shell passed it: YAML would cut ``a #1.txt`` at its comment, refuse
         # ``[draft].txt`` and a name that is not UTF-8, and read ``~`` as null.
-        return parts, raw
+        return parts, raw.strip()  # ``data.path = a.txt`` as for every key (a quoted name keeps its spaces)
     try:
         value = _parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
@@ -437,7 +438,6 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000  # YAML nodes after expanding aliases: a config has a few dozen
-MAX_INT_DIGITS = 4300  # what Python reads (sys.get_int_max_str_digits); a longer one is a ValueError
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -493,7 +493,7 @@ class _ConfigLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
         digits = str(self.construct_scalar(node)).replace("_", "")
-        if len(digits) > MAX_INT_DIGITS:  # Python refuses to read more than 4,300 digits, in a ValueError
+        if len(digits) > (sys.get_int_max_str_digits() or len(digits)):  # Python would raise a ValueError
             raise yaml.constructor.ConstructorError(
                 problem=f"a number of {len(digits):,} digits is longer than any setting takes",
                 problem_mark=node.start_mark,

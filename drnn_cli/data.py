@@ -12,7 +12,7 @@ import torch
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import char_stream_bytes, preprocess, preprocess_chars, read_text
-from drnn_cli.download import ProgressHook, cached_corpus, fetch_corpus
+from drnn_cli.download import ProgressHook, cached_corpus, fetch_corpus, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, load_cached, store, text_sha1
@@ -78,11 +78,12 @@ def resolve_corpus_file(
     return corpus.path, corpus.sha1, file_identity(corpus.path)
 
 
-def check_unchanged(path: Path, hashed: FileIdentity) -> None:
+def check_unchanged(path: Path, sha1: str, hashed: FileIdentity) -> None:
     """Refuse a text that changed between its hashing and its reading (a re-export, an rsync or a
     ``git checkout`` landing as a run starts): its tokens would be recorded, and cached, under the
-    SHA-1 of another text."""
-    if file_identity(path) != hashed:
+    SHA-1 of another text. A file whose identity moved is hashed again, so that the same bytes put
+    back in its place (another process's download of the corpus, a ``touch``, a ``chmod``) pass."""
+    if file_identity(path) != hashed and file_sha1(path) != sha1:
         raise DrnnError(
             f"corpus file {path} changed while drnn read it; run again once it is written in full"
         )
@@ -129,7 +130,7 @@ def load_dataset(
     notes: tuple[str, ...] = ()
     if corpus is None:
         corpus = _encode(path, config, vocab)
-        check_unchanged(path, hashed)  # the bytes encoded are the bytes hashed, or nothing is kept
+        check_unchanged(path, sha1, hashed)  # the bytes encoded are the bytes hashed, or nothing is kept
         not_kept = store(path, sha1, config, vocab, corpus)
         notes = (not_kept,) if not_kept else ()
     encoded = corpus.tokens

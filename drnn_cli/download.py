@@ -193,30 +193,41 @@ def _download_with_retries(
     )
 
 
-def _response_headers(url: str, limits: _Limits) -> requests.Response:
+def _response_headers(url: str, limits: _Limits, folder: Path) -> requests.Response:
     """The response to a GET of ``url``, its body not yet read, within the deadline. ``timeout`` bounds
     each read of the socket, not their sum: a server that trickles its headers a byte at a time would
     keep ``requests.get`` waiting for weeks. So the request runs in a worker thread, which is left
     behind (a daemon: it ends with the process) when the deadline passes first."""
-    answer: list[requests.Response | BaseException] = []
+    outcome: list[requests.Response | BaseException] = []
+    abandoned = False
+    lock = threading.Lock()  # the outcome reaches the waiting thread, or is closed once it has left
 
     def get() -> None:
+        response: requests.Response | BaseException
         try:
-            answer.append(requests.get(url, stream=True, timeout=limits.read_timeout))
+            response = requests.get(url, stream=True, timeout=limits.read_timeout)
         except BaseException as error:  # handed to the waiting thread, which raises it
-            answer.append(error)
+            response = error
+        with lock:
+            if not abandoned:
+                outcome.append(response)
+                return
+        if isinstance(response, requests.Response):
+            response.close()  # too late: its connection is closed, not left open
 
     worker = threading.Thread(target=get, name="drnn-download", daemon=True)
     worker.start()
     worker.join(max(0.0, limits.deadline - time.monotonic()))
-    if not answer:
+    with lock:
+        abandoned = not outcome
+    if abandoned:
         raise _TooMuch(
             f"{url} sent no complete response within the time allowed; the download was abandoned. Retry, "
-            f"set {DATA_URL_ENV} to another mirror, or copy the file into {data_dir()} (or ${DATA_DIR_ENV})"
+            f"set {DATA_URL_ENV} to another mirror, or copy the file into {folder}"
         )
-    if isinstance(answer[0], BaseException):
-        raise answer[0]
-    return answer[0]
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _announced_length(response: requests.Response) -> int | None:
@@ -230,7 +241,7 @@ def _announced_length(response: requests.Response) -> int | None:
 
 def _download(url: str, partial: Path, progress: ProgressHook | None, limits: _Limits) -> str:
     digest = hashlib.sha1()
-    with _response_headers(url, limits) as response:
+    with _response_headers(url, limits, partial.parent) as response:
         response.raise_for_status()
         total = _announced_length(response)
         if total is not None and total > limits.max_bytes:

@@ -24,11 +24,11 @@ class DrnnError(Exception):
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         # other controls (a tab, an escape, a bidi override) are shown escaped: a path holding a tab
         # must not read as one holding a space, nor an escape sequence in a file name reach the terminal
-        text = terminal_safe(_BREAKS.sub(" ", message).strip(), keep="")
+        text = _BREAKS.sub(" ", message).strip()
         if len(text) > MAX_MESSAGE_CHARS:  # the middle goes: the problem comes first, the fix last
             half = MAX_MESSAGE_CHARS // 2
-            text = f"{text[:half]} … {text[-half:]}"
-        super().__init__(text)
+            text = f"{text[:half]} … {text[-half:]}"  # cut before escaping: no escape is cut in two
+        super().__init__(terminal_safe(text, keep=""))
         if exit_code is not None:
             self.exit_code = exit_code
 

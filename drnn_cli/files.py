@@ -12,6 +12,7 @@ import codecs
 import contextlib
 import errno
 import os
+import re
 import secrets
 import socket
 import stat
@@ -98,7 +99,11 @@ def remove_dead_partials(directory: Path, pattern: str) -> None:
         writer, at, pid_text = stem.rpartition("@")
         if not at:  # ``.NAME.PID.part``, from before the host was in the name: a writer on this machine
             writer, pid_text = f".{host}", stem.rpartition(".")[2]
-        if writer.endswith(f".{host}") and pid_text.isdigit() and not process_alive(int(pid_text)):
+        if (
+            writer.endswith(f".{host}")
+            and re.fullmatch(r"[0-9]{1,10}", pid_text)
+            and not process_alive(int(pid_text))
+        ):
             with contextlib.suppress(OSError):
                 partial.unlink()
 

@@ -258,7 +258,7 @@ def parse_units(text: str | None) -> tuple[int, ...]:
     if text is None:
         return ()
     pieces = [piece.strip() for piece in text.split(",")]
-    if not all(re.fullmatch(r"[0-9]+", piece) for piece in pieces):
+    if not all(re.fullmatch(r"[0-9]{1,9}", piece) for piece in pieces):  # int() refuses 4,300 digits
         raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {text!r})")
     return tuple(dict.fromkeys(int(piece) for piece in pieces))
 

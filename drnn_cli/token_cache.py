@@ -40,6 +40,7 @@ from drnn_cli.files import (
     remove_abandoned_temporaries,
     remove_dead_partials,
 )
+from drnn_cli.strict_json import escape_surrogates
 from drnn_cli.vocab import Vocab
 
 FORMAT = 2  # 2: a UTF-8 byte order mark at the start is no longer a token
@@ -50,8 +51,8 @@ _WRITE_CHUNK = 1 << 22  # bytes per write: the array is never copied whole (4 Mi
 # What a cache file drnn wrote can hold (anything larger in its place is not drnn's): a hash stamp is a
 # few numbers; an entry's JSON a vocabulary, whose size a checkpoint's header bounds, and unknown counts.
 STAMP_MAX_BYTES = 1 << 16
-ENTRY_MAX_BYTES = 1 << 28
-ENTRY_NAME = re.compile(r".*-[0-9a-f]{20}\.json")  # _paths' names
+ENTRY_MAX_BYTES = 1 << 28  # at least (_entry_max_bytes)
+ENTRY_NAME = re.compile(r".*-[0-9a-f]{20}\.json", re.DOTALL)  # _paths' names
 ABANDONED_AFTER_S = 3600.0  # an entry's JSON or a hash stamp's temporary this old was a killed writer's
 
 
@@ -99,6 +100,15 @@ def text_sha1(text: Path) -> str:
     return sha1
 
 
+def _entry_max_bytes(text: Path) -> int:
+    """The most an entry's JSON for ``text`` can hold: its vocabulary and unknown counts list each
+    token type of the text at most twice, in a few bytes more than the type takes in the text."""
+    try:
+        return max(ENTRY_MAX_BYTES, 16 * text.stat().st_size)
+    except OSError:
+        return ENTRY_MAX_BYTES
+
+
 def _read_json(path: Path, max_bytes: int) -> Any:
     """A cache file's JSON, or None when it is missing or is not one drnn wrote (not a regular file,
     too large, not JSON, nested past Python's recursion limit): the caller builds its file again."""
@@ -109,7 +119,8 @@ def _read_json(path: Path, max_bytes: int) -> Any:
 
 
 def _digest(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+    # surrogateescape: a path that is not UTF-8 hashes as its bytes (any other text as before)
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _key(sha1: str, config: DataConfig, vocab: Vocab | None) -> dict[str, object]:
@@ -153,7 +164,7 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
 def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
     tokens_path, meta_path = _paths(text, key)
     try:
-        meta = _read_json(meta_path, ENTRY_MAX_BYTES)
+        meta = _read_json(meta_path, _entry_max_bytes(text))
         dtype = _DTYPES[meta["dtype"]]
         length = int(meta["length"])
         if meta["key"] != key or tokens_path.stat().st_size != length * dtype.itemsize:
@@ -230,7 +241,8 @@ def store(
         tokens_path.parent.mkdir(parents=True, exist_ok=True)
         _write_tensor(tokens_path, corpus.tokens)
         meta["tokens_file"] = file_identity(tokens_path)
-        atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False))  # last: it marks the entry whole
+        # last: it marks the entry whole (a text's name that is not UTF-8 escaped, and read back as it was)
+        atomic_write_text(meta_path, escape_surrogates(json.dumps(meta, ensure_ascii=False)))
     except (OSError, DrnnError) as error:
         with contextlib.suppress(OSError):
             tokens_path.unlink(missing_ok=True)  # as large as the text, and no entry without its JSON
@@ -271,7 +283,7 @@ def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
         if not ENTRY_NAME.fullmatch(meta_path.name):
             continue  # not an entry's name: not drnn's to read or delete
         try:
-            meta = _read_json(meta_path, ENTRY_MAX_BYTES)
+            meta = _read_json(meta_path, _entry_max_bytes(Path(text)))
             older = (
                 meta["text"] == text
                 and meta.get("host", host)
@@ -314,4 +326,5 @@ def _try_write(path: Path, text: str) -> None:
 
 def _name_part(text: Path) -> str:
     """The text's name as cache file names begin (cut: a long name plus a digest passes 255 bytes)."""
-    return text.stem.encode("utf-8")[:64].decode("utf-8", "ignore")  # bytes: the limit is 255 bytes
+    # bytes: the limit is 255 bytes; a name that is not UTF-8 keeps the part of it that is
+    return text.stem.encode("utf-8", "surrogateescape")[:64].decode("utf-8", "ignore")

@@ -314,6 +314,7 @@ def test_missing_config_file_is_named(tmp_path: Path):
         ("*.txt", "*.txt"),  # YAML: an alias
         ("t\udcff.txt", "t\udcff.txt"),  # a name that is not UTF-8, as Python passes it on
         ("123", "123"),
+        (" a.txt ", "a.txt"),  # spaces around the value go, as for every key
         ('"quoted name.txt"', "quoted name.txt"),  # quoted: YAML, as before
         ("null", None),  # the documented way back to data.corpus
         ("~", None),

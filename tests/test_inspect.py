@@ -490,6 +490,7 @@ def test_more_units_than_inspect_shows_are_refused_before_the_text_is_read(
         (["--units", ""], "--units takes comma-separated unit numbers"),
         (["--units", "1_0"], "--units takes comma-separated unit numbers"),  # int() reads 10
         (["--units", "\u0663"], "--units takes comma-separated unit numbers"),  # int() reads Arabic-Indic 3
+        (["--units", "7" * 5000], "--units takes comma-separated unit numbers"),  # int() refuses 4,300 digits
         (["--png", "heatmap.svg"], "--png writes a PNG image, not SVG; name it so, e.g. heatmap.png"),
         (["--top", "0"], "--top must be >= 1"),
         (

@@ -591,45 +591,19 @@ class _Endless(BaseHTTPRequestHandler):
 
 
 class _Trickle(BaseHTTPRequestHandler):
+    """A byte every 0.2 s: of the body, or of a header line that never ends."""
+
+    in_headers = False
+
     def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "100")
-        self.end_headers()
         try:
+            if self.in_headers:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "100")
+                self.end_headers()
             for _ in range(100):
-                self.wfile.write(b"x")
-                self.wfile.flush()
-                time.sleep(0.2)
-        except OSError:
-            pass
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_an_endless_download_stops_at_the_corpus_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    with _Server(_Endless) as server:
-        monkeypatch.setenv("DRNN_DATA_URL", server.url)
-        with pytest.raises(DrnnError, match=r"sent more than the corpus's 178,979 bytes"):
-            fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_trickling_server_meets_the_total_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    with _Server(_Trickle) as server:
-        monkeypatch.setenv("DRNN_DATA_URL", server.url)
-        start = time.monotonic()
-        with pytest.raises(DrnnError, match=r"took longer than allowed"):
-            fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0, timeout=5, deadline=1.0)
-        assert time.monotonic() - start < 3.0  # each byte came within the 5 s read timeout
-    assert list(tmp_path.iterdir()) == []
-
-
-class _TrickledHeaders(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        try:
-            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-            for _ in range(100):  # a header line that never ends, a byte every 0.2 s
                 self.wfile.write(b"X")
                 self.wfile.flush()
                 time.sleep(0.2)
@@ -640,19 +614,37 @@ class _TrickledHeaders(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_server_trickling_its_headers_meets_the_total_deadline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    """The deadline held only for the body: a server that sent its headers a byte at a time (each
-    within the per-read timeout) kept drnn waiting for weeks (found by a red team)."""
-    with _Server(_TrickledHeaders) as server:
+class _TrickledHeaders(_Trickle):
+    in_headers = True
+
+
+def test_an_endless_download_stops_at_the_corpus_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with _Server(_Endless) as server:
         monkeypatch.setenv("DRNN_DATA_URL", server.url)
+        with pytest.raises(DrnnError, match=r"sent more than the corpus's 178,979 bytes"):
+            fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        (_Trickle, r"took longer than allowed"),
+        # The deadline held only for the body: a server that sent its headers a byte at a time kept
+        # drnn waiting for weeks (found by a red team).
+        (_TrickledHeaders, r"sent no complete response within the time allowed; the download was abandoned"),
+    ],
+    ids=["body", "headers"],
+)
+def test_a_trickling_server_meets_the_total_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: type[BaseHTTPRequestHandler], message: str
+):
+    with _Server(server) as serving:
+        monkeypatch.setenv("DRNN_DATA_URL", serving.url)
         start = time.monotonic()
-        with pytest.raises(
-            DrnnError, match=r"sent no complete response within the time allowed; the download"
-        ):
+        with pytest.raises(DrnnError, match=message):
             fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0, timeout=5, deadline=1.0)
-        assert time.monotonic() - start < 3.0
+        assert time.monotonic() - start < 3.0  # each byte came within the 5 s read timeout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -724,12 +724,8 @@ _ALLOCATION_FAILED = ("can't allocate memory", "not enough memory", "out of memo
 def _out_of_memory(error: Exception) -> str | None:
     """The one line for an allocation that failed (a model, batch or ``--rows`` larger than the
     machine's memory: the settings decide it, so it is the user's to fix), else None."""
-    failed = isinstance(
-        error, MemoryError
-    ) or (  # torch.OutOfMemoryError: a RuntimeError, "CUDA out of memory"
-        isinstance(error, RuntimeError) and any(words in str(error) for words in _ALLOCATION_FAILED)
-    )
-    if not failed:
+    allocation = isinstance(error, RuntimeError) and any(words in str(error) for words in _ALLOCATION_FAILED)
+    if not (allocation or isinstance(error, MemoryError)):  # torch.OutOfMemoryError is a RuntimeError
         return None
     return (
         f"out of memory ({first_line(error, 200)}); lower model.hidden_size, model.num_layers, "
@@ -770,10 +766,10 @@ def main(argv: list[str] | None = None) -> None:
             _say(errors, f"drnn: error: {where}{error.strerror or error}")
             sys.exit(1)
         except Exception as error:
-            if _out_of_memory(error):
+            if (memory := _out_of_memory(error)) is not None:
                 if session.debug:  # a size computed wrongly is a bug that reads as one too
                     traceback.print_exc()
-                _say(errors, f"drnn: error: {_out_of_memory(error)}")
+                _say(errors, f"drnn: error: {memory}")
                 sys.exit(1)
             if _is_usage_error(error):
                 _report_usage_error(error, errors, sys.argv[1:] if argv is None else argv)

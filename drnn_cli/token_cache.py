@@ -49,9 +49,10 @@ RACY_SECONDS = 2.0  # a file modified this close to its hashing may change again
 _DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
 _WRITE_CHUNK = 1 << 22  # bytes per write: the array is never copied whole (4 MiB at a time)
 # What a cache file drnn wrote can hold (anything larger in its place is not drnn's): a hash stamp is a
-# few numbers; an entry's JSON a vocabulary, whose size a checkpoint's header bounds, and unknown counts.
+# few numbers; an entry's JSON a vocabulary and unknown counts, at most this or 16 bytes a byte of its
+# text (_entry_max_bytes).
 STAMP_MAX_BYTES = 1 << 16
-ENTRY_MAX_BYTES = 1 << 28  # at least (_entry_max_bytes)
+ENTRY_MAX_BYTES = 1 << 28
 ENTRY_NAME = re.compile(r".*-[0-9a-f]{20}\.json", re.DOTALL)  # _paths' names
 ABANDONED_AFTER_S = 3600.0  # an entry's JSON or a hash stamp's temporary this old was a killed writer's
 

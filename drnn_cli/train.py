@@ -742,9 +742,10 @@ class Trainer:
         train = self.config.train
         if self.start_epoch >= train.epochs:
             return "epochs"
-        reached = self.budget.reached(self.global_step)
-        if reached is not None:
-            return reached
+        # A step budget may be spent before this command trains; a time budget starts with each command,
+        # so a tiny one (0.000001 s) still trains a step rather than ending a new run with no checkpoint.
+        if self.budget.max_steps and self.global_step >= self.budget.max_steps:
+            return "max_steps"
         if self._patience_spent:
             return "patience"
         return None

@@ -426,6 +426,18 @@ def test_nan_is_noticed_at_the_next_step_boundary(workdir: Path):
 # Time budget, end to end
 
 
+def test_a_new_run_with_a_time_budget_spent_at_once_still_trains_a_step(workdir: Path):
+    """A time budget starts with each command: a tiny one (1 µs) was found spent before the first
+    step, and a new run ended "nothing to train" with no checkpoint while runs/latest named it (found
+    by a red team). It trains a step, checkpoints and stops by its budget."""
+    result = train(write_config(workdir), "train.max_time=0.000001", run_dir=workdir / "runs" / "at_once")
+    assert result.stop_reason == "max_time"
+    last = load_checkpoint(workdir / "runs" / "at_once" / "last.safetensors")
+    steps = last.trainer().global_step
+    assert steps is not None and steps >= 1
+    assert metrics(workdir / "runs" / "at_once")[-1]["step"] == steps
+
+
 def test_time_budget_stops_by_itself_and_eval_matches_best(workdir: Path, corpus_path: Path, cli):
     text = workdir / "big.txt"
     text.write_bytes(corpus_path.read_bytes() * 6)  # ~1 MB

@@ -273,7 +273,9 @@ class TrainConfig(_Section):
         10, description="write the 'last' checkpoint every N ≥ 1 epochs or 'N steps'"
     )
     log_every: int | str = Field(
-        0, description="plain-text progress line every N epochs or 'N steps' (0 = auto: about 25 lines a run)"
+        0,
+        description="plain-text progress line every N epochs or 'N steps' (0 = auto: about 25 lines over a "
+        "run's epochs, at least one an epoch; inside long epochs give 'N steps')",
     )
     max_steps: int = Field(
         0, ge=0, le=MAX_COUNT, description="stop after N optimizer steps in all (0 = no limit)"

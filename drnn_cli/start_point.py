@@ -153,18 +153,28 @@ def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPo
         for key in differing_keys(checkpoint.config, config, section, keys)
     ]
     best_restarts = "train.eval_tokens" in noted
-    changes = (
-        f"--resume with settings changed since the checkpoint: {_describe_changes(checkpoint.config, config, noted)} "
-        "(the run trains on with them; its config.yaml records them)"
-        + (
-            "; validation now reads other tokens, so the best checkpoint and patience start over at the "
-            "next validation"
-            if best_restarts
-            else ""
+    said = []
+    if noted:
+        said.append(
+            f"--resume with settings changed since the checkpoint: {_describe_changes(checkpoint.config, config, noted)} "
+            "(the run trains on with them; its config.yaml records them)"
+            + (
+                "; validation now reads other tokens, so the best checkpoint and patience start over at the "
+                "next validation"
+                if best_restarts
+                else ""
+            )
         )
-        if noted
-        else None
-    )
+    # How long a run is may change freely, but a cosine schedule spans that length: the rate moves too.
+    span = differing_keys(checkpoint.config, config, "train", ("epochs", "max_steps"))
+    if span and config.train.schedule == "cosine":
+        said.append(
+            f"--resume with {_describe_changes(checkpoint.config, config, span)} under train.schedule cosine: "
+            "the schedule spans the run's length (train.epochs, or train.max_steps where it ends the run "
+            "first), and where that length changes the rate at each remaining step changes with it (a longer "
+            "run raises it again from where it had annealed: a warm restart)"
+        )
+    changes = "; ".join(said) or None
     return StartPoint(
         resume=checkpoint,
         vocab=checkpoint.vocab,

@@ -426,6 +426,33 @@ def test_nan_is_noticed_at_the_next_step_boundary(workdir: Path):
 # Time budget, end to end
 
 
+def test_a_resume_that_changes_a_cosine_runs_length_says_the_rate_moves(workdir: Path):
+    """Budgets and epochs change freely on a resume, but a cosine schedule spans the run's length: a
+    run annealed over 20 steps and resumed for 40 had its rate raised again without a word (found by a
+    red team). A constant rate is untouched by the length, and nothing is said."""
+    notes: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = notes.append  # type: ignore[method-assign]
+    config = write_config(workdir)
+    run = workdir / "runs" / "cosine"
+    train(config, "train.schedule=cosine", "train.max_steps=20", run_dir=run)
+    train_run(
+        TrainRequest(config, ("train.schedule=cosine", "train.max_steps=40"), run_dir=run, resume=True),
+        reporter=reporter,
+    )
+    assert [note for note in notes if "--resume with" in note] == [
+        "--resume with train.max_steps 20 → 40 under train.schedule cosine: the schedule spans the run's length "
+        "(train.epochs, or train.max_steps where it ends the run first), and where that length changes the rate "
+        "at each remaining step changes with it (a longer run raises it again from where it had annealed: a "
+        "warm restart)"
+    ]
+    notes.clear()
+    constant = workdir / "runs" / "constant"
+    train(config, "train.max_steps=20", run_dir=constant)
+    train_run(TrainRequest(config, ("train.max_steps=40",), run_dir=constant, resume=True), reporter=reporter)
+    assert not [note for note in notes if "--resume with" in note]
+
+
 def test_a_new_run_with_a_time_budget_spent_at_once_still_trains_a_step(workdir: Path):
     """A time budget starts with each command: a tiny one (1 µs) was found spent before the first
     step, and a new run ended "nothing to train" with no checkpoint while runs/latest named it (found

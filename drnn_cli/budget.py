@@ -116,8 +116,11 @@ class Budget:
     def seconds_left(self) -> float | None:
         return max(0.0, self.max_time - self.elapsed()) if self.max_time else None
 
+    def steps_spent(self, global_step: int) -> bool:
+        return bool(self.max_steps) and global_step >= self.max_steps
+
     def reached(self, global_step: int) -> StopReason | None:
-        if self.max_steps and global_step >= self.max_steps:
+        if self.steps_spent(global_step):
             return "max_steps"
         if self.max_time and self.elapsed() >= self.max_time:
             return "max_time"

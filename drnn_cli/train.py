@@ -744,7 +744,7 @@ class Trainer:
             return "epochs"
         # A step budget may be spent before this command trains; a time budget starts with each command,
         # so a tiny one (0.000001 s) still trains a step rather than ending a new run with no checkpoint.
-        if self.budget.max_steps and self.global_step >= self.budget.max_steps:
+        if self.budget.steps_spent(self.global_step):
             return "max_steps"
         if self._patience_spent:
             return "patience"

@@ -279,18 +279,14 @@ def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
     leave an entry as large as the text for good. (A process still training from one keeps its
     mapping: the file goes once it is closed.) Only this machine's: machines sharing a cache folder
     (``DRNN_DATA_DIR`` on a network drive) may each have a different file at the same path."""
-    host = socket.gethostname()
+    host, limit = socket.gethostname(), _entry_max_bytes(Path(text))
     for meta_path in directory.glob("*.json"):
         if not ENTRY_NAME.fullmatch(meta_path.name):
             continue  # not an entry's name: not drnn's to read or delete
         try:
-            meta = _read_json(meta_path, _entry_max_bytes(Path(text)))
-            older = (
-                meta["text"] == text
-                and meta.get("host", host)
-                == host  # another machine's text at that path is not this one's past
-                and meta["key"]["sha1"] != sha1
-            )
+            meta = _read_json(meta_path, limit)
+            # another machine's text at that path is not this one's past (entries before hosts: this one's)
+            older = meta["text"] == text and meta.get("host", host) == host and meta["key"]["sha1"] != sha1
         except (KeyError, TypeError):
             continue  # not an entry this version reads: left alone
         if older:

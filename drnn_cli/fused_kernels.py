@@ -6,10 +6,29 @@ Index layout: every (L, T, B, X) buffer is contiguous, so element [l, t, b, x] s
 ``((l·T + t)·B + b)·X + x``. One launch runs the recurrence of one layer, or of a whole stack as a
 wavefront (``LAYERS`` > 1): the grid's third axis is the layer, and layer l runs timestep t at
 super-step t + l, so the layers' timesteps overlap and the stack meets at T + L - 1 barriers, not L·T.
+
+One kernel pair serves every cell (``CELL``, a compile-time constant): the products, tiles, barriers
+and the wavefront are the same; what differs is the gate arithmetic after the products. Gates, in
+PyTorch's order, ``GATES`` blocks of H columns: LSTM ``[i | f | g | o]``; GRU ``[r | z | n]``; RNN one.
+Up to four gate accumulators travel through the helpers; a cell with fewer leaves the rest untouched.
+
+What the forward pass stores for the backward pass, ``act`` (L, T, B, 4H): the LSTM's σ(i), σ(f),
+tanh(g), σ(o); the GRU's r, z, n and ``hn`` = h_{t-1} W_hnᵀ + b_hn (which r multiplies); the RNN
+nothing (its derivative comes from h_t itself). The backward pass writes ``dz`` (L, T + 1, B, DZ):
+the LSTM's four pre-activation gradients; the GRU's ``[∂r | ∂z | ∂n·r | ∂n]`` (pre-activation): the
+first three are what the recurrent product ``h_{t-1} W_hhᵀ`` received, the first two and the last what
+the input product ``x W_ihᵀ`` received (the gate slots ``RECURRENT_SLOTS`` and ``INPUT_SLOTS``); the
+RNN's one.
 """
 
 import triton
 import triton.language as tl
+
+# CELL's values (drnn_cli.fused_lstm.CELL_CODES names them)
+LSTM = tl.constexpr(0)
+GRU = tl.constexpr(1)
+RNN_TANH = tl.constexpr(2)
+RNN_RELU = tl.constexpr(3)
 
 
 @triton.jit
@@ -92,14 +111,13 @@ def meet(
 @triton.jit
 def program_tile(B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's batch rows and hidden units, the reduction lanes, which rows exist, and the
-    offsets of (row, unit) in a (B, H) slab and of gate 0's column for it in a (B, 4H) slab."""
+    offsets of (row, unit) in a (B, H) slab."""
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     ks = tl.arange(0, BLOCK_K)
     live = (rows < B)[:, None]
     here = rows[:, None] * H + units[None, :]
-    gate_here = rows[:, None] * (4 * H) + units[None, :]
-    return rows, units, ks, live, here, gate_here
+    return rows, units, ks, live, here
 
 
 @triton.jit
@@ -124,26 +142,46 @@ def product_past_l1(ptr, live, w, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def transposed_tiles(w_ptr, units, ks, H: tl.constexpr):
-    """The four gates' tiles of Wᵀ over all of K (= H) for this program's units: element [k, j] of
-    gate q's is W[q·H + units[j], k], for W (4H, H) at ``w_ptr`` (the forward pass's products)."""
+def transposed_tiles(w_ptr, units, ks, H: tl.constexpr, GATES: tl.constexpr):
+    """The gates' tiles of Wᵀ over all of K (= H) for this program's units: element [k, j] of gate
+    q's is W[q·H + units[j], k], for W (GATES·H, H) at ``w_ptr`` (the forward pass's products). Places
+    past a cell's gates hold gate 0's tile, never multiplied."""
     w_t = w_ptr + units[None, :] * H + ks[:, None]
-    return tl.load(w_t), tl.load(w_t + H * H), tl.load(w_t + 2 * H * H), tl.load(w_t + 3 * H * H)
+    w_0 = tl.load(w_t)
+    w_1 = w_0
+    w_2 = w_0
+    w_3 = w_0
+    if GATES > 1:
+        w_1 = tl.load(w_t + H * H)
+        w_2 = tl.load(w_t + 2 * H * H)
+    if GATES > 3:
+        w_3 = tl.load(w_t + 3 * H * H)
+    return w_0, w_1, w_2, w_3
 
 
 @triton.jit
-def row_tiles(w_ptr, units, ks, H: tl.constexpr):
-    """W[q·H + k, units] for the four gates q and all k < H (the backward pass's products)."""
+def row_tiles(w_ptr, units, ks, H: tl.constexpr, GATES: tl.constexpr):
+    """W[q·H + k, units] for the gates q and all k < H (the backward pass's products); places past a
+    cell's gates as in :func:`transposed_tiles`."""
     w_rows = w_ptr + ks[:, None] * H + units[None, :]
-    return tl.load(w_rows), tl.load(w_rows + H * H), tl.load(w_rows + 2 * H * H), tl.load(w_rows + 3 * H * H)
+    w_0 = tl.load(w_rows)
+    w_1 = w_0
+    w_2 = w_0
+    w_3 = w_0
+    if GATES > 1:
+        w_1 = tl.load(w_rows + H * H)
+        w_2 = tl.load(w_rows + 2 * H * H)
+    if GATES > 3:
+        w_3 = tl.load(w_rows + 3 * H * H)
+    return w_0, w_1, w_2, w_3
 
 
 @triton.jit
 def gate_products(
-    acc_i,
-    acc_f,
-    acc_g,
-    acc_o,
+    acc_0,
+    acc_1,
+    acc_2,
+    acc_3,
     src_ptr,
     scale_ptr,
     w_ptr,
@@ -155,110 +193,170 @@ def gate_products(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     SCALED: tl.constexpr,
+    GATES: tl.constexpr,
 ):
-    """acc_q += x W_qᵀ[:, units] for the gates q = i, f, g, o: x is rows of the (B, H) slab at
-    ``src_ptr`` (times the dropout scale at ``scale_ptr`` if SCALED), W (4H, H) sits at ``w_ptr``;
-    one BLOCK_K-wide tile of K at a time, W's tiles read from memory at every call."""
+    """acc_q += x W_qᵀ[:, units] for the gates q < GATES: x is rows of the (B, H) slab at ``src_ptr``
+    (times the dropout scale at ``scale_ptr`` if SCALED), W (GATES·H, H) sits at ``w_ptr``; one
+    BLOCK_K-wide tile of K at a time, W's tiles read from memory at every call."""
     for k0 in range(0, H, BLOCK_K):
         at = rows[:, None] * H + (k0 + ks)[None, :]
         x = load_past_l1(src_ptr + at, live, scale_ptr + at, SCALED).to(w_ptr.dtype.element_ty)
         # Wᵀ tile of gate q: element [k, j] = W[q·H + units[j], k0 + k]
         w_t = w_ptr + units[None, :] * H + (k0 + ks)[:, None]
-        acc_i += tl.dot(x, tl.load(w_t), input_precision=PRECISION)
-        acc_f += tl.dot(x, tl.load(w_t + H * H), input_precision=PRECISION)
-        acc_g += tl.dot(x, tl.load(w_t + 2 * H * H), input_precision=PRECISION)
-        acc_o += tl.dot(x, tl.load(w_t + 3 * H * H), input_precision=PRECISION)
-    return acc_i, acc_f, acc_g, acc_o
+        acc_0 += tl.dot(x, tl.load(w_t), input_precision=PRECISION)
+        if GATES > 1:
+            acc_1 += tl.dot(x, tl.load(w_t + H * H), input_precision=PRECISION)
+            acc_2 += tl.dot(x, tl.load(w_t + 2 * H * H), input_precision=PRECISION)
+        if GATES > 3:
+            acc_3 += tl.dot(x, tl.load(w_t + 3 * H * H), input_precision=PRECISION)
+    return acc_0, acc_1, acc_2, acc_3
 
 
 @triton.jit
 def resident_gate_products(
-    acc_i,
-    acc_f,
-    acc_g,
-    acc_o,
+    acc_0,
+    acc_1,
+    acc_2,
+    acc_3,
     src_ptr,
     scale_ptr,
-    w_i,
-    w_f,
-    w_g,
-    w_o,
+    w_0,
+    w_1,
+    w_2,
+    w_3,
     rows,
     ks,
     live,
     H: tl.constexpr,
     PRECISION: tl.constexpr,
     SCALED: tl.constexpr,
+    GATES: tl.constexpr,
 ):
     """:func:`gate_products` with Wᵀ's tiles held (:func:`transposed_tiles`): all of x in one load,
     one product per gate."""
     at = rows[:, None] * H + ks[None, :]
-    x = load_past_l1(src_ptr + at, live, scale_ptr + at, SCALED).to(w_i.dtype)
-    acc_i += tl.dot(x, w_i, input_precision=PRECISION)
-    acc_f += tl.dot(x, w_f, input_precision=PRECISION)
-    acc_g += tl.dot(x, w_g, input_precision=PRECISION)
-    acc_o += tl.dot(x, w_o, input_precision=PRECISION)
-    return acc_i, acc_f, acc_g, acc_o
+    x = load_past_l1(src_ptr + at, live, scale_ptr + at, SCALED).to(w_0.dtype)
+    acc_0 += tl.dot(x, w_0, input_precision=PRECISION)
+    if GATES > 1:
+        acc_1 += tl.dot(x, w_1, input_precision=PRECISION)
+        acc_2 += tl.dot(x, w_2, input_precision=PRECISION)
+    if GATES > 3:
+        acc_3 += tl.dot(x, w_3, input_precision=PRECISION)
+    return acc_0, acc_1, acc_2, acc_3
 
 
 @triton.jit
 def gradient_products(
-    dh, dz_ptr, w_ptr, rows, units, ks, live, H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr
+    dh,
+    dz_ptr,
+    w_ptr,
+    rows,
+    units,
+    ks,
+    live,
+    H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ROW: tl.constexpr,
+    GATES: tl.constexpr,
+    SLOT_2: tl.constexpr,
 ):
-    """dh += dz W[:, units]: rows of the (B, 4H) slab of gate gradients at ``dz_ptr`` (other programs'
-    writes) times W (4H, H) at ``w_ptr``, summed over all 4H gates a BLOCK_K-wide tile at a time."""
-    for k0 in range(0, 4 * H, BLOCK_K):
-        block = load_past_l1(dz_ptr + rows[:, None] * (4 * H) + (k0 + ks)[None, :], live, dz_ptr, False)
-        w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
-        dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
+    """dh += dz W[:, units]: rows of a slab of gate gradients at ``dz_ptr`` (other programs' writes;
+    ``ROW`` wide) times W (GATES·H, H) at ``w_ptr``, summed over the gates a BLOCK_K-wide tile at a
+    time. Gate q's gradients sit in slot q of a row, but gate 2's in slot ``SLOT_2`` (the GRU's input
+    side: slot 3, ∂n; see the module docstring)."""
+    dz_row = dz_ptr + rows[:, None] * ROW
+    if SLOT_2 == 2:  # the gates' slots side by side: one loop over all of them
+        for k0 in range(0, GATES * H, BLOCK_K):
+            block = load_past_l1(dz_row + (k0 + ks)[None, :], live, dz_ptr, False)
+            w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
+            dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
+    else:  # gates 0 and 1 from slots 0 and 1, gate 2 from slot SLOT_2
+        for k0 in range(0, 2 * H, BLOCK_K):
+            block = load_past_l1(dz_row + (k0 + ks)[None, :], live, dz_ptr, False)
+            w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
+            dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
+        for k0 in range(0, H, BLOCK_K):
+            block = load_past_l1(dz_row + SLOT_2 * H + (k0 + ks)[None, :], live, dz_ptr, False)
+            w = tl.load(w_ptr + (2 * H + k0 + ks)[:, None] * H + units[None, :])
+            dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
     return dh
 
 
 @triton.jit
 def resident_gradient_products(
-    dh, dz_ptr, w_i, w_f, w_g, w_o, rows, ks, live, H: tl.constexpr, PRECISION: tl.constexpr
+    dh,
+    dz_ptr,
+    w_0,
+    w_1,
+    w_2,
+    w_3,
+    rows,
+    ks,
+    live,
+    H: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ROW: tl.constexpr,
+    GATES: tl.constexpr,
+    SLOT_2: tl.constexpr,
 ):
     """:func:`gradient_products` with W's rows held (:func:`row_tiles`): gate by gate, one product each."""
-    dz_row = dz_ptr + rows[:, None] * (4 * H) + ks[None, :]
-    dh += product_past_l1(dz_row, live, w_i, PRECISION)
-    dh += product_past_l1(dz_row + H, live, w_f, PRECISION)
-    dh += product_past_l1(dz_row + 2 * H, live, w_g, PRECISION)
-    dh += product_past_l1(dz_row + 3 * H, live, w_o, PRECISION)
+    dz_row = dz_ptr + rows[:, None] * ROW + ks[None, :]
+    dh += product_past_l1(dz_row, live, w_0, PRECISION)
+    if GATES > 1:
+        dh += product_past_l1(dz_row + H, live, w_1, PRECISION)
+        dh += product_past_l1(dz_row + SLOT_2 * H, live, w_2, PRECISION)
+    if GATES > 3:
+        dh += product_past_l1(dz_row + 3 * H, live, w_3, PRECISION)
     return dh
 
 
 @triton.jit
-def input_gates(xg_ptr, gate_here, live, H: tl.constexpr):
-    """The four gates' precomputed input terms at one timestep's (B, 4H) slab ``xg_ptr``."""
-    acc_i = tl.load(xg_ptr + gate_here, mask=live, other=0.0)
-    acc_f = tl.load(xg_ptr + gate_here + H, mask=live, other=0.0)
-    acc_g = tl.load(xg_ptr + gate_here + 2 * H, mask=live, other=0.0)
-    acc_o = tl.load(xg_ptr + gate_here + 3 * H, mask=live, other=0.0)
-    return acc_i, acc_f, acc_g, acc_o
+def gate_tiles(ptr, rows, units, live, H: tl.constexpr, ROW: tl.constexpr, GATES: tl.constexpr):
+    """The gates' (rows, units) blocks of a slab ``ROW`` wide at ``ptr`` (gate q at column q·H); places
+    past a cell's gates hold gate 0's."""
+    at = ptr + rows[:, None] * ROW + units[None, :]
+    g_0 = tl.load(at, mask=live, other=0.0)
+    g_1 = g_0
+    g_2 = g_0
+    g_3 = g_0
+    if GATES > 1:
+        g_1 = tl.load(at + H, mask=live, other=0.0)
+        g_2 = tl.load(at + 2 * H, mask=live, other=0.0)
+    if GATES > 3:
+        g_3 = tl.load(at + 3 * H, mask=live, other=0.0)
+    return g_0, g_1, g_2, g_3
 
 
 @triton.jit
-def bias_gates(bias_ptr, units, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, H: tl.constexpr):
-    """The four gates' biases (a 4H vector at ``bias_ptr``) for this program's units, on every row."""
+def bias_gates(
+    bias_ptr, units, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, H: tl.constexpr, GATES: tl.constexpr
+):
+    """The gates' biases (a GATES·H vector at ``bias_ptr``) for this program's units, on every row."""
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    return (
-        zero + tl.load(bias_ptr + units)[None, :],
-        zero + tl.load(bias_ptr + H + units)[None, :],
-        zero + tl.load(bias_ptr + 2 * H + units)[None, :],
-        zero + tl.load(bias_ptr + 3 * H + units)[None, :],
-    )
+    b_0 = zero + tl.load(bias_ptr + units)[None, :]
+    b_1 = b_0
+    b_2 = b_0
+    b_3 = b_0
+    if GATES > 1:
+        b_1 = zero + tl.load(bias_ptr + H + units)[None, :]
+        b_2 = zero + tl.load(bias_ptr + 2 * H + units)[None, :]
+    if GATES > 3:
+        b_3 = zero + tl.load(bias_ptr + 3 * H + units)[None, :]
+    return b_0, b_1, b_2, b_3
 
 
 @triton.jit
 def forward(
-    xg_ptr,  # (T, B, 4H) fp32: layer 0's x_t W_ihᵀ + b_ih + b_hh for every timestep
-    w_ptr,  # (L, 4H, H) every layer's W_hh in the product dtype
-    wx_ptr,  # (L - 1, 4H, H) W_ih of layers 1 … L-1 in the product dtype (read only when LAYERS > 1)
-    bias_ptr,  # (L - 1, 4H) fp32: b_ih + b_hh of layers 1 … L-1
+    xg_ptr,  # (T, B, G·H) fp32: layer 0's x_t W_ihᵀ + b_ih + b_hh for every timestep (GRU: b_hn apart)
+    w_ptr,  # (L, G·H, H) every layer's W_hh in the product dtype
+    wx_ptr,  # (L - 1, G·H, H) W_ih of layers 1 … L-1 in the product dtype (read only when LAYERS > 1)
+    bias_ptr,  # (L - 1, G·H) fp32: b_ih + b_hh of layers 1 … L-1 (GRU: b_hn apart)
+    hbias_ptr,  # (L, H) fp32: the GRU's b_hn of every layer (read only by the GRU)
     mask_ptr,  # (L - 1, T, B, H) fp32: the dropout scale of each lower layer's output (MASKED only)
     hs_ptr,  # (L, T + 1, B, H) fp32: hs[l, 0] = h0 (given), hs[l, t + 1] = h_t (written)
-    cs_ptr,  # (L, T + 1, B, H) fp32: likewise for c
-    act_ptr,  # (L, T, B, 4H) fp32: σ(i), σ(f), tanh(g), σ(o) at every step, for the backward pass
+    cs_ptr,  # (L, T + 1, B, H) fp32: likewise for the LSTM's c (read only by the LSTM)
+    act_ptr,  # (L, T, B, 4H) fp32: what the backward pass needs (the module docstring; not the RNN's)
     flags_ptr,
     error_ptr,
     t_begin,
@@ -278,61 +376,65 @@ def forward(
     COUNTER: tl.constexpr,
     LAYERS: tl.constexpr,
     MASKED: tl.constexpr,
+    CELL: tl.constexpr,
+    GATES: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
     """``n_steps`` super-steps from ``t_begin`` of a stack of LAYERS layers: at super-step s, layer l
     runs timestep s - l (a wavefront), its input h_{s-l} of layer l - 1 written one super-step before."""
-    rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
+    rows, units, ks, live, here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
     # The grid's last axis counts layers from the top: Triton's interpreter runs the programs of a
     # tile's column (its third axis innermost) top layer first, so were a layer to read what the
     # layer below writes in the same super-step, the tests would see stale values.
     layer = LAYERS - 1 - tl.program_id(2)
     layer64 = layer.to(tl.int64)  # offsets of a (L, T, B, 4H) buffer can pass 2³¹ elements
     below = tl.maximum(layer64 - 1, 0)  # layer 0 reads no W_ih here: its input gates come in xg
-    w_layer = w_ptr + layer64 * 4 * H * H
-    wx_layer = wx_ptr + below * 4 * H * H
+    w_layer = w_ptr + layer64 * GATES * H * H
+    wx_layer = wx_ptr + below * GATES * H * H
     hs_layer = hs_ptr + layer64 * (T + 1) * B * H
     cs_layer = cs_ptr + layer64 * (T + 1) * B * H
     if RESIDENT:  # BLOCK_K == H: this program's Wᵀ tiles, read once for all timesteps
-        w_i, w_f, w_g, w_o = transposed_tiles(w_layer, units, ks, H)
+        w_0, w_1, w_2, w_3 = transposed_tiles(w_layer, units, ks, H, GATES)
         if LAYERS > 1:
-            x_i, x_f, x_g, x_o = transposed_tiles(wx_layer, units, ks, H)
+            x_0, x_1, x_2, x_3 = transposed_tiles(wx_layer, units, ks, H, GATES)
     for s in range(n_steps):
         step = t_begin + s - layer
         if (step >= 0) & (step < T):
             t = step.to(tl.int64)
-            xg = xg_ptr + t * B * 4 * H
+            xg = xg_ptr + t * B * GATES * H
             if LAYERS > 1:
                 if layer > 0:  # the input gates: b + dropout(h_t of the layer below) W_ihᵀ
-                    acc_i, acc_f, acc_g, acc_o = bias_gates(
-                        bias_ptr + below * 4 * H, units, BLOCK_B, BLOCK_H, H
+                    acc_0, acc_1, acc_2, acc_3 = bias_gates(
+                        bias_ptr + below * GATES * H, units, BLOCK_B, BLOCK_H, H, GATES
                     )
                     h_below = hs_ptr + below * (T + 1) * B * H + (t + 1) * B * H
                     scale = mask_ptr + (below * T + t) * B * H
                     if RESIDENT:
-                        acc_i, acc_f, acc_g, acc_o = resident_gate_products(
-                            acc_i,
-                            acc_f,
-                            acc_g,
-                            acc_o,
+                        acc_0, acc_1, acc_2, acc_3 = resident_gate_products(
+                            acc_0,
+                            acc_1,
+                            acc_2,
+                            acc_3,
                             h_below,
                             scale,
-                            x_i,
-                            x_f,
-                            x_g,
-                            x_o,
+                            x_0,
+                            x_1,
+                            x_2,
+                            x_3,
                             rows,
                             ks,
                             live,
                             H,
                             PRECISION,
                             MASKED,
+                            GATES,
                         )
                     else:
-                        acc_i, acc_f, acc_g, acc_o = gate_products(
-                            acc_i,
-                            acc_f,
-                            acc_g,
-                            acc_o,
+                        acc_0, acc_1, acc_2, acc_3 = gate_products(
+                            acc_0,
+                            acc_1,
+                            acc_2,
+                            acc_3,
                             h_below,
                             scale,
                             wx_layer,
@@ -344,38 +446,85 @@ def forward(
                             BLOCK_K,
                             PRECISION,
                             MASKED,
+                            GATES,
                         )
                 else:
-                    acc_i, acc_f, acc_g, acc_o = input_gates(xg, gate_here, live, H)
+                    acc_0, acc_1, acc_2, acc_3 = gate_tiles(xg, rows, units, live, H, GATES * H, GATES)
             else:
-                acc_i, acc_f, acc_g, acc_o = input_gates(xg, gate_here, live, H)
-            # + h_{t-1} W_hhᵀ, h_{t-1} written by other programs one super-step before
+                acc_0, acc_1, acc_2, acc_3 = gate_tiles(xg, rows, units, live, H, GATES * H, GATES)
+            # + h_{t-1} W_hhᵀ, h_{t-1} written by other programs one super-step before. The GRU's
+            # n gate keeps its recurrent term apart, in acc_3 (from b_hn): r multiplies it.
             h_prev = hs_layer + t * B * H
-            if RESIDENT:
-                acc_i, acc_f, acc_g, acc_o = resident_gate_products(
-                    acc_i,
-                    acc_f,
-                    acc_g,
-                    acc_o,
+            if CELL == GRU:
+                acc_3 = (
+                    tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                    + tl.load(hbias_ptr + layer64 * H + units)[None, :]
+                )
+                if RESIDENT:
+                    acc_0, acc_1, acc_3, acc_2 = resident_gate_products(
+                        acc_0,
+                        acc_1,
+                        acc_3,
+                        acc_2,
+                        h_prev,
+                        h_prev,
+                        w_0,
+                        w_1,
+                        w_2,
+                        w_3,
+                        rows,
+                        ks,
+                        live,
+                        H,
+                        PRECISION,
+                        False,
+                        GATES,
+                    )
+                else:
+                    acc_0, acc_1, acc_3, acc_2 = gate_products(
+                        acc_0,
+                        acc_1,
+                        acc_3,
+                        acc_2,
+                        h_prev,
+                        h_prev,
+                        w_layer,
+                        rows,
+                        units,
+                        ks,
+                        live,
+                        H,
+                        BLOCK_K,
+                        PRECISION,
+                        False,
+                        GATES,
+                    )
+            elif RESIDENT:
+                acc_0, acc_1, acc_2, acc_3 = resident_gate_products(
+                    acc_0,
+                    acc_1,
+                    acc_2,
+                    acc_3,
                     h_prev,
                     h_prev,
-                    w_i,
-                    w_f,
-                    w_g,
-                    w_o,
+                    w_0,
+                    w_1,
+                    w_2,
+                    w_3,
                     rows,
                     ks,
                     live,
                     H,
                     PRECISION,
                     False,
+                    GATES,
                 )
             else:
-                acc_i, acc_f, acc_g, acc_o = gate_products(
-                    acc_i,
-                    acc_f,
-                    acc_g,
-                    acc_o,
+                acc_0, acc_1, acc_2, acc_3 = gate_products(
+                    acc_0,
+                    acc_1,
+                    acc_2,
+                    acc_3,
                     h_prev,
                     h_prev,
                     w_layer,
@@ -387,33 +536,51 @@ def forward(
                     BLOCK_K,
                     PRECISION,
                     False,
+                    GATES,
                 )
-            gi = sigmoid(acc_i)
-            gf = sigmoid(acc_f)
-            gg = tanh(acc_g)
-            go = sigmoid(acc_o)
-            c = gf * tl.load(cs_layer + t * B * H + here, mask=live, other=0.0) + gi * gg
-            tl.store(cs_layer + (t + 1) * B * H + here, c, mask=live)
-            tl.store(hs_layer + (t + 1) * B * H + here, go * tanh(c), mask=live)
-            act = act_ptr + (layer64 * T + t) * B * 4 * H + gate_here
-            tl.store(act, gi, mask=live)
-            tl.store(act + H, gf, mask=live)
-            tl.store(act + 2 * H, gg, mask=live)
-            tl.store(act + 3 * H, go, mask=live)
+            h_next = hs_layer + (t + 1) * B * H + here
+            act = act_ptr + (layer64 * T + t) * B * 4 * H + rows[:, None] * (4 * H) + units[None, :]
+            if CELL == LSTM:
+                gi = sigmoid(acc_0)
+                gf = sigmoid(acc_1)
+                gg = tanh(acc_2)
+                go = sigmoid(acc_3)
+                c = gf * tl.load(cs_layer + t * B * H + here, mask=live, other=0.0) + gi * gg
+                tl.store(cs_layer + (t + 1) * B * H + here, c, mask=live)
+                tl.store(h_next, go * tanh(c), mask=live)
+                tl.store(act, gi, mask=live)
+                tl.store(act + H, gf, mask=live)
+                tl.store(act + 2 * H, gg, mask=live)
+                tl.store(act + 3 * H, go, mask=live)
+            elif CELL == GRU:
+                r = sigmoid(acc_0)
+                z = sigmoid(acc_1)
+                n = tanh(acc_2 + r * acc_3)
+                h_old = tl.load(h_prev + here, mask=live, other=0.0)  # this program's own units
+                tl.store(h_next, n + z * (h_old - n), mask=live)  # (1 - z)·n + z·h, as PyTorch's
+                tl.store(act, r, mask=live)
+                tl.store(act + H, z, mask=live)
+                tl.store(act + 2 * H, n, mask=live)
+                tl.store(act + 3 * H, acc_3, mask=live)
+            elif CELL == RNN_TANH:
+                tl.store(h_next, tanh(acc_0), mask=live)
+            else:
+                tl.store(h_next, tl.maximum(acc_0, 0.0), mask=live)
         if PERSISTENT:
             meet(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS, COUNTER)
 
 
 @triton.jit
 def backward(
-    w_ptr,  # (L, 4H, H) W_hh in the product dtype
-    wx_ptr,  # (L - 1, 4H, H) W_ih of layers 1 … L-1 in the product dtype (read only when LAYERS > 1)
+    w_ptr,  # (L, G·H, H) W_hh in the product dtype
+    wx_ptr,  # (L - 1, G·H, H) W_ih of layers 1 … L-1 in the product dtype (read only when LAYERS > 1)
     mask_ptr,  # (L - 1, T, B, H) fp32: the dropout scale of each lower layer's output (MASKED only)
-    act_ptr,  # (L, T, B, 4H) fp32 from the forward pass
-    cs_ptr,  # (L, T + 1, B, H) fp32 from the forward pass
+    act_ptr,  # (L, T, B, 4H) fp32 from the forward pass (not the RNN's)
+    states_ptr,  # (L, T + 1, B, H) fp32 from the forward pass: the LSTM's cs, the others' hs
     dout_ptr,  # (L, T, B, H) fp32: ∂loss/∂h_t from outside the stack (the top layer's outputs; h_T)
-    dz_ptr,  # (L, T + 1, B, 4H) fp32: ∂loss/∂(pre-activation gates); dz[:, T] = 0 on entry
-    dc_ptr,  # (L, B, H) fp32: ∂loss/∂c_T on entry, ∂loss/∂c_0 on exit
+    dz_ptr,  # (L, T + 1, B, SLOTS·H) fp32: the gate gradients (module docstring); dz[:, T] = 0 on entry
+    dc_ptr,  # (L, B, H) fp32, carried back a timestep: the LSTM's ∂loss/∂c (∂c_T in, ∂c_0 out); the
+    # GRU's ∂h_t·z_t (zero in, ∂h_0's direct share out); not the RNN's
     flags_ptr,
     error_ptr,
     t_last,
@@ -433,64 +600,145 @@ def backward(
     COUNTER: tl.constexpr,
     LAYERS: tl.constexpr,
     MASKED: tl.constexpr,
+    CELL: tl.constexpr,
+    GATES: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
     """``n_steps`` super-steps back from ``t_last``: at super-step s the top layer runs timestep
     t_last - s and layer l the one after it by L - 1 - l, once the layer above has its gate gradients."""
-    rows, units, ks, live, here, gate_here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
+    rows, units, ks, live, here = program_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
     # Layers counted from the bottom, so the interpreter runs a tile's layers bottom first (see
     # forward): reading the gradients the layer above writes in the same super-step fails the tests.
     layer = tl.program_id(2)
     layer64 = layer.to(tl.int64)
     above = tl.maximum(tl.minimum(layer64, LAYERS - 2), 0)  # W_ih of layer l + 1 sits at wx[l]
-    w_layer = w_ptr + layer64 * 4 * H * H
-    wx_above = wx_ptr + above * 4 * H * H
-    dz_layer = dz_ptr + layer64 * (T + 1) * B * 4 * H
-    cs_layer = cs_ptr + layer64 * (T + 1) * B * H
-    if RESIDENT:  # BLOCK_K == H: W[q·H + k, units] for the four gates q, read once for all timesteps
-        w_i, w_f, w_g, w_o = row_tiles(w_layer, units, ks, H)
+    w_layer = w_ptr + layer64 * GATES * H * H
+    wx_above = wx_ptr + above * GATES * H * H
+    dz_layer = dz_ptr + layer64 * (T + 1) * B * SLOTS * H
+    states_layer = states_ptr + layer64 * (T + 1) * B * H
+    if RESIDENT:  # BLOCK_K == H: W[q·H + k, units] for the gates q, read once for all timesteps
+        w_0, w_1, w_2, w_3 = row_tiles(w_layer, units, ks, H, GATES)
         if LAYERS > 1:
-            x_i, x_f, x_g, x_o = row_tiles(wx_above, units, ks, H)
+            x_0, x_1, x_2, x_3 = row_tiles(wx_above, units, ks, H, GATES)
     for s in range(n_steps):
         step = t_last - s + (LAYERS - 1 - layer)
         if (step >= 0) & (step < T):
             t = step.to(tl.int64)
-            # ∂h_t = ∂out_t + dz_{t+1} W_hh[:, units] (the recurrent path, summed over all 4H gates)
+            # ∂h_t = ∂out_t + dz_{t+1} W_hh[:, units] (the recurrent path, summed over the gates)
             dh = tl.load(dout_ptr + (layer64 * T + t) * B * H + here, mask=live, other=0.0)
-            dz_next = dz_layer + (t + 1) * B * 4 * H
+            dz_next = dz_layer + (t + 1) * B * SLOTS * H
             if RESIDENT:
-                dh = resident_gradient_products(dh, dz_next, w_i, w_f, w_g, w_o, rows, ks, live, H, PRECISION)
+                dh = resident_gradient_products(
+                    dh, dz_next, w_0, w_1, w_2, w_3, rows, ks, live, H, PRECISION, SLOTS * H, GATES, 2
+                )
             else:
-                dh = gradient_products(dh, dz_next, w_layer, rows, units, ks, live, H, BLOCK_K, PRECISION)
+                dh = gradient_products(
+                    dh, dz_next, w_layer, rows, units, ks, live, H, BLOCK_K, PRECISION, SLOTS * H, GATES, 2
+                )
             if LAYERS > 1:  # noqa: SIM102 (a compile-time test; Triton cannot join it with a runtime one)
                 if layer < LAYERS - 1:  # + dropout'(dz_t of the layer above W_ih[:, units])
-                    dz_above = dz_ptr + ((layer64 + 1) * (T + 1) + t) * B * 4 * H
+                    dz_above = dz_ptr + ((layer64 + 1) * (T + 1) + t) * B * SLOTS * H
                     dx = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    if RESIDENT:
+                    # what the input product received: the GRU's ∂n sits in slot 3
+                    if CELL == GRU:
+                        if RESIDENT:
+                            dx = resident_gradient_products(
+                                dx,
+                                dz_above,
+                                x_0,
+                                x_1,
+                                x_2,
+                                x_3,
+                                rows,
+                                ks,
+                                live,
+                                H,
+                                PRECISION,
+                                SLOTS * H,
+                                GATES,
+                                3,
+                            )
+                        else:
+                            dx = gradient_products(
+                                dx,
+                                dz_above,
+                                wx_above,
+                                rows,
+                                units,
+                                ks,
+                                live,
+                                H,
+                                BLOCK_K,
+                                PRECISION,
+                                SLOTS * H,
+                                GATES,
+                                3,
+                            )
+                    elif RESIDENT:
                         dx = resident_gradient_products(
-                            dx, dz_above, x_i, x_f, x_g, x_o, rows, ks, live, H, PRECISION
+                            dx,
+                            dz_above,
+                            x_0,
+                            x_1,
+                            x_2,
+                            x_3,
+                            rows,
+                            ks,
+                            live,
+                            H,
+                            PRECISION,
+                            SLOTS * H,
+                            GATES,
+                            2,
                         )
                     else:
                         dx = gradient_products(
-                            dx, dz_above, wx_above, rows, units, ks, live, H, BLOCK_K, PRECISION
+                            dx,
+                            dz_above,
+                            wx_above,
+                            rows,
+                            units,
+                            ks,
+                            live,
+                            H,
+                            BLOCK_K,
+                            PRECISION,
+                            SLOTS * H,
+                            GATES,
+                            2,
                         )
                     if MASKED:
                         dx = dx * tl.load(mask_ptr + (layer64 * T + t) * B * H + here, mask=live, other=0.0)
                     dh += dx
-            act = act_ptr + (layer64 * T + t) * B * 4 * H + gate_here
-            gi = tl.load(act, mask=live, other=0.0)
-            gf = tl.load(act + H, mask=live, other=0.0)
-            gg = tl.load(act + 2 * H, mask=live, other=0.0)
-            go = tl.load(act + 3 * H, mask=live, other=0.0)
-            c = tl.load(cs_layer + (t + 1) * B * H + here, mask=live, other=0.0)
-            c_prev = tl.load(cs_layer + t * B * H + here, mask=live, other=0.0)
-            tc = tanh(c)
-            dc_here = dc_ptr + layer64 * B * H + here
-            dc = tl.load(dc_here, mask=live, other=0.0) + dh * go * (1.0 - tc * tc)
-            dz = dz_layer + t * B * 4 * H + gate_here
-            tl.store(dz, dc * gg * gi * (1.0 - gi), mask=live)
-            tl.store(dz + H, dc * c_prev * gf * (1.0 - gf), mask=live)
-            tl.store(dz + 2 * H, dc * gi * (1.0 - gg * gg), mask=live)
-            tl.store(dz + 3 * H, dh * tc * go * (1.0 - go), mask=live)
-            tl.store(dc_here, dc * gf, mask=live)
+            dz = dz_layer + t * B * SLOTS * H + rows[:, None] * (SLOTS * H) + units[None, :]
+            if CELL == RNN_TANH:
+                h = tl.load(states_layer + (t + 1) * B * H + here, mask=live, other=0.0)
+                tl.store(dz, dh * (1.0 - h * h), mask=live)
+            elif CELL == RNN_RELU:
+                h = tl.load(states_layer + (t + 1) * B * H + here, mask=live, other=0.0)
+                tl.store(dz, tl.where(h > 0.0, dh, 0.0), mask=live)
+            else:
+                act = act_ptr + (layer64 * T + t) * B * 4 * H
+                g_0, g_1, g_2, g_3 = gate_tiles(act, rows, units, live, H, 4 * H, 4)
+                dc_here = dc_ptr + layer64 * B * H + here
+                if CELL == LSTM:  # g: σ(i), σ(f), tanh(g), σ(o)
+                    c = tl.load(states_layer + (t + 1) * B * H + here, mask=live, other=0.0)
+                    c_prev = tl.load(states_layer + t * B * H + here, mask=live, other=0.0)
+                    tc = tanh(c)
+                    dc = tl.load(dc_here, mask=live, other=0.0) + dh * g_3 * (1.0 - tc * tc)
+                    tl.store(dz, dc * g_2 * g_0 * (1.0 - g_0), mask=live)
+                    tl.store(dz + H, dc * c_prev * g_1 * (1.0 - g_1), mask=live)
+                    tl.store(dz + 2 * H, dc * g_0 * (1.0 - g_2 * g_2), mask=live)
+                    tl.store(dz + 3 * H, dh * tc * g_3 * (1.0 - g_3), mask=live)
+                    tl.store(dc_here, dc * g_1, mask=live)
+                else:  # the GRU; g: r, z, n, hn; h' = n + z·(h - n)
+                    dh += tl.load(dc_here, mask=live, other=0.0)  # ∂h_{t+1}·z_{t+1}: h's direct path
+                    h_old = tl.load(states_layer + t * B * H + here, mask=live, other=0.0)
+                    dn = dh * (1.0 - g_1) * (1.0 - g_2 * g_2)
+                    tl.store(dz, dn * g_3 * g_0 * (1.0 - g_0), mask=live)
+                    tl.store(dz + H, dh * (h_old - g_2) * g_1 * (1.0 - g_1), mask=live)
+                    tl.store(dz + 2 * H, dn * g_0, mask=live)
+                    tl.store(dz + 3 * H, dn, mask=live)
+                    tl.store(dc_here, dh * g_1, mask=live)
         if PERSISTENT:
             meet(flags_ptr, error_ptr, s + 1, spin_limit, NUM_PROGRAMS, FLAGS, COUNTER)

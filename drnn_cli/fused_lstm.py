@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 
+from drnn_cli.cells import GATES
 from drnn_cli.errors import DrnnError
 
 Mode = Literal["persistent", "stepwise"]
@@ -111,6 +112,7 @@ class Launch:
     # has a grid of its own, the barriers are shared, and layers > 1 computes the input products of
     # the layers above the first inside the kernel. 1: one launch per layer.
     layers: int = 1
+    gates: int = 4  # the cell's gate blocks (cells.GATES): what its weight tiles and K loops hold
 
     @property
     def kernel_grid(self) -> tuple[int, int, int]:
@@ -143,9 +145,9 @@ def device_shared_bytes(device: torch.device) -> int | None:
     return int(shared) or None
 
 
-def plan_for(device: torch.device, batch: int, hidden: int, layers: int = 1) -> Launch:
-    """The launch for ``layers`` LSTM layers on ``device`` now: its multiprocessors and shared memory,
-    and the products the current autocast makes (:func:`plan_launch`, with the tuned variants)."""
+def plan_for(device: torch.device, batch: int, hidden: int, layers: int = 1, cell: str = "lstm") -> Launch:
+    """The launch for ``layers`` layers of ``cell`` on ``device`` now: its multiprocessors and shared
+    memory, and the products the current autocast makes (:func:`plan_launch`, with the tuned variants)."""
     return plan_launch(
         batch,
         hidden,
@@ -153,6 +155,7 @@ def plan_for(device: torch.device, batch: int, hidden: int, layers: int = 1) -> 
         layers=layers,
         products=products_for(device),
         shared_bytes=device_shared_bytes(device),
+        gates=GATES[cell],
     )
 
 
@@ -164,6 +167,7 @@ def plan_launch(
     layers: int = 1,
     products: Products | None = None,
     shared_bytes: int | None = None,
+    gates: int = 4,
 ) -> Launch:
     """Tiles of 16–64 rows by 16–64 hidden units (``tl.dot`` needs 16 or more on each side).
 
@@ -199,8 +203,9 @@ def plan_launch(
             layers = 1  # the layers one at a time, each grid resident
     else:
         layers = 1
-    block_k = widest_k_tile(hidden, block_b, block_h, shared_bytes)
-    launch = with_tile(Launch(block_b, block_h, block_k, (0, 0), persistent), batch, hidden, block_b, block_h)
+    block_k = widest_k_tile(hidden, block_b, block_h, shared_bytes, gates)
+    launch = Launch(block_b, block_h, block_k, (0, 0), persistent, gates=gates)
+    launch = with_tile(launch, batch, hidden, block_b, block_h)
     if asked:
         return launch_from_environment(asked, launch, batch, hidden, slots, layers, shared_bytes)
     if tuned and products:
@@ -241,27 +246,27 @@ def with_tuned_variants(
 
 
 def resident_bytes(launch: Launch, hidden: int) -> int:
-    """Shared memory one program's resident weights take: the four gates' fp32 tiles of W_hh, and of
-    W_ih in a wavefront's upper layers."""
-    return 4 * hidden * launch.block_h * 4 * (2 if launch.layers > 1 else 1)
+    """Shared memory one program's resident weights take: the gates' fp32 tiles of W_hh, and of W_ih
+    in a wavefront's upper layers."""
+    return launch.gates * hidden * launch.block_h * 4 * (2 if launch.layers > 1 else 1)
 
 
-def widest_k_tile(hidden: int, block_b: int, block_h: int, shared_bytes: int | None) -> int:
+def widest_k_tile(hidden: int, block_b: int, block_h: int, shared_bytes: int | None, gates: int = 4) -> int:
     """The K loops' tile (they step over H and 4H): the widest of 64, 32, 16 that divides ``hidden`` and
     whose pipelined loads fit the device's ``shared_bytes`` (:func:`loop_shared_bytes`); 64 × 64 tiles
     at K 64 need 160–240 KiB, more than any GPU but a Hopper or an A100 holds (Triton refuses the launch)."""
     widths = [k for k in (64, 32, 16) if hidden % k == 0]
     if shared_bytes is None:
         return widths[0]
-    fitting = (k for k in widths if loop_shared_bytes(block_b, block_h, k) <= shared_bytes)
+    fitting = (k for k in widths if loop_shared_bytes(block_b, block_h, k, gates) <= shared_bytes)
     return next(fitting, widths[-1])
 
 
-def loop_shared_bytes(block_b: int, block_h: int, block_k: int) -> int:
+def loop_shared_bytes(block_b: int, block_h: int, block_k: int, gates: int = 4) -> int:
     """Shared memory the forward kernel's K loop may take as Triton pipelines it: three stages of the
-    fp32 tiles of x (rows × K) and of the four gates' W (K × units). Compiled, 16 × 64 tiles at K 64
-    took two stages (139,264 bytes) on sm_86 and sm_90; 64 × 64 with TF32 on sm_90, three (245,760)."""
-    return 3 * 4 * (block_b * block_k + 4 * block_k * block_h)
+    fp32 tiles of x (rows × K) and of the gates' W (K × units). Compiled, the LSTM's 16 × 64 tiles at K
+    64 took two stages (139,264 bytes) on sm_86 and sm_90; 64 × 64 with TF32 on sm_90, three (245,760)."""
+    return 3 * 4 * (block_b * block_k + gates * block_k * block_h)
 
 
 def resident_beside_bytes(launch: Launch, hidden: int) -> int:
@@ -363,7 +368,9 @@ def launch_from_environment(
                     f"must divide model.hidden_size {hidden}"
                 )
             launch = with_tile(launch, batch, hidden, block_b, block_h)
-            launch = replace(launch, block_k=widest_k_tile(hidden, block_b, block_h, shared_bytes))
+            launch = replace(
+                launch, block_k=widest_k_tile(hidden, block_b, block_h, shared_bytes, launch.gates)
+            )
         else:
             raise DrnnError(
                 f"{LAUNCH_ENV}: unknown word {word!r}; use a comma-separated list of "
@@ -403,9 +410,43 @@ def precision_for(fp32: bool, tf32: bool = False) -> str:
     return "ieee" if fp32 and not tf32 else "tf32"
 
 
-def kernel_constants(launch: Launch, fp32_products: bool, masked: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class KernelCell:
+    """Which recurrence the kernels run (``fused_kernels``' ``CELL``): ``lstm``, ``gru`` (PyTorch's form:
+    the reset gate after the recurrent product), or ``rnn`` with its nonlinearity."""
+
+    name: str = "lstm"  # a key of cells.GATES
+    nonlinearity: str = "tanh"  # the rnn's: tanh or relu
+
+    @property
+    def code(self) -> int:
+        """The kernels' CELL: 0 LSTM, 1 GRU, 2 tanh RNN, 3 ReLU RNN (``fused_kernels``' constants)."""
+        return {"lstm": 0, "gru": 1}.get(self.name, 2 if self.nonlinearity == "tanh" else 3)
+
+    @property
+    def gates(self) -> int:
+        return GATES[self.name]
+
+    @property
+    def slots(self) -> int:
+        """H-wide slots in a row of the backward pass's gate gradients (``fused_kernels`` docstring)."""
+        return 1 if self.name == "rnn" else 4
+
+    @property
+    def keeps_activations(self) -> bool:
+        """Whether the forward pass stores gate activations for the backward pass (not the RNN's)."""
+        return self.name != "rnn"
+
+
+def kernel_constants(
+    launch: Launch, fp32_products: bool, masked: bool = False, cell: KernelCell = KernelCell()
+) -> dict[str, Any]:
     """The kernels' compile-time parameters for ``launch`` (scripts/fused_compile.py compiles the same);
     ``masked``: dropout between a wavefront's layers."""
+    if launch.gates != cell.gates:
+        raise ValueError(
+            f"a launch planned for {launch.gates} gates cannot run the {cell.name}'s {cell.gates}"
+        )
     return {
         "BLOCK_B": launch.block_b,
         "BLOCK_H": launch.block_h,
@@ -418,18 +459,25 @@ def kernel_constants(launch: Launch, fp32_products: bool, masked: bool = False) 
         "COUNTER": launch.counter_barrier,
         "LAYERS": launch.layers,
         "MASKED": masked,
+        "CELL": cell.code,
+        "GATES": cell.gates,
+        "SLOTS": cell.slots,
     }
 
 
-def _launch_args(launch: Launch, spin_limit: int, w: torch.Tensor, masked: bool) -> dict[str, Any]:
-    constants = kernel_constants(launch, w.dtype == torch.float32, masked)
+def _launch_args(
+    launch: Launch, spin_limit: int, w: torch.Tensor, masked: bool, cell: KernelCell
+) -> dict[str, Any]:
+    constants = kernel_constants(launch, w.dtype == torch.float32, masked, cell)
     return {"spin_limit": spin_limit, **constants, "num_warps": launch.num_warps}
 
 
 class _FusedStack(torch.autograd.Function):
     """A stack of L layers: one kernel pair per layer (``launch.layers`` = 1, L = 1) or one for all of
     them (``launch.layers`` = L). Layer 0's input gates come precomputed; the layers above compute
-    theirs in the kernel from the layer below's h_t (times its dropout mask) and their W_ih."""
+    theirs in the kernel from the layer below's h_t (times its dropout mask) and their W_ih. The GRU's
+    b_hn comes apart (``hbias``), as its reset gate multiplies the recurrent term with it. Returns
+    the top layer's outputs and h_n, and for the LSTM c_n."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -438,24 +486,29 @@ class _FusedStack(torch.autograd.Function):
         w_hh: torch.Tensor,
         w_ih: torch.Tensor,
         bias: torch.Tensor,
+        hbias: torch.Tensor,
         mask: torch.Tensor | None,
         h0: torch.Tensor,
-        c0: torch.Tensor,
+        c0: torch.Tensor | None,
         launch: Launch,
         spin_limit: int,
         error: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        steps, batch, gates = xg.shape
-        layers, hidden = w_hh.shape[0], gates // 4
+        cell: KernelCell,
+    ) -> tuple[torch.Tensor, ...]:
+        steps, batch, width = xg.shape
+        layers, hidden = w_hh.shape[0], width // cell.gates
         kernels = _kernels()
         xg = xg.float().contiguous()
         hs = torch.empty((layers, steps + 1, batch, hidden), device=xg.device, dtype=torch.float32)
-        cs = torch.empty_like(hs)
         hs[:, 0].copy_(h0)
-        cs[:, 0].copy_(c0)
-        act = torch.empty((layers, steps, batch, gates), device=xg.device, dtype=torch.float32)
+        cs = hs  # a pointer the kernel reads only for the LSTM
+        if c0 is not None:
+            cs = torch.empty_like(hs)
+            cs[:, 0].copy_(c0)
+        act_shape = (layers, steps, batch, 4 * hidden) if cell.keeps_activations else (1,)
+        act = torch.empty(act_shape, device=xg.device, dtype=torch.float32)
         flags = torch.zeros(launch.programs, device=xg.device, dtype=torch.int32)
-        args = _launch_args(launch, spin_limit, w_hh, mask is not None)
+        args = _launch_args(launch, spin_limit, w_hh, mask is not None, cell)
         scale = hs if mask is None else mask  # a pointer the kernel reads only when masked
         for t_begin, n_steps in _chunks(steps + layers - 1, launch.persistent):
             kernels.forward[launch.kernel_grid](
@@ -463,6 +516,7 @@ class _FusedStack(torch.autograd.Function):
                 w_hh,
                 w_ih,
                 bias,
+                hbias,
                 scale,
                 hs,
                 cs,
@@ -477,13 +531,18 @@ class _FusedStack(torch.autograd.Function):
                 **args,
             )
         ctx.save_for_backward(w_hh, w_ih, mask, hs, cs, act)
-        ctx.launch, ctx.spin_limit, ctx.error = launch, spin_limit, error
+        ctx.launch, ctx.spin_limit, ctx.error, ctx.cell = launch, spin_limit, error, cell
+        if c0 is None:
+            return hs[layers - 1, 1:], hs[:, steps]
         return hs[layers - 1, 1:], hs[:, steps], cs[:, steps]
 
     @staticmethod
-    def backward(ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None, d_c: torch.Tensor | None):  # type: ignore[override]
+    def backward(
+        ctx: Any, d_out: torch.Tensor | None, d_h: torch.Tensor | None, d_c: torch.Tensor | None = None
+    ):  # type: ignore[override]
         w_hh, w_ih, mask, hs, cs, act = ctx.saved_tensors
         launch: Launch = ctx.launch
+        cell: KernelCell = ctx.cell
         layers, steps, batch, hidden = hs.shape[0], hs.shape[1] - 1, hs.shape[2], hs.shape[3]
         kernels = _kernels()
         dout = torch.zeros((layers, steps, batch, hidden), device=hs.device)
@@ -491,15 +550,18 @@ class _FusedStack(torch.autograd.Function):
             dout[layers - 1] += d_out.float()
         if d_h is not None:
             dout[:, steps - 1] += d_h.float()  # h_T is each layer's last output: its two gradients meet
-        dz = torch.empty((layers, steps + 1, batch, 4 * hidden), device=hs.device, dtype=torch.float32)
+        width = cell.slots * hidden
+        dz = torch.empty((layers, steps + 1, batch, width), device=hs.device, dtype=torch.float32)
         dz[:, steps].zero_()
-        dc = (  # the kernel writes ∂loss/∂c_0 over it: a fresh contiguous buffer either way
-            torch.zeros((layers, batch, hidden), device=hs.device)
-            if d_c is None
-            else d_c.float().clone(memory_format=torch.contiguous_format)
+        lstm = cell.name == "lstm"
+        # carried back a timestep (the kernel writes over it): the LSTM's ∂c, the GRU's ∂h·z
+        dc = (
+            d_c.float().clone(memory_format=torch.contiguous_format)
+            if lstm and d_c is not None
+            else torch.zeros((layers, batch, hidden), device=hs.device)
         )
         flags = torch.zeros(launch.programs, device=hs.device, dtype=torch.int32)
-        args = _launch_args(launch, ctx.spin_limit, w_hh, mask is not None)
+        args = _launch_args(launch, ctx.spin_limit, w_hh, mask is not None, cell)
         scale = hs if mask is None else mask
         for t_begin, n_steps in _chunks(steps + layers - 1, launch.persistent):
             t_last = steps - 1 - t_begin
@@ -508,7 +570,7 @@ class _FusedStack(torch.autograd.Function):
                 w_ih,
                 scale,
                 act,
-                cs,
+                cs,  # the LSTM's c; the others' h (cs is hs there)
                 dout,
                 dz,
                 dc,
@@ -521,17 +583,30 @@ class _FusedStack(torch.autograd.Function):
                 hidden,
                 **args,
             )
-        gates = dz[:, :steps].reshape(layers, -1, 4 * hidden)
+        recurrent_width = cell.gates * hidden  # the GRU's [∂r | ∂z | ∂n·r]: what h W_hhᵀ received
+        recurrent = dz[:, :steps, :, :recurrent_width].reshape(layers, -1, recurrent_width)
+        if cell.name == "gru":  # [∂r | ∂z | ∂n]: what x W_ihᵀ received
+            taken = dz[:, :steps]
+            inputs_side = torch.cat((taken[..., : 2 * hidden], taken[..., 3 * hidden :]), -1)
+            inputs_side = inputs_side.reshape(layers, -1, recurrent_width)
+            d_hbias = recurrent[..., 2 * hidden :].sum(1)
+        else:
+            inputs_side, d_hbias = recurrent, None
         d_w_hh = (
-            gates.transpose(1, 2).bmm(hs[:, :steps].reshape(layers, -1, hidden)).to(w_hh.dtype)
+            recurrent.transpose(1, 2).bmm(hs[:, :steps].reshape(layers, -1, hidden)).to(w_hh.dtype)
         )  # Σ_t dz_tᵀ h_{t-1}
-        d_h0 = dz[:, 0].bmm(w_hh.float())
+        d_h0 = dz[:, 0, :, :recurrent_width].bmm(w_hh.float())
+        if cell.name == "gru":
+            d_h0 += dc  # h_0's direct path into h_1
         d_w_ih = d_bias = None
         if layers > 1:  # the upper layers' inputs: the layer below's outputs, dropped out
             inputs = hs[:-1, 1:] if mask is None else hs[:-1, 1:] * mask
-            d_w_ih = gates[1:].transpose(1, 2).bmm(inputs.reshape(layers - 1, -1, hidden)).to(w_ih.dtype)
-            d_bias = gates[1:].sum(1)
-        return dz[0, :steps], d_w_hh, d_w_ih, d_bias, None, d_h0, dc, None, None, None
+            upper = inputs_side[1:]
+            d_w_ih = upper.transpose(1, 2).bmm(inputs.reshape(layers - 1, -1, hidden)).to(w_ih.dtype)
+            d_bias = upper.sum(1)
+        d_xg = inputs_side[0].view(steps, batch, recurrent_width)
+        d_c0 = dc if lstm else None
+        return d_xg, d_w_hh, d_w_ih, d_bias, d_hbias, None, d_h0, d_c0, None, None, None, None
 
 
 def _chunks(steps: int, persistent: bool) -> list[tuple[int, int]]:
@@ -539,22 +614,26 @@ def _chunks(steps: int, persistent: bool) -> list[tuple[int, int]]:
     return [(0, steps)] if persistent else [(t, 1) for t in range(steps)]
 
 
-def fused_lstm_stack(
+def fused_stack(
     xg: torch.Tensor,
     h0: torch.Tensor,
-    c0: torch.Tensor,
+    c0: torch.Tensor | None,
     w_hh: list[torch.Tensor],
     w_ih: list[torch.Tensor],
     biases: list[torch.Tensor],
     masks: list[torch.Tensor] | None,
     launch: Launch,
+    cell: KernelCell = KernelCell(),
+    hbiases: list[torch.Tensor] | None = None,
     spin_limit: int = SPIN_LIMIT,
     error: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A stack of LSTM layers in one launch (``launch.layers`` of them, as a wavefront). ``xg`` (T, B,
-    4H) holds layer 0's x_t W_ihᵀ + b_ih + b_hh; ``w_ih`` and ``biases`` (b_ih + b_hh) are the layers'
-    above it; ``masks`` the dropout scale of each lower layer's output, (T or 1, B, H), or None. Returns
-    ``(top layer's outputs (T, B, H), h_n (L, B, H), c_n)`` in fp32; ``error`` as for :func:`fused_lstm_layer`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A stack of layers of ``cell`` in one launch (``launch.layers`` of them, as a wavefront). ``xg``
+    (T, B, G·H) holds layer 0's x_t W_ihᵀ + b_ih + b_hh; ``w_ih`` and ``biases`` (b_ih + b_hh) are the
+    layers' above it; the GRU's b_hn stays out of both, one per layer in ``hbiases``. ``masks``: the
+    dropout scale of each lower layer's output, (T or 1, B, H), or None. Returns ``(top layer's
+    outputs (T, B, H), h_n (L, B, H), c_n (the LSTM's, else None))`` in fp32; ``error`` as for
+    :func:`fused_layer`."""
     layers, (steps, batch, _), hidden = len(w_hh), xg.shape, w_hh[0].shape[1]
     if launch.layers != layers or layers < 2:
         raise ValueError(f"a wavefront launch of {launch.layers} layers cannot run a stack of {layers}")
@@ -563,53 +642,68 @@ def fused_lstm_stack(
     stacked_mask = None
     if masks is not None:  # one contiguous (L - 1, T, B, H) scale: a locked mask repeats over time
         stacked_mask = torch.stack([mask.float().expand(steps, batch, hidden) for mask in masks]).contiguous()
-    out, h_n, c_n = _FusedStack.apply(
+    outputs = _FusedStack.apply(
         xg,
         torch.stack(w_hh).to(dtype),
         torch.stack(w_ih).to(dtype),
         torch.stack(biases).float(),
+        _hidden_biases(hbiases, xg),
         stacked_mask,
         h0,
         c0,
         launch,
         spin_limit,
         _error_flag(error, xg.device),
+        cell,
     )
-    return out, h_n.contiguous(), c_n.contiguous()  # (L, B, H) slices of (L, T + 1, B, H) buffers
+    # (L, B, H) slices of (L, T + 1, B, H) buffers
+    return outputs[0], outputs[1].contiguous(), outputs[2].contiguous() if c0 is not None else None
 
 
-def fused_lstm_layer(
+def fused_layer(
     xg: torch.Tensor,
     h0: torch.Tensor,
-    c0: torch.Tensor,
+    c0: torch.Tensor | None,
     w_hh: torch.Tensor,
     launch: Launch | None = None,
+    cell: KernelCell = KernelCell(),
+    hbias: torch.Tensor | None = None,
     spin_limit: int = SPIN_LIMIT,
     error: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One LSTM layer's recurrence: ``xg`` (T, B, 4H) holds x_t W_ihᵀ + b_ih + b_hh; returns
-    ``(outputs (T, B, H), h_T, c_T)`` in fp32. ``error`` (an int32 scalar) becomes 1 if a grid
-    barrier gave up waiting; it is never read on the host here (that would cost a sync per layer)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer's recurrence: ``xg`` (T, B, G·H) holds x_t W_ihᵀ + b_ih + b_hh (the GRU's b_hn apart,
+    in ``hbias``); returns ``(outputs (T, B, H), h_T, c_T (the LSTM's, else None))`` in fp32.
+    ``error`` (an int32 scalar) becomes 1 if a grid barrier gave up waiting; it is never read on the
+    host here (that would cost a sync per layer)."""
     batch, hidden = xg.shape[1], w_hh.shape[1]
-    launch = launch or plan_for(xg.device, batch, hidden)
+    launch = launch or plan_for(xg.device, batch, hidden, cell=cell.name)
     if launch.layers != 1:
         launch = replace(launch, layers=1)  # one layer's grid: a wavefront plan seen by one layer
     _check_resident(launch, hidden)
     w = w_hh.to(_product_dtype(xg.device)).unsqueeze(0).contiguous()
     no_bias = xg.new_zeros((1,), dtype=torch.float32)  # a lone layer has no layer above: never read
-    out, h_n, c_n = _FusedStack.apply(
+    outputs = _FusedStack.apply(
         xg,
         w,
         w,
         no_bias,
+        _hidden_biases(None if hbias is None else [hbias], xg),
         None,
         h0.unsqueeze(0),
-        c0.unsqueeze(0),
+        None if c0 is None else c0.unsqueeze(0),
         launch,
         spin_limit,
         _error_flag(error, xg.device),
+        cell,
     )
-    return out, h_n[0], c_n[0]
+    return outputs[0], outputs[1][0], outputs[2][0] if c0 is not None else None
+
+
+def _hidden_biases(hbiases: list[torch.Tensor] | None, xg: torch.Tensor) -> torch.Tensor:
+    """The GRU's b_hn of every layer, (L, H) fp32; for the other cells a pointer never read."""
+    if hbiases is None:
+        return xg.new_zeros((1,), dtype=torch.float32)
+    return torch.stack(hbiases).float()
 
 
 def _check_resident(launch: Launch, hidden: int) -> None:

@@ -25,12 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from drnn_cli import fused_lstm
-from drnn_cli.cells import CELL_STEPS, CellSteps, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
+from drnn_cli.cells import CELL_STEPS, GATES, CellSteps, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
 from drnn_cli.config import ModelConfig
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 # One-hot inputs of vocabularies up to this size are rows looked up in an identity table (at most 4 MiB
 # in fp32): one kernel per minibatch where zeros-then-scatter is two. Larger ones scatter, as a V × V
 # table would outgrow the features it saves a kernel on.
@@ -121,47 +120,52 @@ class ScratchRecurrent(nn.Module):
             w_ih, w_hh, b_ih, b_hh = self._layer_weights(layer)
             # (T, B, I) @ (I, G·H) for all timesteps at once.
             projected = F.linear(layer_input, w_ih, b_ih)
-            if self.cell == "lstm":
-                assert c0 is not None
-                outputs, h, c = self._lstm_recurrence(projected + b_hh, h0[layer], c0[layer], w_hh, steps)
-                final_c.append(c)
-            elif self.cell == "gru" and self.form == "d2l":
-                outputs, h = gru_d2l_layer(projected + b_hh, h0[layer], w_hh, steps)
-            elif self.cell == "gru":
-                outputs, h = gru_layer(projected, h0[layer], w_hh, b_hh, steps)
-            else:
-                outputs, h = rnn_layer(projected + b_hh, h0[layer], w_hh, self.nonlinearity, steps)
+            outputs, h, c = self._recurrence(
+                projected, b_hh, h0[layer], None if c0 is None else c0[layer], w_hh, steps
+            )
             final_h.append(h)
+            if c is not None:
+                final_c.append(c)
             if layer < self.num_layers - 1:
                 outputs = sequence_dropout(outputs, self.dropout, self.training, self.locked)
             layer_input = outputs
         h_n = torch.stack(final_h)
         return layer_input, ((h_n, torch.stack(final_c)) if self.cell == "lstm" else h_n)
 
-    def _lstm_recurrence(
+    def _recurrence(
         self,
-        x_gates: torch.Tensor,
+        projected: torch.Tensor,
+        b_hh: torch.Tensor,
         h: torch.Tensor,
-        c: torch.Tensor,
+        c: torch.Tensor | None,
         w_hh: torch.Tensor,
         steps: CellSteps,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One layer's recurrence over ``x_gates`` (T, B, 4H), which holds both biases."""
-        return lstm_layer(x_gates, h, c, w_hh, steps)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One layer's recurrence over ``projected`` (T, B, G·H) = x_t W_ihᵀ + b_ih: ``(outputs, h_T,
+        c_T)``, c_T the LSTM's (else None)."""
+        if self.cell == "lstm":
+            assert c is not None
+            return lstm_layer(projected + b_hh, h, c, w_hh, steps)
+        if self.cell == "gru" and self.form == "d2l":
+            return (*gru_d2l_layer(projected + b_hh, h, w_hh, steps), None)
+        if self.cell == "gru":
+            return (*gru_layer(projected, h, w_hh, b_hh, steps), None)
+        return (*rnn_layer(projected + b_hh, h, w_hh, self.nonlinearity, steps), None)
 
 
 class FusedRecurrent(ScratchRecurrent):
-    """``impl: fused``: the scratch LSTM stack with each layer's recurrence in Triton kernels
-    (:mod:`drnn_cli.fused_lstm`). Where they cannot run (no CUDA, no Triton), it steps the scratch
-    cells instead — the same equations and parameters — so a checkpoint trained on a GPU predicts
-    and evaluates anywhere. ``barrier_error`` becomes 1 if a persistent kernel's grid barrier gave
-    up waiting (the trainer checks it at epoch ends).
+    """``impl: fused``: the scratch stack with each layer's recurrence in Triton kernels
+    (:mod:`drnn_cli.fused_lstm`; LSTM, GRU in PyTorch's form, tanh or ReLU RNN). Where they cannot run
+    (no CUDA, no Triton), it steps the scratch cells instead — the same equations and parameters — so
+    a checkpoint trained on a GPU predicts and evaluates anywhere. ``barrier_error`` becomes 1 if a
+    persistent kernel's grid barrier gave up waiting (the trainer checks it at epoch ends).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.cell != "lstm":
-            raise ValueError(f"model.impl fused has an LSTM kernel only, not {self.cell}")
+        if self.form != "torch":
+            raise ValueError(f"model.impl fused runs PyTorch's cell form, not {self.form}")
+        self.kernel_cell = fused_lstm.KernelCell(self.cell, self.nonlinearity)
         self.register_buffer("barrier_error", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -171,43 +175,69 @@ class FusedRecurrent(ScratchRecurrent):
         launch = self._wavefront(inputs)
         if launch is None:
             return super().forward(inputs, state)
-        h0, c0 = state
-        assert c0 is not None
-        w_hh, w_ih, biases, masks = [], [], [], []
+        h0, c0 = state if isinstance(state, tuple) else (state, None)
+        w_hh, w_ih, biases, hbiases, masks = [], [], [], [], []
         for layer in range(self.num_layers):
             weights = self._layer_weights(layer)
             w_hh.append(weights[1])
+            folded, apart = self._split_hidden_bias(weights[3])
+            if apart is not None:
+                hbiases.append(apart)
             if layer > 0:
                 w_ih.append(weights[0])
-                biases.append(weights[2] + weights[3])
+                biases.append(weights[2] + folded)
             else:
-                x_gates = F.linear(inputs, weights[0], weights[2]) + weights[3]
+                x_gates = F.linear(inputs, weights[0], weights[2]) + folded
             if layer < self.num_layers - 1 and self.training and self.dropout > 0:
                 shape = (1 if self.locked else inputs.shape[0], inputs.shape[1], self.hidden_size)
                 masks.append(dropout_scale(inputs.new_empty((), dtype=torch.float32), shape, self.dropout))
-        out, h_n, c_n = fused_lstm.fused_lstm_stack(
-            x_gates, h0, c0, w_hh, w_ih, biases, masks or None, launch, error=self.barrier_error
+        out, h_n, c_n = fused_lstm.fused_stack(
+            x_gates,
+            h0,
+            c0,
+            w_hh,
+            w_ih,
+            biases,
+            masks or None,
+            launch,
+            cell=self.kernel_cell,
+            hbiases=hbiases or None,
+            error=self.barrier_error,
         )
-        return out, (h_n, c_n)
+        return out, (h_n if c_n is None else (h_n, c_n))
+
+    def _split_hidden_bias(self, b_hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what of b_hh adds to the input gates, what stays apart): the GRU's b_hn stays apart, as its
+        reset gate multiplies the recurrent term with it; every other bias adds."""
+        if self.cell != "gru":
+            return b_hh, None
+        n_gate = 2 * self.hidden_size
+        return torch.cat((b_hh[:n_gate], torch.zeros_like(b_hh[n_gate:]))), b_hh[n_gate:]
 
     def _wavefront(self, inputs: torch.Tensor) -> fused_lstm.Launch | None:
         """The plan's launch when it runs this stack as one wavefront, else None."""
         if self.num_layers < 2 or not fused_lstm.can_run(inputs.device):
             return None
-        launch = fused_lstm.plan_for(inputs.device, inputs.shape[1], self.hidden_size, self.num_layers)
+        launch = fused_lstm.plan_for(
+            inputs.device, inputs.shape[1], self.hidden_size, self.num_layers, self.cell
+        )
         return launch if launch.layers > 1 else None
 
-    def _lstm_recurrence(
+    def _recurrence(
         self,
-        x_gates: torch.Tensor,
+        projected: torch.Tensor,
+        b_hh: torch.Tensor,
         h: torch.Tensor,
-        c: torch.Tensor,
+        c: torch.Tensor | None,
         w_hh: torch.Tensor,
         steps: CellSteps,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not fused_lstm.can_run(x_gates.device):
-            return super()._lstm_recurrence(x_gates, h, c, w_hh, steps)
-        return fused_lstm.fused_lstm_layer(x_gates, h, c, w_hh, error=self.barrier_error)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if not fused_lstm.can_run(projected.device):
+            return super()._recurrence(projected, b_hh, h, c, w_hh, steps)
+        folded, apart = self._split_hidden_bias(b_hh)
+        return fused_lstm.fused_layer(
+            projected + folded, h, c, w_hh, cell=self.kernel_cell, hbias=apart, error=self.barrier_error
+        )
 
 
 class _LayerwiseRegularised:

@@ -138,7 +138,7 @@ class Trainer:
             # DRNN_FUSED_LAUNCH's errors now, not in the first step after the run's files are written;
             # validation's whole data.batch_size makes the most programs of any launch in the run
             model = config.model
-            fused_lstm.plan_for(device, data.batch_size, model.hidden_size, model.num_layers)
+            fused_lstm.plan_for(device, data.batch_size, model.hidden_size, model.num_layers, model.cell)
         self.init_from_label = init_from_label or (resume.init_from if resume else None)
         if init_from is not None:
             self.model.load_state_dict(init_from.model_state)

@@ -88,7 +88,7 @@ def fused_runner(
 
     def run() -> None:
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            out, _, _ = fused_lstm.fused_lstm_layer(xg, h0, h0, w_hh, launch=launch, error=error)
+            out, _, _ = fused_lstm.fused_layer(xg, h0, h0, w_hh, launch=launch, error=error)
         (out * probe).sum().backward()
 
     return run

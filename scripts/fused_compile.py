@@ -44,11 +44,11 @@ PLANNED_PRODUCTS = (("bf16", "half"), ("fp32", "tf32"), ("fp32", "ieee"))
 SHARED_BYTES = {70: 98_304, 75: 65_536, 80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 POINTERS = {
     "forward": (
-        *("xg_ptr", "w_ptr", "wx_ptr", "bias_ptr", "mask_ptr"),
+        *("xg_ptr", "w_ptr", "wx_ptr", "bias_ptr", "hbias_ptr", "mask_ptr"),
         *("hs_ptr", "cs_ptr", "act_ptr", "flags_ptr", "error_ptr"),
     ),
     "backward": (
-        *("w_ptr", "wx_ptr", "mask_ptr", "act_ptr", "cs_ptr"),
+        *("w_ptr", "wx_ptr", "mask_ptr", "act_ptr", "states_ptr"),
         *("dout_ptr", "dz_ptr", "dc_ptr", "flags_ptr", "error_ptr"),
     ),
 }

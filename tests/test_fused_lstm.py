@@ -119,7 +119,7 @@ def test_a_barrier_that_never_opens_gives_up_and_raises_the_flag(counter_barrier
     torch.manual_seed(0)
     hidden, batch, steps = 32, 2, 2
     error = torch.zeros((), dtype=torch.int32)
-    fused_lstm.fused_lstm_layer(
+    fused_lstm.fused_layer(
         torch.randn(steps, batch, 4 * hidden),
         torch.zeros(batch, hidden),
         torch.zeros(batch, hidden),
@@ -183,7 +183,7 @@ def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         if side == "fused":
             xg, h0, c0, w = (t.float() for t in leaves)
-            outs = fused_lstm.fused_lstm_layer(xg, h0, c0, w, launch, error=error)
+            outs = fused_lstm.fused_layer(xg, h0, c0, w, launch, error=error)
         else:
             outs = _reference_layer(*leaves)
         sum(
@@ -506,9 +506,9 @@ def test_under_half_autocast_the_interpreter_runs_fp16_and_leaves_bf16_to_the_sc
     x = torch.randn(4, 5, 8)
     state = (torch.zeros(1, 5, 32), torch.zeros(1, 5, 32))
     launched = []
-    real = fused_lstm.fused_lstm_layer
+    real = fused_lstm.fused_layer
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused_lstm, "fused_lstm_layer", lambda *a, **k: launched.append(1) or real(*a, **k))
+        patch.setattr(fused_lstm, "fused_layer", lambda *a, **k: launched.append(1) or real(*a, **k))
         for dtype, tolerance, kernels in ((torch.float16, 2e-3, 1), (torch.bfloat16, 0.0, 0)):
             with torch.autocast("cpu", dtype=dtype), torch.no_grad():
                 want, got = scratch(x, state)[0].float(), fused(x, state)[0].float()
@@ -520,13 +520,13 @@ def test_under_half_autocast_the_interpreter_runs_fp16_and_leaves_bf16_to_the_sc
 def record_stack_launches(monkeypatch: pytest.MonkeyPatch) -> list[fused_lstm.Launch]:
     """The launch of every stack run as one wavefront from now on (the kernels still run)."""
     launches: list[fused_lstm.Launch] = []
-    real = fused_lstm.fused_lstm_stack
+    real = fused_lstm.fused_stack
 
     def recorded(*args, **kwargs):
         launches.append(args[7])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fused_lstm, "fused_lstm_stack", recorded)
+    monkeypatch.setattr(fused_lstm, "fused_stack", recorded)
     return launches
 
 
@@ -574,6 +574,73 @@ def test_a_stack_run_as_one_wavefront_equals_nn_lstm(layers, batch, words, monke
     ] == [(layers, False, "resident" in words, (2, -(-batch // 16), layers))]
 
 
+# The other cells' references: (module, its options, drnn's model.cell)
+OTHER_CELLS = {
+    "gru": (nn.GRU, {}, "gru"),
+    "rnn-tanh": (nn.RNN, {"nonlinearity": "tanh"}, "rnn"),
+    "rnn-relu": (nn.RNN, {"nonlinearity": "relu"}, "rnn"),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("cell", "layers", "batch", "words"),
+    [
+        ("gru", 2, 5, ""),
+        ("gru", 2, 5, "wavefront"),
+        ("gru", 3, 20, "wavefront,resident"),
+        ("rnn-tanh", 2, 5, ""),
+        ("rnn-tanh", 3, 20, "wavefront,resident"),
+        ("rnn-relu", 2, 5, "wavefront"),
+    ],
+    ids=[
+        "gru-layer-by-layer",
+        "gru-wavefront",
+        "gru-wavefront-resident-two-batch-blocks",
+        "rnn-tanh-layer-by-layer",
+        "rnn-tanh-wavefront-resident-two-batch-blocks",
+        "rnn-relu-wavefront",
+    ],
+)
+def test_gru_and_rnn_kernels_equal_nn_gru_and_nn_rnn(cell, layers, batch, words, monkeypatch):
+    """The same kernels with the GRU's gates (its reset gate times the recurrent term with b_hn, which
+    stays out of the input gates) and the plain RNN's: outputs, h_n and every gradient equal PyTorch's.
+    Layer by layer the plan here is one persistent program of 16 × 32 a layer (the counter barrier);
+    as a wavefront, one launch per super-step of 16 × 16 tiles (2 hidden blocks), with the input and
+    recurrent weights resident, and 2 batch blocks at batch 20."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+    if words:
+        monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
+    kernels = []
+    for name in ("fused_layer", "fused_stack"):
+        real = getattr(fused_lstm, name)
+        monkeypatch.setattr(
+            fused_lstm, name, lambda *a, _real=real, _name=name, **k: kernels.append(_name) or _real(*a, **k)
+        )
+    module, options, drnn_cell = OTHER_CELLS[cell]
+    torch.manual_seed(0)
+    hidden, steps = 32, 4
+    reference = module(8, hidden, layers, **options)
+    fused = FusedRecurrent(drnn_cell, 8, hidden, layers, **options)
+    fused.load_state_dict(reference.state_dict())
+    torch.manual_seed(1)
+    x, h0 = torch.randn(steps, batch, 8), torch.randn(layers, batch, hidden)
+    probes = torch.randn(steps, batch, hidden), torch.randn(layers, batch, hidden)
+    results = []
+    for side in (fused, reference):
+        leaves = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+        out, h_n = side(*leaves)
+        ((out * probes[0]).sum() + (h_n * probes[1]).sum()).backward()
+        grads = {name: p.grad.clone() for name, p in side.named_parameters()}
+        results.append({"out": out, "h_n": h_n, "x": leaves[0].grad, "h0": leaves[1].grad, **grads})
+    got, want = results
+    assert got.keys() == want.keys() and len(want) == 4 + 4 * layers
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert kernels == (["fused_stack"] if words else ["fused_layer"] * layers)  # not the scratch cells
+    assert int(fused.barrier_error) == 0
+
+
 @needs_interpreter
 def test_a_persistent_wavefront_meets_at_one_barrier_for_all_layers():
     """The top layer's program runs first in the interpreter and waits for the layer below's at the
@@ -581,7 +648,7 @@ def test_a_persistent_wavefront_meets_at_one_barrier_for_all_layers():
     torch.manual_seed(0)
     hidden, batch, steps = 16, 2, 2
     error = torch.zeros((), dtype=torch.int32)
-    fused_lstm.fused_lstm_stack(
+    fused_lstm.fused_stack(
         torch.randn(steps, batch, 4 * hidden),
         torch.zeros(2, batch, hidden),
         torch.zeros(2, batch, hidden),
@@ -602,7 +669,7 @@ def test_a_resident_w_hh_needs_one_k_tile_as_wide_as_the_layer(hidden, block_k):
         block_b=16, block_h=16, block_k=block_k, grid=(2, 1), persistent=True, resident=True
     )
     with pytest.raises(ValueError, match="block_k = hidden_size, a power of two"):
-        fused_lstm.fused_lstm_layer(
+        fused_lstm.fused_layer(
             torch.zeros(2, 1, 4 * hidden),
             torch.zeros(1, hidden),
             torch.zeros(1, hidden),
@@ -628,6 +695,9 @@ def test_the_kernels_are_compiled_as_the_launch_asks():
         "COUNTER": False,
         "LAYERS": 1,
         "MASKED": False,
+        "CELL": 0,
+        "GATES": 4,
+        "SLOTS": 4,
     }
     assert fused_lstm.kernel_constants(plain, False)["PRECISION"] == "tf32"
     stack = fused_lstm.kernel_constants(dataclasses.replace(plain, layers=3), True, masked=True)
@@ -639,19 +709,33 @@ def test_the_kernels_are_compiled_as_the_launch_asks():
         True,
         256,
     )
+    # the cell: its code, gate blocks and gradient slots (fused_kernels' docstring); a launch planned
+    # for another cell's gates is refused
+    gru, relu = fused_lstm.KernelCell("gru"), fused_lstm.KernelCell("rnn", "relu")
+    constants = fused_lstm.kernel_constants(dataclasses.replace(plain, gates=3), True, cell=gru)
+    assert (constants["CELL"], constants["GATES"], constants["SLOTS"]) == (1, 3, 4)
+    constants = fused_lstm.kernel_constants(dataclasses.replace(plain, gates=1), True, cell=relu)
+    assert (constants["CELL"], constants["GATES"], constants["SLOTS"]) == (3, 1, 1)
+    assert fused_lstm.KernelCell("rnn").code == 2
+    with pytest.raises(ValueError, match="planned for 4 gates cannot run the gru's 3"):
+        fused_lstm.kernel_constants(plain, True, cell=gru)
 
 
 @needs_interpreter
 @pytest.mark.parametrize(
-    ("words", "dropout_kind", "kernel"),
+    ("words", "dropout_kind", "kernel", "cell"),
     [
-        ("", "standard", "fused_lstm_layer"),
-        ("wavefront", "standard", "fused_lstm_stack"),
-        ("wavefront", "locked", "fused_lstm_stack"),
+        ("", "standard", "fused_layer", "lstm"),
+        ("wavefront", "standard", "fused_stack", "lstm"),
+        ("wavefront", "locked", "fused_stack", "lstm"),
+        ("wavefront", "locked", "fused_stack", "gru"),
+        ("", "standard", "fused_layer", "rnn"),
     ],
-    ids=["layer-by-layer", "wavefront", "wavefront-locked"],
+    ids=["layer-by-layer", "wavefront", "wavefront-locked", "gru-wavefront-locked", "rnn-layer-by-layer"],
 )
-def test_fused_model_trains_step_for_step_like_the_scratch_model(words, dropout_kind, kernel, monkeypatch):
+def test_fused_model_trains_step_for_step_like_the_scratch_model(
+    words, dropout_kind, kernel, cell, monkeypatch
+):
     """Three SGD steps of the whole language model, with weight drop and dropout between the layers
     (the same masks: the fused stack draws them exactly as the scratch stack does, layer by layer or
     as one wavefront, which multiplies them in inside the kernels): the same losses and weights."""
@@ -662,6 +746,7 @@ def test_fused_model_trains_step_for_step_like_the_scratch_model(words, dropout_
     calls = []
     monkeypatch.setattr(fused_lstm, kernel, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     config = ModelConfig(
+        cell=cell,
         hidden_size=16,
         num_layers=2,
         embedding_dim=8,
@@ -708,10 +793,12 @@ def test_without_a_device_for_the_kernels_the_fused_stack_steps_the_scratch_cell
 
 
 def test_fused_impl_is_refused_where_there_is_no_kernel():
-    with pytest.raises(
-        ValidationError, match="LSTM kernel only; for model.cell gru use impl torch or scratch"
-    ):
-        ModelConfig(cell="gru", impl="fused")
+    """Every cell has kernels in PyTorch's form (d2l's GRU form only steps the scratch cells), with
+    hidden sizes in whole 16-unit tiles."""
+    for cell in ("lstm", "gru", "rnn"):
+        assert ModelConfig(cell=cell, impl="fused").impl == "fused"
+    with pytest.raises(ValidationError, match="cell_form d2l is d2l's from-scratch cells"):
+        ModelConfig(cell="gru", impl="fused", cell_form="d2l")
     with pytest.raises(ValidationError, match="hidden_size divisible by 16"):
         ModelConfig(hidden_size=20, impl="fused")
 
@@ -748,25 +835,28 @@ FUSED_TREE = {
 
 
 @needs_interpreter
-@pytest.mark.parametrize("words", ["", "wavefront"], ids=["layer-by-layer", "wavefront"])
-def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeypatch, words):
+@pytest.mark.parametrize(
+    ("words", "cell"), [("", "lstm"), ("wavefront", "gru")], ids=["layer-by-layer", "gru-wavefront"]
+)
+def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeypatch, words, cell):
     """The whole trainer (static step, clipping, state carry, validation, checkpoint) over the kernels,
-    layer by layer or the stack as one wavefront (one epoch: a launch per super-step is slow here): the
-    same perplexities as the scratch cells."""
+    layer by layer or the stack as one wavefront (one epoch: a launch per super-step is slow here), an
+    LSTM and a GRU: the same perplexities as the scratch cells."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
     if words:
         monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
     launches = record_stack_launches(monkeypatch)
-    real_layer, layer_calls = fused_lstm.fused_lstm_layer, []
+    real_layer, layer_calls = fused_lstm.fused_layer, []
     monkeypatch.setattr(
-        fused_lstm, "fused_lstm_layer", lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k)
+        fused_lstm, "fused_layer", lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k)
     )
     epochs = 1 if words else FUSED_TREE["train"]["epochs"]
     config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": epochs}})
     summaries = {}
     for impl in ("fused", "scratch"):
         code, out, err = cli(
-            "train", "--config", str(config), "--set", f"model.impl={impl}", "--run", f"runs/{impl}", "--json"
+            *("train", "--config", str(config), "--set", f"model.impl={impl}", "--set", f"model.cell={cell}"),
+            *("--run", f"runs/{impl}", "--json"),
         )
         assert code == 0, err
         assert "steps the scratch cells" not in out + err  # the interpreter ran the kernels
@@ -861,14 +951,14 @@ def test_the_kernel_benchmark_says_in_one_line_that_it_needs_cuda():
 @needs_interpreter
 def test_a_barrier_timeout_stops_training_in_one_line(workdir, cli, monkeypatch):
     """The flag is read at the epoch's end: training stops there, with the way out named."""
-    real_layer = fused_lstm.fused_lstm_layer
+    real_layer = fused_lstm.fused_layer
 
     def timing_out(*args, **kwargs):
         result = real_layer(*args, **kwargs)
         kwargs["error"].fill_(1)  # as a barrier that gave up would leave it
         return result
 
-    monkeypatch.setattr(fused_lstm, "fused_lstm_layer", timing_out)
+    monkeypatch.setattr(fused_lstm, "fused_layer", timing_out)
     config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
     code, _, err = cli("train", "--config", str(config), "--set", "model.impl=fused")
     assert_one_line_error(code, err, "barrier timed out in epoch 1", "Use model.impl torch")
@@ -878,7 +968,7 @@ def test_a_barrier_timeout_stops_training_in_one_line(workdir, cli, monkeypatch)
 def test_a_barrier_timeout_while_the_averaged_copy_validates_stops_training(workdir, cli, monkeypatch):
     """With train.average the deep-copied average validates, through kernels with a flag of their own:
     that flag is read after each validation."""
-    real_layer = fused_lstm.fused_lstm_layer
+    real_layer = fused_lstm.fused_layer
 
     def timing_out_without_gradients(*args, **kwargs):
         result = real_layer(*args, **kwargs)
@@ -886,7 +976,7 @@ def test_a_barrier_timeout_while_the_averaged_copy_validates_stops_training(work
             kwargs["error"].fill_(1)
         return result
 
-    monkeypatch.setattr(fused_lstm, "fused_lstm_layer", timing_out_without_gradients)
+    monkeypatch.setattr(fused_lstm, "fused_layer", timing_out_without_gradients)
     tree = {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1, "average": "ema"}}
     code, _, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "model.impl=fused")
     assert_one_line_error(code, err, "barrier timed out while validating", "Use model.impl torch")

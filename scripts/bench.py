@@ -160,6 +160,12 @@ BENCHMARKS: dict[str, BenchConfig] = {
             "lstm-seed with impl: fused under bf16 autocast",
             ("model.impl=fused", "train.precision=bf16"),
         ),
+        BenchConfig("fused-gru-seed", "gru-seed with impl: fused", ("model.cell=gru", "model.impl=fused")),
+        BenchConfig(
+            "fused-rnn-seed",
+            "rnn-seed with impl: fused",
+            ("model.cell=rnn", "train.lr=1.0", "model.impl=fused"),
+        ),
         BenchConfig(
             "lstm-b256", "2×256 LSTM, full corpus, B256 T35, fp32", (FULL, "data.batch_size=256"), True
         ),

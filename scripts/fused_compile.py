@@ -7,9 +7,10 @@ Triton compiles for a named target without a device (its own ptxas ships in the 
 machine can prove that every kernel drnn would launch on an H100 (sm_90, 132 multiprocessors)
 compiles, and see what ptxas makes of it: registers per thread, spilled bytes, shared memory.
 It compiles, for each shape below, forward and backward, exactly the launch
-:func:`drnn_cli.fused_lstm.plan_launch` plans for the benchmark's two-layer stack: bf16 (half products),
-fp32 with TF32 products (PyTorch's default) and fp32 with IEEE ones (TF32 switched off), each with the
-variants the plan takes where they fit; with ``--variants``, also the seed layer's variants
+:func:`drnn_cli.fused_lstm.plan_launch` plans for the benchmark's two-layer LSTM stack: bf16 (half
+products), fp32 with TF32 products (PyTorch's default) and fp32 with IEEE ones (TF32 switched off), each
+with the variants the plan takes where they fit; and the same for the GRU and the tanh RNN at the seed
+shape (``OTHER_CELLS``: one kernel pair serves every cell, so these prove the cells' own branches); with ``--variants``, also the seed layer's variants
 that ``scripts/fused_bench.py --sweep-tiles`` times (its SWEPT_VARIANTS: other tiles, W_hh resident,
 the counter barrier, TF32) and the two-layer stack's launches it times (STACK_VARIANTS: the wavefront
 kernels, with dropout between the layers), and batch 1024's wavefront (BIG_STACK_VARIANTS). Exit 0 when all compiled, 1 when one failed.
@@ -35,6 +36,8 @@ sys.path.insert(0, str(REPO))
 
 # (name, batch rows, hidden units): the benchmark's shapes (scripts/bench.py)
 SHAPES = (("seed B32", 32, 256), ("B256", 256, 256), ("B1024", 1024, 256), ("B4096 (stepwise)", 4096, 256))
+# the cells compiled beside the LSTM, at the seed shape (SHAPES[0]) only
+OTHER_CELLS = ("gru", "rnn")
 # the words scripts/gpu_check.py's bench-fused-b1024 step may train batch 1024 through (no tile, not resident)
 BIG_STACK_VARIANTS = ("wavefront", "wavefront,counter")
 # the plan's launches, by the weights' dtype and how the products multiply (fused_lstm.products_for)
@@ -131,21 +134,31 @@ def main(argv: list[str] | None = None) -> int:
         print("fused_compile: Triton is not installed (pip install triton)", file=sys.stderr)
         return 2
     from drnn_cli import fused_kernels
-    from drnn_cli.fused_lstm import Launch, kernel_constants, plan_launch
+    from drnn_cli.cells import GATES
+    from drnn_cli.fused_lstm import KernelCell, Launch, kernel_constants, plan_launch
 
     sys.path.insert(0, str(REPO / "scripts"))
     from fused_bench import launch_environment, stack_variant_launches, variant_launches
 
     # (label, launch, the weights' dtypes it is compiled for): the plan's own for each dtype ...
     launches: list[tuple[str, Launch, tuple[str, ...]]] = []
+    shared = SHARED_BYTES.get(args.arch)
     with launch_environment(""):  # the plan as a run without DRNN_FUSED_LAUNCH makes it
         for label, batch, hidden in SHAPES:
             for dtype, products in PLANNED_PRODUCTS:
-                shared = SHARED_BYTES.get(args.arch)
                 launch = plan_launch(
                     batch, hidden, args.slots, layers=2, products=products, shared_bytes=shared
                 )
                 launches += [(f"{label} {products}", launch, (dtype,))]
+        # ... and the other cells' at the seed shape
+        label, batch, hidden = SHAPES[0]
+        for cell in OTHER_CELLS:
+            for dtype, products in PLANNED_PRODUCTS:
+                gates = GATES[cell]
+                launch = plan_launch(
+                    batch, hidden, args.slots, layers=2, products=products, shared_bytes=shared, gates=gates
+                )
+                launches += [(f"{cell} {label} {products}", launch, (dtype,))]
     if args.variants:  # ... and the sweep's variants in both
         both = ("fp32", "bf16")
         launches += [(f"seed {name}", launch, both) for name, launch in variant_launches(args.slots)]
@@ -162,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for label, launch, dtypes in launches:
         hidden = launch.grid[0] * launch.block_h
+        cell = KernelCell(next((name for name in OTHER_CELLS if label.startswith(f"{name} ")), "lstm"))
         for dtype in dtypes:
             for name in ("forward", "backward"):
                 masked = label.endswith("dropout tf32")
                 constants = {
                     "_dtype": dtype,
                     "H": hidden,
-                    **kernel_constants(launch, dtype == "fp32", masked),
+                    **kernel_constants(launch, dtype == "fp32", masked, cell),
                 }
                 row: dict[str, Any] = {
+                    "cell": cell.name,
                     "shape": label[:56],
                     "kernel": name,
                     "dtype": dtype,

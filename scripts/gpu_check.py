@@ -95,7 +95,10 @@ LOG_LINE_CHARS = 4_000  # a longer line of a step's output (bench's growing --js
 # the profile step's configurations, most wanted first (a step cut at its limit keeps what it measured):
 # cuDNN's seed step against the fused kernels', fp32 and bf16 (the H200 profiled the fp16 ones already),
 # then batch 1024 × 64 in bf16, the last target that is cuDNN's arithmetic rather than launches
-PROFILED = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,rnn-seed,lstm-b1024-bf16"
+PROFILED = (
+    "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,rnn-seed,lstm-b1024-bf16,"
+    "fused-rnn-seed,fused-gru-seed"
+)
 FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, both kept in fused.json
 # scripts/bench.py runs; bench-compiled compiles (slow to start); bench-open, last in the plan, is the few
 # configurations whose figures decide what is still open (fp16 under the graph, one cuDNN call per layer,
@@ -115,7 +118,7 @@ BENCH_STEPS = (
 )
 # the seed targets' configurations side by side in one process, cuDNN's and impl fused's (as planned),
 # for a call too short for the whole benchmark: their ratios then share one machine and one hour
-SEED_CONFIGS = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,gru-seed,rnn-seed"
+SEED_CONFIGS = "lstm-seed,fused-lstm-seed,lstm-seed-bf16,fused-lstm-seed-bf16,gru-seed,fused-gru-seed,rnn-seed,fused-rnn-seed"
 # the fused kernels' plan at the larger batches (layer by layer there: W_hh resident at 256, not at 1024),
 # each beside cuDNN's configuration in the same process
 FUSED_PLAN_CONFIGS = (
@@ -252,7 +255,7 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
         Step(
             "bench-seed",
             "scripts/bench.py, the seed configurations side by side (3 rounds): cuDNN and impl fused as "
-            "planned, fp32 and bf16; GRU and RNN",
+            "planned, the LSTM in fp32 and bf16, the GRU and the RNN in fp32",
             [*bench_base, "--rounds", "3", "--round-seconds", "0.3", "--configs", SEED_CONFIGS],
             200,
         ),
@@ -717,7 +720,9 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
         "seed LSTM fp16 (CUDA graph, fused SGD, 500 epochs) final perplexity ≤ 1.1", "lstm2-graph-fp16"
     )
     ratio_target("seed GRU ≥ 5×", "gru-seed", 5.0)
+    ratio_target("seed GRU, impl fused (Triton), fp32 ≥ 5×", "fused-gru-seed", 5.0)
     ratio_target("seed RNN ≥ 5×", "rnn-seed", 5.0)
+    ratio_target("seed RNN, impl fused (Triton), fp32 ≥ 5×", "fused-rnn-seed", 5.0)
     ratio_target("seed LSTM, impl scratch ≥ 3×", "scratch-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl scratch with train.compile on ≥ 3×", "compiled-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl fused (Triton), fp32 ≥ 5×", "fused-lstm-seed", 5.0)

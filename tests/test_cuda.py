@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import pythonpath_with_repo
-from test_fused_lstm import _pair, _run, record_stack_launches
+from test_fused_lstm import OTHER_CELLS, _pair, _run, _run_h, record_stack_launches
 
 from drnn_cli import fused_lstm
 from drnn_cli.batches import epoch_batches
@@ -35,7 +35,7 @@ from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.config import Config, ModelConfig, build_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError
-from drnn_cli.models import build_model, lm_loss
+from drnn_cli.models import FusedRecurrent, build_model, lm_loss
 from drnn_cli.optimizers import build_optimizer, make_capturable
 from drnn_cli.step import StaticStep
 from drnn_cli.train import Trainer
@@ -572,8 +572,10 @@ def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
         wide = {"block_k": hidden} if variant.get("resident") else {}
         return dataclasses.replace(planned, **variant, **wide)
 
-    def recorded(launch: fused_lstm.Launch, fp32_products: bool, masked: bool = False) -> dict:
-        compiled.append(real_constants(launch, fp32_products, masked))
+    def recorded(
+        launch: fused_lstm.Launch, fp32_products: bool, masked: bool = False, cell=fused_lstm.KernelCell()
+    ) -> dict:
+        compiled.append(real_constants(launch, fp32_products, masked, cell))
         return compiled[-1]
 
     monkeypatch.setattr(fused_lstm, "plan_launch", forced)
@@ -629,6 +631,36 @@ def test_the_planned_variants_equal_nn_lstm_on_the_gpu(tf32: bool, monkeypatch: 
     assert int(fused.barrier_error) == 0
 
 
+@pytest.mark.parametrize("cell", ["gru", "rnn-tanh"])
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32-on", "tf32-off"])
+def test_the_gru_and_rnn_kernels_as_planned_equal_cudnn_on_the_gpu(
+    cell: str, tf32: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GRU's and the tanh RNN's seed stacks (2×256, one-hot 28 wide, batch 32, 35 steps) through the
+    kernels as planned — one persistent wavefront, the counter barrier, TF32 products and resident
+    weights with cuDNN's TF32 switch on — against nn.GRU / nn.RNN (cuDNN) under the same switch:
+    outputs, h_n and every gradient, 2e-2 with TF32 on both sides, 1e-4 without."""
+    monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
+    torch.backends.cudnn.allow_tf32 = tf32  # the autouse fixture restores it
+    launches = record_stack_launches(monkeypatch)
+    module, options, drnn_cell = OTHER_CELLS[cell]
+    torch.manual_seed(0)
+    reference = module(28, 256, 2, **options).to(CUDA)
+    fused = FusedRecurrent(drnn_cell, 28, 256, 2, **options).to(CUDA)
+    fused.load_state_dict(reference.state_dict())
+    torch.manual_seed(1)
+    x = torch.randn(35, 32, 28, device=CUDA)
+    h0 = torch.randn(2, 32, 256, device=CUDA)
+    probes = torch.randn(35, 32, 256, device=CUDA), torch.randn(2, 32, 256, device=CUDA)
+    got, want = _run_h(fused, x, h0, probes), _run_h(reference, x, h0, probes)
+    tolerance = 2e-2 if tf32 else 1e-4
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance, msg=name)
+    shown = [(run.layers, run.persistent, run.counter_barrier, run.resident, run.tf32) for run in launches]
+    assert shown == [(2, True, True, tf32, tf32)]
+    assert int(fused.barrier_error) == 0
+
+
 def test_a_wavefront_stack_with_dropout_trains_as_the_layer_by_layer_one_on_the_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -672,10 +704,12 @@ def test_the_counter_barrier_counts_each_program_once_per_timestep() -> None:
     act = torch.empty(1, steps, batch, 4 * hidden, device=CUDA)
     flags = torch.zeros(launch.programs, device=CUDA, dtype=torch.int32)
     error = torch.zeros((), device=CUDA, dtype=torch.int32)
-    args = fused_lstm._launch_args(launch, fused_lstm.SPIN_LIMIT, w_hh, masked=False)
-    unused = torch.zeros(1, device=CUDA)  # a lone layer's W_ih, biases and dropout scale: never read
+    args = fused_lstm._launch_args(launch, fused_lstm.SPIN_LIMIT, w_hh, False, fused_lstm.KernelCell())
+    unused = torch.zeros(1, device=CUDA)  # a lone layer's W_ih, biases, b_hn and dropout scale: never read
     kernels.forward[launch.kernel_grid](
-        xg, w_hh, w_hh, unused, unused, hs, cs, act, flags, error, 0, steps, steps, batch, hidden, **args
+        *(xg, w_hh, w_hh, unused, unused, unused, hs, cs, act, flags, error),
+        *(0, steps, steps, batch, hidden),
+        **args,
     )
     torch.cuda.synchronize()
     assert (int(flags[0]), int(error), launch.programs) == (steps * 32, 0, 32)

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from drnn_cli import fused_lstm
+from drnn_cli.cells import GATES
 from drnn_cli.config import ModelConfig
 from drnn_cli.errors import DrnnError
 from drnn_cli.models import FusedRecurrent, ScratchRecurrent, build_model, lm_loss
@@ -353,6 +354,34 @@ def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
     assert plan(32, 256, layers=2) == resident
 
 
+def test_the_gru_and_the_rnn_are_planned_by_their_own_weight_tiles(monkeypatch):
+    """The GRU's 3 gate blocks and the RNN's 1 take that share of the LSTM's shared memory: at the seed
+    shape all three run the same resident wavefront (GRU 96 KiB, RNN 32 KiB of weight tiles); at hidden
+    512 the LSTM's and the GRU's stack tiles (256 and 192 KiB) pass the 128 KiB cap, the RNN's (64)
+    do not; a launch remembers its gates, and the kernels refuse another cell's (test above)."""
+    monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
+
+    def plan(hidden: int, cell: str, products: str = "tf32") -> fused_lstm.Launch:
+        return fused_lstm.plan_launch(
+            32, hidden, 132, layers=2, products=products, shared_bytes=HOPPER_SHARED, gates=GATES[cell]
+        )
+
+    lstm = plan(256, "lstm")
+    for cell in ("gru", "rnn"):
+        assert plan(256, cell) == dataclasses.replace(lstm, gates=GATES[cell])
+    assert [fused_lstm.resident_bytes(plan(256, cell), 256) >> 10 for cell in ("lstm", "gru", "rnn")] == [
+        128,
+        96,
+        32,
+    ]
+    assert [plan(512, cell).resident for cell in ("lstm", "gru", "rnn")] == [False, False, True]
+    assert not plan(256, "rnn", products="ieee").resident  # as the LSTM: slower from shared memory
+    # the K loop's pipelined tiles shrink with the gates: on an RTX 4090 the LSTM's 64 × 64 tiles need
+    # K 16 (3 stages × 4 bytes × (64 + 4 × 64) × K), the RNN's fit K 64 (96 KiB of its 99)
+    tiles = [fused_lstm.widest_k_tile(256, 64, 64, ADA_SHARED, GATES[cell]) for cell in ("lstm", "rnn")]
+    assert tiles == [16, 64]
+
+
 def test_resident_weights_are_taken_only_where_the_device_holds_them(monkeypatch):
     """A Hopper's 227 KiB hold the seed stack's 128 KiB of resident weights and the 17 KiB tile of h_{t-1}
     beside them (+ 1 KiB); an RTX 4090's or L4's 99 KiB hold one layer's 64 KiB but not the stack's; a
@@ -413,7 +442,7 @@ def test_every_planned_kernel_fits_an_rtx_4090s_shared_memory():
     """Compiled for sm_89 (99 KiB of shared memory a program, 128 multiprocessors), every launch the
     plan makes for the benchmark's shapes fits: scripts/fused_compile.py fails on one that would not."""
     kernels = compiled_plan("--arch", "89", "--slots", "128")
-    assert len(kernels) == 24 and max(k["shared_bytes"] for k in kernels) <= ADA_SHARED
+    assert len(kernels) == 36 and max(k["shared_bytes"] for k in kernels) <= ADA_SHARED
 
 
 def compiled_plan(*args: str) -> list[dict]:
@@ -574,6 +603,15 @@ def test_a_stack_run_as_one_wavefront_equals_nn_lstm(layers, batch, words, monke
     ] == [(layers, False, "resident" in words, (2, -(-batch // 16), layers))]
 
 
+def _run_h(module: nn.Module, x: torch.Tensor, h0: torch.Tensor, probes: tuple) -> dict:
+    """``_run`` for the cells whose state is h alone (GRU, RNN)."""
+    x, h0 = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
+    out, h_n = module(x, h0)
+    ((out * probes[0]).sum() + (h_n * probes[1]).sum()).backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    return {"out": out, "h_n": h_n, "x": x.grad, "h0": h0.grad, **grads}
+
+
 # The other cells' references: (module, its options, drnn's model.cell)
 OTHER_CELLS = {
     "gru": (nn.GRU, {}, "gru"),
@@ -626,14 +664,7 @@ def test_gru_and_rnn_kernels_equal_nn_gru_and_nn_rnn(cell, layers, batch, words,
     torch.manual_seed(1)
     x, h0 = torch.randn(steps, batch, 8), torch.randn(layers, batch, hidden)
     probes = torch.randn(steps, batch, hidden), torch.randn(layers, batch, hidden)
-    results = []
-    for side in (fused, reference):
-        leaves = x.clone().requires_grad_(True), h0.clone().requires_grad_(True)
-        out, h_n = side(*leaves)
-        ((out * probes[0]).sum() + (h_n * probes[1]).sum()).backward()
-        grads = {name: p.grad.clone() for name, p in side.named_parameters()}
-        results.append({"out": out, "h_n": h_n, "x": leaves[0].grad, "h0": leaves[1].grad, **grads})
-    got, want = results
+    got, want = _run_h(fused, x, h0, probes), _run_h(reference, x, h0, probes)
     assert got.keys() == want.keys() and len(want) == 4 + 4 * layers
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
@@ -923,9 +954,18 @@ def test_every_planned_kernel_compiles_for_an_h100_without_one():
     """Triton compiles for a named target with no device present: forward and backward of the launches
     the plan makes for the two-layer stack at batch 32, 256, 1024 (persistent) and 4096 (one per step),
     in bf16, fp32 with TF32 products and fp32 with IEEE ones, each with the variants it takes there."""
-    kernels = compiled_plan()
-    assert len(kernels) == 24 and not [k for k in kernels if "error" in k]
-    assert all(0 < k["registers"] <= 255 for k in kernels)
+    every = compiled_plan()
+    assert len(every) == 36 and not [k for k in every if "error" in k]
+    assert all(0 < k["registers"] <= 255 for k in every)
+    # the GRU's and the RNN's at the seed shape, planned as the LSTM's: one resident wavefront
+    # (their smaller weight tiles take less shared memory), IEEE fp32 products through the K loop
+    others = every[24:]
+    assert [k["cell"] for k in others] == ["gru"] * 6 + ["rnn"] * 6
+    assert all(k["tensor_cores"] == (k["precision"] == "tf32") for k in others)
+    assert [(k["layers"], k["persistent"], k["tile"]) for k in others] == [(2, True, "16x16")] * 12
+    assert [k["resident"] for k in others] == [True] * 4 + [False] * 2 + [True] * 4 + [False] * 2
+    kernels = every[:24]
+    assert {k["cell"] for k in kernels} == {"lstm"}
     # bf16 and TF32 products run on the tensor cores; IEEE fp32 ones on the FMA units
     assert all(k["tensor_cores"] == (k["precision"] == "tf32") for k in kernels)
     assert [k["precision"] for k in kernels[:6]] == ["tf32", "tf32", "tf32", "tf32", "ieee", "ieee"]

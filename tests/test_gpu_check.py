@@ -185,6 +185,7 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
         "lstm-b1024-bf16": bench_entry(5e6, 8e6, 21e6),
         "gru-seed": {"name": "gru-seed", "error": "boom"},
         "fused-lstm-seed-bf16": bench_entry(160_000, 170_000, 2_500_000),  # 15.6×: met
+        "fused-gru-seed": bench_entry(200_000, 210_000, 1_300_000),  # 6.5×: met
     }
     fused_row = {"batch": 32, "steps": 35, "hidden": 256, "dtype": "bf16", "tile": "16x16", "programs": 32}
     fused_row |= {
@@ -248,6 +249,9 @@ def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path:
     assert verdicts["seed LSTM bf16 ≥ 10× the textbook loop"].verdict == "missed"
     assert verdicts["seed LSTM bf16 (CUDA graph, 500 epochs) final perplexity ≤ 1.1"].verdict == "missed"
     assert verdicts["seed GRU ≥ 5×"].verdict == "not measured"  # the benchmark failed: no figure
+    fused_gru = verdicts["seed GRU, impl fused (Triton), fp32 ≥ 5×"]
+    assert (fused_gru.measured, fused_gru.verdict) == ("6.50× (graph: 1,300,000 vs 200,000 tok/s)", "met")
+    assert verdicts["seed RNN, impl fused (Triton), fp32 ≥ 5×"].verdict == "not measured"
     assert verdicts["B1024×T64 bf16 ≥ 20 M tokens/s"].verdict == "met"
     assert verdicts["lstm2 on the GPU: perplexity ≤ 1.1 and d2l's continuation"].verdict == "met"
     assert verdicts["lstm_full: validation perplexity ≤ 4.4 within 60 s"].verdict == "met"

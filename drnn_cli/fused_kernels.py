@@ -1,4 +1,4 @@
-"""The Triton kernels behind ``model.impl: fused`` (see :mod:`drnn_cli.fused_lstm` for the design).
+"""The Triton kernels behind ``model.impl: fused`` (see :mod:`drnn_cli.fused_recurrence` for the design).
 
 Imported only when the fused kernels run, so drnn imports without Triton. ``triton.jit`` decides at
 import whether the kernels compile for the GPU or run in the CPU interpreter (``TRITON_INTERPRET=1``).
@@ -24,7 +24,7 @@ RNN's one.
 import triton
 import triton.language as tl
 
-# CELL's values (drnn_cli.fused_lstm.CELL_CODES names them)
+# CELL's values (drnn_cli.fused_recurrence.CELL_CODES names them)
 LSTM = tl.constexpr(0)
 GRU = tl.constexpr(1)
 RNN_TANH = tl.constexpr(2)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drnn_cli import fused_lstm
+from drnn_cli import fused_recurrence
 from drnn_cli.cells import CELL_STEPS, GATES, CellSteps, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
 from drnn_cli.config import ModelConfig
 
@@ -155,7 +155,7 @@ class ScratchRecurrent(nn.Module):
 
 class FusedRecurrent(ScratchRecurrent):
     """``impl: fused``: the scratch stack with each layer's recurrence in Triton kernels
-    (:mod:`drnn_cli.fused_lstm`; LSTM, GRU in PyTorch's form, tanh or ReLU RNN). Where they cannot run
+    (:mod:`drnn_cli.fused_recurrence`; LSTM, GRU in PyTorch's form, tanh or ReLU RNN). Where they cannot run
     (no CUDA, no Triton), it steps the scratch cells instead — the same equations and parameters — so
     a checkpoint trained on a GPU predicts and evaluates anywhere. ``barrier_error`` becomes 1 if a
     persistent kernel's grid barrier gave up waiting (the trainer checks it at epoch ends).
@@ -165,7 +165,7 @@ class FusedRecurrent(ScratchRecurrent):
         super().__init__(*args, **kwargs)
         if self.form != "torch":
             raise ValueError(f"model.impl fused runs PyTorch's cell form, not {self.form}")
-        self.kernel_cell = fused_lstm.KernelCell(self.cell, self.nonlinearity)
+        self.kernel_cell = fused_recurrence.KernelCell(self.cell, self.nonlinearity)
         self.register_buffer("barrier_error", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -191,7 +191,7 @@ class FusedRecurrent(ScratchRecurrent):
             if layer < self.num_layers - 1 and self.training and self.dropout > 0:
                 shape = (1 if self.locked else inputs.shape[0], inputs.shape[1], self.hidden_size)
                 masks.append(dropout_scale(inputs.new_empty((), dtype=torch.float32), shape, self.dropout))
-        out, h_n, c_n = fused_lstm.fused_stack(
+        out, h_n, c_n = fused_recurrence.fused_stack(
             x_gates,
             h0,
             c0,
@@ -214,11 +214,11 @@ class FusedRecurrent(ScratchRecurrent):
         n_gate = 2 * self.hidden_size
         return torch.cat((b_hh[:n_gate], torch.zeros_like(b_hh[n_gate:]))), b_hh[n_gate:]
 
-    def _wavefront(self, inputs: torch.Tensor) -> fused_lstm.Launch | None:
+    def _wavefront(self, inputs: torch.Tensor) -> fused_recurrence.Launch | None:
         """The plan's launch when it runs this stack as one wavefront, else None."""
-        if self.num_layers < 2 or not fused_lstm.can_run(inputs.device):
+        if self.num_layers < 2 or not fused_recurrence.can_run(inputs.device):
             return None
-        launch = fused_lstm.plan_for(
+        launch = fused_recurrence.plan_for(
             inputs.device, inputs.shape[1], self.hidden_size, self.num_layers, self.cell
         )
         return launch if launch.layers > 1 else None
@@ -232,10 +232,10 @@ class FusedRecurrent(ScratchRecurrent):
         w_hh: torch.Tensor,
         steps: CellSteps,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if not fused_lstm.can_run(projected.device):
+        if not fused_recurrence.can_run(projected.device):
             return super()._recurrence(projected, b_hh, h, c, w_hh, steps)
         folded, apart = self._split_hidden_bias(b_hh)
-        return fused_lstm.fused_layer(
+        return fused_recurrence.fused_layer(
             projected + folded, h, c, w_hh, cell=self.kernel_cell, hbias=apart, error=self.barrier_error
         )
 

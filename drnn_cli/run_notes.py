@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from drnn_cli import fused_lstm
+from drnn_cli import fused_recurrence
 from drnn_cli.batches import MIN_EVAL_TOKENS, Splits
 from drnn_cli.budget import StopReason
 from drnn_cli.cells import GATES
@@ -87,7 +87,7 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             "of one-hot input a minibatch; a learned embedding (e.g. model.embedding_dim "
             f"{min(model.hidden_size, 512)}) is the usual input for a vocabulary this large"
         )
-    if config.model.impl == "fused" and not fused_lstm.can_run(device):
+    if config.model.impl == "fused" and not fused_recurrence.can_run(device):
         notes.append(
             f"model.impl fused runs Triton kernels on CUDA; on {device.type} it steps the scratch "
             "cells (the same model)"

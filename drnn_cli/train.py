@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from drnn_cli import fused_lstm
+from drnn_cli import fused_recurrence
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import MIN_EVAL_TOKENS, EpochBatches, Shard, check_trainable, epoch_batches, epoch_seed
 from drnn_cli.budget import Budget, Cadence, StopReason
@@ -134,11 +134,13 @@ class Trainer:
         self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
         self.model.to(device)
         check_precision_works(self.model, device, config.train.precision)
-        if config.model.impl == "fused" and fused_lstm.can_run(device):
+        if config.model.impl == "fused" and fused_recurrence.can_run(device):
             # DRNN_FUSED_LAUNCH's errors now, not in the first step after the run's files are written;
             # validation's whole data.batch_size makes the most programs of any launch in the run
             model = config.model
-            fused_lstm.plan_for(device, data.batch_size, model.hidden_size, model.num_layers, model.cell)
+            fused_recurrence.plan_for(
+                device, data.batch_size, model.hidden_size, model.num_layers, model.cell
+            )
         self.init_from_label = init_from_label or (resume.init_from if resume else None)
         if init_from is not None:
             self.model.load_state_dict(init_from.model_state)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from drnn_cli import fused_lstm  # noqa: E402
+from drnn_cli import fused_recurrence  # noqa: E402
 
 SHAPES = ((32, 35, 256), (256, 35, 256), (1024, 64, 256))  # (batch, steps, hidden)
 
@@ -78,7 +78,12 @@ def time_us(run: Callable[[], None], iterations: int, graph: bool) -> float:
 
 
 def fused_runner(
-    batch: int, steps: int, hidden: int, dtype: torch.dtype, launch: fused_lstm.Launch, error: torch.Tensor
+    batch: int,
+    steps: int,
+    hidden: int,
+    dtype: torch.dtype,
+    launch: fused_recurrence.Launch,
+    error: torch.Tensor,
 ) -> Callable[[], None]:
     device = torch.device("cuda")
     xg = torch.randn(steps, batch, 4 * hidden, device=device, requires_grad=True)
@@ -88,7 +93,7 @@ def fused_runner(
 
     def run() -> None:
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            out, _, _ = fused_lstm.fused_layer(xg, h0, h0, w_hh, launch=launch, error=error)
+            out, _, _ = fused_recurrence.fused_layer(xg, h0, h0, w_hh, launch=launch, error=error)
         (out * probe).sum().backward()
 
     return run
@@ -198,13 +203,13 @@ SWEPT_VARIANTS: tuple[tuple[str, int, int, int, dict[str, bool]], ...] = (
 )
 
 
-def variant_launches(slots: int) -> list[tuple[str, fused_lstm.Launch]]:
+def variant_launches(slots: int) -> list[tuple[str, fused_recurrence.Launch]]:
     """The seed layer's persistent launch for every entry of SWEPT_VARIANTS, by name."""
     batch, _, hidden = STACK_SHAPE
-    planned = fused_lstm.plan_launch(batch, hidden, slots)
+    planned = fused_recurrence.plan_launch(batch, hidden, slots)
     launches = []
     for name, block_b, block_h, warps, options in SWEPT_VARIANTS:
-        launch = fused_lstm.with_tile(planned, batch, hidden, block_b, block_h, warps)
+        launch = fused_recurrence.with_tile(planned, batch, hidden, block_b, block_h, warps)
         fields = {key: value for key, value in options.items() if key != "wide_k"}
         launches.append(
             (
@@ -271,24 +276,24 @@ STACK_VARIANTS = (
 @contextlib.contextmanager
 def launch_environment(words: str) -> Iterator[None]:
     """DRNN_FUSED_LAUNCH set to ``words`` inside the block (the fused stack plans under it)."""
-    before = os.environ.get(fused_lstm.LAUNCH_ENV)
-    os.environ[fused_lstm.LAUNCH_ENV] = words
+    before = os.environ.get(fused_recurrence.LAUNCH_ENV)
+    os.environ[fused_recurrence.LAUNCH_ENV] = words
     try:
         yield
     finally:
         if before is None:
-            del os.environ[fused_lstm.LAUNCH_ENV]
+            del os.environ[fused_recurrence.LAUNCH_ENV]
         else:
-            os.environ[fused_lstm.LAUNCH_ENV] = before
+            os.environ[fused_recurrence.LAUNCH_ENV] = before
 
 
-def stack_variant_launches(slots: int) -> list[tuple[str, fused_lstm.Launch]]:
+def stack_variant_launches(slots: int) -> list[tuple[str, fused_recurrence.Launch]]:
     """The seed stack's launch under each of STACK_VARIANTS (with TF32: fp32's), as training plans it."""
     batch, _, hidden = STACK_SHAPE
     launches = []
     for words in STACK_VARIANTS:
         with launch_environment(words):
-            launches.append((words, fused_lstm.plan_launch(batch, hidden, slots, layers=2)))
+            launches.append((words, fused_recurrence.plan_launch(batch, hidden, slots, layers=2)))
     return launches
 
 
@@ -357,11 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("fused_bench: no CUDA device", file=sys.stderr)
         return 2
-    if not fused_lstm.triton_available():
+    if not fused_recurrence.triton_available():
         print("fused_bench: Triton is not installed", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
-    slots = fused_lstm.device_slots(torch.device("cuda"))
+    slots = fused_recurrence.device_slots(torch.device("cuda"))
     rows: list[dict[str, Any]] = []
     stack: list[dict[str, Any]] = []
     report = {"device": torch.cuda.get_device_name(0), "slots": slots, "rows": rows, "stack": stack}
@@ -391,11 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         emit(row)
     for batch, steps, hidden in SHAPES:
         for dtype_name, dtype in DTYPES:
-            planned = fused_lstm.plan_launch(batch, hidden, slots)
+            planned = fused_recurrence.plan_launch(batch, hidden, slots)
             if args.tile:
                 block_b, block_h = (int(part) for part in args.tile.lower().split("x"))
-                planned = fused_lstm.with_tile(planned, batch, hidden, block_b, block_h)
-            stepwise = fused_lstm.plan_launch(batch, hidden, slots, mode="stepwise")
+                planned = fused_recurrence.with_tile(planned, batch, hidden, block_b, block_h)
+            stepwise = fused_recurrence.plan_launch(batch, hidden, slots, mode="stepwise")
             sides: dict[str, tuple[Callable[[], None], torch.Tensor | None]] = {
                 "cudnn": (cudnn_runner(batch, steps, hidden, dtype), None)
             }

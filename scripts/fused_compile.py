@@ -7,7 +7,7 @@ Triton compiles for a named target without a device (its own ptxas ships in the 
 machine can prove that every kernel drnn would launch on an H100 (sm_90, 132 multiprocessors)
 compiles, and see what ptxas makes of it: registers per thread, spilled bytes, shared memory.
 It compiles, for each shape below, forward and backward, exactly the launch
-:func:`drnn_cli.fused_lstm.plan_launch` plans for the benchmark's two-layer LSTM stack: bf16 (half
+:func:`drnn_cli.fused_recurrence.plan_launch` plans for the benchmark's two-layer LSTM stack: bf16 (half
 products), fp32 with TF32 products (PyTorch's default) and fp32 with IEEE ones (TF32 switched off), each
 with the variants the plan takes where they fit; and the same for the GRU and the tanh RNN at the seed
 shape (``OTHER_CELLS``: one kernel pair serves every cell, so these prove the cells' own branches); with ``--variants``, also the seed layer's variants
@@ -40,10 +40,10 @@ SHAPES = (("seed B32", 32, 256), ("B256", 256, 256), ("B1024", 1024, 256), ("B40
 OTHER_CELLS = ("gru", "rnn")
 # the words scripts/gpu_check.py's bench-fused-b1024 step may train batch 1024 through (no tile, not resident)
 BIG_STACK_VARIANTS = ("wavefront", "wavefront,counter")
-# the plan's launches, by the weights' dtype and how the products multiply (fused_lstm.products_for)
+# the plan's launches, by the weights' dtype and how the products multiply (fused_recurrence.products_for)
 PLANNED_PRODUCTS = (("bf16", "half"), ("fp32", "tf32"), ("fp32", "ieee"))
 # shared memory one program may take (CUDA's opt-in maximum per block), by compute capability: what
-# the plan is told on such a device (fused_lstm.device_shared_bytes)
+# the plan is told on such a device (fused_recurrence.device_shared_bytes)
 SHARED_BYTES = {70: 98_304, 75: 65_536, 80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 POINTERS = {
     "forward": (
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from drnn_cli import fused_kernels
     from drnn_cli.cells import GATES
-    from drnn_cli.fused_lstm import KernelCell, Launch, kernel_constants, plan_launch
+    from drnn_cli.fused_recurrence import KernelCell, Launch, kernel_constants, plan_launch
 
     sys.path.insert(0, str(REPO / "scripts"))
     from fused_bench import launch_environment, stack_variant_launches, variant_launches

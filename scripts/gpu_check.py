@@ -125,7 +125,7 @@ FUSED_PLAN_CONFIGS = (
     "lstm-b256,fused-lstm-b256,lstm-b256-bf16,fused-lstm-b256-bf16,lstm-b1024-bf16,fused-lstm-b1024-bf16"
 )
 VARIANT_STEPS = ("bench-fused-variant", "bench-fused-b1024")  # their configurations named "NAME [VARIANT]"
-# the fused kernel's variants (drnn_cli/fused_lstm.py, DRNN_FUSED_LAUNCH) in whole training steps, for
+# the fused kernel's variants (drnn_cli/fused_recurrence.py, DRNN_FUSED_LAUNCH) in whole training steps, for
 # the benchmark step that times them: the fused-tiles step's fastest bf16 variant when that step ran
 # (best_variant), else this one; its configurations are reported as "NAME [VARIANT]"
 FUSED_VARIANT = "resident,counter,tf32"
@@ -133,7 +133,7 @@ FUSED_VARIANT = "resident,counter,tf32"
 # 32; the plan grows the tiles until batch 1024's grid fits) and without resident (at the 64-unit tiles
 # that batch needs, W_hh's tiles are more than a multiprocessor holds: drnn refuses them)
 BIG_FUSED_VARIANT = "wavefront,counter"
-# what DRNN_FUSED_LAUNCH takes besides a tile (drnn_cli.fused_lstm.LAUNCH_WORDS; this script imports no drnn
+# what DRNN_FUSED_LAUNCH takes besides a tile (drnn_cli.fused_recurrence.LAUNCH_WORDS; this script imports no drnn
 # module before it has checked that drnn's dependencies are there)
 VARIANT_WORDS = ("resident", "counter", "tf32", "wavefront")
 OPEN_CONFIGS = (
@@ -248,7 +248,7 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "only with --only)",
             [
                 *(sys.executable, "-m", "pytest", *pytest_args),
-                *("tests/test_cuda.py", "tests/test_step.py", "tests/test_fused_lstm.py"),
+                *("tests/test_cuda.py", "tests/test_step.py", "tests/test_fused.py"),
             ],
             120,
         ),

@@ -12,7 +12,7 @@ import torch
 
 # Triton decides when it is first imported whether kernels compile for a GPU or run in its CPU
 # interpreter, so the choice is made here, before any test imports it: without CUDA, the fused LSTM
-# kernels (tests/test_fused_lstm.py) run interpreted. (Importing torch does not import Triton.)
+# kernels (tests/test_fused.py) run interpreted. (Importing torch does not import Triton.)
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

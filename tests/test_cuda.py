@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import pythonpath_with_repo
-from test_fused_lstm import OTHER_CELLS, _pair, _run, _run_h, record_stack_launches
+from test_fused import OTHER_CELLS, _pair, _run, _run_h, record_stack_launches
 
-from drnn_cli import fused_lstm
+from drnn_cli import fused_recurrence
 from drnn_cli.batches import epoch_batches
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.config import Config, ModelConfig, build_config
@@ -529,17 +529,17 @@ def test_fused_kernels_equal_nn_lstm_on_the_gpu(mode: str, monkeypatch: pytest.M
     """The seed shape (2×256, batch 32, 35 steps): outputs, final state and every gradient as
     nn.LSTM's (cuDNN, TF32 off), in both launch modes; no barrier timed out. The sums run in other
     orders (tiles of 64 against cuBLAS's), hence 1e-4."""
-    real_plan = fused_lstm.plan_launch
+    real_plan = fused_recurrence.plan_launch
     launched: list[int] = []
 
     def forced(
         batch: int, hidden: int, slots: int, _: object = None, layers: int = 1, **__
-    ) -> fused_lstm.Launch:
+    ) -> fused_recurrence.Launch:
         if layers == 1:  # a layer's plan (the stack's, one layer's grid: no wavefront, layer by layer)
             launched.append(batch)
         return real_plan(batch, hidden, slots, mode)
 
-    monkeypatch.setattr(fused_lstm, "plan_launch", forced)
+    monkeypatch.setattr(fused_recurrence, "plan_launch", forced)
     fused, got, want = seed_stack_against_cudnn()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
@@ -564,22 +564,25 @@ def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
     resident at once (a barrier is only exercised where programs run concurrently). A resident W_hh
     takes one K tile as wide as the layer. IEEE products as above (1e-4); TF32's 10-bit mantissas over
     35 steps stay within 2e-2 (4e-3 worst, emulated on a CPU) but must differ from the IEEE result."""
-    real_plan, real_constants = fused_lstm.plan_launch, fused_lstm.kernel_constants
+    real_plan, real_constants = fused_recurrence.plan_launch, fused_recurrence.kernel_constants
     compiled: list[dict] = []
 
-    def forced(batch: int, hidden: int, slots: int, _: object = None, **__) -> fused_lstm.Launch:
+    def forced(batch: int, hidden: int, slots: int, _: object = None, **__) -> fused_recurrence.Launch:
         planned = real_plan(batch, hidden, slots, "persistent")  # one layer's grid: layer by layer
         wide = {"block_k": hidden} if variant.get("resident") else {}
         return dataclasses.replace(planned, **variant, **wide)
 
     def recorded(
-        launch: fused_lstm.Launch, fp32_products: bool, masked: bool = False, cell=fused_lstm.KernelCell()
+        launch: fused_recurrence.Launch,
+        fp32_products: bool,
+        masked: bool = False,
+        cell=fused_recurrence.KernelCell(),
     ) -> dict:
         compiled.append(real_constants(launch, fp32_products, masked, cell))
         return compiled[-1]
 
-    monkeypatch.setattr(fused_lstm, "plan_launch", forced)
-    monkeypatch.setattr(fused_lstm, "kernel_constants", recorded)  # what the kernels were launched with
+    monkeypatch.setattr(fused_recurrence, "plan_launch", forced)
+    monkeypatch.setattr(fused_recurrence, "kernel_constants", recorded)  # what the kernels were launched with
     fused, got, want = seed_stack_against_cudnn()
     tolerance = 2e-2 if variant.get("tf32") else 1e-4
     for name in want:
@@ -627,7 +630,7 @@ def test_the_planned_variants_equal_nn_lstm_on_the_gpu(tf32: bool, monkeypatch: 
         torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance, msg=name)
     shown = [(run.layers, run.persistent, run.counter_barrier, run.resident, run.tf32) for run in launches]
     assert shown == [(2, True, True, tf32, tf32)]
-    assert fused_lstm.products_for(CUDA) == ("tf32" if tf32 else "ieee")
+    assert fused_recurrence.products_for(CUDA) == ("tf32" if tf32 else "ieee")
     assert int(fused.barrier_error) == 0
 
 
@@ -692,9 +695,9 @@ def test_the_counter_barrier_counts_each_program_once_per_timestep() -> None:
     """Each of the 32 programs adds one to the counter per timestep (a scalar atomic runs on one thread
     of the program): after 35 steps it holds 35 × 32. Were every thread to add, the barrier would open
     before its programs had arrived, which equal results need not show."""
-    kernels = fused_lstm._kernels()
+    kernels = fused_recurrence._kernels()
     steps, batch, hidden = 35, 32, 256
-    planned = fused_lstm.plan_launch(batch, hidden, fused_lstm.device_slots(CUDA), "persistent")
+    planned = fused_recurrence.plan_launch(batch, hidden, fused_recurrence.device_slots(CUDA), "persistent")
     launch = dataclasses.replace(planned, counter_barrier=True)
     torch.manual_seed(0)
     xg = torch.randn(steps, batch, 4 * hidden, device=CUDA)
@@ -704,7 +707,9 @@ def test_the_counter_barrier_counts_each_program_once_per_timestep() -> None:
     act = torch.empty(1, steps, batch, 4 * hidden, device=CUDA)
     flags = torch.zeros(launch.programs, device=CUDA, dtype=torch.int32)
     error = torch.zeros((), device=CUDA, dtype=torch.int32)
-    args = fused_lstm._launch_args(launch, fused_lstm.SPIN_LIMIT, w_hh, False, fused_lstm.KernelCell())
+    args = fused_recurrence._launch_args(
+        launch, fused_recurrence.SPIN_LIMIT, w_hh, False, fused_recurrence.KernelCell()
+    )
     unused = torch.zeros(1, device=CUDA)  # a lone layer's W_ih, biases, b_hn and dropout scale: never read
     kernels.forward[launch.kernel_grid](
         *(xg, w_hh, w_hh, unused, unused, unused, hs, cs, act, flags, error),

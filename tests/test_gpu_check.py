@@ -311,7 +311,7 @@ def test_cuda_tests_are_collected_and_skipped_cleanly_without_cuda() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = done.stdout.strip().splitlines()[-1]
-    assert summary.startswith("53 skipped"), done.stdout
+    assert summary.startswith("57 skipped"), done.stdout
     assert done.stdout.count("SKIPPED [") >= 1 and "needs a CUDA device" in done.stdout
     assert "error" not in summary and "passed" not in summary
 
@@ -338,7 +338,7 @@ def test_the_fused_variant_is_measured_under_its_own_name(gpu_check) -> None:
         s for s in gpu_check.build_plan(Path("runs"), Path("c.txt"), 1) if s.name == "bench-fused-variant"
     )
     assert step.env == {"DRNN_FUSED_LAUNCH": "resident,counter,tf32"}
-    from drnn_cli.fused_lstm import launch_from_environment, plan_launch
+    from drnn_cli.fused_recurrence import launch_from_environment, plan_launch
 
     planned = plan_launch(32, 256, 132)
     assert launch_from_environment(step.env["DRNN_FUSED_LAUNCH"], planned, 32, 256, 132).resident
@@ -369,12 +369,12 @@ def test_the_variant_measured_in_whole_steps_is_the_sweeps_fastest_in_bf16(gpu_c
         {"dtype": "bf16", "tile": "16x16 resident", "programs": 32, "fused-graph": "OutOfResources: shared"},
         {"dtype": "fp32", "tile": "16x16 counter tf32", "programs": 32, "fused-graph": 200.0},
     ]
-    from drnn_cli.fused_lstm import LAUNCH_WORDS
+    from drnn_cli.fused_recurrence import LAUNCH_WORDS
 
     assert tuple(LAUNCH_WORDS) == gpu_check.VARIANT_WORDS  # the words drnn reads
     tiles = gpu_check.StepResult("fused-tiles", "", "ok", data={"json": {"tiles": rows}})
     assert gpu_check.best_variant(tiles) == "16x32,resident,counter,tf32"
-    from drnn_cli.fused_lstm import launch_from_environment, plan_launch
+    from drnn_cli.fused_recurrence import launch_from_environment, plan_launch
 
     launch = launch_from_environment("16x32,resident,counter,tf32", plan_launch(32, 256, 132), 32, 256, 132)
     assert (launch.block_h, launch.resident, launch.counter_barrier, launch.tf32) == (32, True, True, True)
@@ -414,7 +414,7 @@ def test_the_two_layer_stacks_fastest_bf16_variant_decides_when_the_sweep_timed_
     assert gpu_check.best_variant(
         gpu_check.StepResult("fused-tiles", "", "ok", data={"json": without_stacks})
     ) == ("16x32,counter,tf32")
-    from drnn_cli.fused_lstm import launch_from_environment, plan_launch
+    from drnn_cli.fused_recurrence import launch_from_environment, plan_launch
 
     launch = launch_from_environment(
         "16x16,resident,counter,wavefront,tf32", plan_launch(32, 256, 132), 32, 256, 132, layers=2
@@ -443,7 +443,7 @@ def test_batch_1024_trains_through_the_fastest_variants_words_without_its_tile_o
     assert gpu_check.big_variant("16x32,counter,tf32") == "counter,tf32"
     assert gpu_check.big_variant(None) == "wavefront,counter"
     from drnn_cli.errors import DrnnError
-    from drnn_cli.fused_lstm import LAUNCH_ENV, plan_launch
+    from drnn_cli.fused_recurrence import LAUNCH_ENV, plan_launch
 
     monkeypatch.setenv(LAUNCH_ENV, "counter,wavefront,tf32")
     launch = plan_launch(1024, 256, 132, layers=2)
@@ -489,9 +489,7 @@ def test_the_short_calls_suite_runs_only_when_named(gpu_check, tmp_path: Path, c
     assert "  tests-cuda " not in capsys.readouterr().out
     assert gpu_check.main([str(tmp_path / "out"), "--dry-run", "--only", "tests-cuda,fused-tiles"]) == 0
     plan = capsys.readouterr().out
-    assert (
-        "  tests-cuda " in plan and "tests/test_cuda.py tests/test_step.py tests/test_fused_lstm.py" in plan
-    )
+    assert "  tests-cuda " in plan and "tests/test_cuda.py tests/test_step.py tests/test_fused.py" in plan
     step = next(s for s in gpu_check.build_plan(tmp_path, tmp_path / "c.txt", 1) if s.name == "tests-cuda")
     result = gpu_check.StepResult("tests-cuda", "", "failed")
     gpu_check.interpret(step, result, "....F\n1 failed, 150 passed, 2 skipped in 40.00s\n", tmp_path)

@@ -1,4 +1,4 @@
-"""``model.impl: fused``: the Triton LSTM kernels equal ``nn.LSTM``, forward and backward.
+"""``model.impl: fused``: the Triton kernels equal ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``, forward and backward.
 
 The kernels run here through Triton's CPU interpreter (``TRITON_INTERPRET=1``), which executes the
 programs of a grid one after another. That proves the arithmetic, the tiling (several hidden blocks,
@@ -24,7 +24,7 @@ from conftest import assert_one_line_error, config_file
 from pydantic import ValidationError
 from torch import nn
 
-from drnn_cli import fused_lstm
+from drnn_cli import fused_recurrence
 from drnn_cli.cells import GATES
 from drnn_cli.config import ModelConfig
 from drnn_cli.errors import DrnnError
@@ -33,7 +33,7 @@ from drnn_cli.models import FusedRecurrent, ScratchRecurrent, build_model, lm_lo
 REPO = Path(__file__).resolve().parents[1]
 # tests/conftest.py sets TRITON_INTERPRET=1 before Triton is imported, where there is no CUDA.
 needs_interpreter = pytest.mark.skipif(
-    not (fused_lstm.interpreting() and fused_lstm.triton_available()),
+    not (fused_recurrence.interpreting() and fused_recurrence.triton_available()),
     reason="needs Triton and its CPU interpreter (tests/test_cuda.py runs the kernels on a GPU)",
 )
 
@@ -79,19 +79,19 @@ def _run(module: nn.Module, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
     ],
 )
 def test_fused_stack_equals_nn_lstm_forward_and_backward(batch, hidden, mode, grid, monkeypatch):
-    planned = fused_lstm.plan_launch(batch, hidden, 1, mode)
+    planned = fused_recurrence.plan_launch(batch, hidden, 1, mode)
     assert planned.grid == grid and planned.persistent == (mode == "persistent")
-    real_plan = fused_lstm.plan_launch
+    real_plan = fused_recurrence.plan_launch
     launched: list[tuple[int, int]] = []
 
     def forced(
         batch: int, hidden: int, slots: int, _: object = None, layers: int = 1, **__
-    ) -> fused_lstm.Launch:
+    ) -> fused_recurrence.Launch:
         if layers == 1:  # a layer's plan (the stack's, one layer's grid: no wavefront, layer by layer)
             launched.append((batch, hidden))
         return real_plan(batch, hidden, slots, mode)
 
-    monkeypatch.setattr(fused_lstm, "plan_launch", forced)
+    monkeypatch.setattr(fused_recurrence, "plan_launch", forced)
     fused, reference = _pair(hidden)
     torch.manual_seed(1)
     steps, layers = 4, 2
@@ -120,12 +120,12 @@ def test_a_barrier_that_never_opens_gives_up_and_raises_the_flag(counter_barrier
     torch.manual_seed(0)
     hidden, batch, steps = 32, 2, 2
     error = torch.zeros((), dtype=torch.int32)
-    fused_lstm.fused_layer(
+    fused_recurrence.fused_layer(
         torch.randn(steps, batch, 4 * hidden),
         torch.zeros(batch, hidden),
         torch.zeros(batch, hidden),
         torch.randn(4 * hidden, hidden),
-        fused_lstm.Launch(
+        fused_recurrence.Launch(
             block_b=16, block_h=16, block_k=16, grid=(2, 1), persistent=True, counter_barrier=counter_barrier
         ),
         spin_limit=3,
@@ -169,7 +169,7 @@ def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(
         torch.randn(4 * hidden, hidden, dtype=torch.float64) / hidden**0.5,
     ]
     probes = [torch.randn(steps, batch, hidden), torch.randn(batch, hidden), torch.randn(batch, hidden)]
-    launch = fused_lstm.Launch(
+    launch = fused_recurrence.Launch(
         block_b=16,
         block_h=block_h,
         block_k=32,
@@ -184,7 +184,7 @@ def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         if side == "fused":
             xg, h0, c0, w = (t.float() for t in leaves)
-            outs = fused_lstm.fused_layer(xg, h0, c0, w, launch, error=error)
+            outs = fused_recurrence.fused_layer(xg, h0, c0, w, launch, error=error)
         else:
             outs = _reference_layer(*leaves)
         sum(
@@ -200,15 +200,17 @@ def test_kernel_variants_compute_the_lstm_recurrence_and_its_gradients(
 
 def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
     """README "Environment": the variants fused_bench times one layer at a time, for whole runs."""
-    planned = fused_lstm.plan_launch(32, 256, 132)
-    assert planned == fused_lstm.Launch(16, 16, 64, (16, 2), True, 4)
+    planned = fused_recurrence.plan_launch(32, 256, 132)
+    assert planned == fused_recurrence.Launch(16, 16, 64, (16, 2), True, 4)
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "resident, counter,TF32")
-    assert fused_lstm.plan_launch(32, 256, 132) == fused_lstm.Launch(
+    assert fused_recurrence.plan_launch(32, 256, 132) == fused_recurrence.Launch(
         16, 16, 256, (16, 2), True, 4, resident=True, counter_barrier=True, tf32=True
     )
-    assert fused_lstm.plan_launch(32, 256, 132, "persistent") == planned  # a forced mode (tests) ignores it
+    assert (
+        fused_recurrence.plan_launch(32, 256, 132, "persistent") == planned
+    )  # a forced mode (tests) ignores it
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "32x64,counter")
-    assert fused_lstm.plan_launch(32, 256, 132) == fused_lstm.Launch(
+    assert fused_recurrence.plan_launch(32, 256, 132) == fused_recurrence.Launch(
         32, 64, 64, (4, 1), True, 8, counter_barrier=True
     )
     for asked, hidden, slots, message in [
@@ -259,7 +261,7 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
     ]:
         monkeypatch.setenv("DRNN_FUSED_LAUNCH", asked)
         with pytest.raises(DrnnError) as refused:
-            fused_lstm.plan_launch(32, hidden, slots, layers=2)
+            fused_recurrence.plan_launch(32, hidden, slots, layers=2)
         assert str(refused.value) == message
 
 
@@ -267,12 +269,12 @@ def test_drnn_fused_launch_wavefront_plans_one_grid_for_the_whole_stack(monkeypa
     """``wavefront``: every layer's grid in one launch, so the persistent plan fits all of them at once
     (a one-layer call, the layer-by-layer path, is planned as before)."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront")
-    seed = fused_lstm.plan_launch(32, 256, 132, layers=2)
-    assert seed == fused_lstm.Launch(16, 16, 64, (16, 2), True, 4, layers=2)
+    seed = fused_recurrence.plan_launch(32, 256, 132, layers=2)
+    assert seed == fused_recurrence.Launch(16, 16, 64, (16, 2), True, 4, layers=2)
     assert (seed.programs, seed.kernel_grid) == (64, (16, 2, 2))
-    assert fused_lstm.plan_launch(32, 256, 132) == fused_lstm.Launch(16, 16, 64, (16, 2), True, 4)
+    assert fused_recurrence.plan_launch(32, 256, 132) == fused_recurrence.Launch(16, 16, 64, (16, 2), True, 4)
     # batch 1024: one layer fits in 32 × 64 tiles (128 programs); two need 64 × 64 (2 × 64)
-    wide = fused_lstm.plan_launch(1024, 256, 132, layers=2)
+    wide = fused_recurrence.plan_launch(1024, 256, 132, layers=2)
     assert (wide.block_b, wide.block_h, wide.grid, wide.persistent, wide.programs) == (
         64,
         64,
@@ -281,20 +283,24 @@ def test_drnn_fused_launch_wavefront_plans_one_grid_for_the_whole_stack(monkeypa
         128,
     )
     # on an H100 PCIe (114 multiprocessors) one layer's grid fits at 64 × 64, two do not: layer by layer
-    assert fused_lstm.plan_launch(1024, 256, 114, layers=2) == fused_lstm.Launch(64, 64, 64, (4, 16), True, 8)
+    assert fused_recurrence.plan_launch(1024, 256, 114, layers=2) == fused_recurrence.Launch(
+        64, 64, 64, (4, 16), True, 8
+    )
     # where no tile fits, one launch per super-step (Triton's interpreter: one program at a time) ...
-    assert fused_lstm.plan_launch(5, 32, 0, layers=3) == fused_lstm.Launch(
+    assert fused_recurrence.plan_launch(5, 32, 0, layers=3) == fused_recurrence.Launch(
         16, 16, 32, (2, 1), False, 4, layers=3
     )
     # ... but where one layer's grid is resident and the stack's is not, the layers run one at a time,
     # unless a tile was asked for: that is the stack's, as for any other tile
-    assert fused_lstm.plan_launch(5, 32, 1, layers=3) == fused_lstm.Launch(16, 32, 32, (1, 1), True, 4)
+    assert fused_recurrence.plan_launch(5, 32, 1, layers=3) == fused_recurrence.Launch(
+        16, 32, 32, (1, 1), True, 4
+    )
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,16x16")
-    assert fused_lstm.plan_launch(5, 32, 1, layers=3) == fused_lstm.Launch(
+    assert fused_recurrence.plan_launch(5, 32, 1, layers=3) == fused_recurrence.Launch(
         16, 16, 32, (2, 1), False, 4, layers=3
     )
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,resident,counter")
-    assert fused_lstm.plan_launch(32, 256, 132, layers=2) == fused_lstm.Launch(
+    assert fused_recurrence.plan_launch(32, 256, 132, layers=2) == fused_recurrence.Launch(
         16, 16, 256, (16, 2), True, 4, resident=True, counter_barrier=True, layers=2
     )
 
@@ -313,11 +319,11 @@ def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
     def plan(
         batch: int, hidden: int, slots: int = 132, layers: int = 1, products="half", shared=HOPPER_SHARED
     ):
-        return fused_lstm.plan_launch(
+        return fused_recurrence.plan_launch(
             batch, hidden, slots, layers=layers, products=products, shared_bytes=shared
         )
 
-    seed = fused_lstm.Launch(16, 16, 64, (16, 2), True, 4, counter_barrier=True, layers=2)
+    seed = fused_recurrence.Launch(16, 16, 64, (16, 2), True, 4, counter_barrier=True, layers=2)
     resident = dataclasses.replace(seed, block_k=256, resident=True)
     assert plan(32, 256, layers=2) == resident
     assert plan(32, 256, layers=2, products="tf32") == dataclasses.replace(resident, tf32=True)
@@ -347,7 +353,7 @@ def test_the_plan_takes_the_measured_variants_where_they_fit(monkeypatch):
     assert (stepwise.persistent, stepwise.resident, stepwise.layers) == (False, False, 1)
     # DRNN_FUSED_LAUNCH replaces the measured variants; "plain" asks for none of them, blank for the plan
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "plain")
-    assert plan(32, 256, layers=2) == fused_lstm.plan_launch(32, 256, 132)
+    assert plan(32, 256, layers=2) == fused_recurrence.plan_launch(32, 256, 132)
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "counter")
     assert plan(32, 256, layers=2, products="tf32") == dataclasses.replace(seed, layers=1)
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", " ")
@@ -361,15 +367,17 @@ def test_the_gru_and_the_rnn_are_planned_by_their_own_weight_tiles(monkeypatch):
     do not; a launch remembers its gates, and the kernels refuse another cell's (test above)."""
     monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
 
-    def plan(hidden: int, cell: str, products: str = "tf32") -> fused_lstm.Launch:
-        return fused_lstm.plan_launch(
+    def plan(hidden: int, cell: str, products: str = "tf32") -> fused_recurrence.Launch:
+        return fused_recurrence.plan_launch(
             32, hidden, 132, layers=2, products=products, shared_bytes=HOPPER_SHARED, gates=GATES[cell]
         )
 
     lstm = plan(256, "lstm")
     for cell in ("gru", "rnn"):
         assert plan(256, cell) == dataclasses.replace(lstm, gates=GATES[cell])
-    assert [fused_lstm.resident_bytes(plan(256, cell), 256) >> 10 for cell in ("lstm", "gru", "rnn")] == [
+    assert [
+        fused_recurrence.resident_bytes(plan(256, cell), 256) >> 10 for cell in ("lstm", "gru", "rnn")
+    ] == [
         128,
         96,
         32,
@@ -378,7 +386,7 @@ def test_the_gru_and_the_rnn_are_planned_by_their_own_weight_tiles(monkeypatch):
     assert not plan(256, "rnn", products="ieee").resident  # as the LSTM: slower from shared memory
     # the K loop's pipelined tiles shrink with the gates: on an RTX 4090 the LSTM's 64 × 64 tiles need
     # K 16 (3 stages × 4 bytes × (64 + 4 × 64) × K), the RNN's fit K 64 (96 KiB of its 99)
-    tiles = [fused_lstm.widest_k_tile(256, 64, 64, ADA_SHARED, GATES[cell]) for cell in ("lstm", "rnn")]
+    tiles = [fused_recurrence.widest_k_tile(256, 64, 64, ADA_SHARED, GATES[cell]) for cell in ("lstm", "rnn")]
     assert tiles == [16, 64]
 
 
@@ -392,7 +400,7 @@ def test_resident_weights_are_taken_only_where_the_device_holds_them(monkeypatch
     monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
 
     def resident(shared, layers):
-        return fused_lstm.plan_launch(
+        return fused_recurrence.plan_launch(
             32, 256, 132, layers=layers, products="tf32", shared_bytes=shared
         ).resident
 
@@ -400,20 +408,20 @@ def test_resident_weights_are_taken_only_where_the_device_holds_them(monkeypatch
     assert [resident(ADA_SHARED, 2), resident(ADA_SHARED, 1)] == [False, True]
     assert [resident(TURING_SHARED, 2), resident(TURING_SHARED, 1)] == [False, False]
     assert [resident(None, 2), resident(None, 1)] == [False, False]
-    a100 = fused_lstm.plan_launch(2048, 128, 108, products="tf32", shared_bytes=A100_SHARED)
+    a100 = fused_recurrence.plan_launch(2048, 128, 108, products="tf32", shared_bytes=A100_SHARED)
     assert (a100.block_b, a100.block_h, a100.resident) == (64, 64, False)
-    assert fused_lstm.plan_launch(1024, 128, 108, products="tf32", shared_bytes=A100_SHARED).resident
+    assert fused_recurrence.plan_launch(1024, 128, 108, products="tf32", shared_bytes=A100_SHARED).resident
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "wavefront,resident")
     with pytest.raises(DrnnError) as refused:
-        fused_lstm.plan_launch(32, 256, 132, layers=2, shared_bytes=ADA_SHARED)
+        fused_recurrence.plan_launch(32, 256, 132, layers=2, shared_bytes=ADA_SHARED)
     assert str(refused.value) == (
         "DRNN_FUSED_LAUNCH resident needs 146 KiB of shared memory per program at hidden 256 in 16x16 tiles, "
         "more than this device's 99 KiB; use a smaller tile, or leave out resident or wavefront"
     )
-    assert fused_lstm.plan_launch(32, 256, 132, layers=2, shared_bytes=HOPPER_SHARED).resident
+    assert fused_recurrence.plan_launch(32, 256, 132, layers=2, shared_bytes=HOPPER_SHARED).resident
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "resident,32x16")  # 32 rows of h_{t-1} at hidden 512: 66 KiB
     with pytest.raises(DrnnError, match=r"needs 195 KiB .* 32x16 tiles, more than this device.s 163 KiB"):
-        fused_lstm.plan_launch(32, 512, 132, shared_bytes=A100_SHARED)
+        fused_recurrence.plan_launch(32, 512, 132, shared_bytes=A100_SHARED)
 
 
 def test_the_k_tile_narrows_until_the_loop_fits_the_device(monkeypatch):
@@ -424,11 +432,11 @@ def test_the_k_tile_narrows_until_the_loop_fits_the_device(monkeypatch):
     monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
 
     def k_tile(batch, hidden, slots, shared, layers=2):
-        return fused_lstm.plan_launch(
+        return fused_recurrence.plan_launch(
             batch, hidden, slots, layers=layers, products="ieee", shared_bytes=shared
         ).block_k
 
-    assert fused_lstm.loop_shared_bytes(32, 64, 64) == 221_184
+    assert fused_recurrence.loop_shared_bytes(32, 64, 64) == 221_184
     assert [k_tile(32, 256, 132, HOPPER_SHARED), k_tile(1024, 256, 132, HOPPER_SHARED)] == [64, 64]
     assert k_tile(1024, 256, 128, ADA_SHARED) == 16  # 32 × 64 tiles: K 32 would need 108 KiB
     assert k_tile(1024, 512, 132, HOPPER_SHARED) == 32  # 64 × 64 tiles: K 64 would need 240 KiB
@@ -437,7 +445,7 @@ def test_the_k_tile_narrows_until_the_loop_fits_the_device(monkeypatch):
     assert k_tile(256, 256, 132, ADA_SHARED, layers=1) == 16
 
 
-@pytest.mark.skipif(not fused_lstm.triton_available(), reason="Triton is not installed")
+@pytest.mark.skipif(not fused_recurrence.triton_available(), reason="Triton is not installed")
 def test_every_planned_kernel_fits_an_rtx_4090s_shared_memory():
     """Compiled for sm_89 (99 KiB of shared memory a program, 128 multiprocessors), every launch the
     plan makes for the benchmark's shapes fits: scripts/fused_compile.py fails on one that would not."""
@@ -466,18 +474,18 @@ def test_products_follow_autocast_the_cudnn_tf32_switch_and_the_device(monkeypat
     bf16 autocast the products are half precision. On a GPU, TF32 where cuDNN's switch is on and the
     chip has TF32 tensor cores (compute capability 8.0 on: not a V100's 7.0 or a T4's 7.5)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert fused_lstm.products_for(cpu) == "ieee"
+    assert fused_recurrence.products_for(cpu) == "ieee"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fused_lstm.products_for(cpu) == "half"
+        assert fused_recurrence.products_for(cpu) == "half"
     capability = (9, 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert fused_lstm.products_for(cuda) == "tf32"
+    assert fused_recurrence.products_for(cuda) == "tf32"
     capability = (7, 5)
-    assert fused_lstm.products_for(cuda) == "ieee"
+    assert fused_recurrence.products_for(cuda) == "ieee"
     capability = (8, 0)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert fused_lstm.products_for(cuda) == "ieee"
+    assert fused_recurrence.products_for(cuda) == "ieee"
 
 
 @pytest.mark.parametrize(
@@ -493,7 +501,7 @@ def test_products_follow_autocast_the_cudnn_tf32_switch_and_the_device(monkeypat
 def test_drnn_fused_launch_takes_only_the_tiles_the_kernel_is_built_for(monkeypatch, tile):
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", tile)
     with pytest.raises(DrnnError) as refused:
-        fused_lstm.plan_launch(32, 768, 132)
+        fused_recurrence.plan_launch(32, 768, 132)
     assert str(refused.value) == str(  # a DrnnError: a 5,000-character tile is quoted cut in the middle
         DrnnError(
             f"DRNN_FUSED_LAUNCH tile {tile}: rows and units must each be 16, 32 or 64, and the units must "
@@ -507,17 +515,17 @@ def test_drnn_fused_launch_takes_one_tile(monkeypatch):
     """Two tiles were taken as the last one, without a word."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "16x16,32x32")
     with pytest.raises(DrnnError) as refused:
-        fused_lstm.plan_launch(32, 256, 132)
+        fused_recurrence.plan_launch(32, 256, 132)
     assert str(refused.value) == "DRNN_FUSED_LAUNCH: two tiles, 16x16 and 32x32; give one"
 
 
 @needs_interpreter
 def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_lstm(monkeypatch):
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "resident,counter")
-    used: list[fused_lstm.Launch] = []
-    real = fused_lstm.launch_from_environment
+    used: list[fused_recurrence.Launch] = []
+    real = fused_recurrence.launch_from_environment
     monkeypatch.setattr(
-        fused_lstm, "launch_from_environment", lambda *args: used.append(real(*args)) or used[-1]
+        fused_recurrence, "launch_from_environment", lambda *args: used.append(real(*args)) or used[-1]
     )
     _assert_equal_to_nn_lstm(*_pair(32), steps=3, batch=5)
     # the stack's plan (no wavefront asked: one layer at a time), then each of the two layers'
@@ -535,9 +543,9 @@ def test_under_half_autocast_the_interpreter_runs_fp16_and_leaves_bf16_to_the_sc
     x = torch.randn(4, 5, 8)
     state = (torch.zeros(1, 5, 32), torch.zeros(1, 5, 32))
     launched = []
-    real = fused_lstm.fused_layer
+    real = fused_recurrence.fused_layer
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused_lstm, "fused_layer", lambda *a, **k: launched.append(1) or real(*a, **k))
+        patch.setattr(fused_recurrence, "fused_layer", lambda *a, **k: launched.append(1) or real(*a, **k))
         for dtype, tolerance, kernels in ((torch.float16, 2e-3, 1), (torch.bfloat16, 0.0, 0)):
             with torch.autocast("cpu", dtype=dtype), torch.no_grad():
                 want, got = scratch(x, state)[0].float(), fused(x, state)[0].float()
@@ -546,16 +554,16 @@ def test_under_half_autocast_the_interpreter_runs_fp16_and_leaves_bf16_to_the_sc
             launched.clear()
 
 
-def record_stack_launches(monkeypatch: pytest.MonkeyPatch) -> list[fused_lstm.Launch]:
+def record_stack_launches(monkeypatch: pytest.MonkeyPatch) -> list[fused_recurrence.Launch]:
     """The launch of every stack run as one wavefront from now on (the kernels still run)."""
-    launches: list[fused_lstm.Launch] = []
-    real = fused_lstm.fused_stack
+    launches: list[fused_recurrence.Launch] = []
+    real = fused_recurrence.fused_stack
 
     def recorded(*args, **kwargs):
         launches.append(args[7])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fused_lstm, "fused_stack", recorded)
+    monkeypatch.setattr(fused_recurrence, "fused_stack", recorded)
     return launches
 
 
@@ -595,7 +603,7 @@ def test_a_stack_run_as_one_wavefront_equals_nn_lstm(layers, batch, words, monke
     programs top layer first forward and bottom layer first backward, so a schedule that read what
     another layer writes in the same super-step fails here (checked by mutation: every layer at s)."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
-    monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
+    monkeypatch.setattr(fused_recurrence, "device_slots", no_resident_grid)
     launches = record_stack_launches(monkeypatch)
     _assert_equal_to_nn_lstm(*_pair(32, layers), steps=4, batch=batch)
     assert [
@@ -648,12 +656,14 @@ def test_gru_and_rnn_kernels_equal_nn_gru_and_nn_rnn(cell, layers, batch, words,
     recurrent weights resident, and 2 batch blocks at batch 20."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
     if words:
-        monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
+        monkeypatch.setattr(fused_recurrence, "device_slots", no_resident_grid)
     kernels = []
     for name in ("fused_layer", "fused_stack"):
-        real = getattr(fused_lstm, name)
+        real = getattr(fused_recurrence, name)
         monkeypatch.setattr(
-            fused_lstm, name, lambda *a, _real=real, _name=name, **k: kernels.append(_name) or _real(*a, **k)
+            fused_recurrence,
+            name,
+            lambda *a, _real=real, _name=name, **k: kernels.append(_name) or _real(*a, **k),
         )
     module, options, drnn_cell = OTHER_CELLS[cell]
     torch.manual_seed(0)
@@ -679,7 +689,7 @@ def test_a_persistent_wavefront_meets_at_one_barrier_for_all_layers():
     torch.manual_seed(0)
     hidden, batch, steps = 16, 2, 2
     error = torch.zeros((), dtype=torch.int32)
-    fused_lstm.fused_stack(
+    fused_recurrence.fused_stack(
         torch.randn(steps, batch, 4 * hidden),
         torch.zeros(2, batch, hidden),
         torch.zeros(2, batch, hidden),
@@ -687,7 +697,7 @@ def test_a_persistent_wavefront_meets_at_one_barrier_for_all_layers():
         [torch.randn(4 * hidden, hidden)],
         [torch.zeros(4 * hidden)],
         None,
-        fused_lstm.Launch(block_b=16, block_h=16, block_k=16, grid=(1, 1), persistent=True, layers=2),
+        fused_recurrence.Launch(block_b=16, block_h=16, block_k=16, grid=(1, 1), persistent=True, layers=2),
         spin_limit=3,
         error=error,
     )
@@ -696,11 +706,11 @@ def test_a_persistent_wavefront_meets_at_one_barrier_for_all_layers():
 
 @pytest.mark.parametrize(("hidden", "block_k"), [(32, 16), (48, 48)], ids=["narrow-k", "not-a-power-of-two"])
 def test_a_resident_w_hh_needs_one_k_tile_as_wide_as_the_layer(hidden, block_k):
-    launch = fused_lstm.Launch(
+    launch = fused_recurrence.Launch(
         block_b=16, block_h=16, block_k=block_k, grid=(2, 1), persistent=True, resident=True
     )
     with pytest.raises(ValueError, match="block_k = hidden_size, a power of two"):
-        fused_lstm.fused_layer(
+        fused_recurrence.fused_layer(
             torch.zeros(2, 1, 4 * hidden),
             torch.zeros(1, hidden),
             torch.zeros(1, hidden),
@@ -712,9 +722,11 @@ def test_a_resident_w_hh_needs_one_k_tile_as_wide_as_the_layer(hidden, block_k):
 def test_the_kernels_are_compiled_as_the_launch_asks():
     """fp32 products are IEEE unless the launch asks for TF32; half precision operands run on the tensor
     cores either way (the setting only matters for fp32); the variants reach the kernels as constants."""
-    plain = fused_lstm.Launch(16, 16, 64, (16, 2), True)
-    variant = fused_lstm.Launch(16, 16, 256, (16, 2), True, resident=True, counter_barrier=True, tf32=True)
-    assert fused_lstm.kernel_constants(plain, True) == {
+    plain = fused_recurrence.Launch(16, 16, 64, (16, 2), True)
+    variant = fused_recurrence.Launch(
+        16, 16, 256, (16, 2), True, resident=True, counter_barrier=True, tf32=True
+    )
+    assert fused_recurrence.kernel_constants(plain, True) == {
         "BLOCK_B": 16,
         "BLOCK_H": 16,
         "BLOCK_K": 64,
@@ -730,10 +742,10 @@ def test_the_kernels_are_compiled_as_the_launch_asks():
         "GATES": 4,
         "SLOTS": 4,
     }
-    assert fused_lstm.kernel_constants(plain, False)["PRECISION"] == "tf32"
-    stack = fused_lstm.kernel_constants(dataclasses.replace(plain, layers=3), True, masked=True)
+    assert fused_recurrence.kernel_constants(plain, False)["PRECISION"] == "tf32"
+    stack = fused_recurrence.kernel_constants(dataclasses.replace(plain, layers=3), True, masked=True)
     assert (stack["LAYERS"], stack["MASKED"], stack["NUM_PROGRAMS"], stack["FLAGS"]) == (3, True, 96, 128)
-    constants = fused_lstm.kernel_constants(variant, True)
+    constants = fused_recurrence.kernel_constants(variant, True)
     assert (constants["PRECISION"], constants["RESIDENT"], constants["COUNTER"], constants["BLOCK_K"]) == (
         "tf32",
         True,
@@ -742,14 +754,14 @@ def test_the_kernels_are_compiled_as_the_launch_asks():
     )
     # the cell: its code, gate blocks and gradient slots (fused_kernels' docstring); a launch planned
     # for another cell's gates is refused
-    gru, relu = fused_lstm.KernelCell("gru"), fused_lstm.KernelCell("rnn", "relu")
-    constants = fused_lstm.kernel_constants(dataclasses.replace(plain, gates=3), True, cell=gru)
+    gru, relu = fused_recurrence.KernelCell("gru"), fused_recurrence.KernelCell("rnn", "relu")
+    constants = fused_recurrence.kernel_constants(dataclasses.replace(plain, gates=3), True, cell=gru)
     assert (constants["CELL"], constants["GATES"], constants["SLOTS"]) == (1, 3, 4)
-    constants = fused_lstm.kernel_constants(dataclasses.replace(plain, gates=1), True, cell=relu)
+    constants = fused_recurrence.kernel_constants(dataclasses.replace(plain, gates=1), True, cell=relu)
     assert (constants["CELL"], constants["GATES"], constants["SLOTS"]) == (3, 1, 1)
-    assert fused_lstm.KernelCell("rnn").code == 2
+    assert fused_recurrence.KernelCell("rnn").code == 2
     with pytest.raises(ValueError, match="planned for 4 gates cannot run the gru's 3"):
-        fused_lstm.kernel_constants(plain, True, cell=gru)
+        fused_recurrence.kernel_constants(plain, True, cell=gru)
 
 
 @needs_interpreter
@@ -772,10 +784,12 @@ def test_fused_model_trains_step_for_step_like_the_scratch_model(
     as one wavefront, which multiplies them in inside the kernels): the same losses and weights."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
     if words:
-        monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
-    real = getattr(fused_lstm, kernel)
+        monkeypatch.setattr(fused_recurrence, "device_slots", no_resident_grid)
+    real = getattr(fused_recurrence, kernel)
     calls = []
-    monkeypatch.setattr(fused_lstm, kernel, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    monkeypatch.setattr(
+        fused_recurrence, kernel, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+    )
     config = ModelConfig(
         cell=cell,
         hidden_size=16,
@@ -814,7 +828,7 @@ def test_without_a_device_for_the_kernels_the_fused_stack_steps_the_scratch_cell
     """On a CPU (no interpreter) a fused model — e.g. a checkpoint trained on a GPU — still predicts
     and evaluates: the same equations through the scratch cells, bit for bit."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not fused_lstm.can_run(torch.device("cpu"))
+    assert not fused_recurrence.can_run(torch.device("cpu"))
     fused, scratch = _scratch_pair(6, 16, 2)
     x = torch.randn(3, 2, 6)
     state = (torch.zeros(2, 2, 16), torch.zeros(2, 2, 16))
@@ -839,9 +853,9 @@ def test_launch_plan_fits_the_grid_to_the_device():
     persistent grid of 32 programs of 16 × 16; at batch 1024 the tiles grow (units, then rows) until
     the grid fits; at batch 4096 even 64 × 64 tiles would need 256 programs: one launch per step."""
 
-    seed = fused_lstm.plan_launch(32, 256, slots=132)
-    wide = fused_lstm.plan_launch(1024, 256, slots=132)
-    huge = fused_lstm.plan_launch(4096, 256, slots=132)
+    seed = fused_recurrence.plan_launch(32, 256, slots=132)
+    wide = fused_recurrence.plan_launch(1024, 256, slots=132)
+    huge = fused_recurrence.plan_launch(4096, 256, slots=132)
     assert (seed.block_b, seed.block_h, seed.block_k, seed.grid) == (16, 16, 64, (16, 2))
     assert (seed.persistent, seed.num_warps) == (True, 4)
     assert (wide.block_b, wide.block_h, wide.grid) == (32, 64, (4, 32))
@@ -875,11 +889,11 @@ def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeyp
     LSTM and a GRU: the same perplexities as the scratch cells."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
     if words:
-        monkeypatch.setattr(fused_lstm, "device_slots", no_resident_grid)
+        monkeypatch.setattr(fused_recurrence, "device_slots", no_resident_grid)
     launches = record_stack_launches(monkeypatch)
-    real_layer, layer_calls = fused_lstm.fused_layer, []
+    real_layer, layer_calls = fused_recurrence.fused_layer, []
     monkeypatch.setattr(
-        fused_lstm, "fused_layer", lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k)
+        fused_recurrence, "fused_layer", lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k)
     )
     epochs = 1 if words else FUSED_TREE["train"]["epochs"]
     config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": epochs}})
@@ -949,7 +963,7 @@ def test_every_stack_variant_the_sweep_times_plans_a_resident_grid_on_an_h100(mo
     assert planned["16x16,wavefront,resident"].block_k == 256  # one K tile as wide as the layer
 
 
-@pytest.mark.skipif(not fused_lstm.triton_available(), reason="Triton is not installed")
+@pytest.mark.skipif(not fused_recurrence.triton_available(), reason="Triton is not installed")
 def test_every_planned_kernel_compiles_for_an_h100_without_one():
     """Triton compiles for a named target with no device present: forward and backward of the launches
     the plan makes for the two-layer stack at batch 32, 256, 1024 (persistent) and 4096 (one per step),
@@ -991,14 +1005,14 @@ def test_the_kernel_benchmark_says_in_one_line_that_it_needs_cuda():
 @needs_interpreter
 def test_a_barrier_timeout_stops_training_in_one_line(workdir, cli, monkeypatch):
     """The flag is read at the epoch's end: training stops there, with the way out named."""
-    real_layer = fused_lstm.fused_layer
+    real_layer = fused_recurrence.fused_layer
 
     def timing_out(*args, **kwargs):
         result = real_layer(*args, **kwargs)
         kwargs["error"].fill_(1)  # as a barrier that gave up would leave it
         return result
 
-    monkeypatch.setattr(fused_lstm, "fused_layer", timing_out)
+    monkeypatch.setattr(fused_recurrence, "fused_layer", timing_out)
     config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
     code, _, err = cli("train", "--config", str(config), "--set", "model.impl=fused")
     assert_one_line_error(code, err, "barrier timed out in epoch 1", "Use model.impl torch")
@@ -1008,7 +1022,7 @@ def test_a_barrier_timeout_stops_training_in_one_line(workdir, cli, monkeypatch)
 def test_a_barrier_timeout_while_the_averaged_copy_validates_stops_training(workdir, cli, monkeypatch):
     """With train.average the deep-copied average validates, through kernels with a flag of their own:
     that flag is read after each validation."""
-    real_layer = fused_lstm.fused_layer
+    real_layer = fused_recurrence.fused_layer
 
     def timing_out_without_gradients(*args, **kwargs):
         result = real_layer(*args, **kwargs)
@@ -1016,7 +1030,7 @@ def test_a_barrier_timeout_while_the_averaged_copy_validates_stops_training(work
             kwargs["error"].fill_(1)
         return result
 
-    monkeypatch.setattr(fused_lstm, "fused_layer", timing_out_without_gradients)
+    monkeypatch.setattr(fused_recurrence, "fused_layer", timing_out_without_gradients)
     tree = {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1, "average": "ema"}}
     code, _, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "model.impl=fused")
     assert_one_line_error(code, err, "barrier timed out while validating", "Use model.impl torch")

@@ -1,4 +1,5 @@
-"""``model.impl: fused`` — the LSTM recurrence as Triton kernels that run many timesteps per launch.
+"""``model.impl: fused`` — the LSTM, GRU and RNN recurrences as Triton kernels that run many timesteps
+per launch.
 
 Why: at batch 32 a GPU step is bound by kernel launches, not arithmetic. cuDNN launches a few kernels
 per timestep and layer; even as one CUDA graph the step is hundreds of dependent nodes. Here the input
@@ -14,8 +15,12 @@ layers' input products inside the kernel, so the layers overlap and meet at T + 
 Where the grid would not fit on the device at once (a persistent grid needs every program resident,
 or the barrier never opens), the same kernel body is launched once per timestep instead: the launch
 boundary is the barrier. Tests run both modes through Triton's interpreter on the CPU
-(``TRITON_INTERPRET=1``) against ``nn.LSTM``; the barrier itself can only be exercised on a GPU, and
-it gives up after ``spin_limit`` polls and raises a flag rather than hang.
+(``TRITON_INTERPRET=1``) against ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``; the barrier itself can only be
+exercised on a GPU, and it gives up after ``spin_limit`` polls and raises a flag rather than hang.
+
+One kernel pair serves the three cells (:class:`KernelCell`; ``fused_kernels``): the tiles, barriers and
+wavefront are the LSTM's, measured on an H200; the GRU's and the RNN's gate arithmetic after the
+products is their own, proven in the interpreter and compiled for sm_90, not yet timed on a GPU.
 
 The plan (:func:`plan_launch`) takes by default the variants measured fastest in whole training steps
 on an H200 (``TUNED_WORDS``: the stack as one wavefront, a one-counter barrier, ``W_hh`` resident in
@@ -24,8 +29,8 @@ shared memory) wherever they fit; ``DRNN_FUSED_LAUNCH`` replaces them for measur
 Numerics: the matrix products multiply in the recurrent weights' dtype — fp32, or bf16/fp16 under
 autocast — and accumulate in fp32; gates, cell state, stored activations and gradients are fp32. fp32
 products run on TF32 tensor cores where cuDNN's fp32 LSTM would (:func:`products_for`), in IEEE
-arithmetic elsewhere. Parameters keep PyTorch's names and gate order ``[i | f | g | o]``, so
-checkpoints move freely between ``impl: torch``, ``scratch`` and ``fused``.
+arithmetic elsewhere. Parameters keep PyTorch's names and gate orders (``[i | f | g | o]``, ``[r | z |
+n]``), so checkpoints move freely between ``impl: torch``, ``scratch`` and ``fused``.
 """
 
 from __future__ import annotations

@@ -397,6 +397,8 @@ def forward(
         w_0, w_1, w_2, w_3 = transposed_tiles(w_layer, units, ks, H, GATES)
         if LAYERS > 1:
             x_0, x_1, x_2, x_3 = transposed_tiles(wx_layer, units, ks, H, GATES)
+    if CELL == GRU:  # b_hn for this program's units, read once for all timesteps
+        b_hn = tl.load(hbias_ptr + layer64 * H + units)
     for s in range(n_steps):
         step = t_begin + s - layer
         if (step >= 0) & (step < T):
@@ -456,10 +458,7 @@ def forward(
             # n gate keeps its recurrent term apart, in acc_3 (from b_hn): r multiplies it.
             h_prev = hs_layer + t * B * H
             if CELL == GRU:
-                acc_3 = (
-                    tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    + tl.load(hbias_ptr + layer64 * H + units)[None, :]
-                )
+                acc_3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + b_hn[None, :]
                 if RESIDENT:
                     acc_0, acc_1, acc_3, acc_2 = resident_gate_products(
                         acc_0,

@@ -15,7 +15,8 @@ that ``scripts/fused_bench.py --sweep-tiles`` times (its SWEPT_VARIANTS: other t
 the counter barrier, TF32) and the two-layer stack's launches it times (STACK_VARIANTS: the wavefront
 kernels, with dropout between the layers), and batch 1024's wavefront (BIG_STACK_VARIANTS). Exit 0 when all compiled, 1 when one failed.
 
-Run it without ``TRITON_INTERPRET`` set (under the interpreter nothing is compiled).
+Run it without ``TRITON_INTERPRET`` set (under the interpreter nothing is compiled). The kernels compile
+in parallel, one process per core this process may use.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +118,27 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     }
 
 
+def compile_row(job: tuple[dict[str, Any], dict[str, Any]], arch: int) -> dict[str, Any]:
+    """One kernel of the report, compiled: its row with ptxas's figures, or with the error."""
+    from drnn_cli import fused_kernels
+
+    row, constants = dict(job[0]), dict(job[1])
+    name = row["kernel"]
+    try:
+        compiled = compile_one(getattr(fused_kernels, name), POINTERS[name], constants, arch, row["warps"])
+        row |= ptxas_report(compiled.asm["ptx"], arch)
+        row["shared_bytes"] = compiled.metadata.shared
+        row["tensor_cores"] = "mma" in compiled.asm["ptx"]
+        limit = SHARED_BYTES.get(arch)
+        if limit is not None and compiled.metadata.shared > limit:  # Triton would refuse it
+            row["error"] = (
+                f"needs {compiled.metadata.shared} B of shared memory, more than sm_{arch}'s {limit}"
+            )
+    except Exception as error:  # report every kernel, then fail
+        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("fused_compile: Triton is not installed (pip install triton)", file=sys.stderr)
         return 2
-    from drnn_cli import fused_kernels
+    from drnn_cli import fused_kernels  # noqa: F401 (imported before the workers fork: they inherit it)
     from drnn_cli.cells import GATES
     from drnn_cli.fused_recurrence import KernelCell, Launch, kernel_constants, plan_launch
 
@@ -171,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         for words in BIG_STACK_VARIANTS:
             with launch_environment(words):
                 launches += [(f"B1024 stack {words}", plan_launch(1024, 256, args.slots, layers=2), both)]
-    rows: list[dict[str, Any]] = []
-    failed = False
+    jobs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (the report's row, the kernel's constants)
     for label, launch, dtypes in launches:
         hidden = launch.grid[0] * launch.block_h
         cell = KernelCell(next((name for name in OTHER_CELLS if label.startswith(f"{name} ")), "lstm"))
@@ -197,23 +221,12 @@ def main(argv: list[str] | None = None) -> int:
                     "precision": constants["PRECISION"],
                     "warps": launch.num_warps,
                 }
-                try:
-                    compiled = compile_one(
-                        getattr(fused_kernels, name), POINTERS[name], constants, args.arch, launch.num_warps
-                    )
-                    row |= ptxas_report(compiled.asm["ptx"], args.arch)
-                    row["shared_bytes"] = compiled.metadata.shared
-                    row["tensor_cores"] = "mma" in compiled.asm["ptx"]
-                    limit = SHARED_BYTES.get(args.arch)
-                    if limit is not None and compiled.metadata.shared > limit:  # Triton would refuse it
-                        failed = True
-                        row["error"] = (
-                            f"needs {compiled.metadata.shared} B of shared memory, more than sm_{args.arch}'s {limit}"
-                        )
-                except Exception as error:  # report every kernel, then fail
-                    failed = True
-                    row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-                rows.append(row)
+                jobs.append((row, constants))
+    # Each kernel compiles on its own core: Triton's front end, LLVM and ptxas are single-threaded.
+    workers = max(1, min(len(jobs), len(os.sched_getaffinity(0))))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        rows = list(pool.map(partial(compile_row, arch=args.arch), jobs))
+    failed = any("error" in row for row in rows)
     if args.json:
         print(json.dumps({"arch": args.arch, "slots": args.slots, "kernels": rows}))
     else:

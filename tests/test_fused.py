@@ -864,7 +864,7 @@ def test_launch_plan_fits_the_grid_to_the_device():
 
 
 FUSED_TREE = {
-    "data": {"max_tokens": 400, "batch_size": 4, "num_steps": 8, "val_fraction": 0.2},
+    "data": {"max_tokens": 240, "batch_size": 4, "num_steps": 8, "val_fraction": 0.2},
     "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 2},
     # Short samples: in the interpreter each generated character is a launch per layer.
     "train": {

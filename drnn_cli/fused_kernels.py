@@ -17,14 +17,14 @@ tanh(g), σ(o); the GRU's r, z, n and ``hn`` = h_{t-1} W_hnᵀ + b_hn (which r m
 nothing (its derivative comes from h_t itself). The backward pass writes ``dz`` (L, T + 1, B, DZ):
 the LSTM's four pre-activation gradients; the GRU's ``[∂r | ∂z | ∂n·r | ∂n]`` (pre-activation): the
 first three are what the recurrent product ``h_{t-1} W_hhᵀ`` received, the first two and the last what
-the input product ``x W_ihᵀ`` received (the gate slots ``RECURRENT_SLOTS`` and ``INPUT_SLOTS``); the
-RNN's one.
+the input product ``x W_ihᵀ`` received (``SLOT_2`` of the gradient products: 2 for the recurrent
+side, 3 for the GRU's input side); the RNN's one.
 """
 
 import triton
 import triton.language as tl
 
-# CELL's values (drnn_cli.fused_recurrence.CELL_CODES names them)
+# CELL's values (drnn_cli.fused_recurrence.KernelCell.code gives them)
 LSTM = tl.constexpr(0)
 GRU = tl.constexpr(1)
 RNN_TANH = tl.constexpr(2)

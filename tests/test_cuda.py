@@ -642,7 +642,8 @@ def test_the_gru_and_rnn_kernels_as_planned_equal_cudnn_on_the_gpu(
     """The GRU's and the tanh RNN's seed stacks (2×256, one-hot 28 wide, batch 32, 35 steps) through the
     kernels as planned — one persistent wavefront, the counter barrier, TF32 products and resident
     weights with cuDNN's TF32 switch on — against nn.GRU / nn.RNN (cuDNN) under the same switch:
-    outputs, h_n and every gradient, 2e-2 with TF32 on both sides, 1e-4 without."""
+    outputs, h_n and every gradient: with TF32 on both sides within 1e-2 of each tensor's norm, without
+    to 1e-4."""
     monkeypatch.delenv("DRNN_FUSED_LAUNCH", raising=False)
     torch.backends.cudnn.allow_tf32 = tf32  # the autouse fixture restores it
     launches = record_stack_launches(monkeypatch)
@@ -656,21 +657,36 @@ def test_the_gru_and_rnn_kernels_as_planned_equal_cudnn_on_the_gpu(
     h0 = torch.randn(2, 32, 256, device=CUDA)
     probes = torch.randn(35, 32, 256, device=CUDA), torch.randn(2, 32, 256, device=CUDA)
     got, want = _run_h(fused, x, h0, probes), _run_h(reference, x, h0, probes)
-    tolerance = 2e-2 if tf32 else 1e-4
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance, msg=name)
+        if tf32:
+            # TF32's 10-bit mantissas, emulated on a CPU against float64, leave the RNN's worst gradient
+            # elements 2.6× past the LSTM's 2e-2 (each side's error its own), the tensors within 1.5e-3
+            # of their norm: compared as tensors, not element by element
+            error = (got[name] - want[name]).norm() / want[name].norm()
+            assert error <= 1e-2, (name, float(error))
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
     shown = [(run.layers, run.persistent, run.counter_barrier, run.resident, run.tf32) for run in launches]
     assert shown == [(2, True, True, tf32, tf32)]
     assert int(fused.barrier_error) == 0
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_a_wavefront_stack_with_dropout_trains_as_the_layer_by_layer_one_on_the_gpu(
-    monkeypatch: pytest.MonkeyPatch,
+    cell: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Dropout between the layers (its masks multiplied in inside the wavefront kernels) and weight
-    drop: three SGD steps of the language model, persistent, as the layer-by-layer kernels take them."""
+    drop: three SGD steps of the language model, persistent, as the layer-by-layer kernels take them;
+    for the LSTM, the GRU and the ReLU RNN (the one place a GPU runs the ReLU)."""
     config = ModelConfig(
-        hidden_size=256, num_layers=2, weight_drop=0.2, dropout=0.3, dropout_kind="locked", impl="fused"
+        cell=cell,
+        nonlinearity="relu" if cell == "rnn" else "tanh",
+        hidden_size=256,
+        num_layers=2,
+        weight_drop=0.2,
+        dropout=0.3,
+        dropout_kind="locked",
+        impl="fused",
     )
     losses = {}
     for words in ("plain", "wavefront"):

@@ -18,7 +18,7 @@ nothing (its derivative comes from h_t itself). The backward pass writes ``dz`` 
 the LSTM's four pre-activation gradients; the GRU's ``[∂r | ∂z | ∂n·r | ∂n]`` (pre-activation): the
 first three are what the recurrent product ``h_{t-1} W_hhᵀ`` received, the first two and the last what
 the input product ``x W_ihᵀ`` received (``SLOT_2`` of the gradient products: 2 for the recurrent
-side, 3 for the GRU's input side); the RNN's one.
+side, 3 for the GRU's input side: ``INPUT_SLOT_2``); the RNN's one.
 """
 
 import triton
@@ -379,6 +379,7 @@ def forward(
     CELL: tl.constexpr,
     GATES: tl.constexpr,
     SLOTS: tl.constexpr,
+    INPUT_SLOT_2: tl.constexpr,
 ):
     """``n_steps`` super-steps from ``t_begin`` of a stack of LAYERS layers: at super-step s, layer l
     runs timestep s - l (a wavefront), its input h_{s-l} of layer l - 1 written one super-step before."""
@@ -602,6 +603,7 @@ def backward(
     CELL: tl.constexpr,
     GATES: tl.constexpr,
     SLOTS: tl.constexpr,
+    INPUT_SLOT_2: tl.constexpr,
 ):
     """``n_steps`` super-steps back from ``t_last``: at super-step s the top layer runs timestep
     t_last - s and layer l the one after it by L - 1 - l, once the layer above has its gate gradients."""
@@ -638,42 +640,8 @@ def backward(
                 if layer < LAYERS - 1:  # + dropout'(dz_t of the layer above W_ih[:, units])
                     dz_above = dz_ptr + ((layer64 + 1) * (T + 1) + t) * B * SLOTS * H
                     dx = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                    # what the input product received: the GRU's ∂n sits in slot 3
-                    if CELL == GRU:
-                        if RESIDENT:
-                            dx = resident_gradient_products(
-                                dx,
-                                dz_above,
-                                x_0,
-                                x_1,
-                                x_2,
-                                x_3,
-                                rows,
-                                ks,
-                                live,
-                                H,
-                                PRECISION,
-                                SLOTS * H,
-                                GATES,
-                                3,
-                            )
-                        else:
-                            dx = gradient_products(
-                                dx,
-                                dz_above,
-                                wx_above,
-                                rows,
-                                units,
-                                ks,
-                                live,
-                                H,
-                                BLOCK_K,
-                                PRECISION,
-                                SLOTS * H,
-                                GATES,
-                                3,
-                            )
-                    elif RESIDENT:
+                    # what the input product received: the GRU's ∂n sits in slot INPUT_SLOT_2 = 3
+                    if RESIDENT:
                         dx = resident_gradient_products(
                             dx,
                             dz_above,
@@ -688,7 +656,7 @@ def backward(
                             PRECISION,
                             SLOTS * H,
                             GATES,
-                            2,
+                            INPUT_SLOT_2,
                         )
                     else:
                         dx = gradient_products(
@@ -704,7 +672,7 @@ def backward(
                             PRECISION,
                             SLOTS * H,
                             GATES,
-                            2,
+                            INPUT_SLOT_2,
                         )
                     if MASKED:
                         dx = dx * tl.load(mask_ptr + (layer64 * T + t) * B * H + here, mask=live, other=0.0)

@@ -438,6 +438,12 @@ class KernelCell:
         return 1 if self.name == "rnn" else 4
 
     @property
+    def input_slot_2(self) -> int:
+        """The slot of gate 2's gradient as the input product received it: the GRU's ∂n (slot 3; its
+        slot 2 holds ∂n·r, what the recurrent product received), gate 2's own slot for the LSTM."""
+        return 3 if self.name == "gru" else 2
+
+    @property
     def keeps_activations(self) -> bool:
         """Whether the forward pass stores gate activations for the backward pass (not the RNN's)."""
         return self.name != "rnn"
@@ -467,6 +473,7 @@ def kernel_constants(
         "CELL": cell.code,
         "GATES": cell.gates,
         "SLOTS": cell.slots,
+        "INPUT_SLOT_2": cell.input_slot_2,
     }
 
 

@@ -741,6 +741,7 @@ def test_the_kernels_are_compiled_as_the_launch_asks():
         "CELL": 0,
         "GATES": 4,
         "SLOTS": 4,
+        "INPUT_SLOT_2": 2,
     }
     assert fused_recurrence.kernel_constants(plain, False)["PRECISION"] == "tf32"
     stack = fused_recurrence.kernel_constants(dataclasses.replace(plain, layers=3), True, masked=True)
@@ -756,7 +757,12 @@ def test_the_kernels_are_compiled_as_the_launch_asks():
     # for another cell's gates is refused
     gru, relu = fused_recurrence.KernelCell("gru"), fused_recurrence.KernelCell("rnn", "relu")
     constants = fused_recurrence.kernel_constants(dataclasses.replace(plain, gates=3), True, cell=gru)
-    assert (constants["CELL"], constants["GATES"], constants["SLOTS"]) == (1, 3, 4)
+    assert (constants["CELL"], constants["GATES"], constants["SLOTS"], constants["INPUT_SLOT_2"]) == (
+        1,
+        3,
+        4,
+        3,
+    )
     constants = fused_recurrence.kernel_constants(dataclasses.replace(plain, gates=1), True, cell=relu)
     assert (constants["CELL"], constants["GATES"], constants["SLOTS"]) == (3, 1, 1)
     assert fused_recurrence.KernelCell("rnn").code == 2

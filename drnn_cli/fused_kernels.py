@@ -142,38 +142,32 @@ def product_past_l1(ptr, live, w, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def transposed_tiles(w_ptr, units, ks, H: tl.constexpr, GATES: tl.constexpr):
-    """The gates' tiles of Wᵀ over all of K (= H) for this program's units: element [k, j] of gate
-    q's is W[q·H + units[j], k], for W (GATES·H, H) at ``w_ptr`` (the forward pass's products). Places
-    past a cell's gates hold gate 0's tile, never multiplied."""
-    w_t = w_ptr + units[None, :] * H + ks[:, None]
-    w_0 = tl.load(w_t)
+def weight_blocks(ptrs, H: tl.constexpr, GATES: tl.constexpr):
+    """The blocks at ``ptrs + q·H·H`` for the gates q of a (GATES·H, H) weight; places past a cell's
+    gates hold gate 0's block, never multiplied."""
+    w_0 = tl.load(ptrs)
     w_1 = w_0
     w_2 = w_0
     w_3 = w_0
     if GATES > 1:
-        w_1 = tl.load(w_t + H * H)
-        w_2 = tl.load(w_t + 2 * H * H)
+        w_1 = tl.load(ptrs + H * H)
+        w_2 = tl.load(ptrs + 2 * H * H)
     if GATES > 3:
-        w_3 = tl.load(w_t + 3 * H * H)
+        w_3 = tl.load(ptrs + 3 * H * H)
     return w_0, w_1, w_2, w_3
 
 
 @triton.jit
+def transposed_tiles(w_ptr, units, ks, H: tl.constexpr, GATES: tl.constexpr):
+    """The gates' tiles of Wᵀ over all of K (= H) for this program's units: element [k, j] of gate
+    q's is W[q·H + units[j], k], for W (GATES·H, H) at ``w_ptr`` (the forward pass's products)."""
+    return weight_blocks(w_ptr + units[None, :] * H + ks[:, None], H, GATES)
+
+
+@triton.jit
 def row_tiles(w_ptr, units, ks, H: tl.constexpr, GATES: tl.constexpr):
-    """W[q·H + k, units] for the gates q and all k < H (the backward pass's products); places past a
-    cell's gates as in :func:`transposed_tiles`."""
-    w_rows = w_ptr + ks[:, None] * H + units[None, :]
-    w_0 = tl.load(w_rows)
-    w_1 = w_0
-    w_2 = w_0
-    w_3 = w_0
-    if GATES > 1:
-        w_1 = tl.load(w_rows + H * H)
-        w_2 = tl.load(w_rows + 2 * H * H)
-    if GATES > 3:
-        w_3 = tl.load(w_rows + 3 * H * H)
-    return w_0, w_1, w_2, w_3
+    """W[q·H + k, units] for the gates q and all k < H (the backward pass's products)."""
+    return weight_blocks(w_ptr + ks[:, None] * H + units[None, :], H, GATES)
 
 
 @triton.jit
@@ -267,19 +261,34 @@ def gradient_products(
     side: slot 3, ∂n; see the module docstring)."""
     dz_row = dz_ptr + rows[:, None] * ROW
     if SLOT_2 == 2:  # the gates' slots side by side: one loop over all of them
-        for k0 in range(0, GATES * H, BLOCK_K):
-            block = load_past_l1(dz_row + (k0 + ks)[None, :], live, dz_ptr, False)
-            w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
-            dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
+        dh = slab_products(dh, dz_row, w_ptr, 0, 0, GATES * H, units, ks, live, H, BLOCK_K, PRECISION)
     else:  # gates 0 and 1 from slots 0 and 1, gate 2 from slot SLOT_2
-        for k0 in range(0, 2 * H, BLOCK_K):
-            block = load_past_l1(dz_row + (k0 + ks)[None, :], live, dz_ptr, False)
-            w = tl.load(w_ptr + (k0 + ks)[:, None] * H + units[None, :])
-            dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
-        for k0 in range(0, H, BLOCK_K):
-            block = load_past_l1(dz_row + SLOT_2 * H + (k0 + ks)[None, :], live, dz_ptr, False)
-            w = tl.load(w_ptr + (2 * H + k0 + ks)[:, None] * H + units[None, :])
-            dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
+        dh = slab_products(dh, dz_row, w_ptr, 0, 0, 2 * H, units, ks, live, H, BLOCK_K, PRECISION)
+        dh = slab_products(dh, dz_row, w_ptr, SLOT_2 * H, 2 * H, H, units, ks, live, H, BLOCK_K, PRECISION)
+    return dh
+
+
+@triton.jit
+def slab_products(
+    dh,
+    dz_row,
+    w_ptr,
+    COLUMN: tl.constexpr,
+    W_ROW: tl.constexpr,
+    WIDTH: tl.constexpr,
+    units,
+    ks,
+    live,
+    H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dh += dz[rows, COLUMN : COLUMN + WIDTH] W[W_ROW : W_ROW + WIDTH, units], a BLOCK_K-wide tile at a
+    time; ``dz_row`` points at the rows' starts."""
+    for k0 in range(0, WIDTH, BLOCK_K):
+        block = load_past_l1(dz_row + (COLUMN + k0 + ks)[None, :], live, dz_row, False)
+        w = tl.load(w_ptr + (W_ROW + k0 + ks)[:, None] * H + units[None, :])
+        dh += tl.dot(block.to(w_ptr.dtype.element_ty), w, input_precision=PRECISION)
     return dh
 
 
@@ -455,51 +464,13 @@ def forward(
                     acc_0, acc_1, acc_2, acc_3 = gate_tiles(xg, rows, units, live, H, GATES * H, GATES)
             else:
                 acc_0, acc_1, acc_2, acc_3 = gate_tiles(xg, rows, units, live, H, GATES * H, GATES)
-            # + h_{t-1} W_hhᵀ, h_{t-1} written by other programs one super-step before. The GRU's
-            # n gate keeps its recurrent term apart, in acc_3 (from b_hn): r multiplies it.
+            # + h_{t-1} W_hhᵀ, h_{t-1} written by other programs one super-step before. The GRU's n
+            # gate keeps its recurrent term apart (r multiplies it): the product adds into place 2, which
+            # holds b_hn for it meanwhile, and n's input term waits in place 3; then they swap back.
             h_prev = hs_layer + t * B * H
             if CELL == GRU:
-                acc_3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + b_hn[None, :]
-                if RESIDENT:
-                    acc_0, acc_1, acc_3, acc_2 = resident_gate_products(
-                        acc_0,
-                        acc_1,
-                        acc_3,
-                        acc_2,
-                        h_prev,
-                        h_prev,
-                        w_0,
-                        w_1,
-                        w_2,
-                        w_3,
-                        rows,
-                        ks,
-                        live,
-                        H,
-                        PRECISION,
-                        False,
-                        GATES,
-                    )
-                else:
-                    acc_0, acc_1, acc_3, acc_2 = gate_products(
-                        acc_0,
-                        acc_1,
-                        acc_3,
-                        acc_2,
-                        h_prev,
-                        h_prev,
-                        w_layer,
-                        rows,
-                        units,
-                        ks,
-                        live,
-                        H,
-                        BLOCK_K,
-                        PRECISION,
-                        False,
-                        GATES,
-                    )
-            elif RESIDENT:
+                acc_2, acc_3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32) + b_hn[None, :], acc_2
+            if RESIDENT:
                 acc_0, acc_1, acc_2, acc_3 = resident_gate_products(
                     acc_0,
                     acc_1,
@@ -538,6 +509,8 @@ def forward(
                     False,
                     GATES,
                 )
+            if CELL == GRU:  # acc_2: n's input term, acc_3: h_{t-1} W_hnᵀ + b_hn
+                acc_2, acc_3 = acc_3, acc_2
             h_next = hs_layer + (t + 1) * B * H + here
             act = act_ptr + (layer64 * T + t) * B * 4 * H + rows[:, None] * (4 * H) + units[None, :]
             if CELL == LSTM:

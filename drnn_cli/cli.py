@@ -516,9 +516,10 @@ def predict_command(
         raise DrnnError(_predict_option_message(invalid)) from None
     loaded = load_model(run, checkpoint, device.value)
     check_prefixes(loaded, prefixes)
+    _print_line(_consoles(json_out)[1], f"checkpoint {loaded.path}")  # which run answers, on stderr
     stream = not json_out and sys.stdout.isatty()
     continuations = []
-    for prefix in prefixes:
+    for index, prefix in enumerate(prefixes):
         on_token = None
         if stream:
 
@@ -527,14 +528,14 @@ def predict_command(
                 sys.stdout.write(terminal_safe(piece))  # streaming: stdout is a terminal
                 sys.stdout.flush()
 
-        text = predict(loaded, prefix, options, on_token)
+        text = predict(loaded, prefix, options.for_prefix(index), on_token)
         continuations.append(Continuation(prefix, text))
         if stream:
             sys.stdout.write("\n")
         else:
             _print_generated(_consoles(json_out)[0], text)
     if json_out:
-        _emit_json(PredictReport(tuple(continuations)).summary())
+        _emit_json(PredictReport(tuple(continuations), str(loaded.path)).summary())
 
 
 # The predict flag of each DecodeOptions field, for messages that name what the user typed.

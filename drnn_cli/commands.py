@@ -167,11 +167,12 @@ class Continuation:
 @dataclass(frozen=True)
 class PredictReport:
     continuations: tuple[Continuation, ...]
+    checkpoint: str  # the file that answered
 
     def summary(self) -> dict:
         """``--json``: the first prefix and its text; with several prefixes, all of them under ``results``."""
         first = self.continuations[0]
-        payload: dict = {"prefix": first.prefix, "text": first.text}
+        payload: dict = {"prefix": first.prefix, "text": first.text, "checkpoint": self.checkpoint}
         if len(self.continuations) > 1:
             payload["results"] = [{"prefix": c.prefix, "text": c.text} for c in self.continuations]
         return payload

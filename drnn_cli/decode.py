@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,6 +55,14 @@ class DecodeOptions:
             raise InvalidDecodeOption("top_k", "must be >= 1", self.top_k)
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InvalidDecodeOption("top_p", "must be in (0, 1]", self.top_p)
+
+    def for_prefix(self, index: int) -> DecodeOptions:
+        """The options of a call's ``index``-th prefix: its own sampling stream, seed + index. One seed
+        for every prefix would draw the same numbers for each, and their samples, once the state has
+        forgotten the prefix, would be copies of one another (a prefix given twice, the same text)."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed + index) % (MAX_DECODE_SEED + 1))
 
 
 def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> list[str]:

@@ -295,14 +295,51 @@ def test_a_bad_prefix_among_several_is_refused_before_any_is_continued(
 
 
 def test_predict_report_lists_results_only_for_several_prefixes():
-    one = PredictReport((Continuation("Time", "time machine"),))
-    assert one.summary() == {"prefix": "Time", "text": "time machine"}
-    two = PredictReport((Continuation("a", "ab"), Continuation("b", "bc")))
+    one = PredictReport((Continuation("Time", "time machine"),), "runs/a/best.safetensors")
+    assert one.summary() == {
+        "prefix": "Time",
+        "text": "time machine",
+        "checkpoint": "runs/a/best.safetensors",
+    }
+    two = PredictReport((Continuation("a", "ab"), Continuation("b", "bc")), "c.safetensors")
     assert two.summary() == {
         "prefix": "a",
         "text": "ab",
+        "checkpoint": "c.safetensors",
         "results": [{"prefix": "a", "text": "ab"}, {"prefix": "b", "text": "bc"}],
     }
+
+
+def test_each_prefix_of_a_seeded_call_samples_its_own_stream(tiny_run: Path, cli):
+    """One --seed for several prefixes: the first keeps the seed (a one-prefix call samples as before),
+    the i-th samples with seed + i — so a prefix given twice draws two samples, reproducibly; with one
+    stream for all, the copies were identical. The checkpoint that answered is named on stderr and in
+    the JSON line."""
+    options = DecodeOptions(num_tokens=60, sample=True, temperature=1.5, seed=7)
+    assert [options.for_prefix(i).seed for i in range(3)] == [7, 8, 9]
+    assert DecodeOptions(sample=True, seed=2**63 - 1).for_prefix(2).seed == 1  # wraps within the range
+    assert DecodeOptions().for_prefix(5).seed is None  # unseeded: fresh randomness anyway
+    command = (
+        "predict",
+        "the",
+        "the",
+        "--run",
+        str(tiny_run),
+        "-n",
+        "60",
+        "--sample",
+        "--temperature",
+        "1.5",
+    )
+    code, out, err = cli(*command, "--seed", "7", "--json")
+    assert code == 0, err
+    first, second = (result["text"] for result in json.loads(out)["results"])
+    assert first != second
+    assert first == decode(tiny_run, "the", num_tokens=60, sample=True, temperature=1.5, seed=7)
+    assert second == decode(tiny_run, "the", num_tokens=60, sample=True, temperature=1.5, seed=8)
+    assert json.loads(out)["checkpoint"] == str(tiny_run / "best.safetensors")
+    assert f"checkpoint {tiny_run / 'best.safetensors'}" in err
+    assert cli(*command, "--seed", "7", "--json")[1] == out  # reproducible
 
 
 def test_eval_reads_the_validation_split_unless_the_run_has_none(tiny_run: Path):

@@ -31,7 +31,9 @@ def require_regular_file(path: Path, what: str, fix: str) -> int:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise DrnnError(f"{what} {path} does not exist; {fix}") from None
+        # a relative name is looked up from the current directory, not from a config file's folder
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        raise DrnnError(f"{what} {path} does not exist{where}; {fix}") from None
     except OSError as exc:
         raise DrnnError(f"cannot read {what} {path}: {exc.strerror or exc}; {fix}") from None
     if stat.S_ISDIR(info.st_mode):

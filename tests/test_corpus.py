@@ -521,9 +521,16 @@ def test_a_text_with_no_tokens_after_preprocessing_is_refused(tmp_path: Path) ->
         load_dataset(DataConfig(path=str(path)))
 
 
-def test_a_missing_data_path_names_data_path(tmp_path: Path) -> None:
+def test_a_missing_data_path_names_data_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DrnnError, match=r"does not exist; fix data\.path"):
         load_dataset(DataConfig(path=str(tmp_path / "absent.txt")))
+    # a relative name is looked up from the current directory (not from a config file's folder): said
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DrnnError) as refused:
+        load_dataset(DataConfig(path="../absent.txt"))
+    assert str(refused.value).startswith(
+        f"corpus file ../absent.txt does not exist in {tmp_path}; fix data.path"
+    )
 
 
 # -------------------------------------------------------------------------------------------------

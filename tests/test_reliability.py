@@ -421,7 +421,7 @@ def test_digits_in_a_prefix_vanish_under_d2l_preprocessing(tiny_run: Path, cli):
 
     code, out, err = cli("predict", "time 2 travel", "-n", "8", "--run", str(tiny_run))
     expected = predict(load_model(tiny_run, None, "cpu"), "time travel", DecodeOptions(num_tokens=8))
-    assert (code, err) == (0, "")
+    assert (code, err) == (0, f"checkpoint {tiny_run / 'best.safetensors'}\n")
     assert (
         out == expected + "\n"
         and expected.startswith("time travel")

@@ -44,6 +44,13 @@ class Dataset:
     unknown: Counter[str] = field(default_factory=Counter)  # tokens a fixed vocabulary lacked → <unk>
     notes: tuple[str, ...] = ()  # what reading it could not do, said once (a token cache it cannot write)
 
+    def file_bytes(self) -> int | None:
+        """The text file's size now, or None where it cannot be read."""
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return None
+
     @property
     def unknown_count(self) -> int:
         """How many tokens of the text the vocabulary lacked (read as <unk>)."""

@@ -11,7 +11,7 @@ from drnn_cli import fused_recurrence
 from drnn_cli.batches import MIN_EVAL_TOKENS, Splits
 from drnn_cli.budget import StopReason
 from drnn_cli.cells import GATES
-from drnn_cli.config import Config, TrainConfig
+from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.decode import prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.vocab import UNK, Vocab, count_index
@@ -92,6 +92,34 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             f"model.impl fused runs Triton kernels on CUDA; on {device.type} it steps the scratch "
             "cells (the same model)"
         )
+    return notes
+
+
+# d2l's preprocessing keeping less than this share of a file's bytes as characters is worth a note
+KEPT_SHARE_NOTED = 0.8
+
+
+def own_text_notes(data: DataConfig, total_tokens: int, file_bytes: int | None) -> list[str]:
+    """What settings made for the Time Machine do to a text of one's own (``data.path``), unseen
+    otherwise: a preset's ``max_tokens`` keeping its first tokens only, and d2l's preprocessing, which
+    keeps letters and single spaces, dropping much of a text with digits, punctuation or case
+    (``file_bytes``: the file's size, None where unknown)."""
+    if data.path is None:
+        return []
+    notes = []
+    if 0 < data.max_tokens < total_tokens:
+        notes.append(
+            f"data.max_tokens {data.max_tokens:,} trains on the first {data.max_tokens:,} of this text's "
+            f"{total_tokens:,} {data.token}s (the vocabulary counts all of them); data.max_tokens -1 takes all"
+        )
+    if data.token == "char" and data.preprocess in ("d2l", "letters") and file_bytes:
+        kept = total_tokens / file_bytes
+        if kept < KEPT_SHARE_NOTED:
+            notes.append(
+                f"data.preprocess {data.preprocess} keeps letters and single spaces, lower-cased: {total_tokens:,} "
+                f"characters of this {file_bytes:,}-byte file ({kept:.0%}); digits, punctuation, case and line "
+                "breaks are gone (data.preprocess none keeps the text as it is)"
+            )
     return notes
 
 

@@ -54,7 +54,7 @@ from drnn_cli.report import (
     write_run_files,
 )
 from drnn_cli.run_files import BEST, LAST, RunFiles
-from drnn_cli.run_notes import data_notes, idle_setting_notes, nothing_to_train
+from drnn_cli.run_notes import data_notes, idle_setting_notes, nothing_to_train, own_text_notes
 from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
@@ -789,6 +789,7 @@ class Trainer:
             *self._notes,
             *self.dataset.notes,
             *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
+            *own_text_notes(self.config.data, self.dataset.total_tokens, self.dataset.file_bytes()),
             *idle_setting_notes(self.config, self._planned_epochs()),
         )
         for note in setup if already is None else ():

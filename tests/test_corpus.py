@@ -29,6 +29,7 @@ from drnn_cli.corpus import preprocess, preprocess_chars, preprocess_prefix, rea
 from drnn_cli.data import load_dataset
 from drnn_cli.download import REGISTRY, fetch_corpus
 from drnn_cli.errors import ConfigError, DrnnError
+from drnn_cli.run_notes import own_text_notes
 
 SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 SIZE = 178_979
@@ -671,3 +672,23 @@ def test_a_word_text_is_counted_and_encoded_a_chunk_of_lines_at_a_time_as_it_is_
         again.unknown == collections.Counter(t for t in whole if t not in fixed)
         and sum(again.unknown.values()) > 0
     )
+
+
+def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep_of_it() -> None:
+    """Settings made for the Time Machine, met by one's own text (data.path): a preset's max_tokens,
+    and d2l's letters-only preprocessing of a Python source file (65% of its bytes kept as characters)."""
+    notes = own_text_notes(DataConfig(path="mine.txt", max_tokens=10_000), 1_946_553, 3_011_731)
+    assert notes == [
+        "data.max_tokens 10,000 trains on the first 10,000 of this text's 1,946,553 chars (the vocabulary "
+        "counts all of them); data.max_tokens -1 takes all",
+        "data.preprocess d2l keeps letters and single spaces, lower-cased: 1,946,553 characters of this "
+        "3,011,731-byte file (65%); digits, punctuation, case and line breaks are gone (data.preprocess none "
+        "keeps the text as it is)",
+    ]
+    # the Time Machine itself through data.path keeps 95%: nothing to say; nor for the registered corpus,
+    # for a text kept as it is, or for word tokens
+    assert own_text_notes(DataConfig(path="timemachine.txt"), 170_580, 178_979) == []
+    assert own_text_notes(DataConfig(max_tokens=10_000), 170_580, 178_979) == []
+    assert own_text_notes(DataConfig(path="mine.txt", preprocess="none"), 1_000, 3_000) == []
+    assert own_text_notes(DataConfig(path="mine.txt", token="word"), 1_000, 3_000) == []
+    assert own_text_notes(DataConfig(path="mine.txt"), 1_000, None) == []  # its size unknown

@@ -51,14 +51,33 @@ def test_swa_is_the_plain_mean_of_the_weights_of_every_active_step():
 
 
 def test_ema_starts_from_the_first_active_step_and_decays_by_hand():
+    """The decay-weighted mean of the active steps' weights, bias-corrected: after 2, 6, 10 at decay
+    0.5, (0.125·2 + 0.25·6 + 0.5·10) / (1 − 0.5³) = 54/7 (the uncorrected EMA: 7)."""
     model = _one_weight(0.0)
     average = WeightAverage(model, "ema", decay=0.5)
     for value, active in ((7.0, False), (2.0, True), (6.0, True), (10.0, True)):
         model.weight.data.fill_(value)
         average.update(model, active=active)
-    # inactive: follows 7; first active: 2; then 2 + 0.5·(6 − 2) = 4; then 4 + 0.5·(10 − 4) = 7
-    assert average.module.weight.item() == pytest.approx(7.0)
+    # inactive: follows 7; first active: 2; then 2 + (0.5/0.75)·(6 − 2) = 14/3; then + (0.5/0.875)·(10 − 14/3)
+    assert average.module.weight.item() == pytest.approx(54 / 7)
     assert average.count == 3
+
+
+def test_an_early_ema_is_not_held_back_by_the_first_steps_weights():
+    """300 steps at decay 0.998 (AWD-style settings: lstm_full_cpu), the first at 0 and the rest at 1:
+    the bias-corrected average is 0.998, the weights it has seen; uncorrected it would be 1 − 0.998²⁹⁹ ≈
+    0.45, half the untrained first step's. Long after, the two agree."""
+    model = _one_weight(0.0)
+    average = WeightAverage(model, "ema", decay=0.998)
+    average.update(model, active=True)
+    model.weight.data.fill_(1.0)
+    for _ in range(299):
+        average.update(model, active=True)
+    first_share = 0.002 * 0.998**299 / (1 - 0.998**300)  # the first step's weight in the mean
+    assert average.module.weight.item() == pytest.approx(1 - first_share) and 1 - first_share > 0.997
+    for _ in range(6000):
+        average.update(model, active=True)
+    assert average.module.weight.item() == pytest.approx(1.0, abs=1e-4)  # 0.998⁶³⁰⁰ ≈ 3e-6, and fp32 lerps
 
 
 def test_an_inactive_average_follows_the_weights():

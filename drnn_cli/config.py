@@ -7,6 +7,7 @@ and what is allowed, so ``--set model.num_layers=0`` and a typo in a YAML file g
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 import reprlib
 import sys
@@ -345,9 +346,11 @@ def describe_error(error: ValidationError) -> str:
     key = ".".join(location)
     if first["type"] == "extra_forbidden":
         section = _section_for(location[:-1])
-        allowed = ", ".join(section.model_fields) if section is not None else ""
+        names = list(section.model_fields) if section is not None else []
         where = ".".join(location[:-1]) or "the top level"
-        return f"config error: unknown key '{key}'; {where} allows: {allowed}"
+        close = difflib.get_close_matches(location[-1], names, n=1, cutoff=0.6)
+        guess = f"did you mean '{'.'.join([*location[:-1], close[0]])}'? " if close else ""
+        return f"config error: unknown key '{key}'; {guess}{where} allows: {', '.join(names)}"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
     shown = "" if isinstance(given, dict) else f" (got {_short_repr(given)})"

@@ -128,8 +128,21 @@ def test_unknown_key_names_the_key_and_lists_what_the_section_allows():
     with pytest.raises(ConfigError) as error:
         build_config({"data": {"bach_size": 4}})
     message = str(error.value)
-    assert "unknown key 'data.bach_size'" in message
+    assert message.startswith(
+        "config error: unknown key 'data.bach_size'; did you mean 'data.batch_size'? data allows: "
+    )
     assert "batch_size" in message and "num_steps" in message
+    # the closest name where one is close (a cut-off word, a missing plural), none where none is
+    cases = (
+        ("model", "hidden", "hidden_size"),
+        ("model", "layers", "num_layers"),
+        ("train", "epoch", "epochs"),
+    )
+    for section, given, guess in (*cases, ("train", "colour", None)):
+        with pytest.raises(ConfigError) as error:
+            build_config({section: {given: 4}})
+        said = str(error.value)
+        assert (f"did you mean '{section}.{guess}'?" in said) if guess else "did you mean" not in said
 
 
 def test_unknown_section_is_refused():

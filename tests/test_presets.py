@@ -361,7 +361,12 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
     assert trained["run_dir"] == "runs/lstm2" and trained["epochs"] == 2
     assert trained["parameters"] == LSTM2_PARAMETERS
     predicted = run("predict", "time traveller", "--json")
-    assert set(predicted) == {"prefix", "text"} and len(predicted["text"]) == len("time traveller") + 50
+    assert (
+        set(predicted) == {"prefix", "text", "checkpoint"}
+        and len(predicted["text"]) == len("time traveller") + 50
+    )
+    # found from the empty directory through runs/latest; no validation split: the last checkpoint
+    assert predicted["checkpoint"] == str(empty / "runs" / "lstm2" / "last.safetensors")
     evaluated = run("eval", "--json")
     assert set(evaluated) == {
         "split",

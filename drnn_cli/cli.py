@@ -516,7 +516,8 @@ def predict_command(
         raise DrnnError(_predict_option_message(invalid)) from None
     loaded = load_model(run, checkpoint, device.value)
     check_prefixes(loaded, prefixes)
-    _print_line(_consoles(json_out)[1], f"checkpoint {loaded.path}")  # which run answers, on stderr
+    checkpoint_file = loaded.path.absolute()
+    _print_line(_consoles(json_out)[1], f"checkpoint {checkpoint_file}")  # which run answers, on stderr
     stream = not json_out and sys.stdout.isatty()
     continuations = []
     for index, prefix in enumerate(prefixes):
@@ -535,7 +536,7 @@ def predict_command(
         else:
             _print_generated(_consoles(json_out)[0], text)
     if json_out:
-        _emit_json(PredictReport(tuple(continuations), str(loaded.path)).summary())
+        _emit_json(PredictReport(tuple(continuations), str(checkpoint_file)).summary())
 
 
 # The predict flag of each DecodeOptions field, for messages that name what the user typed.

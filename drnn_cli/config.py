@@ -348,8 +348,8 @@ def describe_error(error: ValidationError) -> str:
         section = _section_for(location[:-1])
         names = list(section.model_fields) if section is not None else []
         where = ".".join(location[:-1]) or "the top level"
-        close = difflib.get_close_matches(location[-1], names, n=1, cutoff=0.6)
-        guess = f"did you mean '{'.'.join([*location[:-1], close[0]])}'? " if close else ""
+        close = _closest_key(location)
+        guess = f"did you mean '{close}'? " if close else ""
         return f"config error: unknown key '{key}'; {guess}{where} allows: {', '.join(names)}"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
@@ -365,6 +365,26 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     shorten.maxlevel, shorten.maxlist, shorten.maxstring, shorten.maxother = 3, 10, limit, limit
     text = shorten.repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _closest_key(location: list[str]) -> str | None:
+    """The key an unknown ``data.x`` / ``model.x`` / ``train.x`` most likely meant: the same name in
+    another section (``train.num_steps`` is ``data.num_steps``, not ``train.max_steps``), else the one
+    key of its section that contains it (``model.hidden``: ``model.hidden_size``), else a near spelling."""
+    if len(location) != 2:
+        return None
+    section, name = location
+    sections = {part: _section_for([part]) for part in Config.model_fields}
+    for other, model in sections.items():
+        if other != section and model is not None and name in model.model_fields:
+            return f"{other}.{name}"
+    own = sections.get(section)
+    names = list(own.model_fields) if own is not None else []
+    containing = [field for field in names if name in field]
+    if len(containing) == 1:
+        return f"{section}.{containing[0]}"
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+    return f"{section}.{close[0]}" if close else None
 
 
 def _section_for(location: list[str]) -> type[BaseModel] | None:

@@ -101,24 +101,25 @@ KEPT_SHARE_NOTED = 0.8
 
 def own_text_notes(data: DataConfig, total_tokens: int, file_bytes: int | None) -> list[str]:
     """What settings made for the Time Machine do to a text of one's own (``data.path``), unseen
-    otherwise: a preset's ``max_tokens`` keeping its first tokens only, and d2l's preprocessing, which
-    keeps letters and single spaces, dropping much of a text with digits, punctuation or case
-    (``file_bytes``: the file's size, None where unknown)."""
+    otherwise: a ``max_tokens`` keeping its first tokens only (a preset's, often), and d2l's
+    preprocessing, which keeps a-z and single spaces, dropping much of a text with digits, punctuation,
+    case or other alphabets (``file_bytes``: the file's size, None where unknown)."""
     if data.path is None:
         return []
     notes = []
     if 0 < data.max_tokens < total_tokens:
         notes.append(
             f"data.max_tokens {data.max_tokens:,} trains on the first {data.max_tokens:,} of this text's "
-            f"{total_tokens:,} {data.token}s (the vocabulary counts all of them); data.max_tokens -1 takes all"
+            f"{total_tokens:,} {data.token}s; data.max_tokens -1 takes all"
         )
     if data.token == "char" and data.preprocess in ("d2l", "letters") and file_bytes:
         kept = total_tokens / file_bytes
         if kept < KEPT_SHARE_NOTED:
             notes.append(
-                f"data.preprocess {data.preprocess} keeps letters and single spaces, lower-cased: {total_tokens:,} "
-                f"characters of this {file_bytes:,}-byte file ({kept:.0%}); digits, punctuation, case and line "
-                "breaks are gone (data.preprocess none keeps the text as it is)"
+                f"data.preprocess {data.preprocess} keeps the letters a-z and single spaces, lower-cased: "
+                f"{total_tokens:,} characters of this {file_bytes:,}-byte file ({kept:.0%}); digits, punctuation, "
+                "accented and other letters, case and line breaks are gone (data.preprocess none keeps the text "
+                "as it is)"
             )
     return notes
 

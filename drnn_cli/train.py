@@ -789,7 +789,12 @@ class Trainer:
             *self._notes,
             *self.dataset.notes,
             *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
-            *own_text_notes(self.config.data, self.dataset.total_tokens, self.dataset.file_bytes()),
+            # said when a run starts; a resume cannot change those settings
+            *(
+                own_text_notes(self.config.data, self.dataset.total_tokens, self.dataset.file_bytes())
+                if self.global_step == 0
+                else ()
+            ),
             *idle_setting_notes(self.config, self._planned_epochs()),
         )
         for note in setup if already is None else ():

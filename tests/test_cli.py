@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TREE, config_file
 
 from drnn_cli import __version__
 
@@ -380,3 +381,27 @@ def test_a_note_quoting_a_token_or_path_reaches_the_terminal_escaped() -> None:
     console = Console(file=screen, force_terminal=True, highlight=False, markup=False, emoji=False)
     RichReporter(console).note("data.path 'x\x1b]0;PWNED\x07\u202e.txt' is\tshort")
     assert screen.getvalue() == "note: data.path 'x\\x1b]0;PWNED\\x07\\u202e.txt' is\\tshort\n"
+
+
+def test_own_text_under_a_time_machine_preset_hears_what_it_keeps_once(workdir: Path, cli, corpus_path: Path):
+    """A text of one's own with digits and punctuation on every line, under the tiny preset's
+    max_tokens and d2l's preprocessing: a new run says how much of it trains; its resume does not."""
+    lines = corpus_path.read_text(encoding="utf-8").splitlines()[:400]
+    own = workdir / "own.txt"
+    own.write_text("".join(f"{n:05d}: {line};\n" for n, line in enumerate(lines)), encoding="utf-8")
+    tree = {
+        **TINY_TREE,
+        "data": {**TINY_TREE["data"], "path": str(own)},
+        "train": {**TINY_TREE["train"], "epochs": 1},
+    }
+    config = config_file(workdir, tree)
+    code, out, err = cli("train", "--config", str(config), "--run", "runs/own")
+    said = " ".join((out + err).split())  # the console wraps long lines
+    assert code == 0, err
+    assert "note: data.max_tokens 3,000 trains on the first 3,000 of this text's" in said
+    assert "note: data.preprocess d2l keeps the letters a-z and single spaces" in said
+    code, out, err = cli(
+        "train", "--config", str(config), "--run", "runs/own", "--resume", "--set", "train.epochs=2"
+    )
+    assert code == 0, err
+    assert "data.max_tokens 3,000 trains" not in out + err and "keeps the letters a-z" not in out + err

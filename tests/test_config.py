@@ -132,17 +132,24 @@ def test_unknown_key_names_the_key_and_lists_what_the_section_allows():
         "config error: unknown key 'data.bach_size'; did you mean 'data.batch_size'? data allows: "
     )
     assert "batch_size" in message and "num_steps" in message
-    # the closest name where one is close (a cut-off word, a missing plural), none where none is
-    cases = (
-        ("model", "hidden", "hidden_size"),
-        ("model", "layers", "num_layers"),
-        ("train", "epoch", "epochs"),
-    )
-    for section, given, guess in (*cases, ("train", "colour", None)):
+    # the same name in another section first (train.num_steps is data's, not the near train.max_steps,
+    # which would stop training), then the one key that contains it, then a near spelling; none else
+    cases = {
+        ("train", "num_steps"): "data.num_steps",
+        ("train", "batch_size"): "data.batch_size",
+        ("model", "lr"): "train.lr",
+        ("data", "epochs"): "train.epochs",
+        ("model", "hidden"): "model.hidden_size",
+        ("model", "layers"): "model.num_layers",
+        ("train", "epoch"): "train.epochs",
+        ("train", "colour"): None,
+        ("train", "step"): None,  # in max_steps, step_size, …: no one guess
+    }
+    for (section, given), guess in cases.items():
         with pytest.raises(ConfigError) as error:
             build_config({section: {given: 4}})
         said = str(error.value)
-        assert (f"did you mean '{section}.{guess}'?" in said) if guess else "did you mean" not in said
+        assert (f"did you mean '{guess}'?" in said) if guess else "did you mean" not in said, said
 
 
 def test_unknown_section_is_refused():

@@ -679,11 +679,11 @@ def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep
     and d2l's letters-only preprocessing of a Python source file (65% of its bytes kept as characters)."""
     notes = own_text_notes(DataConfig(path="mine.txt", max_tokens=10_000), 1_946_553, 3_011_731)
     assert notes == [
-        "data.max_tokens 10,000 trains on the first 10,000 of this text's 1,946,553 chars (the vocabulary "
-        "counts all of them); data.max_tokens -1 takes all",
-        "data.preprocess d2l keeps letters and single spaces, lower-cased: 1,946,553 characters of this "
-        "3,011,731-byte file (65%); digits, punctuation, case and line breaks are gone (data.preprocess none "
-        "keeps the text as it is)",
+        "data.max_tokens 10,000 trains on the first 10,000 of this text's 1,946,553 chars; data.max_tokens -1 "
+        "takes all",
+        "data.preprocess d2l keeps the letters a-z and single spaces, lower-cased: 1,946,553 characters of this "
+        "3,011,731-byte file (65%); digits, punctuation, accented and other letters, case and line breaks are "
+        "gone (data.preprocess none keeps the text as it is)",
     ]
     # the Time Machine itself through data.path keeps 95%: nothing to say; nor for the registered corpus,
     # for a text kept as it is, or for word tokens

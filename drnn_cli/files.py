@@ -26,13 +26,21 @@ from drnn_cli.errors import DrnnError
 TEMPORARY_SUFFIX = ".tmp"
 
 
+def _in_current_directory() -> str:
+    """`` in DIR`` for the current directory, or nothing where it is gone (deleted under the process)."""
+    try:
+        return f" in {Path.cwd()}"
+    except OSError:
+        return ""
+
+
 def require_regular_file(path: Path, what: str, fix: str) -> int:
     """``path``'s size if it is a readable regular file; otherwise a DrnnError naming what it is."""
     try:
         info = path.stat()
     except FileNotFoundError:
         # a relative name is looked up from the current directory, not from a config file's folder
-        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        where = "" if path.is_absolute() else _in_current_directory()
         raise DrnnError(f"{what} {path} does not exist{where}; {fix}") from None
     except OSError as exc:
         raise DrnnError(f"cannot read {what} {path}: {exc.strerror or exc}; {fix}") from None

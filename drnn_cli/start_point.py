@@ -4,13 +4,14 @@ data stage (the vocabulary, the text's SHA-1, the best perplexity kept on disk).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
-from drnn_cli.config import Config
+from drnn_cli.config import Config, ConfigError, build_config, parse_override
 from drnn_cli.errors import DrnnError
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, is_latest_marker, latest_run, resolve_checkpoint
@@ -29,6 +30,8 @@ ARCHITECTURE_KEYS = (
     "cell_form",
 )
 TOKEN_KEYS = ("preprocess", "token")
+# What the weights and vocabulary of a checkpoint fix: a run fine-tuned from one takes these from it.
+WEIGHT_SHAPE_KEYS = (("model", ARCHITECTURE_KEYS), ("data", TOKEN_KEYS))
 # Data keys that decide which tokens form the splits: a resumed run must see the same ones. Which
 # text is not among them: the corpus is checked by its SHA-1 once loaded, so a moved file resumes.
 SPLIT_KEYS = (
@@ -84,6 +87,39 @@ def _describe_changes(old: Config, new: Config, keys: list[str]) -> str:
     return ", ".join(f"{key} {_setting(old, key)!r} → {_setting(new, key)!r}" for key in keys)
 
 
+def given_keys(overrides: Collection[str]) -> frozenset[str]:
+    """The dotted keys the command line's ``--set`` options give (a section given whole: its name)."""
+    return frozenset(".".join(parse_override(text)[0]) for text in overrides)
+
+
+def take_weight_shape(config: Config, saved: Config, given: frozenset[str]) -> tuple[Config, list[str]]:
+    """``config`` with the architecture and tokens of ``saved``, a checkpoint's config, for each such key
+    the command line did not ``--set``; and the keys it took. A key given by ``--set`` stays as given,
+    to be refused by name where it differs: only the config file's values give way."""
+    tree, saved_tree = config.to_dict(), saved.to_dict()
+    taken = []
+    for section, keys in WEIGHT_SHAPE_KEYS:
+        for key in keys:
+            dotted = f"{section}.{key}"
+            if dotted in given or section in given or tree[section][key] == saved_tree[section][key]:
+                continue
+            tree[section][key] = saved_tree[section][key]
+            taken.append(dotted)
+    if not taken:
+        return config, []
+    try:
+        return build_config(tree), taken
+    except ConfigError as exc:  # e.g. the checkpoint's hidden size under this config's impl: fused
+        raise DrnnError(
+            f"the checkpoint's settings ({_describe_settings(saved, taken)}) do not fit the rest of this config ({exc}); "
+            "change the config, or --set those keys to refuse the mismatch by name"
+        ) from None
+
+
+def _describe_settings(config: Config, keys: list[str]) -> str:
+    return ", ".join(f"{key} {_setting(config, key)!r}" for key in keys)
+
+
 def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
     """``--init-from`` takes a run directory (its best/last checkpoint), a checkpoint file, or the
     latest-run marker (the run it names)."""
@@ -102,8 +138,9 @@ def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Pa
 @dataclass(frozen=True)
 class StartPoint:
     """What a session starts from: the run's own last checkpoint (``--resume``), another run's
-    weights (``--init-from``), or neither; and what that fixes for the data stage."""
+    weights (``--init-from``), or neither; and what that fixes for the config and the data stage."""
 
+    config: Config  # the config as given, with what a fine-tuned run takes from its checkpoint
     resume: Checkpoint | None = None
     init_from: Checkpoint | None = None
     init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
@@ -116,8 +153,15 @@ class StartPoint:
     changes: str | None = None  # a note on settings changed (RESUME_NOTED_KEYS) or ignored (min_freq)
 
 
-def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPoint:
-    """``--resume``: the run's last checkpoint, refused if the config changed what it cannot change."""
+def resume_point(
+    run_dir: Path, config: Config, device: torch.device, given: frozenset[str] = frozenset()
+) -> StartPoint:
+    """``--resume``: the run's last checkpoint, refused if the config changed what it cannot change.
+
+    A run fine-tuned with ``--init-from`` took its architecture and tokens from its source's
+    checkpoint (``init_point``); resumed, it takes them again, from its own, unless ``--set``
+    (``given``) names them.
+    """
     last = run_dir / LAST
     if not last.is_file():
         if (run_dir / BEST).is_file():  # killed before its first `last`: its best can seed a new run
@@ -127,6 +171,8 @@ def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPo
             )
         raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
     checkpoint = load_checkpoint(last, device)
+    if checkpoint.init_from is not None:
+        config, _ = take_weight_shape(config, checkpoint.config, given)
     changed = differing_keys(checkpoint.config, config, "model", (*ARCHITECTURE_KEYS, "impl", "init"))
     changed += differing_keys(checkpoint.config, config, "data", RESUME_DATA_KEYS)
     if checkpoint.corpus_sha1 is None and not _same_corpus_named(checkpoint.config, config):
@@ -176,6 +222,7 @@ def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPo
         )
     changes = "; ".join(said) or None
     return StartPoint(
+        config,
         resume=checkpoint,
         vocab=checkpoint.vocab,
         expected_sha1=checkpoint.corpus_sha1,
@@ -186,10 +233,18 @@ def resume_point(run_dir: Path, config: Config, device: torch.device) -> StartPo
 
 
 def init_point(
-    init_from: Path, config: Config, device: torch.device, final_dir: Path, overwrite: bool, runs_root: Path
+    init_from: Path,
+    config: Config,
+    device: torch.device,
+    final_dir: Path,
+    overwrite: bool,
+    runs_root: Path,
+    given: frozenset[str] = frozenset(),
 ) -> StartPoint:
-    """``--init-from``: another run's weights, refused unless the architecture and tokens match;
-    ``overwrite``: the new run replaces ``final_dir``, whose own checkpoints cannot seed it."""
+    """``--init-from``: another run's weights, with the architecture and tokens they were trained with
+    (README "Fine-tuning"): the config file's give way, with a note; a ``--set`` of one (``given``)
+    that differs is refused by name. ``overwrite``: the new run replaces ``final_dir``, whose own
+    checkpoints cannot seed it."""
     if init_from.resolve().is_relative_to(final_dir.resolve()) and not holds_run(final_dir):
         raise DrnnError(
             f"--init-from {init_from} is the run directory this training creates (--run {final_dir}), which "
@@ -202,21 +257,34 @@ def init_point(
             f"would record weights that no longer exist; train it beside the old one with --run NEW_DIR"
         )
     checkpoint = load_checkpoint(source, device)
-    changed = differing_keys(checkpoint.config, config, "model", ARCHITECTURE_KEYS)
-    changed += differing_keys(checkpoint.config, config, "data", TOKEN_KEYS)
+    adopted, taken = take_weight_shape(config, checkpoint.config, given)
+    changed = [
+        key
+        for section, keys in WEIGHT_SHAPE_KEYS
+        for key in differing_keys(checkpoint.config, adopted, section, keys)
+    ]
     if changed:
         raise DrnnError(
-            f"cannot initialise from {source}: {_describe_differences(checkpoint.config, config, changed)}; "
-            f"make the new config match"
+            f"cannot initialise from {source}: {_describe_differences(checkpoint.config, adopted, changed)}; "
+            "its weights and vocabulary fix these: drop those --set options"
         )
-    ignored = (
-        f"data.min_freq {config.data.min_freq} does not apply with --init-from: the run keeps the "
-        f"checkpoint's vocabulary of {len(checkpoint.vocab):,} tokens"
-        if config.data.min_freq != checkpoint.config.data.min_freq
-        else None
-    )
+    notes = []
+    if taken:
+        notes.append(
+            f"--init-from sets {_describe_changes(config, adopted, taken)}, as in the checkpoint (its weights "
+            "and vocabulary fix them; the run's config.yaml records them)"
+        )
+    if config.data.min_freq != checkpoint.config.data.min_freq:
+        notes.append(
+            f"data.min_freq {config.data.min_freq} does not apply with --init-from: the run keeps the "
+            f"checkpoint's vocabulary of {len(checkpoint.vocab):,} tokens"
+        )
     return StartPoint(
-        init_from=checkpoint, init_label=str(source.resolve()), vocab=checkpoint.vocab, changes=ignored
+        adopted,
+        init_from=checkpoint,
+        init_label=str(source.resolve()),
+        vocab=checkpoint.vocab,
+        changes="; ".join(notes) or None,
     )
 
 

@@ -35,7 +35,7 @@ from drnn_cli.rundir import (
     swap_in,
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
-from drnn_cli.start_point import StartPoint, init_point, resume_point
+from drnn_cli.start_point import StartPoint, given_keys, init_point, resume_point
 from drnn_cli.train import RESUME_ADVICE, Trainer
 from drnn_cli.vocab import UNK, count_index
 
@@ -66,11 +66,6 @@ def train_run(
     progress: ProgressHook | None = None,
 ) -> TrainResult:
     """Everything ``drnn train`` does: config, run directory, lock, data, model, loop."""
-    if request.resume and request.init_from is not None:
-        raise DrnnError(
-            "--resume and --init-from cannot be combined: --resume continues this run (weights, optimizer, "
-            "epoch), --init-from starts a new run from another run's weights"
-        )
     if request.max_unknown_fraction is not None and request.init_from is None:
         raise DrnnError(
             "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"
@@ -202,13 +197,24 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
 
 def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult:
     """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train."""
-    request, config, device, dist, reporter = job.request, job.config, job.device, job.dist, job.reporter
+    request, device, dist, reporter = job.request, job.device, job.dist, job.reporter
+    given = given_keys(request.overrides)
     if request.resume:
-        start = resume_point(run_dir, config, device)
+        start = resume_point(run_dir, job.config, device, given)
+        if request.init_from is not None and reporter is not None:
+            # "the same command plus --resume", as an interrupted fine-tuning run advises
+            started = start.resume.init_from if start.resume is not None else None
+            reporter.note(
+                f"--resume continues {final_dir} from its last checkpoint; --init-from applies where a run "
+                f"starts (this one started from {started or 'scratch'})"
+            )
     elif request.init_from is not None:
-        start = init_point(request.init_from, config, device, final_dir, request.overwrite, request.runs_root)
+        start = init_point(
+            request.init_from, job.config, device, final_dir, request.overwrite, request.runs_root, given
+        )
     else:
-        start = StartPoint()
+        start = StartPoint(job.config)
+    config = start.config
     dataset = load_same_corpus(
         config.data,
         start.vocab,

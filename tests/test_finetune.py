@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import assert_one_line_error
 
@@ -156,26 +157,94 @@ def test_the_unknown_share_is_of_the_tokens_training_reads(tmp_path: Path, texts
         train_run(TrainRequest(config, init_from=Path("runs/base")))
 
 
-def test_mismatched_architecture_and_preprocessing_are_refused_naming_the_keys(
+def test_a_fine_tuned_run_takes_the_architecture_and_tokens_of_its_checkpoint(
     tmp_path: Path, texts: tuple[Path, Path]
 ):
     first, second = texts
     train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
-    wider = config_for(tmp_path, second, "wide", model={"hidden_size": 64, "cell": "lstm"})
+    other = config_for(
+        tmp_path, second, "other", model={"cell": "lstm", "hidden_size": 64}, data={"preprocess": "lower"}
+    )
+    notes = Notes()
+    train_run(TrainRequest(other, init_from=Path("runs/base")), reporter=notes)
+    assert notes.notes[0] == (
+        "--init-from sets model.cell 'lstm' → 'gru', model.hidden_size 64 → 32, data.preprocess 'lower' → "
+        "'none', as in the checkpoint (its weights and vocabulary fix them; the run's config.yaml records them)"
+    )
+    recorded = yaml.safe_load(Path("runs/other/config.yaml").read_text())
+    assert (recorded["model"]["cell"], recorded["model"]["hidden_size"], recorded["data"]["preprocess"]) == (
+        "gru",
+        32,
+        "none",
+    )
+    weights = load_checkpoint(Path("runs/other/last.safetensors"), torch.device("cpu")).model_state
+    assert weights["rnn.weight_hh_l0"].shape == (3 * 32, 32)  # a GRU's three gates of 32 units
+
+
+def test_a_set_that_contradicts_the_checkpoint_is_refused_naming_it(tmp_path: Path, texts: tuple[Path, Path]):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    tuned = config_for(tmp_path, second, "wide", model={"cell": "lstm"})  # the file's cell gives way
     with pytest.raises(
-        DrnnError, match=r"model.cell \('gru' in the checkpoint, 'lstm' now\), model.hidden_size"
+        DrnnError,
+        match=r"model.hidden_size \(32 in the checkpoint, 64 now\), data.preprocess \('none' in the checkpoint, "
+        r"'lower' now\); its weights and vocabulary fix these: drop those --set options$",
     ):
-        train_run(TrainRequest(wider, init_from=Path("runs/base")))
-    lowered = config_for(tmp_path, second, "lower", data={"preprocess": "lower"})
-    with pytest.raises(DrnnError, match=r"data.preprocess \('none' in the checkpoint, 'lower' now\)"):
-        train_run(TrainRequest(lowered, init_from=Path("runs/base")))
-    assert not Path("runs/wide").exists() or not Path("runs/wide/last.safetensors").exists()
+        train_run(
+            TrainRequest(
+                tuned,
+                overrides=("model.hidden_size=64", "data.preprocess=lower"),
+                init_from=Path("runs/base"),
+            )
+        )
+    assert not Path("runs/wide").exists()
 
 
-def test_init_from_and_resume_together_are_refused(tmp_path: Path, texts: tuple[Path, Path]):
+def test_a_checkpoint_architecture_that_the_rest_of_the_config_cannot_take_is_refused(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))  # one-hot inputs
+    embedded = config_for(tmp_path, second, "emb", model={"embedding_dim": 16, "embedding_dropout": 0.1})
+    with pytest.raises(
+        DrnnError,
+        match=r"^the checkpoint's settings \(model.embedding_dim 0\) do not fit the rest of this config \(config error: "
+        r"model: .*embedding_dropout needs a learned embedding.*\); change the config, or --set those keys",
+    ):
+        train_run(TrainRequest(embedded, init_from=Path("runs/base")))
+
+
+def test_an_interrupted_fine_tuning_run_resumes_with_the_same_command_plus_resume(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    # the config file's architecture differs from the checkpoint's, which the run took
+    tuned = config_for(tmp_path, second, "tuned", model={"hidden_size": 64}, train={"epochs": 1})
+    train_run(TrainRequest(tuned, init_from=Path("runs/base")))
+    notes = Notes()
+    longer = ("train.epochs=2",)
+    resumed = train_run(TrainRequest(tuned, longer, init_from=Path("runs/base"), resume=True), reporter=notes)
+    source = (tmp_path / "runs" / "base" / "last.safetensors").resolve()
+    assert (resumed.start_epoch, resumed.epochs) == (1, 2)
+    assert notes.notes[0] == (
+        "--resume continues runs/tuned from its last checkpoint; --init-from applies where a run starts "
+        f"(this one started from {source})"
+    )
+    # without --init-from too: a fine-tuned run's architecture is its checkpoint's
+    again = train_run(TrainRequest(tuned, ("train.epochs=3",), resume=True))
+    assert (again.start_epoch, again.epochs) == (2, 3)
+    assert Path("runs/tuned/init_from.txt").read_text() == f"{source}\n"
+
+
+def test_resume_of_a_run_trained_from_scratch_still_refuses_a_changed_architecture(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
     first, _ = texts
-    with pytest.raises(DrnnError, match="--resume and --init-from cannot be combined"):
-        train_run(TrainRequest(config_for(tmp_path, first, "x"), init_from=Path("runs/base"), resume=True))
+    config = config_for(tmp_path, first, "base", train={"epochs": 1})
+    train_run(TrainRequest(config))
+    with pytest.raises(DrnnError, match=r"model.hidden_size \(32 in the checkpoint, 64 now\)"):
+        train_run(TrainRequest(config, ("model.hidden_size=64", "train.epochs=2"), resume=True))
 
 
 def test_a_fine_tuned_run_says_whose_weights_it_starts_from(tmp_path: Path, texts: tuple[Path, Path], cli):

@@ -12,31 +12,46 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)?\s*$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600}
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_UNIT = r"(h|hours?|m|min|mins|minutes?|s|sec|secs|seconds?)"
+_DURATION = re.compile(rf"^\s*{_NUMBER}\s*{_UNIT}?\s*$")  # 90, 90s, 1.5m, 2 hours
+_COMPOUND = re.compile(rf"^\s*(?:{_NUMBER}\s*{_UNIT}\s*)+$")  # 1h30m, 2m 30s: each part with its unit
+_PART = re.compile(rf"{_NUMBER}\s*{_UNIT}")
+_SECONDS = {"h": 3600, "m": 60, "s": 1}  # largest first, the order a compound duration writes them in
 _CADENCE = re.compile(r"^\s*(\d{1,18})\s*(steps?|epochs?)\s*$")  # a count, not 4,300 digits
 
 Unit = Literal["epochs", "steps"]
 
 
 def parse_duration(value: object) -> float:
-    """``90`` / ``"90s"`` / ``"10m"`` / ``"2h"`` → seconds; a ValueError names the accepted forms."""
+    """``90`` / ``"90s"`` / ``"10m"`` / ``"2h"`` / ``"1h30m"`` → seconds; a ValueError names the accepted
+    forms. A compound duration gives each unit once, largest first, as a clock reads."""
     if isinstance(value, bool):
-        raise ValueError("must be a duration such as 90s, 10m or 2h (0 = no limit)")
+        raise ValueError("must be a duration such as 90s, 10m, 2h or 1h30m (0 = no limit)")
     if isinstance(value, int | float):
         try:
             seconds = float(value)
         except OverflowError:  # a YAML integer has no size limit; one past float range is refused as inf is
             seconds = float("inf")
     else:
-        match = _DURATION.match(str(value))
-        if match is None:
-            raise ValueError("must be a duration such as 90s, 10m or 2h (0 = no limit)")
-        unit = (match.group(2) or "s")[0]
-        seconds = float(match.group(1)) * _SECONDS[unit]
+        seconds = _parse_duration_text(str(value))
     if not seconds >= 0 or seconds == float("inf"):
-        raise ValueError("must be a duration of 0 or more seconds, such as 90s, 10m or 2h")
+        raise ValueError("must be a duration of 0 or more seconds, such as 90s, 10m, 2h or 1h30m")
     return seconds
+
+
+def _parse_duration_text(text: str) -> float:
+    match = _DURATION.match(text)
+    if match is not None:
+        return float(match.group(1)) * _SECONDS[(match.group(2) or "s")[0]]
+    parts = (
+        [(float(number), unit[0]) for number, unit in _PART.findall(text)] if _COMPOUND.match(text) else []
+    )
+    units = [unit for _, unit in parts]
+    order = list(_SECONDS)
+    if not parts or sorted(units, key=order.index) != units or len(set(units)) != len(units):
+        raise ValueError("must be a duration such as 90s, 10m, 2h or 1h30m (0 = no limit)")
+    return sum(number * _SECONDS[unit] for number, unit in parts)
 
 
 def parse_cadence(value: object, allow_zero: bool) -> int | str:

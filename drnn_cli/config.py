@@ -278,7 +278,9 @@ class TrainConfig(_Section):
         0, ge=0, le=MAX_COUNT, description="stop after N optimizer steps in all (0 = no limit)"
     )
     max_time: float = Field(
-        0.0, description="stop after this much training time: seconds, or 90s, 10m, 2h (0 = no limit)"
+        0.0,
+        description="stop after this much training time: seconds, or 90s, 10m, 2h, 1h30m (0 = no limit)",
+        json_schema_extra={"kind": "duration"},  # a float once parsed; written as text or a number
     )
     eval_tokens: int = Field(
         0,

@@ -31,7 +31,8 @@ def main() -> None:
                 for attr, label in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
                 if getattr(meta, attr, None) is not None
             ]
-            kind = allowed(field.annotation)
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            kind = str(extra.get("kind") or allowed(field.annotation))
             if bounds:
                 kind += " " + ", ".join(bounds)
             print(f"| `{section}.{name}` | `{default}` | {kind} | {field.description} |")

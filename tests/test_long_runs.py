@@ -50,7 +50,11 @@ def test_durations_take_seconds_minutes_and_hours():
     assert [parse_duration(v) for v in ("90s", "10m", "2h", "1.5m", 45, "30", 0)] == [
         90.0, 600.0, 7200.0, 90.0, 45.0, 30.0, 0.0
     ]  # fmt: skip
-    for bad in ("ten minutes", "-5s", "5d", True, "nan"):
+    # a compound duration, as a clock reads: each unit once, largest first
+    assert [parse_duration(v) for v in ("1h30m", "1h 30m", "2m30s", "1 hour 5 minutes", "1h0.5m", "1h10s")] == [
+        5400.0, 5400.0, 150.0, 3900.0, 3630.0, 3610.0
+    ]  # fmt: skip
+    for bad in ("ten minutes", "-5s", "5d", True, "nan", "30m1h", "1h1h", "1h30", "1h-30m", "h30m"):
         with pytest.raises(ValueError, match="duration"):
             parse_duration(bad)
 
@@ -93,11 +97,14 @@ def test_config_parses_budgets_and_cadences_and_names_bad_keys():
     assert config.train.max_time == 600.0 and config.train.max_steps == 20000
     assert config.train.eval_every == "500 steps" and config.train.log_every == 2
     assert load_config(None, ["train.checkpoint_every=3 epochs"]).train.checkpoint_every == 3
+    assert load_config(None, ["train.max_time=1h30m"]).train.max_time == 5400.0
     with pytest.raises(
         ConfigError, match=r"train.eval_every: must be an integer number of epochs .* 'N steps'"
     ):
         load_config(None, ["train.eval_every=often"])
-    with pytest.raises(ConfigError, match=r"train.max_time: must be a duration such as 90s, 10m or 2h"):
+    with pytest.raises(
+        ConfigError, match=r"train.max_time: must be a duration such as 90s, 10m, 2h or 1h30m"
+    ):
         load_config(None, ["train.max_time=soon"])
     with pytest.raises(ConfigError, match="train.max_steps"):
         load_config(None, ["train.max_steps=-1"])

@@ -815,6 +815,13 @@ def _report_usage_error(error: Any, errors: Console, argv: list[str]) -> None:
         command = " ".join(["drnn", *[arg for arg in argv if arg in names][:1]])
     # Typer validates enum choices through pydantic-style messages: drop their "Value error, " prefix.
     message = " ".join(error.format_message().split()).replace(": Value error, ", ": ")
+    if (
+        type(error).__name__ == "MissingParameter"
+        and getattr(getattr(error, "param", None), "name", "") == "config"
+    ):
+        message = (
+            message.rstrip(".") + ": a preset (drnn presets lists them: quick, lstm2, ...) or a YAML file"
+        )
     errors.print(f"drnn: error: {message} (see {command} --help)", soft_wrap=True)
     sys.exit(error.exit_code)
 

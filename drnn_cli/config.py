@@ -311,6 +311,12 @@ class TrainConfig(_Section):
         """YAML reads a bare on/off as true/false: take them as the words they were."""
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
+    @field_validator("sample_prefixes", mode="before")
+    @classmethod
+    def _one_prefix_as_a_list(cls, value: Any) -> Any:
+        """``--set train.sample_prefixes=def`` (or ``sample_prefixes: def``): the one prefix it names."""
+        return [value] if isinstance(value, str) else value
+
     @field_validator("sample_prefixes")
     @classmethod
     def _non_empty_prefixes(cls, value: list[str]) -> list[str]:

@@ -266,6 +266,10 @@ def resolve_checkpoint(
             f"--run {run} is the latest-run marker, not a run; drop --run to use the run it names"
         )
     if checkpoint is not None:
+        if checkpoint.is_dir():
+            raise DrnnError(
+                f"--checkpoint takes a checkpoint file, and {checkpoint} is a directory; a run directory goes to --run"
+            )
         return checkpoint
     return run_checkpoint(run if run is not None else latest_run(runs_root))
 
@@ -293,7 +297,8 @@ class RunLock:
             owner = ""
             with contextlib.suppress(OSError):
                 owner = self.path.read_text(encoding="utf-8", errors="replace").strip()[:200]
-            owner = owner or "another process"
+            host, _, pid = owner.rpartition(" ")  # "HOST PID", as acquire writes it
+            owner = f"process {pid} on host {host}" if host and pid.isdigit() else owner or "another process"
             raise DrnnError(
                 f"run directory {self.path.parent} is in use by another training ({owner}); wait for "
                 f"it to finish or choose another --run DIR"

@@ -184,6 +184,10 @@ def test_set_overrides_nested_keys_with_yaml_typed_values():
     assert config.model.cell == "gru"
     assert config.data.path is None
     assert config.train.sample_prefixes == ["the", "time"]
+    # one prefix needs no brackets (YAML's scalar), and keeps its spaces
+    assert load_config(None, ["train.sample_prefixes=time traveller"]).train.sample_prefixes == [
+        "time traveller"
+    ]
 
 
 def test_later_set_wins_and_file_values_are_kept_otherwise(tmp_path: Path):

@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -80,6 +81,13 @@ def test_unknown_option_is_one_line(cli):
     assert err == "drnn: error: Option '--run' requires an argument. (see drnn predict --help)\n"
     code, _, err = cli("--bogus")
     assert_one_line_error(code, err, "--bogus", "(see drnn --help)")
+    code, _, err = cli(
+        "train"
+    )  # which values --config takes, where a bare "missing option" would leave one guessing
+    assert code == 2 and err == (
+        "drnn: error: Missing option '--config' / '-c': a preset (drnn presets lists them: quick, lstm2, ...) or "
+        "a YAML file (see drnn train --help)\n"
+    )
 
 
 def test_corpus_shorter_than_one_minibatch_names_the_sizes(workdir: Path, cli):
@@ -220,6 +228,13 @@ def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Pat
     assert_one_line_error(
         code, err, "runs/tiny/last.safetensors is a file; a checkpoint goes to --checkpoint"
     )
+    for command in (("predict", "time"), ("eval",), ("inspect", "time")):  # and the other way round
+        code, _, err = cli(*command, "--checkpoint", "runs/tiny")
+        assert_one_line_error(
+            code,
+            err,
+            "--checkpoint takes a checkpoint file, and runs/tiny is a directory; a run directory goes to --run",
+        )
     code, _, err = cli("predict", "time", "--run", "runs/latest")
     assert_one_line_error(code, err, "--run runs/latest is the latest-run marker, not a run; drop --run")
     code, _, err = cli("train", "--config", str(config), "--run", "runs/./latest")  # the marker exists now
@@ -687,11 +702,15 @@ def test_second_training_into_a_busy_run_directory_refuses(workdir: Path, cli):
     run = workdir / "runs" / "tiny"
     with RunLock(run):  # held, as by a training in progress
         code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
-    assert_one_line_error(code, err, "in use by another training", "--run DIR")
+    assert_one_line_error(
+        code,
+        err,
+        f"in use by another training (process {os.getpid()} on host {socket.gethostname()})",
+        "--run DIR",
+    )
 
 
 def test_lock_left_by_a_crashed_run_is_taken_over(tmp_path: Path):
-    import socket
 
     finished = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

@@ -711,7 +711,6 @@ def test_second_training_into_a_busy_run_directory_refuses(workdir: Path, cli):
 
 
 def test_lock_left_by_a_crashed_run_is_taken_over(tmp_path: Path):
-
     finished = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )

@@ -750,7 +750,7 @@ def main(argv: list[str] | None = None) -> None:
         except DrnnError as error:
             if session.debug and error.__cause__ is not None:  # a library failure drnn put in one line
                 traceback.print_exception(error.__cause__)
-            _say(errors, f"drnn: error: {error}")
+            _say(errors, f"drnn: {error.heading}{error}")
             sys.exit(error.exit_code)
         except typer.Exit as done:
             sys.exit(done.exit_code)

@@ -20,6 +20,7 @@ class DrnnError(Exception):
     """
 
     exit_code: int = 1
+    heading = "error: "  # what the CLI's line says after "drnn: "
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         # other controls (a tab, an escape, a bidi override) are shown escaped: a path holding a tab
@@ -38,7 +39,10 @@ class ConfigError(DrnnError):
 
 
 class TrainingInterrupted(DrnnError):
-    """SIGINT/SIGTERM arrived; a resumable checkpoint was written before raising."""
+    """SIGINT/SIGTERM arrived; a resumable checkpoint was written before raising. Asked for and
+    recoverable, it is no error: ``drnn: training stopped by SIGINT ...``, exit 130 (143 for SIGTERM)."""
+
+    heading = ""
 
 
 class TrainingDiverged(DrnnError):

@@ -825,7 +825,12 @@ def test_signal_writes_a_resumable_checkpoint_and_exits_with_the_signal_code(
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     assert process.returncode == exit_code, err
-    assert_one_line_error(process.returncode, err, signal.Signals(signum).name, "--resume")
+    # asked for, and resumable: one line, and not an error's
+    (line,) = err.splitlines()
+    assert line.startswith(f"drnn: training stopped by {signal.Signals(signum).name} after "), err
+    assert line.endswith(
+        "; its checkpoint is in runs/tiny/last.safetensors; continue with the same command plus --resume"
+    )
     stopped = load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors")
     assert stopped.epoch >= 2
     with RunLock(workdir / "runs" / "tiny") as lock:  # the stopped process no longer holds it

@@ -42,8 +42,9 @@ def training_position(epochs_done: int, steps_into_epoch: int, global_step: int 
 class EpochRecord:
     """One line of ``metrics.jsonl``: an epoch's end, or an evaluation inside an epoch.
 
-    ``epoch`` counts epochs done: an integer at an epoch's end, fractional (3.25) inside one, where
-    ``train_ppl`` and ``tokens_per_s`` cover the epoch so far. ``step`` counts optimizer steps and
+    ``epoch`` counts epochs done: an integer at an epoch's end, fractional (3.25) inside one.
+    ``train_ppl`` covers the steps since the epoch's previous log line (or its start), ``tokens_per_s``
+    the epoch so far (README "Long runs"). ``step`` counts optimizer steps and
     ``tokens_seen`` training tokens since the run began (both 0 in lines written before they existed).
     """
 

@@ -503,7 +503,16 @@ class Trainer:
         seconds = progress.elapsed if self.stopped_mid_epoch else self._training_clock() - started
         loss_sum, count = self._totals(epoch, progress)
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
-        return perplexity(loss_sum, count), count / max(seconds, 1e-9)
+        return self._since_logged(progress, loss_sum, count), count / max(seconds, 1e-9)
+
+    @staticmethod
+    def _since_logged(progress: EpochProgress, loss_sum: float, count: float) -> float:
+        """The training perplexity of a log line: over the steps since the epoch's previous one, or its
+        start (the epoch's, as d2l reports, where nothing is logged inside epochs). An average since the
+        epoch's start would carry the first steps of a long epoch into every line (README "Long runs")."""
+        if count <= progress.logged_count:  # only a tampered checkpoint: the epoch's, rather than 0/0
+            return perplexity(loss_sum, count)
+        return perplexity(loss_sum - progress.logged_loss_sum, count - progress.logged_count)
 
     def _training_clock(self) -> float:
         """``time.perf_counter()`` once the device has run what was queued.
@@ -616,7 +625,7 @@ class Trainer:
                 stop = "patience"
         record = self._record(
             round(epoch + progress.step / steps_in_epoch, 6),
-            perplexity(loss_sum, count),
+            self._since_logged(progress, loss_sum, count),
             val_ppl,
             count / max(progress.elapsed, 1e-9),
             self.elapsed + progress.elapsed,
@@ -625,6 +634,10 @@ class Trainer:
             self._append_metrics(record)
         if val_ppl is not None or stop is not None or self.cadence.log.due_at_step(global_step):
             self.reporter.epoch_end(record)
+            progress.logged_loss_sum, progress.logged_count = (
+                loss_sum,
+                int(count),
+            )  # before it is checkpointed
         if stop is not None or self.cadence.checkpoint.due_at_step(global_step):
             self._save(LAST, epoch, progress)
         if stop is None and self.dist.is_main and self.cadence.sample.due_at_step(global_step):
@@ -810,8 +823,12 @@ class Trainer:
         with self.stops.noted():
             for epoch in range(self.start_epoch, train.epochs if already is None else 0):
                 train_ppl, tokens_per_s = self.train_epoch(epoch)
-                if self.stopped_mid_epoch is not None:
-                    stop_reason, val_ppl = self.stopped_mid_epoch, self.records[-1].val_ppl
+                if self.stopped_mid_epoch is not None:  # the line written at the stop is the last
+                    stop_reason, train_ppl, val_ppl = (
+                        self.stopped_mid_epoch,
+                        self.records[-1].train_ppl,
+                        self.records[-1].val_ppl,
+                    )
                     break
                 done = epoch + 1
                 budget_stop = self._budget_reached(vote_now=True)

@@ -62,9 +62,14 @@ def _count(tree: dict[str, Any], key: str, where: str, default: Any = _REQUIRED)
 
 def _seconds(tree: dict[str, Any], key: str, where: str, default: Any = _REQUIRED) -> float:
     """A duration: a finite, non-negative number (JSON headers may hold NaN or Infinity)."""
+    return _amount(tree, key, where, default, "a duration")
+
+
+def _amount(tree: dict[str, Any], key: str, where: str, default: Any, kind: str) -> float:
+    """A finite, non-negative number, ``kind`` naming what it should be in the refusal."""
     value = _field(tree, key, (int, float), where, default)
     if not math.isfinite(value) or value < 0:
-        raise UnusableTrainerState(f"{where}{key} is {value}, not a duration")
+        raise UnusableTrainerState(f"{where}{key} is {value}, not {kind}")
     return float(value)
 
 
@@ -140,6 +145,10 @@ class EpochProgress:
     count: int = 0  # targets behind loss_sum
     state: State | None = None  # the hidden state carried into the next step (sequential sampling)
     elapsed: float = 0.0  # training seconds spent in the epoch so far
+    # loss_sum and count (all ranks') at the epoch's last log line: the next line's training
+    # perplexity covers the steps after it (0 and 0: the epoch's start, as checkpoints without them)
+    logged_loss_sum: float = 0.0
+    logged_count: int = 0
 
     @classmethod
     def start(cls, device: torch.device) -> EpochProgress:
@@ -157,6 +166,8 @@ class EpochProgress:
             self.count,
             _state_to(self.state, device),
             self.elapsed,
+            self.logged_loss_sum,
+            self.logged_count,
         )
 
     def to_tree(self) -> dict[str, Any]:
@@ -166,6 +177,8 @@ class EpochProgress:
             "first_bad_step": self.first_bad_step,
             "state": self.state,
             "elapsed": self.elapsed,
+            "logged_loss_sum": self.logged_loss_sum,
+            "logged_count": self.logged_count,
         }
 
     @classmethod
@@ -188,6 +201,8 @@ class EpochProgress:
             count=_count(tree, "count", where),
             state=_carried_state(tree, where),
             elapsed=_seconds(tree, "elapsed", where),
+            logged_loss_sum=_amount(tree, "logged_loss_sum", where, 0.0, "a sum of losses"),
+            logged_count=_count(tree, "logged_count", where, 0),  # all ranks' (count is this rank's)
         )
 
 
@@ -349,6 +364,8 @@ class TrainerState:
                 Shard(rank, world_size).rows(batch_size),
             ),
             elapsed=first.elapsed,
+            logged_loss_sum=first.logged_loss_sum,  # every rank's own copy of the all-ranks totals
+            logged_count=first.logged_count,
         )
 
 
@@ -382,6 +399,8 @@ def gather_ranks(progress: EpochProgress, device: torch.device, world_size: int)
                 int(counts[rank]),
                 states[rank],
                 progress.elapsed,
+                progress.logged_loss_sum,
+                progress.logged_count,
             ),
         )
         for rank in range(world_size)

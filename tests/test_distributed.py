@@ -292,17 +292,23 @@ def test_a_run_stopped_inside_an_epoch_resumes_with_another_number_of_processes(
     where one uninterrupted process ends: the rows' carried states are put back together and shared
     out again, the epoch's loss sums kept (README "Several processes, GPUs or nodes")."""
     one_dir = workdir / "runs" / "one"
-    one = train_run(
-        TrainRequest(config_path=write_config(workdir, "sequential"), run_dir=one_dir, device="cpu")
-    )
+    config = write_config(workdir, "sequential")
+    one = train_run(TrainRequest(config_path=config, run_dir=one_dir, device="cpu"))
     reference = load_checkpoint(one_dir / "last.safetensors")
+    # the training perplexity of the resumed epoch's last line covers the steps since the stop's line
+    stop_dir = workdir / "runs" / "one-stopped"
+    train_run(TrainRequest(config, ("train.max_steps=30",), run_dir=stop_dir, device="cpu"))
+    one_resumed = train_run(
+        TrainRequest(config, ("train.max_steps=0",), run_dir=stop_dir, device="cpu", resume=True)
+    )
+    assert one_resumed.train_ppl != pytest.approx(one.train_ppl, rel=1e-3)  # not the whole epoch's
     for name in ("two_then_one", "one_then_two"):
         code, out, err = launches[name].finish()
         assert code == 0, f"{name} failed ({code})\nstdout:\n{out}\nstderr:\n{err}"
         stopped, resumed = (json.loads(line) for line in out.splitlines() if line.startswith("{"))
         assert (stopped["stop_reason"], stopped["steps"]) == ("max_steps", 30), name
         assert resumed["start_epoch"] == stopped["epochs"] and resumed["epochs"] == 2, name
-        assert resumed["train_ppl"] == pytest.approx(one.train_ppl, rel=1e-5), name
+        assert resumed["train_ppl"] == pytest.approx(one_resumed.train_ppl, rel=1e-5), name
         continued = load_checkpoint(launches[name].run_dir / "last.safetensors")
         for key, expected in reference.model_state.items():
             torch.testing.assert_close(

@@ -299,6 +299,42 @@ def test_step_cadence_evaluates_and_checkpoints_inside_an_epoch(workdir: Path):
     assert best.best_val_ppl == result.best_val_ppl
 
 
+def test_each_lines_training_perplexity_covers_the_steps_since_the_previous_line_of_its_epoch(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Not the mean since the epoch's start: on a text of one long epoch that would carry the first,
+    untrained steps into every line and draw training above validation. A printed line (log_every)
+    starts a window too; an epoch's first line starts from the epoch's start."""
+    from drnn_cli.step import StaticStep
+
+    losses: list[float] = []
+    original = StaticStep.__call__
+
+    def recording(self: StaticStep, window: torch.Tensor) -> torch.Tensor:
+        loss = original(self, window)
+        losses.append(float(loss))
+        return loss
+
+    monkeypatch.setattr(StaticStep, "__call__", recording)
+    train(write_config(workdir), "train.epochs=2", "train.eval_every=7 steps", "train.log_every=5 steps")
+    lines = metrics(workdir / "runs" / "tiny")
+    # metrics at 7, 14 (validation), 19 (epoch end), 21, 28, 35, 38; printed lines also at 5, 10, 15, 20,
+    # 25, 30: each window runs from the last line (or the epoch's start) to its own step
+    windows = {7: (5, 7), 14: (10, 14), 19: (15, 19), 21: (20, 21), 28: (25, 28), 35: (30, 35), 38: (35, 38)}
+    assert [line["step"] for line in lines] == list(windows)
+    for line in lines:
+        first, last = windows[line["step"]]
+        expected = math.exp(sum(losses[first:last]) / (last - first))  # every step has B·T targets
+        assert line["train_ppl"] == pytest.approx(expected, rel=1e-9), line
+    # an epoch without lines inside it reports the epoch's perplexity, as d2l does
+    losses.clear()
+    train(write_config(workdir), "train.epochs=2", run_dir=Path("runs/plain"))
+    plain = metrics(workdir / "runs" / "plain")
+    assert [line["train_ppl"] for line in plain] == pytest.approx(
+        [math.exp(sum(losses[:19]) / 19), math.exp(sum(losses[19:]) / 19)], rel=1e-9
+    )
+
+
 def test_log_lines_inside_an_epoch_show_the_epoch_to_two_decimals_on_one_line(workdir: Path, cli):
     """A log file gets one line per evaluation (never wrapped at 80 columns), epoch 5/19 as 0.26."""
     code, out, _ = cli("train", "--config", str(write_config(workdir)), "--set", "train.epochs=1",

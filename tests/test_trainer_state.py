@@ -66,12 +66,16 @@ def test_a_mid_epoch_state_with_every_field_survives_a_checkpoint_file(tmp_path:
         count=560,
         state=(torch.randn(2, 4, 5), torch.randn(2, 4, 5)),  # an LSTM's (H, C)
         elapsed=1.25,
+        logged_loss_sum=100.5,  # the totals at the epoch's last log line (all ranks')
+        logged_count=960,
     )
     torch.manual_seed(1)
     rank1 = RankState(
         rng_cpu=torch.get_rng_state(),
         rng_cuda=torch.ones(16, dtype=torch.uint8),
-        progress=EpochProgress(torch.tensor(99.0, dtype=torch.float64), torch.tensor(5), 7, 560, None, 1.25),
+        progress=EpochProgress(
+            torch.tensor(99.0, dtype=torch.float64), torch.tensor(5), 7, 560, None, 1.25, 100.5, 960
+        ),
     )
     state = TrainerState(
         optimizer=optimizer.state_dict(),
@@ -102,6 +106,15 @@ def test_a_mid_epoch_state_with_every_field_survives_a_checkpoint_file(tmp_path:
     assert (own.progress.step, float(own.progress.loss_sum), int(own.progress.first_bad_step)) == (7, 99.0, 5)
     # Another world size cannot use per-rank parts: every rank takes the writer's.
     assert loaded.for_rank(1, 4) is None
+    # the parts put back together and shared out again keep the window of the next log line
+    # (without a carried state here: its rows are shared out in tests/test_distributed.py)
+    written = EpochProgress(
+        torch.tensor(5.0, dtype=torch.float64), torch.tensor(-1), 7, 560, None, 1.0, 100.5, 960
+    )
+    boundary = TrainerState(optimizer.state_dict(), {}, torch.get_rng_state(), epoch_progress=written)
+    for rank in range(3):
+        regrouped = boundary.progress_for(rank, 3, 4)
+        assert regrouped is not None and (regrouped.logged_loss_sum, regrouped.logged_count) == (100.5, 960)
 
 
 def test_an_epoch_boundary_state_keeps_the_keys_older_checkpoints_have(tmp_path: Path) -> None:
@@ -169,6 +182,16 @@ PROGRESS = {
             "trainer.epoch_progress.loss_sum is a torch.float64 tensor of shape (2,), not a scalar",
         ),
         (_a_tree(epoch_progress=PROGRESS | {"count": "8"}), 5, "trainer.epoch_progress.count is a str"),
+        (
+            _a_tree(epoch_progress=PROGRESS | {"logged_loss_sum": -1.0}),
+            5,
+            "trainer.epoch_progress.logged_loss_sum is -1.0, not a sum of losses",
+        ),
+        (
+            _a_tree(epoch_progress=PROGRESS | {"logged_count": -8}),
+            5,
+            "trainer.epoch_progress.logged_count is negative (-8)",
+        ),
         (  # a checkpoint is written only while every loss is finite: this would resume into a false NaN stop
             _a_tree(epoch_progress=PROGRESS | {"first_bad_step": torch.tensor(5)}),
             5,

@@ -193,6 +193,7 @@ class EvalReport:
         return {
             "split": self.split,
             "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,  # 1,177 with epoch 0: "after step 1,177 of epoch 1"
             "step": self.step,
             "perplexity": self.result.perplexity,
             "bits_per_token": self.result.bits_per_token,

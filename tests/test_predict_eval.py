@@ -378,6 +378,9 @@ def test_eval_says_where_its_checkpoint_stood_in_the_words_training_stopped_with
     assert out.rstrip().endswith(
         "(checkpoint runs/tiny/last.safetensors, after step 4 of epoch 2, optimizer step 33)"
     )
+    code, out, _err = cli("eval", "--checkpoint", "runs/tiny/last.safetensors", "--split", "train", "--json")
+    evaluated = json.loads(out.strip().splitlines()[-1])
+    assert (evaluated["epoch"], evaluated["step_in_epoch"], evaluated["step"]) == (1, 4, 33)  # the same place
 
 
 def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, cli):

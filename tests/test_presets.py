@@ -371,6 +371,7 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
     assert set(evaluated) == {
         "split",
         "epoch",
+        "step_in_epoch",
         "step",
         "perplexity",
         "bits_per_token",

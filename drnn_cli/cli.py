@@ -531,10 +531,14 @@ def predict_command(
 
         text = predict(loaded, prefix, options.for_prefix(index), on_token)
         continuations.append(Continuation(prefix, text))
+        # On a terminal a continuation over several lines ends with a blank line, before the next one
+        # starts: where one ends is otherwise unclear. Piped output stays exactly what was generated.
+        apart = "\n" in text and index + 1 < len(prefixes)
         if stream:
-            sys.stdout.write("\n")
+            sys.stdout.write("\n\n" if apart else "\n")
         else:
-            _print_generated(_consoles(json_out)[0], text)
+            shown = _consoles(json_out)[0]
+            _print_generated(shown, text + ("\n" if apart and shown.is_terminal else ""))
     if json_out:
         _emit_json(PredictReport(tuple(continuations), str(checkpoint_file)).summary())
 

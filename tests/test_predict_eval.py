@@ -591,3 +591,46 @@ def _tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
         tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else []
     )
     return {path: t for key, value in items for path, t in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def _on_a_terminal(args: list[str], cwd: Path) -> str:
+    """What ``drnn ARGS`` writes to stdout when stdout is a terminal (a pseudo-terminal here)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "drnn_cli", *args],
+        stdout=follower, stderr=subprocess.DEVNULL, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    os.close(follower)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(leader)
+    assert process.wait(timeout=60) == 0
+    return written.decode().replace("\r\n", "\n")  # the terminal's line discipline writes CR LF
+
+
+def test_on_a_terminal_a_continuation_over_several_lines_ends_with_a_blank_line(workdir: Path, cli):
+    """Several prefixes of a text with line breaks: piped, the output is exactly what was generated; on
+    a terminal a blank line follows each multi-line continuation but the last, or one would run into
+    the next."""
+    text = workdir / "lines.txt"
+    text.write_text("ab\n" * 1000)
+    tree = {**TINY_TREE, "data": {**TINY_TREE["data"], "path": str(text), "preprocess": "none"}}
+    assert cli("train", "--config", str(config_file(workdir, tree)))[0] == 0
+    args = ["predict", "a", "b", "-n", "5", "--run", "runs/tiny"]
+    code, piped, _ = cli(*args)
+    assert (code, piped) == (0, "ab\nab\n\nb\nab\na\n")  # each continuation and a line break
+    assert _on_a_terminal(args, workdir) == "ab\nab\n\n\nb\nab\na\n"
+    # one prefix: nothing to keep apart
+    assert _on_a_terminal(["predict", "a", *args[3:]], workdir) == "ab\nab\n\n"

@@ -17,8 +17,8 @@ from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
 from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import Perplexity, evaluate
-from drnn_cli.files import atomic_write_text, output_file, refuse_overwriting, require_regular_file
-from drnn_cli.inspect_html import render_html
+from drnn_cli.files import atomic_write_stream, output_file, refuse_overwriting, require_regular_file
+from drnn_cli.inspect_html import page_pieces
 from drnn_cli.inspect_plot import check_plot_request, write_inspection_plot
 from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
@@ -384,7 +384,10 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
     )
     written: list[Path] = []
     if outputs.html is not None and outputs.html_target is not None:
-        atomic_write_text(outputs.html_target, render_html(inspection, str(loaded.path)))
+        page = page_pieces(inspection, str(loaded.path))  # a row at a time, never the whole page at once
+        atomic_write_stream(
+            outputs.html_target, lambda stream: stream.writelines(piece.encode() for piece in page)
+        )
         written.append(outputs.html)
     missing: list[str] = []
     if outputs.png is not None and outputs.png_target is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from drnn_cli.vocab import UNK, Vocab, encode_tokens
 MAX_CHARS = 20_000  # keeps the page, the JSON and the step-by-step trace bounded
 MAX_FILE_BYTES = 16 << 20  # a --file is read up to this and a byte, refused past it (MAX_CHARS of it fit)
 TOP_NEXT = 5
+TRACE_CHUNK = 256  # characters stepped through every layer at a time; the caller keeps what it needs of them
+UNIT_BLOCK = 64  # units scored at a time, so that their float64 copy stays small however wide the layer
 DEFAULT_TOP = 5  # units --top ranks when neither --top nor --units is given
 # Units shown at once: each repeats every character on the page (--top 256 over 20,000 characters made a
 # 372 MB page), a row of the picture, and a list of activations in the JSON.
@@ -58,43 +61,66 @@ class LayerTrace:
 
 
 @torch.no_grad()
-def trace_layers(model: RNNLanguageModel, ids: torch.Tensor) -> list[LayerTrace]:
-    """Run ``ids`` ``(T,)`` through every recurrent layer one step at a time, from a zero state.
+def trace_chunks(
+    model: RNNLanguageModel, ids: torch.Tensor, chunk: int = TRACE_CHUNK
+) -> Iterator[list[LayerTrace]]:
+    """Run ``ids`` ``(T,)`` through every recurrent layer one step at a time, from a zero state, ``chunk``
+    characters at a time with each layer's state carried: one :class:`LayerTrace` per layer for each
+    chunk. The caller keeps what it needs, so memory does not grow with the text times the layers'
+    states and gates (those of a 3×256 LSTM over 19,000 characters held 0.8 GB at once).
 
     Eval mode throughout (no dropout between layers), as in ``drnn eval`` and ``drnn predict``.
     """
     config = model.config
-    rnn = model.rnn
-    layer_input = model.encode(ids.view(1, -1))[:, 0]  # (T, I)
-    traces = []
-    for layer in range(config.num_layers):
-        w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}") for name in _PARAMETERS)
-        w_hh_t = w_hh.t()
-        projected = F.linear(layer_input, w_ih, b_ih)  # (T, G·H), all steps at once as the stack does
-        d2l_gru = config.cell == "gru" and config.cell_form == "d2l"
-        if config.cell != "gru" or d2l_gru:
-            projected = projected + b_hh  # cuDNN's GRU adds b_hh inside the reset product instead
-        h = projected.new_zeros(1, config.hidden_size)
-        c = torch.zeros_like(h)
-        hs, cs, gates = [], [], []
-        for x_gates in projected.unsqueeze(1):  # (1, G·H) per step
-            if config.cell == "lstm":
-                h, c, lstm_gates = lstm_step(x_gates, h, c, w_hh_t)
-                cs.append(c)
-                gates.append(lstm_gates)
-            elif d2l_gru:
-                h, rz, _, _ = gru_d2l_step(x_gates, h, w_hh_t)
-                gates.append(rz)
-            elif config.cell == "gru":
-                h, rz, _, _ = gru_step(x_gates, h, w_hh_t, b_hh)
-                gates.append(rz)
-            else:
-                h = rnn_step(x_gates, h, w_hh_t, config.nonlinearity)
-            hs.append(h)
-        hidden = torch.cat(hs)
-        traces.append(LayerTrace(hidden, torch.cat(cs) if cs else None, _split_gates(config.cell, gates)))
-        layer_input = hidden
-    return traces
+    states: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * config.num_layers  # (h, c); None: zero
+    for begin in range(0, len(ids), chunk):
+        layer_input = model.encode(ids[begin : begin + chunk].view(1, -1))[:, 0]  # (chunk, I)
+        traces = []
+        for layer in range(config.num_layers):
+            trace, states[layer] = _trace_layer(model, layer, layer_input, states[layer])
+            traces.append(trace)
+            layer_input = trace.hidden
+        yield traces
+
+
+def trace_layers(model: RNNLanguageModel, ids: torch.Tensor) -> list[LayerTrace]:
+    """:func:`trace_chunks` over the whole of ``ids`` at once: every layer's states and gates, each ``(T, ·)``."""
+    return next(trace_chunks(model, ids, len(ids)))
+
+
+def _trace_layer(
+    model: RNNLanguageModel,
+    layer: int,
+    layer_input: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[LayerTrace, tuple[torch.Tensor, torch.Tensor]]:
+    """One layer over ``layer_input`` ``(T, I)`` from ``state`` ``(h, c)`` (None: zero; ``c`` is an
+    LSTM's only): its trace and its last state."""
+    config = model.config
+    w_ih, w_hh, b_ih, b_hh = (getattr(model.rnn, f"{name}_l{layer}") for name in _PARAMETERS)
+    w_hh_t = w_hh.t()
+    projected = F.linear(layer_input, w_ih, b_ih)  # (T, G·H), all steps at once as the stack does
+    d2l_gru = config.cell == "gru" and config.cell_form == "d2l"
+    if config.cell != "gru" or d2l_gru:
+        projected = projected + b_hh  # cuDNN's GRU adds b_hh inside the reset product instead
+    h, c = state if state is not None else (projected.new_zeros(1, config.hidden_size),) * 2
+    hs, cs, gates = [], [], []
+    for x_gates in projected.unsqueeze(1):  # (1, G·H) per step
+        if config.cell == "lstm":
+            h, c, lstm_gates = lstm_step(x_gates, h, c, w_hh_t)
+            cs.append(c)
+            gates.append(lstm_gates)
+        elif d2l_gru:
+            h, rz, _, _ = gru_d2l_step(x_gates, h, w_hh_t)
+            gates.append(rz)
+        elif config.cell == "gru":
+            h, rz, _, _ = gru_step(x_gates, h, w_hh_t, b_hh)
+            gates.append(rz)
+        else:
+            h = rnn_step(x_gates, h, w_hh_t, config.nonlinearity)
+        hs.append(h)
+    trace = LayerTrace(torch.cat(hs), torch.cat(cs) if cs else None, _split_gates(config.cell, gates))
+    return trace, (h, c)
 
 
 _PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -166,13 +192,28 @@ class UnitScore:
 
 
 def score_units(activations: torch.Tensor, features: dict[str, torch.Tensor]) -> list[UnitScore]:
-    """For each unit of ``activations`` ``(T, H)``: the feature with the largest |Pearson r|."""
-    values = activations.double()
-    centred = values - values.mean(0)
+    """For each unit of ``activations`` ``(T, H)``: the feature with the largest |Pearson r|.
+
+    :data:`UNIT_BLOCK` units at a time: a float64 copy of a whole layer of 256 units over 20,000
+    characters is 41 MB.
+    """
+    return [
+        score
+        for first in range(0, activations.shape[1], UNIT_BLOCK)
+        for score in _score_block(activations[:, first : first + UNIT_BLOCK], features, first)
+    ]
+
+
+def _score_block(activations: torch.Tensor, features: dict[str, torch.Tensor], first: int) -> list[UnitScore]:
+    """:func:`score_units` for the units ``first`` onwards."""
+    # exactly: a constant's centred norm may be 1e-17, not 0
+    varies = activations.amax(0) > activations.amin(0)
+    centred = activations.to(torch.float64, copy=True)  # the one float64 copy, centred in place
+    centred -= centred.mean(0)
     unit_norm = centred.norm(dim=0)
-    varies = values.amax(0) > values.amin(0)  # exactly: a constant's centred norm may be 1e-17, not 0
-    best = torch.zeros(values.shape[1], dtype=torch.float64)
-    best_name: list[str | None] = [None] * values.shape[1]
+    size = activations.shape[1]
+    best = torch.zeros(size, dtype=torch.float64)
+    best_name: list[str | None] = [None] * size
     for name, feature in features.items():
         f = feature - feature.mean()
         if float(feature.max()) == float(feature.min()):
@@ -182,7 +223,7 @@ def score_units(activations: torch.Tensor, features: dict[str, torch.Tensor]) ->
         for unit in torch.nonzero(r.abs() > best.abs()).flatten().tolist():
             best[unit] = r[unit]
             best_name[unit] = name
-    return [UnitScore(u, best_name[u], float(best[u])) for u in range(values.shape[1])]
+    return [UnitScore(first + u, best_name[u], float(best[u])) for u in range(size)]
 
 
 def top_units(scores: list[UnitScore], activations: torch.Tensor, k: int) -> list[UnitScore]:
@@ -195,7 +236,7 @@ def top_units(scores: list[UnitScore], activations: torch.Tensor, k: int) -> lis
     units that follow a feature (a constant unit follows none).
     """
     if not any(score.feature for score in scores):
-        variance = activations.double().var(0, correction=0).tolist()
+        variance = _unit_variance(activations)
         return sorted(scores, key=lambda s: -variance[s.unit])[:k]
     groups: dict[str, list[UnitScore]] = {}
     for score in sorted(scores, key=lambda s: -abs(s.correlation)):
@@ -208,10 +249,16 @@ def top_units(scores: list[UnitScore], activations: torch.Tensor, k: int) -> lis
             if queue and len(picked) < k:
                 picked.append(queue.pop(0))
     if len(picked) < k:  # more asked for than units follow a feature: then those that follow none
-        variance = activations.double().var(0, correction=0).tolist()
+        variance = _unit_variance(activations)
         rest = sorted((s for s in scores if not s.feature), key=lambda s: -variance[s.unit])
         picked.extend(rest[: k - len(picked)])
     return picked
+
+
+def _unit_variance(activations: torch.Tensor) -> list[float]:
+    """Each unit's variance over the text, in float64 a block of units at a time (as :func:`score_units`)."""
+    blocks = activations.split(UNIT_BLOCK, dim=1)
+    return torch.cat([block.double().var(0, correction=0) for block in blocks]).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +327,28 @@ class GateSaturation:
 
 
 @dataclass(frozen=True)
+class NextGuesses:
+    """After each character t, the model's likeliest next characters: row t of ``indices`` ``(T, k)``
+    (into ``names``, the vocabulary) and of ``probs``, likeliest first. Read as a list of
+    ``[(char, p), …]`` per character; held as tensors (as Python pairs they took 16 MB for 19,000
+    characters, more than the states of a layer of 128 units)."""
+
+    names: list[str]
+    indices: torch.Tensor
+    probs: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, t: int) -> list[tuple[str, float]]:
+        pairs = zip(self.indices[t].tolist(), self.probs[t].tolist(), strict=True)
+        return [(self.names[i], p) for i, p in pairs]
+
+    def __iter__(self) -> Iterator[list[tuple[str, float]]]:
+        return (self[t] for t in range(len(self)))
+
+
+@dataclass(frozen=True)
 class Inspection:
     """Everything ``drnn inspect`` shows: rows are characters, in the order the model read them."""
 
@@ -292,7 +361,7 @@ class Inspection:
     units: list[UnitScore]
     activations: torch.Tensor  # (K, T): the chosen units' signal
     surprisal: list[float | None]  # nats; None for the first character (no prediction)
-    top_next: list[list[tuple[str, float]]]  # after character t: the 5 likeliest next characters
+    top_next: NextGuesses  # after character t: the 5 likeliest next characters
     saturation: list[dict[str, GateSaturation]]  # per layer, per gate
     source: str
     ranked: bool = True  # the units were picked by their correlations (--top), not named (--units)
@@ -407,6 +476,38 @@ def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torc
     return top_units(scores, signal, request.units_shown(size))
 
 
+def _signal_and_saturation(
+    model: RNNLanguageModel, ids: torch.Tensor, layer: int, signal: str
+) -> tuple[torch.Tensor, list[dict[str, GateSaturation]]]:
+    """The chosen layer's ``signal`` ``(T, H)`` and every layer's gate saturation, taken chunk by chunk
+    from :func:`trace_chunks`: of the gates, only each unit's count of saturated steps is kept."""
+    kept = torch.empty(len(ids), model.config.hidden_size, dtype=model.rnn.weight_hh_l0.dtype)
+    filled = 0
+    counts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(model.config.num_layers)]
+    for traces in trace_chunks(model, ids):
+        chosen = traces[layer - 1]
+        rows = chosen.cell if signal == "cell" else chosen.hidden
+        assert rows is not None  # --signal cell is refused but for an LSTM
+        kept[filled : filled + len(rows)] = rows
+        filled += len(rows)
+        for layer_counts, trace in zip(counts, traces, strict=True):
+            for name, gate in trace.gates.items():
+                below, above = layer_counts.get(name, (0, 0))
+                layer_counts[name] = (
+                    below + (gate < SATURATED_LOW).sum(0),
+                    above + (gate > SATURATED_HIGH).sum(0),
+                )
+    steps = len(ids)
+    saturation = [
+        {
+            name: GateSaturation(below.cpu().double() / steps, above.cpu().double() / steps)
+            for name, (below, above) in layer_counts.items()
+        }
+        for layer_counts in counts
+    ]
+    return kept, saturation
+
+
 def inspect_text(
     model: RNNLanguageModel,
     vocab: Vocab,
@@ -430,7 +531,7 @@ def inspect_text(
     was_training = model.training
     model.eval()
     try:
-        traces = trace_layers(model, ids)
+        signal, saturation = _signal_and_saturation(model, ids, layer, request.signal)
         logits = forward_logits(model, ids, data.num_steps).double()
     finally:
         model.train(was_training)
@@ -440,27 +541,11 @@ def inspect_text(
     nll = -log_probs[:-1].gather(1, ids[1:, None]).squeeze(1)
     surprisal: list[float | None] = [None, *nll.cpu().tolist()]
     probs, indices = log_probs.exp().topk(min(TOP_NEXT, log_probs.shape[1]), dim=-1)
-    names = vocab.idx_to_token
-    top_next = [
-        [(names[i], p) for i, p in zip(row_i, row_p, strict=True)]
-        for row_i, row_p in zip(indices.cpu().tolist(), probs.cpu().tolist(), strict=True)
-    ]
+    top_next = NextGuesses(vocab.idx_to_token, indices.cpu(), probs.cpu())
 
-    chosen = traces[layer - 1]
-    signal = (chosen.cell if request.signal == "cell" else chosen.hidden).cpu()
-    assert signal is not None
     scores = score_units(signal, text_features(chars))
     units = _choose_units(request, scores, signal)
     activations = signal[:, [s.unit for s in units]].t().contiguous()
-    saturation = [
-        {
-            name: GateSaturation(
-                (gate < SATURATED_LOW).double().mean(0).cpu(), (gate > SATURATED_HIGH).double().mean(0).cpu()
-            )
-            for name, gate in trace.gates.items()
-        }
-        for trace in traces
-    ]
     return Inspection(
         chars,
         unknown,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,6 +25,7 @@ from drnn_cli.evaluate import evaluate
 from drnn_cli.introspect import (
     MAX_CHARS,
     InspectRequest,
+    UnitScore,
     inspect_text,
     score_units,
     text_features,
@@ -111,6 +113,48 @@ def test_gate_saturation_counts_steps_below_0_1_and_above_0_9_per_unit():
     assert first["forget"].left.tolist() == [0.0] * 6 and first["forget"].right.tolist() == [1.0] * 6
     gate = trace_layers(model, torch.tensor([vocab[c] for c in "abc def gh"]))[1].gates["output"]
     assert result.saturation[1]["output"].right.tolist() == (gate > 0.9).double().mean(0).tolist()
+
+
+@pytest.mark.parametrize(
+    ("cell", "impl"), [("lstm", "torch"), ("gru", "torch"), ("gru", "scratch-d2l"), ("rnn", "torch")]
+)
+def test_a_chunk_at_a_time_carries_each_layers_state_and_inspect_keeps_the_same_numbers(cell, impl):
+    """The trace is stepped a chunk of characters at a time (all layers' states and gates at once held
+    0.8 GB for 19,000 characters of a 3×256 LSTM): the chunks join into the trace of the whole text,
+    and an inspection longer than one chunk shows the same signal and gate saturation as that trace."""
+    from drnn_cli.introspect import TRACE_CHUNK, trace_chunks
+
+    model = small_model(cell, "tanh", impl)
+    with torch.no_grad():  # weights 8× as large: gates saturated on some characters, not on all
+        for parameter in model.rnn.parameters():
+            parameter.mul_(8)
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    whole = trace_layers(model, ids)
+    chunks = list(trace_chunks(model, ids, 5))
+    assert [len(traces[0].hidden) for traces in chunks] == [5, 5, 2]
+    for layer, trace in enumerate(whole):
+        assert_close(torch.cat([traces[layer].hidden for traces in chunks]), trace.hidden, **TOL)
+        if trace.cell is not None:
+            assert_close(torch.cat([traces[layer].cell for traces in chunks]), trace.cell, **TOL)
+        for name, gate in trace.gates.items():
+            assert_close(torch.cat([traces[layer].gates[name] for traces in chunks]), gate, **TOL)
+
+    vocab = Vocab(["<unk>", " ", *"abcdefghi"])
+    text = "bad cafe fig hide a big dice " * 20
+    assert len(text) > TRACE_CHUNK
+    signal = "cell" if cell == "lstm" else "hidden"
+    request = InspectRequest(text=text, layer=2, units=(0, 5), signal=signal)
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    traces = trace_layers(model, torch.tensor([vocab[c] for c in text]))
+    chosen = traces[1].cell if signal == "cell" else traces[1].hidden
+    assert_close(result.activations, chosen[:, [0, 5]].t(), **TOL)
+    shares = {share for gates in result.saturation for sat in gates.values() for share in sat.left.tolist()}
+    assert len(shares) > 5 or cell == "rnn"
+    for gates, trace in zip(result.saturation, traces, strict=True):
+        assert list(gates) == list(trace.gates)
+        for name, gate in trace.gates.items():
+            assert gates[name].left.tolist() == (gate < 0.1).double().mean(0).tolist()
+            assert gates[name].right.tolist() == (gate > 0.9).double().mean(0).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +363,7 @@ class SpanCounter(HTMLParser):
         self.rows: list[dict] = []
         self.external: list[str] = []
         self._span: dict | None = None
+        self._in_row = False
 
     def handle_starttag(self, tag, attrs):
         attributes = dict(attrs)
@@ -329,7 +374,8 @@ class SpanCounter(HTMLParser):
             self.external.append(str(attributes))
         if tag == "div" and attributes.get("class") == "text":
             self.rows.append({"unit": attributes.get("data-unit"), "spans": []})
-        if tag == "span" and (attributes.get("class") or "").startswith("ch"):
+            self._in_row = True
+        if tag == "span" and self._in_row:
             self._span = attributes
             self.rows[-1]["spans"].append([attributes, ""])
 
@@ -340,6 +386,8 @@ class SpanCounter(HTMLParser):
     def handle_endtag(self, tag):
         if tag == "span":
             self._span = None
+        if tag == "div":
+            self._in_row = False
 
 
 def test_page_has_one_coloured_span_per_character_and_unit_and_the_picture_exists(
@@ -368,8 +416,9 @@ def test_page_has_one_coloured_span_per_character_and_unit_and_the_picture_exist
     assert [row["unit"] for row in parser.rows] == [None, "3", "17", "0"]  # surprisal, then each unit
     for row in parser.rows:
         assert "".join(char for _, char in row["spans"]) == text
-        assert [int(attributes["data-i"]) for attributes, _ in row["spans"]] == list(range(len(text)))
-        assert all(attributes["style"].startswith("background:#") for attributes, _ in row["spans"])
+        # a span's place is its character's index: it holds its colour and nothing else
+        assert all(list(attributes) == ["style"] for attributes, _ in row["spans"])
+        assert all(re.fullmatch("background:#[0-9a-f]{6}", a["style"]) for a, _ in row["spans"])
     # the colours follow the values: the most surprising character is the reddest (least green)
     worst = max(range(1, len(text)), key=lambda i: summary["surprisal"][i])
     greens = [int(a["style"][14:16], 16) for a, _ in parser.rows[0]["spans"][1:]]
@@ -758,8 +807,6 @@ def test_the_page_script_holds_no_markup_and_labels_whitespace_among_the_guesses
     """The page's data sits in one <script>: its JSON escapes <, >, & and the line separators (a
     vocabulary's '<!--<script>' stopped the script, so no tooltip worked) and reads back the same. A
     line break or tab among the next guesses showed as an empty row: labelled as on the page and axis."""
-    import re as regex
-
     from drnn_cli.inspect_html import _script_json, render_html
 
     hostile = ["<!--<script>", "</script>", "a & b > c", "\u2028\u2029"]
@@ -776,8 +823,78 @@ def test_the_page_script_holds_no_markup_and_labels_whitespace_among_the_guesses
         torch.device("cpu"),
     )
     page = render_html(result, "run")
-    declared = dict(regex.findall(r"^const (\w+) = (.*);$", page, regex.M))
+    declared = dict(re.findall(r"^const (\w+) = (.*);$", page, re.M))
     assert json.loads(declared["CHARS"]) == ["a", "␣", "a", "↵", "a", "⇥", "z"]
-    guesses = {char for row in json.loads(declared["TOP"]) for char, _ in row}
-    assert guesses == {"a", "␣", "↵", "⇥", "<unk>"}  # all five tokens, every row
+    labels = json.loads(declared["GUESSES"])
+    assert labels == ["<unk>", "a", "␣", "↵", "⇥"]
+    guesses = {labels[index] for row in json.loads(declared["TOP"]) for index in row[::2]}
+    assert guesses == set(labels)  # all five tokens, every row
     assert "; 1 of them not in the vocabulary, scored as &lt;unk&gt; (underlined)." in page
+
+
+def test_the_page_holds_each_characters_tooltip_data_once_and_each_row_only_colours():
+    """A row of the text is a span per character holding its colour and nothing else (its place is its
+    index); the tooltip's data is in the script once: the labels, the surprisal to 5 decimals, the
+    guesses as indices into the vocabulary with their probabilities and each unit's values in
+    thousandths, what the tooltip shows to 3 decimals. Every row repeated each character's index and
+    class, and the script its guesses' labels and full-precision surprisal: 7.5 MB for 19,000
+    characters and 3 units (a user's trial)."""
+    import dataclasses
+
+    from drnn_cli.inspect_html import render_html
+
+    vocab = Vocab(["<unk>", "a", "b", " "])
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=1), seed=0).double().eval()
+    text = "ab z"  # z is not in the vocabulary
+    result = inspect_text(
+        model,
+        vocab,
+        DataConfig(preprocess="none"),
+        InspectRequest(text=text, units=(5,)),
+        torch.device("cpu"),
+    )
+    result = dataclasses.replace(
+        result,
+        units=[UnitScore(5, "at a space", 0.5)],
+        activations=torch.tensor([[0.25, -1.0, 0.0, 0.5]]),
+        surprisal=[None, math.log(2), math.log(10), 0.1],
+    )
+    page = render_html(result, "run")
+    rows = re.findall(r'<div class="text".*?</div>', page)
+    assert rows == [
+        '<div class="text"><span style="background:#e0e0e0">a</span><span style="background:#fbe3d7">b</span>'
+        '<span style="background:#f1a179"> </span><span class="unk" style="background:#fefbf9">z</span></div>',
+        '<div class="text" data-unit="5"><span style="background:#f5c9c9">a</span>'
+        '<span style="background:#1f77b4">b</span><span style="background:#ffffff"> </span>'
+        '<span class="unk" style="background:#ea9394">z</span></div>',
+    ]
+    declared = dict(re.findall(r"^const (\w+) = (.*);$", page, re.M))
+    assert declared["CHARS"] == '["a","b","␣","z"]'
+    assert declared["SURPRISAL"] == "[null,0.69315,2.30259,0.1]"
+    assert json.loads(declared["GUESSES"]) == ["<unk>", "a", "b", "␣"]
+    assert json.loads(declared["TOP"]) == [
+        [index for char, p in result.top_next[t] for index in (vocab[char], round(p * 1000))]
+        for t in range(4)
+    ]
+    assert len(json.loads(declared["TOP"])[0]) == 8  # four guesses: the whole vocabulary
+    assert re.findall(r"^ACTS\[.*$", page, re.M) == ["ACTS[5] = [250,-1000,0,500];"]
+
+
+def test_each_unit_adds_at_most_47_bytes_a_character_to_the_page():
+    """What the page holds per character is bounded: a unit adds its row, 41 bytes a character
+    (``<span style="background:#rrggbb">c</span>``), and its values (6 bytes at most each); the rest,
+    the surprisal row and the tooltip's data, at most 99 bytes a character. Each unit's row held every
+    character's index and class, 74 bytes a character with its values, and the tooltip's data 130."""
+    from drnn_cli.inspect_html import render_html
+
+    text = "the time traveller for so it will be convenient to speak of him " * 16
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    model = build_model(len(vocab), ModelConfig(hidden_size=8, num_layers=1), seed=0).eval()
+    sizes = []
+    for units in ((0,), (0, 1, 2)):
+        request = InspectRequest(text=text, units=units)
+        result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+        sizes.append(len(render_html(result, "run").encode()))
+    assert len(text) == 1024
+    assert (sizes[1] - sizes[0]) / 2 <= 47 * len(text)
+    assert sizes[0] <= 8_000 + (99 + 47) * len(text)  # 8,000: the style, script and headings

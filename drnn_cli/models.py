@@ -380,6 +380,17 @@ def make_recurrent(config: ModelConfig, input_size: int) -> nn.Module:
     return module
 
 
+def _embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(vocab_size, dim)``, initialised as it initialises itself (N(0, 1)), except on the
+    meta device, where a model is built for its shapes alone (checkpoint.expected_model_shapes): there
+    ``normal_`` goes through PyTorch's reference implementations, whose first use imports dynamo,
+    sympy and triton (1.5 s and 150 MB more for every predict, eval and inspect of such a model)."""
+    weight = torch.empty(vocab_size, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(vocab_size, dim, _weight=weight)
+
+
 class RNNLanguageModel(nn.Module):
     """Tokens ``(B, T)`` → logits ``(T, B, V)``, time-major as d2l's ``Y.T.reshape(-1)`` expects.
 
@@ -393,7 +404,7 @@ class RNNLanguageModel(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.config = config
-        self.embedding = nn.Embedding(vocab_size, config.embedding_dim) if config.embedding_dim else None
+        self.embedding = _embedding(vocab_size, config.embedding_dim) if config.embedding_dim else None
         self.rnn = make_recurrent(config, config.embedding_dim or vocab_size)
         self.locked = config.dropout_kind == "locked"
         self.decoder = nn.Linear(config.hidden_size, vocab_size)

@@ -786,3 +786,26 @@ def test_the_training_step_looks_its_one_hot_input_up_in_one_kernel() -> None:
     with seen:
         model.encode(window[:-1].t())
     assert seen.names == ["embedding.default"]  # the table's rows, by index_select
+
+
+def test_an_embedding_is_initialised_as_nn_embedding_and_a_shapes_only_build_stays_light():
+    """The embedding draws N(0, 1) as ``nn.Embedding`` does itself, from the same random stream; built on
+    the meta device (a checkpoint's expected shapes, read by every predict, eval and inspect), it draws
+    nothing: PyTorch's meta ``normal_`` imported dynamo, sympy and triton (1.5 s and 150 MB a command)."""
+    import subprocess
+    import sys
+
+    config = ModelConfig(embedding_dim=16, hidden_size=32, num_layers=1)
+    torch.manual_seed(0)
+    model = build_model(28, config)
+    torch.manual_seed(0)
+    assert torch.equal(model.embedding.weight, nn.Embedding(28, 16).weight)
+    probe = (
+        "import sys, torch\n"
+        "from drnn_cli.checkpoint import expected_model_shapes\n"
+        "from drnn_cli.config import build_config\n"
+        "shapes = expected_model_shapes(build_config({'model': {'embedding_dim': 16}}), 28)\n"
+        "print(shapes['embedding.weight'], 'torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[0] == "(28, 16) False"

@@ -474,13 +474,6 @@ class Trainer:
             self.tokens_seen += targets * self.dist.world_size
             if self.tensorboard is not None and self.static_step.grad_norm is not None:
                 self.tensorboard.add_grad_norm(self.static_step.grad_norm)  # summed on the device, no sync
-            # The epoch's last step leaves a signal to the epoch's end, whose checkpoint is a boundary's.
-            if progress.step < len(batches) and self._stop_requested(progress.step):
-                # A NaN on any process ends the run: nothing non-finite is saved.
-                self._totals(epoch, progress)
-                progress.state = self.static_step.carried_state() if carries_state else None
-                progress.elapsed = self._training_clock() - started
-                self._interrupt(epoch, progress)
             stop = self._budget_reached()
             if progress.step < len(batches) and (stop or self.cadence.due_at_step(self.global_step)):
                 # A boundary inside the epoch; the epoch's last step is handled by fit at its end.
@@ -492,6 +485,15 @@ class Trainer:
                 if stop is not None:
                     self.stopped_mid_epoch = stop
                     break
+            # A signal stops after the step's boundary, if it has one (its line, validation, best
+            # checkpoint), which a resumed run would not repeat; the epoch's last step leaves it to the
+            # epoch's end, whose checkpoint is a boundary's.
+            if progress.step < len(batches) and self._stop_requested(progress.step):
+                # A NaN on any process ends the run: nothing non-finite is saved.
+                self._totals(epoch, progress)
+                progress.state = self.static_step.carried_state() if carries_state else None
+                progress.elapsed = self._training_clock() - started
+                self._interrupt(epoch, progress)
             now = time.monotonic()
             if now - shown >= 0.5:
                 shown = now

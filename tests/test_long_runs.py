@@ -226,6 +226,35 @@ def test_step_budget_interrupted_and_resumed_ends_bit_identical(
     assert resumed.best_val_ppl == straight.best_val_ppl
 
 
+@pytest.mark.parametrize("at", [5, 7, 12], ids=["at-a-log-line", "at-an-evaluation", "between-lines"])
+def test_a_signal_at_any_step_resumes_to_the_metrics_of_a_run_never_stopped(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, at: int
+):
+    """A signal at a step with a boundary (a log line, an evaluation) stops after it: stopped before, the
+    resumed run skipped that step's evaluation line (and its best checkpoint and patience count) and the
+    next line's training perplexity covered too many steps."""
+    config = write_config(workdir)
+    overrides = ("train.epochs=2", "train.eval_every=7 steps", "train.log_every=5 steps")
+    train(config, *overrides, run_dir=Path("runs/straight"))
+    original = Trainer._stop_requested
+
+    def stop_at(self: Trainer, *args: object) -> bool:
+        if self.global_step == at:
+            self.stops.signum = 15
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_stop_requested", stop_at)
+    with pytest.raises(DrnnError, match=f"stopped by SIGTERM after step {at} of epoch 1"):
+        train(config, *overrides, run_dir=Path("runs/split"))
+    monkeypatch.setattr(Trainer, "_stop_requested", original)
+    train(config, *overrides, run_dir=Path("runs/split"), resume=True)
+
+    def logged(run: str) -> list[dict]:
+        return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(workdir / "runs" / run)]
+
+    assert logged("split") == logged("straight")
+
+
 def test_a_signal_at_an_epoch_s_last_step_stops_at_that_epoch_s_end(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # ASCII digits: \d would take ٣ and １ too
 _UNIT = r"(h|hours?|m|min|mins|minutes?|s|sec|secs|seconds?)"
-_DURATION = re.compile(rf"^\s*{_NUMBER}\s*{_UNIT}?\s*$")  # 90, 90s, 1.5m, 2 hours
-_COMPOUND = re.compile(rf"^\s*(?:{_NUMBER}\s*{_UNIT}\s*)+$")  # 1h30m, 2m 30s: each part with its unit
-_PART = re.compile(rf"{_NUMBER}\s*{_UNIT}")
+_DURATION = re.compile(rf"^\s*{_NUMBER}\s*{_UNIT}?\s*$", re.IGNORECASE)  # 90, 90s, 1.5m, 2 hours
+_COMPOUND = re.compile(
+    rf"^\s*(?:{_NUMBER}\s*{_UNIT}\s*)+$", re.IGNORECASE
+)  # 1h30m, 2m 30s: each with its unit
+_PART = re.compile(rf"{_NUMBER}\s*{_UNIT}", re.IGNORECASE)
 _SECONDS = {"h": 3600, "m": 60, "s": 1}  # largest first, the order a compound duration writes them in
 _CADENCE = re.compile(r"^\s*(\d{1,18})\s*(steps?|epochs?)\s*$")  # a count, not 4,300 digits
 
@@ -43,9 +45,11 @@ def parse_duration(value: object) -> float:
 def _parse_duration_text(text: str) -> float:
     match = _DURATION.match(text)
     if match is not None:
-        return float(match.group(1)) * _SECONDS[(match.group(2) or "s")[0]]
+        return float(match.group(1)) * _SECONDS[(match.group(2) or "s")[0].lower()]
     parts = (
-        [(float(number), unit[0]) for number, unit in _PART.findall(text)] if _COMPOUND.match(text) else []
+        [(float(number), unit[0].lower()) for number, unit in _PART.findall(text)]
+        if _COMPOUND.match(text)
+        else []
     )
     units = [unit for _, unit in parts]
     order = list(_SECONDS)

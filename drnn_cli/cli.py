@@ -25,10 +25,10 @@ from rich.table import Table
 from drnn_cli import __version__, strict_json
 from drnn_cli.budget import Cadence, format_duration
 from drnn_cli.config import load_config
-from drnn_cli.errors import DrnnError, first_line
+from drnn_cli.errors import DrnnError, TrainingInterrupted, first_line
 from drnn_cli.presets import find_config
 from drnn_cli.shown_text import terminal_safe
-from drnn_cli.signals import Signalled, exit_on_signals, exit_process, guard_output
+from drnn_cli.signals import Signalled, exit_on_signals, exit_process, guard_output, launched_rank
 
 if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
     from drnn_cli.report import EpochRecord, RunStart, StepStatus
@@ -416,7 +416,6 @@ def train_command(
 
     Example: drnn train --config lstm2.yaml --set train.epochs=5
     """
-    from drnn_cli.runtime import launched_rank
     from drnn_cli.train_session import TrainRequest, train_run
 
     out, _ = _consoles(json_out)
@@ -754,7 +753,9 @@ def main(argv: list[str] | None = None) -> None:
         except DrnnError as error:
             if session.debug and error.__cause__ is not None:  # a library failure drnn put in one line
                 traceback.print_exception(error.__cause__)
-            _say(errors, f"drnn: {error.heading}{error}")
+            # every torchrun process stops at the same step with the same line: rank 0 says it
+            if not (isinstance(error, TrainingInterrupted) and launched_rank() != 0):
+                _say(errors, f"drnn: {error.heading}{error}")
             sys.exit(error.exit_code)
         except typer.Exit as done:
             sys.exit(done.exit_code)

@@ -265,6 +265,11 @@ def resolve_checkpoint(
         raise DrnnError(
             f"--run {run} is the latest-run marker, not a run; drop --run to use the run it names"
         )
+    if checkpoint is not None and is_latest_marker(checkpoint, runs_root):
+        raise DrnnError(
+            f"--checkpoint {checkpoint} is the latest-run marker, not a checkpoint; drop --checkpoint to use "
+            "the latest run's"
+        )
     if checkpoint is not None:
         if checkpoint.is_dir():
             raise DrnnError(

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as torch_dist
 
 from drnn_cli.errors import DrnnError
-from drnn_cli.signals import TORCHRUN_ENV
+from drnn_cli.signals import TORCHRUN_ENV, launched_rank
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,11 +76,6 @@ class DistContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1 or self.launched
-
-
-def launched_rank() -> int:
-    """This process's rank as ``torchrun`` set it in the environment (0 when run alone)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def init_distributed(device_choice: str) -> DistContext:

@@ -24,6 +24,11 @@ HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
 
 
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` set it in the environment (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def exit_process(run: Callable[[], None]) -> None:
     """Run the program, then end the process with its exit code.
 

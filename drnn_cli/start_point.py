@@ -88,31 +88,51 @@ def _describe_changes(old: Config, new: Config, keys: list[str]) -> str:
 
 
 def given_keys(overrides: Collection[str]) -> frozenset[str]:
-    """The dotted keys the command line's ``--set`` options give (a section given whole: its name)."""
-    return frozenset(".".join(parse_override(text)[0]) for text in overrides)
+    """The dotted keys the command line's ``--set`` options give: ``model={dropout: 0.3}`` gives
+    ``model.dropout``; a section set to anything but a mapping (``model=null``), the section's name."""
+    keys = set()
+    for text in overrides:
+        parts, value = parse_override(text)
+        if len(parts) == 1 and isinstance(value, dict):
+            keys.update(f"{parts[0]}.{key}" for key in value)
+        else:
+            keys.add(".".join(parts))
+    return frozenset(keys)
 
 
-def take_weight_shape(config: Config, saved: Config, given: frozenset[str]) -> tuple[Config, list[str]]:
+def take_weight_shape(
+    config: Config, saved: Config, given: frozenset[str], refusal: str
+) -> tuple[Config, list[str]]:
     """``config`` with the architecture and tokens of ``saved``, a checkpoint's config, for each such key
-    the command line did not ``--set``; and the keys it took. A key given by ``--set`` stays as given,
-    to be refused by name where it differs: only the config file's values give way."""
+    the command line did not ``--set``; and the keys it took. Only the config file's values give way: a
+    ``--set`` of one that differs from the checkpoint's is refused by name, ``refusal`` saying what
+    cannot be done ("cannot initialise from runs/base/best.safetensors")."""
     tree, saved_tree = config.to_dict(), saved.to_dict()
-    taken = []
+    taken, contradicted = [], []
     for section, keys in WEIGHT_SHAPE_KEYS:
         for key in keys:
             dotted = f"{section}.{key}"
-            if dotted in given or section in given or tree[section][key] == saved_tree[section][key]:
+            if tree[section][key] == saved_tree[section][key]:
                 continue
-            tree[section][key] = saved_tree[section][key]
-            taken.append(dotted)
+            if dotted in given or section in given:
+                contradicted.append(dotted)
+            else:
+                tree[section][key] = saved_tree[section][key]
+                taken.append(dotted)
+    if contradicted:
+        raise DrnnError(
+            f"{refusal}: {_describe_differences(saved, config, contradicted)}; the checkpoint's weights and "
+            "vocabulary fix these: drop those --set options"
+        )
     if not taken:
         return config, []
     try:
         return build_config(tree), taken
     except ConfigError as exc:  # e.g. the checkpoint's hidden size under this config's impl: fused
+        problem = str(exc).removeprefix("config error: ")
         raise DrnnError(
-            f"the checkpoint's settings ({_describe_settings(saved, taken)}) do not fit the rest of this config ({exc}); "
-            "change the config, or --set those keys to refuse the mismatch by name"
+            f"{refusal}: the checkpoint's settings ({_describe_settings(saved, taken)}) do not fit the rest "
+            f"of this config ({problem}); change the config to fit them"
         ) from None
 
 
@@ -172,7 +192,7 @@ def resume_point(
         raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
     checkpoint = load_checkpoint(last, device)
     if checkpoint.init_from is not None:
-        config, _ = take_weight_shape(config, checkpoint.config, given)
+        config, _ = take_weight_shape(config, checkpoint.config, given, f"cannot resume {run_dir}")
     changed = differing_keys(checkpoint.config, config, "model", (*ARCHITECTURE_KEYS, "impl", "init"))
     changed += differing_keys(checkpoint.config, config, "data", RESUME_DATA_KEYS)
     if checkpoint.corpus_sha1 is None and not _same_corpus_named(checkpoint.config, config):
@@ -257,17 +277,7 @@ def init_point(
             f"would record weights that no longer exist; train it beside the old one with --run NEW_DIR"
         )
     checkpoint = load_checkpoint(source, device)
-    adopted, taken = take_weight_shape(config, checkpoint.config, given)
-    changed = [
-        key
-        for section, keys in WEIGHT_SHAPE_KEYS
-        for key in differing_keys(checkpoint.config, adopted, section, keys)
-    ]
-    if changed:
-        raise DrnnError(
-            f"cannot initialise from {source}: {_describe_differences(checkpoint.config, adopted, changed)}; "
-            "its weights and vocabulary fix these: drop those --set options"
-        )
+    adopted, taken = take_weight_shape(config, checkpoint.config, given, f"cannot initialise from {source}")
     notes = []
     if taken:
         notes.append(

@@ -241,8 +241,8 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         init_from_label=start.init_label,
         best_kept=start.best_kept,
         best_restarts=start.best_restarts,
-        # an --overwrite session trains in a staging directory that its first checkpoint swaps in
-        resume_advice=RESUME_ADVICE if run_dir == final_dir else OVERWRITE_RESUME_ADVICE,
+        # --resume --overwrite is refused, whether the session replaces a run or had none to replace
+        resume_advice=OVERWRITE_RESUME_ADVICE if request.overwrite else RESUME_ADVICE,
     )
     previous_latest: Path | None = None
     if dist.is_main:

@@ -188,7 +188,7 @@ def test_a_set_that_contradicts_the_checkpoint_is_refused_naming_it(tmp_path: Pa
     with pytest.raises(
         DrnnError,
         match=r"model.hidden_size \(32 in the checkpoint, 64 now\), data.preprocess \('none' in the checkpoint, "
-        r"'lower' now\); its weights and vocabulary fix these: drop those --set options$",
+        r"'lower' now\); the checkpoint's weights and vocabulary fix these: drop those --set options$",
     ):
         train_run(
             TrainRequest(
@@ -208,10 +208,39 @@ def test_a_checkpoint_architecture_that_the_rest_of_the_config_cannot_take_is_re
     embedded = config_for(tmp_path, second, "emb", model={"embedding_dim": 16, "embedding_dropout": 0.1})
     with pytest.raises(
         DrnnError,
-        match=r"^the checkpoint's settings \(model.embedding_dim 0\) do not fit the rest of this config \(config error: "
-        r"model: .*embedding_dropout needs a learned embedding.*\); change the config, or --set those keys",
+        match=r"^cannot initialise from runs/base/last.safetensors: the checkpoint's settings \(model.embedding_dim 0\) "
+        r"do not fit the rest of this config \(model: .*embedding_dropout needs a learned embedding.*\); change the "
+        r"config to fit them$",
     ):
         train_run(TrainRequest(embedded, init_from=Path("runs/base")))
+
+
+def test_a_whole_section_set_names_only_the_keys_it_holds(tmp_path: Path, texts: tuple[Path, Path]):
+    """``--set model={dropout: 0.3}`` gives model.dropout alone: the file's architecture still gives way
+    (it was taken as giving every model key, and refused as a contradiction)."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    other = config_for(
+        tmp_path, second, "other", model={"cell": "lstm", "hidden_size": 64}, train={"epochs": 1}
+    )
+    train_run(TrainRequest(other, ("model={dropout: 0.3}",), init_from=Path("runs/base")))
+    recorded = yaml.safe_load(Path("runs/other/config.yaml").read_text())["model"]
+    assert (recorded["cell"], recorded["hidden_size"], recorded["dropout"]) == ("gru", 32, 0.3)
+
+
+def test_a_contradicting_set_is_refused_by_name_even_where_taking_the_rest_would_break_a_rule(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """Tied weights need embedding_dim = hidden_size: a --set embedding_dim against a tied checkpoint is
+    named as the contradiction, not reported as the adopted settings not fitting."""
+    first, second = texts
+    tied = {"embedding_dim": 32, "tie_weights": True}
+    train_run(TrainRequest(config_for(tmp_path, first, "base", model=tied, train={"epochs": 1})))
+    other = config_for(tmp_path, second, "other", model={"cell": "lstm", "hidden_size": 64})
+    with pytest.raises(
+        DrnnError, match=r": model.embedding_dim \(32 in the checkpoint, 16 now\); the checkpoint's"
+    ):
+        train_run(TrainRequest(other, ("model.embedding_dim=16",), init_from=Path("runs/base")))
 
 
 def test_an_interrupted_fine_tuning_run_resumes_with_the_same_command_plus_resume(

@@ -51,10 +51,24 @@ def test_durations_take_seconds_minutes_and_hours():
         90.0, 600.0, 7200.0, 90.0, 45.0, 30.0, 0.0
     ]  # fmt: skip
     # a compound duration, as a clock reads: each unit once, largest first
-    assert [parse_duration(v) for v in ("1h30m", "1h 30m", "2m30s", "1 hour 5 minutes", "1h0.5m", "1h10s")] == [
-        5400.0, 5400.0, 150.0, 3900.0, 3630.0, 3610.0
+    assert [parse_duration(v) for v in ("1h30m", "1h 30m", "2m30s", "1 hour 5 minutes", "1h0.5m", "1h10s", "1H30M")] == [
+        5400.0, 5400.0, 150.0, 3900.0, 3630.0, 3610.0, 5400.0
     ]  # fmt: skip
-    for bad in ("ten minutes", "-5s", "5d", True, "nan", "30m1h", "1h1h", "1h30", "1h-30m", "h30m"):
+    bad_ones = (
+        "ten minutes",
+        "-5s",
+        "5d",
+        True,
+        "nan",
+        "30m1h",
+        "1h1h",
+        "1h30",
+        "1h-30m",
+        "h30m",
+        "\u0663h",
+        "\uff11h",
+    )
+    for bad in bad_ones:  # the last two: Arabic-Indic and full-width digits
         with pytest.raises(ValueError, match="duration"):
             parse_duration(bad)
 

@@ -177,6 +177,12 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
         "(the new run has replaced the previous one in runs/tiny)"
     )  # "the same command plus --resume" would be refused: --resume --overwrite
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").config.train.seed == 7
+    # --overwrite where there was no run to replace: the same advice
+    fresh = TrainRequest(config, ("train.epochs=3",), run_dir=Path("runs/new"), overwrite=True)
+    with pytest.raises(
+        DrnnError, match="continue with the same command with --resume in place of --overwrite$"
+    ):
+        train_run(fresh, reporter=StopAfterFirstEpoch())
 
 
 def test_init_from_the_run_that_overwrite_replaces_is_refused(workdir: Path, cli):
@@ -237,6 +243,8 @@ def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Pat
         )
     code, _, err = cli("predict", "time", "--run", "runs/latest")
     assert_one_line_error(code, err, "--run runs/latest is the latest-run marker, not a run; drop --run")
+    code, _, err = cli("eval", "--checkpoint", "runs/latest")  # not "a corrupt header"
+    assert_one_line_error(code, err, "--checkpoint runs/latest is the latest-run marker, not a checkpoint; drop")
     code, _, err = cli("train", "--config", str(config), "--run", "runs/./latest")  # the marker exists now
     assert_one_line_error(code, err, "--run runs/latest is the file where drnn records the latest run")
     named_latest = workdir / "latest.yaml"  # no --run: the run directory is named after the config
@@ -920,3 +928,21 @@ def test_an_error_is_one_line_and_keeps_the_spaces_it_quotes() -> None:
         "run directory r/no\\tsuch\\x1b[2J does not exist"
     )
     assert str(DrnnError("cannot read a\u202etxt.exe")) == "cannot read a\\u202etxt.exe"
+
+
+@pytest.mark.parametrize(("rank", "shown"), [("0", True), ("1", False)])
+def test_a_stopped_training_is_said_once_under_torchrun(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch, rank: str, shown: bool
+):
+    """Every process stops at the same step with the same line: rank 0 says it, every rank exits 143."""
+    from drnn_cli import train_session
+    from drnn_cli.errors import TrainingInterrupted
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise TrainingInterrupted("training stopped by SIGTERM after epoch 1, optimizer step 24; ...", 143)
+
+    monkeypatch.setattr(train_session, "train_run", stopped)
+    monkeypatch.setenv("RANK", rank)
+    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
+    expected = "drnn: training stopped by SIGTERM after epoch 1, optimizer step 24; ...\n" if shown else ""
+    assert (code, err) == (143, expected)

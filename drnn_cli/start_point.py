@@ -174,13 +174,19 @@ class StartPoint:
 
 
 def resume_point(
-    run_dir: Path, config: Config, device: torch.device, given: frozenset[str] = frozenset()
+    run_dir: Path,
+    config: Config,
+    device: torch.device,
+    given: frozenset[str] = frozenset(),
+    init_from: Path | None = None,
 ) -> StartPoint:
     """``--resume``: the run's last checkpoint, refused if the config changed what it cannot change.
 
     A run fine-tuned with ``--init-from`` took its architecture and tokens from its source's
     checkpoint (``init_point``); resumed, it takes them again, from its own, unless ``--set``
-    (``given``) names them.
+    (``given``) names them. ``init_from``: the command also names ``--init-from`` ("the same command
+    plus --resume", as an interrupted fine-tuning run advises), noted; refused for a run that started
+    from scratch, which the user may have meant to fine-tune.
     """
     last = run_dir / LAST
     if not last.is_file():
@@ -191,6 +197,17 @@ def resume_point(
             )
         raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
     checkpoint = load_checkpoint(last, device)
+    said = []
+    if init_from is not None:
+        if checkpoint.init_from is None:
+            raise DrnnError(
+                f"--resume continues {run_dir}, which started from scratch: --init-from {init_from} does not "
+                "apply to it; drop --init-from to resume it, or fine-tune into a new run with --run NEW_DIR"
+            )
+        said.append(
+            f"--resume continues {run_dir} from its last checkpoint; --init-from applies where a run starts "
+            f"(this one started from {checkpoint.init_from})"
+        )
     if checkpoint.init_from is not None:
         config, _ = take_weight_shape(config, checkpoint.config, given, f"cannot resume {run_dir}")
     changed = differing_keys(checkpoint.config, config, "model", (*ARCHITECTURE_KEYS, "impl", "init"))
@@ -219,7 +236,6 @@ def resume_point(
         for key in differing_keys(checkpoint.config, config, section, keys)
     ]
     best_restarts = "train.eval_tokens" in noted
-    said = []
     if noted:
         said.append(
             f"--resume with settings changed since the checkpoint: {_describe_changes(checkpoint.config, config, noted)} "

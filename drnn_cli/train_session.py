@@ -200,14 +200,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     request, device, dist, reporter = job.request, job.device, job.dist, job.reporter
     given = given_keys(request.overrides)
     if request.resume:
-        start = resume_point(run_dir, job.config, device, given)
-        if request.init_from is not None and reporter is not None:
-            # "the same command plus --resume", as an interrupted fine-tuning run advises
-            started = start.resume.init_from if start.resume is not None else None
-            reporter.note(
-                f"--resume continues {final_dir} from its last checkpoint; --init-from applies where a run "
-                f"starts (this one started from {started or 'scratch'})"
-            )
+        start = resume_point(run_dir, job.config, device, given, request.init_from)
     elif request.init_from is not None:
         start = init_point(
             request.init_from, job.config, device, final_dir, request.overwrite, request.runs_root, given

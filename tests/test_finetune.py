@@ -266,6 +266,22 @@ def test_an_interrupted_fine_tuning_run_resumes_with_the_same_command_plus_resum
     assert Path("runs/tuned/init_from.txt").read_text() == f"{source}\n"
 
 
+def test_resume_with_init_from_of_a_run_that_started_from_scratch_is_refused(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """Its user may have meant to fine-tune: --resume would quietly continue the scratch run."""
+    first, _ = texts
+    config = config_for(tmp_path, first, "base", train={"epochs": 1})
+    train_run(TrainRequest(config))
+    train_run(TrainRequest(config, run_dir=Path("runs/other")))
+    with pytest.raises(
+        DrnnError,
+        match=r"^--resume continues runs/base, which started from scratch: --init-from runs/other does not apply "
+        r"to it; drop --init-from to resume it, or fine-tune into a new run with --run NEW_DIR$",
+    ):
+        train_run(TrainRequest(config, ("train.epochs=2",), init_from=Path("runs/other"), resume=True))
+
+
 def test_resume_of_a_run_trained_from_scratch_still_refuses_a_changed_architecture(
     tmp_path: Path, texts: tuple[Path, Path]
 ):

@@ -170,7 +170,7 @@ class StartPoint:
     # a resume whose validation reads other tokens (train.eval_tokens changed): the best so far and
     # patience's count were measured on the old ones, and start over
     best_restarts: bool = False
-    changes: str | None = None  # a note on settings changed (RESUME_NOTED_KEYS) or ignored (min_freq)
+    changes: str | None = None  # a note on settings changed (RESUME_NOTED_KEYS), taken or ignored (min_freq)
 
 
 def resume_point(

@@ -214,10 +214,23 @@ def write_run_files(
     """What a run directory holds before its first step: config, vocabulary, metrics so far, origin."""
     files.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(files.config, dump_config(config))
-    atomic_write_text(files.vocab, vocab.to_json() + "\n")
+    atomic_write_text(files.vocab, _with_counts_kept(files.vocab, vocab).to_json() + "\n")
     write_metrics(files.metrics, records)
     if init_from:
         atomic_write_text(files.init_from, init_from + "\n")
+
+
+def _with_counts_kept(path: Path, vocab: Vocab) -> Vocab:
+    """A checkpoint holds the vocabulary's tokens alone (its header stays small), so a resumed run's
+    lacks the text's token counts: the run's ``vocab.json``, written when the run began with the same
+    tokens, keeps them (``data.min_freq``'s cut is read there)."""
+    if vocab.token_freqs or not path.is_file():
+        return vocab
+    try:
+        written = Vocab.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not drnn's: replaced
+        return vocab
+    return written if written.idx_to_token == vocab.idx_to_token else vocab
 
 
 class PlotRefresh:

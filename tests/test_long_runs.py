@@ -599,3 +599,15 @@ def test_metrics_written_before_step_counts_are_kept_on_resume(workdir: Path):
     assert [(line["epoch"], line["step"]) for line in lines] == [(1, 0), (2, 2 * STEPS_PER_EPOCH)]
     assert lines[0]["val_ppl"] == old[0]["val_ppl"]
     assert (path.parent / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_run_keeps_the_text_s_token_counts_in_its_vocab_json(workdir: Path):
+    """A checkpoint holds the tokens alone: the resume rewrote vocab.json without the counts (a word
+    vocabulary's 15,831 of them, and data.min_freq's cut with them)."""
+    config = write_config(workdir)
+    train(config, "train.epochs=1")
+    vocab_file = workdir / "runs" / "tiny" / "vocab.json"
+    written = json.loads(vocab_file.read_text())
+    assert written["token_freqs"][0] == [" ", 29927]  # the whole text's commonest (d2l counts it all)
+    train(config, "train.epochs=2", resume=True)
+    assert json.loads(vocab_file.read_text()) == written

@@ -19,8 +19,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from drnn_cli import __version__, strict_json
 from drnn_cli.budget import Cadence, format_duration
@@ -271,6 +281,29 @@ def _plural(n: int, noun: str) -> str:
 # drnn train
 
 
+def _figures(train_ppl: float | None, val_ppl: float | None, tokens_per_s: float) -> str:
+    """A log line's figures, and the bar's: ``ppl 9.50  val 8.50  1,000 tok/s`` (what is known of them)."""
+    parts = [] if train_ppl is None else [f"ppl {_perplexity(train_ppl, 2)}"]
+    if val_ppl is not None:
+        parts.append(f"val {_perplexity(val_ppl, 2)}")
+    return "  ".join([*parts, f"{tokens_per_s:,.0f} tok/s"])
+
+
+def time_left(budget: float | None, epochs: float | None) -> str:
+    """The bar's one time-left figure: to whichever ends the run first, the first budget (``budget``:
+    max_time, or max_steps at the current pace) or the last epoch at the current pace (``epochs``)."""
+    known = [seconds for seconds in (budget, epochs) if seconds is not None]
+    return f"{format_duration(min(known))} left" if known else ""
+
+
+class TimeLeftColumn(ProgressColumn):
+    """:func:`time_left` for the training bar: rich's own estimate alone would count to the last epoch,
+    beside a budget that ends the run minutes earlier."""
+
+    def render(self, task: Task) -> Text:
+        return Text(time_left(task.fields.get("budget"), task.time_remaining), style="progress.remaining")
+
+
 class RichReporter:
     """Training progress: a live bar on a terminal, plain lines every ``log_every`` epochs otherwise.
 
@@ -285,6 +318,8 @@ class RichReporter:
         self.total = 0
         self.every = 0
         self._held: tuple[EpochRecord, str] | None = None  # a record off the log cadence, not yet printed
+        self._last_ppl: float | None = None  # the bar's training perplexity where no newer one is read
+        self._last_val: float | None = None  # the latest validation, which the bar keeps showing
 
     def start(self, run: RunStart) -> None:
         total_epochs, start_epoch = run.total_epochs, run.start_epoch
@@ -300,28 +335,31 @@ class RichReporter:
                 TextColumn("epoch {task.fields[epoch]}/{task.total}"),
                 BarColumn(),
                 TextColumn("{task.fields[steps]}{task.fields[status]}"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[budget]}"),
+                TimeLeftColumn(),
                 console=self.console,
             )
             self.progress.start()
             # The bar names the epoch in progress (1-based), as the first line does: "from epoch 2, step 3"
             self.task = self.progress.add_task(
-                "train", total=total_epochs, completed=start_epoch, status="", steps="", budget="",
+                "train", total=total_epochs, completed=start_epoch, status="", steps="", budget=None,
                 epoch=min(int(start_epoch) + 1, total_epochs),
             )  # fmt: skip
 
     def epoch_end(self, record: EpochRecord) -> None:
-        status = f"ppl {_perplexity(record.train_ppl, 2)}"
+        status = _figures(record.train_ppl, record.val_ppl, record.tokens_per_s)
+        self._last_ppl = record.train_ppl
         if record.val_ppl is not None:
-            status += f"  val {_perplexity(record.val_ppl, 2)}"
-        status += f"  {record.tokens_per_s:,.0f} tok/s"
+            self._last_val = record.val_ppl
         inside_epoch = record.epoch != int(record.epoch)  # an evaluation or a budget's end inside an epoch
         if self.progress is not None and self.task is not None:
             # the epoch's steps are done: its count would stand still at the last half-second's. The
             # label stays the epoch in progress (1-based): a record inside epoch 3 (2.5) is "epoch 3"
             self.progress.update(
-                self.task, completed=record.epoch, epoch=math.ceil(record.epoch), status=status, steps=""
+                self.task,
+                completed=record.epoch,
+                epoch=math.ceil(record.epoch),
+                status=_figures(record.train_ppl, self._last_val, record.tokens_per_s),
+                steps="",
             )
         elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
             self._held = None
@@ -348,18 +386,21 @@ class RichReporter:
         """The bar inside a long epoch: its steps, and the time left to the first budget."""
         if self.progress is None or self.task is None:
             return
-        left = "" if status.seconds_left is None else f"budget left {format_duration(status.seconds_left)}"
         # An epoch's first step comes at once (for the budget): its count would stand all through a
         # short epoch, so counts start with the next report, half a second in.
-        steps = (
-            f"step {status.step_in_epoch:,}/{status.steps_in_epoch:,}  " if status.step_in_epoch > 1 else ""
-        )
+        counting = status.step_in_epoch > 1
+        steps = f"step {status.step_in_epoch:,}/{status.steps_in_epoch:,}  " if counting else ""
+        live = {}
+        if counting and status.tokens_per_s is not None:  # between log lines: the figures so far
+            train_ppl = status.train_ppl if status.train_ppl is not None else self._last_ppl
+            live["status"] = _figures(train_ppl, self._last_val, status.tokens_per_s)
         self.progress.update(
             self.task,
             completed=status.epoch + status.step_in_epoch / max(1, status.steps_in_epoch),
             epoch=status.epoch + 1,
             steps=steps,
-            budget=left,
+            budget=status.seconds_left,
+            **live,
         )
 
     def samples(self, epoch: float, samples: dict[str, str]) -> None:

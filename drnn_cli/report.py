@@ -125,6 +125,8 @@ class StepStatus:
     steps_in_epoch: int
     global_step: int
     seconds_left: float | None  # to the first budget (max_time, or max_steps at the current pace)
+    tokens_per_s: float | None = None  # over the epoch so far, by the host's clock (no device wait)
+    train_ppl: float | None = None  # since the epoch's last log line, where reading it costs no wait
 
 
 @dataclass(frozen=True)

@@ -497,15 +497,36 @@ class Trainer:
             now = time.monotonic()
             if now - shown >= 0.5:
                 shown = now
-                self.reporter.step(
-                    StepStatus(epoch, progress.step, len(batches), self.global_step, self._seconds_left())
-                )
+                self.reporter.step(self._step_status(epoch, progress, len(batches), started))
         # A mid-epoch stop was timed and logged at its boundary: the run's summary repeats that
         # metrics line's tokens/s rather than a second reading of the clock taken after validating.
         seconds = progress.elapsed if self.stopped_mid_epoch else self._training_clock() - started
         loss_sum, count = self._totals(epoch, progress)
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
         return self._since_logged(progress, loss_sum, count), count / max(seconds, 1e-9)
+
+    def _step_status(
+        self, epoch: int, progress: EpochProgress, steps_in_epoch: int, started: float
+    ) -> StepStatus:
+        """The bar's figures between log lines, read without waiting for the device: tokens/s by the
+        host's clock (a GPU's queue runs a little behind it), and on a CPU, where the tally is
+        already there, the training perplexity since the last line (one process's rows under torchrun)."""
+        seconds = time.perf_counter() - started
+        tokens_per_s = progress.count * self.dist.world_size / seconds if seconds > 0 else None
+        train_ppl = None
+        if self.device.type == "cpu" and not self.dist.enabled:
+            loss_sum = float(self.static_step.loss_sum)
+            if math.isfinite(loss_sum) and progress.count > progress.logged_count:
+                train_ppl = self._since_logged(progress, loss_sum, progress.count)
+        return StepStatus(
+            epoch,
+            progress.step,
+            steps_in_epoch,
+            self.global_step,
+            self._seconds_left(),
+            tokens_per_s,
+            train_ppl,
+        )
 
     @staticmethod
     def _since_logged(progress: EpochProgress, loss_sum: float, count: float) -> float:

@@ -31,7 +31,8 @@ def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
     axes = figure.subplots()
     by_tokens = all(r.tokens_seen for r in records)
     xs = [r.tokens_seen if by_tokens else r.epoch for r in records]
-    axes.plot(xs, [r.train_ppl for r in records], label="train")
+    # points marked while few: a line of one point is invisible
+    axes.plot(xs, [r.train_ppl for r in records], label="train", marker="." if len(records) < 50 else None)
     validated = [(x, r.val_ppl) for x, r in zip(xs, records, strict=True) if r.val_ppl is not None]
     if validated:
         axes.plot(

@@ -248,8 +248,8 @@ class PlotRefresh:
 
     def update(self, records: Sequence[EpochRecord], force: bool = False) -> None:
         now = time.monotonic()
-        if not self._ok or (not force and now - self._last < self.every):
-            return
+        if not records or not self._ok or (not force and now - self._last < self.every):
+            return  # no line yet: no plot (empty axes around 0 read as a perplexity below zero)
         self._last = now
         png = render_perplexity_plot(records)
         if png is None:

@@ -611,3 +611,20 @@ def test_a_resumed_run_keeps_the_text_s_token_counts_in_its_vocab_json(workdir: 
     assert written["token_freqs"][0] == [" ", 29927]  # the whole text's commonest (d2l counts it all)
     train(config, "train.epochs=2", resume=True)
     assert json.loads(vocab_file.read_text()) == written
+
+
+def test_a_run_stopped_before_its_first_line_draws_no_plot(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Empty axes around 0 read as a perplexity below zero: no line yet, no plot."""
+    original = Trainer._stop_requested
+
+    def stop_at_step_3(self: Trainer, *args: object) -> bool:
+        if self.global_step == 3:
+            self.stops.signum = 2
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_stop_requested", stop_at_step_3)
+    with pytest.raises(DrnnError, match="stopped by SIGINT after step 3 of epoch 1"):
+        train(write_config(workdir))
+    run = workdir / "runs" / "tiny"
+    assert (run / "last.safetensors").is_file() and (run / "metrics.jsonl").read_text() == ""
+    assert not (run / "perplexity.png").exists()

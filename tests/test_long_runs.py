@@ -624,7 +624,7 @@ def test_a_run_stopped_before_its_first_line_draws_no_plot(workdir: Path, monkey
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_step_3)
     with pytest.raises(DrnnError, match="stopped by SIGINT after step 3 of epoch 1"):
-        train(write_config(workdir))
+        train(write_config(workdir), "train.log_every=2 steps")  # a printed line, none in metrics.jsonl
     run = workdir / "runs" / "tiny"
     assert (run / "last.safetensors").is_file() and (run / "metrics.jsonl").read_text() == ""
     assert not (run / "perplexity.png").exists()

@@ -64,14 +64,18 @@ class Shard:
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
-def check_trainable(n_tokens: int, batch_size: int, num_steps: int, world_size: int = 1) -> None:
-    """Refuse a split too short for a single minibatch, naming the sizes and what to lower."""
+def check_trainable(
+    n_tokens: int, batch_size: int, num_steps: int, world_size: int = 1, capped: bool = False
+) -> None:
+    """Refuse a split too short for a single minibatch, naming the sizes and what to change
+    (``capped``: ``data.max_tokens`` kept less than the whole text, so raising it is one way)."""
     needed = batch_size * num_steps + 1
     if n_tokens < needed:
         raise DrnnError(
             f"the training split has {n_tokens} tokens but one minibatch of data.batch_size {batch_size} × "
             f"data.num_steps {num_steps} needs {needed}; lower data.batch_size or data.num_steps, "
-            f"raise data.max_tokens, or use a longer text"
+            + ("raise data.max_tokens, " if capped else "")
+            + "or use a longer text"
         )
     if batch_size % world_size:
         raise DrnnError(

@@ -52,7 +52,8 @@ def describe_data(config: Config, progress: ProgressHook | None = None) -> DataR
     dataset = load_dataset(config.data, progress=progress)
     data = config.data
     try:
-        check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps)
+        capped = len(dataset.tokens) < dataset.total_tokens
+        check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=capped)
     except DrnnError as refused:
         return DataReport(dataset, 0, str(refused))  # described all the same; `drnn train` refuses it
     return DataReport(dataset, len(epoch_batches(dataset.splits.train, data, config.train.seed, 0)))

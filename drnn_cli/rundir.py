@@ -107,9 +107,10 @@ def refuse_run_file(path: Path, flag: str) -> None:
     ``--resume`` continues, ``metrics.jsonl`` the run's history."""
     folder = path.parent
     if path.name in RUN_ENTRY_NAMES and ((folder / RUN_MARKER).exists() or holds_run(folder)):
+        suffix = "." + flag.removeprefix("--")  # --html writes inspect.html, --png inspect.png
         raise DrnnError(
             f"{flag} {path} is a file of the run directory {folder} (drnn's checkpoints, config and history "
-            f"live there); give {flag} a name of its own, e.g. {folder / ('inspect' + path.suffix)}"
+            f"live there); give {flag} a name of its own, e.g. {folder / ('inspect' + suffix)}"
         )
 
 

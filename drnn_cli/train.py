@@ -128,7 +128,10 @@ class Trainer:
         self.dist = dist or DistContext()
         self.shard = Shard(self.dist.rank, self.dist.world_size)
         data = config.data
-        check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size)
+        capped = len(dataset.tokens) < dataset.total_tokens  # data.max_tokens kept part of the text
+        check_trainable(
+            len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size, capped
+        )
         if config.train.precision == "fp16" and device.type == "cpu":
             raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
         self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)

@@ -301,8 +301,10 @@ def test_check_trainable_refuses_a_split_shorter_than_one_minibatch() -> None:
         check_trainable(10, 2, 5)
     assert str(caught.value) == (
         "the training split has 10 tokens but one minibatch of data.batch_size 2 × data.num_steps 5 needs 11; "
-        "lower data.batch_size or data.num_steps, raise data.max_tokens, or use a longer text"
-    )
+        "lower data.batch_size or data.num_steps, or use a longer text"
+    )  # data.max_tokens is no way on where it kept the whole text
+    with pytest.raises(DrnnError, match="data.num_steps, raise data.max_tokens, or use a longer text$"):
+        check_trainable(10, 2, 5, capped=True)
 
 
 def test_check_trainable_accepts_exactly_one_minibatch_plus_one_token() -> None:

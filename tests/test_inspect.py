@@ -675,7 +675,7 @@ def test_an_output_named_like_a_file_of_a_run_directory_inside_one_is_refused(
             1,
             "",
             f"drnn: error: {flag} {named} is a file of the run directory {run} (drnn's checkpoints, config "
-            f"and history live there); give {flag} a name of its own, e.g. {run / ('inspect' + named.suffix)}\n",
+            f"and history live there); give {flag} a name of its own, e.g. {run / ('inspect.' + flag[2:])}\n",
         )
     assert before == {name: (run / name).read_bytes() for name in before}
     code, _, err = cli("inspect", "the time", "--run", str(run), "--html", str(run / "inspect.html"))

@@ -244,7 +244,9 @@ def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Pat
     code, _, err = cli("predict", "time", "--run", "runs/latest")
     assert_one_line_error(code, err, "--run runs/latest is the latest-run marker, not a run; drop --run")
     code, _, err = cli("eval", "--checkpoint", "runs/latest")  # not "a corrupt header"
-    assert_one_line_error(code, err, "--checkpoint runs/latest is the latest-run marker, not a checkpoint; drop")
+    assert_one_line_error(
+        code, err, "--checkpoint runs/latest is the latest-run marker, not a checkpoint; drop"
+    )
     code, _, err = cli("train", "--config", str(config), "--run", "runs/./latest")  # the marker exists now
     assert_one_line_error(code, err, "--run runs/latest is the file where drnn records the latest run")
     named_latest = workdir / "latest.yaml"  # no --run: the run directory is named after the config

@@ -20,7 +20,7 @@ _COMPOUND = re.compile(
 )  # 1h30m, 2m 30s: each with its unit
 _PART = re.compile(rf"{_NUMBER}\s*{_UNIT}", re.IGNORECASE)
 _SECONDS = {"h": 3600, "m": 60, "s": 1}  # largest first, the order a compound duration writes them in
-_CADENCE = re.compile(r"^\s*(\d{1,18})\s*(steps?|epochs?)\s*$")  # a count, not 4,300 digits
+_CADENCE = re.compile(r"^\s*([0-9]{1,18})\s*(steps?|epochs?)\s*$", re.IGNORECASE)  # not 4,300 digits
 
 Unit = Literal["epochs", "steps"]
 
@@ -75,7 +75,7 @@ def parse_cadence(value: object, allow_zero: bool) -> int | str:
     match = _CADENCE.match(str(value))
     if match is None:
         raise ValueError(problem)
-    count, unit = int(match.group(1)), match.group(2)
+    count, unit = int(match.group(1)), match.group(2).lower()
     if unit.startswith("epoch"):
         if count < least:
             raise ValueError(problem)

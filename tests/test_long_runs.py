@@ -87,6 +87,8 @@ def test_cadences_are_epochs_by_default_or_steps():
     assert parse_cadence("2 epochs", allow_zero=False) == 2
     assert parse_cadence("500 steps", allow_zero=False) == "500 steps"
     assert parse_cadence("1 step", allow_zero=True) == "1 steps"
+    assert parse_cadence("100 Steps", allow_zero=False) == "100 steps"  # any case, as durations
+    assert parse_cadence("2 EPOCHS", allow_zero=False) == 2
     assert parse_cadence(0, allow_zero=True) == 0
     assert Cadence.of("500 steps") == Cadence(500, "steps") and Cadence.of(2) == Cadence(2, "epochs")
     assert [Cadence.of("5 steps").due_at_step(s) for s in (4, 5, 10)] == [False, True, True]

@@ -74,7 +74,8 @@ def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> lis
     """
     if not prefix:
         raise DrnnError(
-            'the prefix is empty; give at least one character, e.g. drnn predict "time traveller"'
+            f"the prefix is empty; give at least one {'word' if token == 'word' else 'character'}, e.g. drnn "
+            'predict "time traveller"'
         )
     tokens = list(tokens_of(prefix_pieces(prefix, preprocess), token))  # words split line by line
     if not tokens:

@@ -27,9 +27,10 @@ TEMPORARY_SUFFIX = ".tmp"
 
 
 def _in_current_directory() -> str:
-    """`` in DIR`` for the current directory, or nothing where it is gone (deleted under the process)."""
+    """`` in DIR (...)`` for the current directory, or nothing where it is gone (deleted under the
+    process): a name in a config file is not read from the file's folder, which one would expect."""
     try:
-        return f" in {Path.cwd()}"
+        return f" in {Path.cwd()} (the current directory, where relative names are read from)"
     except OSError:
         return ""
 

@@ -530,7 +530,8 @@ def test_a_missing_data_path_names_data_path(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(DrnnError) as refused:
         load_dataset(DataConfig(path="../absent.txt"))
     assert str(refused.value).startswith(
-        f"corpus file ../absent.txt does not exist in {tmp_path}; fix data.path"
+        f"corpus file ../absent.txt does not exist in {tmp_path} (the current directory, where relative names "
+        "are read from); fix data.path"
     )
 
 

@@ -112,8 +112,10 @@ def test_prefix_is_preprocessed_like_the_corpus(tiny_run: Path):
 
 def test_prefix_errors_name_the_problem():
     vocab = Vocab(["<unk>", " ", "a", "b"])
-    with pytest.raises(DrnnError, match="prefix is empty"):
+    with pytest.raises(DrnnError, match="prefix is empty; give at least one character"):
         prefix_tokens("", vocab, "none", "char")
+    with pytest.raises(DrnnError, match="prefix is empty; give at least one word"):  # a word model's
+        prefix_tokens("", Vocab(["<unk>", "the"]), "none", "word")
     with pytest.raises(DrnnError, match="empty after data.preprocess=d2l"):
         prefix_tokens("123!", vocab, "d2l", "char")
     with pytest.raises(DrnnError, match=r"not in the model's vocabulary: 'c', 'z'"):

@@ -223,7 +223,7 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
         f"{report.train_batches:,} ({data.sampling}, batch {data.batch_size} × {data.num_steps} steps)",
     )
     out.print(table)
-    for note in report.dataset.notes:
+    for note in (*report.dataset.notes, *report.notes):
         _print_note(out, note)
     if report.untrainable is not None:
         _print_note(out, f"drnn train would refuse this: {report.untrainable}")

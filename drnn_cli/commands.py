@@ -24,7 +24,7 @@ from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.run_files import RunFiles
-from drnn_cli.run_notes import UNKNOWN_SHARE_NOTED
+from drnn_cli.run_notes import UNKNOWN_SHARE_NOTED, data_notes, own_text_notes
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
 from drnn_cli.trainer_state import UnusableTrainerState
@@ -39,24 +39,32 @@ class DataReport:
     dataset: Dataset
     train_batches: int
     untrainable: str | None = None  # why `drnn train` would refuse this data, in its words
+    notes: tuple[str, ...] = ()  # what `drnn train` would note about this text and these settings
 
     def summary(self) -> dict:
         return {
             **self.dataset.summary(),
             "minibatches_per_epoch": self.train_batches,
             "train_would_refuse": self.untrainable,
+            "notes": [*self.dataset.notes, *self.notes],
         }
 
 
 def describe_data(config: Config, progress: ProgressHook | None = None) -> DataReport:
     dataset = load_dataset(config.data, progress=progress)
     data = config.data
+    notes = (
+        *data_notes(config, dataset.splits, dataset.vocab, None),
+        *own_text_notes(data, dataset.total_tokens, dataset.file_bytes()),
+    )
     try:
         capped = len(dataset.tokens) < dataset.total_tokens
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=capped)
-    except DrnnError as refused:
-        return DataReport(dataset, 0, str(refused))  # described all the same; `drnn train` refuses it
-    return DataReport(dataset, len(epoch_batches(dataset.splits.train, data, config.train.seed, 0)))
+    except DrnnError as refused:  # described all the same; `drnn train` refuses it
+        return DataReport(dataset, 0, str(refused), notes)
+    return DataReport(
+        dataset, len(epoch_batches(dataset.splits.train, data, config.train.seed, 0)), None, notes
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,10 +23,11 @@ FEW_VALIDATION_PREDICTIONS = 100
 ONE_HOT_VOCAB_NOTED = 1024
 
 
-def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device) -> list[str]:
+def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device | None) -> list[str]:
     """Settings this text or device defeats: a validation or test split too small to evaluate, a
     min_freq that turns much of the text into <unk>, a capped evaluation, patience without validation,
-    sample prefixes the vocabulary cannot spell, Triton kernels without CUDA."""
+    sample prefixes the vocabulary cannot spell, Triton kernels without CUDA (``device``: where the run
+    trains; None, ``drnn data``'s, where it is not decided)."""
     train, data = config.train, config.data
     validation_tokens, test_tokens = len(splits.val), len(splits.test)
     notes = []
@@ -87,7 +88,7 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             "of one-hot input a minibatch; a learned embedding (e.g. model.embedding_dim "
             f"{min(model.hidden_size, 512)}) is the usual input for a vocabulary this large"
         )
-    if config.model.impl == "fused" and not fused_recurrence.can_run(device):
+    if device is not None and config.model.impl == "fused" and not fused_recurrence.can_run(device):
         notes.append(
             f"model.impl fused runs Triton kernels on CUDA; on {device.type} it steps the scratch "
             "cells (the same model)"

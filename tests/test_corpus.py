@@ -617,6 +617,22 @@ def test_drnn_data_on_a_text_too_short_to_train_says_what_train_would_say(workdi
     assert (summary["minibatches_per_epoch"], summary["train_would_refuse"]) == (152, None)
 
 
+def test_drnn_data_notes_what_drnn_train_would_note_about_the_text(workdir: Path, cli) -> None:
+    """drnn data is where one tunes data.preprocess and data.min_freq: it said nothing of what training
+    then noted (d2l's preprocessing dropping a third of a text)."""
+    text = workdir / "numbers.txt"
+    text.write_text("the 1895 edition, page 42: the time traveller. " * 100)  # 4,700 bytes
+    code, out, err = cli("data", "--set", f"data.path={text}")
+    assert code == 0, err
+    expected = (
+        "data.preprocess d2l keeps the letters a-z and single spaces, lower-cased: 3,599 characters of this "
+        "4,700-byte file (77%); digits, punctuation, accented and other letters, case and line breaks are gone "
+        "(data.preprocess none keeps the text as it is)"
+    )
+    assert f"note: {expected}" in out.splitlines()
+    assert last_json_line(cli("data", "--set", f"data.path={text}", "--json")[1])["notes"] == [expected]
+
+
 def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(workdir: Path, cli) -> None:
     code, _out, err = cli("data", "--set", "data.path=absent.txt", "--json")
     assert code != 0

@@ -849,6 +849,14 @@ def _is_usage_error(error: Exception) -> bool:
     return hasattr(error, "format_message") and hasattr(error, "exit_code")
 
 
+def _set_split_in_two(argv: list[str]) -> str | None:
+    """``KEY=VALUE`` for the first ``--set KEY VALUE`` (a space for the ``=``) in ``argv``, if any."""
+    for flag, key, value in zip(argv, argv[1:], argv[2:], strict=False):
+        if flag in ("--set", "-s") and "=" not in key and not value.startswith("-"):
+            return f"{key}={value}"
+    return None
+
+
 def _report_usage_error(error: Any, errors: Console, argv: list[str]) -> None:
     if type(error).__name__ == "NoArgsIsHelpError":
         sys.stdout.write(error.format_message().rstrip() + "\n")
@@ -868,6 +876,9 @@ def _report_usage_error(error: Any, errors: Console, argv: list[str]) -> None:
         message = (
             message.rstrip(".") + ": a preset (drnn presets lists them: quick, lstm2, ...) or a YAML file"
         )
+    split = _set_split_in_two(argv)
+    if type(error).__name__ == "UsageError" and split is not None:  # Got unexpected extra argument(s)
+        message = message.rstrip(".") + f": --set takes KEY=VALUE as one argument, e.g. --set {split}"
     errors.print(f"drnn: error: {message} (see {command} --help)", soft_wrap=True)
     sys.exit(error.exit_code)
 

@@ -81,9 +81,14 @@ def test_unknown_option_is_one_line(cli):
     assert err == "drnn: error: Option '--run' requires an argument. (see drnn predict --help)\n"
     code, _, err = cli("--bogus")
     assert_one_line_error(code, err, "--bogus", "(see drnn --help)")
+    code, _, err = cli("data", "--set", "train.epochs", "5")  # a space for the '='
+    assert err == (
+        "drnn: error: Got unexpected extra argument(s) (5): --set takes KEY=VALUE as one argument, e.g. --set "
+        "train.epochs=5 (see drnn data --help)\n"
+    )
     code, _, err = cli(
         "train"
-    )  # which values --config takes, where a bare "missing option" would leave one guessing
+    )  # which values --config takes, where "missing option" would leave one guessing
     assert code == 2 and err == (
         "drnn: error: Missing option '--config' / '-c': a preset (drnn presets lists them: quick, lstm2, ...) or "
         "a YAML file (see drnn train --help)\n"

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -211,12 +211,19 @@ def append_metrics(path: Path, record: EpochRecord) -> None:
 
 
 def write_run_files(
-    files: RunFiles, config: Config, vocab: Vocab, records: Sequence[EpochRecord], init_from: str | None
+    files: RunFiles,
+    config: Config,
+    vocab: Vocab,
+    records: Sequence[EpochRecord],
+    init_from: str | None,
+    resumed: bool = False,
 ) -> None:
-    """What a run directory holds before its first step: config, vocabulary, metrics so far, origin."""
+    """What a run directory holds before its first step: config, vocabulary, metrics so far, origin
+    (``resumed``: the run's own files, written when it began, are there)."""
     files.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(files.config, dump_config(config))
-    atomic_write_text(files.vocab, _with_counts_kept(files.vocab, vocab).to_json() + "\n")
+    kept = _with_counts_kept(files.vocab, vocab) if resumed else vocab
+    atomic_write_text(files.vocab, kept.to_json() + "\n")
     write_metrics(files.metrics, records)
     if init_from:
         atomic_write_text(files.init_from, init_from + "\n")
@@ -224,15 +231,20 @@ def write_run_files(
 
 def _with_counts_kept(path: Path, vocab: Vocab) -> Vocab:
     """A checkpoint holds the vocabulary's tokens alone (its header stays small), so a resumed run's
-    lacks the text's token counts: the run's ``vocab.json``, written when the run began with the same
-    tokens, keeps them (``data.min_freq``'s cut is read there)."""
+    lacks the text's token counts: the run's ``vocab.json``, written when the run began, keeps them
+    (``data.min_freq``'s cut is read there) where it describes the same vocabulary."""
     if vocab.token_freqs or not path.is_file():
         return vocab
     try:
         written = Vocab.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not drnn's: replaced
+    except Exception:  # unreadable, tampered (an infinite count, JSON nested too deep): replaced
         return vocab
-    return written if written.idx_to_token == vocab.idx_to_token else vocab
+    same = (written.idx_to_token, written.min_freq, written.reserved_tokens) == (
+        vocab.idx_to_token,
+        vocab.min_freq,
+        vocab.reserved_tokens,
+    )
+    return replace(vocab, token_freqs=written.token_freqs) if same else vocab
 
 
 class PlotRefresh:

@@ -236,6 +236,7 @@ class Trainer:
         self.records: list[EpochRecord] = (
             read_metrics(self.files.metrics, self.global_step, self.start_epoch) if resume is not None else []
         )
+        self.resumed = resume is not None  # its vocab.json, from when the run began, keeps the text's counts
 
     # ----- checkpoint state ------------------------------------------------------------------
 
@@ -385,7 +386,9 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         if self.dist.is_main:  # the metrics rewrite drops epochs past a resumed checkpoint
-            write_run_files(self.files, self.config, self.dataset.vocab, self.records, self.init_from_label)
+            write_run_files(
+                self.files, self.config, self.dataset.vocab, self.records, self.init_from_label, self.resumed
+            )
 
     def _append_metrics(self, record: EpochRecord) -> None:
         self.records.append(record)

@@ -630,3 +630,35 @@ def test_a_run_stopped_before_its_first_line_draws_no_plot(workdir: Path, monkey
     run = workdir / "runs" / "tiny"
     assert (run / "last.safetensors").is_file() and (run / "metrics.jsonl").read_text() == ""
     assert not (run / "perplexity.png").exists()
+
+
+def test_only_a_resume_takes_the_counts_of_the_vocab_json_it_finds_and_only_for_the_same_vocabulary(
+    tmp_path: Path,
+):
+    """A new run (a fine-tuned one, in a directory a failed run left) writes its own vocabulary, not one
+    found there; a resume takes just the counts, where tokens, min_freq and reserved tokens agree; and a
+    vocab.json drnn cannot read (an infinite count, JSON nested too deep) is replaced, not a crash."""
+    from drnn_cli.config import build_config
+    from drnn_cli.report import write_run_files
+    from drnn_cli.run_files import RunFiles
+    from drnn_cli.vocab import Vocab
+
+    tokens = ["<unk>", " ", "e", "t"]
+    found = Vocab(tokens, [(" ", 7), ("e", 7), ("t", 7), ("z", 3)], min_freq=5)
+    files = RunFiles(tmp_path / "run")
+    files.run_dir.mkdir()
+
+    def written_after(text: str, vocab: Vocab, resumed: bool) -> dict:
+        files.vocab.write_text(text)
+        write_run_files(files, build_config({}), vocab, [], None, resumed)
+        return json.loads(files.vocab.read_text())
+
+    assert written_after(found.to_json(), Vocab(tokens, min_freq=5), resumed=False)["token_freqs"] == []
+    kept = written_after(found.to_json(), Vocab(tokens, min_freq=5), resumed=True)
+    assert (kept["token_freqs"], kept["min_freq"]) == ([[" ", 7], ["e", 7], ["t", 7], ["z", 3]], 5)
+    assert written_after(found.to_json(), Vocab(tokens, min_freq=0), resumed=True)["token_freqs"] == []
+    for tampered in (
+        '{"idx_to_token": ["<unk>", " ", "e", "t"], "token_freqs": [[" ", Infinity]]}',
+        "[" * 100_000,
+    ):
+        assert written_after(tampered, Vocab(tokens), resumed=True) == json.loads(Vocab(tokens).to_json())

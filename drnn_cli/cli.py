@@ -850,11 +850,27 @@ def _is_usage_error(error: Exception) -> bool:
 
 
 def _set_split_in_two(argv: list[str]) -> str | None:
-    """``KEY=VALUE`` for the first ``--set KEY VALUE`` (a space for the ``=``) in ``argv``, if any."""
-    for flag, key, value in zip(argv, argv[1:], argv[2:], strict=False):
-        if flag in ("--set", "-s") and "=" not in key and not value.startswith("-"):
+    """``KEY=VALUE`` for the first ``--set KEY VALUE`` (or ``--set=KEY VALUE``: a space for the ``=``)
+    in ``argv``, if any; a VALUE may be a negative number (``data.max_tokens -1``), not an option."""
+    for index, arg in enumerate(argv):
+        if arg in ("--set", "-s"):
+            key, after = (argv[index + 1] if index + 1 < len(argv) else "="), index + 2
+        elif arg.startswith("--set="):
+            key, after = arg.partition("=")[2], index + 1
+        else:
+            continue
+        value = argv[after] if after < len(argv) else "-"
+        if "=" not in key and (not value.startswith("-") or _is_number(value)):
             return f"{key}={value}"
     return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _report_usage_error(error: Any, errors: Console, argv: list[str]) -> None:
@@ -877,7 +893,7 @@ def _report_usage_error(error: Any, errors: Console, argv: list[str]) -> None:
             message.rstrip(".") + ": a preset (drnn presets lists them: quick, lstm2, ...) or a YAML file"
         )
     split = _set_split_in_two(argv)
-    if type(error).__name__ == "UsageError" and split is not None:  # Got unexpected extra argument(s)
+    if type(error).__name__ in ("UsageError", "NoSuchOption") and split is not None:  # extra argument, -1
         message = message.rstrip(".") + f": --set takes KEY=VALUE as one argument, e.g. --set {split}"
     errors.print(f"drnn: error: {message} (see {command} --help)", soft_wrap=True)
     sys.exit(error.exit_code)

@@ -86,9 +86,14 @@ def test_unknown_option_is_one_line(cli):
         "drnn: error: Got unexpected extra argument(s) (5): --set takes KEY=VALUE as one argument, e.g. --set "
         "train.epochs=5 (see drnn data --help)\n"
     )
-    code, _, err = cli(
-        "train"
-    )  # which values --config takes, where "missing option" would leave one guessing
+    for argv, meant in (
+        (("--set", "data.max_tokens", "-1"), "data.max_tokens=-1"),  # "No such option: -1"
+        (("--set=train.epochs", "5"), "train.epochs=5"),
+        (("-s", "train.lr=1", "-s", "train.epochs", "5"), "train.epochs=5"),  # the one split in two
+    ):
+        assert f": --set takes KEY=VALUE as one argument, e.g. --set {meant} (see" in cli("data", *argv)[2]
+    # which values --config takes, where "missing option" would leave one guessing
+    code, _, err = cli("train")
     assert code == 2 and err == (
         "drnn: error: Missing option '--config' / '-c': a preset (drnn presets lists them: quick, lstm2, ...) or "
         "a YAML file (see drnn train --help)\n"

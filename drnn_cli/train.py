@@ -516,14 +516,14 @@ class Trainer:
     ) -> StepStatus:
         """The bar's figures between log lines, read without waiting for the device: tokens/s by the
         host's clock (a GPU's queue runs a little behind it), and on a CPU, where the tally is
-        already there, the training perplexity since the last line (one process's rows under torchrun)."""
+        already there, the training perplexity since the last line (NaN once a loss was; not under
+        torchrun, whose tally is the ranks' summed at boundaries)."""
         seconds = time.perf_counter() - started
         tokens_per_s = progress.count * self.dist.world_size / seconds if seconds > 0 else None
         train_ppl = None
         if self.device.type == "cpu" and not self.dist.enabled:
-            loss_sum = float(self.static_step.loss_sum)
-            if math.isfinite(loss_sum) and progress.count > progress.logged_count:
-                train_ppl = self._since_logged(progress, loss_sum, progress.count)
+            if progress.count > progress.logged_count:
+                train_ppl = self._since_logged(progress, float(self.static_step.loss_sum), progress.count)
         return StepStatus(
             epoch,
             progress.step,

@@ -521,9 +521,9 @@ class Trainer:
         seconds = time.perf_counter() - started
         tokens_per_s = progress.count * self.dist.world_size / seconds if seconds > 0 else None
         train_ppl = None
-        if self.device.type == "cpu" and not self.dist.enabled:
-            if progress.count > progress.logged_count:
-                train_ppl = self._since_logged(progress, float(self.static_step.loss_sum), progress.count)
+        readable = self.device.type == "cpu" and not self.dist.enabled
+        if readable and progress.count > progress.logged_count:
+            train_ppl = self._since_logged(progress, float(self.static_step.loss_sum), progress.count)
         return StepStatus(
             epoch,
             progress.step,

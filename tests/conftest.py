@@ -142,3 +142,21 @@ def config_file(directory: Path, tree: dict | str, name: str = "tiny.yaml") -> P
     path = directory / name
     path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(tree))
     return path
+
+
+@pytest.fixture
+def step_losses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Each training step's mean loss, in order, as the step returns it (a list the test reads)."""
+
+    from drnn_cli.step import StaticStep
+
+    losses: list[float] = []
+    original = StaticStep.__call__
+
+    def recording(self: StaticStep, window: torch.Tensor) -> torch.Tensor:
+        loss = original(self, window)
+        losses.append(float(loss))
+        return loss
+
+    monkeypatch.setattr(StaticStep, "__call__", recording)
+    return losses

@@ -333,23 +333,14 @@ def test_between_log_lines_the_bar_shows_the_figures_so_far_and_keeps_the_last_v
         reporter.finish()
 
 
-def test_the_bar_s_live_perplexity_is_the_steps_since_the_last_line(workdir: Path, monkeypatch):
+def test_the_bar_s_live_perplexity_is_the_steps_since_the_last_line(workdir: Path, step_losses: list[float]):
     """On a CPU the tally is read as it stands (no device to wait for): the first step's own loss."""
     import math
 
     from conftest import TINY_TREE, config_file
 
     from drnn_cli.report import SilentReporter, StepStatus
-    from drnn_cli.step import StaticStep
     from drnn_cli.train_session import TrainRequest, train_run
-
-    losses: list[float] = []
-    original = StaticStep.__call__
-
-    def recording(self: StaticStep, window: torch.Tensor) -> torch.Tensor:
-        loss = original(self, window)
-        losses.append(float(loss))
-        return loss
 
     class Steps(SilentReporter):
         def __init__(self) -> None:
@@ -358,13 +349,12 @@ def test_the_bar_s_live_perplexity_is_the_steps_since_the_last_line(workdir: Pat
         def step(self, status: StepStatus) -> None:
             self.statuses.append(status)
 
-    monkeypatch.setattr(StaticStep, "__call__", recording)
     steps = Steps()
     train_run(
         TrainRequest(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}})), steps
     )
     first = steps.statuses[0]  # reported at once, after the epoch's first step
-    assert first.step_in_epoch == 1 and first.train_ppl == pytest.approx(math.exp(losses[0]), rel=1e-12)
+    assert first.step_in_epoch == 1 and first.train_ppl == pytest.approx(math.exp(step_losses[0]), rel=1e-12)
     assert first.tokens_per_s is not None and first.tokens_per_s > 0
 
 

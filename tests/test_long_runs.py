@@ -345,22 +345,12 @@ def test_step_cadence_evaluates_and_checkpoints_inside_an_epoch(workdir: Path):
 
 
 def test_each_lines_training_perplexity_covers_the_steps_since_the_previous_line_of_its_epoch(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, step_losses: list[float]
 ):
     """Not the mean since the epoch's start: on a text of one long epoch that would carry the first,
     untrained steps into every line and draw training above validation. A printed line (log_every)
     starts a window too; an epoch's first line starts from the epoch's start."""
-    from drnn_cli.step import StaticStep
-
-    losses: list[float] = []
-    original = StaticStep.__call__
-
-    def recording(self: StaticStep, window: torch.Tensor) -> torch.Tensor:
-        loss = original(self, window)
-        losses.append(float(loss))
-        return loss
-
-    monkeypatch.setattr(StaticStep, "__call__", recording)
+    losses = step_losses
     train(write_config(workdir), "train.epochs=2", "train.eval_every=7 steps", "train.log_every=5 steps")
     lines = metrics(workdir / "runs" / "tiny")
     # metrics at 7, 14 (validation), 19 (epoch end), 21, 28, 35, 38; printed lines also at 5, 10, 15, 20,

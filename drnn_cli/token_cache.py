@@ -2,8 +2,8 @@
 
 An entry is keyed by the text's SHA-1, ``data.preprocess``, ``data.token`` and the vocabulary (the one
 built with ``data.min_freq``, or a fixed one from a checkpoint), so changing any of them builds a new
-entry. It lives in ``$DRNN_DATA_DIR/token-cache/`` when that is set, else in ``.drnn-cache/`` beside the
-text, as two files: ``NAME.tokens`` (the raw index array) and ``NAME.json`` (dtype, length, vocabulary,
+entry. It lives in ``$DRNN_CACHE_DIR``, else ``$DRNN_DATA_DIR/token-cache/`` when that is set, else in
+``.drnn-cache/`` beside the text, as two files: ``NAME.tokens`` (the raw index array) and ``NAME.json`` (dtype, length, vocabulary,
 the largest id, and the tokens file's identity: inode, size, modification and change times), each written
 to a temporary file and renamed, the JSON last, so a reader never sees half an entry. A tokens file that is
 not the one its JSON describes (rewritten, or swapped in from another entry) is rebuilt from the text; the
@@ -66,7 +66,14 @@ class EncodedCorpus:
     unknown: Counter[str]
 
 
+CACHE_DIR_ENV = "DRNN_CACHE_DIR"  # the token cache's own folder, apart from a (shared) corpus folder
+
+
 def cache_dir(text: Path) -> Path:
+    """``$DRNN_CACHE_DIR``; else ``$DRNN_DATA_DIR/token-cache``; else ``.drnn-cache`` beside the text."""
+    own = os.environ.get(CACHE_DIR_ENV)
+    if own:
+        return Path(own)
     root = os.environ.get(DATA_DIR_ENV)
     return Path(root) / "token-cache" if root else text.resolve().parent / ".drnn-cache"
 
@@ -255,7 +262,7 @@ def store(
             )
         return (
             f"the token cache in {tokens_path.parent} cannot be written ({_reason(error, tokens_path.parent)}): "
-            f"this text is read and encoded again on every run (set {DATA_DIR_ENV} to a writable folder)"
+            f"this text is read and encoded again on every run (set {CACHE_DIR_ENV} to a writable folder)"
         )
     _remove_older_versions(meta_path.parent, meta["text"], sha1)
     return None

@@ -65,6 +65,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_path: Path) 
     monkeypatch.setenv("DRNN_DATA_DIR", str(cache))
     monkeypatch.setenv("DRNN_DATA_URL", "http://127.0.0.1:9/unreachable")  # any download would fail loudly
     monkeypatch.delenv("DRNN_DEBUG", raising=False)
+    monkeypatch.delenv("DRNN_CACHE_DIR", raising=False)  # the token cache in data/token-cache
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path

@@ -56,6 +56,19 @@ def test_second_load_is_memory_mapped_from_the_cache(workdir: Path, big_text: Pa
     assert mapping is None or mapping[0], "the second load read the tokens instead of mapping them"
 
 
+def test_drnn_cache_dir_keeps_the_token_cache_out_of_the_corpus_folder(
+    workdir: Path, big_text: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """DRNN_DATA_DIR may be a shared, read-only corpus mirror: one's own texts' caches go elsewhere."""
+    own = workdir / "my-cache"
+    monkeypatch.setenv("DRNN_CACHE_DIR", str(own))
+    config = DataConfig(path=str(big_text), preprocess="none")
+    first = load_dataset(config)
+    assert [p.name.split("-")[0] for p in own.glob("*.json")] == ["big"] and entries(workdir) == []
+    no_encoding(monkeypatch)  # the second load reads the entry there
+    assert torch.equal(load_dataset(config).tokens, first.tokens)
+
+
 def test_a_changed_preprocessing_token_vocabulary_or_text_builds_a_new_entry(
     workdir: Path, big_text: Path, monkeypatch
 ):
@@ -216,7 +229,7 @@ def test_a_cache_that_cannot_be_written_is_skipped(workdir: Path, big_text: Path
     cache = workdir / "data" / "token-cache"
     assert again.notes == (
         f"the token cache in {cache} cannot be written ({cache} is a file, not a folder): this text is read "
-        "and encoded again on every run (set DRNN_DATA_DIR to a writable folder)",
+        "and encoded again on every run (set DRNN_CACHE_DIR to a writable folder)",
     )  # not mkdir's "File exists", which names no file
 
 
@@ -247,7 +260,7 @@ def test_drnn_train_and_data_say_when_the_token_cache_cannot_be_written(workdir:
     overrides = ["--set", f"data.path={big_text}", "--set", "train.epochs=1", "--set", "data.max_tokens=3000"]
     code, out, err = cli("train", "--config", "quick", "--run", str(workdir / "run"), *overrides)
     assert code == 0, err
-    assert said in " ".join((out + err).split()) and "set DRNN_DATA_DIR to a writable folder" in " ".join(
+    assert said in " ".join((out + err).split()) and "set DRNN_CACHE_DIR to a writable folder" in " ".join(
         (out + err).split()
     )
 
@@ -264,7 +277,7 @@ def test_drnn_eval_of_a_split_says_when_the_token_cache_cannot_be_written(workdi
     cache.write_text("not a folder")
     note = (
         f"note: the token cache in {cache} cannot be written ({cache} is a file, not a folder): this text is "
-        "read and encoded again on every run (set DRNN_DATA_DIR to a writable folder)"
+        "read and encoded again on every run (set DRNN_CACHE_DIR to a writable folder)"
     )
     code, out, err = cli("eval", "--run", str(workdir / "run"), "--split", "train", "--json")
     assert code == 0, err
@@ -499,7 +512,7 @@ def test_a_stray_json_in_the_cache_folder_is_not_read_when_older_entries_are_swe
 
 @pytest.mark.parametrize("suffix", [".tokens", ".json"])
 def test_a_folder_where_an_entry_goes_is_named_in_the_note(workdir: Path, big_text: Path, suffix: str):
-    """The note blamed the cache folder ("set DRNN_DATA_DIR to a writable folder") though it was
+    """The note blamed the cache folder ("set DRNN_CACHE_DIR to a writable folder") though it was
     writable; what blocked the entry was a folder in its place, which it now names (found by a red team)."""
     config = DataConfig(path=str(big_text), preprocess="none")
     load_dataset(config)

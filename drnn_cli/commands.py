@@ -58,8 +58,7 @@ def describe_data(config: Config, progress: ProgressHook | None = None) -> DataR
         *own_text_notes(data, dataset.total_tokens, dataset.file_bytes()),
     )
     try:
-        capped = len(dataset.tokens) < dataset.total_tokens
-        check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=capped)
+        check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=dataset.capped)
     except DrnnError as refused:  # described all the same; `drnn train` refuses it
         return DataReport(dataset, 0, str(refused), notes)
     return DataReport(

@@ -52,6 +52,11 @@ class Dataset:
             return None
 
     @property
+    def capped(self) -> bool:
+        """Whether ``data.max_tokens`` kept only part of the text (then raising it is a way to more)."""
+        return len(self.tokens) < self.total_tokens
+
+    @property
     def unknown_count(self) -> int:
         """How many tokens of the text the vocabulary lacked (read as <unk>)."""
         return sum(self.unknown.values())

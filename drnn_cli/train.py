@@ -128,9 +128,8 @@ class Trainer:
         self.dist = dist or DistContext()
         self.shard = Shard(self.dist.rank, self.dist.world_size)
         data = config.data
-        capped = len(dataset.tokens) < dataset.total_tokens  # data.max_tokens kept part of the text
         check_trainable(
-            len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size, capped
+            len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size, dataset.capped
         )
         if config.train.precision == "fp16" and device.type == "cpu":
             raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
@@ -663,10 +662,9 @@ class Trainer:
             self._append_metrics(record)
         if val_ppl is not None or stop is not None or self.cadence.log.due_at_step(global_step):
             self.reporter.epoch_end(record)
-            progress.logged_loss_sum, progress.logged_count = (
-                loss_sum,
-                int(count),
-            )  # before it is checkpointed
+            # the next line's window starts here; set before the checkpoint below keeps it
+            progress.logged_loss_sum = loss_sum
+            progress.logged_count = int(count)
         if stop is not None or self.cadence.checkpoint.due_at_step(global_step):
             self._save(LAST, epoch, progress)
         if stop is None and self.dist.is_main and self.cadence.sample.due_at_step(global_step):

@@ -43,9 +43,9 @@ class EpochRecord:
     """One line of ``metrics.jsonl``: an epoch's end, or an evaluation inside an epoch.
 
     ``epoch`` counts epochs done: an integer at an epoch's end, fractional (3.25) inside one.
-    ``train_ppl`` covers the steps since the epoch's previous log line (or its start), ``tokens_per_s``
-    the epoch so far (README "Long runs"). ``step`` counts optimizer steps and
-    ``tokens_seen`` training tokens since the run began (both 0 in lines written before they existed).
+    ``train_ppl`` covers the ``train_ppl_steps`` optimizer steps since the epoch's previous line (or
+    its start), ``tokens_per_s`` the epoch so far (README "Long runs"). ``step`` counts optimizer steps
+    and ``tokens_seen`` training tokens since the run began (0 in lines written before they existed).
     """
 
     epoch: float
@@ -56,6 +56,7 @@ class EpochRecord:
     elapsed: float
     step: int = 0
     tokens_seen: int = 0
+    train_ppl_steps: int = 0
 
     def to_json(self) -> str:
         """The line; a perplexity past float range (a loss over ~709 nats) is null, as in ``--json``."""
@@ -77,6 +78,14 @@ class EpochRecord:
         return record
 
 
+@dataclass(frozen=True)
+class TrainWindow:
+    """A line's training perplexity and the optimizer steps it averages over."""
+
+    ppl: float
+    steps: int
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -92,6 +101,7 @@ class TrainResult:
     samples: dict[str, str] = field(default_factory=dict)
     stopped_early: bool = False
     stop_reason: StopReason = "epochs"
+    train_ppl_steps: int = 0  # the steps train_ppl averages over (its metrics line's)
     steps: int = 0  # optimizer steps since the run began, when it stopped
     start_step: int = 0  # … when this session began
 
@@ -102,6 +112,7 @@ class TrainResult:
             "epochs": self.epochs,
             "start_epoch": self.start_epoch,
             "train_ppl": self.train_ppl,
+            "train_ppl_steps": self.train_ppl_steps,
             "val_ppl": self.val_ppl,
             "best_val_ppl": self.best_val_ppl,
             "tokens_per_s": self.tokens_per_s,

@@ -32,7 +32,7 @@ class RunFiles:
 
     @property
     def metrics(self) -> Path:
-        """One JSON line per epoch end or evaluation inside an epoch."""
+        """One JSON line per epoch end, and per evaluation or log line inside an epoch."""
         return self.run_dir / "metrics.jsonl"
 
     @property

@@ -7,7 +7,7 @@ Layout (the file names are defined in run_files.py)::
       vocab.json         the vocabulary
       last.safetensors   the newest consistent state (resumable)
       best.safetensors   the best validation perplexity so far (only with a validation split)
-      metrics.jsonl      one JSON line per epoch end or evaluation
+      metrics.jsonl      one JSON line per epoch end, evaluation or log line
       perplexity.png     train/validation perplexity against tokens seen
       init_from.txt      the checkpoint a fine-tuned run started from
       tensorboard/       event files (train.tensorboard: true)

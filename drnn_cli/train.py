@@ -48,6 +48,7 @@ from drnn_cli.report import (
     SilentReporter,
     StepStatus,
     TrainResult,
+    TrainWindow,
     append_metrics,
     read_metrics,
     training_position,
@@ -439,8 +440,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = train.lr * factor
 
-    def train_epoch(self, epoch: int) -> tuple[float, float]:
-        """Train one epoch; returns (train perplexity, tokens per second).
+    def train_epoch(self, epoch: int) -> tuple[TrainWindow, float]:
+        """Train one epoch; returns (its last line's training perplexity, tokens per second).
 
         A budget or patience may end the epoch early at a step-cadence boundary, after a final
         validation and checkpoint: ``stopped_mid_epoch`` then names why, and the figures returned
@@ -522,7 +523,7 @@ class Trainer:
         train_ppl = None
         readable = self.device.type == "cpu" and not self.dist.enabled
         if readable and progress.count > progress.logged_count:
-            train_ppl = self._since_logged(progress, float(self.static_step.loss_sum), progress.count)
+            train_ppl = self._since_logged(progress, float(self.static_step.loss_sum), progress.count).ppl
         return StepStatus(
             epoch,
             progress.step,
@@ -533,14 +534,19 @@ class Trainer:
             train_ppl,
         )
 
-    @staticmethod
-    def _since_logged(progress: EpochProgress, loss_sum: float, count: float) -> float:
+    def _since_logged(self, progress: EpochProgress, loss_sum: float, count: float) -> TrainWindow:
         """The training perplexity of a log line: over the steps since the epoch's previous one, or its
         start (the epoch's, as d2l reports, where nothing is logged inside epochs). An average since the
-        epoch's start would carry the first steps of a long epoch into every line (README "Long runs")."""
-        if count <= progress.logged_count:  # only a tampered checkpoint: the epoch's, rather than 0/0
-            return perplexity(loss_sum, count)
-        return perplexity(loss_sum - progress.logged_loss_sum, count - progress.logged_count)
+        epoch's start would carry the first steps of a long epoch into every line (README "Long runs").
+        ``count`` is all ranks' targets, as ``logged_count``; every step trains as many."""
+        logged_sum, logged_count = progress.logged_loss_sum, progress.logged_count
+        if count <= logged_count:  # only a tampered checkpoint: the epoch's, rather than 0/0
+            logged_sum, logged_count = 0.0, 0
+        targets_per_step = self.static_step.targets.numel() * self.dist.world_size
+        return TrainWindow(
+            perplexity(loss_sum - logged_sum, count - logged_count),
+            round((count - logged_count) / targets_per_step),
+        )
 
     def _training_clock(self) -> float:
         """``time.perf_counter()`` once the device has run what was queued.
@@ -626,12 +632,20 @@ class Trainer:
         return bool(patience) and self.bad_evals >= patience
 
     def _record(
-        self, epoch: float, train_ppl: float, val_ppl: float | None, tokens_per_s: float, elapsed: float
+        self, epoch: float, train: TrainWindow, val_ppl: float | None, tokens_per_s: float, elapsed: float
     ) -> EpochRecord:
         """A line of ``metrics.jsonl`` at the current step (``epoch`` fractional inside an epoch)."""
         lr = self.optimizer.param_groups[0]["lr"]
         return EpochRecord(
-            epoch, train_ppl, val_ppl, lr, tokens_per_s, elapsed, self.global_step, self.tokens_seen
+            epoch,
+            train.ppl,
+            val_ppl,
+            lr,
+            tokens_per_s,
+            elapsed,
+            self.global_step,
+            self.tokens_seen,
+            train.steps,
         )
 
     def _inside_epoch(
@@ -658,9 +672,8 @@ class Trainer:
             count / max(progress.elapsed, 1e-9),
             self.elapsed + progress.elapsed,
         )
-        if val_ppl is not None or stop is not None:
-            self._append_metrics(record)
         if val_ppl is not None or stop is not None or self.cadence.log.due_at_step(global_step):
+            self._append_metrics(record)
             self.reporter.epoch_end(record)
             # the next line's window starts here; set before the checkpoint below keeps it
             progress.logged_loss_sum = loss_sum
@@ -839,7 +852,6 @@ class Trainer:
         )
         for note in setup if already is None else ():
             self.reporter.note(note)
-        train_ppl = self.records[-1].train_ppl if self.records else float("nan")
         val_ppl = self.records[-1].val_ppl if self.records else None
         tokens_per_s: float | None = None  # none measured until an epoch is trained
         stop_reason: StopReason = "epochs"
@@ -849,13 +861,9 @@ class Trainer:
                 val_ppl = self._validate()
         with self.stops.noted():
             for epoch in range(self.start_epoch, train.epochs if already is None else 0):
-                train_ppl, tokens_per_s = self.train_epoch(epoch)
+                window, tokens_per_s = self.train_epoch(epoch)
                 if self.stopped_mid_epoch is not None:  # the line written at the stop is the last
-                    stop_reason, train_ppl, val_ppl = (
-                        self.stopped_mid_epoch,
-                        self.records[-1].train_ppl,
-                        self.records[-1].val_ppl,
-                    )
+                    stop_reason, val_ppl = self.stopped_mid_epoch, self.records[-1].val_ppl
                     break
                 done = epoch + 1
                 budget_stop = self._budget_reached(vote_now=True)
@@ -863,7 +871,7 @@ class Trainer:
                 on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
                 val_ppl = self._validate_to_judge() if on_cadence or final else None
                 self._judge(val_ppl, done, on_cadence=on_cadence)
-                record = self._record(done, train_ppl, val_ppl, tokens_per_s, self.elapsed)
+                record = self._record(done, window, val_ppl, tokens_per_s, self.elapsed)
                 self._append_metrics(record)
                 stopped_early = self._patience_spent
                 last_epoch = final or stopped_early
@@ -906,7 +914,9 @@ class Trainer:
             epochs=max(self.records[-1].epoch, began_at) if self.records else began_at,
             start_epoch=began_at,
             start_step=self._first_step,
-            train_ppl=train_ppl,
+            # the last line's: the steps since the one before it in its epoch (README "Long runs")
+            train_ppl=self.records[-1].train_ppl if self.records else math.nan,
+            train_ppl_steps=self.records[-1].train_ppl_steps if self.records else 0,
             val_ppl=val_ppl,
             best_val_ppl=self.best_kept,
             tokens_per_s=tokens_per_s,

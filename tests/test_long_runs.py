@@ -165,7 +165,7 @@ def test_max_steps_stops_after_exactly_n_steps_inside_an_epoch(workdir: Path):
 
 def test_a_run_stopped_inside_an_epoch_reports_the_figures_of_its_last_metrics_line(workdir: Path):
     # the summary (--json, the table, d2l's line) and metrics.jsonl describe the same stop
-    result = train(write_config(workdir), "train.max_steps=25", "train.epochs=50")
+    result = train(write_config(workdir), "train.max_steps=25", "train.epochs=50", "train.log_every=4 steps")
     last = metrics(workdir / "runs" / "tiny")[-1]
     assert last["step"] == 25 and last["epoch"] == result.epochs
     assert (result.train_ppl, result.val_ppl, result.tokens_per_s) == (
@@ -173,6 +173,8 @@ def test_a_run_stopped_inside_an_epoch_reports_the_figures_of_its_last_metrics_l
         last["val_ppl"],
         last["tokens_per_s"],
     )
+    # its training perplexity covers the steps since the line at step 24: one
+    assert result.summary()["train_ppl_steps"] == last["train_ppl_steps"] == 1
 
 
 def test_a_step_budget_that_ends_with_the_last_epoch_reports_the_epochs_as_the_end(workdir: Path):
@@ -348,17 +350,20 @@ def test_each_lines_training_perplexity_covers_the_steps_since_the_previous_line
     workdir: Path, step_losses: list[float]
 ):
     """Not the mean since the epoch's start: on a text of one long epoch that would carry the first,
-    untrained steps into every line and draw training above validation. A printed line (log_every)
-    starts a window too; an epoch's first line starts from the epoch's start."""
+    untrained steps into every line and draw training above validation. Every line (a log_every one,
+    an evaluation, the epoch's end) is in metrics.jsonl and starts a window, which train_ppl_steps
+    measures; an epoch's first line starts from the epoch's start."""
     losses = step_losses
     train(write_config(workdir), "train.epochs=2", "train.eval_every=7 steps", "train.log_every=5 steps")
     lines = metrics(workdir / "runs" / "tiny")
-    # metrics at 7, 14 (validation), 19 (epoch end), 21, 28, 35, 38; printed lines also at 5, 10, 15, 20,
-    # 25, 30: each window runs from the last line (or the epoch's start) to its own step
-    windows = {7: (5, 7), 14: (10, 14), 19: (15, 19), 21: (20, 21), 28: (25, 28), 35: (30, 35), 38: (35, 38)}
-    assert [line["step"] for line in lines] == list(windows)
-    for line in lines:
-        first, last = windows[line["step"]]
+    # 19 steps an epoch: logs every 5 steps, validations every 7, epoch ends at 19 and 38; each window
+    # runs from the previous line of its epoch (or the epoch's start) to its own step
+    ends = [5, 7, 10, 14, 15, 19, 20, 21, 25, 28, 30, 35, 38]
+    starts = [0, 5, 7, 10, 14, 15, 19, 20, 21, 25, 28, 30, 35]
+    assert [line["step"] for line in lines] == ends
+    assert [line["val_ppl"] is not None for line in lines] == [step % 7 == 0 or step == 38 for step in ends]
+    assert [line["train_ppl_steps"] for line in lines] == [5, 2, 3, 4, 1, 4, 1, 1, 4, 3, 2, 5, 3]
+    for line, first, last in zip(lines, starts, ends, strict=True):
         expected = math.exp(sum(losses[first:last]) / (last - first))  # every step has B·T targets
         assert line["train_ppl"] == pytest.approx(expected, rel=1e-9), line
     # an epoch without lines inside it reports the epoch's perplexity, as d2l does
@@ -368,6 +373,7 @@ def test_each_lines_training_perplexity_covers_the_steps_since_the_previous_line
     assert [line["train_ppl"] for line in plain] == pytest.approx(
         [math.exp(sum(losses[:19]) / 19), math.exp(sum(losses[19:]) / 19)], rel=1e-9
     )
+    assert [line["train_ppl_steps"] for line in plain] == [19, 19]
 
 
 def test_log_lines_inside_an_epoch_show_the_epoch_to_two_decimals_on_one_line(workdir: Path, cli):
@@ -616,7 +622,7 @@ def test_a_run_stopped_before_its_first_line_draws_no_plot(workdir: Path, monkey
 
     monkeypatch.setattr(Trainer, "_stop_requested", stop_at_step_3)
     with pytest.raises(DrnnError, match="stopped by SIGINT after step 3 of epoch 1"):
-        train(write_config(workdir), "train.log_every=2 steps")  # a printed line, none in metrics.jsonl
+        train(write_config(workdir), "train.log_every=5 steps")  # its first line would come at step 5
     run = workdir / "runs" / "tiny"
     assert (run / "last.safetensors").is_file() and (run / "metrics.jsonl").read_text() == ""
     assert not (run / "perplexity.png").exists()

@@ -164,11 +164,13 @@ def test_run_directory_holds_config_vocab_checkpoints_metrics_plot_and_latest_ma
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3]
     assert set(lines[0]) == {
-        "epoch", "train_ppl", "val_ppl", "lr", "tokens_per_s", "elapsed", "step", "tokens_seen"
+        "epoch", "train_ppl", "val_ppl", "lr", "tokens_per_s", "elapsed", "step", "tokens_seen",
+        "train_ppl_steps",
     }  # fmt: skip
     # 1600 training tokens in 8 rows of ≤ 199 → 19 minibatches of 8 × 10 tokens per epoch
     assert [(line["step"], line["tokens_seen"]) for line in lines] == [(19, 1520), (38, 3040), (57, 4560)]
     assert lines[-1]["train_ppl"] == pytest.approx(result.train_ppl)
+    assert [line["train_ppl_steps"] for line in lines] == [19, 19, 19]  # d2l's per-epoch figure
     assert result.best_val_ppl == min(line["val_ppl"] for line in lines)
     assert (workdir / "runs" / "latest").read_text().strip() == str(run.resolve())
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["val_fraction"] == 0.2

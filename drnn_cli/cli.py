@@ -324,6 +324,7 @@ class RichReporter:
     def start(self, run: RunStart) -> None:
         total_epochs, start_epoch = run.total_epochs, run.start_epoch
         self.total = total_epochs
+        self._last_val = run.latest_val_ppl
         cadence = Cadence.of(run.log_every)
         self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
         self.console.print(

@@ -152,6 +152,7 @@ class RunStart:
     log_every: int | str  # train.log_every: N epochs (0: about 25 lines a run), or "N steps"
     max_steps: int = 0  # train.max_steps where it ends the run before train.epochs, else 0
     steps_per_epoch: int = 0  # with max_steps: what the first line converts its steps to epochs with
+    latest_val_ppl: float | None = None  # a resumed run's last validation, shown until its next one
 
     def span(self) -> str:
         """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it."""

@@ -834,6 +834,7 @@ class Trainer:
                     train.log_every,
                     step_budget,
                     self.steps_per_epoch if step_budget else 0,
+                    next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
                 )
             )
         else:

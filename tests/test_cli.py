@@ -331,6 +331,16 @@ def test_between_log_lines_the_bar_shows_the_figures_so_far_and_keeps_the_last_v
         assert task.fields["status"] == "ppl 12.00  val 11.50  8,300 tok/s"  # the last line's
     finally:
         reporter.finish()
+    # a resumed run's bar shows its last validation from the start, not only after its next one
+    resumed = RichReporter(Console(file=io.StringIO(), force_terminal=True, width=120))
+    resumed.start(RunStart(4, 1, 1_000, "cpu", "from epoch 2", 0, latest_val_ppl=7.25))
+    try:
+        assert resumed.progress is not None
+        (task,) = resumed.progress.tasks
+        resumed.step(StepStatus(1, 6, 149, 155, None, 8_000.0, 9.0))
+        assert task.fields["status"] == "ppl 9.00  val 7.25  8,000 tok/s"
+    finally:
+        resumed.finish()
 
 
 def test_the_bar_s_live_perplexity_is_the_steps_since_the_last_line(workdir: Path, step_losses: list[float]):

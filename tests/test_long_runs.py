@@ -15,7 +15,7 @@ from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.config import TrainConfig, load_config
 from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged
 from drnn_cli.optimizers import lr_factor
-from drnn_cli.report import EpochRecord, SilentReporter
+from drnn_cli.report import EpochRecord, RunStart, SilentReporter
 from drnn_cli.train import Trainer
 from drnn_cli.train_session import TrainRequest, train_run
 
@@ -504,6 +504,21 @@ def test_nan_is_noticed_at_the_next_step_boundary(workdir: Path):
     with pytest.raises(TrainingDiverged, match="NaN or infinite at step 6 of epoch 1"):
         trainer.fit()
     assert trainer.global_step == 10  # read at the next log boundary, not at the epoch's end (19)
+
+
+def test_a_resumed_run_starts_its_bar_with_the_runs_latest_validation(workdir: Path):
+    """The bar showed no validation until the resumed run's first one (an hour, on a long epoch)."""
+    starts: list[RunStart] = []
+    reporter = SilentReporter()
+    reporter.start = starts.append  # type: ignore[method-assign]
+    config = write_config(workdir)
+    settings = ("train.eval_every=7 steps", "train.log_every=5 steps")
+    train_run(TrainRequest(config, ("train.max_steps=12", *settings)), reporter=reporter)
+    train_run(TrainRequest(config, ("train.max_steps=20", *settings), resume=True), reporter=reporter)
+    lines = metrics(workdir / "runs" / "tiny")
+    validated = {line["step"]: line["val_ppl"] for line in lines if line["val_ppl"] is not None}
+    assert list(validated)[:2] == [7, 12]  # the cadence's, then the budget's final validation
+    assert [start.latest_val_ppl for start in starts] == [None, validated[12]]
 
 
 # ---------------------------------------------------------------------------------------------

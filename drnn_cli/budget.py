@@ -106,6 +106,11 @@ class Cadence:
         """True after optimizer step ``global_step`` (1-based count) for a step cadence."""
         return self.in_steps and global_step % self.every == 0
 
+    def passed(self, epochs_done: int, global_step: int) -> bool:
+        """At least ``every`` epochs (or steps) done: a count of them, read as a point in the run rather
+        than a cadence (``train.average_start``)."""
+        return (epochs_done if self.unit == "epochs" else global_step) >= self.every
+
     def due_at_epoch_end(self, epochs_done: int, global_step: int) -> bool:
         if self.every == 0:
             return False

@@ -241,8 +241,8 @@ class TrainConfig(_Section):
         description="evaluate, keep and predict with averaged weights: ema (moving average) or swa (mean)",
     )
     average_decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema: the average's decay per step")
-    average_start: int = Field(
-        0, ge=0, le=MAX_COUNT, description="epochs of plain training before the average starts"
+    average_start: int | str = Field(
+        0, description="N epochs or 'N steps' of plain training before the average starts (0 = at once)"
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for initialisation, batching and dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
@@ -295,7 +295,7 @@ class TrainConfig(_Section):
     def _cadence(cls, value: object) -> int | str:
         return parse_cadence(value, allow_zero=False)
 
-    @field_validator("sample_every", "log_every", mode="before")
+    @field_validator("sample_every", "log_every", "average_start", mode="before")
     @classmethod
     def _cadence_or_zero(cls, value: object) -> int | str:
         return parse_cadence(value, allow_zero=True)

@@ -9,7 +9,7 @@ import torch
 
 from drnn_cli import fused_recurrence
 from drnn_cli.batches import MIN_EVAL_TOKENS, Splits
-from drnn_cli.budget import StopReason
+from drnn_cli.budget import Cadence, StopReason
 from drnn_cli.cells import GATES
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.decode import prefix_tokens
@@ -125,18 +125,20 @@ def own_text_notes(data: DataConfig, total_tokens: int, file_bytes: int | None) 
     return notes
 
 
-def idle_setting_notes(config: Config, planned_epochs: int) -> list[str]:
+def idle_setting_notes(config: Config, planned_epochs: int, planned_steps: int) -> list[str]:
     """Settings that would do nothing in this run, which it would otherwise show no sign of: an
-    ``average_start`` at or past its last epoch (validation, ``best`` and prediction get the raw
+    ``average_start`` at or past its last epoch or step (validation, ``best`` and prediction get the raw
     weights), a ``model.dropout`` with no second layer to drop between, SGD's momentum under Adam,
     ``train.reset_state`` under random sampling (which starts every minibatch from zeros already)."""
     train, model = config.train, config.model
     notes = []
-    if train.average != "none" and train.average_start >= planned_epochs:
+    start = Cadence.of(train.average_start)  # active from the step with `every` epochs or steps before it
+    planned, unit = (planned_epochs, "") if start.unit == "epochs" else (planned_steps, " steps")
+    if train.average != "none" and start.every >= planned:
         notes.append(
-            f"train.average {train.average} starts after train.average_start {train.average_start} epochs, "
-            f"and this run trains {planned_epochs}: its weights are never averaged (set "
-            f"train.average_start below {planned_epochs})"
+            f"train.average {train.average} starts after train.average_start {start.every:,} {start.unit}, "
+            f"and this run trains {planned:,}: its weights are never averaged (set "
+            f"train.average_start below {planned}{unit})"
         )
     if model.dropout > 0 and model.num_layers == 1:
         notes.append(

@@ -190,6 +190,7 @@ class Trainer:
             Cadence.of(train.sample_every),
             Cadence.of(train.log_every),
         )
+        self.average_start = Cadence.of(train.average_start)
         self._steps_per_epoch = 0
         self.stopped_mid_epoch: StopReason | None = None
         if resume is not None:
@@ -473,7 +474,8 @@ class Trainer:
                 self._set_lr(epoch)
             self.static_step(window)  # the state carry and the loss tally happen inside the step
             if self.average is not None:
-                self.average.update(self.model, active=epoch >= self.config.train.average_start)
+                # global_step counts the steps before this one: "N steps" of plain training come first
+                self.average.update(self.model, active=self.average_start.passed(epoch, self.global_step))
             progress.count += targets
             progress.step = step + 1
             self.global_step += 1
@@ -770,6 +772,10 @@ class Trainer:
             return train.epochs
         return min(train.epochs, math.ceil(train.max_steps / self.steps_per_epoch))
 
+    def _planned_steps(self) -> int:
+        """The optimizer steps the run will reach, as ``_planned_epochs`` (``max_time`` unforeseen)."""
+        return self._step_budget() or self.config.train.epochs * self.steps_per_epoch
+
     def _step_budget(self) -> int:
         """``train.max_steps`` where it ends the run before ``train.epochs`` does, else 0."""
         max_steps = self.config.train.max_steps
@@ -849,7 +855,7 @@ class Trainer:
                 if self.global_step == 0
                 else ()
             ),
-            *idle_setting_notes(self.config, self._planned_epochs()),
+            *idle_setting_notes(self.config, self._planned_epochs(), self._planned_steps()),
         )
         for note in setup if already is None else ():
             self.reporter.note(note)

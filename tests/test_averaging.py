@@ -21,6 +21,7 @@ TINY = {
     "model": {"cell": "lstm", "hidden_size": 24, "num_layers": 2, "dropout": 0.2},
     "train": {"epochs": 3, "optimizer": "adam", "lr": 0.01, "sample_every": 0, "device": "cpu"},
 }
+STEPS_PER_EPOCH = 19  # 1,600 training tokens in 8 rows of 199 → 19 minibatches of 8 × 10
 
 
 def train(workdir: Path, tree: dict, *overrides: str, run: str, **request) -> object:
@@ -124,6 +125,16 @@ def test_averaging_starts_after_average_start_epochs(workdir: Path):
     assert all(torch.equal(raw[name], last.model_state[name]) for name in raw)
 
 
+def test_average_start_in_steps_averages_every_step_after_the_first_n(workdir: Path):
+    """A long run counts in steps (one epoch may be its whole length): "5 steps" trains five plain steps,
+    then folds in every later step's weights."""
+    train(
+        workdir, TINY, "train.average=swa", "train.average_start=5 steps", "train.epochs=2", run="runs/steps"
+    )
+    state = load_checkpoint(workdir / "runs/steps/last.safetensors").trainer_state
+    assert state["global_step"] > 5 and state["average_count"] == state["global_step"] - 5
+
+
 class _Notes(SilentReporter):
     def __init__(self) -> None:
         self.notes: list[str] = []
@@ -145,6 +156,14 @@ def test_an_average_that_never_starts_is_noted_before_training(workdir: Path):
         "are never averaged (set train.average_start below 2)"
     ]
     assert soon.notes == []
+    in_steps = _Notes()
+    steps = f"train.average_start={2 * STEPS_PER_EPOCH} steps"  # as many as the run trains
+    train_run(TrainRequest(config, (*settings, steps), run_dir=Path("runs/steps")), in_steps)
+    assert in_steps.notes == [
+        f"train.average swa starts after train.average_start {2 * STEPS_PER_EPOCH} steps, and this run trains "
+        f"{2 * STEPS_PER_EPOCH}: its weights are never averaged (set train.average_start below "
+        f"{2 * STEPS_PER_EPOCH} steps)"
+    ]
     assert load_checkpoint(workdir / "runs/soon/last.safetensors").trainer_state["average_count"] > 0
 
 

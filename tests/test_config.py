@@ -67,7 +67,7 @@ INVALID = {
     "train.tar": ("lots", "number"),
     "train.average": ("polyak", "'none', 'ema' or 'swa'"),
     "train.average_decay": (1.0, "less than 1"),
-    "train.average_start": (-1, "greater than or equal to 0"),
+    "train.average_start": (-1, "must be an integer number of epochs (≥ 0) or 'N steps'"),
     "train.seed": (-1, "greater than or equal to 0"),
     "train.device": ("tpu", "'auto', 'cpu' or 'cuda'"),
     "train.precision": ("fp8", "'fp32', 'bf16' or 'fp16'"),

@@ -110,10 +110,13 @@ def join_tokens(tokens: list[str], token: str) -> str:
 
 
 def _pick(logits: torch.Tensor, options: DecodeOptions, generator: torch.Generator | None) -> int:
+    """The next token's index. ``<unk>`` (index 0) stands for "some token outside the vocabulary":
+    never written, greedy or sampled. Where it is the likeliest (a word model's rare words, all at
+    once) greedy decoding would write it, feed it back and write it again and again; d2l's greedy
+    continuations are the same, as no trained character model of its texts puts it first."""
     if not options.sample:
-        return int(logits.argmax())
+        return int(logits[1:].argmax()) + 1 if logits.numel() > 1 else 0
     scores = logits.double().cpu() / options.temperature
-    # <unk> (index 0) stands for "some token outside the vocabulary": a sample never writes it
     scores[0] = float("-inf")
     if options.top_k is not None and options.top_k < scores.numel():
         threshold = torch.topk(scores, options.top_k).values[-1]

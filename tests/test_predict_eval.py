@@ -57,13 +57,18 @@ def test_top_k_1_tiny_temperature_and_tiny_top_p_equal_greedy(tiny_run: Path, op
     )
 
 
-def test_a_sample_never_draws_unk_where_greedy_would(tiny_run: Path):
-    """A model that has not yet learned that ``<unk>`` never comes (its bias pushed up here): greedy
-    decoding shows it, as d2l's does, but a sample draws from the other tokens only."""
+def test_neither_greedy_decoding_nor_a_sample_writes_unk(tiny_run: Path):
+    """A model that puts ``<unk>`` first (its bias pushed up here, as a word model's rare words do):
+    greedy decoding wrote it and fed it back ("the<unk><unk><unk>"); both now write the likeliest of
+    the other tokens, greedy the one it would write were ``<unk>`` not there."""
     loaded = load_model(tiny_run, None, "cpu")
+    plain = predict(loaded, "the", DecodeOptions(num_tokens=3))
     with torch.no_grad():
         loaded.model.decoder.bias[0] += 8.0  # <unk> now ~e^8 times likelier than before
-    assert predict(loaded, "the", DecodeOptions(num_tokens=3)) == "the<unk><unk><unk>"
+        logits, _ = loaded.model(torch.tensor([[1, 2]]), loaded.model.begin_state(1, torch.device("cpu")))
+        assert int(logits[-1, 0].argmax()) == 0  # it is first
+    assert predict(loaded, "the", DecodeOptions(num_tokens=3)) == plain
+    assert "<unk>" not in plain
     for seed in range(5):
         text = predict(loaded, "the", DecodeOptions(num_tokens=40, sample=True, temperature=2.0, seed=seed))
         assert len(text) == 3 + 40 and "<unk>" not in text

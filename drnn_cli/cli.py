@@ -488,7 +488,9 @@ def train_command(
         f"{result.start_epoch:g} → {result.epochs:g}" + (" (early stop)" if result.stopped_early else ""),
     )
     table.add_row("steps / stopped by", f"{result.steps:,} / {result.stop_reason}")
-    table.add_row("train perplexity", _perplexity(result.train_ppl, 3))
+    window = result.train_ppl_steps
+    over = f" (last {window:,} step{'' if window == 1 else 's'})" if window else ""
+    table.add_row("train perplexity", _perplexity(result.train_ppl, 3) + over)
     if result.best_val_ppl is not None:
         table.add_row(
             "validation perplexity (last / best)",

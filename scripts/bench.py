@@ -349,7 +349,7 @@ def drnn_side(config: Config, dataset: Dataset, device: torch.device, run_dir: P
 
     def drnn_epoch(epoch: int) -> tuple[float, int]:
         # Trainer.train_epoch is the loop of Trainer.fit without validation, checkpoints or samples.
-        ppl, _ = trainer.train_epoch(epoch)
+        ppl = trainer.train_epoch(epoch)[0].ppl
         n = (
             len(epoch_batches(dataset.splits.train, config.data, config.train.seed, epoch))
             * data.batch_size

@@ -384,6 +384,8 @@ def test_log_lines_inside_an_epoch_show_the_epoch_to_two_decimals_on_one_line(wo
     lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["0.26/1", "0.53/1", "0.79/1", "1/1"]
     assert all(line.rstrip().endswith("s") and "  lr " in line for line in lines), out
+    # the summary's training perplexity is the last line's: steps 16-19, after the line at 15
+    assert "(last 4 steps)" in out.split("train perplexity")[1].splitlines()[0]
 
 
 def test_samples_on_a_step_cadence_are_labelled_with_the_epochs_done_as_the_log_lines_are(workdir: Path, cli):

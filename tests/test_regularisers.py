@@ -206,9 +206,9 @@ def test_between_layer_dropout_on_one_layer_drops_nothing_and_training_says_so()
     stack = make_recurrent(build_config(one_layer).model, 5).train()
     inputs, state = torch.randn(7, 4, 5), (torch.zeros(1, 4, 6), torch.zeros(1, 4, 6))
     assert torch.equal(stack(inputs, state)[0], stack(inputs, state)[0])  # no mask: no second layer
-    assert idle_setting_notes(build_config(one_layer), planned_epochs=3) == [
+    assert idle_setting_notes(build_config(one_layer), planned_epochs=3, planned_steps=30) == [
         "model.dropout 0.3 drops between stacked layers, and this model has one: it drops nothing "
         "(use model.output_dropout or model.input_dropout, or set model.num_layers ≥ 2)"
     ]
     two_layers = {"model": {**one_layer["model"], "num_layers": 2}}
-    assert idle_setting_notes(build_config(two_layers), planned_epochs=3) == []
+    assert idle_setting_notes(build_config(two_layers), planned_epochs=3, planned_steps=30) == []

@@ -257,7 +257,7 @@ def test_trainer_epochs_equal_the_plain_loop(corpus_path: Path, tmp_path: Path, 
     )
     dataset = load_dataset(config.data)
     trainer = Trainer(config, dataset, tmp_path / "run", torch.device("cpu"))
-    ppl = [trainer.train_epoch(epoch)[0] for epoch in range(2)]
+    ppl = [trainer.train_epoch(epoch)[0].ppl for epoch in range(2)]
 
     plain = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
     optimizer = build_optimizer(plain, config.train)
@@ -280,12 +280,12 @@ def test_reset_state_under_random_sampling_does_nothing_and_training_says_so() -
     from drnn_cli.run_notes import idle_setting_notes
 
     random = build_config({"data": {"sampling": "random"}}, ["train.reset_state=true"])
-    assert idle_setting_notes(random, planned_epochs=3) == [
+    assert idle_setting_notes(random, planned_epochs=3, planned_steps=30) == [
         "train.reset_state starts every minibatch from a zero state, which data.sampling random does "
         "already: it changes nothing (it is for data.sampling sequential)"
     ]
     sequential = build_config({"data": {"sampling": "sequential"}}, ["train.reset_state=true"])
-    assert idle_setting_notes(sequential, planned_epochs=3) == []
+    assert idle_setting_notes(sequential, planned_epochs=3, planned_steps=30) == []
 
 
 def test_a_resumed_epoch_starts_from_the_carried_state(corpus_path: Path) -> None:

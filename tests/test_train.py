@@ -94,13 +94,13 @@ def test_momentum_is_sgds_and_an_adam_run_that_sets_it_is_told_so():
         config = Config(train=TrainConfig(optimizer=kind, momentum=0.9))
         group = build_optimizer(model, config.train).param_groups[0]
         assert "momentum" not in group  # Adam's moments take its betas: the 0.9 goes nowhere
-        assert idle_setting_notes(config, planned_epochs=3) == [
+        assert idle_setting_notes(config, planned_epochs=3, planned_steps=30) == [
             f"train.momentum 0.9 is SGD's, and train.optimizer {kind} does not use it (its moment estimates "
             "take PyTorch's default betas); set train.momentum 0, or train.optimizer sgd"
         ]
     sgd = Config(train=TrainConfig(optimizer="sgd", momentum=0.9))
     assert build_optimizer(model, sgd.train).param_groups[0]["momentum"] == 0.9
-    assert idle_setting_notes(sgd, planned_epochs=3) == []
+    assert idle_setting_notes(sgd, planned_epochs=3, planned_steps=30) == []
 
 
 def test_a_run_written_with_one_adamw_group_resumes_with_one(workdir: Path):

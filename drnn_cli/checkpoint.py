@@ -12,6 +12,7 @@ business.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -175,8 +176,11 @@ def write_safetensors(stream: BinaryIO, head: bytes, tensors: dict[str, torch.Te
     stream.write(head)
     for tensor in tensors.values():
         flat = tensor.to("cpu").resolve_neg().contiguous().reshape(-1)
-        # raw bytes in memory order: little-endian on every platform PyTorch ships for, as the format asks
-        stream.write(memoryview(flat.view(torch.uint8).numpy()))
+        size = flat.numel() * flat.element_size()
+        if size:
+            # raw bytes in memory order: little-endian on every platform PyTorch ships for, as the
+            # format asks; read in place through ctypes, as NumPy is not one of drnn's dependencies
+            stream.write((ctypes.c_ubyte * size).from_address(flat.data_ptr()))
 
 
 def _mib(size: int) -> str:

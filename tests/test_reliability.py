@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, config_file
+from conftest import assert_one_line_error, config_file, pythonpath_with_repo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -741,6 +741,49 @@ def test_lock_left_by_a_crashed_run_is_taken_over(tmp_path: Path):
         assert (tmp_path / "train.lock").read_text().split()[1] == str(os.getpid())
     with RunLock(tmp_path) as again:  # released: free for the next training
         assert again.held
+
+
+# ---------------------------------------------------------------------------------------------
+# A plain install
+
+
+def test_drnn_trains_checkpoints_and_predicts_without_numpy(workdir: Path):
+    """PyTorch does not require NumPy, nor does drnn, so ``pip install drnn`` may have none: the
+    checkpoint writer read tensors' bytes through NumPy, and every training died at its first
+    checkpoint ("internal error: Numpy is not available"), torch's import warning on stderr before."""
+    config = config_file(workdir, TINY)
+    script = (
+        "import sys\n"
+        "sys.modules['numpy'] = None  # any import of it fails, as where it is not installed\n"
+        "from drnn_cli.cli import program\n"
+        "sys.argv = ['drnn', *sys.argv[1:]]\n"
+        "program()\n"
+    )
+
+    def drnn(*args: str) -> subprocess.CompletedProcess[str]:
+        environment = {**os.environ, "PYTHONPATH": pythonpath_with_repo()}
+        return subprocess.run(
+            [sys.executable, "-c", script, *args],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=300,
+        )
+
+    trained = drnn("train", "--config", str(config))
+    assert trained.returncode == 0, trained.stderr
+    assert "numpy" not in (trained.stdout + trained.stderr).lower()
+    last = workdir / "runs" / "tiny" / "last.safetensors"
+    from safetensors.torch import load_file
+
+    written = load_file(last)  # safetensors' own reader agrees with what drnn wrote
+    loaded = load_checkpoint(last)
+    assert loaded.model_state and all(
+        torch.equal(written[f"model.{name}"], tensor) for name, tensor in loaded.model_state.items()
+    )
+    predicted = drnn("predict", "the", "-n", "5")
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(predicted.stdout.rstrip("\n")) == len("the") + 5 and "numpy" not in predicted.stderr.lower()
 
 
 # ---------------------------------------------------------------------------------------------

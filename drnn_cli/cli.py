@@ -35,7 +35,7 @@ from rich.text import Text
 from drnn_cli import __version__, strict_json
 from drnn_cli.budget import Cadence, format_duration
 from drnn_cli.config import load_config
-from drnn_cli.errors import DrnnError, TrainingInterrupted, first_line
+from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError, first_line
 from drnn_cli.presets import find_config
 from drnn_cli.shown_text import terminal_safe
 from drnn_cli.signals import Signalled, exit_on_signals, exit_process, guard_output, launched_rank
@@ -547,7 +547,7 @@ def predict_command(
     shaping = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
     given = [flag for flag, value in shaping.items() if value is not None]
     if given and not sample:
-        raise DrnnError(
+        raise UsageError(
             f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} sampling; add --sample (without it predict "
             "takes the most likely token, as d2l's predict_ch8)"
         )
@@ -556,7 +556,7 @@ def predict_command(
             num_chars, sample, 1.0 if temperature is None else temperature, top_k, top_p, seed
         )
     except InvalidDecodeOption as invalid:
-        raise DrnnError(_predict_option_message(invalid)) from None
+        raise UsageError(_predict_option_message(invalid)) from None
     loaded = load_model(run, checkpoint, device.value)
     check_prefixes(loaded, prefixes)
     checkpoint_file = loaded.path.absolute()
@@ -648,7 +648,7 @@ def eval_command(
 
     if data is not None and (split is not None or corpus is not None):
         given = "--split" if split is not None else "--corpus"
-        raise DrnnError(
+        raise UsageError(
             f"--data evaluates all of another text, and {given} picks a split of the run's corpus; give one of them"
         )
     out, _ = _consoles(json_out)

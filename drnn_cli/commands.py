@@ -15,7 +15,7 @@ from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus, local_vocab_size
 from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
 from drnn_cli.download import ProgressHook
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity, evaluate
 from drnn_cli.files import atomic_write_stream, output_file, refuse_overwriting, require_regular_file
 from drnn_cli.inspect_html import page_pieces
@@ -353,11 +353,11 @@ class InspectOutputs:
     @classmethod
     def checked(cls, html: Path | None, png: Path | None) -> InspectOutputs:
         if png is not None and png.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # it would hold PNG bytes
-            raise DrnnError(
+            raise UsageError(
                 f"--png writes a PNG image, not {png.suffix[1:].upper()}; name it so, e.g. {png.with_suffix('.png')}"
             )
         if html is not None and html.suffix.lower() in IMAGE_SUFFIXES:  # the mirror-image slip
-            raise DrnnError(
+            raise UsageError(
                 f"--html writes a web page, not a {html.suffix[1:].upper()} image; name it so, e.g. "
                 f"{html.with_suffix('.html')} (--png draws the picture)"
             )

@@ -38,6 +38,13 @@ class ConfigError(DrnnError):
     exit_code = 2
 
 
+class UsageError(DrnnError):
+    """An option given a value it cannot take, or options that exclude each other: exit 2, as for
+    the option errors the command-line parser finds itself (``--split foo``)."""
+
+    exit_code = 2
+
+
 class TrainingInterrupted(DrnnError):
     """SIGINT/SIGTERM arrived; a resumable checkpoint was written before raising. Asked for and
     recoverable, it is no error: ``drnn: training stopped by SIGINT ...``, exit 130 (143 for SIGTERM)."""

@@ -26,7 +26,7 @@ from drnn_cli.cells import gru_d2l_step, gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import preprocess_prefix
 from drnn_cli.data import read_token_stream
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity
 from drnn_cli.files import require_regular_file
 from drnn_cli.models import RNNLanguageModel
@@ -276,23 +276,23 @@ class InspectRequest:
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.file is None):
-            raise DrnnError(
+            raise UsageError(
                 "give the text to inspect either as an argument or with --file FILE, "
                 'e.g. drnn inspect "the time traveller"'
             )
         if self.units and self.top is not None:
-            raise DrnnError("--units names the units to show and --top picks them; give one of them")
+            raise UsageError("--units names the units to show and --top picks them; give one of them")
         if self.top is not None and self.top < 1:
-            raise DrnnError(f"--top must be >= 1 (got {self.top})")
+            raise UsageError(f"--top must be >= 1 (got {self.top})")
         if self.signal not in SIGNALS:
-            raise DrnnError(f"--signal must be hidden or cell (got {self.signal!r})")
+            raise UsageError(f"--signal must be hidden or cell (got {self.signal!r})")
 
     def units_shown(self, layer_size: int) -> int:
         """How many units the inspection shows of a layer this wide; refused past :data:`MAX_UNITS`
         (checked before the text is read)."""
         shown = len(self.units) or min(self.top or DEFAULT_TOP, layer_size)
         if shown > MAX_UNITS:
-            raise DrnnError(
+            raise UsageError(
                 f"drnn inspect shows at most {MAX_UNITS} units at once and this asks for {shown:,}; "
                 "choose fewer with --top or --units (run it again for the others)"
             )
@@ -306,7 +306,7 @@ def parse_units(text: str | None) -> tuple[int, ...]:
         return ()
     pieces = [piece.strip() for piece in text.split(",")]
     if not all(re.fullmatch(r"[0-9]{1,9}", piece) for piece in pieces):  # int() refuses 4,300 digits
-        raise DrnnError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {text!r})")
+        raise UsageError(f"--units takes comma-separated unit numbers, e.g. 3,17 (got {text!r})")
     return tuple(dict.fromkeys(int(piece) for piece in pieces))
 
 
@@ -470,7 +470,7 @@ def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torc
     if request.units:
         wrong = [u for u in request.units if not 0 <= u < size]
         if wrong:
-            raise DrnnError(f"--units {wrong[0]} is out of range: the layer has units 0 to {size - 1}")
+            raise UsageError(f"--units {wrong[0]} is out of range: the layer has units 0 to {size - 1}")
         request.units_shown(size)
         return [scores[u] for u in request.units]
     return top_units(scores, signal, request.units_shown(size))
@@ -519,9 +519,9 @@ def inspect_text(
     config = model.config
     layer = request.layer if request.layer is not None else config.num_layers
     if not 1 <= layer <= config.num_layers:
-        raise DrnnError(f"--layer {layer} does not exist: the model has layers 1 to {config.num_layers}")
+        raise UsageError(f"--layer {layer} does not exist: the model has layers 1 to {config.num_layers}")
     if request.signal == "cell" and config.cell != "lstm":
-        raise DrnnError(
+        raise UsageError(
             f"--signal cell needs an LSTM; this model's cell is {config.cell}; use --signal hidden"
         )
     chars, source = read_chars(request, data)

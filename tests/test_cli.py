@@ -245,7 +245,7 @@ def test_a_text_given_to_data_or_file_is_named_by_its_option_in_errors(cli, tiny
 def test_eval_refuses_data_with_split_or_corpus(cli, tiny_run: Path):
     for extra in (["--split", "val"], ["--corpus", "elsewhere.txt"]):
         code, out, err = cli("eval", "--run", str(tiny_run), "--data", "some.txt", *extra)
-        assert (code, out) == (1, "")
+        assert (code, out) == (2, "")
         assert err.startswith(
             f"drnn: error: --data evaluates all of another text, and {extra[0]} picks a split"
         )

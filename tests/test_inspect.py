@@ -523,7 +523,7 @@ def test_more_units_than_inspect_shows_are_refused_before_the_text_is_read(
         "--png", str(picture), "--html", str(page),
     )  # fmt: skip
     assert (code, err) == (
-        1,
+        2,
         "drnn: error: drnn inspect shows at most 64 units at once and this asks for 65; choose fewer with "
         "--top or --units (run it again for the others)\n",
     )
@@ -550,8 +550,9 @@ def test_more_units_than_inspect_shows_are_refused_before_the_text_is_read(
     ],
 )
 def test_wrong_options_are_one_line_errors(cli, tiny_run: Path, args: list[str], message: str):
+    """Exit 2, as for the option errors the command-line parser finds (``--signal gates``)."""
     code, out, err = cli("inspect", "the time", "--run", str(tiny_run), *args)
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert err.startswith("drnn: error: " + message) and err.count("\n") == 1
 
 
@@ -687,7 +688,7 @@ def test_a_page_named_as_an_image_is_refused_as_a_picture_named_as_another_image
 ):
     code, _, err = cli("inspect", "abc", "--run", str(tiny_run), "--html", str(tmp_path / "p.png"))
     assert (code, err) == (
-        1,
+        2,
         f"drnn: error: --html writes a web page, not a PNG image; name it so, e.g. {tmp_path / 'p.html'} "
         "(--png draws the picture)\n",
     )

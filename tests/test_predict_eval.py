@@ -193,7 +193,7 @@ def test_decode_options_are_validated_in_the_library_s_own_words(options: dict, 
 )
 def test_predict_names_the_flag_of_an_out_of_range_option(cli, args: list[str], message: str):
     code, out, err = cli("predict", "time", "--checkpoint", "never-read.safetensors", *args)
-    assert (code, out, err) == (1, "", f"drnn: error: {message}\n")
+    assert (code, out, err) == (2, "", f"drnn: error: {message}\n")  # a usage error, as the parser's
 
 
 # ---------------------------------------------------------------------------------------------

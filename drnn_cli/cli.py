@@ -541,7 +541,14 @@ def predict_command(
 
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """
-    from drnn_cli.commands import Continuation, PredictReport, check_prefixes, load_model, predict
+    from drnn_cli.commands import (
+        Continuation,
+        PredictReport,
+        load_model,
+        predict,
+        prefix_changed,
+        read_prefixes,
+    )
     from drnn_cli.decode import DecodeOptions, InvalidDecodeOption
 
     shaping = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
@@ -558,9 +565,14 @@ def predict_command(
     except InvalidDecodeOption as invalid:
         raise UsageError(_predict_option_message(invalid)) from None
     loaded = load_model(run, checkpoint, device.value)
-    check_prefixes(loaded, prefixes)
+    reads = read_prefixes(loaded, prefixes)
     checkpoint_file = loaded.path.absolute()
-    _print_line(_consoles(json_out)[1], f"checkpoint {checkpoint_file}")  # which run answers, on stderr
+    notes = _consoles(json_out)[1]
+    _print_line(notes, f"checkpoint {checkpoint_file}")  # which run answers, on stderr
+    preprocess = loaded.checkpoint.config.data.preprocess
+    for prefix, read in dict(zip(prefixes, reads, strict=True)).items():
+        if prefix_changed(prefix, read):  # d2l's preprocessing drops what is not a letter, silently
+            _print_note(notes, f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}")
     stream = not json_out and sys.stdout.isatty()
     continuations = []
     for index, prefix in enumerate(prefixes):
@@ -573,7 +585,7 @@ def predict_command(
                 sys.stdout.flush()
 
         text = predict(loaded, prefix, options.for_prefix(index), on_token)
-        continuations.append(Continuation(prefix, text))
+        continuations.append(Continuation(prefix, reads[index], text))
         # On a terminal a continuation over several lines ends with a blank line, before the next one
         # starts: where one ends is otherwise unclear. Piped output stays exactly what was generated.
         apart = "\n" in text and index + 1 < len(prefixes)

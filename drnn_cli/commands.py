@@ -13,7 +13,7 @@ from drnn_cli.batches import MIN_EVAL_TOKENS, Splits, check_trainable, epoch_bat
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus, local_vocab_size
-from drnn_cli.decode import DecodeOptions, continue_prefix, prefix_tokens
+from drnn_cli.decode import DecodeOptions, continue_prefix, join_tokens, prefix_tokens
 from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity, evaluate
@@ -142,12 +142,22 @@ def load_model(
     return LoadedModel(replace(loaded, model_state={}), model, device, path)
 
 
-def check_prefixes(loaded: LoadedModel, prefixes: list[str]) -> None:
-    """Refuse the first prefix the model cannot read before any is continued: a bad last prefix must
-    not cost the continuations before it, nor leave them on stdout with a failing exit status."""
+def read_prefixes(loaded: LoadedModel, prefixes: list[str]) -> list[str]:
+    """Each prefix as the model reads it (preprocessed like its corpus: d2l's keeps the letters a-z),
+    which its continuation's text starts with. The first prefix the model cannot read is refused
+    before any is continued: a bad last prefix must not cost the continuations before it, nor leave
+    them on stdout with a failing exit status."""
     data = loaded.checkpoint.config.data
-    for prefix in prefixes:
-        prefix_tokens(prefix, loaded.checkpoint.vocab, data.preprocess, data.token)
+    return [
+        join_tokens(prefix_tokens(prefix, loaded.checkpoint.vocab, data.preprocess, data.token), data.token)
+        for prefix in prefixes
+    ]
+
+
+def prefix_changed(prefix: str, read: str) -> bool:
+    """Whether preprocessing did more to a prefix than lower-case it and even out its spaces (dropped
+    or replaced characters: worth a note, as the continuation follows another prompt)."""
+    return " ".join(prefix.lower().split()) != " ".join(read.split())
 
 
 def predict(
@@ -168,8 +178,17 @@ def predict(
 
 @dataclass(frozen=True)
 class Continuation:
-    prefix: str
-    text: str  # the prefix as the model saw it (preprocessed), then the generated tokens
+    prefix: str  # as given
+    read: str  # as the model read it (preprocessed)
+    text: str  # ``read``, then the generated tokens
+
+    @property
+    def generated(self) -> str:
+        """What the model wrote: the text after the prefix as read (a word model's starts with a space)."""
+        return self.text[len(self.read) :]
+
+    def summary(self) -> dict[str, str]:
+        return {"prefix": self.prefix, "text": self.text, "continuation": self.generated}
 
 
 @dataclass(frozen=True)
@@ -179,10 +198,9 @@ class PredictReport:
 
     def summary(self) -> dict:
         """``--json``: the first prefix and its text; with several prefixes, all of them under ``results``."""
-        first = self.continuations[0]
-        payload: dict = {"prefix": first.prefix, "text": first.text, "checkpoint": self.checkpoint}
+        payload: dict = {**self.continuations[0].summary(), "checkpoint": self.checkpoint}
         if len(self.continuations) > 1:
-            payload["results"] = [{"prefix": c.prefix, "text": c.text} for c in self.continuations]
+            payload["results"] = [c.summary() for c in self.continuations]
         return payload
 
 

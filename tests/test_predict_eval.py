@@ -281,9 +281,10 @@ def test_predict_several_prefixes(tiny_run: Path, cli):
     code, out, _ = cli("predict", "the", "time", "--run", str(tiny_run), "-n", "3", "--json")
     payload = json.loads(out.strip().splitlines()[-1])
     assert code == 0
+    the, time = decode(tiny_run, "the", num_tokens=3), decode(tiny_run, "time", num_tokens=3)
     assert payload["results"] == [
-        {"prefix": "the", "text": decode(tiny_run, "the", num_tokens=3)},
-        {"prefix": "time", "text": decode(tiny_run, "time", num_tokens=3)},
+        {"prefix": "the", "text": the, "continuation": the[3:]},
+        {"prefix": "time", "text": time, "continuation": time[4:]},
     ]
     assert (payload["prefix"], payload["text"]) == ("the", payload["results"][0]["text"])
 
@@ -302,19 +303,40 @@ def test_a_bad_prefix_among_several_is_refused_before_any_is_continued(
 
 
 def test_predict_report_lists_results_only_for_several_prefixes():
-    one = PredictReport((Continuation("Time", "time machine"),), "runs/a/best.safetensors")
+    """``continuation`` is what the model wrote: ``text`` after the prefix as the model read it (a
+    script cutting ``text`` at ``len(prefix)`` cut "Time!" in the wrong place)."""
+    one = PredictReport((Continuation("Time!", "time", "time machine"),), "runs/a/best.safetensors")
     assert one.summary() == {
-        "prefix": "Time",
+        "prefix": "Time!",
         "text": "time machine",
+        "continuation": " machine",
         "checkpoint": "runs/a/best.safetensors",
     }
-    two = PredictReport((Continuation("a", "ab"), Continuation("b", "bc")), "c.safetensors")
+    two = PredictReport((Continuation("a", "a", "ab"), Continuation("b", "b", "bc")), "c.safetensors")
     assert two.summary() == {
         "prefix": "a",
         "text": "ab",
+        "continuation": "b",
         "checkpoint": "c.safetensors",
-        "results": [{"prefix": "a", "text": "ab"}, {"prefix": "b", "text": "bc"}],
+        "results": [
+            {"prefix": "a", "text": "ab", "continuation": "b"},
+            {"prefix": "b", "text": "bc", "continuation": "c"},
+        ],
     }
+
+
+def test_predict_notes_a_prefix_that_preprocessing_changed_beyond_case(tiny_run: Path, cli):
+    """Under d2l's preprocessing (letters a-z) "café" was continued from "caf" without a word."""
+    code, out, err = cli(
+        "predict", "Time  Traveller", "café 1895", "--run", str(tiny_run), "-n", "4", "--json"
+    )
+    assert code == 0
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    # none for "Time  Traveller": lower-casing and evening out spaces change nothing a reader would miss
+    assert notes == ["note: data.preprocess d2l reads the prefix 'café 1895' as 'caf'"]
+    results = json.loads(out.splitlines()[-1])["results"]
+    assert [r["text"][: -len(r["continuation"])] for r in results] == ["time traveller", "caf"]
+    assert [len(r["continuation"]) for r in results] == [4, 4]
 
 
 def test_each_prefix_of_a_seeded_call_samples_its_own_stream(tiny_run: Path, cli):

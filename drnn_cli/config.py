@@ -378,11 +378,19 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 def _closest_key(location: list[str]) -> str | None:
     """The key an unknown ``data.x`` / ``model.x`` / ``train.x`` most likely meant: the same name in
     another section (``train.num_steps`` is ``data.num_steps``, not ``train.max_steps``), else the one
-    key of its section that contains it (``model.hidden``: ``model.hidden_size``), else a near spelling."""
+    key of its section that contains it (``model.hidden``: ``model.hidden_size``), else a near spelling.
+    A top-level ``epochs`` is the section's key it names (``train.epochs``)."""
+    sections = {part: _section_for([part]) for part in Config.model_fields}
+    if len(location) == 1:
+        owners = [
+            f"{part}.{location[0]}"
+            for part, model in sections.items()
+            if model and location[0] in model.model_fields
+        ]
+        return owners[0] if len(owners) == 1 else None
     if len(location) != 2:
         return None
     section, name = location
-    sections = {part: _section_for([part]) for part in Config.model_fields}
     for other, model in sections.items():
         if other != section and model is not None and name in model.model_fields:
             return f"{other}.{name}"

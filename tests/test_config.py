@@ -150,6 +150,12 @@ def test_unknown_key_names_the_key_and_lists_what_the_section_allows():
             build_config({section: {given: 4}})
         said = str(error.value)
         assert (f"did you mean '{guess}'?" in said) if guess else "did you mean" not in said, said
+    # a section's key at the top level (--set epochs=3): the section that holds it
+    for given, guess in {"epochs": "train.epochs", "dropout": "model.dropout", "colour": None}.items():
+        with pytest.raises(ConfigError) as error:
+            build_config({given: 4})
+        said = str(error.value)
+        assert (f"did you mean '{guess}'?" in said) if guess else "did you mean" not in said, said
 
 
 def test_unknown_section_is_refused():

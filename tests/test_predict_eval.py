@@ -421,6 +421,22 @@ def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, cli):
     assert payload["tokens"] == len("the time traveller smiledare you sure we can move freely in space") - 1
 
 
+def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Path, cli):
+    """65 predicted characters in the run's 8 rows are 8 each, each from a zero state, where the model
+    trained on windows of 10: a learner compared 6.9 with inspect's 1.08 on the same excerpt."""
+    text = tmp_path / "other.txt"
+    text.write_text("The Time Traveller smiled.\nAre you sure we can move freely in Space?\n")
+    code, out, _ = cli("eval", "--run", str(tiny_run), "--data", str(text))
+    assert code == 0
+    assert "note: the text is read as 8 rows of about 8 tokens, each from a zero state (the model trained on " \
+        "windows of 10): short rows raise the perplexity; --rows 1 reads it as one stream" in out  # fmt: skip
+    for rows in ("1", "8"):  # a number of rows asked for is what the user meant
+        code, out, _ = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", rows)
+        assert code == 0 and "note:" not in out
+    code, out, _ = cli("eval", "--run", str(tiny_run), "--split", "val")  # 599 tokens: rows of 74
+    assert code == 0 and "note:" not in out
+
+
 def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, cli):
     code, _, err = cli("eval", "--run", str(tiny_run), "--split", "test")
     assert code == 1 and "no test split" in err and "data.test_fraction" in err

@@ -497,7 +497,10 @@ def train_command(
             f"{_perplexity(result.val_ppl, 3)} / {_perplexity(result.best_val_ppl, 3)}",
         )
     speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
-    table.add_row("tokens/s", "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}")
+    # the last epoch's (or the epoch so far, where a stop cut it), as d2l reports: not the run's mean
+    table.add_row(
+        "tokens/s (last epoch)", "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}"
+    )
     table.add_row("device", f"{result.device} × {result.world_size}")
     out.print(table)
     out.print(f"perplexity {_perplexity(result.train_ppl, 1)}, {speed} on {result.device}")  # d2l's line

@@ -214,7 +214,7 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
     table.add_row("vocabulary", f"{len(dataset.vocab):,}")
     kept = [(token, freq) for token, freq in dataset.vocab.token_freqs if token in dataset.vocab]
     top = ", ".join(f"{token!r} {freq:,}" for token, freq in kept[:10])  # not those min_freq made <unk>
-    table.add_row("most frequent", top)
+    table.add_row("most frequent (all tokens)", top)  # the vocabulary counts the whole text, as d2l's
     splits = dataset.splits
     table.add_row("train / val / test", f"{len(splits.train):,} / {len(splits.val):,} / {len(splits.test):,}")
     data = resolved.data

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
-from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection
+from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, UnitScore
 from drnn_cli.shown_text import labelled_char
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
@@ -28,6 +28,13 @@ def check_plot_request() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise DrnnError("--png needs matplotlib: pip install 'drnn[plot]' (or leave out --png)") from None
+
+
+def _unit_label(score: UnitScore) -> str:
+    """A heatmap row's name: the unit, and the feature it follows best, as the HTML page's heading."""
+    if score.feature is None:
+        return f"unit {score.unit}"
+    return f"unit {score.unit}: {score.feature} (r = {score.correlation:+.2f})"
 
 
 def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
@@ -52,8 +59,13 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
     values = inspection.activations[:, :shown].numpy()
     scale = abs(values).max(axis=1, keepdims=True)
     scale[scale == 0] = 1
-    heat.imshow(values / scale, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    heat.set_yticks(range(len(inspection.units)), [f"unit {s.unit}" for s in inspection.units])
+    image = heat.imshow(
+        values / scale, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest"
+    )
+    bar = figure.colorbar(image, ax=heat, fraction=0.02, pad=0.01, ticks=[-1, 0, 1])
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("activation ÷ the unit's largest", fontsize=7)
+    heat.set_yticks(range(len(inspection.units)), [_unit_label(s) for s in inspection.units])
     heat.set_xticks(range(shown), [labelled_char(c) for c in inspection.chars[:shown]])
     heat.tick_params(axis="x", labelsize=7, length=0)
     of = f" (first {shown} of {len(inspection.chars):,} characters)" if shown < len(inspection.chars) else ""

@@ -496,6 +496,17 @@ def test_png_labels_missing_from_its_font_are_returned_for_one_note_not_warned_t
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_png_rows_name_each_units_feature_as_the_page_does():
+    """The heatmap's rows said "unit 105" where the HTML page says which feature it follows and how well."""
+    from drnn_cli.inspect_plot import _unit_label
+
+    assert (
+        _unit_label(UnitScore(105, "position in word", -0.5312)) == "unit 105: position in word (r = -0.53)"
+    )
+    assert _unit_label(UnitScore(3, "at a space", 0.3)) == "unit 3: at a space (r = +0.30)"
+    assert _unit_label(UnitScore(7, None, 0.0)) == "unit 7"
+
+
 def test_png_without_matplotlib_is_refused_in_one_line_before_the_text_is_read(
     cli, tiny_run: Path, tmp_path: Path, monkeypatch
 ):

@@ -362,7 +362,7 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
     assert trained["parameters"] == LSTM2_PARAMETERS
     predicted = run("predict", "time traveller", "--json")
     assert (
-        set(predicted) == {"prefix", "text", "checkpoint"}
+        set(predicted) == {"prefix", "text", "continuation", "checkpoint"}
         and len(predicted["text"]) == len("time traveller") + 50
     )
     # found from the empty directory through runs/latest; no validation split: the last checkpoint

@@ -155,9 +155,14 @@ class RunStart:
     latest_val_ppl: float | None = None  # a resumed run's last validation, shown until its next one
 
     def span(self) -> str:
-        """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it."""
+        """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it
+        ("1 step (0.0036% of an epoch)" on a big text)."""
         if self.max_steps:
-            return f"{self.max_steps:,} steps ({self.max_steps / self.steps_per_epoch:.3g} epochs)"
+            epochs = self.max_steps / self.steps_per_epoch
+            share = f"{epochs:.3g} epoch{'' if epochs == 1 else 's'}"
+            if epochs < 0.01:  # not "3.61e-05 epochs"
+                share = f"{100 * epochs:.2g}% of an epoch"
+            return f"{self.max_steps:,} step{'' if self.max_steps == 1 else 's'} ({share})"
         return f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
 
 

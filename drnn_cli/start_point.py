@@ -220,7 +220,7 @@ def resume_point(
     if changed:
         raise DrnnError(
             f"cannot resume {run_dir}: the config changed {_describe_differences(checkpoint.config, config, changed)}; "
-            f"restore them or start a new run with --run DIR"
+            f"restore {'it' if len(changed) == 1 else 'them'} or start a new run with --run DIR"
         )
     if config.data.file is not None and not config.data.file.exists():
         raise DrnnError(

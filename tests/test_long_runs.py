@@ -199,6 +199,15 @@ def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
     assert ", 25 steps (1.32 epochs), from scratch" in out and "epoch 1/2 " in out and "/50" not in out
 
 
+def test_the_first_line_counts_one_step_and_a_sliver_of_an_epoch_in_words():
+    """A 1-step budget on a 31 MB text read "1 steps (3.61e-05 epochs)"."""
+    one = RunStart(1, 0, 1_000, "cpu", "from scratch", 0, max_steps=1, steps_per_epoch=27_700)
+    assert one.span() == "1 step (0.0036% of an epoch)"
+    assert RunStart(2, 0, 1_000, "cpu", "from scratch", 0, max_steps=19, steps_per_epoch=19).span() == (
+        "19 steps (1 epoch)"
+    )
+
+
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
     train(write_config(workdir), "train.max_steps=30", "train.schedule=cosine", "train.min_lr=0.001")
     last = metrics(workdir / "runs" / "tiny")[-1]

@@ -229,16 +229,17 @@ def append_metrics(path: Path, record: EpochRecord) -> None:
 
 def write_run_files(
     files: RunFiles,
-    config: Config,
+    config: Config | None,
     vocab: Vocab,
     records: Sequence[EpochRecord],
     init_from: str | None,
     resumed: bool = False,
 ) -> None:
     """What a run directory holds before its first step: config, vocabulary, metrics so far, origin
-    (``resumed``: the run's own files, written when it began, are there)."""
+    (``resumed``: the run's own files, written when it began, are there; ``config`` None: keep its own)."""
     files.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(files.config, dump_config(config))
+    if config is not None:
+        atomic_write_text(files.config, dump_config(config))
     kept = _with_counts_kept(files.vocab, vocab) if resumed else vocab
     atomic_write_text(files.vocab, kept.to_json() + "\n")
     write_metrics(files.metrics, records)

@@ -385,10 +385,15 @@ class Trainer:
 
     # ----- run directory ---------------------------------------------------------------------
 
-    def _write_run_files(self) -> None:
+    def _write_run_files(self, config_too: bool) -> None:
         if self.dist.is_main:  # the metrics rewrite drops epochs past a resumed checkpoint
             write_run_files(
-                self.files, self.config, self.dataset.vocab, self.records, self.init_from_label, self.resumed
+                self.files,
+                self.config if config_too else None,
+                self.dataset.vocab,
+                self.records,
+                self.init_from_label,
+                self.resumed,
             )
 
     def _append_metrics(self, record: EpochRecord) -> None:
@@ -823,11 +828,12 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         train = self.config.train
-        self._write_run_files()
+        already = self._already_done()
+        # a resume with nothing to train keeps the run's config.yaml: its --set values trained no step
+        self._write_run_files(config_too=already is None or not self.files.config.exists())
         parameters = count_parameters(self.model)
         began_at = self._position()
         self.budget.start()
-        already = self._already_done()
         if already is None:
             step_budget = self._step_budget()
             self.reporter.start(

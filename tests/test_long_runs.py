@@ -199,6 +199,19 @@ def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
     assert ", 25 steps (1.32 epochs), from scratch" in out and "epoch 1/2 " in out and "/50" not in out
 
 
+def test_a_resume_with_nothing_to_train_keeps_the_runs_config(workdir: Path):
+    """Its --set values trained no step: config.yaml recorded lr 0.001 all the same, which the README's
+    "simplest way" to resume (--config RUN/config.yaml) then took for the run's (practitioner trial)."""
+    config = write_config(workdir)
+    train(config, "train.max_steps=5")
+    written = (workdir / "runs" / "tiny" / "config.yaml").read_text()
+    again = train(config, "train.max_steps=5", "train.lr=0.001", resume=True)
+    assert again.tokens_per_s is None and again.stop_reason == "max_steps"  # nothing trained
+    assert (workdir / "runs" / "tiny" / "config.yaml").read_text() == written
+    train(config, "train.max_steps=7", "train.lr=0.001", resume=True)  # two more steps at the new rate
+    assert "lr: 0.001" in (workdir / "runs" / "tiny" / "config.yaml").read_text()
+
+
 def test_the_first_line_counts_one_step_and_a_sliver_of_an_epoch_in_words():
     """A 1-step budget on a 31 MB text read "1 steps (3.61e-05 epochs)"."""
     one = RunStart(1, 0, 1_000, "cpu", "from scratch", 0, max_steps=1, steps_per_epoch=27_700)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,11 @@ class Perplexity:
         return self.nll / self.tokens / math.log(2) if self.tokens else float("nan")
 
 
+class EvaluationAbandoned(Exception):
+    """``evaluate`` stopped before its end because ``abandon`` said so (a signal while training
+    validates: the checkpoint is written without waiting for the rest of the split)."""
+
+
 @torch.no_grad()
 def evaluate(
     model: RNNLanguageModel,
@@ -43,10 +49,12 @@ def evaluate(
     num_steps: int,
     device: torch.device,
     precision: str = "fp32",
+    abandon: Callable[[], bool] | None = None,
 ) -> Perplexity:
     """Predict every token after the first from all tokens before it (state carried throughout).
 
     The state starts at zero at the beginning of ``tokens``; dropout is off while evaluating.
+    ``abandon`` is asked before each minibatch: True raises :class:`EvaluationAbandoned`.
     """
     was_training = model.training
     model.eval()
@@ -55,6 +63,8 @@ def evaluate(
         count = 0
         state = None
         for batch in eval_batches(tokens.to(device), batch_size, num_steps):
+            if abandon is not None and abandon():
+                raise EvaluationAbandoned
             if state is None:
                 state = model.begin_state(batch.x.shape[0], device)
             elif batch.keep_row is not None:

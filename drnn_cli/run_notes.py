@@ -125,6 +125,48 @@ def own_text_notes(data: DataConfig, total_tokens: int, file_bytes: int | None) 
     return notes
 
 
+def late_cadence_notes(
+    train: TrainConfig, planned_steps: int, steps_per_epoch: int, validates: bool
+) -> list[str]:
+    """A run that ``train.max_steps`` ends inside its epochs, whose validation, checkpoint or log comes
+    first after that end: none of them happens until the end, and a crash or ``kill -9`` before it
+    loses the whole run (``lstm_full_cpu``'s 7,450 steps are a quarter of an epoch of a 30 MB text)."""
+    late: list[tuple[str, str]] = []
+    for key, what in (
+        ("eval_every", "validated"),
+        ("checkpoint_every", "checkpointed"),
+        ("log_every", "logged"),
+    ):
+        if key == "eval_every" and not validates:
+            continue
+        cadence = Cadence.of(getattr(train, key))
+        # log_every 0 writes at least a line an epoch: at the first epoch's end at the earliest
+        first = cadence.every * (steps_per_epoch if cadence.unit == "epochs" else 1) or steps_per_epoch
+        if first > planned_steps:
+            late.append((key, what))
+    if not late:
+        return []
+    keys = ", ".join(f"train.{key} ({_every(getattr(train, key))})" for key, _ in late)
+    whats = " or ".join(
+        ", ".join(what for _, what in late).rsplit(", ", 1)
+    )  # "validated, checkpointed or logged"
+    lost = "; a crash or kill -9 before then loses all of it" if "checkpointed" in whats else ""
+    every = max(1, planned_steps // 10)
+    return [
+        f"this run ends after {planned_steps:,} steps ({planned_steps / steps_per_epoch:.2g} epochs), before "
+        f"{keys} first {'comes' if len(late) == 1 else 'come'} due: nothing is {whats} until its end{lost}; "
+        f"count {'it' if len(late) == 1 else 'them'} in steps, e.g. "
+        f'--set "train.{late[0][0]}={every} step{"" if every == 1 else "s"}"'
+    ]
+
+
+def _every(value: int | str) -> str:
+    """A cadence as its config spells it, with the unit a plain integer leaves out (epochs)."""
+    if value == 0:
+        return "0: auto"
+    return value if isinstance(value, str) else f"{value} epoch{'' if value == 1 else 's'}"
+
+
 def idle_setting_notes(config: Config, planned_epochs: int, planned_steps: int) -> list[str]:
     """Settings that would do nothing in this run, which it would otherwise show no sign of: an
     ``average_start`` at or past its last epoch or step (validation, ``best`` and prediction get the raw

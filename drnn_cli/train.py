@@ -27,7 +27,7 @@ from drnn_cli.config import Config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
-from drnn_cli.evaluate import evaluate, perplexity
+from drnn_cli.evaluate import EvaluationAbandoned, evaluate, perplexity
 from drnn_cli.model_probes import check_precision_works, compile_cells
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
 from drnn_cli.optimizers import (
@@ -55,7 +55,13 @@ from drnn_cli.report import (
     write_run_files,
 )
 from drnn_cli.run_files import BEST, LAST, RunFiles
-from drnn_cli.run_notes import data_notes, idle_setting_notes, nothing_to_train, own_text_notes
+from drnn_cli.run_notes import (
+    data_notes,
+    idle_setting_notes,
+    late_cadence_notes,
+    nothing_to_train,
+    own_text_notes,
+)
 from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
@@ -474,7 +480,13 @@ class Trainer:
         self.model.train()
         # resuming mid-epoch: the minibatches before progress.step were trained before the stop
         targets = self.static_step.targets.numel()
-        for step, window in enumerate(batches.windows_from(progress.step), start=progress.step):
+        if progress.boundary_pending:  # a signal cut this step's boundary short: it comes first
+            progress.boundary_pending = False
+            paused = time.perf_counter()
+            self.stopped_mid_epoch = self._inside_epoch(epoch, progress, len(batches), self._budget_reached())
+            started += self._training_clock() - paused
+        remaining = batches.windows_from(progress.step) if self.stopped_mid_epoch is None else iter(())
+        for step, window in enumerate(remaining, start=progress.step):
             if lr_per_step:
                 self._set_lr(epoch)
             self.static_step(window)  # the state carry and the loss tally happen inside the step
@@ -497,6 +509,8 @@ class Trainer:
                 started += self._training_clock() - paused  # evaluating is not training time
                 if stop is not None:
                     self.stopped_mid_epoch = stop
+                    if self.stops.pending:  # after the stop's validation: its checkpoint is written
+                        self.reporter.note(f"{self.stops.name} arrived as the run ended: the run is complete")
                     break
             # A signal stops after the step's boundary, if it has one (its line, validation, best
             # checkpoint), which a resumed run would not repeat; the epoch's last step leaves it to the
@@ -668,7 +682,11 @@ class Trainer:
         val_ppl = None
         on_cadence = self.cadence.eval.due_at_step(global_step)
         if stop is not None or on_cadence:
-            val_ppl = self._validate_to_judge()
+            try:
+                val_ppl = self._validate_to_judge(abandonable=True)
+            except EvaluationAbandoned:  # a signal: checkpoint now, not after the rest of a large split
+                progress.boundary_pending = True
+                self._interrupt(epoch, progress)
             self._judge(val_ppl, epoch, progress, on_cadence)
             if stop is None and self._patience_spent:
                 stop = "patience"
@@ -719,9 +737,14 @@ class Trainer:
 
     def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
         self._save(LAST, epoch, progress)
+        cut = (
+            " (its validation cut short: --resume runs it first)"
+            if progress and progress.boundary_pending
+            else ""
+        )
         raise TrainingInterrupted(
             f"training stopped by {self.stops.name} "
-            f"{training_position(epoch, progress.step if progress else 0, self.global_step)}; "
+            f"{training_position(epoch, progress.step if progress else 0, self.global_step)}{cut}; "
             f"its checkpoint is in {self.run_dir / LAST}; continue with {self.resume_advice}",
             exit_code=self.stops.exit_code,
         )
@@ -745,8 +768,13 @@ class Trainer:
                 continue  # a prefix this corpus cannot spell is skipped, not fatal
         return samples
 
-    def _validate(self) -> float | None:
-        """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens."""
+    def _validate(self, abandonable: bool = False) -> float | None:
+        """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens.
+
+        ``abandonable`` (a boundary inside an epoch, in one process): a signal ends it at the next
+        minibatch with :class:`EvaluationAbandoned`, rather than after the whole split (minutes on a
+        large text, past a scheduler's grace before its SIGKILL). Under torchrun every rank must
+        validate to the end: each takes part in the vote on the result."""
         if len(self.val_tokens) < MIN_EVAL_TOKENS:
             return None
         data = self.config.data
@@ -758,15 +786,16 @@ class Trainer:
             data.num_steps,
             self.device,
             self.config.train.precision,
+            (lambda: self.stops.pending) if abandonable and not self.dist.enabled else None,
         )
         self._check_kernels("while validating")
         return result.perplexity
 
-    def _validate_to_judge(self) -> float | None:
+    def _validate_to_judge(self, abandonable: bool = False) -> float | None:
         """Validation perplexity that every torchrun rank holds alike. Each validates the same weights
         on the same tokens, yet each decides from its number whether to keep a best checkpoint, and
         writing one is a collective: ranks that disagreed by a last bit would wait on each other."""
-        val_ppl = self._validate()
+        val_ppl = self._validate(abandonable)
         return None if val_ppl is None else vote_max(val_ppl, self.dist, self.device)
 
     def _planned_epochs(self) -> int:
@@ -859,6 +888,14 @@ class Trainer:
             *(
                 own_text_notes(self.config.data, self.dataset.total_tokens, self.dataset.file_bytes())
                 if self.global_step == 0
+                else ()
+            ),
+            # a run measured in steps from its start: cadences in epochs may come after its end
+            *(
+                late_cadence_notes(
+                    train, self._step_budget(), self.steps_per_epoch, len(self.val_tokens) >= MIN_EVAL_TOKENS
+                )
+                if self.global_step == 0 and self._step_budget()
                 else ()
             ),
             *idle_setting_notes(self.config, self._planned_epochs(), self._planned_steps()),

@@ -149,6 +149,8 @@ class EpochProgress:
     # perplexity covers the steps after it (0 and 0: the epoch's start, as checkpoints without them)
     logged_loss_sum: float = 0.0
     logged_count: int = 0
+    # a signal cut short this step's boundary (its validation) before its line: a resume runs it first
+    boundary_pending: bool = False
 
     @classmethod
     def start(cls, device: torch.device) -> EpochProgress:
@@ -168,6 +170,7 @@ class EpochProgress:
             self.elapsed,
             self.logged_loss_sum,
             self.logged_count,
+            self.boundary_pending,
         )
 
     def to_tree(self) -> dict[str, Any]:
@@ -179,6 +182,7 @@ class EpochProgress:
             "elapsed": self.elapsed,
             "logged_loss_sum": self.logged_loss_sum,
             "logged_count": self.logged_count,
+            "boundary_pending": self.boundary_pending,
         }
 
     @classmethod
@@ -203,6 +207,7 @@ class EpochProgress:
             elapsed=_seconds(tree, "elapsed", where),
             logged_loss_sum=_amount(tree, "logged_loss_sum", where, 0.0, "a sum of losses"),
             logged_count=_count(tree, "logged_count", where, 0),  # all ranks' (count is this rank's)
+            boundary_pending=_field(tree, "boundary_pending", bool, where, False),
         )
 
 
@@ -366,6 +371,7 @@ class TrainerState:
             elapsed=first.elapsed,
             logged_loss_sum=first.logged_loss_sum,  # every rank's own copy of the all-ranks totals
             logged_count=first.logged_count,
+            boundary_pending=first.boundary_pending,
         )
 
 
@@ -401,6 +407,7 @@ def gather_ranks(progress: EpochProgress, device: torch.device, world_size: int)
                 progress.elapsed,
                 progress.logged_loss_sum,
                 progress.logged_count,
+                progress.boundary_pending,
             ),
         )
         for rank in range(world_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from drnn_cli.budget import Cadence, parse_cadence, parse_duration
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.config import TrainConfig, load_config
 from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged
+from drnn_cli.evaluate import EvaluationAbandoned
 from drnn_cli.optimizers import lr_factor
 from drnn_cli.report import EpochRecord, RunStart, SilentReporter
 from drnn_cli.train import Trainer
@@ -212,6 +214,29 @@ def test_a_resume_with_nothing_to_train_keeps_the_runs_config(workdir: Path):
     assert "lr: 0.001" in (workdir / "runs" / "tiny" / "config.yaml").read_text()
 
 
+def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_training(workdir: Path):
+    """lstm_full_cpu on a 31 MB text: 7,450 steps, a quarter of an epoch, and validation, checkpoint and
+    log lines each an epoch or more apart: nothing until the end, and a kill -9 lost the whole run."""
+    notes: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = notes.append  # type: ignore[method-assign]
+    config = write_config(workdir)
+    train_run(TrainRequest(config, ("train.max_steps=15", "train.epochs=50")), reporter=reporter)
+    assert [note for note in notes if note.startswith("this run ends")] == [
+        "this run ends after 15 steps (0.79 epochs), before train.eval_every (1 epoch), train.checkpoint_every "
+        "(10 epochs), train.log_every (0: auto) first come due: nothing is validated, checkpointed or logged "
+        "until its end; a crash or kill -9 before then loses all of it; count them in steps, e.g. --set "
+        '"train.eval_every=1 step"'
+    ]
+    notes.clear()  # in steps, or due within the budget: nothing to say
+    cadences = ("train.eval_every=5 steps", "train.checkpoint_every=5 steps", "train.log_every=5 steps")
+    train_run(
+        TrainRequest(config, ("train.max_steps=15", *cadences), run_dir=Path("runs/b")), reporter=reporter
+    )
+    train_run(TrainRequest(config, ("train.max_steps=200",), run_dir=Path("runs/c")), reporter=reporter)
+    assert not [note for note in notes if note.startswith("this run ends")]
+
+
 def test_the_first_line_counts_one_step_and_a_sliver_of_an_epoch_in_words():
     """A 1-step budget on a 31 MB text read "1 steps (3.61e-05 epochs)"."""
     one = RunStart(1, 0, 1_000, "cpu", "from scratch", 0, max_steps=1, steps_per_epoch=27_700)
@@ -293,6 +318,69 @@ def test_a_signal_at_any_step_resumes_to_the_metrics_of_a_run_never_stopped(
         return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(workdir / "runs" / run)]
 
     assert logged("split") == logged("straight")
+
+
+@pytest.mark.parametrize("budget", ["", "train.max_steps=10"], ids=["on-cadence", "the-budget-s-last"])
+def test_a_signal_while_a_step_boundary_validates_cuts_it_short_and_resume_runs_it_first(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, budget: str
+):
+    """SIGTERM during the validation of a 3-million-token split waited 103 s for it: past a scheduler's
+    grace, whose SIGKILL then lost everything since the last checkpoint. The validation is abandoned at
+    its next minibatch; the checkpoint of the step marks the boundary as not done, and --resume does it
+    (validation, line, best checkpoint) before the next step: the metrics of a run never stopped."""
+    config = write_config(workdir)
+    overrides = ("train.epochs=2", "train.eval_every=5 steps", "train.log_every=3 steps")
+    train(config, *overrides, run_dir=Path("runs/straight"))
+    abandoned: list[int] = []  # the steps whose validation was cut short (before its first minibatch)
+    original = Trainer._validate
+
+    def signalled_while_validating(self: Trainer, abandonable: bool = False) -> float | None:
+        if self.global_step == 10:
+            self.stops.signum = 15  # arrives as the validation starts
+        try:
+            return original(self, abandonable)
+        except EvaluationAbandoned:
+            abandoned.append(self.global_step)
+            raise
+
+    monkeypatch.setattr(Trainer, "_validate", signalled_while_validating)
+    stopped_with = (*overrides, budget) if budget else overrides
+    message = (
+        "stopped by SIGTERM after step 10 of epoch 1, optimizer step 10 (its validation cut short: --resume"
+    )
+    with pytest.raises(DrnnError, match=re.escape(message)):
+        train(config, *stopped_with, run_dir=Path("runs/split"))
+    monkeypatch.setattr(Trainer, "_validate", original)
+    assert abandoned == [10]
+    stopped = load_checkpoint(workdir / "runs/split/last.safetensors")
+    assert stopped.step_in_epoch == 10 and stopped.trainer().epoch_progress.boundary_pending
+    assert [line["step"] for line in metrics(workdir / "runs/split")] == [3, 5, 6, 9]  # not step 10's
+    train(config, *overrides, run_dir=Path("runs/split"), resume=True)
+
+    def logged(run: str) -> list[dict]:
+        return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(workdir / "runs" / run)]
+
+    assert logged("split") == logged("straight")  # step 10's line included, its window as the straight run's
+
+
+def test_a_signal_after_a_budgets_final_validation_lets_the_run_end_and_says_so(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Its checkpoint is written: the run is complete (exit 0), but the signal was not even mentioned."""
+    original = Trainer._update_plot
+
+    def signalled_after_validating(self: Trainer, force: bool = False) -> None:
+        if self.global_step == 10:
+            self.stops.signum = 2
+        original(self, force)
+
+    monkeypatch.setattr(Trainer, "_update_plot", signalled_after_validating)
+    notes: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = notes.append  # type: ignore[method-assign]
+    result = train_run(TrainRequest(write_config(workdir), ("train.max_steps=10",)), reporter=reporter)
+    assert (result.stop_reason, result.steps) == ("max_steps", 10)
+    assert "SIGINT arrived as the run ended: the run is complete" in notes
 
 
 def test_a_signal_at_an_epoch_s_last_step_stops_at_that_epoch_s_end(

@@ -1112,9 +1112,9 @@ def test_a_signal_after_the_last_epochs_checkpoint_lets_the_finished_run_end(
 
     validate = Trainer._validate
 
-    def interrupted_validation(self: Trainer):
+    def interrupted_validation(self: Trainer, abandonable: bool = False):
         self.stops.signum = signal.SIGINT  # Ctrl-C while the last epoch validates
-        return validate(self)
+        return validate(self, abandonable)
 
     monkeypatch.setattr(Trainer, "_validate", interrupted_validation)
     code, out, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))), "--json")
@@ -1170,7 +1170,7 @@ def test_a_second_ctrl_c_during_validation_exits_without_waiting_for_the_checkpo
 ):
     from drnn_cli.train import Trainer
 
-    def pressed_twice(self: Trainer):
+    def pressed_twice(self: Trainer, abandonable: bool = False):
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
         raise AssertionError("the second Ctrl-C did not stop training")

@@ -527,7 +527,7 @@ def test_a_nan_validation_is_never_the_best_and_no_improvement(
     """fp16 logits can overflow while validating: that NaN must not become the best (every later
     comparison with it is false, so nothing would replace it and patience would run out)."""
     scripted = iter([math.nan, 50.0, 20.0, 10.0])
-    monkeypatch.setattr(Trainer, "_validate", lambda self: next(scripted))
+    monkeypatch.setattr(Trainer, "_validate", lambda self, abandonable=False: next(scripted))
     tree = {**TINY, "data": {**TINY["data"], "val_fraction": 0.3}}
     result = train(write_config(workdir, tree), "train.epochs=4", "train.patience=2")
     assert (result.epochs, result.stopped_early, result.best_val_ppl) == (4, False, 10.0)
@@ -549,7 +549,7 @@ def test_a_resume_that_changes_eval_tokens_starts_the_best_and_patience_over(
             self.notes.append(message)
 
     scripted = iter([3.0, 2.0, 5.0, 6.0])
-    monkeypatch.setattr(Trainer, "_validate", lambda self: next(scripted))
+    monkeypatch.setattr(Trainer, "_validate", lambda self, abandonable=False: next(scripted))
     tree = {**TINY, "data": {**TINY["data"], "val_fraction": 0.3}}
     config = write_config(workdir, tree)
     assert train(config, "train.epochs=2", "train.eval_tokens=20").best_val_ppl == 2.0

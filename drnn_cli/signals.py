@@ -117,6 +117,17 @@ class StopRequests:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._seen: set[int] = set()
+        # under torchrun, the agent that started this process: see note_launcher_gone
+        self._launcher = os.getppid() if TORCHRUN_ENV in os.environ else None
+
+    def note_launcher_gone(self) -> bool:
+        """Under torchrun, a launcher that died (this process was handed to another parent) counts as
+        its SIGTERM: a ``kill -9`` of torchrun left its workers training unseen to the end of their
+        budget, holding the run's lock. Asked where the ranks vote on stopping; True when noted now."""
+        if self._launcher is None or self.signum is not None or os.getppid() == self._launcher:
+            return False
+        self.signum = signal.SIGTERM
+        return True
 
     @contextlib.contextmanager
     def noted(self) -> Iterator[StopRequests]:

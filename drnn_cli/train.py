@@ -422,6 +422,8 @@ class Trainer:
             return self.stops.pending
         if step is not None and step % STOP_VOTE_EVERY:
             return False
+        if self.stops.note_launcher_gone():
+            self.reporter.note("torchrun is gone (killed): this process stops as on its SIGTERM")
         vote = int(vote_max(float(self.stops.signum or 0), self.dist, self.device))
         if vote and not self.stops.pending:
             self.stops.signum = vote  # another rank's signal: reported and exited with as its own

@@ -1124,6 +1124,22 @@ def test_a_signal_after_the_last_epochs_checkpoint_lets_the_finished_run_end(
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
 
 
+def test_a_torchrun_worker_whose_launcher_died_stops_as_on_its_sigterm(monkeypatch: pytest.MonkeyPatch):
+    """kill -9 of torchrun left both workers training unseen to the end of their budget, holding the run's
+    lock (practitioner trial): reparented, a worker counts it as the launcher's SIGTERM at its next vote."""
+    from drnn_cli.signals import TORCHRUN_ENV, StopRequests
+
+    monkeypatch.setenv(TORCHRUN_ENV, "test")
+    stops = StopRequests()
+    assert not stops.note_launcher_gone() and not stops.pending  # the launcher is there
+    launcher = os.getppid()
+    monkeypatch.setattr(os, "getppid", lambda: launcher + 1)  # handed to init, or a subreaper
+    assert stops.note_launcher_gone() and stops.name == "SIGTERM" and stops.exit_code == 143
+    assert not stops.note_launcher_gone()  # noted once
+    monkeypatch.delenv(TORCHRUN_ENV)
+    assert not StopRequests().note_launcher_gone()  # one process: its parent is a shell, free to go
+
+
 def test_the_same_signal_twice_stops_at_once_and_another_is_only_noted(
     sigterm_guard: None, monkeypatch: pytest.MonkeyPatch
 ):

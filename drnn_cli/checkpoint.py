@@ -239,8 +239,43 @@ def _looks_like_pickle(head: bytes) -> bool:
     )
 
 
-def _not_a_checkpoint(path: Path) -> DrnnError:
-    return DrnnError(f"checkpoint {path} is corrupt or not a drnn checkpoint; retrain or pick another file")
+class CorruptCheckpoint(DrnnError):
+    """A checkpoint file drnn cannot read as one of its own. ``problem`` says what is wrong; the message
+    adds the way on that suits most commands, which ``--resume`` (no other file to pick) replaces."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; retrain or pick another file")
+        self.problem = problem
+
+
+def _corrupt(path: Path, why: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"checkpoint {path} is corrupt ({why})")
+
+
+def _not_a_checkpoint(path: Path) -> CorruptCheckpoint:
+    return _cut_short(path) or CorruptCheckpoint(f"checkpoint {path} is corrupt or not a drnn checkpoint")
+
+
+def _cut_short(path: Path) -> CorruptCheckpoint | None:
+    """A file shorter than its own header says (a copy or a write that did not finish, a full disk
+    under another tool): named as such, with both sizes. None when the header cannot tell."""
+    try:
+        with path.open("rb") as stream:
+            (header_bytes,) = struct.unpack("<Q", stream.read(8))
+            entries = json.loads(stream.read(min(header_bytes, MAX_HEADER_BYTES)))
+        end = (
+            8
+            + header_bytes
+            + max(entry["data_offsets"][1] for name, entry in entries.items() if name != "__metadata__")
+        )
+        size = path.stat().st_size
+    except Exception:  # no readable header: not a drnn checkpoint, or cut inside its header
+        return None
+    if not isinstance(end, int) or size >= end:
+        return None
+    return CorruptCheckpoint(
+        f"checkpoint {path} is cut short: it holds {size:,} of the {end:,} bytes its header announces"
+    )
 
 
 def _check_leading_bytes(path: Path) -> None:
@@ -335,13 +370,9 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
         if config.data.token == "char":
             check_char_tokens(vocab.idx_to_token)
     except VocabError as exc:
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (its vocabulary: {exc}); retrain or pick another"
-        ) from None
+        raise _corrupt(path, f"its vocabulary: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (unreadable vocabulary); retrain or pick another"
-        ) from None
+        raise _corrupt(path, "unreadable vocabulary") from None
     try:
         return CheckpointInfo(
             config=config,
@@ -355,9 +386,7 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
             shapes=shapes,
         )
     except (KeyError, TypeError, ValueError):
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (a header field missing or of the wrong type); retrain or pick another file"
-        ) from None
+        raise _corrupt(path, "a header field missing or of the wrong type") from None
 
 
 def _header_count(value: Any) -> int:
@@ -442,9 +471,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
             stand_ins = _stand_ins(handle, info.shapes) if weights_only else {}
             tensors = {name: handle.get_tensor(name) for name in info.shapes if name not in stand_ins}
         except Exception:  # safetensors raises its own error types for every malformation
-            raise DrnnError(
-                f"checkpoint {path} is corrupt (tensor data unreadable); retrain or pick another"
-            ) from None
+            raise _cut_short(path) or _corrupt(path, "tensor data unreadable") from None
     bad = first_non_finite(tensors)
     if bad is not None:
         raise NonFiniteCheckpoint(
@@ -454,18 +481,13 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
     tied = ("model.embedding.weight", "model.decoder.weight")
     if info.config.model.tie_weights and not torch.equal(tensors[tied[0]], tensors[tied[1]]):
         # one matrix the file stores twice: two that differ would load as whichever came last
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (model.tie_weights, yet its embedding and output weights "
-            "differ); retrain or pick another file"
-        )
+        raise _corrupt(path, "model.tie_weights, yet its embedding and output weights differ")
     tensors = {key: value.to(device) for key, value in tensors.items()} | stand_ins
     model_state = {key[len("model.") :]: value for key, value in tensors.items() if key.startswith("model.")}
     try:
         trainer_state = unpack_tree(info.packed_trainer_state, tensors)
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise DrnnError(
-            f"checkpoint {path} is corrupt (a header field missing or of the wrong type); retrain or pick another file"
-        ) from None
+        raise _corrupt(path, "a header field missing or of the wrong type") from None
     return Checkpoint(
         config=info.config,
         vocab=info.vocab,
@@ -486,7 +508,7 @@ def _check_model_shapes(
     held = {key[len("model.") :]: shape for key, shape in shapes.items() if key.startswith("model.")}
     for name in sorted(set(expected) | set(held)):
         if expected.get(name) != held.get(name):
-            raise DrnnError(
+            raise CorruptCheckpoint(
                 f"checkpoint {path} does not match its own model config: {name} should have shape "
-                f"{expected.get(name)} but the file holds {held.get(name)}; it is corrupt, retrain or pick another"
+                f"{expected.get(name)} but the file holds {held.get(name)}; it is corrupt"
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
+from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, ConfigError, build_config, parse_override
 from drnn_cli.errors import DrnnError
 from drnn_cli.run_files import BEST, LAST
@@ -196,7 +196,12 @@ def resume_point(
                 f"over with --overwrite, or from its best weights with --init-from {run_dir} --run NEW_DIR"
             )
         raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
-    checkpoint = load_checkpoint(last, device)
+    try:
+        checkpoint = load_checkpoint(last, device)
+    except CorruptCheckpoint as corrupt:  # "pick another file" is no way on: --resume reads this one
+        best = run_dir / BEST
+        earlier = f"resume from its best checkpoint instead (cp {best} {last}), or " if best.is_file() else ""
+        raise DrnnError(f"{corrupt.problem}; {earlier}start over with --overwrite") from None
     said = []
     if init_from is not None:
         if checkpoint.init_from is None:

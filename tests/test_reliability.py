@@ -512,11 +512,43 @@ def test_corrupt_checkpoint_is_named(tmp_path: Path, cli, payload: bytes):
 
 
 def test_truncated_real_checkpoint_is_named(tiny_run: Path, tmp_path: Path, cli):
+    """Cut short, with both sizes (a copy that did not finish), not "corrupt or not a drnn checkpoint";
+    cut inside its header, it is that."""
     data = (tiny_run / "best.safetensors").read_bytes()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: len(data) // 2])
     code, _, err = cli("predict", "time", "--checkpoint", str(bad))
-    assert_one_line_error(code, err, str(bad), "corrupt")
+    assert_one_line_error(
+        code,
+        err,
+        f"checkpoint {bad} is cut short: it holds {len(data) // 2:,} of the {len(data):,} bytes its header",
+    )
+    bad.write_bytes(data[:100])
+    code, _, err = cli("predict", "time", "--checkpoint", str(bad))
+    assert_one_line_error(code, err, f"checkpoint {bad} is corrupt or not a drnn checkpoint; retrain or pick")
+
+
+def test_a_resume_from_a_cut_short_last_checkpoint_points_to_the_best_one(workdir: Path, cli):
+    """ "retrain or pick another file" is no way on for --resume, which reads RUN/last.safetensors."""
+    config = config_file(workdir, {**TINY, "data": {**TINY["data"], "val_fraction": 0.2}})
+    code, _, err = cli("train", "--config", str(config))
+    assert code == 0, err
+    last, best = (
+        workdir / "runs" / "tiny" / "last.safetensors",
+        workdir / "runs" / "tiny" / "best.safetensors",
+    )
+    last.write_bytes(last.read_bytes()[:-100])
+    code, _, err = cli("train", "--config", str(config), "--resume")
+    assert_one_line_error(
+        code,
+        err,
+        "is cut short",
+        f"resume from its best checkpoint instead (cp {Path('runs/tiny/best.safetensors')} ",
+    )
+    assert "pick another file" not in err
+    best.unlink()
+    code, _, err = cli("train", "--config", str(config), "--resume")
+    assert_one_line_error(code, err, "is cut short", "; start over with --overwrite")
 
 
 def test_a_header_above_the_cap_is_refused_before_safetensors_parses_it(

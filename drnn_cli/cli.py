@@ -11,6 +11,7 @@ import enum
 import math
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,6 +153,37 @@ def _download_progress(console: Console) -> Iterator[Any]:
             bar.append((progress, progress.add_task("download", total=total)))
         progress, task = bar[0]
         progress.update(task, completed=received, total=total)
+
+    try:
+        yield hook
+    finally:
+        for progress, _ in bar:
+            progress.stop()
+
+
+@contextlib.contextmanager
+def _evaluation_progress(console: Console, after: float = 1.0) -> Iterator[Any]:
+    """A bar for an evaluation that lasts (a split of millions of tokens is minutes on a CPU): shown on a
+    terminal once ``after`` seconds have passed, and gone when the evaluation ends."""
+    started = time.monotonic()
+    bar: list[tuple[Progress, TaskID]] = []
+
+    def hook(done: int, total: int) -> None:
+        if not console.is_terminal or (not bar and time.monotonic() - started < after):
+            return
+        if not bar:
+            progress = Progress(
+                TextColumn("evaluating"),
+                BarColumn(),
+                TextColumn("{task.completed:,}/{task.total:,} tokens"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            progress.start()
+            bar.append((progress, progress.add_task("evaluate", total=total)))
+        progress, task = bar[0]
+        progress.update(task, completed=done)
 
     try:
         yield hook
@@ -668,7 +700,8 @@ def eval_command(
         )
     out, _ = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
-    report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus)
+    with _evaluation_progress(_consoles(json_out)[1]) as hook:  # on stderr: stdout keeps the result alone
+        report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus, hook)
     unknown = (
         f" ({_plural(report.unknown, 'token')} not in the vocabulary, scored as <unk>)"
         if report.unknown

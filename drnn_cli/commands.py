@@ -241,6 +241,7 @@ def evaluate_split(
     data_file: Path | None = None,
     rows: int | None = None,
     corpus_file: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Perplexity of the checkpoint on a split of its own corpus (None: :func:`default_split`), or on
     all of ``data_file``. ``corpus_file``: where the run's corpus is now, when it moved (its SHA-1 must
@@ -248,6 +249,7 @@ def evaluate_split(
 
     The tokens are read as ``rows`` parallel streams (default: the run's ``data.batch_size``), each
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
+    ``progress(done, total)``: the targets predicted so far, before each minibatch (a progress bar).
     """
     config = loaded.checkpoint.config
     notes: tuple[str, ...] = ()  # a --data file is encoded apart from the token cache
@@ -257,7 +259,13 @@ def evaluate_split(
     else:
         tokens, source, split_name, notes = _split_tokens(loaded, split, corpus_file)
     result = evaluate(
-        loaded.model, tokens, rows or config.data.batch_size, config.data.num_steps, loaded.device, "fp32"
+        loaded.model,
+        tokens,
+        rows or config.data.batch_size,
+        config.data.num_steps,
+        loaded.device,
+        "fp32",
+        progress,
     )
     checkpoint = loaded.checkpoint
     try:

@@ -37,8 +37,8 @@ class Perplexity:
 
 
 class EvaluationAbandoned(Exception):
-    """``evaluate`` stopped before its end because ``abandon`` said so (a signal while training
-    validates: the checkpoint is written without waiting for the rest of the split)."""
+    """Raised by an ``evaluate`` hook to stop before the end (a signal while training validates: the
+    checkpoint is written without waiting for the rest of the split)."""
 
 
 @torch.no_grad()
@@ -49,12 +49,13 @@ def evaluate(
     num_steps: int,
     device: torch.device,
     precision: str = "fp32",
-    abandon: Callable[[], bool] | None = None,
+    before_batch: Callable[[int, int], None] | None = None,
 ) -> Perplexity:
     """Predict every token after the first from all tokens before it (state carried throughout).
 
     The state starts at zero at the beginning of ``tokens``; dropout is off while evaluating.
-    ``abandon`` is asked before each minibatch: True raises :class:`EvaluationAbandoned`.
+    ``before_batch(done, total)`` is called before each minibatch with the targets predicted so far and
+    in all (a progress bar; :class:`EvaluationAbandoned` raised there ends the evaluation).
     """
     was_training = model.training
     model.eval()
@@ -63,8 +64,8 @@ def evaluate(
         count = 0
         state = None
         for batch in eval_batches(tokens.to(device), batch_size, num_steps):
-            if abandon is not None and abandon():
-                raise EvaluationAbandoned
+            if before_batch is not None:
+                before_batch(count, len(tokens) - 1)
             if state is None:
                 state = model.begin_state(batch.x.shape[0], device)
             elif batch.keep_row is not None:

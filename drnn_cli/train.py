@@ -788,10 +788,14 @@ class Trainer:
             data.num_steps,
             self.device,
             self.config.train.precision,
-            (lambda: self.stops.pending) if abandonable and not self.dist.enabled else None,
+            self._abandon_on_signal if abandonable and not self.dist.enabled else None,
         )
         self._check_kernels("while validating")
         return result.perplexity
+
+    def _abandon_on_signal(self, _done: int, _total: int) -> None:
+        if self.stops.pending:
+            raise EvaluationAbandoned
 
     def _validate_to_judge(self, abandonable: bool = False) -> float | None:
         """Validation perplexity that every torchrun rank holds alike. Each validates the same weights

@@ -437,6 +437,38 @@ def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Pa
     assert code == 0 and "note:" not in out
 
 
+def test_eval_reports_its_progress_before_each_minibatch(tiny_run: Path):
+    """A 3-million-token split read for 131 s without a sign (practitioner trial): the hook drives a bar."""
+    loaded = load_model(tiny_run, None, "cpu")
+    seen: list[tuple[int, int]] = []
+    report = evaluate_split(loaded, "val", progress=lambda done, total: seen.append((done, total)))
+    total = report.result.tokens
+    rows, row_len = 8, total // 8  # TINY_TREE's batch of 8, windows of 10
+    assert seen[0] == (0, total) and all(t == total for _, t in seen)
+    assert [done for done, _ in seen][:3] == [0, rows * 10, rows * 20]
+    assert len(seen) == -(-row_len // 10) + -(-(total - rows * row_len) // 10)  # the tail: a batch of one
+
+
+def test_the_eval_bar_shows_on_a_terminal_only_once_an_evaluation_lasts():
+    import io
+
+    from rich.console import Console
+
+    from drnn_cli.cli import _evaluation_progress
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=100)
+    with _evaluation_progress(terminal, after=0.0) as hook:
+        hook(0, 3_000_000)
+        hook(1_500_000, 3_000_000)
+    assert "evaluating" in screen.getvalue() and "1,500,000/3,000,000 tokens" in screen.getvalue()
+    for console, after in ((terminal, 60.0), (Console(file=io.StringIO(), force_terminal=False), 0.0)):
+        screen.truncate(0)
+        with _evaluation_progress(console, after=after) as hook:
+            hook(0, 3_000_000)
+        assert "evaluating" not in screen.getvalue()
+
+
 def test_eval_of_a_missing_split_says_which_key_made_it(tiny_run: Path, cli):
     code, _, err = cli("eval", "--run", str(tiny_run), "--split", "test")
     assert code == 1 and "no test split" in err and "data.test_fraction" in err

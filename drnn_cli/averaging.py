@@ -44,9 +44,10 @@ class WeightAverage:
     def update(self, model: nn.Module, active: bool) -> None:
         """Fold in the weights after an optimizer step (or just follow them while not ``active``)."""
         pairs = zip(self.module.parameters(), model.parameters(), strict=True)
-        if not active:
+        if not active:  # the average starts afresh when it becomes active (a resume may move its start later)
             for averaged, current in pairs:
                 averaged.copy_(current)
+            self.count = 0
             return
         if self.kind == "ema":  # 1 at the first averaged step: it starts from the current weights
             weight = (1.0 - self.decay) / (1.0 - self.decay ** (self.count + 1))

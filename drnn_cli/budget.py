@@ -58,7 +58,7 @@ def _parse_duration_text(text: str) -> float:
     return sum(number * _SECONDS[unit] for number, unit in parts)
 
 
-def parse_cadence(value: object, allow_zero: bool) -> int | str:
+def parse_cadence(value: object, allow_zero: bool, allow_zero_steps: bool = False) -> int | str:
     """A plain integer (epochs, as before) or ``"N steps"`` / ``"N epochs"``, normalised.
 
     ``N epochs`` becomes the integer N, so configs written before steps existed read the same and
@@ -80,7 +80,7 @@ def parse_cadence(value: object, allow_zero: bool) -> int | str:
         if count < least:
             raise ValueError(problem)
         return count
-    if count < 1:
+    if count < 1 and not allow_zero_steps:
         raise ValueError("a step cadence needs at least 1 step, e.g. 500 steps")
     return f"{count} steps"
 

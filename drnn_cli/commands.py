@@ -157,7 +157,9 @@ def read_prefixes(loaded: LoadedModel, prefixes: list[str]) -> list[str]:
 def prefix_changed(prefix: str, read: str) -> bool:
     """Whether preprocessing did more to a prefix than lower-case it and even out its spaces (dropped
     or replaced characters: worth a note, as the continuation follows another prompt)."""
-    return " ".join(prefix.lower().split()) != " ".join(read.split())
+    return " ".join(prefix.lower().split()) != " ".join(
+        read.lower().split()
+    )  # data.preprocess none keeps case
 
 
 def predict(

@@ -295,10 +295,17 @@ class TrainConfig(_Section):
     def _cadence(cls, value: object) -> int | str:
         return parse_cadence(value, allow_zero=False)
 
-    @field_validator("sample_every", "log_every", "average_start", mode="before")
+    @field_validator("sample_every", "log_every", mode="before")
     @classmethod
     def _cadence_or_zero(cls, value: object) -> int | str:
         return parse_cadence(value, allow_zero=True)
+
+    @field_validator("average_start", mode="before")
+    @classmethod
+    def _start(cls, value: object) -> int | str:
+        """A point in the run: N epochs or 'N steps', where 0 of either is the start."""
+        parsed = parse_cadence(value, allow_zero=True, allow_zero_steps=True)
+        return 0 if parsed == "0 steps" else parsed
 
     @field_validator("max_time", mode="before")
     @classmethod

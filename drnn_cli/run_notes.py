@@ -140,8 +140,10 @@ def late_cadence_notes(
         if key == "eval_every" and not validates:
             continue
         cadence = Cadence.of(getattr(train, key))
+        if cadence.in_steps:  # counted in steps already: the user's own choice
+            continue
         # log_every 0 writes at least a line an epoch: at the first epoch's end at the earliest
-        first = cadence.every * (steps_per_epoch if cadence.unit == "epochs" else 1) or steps_per_epoch
+        first = cadence.every * steps_per_epoch or steps_per_epoch
         if first > planned_steps:
             late.append((key, what))
     if not late:

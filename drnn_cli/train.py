@@ -23,7 +23,7 @@ from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import MIN_EVAL_TOKENS, EpochBatches, Shard, check_trainable, epoch_batches, epoch_seed
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
-from drnn_cli.config import Config
+from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
@@ -241,7 +241,12 @@ class Trainer:
         self.files = RunFiles(run_dir)
         self.plot = PlotRefresh(self.files.plot, self.reporter)
         self.records: list[EpochRecord] = (
-            read_metrics(self.files.metrics, self.global_step, self.start_epoch) if resume is not None else []
+            # a boundary a signal cut short is run again, its line with it (one a crash left is dropped)
+            read_metrics(
+                self.files.metrics, self.global_step - self.progress.boundary_pending, self.start_epoch
+            )
+            if resume is not None
+            else []
         )
         self.resumed = resume is not None  # its vocab.json, from when the run began, keeps the text's counts
 
@@ -391,11 +396,26 @@ class Trainer:
 
     # ----- run directory ---------------------------------------------------------------------
 
-    def _write_run_files(self, config_too: bool) -> None:
+    def _config_to_record(self, nothing_to_train: bool) -> Config | None:
+        """What ``config.yaml`` records (None: as it is). A resume with nothing to train keeps the run's
+        own: its ``--set`` values trained no step (a later ``--config RUN/config.yaml`` would take them
+        for the run's); but where its text moved it records the new place, which ``drnn eval`` reads."""
+        if not nothing_to_train or not self.files.config.is_file():
+            return self.config
+        try:
+            recorded = load_config(self.files.config)
+        except DrnnError:
+            return self.config
+        place = {"path": self.config.data.path, "corpus": self.config.data.corpus}
+        if (recorded.data.path, recorded.data.corpus) == (place["path"], place["corpus"]):
+            return None
+        return recorded.model_copy(update={"data": recorded.data.model_copy(update=place)})
+
+    def _write_run_files(self, config: Config | None) -> None:
         if self.dist.is_main:  # the metrics rewrite drops epochs past a resumed checkpoint
             write_run_files(
                 self.files,
-                self.config if config_too else None,
+                config,
                 self.dataset.vocab,
                 self.records,
                 self.init_from_label,
@@ -442,11 +462,13 @@ class Trainer:
             self._steps_per_epoch = len(self._batches(0))
         return self._steps_per_epoch
 
-    def _set_lr(self, epoch: int) -> None:
-        """Per epoch, as d2l; under ``max_steps`` at the fractional epoch of the next step."""
+    def _set_lr(self, epoch: int, steps_done: int | None = None) -> None:
+        """Per epoch, as d2l; under ``max_steps`` at the fractional epoch of the next step (the one after
+        ``steps_done`` optimizer steps; by default the run's so far)."""
         train = self.config.train
         if train.max_steps:
-            position = self.global_step / self.steps_per_epoch
+            done = self.global_step if steps_done is None else steps_done
+            position = done / self.steps_per_epoch
             horizon = min(train.epochs, train.max_steps / self.steps_per_epoch)
             factor = lr_factor(position, train, horizon)
         else:
@@ -484,8 +506,12 @@ class Trainer:
         targets = self.static_step.targets.numel()
         if progress.boundary_pending:  # a signal cut this step's boundary short: it comes first
             progress.boundary_pending = False
+            if lr_per_step:  # its line and checkpoint hold the rate of its step, not the next one's
+                self._set_lr(epoch, self.global_step - 1)
             paused = time.perf_counter()
             self.stopped_mid_epoch = self._inside_epoch(epoch, progress, len(batches), self._budget_reached())
+            if self.stopped_mid_epoch is None:  # last no longer pending: a crash now must not run it again
+                self._save(LAST, epoch, progress)
             started += self._training_clock() - paused
         remaining = batches.windows_from(progress.step) if self.stopped_mid_epoch is None else iter(())
         for step, window in enumerate(remaining, start=progress.step):
@@ -841,6 +867,8 @@ class Trainer:
         """Why a resumed run has nothing left to train: its epochs, its budget or its patience spent
         (epochs first: a step budget that ends with the last epoch did not cut the run short)."""
         train = self.config.train
+        if self.progress.boundary_pending:  # a signal cut its last boundary short: that is left to do
+            return None
         if self.start_epoch >= train.epochs:
             return "epochs"
         # A step budget may be spent before this command trains; a time budget starts with each command,
@@ -864,8 +892,7 @@ class Trainer:
     def _fit(self) -> TrainResult:
         train = self.config.train
         already = self._already_done()
-        # a resume with nothing to train keeps the run's config.yaml: its --set values trained no step
-        self._write_run_files(config_too=already is None or not self.files.config.exists())
+        self._write_run_files(self._config_to_record(already is not None))
         parameters = count_parameters(self.model)
         began_at = self._position()
         self.budget.start()

@@ -125,6 +125,18 @@ def test_averaging_starts_after_average_start_epochs(workdir: Path):
     assert all(torch.equal(raw[name], last.model_state[name]) for name in raw)
 
 
+def test_an_average_paused_by_a_later_start_begins_afresh():
+    """A resume that moves average_start later pauses the average: it follows the weights, and when it
+    starts again the weights it followed must not count as averaged steps (a review found 3 of 4)."""
+    average = WeightAverage(_one_weight(0.0), "swa", 0.9)
+    for value in (1.0, 3.0):  # two averaged steps: the mean 2
+        average.update(_one_weight(value), active=True)
+    for value in (10.0, 20.0):  # paused
+        average.update(_one_weight(value), active=False)
+    average.update(_one_weight(40.0), active=True)  # the first step of a fresh average
+    assert average.count == 1 and float(next(average.module.parameters())) == 40.0
+
+
 def test_average_start_in_steps_averages_every_step_after_the_first_n(workdir: Path):
     """A long run counts in steps (one epoch may be its whole length): "5 steps" trains five plain steps,
     then folds in every later step's weights."""

@@ -13,11 +13,12 @@ import yaml
 
 from drnn_cli.budget import Cadence, parse_cadence, parse_duration
 from drnn_cli.checkpoint import load_checkpoint
-from drnn_cli.config import TrainConfig, load_config
+from drnn_cli.config import TrainConfig, build_config, load_config
 from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged
 from drnn_cli.evaluate import EvaluationAbandoned
 from drnn_cli.optimizers import lr_factor
 from drnn_cli.report import EpochRecord, RunStart, SilentReporter
+from drnn_cli.step import StaticStep
 from drnn_cli.train import Trainer
 from drnn_cli.train_session import TrainRequest, train_run
 
@@ -92,6 +93,10 @@ def test_cadences_are_epochs_by_default_or_steps():
     assert parse_cadence("100 Steps", allow_zero=False) == "100 steps"  # any case, as durations
     assert parse_cadence("2 EPOCHS", allow_zero=False) == 2
     assert parse_cadence(0, allow_zero=True) == 0
+    # train.average_start: a point in the run, where 0 steps is its start as 0 epochs is
+    assert [build_config({"train": {"average_start": v}}).train.average_start for v in ("0 steps", 0, "7 Steps")] == [
+        0, 0, "7 steps"
+    ]  # fmt: skip
     assert Cadence.of("500 steps") == Cadence(500, "steps") and Cadence.of(2) == Cadence(2, "epochs")
     assert [Cadence.of("5 steps").due_at_step(s) for s in (4, 5, 10)] == [False, True, True]
     assert not Cadence.of(1).due_at_step(5)  # an epoch cadence never fires inside an epoch
@@ -201,6 +206,18 @@ def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
     assert ", 25 steps (1.32 epochs), from scratch" in out and "epoch 1/2 " in out and "/50" not in out
 
 
+def test_a_resume_with_nothing_to_train_records_where_its_text_moved(workdir: Path, corpus_path: Path):
+    """It keeps the run's config.yaml but for the text's new place, which drnn eval --run reads."""
+    text = workdir / "before.txt"
+    text.write_bytes(corpus_path.read_bytes())
+    config = write_config(workdir)
+    train(config, "train.max_steps=5", f"data.path={text}")
+    moved = text.rename(workdir / "after.txt")
+    train(config, "train.max_steps=5", f"data.path={moved}", "train.lr=0.001", resume=True)
+    recorded = yaml.safe_load((workdir / "runs" / "tiny" / "config.yaml").read_text())
+    assert recorded["data"]["path"] == str(moved) and recorded["train"]["lr"] != 0.001
+
+
 def test_a_resume_with_nothing_to_train_keeps_the_runs_config(workdir: Path):
     """Its --set values trained no step: config.yaml recorded lr 0.001 all the same, which the README's
     "simplest way" to resume (--config RUN/config.yaml) then took for the run's (practitioner trial)."""
@@ -229,7 +246,8 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
         '"train.eval_every=1 step"'
     ]
     notes.clear()  # in steps, or due within the budget: nothing to say
-    cadences = ("train.eval_every=5 steps", "train.checkpoint_every=5 steps", "train.log_every=5 steps")
+    # counted in steps (even past the end: the user's own choice), or due within the budget: nothing to say
+    cadences = ("train.eval_every=5 steps", "train.checkpoint_every=500 steps", "train.log_every=5 steps")
     train_run(
         TrainRequest(config, ("train.max_steps=15", *cadences), run_dir=Path("runs/b")), reporter=reporter
     )
@@ -320,16 +338,22 @@ def test_a_signal_at_any_step_resumes_to_the_metrics_of_a_run_never_stopped(
     assert logged("split") == logged("straight")
 
 
-@pytest.mark.parametrize("budget", ["", "train.max_steps=10"], ids=["on-cadence", "the-budget-s-last"])
+@pytest.mark.parametrize(
+    "settings",
+    [(), ("train.max_steps=10", "train.schedule=cosine")],
+    ids=["on-cadence", "at-the-budget-s-end-with-a-rate-that-moves-every-step"],
+)
 def test_a_signal_while_a_step_boundary_validates_cuts_it_short_and_resume_runs_it_first(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch, budget: str
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, settings: tuple[str, ...]
 ):
     """SIGTERM during the validation of a 3-million-token split waited 103 s for it: past a scheduler's
     grace, whose SIGKILL then lost everything since the last checkpoint. The validation is abandoned at
     its next minibatch; the checkpoint of the step marks the boundary as not done, and --resume does it
-    (validation, line, best checkpoint) before the next step: the metrics of a run never stopped."""
+    (validation, line with its step's rate, best checkpoint) before the next step, even where the budget
+    is spent (a review found it "nothing to train", the final validation lost), and checkpoints at once:
+    a crash after it must not run it again (two lines for step 10). The metrics of a run never stopped."""
     config = write_config(workdir)
-    overrides = ("train.epochs=2", "train.eval_every=5 steps", "train.log_every=3 steps")
+    overrides = ("train.epochs=2", "train.eval_every=5 steps", "train.log_every=3 steps", *settings)
     train(config, *overrides, run_dir=Path("runs/straight"))
     abandoned: list[int] = []  # the steps whose validation was cut short (before its first minibatch)
     original = Trainer._validate
@@ -344,23 +368,41 @@ def test_a_signal_while_a_step_boundary_validates_cuts_it_short_and_resume_runs_
             raise
 
     monkeypatch.setattr(Trainer, "_validate", signalled_while_validating)
-    stopped_with = (*overrides, budget) if budget else overrides
     message = (
         "stopped by SIGTERM after step 10 of epoch 1, optimizer step 10 (its validation cut short: --resume"
     )
     with pytest.raises(DrnnError, match=re.escape(message)):
-        train(config, *stopped_with, run_dir=Path("runs/split"))
+        train(config, *overrides, run_dir=Path("runs/split"))
     monkeypatch.setattr(Trainer, "_validate", original)
     assert abandoned == [10]
-    stopped = load_checkpoint(workdir / "runs/split/last.safetensors")
+    last = workdir / "runs/split/last.safetensors"
+    stopped = load_checkpoint(last)
     assert stopped.step_in_epoch == 10 and stopped.trainer().epoch_progress.boundary_pending
     assert [line["step"] for line in metrics(workdir / "runs/split")] == [3, 5, 6, 9]  # not step 10's
+    if not settings:  # a crash (a SIGKILL) at the first step after the deferred boundary
+        step = StaticStep.__call__
+
+        def crash(self: StaticStep, window: torch.Tensor) -> None:
+            raise RuntimeError("killed")
+
+        monkeypatch.setattr(StaticStep, "__call__", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(config, *overrides, run_dir=Path("runs/split"), resume=True)
+        monkeypatch.setattr(StaticStep, "__call__", step)
+        assert not load_checkpoint(last).trainer().epoch_progress.boundary_pending  # done, and kept so
     train(config, *overrides, run_dir=Path("runs/split"), resume=True)
 
     def logged(run: str) -> list[dict]:
         return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(workdir / "runs" / run)]
 
-    assert logged("split") == logged("straight")  # step 10's line included, its window as the straight run's
+    assert logged("split") == logged(
+        "straight"
+    )  # step 10's line once, its window and rate the straight run's
+    best = [
+        load_checkpoint(workdir / "runs" / run / "best.safetensors").model_state
+        for run in ("straight", "split")
+    ]
+    assert all(torch.equal(best[0][name], best[1][name]) for name in best[0])
 
 
 def test_a_signal_after_a_budgets_final_validation_lets_the_run_end_and_says_so(

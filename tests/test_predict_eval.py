@@ -325,6 +325,14 @@ def test_predict_report_lists_results_only_for_several_prefixes():
     }
 
 
+def test_a_prefix_counts_as_changed_only_where_characters_went_or_were_replaced():
+    from drnn_cli.commands import prefix_changed
+
+    assert not prefix_changed("The Time", "The Time")  # data.preprocess none keeps case: nothing to say
+    assert not prefix_changed("Time  Traveller", "time traveller")  # lower-cased, spaces evened out
+    assert prefix_changed("café 1895", "caf") and prefix_changed("time!", "time")
+
+
 def test_predict_notes_a_prefix_that_preprocessing_changed_beyond_case(tiny_run: Path, cli):
     """Under d2l's preprocessing (letters a-z) "café" was continued from "caf" without a word."""
     code, out, err = cli(

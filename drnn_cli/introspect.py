@@ -365,16 +365,23 @@ class Inspection:
     saturation: list[dict[str, GateSaturation]]  # per layer, per gate
     source: str
     ranked: bool = True  # the units were picked by their correlations (--top), not named (--units)
+    full_length: int = 0  # the characters the --file had, where drnn inspect read only its first MAX_CHARS
 
     @property
     def notes(self) -> list[str]:
         """What the numbers cannot tell, in words."""
+        notes = []
+        if self.full_length > len(self.chars):
+            notes.append(
+                f"drnn inspect reads at most {MAX_CHARS:,} characters: these are the first of the file's "
+                f"{self.full_length:,} (after preprocessing)"
+            )
         if self.ranked and self.tokens < MIN_RANKING_CHARS:
-            return [
+            notes.append(
                 f"correlations over {len(self.chars)} characters say little (over a few, any unit that varies "
                 "follows some property closely): rank units over a paragraph or more, e.g. with --file"
-            ]
-        return []
+            )
+        return notes
 
     @property
     def text(self) -> str:
@@ -437,9 +444,11 @@ def _rounded(values: torch.Tensor, digits: int = 5) -> list[float]:
     return [round(v, digits) for v in values.tolist()]
 
 
-def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], str]:
+def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], str, int]:
     """The text as the model's characters: a TEXT argument like a ``drnn predict`` prefix (one line),
-    a file like ``drnn eval --data`` reads it (the corpus preprocessing)."""
+    a file like ``drnn eval --data`` reads it (the corpus preprocessing); and how many characters the
+    text had. A file longer than :data:`MAX_CHARS` gives its first ones (an excerpt cut by hand with
+    ``head -c`` may split a UTF-8 character); an argument that long is refused."""
     if data.token != "char":
         raise DrnnError(
             f"drnn inspect reads character models; this run uses data.token={data.token}; inspect a char run"
@@ -457,12 +466,12 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
         raise DrnnError(
             f"the text has {len(chars)} character(s) after data.preprocess={data.preprocess}; give at least 2"
         )
-    if len(chars) > MAX_CHARS:
+    if len(chars) > MAX_CHARS and request.file is None:
         raise DrnnError(
             f"the text has {len(chars):,} characters after preprocessing, more than drnn inspect's "
             f"{MAX_CHARS:,}; inspect a shorter excerpt"
         )
-    return chars, source
+    return chars[:MAX_CHARS], source, len(chars)
 
 
 def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torch.Tensor) -> list[UnitScore]:
@@ -524,7 +533,7 @@ def inspect_text(
         raise UsageError(
             f"--signal cell needs an LSTM; this model's cell is {config.cell}; use --signal hidden"
         )
-    chars, source = read_chars(request, data)
+    chars, source, full_length = read_chars(request, data)
     ids = encode_tokens("".join(chars), vocab).long().to(device)
     unknown = [vocab[c] == vocab[UNK] for c in chars]
 
@@ -560,4 +569,5 @@ def inspect_text(
         saturation,
         source,
         ranked=not request.units,
+        full_length=full_length,
     )

@@ -573,10 +573,23 @@ def test_an_unknown_signal_is_a_usage_error_listing_the_choices(cli, tiny_run: P
     assert_one_line_error(code, err, "Invalid value for '--signal': 'gates' is not one of 'hidden', 'cell'.")
 
 
-def test_a_text_longer_than_the_cap_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path):
+def test_a_file_longer_than_the_cap_is_inspected_in_its_first_characters_with_a_note(
+    cli, tiny_run: Path, tmp_path: Path
+):
+    """It was refused, and a learner cut an excerpt by hand (``head -c`` may split a UTF-8 character)."""
     long = tmp_path / "long.txt"
-    long.write_text("a" * (MAX_CHARS + 1))
-    code, _, err = cli("inspect", "--file", str(long), "--run", str(tiny_run), "--json")
+    long.write_text("the time machine " * 1200)  # 20,400 characters
+    code, out, err = cli("inspect", "--file", str(long), "--run", str(tiny_run), "--json")
+    assert code == 0, err
+    assert len(json.loads(out.splitlines()[-1])["text"]) == MAX_CHARS
+    assert (
+        f"note: drnn inspect reads at most {MAX_CHARS:,} characters: these are the first of the file's 20,400"
+        in err
+    )
+
+
+def test_an_argument_longer_than_the_cap_is_refused_in_one_line(cli, tiny_run: Path):
+    code, _, err = cli("inspect", "a" * (MAX_CHARS + 1), "--run", str(tiny_run), "--json")
     assert code == 1
     assert err == (
         f"drnn: error: the text has {MAX_CHARS + 1:,} characters after preprocessing, more than drnn "

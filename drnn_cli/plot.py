@@ -19,6 +19,15 @@ class PlottedRecord(Protocol):
     tokens_seen: int
 
 
+def plot_available() -> bool:
+    """Whether matplotlib imports (it is the optional ``plot`` extra; it needs NumPy too)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
     """Train (and validation) perplexity against training tokens seen (against epoch for runs whose
     metrics predate token counts), as PNG bytes; None when matplotlib is missing."""

@@ -20,9 +20,11 @@ from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, dump_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, atomic_write_text
-from drnn_cli.plot import render_perplexity_plot
+from drnn_cli.plot import plot_available, render_perplexity_plot
 from drnn_cli.run_files import RunFiles
 from drnn_cli.vocab import Vocab
+
+MISSING_PLOTTER = "matplotlib is not installed: no plot (pip install 'drnn[plot]')"
 
 
 def training_position(epochs_done: int, steps_into_epoch: int, global_step: int | None = None) -> str:
@@ -276,6 +278,14 @@ class PlotRefresh:
         self._last = 0.0
         self._ok = True
 
+    def missing_plotter(self) -> str | None:
+        """The note that matplotlib is missing, for the notes a run starts with (said at the first plot,
+        it came minutes in, or at the end of a run with no line before); None where it is there."""
+        if plot_available():
+            return None
+        self._ok = False
+        return MISSING_PLOTTER
+
     def update(self, records: Sequence[EpochRecord], force: bool = False) -> None:
         now = time.monotonic()
         if not records or not self._ok or (not force and now - self._last < self.every):
@@ -284,7 +294,7 @@ class PlotRefresh:
         png = render_perplexity_plot(records)
         if png is None:
             self._ok = False  # say it once, not at every refresh
-            self.reporter.note("matplotlib is not installed: no plot (pip install 'drnn[plot]')")
+            self.reporter.note(MISSING_PLOTTER)
             return
         try:
             atomic_write_bytes(self.path, png)

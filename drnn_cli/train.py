@@ -932,6 +932,7 @@ class Trainer:
                 else ()
             ),
             *idle_setting_notes(self.config, self._planned_epochs(), self._planned_steps()),
+            *([missing] if self.dist.is_main and (missing := self.plot.missing_plotter()) else []),
         )
         for note in setup if already is None else ():
             self.reporter.note(note)

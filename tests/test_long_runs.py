@@ -255,6 +255,21 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
     assert not [note for note in notes if note.startswith("this run ends")]
 
 
+def test_a_missing_plotter_is_said_once_before_training(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Said at the first plot, the note came minutes into a run (or at its end, with no line before)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # any import of it fails, as where not installed
+    events: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = lambda message: events.append(f"note: {message}")  # type: ignore[method-assign]
+    reporter.epoch_end = lambda record: events.append(f"line {record.step}")  # type: ignore[method-assign]
+    train_run(TrainRequest(write_config(workdir), ("train.epochs=2",)), reporter=reporter)
+    missing = "note: matplotlib is not installed: no plot (pip install 'drnn[plot]')"
+    assert events.count(missing) == 1 and events.index(missing) < events.index("line 19")
+    assert not (workdir / "runs" / "tiny" / "perplexity.png").exists()
+
+
 def test_the_first_line_counts_one_step_and_a_sliver_of_an_epoch_in_words():
     """A 1-step budget on a 31 MB text read "1 steps (3.61e-05 epochs)"."""
     one = RunStart(1, 0, 1_000, "cpu", "from scratch", 0, max_steps=1, steps_per_epoch=27_700)

@@ -267,6 +267,9 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
 # drnn presets
 
 
+WIDE_PRESETS_TABLE = 120  # columns from which the presets table also shows each preset's measured figure
+
+
 @app.command("presets")
 def presets_command(json_out: JsonOption = False) -> None:
     """List the presets --config takes by name: what each is, its model, the figure measured with it.
@@ -277,11 +280,14 @@ def presets_command(json_out: JsonOption = False) -> None:
 
     out, _ = _consoles(json_out)
     reports = describe_presets()
+    # an 80-column terminal wrapped each description and figure into a dozen lines (156 in all): there
+    # the figures are left to --json, and the names and models do not wrap
+    wide = out.width >= WIDE_PRESETS_TABLE
     table = Table(title="presets (drnn train --config NAME)")
-    table.add_column("name", overflow="fold", ratio=2)
-    table.add_column("model", overflow="fold", ratio=1)
+    table.add_column("name", no_wrap=True)
+    table.add_column("model", no_wrap=True)
     table.add_column("parameters", no_wrap=True, justify="right")
-    table.add_column("description, measured", ratio=5)
+    table.add_column("description, measured" if wide else "description")
     for report in reports:
         model = report.config.model
         size = f"{model.cell} {model.num_layers}×{model.hidden_size}"
@@ -289,8 +295,16 @@ def presets_command(json_out: JsonOption = False) -> None:
             size += f" emb {model.embedding_dim}"
         parameters = "—" if report.parameters is None else f"{report.parameters:,}"
         measured = f"measured: {report.preset.measured}" if report.preset.measured else "not measured"
-        table.add_row(report.preset.name, size, parameters, f"{report.preset.description}\n{measured}")
+        table.add_row(
+            report.preset.name, size, parameters, f"{report.preset.description}\n{measured}" if wide else
+            report.preset.description,
+        )  # fmt: skip
     out.print(table)
+    if not wide:
+        out.print(
+            f"the figure measured with each: drnn presets --json, or a terminal {WIDE_PRESETS_TABLE} columns wide",
+            soft_wrap=True,
+        )
     if any(report.parameters is None for report in reports):
         out.print("parameters: — where the corpus is not downloaded yet (drnn data --config NAME fetches it)")
     if json_out:

@@ -197,6 +197,19 @@ def test_presets_json_lists_every_preset_with_its_size(workdir: Path, cli):
     assert code == 0 and "lstm2" in out and "826,396" in out
 
 
+def test_the_presets_table_leaves_the_figures_to_json_on_a_narrow_terminal(
+    cli, monkeypatch: pytest.MonkeyPatch
+):
+    """In 80 columns each description and figure wrapped into a dozen lines, 156 in all (learner trial)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    code, narrow, _ = cli("presets")
+    assert code == 0 and "measured:" not in narrow and len(narrow.splitlines()) < 100
+    assert "the figure measured with each: drnn presets --json, or a terminal 120 columns wide" in narrow
+    monkeypatch.setenv("COLUMNS", "140")
+    code, wide, _ = cli("presets")
+    assert code == 0 and "measured: train perplexity 1.02 after 500 epochs" in " ".join(wide.split())
+
+
 def test_presets_never_download_the_parameters_wait_for_the_corpus(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("DRNN_DATA_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("DRNN_DATA_URL", "http://127.0.0.1:9/unreachable")

@@ -295,10 +295,8 @@ def presets_command(json_out: JsonOption = False) -> None:
             size += f" emb {model.embedding_dim}"
         parameters = "—" if report.parameters is None else f"{report.parameters:,}"
         measured = f"measured: {report.preset.measured}" if report.preset.measured else "not measured"
-        table.add_row(
-            report.preset.name, size, parameters, f"{report.preset.description}\n{measured}" if wide else
-            report.preset.description,
-        )  # fmt: skip
+        described = f"{report.preset.description}\n{measured}" if wide else report.preset.description
+        table.add_row(report.preset.name, size, parameters, described)
     out.print(table)
     if not wide:
         out.print(

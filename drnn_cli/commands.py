@@ -156,10 +156,9 @@ def read_prefixes(loaded: LoadedModel, prefixes: list[str]) -> list[str]:
 
 def prefix_changed(prefix: str, read: str) -> bool:
     """Whether preprocessing did more to a prefix than lower-case it and even out its spaces (dropped
-    or replaced characters: worth a note, as the continuation follows another prompt)."""
-    return " ".join(prefix.lower().split()) != " ".join(
-        read.lower().split()
-    )  # data.preprocess none keeps case
+    or replaced characters: worth a note, as the continuation follows another prompt). Case is left out
+    of the comparison on both sides: ``data.preprocess none`` keeps it."""
+    return " ".join(prefix.lower().split()) != " ".join(read.lower().split())
 
 
 def predict(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,20 @@ def write_config(directory: Path, tree: dict = TINY) -> Path:
 
 def train(config: Path, *overrides: str, **request) -> object:
     return train_run(TrainRequest(config_path=config, overrides=overrides, **request))
+
+
+def signal_at(monkeypatch: pytest.MonkeyPatch, global_step: int, signum: int) -> Callable[[], None]:
+    """The trainer finds signal ``signum`` arrived when it asks after optimizer step ``global_step``, as a
+    Ctrl-C (2) or SIGTERM (15) there would; returns what undoes it."""
+    original = Trainer._stop_requested
+
+    def stop_there(self: Trainer, *args: object) -> bool:
+        if self.global_step == global_step:
+            self.stops.signum = signum
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_stop_requested", stop_there)
+    return lambda: monkeypatch.setattr(Trainer, "_stop_requested", original)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -300,17 +315,10 @@ def test_step_budget_interrupted_and_resumed_ends_bit_identical(
     straight = train(config, *overrides, run_dir=Path("runs/straight"))
     assert straight.stop_reason == "max_steps" and straight.steps == 30
 
-    original = Trainer._stop_requested
-
-    def stop_at_global_step_23(self: Trainer, *args: object) -> bool:
-        if self.global_step == 23:
-            self.stops.signum = 15
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_stop_requested", stop_at_global_step_23)
+    undo = signal_at(monkeypatch, 23, 15)
     with pytest.raises(DrnnError, match="stopped by SIGTERM after step 4 of epoch 2, optimizer step 23;"):
         train(config, *overrides, run_dir=Path("runs/split"))
-    monkeypatch.setattr(Trainer, "_stop_requested", original)
+    undo()
     resumed = train(config, *overrides, run_dir=Path("runs/split"), resume=True)
     assert resumed.steps == 30 and resumed.stop_reason == "max_steps"
     a, b = _weights(workdir / "runs/straight"), _weights(workdir / "runs/split")
@@ -334,17 +342,10 @@ def test_a_signal_at_any_step_resumes_to_the_metrics_of_a_run_never_stopped(
     config = write_config(workdir)
     overrides = ("train.epochs=2", "train.eval_every=7 steps", "train.log_every=5 steps")
     train(config, *overrides, run_dir=Path("runs/straight"))
-    original = Trainer._stop_requested
-
-    def stop_at(self: Trainer, *args: object) -> bool:
-        if self.global_step == at:
-            self.stops.signum = 15
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_stop_requested", stop_at)
+    undo = signal_at(monkeypatch, at, 15)
     with pytest.raises(DrnnError, match=f"stopped by SIGTERM after step {at} of epoch 1"):
         train(config, *overrides, run_dir=Path("runs/split"))
-    monkeypatch.setattr(Trainer, "_stop_requested", original)
+    undo()
     train(config, *overrides, run_dir=Path("runs/split"), resume=True)
 
     def logged(run: str) -> list[dict]:
@@ -447,17 +448,10 @@ def test_a_signal_at_an_epoch_s_last_step_stops_at_that_epoch_s_end(
     boundary's. A mid-epoch checkpoint of step 19 of 19 was written before, which --resume refuses."""
     config = write_config(workdir)
     straight = train(config, "train.epochs=3", run_dir=Path("runs/straight"))
-    original = Trainer._stop_requested
-
-    def stop_at_the_end_of_epoch_2(self: Trainer, *args: object) -> bool:
-        if self.global_step == 2 * STEPS_PER_EPOCH:
-            self.stops.signum = 15
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_stop_requested", stop_at_the_end_of_epoch_2)
+    undo = signal_at(monkeypatch, 2 * STEPS_PER_EPOCH, 15)
     with pytest.raises(DrnnError, match="stopped by SIGTERM after epoch 2, optimizer step 38;"):
         train(config, "train.epochs=3", run_dir=Path("runs/split"))
-    monkeypatch.setattr(Trainer, "_stop_requested", original)
+    undo()
     stopped = load_checkpoint(workdir / "runs/split/last.safetensors")
     assert (stopped.epoch, stopped.step_in_epoch) == (2, 0)
     assert [line["epoch"] for line in metrics(workdir / "runs/split")] == [1, 2]
@@ -797,14 +791,7 @@ def test_a_resumed_run_keeps_the_text_s_token_counts_in_its_vocab_json(workdir: 
 
 def test_a_run_stopped_before_its_first_line_draws_no_plot(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     """Empty axes around 0 read as a perplexity below zero: no line yet, no plot."""
-    original = Trainer._stop_requested
-
-    def stop_at_step_3(self: Trainer, *args: object) -> bool:
-        if self.global_step == 3:
-            self.stops.signum = 2
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_stop_requested", stop_at_step_3)
+    signal_at(monkeypatch, 3, 2)
     with pytest.raises(DrnnError, match="stopped by SIGINT after step 3 of epoch 1"):
         train(write_config(workdir), "train.log_every=5 steps")  # its first line would come at step 5
     run = workdir / "runs" / "tiny"

@@ -24,6 +24,7 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.introspect import (
     MAX_CHARS,
+    Inspection,
     InspectRequest,
     UnitScore,
     inspect_text,
@@ -828,6 +829,13 @@ def test_an_output_that_is_not_a_regular_file_is_refused_and_a_symlink_is_writte
     assert (tmp_path / "link.html").is_symlink() and page.read_text().startswith("<!DOCTYPE html>")
 
 
+def _one_unit_read_by_a_small_model(vocab: Vocab, text: str, unit: int) -> Inspection:
+    """``text`` (kept as it is) read by a one-layer model of 6 units, showing ``unit``."""
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=1), seed=0).double().eval()
+    request = InspectRequest(text=text, units=(unit,))
+    return inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+
+
 def test_the_page_script_holds_no_markup_and_labels_whitespace_among_the_guesses():
     """The page's data sits in one <script>: its JSON escapes <, >, & and the line separators (a
     vocabulary's '<!--<script>' stopped the script, so no tooltip worked) and reads back the same. A
@@ -838,15 +846,8 @@ def test_the_page_script_holds_no_markup_and_labels_whitespace_among_the_guesses
     assert not set("<>&\u2028\u2029") & set(_script_json(hostile))
     assert json.loads(_script_json(hostile)) == hostile
     vocab = Vocab(["<unk>", "a", " ", "\n", "\t"])
-    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=1), seed=0).double().eval()
     text = "a a\na\tz"  # z is not in the vocabulary: one predicted character scored as <unk>
-    result = inspect_text(
-        model,
-        vocab,
-        DataConfig(preprocess="none"),
-        InspectRequest(text=text, units=(0,)),
-        torch.device("cpu"),
-    )
+    result = _one_unit_read_by_a_small_model(vocab, text, 0)
     page = render_html(result, "run")
     declared = dict(re.findall(r"^const (\w+) = (.*);$", page, re.M))
     assert json.loads(declared["CHARS"]) == ["a", "␣", "a", "↵", "a", "⇥", "z"]
@@ -869,15 +870,8 @@ def test_the_page_holds_each_characters_tooltip_data_once_and_each_row_only_colo
     from drnn_cli.inspect_html import render_html
 
     vocab = Vocab(["<unk>", "a", "b", " "])
-    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=1), seed=0).double().eval()
     text = "ab z"  # z is not in the vocabulary
-    result = inspect_text(
-        model,
-        vocab,
-        DataConfig(preprocess="none"),
-        InspectRequest(text=text, units=(5,)),
-        torch.device("cpu"),
-    )
+    result = _one_unit_read_by_a_small_model(vocab, text, 5)
     result = dataclasses.replace(
         result,
         units=[UnitScore(5, "at a space", 0.5)],

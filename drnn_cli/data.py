@@ -15,7 +15,7 @@ from drnn_cli.corpus import char_stream_bytes, preprocess, preprocess_chars, rea
 from drnn_cli.download import ProgressHook, cached_corpus, fetch_corpus, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
-from drnn_cli.token_cache import EncodedCorpus, load_cached, store, text_sha1
+from drnn_cli.token_cache import EncodedCorpus, as_fixed, load_cached, store, text_sha1
 from drnn_cli.vocab import (
     Vocab,
     count_ascii,
@@ -25,9 +25,9 @@ from drnn_cli.vocab import (
     encode_tokens,
     encode_utf8_,
     index_dtype,
+    missing_from,
     split_words,
     tokens_of,
-    unknown_tokens,
 )
 
 
@@ -143,8 +143,13 @@ def load_dataset(
     if corpus is None:
         corpus = _encode(path, config, vocab)
         check_unchanged(path, sha1, hashed)  # the bytes encoded are the bytes hashed, or nothing is kept
-        not_kept = store(path, sha1, config, vocab, corpus)
+        # A fixed vocabulary that is the text's own comes back as the built one: it is kept under the
+        # text's own key, which a plain build (and every later fixed one) finds, not as a second copy.
+        text_built = corpus.vocab is not vocab
+        not_kept = store(path, sha1, config, None if text_built else vocab, corpus)
         notes = (not_kept,) if not_kept else ()
+        if vocab is not None and text_built:
+            corpus = as_fixed(corpus, vocab)
     encoded = corpus.tokens
     total = len(encoded)
     if config.max_tokens > 0:
@@ -210,13 +215,8 @@ def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpu
     stream = read_token_stream(path, config)
     if len(stream) == 0:
         raise _no_tokens(path, config)
-    unknown: Counter[str] = Counter()
-    if vocab is None:
-        vocab = _build_vocab(count_tokens(stream), path, config)
-    else:
-        unknown = unknown_tokens(stream, vocab)  # a fixed vocabulary (fine-tuning) may lack some
-    encoded = encode_tokens(stream, vocab)
-    return EncodedCorpus(vocab, encoded, unknown)
+    vocab, unknown = _vocabulary(count_tokens(stream), path, config, vocab)
+    return EncodedCorpus(vocab, encode_tokens(stream, vocab), unknown)
 
 
 _WORD_CHUNK_CHARS = 1 << 21  # 2 Mi characters of whole lines per step of the word path
@@ -251,11 +251,7 @@ def _encode_words(path: Path, config: DataConfig, vocab: Vocab | None) -> Encode
         counts.update(words)  # new words enter in first-seen order, which ties in the vocabulary keep
     if not counts:
         raise _no_tokens(path, config)
-    unknown: Counter[str] = Counter()
-    if vocab is None:
-        vocab = _build_vocab(dict(counts), path, config)
-    else:
-        unknown = Counter({token: count for token, count in counts.items() if token not in vocab})
+    vocab, unknown = _vocabulary(dict(counts), path, config, vocab)
     return EncodedCorpus(vocab, _encoded_words(text, config.preprocess, vocab), unknown)
 
 
@@ -265,14 +261,26 @@ def _encode_bytes(path: Path, config: DataConfig, vocab: Vocab | None, chars: by
         raise _no_tokens(path, config)
     ascii_only = chars.isascii()
     counts = count_ascii(chars) if ascii_only else count_utf8(chars)
-    unknown: Counter[str] = Counter()
-    if vocab is None:
-        vocab = _build_vocab(counts, path, config)
-    else:
-        unknown = Counter({token: count for token, count in counts.items() if token not in vocab})
+    vocab, unknown = _vocabulary(counts, path, config, vocab)
     if ascii_only:
         return EncodedCorpus(vocab, encode_ascii_(chars, vocab), unknown)
     return EncodedCorpus(vocab, encode_utf8_(chars, vocab, sum(counts.values())), unknown)
+
+
+def _vocabulary(
+    counts: dict[str, int], path: Path, config: DataConfig, fixed: Vocab | None
+) -> tuple[Vocab, Counter[str]]:
+    """The vocabulary a text is encoded with, and the tokens it lacks with their counts: the text's
+    own, built with ``min_freq`` (lacking none), or a fixed one (fine-tuning, ``drnn eval``). A fixed
+    vocabulary that is the one the text builds is returned as the built one, with its counts: the
+    caller keeps the encoding as the text's own (``counts`` iterate in first-seen order, which breaks
+    ties in the built vocabulary, so the comparison needs them)."""
+    if fixed is not None:
+        built = Vocab.from_counts(counts, min_freq=config.min_freq)
+        if built.idx_to_token != fixed.idx_to_token:
+            return fixed, missing_from(counts, fixed)
+        return built, Counter()
+    return _build_vocab(counts, path, config), Counter()
 
 
 def _build_vocab(counts: dict[str, int], path: Path, config: DataConfig) -> Vocab:

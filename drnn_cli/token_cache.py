@@ -165,8 +165,14 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     if found is None and vocab is not None:
         built = _load_entry(text, _key(sha1, config, None))
         if built is not None and built.vocab.idx_to_token == vocab.idx_to_token:
-            return EncodedCorpus(vocab, built.tokens, built.vocab.cut_counts())
+            return as_fixed(built, vocab)
     return found
+
+
+def as_fixed(built: EncodedCorpus, vocab: Vocab) -> EncodedCorpus:
+    """The text's own encoding read with ``vocab``, a fixed vocabulary that is the built one (a
+    checkpoint's, stored without counts): the tokens ``min_freq`` cut are the unknown ones."""
+    return EncodedCorpus(vocab, built.tokens, built.vocab.cut_counts())
 
 
 def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:

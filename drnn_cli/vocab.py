@@ -311,7 +311,6 @@ def encode_tokens(stream: str | list[str], vocab: Vocab) -> torch.Tensor:
     return encode_chars(stream, vocab) if isinstance(stream, str) else encode_words(stream, vocab)
 
 
-def unknown_tokens(stream: str | list[str], vocab: Vocab) -> Counter[str]:
-    """Which tokens of ``stream`` the vocabulary lacks, with their counts (for fine-tuning reports)."""
-    counts = count_tokens(stream)
+def missing_from(counts: dict[str, int], vocab: Vocab) -> Counter[str]:
+    """The counted tokens the vocabulary lacks, with their counts, in ``counts``' order."""
     return Counter({token: count for token, count in counts.items() if token not in vocab})

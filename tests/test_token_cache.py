@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,10 +15,10 @@ import torch
 
 from drnn_cli import data as data_module
 from drnn_cli.config import DataConfig
-from drnn_cli.data import load_dataset
+from drnn_cli.data import load_dataset, read_token_stream
 from drnn_cli.errors import DrnnError
 from drnn_cli.token_cache import MIN_CACHED_BYTES, STAMP_MAX_BYTES
-from drnn_cli.vocab import Vocab
+from drnn_cli.vocab import Vocab, count_tokens, missing_from
 
 
 @pytest.fixture
@@ -411,11 +412,33 @@ def test_a_min_freq_runs_own_vocabulary_reuses_the_built_entry_with_the_cut_toke
     )  # the text is the book 6 times
     built = load_dataset(config)
     fixed = Vocab.from_dict(built.vocab.tokens_dict())  # as a checkpoint stores it: no counts
-    fresh = data_module._encode(big_text, config, fixed)  # what a re-encoding finds
+    cut = missing_from(count_tokens(read_token_stream(big_text, config)), fixed)
     no_encoding(monkeypatch)
     again = load_dataset(config, vocab=fixed)
     assert torch.equal(again.tokens, built.tokens) and len(entries(workdir)) == 1
-    assert again.unknown == fresh.unknown and sum(again.unknown.values()) > 0
+    assert again.unknown == cut and sum(again.unknown.values()) > 0
+
+
+def test_a_fixed_vocabulary_that_is_the_texts_own_is_kept_as_the_texts_own_entry(
+    workdir: Path, big_text: Path, monkeypatch
+):
+    """``drnn eval`` (or a resume) after the cache was cleared encodes the text with its checkpoint's
+    vocabulary. Kept under that vocabulary's key, the next plain run encoded the text again and kept a
+    second entry as large as the text (2 × 63 MB for a 31 MB text, found by a trial). It is kept as
+    the text's own entry, which every later run, plain or fixed, maps."""
+    config = DataConfig(path=str(big_text), preprocess="none", token="word", min_freq=7)
+    reference = load_dataset(config)
+    fixed = Vocab.from_dict(reference.vocab.tokens_dict())  # as a checkpoint stores it: no counts
+    cut = missing_from(count_tokens(read_token_stream(big_text, config)), fixed)
+    shutil.rmtree(workdir / "data" / "token-cache")
+    evaluated = load_dataset(config, vocab=fixed)
+    assert evaluated.vocab.idx_to_token == fixed.idx_to_token and evaluated.unknown == cut
+    assert torch.equal(evaluated.tokens, reference.tokens) and len(entries(workdir)) == 1
+    no_encoding(monkeypatch)
+    plain = load_dataset(config)
+    assert plain.vocab.token_freqs == reference.vocab.token_freqs and plain.unknown == Counter()
+    assert torch.equal(plain.tokens, reference.tokens)
+    assert load_dataset(config, vocab=fixed).unknown == cut and len(entries(workdir)) == 1
 
 
 @pytest.mark.parametrize("how", ["replaced", "rewritten in place"])

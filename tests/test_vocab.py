@@ -27,9 +27,9 @@ from drnn_cli.vocab import (
     encode_tokens,
     encode_words,
     index_dtype,
+    missing_from,
     split_words,
     tokens_of,
-    unknown_tokens,
 )
 
 # -------------------------------------------------------------------------------------------------
@@ -275,14 +275,16 @@ def test_count_words_is_in_first_seen_order() -> None:
     assert list(count_tokens("hello").items()) == [("h", 1), ("e", 1), ("l", 2), ("o", 1)]
 
 
-def test_unknown_tokens_counts_exactly_what_the_vocabulary_lacks() -> None:
+def test_missing_from_counts_exactly_what_the_vocabulary_lacks() -> None:
     vocab = Vocab.from_counts(count_chars("hello"))
-    assert unknown_tokens("hello world", vocab) == collections.Counter({" ": 1, "w": 1, "r": 1, "d": 1})
-    assert unknown_tokens("hello", vocab) == collections.Counter()
+    missing = missing_from(count_tokens("hello world"), vocab)
+    assert missing == collections.Counter({" ": 1, "w": 1, "r": 1, "d": 1})
+    assert list(missing) == [" ", "w", "r", "d"]  # first-seen order
+    assert missing_from(count_tokens("hello"), vocab) == collections.Counter()
 
     words = Vocab.from_counts(count_words(["the", "cat", "the", "dog"]), min_freq=2)
     stream = ["the", "cat", "sat", "the", "sat", "mat"]
-    assert unknown_tokens(stream, words) == collections.Counter({"cat": 1, "sat": 2, "mat": 1})
+    assert missing_from(count_tokens(stream), words) == collections.Counter({"cat": 1, "sat": 2, "mat": 1})
 
 
 def test_counting_unknown_tokens_holds_no_copy_of_the_corpus(tmp_path):

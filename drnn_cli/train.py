@@ -199,6 +199,7 @@ class Trainer:
         self.average_start = Cadence.of(train.average_start)
         self._steps_per_epoch = 0
         self.stopped_mid_epoch: StopReason | None = None
+        self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
         if resume is not None:
             self._restore(resume)
             if best_restarts:  # its validations read other tokens: their best and count mean nothing now
@@ -350,8 +351,10 @@ class Trainer:
         if progress is not None:
             steps = len(self._batches(checkpoint.epoch))
             # At step == steps the loop would skip to the epoch's end with whatever loss sums the file holds
-            # (a signal at an epoch's last step now waits for the epoch's end and a boundary checkpoint).
-            if not 0 < progress.step < steps:
+            # (a signal at an epoch's last step now waits for the epoch's end and a boundary checkpoint),
+            # unless that end is what the checkpoint marks as left to do: its validation was cut short.
+            last = steps if progress.boundary_pending else steps - 1
+            if not 0 < progress.step <= last:
                 raise UnusableTrainerState(
                     f"step_in_epoch is {progress.step}, and an epoch has {steps} steps"
                 )
@@ -508,11 +511,14 @@ class Trainer:
             progress.boundary_pending = False
             if lr_per_step:  # its line and checkpoint hold the rate of its step, not the next one's
                 self._set_lr(epoch, self.global_step - 1)
-            paused = time.perf_counter()
-            self.stopped_mid_epoch = self._inside_epoch(epoch, progress, len(batches), self._budget_reached())
-            if self.stopped_mid_epoch is None:  # last no longer pending: a crash now must not run it again
-                self._save(LAST, epoch, progress)
-            started += self._training_clock() - paused
+            if progress.step < len(batches):  # at the epoch's last step the boundary is fit's epoch end
+                paused = time.perf_counter()
+                self.stopped_mid_epoch = self._inside_epoch(
+                    epoch, progress, len(batches), self._budget_reached()
+                )
+                if self.stopped_mid_epoch is None:  # no longer pending: a crash now must not run it again
+                    self._save(LAST, epoch, progress)
+                started += self._training_clock() - paused
         remaining = batches.windows_from(progress.step) if self.stopped_mid_epoch is None else iter(())
         for step, window in enumerate(remaining, start=progress.step):
             if lr_per_step:
@@ -558,6 +564,10 @@ class Trainer:
         seconds = progress.elapsed if self.stopped_mid_epoch else self._training_clock() - started
         loss_sum, count = self._totals(epoch, progress)
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
+        if self.stopped_mid_epoch is None:  # a signal during the epoch end's validation checkpoints this
+            progress.state = self.static_step.carried_state() if carries_state else None
+            progress.elapsed = seconds
+            self.trained_epoch = progress
         return self._since_logged(progress, loss_sum, count), count / max(seconds, 1e-9)
 
     def _step_status(
@@ -763,6 +773,16 @@ class Trainer:
                 f"the loss became NaN or infinite at step {bad + 1:,} of epoch {epoch + 1:,}"
             )
 
+    def _interrupt_epoch_end(self, epoch: int) -> None:
+        """A signal cut the validation at ``epoch``'s end short: the epoch is checkpointed as at its last
+        step with its boundary pending, and ``--resume`` runs the epoch's end first (as a boundary
+        inside an epoch). Its time is the checkpoint's progress, not yet the run's elapsed."""
+        progress = self.trained_epoch
+        assert progress is not None  # train_epoch sets it before fit validates an epoch's end
+        progress.boundary_pending = True
+        self.elapsed -= progress.elapsed
+        self._interrupt(epoch, progress)
+
     def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
         self._save(LAST, epoch, progress)
         cut = (
@@ -799,7 +819,7 @@ class Trainer:
     def _validate(self, abandonable: bool = False) -> float | None:
         """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens.
 
-        ``abandonable`` (a boundary inside an epoch, in one process): a signal ends it at the next
+        ``abandonable`` (a step boundary or an epoch's end, in one process): a signal ends it at the next
         minibatch with :class:`EvaluationAbandoned`, rather than after the whole split (minutes on a
         large text, past a scheduler's grace before its SIGKILL). Under torchrun every rank must
         validate to the end: each takes part in the vote on the result."""
@@ -860,6 +880,8 @@ class Trainer:
         if self.global_step == 0:
             return f"from the weights of {self.init_from_label}" if self.init_from_label else "from scratch"
         step = self.progress.step
+        if self.progress.boundary_pending:  # a signal cut its validation short: that comes first
+            return f"from the validation {training_position(self.start_epoch, step)} that its stop cut short"
         # the step it runs next: the stop before it said "after step N of epoch E"
         return (f"from step {step + 1:,} of " if step else "from ") + f"epoch {self.start_epoch + 1:,}"
 
@@ -945,6 +967,7 @@ class Trainer:
                 val_ppl = self._validate()
         with self.stops.noted():
             for epoch in range(self.start_epoch, train.epochs if already is None else 0):
+                resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done
                 window, tokens_per_s = self.train_epoch(epoch)
                 if self.stopped_mid_epoch is not None:  # the line written at the stop is the last
                     stop_reason, val_ppl = self.stopped_mid_epoch, self.records[-1].val_ppl
@@ -953,13 +976,20 @@ class Trainer:
                 budget_stop = self._budget_reached(vote_now=True)
                 final = done == train.epochs or budget_stop is not None
                 on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
-                val_ppl = self._validate_to_judge() if on_cadence or final else None
+                try:
+                    val_ppl = self._validate_to_judge(abandonable=True) if on_cadence or final else None
+                except EvaluationAbandoned:  # a signal: checkpoint now, not after the rest of a large split
+                    self._interrupt_epoch_end(epoch)
                 self._judge(val_ppl, done, on_cadence=on_cadence)
                 record = self._record(done, window, val_ppl, tokens_per_s, self.elapsed)
                 self._append_metrics(record)
                 stopped_early = self._patience_spent
                 last_epoch = final or stopped_early
-                if self.cadence.checkpoint.due_at_epoch_end(done, self.global_step) or last_epoch:
+                if (
+                    self.cadence.checkpoint.due_at_epoch_end(done, self.global_step)
+                    or last_epoch
+                    or resumed_cut_short  # LAST holds its end as not done: a crash must not run it twice
+                ):
                     self._save(LAST, done)
                 self.reporter.epoch_end(record)
                 if (

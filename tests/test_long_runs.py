@@ -421,6 +421,65 @@ def test_a_signal_while_a_step_boundary_validates_cuts_it_short_and_resume_runs_
     assert all(torch.equal(best[0][name], best[1][name]) for name in best[0])
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [(), ("train.max_steps=38", "train.schedule=cosine")],
+    ids=["on-cadence", "at-the-budget-s-end-with-a-rate-that-moves-every-step"],
+)
+def test_a_signal_while_an_epoch_s_end_validates_cuts_it_short_and_resume_runs_it_first(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, settings: tuple[str, ...]
+):
+    """As inside an epoch: the validation at an epoch's end (the whole split, with the default
+    cadence) is abandoned at its next minibatch, the epoch is checkpointed at its last step with its
+    end not done, and --resume runs that end first (validation, line, best and last checkpoints), even
+    where the budget is spent; a crash after it does not run it again. The metrics of a run never stopped."""
+    config = write_config(workdir)
+    end = 2 * STEPS_PER_EPOCH
+    train(config, *settings, run_dir=Path("runs/straight"))
+    original = Trainer._validate
+
+    def signalled_while_validating(self: Trainer, abandonable: bool = False) -> float | None:
+        if self.global_step == end:
+            self.stops.signum = 15  # arrives as the validation starts
+        return original(self, abandonable)
+
+    monkeypatch.setattr(Trainer, "_validate", signalled_while_validating)
+    message = f"stopped by SIGTERM after step 19 of epoch 2, optimizer step {end} (its validation cut short"
+    with pytest.raises(DrnnError, match=re.escape(message)):
+        train(config, *settings, run_dir=Path("runs/split"))
+    monkeypatch.setattr(Trainer, "_validate", original)
+    last = workdir / "runs/split/last.safetensors"
+    stopped = load_checkpoint(last)
+    assert (stopped.epoch, stopped.step_in_epoch) == (1, STEPS_PER_EPOCH)
+    assert stopped.trainer().epoch_progress.boundary_pending
+    assert [line["epoch"] for line in metrics(workdir / "runs/split")] == [1]  # not epoch 2's
+    if not settings:  # a crash (a SIGKILL) at the first step after the deferred epoch end
+        step = StaticStep.__call__
+
+        def crash(self: StaticStep, window: torch.Tensor) -> None:
+            raise RuntimeError("killed")
+
+        monkeypatch.setattr(StaticStep, "__call__", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(config, *settings, run_dir=Path("runs/split"), resume=True)
+        monkeypatch.setattr(StaticStep, "__call__", step)
+        done = load_checkpoint(last)
+        assert (done.epoch, done.step_in_epoch) == (2, 0)  # the epoch's end, done and kept so
+    resumed = train(config, *settings, run_dir=Path("runs/split"), resume=True)
+    assert resumed.steps == (end if settings else 3 * STEPS_PER_EPOCH)
+
+    def logged(run: str) -> list[dict]:
+        return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(workdir / "runs" / run)]
+
+    assert logged("split") == logged("straight")  # epoch 2's line once, with its rate
+    for name in ("best", "last"):
+        a, b = (
+            load_checkpoint(workdir / "runs" / run / f"{name}.safetensors").model_state
+            for run in ("straight", "split")
+        )
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_a_signal_after_a_budgets_final_validation_lets_the_run_end_and_says_so(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):

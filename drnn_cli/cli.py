@@ -522,6 +522,12 @@ def train_command(
     with _download_progress(out) as hook:
         try:
             result = train_run(request, reporter=reporter, progress=hook)
+        except TrainingInterrupted as stop:
+            # a script still learns where the run stopped (its exit code says it did); not to a stdout
+            # whose reader is gone (SIGPIPE)
+            if json_out and is_main and stop.stopped.signal != "SIGPIPE":
+                _emit_json(stop.stopped.summary())
+            raise
         finally:
             reporter.finish()
     if not is_main:

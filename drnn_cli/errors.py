@@ -1,8 +1,14 @@
 """The one exception type the CLI turns into a single line on stderr."""
 
+from __future__ import annotations
+
 import re
+from typing import TYPE_CHECKING
 
 from drnn_cli.shown_text import terminal_safe
+
+if TYPE_CHECKING:
+    from drnn_cli.report import StoppedRun
 
 # Line breaks and the spaces around them: what a one-line message replaces by one space. Runs of
 # plain spaces stay, since they may be part of what the message quotes (a prefix, a path).
@@ -47,9 +53,14 @@ class UsageError(DrnnError):
 
 class TrainingInterrupted(DrnnError):
     """SIGINT/SIGTERM arrived; a resumable checkpoint was written before raising. Asked for and
-    recoverable, it is no error: ``drnn: training stopped by SIGINT ...``, exit 130 (143 for SIGTERM)."""
+    recoverable, it is no error: ``drnn: training stopped by SIGINT ...``, exit 130 (143 for SIGTERM).
+    ``stopped`` says where, for ``drnn train --json``."""
 
     heading = ""
+
+    def __init__(self, message: str, exit_code: int, stopped: StoppedRun) -> None:
+        super().__init__(message, exit_code)
+        self.stopped = stopped
 
 
 class TrainingDiverged(DrnnError):

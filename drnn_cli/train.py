@@ -47,6 +47,7 @@ from drnn_cli.report import (
     RunStart,
     SilentReporter,
     StepStatus,
+    StoppedRun,
     TrainResult,
     TrainWindow,
     append_metrics,
@@ -200,6 +201,7 @@ class Trainer:
         self._steps_per_epoch = 0
         self.stopped_mid_epoch: StopReason | None = None
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
+        self.began_at = 0.0  # epochs done when this session began (fit sets it)
         if resume is not None:
             self._restore(resume)
             if best_restarts:  # its validations read other tokens: their best and count mean nothing now
@@ -785,16 +787,24 @@ class Trainer:
 
     def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
         self._save(LAST, epoch, progress)
-        cut = (
-            " (its validation cut short: --resume runs it first)"
-            if progress and progress.boundary_pending
-            else ""
-        )
+        step = progress.step if progress else 0
+        pending = bool(progress and progress.boundary_pending)
+        cut = " (its validation cut short: --resume runs it first)" if pending else ""
         raise TrainingInterrupted(
             f"training stopped by {self.stops.name} "
-            f"{training_position(epoch, progress.step if progress else 0, self.global_step)}{cut}; "
+            f"{training_position(epoch, step, self.global_step)}{cut}; "
             f"its checkpoint is in {self.run_dir / LAST}; continue with {self.resume_advice}",
-            exit_code=self.stops.exit_code,
+            self.stops.exit_code,
+            StoppedRun(
+                self.run_dir,
+                self.stops.name,
+                round(epoch + step / len(self._batches(epoch)), 6) if step else epoch,
+                self.began_at,
+                self.global_step,
+                self._first_step,
+                self.run_dir / LAST,
+                pending,
+            ),
         )
 
     def _samples(self) -> dict[str, str]:
@@ -916,7 +926,7 @@ class Trainer:
         already = self._already_done()
         self._write_run_files(self._config_to_record(already is not None))
         parameters = count_parameters(self.model)
-        began_at = self._position()
+        began_at = self.began_at = self._position()
         self.budget.start()
         if already is None:
             step_budget = self._step_budget()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -914,24 +915,44 @@ def _wait_for_epochs(metrics: Path, count: int, process: subprocess.Popen[str], 
     raise AssertionError("training made no progress")
 
 
-@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "exit_code", "options"), [(signal.SIGINT, 130, ()), (signal.SIGTERM, 143, ("--json",))]
+)
 def test_signal_writes_a_resumable_checkpoint_and_exits_with_the_signal_code(
-    workdir: Path, signum: int, exit_code: int
+    workdir: Path, signum: int, exit_code: int, options: tuple[str, ...]
 ):
-    process = _spawn_training(workdir)
+    """One line says where it stopped; with --json, stdout holds where too, for the script that ran it."""
+    process = _spawn_training(workdir, *options)
     metrics = workdir / "runs" / "tiny" / "metrics.jsonl"
     _wait_for_epochs(metrics, 2, process)
     process.send_signal(signum)
-    _, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=60)
     assert process.returncode == exit_code, err
-    # asked for, and resumable: one line, and not an error's
-    (line,) = err.splitlines()
-    assert line.startswith(f"drnn: training stopped by {signal.Signals(signum).name} after "), err
-    assert line.endswith(
+    # asked for, and resumable: one line, and not an error's (--json: after the log, on stderr too)
+    lines = err.splitlines()
+    assert len(lines) == 1 or options, err
+    name = signal.Signals(signum).name
+    assert lines[-1].startswith(f"drnn: training stopped by {name} after "), err
+    assert lines[-1].endswith(
         "; its checkpoint is in runs/tiny/last.safetensors; continue with the same command plus --resume"
     )
     stopped = load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors")
     assert stopped.epoch >= 2
+    if options:
+        where = json.loads(out)
+        progress = stopped.trainer().epoch_progress
+        assert where == {
+            "run_dir": "runs/tiny",
+            "stop_reason": name,
+            "epochs": where["epochs"],
+            "start_epoch": 0,
+            "steps": stopped.trainer_state["global_step"],
+            "start_step": 0,
+            "checkpoint": "runs/tiny/last.safetensors",
+            "validation_pending": progress is not None and progress.boundary_pending,
+        }
+        assert math.floor(where["epochs"]) == stopped.epoch
+        assert (where["epochs"] > stopped.epoch) == (stopped.step_in_epoch > 0)
     with RunLock(workdir / "runs" / "tiny") as lock:  # the stopped process no longer holds it
         assert lock.held
     finish = stopped.epoch + 1
@@ -1025,15 +1046,22 @@ def test_an_error_is_one_line_and_keeps_the_spaces_it_quotes() -> None:
 def test_a_stopped_training_is_said_once_under_torchrun(
     workdir: Path, cli, monkeypatch: pytest.MonkeyPatch, rank: str, shown: bool
 ):
-    """Every process stops at the same step with the same line: rank 0 says it, every rank exits 143."""
+    """Every process stops at the same step with the same line (and --json object): rank 0 says it,
+    every rank exits 143."""
     from drnn_cli import train_session
     from drnn_cli.errors import TrainingInterrupted
+    from drnn_cli.report import StoppedRun
 
     def stopped(*args: object, **kwargs: object) -> None:
-        raise TrainingInterrupted("training stopped by SIGTERM after epoch 1, optimizer step 24; ...", 143)
+        raise TrainingInterrupted(
+            "training stopped by SIGTERM after epoch 1, optimizer step 24; ...",
+            143,
+            StoppedRun(Path("runs/t"), "SIGTERM", 1, 0, 24, 0, Path("runs/t/last.safetensors"), False),
+        )
 
     monkeypatch.setattr(train_session, "train_run", stopped)
     monkeypatch.setenv("RANK", rank)
-    code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
+    code, out, err = cli("train", "--config", str(config_file(workdir, TINY)), "--json")
     expected = "drnn: training stopped by SIGTERM after epoch 1, optimizer step 24; ...\n" if shown else ""
     assert (code, err) == (143, expected)
+    assert (json.loads(out)["steps"] if shown else out) == (24 if shown else "")

@@ -60,6 +60,46 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def untimed_metrics(run: Path) -> list[dict]:
+    """The metrics lines without their clock readings, which no two runs share."""
+    return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(run)]
+
+
+def signal_while_validating(
+    monkeypatch: pytest.MonkeyPatch, global_step: int
+) -> tuple[list[int], Callable[[], None]]:
+    """SIGTERM arrives as the validation after optimizer step ``global_step`` starts; returns the steps
+    whose validation was abandoned (cut short at its first minibatch), and what undoes it."""
+    abandoned: list[int] = []
+    original = Trainer._validate
+
+    def signalled_while_validating(self: Trainer, abandonable: bool = False) -> float | None:
+        if self.global_step == global_step:
+            self.stops.signum = 15
+        try:
+            return original(self, abandonable)
+        except EvaluationAbandoned:
+            abandoned.append(self.global_step)
+            raise
+
+    monkeypatch.setattr(Trainer, "_validate", signalled_while_validating)
+    return abandoned, lambda: monkeypatch.setattr(Trainer, "_validate", original)
+
+
+def resume_killed_at_its_first_step(
+    monkeypatch: pytest.MonkeyPatch, config: Path, *overrides: str, run_dir: Path
+) -> None:
+    """``--resume``, killed (as by a SIGKILL) at the first optimizer step it takes."""
+
+    def crash(self: StaticStep, window: torch.Tensor) -> None:
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(StaticStep, "__call__", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(config, *overrides, run_dir=run_dir, resume=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing
 
@@ -347,11 +387,7 @@ def test_a_signal_at_any_step_resumes_to_the_metrics_of_a_run_never_stopped(
         train(config, *overrides, run_dir=Path("runs/split"))
     undo()
     train(config, *overrides, run_dir=Path("runs/split"), resume=True)
-
-    def logged(run: str) -> list[dict]:
-        return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(workdir / "runs" / run)]
-
-    assert logged("split") == logged("straight")
+    assert untimed_metrics(workdir / "runs/split") == untimed_metrics(workdir / "runs/straight")
 
 
 @pytest.mark.parametrize(
@@ -371,49 +407,24 @@ def test_a_signal_while_a_step_boundary_validates_cuts_it_short_and_resume_runs_
     config = write_config(workdir)
     overrides = ("train.epochs=2", "train.eval_every=5 steps", "train.log_every=3 steps", *settings)
     train(config, *overrides, run_dir=Path("runs/straight"))
-    abandoned: list[int] = []  # the steps whose validation was cut short (before its first minibatch)
-    original = Trainer._validate
-
-    def signalled_while_validating(self: Trainer, abandonable: bool = False) -> float | None:
-        if self.global_step == 10:
-            self.stops.signum = 15  # arrives as the validation starts
-        try:
-            return original(self, abandonable)
-        except EvaluationAbandoned:
-            abandoned.append(self.global_step)
-            raise
-
-    monkeypatch.setattr(Trainer, "_validate", signalled_while_validating)
+    abandoned, undo = signal_while_validating(monkeypatch, 10)
     message = (
         "stopped by SIGTERM after step 10 of epoch 1, optimizer step 10 (its validation cut short: --resume"
     )
     with pytest.raises(DrnnError, match=re.escape(message)):
         train(config, *overrides, run_dir=Path("runs/split"))
-    monkeypatch.setattr(Trainer, "_validate", original)
+    undo()
     assert abandoned == [10]
     last = workdir / "runs/split/last.safetensors"
     stopped = load_checkpoint(last)
     assert stopped.step_in_epoch == 10 and stopped.trainer().epoch_progress.boundary_pending
     assert [line["step"] for line in metrics(workdir / "runs/split")] == [3, 5, 6, 9]  # not step 10's
     if not settings:  # a crash (a SIGKILL) at the first step after the deferred boundary
-        step = StaticStep.__call__
-
-        def crash(self: StaticStep, window: torch.Tensor) -> None:
-            raise RuntimeError("killed")
-
-        monkeypatch.setattr(StaticStep, "__call__", crash)
-        with pytest.raises(RuntimeError, match="killed"):
-            train(config, *overrides, run_dir=Path("runs/split"), resume=True)
-        monkeypatch.setattr(StaticStep, "__call__", step)
+        resume_killed_at_its_first_step(monkeypatch, config, *overrides, run_dir=Path("runs/split"))
         assert not load_checkpoint(last).trainer().epoch_progress.boundary_pending  # done, and kept so
     train(config, *overrides, run_dir=Path("runs/split"), resume=True)
-
-    def logged(run: str) -> list[dict]:
-        return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(workdir / "runs" / run)]
-
-    assert logged("split") == logged(
-        "straight"
-    )  # step 10's line once, its window and rate the straight run's
+    # step 10's line once, its window and rate the straight run's
+    assert untimed_metrics(workdir / "runs/split") == untimed_metrics(workdir / "runs/straight")
     best = [
         load_checkpoint(workdir / "runs" / run / "best.safetensors").model_state
         for run in ("straight", "split")
@@ -436,42 +447,25 @@ def test_a_signal_while_an_epoch_s_end_validates_cuts_it_short_and_resume_runs_i
     config = write_config(workdir)
     end = 2 * STEPS_PER_EPOCH
     train(config, *settings, run_dir=Path("runs/straight"))
-    original = Trainer._validate
-
-    def signalled_while_validating(self: Trainer, abandonable: bool = False) -> float | None:
-        if self.global_step == end:
-            self.stops.signum = 15  # arrives as the validation starts
-        return original(self, abandonable)
-
-    monkeypatch.setattr(Trainer, "_validate", signalled_while_validating)
+    abandoned, undo = signal_while_validating(monkeypatch, end)
     message = f"stopped by SIGTERM after step 19 of epoch 2, optimizer step {end} (its validation cut short"
     with pytest.raises(DrnnError, match=re.escape(message)):
         train(config, *settings, run_dir=Path("runs/split"))
-    monkeypatch.setattr(Trainer, "_validate", original)
+    undo()
+    assert abandoned == [end]
     last = workdir / "runs/split/last.safetensors"
     stopped = load_checkpoint(last)
     assert (stopped.epoch, stopped.step_in_epoch) == (1, STEPS_PER_EPOCH)
     assert stopped.trainer().epoch_progress.boundary_pending
     assert [line["epoch"] for line in metrics(workdir / "runs/split")] == [1]  # not epoch 2's
     if not settings:  # a crash (a SIGKILL) at the first step after the deferred epoch end
-        step = StaticStep.__call__
-
-        def crash(self: StaticStep, window: torch.Tensor) -> None:
-            raise RuntimeError("killed")
-
-        monkeypatch.setattr(StaticStep, "__call__", crash)
-        with pytest.raises(RuntimeError, match="killed"):
-            train(config, *settings, run_dir=Path("runs/split"), resume=True)
-        monkeypatch.setattr(StaticStep, "__call__", step)
+        resume_killed_at_its_first_step(monkeypatch, config, run_dir=Path("runs/split"))
         done = load_checkpoint(last)
         assert (done.epoch, done.step_in_epoch) == (2, 0)  # the epoch's end, done and kept so
     resumed = train(config, *settings, run_dir=Path("runs/split"), resume=True)
     assert resumed.steps == (end if settings else 3 * STEPS_PER_EPOCH)
-
-    def logged(run: str) -> list[dict]:
-        return [{**line, "elapsed": 0, "tokens_per_s": 0} for line in metrics(workdir / "runs" / run)]
-
-    assert logged("split") == logged("straight")  # epoch 2's line once, with its rate
+    # epoch 2's line once, with its rate
+    assert untimed_metrics(workdir / "runs/split") == untimed_metrics(workdir / "runs/straight")
     for name in ("best", "last"):
         a, b = (
             load_checkpoint(workdir / "runs" / run / f"{name}.safetensors").model_state

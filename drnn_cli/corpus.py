@@ -89,7 +89,7 @@ def _check_utf8_text(path: Path, data: bytearray, what: str) -> None:
                     view[start : start + _CHECK_BYTES], final=start + _CHECK_BYTES >= len(data)
                 )
             except UnicodeDecodeError as exc:  # exc.start counts from the pending bytes
-                raise not_utf8(what, path, bytes(data[:NOT_UTF8_HEAD]), start - pending + exc.start) from None
+                raise not_utf8(what, path, data, exc, start - pending + exc.start) from None
             if first_piece and piece:  # a byte order mark is dropped when read: a file of only one is empty
                 piece, first_piece = piece.removeprefix(BYTE_ORDER_MARK), False
             has_text = has_text or bool(piece.strip())

@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import secrets
+import shlex
 import socket
 import stat
 import time
@@ -60,17 +61,23 @@ _UNICODE_BYTE_ORDER_MARKS = (  # UTF-32's marks first: UTF-32LE's starts with UT
 )
 
 
-NOT_UTF8_HEAD = 8192  # bytes of a file's start that :func:`not_utf8` looks at
+NOT_UTF8_HEAD = 8192  # bytes of a file's start that :func:`not_utf8` looks at for a mark or a NUL
+_SNIFF_BYTES = 1 << 16  # bytes either side of an undecodable one that tell which encoding it is
 
 
-def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
-    """The error for a file that is not UTF-8, with the ``iconv`` that converts it; ``head`` is its
-    first few KiB.
+def not_utf8(
+    what: str, path: Path, data: bytes | bytearray, error: UnicodeDecodeError, offset: int
+) -> DrnnError:
+    """The error for a file that is not UTF-8, with the ``iconv`` that converts it: ``data`` is the
+    file's bytes, ``error`` what decoding them raised at ``offset``.
 
     A UTF-16 or UTF-32 file announces itself with a byte order mark (Windows PowerShell's ``>``
-    writes UTF-16): its encoding is named, as Latin-1, the likeliest guess for other bytes, would
-    turn it into a text of NULs and mojibake.
+    writes UTF-16): its encoding is named, as Latin-1 would turn it into a text of NULs and mojibake.
+    A UTF-8 text cut inside a character (``head -c``), or with a stray byte in it, is said to be one:
+    re-encoded from Latin-1 its every non-ASCII character becomes two or three wrong ones. Bytes
+    0x80-0x9F are Windows-1252's quotes and dashes, which Latin-1 makes invisible control characters.
     """
+    head = bytes(data[:NOT_UTF8_HEAD])
     for mark, encoding in _UNICODE_BYTE_ORDER_MARKS:
         if head.startswith(mark):
             return DrnnError(
@@ -83,9 +90,29 @@ def not_utf8(what: str, path: Path, head: bytes, offset: int) -> DrnnError:
             "a binary file (an image, a checkpoint) does; name a text file (a UTF-16 text without a byte "
             "order mark converts with iconv -f utf-16le -t utf-8)"
         )
+    around = bytes(data[max(0, offset - _SNIFF_BYTES) : offset + _SNIFF_BYTES]).decode("utf-8", "replace")
+    undecodable = around.count("\ufffd")
+    # Mostly valid multi-byte characters around the bad bytes: UTF-8. (A Latin-1 text's "é" is a lone
+    # byte that does not decode; one at the file's end reads as a character cut short, too.)
+    if sum(not character.isascii() for character in around) - undecodable > undecodable:
+        keep_utf8 = f"drop them, e.g. iconv -c -f utf-8 -t utf-8 {shlex.quote(path.name)} > fixed.txt"
+        if error.reason == "unexpected end of data":
+            return DrnnError(
+                f"{what} {path} is UTF-8 cut short: it ends inside a character (bytes from offset {offset}), "
+                f"as a copy or head -c that stopped mid-character leaves it; {keep_utf8}"
+            )
+        return DrnnError(
+            f"{what} {path} is UTF-8 but for an undecodable byte at offset {offset} (a stray byte, or a "
+            f"text in another encoding pasted in); {keep_utf8}"
+        )
+    windows = re.search(rb"[\x80-\x9f]", data[offset : offset + _SNIFF_BYTES]) is not None
     return DrnnError(
-        f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); convert it, "
-        "e.g. iconv -f latin1 -t utf-8"
+        f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); convert it, e.g. "
+        + (
+            "iconv -f cp1252 -t utf-8 (bytes 0x80-0x9F: Windows-1252's quotes and dashes)"
+            if windows
+            else "iconv -f latin1 -t utf-8"
+        )
     )
 
 
@@ -162,7 +189,7 @@ def read_utf8_text(path: Path, what: str, max_bytes: int | None = None) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise not_utf8(what, path, raw[:NOT_UTF8_HEAD], exc.start) from None
+        raise not_utf8(what, path, raw, exc, exc.start) from None
     refuse_nul_bytes(what, path, raw[:NOT_UTF8_HEAD])
     return text
 

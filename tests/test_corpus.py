@@ -337,6 +337,40 @@ def test_a_utf16_or_utf32_text_is_named_with_its_own_conversion(tmp_path: Path, 
     )
 
 
+def test_a_windows_1252_text_is_sent_to_iconv_as_one(tmp_path: Path):
+    """Word's curly quotes and dashes are bytes 0x80-0x9F there; converted from Latin-1 (the advice
+    for other 8-bit text) they became invisible control characters, and drnn trained on them."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes("It\u2019s a \u201cquoted\u201d caf\u00e9 \u2014 dash. ".encode("cp1252") * 10)
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is not UTF-8 (undecodable byte at offset 2); convert it, e.g. iconv -f cp1252 "
+        "-t utf-8 (bytes 0x80-0x9F: Windows-1252's quotes and dashes)"
+    )
+
+
+def test_a_utf8_text_cut_inside_a_character_is_said_to_be_cut_not_sent_to_latin1(tmp_path: Path):
+    """``head -c 600`` of a Chinese text cuts a 3-byte character: re-encoded from Latin-1, as the
+    advice said, every character of the text became mojibake."""
+    path = tmp_path / "zh cut.txt"
+    whole = "时间旅行者。".encode() * 40
+    path.write_bytes(whole[:-1])
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is UTF-8 cut short: it ends inside a character (bytes from offset "
+        f"{len(whole) - 3}), as a copy or head -c that stopped mid-character leaves it; drop them, e.g. "
+        "iconv -c -f utf-8 -t utf-8 'zh cut.txt' > fixed.txt"
+    )
+
+
+def test_a_utf8_text_with_a_stray_byte_is_said_to_be_utf8(tmp_path: Path):
+    path = tmp_path / "menu.txt"
+    start = "café crème ".encode() * 30
+    path.write_bytes(start + b"\xff" + "brûlée ".encode() * 30)
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is UTF-8 but for an undecodable byte at offset {len(start)} (a stray byte, or "
+        "a text in another encoding pasted in); drop them, e.g. iconv -c -f utf-8 -t utf-8 menu.txt > fixed.txt"
+    )
+
+
 def test_a_binary_file_is_named_as_one_not_sent_to_iconv(tmp_path: Path):
     """A PNG or a checkpoint given as the text: converting it from Latin-1 (the advice for text in
     another encoding) would train on noise. NUL bytes tell it, as they tell git and grep."""

@@ -24,7 +24,7 @@ from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.run_files import RunFiles
-from drnn_cli.run_notes import UNKNOWN_SHARE_NOTED, data_notes, own_text_notes
+from drnn_cli.run_notes import data_notes, few_predictions_note, own_text_notes, scored_unknown_note
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
 from drnn_cli.trainer_state import UnusableTrainerState
@@ -276,13 +276,16 @@ def evaluate_split(
     if rows is None:
         notes = (*notes, *_short_rows_note(result.tokens, config.data.batch_size, config.data.num_steps))
     unknown = count_index(tokens[1:], checkpoint.vocab[UNK])  # the first token is read, not predicted
-    if unknown and unknown >= UNKNOWN_SHARE_NOTED * result.tokens:
-        notes = (
-            *notes,
-            f"{unknown / result.tokens:.1%} of the predicted tokens are not in the vocabulary and are scored as "
-            "<unk>, one class for all of them, which is easy to predict: this perplexity is not comparable "
-            "with that of a text the model can spell",
-        )
+    fix = (
+        "evaluate a longer text with --data" if data_file else "a larger split, or a longer text with --data"
+    )
+    notes = (
+        *notes,
+        *filter(None, (few_predictions_note(result.tokens, fix),)),
+        *filter(
+            None, (scored_unknown_note(unknown, result.tokens, "predicted tokens", "this perplexity is"),)
+        ),
+    )
     return EvalReport(
         split_name, checkpoint.epoch, result, source, step, unknown, notes, checkpoint.step_in_epoch
     )

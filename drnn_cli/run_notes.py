@@ -23,6 +23,26 @@ FEW_VALIDATION_PREDICTIONS = 100
 ONE_HOT_VOCAB_NOTED = 1024
 
 
+def scored_unknown_note(unknown: int, predicted: int, of: str, subject: str) -> str | None:
+    """A perplexity a good share of whose predictions were ``<unk>`` (text a fine-tuned or ``min_freq``
+    vocabulary cannot spell, another text given to ``drnn eval``): it measures how well the model
+    predicts that one class, which says little of the text either way."""
+    if not unknown or unknown < UNKNOWN_SHARE_NOTED * predicted:
+        return None
+    return (
+        f"{unknown / predicted:.1%} of the {of} are not in the vocabulary and are scored as <unk>, one class "
+        f"for all of them: {subject} not comparable with perplexities over a text the model can spell (far "
+        "lower where it learned to predict <unk>, far higher where it never saw one)"
+    )
+
+
+def few_predictions_note(predicted: int, fix: str) -> str | None:
+    """A perplexity over so few predictions that each moves it by a few percent or more."""
+    if predicted >= FEW_VALIDATION_PREDICTIONS:
+        return None
+    return f"a perplexity over {predicted:,} prediction{'' if predicted == 1 else 's'} is noise ({fix})"
+
+
 def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device | None) -> list[str]:
     """Settings this text or device defeats: a validation or test split too small to evaluate, a
     min_freq that turns much of the text into <unk>, a capped evaluation, patience without validation,

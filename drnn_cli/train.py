@@ -62,6 +62,7 @@ from drnn_cli.run_notes import (
     late_cadence_notes,
     nothing_to_train,
     own_text_notes,
+    scored_unknown_note,
 )
 from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
 from drnn_cli.signals import StopRequests
@@ -76,6 +77,7 @@ from drnn_cli.trainer_state import (
     gather_ranks,
     loading,
 )
+from drnn_cli.vocab import UNK, count_index
 
 # How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py).
 RESUME_ADVICE = "the same command plus --resume"
@@ -895,6 +897,21 @@ class Trainer:
         # the step it runs next: the stop before it said "after step N of epoch E"
         return (f"from step {step + 1:,} of " if step else "from ") + f"epoch {self.start_epoch + 1:,}"
 
+    def _scored_unknown_note(self) -> str | None:
+        """What the run's perplexities are worth where the vocabulary lacks tokens of the text (fine-tuning,
+        ``data.min_freq``): over the validation split, else the training split. A text's own ``<unk>``
+        tokens (Penn Treebank writes them) are no lack, and are not counted so."""
+        if not self.dataset.unknown_count:
+            return None
+        validated = len(self.val_tokens) >= MIN_EVAL_TOKENS
+        predicted = (self.val_tokens if validated else self.dataset.splits.train)[1:]
+        return scored_unknown_note(
+            count_index(predicted, self.dataset.vocab[UNK]),
+            len(predicted),
+            "validation tokens" if validated else "training tokens",
+            "this run's perplexities are",
+        )
+
     def _already_done(self) -> StopReason | None:
         """Why a resumed run has nothing left to train: its epochs, its budget or its patience spent
         (epochs first: a step budget that ends with the last epoch did not cut the run short)."""
@@ -1027,6 +1044,8 @@ class Trainer:
                 "early stop: validation perplexity has not improved for "
                 f"{train.patience} evaluation{'' if train.patience == 1 else 's'}"
             )
+        if already is None and (scored := self._scored_unknown_note()) is not None:
+            self.reporter.note(scored)  # beside the perplexities it qualifies: the start's note scrolled by
         samples = self._samples() if self.dist.is_main else {}
         if self.tensorboard is not None and already is None:  # a resume that trained nothing logs nothing
             self.tensorboard.add_samples(samples, self.global_step)

@@ -113,6 +113,12 @@ def test_too_much_unknown_text_is_refused_and_a_little_is_reported(tmp_path: Pat
     assert any(
         "2,200 of the 5,400 tokens the run uses" in note and "map to <unk>" in note for note in notes.notes
     )
+    # said again after training, beside the perplexities it qualifies (trained to 1.07 on a text 98% <unk>)
+    assert notes.notes[-1] == (
+        "40.7% of the training tokens are not in the vocabulary and are scored as <unk>, one class for all of "
+        "them: this run's perplexities are not comparable with perplexities over a text the model can spell "
+        "(far lower where it learned to predict <unk>, far higher where it never saw one)"
+    )
 
 
 def test_a_text_the_vocabulary_cannot_spell_at_all_is_refused_whatever_max_unknown_says(

@@ -430,7 +430,7 @@ def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, cli):
 
 
 def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Path, cli):
-    """65 predicted characters in the run's 8 rows are 8 each, each from a zero state, where the model
+    """64 predicted characters in the run's 8 rows are 8 each, each from a zero state, where the model
     trained on windows of 10: a learner compared 6.9 with inspect's 1.08 on the same excerpt."""
     text = tmp_path / "other.txt"
     text.write_text("The Time Traveller smiled.\nAre you sure we can move freely in Space?\n")
@@ -438,9 +438,11 @@ def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Pa
     assert code == 0
     assert "note: the text is read as 8 rows of about 8 tokens, each from a zero state (the model trained on " \
         "windows of 10): short rows raise the perplexity; --rows 1 reads it as one stream" in out  # fmt: skip
-    for rows in ("1", "8"):  # a number of rows asked for is what the user meant
+    for rows in ("1", "8"):  # a number of rows asked for is what the user meant; 64 predictions are few
         code, out, _ = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", rows)
-        assert code == 0 and "note:" not in out
+        assert code == 0 and [line for line in out.splitlines() if line.startswith("note:")] == [
+            "note: a perplexity over 64 predictions is noise (evaluate a longer text with --data)"
+        ]
     code, out, _ = cli("eval", "--run", str(tiny_run), "--split", "val")  # 599 tokens: rows of 74
     assert code == 0 and "note:" not in out
 
@@ -619,9 +621,10 @@ def test_eval_and_inspect_name_their_own_flag_for_an_empty_file(tiny_run: Path, 
 
 
 def test_eval_of_a_text_mostly_unknown_to_the_model_says_its_perplexity_is_not_comparable(workdir: Path, cli):
-    """<unk> is one class for every token the vocabulary lacks, and easy to predict: a word model's
-    eval of gibberish (every word unknown) scored 19, its own validation text 389. From 5% of the
-    predictions on, a note says so; below, none."""
+    """<unk> is one class for every token the vocabulary lacks: a word model's eval of gibberish (every
+    word unknown) scored 19, its own validation text 389, and a character model that never saw <unk>
+    scored 69.6 on its own text in another Unicode form (1.02 in its own). From 5% of the predictions
+    on, a note says so; below, none. Over fewer than 100 predictions, a perplexity is noise."""
     import yaml
 
     text = workdir / "abc.txt"
@@ -639,13 +642,20 @@ def test_eval_of_a_text_mostly_unknown_to_the_model_says_its_perplexity_is_not_c
     assert code == 0, err
     assert [line for line in out.splitlines() if line.startswith("note:")] == [
         "note: 37.7% of the predicted tokens are not in the vocabulary and are scored as <unk>, one class for "
-        "all of them, which is easy to predict: this perplexity is not comparable with that of a text the "
-        "model can spell"
+        "all of them: this perplexity is not comparable with perplexities over a text the model can spell "
+        "(far lower where it learned to predict <unk>, far higher where it never saw one)"
     ]
     little = workdir / "little.txt"
     little.write_text("abc cab bca " * 20 + "x")  # 1 of 240 predictions
     code, out, err = cli("eval", "--run", "runs/abc", "--data", str(little))
     assert code == 0 and "note:" not in out and "(1 token not in the vocabulary" in out, err
+    few = workdir / "few.txt"
+    few.write_text("abc cab bca " * 8)  # 95 predictions, read as one stream
+    code, out, err = cli("eval", "--run", "runs/abc", "--data", str(few), "--rows", "1")
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+        "note: a perplexity over 95 predictions is noise (evaluate a longer text with --data)"
+    ]
 
 
 def test_predict_eval_and_inspect_read_the_model_not_the_optimizers_moments(tiny_run: Path):

@@ -14,7 +14,7 @@ from drnn_cli.checkpoint import check_header_room
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset, load_same_corpus
 from drnn_cli.download import ProgressHook
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, TrainingInterrupted
 from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.report import Reporter, TrainResult
 from drnn_cli.run_files import BEST, LAST, LOCK_NAME, RunFiles
@@ -186,6 +186,11 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
             raise
         message = str(error).replace(str(staging), str(run_dir))
         replaced = f" (the new run has replaced the previous one in {run_dir})"
+        if isinstance(error, TrainingInterrupted):  # where it stopped names the run's place, not staging's
+            stopped = replace(
+                error.stopped, run_dir=run_dir, checkpoint=run_dir / error.stopped.checkpoint.name
+            )
+            raise TrainingInterrupted(message + replaced, error.exit_code, stopped) from None
         raise type(error)(message + replaced, error.exit_code) from None
     finally:
         if dist.is_main and staging.exists() and holds_run(target) and not holds_run(staging):

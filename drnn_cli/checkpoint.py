@@ -296,6 +296,13 @@ def _check_leading_bytes(path: Path) -> None:
         )
     if len(head) < 8:
         raise _not_a_checkpoint(path)
+    # A header's length fills 8 bytes little-endian, its last ones zero: printable bytes there are text.
+    if all((byte >= 0x20 and byte != 0x7F) or byte in b"\t\n\r" for byte in head):
+        raise DrnnError(
+            f"{path} is a text file, not a drnn checkpoint (.safetensors): --checkpoint and --init-from take "
+            "a run directory or a checkpoint in one; a text to train on goes to data.path, one to evaluate "
+            "to drnn eval --data"
+        )
     header_bytes = struct.unpack("<Q", head)[0]
     if header_bytes > MAX_HEADER_BYTES:
         raise DrnnError(

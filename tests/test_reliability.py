@@ -35,7 +35,7 @@ from drnn_cli.checkpoint import (
     write_safetensors,
 )
 from drnn_cli.config import build_config, load_config
-from drnn_cli.errors import ConfigError, DrnnError
+from drnn_cli.errors import ConfigError, DrnnError, TrainingInterrupted
 from drnn_cli.rundir import RunLock
 
 TINY = {
@@ -187,6 +187,11 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
         "continue with the same command with --resume in place of --overwrite "
         "(the new run has replaced the previous one in runs/tiny)"
     )  # "the same command plus --resume" would be refused: --resume --overwrite
+    assert isinstance(stopped.value, TrainingInterrupted)  # for --json: the run's place, not its staging's
+    assert (stopped.value.stopped.run_dir, stopped.value.stopped.checkpoint) == (
+        Path("runs/tiny"),
+        Path("runs/tiny/last.safetensors"),
+    )
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").config.train.seed == 7
     # --overwrite where there was no run to replace: the same advice
     fresh = TrainRequest(config, ("train.epochs=3",), run_dir=Path("runs/new"), overwrite=True)
@@ -503,13 +508,27 @@ def test_missing_run_and_checkpoint_are_named(tmp_path: Path, monkeypatch: pytes
 
 
 @pytest.mark.parametrize(
-    "payload", [b"", b"garbage" * 10, b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}       ']
+    "payload", [b"", bytes(range(255, 175, -1)), b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}       ']
 )
 def test_corrupt_checkpoint_is_named(tmp_path: Path, cli, payload: bytes):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(payload)
     code, _, err = cli("eval", "--checkpoint", str(bad))
     assert_one_line_error(code, err, str(bad), "corrupt")
+
+
+@pytest.mark.parametrize("text", ["the time machine, by h. g. wells\n" * 3, "时间机器\n" * 9])
+def test_a_text_given_as_a_checkpoint_is_named_as_one(tmp_path: Path, cli, text: str):
+    """Its first 8 bytes read as a header length of 7,980,170,311,414.5 MiB, and the message said so."""
+    given = tmp_path / "notes.txt"
+    given.write_text(text)
+    code, _, err = cli("predict", "time", "--checkpoint", str(given))
+    assert (code, err) == (
+        1,
+        f"drnn: error: {given} is a text file, not a drnn checkpoint (.safetensors): --checkpoint and "
+        "--init-from take a run directory or a checkpoint in one; a text to train on goes to data.path, one "
+        "to evaluate to drnn eval --data\n",
+    )
 
 
 def test_truncated_real_checkpoint_is_named(tiny_run: Path, tmp_path: Path, cli):
@@ -1049,7 +1068,6 @@ def test_a_stopped_training_is_said_once_under_torchrun(
     """Every process stops at the same step with the same line (and --json object): rank 0 says it,
     every rank exits 143."""
     from drnn_cli import train_session
-    from drnn_cli.errors import TrainingInterrupted
     from drnn_cli.report import StoppedRun
 
     def stopped(*args: object, **kwargs: object) -> None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from unicodedata import normalize
 
 import torch
 
 from drnn_cli.batches import MIN_EVAL_TOKENS, Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
+from drnn_cli.corpus import dropping
 from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus, local_vocab_size
 from drnn_cli.decode import DecodeOptions, continue_prefix, join_tokens, prefix_tokens
 from drnn_cli.download import ProgressHook
@@ -157,8 +159,11 @@ def read_prefixes(loaded: LoadedModel, prefixes: list[str]) -> list[str]:
 def prefix_changed(prefix: str, read: str) -> bool:
     """Whether preprocessing did more to a prefix than lower-case it and even out its spaces (dropped
     or replaced characters: worth a note, as the continuation follows another prompt). Case is left out
-    of the comparison on both sides: ``data.preprocess none`` keeps it."""
-    return " ".join(prefix.lower().split()) != " ".join(read.lower().split())
+    of the comparison on both sides: ``data.preprocess none`` keeps it; so is the Unicode form (an accent
+    composed or a combining mark: the same text)."""
+    return " ".join(normalize("NFC", prefix).lower().split()) != " ".join(
+        normalize("NFC", read).lower().split()
+    )
 
 
 def predict(
@@ -310,7 +315,11 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
         raise DrnnError(f"--data file {data_file} is empty; nothing to evaluate")
     tokens = encode_text(data_file, checkpoint.config.data, checkpoint.vocab, "--data file")
     if len(tokens) < MIN_EVAL_TOKENS:
-        raise DrnnError(f"{data_file} has fewer than 2 tokens after preprocessing; nothing to evaluate")
+        preprocess = checkpoint.config.data.preprocess
+        raise DrnnError(
+            f"{data_file} has fewer than 2 tokens after the run's data.preprocess={preprocess}"
+            f"{dropping(preprocess)}; nothing to evaluate"
+        )
     return tokens, str(data_file)
 
 

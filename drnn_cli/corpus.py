@@ -101,6 +101,12 @@ def _check_utf8_text(path: Path, data: bytearray, what: str) -> None:
 
 
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
+LETTERS_ONLY = ("d2l", "letters")  # the preprocessings that drop characters
+
+
+def dropping(mode: str) -> str:
+    """What a message says a preprocessing leaves of a text, where it dropped what was asked for."""
+    return " (it keeps only the letters a-z and spaces)" if mode in LETTERS_ONLY else ""
 
 
 def preprocess(text: str, mode: str) -> list[str]:
@@ -132,7 +138,7 @@ def preprocess_chars(text: str, mode: str) -> str:
     like the character itself). The output is ASCII and never longer than the text, so it is written
     into one buffer of ``len(text)`` bytes.
     """
-    if mode not in {"d2l", "letters"}:
+    if mode not in LETTERS_ONLY:
         return "".join(preprocess(text, mode))
     out = bytearray(len(text))
     written = 0
@@ -169,7 +175,7 @@ def char_stream_bytes(path: Path, mode: str, what: str = "corpus file") -> bytea
         end = _after_line_break(data, start + _CHUNK_CHARS)
         with memoryview(data) as view:  # released at once: ``data`` is resized at the end
             chunk = bytes(view[start:end])
-        if mode in {"d2l", "letters"}:
+        if mode in LETTERS_ONLY:
             written = _append_piece(data, written, _letters_bytes(chunk, mode, line_breaks=b"\n\r"), mode)
         else:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from drnn_cli.corpus import prefix_pieces
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.models import RNNLanguageModel
 from drnn_cli.vocab import Vocab, tokens_of
 
@@ -70,10 +70,12 @@ def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> lis
 
     Refusing (rather than mapping to ``<unk>``) keeps a continuation honest: ``<unk>`` stands for every
     token the vocabulary lacks (none in the d2l corpora; every rare word under ``min_freq``), so a
-    continuation from it rests on no particular token.
+    continuation from it rests on no particular token. A prefix the vocabulary spells only in the other
+    Unicode form (an accent typed as a combining mark, as macOS writes "café"; the model's text
+    composed, as most text is) is read in that form: it is the same text.
     """
     if not prefix:
-        raise DrnnError(
+        raise UsageError(
             f"the prefix is empty; give at least one {'word' if token == 'word' else 'character'}, e.g. drnn "
             'predict "time traveller"'
         )
@@ -82,14 +84,22 @@ def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> lis
         raise DrnnError(
             f"the prefix {prefix!r} is empty after data.preprocess={preprocess}; use letters the model knows"
         )
-    unknown = sorted({t for t in tokens if t not in vocab or vocab[t] == 0})
+    unknown = _unknown(tokens, vocab)
     if unknown:
+        for form in ("NFC", "NFD"):
+            other = list(tokens_of(prefix_pieces(unicodedata.normalize(form, prefix), preprocess), token))
+            if other and not _unknown(other, vocab):
+                return other
         shown = ", ".join(_named(t) for t in unknown[:10])
         raise DrnnError(
             f"the prefix {prefix!r} contains {token}s not in the model's vocabulary: {shown}; "
             f"remove or replace them"
         )
     return tokens
+
+
+def _unknown(tokens: list[str], vocab: Vocab) -> list[str]:
+    return sorted({t for t in tokens if t not in vocab or vocab[t] == 0})
 
 
 def _named(token: str) -> str:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from drnn_cli.cells import gru_d2l_step, gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import preprocess_prefix
+from drnn_cli.corpus import dropping, preprocess_prefix
 from drnn_cli.data import read_token_stream
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity
@@ -463,8 +463,12 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
         chars = list(preprocess_prefix(request.text or "", data.preprocess))
         source = "argument"
     if len(chars) < 2:
+        given = len(request.text or "") if request.file is None else None
+        if given is not None and given < 2:  # nothing preprocessing did: the argument itself is short
+            raise UsageError(f"the text has {given} character{'' if given == 1 else 's'}; give at least 2")
         raise DrnnError(
-            f"the text has {len(chars)} character(s) after data.preprocess={data.preprocess}; give at least 2"
+            f"the text has {len(chars)} character{'' if len(chars) == 1 else 's'} after "
+            f"data.preprocess={data.preprocess}{dropping(data.preprocess)}; give at least 2"
         )
     if len(chars) > MAX_CHARS and request.file is None:
         raise DrnnError(

@@ -12,6 +12,7 @@ from drnn_cli.batches import MIN_EVAL_TOKENS, Splits
 from drnn_cli.budget import Cadence, StopReason
 from drnn_cli.cells import GATES
 from drnn_cli.config import Config, DataConfig, TrainConfig
+from drnn_cli.corpus import LETTERS_ONLY
 from drnn_cli.decode import prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.vocab import UNK, Vocab, count_index
@@ -133,7 +134,7 @@ def own_text_notes(data: DataConfig, total_tokens: int, file_bytes: int | None) 
             f"data.max_tokens {data.max_tokens:,} trains on the first {data.max_tokens:,} of this text's "
             f"{total_tokens:,} {data.token}s; data.max_tokens -1 takes all"
         )
-    if data.token == "char" and data.preprocess in ("d2l", "letters") and file_bytes:
+    if data.token == "char" and data.preprocess in LETTERS_ONLY and file_bytes:
         kept = total_tokens / file_bytes
         if kept < KEPT_SHARE_NOTED:
             notes.append(

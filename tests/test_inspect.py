@@ -568,6 +568,23 @@ def test_wrong_options_are_one_line_errors(cli, tiny_run: Path, args: list[str],
     assert err.startswith("drnn: error: " + message) and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("text", "status", "message"),
+    [
+        ("", 2, "the text has 0 characters; give at least 2"),
+        ("t", 2, "the text has 1 character; give at least 2"),
+        ("1895!", 1, "the text has 0 characters after data.preprocess=d2l (it keeps only the letters a-z and "
+         "spaces); give at least 2"),
+    ],
+)  # fmt: skip
+def test_a_text_too_short_to_inspect_says_whether_it_was_given_so(
+    cli, tiny_run: Path, text: str, status: int, message: str
+):
+    """An empty argument is a usage error; preprocessing was blamed for it ("after data.preprocess")."""
+    code, out, err = cli("inspect", text, "--run", str(tiny_run))
+    assert (code, out, err) == (status, "", f"drnn: error: {message}\n")
+
+
 def test_an_unknown_signal_is_a_usage_error_listing_the_choices(cli, tiny_run: Path):
     code, out, err = cli("inspect", "the time", "--run", str(tiny_run), "--signal", "gates")
     assert (code, out) == (2, "")

@@ -14,7 +14,15 @@ from conftest import TINY_TREE, assert_one_line_error, config_file
 
 from drnn_cli.batches import split_tokens
 from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
-from drnn_cli.commands import Continuation, PredictReport, default_split, evaluate_split, load_model, predict
+from drnn_cli.commands import (
+    Continuation,
+    PredictReport,
+    default_split,
+    evaluate_split,
+    load_model,
+    predict,
+    prefix_changed,
+)
 from drnn_cli.config import Config, ModelConfig
 from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError
@@ -129,6 +137,21 @@ def test_prefix_errors_name_the_problem():
     invisible = "vocabulary: 'c', '\u0301' (U+0301), '\\u200b' (U+200B);"  # an accent, a zero-width space
     with pytest.raises(DrnnError, match=re.escape(invisible)):
         prefix_tokens("a\u0301b\u200bc", vocab, "none", "char")
+
+
+def test_a_prefix_in_the_other_unicode_form_is_read_in_the_form_the_vocabulary_spells():
+    """macOS writes "café" as 'e' and a combining accent (NFD); a model of composed text (NFC, as most
+    text is) refused it, naming an accent nobody can see. It is the same text; read composed, and the
+    other way round. A prefix that neither form spells is refused, naming what the user typed."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert prefix_tokens(decomposed, Vocab(["<unk>", *"acf\u00e9"]), "none", "char") == list(composed)
+    assert prefix_tokens(composed, Vocab(["<unk>", *"acfe\u0301"]), "none", "char") == list(decomposed)
+    assert prefix_tokens(f"{decomposed} au lait", Vocab(["<unk>", "au", "lait", composed]), "none", "word") == [
+        composed, "au", "lait"
+    ]  # fmt: skip
+    with pytest.raises(DrnnError, match=r"'z', '\u0301' \(U\+0301\); remove"):
+        prefix_tokens(decomposed + "z", Vocab(["<unk>", *"acfe"]), "none", "char")
+    assert not prefix_changed(decomposed, composed)  # no note: it reads as what was typed
 
 
 def test_a_prefix_with_windows_line_breaks_continues_on_a_run_that_keeps_line_breaks():
@@ -290,15 +313,17 @@ def test_predict_several_prefixes(tiny_run: Path, cli):
 
 
 @pytest.mark.parametrize(
-    ("bad", "problem"),
-    [("", "prefix is empty"), ("1984", "prefix '1984' is empty after data.preprocess=d2l")],
+    ("bad", "problem", "status"),
+    [("", "prefix is empty", 2), ("1984", "prefix '1984' is empty after data.preprocess=d2l", 1)],
     ids=["empty", "no-letters"],
 )
 def test_a_bad_prefix_among_several_is_refused_before_any_is_continued(
-    tiny_run: Path, cli, bad: str, problem: str
+    tiny_run: Path, cli, bad: str, problem: str, status: int
 ):
+    """An empty prefix is a usage error (exit 2), as any argument that cannot be one; one that the run's
+    preprocessing empties is the model's limit (exit 1)."""
     code, out, err = cli("predict", "the", "time", bad, "--run", str(tiny_run), "-n", "3")
-    assert (code, out) == (1, "")  # neither "the" nor "time" was continued
+    assert (code, out) == (status, "")  # neither "the" nor "time" was continued
     assert_one_line_error(code, err, problem)
 
 
@@ -616,6 +641,14 @@ def test_eval_and_inspect_name_their_own_flag_for_an_empty_file(tiny_run: Path, 
     assert code == 1 and err.strip() == f"drnn: error: --data file {empty} is empty; nothing to evaluate"
     code, _, err = cli("inspect", "--file", str(empty), "--run", str(tiny_run))
     assert code == 1 and err.strip() == f"drnn: error: --file {empty} is empty; give it the text to inspect"
+    digits = tmp_path / "digits.txt"
+    digits.write_text("1895 1901 1984\n")
+    code, _, err = cli("eval", "--run", str(tiny_run), "--data", str(digits))
+    assert (code, err) == (
+        1,
+        f"drnn: error: {digits} has fewer than 2 tokens after the run's data.preprocess=d2l (it keeps only the "
+        "letters a-z and spaces); nothing to evaluate\n",
+    )
     code, _, err = cli("eval", "--run", str(tiny_run), "--data", str(tmp_path))
     assert code == 1 and err.strip().startswith(f"drnn: error: --data file {tmp_path} is a directory")
 

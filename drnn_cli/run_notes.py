@@ -121,11 +121,14 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
 KEPT_SHARE_NOTED = 0.8
 
 
-def own_text_notes(data: DataConfig, total_tokens: int, file_bytes: int | None) -> list[str]:
+def own_text_notes(
+    data: DataConfig, total_tokens: int, file_bytes: int | None, fine_tuning: bool = False
+) -> list[str]:
     """What settings made for the Time Machine do to a text of one's own (``data.path``), unseen
     otherwise: a ``max_tokens`` keeping its first tokens only (a preset's, often), and d2l's
     preprocessing, which keeps a-z and single spaces, dropping much of a text with digits, punctuation,
-    case or other alphabets (``file_bytes``: the file's size, None where unknown)."""
+    case or other alphabets (``file_bytes``: the file's size, None where unknown; ``fine_tuning``:
+    the preprocessing is the checkpoint's, which ``--init-from`` keeps)."""
     if data.path is None:
         return []
     notes = []
@@ -139,9 +142,14 @@ def own_text_notes(data: DataConfig, total_tokens: int, file_bytes: int | None) 
         if kept < KEPT_SHARE_NOTED:
             notes.append(
                 f"data.preprocess {data.preprocess} keeps the letters a-z and single spaces, lower-cased: "
-                f"{total_tokens:,} characters of this {file_bytes:,}-byte file ({kept:.0%}); digits, punctuation, "
-                "accented and other letters, case and line breaks are gone (data.preprocess none keeps the text "
-                "as it is)"
+                f"{total_tokens:,} characters of this {file_bytes:,}-byte file ({kept:.0%} of its bytes); digits, "
+                "punctuation, accented and other letters, case and line breaks are gone ("
+                + (
+                    "the checkpoint's preprocessing, which --init-from keeps: a new run without it and with "
+                    "data.preprocess none keeps the text as it is)"
+                    if fine_tuning
+                    else "data.preprocess none keeps the text as it is)"
+                )
             )
     return notes
 

@@ -968,7 +968,12 @@ class Trainer:
             *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
             # said when a run starts; a resume cannot change those settings
             *(
-                own_text_notes(self.config.data, self.dataset.total_tokens, self.dataset.file_bytes())
+                own_text_notes(
+                    self.config.data,
+                    self.dataset.total_tokens,
+                    self.dataset.file_bytes(),
+                    fine_tuning=self.init_from_label is not None,
+                )
                 if self.global_step == 0
                 else ()
             ),

@@ -660,7 +660,7 @@ def test_drnn_data_notes_what_drnn_train_would_note_about_the_text(workdir: Path
     assert code == 0, err
     expected = (
         "data.preprocess d2l keeps the letters a-z and single spaces, lower-cased: 3,599 characters of this "
-        "4,700-byte file (77%); digits, punctuation, accented and other letters, case and line breaks are gone "
+        "4,700-byte file (77% of its bytes); digits, punctuation, accented and other letters, case and line breaks are gone "
         "(data.preprocess none keeps the text as it is)"
     )
     assert f"note: {expected}" in out.splitlines()
@@ -733,9 +733,17 @@ def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep
         "data.max_tokens 10,000 trains on the first 10,000 of this text's 1,946,553 chars; data.max_tokens -1 "
         "takes all",
         "data.preprocess d2l keeps the letters a-z and single spaces, lower-cased: 1,946,553 characters of this "
-        "3,011,731-byte file (65%); digits, punctuation, accented and other letters, case and line breaks are "
-        "gone (data.preprocess none keeps the text as it is)",
+        "3,011,731-byte file (65% of its bytes); digits, punctuation, accented and other letters, case and line "
+        "breaks are gone (data.preprocess none keeps the text as it is)",
     ]
+    # fine-tuning keeps the checkpoint's preprocessing: a --set of another is refused, so it is not advised
+    (tuned,) = own_text_notes(
+        DataConfig(path="mine.txt", max_tokens=-1), 1_946_553, 3_011_731, fine_tuning=True
+    )
+    assert tuned.endswith(
+        "(the checkpoint's preprocessing, which --init-from keeps: a new run without it and with "
+        "data.preprocess none keeps the text as it is)"
+    )
     # the Time Machine itself through data.path keeps 95%: nothing to say; nor for the registered corpus,
     # for a text kept as it is, or for word tokens
     assert own_text_notes(DataConfig(path="timemachine.txt"), 170_580, 178_979) == []

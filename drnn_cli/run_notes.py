@@ -119,6 +119,9 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
 
 # d2l's preprocessing keeping less than this share of a file's bytes as characters is worth a note
 KEPT_SHARE_NOTED = 0.8
+# Bytes a word token: English runs about 6; a text without spaces between words (Chinese, Japanese)
+# splits into lines, tens of characters of 3 bytes each
+LONG_WORD_BYTES = 40
 
 
 def own_text_notes(
@@ -151,6 +154,12 @@ def own_text_notes(
                     else "data.preprocess none keeps the text as it is)"
                 )
             )
+    if data.token == "word" and file_bytes and total_tokens and file_bytes / total_tokens > LONG_WORD_BYTES:
+        notes.append(
+            f"data.token word splits on white space, and this text has little: {total_tokens:,} words in "
+            f"{file_bytes:,} bytes, {file_bytes / total_tokens:,.0f} bytes a word (a text that does not space its "
+            "words, as Chinese or Japanese, is read a line or a sentence a word); data.token char suits it"
+        )
     return notes
 
 

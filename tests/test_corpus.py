@@ -736,6 +736,14 @@ def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep
         "3,011,731-byte file (65% of its bytes); digits, punctuation, accented and other letters, case and line "
         "breaks are gone (data.preprocess none keeps the text as it is)",
     ]
+    # a text that does not space its words, in word tokens: each line was one "word", without a note
+    (unspaced,) = own_text_notes(DataConfig(path="zh.txt", token="word", preprocess="none"), 200, 18_000)
+    assert unspaced == (
+        "data.token word splits on white space, and this text has little: 200 words in 18,000 bytes, 90 bytes a "
+        "word (a text that does not space its words, as Chinese or Japanese, is read a line or a sentence a word); "
+        "data.token char suits it"
+    )
+    assert own_text_notes(DataConfig(path="en.txt", token="word", preprocess="none"), 3_000, 18_000) == []
     # fine-tuning keeps the checkpoint's preprocessing: a --set of another is refused, so it is not advised
     (tuned,) = own_text_notes(
         DataConfig(path="mine.txt", max_tokens=-1), 1_946_553, 3_011_731, fine_tuning=True

@@ -72,8 +72,8 @@ def check_trainable(
     needed = batch_size * num_steps + 1
     if n_tokens < needed:
         raise DrnnError(
-            f"the training split has {n_tokens} tokens but one minibatch of data.batch_size {batch_size} × "
-            f"data.num_steps {num_steps} needs {needed}; lower data.batch_size or data.num_steps, "
+            f"the training split has {n_tokens:,} token{'' if n_tokens == 1 else 's'} but one minibatch of "
+            f"data.batch_size {batch_size:,} × data.num_steps {num_steps:,} needs {needed:,}; lower data.batch_size or data.num_steps, "
             + ("raise data.max_tokens, " if capped else "")
             + "or use a longer text"
         )

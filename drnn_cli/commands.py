@@ -304,7 +304,7 @@ def _short_rows_note(predicted: int, rows: int, num_steps: int) -> tuple[str, ..
     if rows == 1 or predicted // rows >= num_steps:
         return ()
     return (
-        f"the text is read as {rows} rows of about {predicted // rows} tokens, each from a zero state (the model "
+        f"the text is read as {rows:,} rows of about {predicted // rows:,} token{'' if predicted // rows == 1 else 's'}, each from a zero state (the model "
         f"trained on windows of {num_steps}): short rows raise the perplexity; --rows 1 reads it as one stream",
     )
 

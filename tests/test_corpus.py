@@ -638,7 +638,7 @@ def test_drnn_data_on_a_text_too_short_to_train_says_what_train_would_say(workdi
     notes = [line for line in out.splitlines() if line.startswith("note: ")]
     assert notes == [
         "note: drnn train would refuse this: the training split has 500 tokens but one minibatch of "
-        "data.batch_size 32 × data.num_steps 35 needs 1121; lower data.batch_size or data.num_steps, raise "
+        "data.batch_size 32 × data.num_steps 35 needs 1,121; lower data.batch_size or data.num_steps, raise "
         "data.max_tokens, or use a longer text"
     ]
     assert "note:" not in cli("data")[1]

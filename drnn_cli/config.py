@@ -246,7 +246,9 @@ class TrainConfig(_Section):
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for initialisation, batching and dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision (fp16 on a GPU only; bf16 on a CPU where oneDNN runs it)"
+    )
     cuda_graph: Literal["auto", "on", "off"] = Field(
         "auto",
         description="replay each training step as one CUDA graph; auto = on for one CUDA device where it can",
@@ -271,8 +273,8 @@ class TrainConfig(_Section):
     )
     log_every: int | str = Field(
         0,
-        description="plain-text progress line every N epochs or 'N steps' (0 = auto: about 25 lines over a "
-        "run's epochs, at least one an epoch; inside long epochs give 'N steps')",
+        description="plain-text progress line every N epochs or 'N steps' (0 = auto: every epochs // 25 "
+        "epochs (at least 1), about 25 lines a run; inside long epochs give 'N steps')",
     )
     max_steps: int = Field(
         0, ge=0, le=MAX_COUNT, description="stop after N optimizer steps in all (0 = no limit)"

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from drnn_cli.errors import DrnnError, first_line
+from drnn_cli.errors import ConfigError, DrnnError, first_line
 from drnn_cli.models import RNNLanguageModel, ScratchRecurrent
 from drnn_cli.runtime import autocast
 
@@ -38,7 +38,7 @@ def compile_cells(
         scratch = "model.impl scratch" + (
             " with model.layer_calls stack" if model.config.layer_calls == "each" else ""
         )
-        raise DrnnError(
+        raise ConfigError(
             f"train.compile on compiles model.impl scratch's cells, and this model is impl {impl}; "
             f"set {scratch}, or train.compile off"
         )

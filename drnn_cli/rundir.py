@@ -39,7 +39,7 @@ from pathlib import Path
 
 import filelock
 
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_file
 from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_ENTRY_NAMES, RUN_MARKER
 
@@ -261,7 +261,7 @@ def resolve_checkpoint(
 ) -> Path:
     """The checkpoint ``--run`` / ``--checkpoint`` name, or the latest run's."""
     if run is not None and checkpoint is not None:
-        raise DrnnError("pass either --run or --checkpoint, not both")
+        raise UsageError("pass either --run or --checkpoint, not both")
     if run is not None and is_latest_marker(run, runs_root):
         raise DrnnError(
             f"--run {run} is the latest-run marker, not a run; drop --run to use the run it names"

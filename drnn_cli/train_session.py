@@ -14,7 +14,7 @@ from drnn_cli.checkpoint import check_header_room
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset, load_same_corpus
 from drnn_cli.download import ProgressHook
-from drnn_cli.errors import DrnnError, TrainingInterrupted
+from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError
 from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.report import Reporter, TrainResult
 from drnn_cli.run_files import BEST, LAST, LOCK_NAME, RunFiles
@@ -67,11 +67,11 @@ def train_run(
 ) -> TrainResult:
     """Everything ``drnn train`` does: config, run directory, lock, data, model, loop."""
     if request.max_unknown_fraction is not None and request.init_from is None:
-        raise DrnnError(
+        raise UsageError(
             "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"
         )
     if request.resume and request.overwrite:
-        raise DrnnError(
+        raise UsageError(
             "--resume and --overwrite cannot be combined: --resume continues the run in the run directory, "
             "--overwrite replaces it with a new one; pick one"
         )

@@ -185,6 +185,7 @@ def test_compile_on_with_torch_cells_is_a_one_line_error(workdir: Path, cli, cor
         code, err, "train.compile on compiles model.impl scratch's cells, and this model is impl torch",
         "set model.impl scratch, or train.compile off",
     )  # fmt: skip
+    assert code == 2  # settings that contradict each other: a config error
     assert not (workdir / "runs").exists() or not any((workdir / "runs").rglob("*.safetensors"))
     # With one cuDNN call per layer the advice names both keys: impl scratch refuses layer_calls each.
     code, _, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "train.compile=on",

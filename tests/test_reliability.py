@@ -116,7 +116,7 @@ def test_a_failed_overwrite_keeps_the_previous_run(workdir: Path, cli):
     config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
     assert cli("train", "--config", str(config))[0] == 0
     code, _, err = cli("train", "--config", str(config), "--overwrite", "--set", "data.batch_size=1000")
-    assert_one_line_error(code, err, "needs 10001")
+    assert_one_line_error(code, err, "needs 10,001")
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
 
 
@@ -390,6 +390,7 @@ def test_resume_and_overwrite_together_are_refused_and_the_run_is_kept(workdir: 
     assert cli("train", "--config", str(config))[0] == 0
     code, _, err = cli("train", "--config", str(config), "--resume", "--overwrite", "--set", "train.epochs=2")
     assert_one_line_error(code, err, "--resume and --overwrite cannot be combined", "pick one")
+    assert code == 2  # options that exclude each other: a usage error
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
 
 

@@ -970,7 +970,14 @@ def test_config_mistakes_that_used_to_pass(workdir: Path, cli, content: str, nee
 def test_max_unknown_without_init_from_is_refused(workdir: Path, cli):
     code, _, err = cli("train", "--config", str(config_file(workdir, TINY)), "--max-unknown", "0.5")
     assert_one_line_error(code, err, "--max-unknown applies with --init-from")
+    assert code == 2  # an option without the one it needs: a usage error
     assert not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("command", [["predict", "time"], ["eval"], ["inspect", "the time"]])
+def test_run_and_checkpoint_together_are_a_usage_error(tiny_run: Path, cli, command: list[str]):
+    code, out, err = cli(*command, "--run", str(tiny_run), "--checkpoint", str(tiny_run / "best.safetensors"))
+    assert (code, out, err) == (2, "", "drnn: error: pass either --run or --checkpoint, not both\n")
 
 
 @pytest.mark.parametrize("share", ["-1", "1.5", "nan"])

@@ -15,6 +15,7 @@ from pathlib import Path
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
 from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, UnitScore
+from drnn_cli.plot import quiet_font_fallbacks
 from drnn_cli.shown_text import labelled_char
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
@@ -87,7 +88,7 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
             if column == 0:
                 axes.legend(fontsize=7)
     buffer = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, quiet_font_fallbacks():
         warnings.simplefilter("always")
         figure.tight_layout()
         figure.savefig(buffer, format="png", dpi=100)

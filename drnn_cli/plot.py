@@ -5,8 +5,10 @@ It receives what it draws and returns the image: writing the file is the caller'
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 
@@ -26,6 +28,20 @@ def plot_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def quiet_font_fallbacks() -> Iterator[None]:
+    """matplotlib logs "findfont: Font family ['STIXGeneral'] not found. Falling back to DejaVu Sans." for each
+    font it falls back from (21 lines on a machine's first plot, as it builds its font cache): the
+    fallback draws the plot, and drnn's stderr holds drnn's own lines."""
+    logger = logging.getLogger("matplotlib.font_manager")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
@@ -53,7 +69,8 @@ def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    with quiet_font_fallbacks():
+        figure.tight_layout()
+        figure.savefig(buffer, format="png")
     return buffer.getvalue()

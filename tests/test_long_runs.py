@@ -310,6 +310,28 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
     assert not [note for note in notes if note.startswith("this run ends")]
 
 
+def test_matplotlib_s_font_fallbacks_do_not_reach_stderr(monkeypatch: pytest.MonkeyPatch, caplog):
+    """A machine's first plot logged 21 "findfont: Font family [...] not found" lines amid training's
+    output: matplotlib's fallback font draws the plot, and its logger is quieted while it does."""
+    figure_module = pytest.importorskip("matplotlib.figure")
+    import logging
+
+    from drnn_cli.plot import render_perplexity_plot
+
+    savefig = figure_module.Figure.savefig
+
+    def falling_back(self: object, *args: object, **kwargs: object) -> None:
+        logging.getLogger("matplotlib.font_manager").warning("findfont: Font family ['cmr10'] not found.")
+        savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(figure_module.Figure, "savefig", falling_back)
+    level = logging.getLogger("matplotlib.font_manager").level
+    record = EpochRecord(1, 5.0, 6.0, 0.1, 100.0, 1.0, 10, 1000, 10)
+    assert render_perplexity_plot([record]).startswith(b"\x89PNG")
+    assert "findfont" not in caplog.text  # not logged at all: Python prints an unhandled warning on stderr
+    assert logging.getLogger("matplotlib.font_manager").level == level  # matplotlib's own, put back
+
+
 def test_a_missing_plotter_is_said_once_before_training(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     """Said at the first plot, the note came minutes into a run (or at its end, with no line before)."""
     import sys

@@ -366,6 +366,7 @@ class Inspection:
     source: str
     ranked: bool = True  # the units were picked by their correlations (--top), not named (--units)
     full_length: int = 0  # the characters the --file had, where drnn inspect read only its first MAX_CHARS
+    top_asked: int = 0  # --top K, kept where the layer has fewer units than K
 
     @property
     def notes(self) -> list[str]:
@@ -375,6 +376,10 @@ class Inspection:
             notes.append(
                 f"drnn inspect reads at most {MAX_CHARS:,} characters: these are the first of the file's "
                 f"{self.full_length:,} (after preprocessing)"
+            )
+        if self.top_asked > len(self.units):
+            notes.append(
+                f"--top {self.top_asked}: layer {self.layer} has {len(self.units)} units, all shown here, ranked"
             )
         if self.ranked and self.tokens < MIN_RANKING_CHARS:
             notes.append(
@@ -574,4 +579,5 @@ def inspect_text(
         source,
         ranked=not request.units,
         full_length=full_length,
+        top_asked=request.top or 0,
     )

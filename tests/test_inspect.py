@@ -679,6 +679,7 @@ def test_more_units_than_inspect_shows_are_refused_in_every_mode(cli, tiny_run: 
     )
     assert code == 0 and picture.read_bytes()[:4] == b"\x89PNG", err
     assert len(json.loads(out.splitlines()[-1])["units"]) == 32
+    assert "note: --top 100: layer 2 has 32 units, all shown here, ranked" in err.splitlines()  # not silently
     vocab = Vocab(["<unk>", "a", "b", "c"])
     model = build_model(len(vocab), ModelConfig(hidden_size=80, num_layers=1), seed=0).eval()
     data, cpu = DataConfig(preprocess="none"), torch.device("cpu")

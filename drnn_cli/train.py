@@ -517,8 +517,11 @@ class Trainer:
                 self._set_lr(epoch, self.global_step - 1)
             if progress.step < len(batches):  # at the epoch's last step the boundary is fit's epoch end
                 paused = time.perf_counter()
+                # It validates as it was to (a time budget's final validation too: the resumed clock
+                # starts anew), and where train.epochs is now below this epoch the run ends at it.
+                over = "epochs" if epoch >= self.config.train.epochs else None
                 self.stopped_mid_epoch = self._inside_epoch(
-                    epoch, progress, len(batches), self._budget_reached()
+                    epoch, progress, len(batches), self._budget_reached() or over, validates=True
                 )
                 if self.stopped_mid_epoch is None:  # no longer pending: a crash now must not run it again
                     self._save(LAST, epoch, progress)
@@ -712,18 +715,24 @@ class Trainer:
         )
 
     def _inside_epoch(
-        self, epoch: int, progress: EpochProgress, steps_in_epoch: int, stop: StopReason | None
+        self,
+        epoch: int,
+        progress: EpochProgress,
+        steps_in_epoch: int,
+        stop: StopReason | None,
+        validates: bool = False,
     ) -> StopReason | None:
         """A step-cadence boundary (or a budget's end) inside ``epoch``: evaluate, log, checkpoint.
 
         Checkpoints here carry ``progress`` (the step in the epoch, the carried state, the loss sums),
-        as a signal's do, so a run resumed from one continues exactly.
+        as a signal's do, so a run resumed from one continues exactly. ``validates``: the boundary
+        validates whatever the cadence and budget say now (one whose validation a signal cut short).
         """
         loss_sum, count = self._totals(epoch, progress)
         global_step = self.global_step
         val_ppl = None
         on_cadence = self.cadence.eval.due_at_step(global_step)
-        if stop is not None or on_cadence:
+        if stop is not None or on_cadence or validates:
             try:
                 val_ppl = self._validate_to_judge(abandonable=True)
             except EvaluationAbandoned:  # a signal: checkpoint now, not after the rest of a large split
@@ -777,6 +786,12 @@ class Trainer:
                 f"the loss became NaN or infinite at step {bad + 1:,} of epoch {epoch + 1:,}"
             )
 
+    def _epochs_done(self, epoch: int, step: int) -> float:
+        """Epochs done after ``step`` steps of ``epoch``: whole at an epoch's start or end (as in
+        metrics.jsonl), else fractional."""
+        steps = len(self._batches(epoch))
+        return epoch + step // steps if step in (0, steps) else round(epoch + step / steps, 6)
+
     def _interrupt_epoch_end(self, epoch: int) -> None:
         """A signal cut the validation at ``epoch``'s end short: the epoch is checkpointed as at its last
         step with its boundary pending, and ``--resume`` runs the epoch's end first (as a boundary
@@ -800,7 +815,7 @@ class Trainer:
             StoppedRun(
                 self.run_dir,
                 self.stops.name,
-                round(epoch + step / len(self._batches(epoch)), 6) if step else epoch,
+                self._epochs_done(epoch, step),
                 self.began_at,
                 self.global_step,
                 self._first_step,
@@ -882,10 +897,7 @@ class Trainer:
     def _position(self) -> float:
         """Epochs done before this session, fractional when it resumes inside an epoch (as the
         ``epoch`` of a metrics line written there)."""
-        step = self.progress.step
-        if not step:
-            return self.start_epoch
-        return round(self.start_epoch + step / len(self._batches(self.start_epoch)), 6)
+        return self._epochs_done(self.start_epoch, self.progress.step)
 
     def _origin(self) -> str:
         """Where this session starts, for the first line: a fresh run, fine-tuning, or a resume."""
@@ -997,8 +1009,11 @@ class Trainer:
             stop_reason = already
             if val_ppl is None:
                 val_ppl = self._validate()
+        # A boundary whose validation a signal cut short is done first, whatever train.epochs says now.
+        cut_short = already is None and self.progress.boundary_pending
+        until = max(train.epochs, self.start_epoch + 1) if cut_short else train.epochs
         with self.stops.noted():
-            for epoch in range(self.start_epoch, train.epochs if already is None else 0):
+            for epoch in range(self.start_epoch, until if already is None else 0):
                 resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done
                 window, tokens_per_s = self.train_epoch(epoch)
                 if self.stopped_mid_epoch is not None:  # the line written at the stop is the last
@@ -1006,10 +1021,11 @@ class Trainer:
                     break
                 done = epoch + 1
                 budget_stop = self._budget_reached(vote_now=True)
-                final = done == train.epochs or budget_stop is not None
+                final = done >= train.epochs or budget_stop is not None
                 on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
                 try:
-                    val_ppl = self._validate_to_judge(abandonable=True) if on_cadence or final else None
+                    validates = on_cadence or final or resumed_cut_short  # a cut one: as it was to
+                    val_ppl = self._validate_to_judge(abandonable=True) if validates else None
                 except EvaluationAbandoned:  # a signal: checkpoint now, not after the rest of a large split
                     self._interrupt_epoch_end(epoch)
                 self._judge(val_ppl, done, on_cadence=on_cadence)

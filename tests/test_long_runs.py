@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from drnn_cli.budget import Cadence, parse_cadence, parse_duration
+from drnn_cli.budget import Budget, Cadence, parse_cadence, parse_duration
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.config import TrainConfig, build_config, load_config
-from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged
+from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import EvaluationAbandoned
 from drnn_cli.optimizers import lr_factor
 from drnn_cli.report import EpochRecord, RunStart, SilentReporter
@@ -494,6 +494,49 @@ def test_a_signal_while_an_epoch_s_end_validates_cuts_it_short_and_resume_runs_i
             for run in ("straight", "split")
         )
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_cut_validation_runs_on_resume_whatever_train_epochs_says_now(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Resumed with fewer epochs than the one whose end was cut short, the run did nothing, said it was
+    complete and left its checkpoint pending (found by a review). Its end runs, and the run ends there."""
+    config = write_config(workdir)
+    straight = train(config, run_dir=Path("runs/straight"))
+    end = 3 * STEPS_PER_EPOCH
+    abandoned, undo = signal_while_validating(monkeypatch, end)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config, run_dir=Path("runs/split"))
+    undo()
+    assert abandoned == [end] and stopped.value.stopped.epochs == 3  # whole at an epoch's end, as metrics say
+    assert type(stopped.value.stopped.epochs) is int
+    resumed = train(config, "train.epochs=2", run_dir=Path("runs/split"), resume=True)
+    assert (resumed.stop_reason, resumed.epochs, resumed.steps) == ("epochs", 3, end)
+    assert untimed_metrics(workdir / "runs/split") == untimed_metrics(workdir / "runs/straight")
+    assert resumed.best_val_ppl == straight.best_val_ppl
+    done = load_checkpoint(workdir / "runs/split/last.safetensors")
+    assert (done.epoch, done.step_in_epoch) == (3, 0)  # no longer pending
+
+
+def test_a_time_budget_s_final_validation_cut_short_still_validates_on_resume(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The resumed command's time budget starts anew, and epoch 1's end is off train.eval_every's
+    cadence: the validation the stop cut short was skipped, its line written without one (a review)."""
+    config = write_config(workdir)
+    reached = Budget.reached
+    monkeypatch.setattr(Budget, "reached", lambda self, step: "max_time" if step == STEPS_PER_EPOCH else None)
+    straight = train(config, "train.eval_every=2", run_dir=Path("runs/straight"))
+    assert straight.stop_reason == "max_time"
+    abandoned, undo = signal_while_validating(monkeypatch, STEPS_PER_EPOCH)
+    with pytest.raises(TrainingInterrupted):
+        train(config, "train.eval_every=2", run_dir=Path("runs/split"))
+    undo()
+    monkeypatch.setattr(Budget, "reached", reached)
+    assert abandoned == [STEPS_PER_EPOCH]
+    train(config, "train.eval_every=2", run_dir=Path("runs/split"), resume=True)
+    first = metrics(workdir / "runs/split")[0]
+    assert first["epoch"] == 1 and first["val_ppl"] == metrics(workdir / "runs/straight")[0]["val_ppl"]
 
 
 def test_a_signal_after_a_budgets_final_validation_lets_the_run_end_and_says_so(

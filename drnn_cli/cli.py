@@ -720,11 +720,9 @@ def eval_command(
     loaded = load_model(run, checkpoint, device.value)
     with _evaluation_progress(_consoles(json_out)[1]) as hook:  # on stderr: stdout keeps the result alone
         report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus, hook)
-    unknown = (
-        f" ({_plural(report.unknown, 'token')} not in the vocabulary, scored as <unk>)"
-        if report.unknown
-        else ""
-    )
+    # a word text may write <unk> itself (Penn Treebank does): those are no lack of the vocabulary's
+    lacking = "" if loaded.checkpoint.config.data.token == "word" else "not in the vocabulary, "
+    unknown = f" ({_plural(report.unknown, 'token')} {lacking}scored as <unk>)" if report.unknown else ""
     _print_line(
         out,
         f"{report.source}{unknown}: perplexity {_perplexity(report.result.perplexity, 4)}, {report.result.bits_per_token:.4f} bits/token "

@@ -288,7 +288,16 @@ def evaluate_split(
         *notes,
         *filter(None, (few_predictions_note(result.tokens, fix),)),
         *filter(
-            None, (scored_unknown_note(unknown, result.tokens, "predicted tokens", "this perplexity is"),)
+            None,
+            (
+                scored_unknown_note(
+                    unknown,
+                    result.tokens,
+                    "predicted tokens",
+                    "this perplexity is",
+                    written_unk=config.data.token == "word",
+                ),
+            ),
         ),
     )
     return EvalReport(

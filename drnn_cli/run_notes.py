@@ -24,14 +24,22 @@ FEW_VALIDATION_PREDICTIONS = 100
 ONE_HOT_VOCAB_NOTED = 1024
 
 
-def scored_unknown_note(unknown: int, predicted: int, of: str, subject: str) -> str | None:
+def scored_unknown_note(
+    unknown: int, predicted: int, of: str, subject: str, written_unk: bool = False
+) -> str | None:
     """A perplexity a good share of whose predictions were ``<unk>`` (text a fine-tuned or ``min_freq``
     vocabulary cannot spell, another text given to ``drnn eval``): it measures how well the model
-    predicts that one class, which says little of the text either way."""
+    predicts that one class, which says little of the text either way. ``written_unk``: ``unknown``
+    may count the text's own ``<unk>`` words too (Penn Treebank writes them), which no vocabulary lacks."""
     if not unknown or unknown < UNKNOWN_SHARE_NOTED * predicted:
         return None
+    what = (
+        "scored as <unk> (not in the vocabulary, or written <unk> in the text)"
+        if written_unk
+        else "not in the vocabulary and are scored as <unk>"
+    )
     return (
-        f"{unknown / predicted:.1%} of the {of} are not in the vocabulary and are scored as <unk>, one class "
+        f"{unknown / predicted:.1%} of the {of} are {what}, one class "
         f"for all of them: {subject} not comparable with perplexities over a text the model can spell (far "
         "lower where it learned to predict <unk>, far higher where it never saw one)"
     )

@@ -912,13 +912,15 @@ class Trainer:
     def _scored_unknown_note(self) -> str | None:
         """What the run's perplexities are worth where the vocabulary lacks tokens of the text (fine-tuning,
         ``data.min_freq``): over the validation split, else the training split. A text's own ``<unk>``
-        tokens (Penn Treebank writes them) are no lack, and are not counted so."""
-        if not self.dataset.unknown_count:
+        words (Penn Treebank writes them) are no lack; ids cannot tell them from the tokens lacking, whose
+        count over the whole text bounds the split's (exact where the text writes no ``<unk>``)."""
+        lacking = self.dataset.unknown_count or sum(self.dataset.vocab.cut_counts().values())
+        if not lacking:
             return None
         validated = len(self.val_tokens) >= MIN_EVAL_TOKENS
         predicted = (self.val_tokens if validated else self.dataset.splits.train)[1:]
         return scored_unknown_note(
-            count_index(predicted, self.dataset.vocab[UNK]),
+            min(count_index(predicted, self.dataset.vocab[UNK]), lacking),
             len(predicted),
             "validation tokens" if validated else "training tokens",
             "this run's perplexities are",

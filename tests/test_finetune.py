@@ -121,6 +121,32 @@ def test_too_much_unknown_text_is_refused_and_a_little_is_reported(tmp_path: Pat
     )
 
 
+def test_the_note_after_training_counts_the_tokens_a_vocabulary_lacks_not_a_text_s_own_unk(
+    tmp_path: Path, cli
+):
+    """A word text that writes <unk> itself (as Penn Treebank's does) lacks nothing: no note, though 12%
+    of its tokens are <unk>. Its min_freq run lacks the words cut, counted exactly (the ids alone cannot
+    tell them from the text's own <unk>): 7.0% here, where counting ids says 18.6%."""
+    text = tmp_path / "ptb.txt"
+    text.write_text("the cat <unk> sat on the mat .\n" * 60 + "zebra yak gnu\n" * 12)  # 480 + 36 words
+    words = {"preprocess": "none", "token": "word", "batch_size": 4, "num_steps": 5}
+    for name, data, said in (
+        ("own", words, None),
+        ("cut", {**words, "min_freq": 20}, "7.0% of the training tokens are not in the vocabulary"),
+    ):
+        notes = Notes()
+        config = config_for(tmp_path, text, name, data=data, train={"epochs": 1})
+        train_run(TrainRequest(config, run_dir=tmp_path / name), reporter=notes)
+        scored = [note for note in notes.notes if "scored as <unk>" in note]
+        assert [note.split(" and are")[0] for note in scored] == ([said] if said else [])
+    # drnn eval scores ids: of a word model it does not call the text's own <unk> missing
+    code, out, err = cli("eval", "--run", str(tmp_path / "own"))
+    assert code == 0, err
+    assert "(60 tokens scored as <unk>)" in out and "not in the vocabulary" not in out.replace(
+        "(not in the vocabulary, or written <unk> in the text)", ""
+    )
+
+
 def test_a_text_the_vocabulary_cannot_spell_at_all_is_refused_whatever_max_unknown_says(
     tmp_path: Path, texts: tuple[Path, Path]
 ):

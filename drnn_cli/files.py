@@ -90,12 +90,16 @@ def not_utf8(
             "a binary file (an image, a checkpoint) does; name a text file (a UTF-16 text without a byte "
             "order mark converts with iconv -f utf-16le -t utf-8)"
         )
-    around = bytes(data[max(0, offset - _SNIFF_BYTES) : offset + _SNIFF_BYTES]).decode("utf-8", "replace")
-    undecodable = around.count("\ufffd")
-    # Mostly valid multi-byte characters around the bad bytes: UTF-8. (A Latin-1 text's "é" is a lone
-    # byte that does not decode; one at the file's end reads as a character cut short, too.)
-    if sum(not character.isascii() for character in around) - undecodable > undecodable:
-        keep_utf8 = f"drop them, e.g. iconv -c -f utf-8 -t utf-8 {shlex.quote(path.name)} > fixed.txt"
+    window = bytes(data[max(0, offset - _SNIFF_BYTES) : offset + _SNIFF_BYTES])
+    around = window.decode("utf-8", "replace")
+    undecodable = around.count("\ufffd") - window.count("\ufffd".encode())  # a text's own "�" decodes
+    keep_utf8 = f"drop them, e.g. iconv -c -f utf-8 -t utf-8 {shlex.quote(str(path))} > fixed.txt"
+    tail = bytes(data[offset:])
+    # A character cut short at the end: its lead byte and continuation bytes (one lone lead byte is as
+    # likely a Latin-1 text's last "é").
+    cut = error.reason == "unexpected end of data" and len(tail) > 1
+    # Mostly valid multi-byte characters around the bad bytes: UTF-8.
+    if cut or sum(not character.isascii() for character in around) - undecodable > undecodable:
         if error.reason == "unexpected end of data":
             return DrnnError(
                 f"{what} {path} is UTF-8 cut short: it ends inside a character (bytes from offset {offset}), "
@@ -105,13 +109,30 @@ def not_utf8(
             f"{what} {path} is UTF-8 but for an undecodable byte at offset {offset} (a stray byte, or a "
             f"text in another encoding pasted in); {keep_utf8}"
         )
-    windows = re.search(rb"[\x80-\x9f]", data[offset : offset + _SNIFF_BYTES]) is not None
+    after = bytes(data[offset : offset + _SNIFF_BYTES])
+    runs = re.findall(rb"[\x80-\xff]+", after)
+    if sum(len(run) > 1 for run in runs) * 2 > len(runs):  # high bytes in pairs: a double-byte encoding's
+        return DrnnError(
+            f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); its bytes pair up as a CJK "
+            "encoding's do: convert it from its own, e.g. iconv -f SHIFT_JIS -t utf-8 (Japanese), -f GBK "
+            "(Chinese), -f BIG5 (traditional Chinese) or -f EUC-KR (Korean)"
+        )
+    try:  # bytes 0x80-0x9F that Windows-1252 defines all: its quotes and dashes (Latin-1's are controls)
+        windows = re.search(rb"[\x80-\x9f]", after) is not None and bool(after.decode("cp1252"))
+    except UnicodeDecodeError:
+        windows = False
+    advice = (
+        "iconv -f cp1252 -t utf-8 (bytes 0x80-0x9F: Windows-1252's quotes and dashes)"
+        if windows
+        else "iconv -f latin1 -t utf-8"
+    )
+    lone_end = error.reason == "unexpected end of data"  # its last byte alone: Latin-1, or UTF-8 cut
     return DrnnError(
-        f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); convert it, e.g. "
+        f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); convert it, e.g. {advice}"
         + (
-            "iconv -f cp1252 -t utf-8 (bytes 0x80-0x9F: Windows-1252's quotes and dashes)"
-            if windows
-            else "iconv -f latin1 -t utf-8"
+            " (or, if it is UTF-8 cut inside its last character, drop that byte: head -c -1)"
+            if lone_end
+            else ""
         )
     )
 

@@ -224,7 +224,7 @@ def test_piped_text_is_written_as_is_and_lines_are_not_wrapped(cli, tiny_run: Pa
 def test_a_text_given_to_data_or_file_is_named_by_its_option_in_errors(cli, tiny_run: Path, tmp_path: Path):
     """Not "corpus file": the run's corpus is not what failed to read."""
     latin1, blank = tmp_path / "latin1.txt", tmp_path / "blank.txt"
-    latin1.write_bytes("the time machine, caf\xe9".encode("latin-1"))
+    latin1.write_bytes("the time machine, caf\xe9 noir".encode("latin-1"))
     blank.write_text(" \n\n")
     code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(latin1))
     assert (code, out, err) == (

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import re
+import shlex
 import socket
 import threading
 from collections.abc import Iterator
@@ -357,7 +358,7 @@ def test_a_utf8_text_cut_inside_a_character_is_said_to_be_cut_not_sent_to_latin1
     assert refusal_of_both_readers(path) == (
         f"corpus file {path} is UTF-8 cut short: it ends inside a character (bytes from offset "
         f"{len(whole) - 3}), as a copy or head -c that stopped mid-character leaves it; drop them, e.g. "
-        "iconv -c -f utf-8 -t utf-8 'zh cut.txt' > fixed.txt"
+        f"iconv -c -f utf-8 -t utf-8 {shlex.quote(str(path))} > fixed.txt"
     )
 
 
@@ -367,8 +368,32 @@ def test_a_utf8_text_with_a_stray_byte_is_said_to_be_utf8(tmp_path: Path):
     path.write_bytes(start + b"\xff" + "brûlée ".encode() * 30)
     assert refusal_of_both_readers(path) == (
         f"corpus file {path} is UTF-8 but for an undecodable byte at offset {len(start)} (a stray byte, or "
-        "a text in another encoding pasted in); drop them, e.g. iconv -c -f utf-8 -t utf-8 menu.txt > fixed.txt"
+        f"a text in another encoding pasted in); drop them, e.g. iconv -c -f utf-8 -t utf-8 {path} > fixed.txt"
     )
+
+
+@pytest.mark.parametrize(
+    ("payload", "advice"),
+    [
+        # Shift-JIS: lead bytes 0x81-0x9F looked like Windows-1252's, whose iconv made mojibake
+        ("猫は猫である。".encode("shift_jis") * 20, "its bytes pair up as a CJK encoding's do"),
+        ("我们的时间机器。".encode("gbk") * 20, "iconv -f SHIFT_JIS -t utf-8 (Japanese), -f GBK"),
+        # bytes Windows-1252 leaves undefined (0x81): its iconv refuses the file; Latin-1's converts it
+        (b"caf\xe9 \x81 cr\xe8me " * 20, "convert it, e.g. iconv -f latin1 -t utf-8"),
+        # an English UTF-8 text cut inside its last character ("…", 3 bytes): no other non-ASCII near
+        (("the end" * 50 + "\u2026").encode()[:-1], "is UTF-8 cut short"),
+        # a Latin-1 text whose one accented letter ends it: as likely UTF-8 cut after a lead byte
+        (b"the time machine, caf\xe9", "iconv -f latin1 -t utf-8 (or, if it is UTF-8 cut inside its last "
+         "character, drop that byte: head -c -1)"),
+        # a UTF-8 text writing U+FFFD itself, with a stray Latin-1 byte: it is UTF-8
+        ("r\u00e9sum\u00e9 \ufffd\ufffd\ufffd ".encode() * 20 + b"\xe9 " + b"fin", "is UTF-8 but for an"),
+    ],
+    ids=["shift-jis", "gbk", "latin1-0x81", "utf8-cut-after-ascii", "latin1-last-byte", "utf8-with-fffd"],
+)  # fmt: skip
+def test_the_advice_for_a_text_that_is_not_utf8_names_what_it_is(tmp_path: Path, payload: bytes, advice: str):
+    path = tmp_path / "text.txt"
+    path.write_bytes(payload)
+    assert advice in refusal_of_both_readers(path)
 
 
 def test_a_binary_file_is_named_as_one_not_sent_to_iconv(tmp_path: Path):

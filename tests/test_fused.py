@@ -874,7 +874,7 @@ FUSED_TREE = {
     "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 2},
     # Short samples: in the interpreter each generated character is a launch per layer.
     "train": {
-        "epochs": 2,
+        "epochs": 1,
         "optimizer": "sgd",
         "lr": 1.0,
         "sample_every": 0,
@@ -901,7 +901,7 @@ def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeyp
     monkeypatch.setattr(
         fused_recurrence, "fused_layer", lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k)
     )
-    config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
+    config = config_file(workdir, FUSED_TREE)
     summaries = {}
     for impl in ("fused", "scratch"):
         code, out, err = cli(
@@ -921,7 +921,7 @@ def test_drnn_train_with_impl_fused_trains_as_impl_scratch(workdir, cli, monkeyp
 
 def test_drnn_train_with_impl_fused_on_a_cpu_says_it_steps_the_scratch_cells(workdir, cli, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
+    config = config_file(workdir, FUSED_TREE)
     code, out, err = cli("train", "--config", str(config), "--set", "model.impl=fused")
     assert code == 0, err
     said = " ".join((out + err).split())  # the console wraps long lines
@@ -935,7 +935,7 @@ def test_drnn_train_refuses_a_drnn_fused_launch_it_cannot_run_before_writing_the
     """The plan was first made inside the first training step: the error came after the run's
     config.yaml, vocab.json and an empty metrics.jsonl were written."""
     monkeypatch.setenv("DRNN_FUSED_LAUNCH", "fast")
-    config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
+    config = config_file(workdir, FUSED_TREE)
     code, out, err = cli("train", "--config", str(config), "--set", "model.impl=fused", "--run", "runs/x")
     assert_one_line_error(code, err, "DRNN_FUSED_LAUNCH: unknown word 'fast'")
     assert out == "" and not (workdir / "runs").exists()
@@ -1018,7 +1018,7 @@ def test_a_barrier_timeout_stops_training_in_one_line(workdir, cli, monkeypatch)
         return result
 
     monkeypatch.setattr(fused_recurrence, "fused_layer", timing_out)
-    config = config_file(workdir, {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1}})
+    config = config_file(workdir, FUSED_TREE)
     code, _, err = cli("train", "--config", str(config), "--set", "model.impl=fused")
     assert_one_line_error(code, err, "barrier timed out in epoch 1", "Use model.impl torch")
 
@@ -1036,6 +1036,6 @@ def test_a_barrier_timeout_while_the_averaged_copy_validates_stops_training(work
         return result
 
     monkeypatch.setattr(fused_recurrence, "fused_layer", timing_out_without_gradients)
-    tree = {**FUSED_TREE, "train": {**FUSED_TREE["train"], "epochs": 1, "average": "ema"}}
+    tree = {**FUSED_TREE, "train": {**FUSED_TREE["train"], "average": "ema"}}
     code, _, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "model.impl=fused")
     assert_one_line_error(code, err, "barrier timed out while validating", "Use model.impl torch")

@@ -193,27 +193,6 @@ def mark_latest(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> str | Non
     return None
 
 
-def recorded_latest(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path | None:
-    """The run the latest-run marker names, or None when there is no usable marker."""
-    try:
-        return latest_run(runs_root)
-    except DrnnError:
-        return None
-
-
-def restore_latest(run_dir: Path, previous: Path | None, runs_root: Path = DEFAULT_RUNS_ROOT) -> None:
-    """Record ``previous`` as the latest run again (or none), if the marker still names ``run_dir``: a
-    new run that ended without a checkpoint is no run for ``predict`` or ``eval`` to use."""
-    if recorded_latest(runs_root) != run_dir.resolve():  # another run has been marked since
-        return
-    marker = runs_root / LATEST_MARKER
-    with contextlib.suppress(DrnnError, OSError):
-        if previous is None:
-            marker.unlink()
-        else:
-            atomic_write_text(marker, str(previous) + "\n")
-
-
 def is_latest_marker(path: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> bool:
     """Whether ``path`` names ``runs/latest`` (compared as written: resolving a link loop would raise)."""
     return os.path.normpath(path.absolute()) == os.path.normpath((runs_root / LATEST_MARKER).absolute())

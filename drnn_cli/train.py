@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -128,9 +129,12 @@ class Trainer:
         best_kept: float | None = None,
         best_restarts: bool = False,
         resume_advice: str = RESUME_ADVICE,
+        on_first_checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.resume_advice = resume_advice  # how the user continues an interrupted session
+        # called once the run's first checkpoint is on disk (the session marks the run as the latest)
+        self.on_first_checkpoint = on_first_checkpoint
         self.dataset = dataset
         self.run_dir = run_dir
         self.device = device
@@ -385,6 +389,9 @@ class Trainer:
                 if name == BEST:  # its header names its own perplexity (patience's best may be older)
                     checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
                 save_checkpoint(self.run_dir / name, checkpoint)
+                if self.on_first_checkpoint is not None:
+                    announce, self.on_first_checkpoint = self.on_first_checkpoint, None
+                    announce()
             except NonFiniteCheckpoint:
                 where = training_position(epoch, progress.step if progress else 0, self.global_step)
                 raise self._diverged(f"the weights became NaN or infinite {where}") from None

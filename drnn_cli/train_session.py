@@ -29,8 +29,6 @@ from drnn_cli.rundir import (
     is_latest_marker,
     mark_latest,
     mark_run_dir,
-    recorded_latest,
-    restore_latest,
     staging_dir,
     swap_in,
 )
@@ -227,6 +225,15 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         limit = request.max_unknown_fraction
         _check_unknown_share(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit, reporter)
     check_header_room(dataset.vocab)
+
+    def mark_as_latest() -> None:
+        """``runs/latest`` names the run once it has a checkpoint for ``predict`` and ``eval`` to read:
+        marked as it started, a run killed before its first (kill -9, the OOM killer) stayed named."""
+        unmarked = mark_latest(final_dir, request.runs_root)
+        if unmarked is not None and reporter is not None:
+            reporter.note(f"the latest run is not recorded ({unmarked}); pass --run to predict/eval")
+
+    new_run = dist.is_main and not request.resume
     trainer = Trainer(  # validates everything that can still fail; writes nothing
         config,
         dataset,
@@ -241,24 +248,17 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         best_restarts=start.best_restarts,
         # --resume --overwrite is refused, whether the session replaces a run or had none to replace
         resume_advice=OVERWRITE_RESUME_ADVICE if request.overwrite else RESUME_ADVICE,
+        on_first_checkpoint=mark_as_latest if new_run else None,
     )
-    previous_latest: Path | None = None
     if dist.is_main:
         if not request.resume:
             files = RunFiles(run_dir)
             for stale in (run_dir / LAST, run_dir / BEST, files.metrics, files.plot, files.init_from):
                 stale.unlink(missing_ok=True)
         mark_run_dir(run_dir)
-        previous_latest = recorded_latest(request.runs_root)
-        unmarked = mark_latest(final_dir, request.runs_root)
-        if unmarked is not None and reporter is not None:
-            reporter.note(f"the latest run is not recorded ({unmarked}); pass --run to predict/eval")
-    try:
-        return trainer.fit()
-    except BaseException:
-        if dist.is_main and not holds_run(run_dir) and not holds_run(final_dir):
-            restore_latest(final_dir, previous_latest, request.runs_root)  # it ended without a checkpoint
-        raise
+        if request.resume:  # it has its checkpoint
+            mark_as_latest()
+    return trainer.fit()
 
 
 def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:

@@ -173,6 +173,28 @@ def test_a_new_run_that_ends_without_a_checkpoint_does_not_become_the_latest_run
     assert not (workdir / "runs" / "latest").exists()  # no run before it: none recorded
 
 
+def test_a_new_run_becomes_the_latest_run_with_its_first_checkpoint(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Marked as it started, a run killed before its first checkpoint (kill -9, the OOM killer, a CI
+    timeout: nothing runs after) stayed the latest run, and predict and eval without --run failed on it
+    ("holds no checkpoint"); so did they while it trained. The marker moves once the checkpoint is there."""
+    from drnn_cli.train import Trainer
+
+    assert cli("train", "--config", str(config_file(workdir, tiny(epochs=1))), "--run", "runs/good")[0] == 0
+    named: list[str] = []  # what runs/latest names as each checkpoint is about to be written, and after
+    save = Trainer._save
+
+    def watched(self: Trainer, name: str, epoch: int, progress: object = None) -> None:
+        named.append(Path((workdir / "runs" / "latest").read_text().strip()).name)
+        save(self, name, epoch, progress)
+        named.append(Path((workdir / "runs" / "latest").read_text().strip()).name)
+
+    monkeypatch.setattr(Trainer, "_save", watched)
+    assert cli("train", "--config", str(config_file(workdir, tiny(epochs=1))), "--run", "runs/new")[0] == 0
+    assert named[:2] == ["good", "new"] and all(name == "new" for name in named[2:])
+
+
 def test_a_plot_that_cannot_be_written_is_noted_once_and_training_goes_on(workdir: Path, cli):
     """perplexity.png is a view of metrics.jsonl: failing to write it must not stop a run (it did, at the
     first epoch end, with metrics.jsonl ahead of the last checkpoint)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -70,13 +71,27 @@ def output_closed_by_reader() -> bool:
     )
 
 
+def _reader_gone_now() -> bool:
+    """Whether drnn's stdout or stderr is a pipe whose reader has gone, though no write has raised
+    BrokenPipeError: the rest of a large write (``drnn predict -n 100000 | head -c 10``) meets the
+    kernel's SIGPIPE first, and Python then reports the write as done (the command exited 0, its text
+    cut). The guard of each such stream discards what follows."""
+    gone = False
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, _PipeGuard) and stream.reader_gone():
+            stream.discard()
+            gone = True
+    return gone
+
+
 @contextlib.contextmanager
 def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
     """``handler`` for the HANDLED signals inside the block, the previous handlers after it; a SIGPIPE
     reaches it only when drnn's own output lost its reader."""
 
     def handle(signum: int, frame: object) -> None:
-        if signum == getattr(signal, "SIGPIPE", None) and not output_closed_by_reader():
+        sigpipe = signum == getattr(signal, "SIGPIPE", None)
+        if sigpipe and not output_closed_by_reader() and not _reader_gone_now():
             return  # another writer's pipe or socket: as Python's default (ignored), not a stop
         handler(signum, frame)
 
@@ -188,14 +203,30 @@ class _PipeGuard:
             except BrokenPipeError:
                 self._closed_by_reader()
 
-    def _closed_by_reader(self) -> None:
+    def reader_gone(self) -> bool:
+        """Whether this stream is a pipe (or socket) whose reader closed it: poll reports an error
+        on its writing end (False where it cannot tell)."""
+        try:
+            poller = select.poll()
+            poller.register(self._stream.fileno(), select.POLLOUT)
+            return any(events & select.POLLERR for _, events in poller.poll(0))
+        except (OSError, ValueError, AttributeError):  # no fileno, a closed stream, no poll (Windows)
+            return False
+
+    def discard(self) -> None:
+        """Send what follows to /dev/null: later flushes (rich, the interpreter at exit) then succeed.
+        The signal that found the reader gone is the one raised: no second one."""
         self._broken = True
+        self._once.raised = True
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            # Later flushes (rich, the interpreter at exit) then go to /dev/null instead of failing.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
             os.close(devnull)
-        if not hasattr(signal, "SIGPIPE") or self._once.raised:
+
+    def _closed_by_reader(self) -> None:
+        raised = self._once.raised
+        self.discard()
+        if not hasattr(signal, "SIGPIPE") or raised:
             return
         self._once.raised = True
         if callable(signal.getsignal(signal.SIGPIPE)):

@@ -475,6 +475,22 @@ def test_importing_the_cli_does_not_import_torch():
     assert done.stdout.strip() == "False", done.stderr
 
 
+def test_a_reader_that_leaves_during_one_large_write_ends_predict_with_141(tiny_run: Path):
+    """``drnn predict time -n 100000 | head -c 10``: the rest of one write larger than the pipe meets the
+    kernel's SIGPIPE before any BrokenPipeError, and Python then reports the write as done: the command
+    exited 0 with its text cut, so a script took it for whole."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "drnn_cli", "predict", "time", "--run", str(tiny_run), "-n", "100000"],
+        env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(10).startswith(b"time")
+    process.stdout.close()  # like `head -c 10`
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "error" not in err
+
+
 @pytest.mark.parametrize(
     ("stderr_too", "json"),
     [(False, False), (True, False), (True, True)],

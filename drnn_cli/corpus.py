@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.files import (
     NOT_UTF8_HEAD,
     not_utf8,
@@ -256,7 +256,7 @@ def _refuse_undecodable(text: str, mode: str) -> None:
     if bad is not None:
         code = ord(bad)
         byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
-        raise DrnnError(
+        raise UsageError(  # an argument that cannot be one, as an empty prefix
             f"the text holds a {byte}, which is not UTF-8 text (data.preprocess={mode} keeps it); "
             "give the text as UTF-8"
         )

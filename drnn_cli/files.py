@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, UsageError
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -275,7 +275,7 @@ def refuse_overwriting(outputs: Mapping[str, Path | None], inputs: Mapping[str, 
         identity = _identity(path)
         for what, other in claimed:
             if identity == other:
-                raise DrnnError(f"{flag} {path} is {what}; give {flag} a file of its own")
+                raise UsageError(f"{flag} {path} is {what}; give {flag} a file of its own")
         claimed.append((f"the file {flag} writes", identity))
 
 

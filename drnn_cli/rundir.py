@@ -224,7 +224,7 @@ def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
 def run_checkpoint(run_dir: Path) -> Path:
     """The checkpoint that stands for a run: best by validation if there is one, else the last."""
     if run_dir.is_file():
-        raise DrnnError(
+        raise UsageError(
             f"--run takes a run directory, and {run_dir} is a file; a checkpoint goes to --checkpoint"
         )
     if not run_dir.is_dir():
@@ -242,17 +242,17 @@ def resolve_checkpoint(
     if run is not None and checkpoint is not None:
         raise UsageError("pass either --run or --checkpoint, not both")
     if run is not None and is_latest_marker(run, runs_root):
-        raise DrnnError(
+        raise UsageError(
             f"--run {run} is the latest-run marker, not a run; drop --run to use the run it names"
         )
     if checkpoint is not None and is_latest_marker(checkpoint, runs_root):
-        raise DrnnError(
+        raise UsageError(
             f"--checkpoint {checkpoint} is the latest-run marker, not a checkpoint; drop --checkpoint to use "
             "the latest run's"
         )
     if checkpoint is not None:
         if checkpoint.is_dir():
-            raise DrnnError(
+            raise UsageError(
                 f"--checkpoint takes a checkpoint file, and {checkpoint} is a directory; a run directory goes to --run"
             )
         return checkpoint

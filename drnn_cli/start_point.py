@@ -12,7 +12,7 @@ import torch
 
 from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, ConfigError, build_config, parse_override
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, is_latest_marker, latest_run, resolve_checkpoint
 from drnn_cli.vocab import Vocab
@@ -120,7 +120,7 @@ def take_weight_shape(
                 tree[section][key] = saved_tree[section][key]
                 taken.append(dotted)
     if contradicted:
-        raise DrnnError(
+        raise ConfigError(
             f"{refusal}: {_describe_differences(saved, config, contradicted)}; the checkpoint's weights and "
             "vocabulary fix these: drop those --set options"
         )
@@ -205,7 +205,7 @@ def resume_point(
     said = []
     if init_from is not None:
         if checkpoint.init_from is None:
-            raise DrnnError(
+            raise UsageError(
                 f"--resume continues {run_dir}, which started from scratch: --init-from {init_from} does not "
                 "apply to it; drop --init-from to resume it, or fine-tune into a new run with --run NEW_DIR"
             )
@@ -223,7 +223,7 @@ def resume_point(
     if config.train.optimizer == "adamw":  # its parameter groups (biases decayed or not) resume as saved
         changed += differing_keys(checkpoint.config, config, "train", ("decay_biases",))
     if changed:
-        raise DrnnError(
+        raise ConfigError(
             f"cannot resume {run_dir}: the config changed {_describe_differences(checkpoint.config, config, changed)}; "
             f"restore {'it' if len(changed) == 1 else 'them'} or start a new run with --run DIR"
         )
@@ -287,13 +287,13 @@ def init_point(
     that differs is refused by name. ``overwrite``: the new run replaces ``final_dir``, whose own
     checkpoints cannot seed it."""
     if init_from.resolve().is_relative_to(final_dir.resolve()) and not holds_run(final_dir):
-        raise DrnnError(
+        raise UsageError(
             f"--init-from {init_from} is the run directory this training creates (--run {final_dir}), which "
             "holds no weights yet; name another run or checkpoint"
         )
     source = resolve_init_source(init_from, runs_root)
     if overwrite and source.resolve().is_relative_to(final_dir.resolve()):
-        raise DrnnError(
+        raise UsageError(
             f"--init-from {init_from} is a checkpoint of the run --overwrite replaces: the new run "
             f"would record weights that no longer exist; train it beside the old one with --run NEW_DIR"
         )

@@ -815,7 +815,7 @@ def test_an_output_on_an_input_or_on_the_other_output_is_refused_and_nothing_is_
         source = [] if "--file" in args else ["abc"]
         code, _, err = cli("inspect", *source, "--checkpoint", str(checkpoint), *args)
         assert (
-            code == 1
+            code == 2
             and err.strip() == f"drnn: error: {flag} {target} is {what}; give {flag} a file of its own"
         )
     assert checkpoint.read_bytes() == before and text.read_text() == "The Time Traveller smiled.\n"

@@ -1012,6 +1012,37 @@ def test_max_unknown_without_init_from_is_refused(workdir: Path, cli):
     assert not (workdir / "runs").exists()
 
 
+def test_a_command_line_that_cannot_be_right_exits_2_whatever_check_finds_it(
+    tiny_run: Path, tmp_path: Path, cli
+):
+    """Exit 2 says "fix the command line", 1 "it failed": a script retries the one, not the other. These
+    exited 1: a file given to --run, a folder to --checkpoint, --init-from the run --overwrite replaces,
+    --init-from beside --resume of a run that started from scratch, and a --resume whose config
+    changes what the run is (a config error, as any other)."""
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    config = str(run / "config.yaml")
+    for args, said in (
+        (["predict", "time", "--run", str(run / "best.safetensors")], "--run takes a run directory"),
+        (["predict", "time", "--checkpoint", str(run)], "--checkpoint takes a checkpoint file"),
+        (
+            ["train", "--config", config, "--run", str(run), "--overwrite", "--init-from", str(run)],
+            "--overwrite",
+        ),
+        (
+            ["train", "--config", config, "--run", str(run), "--resume", "--init-from", str(tiny_run)],
+            "from scratch",
+        ),
+        (
+            ["train", "--config", config, "--run", str(run), "--resume", "--set", "train.seed=99"],
+            "config changed",
+        ),
+    ):
+        code, out, err = cli(*args)
+        assert (code, out) == (2, ""), err
+        assert_one_line_error(code, err, said)
+
+
 @pytest.mark.parametrize("command", [["predict", "time"], ["eval"], ["inspect", "the time"]])
 def test_run_and_checkpoint_together_are_a_usage_error(tiny_run: Path, cli, command: list[str]):
     code, out, err = cli(*command, "--run", str(tiny_run), "--checkpoint", str(tiny_run / "best.safetensors"))

@@ -553,7 +553,8 @@ def train_command(
     )
     table.add_row("device", f"{result.device} × {result.world_size}")
     out.print(table)
-    out.print(f"perplexity {_perplexity(result.train_ppl, 1)}, {speed} on {result.device}")  # d2l's line
+    # d2l's line, whole whatever COLUMNS says: scripts grep it
+    out.print(f"perplexity {_perplexity(result.train_ppl, 1)}, {speed} on {result.device}", soft_wrap=True)
     for text in result.samples.values():
         _print_generated(out, text)
     if json_out:

@@ -665,4 +665,4 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)  # a path as it is named

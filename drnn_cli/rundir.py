@@ -180,6 +180,10 @@ def swap_in(staging: Path, run_dir: Path) -> None:
 
 
 def default_run_dir(config_path: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """``runs/<config stem>``; for a run's own ``config.yaml``, ``runs/<that run's name>`` (every run's
+    copy would otherwise train into one ``runs/config``)."""
+    if config_path.name == "config.yaml" and (config_path.parent / RUN_MARKER).is_file():
+        return runs_root / config_path.resolve().parent.name
     return runs_root / config_path.stem
 
 

@@ -141,6 +141,27 @@ def test_learning_rate_schedules():
 # The run directory
 
 
+def test_a_run_s_own_config_names_its_run_and_keeps_its_text_s_name_as_written(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """A run's config.yaml trained into runs/config (a second run's, refused there); d2l's closing line
+    wrapped at COLUMNS=40, where scripts grep it; and config.yaml wrote "été" as "\\xE9t\\xE9"."""
+    text = workdir / "été.txt"
+    text.write_text("the time machine by h g wells " * 60)
+    config = write_config(
+        workdir, {**TINY, "data": {**TINY["data"], "path": str(text), "preprocess": "none"}}
+    )
+    assert train(config, "train.epochs=1").run_dir == Path("runs/tiny")
+    own = workdir / "runs" / "tiny" / "config.yaml"
+    assert str(text) in own.read_text(encoding="utf-8")
+    code, out, err = cli("train", "--config", str(own), "--json")
+    assert (code, out) == (1, "") and "run directory runs/tiny already holds a run" in err
+    monkeypatch.setenv("COLUMNS", "40")
+    code, out, err = cli("train", "--config", str(own), "--run", "runs/again")
+    assert code == 0, err
+    assert any(line.startswith("perplexity ") and line.endswith(" on cpu") for line in out.splitlines())
+
+
 def test_run_directory_holds_config_vocab_checkpoints_metrics_plot_and_latest_marker(workdir: Path):
     tree = {**TINY, "data": {**TINY["data"], "val_fraction": 0.2}}
     config = write_config(workdir, tree)

@@ -220,6 +220,7 @@ class EvalReport:
     unknown: int = 0  # predicted tokens not in the vocabulary, scored as <unk>
     notes: tuple[str, ...] = ()  # what reading the run's corpus could not do (Dataset.notes)
     step_in_epoch: int = 0  # steps into the epoch after ``epoch`` (a checkpoint written inside an epoch)
+    checkpoint: str = ""  # the file read (a run's best, or its last without a validation split)
 
     def summary(self) -> dict:
         return {
@@ -232,6 +233,7 @@ class EvalReport:
             "tokens": self.result.tokens,
             "unknown": self.unknown,
             "source": self.source,
+            "checkpoint": self.checkpoint,
         }
 
 
@@ -301,7 +303,15 @@ def evaluate_split(
         ),
     )
     return EvalReport(
-        split_name, checkpoint.epoch, result, source, step, unknown, notes, checkpoint.step_in_epoch
+        split_name,
+        checkpoint.epoch,
+        result,
+        source,
+        step,
+        unknown,
+        notes,
+        checkpoint.step_in_epoch,
+        str(loaded.path),
     )
 
 

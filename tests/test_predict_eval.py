@@ -424,6 +424,7 @@ def test_eval_json_fields(tiny_run: Path, cli):
     assert {"split", "epoch", "perplexity", "bits_per_token", "tokens"} <= set(payload)
     best = load_checkpoint(tiny_run / "best.safetensors")  # what drnn eval --run reads
     assert (payload["split"], payload["epoch"], payload["tokens"]) == ("val", best.epoch, 600 - 1)
+    assert payload["checkpoint"] == str(tiny_run / "best.safetensors")  # which of the run's two answered
     assert payload["perplexity"] == pytest.approx(best.best_val_ppl, rel=1e-9)
     assert payload["bits_per_token"] == pytest.approx(math.log2(payload["perplexity"]))
 

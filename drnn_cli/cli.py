@@ -10,6 +10,7 @@ import contextlib
 import enum
 import math
 import os
+import secrets
 import sys
 import time
 import traceback
@@ -603,7 +604,7 @@ def predict_command(
         prefix_changed,
         read_prefixes,
     )
-    from drnn_cli.decode import DecodeOptions, InvalidDecodeOption
+    from drnn_cli.decode import MAX_DECODE_SEED, DecodeOptions, InvalidDecodeOption
 
     shaping = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
     given = [flag for flag, value in shaping.items() if value is not None]
@@ -612,9 +613,15 @@ def predict_command(
             f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} sampling; add --sample (without it predict "
             "takes the most likely token, as d2l's predict_ch8)"
         )
+    drawn = sample and seed is None  # a seed drawn here, and said: a sample worth keeping can be drawn again
     try:
         options = DecodeOptions(
-            num_chars, sample, 1.0 if temperature is None else temperature, top_k, top_p, seed
+            num_chars,
+            sample,
+            1.0 if temperature is None else temperature,
+            top_k,
+            top_p,
+            secrets.randbelow(MAX_DECODE_SEED + 1) if drawn else seed,
         )
     except InvalidDecodeOption as invalid:
         raise UsageError(_predict_option_message(invalid)) from None
@@ -627,6 +634,8 @@ def predict_command(
     for prefix, read in dict(zip(prefixes, reads, strict=True)).items():
         if prefix_changed(prefix, read):  # d2l's preprocessing drops what is not a letter, silently
             _print_note(notes, f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}")
+    if drawn:
+        _print_note(notes, f"--sample drew --seed {options.seed}: give it to draw the same sample again")
     stream = not json_out and sys.stdout.isatty()
     continuations = []
     for index, prefix in enumerate(prefixes):
@@ -649,7 +658,7 @@ def predict_command(
             shown = _consoles(json_out)[0]
             _print_generated(shown, text + ("\n" if apart and shown.is_terminal else ""))
     if json_out:
-        _emit_json(PredictReport(tuple(continuations), str(checkpoint_file)).summary())
+        _emit_json(PredictReport(tuple(continuations), str(checkpoint_file), options.seed).summary())
 
 
 # The predict flag of each DecodeOptions field, for messages that name what the user typed.

@@ -201,10 +201,14 @@ class Continuation:
 class PredictReport:
     continuations: tuple[Continuation, ...]
     checkpoint: str  # the file that answered
+    seed: int | None = None  # sampling's (the i-th prefix draws with seed + i); None: greedy
 
     def summary(self) -> dict:
-        """``--json``: the first prefix and its text; with several prefixes, all of them under ``results``."""
+        """``--json``: the first prefix and its text; with several prefixes, all of them under ``results``;
+        when sampling, the seed that draws the same text again."""
         payload: dict = {**self.continuations[0].summary(), "checkpoint": self.checkpoint}
+        if self.seed is not None:
+            payload["seed"] = self.seed
         if len(self.continuations) > 1:
             payload["results"] = [c.summary() for c in self.continuations]
         return payload

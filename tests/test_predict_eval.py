@@ -119,6 +119,20 @@ def test_decoding_on_a_cpu_runs_one_thread_and_gives_the_others_back(tiny_run: P
         torch.set_num_threads(1)  # the suite's setting (conftest)
 
 
+def test_a_sample_without_a_seed_says_the_seed_that_draws_it_again(tiny_run: Path, cli):
+    """Without --seed a good sample could not be had twice: the seed drawn is said, and in --json."""
+    code, out, err = cli("predict", "the", "--run", str(tiny_run), "-n", "30", "--sample", "--json")
+    assert code == 0, err
+    drawn = json.loads(out)
+    (note,) = [line for line in err.splitlines() if line.startswith("note: --sample drew")]
+    assert note == f"note: --sample drew --seed {drawn['seed']}: give it to draw the same sample again"
+    args = ("predict", "the", "--run", str(tiny_run), "-n", "30", "--sample", "--json")
+    code, out, err = cli(*args, "--seed", str(drawn["seed"]))
+    assert code == 0 and json.loads(out) == drawn and "--sample drew" not in err
+    code, out, _ = cli("predict", "the", "--run", str(tiny_run), "-n", "30", "--json")
+    assert "seed" not in json.loads(out)  # greedy: nothing drawn
+
+
 def test_prefix_is_preprocessed_like_the_corpus(tiny_run: Path):
     assert decode(tiny_run, "Time Traveller!", num_tokens=5).startswith("time traveller")
 

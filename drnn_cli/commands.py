@@ -315,7 +315,7 @@ def evaluate_split(
         unknown,
         notes,
         checkpoint.step_in_epoch,
-        str(loaded.path),
+        str(loaded.path.absolute()),  # as predict names it
     )
 
 

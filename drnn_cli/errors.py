@@ -1,14 +1,13 @@
-"""The one exception type the CLI turns into a single line on stderr."""
+"""The one exception type the CLI turns into a single line on stderr, and what a stopped training reports."""
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from drnn_cli.shown_text import terminal_safe
-
-if TYPE_CHECKING:
-    from drnn_cli.report import StoppedRun
 
 # Line breaks and the spaces around them: what a one-line message replaces by one space. Runs of
 # plain spaces stay, since they may be part of what the message quotes (a prefix, a path).
@@ -49,6 +48,34 @@ class UsageError(DrnnError):
     the option errors the command-line parser finds itself (``--split foo``)."""
 
     exit_code = 2
+
+
+@dataclass(frozen=True)
+class StoppedRun:
+    """Where a signal stopped a training, with its checkpoint written: ``drnn train --json``'s object
+    then (README "Commands"), its keys those of ``report.TrainResult`` that mean the same. Carried by
+    :class:`TrainingInterrupted`, which is raised where the trainer stops."""
+
+    run_dir: Path
+    signal: str  # "SIGINT", "SIGTERM", "SIGPIPE": the object's stop_reason
+    epochs: float  # done at the stop, fractional inside an epoch
+    start_epoch: float
+    steps: int
+    start_step: int
+    checkpoint: Path
+    validation_pending: bool  # a validation the signal cut short, which --resume runs first
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "stop_reason": self.signal,
+            "epochs": self.epochs,
+            "start_epoch": self.start_epoch,
+            "steps": self.steps,
+            "start_step": self.start_step,
+            "checkpoint": str(self.checkpoint),
+            "validation_pending": self.validation_pending,
+        }
 
 
 class TrainingInterrupted(DrnnError):

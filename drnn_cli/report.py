@@ -130,33 +130,6 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class StoppedRun:
-    """Where a signal stopped a training, with its checkpoint written: ``drnn train --json``'s object
-    then (README "Commands"), its keys those of :class:`TrainResult` that mean the same."""
-
-    run_dir: Path
-    signal: str  # "SIGINT", "SIGTERM", "SIGPIPE": the object's stop_reason
-    epochs: float  # done at the stop, fractional inside an epoch
-    start_epoch: float
-    steps: int
-    start_step: int
-    checkpoint: Path
-    validation_pending: bool  # a validation the signal cut short, which --resume runs first
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "run_dir": str(self.run_dir),
-            "stop_reason": self.signal,
-            "epochs": self.epochs,
-            "start_epoch": self.start_epoch,
-            "steps": self.steps,
-            "start_step": self.start_step,
-            "checkpoint": str(self.checkpoint),
-            "validation_pending": self.validation_pending,
-        }
-
-
-@dataclass(frozen=True)
 class StepStatus:
     """Where a run stands inside an epoch, for a progress bar (sent a few times a second)."""
 

@@ -27,7 +27,7 @@ from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
-from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted
+from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import EvaluationAbandoned, evaluate, perplexity
 from drnn_cli.model_probes import check_precision_works, compile_cells
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
@@ -48,7 +48,6 @@ from drnn_cli.report import (
     RunStart,
     SilentReporter,
     StepStatus,
-    StoppedRun,
     TrainResult,
     TrainWindow,
     append_metrics,

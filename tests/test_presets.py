@@ -391,7 +391,9 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
         "tokens",
         "unknown",
         "source",
+        "checkpoint",
     }
+    assert evaluated["checkpoint"] == predicted["checkpoint"]  # the same run's same file
     assert (evaluated["split"], evaluated["epoch"], evaluated["step"], evaluated["tokens"]) == (
         "train",
         2,

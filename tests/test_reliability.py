@@ -1069,7 +1069,7 @@ def test_a_stopped_training_is_said_once_under_torchrun(
     """Every process stops at the same step with the same line (and --json object): rank 0 says it,
     every rank exits 143."""
     from drnn_cli import train_session
-    from drnn_cli.report import StoppedRun
+    from drnn_cli.errors import StoppedRun
 
     def stopped(*args: object, **kwargs: object) -> None:
         raise TrainingInterrupted(

@@ -63,6 +63,7 @@ _UNICODE_BYTE_ORDER_MARKS = (  # UTF-32's marks first: UTF-32LE's starts with UT
 
 NOT_UTF8_HEAD = 8192  # bytes of a file's start that :func:`not_utf8` looks at for a mark or a NUL
 _SNIFF_BYTES = 1 << 16  # bytes either side of an undecodable one that tell which encoding it is
+CJK_HIGH_SHARE = 0.3  # bytes ≥ 0x80 among a text's: more, and it reads as Shift_JIS, GBK, Big5 or EUC-KR
 
 
 def not_utf8(
@@ -110,11 +111,12 @@ def not_utf8(
             f"text in another encoding pasted in); {keep_utf8}"
         )
     after = bytes(data[offset : offset + _SNIFF_BYTES])
-    runs = re.findall(rb"[\x80-\xff]+", after)
-    if sum(len(run) > 1 for run in runs) * 2 > len(runs):  # high bytes in pairs: a double-byte encoding's
+    # Most bytes high: a double-byte encoding's text (a CJK character is two; a European text in Latin-1
+    # has a few accented letters among ASCII ones, "ção" and all, a tenth of its bytes or so)
+    if len(re.findall(rb"[\x80-\xff]", window)) > CJK_HIGH_SHARE * len(window):
         return DrnnError(
-            f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); its bytes pair up as a CJK "
-            "encoding's do: convert it from its own, e.g. iconv -f SHIFT_JIS -t utf-8 (Japanese), -f GBK "
+            f"{what} {path} is not UTF-8 (undecodable byte at offset {offset}); most of its bytes are ≥ 0x80, "
+            "as a CJK encoding's are: convert it from its own, e.g. iconv -f SHIFT_JIS -t utf-8 (Japanese), -f GBK "
             "(Chinese), -f BIG5 (traditional Chinese) or -f EUC-KR (Korean)"
         )
     try:  # bytes 0x80-0x9F that Windows-1252 defines all: its quotes and dashes (Latin-1's are controls)

@@ -260,7 +260,14 @@ def resolve_checkpoint(
                 f"--checkpoint takes a checkpoint file, and {checkpoint} is a directory; a run directory goes to --run"
             )
         return checkpoint
-    return run_checkpoint(run if run is not None else latest_run(runs_root))
+    if run is None:
+        run = latest_run(runs_root)
+        if run.is_file():  # no --run was given: the marker is what names a file
+            raise DrnnError(
+                f"the latest-run marker {runs_root / LATEST_MARKER} names {run}, a file, not a run directory; "
+                "delete it and train, or pass --run DIR / --checkpoint FILE"
+            )
+    return run_checkpoint(run)
 
 
 class RunLock:

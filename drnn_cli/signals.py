@@ -17,6 +17,7 @@ import contextlib
 import os
 import select
 import signal
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
@@ -204,11 +205,14 @@ class _PipeGuard:
                 self._closed_by_reader()
 
     def reader_gone(self) -> bool:
-        """Whether this stream is a pipe (or socket) whose reader closed it: poll reports an error
-        on its writing end (False where it cannot tell)."""
+        """Whether this stream is a pipe whose reader closed it: poll reports an error on its writing
+        end (a hung-up terminal reports one too, and is no pipe; False where it cannot tell)."""
         try:
+            descriptor = self._stream.fileno()
+            if not stat.S_ISFIFO(os.fstat(descriptor).st_mode):
+                return False
             poller = select.poll()
-            poller.register(self._stream.fileno(), select.POLLOUT)
+            poller.register(descriptor, select.POLLOUT)
             return any(events & select.POLLERR for _, events in poller.poll(0))
         except (OSError, ValueError, AttributeError):  # no fileno, a closed stream, no poll (Windows)
             return False

@@ -930,6 +930,7 @@ class Trainer:
             len(predicted),
             "validation tokens" if validated else "training tokens",
             "this run's perplexities are",
+            written_unk=self.config.data.token == "word",  # a split's own <unk> words count with the lacking
         )
 
     def _already_done(self) -> StopReason | None:

@@ -376,7 +376,11 @@ def test_a_utf8_text_with_a_stray_byte_is_said_to_be_utf8(tmp_path: Path):
     ("payload", "advice"),
     [
         # Shift-JIS: lead bytes 0x81-0x9F looked like Windows-1252's, whose iconv made mojibake
-        ("猫は猫である。".encode("shift_jis") * 20, "its bytes pair up as a CJK encoding's do"),
+        ("猫は猫である。".encode("shift_jis") * 20, "most of its bytes are ≥ 0x80, as a CJK encoding's are"),
+        # Big5 and Shift_JIS second bytes are often ASCII: high bytes come apart, yet most bytes are high
+        ("我們的時間機器，旅行者說。".encode("big5") * 20, "iconv -f SHIFT_JIS -t utf-8 (Japanese), -f GBK"),
+        # Portuguese in Latin-1, dense in "ção": accented letters in pairs, yet a European text
+        ("informação e tradições, canções e ações; ".encode("latin-1") * 20, "convert it, e.g. iconv -f latin1"),
         ("我们的时间机器。".encode("gbk") * 20, "iconv -f SHIFT_JIS -t utf-8 (Japanese), -f GBK"),
         # bytes Windows-1252 leaves undefined (0x81): its iconv refuses the file; Latin-1's converts it
         (b"caf\xe9 \x81 cr\xe8me " * 20, "convert it, e.g. iconv -f latin1 -t utf-8"),
@@ -388,7 +392,10 @@ def test_a_utf8_text_with_a_stray_byte_is_said_to_be_utf8(tmp_path: Path):
         # a UTF-8 text writing U+FFFD itself, with a stray Latin-1 byte: it is UTF-8
         ("r\u00e9sum\u00e9 \ufffd\ufffd\ufffd ".encode() * 20 + b"\xe9 " + b"fin", "is UTF-8 but for an"),
     ],
-    ids=["shift-jis", "gbk", "latin1-0x81", "utf8-cut-after-ascii", "latin1-last-byte", "utf8-with-fffd"],
+    ids=[
+        "shift-jis", "big5", "portuguese-latin1", "gbk", "latin1-0x81", "utf8-cut-after-ascii", "latin1-last-byte",
+        "utf8-with-fffd",
+    ],
 )  # fmt: skip
 def test_the_advice_for_a_text_that_is_not_utf8_names_what_it_is(tmp_path: Path, payload: bytes, advice: str):
     path = tmp_path / "text.txt"

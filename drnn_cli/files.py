@@ -95,10 +95,9 @@ def not_utf8(
     around = window.decode("utf-8", "replace")
     undecodable = around.count("\ufffd") - window.count("\ufffd".encode())  # a text's own "�" decodes
     keep_utf8 = f"drop them, e.g. iconv -c -f utf-8 -t utf-8 {shlex.quote(str(path))} > fixed.txt"
-    tail = bytes(data[offset:])
     # A character cut short at the end: its lead byte and continuation bytes (one lone lead byte is as
     # likely a Latin-1 text's last "é").
-    cut = error.reason == "unexpected end of data" and len(tail) > 1
+    cut = error.reason == "unexpected end of data" and len(data) - offset > 1
     # Mostly valid multi-byte characters around the bad bytes: UTF-8.
     if cut or sum(not character.isascii() for character in around) - undecodable > undecodable:
         if error.reason == "unexpected end of data":

@@ -795,8 +795,10 @@ class Trainer:
     def _epochs_done(self, epoch: int, step: int) -> float:
         """Epochs done after ``step`` steps of ``epoch``: whole at an epoch's start or end (as in
         metrics.jsonl), else fractional."""
+        if not step:
+            return epoch
         steps = len(self._batches(epoch))
-        return epoch + step // steps if step in (0, steps) else round(epoch + step / steps, 6)
+        return epoch + 1 if step == steps else round(epoch + step / steps, 6)
 
     def _interrupt_epoch_end(self, epoch: int) -> None:
         """A signal cut the validation at ``epoch``'s end short: the epoch is checkpointed as at its last

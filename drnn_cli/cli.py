@@ -726,9 +726,9 @@ def eval_command(
         raise UsageError(
             f"--data evaluates all of another text, and {given} picks a split of the run's corpus; give one of them"
         )
-    out, _ = _consoles(json_out)
+    out, notes = _consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
-    with _evaluation_progress(_consoles(json_out)[1]) as hook:  # on stderr: stdout keeps the result alone
+    with _evaluation_progress(notes) as hook:  # on stderr: stdout keeps the result alone
         report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus, hook)
     # a word text may write <unk> itself (Penn Treebank does): those are no lack of the vocabulary's
     lacking = "" if loaded.checkpoint.config.data.token == "word" else "not in the vocabulary, "
@@ -739,8 +739,8 @@ def eval_command(
         f"over {_plural(report.result.tokens, 'token')} (checkpoint {loaded.path}, "
         f"{training_position(report.epoch, report.step_in_epoch, report.step)})",
     )
-    for note in report.notes:
-        _print_note(out, note)
+    for note in report.notes:  # on stderr, as predict's: a script reading the result gets that line alone
+        _print_note(notes, note)
     if json_out:
         _emit_json(report.summary())
 

@@ -474,13 +474,14 @@ def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Pa
     trained on windows of 10: a learner compared 6.9 with inspect's 1.08 on the same excerpt."""
     text = tmp_path / "other.txt"
     text.write_text("The Time Traveller smiled.\nAre you sure we can move freely in Space?\n")
-    code, out, _ = cli("eval", "--run", str(tiny_run), "--data", str(text))
+    code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text))
     assert code == 0
     assert "note: the text is read as 8 rows of about 8 tokens, each from a zero state (the model trained on " \
-        "windows of 10): short rows raise the perplexity; --rows 1 reads it as one stream" in out  # fmt: skip
+        "windows of 10): short rows raise the perplexity; --rows 1 reads it as one stream" in err  # fmt: skip
+    assert len(out.splitlines()) == 1 and "note" not in out  # stdout keeps the result alone, as predict's
     for rows in ("1", "8"):  # a number of rows asked for is what the user meant; 64 predictions are few
-        code, out, _ = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", rows)
-        assert code == 0 and [line for line in out.splitlines() if line.startswith("note:")] == [
+        code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", rows)
+        assert code == 0 and [line for line in err.splitlines() if line.startswith("note:")] == [
             "note: a perplexity over 64 predictions is noise (evaluate a longer text with --data)"
         ]
     code, out, _ = cli("eval", "--run", str(tiny_run), "--split", "val")  # 599 tokens: rows of 74
@@ -688,7 +689,7 @@ def test_eval_of_a_text_mostly_unknown_to_the_model_says_its_perplexity_is_not_c
     mostly.write_text("abc xyz " * 20)  # 160 characters, x y z unknown: 60 of 159 predictions
     code, out, err = cli("eval", "--run", "runs/abc", "--data", str(mostly))
     assert code == 0, err
-    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+    assert [line for line in err.splitlines() if line.startswith("note:")] == [
         "note: 37.7% of the predicted tokens are not in the vocabulary and are scored as <unk>, one class for "
         "all of them: this perplexity is not comparable with perplexities over a text the model can spell "
         "(far lower where it learned to predict <unk>, far higher where it never saw one)"
@@ -696,12 +697,12 @@ def test_eval_of_a_text_mostly_unknown_to_the_model_says_its_perplexity_is_not_c
     little = workdir / "little.txt"
     little.write_text("abc cab bca " * 20 + "x")  # 1 of 240 predictions
     code, out, err = cli("eval", "--run", "runs/abc", "--data", str(little))
-    assert code == 0 and "note:" not in out and "(1 token not in the vocabulary" in out, err
+    assert code == 0 and "note:" not in out + err and "(1 token not in the vocabulary" in out, err
     few = workdir / "few.txt"
     few.write_text("abc cab bca " * 8)  # 95 predictions, read as one stream
     code, out, err = cli("eval", "--run", "runs/abc", "--data", str(few), "--rows", "1")
     assert code == 0, err
-    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+    assert [line for line in err.splitlines() if line.startswith("note:")] == [
         "note: a perplexity over 95 predictions is noise (evaluate a longer text with --data)"
     ]
 

@@ -284,8 +284,9 @@ def test_drnn_eval_of_a_split_says_when_the_token_cache_cannot_be_written(workdi
     assert code == 0, err
     assert json.loads(out)["split"] == "train"  # stdout stays one JSON object: the note is on stderr
     assert [line for line in err.splitlines() if line.startswith("note: ")] == [note]
-    code, out, _err = cli("eval", "--run", str(workdir / "run"), "--split", "train")
-    assert code == 0 and [line for line in out.splitlines() if line.startswith("note: ")] == [note]
+    code, out, err = cli("eval", "--run", str(workdir / "run"), "--split", "train")
+    assert code == 0 and [line for line in err.splitlines() if line.startswith("note: ")] == [note]
+    assert f"{big_text} [train]: perplexity " in out and len(out.splitlines()) == 1  # the result alone
     excerpt = workdir / "excerpt.txt"
     excerpt.write_text("the time traveller was expounding a recondite matter to us\n")
     code, out, err = cli("eval", "--run", str(workdir / "run"), "--data", str(excerpt), "--rows", "1")

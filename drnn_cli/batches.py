@@ -153,7 +153,7 @@ def sequential_batches(
     Xs and Ys are views of the corpus, never copies. The offset is capped so that a split barely
     longer than one minibatch still yields one.
     """
-    largest_offset = min(num_steps, len(tokens) - 1 - batch_size * num_steps)
+    largest_offset = _largest_offset("sequential", len(tokens), batch_size, num_steps)
     offset = int(torch.randint(0, largest_offset + 1, (1,), generator=generator))
     n = ((len(tokens) - offset - 1) // batch_size) * batch_size
     row_len = n // batch_size
@@ -163,7 +163,7 @@ def sequential_batches(
     rows = tokens[offset : offset + n + 1].as_strided((batch_size, row_len + 1), (row_len * stride, stride))
     return EpochBatches(
         tokens=rows[shard.rows(batch_size)],
-        num_batches=row_len // num_steps,
+        num_batches=_num_batches("sequential", len(tokens), offset, batch_size, num_steps),
         num_steps=num_steps,
         carries_state=True,
     )
@@ -176,11 +176,11 @@ def random_batches(
     subsequences starting at multiples of T, shuffle, and take B at a time. Subsequences never
     overlap, and the state is re-initialised for every minibatch.
     """
-    largest_offset = min(num_steps - 1, len(tokens) - 1 - batch_size * num_steps)
+    largest_offset = _largest_offset("random", len(tokens), batch_size, num_steps)
     offset = int(torch.randint(0, largest_offset + 1, (1,), generator=generator))
     num_subseqs = (len(tokens) - offset - 1) // num_steps
     order = torch.randperm(num_subseqs, generator=generator) * num_steps
-    num_batches = num_subseqs // batch_size
+    num_batches = _num_batches("random", len(tokens), offset, batch_size, num_steps)
     starts = order[: num_batches * batch_size].reshape(num_batches, batch_size)[:, shard.rows(batch_size)]
     return EpochBatches(
         tokens=tokens[offset:],
@@ -189,6 +189,30 @@ def random_batches(
         carries_state=False,
         starts=starts.to(tokens.device),
     )
+
+
+def _largest_offset(sampling: str, num_tokens: int, batch_size: int, num_steps: int) -> int:
+    """The largest of an epoch's random offsets (d2l draws from [0, T] sequentially, [0, T-1] at random),
+    capped so that a split barely longer than one minibatch still yields one."""
+    largest = num_steps if sampling == "sequential" else num_steps - 1
+    return min(largest, num_tokens - 1 - batch_size * num_steps)
+
+
+def _num_batches(sampling: str, num_tokens: int, offset: int, batch_size: int, num_steps: int) -> int:
+    """Minibatches of an epoch whose offset drops ``offset`` tokens: sequentially, whole ``T`` columns of
+    ``B`` equal rows; at random, whole groups of ``B`` subsequences of ``T``."""
+    if sampling == "sequential":
+        return (num_tokens - offset - 1) // batch_size // num_steps
+    return (num_tokens - offset - 1) // num_steps // batch_size
+
+
+def mean_steps_per_epoch(num_tokens: int, data: DataConfig) -> float:
+    """The minibatches an epoch has on average over its equally likely offsets: a tiny text's epochs
+    of 1 or 2 steps make epoch 0's count a poor guide to how many epochs a step budget spans."""
+    sampling, batch_size, num_steps = data.sampling, data.batch_size, data.num_steps
+    offsets = range(_largest_offset(sampling, num_tokens, batch_size, num_steps) + 1)
+    counts = [_num_batches(sampling, num_tokens, offset, batch_size, num_steps) for offset in offsets]
+    return sum(counts) / len(counts)
 
 
 def training_batches(

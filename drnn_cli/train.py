@@ -21,7 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from drnn_cli import fused_recurrence
 from drnn_cli.averaging import WeightAverage
-from drnn_cli.batches import MIN_EVAL_TOKENS, EpochBatches, Shard, check_trainable, epoch_batches, epoch_seed
+from drnn_cli.batches import (
+    MIN_EVAL_TOKENS,
+    EpochBatches,
+    Shard,
+    check_trainable,
+    epoch_batches,
+    epoch_seed,
+    mean_steps_per_epoch,
+)
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config, load_config
@@ -475,6 +483,11 @@ class Trainer:
             self._steps_per_epoch = len(self._batches(0))
         return self._steps_per_epoch
 
+    def _mean_steps_per_epoch(self) -> float:
+        """What a step budget's epochs are estimated with, in what the run says it spans (epoch 0's count is
+        1 where a tiny text's epochs have 1 or 2 steps)."""
+        return mean_steps_per_epoch(len(self.train_tokens), self.config.data)
+
     def _set_lr(self, epoch: int, steps_done: int | None = None) -> None:
         """Per epoch, as d2l; under ``max_steps`` at the fractional epoch of the next step (the one after
         ``steps_done`` optimizer steps; by default the run's so far)."""
@@ -891,7 +904,7 @@ class Trainer:
         train = self.config.train
         if not train.max_steps:
             return train.epochs
-        return min(train.epochs, math.ceil(train.max_steps / self.steps_per_epoch))
+        return min(train.epochs, math.ceil(train.max_steps / self._mean_steps_per_epoch()))
 
     def _planned_steps(self) -> int:
         """The optimizer steps the run will reach, as ``_planned_epochs`` (``max_time`` unforeseen)."""
@@ -979,7 +992,7 @@ class Trainer:
                     self._origin(),
                     train.log_every,
                     step_budget,
-                    self.steps_per_epoch if step_budget else 0,
+                    self._mean_steps_per_epoch() if step_budget else 0,
                     next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
                 )
             )

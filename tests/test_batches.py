@@ -18,13 +18,16 @@ from drnn_cli.batches import (
     EvalBatch,
     Shard,
     check_trainable,
+    epoch_batches,
     epoch_generator,
     eval_batches,
+    mean_steps_per_epoch,
     random_batches,
     sequential_batches,
     split_tokens,
     training_batches,
 )
+from drnn_cli.config import DataConfig
 from drnn_cli.errors import DrnnError
 
 B, T = 2, 5
@@ -238,6 +241,18 @@ def test_training_batches_dispatches_on_sampling() -> None:
     rnd = training_batches(CORPUS, "random", B, T, torch.Generator().manual_seed(3))
     assert as_lists(seq) == as_lists(sequential_batches(CORPUS, B, T, torch.Generator().manual_seed(3)))
     assert as_lists(rnd) == as_lists(random_batches(CORPUS, B, T, torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize(("sampling", "mean"), [("sequential", 27 / 11), ("random", 25 / 10)])
+def test_mean_steps_per_epoch_averages_the_count_over_every_offset(sampling: str, mean: float) -> None:
+    """35 tokens, one row of 10: the 34 targets after offset o make (34 - o) // 10 steps, 3 for o < 5 and
+    2 from 5 to the largest offset (10 sequentially, 9 at random), each offset as likely."""
+    data = DataConfig(batch_size=1, num_steps=10, sampling=sampling)
+    tokens = torch.arange(35)
+    assert mean_steps_per_epoch(35, data) == pytest.approx(mean)
+    counts = collections.Counter(len(epoch_batches(tokens, data, 0, epoch)) for epoch in range(400))
+    assert set(counts) == {2, 3}  # what the built epochs have, each count in about its share
+    assert counts[3] / 400 == pytest.approx(5 / (11 if sampling == "sequential" else 10), abs=0.08)
 
 
 @pytest.mark.parametrize("sampling", ["sequential", "random"])

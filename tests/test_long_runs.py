@@ -356,6 +356,19 @@ def test_the_first_line_counts_one_step_and_a_sliver_of_an_epoch_in_words():
     )
 
 
+def test_a_step_budget_on_a_tiny_text_counts_its_epochs_by_their_mean_length(workdir: Path):
+    """35 tokens in one row of 10: an epoch has 3 steps at offsets 0-4 and 2 at 5-10, 27/11 on average.
+    Epoch 0's count (3 here, 2 or 1 elsewhere) made "20 steps (20 epochs)" of a run that took 15."""
+    starts: list[RunStart] = []
+    reporter = SilentReporter()
+    reporter.start = starts.append  # type: ignore[method-assign]
+    tree = {**TINY, "data": {"max_tokens": 35, "batch_size": 1, "num_steps": 10, "val_fraction": 0}}
+    overrides = ("train.epochs=100", "train.max_steps=20")
+    result = train_run(TrainRequest(write_config(workdir, tree), overrides), reporter=reporter)
+    assert starts[0].span() == "20 steps (8.15 epochs)"  # 20 / (27/11)
+    assert starts[0].total_epochs == 9 and 7 < result.epochs <= 9  # ceil(8.15) for the progress bar
+
+
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
     train(write_config(workdir), "train.max_steps=30", "train.schedule=cosine", "train.min_lr=0.001")
     last = metrics(workdir / "runs" / "tiny")[-1]

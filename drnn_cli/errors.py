@@ -67,13 +67,13 @@ class StoppedRun:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.run_dir.absolute()),
             "stop_reason": self.signal,
             "epochs": self.epochs,
             "start_epoch": self.start_epoch,
             "steps": self.steps,
             "start_step": self.start_step,
-            "checkpoint": str(self.checkpoint),
+            "checkpoint": str(self.checkpoint.absolute()),
             "validation_pending": self.validation_pending,
         }
 

@@ -110,7 +110,7 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         """The ``drnn train --json`` object (README "Commands": `drnn train`)."""
         return {
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.run_dir.absolute()),  # absolute, as every path --json prints
             "epochs": self.epochs,
             "start_epoch": self.start_epoch,
             "train_ppl": self.train_ppl,

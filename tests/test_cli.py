@@ -62,7 +62,11 @@ def test_seed_config_trains_one_epoch_then_predict_and_eval_use_the_latest_run(w
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     summary = last_json(trained.stdout)
-    assert summary["run_dir"] == "runs/lstm2" and summary["epochs"] == 1 and summary["world_size"] == 1
+    assert (
+        summary["run_dir"] == str(workdir / "runs" / "lstm2")
+        and summary["epochs"] == 1
+        and summary["world_size"] == 1
+    )
     assert 10 < summary["train_ppl"] < 28  # one epoch of SGD: somewhere below uniform guessing (28)
     assert set(summary["samples"]) == {"time traveller", "traveller"}
     assert "826,396 parameters" in trained.stderr and "perplexity" in trained.stderr

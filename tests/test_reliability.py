@@ -962,13 +962,13 @@ def test_signal_writes_a_resumable_checkpoint_and_exits_with_the_signal_code(
         where = json.loads(out)
         progress = stopped.trainer().epoch_progress
         assert where == {
-            "run_dir": "runs/tiny",
+            "run_dir": str(workdir / "runs" / "tiny"),
             "stop_reason": name,
             "epochs": where["epochs"],
             "start_epoch": 0,
             "steps": stopped.trainer_state["global_step"],
             "start_step": 0,
-            "checkpoint": "runs/tiny/last.safetensors",
+            "checkpoint": str(workdir / "runs" / "tiny" / "last.safetensors"),
             "validation_pending": progress is not None and progress.boundary_pending,
         }
         assert math.floor(where["epochs"]) == stopped.epoch

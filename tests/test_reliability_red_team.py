@@ -406,7 +406,7 @@ def test_a_successful_overwrite_replaces_the_run_and_leaves_nothing_beside_it(wo
     assert cli("train", "--config", str(config))[0] == 0
     code, out, err = cli("train", "--config", str(config), "--overwrite", "--set", "train.epochs=1", "--json")
     assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str(Path("runs") / "tiny")
+    assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str(workdir / "runs" / "tiny")
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["latest", "tiny"]
 

@@ -135,10 +135,12 @@ def test_training_runs_both_timesteps_of_the_training_cell_forward_and_backward(
 )
 def test_inductor_compiles_the_lstm_cell_to_the_same_outputs_and_gradients() -> None:
     torch.manual_seed(1)
-    plain = ScratchRecurrent("lstm", 6, 16, 2)
+    # input as wide as the state: both layers' cells share one compiled graph (a 6-wide input compiled
+    # two, the test's main cost)
+    plain = ScratchRecurrent("lstm", 16, 16, 2)
     compiled = copy.deepcopy(plain)
     compiled.compile_cells()  # inductor
-    inputs = torch.randn(7, 4, 6)
+    inputs = torch.randn(7, 4, 16)
     state = (torch.randn(2, 4, 16), torch.randn(2, 4, 16))
     results = []
     for stack in (plain, compiled):

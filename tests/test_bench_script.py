@@ -124,7 +124,7 @@ def test_busy_time_counts_overlapping_kernels_once(bench):
 
 
 def test_profile_says_where_a_step_goes_for_each_side(bench, corpus_path, capsys):
-    tiny = ["data.max_tokens=800", "data.batch_size=4", "data.num_steps=8", "model.hidden_size=16"]
+    tiny = ["data.max_tokens=300", "data.batch_size=4", "data.num_steps=8", "model.hidden_size=16"]
     argv = ["--device", "cpu", "--profile", "--configs", "lstm-seed,scratch-lstm-seed", "--threads", "1"]
     argv += ["--warmup-epochs", "1", "--epochs-per-round", "1", "--corpus", str(corpus_path), "--json"]
     assert bench.main(argv + [arg for override in tiny for arg in ("--set", override)]) == 0
@@ -133,7 +133,7 @@ def test_profile_says_where_a_step_goes_for_each_side(bench, corpus_path, capsys
     plain, scratch = (report["configs"][name]["sides"] for name in ("lstm-seed", "scratch-lstm-seed"))
     assert set(plain) == {"drnn-eager", "reference"}
     for figures in (*plain.values(), *scratch.values()):
-        assert figures["steps"] == 24  # (800 − 1) // (4 × 8) minibatches in one epoch
+        assert figures["steps"] == 9  # (300 − 1) // (4 × 8) minibatches in one epoch
         assert figures["wall_us_per_step"] > 0 and figures["tokens_per_s"] > 0
         assert figures["device_busy_us_per_step"] is None and figures["device_events_per_step"] == 0  # a CPU
         assert figures["top"] and all(entry["per_step"] > 0 for entry in figures["top"])

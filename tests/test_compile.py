@@ -179,7 +179,11 @@ def test_drnn_train_with_compile_on_trains_as_compile_off(
         assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-5)
 
 
-def test_compile_on_with_torch_cells_is_a_one_line_error(workdir: Path, cli, corpus_path: Path) -> None:
+def test_compile_on_with_torch_cells_is_a_one_line_error(
+    workdir: Path, cli, corpus_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compile_cells = ScratchRecurrent.compile_cells  # the fixed settings train through aot_eager, not inductor
+    monkeypatch.setattr(ScratchRecurrent, "compile_cells", lambda self: compile_cells(self, "aot_eager"))
     tree = {**TINY_TREE, "data": {**TINY_TREE["data"], "path": str(corpus_path)}}
     code, out, err = cli("train", "--config", str(config_file(workdir, tree)), "--set", "train.compile=on")
     assert out == ""

@@ -55,13 +55,14 @@ def test_no_arguments_prints_help(cli):
     assert code == 0 and "Usage: drnn" in out
 
 
-def test_seed_config_trains_one_epoch_then_predict_and_eval_use_the_latest_run(workdir: Path):
-    trained = drnn(
-        workdir, "train", "--config", str(REPO / "configs" / "lstm2.yaml"), "--set", "train.epochs=1", "--device",
-        "cpu", "--json",
+def test_seed_config_trains_one_epoch_then_predict_and_eval_use_the_latest_run(workdir: Path, cli):
+    """In one process (the real program's entry point is tested above and by the installed wheel)."""
+    code, out, err = cli(
+        "train", "--config", str(REPO / "configs" / "lstm2.yaml"), "--set", "train.epochs=1", "--device", "cpu",
+        "--json",
     )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
-    summary = last_json(trained.stdout)
+    assert code == 0, err
+    summary = last_json(out)
     assert (
         summary["run_dir"] == str(workdir / "runs" / "lstm2")
         and summary["epochs"] == 1
@@ -69,32 +70,33 @@ def test_seed_config_trains_one_epoch_then_predict_and_eval_use_the_latest_run(w
     )
     assert 10 < summary["train_ppl"] < 28  # one epoch of SGD: somewhere below uniform guessing (28)
     assert set(summary["samples"]) == {"time traveller", "traveller"}
-    assert "826,396 parameters" in trained.stderr and "perplexity" in trained.stderr
+    assert "826,396 parameters" in err and "perplexity" in err
 
-    predicted = drnn(workdir, "predict", "time traveller", "-n", "12", "--json")
-    assert predicted.returncode == 0, predicted.stderr
-    assert last_json(predicted.stdout)["text"].startswith("time traveller")
-    assert len(last_json(predicted.stdout)["text"]) == len("time traveller") + 12
+    code, out, err = cli("predict", "time traveller", "-n", "12", "--json")
+    assert code == 0, err
+    assert last_json(out)["text"].startswith("time traveller")
+    assert len(last_json(out)["text"]) == len("time traveller") + 12
 
-    evaluated = drnn(workdir, "eval", "--json")
-    assert evaluated.returncode == 0, evaluated.stderr
-    report = last_json(evaluated.stdout)
+    code, out, err = cli("eval", "--json")
+    assert code == 0, err
+    report = last_json(out)
     assert report["split"] == "train" and report["epoch"] == 1 and report["tokens"] == 9999
+    assert report["checkpoint"] == str(workdir / "runs" / "lstm2" / "last.safetensors")
 
 
-def test_plain_output_without_a_terminal_is_lines_not_a_progress_bar(workdir: Path, tmp_path: Path):
+def test_plain_output_without_a_terminal_is_lines_not_a_progress_bar(workdir: Path, tmp_path: Path, cli):
     config = tmp_path / "c.yaml"
     config.write_text(
         "data: {max_tokens: 1500, batch_size: 4, num_steps: 10}\n"
         "model: {hidden_size: 16, num_layers: 1}\n"
         "train: {epochs: 4, optimizer: adam, lr: 0.01, sample_every: 2, sample_chars: 5, log_every: 2}\n"
     )
-    trained = drnn(workdir, "train", "--config", str(config), "--device", "cpu")
-    assert trained.returncode == 0, trained.stderr
-    lines = trained.stdout.splitlines()
+    code, out, err = cli("train", "--config", str(config), "--device", "cpu")  # stdout captured: no terminal
+    assert code == 0, err
+    lines = out.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["2/4", "4/4"]
-    assert "  [2] time traveller" in trained.stdout
-    assert "\x1b[" not in trained.stdout  # no escape codes when piped
+    assert "  [2] time traveller" in out
+    assert "\x1b[" not in out  # no escape codes when piped
 
 
 def test_json_never_holds_nan_or_infinity():

@@ -136,6 +136,19 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
         assert needle in lines[0], (needle, lines[0])
 
 
+def assert_run_locked_by_this_process(run_dir: Path) -> None:
+    """Inside ``with RunLock(run_dir)``: the lock file names this process, and another taker is refused
+    (``acquire`` either holds the lock or raises, so ``lock.held`` there proves nothing)."""
+    import socket
+
+    from drnn_cli.errors import DrnnError
+    from drnn_cli.rundir import RunLock
+
+    assert (run_dir / "train.lock").read_text().split() == [socket.gethostname(), str(os.getpid())]
+    with pytest.raises(DrnnError, match="is in use by another training"):
+        RunLock(run_dir).acquire()
+
+
 def config_file(directory: Path, tree: dict | str, name: str = "tiny.yaml") -> Path:
     """``tree`` (a mapping, or raw YAML text) written as a config file in ``directory``."""
     import yaml

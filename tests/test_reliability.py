@@ -22,7 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, config_file, pythonpath_with_repo
+from conftest import (
+    assert_one_line_error,
+    assert_run_locked_by_this_process,
+    config_file,
+    pythonpath_with_repo,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -793,11 +798,10 @@ def test_lock_left_by_a_crashed_run_is_taken_over(tmp_path: Path):
     )
     dead_pid = int(finished.stdout)
     (tmp_path / "train.lock").write_text(f"{socket.gethostname()} {dead_pid}\n")
-    with RunLock(tmp_path) as lock:
-        assert lock.held
-        assert (tmp_path / "train.lock").read_text().split()[1] == str(os.getpid())
-    with RunLock(tmp_path) as again:  # released: free for the next training
-        assert again.held
+    with RunLock(tmp_path):
+        assert_run_locked_by_this_process(tmp_path)
+    with RunLock(tmp_path):  # released: free for the next training
+        assert_run_locked_by_this_process(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -973,8 +977,8 @@ def test_signal_writes_a_resumable_checkpoint_and_exits_with_the_signal_code(
         }
         assert math.floor(where["epochs"]) == stopped.epoch
         assert (where["epochs"] > stopped.epoch) == (stopped.step_in_epoch > 0)
-    with RunLock(workdir / "runs" / "tiny") as lock:  # the stopped process no longer holds it
-        assert lock.held
+    with RunLock(workdir / "runs" / "tiny"):  # the stopped process no longer holds it
+        assert_run_locked_by_this_process(workdir / "runs" / "tiny")
     finish = stopped.epoch + 1
     resumed = subprocess.run(
         [sys.executable, "-m", "drnn_cli", "train", "--config", "tiny.yaml", "--resume", "--json",

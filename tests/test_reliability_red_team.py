@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, config_file
+from conftest import assert_one_line_error, assert_run_locked_by_this_process, config_file
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -169,7 +169,9 @@ def test_a_new_run_that_ends_without_a_checkpoint_does_not_become_the_latest_run
     assert (json.loads(out)["split"], json.loads(out)["epoch"]) == ("train", 1)
     shutil.rmtree(workdir / "runs")
     poison_after_epoch(monkeypatch, 1)
-    cli("train", "--config", str(config_file(workdir, tiny())), "--run", "runs/bad")
+    code, _, err = cli("train", "--config", str(config_file(workdir, tiny())), "--run", "runs/bad")
+    assert_one_line_error(code, err, "NaN or infinite", "no checkpoint was written")
+    assert (workdir / "runs" / "bad" / "config.yaml").exists()  # the run began: only its marker is missing
     assert not (workdir / "runs" / "latest").exists()  # no run before it: none recorded
 
 
@@ -380,8 +382,8 @@ def test_two_processes_never_both_hold_the_lock(tmp_path: Path):
 
 def test_a_lock_file_left_with_no_process_behind_it_is_free(tmp_path: Path):
     (tmp_path / "train.lock").write_text("")  # an empty file: the race's "stale" case
-    with RunLock(tmp_path) as lock:
-        assert lock.held
+    with RunLock(tmp_path):
+        assert_run_locked_by_this_process(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1449,7 +1449,11 @@ def test_a_stream_closed_before_drnn_starts_is_output_discarded_not_a_failure(
     )  # fmt: skip
     assert done.returncode == 0, (done.stdout, done.stderr)
     if closed == 2:  # --json: the result line on stdout, the log discarded
-        assert json.loads(done.stdout.strip().splitlines()[-1])
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if name == "train":
+            assert (result["run_dir"], result["epochs"]) == (str(workdir / "runs" / "tiny"), 2)
+        else:
+            assert (result["split"], result["checkpoint"]) == ("val", str(tiny_run / "best.safetensors"))
     else:
         assert done.stdout == "" and "error" not in done.stderr
     if name == "train":

@@ -154,6 +154,13 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
             )
         return Launch(process, run_dir, stdout, stderr)
 
+    # The finished run the --overwrite job replaces, trained here first (in process: a child of its own
+    # waited behind the jobs' twenty-odd interpreters starting at once).
+    overwrite = write_config(root, "random")
+    finished = root / "runs" / "overwrite"
+    train_run(
+        TrainRequest(config_path=overwrite, overrides=("train.epochs=1",), run_dir=finished, device="cpu")
+    )
     jobs = {sampling: start(sampling, write_config(root, sampling)) for sampling in SAMPLINGS}
     jobs["indivisible"] = start("indivisible", write_config(root, "sequential"), "--set", "data.batch_size=7")
     # Dropout draws from each rank's own random stream: an uninterrupted run, and one stopped inside
@@ -178,13 +185,6 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
             processes=processes,
         )
     # --overwrite of a finished run under torchrun, killed before its first checkpoint.
-    overwrite = write_config(root, "random")
-    finished = root / "runs" / "overwrite"
-    subprocess.run(
-        [sys.executable, "-m", "drnn_cli", "train", "--config", str(overwrite), "--device", "cpu", "--run",
-         str(finished), "--set", "train.epochs=1"],
-        cwd=root, env=env, check=True, capture_output=True,
-    )  # fmt: skip
     jobs["overwrite"] = start(  # killed by the test once it trains: its first checkpoint never comes
         "overwrite", overwrite, "--overwrite", "--set", "model.cell=gru", "--set", "train.epochs=10000",
         "--set", "train.checkpoint_every=10000", "--set", "train.log_every=1",

@@ -65,10 +65,16 @@ class Shard:
 
 
 def check_trainable(
-    n_tokens: int, batch_size: int, num_steps: int, world_size: int = 1, capped: bool = False
+    n_tokens: int,
+    batch_size: int,
+    num_steps: int,
+    world_size: int = 1,
+    capped: bool = False,
+    resuming: bool = False,
 ) -> None:
     """Refuse a split too short for a single minibatch, naming the sizes and what to change
-    (``capped``: ``data.max_tokens`` kept less than the whole text, so raising it is one way)."""
+    (``capped``: ``data.max_tokens`` kept less than the whole text, so raising it is one way; a
+    ``resuming`` run keeps its batch size, so only the number of processes can change)."""
     needed = batch_size * num_steps + 1
     if n_tokens < needed:
         raise DrnnError(
@@ -78,6 +84,13 @@ def check_trainable(
             + "or use a longer text"
         )
     if batch_size % world_size:
+        if resuming:
+            counts = [str(n) for n in range(1, min(batch_size, 64) + 1) if batch_size % n == 0]
+            shown = ", ".join(counts[:-1]) + f" or {counts[-1]}" if len(counts) > 1 else counts[0]
+            raise DrnnError(
+                f"data.batch_size {batch_size} does not divide among {world_size} processes, and a resumed run "
+                f"keeps its batch size: resume it on {shown} process{'' if shown == '1' else 'es'}"
+            )
         raise DrnnError(
             f"data.batch_size {batch_size} does not divide among {world_size} processes; "
             f"make it a multiple of the world size"

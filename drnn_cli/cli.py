@@ -40,7 +40,14 @@ from drnn_cli.config import load_config
 from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError, first_line
 from drnn_cli.presets import find_config
 from drnn_cli.shown_text import terminal_safe
-from drnn_cli.signals import Signalled, exit_on_signals, exit_process, guard_output, launched_rank
+from drnn_cli.signals import (
+    TORCHRUN_ENV,
+    Signalled,
+    exit_on_signals,
+    exit_process,
+    guard_output,
+    launched_rank,
+)
 
 if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
     from drnn_cli.report import EpochRecord, RunStart, StepStatus
@@ -856,6 +863,27 @@ def _out_of_memory(error: Exception) -> str | None:
     )
 
 
+# How gloo and NCCL report a peer that is gone (killed, or ended by its own error).
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
+def _peer_gone(error: Exception) -> str | None:
+    """Under torchrun, the one line for a collective that failed because another process of the job
+    ended (it printed "internal error", which README "What happens when" keeps for drnn's own bugs)."""
+    if TORCHRUN_ENV not in os.environ or not any(words in str(error) for words in _PEER_GONE):
+        return None
+    return (
+        f"another process of this torchrun job is gone ({first_line(error, 160)}); its own line says why "
+        "(an error, or a kill): fix that and run the command again (with --resume where a checkpoint was "
+        "written)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the app; turn every failure into one line on stderr and an exit code.
 
@@ -883,7 +911,14 @@ def main(argv: list[str] | None = None) -> None:
         except stopped as signalled:
             if signalled.quiet:
                 sys.exit(signalled.exit_code)
-            _say(errors, f"drnn: interrupted ({signalled.name})")
+            # torchrun ends every process with SIGTERM when one of them fails: that one's line says why
+            launcher = (
+                " (torchrun's, if another process of the job failed)" if TORCHRUN_ENV in os.environ else ""
+            )
+            _say(
+                errors,
+                f"drnn: interrupted ({signalled.name}){launcher if signalled.name == 'SIGTERM' else ''}",
+            )
             sys.exit(signalled.exit_code)
         except OSError as error:
             # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
@@ -891,6 +926,9 @@ def main(argv: list[str] | None = None) -> None:
             _say(errors, f"drnn: error: {where}{error.strerror or error}")
             sys.exit(1)
         except Exception as error:
+            if (gone := _peer_gone(error)) is not None:
+                _say(errors, f"drnn: error: {gone}")
+                sys.exit(1)
             if (memory := _out_of_memory(error)) is not None:
                 if session.debug:  # a size computed wrongly is a bug that reads as one too
                     traceback.print_exc()

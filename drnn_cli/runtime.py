@@ -88,6 +88,13 @@ def init_distributed(device_choice: str) -> DistContext:
     launched = TORCHRUN_ENV in os.environ
     if world_size <= 1 and not launched:
         return DistContext()
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:  # a WORLD_SIZE left in the environment, not a launcher's: torch's error read as drnn's bug
+        raise DrnnError(
+            f"WORLD_SIZE is {world_size}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+            'set: start several processes with torchrun (README "Several processes, GPUs or nodes"), or '
+            "unset WORLD_SIZE to train in one"
+        )
     rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_choice != "cpu" and torch.cuda.is_available()
@@ -123,6 +130,12 @@ def shutdown_distributed(context: DistContext, finished: bool = False) -> None:
     with contextlib.suppress(RuntimeError):  # a rank that never says so: leave after the wait anyway
         store.wait([f"drnn/left/{rank}" for rank in range(1, context.world_size)], LEAVE_WAIT)
     torch_dist.destroy_process_group()
+
+
+def wait_for_every_rank(context: DistContext) -> None:
+    """Under torchrun, return once every rank has called this (a barrier); alone, at once."""
+    if context.enabled and torch_dist.is_initialized():
+        torch_dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:

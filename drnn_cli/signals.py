@@ -27,7 +27,10 @@ TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it star
 
 
 def launched_rank() -> int:
-    """This process's rank as ``torchrun`` set it in the environment (0 when run alone)."""
+    """This process's rank as ``torchrun`` set it in the environment (0 when run alone, whatever a stray
+    ``RANK`` says: a plain ``RANK=1 drnn train`` trained in silence, taking itself for a worker)."""
+    if TORCHRUN_ENV not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or "1") <= 1:
+        return 0
     return int(os.environ.get("RANK", "0"))
 
 
@@ -120,7 +123,8 @@ def exit_on_signals() -> Iterator[type[Signalled]]:
 
 class StopRequests:
     """The training loop's handlers: a signal is noted, not raised, so that the loop stops at the
-    next step boundary with a checkpoint of that step. ``signum`` is the last one that arrived.
+    next step boundary with a checkpoint of that step. ``signum`` is the first one that arrived: the
+    reason the run stopped (a Ctrl-C that torchrun follows with its SIGTERM stopped by SIGINT).
 
     The same signal a second time (Ctrl-C pressed again while a long step, validation or checkpoint
     runs) raises :class:`Signalled` at once, without that checkpoint: the last one written stays.
@@ -128,11 +132,17 @@ class StopRequests:
     signal it got, and starts its workers in sessions of their own, so each receives the one Ctrl-C
     once; a launcher that left them in the terminal's process group would deliver it twice, which
     stops at once), and a reader that goes away after a Ctrl-C (``drnn train | head``) raises
-    SIGPIPE; neither is asking twice."""
+    SIGPIPE; neither is asking twice.
+
+    Once the stop's checkpoint is written (:meth:`settle`), later signals are ignored: the process only
+    says where it stopped and exits. Under torchrun one arrives then as a rule: a worker that exits
+    130/143 makes torchrun send SIGTERM to the others, and rank 0, still printing (or swapping in an
+    ``--overwrite`` run), took it for a second SIGTERM and ended without its stop line."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._seen: set[int] = set()
+        self._settled = False
         # under torchrun, the agent that started this process: see note_launcher_gone
         self._launcher = os.getppid() if TORCHRUN_ENV in os.environ else None
 
@@ -145,16 +155,31 @@ class StopRequests:
         self.signum = signal.SIGTERM
         return True
 
+    def settle(self) -> None:
+        """The stop's checkpoint is written: from now on a signal changes nothing."""
+        self._settled = True
+
     @contextlib.contextmanager
     def noted(self) -> Iterator[StopRequests]:
         def note(signum: int, _frame: object) -> None:
+            if self._settled:
+                return
             if signum in self._seen and signum != getattr(signal, "SIGPIPE", None):
                 raise Signalled(signum)
             self._seen.add(signum)
-            self.signum = signum
+            if self.signum is None:
+                self.signum = signum
 
-        with _handling(note):
-            yield self
+        try:
+            with _handling(note):
+                yield self
+        finally:
+            if self._settled and self._launcher is not None:
+                # torchrun's SIGTERM may still come while this process reports its stop and exits (it
+                # exits soon after: exit_process); only a torchrun worker, never a test's own process
+                with contextlib.suppress(ValueError):
+                    for signum in (signal.SIGINT, signal.SIGTERM):
+                        signal.signal(signum, signal.SIG_IGN)
 
     @property
     def pending(self) -> bool:

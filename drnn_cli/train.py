@@ -9,6 +9,7 @@ log line), so the hot loop never waits for the host.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -72,7 +73,7 @@ from drnn_cli.run_notes import (
     own_text_notes,
     scored_unknown_note,
 )
-from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max
+from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max, wait_for_every_rank
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
@@ -150,7 +151,12 @@ class Trainer:
         self.shard = Shard(self.dist.rank, self.dist.world_size)
         data = config.data
         check_trainable(
-            len(dataset.splits.train), data.batch_size, data.num_steps, self.dist.world_size, dataset.capped
+            len(dataset.splits.train),
+            data.batch_size,
+            data.num_steps,
+            self.dist.world_size,
+            dataset.capped,
+            resuming=resume is not None,
         )
         if config.train.precision == "fp16" and device.type == "cpu":
             raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
@@ -219,6 +225,7 @@ class Trainer:
             self._restore(resume)
             if best_restarts:  # its validations read other tokens: their best and count mean nothing now
                 self.best_val_ppl, self.bad_evals = None, 0
+        self._check_every_rank_starts_alike()
         # The perplexity of the best checkpoint on disk. After a hard kill it can beat the resumed
         # checkpoint's own best (`best` written after `last`): it keeps a worse model from replacing
         # that file, while patience counts against the resumed run's own best, whose evaluations the
@@ -301,6 +308,20 @@ class Trainer:
     def evaluated_model(self) -> RNNLanguageModel:
         """The weights that validation, samples and checkpoints use: the average when enabled."""
         return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
+
+    def _check_every_rank_starts_alike(self) -> None:
+        """Under torchrun each rank reads the run directory from its own disk: nodes whose copies differed
+        trained different epochs, mixed their losses into one line, and hung."""
+        if not self.dist.enabled:
+            return
+        highest = vote_max(float(self.global_step), self.dist, self.device)
+        lowest = -vote_max(-float(self.global_step), self.dist, self.device)
+        if highest != lowest:
+            raise DrnnError(
+                f"the processes of this torchrun job start from different checkpoints (optimizer step "
+                f"{lowest:,.0f} on one, {highest:,.0f} on another): every node must read the same run "
+                'directory and text (shared storage, README "Several processes, GPUs or nodes")'
+            )
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         """Continue from the run's last checkpoint. A trainer state that cannot be continued from (tampered
@@ -825,6 +846,10 @@ class Trainer:
 
     def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
         self._save(LAST, epoch, progress)
+        # Under torchrun the others wait until rank 0 has written it: a rank that left at once exited
+        # 143, torchrun sent SIGTERM to the rest, and rank 0 ended in the middle of the write.
+        wait_for_every_rank(self.dist)
+        self.stops.settle()
         step = progress.step if progress else 0
         pending = bool(progress and progress.boundary_pending)
         cut = " (its validation cut short: --resume runs it first)" if pending else ""
@@ -867,10 +892,11 @@ class Trainer:
     def _validate(self, abandonable: bool = False) -> float | None:
         """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens.
 
-        ``abandonable`` (a step boundary or an epoch's end, in one process): a signal ends it at the next
-        minibatch with :class:`EvaluationAbandoned`, rather than after the whole split (minutes on a
-        large text, past a scheduler's grace before its SIGKILL). Under torchrun every rank must
-        validate to the end: each takes part in the vote on the result."""
+        ``abandonable`` (a step boundary or an epoch's end): a signal ends it at the next minibatch with
+        :class:`EvaluationAbandoned`, rather than after the whole split (minutes on a large text, past a
+        scheduler's grace before its SIGKILL, or torchrun's 30 s before it kills its workers). Under
+        torchrun the ranks vote on it every ``STOP_VOTE_EVERY`` minibatches: each validates the whole
+        split, so all of them meet at the same ones, and all of them abandon it or none."""
         if len(self.val_tokens) < MIN_EVAL_TOKENS:
             return None
         data = self.config.data
@@ -882,14 +908,24 @@ class Trainer:
             data.num_steps,
             self.device,
             self.config.train.precision,
-            self._abandon_on_signal if abandonable and not self.dist.enabled else None,
+            self._abandon_on_signal() if abandonable else None,
         )
         self._check_kernels("while validating")
         return result.perplexity
 
-    def _abandon_on_signal(self, _done: int, _total: int) -> None:
-        if self.stops.pending:
+    def _abandon_on_signal(self) -> Callable[[int, int], None]:
+        """The hook ``evaluate`` calls before each minibatch of an abandonable validation."""
+        batches = itertools.count()
+
+        def abandon(_done: int, _total: int) -> None:
+            if self.dist.enabled:
+                if next(batches) % STOP_VOTE_EVERY or not self._stop_requested():
+                    return
+            elif not self.stops.pending:
+                return
             raise EvaluationAbandoned
+
+        return abandon
 
     def _validate_to_judge(self, abandonable: bool = False) -> float | None:
         """Validation perplexity that every torchrun rank holds alike. Each validates the same weights

@@ -36,12 +36,14 @@ mkdir -p .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${PLATFORMS[@]/#/--platform=}" -d .whl "${PACKAGES[@]}"
 
-corpus=../shared/data/timemachine.txt
+# gpu_check.py stops at once without the corpus: found missing on the device, it costs a machine start
+corpus=${DRNN_TEST_CORPUS:-../shared/data/timemachine.txt}
 if [[ -f $corpus ]]; then
     mkdir -p .device-data
     cp "$corpus" .device-data/timemachine.txt
-else
-    echo "note: $corpus not found; put the Time Machine at .device-data/timemachine.txt yourself" >&2
+elif [[ ! -f .device-data/timemachine.txt ]]; then
+    echo "device_wheels: $corpus not found; put the Time Machine at .device-data/timemachine.txt (or set DRNN_TEST_CORPUS)" >&2
+    exit 1
 fi
 ls -1 .whl .device-data 2>/dev/null
 du -sh .whl

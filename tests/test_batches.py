@@ -326,6 +326,16 @@ def test_check_trainable_accepts_exactly_one_minibatch_plus_one_token() -> None:
     check_trainable(11, 2, 5)
 
 
+def test_a_resumed_run_whose_batch_does_not_divide_is_told_the_process_counts_it_can_resume_on() -> None:
+    """ "make it a multiple of the world size" could not be followed: a resume refuses a changed batch."""
+    with pytest.raises(DrnnError) as refused:
+        check_trainable(10_000, 12, 5, world_size=8, resuming=True)
+    assert str(refused.value) == (
+        "data.batch_size 12 does not divide among 8 processes, and a resumed run keeps its batch size: "
+        "resume it on 1, 2, 3, 4, 6 or 12 processes"
+    )
+
+
 def test_check_trainable_refuses_a_batch_that_does_not_divide_among_processes() -> None:
     with pytest.raises(DrnnError, match="world size"):
         check_trainable(1000, 6, 5, world_size=4)

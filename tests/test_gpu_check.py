@@ -480,6 +480,13 @@ def test_batch_1024_trains_through_the_fastest_variants_words_without_its_tile_o
     assert (plain.measured, plain.verdict) == ("17.00 M (graph)", "missed")
     through_fused = verdicts["B1024×T64 bf16, impl fused (Triton) ≥ 20 M tokens/s"]
     assert (through_fused.measured, through_fused.verdict) == ("24.00 M (graph)", "met")
+    # bench-fused-plan times it as planned, under its plain name: that figure is judged when no variant ran
+    planned = {"bench-fused-plan": Result("bench-fused-plan", "", "ok", data={"json": {"configs": {
+        "lstm-b1024-bf16": cudnn, "fused-lstm-b1024-bf16": bench_entry(5e6, 9e6, 9e6)}}})}  # fmt: skip
+    through_fused = {v.target: v for v in gpu_check.judge(planned)}[
+        "B1024×T64 bf16, impl fused (Triton) ≥ 20 M tokens/s"
+    ]
+    assert (through_fused.measured, through_fused.verdict) == ("9.00 M (eager)", "missed")
 
 
 def test_the_short_calls_suite_runs_only_when_named(gpu_check, tmp_path: Path, capsys) -> None:

@@ -251,6 +251,9 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             [
                 *(sys.executable, "-m", "pytest", *pytest_args),
                 *("tests/test_cuda.py", "tests/test_step.py", "tests/test_fused.py"),
+                # CI compiles every planned kernel for sm_90 and sm_89 without a GPU (80 CPU-seconds each,
+                # under the device's Triton 3.6.0 too, as a review checked): not again in a short call
+                *("-k", "not compiles_for_an_h100_without_one and not rtx_4090s_shared_memory"),
             ],
             120,
         ),

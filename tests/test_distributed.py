@@ -185,6 +185,10 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
             processes=processes,
         )
     # --overwrite of a finished run under torchrun, killed before its first checkpoint.
+    jobs["sigterm_rank0"] = start(  # signalled by the test once it trains
+        "sigterm_rank0", write_config(root, "sequential"), "--set", "train.epochs=10000",
+        "--set", "train.log_every=1",
+    )  # fmt: skip
     jobs["overwrite"] = start(  # killed by the test once it trains: its first checkpoint never comes
         "overwrite", overwrite, "--overwrite", "--set", "model.cell=gru", "--set", "train.epochs=10000",
         "--set", "train.checkpoint_every=10000", "--set", "train.log_every=1",
@@ -213,6 +217,35 @@ def test_overwrite_under_torchrun_keeps_the_old_run_until_the_new_one_has_a_chec
     old = load_checkpoint(job.run_dir / "last.safetensors")
     assert (old.config.model.cell, old.epoch) == ("lstm", 1)
     assert yaml.safe_load((job.run_dir / "config.yaml").read_text())["model"]["cell"] == "lstm"
+
+
+def test_sigterm_to_rank_0_alone_stops_the_job_with_its_checkpoint_and_stop_line(
+    launches: dict[str, Launch],
+) -> None:
+    """The ranks vote on it and stop at the same step; the others wait for rank 0's checkpoint. They left
+    at once, exited 143, torchrun sent rank 0 a SIGTERM of its own, and rank 0 took it for a second one:
+    no checkpoint, no stop line, no JSON (practitioner trial, a 2×1024 model: 3 runs of 3)."""
+    import time
+
+    job = launches["sigterm_rank0"]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while "epoch 1/" not in job.stderr.read_text() and job.process.poll() is None:
+        assert time.monotonic() < deadline, job.stderr.read_text()
+        time.sleep(0.2)
+    rank_0 = next(
+        pid
+        for pid in _descendants(job.process.pid)
+        if b"\0RANK=0\0" in Path(f"/proc/{pid}/environ").read_bytes()
+    )
+    os.kill(rank_0, signal.SIGTERM)
+    _, out, err = job.finish()  # torchrun's own status is 1: a worker exited 143
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert (stopped["stop_reason"], stopped["checkpoint"]) == (
+        "SIGTERM",
+        str(job.run_dir / "last.safetensors"),
+    )
+    assert "drnn: training stopped by SIGTERM after " in err and "interrupted" not in err, err
+    assert load_checkpoint(job.run_dir / "last.safetensors").trainer_state["global_step"] == stopped["steps"]
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)

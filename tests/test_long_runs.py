@@ -369,6 +369,35 @@ def test_a_step_budget_on_a_tiny_text_counts_its_epochs_by_their_mean_length(wor
     assert starts[0].total_epochs == 9 and 7 < result.epochs <= 9  # ceil(8.15) for the progress bar
 
 
+def test_under_torchrun_a_validation_is_abandoned_by_a_vote_every_8_minibatches(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """torchrun kills its workers 30 s after passing a signal on: a validation read to its end lost the
+    stop's checkpoint (practitioner trial). Each rank validates the whole split, so the ranks meet at the
+    same minibatches: they vote at every 8th, and all abandon it when any saw a signal."""
+    import drnn_cli.train
+    from drnn_cli.runtime import DistContext
+    from drnn_cli.signals import StopRequests
+
+    votes: list[float] = []
+
+    def vote(value: float, _dist: object, _device: object) -> float:
+        votes.append(value)
+        return 15.0 if len(votes) == 2 else value  # the second vote: another rank's SIGTERM
+
+    monkeypatch.setattr(drnn_cli.train, "vote_max", vote)
+    trainer = Trainer.__new__(Trainer)  # what the hook reads, without building a run
+    trainer.dist, trainer.stops = DistContext(rank=0, world_size=2), StopRequests()
+    trainer.device, trainer.reporter = torch.device("cpu"), SilentReporter()
+    abandon = trainer._abandon_on_signal()
+    for done in range(8):  # minibatch 0 votes; 1-7 do not
+        abandon(done * 80, 1_000)
+    assert votes == [0.0] and not trainer.stops.pending
+    with pytest.raises(EvaluationAbandoned):
+        abandon(8 * 80, 1_000)
+    assert votes == [0.0, 0.0] and trainer.stops.name == "SIGTERM"
+
+
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
     train(write_config(workdir), "train.max_steps=30", "train.schedule=cosine", "train.min_lr=0.001")
     last = metrics(workdir / "runs" / "tiny")[-1]

@@ -12,12 +12,14 @@ Tolerances, and why they are not zero:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -200,7 +202,26 @@ def test_torchrun_with_one_process_trains_over_nccl(tmp_path: Path, corpus_path:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     command += ["-m", "drnn_cli", "--", "train", "--config", str(config), "--device", "cuda"]
     command += ["--run", str(tmp_path / "run"), "--json"]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # killed whole (torchrun starts its worker in a session of its own) within the 90 s a test has under
+    # scripts/gpu_check.py: a hung NCCL job left behind would hold the GPU through the benchmarks after it
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=75)
+    except subprocess.TimeoutExpired:
+        family, level = [], [process.pid]
+        while level:  # the launcher's descendants, level by level
+            listed = subprocess.run(
+                ["pgrep", "-P", ",".join(map(str, level))], capture_output=True, text=True
+            )
+            level = [int(child) for child in listed.stdout.split()]
+            family += level
+        for pid in [*family, process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert summary["world_size"] == 1 and summary["epochs"] == 3 and "cuda" in summary["device"]

@@ -1084,6 +1084,7 @@ def test_a_stopped_training_is_said_once_under_torchrun(
 
     monkeypatch.setattr(train_session, "train_run", stopped)
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # a RANK alone is a stray variable, not a worker's
     code, out, err = cli("train", "--config", str(config_file(workdir, TINY)), "--json")
     expected = "drnn: training stopped by SIGTERM after epoch 1, optimizer step 24; ...\n" if shown else ""
     assert (code, err) == (143, expected)

@@ -943,7 +943,7 @@ def _wait_for_epochs(metrics: Path, count: int, process: subprocess.Popen[str], 
     ("signum", "exit_code", "options"), [(signal.SIGINT, 130, ()), (signal.SIGTERM, 143, ("--json",))]
 )
 def test_signal_writes_a_resumable_checkpoint_and_exits_with_the_signal_code(
-    workdir: Path, signum: int, exit_code: int, options: tuple[str, ...]
+    workdir: Path, cli, signum: int, exit_code: int, options: tuple[str, ...]
 ):
     """One line says where it stopped; with --json, stdout holds where too, for the script that ran it."""
     process = _spawn_training(workdir, *options)
@@ -980,13 +980,12 @@ def test_signal_writes_a_resumable_checkpoint_and_exits_with_the_signal_code(
     with RunLock(workdir / "runs" / "tiny"):  # the stopped process no longer holds it
         assert_run_locked_by_this_process(workdir / "runs" / "tiny")
     finish = stopped.epoch + 1
-    resumed = subprocess.run(
-        [sys.executable, "-m", "drnn_cli", "train", "--config", "tiny.yaml", "--resume", "--json",
-         "--set", f"train.epochs={finish}"],
-        cwd=workdir, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    # resumed in this process: the signal needed a real one, the resume does not
+    code, out, err = cli(
+        "train", "--config", "tiny.yaml", "--resume", "--json", "--set", f"train.epochs={finish}"
+    )
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
     # the session began where the signal stopped the run: inside an epoch, or (rarely) at its end
     assert stopped.epoch <= summary["start_epoch"] < stopped.epoch + 1 and summary["epochs"] == finish
     assert (summary["start_epoch"] > stopped.epoch) == (stopped.step_in_epoch > 0)

@@ -398,6 +398,33 @@ def test_under_torchrun_a_validation_is_abandoned_by_a_vote_every_8_minibatches(
     assert votes == [0.0, 0.0] and trainer.stops.name == "SIGTERM"
 
 
+def test_under_torchrun_the_time_budget_is_voted_on_after_every_step_once_it_nearly_runs_out(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The ranks vote on train.max_time every 8 steps (their clocks differ): at 3-4 s a step a 12 s budget
+    stopped after 38 s (practitioner trial). A rank that expects the budget to run out before the next
+    vote says so, and from then on every step is voted on."""
+    import drnn_cli.train
+    from drnn_cli.runtime import DistContext
+
+    votes: list[tuple[int, float]] = []
+    trainer = Trainer.__new__(Trainer)  # what the vote reads, without building a run
+    trainer.dist, trainer.device = DistContext(rank=0, world_size=2), torch.device("cpu")
+    trainer.budget, trainer._first_step, trainer._time_vote_every = Budget(max_time=10.0), 0, 8
+    monkeypatch.setattr(trainer.budget, "elapsed", lambda: float(trainer.global_step))  # 1 s a step
+    monkeypatch.setattr(
+        drnn_cli.train,
+        "vote_max",
+        lambda value, _dist, _device: votes.append((trainer.global_step, value)) or value,
+    )
+    reasons = []
+    for trainer.global_step in range(1, 11):
+        reasons.append(trainer._budget_reached())
+    # step 8: 2 s left, under 8 steps at 1 s; steps 9 and 10 voted on, 10 spends it
+    assert votes == [(8, 1.0), (9, 1.0), (10, 2.0)]
+    assert reasons == [None] * 9 + ["max_time"]
+
+
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
     train(write_config(workdir), "train.max_steps=30", "train.schedule=cosine", "train.min_lr=0.001")
     last = metrics(workdir / "runs" / "tiny")[-1]

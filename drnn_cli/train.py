@@ -94,6 +94,9 @@ RESUME_ADVICE = "the same command plus --resume"
 # Under torchrun, steps between the ranks' votes on a pending signal or a spent max_time: a vote is
 # a collective and a host read.
 STOP_VOTE_EVERY = 8
+# ... fewer where 8 steps take longer than this: torchrun kills its workers 30 s after passing a signal
+# on, and the stop's checkpoint comes after the next vote
+STOP_VOTE_SECONDS = 5.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +222,7 @@ class Trainer:
         self.average_start = Cadence.of(train.average_start)
         self._steps_per_epoch = 0
         self._time_vote_every = STOP_VOTE_EVERY  # under torchrun, steps between votes on train.max_time
+        self._steps_to_stop_vote = STOP_VOTE_EVERY  # … and until the next vote on a signal
         self.stopped_mid_epoch: StopReason | None = None
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
@@ -479,17 +483,26 @@ class Trainer:
     # ----- signals ---------------------------------------------------------------------------
 
     def _stop_requested(self, step: int | None = None) -> bool:
-        """Whether a signal asks to stop: under torchrun, whether one reached any rank (voted on
-        every STOP_VOTE_EVERY steps inside an epoch, and at each epoch's end)."""
+        """Whether a signal asks to stop: under torchrun, whether one reached any rank (voted on every
+        STOP_VOTE_EVERY steps inside an epoch, or every step the slowest rank takes STOP_VOTE_SECONDS
+        for where that is fewer, and at each epoch's end)."""
         if not self.dist.enabled:
             return self.stops.pending
-        if step is not None and step % STOP_VOTE_EVERY:
-            return False
+        if step is not None:
+            self._steps_to_stop_vote -= 1
+            if self._steps_to_stop_vote > 0:
+                return False
         if self.stops.note_launcher_gone():
             self.reporter.note("torchrun is gone (killed): this process stops as on its SIGTERM")
         vote = int(vote_max(float(self.stops.signum or 0), self.dist, self.device))
         if vote and not self.stops.pending:
             self.stops.signum = vote  # another rank's signal: reported and exited with as its own
+        if step is not None:  # the next vote: after 8 steps, or as many as the slowest rank takes in 5 s
+            done = self.global_step - self._first_step
+            pace = vote_max(self.budget.elapsed() / done if done > 0 else 0.0, self.dist, self.device)
+            self._steps_to_stop_vote = max(
+                1, min(STOP_VOTE_EVERY, int(STOP_VOTE_SECONDS / pace) if pace else 8)
+            )
         return bool(vote)
 
     # ----- the loop --------------------------------------------------------------------------

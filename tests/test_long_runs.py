@@ -425,6 +425,37 @@ def test_under_torchrun_the_time_budget_is_voted_on_after_every_step_once_it_nea
     assert reasons == [None] * 9 + ["max_time"]
 
 
+def test_under_torchrun_slow_steps_are_voted_on_for_signals_within_5_seconds(monkeypatch: pytest.MonkeyPatch):
+    """torchrun kills its workers 30 s after passing a signal on: 8 steps of 4 s before the vote, then the
+    checkpoint, came after it. The slowest rank's pace decides the next vote: every 5 s of steps."""
+    import drnn_cli.train
+    from drnn_cli.runtime import DistContext
+    from drnn_cli.signals import StopRequests
+
+    votes: list[tuple[int, float]] = []
+    trainer = Trainer.__new__(Trainer)  # what the vote reads, without building a run
+    trainer.dist, trainer.device, trainer.stops = (
+        DistContext(rank=0, world_size=2),
+        torch.device("cpu"),
+        StopRequests(),
+    )
+    trainer.budget, trainer._first_step, trainer._steps_to_stop_vote = Budget(), 0, 8
+    seconds_a_step = 0.5
+    monkeypatch.setattr(trainer.budget, "elapsed", lambda: trainer.global_step * seconds_a_step)
+    monkeypatch.setattr(
+        drnn_cli.train,
+        "vote_max",
+        lambda value, _dist, _device: votes.append((trainer.global_step, value)) or value,
+    )
+    for trainer.global_step in range(1, 9):
+        assert not trainer._stop_requested(trainer.global_step)
+    assert votes == [(8, 0.0), (8, 0.5)]  # the signal, then the pace: 0.5 s a step, 8 steps in 4 s
+    seconds_a_step = 2.0  # slower now: the next vote after 2 steps (5 s), then every 2
+    for trainer.global_step in range(9, 21):
+        trainer._stop_requested(trainer.global_step)
+    assert [step for step, value in votes[::2]] == [8, 16, 18, 20]
+
+
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):
     train(write_config(workdir), "train.max_steps=30", "train.schedule=cosine", "train.min_lr=0.001")
     last = metrics(workdir / "runs" / "tiny")[-1]

@@ -872,6 +872,20 @@ _PEER_GONE = (
 )
 
 
+# How long a torchrun worker whose peer is gone waits for a signal of its own before it says so: a
+# SIGTERM to the whole job reached one rank a moment before the other, which then blamed a failure
+PEER_SIGNAL_WAIT_S = 0.5
+
+
+def _interrupted_line(signalled: Signalled) -> str:
+    """The line for a signal outside the training loop; torchrun ends every process with SIGTERM when one
+    of them fails, whose own line then says why."""
+    launcher = TORCHRUN_ENV in os.environ and signalled.name == "SIGTERM"
+    return f"drnn: interrupted ({signalled.name})" + (
+        " (torchrun's, if another process of the job failed)" if launcher else ""
+    )
+
+
 def _peer_gone(error: Exception) -> str | None:
     """Under torchrun, the one line for a collective that failed because another process of the job
     ended (it printed "internal error", which README "What happens when" keeps for drnn's own bugs)."""
@@ -911,14 +925,7 @@ def main(argv: list[str] | None = None) -> None:
         except stopped as signalled:
             if signalled.quiet:
                 sys.exit(signalled.exit_code)
-            # torchrun ends every process with SIGTERM when one of them fails: that one's line says why
-            launcher = (
-                " (torchrun's, if another process of the job failed)" if TORCHRUN_ENV in os.environ else ""
-            )
-            _say(
-                errors,
-                f"drnn: interrupted ({signalled.name}){launcher if signalled.name == 'SIGTERM' else ''}",
-            )
+            _say(errors, _interrupted_line(signalled))
             sys.exit(signalled.exit_code)
         except OSError as error:
             # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
@@ -927,6 +934,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         except Exception as error:
             if (gone := _peer_gone(error)) is not None:
+                try:  # a signal to every process of the job: this one's may come just after its peer left
+                    time.sleep(PEER_SIGNAL_WAIT_S)
+                except stopped as signalled:
+                    _say(errors, _interrupted_line(signalled))
+                    sys.exit(signalled.exit_code)
                 _say(errors, f"drnn: error: {gone}")
                 sys.exit(1)
             if (memory := _out_of_memory(error)) is not None:

@@ -84,7 +84,7 @@ def init_distributed(device_choice: str) -> DistContext:
     ``torchrun --nproc_per_node 1`` joins one too (torchrun sets TORCHELASTIC_RUN_ID), so a single
     GPU runs the very path a multi-GPU job takes: NCCL, DistributedDataParallel, the stop votes.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _whole_number("WORLD_SIZE", "1")
     launched = TORCHRUN_ENV in os.environ
     if world_size <= 1 and not launched:
         return DistContext()
@@ -95,14 +95,27 @@ def init_distributed(device_choice: str) -> DistContext:
             'set: start several processes with torchrun (README "Several processes, GPUs or nodes"), or '
             "unset WORLD_SIZE to train in one"
         )
+    _whole_number("RANK", "0")
     rank = launched_rank()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = _whole_number("LOCAL_RANK", "0")
     use_cuda = device_choice != "cpu" and torch.cuda.is_available()
     if not torch_dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
         torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, launched=launched)
+
+
+def _whole_number(name: str, default: str) -> int:
+    """An environment variable torchrun sets (WORLD_SIZE=, or a word, left by a job script otherwise)."""
+    value = os.environ.get(name) or default
+    try:
+        return int(value)
+    except ValueError:
+        raise DrnnError(
+            f"{name} is {value!r}, not a whole number: torchrun sets it for the processes it starts; unset it "
+            "to train in one process"
+        ) from None
 
 
 LEAVE_WAIT = timedelta(seconds=60)  # how long rank 0 waits for the others to leave the group

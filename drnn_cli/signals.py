@@ -29,9 +29,12 @@ TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it star
 def launched_rank() -> int:
     """This process's rank as ``torchrun`` set it in the environment (0 when run alone, whatever a stray
     ``RANK`` says: a plain ``RANK=1 drnn train`` trained in silence, taking itself for a worker)."""
-    if TORCHRUN_ENV not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or "1") <= 1:
+    try:
+        if TORCHRUN_ENV not in os.environ and int(os.environ.get("WORLD_SIZE") or "1") <= 1:
+            return 0
+        return int(os.environ.get("RANK") or "0")
+    except ValueError:  # not a launcher's: init_distributed names the variable in its one line
         return 0
-    return int(os.environ.get("RANK", "0"))
 
 
 def exit_process(run: Callable[[], None]) -> None:
@@ -132,7 +135,9 @@ class StopRequests:
     signal it got, and starts its workers in sessions of their own, so each receives the one Ctrl-C
     once; a launcher that left them in the terminal's process group would deliver it twice, which
     stops at once), and a reader that goes away after a Ctrl-C (``drnn train | head``) raises
-    SIGPIPE; neither is asking twice.
+    SIGPIPE; neither is asking twice. Nor is a second SIGTERM under torchrun: a scheduler signals every
+    process of the job, and torchrun then forwards its own. A torchrun worker stops at once only on
+    a second SIGINT sent to it directly (a second Ctrl-C reaches it as torchrun's SIGTERM).
 
     Once the stop's checkpoint is written (:meth:`settle`), later signals are ignored: the process only
     says where it stopped and exits. Under torchrun one arrives then as a rule: a worker that exits
@@ -164,7 +169,11 @@ class StopRequests:
         def note(signum: int, _frame: object) -> None:
             if self._settled:
                 return
-            if signum in self._seen and signum != getattr(signal, "SIGPIPE", None):
+            # Under torchrun a second SIGTERM is the launcher's copy of the first: a scheduler (Slurm's
+            # scancel, systemd's stop, pkill) signals every process of the job, and torchrun passes the
+            # one it got on a few milliseconds later (the stop's checkpoint was lost 4 times in 5)
+            forwarded = self._launcher is not None and signum == signal.SIGTERM
+            if signum in self._seen and signum != getattr(signal, "SIGPIPE", None) and not forwarded:
                 raise Signalled(signum)
             self._seen.add(signum)
             if self.signum is None:

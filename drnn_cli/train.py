@@ -9,6 +9,7 @@ log line), so the hot loop never waits for the host.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import time
@@ -97,6 +98,13 @@ STOP_VOTE_EVERY = 8
 # ... fewer where 8 steps take longer than this: torchrun kills its workers 30 s after passing a signal
 # on, and the stop's checkpoint comes after the next vote
 STOP_VOTE_SECONDS = 5.0
+
+
+def _header_digest(checkpoint: Checkpoint) -> float:
+    """48 bits of a digest of the checkpoint's header (its trainer state and tensor layout): exact as the
+    float64 a vote carries."""
+    header, _ = checkpoint.stored()
+    return float(int.from_bytes(hashlib.blake2b(header, digest_size=6).digest(), "big"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +234,14 @@ class Trainer:
         self.stopped_mid_epoch: StopReason | None = None
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
+        digest = (
+            _header_digest(resume) if resume is not None and self.dist.enabled else 0.0
+        )  # before restoring
         if resume is not None:
             self._restore(resume)
             if best_restarts:  # its validations read other tokens: their best and count mean nothing now
                 self.best_val_ppl, self.bad_evals = None, 0
-        self._check_every_rank_starts_alike()
+        self._check_every_rank_starts_alike(digest)
         # The perplexity of the best checkpoint on disk. After a hard kill it can beat the resumed
         # checkpoint's own best (`best` written after `last`): it keeps a worse model from replacing
         # that file, while patience counts against the resumed run's own best, whose evaluations the
@@ -314,18 +325,27 @@ class Trainer:
         """The weights that validation, samples and checkpoints use: the average when enabled."""
         return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
 
-    def _check_every_rank_starts_alike(self) -> None:
+    def _check_every_rank_starts_alike(self, digest: float) -> None:
         """Under torchrun each rank reads the run directory from its own disk: nodes whose copies differed
-        trained different epochs, mixed their losses into one line, and hung."""
+        trained different epochs, mixed their losses into one line, and hung; copies at the same step
+        that differed otherwise (weights, Adam's moments) trained on apart without a word. The ranks
+        compare the step and a digest of the checkpoint's header (its trainer state and tensor layout)."""
         if not self.dist.enabled:
             return
-        highest = vote_max(float(self.global_step), self.dist, self.device)
-        lowest = -vote_max(-float(self.global_step), self.dist, self.device)
-        if highest != lowest:
+        for value, what in ((float(self.global_step), "step"), (digest, "contents")):
+            highest = vote_max(value, self.dist, self.device)
+            lowest = -vote_max(-value, self.dist, self.device)
+            if highest == lowest:
+                continue
+            which = (
+                f"optimizer step {lowest:,.0f} on one, {highest:,.0f} on another"
+                if what == "step"
+                else f"each at optimizer step {self.global_step:,}, with other contents"
+            )
             raise DrnnError(
-                f"the processes of this torchrun job start from different checkpoints (optimizer step "
-                f"{lowest:,.0f} on one, {highest:,.0f} on another): every node must read the same run "
-                'directory and text (shared storage, README "Several processes, GPUs or nodes")'
+                f"the processes of this torchrun job start from different checkpoints ({which}): every node "
+                'must read the same run directory and text (shared storage, README "Several processes, GPUs '
+                'or nodes")'
             )
 
     def _restore(self, checkpoint: Checkpoint) -> None:

@@ -425,6 +425,51 @@ def test_under_torchrun_the_time_budget_is_voted_on_after_every_step_once_it_nea
     assert reasons == [None] * 9 + ["max_time"]
 
 
+def test_under_torchrun_ranks_resuming_different_checkpoints_at_the_same_step_are_refused(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Each node reads the run from its own disk: copies at the same step with other weights and Adam
+    moments trained on apart, exit 0 (practitioner trial). The ranks compare a digest of the header."""
+    import dataclasses
+
+    import drnn_cli.train
+    from drnn_cli.runtime import DistContext
+    from drnn_cli.train import _header_digest
+
+    checkpoint = load_checkpoint(tiny_run / "last.safetensors")
+    digest = _header_digest(checkpoint)
+    assert (
+        _header_digest(load_checkpoint(tiny_run / "last.safetensors")) == digest == int(digest)
+    )  # read again
+    # another run's copy at the same step: its trainer state differs (its clock, at least)
+    elapsed = checkpoint.trainer_state["elapsed"] + 1.0
+    other = dataclasses.replace(checkpoint, trainer_state={**checkpoint.trainer_state, "elapsed": elapsed})
+    assert _header_digest(other) != digest
+    trainer = Trainer.__new__(Trainer)  # what the check reads, without building a run
+    trainer.dist, trainer.device, trainer.global_step = (
+        DistContext(rank=0, world_size=2),
+        torch.device("cpu"),
+        24,
+    )
+    other_rank = {
+        24.0: 24.0,
+        -24.0: -24.0,
+        digest: digest + 1,
+        -digest: -digest,
+    }  # its value, voted with ours
+    monkeypatch.setattr(
+        drnn_cli.train, "vote_max", lambda value, _dist, _device: max(value, other_rank[value])
+    )
+    with pytest.raises(DrnnError) as refused:
+        trainer._check_every_rank_starts_alike(digest)
+    assert str(refused.value).startswith(
+        "the processes of this torchrun job start from different checkpoints (each at optimizer step 24, with "
+        "other contents): every node must read the same run directory and text"
+    )
+    other_rank[digest] = digest  # the same file on both
+    trainer._check_every_rank_starts_alike(digest)
+
+
 def test_under_torchrun_slow_steps_are_voted_on_for_signals_within_5_seconds(monkeypatch: pytest.MonkeyPatch):
     """torchrun kills its workers 30 s after passing a signal on: 8 steps of 4 s before the vote, then the
     checkpoint, came after it. The slowest rank's pace decides the next vote: every 5 s of steps."""

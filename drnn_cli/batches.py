@@ -6,6 +6,7 @@ and a run resumed in the middle of one sees the same minibatches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -85,7 +86,9 @@ def check_trainable(
         )
     if batch_size % world_size:
         if resuming:
-            counts = [str(n) for n in range(1, min(batch_size, 64) + 1) if batch_size % n == 0]
+            small = [n for n in range(1, math.isqrt(batch_size) + 1) if batch_size % n == 0]
+            divisors = sorted({*small, *(batch_size // n for n in small)})
+            counts = [f"{n:,}" for n in divisors[:9]] + ([f"… {batch_size:,}"] if len(divisors) > 9 else [])
             shown = ", ".join(counts[:-1]) + f" or {counts[-1]}" if len(counts) > 1 else counts[0]
             raise DrnnError(
                 f"data.batch_size {batch_size} does not divide among {world_size} processes, and a resumed run "

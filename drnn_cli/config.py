@@ -333,10 +333,9 @@ class TrainConfig(_Section):
             raise ValueError("sample prefixes must be non-empty strings")
         if len(value) > 100 or any(len(prefix) > 1000 for prefix in value):
             raise ValueError("at most 100 sample prefixes of at most 1000 characters each")
-        twice = next((prefix for i, prefix in enumerate(value) if prefix in value[:i]), None)
-        if twice is not None:  # --json's samples are keyed by prefix: the second would vanish
-            raise ValueError(f"{twice!r} is listed twice; list each prefix once")
-        return value
+        # each once: --json's samples are keyed by prefix (and a greedy sample repeats itself); dropped,
+        # not refused, since checkpoints of earlier versions may hold a list with a prefix twice
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _schedule_decays(self) -> TrainConfig:

@@ -153,7 +153,7 @@ class RunStart:
     origin: str  # "from scratch", "from the weights of RUN", "from epoch 3, step 11"
     log_every: int | str  # train.log_every: N epochs (0: about 25 lines a run), or "N steps"
     max_steps: int = 0  # train.max_steps where it ends the run before train.epochs, else 0
-    steps_per_epoch: float = 0  # with max_steps: the mean the first line converts its steps to epochs with
+    steps_per_epoch: float = 0.0  # with max_steps: the mean the first line converts its steps to epochs with
     latest_val_ppl: float | None = None  # a resumed run's last validation, shown until its next one
 
     def span(self) -> str:

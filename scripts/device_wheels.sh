@@ -16,7 +16,14 @@
 #   scripts/device_wheels.sh            # then, through the device tool (carry: .whl, .device-data):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py $OUT/gpu
 set -euo pipefail
+# A relative DRNN_TEST_CORPUS is the caller's: resolved before moving to the repository root
+corpus=$(realpath -m "${DRNN_TEST_CORPUS:-$(dirname "$0")/../../shared/data/timemachine.txt}")
 cd "$(dirname "$0")/.."
+# gpu_check.py stops at once without the corpus: found missing on the device, it costs a machine start
+if [[ ! -f $corpus && ! -f .device-data/timemachine.txt ]]; then
+    echo "device_wheels: $corpus not found; put the Time Machine at .device-data/timemachine.txt (or set DRNN_TEST_CORPUS)" >&2
+    exit 1
+fi
 
 PACKAGES=(
     pydantic==2.14.4
@@ -36,14 +43,10 @@ mkdir -p .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${PLATFORMS[@]/#/--platform=}" -d .whl "${PACKAGES[@]}"
 
-# gpu_check.py stops at once without the corpus: found missing on the device, it costs a machine start
-corpus=${DRNN_TEST_CORPUS:-../shared/data/timemachine.txt}
 if [[ -f $corpus ]]; then
     mkdir -p .device-data
     cp "$corpus" .device-data/timemachine.txt
-elif [[ ! -f .device-data/timemachine.txt ]]; then
-    echo "device_wheels: $corpus not found; put the Time Machine at .device-data/timemachine.txt (or set DRNN_TEST_CORPUS)" >&2
-    exit 1
 fi
+echo "090b5e7e70c295757f55df93cb0a180b9691891a  .device-data/timemachine.txt" | sha1sum --check --quiet
 ls -1 .whl .device-data 2>/dev/null
 du -sh .whl

@@ -37,7 +37,7 @@ from rich.text import Text
 from drnn_cli import __version__, strict_json
 from drnn_cli.budget import Cadence, format_duration
 from drnn_cli.config import load_config
-from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError, first_line
+from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError, first_line, peer_gone_message
 from drnn_cli.presets import find_config
 from drnn_cli.shown_text import terminal_safe
 from drnn_cli.signals import (
@@ -46,6 +46,7 @@ from drnn_cli.signals import (
     exit_on_signals,
     exit_process,
     guard_output,
+    in_process_group,
     launched_rank,
 )
 
@@ -863,15 +864,6 @@ def _out_of_memory(error: Exception) -> str | None:
     )
 
 
-# How gloo and NCCL report a peer that is gone (killed, or ended by its own error).
-_PEER_GONE = (
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",
-    "NCCL communicator was aborted",
-)
-
-
 # How long a torchrun worker whose peer is gone waits for a signal of its own before it says so: a
 # SIGTERM to the whole job reached one rank a moment before the other, which then blamed a failure
 PEER_SIGNAL_WAIT_S = 0.5
@@ -883,18 +875,6 @@ def _interrupted_line(signalled: Signalled) -> str:
     launcher = TORCHRUN_ENV in os.environ and signalled.name == "SIGTERM"
     return f"drnn: interrupted ({signalled.name})" + (
         " (torchrun's, if another process of the job failed)" if launcher else ""
-    )
-
-
-def _peer_gone(error: Exception) -> str | None:
-    """Under torchrun, the one line for a collective that failed because another process of the job
-    ended (it printed "internal error", which README "What happens when" keeps for drnn's own bugs)."""
-    if TORCHRUN_ENV not in os.environ or not any(words in str(error) for words in _PEER_GONE):
-        return None
-    return (
-        f"another process of this torchrun job is gone ({first_line(error, 160)}); its own line says why "
-        "(an error, or a kill): fix that and run the command again (with --resume where a checkpoint was "
-        "written)"
     )
 
 
@@ -933,7 +913,9 @@ def main(argv: list[str] | None = None) -> None:
             _say(errors, f"drnn: error: {where}{error.strerror or error}")
             sys.exit(1)
         except Exception as error:
-            if (gone := _peer_gone(error)) is not None:
+            if (gone := peer_gone_message(error, in_process_group())) is not None:
+                if session.debug:
+                    traceback.print_exc()
                 try:  # a signal to every process of the job: this one's may come just after its peer left
                     time.sleep(PEER_SIGNAL_WAIT_S)
                 except stopped as signalled:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,32 @@ class TrainingInterrupted(DrnnError):
 
 class TrainingDiverged(DrnnError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+# How gloo and NCCL report a peer that is gone (killed, or ended by its own error) ...
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+# ... and a collective that timed out, which is a hang (ranks that called different collectives: a bug)
+_TIMED_OUT = ("Watchdog caught collective operation timeout", "timed out", "Timeout")
+
+
+def peer_gone_message(error: BaseException, in_process_group: bool) -> str | None:
+    """The one line for a collective that failed because another process of a torchrun job ended (it
+    printed "internal error", which README "What happens when" keeps for drnn's own bugs), else None."""
+    text = str(error)
+    if not in_process_group or not any(words in text for words in _PEER_GONE):
+        return None
+    if any(words in text for words in _TIMED_OUT):
+        return None
+    quoted = textwrap.shorten(first_line(error, 1000), 160, placeholder=" …")
+    return (
+        f"another process of this torchrun job is gone ({quoted}); its own line says why (an error, or a "
+        "kill): fix that and run the command again (with --resume where a checkpoint was written)"
+    )
 
 
 def first_line(error: BaseException, limit: int = 160) -> str:

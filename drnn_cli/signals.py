@@ -37,6 +37,14 @@ def launched_rank() -> int:
         return 0
 
 
+def in_process_group() -> bool:
+    """Whether this process was started as one of a job's (torchrun, or WORLD_SIZE > 1 by hand)."""
+    try:
+        return TORCHRUN_ENV in os.environ or int(os.environ.get("WORLD_SIZE") or "1") > 1
+    except ValueError:
+        return False
+
+
 def exit_process(run: Callable[[], None]) -> None:
     """Run the program, then end the process with its exit code.
 
@@ -54,6 +62,10 @@ def exit_process(run: Callable[[], None]) -> None:
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
     if TORCHRUN_ENV not in os.environ:
         sys.exit(code)
+    # done: torchrun's SIGTERM, which follows another worker's exit, must not cut the last flush short
+    with contextlib.suppress(ValueError):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing left to flush
             stream.flush()

@@ -1367,23 +1367,29 @@ def test_a_world_size_without_a_launcher_is_a_one_line_error(workdir: Path, cli,
     )
 
 
-def test_a_collective_that_lost_its_peer_names_the_other_process_not_a_drnn_bug(monkeypatch):
+def test_a_collective_that_lost_its_peer_names_the_other_process_not_a_drnn_bug():
     """A torchrun peer killed (or ended by its own error): gloo's "Connection reset by peer" was printed as
-    ``drnn: internal error``, which the README keeps for drnn's own bugs."""
-    import drnn_cli.cli
-    from drnn_cli.signals import TORCHRUN_ENV
+    ``drnn: internal error``, which the README keeps for drnn's own bugs. A collective that timed out is a
+    hang (ranks that called different collectives): drnn's bug, not a peer's (a review)."""
+    from drnn_cli.errors import peer_gone_message
 
     gone = RuntimeError(
-        "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4: Connection reset by peer"
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4: Connection reset by peer. "
+        "This is typically caused by a remote process that exited or was killed"
     )
-    assert drnn_cli.cli._peer_gone(gone) is None  # one process: whatever it is, not a torchrun peer
-    monkeypatch.setenv(TORCHRUN_ENV, "test")
-    assert drnn_cli.cli._peer_gone(gone) == (
+    assert peer_gone_message(gone, in_process_group=False) is None  # one process: not a torchrun peer
+    assert peer_gone_message(gone, in_process_group=True) == (
         "another process of this torchrun job is gone ([../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read "
-        "error [127.0.0.1]:4: Connection reset by peer); its own line says why (an error, or a kill): fix that "
-        "and run the command again (with --resume where a checkpoint was written)"
+        "error [127.0.0.1]:4: Connection reset by peer. This is typically caused by a remote process that …); "
+        "its own line says why (an error, or a kill): fix that and run the command again (with --resume where "
+        "a checkpoint was written)"
     )
-    assert drnn_cli.cli._peer_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert peer_gone_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), True) is None
+    watchdog = RuntimeError(
+        "NCCL communicator was aborted on rank 1. Original reason for failure was: [Rank 1] Watchdog caught "
+        "collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE) ran for 600000 milliseconds"
+    )
+    assert peer_gone_message(watchdog, True) is None  # an internal error: a hang
 
 
 def test_a_sigpipe_while_drnns_output_is_open_is_ignored_as_python_ignores_it() -> None:

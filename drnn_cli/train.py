@@ -888,10 +888,12 @@ class Trainer:
 
     def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
         self._save(LAST, epoch, progress)
+        # Written (rank 0), or being written: a signal now changes nothing, the wait below included (a
+        # handler runs at the first instruction after the barrier returns).
+        self.stops.settle()
         # Under torchrun the others wait until rank 0 has written it: a rank that left at once exited
         # 143, torchrun sent SIGTERM to the rest, and rank 0 ended in the middle of the write.
         wait_for_every_rank(self.dist)
-        self.stops.settle()
         step = progress.step if progress else 0
         pending = bool(progress and progress.boundary_pending)
         cut = " (its validation cut short: --resume runs it first)" if pending else ""

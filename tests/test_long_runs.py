@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -396,6 +397,42 @@ def test_under_torchrun_a_validation_is_abandoned_by_a_vote_every_8_minibatches(
     with pytest.raises(EvaluationAbandoned):
         abandon(8 * 80, 1_000)
     assert votes == [0.0, 0.0] and trainer.stops.name == "SIGTERM"
+
+
+def test_a_stop_waits_for_every_rank_after_its_checkpoint_and_no_signal_then_cuts_it_short(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Under torchrun the ranks leave only once rank 0 has written the stop's checkpoint (they left at
+    once, torchrun sent rank 0 a SIGTERM of its own, and its write was cut short: a practitioner trial),
+    and a signal arriving meanwhile (a second Ctrl-C, torchrun's SIGTERM) no longer ends it without its
+    stop line."""
+    import drnn_cli.train
+    from drnn_cli.runtime import DistContext
+    from drnn_cli.signals import StopRequests
+
+    order: list[str] = []
+    trainer = Trainer.__new__(Trainer)  # what the stop reads, without building a run
+    trainer.dist, trainer.stops, trainer.run_dir = (
+        DistContext(rank=0, world_size=2),
+        StopRequests(),
+        Path("runs/x"),
+    )
+    trainer.global_step, trainer.began_at, trainer._first_step, trainer.resume_advice = 19, 0.0, 0, "--resume"
+    monkeypatch.setattr(trainer, "_save", lambda *args: order.append("checkpoint written"))
+    monkeypatch.setattr(trainer, "_epochs_done", lambda epoch, step: 1.0)
+
+    def barrier(_dist: DistContext) -> None:
+        order.append("every rank waits")
+        signal.raise_signal(signal.SIGINT)  # a second Ctrl-C while the others arrive
+
+    monkeypatch.setattr(drnn_cli.train, "wait_for_every_rank", barrier)
+    with trainer.stops.noted(), pytest.raises(TrainingInterrupted) as stopped:
+        signal.raise_signal(signal.SIGINT)
+        trainer._interrupt(1, None)
+    assert order == ["checkpoint written", "every rank waits"]
+    assert stopped.value.exit_code == 130 and str(stopped.value).startswith(
+        "training stopped by SIGINT after epoch 1"
+    )
 
 
 def test_under_torchrun_the_time_budget_is_voted_on_after_every_step_once_it_nearly_runs_out(

@@ -172,7 +172,7 @@ def own_text_notes(
 
 
 def late_cadence_notes(
-    train: TrainConfig, planned_steps: int, steps_per_epoch: int, validates: bool
+    train: TrainConfig, planned_steps: int, steps_per_epoch: float, validates: bool
 ) -> list[str]:
     """A run that ``train.max_steps`` ends inside its epochs, whose validation, checkpoint or log comes
     first after that end: none of them happens until the end, and a crash or ``kill -9`` before it

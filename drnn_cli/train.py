@@ -539,8 +539,9 @@ class Trainer:
         return self._steps_per_epoch
 
     def _mean_steps_per_epoch(self) -> float:
-        """What a step budget's epochs are estimated with, in what the run says it spans (epoch 0's count is
-        1 where a tiny text's epochs have 1 or 2 steps)."""
+        """What steps are converted to epochs with wherever the run says how long it is (its first line,
+        its notes, the progress bar): epoch 0's count is 3 where a tiny text's epochs have 2 or 3 steps.
+        The learning-rate schedule keeps epoch 0's (``steps_per_epoch``), so runs train as they did."""
         return mean_steps_per_epoch(len(self.train_tokens), self.config.data)
 
     def _set_lr(self, epoch: int, steps_done: int | None = None) -> None:
@@ -988,12 +989,16 @@ class Trainer:
 
     def _planned_steps(self) -> int:
         """The optimizer steps the run will reach, as ``_planned_epochs`` (``max_time`` unforeseen)."""
-        return self._step_budget() or self.config.train.epochs * self.steps_per_epoch
+        return self._step_budget() or round(self.config.train.epochs * self._mean_steps_per_epoch())
 
     def _step_budget(self) -> int:
         """``train.max_steps`` where it ends the run before ``train.epochs`` does, else 0."""
         max_steps = self.config.train.max_steps
-        return max_steps if max_steps and max_steps < self.config.train.epochs * self.steps_per_epoch else 0
+        return (
+            max_steps
+            if max_steps and max_steps < self.config.train.epochs * self._mean_steps_per_epoch()
+            else 0
+        )
 
     def _position(self) -> float:
         """Epochs done before this session, fractional when it resumes inside an epoch (as the
@@ -1096,7 +1101,10 @@ class Trainer:
             # a run measured in steps from its start: cadences in epochs may come after its end
             *(
                 late_cadence_notes(
-                    train, self._step_budget(), self.steps_per_epoch, len(self.val_tokens) >= MIN_EVAL_TOKENS
+                    train,
+                    self._step_budget(),
+                    self._mean_steps_per_epoch(),
+                    len(self.val_tokens) >= MIN_EVAL_TOKENS,
                 )
                 if self.global_step == 0 and self._step_budget()
                 else ()

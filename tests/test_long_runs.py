@@ -368,6 +368,11 @@ def test_a_step_budget_on_a_tiny_text_counts_its_epochs_by_their_mean_length(wor
     result = train_run(TrainRequest(write_config(workdir, tree), overrides), reporter=reporter)
     assert starts[0].span() == "20 steps (8.15 epochs)"  # 20 / (27/11)
     assert starts[0].total_epochs == 9 and 7 < result.epochs <= 9  # ceil(8.15) for the progress bar
+    # 8 epochs are 19.6 steps on average: a budget of 22 does not end the run first (epoch 0 has 3 steps
+    # at seed 3, which called it "22 steps (8.96 epochs)" beside a note's "22 steps (7.3 epochs)")
+    overrides = ("train.epochs=8", "train.max_steps=22", "train.checkpoint_every=10")
+    train_run(TrainRequest(write_config(workdir, tree), overrides, overwrite=True), reporter=reporter)
+    assert starts[1].span() == "8 epochs" and starts[1].total_epochs == 8
 
 
 def test_under_torchrun_a_validation_is_abandoned_by_a_vote_every_8_minibatches(

@@ -231,6 +231,10 @@ class Trainer:
         self._steps_per_epoch = 0
         self._time_vote_every = STOP_VOTE_EVERY  # under torchrun, steps between votes on train.max_time
         self._steps_to_stop_vote = STOP_VOTE_EVERY  # … and until the next vote on a signal
+        self._last_stop_vote = (
+            time.monotonic(),
+            0,
+        )  # when, and after which step: the pace since (fit resets it)
         self.stopped_mid_epoch: StopReason | None = None
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
@@ -518,11 +522,12 @@ class Trainer:
         if vote and not self.stops.pending:
             self.stops.signum = vote  # another rank's signal: reported and exited with as its own
         if step is not None:  # the next vote: after 8 steps, or as many as the slowest rank takes in 5 s
-            done = self.global_step - self._first_step
-            pace = vote_max(self.budget.elapsed() / done if done > 0 else 0.0, self.dist, self.device)
-            self._steps_to_stop_vote = max(
-                1, min(STOP_VOTE_EVERY, int(STOP_VOTE_SECONDS / pace) if pace else 8)
-            )
+            now, (since, at_step) = time.monotonic(), self._last_stop_vote
+            steps = self.global_step - at_step
+            pace = vote_max((now - since) / steps if steps > 0 else 0.0, self.dist, self.device)
+            self._last_stop_vote = (now, self.global_step)
+            fits = int(STOP_VOTE_SECONDS / pace) if pace else STOP_VOTE_EVERY
+            self._steps_to_stop_vote = max(1, min(STOP_VOTE_EVERY, fits))
         return bool(vote)
 
     # ----- the loop --------------------------------------------------------------------------
@@ -1066,6 +1071,7 @@ class Trainer:
         parameters = count_parameters(self.model)
         began_at = self.began_at = self._position()
         self.budget.start()
+        self._last_stop_vote = (time.monotonic(), self.global_step)
         if already is None:
             step_budget = self._step_budget()
             self.reporter.start(

@@ -526,21 +526,23 @@ def test_under_torchrun_slow_steps_are_voted_on_for_signals_within_5_seconds(mon
         torch.device("cpu"),
         StopRequests(),
     )
-    trainer.budget, trainer._first_step, trainer._steps_to_stop_vote = Budget(), 0, 8
-    seconds_a_step = 0.5
-    monkeypatch.setattr(trainer.budget, "elapsed", lambda: trainer.global_step * seconds_a_step)
+    trainer._steps_to_stop_vote, trainer._last_stop_vote = 8, (0.0, 0)
+    clock = [0.0]
+    monkeypatch.setattr(drnn_cli.train.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(
         drnn_cli.train,
         "vote_max",
         lambda value, _dist, _device: votes.append((trainer.global_step, value)) or value,
     )
     for trainer.global_step in range(1, 9):
+        clock[0] += 0.5
         assert not trainer._stop_requested(trainer.global_step)
-    assert votes == [(8, 0.0), (8, 0.5)]  # the signal, then the pace: 0.5 s a step, 8 steps in 4 s
-    seconds_a_step = 2.0  # slower now: the next vote after 2 steps (5 s), then every 2
+    assert votes == [(8, 0.0), (8, 0.5)]  # the signal, then the pace since the last vote: 0.5 s a step
     for trainer.global_step in range(9, 21):
+        clock[0] += 2.0  # slower now: the next vote after 2 steps (5 s), then every 2
         trainer._stop_requested(trainer.global_step)
     assert [step for step, value in votes[::2]] == [8, 16, 18, 20]
+    assert [value for step, value in votes[1::2]] == [0.5, 2.0, 2.0, 2.0]  # the pace since the last vote
 
 
 def test_cosine_schedule_anneals_over_max_steps(workdir: Path):

@@ -225,6 +225,7 @@ class EvalReport:
     notes: tuple[str, ...] = ()  # what reading the run's corpus could not do (Dataset.notes)
     step_in_epoch: int = 0  # steps into the epoch after ``epoch`` (a checkpoint written inside an epoch)
     checkpoint: str = ""  # the file read (a run's best, or its last without a validation split)
+    rows: int = 1  # the parallel rows the text was read in, each from a zero state
 
     def summary(self) -> dict:
         return {
@@ -238,6 +239,8 @@ class EvalReport:
             "unknown": self.unknown,
             "source": self.source,
             "checkpoint": self.checkpoint,
+            # two checkpoints' perplexities compare at the same rows only (a run's default is its batch size)
+            "rows": self.rows,
         }
 
 
@@ -316,6 +319,7 @@ def evaluate_split(
         notes,
         checkpoint.step_in_epoch,
         str(loaded.path.absolute()),  # as predict names it
+        max(1, min(rows or config.data.batch_size, result.tokens)),  # as eval_batches cuts them
     )
 
 

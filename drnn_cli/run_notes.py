@@ -104,8 +104,9 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             prefix_tokens(prefix, vocab, data.preprocess, data.token)
         except DrnnError:
             notes.append(
-                f"train.sample_prefixes: {prefix!r} cannot be written in this text's {data.token}s, so it "
-                "gets no samples; set train.sample_prefixes to text it can spell"
+                f"train.sample_prefixes: {prefix!r} cannot be written in the vocabulary's {data.token}s (the "
+                "text's, or under --init-from the checkpoint's), so it gets no samples; set "
+                "train.sample_prefixes to text it can spell"
             )
     model = config.model
     if not model.embedding_dim and len(vocab) > ONE_HOT_VOCAB_NOTED:

@@ -348,8 +348,8 @@ class Trainer:
             )
             raise DrnnError(
                 f"the processes of this torchrun job start from different checkpoints ({which}): every node "
-                'must read the same run directory and text (shared storage, README "Several processes, GPUs '
-                'or nodes")'
+                "must read the same run directory and text (shared storage, "
+                'README "Several processes, GPUs or nodes")'
             )
 
     def _restore(self, checkpoint: Checkpoint) -> None:

@@ -159,6 +159,17 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
     if dist.is_main:
         remove_stale_temporaries(run_dir)  # left by a killed writer; we hold the lock, so none is live
     if not request.resume and holds_run(run_dir) and not request.overwrite:
+        if request.init_from is not None:  # a fine-tuning run is a new one: --resume does not apply
+            source = request.init_from.resolve()
+            own = source == run_dir.resolve() or run_dir.resolve() in source.parents
+            raise DrnnError(
+                f"run directory {run_dir} already holds a run"
+                + (
+                    " (the one --init-from names); train the fine-tuned run elsewhere with --run DIR"
+                    if own
+                    else "; train the fine-tuned run elsewhere with --run DIR, or replace that run with --overwrite"
+                )
+            )
         raise DrnnError(
             f"run directory {run_dir} already holds a run; continue it with --resume, pick another with --run DIR, "
             f"or replace it with --overwrite"
@@ -276,22 +287,25 @@ def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | No
     share = count / max(1, used)
     worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
     where = " in the whole text" if used < dataset.total_tokens else ""
+    # --init-from reads the text with the checkpoint's preprocessing already: what helps is the text itself
+    # (its tokens replaced with ones the vocabulary holds) or a vocabulary of its own
+    rewrite = "replace them in the text, or train a new model without --init-from (a vocabulary of its own)"
     if count == used:  # whatever --max-unknown says: a model of <unk> alone learns nothing, at perplexity 1
         raise DrnnError(
             f"none of the {used:,} tokens the run uses is in the checkpoint's vocabulary ({worst}{where}): "
-            "fine-tuning would learn to predict <unk> alone; preprocess the text like the original run, or "
-            "train a new model without --init-from"
+            f"fine-tuning would learn to predict <unk> alone; {rewrite}"
         )
     if share > limit:
         raise DrnnError(
-            f"{count:,} of the {used:,} tokens the run uses ({_percent(share)}) are not in the checkpoint's "
-            f"vocabulary ({worst}{where}), above the allowed {_percent(limit)}; raise --max-unknown, or "
+            f"{count:,} of the {used:,} tokens the run uses ({_percent(share, unlike=limit)}) are not in the "
+            f"checkpoint's vocabulary ({worst}{where}), above the allowed {_percent(limit, unlike=share)}; raise "
+            "--max-unknown, or "
             + (
-                f"preprocess the text like the original run (its vocabulary kept only tokens seen "
+                f"train a new model without --init-from (its vocabulary kept only tokens seen "
                 f"{dataset.vocab.min_freq}+ times: data.min_freq {dataset.vocab.min_freq} made the rarer "
                 "<unk> by design, on its own text too)"
                 if dataset.vocab.min_freq > 1
-                else "preprocess the text like the original run"
+                else rewrite
             )
         )
     if reporter is not None and count:
@@ -301,6 +315,13 @@ def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | No
         )
 
 
-def _percent(share: float) -> str:
-    """Three significant digits: a share just above a limit never prints as the limit itself."""
-    return f"{share * 100:.3g}%"
+def _percent(share: float, unlike: float | None = None) -> str:
+    """Three significant digits, more where three would print it as ``unlike`` (a limit it is above, or
+    the share above it: "3.42% … above the allowed 3.42%") or a share short of all as 100%."""
+    shown = ""
+    for digits in range(3, 12):
+        shown = f"{share * 100:.{digits}g}%"
+        same = unlike is not None and shown == f"{unlike * 100:.{digits}g}%" and share != unlike
+        if not same and (shown != "100%" or share >= 1):
+            break
+    return shown

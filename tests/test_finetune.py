@@ -397,7 +397,8 @@ def test_init_from_a_min_freq_run_says_its_vocabulary_was_cut_by_design(
     tmp_path: Path, texts: tuple[Path, Path]
 ):
     """A word run with min_freq 2 fine-tuned on its own text: the rare words are <unk> by design, and
-    the advice to preprocess the text like the original run could not help (it was)."""
+    the advice to preprocess the text like the original run could not help (it was, as --init-from reads
+    every text)."""
     first, _ = texts
     own = tmp_path / "own.txt"
     own.write_text(first.read_text() + " ".join(f"rare{i}" for i in range(100)) + "\n")
@@ -408,10 +409,38 @@ def test_init_from_a_min_freq_run_says_its_vocabulary_was_cut_by_design(
         train_run(TrainRequest(config_for(tmp_path, own, "ft", data=words, train={"epochs": 1}),
                                init_from=Path("runs/base")))  # fmt: skip
     assert str(refused.value).endswith(
-        "raise --max-unknown, or preprocess the text like the original run (its vocabulary kept only tokens "
+        "raise --max-unknown, or train a new model without --init-from (its vocabulary kept only tokens "
         "seen 2+ times: data.min_freq 2 made the rarer <unk> by design, on its own text too)"
     )
     assert "100 of the 640 tokens the run uses (15.6%)" in str(refused.value)
+
+
+def test_shares_print_past_a_limit_they_exceed_and_short_of_all():
+    """ "260 of the 7,600 tokens (3.42%) ... above the allowed 3.42%", and 3,900 of 3,901 as "(100%)"
+    (a practitioner's trial): more digits where three would say so."""
+    from drnn_cli.train_session import _percent
+
+    assert (_percent(260 / 7600, unlike=0.0342), _percent(0.0342, unlike=260 / 7600)) == ("3.421%", "3.42%")
+    assert (_percent(3900 / 3901), _percent(1.0), _percent(0.05, unlike=0.01)) == ("99.97%", "100%", "5%")
+
+
+def test_a_fine_tuning_run_into_the_run_it_starts_from_is_told_to_go_elsewhere(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """Base and fine-tuned run from one preset share runs/<preset>: the refusal offered --resume and
+    --overwrite, both refused for a fine-tuning run from that same run (a practitioner's trial)."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    with pytest.raises(DrnnError) as refused:
+        train_run(
+            TrainRequest(
+                config_for(tmp_path, second, "base", train={"epochs": 1}), init_from=Path("runs/base")
+            )
+        )
+    assert str(refused.value) == (
+        "run directory runs/base already holds a run (the one --init-from names); train the fine-tuned run "
+        "elsewhere with --run DIR"
+    )
 
 
 def test_a_literal_unk_the_text_writes_itself_is_not_counted_as_unknown_under_init_from(

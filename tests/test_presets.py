@@ -392,6 +392,7 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
         "unknown",
         "source",
         "checkpoint",
+        "rows",
     }
     assert evaluated["checkpoint"] == predicted["checkpoint"]  # the same run's same file
     assert (evaluated["split"], evaluated["epoch"], evaluated["step"], evaluated["tokens"]) == (

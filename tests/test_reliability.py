@@ -379,8 +379,8 @@ def test_settings_this_text_cannot_honour_are_noted_on_one_line_each(workdir: Pa
         "will have nothing to read (raise data.test_fraction)",
     ]
     assert notes[2:] == [
-        f"note: train.sample_prefixes: {prefix!r} cannot be written in this text's chars, so it gets no samples; "
-        "set train.sample_prefixes to text it can spell"
+        f"note: train.sample_prefixes: {prefix!r} cannot be written in the vocabulary's chars (the text's, or "
+        "under --init-from the checkpoint's), so it gets no samples; set train.sample_prefixes to text it can spell"
         for prefix in ("time traveller", "traveller")
     ]
     code, out, err = cli(

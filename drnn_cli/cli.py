@@ -869,6 +869,11 @@ def _out_of_memory(error: Exception) -> str | None:
 PEER_SIGNAL_WAIT_S = 0.5
 
 
+def _await_own_signal() -> None:
+    """Give a signal on its way to this process the time to arrive (its handler raises)."""
+    time.sleep(PEER_SIGNAL_WAIT_S)
+
+
 def _interrupted_line(signalled: Signalled) -> str:
     """The line for a signal outside the training loop; torchrun ends every process with SIGTERM when one
     of them fails, whose own line then says why."""
@@ -917,7 +922,7 @@ def main(argv: list[str] | None = None) -> None:
                 if session.debug:
                     traceback.print_exc()
                 try:  # a signal to every process of the job: this one's may come just after its peer left
-                    time.sleep(PEER_SIGNAL_WAIT_S)
+                    _await_own_signal()
                 except stopped as signalled:
                     _say(errors, _interrupted_line(signalled))
                     sys.exit(signalled.exit_code)

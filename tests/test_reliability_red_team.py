@@ -1322,20 +1322,20 @@ def test_a_worker_whose_peer_left_on_the_jobs_sigterm_says_it_was_interrupted(
 
     monkeypatch.setenv(TORCHRUN_ENV, "test")
     monkeypatch.setattr(train_session, "train_run", peer_left)
-    waited: list[float] = []
+    waited: list[str] = []
 
-    def signal_arrives(seconds: float) -> None:
-        waited.append(seconds)
+    def signal_arrives() -> None:
+        waited.append("waited")
         signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(drnn_cli.cli.time, "sleep", signal_arrives)
+    monkeypatch.setattr(drnn_cli.cli, "_await_own_signal", signal_arrives)
     code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))
     assert (code, err) == (
         143,
         "drnn: interrupted (SIGTERM) (torchrun's, if another process of the job failed)\n",
     )
-    assert waited == [0.5]
-    monkeypatch.setattr(drnn_cli.cli.time, "sleep", waited.append)  # no signal: the peer did fail
+    assert waited == ["waited"]
+    monkeypatch.setattr(drnn_cli.cli, "_await_own_signal", lambda: waited.append("waited"))  # the peer failed
     code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))
     assert_one_line_error(code, err, "another process of this torchrun job is gone")
 

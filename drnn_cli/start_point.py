@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
-from drnn_cli.config import Config, ConfigError, build_config, parse_override
+from drnn_cli.config import Config, ConfigError, DataConfig, build_config, parse_override
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, is_latest_marker, latest_run, resolve_checkpoint
@@ -305,7 +305,9 @@ def init_point(
             f"--init-from sets {_describe_changes(config, adopted, taken)}, as in the checkpoint (its weights "
             "and vocabulary fix them; the run's config.yaml records them)"
         )
-    if config.data.min_freq != checkpoint.config.data.min_freq:
+    # a min_freq the config chose (a default 0 under a base of min_freq 3 was noted, never set by anyone)
+    chosen = "data.min_freq" in given or config.data.min_freq != DataConfig().min_freq
+    if chosen and config.data.min_freq != checkpoint.config.data.min_freq:
         notes.append(
             f"data.min_freq {config.data.min_freq} does not apply with --init-from: the run keeps the "
             f"checkpoint's vocabulary of {len(checkpoint.vocab):,} tokens"

@@ -391,6 +391,13 @@ def test_min_freq_under_init_from_is_noted_as_not_applying(tmp_path: Path, texts
         f"data.min_freq 5 does not apply with --init-from: the run keeps the checkpoint's vocabulary of "
         f"{base_vocab:,} tokens" in notes.notes
     )
+    # the default, under a base that chose min_freq 2: nobody set it, and nothing is said
+    words = {"token": "word", "min_freq": 2}
+    train_run(TrainRequest(config_for(tmp_path, first, "words", data=words, train={"epochs": 1})))
+    notes = Notes()
+    plain = config_for(tmp_path, first, "ft-words", data={"token": "word"}, train={"epochs": 1})
+    train_run(TrainRequest(plain, init_from=Path("runs/words"), max_unknown_fraction=1.0), reporter=notes)
+    assert not [note for note in notes.notes if "min_freq" in note and "does not apply" in note], notes.notes
 
 
 def test_init_from_a_min_freq_run_says_its_vocabulary_was_cut_by_design(

@@ -158,9 +158,10 @@ def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Ite
     # waited behind the jobs' twenty-odd interpreters starting at once).
     overwrite = write_config(root, "random")
     finished = root / "runs" / "overwrite"
-    train_run(
-        TrainRequest(config_path=overwrite, overrides=("train.epochs=1",), run_dir=finished, device="cpu")
-    )
+    with pytest.MonkeyPatch.context() as patch:  # the jobs' corpus cache, as their environment names it
+        patch.setenv("DRNN_DATA_DIR", env["DRNN_DATA_DIR"])
+        patch.setenv("DRNN_DATA_URL", env["DRNN_DATA_URL"])
+        train_run(TrainRequest(overwrite, ("train.epochs=1",), run_dir=finished, device="cpu"))
     jobs = {sampling: start(sampling, write_config(root, sampling)) for sampling in SAMPLINGS}
     jobs["indivisible"] = start("indivisible", write_config(root, "sequential"), "--set", "data.batch_size=7")
     # Dropout draws from each rank's own random stream: an uninterrupted run, and one stopped inside

@@ -26,23 +26,23 @@ HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
 
 
-def launched_rank() -> int:
-    """This process's rank as ``torchrun`` set it in the environment (0 when run alone, whatever a stray
-    ``RANK`` says: a plain ``RANK=1 drnn train`` trained in silence, taking itself for a worker)."""
-    try:
-        if TORCHRUN_ENV not in os.environ and int(os.environ.get("WORLD_SIZE") or "1") <= 1:
-            return 0
-        return int(os.environ.get("RANK") or "0")
-    except ValueError:  # not a launcher's: init_distributed names the variable in its one line
-        return 0
-
-
 def in_process_group() -> bool:
     """Whether this process was started as one of a job's (torchrun, or WORLD_SIZE > 1 by hand)."""
     try:
         return TORCHRUN_ENV in os.environ or int(os.environ.get("WORLD_SIZE") or "1") > 1
-    except ValueError:
+    except ValueError:  # not a launcher's: init_distributed names the variable in its one line
         return False
+
+
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` set it in the environment (0 when run alone, whatever a stray
+    ``RANK`` says: a plain ``RANK=1 drnn train`` trained in silence, taking itself for a worker)."""
+    if not in_process_group():
+        return 0
+    try:
+        return int(os.environ.get("RANK") or "0")
+    except ValueError:  # as above
+        return 0
 
 
 def exit_process(run: Callable[[], None]) -> None:

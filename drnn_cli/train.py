@@ -231,16 +231,13 @@ class Trainer:
         self._steps_per_epoch = 0
         self._time_vote_every = STOP_VOTE_EVERY  # under torchrun, steps between votes on train.max_time
         self._steps_to_stop_vote = STOP_VOTE_EVERY  # … and until the next vote on a signal
-        self._last_stop_vote = (
-            time.monotonic(),
-            0,
-        )  # when, and after which step: the pace since (fit resets it)
+        # when the last vote on a signal was, and after which step: the pace since (fit resets it)
+        self._last_stop_vote = (time.monotonic(), 0)
         self.stopped_mid_epoch: StopReason | None = None
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
-        digest = (
-            _header_digest(resume) if resume is not None and self.dist.enabled else 0.0
-        )  # before restoring
+        # read before restoring, which takes this rank's part of a mid-epoch checkpoint
+        digest = _header_digest(resume) if resume is not None and self.dist.enabled else 0.0
         if resume is not None:
             self._restore(resume)
             if best_restarts:  # its validations read other tokens: their best and count mean nothing now

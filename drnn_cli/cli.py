@@ -551,9 +551,12 @@ def train_command(
     over = f" (last {window:,} step{'' if window == 1 else 's'})" if window else ""
     table.add_row("train perplexity", _perplexity(result.train_ppl, 3) + over)
     if result.best_val_ppl is not None:
+        validations = [result.val_ppl, result.best_val_ppl]
+        if result.start_val_ppl is not None:  # fine-tuning: the starting weights', before any step
+            validations.insert(0, result.start_val_ppl)
         table.add_row(
-            "validation perplexity (last / best)",
-            f"{_perplexity(result.val_ppl, 3)} / {_perplexity(result.best_val_ppl, 3)}",
+            f"validation perplexity ({'start / ' if len(validations) == 3 else ''}last / best)",
+            " / ".join(_perplexity(ppl, 3) for ppl in validations),
         )
     speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
     # the last epoch's (or the epoch so far, where a stop cut it), as d2l reports: not the run's mean

@@ -16,7 +16,7 @@ class PlottedRecord(Protocol):
     """What the plot reads of a metrics line (report.py's ``EpochRecord``, which imports this module)."""
 
     epoch: float
-    train_ppl: float
+    train_ppl: float | None  # None: a fine-tuning run's starting weights, validated before training
     val_ppl: float | None
     tokens_seen: int
 
@@ -54,10 +54,11 @@ def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
         return None
     figure = Figure(figsize=(6, 4), dpi=100)
     axes = figure.subplots()
-    by_tokens = all(r.tokens_seen for r in records)
+    by_tokens = all(r.tokens_seen for r in records if r.epoch > 0)  # epoch 0 has seen none either way
     xs = [r.tokens_seen if by_tokens else r.epoch for r in records]
-    # points marked while few: a line of one point is invisible
-    axes.plot(xs, [r.train_ppl for r in records], label="train", marker="." if len(records) < 50 else None)
+    trained = [(x, r.train_ppl) for x, r in zip(xs, records, strict=True) if r.train_ppl is not None]
+    if trained:  # points marked while few: a line of one point is invisible
+        axes.plot(*zip(*trained, strict=True), label="train", marker="." if len(trained) < 50 else None)
     validated = [(x, r.val_ppl) for x, r in zip(xs, records, strict=True) if r.val_ppl is not None]
     if validated:
         axes.plot(
@@ -65,7 +66,7 @@ def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
         )
     axes.set_xlabel("tokens seen" if by_tokens else "epoch")
     axes.set_ylabel("perplexity")
-    if records and max(r.train_ppl for r in records) > 20 * min(r.train_ppl for r in records):
+    if trained and max(ppl for _, ppl in trained) > 20 * min(ppl for _, ppl in trained):
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()

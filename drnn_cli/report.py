@@ -48,10 +48,12 @@ class EpochRecord:
     ``train_ppl`` covers the ``train_ppl_steps`` optimizer steps since the epoch's previous line (or
     its start), ``tokens_per_s`` the epoch so far (README "Long runs"). ``step`` counts optimizer steps
     and ``tokens_seen`` training tokens since the run began (0 in lines written before they existed).
+    A fine-tuning run's first line, epoch 0, is its starting weights' validation: nothing trained
+    yet, so ``train_ppl`` is None (see :meth:`is_start`).
     """
 
     epoch: float
-    train_ppl: float
+    train_ppl: float | None
     val_ppl: float | None
     lr: float
     tokens_per_s: float
@@ -59,6 +61,11 @@ class EpochRecord:
     step: int = 0
     tokens_seen: int = 0
     train_ppl_steps: int = 0
+
+    @property
+    def is_start(self) -> bool:
+        """The starting weights' line of a fine-tuning run (epoch 0: every trained line comes later)."""
+        return self.epoch == 0 and self.train_ppl is None
 
     def to_json(self) -> str:
         """The line; a perplexity past float range (a loss over ~709 nats) is null, as in ``--json``."""
@@ -71,11 +78,12 @@ class EpochRecord:
         fields = json.loads(line)
         if not isinstance(fields, dict):
             raise ValueError(f"a metrics line is a JSON object, not {type(fields).__name__}")
-        if fields.get("train_ppl", 0.0) is None:
+        if fields.get("train_ppl", 0.0) is None and fields.get("epoch") != 0:
             fields["train_ppl"] = math.inf  # written as null: it had overflowed
         record = cls(**fields)
         for name, value in asdict(record).items():
-            if not (value is None and name == "val_ppl") and not strict_json.is_number(value):
+            unmeasured = name == "val_ppl" or (name == "train_ppl" and record.epoch == 0)
+            if not (value is None and unmeasured) and not strict_json.is_number(value):
                 raise ValueError(f"metrics field {name} is {value!r:.40}, not a number")
         return record
 
@@ -106,6 +114,7 @@ class TrainResult:
     train_ppl_steps: int = 0  # the steps train_ppl averages over (its metrics line's)
     steps: int = 0  # optimizer steps since the run began, when it stopped
     start_step: int = 0  # … when this session began
+    start_val_ppl: float | None = None  # fine-tuning: the starting weights' validation perplexity
 
     def summary(self) -> dict[str, Any]:
         """The ``drnn train --json`` object (README "Commands": `drnn train`)."""
@@ -117,6 +126,7 @@ class TrainResult:
             "train_ppl_steps": self.train_ppl_steps,
             "val_ppl": self.val_ppl,
             "best_val_ppl": self.best_val_ppl,
+            "start_val_ppl": self.start_val_ppl,
             "tokens_per_s": self.tokens_per_s,
             "device": self.device,
             "world_size": self.world_size,

@@ -960,6 +960,28 @@ class Trainer:
         self._check_kernels("while validating")
         return result.perplexity
 
+    def _validate_starting_weights(self) -> None:
+        """A fine-tuning run validates the weights it starts from before its first step: the figure its
+        epochs must beat (metrics.jsonl's epoch 0), and its first best checkpoint. A run that only makes
+        them worse on the new text (a learning rate too high) then keeps them as its best, and patience
+        counts from them, rather than keeping its least bad epoch as if it had helped."""
+        try:
+            val_ppl = self._validate_to_judge(abandonable=True)
+        except EvaluationAbandoned:  # nothing trained: --resume validates them again
+            self._interrupt(0, None)
+        if val_ppl is None:  # no validation split
+            return
+        self.reporter.note(
+            f"the starting weights' validation perplexity on this text: {val_ppl:.4g} "
+            f"(metrics.jsonl's epoch 0; {BEST} holds them until a validation beats it)"
+        )
+        self._judge(val_ppl, 0)
+        self._append_metrics(EpochRecord(0, None, val_ppl, self.optimizer.param_groups[0]["lr"], 0.0, 0.0))
+
+    def _start_record(self) -> EpochRecord | None:
+        """The starting weights' line of a fine-tuning run, where it validated them."""
+        return self.records[0] if self.records and self.records[0].is_start else None
+
     def _abandon_on_signal(self) -> Callable[[int, int], None]:
         """The hook ``evaluate`` calls before each minibatch of an abandonable validation."""
         batches = itertools.count()
@@ -1117,6 +1139,8 @@ class Trainer:
         )
         for note in setup if already is None else ():
             self.reporter.note(note)
+        if already is None and self.global_step == 0 and self.init_from_label and not self.records:
+            self._validate_starting_weights()
         val_ppl = self.records[-1].val_ppl if self.records else None
         tokens_per_s: float | None = None  # none measured until an epoch is trained
         stop_reason: StopReason = "epochs"
@@ -1182,6 +1206,14 @@ class Trainer:
             )
         if already is None and (scored := self._scored_unknown_note()) is not None:
             self.reporter.note(scored)  # beside the perplexities it qualifies: the start's note scrolled by
+        start = self._start_record()
+        if already is None and start is not None and self.best_kept == start.val_ppl:
+            self.reporter.note(
+                f"no validation beat the starting weights' perplexity {start.val_ppl:.4g}: "
+                f"{self.run_dir / BEST} holds them, and predict and eval read it"
+            )
+        # the last line that trained (a fine-tuning run's first validates the starting weights alone)
+        trained = next((r for r in reversed(self.records) if r.train_ppl is not None), None)
         samples = self._samples() if self.dist.is_main else {}
         if self.tensorboard is not None and already is None:  # a resume that trained nothing logs nothing
             self.tensorboard.add_samples(samples, self.global_step)
@@ -1194,10 +1226,11 @@ class Trainer:
             start_epoch=began_at,
             start_step=self._first_step,
             # the last line's: the steps since the one before it in its epoch (README "Long runs")
-            train_ppl=self.records[-1].train_ppl if self.records else math.nan,
-            train_ppl_steps=self.records[-1].train_ppl_steps if self.records else 0,
+            train_ppl=trained.train_ppl if trained and trained.train_ppl is not None else math.nan,
+            train_ppl_steps=trained.train_ppl_steps if trained else 0,
             val_ppl=val_ppl,
             best_val_ppl=self.best_kept,
+            start_val_ppl=start.val_ppl if start is not None else None,
             tokens_per_s=tokens_per_s,
             device=device_name(self.device),
             world_size=self.dist.world_size,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,10 @@ from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import evaluate_split, load_model
 from drnn_cli.config import build_config
 from drnn_cli.data import load_dataset
-from drnn_cli.errors import DrnnError
-from drnn_cli.report import SilentReporter
+from drnn_cli.errors import DrnnError, TrainingInterrupted
+from drnn_cli.plot import render_perplexity_plot
+from drnn_cli.report import EpochRecord, SilentReporter
+from drnn_cli.train import Trainer
 from drnn_cli.train_session import TrainRequest, train_run
 from drnn_cli.vocab import Vocab
 
@@ -331,11 +335,16 @@ def test_resume_of_a_run_trained_from_scratch_still_refuses_a_changed_architectu
 def test_a_fine_tuned_run_says_whose_weights_it_starts_from(tmp_path: Path, texts: tuple[Path, Path], cli):
     first, second = texts
     train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
-    code, out, _ = cli("train", "--config", str(config_for(tmp_path, second, "tuned", train={"epochs": 1})),
-                       "--init-from", "runs/base")  # fmt: skip
+    tuned = config_for(tmp_path, second, "tuned", data={"val_fraction": 0.2}, train={"epochs": 1})
+    code, out, _ = cli("train", "--config", str(tuned), "--init-from", "runs/base")
     source = (tmp_path / "runs" / "base" / "last.safetensors").resolve()
     assert code == 0 and f", 1 epoch, from the weights of {source}\n" in out, out
     assert "from scratch" not in out
+    # the summary and --json give the starting weights' validation beside the run's
+    start = json.loads(Path("runs/tuned/metrics.jsonl").read_text().splitlines()[0])["val_ppl"]
+    assert f"validation perplexity (start / last / best) │ {start:.3f} / " in out, out
+    code, out, _ = cli("train", "--config", str(tuned), "--init-from", "runs/base", "--overwrite", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["start_val_ppl"] == start
 
 
 def test_init_from_a_checkpoint_file_works_too(tmp_path: Path, texts: tuple[Path, Path]):
@@ -468,3 +477,114 @@ def test_a_literal_unk_the_text_writes_itself_is_not_counted_as_unknown_under_in
     assert str(refused.value).startswith(
         "1 of the 540 tokens the run uses (0.185%) are not in the checkpoint's vocabulary ('sleepy' ×1)"
     )
+
+
+def test_a_fine_tuning_run_validates_its_starting_weights_and_keeps_them_where_training_only_hurts(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """A learning rate far too high makes every epoch worse than the base on the new text. The run's
+    first metrics line (epoch 0) is the base's validation; it is the first best, so best.safetensors
+    keeps the base's weights (drnn eval of it gives that line's figure to the digit), patience counts
+    from it, and the run says so. Before, the least bad epoch became "best" with nothing said."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 2})))
+    hurtful = {"lr": 5.0, "epochs": 4, "patience": 1}
+    config = config_for(tmp_path, second, "hot", data={"val_fraction": 0.2}, train=hurtful)
+    notes = Notes()
+    result = train_run(TrainRequest(config, init_from=Path("runs/base")), reporter=notes)
+    lines = [json.loads(line) for line in Path("runs/hot/metrics.jsonl").read_text().splitlines()]
+    start = lines[0]
+    assert {key: start[key] for key in ("epoch", "train_ppl", "step", "tokens_seen", "train_ppl_steps")} == {
+        "epoch": 0,
+        "train_ppl": None,
+        "step": 0,
+        "tokens_seen": 0,
+        "train_ppl_steps": 0,
+    }
+    assert [line["epoch"] for line in lines] == [0, 1]  # patience 1: epoch 1 did not beat the start
+    assert lines[1]["val_ppl"] > start["val_ppl"]
+    assert (result.stop_reason, result.start_val_ppl, result.best_val_ppl) == (
+        "patience",
+        start["val_ppl"],
+        start["val_ppl"],
+    )
+    assert result.train_ppl == lines[1]["train_ppl"]  # the last line that trained, not the start's
+    best, base = (
+        load_checkpoint(Path("runs/hot/best.safetensors")),
+        load_checkpoint(Path("runs/base/last.safetensors")),
+    )
+    assert best.model_state.keys() == base.model_state.keys()
+    assert all(torch.equal(best.model_state[name], base.model_state[name]) for name in base.model_state)
+    assert (
+        evaluate_split(load_model(Path("runs/hot"), None, "cpu"), "val").result.perplexity == start["val_ppl"]
+    )
+    said = f"the starting weights' validation perplexity on this text: {start['val_ppl']:.4g} "
+    assert (
+        said + "(metrics.jsonl's epoch 0; best.safetensors holds them until a validation beats it)"
+        in notes.notes
+    )
+    assert notes.notes[-1] == (
+        f"no validation beat the starting weights' perplexity {start['val_ppl']:.4g}: "
+        f"{Path('runs/hot/best.safetensors')} holds them, and predict and eval read it"
+    )
+
+
+def test_a_fine_tuning_run_that_improves_keeps_its_best_epoch_beside_the_start(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 2})))
+    config = config_for(tmp_path, second, "tuned", data={"val_fraction": 0.2}, train={"epochs": 3})
+    notes = Notes()
+    result = train_run(TrainRequest(config, init_from=Path("runs/base")), reporter=notes)
+    lines = [json.loads(line) for line in Path("runs/tuned/metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1, 2, 3]
+    assert (
+        result.start_val_ppl
+        == lines[0]["val_ppl"]
+        > result.best_val_ppl
+        == min(line["val_ppl"] for line in lines)
+    )
+    assert not any(note.startswith("no validation beat") for note in notes.notes)
+    # a run from scratch has no starting weights to measure: its lines start with epoch 1
+    train_run(
+        TrainRequest(config_for(tmp_path, second, "fresh", data={"val_fraction": 0.2}, train={"epochs": 1}))
+    )
+    assert json.loads(Path("runs/fresh/metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+
+def test_a_signal_while_the_starting_weights_validate_stops_at_step_0_and_resume_validates_again(
+    tmp_path: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+):
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    config = config_for(tmp_path, second, "tuned", data={"val_fraction": 0.2}, train={"epochs": 1})
+    validate = Trainer._validate
+
+    def signalled(self: Trainer, abandonable: bool = False) -> float | None:
+        self.stops.signum = signal.SIGTERM
+        return validate(self, abandonable)
+
+    monkeypatch.setattr(Trainer, "_validate", signalled)
+    with pytest.raises(
+        TrainingInterrupted, match=r"training stopped by SIGTERM .*runs/tuned/last.safetensors"
+    ):
+        train_run(TrainRequest(config, init_from=Path("runs/base")))
+    assert load_checkpoint(Path("runs/tuned/last.safetensors")).trainer().global_step == 0
+    assert not Path("runs/tuned/metrics.jsonl").read_text()
+    monkeypatch.setattr(Trainer, "_validate", validate)
+    resumed = train_run(TrainRequest(config, resume=True))
+    lines = [json.loads(line) for line in Path("runs/tuned/metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert resumed.start_val_ppl == lines[0]["val_ppl"]
+    uninterrupted = train_run(TrainRequest(config, init_from=Path("runs/base"), run_dir=Path("runs/again")))
+    assert (resumed.start_val_ppl, resumed.val_ppl) == (uninterrupted.start_val_ppl, uninterrupted.val_ppl)
+
+
+def test_a_start_line_reads_back_as_unmeasured_training_and_a_later_null_as_overflow():
+    start = EpochRecord(0, None, 7.5, 0.01, 0.0, 0.0)
+    assert EpochRecord.from_json(start.to_json()) == start and start.is_start
+    overflowed = EpochRecord.from_json(EpochRecord(1, math.inf, 9.0, 0.01, 1.0, 1.0, 5, 50, 5).to_json())
+    assert overflowed.train_ppl == math.inf and not overflowed.is_start
+    pytest.importorskip("matplotlib")
+    assert render_perplexity_plot([start, overflowed]).startswith(b"\x89PNG")

@@ -744,10 +744,18 @@ def eval_command(
     # a word text may write <unk> itself (Penn Treebank does): those are no lack of the vocabulary's
     lacking = "" if loaded.checkpoint.config.data.token == "word" else "not in the vocabulary, "
     unknown = f" ({_plural(report.unknown, 'token')} {lacking}scored as <unk>)" if report.unknown else ""
+    result = report.result
+    known = result.tokens - result.unknown
+    # a model that never saw <unk> spends many bits on each: the rest's figure beside the whole's
+    over_known = (
+        f"; {_perplexity(result.known_perplexity, 4)} over the {known:,} other than <unk>"
+        if known and result.unknown
+        else ""
+    )
     _print_line(
         out,
-        f"{report.source}{unknown}: perplexity {_perplexity(report.result.perplexity, 4)}, {report.result.bits_per_token:.4f} bits/token "
-        f"over {_plural(report.result.tokens, 'token')} (checkpoint {loaded.path}, "
+        f"{report.source}{unknown}: perplexity {_perplexity(result.perplexity, 4)}, {result.bits_per_token:.4f} bits/token "
+        f"over {_plural(result.tokens, 'token')}{over_known} (checkpoint {loaded.path}, "
         f"{training_position(report.epoch, report.step_in_epoch, report.step)})",
     )
     for note in report.notes:  # on stderr, as predict's: a script reading the result gets that line alone

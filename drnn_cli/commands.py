@@ -30,7 +30,7 @@ from drnn_cli.run_notes import data_notes, few_predictions_note, own_text_notes,
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
 from drnn_cli.trainer_state import UnusableTrainerState
-from drnn_cli.vocab import UNK, count_index
+from drnn_cli.vocab import UNK
 
 # ---------------------------------------------------------------------------------------------
 # drnn data
@@ -237,6 +237,8 @@ class EvalReport:
             "bits_per_token": self.result.bits_per_token,
             "tokens": self.result.tokens,
             "unknown": self.unknown,
+            # over the tokens other than <unk> (the perplexity where none is scored)
+            "known_perplexity": self.result.known_perplexity,
             "source": self.source,
             "checkpoint": self.checkpoint,
             # two checkpoints' perplexities compare at the same rows only (a run's default is its batch size)
@@ -281,6 +283,7 @@ def evaluate_split(
         loaded.device,
         "fp32",
         progress,
+        unknown_id=loaded.checkpoint.vocab[UNK],
     )
     checkpoint = loaded.checkpoint
     try:
@@ -289,7 +292,7 @@ def evaluate_split(
         step = None
     if rows is None:
         notes = (*notes, *_short_rows_note(result.tokens, config.data.batch_size, config.data.num_steps))
-    unknown = count_index(tokens[1:], checkpoint.vocab[UNK])  # the first token is read, not predicted
+    unknown = result.unknown
     fix = (
         "evaluate a longer text with --data" if data_file else "a larger split, or a longer text with --data"
     )

@@ -463,13 +463,14 @@ class RNNLanguageModel(nn.Module):
 
 
 def lm_loss(
-    logits: torch.Tensor, targets: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+    logits: torch.Tensor, targets: torch.Tensor, reduction: Literal["mean", "sum", "none"] = "mean"
 ) -> torch.Tensor:
     """Cross-entropy of the model's time-major logits (T, B, V) against batch-major targets (B, T).
 
     Logits row t·B + b predicts ``targets[b, t]``, so targets are read column-wise (d2l's
     ``y = Y.T.reshape(-1)``). Half-precision logits are scored in fp32, wider ones as they are.
-    ``reduction="sum"`` gives the summed negative log-likelihood (evaluation adds it over batches).
+    ``reduction="sum"`` gives the summed negative log-likelihood (evaluation adds it over batches),
+    ``"none"`` each target's, in the logits' row order.
     """
     scores = logits.reshape(-1, logits.shape[-1])
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))

@@ -261,6 +261,25 @@ def test_eval_with_one_row_equals_the_loss_computed_by_hand():
     assert result.bits_per_token == pytest.approx(by_hand / 40 / math.log(2))
 
 
+def test_eval_sums_the_loss_of_unk_targets_apart_and_the_total_as_without():
+    """The perplexity over the tokens other than <unk> (id 0 here) is the hand-computed loss of those
+    targets alone; the whole's sum is the one evaluation gives without the split, to the last bit."""
+    model = _model64()
+    tokens = torch.randint(0, 5, (41,), generator=torch.Generator().manual_seed(1))
+    logits, _ = model(tokens[:-1].unsqueeze(0), model.begin_state(1, "cpu"))
+    losses = F.cross_entropy(logits[:, 0], tokens[1:], reduction="none").double()
+    is_unk = tokens[1:] == 0
+    assert 0 < int(is_unk.sum()) < 40  # the draw has some of each
+    cpu = torch.device("cpu")
+    split = evaluate(model, tokens, batch_size=1, num_steps=7, device=cpu, unknown_id=0)
+    assert split.nll == evaluate(model, tokens, batch_size=1, num_steps=7, device=cpu).nll
+    assert split.unknown == int(is_unk.sum())
+    assert split.unknown_nll == pytest.approx(float(losses[is_unk].sum()), rel=1e-12)
+    known = float(losses[~is_unk].sum()) / int((~is_unk).sum())
+    assert split.known_perplexity == pytest.approx(math.exp(known), rel=1e-12)
+    assert split.known_perplexity != pytest.approx(split.perplexity, rel=1e-3)
+
+
 def test_eval_with_rows_and_a_tail_equals_rows_by_hand():
     """45 tokens → 44 targets = 3 rows of 14 + a tail of 2 that continues the last row's state."""
     model = _model64()
@@ -696,8 +715,13 @@ def test_eval_of_a_text_mostly_unknown_to_the_model_says_its_perplexity_is_not_c
     ]
     little = workdir / "little.txt"
     little.write_text("abc cab bca " * 20 + "x")  # 1 of 240 predictions
-    code, out, err = cli("eval", "--run", "runs/abc", "--data", str(little))
-    assert code == 0 and "note:" not in out + err and "(1 token not in the vocabulary" in out, err
+    code, said, err = cli("eval", "--run", "runs/abc", "--data", str(little))
+    assert code == 0 and "note:" not in said + err and "(1 token not in the vocabulary" in said, err
+    # below the note's share, the figure over the tokens it can spell is beside the whole's
+    code, out, _ = cli("eval", "--run", "runs/abc", "--data", str(little), "--json")
+    payload = json.loads(out.splitlines()[-1])
+    assert payload["unknown"] == 1 and payload["known_perplexity"] < payload["perplexity"]
+    assert f"over 240 tokens; {payload['known_perplexity']:.4f} over the 239 other than <unk> (" in said
     few = workdir / "few.txt"
     few.write_text("abc cab bca " * 8)  # 95 predictions, read as one stream
     code, out, err = cli("eval", "--run", "runs/abc", "--data", str(few), "--rows", "1")

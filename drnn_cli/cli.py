@@ -8,37 +8,35 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import math
 import os
 import secrets
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
-from drnn_cli import __version__, strict_json
-from drnn_cli.budget import Cadence, format_duration
+from drnn_cli import __version__
 from drnn_cli.config import load_config
 from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError, first_line, peer_gone_message
 from drnn_cli.presets import find_config
+from drnn_cli.render import (
+    RichReporter,
+    consoles,
+    download_progress,
+    emit_json,
+    evaluation_progress,
+    format_perplexity,
+    plural,
+    print_generated,
+    print_line,
+    print_note,
+)
 from drnn_cli.shown_text import terminal_safe
 from drnn_cli.signals import (
     TORCHRUN_ENV,
@@ -49,9 +47,6 @@ from drnn_cli.signals import (
     in_process_group,
     launched_rank,
 )
-
-if TYPE_CHECKING:  # torch loads inside main(), where a Ctrl-C during its import is one line too
-    from drnn_cli.report import EpochRecord, RunStart, StepStatus
 
 app = typer.Typer(
     name="drnn",
@@ -101,106 +96,6 @@ class Split(str, enum.Enum):
 DeviceOption = Annotated[Device, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
 
 
-def _consoles(json_mode: bool) -> tuple[Console, Console]:
-    """(human output, errors): with --json the human output moves to stderr so stdout is pure JSON."""
-    # markup=False, emoji=False: what drnn prints holds the user's words (a corpus's tokens, run and file
-    # names, prefixes), and a "[/INST]" or ":smile:" there is text, not a style tag or an emoji code
-    return Console(stderr=json_mode, highlight=False, emoji=False, markup=False), Console(
-        stderr=True, highlight=False, emoji=False, markup=False
-    )
-
-
-def _perplexity(value: float, decimals: int) -> str:
-    """A perplexity with ``decimals`` places; from a million on in scientific notation, where a
-    diverging run's 10²⁰⁰ would print as a line of digits."""
-    return f"{value:.{decimals}f}" if abs(value) < 1e6 else f"{value:.4g}"
-
-
-def _print_generated(console: Console, line: str) -> None:
-    """A line holding generated text: on a terminal with its controls escaped (:func:`terminal_safe`),
-    one line however long; piped or redirected, exactly as generated (rich would drop control
-    characters, expand tabs and wrap at 80 columns)."""
-    if console.is_terminal:
-        console.print(terminal_safe(line), markup=False, soft_wrap=True)
-    else:
-        console.file.write(line + "\n")
-
-
-def _print_line(console: Console, line: str) -> None:
-    """A line quoting paths or names the user gave: one line, its controls escaped as an error's are."""
-    console.print(terminal_safe(line, keep=""), markup=False, soft_wrap=True)
-
-
-def _print_note(console: Console, message: str) -> None:
-    """A ``note:`` line, one line however long (rich wraps at 80 columns off a terminal): grep finds it.
-    Its controls are escaped, as an error's are: a note quotes tokens and paths drnn did not choose."""
-    _print_line(console, f"note: {message}")
-
-
-def _emit_json(payload: dict[str, Any]) -> None:
-    sys.stdout.write(strict_json.dumps(payload, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
-
-
-@contextlib.contextmanager
-def _download_progress(console: Console) -> Iterator[Any]:
-    """A rich download bar, shown only when a download actually happens and the console is a terminal."""
-    bar: list[tuple[Progress, TaskID]] = []  # the bar once the first bytes arrive
-
-    def hook(received: int, total: int | None) -> None:
-        if not console.is_terminal:
-            return
-        if not bar:
-            progress = Progress(
-                TextColumn("downloading"),
-                BarColumn(),
-                DownloadColumn(),
-                TimeRemainingColumn(),
-                console=console,
-            )
-            progress.start()
-            bar.append((progress, progress.add_task("download", total=total)))
-        progress, task = bar[0]
-        progress.update(task, completed=received, total=total)
-
-    try:
-        yield hook
-    finally:
-        for progress, _ in bar:
-            progress.stop()
-
-
-@contextlib.contextmanager
-def _evaluation_progress(console: Console, after: float = 1.0) -> Iterator[Any]:
-    """A bar for an evaluation that lasts (a split of millions of tokens is minutes on a CPU): shown on a
-    terminal once ``after`` seconds have passed, and gone when the evaluation ends."""
-    started = time.monotonic()
-    bar: list[tuple[Progress, TaskID]] = []
-
-    def hook(done: int, total: int) -> None:
-        if not console.is_terminal or (not bar and time.monotonic() - started < after):
-            return
-        if not bar:
-            progress = Progress(
-                TextColumn("evaluating"),
-                BarColumn(),
-                TextColumn("{task.completed:,}/{task.total:,} tokens"),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            )
-            progress.start()
-            bar.append((progress, progress.add_task("evaluate", total=total)))
-        progress, task = bar[0]
-        progress.update(task, completed=done)
-
-    try:
-        yield hook
-    finally:
-        for progress, _ in bar:
-            progress.stop()
-
-
 # ---------------------------------------------------------------------------------------------
 # drnn --version
 
@@ -242,9 +137,9 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
     """
     from drnn_cli.commands import describe_data
 
-    out, _ = _consoles(json_out)
+    out, _ = consoles(json_out)
     resolved = load_config(find_config(config) if config is not None else None, set_ or [])
-    with _download_progress(out) as hook:
+    with download_progress(out) as hook:
         report = describe_data(resolved, progress=hook)
     dataset = report.dataset
     table = Table(title=f"corpus {dataset.path}", show_header=False)
@@ -265,11 +160,11 @@ def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: 
     )
     out.print(table)
     for note in (*report.dataset.notes, *report.notes):
-        _print_note(out, note)
+        print_note(out, note)
     if report.untrainable is not None:
-        _print_note(out, f"drnn train would refuse this: {report.untrainable}")
+        print_note(out, f"drnn train would refuse this: {report.untrainable}")
     if json_out:
-        _emit_json(report.summary())
+        emit_json(report.summary())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +182,7 @@ def presets_command(json_out: JsonOption = False) -> None:
     """
     from drnn_cli.commands import describe_presets
 
-    out, _ = _consoles(json_out)
+    out, _ = consoles(json_out)
     reports = describe_presets()
     # an 80-column terminal wrapped each description and figure into a dozen lines (156 in all): there
     # the figures are left to --json, and the names and models do not wrap
@@ -315,7 +210,7 @@ def presets_command(json_out: JsonOption = False) -> None:
     if any(report.parameters is None for report in reports):
         out.print("parameters: — where the corpus is not downloaded yet (drnn data --config NAME fetches it)")
     if json_out:
-        _emit_json({"presets": [report.summary() for report in reports]})
+        emit_json({"presets": [report.summary() for report in reports]})
 
 
 def _share(value: float | None) -> float | None:
@@ -325,154 +220,8 @@ def _share(value: float | None) -> float | None:
     return value
 
 
-def _plural(n: int, noun: str) -> str:
-    """``1 token``, ``2 tokens``, ``1,024 tokens``."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 # ---------------------------------------------------------------------------------------------
 # drnn train
-
-
-def _figures(train_ppl: float | None, val_ppl: float | None, tokens_per_s: float) -> str:
-    """A log line's figures, and the bar's: ``ppl 9.50  val 8.50  1,000 tok/s`` (what is known of them)."""
-    parts = [] if train_ppl is None else [f"ppl {_perplexity(train_ppl, 2)}"]
-    if val_ppl is not None:
-        parts.append(f"val {_perplexity(val_ppl, 2)}")
-    return "  ".join([*parts, f"{tokens_per_s:,.0f} tok/s"])
-
-
-def time_left(budget: float | None, epochs: float | None) -> str:
-    """The bar's one time-left figure: to whichever ends the run first, the first budget (``budget``:
-    max_time, or max_steps at the current pace) or the last epoch at the current pace (``epochs``)."""
-    known = [seconds for seconds in (budget, epochs) if seconds is not None]
-    return f"{format_duration(min(known))} left" if known else ""
-
-
-class TimeLeftColumn(ProgressColumn):
-    """:func:`time_left` for the training bar: rich's own estimate alone would count to the last epoch,
-    beside a budget that ends the run minutes earlier."""
-
-    def render(self, task: Task) -> Text:
-        return Text(time_left(task.fields.get("budget"), task.time_remaining), style="progress.remaining")
-
-
-class RichReporter:
-    """Training progress: a live bar on a terminal, plain lines every ``log_every`` epochs otherwise.
-
-    With ``log_every: N steps`` the trainer sends a line every N steps (and at evaluations), all shown;
-    the bar then also counts the steps of the epoch in progress and the time left to a budget.
-    """
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress: Progress | None = None
-        self.task: TaskID | None = None
-        self.total = 0
-        self.every = 0
-        self._held: tuple[EpochRecord, str] | None = None  # a record off the log cadence, not yet printed
-        self._last_ppl: float | None = None  # the bar's training perplexity where no newer one is read
-        self._last_val: float | None = None  # the latest validation, which the bar keeps showing
-
-    def start(self, run: RunStart) -> None:
-        total_epochs, start_epoch = run.total_epochs, run.start_epoch
-        self.total = total_epochs
-        self._last_val = run.latest_val_ppl
-        cadence = Cadence.of(run.log_every)
-        self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
-        self.console.print(
-            f"training {run.parameters:,} parameters on {run.device}, {run.span()}, {run.origin}",
-            soft_wrap=True,
-        )
-        if self.console.is_terminal:
-            self.progress = Progress(
-                TextColumn("epoch {task.fields[epoch]}/{task.total}"),
-                BarColumn(),
-                TextColumn("{task.fields[steps]}{task.fields[status]}"),
-                TimeLeftColumn(),
-                console=self.console,
-            )
-            self.progress.start()
-            # The bar names the epoch in progress (1-based), as the first line does: "from epoch 2, step 3"
-            self.task = self.progress.add_task(
-                "train", total=total_epochs, completed=start_epoch, status="", steps="", budget=None,
-                epoch=min(int(start_epoch) + 1, total_epochs),
-            )  # fmt: skip
-
-    def epoch_end(self, record: EpochRecord) -> None:
-        status = _figures(record.train_ppl, record.val_ppl, record.tokens_per_s)
-        self._last_ppl = record.train_ppl
-        if record.val_ppl is not None:
-            self._last_val = record.val_ppl
-        inside_epoch = record.epoch != int(record.epoch)  # an evaluation or a budget's end inside an epoch
-        if self.progress is not None and self.task is not None:
-            # the epoch's steps are done: its count would stand still at the last half-second's. The
-            # label stays the epoch in progress (1-based): a record inside epoch 3 (2.5) is "epoch 3"
-            self.progress.update(
-                self.task,
-                completed=record.epoch,
-                epoch=math.ceil(record.epoch),
-                status=_figures(record.train_ppl, self._last_val, record.tokens_per_s),
-                steps="",
-            )
-        elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
-            self._held = None
-            self._print_record(record, status)
-        else:  # printed if the run ends here (early stop, a budget, a signal): the log shows where it did
-            self._held = (record, status)
-
-    def _print_record(self, record: EpochRecord, status: str) -> None:
-        inside_epoch = record.epoch != int(record.epoch)
-        where = f"step {record.step:,}  " if record.step else ""
-        epoch = f"{record.epoch:.2f}" if inside_epoch else f"{record.epoch:g}"
-        # soft_wrap: one line per record in a log file too (rich wraps at 80 columns off a terminal)
-        self.console.print(
-            f"epoch {epoch}/{self.total}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",
-            soft_wrap=True,
-        )
-
-    def _print_held(self) -> None:
-        if self._held is not None:
-            self._print_record(*self._held)
-            self._held = None
-
-    def step(self, status: StepStatus) -> None:
-        """The bar inside a long epoch: its steps, and the time left to the first budget."""
-        if self.progress is None or self.task is None:
-            return
-        # An epoch's first step comes at once (for the budget): its count would stand all through a
-        # short epoch, so counts start with the next report, half a second in.
-        counting = status.step_in_epoch > 1
-        steps = f"step {status.step_in_epoch:,}/{status.steps_in_epoch:,}  " if counting else ""
-        live = {}
-        if counting and status.tokens_per_s is not None:  # between log lines: the figures so far
-            train_ppl = status.train_ppl if status.train_ppl is not None else self._last_ppl
-            live["status"] = _figures(train_ppl, self._last_val, status.tokens_per_s)
-        self.progress.update(
-            self.task,
-            completed=status.epoch + status.step_in_epoch / max(1, status.steps_in_epoch),
-            epoch=status.epoch + 1,
-            steps=steps,
-            budget=status.seconds_left,
-            **live,
-        )
-
-    def samples(self, epoch: float, samples: dict[str, str]) -> None:
-        self._held = None  # samples come on their own cadence, after an epoch the log may skip
-        # labelled as the log lines count epochs: "[2]" after epoch 2, "[2.14]" at a step inside epoch 3
-        label = f"{epoch:g}" if epoch == int(epoch) else f"{epoch:.2f}"
-        for text in samples.values():
-            _print_generated(self.console, f"  [{label}] {text}")
-
-    def note(self, message: str) -> None:
-        self._print_held()
-        _print_note(self.console, message)
-
-    def finish(self) -> None:
-        self._print_held()
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
 
 @app.command("train")
@@ -513,7 +262,7 @@ def train_command(
     """
     from drnn_cli.train_session import TrainRequest, train_run
 
-    out, _ = _consoles(json_out)
+    out, _ = consoles(json_out)
     request = TrainRequest(
         config_path=find_config(config),
         overrides=tuple(set_ or ()),
@@ -528,14 +277,14 @@ def train_command(
     if not is_main:  # under torchrun only rank 0 talks
         out = Console(quiet=True)
     reporter = RichReporter(out)
-    with _download_progress(out) as hook:
+    with download_progress(out) as hook:
         try:
             result = train_run(request, reporter=reporter, progress=hook)
         except TrainingInterrupted as stop:
             # a script still learns where the run stopped (its exit code says it did); not to a stdout
             # whose reader is gone (SIGPIPE)
             if json_out and is_main and stop.stopped.signal != "SIGPIPE":
-                _emit_json(stop.stopped.summary())
+                emit_json(stop.stopped.summary())
             raise
         finally:
             reporter.finish()
@@ -549,14 +298,14 @@ def train_command(
     table.add_row("steps / stopped by", f"{result.steps:,} / {result.stop_reason}")
     window = result.train_ppl_steps
     over = f" (last {window:,} step{'' if window == 1 else 's'})" if window else ""
-    table.add_row("train perplexity", _perplexity(result.train_ppl, 3) + over)
+    table.add_row("train perplexity", format_perplexity(result.train_ppl, 3) + over)
     if result.best_val_ppl is not None:
         validations = [result.val_ppl, result.best_val_ppl]
         if result.start_val_ppl is not None:  # fine-tuning: the starting weights', before any step
             validations.insert(0, result.start_val_ppl)
         table.add_row(
             f"validation perplexity ({'start / ' if len(validations) == 3 else ''}last / best)",
-            " / ".join(_perplexity(ppl, 3) for ppl in validations),
+            " / ".join(format_perplexity(ppl, 3) for ppl in validations),
         )
     speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
     # the last epoch's (or the epoch so far, where a stop cut it), as d2l reports: not the run's mean
@@ -566,11 +315,13 @@ def train_command(
     table.add_row("device", f"{result.device} × {result.world_size}")
     out.print(table)
     # d2l's line, whole whatever COLUMNS says: scripts grep it
-    out.print(f"perplexity {_perplexity(result.train_ppl, 1)}, {speed} on {result.device}", soft_wrap=True)
+    out.print(
+        f"perplexity {format_perplexity(result.train_ppl, 1)}, {speed} on {result.device}", soft_wrap=True
+    )
     for text in result.samples.values():
-        _print_generated(out, text)
+        print_generated(out, text)
     if json_out:
-        _emit_json(result.summary())
+        emit_json(result.summary())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,14 +390,14 @@ def predict_command(
     loaded = load_model(run, checkpoint, device.value)
     reads = read_prefixes(loaded, prefixes)
     checkpoint_file = loaded.path.absolute()
-    notes = _consoles(json_out)[1]
-    _print_line(notes, f"checkpoint {checkpoint_file}")  # which run answers, on stderr
+    notes = consoles(json_out)[1]
+    print_line(notes, f"checkpoint {checkpoint_file}")  # which run answers, on stderr
     preprocess = loaded.checkpoint.config.data.preprocess
     for prefix, read in dict(zip(prefixes, reads, strict=True)).items():
         if prefix_changed(prefix, read):  # d2l's preprocessing drops what is not a letter, silently
-            _print_note(notes, f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}")
+            print_note(notes, f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}")
     if drawn:
-        _print_note(notes, f"--sample drew --seed {options.seed}: give it to draw the same sample again")
+        print_note(notes, f"--sample drew --seed {options.seed}: give it to draw the same sample again")
     stream = not json_out and sys.stdout.isatty()
     continuations = []
     for index, prefix in enumerate(prefixes):
@@ -666,10 +417,10 @@ def predict_command(
         if stream:
             sys.stdout.write("\n\n" if apart else "\n")
         else:
-            shown = _consoles(json_out)[0]
-            _print_generated(shown, text + ("\n" if apart and shown.is_terminal else ""))
+            shown = consoles(json_out)[0]
+            print_generated(shown, text + ("\n" if apart and shown.is_terminal else ""))
     if json_out:
-        _emit_json(PredictReport(tuple(continuations), str(checkpoint_file), options.seed).summary())
+        emit_json(PredictReport(tuple(continuations), str(checkpoint_file), options.seed).summary())
 
 
 # The predict flag of each DecodeOptions field, for messages that name what the user typed.
@@ -737,31 +488,31 @@ def eval_command(
         raise UsageError(
             f"--data evaluates all of another text, and {given} picks a split of the run's corpus; give one of them"
         )
-    out, notes = _consoles(json_out)
+    out, notes = consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
-    with _evaluation_progress(notes) as hook:  # on stderr: stdout keeps the result alone
+    with evaluation_progress(notes) as hook:  # on stderr: stdout keeps the result alone
         report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus, hook)
     # a word text may write <unk> itself (Penn Treebank does): those are no lack of the vocabulary's
     lacking = "" if loaded.checkpoint.config.data.token == "word" else "not in the vocabulary, "
-    unknown = f" ({_plural(report.unknown, 'token')} {lacking}scored as <unk>)" if report.unknown else ""
+    unknown = f" ({plural(report.unknown, 'token')} {lacking}scored as <unk>)" if report.unknown else ""
     result = report.result
     known = result.tokens - result.unknown
     # a model that never saw <unk> spends many bits on each: the rest's figure beside the whole's
     over_known = (
-        f"; {_perplexity(result.known_perplexity, 4)} over the {known:,} other than <unk>"
+        f"; {format_perplexity(result.known_perplexity, 4)} over the {known:,} other than <unk>"
         if known and result.unknown
         else ""
     )
-    _print_line(
+    print_line(
         out,
-        f"{report.source}{unknown}: perplexity {_perplexity(result.perplexity, 4)}, {result.bits_per_token:.4f} bits/token "
-        f"over {_plural(result.tokens, 'token')}{over_known} (checkpoint {loaded.path}, "
+        f"{report.source}{unknown}: perplexity {format_perplexity(result.perplexity, 4)}, {result.bits_per_token:.4f} bits/token "
+        f"over {plural(result.tokens, 'token')}{over_known} (checkpoint {loaded.path}, "
         f"{training_position(report.epoch, report.step_in_epoch, report.step)})",
     )
     for note in report.notes:  # on stderr, as predict's: a script reading the result gets that line alone
-        _print_note(notes, note)
+        print_note(notes, note)
     if json_out:
-        _emit_json(report.summary())
+        emit_json(report.summary())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -815,15 +566,15 @@ def inspect_command(
 
     outputs = InspectOutputs.checked(html_out, png_out)
     request = InspectRequest(text, file, layer, parse_units(units), top, signal.value)
-    out, _ = _consoles(json_out)
+    out, _ = consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
     report = inspect(loaded, request, outputs)
     result = report.inspection
     unknown = result.scored_unknown
     scored_as_unk = f" ({unknown:,} not in the vocabulary, scored as <unk>)" if unknown else ""
-    _print_line(
+    print_line(
         out,
-        f"{_plural(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {_perplexity(result.perplexity, 4)}, "
+        f"{plural(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {format_perplexity(result.perplexity, 4)}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
     )
     table = Table(show_header=True)
@@ -840,19 +591,19 @@ def inspect_command(
             )
             out.print(f"layer {index} gates saturated: {shares}", soft_wrap=True)
     for written in report.written:
-        _print_line(out, f"wrote {written}")
+        print_line(out, f"wrote {written}")
     for note in result.notes:
-        _print_note(out, note)
+        print_note(out, note)
     missing_glyphs = report.missing_glyphs
     if missing_glyphs:
         shown = " ".join(missing_glyphs[:20]) + (" …" if len(missing_glyphs) > 20 else "")
-        _print_note(
+        print_note(
             out,
-            f"the PNG's font has no glyph for {_plural(len(missing_glyphs), 'character')} of the text "
+            f"the PNG's font has no glyph for {plural(len(missing_glyphs), 'character')} of the text "
             f"(drawn as boxes on its axis; the --html page shows them): {shown}",
         )
     if json_out:
-        _emit_json(result.summary())
+        emit_json(result.summary())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -901,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
     loop, which checkpoints first, they end the command with one line and exit 130 / 143. A closed
     stdout (``drnn train | head -1``) is a SIGPIPE: training checkpoints and stops, others exit 141.
     """
-    _, errors = _consoles(json_mode=False)
+    _, errors = consoles(json_mode=False)
     session = Session(debug=bool(os.environ.get("DRNN_DEBUG")))  # the README's DRNN_DEBUG=1, or --debug
     with exit_on_signals() as stopped, guard_output():
         try:

@@ -297,7 +297,7 @@ def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -
 
     from rich.console import Console
 
-    from drnn_cli.cli import RichReporter
+    from drnn_cli.render import RichReporter
     from drnn_cli.report import EpochRecord, RunStart, StepStatus
 
     screen = io.StringIO()
@@ -329,7 +329,7 @@ def test_between_log_lines_the_bar_shows_the_figures_so_far_and_keeps_the_last_v
 
     from rich.console import Console
 
-    from drnn_cli.cli import RichReporter
+    from drnn_cli.render import RichReporter
     from drnn_cli.report import EpochRecord, RunStart, StepStatus
 
     reporter = RichReporter(Console(file=io.StringIO(), force_terminal=True, width=120))
@@ -386,7 +386,7 @@ def test_the_bar_s_live_perplexity_is_the_steps_since_the_last_line(workdir: Pat
 def test_the_bar_shows_one_time_left_to_whichever_ends_the_run_first():
     """A budget and the epochs at the current pace: the bar showed both, "0:17:29 budget left 0:19", on
     a run a 20-second max_time ended."""
-    from drnn_cli.cli import time_left
+    from drnn_cli.render import time_left
 
     assert time_left(19.0, 1049.0) == "0:19 left"  # max_time ends it
     assert time_left(3600.0, 75.0) == "1:15 left"  # the last epoch comes first
@@ -400,7 +400,7 @@ def _plain_reporter():
 
     from rich.console import Console
 
-    from drnn_cli.cli import RichReporter
+    from drnn_cli.render import RichReporter
 
     stream = io.StringIO()
     return RichReporter(Console(file=stream, width=200, markup=False)), stream
@@ -441,7 +441,7 @@ def test_generated_text_reaches_a_terminal_escaped_and_a_pipe_exactly() -> None:
 
     from rich.console import Console
 
-    from drnn_cli.cli import RichReporter
+    from drnn_cli.render import RichReporter
     from drnn_cli.shown_text import terminal_safe
 
     hostile = "hello \x1b]0;PWNED\x07\x1b[2J w\u202eorld\n\té 日本 \x85"
@@ -462,7 +462,7 @@ def test_a_note_quoting_a_token_or_path_reaches_the_terminal_escaped() -> None:
 
     from rich.console import Console
 
-    from drnn_cli.cli import RichReporter
+    from drnn_cli.render import RichReporter
 
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, highlight=False, markup=False, emoji=False)

@@ -524,17 +524,17 @@ def test_the_eval_bar_shows_on_a_terminal_only_once_an_evaluation_lasts():
 
     from rich.console import Console
 
-    from drnn_cli.cli import _evaluation_progress
+    from drnn_cli.render import evaluation_progress
 
     screen = io.StringIO()
     terminal = Console(file=screen, force_terminal=True, width=100)
-    with _evaluation_progress(terminal, after=0.0) as hook:
+    with evaluation_progress(terminal, after=0.0) as hook:
         hook(0, 3_000_000)
         hook(1_500_000, 3_000_000)
     assert "evaluating" in screen.getvalue() and "1,500,000/3,000,000 tokens" in screen.getvalue()
     for console, after in ((terminal, 60.0), (Console(file=io.StringIO(), force_terminal=False), 0.0)):
         screen.truncate(0)
-        with _evaluation_progress(console, after=after) as hook:
+        with evaluation_progress(console, after=after) as hook:
             hook(0, 3_000_000)
         assert "evaluating" not in screen.getvalue()
 

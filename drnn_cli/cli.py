@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import secrets
 import sys
 import time
 import traceback
@@ -358,87 +357,34 @@ def predict_command(
 
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """
-    from drnn_cli.commands import (
-        Continuation,
-        PredictReport,
-        load_model,
-        predict,
-        prefix_changed,
-        read_prefixes,
-    )
-    from drnn_cli.decode import MAX_DECODE_SEED, DecodeOptions, InvalidDecodeOption
+    from drnn_cli.commands import Continuation, decode_options, load_model, plan_predict, predict_all
 
-    shaping = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
-    given = [flag for flag, value in shaping.items() if value is not None]
-    if given and not sample:
-        raise UsageError(
-            f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} sampling; add --sample (without it predict "
-            "takes the most likely token, as d2l's predict_ch8)"
-        )
-    drawn = sample and seed is None  # a seed drawn here, and said: a sample worth keeping can be drawn again
-    try:
-        options = DecodeOptions(
-            num_chars,
-            sample,
-            1.0 if temperature is None else temperature,
-            top_k,
-            top_p,
-            secrets.randbelow(MAX_DECODE_SEED + 1) if drawn else seed,
-        )
-    except InvalidDecodeOption as invalid:
-        raise UsageError(_predict_option_message(invalid)) from None
+    options, seed_drawn = decode_options(num_chars, sample, temperature, top_k, top_p, seed)
     loaded = load_model(run, checkpoint, device.value)
-    reads = read_prefixes(loaded, prefixes)
-    checkpoint_file = loaded.path.absolute()
-    notes = consoles(json_out)[1]
-    print_line(notes, f"checkpoint {checkpoint_file}")  # which run answers, on stderr
-    preprocess = loaded.checkpoint.config.data.preprocess
-    for prefix, read in dict(zip(prefixes, reads, strict=True)).items():
-        if prefix_changed(prefix, read):  # d2l's preprocessing drops what is not a letter, silently
-            print_note(notes, f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}")
-    if drawn:
-        print_note(notes, f"--sample drew --seed {options.seed}: give it to draw the same sample again")
+    plan = plan_predict(loaded, prefixes, options, seed_drawn)
+    shown, notes = consoles(json_out)
+    print_line(notes, f"checkpoint {plan.checkpoint}")  # which run answers, on stderr
+    for note in plan.notes:
+        print_note(notes, note)
     stream = not json_out and sys.stdout.isatty()
-    continuations = []
-    for index, prefix in enumerate(prefixes):
-        on_token = None
-        if stream:
 
-            def on_token(piece: str) -> None:
-                """First the prefix as the model saw it, then each new token as it is generated."""
-                sys.stdout.write(terminal_safe(piece))  # streaming: stdout is a terminal
-                sys.stdout.flush()
+    def on_token(piece: str) -> None:
+        """First the prefix as the model saw it, then each new token as it is generated."""
+        sys.stdout.write(terminal_safe(piece))  # streaming: stdout is a terminal
+        sys.stdout.flush()
 
-        text = predict(loaded, prefix, options.for_prefix(index), on_token)
-        continuations.append(Continuation(prefix, reads[index], text))
+    def on_continuation(index: int, continuation: Continuation) -> None:
         # On a terminal a continuation over several lines ends with a blank line, before the next one
         # starts: where one ends is otherwise unclear. Piped output stays exactly what was generated.
-        apart = "\n" in text and index + 1 < len(prefixes)
+        apart = "\n" in continuation.text and index + 1 < len(prefixes)
         if stream:
             sys.stdout.write("\n\n" if apart else "\n")
         else:
-            shown = consoles(json_out)[0]
-            print_generated(shown, text + ("\n" if apart and shown.is_terminal else ""))
+            print_generated(shown, continuation.text + ("\n" if apart and shown.is_terminal else ""))
+
+    report = predict_all(plan, on_token if stream else None, on_continuation)
     if json_out:
-        emit_json(PredictReport(tuple(continuations), str(checkpoint_file), options.seed).summary())
-
-
-# The predict flag of each DecodeOptions field, for messages that name what the user typed.
-PREDICT_FLAGS = {
-    "num_tokens": "-n/--num-chars",
-    "temperature": "--temperature",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "seed": "--seed",
-}
-
-
-def _predict_option_message(invalid: Any) -> str:
-    """An InvalidDecodeOption in the words of the command line: the flag, its range, the value given."""
-    message = f"{PREDICT_FLAGS[invalid.field_name]} {invalid.requirement} (got {invalid.value})"
-    if invalid.field_name == "temperature":
-        message += "; for the most likely token drop --sample"
-    return message
+        emit_json(report.summary())
 
 
 # ---------------------------------------------------------------------------------------------

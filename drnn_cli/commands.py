@@ -3,6 +3,7 @@ train_session.py): the CLI parses and renders, these do the work."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,14 @@ from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import dropping
 from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus, local_vocab_size
-from drnn_cli.decode import DecodeOptions, continue_prefix, join_tokens, prefix_tokens
+from drnn_cli.decode import (
+    MAX_DECODE_SEED,
+    DecodeOptions,
+    InvalidDecodeOption,
+    continue_prefix,
+    join_tokens,
+    prefix_tokens,
+)
 from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity, evaluate
@@ -202,6 +210,7 @@ class PredictReport:
     continuations: tuple[Continuation, ...]
     checkpoint: str  # the file that answered
     seed: int | None = None  # sampling's (the i-th prefix draws with seed + i); None: greedy
+    notes: tuple[str, ...] = ()  # what the continuations follow (PredictPlan.notes); not in --json
 
     def summary(self) -> dict:
         """``--json``: the first prefix and its text; with several prefixes, all of them under ``results``;
@@ -212,6 +221,112 @@ class PredictReport:
         if len(self.continuations) > 1:
             payload["results"] = [c.summary() for c in self.continuations]
         return payload
+
+
+# The predict flag of each DecodeOptions field, for messages that name what the user typed.
+PREDICT_FLAGS = {
+    "num_tokens": "-n/--num-chars",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+}
+
+
+def decode_options(
+    num_tokens: int,
+    sample: bool,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> tuple[DecodeOptions, bool]:
+    """predict's options as :class:`DecodeOptions`, and whether the seed was drawn here (sampling
+    without ``--seed``: said in a note, so that a sample worth keeping can be drawn again).
+
+    Checked before the model loads, so a typo costs nothing; a refusal is a :class:`UsageError` that
+    names the flag the user typed, not the field.
+    """
+    shaping = {"--temperature": temperature, "--top-k": top_k, "--top-p": top_p, "--seed": seed}
+    given = [flag for flag, value in shaping.items() if value is not None]
+    if given and not sample:
+        raise UsageError(
+            f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} sampling; add --sample (without it predict "
+            "takes the most likely token, as d2l's predict_ch8)"
+        )
+    drawn = sample and seed is None
+    try:
+        options = DecodeOptions(
+            num_tokens,
+            sample,
+            1.0 if temperature is None else temperature,
+            top_k,
+            top_p,
+            secrets.randbelow(MAX_DECODE_SEED + 1) if drawn else seed,
+        )
+    except InvalidDecodeOption as invalid:
+        raise UsageError(_predict_option_message(invalid)) from None
+    return options, drawn
+
+
+def _predict_option_message(invalid: InvalidDecodeOption) -> str:
+    """An InvalidDecodeOption in the words of the command line: the flag, its range, the value given."""
+    message = f"{PREDICT_FLAGS[invalid.field_name]} {invalid.requirement} (got {invalid.value})"
+    if invalid.field_name == "temperature":
+        message += "; for the most likely token drop --sample"
+    return message
+
+
+@dataclass(frozen=True)
+class PredictPlan:
+    """What predict settles before its first token: the notes come before the continuations (a
+    reader sees what they follow first), and a prefix the model cannot read is refused before any
+    is continued."""
+
+    loaded: LoadedModel
+    prefixes: tuple[str, ...]  # as given
+    reads: tuple[str, ...]  # as the model reads them (:func:`read_prefixes`)
+    options: DecodeOptions
+    checkpoint: str  # the file that answers, absolute
+    notes: tuple[str, ...]  # prefixes preprocessing changed, and a seed drawn for sampling
+
+
+def plan_predict(
+    loaded: LoadedModel, prefixes: list[str], options: DecodeOptions, seed_drawn: bool = False
+) -> PredictPlan:
+    """Read every prefix (refusing the first the model cannot read) and note what the user should know
+    before the continuations: d2l's preprocessing drops what is not a letter silently, and a drawn
+    seed is the only way to draw the same sample again."""
+    reads = read_prefixes(loaded, prefixes)
+    preprocess = loaded.checkpoint.config.data.preprocess
+    notes = [
+        f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}"
+        for prefix, read in dict(zip(prefixes, reads, strict=True)).items()  # a prefix given twice: once
+        if prefix_changed(prefix, read)
+    ]
+    if seed_drawn:
+        notes.append(f"--sample drew --seed {options.seed}: give it to draw the same sample again")
+    return PredictPlan(
+        loaded, tuple(prefixes), tuple(reads), options, str(loaded.path.absolute()), tuple(notes)
+    )
+
+
+def predict_all(
+    plan: PredictPlan,
+    on_token: Callable[[str], None] | None = None,
+    on_continuation: Callable[[int, Continuation], None] | None = None,
+) -> PredictReport:
+    """Continue each prefix in turn, the i-th with its own sampling stream (seed + i).
+    ``on_token``: each piece as it is generated (a terminal streams them); ``on_continuation(index,
+    continuation)``: each finished one, so it shows before the next is generated."""
+    continuations: list[Continuation] = []
+    for index, (prefix, read) in enumerate(zip(plan.prefixes, plan.reads, strict=True)):
+        text = predict(plan.loaded, prefix, plan.options.for_prefix(index), on_token)
+        continuation = Continuation(prefix, read, text)
+        continuations.append(continuation)
+        if on_continuation is not None:
+            on_continuation(index, continuation)
+    return PredictReport(tuple(continuations), plan.checkpoint, plan.options.seed, plan.notes)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from drnn_cli import __version__
 from drnn_cli.config import load_config
-from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError, first_line, peer_gone_message
+from drnn_cli.errors import DrnnError, TrainingInterrupted, first_line, peer_gone_message
 from drnn_cli.presets import find_config
 from drnn_cli.render import (
     RichReporter,
@@ -426,18 +426,15 @@ def eval_command(
 
     Example: drnn eval --split test --json
     """
-    from drnn_cli.commands import evaluate_split, load_model
+    from drnn_cli.commands import check_eval_source, evaluate_split, load_model
     from drnn_cli.report import training_position
 
-    if data is not None and (split is not None or corpus is not None):
-        given = "--split" if split is not None else "--corpus"
-        raise UsageError(
-            f"--data evaluates all of another text, and {given} picks a split of the run's corpus; give one of them"
-        )
+    split_name = split.value if split is not None else None
+    check_eval_source(split_name, data, corpus)  # before the model loads: evaluate_split checks it too
     out, notes = consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
     with evaluation_progress(notes) as hook:  # on stderr: stdout keeps the result alone
-        report = evaluate_split(loaded, split.value if split is not None else None, data, rows, corpus, hook)
+        report = evaluate_split(loaded, split_name, data, rows, corpus, hook)
     # a word text may write <unk> itself (Penn Treebank does): those are no lack of the vocabulary's
     lacking = "" if loaded.checkpoint.config.data.token == "word" else "not in the vocabulary, "
     unknown = f" ({plural(report.unknown, 'token')} {lacking}scored as <unk>)" if report.unknown else ""

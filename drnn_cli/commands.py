@@ -367,6 +367,17 @@ def default_split(splits: Splits) -> str:
     return "val" if len(splits.val) >= MIN_EVAL_TOKENS else "train"
 
 
+def check_eval_source(split: str | None, data_file: Path | None, corpus_file: Path | None) -> None:
+    """Refuse ``--data`` beside ``--split`` or ``--corpus``: one scores another text whole, the others
+    pick a split of the run's corpus. Cheap, so the CLI calls it before the model loads too (a usage
+    error then outranks a missing run, and costs nothing)."""
+    if data_file is not None and (split is not None or corpus_file is not None):
+        given = "--split" if split is not None else "--corpus"
+        raise UsageError(
+            f"--data evaluates all of another text, and {given} picks a split of the run's corpus; give one of them"
+        )
+
+
 def evaluate_split(
     loaded: LoadedModel,
     split: str | None = None,
@@ -383,6 +394,7 @@ def evaluate_split(
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
     ``progress(done, total)``: the targets predicted so far, before each minibatch (a progress bar).
     """
+    check_eval_source(split, data_file, corpus_file)
     config = loaded.checkpoint.config
     notes: tuple[str, ...] = ()  # a --data file is encoded apart from the token cache
     if data_file is not None:

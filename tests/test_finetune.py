@@ -59,11 +59,11 @@ def texts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
 def test_fine_tuning_lowers_perplexity_on_the_new_text(tmp_path: Path, texts: tuple[Path, Path]):
     first, second = texts
     train_run(TrainRequest(config_for(tmp_path, first, "base")))
-    before = evaluate_split(load_model(Path("runs/base"), None, "cpu"), "train", data_file=second)
+    before = evaluate_split(load_model(Path("runs/base"), None, "cpu"), data_file=second)
     train_run(
         TrainRequest(config_for(tmp_path, second, "tuned", train={"epochs": 3}), init_from=Path("runs/base"))
     )
-    after = evaluate_split(load_model(Path("runs/tuned"), None, "cpu"), "train", data_file=second)
+    after = evaluate_split(load_model(Path("runs/tuned"), None, "cpu"), data_file=second)
     assert after.result.perplexity < before.result.perplexity
     # ...because it started from the base's weights: the same run from a fresh model, same seed, is worse
     # from its first epoch on (a fresh model also improves in 3 epochs; only the start tells them apart)

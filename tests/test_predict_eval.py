@@ -25,7 +25,7 @@ from drnn_cli.commands import (
 )
 from drnn_cli.config import Config, ModelConfig
 from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, continue_prefix, prefix_tokens
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.models import RNNLanguageModel
 from drnn_cli.vocab import Vocab
@@ -403,6 +403,14 @@ def test_predict_notes_a_prefix_that_preprocessing_changed_beyond_case(tiny_run:
     results = json.loads(out.splitlines()[-1])["results"]
     assert [r["text"][: -len(r["continuation"])] for r in results] == ["time traveller", "caf"]
     assert [len(r["continuation"]) for r in results] == [4, 4]
+
+
+def test_eval_as_a_library_call_refuses_data_with_split_or_corpus(tiny_run: Path):
+    loaded = load_model(tiny_run, None, "cpu")
+    for split, corpus in (("val", None), (None, Path("elsewhere.txt"))):
+        with pytest.raises(UsageError, match="^--data evaluates all of another text") as refused:
+            evaluate_split(loaded, split, data_file=Path("some.txt"), corpus_file=corpus)
+        assert refused.value.exit_code == 2
 
 
 def test_each_prefix_of_a_seeded_call_samples_its_own_stream(tiny_run: Path, cli):

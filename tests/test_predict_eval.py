@@ -405,6 +405,23 @@ def test_predict_notes_a_prefix_that_preprocessing_changed_beyond_case(tiny_run:
     assert [len(r["continuation"]) for r in results] == [4, 4]
 
 
+def test_predict_as_a_library_call_reports_its_notes_and_the_seed_it_drew(tiny_run: Path):
+    """commands.predict_all is drnn predict without the console: the notes the CLI prints before the
+    continuations ride on the report, and a seed drawn for sampling is named there."""
+    from drnn_cli.commands import decode_options, plan_predict, predict_all
+
+    options, drawn = decode_options(4, sample=True)
+    assert drawn and options.seed is not None
+    report = predict_all(plan_predict(load_model(tiny_run, None, "cpu"), ["café", "the"], options, drawn))
+    assert report.notes == (
+        "data.preprocess d2l reads the prefix 'café' as 'caf'",
+        f"--sample drew --seed {options.seed}: give it to draw the same sample again",
+    )
+    assert [c.read for c in report.continuations] == ["caf", "the"]
+    assert Path(report.checkpoint).is_absolute() and report.seed == options.seed
+    assert decode_options(4, sample=True, seed=3) == (DecodeOptions(4, True, seed=3), False)
+
+
 def test_eval_as_a_library_call_refuses_data_with_split_or_corpus(tiny_run: Path):
     loaded = load_model(tiny_run, None, "cpu")
     for split, corpus in (("val", None), (None, Path("elsewhere.txt"))):

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from drnn_cli import __version__
 from drnn_cli.config import load_config
-from drnn_cli.errors import DrnnError, TrainingInterrupted, first_line, peer_gone_message
+from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
 from drnn_cli.presets import find_config
 from drnn_cli.render import (
     RichReporter,
@@ -553,22 +553,6 @@ def inspect_command(
 # Entry point
 
 
-# What PyTorch's allocators say when an allocation fails (its CPU allocator raises a RuntimeError).
-_ALLOCATION_FAILED = ("can't allocate memory", "not enough memory", "out of memory")
-
-
-def _out_of_memory(error: Exception) -> str | None:
-    """The one line for an allocation that failed (a model, batch or ``--rows`` larger than the
-    machine's memory: the settings decide it, so it is the user's to fix), else None."""
-    allocation = isinstance(error, RuntimeError) and any(words in str(error) for words in _ALLOCATION_FAILED)
-    if not (allocation or isinstance(error, MemoryError)):  # torch.OutOfMemoryError is a RuntimeError
-        return None
-    return (
-        f"out of memory ({first_line(error, 200)}); lower model.hidden_size, model.num_layers, "
-        "data.batch_size or data.num_steps (drnn eval: --rows), or run where there is more memory"
-    )
-
-
 # How long a torchrun worker whose peer is gone waits for a signal of its own before it says so: a
 # SIGTERM to the whole job reached one rank a moment before the other, which then blamed a failure
 PEER_SIGNAL_WAIT_S = 0.5
@@ -623,20 +607,25 @@ def main(argv: list[str] | None = None) -> None:
             _say(errors, f"drnn: error: {where}{error.strerror or error}")
             sys.exit(1)
         except Exception as error:
-            if (gone := peer_gone_message(error, in_process_group())) is not None:
+            # A library failure that is the user's to fix, as its one line, and whether this process's
+            # own signal may be on its way: torchrun signals every process of a job, and this one's may
+            # come just after its peer left. A size computed wrongly is a bug that reads as one too:
+            # --debug shows the traceback of either.
+            for line, signal_may_follow in (
+                (peer_gone_message(error, in_process_group()), True),
+                (out_of_memory_message(error), False),
+            ):
+                if line is None:
+                    continue
                 if session.debug:
                     traceback.print_exc()
-                try:  # a signal to every process of the job: this one's may come just after its peer left
-                    _await_own_signal()
-                except stopped as signalled:
-                    _say(errors, _interrupted_line(signalled))
-                    sys.exit(signalled.exit_code)
-                _say(errors, f"drnn: error: {gone}")
-                sys.exit(1)
-            if (memory := _out_of_memory(error)) is not None:
-                if session.debug:  # a size computed wrongly is a bug that reads as one too
-                    traceback.print_exc()
-                _say(errors, f"drnn: error: {memory}")
+                if signal_may_follow:
+                    try:
+                        _await_own_signal()
+                    except stopped as signalled:
+                        _say(errors, _interrupted_line(signalled))
+                        sys.exit(signalled.exit_code)
+                _say(errors, f"drnn: error: {line}")
                 sys.exit(1)
             if _is_usage_error(error):
                 _report_usage_error(error, errors, sys.argv[1:] if argv is None else argv)

@@ -1,4 +1,6 @@
-"""The one exception type the CLI turns into a single line on stderr, and what a stopped training reports."""
+"""The one exception type the CLI turns into a single line on stderr, what a stopped training reports,
+and the one line for a library's failure the user can fix all the same (a torchrun peer gone, memory
+run out)."""
 
 from __future__ import annotations
 
@@ -118,6 +120,22 @@ def peer_gone_message(error: BaseException, in_process_group: bool) -> str | Non
     return (
         f"another process of this torchrun job is gone ({quoted}); its own line says why (an error, or a "
         "kill): fix that and run the command again (with --resume where a checkpoint was written)"
+    )
+
+
+# What PyTorch's allocators say when an allocation fails (its CPU allocator raises a RuntimeError).
+_ALLOCATION_FAILED = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def out_of_memory_message(error: BaseException) -> str | None:
+    """The one line for an allocation that failed (a model, batch or ``--rows`` larger than the
+    machine's memory: the settings decide it, so it is the user's to fix), else None."""
+    allocation = isinstance(error, RuntimeError) and any(words in str(error) for words in _ALLOCATION_FAILED)
+    if not (allocation or isinstance(error, MemoryError)):  # torch.OutOfMemoryError is a RuntimeError
+        return None
+    return (
+        f"out of memory ({first_line(error, 200)}); lower model.hidden_size, model.num_layers, "
+        "data.batch_size or data.num_steps (drnn eval: --rows), or run where there is more memory"
     )
 
 

@@ -1392,6 +1392,28 @@ def test_a_collective_that_lost_its_peer_names_the_other_process_not_a_drnn_bug(
     assert peer_gone_message(watchdog, True) is None  # an internal error: a hang
 
 
+def test_an_allocation_that_failed_is_one_line_naming_the_settings_and_nothing_else_is():
+    """errors.out_of_memory_message, beside peer_gone_message: PyTorch's CPU allocator raises a
+    RuntimeError, Python a MemoryError; a RuntimeError about anything else stays drnn's bug."""
+    from drnn_cli.errors import out_of_memory_message
+
+    fix = (
+        "; lower model.hidden_size, model.num_layers, data.batch_size or data.num_steps (drnn eval: --rows), "
+        "or run where there is more memory"
+    )
+    refused = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+        "allocate 1073741824 bytes.\nmore"
+    )
+    assert out_of_memory_message(refused) == (
+        "out of memory ([enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+        f"you tried to allocate 1073741824 bytes.){fix}"
+    )
+    assert out_of_memory_message(MemoryError()) == f"out of memory (MemoryError){fix}"
+    assert out_of_memory_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert out_of_memory_message(ValueError("out of memory")) is None  # not an allocator's
+
+
 def test_a_sigpipe_while_drnns_output_is_open_is_ignored_as_python_ignores_it() -> None:
     """Another writer's broken pipe or socket is not drnn's reader leaving: neither the training loop's
     handlers nor the other commands' stop on it (a download's socket to a server that hung up fails

@@ -1,7 +1,12 @@
-"""The ``drnn`` command line: parse options, call :mod:`drnn_cli.commands`, render with rich.
+"""The ``drnn`` command line: the Typer commands, and :func:`main`, which every failure leaves through.
 
-No logic lives here beyond turning options into requests and results into text. Every error the
-user can fix arrives as a :class:`DrnnError` and leaves as one line on stderr with a non-zero exit.
+A command turns its options into a library call (:mod:`drnn_cli.commands`; ``train``:
+:mod:`drnn_cli.train_session`) and shows what comes back with :mod:`drnn_cli.render`: which lines
+and tables, on which stream. What a command does, refuses or notes is decided in the library; an
+option is checked here only on its own (``--max-unknown``: a share from 0 to 1). :func:`main` turns
+every failure into one line on stderr and an exit code: a :class:`DrnnError` as its message, a
+library failure the user can fix as :mod:`drnn_cli.errors` words it, a signal as 130, 143 or 141,
+anything else as an internal error.
 """
 
 from __future__ import annotations

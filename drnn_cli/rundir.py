@@ -203,6 +203,8 @@ def is_latest_marker(path: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> bool:
 
 
 def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """The run directory the latest-run marker names (``predict``/``eval`` without ``--run``,
+    ``--init-from runs/latest``): one policy for what a marker may hold, whoever reads it."""
     marker = runs_root / LATEST_MARKER
     # runs/ is found from the working directory, and a preset's name works from any directory
     fix = "train one first (drnn train --config quick) or pass --run DIR / --checkpoint FILE"
@@ -222,7 +224,13 @@ def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
         raise DrnnError(
             f"the latest-run marker {marker} does not hold a run directory path; delete it and {fix}"
         ) from None
-    return Path(text)
+    run = Path(text)
+    if run.is_file():  # drnn writes a directory there: a file is someone's edit
+        raise DrnnError(
+            f"the latest-run marker {marker} names {run}, a file, not a run directory; delete it and train, "
+            "or pass --run DIR / --checkpoint FILE"
+        )
+    return run
 
 
 def run_checkpoint(run_dir: Path) -> Path:
@@ -260,14 +268,7 @@ def resolve_checkpoint(
                 f"--checkpoint takes a checkpoint file, and {checkpoint} is a directory; a run directory goes to --run"
             )
         return checkpoint
-    if run is None:
-        run = latest_run(runs_root)
-        if run.is_file():  # no --run was given: the marker is what names a file
-            raise DrnnError(
-                f"the latest-run marker {runs_root / LATEST_MARKER} names {run}, a file, not a run directory; "
-                "delete it and train, or pass --run DIR / --checkpoint FILE"
-            )
-    return run_checkpoint(run)
+    return run_checkpoint(latest_run(runs_root) if run is None else run)
 
 
 class RunLock:

@@ -14,7 +14,7 @@ from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, 
 from drnn_cli.config import Config, ConfigError, DataConfig, build_config, parse_override
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.run_files import BEST, LAST
-from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, is_latest_marker, latest_run, resolve_checkpoint
+from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, is_latest_marker, latest_run, run_checkpoint
 from drnn_cli.vocab import Vocab
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
@@ -146,7 +146,7 @@ def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Pa
     if is_latest_marker(source, runs_root):
         source = latest_run(runs_root)
     if source.is_dir():
-        return resolve_checkpoint(source, None)
+        return run_checkpoint(source)
     if not source.exists():
         raise DrnnError(
             f"--init-from {source}: no such run directory or checkpoint file; name a run (runs/NAME) or "

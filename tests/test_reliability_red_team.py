@@ -801,11 +801,21 @@ def test_a_broken_latest_marker_is_one_line(workdir: Path, cli, kind: str):
 
 def test_a_latest_marker_naming_a_file_blames_the_marker_not_a_run_option(workdir: Path, cli, tiny_run: Path):
     """With no --run given, "--run takes a run directory" and exit 2 sent the user to an option they had
-    not typed: the marker names the file, and the marker is what to fix."""
+    not typed: the marker names the file, and the marker is what to fix. ``--init-from runs/latest`` reads
+    the marker by the same rule (it took the file, where predict refused it)."""
     marker = workdir / "runs" / "latest"
     marker.parent.mkdir()
     marker.write_text(f"{tiny_run / 'best.safetensors'}\n")
-    for command in (["predict", "time"], ["eval"]):
+    tune = [
+        "train",
+        "--config",
+        str(tiny_run / "config.yaml"),
+        "--init-from",
+        "runs/latest",
+        "--run",
+        "runs/ft",
+    ]
+    for command in (["predict", "time"], ["eval"], tune):
         code, out, err = cli(*command)
         assert (code, out) == (1, "")
         assert_one_line_error(

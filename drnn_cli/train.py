@@ -1087,58 +1087,15 @@ class Trainer:
         train = self.config.train
         already = self._already_done()
         self._write_run_files(self._config_to_record(already is not None))
-        parameters = count_parameters(self.model)
         began_at = self.began_at = self._position()
         self.budget.start()
         self._last_stop_vote = (time.monotonic(), self.global_step)
         if already is None:
-            step_budget = self._step_budget()
-            self.reporter.start(
-                RunStart(
-                    self._planned_epochs(),
-                    self.start_epoch,
-                    parameters,
-                    device_name(self.device),
-                    self._origin(),
-                    train.log_every,
-                    step_budget,
-                    self._mean_steps_per_epoch() if step_budget else 0,
-                    next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
-                )
-            )
+            self.reporter.start(self._run_start())
+            for note in self._setup_notes():
+                self.reporter.note(note)
         else:
             self.reporter.note(nothing_to_train(already, train, began_at, self.global_step, self.bad_evals))
-        setup = (
-            *self._notes,
-            *self.dataset.notes,
-            *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
-            # said when a run starts; a resume cannot change those settings
-            *(
-                own_text_notes(
-                    self.config.data,
-                    self.dataset.total_tokens,
-                    self.dataset.file_bytes(),
-                    fine_tuning=self.init_from_label is not None,
-                )
-                if self.global_step == 0
-                else ()
-            ),
-            # a run measured in steps from its start: cadences in epochs may come after its end
-            *(
-                late_cadence_notes(
-                    train,
-                    self._step_budget(),
-                    self._mean_steps_per_epoch(),
-                    len(self.val_tokens) >= MIN_EVAL_TOKENS,
-                )
-                if self.global_step == 0 and self._step_budget()
-                else ()
-            ),
-            *idle_setting_notes(self.config, self._planned_epochs(), self._planned_steps()),
-            *([missing] if self.dist.is_main and (missing := self.plot.missing_plotter()) else []),
-        )
-        for note in setup if already is None else ():
-            self.reporter.note(note)
         if already is None and self.global_step == 0 and self.init_from_label and not self.records:
             self._validate_starting_weights()
         val_ppl = self.records[-1].val_ppl if self.records else None
@@ -1158,72 +1115,149 @@ class Trainer:
                 if self.stopped_mid_epoch is not None:  # the line written at the stop is the last
                     stop_reason, val_ppl = self.stopped_mid_epoch, self.records[-1].val_ppl
                     break
-                done = epoch + 1
-                budget_stop = self._budget_reached(vote_now=True)
-                final = done >= train.epochs or budget_stop is not None
-                on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
-                try:
-                    validates = on_cadence or final or resumed_cut_short  # a cut one: as it was to
-                    val_ppl = self._validate_to_judge(abandonable=True) if validates else None
-                except EvaluationAbandoned:  # a signal: checkpoint now, not after the rest of a large split
-                    self._interrupt_epoch_end(epoch)
-                self._judge(val_ppl, done, on_cadence=on_cadence)
-                record = self._record(done, window, val_ppl, tokens_per_s, self.elapsed)
-                self._append_metrics(record)
-                stopped_early = self._patience_spent
-                last_epoch = final or stopped_early
-                if (
-                    self.cadence.checkpoint.due_at_epoch_end(done, self.global_step)
-                    or last_epoch
-                    or resumed_cut_short  # LAST holds its end as not done: a crash must not run it twice
-                ):
-                    self._save(LAST, done)
-                self.reporter.epoch_end(record)
-                if (
-                    self.dist.is_main
-                    and self.cadence.sample.due_at_epoch_end(done, self.global_step)
-                    and not last_epoch
-                ):
-                    self._report_samples(done)
-                self._update_plot(force=last_epoch)
-                # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
-                if self._stop_requested():
-                    if not last_epoch:
-                        self._interrupt(done, None)
-                    # its last epoch (of train.epochs, a budget or patience) is checkpointed: it ends as one
-                    self.reporter.note(f"{self.stops.name} arrived after the last epoch: the run is complete")
-                if stopped_early:
-                    stop_reason = "patience"
+                val_ppl, ended_by = self._end_epoch(epoch, window, tokens_per_s, resumed_cut_short)
+                if ended_by is not None:
+                    stop_reason = ended_by
                     break
-                if budget_stop is not None:
-                    if done < train.epochs:  # a budget that ends with the last epoch did not cut it short
-                        stop_reason = budget_stop
-                    break
-        if stop_reason == "patience" and already is None:
-            self.reporter.note(
-                "early stop: validation perplexity has not improved for "
-                f"{train.patience} evaluation{'' if train.patience == 1 else 's'}"
-            )
-        if already is None and (scored := self._scored_unknown_note()) is not None:
-            self.reporter.note(scored)  # beside the perplexities it qualifies: the start's note scrolled by
-        start = self._start_record()
-        if already is None and start is not None and self.best_kept == start.val_ppl:
-            self.reporter.note(
-                f"no validation beat the starting weights' perplexity {start.val_ppl:.4g}: "
-                f"{self.run_dir / BEST} holds them, and predict and eval read it"
-            )
-        # the last line that trained (a fine-tuning run's first validates the starting weights alone)
-        trained = next((r for r in reversed(self.records) if r.train_ppl is not None), None)
+        if already is None:
+            for note in self._closing_notes(stop_reason):
+                self.reporter.note(note)
         samples = self._samples() if self.dist.is_main else {}
         if self.tensorboard is not None and already is None:  # a resume that trained nothing logs nothing
             self.tensorboard.add_samples(samples, self.global_step)
         self.reporter.finish()
+        return self._result(stop_reason, val_ppl, tokens_per_s, samples)
+
+    def _run_start(self) -> RunStart:
+        """The session's first line: what it trains, on what, for how long, from where."""
+        step_budget = self._step_budget()
+        return RunStart(
+            self._planned_epochs(),
+            self.start_epoch,
+            count_parameters(self.model),
+            device_name(self.device),
+            self._origin(),
+            self.config.train.log_every,
+            step_budget,
+            self._mean_steps_per_epoch() if step_budget else 0,
+            next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
+        )
+
+    def _setup_notes(self) -> tuple[str, ...]:
+        """What the settings, the text and the device mean for this session, said before it trains."""
+        train = self.config.train
+        starting = self.global_step == 0  # a resume cannot change what is said only where a run starts
+        step_budget = self._step_budget()
+        return (
+            *self._notes,
+            *self.dataset.notes,
+            *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
+            *(
+                own_text_notes(
+                    self.config.data,
+                    self.dataset.total_tokens,
+                    self.dataset.file_bytes(),
+                    fine_tuning=self.init_from_label is not None,
+                )
+                if starting
+                else ()
+            ),
+            # a run measured in steps from its start: cadences in epochs may come after its end
+            *(
+                late_cadence_notes(
+                    train, step_budget, self._mean_steps_per_epoch(), len(self.val_tokens) >= MIN_EVAL_TOKENS
+                )
+                if starting and step_budget
+                else ()
+            ),
+            *idle_setting_notes(self.config, self._planned_epochs(), self._planned_steps()),
+            *([missing] if self.dist.is_main and (missing := self.plot.missing_plotter()) else []),
+        )
+
+    def _end_epoch(
+        self, epoch: int, window: TrainWindow, tokens_per_s: float, resumed_cut_short: bool
+    ) -> tuple[float | None, StopReason | None]:
+        """An epoch's end: validate, judge, log, checkpoint, sample; its validation perplexity, and why
+        the run ends here (None: it goes on). ``resumed_cut_short``: the epoch's end is the boundary a
+        signal cut short before the resume, validated whatever the cadence says."""
+        train = self.config.train
+        done = epoch + 1
+        budget_stop = self._budget_reached(vote_now=True)
+        final = done >= train.epochs or budget_stop is not None
+        on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
+        val_ppl = None
+        try:
+            if on_cadence or final or resumed_cut_short:  # a cut one: as it was to
+                val_ppl = self._validate_to_judge(abandonable=True)
+        except EvaluationAbandoned:  # a signal: checkpoint now, not after the rest of a large split
+            self._interrupt_epoch_end(epoch)
+        self._judge(val_ppl, done, on_cadence=on_cadence)
+        record = self._record(done, window, val_ppl, tokens_per_s, self.elapsed)
+        self._append_metrics(record)
+        stopped_early = self._patience_spent
+        last_epoch = final or stopped_early
+        if (
+            self.cadence.checkpoint.due_at_epoch_end(done, self.global_step)
+            or last_epoch
+            or resumed_cut_short  # LAST holds its end as not done: a crash must not run it twice
+        ):
+            self._save(LAST, done)
+        self.reporter.epoch_end(record)
+        if (
+            self.dist.is_main
+            and self.cadence.sample.due_at_epoch_end(done, self.global_step)
+            and not last_epoch
+        ):
+            self._report_samples(done)
+        self._update_plot(force=last_epoch)
+        # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
+        if self._stop_requested():
+            if not last_epoch:
+                self._interrupt(done, None)
+            # its last epoch (of train.epochs, a budget or patience) is checkpointed: it ends as one
+            self.reporter.note(f"{self.stops.name} arrived after the last epoch: the run is complete")
+        if stopped_early:
+            return val_ppl, "patience"
+        if budget_stop is not None:
+            # a budget that ends with the last epoch did not cut it short
+            return val_ppl, budget_stop if done < train.epochs else "epochs"
+        return val_ppl, "epochs" if final else None
+
+    def _closing_notes(self, stop_reason: StopReason) -> list[str]:
+        """What qualifies the session's figures, said beside them at its end."""
+        notes = []
+        patience = self.config.train.patience
+        if stop_reason == "patience":
+            notes.append(
+                "early stop: validation perplexity has not improved for "
+                f"{patience} evaluation{'' if patience == 1 else 's'}"
+            )
+        if (scored := self._scored_unknown_note()) is not None:
+            notes.append(scored)  # beside the perplexities it qualifies: the start's note scrolled by
+        start = self._start_record()
+        if start is not None and self.best_kept == start.val_ppl:
+            notes.append(
+                f"no validation beat the starting weights' perplexity {start.val_ppl:.4g}: "
+                f"{self.run_dir / BEST} holds them, and predict and eval read it"
+            )
+        return notes
+
+    def _result(
+        self,
+        stop_reason: StopReason,
+        val_ppl: float | None,
+        tokens_per_s: float | None,
+        samples: dict[str, str],
+    ) -> TrainResult:
+        # the last line that trained (a fine-tuning run's first validates the starting weights alone)
+        trained = next((r for r in reversed(self.records) if r.train_ppl is not None), None)
+        start = self._start_record()
         return TrainResult(
             run_dir=self.run_dir,
             # the last metrics line, or where a resume that trained nothing began (inside an epoch,
             # after the last line, when an interrupt stopped the run there)
-            epochs=max(self.records[-1].epoch, began_at) if self.records else began_at,
-            start_epoch=began_at,
+            epochs=max(self.records[-1].epoch, self.began_at) if self.records else self.began_at,
+            start_epoch=self.began_at,
             start_step=self._first_step,
             # the last line's: the steps since the one before it in its epoch (README "Long runs")
             train_ppl=trained.train_ppl if trained and trained.train_ppl is not None else math.nan,
@@ -1234,7 +1268,7 @@ class Trainer:
             tokens_per_s=tokens_per_s,
             device=device_name(self.device),
             world_size=self.dist.world_size,
-            parameters=parameters,
+            parameters=count_parameters(self.model),
             samples=samples,
             stopped_early=stop_reason == "patience",
             stop_reason=stop_reason,

@@ -561,7 +561,8 @@ class Trainer:
             group["lr"] = train.lr * factor
 
     def train_epoch(self, epoch: int) -> tuple[TrainWindow, float]:
-        """Train one epoch; returns (its last line's training perplexity, tokens per second).
+        """Train one epoch; returns its last line's training window (perplexity and steps) and the
+        epoch's tokens per second.
 
         A budget or patience may end the epoch early at a step-cadence boundary, after a final
         validation and checkpoint: ``stopped_mid_epoch`` then names why, and the figures returned
@@ -589,20 +590,7 @@ class Trainer:
         # resuming mid-epoch: the minibatches before progress.step were trained before the stop
         targets = self.static_step.targets.numel()
         if progress.boundary_pending:  # a signal cut this step's boundary short: it comes first
-            progress.boundary_pending = False
-            if lr_per_step:  # its line and checkpoint hold the rate of its step, not the next one's
-                self._set_lr(epoch, self.global_step - 1)
-            if progress.step < len(batches):  # at the epoch's last step the boundary is fit's epoch end
-                paused = time.perf_counter()
-                # It validates as it was to (a time budget's final validation too: the resumed clock
-                # starts anew), and where train.epochs is now below this epoch the run ends at it.
-                over = "epochs" if epoch >= self.config.train.epochs else None
-                self.stopped_mid_epoch = self._inside_epoch(
-                    epoch, progress, len(batches), self._budget_reached() or over, validates=True
-                )
-                if self.stopped_mid_epoch is None:  # no longer pending: a crash now must not run it again
-                    self._save(LAST, epoch, progress)
-                started += self._training_clock() - paused
+            started += self._replay_cut_boundary(epoch, progress, len(batches))
         remaining = batches.windows_from(progress.step) if self.stopped_mid_epoch is None else iter(())
         for step, window in enumerate(remaining, start=progress.step):
             if lr_per_step:
@@ -620,8 +608,7 @@ class Trainer:
             stop = self._budget_reached()
             if progress.step < len(batches) and (stop or self.cadence.due_at_step(self.global_step)):
                 # A boundary inside the epoch; the epoch's last step is handled by fit at its end.
-                progress.state = self.static_step.carried_state() if carries_state else None
-                progress.elapsed = self._training_clock() - started
+                self._keep_place(progress, self._training_clock() - started)
                 paused = time.perf_counter()
                 stop = self._inside_epoch(epoch, progress, len(batches), stop)
                 started += self._training_clock() - paused  # evaluating is not training time
@@ -636,8 +623,7 @@ class Trainer:
             if progress.step < len(batches) and self._stop_requested(progress.step):
                 # A NaN on any process ends the run: nothing non-finite is saved.
                 self._totals(epoch, progress)
-                progress.state = self.static_step.carried_state() if carries_state else None
-                progress.elapsed = self._training_clock() - started
+                self._keep_place(progress, self._training_clock() - started)
                 self._interrupt(epoch, progress)
             now = time.monotonic()
             if now - shown >= 0.5:
@@ -649,10 +635,36 @@ class Trainer:
         loss_sum, count = self._totals(epoch, progress)
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
         if self.stopped_mid_epoch is None:  # a signal during the epoch end's validation checkpoints this
-            progress.state = self.static_step.carried_state() if carries_state else None
-            progress.elapsed = seconds
+            self._keep_place(progress, seconds)
             self.trained_epoch = progress
         return self._since_logged(progress, loss_sum, count), count / max(seconds, 1e-9)
+
+    def _keep_place(self, progress: EpochProgress, elapsed: float) -> None:
+        """Where the epoch stands, for a checkpoint inside it: the state its rows carry on with
+        (sequential sampling) and its training time so far."""
+        carried = self.static_step.carries_state
+        progress.state = self.static_step.carried_state() if carried else None
+        progress.elapsed = elapsed
+
+    def _replay_cut_boundary(self, epoch: int, progress: EpochProgress, steps_in_epoch: int) -> float:
+        """The step boundary a signal cut short before this resume, run before the epoch's next step:
+        it validates as it was to (a time budget's final validation too: the resumed clock starts anew),
+        and where ``train.epochs`` is now below this epoch the run ends at it. At the epoch's last step
+        the boundary is the epoch's end, which fit runs. Returns the seconds it took: evaluating is not
+        training time."""
+        progress.boundary_pending = False
+        if lr_changes_every_step(self.config.train):  # its line and checkpoint hold its step's rate
+            self._set_lr(epoch, self.global_step - 1)
+        if progress.step == steps_in_epoch:
+            return 0.0
+        paused = self._training_clock()
+        over = "epochs" if epoch >= self.config.train.epochs else None
+        self.stopped_mid_epoch = self._inside_epoch(
+            epoch, progress, steps_in_epoch, self._budget_reached() or over, validates=True
+        )
+        if self.stopped_mid_epoch is None:  # no longer pending: a crash now must not run it again
+            self._save(LAST, epoch, progress)
+        return self._training_clock() - paused
 
     def _step_status(
         self, epoch: int, progress: EpochProgress, steps_in_epoch: int, started: float

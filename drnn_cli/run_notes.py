@@ -1,6 +1,7 @@
-"""What a training session tells its user in notes before it starts: settings that cannot do what
-they say with this text, and why a resumed run has nothing left to train. Text only, from the config
-and a few counts; the trainer decides when to say it.
+"""The notes drnn adds beside its figures: settings that cannot do what they say with this text (said
+by ``drnn data`` and before training), why a resumed run has nothing left to train, and what a
+perplexity is worth (scored ``<unk>``, too few predictions: said after training and by ``drnn eval``).
+Text only, from the config and a few counts; the callers decide when to say it.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def few_predictions_note(predicted: int, fix: str) -> str | None:
 
 
 def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device | None) -> list[str]:
-    """Settings this text or device defeats: a validation or test split too small to evaluate, a
-    min_freq that turns much of the text into <unk>, a capped evaluation, patience without validation,
-    sample prefixes the vocabulary cannot spell, Triton kernels without CUDA (``device``: where the run
-    trains; None, ``drnn data``'s, where it is not decided)."""
+    """Settings this text or device defeats: a validation or test split too small to evaluate (or so
+    small its perplexities are noise), a min_freq that turns much of the text into <unk>, a capped
+    evaluation, patience without validation, sample prefixes the vocabulary cannot spell, a one-hot
+    input as wide as a word vocabulary, Triton kernels without CUDA (``device``: where the run trains;
+    None, ``drnn data``'s, where it is not decided)."""
     train, data = config.train, config.data
     validation_tokens, test_tokens = len(splits.val), len(splits.test)
     notes = []

@@ -100,6 +100,27 @@ class Split(str, enum.Enum):
 DeviceOption = Annotated[Device, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
 
 
+def _share(value: float | None) -> float | None:
+    """A share from 0 to 1; NaN is refused as such (a range check lets it through with an odd message)."""
+    if value is not None and not 0 <= value <= 1:
+        raise typer.BadParameter(f"{value:g} is not a share from 0 to 1")
+    return value
+
+
+InitFromOption = Annotated[
+    Path | None,
+    typer.Option("--init-from", help="Start from the weights of another run or checkpoint (fine-tuning)."),
+]
+MaxUnknownOption = Annotated[
+    float | None,
+    typer.Option(
+        "--max-unknown",
+        callback=_share,
+        help="With --init-from: largest share of tokens allowed to be <unk> (default 0.01).",
+    ),
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # drnn --version
 
@@ -134,30 +155,50 @@ def _root(
 
 
 @app.command("data")
-def data_command(config: ConfigOption = None, set_: SetOption = None, json_out: JsonOption = False) -> None:
+def data_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Read the text as fine-tuning from this run or checkpoint would (its vocabulary).",
+        ),
+    ] = None,
+    max_unknown: MaxUnknownOption = None,
+    json_out: JsonOption = False,
+) -> None:
     """Download (if needed), tokenize and describe the corpus.
 
     Example: drnn data --config lstm2.yaml --set data.token=word
     """
-    from drnn_cli.commands import describe_data
+    from drnn_cli.commands import DataRequest, describe_data
+    from drnn_cli.start_point import given_keys
 
     out, _ = consoles(json_out)
     resolved = load_config(find_config(config) if config is not None else None, set_ or [])
+    request = DataRequest(resolved, init_from, max_unknown, given_keys(set_ or []))
     with download_progress(out) as hook:
-        report = describe_data(resolved, progress=hook)
+        report = describe_data(request, progress=hook)
     dataset = report.dataset
     table = Table(title=f"corpus {dataset.path}", show_header=False)
     table.add_row("SHA-1", dataset.sha1)
-    table.add_row("preprocess / tokens", f"{resolved.data.preprocess} / {resolved.data.token}")
+    data = report.config.data
+    table.add_row("preprocess / tokens", f"{data.preprocess} / {data.token}")
+    if report.init_from is not None:
+        table.add_row("vocabulary of", report.init_from)
     table.add_row("tokens (all)", f"{dataset.total_tokens:,}")
     table.add_row("tokens used (max_tokens)", f"{len(dataset.tokens):,}")
     table.add_row("vocabulary", f"{len(dataset.vocab):,}")
-    kept = [(token, freq) for token, freq in dataset.vocab.token_freqs if token in dataset.vocab]
-    top = ", ".join(f"{token!r} {freq:,}" for token, freq in kept[:10])  # not those min_freq made <unk>
-    table.add_row("most frequent (all tokens)", top)  # the vocabulary counts the whole text, as d2l's
+    frequent, counted_over = report.most_frequent(10)
+    table.add_row(
+        f"most frequent ({counted_over})", ", ".join(f"{token!r} {freq:,}" for token, freq in frequent)
+    )
     splits = dataset.splits
     table.add_row("train / val / test", f"{len(splits.train):,} / {len(splits.val):,} / {len(splits.test):,}")
-    data = resolved.data
+    if report.init_from is not None:
+        share = report.unknown / max(1, len(dataset.tokens))
+        table.add_row("not in its vocabulary (<unk>)", f"{report.unknown:,} ({share:.2%} of the tokens used)")
     table.add_row(
         "minibatches per epoch",
         f"{report.train_batches:,} ({data.sampling}, batch {data.batch_size} × {data.num_steps} steps)",
@@ -217,13 +258,6 @@ def presets_command(json_out: JsonOption = False) -> None:
         emit_json({"presets": [report.summary() for report in reports]})
 
 
-def _share(value: float | None) -> float | None:
-    """A share from 0 to 1; NaN is refused as such (a range check lets it through with an odd message)."""
-    if value is not None and not 0 <= value <= 1:
-        raise typer.BadParameter(f"{value:g} is not a share from 0 to 1")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------
 # drnn train
 
@@ -241,20 +275,8 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")
     ] = False,
-    init_from: Annotated[
-        Path | None,
-        typer.Option(
-            "--init-from", help="Start from the weights of another run or checkpoint (fine-tuning)."
-        ),
-    ] = None,
-    max_unknown: Annotated[
-        float | None,
-        typer.Option(
-            "--max-unknown",
-            callback=_share,
-            help="With --init-from: largest share of tokens allowed to be <unk> (default 0.01).",
-        ),
-    ] = None,
+    init_from: InitFromOption = None,
+    max_unknown: MaxUnknownOption = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing run in the run directory.")
     ] = False,

@@ -37,6 +37,7 @@ from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import data_notes, few_predictions_note, own_text_notes, scored_unknown_note
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
+from drnn_cli.start_point import DEFAULT_MAX_UNKNOWN, check_max_unknown, fine_tuning_point, unknown_share_note
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
 
@@ -47,9 +48,31 @@ from drnn_cli.vocab import UNK
 @dataclass(frozen=True)
 class DataReport:
     dataset: Dataset
+    config: Config  # as the run would train: under --init-from, with the checkpoint's architecture and tokens
     train_batches: int
     untrainable: str | None = None  # why `drnn train` would refuse this data, in its words
     notes: tuple[str, ...] = ()  # what `drnn train` would note about this text and these settings
+    init_from: str | None = None  # the checkpoint a fine-tuning run would start from
+
+    @property
+    def unknown(self) -> int:
+        """The tokens the run would use that its fixed vocabulary lacks (fine-tuning; 0 otherwise)."""
+        return self.dataset.lacking_in(self.dataset.tokens) if self.init_from is not None else 0
+
+    def most_frequent(self, n: int) -> tuple[list[tuple[str, int]], str]:
+        """The ``n`` most frequent tokens of the vocabulary and what they were counted over: the whole
+        text, as the vocabulary was built (d2l's way); a checkpoint's vocabulary keeps no counts, so
+        under ``--init-from`` the tokens the run uses, counted now."""
+        vocab = self.dataset.vocab
+        if vocab.token_freqs:
+            kept = [
+                (token, freq) for token, freq in vocab.token_freqs if token in vocab
+            ]  # not min_freq's <unk>
+            return kept[:n], "all tokens"
+        counts = torch.bincount(self.dataset.tokens.long(), minlength=len(vocab))
+        counts[vocab[UNK]] = 0  # what it lacks has its own row
+        top = counts.argsort(descending=True, stable=True)[:n].tolist()
+        return [(vocab.idx_to_token[i], int(counts[i])) for i in top if counts[i]], "tokens used"
 
     def summary(self) -> dict:
         return {
@@ -57,22 +80,61 @@ class DataReport:
             "minibatches_per_epoch": self.train_batches,
             "train_would_refuse": self.untrainable,
             "notes": [*self.dataset.notes, *self.notes],
+            "init_from": self.init_from,
+            "unknown_tokens": self.unknown,
         }
 
 
-def describe_data(config: Config, progress: ProgressHook | None = None) -> DataReport:
-    dataset = load_dataset(config.data, progress=progress)
+@dataclass(frozen=True)
+class DataRequest:
+    """``drnn data``: the text a config reads, or with ``init_from`` as fine-tuning from it would read
+    it (the checkpoint's vocabulary and preprocessing, README "Fine-tuning")."""
+
+    config: Config
+    init_from: Path | None = None
+    max_unknown_fraction: float | None = None  # with init_from; None: DEFAULT_MAX_UNKNOWN
+    given: frozenset[str] = frozenset()  # the keys --set gives (a contradiction of the checkpoint is refused)
+    runs_root: Path = DEFAULT_RUNS_ROOT
+
+
+def describe_data(request: DataRequest, progress: ProgressHook | None = None) -> DataReport:
+    """What ``drnn train`` would read, and what it would say or refuse, without training."""
+    check_max_unknown(request.max_unknown_fraction, request.init_from)
+    config, start = request.config, None
+    if request.init_from is not None:
+        start = fine_tuning_point(
+            request.init_from, config, torch.device("cpu"), request.runs_root, request.given
+        )
+        config = start.config
+    dataset = load_dataset(config.data, vocab=start.vocab if start else None, progress=progress)
     data = config.data
-    notes = (
+    notes = [
+        *([start.changes] if start is not None and start.changes else []),
         *data_notes(config, dataset.splits, dataset.vocab, None),
-        *own_text_notes(data, dataset.total_tokens, dataset.file_bytes()),
-    )
+        *own_text_notes(data, dataset.total_tokens, dataset.file_bytes(), fine_tuning=start is not None),
+    ]
+    refusals = []
+    if start is not None:
+        limit = request.max_unknown_fraction
+        try:
+            lacking = unknown_share_note(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit)
+        except DrnnError as refused:  # described all the same; `drnn train` refuses it
+            refusals.append(str(refused))
+        else:
+            notes.extend([lacking] if lacking else [])
+    batches = 0
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=dataset.capped)
-    except DrnnError as refused:  # described all the same; `drnn train` refuses it
-        return DataReport(dataset, 0, str(refused), notes)
+        batches = len(epoch_batches(dataset.splits.train, data, config.train.seed, 0))
+    except DrnnError as refused:
+        refusals.append(str(refused))
     return DataReport(
-        dataset, len(epoch_batches(dataset.splits.train, data, config.train.seed, 0)), None, notes
+        dataset,
+        config,
+        batches,
+        refusals[0] if refusals else None,  # the first that training would meet
+        tuple(notes),
+        start.init_label if start is not None else None,
     )
 
 

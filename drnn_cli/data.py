@@ -17,8 +17,10 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, as_fixed, load_cached, store, text_sha1
 from drnn_cli.vocab import (
+    UNK,
     Vocab,
     count_ascii,
+    count_index,
     count_tokens,
     count_utf8,
     encode_ascii_,
@@ -60,6 +62,14 @@ class Dataset:
     def unknown_count(self) -> int:
         """How many tokens of the text the vocabulary lacked (read as <unk>)."""
         return sum(self.unknown.values())
+
+    def lacking_in(self, tokens: torch.Tensor) -> int:
+        """How many of ``tokens`` (the text's, or a split's) the vocabulary lacks: a fixed vocabulary's
+        (fine-tuning) or those ``data.min_freq`` cut. Id 0 is also a literal ``<unk>`` a text writes
+        itself (Penn Treebank's convention), which no vocabulary lacks: the tokens lacking in the whole
+        text bound the count (exact where the text writes no ``<unk>``)."""
+        lacking = self.unknown_count or sum(self.vocab.cut_counts().values())
+        return min(count_index(tokens, self.vocab[UNK]), lacking) if lacking else 0
 
     def summary(self) -> dict:
         """The ``drnn data --json`` object (README "Commands": `drnn data`)."""

@@ -42,3 +42,15 @@ def visible_char(char: str) -> str:
     if noncharacter or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
         return f"⟨U+{code:04X}⟩"
     return char
+
+
+def percent(share: float, unlike: float | None = None) -> str:
+    """A share as a percentage: three significant digits, more where three would print it as ``unlike`` (a limit it is above, or
+    the share above it: "3.42% … above the allowed 3.42%") or a share short of all as 100%."""
+    shown = ""
+    for digits in range(3, 12):
+        shown = f"{share * 100:.{digits}g}%"
+        same = unlike is not None and shown == f"{unlike * 100:.{digits}g}%" and share != unlike
+        if not same and (shown != "100%" or share >= 1):
+            break
+    return shown

@@ -12,10 +12,15 @@ import torch
 
 from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, ConfigError, DataConfig, build_config, parse_override
+from drnn_cli.data import Dataset
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, is_latest_marker, latest_run, run_checkpoint
+from drnn_cli.shown_text import percent
 from drnn_cli.vocab import Vocab
+
+# --init-from's default --max-unknown: the share of the tokens a run uses that its vocabulary may lack
+DEFAULT_MAX_UNKNOWN = 0.01
 
 # Model keys that change the shapes or meaning of the weights; the rest (dropouts, init, impl) may
 # differ between a checkpoint and a run fine-tuned from it (--init-from). A --resume also keeps
@@ -297,6 +302,24 @@ def init_point(
             f"--init-from {init_from} is a checkpoint of the run --overwrite replaces: the new run "
             f"would record weights that no longer exist; train it beside the old one with --run NEW_DIR"
         )
+    return _fine_tuning_from(source, config, device, given)
+
+
+def fine_tuning_point(
+    init_from: Path,
+    config: Config,
+    device: torch.device,
+    runs_root: Path,
+    given: frozenset[str] = frozenset(),
+) -> StartPoint:
+    """What ``--init-from`` would start a run from, for a preview of its data (``drnn data``): as
+    :func:`init_point`, less its checks against the run directory, which a preview does not write."""
+    return _fine_tuning_from(resolve_init_source(init_from, runs_root), config, device, given)
+
+
+def _fine_tuning_from(
+    source: Path, config: Config, device: torch.device, given: frozenset[str]
+) -> StartPoint:
     checkpoint = load_checkpoint(source, device)
     adopted, taken = take_weight_shape(config, checkpoint.config, given, f"cannot initialise from {source}")
     notes = []
@@ -328,3 +351,53 @@ def _same_corpus_named(saved: Config, now: Config) -> bool:
         return config.data.file.absolute() if config.data.file is not None else None
 
     return (saved.data.corpus, where(saved)) == (now.data.corpus, where(now))
+
+
+def check_max_unknown(max_unknown: float | None, init_from: Path | None) -> None:
+    if max_unknown is not None and init_from is None:
+        raise UsageError(
+            "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"
+        )
+
+
+def unknown_share_note(dataset: Dataset, limit: float) -> str | None:
+    """Fine-tuning keeps the checkpoint's vocabulary: the note on text it cannot spell (None: it can
+    spell all of it), or a DrnnError where there is too much of it (``limit``: ``--max-unknown``).
+
+    The share is of the tokens the run uses, all its splits (after ``data.max_tokens``), which are what a model
+    fine-tuned on many ``<unk>`` would learn from; which tokens they are is known for the whole text.
+    """
+    if not dataset.unknown_count:
+        return None
+    used = len(dataset.tokens)
+    count = dataset.lacking_in(dataset.tokens)
+    share = count / max(1, used)
+    worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
+    where = " in the whole text" if used < dataset.total_tokens else ""
+    # --init-from reads the text with the checkpoint's preprocessing already: what helps is the text itself
+    # (its tokens replaced with ones the vocabulary holds) or a vocabulary of its own
+    rewrite = "replace them in the text, or train a new model without --init-from (a vocabulary of its own)"
+    if count == used:  # whatever --max-unknown says: a model of <unk> alone learns nothing, at perplexity 1
+        raise DrnnError(
+            f"none of the {used:,} tokens the run uses is in the checkpoint's vocabulary ({worst}{where}): "
+            f"fine-tuning would learn to predict <unk> alone; {rewrite}"
+        )
+    if share > limit:
+        raise DrnnError(
+            f"{count:,} of the {used:,} tokens the run uses ({percent(share, unlike=limit)}) are not in the "
+            f"checkpoint's vocabulary ({worst}{where}), above the allowed {percent(limit, unlike=share)}; raise "
+            "--max-unknown, or "
+            + (
+                f"train a new model without --init-from (its vocabulary kept only tokens seen "
+                f"{dataset.vocab.min_freq}+ times: data.min_freq {dataset.vocab.min_freq} made the rarer "
+                "<unk> by design, on its own text too)"
+                if dataset.vocab.min_freq > 1
+                else rewrite
+            )
+        )
+    if not count:
+        return None
+    return (
+        f"{count:,} of the {used:,} tokens the run uses ({percent(share)}) are not in the vocabulary and "
+        f"map to <unk> ({worst}{where})"
+    )

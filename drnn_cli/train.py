@@ -87,7 +87,6 @@ from drnn_cli.trainer_state import (
     gather_ranks,
     loading,
 )
-from drnn_cli.vocab import UNK, count_index
 
 # How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py).
 RESUME_ADVICE = "the same command plus --resume"
@@ -1054,15 +1053,11 @@ class Trainer:
     def _scored_unknown_note(self) -> str | None:
         """What the run's perplexities are worth where the vocabulary lacks tokens of the text (fine-tuning,
         ``data.min_freq``): over the validation split, else the training split. A text's own ``<unk>``
-        words (Penn Treebank writes them) are no lack; ids cannot tell them from the tokens lacking, whose
-        count over the whole text bounds the split's (exact where the text writes no ``<unk>``)."""
-        lacking = self.dataset.unknown_count or sum(self.dataset.vocab.cut_counts().values())
-        if not lacking:
-            return None
+        words (Penn Treebank writes them) are no lack (:meth:`Dataset.lacking_in`)."""
         validated = len(self.val_tokens) >= MIN_EVAL_TOKENS
         predicted = (self.val_tokens if validated else self.dataset.splits.train)[1:]
         return scored_unknown_note(
-            min(count_index(predicted, self.dataset.vocab[UNK]), lacking),
+            self.dataset.lacking_in(predicted),
             len(predicted),
             "validation tokens" if validated else "training tokens",
             "this run's perplexities are",

@@ -12,7 +12,7 @@ import torch
 
 from drnn_cli.checkpoint import check_header_room
 from drnn_cli.config import Config, load_config
-from drnn_cli.data import Dataset, load_same_corpus
+from drnn_cli.data import load_same_corpus
 from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError
 from drnn_cli.files import remove_stale_temporaries
@@ -33,16 +33,22 @@ from drnn_cli.rundir import (
     swap_in,
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
-from drnn_cli.start_point import StartPoint, given_keys, init_point, resume_point
+from drnn_cli.start_point import (
+    DEFAULT_MAX_UNKNOWN,
+    StartPoint,
+    check_max_unknown,
+    given_keys,
+    init_point,
+    resume_point,
+    unknown_share_note,
+)
 from drnn_cli.train import RESUME_ADVICE, Trainer
-from drnn_cli.vocab import UNK, count_index
 
 # How an interrupted --overwrite session is told to go on (it trained beside the run it replaces).
 OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"
 
 
 # With --init-from: the largest share of the new text's tokens that may fall outside the vocabulary.
-DEFAULT_MAX_UNKNOWN = 0.01
 
 
 @dataclass(frozen=True)
@@ -64,10 +70,7 @@ def train_run(
     progress: ProgressHook | None = None,
 ) -> TrainResult:
     """Everything ``drnn train`` does: config, run directory, lock, data, model, loop."""
-    if request.max_unknown_fraction is not None and request.init_from is None:
-        raise UsageError(
-            "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"
-        )
+    check_max_unknown(request.max_unknown_fraction, request.init_from)
     if request.resume and request.overwrite:
         raise UsageError(
             "--resume and --overwrite cannot be combined: --resume continues the run in the run directory, "
@@ -234,7 +237,9 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         reporter.note(start.changes)
     if start.init_from is not None:
         limit = request.max_unknown_fraction
-        _check_unknown_share(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit, reporter)
+        lacking = unknown_share_note(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit)
+        if lacking is not None and reporter is not None:
+            reporter.note(lacking)
     check_header_room(dataset.vocab)
 
     def mark_as_latest() -> None:
@@ -270,58 +275,3 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         if request.resume:  # it has its checkpoint
             mark_as_latest()
     return trainer.fit()
-
-
-def _check_unknown_share(dataset: Dataset, limit: float, reporter: Reporter | None) -> None:
-    """Fine-tuning keeps the checkpoint's vocabulary: report (or refuse) text it cannot spell.
-
-    The share is of the tokens the run uses, all its splits (after ``data.max_tokens``), which are what a model
-    fine-tuned on many ``<unk>`` would learn from; which tokens they are is known for the whole text.
-    """
-    if not dataset.unknown_count:
-        return
-    used = len(dataset.tokens)
-    # id 0 is also a literal <unk> the text writes itself (Penn Treebank's convention), which the
-    # vocabulary holds: the tokens it lacks in the whole text bound those among the tokens used
-    count = min(count_index(dataset.tokens, dataset.vocab[UNK]), dataset.unknown_count)
-    share = count / max(1, used)
-    worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
-    where = " in the whole text" if used < dataset.total_tokens else ""
-    # --init-from reads the text with the checkpoint's preprocessing already: what helps is the text itself
-    # (its tokens replaced with ones the vocabulary holds) or a vocabulary of its own
-    rewrite = "replace them in the text, or train a new model without --init-from (a vocabulary of its own)"
-    if count == used:  # whatever --max-unknown says: a model of <unk> alone learns nothing, at perplexity 1
-        raise DrnnError(
-            f"none of the {used:,} tokens the run uses is in the checkpoint's vocabulary ({worst}{where}): "
-            f"fine-tuning would learn to predict <unk> alone; {rewrite}"
-        )
-    if share > limit:
-        raise DrnnError(
-            f"{count:,} of the {used:,} tokens the run uses ({_percent(share, unlike=limit)}) are not in the "
-            f"checkpoint's vocabulary ({worst}{where}), above the allowed {_percent(limit, unlike=share)}; raise "
-            "--max-unknown, or "
-            + (
-                f"train a new model without --init-from (its vocabulary kept only tokens seen "
-                f"{dataset.vocab.min_freq}+ times: data.min_freq {dataset.vocab.min_freq} made the rarer "
-                "<unk> by design, on its own text too)"
-                if dataset.vocab.min_freq > 1
-                else rewrite
-            )
-        )
-    if reporter is not None and count:
-        reporter.note(
-            f"{count:,} of the {used:,} tokens the run uses ({_percent(share)}) are not in the vocabulary and "
-            f"map to <unk> ({worst}{where})"
-        )
-
-
-def _percent(share: float, unlike: float | None = None) -> str:
-    """Three significant digits, more where three would print it as ``unlike`` (a limit it is above, or
-    the share above it: "3.42% … above the allowed 3.42%") or a share short of all as 100%."""
-    shown = ""
-    for digits in range(3, 12):
-        shown = f"{share * 100:.{digits}g}%"
-        same = unlike is not None and shown == f"{unlike * 100:.{digits}g}%" and share != unlike
-        if not same and (shown != "100%" or share >= 1):
-            break
-    return shown

@@ -434,10 +434,10 @@ def test_init_from_a_min_freq_run_says_its_vocabulary_was_cut_by_design(
 def test_shares_print_past_a_limit_they_exceed_and_short_of_all():
     """ "260 of the 7,600 tokens (3.42%) ... above the allowed 3.42%", and 3,900 of 3,901 as "(100%)"
     (a practitioner's trial): more digits where three would say so."""
-    from drnn_cli.train_session import _percent
+    from drnn_cli.shown_text import percent
 
-    assert (_percent(260 / 7600, unlike=0.0342), _percent(0.0342, unlike=260 / 7600)) == ("3.421%", "3.42%")
-    assert (_percent(3900 / 3901), _percent(1.0), _percent(0.05, unlike=0.01)) == ("99.97%", "100%", "5%")
+    assert (percent(260 / 7600, unlike=0.0342), percent(0.0342, unlike=260 / 7600)) == ("3.421%", "3.42%")
+    assert (percent(3900 / 3901), percent(1.0), percent(0.05, unlike=0.01)) == ("99.97%", "100%", "5%")
 
 
 def test_a_fine_tuning_run_into_the_run_it_starts_from_is_told_to_go_elsewhere(
@@ -588,3 +588,48 @@ def test_a_start_line_reads_back_as_unmeasured_training_and_a_later_null_as_over
     assert overflowed.train_ppl == math.inf and not overflowed.is_start
     pytest.importorskip("matplotlib")
     assert render_perplexity_plot([start, overflowed]).startswith(b"\x89PNG")
+
+
+def test_drnn_data_previews_the_text_as_fine_tuning_would_read_it(
+    tmp_path: Path, texts: tuple[Path, Path], cli
+):
+    """With --init-from, drnn data reads the text with the checkpoint's vocabulary and preprocessing, counts
+    what it lacks, and says what drnn train would note or refuse, in train's own words (it described the
+    text with a vocabulary and preprocessing of its own, not those the fine-tuning run would use)."""
+    first, _ = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    shouty = tmp_path / "shouty.txt"
+    shouty.write_text("THE LAZY DOG! " * 200 + "the lazy dog " * 200)
+    config = str(config_for(tmp_path, shouty, "ft", data={"preprocess": "lower"}, train={"epochs": 1}))
+    code, out, err = cli("data", "--config", config, "--init-from", "runs/base", "--json")
+    assert code == 0, err
+    preview = json.loads(out.splitlines()[-1])
+    base = load_checkpoint(Path("runs/base/last.safetensors"))
+    assert preview["idx_to_token"] == base.vocab.idx_to_token
+    assert (preview["init_from"], preview["unknown_tokens"]) == (
+        str(Path("runs/base/last.safetensors").resolve()),
+        2200,
+    )
+    assert preview["notes"][0].startswith(
+        "--init-from sets data.preprocess 'lower' → 'none', as in the checkpoint"
+    )
+    with pytest.raises(DrnnError) as refused:
+        train_run(TrainRequest(Path(config), init_from=Path("runs/base"), run_dir=Path("runs/ft")))
+    assert preview["train_would_refuse"] == str(refused.value)
+    # with a --max-unknown it allows, the note training starts with
+    notes = Notes()
+    allowed = ("--max-unknown", "0.6")
+    code, out, err = cli("data", "--config", config, "--init-from", "runs/base", *allowed, "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["train_would_refuse"] is None, err
+    train_run(
+        TrainRequest(Path(config), init_from=Path("runs/base"), max_unknown_fraction=0.6), reporter=notes
+    )
+    lacking = next(note for note in notes.notes if "map to <unk>" in note)
+    assert lacking in json.loads(out.splitlines()[-1])["notes"]
+    assert "most frequent (tokens used)" in err  # a checkpoint's vocabulary keeps no counts: counted now
+    code, _, err = cli("data", "--config", config, "--max-unknown", "0.5")
+    assert code == 2 and "--max-unknown applies with --init-from" in err
+    code, _, err = cli(
+        "data", "--config", config, "--init-from", "runs/base", "--set", "model.hidden_size=64"
+    )
+    assert_one_line_error(code, err, "model.hidden_size", "cannot initialise from")

@@ -390,10 +390,12 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
         "bits_per_token",
         "tokens",
         "unknown",
+        "known_perplexity",
         "source",
         "checkpoint",
         "rows",
     }
+    assert evaluated["known_perplexity"] == evaluated["perplexity"]  # nothing scored as <unk>
     assert evaluated["checkpoint"] == predicted["checkpoint"]  # the same run's same file
     assert (evaluated["split"], evaluated["epoch"], evaluated["step"], evaluated["tokens"]) == (
         "train",

@@ -81,7 +81,7 @@ class Dataset:
             "train_tokens": len(self.splits.train),
             "val_tokens": len(self.splits.val),
             "test_tokens": len(self.splits.test),
-            "path": str(self.path),
+            "path": str(self.path.absolute()),  # absolute, as every path --json prints
             "sha1": self.sha1,
         }
 

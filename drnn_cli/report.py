@@ -235,6 +235,8 @@ def write_metrics(path: Path, records: Sequence[EpochRecord]) -> None:
 
 
 def append_metrics(path: Path, record: EpochRecord) -> None:
+    """One line appended, not the file rewritten atomically: a line a crash tears is skipped on
+    ``--resume`` (``read_metrics``), and a long run's rewrite per line would cost its whole history."""
     with path.open("a", encoding="utf-8") as stream:
         stream.write(record.to_json() + "\n")
 

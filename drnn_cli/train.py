@@ -679,13 +679,13 @@ class Trainer:
         if readable and progress.count > progress.logged_count:
             train_ppl = self._since_logged(progress, float(self.static_step.loss_sum), progress.count).ppl
         return StepStatus(
-            epoch,
-            progress.step,
-            steps_in_epoch,
-            self.global_step,
-            self._seconds_left(),
-            tokens_per_s,
-            train_ppl,
+            epoch=epoch,
+            step_in_epoch=progress.step,
+            steps_in_epoch=steps_in_epoch,
+            global_step=self.global_step,
+            seconds_left=self._seconds_left(),
+            tokens_per_s=tokens_per_s,
+            train_ppl=train_ppl,
         )
 
     def _since_logged(self, progress: EpochProgress, loss_sum: float, count: float) -> TrainWindow:
@@ -799,15 +799,15 @@ class Trainer:
         """A line of ``metrics.jsonl`` at the current step (``epoch`` fractional inside an epoch)."""
         lr = self.optimizer.param_groups[0]["lr"]
         return EpochRecord(
-            epoch,
-            train.ppl,
-            val_ppl,
-            lr,
-            tokens_per_s,
-            elapsed,
-            self.global_step,
-            self.tokens_seen,
-            train.steps,
+            epoch=epoch,
+            train_ppl=train.ppl,
+            val_ppl=val_ppl,
+            lr=lr,
+            tokens_per_s=tokens_per_s,
+            elapsed=elapsed,
+            step=self.global_step,
+            tokens_seen=self.tokens_seen,
+            train_ppl_steps=train.steps,
         )
 
     def _inside_epoch(
@@ -917,14 +917,14 @@ class Trainer:
             f"its checkpoint is in {self.run_dir / LAST}; continue with {self.resume_advice}",
             self.stops.exit_code,
             StoppedRun(
-                self.run_dir,
-                self.stops.name,
-                self._epochs_done(epoch, step),
-                self.began_at,
-                self.global_step,
-                self._first_step,
-                self.run_dir / LAST,
-                pending,
+                run_dir=self.run_dir,
+                signal=self.stops.name,
+                epochs=self._epochs_done(epoch, step),
+                start_epoch=self.began_at,
+                steps=self.global_step,
+                start_step=self._first_step,
+                checkpoint=self.run_dir / LAST,
+                validation_pending=pending,
             ),
         )
 
@@ -987,7 +987,10 @@ class Trainer:
             f"(metrics.jsonl's epoch 0; {BEST} holds them until a validation beats it)"
         )
         self._judge(val_ppl, 0)
-        self._append_metrics(EpochRecord(0, None, val_ppl, self.optimizer.param_groups[0]["lr"], 0.0, 0.0))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._append_metrics(
+            EpochRecord(epoch=0, train_ppl=None, val_ppl=val_ppl, lr=lr, tokens_per_s=0.0, elapsed=0.0)
+        )
 
     def _start_record(self) -> EpochRecord | None:
         """The starting weights' line of a fine-tuning run, where it validated them."""
@@ -1139,15 +1142,15 @@ class Trainer:
         """The session's first line: what it trains, on what, for how long, from where."""
         step_budget = self._step_budget()
         return RunStart(
-            self._planned_epochs(),
-            self.start_epoch,
-            count_parameters(self.model),
-            device_name(self.device),
-            self._origin(),
-            self.config.train.log_every,
-            step_budget,
-            self._mean_steps_per_epoch() if step_budget else 0,
-            next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
+            total_epochs=self._planned_epochs(),
+            start_epoch=self.start_epoch,
+            parameters=count_parameters(self.model),
+            device=device_name(self.device),
+            origin=self._origin(),
+            log_every=self.config.train.log_every,
+            max_steps=step_budget,
+            steps_per_epoch=self._mean_steps_per_epoch() if step_budget else 0,
+            latest_val_ppl=next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
         )
 
     def _setup_notes(self) -> tuple[str, ...]:

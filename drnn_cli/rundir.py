@@ -35,6 +35,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import filelock
@@ -269,6 +270,33 @@ def resolve_checkpoint(
             )
         return checkpoint
     return run_checkpoint(latest_run(runs_root) if run is None else run)
+
+
+@contextlib.contextmanager
+def claimed_run_dir(run_dir: Path) -> Iterator[None]:
+    """``run_dir`` held by this training (:class:`RunLock`); a training that fails before writing
+    anything there leaves nothing: the folders it created (``runs/`` itself, on a first run) go again."""
+    created = next((p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()), None)
+    with RunLock(run_dir):
+        try:
+            yield
+        finally:
+            # removed while the lock is held: released first, another training could take the lock
+            # and then lose its lock file (and the folder) to this removal
+            if created is not None and run_dir.is_dir() and not (set(os.listdir(run_dir)) - {LOCK_NAME}):
+                _remove_created(run_dir, created)
+
+
+def _remove_created(run_dir: Path, created: Path) -> None:
+    """Remove ``run_dir`` (its lock at most) and its parents up to ``created`` while they are empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in run_dir.parents:
+        if not folder.is_relative_to(created):
+            break
+        try:
+            folder.rmdir()  # only if empty: another run may have appeared there meanwhile
+        except OSError:
+            break
 
 
 class RunLock:

@@ -3,8 +3,7 @@ once it holds a checkpoint, the latest-run marker), the session's start point, t
 
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,12 +16,12 @@ from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError
 from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.report import Reporter, TrainResult
-from drnn_cli.run_files import BEST, LAST, LOCK_NAME, RunFiles
+from drnn_cli.run_files import BEST, LAST, RunFiles
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
-    RunLock,
     check_replaceable,
     check_run_dir,
+    claimed_run_dir,
     default_run_dir,
     discard,
     holds_run,
@@ -104,44 +103,13 @@ def train_run(
                     f"{given} is the file where drnn records the latest run; pick another name with --run DIR"
                 )
             check_run_dir(run_dir)
-        # the outermost folder this run creates (runs/ itself, on a first run): removed again, if empty,
-        # by a run that fails before writing anything
-        created = next((p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()), None)
-        lock = RunLock(run_dir) if dist.is_main else None
-        if lock is not None:
-            lock.acquire()
-        try:
+        with claimed_run_dir(run_dir) if dist.is_main else contextlib.nullcontext():
             job = _TrainJob(request, config, device, dist, reporter, progress)
             result = _train_in_place_or_staged(job, run_dir)
             finished = True
             return result
-        finally:
-            if lock is not None:
-                # removed while the lock is held: released first, another training could take the
-                # lock and then lose its lock file (and the folder) to this removal
-                try:
-                    if (
-                        created is not None
-                        and run_dir.is_dir()
-                        and not (set(os.listdir(run_dir)) - {LOCK_NAME})
-                    ):
-                        _remove_created(run_dir, created)  # a run that failed before writing leaves nothing
-                finally:
-                    lock.release()
     finally:
         shutdown_distributed(dist, finished)
-
-
-def _remove_created(run_dir: Path, created: Path) -> None:
-    """Remove ``run_dir`` (its lock at most) and its parents up to ``created`` while they are empty."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    for folder in run_dir.parents:
-        if not folder.is_relative_to(created):
-            break
-        try:
-            folder.rmdir()  # only if empty: another run may have appeared there meanwhile
-        except OSError:
-            break
 
 
 @dataclass(frozen=True)

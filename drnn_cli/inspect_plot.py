@@ -15,7 +15,7 @@ from pathlib import Path
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
 from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, UnitScore
-from drnn_cli.plot import quiet_font_fallbacks
+from drnn_cli.plot import plotter_problem, quiet_font_fallbacks
 from drnn_cli.shown_text import labelled_char
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
@@ -25,10 +25,10 @@ _MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 def check_plot_request() -> None:
     """Refuse a picture that cannot be drawn before the text is read (the units' count is
     :data:`~drnn_cli.introspect.MAX_UNITS`'s, checked with the request)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise DrnnError("--png needs matplotlib: pip install 'drnn[plot]' (or leave out --png)") from None
+    problem = plotter_problem()
+    if problem is not None:
+        what, fix = problem
+        raise DrnnError(f"--png needs matplotlib, which {what}: {fix} (or leave out --png)")
 
 
 def _unit_label(score: UnitScore) -> str:

@@ -21,13 +21,28 @@ class PlottedRecord(Protocol):
     tokens_seen: int
 
 
-def plot_available() -> bool:
-    """Whether matplotlib imports (it is the optional ``plot`` extra; it needs NumPy too)."""
+PLOT_INSTALL = "pip install 'matplotlib>=3.9', drnn's plot extra"
+
+
+def plotter_problem() -> tuple[str, str] | None:
+    """Why matplotlib cannot draw here, as (what is wrong, the fix); None where it imports. It is the
+    optional ``plot`` extra. Installed is not enough: a matplotlib built for NumPy 1 under NumPy 2 fails
+    to import after NumPy prints a 40-line banner, which is kept off the user's stderr here."""
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        with contextlib.redirect_stderr(io.StringIO()):
+            import matplotlib  # noqa: F401 - the package first: its figure module may be loaded already
+            from matplotlib.figure import Figure  # noqa: F401
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] == "matplotlib":
+            return "is not installed", PLOT_INSTALL
+        return f"does not import here ({error})", "pip install --upgrade 'matplotlib>=3.9'"
+    except Exception as error:  # any failure of an optional package's import: NumPy's mismatch raises several
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        return (
+            f"does not import here ({type(error).__name__}: {first})",
+            "pip install --upgrade 'matplotlib>=3.9'",
+        )
+    return None
 
 
 @contextlib.contextmanager

@@ -20,11 +20,15 @@ from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, dump_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, atomic_write_text
-from drnn_cli.plot import plot_available, render_perplexity_plot
+from drnn_cli.plot import plotter_problem, render_perplexity_plot
 from drnn_cli.run_files import RunFiles
 from drnn_cli.vocab import Vocab
 
-MISSING_PLOTTER = "matplotlib is not installed: no plot (pip install 'drnn[plot]')"
+
+def missing_plotter_note() -> str | None:
+    """The note a run gives where matplotlib cannot draw its perplexity plot; None where it can."""
+    problem = plotter_problem()
+    return None if problem is None else f"matplotlib {problem[0]}: no plot ({problem[1]})"
 
 
 def training_position(epochs_done: int, steps_into_epoch: int, global_step: int | None = None) -> str:
@@ -293,10 +297,10 @@ class PlotRefresh:
     def missing_plotter(self) -> str | None:
         """The note that matplotlib is missing, for the notes a run starts with (said at the first plot,
         it came minutes in, or at the end of a run with no line before); None where it is there."""
-        if plot_available():
-            return None
-        self._ok = False
-        return MISSING_PLOTTER
+        note = missing_plotter_note()
+        if note is not None:
+            self._ok = False
+        return note
 
     def update(self, records: Sequence[EpochRecord], force: bool = False) -> None:
         now = time.monotonic()
@@ -306,7 +310,7 @@ class PlotRefresh:
         png = render_perplexity_plot(records)
         if png is None:
             self._ok = False  # say it once, not at every refresh
-            self.reporter.note(MISSING_PLOTTER)
+            self.reporter.note(missing_plotter_note() or "matplotlib cannot draw here: no plot")
             return
         try:
             atomic_write_bytes(self.path, png)

@@ -1,6 +1,6 @@
 """TensorBoard logs of a run (``train.tensorboard: true``): scalars and samples under RUN/tensorboard/.
 
-``tensorboard`` is an optional extra (``pip install 'drnn[tensorboard]'``); without it the option is
+``tensorboard`` is an optional extra (``pip install 'tensorboard>=2.14'``); without it the option is
 refused before training starts. Gradient norms are summed on the device at every step and read
 only when a metrics line is logged, so logging adds no host sync to the loop. A non-finite norm (an
 fp16 step whose gradients overflowed, which the loss scaler skips) is left out of the mean.
@@ -81,7 +81,8 @@ def summary_writer_class() -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise DrnnError(
-            "train.tensorboard needs the tensorboard package: pip install 'drnn[tensorboard]', "
+            "train.tensorboard needs the tensorboard package: pip install 'tensorboard>=2.14' (drnn's "
+            "tensorboard extra), "
             "or set train.tensorboard: false"
         ) from None
     return SummaryWriter

@@ -343,9 +343,38 @@ def test_a_missing_plotter_is_said_once_before_training(workdir: Path, monkeypat
     reporter.note = lambda message: events.append(f"note: {message}")  # type: ignore[method-assign]
     reporter.epoch_end = lambda record: events.append(f"line {record.step}")  # type: ignore[method-assign]
     train_run(TrainRequest(write_config(workdir), ("train.epochs=2",)), reporter=reporter)
-    missing = "note: matplotlib is not installed: no plot (pip install 'drnn[plot]')"
+    missing = "note: matplotlib is not installed: no plot (pip install 'matplotlib>=3.9', drnn's plot extra)"
     assert events.count(missing) == 1 and events.index(missing) < events.index("line 19")
     assert not (workdir / "runs" / "tiny" / "perplexity.png").exists()
+
+
+def test_a_matplotlib_that_is_installed_but_fails_to_import_is_named_so_without_its_banner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """matplotlib 3.7 under NumPy 2 printed NumPy's 40-line banner and traceback, then drnn said
+    "matplotlib is not installed", which it was: the fix is an upgrade, not an install."""
+    import sys
+
+    from drnn_cli.inspect_plot import check_plot_request
+    from drnn_cli.report import missing_plotter_note
+
+    broken = tmp_path / "site" / "matplotlib"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        "import sys\n"
+        "print('A module that was compiled using NumPy 1.x cannot be run in NumPy 2.4.6', file=sys.stderr)\n"
+        "raise ImportError('numpy.core.multiarray failed to import')\n"
+    )
+    for name in [name for name in sys.modules if name.partition(".")[0] == "matplotlib"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(broken.parent))
+    assert missing_plotter_note() == (
+        "matplotlib does not import here (ImportError: numpy.core.multiarray failed to import): no plot "
+        "(pip install --upgrade 'matplotlib>=3.9')"
+    )
+    with pytest.raises(DrnnError, match=r"^--png needs matplotlib, which does not import here \(ImportError"):
+        check_plot_request()
+    assert capsys.readouterr().err == ""  # NumPy's banner stays off drnn's stderr
 
 
 def test_the_first_line_counts_one_step_and_a_sliver_of_an_epoch_in_words():

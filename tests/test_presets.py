@@ -7,9 +7,11 @@ the closest name first, exit 2. `drnn presets` describes them.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import drnn_cli
 from drnn_cli.commands import describe_presets
 from drnn_cli.config import load_config
 from drnn_cli.errors import ConfigError
@@ -260,7 +263,7 @@ def test_train_resume_data_predict_eval_with_preset_names(workdir: Path, cli):
 # The wheel, installed outside the checkout
 
 
-BUILD_INPUTS = ("pyproject.toml", "README.md", "drnn_cli", "configs")  # what setuptools reads
+BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "drnn_cli", "configs")  # what setuptools reads
 
 
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -315,6 +318,13 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
     assert shipped == {
         path.relative_to(CONFIGS).as_posix(): path.read_bytes() for path in CONFIGS.rglob("*.yaml")
     }
+    # ... its version is the one drnn --version prints, and its license text travels with it (MIT's terms)
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = (name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+        headers = archive.read(metadata).decode()
+        (license_file,) = (name for name in archive.namelist() if name.endswith("/LICENSE"))
+        assert archive.read(license_file) == (REPO / "LICENSE").read_bytes()
+    assert f"\nVersion: {drnn_cli.__version__}\n" in headers and "\nLicense-File: LICENSE\n" in headers
 
     # A fresh venv that sees this interpreter's dependencies through a .pth of plain path lines: those
     # directories' own .pth files (the editable install of the checkout) are not executed.
@@ -425,3 +435,36 @@ def test_the_held_out_presets_step_cap_is_exactly_its_epochs_on_the_time_machine
     ]
     assert steps == [149] * train.epochs  # sequential offsets could change the count by one: they do not
     assert train.max_steps == sum(steps) == 7450
+
+
+# What an import names → the distribution that provides it, where the two differ
+DISTRIBUTION_OF = {"yaml": "pyyaml"}
+# Imported where present, provided by no requirement of drnn's: Triton ships with CUDA builds of torch
+# (model.impl fused; README "Using a GPU")
+BROUGHT_BY_TORCH = {"triton"}
+
+
+def test_every_package_drnn_imports_is_a_declared_dependency_or_extra():
+    """download.py used urllib3 directly while only requests was declared, and requests < 2.30 pins the
+    urllib3 1.26 whose responses lack the read1 it calls: every download failed in an environment pip
+    called consistent. Each third-party import is now a requirement (or an optional extra's)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [
+        *project["dependencies"],
+        *(r for extra in project["optional-dependencies"].values() for r in extra),
+    ]
+    declared = {re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+    imported = set()
+    for module in (REPO / "drnn_cli").rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "drnn_cli"}
+    assert {"torch", "urllib3", "matplotlib"} <= third_party  # the scan sees what drnn imports
+    undeclared = {
+        name for name in third_party - BROUGHT_BY_TORCH if DISTRIBUTION_OF.get(name, name) not in declared
+    }
+    assert not undeclared, f"imported but not in pyproject's dependencies or extras: {sorted(undeclared)}"

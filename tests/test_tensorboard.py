@@ -131,7 +131,8 @@ def test_without_the_package_the_option_is_refused_in_one_line(
     with pytest.raises(DrnnError) as error:
         train(workdir, "train.tensorboard=true")
     assert str(error.value) == (
-        "train.tensorboard needs the tensorboard package: pip install 'drnn[tensorboard]', "
+        "train.tensorboard needs the tensorboard package: pip install 'tensorboard>=2.14' (drnn's "
+        "tensorboard extra), "
         "or set train.tensorboard: false"
     )
     assert not (workdir / "runs" / "tiny").exists()

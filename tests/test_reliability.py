@@ -3,6 +3,7 @@ nothing half-written; interrupted training loses nothing; checkpoints cannot run
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -833,7 +834,12 @@ def test_drnn_trains_checkpoints_and_predicts_without_numpy(workdir: Path):
 
     trained = drnn("train", "--config", str(config))
     assert trained.returncode == 0, trained.stderr
-    assert "numpy" not in (trained.stdout + trained.stderr).lower()
+    # matplotlib needs NumPy, and its note says it cannot import (README "Why these dependencies");
+    # nothing else may name NumPy: not torch's warning, not an error
+    said = (trained.stdout + trained.stderr).splitlines()
+    plotter = [line for line in said if line.startswith("note: matplotlib does not import here")]
+    assert len(plotter) == (1 if importlib.util.find_spec("matplotlib") else 0)
+    assert "numpy" not in "\n".join(line for line in said if line not in plotter).lower()
     last = workdir / "runs" / "tiny" / "last.safetensors"
     from safetensors.torch import load_file
 

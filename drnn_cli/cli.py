@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import os
 import sys
 import time
@@ -607,7 +608,11 @@ def main(argv: list[str] | None = None) -> None:
     stdout (``drnn train | head -1``) is a SIGPIPE: training checkpoints and stops, others exit 141.
     """
     _, errors = consoles(json_mode=False)
-    session = Session(debug=bool(os.environ.get("DRNN_DEBUG")))  # the README's DRNN_DEBUG=1, or --debug
+    args = sys.argv[1:] if argv is None else argv
+    # the README's DRNN_DEBUG=1, or --debug among the options before the command: read here too, since a
+    # failure while Typer builds or parses the command comes before its callback sets it
+    leading = itertools.takewhile(lambda arg: arg.startswith("-"), args)
+    session = Session(debug=bool(os.environ.get("DRNN_DEBUG")) or "--debug" in leading)
     with exit_on_signals() as stopped, guard_output():
         try:
             app(args=argv, prog_name="drnn", standalone_mode=False, obj=session)
@@ -655,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
                 _say(errors, f"drnn: error: {line}")
                 sys.exit(1)
             if _is_usage_error(error):
-                _report_usage_error(error, errors, sys.argv[1:] if argv is None else argv)
+                _report_usage_error(error, errors, args)
             # anything else is a bug: still one line, unless asked for the traceback
             if session.debug:
                 traceback.print_exc()

@@ -200,6 +200,23 @@ def test_an_internal_error_is_one_line_and_debug_shows_its_traceback(cli, monkey
     assert code == 1 and err.startswith("Traceback (most recent call last):") and err.endswith(line)
 
 
+def test_debug_shows_the_traceback_of_a_failure_before_the_command_runs(cli, monkeypatch: pytest.MonkeyPatch):
+    """A Typer too old for drnn's options failed while building the command, before the callback that
+    reads --debug: the line said "rerun with drnn --debug", which then printed the same line again."""
+    import typer.main
+
+    def unsupported(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Type not yet supported: str | None")
+
+    monkeypatch.setattr(typer.main, "get_command", unsupported)
+    line = "drnn: internal error: RuntimeError: Type not yet supported: str | None (rerun with drnn --debug ... for the traceback)\n"
+    assert cli("--version") == (1, "", line)
+    code, _, err = cli("--debug", "--version")
+    assert code == 1 and err.startswith("Traceback (most recent call last):") and err.endswith(line)
+    # a --debug after the command is the command's own text (a prefix, a file name), not drnn's option
+    assert cli("predict", "--", "--debug") == (1, "", line)
+
+
 def test_an_os_error_without_a_path_is_its_reason_alone(cli, monkeypatch: pytest.MonkeyPatch):
     """``drnn eval > /dev/full``: the failing write is stdout's, which has no file name to show."""
     import errno

@@ -411,6 +411,8 @@ def predict_command(
             print_generated(shown, continuation.text + ("\n" if apart and shown.is_terminal else ""))
 
     report = predict_all(plan, on_token if stream else None, on_continuation)
+    for note in report.blank_notes:
+        print_note(notes, note)
     if json_out:
         emit_json(report.summary())
 

@@ -274,6 +274,22 @@ class PredictReport:
     seed: int | None = None  # sampling's (the i-th prefix draws with seed + i); None: greedy
     notes: tuple[str, ...] = ()  # what the continuations follow (PredictPlan.notes); not in --json
 
+    @property
+    def blank_notes(self) -> tuple[str, ...]:
+        """A continuation of whitespace alone reads as if predict wrote nothing (50 spaces after
+        "time traveller" from a model 20 epochs in): said, with what it means."""
+        notes = []
+        for continuation in self.continuations:
+            generated = continuation.generated
+            if generated and not generated.strip():
+                what = "spaces" if set(generated) == {" "} else "whitespace characters"
+                notes.append(
+                    f"the continuation of {continuation.prefix!r} is {len(generated):,} {what} and nothing "
+                    "else: greedy decoding took it for the likeliest next token every time, as an undertrained "
+                    "model does (train it longer, or --sample)"
+                )
+        return tuple(notes)
+
     def summary(self) -> dict:
         """``--json``: the first prefix and its text; with several prefixes, all of them under ``results``;
         when sampling, the seed that draws the same text again."""

@@ -383,6 +383,28 @@ def test_predict_report_lists_results_only_for_several_prefixes():
     }
 
 
+def test_a_continuation_of_spaces_alone_is_said_to_be_one(tiny_run: Path, cli, monkeypatch):
+    """A first run of 20 epochs continued "time traveller" with 50 spaces: the line read as if predict
+    had written nothing. Said on stderr, with what it means; text with a word in it gets no note."""
+    blank = PredictReport(
+        (Continuation("time", "time", "time" + " " * 50), Continuation("a", "a", "a\t\n")), "x"
+    )
+    assert blank.blank_notes == (
+        "the continuation of 'time' is 50 spaces and nothing else: greedy decoding took it for the likeliest "
+        "next token every time, as an undertrained model does (train it longer, or --sample)",
+        "the continuation of 'a' is 2 whitespace characters and nothing else: greedy decoding took it for the "
+        "likeliest next token every time, as an undertrained model does (train it longer, or --sample)",
+    )
+    assert PredictReport((Continuation("a", "a", "a  b "),), "x").blank_notes == ()
+    assert PredictReport((Continuation("a", "a", "a"),), "x").blank_notes == ()  # -n 0 wrote nothing
+    from drnn_cli import commands
+
+    monkeypatch.setattr(commands, "continue_prefix", lambda model, vocab, prefix, *rest, **kw: prefix + "   ")
+    code, out, err = cli("predict", "time", "--run", str(tiny_run), "-n", "3")
+    assert (code, out) == (0, "time   \n")
+    assert "note: the continuation of 'time' is 3 spaces and nothing else" in err
+
+
 def test_a_prefix_counts_as_changed_only_where_characters_went_or_were_replaced():
     from drnn_cli.commands import prefix_changed
 

@@ -42,7 +42,7 @@ from drnn_cli.render import (
     print_line,
     print_note,
 )
-from drnn_cli.shown_text import terminal_safe
+from drnn_cli.shown_text import percent, terminal_safe
 from drnn_cli.signals import (
     TORCHRUN_ENV,
     Signalled,
@@ -198,8 +198,8 @@ def data_command(
     splits = dataset.splits
     table.add_row("train / val / test", f"{len(splits.train):,} / {len(splits.val):,} / {len(splits.test):,}")
     if report.init_from is not None:
-        share = report.unknown / max(1, len(dataset.tokens))
-        table.add_row("not in its vocabulary (<unk>)", f"{report.unknown:,} ({share:.2%} of the tokens used)")
+        share = percent(report.unknown / max(1, len(dataset.tokens)))  # as the notes say it
+        table.add_row("not in its vocabulary (<unk>)", f"{report.unknown:,} ({share} of the tokens used)")
     table.add_row(
         "minibatches per epoch",
         f"{report.train_batches:,} ({data.sampling}, batch {data.batch_size} × {data.num_steps} steps)",

@@ -56,8 +56,9 @@ class DataReport:
 
     @property
     def unknown(self) -> int:
-        """The tokens the run would use that its fixed vocabulary lacks (fine-tuning; 0 otherwise)."""
-        return self.dataset.lacking_in(self.dataset.tokens) if self.init_from is not None else 0
+        """The tokens the run would use that its vocabulary lacks: a fixed one's (fine-tuning), or those
+        ``data.min_freq`` cut."""
+        return self.dataset.lacking_in(self.dataset.tokens)
 
     def most_frequent(self, n: int) -> tuple[list[tuple[str, int]], str]:
         """The ``n`` most frequent tokens of the vocabulary and what they were counted over: the whole
@@ -69,7 +70,11 @@ class DataReport:
                 (token, freq) for token, freq in vocab.token_freqs if token in vocab
             ]  # not min_freq's <unk>
             return kept[:n], "all tokens"
-        counts = torch.bincount(self.dataset.tokens.long(), minlength=len(vocab))
+        counts = torch.zeros(len(vocab), dtype=torch.int64)
+        for chunk in self.dataset.tokens.split(
+            1 << 20
+        ):  # widened a chunk at a time, not a 200 MB text at once
+            counts += torch.bincount(chunk.long(), minlength=len(vocab))
         counts[vocab[UNK]] = 0  # what it lacks has its own row
         top = counts.argsort(descending=True, stable=True)[:n].tolist()
         return [(vocab.idx_to_token[i], int(counts[i])) for i in top if counts[i]], "tokens used"
@@ -110,7 +115,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     data = config.data
     notes = [
         *([start.changes] if start is not None and start.changes else []),
-        *data_notes(config, dataset.splits, dataset.vocab, None),
+        *data_notes(config, dataset.splits, dataset.vocab, None, fine_tuning=start is not None),
         *own_text_notes(data, dataset.total_tokens, dataset.file_bytes(), fine_tuning=start is not None),
     ]
     refusals = []

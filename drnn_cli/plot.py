@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -81,7 +82,9 @@ def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
         )
     axes.set_xlabel("tokens seen" if by_tokens else "epoch")
     axes.set_ylabel("perplexity")
-    if trained and max(ppl for _, ppl in trained) > 20 * min(ppl for _, ppl in trained):
+    plotted = [ppl for _, ppl in (*trained, *validated) if math.isfinite(ppl)]
+    # a fine-tuning run's starting validation of 427 beside training's 3 is a log scale's case too
+    if plotted and max(plotted) > 20 * min(plotted):
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()

@@ -53,12 +53,15 @@ def few_predictions_note(predicted: int, fix: str) -> str | None:
     return f"a perplexity over {predicted:,} prediction{'' if predicted == 1 else 's'} is noise ({fix})"
 
 
-def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.device | None) -> list[str]:
+def data_notes(
+    config: Config, splits: Splits, vocab: Vocab, device: torch.device | None, fine_tuning: bool = False
+) -> list[str]:
     """Settings this text or device defeats: a validation or test split too small to evaluate (or so
     small its perplexities are noise), a min_freq that turns much of the text into <unk>, a capped
     evaluation, patience without validation, sample prefixes the vocabulary cannot spell, a one-hot
     input as wide as a word vocabulary, Triton kernels without CUDA (``device``: where the run trains;
-    None, ``drnn data``'s, where it is not decided)."""
+    None, ``drnn data``'s, where it is not decided; ``fine_tuning``: the vocabulary is a checkpoint's,
+    which ``data.min_freq`` did not make, and ``--init-from`` says so)."""
     train, data = config.train, config.data
     validation_tokens, test_tokens = len(splits.val), len(splits.test)
     notes = []
@@ -73,7 +76,8 @@ def data_notes(config: Config, splits: Splits, vocab: Vocab, device: torch.devic
             "perplexities over so few are noise, yet they pick the best checkpoint and drive patience "
             "(raise data.val_fraction)"
         )
-    if data.min_freq > 1 and len(splits.train):  # min_freq 1 cuts nothing: an <unk> is the text's own
+    # min_freq 1 cuts nothing: an <unk> is the text's own; under --init-from min_freq applies to nothing
+    if data.min_freq > 1 and len(splits.train) and not fine_tuning:
         # the tokens min_freq cut, counted over the whole text, bound those in the training split: id 0 is
         # also a literal <unk> the text writes itself, which no min_freq made (a checkpoint's vocabulary,
         # on --resume, keeps no counts: there id 0 is all there is to count)

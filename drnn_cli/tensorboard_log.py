@@ -54,6 +54,10 @@ class TensorBoardLog:
             "learning_rate": record.lr,
             "tokens_per_s": record.tokens_per_s,
         }
+        if getattr(
+            record, "is_start", False
+        ):  # a fine-tuning run's starting weights: validated, nothing trained
+            scalars = {"perplexity/validation": record.val_ppl}
         count = float(self.grad_norm_count)
         if count:
             scalars["gradient_norm"] = float(self.grad_norm_sum) / count

@@ -987,10 +987,13 @@ class Trainer:
             f"(metrics.jsonl's epoch 0; {BEST} holds them until a validation beats it)"
         )
         self._judge(val_ppl, 0)
+        self._set_lr(0)  # the line's rate: the first step's (under warm-up, not train.lr)
         lr = self.optimizer.param_groups[0]["lr"]
         self._append_metrics(
             EpochRecord(epoch=0, train_ppl=None, val_ppl=val_ppl, lr=lr, tokens_per_s=0.0, elapsed=0.0)
         )
+        # resumable from here: a kill now must not cost the validation, nor leave a run without a last
+        self._save(LAST, 0)
 
     def _start_record(self) -> EpochRecord | None:
         """The starting weights' line of a fine-tuning run, where it validated them."""
@@ -1098,27 +1101,28 @@ class Trainer:
         already = self._already_done()
         self._write_run_files(self._config_to_record(already is not None))
         began_at = self.began_at = self._position()
-        self.budget.start()
-        self._last_stop_vote = (time.monotonic(), self.global_step)
         if already is None:
             self.reporter.start(self._run_start())
             for note in self._setup_notes():
                 self.reporter.note(note)
         else:
             self.reporter.note(nothing_to_train(already, train, began_at, self.global_step, self.bad_evals))
-        if already is None and self.global_step == 0 and self.init_from_label and not self.records:
-            self._validate_starting_weights()
-        val_ppl = self.records[-1].val_ppl if self.records else None
         tokens_per_s: float | None = None  # none measured until an epoch is trained
         stop_reason: StopReason = "epochs"
         if already is not None:
             stop_reason = already
-            if val_ppl is None:
-                val_ppl = self._validate()
         # A boundary whose validation a signal cut short is done first, whatever train.epochs says now.
         cut_short = already is None and self.progress.boundary_pending
         until = max(train.epochs, self.start_epoch + 1) if cut_short else train.epochs
-        with self.stops.noted():
+        with self.stops.noted():  # a signal from here on stops at a checkpoint
+            if already is None and self.global_step == 0 and self.init_from_label and not self.records:
+                self._validate_starting_weights()
+            val_ppl = self.records[-1].val_ppl if self.records else None
+            if already is not None and val_ppl is None:
+                val_ppl = self._validate()
+            # the budgets count training from here: not a fine-tuning run's validation of its start
+            self.budget.start()
+            self._last_stop_vote = (time.monotonic(), self.global_step)
             for epoch in range(self.start_epoch, until if already is None else 0):
                 resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done
                 window, tokens_per_s = self.train_epoch(epoch)
@@ -1161,7 +1165,13 @@ class Trainer:
         return (
             *self._notes,
             *self.dataset.notes,
-            *data_notes(self.config, self.dataset.splits, self.dataset.vocab, self.device),
+            *data_notes(
+                self.config,
+                self.dataset.splits,
+                self.dataset.vocab,
+                self.device,
+                fine_tuning=self.init_from_label is not None,
+            ),
             *(
                 own_text_notes(
                     self.config.data,
@@ -1246,9 +1256,9 @@ class Trainer:
             notes.append(scored)  # beside the perplexities it qualifies: the start's note scrolled by
         start = self._start_record()
         if start is not None and self.best_kept == start.val_ppl:
-            notes.append(
-                f"no validation beat the starting weights' perplexity {start.val_ppl:.4g}: "
-                f"{self.run_dir / BEST} holds them, and predict and eval read it"
+            notes.append(  # no path: under --overwrite the run trains in a staging folder swapped in at its end
+                f"no validation beat the starting weights' perplexity {start.val_ppl:.4g}: the run's {BEST} "
+                "holds them, and predict and eval read it"
             )
         return notes
 

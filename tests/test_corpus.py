@@ -650,6 +650,10 @@ def test_drnn_data_lists_as_most_frequent_only_tokens_in_the_vocabulary(workdir:
     assert code == 0, err
     row = next(line for line in out.splitlines() if "most frequent" in line)
     assert "'a' 4, 'b' 2 " in row + " " and "'c'" not in row
+    # the tokens the run uses that the vocabulary lacks: min_freq's too (it said 0 without --init-from)
+    code, out, err = cli("data", "--set", f"data.path={path}", "--set", "data.preprocess=none",
+                         "--set", "data.min_freq=2", "--json")  # fmt: skip
+    assert code == 0 and last_json_line(out)["unknown_tokens"] == 1, err
 
 
 def test_drnn_data_json_on_the_default_corpus(workdir: Path, cli) -> None:

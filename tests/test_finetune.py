@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 import yaml
 from conftest import assert_one_line_error
 
+from drnn_cli.budget import Budget
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.commands import evaluate_split, load_model
 from drnn_cli.config import build_config
@@ -524,8 +526,8 @@ def test_a_fine_tuning_run_validates_its_starting_weights_and_keeps_them_where_t
         in notes.notes
     )
     assert notes.notes[-1] == (
-        f"no validation beat the starting weights' perplexity {start['val_ppl']:.4g}: "
-        f"{Path('runs/hot/best.safetensors')} holds them, and predict and eval read it"
+        f"no validation beat the starting weights' perplexity {start['val_ppl']:.4g}: the run's best.safetensors "
+        "holds them, and predict and eval read it"
     )
 
 
@@ -556,13 +558,17 @@ def test_a_fine_tuning_run_that_improves_keeps_its_best_epoch_beside_the_start(
 def test_a_signal_while_the_starting_weights_validate_stops_at_step_0_and_resume_validates_again(
     tmp_path: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ):
+    """A real SIGTERM as the validation starts: it ran before the trainer's handler was installed, so the
+    process died with no checkpoint, no stop line, and a --resume that found nothing (trial ft26)."""
     first, second = texts
     train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
     config = config_for(tmp_path, second, "tuned", data={"val_fraction": 0.2}, train={"epochs": 1})
     validate = Trainer._validate
 
     def signalled(self: Trainer, abandonable: bool = False) -> float | None:
-        self.stops.signum = signal.SIGTERM
+        # with no handler of drnn's installed, the signal would end the test run itself
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no handler while validating"
+        os.kill(os.getpid(), signal.SIGTERM)
         return validate(self, abandonable)
 
     monkeypatch.setattr(Trainer, "_validate", signalled)
@@ -579,6 +585,40 @@ def test_a_signal_while_the_starting_weights_validate_stops_at_step_0_and_resume
     assert resumed.start_val_ppl == lines[0]["val_ppl"]
     uninterrupted = train_run(TrainRequest(config, init_from=Path("runs/base"), run_dir=Path("runs/again")))
     assert (resumed.start_val_ppl, resumed.val_ppl) == (uninterrupted.start_val_ppl, uninterrupted.val_ppl)
+
+
+def test_a_run_killed_after_its_starting_validation_resumes_without_repeating_it(
+    tmp_path: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+):
+    """The validation wrote best.safetensors and no last: killed then (kill -9), the run could not be
+    resumed, nor started again without --overwrite. Its budgets start after it: a max_time of seconds
+    spent on a long validation left the run one step (trial ft26)."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    config = config_for(tmp_path, second, "tuned", data={"val_fraction": 0.2}, train={"epochs": 1})
+    order: list[str] = []
+    validate, start_budget, train_epoch = Trainer._validate, Budget.start, Trainer.train_epoch
+
+    def killed(self: Trainer, epoch: int) -> None:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(
+        Trainer,
+        "_validate",
+        lambda self, abandonable=False: order.append("validate") or validate(self, abandonable),
+    )
+    monkeypatch.setattr(Budget, "start", lambda self: order.append("budget") or start_budget(self))
+    monkeypatch.setattr(Trainer, "train_epoch", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_run(TrainRequest(config, init_from=Path("runs/base")))
+    assert order == ["validate", "budget"]
+    assert load_checkpoint(Path("runs/tuned/last.safetensors")).trainer().global_step == 0
+    for owner, name, original in ((Trainer, "_validate", validate), (Budget, "start", start_budget)):
+        monkeypatch.setattr(owner, name, original)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    resumed = train_run(TrainRequest(config, resume=True))
+    lines = [json.loads(line) for line in Path("runs/tuned/metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1] and resumed.start_val_ppl == lines[0]["val_ppl"]
 
 
 def test_a_start_line_reads_back_as_unmeasured_training_and_a_later_null_as_overflow():
@@ -626,6 +666,13 @@ def test_drnn_data_previews_the_text_as_fine_tuning_would_read_it(
     )
     lacking = next(note for note in notes.notes if "map to <unk>" in note)
     assert lacking in json.loads(out.splitlines()[-1])["notes"]
+    # a min_freq is noted as not applying, and not also as mapping the lacking tokens to <unk> (it said both)
+    code, out, err = cli(
+        "data", "--config", config, "--init-from", "runs/base", *allowed, "--set", "data.min_freq=3", "--json"
+    )
+    said = json.loads(out.splitlines()[-1])["notes"]
+    assert code == 0 and any("data.min_freq 3 does not apply with --init-from" in note for note in said), err
+    assert not any("maps" in note and "data.min_freq" in note for note in said), said
     assert "most frequent (tokens used)" in err  # a checkpoint's vocabulary keeps no counts: counted now
     code, _, err = cli("data", "--config", config, "--max-unknown", "0.5")
     assert code == 2 and "--max-unknown applies with --init-from" in err

@@ -65,19 +65,26 @@ app = typer.Typer(
 CONFIG_HELP = (
     "A YAML config file, or a preset name (drnn presets lists them: lstm2, d2l/ch9_3_deep_lstm, ...)."
 )
-ConfigOption = Annotated[str | None, typer.Option("--config", "-c", help=CONFIG_HELP)]
+ConfigOption = Annotated[
+    str | None, typer.Option("--config", "-c", metavar="FILE_OR_PRESET", help=CONFIG_HELP)
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", "-s", help="Override a config key: --set model.num_layers=3 (repeatable, YAML values)."
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a config key: --set model.num_layers=3 (repeatable, YAML values).",
     ),
 ]
 JsonOption = Annotated[
     bool, typer.Option("--json", help="End with one JSON object on stdout (human output goes to stderr).")
 ]
-RunOption = Annotated[Path | None, typer.Option("--run", help="Run directory (default: the latest run).")]
+RunOption = Annotated[
+    Path | None, typer.Option("--run", metavar="DIR", help="Run directory (default: the latest run).")
+]
 CheckpointOption = Annotated[
-    Path | None, typer.Option("--checkpoint", help="A checkpoint file instead of a run.")
+    Path | None, typer.Option("--checkpoint", metavar="FILE", help="A checkpoint file instead of a run.")
 ]
 
 
@@ -110,12 +117,17 @@ def _share(value: float | None) -> float | None:
 
 InitFromOption = Annotated[
     Path | None,
-    typer.Option("--init-from", help="Start from the weights of another run or checkpoint (fine-tuning)."),
+    typer.Option(
+        "--init-from",
+        metavar="RUN_OR_CHECKPOINT",
+        help="Start from the weights of another run or checkpoint (fine-tuning).",
+    ),
 ]
 MaxUnknownOption = Annotated[
     float | None,
     typer.Option(
         "--max-unknown",
+        metavar="F",
         callback=_share,
         help="With --init-from: largest share of tokens allowed to be <unk> (default 0.01).",
     ),
@@ -163,6 +175,7 @@ def data_command(
         Path | None,
         typer.Option(
             "--init-from",
+            metavar="RUN_OR_CHECKPOINT",
             help="Read the text as fine-tuning from this run or checkpoint would (its vocabulary).",
         ),
     ] = None,
@@ -220,7 +233,7 @@ def data_command(
 WIDE_PRESETS_TABLE = 120  # columns from which the presets table also shows each preset's measured figure
 
 
-@app.command("presets")
+@app.command("presets", short_help="List the presets --config takes by name.")
 def presets_command(json_out: JsonOption = False) -> None:
     """List the presets --config takes by name: what each is, its model, the figure measured with it.
 
@@ -263,12 +276,12 @@ def presets_command(json_out: JsonOption = False) -> None:
 # drnn train
 
 
-@app.command("train")
+@app.command("train", short_help="Train a model into a run directory.")
 def train_command(
-    config: Annotated[str, typer.Option("--config", "-c", help=CONFIG_HELP)],
+    config: Annotated[str, typer.Option("--config", "-c", metavar="FILE_OR_PRESET", help=CONFIG_HELP)],
     set_: SetOption = None,
     run: Annotated[
-        Path | None, typer.Option("--run", help="Run directory (default: runs/<config stem>).")
+        Path | None, typer.Option("--run", metavar="DIR", help="Run directory (default: runs/<config stem>).")
     ] = None,
     device: Annotated[
         Device | None, typer.Option("--device", help="auto, cpu or cuda (overrides train.device).")
@@ -355,29 +368,33 @@ def train_command(
 # drnn predict
 
 
-@app.command("predict")
+@app.command("predict", short_help="Continue prefixes with a trained model.")
 def predict_command(
     prefixes: Annotated[
-        list[str], typer.Argument(help="One or more prefixes to continue.", show_default=False)
+        list[str],
+        typer.Argument(help="One or more prefixes to continue.", show_default=False, metavar="PREFIX"),
     ],
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
     num_chars: Annotated[
-        int, typer.Option("--num-chars", "-n", help="Tokens to generate after the prefix.")
+        int, typer.Option("--num-chars", "-n", metavar="N", help="Tokens to generate after the prefix.")
     ] = 50,
     sample: Annotated[
         bool, typer.Option("--sample", help="Sample instead of taking the most likely token.")
     ] = False,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", help="Sampling temperature (> 0; default 1).")
+        float | None,
+        typer.Option("--temperature", metavar="T", help="Sampling temperature (> 0; default 1)."),
     ] = None,
     top_k: Annotated[
-        int | None, typer.Option("--top-k", help="Sample only among the K most likely tokens.")
+        int | None, typer.Option("--top-k", metavar="K", help="Sample only among the K most likely tokens.")
     ] = None,
     top_p: Annotated[
-        float | None, typer.Option("--top-p", help="Sample from the smallest set with mass ≥ P.")
+        float | None, typer.Option("--top-p", metavar="P", help="Sample from the smallest set with mass ≥ P.")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Make sampling reproducible.")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", metavar="S", help="Make sampling reproducible.")
+    ] = None,
     device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
@@ -421,7 +438,7 @@ def predict_command(
 # drnn eval
 
 
-@app.command("eval")
+@app.command("eval", short_help="Perplexity of a checkpoint on a split or a text.")
 def eval_command(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
@@ -430,12 +447,14 @@ def eval_command(
         typer.Option("--split", help="train, val or test (default: val if the run has one, else train)."),
     ] = None,
     data: Annotated[
-        Path | None, typer.Option("--data", help="Evaluate on this text file instead of a split.")
+        Path | None,
+        typer.Option("--data", metavar="FILE", help="Evaluate on this text file instead of a split."),
     ] = None,
     corpus: Annotated[
         Path | None,
         typer.Option(
             "--corpus",
+            metavar="FILE",
             help="Where the run's corpus is now, if it moved (another machine): its splits are read "
             "from this file once its SHA-1 shows it is the same text.",
         ),
@@ -444,6 +463,7 @@ def eval_command(
         int | None,
         typer.Option(
             "--rows",
+            metavar="N",
             min=1,
             help="Parallel rows the text is read in, each from a zero state (default: the run's "
             "data.batch_size; 1 = one continuous stream, as drnn inspect reads it).",
@@ -492,28 +512,37 @@ def eval_command(
 # drnn inspect
 
 
-@app.command("inspect")
+@app.command("inspect", short_help="See what the network learned, character by character.")
 def inspect_command(
     text: Annotated[
         str | None,
-        typer.Argument(help="Text to read (preprocessed like a predict prefix).", show_default=False),
+        typer.Argument(
+            help="Text to read (preprocessed like a predict prefix).", show_default=False, metavar="TEXT"
+        ),
     ] = None,
     file: Annotated[
         Path | None,
-        typer.Option("--file", help="Read this text file instead (preprocessed like eval --data)."),
+        typer.Option(
+            "--file", metavar="FILE", help="Read this text file instead (preprocessed like eval --data)."
+        ),
     ] = None,
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
     layer: Annotated[
-        int | None, typer.Option("--layer", help="Layer to show, 1 = bottom (default: the top one).")
+        int | None,
+        typer.Option("--layer", metavar="L", help="Layer to show, 1 = bottom (default: the top one)."),
     ] = None,
     units: Annotated[
-        str | None, typer.Option("--units", help="Units to show, e.g. 3,17 (0-based; instead of --top).")
+        str | None,
+        typer.Option(
+            "--units", metavar="U,U,...", help="Units to show, e.g. 3,17 (0-based; instead of --top)."
+        ),
     ] = None,
     top: Annotated[
         int | None,
         typer.Option(
             "--top",
+            metavar="K",
             help="Show the K units that follow a text property best (|Pearson r|): position in word, "
             "at a space, position in line, inside quotes, inside brackets; the best unit of each property "
             "in turn (by variance when none varies). Default 5.",
@@ -522,10 +551,16 @@ def inspect_command(
     signal: Annotated[
         Signal, typer.Option("--signal", help="hidden, or cell (LSTM cell state).")
     ] = Signal.hidden,
-    html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained page here.")] = None,
+    html_out: Annotated[
+        Path | None, typer.Option("--html", metavar="OUT.html", help="Write a self-contained page here.")
+    ] = None,
     png_out: Annotated[
         Path | None,
-        typer.Option("--png", help="Write a heatmap and gate-saturation histograms (needs matplotlib)."),
+        typer.Option(
+            "--png",
+            metavar="OUT.png",
+            help="Write a heatmap and gate-saturation histograms (needs matplotlib).",
+        ),
     ] = None,
     device: DeviceOption = Device.auto,
     json_out: JsonOption = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -509,3 +510,20 @@ def test_own_text_under_a_time_machine_preset_hears_what_it_keeps_once(workdir: 
     )
     assert code == 0, err
     assert "data.max_tokens 3,000 trains" not in out + err and "keeps the letters a-z" not in out + err
+
+
+def test_help_names_option_values_as_the_readme_does_and_lists_commands_whole(cli):
+    """Typer names a value by its type where no metavar is given: "--config <str>", "--set <list[str]>";
+    and it cut the command list's descriptions mid-phrase ("List the presets --config takes by name: what
+    each is, its...")."""
+    code, out, _ = cli("train", "--help")
+    assert code == 0
+    for shown in ("--config FILE_OR_PRESET", "--set KEY=VALUE", "--run DIR", "--init-from RUN_OR_CHECKPOINT"):
+        assert shown in out, out
+    for command in ("predict", "eval", "inspect", "data"):
+        code, out, _ = cli(command, "--help")
+        options = out.split("Options:", 1)[1]
+        assert code == 0 and not re.search(r"--[\w-]+ <(str|int|float|path|list\[str\])", options), options
+    code, out, _ = cli("--help")
+    listed = out.split("Commands:", 1)[1].strip().splitlines()
+    assert len(listed) == 6 and not any(line.endswith("...") for line in listed), listed

@@ -12,7 +12,7 @@ import torch
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import char_stream_bytes, preprocess, preprocess_chars, read_text
-from drnn_cli.download import ProgressHook, cached_corpus, fetch_corpus, file_sha1
+from drnn_cli.download import CorpusFile, ProgressHook, cached_corpus, fetch_corpus, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, as_fixed, load_cached, store, text_sha1
@@ -44,7 +44,7 @@ class Dataset:
     sha1: str
     total_tokens: int  # before max_tokens
     unknown: Counter[str] = field(default_factory=Counter)  # tokens a fixed vocabulary lacked → <unk>
-    notes: tuple[str, ...] = ()  # what reading it could not do, said once (a token cache it cannot write)
+    notes: tuple[str, ...] = ()  # said once: a download it made, a token cache it cannot write
 
     def file_bytes(self) -> int | None:
         """The text file's size now, or None where it cannot be read."""
@@ -88,16 +88,16 @@ class Dataset:
 
 def resolve_corpus_file(
     config: DataConfig, progress: ProgressHook | None = None
-) -> tuple[Path, str, FileIdentity]:
+) -> tuple[CorpusFile, FileIdentity]:
     """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed), its
     SHA-1, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
     if config.file is not None:
         path = config.file
         require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
         identity = file_identity(path)  # before hashing: a change during the hash changes it
-        return path, text_sha1(path), identity
+        return CorpusFile(path, text_sha1(path)), identity
     corpus = fetch_corpus(config.corpus, progress=progress)
-    return corpus.path, corpus.sha1, file_identity(corpus.path)
+    return corpus, file_identity(corpus.path)
 
 
 def check_unchanged(path: Path, sha1: str, hashed: FileIdentity) -> None:
@@ -145,11 +145,12 @@ def load_dataset(
     ``expected_sha1``: the text a checkpoint was trained on (resuming, evaluating a split); another
     text raises :class:`CorpusMismatch` before anything is read further or cached.
     """
-    path, sha1, hashed = resolve_corpus_file(config, progress)
+    located, hashed = resolve_corpus_file(config, progress)
+    path, sha1 = located.path, located.sha1
     if expected_sha1 and sha1 != expected_sha1:
         raise CorpusMismatch(path, expected_sha1, sha1)
     corpus = load_cached(path, sha1, config, vocab)
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = (located.download_note,) if located.download_note else ()
     if corpus is None:
         corpus = _encode(path, config, vocab)
         check_unchanged(path, sha1, hashed)  # the bytes encoded are the bytes hashed, or nothing is kept
@@ -157,7 +158,7 @@ def load_dataset(
         # text's own key, which a plain build (and every later fixed one) finds, not as a second copy.
         text_built = corpus.vocab is not vocab
         not_kept = store(path, sha1, config, None if text_built else vocab, corpus)
-        notes = (not_kept,) if not_kept else ()
+        notes = (*notes, not_kept) if not_kept else notes
         if vocab is not None and text_built:
             corpus = as_fixed(corpus, vocab)
     encoded = corpus.tokens

@@ -53,10 +53,18 @@ REGISTRY: dict[str, CorpusSpec] = {
 
 @dataclass(frozen=True)
 class CorpusFile:
-    """A corpus on local disk, ready to read."""
+    """A corpus on local disk, ready to read; ``downloaded_from``: the URL, where this call fetched it."""
 
     path: Path
     sha1: str
+    downloaded_from: str | None = None
+
+    @property
+    def download_note(self) -> str | None:
+        """Said where a download happened: piped or logged, a run shows no download bar."""
+        if self.downloaded_from is None:
+            return None
+        return f"downloaded {self.downloaded_from} into {self.path} (SHA-1 {self.sha1} checked)"
 
 
 def data_dir() -> Path:
@@ -151,7 +159,7 @@ def fetch_corpus(
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    return CorpusFile(target, spec.sha1)
+    return CorpusFile(target, spec.sha1, url)
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,23 @@ def test_fetch_downloads_verifies_and_caches(mirror: Mirror, tmp_path: Path, cor
     assert sorted(p.name for p in cache.iterdir()) == ["timemachine.txt"]  # no partial left behind
 
 
+def test_a_download_is_said_in_a_note_where_no_bar_shows_it(
+    mirror: Mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:
+    """Piped or logged, the download bar never shows: nothing said a download had happened, from where."""
+    monkeypatch.setenv("DRNN_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("data")
+    target = tmp_path / "cache" / "timemachine.txt"
+    assert code == 0 and mirror.requests == ["/mirror/timemachine.txt"], err
+    assert (
+        f"note: downloaded {mirror.base_url.rstrip('/')}/timemachine.txt into {target} (SHA-1 {SHA1} checked)"
+        in out
+    )
+    code, out, _ = cli("data")
+    assert code == 0 and "downloaded" not in out and len(mirror.requests) == 1  # cached: nothing to say
+
+
 def test_a_second_fetch_makes_no_request(mirror: Mirror, tmp_path: Path) -> None:
     fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0)
     assert len(mirror.requests) == 1

@@ -37,7 +37,7 @@ from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import data_notes, few_predictions_note, own_text_notes, scored_unknown_note
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
-from drnn_cli.start_point import DEFAULT_MAX_UNKNOWN, check_max_unknown, fine_tuning_point, unknown_share_note
+from drnn_cli.start_point import check_max_unknown, fine_tuning_point, unknown_share_note
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
 
@@ -53,12 +53,8 @@ class DataReport:
     untrainable: str | None = None  # why `drnn train` would refuse this data, in its words
     notes: tuple[str, ...] = ()  # what `drnn train` would note about this text and these settings
     init_from: str | None = None  # the checkpoint a fine-tuning run would start from
-
-    @property
-    def unknown(self) -> int:
-        """The tokens the run would use that its vocabulary lacks: a fixed one's (fine-tuning), or those
-        ``data.min_freq`` cut."""
-        return self.dataset.lacking_in(self.dataset.tokens)
+    # the tokens the run would use that its vocabulary lacks: a fixed one's (fine-tuning), or min_freq's cut
+    unknown: int = 0
 
     def most_frequent(self, n: int) -> tuple[list[tuple[str, int]], str]:
         """The ``n`` most frequent tokens of the vocabulary and what they were counted over: the whole
@@ -120,9 +116,8 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     ]
     refusals = []
     if start is not None:
-        limit = request.max_unknown_fraction
         try:
-            lacking = unknown_share_note(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit)
+            lacking = unknown_share_note(dataset, request.max_unknown_fraction)
         except DrnnError as refused:  # described all the same; `drnn train` refuses it
             refusals.append(str(refused))
         else:
@@ -140,6 +135,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         refusals[0] if refusals else None,  # the first that training would meet
         tuple(notes),
         start.init_label if start is not None else None,
+        dataset.lacking_in(dataset.tokens),
     )
 
 
@@ -284,14 +280,20 @@ class PredictReport:
         """A continuation of whitespace alone reads as if predict wrote nothing (50 spaces after
         "time traveller" from a model 20 epochs in): said, with what it means."""
         notes = []
+        why = (
+            "greedy decoding took it for the likeliest next token every time, as an undertrained model does "
+            "(train it longer, or --sample)"
+            if self.seed is None
+            else "the model puts nearly all its probability there, as an undertrained model does (train it "
+            "longer, or raise --temperature)"
+        )
         for continuation in self.continuations:
             generated = continuation.generated
             if generated and not generated.strip():
                 what = "spaces" if set(generated) == {" "} else "whitespace characters"
                 notes.append(
                     f"the continuation of {continuation.prefix!r} is {len(generated):,} {what} and nothing "
-                    "else: greedy decoding took it for the likeliest next token every time, as an undertrained "
-                    "model does (train it longer, or --sample)"
+                    f"else: {why}"
                 )
         return tuple(notes)
 

@@ -72,6 +72,10 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
+    # Where the text holds no <unk> (asked once, not at each minibatch: a read waits for the device)
+    # nothing is scored apart; where it does, every minibatch's targets are, on the device.
+    if unknown_id is not None and not bool((tokens[1:] == unknown_id).any()):
+        unknown_id = None
     try:
         nll = torch.zeros((), dtype=torch.float64, device=device)
         unknown_nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -90,11 +94,9 @@ def evaluate(
             state = detach_state(state)
             nll += lm_loss(logits, batch.y, reduction="sum").double()  # half → fp32; fp64 stays
             count += batch.y.numel()
-            is_unknown = None if unknown_id is None else batch.y.t().reshape(-1) == unknown_id
-            # only a minibatch that holds <unk> scores its targets one by one (the loss again: a tenth of
-            # a 10,000-word model's evaluation where every minibatch did)
-            if is_unknown is not None and bool(is_unknown.any()):
-                losses = lm_loss(logits, batch.y, reduction="none").double()  # in is_unknown's order
+            if unknown_id is not None:  # the loss again, target by target: a text with <unk> only
+                is_unknown = batch.y.t().reshape(-1) == unknown_id  # in lm_loss's (time-major) order
+                losses = lm_loss(logits, batch.y, reduction="none").double()
                 unknown_nll += torch.where(is_unknown, losses, 0.0).sum()
                 unknown += is_unknown.sum()
         return Perplexity(float(nll), count, float(unknown_nll), int(unknown))

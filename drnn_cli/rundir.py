@@ -203,12 +203,15 @@ def is_latest_marker(path: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> bool:
     return os.path.normpath(path.absolute()) == os.path.normpath((runs_root / LATEST_MARKER).absolute())
 
 
-def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
+def latest_run(
+    runs_root: Path = DEFAULT_RUNS_ROOT, instead: str = "pass --run DIR / --checkpoint FILE"
+) -> Path:
     """The run directory the latest-run marker names (``predict``/``eval`` without ``--run``,
-    ``--init-from runs/latest``): one policy for what a marker may hold, whoever reads it."""
+    ``--init-from runs/latest``): one policy for what a marker may hold, whoever reads it. ``instead``:
+    what the caller's command takes in its place."""
     marker = runs_root / LATEST_MARKER
     # runs/ is found from the working directory, and a preset's name works from any directory
-    fix = "train one first (drnn train --config quick) or pass --run DIR / --checkpoint FILE"
+    fix = f"train one first (drnn train --config quick) or {instead}"
     if not marker.exists():
         raise DrnnError(
             f"no run to use: {marker} does not exist in {Path.cwd()}; run from the directory you trained "
@@ -229,7 +232,7 @@ def latest_run(runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
     if run.is_file():  # drnn writes a directory there: a file is someone's edit
         raise DrnnError(
             f"the latest-run marker {marker} names {run}, a file, not a run directory; delete it and train, "
-            "or pass --run DIR / --checkpoint FILE"
+            f"or {instead}"
         )
     return run
 

@@ -149,7 +149,7 @@ def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Pa
     """``--init-from`` takes a run directory (its best/last checkpoint), a checkpoint file, or the
     latest-run marker (the run it names)."""
     if is_latest_marker(source, runs_root):
-        source = latest_run(runs_root)
+        source = latest_run(runs_root, instead="give --init-from a run directory or checkpoint file")
     if source.is_dir():
         return run_checkpoint(source)
     if not source.exists():
@@ -360,15 +360,17 @@ def check_max_unknown(max_unknown: float | None, init_from: Path | None) -> None
         )
 
 
-def unknown_share_note(dataset: Dataset, limit: float) -> str | None:
+def unknown_share_note(dataset: Dataset, limit: float | None) -> str | None:
     """Fine-tuning keeps the checkpoint's vocabulary: the note on text it cannot spell (None: it can
-    spell all of it), or a DrnnError where there is too much of it (``limit``: ``--max-unknown``).
+    spell all of it), or a DrnnError where there is too much of it (``limit``: ``--max-unknown``; None:
+    :data:`DEFAULT_MAX_UNKNOWN`).
 
     The share is of the tokens the run uses, all its splits (after ``data.max_tokens``), which are what a model
     fine-tuned on many ``<unk>`` would learn from; which tokens they are is known for the whole text.
     """
     if not dataset.unknown_count:
         return None
+    limit = DEFAULT_MAX_UNKNOWN if limit is None else limit
     used = len(dataset.tokens)
     count = dataset.lacking_in(dataset.tokens)
     share = count / max(1, used)

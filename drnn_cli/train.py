@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -890,7 +891,7 @@ class Trainer:
         steps = len(self._batches(epoch))
         return epoch + 1 if step == steps else round(epoch + step / steps, 6)
 
-    def _interrupt_epoch_end(self, epoch: int) -> None:
+    def _interrupt_epoch_end(self, epoch: int) -> NoReturn:
         """A signal cut the validation at ``epoch``'s end short: the epoch is checkpointed as at its last
         step with its boundary pending, and ``--resume`` runs the epoch's end first (as a boundary
         inside an epoch). Its time is the checkpoint's progress, not yet the run's elapsed."""
@@ -900,7 +901,12 @@ class Trainer:
         self.elapsed -= progress.elapsed
         self._interrupt(epoch, progress)
 
-    def _interrupt(self, epoch: int, progress: EpochProgress | None) -> None:
+    def _interrupt(
+        self, epoch: int, progress: EpochProgress | None, starting_validation_cut: bool = False
+    ) -> NoReturn:
+        """Checkpoint where a signal stopped the run and raise :class:`TrainingInterrupted`.
+        ``starting_validation_cut``: the signal cut a fine-tuning run's validation of its starting weights
+        short (which ``--resume`` runs first, as a step boundary's)."""
         self._save(LAST, epoch, progress)
         # Written (rank 0), or being written: a signal now changes nothing, the wait below included (a
         # handler runs at the first instruction after the barrier returns).
@@ -909,8 +915,9 @@ class Trainer:
         # 143, torchrun sent SIGTERM to the rest, and rank 0 ended in the middle of the write.
         wait_for_every_rank(self.dist)
         step = progress.step if progress else 0
-        pending = bool(progress and progress.boundary_pending)
-        cut = " (its validation cut short: --resume runs it first)" if pending else ""
+        pending = bool(progress and progress.boundary_pending) or starting_validation_cut
+        what = "the starting weights' validation" if starting_validation_cut else "its validation"
+        cut = f" ({what} cut short: --resume runs it first)" if pending else ""
         raise TrainingInterrupted(
             f"training stopped by {self.stops.name} "
             f"{training_position(epoch, step, self.global_step)}{cut}; "
@@ -979,21 +986,25 @@ class Trainer:
         try:
             val_ppl = self._validate_to_judge(abandonable=True)
         except EvaluationAbandoned:  # nothing trained: --resume validates them again
-            self._interrupt(0, None)
+            self._interrupt(0, None, starting_validation_cut=True)
         if val_ppl is None:  # no validation split
             return
         self.reporter.note(
             f"the starting weights' validation perplexity on this text: {val_ppl:.4g} "
             f"(metrics.jsonl's epoch 0; {BEST} holds them until a validation beats it)"
         )
-        self._judge(val_ppl, 0)
+        # The run's first evaluation, and its best so far: held before LAST is written, which carries it,
+        # then BEST (a kill between the two leaves a resumable run; --resume reads a newer BEST too).
+        self.best_val_ppl, self.bad_evals, self.best_kept = val_ppl, 0, val_ppl
         self._set_lr(0)  # the line's rate: the first step's (under warm-up, not train.lr)
         lr = self.optimizer.param_groups[0]["lr"]
         self._append_metrics(
             EpochRecord(epoch=0, train_ppl=None, val_ppl=val_ppl, lr=lr, tokens_per_s=0.0, elapsed=0.0)
         )
-        # resumable from here: a kill now must not cost the validation, nor leave a run without a last
-        self._save(LAST, 0)
+        self._save(LAST, 0)  # resumable from here: a kill now costs neither the validation nor the run
+        self._save(BEST, 0)
+        if self._stop_requested():  # a signal after the validation's last look: stop here, not a step on
+            self._interrupt(0, None)
 
     def _start_record(self) -> EpochRecord | None:
         """The starting weights' line of a fine-tuning run, where it validated them."""
@@ -1114,12 +1125,13 @@ class Trainer:
         # A boundary whose validation a signal cut short is done first, whatever train.epochs says now.
         cut_short = already is None and self.progress.boundary_pending
         until = max(train.epochs, self.start_epoch + 1) if cut_short else train.epochs
+        val_ppl = self.records[-1].val_ppl if self.records else None
+        if already is not None and val_ppl is None:
+            val_ppl = self._validate()  # outside the handler: a signal ends a command with nothing to train
         with self.stops.noted():  # a signal from here on stops at a checkpoint
             if already is None and self.global_step == 0 and self.init_from_label and not self.records:
                 self._validate_starting_weights()
-            val_ppl = self.records[-1].val_ppl if self.records else None
-            if already is not None and val_ppl is None:
-                val_ppl = self._validate()
+                val_ppl = self.records[-1].val_ppl if self.records else None
             # the budgets count training from here: not a fine-tuning run's validation of its start
             self.budget.start()
             self._last_stop_vote = (time.monotonic(), self.global_step)

@@ -33,7 +33,6 @@ from drnn_cli.rundir import (
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
 from drnn_cli.start_point import (
-    DEFAULT_MAX_UNKNOWN,
     StartPoint,
     check_max_unknown,
     given_keys,
@@ -45,9 +44,6 @@ from drnn_cli.train import RESUME_ADVICE, Trainer
 
 # How an interrupted --overwrite session is told to go on (it trained beside the run it replaces).
 OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"
-
-
-# With --init-from: the largest share of the new text's tokens that may fall outside the vocabulary.
 
 
 @dataclass(frozen=True)
@@ -160,6 +156,17 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
     except BaseException as error:  # a stop, a failure, a signal outside the loop, an out-of-memory...
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
+        if isinstance(error, TrainingInterrupted) and error.stopped.steps == 0:
+            # stopped before its first step (a fine-tuning run's validation of its starting weights):
+            # a run that trained nothing does not replace one that did
+            if dist.is_main:
+                discard(staging)
+            raise TrainingInterrupted(
+                f"training stopped by {error.stopped.signal} before its first step: nothing was trained, and "
+                f"{run_dir} keeps the run it held; run the same command again to replace it",
+                error.exit_code,
+                replace(error.stopped, run_dir=run_dir, checkpoint=run_dir / LAST, validation_pending=False),
+            ) from None
         if dist.is_main:  # ...after the new run's first checkpoint: that run is the one to resume
             swap_in(staging, target)
         if not isinstance(error, DrnnError):
@@ -204,8 +211,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     if start.changes is not None and reporter is not None:
         reporter.note(start.changes)
     if start.init_from is not None:
-        limit = request.max_unknown_fraction
-        lacking = unknown_share_note(dataset, DEFAULT_MAX_UNKNOWN if limit is None else limit)
+        lacking = unknown_share_note(dataset, request.max_unknown_fraction)
         if lacking is not None and reporter is not None:
             reporter.note(lacking)
     check_header_room(dataset.vocab)

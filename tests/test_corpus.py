@@ -124,10 +124,11 @@ def test_fetch_downloads_verifies_and_caches(mirror: Mirror, tmp_path: Path, cor
     assert sorted(p.name for p in cache.iterdir()) == ["timemachine.txt"]  # no partial left behind
 
 
-def test_a_download_is_said_in_a_note_where_no_bar_shows_it(
+def test_a_download_is_said_in_a_note_which_a_log_keeps(
     mirror: Mirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
 ) -> None:
-    """Piped or logged, the download bar never shows: nothing said a download had happened, from where."""
+    """Piped or logged, the download bar never shows: nothing said a download had happened, from where.
+    The note comes on a terminal too, where the bar is gone once the download ends."""
     monkeypatch.setenv("DRNN_DATA_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     code, out, err = cli("data")

@@ -572,10 +572,13 @@ def test_a_signal_while_the_starting_weights_validate_stops_at_step_0_and_resume
         return validate(self, abandonable)
 
     monkeypatch.setattr(Trainer, "_validate", signalled)
-    with pytest.raises(
-        TrainingInterrupted, match=r"training stopped by SIGTERM .*runs/tuned/last.safetensors"
-    ):
+    with pytest.raises(TrainingInterrupted) as stop:
         train_run(TrainRequest(config, init_from=Path("runs/base")))
+    assert str(stop.value).startswith(
+        "training stopped by SIGTERM before its first step (the starting weights' validation cut short: "
+        "--resume runs it first); its checkpoint is in runs/tuned/last.safetensors"
+    )
+    assert (stop.value.stopped.steps, stop.value.stopped.validation_pending) == (0, True)  # --json's
     assert load_checkpoint(Path("runs/tuned/last.safetensors")).trainer().global_step == 0
     assert not Path("runs/tuned/metrics.jsonl").read_text()
     monkeypatch.setattr(Trainer, "_validate", validate)
@@ -680,3 +683,59 @@ def test_drnn_data_previews_the_text_as_fine_tuning_would_read_it(
         "data", "--config", config, "--init-from", "runs/base", "--set", "model.hidden_size=64"
     )
     assert_one_line_error(code, err, "model.hidden_size", "cannot initialise from")
+
+
+def test_a_stop_before_the_first_step_of_an_overwrite_keeps_the_run_it_was_to_replace(
+    tmp_path: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+):
+    """--overwrite swaps its new run in once that run has a checkpoint: a signal during the starting
+    validation wrote one at step 0, and the previous run (its best checkpoint, its history) gave way to
+    a run that had trained nothing (review rev26)."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    config = config_for(tmp_path, second, "tuned", data={"val_fraction": 0.2}, train={"epochs": 1})
+    train_run(TrainRequest(config, init_from=Path("runs/base")))
+    before = {path.name: path.read_bytes() for path in Path("runs/tuned").iterdir() if path.is_file()}
+    validate = Trainer._validate
+
+    def signalled(self: Trainer, abandonable: bool = False) -> float | None:
+        self.stops.signum = signal.SIGINT
+        return validate(self, abandonable)
+
+    monkeypatch.setattr(Trainer, "_validate", signalled)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train_run(TrainRequest(config, init_from=Path("runs/base"), overwrite=True))
+    assert str(stop.value) == (
+        "training stopped by SIGINT before its first step: nothing was trained, and runs/tuned keeps the run "
+        "it held; run the same command again to replace it"
+    )
+    after = {path.name: path.read_bytes() for path in Path("runs/tuned").iterdir() if path.is_file()}
+    assert after.keys() >= {"best.safetensors", "last.safetensors", "metrics.jsonl"} and after == before
+    assert [
+        path.name for path in Path("runs").iterdir() if path.name.startswith(".")
+    ] == []  # no staging left
+
+
+def test_a_resume_with_nothing_to_train_validates_where_a_signal_still_ends_the_command(
+    tmp_path: Path, texts: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+):
+    """A resume with nothing left to train validates its last checkpoint where no validation was logged:
+    under the trainer's handler a Ctrl-C there was noted and ignored, and the command exited 0 (rev26)."""
+    first, _ = texts
+    config = config_for(tmp_path, first, "run", data={"val_fraction": 0.2}, train={"epochs": 1})
+    train_run(TrainRequest(config))
+    metrics = Path("runs/run/metrics.jsonl")
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    lines[-1]["val_ppl"] = None  # as a stop off the evaluation cadence leaves it
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    handlers = []
+    validate = Trainer._validate
+
+    def recording(self: Trainer, abandonable: bool = False) -> float | None:
+        handlers.append(signal.getsignal(signal.SIGINT))
+        return validate(self, abandonable)
+
+    monkeypatch.setattr(Trainer, "_validate", recording)
+    result = train_run(TrainRequest(config, resume=True))
+    assert result.stop_reason == "epochs" and result.val_ppl is not None
+    assert handlers == [signal.default_int_handler]  # Python's own: a Ctrl-C raises, the command ends

@@ -293,6 +293,28 @@ def test_eval_with_rows_and_a_tail_equals_rows_by_hand():
     result = evaluate(model, tokens, batch_size=3, num_steps=4, device=torch.device("cpu"))
     assert result.tokens == 44
     assert result.nll == pytest.approx(total, rel=1e-12)
+    # <unk> (id 0) apart: the mask follows the loss's time-major rows, not the minibatch's row-major ones
+    by_target = []
+    for row in range(3):
+        segment = tokens[row * 14 : row * 14 + 15]
+        logits, state = model(segment[:-1].unsqueeze(0), model.begin_state(1, "cpu"))
+        by_target += zip(
+            segment[1:].tolist(),
+            F.cross_entropy(logits[:, 0], segment[1:], reduction="none").tolist(),
+            strict=True,
+        )
+    logits, _ = model(tokens[42:-1].unsqueeze(0), state)
+    by_target += zip(
+        tokens[43:].tolist(),
+        F.cross_entropy(logits[:, 0], tokens[43:], reduction="none").tolist(),
+        strict=True,
+    )
+    unk = [loss for target, loss in by_target if target == 0]
+    split = evaluate(model, tokens, batch_size=3, num_steps=4, device=torch.device("cpu"), unknown_id=0)
+    assert 0 < split.unknown == len(unk) < 44 and split.nll == result.nll
+    assert split.unknown_nll == pytest.approx(sum(unk), rel=1e-9)
+    known = (total - sum(unk)) / (44 - len(unk))
+    assert split.known_perplexity == pytest.approx(math.exp(known), rel=1e-9)
 
 
 def test_eval_of_the_validation_split_matches_the_best_validation_perplexity_of_training(tiny_run: Path):
@@ -394,6 +416,11 @@ def test_a_continuation_of_spaces_alone_is_said_to_be_one(tiny_run: Path, cli, m
         "next token every time, as an undertrained model does (train it longer, or --sample)",
         "the continuation of 'a' is 2 whitespace characters and nothing else: greedy decoding took it for the "
         "likeliest next token every time, as an undertrained model does (train it longer, or --sample)",
+    )
+    sampled = PredictReport((Continuation("time", "time", "time   "),), "x", seed=3)
+    assert sampled.blank_notes == (  # drawn, not the likeliest: never "greedy", nor "--sample" again
+        "the continuation of 'time' is 3 spaces and nothing else: the model puts nearly all its probability "
+        "there, as an undertrained model does (train it longer, or raise --temperature)",
     )
     assert PredictReport((Continuation("a", "a", "a  b "),), "x").blank_notes == ()
     assert PredictReport((Continuation("a", "a", "a"),), "x").blank_notes == ()  # -n 0 wrote nothing

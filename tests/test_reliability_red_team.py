@@ -821,6 +821,8 @@ def test_a_latest_marker_naming_a_file_blames_the_marker_not_a_run_option(workdi
         assert_one_line_error(
             code, err, "the latest-run marker runs/latest names", "a file, not a run directory"
         )
+        # each is told what its own command takes instead (train has no --checkpoint)
+        assert ("--checkpoint FILE" in err) == (command is not tune), err
 
 
 @pytest.mark.parametrize(

@@ -285,7 +285,7 @@ class PredictReport:
             "(train it longer, or --sample)"
             if self.seed is None
             else "the model puts nearly all its probability there, as an undertrained model does (train it "
-            "longer, or raise --temperature)"
+            "longer)"
         )
         for continuation in self.continuations:
             generated = continuation.generated

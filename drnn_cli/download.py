@@ -61,7 +61,7 @@ class CorpusFile:
 
     @property
     def download_note(self) -> str | None:
-        """Said where a download happened: piped or logged, a run shows no download bar."""
+        """Said where a download happened: a log keeps it (piped, no download bar shows at all)."""
         if self.downloaded_from is None:
             return None
         return f"downloaded {self.downloaded_from} into {self.path} (SHA-1 {self.sha1} checked)"

@@ -65,7 +65,7 @@ class StoppedRun:
     start_epoch: float
     steps: int
     start_step: int
-    checkpoint: Path
+    checkpoint: Path | None  # None: nothing was written (an --overwrite stopped before its first step)
     validation_pending: bool  # a validation the signal cut short, which --resume runs first
 
     def summary(self) -> dict[str, Any]:
@@ -76,7 +76,7 @@ class StoppedRun:
             "start_epoch": self.start_epoch,
             "steps": self.steps,
             "start_step": self.start_step,
-            "checkpoint": str(self.checkpoint.absolute()),
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint.absolute()),
             "validation_pending": self.validation_pending,
         }
 

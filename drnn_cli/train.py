@@ -1129,9 +1129,12 @@ class Trainer:
         if already is not None and val_ppl is None:
             val_ppl = self._validate()  # outside the handler: a signal ends a command with nothing to train
         with self.stops.noted():  # a signal from here on stops at a checkpoint
-            if already is None and self.global_step == 0 and self.init_from_label and not self.records:
-                self._validate_starting_weights()
-                val_ppl = self.records[-1].val_ppl if self.records else None
+            if already is None and self.global_step == 0 and self.init_from_label:
+                if not self.records:
+                    self._validate_starting_weights()
+                    val_ppl = self.records[-1].val_ppl if self.records else None
+                elif self._start_record() is not None and not (self.run_dir / BEST).is_file():
+                    self._save(BEST, 0)  # killed between its LAST and BEST: the weights are still the start's
             # the budgets count training from here: not a fine-tuning run's validation of its start
             self.budget.start()
             self._last_stop_vote = (time.monotonic(), self.global_step)

@@ -165,7 +165,7 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
                 f"training stopped by {error.stopped.signal} before its first step: nothing was trained, and "
                 f"{run_dir} keeps the run it held; run the same command again to replace it",
                 error.exit_code,
-                replace(error.stopped, run_dir=run_dir, checkpoint=run_dir / LAST, validation_pending=False),
+                replace(error.stopped, run_dir=run_dir, checkpoint=None, validation_pending=False),
             ) from None
         if dist.is_main:  # ...after the new run's first checkpoint: that run is the one to resume
             swap_in(staging, target)
@@ -174,9 +174,8 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
         message = str(error).replace(str(staging), str(run_dir))
         replaced = f" (the new run has replaced the previous one in {run_dir})"
         if isinstance(error, TrainingInterrupted):  # where it stopped names the run's place, not staging's
-            stopped = replace(
-                error.stopped, run_dir=run_dir, checkpoint=run_dir / error.stopped.checkpoint.name
-            )
+            written = error.stopped.checkpoint
+            stopped = replace(error.stopped, run_dir=run_dir, checkpoint=written and run_dir / written.name)
             raise TrainingInterrupted(message + replaced, error.exit_code, stopped) from None
         raise type(error)(message + replaced, error.exit_code) from None
     finally:

@@ -616,6 +616,15 @@ def test_a_run_killed_after_its_starting_validation_resumes_without_repeating_it
         train_run(TrainRequest(config, init_from=Path("runs/base")))
     assert order == ["validate", "budget"]
     assert load_checkpoint(Path("runs/tuned/last.safetensors")).trainer().global_step == 0
+    # killed between its LAST and BEST: the resume writes the BEST its closing note speaks of
+    Path("runs/tuned/best.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="killed"):
+        train_run(TrainRequest(config, resume=True))
+    best, base = (
+        load_checkpoint(Path("runs/tuned/best.safetensors")),
+        load_checkpoint(Path("runs/base/last.safetensors")),
+    )
+    assert all(torch.equal(best.model_state[name], base.model_state[name]) for name in base.model_state)
     for owner, name, original in ((Trainer, "_validate", validate), (Budget, "start", start_budget)):
         monkeypatch.setattr(owner, name, original)
     monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
@@ -711,6 +720,7 @@ def test_a_stop_before_the_first_step_of_an_overwrite_keeps_the_run_it_was_to_re
     )
     after = {path.name: path.read_bytes() for path in Path("runs/tuned").iterdir() if path.is_file()}
     assert after.keys() >= {"best.safetensors", "last.safetensors", "metrics.jsonl"} and after == before
+    assert stop.value.stopped.summary()["checkpoint"] is None  # --json: this stop wrote none
     assert [
         path.name for path in Path("runs").iterdir() if path.name.startswith(".")
     ] == []  # no staging left

@@ -420,7 +420,7 @@ def test_a_continuation_of_spaces_alone_is_said_to_be_one(tiny_run: Path, cli, m
     sampled = PredictReport((Continuation("time", "time", "time   "),), "x", seed=3)
     assert sampled.blank_notes == (  # drawn, not the likeliest: never "greedy", nor "--sample" again
         "the continuation of 'time' is 3 spaces and nothing else: the model puts nearly all its probability "
-        "there, as an undertrained model does (train it longer, or raise --temperature)",
+        "there, as an undertrained model does (train it longer)",
     )
     assert PredictReport((Continuation("a", "a", "a  b "),), "x").blank_notes == ()
     assert PredictReport((Continuation("a", "a", "a"),), "x").blank_notes == ()  # -n 0 wrote nothing

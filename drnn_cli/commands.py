@@ -62,14 +62,12 @@ class DataReport:
         under ``--init-from`` the tokens the run uses, counted now."""
         vocab = self.dataset.vocab
         if vocab.token_freqs:
-            kept = [
-                (token, freq) for token, freq in vocab.token_freqs if token in vocab
-            ]  # not min_freq's <unk>
+            # the vocabulary's own tokens: not those min_freq made <unk>
+            kept = [(token, freq) for token, freq in vocab.token_freqs if token in vocab]
             return kept[:n], "all tokens"
         counts = torch.zeros(len(vocab), dtype=torch.int64)
-        for chunk in self.dataset.tokens.split(
-            1 << 20
-        ):  # widened a chunk at a time, not a 200 MB text at once
+        # widened to int64 a chunk at a time, not a 200 MB text at once
+        for chunk in self.dataset.tokens.split(1 << 20):
             counts += torch.bincount(chunk.long(), minlength=len(vocab))
         counts[vocab[UNK]] = 0  # what it lacks has its own row
         top = counts.argsort(descending=True, stable=True)[:n].tolist()

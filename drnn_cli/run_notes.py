@@ -179,11 +179,12 @@ def own_text_notes(
 
 
 def late_cadence_notes(
-    train: TrainConfig, planned_steps: int, steps_per_epoch: float, validates: bool
+    train: TrainConfig, planned_steps: int, steps_per_epoch: float, validates: bool, fine_tuning: bool = False
 ) -> list[str]:
     """A run that ``train.max_steps`` ends inside its epochs, whose validation, checkpoint or log comes
     first after that end: none of them happens until the end, and a crash or ``kill -9`` before it
-    loses the whole run (``lstm_full_cpu``'s 7,450 steps are a quarter of an epoch of a 30 MB text)."""
+    loses the whole run (``lstm_full_cpu``'s 7,450 steps are a quarter of an epoch of a 30 MB text).
+    ``fine_tuning``: the starting weights are validated and checkpointed first, so it loses the training."""
     late: list[tuple[str, str]] = []
     for key, what in (
         ("eval_every", "validated"),
@@ -205,11 +206,14 @@ def late_cadence_notes(
     whats = " or ".join(
         ", ".join(what for _, what in late).rsplit(", ", 1)
     )  # "validated, checkpointed or logged"
-    lost = "; a crash or kill -9 before then loses all of it" if "checkpointed" in whats else ""
+    lost = ""
+    if "checkpointed" in whats:
+        lost = f"; a crash or kill -9 before then loses all {'its training' if fine_tuning else 'of it'}"
+    after = " after the starting weights' validation" if fine_tuning and validates else ""
     every = max(1, planned_steps // 10)
     return [
         f"this run ends after {planned_steps:,} steps ({planned_steps / steps_per_epoch:.2g} epochs), before "
-        f"{keys} first {'comes' if len(late) == 1 else 'come'} due: nothing is {whats} until its end{lost}; "
+        f"{keys} first {'comes' if len(late) == 1 else 'come'} due: nothing{after} is {whats} until its end{lost}; "
         f"count {'it' if len(late) == 1 else 'them'} in steps, e.g. "
         f'--set "train.{late[0][0]}={every} step{"" if every == 1 else "s"}"'
     ]

@@ -1200,7 +1200,11 @@ class Trainer:
             # a run measured in steps from its start: cadences in epochs may come after its end
             *(
                 late_cadence_notes(
-                    train, step_budget, self._mean_steps_per_epoch(), len(self.val_tokens) >= MIN_EVAL_TOKENS
+                    train,
+                    step_budget,
+                    self._mean_steps_per_epoch(),
+                    len(self.val_tokens) >= MIN_EVAL_TOKENS,
+                    fine_tuning=self.init_from_label is not None,
                 )
                 if starting and step_budget
                 else ()

@@ -749,3 +749,21 @@ def test_a_resume_with_nothing_to_train_validates_where_a_signal_still_ends_the_
     result = train_run(TrainRequest(config, resume=True))
     assert result.stop_reason == "epochs" and result.val_ppl is not None
     assert handlers == [signal.default_int_handler]  # Python's own: a Ctrl-C raises, the command ends
+
+
+def test_a_step_budget_note_of_a_fine_tuning_run_counts_its_starting_validation():
+    """ "nothing is validated, checkpointed or logged until its end" came just before the starting weights
+    were validated and checkpointed (trial ft26): what a kill loses there is the training alone."""
+    from drnn_cli.run_notes import late_cadence_notes
+
+    train = build_config({"train": {"max_steps": 15, "epochs": 10}}).train
+    (fresh,) = late_cadence_notes(train, 15, 19.0, validates=True)
+    (tuned,) = late_cadence_notes(train, 15, 19.0, validates=True, fine_tuning=True)
+    assert (
+        "due: nothing is validated, checkpointed or logged until its end; a crash or kill -9 before then loses all of it;"
+        in fresh
+    )
+    assert (
+        "due: nothing after the starting weights' validation is validated, checkpointed or logged until its end; "
+        "a crash or kill -9 before then loses all its training;" in tuned
+    )

@@ -214,6 +214,7 @@ class Trainer:
         self.val_tokens = dataset.splits.val.to(device)
 
         self.start_epoch = 0
+        self._best_restarted = False  # a resume that changed train.eval_tokens: the best starts over
         self.best_val_ppl: float | None = None
         self.bad_evals = 0
         self.elapsed = 0.0
@@ -240,6 +241,7 @@ class Trainer:
         digest = _header_digest(resume) if resume is not None and self.dist.enabled else 0.0
         if resume is not None:
             self._restore(resume)
+            self._best_restarted = best_restarts  # the start's validation too read other tokens
             if best_restarts:  # its validations read other tokens: their best and count mean nothing now
                 self.best_val_ppl, self.bad_evals = None, 0
         self._check_every_rank_starts_alike(digest)
@@ -1007,8 +1009,11 @@ class Trainer:
             self._interrupt(0, None)
 
     def _start_record(self) -> EpochRecord | None:
-        """The starting weights' line of a fine-tuning run, where it validated them."""
-        return self.records[0] if self.records and self.records[0].is_start else None
+        """The starting weights' line of a fine-tuning run, where it validated them (and a resume since
+        has not changed ``train.eval_tokens``: its figure read other tokens than the run's now)."""
+        if self._best_restarted or not self.records or not self.records[0].is_start:
+            return None
+        return self.records[0]
 
     def _abandon_on_signal(self) -> Callable[[int, int], None]:
         """The hook ``evaluate`` calls before each minibatch of an abandonable validation."""
@@ -1060,7 +1065,9 @@ class Trainer:
     def _origin(self) -> str:
         """Where this session starts, for the first line: a fresh run, fine-tuning, or a resume."""
         if self.global_step == 0:
-            return f"from the weights of {self.init_from_label}" if self.init_from_label else "from scratch"
+            start = f"from the weights of {self.init_from_label}" if self.init_from_label else "from scratch"
+            # a stop during a fine-tuning run's starting validation left a checkpoint before the first step
+            return start + (" (resumed before its first step)" if self.resumed else "")
         step = self.progress.step
         if self.progress.boundary_pending:  # a signal cut its validation short: that comes first
             return f"from the validation {training_position(self.start_epoch, step)} that its stop cut short"

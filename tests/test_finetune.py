@@ -20,7 +20,7 @@ from drnn_cli.config import build_config
 from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError, TrainingInterrupted
 from drnn_cli.plot import render_perplexity_plot
-from drnn_cli.report import EpochRecord, SilentReporter
+from drnn_cli.report import EpochRecord, RunStart, SilentReporter
 from drnn_cli.train import Trainer
 from drnn_cli.train_session import TrainRequest, train_run
 from drnn_cli.vocab import Vocab
@@ -43,6 +43,10 @@ def config_for(directory: Path, text: Path, name: str, **sections: dict) -> Path
 class Notes(SilentReporter):
     def __init__(self) -> None:
         self.notes: list[str] = []
+        self.origins: list[str] = []  # each session's first line's "from ..."
+
+    def start(self, run: RunStart) -> None:
+        self.origins.append(run.origin)
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -582,7 +586,12 @@ def test_a_signal_while_the_starting_weights_validate_stops_at_step_0_and_resume
     assert load_checkpoint(Path("runs/tuned/last.safetensors")).trainer().global_step == 0
     assert not Path("runs/tuned/metrics.jsonl").read_text()
     monkeypatch.setattr(Trainer, "_validate", validate)
-    resumed = train_run(TrainRequest(config, resume=True))
+    notes = Notes()
+    resumed = train_run(TrainRequest(config, resume=True), reporter=notes)
+    source = Path("runs/base/last.safetensors").resolve()
+    assert notes.origins == [
+        f"from the weights of {source} (resumed before its first step)"
+    ]  # not a fresh start's
     lines = [json.loads(line) for line in Path("runs/tuned/metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1]
     assert resumed.start_val_ppl == lines[0]["val_ppl"]
@@ -767,3 +776,19 @@ def test_a_step_budget_note_of_a_fine_tuning_run_counts_its_starting_validation(
         "due: nothing after the starting weights' validation is validated, checkpointed or logged until its end; "
         "a crash or kill -9 before then loses all its training;" in tuned
     )
+
+
+def test_a_resume_that_changes_what_validation_reads_no_longer_sets_the_start_beside_its_figures(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """A resume with another train.eval_tokens starts its best over (its validations read other tokens):
+    the starting weights' figure, read over the old tokens, was still shown as the run's start (rev26)."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    config = config_for(tmp_path, second, "tuned", data={"val_fraction": 0.2}, train={"epochs": 1})
+    tuned = train_run(TrainRequest(config, init_from=Path("runs/base")))
+    assert tuned.start_val_ppl is not None
+    longer = train_run(TrainRequest(config, ("train.epochs=2",), resume=True))
+    assert longer.start_val_ppl == tuned.start_val_ppl  # the same tokens: the same start
+    fewer = train_run(TrainRequest(config, ("train.epochs=3", "train.eval_tokens=100"), resume=True))
+    assert fewer.start_val_ppl is None and fewer.best_val_ppl is not None

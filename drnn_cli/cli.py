@@ -487,8 +487,8 @@ def eval_command(
         report = evaluate_split(loaded, split_name, data, rows, corpus, hook)
     # a word text may write <unk> itself (Penn Treebank does): those are no lack of the vocabulary's
     lacking = "" if loaded.checkpoint.config.data.token == "word" else "not in the vocabulary, "
-    unknown = f" ({plural(report.unknown, 'token')} {lacking}scored as <unk>)" if report.unknown else ""
     result = report.result
+    unknown = f" ({plural(result.unknown, 'token')} {lacking}scored as <unk>)" if result.unknown else ""
     known = result.tokens - result.unknown
     # a model that never saw <unk> spends many bits on each: the rest's figure beside the whole's
     over_known = (

@@ -419,11 +419,15 @@ class EvalReport:
     result: Perplexity
     source: str
     step: int | None = None  # optimizer steps it had taken (None: a checkpoint older than step counts)
-    unknown: int = 0  # predicted tokens not in the vocabulary, scored as <unk>
     notes: tuple[str, ...] = ()  # what reading the run's corpus could not do (Dataset.notes)
     step_in_epoch: int = 0  # steps into the epoch after ``epoch`` (a checkpoint written inside an epoch)
     checkpoint: str = ""  # the file read (a run's best, or its last without a validation split)
     rows: int = 1  # the parallel rows the text was read in, each from a zero state
+
+    @property
+    def unknown(self) -> int:
+        """Predicted tokens scored as ``<unk>``: not in the vocabulary, or a word text's own ``<unk>``."""
+        return self.result.unknown
 
     def summary(self) -> dict:
         return {
@@ -502,7 +506,6 @@ def evaluate_split(
         step = None
     if rows is None:
         notes = (*notes, *_short_rows_note(result.tokens, config.data.batch_size, config.data.num_steps))
-    unknown = result.unknown
     fix = (
         "evaluate a longer text with --data" if data_file else "a larger split, or a longer text with --data"
     )
@@ -513,7 +516,7 @@ def evaluate_split(
             None,
             (
                 scored_unknown_note(
-                    unknown,
+                    result.unknown,
                     result.tokens,
                     "predicted tokens",
                     "this perplexity is",
@@ -523,16 +526,15 @@ def evaluate_split(
         ),
     )
     return EvalReport(
-        split_name,
-        checkpoint.epoch,
-        result,
-        source,
-        step,
-        unknown,
-        notes,
-        checkpoint.step_in_epoch,
-        str(loaded.path.absolute()),  # as predict names it
-        max(1, min(rows or config.data.batch_size, result.tokens)),  # as eval_batches cuts them
+        split=split_name,
+        epoch=checkpoint.epoch,
+        result=result,
+        source=source,
+        step=step,
+        notes=notes,
+        step_in_epoch=checkpoint.step_in_epoch,
+        checkpoint=str(loaded.path.absolute()),  # as predict names it
+        rows=max(1, min(rows or config.data.batch_size, result.tokens)),  # as eval_batches cuts them
     )
 
 

@@ -345,7 +345,7 @@ def train_command(
             validations.insert(0, result.start_val_ppl)
         table.add_row(
             f"validation perplexity ({'start / ' if len(validations) == 3 else ''}last / best)",
-            " / ".join(format_perplexity(ppl, 3) for ppl in validations),
+            " / ".join("—" if ppl is None else format_perplexity(ppl, 3) for ppl in validations),
         )
     speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
     # the last epoch's (or the epoch so far, where a stop cut it), as d2l reports: not the run's mean

@@ -581,7 +581,10 @@ def _not_a_name(key: object, key_node: yaml.Node, mapping: yaml.MappingNode) -> 
     fix = (
         f"inside {{…}} a comma starts a new key (write {before.value},{key_node.value} as "
         f"{before.value}{key_node.value})"
-        if mapping.flow_style and type(key) is int and getattr(before, "tag", "") == "tag:yaml.org,2002:int"
+        if mapping.flow_style
+        and type(key) is int
+        and before is not None
+        and before.tag == "tag:yaml.org,2002:int"
         else "quote it if it is meant as a name"
     )
     return f"key {key_node.value!r} is read as {shown}, not a name; {fix}"

@@ -499,7 +499,7 @@ def _signal_and_saturation(
 ) -> tuple[torch.Tensor, list[dict[str, GateSaturation]]]:
     """The chosen layer's ``signal`` ``(T, H)`` and every layer's gate saturation, taken chunk by chunk
     from :func:`trace_chunks`: of the gates, only each unit's count of saturated steps is kept."""
-    kept = torch.empty(len(ids), model.config.hidden_size, dtype=model.rnn.weight_hh_l0.dtype)
+    kept = torch.empty(len(ids), model.config.hidden_size, dtype=next(model.rnn.parameters()).dtype)
     filled = 0
     counts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(model.config.num_layers)]
     for traces in trace_chunks(model, ids):

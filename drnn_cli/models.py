@@ -166,6 +166,7 @@ class FusedRecurrent(ScratchRecurrent):
         if self.form != "torch":
             raise ValueError(f"model.impl fused runs PyTorch's cell form, not {self.form}")
         self.kernel_cell = fused_recurrence.KernelCell(self.cell, self.nonlinearity)
+        self.barrier_error: torch.Tensor
         self.register_buffer("barrier_error", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -256,6 +257,7 @@ class _LayerwiseRegularised:
     freely between the paths and implementations.
     """
 
+    training: bool  # nn.Module's, beside which it is mixed in
     weight_drop: float = 0.0
     locked: bool = False
     per_layer: bool = False  # model.layer_calls: each
@@ -296,15 +298,15 @@ class _LayerwiseRegularised:
         return layer_input, ((h_n, torch.cat(final_c)) if module.mode == "LSTM" else h_n)
 
 
-class RegularisedLSTM(_LayerwiseRegularised, nn.LSTM):
+class RegularisedLSTM(_LayerwiseRegularised, nn.LSTM):  # type: ignore[misc]  # forward: a state always given
     pass
 
 
-class RegularisedGRU(_LayerwiseRegularised, nn.GRU):
+class RegularisedGRU(_LayerwiseRegularised, nn.GRU):  # type: ignore[misc]  # forward: a state always given
     pass
 
 
-class RegularisedRNN(_LayerwiseRegularised, nn.RNN):
+class RegularisedRNN(_LayerwiseRegularised, nn.RNN):  # type: ignore[misc]  # forward: a state always given
     pass
 
 

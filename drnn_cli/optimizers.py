@@ -9,6 +9,7 @@ needs step counters on the device and, under fp16, fused updates that skip overf
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ def lr_factor(epoch: float, config: TrainConfig, horizon: float | None = None) -
         return config.gamma ** (progress // config.step_size)
     if config.schedule == "cosine":
         if horizon is None:
-            span = max(1, config.epochs - config.warmup_epochs)
+            span: float = max(1, config.epochs - config.warmup_epochs)
         else:
             span = max(horizon - config.warmup_epochs, 1e-9)
         floor = config.min_lr / config.lr
@@ -62,8 +63,9 @@ def build_optimizer(
     graph, see ``fused_updates``); otherwise PyTorch's default (foreach on CUDA, a loop on a CPU).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    kind = optimizer_class(config.optimizer)
-    implementation = {"fused": True} if fused else {}
+    # called with each class's own keywords (the base class's signature is (params, defaults))
+    kind: Callable[..., torch.optim.Optimizer] = optimizer_class(config.optimizer)
+    implementation: dict[str, Any] = {"fused": True} if fused else {}
     if kind is torch.optim.SGD:
         return kind(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **implementation

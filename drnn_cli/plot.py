@@ -16,10 +16,15 @@ from typing import Protocol
 class PlottedRecord(Protocol):
     """What the plot reads of a metrics line (report.py's ``EpochRecord``, which imports this module)."""
 
-    epoch: float
-    train_ppl: float | None  # None: a fine-tuning run's starting weights, validated before training
-    val_ppl: float | None
-    tokens_seen: int
+    # read-only properties: a frozen dataclass's fields satisfy them
+    @property
+    def epoch(self) -> float: ...
+    @property
+    def train_ppl(self) -> float | None: ...  # None: a fine-tuning run's starting weights, before training
+    @property
+    def val_ppl(self) -> float | None: ...
+    @property
+    def tokens_seen(self) -> int: ...
 
 
 PLOT_INSTALL = "pip install 'matplotlib>=3.9', drnn's plot extra"

@@ -250,7 +250,7 @@ class RichReporter:
         # short epoch, so counts start with the next report, half a second in.
         counting = status.step_in_epoch > 1
         steps = f"step {status.step_in_epoch:,}/{status.steps_in_epoch:,}  " if counting else ""
-        live = {}
+        live: dict[str, Any] = {}
         if counting and status.tokens_per_s is not None:  # between log lines: the figures so far
             train_ppl = status.train_ppl if status.train_ppl is not None else self._last_ppl
             live["status"] = log_figures(train_ppl, self._last_val, status.tokens_per_s)

@@ -95,7 +95,7 @@ def _describe_changes(old: Config, new: Config, keys: list[str]) -> str:
 def given_keys(overrides: Collection[str]) -> frozenset[str]:
     """The dotted keys the command line's ``--set`` options give: ``model={dropout: 0.3}`` gives
     ``model.dropout``; a section set to anything but a mapping (``model=null``), the section's name."""
-    keys = set()
+    keys: set[str] = set()
     for text in overrides:
         parts, value = parse_override(text)
         if len(parts) == 1 and isinstance(value, dict):
@@ -329,7 +329,7 @@ def _fine_tuning_from(
             "and vocabulary fix them; the run's config.yaml records them)"
         )
     # a min_freq the config chose (a default 0 under a base of min_freq 3 was noted, never set by anyone)
-    chosen = "data.min_freq" in given or config.data.min_freq != DataConfig().min_freq
+    chosen = "data.min_freq" in given or config.data.min_freq != DataConfig.model_fields["min_freq"].default
     if chosen and config.data.min_freq != checkpoint.config.data.min_freq:
         notes.append(
             f"data.min_freq {config.data.min_freq} does not apply with --init-from: the run keeps the "

@@ -241,9 +241,10 @@ def store(
     largest = _largest_id(corpus.tokens)
     if largest is None or largest >= len(corpus.vocab):
         return None  # ids the vocabulary cannot index (a bug): not kept, and the command goes on
+    resolved = str(text.resolve())
     meta = {
         "key": key,
-        "text": str(text.resolve()),
+        "text": resolved,
         "host": socket.gethostname(),  # a shared cache folder: another machine's file at the same path
         "dtype": dtype,
         "length": len(corpus.tokens),
@@ -270,7 +271,7 @@ def store(
             f"the token cache in {tokens_path.parent} cannot be written ({_reason(error, tokens_path.parent)}): "
             f"this text is read and encoded again on every run (set {CACHE_DIR_ENV} to a writable folder)"
         )
-    _remove_older_versions(meta_path.parent, meta["text"], sha1)
+    _remove_older_versions(meta_path.parent, resolved, sha1)
     return None
 
 

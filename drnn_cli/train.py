@@ -660,7 +660,7 @@ class Trainer:
         if progress.step == steps_in_epoch:
             return 0.0
         paused = self._training_clock()
-        over = "epochs" if epoch >= self.config.train.epochs else None
+        over: StopReason | None = "epochs" if epoch >= self.config.train.epochs else None
         self.stopped_mid_epoch = self._inside_epoch(
             epoch, progress, steps_in_epoch, self._budget_reached() or over, validates=True
         )

@@ -418,5 +418,6 @@ def _state_to(state: State | None, device: torch.device) -> State | None:
     if state is None:
         return None
     if isinstance(state, tuple | list):
-        return tuple(s.to(device) for s in state)
+        h, c = state  # an LSTM's (h, c)
+        return h.to(device), c.to(device)
     return state.to(device)

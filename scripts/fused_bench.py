@@ -210,7 +210,7 @@ def variant_launches(slots: int) -> list[tuple[str, fused_recurrence.Launch]]:
     launches = []
     for name, block_b, block_h, warps, options in SWEPT_VARIANTS:
         launch = fused_recurrence.with_tile(planned, batch, hidden, block_b, block_h, warps)
-        fields = {key: value for key, value in options.items() if key != "wide_k"}
+        fields: dict[str, Any] = {key: value for key, value in options.items() if key != "wide_k"}
         launches.append(
             (
                 name,
@@ -405,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cudnn": (cudnn_runner(batch, steps, hidden, dtype), None)
             }
             for label, launch in (("fused", planned), ("fused-stepwise", stepwise)):
-                error = torch.zeros((), device="cuda", dtype=torch.int32)
-                sides[label] = (fused_runner(batch, steps, hidden, dtype, launch, error), error)
-            row: dict[str, Any] = {
+                flag = torch.zeros((), device="cuda", dtype=torch.int32)
+                sides[label] = (fused_runner(batch, steps, hidden, dtype, launch, flag), flag)
+            row = {
                 "batch": batch,
                 "steps": steps,
                 "hidden": hidden,

@@ -33,7 +33,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # drnn_cli is imported below, once the Triton environment is set
+    from drnn_cli.fused_recurrence import Products
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,7 +48,7 @@ OTHER_CELLS = ("gru", "rnn")
 # the words scripts/gpu_check.py's bench-fused-b1024 step may train batch 1024 through (no tile, not resident)
 BIG_STACK_VARIANTS = ("wavefront", "wavefront,counter")
 # the plan's launches, by the weights' dtype and how the products multiply (fused_recurrence.products_for)
-PLANNED_PRODUCTS = (("bf16", "half"), ("fp32", "tf32"), ("fp32", "ieee"))
+PLANNED_PRODUCTS: tuple[tuple[str, Products], ...] = (("bf16", "half"), ("fp32", "tf32"), ("fp32", "ieee"))
 # shared memory one program may take (CUDA's opt-in maximum per block), by compute capability: what
 # the plan is told on such a device (fused_recurrence.device_shared_bytes)
 SHARED_BYTES = {70: 98_304, 75: 65_536, 80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -177,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                 launches += [(f"{label} {products}", launch, (dtype,))]
         # ... and the other cells' at the seed shape
         label, batch, hidden = SHAPES[0]
-        for cell in OTHER_CELLS:
+        for other in OTHER_CELLS:
             for dtype, products in PLANNED_PRODUCTS:
-                gates = GATES[cell]
+                gates = GATES[other]
                 launch = plan_launch(
                     batch, hidden, args.slots, layers=2, products=products, shared_bytes=shared, gates=gates
                 )
-                launches += [(f"{cell} {label} {products}", launch, (dtype,))]
+                launches += [(f"{other} {label} {products}", launch, (dtype,))]
     if args.variants:  # ... and the sweep's variants in both
         both = ("fp32", "bf16")
         launches += [(f"seed {name}", launch, both) for name, launch in variant_launches(args.slots)]

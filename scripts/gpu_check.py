@@ -816,7 +816,7 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
     for name in (*LSTM2_RUNS, "torchrun"):
         step = results.get(name)
         data = step.data.get("json") if step else None
-        if data:
+        if step is not None and data:
             lines += ["", f"### {name}", ""]
             lines += [
                 f"- final train perplexity {data.get('train_ppl')}, {data.get('tokens_per_s', 0):,.0f} tokens/s"
@@ -875,16 +875,16 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
             ]
     stack_rows = (fused.data.get("json") or {}).get("stack", []) if fused else []
     if stack_rows:
-        sides = ("stack", "stack-graph", "per-layer", "per-layer-graph")
+        stack_sides = ("stack", "stack-graph", "per-layer", "per-layer-graph")
         lines += [
             "",
             "### the seed stack through cuDNN (µs per forward + backward, 2 × 256 LSTM, B32 T35)",
             "",
         ]
-        lines += ["| input | dtype | " + " | ".join(sides) + " | per-layer kernels |"]
-        lines += ["| --- | --- | " + " | ".join("---" for _ in sides) + " | --- |"]
+        lines += ["| input | dtype | " + " | ".join(stack_sides) + " | per-layer kernels |"]
+        lines += ["| --- | --- | " + " | ".join("---" for _ in stack_sides) + " | --- |"]
         for row in stack_rows:
-            cells = " | ".join(str(row.get(side, "")) for side in sides)
+            cells = " | ".join(str(row.get(side, "")) for side in stack_sides)
             kernels = "; ".join(row.get("per-layer-kernels", [])).replace("|", "/")
             lines += [f"| {row['input']} | {row['dtype']} | {cells} | {kernels} |"]
     lines += profile_lines(results.get("profile"))
@@ -896,7 +896,7 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
 def tile_lines(step: StepResult | None) -> list[str]:
     """The fused-tiles step: µs per forward + backward of the seed layer, one row per tile."""
     rows = ((step.data.get("json") or {}).get("tiles") or []) if step else []
-    if not rows:
+    if step is None or not rows:
         return []
     lines = [
         "",

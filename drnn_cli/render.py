@@ -167,8 +167,11 @@ class RichReporter:
     """Training progress: a live bar on a terminal, plain lines every ``log_every`` epochs otherwise.
 
     With ``log_every: N steps`` the trainer sends a line every N steps (and at evaluations), all shown;
-    the bar then also counts the steps of the epoch in progress and the time left to a budget.
+    the bar then also counts the steps of the epoch in progress and the time left to a budget, and the
+    tokens of a validation that lasts more than ``validation_shown_after`` seconds.
     """
+
+    validation_shown_after = 1.0
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -179,6 +182,7 @@ class RichReporter:
         self._held: tuple[EpochRecord, str] | None = None  # a record off the log cadence, not yet printed
         self._last_ppl: float | None = None  # the bar's training perplexity where no newer one is read
         self._last_val: float | None = None  # the latest validation, which the bar keeps showing
+        self._validation_began = 0.0
 
     def start(self, run: RunStart) -> None:
         total_epochs, start_epoch = run.total_epochs, run.start_epoch
@@ -262,6 +266,17 @@ class RichReporter:
             budget=status.seconds_left,
             **live,
         )
+
+    def validating(self, done: int, total: int) -> None:
+        """The bar through a validation that lasts (a large split is minutes on a CPU, and a fine-tuning
+        run validates its starting weights before any step): where it would stand still, its tokens."""
+        if self.progress is None or self.task is None:
+            return
+        now = time.monotonic()
+        if done == 0:
+            self._validation_began = now
+        if now - self._validation_began >= self.validation_shown_after:
+            self.progress.update(self.task, steps=f"validating {done:,}/{total:,} tokens  ")
 
     def samples(self, epoch: float, samples: dict[str, str]) -> None:
         self._held = None  # samples come on their own cadence, after an epoch the log may skip

@@ -190,6 +190,7 @@ class Reporter(Protocol):
     def samples(self, epoch: float, samples: dict[str, str]) -> None: ...
     def note(self, message: str) -> None: ...
     def step(self, status: StepStatus) -> None: ...
+    def validating(self, done: int, total: int) -> None: ...  # tokens predicted so far, of a validation
     def finish(self) -> None: ...
 
 
@@ -207,6 +208,9 @@ class SilentReporter:
         pass
 
     def step(self, status: StepStatus) -> None:
+        pass
+
+    def validating(self, done: int, total: int) -> None:
         pass
 
     def finish(self) -> None:

@@ -968,6 +968,13 @@ class Trainer:
             return None
         data = self.config.data
         limit = self.config.train.eval_tokens
+        abandon = self._abandon_on_signal() if abandonable else None
+
+        def before_batch(done: int, total: int) -> None:
+            self.reporter.validating(done, total)  # the bar moves through a long validation
+            if abandon is not None:
+                abandon(done, total)
+
         result = evaluate(
             self.evaluated_model,
             self.val_tokens[: limit + 1] if limit else self.val_tokens,  # N predictions need N + 1 tokens
@@ -975,7 +982,7 @@ class Trainer:
             data.num_steps,
             self.device,
             self.config.train.precision,
-            self._abandon_on_signal() if abandonable else None,
+            before_batch,
         )
         self._check_kernels("while validating")
         return result.perplexity

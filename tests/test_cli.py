@@ -401,6 +401,47 @@ def test_the_bar_s_live_perplexity_is_the_steps_since_the_last_line(workdir: Pat
     assert first.tokens_per_s is not None and first.tokens_per_s > 0
 
 
+def test_the_bar_counts_a_validations_tokens_once_it_lasts(workdir: Path):
+    """A validation of millions of tokens (minutes on a CPU; a fine-tuning run validates its starting
+    weights before any step) left the bar standing still, as if the run had hung."""
+    import io
+
+    from conftest import TINY_TREE, config_file
+    from rich.console import Console
+
+    from drnn_cli.render import RichReporter
+    from drnn_cli.report import RunStart, SilentReporter
+    from drnn_cli.train_session import TrainRequest, train_run
+
+    class Validations(SilentReporter):
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, int]] = []
+
+        def validating(self, done: int, total: int) -> None:
+            self.calls.append((done, total))
+
+    seen = Validations()
+    # 2 epochs, each validated on the split's first 250 predictions: 8 rows of 31 in minibatches of 10
+    # steps (80 predictions), 10, 10 and 1 (8), then the 2 left over as a row of their own
+    tree = {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 2, "eval_tokens": 250}}
+    train_run(TrainRequest(config_file(workdir, tree)), seen)
+    assert seen.calls == [(0, 250), (80, 250), (160, 250), (240, 250), (248, 250)] * 2
+
+    reporter = RichReporter(Console(file=io.StringIO(), force_terminal=True, width=120))
+    reporter.start(RunStart(4, 0, 1_000, "cpu", "from scratch", 0))
+    try:
+        assert reporter.progress is not None
+        (task,) = reporter.progress.tasks
+        reporter.validating(0, 5_000_000)
+        reporter.validating(640, 5_000_000)
+        assert task.fields["steps"] == ""  # under a second in: a short validation is not shown
+        reporter.validation_shown_after = 0.0
+        reporter.validating(1_280, 5_000_000)
+        assert task.fields["steps"] == "validating 1,280/5,000,000 tokens  "
+    finally:
+        reporter.finish()
+
+
 def test_the_bar_shows_one_time_left_to_whichever_ends_the_run_first():
     """A budget and the epochs at the current pace: the bar showed both, "0:17:29 budget left 0:19", on
     a run a 20-second max_time ended."""

@@ -60,6 +60,15 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
+def device_description(device: torch.device) -> str:
+    """The device as a run's first line names it: on a CPU with its thread count, which decides the
+    speed of a small model on a busy machine (OMP_NUM_THREADS: README Quickstart)."""
+    if device.type != "cpu":
+        return device_name(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
+
+
 @dataclass(frozen=True)
 class DistContext:
     """This process's place in a ``torchrun`` job (rank 0 of 1 when run alone)."""

@@ -75,7 +75,14 @@ from drnn_cli.run_notes import (
     own_text_notes,
     scored_unknown_note,
 )
-from drnn_cli.runtime import DistContext, all_reduce_sum, device_name, vote_max, wait_for_every_rank
+from drnn_cli.runtime import (
+    DistContext,
+    all_reduce_sum,
+    device_description,
+    device_name,
+    vote_max,
+    wait_for_every_rank,
+)
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
@@ -1178,7 +1185,7 @@ class Trainer:
             total_epochs=self._planned_epochs(),
             start_epoch=self.start_epoch,
             parameters=count_parameters(self.model),
-            device=device_name(self.device),
+            device=device_description(self.device),
             origin=self._origin(),
             log_every=self.config.train.log_every,
             max_steps=step_budget,

@@ -255,11 +255,16 @@ def test_a_step_budget_that_ends_with_the_last_epoch_reports_the_epochs_as_the_e
 
 
 def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
-    """25 steps of 19 per epoch reach into epoch 2 of 50: the first line says 25 steps, the bar 2 epochs, not 50."""
+    """25 steps of 19 per epoch reach into epoch 2 of 50: the first line says 25 steps, the bar 2 epochs, not 50.
+    It names the CPU's threads too (OMP_NUM_THREADS=1 made a learner's lstm2 5× faster on a busy machine)."""
+    import torch
+
     code, out, _ = cli("train", "--config", str(write_config(workdir)), "--set", "train.max_steps=25",
                        "--set", "train.epochs=50", "--set", "train.log_every=1")  # fmt: skip
     assert code == 0
-    assert ", 25 steps (1.32 epochs), from scratch" in out and "epoch 1/2 " in out and "/50" not in out
+    threads = torch.get_num_threads()
+    on_cpu = f"on cpu ({threads} thread{'' if threads == 1 else 's'}), 25 steps (1.32 epochs), from scratch"
+    assert on_cpu in out and "epoch 1/2 " in out and "/50" not in out
 
 
 def test_a_resume_with_nothing_to_train_records_where_its_text_moved(workdir: Path, corpus_path: Path):

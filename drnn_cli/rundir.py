@@ -234,20 +234,51 @@ def latest_run(
             f"the latest-run marker {marker} names {run}, a file, not a run directory; delete it and train, "
             f"or {instead}"
         )
+    if not run.exists():  # a run deleted since: the user never named it, so say where it came from
+        raise DrnnError(
+            f"the latest run, {run} (named by {marker}), no longer exists; {instead}{_runs_hint(runs_root)}"
+        )
     return run
 
 
-def run_checkpoint(run_dir: Path) -> Path:
+def _runs_inside(folder: Path, shown: int = 5) -> list[Path]:
+    """The runs directly inside ``folder``, the most recently written first (at most ``shown``)."""
+    runs = []
+    with contextlib.suppress(OSError):  # a hint: whatever cannot be read is left out
+        for path in folder.iterdir():
+            with contextlib.suppress(OSError):
+                if path.is_dir() and holds_run(path):
+                    runs.append((path.stat().st_mtime, path))
+    return [path for _, path in sorted(runs, reverse=True)[:shown]]
+
+
+def _runs_hint(folder: Path) -> str:
+    """`` (runs in runs: runs/quick, runs/lstm2)``, or nothing where ``folder`` holds none."""
+    runs = _runs_inside(folder)
+    return f" (runs in {folder}: {', '.join(map(str, runs))})" if runs else ""
+
+
+def run_checkpoint(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
     """The checkpoint that stands for a run: best by validation if there is one, else the last."""
     if run_dir.is_file():
         raise UsageError(
             f"--run takes a run directory, and {run_dir} is a file; a checkpoint goes to --checkpoint"
         )
     if not run_dir.is_dir():
-        raise DrnnError(f"run directory {run_dir} does not exist; pass an existing --run DIR")
+        below = runs_root / run_dir  # --run quick for runs/quick: the name drnn train gave it
+        if not run_dir.is_absolute() and holds_run(below):
+            raise DrnnError(f"run directory {run_dir} does not exist; did you mean --run {below}?")
+        raise DrnnError(
+            f"run directory {run_dir} does not exist; pass an existing --run DIR{_runs_hint(runs_root)}"
+        )
     for name in (BEST, LAST):
         if (run_dir / name).is_file():
             return run_dir / name
+    inside = _runs_inside(run_dir)
+    if inside:  # --run runs: the folder of runs, not one of them
+        raise DrnnError(
+            f"{run_dir} holds runs, not a checkpoint of its own; name one of them: {', '.join(map(str, inside))}"
+        )
     raise DrnnError(f"run directory {run_dir} holds no checkpoint ({BEST} or {LAST}); train it first")
 
 
@@ -272,7 +303,7 @@ def resolve_checkpoint(
                 f"--checkpoint takes a checkpoint file, and {checkpoint} is a directory; a run directory goes to --run"
             )
         return checkpoint
-    return run_checkpoint(latest_run(runs_root) if run is None else run)
+    return run_checkpoint(latest_run(runs_root) if run is None else run, runs_root)
 
 
 @contextlib.contextmanager

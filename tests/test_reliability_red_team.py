@@ -825,6 +825,44 @@ def test_a_latest_marker_naming_a_file_blames_the_marker_not_a_run_option(workdi
         assert ("--checkpoint FILE" in err) == (command is not tune), err
 
 
+def test_a_run_named_the_way_a_user_would_is_found_for_them(workdir: Path, cli, tiny_run: Path):
+    """A learner deleted a throwaway run, then predicted, and was told to "pass an existing --run DIR",
+    an option they had not typed; ``--run quick`` for runs/quick and ``--run runs`` (the folder of runs:
+    "train it first") got no hint either."""
+    import shutil
+
+    runs = workdir / "runs"
+    shutil.copytree(tiny_run, runs / "kept")
+    (runs / "latest").write_text("runs/gone\n")
+    for command in (["predict", "time"], ["eval"]):
+        code, out, err = cli(*command)
+        assert_one_line_error(
+            code,
+            err,
+            "the latest run, runs/gone (named by runs/latest), no longer exists; "
+            "pass --run DIR / --checkpoint FILE (runs in runs: runs/kept)",
+        )
+    tune = [
+        "train",
+        "--config",
+        str(tiny_run / "config.yaml"),
+        "--init-from",
+        "runs/latest",
+        "--run",
+        "runs/ft",
+    ]
+    code, _, err = cli(*tune)
+    assert_one_line_error(
+        code, err, "no longer exists; give --init-from a run directory or checkpoint file (runs"
+    )
+    code, _, err = cli("predict", "time", "--run", "kept")
+    assert_one_line_error(code, err, "run directory kept does not exist; did you mean --run runs/kept?")
+    code, _, err = cli("eval", "--run", "runs")
+    assert_one_line_error(
+        code, err, "runs holds runs, not a checkpoint of its own; name one of them: runs/kept"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

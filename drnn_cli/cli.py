@@ -600,7 +600,11 @@ def inspect_command(
             out.print(f"layer {index} gates saturated: {shares}", soft_wrap=True)
     for written in report.written:
         print_line(out, f"wrote {written}")
-    for note in result.notes:
+    if html_out is None and png_out is None and not json_out:  # the table is a summary of the page
+        print_line(
+            out, "each character's activations, gates, surprisal and next-character guesses: --html FILE"
+        )
+    for note in report.notes:
         print_note(out, note)
     missing_glyphs = report.missing_glyphs
     if missing_glyphs:

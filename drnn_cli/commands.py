@@ -671,6 +671,11 @@ class InspectReport:
     inspection: Inspection
     written: tuple[Path, ...]  # as the user named them, in the order written
     missing_glyphs: tuple[str, ...]  # characters the PNG's font draws as boxes
+    read_as: str | None = None  # a note: the TEXT argument as preprocessing read it, where it changed
+
+    @property
+    def notes(self) -> list[str]:
+        return [*([self.read_as] if self.read_as is not None else []), *self.inspection.notes]
 
 
 def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutputs) -> InspectReport:
@@ -697,4 +702,10 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
     if outputs.png is not None and outputs.png_target is not None:
         missing = write_inspection_plot(inspection, outputs.png_target)
         written.append(outputs.png)
-    return InspectReport(inspection, tuple(written), tuple(missing))
+    read_as = None
+    if request.text is not None and prefix_changed(
+        request.text, inspection.text
+    ):  # as predict says of a prefix
+        preprocess = loaded.checkpoint.config.data.preprocess
+        read_as = f"data.preprocess {preprocess} reads the text {request.text!r} as {inspection.text!r}"
+    return InspectReport(inspection, tuple(written), tuple(missing), read_as=read_as)

@@ -292,8 +292,13 @@ class InspectRequest:
         (checked before the text is read)."""
         shown = len(self.units) or min(self.top or DEFAULT_TOP, layer_size)
         if shown > MAX_UNITS:
+            whole = (
+                f" (--top {self.top:,}: all {layer_size:,} units of the layer)"
+                if shown < (self.top or 0)
+                else ""
+            )
             raise UsageError(
-                f"drnn inspect shows at most {MAX_UNITS} units at once and this asks for {shown:,}; "
+                f"drnn inspect shows at most {MAX_UNITS} units at once and this asks for {shown:,}{whole}; "
                 "choose fewer with --top or --units (run it again for the others)"
             )
         return shown

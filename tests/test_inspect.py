@@ -752,6 +752,23 @@ def test_a_ranking_over_a_few_characters_says_its_correlations_are_noise(cli, ti
     assert "note:" not in cli("inspect", "the time traveller " * 3, "--run", str(tiny_run))[1]
 
 
+def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(cli, tiny_run: Path):
+    """drnn inspect "The Café, 1895!" measured 'the caf' without a word, where predict notes a prefix it
+    changed; and the terminal's table never said where the per-character view is (learner trial)."""
+    from drnn_cli.introspect import InspectRequest
+
+    code, out, err = cli("inspect", "The Café, 1895!", "--run", str(tiny_run), "--units", "1")
+    assert code == 0, err
+    assert out.splitlines()[-2:] == [
+        "each character's activations, gates, surprisal and next-character guesses: --html FILE",
+        "note: data.preprocess d2l reads the text 'The Café, 1895!' as 'the caf'",
+    ]
+    code, out, err = cli("inspect", "The Time", "--run", str(tiny_run), "--units", "1", "--json")
+    assert code == 0 and "--html FILE" not in out + err and "reads the text" not in out + err  # case only
+    with pytest.raises(DrnnError, match=r"this asks for 80 \(--top 200: all 80 units of the layer\);"):
+        InspectRequest(text="abc", top=200).units_shown(80)
+
+
 def test_paths_in_inspect_and_eval_lines_reach_the_terminal_escaped(cli, tiny_run: Path, tmp_path: Path):
     """Errors escaped a path's escape sequences; "wrote PATH" and "(checkpoint PATH" printed them raw,
     so a name holding ESC [ 2 J cleared the screen."""

@@ -836,6 +836,7 @@ def test_a_run_named_the_way_a_user_would_is_found_for_them(workdir: Path, cli, 
     (runs / "latest").write_text("runs/gone\n")
     for command in (["predict", "time"], ["eval"]):
         code, out, err = cli(*command)
+        assert out == ""
         assert_one_line_error(
             code,
             err,

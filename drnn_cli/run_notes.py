@@ -281,3 +281,22 @@ def nothing_to_train(
         "max_time": (f"train.max_time {train.max_time:g} s is spent", "train.max_time=SECONDS"),
     }[reason]
     return f"nothing to train: {why}; to train on, --resume --set {fix} with a larger value"
+
+
+def blank_samples_note(samples: dict[str, str], train: TrainConfig, token: str) -> str | None:
+    """Samples whose continuation is whitespace alone read as if training wrote nothing (an undertrained
+    character model's 50 spaces after "time traveller"): said, with what it means, as predict says it."""
+    generated = train.sample_chars
+    if token != "char" or generated == 0:  # a word model's continuation is words, never whitespace alone
+        return None
+    blank = {prefix: text[-generated:] for prefix, text in samples.items() if not text[-generated:].strip()}
+    if not blank:
+        return None
+    spaces = all(set(continuation) == {" "} for continuation in blank.values())
+    return (
+        f"the {'samples' if len(blank) > 1 else 'sample'} of {', '.join(map(repr, blank))} "
+        f"{'continue' if len(blank) > 1 else 'continues'} with "
+        f"{generated:,} {'spaces' if spaces else 'whitespace characters'} and nothing else: greedy decoding "
+        f"took {'a space' if spaces else 'whitespace'} for the likeliest next character every time, as an "
+        "undertrained model does"
+    )

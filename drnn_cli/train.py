@@ -68,6 +68,7 @@ from drnn_cli.report import (
 )
 from drnn_cli.run_files import BEST, LAST, RunFiles
 from drnn_cli.run_notes import (
+    blank_samples_note,
     data_notes,
     idle_setting_notes,
     late_cadence_notes,
@@ -207,6 +208,7 @@ class Trainer:
             lr_changes_every_step(train) and not reads_lr_on_device(optimizer_class(train.optimizer)),
         )
         self._notes = [graph_choice.note] if graph_choice.note else []
+        self._blank_samples_noted = False
         cuda_graph = graph_choice.enabled
         self._fused_updates = fused_updates(train.precision, cuda_graph)
         self.optimizer = build_optimizer(self.model, train, fused=self._fused_updates)
@@ -871,8 +873,20 @@ class Trainer:
         """Greedy samples, labelled with the epochs done (fractional inside an epoch, as its log line)."""
         samples = self._samples()
         self.reporter.samples(epochs_done, samples)
+        self._note_blank_samples(samples)
         if self.tensorboard is not None:
             self.tensorboard.add_samples(samples, self.global_step)
+
+    def _note_blank_samples(self, samples: dict[str, str]) -> None:
+        """Once a run: samples of whitespace alone are what an undertrained model writes."""
+        note = (
+            None
+            if self._blank_samples_noted
+            else blank_samples_note(samples, self.config.train, self.config.data.token)
+        )
+        if note is not None:
+            self.reporter.note(note)
+            self._blank_samples_noted = True
 
     def _check_kernels(self, when: str) -> None:
         """impl fused: a grid barrier that gave up leaves a flag on the device (read once an epoch and
@@ -1173,6 +1187,8 @@ class Trainer:
             for note in self._closing_notes(stop_reason):
                 self.reporter.note(note)
         samples = self._samples() if self.dist.is_main else {}
+        if already is None:  # printed after the summary: said before it
+            self._note_blank_samples(samples)
         if self.tensorboard is not None and already is None:  # a resume that trained nothing logs nothing
             self.tensorboard.add_samples(samples, self.global_step)
         self.reporter.finish()

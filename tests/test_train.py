@@ -550,6 +550,45 @@ def test_patience_without_a_validation_split_says_it_cannot_stop_the_run(workdir
     ]
 
 
+def test_samples_of_whitespace_alone_are_said_to_be_once_a_run(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An undertrained model's samples were "time traveller" and 50 spaces, read as nothing written (a
+    learner took sampling for broken); predict said so, training did not."""
+    from drnn_cli.config import TrainConfig
+    from drnn_cli.run_notes import blank_samples_note
+
+    five = TrainConfig(sample_chars=5)
+    assert blank_samples_note({"time": "time     ", "the": "the e    "}, five, "char") == (
+        "the sample of 'time' continues with 5 spaces and nothing else: greedy decoding took a space for the "
+        "likeliest next character every time, as an undertrained model does"
+    )
+    assert blank_samples_note({"a": "a \n   ", "b": "b     "}, five, "char") == (
+        "the samples of 'a', 'b' continue with 5 whitespace characters and nothing else: greedy decoding took "
+        "whitespace for the likeliest next character every time, as an undertrained model does"
+    )
+    assert blank_samples_note({"the": "the e    "}, five, "char") is None
+    assert blank_samples_note({"time": "time ", "go": "go "}, TrainConfig(sample_chars=0), "char") is None
+
+    class Notes(SilentReporter):
+        def __init__(self) -> None:
+            self.notes: list[str] = []
+
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    monkeypatch.setattr(Trainer, "_samples", lambda self: {"time": "time" + " " * 5})
+    notes = Notes()
+    config = write_config(workdir, TINY)  # 3 epochs sampled every epoch, then at the end: noted once
+    train_run(
+        TrainRequest(config, overrides=("train.sample_every=1", "train.sample_chars=5")), reporter=notes
+    )
+    assert [note for note in notes.notes if "continues with" in note] == [
+        "the sample of 'time' continues with 5 spaces and nothing else: greedy decoding took a space for the "
+        "likeliest next character every time, as an undertrained model does"
+    ]
+
+
 def test_a_nan_validation_is_never_the_best_and_no_improvement(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -107,6 +107,9 @@ def find_config(value: str, root: Path | None = None) -> Path:
         return given
     if name in files:
         return files[name]
+    meant = _meant_preset(name, files)
+    if meant is not None and not given.exists():
+        return files[meant]
     if given.exists() and not given.is_dir():
         return given  # a FIFO, a device: read_yaml says which, and refuses it
     listed = ", ".join(closest_first(name, list(files)))
@@ -115,6 +118,17 @@ def find_config(value: str, root: Path | None = None) -> Path:
         f"--config {value}: {what} and no such preset; presets (closest first): {listed} "
         f"(drnn presets describes them)"
     )
+
+
+def _meant_preset(name: str, files: dict[str, Path]) -> str | None:
+    """The one preset a near miss can only mean: another case (``LSTM2``, a caps-lock), ``.yml``, or a
+    name without its folder (``ch9_3_deep_lstm``, as its run directory is named) where one preset ends so;
+    None where none or several do. A name with a folder in it is only ever matched whole."""
+    wanted = name.removesuffix(".yml").lower()
+    matches = [preset for preset in files if preset.lower() == wanted]
+    if not matches and "/" not in wanted:
+        matches = [preset for preset in files if preset.lower().rsplit("/", 1)[-1] == wanted]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _check_not_shadowing(given: Path, value: str, name: str) -> None:

@@ -136,6 +136,24 @@ def test_a_name_with_dotdot_cannot_escape_the_presets_directory(tmp_path: Path, 
             find_config(value, root)
 
 
+def test_a_near_miss_that_can_only_mean_one_preset_finds_it(tmp_path: Path, monkeypatch):
+    """A learner typed the run directory's name (ch9_3_deep_lstm for d2l/ch9_3_deep_lstm), LSTM2 and
+    lstm2.yml, and was refused each time, the preset meant listed first."""
+    root = tmp_path / "presets"
+    for name in ("lstm2", "d2l/ch9_3_deep_lstm", "d2l/gru", "other/gru"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{name}.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    assert find_config("ch9_3_deep_lstm", root) == root / "d2l" / "ch9_3_deep_lstm.yaml"
+    assert find_config("LSTM2", root) == find_config("lstm2.yml", root) == root / "lstm2.yaml"
+    assert find_config("D2L/CH9_3_Deep_LSTM.yaml", root) == root / "d2l" / "ch9_3_deep_lstm.yaml"
+    for ambiguous_or_partial in ("gru", "3_deep_lstm", "x/ch9_3_deep_lstm"):
+        with pytest.raises(ConfigError, match="no such preset"):
+            find_config(ambiguous_or_partial, root)
+    (tmp_path / "LSTM2").write_text("{}\n")  # a file of that name is what was meant
+    assert find_config("LSTM2", root) == Path("LSTM2")
+
+
 def test_an_unknown_name_is_one_line_listing_the_presets_closest_first_exit_2(workdir: Path, cli):
     code, out, err = cli("train", "--config", "no-such-preset")
     assert code == 2 and out == ""
@@ -148,9 +166,9 @@ def test_an_unknown_name_is_one_line_listing_the_presets_closest_first_exit_2(wo
     assert code == 2 and listed_presets(err)[0] == "lstm2"
     code, _, err = cli("data", "--config", "lstm_ful.yaml")
     assert code == 2 and listed_presets(err)[:2] == ["lstm_full", "lstm_full_cpu"]
-    code, _, err = cli("data", "--config", "QUICK")  # names are case-sensitive; the listing is not
+    code, _, err = cli("data", "--config", "QUIK")  # the listing ignores case (QUICK itself is found)
     assert code == 2 and listed_presets(err)[0] == "quick"
-    code, _, err = cli("data", "--config", "D2L/CH9_3_DEEP_LSTM")
+    code, _, err = cli("data", "--config", "D2L/CH9_3_DEP_LSTM")
     assert code == 2 and listed_presets(err)[0] == "d2l/ch9_3_deep_lstm"
 
 

@@ -386,11 +386,24 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# d2l's own names for what a config sets (train_ch8's arguments, the models' constructors), which a
+# learner types from the book
+D2L_NAMES = {
+    "num_epochs": "train.epochs",
+    "num_hiddens": "model.hidden_size",
+    "theta": "train.clip",
+    "use_random_iter": "train.reset_state",
+    "embed_size": "model.embedding_dim",
+}
+
+
 def _closest_key(location: list[str]) -> str | None:
     """The key an unknown ``data.x`` / ``model.x`` / ``train.x`` most likely meant: the same name in
     another section (``train.num_steps`` is ``data.num_steps``, not ``train.max_steps``), else the one
     key of its section that contains it (``model.hidden``: ``model.hidden_size``), else a near spelling.
-    A top-level ``epochs`` is the section's key it names (``train.epochs``)."""
+    A top-level ``epochs`` is the section's key it names (``train.epochs``); d2l's ``num_epochs`` too."""
+    if location and location[-1] in D2L_NAMES:
+        return D2L_NAMES[location[-1]]
     sections = {part: _section_for([part]) for part in Config.model_fields}
     if len(location) == 1:
         owners = [

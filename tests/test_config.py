@@ -151,7 +151,10 @@ def test_unknown_key_names_the_key_and_lists_what_the_section_allows():
         said = str(error.value)
         assert (f"did you mean '{guess}'?" in said) if guess else "did you mean" not in said, said
     # a section's key at the top level (--set epochs=3): the section that holds it
-    for given, guess in {"epochs": "train.epochs", "dropout": "model.dropout", "colour": None}.items():
+    # and d2l's names for them, as a learner types them from the book (train_ch8(net, ..., num_epochs, ...))
+    top_level = {"epochs": "train.epochs", "dropout": "model.dropout", "colour": None}
+    top_level |= {"num_epochs": "train.epochs", "num_hiddens": "model.hidden_size", "theta": "train.clip"}
+    for given, guess in top_level.items():
         with pytest.raises(ConfigError) as error:
             build_config({given: 4})
         said = str(error.value)

@@ -799,6 +799,11 @@ def test_a_broken_latest_marker_is_one_line(workdir: Path, cli, kind: str):
     assert_one_line_error(code, err, "runs/latest", "delete it")
 
 
+def _fine_tune_from_latest(base: Path) -> list[str]:
+    """``drnn train`` fine-tuning, with ``base``'s config, the run the latest-run marker names."""
+    return ["train", "--config", str(base / "config.yaml"), "--init-from", "runs/latest", "--run", "runs/ft"]
+
+
 def test_a_latest_marker_naming_a_file_blames_the_marker_not_a_run_option(workdir: Path, cli, tiny_run: Path):
     """With no --run given, "--run takes a run directory" and exit 2 sent the user to an option they had
     not typed: the marker names the file, and the marker is what to fix. ``--init-from runs/latest`` reads
@@ -806,15 +811,7 @@ def test_a_latest_marker_naming_a_file_blames_the_marker_not_a_run_option(workdi
     marker = workdir / "runs" / "latest"
     marker.parent.mkdir()
     marker.write_text(f"{tiny_run / 'best.safetensors'}\n")
-    tune = [
-        "train",
-        "--config",
-        str(tiny_run / "config.yaml"),
-        "--init-from",
-        "runs/latest",
-        "--run",
-        "runs/ft",
-    ]
+    tune = _fine_tune_from_latest(tiny_run)
     for command in (["predict", "time"], ["eval"], tune):
         code, out, err = cli(*command)
         assert (code, out) == (1, "")
@@ -843,15 +840,7 @@ def test_a_run_named_the_way_a_user_would_is_found_for_them(workdir: Path, cli, 
             "the latest run, runs/gone (named by runs/latest), no longer exists; "
             "pass --run DIR / --checkpoint FILE (runs in runs: runs/kept)",
         )
-    tune = [
-        "train",
-        "--config",
-        str(tiny_run / "config.yaml"),
-        "--init-from",
-        "runs/latest",
-        "--run",
-        "runs/ft",
-    ]
+    tune = _fine_tune_from_latest(tiny_run)
     code, _, err = cli(*tune)
     assert_one_line_error(
         code, err, "no longer exists; give --init-from a run directory or checkpoint file (runs"

@@ -10,7 +10,10 @@ import io
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # matplotlib is the optional plot extra: imported where a plot is drawn
+    from matplotlib.figure import Figure
 
 
 class PlottedRecord(Protocol):
@@ -65,16 +68,37 @@ def quiet_font_fallbacks() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
-    """Train (and validation) perplexity against training tokens seen (against epoch for runs whose
-    metrics predate token counts), as PNG bytes; None when matplotlib is missing."""
+def tokens_per_epoch(records: Sequence[PlottedRecord]) -> float | None:
+    """Training tokens an epoch, from the last line that counted them (None before one): the scale
+    between the plot's two x axes. An epoch's token count moves by a minibatch at most between epochs
+    (a random offset), so one ratio serves the whole run."""
+    counted = [r for r in records if r.epoch > 0 and r.tokens_seen > 0]
+    return counted[-1].tokens_seen / counted[-1].epoch if counted else None
+
+
+def render_perplexity_plot(records: Sequence[PlottedRecord], title: str | None = None) -> bytes | None:
+    """:func:`perplexity_figure` as PNG bytes; None when matplotlib is missing."""
     try:
-        # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
-        from matplotlib.figure import Figure
+        figure = perplexity_figure(records, title)
     except ImportError:
         return None
+    buffer = io.BytesIO()
+    with quiet_font_fallbacks():
+        figure.tight_layout()
+        figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def perplexity_figure(records: Sequence[PlottedRecord], title: str | None = None) -> Figure:
+    """Train (and validation) perplexity against training tokens seen, epochs on the top axis as d2l
+    plots them (against epoch alone for runs whose metrics predate token counts)."""
+    # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6, 4), dpi=100)
     axes = figure.subplots()
+    if title:
+        axes.set_title(title)
     by_tokens = all(r.tokens_seen for r in records if r.epoch > 0)  # epoch 0 has seen none either way
     xs = [r.tokens_seen if by_tokens else r.epoch for r in records]
     trained = [(x, r.train_ppl) for x, r in zip(xs, records, strict=True) if r.train_ppl is not None]
@@ -86,6 +110,17 @@ def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
             *zip(*validated, strict=True), label="validation", marker="." if len(validated) < 50 else None
         )
     axes.set_xlabel("tokens seen" if by_tokens else "epoch")
+    per_epoch = tokens_per_epoch(records) if by_tokens else None
+    if per_epoch:
+
+        def to_epochs(tokens: Any) -> Any:  # matplotlib passes arrays of tick positions
+            return tokens / per_epoch
+
+        def to_tokens(epochs: Any) -> Any:
+            return epochs * per_epoch
+
+        epochs = axes.secondary_xaxis("top", functions=(to_epochs, to_tokens))
+        epochs.set_xlabel("epoch")
     axes.set_ylabel("perplexity")
     plotted = [ppl for _, ppl in (*trained, *validated) if math.isfinite(ppl)]
     # a fine-tuning run's starting validation of 427 beside training's 3 is a log scale's case too
@@ -93,8 +128,4 @@ def render_perplexity_plot(records: Sequence[PlottedRecord]) -> bytes | None:
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
     axes.legend()
-    buffer = io.BytesIO()
-    with quiet_font_fallbacks():
-        figure.tight_layout()
-        figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure

@@ -311,7 +311,7 @@ class PlotRefresh:
         if not records or not self._ok or (not force and now - self._last < self.every):
             return  # no line yet: no plot (empty axes around 0 read as a perplexity below zero)
         self._last = now
-        png = render_perplexity_plot(records)
+        png = render_perplexity_plot(records, title=self.path.parent.name)  # the run directory's name
         if png is None:
             self._ok = False  # say it once, not at every refresh
             self.reporter.note(missing_plotter_note() or "matplotlib cannot draw here: no plot")

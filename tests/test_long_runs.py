@@ -316,6 +316,29 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
     assert not [note for note in notes if note.startswith("this run ends")]
 
 
+def test_the_plot_counts_epochs_on_its_top_axis_and_names_its_run():
+    """d2l plots perplexity against epochs; drnn's x axis is tokens seen (steps and resumes stay
+    comparable), which a learner had to convert by hand: the top axis counts epochs (lstm2: 8,960
+    tokens an epoch, 8 minibatches of 32 × 35), and the title names the run."""
+    pytest.importorskip("matplotlib.figure")
+    from drnn_cli.plot import perplexity_figure, tokens_per_epoch
+
+    records = [
+        EpochRecord(epoch, 20.0 / epoch, None, 2.0, 1e4, epoch, 8 * epoch, 8_960 * epoch)
+        for epoch in (1, 2, 3)
+    ]
+    assert tokens_per_epoch(records) == 8_960.0
+    assert (
+        tokens_per_epoch([EpochRecord(1, 20.0, None, 2.0, 1e4, 1.0, 8, 0)]) is None
+    )  # metrics before the count
+    figure = perplexity_figure(records, "lstm2")
+    (axes,) = figure.axes
+    (epochs,) = axes.child_axes
+    figure.draw_without_rendering()  # the top axis takes its limits from the bottom one as it is drawn
+    assert (axes.get_title(), axes.get_xlabel(), epochs.get_xlabel()) == ("lstm2", "tokens seen", "epoch")
+    assert epochs.get_xlim() == pytest.approx(tuple(x / 8_960 for x in axes.get_xlim()))
+
+
 def test_matplotlib_s_font_fallbacks_do_not_reach_stderr(monkeypatch: pytest.MonkeyPatch, caplog):
     """A machine's first plot logged 21 "findfont: Font family [...] not found" lines amid training's
     output: matplotlib's fallback font draws the plot, and its logger is quieted while it does."""

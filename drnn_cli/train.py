@@ -878,7 +878,8 @@ class Trainer:
             self.tensorboard.add_samples(samples, self.global_step)
 
     def _note_blank_samples(self, samples: dict[str, str]) -> None:
-        """Once a run: samples of whitespace alone are what an undertrained model writes."""
+        """Once a run, at the first samples shown while training (train.sample_every): samples of
+        whitespace alone are what an undertrained model writes."""
         note = (
             None
             if self._blank_samples_noted
@@ -1187,8 +1188,6 @@ class Trainer:
             for note in self._closing_notes(stop_reason):
                 self.reporter.note(note)
         samples = self._samples() if self.dist.is_main else {}
-        if already is None:  # printed after the summary: said before it
-            self._note_blank_samples(samples)
         if self.tensorboard is not None and already is None:  # a resume that trained nothing logs nothing
             self.tensorboard.add_samples(samples, self.global_step)
         self.reporter.finish()

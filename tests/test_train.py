@@ -579,7 +579,7 @@ def test_samples_of_whitespace_alone_are_said_to_be_once_a_run(
 
     monkeypatch.setattr(Trainer, "_samples", lambda self: {"time": "time" + " " * 5})
     notes = Notes()
-    config = write_config(workdir, TINY)  # 3 epochs sampled every epoch, then at the end: noted once
+    config = write_config(workdir, TINY)  # 3 epochs sampled every epoch: noted once
     train_run(
         TrainRequest(config, overrides=("train.sample_every=1", "train.sample_chars=5")), reporter=notes
     )

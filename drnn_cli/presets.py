@@ -108,7 +108,7 @@ def find_config(value: str, root: Path | None = None) -> Path:
     if name in files:
         return files[name]
     meant = _meant_preset(name, files)
-    if meant is not None and not given.exists():
+    if meant is not None and (not given.exists() or given.is_dir()):  # a folder is no config: as for a name
         return files[meant]
     if given.exists() and not given.is_dir():
         return given  # a FIFO, a device: read_yaml says which, and refuses it
@@ -124,7 +124,7 @@ def _meant_preset(name: str, files: dict[str, Path]) -> str | None:
     """The one preset a near miss can only mean: another case (``LSTM2``, a caps-lock), ``.yml``, or a
     name without its folder (``ch9_3_deep_lstm``, as its run directory is named) where one preset ends so;
     None where none or several do. A name with a folder in it is only ever matched whole."""
-    wanted = name.removesuffix(".yml").lower()
+    wanted = name.lower().removesuffix(PRESET_SUFFIX).removesuffix(".yml")  # LSTM2.YAML too
     matches = [preset for preset in files if preset.lower() == wanted]
     if not matches and "/" not in wanted:
         matches = [preset for preset in files if preset.lower().rsplit("/", 1)[-1] == wanted]

@@ -241,21 +241,21 @@ def latest_run(
     return run
 
 
-def _runs_inside(folder: Path, shown: int = 5) -> list[Path]:
-    """The runs directly inside ``folder``, the most recently written first (at most ``shown``)."""
+def _runs_inside(folder: Path) -> list[str]:
+    """The runs directly inside ``folder``, the most recently written first."""
     runs = []
     with contextlib.suppress(OSError):  # a hint: whatever cannot be read is left out
         for path in folder.iterdir():
             with contextlib.suppress(OSError):
                 if path.is_dir() and holds_run(path):
-                    runs.append((path.stat().st_mtime, path))
-    return [path for _, path in sorted(runs, reverse=True)[:shown]]
+                    runs.append((path.stat().st_mtime, str(path)))
+    return [path for _, path in sorted(runs, reverse=True)]
 
 
 def _runs_hint(folder: Path) -> str:
     """`` (runs in runs: runs/quick, runs/lstm2)``, or nothing where ``folder`` holds none."""
     runs = _runs_inside(folder)
-    return f" (runs in {folder}: {', '.join(map(str, runs))})" if runs else ""
+    return f" (runs in {folder}: {_first_names(runs)})" if runs else ""
 
 
 def run_checkpoint(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
@@ -277,7 +277,7 @@ def run_checkpoint(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
     inside = _runs_inside(run_dir)
     if inside:  # --run runs: the folder of runs, not one of them
         raise DrnnError(
-            f"{run_dir} holds runs, not a checkpoint of its own; name one of them: {', '.join(map(str, inside))}"
+            f"{run_dir} holds runs, not a checkpoint of its own; name one of them: {_first_names(inside)}"
         )
     raise DrnnError(f"run directory {run_dir} holds no checkpoint ({BEST} or {LAST}); train it first")
 

@@ -146,10 +146,13 @@ def test_a_near_miss_that_can_only_mean_one_preset_finds_it(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     assert find_config("ch9_3_deep_lstm", root) == root / "d2l" / "ch9_3_deep_lstm.yaml"
     assert find_config("LSTM2", root) == find_config("lstm2.yml", root) == root / "lstm2.yaml"
+    assert find_config("LSTM2.YAML", root) == find_config("Lstm2.YML", root) == root / "lstm2.yaml"
     assert find_config("D2L/CH9_3_Deep_LSTM.yaml", root) == root / "d2l" / "ch9_3_deep_lstm.yaml"
     for ambiguous_or_partial in ("gru", "3_deep_lstm", "x/ch9_3_deep_lstm"):
         with pytest.raises(ConfigError, match="no such preset"):
             find_config(ambiguous_or_partial, root)
+    (tmp_path / "ch9_3_deep_lstm").mkdir()  # a folder is no config: the preset is meant (a run's name)
+    assert find_config("ch9_3_deep_lstm", root) == root / "d2l" / "ch9_3_deep_lstm.yaml"
     (tmp_path / "LSTM2").write_text("{}\n")  # a file of that name is what was meant
     assert find_config("LSTM2", root) == Path("LSTM2")
 

@@ -352,7 +352,9 @@ def train_command(
     table.add_row(
         "tokens/s (last epoch)", "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}"
     )
-    table.add_row("device", f"{result.device} × {result.world_size}")
+    threads = "" if result.threads is None else f", {plural(result.threads, 'thread')}"
+    processes = f"{result.world_size:,} process{'' if result.world_size == 1 else 'es'}"
+    table.add_row("device", f"{result.device}{threads}, {processes}")
     out.print(table)
     # d2l's line, whole whatever COLUMNS says: scripts grep it
     out.print(
@@ -360,6 +362,8 @@ def train_command(
     )
     for text in result.samples.values():
         print_generated(out, text)
+    if result.samples_note is not None:
+        print_note(out, result.samples_note)
     if json_out:
         emit_json(result.summary())
 

@@ -20,6 +20,7 @@ from drnn_cli.decode import (
     MAX_DECODE_SEED,
     DecodeOptions,
     InvalidDecodeOption,
+    blank_continuation,
     continue_prefix,
     join_tokens,
     prefix_tokens,
@@ -286,12 +287,10 @@ class PredictReport:
             "longer)"
         )
         for continuation in self.continuations:
-            generated = continuation.generated
-            if generated and not generated.strip():
-                what = "spaces" if set(generated) == {" "} else "whitespace characters"
+            blank = blank_continuation(continuation.generated)
+            if blank is not None:
                 notes.append(
-                    f"the continuation of {continuation.prefix!r} is {len(generated):,} {what} and nothing "
-                    f"else: {why}"
+                    f"the continuation of {continuation.prefix!r} is {blank} and nothing else: {why}"
                 )
         return tuple(notes)
 

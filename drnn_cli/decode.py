@@ -110,6 +110,14 @@ def _named(token: str) -> str:
     return repr(token)
 
 
+def blank_continuation(generated: str) -> str | None:
+    """What a continuation of whitespace alone is, in words ("50 spaces"), where it reads as if nothing
+    was written (an undertrained model's likeliest token, every time); None for any other."""
+    if not generated or generated.strip():
+        return None
+    return f"{len(generated):,} {'spaces' if set(generated) == {' '} else 'whitespace characters'}"
+
+
 def separator(token: str) -> str:
     """What stands between two tokens in text: nothing between characters, a space between words."""
     return "" if token == "char" else " "

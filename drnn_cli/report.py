@@ -119,6 +119,8 @@ class TrainResult:
     steps: int = 0  # optimizer steps since the run began, when it stopped
     start_step: int = 0  # … when this session began
     start_val_ppl: float | None = None  # fine-tuning: the starting weights' validation perplexity
+    threads: int | None = None  # each process's CPU threads (None on a GPU)
+    samples_note: str | None = None  # said after the final samples (run_notes.blank_samples_note)
 
     def summary(self) -> dict[str, Any]:
         """The ``drnn train --json`` object (README "Commands": `drnn train`)."""
@@ -134,6 +136,7 @@ class TrainResult:
             "tokens_per_s": self.tokens_per_s,
             "device": self.device,
             "world_size": self.world_size,
+            "threads": self.threads,
             "parameters": self.parameters,
             "stopped_early": self.stopped_early,
             "stop_reason": self.stop_reason,

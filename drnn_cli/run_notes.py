@@ -14,7 +14,7 @@ from drnn_cli.budget import Cadence, StopReason
 from drnn_cli.cells import GATES
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.corpus import LETTERS_ONLY
-from drnn_cli.decode import prefix_tokens
+from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.vocab import UNK, Vocab, count_index
 
@@ -289,14 +289,14 @@ def blank_samples_note(samples: dict[str, str], train: TrainConfig, token: str) 
     generated = train.sample_chars
     if token != "char" or generated == 0:  # a word model's continuation is words, never whitespace alone
         return None
-    blank = {prefix: text[-generated:] for prefix, text in samples.items() if not text[-generated:].strip()}
+    read = {prefix: blank_continuation(text[-generated:]) for prefix, text in samples.items()}
+    blank = {prefix: what for prefix, what in read.items() if what is not None}
     if not blank:
         return None
-    spaces = all(set(continuation) == {" "} for continuation in blank.values())
+    what = next(iter(blank.values())) if len(set(blank.values())) == 1 else "whitespace alone"
     return (
         f"the {'samples' if len(blank) > 1 else 'sample'} of {', '.join(map(repr, blank))} "
-        f"{'continue' if len(blank) > 1 else 'continues'} with "
-        f"{generated:,} {'spaces' if spaces else 'whitespace characters'} and nothing else: greedy decoding "
-        f"took {'a space' if spaces else 'whitespace'} for the likeliest next character every time, as an "
-        "undertrained model does"
+        f"{'continue' if len(blank) > 1 else 'continues'} with {what} and nothing else: greedy decoding "
+        "took whitespace for the likeliest next character every time, as an undertrained model does "
+        "(train it longer)"
     )

@@ -1343,6 +1343,11 @@ class Trainer:
             tokens_per_s=tokens_per_s,
             device=device_name(self.device),
             world_size=self.dist.world_size,
+            threads=torch.get_num_threads() if self.device.type == "cpu" else None,
+            # the final samples, printed after the summary: unless said of the samples while training
+            samples_note=None
+            if self._blank_samples_noted
+            else blank_samples_note(samples, self.config.train, self.config.data.token),
             parameters=count_parameters(self.model),
             samples=samples,
             stopped_early=stop_reason == "patience",

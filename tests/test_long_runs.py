@@ -263,8 +263,10 @@ def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
                        "--set", "train.epochs=50", "--set", "train.log_every=1")  # fmt: skip
     assert code == 0
     threads = torch.get_num_threads()
-    on_cpu = f"on cpu ({threads} thread{'' if threads == 1 else 's'}), 25 steps (1.32 epochs), from scratch"
+    named = f"{threads} thread{'' if threads == 1 else 's'}"
+    on_cpu = f"on cpu ({named}), 25 steps (1.32 epochs), from scratch"
     assert on_cpu in out and "epoch 1/2 " in out and "/50" not in out
+    assert f" cpu, {named}, 1 process " in out  # the summary's device: not "cpu × 1"
 
 
 def test_a_resume_with_nothing_to_train_records_where_its_text_moved(workdir: Path, corpus_path: Path):

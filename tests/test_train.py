@@ -211,6 +211,7 @@ def test_train_summary_has_the_contract_fields(workdir: Path):
     } <= set(summary)  # fmt: skip
     assert summary["epochs"] == 1 and summary["start_epoch"] == 0 and summary["world_size"] == 1
     assert summary["device"] == "cpu" and summary["val_ppl"] is None
+    assert summary["threads"] == torch.get_num_threads()
     assert len(summary["samples"]["the"]) == len("the") + 5
     assert 1.0 < summary["train_ppl"] < 28.0 and summary["tokens_per_s"] > 0
 
@@ -551,22 +552,25 @@ def test_patience_without_a_validation_split_says_it_cannot_stop_the_run(workdir
 
 
 def test_samples_of_whitespace_alone_are_said_to_be_once_a_run(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, cli
 ):
     """An undertrained model's samples were "time traveller" and 50 spaces, read as nothing written (a
-    learner took sampling for broken); predict said so, training did not."""
+    learner took sampling for broken); predict said so, training did not: now once a run, with the first
+    samples shown while training, or after the final ones (printed after the summary)."""
     from drnn_cli.config import TrainConfig
     from drnn_cli.run_notes import blank_samples_note
 
-    five = TrainConfig(sample_chars=5)
-    assert blank_samples_note({"time": "time     ", "the": "the e    "}, five, "char") == (
-        "the sample of 'time' continues with 5 spaces and nothing else: greedy decoding took a space for the "
-        "likeliest next character every time, as an undertrained model does"
+    five, why = (
+        TrainConfig(sample_chars=5),
+        (
+            "and nothing else: greedy decoding took whitespace for the likeliest next character every time, as an "
+            "undertrained model does (train it longer)"
+        ),
     )
-    assert blank_samples_note({"a": "a \n   ", "b": "b     "}, five, "char") == (
-        "the samples of 'a', 'b' continue with 5 whitespace characters and nothing else: greedy decoding took "
-        "whitespace for the likeliest next character every time, as an undertrained model does"
-    )
+    said = blank_samples_note({"time": "time     ", "the": "the e    "}, five, "char")
+    assert said == f"the sample of 'time' continues with 5 spaces {why}"
+    said = blank_samples_note({"a": "a \n   ", "b": "b     "}, five, "char")
+    assert said == f"the samples of 'a', 'b' continue with whitespace alone {why}"  # 5 spaces, or not
     assert blank_samples_note({"the": "the e    "}, five, "char") is None
     assert blank_samples_note({"time": "time ", "go": "go "}, TrainConfig(sample_chars=0), "char") is None
 
@@ -579,14 +583,20 @@ def test_samples_of_whitespace_alone_are_said_to_be_once_a_run(
 
     monkeypatch.setattr(Trainer, "_samples", lambda self: {"time": "time" + " " * 5})
     notes = Notes()
-    config = write_config(workdir, TINY)  # 3 epochs sampled every epoch: noted once
-    train_run(
+    config = write_config(workdir, TINY)  # 3 epochs sampled every epoch: noted once, not again at the end
+    result = train_run(
         TrainRequest(config, overrides=("train.sample_every=1", "train.sample_chars=5")), reporter=notes
     )
     assert [note for note in notes.notes if "continues with" in note] == [
-        "the sample of 'time' continues with 5 spaces and nothing else: greedy decoding took a space for the "
-        "likeliest next character every time, as an undertrained model does"
+        f"the sample of 'time' continues with 5 spaces {why}"
     ]
+    assert result.samples_note is None
+    # samples at the end only (train.sample_every 0): the note comes after them, below the summary
+    code, out, err = cli(
+        "train", "--config", str(config), "--run", "runs/end", "--set", "train.sample_chars=5"
+    )
+    assert code == 0, err
+    assert out.splitlines()[-2:] == ["time     ", f"note: the sample of 'time' continues with 5 spaces {why}"]
 
 
 def test_a_nan_validation_is_never_the_best_and_no_improvement(

@@ -38,6 +38,7 @@ from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import data_notes, few_predictions_note, own_text_notes, scored_unknown_note
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
+from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import check_max_unknown, fine_tuning_point, unknown_share_note
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
@@ -706,5 +707,5 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
         request.text, inspection.text
     ):  # as predict says of a prefix
         preprocess = loaded.checkpoint.config.data.preprocess
-        read_as = f"data.preprocess {preprocess} reads the text {request.text!r} as {inspection.text!r}"
+        read_as = f"data.preprocess {preprocess} reads the text {short_repr(request.text)} as {short_repr(inspection.text)}"
     return InspectReport(inspection, tuple(written), tuple(missing), read_as=read_as)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import reprlib
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from pydantic import (
 from drnn_cli.budget import parse_cadence, parse_duration
 from drnn_cli.errors import ConfigError, DrnnError
 from drnn_cli.files import read_utf8_text, require_regular_file
+from drnn_cli.shown_text import short_repr
 
 # Upper bounds: far above any sensible run, low enough that nothing downstream overflows (a seed feeds
 # torch.manual_seed after `seed * 1_000_003 + epoch` and, under torchrun, `* 1_009 + rank`).
@@ -372,18 +372,10 @@ def describe_error(error: ValidationError) -> str:
         return f"config error: unknown key '{key}'; {guess}{where} allows: {', '.join(names)}"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {_short_repr(given)})"
+    shown = "" if isinstance(given, dict) else f" (got {short_repr(given)})"
     if first["type"] == "string_type" and isinstance(given, bool | int | float):
         message += "; put it in quotes (YAML reads yes, no, on, off and bare numbers as other types)"
     return f"config error: {key or 'config'}: {message}{shown}"
-
-
-def _short_repr(value: Any, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` characters: an error line echoes the input, never megabytes of it."""
-    shorten = reprlib.Repr()  # keyword arguments only from Python 3.12
-    shorten.maxlevel, shorten.maxlist, shorten.maxstring, shorten.maxother = 3, 10, limit, limit
-    text = shorten.repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # d2l's own names for what a config sets (train_ch8's arguments, the models' constructors), which a
@@ -463,7 +455,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = _parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(
-            f"--set {key}: {_short_repr(raw)} is not a valid YAML value ({_yaml_problem(exc)})"
+            f"--set {key}: {short_repr(raw)} is not a valid YAML value ({_yaml_problem(exc)})"
         ) from None
     if raw.strip() and value is None and raw.strip() not in NULL_WORDS:
         value = raw

@@ -6,7 +6,9 @@ can retitle the window or clear the screen, a bidi override reorders what follow
 picture rule (:func:`visible_char`) draws every invisible or format character as its code point.
 """
 
+import reprlib
 import unicodedata
+from typing import Any
 
 # The bidirectional embeddings, overrides and isolates: they reorder the characters after them.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -54,3 +56,11 @@ def percent(share: float, unlike: float | None = None) -> str:
         if not same and (shown != "100%" or share >= 1):
             break
     return shown
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: a line that echoes the input, never megabytes of it."""
+    shorten = reprlib.Repr()  # keyword arguments only from Python 3.12
+    shorten.maxlevel, shorten.maxlist, shorten.maxstring, shorten.maxother = 3, 10, limit, limit
+    text = shorten.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

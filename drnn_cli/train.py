@@ -1344,9 +1344,10 @@ class Trainer:
             device=device_name(self.device),
             world_size=self.dist.world_size,
             threads=torch.get_num_threads() if self.device.type == "cpu" else None,
-            # the final samples, printed after the summary: unless said of the samples while training
+            # the final samples, printed after the summary: unless said of the samples while training, or
+            # the session trained nothing (a resume of a finished run says that, and only that)
             samples_note=None
-            if self._blank_samples_noted
+            if self._blank_samples_noted or tokens_per_s is None
             else blank_samples_note(samples, self.config.train, self.config.data.token),
             parameters=count_parameters(self.model),
             samples=samples,

@@ -36,6 +36,13 @@ def _session_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> I
         yield
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that test the torchrun jobs run last: the jobs, started with the session, niced, then
+    have the idle core of the whole suite before them (tests/torchrun_jobs.py)."""
+    last = {item.path for item in items if "torchrun_jobs" in item.fixturenames}
+    items.sort(key=lambda item: item.path in last)  # stable: the order within each part is kept
+
+
 @pytest.fixture(scope="session")
 def torchrun_jobs(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Iterator[object]:
     """tests/test_distributed.py's torchrun jobs (tests/torchrun_jobs.py), stopped with the session."""

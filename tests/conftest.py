@@ -36,6 +36,33 @@ def _session_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> I
         yield
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that test the torchrun jobs run last: the jobs, started with the session, niced, then
+    have the idle core of the whole suite before them (tests/torchrun_jobs.py)."""
+    last = {item.path for item in items if "torchrun_jobs" in item.fixturenames}
+    items.sort(key=lambda item: item.path in last)  # stable: the order within each part is kept
+
+
+@pytest.fixture(scope="session")
+def torchrun_jobs(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Iterator[object]:
+    """tests/test_distributed.py's torchrun jobs (tests/torchrun_jobs.py), stopped with the session."""
+    from torchrun_jobs import Jobs
+
+    jobs = Jobs(tmp_path_factory.mktemp("torchrun"), corpus_path)
+    try:
+        yield jobs
+    finally:
+        jobs.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torchrun_jobs_from_the_start(request: pytest.FixtureRequest) -> None:
+    """Where the session holds tests of the torchrun jobs, they start with its first test, niced, on
+    the core that the in-process tests before them leave idle (tests/torchrun_jobs.py)."""
+    if CORPUS.is_file() and any("torchrun_jobs" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("torchrun_jobs")
+
+
 @pytest.fixture(autouse=True)
 def _outside_the_checkout(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts in a scratch directory, so that what drnn writes relative to the working

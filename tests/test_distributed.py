@@ -6,215 +6,51 @@ gradients into the global mean, and every rank draws the same batching randomnes
 and the same global ``data.batch_size`` end in the same parameters.
 
 The jobs go through ``python -m torch.distributed.run`` as a user's would (``--standalone`` picks a
-free port). Starting a job costs three torch imports, so the module starts all of its jobs at once
-and each test waits for its own; the single-process references train in the test process
-meanwhile. The jobs run in a directory prepared as the ``workdir`` fixture prepares one (corpus
+free port). Starting a job costs three torch imports, so the session starts the jobs with its first
+test, niced, on the core the in-process tests leave idle, and each test here waits for its own
+(tests/torchrun_jobs.py); the single-process references train in the test process meanwhile. The
+jobs run in a directory prepared as the ``workdir`` fixture prepares one (corpus
 cache filled, downloads pointed at a dead address); the references and ``drnn eval`` use ``workdir``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import pythonpath_with_repo
+from torchrun_jobs import SAMPLINGS, WORLD_SIZE, Jobs, Launch, write_config
 
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.models import build_model
 from drnn_cli.train_session import TrainRequest, train_run
 
-REPO = Path(__file__).resolve().parents[1]
-WORLD_SIZE = 2
-LAUNCH_TIMEOUT = 300  # seconds; a hung collective fails the test instead of stalling the suite
-SAMPLINGS = ("sequential", "random")
-
-TINY = {
-    "data": {"max_tokens": 2000, "batch_size": 8, "num_steps": 10, "val_fraction": 0.1},
-    "model": {"cell": "lstm", "hidden_size": 16, "num_layers": 2, "dropout": 0.0, "output_dropout": 0.0},
-    "train": {
-        "epochs": 2,  # ~22 minibatches an epoch either way
-        "optimizer": "adam",
-        "lr": 0.01,
-        "clip": 1.0,
-        "seed": 3,
-        "sample_every": 0,
-        "sample_chars": 5,
-        "device": "cpu",
-    },
-}
-
-
-def write_config(directory: Path, sampling: str, dropout: float = 0.0) -> Path:
-    tree = json.loads(json.dumps(TINY))
-    tree["data"]["sampling"] = sampling
-    tree["model"]["dropout"] = dropout
-    path = directory / f"tiny_{sampling}_{dropout}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-@dataclass
-class Launch:
-    """One ``torchrun --standalone --nproc_per_node 2 -m drnn_cli -- ARGS`` job."""
-
-    process: subprocess.Popen[bytes]
-    run_dir: Path
-    stdout: Path
-    stderr: Path
-
-    def finish(self) -> tuple[int, str, str]:
-        try:
-            code = self.process.wait(timeout=LAUNCH_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            code = -1
-        out, err = self.stdout.read_text(), self.stderr.read_text()
-        if code == -1:
-            pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT}s\nstdout:\n{out}\nstderr:\n{err}")
-        return code, out, err
-
-    def stop(self) -> None:
-        """SIGKILL the job: its ranks first (torchrun starts each in a session of its own, so killing
-        torchrun's process group would orphan them, training on), then its own process group."""
-        if self.process.poll() is None:
-            for pid in _descendants(self.process.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes below ``pid``, children first (``pgrep -P``, level by level)."""
-    found, level = [], [pid]
-    while level:
-        listed = subprocess.run(["pgrep", "-P", ",".join(map(str, level))], capture_output=True, text=True)
-        level = [int(child) for child in listed.stdout.split()]
-        found += level
-    return found
-
 
 @pytest.fixture(scope="module")
-def launches(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Iterator[dict[str, Launch]]:
-    root = tmp_path_factory.mktemp("torchrun")
-    cache = root / "data"
-    cache.mkdir()
-    shutil.copyfile(corpus_path, cache / "timemachine.txt")
-    env = {k: v for k, v in os.environ.items() if k not in {"WORLD_SIZE", "RANK", "LOCAL_RANK", "DRNN_DEBUG"}}
-    env["DRNN_DATA_DIR"] = str(cache)
-    env["DRNN_DATA_URL"] = "http://127.0.0.1:9/unreachable"  # any download would fail loudly
-    env["OMP_NUM_THREADS"] = "1"  # one intra-op thread per rank
-    env["PYTHONPATH"] = pythonpath_with_repo(env)
-
-    def start(
-        name: str, config: Path, *extra: str, then: tuple[str, ...] = (), processes: tuple[int, int] = (2, 2)
-    ) -> Launch:
-        """One job; with ``then``, a second one on the same run directory once the first succeeded.
-        ``processes``: how many processes each of the two runs (1: plain ``python -m drnn_cli``)."""
-        run_dir = root / "runs" / name
-
-        def command(count: int) -> list[str]:
-            # `--` keeps torchrun's parser off drnn's options: `--run` alone is an ambiguous prefix of
-            # torchrun's --run-path/--run_path.
-            launcher = [sys.executable, "-m", "drnn_cli"]
-            if count > 1:
-                launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-                launcher += ["--nproc_per_node", str(count), "-m", "drnn_cli", "--"]
-            return [
-                *launcher,
-                "train",
-                "--config",
-                str(config),
-                "--device",
-                "cpu",
-                "--run",
-                str(run_dir),
-                "--json",
-            ]
-
-        argv = [*command(processes[0]), *extra]
-        if then:
-            argv = ["sh", "-c", f"{shlex.join(argv)} && {shlex.join([*command(processes[1]), *then])}"]
-        stdout, stderr = root / f"{name}.out", root / f"{name}.err"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            process = subprocess.Popen(
-                argv, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True
-            )
-        return Launch(process, run_dir, stdout, stderr)
-
-    # The finished run the --overwrite job replaces, trained here first (in process: a child of its own
-    # waited behind the jobs' twenty-odd interpreters starting at once).
-    overwrite = write_config(root, "random")
-    finished = root / "runs" / "overwrite"
-    with pytest.MonkeyPatch.context() as patch:  # the jobs' corpus cache, as their environment names it
-        patch.setenv("DRNN_DATA_DIR", env["DRNN_DATA_DIR"])
-        patch.setenv("DRNN_DATA_URL", env["DRNN_DATA_URL"])
-        train_run(TrainRequest(overwrite, ("train.epochs=1",), run_dir=finished, device="cpu"))
-    jobs = {sampling: start(sampling, write_config(root, sampling)) for sampling in SAMPLINGS}
-    jobs["indivisible"] = start("indivisible", write_config(root, "sequential"), "--set", "data.batch_size=7")
-    # Dropout draws from each rank's own random stream: an uninterrupted run, and one stopped inside
-    # epoch 1 (step 30 of ~22 an epoch) by a step budget, then resumed without one.
-    dropout = write_config(root, "sequential", dropout=0.3)
-    jobs["dropout_full"] = start("dropout_full", dropout)
-    jobs["dropout_resumed"] = start(
-        "dropout_resumed",
-        dropout,
-        "--set",
-        "train.max_steps=30",
-        then=("--resume", "--set", "train.max_steps=0"),
-    )
-    # Stopped inside epoch 1 by one number of processes, resumed by another.
-    for name, processes in (("two_then_one", (2, 1)), ("one_then_two", (1, 2))):
-        jobs[name] = start(
-            name,
-            write_config(root, "sequential"),
-            "--set",
-            "train.max_steps=30",
-            then=("--resume", "--set", "train.max_steps=0"),
-            processes=processes,
-        )
-    # --overwrite of a finished run under torchrun, killed before its first checkpoint.
-    jobs["sigterm_rank0"] = start(  # signalled by the test once it trains
-        "sigterm_rank0", write_config(root, "sequential"), "--set", "train.epochs=10000",
-        "--set", "train.log_every=1",
-    )  # fmt: skip
-    jobs["overwrite"] = start(  # killed by the test once it trains: its first checkpoint never comes
-        "overwrite", overwrite, "--overwrite", "--set", "model.cell=gru", "--set", "train.epochs=10000",
-        "--set", "train.checkpoint_every=10000", "--set", "train.log_every=1",
-    )  # fmt: skip
+def launches(torchrun_jobs: Jobs) -> Iterator[dict[str, Launch]]:
+    """The module's jobs, each test waiting for its own; those not yet started (with the session,
+    niced) start now at once (tests/torchrun_jobs.py)."""
     try:
-        yield jobs
+        yield torchrun_jobs.hurry()
     finally:
-        for job in jobs.values():
-            job.stop()
+        torchrun_jobs.stop()
 
 
-# First: it stops the job that would otherwise train on beside every other test.
 def test_overwrite_under_torchrun_keeps_the_old_run_until_the_new_one_has_a_checkpoint(
     launches: dict[str, Launch],
 ) -> None:
     """--overwrite trains beside the old run and swaps only on success, under torchrun too: killed
     while it trains, before its first checkpoint, the old run is still there, unchanged."""
-    import time
-
     job = launches["overwrite"]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while "epoch 1/" not in job.stderr.read_text() and job.process.poll() is None:
-        assert time.monotonic() < deadline, job.stderr.read_text()
-        time.sleep(0.2)
-    job.stop()  # SIGKILL to torchrun and its ranks, as an out-of-memory killer would
+    code, _, err = job.finish()  # SIGKILLed, torchrun and its ranks, once it trained
+    assert (job.acted, code) == ("SIGKILL", -signal.SIGKILL), (job.action_error, err)
     old = load_checkpoint(job.run_dir / "last.safetensors")
     assert (old.config.model.cell, old.epoch) == ("lstm", 1)
     assert yaml.safe_load((job.run_dir / "config.yaml").read_text())["model"]["cell"] == "lstm"
@@ -226,20 +62,9 @@ def test_sigterm_to_rank_0_alone_stops_the_job_with_its_checkpoint_and_stop_line
     """The ranks vote on it and stop at the same step; the others wait for rank 0's checkpoint. They left
     at once, exited 143, torchrun sent rank 0 a SIGTERM of its own, and rank 0 took it for a second one:
     no checkpoint, no stop line, no JSON (practitioner trial, a 2×1024 model: 3 runs of 3)."""
-    import time
-
     job = launches["sigterm_rank0"]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while "epoch 1/" not in job.stderr.read_text() and job.process.poll() is None:
-        assert time.monotonic() < deadline, job.stderr.read_text()
-        time.sleep(0.2)
-    rank_0 = next(
-        pid
-        for pid in _descendants(job.process.pid)
-        if b"\0RANK=0\0" in Path(f"/proc/{pid}/environ").read_bytes()
-    )
-    os.kill(rank_0, signal.SIGTERM)
     _, out, err = job.finish()  # torchrun's own status is 1: a worker exited 143
+    assert job.acted == "SIGTERM to rank 0", (job.action_error, err)
     stopped = json.loads(out.strip().splitlines()[-1])
     assert (stopped["stop_reason"], stopped["checkpoint"]) == (
         "SIGTERM",

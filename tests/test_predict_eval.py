@@ -835,31 +835,43 @@ def _tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return {path: t for key, value in items for path, t in _tensors(value, f"{prefix}/{key}").items()}
 
 
-def _on_a_terminal(args: list[str], cwd: Path) -> str:
-    """What ``drnn ARGS`` writes to stdout when stdout is a terminal (a pseudo-terminal here)."""
+def _on_a_terminal(*commands: list[str], cwd: Path) -> list[str]:
+    """What each ``drnn ARGS`` writes to stdout when stdout is a terminal (a pseudo-terminal of its own
+    here); the commands run side by side."""
     import os
     import pty
     import subprocess
     import sys
+    import threading
 
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "drnn_cli", *args],
-        stdout=follower, stderr=subprocess.DEVNULL, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    os.close(follower)
-    written = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # the child closed its end
-            break
-        if not chunk:
-            break
-        written += chunk
-    os.close(leader)
-    assert process.wait(timeout=60) == 0
-    return written.decode().replace("\r\n", "\n")  # the terminal's line discipline writes CR LF
+    def run(args: list[str], written: list[str]) -> None:
+        leader, follower = pty.openpty()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "drnn_cli", *args],
+            stdout=follower, stderr=subprocess.DEVNULL, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        os.close(follower)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(leader)
+        written.append(f"exit {process.wait(timeout=60)}")
+        written.append(output.decode().replace("\r\n", "\n"))  # the terminal's line discipline writes CR LF
+
+    outcomes: list[list[str]] = [[] for _ in commands]
+    readers = [threading.Thread(target=run, args=pair) for pair in zip(commands, outcomes, strict=True)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert [outcome[:1] for outcome in outcomes] == [["exit 0"]] * len(commands), outcomes
+    return [outcome[1] for outcome in outcomes]
 
 
 def test_on_a_terminal_a_continuation_over_several_lines_ends_with_a_blank_line(workdir: Path, cli):
@@ -873,6 +885,6 @@ def test_on_a_terminal_a_continuation_over_several_lines_ends_with_a_blank_line(
     args = ["predict", "a", "b", "-n", "5", "--run", "runs/tiny"]
     code, piped, _ = cli(*args)
     assert (code, piped) == (0, "ab\nab\n\nb\nab\na\n")  # each continuation and a line break
-    assert _on_a_terminal(args, workdir) == "ab\nab\n\n\nb\nab\na\n"
-    # one prefix: nothing to keep apart
-    assert _on_a_terminal(["predict", "a", *args[3:]], workdir) == "ab\nab\n\n"
+    several, one = _on_a_terminal(args, ["predict", "a", *args[3:]], cwd=workdir)
+    assert several == "ab\nab\n\n\nb\nab\na\n"
+    assert one == "ab\nab\n\n"  # one prefix: nothing to keep apart

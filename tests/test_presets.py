@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -401,17 +402,26 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
     def run(*args: str) -> dict:
         return last_json(_run([drnn, *args], cwd=empty, env=env).stdout)
 
-    trained = run("train", "--config", "lstm2.yaml", "--set", "train.epochs=1", "--json")
+    # the commands that do not depend on each other run side by side
+    with ThreadPoolExecutor(2) as pool:
+        training = pool.submit(run, "train", "--config", "lstm2.yaml", "--set", "train.epochs=1", "--json")
+        listing = pool.submit(run, "presets", "--json")
+        trained = training.result()
+    with ThreadPoolExecutor(2) as pool:
+        predicting, evaluating = (
+            pool.submit(run, "predict", "time traveller", "--json"),
+            pool.submit(run, "eval", "--json"),
+        )
     assert trained["run_dir"] == str(empty / "runs" / "lstm2") and trained["epochs"] == 1
     assert trained["parameters"] == LSTM2_PARAMETERS
-    predicted = run("predict", "time traveller", "--json")
+    predicted = predicting.result()
     assert (
         set(predicted) == {"prefix", "text", "continuation", "checkpoint"}
         and len(predicted["text"]) == len("time traveller") + 50
     )
     # found from the empty directory through runs/latest; no validation split: the last checkpoint
     assert predicted["checkpoint"] == str(empty / "runs" / "lstm2" / "last.safetensors")
-    evaluated = run("eval", "--json")
+    evaluated = evaluating.result()
     assert set(evaluated) == {
         "split",
         "epoch",
@@ -434,7 +444,7 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
         8,
         9_999,
     )
-    listed = run("presets", "--json")["presets"]
+    listed = listing.result()["presets"]
     assert {entry["name"] for entry in listed} == configs_names()
     assert all(set(entry) == PRESET_KEYS for entry in listed)
     assert all(Path(entry["path"]).is_relative_to(purelib) for entry in listed)

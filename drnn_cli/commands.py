@@ -702,10 +702,10 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
     if outputs.png is not None and outputs.png_target is not None:
         missing = write_inspection_plot(inspection, outputs.png_target)
         written.append(outputs.png)
-    read_as = None
-    if request.text is not None and prefix_changed(
-        request.text, inspection.text
-    ):  # as predict says of a prefix
-        preprocess = loaded.checkpoint.config.data.preprocess
-        read_as = f"data.preprocess {preprocess} reads the text {short_repr(request.text)} as {short_repr(inspection.text)}"
+    read_as = None  # a TEXT preprocessing changed is said to be, as predict says of a prefix
+    if request.text is not None and prefix_changed(request.text, inspection.text):
+        given, read = short_repr(request.text), short_repr(inspection.text)
+        read_as = (
+            f"data.preprocess {loaded.checkpoint.config.data.preprocess} reads the text {given} as {read}"
+        )
     return InspectReport(inspection, tuple(written), tuple(missing), read_as=read_as)

@@ -4,6 +4,7 @@ train_session.py): the CLI parses and renders, these do the work."""
 from __future__ import annotations
 
 import secrets
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -387,6 +388,13 @@ def plan_predict(
         for prefix, read in dict(zip(prefixes, reads, strict=True)).items()  # a prefix given twice: once
         if prefix_changed(prefix, read)
     ]
+    if len(prefixes) > 1 and not any(any(c.isspace() for c in prefix) for prefix in prefixes):
+        # `drnn predict time traveller`: the shell split one prefix into words (the quotes forgotten)
+        notes.append(
+            f"{len(prefixes)} prefixes, each continued on its own: "
+            + ", ".join(repr(prefix) for prefix in prefixes)
+            + f"; to continue them as one, quote it: drnn predict {shlex.quote(' '.join(prefixes))}"
+        )
     if seed_drawn:
         notes.append(f"--sample drew --seed {options.seed}: give it to draw the same sample again")
     return PredictPlan(

@@ -367,6 +367,21 @@ def test_predict_several_prefixes(tiny_run: Path, cli):
     assert (payload["prefix"], payload["text"]) == ("the", payload["results"][0]["text"])
 
 
+def test_several_one_word_prefixes_are_named_with_how_to_quote_them_as_one(tiny_run: Path, cli):
+    """`drnn predict time traveller` (the quotes forgotten) continues two prefixes: the note on stderr
+    says so, since piped output does not show which continuation is whose."""
+    code, out, err = cli("predict", "time", "traveller", "--run", str(tiny_run), "-n", "3")
+    time, traveller = decode(tiny_run, "time", num_tokens=3), decode(tiny_run, "traveller", num_tokens=3)
+    assert (code, out) == (0, f"{time}\n{traveller}\n")
+    note = (
+        "2 prefixes, each continued on its own: 'time', 'traveller'; "
+        "to continue them as one, quote it: drnn predict 'time traveller'"
+    )
+    assert note in " ".join(err.split())
+    code, _, err = cli("predict", "the", "time traveller", "--run", str(tiny_run), "-n", "3")
+    assert code == 0 and "prefixes" not in err  # a prefix with a space: several were meant
+
+
 @pytest.mark.parametrize(
     ("bad", "problem", "status"),
     [("", "prefix is empty", 2), ("1984", "prefix '1984' is empty after data.preprocess=d2l", 1)],

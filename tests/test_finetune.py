@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -255,8 +256,8 @@ def test_a_checkpoint_architecture_that_the_rest_of_the_config_cannot_take_is_re
     with pytest.raises(
         DrnnError,
         match=r"^cannot initialise from runs/base/last.safetensors: the checkpoint's settings \(model.embedding_dim 0\) "
-        r"do not fit the rest of this config \(model: .*embedding_dropout needs a learned embedding.*\); change the "
-        r"config to fit them$",
+        r"do not fit the rest of this config \(model: .*embedding_dropout needs a learned embedding.*\); the "
+        r"checkpoint fixes model.embedding_dim: change the rest to fit$",
     ):
         train_run(TrainRequest(embedded, init_from=Path("runs/base")))
 
@@ -287,6 +288,31 @@ def test_a_contradicting_set_is_refused_by_name_even_where_taking_the_rest_would
         DrnnError, match=r": model.embedding_dim \(32 in the checkpoint, 16 now\); the checkpoint's"
     ):
         train_run(TrainRequest(other, ("model.embedding_dim=16",), init_from=Path("runs/base")))
+
+
+def test_a_set_the_checkpoint_fixes_is_refused_before_the_files_values_break_a_rule_with_it(
+    tmp_path: Path, texts: tuple[Path, Path], cli
+):
+    """``--set model.tie_weights=true`` on an untied base: the file's one-hot input (embedding_dim 0)
+    broke the tying rule first, and its advice (set embedding_dim to hidden_size) led to a second
+    refusal, the checkpoint's width being fixed too. The key the checkpoint fixes is named at once."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    other = config_for(tmp_path, second, "other")
+    refusal = (
+        "cannot initialise from runs/base/last.safetensors: model.tie_weights (False in the checkpoint, "
+        "True now); the checkpoint's weights and vocabulary fix these: drop those --set options"
+    )
+    with pytest.raises(DrnnError, match="^" + re.escape(refusal) + "$"):
+        train_run(TrainRequest(other, ("model.tie_weights=true",), init_from=Path("runs/base")))
+    assert not Path("runs/other").exists()
+    args = ("--config", str(other), "--set", "model.tie_weights=true", "--init-from", "runs/base")
+    code, _, err = cli("data", *args)  # the preview refuses it alike
+    assert (code, " ".join(err.split())) == (2, f"drnn: error: {refusal}")
+    with pytest.raises(
+        DrnnError, match=r"^config error: model: model.tie_weights needs model.embedding_dim equal"
+    ):
+        train_run(TrainRequest(other, ("model.tie_weights=true",)))  # no checkpoint: the rule itself
 
 
 def test_an_interrupted_fine_tuning_run_resumes_with_the_same_command_plus_resume(

@@ -476,12 +476,14 @@ def test_predict_as_a_library_call_reports_its_notes_and_the_seed_it_drew(tiny_r
 
     options, drawn = decode_options(4, sample=True)
     assert drawn and options.seed is not None
-    report = predict_all(plan_predict(load_model(tiny_run, None, "cpu"), ["café", "the"], options, drawn))
+    report = predict_all(
+        plan_predict(load_model(tiny_run, None, "cpu"), ["café", "the time"], options, drawn)
+    )
     assert report.notes == (
         "data.preprocess d2l reads the prefix 'café' as 'caf'",
         f"--sample drew --seed {options.seed}: give it to draw the same sample again",
     )
-    assert [c.read for c in report.continuations] == ["caf", "the"]
+    assert [c.read for c in report.continuations] == ["caf", "the time"]
     assert Path(report.checkpoint).is_absolute() and report.seed == options.seed
     assert decode_options(4, sample=True, seed=3) == (DecodeOptions(4, True, seed=3), False)
 

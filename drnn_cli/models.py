@@ -479,6 +479,15 @@ def lm_loss(
     return F.cross_entropy(scores, targets.t().reshape(-1), reduction=reduction)
 
 
+def lm_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`lm_loss` scores, as log-probabilities (rows as its logits', in fp32 or wider) and their
+    targets in the same order: ``F.cross_entropy`` is ``nll_loss`` of ``log_softmax``, so sums over these
+    equal ``lm_loss``'s to the bit, and one log-softmax over the vocabulary serves several of them."""
+    scores = logits.reshape(-1, logits.shape[-1])
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    return F.log_softmax(scores, dim=-1), targets.t().reshape(-1)
+
+
 def activation_penalty(raw: torch.Tensor, dropped: torch.Tensor, ar: float, tar: float) -> torch.Tensor:
     """AWD-LSTM's AR and TAR (Merity et al., 2017, §4.6) on the last layer's ``(T, B, H)`` output.
 

@@ -420,7 +420,7 @@ def unknown_share_note(dataset: Dataset, limit: float | None) -> str | None:
         return None
     limit = DEFAULT_MAX_UNKNOWN if limit is None else limit
     used = len(dataset.tokens)
-    count = dataset.lacking_in(dataset.tokens)
+    count = dataset.lacking_in()
     share = count / max(1, used)
     worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
     where = " in the whole text" if used < dataset.total_tokens else ""

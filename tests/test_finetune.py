@@ -137,23 +137,28 @@ def test_the_note_after_training_counts_the_tokens_a_vocabulary_lacks_not_a_text
 ):
     """A word text that writes <unk> itself (as Penn Treebank's does) lacks nothing: no note, though 12%
     of its tokens are <unk>. Its min_freq run lacks the words cut, counted exactly (the ids alone cannot
-    tell them from the text's own <unk>): 7.0% here, where counting ids says 18.6%."""
-    text = tmp_path / "ptb.txt"
-    text.write_text("the cat <unk> sat on the mat .\n" * 60 + "zebra yak gnu\n" * 12)  # 480 + 36 words
+    tell them from the text's own <unk>): 7.0% here, where counting ids says 18.6%. Where the words cut
+    lie in the training split and the validation split holds <unk>s of the text's own, the validation
+    tokens lack none (bounded by the words cut in the whole text, the <unk>s were said to be 12.0%)."""
+    ptb, cut = "the cat <unk> sat on the mat .\n" * 60, "zebra yak gnu\n" * 12  # 480 + 36 words
     words = {"preprocess": "none", "token": "word", "batch_size": 4, "num_steps": 5}
-    for name, data, said in (
-        ("own", words, None),
+    for name, text, data, said in (
+        ("own", ptb + cut, words, None),
         (
             "cut",
+            ptb + cut,
             {**words, "min_freq": 20},
-            "7.0% of the training tokens are scored as <unk> (not in the vocabulary",
+            "7.0% of the training tokens are not in the vocabulary and are scored as <unk>",
         ),
+        ("cut_first", cut + ptb, {**words, "min_freq": 20, "val_fraction": 0.1}, None),
     ):
+        path = tmp_path / f"{name}.txt"
+        path.write_text(text)
         notes = Notes()
-        config = config_for(tmp_path, text, name, data=data, train={"epochs": 1})
+        config = config_for(tmp_path, path, name, data=data, train={"epochs": 1})
         train_run(TrainRequest(config, run_dir=tmp_path / name), reporter=notes)
         scored = [note for note in notes.notes if "scored as <unk>" in note]
-        assert [note.split(", or written")[0] for note in scored] == ([said] if said else [])
+        assert [note.split(", one class")[0] for note in scored] == ([said] if said else [])
     # drnn eval scores ids: of a word model it does not call the text's own <unk> missing
     code, out, err = cli("eval", "--run", str(tmp_path / "own"))
     assert code == 0, err
@@ -508,6 +513,40 @@ def test_a_literal_unk_the_text_writes_itself_is_not_counted_as_unknown_under_in
                                init_from=Path("runs/base"), max_unknown_fraction=0.001))  # fmt: skip
     assert str(refused.value).startswith(
         "1 of the 540 tokens the run uses (0.185%) are not in the checkpoint's vocabulary ('sleepy' ×1)"
+    )
+
+
+def test_a_text_s_own_unk_is_no_lack_where_data_max_tokens_cuts_off_the_lacking_words(
+    tmp_path: Path, texts: tuple[Path, Path], cli
+):
+    """ft26 #3: the lacking tokens were bounded by the ids 0 of the tokens used and the lacking words of the
+    whole text. With the text's own <unk> kept and the lacking words cut off by data.max_tokens, the bound
+    was the written <unk>s: 30 of 270 tokens, and the run was refused. They are counted where they lie."""
+    first, _ = texts
+    words = {"token": "word", "val_fraction": 0.1}
+    train_run(TrainRequest(config_for(tmp_path, first, "base", data=words, train={"epochs": 1})))
+    newer = tmp_path / "newer.txt"  # 270 words, 30 of them <unk>; then 120 words, 'slow' and 'red' lacking
+    newer.write_text("the <unk> brown fox jumps over the lazy dog. " * 30 + "the slow red dog. " * 30)
+
+    def preview(max_tokens: int) -> dict:
+        data = {**words, "max_tokens": max_tokens}
+        config = config_for(tmp_path, newer, f"ft{max_tokens}", data=data, train={"epochs": 1})
+        code, out, err = cli("data", "--config", str(config), "--init-from", "runs/base", "--json")
+        assert code == 0, err
+        return json.loads(out.splitlines()[-1])
+
+    clean = preview(270)
+    assert (clean["unknown_tokens"], clean["train_would_refuse"]) == (0, None)
+    assert not any("<unk>" in note for note in clean["notes"])
+    notes = Notes()
+    train_run(TrainRequest(tmp_path / "ft270.yaml", init_from=Path("runs/base")), reporter=notes)
+    assert not any("<unk>" in note for note in notes.notes)
+    # 30 words more: 8 'slow' and 7 'red' (not the 30 written <unk>s as well)
+    assert preview(300)["unknown_tokens"] == 15
+    with pytest.raises(DrnnError) as refused:
+        train_run(TrainRequest(tmp_path / "ft300.yaml", init_from=Path("runs/base")))
+    assert str(refused.value).startswith(
+        "15 of the 300 tokens the run uses (5%) are not in the checkpoint's vocabulary ('slow' ×30"
     )
 
 

@@ -11,7 +11,7 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import char_stream_bytes, preprocess, preprocess_chars, read_text
+from drnn_cli.corpus import char_stream_bytes, preprocess, preprocess_chars, read_text, same_text_sha1s
 from drnn_cli.download import CorpusFile, ProgressHook, cached_corpus, fetch_corpus, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
@@ -154,10 +154,16 @@ def load_dataset(
     """
     located, hashed = resolve_corpus_file(config, progress)
     path, sha1 = located.path, located.sha1
-    if expected_sha1 and sha1 != expected_sha1:
-        raise CorpusMismatch(path, expected_sha1, sha1)
-    corpus = load_cached(path, sha1, config, vocab)
     notes: tuple[str, ...] = (located.download_note,) if located.download_note else ()
+    if expected_sha1 and sha1 != expected_sha1:
+        if expected_sha1 not in same_text_sha1s(path):
+            raise CorpusMismatch(path, expected_sha1, sha1)
+        notes = (
+            *notes,
+            f"{path} differs from the text the checkpoint was trained on in its line breaks (CR LF or LF) or "
+            "byte order mark alone, which drnn reads alike",
+        )
+    corpus = load_cached(path, sha1, config, vocab)
     if corpus is None:
         corpus = _encode(path, config, vocab)
         check_unchanged(path, sha1, hashed)  # the bytes encoded are the bytes hashed, or nothing is kept

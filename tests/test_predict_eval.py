@@ -720,6 +720,14 @@ def test_eval_finds_the_runs_corpus_at_another_path(
         original["tokens"],
         original["perplexity"],
     )
+    crlf = tmp_path / "crlf.txt"  # the text through Windows or git's autocrlf: other bytes, the same text
+    crlf.write_bytes(b"\xef\xbb\xbf" + corpus_path.read_bytes().replace(b"\n", b"\r\n"))
+    code, out, err = cli("eval", "--run", str(copied), "--corpus", str(crlf), "--split", "val", "--json")
+    assert (code, json.loads(out.strip().splitlines()[-1])["perplexity"]) == (0, original["perplexity"])
+    assert (
+        f"{crlf} differs from the text the checkpoint was trained on in its line breaks (CR LF or LF) or byte "
+        "order mark alone, which drnn reads alike"
+    ) in " ".join(err.split())
     other = tmp_path / "other.txt"
     other.write_text("not the time machine at all, not even close\n" * 50)
 

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import torch
 
-from drnn_cli.config import DataConfig
+from drnn_cli.config import DataConfig, TrainConfig
 from drnn_cli.errors import DrnnError
 
 # One token read, one predicted: the fewest a perplexity is computed from. A split shorter than this
@@ -234,6 +234,29 @@ def mean_steps_per_epoch(num_tokens: int, data: DataConfig) -> float:
     offsets = range(_largest_offset(sampling, num_tokens, batch_size, num_steps) + 1)
     counts = [_num_batches(sampling, num_tokens, offset, batch_size, num_steps) for offset in offsets]
     return sum(counts) / len(counts)
+
+
+@dataclass(frozen=True)
+class PlannedLength:
+    """How long a run's settings make it, before it starts (``train.max_time`` cannot be foreseen): what
+    its first line, progress bar and notes say, and ``drnn data`` previews."""
+
+    # mean_steps_per_epoch: what steps are converted to epochs with wherever a run says how long it is
+    # (epoch 0's count is 3 where a tiny text's epochs have 2 or 3 steps); the learning-rate schedule
+    # keeps epoch 0's (Trainer.steps_per_epoch), so runs train as they did
+    steps_per_epoch: float
+    step_budget: int  # train.max_steps where it ends the run before train.epochs does, else 0
+    epochs: int  # the epochs the run reaches: train.epochs, or fewer where max_steps ends it first
+    steps: int  # the optimizer steps it reaches
+
+    @classmethod
+    def of(cls, train: TrainConfig, data: DataConfig, num_tokens: int) -> PlannedLength:
+        """The plan for a training split of ``num_tokens``."""
+        per_epoch = mean_steps_per_epoch(num_tokens, data)
+        budget = train.max_steps if train.max_steps and train.max_steps < train.epochs * per_epoch else 0
+        if not budget:
+            return cls(per_epoch, 0, train.epochs, round(train.epochs * per_epoch))
+        return cls(per_epoch, budget, min(train.epochs, math.ceil(budget / per_epoch)), budget)
 
 
 def training_batches(

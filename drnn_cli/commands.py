@@ -12,7 +12,7 @@ from unicodedata import normalize
 
 import torch
 
-from drnn_cli.batches import MIN_EVAL_TOKENS, Splits, check_trainable, epoch_batches
+from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import dropping
@@ -36,7 +36,13 @@ from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
 from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
 from drnn_cli.presets import Preset, list_presets
 from drnn_cli.run_files import RunFiles
-from drnn_cli.run_notes import data_notes, few_predictions_note, own_text_notes, scored_unknown_note
+from drnn_cli.run_notes import (
+    data_notes,
+    few_predictions_note,
+    own_text_notes,
+    planned_length_notes,
+    scored_unknown_note,
+)
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
@@ -129,6 +135,10 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         batches = len(epoch_batches(dataset.splits.train, data, config.train.seed, 0))
     except DrnnError as refused:
         refusals.append(str(refused))
+    else:  # how long the run would be, and what that means for its settings (a run that trains)
+        length = PlannedLength.of(config.train, data, len(dataset.splits.train))
+        validates = len(dataset.splits.val) >= MIN_EVAL_TOKENS
+        notes.extend(planned_length_notes(config, length, validates, fine_tuning=start is not None))
     return DataReport(
         dataset,
         config,

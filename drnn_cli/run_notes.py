@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from drnn_cli import fused_recurrence
-from drnn_cli.batches import MIN_EVAL_TOKENS
+from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength
 from drnn_cli.budget import Cadence, StopReason
 from drnn_cli.cells import GATES
 from drnn_cli.config import Config, DataConfig, TrainConfig
@@ -172,6 +172,20 @@ def own_text_notes(
             "words, as Chinese or Japanese, is read a line or a sentence a word); data.token char suits it"
         )
     return notes
+
+
+def planned_length_notes(
+    config: Config, length: PlannedLength, validates: bool, fine_tuning: bool = False, starting: bool = True
+) -> list[str]:
+    """What a run's planned length means for its settings (``drnn train`` says it before training,
+    ``drnn data`` before a run): cadences in epochs that its step budget ends first (where a run starts:
+    a resume keeps what was said), and settings that do nothing over that length."""
+    late = (
+        late_cadence_notes(config.train, length.step_budget, length.steps_per_epoch, validates, fine_tuning)
+        if starting and length.step_budget
+        else []
+    )
+    return [*late, *idle_setting_notes(config, length.epochs, length.steps)]
 
 
 def late_cadence_notes(

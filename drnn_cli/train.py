@@ -27,11 +27,11 @@ from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import (
     MIN_EVAL_TOKENS,
     EpochBatches,
+    PlannedLength,
     Shard,
     check_trainable,
     epoch_batches,
     epoch_seed,
-    mean_steps_per_epoch,
 )
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
@@ -70,10 +70,9 @@ from drnn_cli.run_files import BEST, LAST, RunFiles
 from drnn_cli.run_notes import (
     blank_samples_note,
     data_notes,
-    idle_setting_notes,
-    late_cadence_notes,
     nothing_to_train,
     own_text_notes,
+    planned_length_notes,
     scored_unknown_note,
 )
 from drnn_cli.runtime import (
@@ -221,6 +220,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.train_tokens = dataset.splits.train.to(device)
         self.val_tokens = dataset.splits.val.to(device)
+        self.length = PlannedLength.of(config.train, config.data, len(self.train_tokens))
 
         self.start_epoch = 0
         self._best_restarted = False  # a resume that changed train.eval_tokens: the best starts over
@@ -550,12 +550,6 @@ class Trainer:
         if not self._steps_per_epoch:
             self._steps_per_epoch = len(self._batches(0))
         return self._steps_per_epoch
-
-    def _mean_steps_per_epoch(self) -> float:
-        """What steps are converted to epochs with wherever the run says how long it is (its first line,
-        its notes, the progress bar): epoch 0's count is 3 where a tiny text's epochs have 2 or 3 steps.
-        The learning-rate schedule keeps epoch 0's (``steps_per_epoch``), so runs train as they did."""
-        return mean_steps_per_epoch(len(self.train_tokens), self.config.data)
 
     def _set_lr(self, epoch: int, steps_done: int | None = None) -> None:
         """Per epoch, as d2l; under ``max_steps`` at the fractional epoch of the next step (the one after
@@ -1065,27 +1059,6 @@ class Trainer:
         val_ppl = self._validate(abandonable)
         return None if val_ppl is None else vote_max(val_ppl, self.dist, self.device)
 
-    def _planned_epochs(self) -> int:
-        """The epochs the run will reach: ``train.epochs``, or fewer where ``max_steps`` ends it first
-        (so a progress bar's total and time remaining are the run's; ``max_time`` cannot be foreseen)."""
-        train = self.config.train
-        if not train.max_steps:
-            return train.epochs
-        return min(train.epochs, math.ceil(train.max_steps / self._mean_steps_per_epoch()))
-
-    def _planned_steps(self) -> int:
-        """The optimizer steps the run will reach, as ``_planned_epochs`` (``max_time`` unforeseen)."""
-        return self._step_budget() or round(self.config.train.epochs * self._mean_steps_per_epoch())
-
-    def _step_budget(self) -> int:
-        """``train.max_steps`` where it ends the run before ``train.epochs`` does, else 0."""
-        max_steps = self.config.train.max_steps
-        return (
-            max_steps
-            if max_steps and max_steps < self.config.train.epochs * self._mean_steps_per_epoch()
-            else 0
-        )
-
     def _position(self) -> float:
         """Epochs done before this session, fractional when it resumes inside an epoch (as the
         ``epoch`` of a metrics line written there)."""
@@ -1194,24 +1167,22 @@ class Trainer:
 
     def _run_start(self) -> RunStart:
         """The session's first line: what it trains, on what, for how long, from where."""
-        step_budget = self._step_budget()
+        step_budget = self.length.step_budget
         return RunStart(
-            total_epochs=self._planned_epochs(),
+            total_epochs=self.length.epochs,
             start_epoch=self.start_epoch,
             parameters=count_parameters(self.model),
             device=device_description(self.device),
             origin=self._origin(),
             log_every=self.config.train.log_every,
             max_steps=step_budget,
-            steps_per_epoch=self._mean_steps_per_epoch() if step_budget else 0,
+            steps_per_epoch=self.length.steps_per_epoch if step_budget else 0,
             latest_val_ppl=next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
         )
 
     def _setup_notes(self) -> tuple[str, ...]:
         """What the settings, the text and the device mean for this session, said before it trains."""
-        train = self.config.train
         starting = self.global_step == 0  # a resume cannot change what is said only where a run starts
-        step_budget = self._step_budget()
         return (
             *self._notes,
             *self.dataset.notes,
@@ -1231,19 +1202,13 @@ class Trainer:
                 if starting
                 else ()
             ),
-            # a run measured in steps from its start: cadences in epochs may come after its end
-            *(
-                late_cadence_notes(
-                    train,
-                    step_budget,
-                    self._mean_steps_per_epoch(),
-                    len(self.val_tokens) >= MIN_EVAL_TOKENS,
-                    fine_tuning=self.init_from_label is not None,
-                )
-                if starting and step_budget
-                else ()
+            *planned_length_notes(
+                self.config,
+                self.length,
+                len(self.val_tokens) >= MIN_EVAL_TOKENS,
+                fine_tuning=self.init_from_label is not None,
+                starting=starting,
             ),
-            *idle_setting_notes(self.config, self._planned_epochs(), self._planned_steps()),
             *([missing] if self.dist.is_main and (missing := self.plot.missing_plotter()) else []),
         )
 

@@ -15,6 +15,7 @@ import yaml
 
 from drnn_cli.budget import Budget, Cadence, parse_cadence, parse_duration
 from drnn_cli.checkpoint import load_checkpoint
+from drnn_cli.commands import DataRequest, describe_data
 from drnn_cli.config import TrainConfig, build_config, load_config
 from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import EvaluationAbandoned
@@ -301,13 +302,18 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
     reporter = SilentReporter()
     reporter.note = notes.append  # type: ignore[method-assign]
     config = write_config(workdir)
-    train_run(TrainRequest(config, ("train.max_steps=15", "train.epochs=50")), reporter=reporter)
-    assert [note for note in notes if note.startswith("this run ends")] == [
+    budget = ("train.max_steps=15", "train.epochs=50")
+    late = (
         "this run ends after 15 steps (0.79 epochs), before train.eval_every (1 epoch), train.checkpoint_every "
         "(10 epochs), train.log_every (0: auto) first come due: nothing is validated, checkpointed or logged "
         "until its end; a crash or kill -9 before then loses all of it; count them in steps, e.g. --set "
         '"train.eval_every=1 step"'
-    ]
+    )
+    # drnn data previews it (a user saw it first when the run had started)
+    preview = describe_data(DataRequest(load_config(config, budget))).notes
+    assert [note for note in preview if note.startswith("this run ends")] == [late]
+    train_run(TrainRequest(config, budget), reporter=reporter)
+    assert [note for note in notes if note.startswith("this run ends")] == [late]
     notes.clear()  # in steps, or due within the budget: nothing to say
     # counted in steps (even past the end: the user's own choice), or due within the budget: nothing to say
     cadences = ("train.eval_every=5 steps", "train.checkpoint_every=500 steps", "train.log_every=5 steps")

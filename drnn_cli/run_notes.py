@@ -93,8 +93,8 @@ def data_notes(
     if train.eval_tokens and validation_tokens > train.eval_tokens + 1:
         notes.append(
             f"train.eval_tokens {train.eval_tokens:,}: the validation perplexities of this run (and its choice "
-            f"of best) read the first {train.eval_tokens:,} of {validation_tokens - 1:,} validation tokens; "
-            "drnn eval --split val reads them all"
+            f"of best) predict the first {train.eval_tokens:,} of the {validation_tokens - 1:,} validation tokens "
+            f"after the split's first (of {validation_tokens:,}); drnn eval --split val predicts them all"
         )
     if train.patience and validation_tokens < MIN_EVAL_TOKENS:
         notes.append(

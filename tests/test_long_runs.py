@@ -1005,8 +1005,9 @@ def test_eval_tokens_caps_validation_while_training(workdir: Path):
         TrainRequest(write_config(workdir), ("train.epochs=1", "train.eval_tokens=100")), reporter=Notes()
     )
     assert notes == [
-        "train.eval_tokens 100: the validation perplexities of this run (and its choice of best) read the first "
-        "100 of 399 validation tokens; drnn eval --split val reads them all"
+        "train.eval_tokens 100: the validation perplexities of this run (and its choice of best) predict the "
+        "first 100 of the 399 validation tokens after the split's first (of 400); drnn eval --split val "
+        "predicts them all"
     ]
     run = workdir / "runs" / "tiny"
     loaded = load_model(run, None, "cpu")

@@ -178,6 +178,7 @@ class RichReporter:
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         self.total = 0
+        self.total_shown = "0"
         self.every = 0
         self._held: tuple[EpochRecord, str] | None = None  # a record off the log cadence, not yet printed
         self._last_ppl: float | None = None  # the bar's training perplexity where no newer one is read
@@ -187,6 +188,10 @@ class RichReporter:
     def start(self, run: RunStart) -> None:
         total_epochs, start_epoch = run.total_epochs, run.start_epoch
         self.total = total_epochs
+        # a step budget's end inside an epoch: "epoch 1.46/8.49", as the first line counts the run
+        self.total_shown = (
+            f"{run.max_steps / run.steps_per_epoch:.3g}" if run.max_steps else f"{total_epochs}"
+        )
         self._last_val = run.latest_val_ppl
         cadence = Cadence.of(run.log_every)
         self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
@@ -237,7 +242,7 @@ class RichReporter:
         epoch = f"{record.epoch:.2f}" if inside_epoch else f"{record.epoch:g}"
         # soft_wrap: one line per record in a log file too (rich wraps at 80 columns off a terminal)
         self.console.print(
-            f"epoch {epoch}/{self.total}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",
+            f"epoch {epoch}/{self.total_shown}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",
             soft_wrap=True,
         )
 

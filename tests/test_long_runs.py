@@ -256,8 +256,9 @@ def test_a_step_budget_that_ends_with_the_last_epoch_reports_the_epochs_as_the_e
 
 
 def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
-    """25 steps of 19 per epoch reach into epoch 2 of 50: the first line says 25 steps, the bar 2 epochs, not 50.
-    It names the CPU's threads too (OMP_NUM_THREADS=1 made a learner's lstm2 5× faster on a busy machine)."""
+    """25 steps of 19 per epoch reach into epoch 2 of 50: the first line says 25 steps (1.32 epochs), the
+    log lines count epochs of those 1.32 (they said "/2", read as 2 epochs to come), not 50. It names the
+    CPU's threads too (OMP_NUM_THREADS=1 made a learner's lstm2 5× faster on a busy machine)."""
     import torch
 
     code, out, _ = cli("train", "--config", str(write_config(workdir)), "--set", "train.max_steps=25",
@@ -266,7 +267,7 @@ def test_progress_counts_the_epochs_a_step_budget_allows(workdir: Path, cli):
     threads = torch.get_num_threads()
     named = f"{threads} thread{'' if threads == 1 else 's'}"
     on_cpu = f"on cpu ({named}), 25 steps (1.32 epochs), from scratch"
-    assert on_cpu in out and "epoch 1/2 " in out and "/50" not in out
+    assert on_cpu in out and "epoch 1/1.32 " in out and "epoch 1.32/1.32 " in out and "/50" not in out
     assert f" cpu, {named}, 1 process " in out  # the summary's device: not "cpu × 1"
 
 

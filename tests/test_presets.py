@@ -25,6 +25,8 @@ import drnn_cli
 from drnn_cli.commands import describe_presets
 from drnn_cli.config import load_config
 from drnn_cli.errors import ConfigError
+from drnn_cli.model_size import parameter_count
+from drnn_cli.models import build_model, count_parameters
 from drnn_cli.presets import find_config, list_presets, presets_dir, read_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,6 +244,14 @@ def test_presets_never_download_the_parameters_wait_for_the_corpus(tmp_path: Pat
     assert reports["lstm2"]["vocab_size"] is None and reports["lstm2"]["parameters"] is None
     assert reports["lstm2"]["hidden_size"] == 256
     assert not (tmp_path / "empty").exists()
+
+
+def test_every_presets_parameter_count_is_its_built_models_without_building_it():
+    """drnn presets counts each preset's parameters in closed form (no torch): the count of the model
+    that `drnn train --config NAME` builds on the Time Machine's 28 characters."""
+    for preset in list_presets():
+        model = load_config(preset.path).model
+        assert parameter_count(28, model) == count_parameters(build_model(28, model)), preset.name
 
 
 def test_presets_has_help_with_an_example(cli):

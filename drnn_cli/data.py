@@ -16,9 +16,7 @@ from drnn_cli.download import CorpusFile, ProgressHook, cached_corpus, fetch_cor
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
 from drnn_cli.token_cache import EncodedCorpus, as_fixed, load_cached, store, text_sha1
-from drnn_cli.vocab import (
-    UNK,
-    Vocab,
+from drnn_cli.token_tensors import (
     count_ascii,
     count_index,
     count_tokens,
@@ -27,10 +25,8 @@ from drnn_cli.vocab import (
     encode_tokens,
     encode_utf8_,
     index_dtype,
-    missing_from,
-    split_words,
-    tokens_of,
 )
+from drnn_cli.vocab import UNK, Vocab, missing_from, split_words, tokens_of
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from drnn_cli.corpus import LETTERS_ONLY
 from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
-from drnn_cli.vocab import UNK, Vocab, count_index
+from drnn_cli.token_tensors import count_index
+from drnn_cli.vocab import UNK, Vocab
 
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
 # Fewer validation predictions than this: each one moves the perplexity by a few percent or more

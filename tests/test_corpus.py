@@ -760,7 +760,8 @@ def test_a_word_text_is_counted_and_encoded_a_chunk_of_lines_at_a_time_as_it_is_
     every line is a chunk boundary), the vocabulary, its first-seen order of ties, the ids and the
     unknown counts are those of the whole text."""
     import drnn_cli.data as data_module
-    from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of
+    from drnn_cli.token_tensors import count_tokens, encode_tokens
+    from drnn_cli.vocab import Vocab, tokens_of
 
     text = read_text(corpus_path)[:30_000] + "\nlast line without a break"
     path = corpus_path.parent / "unused"  # only named in errors

@@ -16,7 +16,7 @@ from drnn_cli.batches import MIN_EVAL_TOKENS, Splits, check_trainable, epoch_bat
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import dropping
-from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus, local_vocab_size
+from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus
 from drnn_cli.decode import (
     MAX_DECODE_SEED,
     DecodeOptions,
@@ -41,6 +41,7 @@ from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoi
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import check_max_unknown, fine_tuning_point, unknown_share_note
+from drnn_cli.text_vocab import local_vocab_size
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
 

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from drnn_cli.cells import gru_d2l_step, gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import dropping, preprocess_prefix
-from drnn_cli.data import read_token_stream
+from drnn_cli.corpus import dropping, preprocess_prefix, read_token_stream
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity
 from drnn_cli.files import require_regular_file

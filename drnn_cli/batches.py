@@ -32,6 +32,11 @@ class Splits:
     def get(self, name: str) -> torch.Tensor:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
+    def span(self, name: str) -> tuple[int, int]:
+        """Where a split lies in the tokens used: its start and stop (counts kept by position read it)."""
+        start = {"train": 0, "val": len(self.train), "test": len(self.train) + len(self.val)}[name]
+        return start, start + len(self.get(name))
+
 
 def split_tokens(tokens: torch.Tensor, val_fraction: float, test_fraction: float) -> Splits:
     """Tail segments: ``[ train | val | test ]``, sizes rounded down for the held-out parts.

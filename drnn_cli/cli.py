@@ -27,7 +27,6 @@ from rich.console import Console
 from rich.table import Table
 
 from drnn_cli import __version__
-from drnn_cli.config import load_config
 from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
 from drnn_cli.presets import describe_presets, find_config
 from drnn_cli.render import (
@@ -187,10 +186,10 @@ def data_command(
     Example: drnn data --config lstm2.yaml --set data.token=word
     """
     from drnn_cli.commands import DataRequest, describe_data
-    from drnn_cli.start_point import given_keys
+    from drnn_cli.start_point import given_keys, load_start_config
 
     out, _ = consoles(json_out)
-    resolved = load_config(find_config(config) if config is not None else None, set_ or [])
+    resolved = load_start_config(find_config(config) if config is not None else None, set_ or [], init_from)
     request = DataRequest(resolved, init_from, max_unknown, given_keys(set_ or []))
     with download_progress(out) as hook:
         report = describe_data(request, progress=hook)

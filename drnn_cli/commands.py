@@ -111,7 +111,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     data = config.data
     notes = [
         *([start.changes] if start is not None and start.changes else []),
-        *data_notes(config, dataset.splits, dataset.vocab, None, fine_tuning=start is not None),
+        *data_notes(config, dataset, None, fine_tuning=start is not None),
         *own_text_notes(data, dataset.total_tokens, dataset.file_bytes(), fine_tuning=start is not None),
     ]
     refusals = []
@@ -135,7 +135,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         refusals[0] if refusals else None,  # the first that training would meet
         tuple(notes),
         start.init_label if start is not None else None,
-        dataset.lacking_in(dataset.tokens),
+        dataset.lacking_in(),
     )
 
 

@@ -10,6 +10,7 @@ import copy
 import difflib
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -653,7 +654,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def build_config(tree: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
     """Apply ``--set`` overrides to a raw tree, then validate it into a Config."""
     tree = copy.deepcopy(tree)
     for text in overrides:
@@ -668,7 +669,7 @@ def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(describe_error(exc)) from None
 
 
-def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> Config:
     """The resolved config: defaults, then the YAML file (if any), then each ``--set`` in order."""
     tree = read_yaml(path) if path is not None else {}
     return build_config(tree, overrides)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -42,6 +43,33 @@ def normalize_line_breaks(text: str) -> str:
     """CR LF and a lone CR as LF, what ``open()`` in text mode does: a text's line breaks are one
     token however its editor wrote them (the byte-level reader does the same)."""
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def same_text_sha1s(path: Path) -> frozenset[str]:
+    """The SHA-1s of the files drnn reads as the same text as ``path``: its text with LF or with CR LF
+    line breaks, each with and without a UTF-8 byte order mark (``read_text`` drops the mark and reads
+    every line break as LF). A run's text that went through Windows or git's autocrlf is still its
+    text; the file's own SHA-1 is among them where it was written in one of these forms."""
+    mark = BYTE_ORDER_MARK.encode("utf-8")
+    lf, crlf, marked_lf, marked_crlf = (hashlib.sha1() for _ in range(4))
+    marked_lf.update(mark)
+    marked_crlf.update(mark)
+    carried, first = b"", True
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            data = carried + block
+            if first:
+                data, first = data.removeprefix(mark), False  # (a block shorter than the mark: a tiny file)
+            # a CR at a block's end may begin a CR LF the next block ends: read it with that block
+            data, carried = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
+            text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            with_crlf = text.replace(b"\n", b"\r\n")
+            for digest, piece in ((lf, text), (crlf, with_crlf), (marked_lf, text), (marked_crlf, with_crlf)):
+                digest.update(piece)
+    if carried:  # the file ends with a lone CR: a line break
+        for digest, piece in ((lf, b"\n"), (crlf, b"\r\n"), (marked_lf, b"\n"), (marked_crlf, b"\r\n")):
+            digest.update(piece)
+    return frozenset(digest.hexdigest() for digest in (lf, crlf, marked_lf, marked_crlf))
 
 
 def _empty(path: Path, what: str = "corpus file") -> DrnnError:

@@ -11,7 +11,7 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import char_stream_bytes, preprocess, read_text, read_token_stream
+from drnn_cli.corpus import char_stream_bytes, preprocess, read_text, read_token_stream, same_text_sha1s
 from drnn_cli.download import CorpusFile, ProgressHook, fetch_corpus, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
@@ -27,7 +27,7 @@ from drnn_cli.token_tensors import (
     encode_utf8_,
     index_dtype,
 )
-from drnn_cli.vocab import UNK, Vocab, missing_from, split_words
+from drnn_cli.vocab import UNK, Vocab, lacking_total, missing_from, split_words
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Dataset:
     total_tokens: int  # before max_tokens
     unknown: Counter[str] = field(default_factory=Counter)  # tokens a fixed vocabulary lacked → <unk>
     notes: tuple[str, ...] = ()  # said once: a download it made, a token cache it cannot write
+    lacking_at: torch.Tensor | None = None  # EncodedCorpus.lacking_at: positions in the whole text
 
     def file_bytes(self) -> int | None:
         """The text file's size now, or None where it cannot be read."""
@@ -60,13 +61,18 @@ class Dataset:
         """How many tokens of the text the vocabulary lacked (read as <unk>)."""
         return sum(self.unknown.values())
 
-    def lacking_in(self, tokens: torch.Tensor) -> int:
-        """How many of ``tokens`` (the text's, or a split's) the vocabulary lacks: a fixed vocabulary's
-        (fine-tuning) or those ``data.min_freq`` cut. Id 0 is also a literal ``<unk>`` a text writes
-        itself (Penn Treebank's convention), which no vocabulary lacks: the tokens lacking in the whole
-        text bound the count (exact where the text writes no ``<unk>``)."""
-        lacking = self.unknown_count or sum(self.vocab.cut_counts().values())
-        return min(count_index(tokens, self.vocab[UNK]), lacking) if lacking else 0
+    def lacking_in(self, start: int = 0, stop: int | None = None) -> int:
+        """How many of the tokens used from ``start`` to ``stop`` (all by default; a split's
+        :meth:`Splits.span`) the vocabulary lacks: a fixed vocabulary's (fine-tuning) or those
+        ``data.min_freq`` cut. Exact, where id 0 is also a literal ``<unk>`` a word text writes itself
+        (Penn Treebank's convention), which no vocabulary lacks: the encoding kept where the lacking lie."""
+        stop = len(self.tokens) if stop is None else min(stop, len(self.tokens))
+        if start >= stop or not lacking_total(self.vocab, self.unknown):  # nothing to count, or to look for
+            return 0
+        if self.lacking_at is None:  # id 0 is what the vocabulary lacks, and nothing else
+            return count_index(self.tokens[start:stop], self.vocab[UNK])
+        below = torch.searchsorted(self.lacking_at, torch.tensor([start, stop]))
+        return int(below[1] - below[0])
 
     def summary(self) -> dict:
         """The ``drnn data --json`` object (README "Commands": `drnn data`)."""
@@ -133,10 +139,16 @@ def load_dataset(
     """
     located, hashed = resolve_corpus_file(config, progress)
     path, sha1 = located.path, located.sha1
-    if expected_sha1 and sha1 != expected_sha1:
-        raise CorpusMismatch(path, expected_sha1, sha1)
-    corpus = load_cached(path, sha1, config, vocab)
     notes: tuple[str, ...] = (located.download_note,) if located.download_note else ()
+    if expected_sha1 and sha1 != expected_sha1:
+        if expected_sha1 not in same_text_sha1s(path):
+            raise CorpusMismatch(path, expected_sha1, sha1)
+        notes = (
+            *notes,
+            f"{path} differs from the text the checkpoint was trained on in its line breaks (CR LF or LF) or "
+            "byte order mark alone, which drnn reads alike",
+        )
+    corpus = load_cached(path, sha1, config, vocab)
     if corpus is None:
         corpus = _encode(path, config, vocab)
         check_unchanged(path, sha1, hashed)  # the bytes encoded are the bytes hashed, or nothing is kept
@@ -152,7 +164,7 @@ def load_dataset(
     if config.max_tokens > 0:
         encoded = encoded[: config.max_tokens].clone()
     splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
-    return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown, notes)
+    return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown, notes, corpus.lacking_at)
 
 
 def load_same_corpus(
@@ -176,7 +188,7 @@ def encode_text(path: Path, config: DataConfig, vocab: Vocab, what: str) -> torc
     errors name the file as ``what``. Characters go through the file's own buffer, as a corpus does: a
     ``str`` of a non-ASCII text holds 4 bytes a character (a 100 MB text peaked at 1.36 GB this way)."""
     if config.token == "word":
-        return _encoded_words(read_text(path, what), config.preprocess, vocab)
+        return _encoded_words(read_text(path, what), config.preprocess, vocab)[0]
     chars = char_stream_bytes(path, config.preprocess, what)
     if chars is None:
         return encode_tokens(read_token_stream(path, config, what), vocab)
@@ -213,13 +225,26 @@ def _word_chunks(text: str, mode: str) -> Iterator[list[str]]:
         start = end
 
 
-def _encoded_words(text: str, mode: str, vocab: Vocab) -> torch.Tensor:
+def _encoded_words(
+    text: str, mode: str, vocab: Vocab, mark_lacking: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The words of ``text`` as ids, and with ``mark_lacking`` the positions of those ``vocab`` lacks
+    (``EncodedCorpus.lacking_at``): looked up as -1, where the text's own ``<unk>`` is 0."""
     lookup, dtype = vocab.token_to_idx, index_dtype(len(vocab))
-    pieces = [
-        torch.tensor([lookup.get(word, 0) for word in words], dtype=dtype)
-        for words in _word_chunks(text, mode)
-    ]
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
+    pieces, lacking, offset = [], [], 0
+    for words in _word_chunks(text, mode):
+        if not mark_lacking:
+            pieces.append(torch.tensor([lookup.get(word, 0) for word in words], dtype=dtype))
+            continue
+        ids = torch.tensor([lookup.get(word, -1) for word in words], dtype=torch.int32)
+        absent = ids < 0
+        lacking.append(torch.nonzero(absent).flatten() + offset)
+        pieces.append(ids.masked_fill_(absent, 0).to(dtype))
+        offset += len(ids)
+    tokens = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype)
+    if not mark_lacking:
+        return tokens, None
+    return tokens, torch.cat(lacking) if lacking else torch.empty(0, dtype=torch.int64)
 
 
 def _encode_words(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:
@@ -231,7 +256,9 @@ def _encode_words(path: Path, config: DataConfig, vocab: Vocab | None) -> Encode
     if not counts:
         raise no_tokens(path, config)
     vocab, unknown = _vocabulary(dict(counts), path, config, vocab)
-    return EncodedCorpus(vocab, _encoded_words(text, config.preprocess, vocab), unknown)
+    # a text that writes <unk> itself: id 0 alone cannot tell the words the vocabulary lacks from it
+    tokens, lacking_at = _encoded_words(text, config.preprocess, vocab, mark_lacking=UNK in counts)
+    return EncodedCorpus(vocab, tokens, unknown, lacking_at)
 
 
 def _encode_bytes(path: Path, config: DataConfig, vocab: Vocab | None, chars: bytearray) -> EncodedCorpus:

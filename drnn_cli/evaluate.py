@@ -7,9 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from drnn_cli.batches import eval_batches
-from drnn_cli.models import RNNLanguageModel, detach_state, lm_loss, select_state_row
+from drnn_cli.models import RNNLanguageModel, detach_state, lm_log_probs, lm_loss, select_state_row
 from drnn_cli.runtime import autocast
 from drnn_cli.token_tensors import count_index
 
@@ -93,13 +94,18 @@ def evaluate(
             with autocast(device, precision):
                 logits, state = model(batch.x, state)
             state = detach_state(state)
-            nll += lm_loss(logits, batch.y, reduction="sum").double()  # half → fp32; fp64 stays
             count += batch.y.numel()
-            if unknown_id is not None:  # the loss again, target by target: a text with <unk> only
-                is_unknown = batch.y.t().reshape(-1) == unknown_id  # in lm_loss's (time-major) order
-                losses = lm_loss(logits, batch.y, reduction="none").double()
-                unknown_nll += torch.where(is_unknown, losses, 0.0).sum()
-                unknown += is_unknown.sum()
+            if unknown_id is None:
+                nll += lm_loss(logits, batch.y, reduction="sum").double()  # half → fp32; fp64 stays
+                continue
+            # A text with <unk>: one log-softmax over the vocabulary for both sums (lm_loss twice, the sum
+            # and each target's, took 1.4× the time at 10,000 words), each as lm_loss gives it to the bit.
+            log_probs, targets = lm_log_probs(logits, batch.y)
+            nll += F.nll_loss(log_probs, targets, reduction="sum").double()
+            losses = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1).double()  # lm_loss's "none"
+            is_unknown = targets == unknown_id
+            unknown_nll += torch.where(is_unknown, losses, 0.0).sum()
+            unknown += is_unknown.sum()
         return Perplexity(float(nll), count, float(unknown_nll), int(unknown))
     finally:
         model.train(was_training)

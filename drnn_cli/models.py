@@ -475,9 +475,22 @@ def lm_loss(
     ``reduction="sum"`` gives the summed negative log-likelihood (evaluation adds it over batches),
     ``"none"`` each target's, in the logits' row order.
     """
+    scores, flat_targets = _scored_rows(logits, targets)
+    return F.cross_entropy(scores, flat_targets, reduction=reduction)
+
+
+def lm_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`lm_loss` scores, as log-probabilities (rows as its logits', in fp32 or wider) and their
+    targets in the same order: ``F.cross_entropy`` is ``nll_loss`` of ``log_softmax``, so sums over these
+    equal ``lm_loss``'s to the bit, and one log-softmax over the vocabulary serves several of them."""
+    scores, flat_targets = _scored_rows(logits, targets)
+    return F.log_softmax(scores, dim=-1), flat_targets
+
+
+def _scored_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, B, V) logits as (T·B, V) rows in fp32 or wider, and (B, T) targets in the same row order."""
     scores = logits.reshape(-1, logits.shape[-1])
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    return F.cross_entropy(scores, targets.t().reshape(-1), reduction=reduction)
+    return scores.to(torch.promote_types(scores.dtype, torch.float32)), targets.t().reshape(-1)
 
 
 def activation_penalty(raw: torch.Tensor, dropped: torch.Tensor, ar: float, tar: float) -> torch.Tensor:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import torch
 
 from drnn_cli import fused_recurrence
-from drnn_cli.batches import MIN_EVAL_TOKENS, Splits
+from drnn_cli.batches import MIN_EVAL_TOKENS
 from drnn_cli.budget import Cadence, StopReason
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.corpus import LETTERS_ONLY
+from drnn_cli.data import Dataset
 from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
-from drnn_cli.token_tensors import count_index
-from drnn_cli.vocab import UNK, Vocab
 
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
 # Fewer validation predictions than this: each one moves the perplexity by a few percent or more
@@ -55,7 +54,7 @@ def few_predictions_note(predicted: int, fix: str) -> str | None:
 
 
 def data_notes(
-    config: Config, splits: Splits, vocab: Vocab, device: torch.device | None, fine_tuning: bool = False
+    config: Config, dataset: Dataset, device: torch.device | None, fine_tuning: bool = False
 ) -> list[str]:
     """Settings this text or device defeats: a validation or test split too small to evaluate (or so
     small its perplexities are noise), a min_freq that turns much of the text into <unk>, a capped
@@ -64,6 +63,7 @@ def data_notes(
     None, ``drnn data``'s, where it is not decided; ``fine_tuning``: the vocabulary is a checkpoint's,
     which ``data.min_freq`` did not make, and ``--init-from`` says so)."""
     train, data = config.train, config.data
+    splits, vocab = dataset.splits, dataset.vocab
     validation_tokens, test_tokens = len(splits.val), len(splits.test)
     notes = []
     if data.val_fraction > 0 and validation_tokens < MIN_EVAL_TOKENS:
@@ -79,12 +79,7 @@ def data_notes(
         )
     # min_freq 1 cuts nothing: an <unk> is the text's own; under --init-from min_freq applies to nothing
     if data.min_freq > 1 and len(splits.train) and not fine_tuning:
-        # the tokens min_freq cut, counted over the whole text, bound those in the training split: id 0 is
-        # also a literal <unk> the text writes itself, which no min_freq made (a checkpoint's vocabulary,
-        # on --resume, keeps no counts: there id 0 is all there is to count)
-        at_zero = count_index(splits.train, vocab[UNK])
-        cut = sum(vocab.cut_counts().values()) if vocab.token_freqs else at_zero
-        unknown = min(at_zero, cut) / len(splits.train)
+        unknown = dataset.lacking_in(*splits.span("train")) / len(splits.train)
         if unknown >= UNKNOWN_SHARE_NOTED:
             notes.append(
                 f"data.min_freq {data.min_freq} maps {unknown:.1%} of the training tokens to <unk>: the model "

@@ -4,14 +4,14 @@ data stage (the vocabulary, the text's SHA-1, the best perplexity kept on disk).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
-from drnn_cli.config import Config, ConfigError, DataConfig, build_config, parse_override
+from drnn_cli.config import Config, ConfigError, DataConfig, build_config, load_config, parse_override
 from drnn_cli.data import Dataset
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.run_files import BEST, LAST
@@ -83,8 +83,19 @@ def _setting(config: Config, dotted: str) -> object:
 
 
 def _describe_differences(old: Config, new: Config, keys: list[str]) -> str:
+    return _describe_fixed({key: (_setting(old, key), _setting(new, key)) for key in keys})
+
+
+def _describe_fixed(differences: dict[str, tuple[object, object]]) -> str:
+    """``model.hidden_size (128 in the checkpoint, 256 now)``, for each key: (the checkpoint's, now)."""
     return ", ".join(
-        f"{key} ({_setting(old, key)!r} in the checkpoint, {_setting(new, key)!r} now)" for key in keys
+        f"{key} ({saved!r} in the checkpoint, {now!r} now)" for key, (saved, now) in differences.items()
+    )
+
+
+def _refuse_fixed(refusal: str, described: str) -> ConfigError:
+    return ConfigError(
+        f"{refusal}: {described}; the checkpoint's weights and vocabulary fix these: drop those --set options"
     )
 
 
@@ -92,17 +103,57 @@ def _describe_changes(old: Config, new: Config, keys: list[str]) -> str:
     return ", ".join(f"{key} {_setting(old, key)!r} → {_setting(new, key)!r}" for key in keys)
 
 
-def given_keys(overrides: Collection[str]) -> frozenset[str]:
-    """The dotted keys the command line's ``--set`` options give: ``model={dropout: 0.3}`` gives
-    ``model.dropout``; a section set to anything but a mapping (``model=null``), the section's name."""
-    keys: set[str] = set()
+def load_start_config(
+    path: Path | None,
+    overrides: Sequence[str],
+    init_from: Path | None,
+    runs_root: Path = DEFAULT_RUNS_ROOT,
+) -> Config:
+    """The resolved config (``load_config``). Under ``--init-from``, a config that fails its own checks
+    is first searched for ``--set`` keys the checkpoint fixes, refused by name: the config's own advice
+    ("model.tie_weights needs model.embedding_dim equal to model.hidden_size") would lead to a key the
+    checkpoint refuses next, its values being the file's, not the checkpoint's."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError:
+        if init_from is not None:
+            _refuse_sets_the_checkpoint_fixes(overrides, init_from, runs_root)
+        raise
+
+
+def _refuse_sets_the_checkpoint_fixes(overrides: Sequence[str], init_from: Path, runs_root: Path) -> None:
+    try:
+        source = resolve_init_source(init_from, runs_root)
+        saved = read_checkpoint_info(source).config
+    except DrnnError:
+        return  # no checkpoint to compare with: the config's own error comes first
+    given = given_values(overrides)
+    differences = {
+        f"{section}.{key}": (_setting(saved, f"{section}.{key}"), given[f"{section}.{key}"])
+        for section, keys in WEIGHT_SHAPE_KEYS
+        for key in keys
+        if f"{section}.{key}" in given and given[f"{section}.{key}"] != _setting(saved, f"{section}.{key}")
+    }
+    if differences:
+        raise _refuse_fixed(f"cannot initialise from {source}", _describe_fixed(differences))
+
+
+def given_values(overrides: Sequence[str]) -> dict[str, object]:
+    """The value each dotted key is ``--set`` to last, as parsed: ``model={dropout: 0.3}`` sets
+    ``model.dropout``; a section set to anything but a mapping (``model=null``) is keyed by its name."""
+    values: dict[str, object] = {}
     for text in overrides:
         parts, value = parse_override(text)
         if len(parts) == 1 and isinstance(value, dict):
-            keys.update(f"{parts[0]}.{key}" for key in value)
+            values.update({f"{parts[0]}.{key}": item for key, item in value.items()})
         else:
-            keys.add(".".join(parts))
-    return frozenset(keys)
+            values[".".join(parts)] = value
+    return values
+
+
+def given_keys(overrides: Sequence[str]) -> frozenset[str]:
+    """The dotted keys the command line's ``--set`` options give, and the sections they set whole."""
+    return frozenset(given_values(overrides))
 
 
 def take_weight_shape(
@@ -125,10 +176,7 @@ def take_weight_shape(
                 tree[section][key] = saved_tree[section][key]
                 taken.append(dotted)
     if contradicted:
-        raise ConfigError(
-            f"{refusal}: {_describe_differences(saved, config, contradicted)}; the checkpoint's weights and "
-            "vocabulary fix these: drop those --set options"
-        )
+        raise _refuse_fixed(refusal, _describe_differences(saved, config, contradicted))
     if not taken:
         return config, []
     try:
@@ -137,7 +185,7 @@ def take_weight_shape(
         problem = str(exc).removeprefix("config error: ")
         raise DrnnError(
             f"{refusal}: the checkpoint's settings ({_describe_settings(saved, taken)}) do not fit the rest "
-            f"of this config ({problem}); change the config to fit them"
+            f"of this config ({problem}); the checkpoint fixes {', '.join(taken)}: change the rest to fit"
         ) from None
 
 
@@ -372,7 +420,7 @@ def unknown_share_note(dataset: Dataset, limit: float | None) -> str | None:
         return None
     limit = DEFAULT_MAX_UNKNOWN if limit is None else limit
     used = len(dataset.tokens)
-    count = dataset.lacking_in(dataset.tokens)
+    count = dataset.lacking_in()
     share = count / max(1, used)
     worst = ", ".join(f"{token!r} ×{n:,}" for token, n in dataset.unknown.most_common(5))
     where = " in the whole text" if used < dataset.total_tokens else ""

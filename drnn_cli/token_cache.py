@@ -3,8 +3,10 @@
 An entry is keyed by the text's SHA-1, ``data.preprocess``, ``data.token`` and the vocabulary (the one
 built with ``data.min_freq``, or a fixed one from a checkpoint), so changing any of them builds a new
 entry. It lives in ``$DRNN_CACHE_DIR``, else ``$DRNN_DATA_DIR/token-cache/`` when that is set, else in
-``.drnn-cache/`` beside the text, as two files: ``NAME.tokens`` (the raw index array) and ``NAME.json`` (dtype, length, vocabulary,
-the largest id, and the tokens file's identity: inode, size, modification and change times), each written
+``.drnn-cache/`` beside the text, as two files: ``NAME.tokens`` (the raw index array, then, for a word text
+that writes ``<unk>`` itself, the int64 positions of the words its vocabulary lacks) and ``NAME.json`` (dtype,
+length, vocabulary, how many positions follow, the largest id, and the tokens file's identity: inode, size,
+modification and change times), each written
 to a temporary file and renamed, the JSON last, so a reader never sees half an entry. A tokens file that is
 not the one its JSON describes (rewritten, or swapped in from another entry) is rebuilt from the text; the
 ids are checked against the vocabulary when written, so a reload maps the file without reading it.
@@ -41,9 +43,11 @@ from drnn_cli.files import (
     remove_dead_partials,
 )
 from drnn_cli.strict_json import escape_surrogates
-from drnn_cli.vocab import Vocab
+from drnn_cli.vocab import Vocab, lacking_total
 
-FORMAT = 2  # 2: a UTF-8 byte order mark at the start is no longer a token
+# 2: a UTF-8 byte order mark at the start is no longer a token; 3: the positions of the words a vocabulary
+# lacks follow the tokens of a text that writes <unk> itself (a format-2 entry has none: rebuilt, then deleted)
+FORMAT = 3
 MIN_CACHED_BYTES = 1 << 20
 RACY_SECONDS = 2.0  # a file modified this close to its hashing may change again within one mtime tick
 _DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
@@ -64,6 +68,9 @@ class EncodedCorpus:
     vocab: Vocab
     tokens: torch.Tensor
     unknown: Counter[str]
+    # Where a word text writes <unk> itself, id 0 is also that word: the sorted positions of the tokens the
+    # vocabulary lacks (int64). None where id 0 is exactly those.
+    lacking_at: torch.Tensor | None = None
 
 
 CACHE_DIR_ENV = "DRNN_CACHE_DIR"  # the token cache's own folder, apart from a (shared) corpus folder
@@ -172,7 +179,7 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
 def as_fixed(built: EncodedCorpus, vocab: Vocab) -> EncodedCorpus:
     """The text's own encoding read with ``vocab``, a fixed vocabulary that is the built one (a
     checkpoint's, stored without counts): the tokens ``min_freq`` cut are the unknown ones."""
-    return EncodedCorpus(vocab, built.tokens, built.vocab.cut_counts())
+    return EncodedCorpus(vocab, built.tokens, built.vocab.cut_counts(), built.lacking_at)
 
 
 def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
@@ -181,7 +188,11 @@ def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
         meta = _read_json(meta_path, _entry_max_bytes(text))
         dtype = _DTYPES[meta["dtype"]]
         length = int(meta["length"])
-        if meta["key"] != key or tokens_path.stat().st_size != length * dtype.itemsize:
+        lacking = meta["lacking"]
+        if lacking is not None and (type(lacking) is not int or lacking < 0):
+            return None
+        size = length * dtype.itemsize + 8 * (lacking or 0)
+        if meta["key"] != key or tokens_path.stat().st_size != size:
             return None
         identity = file_identity(tokens_path)
         if meta["tokens_file"] != identity:
@@ -192,22 +203,56 @@ def _load_entry(text: Path, key: dict[str, object]) -> EncodedCorpus | None:
         if type(largest) is not int or largest >= len(vocab) or not _is_count_map(unknown):
             return None  # an id past the vocabulary would fail mid-training, or at ``drnn eval``
         if time.time_ns() - identity["mtime_ns"] < RACY_SECONDS * 1e9 and not _ids_below(
-            tokens_path, dtype, len(vocab)
+            tokens_path, dtype, length, len(vocab)
         ):
             return None  # rewritten within one timestamp tick of its storing, where its identity is the same
+        lacking_at = None
+        if lacking is not None:
+            lacking_at = _read_positions(tokens_path, length * dtype.itemsize, lacking)
+            if not _positions_fit(lacking_at, length, lacking_total(vocab, Counter(unknown))):
+                return None  # a count that is not the text's lacking tokens would be said as if it were
         # shared=False maps the file copy-on-write: nothing is read until training reads it.
         tokens = torch.from_file(str(tokens_path), shared=False, size=length, dtype=dtype)
-        return EncodedCorpus(vocab, tokens, Counter(unknown))
+        return EncodedCorpus(vocab, tokens, Counter(unknown), lacking_at)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
 
 
-def _ids_below(path: Path, dtype: torch.dtype, vocab_size: int) -> bool:
-    """Whether every id in the file indexes the vocabulary, read a few MiB at a time (not mapped: the
-    pages read would stay in this process's resident memory)."""
-    buffer = bytearray(_WRITE_CHUNK)
-    with path.open("rb", buffering=0) as handle:
-        while got := handle.readinto(buffer):
+def _read_positions(path: Path, offset: int, count: int) -> torch.Tensor:
+    """The ``count`` int64 positions that follow the tokens in an entry's file (read, not mapped: a
+    count is a search through them all)."""
+    buffer = bytearray(8 * count)
+    with path.open("rb", buffering=0) as handle, memoryview(buffer) as view:
+        handle.seek(offset)
+        got = 0
+        while got < len(buffer) and (read := handle.readinto(view[got:])):
+            got += read
+    if got < len(buffer):
+        raise OSError(f"{path} is shorter than its entry says")
+    return torch.frombuffer(buffer, dtype=torch.int64) if count else torch.empty(0, dtype=torch.int64)
+
+
+def _positions_fit(positions: torch.Tensor, length: int, lacking: int) -> bool:
+    """Whether stored positions can be the lacking tokens' of a text of ``length`` tokens that lacks
+    ``lacking``: as many, increasing, each inside the text (a search through others counts nonsense)."""
+    if len(positions) != lacking:
+        return False
+    if not lacking:
+        return True
+    return (
+        bool(positions[0] >= 0)
+        and bool(positions[-1] < length)
+        and bool(torch.all(positions[1:] > positions[:-1]))
+    )
+
+
+def _ids_below(path: Path, dtype: torch.dtype, length: int, vocab_size: int) -> bool:
+    """Whether every one of the ``length`` ids the file starts with indexes the vocabulary, read a few MiB
+    at a time (not mapped: the pages read would stay in this process's resident memory)."""
+    buffer, left = bytearray(_WRITE_CHUNK), length * dtype.itemsize
+    with path.open("rb", buffering=0) as handle, memoryview(buffer) as view:
+        while left and (got := handle.readinto(view[: min(left, len(buffer))])):
+            left -= got
             ids = torch.frombuffer(buffer, dtype=dtype, count=got // dtype.itemsize)
             low, high = torch.aminmax(ids)
             if int(low) < 0 or int(high) >= vocab_size:
@@ -250,11 +295,14 @@ def store(
         "length": len(corpus.tokens),
         "vocab": corpus.vocab.to_dict(),
         "unknown": dict(corpus.unknown),
+        "lacking": None if corpus.lacking_at is None else len(corpus.lacking_at),
         "largest_id": largest,
     }
     try:
         tokens_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_tensor(tokens_path, corpus.tokens)
+        _write_tensors(
+            tokens_path, corpus.tokens, *([] if corpus.lacking_at is None else [corpus.lacking_at])
+        )
         meta["tokens_file"] = file_identity(tokens_path)
         # last: it marks the entry whole (a text's name that is not UTF-8 escaped, and read back as it was)
         atomic_write_text(meta_path, escape_surrogates(json.dumps(meta, ensure_ascii=False)))
@@ -289,8 +337,9 @@ def _reason(error: OSError | DrnnError, directory: Path) -> str:
 
 
 def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
-    """Delete the entries of this file's earlier contents: each edit of a big text would otherwise
-    leave an entry as large as the text for good. (A process still training from one keeps its
+    """Delete the entries of this file's earlier contents, and those an earlier drnn wrote in an earlier
+    format: each edit of a big text (or update of drnn) would otherwise leave an entry as large as the
+    text for good. (A process still training from one keeps its
     mapping: the file goes once it is closed.) Only this machine's: machines sharing a cache folder
     (``DRNN_DATA_DIR`` on a network drive) may each have a different file at the same path."""
     host, limit = socket.gethostname(), _entry_max_bytes(Path(text))
@@ -300,7 +349,11 @@ def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
         try:
             meta = _read_json(meta_path, limit)
             # another machine's text at that path is not this one's past (entries before hosts: this one's)
-            older = meta["text"] == text and meta.get("host", host) == host and meta["key"]["sha1"] != sha1
+            older = (
+                meta["text"] == text
+                and meta.get("host", host) == host
+                and (meta["key"]["sha1"] != sha1 or meta["key"]["format"] < FORMAT)
+            )
         except (KeyError, TypeError):
             continue  # not an entry this version reads: left alone
         if older:
@@ -309,17 +362,18 @@ def _remove_older_versions(directory: Path, text: str, sha1: str) -> None:
                 meta_path.with_suffix(".tokens").unlink()
 
 
-def _write_tensor(path: Path, tokens: torch.Tensor) -> None:
-    """The raw array through a temporary file and a rename, a few MiB at a time."""
-    data = tokens.contiguous().view(torch.uint8)
+def _write_tensors(path: Path, *tensors: torch.Tensor) -> None:
+    """The raw arrays, one after the other, through a temporary file and a rename, a few MiB at a time."""
     partial = partial_path(path)
     try:
         with partial.open("wb") as handle:
-            for start in range(0, len(data), _WRITE_CHUNK):
-                piece = data[start : start + _WRITE_CHUNK]
-                buffer = bytearray(len(piece))
-                torch.frombuffer(buffer, dtype=torch.uint8).copy_(piece)
-                handle.write(buffer)
+            for tensor in tensors:
+                data = tensor.contiguous().view(torch.uint8)
+                for start in range(0, len(data), _WRITE_CHUNK):
+                    piece = data[start : start + _WRITE_CHUNK]
+                    buffer = bytearray(len(piece))
+                    torch.frombuffer(buffer, dtype=torch.uint8).copy_(piece)
+                    handle.write(buffer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)

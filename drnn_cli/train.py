@@ -1108,13 +1108,12 @@ class Trainer:
         ``data.min_freq``): over the validation split, else the training split. A text's own ``<unk>``
         words (Penn Treebank writes them) are no lack (:meth:`Dataset.lacking_in`)."""
         validated = len(self.val_tokens) >= MIN_EVAL_TOKENS
-        predicted = (self.val_tokens if validated else self.dataset.splits.train)[1:]
+        start, stop = self.dataset.splits.span("val" if validated else "train")
         return scored_unknown_note(
-            self.dataset.lacking_in(predicted),
-            len(predicted),
+            self.dataset.lacking_in(start + 1, stop),  # the tokens predicted: all but the first
+            max(0, stop - start - 1),
             "validation tokens" if validated else "training tokens",
             "this run's perplexities are",
-            written_unk=self.config.data.token == "word",  # a split's own <unk> words count with the lacking
         )
 
     def _already_done(self) -> StopReason | None:
@@ -1218,8 +1217,7 @@ class Trainer:
             *self.dataset.notes,
             *data_notes(
                 self.config,
-                self.dataset.splits,
-                self.dataset.vocab,
+                self.dataset,
                 self.device,
                 fine_tuning=self.init_from_label is not None,
             ),

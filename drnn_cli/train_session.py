@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.checkpoint import check_header_room
-from drnn_cli.config import Config, load_config
+from drnn_cli.config import Config
 from drnn_cli.data import load_same_corpus
 from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError
@@ -37,6 +37,7 @@ from drnn_cli.start_point import (
     check_max_unknown,
     given_keys,
     init_point,
+    load_start_config,
     resume_point,
     unknown_share_note,
 )
@@ -74,7 +75,7 @@ def train_run(
     overrides = request.overrides
     if request.device is not None:
         overrides = (*overrides, f"train.device={request.device}")  # validated like the config key
-    config = load_config(request.config_path, overrides)
+    config = load_start_config(request.config_path, overrides, request.init_from, request.runs_root)
     if config.data.file is not None:  # the run keeps an absolute path: eval and --resume work from anywhere
         config.data.path = str(config.data.file.absolute())
     run_dir = (

@@ -140,3 +140,9 @@ def tokens_of(pieces: Sequence[str], token: str) -> str | list[str]:
 def missing_from(counts: dict[str, int], vocab: Vocab) -> Counter[str]:
     """The counted tokens the vocabulary lacks, with their counts, in ``counts``' order."""
     return Counter({token: count for token, count in counts.items() if token not in vocab})
+
+
+def lacking_total(vocab: Vocab, unknown: Counter[str]) -> int:
+    """How many tokens of a whole text ``vocab`` lacks: a fixed vocabulary's ``unknown`` counts, else
+    (a vocabulary the text built) those ``min_freq`` cut."""
+    return sum(unknown.values()) or sum(vocab.cut_counts().values())

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import preprocess, preprocess_chars, preprocess_prefix, read_text
+from drnn_cli.corpus import preprocess, preprocess_chars, preprocess_prefix, read_text, same_text_sha1s
 from drnn_cli.data import load_dataset
 from drnn_cli.download import REGISTRY, fetch_corpus
 from drnn_cli.errors import ConfigError, DrnnError
@@ -868,3 +868,21 @@ def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep
     assert own_text_notes(DataConfig(path="mine.txt", preprocess="none"), 1_000, 3_000) == []
     assert own_text_notes(DataConfig(path="mine.txt", token="word"), 1_000, 3_000) == []
     assert own_text_notes(DataConfig(path="mine.txt"), 1_000, None) == []  # its size unknown
+
+
+def test_the_files_read_as_the_same_text_are_its_lf_and_crlf_forms_with_and_without_a_byte_order_mark(
+    tmp_path: Path,
+):
+    """A CR LF lands on the 1 MiB block boundary the reader hashes at, and the text ends with a lone CR:
+    each is one line break whichever form the file takes."""
+    body = b"a" * ((1 << 20) - 1) + b"\r\nnext line\rlast\r"  # the CR of the first CR LF ends a block
+    text = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # what read_text makes of it
+    mark = b"\xef\xbb\xbf"
+    forms = {text, text.replace(b"\n", b"\r\n"), mark + text, mark + text.replace(b"\n", b"\r\n")}
+    expected = frozenset(hashlib.sha1(form).hexdigest() for form in forms)
+    for written in (body, mark + body, *forms):
+        path = tmp_path / "text.txt"
+        path.write_bytes(written)
+        assert same_text_sha1s(path) == expected
+    path.write_bytes(text + b"!")
+    assert not same_text_sha1s(path) & expected

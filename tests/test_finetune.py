@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -136,23 +137,28 @@ def test_the_note_after_training_counts_the_tokens_a_vocabulary_lacks_not_a_text
 ):
     """A word text that writes <unk> itself (as Penn Treebank's does) lacks nothing: no note, though 12%
     of its tokens are <unk>. Its min_freq run lacks the words cut, counted exactly (the ids alone cannot
-    tell them from the text's own <unk>): 7.0% here, where counting ids says 18.6%."""
-    text = tmp_path / "ptb.txt"
-    text.write_text("the cat <unk> sat on the mat .\n" * 60 + "zebra yak gnu\n" * 12)  # 480 + 36 words
+    tell them from the text's own <unk>): 7.0% here, where counting ids says 18.6%. Where the words cut
+    lie in the training split and the validation split holds <unk>s of the text's own, the validation
+    tokens lack none (bounded by the words cut in the whole text, the <unk>s were said to be 12.0%)."""
+    ptb, cut = "the cat <unk> sat on the mat .\n" * 60, "zebra yak gnu\n" * 12  # 480 + 36 words
     words = {"preprocess": "none", "token": "word", "batch_size": 4, "num_steps": 5}
-    for name, data, said in (
-        ("own", words, None),
+    for name, text, data, said in (
+        ("own", ptb + cut, words, None),
         (
             "cut",
+            ptb + cut,
             {**words, "min_freq": 20},
-            "7.0% of the training tokens are scored as <unk> (not in the vocabulary",
+            "7.0% of the training tokens are not in the vocabulary and are scored as <unk>",
         ),
+        ("cut_first", cut + ptb, {**words, "min_freq": 20, "val_fraction": 0.1}, None),
     ):
+        path = tmp_path / f"{name}.txt"
+        path.write_text(text)
         notes = Notes()
-        config = config_for(tmp_path, text, name, data=data, train={"epochs": 1})
+        config = config_for(tmp_path, path, name, data=data, train={"epochs": 1})
         train_run(TrainRequest(config, run_dir=tmp_path / name), reporter=notes)
         scored = [note for note in notes.notes if "scored as <unk>" in note]
-        assert [note.split(", or written")[0] for note in scored] == ([said] if said else [])
+        assert [note.split(", one class")[0] for note in scored] == ([said] if said else [])
     # drnn eval scores ids: of a word model it does not call the text's own <unk> missing
     code, out, err = cli("eval", "--run", str(tmp_path / "own"))
     assert code == 0, err
@@ -255,8 +261,8 @@ def test_a_checkpoint_architecture_that_the_rest_of_the_config_cannot_take_is_re
     with pytest.raises(
         DrnnError,
         match=r"^cannot initialise from runs/base/last.safetensors: the checkpoint's settings \(model.embedding_dim 0\) "
-        r"do not fit the rest of this config \(model: .*embedding_dropout needs a learned embedding.*\); change the "
-        r"config to fit them$",
+        r"do not fit the rest of this config \(model: .*embedding_dropout needs a learned embedding.*\); the "
+        r"checkpoint fixes model.embedding_dim: change the rest to fit$",
     ):
         train_run(TrainRequest(embedded, init_from=Path("runs/base")))
 
@@ -287,6 +293,31 @@ def test_a_contradicting_set_is_refused_by_name_even_where_taking_the_rest_would
         DrnnError, match=r": model.embedding_dim \(32 in the checkpoint, 16 now\); the checkpoint's"
     ):
         train_run(TrainRequest(other, ("model.embedding_dim=16",), init_from=Path("runs/base")))
+
+
+def test_a_set_the_checkpoint_fixes_is_refused_before_the_files_values_break_a_rule_with_it(
+    tmp_path: Path, texts: tuple[Path, Path], cli
+):
+    """``--set model.tie_weights=true`` on an untied base: the file's one-hot input (embedding_dim 0)
+    broke the tying rule first, and its advice (set embedding_dim to hidden_size) led to a second
+    refusal, the checkpoint's width being fixed too. The key the checkpoint fixes is named at once."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    other = config_for(tmp_path, second, "other")
+    refusal = (
+        "cannot initialise from runs/base/last.safetensors: model.tie_weights (False in the checkpoint, "
+        "True now); the checkpoint's weights and vocabulary fix these: drop those --set options"
+    )
+    with pytest.raises(DrnnError, match="^" + re.escape(refusal) + "$"):
+        train_run(TrainRequest(other, ("model.tie_weights=true",), init_from=Path("runs/base")))
+    assert not Path("runs/other").exists()
+    args = ("--config", str(other), "--set", "model.tie_weights=true", "--init-from", "runs/base")
+    code, _, err = cli("data", *args)  # the preview refuses it alike
+    assert (code, " ".join(err.split())) == (2, f"drnn: error: {refusal}")
+    with pytest.raises(
+        DrnnError, match=r"^config error: model: model.tie_weights needs model.embedding_dim equal"
+    ):
+        train_run(TrainRequest(other, ("model.tie_weights=true",)))  # no checkpoint: the rule itself
 
 
 def test_an_interrupted_fine_tuning_run_resumes_with_the_same_command_plus_resume(
@@ -482,6 +513,40 @@ def test_a_literal_unk_the_text_writes_itself_is_not_counted_as_unknown_under_in
                                init_from=Path("runs/base"), max_unknown_fraction=0.001))  # fmt: skip
     assert str(refused.value).startswith(
         "1 of the 540 tokens the run uses (0.185%) are not in the checkpoint's vocabulary ('sleepy' ×1)"
+    )
+
+
+def test_a_text_s_own_unk_is_no_lack_where_data_max_tokens_cuts_off_the_lacking_words(
+    tmp_path: Path, texts: tuple[Path, Path], cli
+):
+    """ft26 #3: the lacking tokens were bounded by the ids 0 of the tokens used and the lacking words of the
+    whole text. With the text's own <unk> kept and the lacking words cut off by data.max_tokens, the bound
+    was the written <unk>s: 30 of 270 tokens, and the run was refused. They are counted where they lie."""
+    first, _ = texts
+    words = {"token": "word", "val_fraction": 0.1}
+    train_run(TrainRequest(config_for(tmp_path, first, "base", data=words, train={"epochs": 1})))
+    newer = tmp_path / "newer.txt"  # 270 words, 30 of them <unk>; then 120 words, 'slow' and 'red' lacking
+    newer.write_text("the <unk> brown fox jumps over the lazy dog. " * 30 + "the slow red dog. " * 30)
+
+    def preview(max_tokens: int) -> dict:
+        data = {**words, "max_tokens": max_tokens}
+        config = config_for(tmp_path, newer, f"ft{max_tokens}", data=data, train={"epochs": 1})
+        code, out, err = cli("data", "--config", str(config), "--init-from", "runs/base", "--json")
+        assert code == 0, err
+        return json.loads(out.splitlines()[-1])
+
+    clean = preview(270)
+    assert (clean["unknown_tokens"], clean["train_would_refuse"]) == (0, None)
+    assert not any("<unk>" in note for note in clean["notes"])
+    notes = Notes()
+    train_run(TrainRequest(tmp_path / "ft270.yaml", init_from=Path("runs/base")), reporter=notes)
+    assert not any("<unk>" in note for note in notes.notes)
+    # 30 words more: 8 'slow' and 7 'red' (not the 30 written <unk>s as well)
+    assert preview(300)["unknown_tokens"] == 15
+    with pytest.raises(DrnnError) as refused:
+        train_run(TrainRequest(tmp_path / "ft300.yaml", init_from=Path("runs/base")))
+    assert str(refused.value).startswith(
+        "15 of the 300 tokens the run uses (5%) are not in the checkpoint's vocabulary ('slow' ×30"
     )
 
 

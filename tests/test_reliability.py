@@ -316,6 +316,25 @@ def test_a_literal_unk_the_text_writes_itself_is_not_taken_for_what_min_freq_cut
     assert code == 0 and "data.min_freq" not in out, err
 
 
+def test_the_min_freq_note_counts_the_words_cut_where_they_lie_not_the_text_s_own_unk(workdir: Path, cli):
+    """min_freq 20 cuts 'zebra yak gnu' (36 words). Where the validation split holds them, the training
+    split lacks nothing, though it holds 58 <unk>s of the text's own: bounded by the words cut in the whole
+    text, its share was said to be min(58, 36) of 465 (7.7%). Where the training split holds them, 7.7% is."""
+    ptb, cut = "the cat <unk> sat on the mat .\n" * 60, "zebra yak gnu\n" * 12  # 480 + 36 words
+    for name, text, share in (("cut_last", ptb + cut, None), ("cut_first", cut + ptb, "7.7%")):
+        path = workdir / f"{name}.txt"
+        path.write_text(text)
+        code, out, err = cli(
+            "data", "--set", f"data.path={path}", "--set", "data.preprocess=none", "--set", "data.token=word",
+            "--set", "data.min_freq=20", "--set", "data.val_fraction=0.1", "--json",
+        )  # fmt: skip
+        said = json.loads(out.splitlines()[-1])
+        assert code == 0 and said["unknown_tokens"] == 36, err
+        assert [note.split(" of the training")[0] for note in said["notes"] if "data.min_freq" in note] == (
+            [f"data.min_freq 20 maps {share}"] if share else []
+        )
+
+
 def test_a_one_hot_input_over_a_large_vocabulary_is_noted(workdir: Path, cli):
     """A word text of 2,000 distinct words read one-hot: the first GRU layer holds 3 × hidden ×
     2,001 input weights, and a minibatch 2 × 5 × 2,001 floats; the note names the embedding."""

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from drnn_cli import data as data_module
+from drnn_cli import token_cache
 from drnn_cli.config import DataConfig
-from drnn_cli.data import load_dataset
+from drnn_cli.data import Dataset, load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.token_cache import MIN_CACHED_BYTES, STAMP_MAX_BYTES
 from drnn_cli.vocab import Vocab
@@ -425,6 +426,64 @@ def test_a_min_freq_runs_own_vocabulary_reuses_the_built_entry_with_the_cut_toke
     again = load_dataset(config, vocab=fixed)
     assert torch.equal(again.tokens, built.tokens) and len(entries(workdir)) == 1
     assert again.unknown == cut and sum(again.unknown.values()) > 0
+
+
+@pytest.fixture
+def ptb_text(workdir: Path, big_text: Path) -> Path:
+    """A big word text that writes <unk> itself, as Penn Treebank's does: the book's 'time' (294 times)."""
+    text = workdir / "ptb.txt"
+    text.write_text(" ".join("<unk>" if word == "time" else word for word in big_text.read_text().split()))
+    return text
+
+
+def lacking_by_split(dataset: Dataset) -> list[int]:
+    return [dataset.lacking_in(*dataset.splits.span(name)) for name in ("train", "val", "test")]
+
+
+def test_the_words_a_vocabulary_lacks_are_told_from_a_text_s_own_unk_after_a_reload(
+    workdir: Path, ptb_text: Path, monkeypatch
+):
+    """min_freq 7 cuts words of a text that writes <unk> itself: id 0 is both. The entry keeps where the
+    words cut lie, so a reload (in its first seconds too, when the ids are read again), a capped one, and
+    a checkpoint's vocabulary count them in each split as the encoding did, and as counted here apart."""
+    words = ptb_text.read_text().split()
+    cut = words_seen_fewer_than(7, ptb_text)
+    at = [index for index, word in enumerate(words) if word in cut]
+    config = DataConfig(
+        path=str(ptb_text), preprocess="none", token="word", min_freq=7, val_fraction=0.1, test_fraction=0.1
+    )
+    first = load_dataset(config)
+    spans = [first.splits.span(name) for name in ("train", "val", "test")]
+    expected = [sum(start <= index < stop for index in at) for start, stop in spans]
+    assert lacking_by_split(first) == expected and sum(expected) == sum(cut.values()) > 0
+    assert words.count("<unk>") == 294 and first.lacking_in() == sum(expected)
+    no_encoding(monkeypatch)
+    monkeypatch.setattr(token_cache, "RACY_SECONDS", 1e6)  # as if stored within one mtime tick
+    again = load_dataset(config)
+    assert lacking_by_split(again) == expected and torch.equal(again.tokens, first.tokens)
+    capped = load_dataset(config.model_copy(update={"max_tokens": spans[1][0]}))  # the training split
+    assert capped.lacking_in() == expected[0]
+    fixed = Vocab.from_dict(first.vocab.tokens_dict())  # as a checkpoint stores it: no counts
+    assert lacking_by_split(load_dataset(config, vocab=fixed)) == expected and len(entries(workdir)) == 1
+
+
+def test_an_entry_of_an_earlier_format_is_not_read_and_its_text_s_new_entry_deletes_it(
+    workdir: Path, ptb_text: Path, monkeypatch
+):
+    """A format-2 entry keeps no positions of the words its vocabulary lacks: read, a text's own <unk>
+    would count as lacking again. It is rebuilt, and the new entry deletes it (as large as the text)."""
+    config = DataConfig(path=str(ptb_text), preprocess="none", token="word", min_freq=7, max_tokens=5000)
+    current_format = token_cache.FORMAT
+    monkeypatch.setattr(token_cache, "FORMAT", 2)
+    load_dataset(config)
+    (old,) = entries(workdir)
+    monkeypatch.setattr(token_cache, "FORMAT", current_format)
+    current = load_dataset(config)
+    (new,) = entries(workdir)
+    assert new != old and not old.with_suffix(".tokens").exists()
+    cut = words_seen_fewer_than(7, ptb_text)
+    assert current.lacking_in() == sum(word in cut for word in ptb_text.read_text().split()[:5000]) > 0
+    assert current.lacking_in() < int((current.tokens == 0).sum())  # the text's own <unk>s are no lack
 
 
 def test_a_fixed_vocabulary_that_is_the_texts_own_is_kept_as_the_texts_own_entry(

@@ -286,17 +286,21 @@ def test_counting_unknown_tokens_holds_no_copy_of_the_corpus(tmp_path):
     text peaked at 2.09 GB (0.46 GB without min_freq); ``eval --data`` and ``--init-from`` count the same
     way. Run in a fresh process, whose peak RSS is this count's alone once the tokens exist."""
     script = (
+        "from pathlib import Path\n"
         "import torch\n"
         "from drnn_cli.batches import split_tokens\n"
         "from drnn_cli.config import Config\n"
+        "from drnn_cli.data import Dataset\n"
         "from drnn_cli.run_notes import data_notes\n"
         "from drnn_cli.vocab import Vocab\n"
         "def peak():\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
         "tokens = torch.zeros(1 << 26, dtype=torch.uint8); tokens[::2] = 1\n"
         "config = Config.model_validate({'data': {'min_freq': 2}})\n"
+        "vocab = Vocab(['<unk>', 'a'], [('a', 1 << 25), ('b', 1 << 25)], min_freq=2)  # b cut, as built\n"
+        "dataset = Dataset(vocab, tokens, split_tokens(tokens, 0, 0), Path('t.txt'), '', len(tokens))\n"
         "before = peak()\n"
-        "notes = data_notes(config, split_tokens(tokens, 0, 0), Vocab(['<unk>', 'a']), torch.device('cpu'))\n"
+        "notes = data_notes(config, dataset, torch.device('cpu'))\n"
         "assert any('50.0% of the training tokens' in note for note in notes), notes\n"
         "print(peak() - before)\n"
     )

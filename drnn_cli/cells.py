@@ -37,8 +37,6 @@ import torch
 
 # A function of one timestep (forward or backward), plain or torch.compile's version of it.
 CellStep = Callable[..., Any]
-# Gate blocks of H rows in each cell's weights (the layouts above)
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
 # ---------------------------------------------------------------------------------------------

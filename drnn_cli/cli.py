@@ -28,7 +28,7 @@ from rich.table import Table
 
 from drnn_cli import __version__
 from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
-from drnn_cli.presets import find_config
+from drnn_cli.presets import describe_presets, find_config
 from drnn_cli.render import (
     RichReporter,
     consoles,
@@ -238,8 +238,6 @@ def presets_command(json_out: JsonOption = False) -> None:
 
     Example: drnn presets, then drnn train --config d2l/ch9_1_gru
     """
-    from drnn_cli.commands import describe_presets
-
     out, _ = consoles(json_out)
     reports = describe_presets()
     # an 80-column terminal wrapped each description and figure into a dozen lines (156 in all): there

@@ -1,5 +1,5 @@
-"""What ``data``, ``presets``, ``predict``, ``eval`` and ``inspect`` do, as library calls (``train``:
-train_session.py): the CLI parses and renders, these do the work."""
+"""What ``data``, ``predict``, ``eval`` and ``inspect`` do, as library calls (``train``:
+train_session.py; ``presets``: presets.py): the CLI parses and renders, these do the work."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_train
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import dropping
-from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus, local_vocab_size
+from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus
 from drnn_cli.decode import (
     MAX_DECODE_SEED,
     DecodeOptions,
@@ -33,8 +33,7 @@ from drnn_cli.files import atomic_write_stream, output_file, refuse_overwriting,
 from drnn_cli.inspect_html import page_pieces
 from drnn_cli.inspect_plot import check_plot_request, write_inspection_plot
 from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
-from drnn_cli.models import RNNLanguageModel, build_model, count_parameters
-from drnn_cli.presets import Preset, list_presets
+from drnn_cli.models import RNNLanguageModel, build_model
 from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import (
     data_notes,
@@ -148,53 +147,6 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         start.init_label if start is not None else None,
         dataset.lacking_in(),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# drnn presets
-
-
-@dataclass(frozen=True)
-class PresetReport:
-    """A preset with its model size: the vocabulary (and so the parameter count) is known only when
-    the preset's corpus is already on disk, because describing presets never downloads."""
-
-    preset: Preset
-    config: Config
-    vocab_size: int | None
-    parameters: int | None
-
-    def summary(self) -> dict:
-        model = self.config.model
-        return {
-            "name": self.preset.name,
-            "description": self.preset.description,
-            "cell": model.cell,
-            "num_layers": model.num_layers,
-            "hidden_size": model.hidden_size,
-            "embedding_dim": model.embedding_dim,
-            "vocab_size": self.vocab_size,
-            "parameters": self.parameters,
-            "measured": self.preset.measured,
-            "path": str(self.preset.path),
-        }
-
-
-def describe_presets(root: Path | None = None) -> list[PresetReport]:
-    reports = []
-    vocab_sizes: dict[tuple, int | None] = {}  # the presets mostly share one corpus: read it once
-    for preset in list_presets(root):
-        config = load_config(preset.path)
-        data = config.data
-        key = (data.path, data.corpus, data.preprocess, data.token, data.min_freq)
-        if key not in vocab_sizes:
-            vocab_sizes[key] = local_vocab_size(data)
-        vocab_size = vocab_sizes[key]
-        parameters = None
-        if vocab_size is not None:
-            parameters = count_parameters(build_model(vocab_size, config.model))
-        reports.append(PresetReport(preset, config, vocab_size, parameters))
-    return reports
 
 
 # ---------------------------------------------------------------------------------------------

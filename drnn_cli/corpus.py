@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from drnn_cli.config import DataConfig
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.files import (
     NOT_UTF8_HEAD,
@@ -21,6 +22,7 @@ from drnn_cli.files import (
     refuse_nul_bytes,
     require_regular_file,
 )
+from drnn_cli.vocab import tokens_of
 
 
 def read_text(path: Path, what: str = "corpus file", max_bytes: int | None = None) -> str:
@@ -178,6 +180,17 @@ def preprocess_chars(text: str, mode: str) -> str:
         written = _append_piece(out, written, piece, mode)
         start = end
     return str(memoryview(out)[:written], "ascii")
+
+
+def read_token_stream(
+    path: Path, config: DataConfig, what: str = "corpus file", max_bytes: int | None = None
+) -> str | list[str]:
+    """The tokens of another text as ``config`` reads its corpus; errors name the file as ``what``, and a
+    file over ``max_bytes`` is refused after reading no more than that and one byte."""
+    text = read_text(path, what, max_bytes)
+    if config.token == "char":
+        return preprocess_chars(text, config.preprocess)
+    return tokens_of(preprocess(text, config.preprocess), config.token)
 
 
 def char_stream_bytes(path: Path, mode: str, what: str = "corpus file") -> bytearray | None:

@@ -11,14 +11,13 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import char_stream_bytes, preprocess, preprocess_chars, read_text, same_text_sha1s
-from drnn_cli.download import CorpusFile, ProgressHook, cached_corpus, fetch_corpus, file_sha1
+from drnn_cli.corpus import char_stream_bytes, preprocess, read_text, read_token_stream, same_text_sha1s
+from drnn_cli.download import CorpusFile, ProgressHook, fetch_corpus, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
+from drnn_cli.text_vocab import build_vocab, no_tokens
 from drnn_cli.token_cache import EncodedCorpus, as_fixed, load_cached, store, text_sha1
-from drnn_cli.vocab import (
-    UNK,
-    Vocab,
+from drnn_cli.token_tensors import (
     count_ascii,
     count_index,
     count_tokens,
@@ -27,11 +26,8 @@ from drnn_cli.vocab import (
     encode_tokens,
     encode_utf8_,
     index_dtype,
-    lacking_total,
-    missing_from,
-    split_words,
-    tokens_of,
 )
+from drnn_cli.vocab import UNK, Vocab, lacking_total, missing_from, split_words
 
 
 @dataclass(frozen=True)
@@ -118,17 +114,6 @@ def check_unchanged(path: Path, sha1: str, hashed: FileIdentity) -> None:
         )
 
 
-def read_token_stream(
-    path: Path, config: DataConfig, what: str = "corpus file", max_bytes: int | None = None
-) -> str | list[str]:
-    """The tokens of another text as ``config`` reads its corpus; errors name the file as ``what``, and a
-    file over ``max_bytes`` is refused after reading no more than that and one byte."""
-    text = read_text(path, what, max_bytes)
-    if config.token == "char":
-        return preprocess_chars(text, config.preprocess)
-    return tokens_of(preprocess(text, config.preprocess), config.token)
-
-
 class CorpusMismatch(DrnnError):
     """The corpus file is not the text a checkpoint was trained on (its SHA-1 differs)."""
 
@@ -212,24 +197,6 @@ def encode_text(path: Path, config: DataConfig, vocab: Vocab, what: str) -> torc
     return _encode_bytes(path, config, vocab, chars).tokens
 
 
-def local_vocab_size(config: DataConfig) -> int | None:
-    """The size of the vocabulary ``load_dataset`` would build, when the corpus is already on disk
-    (``drnn presets`` lists it without downloading); None otherwise, or for a text it would refuse."""
-    if config.file is not None:
-        path = config.file
-        if not path.is_file():
-            return None
-    else:
-        cached = cached_corpus(config.corpus)
-        if cached is None:
-            return None
-        path = cached.path
-    try:
-        return len(_encode(path, config, None).vocab)
-    except DrnnError:
-        return None
-
-
 def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpus:
     if config.token == "word":
         return _encode_words(path, config, vocab)
@@ -238,7 +205,7 @@ def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpu
         return _encode_bytes(path, config, vocab, chars)
     stream = read_token_stream(path, config)
     if len(stream) == 0:
-        raise _no_tokens(path, config)
+        raise no_tokens(path, config)
     vocab, unknown = _vocabulary(count_tokens(stream), path, config, vocab)
     return EncodedCorpus(vocab, encode_tokens(stream, vocab), unknown)
 
@@ -287,7 +254,7 @@ def _encode_words(path: Path, config: DataConfig, vocab: Vocab | None) -> Encode
     for words in _word_chunks(text, config.preprocess):
         counts.update(words)  # new words enter in first-seen order, which ties in the vocabulary keep
     if not counts:
-        raise _no_tokens(path, config)
+        raise no_tokens(path, config)
     vocab, unknown = _vocabulary(dict(counts), path, config, vocab)
     # a text that writes <unk> itself: id 0 alone cannot tell the words the vocabulary lacks from it
     tokens, lacking_at = _encoded_words(text, config.preprocess, vocab, mark_lacking=UNK in counts)
@@ -297,7 +264,7 @@ def _encode_words(path: Path, config: DataConfig, vocab: Vocab | None) -> Encode
 def _encode_bytes(path: Path, config: DataConfig, vocab: Vocab | None, chars: bytearray) -> EncodedCorpus:
     """``_encode`` of a character stream held as UTF-8 bytes: encoded in place, no ``str`` of the text."""
     if not chars:
-        raise _no_tokens(path, config)
+        raise no_tokens(path, config)
     ascii_only = chars.isascii()
     counts = count_ascii(chars) if ascii_only else count_utf8(chars)
     vocab, unknown = _vocabulary(counts, path, config, vocab)
@@ -319,22 +286,4 @@ def _vocabulary(
         if built.idx_to_token != fixed.idx_to_token:
             return fixed, missing_from(counts, fixed)
         return built, Counter()
-    return _build_vocab(counts, path, config), Counter()
-
-
-def _build_vocab(counts: dict[str, int], path: Path, config: DataConfig) -> Vocab:
-    """The text's vocabulary; one that ``min_freq`` left with ``<unk>`` alone could only learn that."""
-    vocab = Vocab.from_counts(counts, min_freq=config.min_freq)
-    if len(vocab) < 2:
-        raise DrnnError(
-            f"data.min_freq {config.min_freq} leaves no {config.token} of {path} in the vocabulary (the most "
-            f"frequent occurs {max(counts.values()):,} times); lower data.min_freq"
-        )
-    return vocab
-
-
-def _no_tokens(path: Path, config: DataConfig) -> DrnnError:
-    fix = "use a file with text in it" if config.preprocess == "none" else "try data.preprocess: none"
-    return DrnnError(
-        f"corpus {path} has no {config.token} tokens after data.preprocess={config.preprocess}; {fix}"
-    )
+    return build_vocab(counts, path, config), Counter()

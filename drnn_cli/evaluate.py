@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from drnn_cli.batches import eval_batches
 from drnn_cli.models import RNNLanguageModel, detach_state, lm_log_probs, lm_loss, select_state_row
 from drnn_cli.runtime import autocast
-from drnn_cli.vocab import count_index
+from drnn_cli.token_tensors import count_index
 
 
 def perplexity(nll_sum: float, count: float) -> float:

@@ -43,8 +43,8 @@ from typing import Any, Literal
 
 import torch
 
-from drnn_cli.cells import GATES
 from drnn_cli.errors import DrnnError
+from drnn_cli.model_size import GATES
 
 Mode = Literal["persistent", "stepwise"]
 # How the recurrent products multiply: fp32 in IEEE arithmetic, fp32 on TF32 tensor cores, bf16/fp16
@@ -117,7 +117,7 @@ class Launch:
     # has a grid of its own, the barriers are shared, and layers > 1 computes the input products of
     # the layers above the first inside the kernel. 1: one launch per layer.
     layers: int = 1
-    gates: int = 4  # the cell's gate blocks (cells.GATES): what its weight tiles and K loops hold
+    gates: int = 4  # the cell's gate blocks (model_size.GATES): what its weight tiles and K loops hold
 
     @property
     def kernel_grid(self) -> tuple[int, int, int]:
@@ -420,7 +420,7 @@ class KernelCell:
     """Which recurrence the kernels run (``fused_kernels``' ``CELL``): ``lstm``, ``gru`` (PyTorch's form:
     the reset gate after the recurrent product), or ``rnn`` with its nonlinearity."""
 
-    name: str = "lstm"  # a key of cells.GATES
+    name: str = "lstm"  # a key of model_size.GATES
     nonlinearity: str = "tanh"  # the rnn's: tanh or relu
 
     @property

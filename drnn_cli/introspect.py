@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 from drnn_cli.cells import gru_d2l_step, gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import dropping, preprocess_prefix
-from drnn_cli.data import read_token_stream
+from drnn_cli.corpus import dropping, preprocess_prefix, read_token_stream
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity
 from drnn_cli.files import require_regular_file
 from drnn_cli.models import RNNLanguageModel
-from drnn_cli.vocab import UNK, Vocab, encode_tokens
+from drnn_cli.token_tensors import encode_tokens
+from drnn_cli.vocab import UNK, Vocab
 
 MAX_CHARS = 20_000  # keeps the page, the JSON and the step-by-step trace bounded
 MAX_FILE_BYTES = 16 << 20  # a --file is read up to this and a byte, refused past it (MAX_CHARS of it fit)

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from drnn_cli import fused_recurrence
-from drnn_cli.cells import CELL_STEPS, GATES, CellSteps, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
+from drnn_cli.cells import CELL_STEPS, CellSteps, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
 from drnn_cli.config import ModelConfig
+from drnn_cli.model_size import GATES
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 

@@ -6,6 +6,7 @@ It receives what it draws and returns the image: writing the file is the caller'
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import math
@@ -31,6 +32,18 @@ class PlottedRecord(Protocol):
 
 
 PLOT_INSTALL = "pip install 'matplotlib>=3.9', drnn's plot extra"
+NOT_INSTALLED = ("is not installed", PLOT_INSTALL)
+
+
+def plotter_missing() -> tuple[str, str] | None:
+    """``plotter_problem``'s answer where matplotlib is not installed, found without importing it (the
+    import took 0.5 s of every training's start, whose plot comes after its first epoch); None where
+    it is installed, whether or not it imports: ``plotter_problem`` says so when a plot is first drawn."""
+    try:
+        spec = importlib.util.find_spec("matplotlib")
+    except ValueError:  # imported already, by a path that left no spec: installed
+        return None
+    return NOT_INSTALLED if spec is None else None
 
 
 def plotter_problem() -> tuple[str, str] | None:
@@ -43,7 +56,7 @@ def plotter_problem() -> tuple[str, str] | None:
             from matplotlib.figure import Figure  # noqa: F401
     except ModuleNotFoundError as error:
         if (error.name or "").partition(".")[0] == "matplotlib":
-            return "is not installed", PLOT_INSTALL
+            return NOT_INSTALLED
         return f"does not import here ({error})", "pip install --upgrade 'matplotlib>=3.9'"
     except Exception as error:  # any failure of an optional package's import: NumPy's mismatch raises several
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""

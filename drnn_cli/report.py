@@ -20,14 +20,15 @@ from drnn_cli.budget import StopReason
 from drnn_cli.config import Config, dump_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes, atomic_write_text
-from drnn_cli.plot import plotter_problem, render_perplexity_plot
+from drnn_cli.plot import plotter_missing, plotter_problem, render_perplexity_plot
 from drnn_cli.run_files import RunFiles
 from drnn_cli.vocab import Vocab
 
 
-def missing_plotter_note() -> str | None:
-    """The note a run gives where matplotlib cannot draw its perplexity plot; None where it can."""
-    problem = plotter_problem()
+def missing_plotter_note(importing: bool = True) -> str | None:
+    """The note a run gives where matplotlib cannot draw its perplexity plot; None where it can. Without
+    ``importing``, only whether it is installed, found without importing it (``plotter_missing``)."""
+    problem = plotter_problem() if importing else plotter_missing()
     return None if problem is None else f"matplotlib {problem[0]}: no plot ({problem[1]})"
 
 
@@ -292,7 +293,8 @@ def _with_counts_kept(path: Path, vocab: Vocab) -> Vocab:
 
 class PlotRefresh:
     """Redraws ``perplexity.png`` at most every ``every`` seconds (or when forced); says once when
-    matplotlib is missing or the file cannot be written, and stops trying."""
+    matplotlib is missing or the file cannot be written, and stops trying. matplotlib is imported for
+    the first plot, not as the run starts (0.5 s before its first line)."""
 
     def __init__(self, path: Path, reporter: Reporter, every: float = 5.0) -> None:
         self.path = path
@@ -300,11 +302,13 @@ class PlotRefresh:
         self.every = every
         self._last = 0.0
         self._ok = True
+        self._imported = False  # matplotlib imported, and found to import (plotter_problem)
 
     def missing_plotter(self) -> str | None:
-        """The note that matplotlib is missing, for the notes a run starts with (said at the first plot,
-        it came minutes in, or at the end of a run with no line before); None where it is there."""
-        note = missing_plotter_note()
+        """The note that matplotlib is not installed, for the notes a run starts with (said at the first
+        plot, it came minutes in, or at the end of a run with no line before); None where it is installed.
+        One that is installed but fails to import is said when the first plot imports it."""
+        note = missing_plotter_note(importing=False)
         if note is not None:
             self._ok = False
         return note
@@ -314,6 +318,13 @@ class PlotRefresh:
         if not records or not self._ok or (not force and now - self._last < self.every):
             return  # no line yet: no plot (empty axes around 0 read as a perplexity below zero)
         self._last = now
+        if not self._imported:  # the first plot: a failing import said once, NumPy's banner kept off stderr
+            note = missing_plotter_note()
+            if note is not None:
+                self._ok = False
+                self.reporter.note(note)
+                return
+            self._imported = True
         png = render_perplexity_plot(records, title=self.path.parent.name)  # the run directory's name
         if png is None:
             self._ok = False  # say it once, not at every refresh

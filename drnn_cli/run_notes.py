@@ -11,12 +11,12 @@ import torch
 from drnn_cli import fused_recurrence
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength
 from drnn_cli.budget import Cadence, StopReason
-from drnn_cli.cells import GATES
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.corpus import LETTERS_ONLY
 from drnn_cli.data import Dataset
 from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
+from drnn_cli.model_size import GATES
 
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
 # Fewer validation predictions than this: each one moves the perplexity by a few percent or more

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print("fused_compile: Triton is not installed (pip install triton)", file=sys.stderr)
         return 2
     from drnn_cli import fused_kernels  # noqa: F401 (imported before the workers fork: they inherit it)
-    from drnn_cli.cells import GATES
     from drnn_cli.fused_recurrence import KernelCell, Launch, kernel_constants, plan_launch
+    from drnn_cli.model_size import GATES
 
     sys.path.insert(0, str(REPO / "scripts"))
     from fused_bench import launch_environment, stack_variant_launches, variant_launches

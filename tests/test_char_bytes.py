@@ -11,11 +11,12 @@ import torch
 
 import drnn_cli.corpus as corpus
 import drnn_cli.data as data
-import drnn_cli.vocab as vocab_module
+import drnn_cli.token_tensors as tensors_module
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import char_stream_bytes, preprocess_chars, read_text, read_utf8
 from drnn_cli.errors import DrnnError
-from drnn_cli.vocab import Vocab, count_chars, encode_chars
+from drnn_cli.token_tensors import count_chars, encode_chars
+from drnn_cli.vocab import Vocab
 
 MODES = ["d2l", "letters", "lower", "none"]
 PIECES = [
@@ -81,8 +82,8 @@ def test_the_byte_path_equals_the_str_path_across_many_chunk_boundaries(
 def test_encoding_bytes_in_place_equals_the_str_path_across_many_chunk_boundaries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vocab_module, "_DECODE_BYTES", 7)  # splits multi-byte characters between chunks
-    monkeypatch.setattr(vocab_module, "_COUNT_CHUNK_BYTES", 5)
+    monkeypatch.setattr(tensors_module, "_DECODE_BYTES", 7)  # splits multi-byte characters between chunks
+    monkeypatch.setattr(tensors_module, "_COUNT_CHUNK_BYTES", 5)
     wide = Vocab.from_counts({chr(code): 1 for code in range(40, 400)})  # int16 indices: not in place
     for seed in range(10):
         path = tmp_path / f"small{seed}.txt"

@@ -184,12 +184,12 @@ def test_an_overflowed_perplexity_is_null_in_metrics_jsonl_and_reads_back_as_inf
 
 
 def test_an_internal_error_is_one_line_and_debug_shows_its_traceback(cli, monkeypatch: pytest.MonkeyPatch):
-    from drnn_cli import commands
+    from drnn_cli import cli as cli_module
 
     def broken(root: Path | None = None) -> list:
         raise RuntimeError("a bug\nover two lines")
 
-    monkeypatch.setattr(commands, "describe_presets", broken)
+    monkeypatch.setattr(cli_module, "describe_presets", broken)
     line = "drnn: internal error: RuntimeError: a bug over two lines (rerun with drnn --debug ... for the traceback)\n"
     assert cli("presets") == (1, "", line)
     code, out, err = cli("--debug", "presets")
@@ -222,12 +222,12 @@ def test_an_os_error_without_a_path_is_its_reason_alone(cli, monkeypatch: pytest
     """``drnn eval > /dev/full``: the failing write is stdout's, which has no file name to show."""
     import errno
 
-    from drnn_cli import commands
+    from drnn_cli import cli as cli_module
 
     def full(root: Path | None = None) -> list:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(commands, "describe_presets", full)
+    monkeypatch.setattr(cli_module, "describe_presets", full)
     assert cli("presets") == (1, "", "drnn: error: No space left on device\n")
 
 

@@ -31,6 +31,7 @@ from drnn_cli.data import load_dataset
 from drnn_cli.download import REGISTRY, fetch_corpus
 from drnn_cli.errors import ConfigError, DrnnError
 from drnn_cli.run_notes import own_text_notes
+from drnn_cli.text_vocab import text_vocab
 
 SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 SIZE = 178_979
@@ -606,6 +607,58 @@ def test_a_text_with_no_tokens_after_preprocessing_is_refused(tmp_path: Path) ->
         load_dataset(DataConfig(path=str(path)))
 
 
+# A text that takes every reader's other path: a byte order mark, CR LF and a lone CR, accents (the
+# byte path decodes UTF-8; ``lower`` of a non-ASCII text reads it as a str), words rarer than min_freq.
+OWN_TEXT = "\ufeffÉté à Paris, l'été.\r\nThe Time Machine, by H. G. Wells\rthe end: the END\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("own", "preprocess", "token", "min_freq"),
+    [
+        (False, "d2l", "char", 0),  # the presets' text and settings
+        (False, "none", "word", 2),
+        (True, "none", "char", 0),
+        (True, "lower", "char", 2),
+        (True, "letters", "char", 0),
+        (True, "d2l", "word", 0),
+        (True, "lower", "word", 2),
+    ],
+)
+def test_the_vocabulary_built_without_torch_is_the_one_the_text_is_encoded_with(
+    tmp_path: Path, corpus_path: Path, own: bool, preprocess: str, token: str, min_freq: int
+) -> None:
+    """``drnn presets`` sizes a preset's model from text_vocab (Counter's counts, no torch); training
+    encodes with the vocabulary of token_tensors' counts: the same tokens, order and frequencies."""
+    path = tmp_path / "own.txt"
+    path.write_bytes(OWN_TEXT if own else corpus_path.read_bytes())
+    config = DataConfig(path=str(path), preprocess=preprocess, token=token, min_freq=min_freq)
+    built, read = load_dataset(config).vocab, text_vocab(path, config)
+    assert (read.idx_to_token, read.token_freqs, read.min_freq) == (
+        built.idx_to_token,
+        built.token_freqs,
+        built.min_freq,
+    )
+    if not own and token == "char":
+        assert read.idx_to_token == D2L_VOCAB
+
+
+@pytest.mark.parametrize(
+    ("text", "settings"), [("1898 1895\n", {}), ("a b a\n", {"token": "word", "min_freq": 3})]
+)
+def test_a_text_without_a_vocabulary_is_refused_alike_without_torch(
+    tmp_path: Path, text: str, settings: dict
+) -> None:
+    """No tokens after d2l's preprocessing, or none as frequent as min_freq: the same refusal."""
+    path = tmp_path / "own.txt"
+    path.write_text(text, encoding="utf-8")
+    config = DataConfig(path=str(path), **settings)
+    with pytest.raises(DrnnError) as encoding:
+        load_dataset(config)
+    with pytest.raises(DrnnError) as counting:
+        text_vocab(path, config)
+    assert str(counting.value) == str(encoding.value)
+
+
 def test_a_missing_data_path_names_data_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DrnnError, match=r"does not exist; fix data\.path"):
         load_dataset(DataConfig(path=str(tmp_path / "absent.txt")))
@@ -760,7 +813,8 @@ def test_a_word_text_is_counted_and_encoded_a_chunk_of_lines_at_a_time_as_it_is_
     every line is a chunk boundary), the vocabulary, its first-seen order of ties, the ids and the
     unknown counts are those of the whole text."""
     import drnn_cli.data as data_module
-    from drnn_cli.vocab import Vocab, count_tokens, encode_tokens, tokens_of
+    from drnn_cli.token_tensors import count_tokens, encode_tokens
+    from drnn_cli.vocab import Vocab, tokens_of
 
     text = read_text(corpus_path)[:30_000] + "\nlast line without a break"
     path = corpus_path.parent / "unused"  # only named in errors

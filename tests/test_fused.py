@@ -25,9 +25,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from drnn_cli import fused_recurrence
-from drnn_cli.cells import GATES
 from drnn_cli.config import ModelConfig
 from drnn_cli.errors import DrnnError
+from drnn_cli.model_size import GATES
 from drnn_cli.models import FusedRecurrent, ScratchRecurrent, build_model, lm_loss
 
 REPO = Path(__file__).resolve().parents[1]

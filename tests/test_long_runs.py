@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import pythonpath_with_repo
 
 from drnn_cli.budget import Budget, Cadence, parse_cadence, parse_duration
 from drnn_cli.checkpoint import load_checkpoint
@@ -372,8 +376,6 @@ def test_matplotlib_s_font_fallbacks_do_not_reach_stderr(monkeypatch: pytest.Mon
 
 def test_a_missing_plotter_is_said_once_before_training(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     """Said at the first plot, the note came minutes into a run (or at its end, with no line before)."""
-    import sys
-
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # any import of it fails, as where not installed
     events: list[str] = []
     reporter = SilentReporter()
@@ -385,26 +387,74 @@ def test_a_missing_plotter_is_said_once_before_training(workdir: Path, monkeypat
     assert not (workdir / "runs" / "tiny" / "perplexity.png").exists()
 
 
-def test_a_matplotlib_that_is_installed_but_fails_to_import_is_named_so_without_its_banner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-):
-    """matplotlib 3.7 under NumPy 2 printed NumPy's 40-line banner and traceback, then drnn said
-    "matplotlib is not installed", which it was: the fix is an upgrade, not an install."""
-    import sys
+def test_a_run_imports_matplotlib_for_its_first_plot_not_before_its_first_line(workdir: Path):
+    """Importing matplotlib to see that it works held every run's first line back by 0.5 s; the run
+    starts on finding it installed, imports it for the plot after its first epoch, and writes the plot."""
+    pytest.importorskip("matplotlib")
+    environment = {**os.environ, "PYTHONPATH": pythonpath_with_repo(), "OMP_NUM_THREADS": "1"}
+    args = ["train", "--config", str(write_config(workdir)), "--set", "train.epochs=2", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "drnn_cli", *args],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()  # with --json, the run's lines share stderr with -X importtime's
+    imported = next(i for i, line in enumerate(lines) if re.search(r"\|\s+matplotlib$", line))
+    first_line = next(
+        i for i, line in enumerate(lines) if line.startswith(f"epoch 1/2  step {STEPS_PER_EPOCH} ")
+    )
+    assert first_line < imported
+    assert (workdir / "runs" / "tiny" / "perplexity.png").read_bytes().startswith(b"\x89PNG")
 
-    from drnn_cli.inspect_plot import check_plot_request
-    from drnn_cli.report import missing_plotter_note
 
-    broken = tmp_path / "site" / "matplotlib"
+def write_broken_matplotlib(site: Path) -> None:
+    """A matplotlib that is installed but fails to import, as 3.7 did under NumPy 2: NumPy's banner on
+    stderr, then an ImportError."""
+    broken = site / "matplotlib"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text(
         "import sys\n"
         "print('A module that was compiled using NumPy 1.x cannot be run in NumPy 2.4.6', file=sys.stderr)\n"
         "raise ImportError('numpy.core.multiarray failed to import')\n"
     )
+
+
+def test_a_matplotlib_that_fails_to_import_is_said_once_at_the_first_plot_and_training_goes_on(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """Installed is all a run's start looks for (importing it cost 0.5 s of every start): the import's
+    failure is the first plot's, said once in the same words, without NumPy's banner."""
+    write_broken_matplotlib(workdir / "site")
     for name in [name for name in sys.modules if name.partition(".")[0] == "matplotlib"]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(broken.parent))
+    monkeypatch.syspath_prepend(str(workdir / "site"))
+    events: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = lambda message: events.append(f"note: {message}")  # type: ignore[method-assign]
+    reporter.epoch_end = lambda record: events.append(f"line {record.step}")  # type: ignore[method-assign]
+    result = train_run(TrainRequest(write_config(workdir), ("train.epochs=2",)), reporter=reporter)
+    broken = (
+        "note: matplotlib does not import here (ImportError: numpy.core.multiarray failed to import): no plot "
+        "(pip install --upgrade 'matplotlib>=3.9')"
+    )
+    assert events.count(broken) == 1
+    assert events.index("line 19") < events.index(broken) < events.index("line 38")  # the first plot's
+    assert result.epochs == 2 and not (workdir / "runs" / "tiny" / "perplexity.png").exists()
+    assert "NumPy" not in capsys.readouterr().err
+
+
+def test_a_matplotlib_that_is_installed_but_fails_to_import_is_named_so_without_its_banner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """matplotlib 3.7 under NumPy 2 printed NumPy's 40-line banner and traceback, then drnn said
+    "matplotlib is not installed", which it was: the fix is an upgrade, not an install."""
+    from drnn_cli.inspect_plot import check_plot_request
+    from drnn_cli.report import missing_plotter_note
+
+    write_broken_matplotlib(tmp_path / "site")
+    for name in [name for name in sys.modules if name.partition(".")[0] == "matplotlib"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert missing_plotter_note() == (
         "matplotlib does not import here (ImportError: numpy.core.multiarray failed to import): no plot "
         "(pip install --upgrade 'matplotlib>=3.9')"

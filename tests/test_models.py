@@ -14,6 +14,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from drnn_cli.config import Config, DataConfig, ModelConfig, TrainConfig
+from drnn_cli.model_size import parameter_count
 from drnn_cli.models import (
     ScratchRecurrent,
     build_model,
@@ -440,31 +441,75 @@ def test_seed_model_lstm_2x256_on_28_characters_has_826396_parameters():
     # decoder: 256·28 + 28                                    =   7,196
     # total                                                   = 826,396
     assert expected_parameters("lstm", 28, 256, 2, 0, False) == 826_396
+    config = ModelConfig(cell="lstm", hidden_size=256, num_layers=2)
+    assert parameter_count(28, config) == 826_396  # drnn presets' figure, without building the model
     for impl in ("torch", "scratch"):
-        model = build_model(28, ModelConfig(cell="lstm", hidden_size=256, num_layers=2, impl=impl), seed=0)
+        model = build_model(28, config.model_copy(update={"impl": impl}), seed=0)
         assert count_parameters(model) == 826_396
+
+
+def test_d2ls_cell_form_trains_one_bias_per_gate_row():
+    """d2l §9.2's LSTM, 1×256 on 28 characters: its bias_hh is held at zero, so a layer trains
+    4·256·(28 + 256 + 1) = 291,840, and the decoder 256·28 + 28 = 7,196."""
+    config = ModelConfig(cell="lstm", hidden_size=256, num_layers=1, impl="scratch", cell_form="d2l")
+    assert parameter_count(28, config) == count_parameters(build_model(28, config, seed=0)) == 299_036
 
 
 @pytest.mark.parametrize(
     ("embedding", "tied"), [(0, False), (6, False), (16, True)], ids=["one-hot", "embedding", "tied"]
 )
 @pytest.mark.parametrize("layers", [1, 3])
-@pytest.mark.parametrize("impl", ["torch", "scratch"])
+@pytest.mark.parametrize(
+    ("impl", "form"),
+    [("torch", "torch"), ("scratch", "torch"), ("scratch", "d2l"), ("fused", "torch")],
+    ids=["torch", "scratch", "scratch-d2l", "fused"],
+)
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
-def test_parameter_count_matches_the_formula(cell, impl, layers, embedding, tied):
+def test_the_closed_form_parameter_count_is_the_built_models(cell, impl, form, layers, embedding, tied):
+    """``drnn presets`` counts without building (model_size.parameter_count, no torch): it must be what
+    count_parameters says of the model that training builds, for every option that shapes the weights."""
     vocab, hidden = 28, 16
     config = ModelConfig(
         cell=cell,
         impl=impl,
+        cell_form=form,
         hidden_size=hidden,
         num_layers=layers,
         embedding_dim=embedding,
         tie_weights=tied,
     )
     model = build_model(vocab, config, seed=0)
-    assert count_parameters(model) == expected_parameters(cell, vocab, hidden, layers, embedding, tied)
+    assert count_parameters(model) == parameter_count(vocab, config)
+    if form == "torch":
+        assert parameter_count(vocab, config) == expected_parameters(
+            cell, vocab, hidden, layers, embedding, tied
+        )
     if tied:
         assert model.decoder.weight is model.embedding.weight
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_options_that_do_not_shape_the_weights_leave_the_closed_form_count_equal(cell):
+    """Dropouts, DropConnect, locked masks, one call a layer, ReLU and d2l's initialisation change how
+    the weights are used or drawn, not how many there are."""
+    config = ModelConfig(
+        cell=cell,
+        hidden_size=16,
+        num_layers=2,
+        embedding_dim=8,
+        dropout=0.2,
+        input_dropout=0.1,
+        output_dropout=0.1,
+        embedding_dropout=0.1,
+        dropout_kind="locked",
+        weight_drop=0.3,
+        layer_calls="each",
+        init="d2l",
+        nonlinearity="relu" if cell == "rnn" else "tanh",
+    )
+    plain = ModelConfig(cell=cell, hidden_size=16, num_layers=2, embedding_dim=8)
+    assert parameter_count(30, config) == parameter_count(30, plain)
+    assert count_parameters(build_model(30, config, seed=0)) == parameter_count(30, config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,12 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import pythonpath_with_repo
 
 import drnn_cli
-from drnn_cli.commands import describe_presets
 from drnn_cli.config import load_config
 from drnn_cli.errors import ConfigError
-from drnn_cli.presets import find_config, list_presets, presets_dir, read_preset
+from drnn_cli.model_size import parameter_count
+from drnn_cli.models import build_model, count_parameters
+from drnn_cli.presets import describe_presets, find_config, list_presets, presets_dir, read_preset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -235,6 +237,22 @@ def test_the_presets_table_leaves_the_figures_to_json_on_a_narrow_terminal(
     assert code == 0 and "measured: train perplexity 1.02 after 500 epochs" in " ".join(wide.split())
 
 
+def test_drnn_presets_counts_vocabularies_and_parameters_without_importing_torch(workdir: Path):
+    """It built each preset's model to count its parameters, and encoded the corpus with tensors for
+    its vocabulary: importing torch was 2 s of a command that lists a dozen lines."""
+    environment = {**os.environ, "PYTHONPATH": pythonpath_with_repo()}
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "drnn_cli", "presets", "--json"],
+        capture_output=True, text=True, env=environment, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lstm2 = next(entry for entry in last_json(done.stdout)["presets"] if entry["name"] == "lstm2")
+    assert (lstm2["vocab_size"], lstm2["parameters"]) == (28, LSTM2_PARAMETERS)  # the corpus was read
+    imported = [line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if "import time:" in line]
+    assert "drnn_cli.text_vocab" in imported and "drnn_cli.model_size" in imported
+    assert [name for name in imported if name.partition(".")[0] == "torch"] == []
+
+
 def test_presets_never_download_the_parameters_wait_for_the_corpus(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("DRNN_DATA_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("DRNN_DATA_URL", "http://127.0.0.1:9/unreachable")
@@ -242,6 +260,14 @@ def test_presets_never_download_the_parameters_wait_for_the_corpus(tmp_path: Pat
     assert reports["lstm2"]["vocab_size"] is None and reports["lstm2"]["parameters"] is None
     assert reports["lstm2"]["hidden_size"] == 256
     assert not (tmp_path / "empty").exists()
+
+
+def test_every_presets_parameter_count_is_its_built_models_without_building_it():
+    """drnn presets counts each preset's parameters in closed form (no torch): the count of the model
+    that `drnn train --config NAME` builds on the Time Machine's 28 characters."""
+    for preset in list_presets():
+        model = load_config(preset.path).model
+        assert parameter_count(28, model) == count_parameters(build_model(28, model)), preset.name
 
 
 def test_presets_has_help_with_an_example(cli):

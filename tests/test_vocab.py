@@ -15,22 +15,16 @@ from conftest import pythonpath_with_repo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drnn_cli import vocab as vocab_module
-from drnn_cli.vocab import (
-    UNK,
-    Vocab,
-    VocabError,
+from drnn_cli import token_tensors as tensors_module
+from drnn_cli.token_tensors import (
     count_chars,
     count_tokens,
-    count_words,
     encode_chars,
     encode_tokens,
     encode_words,
     index_dtype,
-    missing_from,
-    split_words,
-    tokens_of,
 )
+from drnn_cli.vocab import UNK, Vocab, VocabError, count_words, missing_from, split_words, tokens_of
 
 # -------------------------------------------------------------------------------------------------
 # Ordering
@@ -140,12 +134,12 @@ def test_count_chars_equals_counter_including_order(text: str) -> None:
 @given(st.text(CHARACTERS, max_size=60))
 def test_count_chars_equals_counter_across_chunk_boundaries(text: str) -> None:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vocab_module, "_CHUNK_CHARS", 7)
+        patch.setattr(tensors_module, "_CHUNK_CHARS", 7)
         assert list(count_chars(text).items()) == list(collections.Counter(text).items())
 
 
 def test_count_chars_on_a_text_longer_than_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vocab_module, "_CHUNK_CHARS", 7)
+    monkeypatch.setattr(tensors_module, "_CHUNK_CHARS", 7)
     rng = random.Random(0)
     # rare characters first appear late, some in the middle of a chunk, some at a chunk's start
     text = "".join(rng.choice("aaaabbbcc d") for _ in range(3000))
@@ -183,7 +177,7 @@ def test_encode_chars_equals_looking_up_every_character_across_chunk_boundaries(
     vocab = Vocab.from_counts(dict(collections.Counter(vocab_text)))
     text = other + vocab_text[::-1] + other
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vocab_module, "_CHUNK_CHARS", 7)
+        patch.setattr(tensors_module, "_CHUNK_CHARS", 7)
         assert encode_chars(text, vocab).tolist() == [vocab[c] for c in text]
 
 

@@ -14,15 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import requests
-import urllib3
+from typing import TYPE_CHECKING
 
 from drnn_cli.errors import ConfigError, DrnnError, first_line
 from drnn_cli.files import (
     partial_path,
     remove_dead_partials,
 )
+
+if TYPE_CHECKING:
+    import requests
 
 DEFAULT_DATA_DIR = "data"
 DATA_DIR_ENV = "DRNN_DATA_DIR"
@@ -176,6 +177,10 @@ class _TooMuch(DrnnError):
 def _download_with_retries(
     url: str, partial: Path, progress: ProgressHook | None, retries: int, limits: _Limits, backoff: float
 ) -> str:
+    # imported where a download happens: every command finds a cached corpus, and requests takes 60 ms
+    import requests
+    import urllib3
+
     last_problem = ""
     for attempt in range(retries):
         try:
@@ -206,6 +211,8 @@ def _response_headers(url: str, limits: _Limits, folder: Path) -> requests.Respo
     each read of the socket, not their sum: a server that trickles its headers a byte at a time would
     keep ``requests.get`` waiting for weeks. So the request runs in a worker thread, which is left
     behind (a daemon: it ends with the process) when the deadline passes first."""
+    import requests
+
     outcome: list[requests.Response | BaseException] = []
     abandoned = False
     lock = threading.Lock()  # the outcome reaches the waiting thread, or is closed once it has left

@@ -189,9 +189,7 @@ class RichReporter:
         total_epochs, start_epoch = run.total_epochs, run.start_epoch
         self.total = total_epochs
         # a step budget's end inside an epoch: "epoch 1.46/8.49", as the first line counts the run
-        self.total_shown = (
-            f"{run.max_steps / run.steps_per_epoch:.3g}" if run.max_steps else f"{total_epochs}"
-        )
+        self.total_shown = run.epochs_of()  # "epoch 1.46/8.49": a step budget's span, as the first line's
         self._last_val = run.latest_val_ppl
         cadence = Cadence.of(run.log_every)
         self.every = 0 if cadence.in_steps else cadence.every or max(1, total_epochs // 25)
@@ -239,7 +237,7 @@ class RichReporter:
     def _print_record(self, record: EpochRecord, status: str) -> None:
         inside_epoch = record.epoch != int(record.epoch)
         where = f"step {record.step:,}  " if record.step else ""
-        epoch = f"{record.epoch:.2f}" if inside_epoch else f"{record.epoch:g}"
+        epoch = f"{record.epoch:,.2f}" if inside_epoch else f"{record.epoch:,g}"
         # soft_wrap: one line per record in a log file too (rich wraps at 80 columns off a terminal)
         self.console.print(
             f"epoch {epoch}/{self.total_shown}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",

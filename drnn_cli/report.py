@@ -179,11 +179,21 @@ class RunStart:
         ("1 step (0.0036% of an epoch)" on a big text)."""
         if self.max_steps:
             epochs = self.max_steps / self.steps_per_epoch
-            share = f"{epochs:.3g} epoch{'' if epochs == 1 else 's'}"
-            if epochs < 0.01:  # not "3.61e-05 epochs"
+            # "0.632 epochs", "1,206 epochs" (not "1.21e+03"), "0.0036% of an epoch" (not "3.61e-05")
+            shown = f"{epochs:,.0f}" if epochs >= 1000 else f"{epochs:.3g}"
+            share = f"{shown} epoch{'' if epochs == 1 else 's'}"
+            if epochs < 0.01:
                 share = f"{100 * epochs:.2g}% of an epoch"
             return f"{self.max_steps:,} step{'' if self.max_steps == 1 else 's'} ({share})"
         return f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
+
+    def epochs_of(self) -> str:
+        """What a log line counts its epochs out of (``epoch 1.46/8.49``): ``train.epochs``, or the span
+        of a step budget that ends the run inside an epoch, to the two decimals of the epoch before it
+        (an estimate under random sampling, whose epochs differ in steps)."""
+        if self.max_steps:
+            return f"{self.max_steps / self.steps_per_epoch:,.2f}"
+        return f"{self.total_epochs:,}"
 
 
 class Reporter(Protocol):

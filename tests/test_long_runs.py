@@ -468,6 +468,12 @@ def test_the_first_line_counts_one_step_and_a_sliver_of_an_epoch_in_words():
     """A 1-step budget on a 31 MB text read "1 steps (3.61e-05 epochs)"."""
     one = RunStart(1, 0, 1_000, "cpu", "from scratch", 0, max_steps=1, steps_per_epoch=27_700)
     assert one.span() == "1 step (0.0036% of an epoch)"
+    # and a budget of more than 1,000 epochs, which read "(1.21e+03 epochs)", its log lines "/1.2e+03"
+    long = RunStart(1_300, 0, 1_000, "cpu", "from scratch", 0, max_steps=4_001, steps_per_epoch=3.318)
+    assert (long.span(), long.epochs_of()) == ("4,001 steps (1,206 epochs)", "1,205.85")
+    short = RunStart(3, 0, 1_000, "cpu", "from scratch", 0, max_steps=20, steps_per_epoch=8)
+    assert (short.span(), short.epochs_of()) == ("20 steps (2.5 epochs)", "2.50")  # as "epoch 2.50/2.50"
+    assert RunStart(500, 0, 1_000, "cpu", "from scratch", 0).epochs_of() == "500"
     assert RunStart(2, 0, 1_000, "cpu", "from scratch", 0, max_steps=19, steps_per_epoch=19).span() == (
         "19 steps (1 epoch)"
     )

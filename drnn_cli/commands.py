@@ -355,7 +355,7 @@ def plan_predict(
         notes.append(
             f"{len(prefixes)} prefixes, each continued on its own: "
             + ", ".join(repr(prefix) for prefix in prefixes)
-            + f"; to continue them as one, quote it: drnn predict {shlex.quote(' '.join(prefixes))}"
+            + f"; to continue them as one prefix, quote them as one argument: {shlex.quote(' '.join(prefixes))}"
         )
     if seed_drawn:
         notes.append(f"--sample drew --seed {options.seed}: give it to draw the same sample again")

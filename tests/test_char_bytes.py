@@ -171,7 +171,8 @@ def test_eval_data_encodes_through_the_byte_path_like_the_str_path(tmp_path: Pat
     config = DataConfig(path=str(path), preprocess=mode)
     _, _, expected = old_encoding(path, mode, vocab)
     if mode != "lower":  # lower-casing a non-ASCII text is left to str
-        monkeypatch.setattr(data, "read_text", lambda *_: pytest.fail("the text was decoded whole"))
+        for module in (data, corpus):  # data.encode_text's word path, corpus.read_token_stream's char path
+            monkeypatch.setattr(module, "read_text", lambda *_: pytest.fail("the text was decoded whole"))
     encoded = data.encode_text(path, config, vocab, "--data file")
     assert encoded.dtype == expected.dtype and torch.equal(encoded, expected)
 

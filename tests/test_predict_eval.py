@@ -404,7 +404,7 @@ def test_several_one_word_prefixes_are_named_with_how_to_quote_them_as_one(tiny_
     assert (code, out) == (0, f"{time}\n{traveller}\n")
     note = (
         "2 prefixes, each continued on its own: 'time', 'traveller'; "
-        "to continue them as one, quote it: drnn predict 'time traveller'"
+        "to continue them as one prefix, quote them as one argument: 'time traveller'"
     )
     assert note in " ".join(err.split())
     code, _, err = cli("predict", "the", "time traveller", "--run", str(tiny_run), "-n", "3")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, ConfigError, DataConfig, build_config, load_config, parse_override
@@ -128,14 +129,28 @@ def _refuse_sets_the_checkpoint_fixes(overrides: Sequence[str], init_from: Path,
     except DrnnError:
         return  # no checkpoint to compare with: the config's own error comes first
     given = given_values(overrides)
-    differences = {
-        f"{section}.{key}": (_setting(saved, f"{section}.{key}"), given[f"{section}.{key}"])
-        for section, keys in WEIGHT_SHAPE_KEYS
-        for key in keys
-        if f"{section}.{key}" in given and given[f"{section}.{key}"] != _setting(saved, f"{section}.{key}")
-    }
+    differences = {}
+    for section, keys in WEIGHT_SHAPE_KEYS:
+        for key in (key for key in keys if f"{section}.{key}" in given):
+            dotted = f"{section}.{key}"
+            typed = _as_the_field_reads(section, key, given[dotted])  # "'128'" is 128, as the config reads it
+            if typed is not _UNREADABLE and typed != _setting(saved, dotted):
+                differences[dotted] = (_setting(saved, dotted), given[dotted])
     if differences:
         raise _refuse_fixed(f"cannot initialise from {source}", _describe_fixed(differences))
+
+
+_UNREADABLE = object()  # a --set value its field refuses: the config's own error names it
+
+
+def _as_the_field_reads(section: str, key: str, value: object) -> object:
+    """``value`` as the config's field validates it (its type and bounds), or ``_UNREADABLE``."""
+    schema = Config.model_fields[section].annotation
+    assert isinstance(schema, type) and issubclass(schema, BaseModel)
+    try:
+        return TypeAdapter(schema.model_fields[key].rebuild_annotation()).validate_python(value)
+    except ValidationError:
+        return _UNREADABLE
 
 
 def given_values(overrides: Sequence[str]) -> dict[str, object]:

@@ -314,6 +314,10 @@ def test_a_set_the_checkpoint_fixes_is_refused_before_the_files_values_break_a_r
     args = ("--config", str(other), "--set", "model.tie_weights=true", "--init-from", "runs/base")
     code, _, err = cli("data", *args)  # the preview refuses it alike
     assert (code, " ".join(err.split())) == (2, f"drnn: error: {refusal}")
+    # a value the config reads as the checkpoint's ('32' is 32) is no contradiction: the real error shows
+    with pytest.raises(DrnnError, match=r"^config error: train.lr"):
+        overrides = ("model.hidden_size='32'", "train.lr=-1")
+        train_run(TrainRequest(other, overrides, init_from=Path("runs/base")))
     with pytest.raises(
         DrnnError, match=r"^config error: model: model.tie_weights needs model.embedding_dim equal"
     ):

@@ -45,11 +45,17 @@ def normalize_line_breaks(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
+def normalize_line_break_bytes(data: bytes) -> bytes:
+    """``normalize_line_breaks`` for UTF-8 bytes (a CR or LF byte is never part of another character)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
 def same_text_sha1s(path: Path) -> frozenset[str]:
-    """The SHA-1s of the files drnn reads as the same text as ``path``: its text with LF or with CR LF
+    """The SHA-1s of four files drnn reads as the same text as ``path``: its text with LF or with CR LF
     line breaks, each with and without a UTF-8 byte order mark (``read_text`` drops the mark and reads
     every line break as LF). A run's text that went through Windows or git's autocrlf is still its
-    text; the file's own SHA-1 is among them where it was written in one of these forms."""
+    text. A file in none of these forms (its line breaks mixed, or lone CRs) is matched by its copies,
+    not they by it: its own SHA-1 is not among theirs."""
     mark = BYTE_ORDER_MARK.encode("utf-8")
     lf, crlf, marked_lf, marked_crlf = (hashlib.sha1() for _ in range(4))
     marked_lf.update(mark)
@@ -62,7 +68,7 @@ def same_text_sha1s(path: Path) -> frozenset[str]:
                 data, first = data.removeprefix(mark), False  # (a block shorter than the mark: a tiny file)
             # a CR at a block's end may begin a CR LF the next block ends: read it with that block
             data, carried = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
-            text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            text = normalize_line_break_bytes(data)
             with_crlf = text.replace(b"\n", b"\r\n")
             for digest, piece in ((lf, text), (crlf, with_crlf), (marked_lf, text), (marked_crlf, with_crlf)):
                 digest.update(piece)
@@ -219,7 +225,7 @@ def char_stream_bytes(path: Path, mode: str, what: str = "corpus file") -> bytea
         if mode in LETTERS_ONLY:
             written = _append_piece(data, written, _letters_bytes(chunk, mode, line_breaks=b"\n\r"), mode)
         else:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            chunk = normalize_line_break_bytes(chunk)
             if mode == "lower":
                 chunk = chunk.lower()  # ASCII only here: bytes.lower is str.lower
             data[written : written + len(chunk)] = chunk  # same length: no resize

@@ -145,8 +145,8 @@ def load_dataset(
             raise CorpusMismatch(path, expected_sha1, sha1)
         notes = (
             *notes,
-            f"{path} differs from the text the checkpoint was trained on in its line breaks (CR LF or LF) or "
-            "byte order mark alone, which drnn reads alike",
+            f"{path} differs from the text the checkpoint was trained on only in how its line breaks are "
+            "written or in a byte order mark, which drnn reads alike",
         )
     corpus = load_cached(path, sha1, config, vocab)
     if corpus is None:

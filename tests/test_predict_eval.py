@@ -725,8 +725,8 @@ def test_eval_finds_the_runs_corpus_at_another_path(
     code, out, err = cli("eval", "--run", str(copied), "--corpus", str(crlf), "--split", "val", "--json")
     assert (code, json.loads(out.strip().splitlines()[-1])["perplexity"]) == (0, original["perplexity"])
     assert (
-        f"{crlf} differs from the text the checkpoint was trained on in its line breaks (CR LF or LF) or byte "
-        "order mark alone, which drnn reads alike"
+        f"{crlf} differs from the text the checkpoint was trained on only in how its line breaks are written "
+        "or in a byte order mark, which drnn reads alike"
     ) in " ".join(err.split())
     other = tmp_path / "other.txt"
     other.write_text("not the time machine at all, not even close\n" * 50)

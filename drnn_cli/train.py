@@ -1082,6 +1082,8 @@ class Trainer:
         words (Penn Treebank writes them) are no lack (:meth:`Dataset.lacking_in`)."""
         validated = len(self.val_tokens) >= MIN_EVAL_TOKENS
         start, stop = self.dataset.splits.span("val" if validated else "train")
+        if validated and self.config.train.eval_tokens:  # validations read the split's first tokens only
+            stop = min(stop, start + 1 + self.config.train.eval_tokens)
         return scored_unknown_note(
             self.dataset.lacking_in(start + 1, stop),  # the tokens predicted: all but the first
             max(0, stop - start - 1),

@@ -151,6 +151,12 @@ def test_the_note_after_training_counts_the_tokens_a_vocabulary_lacks_not_a_text
             "7.0% of the training tokens are not in the vocabulary and are scored as <unk>",
         ),
         ("cut_first", cut + ptb, {**words, "min_freq": 20, "val_fraction": 0.1}, None),
+        (
+            "cut_last",  # the validation split's last 36 of 51 tokens are the words cut
+            ptb + cut,
+            {**words, "min_freq": 20, "val_fraction": 0.1},
+            "72.0% of the validation tokens are not in the vocabulary and are scored as <unk>",
+        ),
     ):
         path = tmp_path / f"{name}.txt"
         path.write_text(text)
@@ -159,6 +165,11 @@ def test_the_note_after_training_counts_the_tokens_a_vocabulary_lacks_not_a_text
         train_run(TrainRequest(config, run_dir=tmp_path / name), reporter=notes)
         scored = [note for note in notes.notes if "scored as <unk>" in note]
         assert [note.split(", one class")[0] for note in scored] == ([said] if said else [])
+    # validations that read the split's first 10 tokens read none of the words cut: nothing to say
+    notes = Notes()
+    request = TrainRequest(config, ("train.eval_tokens=10",), run_dir=tmp_path / "cut_last_read_first")
+    train_run(request, reporter=notes)
+    assert [note for note in notes.notes if "scored as <unk>" in note] == []
     # drnn eval scores ids: of a word model it does not call the text's own <unk> missing
     code, out, err = cli("eval", "--run", str(tmp_path / "own"))
     assert code == 0, err

@@ -188,7 +188,6 @@ class RichReporter:
     def start(self, run: RunStart) -> None:
         total_epochs, start_epoch = run.total_epochs, run.start_epoch
         self.total = total_epochs
-        # a step budget's end inside an epoch: "epoch 1.46/8.49", as the first line counts the run
         self.total_shown = run.epochs_of()  # "epoch 1.46/8.49": a step budget's span, as the first line's
         self._last_val = run.latest_val_ppl
         cadence = Cadence.of(run.log_every)

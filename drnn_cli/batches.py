@@ -32,6 +32,12 @@ class Splits:
     def get(self, name: str) -> torch.Tensor:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
+    @property
+    def validates(self) -> bool:
+        """Whether there is a validation split to score: ``MIN_EVAL_TOKENS`` tokens or more (a
+        ``data.val_fraction`` too small for the text leaves none, and training says so)."""
+        return len(self.val) >= MIN_EVAL_TOKENS
+
     def span(self, name: str) -> tuple[int, int]:
         """Where a split lies in the tokens used: its start and stop (counts kept by position read it)."""
         start = {"train": 0, "val": len(self.train), "test": len(self.train) + len(self.val)}[name]

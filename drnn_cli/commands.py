@@ -136,8 +136,9 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         refusals.append(str(refused))
     else:  # how long the run would be, and what that means for its settings (a run that trains)
         length = PlannedLength.of(config.train, data, len(dataset.splits.train))
-        validates = len(dataset.splits.val) >= MIN_EVAL_TOKENS
-        notes.extend(planned_length_notes(config, length, validates, fine_tuning=start is not None))
+        notes.extend(
+            planned_length_notes(config, length, dataset.splits.validates, fine_tuning=start is not None)
+        )
     return DataReport(
         dataset,
         config,
@@ -421,7 +422,7 @@ class EvalReport:
 def default_split(splits: Splits) -> str:
     """The split ``drnn eval`` reads when none is named: validation if the run has one (2 tokens or
     more: a `data.val_fraction` too small for the text leaves none, as training said), else train."""
-    return "val" if len(splits.val) >= MIN_EVAL_TOKENS else "train"
+    return "val" if splits.validates else "train"
 
 
 def check_eval_source(split: str | None, data_file: Path | None, corpus_file: Path | None) -> None:

@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 from drnn_cli import fused_recurrence
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import (
-    MIN_EVAL_TOKENS,
     EpochBatches,
     PlannedLength,
     Shard,
@@ -980,7 +979,7 @@ class Trainer:
         scheduler's grace before its SIGKILL, or torchrun's 30 s before it kills its workers). Under
         torchrun the ranks vote on it every ``STOP_VOTE_EVERY`` minibatches: each validates the whole
         split, so all of them meet at the same ones, and all of them abandon it or none."""
-        if len(self.val_tokens) < MIN_EVAL_TOKENS:
+        if not self.dataset.splits.validates:
             return None
         data = self.config.data
         limit = self.config.train.eval_tokens
@@ -1080,7 +1079,7 @@ class Trainer:
         """What the run's perplexities are worth where the vocabulary lacks tokens of the text (fine-tuning,
         ``data.min_freq``): over the validation split, else the training split. A text's own ``<unk>``
         words (Penn Treebank writes them) are no lack (:meth:`Dataset.lacking_in`)."""
-        validated = len(self.val_tokens) >= MIN_EVAL_TOKENS
+        validated = self.dataset.splits.validates
         start, stop = self.dataset.splits.span("val" if validated else "train")
         if validated and self.config.train.eval_tokens:  # validations read the split's first tokens only
             stop = min(stop, start + 1 + self.config.train.eval_tokens)
@@ -1207,7 +1206,7 @@ class Trainer:
             *planned_length_notes(
                 self.config,
                 self.length,
-                len(self.val_tokens) >= MIN_EVAL_TOKENS,
+                self.dataset.splits.validates,
                 fine_tuning=self.init_from_label is not None,
                 starting=starting,
             ),

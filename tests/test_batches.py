@@ -523,3 +523,20 @@ def test_split_tokens_are_contiguous_train_val_test_segments() -> None:
     assert splits.get("train") is splits.train
     assert splits.get("val") is splits.val
     assert splits.get("test") is splits.test
+
+
+@pytest.mark.parametrize(
+    ("n", "val_fraction", "val_tokens", "validates"),
+    [
+        (100, 0.0, 0, False),
+        (100, 0.01, 1, False),  # one token: nothing to predict it from
+        (100, 0.02, 2, True),  # one read, one predicted: the fewest a perplexity is computed from
+        (170_580, 0.1, 17_058, True),
+    ],
+)
+def test_a_validation_split_is_scored_from_two_tokens(
+    n: int, val_fraction: float, val_tokens: int, validates: bool
+) -> None:
+    """What training, `drnn data` and `drnn eval`'s default split all ask: is there a validation split?"""
+    splits = split_tokens(torch.arange(n), val_fraction, 0.0)
+    assert (len(splits.val), splits.validates) == (val_tokens, validates)

@@ -11,12 +11,19 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import char_stream_bytes, preprocess, read_text, read_token_stream, same_text_sha1s
+from drnn_cli.corpus import (
+    CorpusSha1s,
+    char_stream_bytes,
+    preprocess,
+    read_text,
+    read_token_stream,
+    same_text_sha1s,
+)
 from drnn_cli.download import CorpusFile, ProgressHook, fetch_corpus, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
 from drnn_cli.text_vocab import build_vocab, no_tokens
-from drnn_cli.token_cache import EncodedCorpus, as_fixed, load_cached, store, text_sha1
+from drnn_cli.token_cache import EncodedCorpus, as_fixed, corpus_sha1s, load_cached, store
 from drnn_cli.token_tensors import (
     count_ascii,
     count_index,
@@ -43,6 +50,7 @@ class Dataset:
     unknown: Counter[str] = field(default_factory=Counter)  # tokens a fixed vocabulary lacked → <unk>
     notes: tuple[str, ...] = ()  # said once: a download it made, a token cache it cannot write
     lacking_at: torch.Tensor | None = None  # EncodedCorpus.lacking_at: positions in the whole text
+    text_sha1: str | None = None  # CorpusSha1s.text: the text as read, whichever line breaks its file writes
 
     def file_bytes(self) -> int | None:
         """The text file's size now, or None where it cannot be read."""
@@ -91,16 +99,18 @@ class Dataset:
 
 def resolve_corpus_file(
     config: DataConfig, progress: ProgressHook | None = None
-) -> tuple[CorpusFile, FileIdentity]:
+) -> tuple[CorpusFile, CorpusSha1s, FileIdentity]:
     """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed), its
-    SHA-1, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
+    SHA-1s, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
     if config.file is not None:
         path = config.file
         require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
         identity = file_identity(path)  # before hashing: a change during the hash changes it
-        return CorpusFile(path, text_sha1(path)), identity
+        sha1s = corpus_sha1s(path)
+        return CorpusFile(path, sha1s.file), sha1s, identity
     corpus = fetch_corpus(config.corpus, progress=progress)
-    return corpus, file_identity(corpus.path)
+    identity = file_identity(corpus.path)
+    return corpus, corpus_sha1s(corpus.path), identity
 
 
 def check_unchanged(path: Path, sha1: str, hashed: FileIdentity) -> None:
@@ -137,7 +147,7 @@ def load_dataset(
     ``expected_sha1``: the text a checkpoint was trained on (resuming, evaluating a split); another
     text raises :class:`CorpusMismatch` before anything is read further or cached.
     """
-    located, hashed = resolve_corpus_file(config, progress)
+    located, sha1s, hashed = resolve_corpus_file(config, progress)
     path, sha1 = located.path, located.sha1
     notes: tuple[str, ...] = (located.download_note,) if located.download_note else ()
     if expected_sha1 and sha1 != expected_sha1:
@@ -164,7 +174,9 @@ def load_dataset(
     if config.max_tokens > 0:
         encoded = encoded[: config.max_tokens].clone()
     splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
-    return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown, notes, corpus.lacking_at)
+    return Dataset(
+        corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown, notes, corpus.lacking_at, sha1s.text
+    )
 
 
 def load_same_corpus(

@@ -138,20 +138,28 @@ def load_dataset(
     vocab: Vocab | None = None,
     progress: ProgressHook | None = None,
     expected_sha1: str | None = None,
+    expected_text_sha1: str | None = None,
 ) -> Dataset:
     """Read, preprocess, tokenize and encode the corpus of ``config``.
 
     Like d2l, the vocabulary is built from the whole text and ``max_tokens`` then keeps the first
     tokens. Pass ``vocab`` to encode with a fixed vocabulary (evaluation, fine-tuning) instead.
     A big text's encoding is kept in the token cache and memory-mapped the next time.
-    ``expected_sha1``: the text a checkpoint was trained on (resuming, evaluating a split); another
-    text raises :class:`CorpusMismatch` before anything is read further or cached.
+    ``expected_sha1`` and ``expected_text_sha1``: the file a checkpoint was trained on and its text as
+    read (resuming, evaluating a split); another text raises :class:`CorpusMismatch` before anything is
+    read further or cached. Other bytes are the same text where their text's SHA-1 is the checkpoint's,
+    whatever line breaks either file writes; a checkpoint that records none (written before drnn did)
+    takes four forms of this file's text (:func:`same_text_sha1s`).
     """
     located, sha1s, hashed = resolve_corpus_file(config, progress)
     path, sha1 = located.path, located.sha1
     notes: tuple[str, ...] = (located.download_note,) if located.download_note else ()
-    if expected_sha1 and sha1 != expected_sha1:
-        if expected_sha1 not in same_text_sha1s(path):
+    if expected_sha1 and sha1 != expected_sha1:  # other bytes: the same text written otherwise, or refused
+        if expected_text_sha1:
+            same_text = sha1s.text == expected_text_sha1
+        else:
+            same_text = expected_sha1 in same_text_sha1s(path)
+        if not same_text:
             raise CorpusMismatch(path, expected_sha1, sha1)
         notes = (
             *notes,
@@ -183,6 +191,7 @@ def load_same_corpus(
     data: DataConfig,
     vocab: Vocab | None,
     expected_sha1: str | None,
+    expected_text_sha1: str | None,
     action: str,
     fix: str,
     progress: ProgressHook | None = None,
@@ -190,7 +199,7 @@ def load_same_corpus(
     """The dataset, refused (before it is encoded) unless it is the text the checkpoint was trained
     on: splits are positions in a file, and in another file they mean other text."""
     try:
-        return load_dataset(data, vocab=vocab, progress=progress, expected_sha1=expected_sha1)
+        return load_dataset(data, vocab, progress, expected_sha1, expected_text_sha1)
     except CorpusMismatch as mismatch:
         raise DrnnError(f"cannot {action}: {mismatch}; {fix}") from None
 

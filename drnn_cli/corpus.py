@@ -49,7 +49,7 @@ def normalize_line_breaks(text: str) -> str:
 
 def normalize_line_break_bytes(data: bytes) -> bytes:
     """``normalize_line_breaks`` for UTF-8 bytes (a CR or LF byte is never part of another character)."""
-    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
 
 
 class CorpusSha1s(NamedTuple):

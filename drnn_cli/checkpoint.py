@@ -102,6 +102,7 @@ class Checkpoint:
     trainer_state: dict[str, Any] = field(default_factory=dict)  # optimizer, RNG, carried state…
     init_from: str | None = None
     corpus_sha1: str | None = None  # of the corpus file the splits were cut from
+    text_sha1: str | None = None  # of that text as drnn reads it (CorpusSha1s.text), whatever its line breaks
 
     def trainer(self) -> TrainerState:
         """The trainer state, typed; :class:`~drnn_cli.trainer_state.UnusableTrainerState` names
@@ -124,6 +125,7 @@ class Checkpoint:
             "best_val_ppl": self.best_val_ppl,
             "init_from": self.init_from,
             "corpus_sha1": self.corpus_sha1,
+            "text_sha1": self.text_sha1,
             "config": self.config.to_dict(),
             "vocab": self.vocab.tokens_dict(),
             "trainer_state": packed_state,
@@ -344,6 +346,7 @@ class CheckpointInfo:
     best_val_ppl: float | None
     init_from: str | None
     corpus_sha1: str | None
+    text_sha1: str | None  # None in a checkpoint written before drnn recorded it
     packed_trainer_state: Any  # JSON, its tensors as {"__tensor__": name} (unpack_tree)
     shapes: dict[str, tuple[int, ...]]  # every tensor's shape, as the safetensors header claims
 
@@ -389,6 +392,7 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
             best_val_ppl=_optional(drnn.get("best_val_ppl"), float),
             init_from=_optional(drnn.get("init_from"), str),
             corpus_sha1=_optional(drnn.get("corpus_sha1"), str),
+            text_sha1=_optional(drnn.get("text_sha1"), str),
             packed_trainer_state=drnn.get("trainer_state", {}),
             shapes=shapes,
         )
@@ -505,6 +509,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
         trainer_state=trainer_state,
         init_from=info.init_from,
         corpus_sha1=info.corpus_sha1,
+        text_sha1=info.text_sha1,
     )
 
 

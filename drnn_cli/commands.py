@@ -561,6 +561,7 @@ def _split_tokens(
         data,
         checkpoint.vocab,
         checkpoint.corpus_sha1,
+        checkpoint.text_sha1,
         f"evaluate the {named} split",
         "give --corpus the run's own text, or score this file whole with --data FILE"
         if corpus_file is not None

@@ -11,7 +11,9 @@ import functools
 import hashlib
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from drnn_cli.config import DataConfig
 from drnn_cli.errors import DrnnError, UsageError
@@ -47,7 +49,50 @@ def normalize_line_breaks(text: str) -> str:
 
 def normalize_line_break_bytes(data: bytes) -> bytes:
     """``normalize_line_breaks`` for UTF-8 bytes (a CR or LF byte is never part of another character)."""
-    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in data else data
+
+
+class CorpusSha1s(NamedTuple):
+    """A corpus file's two SHA-1s: of its bytes, and of the text drnn reads from them."""
+
+    file: str  # the bytes: what the token cache is keyed by and a download is checked against
+    text: str  # ``read_text``'s text as UTF-8 (no byte order mark, LF line breaks): alike for every form of one text
+
+
+_HASH_BLOCK = 1 << 20  # bytes read at a time to hash a file: a 1 GiB corpus is never in memory to be hashed
+
+
+def hash_corpus(path: Path) -> CorpusSha1s:
+    """Both SHA-1s of the file at ``path``, in one read of it."""
+    file, text = hashlib.sha1(), hashlib.sha1()
+    with path.open("rb") as handle:
+        blocks = iter(lambda: handle.read(_HASH_BLOCK), b"")
+        for piece in _text_pieces(_passed_to(file.update, blocks)):
+            text.update(piece)
+    return CorpusSha1s(file.hexdigest(), text.hexdigest())
+
+
+def _passed_to(take: Callable[[bytes], object], blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """``blocks``, each given to ``take`` (a digest's update) as it passes: two hashes, one read."""
+    for block in blocks:
+        take(block)
+        yield block
+
+
+def _text_pieces(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """The text ``read_text`` reads from a file's ``blocks``, as UTF-8 bytes a piece at a time: a byte
+    order mark at the start dropped, CR LF and a lone CR as LF. A CR at a block's end may begin a CR LF
+    the next block ends, so it waits for that block."""
+    mark = BYTE_ORDER_MARK.encode("utf-8")
+    carried, first = b"", True
+    for block in blocks:
+        data = carried + block
+        if first:
+            data, first = data.removeprefix(mark), False  # (a block shorter than the mark: a tiny file)
+        data, carried = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
+        yield normalize_line_break_bytes(data)
+    if carried:  # the file ends with a lone CR: a line break
+        yield b"\n"
 
 
 def same_text_sha1s(path: Path) -> frozenset[str]:
@@ -55,26 +100,17 @@ def same_text_sha1s(path: Path) -> frozenset[str]:
     line breaks, each with and without a UTF-8 byte order mark (``read_text`` drops the mark and reads
     every line break as LF). A run's text that went through Windows or git's autocrlf is still its
     text. A file in none of these forms (its line breaks mixed, or lone CRs) is matched by its copies,
-    not they by it: its own SHA-1 is not among theirs."""
+    not they by it: its own SHA-1 is not among theirs. Only for a checkpoint written before drnn
+    recorded ``CorpusSha1s.text``, which matches every form both ways."""
     mark = BYTE_ORDER_MARK.encode("utf-8")
     lf, crlf, marked_lf, marked_crlf = (hashlib.sha1() for _ in range(4))
     marked_lf.update(mark)
     marked_crlf.update(mark)
-    carried, first = b"", True
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            data = carried + block
-            if first:
-                data, first = data.removeprefix(mark), False  # (a block shorter than the mark: a tiny file)
-            # a CR at a block's end may begin a CR LF the next block ends: read it with that block
-            data, carried = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
-            text = normalize_line_break_bytes(data)
+        for text in _text_pieces(iter(lambda: handle.read(_HASH_BLOCK), b"")):
             with_crlf = text.replace(b"\n", b"\r\n")
             for digest, piece in ((lf, text), (crlf, with_crlf), (marked_lf, text), (marked_crlf, with_crlf)):
                 digest.update(piece)
-    if carried:  # the file ends with a lone CR: a line break
-        for digest, piece in ((lf, b"\n"), (crlf, b"\r\n"), (marked_lf, b"\n"), (marked_crlf, b"\r\n")):
-            digest.update(piece)
     return frozenset(digest.hexdigest() for digest in (lf, crlf, marked_lf, marked_crlf))
 
 

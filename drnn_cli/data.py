@@ -11,12 +11,19 @@ import torch
 
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import char_stream_bytes, preprocess, read_text, read_token_stream, same_text_sha1s
+from drnn_cli.corpus import (
+    CorpusSha1s,
+    char_stream_bytes,
+    preprocess,
+    read_text,
+    read_token_stream,
+    same_text_sha1s,
+)
 from drnn_cli.download import CorpusFile, ProgressHook, fetch_corpus, file_sha1
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import FileIdentity, file_identity, require_regular_file
 from drnn_cli.text_vocab import build_vocab, no_tokens
-from drnn_cli.token_cache import EncodedCorpus, as_fixed, load_cached, store, text_sha1
+from drnn_cli.token_cache import EncodedCorpus, as_fixed, corpus_sha1s, load_cached, store
 from drnn_cli.token_tensors import (
     count_ascii,
     count_index,
@@ -43,6 +50,7 @@ class Dataset:
     unknown: Counter[str] = field(default_factory=Counter)  # tokens a fixed vocabulary lacked → <unk>
     notes: tuple[str, ...] = ()  # said once: a download it made, a token cache it cannot write
     lacking_at: torch.Tensor | None = None  # EncodedCorpus.lacking_at: positions in the whole text
+    text_sha1: str | None = None  # CorpusSha1s.text: the text as read, whichever line breaks its file writes
 
     def file_bytes(self) -> int | None:
         """The text file's size now, or None where it cannot be read."""
@@ -91,16 +99,18 @@ class Dataset:
 
 def resolve_corpus_file(
     config: DataConfig, progress: ProgressHook | None = None
-) -> tuple[CorpusFile, FileIdentity]:
+) -> tuple[CorpusFile, CorpusSha1s, FileIdentity]:
     """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed), its
-    SHA-1, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
+    SHA-1s, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
     if config.file is not None:
         path = config.file
         require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
         identity = file_identity(path)  # before hashing: a change during the hash changes it
-        return CorpusFile(path, text_sha1(path)), identity
+        sha1s = corpus_sha1s(path)
+        return CorpusFile(path, sha1s.file), sha1s, identity
     corpus = fetch_corpus(config.corpus, progress=progress)
-    return corpus, file_identity(corpus.path)
+    identity = file_identity(corpus.path)
+    return corpus, corpus_sha1s(corpus.path), identity
 
 
 def check_unchanged(path: Path, sha1: str, hashed: FileIdentity) -> None:
@@ -128,20 +138,28 @@ def load_dataset(
     vocab: Vocab | None = None,
     progress: ProgressHook | None = None,
     expected_sha1: str | None = None,
+    expected_text_sha1: str | None = None,
 ) -> Dataset:
     """Read, preprocess, tokenize and encode the corpus of ``config``.
 
     Like d2l, the vocabulary is built from the whole text and ``max_tokens`` then keeps the first
     tokens. Pass ``vocab`` to encode with a fixed vocabulary (evaluation, fine-tuning) instead.
     A big text's encoding is kept in the token cache and memory-mapped the next time.
-    ``expected_sha1``: the text a checkpoint was trained on (resuming, evaluating a split); another
-    text raises :class:`CorpusMismatch` before anything is read further or cached.
+    ``expected_sha1`` and ``expected_text_sha1``: the file a checkpoint was trained on and its text as
+    read (resuming, evaluating a split); another text raises :class:`CorpusMismatch` before anything is
+    read further or cached. Other bytes are the same text where their text's SHA-1 is the checkpoint's,
+    whatever line breaks either file writes; a checkpoint that records none (written before drnn did)
+    takes four forms of this file's text (:func:`same_text_sha1s`).
     """
-    located, hashed = resolve_corpus_file(config, progress)
+    located, sha1s, hashed = resolve_corpus_file(config, progress)
     path, sha1 = located.path, located.sha1
     notes: tuple[str, ...] = (located.download_note,) if located.download_note else ()
-    if expected_sha1 and sha1 != expected_sha1:
-        if expected_sha1 not in same_text_sha1s(path):
+    if expected_sha1 and sha1 != expected_sha1:  # other bytes: the same text written otherwise, or refused
+        if expected_text_sha1:
+            same_text = sha1s.text == expected_text_sha1
+        else:
+            same_text = expected_sha1 in same_text_sha1s(path)
+        if not same_text:
             raise CorpusMismatch(path, expected_sha1, sha1)
         notes = (
             *notes,
@@ -164,13 +182,16 @@ def load_dataset(
     if config.max_tokens > 0:
         encoded = encoded[: config.max_tokens].clone()
     splits = split_tokens(encoded, config.val_fraction, config.test_fraction)
-    return Dataset(corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown, notes, corpus.lacking_at)
+    return Dataset(
+        corpus.vocab, encoded, splits, path, sha1, total, corpus.unknown, notes, corpus.lacking_at, sha1s.text
+    )
 
 
 def load_same_corpus(
     data: DataConfig,
     vocab: Vocab | None,
     expected_sha1: str | None,
+    expected_text_sha1: str | None,
     action: str,
     fix: str,
     progress: ProgressHook | None = None,
@@ -178,7 +199,7 @@ def load_same_corpus(
     """The dataset, refused (before it is encoded) unless it is the text the checkpoint was trained
     on: splits are positions in a file, and in another file they mean other text."""
     try:
-        return load_dataset(data, vocab=vocab, progress=progress, expected_sha1=expected_sha1)
+        return load_dataset(data, vocab, progress, expected_sha1, expected_text_sha1)
     except CorpusMismatch as mismatch:
         raise DrnnError(f"cannot {action}: {mismatch}; {fix}") from None
 

@@ -233,7 +233,8 @@ class StartPoint:
     init_from: Checkpoint | None = None
     init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
     vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
-    expected_sha1: str | None = None  # the text a resumed run was trained on
+    expected_sha1: str | None = None  # the file a resumed run was trained on
+    expected_text_sha1: str | None = None  # and its text as read (None: a checkpoint that predates it)
     best_kept: float | None = None  # the perplexity of `best` on disk, which a worse model never replaces
     # a resume whose validation reads other tokens (train.eval_tokens changed): the best so far and
     # patience's count were measured on the old ones, and start over
@@ -335,6 +336,7 @@ def resume_point(
         resume=checkpoint,
         vocab=checkpoint.vocab,
         expected_sha1=checkpoint.corpus_sha1,
+        expected_text_sha1=checkpoint.text_sha1,
         best_kept=None if best_restarts else best_kept,
         changes=changes,
         best_restarts=best_restarts,

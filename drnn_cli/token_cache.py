@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from drnn_cli.config import DataConfig
-from drnn_cli.download import DATA_DIR_ENV, file_sha1
+from drnn_cli.corpus import CorpusSha1s, hash_corpus
+from drnn_cli.download import DATA_DIR_ENV
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import (
     TEMPORARY_SUFFIX,
@@ -92,27 +93,32 @@ def wants_cache(text: Path) -> bool:
         return False
 
 
-def text_sha1(text: Path) -> str:
-    """The file's SHA-1, remembered by (size, mtime) for cached texts so a reuse does not rehash 1 GB.
+def corpus_sha1s(text: Path) -> CorpusSha1s:
+    """The file's SHA-1s, remembered by (size, mtime) for cached texts so a reuse does not rehash 1 GB.
 
     A remembered hash is trusted only if the file was last modified well before it was hashed, so
-    a rewrite within one mtime tick of the hashing cannot hide behind an unchanged timestamp.
+    a rewrite within one mtime tick of the hashing cannot hide behind an unchanged timestamp. A stamp
+    an earlier drnn wrote holds no ``text_sha1``: the file is hashed again.
     """
     if not wants_cache(text):
-        return file_sha1(text)
+        return hash_corpus(text)
     identity = file_identity(text)
     stamp = cache_dir(text) / f"{_name_part(text)}-{_digest(str(text.resolve()))[:16]}.sha1"
     known = _read_json(stamp, STAMP_MAX_BYTES)
     with contextlib.suppress(KeyError, TypeError):
+        remembered = CorpusSha1s(known["sha1"], known["text_sha1"])
         if (
             all(known[name] == value for name, value in identity.items())
             and known["hashed_at_ns"] - identity["mtime_ns"] > RACY_SECONDS * 1e9
+            and all(isinstance(sha1, str) for sha1 in remembered)
         ):
-            return str(known["sha1"])
+            return remembered
     hashed_at = time.time_ns()
-    sha1 = file_sha1(text)
-    _try_write(stamp, json.dumps(identity | {"hashed_at_ns": hashed_at, "sha1": sha1}))
-    return sha1
+    sha1s = hash_corpus(text)
+    _try_write(
+        stamp, json.dumps(identity | {"hashed_at_ns": hashed_at, "sha1": sha1s.file, "text_sha1": sha1s.text})
+    )
+    return sha1s
 
 
 def _entry_max_bytes(text: Path) -> int:
@@ -164,7 +170,7 @@ def load_cached(text: Path, sha1: str, config: DataConfig, vocab: Vocab | None) 
     if not wants_cache(text):
         return None
     remove_dead_partials(cache_dir(text), ".*.tokens.*.part")  # a killed writer's, as big as its text
-    for written in ("json", "sha1"):  # atomic_write_text's temporaries: an entry's JSON, text_sha1's stamp
+    for written in ("json", "sha1"):  # atomic_write_text's temporaries: an entry's JSON, corpus_sha1s's stamp
         remove_abandoned_temporaries(cache_dir(text), f".*.{written}.*{TEMPORARY_SUFFIX}", ABANDONED_AFTER_S)
     found = _load_entry(text, _key(sha1, config, vocab))
     if found is not None and vocab is not None and found.vocab.idx_to_token != vocab.idx_to_token:

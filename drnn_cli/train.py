@@ -329,6 +329,7 @@ class Trainer:
             trainer_state=state.to_tree(),
             init_from=self.init_from_label,
             corpus_sha1=self.dataset.sha1,
+            text_sha1=self.dataset.text_sha1,
         )
 
     @property

@@ -204,6 +204,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         config.data,
         start.vocab,
         start.expected_sha1,
+        start.expected_text_sha1,
         "resume",
         "point data.path at that text, or start a new run with --run DIR",
         job.progress,

@@ -26,7 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import preprocess, preprocess_chars, preprocess_prefix, read_text, same_text_sha1s
+from drnn_cli.corpus import (
+    hash_corpus,
+    preprocess,
+    preprocess_chars,
+    preprocess_prefix,
+    read_text,
+    same_text_sha1s,
+)
 from drnn_cli.data import load_dataset
 from drnn_cli.download import REGISTRY, fetch_corpus
 from drnn_cli.errors import ConfigError, DrnnError
@@ -886,3 +893,18 @@ def test_the_files_read_as_the_same_text_are_its_lf_and_crlf_forms_with_and_with
         assert same_text_sha1s(path) == expected
     path.write_bytes(text + b"!")
     assert not same_text_sha1s(path) & expected
+
+
+def test_a_files_text_sha1_is_that_of_the_text_read_text_reads_whatever_its_line_breaks(tmp_path: Path):
+    """One read of a file gives its bytes' SHA-1 and its text's: every form of one text, its line
+    breaks mixed or not, with a byte order mark or not, has the text SHA-1 of its LF form. A CR LF
+    across the 1 MiB block boundary and a lone CR at the end are each one line break, as read."""
+    mixed = b"a" * ((1 << 20) - 1) + b"\r\nnext line\rlast\nend\r"  # the CR of the first CR LF ends a block
+    lf = b"a" * ((1 << 20) - 1) + b"\nnext line\nlast\nend\n"
+    path = tmp_path / "text.txt"
+    for written in (mixed, b"\xef\xbb\xbf" + mixed, lf, lf.replace(b"\n", b"\r\n"), b"\xef\xbb\xbf" + lf):
+        path.write_bytes(written)
+        assert read_text(path).encode() == lf
+        assert hash_corpus(path) == (hashlib.sha1(written).hexdigest(), hashlib.sha1(lf).hexdigest())
+    path.write_bytes(mixed.replace(b"last", b"least"))
+    assert hash_corpus(path).text != hashlib.sha1(lf).hexdigest()

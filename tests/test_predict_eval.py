@@ -740,6 +740,59 @@ def test_eval_finds_the_runs_corpus_at_another_path(
     assert "give --corpus the run's own text, or score this file whole with --data FILE" in err
 
 
+def test_eval_reads_a_runs_text_from_a_file_whose_line_breaks_differ_mixed_included(
+    tiny_run: Path, tmp_path: Path, corpus_path: Path, cli
+):
+    """A checkpoint records the SHA-1 of its text as read: --corpus takes a file of that text whatever
+    line breaks either side writes, mixed CR LF and LF included, with a note; the split it reads is the
+    same. A checkpoint without it (an earlier drnn's) takes the four forms of the given file's text as
+    before: a run trained on mixed line breaks refuses the text's LF form, with today's message."""
+    import hashlib
+    import shutil
+
+    lf_text = corpus_path.read_bytes()
+    mixed = tmp_path / "mixed.txt"  # an editor wrote CR LF into the first 100 line breaks of an LF file
+    mixed.write_bytes(lf_text.replace(b"\n", b"\r\n", 100))
+    lf = tmp_path / "lf.txt"
+    shutil.copyfile(corpus_path, lf)
+
+    def evaluated(run: Path, corpus: Path) -> tuple[int, float | None, str]:
+        code, out, err = cli("eval", "--run", str(run), "--corpus", str(corpus), "--split", "val", "--json")
+        return (
+            code,
+            json.loads(out.splitlines()[-1])["perplexity"] if code == 0 else None,
+            " ".join(err.split()),
+        )
+
+    def noted(corpus: Path) -> str:
+        return (
+            f"{corpus} differs from the text the checkpoint was trained on only in how its line breaks are "
+            "written or in a byte order mark, which drnn reads alike"
+        )
+
+    original = json.loads(cli("eval", "--run", str(tiny_run), "--split", "val", "--json")[1].splitlines()[-1])
+    code, perplexity, err = evaluated(tiny_run, mixed)  # trained on the LF form
+    assert (code, perplexity) == (0, original["perplexity"]) and noted(mixed) in err
+    run = tmp_path / "run"  # as if trained on the mixed file: its file's SHA-1, the same text's
+    shutil.copytree(tiny_run, run)
+    checkpoint = load_checkpoint(run / "best.safetensors")
+    assert checkpoint.text_sha1 == hashlib.sha1(lf_text).hexdigest()
+    checkpoint.corpus_sha1 = hashlib.sha1(mixed.read_bytes()).hexdigest()
+    save_checkpoint(run / "best.safetensors", checkpoint)
+    code, perplexity, err = evaluated(run, lf)
+    assert (code, perplexity) == (0, original["perplexity"]) and noted(lf) in err
+    code, perplexity, err = evaluated(run, mixed)
+    assert (code, perplexity) == (0, original["perplexity"]) and "line breaks" not in err
+    checkpoint.text_sha1 = None
+    save_checkpoint(run / "best.safetensors", checkpoint)
+    code, _, err = evaluated(run, lf)
+    assert code == 1 and err == (
+        f"drnn: error: cannot evaluate the val split: {lf} is not the text the checkpoint was trained on "
+        f"(SHA-1 {checkpoint.corpus_sha1}, this file {hashlib.sha1(lf_text).hexdigest()}); give --corpus the "
+        "run's own text, or score this file whole with --data FILE"
+    )
+
+
 def test_a_relative_data_path_is_kept_absolute_so_eval_works_from_anywhere(
     workdir: Path, corpus_path: Path, cli, monkeypatch: pytest.MonkeyPatch
 ):

@@ -760,10 +760,11 @@ def test_the_header_reads_without_the_tensors(tiny_run: Path, tmp_path: Path):
     nan.write_bytes(bytes(data))
     original = load_checkpoint(tiny_run / "best.safetensors")
     info = read_checkpoint_info(nan)
-    assert (info.epoch, info.best_val_ppl, info.corpus_sha1) == (
+    assert (info.epoch, info.best_val_ppl, info.corpus_sha1, info.text_sha1) == (
         original.epoch,
         original.best_val_ppl,
         original.corpus_sha1,
+        original.text_sha1,
     )
     model_shapes = {
         name[len("model.") :]: shape for name, shape in info.shapes.items() if name.startswith("model.")

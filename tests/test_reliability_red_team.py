@@ -251,6 +251,7 @@ def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path
     [
         ("best_val_ppl", "x"),
         ("corpus_sha1", 5),
+        ("text_sha1", ["a"]),
         ("init_from", ["a"]),
         ("epoch", -3),  # --resume began at epoch -3 and trained 104 epochs of a 100-epoch run
         ("epoch", "3"),

@@ -16,6 +16,7 @@ import torch
 from drnn_cli import data as data_module
 from drnn_cli import token_cache
 from drnn_cli.config import DataConfig
+from drnn_cli.corpus import CorpusSha1s
 from drnn_cli.data import Dataset, load_dataset
 from drnn_cli.errors import DrnnError
 from drnn_cli.token_cache import MIN_CACHED_BYTES, STAMP_MAX_BYTES
@@ -198,8 +199,30 @@ def test_an_old_stable_text_reuses_its_remembered_hash(workdir: Path, big_text: 
     first = load_dataset(config)
     stamps = list((workdir / "data" / "token-cache").glob("*.sha1"))
     assert len(stamps) == 1 and json.loads(stamps[0].read_text())["sha1"] == first.sha1
-    monkeypatch.setattr("drnn_cli.token_cache.file_sha1", lambda _path: pytest.fail("hashed again"))
+    monkeypatch.setattr("drnn_cli.token_cache.hash_corpus", lambda _path: pytest.fail("hashed again"))
     assert load_dataset(config).sha1 == first.sha1
+
+
+def test_a_hash_stamp_an_earlier_drnn_wrote_without_the_texts_sha1_is_hashed_again(
+    workdir: Path, big_text: Path
+):
+    """The stamp remembers the SHA-1 of the text as read beside the file's, one read for both; a stamp
+    that holds the file's alone gives no text SHA-1 for a checkpoint to record: the file is hashed again."""
+    lf = big_text.read_bytes()
+    crlf = lf.replace(b"\n", b"\r\n")
+    big_text.write_bytes(crlf)
+    old = 1_600_000_000_000_000_000
+    os.utime(big_text, ns=(old, old))
+    config = DataConfig(path=str(big_text), preprocess="none")
+    sha1s = (hashlib.sha1(crlf).hexdigest(), hashlib.sha1(lf).hexdigest())
+    first = load_dataset(config)
+    (stamp,) = (workdir / "data" / "token-cache").glob("*.sha1")
+    remembered = json.loads(stamp.read_text())
+    assert (first.sha1, first.text_sha1) == (remembered["sha1"], remembered["text_sha1"]) == sha1s
+    del remembered["text_sha1"]
+    stamp.write_text(json.dumps(remembered))
+    again = load_dataset(config)
+    assert (again.sha1, again.text_sha1) == sha1s and json.loads(stamp.read_text())["text_sha1"] == sha1s[1]
 
 
 def test_an_old_text_edited_with_its_timestamp_put_back_is_hashed_again(workdir: Path, big_text: Path):
@@ -516,10 +539,10 @@ def test_a_text_that_changes_between_its_hashing_and_its_encoding_is_refused_and
     again to be encoded. Tokens of the new text must not be kept (or trained on) under the old text's
     SHA-1, where every later run would map them (found by a red team: 3 of 12 runs did)."""
     other = big_text.read_bytes().replace(b"e", b"x")  # the same size
-    hash_of = data_module.text_sha1
+    hash_of = data_module.corpus_sha1s
 
-    def hash_then_change(path: Path) -> str:
-        sha1 = hash_of(path)
+    def hash_then_change(path: Path) -> CorpusSha1s:
+        sha1s = hash_of(path)
         if how == "replaced":  # mv, rsync: a new inode
             staged = path.with_name("staged.tmp")
             staged.write_bytes(other)
@@ -527,14 +550,14 @@ def test_a_text_that_changes_between_its_hashing_and_its_encoding_is_refused_and
         else:  # cp over it: the same inode, a new modification time
             time.sleep(0.01)
             path.write_bytes(other)
-        return sha1
+        return sha1s
 
-    monkeypatch.setattr(data_module, "text_sha1", hash_then_change)
+    monkeypatch.setattr(data_module, "corpus_sha1s", hash_then_change)
     config = DataConfig(path=str(big_text), preprocess="none")
     with pytest.raises(DrnnError, match=r"big.txt changed while drnn read it; run again once it is written"):
         load_dataset(config)
     assert entries(workdir) == []
-    monkeypatch.setattr(data_module, "text_sha1", hash_of)
+    monkeypatch.setattr(data_module, "corpus_sha1s", hash_of)
     again = load_dataset(config)  # the text as it is now, hashed and encoded together
     assert "x" in again.vocab.token_to_idx and "e" not in again.vocab.token_to_idx
     assert len(entries(workdir)) == 1
@@ -648,16 +671,16 @@ def test_the_same_bytes_put_back_while_a_text_is_read_pass(
     identity moves but its bytes do not, and nothing is refused (found by a review: 4 of 36 parallel
     first runs were)."""
     same = big_text.read_bytes()
-    hash_of = data_module.text_sha1
+    hash_of = data_module.corpus_sha1s
 
-    def hash_then_put_back(path: Path) -> str:
-        sha1 = hash_of(path)
+    def hash_then_put_back(path: Path) -> CorpusSha1s:
+        sha1s = hash_of(path)
         staged = path.with_name("staged.tmp")
         staged.write_bytes(same)
         os.replace(staged, path)  # a new inode, the same text
-        return sha1
+        return sha1s
 
-    monkeypatch.setattr(data_module, "text_sha1", hash_then_put_back)
+    monkeypatch.setattr(data_module, "corpus_sha1s", hash_then_put_back)
     dataset = load_dataset(DataConfig(path=str(big_text), preprocess="none"))
     assert dataset.sha1 == hashlib.sha1(same).hexdigest() and len(entries(workdir)) == 1
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -402,6 +404,59 @@ def test_resume_follows_the_same_corpus_to_another_path(workdir: Path, corpus_pa
     moved.write_bytes(corpus_path.read_bytes()[1:30_001])
     with pytest.raises(DrnnError, match="point data.path at that text, or start a new run"):
         train(config, f"data.path={moved}", "train.epochs=3", run_dir=workdir / "runs/split", resume=True)
+
+
+def resumed_notes(config: Path, *overrides: str) -> list[str]:
+    """The notes a resume of the config's run says."""
+    notes: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = notes.append  # type: ignore[method-assign]
+    train_run(TrainRequest(config, overrides, resume=True), reporter=reporter)
+    return notes
+
+
+def same_text_note(path: Path) -> str:
+    return (
+        f"{path} differs from the text the checkpoint was trained on only in how its line breaks are written "
+        "or in a byte order mark, which drnn reads alike"
+    )
+
+
+def test_resume_takes_the_runs_text_whatever_line_breaks_either_file_writes(workdir: Path, corpus_path: Path):
+    """A checkpoint records the SHA-1 of its text as drnn reads it beside its file's: a run trained on a
+    file whose line breaks are mixed (an editor wrote CR LF into an LF file) resumes from the text's LF
+    form, and back, with a note; the same bytes say nothing, and another text is refused. A checkpoint
+    without the text's SHA-1 (as an earlier drnn wrote it) takes the four forms of the given file's text
+    as before, which the mixed file's SHA-1 is not among."""
+    import hashlib
+
+    from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    lf_text = corpus_path.read_bytes()[:30_000]
+    mixed_text = lf_text.replace(b"\n", b"\r\n", 100)  # the first 100 line breaks CR LF, the others LF
+    mixed, lf = workdir / "mixed.txt", workdir / "lf.txt"
+    mixed.write_bytes(mixed_text)
+    lf.write_bytes(lf_text)
+    config = write_config(workdir, {**TINY, "data": {**TINY["data"], "path": str(mixed)}})
+    train(config, "train.epochs=1")
+    last = workdir / "runs" / "tiny" / "last.safetensors"
+    checkpoint = load_checkpoint(last)
+    assert (checkpoint.corpus_sha1, checkpoint.text_sha1) == (
+        hashlib.sha1(mixed_text).hexdigest(),
+        hashlib.sha1(lf_text).hexdigest(),
+    )
+    refused = f"{re.escape(str(lf))} is not the text the checkpoint was trained on"
+    save_checkpoint(last, dataclasses.replace(checkpoint, text_sha1=None))
+    with pytest.raises(DrnnError, match=refused):
+        train(config, f"data.path={lf}", "train.epochs=2", resume=True)
+    save_checkpoint(last, checkpoint)
+    assert same_text_note(lf) in resumed_notes(config, f"data.path={lf}", "train.epochs=2")
+    assert load_checkpoint(last).corpus_sha1 == hashlib.sha1(lf_text).hexdigest()  # the file it read
+    assert same_text_note(mixed) in resumed_notes(config, f"data.path={mixed}", "train.epochs=3")
+    assert not [note for note in resumed_notes(config, "train.epochs=4") if "line breaks" in note]
+    lf.write_bytes(lf_text.replace(b"Time", b"Tide", 1))
+    with pytest.raises(DrnnError, match=refused):
+        train(config, f"data.path={lf}", "train.epochs=5", resume=True)
 
 
 def test_a_checkpoint_without_its_texts_sha1_resumes_only_from_the_same_path(

@@ -157,3 +157,15 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def steps_span(steps: int, steps_per_epoch: float) -> str:
+    """A step budget as the run's first line and its notes say it: "25 steps (1.32 epochs)", "1 step
+    (0.125 epochs)", "1,206 epochs" past a thousand (not "1.21e+03"), "0.0036% of an epoch" below a
+    hundredth (not "3.61e-05")."""
+    epochs = steps / steps_per_epoch
+    shown = f"{epochs:,.0f}" if epochs >= 1000 else f"{epochs:.3g}"
+    share = f"{shown} epoch{'' if epochs == 1 else 's'}"
+    if epochs < 0.01:
+        share = f"{100 * epochs:.2g}% of an epoch"
+    return f"{steps:,} step{'' if steps == 1 else 's'} ({share})"

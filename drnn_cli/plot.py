@@ -9,9 +9,8 @@ import contextlib
 import importlib.util
 import io
 import logging
-import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 if TYPE_CHECKING:  # matplotlib is the optional plot extra: imported where a plot is drawn
     from matplotlib.figure import Figure
@@ -102,6 +101,16 @@ def render_perplexity_plot(records: Sequence[PlottedRecord], title: str | None =
     return buffer.getvalue()
 
 
+# A perplexity past this is a run that diverged (its log lines say so), left out of the plot as a
+# non-finite one is: matplotlib's log axis fails on a range of about 280 decades (30 beside 1.5e289).
+DRAWN_PERPLEXITY_MAX = 1e100
+
+
+def drawn(perplexity: float | None) -> TypeGuard[float]:
+    """Whether the plot draws a perplexity: a number, finite and at most ``DRAWN_PERPLEXITY_MAX``."""
+    return perplexity is not None and perplexity <= DRAWN_PERPLEXITY_MAX  # NaN compares False
+
+
 def perplexity_figure(records: Sequence[PlottedRecord], title: str | None = None) -> Figure:
     """Train (and validation) perplexity against training tokens seen, epochs on the top axis as d2l
     plots them (against epoch alone for runs whose metrics predate token counts)."""
@@ -114,10 +123,10 @@ def perplexity_figure(records: Sequence[PlottedRecord], title: str | None = None
         axes.set_title(title)
     by_tokens = all(r.tokens_seen for r in records if r.epoch > 0)  # epoch 0 has seen none either way
     xs = [r.tokens_seen if by_tokens else r.epoch for r in records]
-    trained = [(x, r.train_ppl) for x, r in zip(xs, records, strict=True) if r.train_ppl is not None]
+    trained = [(x, r.train_ppl) for x, r in zip(xs, records, strict=True) if drawn(r.train_ppl)]
     if trained:  # points marked while few: a line of one point is invisible
         axes.plot(*zip(*trained, strict=True), label="train", marker="." if len(trained) < 50 else None)
-    validated = [(x, r.val_ppl) for x, r in zip(xs, records, strict=True) if r.val_ppl is not None]
+    validated = [(x, r.val_ppl) for x, r in zip(xs, records, strict=True) if drawn(r.val_ppl)]
     if validated:
         axes.plot(
             *zip(*validated, strict=True), label="validation", marker="." if len(validated) < 50 else None
@@ -135,7 +144,7 @@ def perplexity_figure(records: Sequence[PlottedRecord], title: str | None = None
         epochs = axes.secondary_xaxis("top", functions=(to_epochs, to_tokens))
         epochs.set_xlabel("epoch")
     axes.set_ylabel("perplexity")
-    plotted = [ppl for _, ppl in (*trained, *validated) if math.isfinite(ppl)]
+    plotted = [ppl for _, ppl in (*trained, *validated)]
     # a fine-tuning run's starting validation of 427 beside training's 3 is a log scale's case too
     if plotted and max(plotted) > 20 * min(plotted):
         axes.set_yscale("log")

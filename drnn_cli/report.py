@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drnn_cli import strict_json
-from drnn_cli.budget import StopReason
+from drnn_cli.budget import StopReason, steps_span
 from drnn_cli.config import Config, dump_config
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.files import atomic_write_bytes, atomic_write_text
 from drnn_cli.plot import plotter_missing, plotter_problem, render_perplexity_plot
 from drnn_cli.run_files import RunFiles
@@ -178,13 +178,7 @@ class RunStart:
         """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it
         ("1 step (0.0036% of an epoch)" on a big text)."""
         if self.max_steps:
-            epochs = self.max_steps / self.steps_per_epoch
-            # "0.632 epochs", "1,206 epochs" (not "1.21e+03"), "0.0036% of an epoch" (not "3.61e-05")
-            shown = f"{epochs:,.0f}" if epochs >= 1000 else f"{epochs:.3g}"
-            share = f"{shown} epoch{'' if epochs == 1 else 's'}"
-            if epochs < 0.01:
-                share = f"{100 * epochs:.2g}% of an epoch"
-            return f"{self.max_steps:,} step{'' if self.max_steps == 1 else 's'} ({share})"
+            return steps_span(self.max_steps, self.steps_per_epoch)
         return f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
 
     def epochs_of(self) -> str:
@@ -335,7 +329,15 @@ class PlotRefresh:
                 self.reporter.note(note)
                 return
             self._imported = True
-        png = render_perplexity_plot(records, title=self.path.parent.name)  # the run directory's name
+        try:
+            png = render_perplexity_plot(records, title=self.path.parent.name)  # the run directory's name
+        except Exception as error:  # matplotlib failing to draw: the plot is a view, training goes on
+            self._ok = False
+            self.reporter.note(
+                f"matplotlib failed to draw perplexity.png ({type(error).__name__}: {first_line(error)}); "
+                "training goes on without the plot"
+            )
+            return
         if png is None:
             self._ok = False  # say it once, not at every refresh
             self.reporter.note(missing_plotter_note() or "matplotlib cannot draw here: no plot")

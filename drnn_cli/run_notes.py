@@ -10,7 +10,7 @@ import torch
 
 from drnn_cli import fused_recurrence
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength
-from drnn_cli.budget import Cadence, StopReason
+from drnn_cli.budget import Cadence, StopReason, steps_span
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.corpus import LETTERS_ONLY
 from drnn_cli.data import Dataset
@@ -227,7 +227,7 @@ def late_cadence_notes(
     after = " after the starting weights' validation" if fine_tuning and validates else ""
     every = max(1, planned_steps // 10)
     return [
-        f"this run ends after {planned_steps:,} steps ({planned_steps / steps_per_epoch:.2g} epochs), before "
+        f"this run ends after {steps_span(planned_steps, steps_per_epoch)}, before "
         f"{keys} first {'comes' if len(late) == 1 else 'come'} due: nothing{after} is {whats} until its end{lost}; "
         f"count {'it' if len(late) == 1 else 'them'} in steps, e.g. "
         f'--set "train.{late[0][0]}={every} step{"" if every == 1 else "s"}"'

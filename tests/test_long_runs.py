@@ -309,7 +309,7 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
     config = write_config(workdir)
     budget = ("train.max_steps=15", "train.epochs=50")
     late = (
-        "this run ends after 15 steps (0.79 epochs), before train.eval_every (1 epoch), train.checkpoint_every "
+        "this run ends after 15 steps (0.789 epochs), before train.eval_every (1 epoch), train.checkpoint_every "
         "(10 epochs), train.log_every (0: auto) first come due: nothing is validated, checkpointed or logged "
         "until its end; a crash or kill -9 before then loses all of it; count them in steps, e.g. --set "
         '"train.eval_every=1 step"'
@@ -372,6 +372,45 @@ def test_matplotlib_s_font_fallbacks_do_not_reach_stderr(monkeypatch: pytest.Mon
     assert render_perplexity_plot([record]).startswith(b"\x89PNG")
     assert "findfont" not in caplog.text  # not logged at all: Python prints an unhandled warning on stderr
     assert logging.getLogger("matplotlib.font_manager").level == level  # matplotlib's own, put back
+
+
+def test_a_diverged_perplexity_is_left_out_of_the_plot_whose_log_axis_it_would_break():
+    """A fine-tuning run at too high a rate logged 1.5e289 beside 30: matplotlib's log axis over those 288
+    decades raised OverflowError, and the run died. Past 1e100 a perplexity is left out, as inf is."""
+    pytest.importorskip("matplotlib.figure")
+    from drnn_cli.plot import perplexity_figure, render_perplexity_plot
+
+    records = [
+        EpochRecord(1, 30.0, 40.0, 0.1, 100.0, 1.0, 10, 1000, 10),
+        EpochRecord(2, 1.5e289, math.inf, 0.1, 100.0, 2.0, 20, 2000, 10),
+        EpochRecord(3, 1e100, 50.0, 0.1, 100.0, 3.0, 30, 3000, 10),
+    ]
+    (axes,) = perplexity_figure(records).axes
+    train, validation = axes.get_lines()
+    assert list(train.get_ydata()) == [30.0, 1e100] and list(validation.get_ydata()) == [40.0, 50.0]
+    assert render_perplexity_plot(records).startswith(b"\x89PNG")
+
+
+def test_a_plot_matplotlib_fails_to_draw_is_said_once_and_training_goes_on(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The plot is a view of metrics.jsonl: matplotlib failing inside its drawing code is one note, not
+    an internal error that ends the run."""
+
+    def failing(records: object, title: object = None) -> bytes:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr("drnn_cli.report.render_perplexity_plot", failing)
+    events: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = lambda message: events.append(f"note: {message}")  # type: ignore[method-assign]
+    result = train_run(TrainRequest(write_config(workdir), ("train.epochs=2",)), reporter=reporter)
+    failed = (
+        "note: matplotlib failed to draw perplexity.png (OverflowError: cannot convert float infinity to "
+        "integer); training goes on without the plot"
+    )
+    assert events.count(failed) == 1 and result.epochs == 2
+    assert not (workdir / "runs" / "tiny" / "perplexity.png").exists()
 
 
 def test_a_missing_plotter_is_said_once_before_training(workdir: Path, monkeypatch: pytest.MonkeyPatch):
@@ -474,6 +513,16 @@ def test_the_first_line_counts_one_step_and_a_sliver_of_an_epoch_in_words():
     short = RunStart(3, 0, 1_000, "cpu", "from scratch", 0, max_steps=20, steps_per_epoch=8)
     assert (short.span(), short.epochs_of()) == ("20 steps (2.5 epochs)", "2.50")  # as "epoch 2.50/2.50"
     assert RunStart(500, 0, 1_000, "cpu", "from scratch", 0).epochs_of() == "500"
+
+
+def test_the_note_on_a_step_budget_counts_its_steps_as_the_first_line_does():
+    """The first line read "1 step (0.125 epochs)" and the note under it "1 steps (0.12 epochs)"."""
+    from drnn_cli.config import TrainConfig
+    from drnn_cli.run_notes import late_cadence_notes
+
+    first = RunStart(1, 0, 1_000, "cpu", "from scratch", 0, max_steps=1, steps_per_epoch=8).span()
+    (note,) = late_cadence_notes(TrainConfig(max_steps=1), 1, 8.0, validates=True)
+    assert first == "1 step (0.125 epochs)" and note.startswith(f"this run ends after {first}, before ")
     assert RunStart(2, 0, 1_000, "cpu", "from scratch", 0, max_steps=19, steps_per_epoch=19).span() == (
         "19 steps (1 epoch)"
     )

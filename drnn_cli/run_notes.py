@@ -59,7 +59,7 @@ def data_notes(
     """Settings this text or device defeats: a validation or test split too small to evaluate (or so
     small its perplexities are noise), a min_freq that turns much of the text into <unk>, a capped
     evaluation, patience without validation, sample prefixes the vocabulary cannot spell, a one-hot
-    input as wide as a word vocabulary, Triton kernels or row streams without CUDA (``device``: where the run trains;
+    input as wide as a word vocabulary, Triton kernels without CUDA (``device``: where the run trains;
     None, ``drnn data``'s, where it is not decided; ``fine_tuning``: the vocabulary is a checkpoint's,
     which ``data.min_freq`` did not make, and ``--init-from`` says so)."""
     train, data = config.train, config.data
@@ -124,11 +124,6 @@ def data_notes(
         notes.append(
             f"model.impl fused runs Triton kernels on CUDA; on {device.type} it steps the scratch "
             "cells (the same model)"
-        )
-    if device is not None and device.type != "cuda" and model.row_streams > 1:
-        notes.append(
-            f"model.row_streams {model.row_streams} runs its row groups side by side on CUDA streams; on "
-            f"{device.type} they run one after another (the same result, no faster)"
         )
     return notes
 

@@ -218,24 +218,6 @@ def test_train_summary_has_the_contract_fields(workdir: Path):
     assert 1.0 < summary["train_ppl"] < 28.0 and summary["tokens_per_s"] > 0
 
 
-def test_row_streams_train_a_cpu_run_as_one_call_and_say_they_run_in_turn(workdir: Path, cli):
-    """model.row_streams 2 on a CPU: the two groups of 4 rows run one after another, and the run trains
-    what one call over 8 rows trains (oneDNN over 4 rows rounds its own way: 1e-6)."""
-    config = str(write_config(workdir, TINY))
-    summaries = {}
-    for streams in (1, 2):
-        code, out, err = cli(
-            "train", "--config", config, "--set", "train.epochs=1", "--set", f"model.row_streams={streams}",
-            "--run", f"runs/streams{streams}", "--json",
-        )  # fmt: skip
-        assert code == 0, err
-        summaries[streams] = json.loads(out.strip().splitlines()[-1])
-        said = " ".join(err.split())  # the console wraps long lines
-        note = "note: model.row_streams 2 runs its row groups side by side on CUDA streams; on cpu they run"
-        assert (note in said) == (streams == 2), said
-    assert summaries[2]["train_ppl"] == pytest.approx(summaries[1]["train_ppl"], rel=1e-6)
-
-
 def test_existing_run_is_not_overwritten_without_asking(workdir: Path):
     config = write_config(workdir, TINY)
     train(config, "train.epochs=1")

@@ -29,7 +29,7 @@ from drnn_cli import fused_recurrence
 from drnn_cli.cells import CELL_STEPS, CellSteps, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
 from drnn_cli.config import ModelConfig
 from drnn_cli.model_size import GATES
-from drnn_cli.row_streams import RowStreams, row_slices
+from drnn_cli.row_streams import RowStreams
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -467,14 +467,17 @@ class RNNLanguageModel(nn.Module):
         groups = min(self.config.row_streams, features.shape[1])
         if groups == 1 or not self.training:
             return self.rnn(features, state)
-        row_groups = row_slices(features.shape[1], groups)
+        batch = features.shape[1]
+        # consecutive groups, the first batch % groups of them one row larger (as tensor_split cuts)
+        stops = [group * (batch // groups) + min(group, batch % groups) for group in range(groups + 1)]
+
         kind = features.device.type
         # Under autocast each group casts the weights itself, on its own stream: a cast cached by the
         # first group is written on its stream after the others forked, and they would read it unfinished.
         autocasting = torch.is_autocast_enabled(kind)
 
         def group_call(group: int) -> tuple[torch.Tensor, State]:
-            rows = row_groups[group]
+            rows = slice(stops[group], stops[group + 1])
             casts = (
                 torch.autocast(kind, torch.get_autocast_dtype(kind), cache_enabled=False)
                 if autocasting

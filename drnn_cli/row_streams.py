@@ -13,20 +13,12 @@ the tests prove the groups compute what one call computes.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
 Result = TypeVar("Result")
-
-
-def row_slices(batch: int, groups: int) -> list[slice]:
-    """``groups`` consecutive groups of ``batch`` rows, the first ``batch % groups`` of them one row
-    larger (as ``tensor_split`` cuts): 7 rows in 3 groups are rows 0-2, 3-4 and 5-6."""
-    stops = [group * (batch // groups) + min(group, batch % groups) for group in range(groups + 1)]
-    return [slice(start, stop) for start, stop in itertools.pairwise(stops)]
 
 
 class RowStreams:

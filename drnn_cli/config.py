@@ -35,7 +35,6 @@ from drnn_cli.shown_text import short_repr
 MAX_SEED = 2**32 - 1
 MAX_WIDTH = 16_384  # hidden_size / embedding_dim: an LSTM of 16384 units is 2 GiB per layer
 MAX_COUNT = 10**9  # epochs, steps, batch sizes and other counts
-MAX_ROW_STREAMS = 8  # model.row_streams: concurrent CUDA streams past a few only add joins
 
 
 class _Section(BaseModel):
@@ -144,14 +143,6 @@ class ModelConfig(_Section):
         description="impl torch in training: all layers in one cuDNN/oneDNN call, or one call each "
         "(fp16 on a GPU: lets cuDNN pick its persistent kernels, slower than the stack on an H200; experimental)",
     )
-    row_streams: int = Field(
-        1,
-        ge=1,
-        le=MAX_ROW_STREAMS,
-        description="impl torch in training: the minibatch's rows in this many groups, their recurrences "
-        "side by side on CUDA streams (a small batch leaves most of a GPU idle; experimental, not yet "
-        "timed on a GPU); 1: one call for all rows",
-    )
     embedding_dim: int = Field(
         0, ge=0, le=MAX_WIDTH, description="0 = one-hot input as in d2l; else a learned embedding"
     )
@@ -196,8 +187,6 @@ class ModelConfig(_Section):
                 f"model.layer_calls each applies to model.impl torch (impl {self.impl} steps its layers "
                 "one by one already); set it to stack"
             )
-        if self.row_streams > 1:
-            self._check_row_streams()
         if self.cell_form == "d2l" and self.impl != "scratch":
             raise ValueError(
                 f"model.cell_form d2l is d2l's from-scratch cells, which model.impl scratch steps; impl "
@@ -209,28 +198,6 @@ class ModelConfig(_Section):
                 f"not {self.hidden_size}"
             )
         return self
-
-    def _check_row_streams(self) -> None:
-        """Row groups run the same recurrent call on fewer rows: only where nothing in that call is drawn
-        per call (a dropout mask drawn per group is no longer the minibatch's one mask) and where the
-        call is cuDNN's (the fused kernels' persistent grids must each have the whole GPU)."""
-        if self.impl != "torch":
-            raise ValueError(
-                f"model.row_streams applies to model.impl torch (cuDNN's calls), not {self.impl}; set it to 1"
-            )
-        drawn = [
-            key
-            for key, value in (
-                ("model.dropout", self.dropout if self.num_layers > 1 else 0.0),
-                ("model.weight_drop", self.weight_drop),
-            )
-            if value > 0
-        ]
-        if drawn:
-            raise ValueError(
-                f"model.row_streams {self.row_streams} splits the recurrent call, whose {' and '.join(drawn)} "
-                "masks are drawn per call; set model.row_streams to 1, or those to 0"
-            )
 
 
 class TrainConfig(_Section):

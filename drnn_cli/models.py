@@ -16,7 +16,6 @@ GRU's reset gate before the product (README "Reproducing d2l").
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -29,7 +28,6 @@ from drnn_cli import fused_recurrence
 from drnn_cli.cells import CELL_STEPS, CellSteps, gru_d2l_layer, gru_layer, lstm_layer, rnn_layer
 from drnn_cli.config import ModelConfig
 from drnn_cli.model_size import GATES
-from drnn_cli.row_streams import RowStreams
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -413,7 +411,6 @@ class RNNLanguageModel(nn.Module):
         self.rnn = make_recurrent(config, config.embedding_dim or vocab_size)
         self.locked = config.dropout_kind == "locked"
         self.decoder = nn.Linear(config.hidden_size, vocab_size)
-        self._row_streams = RowStreams()  # model.row_streams's side streams, made at first use
         # the identity tables the one-hot input looks rows up in, made at first use
         self._one_hot_rows: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         if config.tie_weights:
@@ -456,38 +453,10 @@ class RNNLanguageModel(nn.Module):
     def forward(self, inputs: torch.Tensor, state: State, with_hidden: bool = False) -> tuple:
         """``(logits, state)``; with ``with_hidden`` also the last layer's output before and after
         output dropout, ``(T, B, H)`` each, for activation regularisation."""
-        raw, state = self._recur(self.encode(inputs), state)
+        raw, state = self.rnn(self.encode(inputs), state)
         dropped = sequence_dropout(raw, self.config.output_dropout, self.training, self.locked)
         logits = self.decoder(dropped)
         return (logits, state, raw, dropped) if with_hidden else (logits, state)
-
-    def _recur(self, features: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """The recurrent stack over ``(T, B, I)`` features; in training with ``model.row_streams`` N > 1,
-        as N calls over consecutive groups of rows, run side by side (:mod:`drnn_cli.row_streams`)."""
-        groups = min(self.config.row_streams, features.shape[1])
-        if groups == 1 or not self.training:
-            return self.rnn(features, state)
-        batch = features.shape[1]
-        # consecutive groups, the first batch % groups of them one row larger (as tensor_split cuts)
-        stops = [group * (batch // groups) + min(group, batch % groups) for group in range(groups + 1)]
-
-        kind = features.device.type
-        # Under autocast each group casts the weights itself, on its own stream: a cast cached by the
-        # first group is written on its stream after the others forked, and they would read it unfinished.
-        autocasting = torch.is_autocast_enabled(kind)
-
-        def group_call(group: int) -> tuple[torch.Tensor, State]:
-            rows = slice(stops[group], stops[group + 1])
-            casts = (
-                torch.autocast(kind, torch.get_autocast_dtype(kind), cache_enabled=False)
-                if autocasting
-                else contextlib.nullcontext()
-            )
-            with casts:
-                return self.rnn(features[:, rows], select_state_rows(state, rows))
-
-        results = self._row_streams.run(features.device, groups, group_call)
-        return torch.cat([outputs for outputs, _ in results], 1), join_state_rows([s for _, s in results])
 
     def begin_state(self, batch_size: int, device: torch.device | str) -> State:
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)

@@ -109,7 +109,7 @@ class BenchConfig:
     name: str
     description: str
     overrides: tuple[str, ...] = ()
-    big: bool = False  # a GPU's configuration (its size, or a GPU-only setting): on a CPU only with --big
+    big: bool = False  # a GPU-sized configuration: on a CPU only with --big
     default: bool = True  # run without --configs (compiling ones are asked for by name: minutes at first)
 
 
@@ -198,32 +198,6 @@ BENCHMARKS: dict[str, BenchConfig] = {
             "lstm-b1024-bf16 with impl: fused",
             (FULL, "data.batch_size=1024", "data.num_steps=64", "train.precision=bf16", "model.impl=fused"),
             True,
-        ),
-        # model.row_streams: the rows in groups whose cuDNN calls run side by side on CUDA streams
-        *(
-            BenchConfig(
-                f"{name}-rows{groups}",
-                f"{name} with model.row_streams {groups}",
-                (*base, f"model.row_streams={groups}"),
-                True,
-            )
-            for name, base, groups in (
-                ("lstm-seed", (), 2),
-                ("lstm-seed", (), 4),
-                ("lstm-seed-bf16", ("train.precision=bf16",), 2),
-                ("gru-seed", ("model.cell=gru",), 2),
-                ("rnn-seed", ("model.cell=rnn", "train.lr=1.0"), 2),
-                (
-                    "lstm-b1024-bf16",
-                    (FULL, "data.batch_size=1024", "data.num_steps=64", "train.precision=bf16"),
-                    2,
-                ),
-                (
-                    "lstm-b1024-bf16",
-                    (FULL, "data.batch_size=1024", "data.num_steps=64", "train.precision=bf16"),
-                    4,
-                ),
-            )
         ),
     )
 }
@@ -529,7 +503,7 @@ def skip_reason(
     if config.train.precision != "fp32":
         return f"{config.train.precision} autocast is a GPU benchmark"
     if bench.big and not args.big:
-        return "a GPU's configuration (its size, or a setting for a GPU); pass --big to run it on a CPU"
+        return "a GPU-sized configuration; pass --big to run it on a CPU"
     return None
 
 
@@ -1029,11 +1003,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="without --epochs-per-round: epochs so the faster side's round lasts about this long",
     )
     parser.add_argument("--warmup-epochs", type=int, default=2, help="untimed epochs per side first")
-    parser.add_argument(
-        "--big",
-        action="store_true",
-        help="on a CPU, also run the GPU's configurations (GPU-sized, or settings for a GPU)",
-    )
+    parser.add_argument("--big", action="store_true", help="on a CPU, also run the GPU-sized configurations")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="an extra override for every config"

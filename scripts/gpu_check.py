@@ -28,8 +28,6 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph`` and ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels
                    (``model.impl: fused``, as planned), fp32 and bf16, graph;
-    ``bench-rows``  ``model.row_streams`` 2 and 4 beside one call: seed LSTM fp32 and bf16, GRU, RNN,
-                   batch 1024 × 64 bf16 (the rows' cuDNN calls side by side on CUDA streams);
     ``bench-seed``  the seed configurations side by side, cuDNN's and impl fused's, fp32 and bf16,
                    GRU and RNN (the seed targets, for a short call);
     ``bench-fused-plan`` impl fused as planned at batch 256 and 1024, beside cuDNN's;
@@ -95,10 +93,10 @@ TEST_TIMEOUT_S = 90
 LOG_LINE_CHARS = 4_000  # a longer line of a step's output (bench's growing --json report) is cut in log.txt
 # held-out training runs: each reports its evaluations, and the 4.4-within-60-s target takes the best
 # the profile step's configurations, most wanted first (a step cut at its limit keeps what it measured):
-# cuDNN's seed step (one call, then its rows on two streams) against the fused kernels', then the RNN and GRU ones never profiled (the RNN's ≥ 5×
+# cuDNN's seed step against the fused kernels', then the RNN and GRU ones never profiled (the RNN's ≥ 5×
 # is open), then those the H200 profiled already (bf16, and batch 1024 × 64 in bf16)
 PROFILED = (
-    "lstm-seed,lstm-seed-rows2,fused-lstm-seed,rnn-seed,fused-rnn-seed,fused-gru-seed,lstm-seed-bf16,fused-lstm-seed-bf16,"
+    "lstm-seed,fused-lstm-seed,rnn-seed,fused-rnn-seed,fused-gru-seed,lstm-seed-bf16,fused-lstm-seed-bf16,"
     "lstm-b1024-bf16"
 )
 FUSED_STEPS = ("fused-kernels", "fused-tiles")  # scripts/fused_bench.py runs, both kept in fused.json
@@ -112,7 +110,6 @@ ONLY_WHEN_NAMED = ("tests-cuda",)
 BENCH_STEPS = (
     "bench",
     "bench-seed",
-    "bench-rows",
     "bench-fused-plan",
     "bench-compiled",
     "bench-open",
@@ -124,12 +121,6 @@ BENCH_STEPS = (
 # come first and the kernels never run on a GPU (the GRU's and RNN's) last: a CUDA fault leaves the
 # process's context unusable, and would take every configuration after it along
 SEED_CONFIGS = "lstm-seed,lstm-seed-bf16,gru-seed,rnn-seed,fused-lstm-seed,fused-lstm-seed-bf16,fused-rnn-seed,fused-gru-seed"
-# model.row_streams: the rows' cuDNN calls side by side on CUDA streams, each beside its one-call
-# configuration in the same process (the ratios then share one host), seed-size first
-ROW_CONFIGS = (
-    "lstm-seed,lstm-seed-rows2,lstm-seed-rows4,lstm-seed-bf16,lstm-seed-bf16-rows2,gru-seed,gru-seed-rows2,"
-    "rnn-seed,rnn-seed-rows2,lstm-b1024-bf16,lstm-b1024-bf16-rows2,lstm-b1024-bf16-rows4"
-)
 # the fused kernels' plan at the larger batches (layer by layer there: W_hh resident at 256, not at 1024),
 # beside cuDNN's configurations in the same process (cuDNN's first, as above)
 FUSED_PLAN_CONFIGS = (
@@ -293,13 +284,6 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "planned, the LSTM in fp32 and bf16, the GRU and the RNN in fp32",
             [*bench_base, "--rounds", "3", "--round-seconds", "0.3", "--configs", SEED_CONFIGS],
             200,
-        ),
-        Step(
-            "bench-rows",
-            "scripts/bench.py, model.row_streams 2 and 4 (the rows' cuDNN calls side by side on CUDA streams) "
-            "beside one call: the seed LSTM fp32 and bf16, GRU, RNN, and batch 1024 × 64 bf16",
-            [*bench, "--configs", ROW_CONFIGS],
-            150,
         ),
         Step(
             "bench-fused-plan",
@@ -745,11 +729,6 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
     ratio_target("seed GRU ≥ 5×", "gru-seed", 5.0)
     ratio_target("seed GRU, impl fused (Triton), fp32 ≥ 5×", "fused-gru-seed", 5.0)
     ratio_target("seed RNN ≥ 5×", "rnn-seed", 5.0)
-    # model.row_streams 2 (the rows' cuDNN calls side by side on streams): the same targets
-    ratio_target("seed LSTM fp32, model.row_streams 2 ≥ 5×", "lstm-seed-rows2", 5.0)
-    ratio_target("seed LSTM bf16, model.row_streams 2 ≥ 10×", "lstm-seed-bf16-rows2", 10.0)
-    ratio_target("seed GRU, model.row_streams 2 ≥ 5×", "gru-seed-rows2", 5.0)
-    ratio_target("seed RNN, model.row_streams 2 ≥ 5×", "rnn-seed-rows2", 5.0)
     ratio_target("seed RNN, impl fused (Triton), fp32 ≥ 5×", "fused-rnn-seed", 5.0)
     ratio_target("seed LSTM, impl scratch ≥ 3×", "scratch-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl scratch with train.compile on ≥ 3×", "compiled-lstm-seed", 3.0)
@@ -774,8 +753,6 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
         verdicts.append(Verdict(target, f"{rate / 1e6:.2f} M ({mode})", "met" if rate >= 20e6 else "missed"))
 
     rate_target("B1024×T64 bf16 ≥ 20 M tokens/s", "lstm-b1024-bf16")
-    for rows in ("lstm-b1024-bf16-rows2", "lstm-b1024-bf16-rows4"):
-        rate_target(f"B1024×T64 bf16, model.row_streams {rows[-1]} ≥ 20 M tokens/s", rows)
     big_fused = results.get("bench-fused-b1024")
     variant = big_fused.data.get("variant", BIG_FUSED_VARIANT) if big_fused else BIG_FUSED_VARIANT
     fused_b1024 = f"fused-lstm-b1024-bf16 [{variant}]"

@@ -45,7 +45,6 @@ INVALID = {
     "model.bidirectional": (True, "predict"),
     "model.impl": ("cudnn", "'torch', 'scratch' or 'fused'"),
     "model.layer_calls": ("per-layer", "'stack' or 'each'"),
-    "model.row_streams": (0, "greater than or equal to 1"),
     "model.embedding_dim": (-1, "greater than or equal to 0"),
     "model.nonlinearity": ("sigmoid", "'tanh' or 'relu'"),
     "model.init": ("xavier", "'torch' or 'd2l'"),
@@ -176,27 +175,6 @@ def test_cross_field_rules_name_the_keys():
         build_config({"model": {"embedding_dropout": 0.2}})
     with pytest.raises(ConfigError, match="model.layer_calls each applies to model.impl torch"):
         build_config({"model": {"layer_calls": "each", "impl": "scratch"}})
-
-
-def test_row_streams_split_only_cudnn_calls_that_draw_nothing_per_call():
-    """A dropout mask drawn per row group would no longer be the minibatch's one mask; the fused kernels'
-    persistent grids each need the whole GPU. Dropout beside the stack (drawn once), or between the
-    layers of a one-layer model (none), is no obstacle."""
-    with pytest.raises(
-        ConfigError,
-        match=r"model.row_streams applies to model.impl torch \(cuDNN's calls\), not fused; set it to 1",
-    ):
-        build_config({"model": {"row_streams": 2, "impl": "fused"}})
-    with pytest.raises(
-        ConfigError,
-        match="model.row_streams 4 splits the recurrent call, whose model.dropout and model.weight_drop "
-        "masks are drawn per call; set model.row_streams to 1, or those to 0",
-    ):
-        build_config({"model": {"row_streams": 4, "dropout": 0.2, "weight_drop": 0.1}})
-    with pytest.raises(ConfigError, match="model.row_streams: .*less than or equal to 8"):
-        build_config({"model": {"row_streams": 9}})
-    allowed = {"row_streams": 2, "num_layers": 1, "dropout": 0.5, "input_dropout": 0.2, "output_dropout": 0.2}
-    assert build_config({"model": allowed}).model.row_streams == 2
 
 
 def test_set_overrides_nested_keys_with_yaml_typed_values():

@@ -299,29 +299,6 @@ def test_layer_calls_each_trains_as_the_stack(corpus_path: Path, precision: str)
     assert layered[-1] < layered[0]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_row_streams_train_as_one_call_eagerly_and_as_a_graph(corpus_path: Path, precision: str) -> None:
-    """model.row_streams 2: the rows' two cuDNN calls on two streams (forked and joined inside the
-    captured graph; autograd runs each group's backward on its stream) train as one call over 30 steps
-    of 32 rows. cuDNN over 16 rows rounds like the GPU against the CPU (1e-4; bf16 1e-2); the graph
-    replays the eager split to 1e-5."""
-    config = tiny_config(
-        corpus_path, "model.hidden_size=256", "data.batch_size=32", f"train.precision={precision}"
-    )
-    split_config = config.model_copy(deep=True)
-    split_config.model.row_streams = 2
-    one, _ = static_step(config, CUDA)
-    eager, _ = static_step(split_config, CUDA)
-    graphed, graphed_model = static_step(split_config, CUDA, graph=True)
-    losses = [(float(one(w)), float(eager(w)), float(graphed(w))) for w in windows(config, CUDA, 30)]
-    reference, split, replayed = (list(side) for side in zip(*losses, strict=True))
-    assert graphed.captures == 1  # the later steps were replays of one recording
-    assert split == pytest.approx(reference, rel=1e-4 if precision == "fp32" else 1e-2)
-    assert replayed == pytest.approx(split, rel=1e-5)
-    assert split[-1] < split[0]
-    assert [len(streams) for streams in graphed_model._row_streams._side.values()] == [1]
-
-
 def test_the_tally_inside_the_graph_counts_each_replay_once_and_finds_the_first_nan(
     corpus_path: Path,
 ) -> None:
@@ -420,17 +397,8 @@ def test_dropout_masks_differ_between_replays(corpus_path: Path, dropout: str) -
         # on an H200, 2026-11-27)
         ("train.precision=fp16", "model.impl=scratch"),
         ("train.precision=fp16", "model.impl=fused"),
-        ("model.row_streams=2",),  # two row groups on two streams, forked and joined inside the graph
     ],
-    ids=[
-        "sgd",
-        "sgd-fp16",
-        "adamw-per-step-schedule",
-        "d2l-gru-reset-state",
-        "scratch-fp16",
-        "fused-fp16",
-        "row-streams",
-    ],
+    ids=["sgd", "sgd-fp16", "adamw-per-step-schedule", "d2l-gru-reset-state", "scratch-fp16", "fused-fp16"],
 )
 def test_trainer_with_cuda_graph_on_trains_as_eager(
     workdir: Path, corpus_path: Path, overrides: tuple[str, ...], monkeypatch: pytest.MonkeyPatch

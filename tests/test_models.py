@@ -513,63 +513,6 @@ def test_options_that_do_not_shape_the_weights_leave_the_closed_form_count_equal
 
 
 # ---------------------------------------------------------------------------------------------
-# model.row_streams: the recurrent call over groups of rows
-
-
-@pytest.mark.parametrize(("batch", "groups", "sizes"), [(6, 2, [3, 3]), (7, 3, [3, 2, 2]), (2, 3, [1, 1])])
-@pytest.mark.parametrize(("cell", "nonlinearity"), CELLS, ids=CELL_IDS)
-def test_row_streams_compute_what_one_call_over_all_rows_computes(cell, nonlinearity, batch, groups, sizes):
-    """In training, N calls of the stack over consecutive rows (7 rows in 3 groups: 3, 2, 2; never more
-    groups than rows) give one call's logits, final state and gradients, dropout beside the stack
-    included (its masks are drawn once, before and after the calls)."""
-    settings = {"cell": cell, "nonlinearity": nonlinearity, "input_dropout": 0.3, "output_dropout": 0.2}
-    one = build_model(11, model_config(**settings), seed=3).double().train()
-    split = build_model(11, model_config(**settings, row_streams=groups), seed=3).double().train()
-    calls: list[int] = []
-    split.rnn.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
-    tokens = torch.randint(0, 11, (batch, 5), generator=torch.Generator().manual_seed(0))
-    state = random_state(cell, 2, batch, 8)
-    results = []
-    for model in (one, split):
-        torch.manual_seed(7)  # the same dropout masks on both sides
-        logits, final = model(tokens, state)
-        (logits.square().sum() + sum(s.sum() for s in as_tuple(final))).backward()
-        results.append((logits, as_tuple(final)))
-    assert calls == sizes
-    (logits_one, final_one), (logits_split, final_split) = results
-    assert_close(logits_split, logits_one, **TOL)
-    for a, b in zip(final_split, final_one, strict=True):
-        assert_close(a, b, **TOL)
-    for (name, a), b in zip(split.named_parameters(), one.parameters(), strict=True):
-        assert_close(a.grad, b.grad, **TOL, msg=name)
-
-
-def test_row_streams_under_autocast_cast_the_weights_per_group_and_compute_one_calls_logits():
-    """On a GPU the groups must not share a cast cached by the first (its stream writes it after the
-    others forked): each group casts for itself, and the step's autocast keeps its cache."""
-    one = build_model(11, model_config(), seed=3).train()
-    split = build_model(11, model_config(row_streams=2), seed=3).train()
-    tokens = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(0))
-    logits = []
-    for model in (one, split):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits.append(model(tokens, model.begin_state(6, "cpu"))[0])
-            assert torch.is_autocast_cache_enabled()
-    assert logits[1].dtype == torch.bfloat16
-    assert_close(logits[1], logits[0], atol=1e-2, rtol=1e-2)
-
-
-def test_row_streams_leave_evaluation_to_one_call():
-    """Evaluation and prediction run as they always have: the split is a training step's."""
-    split = build_model(11, model_config(row_streams=2), seed=3).eval()
-    calls: list[int] = []
-    split.rnn.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
-    split(torch.zeros((4, 3), dtype=torch.long), split.begin_state(4, "cpu"))
-    assert calls == [4]
-    assert copy.deepcopy(split)._row_streams is not split._row_streams  # a copy makes its own streams
-
-
-# ---------------------------------------------------------------------------------------------
 # Initialisation
 
 

@@ -560,12 +560,12 @@ def _split_tokens(
     dataset = load_same_corpus(
         data,
         checkpoint.vocab,
-        checkpoint.corpus_sha1,
-        checkpoint.text_sha1,
         f"evaluate the {named} split",
         "give --corpus the run's own text, or score this file whole with --data FILE"
         if corpus_file is not None
         else "restore the file, or score other text with --data FILE",
+        expected_sha1=checkpoint.corpus_sha1,
+        expected_text_sha1=checkpoint.text_sha1,
     )
     split = split or default_split(dataset.splits)
     tokens = _split_or_error(dataset.splits, split, checkpoint.config)

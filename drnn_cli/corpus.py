@@ -11,7 +11,7 @@ import functools
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,26 +63,25 @@ _HASH_BLOCK = 1 << 20  # bytes read at a time to hash a file: a 1 GiB corpus is 
 
 
 def hash_corpus(path: Path) -> CorpusSha1s:
-    """Both SHA-1s of the file at ``path``, in one read of it."""
-    file, text = hashlib.sha1(), hashlib.sha1()
+    """Both SHA-1s of the file at ``path``, in one read of it. While the text read is the file's own
+    bytes (no byte order mark, no CR: most texts, throughout), one digest serves both, and the text's
+    branches off at the first block that differs: an LF text costs one hash, not two."""
+    file = hashlib.sha1()
+    text = None  # the text's own digest, from the first block it differs from the file in
     with path.open("rb") as handle:
-        blocks = iter(lambda: handle.read(_HASH_BLOCK), b"")
-        for piece in _text_pieces(_passed_to(file.update, blocks)):
-            text.update(piece)
-    return CorpusSha1s(file.hexdigest(), text.hexdigest())
+        for block, piece in _text_pieces(iter(lambda: handle.read(_HASH_BLOCK), b"")):
+            if text is None and piece != block:
+                text = file.copy()
+            file.update(block)
+            if text is not None:
+                text.update(piece)
+    return CorpusSha1s(file.hexdigest(), (file if text is None else text).hexdigest())
 
 
-def _passed_to(take: Callable[[bytes], object], blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """``blocks``, each given to ``take`` (a digest's update) as it passes: two hashes, one read."""
-    for block in blocks:
-        take(block)
-        yield block
-
-
-def _text_pieces(blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """The text ``read_text`` reads from a file's ``blocks``, as UTF-8 bytes a piece at a time: a byte
+def _text_pieces(blocks: Iterator[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """Each of a file's ``blocks`` with the text ``read_text`` reads from it, as UTF-8 bytes: a byte
     order mark at the start dropped, CR LF and a lone CR as LF. A CR at a block's end may begin a CR LF
-    the next block ends, so it waits for that block."""
+    the next block ends, so it waits for that block (a lone CR ending the file: an empty block, LF)."""
     mark = BYTE_ORDER_MARK.encode("utf-8")
     carried, first = b"", True
     for block in blocks:
@@ -90,9 +89,9 @@ def _text_pieces(blocks: Iterator[bytes]) -> Iterator[bytes]:
         if first:
             data, first = data.removeprefix(mark), False  # (a block shorter than the mark: a tiny file)
         data, carried = (data[:-1], b"\r") if data.endswith(b"\r") else (data, b"")
-        yield normalize_line_break_bytes(data)
+        yield block, normalize_line_break_bytes(data)
     if carried:  # the file ends with a lone CR: a line break
-        yield b"\n"
+        yield b"", b"\n"
 
 
 def same_text_sha1s(path: Path) -> frozenset[str]:
@@ -107,7 +106,7 @@ def same_text_sha1s(path: Path) -> frozenset[str]:
     marked_lf.update(mark)
     marked_crlf.update(mark)
     with path.open("rb") as handle:
-        for text in _text_pieces(iter(lambda: handle.read(_HASH_BLOCK), b"")):
+        for _, text in _text_pieces(iter(lambda: handle.read(_HASH_BLOCK), b"")):
             with_crlf = text.replace(b"\n", b"\r\n")
             for digest, piece in ((lf, text), (crlf, with_crlf), (marked_lf, text), (marked_crlf, with_crlf)):
                 digest.update(piece)

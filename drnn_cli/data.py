@@ -137,6 +137,7 @@ def load_dataset(
     config: DataConfig,
     vocab: Vocab | None = None,
     progress: ProgressHook | None = None,
+    *,
     expected_sha1: str | None = None,
     expected_text_sha1: str | None = None,
 ) -> Dataset:
@@ -190,16 +191,19 @@ def load_dataset(
 def load_same_corpus(
     data: DataConfig,
     vocab: Vocab | None,
-    expected_sha1: str | None,
-    expected_text_sha1: str | None,
     action: str,
     fix: str,
     progress: ProgressHook | None = None,
+    *,
+    expected_sha1: str | None,
+    expected_text_sha1: str | None,
 ) -> Dataset:
     """The dataset, refused (before it is encoded) unless it is the text the checkpoint was trained
     on: splits are positions in a file, and in another file they mean other text."""
     try:
-        return load_dataset(data, vocab, progress, expected_sha1, expected_text_sha1)
+        return load_dataset(
+            data, vocab, progress, expected_sha1=expected_sha1, expected_text_sha1=expected_text_sha1
+        )
     except CorpusMismatch as mismatch:
         raise DrnnError(f"cannot {action}: {mismatch}; {fix}") from None
 

@@ -331,11 +331,13 @@ class PlotRefresh:
             self._imported = True
         try:
             png = render_perplexity_plot(records, title=self.path.parent.name)  # the run directory's name
-        except Exception as error:  # matplotlib failing to draw: the plot is a view, training goes on
+        except (
+            Exception
+        ) as error:  # the plot is a view of metrics.jsonl: whatever breaks it, training goes on
             self._ok = False
             self.reporter.note(
-                f"matplotlib failed to draw perplexity.png ({type(error).__name__}: {first_line(error)}); "
-                "training goes on without the plot"
+                f"drawing perplexity.png failed ({type(error).__name__}: {first_line(error)}); training goes "
+                "on, and the plot is not updated again in this session (metrics.jsonl has every line)"
             )
             return
         if png is None:

@@ -66,7 +66,7 @@ def data_notes(
     splits, vocab = dataset.splits, dataset.vocab
     validation_tokens, test_tokens = len(splits.val), len(splits.test)
     notes = []
-    if data.val_fraction > 0 and validation_tokens < MIN_EVAL_TOKENS:
+    if data.val_fraction > 0 and not splits.validates:
         notes.append(
             f"data.val_fraction {data.val_fraction:g} leaves {validation_tokens} validation token(s), too "
             "few to evaluate: this run has no validation (raise data.val_fraction)"
@@ -96,7 +96,7 @@ def data_notes(
             f"of best) predict the first {train.eval_tokens:,} of the {validation_tokens - 1:,} validation tokens "
             f"after the split's first (of {validation_tokens:,}); drnn eval --split val predicts them all"
         )
-    if train.patience and validation_tokens < MIN_EVAL_TOKENS:
+    if train.patience and not splits.validates:
         notes.append(
             f"train.patience {train.patience} counts evaluations of the validation split, and this run "
             "has none: it trains all its epochs (set data.val_fraction > 0 to stop early)"

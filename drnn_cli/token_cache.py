@@ -59,6 +59,7 @@ _WRITE_CHUNK = 1 << 22  # bytes per write: the array is never copied whole (4 Mi
 STAMP_MAX_BYTES = 1 << 16
 ENTRY_MAX_BYTES = 1 << 28
 ENTRY_NAME = re.compile(r".*-[0-9a-f]{20}\.json", re.DOTALL)  # _paths' names
+SHA1_HEX = re.compile(r"[0-9a-f]{40}")  # a SHA-1 as hexdigest() writes it: a stamp's other values are no hash
 ABANDONED_AFTER_S = 3600.0  # an entry's JSON or a hash stamp's temporary this old was a killed writer's
 
 
@@ -110,7 +111,7 @@ def corpus_sha1s(text: Path) -> CorpusSha1s:
         if (
             all(known[name] == value for name, value in identity.items())
             and known["hashed_at_ns"] - identity["mtime_ns"] > RACY_SECONDS * 1e9
-            and all(isinstance(sha1, str) for sha1 in remembered)
+            and all(isinstance(sha1, str) and SHA1_HEX.fullmatch(sha1) for sha1 in remembered)
         ):
             return remembered
     hashed_at = time.time_ns()

@@ -203,11 +203,11 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     dataset = load_same_corpus(
         config.data,
         start.vocab,
-        start.expected_sha1,
-        start.expected_text_sha1,
         "resume",
         "point data.path at that text, or start a new run with --run DIR",
         job.progress,
+        expected_sha1=start.expected_sha1,
+        expected_text_sha1=start.expected_text_sha1,
     )
     if start.changes is not None and reporter is not None:
         reporter.note(start.changes)

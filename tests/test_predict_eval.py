@@ -995,3 +995,24 @@ def test_on_a_terminal_a_continuation_over_several_lines_ends_with_a_blank_line(
     several, one = _on_a_terminal(args, ["predict", "a", *args[3:]], cwd=workdir)
     assert several == "ab\nab\n\n\nb\nab\na\n"
     assert one == "ab\nab\n\n"  # one prefix: nothing to keep apart
+
+
+def test_an_earlier_drnns_checkpoint_still_takes_its_texts_crlf_copy_with_a_byte_order_mark(
+    tiny_run: Path, tmp_path: Path, corpus_path: Path, cli
+):
+    """A checkpoint without text_sha1 (an earlier drnn's) reads the split from a CR LF copy of
+    its text with a byte order mark, as before, with the note (the fallback's accepting path)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    checkpoint = load_checkpoint(run / "best.safetensors")
+    checkpoint.text_sha1 = None
+    save_checkpoint(run / "best.safetensors", checkpoint)
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"\xef\xbb\xbf" + corpus_path.read_bytes().replace(b"\n", b"\r\n"))
+    code, out, err = cli("eval", "--run", str(run), "--corpus", str(crlf), "--split", "val", "--json")
+    original = json.loads(cli("eval", "--run", str(tiny_run), "--split", "val", "--json")[1].splitlines()[-1])
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["perplexity"] == original["perplexity"]
+    assert "only in how its line breaks are written or in a byte order mark" in " ".join(err.split())

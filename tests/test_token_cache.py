@@ -207,7 +207,8 @@ def test_a_hash_stamp_an_earlier_drnn_wrote_without_the_texts_sha1_is_hashed_aga
     workdir: Path, big_text: Path
 ):
     """The stamp remembers the SHA-1 of the text as read beside the file's, one read for both; a stamp
-    that holds the file's alone gives no text SHA-1 for a checkpoint to record: the file is hashed again."""
+    that holds the file's alone (or a text SHA-1 that is no SHA-1) gives no text SHA-1 for a checkpoint to
+    record: the file is hashed again."""
     lf = big_text.read_bytes()
     crlf = lf.replace(b"\n", b"\r\n")
     big_text.write_bytes(crlf)
@@ -219,10 +220,11 @@ def test_a_hash_stamp_an_earlier_drnn_wrote_without_the_texts_sha1_is_hashed_aga
     (stamp,) = (workdir / "data" / "token-cache").glob("*.sha1")
     remembered = json.loads(stamp.read_text())
     assert (first.sha1, first.text_sha1) == (remembered["sha1"], remembered["text_sha1"]) == sha1s
-    del remembered["text_sha1"]
-    stamp.write_text(json.dumps(remembered))
-    again = load_dataset(config)
-    assert (again.sha1, again.text_sha1) == sha1s and json.loads(stamp.read_text())["text_sha1"] == sha1s[1]
+    for spoiled in ({"text_sha1": None}, {"text_sha1": ""}, {"sha1": sha1s[0].upper()}):
+        stamp.write_text(json.dumps({name: value for name, value in (remembered | spoiled).items() if value}))
+        again = load_dataset(config)
+        assert (again.sha1, again.text_sha1) == sha1s, spoiled
+        assert json.loads(stamp.read_text())["text_sha1"] == sha1s[1]
 
 
 def test_an_old_text_edited_with_its_timestamp_put_back_is_hashed_again(workdir: Path, big_text: Path):
@@ -595,7 +597,8 @@ def test_a_cache_file_that_drnn_did_not_write_is_ignored_and_written_again(
     else:  # a stamp that would be trusted (this file's identity, long since hashed) but for its size
         info = big_text.stat()
         identity = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
-        identity |= {"inode": info.st_ino, "hashed_at_ns": info.st_mtime_ns + 10**10, "sha1": "0" * 40}
+        identity |= {"inode": info.st_ino, "hashed_at_ns": info.st_mtime_ns + 10**10}
+        identity |= {"sha1": "0" * 40, "text_sha1": "0" * 40}
         target.write_text(" " * STAMP_MAX_BYTES + json.dumps(identity))
     dataset = load_dataset(config)
     assert dataset.sha1 == hashlib.sha1(big_text.read_bytes()).hexdigest() and len(dataset.vocab) > 20

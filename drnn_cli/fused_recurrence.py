@@ -52,7 +52,13 @@ Products = Literal["ieee", "tf32", "half"]
 SPIN_LIMIT = 2_000_000  # polls of the arrival flags before a program gives up (~1 s, not a hang)
 LAUNCH_ENV = "DRNN_FUSED_LAUNCH"  # the plan's variants, for measuring them end to end (README "Environment")
 # its words, each the Launch field it turns on ("wavefront": the whole stack in one launch, see Launch.layers)
-LAUNCH_WORDS = {"resident": "resident", "counter": "counter_barrier", "tf32": "tf32", "wavefront": "layers"}
+LAUNCH_WORDS = {
+    "resident": "resident",
+    "counter": "counter_barrier",
+    "tf32": "tf32",
+    "wavefront": "layers",
+    "grads": "gradient_products",
+}
 PLAIN_WORD = "plain"  # DRNN_FUSED_LAUNCH's word for the plan without any variant (what the sweeps compare)
 # The variants the plan takes where they fit, each faster in whole seed training steps on an H200
 # (docs/measurements/2026-11-27-h200): the two-layer stack forward + backward as a graph, bf16, went
@@ -113,6 +119,11 @@ class Launch:
     resident: bool = False  # W_hh's tiles read once before the time loop (needs block_k = hidden)
     counter_barrier: bool = False  # the grid meets at one counter, not at one flag per program
     tf32: bool = False  # fp32 products on TF32 tensor cores, as cuDNN's fp32 LSTM runs them
+    # The backward pass's weight-gradient products (Σ_t dz_tᵀ h_{t-1}, outside the kernels) multiplied as
+    # the recurrent ones are, as cuDNN computes its own: half operands under autocast, TF32 where ``tf32``;
+    # else IEEE fp32 (cuBLAS's FFMA kernels: about 110 of the fp32 step's 851 busy µs on an H200). Not
+    # yet timed: only DRNN_FUSED_LAUNCH's ``grads`` asks for it.
+    gradient_products: bool = False
     # Layers run by one launch as a wavefront (layer l at timestep t during super-step t + l): each
     # has a grid of its own, the barriers are shared, and layers > 1 computes the input products of
     # the layers above the first inside the kernel. 1: one launch per layer.
@@ -350,7 +361,8 @@ def launch_from_environment(
 ) -> Launch:
     """``launch`` as ``DRNN_FUSED_LAUNCH`` asks: a comma-separated list of ``resident`` (W_hh read once
     for all timesteps), ``counter`` (the grid barrier through one counter), ``tf32`` (fp32 products on
-    TF32 tensor cores), ``wavefront`` (a stack of ``layers`` in one launch) and a tile ``ROWSxUNITS``.
+    TF32 tensor cores), ``wavefront`` (a stack of ``layers`` in one launch), ``grads`` (the weight
+    gradients multiplied as the recurrent products are: ``Launch.gradient_products``) and a tile ``ROWSxUNITS``.
     The variants scripts/fused_bench.py --sweep-tiles times, for measuring one in whole training
     steps; a word it does not know, or a variant this stack cannot take, is a one-line error."""
     fields: dict[str, Any] = {}
@@ -604,9 +616,9 @@ class _FusedStack(torch.autograd.Function):
             d_hbias = recurrent[..., 2 * hidden :].sum(1)
         else:
             inputs_side, d_hbias = recurrent, None
-        d_w_hh = (
-            recurrent.transpose(1, 2).bmm(hs[:, :steps].reshape(layers, -1, hidden)).to(w_hh.dtype)
-        )  # Σ_t dz_tᵀ h_{t-1}
+        d_w_hh = gradient_product(
+            recurrent.transpose(1, 2), hs[:, :steps].reshape(layers, -1, hidden), launch, w_hh.dtype
+        ).to(w_hh.dtype)  # Σ_t dz_tᵀ h_{t-1}
         d_h0 = dz[:, 0, :, :recurrent_width].bmm(w_hh.float())
         if cell.name == "gru":
             d_h0 += dc  # h_0's direct path into h_1
@@ -614,11 +626,31 @@ class _FusedStack(torch.autograd.Function):
         if layers > 1:  # the upper layers' inputs: the layer below's outputs, dropped out
             inputs = hs[:-1, 1:] if mask is None else hs[:-1, 1:] * mask
             upper = inputs_side[1:]
-            d_w_ih = upper.transpose(1, 2).bmm(inputs.reshape(layers - 1, -1, hidden)).to(w_ih.dtype)
+            d_w_ih = gradient_product(
+                upper.transpose(1, 2), inputs.reshape(layers - 1, -1, hidden), launch, w_ih.dtype
+            ).to(w_ih.dtype)
             d_bias = upper.sum(1)
         d_xg = inputs_side[0].view(steps, batch, recurrent_width)
         d_c0 = dc if lstm else None
         return d_xg, d_w_hh, d_w_ih, d_bias, d_hbias, None, d_h0, d_c0, None, None, None, None
+
+
+def gradient_product(a: torch.Tensor, b: torch.Tensor, launch: Launch, dtype: torch.dtype) -> torch.Tensor:
+    """``a.bmm(b)`` for a weight gradient, fp32 operands: in IEEE fp32, or under the launch's
+    ``gradient_products`` as the recurrent products multiply — ``dtype`` operands where the weights are
+    half precision (autocast), TF32 tensor cores for a ``tf32`` launch — accumulating in fp32 either way."""
+    if not launch.gradient_products:
+        return a.bmm(b)
+    if dtype != torch.float32:
+        return a.to(dtype).bmm(b.to(dtype))
+    if not launch.tf32:
+        return a.bmm(b)
+    matmul = torch.backends.cuda.matmul
+    saved, matmul.allow_tf32 = matmul.allow_tf32, True  # cuBLAS's switch: cuDNN's alone is on by default
+    try:
+        return a.bmm(b)
+    finally:
+        matmul.allow_tf32 = saved
 
 
 def _chunks(steps: int, persistent: bool) -> list[tuple[int, int]]:

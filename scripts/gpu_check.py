@@ -28,6 +28,8 @@ eat the call), and all of them within ``--budget`` seconds (default 540):
     ``bench-compiled`` the benchmark's ``compiled-lstm-seed`` (impl scratch, ``train.compile on``);
     ``lstm2-fused-graph`` and ``lstm2-fused-graph-bf16`` the seed recipe through the Triton kernels
                    (``model.impl: fused``, as planned), fp32 and bf16, graph;
+    ``bench-fused-grads`` impl fused's seed configurations with ``DRNN_FUSED_LAUNCH`` naming the plan's
+                   variants and ``grads`` (the backward's weight gradients multiplied as the recurrent products are);
     ``bench-seed``  the seed configurations side by side, cuDNN's and impl fused's, fp32 and bf16,
                    GRU and RNN (the seed targets, for a short call);
     ``bench-fused-plan`` impl fused as planned at batch 256 and 1024, beside cuDNN's;
@@ -115,6 +117,7 @@ BENCH_STEPS = (
     "bench-open",
     "bench-fused-variant",
     "bench-fused-b1024",
+    "bench-fused-grads",
 )
 # the seed targets' configurations side by side in one process, cuDNN's and impl fused's (as planned),
 # for a call too short for the whole benchmark: their ratios then share one machine and one hour. cuDNN's
@@ -126,7 +129,8 @@ SEED_CONFIGS = "lstm-seed,lstm-seed-bf16,gru-seed,rnn-seed,fused-lstm-seed,fused
 FUSED_PLAN_CONFIGS = (
     "lstm-b256,lstm-b256-bf16,lstm-b1024-bf16,fused-lstm-b1024-bf16,fused-lstm-b256,fused-lstm-b256-bf16"
 )
-VARIANT_STEPS = ("bench-fused-variant", "bench-fused-b1024")  # their configurations named "NAME [VARIANT]"
+# their configurations named "NAME [VARIANT]"
+VARIANT_STEPS = ("bench-fused-variant", "bench-fused-b1024", "bench-fused-grads")
 # the fused kernel's variants (drnn_cli/fused_recurrence.py, DRNN_FUSED_LAUNCH) in whole training steps, for
 # the benchmark step that times them: the fused-tiles step's fastest bf16 variant when that step ran
 # (best_variant), else this one; its configurations are reported as "NAME [VARIANT]"
@@ -137,7 +141,12 @@ FUSED_VARIANT = "resident,counter,tf32"
 BIG_FUSED_VARIANT = "wavefront,counter"
 # what DRNN_FUSED_LAUNCH takes besides a tile (drnn_cli.fused_recurrence.LAUNCH_WORDS; this script imports no drnn
 # module before it has checked that drnn's dependencies are there)
-VARIANT_WORDS = ("resident", "counter", "tf32", "wavefront")
+VARIANT_WORDS = ("resident", "counter", "tf32", "wavefront", "grads")
+# the seed plan's variants (what bench-seed's impl fused runs) and grads: the backward's weight-gradient
+# products as the recurrent ones multiply (TF32 in fp32, the autocast dtype in bf16), as cuDNN computes its
+# own, where cuBLAS's IEEE fp32 kernels took about 110 of the fp32 graph step's 851 busy µs (2026-11-27)
+GRADS_VARIANT = "wavefront,counter,resident,tf32,grads"
+GRADS_CONFIGS = "fused-lstm-seed,fused-lstm-seed-bf16,fused-gru-seed,fused-rnn-seed"
 OPEN_CONFIGS = (
     "lstm-seed,lstm-seed-bf16,lstm-seed-fp16,lstm-seed-fp16-each,scratch-lstm-seed,compiled-lstm-seed"
 )
@@ -284,6 +293,15 @@ def build_plan(runs: Path, corpus: Path, workers: int) -> list[Step]:
             "planned, the LSTM in fp32 and bf16, the GRU and the RNN in fp32",
             [*bench_base, "--rounds", "3", "--round-seconds", "0.3", "--configs", SEED_CONFIGS],
             200,
+        ),
+        Step(
+            "bench-fused-grads",
+            "scripts/bench.py, impl fused with the seed plan's variants and grads (the weight gradients "
+            "multiplied as the recurrent products are, as cuDNN's): the seed LSTM fp32 and bf16, GRU, RNN, "
+            "beside bench-seed's plan",
+            [*bench, "--configs", GRADS_CONFIGS],
+            120,
+            env={"DRNN_FUSED_LAUNCH": GRADS_VARIANT},
         ),
         Step(
             "bench-fused-plan",
@@ -730,6 +748,14 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
     ratio_target("seed GRU, impl fused (Triton), fp32 ≥ 5×", "fused-gru-seed", 5.0)
     ratio_target("seed RNN ≥ 5×", "rnn-seed", 5.0)
     ratio_target("seed RNN, impl fused (Triton), fp32 ≥ 5×", "fused-rnn-seed", 5.0)
+    # the same with the backward's weight gradients multiplied as the recurrent products are (grads)
+    for config, target, minimum in (
+        ("fused-lstm-seed", "seed LSTM, impl fused with grads, fp32 ≥ 5×", 5.0),
+        ("fused-lstm-seed-bf16", "seed LSTM, impl fused with grads, bf16 ≥ 10×", 10.0),
+        ("fused-gru-seed", "seed GRU, impl fused with grads, fp32 ≥ 5×", 5.0),
+        ("fused-rnn-seed", "seed RNN, impl fused with grads, fp32 ≥ 5×", 5.0),
+    ):
+        ratio_target(target, f"{config} [{GRADS_VARIANT}]", minimum)
     ratio_target("seed LSTM, impl scratch ≥ 3×", "scratch-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl scratch with train.compile on ≥ 3×", "compiled-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl fused (Triton), fp32 ≥ 5×", "fused-lstm-seed", 5.0)

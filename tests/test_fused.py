@@ -219,7 +219,7 @@ def test_drnn_fused_launch_changes_the_plan_as_asked(monkeypatch):
             256,
             132,
             "DRNN_FUSED_LAUNCH: unknown word 'fast'; use a comma-separated list of resident, "
-            "counter, tf32, wavefront and a tile such as 16x32, or plain",
+            "counter, tf32, wavefront, grads and a tile such as 16x32, or plain",
         ),
         (
             "16x48",
@@ -532,6 +532,58 @@ def test_a_fused_stack_under_drnn_fused_launch_runs_the_variant_and_equals_nn_ls
     assert [(launch.resident, launch.counter_barrier, launch.block_k, launch.layers) for launch in used] == [
         (True, True, 32, 1)
     ] * 3
+
+
+def test_grads_multiplies_the_weight_gradients_as_the_recurrent_products_multiply(monkeypatch):
+    """DRNN_FUSED_LAUNCH grads: Σ_t dz_tᵀ h_{t-1} from the autocast dtype's operands in half precision
+    and on TF32 tensor cores for a TF32 launch (cuBLAS's switch on for that product alone), as cuDNN
+    computes its own; without it, IEEE fp32 whatever the launch."""
+    monkeypatch.setenv("DRNN_FUSED_LAUNCH", "tf32,grads")
+    launch = fused_recurrence.plan_launch(32, 256, 132)
+    assert (launch.tf32, launch.gradient_products) == (True, True)
+    a, b = torch.randn(2, 64, 40), torch.randn(2, 40, 16)
+    switch: list[bool] = []
+    real = torch.Tensor.bmm
+
+    def bmm(self: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        switch.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(self, other)
+
+    monkeypatch.setattr(torch.Tensor, "bmm", bmm)
+    before = torch.backends.cuda.matmul.allow_tf32
+    plain = fused_recurrence.Launch(16, 16, 64, (16, 2), True, tf32=True)
+    ieee_asked = dataclasses.replace(launch, tf32=False)
+    for used, dtype, tf32 in (
+        (plain, torch.float32, before),
+        (ieee_asked, torch.float32, before),
+        (launch, torch.float32, True),
+    ):
+        assert torch.equal(
+            fused_recurrence.gradient_product(a, b, used, dtype), real(a, b)
+        )  # the CPU has no TF32
+        assert switch.pop() == tf32 and torch.backends.cuda.matmul.allow_tf32 == before
+    half = fused_recurrence.gradient_product(a, b, launch, torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, real(a.half(), b.half()))
+
+
+@needs_interpreter
+def test_grads_under_fp16_autocast_keeps_the_gradients_to_fp16s_rounding(monkeypatch):
+    """The weight gradients from fp16 operands: within fp16's rounding of the fp32 ones, and not them."""
+    fused, _ = _pair(32, layers=1)
+    x, state = torch.randn(4, 5, 8), (torch.zeros(1, 5, 32), torch.zeros(1, 5, 32))
+    grads = {}
+    for words in ("counter", "counter,grads"):
+        monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+        fused.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out, _ = fused(x, state)
+        out.float().square().sum().backward()
+        grads[words] = {name: p.grad.clone() for name, p in fused.named_parameters()}
+    exact, fp16 = grads["counter"], grads["counter,grads"]
+    for name in exact:
+        torch.testing.assert_close(fp16[name], exact[name], rtol=2e-3, atol=2e-3, msg=name)
+    assert not torch.equal(fp16["weight_hh_l0"], exact["weight_hh_l0"])
+    assert torch.equal(fp16["weight_ih_l0"], exact["weight_ih_l0"])  # the input projection is autograd's
 
 
 @needs_interpreter

@@ -3,6 +3,7 @@ tests are collected and skipped cleanly where there is no GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -363,6 +364,38 @@ def test_the_fused_variant_is_measured_under_its_own_name(gpu_check) -> None:
         "fused-lstm-seed": plain,
         "fused-lstm-seed [16x32,counter,tf32]": variant,
     }
+
+
+def test_grads_is_measured_on_the_seed_plan_under_its_own_name_and_judged(gpu_check) -> None:
+    """Step bench-fused-grads names the variants drnn's plan takes for the seed shape, and grads: on the
+    plan it would take anyway (an H100's 132 multiprocessors, TF32 products), the weight gradients alone
+    change. Its figures stand under "NAME [WORDS]" beside bench-seed's plan, and have targets of their own."""
+    step = next(
+        s for s in gpu_check.build_plan(Path("runs"), Path("c.txt"), 1) if s.name == "bench-fused-grads"
+    )
+    from drnn_cli.fused_recurrence import launch_from_environment, plan_launch, with_tuned_variants
+
+    words = step.env["DRNN_FUSED_LAUNCH"]
+    for cell, gates in (("lstm", 4), ("gru", 3), ("rnn", 1)):
+        plain = plan_launch(32, 256, 132, layers=2, gates=gates)  # no products given: no variant taken
+        planned = with_tuned_variants(plain, 256, 2, "tf32", 232_448)
+        asked = launch_from_environment(words, plain, 32, 256, 132, 2, 232_448)
+        assert asked == dataclasses.replace(planned, gradient_products=True), cell
+    Result = gpu_check.StepResult
+    seed, grads = bench_entry(200_000, 300_000, 1_100_000), bench_entry(200_000, 300_000, 1_250_000)
+    results = {
+        "bench-seed": Result("bench-seed", "", "ok", data={"json": {"configs": {"fused-gru-seed": seed}}}),
+        "bench-fused-grads": Result(
+            "bench-fused-grads",
+            "",
+            "ok",
+            data={"json": {"configs": {"fused-gru-seed": grads}}, "variant": words},
+        ),
+    }
+    assert gpu_check.bench_configs(results) == {"fused-gru-seed": seed, f"fused-gru-seed [{words}]": grads}
+    verdicts = {v.target: v for v in gpu_check.judge(results)}
+    assert verdicts["seed GRU, impl fused with grads, fp32 ≥ 5×"].verdict == "met"  # 6.25×
+    assert verdicts["seed GRU, impl fused (Triton), fp32 ≥ 5×"].verdict == "met"  # 5.5×, the plan's
 
 
 def test_the_variant_measured_in_whole_steps_is_the_sweeps_fastest_in_bf16(gpu_check) -> None:

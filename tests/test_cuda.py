@@ -619,7 +619,14 @@ def test_fused_kernel_variants_equal_nn_lstm_on_the_gpu(
 
 @pytest.mark.parametrize(
     "words",
-    ["wavefront", "wavefront,counter", "wavefront,resident,counter", "16x32,wavefront,counter,tf32"],
+    [
+        "wavefront",
+        "wavefront,counter",
+        "wavefront,resident,counter",
+        "16x32,wavefront,counter,tf32",
+        "wavefront,counter,grads",  # IEEE products: grads changes nothing (1e-4)
+        "wavefront,counter,tf32,grads",  # the weight gradients on TF32 tensor cores too
+    ],
 )
 def test_a_wavefront_stack_equals_nn_lstm_on_the_gpu(words: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """DRNN_FUSED_LAUNCH=wavefront: both layers of the seed shape in one persistent launch (64 programs

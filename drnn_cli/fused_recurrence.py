@@ -638,7 +638,9 @@ class _FusedStack(torch.autograd.Function):
 def gradient_product(a: torch.Tensor, b: torch.Tensor, launch: Launch, dtype: torch.dtype) -> torch.Tensor:
     """``a.bmm(b)`` for a weight gradient, fp32 operands: in IEEE fp32, or under the launch's
     ``gradient_products`` as the recurrent products multiply — ``dtype`` operands where the weights are
-    half precision (autocast), TF32 tensor cores for a ``tf32`` launch — accumulating in fp32 either way."""
+    half precision (autocast), TF32 tensor cores for a ``tf32`` launch. cuBLAS accumulates in fp32 (it may
+    sum split-K partials in the half dtype: PyTorch's reduced-precision reductions, on by default), and the
+    result is rounded to the weights' dtype as before."""
     if not launch.gradient_products:
         return a.bmm(b)
     if dtype != torch.float32:

@@ -643,6 +643,23 @@ def test_a_wavefront_stack_equals_nn_lstm_on_the_gpu(words: str, monkeypatch: py
     assert int(fused.barrier_error) == 0
 
 
+def test_grads_changes_the_weight_gradients_alone_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DRNN_FUSED_LAUNCH grads with tf32: the same forward bit for bit; the weight gradients that go through
+    gradient_product (W_hh of both layers, the upper W_ih) differ from the IEEE ones (cuBLAS took the TF32
+    switch) and stay within TF32's rounding of them; the input layer's W_ih (autograd's) is untouched."""
+    runs = {}
+    for words in ("wavefront,counter,tf32", "wavefront,counter,tf32,grads"):
+        monkeypatch.setenv("DRNN_FUSED_LAUNCH", words)
+        _, runs[words], _ = seed_stack_against_cudnn()
+    ieee, tf32 = runs["wavefront,counter,tf32"], runs["wavefront,counter,tf32,grads"]
+    assert torch.equal(ieee["out"], tf32["out"])
+    for name in ("weight_hh_l0", "weight_hh_l1", "weight_ih_l1"):
+        assert not torch.equal(ieee[name], tf32[name]), name
+        torch.testing.assert_close(tf32[name], ieee[name], rtol=1e-2, atol=1e-2, msg=name)
+    assert torch.equal(ieee["weight_ih_l0"], tf32["weight_ih_l0"])
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # put back (the autouse fixture turned it off)
+
+
 @pytest.mark.parametrize("tf32", [True, False], ids=["tf32-on", "tf32-off"])
 def test_the_planned_variants_equal_nn_lstm_on_the_gpu(tf32: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """DRNN_FUSED_LAUNCH unset: the seed stack runs as the plan's measured variants — one wavefront,

@@ -318,7 +318,7 @@ def test_cuda_tests_are_collected_and_skipped_cleanly_without_cuda() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = done.stdout.strip().splitlines()[-1]
-    assert summary.startswith("61 skipped"), done.stdout
+    assert summary.startswith("62 skipped"), done.stdout
     assert done.stdout.count("SKIPPED [") >= 1 and "needs a CUDA device" in done.stdout
     assert "error" not in summary and "passed" not in summary
 
@@ -373,7 +373,13 @@ def test_grads_is_measured_on_the_seed_plan_under_its_own_name_and_judged(gpu_ch
     step = next(
         s for s in gpu_check.build_plan(Path("runs"), Path("c.txt"), 1) if s.name == "bench-fused-grads"
     )
-    from drnn_cli.fused_recurrence import launch_from_environment, plan_launch, with_tuned_variants
+    from drnn_cli.fused_recurrence import (
+        KernelCell,
+        kernel_constants,
+        launch_from_environment,
+        plan_launch,
+        with_tuned_variants,
+    )
 
     words = step.env["DRNN_FUSED_LAUNCH"]
     for cell, gates in (("lstm", 4), ("gru", 3), ("rnn", 1)):
@@ -381,6 +387,11 @@ def test_grads_is_measured_on_the_seed_plan_under_its_own_name_and_judged(gpu_ch
         planned = with_tuned_variants(plain, 256, 2, "tf32", 232_448)
         asked = launch_from_environment(words, plain, 32, 256, 132, 2, 232_448)
         assert asked == dataclasses.replace(planned, gradient_products=True), cell
+        # bf16 (fused-lstm-seed-bf16): the words name tf32, which multiplies nothing in half precision
+        half = with_tuned_variants(plain, 256, 2, "half", 232_448)
+        assert asked == dataclasses.replace(half, gradient_products=True, tf32=True), cell
+        kernel = KernelCell(cell)
+        assert kernel_constants(asked, False, cell=kernel) == kernel_constants(half, False, cell=kernel)
     Result = gpu_check.StepResult
     seed, grads = bench_entry(200_000, 300_000, 1_100_000), bench_entry(200_000, 300_000, 1_250_000)
     results = {

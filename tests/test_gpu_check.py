@@ -184,6 +184,12 @@ def bench_entry(reference: float, eager: float, graph: float) -> dict:
     return {"reference_tokens_per_s": reference, "reference_train_ppl": 1.5, "modes": modes}
 
 
+def bench_step(gpu_check, name: str, configs: dict, variant: str | None = None) -> object:
+    """A benchmark step that measured ``configs``, as run_step leaves it (``variant``: its DRNN_FUSED_LAUNCH)."""
+    data: dict = {"json": {"configs": configs}} | ({"variant": variant} if variant else {})
+    return gpu_check.StepResult(name, "", "ok", data=data)
+
+
 def test_verdicts_compare_the_measurements_with_the_targets(gpu_check, tmp_path: Path) -> None:
     Result = gpu_check.StepResult
     configs = {
@@ -349,15 +355,11 @@ def test_the_fused_variant_is_measured_under_its_own_name(gpu_check) -> None:
 
     planned = plan_launch(32, 256, 132)
     assert launch_from_environment(step.env["DRNN_FUSED_LAUNCH"], planned, 32, 256, 132).resident
-    Result = gpu_check.StepResult
     plain, variant = bench_entry(200_000, 300_000, 450_000), bench_entry(200_000, 300_000, 1_200_000)
     results = {
-        "bench": Result("bench", "", "ok", data={"json": {"configs": {"fused-lstm-seed": plain}}}),
-        "bench-fused-variant": Result(
-            "bench-fused-variant",
-            "",
-            "ok",
-            data={"json": {"configs": {"fused-lstm-seed": variant}}, "variant": "16x32,counter,tf32"},
+        "bench": bench_step(gpu_check, "bench", {"fused-lstm-seed": plain}),
+        "bench-fused-variant": bench_step(
+            gpu_check, "bench-fused-variant", {"fused-lstm-seed": variant}, "16x32,counter,tf32"
         ),
     }
     assert gpu_check.bench_configs(results) == {
@@ -392,16 +394,10 @@ def test_grads_is_measured_on_the_seed_plan_under_its_own_name_and_judged(gpu_ch
         assert asked == dataclasses.replace(half, gradient_products=True, tf32=True), cell
         kernel = KernelCell(cell)
         assert kernel_constants(asked, False, cell=kernel) == kernel_constants(half, False, cell=kernel)
-    Result = gpu_check.StepResult
     seed, grads = bench_entry(200_000, 300_000, 1_100_000), bench_entry(200_000, 300_000, 1_250_000)
     results = {
-        "bench-seed": Result("bench-seed", "", "ok", data={"json": {"configs": {"fused-gru-seed": seed}}}),
-        "bench-fused-grads": Result(
-            "bench-fused-grads",
-            "",
-            "ok",
-            data={"json": {"configs": {"fused-gru-seed": grads}}, "variant": words},
-        ),
+        "bench-seed": bench_step(gpu_check, "bench-seed", {"fused-gru-seed": seed}),
+        "bench-fused-grads": bench_step(gpu_check, "bench-fused-grads", {"fused-gru-seed": grads}, words),
     }
     assert gpu_check.bench_configs(results) == {"fused-gru-seed": seed, f"fused-gru-seed [{words}]": grads}
     verdicts = {v.target: v for v in gpu_check.judge(results)}

@@ -716,17 +716,25 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
     """The issues' targets against what was measured."""
     verdicts = []
 
-    def ratio_target(target: str, name: str, minimum: float) -> None:
+    def ratio_target(target: str, name: str, minimum: float, fp32_loop: bool = False) -> None:
+        """``fp32_loop``: a half-precision target, judged against the textbook loop in fp32 (d2l's loop
+        as it is, the issue's reference: its 9.7× was bf16's graph over d2l's fp32 loop), the ratio to
+        the loop under autocast beside it (bench.py's ``with_fp32_references`` says why they differ)."""
         entry = bench_entry(results, name)
         if entry is None:
             verdicts.append(Verdict(target, "", "not measured"))
             return
         mode, figures = best_mode(entry)
-        measured = (
-            f"{figures['ratio']:.2f}× ({mode}: {figures['tokens_per_s']:,.0f} vs "
-            f"{entry['reference_tokens_per_s']:,.0f} tok/s)"
-        )
-        verdicts.append(Verdict(target, measured, "met" if figures["ratio"] >= minimum else "missed"))
+        ratio, reference, beside = figures["ratio"], entry["reference_tokens_per_s"], ""
+        if fp32_loop:
+            beside = f"{figures['ratio']:.2f}× the loop under autocast"
+            if "ratio_to_fp32_reference" not in figures:
+                verdicts.append(Verdict(target, f"{beside}; no fp32 loop of its shape timed", "not measured"))
+                return
+            ratio, reference = figures["ratio_to_fp32_reference"], entry["fp32_reference"]["tokens_per_s"]
+            beside = f" in fp32; {beside}"
+        measured = f"{ratio:.2f}× ({mode}: {figures['tokens_per_s']:,.0f} vs {reference:,.0f} tok/s{beside})"
+        verdicts.append(Verdict(target, measured, "met" if ratio >= minimum else "missed"))
 
     def train_ppl(name: str) -> float | None:
         step = results.get(name)
@@ -739,7 +747,12 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
         verdicts.append(Verdict(target, f"{ppl:.3f}" if ppl is not None else "", verdict))
 
     ratio_target("seed LSTM fp32 ≥ 5× the textbook loop", "lstm-seed", 5.0)
-    ratio_target("seed LSTM bf16 ≥ 10× the textbook loop", "lstm-seed-bf16", 10.0)
+    ratio_target(
+        "seed LSTM bf16 ≥ 10× the textbook loop (in fp32, as d2l runs it)",
+        "lstm-seed-bf16",
+        10.0,
+        fp32_loop=True,
+    )
     final_ppl_target("seed LSTM bf16 (CUDA graph, 500 epochs) final perplexity ≤ 1.1", "lstm2-graph-bf16")
     final_ppl_target(
         "seed LSTM fp16 (CUDA graph, fused SGD, 500 epochs) final perplexity ≤ 1.1", "lstm2-graph-fp16"
@@ -751,15 +764,25 @@ def judge(results: dict[str, StepResult]) -> list[Verdict]:
     # the same with the backward's weight gradients multiplied as the recurrent products are (grads)
     for config, target, minimum in (
         ("fused-lstm-seed", "seed LSTM, impl fused with grads, fp32 ≥ 5×", 5.0),
-        ("fused-lstm-seed-bf16", "seed LSTM, impl fused with grads, bf16 ≥ 10×", 10.0),
         ("fused-gru-seed", "seed GRU, impl fused with grads, fp32 ≥ 5×", 5.0),
         ("fused-rnn-seed", "seed RNN, impl fused with grads, fp32 ≥ 5×", 5.0),
     ):
         ratio_target(target, f"{config} [{GRADS_VARIANT}]", minimum)
+    ratio_target(
+        "seed LSTM, impl fused with grads, bf16 ≥ 10× (the fp32 loop)",
+        f"fused-lstm-seed-bf16 [{GRADS_VARIANT}]",
+        10.0,
+        fp32_loop=True,
+    )
     ratio_target("seed LSTM, impl scratch ≥ 3×", "scratch-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl scratch with train.compile on ≥ 3×", "compiled-lstm-seed", 3.0)
     ratio_target("seed LSTM, impl fused (Triton), fp32 ≥ 5×", "fused-lstm-seed", 5.0)
-    ratio_target("seed LSTM, impl fused (Triton), bf16: aim past 15×", "fused-lstm-seed-bf16", 15.0)
+    ratio_target(
+        "seed LSTM, impl fused (Triton), bf16: aim past 15× (the fp32 loop)",
+        "fused-lstm-seed-bf16",
+        15.0,
+        fp32_loop=True,
+    )
     final_ppl_target(
         "seed LSTM, impl fused, fp32 (TF32 products), CUDA graph (500 epochs): final perplexity ≤ 1.1",
         "lstm2-fused-graph",
@@ -874,19 +897,21 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
             "",
             "### bench",
             "",
-            "| config | mode | tokens/s | ratio to the textbook loop | train ppl |",
+            "| config | mode | tokens/s | ratio to the textbook loop | to the loop in fp32 | train ppl |",
         ]
-        lines += ["| --- | --- | --- | --- | --- |"]
+        lines += ["| --- | --- | --- | --- | --- | --- |"]
         for name, entry in configs.items():
             if "modes" not in entry:
-                lines += [f"| {name} | {entry.get('skipped') or entry.get('error')} | | | |"]
+                lines += [f"| {name} | {entry.get('skipped') or entry.get('error')} | | | | |"]
                 continue
             lines += [
-                f"| {name} | reference | {entry['reference_tokens_per_s']:,.0f} | 1 | {entry['reference_train_ppl']:.3f} |"
+                f"| {name} | reference | {entry['reference_tokens_per_s']:,.0f} | 1 | | {entry['reference_train_ppl']:.3f} |"
             ]
             for mode, figures in entry["modes"].items():
+                to_fp32 = figures.get("ratio_to_fp32_reference")  # half precision: d2l's loop is fp32
                 lines += [
-                    f"| {name} | {mode} | {figures['tokens_per_s']:,.0f} | {figures['ratio']:.2f} | {figures['train_ppl']:.3f} |"
+                    f"| {name} | {mode} | {figures['tokens_per_s']:,.0f} | {figures['ratio']:.2f} | "
+                    f"{'' if to_fp32 is None else f'{to_fp32:.2f}'} | {figures['train_ppl']:.3f} |"
                 ]
     fused = results.get("fused-kernels")
     fused_rows = (fused.data.get("json") or {}).get("rows", []) if fused else []

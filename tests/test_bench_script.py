@@ -117,6 +117,67 @@ def test_data_scale_benchmark_measures_a_fresh_process(bench, corpus_path, capsy
     assert result["cached"] is False and result["cached_seconds"] > 0  # under 1 MiB: never cached
 
 
+def measured(precision: str, impl: str, batch: int, reference_rounds: list[float], modes: dict) -> dict:
+    """A configuration's entry as bench_config reports it (its own reference at 100 tokens/s)."""
+    config = {"cell": "lstm", "impl": impl, "batch_size": batch, "num_steps": 35, "precision": precision}
+    figures = {
+        mode: {"tokens_per_s": rate, "ratio": rate / 100.0, "train_ppl": 1.5} for mode, rate in modes.items()
+    }
+    entry = {"config": config, "reference_tokens_per_s": 100.0, "reference_rounds": reference_rounds}
+    return entry | {"reference_train_ppl": 1.5, "rounds": 1, "epochs_per_round": 1, "modes": figures}
+
+
+def test_half_precision_is_also_set_against_the_textbook_loop_in_fp32(bench, capsys):
+    """d2l's loop runs in fp32; a bf16 configuration's own reference runs under autocast (slower on a
+    GPU), so its ratio to the fp32 loop of the same shape, timed in the same run, is reported too: the
+    median of every fp32 round of that shape, whatever drnn's impl was (the loop does not use it)."""
+    configs = {
+        "lstm-seed": measured("fp32", "torch", 32, [200.0, 210.0, 190.0], {"graph": 1000.0}),
+        "fused-lstm-seed": measured("fp32", "fused", 32, [205.0, 180.0, 220.0], {"graph": 1200.0}),
+        "lstm-seed-bf16": measured("bf16", "torch", 32, [150.0], {"eager": 405.0, "graph": 2025.0}),
+        "lstm-b256-bf16": measured("bf16", "torch", 256, [1000.0], {"graph": 5000.0}),
+        "gru-seed": {"name": "gru-seed", "error": "boom"},
+    }
+    widened = bench.with_fp32_references(configs)
+    half = widened["lstm-seed-bf16"]
+    # rounds 180, 190, 200, 205, 210, 220: the median is (200 + 205) / 2
+    assert half["fp32_reference"] == {
+        "tokens_per_s": 202.5,
+        "rounds": 6,
+        "from": ["lstm-seed", "fused-lstm-seed"],
+    }
+    assert half["modes"]["graph"]["ratio_to_fp32_reference"] == pytest.approx(10.0)
+    assert half["modes"]["eager"]["ratio_to_fp32_reference"] == pytest.approx(2.0)
+    assert half["modes"]["graph"]["ratio"] == 20.25  # against its own loop, under autocast, as before
+    # no fp32 configuration of batch 256 ran: nothing to set it against; fp32 and failed entries as they were
+    assert "fp32_reference" not in widened["lstm-b256-bf16"]
+    assert widened["lstm-seed"] == configs["lstm-seed"] and widened["gru-seed"] == configs["gru-seed"]
+    assert "fp32_reference" not in configs["lstm-seed-bf16"]  # the measured entries are left alone
+    report = {"benchmark": "training", "device": "cpu", "torch": "2.13", "threads": 1, "configs": widened}
+    bench.render(report, to_stderr=False)
+    table = capsys.readouterr().out
+    rows = {cells[0]: cells[1:] for cells in table_cells(table)}
+    assert rows["lstm-seed-bf16 (graph)"] == ["2,025", "100", "20.25×", "10.00×", "1.50", "1.50", "1×1"]
+    assert rows["lstm-seed (graph)"] == [
+        "1,000",
+        "100",
+        "10.00×",
+        "",
+        "1.50",
+        "1.50",
+        "1×1",
+    ]  # fp32: no column
+
+
+def table_cells(table: str) -> list[list[str]]:
+    """The cells of each body row of a rich table as text."""
+    return [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in table.splitlines()
+        if line.startswith("│")
+    ]
+
+
 def test_busy_time_counts_overlapping_kernels_once(bench):
     # 0-10 and 5-15 overlap (15 µs together), 20-30 stands alone, 22-25 lies inside it
     assert bench.busy_microseconds([(20, 30), (0, 10), (5, 15), (22, 25)]) == 25

@@ -10,7 +10,6 @@ log line), so the hot loop never waits for the host.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -84,6 +83,7 @@ from drnn_cli.runtime import (
 )
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
+from drnn_cli.stop_votes import StopVotes
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
 from drnn_cli.trainer_state import (
     EpochProgress,
@@ -97,13 +97,6 @@ from drnn_cli.trainer_state import (
 
 # How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py).
 RESUME_ADVICE = "the same command plus --resume"
-
-# Under torchrun, steps between the ranks' votes on a pending signal or a spent max_time: a vote is
-# a collective and a host read.
-STOP_VOTE_EVERY = 8
-# ... fewer where 8 steps take longer than this: torchrun kills its workers 30 s after passing a signal
-# on, and the stop's checkpoint comes after the next vote
-STOP_VOTE_SECONDS = 5.0
 
 
 def _header_digest(checkpoint: Checkpoint) -> float:
@@ -238,10 +231,6 @@ class Trainer:
         )
         self.average_start = Cadence.of(train.average_start)
         self._steps_per_epoch = 0
-        self._time_vote_every = STOP_VOTE_EVERY  # under torchrun, steps between votes on train.max_time
-        self._steps_to_stop_vote = STOP_VOTE_EVERY  # … and until the next vote on a signal
-        # when the last vote on a signal was, and after which step: the pace since (fit resets it)
-        self._last_stop_vote = (time.monotonic(), 0)
         self.stopped_mid_epoch: StopReason | None = None
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
@@ -288,6 +277,7 @@ class Trainer:
         self._first_step = self.global_step
         # SIGINT, SIGTERM, or SIGPIPE (stdout closed: drnn_cli.signals raises it on the first failed write)
         self.stops = StopRequests()
+        self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
         self.files = RunFiles(run_dir)
         self.plot = PlotRefresh(self.files.plot, self.reporter)
         self.records: list[EpochRecord] = (
@@ -515,28 +505,9 @@ class Trainer:
     # ----- signals ---------------------------------------------------------------------------
 
     def _stop_requested(self, step: int | None = None) -> bool:
-        """Whether a signal asks to stop: under torchrun, whether one reached any rank (voted on every
-        STOP_VOTE_EVERY steps inside an epoch, or every step the slowest rank takes STOP_VOTE_SECONDS
-        for where that is fewer, and at each epoch's end)."""
-        if not self.dist.enabled:
-            return self.stops.pending
-        if step is not None:
-            self._steps_to_stop_vote -= 1
-            if self._steps_to_stop_vote > 0:
-                return False
-        if self.stops.note_launcher_gone():
-            self.reporter.note("torchrun is gone (killed): this process stops as on its SIGTERM")
-        vote = int(vote_max(float(self.stops.signum or 0), self.dist, self.device))
-        if vote and not self.stops.pending:
-            self.stops.signum = vote  # another rank's signal: reported and exited with as its own
-        if step is not None:  # the next vote: after 8 steps, or as many as the slowest rank takes in 5 s
-            now, (since, at_step) = time.monotonic(), self._last_stop_vote
-            steps = self.global_step - at_step
-            pace = vote_max((now - since) / steps if steps > 0 else 0.0, self.dist, self.device)
-            self._last_stop_vote = (now, self.global_step)
-            fits = int(STOP_VOTE_SECONDS / pace) if pace else STOP_VOTE_EVERY
-            self._steps_to_stop_vote = max(1, min(STOP_VOTE_EVERY, fits))
-        return bool(vote)
+        """Whether a signal asks to stop (under torchrun, the ranks' vote). ``step``: asked after a step
+        inside an epoch, which counts down to the next vote; None (an epoch's end) votes now."""
+        return self.stop_votes.stop_requested(self.global_step if step is not None else None)
 
     # ----- the loop --------------------------------------------------------------------------
 
@@ -744,21 +715,7 @@ class Trainer:
         return loss_sum, count
 
     def _budget_reached(self, vote_now: bool = False) -> StopReason | None:
-        reason = self.budget.reached(self.global_step)
-        if not self.dist.enabled or reason == "max_steps" or not self.budget.max_time:
-            return reason  # step counts are the same on every rank
-        if not vote_now and self.global_step % self._time_vote_every:
-            return None
-        # Clocks differ between ranks: they vote, so all of them stop after the same step. A rank whose
-        # budget would run out before the next vote says so (1), and from then on all of them vote after
-        # every step: voting every 8 overran a 12 s budget by 26 s at 3-4 s a step (practitioner trial).
-        done = self.global_step - self._first_step
-        pace = self.budget.elapsed() / done if done > 0 else 0.0
-        left = self.budget.seconds_left() or 0.0
-        vote = vote_max(2.0 if reason else float(left <= STOP_VOTE_EVERY * pace), self.dist, self.device)
-        if vote:
-            self._time_vote_every = 1
-        return "max_time" if vote == 2.0 else None
+        return self.stop_votes.budget_reached(self.budget, self.global_step, self._first_step, vote_now)
 
     def _seconds_left(self) -> float | None:
         """Time to the first budget: max_time's clock, or the remaining steps at this session's pace."""
@@ -977,14 +934,13 @@ class Trainer:
 
         ``abandonable`` (a step boundary or an epoch's end): a signal ends it at the next minibatch with
         :class:`EvaluationAbandoned`, rather than after the whole split (minutes on a large text, past a
-        scheduler's grace before its SIGKILL, or torchrun's 30 s before it kills its workers). Under
-        torchrun the ranks vote on it every ``STOP_VOTE_EVERY`` minibatches: each validates the whole
-        split, so all of them meet at the same ones, and all of them abandon it or none."""
+        scheduler's grace before its SIGKILL, or torchrun's 30 s before it kills its workers); under
+        torchrun all ranks abandon it or none (:meth:`StopVotes.abandon_on_signal`)."""
         if not self.dataset.splits.validates:
             return None
         data = self.config.data
         limit = self.config.train.eval_tokens
-        abandon = self._abandon_on_signal() if abandonable else None
+        abandon = self.stop_votes.abandon_on_signal() if abandonable else None
 
         def before_batch(done: int, total: int) -> None:
             self.reporter.validating(done, total)  # the bar moves through a long validation
@@ -1037,20 +993,6 @@ class Trainer:
         if self._best_restarted or not self.records or not self.records[0].is_start:
             return None
         return self.records[0]
-
-    def _abandon_on_signal(self) -> Callable[[int, int], None]:
-        """The hook ``evaluate`` calls before each minibatch of an abandonable validation."""
-        batches = itertools.count()
-
-        def abandon(_done: int, _total: int) -> None:
-            if self.dist.enabled:
-                if next(batches) % STOP_VOTE_EVERY or not self._stop_requested():
-                    return
-            elif not self.stops.pending:
-                return
-            raise EvaluationAbandoned
-
-        return abandon
 
     def _validate_to_judge(self, abandonable: bool = False) -> float | None:
         """Validation perplexity that every torchrun rank holds alike. Each validates the same weights
@@ -1147,7 +1089,7 @@ class Trainer:
                     self._save(BEST, 0)  # killed between its LAST and BEST: the weights are still the start's
             # the budgets count training from here: not a fine-tuning run's validation of its start
             self.budget.start()
-            self._last_stop_vote = (time.monotonic(), self.global_step)
+            self.stop_votes.restart_pace(self.global_step)
             for epoch in range(self.start_epoch, until if already is None else 0):
                 resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done
                 window, tokens_per_s = self.train_epoch(epoch)

@@ -552,9 +552,10 @@ def test_under_torchrun_a_validation_is_abandoned_by_a_vote_every_8_minibatches(
     """torchrun kills its workers 30 s after passing a signal on: a validation read to its end lost the
     stop's checkpoint (practitioner trial). Each rank validates the whole split, so the ranks meet at the
     same minibatches: they vote at every 8th, and all abandon it when any saw a signal."""
-    import drnn_cli.train
+    import drnn_cli.stop_votes
     from drnn_cli.runtime import DistContext
     from drnn_cli.signals import StopRequests
+    from drnn_cli.stop_votes import StopVotes
 
     votes: list[float] = []
 
@@ -562,11 +563,12 @@ def test_under_torchrun_a_validation_is_abandoned_by_a_vote_every_8_minibatches(
         votes.append(value)
         return 15.0 if len(votes) == 2 else value  # the second vote: another rank's SIGTERM
 
-    monkeypatch.setattr(drnn_cli.train, "vote_max", vote)
+    monkeypatch.setattr(drnn_cli.stop_votes, "vote_max", vote)
     trainer = Trainer.__new__(Trainer)  # what the hook reads, without building a run
     trainer.dist, trainer.stops = DistContext(rank=0, world_size=2), StopRequests()
     trainer.device, trainer.reporter = torch.device("cpu"), SilentReporter()
-    abandon = trainer._abandon_on_signal()
+    trainer.stop_votes = StopVotes(trainer.dist, trainer.device, trainer.stops, trainer.reporter)
+    abandon = trainer.stop_votes.abandon_on_signal()
     for done in range(8):  # minibatch 0 votes; 1-7 do not
         abandon(done * 80, 1_000)
     assert votes == [0.0] and not trainer.stops.pending
@@ -617,16 +619,19 @@ def test_under_torchrun_the_time_budget_is_voted_on_after_every_step_once_it_nea
     """The ranks vote on train.max_time every 8 steps (their clocks differ): at 3-4 s a step a 12 s budget
     stopped after 38 s (practitioner trial). A rank that expects the budget to run out before the next
     vote says so, and from then on every step is voted on."""
-    import drnn_cli.train
+    import drnn_cli.stop_votes
     from drnn_cli.runtime import DistContext
+    from drnn_cli.signals import StopRequests
+    from drnn_cli.stop_votes import StopVotes
 
     votes: list[tuple[int, float]] = []
     trainer = Trainer.__new__(Trainer)  # what the vote reads, without building a run
     trainer.dist, trainer.device = DistContext(rank=0, world_size=2), torch.device("cpu")
-    trainer.budget, trainer._first_step, trainer._time_vote_every = Budget(max_time=10.0), 0, 8
+    trainer.budget, trainer._first_step = Budget(max_time=10.0), 0
+    trainer.stop_votes = StopVotes(trainer.dist, trainer.device, StopRequests(), SilentReporter())
     monkeypatch.setattr(trainer.budget, "elapsed", lambda: float(trainer.global_step))  # 1 s a step
     monkeypatch.setattr(
-        drnn_cli.train,
+        drnn_cli.stop_votes,
         "vote_max",
         lambda value, _dist, _device: votes.append((trainer.global_step, value)) or value,
     )
@@ -686,9 +691,10 @@ def test_under_torchrun_ranks_resuming_different_checkpoints_at_the_same_step_ar
 def test_under_torchrun_slow_steps_are_voted_on_for_signals_within_5_seconds(monkeypatch: pytest.MonkeyPatch):
     """torchrun kills its workers 30 s after passing a signal on: 8 steps of 4 s before the vote, then the
     checkpoint, came after it. The slowest rank's pace decides the next vote: every 5 s of steps."""
-    import drnn_cli.train
+    import drnn_cli.stop_votes
     from drnn_cli.runtime import DistContext
     from drnn_cli.signals import StopRequests
+    from drnn_cli.stop_votes import StopVotes
 
     votes: list[tuple[int, float]] = []
     trainer = Trainer.__new__(Trainer)  # what the vote reads, without building a run
@@ -697,11 +703,11 @@ def test_under_torchrun_slow_steps_are_voted_on_for_signals_within_5_seconds(mon
         torch.device("cpu"),
         StopRequests(),
     )
-    trainer._steps_to_stop_vote, trainer._last_stop_vote = 8, (0.0, 0)
     clock = [0.0]
-    monkeypatch.setattr(drnn_cli.train.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(drnn_cli.stop_votes.time, "monotonic", lambda: clock[0])
+    trainer.stop_votes = StopVotes(trainer.dist, trainer.device, trainer.stops, SilentReporter())
     monkeypatch.setattr(
-        drnn_cli.train,
+        drnn_cli.stop_votes,
         "vote_max",
         lambda value, _dist, _device: votes.append((trainer.global_step, value)) or value,
     )

@@ -60,9 +60,8 @@ class StopVotes:
         vote = int(vote_max(float(self.stops.signum or 0), self.dist, self.device))
         if vote and not self.stops.pending:
             self.stops.signum = vote  # another rank's signal: reported and exited with as its own
-        if (
-            after_step is not None
-        ):  # the next vote: after 8 steps, or as many as the slowest rank takes in 5 s
+        if after_step is not None:
+            # the next vote: after 8 steps, or as many as the slowest rank takes in 5 s
             now, (since, at_step) = time.monotonic(), self._last_stop_vote
             steps = after_step - at_step
             pace = vote_max((now - since) / steps if steps > 0 else 0.0, self.dist, self.device)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.checkpoint import check_header_room
+from drnn_cli.checkpoint import check_header_room, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.data import load_same_corpus
 from drnn_cli.download import ProgressHook
@@ -124,8 +124,31 @@ class _TrainJob:
 def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
     """Train into ``run_dir``, or, for ``--overwrite`` of an existing run, beside it and swap on success."""
     request, dist = job.request, job.dist
+    # A --run that is a symlink: the run it points at is replaced (on its own disk), the link kept.
+    target = run_dir.resolve() if run_dir.is_symlink() else run_dir
+    staging = staging_dir(target)
+    # A --overwrite session killed outright (SIGKILL, the OOM killer, power loss) after its first
+    # checkpoint left the new run here, unswapped: it is the run to resume (or to replace).
+    left_behind = holds_run(staging)
     if dist.is_main:
         remove_stale_temporaries(run_dir)  # left by a killed writer; we hold the lock, so none is live
+        if left_behind:
+            remove_stale_temporaries(staging)
+        elif staging.exists() and not request.overwrite:
+            discard(staging)  # killed before its first checkpoint: nothing in it to keep
+    if left_behind and not request.overwrite:
+        if not request.resume:
+            raise DrnnError(
+                f"{staging} holds a newer run than {run_dir}: a --overwrite session that was killed after its "
+                f"checkpoint at {_checkpoint_point(staging)} left it; continue it with --resume (it then replaces the "
+                "previous run), replace both with --overwrite, or pick another with --run DIR"
+            )
+        if job.reporter is not None:
+            job.reporter.note(
+                f"resuming the newer run a killed --overwrite session left in {staging} (its checkpoint at "
+                f"{_checkpoint_point(staging)}); it replaces the previous run in {run_dir} as this session ends"
+            )
+        return _train_staged(job, run_dir, target, staging)
     if not request.resume and holds_run(run_dir) and not request.overwrite:
         if request.init_from is not None:  # a fine-tuning run is a new one: --resume does not apply
             source = request.init_from.resolve()
@@ -143,21 +166,43 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
             f"or replace it with --overwrite"
         )
     if request.resume or not holds_run(run_dir):
+        if dist.is_main and staging.exists():
+            discard(staging)  # --overwrite of a run that is gone: the killed replacement goes with it
         return _train_locked(job, run_dir, run_dir)
-    # A --run that is a symlink: the run it points at is replaced (on its own disk), the link kept.
-    target = run_dir.resolve() if run_dir.is_symlink() else run_dir
     check_replaceable(target)
-    # Every torchrun rank trains "into" the staging directory (rank 0 alone writes); rank 0 alone
-    # moves directories, so that no rank removes what another is about to swap in.
-    staging = staging_dir(target)
     if dist.is_main:
+        if left_behind and job.reporter is not None:
+            job.reporter.note(
+                f"discarded the newer run a killed --overwrite session left in {staging} (its checkpoint at "
+                f"{_checkpoint_point(staging)}): this --overwrite replaces it too"
+            )
         discard(staging)  # a leftover of an earlier replacement that was killed
+    return _train_staged(job, run_dir, target, staging)
+
+
+def _checkpoint_point(run_dir: Path) -> str:
+    """Where the newest checkpoint of ``run_dir`` stands (``step 120 of epoch 3``), from its header alone."""
+    path = run_dir / LAST if (run_dir / LAST).is_file() else run_dir / BEST
+    try:
+        info = read_checkpoint_info(path)
+    except DrnnError:
+        return path.name  # unreadable: the resume that reads it says why
+    if info.step_in_epoch:
+        return f"step {info.step_in_epoch:,} of epoch {info.epoch + 1:,}"
+    return f"the end of epoch {info.epoch:,}"
+
+
+def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) -> TrainResult:
+    """Train into ``staging`` beside the run in ``target`` and swap it in at the end, or at a stop
+    once it holds a checkpoint. Every torchrun rank trains "into" the staging directory (rank 0 alone
+    writes); rank 0 alone moves directories, so that no rank removes what another is about to swap in."""
+    request, dist = job.request, job.dist
     try:
         result = _train_locked(job, staging, run_dir)
     except BaseException as error:  # a stop, a failure, a signal outside the loop, an out-of-memory...
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
-        if isinstance(error, TrainingInterrupted) and error.stopped.steps == 0:
+        if isinstance(error, TrainingInterrupted) and error.stopped.steps == 0 and not request.resume:
             # stopped before its first step (a fine-tuning run's validation of its starting weights):
             # a run that trained nothing does not replace one that did
             if dist.is_main:

@@ -1203,6 +1203,91 @@ def test_an_overwrite_stopped_by_a_signal_after_its_checkpoint_has_replaced_the_
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["latest", "tiny"]  # no staging left
 
 
+class _Killed(BaseException):
+    """Stands for a SIGKILL in-process: nothing of drnn's handles it (the test catches it)."""
+
+
+def _overwrite_killed_after_its_first_checkpoint(
+    monkeypatch: pytest.MonkeyPatch, cli, config: Path, *overrides: str
+) -> None:
+    """``--overwrite`` killed outright in its second epoch: its epoch-1 checkpoint written in the
+    staging folder, and no swap (a SIGKILL runs no handler: the swap on the way out dies with it)."""
+    from drnn_cli.step import StaticStep
+
+    steps_per_epoch = (2000 - 1) // (8 * 10)  # TINY: 2,000 tokens, batch 8 × 10 steps
+    step = StaticStep.__call__
+    taken = []
+
+    def killed_in_epoch_2(self: StaticStep, window: torch.Tensor) -> object:
+        taken.append(True)
+        if len(taken) > steps_per_epoch + 3:
+            raise _Killed
+        return step(self, window)
+
+    def killed_before_swapping(*_args: object) -> None:
+        raise _Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(StaticStep, "__call__", killed_in_epoch_2)
+        patched.setattr("drnn_cli.train_session.swap_in", killed_before_swapping)
+        with pytest.raises(_Killed):
+            cli("train", "--config", str(config), "--overwrite", *overrides)
+
+
+def test_resume_after_an_overwrite_killed_outright_continues_the_new_run_and_puts_it_in_place(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Killed (SIGKILL, the OOM killer) after its first checkpoint, an --overwrite left its new run in
+    the hidden runs/.tiny.overwrite and the old one in runs/tiny: the --resume its stop line would have
+    advised resumed the old run and failed on its config, and the next --overwrite deleted the new one
+    without a word (practitioner trial, 2026-11-28). Now --resume continues the new run, ending where an
+    uninterrupted run ends, and puts it in place of the old one."""
+    config = config_file(workdir, tiny(epochs=2, checkpoint_every=1))
+    assert cli("train", "--config", str(config))[0] == 0
+    new = ("--set", "train.epochs=3", "--set", "train.lr=0.005")
+    _overwrite_killed_after_its_first_checkpoint(monkeypatch, cli, config, *new)
+    runs, staging = workdir / "runs", workdir / "runs" / ".tiny.overwrite"
+    assert load_checkpoint(runs / "tiny" / "last.safetensors").config.train.lr == 0.01  # the old run
+    assert load_checkpoint(staging / "last.safetensors").epoch == 1  # the new one, beside it
+
+    code, _, err = cli("train", "--config", str(config), *new)
+    assert_one_line_error(
+        code, err, "runs/.tiny.overwrite holds a newer run than runs/tiny", "at the end of epoch 1"
+    )
+    assert "continue it with --resume (it then replaces the previous run)" in err
+
+    code, out, err = cli("train", "--config", str(config), *new, "--resume", "--json")
+    assert code == 0, err
+    assert (
+        "note: resuming the newer run a killed --overwrite session left in runs/.tiny.overwrite (its checkpoint "
+        "at the end of epoch 1); it replaces the previous run in runs/tiny as this session ends"
+    ) in " ".join(err.split())
+    assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str((runs / "tiny").absolute())
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "tiny"]
+    resumed = load_checkpoint(runs / "tiny" / "last.safetensors")
+    assert (resumed.epoch, resumed.config.train.lr) == (3, 0.005)
+    assert cli("train", "--config", str(config), *new, "--run", str(workdir / "straight"))[0] == 0
+    straight = load_checkpoint(workdir / "straight" / "last.safetensors")
+    assert all(torch.equal(value, resumed.model_state[name]) for name, value in straight.model_state.items())
+
+
+def test_an_overwrite_after_one_killed_outright_says_it_discards_the_killed_ones_run(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    config = config_file(workdir, tiny(epochs=2, checkpoint_every=1))
+    assert cli("train", "--config", str(config))[0] == 0
+    _overwrite_killed_after_its_first_checkpoint(monkeypatch, cli, config, "--set", "train.lr=0.005")
+    staging = workdir / "runs" / ".tiny.overwrite"
+    code, out, err = cli("train", "--config", str(config), "--overwrite", "--set", "train.lr=0.002")
+    assert code == 0, err
+    assert (
+        "note: discarded the newer run a killed --overwrite session left in runs/.tiny.overwrite (its "
+        "checkpoint at the end of epoch 1): this --overwrite replaces it too"
+    ) in " ".join(out.split())
+    assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").config.train.lr == 0.002
+    assert not staging.exists()
+
+
 def test_a_failed_runs_folder_is_removed_before_its_lock_is_released(
     workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
 ):

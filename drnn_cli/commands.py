@@ -255,7 +255,8 @@ class PredictReport:
             blank = blank_continuation(continuation.generated)
             if blank is not None:
                 notes.append(
-                    f"the continuation of {continuation.prefix!r} is {blank} and nothing else: {why}"
+                    # a 100 KB prefix is named by its first characters, not echoed whole
+                    f"the continuation of {short_repr(continuation.prefix)} is {blank} and nothing else: {why}"
                 )
         return tuple(notes)
 
@@ -512,13 +513,14 @@ def evaluate_split(
 def _short_rows_note(predicted: int, rows: int, num_steps: int) -> tuple[str, ...]:
     """A short text read as the run's ``batch_size`` rows, each from a zero state, leaves each row
     fewer tokens than the model's training windows: most predictions then come with little context,
-    and the perplexity reads far worse than the model's (6.9 against 1.08 on a 380-character excerpt)."""
+    and the perplexity reads far worse than the model's (6.9 against 1.08 on a 380-character excerpt);
+    an undertrained model's can read better (100 against 121: a trial's), so the note names no direction."""
     rows = min(rows, predicted)  # evaluate's own cut: never an empty row
     if rows == 1 or predicted // rows >= num_steps:
         return ()
     return (
         f"the text is read as {rows:,} rows of about {predicted // rows:,} token{'' if predicted // rows == 1 else 's'}, each from a zero state (the model "
-        f"trained on windows of {num_steps}): short rows raise the perplexity; --rows 1 reads it as one stream",
+        f"trained on windows of {num_steps}): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream",
     )
 
 

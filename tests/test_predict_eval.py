@@ -145,6 +145,14 @@ def test_prefix_errors_name_the_problem():
         prefix_tokens("", Vocab(["<unk>", "the"]), "none", "word")
     with pytest.raises(DrnnError, match="empty after data.preprocess=d2l"):
         prefix_tokens("123!", vocab, "d2l", "char")
+    # the example is one the model can continue: d2l's where its vocabulary spells it, else its own
+    # text's two most frequent tokens (a trial's Chinese model was told to try "time traveller")
+    with pytest.raises(DrnnError, match="give at least one character, e.g. drnn predict 'time traveller'$"):
+        prefix_tokens("", Vocab(["<unk>", *"time ravl"]), "none", "char")
+    with pytest.raises(DrnnError, match="give at least one character, e.g. drnn predict '我能'$"):
+        prefix_tokens("", Vocab(["<unk>", *"我能吞下玻璃而不伤身体。 "]), "none", "char")
+    with pytest.raises(DrnnError, match="give at least one word, e.g. drnn predict 'the cat'$"):
+        prefix_tokens("", Vocab(["<unk>", "\n", "the", "cat", "sat"]), "none", "word")
     with pytest.raises(DrnnError, match=r"not in the model's vocabulary: 'c', 'z'"):
         prefix_tokens("abzc", vocab, "none", "char")
     assert prefix_tokens("ab ba", vocab, "none", "char") == list("ab ba")
@@ -466,6 +474,10 @@ def test_a_continuation_of_spaces_alone_is_said_to_be_one(tiny_run: Path, cli, m
         "the continuation of 'time' is 3 spaces and nothing else: the model puts nearly all its probability "
         "there, as an undertrained model does (train it longer)",
     )
+    long_prefix = "ab" * 50_000  # a 100 KB prefix (a trial's) is named by its first 80 characters
+    (note,) = PredictReport((Continuation(long_prefix, long_prefix, long_prefix + "  "),), "x").blank_notes
+    shown = "'" + "ab" * 18 + "a" + "..." + "ab" * 19 + "'"  # reprlib's: its start and end, 80 characters
+    assert note.startswith(f"the continuation of {shown} is 2 spaces and nothing else")
     assert PredictReport((Continuation("a", "a", "a  b "),), "x").blank_notes == ()
     assert PredictReport((Continuation("a", "a", "a"),), "x").blank_notes == ()  # -n 0 wrote nothing
     from drnn_cli import commands
@@ -616,7 +628,7 @@ def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Pa
     code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text))
     assert code == 0
     assert "note: the text is read as 8 rows of about 8 tokens, each from a zero state (the model trained on " \
-        "windows of 10): short rows raise the perplexity; --rows 1 reads it as one stream" in err  # fmt: skip
+        "windows of 10): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream" in err  # fmt: skip
     assert len(out.splitlines()) == 1 and "note" not in out  # stdout keeps the result alone, as predict's
     for rows in ("1", "8"):  # a number of rows asked for is what the user meant; 64 predictions are few
         code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -75,9 +76,10 @@ def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> lis
     composed, as most text is) is read in that form: it is the same text.
     """
     if not prefix:
+        example = _example_prefix(vocab, preprocess, token)
         raise UsageError(
             f"the prefix is empty; give at least one {'word' if token == 'word' else 'character'}, e.g. drnn "
-            'predict "time traveller"'
+            f"predict {shlex.quote(example)}"
         )
     tokens = list(tokens_of(prefix_pieces(prefix, preprocess), token))  # words split line by line
     if not tokens:
@@ -96,6 +98,16 @@ def prefix_tokens(prefix: str, vocab: Vocab, preprocess: str, token: str) -> lis
             f"remove or replace them"
         )
     return tokens
+
+
+def _example_prefix(vocab: Vocab, preprocess: str, token: str) -> str:
+    """A prefix the model can continue, for an error's example: d2l's where the vocabulary spells it,
+    else the vocabulary's two most frequent tokens that show as text (a Chinese text's own characters)."""
+    if not _unknown(list(tokens_of(prefix_pieces("time traveller", preprocess), token)), vocab):
+        return "time traveller"
+    # idx_to_token lists a counted vocabulary's tokens most frequent first, <unk> (index 0) aside
+    shown = [t for t in vocab.idx_to_token[1:] if t.strip() and t.isprintable()]
+    return (" " if token == "word" else "").join(shown[:2]) or "time traveller"
 
 
 def _unknown(tokens: list[str], vocab: Vocab) -> list[str]:

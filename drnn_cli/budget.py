@@ -159,6 +159,16 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def epoch_count(epochs: float) -> str:
+    """Epochs as a log line counts them: ``3``, ``2.14`` inside an epoch, and two significant digits
+    below a hundredth (``0.00057``), where two decimals said ``0.00`` of every line on a large text."""
+    if epochs == int(epochs):
+        return f"{epochs:,g}"
+    if epochs < 0.01:
+        return f"{epochs:.2g}"
+    return f"{epochs:,.2f}"
+
+
 def steps_span(steps: int, steps_per_epoch: float) -> str:
     """A step budget as the run's first line and its notes say it: "25 steps (1.32 epochs)", "1 step
     (0.125 epochs)", "1,206 epochs" past a thousand (not "1.21e+03"), "0.0036% of an epoch" below a

@@ -349,6 +349,13 @@ def train_command(
     table.add_row(
         "tokens/s (last epoch)", "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}"
     )
+    if result.seconds is not None:  # tokens/s counts the steps alone; train.max_time all of it
+        spent = result.seconds
+        table.add_row("time (this session)", f"{spent.session:,.1f} s")
+        table.add_row(
+            "of it: steps / validating / checkpoints",
+            f"{spent.training:,.1f} s / {spent.validating:,.1f} s / {spent.checkpoints:,.1f} s",
+        )
     threads = "" if result.threads is None else f", {plural(result.threads, 'thread')}"
     processes = f"{result.world_size:,} process{'' if result.world_size == 1 else 'es'}"
     table.add_row("device", f"{result.device}{threads}, {processes}")

@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.text import Text
 
 from drnn_cli import strict_json
-from drnn_cli.budget import Cadence, format_duration
+from drnn_cli.budget import Cadence, epoch_count, format_duration
 from drnn_cli.shown_text import terminal_safe
 
 if TYPE_CHECKING:  # report imports torch, which the CLI loads only inside main()
@@ -148,26 +148,27 @@ def log_figures(train_ppl: float | None, val_ppl: float | None, tokens_per_s: fl
     return "  ".join([*parts, f"{tokens_per_s:,.0f} tok/s"])
 
 
-def time_left(budget: float | None, epochs: float | None) -> str:
-    """The bar's one time-left figure: to whichever ends the run first, the first budget (``budget``:
-    max_time, or max_steps at the current pace) or the last epoch at the current pace (``epochs``)."""
-    known = [seconds for seconds in (budget, epochs) if seconds is not None]
-    return f"{format_duration(min(known))} left" if known else ""
+def time_left(run_end: float | None, epochs: float | None) -> str:
+    """The bar's one time-left figure: the trainer's, to the run's end (``run_end``: the steps,
+    validations and checkpoint writes left at this session's paces, or ``max_time``, whichever ends it
+    first), once it has one; before that, rich's, the last epoch at the bar's pace (``epochs``)."""
+    seconds = run_end if run_end is not None else epochs
+    return "" if seconds is None else f"{format_duration(seconds)} left"
 
 
 class TimeLeftColumn(ProgressColumn):
-    """:func:`time_left` for the training bar: rich's own estimate alone would count to the last epoch,
-    beside a budget that ends the run minutes earlier."""
+    """:func:`time_left` for the training bar: rich's own estimate alone counts to the last epoch at the
+    bar's recent pace, which a budget cuts short and a minute-long validation holds still."""
 
     def render(self, task: Task) -> Text:
-        return Text(time_left(task.fields.get("budget"), task.time_remaining), style="progress.remaining")
+        return Text(time_left(task.fields.get("run_end"), task.time_remaining), style="progress.remaining")
 
 
 class RichReporter:
     """Training progress: a live bar on a terminal, plain lines every ``log_every`` epochs otherwise.
 
     With ``log_every: N steps`` the trainer sends a line every N steps (and at evaluations), all shown;
-    the bar then also counts the steps of the epoch in progress and the time left to a budget, and the
+    the bar then also counts the steps of the epoch in progress and the time left to the run's end, and the
     tokens of a validation that lasts more than ``validation_shown_after`` seconds.
     """
 
@@ -207,7 +208,7 @@ class RichReporter:
             self.progress.start()
             # The bar names the epoch in progress (1-based), as the first line does: "from epoch 2, step 3"
             self.task = self.progress.add_task(
-                "train", total=total_epochs, completed=start_epoch, status="", steps="", budget=None,
+                "train", total=total_epochs, completed=start_epoch, status="", steps="", run_end=None,
                 epoch=min(int(start_epoch) + 1, total_epochs),
             )  # fmt: skip
 
@@ -234,9 +235,8 @@ class RichReporter:
             self._held = (record, status)
 
     def _print_record(self, record: EpochRecord, status: str) -> None:
-        inside_epoch = record.epoch != int(record.epoch)
         where = f"step {record.step:,}  " if record.step else ""
-        epoch = f"{record.epoch:,.2f}" if inside_epoch else f"{record.epoch:,g}"
+        epoch = epoch_count(record.epoch)
         # soft_wrap: one line per record in a log file too (rich wraps at 80 columns off a terminal)
         self.console.print(
             f"epoch {epoch}/{self.total_shown}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",
@@ -249,7 +249,7 @@ class RichReporter:
             self._held = None
 
     def step(self, status: StepStatus) -> None:
-        """The bar inside a long epoch: its steps, and the time left to the first budget."""
+        """The bar inside a long epoch: its steps, and the time left to the run's end."""
         if self.progress is None or self.task is None:
             return
         # An epoch's first step comes at once (for the budget): its count would stand all through a
@@ -265,25 +265,28 @@ class RichReporter:
             completed=status.epoch + status.step_in_epoch / max(1, status.steps_in_epoch),
             epoch=status.epoch + 1,
             steps=steps,
-            budget=status.seconds_left,
+            run_end=status.seconds_left,
             **live,
         )
 
-    def validating(self, done: int, total: int) -> None:
+    def validating(self, done: int, total: int, seconds_left: float | None) -> None:
         """The bar through a validation that lasts (a large split is minutes on a CPU, and a fine-tuning
-        run validates its starting weights before any step): where it would stand still, its tokens."""
+        run validates its starting weights before any step): where it would stand still, its tokens, and
+        the time left, which counts down through it."""
         if self.progress is None or self.task is None:
             return
         now = time.monotonic()
         if done == 0:
             self._validation_began = now
         if now - self._validation_began >= self.validation_shown_after:
-            self.progress.update(self.task, steps=f"validating {done:,}/{total:,} tokens  ")
+            self.progress.update(
+                self.task, steps=f"validating {done:,}/{total:,} tokens  ", run_end=seconds_left
+            )
 
     def samples(self, epoch: float, samples: dict[str, str]) -> None:
         self._held = None  # samples come on their own cadence, after an epoch the log may skip
         # labelled as the log lines count epochs: "[2]" after epoch 2, "[2.14]" at a step inside epoch 3
-        label = f"{epoch:g}" if epoch == int(epoch) else f"{epoch:.2f}"
+        label = epoch_count(epoch)
         for text in samples.values():
             print_generated(self.console, f"  [{label}] {text}")
 

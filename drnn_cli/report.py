@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drnn_cli import strict_json
-from drnn_cli.budget import StopReason, steps_span
+from drnn_cli.budget import StopReason, epoch_count, format_duration, steps_span
 from drnn_cli.config import Config, dump_config
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.files import atomic_write_bytes, atomic_write_text
 from drnn_cli.plot import plotter_missing, plotter_problem, render_perplexity_plot
 from drnn_cli.run_files import RunFiles
+from drnn_cli.session_time import SessionSeconds
 from drnn_cli.vocab import Vocab
 
 
@@ -122,6 +123,7 @@ class TrainResult:
     start_val_ppl: float | None = None  # fine-tuning: the starting weights' validation perplexity
     threads: int | None = None  # each process's CPU threads (None on a GPU)
     samples_note: str | None = None  # said after the final samples (run_notes.blank_samples_note)
+    seconds: SessionSeconds | None = None  # None: nothing trained in this session
 
     def summary(self) -> dict[str, Any]:
         """The ``drnn train --json`` object (README "Commands": `drnn train`)."""
@@ -143,6 +145,7 @@ class TrainResult:
             "stop_reason": self.stop_reason,
             "steps": self.steps,
             "start_step": self.start_step,
+            "seconds": None if self.seconds is None else self.seconds.summary(),
             "samples": self.samples,
         }
 
@@ -155,7 +158,7 @@ class StepStatus:
     step_in_epoch: int  # steps done in it
     steps_in_epoch: int
     global_step: int
-    seconds_left: float | None  # to the first budget (max_time, or max_steps at the current pace)
+    seconds_left: float | None  # to the run's end: steps, validations and writes left, or max_time
     tokens_per_s: float | None = None  # over the epoch so far, by the host's clock (no device wait)
     train_ppl: float | None = None  # since the epoch's last log line, where reading it costs no wait
 
@@ -173,20 +176,27 @@ class RunStart:
     max_steps: int = 0  # train.max_steps where it ends the run before train.epochs, else 0
     steps_per_epoch: float = 0.0  # with max_steps: the mean the first line converts its steps to epochs with
     latest_val_ppl: float | None = None  # a resumed run's last validation, shown until its next one
+    max_time: float = 0.0  # train.max_time, seconds (0: none)
 
     def span(self) -> str:
         """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it
-        ("1 step (0.0036% of an epoch)" on a big text)."""
+        ("1 step (0.0036% of an epoch)" on a big text), and "or 10:00 of wall clock (train.max_time)"."""
         if self.max_steps:
-            return steps_span(self.max_steps, self.steps_per_epoch)
-        return f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
+            span = steps_span(self.max_steps, self.steps_per_epoch)
+        else:
+            span = f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
+        if self.max_time:
+            span += (
+                f" or {format_duration(self.max_time)} of wall clock (train.max_time), whichever comes first"
+            )
+        return span
 
     def epochs_of(self) -> str:
         """What a log line counts its epochs out of (``epoch 1.46/8.49``): ``train.epochs``, or the span
         of a step budget that ends the run inside an epoch, to the two decimals of the epoch before it
         (an estimate under random sampling, whose epochs differ in steps)."""
         if self.max_steps:
-            return f"{self.max_steps / self.steps_per_epoch:,.2f}"
+            return epoch_count(self.max_steps / self.steps_per_epoch)
         return f"{self.total_epochs:,}"
 
 
@@ -198,7 +208,8 @@ class Reporter(Protocol):
     def samples(self, epoch: float, samples: dict[str, str]) -> None: ...
     def note(self, message: str) -> None: ...
     def step(self, status: StepStatus) -> None: ...
-    def validating(self, done: int, total: int) -> None: ...  # tokens predicted so far, of a validation
+    # tokens predicted so far, of a validation, and the run's time left then
+    def validating(self, done: int, total: int, seconds_left: float | None) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -218,7 +229,7 @@ class SilentReporter:
     def step(self, status: StepStatus) -> None:
         pass
 
-    def validating(self, done: int, total: int) -> None:
+    def validating(self, done: int, total: int, seconds_left: float | None) -> None:
         pass
 
     def finish(self) -> None:

@@ -81,6 +81,7 @@ from drnn_cli.runtime import (
     vote_max,
     wait_for_every_rank,
 )
+from drnn_cli.session_time import SessionSeconds, SessionTime, WorkLeft, cadence_points
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.stop_votes import StopVotes
@@ -223,6 +224,8 @@ class Trainer:
         self.global_step = 0  # optimizer steps since the run began (across resumes)
         self.tokens_seen = 0
         self.budget = Budget(train.max_steps, train.max_time)
+        self.session_time = SessionTime()  # where this session's wall clock goes, for the time left
+        self._session_start_elapsed = 0.0  # the run's training seconds when this session began (fit)
         self.cadence = _Cadences(
             Cadence.of(train.eval_every),
             Cadence.of(train.checkpoint_every),
@@ -443,7 +446,8 @@ class Trainer:
                 checkpoint = self._checkpoint(epoch, progress, ranks)
                 if name == BEST:  # its header names its own perplexity (patience's best may be older)
                     checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
-                save_checkpoint(self.run_dir / name, checkpoint)
+                with self.session_time.checkpoint_write():
+                    save_checkpoint(self.run_dir / name, checkpoint)
                 if self.on_first_checkpoint is not None:
                     announce, self.on_first_checkpoint = self.on_first_checkpoint, None
                     announce()
@@ -640,6 +644,10 @@ class Trainer:
         )
         if self.stopped_mid_epoch is None:  # no longer pending: a crash now must not run it again
             self._save(LAST, epoch, progress)
+            # the boundary ended the session before this one (a max_time stop's final validation, say):
+            # this session's time budget, and its clock, start after it
+            self.budget.start()
+            self.session_time = SessionTime()
         return self._training_clock() - paused
 
     def _step_status(
@@ -717,15 +725,53 @@ class Trainer:
     def _budget_reached(self, vote_now: bool = False) -> StopReason | None:
         return self.stop_votes.budget_reached(self.budget, self.global_step, self._first_step, vote_now)
 
-    def _seconds_left(self) -> float | None:
-        """Time to the first budget: max_time's clock, or the remaining steps at this session's pace."""
-        left = self.budget.seconds_left()
+    def _seconds_left(self, validation: tuple[int, int, float] | None = None) -> float | None:
+        """Time to the run's end: its steps left (to the last epoch or ``max_steps``) at this session's
+        step pace, its validations and checkpoint writes left at theirs (README "Long runs", Progress), or
+        ``max_time``'s clock and the stop's validation and write, whichever comes first. ``validation``:
+        (tokens done, of total, its start on ``time.perf_counter``) of one in progress."""
         done = self.global_step - self._first_step
-        if self.budget.max_steps and done > 0:
-            pace = self.budget.elapsed() / done
-            by_steps = max(0, self.budget.max_steps - self.global_step) * pace
-            left = by_steps if left is None else min(left, by_steps)
+        step_seconds = self.session_time.step_seconds(self.budget.elapsed(), done)
+        if step_seconds is None:  # nothing trained yet to take a pace from
+            return self.budget.seconds_left()
+        clock = self.session_time
+        work = self._work_left()
+        in_flight = 0.0
+        if validation is not None:
+            tokens_done, tokens, began = validation
+            per_token = (
+                (time.perf_counter() - began) / tokens_done
+                if tokens_done
+                else clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
+            )
+            in_flight = (tokens - tokens_done) * per_token
+        left = in_flight + clock.seconds_to_end(work, step_seconds)
+        by_time = self.budget.seconds_left()
+        if by_time is not None:  # the stop then validates and writes its checkpoints
+            stop = WorkLeft(0, int(self.dataset.splits.validates), 2, work.tokens_per_validation, 0)
+            left = min(left, by_time + in_flight + clock.seconds_to_end(stop, step_seconds))
         return left
+
+    def _work_left(self) -> WorkLeft:
+        """The steps, validations and checkpoint writes between the step just taken and the run's end
+        (its planned steps: the last epoch or ``max_steps``), by the cadences; a validation or write in
+        progress is not counted."""
+        end, now, per_epoch = self.length.steps, self.global_step, self.length.steps_per_epoch
+        validates = self.dataset.splits.validates
+        validations = cadence_points(self.cadence.eval, now, end, per_epoch) if validates else 0
+        lasts = cadence_points(self.cadence.checkpoint, now, end, per_epoch)
+        if now < end:  # the end validates and writes last, on a cadence or not
+            validations += int(validates and not cadence_points(self.cadence.eval, end - 1, end, per_epoch))
+            lasts += int(not cadence_points(self.cadence.checkpoint, end - 1, end, per_epoch))
+        limit = self.config.train.eval_tokens
+        predictions = max(0, len(self.val_tokens) - 1)
+        return WorkLeft(
+            steps=max(0, end - now),
+            validations=validations,
+            checkpoint_writes=lasts + validations,  # best after each validation, at most
+            tokens_per_validation=min(limit, predictions) if limit else predictions,
+            tokens_per_step=self.static_step.targets.numel() * self.dist.world_size,
+        )
 
     def _judge(
         self,
@@ -941,21 +987,25 @@ class Trainer:
         data = self.config.data
         limit = self.config.train.eval_tokens
         abandon = self.stop_votes.abandon_on_signal() if abandonable else None
+        tokens = self.val_tokens[: limit + 1] if limit else self.val_tokens  # N predictions need N + 1 tokens
+        began = time.perf_counter()
 
         def before_batch(done: int, total: int) -> None:
-            self.reporter.validating(done, total)  # the bar moves through a long validation
+            # the bar moves through a long validation, its time left with it
+            self.reporter.validating(done, total, self._seconds_left((done, total, began)))
             if abandon is not None:
                 abandon(done, total)
 
-        result = evaluate(
-            self.evaluated_model,
-            self.val_tokens[: limit + 1] if limit else self.val_tokens,  # N predictions need N + 1 tokens
-            data.batch_size,
-            data.num_steps,
-            self.device,
-            self.config.train.precision,
-            before_batch,
-        )
+        with self.session_time.validation(max(0, len(tokens) - 1)):
+            result = evaluate(
+                self.evaluated_model,
+                tokens,
+                data.batch_size,
+                data.num_steps,
+                self.device,
+                self.config.train.precision,
+                before_batch,
+            )
         self._check_kernels("while validating")
         return result.perplexity
 
@@ -1089,6 +1139,8 @@ class Trainer:
                     self._save(BEST, 0)  # killed between its LAST and BEST: the weights are still the start's
             # the budgets count training from here: not a fine-tuning run's validation of its start
             self.budget.start()
+            self.session_time = SessionTime()
+            self._session_start_elapsed = self.elapsed + self.progress.elapsed
             self.stop_votes.restart_pace(self.global_step)
             for epoch in range(self.start_epoch, until if already is None else 0):
                 resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done
@@ -1122,6 +1174,7 @@ class Trainer:
             max_steps=step_budget,
             steps_per_epoch=self.length.steps_per_epoch if step_budget else 0,
             latest_val_ppl=next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
+            max_time=self.config.train.max_time,
         )
 
     def _setup_notes(self) -> tuple[str, ...]:
@@ -1261,4 +1314,12 @@ class Trainer:
             stopped_early=stop_reason == "patience",
             stop_reason=stop_reason,
             steps=self.global_step,
+            seconds=None
+            if tokens_per_s is None
+            else SessionSeconds(
+                session=self.budget.elapsed(),
+                training=self.elapsed - self._session_start_elapsed,
+                validating=self.session_time.validating,
+                checkpoints=self.session_time.writing,
+            ),
         )

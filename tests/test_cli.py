@@ -331,7 +331,7 @@ def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -
         assert task.fields["steps"] == ""  # the epoch's steps are done; "step 4/8" would stand still
         reporter.step(StepStatus(2, 1, 8, 17, 90.0))
         assert task.fields["epoch"] == 3
-        assert (task.fields["steps"], task.fields["budget"]) == ("", 90.0)  # no "step 1/8"
+        assert (task.fields["steps"], task.fields["run_end"]) == ("", 90.0)  # no "step 1/8"
         reporter.step(StepStatus(2, 4, 8, 20, 80.0))
         reporter.epoch_end(EpochRecord(2.5, 9.0, 8.5, 0.1, 1_000.0, 4.0, 20, 640))  # a validation inside it
         assert (task.fields["epoch"], task.completed) == (3, 2.5)  # still epoch 3, not "epoch 2/4"
@@ -417,7 +417,7 @@ def test_the_bar_counts_a_validations_tokens_once_it_lasts(workdir: Path):
         def __init__(self) -> None:
             self.calls: list[tuple[int, int]] = []
 
-        def validating(self, done: int, total: int) -> None:
+        def validating(self, done: int, total: int, seconds_left: float | None) -> None:
             self.calls.append((done, total))
 
     seen = Validations()
@@ -432,24 +432,26 @@ def test_the_bar_counts_a_validations_tokens_once_it_lasts(workdir: Path):
     try:
         assert reporter.progress is not None
         (task,) = reporter.progress.tasks
-        reporter.validating(0, 5_000_000)
-        reporter.validating(640, 5_000_000)
+        reporter.validating(0, 5_000_000, None)
+        reporter.validating(640, 5_000_000, 95.0)
         assert task.fields["steps"] == ""  # under a second in: a short validation is not shown
         reporter.validation_shown_after = 0.0
-        reporter.validating(1_280, 5_000_000)
-        assert task.fields["steps"] == "validating 1,280/5,000,000 tokens  "
+        reporter.validating(1_280, 5_000_000, 90.0)
+        assert (task.fields["steps"], task.fields["run_end"]) == ("validating 1,280/5,000,000 tokens  ", 90.0)
     finally:
         reporter.finish()
 
 
-def test_the_bar_shows_one_time_left_to_whichever_ends_the_run_first():
+def test_the_bar_shows_one_time_left_the_trainers_once_it_has_one():
     """A budget and the epochs at the current pace: the bar showed both, "0:17:29 budget left 0:19", on
-    a run a 20-second max_time ended."""
+    a run a 20-second max_time ended; then rich's epoch pace alone, which a minute-long validation held
+    still at "0:03 left" (practitioner trial, 2026-11-28). The trainer's figure counts budgets,
+    validations and checkpoint writes; rich's stands in before the first step."""
     from drnn_cli.render import time_left
 
-    assert time_left(19.0, 1049.0) == "0:19 left"  # max_time ends it
-    assert time_left(3600.0, 75.0) == "1:15 left"  # the last epoch comes first
-    assert time_left(None, 4000.0) == "1:06:40 left"  # no budget: the epochs
+    assert time_left(19.0, 1049.0) == "0:19 left"  # the trainer's: max_time ends it
+    assert time_left(3600.0, 75.0) == "1:00:00 left"  # the trainer's, though the bar's pace says less
+    assert time_left(None, 4000.0) == "1:06:40 left"  # no figure from the trainer yet: rich's
     assert time_left(None, None) == ""  # no pace yet
 
 

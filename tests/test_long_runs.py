@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -1314,3 +1315,153 @@ def test_only_a_resume_takes_the_counts_of_the_vocab_json_it_finds_and_only_for_
         "[" * 100_000,
     ):
         assert written_after(tampered, Vocab(tokens), resumed=True) == json.loads(Vocab(tokens).to_json())
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a session's time goes, and the time left
+
+
+def test_cadence_points_count_the_points_after_a_step_up_to_the_end():
+    from drnn_cli.session_time import cadence_points
+
+    every_5_steps, every_2_epochs = Cadence(5, "steps"), Cadence(2, "epochs")
+    assert cadence_points(every_5_steps, 10, 57, 19.0) == 9  # 15, 20, ..., 55
+    assert cadence_points(every_5_steps, 9, 10, 19.0) == 1  # step 10 itself
+    assert cadence_points(every_5_steps, 57, 57, 19.0) == 0  # nothing after the end
+    assert cadence_points(every_2_epochs, 10, 95, 19.0) == 2  # the ends of epochs 2 and 4 (steps 38, 76)
+    assert cadence_points(every_2_epochs, 38, 95, 19.0) == 1  # epoch 2's end is behind
+    assert cadence_points(Cadence(0, "steps"), 0, 95, 19.0) == 0  # never
+
+
+def _trainer_at_step_10(workdir: Path, *overrides: str) -> Trainer:
+    """TINY (19 steps an epoch, 3 epochs: 57 steps) after 10 steps of this session, validating its first
+    100 predictions every 5 steps: 9 validations on the cadence after step 10 and the final one at step 57,
+    and the final `last` (checkpoint_every is 10 epochs)."""
+    from drnn_cli.data import load_dataset
+
+    overrides = ("train.eval_every=5 steps", "train.eval_tokens=100", *overrides)
+    config = load_config(write_config(workdir), list(overrides))
+    trainer = Trainer(config, load_dataset(config.data), workdir / "run", torch.device("cpu"))
+    trainer.global_step = 10
+    return trainer
+
+
+def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_sessions_paces(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The bar's time left was the step pace, or the wall clock divided by the steps done, and rich's
+    epoch pace: on a 20 MB text it said 0:03 through a validation of 70 s, then 0:09 with a whole
+    validation to come (practitioner trial, 2026-11-28)."""
+    from drnn_cli.session_time import SessionTime, WorkLeft
+
+    trainer = _trainer_at_step_10(workdir)
+    assert trainer._work_left() == WorkLeft(
+        steps=47, validations=10, checkpoint_writes=11, tokens_per_validation=100, tokens_per_step=80
+    )  # writes: the final last, and a best after each validation at most
+    monkeypatch.setattr(trainer.budget, "elapsed", lambda: 20.0)  # 20 s since the first step
+    # 6 s validating 600 tokens (0.01 s a token), 2 s writing 4 checkpoints (0.5 s each):
+    # a step is (20 - 6 - 2) / 10 = 1.2 s
+    trainer.session_time = SessionTime(
+        validating=6.0, validations=2, validated_tokens=600, writing=2.0, writes=4
+    )
+    assert trainer._seconds_left() == pytest.approx(47 * 1.2 + 10 * 100 * 0.01 + 11 * 0.5)  # 71.9
+    # inside a validation, 40 of its 100 tokens done in 2 s: its 60 left at 0.05 s, then the rest
+    began = time.perf_counter() - 2.0
+    assert trainer._seconds_left((40, 100, began)) == pytest.approx(60 * 0.05 + 71.9, rel=1e-3)
+    # before any validation: a token costs a forward pass, a third of a step's 1.2 s / 80 tokens
+    trainer.session_time = SessionTime(writing=2.0, writes=4)
+    assert trainer._seconds_left() == pytest.approx((20 - 2) / 10 * 47 + 10 * 100 * (1.8 / 80 / 3) + 11 * 0.5)
+
+
+def test_max_time_ends_the_time_left_with_the_stops_validation_and_writes(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from drnn_cli.session_time import SessionTime
+
+    trainer = _trainer_at_step_10(workdir, "train.max_time=30s")
+    trainer.budget.started = time.monotonic() - 20.0
+    trainer.session_time = SessionTime(
+        validating=6.0, validations=2, validated_tokens=600, writing=2.0, writes=4
+    )
+    # 10 s to the budget, then one validation of 100 tokens (1 s) and last and best (0.5 s each)
+    assert trainer._seconds_left() == pytest.approx(10.0 + 1.0 + 1.0, abs=0.01)
+
+
+def test_a_session_says_where_its_time_went_checkpoint_writes_and_validations_apart(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """tokens/s and the log's seconds count the steps alone, as d2l's; max_time counts the wall clock.
+    A run that wrote a checkpoint every step reported 18,004 tokens/s and 3.7 s under "stopped by
+    max_time" (8 s), twice its real pace, and nothing said where the rest went (practitioner trial)."""
+    import drnn_cli.train
+
+    writes = []
+    save = drnn_cli.train.save_checkpoint
+
+    def slow_save(*args: object) -> None:
+        time.sleep(0.1)
+        writes.append(True)
+        save(*args)
+
+    monkeypatch.setattr(drnn_cli.train, "save_checkpoint", slow_save)
+    code, out, err = cli(
+        "train", "--config", str(write_config(workdir)), "--set", "train.checkpoint_every=1", "--json"
+    )
+    assert code == 0, err
+    seconds = json.loads(out.strip().splitlines()[-1])["seconds"]
+    assert len(writes) >= 4  # last after each of the 3 epochs, and best after the first validation
+    assert seconds["checkpoints"] >= 0.1 * len(writes) and seconds["validating"] > 0
+    assert seconds["training"] == metrics(workdir / "runs" / "tiny")[-1]["elapsed"]  # the log's seconds
+    assert seconds["session"] >= seconds["training"] + seconds["validating"] + seconds["checkpoints"]
+    # the summary table (on stderr under --json)
+    assert re.search(r"│ time \(this session\) +│ \d+\.\d s +│", err), err
+    assert re.search(
+        r"│ of it: steps / validating / checkpoints +│ \d+\.\d s / \d+\.\d s / \d+\.\d s +│", err
+    ), err
+
+
+def test_a_max_time_runs_first_line_names_its_time_budget():
+    start = RunStart(80, 0, 1_000, "cpu", "from scratch", 0, max_time=600.0)
+    assert start.span() == "80 epochs or 10:00 of wall clock (train.max_time), whichever comes first"
+    assert RunStart(80, 0, 1_000, "cpu", "from scratch", 0).span() == "80 epochs"
+
+
+def test_a_resumed_budget_stops_validation_is_the_old_sessions_and_the_new_budget_starts_after_it(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A max_time run whose final validation a SIGINT cut short: resumed, that validation (56 s on a 2 M
+    token split) spent the new 8 s budget alone, and the session trained one step and validated again
+    (practitioner trial, 2026-11-28). The new budget now starts after the old session's validation."""
+    config = write_config(workdir)
+    reached = Budget.reached
+    monkeypatch.setattr(
+        Budget, "reached", lambda self, step: "max_time" if step == 5 else reached(self, step)
+    )
+    abandoned, undo_signal = signal_while_validating(monkeypatch, 5)
+    with pytest.raises(TrainingInterrupted):
+        train(config, "train.max_time=1h")
+    assert abandoned == [5]
+    undo_signal()
+    monkeypatch.setattr(Budget, "reached", reached)
+    validate = Trainer._validate
+
+    def slow_validation(self: Trainer, abandonable: bool = False) -> float | None:
+        if self.global_step == 5:  # the validation the stop cut short, run again first
+            time.sleep(1.0)
+        return validate(self, abandonable)
+
+    monkeypatch.setattr(Trainer, "_validate", slow_validation)
+    resumed = train(config, "train.max_time=0.5s", resume=True)
+    assert resumed.start_step == 5
+    assert resumed.steps - resumed.start_step > 1  # one step: the validation had spent the budget
+
+
+def test_log_lines_count_a_sliver_of_an_epoch_in_two_significant_digits():
+    """60 steps of a 17,616-step epoch logged `epoch 0.00/0.00` on every line (practitioner trial)."""
+    from drnn_cli.budget import epoch_count
+
+    assert [epoch_count(value) for value in (3, 2.14, 0.42, 0.000568, 0.0034, 1206.5)] == [
+        "3", "2.14", "0.42", "0.00057", "0.0034", "1,206.50"
+    ]  # fmt: skip
+    start = RunStart(1, 0, 1_000, "cpu", "from scratch", "10 steps", max_steps=60, steps_per_epoch=17_616)
+    assert start.epochs_of() == "0.0034"

@@ -1,0 +1,118 @@
+"""Where a training session's wall-clock time goes, and the time left that follows from it.
+
+A session's time is its training steps, its validations and its checkpoint writes (and a little else:
+samples, the plot). Tokens/s and a log line's seconds count the steps alone, as d2l's figures do;
+``train.max_time`` counts all of it. On a large text a validation is minutes and a checkpoint write
+seconds, so a time left read from the step pace alone, or from the wall clock divided by the steps done,
+is wrong by most of the remaining time: the estimate here adds the steps left at the step pace, the
+validations left at the measured validation pace, and the checkpoint writes left at theirs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from drnn_cli.budget import Cadence
+
+# Before a session has validated: a validation predicts each token with a forward pass alone, which
+# costs about a third of a training step's forward, backward and update per token.
+FORWARD_SHARE = 1 / 3
+
+
+def cadence_points(cadence: Cadence, after_step: int, to_step: int, steps_per_epoch: float) -> int:
+    """How many points of ``cadence`` fall after optimizer step ``after_step``, up to ``to_step``
+    included: a step cadence's multiples, or the epoch ends (at multiples of ``steps_per_epoch``)
+    whose epoch count is a multiple of an epoch cadence's."""
+    if cadence.every == 0 or to_step <= after_step:
+        return 0
+    if cadence.unit == "steps":
+        return to_step // cadence.every - after_step // cadence.every
+    epochs_after, epochs_to = int(after_step / steps_per_epoch), int(to_step / steps_per_epoch)
+    return epochs_to // cadence.every - epochs_after // cadence.every
+
+
+@dataclass(frozen=True)
+class SessionSeconds:
+    """Where a session's wall clock went (``drnn train --json``'s ``"seconds"``): ``session`` from its
+    first step to its end, what ``train.max_time`` counts; ``training`` its steps alone, what tokens/s
+    and the log lines' seconds count; the rest (samples, the plot) is the difference."""
+
+    session: float
+    training: float
+    validating: float
+    checkpoints: float
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "session": self.session,
+            "training": self.training,
+            "validating": self.validating,
+            "checkpoints": self.checkpoints,
+        }
+
+
+@dataclass(frozen=True)
+class WorkLeft:
+    """What a session still has to do, counted from its cadences and its end."""
+
+    steps: int
+    validations: int  # the final one included
+    checkpoint_writes: int  # ``last`` by its cadence and at the end, and ``best`` after validations
+    tokens_per_validation: int
+    tokens_per_step: int  # every rank's
+
+
+@dataclass
+class SessionTime:
+    """The seconds a session spent validating and writing checkpoints, and how many of each."""
+
+    validating: float = 0.0
+    validations: int = 0
+    validated_tokens: int = 0
+    writing: float = 0.0
+    writes: int = 0
+
+    @contextmanager
+    def validation(self, tokens: int) -> Iterator[None]:
+        """Time a validation of ``tokens`` predictions (every rank's)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.validating += time.perf_counter() - began
+            self.validations += 1
+            self.validated_tokens += tokens
+
+    @contextmanager
+    def checkpoint_write(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.writing += time.perf_counter() - began
+            self.writes += 1
+
+    def step_seconds(self, session_seconds: float, steps: int) -> float | None:
+        """A training step's seconds: the session's wall clock, less its validations and writes, a step."""
+        if steps <= 0:
+            return None
+        return max(0.0, session_seconds - self.validating - self.writing) / steps
+
+    def validation_seconds_per_token(self, step_seconds: float, tokens_per_step: int) -> float:
+        """Measured where the session has validated; else a forward pass's share of a step's seconds."""
+        if self.validated_tokens:
+            return self.validating / self.validated_tokens
+        return step_seconds / max(1, tokens_per_step) * FORWARD_SHARE
+
+    def seconds_to_end(self, work: WorkLeft, step_seconds: float) -> float:
+        """The time ``work`` takes at this session's paces (a write before any is measured: free)."""
+        per_token = self.validation_seconds_per_token(step_seconds, work.tokens_per_step)
+        per_write = self.writing / self.writes if self.writes else 0.0
+        return (
+            work.steps * step_seconds
+            + work.validations * work.tokens_per_validation * per_token
+            + work.checkpoint_writes * per_write
+        )

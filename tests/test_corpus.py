@@ -398,6 +398,48 @@ def test_a_utf8_text_with_a_stray_byte_is_said_to_be_utf8(tmp_path: Path):
     )
 
 
+# Source code whose few non-ASCII lines are at its start, then 189 KB of ASCII: more than the 64 KiB
+# either side of a bad byte that not_utf8 decodes to tell UTF-8 from Latin-1. The head is 53 bytes: 2
+# a Greek or Cyrillic letter, 3 a CJK one, 4 the emoji.
+UTF8_HEAD = "# Ελληνικά, кириллица, 中文, 🙂\n".encode()
+ASCII_BODY = b"def f(x):\n    return x + 1\n" * 7_000  # 27 bytes a time: 189,000 bytes
+
+
+@pytest.mark.parametrize("stray", [b"\xff", b"\x80", b"\xe2\x82"], ids=["0xff", "0x80", "cut-e2-82"])
+def test_a_stray_byte_far_past_a_utf8_texts_non_ascii_lines_is_said_to_be_utf8(tmp_path: Path, stray: bytes):
+    """Only ASCII within 64 KiB of the byte, it was sent to iconv -f latin1 (or cp1252 for 0x80), which
+    turns every Greek, Cyrillic or CJK character of the first lines into two to four wrong ones: those
+    lines decoded, so the file is UTF-8."""
+    path = tmp_path / "sources.py"
+    path.write_bytes(UTF8_HEAD + ASCII_BODY + stray + ASCII_BODY)
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is UTF-8 but for an undecodable byte at offset 189053 (a stray "
+        f"byte, or a text in another encoding pasted in); drop them, e.g. iconv -c -f utf-8 -t utf-8 {path} > "
+        "fixed.txt"
+    )
+
+
+def test_a_utf8_text_cut_after_a_lead_byte_far_past_its_non_ascii_lines_is_said_to_be_cut(tmp_path: Path):
+    """One lone lead byte at the end is as likely Latin-1's last "é", but not after UTF-8 "中文"."""
+    path = tmp_path / "sources.py"
+    path.write_bytes(UTF8_HEAD + ASCII_BODY + b"\xe2")
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is UTF-8 cut short: it ends inside a character (bytes from offset "
+        f"189053), as a copy or head -c that stopped mid-character leaves it; drop them, "
+        f"e.g. iconv -c -f utf-8 -t utf-8 {path} > fixed.txt"
+    )
+
+
+def test_a_latin1_text_whose_first_accent_is_far_in_is_still_sent_to_latin1(tmp_path: Path):
+    """Its ASCII start decodes as UTF-8 too, but holds no non-ASCII character: no evidence either way."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(ASCII_BODY + "café crème, señor, naïve; ".encode("latin-1") * 10)
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is not UTF-8 (undecodable byte at offset 189003); convert it, e.g. iconv -f "
+        "latin1 -t utf-8"
+    )
+
+
 @pytest.mark.parametrize(
     ("payload", "advice"),
     [

@@ -224,7 +224,8 @@ def read_utf8_text(path: Path, what: str, max_bytes: int | None = None) -> str:
     if max_bytes is not None and len(raw) > max_bytes:
         raise DrnnError(
             f"{what} {path} holds more than {max_bytes:,} bytes, the most this command reads; give it an "
-            "excerpt, e.g. head -n 200 FILE > excerpt.txt"
+            f"excerpt, e.g. head -c {max_bytes} {shlex.quote(str(path))} | iconv -c -f utf-8 -t utf-8 > "
+            "excerpt.txt (iconv drops a character head cut in half)"
         )
     try:
         text = raw.decode("utf-8")

@@ -305,8 +305,10 @@ def _append_letters(
     ``out[written:]``; returns the new length and whether the chunk ends in a line that has words so
     far (``open_line``, passed back in with the next chunk).
 
-    ``d2l`` glues lines, but a line cut between two chunks keeps one space between its words on
-    either side; ``letters`` reads the whole text as one line. The output is never longer than the
+    After the translation a line is letters and spaces, so ``b" ".join(line.split())`` is
+    ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()``, with C-level bytes methods only. ``d2l``
+    glues lines, but a line cut between two chunks keeps one space between its words on either side;
+    ``letters`` reads the whole text as one line. The output is never longer than the
     bytes it came from and starts no later, so ``out`` may be the buffer ``chunk`` was read from.
     """
     mapped = chunk.translate(_letters_table(line_breaks))

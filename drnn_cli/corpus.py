@@ -198,29 +198,44 @@ def preprocess(text: str, mode: str) -> list[str]:
     raise DrnnError(f"unknown preprocessing {mode!r}; data.preprocess allows d2l, letters, lower, none")
 
 
-_CHUNK_CHARS = 1 << 21  # 2 Mi characters per step of preprocess_chars
+_CHUNK_CHARS = 1 << 21  # 2 Mi characters per step of preprocess_chars and char_stream_bytes
+_NON_LETTER = re.compile("[^A-Za-z]")
+_NON_LETTER_BYTE = re.compile(b"[^A-Za-z]")
 
 
 def preprocess_chars(text: str, mode: str) -> str:
     """``"".join(preprocess(text, mode))`` for character tokens, without a Python object per line.
 
-    ``d2l`` and ``letters`` go a few MiB at a time, each piece ending at a line break, through
-    ``_letters_bytes`` as UTF-8 bytes (every byte of a non-ASCII character is ≥ 0x80: a non-letter,
-    like the character itself). The output is ASCII and never longer than the text, so it is written
-    into one buffer of ``len(text)`` bytes.
+    ``d2l`` and ``letters`` go a few MiB at a time, each piece ending at a non-letter (a line break,
+    or within a long line a space or punctuation: no word is cut), through ``_append_letters`` as UTF-8
+    bytes (every byte of a non-ASCII character is ≥ 0x80: a non-letter, like the character itself).
+    The output is ASCII and never longer than the text, so it is written into one buffer of
+    ``len(text)`` bytes.
     """
     if mode not in LETTERS_ONLY:
         return "".join(preprocess(text, mode))
     out = bytearray(len(text))
-    written = 0
-    start = 0
+    written, open_line, start = 0, False, 0
     while start < len(text):
-        end = text.find("\n", min(start + _CHUNK_CHARS, len(text)) - 1)
-        end = len(text) if end < 0 else end + 1
-        piece = _letters_bytes(text[start:end].encode("utf-8"), mode, line_breaks=b"\n")
-        written = _append_piece(out, written, piece, mode)
+        end = _after_non_letter(_NON_LETTER, text, start + _CHUNK_CHARS)
+        written, open_line = _append_letters(
+            out, written, text[start:end].encode("utf-8"), mode, b"\n", open_line
+        )
         start = end
     return str(memoryview(out)[:written], "ascii")
+
+
+def _after_non_letter(
+    pattern: re.Pattern[str] | re.Pattern[bytes], text: str | bytearray, position: int
+) -> int:
+    """The index just past the first character (``pattern``: one that is not an ASCII letter) at or
+    after ``position``; else the end. A chunk ending there ends between two words: a text of one long
+    line (no line break to end a chunk at) was one chunk, whose words ``bytes.split`` made an object
+    each, 18 bytes of memory a byte of text (2 GB for 100 MB)."""
+    if position >= len(text):
+        return len(text)
+    found = pattern.search(text, position)  # type: ignore[arg-type]  # str with str, bytes with bytes
+    return len(text) if found is None else found.end()
 
 
 def read_token_stream(
@@ -251,14 +266,16 @@ def char_stream_bytes(path: Path, mode: str, what: str = "corpus file") -> bytea
         return None
     if mode == "none" and b"\r" not in data:
         return data
-    written = 0
-    start = 0
+    written, open_line, start = 0, False, 0
     while start < len(data):
-        end = _after_line_break(data, start + _CHUNK_CHARS)
+        if mode in LETTERS_ONLY:  # a CR LF cut in two reads as a line break and an empty line: the same
+            end = _after_non_letter(_NON_LETTER_BYTE, data, start + _CHUNK_CHARS)
+        else:
+            end = _after_line_break(data, start + _CHUNK_CHARS)
         with memoryview(data) as view:  # released at once: ``data`` is resized at the end
             chunk = bytes(view[start:end])
         if mode in LETTERS_ONLY:
-            written = _append_piece(data, written, _letters_bytes(chunk, mode, line_breaks=b"\n\r"), mode)
+            written, open_line = _append_letters(data, written, chunk, mode, b"\n\r", open_line)
         else:
             chunk = normalize_line_break_bytes(chunk)
             if mode == "lower":
@@ -281,16 +298,28 @@ def _after_line_break(data: bytearray, position: int) -> int:
     return lf + 1 if lf >= 0 else len(data)
 
 
-def _append_piece(out: bytearray, written: int, piece: bytes, mode: str) -> int:
-    """Write ``piece`` at ``out[written:]``; returns the new length. Pieces end at line breaks, so
-    ``letters`` puts a space between two non-empty ones and ``d2l`` glues them."""
-    if not piece:
-        return written
-    if written and mode == "letters":
+def _append_letters(
+    out: bytearray, written: int, chunk: bytes, mode: str, line_breaks: bytes, open_line: bool
+) -> tuple[int, bool]:
+    """Write d2l's or letters' reading of ``chunk`` (UTF-8 bytes ending at a non-letter) at
+    ``out[written:]``; returns the new length and whether the chunk ends in a line that has words so
+    far (``open_line``, passed back in with the next chunk).
+
+    After the translation a line is letters and spaces, so ``b" ".join(line.split())`` is
+    ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()``, with C-level bytes methods only. ``d2l``
+    glues lines, but a line cut between two chunks keeps one space between its words on either side;
+    ``letters`` reads the whole text as one line. The output is never longer than the
+    bytes it came from and starts no later, so ``out`` may be the buffer ``chunk`` was read from.
+    """
+    mapped = chunk.translate(_letters_table(line_breaks))
+    lines = [mapped] if mode == "letters" else mapped.split(b"\n")  # letters: a line break is a space
+    pieces = [b" ".join(line.split()) for line in lines]
+    piece = b"".join(pieces)
+    if open_line and pieces[0]:  # the words before and after the cut are on one line
         out[written] = 32
         written += 1
-    out[written : written + len(piece)] = piece  # same length: no resize
-    return written + len(piece)
+    out[written : written + len(piece)] = piece  # never past the bytes read: no resize
+    return written + len(piece), bool(pieces[-1]) or (open_line and len(pieces) == 1)
 
 
 @functools.cache
@@ -302,19 +331,6 @@ def _letters_table(line_breaks: bytes) -> bytes:
     for code in line_breaks:
         table[code] = 10
     return bytes(table)
-
-
-def _letters_bytes(chunk: bytes, mode: str, line_breaks: bytes) -> bytes:
-    """d2l's per-line rule on whole lines of UTF-8 bytes, with C-level bytes methods only.
-
-    After the translation a line is letters and spaces, so ``b" ".join(line.split())`` is
-    ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()``; ``d2l`` glues the lines, ``letters`` treats
-    the chunk as one line.
-    """
-    mapped = chunk.translate(_letters_table(line_breaks))
-    if mode == "letters":
-        return b" ".join(mapped.split())
-    return b"".join(map(b" ".join, map(bytes.split, mapped.split(b"\n"))))
 
 
 def prefix_pieces(prefix: str, mode: str) -> list[str]:

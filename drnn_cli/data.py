@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -235,17 +236,20 @@ def _encode(path: Path, config: DataConfig, vocab: Vocab | None) -> EncodedCorpu
     return EncodedCorpus(vocab, encode_tokens(stream, vocab), unknown)
 
 
-_WORD_CHUNK_CHARS = 1 << 21  # 2 Mi characters of whole lines per step of the word path
+_WORD_CHUNK_CHARS = 1 << 21  # 2 Mi characters per step of the word path
+_WORD_BREAK = re.compile("[ \n]")
 
 
 def _word_chunks(text: str, mode: str) -> Iterator[list[str]]:
-    """The words of ``text``, preprocessed, a few MiB of whole lines at a time. No preprocessing lets a
-    word span a line break, so each chunk splits as the whole text would; a list of every word of the
-    text at once held a str object per word, about 18 bytes of memory a byte of text."""
+    """The words of ``text``, preprocessed, a few MiB at a time, each chunk ending at a space or a line
+    break. No preprocessing lets a word span one (d2l's strips a line's ends, which a word split drops
+    anyway), so each chunk splits as the whole text would; a list of every word of the text at once
+    held a str object per word, about 18 bytes of memory a byte of text, as did one long line when
+    chunks ended at line breaks only."""
     start = 0
     while start < len(text):
-        end = text.find("\n", start + _WORD_CHUNK_CHARS)
-        end = len(text) if end < 0 else end + 1
+        found = _WORD_BREAK.search(text, start + _WORD_CHUNK_CHARS)
+        end = len(text) if found is None else found.end()
         yield split_words(preprocess(text[start:end], mode))
         start = end
 

@@ -64,6 +64,18 @@ _UNICODE_BYTE_ORDER_MARKS = (  # UTF-32's marks first: UTF-32LE's starts with UT
 NOT_UTF8_HEAD = 8192  # bytes of a file's start that :func:`not_utf8` looks at for a mark or a NUL
 _SNIFF_BYTES = 1 << 16  # bytes either side of an undecodable one that tell which encoding it is
 CJK_HIGH_SHARE = 0.3  # bytes ≥ 0x80 among a text's: more, and it reads as Shift_JIS, GBK, Big5 or EUC-KR
+_ASCII_BLOCK = (
+    1 << 20
+)  # bytes copied at a time to look for non-ASCII ones (bytes.isascii is C-fast; re is 50x slower)
+
+
+def _non_ascii_before(data: bytes | bytearray, end: int) -> bool:
+    """Whether ``data[:end]`` holds a byte ≥ 0x80, read a MiB at a time: a 100 MB file is never copied whole."""
+    with memoryview(data) as view:
+        return any(
+            not bytes(view[start : min(start + _ASCII_BLOCK, end)]).isascii()
+            for start in range(0, end, _ASCII_BLOCK)
+        )
 
 
 def not_utf8(
@@ -75,7 +87,9 @@ def not_utf8(
     A UTF-16 or UTF-32 file announces itself with a byte order mark (Windows PowerShell's ``>``
     writes UTF-16): its encoding is named, as Latin-1 would turn it into a text of NULs and mojibake.
     A UTF-8 text cut inside a character (``head -c``), or with a stray byte in it, is said to be one:
-    re-encoded from Latin-1 its every non-ASCII character becomes two or three wrong ones. Bytes
+    re-encoded from Latin-1 its every non-ASCII character becomes two or three wrong ones. It is one
+    where the bytes before ``offset``, which decoded, hold a non-ASCII character (a Latin-1 or CJK text
+    fails at its first), or where most of what surrounds the byte is valid multi-byte UTF-8. Bytes
     0x80-0x9F are Windows-1252's quotes and dashes, which Latin-1 makes invisible control characters.
     """
     head = bytes(data[:NOT_UTF8_HEAD])
@@ -98,8 +112,12 @@ def not_utf8(
     # A character cut short at the end: its lead byte and continuation bytes (one lone lead byte is as
     # likely a Latin-1 text's last "é").
     cut = error.reason == "unexpected end of data" and len(data) - offset > 1
-    # Mostly valid multi-byte characters around the bad bytes: UTF-8.
-    if cut or sum(not character.isascii() for character in around) - undecodable > undecodable:
+    # Valid multi-byte characters before the bad byte (however far: a stray byte 15 MB into a file whose
+    # Greek lines are all in its first MB), or mostly such characters around it: UTF-8.
+    utf8 = _non_ascii_before(data, offset) or (
+        sum(not character.isascii() for character in around) - undecodable > undecodable
+    )
+    if cut or utf8:
         if error.reason == "unexpected end of data":
             return DrnnError(
                 f"{what} {path} is UTF-8 cut short: it ends inside a character (bytes from offset {offset}), "
@@ -206,7 +224,8 @@ def read_utf8_text(path: Path, what: str, max_bytes: int | None = None) -> str:
     if max_bytes is not None and len(raw) > max_bytes:
         raise DrnnError(
             f"{what} {path} holds more than {max_bytes:,} bytes, the most this command reads; give it an "
-            "excerpt, e.g. head -n 200 FILE > excerpt.txt"
+            f"excerpt, e.g. head -c {max_bytes} {shlex.quote(str(path))} | iconv -c -f utf-8 -t utf-8 > "
+            "excerpt.txt (iconv drops a character head cut in half)"
         )
     try:
         text = raw.decode("utf-8")

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import (
+    char_stream_bytes,
     hash_corpus,
     preprocess,
     preprocess_chars,
@@ -315,8 +316,6 @@ def test_read_text_normalises_crlf(tmp_path: Path) -> None:
 def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path: Path, mode: str) -> None:
     """Notepad's UTF-8 files start with EF BB BF: both readers (in memory and byte-level) drop it,
     so it is no token of the vocabulary (and d2l's text does not start with a space)."""
-    from drnn_cli.corpus import char_stream_bytes
-
     path = tmp_path / "bom.txt"
     path.write_bytes(b"\xef\xbb\xbfThe Time\r\nMachine \xef\xbb\xbf\n")  # a later U+FEFF is text
     assert read_text(path) == "The Time\nMachine \ufeff\n"
@@ -395,6 +394,48 @@ def test_a_utf8_text_with_a_stray_byte_is_said_to_be_utf8(tmp_path: Path):
     assert refusal_of_both_readers(path) == (
         f"corpus file {path} is UTF-8 but for an undecodable byte at offset {len(start)} (a stray byte, or "
         f"a text in another encoding pasted in); drop them, e.g. iconv -c -f utf-8 -t utf-8 {path} > fixed.txt"
+    )
+
+
+# Source code whose few non-ASCII lines are at its start, then 189 KB of ASCII: more than the 64 KiB
+# either side of a bad byte that not_utf8 decodes to tell UTF-8 from Latin-1. The head is 53 bytes: 2
+# a Greek or Cyrillic letter, 3 a CJK one, 4 the emoji.
+UTF8_HEAD = "# Ελληνικά, кириллица, 中文, 🙂\n".encode()
+ASCII_BODY = b"def f(x):\n    return x + 1\n" * 7_000  # 27 bytes a time: 189,000 bytes
+
+
+@pytest.mark.parametrize("stray", [b"\xff", b"\x80", b"\xe2\x82"], ids=["0xff", "0x80", "cut-e2-82"])
+def test_a_stray_byte_far_past_a_utf8_texts_non_ascii_lines_is_said_to_be_utf8(tmp_path: Path, stray: bytes):
+    """Only ASCII within 64 KiB of the byte, it was sent to iconv -f latin1 (or cp1252 for 0x80), which
+    turns every Greek, Cyrillic or CJK character of the first lines into two to four wrong ones: those
+    lines decoded, so the file is UTF-8."""
+    path = tmp_path / "sources.py"
+    path.write_bytes(UTF8_HEAD + ASCII_BODY + stray + ASCII_BODY)
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is UTF-8 but for an undecodable byte at offset 189053 (a stray "
+        f"byte, or a text in another encoding pasted in); drop them, e.g. iconv -c -f utf-8 -t utf-8 {path} > "
+        "fixed.txt"
+    )
+
+
+def test_a_utf8_text_cut_after_a_lead_byte_far_past_its_non_ascii_lines_is_said_to_be_cut(tmp_path: Path):
+    """One lone lead byte at the end is as likely Latin-1's last "é", but not after UTF-8 "中文"."""
+    path = tmp_path / "sources.py"
+    path.write_bytes(UTF8_HEAD + ASCII_BODY + b"\xe2")
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is UTF-8 cut short: it ends inside a character (bytes from offset "
+        f"189053), as a copy or head -c that stopped mid-character leaves it; drop them, "
+        f"e.g. iconv -c -f utf-8 -t utf-8 {path} > fixed.txt"
+    )
+
+
+def test_a_latin1_text_whose_first_accent_is_far_in_is_still_sent_to_latin1(tmp_path: Path):
+    """Its ASCII start decodes as UTF-8 too, but holds no non-ASCII character: no evidence either way."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(ASCII_BODY + "café crème, señor, naïve; ".encode("latin-1") * 10)
+    assert refusal_of_both_readers(path) == (
+        f"corpus file {path} is not UTF-8 (undecodable byte at offset 189003); convert it, e.g. iconv -f "
+        "latin1 -t utf-8"
     )
 
 
@@ -809,6 +850,92 @@ def test_fast_character_preprocessing_across_chunk_boundaries(
     monkeypatch.setattr(corpus, "_CHUNK_CHARS", 7)
     for mode in ("d2l", "letters"):
         assert corpus.preprocess_chars(text, mode) == "".join(preprocess(text, mode))
+
+
+# Texts whose chunks, at 1 to 8 characters, end everywhere: inside a word, in a run of spaces or
+# punctuation, at a line's leading or trailing spaces, on either side of a line break. d2l strips each
+# line and glues the lines; letters reads the whole text as one line.
+ONE_LINE_CASES = [
+    ("  ab,cd  ef. ", "ab cd ef", "ab cd ef"),
+    ("abcdefghij klm", "abcdefghij klm", "abcdefghij klm"),  # a word longer than a chunk
+    ("Café—crème brûlée!", "caf cr me br l e", "caf cr me br l e"),  # each non-ASCII letter a non-letter
+    ("ab, \n, cd", "abcd", "ab cd"),
+    ("ab  cd \n  ef gh  \n\n ij", "ab cdef ghij", "ab cd ef gh ij"),
+    ("ab\n!!!\ncd", "abcd", "ab cd"),
+    (" x y z ", "x y z", "x y z"),
+]
+
+
+@pytest.mark.parametrize("chunk", range(1, 9))
+@pytest.mark.parametrize(("text", "d2l", "letters"), ONE_LINE_CASES)
+def test_a_long_line_preprocessed_in_chunks_reads_as_it_does_line_by_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, chunk: int, text: str, d2l: str, letters: str
+):
+    """A text of one long line was one chunk (chunks ended at line breaks only), whose words were a
+    bytes object each: 18 bytes of memory a byte of text, 2 GB for 100 MB. Cut within lines, between
+    words, the characters are d2l's line-by-line rule's, from the str path and from the byte path
+    (which also reads a CR LF, here cut in two at some chunk sizes, as one line break)."""
+    import drnn_cli.corpus as corpus
+
+    monkeypatch.setattr(corpus, "_CHUNK_CHARS", chunk)
+    for mode, expected in (("d2l", d2l), ("letters", letters)):
+        assert "".join(preprocess(text, mode)) == expected  # the reference rule, by hand
+        assert corpus.preprocess_chars(text, mode) == expected
+        path = tmp_path / "one line.txt"
+        path.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+        assert char_stream_bytes(path, mode) == expected.encode("ascii")
+
+
+def test_a_text_of_one_line_takes_the_memory_of_the_same_text_in_lines(tmp_path: Path, monkeypatch):
+    """Chunks ended at line breaks only: a 100 MB text of one line peaked at 2.0 GB (361 MB with line
+    breaks). 1 MB of it, 16 KiB a chunk, peaked at 20.9 MB on both character paths and 9.8 MB on
+    the word path, ten to thirty times the 2-3 MB and 0.3 MB the same text in lines of 80 took."""
+    import random
+    import tracemalloc
+
+    import drnn_cli.corpus as corpus
+    import drnn_cli.data as data_module
+
+    monkeypatch.setattr(corpus, "_CHUNK_CHARS", 1 << 14)
+    monkeypatch.setattr(data_module, "_WORD_CHUNK_CHARS", 1 << 14)
+    one_line = "".join(random.Random(1).choices("abcdefghij, ", k=1_000_000))
+    in_lines = "".join(c if i % 80 else "\n" for i, c in enumerate(one_line, 1))
+    readers = {
+        "str": lambda text, path: corpus.preprocess_chars(text, "d2l"),
+        "bytes": lambda text, path: char_stream_bytes(path, "d2l"),
+        "words": lambda text, path: sum(len(words) for words in data_module._word_chunks(text, "d2l")),
+    }
+    for name, read in readers.items():
+        peaks = []
+        for text in (one_line, in_lines):
+            path = tmp_path / "text.txt"
+            path.write_text(text)
+            tracemalloc.start()
+            try:
+                read(text, path)
+                peaks.append(tracemalloc.get_traced_memory()[1])
+            finally:
+                tracemalloc.stop()
+        assert peaks[0] < 1.25 * peaks[1], (name, peaks)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8])
+def test_the_words_of_a_long_line_are_split_in_chunks_as_they_are_whole(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+):
+    """Word chunks ended at line breaks only, so a text of one line was one list of all its words; cut
+    after a space too, no word is split (lower-casing a final sigma included: ΣΟΦΟΣ ends in ς)."""
+    import drnn_cli.data as data_module
+
+    text = "The Time-Machine,  by H. G. Wells;\n  ΣΟΦΟΣ σοφός  "
+    monkeypatch.setattr(data_module, "_WORD_CHUNK_CHARS", chunk)
+    for mode, expected in [
+        ("d2l", ["the", "time", "machine", "by", "h", "g", "wells"]),  # Greek letters are not a-z
+        ("letters", ["the", "time", "machine", "by", "h", "g", "wells"]),
+        ("lower", ["the", "time-machine,", "by", "h.", "g.", "wells;", "σοφο\u03c2", "σοφός"]),
+        ("none", ["The", "Time-Machine,", "by", "H.", "G.", "Wells;", "ΣΟΦΟΣ", "σοφός"]),
+    ]:
+        assert [word for words in data_module._word_chunks(text, mode) for word in words] == expected
 
 
 @pytest.mark.parametrize("mode", ["d2l", "letters", "lower", "none"])

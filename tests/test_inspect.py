@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -623,7 +624,8 @@ def test_a_huge_file_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path)
     code, _, err = cli("inspect", "--file", str(huge), "--run", str(tiny_run))
     assert err == (
         f"drnn: error: --file {huge} holds more than 16,777,216 bytes, the most this command reads; give it "
-        "an excerpt, e.g. head -n 200 FILE > excerpt.txt\n"
+        f"an excerpt, e.g. head -c 16777216 {huge} | iconv -c -f utf-8 -t utf-8 > excerpt.txt (iconv drops a "
+        "character head cut in half)\n"
     )  # refused for its size before its NUL bytes are looked at
     assert code == 1
 
@@ -642,8 +644,28 @@ def test_a_file_is_read_up_to_the_limit_and_refused_a_byte_past_it(
     else:
         assert code == 1 and err == (
             f"drnn: error: --file {text} holds more than 1,000 bytes, the most this command reads; give it "
-            "an excerpt, e.g. head -n 200 FILE > excerpt.txt\n"
+            f"an excerpt, e.g. head -c 1000 {text} | iconv -c -f utf-8 -t utf-8 > excerpt.txt (iconv drops a "
+            "character head cut in half)\n"
         )
+
+
+def test_the_excerpt_a_refusal_suggests_is_read_even_from_one_long_line_cut_mid_character(
+    cli, tiny_run: Path, tmp_path: Path, monkeypatch
+):
+    """``head -n 200`` kept a file of one line whole, over the limit again; ``head -c`` alone cut "é" in
+    half at byte 1,000, which drnn refuses as UTF-8 cut short: the suggested command gives a file
+    inspect reads. "café " is 6 bytes: 166 of them are 996, then "caf" and the first byte of "é"."""
+    monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    text = tmp_path / "one line.txt"
+    text.write_text("café " * 400, encoding="utf-8")
+    code, _, err = cli("inspect", "--file", str(text), "--run", str(tiny_run))
+    assert code == 1
+    command = err.split("e.g. ", 1)[1].split(" (iconv drops", 1)[0]
+    subprocess.run(command, shell=True, cwd=tmp_path, check=False, stderr=subprocess.DEVNULL)  # iconv: rc 1
+    assert (tmp_path / "excerpt.txt").read_bytes() == "café ".encode() * 166 + b"caf"
+    code, out, err = cli("inspect", "--file", str(tmp_path / "excerpt.txt"), "--run", str(tiny_run), "--json")
+    assert code == 0, err
+    assert json.loads(out)["text"] == "caf " * 166 + "caf"  # d2l's preprocessing: "é" is not a letter
 
 
 def test_a_file_that_grew_after_its_size_was_taken_is_refused_by_what_is_read(
@@ -664,7 +686,8 @@ def test_a_file_that_grew_after_its_size_was_taken_is_refused_by_what_is_read(
     code, _, err = cli("inspect", "--file", str(growing), "--run", str(tiny_run))
     assert code == 1 and err == (
         f"drnn: error: --file {growing} holds more than 1,000 bytes, the most this command reads; give it "
-        "an excerpt, e.g. head -n 200 FILE > excerpt.txt\n"
+        f"an excerpt, e.g. head -c 1000 {growing} | iconv -c -f utf-8 -t utf-8 > excerpt.txt (iconv drops a "
+        "character head cut in half)\n"
     )
 
 

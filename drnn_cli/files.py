@@ -64,9 +64,8 @@ _UNICODE_BYTE_ORDER_MARKS = (  # UTF-32's marks first: UTF-32LE's starts with UT
 NOT_UTF8_HEAD = 8192  # bytes of a file's start that :func:`not_utf8` looks at for a mark or a NUL
 _SNIFF_BYTES = 1 << 16  # bytes either side of an undecodable one that tell which encoding it is
 CJK_HIGH_SHARE = 0.3  # bytes ≥ 0x80 among a text's: more, and it reads as Shift_JIS, GBK, Big5 or EUC-KR
-_ASCII_BLOCK = (
-    1 << 20
-)  # bytes copied at a time to look for non-ASCII ones (bytes.isascii is C-fast; re is 50x slower)
+# bytes copied at a time to look for non-ASCII ones (bytes.isascii is C-fast; re is 50x slower)
+_ASCII_BLOCK = 1 << 20
 
 
 def _non_ascii_before(data: bytes | bytearray, end: int) -> bool:

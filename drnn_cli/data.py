@@ -13,7 +13,6 @@ import torch
 from drnn_cli.batches import Splits, split_tokens
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import (
-    CorpusSha1s,
     char_stream_bytes,
     preprocess,
     read_text,
@@ -100,18 +99,16 @@ class Dataset:
 
 def resolve_corpus_file(
     config: DataConfig, progress: ProgressHook | None = None
-) -> tuple[CorpusFile, CorpusSha1s, FileIdentity]:
-    """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed), its
-    SHA-1s, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
+) -> tuple[CorpusFile, FileIdentity]:
+    """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed) with
+    its SHA-1s, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
     if config.file is not None:
         path = config.file
         require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
         identity = file_identity(path)  # before hashing: a change during the hash changes it
-        sha1s = corpus_sha1s(path)
-        return CorpusFile(path, sha1s.file), sha1s, identity
-    corpus = fetch_corpus(config.corpus, progress=progress)
-    identity = file_identity(corpus.path)
-    return corpus, corpus_sha1s(corpus.path), identity
+        return CorpusFile(path, corpus_sha1s(path)), identity
+    corpus = fetch_corpus(config.corpus, progress=progress)  # hashed as it was checked
+    return corpus, file_identity(corpus.path)
 
 
 def check_unchanged(path: Path, sha1: str, hashed: FileIdentity) -> None:
@@ -153,8 +150,8 @@ def load_dataset(
     whatever line breaks either file writes; a checkpoint that records none (written before drnn did)
     takes four forms of this file's text (:func:`same_text_sha1s`).
     """
-    located, sha1s, hashed = resolve_corpus_file(config, progress)
-    path, sha1 = located.path, located.sha1
+    located, hashed = resolve_corpus_file(config, progress)
+    path, sha1s, sha1 = located.path, located.sha1s, located.sha1
     notes: tuple[str, ...] = (located.download_note,) if located.download_note else ()
     if expected_sha1 and sha1 != expected_sha1:  # other bytes: the same text written otherwise, or refused
         if expected_text_sha1:

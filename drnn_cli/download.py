@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from drnn_cli.corpus import CorpusSha1s, hash_corpus
 from drnn_cli.errors import ConfigError, DrnnError, first_line
 from drnn_cli.files import (
     partial_path,
@@ -57,8 +58,12 @@ class CorpusFile:
     """A corpus on local disk, ready to read; ``downloaded_from``: the URL, where this call fetched it."""
 
     path: Path
-    sha1: str
+    sha1s: CorpusSha1s  # of its bytes (the registry's, checked) and of its text, from one read
     downloaded_from: str | None = None
+
+    @property
+    def sha1(self) -> str:
+        return self.sha1s.file
 
     @property
     def download_note(self) -> str | None:
@@ -94,9 +99,10 @@ def cached_corpus(name: str, cache_dir: Path | None = None) -> CorpusFile | None
     if spec is None:
         return None
     target = (cache_dir or data_dir()) / spec.filename
-    if target.is_file() and file_sha1(target) == spec.sha1:
-        return CorpusFile(target, spec.sha1)
-    return None
+    if not target.is_file():
+        return None
+    sha1s = hash_corpus(target)  # both SHA-1s in one read: the caller needs the text's too
+    return CorpusFile(target, sha1s) if sha1s.file == spec.sha1 else None
 
 
 def fetch_corpus(
@@ -160,7 +166,8 @@ def fetch_corpus(
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    return CorpusFile(target, spec.sha1, url)
+    # the text's SHA-1 too (the file's was checked as it streamed in): one more read, once a download
+    return CorpusFile(target, CorpusSha1s(spec.sha1, hash_corpus(target).text), url)
 
 
 @dataclass(frozen=True)

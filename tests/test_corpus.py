@@ -167,6 +167,26 @@ def test_a_verified_cache_needs_no_network_at_all(
     assert fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0).sha1 == SHA1
 
 
+def test_a_registered_corpus_is_read_once_for_its_check_and_both_sha1s(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, corpus_path: Path
+) -> None:
+    """The cache's check hashed the file's bytes, then loading hashed it again for its text's SHA-1
+    (review, 2026-11-27): one read gives both, and a download adds one read for the text's alone."""
+    from drnn_cli import download
+    from drnn_cli.data import resolve_corpus_file
+
+    (tmp_path / "timemachine.txt").write_bytes(corpus_path.read_bytes())
+    monkeypatch.setenv("DRNN_DATA_DIR", str(tmp_path))
+    hashed = []
+    real_hash = download.hash_corpus
+    monkeypatch.setattr(download, "hash_corpus", lambda path: (hashed.append(path.name), real_hash(path))[1])
+    monkeypatch.setattr(download, "file_sha1", lambda path: pytest.fail("hashed twice"))
+    monkeypatch.setattr("drnn_cli.token_cache.hash_corpus", lambda path: pytest.fail("hashed twice"))
+    located, _ = resolve_corpus_file(DataConfig(corpus="timemachine"))
+    assert hashed == ["timemachine.txt"]
+    assert located.sha1s == (SHA1, SHA1)  # an LF text with no byte order mark: its text is its bytes
+
+
 def test_another_file_in_the_corpus_cache_is_named_when_the_download_fails(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, corpus_path: Path
 ) -> None:

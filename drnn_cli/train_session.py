@@ -140,8 +140,9 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
         if not request.resume:
             raise DrnnError(
                 f"{staging} holds a newer run than {run_dir}: a --overwrite session that was killed after its "
-                f"checkpoint at {_checkpoint_point(staging)} left it; continue it with --resume (it then replaces the "
-                "previous run), replace both with --overwrite, or pick another with --run DIR"
+                f"checkpoint at {_checkpoint_point(staging)} left it; continue it with --resume and that session's "
+                "settings (it then replaces the previous run), replace both with --overwrite, or delete "
+                f"{staging} to keep the previous run"
             )
         if job.reporter is not None:
             job.reporter.note(
@@ -202,6 +203,10 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
     except BaseException as error:  # a stop, a failure, a signal outside the loop, an out-of-memory...
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
+        if request.resume and not isinstance(error, TrainingInterrupted):
+            # the resume of a killed --overwrite's run refused (a changed config, a moved text) or failed:
+            # both runs stay where they were, for the command put right (or the failure fixed) to continue
+            raise
         if isinstance(error, TrainingInterrupted) and error.stopped.steps == 0 and not request.resume:
             # stopped before its first step (a fine-tuning run's validation of its starting weights):
             # a run that trained nothing does not replace one that did

@@ -1244,17 +1244,24 @@ def test_resume_after_an_overwrite_killed_outright_continues_the_new_run_and_put
     uninterrupted run ends, and puts it in place of the old one."""
     config = config_file(workdir, tiny(epochs=2, checkpoint_every=1))
     assert cli("train", "--config", str(config))[0] == 0
-    new = ("--set", "train.epochs=3", "--set", "train.lr=0.005")
+    new = ("--set", "train.epochs=3", "--set", "model.hidden_size=8")
     _overwrite_killed_after_its_first_checkpoint(monkeypatch, cli, config, *new)
     runs, staging = workdir / "runs", workdir / "runs" / ".tiny.overwrite"
-    assert load_checkpoint(runs / "tiny" / "last.safetensors").config.train.lr == 0.01  # the old run
+    assert load_checkpoint(runs / "tiny" / "last.safetensors").config.model.hidden_size == 16  # the old run
     assert load_checkpoint(staging / "last.safetensors").epoch == 1  # the new one, beside it
 
     code, _, err = cli("train", "--config", str(config), *new)
     assert_one_line_error(
         code, err, "runs/.tiny.overwrite holds a newer run than runs/tiny", "at the end of epoch 1"
     )
-    assert "continue it with --resume (it then replaces the previous run)" in err
+    assert "continue it with --resume and that session's settings (it then replaces the previous run)" in err
+    assert "or delete runs/.tiny.overwrite to keep the previous run" in err
+    # --resume with the old run's settings is refused (model.hidden_size changed), and both runs stay
+    # where they were: it had swapped the killed run in first, deleting the old one (trial31)
+    code, _, err = cli("train", "--config", str(config), "--resume")
+    assert code == 2 and "model.hidden_size" in err and "replaced" not in err, err
+    assert load_checkpoint(runs / "tiny" / "last.safetensors").config.model.hidden_size == 16
+    assert load_checkpoint(staging / "last.safetensors").epoch == 1
 
     code, out, err = cli("train", "--config", str(config), *new, "--resume", "--json")
     assert code == 0, err
@@ -1265,7 +1272,7 @@ def test_resume_after_an_overwrite_killed_outright_continues_the_new_run_and_put
     assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str((runs / "tiny").absolute())
     assert sorted(p.name for p in runs.iterdir()) == ["latest", "tiny"]
     resumed = load_checkpoint(runs / "tiny" / "last.safetensors")
-    assert (resumed.epoch, resumed.config.train.lr) == (3, 0.005)
+    assert (resumed.epoch, resumed.config.model.hidden_size) == (3, 8)
     assert cli("train", "--config", str(config), *new, "--run", str(workdir / "straight"))[0] == 0
     straight = load_checkpoint(workdir / "straight" / "last.safetensors")
     assert all(torch.equal(value, resumed.model_state[name]) for name, value in straight.model_state.items())

@@ -352,9 +352,12 @@ def train_command(
     if result.seconds is not None:  # tokens/s counts the steps alone; train.max_time all of it
         spent = result.seconds
         table.add_row("time (this session)", f"{spent.session:,.1f} s")
-        table.add_row(
-            "of it: steps / validating / checkpoints",
-            f"{spent.training:,.1f} s / {spent.validating:,.1f} s / {spent.checkpoints:,.1f} s",
+        other = max(0.0, spent.session - spent.training - spent.validating - spent.checkpoints)
+        table.add_row(  # rest: samples, the plot, the metrics lines
+            "training / validating / checkpoints / rest",
+            " / ".join(
+                f"{part:,.1f} s" for part in (spent.training, spent.validating, spent.checkpoints, other)
+            ),
         )
     threads = "" if result.threads is None else f", {plural(result.threads, 'thread')}"
     processes = f"{result.world_size:,} process{'' if result.world_size == 1 else 'es'}"

@@ -8,9 +8,12 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drnn_cli.shown_text import terminal_safe
+
+if TYPE_CHECKING:
+    from drnn_cli.session_time import SessionSeconds
 
 # Line breaks and the spaces around them: what a one-line message replaces by one space. Runs of
 # plain spaces stay, since they may be part of what the message quotes (a prefix, a path).
@@ -67,6 +70,7 @@ class StoppedRun:
     start_step: int
     checkpoint: Path | None  # None: nothing was written (an --overwrite stopped before its first step)
     validation_pending: bool  # a validation the signal cut short, which --resume runs first
+    seconds: SessionSeconds | None = None  # where the session's wall clock went (None: it trained nothing)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -78,6 +82,7 @@ class StoppedRun:
             "start_step": self.start_step,
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint.absolute()),
             "validation_pending": self.validation_pending,
+            "seconds": None if self.seconds is None else self.seconds.summary(),
         }
 
 

@@ -180,6 +180,7 @@ class RichReporter:
         self.task: TaskID | None = None
         self.total = 0
         self.total_shown = "0"
+        self.steps_per_epoch = 0.0  # the decimals of a line's epochs (RunStart's)
         self.every = 0
         self._held: tuple[EpochRecord, str] | None = None  # a record off the log cadence, not yet printed
         self._last_ppl: float | None = None  # the bar's training perplexity where no newer one is read
@@ -189,6 +190,7 @@ class RichReporter:
     def start(self, run: RunStart) -> None:
         total_epochs, start_epoch = run.total_epochs, run.start_epoch
         self.total = total_epochs
+        self.steps_per_epoch = run.steps_per_epoch
         self.total_shown = run.epochs_of()  # "epoch 1.46/8.49": a step budget's span, as the first line's
         self._last_val = run.latest_val_ppl
         cadence = Cadence.of(run.log_every)
@@ -236,7 +238,7 @@ class RichReporter:
 
     def _print_record(self, record: EpochRecord, status: str) -> None:
         where = f"step {record.step:,}  " if record.step else ""
-        epoch = epoch_count(record.epoch)
+        epoch = epoch_count(record.epoch, self.steps_per_epoch)
         # soft_wrap: one line per record in a log file too (rich wraps at 80 columns off a terminal)
         self.console.print(
             f"epoch {epoch}/{self.total_shown}  {where}{status}  lr {record.lr:.3g}  {record.elapsed:.1f}s",
@@ -286,7 +288,7 @@ class RichReporter:
     def samples(self, epoch: float, samples: dict[str, str]) -> None:
         self._held = None  # samples come on their own cadence, after an epoch the log may skip
         # labelled as the log lines count epochs: "[2]" after epoch 2, "[2.14]" at a step inside epoch 3
-        label = epoch_count(epoch)
+        label = epoch_count(epoch, self.steps_per_epoch)
         for text in samples.values():
             print_generated(self.console, f"  [{label}] {text}")
 

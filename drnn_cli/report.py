@@ -174,7 +174,7 @@ class RunStart:
     origin: str  # "from scratch", "from the weights of RUN", "from epoch 3, step 11"
     log_every: int | str  # train.log_every: N epochs (0: about 25 lines a run), or "N steps"
     max_steps: int = 0  # train.max_steps where it ends the run before train.epochs, else 0
-    steps_per_epoch: float = 0.0  # with max_steps: the mean the first line converts its steps to epochs with
+    steps_per_epoch: float = 0.0  # the mean: a step budget's epochs, and the decimals of a line's
     latest_val_ppl: float | None = None  # a resumed run's last validation, shown until its next one
     max_time: float = 0.0  # train.max_time, seconds (0: none)
 
@@ -196,7 +196,7 @@ class RunStart:
         of a step budget that ends the run inside an epoch, to the two decimals of the epoch before it
         (an estimate under random sampling, whose epochs differ in steps)."""
         if self.max_steps:
-            return epoch_count(self.max_steps / self.steps_per_epoch)
+            return epoch_count(self.max_steps / self.steps_per_epoch, self.steps_per_epoch)
         return f"{self.total_epochs:,}"
 
 

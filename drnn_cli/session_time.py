@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from drnn_cli.budget import Cadence
 
@@ -67,13 +67,18 @@ class WorkLeft:
 
 @dataclass
 class SessionTime:
-    """The seconds a session spent validating and writing checkpoints, and how many of each."""
+    """A session's wall clock from its first step, and the seconds it spent validating and writing
+    checkpoints, and how many of each."""
 
+    started: float = field(default_factory=time.monotonic)
     validating: float = 0.0
     validations: int = 0
     validated_tokens: int = 0
     writing: float = 0.0
     writes: int = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
     @contextmanager
     def validation(self, tokens: int) -> Iterator[None]:

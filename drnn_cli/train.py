@@ -644,10 +644,9 @@ class Trainer:
         )
         if self.stopped_mid_epoch is None:  # no longer pending: a crash now must not run it again
             self._save(LAST, epoch, progress)
-            # the boundary ended the session before this one (a max_time stop's final validation, say):
-            # this session's time budget, and its clock, start after it
-            self.budget.start()
-            self.session_time = SessionTime()
+        # the boundary ended the session before this one (a max_time stop's final validation, say):
+        # this session's time budget starts after it (its seconds are this session's all the same)
+        self.budget.start()
         return self._training_clock() - paused
 
     def _step_status(
@@ -730,26 +729,34 @@ class Trainer:
         step pace, its validations and checkpoint writes left at theirs (README "Long runs", Progress), or
         ``max_time``'s clock and the stop's validation and write, whichever comes first. ``validation``:
         (tokens done, of total, its start on ``time.perf_counter``) of one in progress."""
-        done = self.global_step - self._first_step
-        step_seconds = self.session_time.step_seconds(self.budget.elapsed(), done)
-        if step_seconds is None:  # nothing trained yet to take a pace from
-            return self.budget.seconds_left()
         clock = self.session_time
+        validating_for = 0.0 if validation is None else time.perf_counter() - validation[2]
+        # the validation in progress is not step time
+        step_seconds = clock.step_seconds(
+            clock.elapsed() - validating_for, self.global_step - self._first_step
+        )
+        if step_seconds is None:  # nothing trained yet to take a pace from
+            return self.budget.seconds_left() if validation is None else None
         work = self._work_left()
         in_flight = 0.0
         if validation is not None:
-            tokens_done, tokens, began = validation
+            tokens_done, tokens, _ = validation
             per_token = (
-                (time.perf_counter() - began) / tokens_done
+                validating_for / tokens_done
                 if tokens_done
                 else clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
             )
             in_flight = (tokens - tokens_done) * per_token
         left = in_flight + clock.seconds_to_end(work, step_seconds)
         by_time = self.budget.seconds_left()
-        if by_time is not None:  # the stop then validates and writes its checkpoints
-            stop = WorkLeft(0, int(self.dataset.splits.validates), 2, work.tokens_per_validation, 0)
-            left = min(left, by_time + in_flight + clock.seconds_to_end(stop, step_seconds))
+        if by_time is not None:
+            stop = WorkLeft(0, 0, 2, 0, work.tokens_per_step)  # the stop writes last and best
+            if validation is None or in_flight < by_time:  # ... after validating, once the budget is spent
+                stop = replace(stop, validations=int(self.dataset.splits.validates))
+                stop = replace(stop, tokens_per_validation=work.tokens_per_validation)
+                left = min(left, by_time + clock.seconds_to_end(stop, step_seconds))
+            else:  # the budget runs out in this validation, which ends the run (Trainer._inside_epoch)
+                left = min(left, in_flight + clock.seconds_to_end(stop, step_seconds))
         return left
 
     def _work_left(self) -> WorkLeft:
@@ -846,6 +853,8 @@ class Trainer:
             self._judge(val_ppl, epoch, progress, on_cadence)
             if stop is None and self._patience_spent:
                 stop = "patience"
+            if stop is None and not validates:  # max_time ran out while validating: this boundary ends
+                stop = self._budget_reached(vote_now=True)  # the run, not a step and a validation later
         record = self._record(
             round(epoch + progress.step / steps_in_epoch, 6),
             self._since_logged(progress, loss_sum, count),
@@ -953,6 +962,7 @@ class Trainer:
                 start_step=self._first_step,
                 checkpoint=self.run_dir / LAST,
                 validation_pending=pending,
+                seconds=self._session_seconds(progress),
             ),
         )
 
@@ -1140,7 +1150,7 @@ class Trainer:
             # the budgets count training from here: not a fine-tuning run's validation of its start
             self.budget.start()
             self.session_time = SessionTime()
-            self._session_start_elapsed = self.elapsed + self.progress.elapsed
+            self._session_start_elapsed = self.elapsed + self.progress.elapsed  # a resume's, mid-epoch too
             self.stop_votes.restart_pace(self.global_step)
             for epoch in range(self.start_epoch, until if already is None else 0):
                 resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done
@@ -1172,7 +1182,7 @@ class Trainer:
             origin=self._origin(),
             log_every=self.config.train.log_every,
             max_steps=step_budget,
-            steps_per_epoch=self.length.steps_per_epoch if step_budget else 0,
+            steps_per_epoch=self.length.steps_per_epoch,
             latest_val_ppl=next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
             max_time=self.config.train.max_time,
         )
@@ -1221,11 +1231,17 @@ class Trainer:
         final = done >= train.epochs or budget_stop is not None
         on_cadence = self.cadence.eval.due_at_epoch_end(done, self.global_step)
         val_ppl = None
+        validates = on_cadence or final or resumed_cut_short  # a cut one: as it was to
         try:
-            if on_cadence or final or resumed_cut_short:  # a cut one: as it was to
+            if validates:
                 val_ppl = self._validate_to_judge(abandonable=True)
         except EvaluationAbandoned:  # a signal: checkpoint now, not after the rest of a large split
             self._interrupt_epoch_end(epoch)
+        # max_time ran out while validating: this epoch's end ends the run, not a step and a validation
+        # later (one cut short by a signal belonged to the session before: its budget starts after it)
+        if validates and not final and not resumed_cut_short:
+            budget_stop = self._budget_reached(vote_now=True)
+            final = budget_stop is not None
         self._judge(val_ppl, done, on_cadence=on_cadence)
         record = self._record(done, window, val_ppl, tokens_per_s, self.elapsed)
         self._append_metrics(record)
@@ -1245,6 +1261,8 @@ class Trainer:
         ):
             self._report_samples(done)
         self._update_plot(force=last_epoch)
+        if resumed_cut_short:  # the boundary ended the session before this one: its max_time starts now
+            self.budget.start()
         # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
         if self._stop_requested():
             if not last_epoch:
@@ -1276,6 +1294,17 @@ class Trainer:
                 "holds them, and predict and eval read it"
             )
         return notes
+
+    def _session_seconds(self, progress: EpochProgress | None = None) -> SessionSeconds:
+        """Where this session's wall clock went; ``progress``: the epoch a stop cut, whose training
+        seconds are not yet the run's ``elapsed``."""
+        trained = self.elapsed + (progress.elapsed if progress is not None else 0.0)
+        return SessionSeconds(
+            session=self.session_time.elapsed(),
+            training=trained - self._session_start_elapsed,
+            validating=self.session_time.validating,
+            checkpoints=self.session_time.writing,
+        )
 
     def _result(
         self,
@@ -1314,12 +1343,5 @@ class Trainer:
             stopped_early=stop_reason == "patience",
             stop_reason=stop_reason,
             steps=self.global_step,
-            seconds=None
-            if tokens_per_s is None
-            else SessionSeconds(
-                session=self.budget.elapsed(),
-                training=self.elapsed - self._session_start_elapsed,
-                validating=self.session_time.validating,
-                checkpoints=self.session_time.writing,
-            ),
+            seconds=None if tokens_per_s is None else self._session_seconds(),
         )

@@ -1346,9 +1346,7 @@ def _trainer_at_step_10(workdir: Path, *overrides: str) -> Trainer:
     return trainer
 
 
-def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_sessions_paces(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_sessions_paces(workdir: Path):
     """The bar's time left was the step pace, or the wall clock divided by the steps done, and rich's
     epoch pace: on a 20 MB text it said 0:03 through a validation of 70 s, then 0:09 with a whole
     validation to come (practitioner trial, 2026-11-28)."""
@@ -1358,33 +1356,40 @@ def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_session
     assert trainer._work_left() == WorkLeft(
         steps=47, validations=10, checkpoint_writes=11, tokens_per_validation=100, tokens_per_step=80
     )  # writes: the final last, and a best after each validation at most
-    monkeypatch.setattr(trainer.budget, "elapsed", lambda: 20.0)  # 20 s since the first step
-    # 6 s validating 600 tokens (0.01 s a token), 2 s writing 4 checkpoints (0.5 s each):
-    # a step is (20 - 6 - 2) / 10 = 1.2 s
-    trainer.session_time = SessionTime(
-        validating=6.0, validations=2, validated_tokens=600, writing=2.0, writes=4
-    )
-    assert trainer._seconds_left() == pytest.approx(47 * 1.2 + 10 * 100 * 0.01 + 11 * 0.5)  # 71.9
-    # inside a validation, 40 of its 100 tokens done in 2 s: its 60 left at 0.05 s, then the rest
+    # 20 s since the first step: 6 s validating 600 tokens (0.01 s a token), 2 s writing 4 checkpoints
+    # (0.5 s each): a step is (20 - 6 - 2) / 10 = 1.2 s
+    trainer.session_time = SessionTime(time.monotonic() - 20.0, 6.0, 2, 600, 2.0, 4)
+    assert trainer._seconds_left() == pytest.approx(47 * 1.2 + 10 * 100 * 0.01 + 11 * 0.5, abs=0.01)  # 71.9
+    # inside a validation, 40 of its 100 tokens done in 2 s: its 60 left at 0.05 s; those 2 s are not
+    # step time (the figure rose through a validation: trial31), so a step is (20 - 2 - 6 - 2) / 10 = 1 s
     began = time.perf_counter() - 2.0
-    assert trainer._seconds_left((40, 100, began)) == pytest.approx(60 * 0.05 + 71.9, rel=1e-3)
-    # before any validation: a token costs a forward pass, a third of a step's 1.2 s / 80 tokens
-    trainer.session_time = SessionTime(writing=2.0, writes=4)
-    assert trainer._seconds_left() == pytest.approx((20 - 2) / 10 * 47 + 10 * 100 * (1.8 / 80 / 3) + 11 * 0.5)
+    assert trainer._seconds_left((40, 100, began)) == pytest.approx(60 * 0.05 + 47 + 10 + 5.5, abs=0.01)
+    # before any validation: a token costs a forward pass, a third of a step's 1.8 s / 80 tokens
+    trainer.session_time = SessionTime(time.monotonic() - 20.0, writing=2.0, writes=4)
+    assert trainer._seconds_left() == pytest.approx(47 * 1.8 + 10 * 100 * (1.8 / 80 / 3) + 11 * 0.5, abs=0.01)
+    # before the first step: no pace; inside a validation then (a fine-tuning run's first), no figure
+    trainer.global_step = 0
+    assert (trainer._seconds_left(), trainer._seconds_left((40, 100, began))) == (None, None)
 
 
-def test_max_time_ends_the_time_left_with_the_stops_validation_and_writes(
-    workdir: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_max_time_ends_the_time_left_with_the_stops_validation_and_writes(workdir: Path):
+    """Before its first validation a max_time run's bar said hours (lstm_full_cpu's 10 minutes: 28:51;
+    a 40 s run: 3:57:55), pricing the stop's validation at a step a token; and in the stop's own
+    validation it counted that validation twice (trial31)."""
     from drnn_cli.session_time import SessionTime
 
     trainer = _trainer_at_step_10(workdir, "train.max_time=30s")
     trainer.budget.started = time.monotonic() - 20.0
-    trainer.session_time = SessionTime(
-        validating=6.0, validations=2, validated_tokens=600, writing=2.0, writes=4
-    )
+    trainer.session_time = SessionTime(time.monotonic() - 20.0, 6.0, 2, 600, 2.0, 4)
     # 10 s to the budget, then one validation of 100 tokens (1 s) and last and best (0.5 s each)
     assert trainer._seconds_left() == pytest.approx(10.0 + 1.0 + 1.0, abs=0.01)
+    # no validation yet: its 100 tokens at a third of a step's (20 - 2) / 10 s / 80 tokens
+    trainer.session_time = SessionTime(time.monotonic() - 20.0, writing=2.0, writes=4)
+    assert trainer._seconds_left() == pytest.approx(10.0 + 100 * (1.8 / 80 / 3) + 1.0, abs=0.01)
+    # inside a validation that outlasts the budget (9 s left of it, 1 s to the budget): it is the stop's
+    trainer.budget.started = trainer.session_time.started = time.monotonic() - 29.0
+    began = time.perf_counter() - 1.0
+    assert trainer._seconds_left((10, 100, began)) == pytest.approx(90 * 0.1 + 2 * 0.5, abs=0.01)
 
 
 def test_a_session_says_where_its_time_went_checkpoint_writes_and_validations_apart(
@@ -1415,9 +1420,10 @@ def test_a_session_says_where_its_time_went_checkpoint_writes_and_validations_ap
     assert seconds["session"] >= seconds["training"] + seconds["validating"] + seconds["checkpoints"]
     # the summary table (on stderr under --json)
     assert re.search(r"│ time \(this session\) +│ \d+\.\d s +│", err), err
-    assert re.search(
-        r"│ of it: steps / validating / checkpoints +│ \d+\.\d s / \d+\.\d s / \d+\.\d s +│", err
-    ), err
+    other = seconds["session"] - seconds["training"] - seconds["validating"] - seconds["checkpoints"]
+    parts = [seconds["training"], seconds["validating"], seconds["checkpoints"], other]
+    shown = " / ".join(f"{part:,.1f} s" for part in parts)  # rest: samples, the plot
+    assert f"│ training / validating / checkpoints / rest │ {shown}" in err, err
 
 
 def test_a_max_time_runs_first_line_names_its_time_budget():
@@ -1438,9 +1444,11 @@ def test_a_resumed_budget_stops_validation_is_the_old_sessions_and_the_new_budge
         Budget, "reached", lambda self, step: "max_time" if step == 5 else reached(self, step)
     )
     abandoned, undo_signal = signal_while_validating(monkeypatch, 5)
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(TrainingInterrupted) as stopped:
         train(config, "train.max_time=1h")
     assert abandoned == [5]
+    spent = stopped.value.stopped.seconds  # --json's, at a stop too
+    assert spent is not None and spent.session >= spent.training > 0
     undo_signal()
     monkeypatch.setattr(Budget, "reached", reached)
     validate = Trainer._validate
@@ -1454,14 +1462,46 @@ def test_a_resumed_budget_stops_validation_is_the_old_sessions_and_the_new_budge
     resumed = train(config, "train.max_time=0.5s", resume=True)
     assert resumed.start_step == 5
     assert resumed.steps - resumed.start_step > 1  # one step: the validation had spent the budget
+    assert resumed.seconds.session >= 1.0  # the replayed validation is this session's time all the same
 
 
-def test_log_lines_count_a_sliver_of_an_epoch_in_two_significant_digits():
-    """60 steps of a 17,616-step epoch logged `epoch 0.00/0.00` on every line (practitioner trial)."""
+def test_max_time_spent_while_validating_ends_the_run_at_that_validation(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A budget that ran out in a validation trained one more step and validated again: a 40 s run took
+    56.9 s, past the README's bound of one step and one evaluation (trial31)."""
+    validated: list[int] = []
+    validate = Trainer._validate
+
+    def counted(self: Trainer, abandonable: bool = False) -> float | None:
+        validated.append(self.global_step)
+        return validate(self, abandonable)
+
+    reached = Budget.reached
+    monkeypatch.setattr(Trainer, "_validate", counted)
+    # the clock runs out during the validation after step 10
+    monkeypatch.setattr(
+        Budget, "reached", lambda self, step: "max_time" if 10 in validated else reached(self, step)
+    )
+    result = train(write_config(workdir), "train.max_time=1h", "train.eval_every=5 steps")
+    assert (result.stop_reason, result.steps, validated) == ("max_time", 10, [5, 10])
+    # and at an epoch's end (19 steps), validating every epoch
+    validated.clear()
+    monkeypatch.setattr(
+        Budget, "reached", lambda self, step: "max_time" if 19 in validated else reached(self, step)
+    )
+    result = train(write_config(workdir), "train.max_time=1h", run_dir=workdir / "by-epoch")
+    assert (result.stop_reason, result.steps, validated) == ("max_time", 19, [19])
+
+
+def test_log_lines_count_epochs_to_the_decimals_that_tell_one_step_from_the_next():
+    """60 steps of a 17,616-step epoch logged `epoch 0.00/0.00` on every line, and lines 20 steps apart in
+    a 2,000-step epoch both said `0.05` (practitioner trials, 2026-11-28)."""
     from drnn_cli.budget import epoch_count
 
-    assert [epoch_count(value) for value in (3, 2.14, 0.42, 0.000568, 0.0034, 1206.5)] == [
-        "3", "2.14", "0.42", "0.00057", "0.0034", "1,206.50"
-    ]  # fmt: skip
+    assert [epoch_count(value, 19) for value in (3, 2.14, 0.42)] == ["3", "2.14", "0.42"]  # as before
+    assert [epoch_count(value, 2_000) for value in (0.05, 0.06, 1206.5)] == ["0.0500", "0.0600", "1,206.5000"]
+    assert epoch_count(0.000568, 17_616) == "0.00057"  # 5 decimals: a step is 0.0000568
+    assert epoch_count(0.4, 0) == "0.40"  # no step count given: two decimals
     start = RunStart(1, 0, 1_000, "cpu", "from scratch", "10 steps", max_steps=60, steps_per_epoch=17_616)
-    assert start.epochs_of() == "0.0034"
+    assert start.epochs_of() == "0.00341"

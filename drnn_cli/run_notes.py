@@ -196,12 +196,14 @@ def late_cadence_notes(
     loses the whole run (``lstm_full_cpu``'s 7,450 steps are a quarter of an epoch of a 30 MB text).
     ``fine_tuning``: the starting weights are validated and checkpointed first, so it loses the training."""
     late: list[tuple[str, str]] = []
+    # validations on a step cadence log a line each, and write best (which predict and eval read)
+    step_validations = validates and Cadence.of(train.eval_every).in_steps
     for key, what in (
         ("eval_every", "validated"),
-        ("checkpoint_every", "checkpointed"),
+        ("checkpoint_every", "resumably checkpointed" if step_validations else "checkpointed"),
         ("log_every", "logged"),
     ):
-        if key == "eval_every" and not validates:
+        if (key == "eval_every" and not validates) or (key == "log_every" and step_validations):
             continue
         cadence = Cadence.of(getattr(train, key))
         if cadence.in_steps:  # counted in steps already: the user's own choice
@@ -217,7 +219,12 @@ def late_cadence_notes(
         ", ".join(what for _, what in late).rsplit(", ", 1)
     )  # "validated, checkpointed or logged"
     lost = ""
-    if "checkpointed" in whats:
+    if step_validations and "checkpointed" in whats:
+        lost = (
+            "; a crash or kill -9 before then keeps only its best validation's weights (best.safetensors, "
+            "which predict and eval read), with nothing to resume"
+        )
+    elif "checkpointed" in whats:
         lost = f"; a crash or kill -9 before then loses all {'its training' if fine_tuning else 'of it'}"
     after = " after the starting weights' validation" if fine_tuning and validates else ""
     every = max(1, planned_steps // 10)

@@ -328,6 +328,17 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
     )
     train_run(TrainRequest(config, ("train.max_steps=200",), run_dir=Path("runs/c")), reporter=reporter)
     assert not [note for note in notes if note.startswith("this run ends")]
+    # validations every 5 steps log their lines and write best: the note said "nothing is checkpointed
+    # or logged until its end" beside them (trial31)
+    steps_validated = load_config(config, (*budget, "train.eval_every=5 steps"))
+    assert [
+        note for note in describe_data(DataRequest(steps_validated)).notes if note.startswith("this run")
+    ] == [
+        "this run ends after 15 steps (0.789 epochs), before train.checkpoint_every (10 epochs) first comes due: "
+        "nothing is resumably checkpointed until its end; a crash or kill -9 before then keeps only its best "
+        "validation's weights (best.safetensors, which predict and eval read), with nothing to resume; count it "
+        'in steps, e.g. --set "train.checkpoint_every=1 step"'
+    ]
 
 
 def test_the_plot_counts_epochs_on_its_top_axis_and_names_its_run():

@@ -42,7 +42,7 @@ from drnn_cli.run_notes import (
     planned_length_notes,
     scored_unknown_note,
 )
-from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint
+from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint, waiting_replacement_note
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import check_max_unknown, fine_tuning_point, unknown_share_note
@@ -160,6 +160,7 @@ class LoadedModel:
     model: RNNLanguageModel
     device: torch.device
     path: Path
+    notes: tuple[str, ...] = ()  # about the run it comes from (a killed --overwrite's newer run beside it)
 
 
 def load_model(
@@ -176,7 +177,8 @@ def load_model(
     except RuntimeError:
         raise DrnnError(f"checkpoint {path} does not match its own model config; it is corrupt") from None
     model.to(device).eval()
-    return LoadedModel(replace(loaded, model_state={}), model, device, path)
+    waiting = waiting_replacement_note(path.parent)
+    return LoadedModel(replace(loaded, model_state={}), model, device, path, (waiting,) if waiting else ())
 
 
 def read_prefixes(loaded: LoadedModel, prefixes: list[str]) -> list[str]:
@@ -348,9 +350,12 @@ def plan_predict(
     reads = read_prefixes(loaded, prefixes)
     preprocess = loaded.checkpoint.config.data.preprocess
     notes = [
-        f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}"
-        for prefix, read in dict(zip(prefixes, reads, strict=True)).items()  # a prefix given twice: once
-        if prefix_changed(prefix, read)
+        *loaded.notes,
+        *(
+            f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}"
+            for prefix, read in dict(zip(prefixes, reads, strict=True)).items()  # a prefix given twice: once
+            if prefix_changed(prefix, read)
+        ),
     ]
     if len(prefixes) > 1 and not any(any(c.isspace() for c in prefix) for prefix in prefixes):
         # `drnn predict time traveller`: the shell split one prefix into words (the quotes forgotten)
@@ -482,6 +487,7 @@ def evaluate_split(
         "evaluate a longer text with --data" if data_file else "a larger split, or a longer text with --data"
     )
     notes = (
+        *loaded.notes,
         *notes,
         *filter(None, (few_predictions_note(result.tokens, fix),)),
         *filter(
@@ -646,10 +652,15 @@ class InspectReport:
     written: tuple[Path, ...]  # as the user named them, in the order written
     missing_glyphs: tuple[str, ...]  # characters the PNG's font draws as boxes
     read_as: str | None = None  # a note: the TEXT argument as preprocessing read it, where it changed
+    run_notes: tuple[str, ...] = ()  # LoadedModel's
 
     @property
     def notes(self) -> list[str]:
-        return [*([self.read_as] if self.read_as is not None else []), *self.inspection.notes]
+        return [
+            *self.run_notes,
+            *([self.read_as] if self.read_as is not None else []),
+            *self.inspection.notes,
+        ]
 
 
 def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutputs) -> InspectReport:
@@ -682,4 +693,4 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
         read_as = (
             f"data.preprocess {loaded.checkpoint.config.data.preprocess} reads the text {given} as {read}"
         )
-    return InspectReport(inspection, tuple(written), tuple(missing), read_as=read_as)
+    return InspectReport(inspection, tuple(written), tuple(missing), read_as=read_as, run_notes=loaded.notes)

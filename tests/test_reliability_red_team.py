@@ -1250,6 +1250,14 @@ def test_resume_after_an_overwrite_killed_outright_continues_the_new_run_and_put
     assert load_checkpoint(runs / "tiny" / "last.safetensors").config.model.hidden_size == 16  # the old run
     assert load_checkpoint(staging / "last.safetensors").epoch == 1  # the new one, beside it
 
+    waiting = (
+        "note: runs/.tiny.overwrite holds a newer run than this one, left by a --overwrite session that was "
+        "killed: this command reads the older run; drnn train with that session's settings and --resume puts "
+        "the newer one in place"
+    )
+    for command in (("predict", "the", "-n", "3"), ("eval", "--split", "train")):
+        code, _, err = cli(*command, "--run", "runs/tiny")
+        assert code == 0 and waiting in " ".join(err.split()), err
     code, _, err = cli("train", "--config", str(config), *new)
     assert_one_line_error(
         code, err, "runs/.tiny.overwrite holds a newer run than runs/tiny", "at the end of epoch 1"

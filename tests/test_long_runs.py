@@ -598,6 +598,7 @@ def test_a_stop_waits_for_every_rank_after_its_checkpoint_and_no_signal_then_cut
     stop line."""
     import drnn_cli.train
     from drnn_cli.runtime import DistContext
+    from drnn_cli.session_time import SessionTime
     from drnn_cli.signals import StopRequests
 
     order: list[str] = []
@@ -608,6 +609,7 @@ def test_a_stop_waits_for_every_rank_after_its_checkpoint_and_no_signal_then_cut
         Path("runs/x"),
     )
     trainer.global_step, trainer.began_at, trainer._first_step, trainer.resume_advice = 19, 0.0, 0, "--resume"
+    trainer.elapsed, trainer._session_start_elapsed, trainer.session_time = 0.0, 0.0, SessionTime()
     monkeypatch.setattr(trainer, "_save", lambda *args: order.append("checkpoint written"))
     monkeypatch.setattr(trainer, "_epochs_done", lambda epoch, step: 1.0)
 

@@ -197,6 +197,7 @@ def test_a_new_run_becomes_the_latest_run_with_its_first_checkpoint(
     assert named[:2] == ["good", "new"] and all(name == "new" for name in named[2:])
 
 
+@pytest.mark.draws_plot
 def test_a_plot_that_cannot_be_written_is_noted_once_and_training_goes_on(workdir: Path, cli):
     """perplexity.png is a view of metrics.jsonl: failing to write it must not stop a run (it did, at the
     first epoch end, with metrics.jsonl ahead of the last checkpoint)."""

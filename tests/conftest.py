@@ -98,6 +98,51 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_path: Path) 
     return tmp_path
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "draws_plot: training in this test renders perplexity.png with matplotlib (elsewhere a stand-in)",
+    )
+
+
+PLOT_STAND_IN = b"perplexity.png stand-in: tests/conftest.py renders no PNG in a test not marked draws_plot\n"
+
+
+@pytest.fixture(autouse=True)
+def _plot_rendered_only_where_tested(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendering perplexity.png (tight_layout and savefig: ~0.2 s at each first and last epoch) was a
+    fifth of the suite's time, in tests that never look at it. Outside tests marked ``draws_plot`` a
+    run's plot still builds its figure from the run's records (drnn_cli/plot.py's perplexity_figure:
+    log scale, the epochs axis, values left out) and is still written where and when it would be, but
+    its bytes are PLOT_STAND_IN, not a PNG, so a test that reads the image and lacks the mark fails.
+    The drawing itself is tested by the tests marked ``draws_plot`` and by tests/test_long_runs.py's
+    and tests/test_finetune.py's direct render_perplexity_plot calls; drnn started as a subprocess
+    always draws."""
+    if request.node.get_closest_marker("draws_plot") is not None:
+        return
+
+    def figure_only(records: object, title: str | None = None) -> bytes | None:
+        from drnn_cli.plot import perplexity_figure
+
+        try:
+            perplexity_figure(records, title)  # type: ignore[arg-type]
+        except ImportError:
+            return None  # as render_perplexity_plot answers where matplotlib is missing
+        return PLOT_STAND_IN
+
+    monkeypatch.setattr("drnn_cli.report.render_perplexity_plot", figure_only)
+
+
+@pytest.fixture(autouse=True)
+def _fsync_checks_its_descriptor_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each atomic write (drnn_cli/files.py) fsyncs the file and its folder: ~2 ms a call on a CI disk,
+    ~4,500 calls in the in-process training tests alone. What reaching the disk buys shows only after
+    a power cut, which no test makes, so in-process tests fsync with ``os.fstat``: a descriptor that is
+    closed or not one still fails as fsync would (EBADF), and a test that patches ``os.fsync`` itself
+    (a full disk) replaces this. drnn started as a subprocess always fsyncs."""
+    monkeypatch.setattr(os, "fsync", os.fstat)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     """Tests use tiny models on 2-core CI machines: one intra-op thread is fastest, and an OpenMP

@@ -226,7 +226,12 @@ def test_a_fine_tuned_run_takes_the_architecture_and_tokens_of_its_checkpoint(
     first, second = texts
     train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
     other = config_for(
-        tmp_path, second, "other", model={"cell": "lstm", "hidden_size": 64}, data={"preprocess": "lower"}
+        tmp_path,
+        second,
+        "other",
+        model={"cell": "lstm", "hidden_size": 64},
+        data={"preprocess": "lower"},
+        train={"epochs": 1},  # what the run takes is settled before its first step
     )
     notes = Notes()
     train_run(TrainRequest(other, init_from=Path("runs/base")), reporter=notes)

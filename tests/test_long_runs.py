@@ -403,6 +403,7 @@ def test_a_diverged_perplexity_is_left_out_of_the_plot_whose_log_axis_it_would_b
     assert render_perplexity_plot(records).startswith(b"\x89PNG")
 
 
+@pytest.mark.draws_plot
 def test_a_plot_matplotlib_fails_to_draw_is_said_once_and_training_goes_on(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -425,6 +426,7 @@ def test_a_plot_matplotlib_fails_to_draw_is_said_once_and_training_goes_on(
     assert not (workdir / "runs" / "tiny" / "perplexity.png").exists()
 
 
+@pytest.mark.draws_plot
 def test_a_missing_plotter_is_said_once_before_training(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     """Said at the first plot, the note came minutes into a run (or at its end, with no line before)."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # any import of it fails, as where not installed
@@ -470,6 +472,7 @@ def write_broken_matplotlib(site: Path) -> None:
     )
 
 
+@pytest.mark.draws_plot
 def test_a_matplotlib_that_fails_to_import_is_said_once_at_the_first_plot_and_training_goes_on(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
@@ -1261,6 +1264,7 @@ def test_time_budget_stops_by_itself_and_eval_matches_best(workdir: Path, corpus
     assert json.loads(out)["perplexity"] == pytest.approx(summary["best_val_ppl"], rel=1e-9)
 
 
+@pytest.mark.draws_plot
 def test_metrics_written_before_step_counts_are_kept_on_resume(workdir: Path):
     config = write_config(workdir)
     train(config, "train.epochs=1")
@@ -1288,6 +1292,7 @@ def test_a_resumed_run_keeps_the_text_s_token_counts_in_its_vocab_json(workdir: 
     assert json.loads(vocab_file.read_text()) == written
 
 
+@pytest.mark.draws_plot
 def test_a_run_stopped_before_its_first_line_draws_no_plot(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     """Empty axes around 0 read as a perplexity below zero: no line yet, no plot."""
     signal_at(monkeypatch, 3, 2)

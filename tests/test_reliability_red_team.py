@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_one_line_error, assert_run_locked_by_this_process, config_file
+from lock_contender import contend
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -197,6 +198,7 @@ def test_a_new_run_becomes_the_latest_run_with_its_first_checkpoint(
     assert named[:2] == ["good", "new"] and all(name == "new" for name in named[2:])
 
 
+@pytest.mark.draws_plot
 def test_a_plot_that_cannot_be_written_is_noted_once_and_training_goes_on(workdir: Path, cli):
     """perplexity.png is a view of metrics.jsonl: failing to write it must not stop a run (it did, at the
     first epoch end, with metrics.jsonl ahead of the last checkpoint)."""
@@ -336,42 +338,20 @@ def test_a_character_checkpoint_whose_vocabulary_holds_a_longer_token_is_corrupt
 # 3. The run lock raced (file created, then the pid written)
 
 
-def _contend(directory: str, ready, go_at, tried, results, trials: int) -> None:
-    """One contender: at each agreed instant (busy-waited, so both start within microseconds), try."""
-    from drnn_cli.errors import DrnnError as Refused
-    from drnn_cli.rundir import RunLock as Lock
-
-    ready.wait()
-    start = go_at.value
-    for trial in range(trials):
-        lock = Lock(Path(directory) / str(trial))
-        lock.path.parent.mkdir(parents=True, exist_ok=True)
-        while time.time() < start + trial * 0.1:
-            pass
-        try:
-            lock.acquire()
-        except Refused:
-            held = False
-        else:
-            held = True
-        tried.wait()  # both have tried before either lets go
-        results.put((trial, held))
-        lock.release()
-
-
 def test_two_processes_never_both_hold_the_lock(tmp_path: Path):
     trials = 30
     context = multiprocessing.get_context("spawn")
-    ready, tried, results = context.Barrier(3), context.Barrier(2), context.Queue()
+    ready, go, tried, results = context.Barrier(3), context.Barrier(3), context.Barrier(2), context.Queue()
     go_at = context.Value("d", 0.0)
     workers = [
-        context.Process(target=_contend, args=(str(tmp_path), ready, go_at, tried, results, trials))
+        context.Process(target=contend, args=(str(tmp_path), ready, go, go_at, tried, results, trials))
         for _ in range(2)
     ]
     for worker in workers:
         worker.start()
-    go_at.value = time.time() + 3.0  # after both interpreters have (most likely) started
-    ready.wait()
+    ready.wait()  # both interpreters have started (tests/lock_contender.py: a fixed 3 s lead waited past that)
+    go_at.value = time.time() + 0.2
+    go.wait()
     outcomes = [results.get(timeout=60) for _ in range(2 * trials)]
     for worker in workers:
         worker.join(timeout=30)

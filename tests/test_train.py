@@ -164,6 +164,7 @@ def test_a_run_s_own_config_names_its_run_and_keeps_its_text_s_name_as_written(
     assert any(line.startswith("perplexity ") and line.endswith(" on cpu") for line in out.splitlines())
 
 
+@pytest.mark.draws_plot
 def test_run_directory_holds_config_vocab_checkpoints_metrics_plot_and_latest_marker(workdir: Path):
     tree = {**TINY, "data": {**TINY["data"], "val_fraction": 0.2}}
     config = write_config(workdir, tree)

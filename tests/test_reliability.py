@@ -992,7 +992,11 @@ def test_signal_writes_a_resumable_checkpoint_and_exits_with_the_signal_code(
     if options:
         where = json.loads(out)
         progress = stopped.trainer().epoch_progress
-        assert {key: value for key, value in where.items() if key != "epochs"} == {  # epochs: bounded below
+        spent = where["seconds"]  # where the session's time went, to the stop
+        assert set(spent) == {"session", "training", "validating", "checkpoints"}
+        assert spent["session"] >= spent["training"] + spent["validating"] + spent["checkpoints"] > 0
+        # epochs: bounded below
+        assert {key: value for key, value in where.items() if key not in ("epochs", "seconds")} == {
             "run_dir": str(workdir / "runs" / "tiny"),
             "stop_reason": name,
             "start_epoch": 0,

@@ -10,6 +10,7 @@ validations left at the measured validation pace, and the checkpoint writes left
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,17 @@ def cadence_points(cadence: Cadence, after_step: int, to_step: int, steps_per_ep
         return to_step // cadence.every - after_step // cadence.every
     epochs_after, epochs_to = int(after_step / steps_per_epoch), int(to_step / steps_per_epoch)
     return epochs_to // cadence.every - epochs_after // cadence.every
+
+
+def next_cadence_point(cadence: Cadence, after_step: int, steps_per_epoch: float) -> int | None:
+    """The first optimizer step after ``after_step`` at which ``cadence`` comes due (an epoch cadence's
+    at the end of its epoch, at a multiple of ``steps_per_epoch``); None for a cadence that never does."""
+    if cadence.every == 0:
+        return None
+    if cadence.unit == "steps":
+        return (after_step // cadence.every + 1) * cadence.every
+    epochs = (int(after_step / steps_per_epoch) // cadence.every + 1) * cadence.every
+    return math.ceil(epochs * steps_per_epoch)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,13 @@ from drnn_cli.runtime import (
     vote_max,
     wait_for_every_rank,
 )
-from drnn_cli.session_time import SessionSeconds, SessionTime, WorkLeft, cadence_points
+from drnn_cli.session_time import (
+    SessionSeconds,
+    SessionTime,
+    WorkLeft,
+    cadence_points,
+    next_cadence_point,
+)
 from drnn_cli.signals import StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.stop_votes import StopVotes
@@ -735,9 +741,17 @@ class Trainer:
         step_seconds = clock.step_seconds(
             clock.elapsed() - validating_for, self.global_step - self._first_step
         )
-        if step_seconds is None:  # nothing trained yet to take a pace from
-            return self.budget.seconds_left() if validation is None else None
         work = self._work_left()
+        if step_seconds is None:  # nothing trained yet to take a pace from
+            if validation is None:
+                return self.budget.seconds_left()
+            tokens_done, tokens, _ = validation
+            if not (self.budget.max_time and tokens_done):
+                return None
+            # a validation before the first step (a fine-tuning run's of its start, a resume's replayed
+            # one): max_time starts after it, and its stop validates again, at this validation's pace
+            per_token = validating_for / tokens_done
+            return (tokens - tokens_done + work.tokens_per_validation) * per_token + self.budget.max_time
         in_flight = 0.0
         if validation is not None:
             tokens_done, tokens, _ = validation
@@ -750,14 +764,33 @@ class Trainer:
         left = in_flight + clock.seconds_to_end(work, step_seconds)
         by_time = self.budget.seconds_left()
         if by_time is not None:
-            stop = WorkLeft(0, 0, 2, 0, work.tokens_per_step)  # the stop writes last and best
-            if validation is None or in_flight < by_time:  # ... after validating, once the budget is spent
-                stop = replace(stop, validations=int(self.dataset.splits.validates))
-                stop = replace(stop, tokens_per_validation=work.tokens_per_validation)
-                left = min(left, by_time + clock.seconds_to_end(stop, step_seconds))
-            else:  # the budget runs out in this validation, which ends the run (Trainer._inside_epoch)
-                left = min(left, in_flight + clock.seconds_to_end(stop, step_seconds))
+            left = min(left, self._seconds_to_budget_stop(by_time, work, step_seconds, in_flight, validation))
         return left
+
+    def _seconds_to_budget_stop(
+        self,
+        by_time: float,
+        work: WorkLeft,
+        step_seconds: float,
+        in_flight: float,
+        validation: tuple[int, int, float] | None,
+    ) -> float:
+        """max_time's end: its clock, then the stop's validation and its two writes (last and best); or,
+        where the clock runs out in a validation (the one in progress, or the next on the cadence), that
+        validation's end and the writes: it ends the run (``_inside_epoch``, ``_end_epoch``)."""
+        clock = self.session_time
+        writes = clock.seconds_to_end(WorkLeft(0, 0, 2, 0, work.tokens_per_step), step_seconds)
+        validates = self.dataset.splits.validates
+        per_token = clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
+        one_validation = work.tokens_per_validation * per_token if validates else 0.0
+        if validation is not None:
+            return in_flight + writes if in_flight >= by_time else by_time + one_validation + writes
+        due = next_cadence_point(self.cadence.eval, self.global_step, self.length.steps_per_epoch)
+        if validates and due is not None and due <= self.length.steps:
+            to_due = (due - self.global_step) * step_seconds
+            if to_due < by_time <= to_due + one_validation:
+                return to_due + one_validation + writes
+        return by_time + one_validation + writes
 
     def _work_left(self) -> WorkLeft:
         """The steps, validations and checkpoint writes between the step just taken and the run's end
@@ -1140,6 +1173,10 @@ class Trainer:
         val_ppl = self.records[-1].val_ppl if self.records else None
         if already is not None and val_ppl is None:
             val_ppl = self._validate()  # outside the handler: a signal ends a command with nothing to train
+        # the session's clock counts a fine-tuning run's validation of its starting weights, as it counts a
+        # resume's replayed one, though neither counts against max_time
+        self.session_time = SessionTime()
+        self._session_start_elapsed = self.elapsed + self.progress.elapsed  # a resume's, mid-epoch too
         with self.stops.noted():  # a signal from here on stops at a checkpoint
             if already is None and self.global_step == 0 and self.init_from_label:
                 if not self.records:
@@ -1149,8 +1186,6 @@ class Trainer:
                     self._save(BEST, 0)  # killed between its LAST and BEST: the weights are still the start's
             # the budgets count training from here: not a fine-tuning run's validation of its start
             self.budget.start()
-            self.session_time = SessionTime()
-            self._session_start_elapsed = self.elapsed + self.progress.elapsed  # a resume's, mid-epoch too
             self.stop_votes.restart_pace(self.global_step)
             for epoch in range(self.start_epoch, until if already is None else 0):
                 resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done

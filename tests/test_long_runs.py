@@ -1408,6 +1408,26 @@ def test_max_time_ends_the_time_left_with_the_stops_validation_and_writes(workdi
     trainer.budget.started = trainer.session_time.started = time.monotonic() - 29.0
     began = time.perf_counter() - 1.0
     assert trainer._seconds_left((10, 100, began)) == pytest.approx(90 * 0.1 + 2 * 0.5, abs=0.01)
+    # the budget runs out in the next validation on the cadence (step 15: 5 steps of 1.2 s, then 100
+    # tokens at 0.05 s): that one ends the run, with no second validation after it (trial31b: 0:15 for 9.7)
+    trainer.budget.started = time.monotonic() - 20.0
+    trainer.session_time = SessionTime(time.monotonic() - 20.0, 6.0, 2, 120, 2.0, 4)
+    assert trainer._seconds_left() == pytest.approx(5 * 1.2 + 100 * 0.05 + 2 * 0.5, abs=0.01)
+    # a validation before the first step (a fine-tuning run's of its start): max_time starts after it,
+    # and its stop validates again at its pace (40 of 100 tokens in 2 s)
+    trainer.global_step = 0
+    began = time.perf_counter() - 2.0
+    assert trainer._seconds_left((40, 100, began)) == pytest.approx((60 + 100) * 0.05 + 30.0, abs=0.01)
+
+
+def test_next_cadence_point_is_the_first_step_a_cadence_comes_due_after_a_step():
+    from drnn_cli.session_time import next_cadence_point
+
+    assert next_cadence_point(Cadence(5, "steps"), 10, 19.0) == 15
+    assert next_cadence_point(Cadence(5, "steps"), 12, 19.0) == 15
+    assert next_cadence_point(Cadence(2, "epochs"), 10, 19.0) == 38  # the end of epoch 2
+    assert next_cadence_point(Cadence(2, "epochs"), 38, 19.0) == 76
+    assert next_cadence_point(Cadence(0, "steps"), 10, 19.0) is None
 
 
 def test_a_session_says_where_its_time_went_checkpoint_writes_and_validations_apart(
@@ -1523,3 +1543,23 @@ def test_log_lines_count_epochs_to_the_decimals_that_tell_one_step_from_the_next
     assert epoch_count(0.4, 0) == "0.40"  # no step count given: two decimals
     start = RunStart(1, 0, 1_000, "cpu", "from scratch", "10 steps", max_steps=60, steps_per_epoch=17_616)
     assert start.epochs_of() == "0.00341"
+
+
+def test_a_fine_tuning_runs_validation_of_its_starting_weights_is_its_sessions_time(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """It was in no row of `seconds`: 8.4 s of a 39 s fine-tuning run went unaccounted (trial31b). It is
+    the session's time, though not max_time's, whose budget starts with the first step."""
+    config = write_config(workdir)
+    train(config, "train.epochs=1")
+    validate = Trainer._validate
+
+    def slow_start(self: Trainer, abandonable: bool = False) -> float | None:
+        if self.global_step == 0:
+            time.sleep(1.5)  # outside the validation's own timing: it shows in the rest
+        return validate(self, abandonable)
+
+    monkeypatch.setattr(Trainer, "_validate", slow_start)
+    tuned = train(config, "train.epochs=1", run_dir=workdir / "tuned", init_from=workdir / "runs" / "tiny")
+    spent = tuned.seconds
+    assert spent.session - spent.training - spent.validating - spent.checkpoints >= 1.5

@@ -153,17 +153,17 @@ def staging_dir(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.overwrite"
 
 
-def waiting_replacement_note(run_dir: Path) -> str | None:
-    """Said by predict, eval and inspect of a run beside which a killed ``--overwrite`` left its newer
-    run: they read the older one, which the next ``drnn train --resume`` replaces."""
+def waiting_replacement_note(run_dir: Path, reader: str = "this command reads") -> str | None:
+    """Said by predict, eval, inspect and ``--init-from`` (``reader``) of a run beside which a killed
+    ``--overwrite`` left its newer run: they read the older one, which the next ``drnn train --resume``
+    replaces."""
     target = run_dir.resolve() if run_dir.is_symlink() else run_dir
     staging = staging_dir(target)
     if not holds_run(staging):
         return None
     return (
-        f"{staging} holds a newer run than this one, left by a --overwrite session that was killed: this "
-        "command reads the older run; drnn train with that session's settings and --resume puts the newer "
-        "one in place"
+        f"{staging} holds a newer run than this one, left by a --overwrite session that was killed: {reader} "
+        "the older run; drnn train with that session's settings and --resume puts the newer one in place"
     )
 
 

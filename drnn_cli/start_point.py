@@ -16,7 +16,14 @@ from drnn_cli.config import Config, ConfigError, DataConfig, build_config, load_
 from drnn_cli.data import Dataset
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.run_files import BEST, LAST
-from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, is_latest_marker, latest_run, run_checkpoint
+from drnn_cli.rundir import (
+    DEFAULT_RUNS_ROOT,
+    holds_run,
+    is_latest_marker,
+    latest_run,
+    run_checkpoint,
+    waiting_replacement_note,
+)
 from drnn_cli.shown_text import percent
 from drnn_cli.vocab import Vocab
 
@@ -400,6 +407,9 @@ def _fine_tuning_from(
             f"data.min_freq {config.data.min_freq} does not apply with --init-from: the run keeps the "
             f"checkpoint's vocabulary of {len(checkpoint.vocab):,} tokens"
         )
+    waiting = waiting_replacement_note(source.parent, "--init-from takes")  # a killed --overwrite's newer run
+    if waiting is not None:
+        notes.append(waiting)
     return StartPoint(
         adopted,
         init_from=checkpoint,

@@ -1238,6 +1238,11 @@ def test_resume_after_an_overwrite_killed_outright_continues_the_new_run_and_put
     for command in (("predict", "the", "-n", "3"), ("eval", "--split", "train")):
         code, _, err = cli(*command, "--run", "runs/tiny")
         assert code == 0 and waiting in " ".join(err.split()), err
+    fine_tuning = ("--run", str(workdir / "tuned"), "--init-from", "runs/tiny", "--set", "train.epochs=1")
+    code, out, err = cli("train", "--config", str(config), *fine_tuning)
+    assert code == 0 and waiting.replace("this command reads", "--init-from takes") in " ".join(
+        out.split()
+    ), err
     code, _, err = cli("train", "--config", str(config), *new)
     assert_one_line_error(
         code, err, "runs/.tiny.overwrite holds a newer run than runs/tiny", "at the end of epoch 1"

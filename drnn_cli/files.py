@@ -68,13 +68,26 @@ CJK_HIGH_SHARE = 0.3  # bytes ≥ 0x80 among a text's: more, and it reads as Shi
 _ASCII_BLOCK = 1 << 20
 
 
-def _non_ascii_before(data: bytes | bytearray, end: int) -> bool:
-    """Whether ``data[:end]`` holds a byte ≥ 0x80, read a MiB at a time: a 100 MB file is never copied whole."""
+# Non-ASCII characters that must have decoded before an undecodable byte to call a file UTF-8: one or
+# two can be a legacy text's luck (GBK's 时 is CA B1, a valid UTF-8 pair; so is cp1252's É” C9 94), eight
+# in a row almost never are (about one GBK text in a million)
+UTF8_EVIDENCE = 8
+_UTF8_LEAD_BYTES = bytes(range(0xC2, 0xF5))  # each non-ASCII character of valid UTF-8 starts with one
+
+
+def _utf8_characters_before(data: bytes | bytearray, end: int) -> bool:
+    """Whether ``data[:end]``, valid UTF-8, holds ``UTF8_EVIDENCE`` non-ASCII characters, counted by their
+    lead bytes a MiB at a time: a 100 MB file is never copied whole, and an ASCII block costs one
+    ``isascii``."""
+    found = 0
     with memoryview(data) as view:
-        return any(
-            not bytes(view[start : min(start + _ASCII_BLOCK, end)]).isascii()
-            for start in range(0, end, _ASCII_BLOCK)
-        )
+        for start in range(0, end, _ASCII_BLOCK):
+            block = bytes(view[start : min(start + _ASCII_BLOCK, end)])
+            if not block.isascii():
+                found += len(block) - len(block.translate(None, _UTF8_LEAD_BYTES))
+                if found >= UTF8_EVIDENCE:
+                    return True
+    return False
 
 
 def not_utf8(
@@ -87,8 +100,9 @@ def not_utf8(
     writes UTF-16): its encoding is named, as Latin-1 would turn it into a text of NULs and mojibake.
     A UTF-8 text cut inside a character (``head -c``), or with a stray byte in it, is said to be one:
     re-encoded from Latin-1 its every non-ASCII character becomes two or three wrong ones. It is one
-    where the bytes before ``offset``, which decoded, hold a non-ASCII character (a Latin-1 or CJK text
-    fails at its first), or where most of what surrounds the byte is valid multi-byte UTF-8. Bytes
+    where the bytes before ``offset``, which decoded, hold ``UTF8_EVIDENCE`` non-ASCII characters (a
+    Latin-1 or CJK text fails at its first or second), or where most of what surrounds the byte is valid
+    multi-byte UTF-8. Bytes
     0x80-0x9F are Windows-1252's quotes and dashes, which Latin-1 makes invisible control characters.
     """
     head = bytes(data[:NOT_UTF8_HEAD])
@@ -113,7 +127,7 @@ def not_utf8(
     cut = error.reason == "unexpected end of data" and len(data) - offset > 1
     # Valid multi-byte characters before the bad byte (however far: a stray byte 15 MB into a file whose
     # Greek lines are all in its first MB), or mostly such characters around it: UTF-8.
-    utf8 = _non_ascii_before(data, offset) or (
+    utf8 = _utf8_characters_before(data, offset) or (
         sum(not character.isascii() for character in around) - undecodable > undecodable
     )
     if cut or utf8:

@@ -478,10 +478,14 @@ def test_a_latin1_text_whose_first_accent_is_far_in_is_still_sent_to_latin1(tmp_
          "character, drop that byte: head -c -1)"),
         # a UTF-8 text writing U+FFFD itself, with a stray Latin-1 byte: it is UTF-8
         ("r\u00e9sum\u00e9 \ufffd\ufffd\ufffd ".encode() * 20 + b"\xe9 " + b"fin", "is UTF-8 but for an"),
+        # legacy texts whose first character is valid UTF-8 by chance (时 is CA B1 in GBK, É” is C9 94 in
+        # cp1252): one decoded character is no evidence of UTF-8 (review rev31: both were sent to iconv -c)
+        ("时间旅行者正在向我们解释一件深奥的事情。\n".encode("gbk") * 20, "-f GBK"),
+        ("CAF\u00c9\u201d and more text here, na\u00efve fa\u00e7ade ".encode("cp1252") * 20, "iconv -f cp1252"),
     ],
     ids=[
         "shift-jis", "big5", "portuguese-latin1", "gbk", "latin1-0x81", "utf8-cut-after-ascii", "latin1-last-byte",
-        "utf8-with-fffd",
+        "utf8-with-fffd", "gbk-lucky-start", "cp1252-lucky-start",
     ],
 )  # fmt: skip
 def test_the_advice_for_a_text_that_is_not_utf8_names_what_it_is(tmp_path: Path, payload: bytes, advice: str):

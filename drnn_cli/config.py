@@ -282,8 +282,8 @@ class TrainConfig(_Section):
     )
     max_time: float = Field(
         0.0,
-        description="stop after this much wall-clock time of the session, validations and checkpoint writes "
-        "included: seconds, or 90s, 10m, 2h, 1h30m (0 = no limit)",
+        description="stop after this much wall-clock time from the session's first step, validations and "
+        "checkpoint writes included: seconds, or 90s, 10m, 2h, 1h30m (0 = no limit)",
         json_schema_extra={"kind": "duration"},  # a float once parsed; written as text or a number
     )
     eval_tokens: int = Field(

@@ -97,18 +97,15 @@ class Dataset:
         }
 
 
-def resolve_corpus_file(
-    config: DataConfig, progress: ProgressHook | None = None
-) -> tuple[CorpusFile, FileIdentity]:
+def resolve_corpus_file(config: DataConfig, progress: ProgressHook | None = None) -> CorpusFile:
     """The local file behind ``data.path`` or ``data.corpus`` (downloaded and verified if needed) with
     its SHA-1s, and what identified the file when it was hashed (see :func:`check_unchanged`)."""
     if config.file is not None:
         path = config.file
         require_regular_file(path, "corpus file", "fix data.path: it must name a UTF-8 text file")
         identity = file_identity(path)  # before hashing: a change during the hash changes it
-        return CorpusFile(path, corpus_sha1s(path)), identity
-    corpus = fetch_corpus(config.corpus, progress=progress)  # hashed as it was checked
-    return corpus, file_identity(corpus.path)
+        return CorpusFile(path, corpus_sha1s(path), identity)
+    return fetch_corpus(config.corpus, progress=progress)  # hashed as it was checked
 
 
 def check_unchanged(path: Path, sha1: str, hashed: FileIdentity) -> None:
@@ -150,8 +147,8 @@ def load_dataset(
     whatever line breaks either file writes; a checkpoint that records none (written before drnn did)
     takes four forms of this file's text (:func:`same_text_sha1s`).
     """
-    located, hashed = resolve_corpus_file(config, progress)
-    path, sha1s, sha1 = located.path, located.sha1s, located.sha1
+    located = resolve_corpus_file(config, progress)
+    path, sha1s, sha1, hashed = located.path, located.sha1s, located.sha1, located.identity
     notes: tuple[str, ...] = (located.download_note,) if located.download_note else ()
     if expected_sha1 and sha1 != expected_sha1:  # other bytes: the same text written otherwise, or refused
         if expected_text_sha1:

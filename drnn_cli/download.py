@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from drnn_cli.corpus import CorpusSha1s, hash_corpus
 from drnn_cli.errors import ConfigError, DrnnError, first_line
 from drnn_cli.files import (
+    FileIdentity,
+    file_identity,
     partial_path,
     remove_dead_partials,
 )
@@ -59,6 +61,7 @@ class CorpusFile:
 
     path: Path
     sha1s: CorpusSha1s  # of its bytes (the registry's, checked) and of its text, from one read
+    identity: FileIdentity  # the file's when it was hashed, read before: a change during the hash shows
     downloaded_from: str | None = None
 
     @property
@@ -101,8 +104,9 @@ def cached_corpus(name: str, cache_dir: Path | None = None) -> CorpusFile | None
     target = (cache_dir or data_dir()) / spec.filename
     if not target.is_file():
         return None
+    identity = file_identity(target)  # before hashing (data.check_unchanged)
     sha1s = hash_corpus(target)  # both SHA-1s in one read: the caller needs the text's too
-    return CorpusFile(target, sha1s) if sha1s.file == spec.sha1 else None
+    return CorpusFile(target, sha1s, identity) if sha1s.file == spec.sha1 else None
 
 
 def fetch_corpus(
@@ -167,7 +171,8 @@ def fetch_corpus(
     finally:
         partial.unlink(missing_ok=True)
     # the text's SHA-1 too (the file's was checked as it streamed in): one more read, once a download
-    return CorpusFile(target, CorpusSha1s(spec.sha1, hash_corpus(target).text), url)
+    identity = file_identity(target)
+    return CorpusFile(target, CorpusSha1s(spec.sha1, hash_corpus(target).text), identity, url)
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ class RunStart:
 
     def epochs_of(self) -> str:
         """What a log line counts its epochs out of (``epoch 1.46/8.49``): ``train.epochs``, or the span
-        of a step budget that ends the run inside an epoch, to the two decimals of the epoch before it
+        of a step budget that ends the run inside an epoch, to the decimals its lines count epochs in
         (an estimate under random sampling, whose epochs differ in steps)."""
         if self.max_steps:
             return epoch_count(self.max_steps / self.steps_per_epoch, self.steps_per_epoch)

@@ -162,8 +162,9 @@ def waiting_replacement_note(run_dir: Path, reader: str = "this command reads") 
     if not holds_run(staging):
         return None
     return (
-        f"{staging} holds a newer run than this one, left by a --overwrite session that was killed: {reader} "
-        "the older run; drnn train with that session's settings and --resume puts the newer one in place"
+        f"{staging} holds a newer run than this one, from a --overwrite session that was killed or is still "
+        f"training: {reader} the older run; once no session trains it, drnn train with that session's "
+        "settings and --resume puts the newer one in place"
     )
 
 

@@ -74,7 +74,7 @@ class WorkLeft:
     validations: int  # the final one included
     checkpoint_writes: int  # ``last`` by its cadence and at the end, and ``best`` after validations
     tokens_per_validation: int
-    tokens_per_step: int  # every rank's
+    tokens_per_step: int  # one rank's (each rank validates every token)
 
 
 @dataclass

@@ -779,8 +779,9 @@ class Trainer:
         where the clock runs out in a validation (the one in progress, or the next on the cadence), that
         validation's end and the writes: it ends the run (``_inside_epoch``, ``_end_epoch``)."""
         clock = self.session_time
-        writes = clock.seconds_to_end(WorkLeft(0, 0, 2, 0, work.tokens_per_step), step_seconds)
         validates = self.dataset.splits.validates
+        stop_writes = 2 if validates else 1  # last, and best after the stop's validation
+        writes = clock.seconds_to_end(WorkLeft(0, 0, stop_writes, 0, work.tokens_per_step), step_seconds)
         per_token = clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
         one_validation = work.tokens_per_validation * per_token if validates else 0.0
         if validation is not None:
@@ -810,7 +811,8 @@ class Trainer:
             validations=validations,
             checkpoint_writes=lasts + validations,  # best after each validation, at most
             tokens_per_validation=min(limit, predictions) if limit else predictions,
-            tokens_per_step=self.static_step.targets.numel() * self.dist.world_size,
+            # a rank's: its step pace is a rank's, and each rank validates the whole split
+            tokens_per_step=self.static_step.targets.numel(),
         )
 
     def _judge(

@@ -144,6 +144,7 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
                 "settings (it then replaces the previous run), replace both with --overwrite, or delete "
                 f"{staging} to keep the previous run"
             )
+        check_replaceable(target)  # the swap at its end deletes the old folder whole, as --overwrite's
         if job.reporter is not None:
             job.reporter.note(
                 f"resuming the newer run a killed --overwrite session left in {staging} (its checkpoint at "

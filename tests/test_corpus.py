@@ -177,13 +177,18 @@ def test_a_registered_corpus_is_read_once_for_its_check_and_both_sha1s(
 
     (tmp_path / "timemachine.txt").write_bytes(corpus_path.read_bytes())
     monkeypatch.setenv("DRNN_DATA_DIR", str(tmp_path))
-    hashed = []
-    real_hash = download.hash_corpus
-    monkeypatch.setattr(download, "hash_corpus", lambda path: (hashed.append(path.name), real_hash(path))[1])
+    read = []
+    real_hash, real_identity = download.hash_corpus, download.file_identity
+    monkeypatch.setattr(download, "hash_corpus", lambda path: (read.append("hashed"), real_hash(path))[1])
+    monkeypatch.setattr(
+        download, "file_identity", lambda path: (read.append("identity"), real_identity(path))[1]
+    )
     monkeypatch.setattr(download, "file_sha1", lambda path: pytest.fail("hashed twice"))
     monkeypatch.setattr("drnn_cli.token_cache.hash_corpus", lambda path: pytest.fail("hashed twice"))
-    located, _ = resolve_corpus_file(DataConfig(corpus="timemachine"))
-    assert hashed == ["timemachine.txt"]
+    located = resolve_corpus_file(DataConfig(corpus="timemachine"))
+    # its identity before its hash: a file replaced during the hash is caught (data.check_unchanged)
+    assert read == ["identity", "hashed"]
+    assert located.identity == real_identity(tmp_path / "timemachine.txt")
     assert located.sha1s == (SHA1, SHA1)  # an LF text with no byte order mark: its text is its bytes
 
 

@@ -1231,9 +1231,9 @@ def test_resume_after_an_overwrite_killed_outright_continues_the_new_run_and_put
     assert load_checkpoint(staging / "last.safetensors").epoch == 1  # the new one, beside it
 
     waiting = (
-        "note: runs/.tiny.overwrite holds a newer run than this one, left by a --overwrite session that was "
-        "killed: this command reads the older run; drnn train with that session's settings and --resume puts "
-        "the newer one in place"
+        "note: runs/.tiny.overwrite holds a newer run than this one, from a --overwrite session that was killed "
+        "or is still training: this command reads the older run; once no session trains it, drnn train with "
+        "that session's settings and --resume puts the newer one in place"
     )
     for command in (("predict", "the", "-n", "3"), ("eval", "--split", "train")):
         code, _, err = cli(*command, "--run", "runs/tiny")
@@ -1256,6 +1256,14 @@ def test_resume_after_an_overwrite_killed_outright_continues_the_new_run_and_put
     assert load_checkpoint(runs / "tiny" / "last.safetensors").config.model.hidden_size == 16
     assert load_checkpoint(staging / "last.safetensors").epoch == 1
 
+    # the swap at its end deletes the old folder whole: a file drnn did not write in it is refused by name,
+    # as --overwrite refuses it (review rev31: --resume deleted it)
+    notes = runs / "tiny" / "my-notes.txt"
+    notes.write_text("mine")
+    code, _, err = cli("train", "--config", str(config), *new, "--resume")
+    assert_one_line_error(code, err, "my-notes.txt")
+    assert notes.read_text() == "mine" and load_checkpoint(staging / "last.safetensors").epoch == 1
+    notes.unlink()
     code, out, err = cli("train", "--config", str(config), *new, "--resume", "--json")
     assert code == 0, err
     assert (

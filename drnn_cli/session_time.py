@@ -49,8 +49,9 @@ def next_cadence_point(cadence: Cadence, after_step: int, steps_per_epoch: float
 @dataclass(frozen=True)
 class SessionSeconds:
     """Where a session's wall clock went (``drnn train --json``'s ``"seconds"``): ``session`` from its
-    first step to its end, what ``train.max_time`` counts; ``training`` its steps alone, what tokens/s
-    and the log lines' seconds count; the rest (samples, the plot) is the difference."""
+    start to its end, what ``train.max_time`` counts but for a validation before the first step (a
+    fine-tuning run's of its starting weights, a resume's replayed one); ``training`` its steps alone,
+    what tokens/s and the log lines' seconds count; the rest (samples, the plot) is the difference."""
 
     session: float
     training: float

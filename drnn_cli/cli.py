@@ -352,11 +352,10 @@ def train_command(
     if result.seconds is not None:  # tokens/s counts the steps alone; train.max_time all of it
         spent = result.seconds
         table.add_row("time (this session)", f"{spent.session:,.1f} s")
-        other = max(0.0, spent.session - spent.training - spent.validating - spent.checkpoints)
-        table.add_row(  # rest: samples, the plot, the metrics lines
+        table.add_row(
             "training / validating / checkpoints / rest",
             " / ".join(
-                f"{part:,.1f} s" for part in (spent.training, spent.validating, spent.checkpoints, other)
+                f"{part:,.1f} s" for part in (spent.training, spent.validating, spent.checkpoints, spent.rest)
             ),
         )
     threads = "" if result.threads is None else f", {plural(result.threads, 'thread')}"

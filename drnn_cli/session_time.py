@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from drnn_cli.budget import Cadence
 
@@ -59,12 +59,12 @@ class SessionSeconds:
     checkpoints: float
 
     def summary(self) -> dict[str, float]:
-        return {
-            "session": self.session,
-            "training": self.training,
-            "validating": self.validating,
-            "checkpoints": self.checkpoints,
-        }
+        return asdict(self)
+
+    @property
+    def rest(self) -> float:
+        """Samples, the plot, the metrics lines: what no other figure counts."""
+        return max(0.0, self.session - self.training - self.validating - self.checkpoints)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class WorkLeft:
 
 @dataclass
 class SessionTime:
-    """A session's wall clock from its first step, and the seconds it spent validating and writing
+    """A session's wall clock from its start, and the seconds it spent validating and writing
     checkpoints, and how many of each."""
 
     started: float = field(default_factory=time.monotonic)
@@ -95,7 +95,7 @@ class SessionTime:
 
     @contextmanager
     def validation(self, tokens: int) -> Iterator[None]:
-        """Time a validation of ``tokens`` predictions (every rank's)."""
+        """Time a validation of ``tokens`` predictions (each rank's: every rank validates them all)."""
         began = time.perf_counter()
         try:
             yield
@@ -125,12 +125,15 @@ class SessionTime:
             return self.validating / self.validated_tokens
         return step_seconds / max(1, tokens_per_step) * FORWARD_SHARE
 
+    def seconds_per_write(self) -> float:
+        """A checkpoint write's seconds, measured (before any is: free)."""
+        return self.writing / self.writes if self.writes else 0.0
+
     def seconds_to_end(self, work: WorkLeft, step_seconds: float) -> float:
-        """The time ``work`` takes at this session's paces (a write before any is measured: free)."""
+        """The time ``work`` takes at this session's paces."""
         per_token = self.validation_seconds_per_token(step_seconds, work.tokens_per_step)
-        per_write = self.writing / self.writes if self.writes else 0.0
         return (
             work.steps * step_seconds
             + work.validations * work.tokens_per_validation * per_token
-            + work.checkpoint_writes * per_write
+            + work.checkpoint_writes * self.seconds_per_write()
         )

@@ -780,8 +780,7 @@ class Trainer:
         validation's end and the writes: it ends the run (``_inside_epoch``, ``_end_epoch``)."""
         clock = self.session_time
         validates = self.dataset.splits.validates
-        stop_writes = 2 if validates else 1  # last, and best after the stop's validation
-        writes = clock.seconds_to_end(WorkLeft(0, 0, stop_writes, 0, work.tokens_per_step), step_seconds)
+        writes = (2 if validates else 1) * clock.seconds_per_write()  # last, and best after its validation
         per_token = clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
         one_validation = work.tokens_per_validation * per_token if validates else 0.0
         if validation is not None:

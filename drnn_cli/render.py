@@ -215,6 +215,9 @@ class RichReporter:
             )  # fmt: skip
 
     def epoch_end(self, record: EpochRecord) -> None:
+        if record.is_start:  # a fine-tuning run's starting validation: its note says the figure, the bar
+            self._last_val = record.val_ppl  # shows it until the first cadence validation replaces it
+            return
         status = log_figures(record.train_ppl, record.val_ppl, record.tokens_per_s)
         self._last_ppl = record.train_ppl
         if record.val_ppl is not None:

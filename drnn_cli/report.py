@@ -186,9 +186,9 @@ class RunStart:
         else:
             span = f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
         if self.max_time:
-            span += (
-                f" or {format_duration(self.max_time)} of wall clock (train.max_time), whichever comes first"
-            )
+            # under a minute in seconds as given: format_duration's clock said "0:00" of a 0.3 s budget
+            clock = f"{self.max_time:g} s" if self.max_time < 60 else format_duration(self.max_time)
+            span += f" or {clock} of wall clock (train.max_time), whichever comes first"
         return span
 
     def epochs_of(self) -> str:
@@ -204,6 +204,7 @@ class Reporter(Protocol):
     """How the loop talks to its user; the CLI renders these with rich, tests collect them."""
 
     def start(self, run: RunStart) -> None: ...
+    # every metrics.jsonl line as it is written (a fine-tuning run's starting validation: is_start)
     def epoch_end(self, record: EpochRecord) -> None: ...
     def samples(self, epoch: float, samples: dict[str, str]) -> None: ...
     def note(self, message: str) -> None: ...

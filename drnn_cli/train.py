@@ -632,6 +632,14 @@ class Trainer:
         progress.state = self.static_step.carried_state() if carried else None
         progress.elapsed = elapsed
 
+    def _training_starts(self) -> None:
+        """This session's training starts now, after a validation that is not its own (a fine-tuning
+        run's of its starting weights, a replayed cut-short boundary's): ``max_time`` counts from here,
+        and under torchrun the pace of the steps between votes on a signal too (rev31: the replayed
+        validation's minutes read as one step's, and the next vote came at once)."""
+        self.budget.start()
+        self.stop_votes.restart_pace(self.global_step)
+
     def _replay_cut_boundary(self, epoch: int, progress: EpochProgress, steps_in_epoch: int) -> float:
         """The step boundary a signal cut short before this resume, run before the epoch's next step:
         it validates as it was to (a time budget's final validation too: the resumed clock starts anew),
@@ -652,7 +660,7 @@ class Trainer:
             self._save(LAST, epoch, progress)
         # the boundary ended the session before this one (a max_time stop's final validation, say):
         # this session's time budget starts after it (its seconds are this session's all the same)
-        self.budget.start()
+        self._training_starts()
         return self._training_clock() - paused
 
     def _step_status(
@@ -1073,9 +1081,9 @@ class Trainer:
         self.best_val_ppl, self.bad_evals, self.best_kept = val_ppl, 0, val_ppl
         self._set_lr(0)  # the line's rate: the first step's (under warm-up, not train.lr)
         lr = self.optimizer.param_groups[0]["lr"]
-        self._append_metrics(
-            EpochRecord(epoch=0, train_ppl=None, val_ppl=val_ppl, lr=lr, tokens_per_s=0.0, elapsed=0.0)
-        )
+        start = EpochRecord(epoch=0, train_ppl=None, val_ppl=val_ppl, lr=lr, tokens_per_s=0.0, elapsed=0.0)
+        self._append_metrics(start)
+        self.reporter.epoch_end(start)  # the bar's "val" from here, not from the first cadence validation
         self._save(LAST, 0)  # resumable from here: a kill now costs neither the validation nor the run
         self._save(BEST, 0)
         if self._stop_requested():  # a signal after the validation's last look: stop here, not a step on
@@ -1186,8 +1194,7 @@ class Trainer:
                 elif self._start_record() is not None and not (self.run_dir / BEST).is_file():
                     self._save(BEST, 0)  # killed between its LAST and BEST: the weights are still the start's
             # the budgets count training from here: not a fine-tuning run's validation of its start
-            self.budget.start()
-            self.stop_votes.restart_pace(self.global_step)
+            self._training_starts()
             for epoch in range(self.start_epoch, until if already is None else 0):
                 resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done
                 window, tokens_per_s = self.train_epoch(epoch)
@@ -1298,7 +1305,7 @@ class Trainer:
             self._report_samples(done)
         self._update_plot(force=last_epoch)
         if resumed_cut_short:  # the boundary ended the session before this one: its max_time starts now
-            self.budget.start()
+            self._training_starts()
         # Under torchrun the ranks vote, so a signal landing between two ranks' checks stops them all.
         if self._stop_requested():
             if not last_epoch:

@@ -191,6 +191,8 @@ def _checkpoint_point(run_dir: Path) -> str:
         return path.name  # unreadable: the resume that reads it says why
     if info.step_in_epoch:
         return f"step {info.step_in_epoch:,} of epoch {info.epoch + 1:,}"
+    if info.epoch == 0:  # a fine-tuning run's best.safetensors of its starting weights, before any step
+        return "the start, before any step"
     return f"the end of epoch {info.epoch:,}"
 
 
@@ -224,7 +226,7 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
         if not isinstance(error, DrnnError):
             raise
         message = str(error).replace(str(staging), str(run_dir))
-        replaced = f" (the new run has replaced the previous one in {run_dir})"
+        replaced = f"; the new run has replaced the previous one in {run_dir}"
         if isinstance(error, TrainingInterrupted):  # where it stopped names the run's place, not staging's
             written = error.stopped.checkpoint
             stopped = replace(error.stopped, run_dir=run_dir, checkpoint=written and run_dir / written.name)

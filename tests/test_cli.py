@@ -374,6 +374,21 @@ def test_between_log_lines_the_bar_shows_the_figures_so_far_and_keeps_the_last_v
         assert task.fields["status"] == "ppl 9.00  val 7.25  8,000 tok/s"
     finally:
         resumed.finish()
+    # a fine-tuning run's bar shows its starting weights' validation from its first steps (trial31b: no
+    # "val" until its first cadence validation); the note said the figure, so no line of its own
+    screen = io.StringIO()
+    tuned = RichReporter(Console(file=screen, force_terminal=True, width=120))
+    tuned.start(RunStart(4, 0, 1_000, "cpu", "from the weights of runs/old", 0))
+    try:
+        assert tuned.progress is not None
+        (task,) = tuned.progress.tasks
+        tuned.epoch_end(EpochRecord(0, None, 13.31, 0.1, 0.0, 0.0))
+        assert (task.fields["epoch"], task.completed) == (1, 0)  # the bar still reads "epoch 1/4"
+        tuned.step(StepStatus(0, 6, 149, 6, None, 6_482.0, 12.5))
+        assert task.fields["status"] == "ppl 12.50  val 13.31  6,482 tok/s"
+    finally:
+        tuned.finish()
+    assert "epoch 0/" not in screen.getvalue()
 
 
 def test_the_bar_s_live_perplexity_is_the_steps_since_the_last_line(workdir: Path, step_losses: list[float]):

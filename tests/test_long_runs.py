@@ -1470,6 +1470,8 @@ def test_a_max_time_runs_first_line_names_its_time_budget():
     start = RunStart(80, 0, 1_000, "cpu", "from scratch", 0, max_time=600.0)
     assert start.span() == "80 epochs or 10:00 of wall clock (train.max_time), whichever comes first"
     assert RunStart(80, 0, 1_000, "cpu", "from scratch", 0).span() == "80 epochs"
+    short = RunStart(80, 0, 1_000, "cpu", "from scratch", 0, max_time=0.3).span()
+    assert short == "80 epochs or 0.3 s of wall clock (train.max_time), whichever comes first"  # not "0:00"
 
 
 def test_a_resumed_budget_stops_validation_is_the_old_sessions_and_the_new_budget_starts_after_it(

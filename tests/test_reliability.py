@@ -190,8 +190,8 @@ def test_a_replacement_stopped_after_its_first_checkpoint_says_it_replaced_the_o
         train_run(request, reporter=StopAfterFirstEpoch())
     assert str(stopped.value) == (
         "training stopped by SIGINT after epoch 1, optimizer step 24; its checkpoint is in runs/tiny/last.safetensors; "
-        "continue with the same command with --resume in place of --overwrite "
-        "(the new run has replaced the previous one in runs/tiny)"
+        "continue with the same command with --resume in place of --overwrite; "
+        "the new run has replaced the previous one in runs/tiny"
     )  # "the same command plus --resume" would be refused: --resume --overwrite
     assert isinstance(stopped.value, TrainingInterrupted)  # for --json: the run's place, not its staging's
     assert (stopped.value.stopped.run_dir, stopped.value.stopped.checkpoint) == (

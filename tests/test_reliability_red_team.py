@@ -1296,6 +1296,26 @@ def test_an_overwrite_after_one_killed_outright_says_it_discards_the_killed_ones
     assert not staging.exists()
 
 
+def test_a_left_behind_runs_checkpoint_is_named_by_where_it_stands(tiny_run: Path, tmp_path: Path):
+    """How the notes and refusals above name the killed --overwrite's checkpoint: a fine-tuning run's
+    best.safetensors of its starting weights (killed before its first ``last``) is "the start", not
+    "the end of epoch 0" (review rev31)."""
+    from drnn_cli.train_session import _checkpoint_point
+
+    def at(epoch: int, step_in_epoch: int, name: str = "last.safetensors") -> str:
+        folder = tmp_path / f"{name}-{epoch}-{step_in_epoch}"
+        folder.mkdir()
+        header = {"epoch": epoch, "step_in_epoch": step_in_epoch}
+        rewrite_checkpoint(
+            tiny_run / "last.safetensors", folder / name, edit_header=lambda d: d.update(header)
+        )
+        return _checkpoint_point(folder)
+
+    assert at(3, 0) == "the end of epoch 3"
+    assert at(3, 120) == "step 120 of epoch 4"
+    assert at(0, 0, "best.safetensors") == "the start, before any step"
+
+
 def test_a_failed_runs_folder_is_removed_before_its_lock_is_released(
     workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
 ):

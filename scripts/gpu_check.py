@@ -940,10 +940,41 @@ def render_report(env: dict[str, Any], smi: str, results: dict[str, StepResult],
             cells = " | ".join(str(row.get(side, "")) for side in stack_sides)
             kernels = "; ".join(row.get("per-layer-kernels", [])).replace("|", "/")
             lines += [f"| {row['input']} | {row['dtype']} | {cells} | {kernels} |"]
+    lines += grads_lines(results)
     lines += profile_lines(results.get("profile"))
     lines += tile_lines(results.get("fused-tiles"))
     lines += ["", "## nvidia-smi", "", "```", smi, "```", ""]
     return "\n".join(lines)
+
+
+# Between two benchmark processes the textbook loop's pace moved by up to 25% (host-bound), a graph's
+# by about 4% (device-bound): what grads changes is read in graph tokens/s, and below this it is noise.
+GRADS_NOISE = 0.05
+
+
+def grads_lines(results: dict[str, StepResult]) -> list[str]:
+    """grads against the plan without it, each config's graph tokens/s from its own step (bench-seed's and
+    bench-fused-grads', two processes): their ratios to the textbook loop would carry the loop's swings
+    between processes, larger than the at most ~13% grads can save (gpurev32)."""
+    rows = []
+    for config in GRADS_CONFIGS.split(","):
+        plan, grads = bench_entry(results, config), bench_entry(results, f"{config} [{GRADS_VARIANT}]")
+        if plan is None or grads is None or "graph" not in plan["modes"] or "graph" not in grads["modes"]:
+            continue
+        before, after = plan["modes"]["graph"]["tokens_per_s"], grads["modes"]["graph"]["tokens_per_s"]
+        change = after / before - 1
+        reading = "within the noise" if abs(change) < GRADS_NOISE else ("faster" if change > 0 else "slower")
+        rows.append(f"| {config} | {before:,.0f} | {after:,.0f} | {change:+.1%} | {reading} |")
+    if not rows:
+        return []
+    return [
+        "",
+        f"### grads against the plan (graph tokens/s; two processes: under {GRADS_NOISE:.0%} is noise)",
+        "",
+        "| config | the plan (bench-seed) | with grads (bench-fused-grads) | change | reading |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+    ]
 
 
 def tile_lines(step: StepResult | None) -> list[str]:

@@ -160,6 +160,10 @@ def _root(
 ) -> None:
     if debug and isinstance(ctx.obj, Session):
         ctx.obj.debug = True
+    if ctx.invoked_subcommand != "train" and launched_rank() != 0:
+        # under torchrun only training is shared out: every other command is one process's work, done
+        # by rank 0 alone (each rank printed it, and --json's reader got W objects: ddp32)
+        raise typer.Exit(0)
 
 
 # ---------------------------------------------------------------------------------------------

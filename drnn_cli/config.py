@@ -359,6 +359,14 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def settings(self) -> dict[str, Any]:
+        """Every key as ``--set`` names it (``train.lr``), with its value, in the schema's order."""
+        return {
+            f"{section}.{key}": value
+            for section, keys in self.to_dict().items()
+            for key, value in keys.items()
+        }
+
 
 def describe_error(error: ValidationError) -> str:
     """The first validation problem as ``config error: <dotted.key>: <what is allowed>``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -164,6 +165,29 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
     if context.enabled:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
+
+
+def votable_digest(data: bytes) -> float:
+    """48 bits of a digest of ``data``: exact as the float64 a vote carries, so ranks compare contents."""
+    return float(int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "big"))
+
+
+def names_that_differ(values: dict[str, str], context: DistContext, device: torch.device) -> list[str]:
+    """The names in ``values`` whose value is not the same on every rank of a torchrun job (none without
+    one): each value's 48-bit digest (exact in float64), its largest and smallest over the ranks, in two
+    collectives. Every rank passes the same names, in the same order."""
+    if not context.enabled:
+        return []
+    digests = [votable_digest(value.encode()) for value in values.values()]
+    highest = torch.tensor(digests, dtype=torch.float64, device=device)
+    lowest = -highest
+    torch_dist.all_reduce(highest, op=torch_dist.ReduceOp.MAX)
+    torch_dist.all_reduce(lowest, op=torch_dist.ReduceOp.MAX)  # minus the smallest
+    return [
+        name
+        for name, high, low in zip(values, highest.tolist(), lowest.tolist(), strict=True)
+        if high != -low
+    ]
 
 
 def vote_max(value: float, context: DistContext, device: torch.device) -> float:

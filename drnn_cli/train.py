@@ -9,7 +9,6 @@ log line), so the hot loop never waits for the host.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -78,6 +77,8 @@ from drnn_cli.runtime import (
     all_reduce_sum,
     device_description,
     device_name,
+    names_that_differ,
+    votable_digest,
     vote_max,
     wait_for_every_rank,
 )
@@ -106,11 +107,44 @@ from drnn_cli.trainer_state import (
 RESUME_ADVICE = "the same command plus --resume"
 
 
+def check_every_rank_runs_alike(
+    config: Config, dataset: Dataset, dist: DistContext, device: torch.device
+) -> None:
+    """Under torchrun each node reads its own command, config and text: nodes given other settings or
+    another copy of the text hung (``max_steps``: one rank waited on a step the other never took), or
+    trained on silently with the ranks' rates mixed (``lr``), or failed in DDP's constructor (another
+    vocabulary; ddp32). Before the model is built, the ranks compare every setting but where the text
+    lies (``data.path``, ``data.corpus``: its contents are compared) and the device, and the text and
+    vocabulary, and refuse in one line naming what differs, with this rank's values."""
+    if not dist.enabled:
+        return
+    values = {
+        key: repr(value)
+        for key, value in config.settings().items()
+        if key not in {"data.path", "data.corpus", "train.device"}
+    }
+    values["the text"] = dataset.text_sha1 or dataset.sha1
+    values["the vocabulary"] = "\n".join(dataset.vocab.idx_to_token)
+    differ = names_that_differ(values, dist, device)
+    if not differ:
+        return
+    settings = config.settings()
+    here = {name: f"{name} {settings[name]!r}" if name in settings else name for name in differ} | {
+        "the text": f"the text {dataset.path} (SHA-1 {values['the text'][:12]}…)",
+        "the vocabulary": f"a vocabulary of {len(dataset.vocab):,} tokens",
+    }
+    raise DrnnError(
+        f"the processes of this torchrun job differ in {', '.join(differ)} (rank {dist.rank}: "
+        f"{', '.join(here[name] for name in differ)}): run the same command, config and text on every "
+        'node (README "Several processes, GPUs or nodes")'
+    )
+
+
 def _header_digest(checkpoint: Checkpoint) -> float:
     """48 bits of a digest of the checkpoint's header (its trainer state and tensor layout): exact as the
     float64 a vote carries."""
     header, _ = checkpoint.stored()
-    return float(int.from_bytes(hashlib.blake2b(header, digest_size=6).digest(), "big"))
+    return votable_digest(header)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +200,7 @@ class Trainer:
         self.reporter = reporter or SilentReporter()
         self.dist = dist or DistContext()
         self.shard = Shard(self.dist.rank, self.dist.world_size)
+        check_every_rank_runs_alike(config, dataset, self.dist, device)
         data = config.data
         check_trainable(
             len(dataset.splits.train),
@@ -644,13 +679,13 @@ class Trainer:
         """The step boundary a signal cut short before this resume, run before the epoch's next step:
         it validates as it was to (a time budget's final validation too: the resumed clock starts anew),
         and where ``train.epochs`` is now below this epoch the run ends at it. At the epoch's last step
-        the boundary is the epoch's end, which fit runs. Returns the seconds it took: evaluating is not
-        training time."""
-        progress.boundary_pending = False
+        the boundary is the epoch's end, which fit runs (its ``boundary_pending`` left set for fit to read
+        in ``trained_epoch``). Returns the seconds it took: evaluating is not training time."""
         if lr_changes_every_step(self.config.train):  # its line and checkpoint hold its step's rate
             self._set_lr(epoch, self.global_step - 1)
         if progress.step == steps_in_epoch:
             return 0.0
+        progress.boundary_pending = False
         paused = self._training_clock()
         over: StopReason | None = "epochs" if epoch >= self.config.train.epochs else None
         self.stopped_mid_epoch = self._inside_epoch(
@@ -1196,11 +1231,14 @@ class Trainer:
             # the budgets count training from here: not a fine-tuning run's validation of its start
             self._training_starts()
             for epoch in range(self.start_epoch, until if already is None else 0):
-                resumed_cut_short = self.progress.boundary_pending  # checkpointed once it is done
                 window, tokens_per_s = self.train_epoch(epoch)
                 if self.stopped_mid_epoch is not None:  # the line written at the stop is the last
                     stop_reason, val_ppl = self.stopped_mid_epoch, self.records[-1].val_ppl
                     break
+                # the epoch's end is the boundary a signal cut short (one inside the epoch was replayed
+                # before its next step: ddp32 found that end validated again and max_time restarted)
+                assert self.trained_epoch is not None  # train_epoch sets it where no stop ended the epoch
+                resumed_cut_short = self.trained_epoch.boundary_pending
                 val_ppl, ended_by = self._end_epoch(epoch, window, tokens_per_s, resumed_cut_short)
                 if ended_by is not None:
                     stop_reason = ended_by

@@ -238,3 +238,89 @@ def test_a_torchrun_worker_leaves_without_the_interpreters_teardown(under_torchr
     )
     assert done.returncode == 3
     assert done.stdout == ("written, unflushed" if under_torchrun else "written, unflushedteardown ran\n")
+
+
+def test_processes_given_other_settings_or_another_text_refuse_in_one_line_naming_them(
+    corpus_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each node reads its own command, config and text: two one-process nodes given other
+    ``train.max_steps`` hung, other ``train.lr`` trained on silently with the rates mixed, another copy
+    of the text silently, another vocabulary failed as an internal error in DDP's constructor (ddp32).
+    The ranks compare digests of every setting, the text and the vocabulary before the model is built.
+    Here rank 1's view: the other rank's digests (recorded from its own check) are what all_reduce
+    combines with this rank's, as gloo would."""
+    from conftest import TINY_TREE
+
+    from drnn_cli.config import Config, build_config
+    from drnn_cli.data import Dataset, load_dataset
+    from drnn_cli.errors import DrnnError
+    from drnn_cli.runtime import DistContext
+    from drnn_cli.train import check_every_rank_runs_alike
+
+    shuffled = tmp_path / "stale.txt"  # a stale copy: the same characters, its lines in another order
+    lines = corpus_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    shuffled.write_text("".join(lines[1::2] + lines[::2]), encoding="utf-8")
+
+    def node(text: Path, *overrides: str) -> tuple[Config, Dataset]:
+        tree = {**TINY_TREE, "data": {**TINY_TREE["data"], "path": str(text)}}
+        config = build_config(tree, list(overrides))
+        return config, load_dataset(config.data)
+
+    other_ranks: list[torch.Tensor] = []
+
+    def recording(tensor: torch.Tensor, op: object) -> None:
+        other_ranks.append(tensor.clone())
+
+    def combining(tensor: torch.Tensor, op: object) -> None:
+        assert op == torch.distributed.ReduceOp.MAX
+        torch.maximum(tensor, other_ranks.pop(0), out=tensor)
+
+    def compare(mine: tuple[Config, Dataset], theirs: tuple[Config, Dataset]) -> str | None:
+        monkeypatch.setattr(torch.distributed, "all_reduce", recording)
+        check_every_rank_runs_alike(*theirs, DistContext(0, 2), torch.device("cpu"))
+        monkeypatch.setattr(torch.distributed, "all_reduce", combining)
+        try:
+            check_every_rank_runs_alike(*mine, DistContext(1, 2), torch.device("cpu"))
+        except DrnnError as refused:
+            return str(refused)
+        finally:
+            assert other_ranks == []  # two collectives each: the largest digests, and the smallest
+        return None
+
+    same = node(corpus_path)
+    assert compare(same, node(corpus_path)) is None
+    # where the text lies and the device are each node's own; a note-only setting is still a setting
+    assert compare(same, node(corpus_path, "train.device=auto")) is None
+    assert compare(node(corpus_path, "train.max_steps=300"), node(corpus_path, "train.max_steps=200")) == (
+        "the processes of this torchrun job differ in train.max_steps (rank 1: train.max_steps 300): run "
+        'the same command, config and text on every node (README "Several processes, GPUs or nodes")'
+    )
+    refused = compare(node(shuffled, "train.lr=0.02"), same)
+    assert refused is not None and refused.startswith(
+        f"the processes of this torchrun job differ in train.lr, the text (rank 1: train.lr 0.02, the text "
+        f"{shuffled} (SHA-1 "
+    ), refused
+    other_vocabulary = tmp_path / "other.txt"
+    other_vocabulary.write_text("a b c\n" * 500, encoding="utf-8")
+    refused = compare(node(other_vocabulary), same)
+    assert refused is not None and "differ in the text, the vocabulary (rank 1: the text" in refused, refused
+    assert ", a vocabulary of " in refused and "internal error" not in refused
+
+
+def test_under_torchrun_commands_other_than_train_run_on_rank_0_alone(
+    tiny_run: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torchrun --nproc-per-node 2 -m drnn_cli -- eval --json`` printed its answer twice and a script's
+    reader got two JSON objects (ddp32): only training is shared out among the processes."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    answers = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        answers[rank] = cli("eval", "--run", str(tiny_run), "--split", "val", "--json")
+    assert answers["1"] == (0, "", "")
+    code, out, err = answers["0"]
+    assert code == 0 and json.loads(out)["split"] == "val", err
+    monkeypatch.setenv("RANK", "1")
+    for command in (("predict", "the", "--run", str(tiny_run)), ("presets",), ("data", "--config", "quick")):
+        assert cli(*command) == (0, "", ""), command

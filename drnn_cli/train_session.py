@@ -271,8 +271,10 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     check_header_room(dataset.vocab)
 
     def mark_as_latest() -> None:
-        """``runs/latest`` names the run once it has a checkpoint for ``predict`` and ``eval`` to read:
-        marked as it started, a run killed before its first (kill -9, the OOM killer) stayed named."""
+        """``runs/latest`` names the run once it has a checkpoint for ``predict`` and ``eval`` to read
+        (marked as it started, a run killed before its first, kill -9 or the OOM killer, stayed named),
+        and again as its session ends: a learner's 30-second run started while a 13-minute one trained
+        stayed "latest" after the long one finished, and predict read it (learner32)."""
         unmarked = mark_latest(final_dir, request.runs_root)
         if unmarked is not None and reporter is not None:
             reporter.note(f"the latest run is not recorded ({unmarked}); pass --run to predict/eval")
@@ -302,4 +304,12 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         mark_run_dir(run_dir)
         if request.resume:  # it has its checkpoint
             mark_as_latest()
-    return trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingInterrupted:  # stopped by a signal or a closed stdout, after its checkpoint
+        if dist.is_main:
+            mark_as_latest()
+        raise
+    if dist.is_main:
+        mark_as_latest()
+    return result

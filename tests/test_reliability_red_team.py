@@ -198,6 +198,40 @@ def test_a_new_run_becomes_the_latest_run_with_its_first_checkpoint(
     assert named[:2] == ["good", "new"] and all(name == "new" for name in named[2:])
 
 
+def test_a_run_that_ends_after_another_started_is_the_latest_run_again(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """A learner started a 30-second run while the 13-minute one trained; the long one finished last,
+    yet predict and eval read the short one's half-trained weights ("te te te"), as runs/latest named
+    the run that began last (learner32). A run is marked again as its session ends, and as a signal
+    stops it too."""
+    from drnn_cli.report import EpochRecord, SilentReporter
+    from drnn_cli.train import Trainer
+
+    runs = workdir / "runs"
+    save = Trainer._save
+
+    def another_run_starts(self: Trainer, name: str, epoch: int, progress: object = None) -> None:
+        save(self, name, epoch, progress)
+        (runs / "latest").write_text(str(workdir / "runs" / "other") + "\n")  # its first checkpoint
+
+    monkeypatch.setattr(Trainer, "_save", another_run_starts)
+    assert cli("train", "--config", str(config_file(workdir, tiny(epochs=2))), "--run", "runs/long")[0] == 0
+    assert Path((runs / "latest").read_text().strip()) == (runs / "long").resolve()
+
+    class StoppedAfterEpoch1(SilentReporter):
+        def epoch_end(self, record: EpochRecord) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    from drnn_cli.errors import TrainingInterrupted
+    from drnn_cli.train_session import TrainRequest, train_run
+
+    request = TrainRequest(config_file(workdir, tiny(epochs=3)), run_dir=Path("runs/stopped"))
+    with pytest.raises(TrainingInterrupted):
+        train_run(request, reporter=StoppedAfterEpoch1())
+    assert Path((runs / "latest").read_text().strip()) == (runs / "stopped").resolve()
+
+
 @pytest.mark.draws_plot
 def test_a_plot_that_cannot_be_written_is_noted_once_and_training_goes_on(workdir: Path, cli):
     """perplexity.png is a view of metrics.jsonl: failing to write it must not stop a run (it did, at the

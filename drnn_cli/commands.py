@@ -481,26 +481,29 @@ def evaluate_split(
         step = checkpoint.trainer().global_step
     except UnusableTrainerState:  # a checkpoint without a (usable) trainer state: its epoch is all there is
         step = None
-    if rows is None:
-        notes = (*notes, *_short_rows_note(result.tokens, config.data.batch_size, config.data.num_steps))
+    read_as = rows or config.data.batch_size
     fix = (
         "evaluate a longer text with --data" if data_file else "a larger split, or a longer text with --data"
+    )
+    unknown = scored_unknown_note(
+        result.unknown,
+        result.tokens,
+        "predicted tokens",
+        "this perplexity is",
+        written_unk=config.data.token == "word",
     )
     notes = (
         *loaded.notes,
         *notes,
-        *filter(None, (few_predictions_note(result.tokens, fix),)),
-        *filter(
-            None,
-            (
-                scored_unknown_note(
-                    result.unknown,
-                    result.tokens,
-                    "predicted tokens",
-                    "this perplexity is",
-                    written_unk=config.data.token == "word",
-                ),
-            ),
+        *_short_rows_note(result.tokens, read_as, config.data.num_steps),
+        *(_training_split_note(config, result.tokens, read_as) if split_name == "train" else ()),
+        *filter(None, (few_predictions_note(result.tokens, fix), unknown)),
+        # against a uniform guess only where the vocabulary spells the text (else the note above says
+        # the perplexity compares with nothing)
+        *(
+            _worse_than_uniform_note(result.perplexity, len(checkpoint.vocab))
+            if split_name != "train" and unknown is None
+            else ()
         ),
     )
     return EvalReport(
@@ -513,6 +516,40 @@ def evaluate_split(
         step_in_epoch=checkpoint.step_in_epoch,
         checkpoint=str(loaded.path.absolute()),  # as predict names it
         rows=max(1, min(rows or config.data.batch_size, result.tokens)),  # as eval_batches cuts them
+    )
+
+
+def _training_split_note(config: Config, predicted: int, rows: int) -> tuple[str, ...]:
+    """Why eval of the split a run trained on differs from training's perplexity, in either direction
+    (1.308 → 1.639 for d2l's §8.6 RNN, 1.400 → 1.225 for §8.5 with state reset each minibatch: a
+    learner took the first for a failed reproduction; learner32): training's figure is its minibatches'
+    as the weights changed, its rows' state never older than a span eval reads past."""
+    data = config.data
+    rows = max(1, min(rows, predicted))
+    length = predicted // rows
+    if data.sampling == "random" or config.train.reset_state:
+        span = f"each minibatch from a zero state, {data.num_steps} tokens"
+    else:
+        steps = max(1, predicted // (data.batch_size * data.num_steps))  # an epoch's minibatches, about
+        span = f"each row's state at most {steps * data.num_steps:,} tokens old"
+    return (
+        f"this is the split the run trained on: training's perplexity was its minibatches' while the weights "
+        f"changed ({span}); eval reads it with the final weights as {rows:,} row{'s' if rows > 1 else ''} of "
+        f"about {length:,} token{'s' if length > 1 else ''}, each once through: the two differ, either way "
+        '(README "Reproducing d2l")',
+    )
+
+
+def _worse_than_uniform_note(ppl: float, vocabulary: int) -> tuple[str, ...]:
+    """A perplexity above the vocabulary's size predicts worse than a uniform guess: what a d2l recipe's
+    memorising model (1.02 on its 10,000 characters) scores on a later passage of the same book (101
+    against 28; learner32), the lesson of a held-out split."""
+    if not ppl > vocabulary:  # NaN too
+        return ()
+    return (
+        f"perplexity {ppl:,.4g} is above {vocabulary:,}, a uniform guess over the vocabulary: the model "
+        "predicts this text worse than knowing nothing of it; it memorised the text it trained on, or this "
+        "text is unlike that one",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -630,13 +631,54 @@ def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Pa
     assert "note: the text is read as 8 rows of about 8 tokens, each from a zero state (the model trained on " \
         "windows of 10): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream" in err  # fmt: skip
     assert len(out.splitlines()) == 1 and "note" not in out  # stdout keeps the result alone, as predict's
-    for rows in ("1", "8"):  # a number of rows asked for is what the user meant; 64 predictions are few
-        code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", rows)
-        assert code == 0 and [line for line in err.splitlines() if line.startswith("note:")] == [
-            "note: a perplexity over 64 predictions is noise (evaluate a longer text with --data)"
-        ]
+    noise = "note: a perplexity over 64 predictions is noise (evaluate a longer text with --data)"
+    code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", "1")
+    assert code == 0 and [line for line in err.splitlines() if line.startswith("note:")] == [noise]
+    # rows asked for are said too when short: --rows 100000 read 9,999 rows of one token, a perplexity of
+    # 17.4 against 1.16, without a word (learner32)
+    code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", "100000")
+    assert code == 0 and [line for line in err.splitlines() if line.startswith("note:")] == [
+        "note: the text is read as 64 rows of about 1 token, each from a zero state (the model trained on "
+        "windows of 10): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream",
+        noise,
+    ]
     code, out, _ = cli("eval", "--run", str(tiny_run), "--split", "val")  # 599 tokens: rows of 74
     assert code == 0 and "note:" not in out
+
+
+def test_eval_of_the_split_a_run_trained_on_says_why_it_differs_from_training(tiny_run: Path):
+    """d2l's §8.6 RNN trained to 1.308 and evaluated to 1.639, §8.5 with its state reset each minibatch
+    1.400 and 1.225: a learner took the first for a failed reproduction (learner32). 2,399 predicted
+    training tokens in 8 rows: 2,399 // (8 × 10) = 29 minibatches an epoch, so a row's state in training
+    is at most 290 tokens old, and eval reads rows of 2,399 // 8 = 299."""
+    loaded = load_model(tiny_run, None, "cpu")
+    report = evaluate_split(loaded, "train")
+    assert report.result.tokens == 2_399
+    assert report.notes == (
+        "this is the split the run trained on: training's perplexity was its minibatches' while the weights "
+        "changed (each row's state at most 290 tokens old); eval reads it with the final weights as 8 rows of "
+        'about 299 tokens, each once through: the two differ, either way (README "Reproducing d2l")',
+    )
+    random = replace(loaded, checkpoint=replace(loaded.checkpoint, config=loaded.checkpoint.config.model_copy(
+        update={"data": loaded.checkpoint.config.data.model_copy(update={"sampling": "random"})}
+    )))  # fmt: skip
+    assert "(each minibatch from a zero state, 10 tokens)" in evaluate_split(random, "train").notes[0]
+    assert evaluate_split(loaded, "val").notes == ()
+
+
+def test_eval_of_a_text_it_predicts_worse_than_a_uniform_guess_says_so(tiny_run: Path, tmp_path: Path):
+    """lstm2 (perplexity 1.02 on its 10,000 characters) scores 101 on a later passage of the same book,
+    worse than a uniform guess over its 28 characters: what a learner should see (learner32)."""
+    unlike = tmp_path / "unlike.txt"
+    unlike.write_text("zq xj " * 40 + "\n")
+    loaded = load_model(tiny_run, None, "cpu")
+    report = evaluate_split(loaded, data_file=unlike)
+    assert report.result.perplexity > 28 == len(loaded.checkpoint.vocab)
+    assert report.notes == (
+        f"perplexity {report.result.perplexity:,.4g} is above 28, a uniform guess over the vocabulary: the "
+        "model predicts this text worse than knowing nothing of it; it memorised the text it trained on, or "
+        "this text is unlike that one",
+    )
 
 
 def test_eval_reports_its_progress_before_each_minibatch(tiny_run: Path):

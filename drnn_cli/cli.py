@@ -398,7 +398,7 @@ def predict_command(
     ] = False,
     temperature: Annotated[
         float | None,
-        typer.Option("--temperature", metavar="T", help="Sampling temperature (> 0; default 1)."),
+        typer.Option("--temperature", metavar="T", help="Sampling temperature (1e-6 to 1000; default 1)."),
     ] = None,
     top_k: Annotated[
         int | None, typer.Option("--top-k", metavar="K", help="Sample only among the K most likely tokens.")
@@ -412,7 +412,8 @@ def predict_command(
     device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
-    """Continue prefixes with the latest run's best model (greedy by default, as d2l's predict_ch8).
+    """Continue prefixes with the latest run's best checkpoint, its last where the run has no validation
+    split (greedy by default, as d2l's predict_ch8).
 
     Example: drnn predict "time traveller" "the machine" -n 100 --sample --temperature 0.8 --seed 1
     """

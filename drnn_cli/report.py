@@ -177,6 +177,7 @@ class RunStart:
     steps_per_epoch: float = 0.0  # the mean: a step budget's epochs, and the decimals of a line's
     latest_val_ppl: float | None = None  # a resumed run's last validation, shown until its next one
     max_time: float = 0.0  # train.max_time, seconds (0: none)
+    budget_epochs: float = 0.0  # where max_steps ends, through the real epoch lengths (0: the mean's)
 
     def span(self) -> str:
         """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it
@@ -194,9 +195,10 @@ class RunStart:
     def epochs_of(self) -> str:
         """What a log line counts its epochs out of (``epoch 1.46/8.49``): ``train.epochs``, or the span
         of a step budget that ends the run inside an epoch, to the decimals its lines count epochs in
-        (an estimate under random sampling, whose epochs differ in steps)."""
+        (through the real epoch lengths where the trainer counted them, else the mean's estimate)."""
         if self.max_steps:
-            return epoch_count(self.max_steps / self.steps_per_epoch, self.steps_per_epoch)
+            span = self.budget_epochs or self.max_steps / self.steps_per_epoch
+            return epoch_count(span, self.steps_per_epoch)
         return f"{self.total_epochs:,}"
 
 

@@ -105,6 +105,9 @@ from drnn_cli.trainer_state import (
 
 # How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py).
 RESUME_ADVICE = "the same command plus --resume"
+# a step budget's span is counted through the real epoch lengths up to this many epochs (each an
+# epoch's batching, microseconds on the Time Machine), beyond which the mean's estimate stands
+EPOCH_WALK = 2_000
 
 
 def check_every_rank_runs_alike(
@@ -990,6 +993,18 @@ class Trainer:
                 f"the loss became NaN or infinite at step {bad + 1:,} of epoch {epoch + 1:,}"
             )
 
+    def _epochs_at(self, step: int) -> float:
+        """Epochs done at optimizer step ``step``, counted from this session's epoch through the real epoch
+        lengths (sequential sampling's offsets change them by a step): a step budget's last log line read
+        ``epoch 1.207/1.205`` against the mean's span (ddp32). 0.0 past EPOCH_WALK epochs (the mean then)."""
+        epoch, before = self.start_epoch, self.global_step - self.progress.step
+        for _ in range(EPOCH_WALK):
+            steps = len(self._batches(epoch))
+            if step <= before + steps:
+                return epoch + 1 if step == before + steps else round(epoch + (step - before) / steps, 6)
+            before, epoch = before + steps, epoch + 1
+        return 0.0
+
     def _epochs_done(self, epoch: int, step: int) -> float:
         """Epochs done after ``step`` steps of ``epoch``: whole at an epoch's start or end (as in
         metrics.jsonl), else fractional."""
@@ -1264,6 +1279,7 @@ class Trainer:
             log_every=self.config.train.log_every,
             max_steps=step_budget,
             steps_per_epoch=self.length.steps_per_epoch,
+            budget_epochs=self._epochs_at(step_budget) if step_budget else 0.0,
             latest_val_ppl=next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
             max_time=self.config.train.max_time,
         )

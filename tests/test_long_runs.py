@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -1466,6 +1467,30 @@ def test_a_session_says_where_its_time_went_checkpoint_writes_and_validations_ap
     parts = [seconds["training"], seconds["validating"], seconds["checkpoints"], other]
     shown = " / ".join(f"{part:,.1f} s" for part in parts)  # rest: samples, the plot
     assert f"│ training / validating / checkpoints / rest │ {shown}" in err, err
+
+
+def test_a_step_budgets_last_line_reaches_the_span_its_first_line_counts_out_of(workdir: Path):
+    """1,610 tokens in rows of 8 × 10 make epochs of 19 or 20 steps as sequential sampling's offset falls
+    (19, 20, 20, 20 with seed 0; 19.91 on average): 66 steps end 7 steps into the fourth epoch, 3.35, where
+    the mean's span said 66 / 19.91 = 3.32 and the last line read past it (``epoch 1.207/1.205`` on a
+    practitioner's text: ddp32)."""
+    from drnn_cli.budget import epoch_count
+    from drnn_cli.report import SilentReporter
+
+    class FirstLine(SilentReporter):
+        run: RunStart | None = None
+
+        def start(self, run: RunStart) -> None:
+            self.run = run
+
+    config = write_config(workdir)
+    settings = ("data.max_tokens=1610", "data.val_fraction=0", "train.epochs=10", "train.max_steps=66")
+    reporter = FirstLine()
+    train_run(TrainRequest(config, settings, run_dir=Path("runs/span")), reporter=reporter)
+    assert reporter.run is not None and reporter.run.epochs_of() == "3.35"
+    last = metrics(workdir / "runs/span")[-1]
+    assert (last["step"], epoch_count(last["epoch"], reporter.run.steps_per_epoch)) == (66, "3.35")
+    assert dataclasses.replace(reporter.run, budget_epochs=0.0).epochs_of() == "3.32"  # the mean's alone
 
 
 def test_a_max_time_runs_first_line_names_its_time_budget():

@@ -78,6 +78,16 @@ class WorkLeft:
     tokens_per_step: int  # one rank's (each rank validates every token)
 
 
+@dataclass(frozen=True)
+class PaceOrigin:
+    """Where a session's step pace counts from: its clock, validating and writing seconds, and steps then."""
+
+    seconds: float
+    validating: float
+    writing: float
+    steps: int
+
+
 @dataclass
 class SessionTime:
     """A session's wall clock from its start, and the seconds it spent validating and writing
@@ -89,6 +99,10 @@ class SessionTime:
     validated_tokens: int = 0
     writing: float = 0.0
     writes: int = 0
+    # the end of the session's first step, which carries its start-up (the data's first copy, the
+    # allocator, DDP's first all-reduce, a GPU's warm-up): paced from the session's start, a 2-process
+    # run's first estimates were 3-6 times too long (ddp32); None: from the start
+    pace_origin: PaceOrigin | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -113,11 +127,25 @@ class SessionTime:
             self.writing += time.perf_counter() - began
             self.writes += 1
 
+    def pace_from_here(self, steps: int) -> None:
+        """The session's first ``steps`` are done: the step pace counts from now on (once)."""
+        if self.pace_origin is None:
+            self.pace_origin = PaceOrigin(self.elapsed(), self.validating, self.writing, steps)
+
     def step_seconds(self, session_seconds: float, steps: int) -> float | None:
-        """A training step's seconds: the session's wall clock, less its validations and writes, a step."""
-        if steps <= 0:
+        """A training step's seconds: the session's wall clock since the pace's origin, less the
+        validations and writes since, a step of the ``steps`` (the session's) since; None before one."""
+        origin = self.pace_origin or PaceOrigin(0.0, 0.0, 0.0, 0)
+        paced = steps - origin.steps
+        if paced <= 0:
             return None
-        return max(0.0, session_seconds - self.validating - self.writing) / steps
+        spent = (
+            session_seconds
+            - origin.seconds
+            - (self.validating - origin.validating)
+            - (self.writing - origin.writing)
+        )
+        return max(0.0, spent) / paced
 
     def validation_seconds_per_token(self, step_seconds: float, tokens_per_step: int) -> float:
         """Measured where the session has validated; else a forward pass's share of a step's seconds."""

@@ -626,6 +626,8 @@ class Trainer:
             progress.count += targets
             progress.step = step + 1
             self.global_step += 1
+            if self.global_step == self._first_step + 1:  # start-up is in it: the pace counts from here
+                self.session_time.pace_from_here(1)
             self.tokens_seen += targets * self.dist.world_size
             if self.tensorboard is not None and self.static_step.grad_norm is not None:
                 self.tensorboard.add_grad_norm(self.static_step.grad_norm)  # summed on the device, no sync

@@ -1371,7 +1371,7 @@ def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_session
     """The bar's time left was the step pace, or the wall clock divided by the steps done, and rich's
     epoch pace: on a 20 MB text it said 0:03 through a validation of 70 s, then 0:09 with a whole
     validation to come (practitioner trial, 2026-11-28)."""
-    from drnn_cli.session_time import SessionTime, WorkLeft
+    from drnn_cli.session_time import PaceOrigin, SessionTime, WorkLeft
 
     trainer = _trainer_at_step_10(workdir)
     assert trainer._work_left() == WorkLeft(
@@ -1388,6 +1388,15 @@ def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_session
     # before any validation: a token costs a forward pass, a third of a step's 1.8 s / 80 tokens
     trainer.session_time = SessionTime(time.monotonic() - 20.0, writing=2.0, writes=4)
     assert trainer._seconds_left() == pytest.approx(47 * 1.8 + 10 * 100 * (1.8 / 80 / 3) + 11 * 0.5, rel=0.03)
+    # paced from the end of the session's first step, which carried its start-up (ddp32: 3-6 times too
+    # long early on): 8 s in, no validation or write yet; since then 12 s, less 6 validating and 2
+    # writing, over 9 steps: 4 / 9 s a step
+    trainer.session_time = SessionTime(
+        time.monotonic() - 20.0, 6.0, 2, 600, 2.0, 4, pace_origin=PaceOrigin(8.0, 0.0, 0.0, 1)
+    )
+    assert trainer._seconds_left() == pytest.approx(47 * 4 / 9 + 10 + 5.5, rel=0.03)
+    trainer.global_step = 1  # the first step alone: no pace yet
+    assert trainer._seconds_left() is None
     # before the first step: no pace; inside a validation then (a fine-tuning run's first), no figure
     trainer.global_step = 0
     assert (trainer._seconds_left(), trainer._seconds_left((40, 100, began))) == (None, None)

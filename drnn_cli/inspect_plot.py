@@ -48,15 +48,19 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
     gate_rows = [(layer, gates) for layer, gates in enumerate(inspection.saturation, start=1) if gates]
     columns = max((len(gates) for _, gates in gate_rows), default=1)
     rows = 1 + len(gate_rows)
+    shown = min(HEATMAP_CHARS, len(inspection.chars))
+    # 0.13 inch a character: its label legible at 9 points (6-pixel labels at 10 inches: learner32)
     figure = Figure(
-        figsize=(max(10, 3.2 * columns), 2.2 + 0.35 * len(inspection.units) + 2.4 * len(gate_rows))
+        figsize=(
+            max(10, 3.2 * columns, 0.13 * shown),
+            2.2 + 0.35 * len(inspection.units) + 2.4 * len(gate_rows),
+        )
     )
     grid = figure.add_gridspec(
         rows, columns, height_ratios=[1.2 + 0.25 * len(inspection.units)] + [1.6] * len(gate_rows)
     )
 
     heat = figure.add_subplot(grid[0, :])
-    shown = min(HEATMAP_CHARS, len(inspection.chars))
     values = inspection.activations[:, :shown].numpy()
     scale = abs(values).max(axis=1, keepdims=True)
     scale[scale == 0] = 1
@@ -68,7 +72,7 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
     bar.set_label("activation ÷ the unit's largest", fontsize=7)
     heat.set_yticks(range(len(inspection.units)), [_unit_label(s) for s in inspection.units])
     heat.set_xticks(range(shown), [labelled_char(c) for c in inspection.chars[:shown]])
-    heat.tick_params(axis="x", labelsize=7, length=0)
+    heat.tick_params(axis="x", labelsize=9, length=0)
     of = f" (first {shown} of {len(inspection.chars):,} characters)" if shown < len(inspection.chars) else ""
     signal = "cell state" if inspection.signal == "cell" else "hidden state"
     heat.set_title(
@@ -79,14 +83,17 @@ def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
         for column, (name, saturation) in enumerate(gates.items()):
             axes = figure.add_subplot(grid[row, column])
             bins = [i / 20 for i in range(21)]
-            axes.hist(saturation.left.numpy(), bins=bins, alpha=0.6, label=f"< {SATURATED_LOW:g}")
-            axes.hist(saturation.right.numpy(), bins=bins, alpha=0.6, label=f"> {SATURATED_HIGH:g}")
+            # outlines: two filled histograms over each other mixed into a third colour (learner32)
+            for share, label in (
+                (saturation.left, f"< {SATURATED_LOW:g}"),
+                (saturation.right, f"> {SATURATED_HIGH:g}"),
+            ):
+                axes.hist(share.numpy(), bins=bins, histtype="step", linewidth=1.5, label=label)
             axes.set_title(f"layer {layer} {name} gate", fontsize=9)
             axes.set_xlabel("fraction of characters saturated", fontsize=8)
             axes.set_ylabel("units", fontsize=8)
             axes.tick_params(labelsize=7)
-            if column == 0:
-                axes.legend(fontsize=7)
+            axes.legend(fontsize=7)
     buffer = io.BytesIO()
     with warnings.catch_warnings(record=True) as caught, quiet_font_fallbacks():
         warnings.simplefilter("always")

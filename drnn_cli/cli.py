@@ -245,13 +245,15 @@ def presets_command(json_out: JsonOption = False) -> None:
     out, _ = consoles(json_out)
     reports = describe_presets()
     # an 80-column terminal wrapped each description and figure into a dozen lines (156 in all): there
-    # the figures are left to --json, and the names and models do not wrap
+    # the figures are left to --json, and the model goes above its description, which then keeps the
+    # width the model's two columns took (eight lines a preset beside a 27-character name: learner32)
     wide = out.width >= WIDE_PRESETS_TABLE
     table = Table(title="presets (drnn train --config NAME)")
     table.add_column("name", no_wrap=True)
-    table.add_column("model", no_wrap=True)
-    table.add_column("parameters", no_wrap=True, justify="right")
-    table.add_column("description, measured" if wide else "description")
+    if wide:
+        table.add_column("model", no_wrap=True)
+        table.add_column("parameters", no_wrap=True, justify="right")
+    table.add_column("description, measured" if wide else "model, description")
     for report in reports:
         model = report.config.model
         size = f"{model.cell} {model.num_layers}×{model.hidden_size}"
@@ -259,8 +261,11 @@ def presets_command(json_out: JsonOption = False) -> None:
             size += f" emb {model.embedding_dim}"
         parameters = "—" if report.parameters is None else f"{report.parameters:,}"
         measured = f"measured: {report.preset.measured}" if report.preset.measured else "not measured"
-        described = f"{report.preset.description}\n{measured}" if wide else report.preset.description
-        table.add_row(report.preset.name, size, parameters, described)
+        if wide:
+            table.add_row(report.preset.name, size, parameters, f"{report.preset.description}\n{measured}")
+        else:
+            counted = "" if report.parameters is None else f", {parameters} parameters"
+            table.add_row(report.preset.name, f"{size}{counted}\n{report.preset.description}")
     out.print(table)
     if not wide:
         out.print(

@@ -214,7 +214,8 @@ def _download_with_retries(
             time.sleep(backoff * 2**attempt)
     raise DrnnError(
         f"cannot download {url} ({last_problem}); check the network, set {DATA_URL_ENV} to a mirror, "
-        f"or copy the file into {data_dir()} (or ${DATA_DIR_ENV})"
+        f"or copy the file into {partial.parent.absolute()} (the corpus cache: data/ where drnn runs, or "
+        f"${DATA_DIR_ENV}, which any directory can share)"
     )
 
 

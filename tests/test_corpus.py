@@ -284,6 +284,11 @@ def test_an_unreachable_mirror_is_a_drnn_error(monkeypatch: pytest.MonkeyPatch, 
     message = str(caught.value)
     assert f"{url}/timemachine.txt" in message
     assert "DRNN_DATA_URL" in message
+    # where to copy it, absolute: a learner in a new directory found only "data" (learner32)
+    assert message.endswith(
+        f"or copy the file into {tmp_path.absolute()} (the corpus cache: data/ where drnn runs, or "
+        "$DRNN_DATA_DIR, which any directory can share)"
+    )
     assert not (tmp_path / "timemachine.txt").exists()
 
 

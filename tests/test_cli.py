@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -9,12 +10,17 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from conftest import TINY_TREE, config_file
 
 from drnn_cli import __version__
+
+if TYPE_CHECKING:
+    from drnn_cli.render import RichReporter
+    from drnn_cli.report import RunStart
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -308,19 +314,25 @@ def test_cuda_on_a_machine_without_it_names_where_it_was_asked_for(
     assert not (workdir / "runs").exists()
 
 
-def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -> None:
-    """On a terminal: resumed 3 steps into epoch 2 of 4, the first line says "from step 3 of epoch 2" and
-    the bar "epoch 2/4" (it counted epochs done, "epoch 1/4", before)."""
-    import io
-
+def terminal_bar(run: RunStart) -> tuple[RichReporter, io.StringIO]:
+    """A progress bar on a 120-column terminal, started on ``run``, and the screen it draws on."""
     from rich.console import Console
 
     from drnn_cli.render import RichReporter
-    from drnn_cli.report import EpochRecord, RunStart, StepStatus
 
     screen = io.StringIO()
     reporter = RichReporter(Console(file=screen, force_terminal=True, width=120))
-    reporter.start(RunStart(4, 1, 1_000, "cpu", "from step 3 of epoch 2", 0))
+    reporter.start(run)
+    return reporter, screen
+
+
+def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -> None:
+    """On a terminal: resumed 3 steps into epoch 2 of 4, the first line says "from step 3 of epoch 2" and
+    the bar "epoch 2/4" (it counted epochs done, "epoch 1/4", before)."""
+
+    from drnn_cli.report import EpochRecord, RunStart, StepStatus
+
+    reporter, screen = terminal_bar(RunStart(4, 1, 1_000, "cpu", "from step 3 of epoch 2", 0))
     try:
         assert reporter.progress is not None
         (task,) = reporter.progress.tasks
@@ -343,15 +355,10 @@ def test_the_progress_bar_names_the_epoch_in_progress_as_the_first_line_does() -
 def test_between_log_lines_the_bar_shows_the_figures_so_far_and_keeps_the_last_validation():
     """A long epoch with no line inside it showed no perplexity and no speed until its end (3.5 minutes
     on a 2 MB text under lstm_full_cpu)."""
-    import io
 
-    from rich.console import Console
-
-    from drnn_cli.render import RichReporter
     from drnn_cli.report import EpochRecord, RunStart, StepStatus
 
-    reporter = RichReporter(Console(file=io.StringIO(), force_terminal=True, width=120))
-    reporter.start(RunStart(4, 0, 1_000, "cpu", "from scratch", 0))
+    reporter, _ = terminal_bar(RunStart(4, 0, 1_000, "cpu", "from scratch", 0))
     try:
         assert reporter.progress is not None
         (task,) = reporter.progress.tasks
@@ -365,8 +372,7 @@ def test_between_log_lines_the_bar_shows_the_figures_so_far_and_keeps_the_last_v
     finally:
         reporter.finish()
     # a resumed run's bar shows its last validation from the start, not only after its next one
-    resumed = RichReporter(Console(file=io.StringIO(), force_terminal=True, width=120))
-    resumed.start(RunStart(4, 1, 1_000, "cpu", "from epoch 2", 0, latest_val_ppl=7.25))
+    resumed, _ = terminal_bar(RunStart(4, 1, 1_000, "cpu", "from epoch 2", 0, latest_val_ppl=7.25))
     try:
         assert resumed.progress is not None
         (task,) = resumed.progress.tasks
@@ -376,9 +382,7 @@ def test_between_log_lines_the_bar_shows_the_figures_so_far_and_keeps_the_last_v
         resumed.finish()
     # a fine-tuning run's bar shows its starting weights' validation from its first steps (trial31b: no
     # "val" until its first cadence validation); the note said the figure, so no line of its own
-    screen = io.StringIO()
-    tuned = RichReporter(Console(file=screen, force_terminal=True, width=120))
-    tuned.start(RunStart(4, 0, 1_000, "cpu", "from the weights of runs/old", 0))
+    tuned, screen = terminal_bar(RunStart(4, 0, 1_000, "cpu", "from the weights of runs/old", 0))
     try:
         assert tuned.progress is not None
         (task,) = tuned.progress.tasks
@@ -419,12 +423,9 @@ def test_the_bar_s_live_perplexity_is_the_steps_since_the_last_line(workdir: Pat
 def test_the_bar_counts_a_validations_tokens_once_it_lasts(workdir: Path):
     """A validation of millions of tokens (minutes on a CPU; a fine-tuning run validates its starting
     weights before any step) left the bar standing still, as if the run had hung."""
-    import io
 
     from conftest import TINY_TREE, config_file
-    from rich.console import Console
 
-    from drnn_cli.render import RichReporter
     from drnn_cli.report import RunStart, SilentReporter
     from drnn_cli.train_session import TrainRequest, train_run
 
@@ -442,8 +443,7 @@ def test_the_bar_counts_a_validations_tokens_once_it_lasts(workdir: Path):
     train_run(TrainRequest(config_file(workdir, tree)), seen)
     assert seen.calls == [(0, 250), (80, 250), (160, 250), (240, 250), (248, 250)] * 2
 
-    reporter = RichReporter(Console(file=io.StringIO(), force_terminal=True, width=120))
-    reporter.start(RunStart(4, 0, 1_000, "cpu", "from scratch", 0))
+    reporter, _ = terminal_bar(RunStart(4, 0, 1_000, "cpu", "from scratch", 0))
     try:
         assert reporter.progress is not None
         (task,) = reporter.progress.tasks

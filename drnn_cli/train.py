@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from drnn_cli import fused_recurrence
+from drnn_cli import __version__, fused_recurrence
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import (
     EpochBatches,
@@ -73,6 +73,7 @@ from drnn_cli.run_notes import (
     scored_unknown_note,
 )
 from drnn_cli.runtime import (
+    OTHER_NAMES,
     DistContext,
     all_reduce_sum,
     device_description,
@@ -135,6 +136,7 @@ def check_every_rank_runs_alike(
     here = {name: f"{name} {settings[name]!r}" if name in settings else name for name in differ} | {
         "the text": f"the text {dataset.path} (SHA-1 {values['the text'][:12]}…)",
         "the vocabulary": f"a vocabulary of {len(dataset.vocab):,} tokens",
+        OTHER_NAMES: f"drnn {__version__}, {len(settings):,} settings",
     }
     raise DrnnError(
         f"the processes of this torchrun job differ in {', '.join(differ)} (rank {dist.rank}: "

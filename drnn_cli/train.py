@@ -1000,9 +1000,13 @@ class Trainer:
     def _epochs_at(self, step: int) -> float:
         """Epochs done at optimizer step ``step``, counted from this session's epoch through the real epoch
         lengths (sequential sampling's offsets change them by a step): a step budget's last log line read
-        ``epoch 1.207/1.205`` against the mean's span (ddp32). 0.0 past EPOCH_WALK epochs (the mean then)."""
+        ``epoch 1.207/1.205`` against the mean's span (ddp32). At most ``train.epochs``, which ends the run
+        where its real epochs are shorter than the mean's (``epoch 3/3.05``: review rev32). 0.0 past
+        EPOCH_WALK epochs (the mean then)."""
         epoch, before = self.start_epoch, self.global_step - self.progress.step
         for _ in range(EPOCH_WALK):
+            if epoch >= self.config.train.epochs:  # the real epochs end before the step: they end the run
+                return float(epoch)
             steps = len(self._batches(epoch))
             if step <= before + steps:
                 return epoch + 1 if step == before + steps else round(epoch + (step - before) / steps, 6)

@@ -799,9 +799,13 @@ class Trainer:
             if not (self.budget.max_time and tokens_done):
                 return None
             # a validation before the first step (a fine-tuning run's of its start, a resume's replayed
-            # one): max_time starts after it, and its stop validates again, at this validation's pace
+            # one): max_time starts after it, and its stop validates again, at this validation's pace;
+            # after the first step (which gives no pace alone) max_time's clock runs already (review rev32)
             per_token = validating_for / tokens_done
-            return (tokens - tokens_done + work.tokens_per_validation) * per_token + self.budget.max_time
+            budget_left = (
+                self.budget.max_time if self.global_step == self._first_step else self.budget.seconds_left()
+            )
+            return (tokens - tokens_done + work.tokens_per_validation) * per_token + (budget_left or 0.0)
         in_flight = 0.0
         if validation is not None:
             tokens_done, tokens, _ = validation

@@ -1432,6 +1432,11 @@ def test_max_time_ends_the_time_left_with_the_stops_validation_and_writes(workdi
     trainer.global_step = 0
     began = time.perf_counter() - 2.0
     assert trainer._seconds_left((40, 100, began)) == pytest.approx((60 + 100) * 0.05 + 30.0, rel=0.03)
+    # one after the session's first step, which gives no pace alone (its start-up): max_time's clock has
+    # run 20 s of its 30 already, so 10 s are left of it, not 30 (review rev32)
+    trainer.global_step = 1
+    trainer.session_time.pace_from_here(1)
+    assert trainer._seconds_left((40, 100, began)) == pytest.approx((60 + 100) * 0.05 + 10.0, rel=0.03)
 
 
 def test_next_cadence_point_is_the_first_step_a_cadence_comes_due_after_a_step():

@@ -172,20 +172,34 @@ def votable_digest(data: bytes) -> float:
     return float(int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "big"))
 
 
+# What names_that_differ reports where the ranks compare other names (another drnn on some node)
+OTHER_NAMES = "the settings drnn knows"
+
+
 def names_that_differ(values: dict[str, str], context: DistContext, device: torch.device) -> list[str]:
     """The names in ``values`` whose value is not the same on every rank of a torchrun job (none without
-    one): each value's 48-bit digest (exact in float64), its largest and smallest over the ranks, in two
-    collectives. Every rank passes the same names, in the same order."""
+    one): each value's 48-bit digest (exact in float64), its largest and smallest over the ranks. The
+    names are compared first, in collectives of one size on every rank: ranks of other drnn versions
+    pass other lists, and collectives of other sizes abort in gloo ("Received data size doesn't match")
+    or hang in NCCL; there ``[OTHER_NAMES]``."""
     if not context.enabled:
         return []
-    digests = [votable_digest(value.encode()) for value in values.values()]
+    if _spread([votable_digest("\n".join(values).encode())], device) != []:
+        return [OTHER_NAMES]
+    differ = _spread([votable_digest(value.encode()) for value in values.values()], device)
+    return [name for at, name in enumerate(values) if at in differ]
+
+
+def _spread(digests: list[float], device: torch.device) -> list[int]:
+    """The positions whose digest is not the same on every rank: the largest and the smallest over the
+    ranks, in two collectives (every rank passes as many digests)."""
     highest = torch.tensor(digests, dtype=torch.float64, device=device)
     lowest = -highest
     torch_dist.all_reduce(highest, op=torch_dist.ReduceOp.MAX)
     torch_dist.all_reduce(lowest, op=torch_dist.ReduceOp.MAX)  # minus the smallest
     return [
-        name
-        for name, high, low in zip(values, highest.tolist(), lowest.tolist(), strict=True)
+        at
+        for at, (high, low) in enumerate(zip(highest.tolist(), lowest.tolist(), strict=True))
         if high != -low
     ]
 

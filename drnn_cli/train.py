@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from drnn_cli import fused_recurrence
+from drnn_cli import __version__, fused_recurrence
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import (
     EpochBatches,
@@ -73,6 +73,7 @@ from drnn_cli.run_notes import (
     scored_unknown_note,
 )
 from drnn_cli.runtime import (
+    OTHER_NAMES,
     DistContext,
     all_reduce_sum,
     device_description,
@@ -135,6 +136,7 @@ def check_every_rank_runs_alike(
     here = {name: f"{name} {settings[name]!r}" if name in settings else name for name in differ} | {
         "the text": f"the text {dataset.path} (SHA-1 {values['the text'][:12]}…)",
         "the vocabulary": f"a vocabulary of {len(dataset.vocab):,} tokens",
+        OTHER_NAMES: f"drnn {__version__}, {len(settings):,} settings",
     }
     raise DrnnError(
         f"the processes of this torchrun job differ in {', '.join(differ)} (rank {dist.rank}: "
@@ -797,9 +799,13 @@ class Trainer:
             if not (self.budget.max_time and tokens_done):
                 return None
             # a validation before the first step (a fine-tuning run's of its start, a resume's replayed
-            # one): max_time starts after it, and its stop validates again, at this validation's pace
+            # one): max_time starts after it, and its stop validates again, at this validation's pace;
+            # after the first step (which gives no pace alone) max_time's clock runs already (review rev32)
             per_token = validating_for / tokens_done
-            return (tokens - tokens_done + work.tokens_per_validation) * per_token + self.budget.max_time
+            budget_left = (
+                self.budget.max_time if self.global_step == self._first_step else self.budget.seconds_left()
+            )
+            return (tokens - tokens_done + work.tokens_per_validation) * per_token + (budget_left or 0.0)
         in_flight = 0.0
         if validation is not None:
             tokens_done, tokens, _ = validation
@@ -998,9 +1004,13 @@ class Trainer:
     def _epochs_at(self, step: int) -> float:
         """Epochs done at optimizer step ``step``, counted from this session's epoch through the real epoch
         lengths (sequential sampling's offsets change them by a step): a step budget's last log line read
-        ``epoch 1.207/1.205`` against the mean's span (ddp32). 0.0 past EPOCH_WALK epochs (the mean then)."""
+        ``epoch 1.207/1.205`` against the mean's span (ddp32). At most ``train.epochs``, which ends the run
+        where its real epochs are shorter than the mean's (``epoch 3/3.05``: review rev32). 0.0 past
+        EPOCH_WALK epochs (the mean then)."""
         epoch, before = self.start_epoch, self.global_step - self.progress.step
         for _ in range(EPOCH_WALK):
+            if epoch >= self.config.train.epochs:  # the real epochs end before the step: they end the run
+                return float(epoch)
             steps = len(self._batches(epoch))
             if step <= before + steps:
                 return epoch + 1 if step == before + steps else round(epoch + (step - before) / steps, 6)

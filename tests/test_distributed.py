@@ -305,6 +305,23 @@ def test_processes_given_other_settings_or_another_text_refuse_in_one_line_namin
     refused = compare(node(other_vocabulary), same)
     assert refused is not None and "differ in the text, the vocabulary (rank 1: the text" in refused, refused
     assert ", a vocabulary of " in refused and "internal error" not in refused
+    # another drnn on the other node knows another setting: digests of lists of two lengths aborted in
+    # gloo ("Received data size doesn't match expected size") rather than refusing (review rev32)
+    settings = Config.settings
+    monkeypatch.setattr(Config, "settings", lambda self: {**settings(self), "train.newer": 1})
+    monkeypatch.setattr(torch.distributed, "all_reduce", recording)
+    check_every_rank_runs_alike(*same, DistContext(0, 2), torch.device("cpu"))
+    monkeypatch.setattr(Config, "settings", settings)
+    monkeypatch.setattr(torch.distributed, "all_reduce", combining)
+    with pytest.raises(DrnnError) as older:
+        check_every_rank_runs_alike(*node(corpus_path), DistContext(1, 2), torch.device("cpu"))
+    assert str(older.value).startswith(
+        "the processes of this torchrun job differ in the settings drnn knows (rank 1: drnn "
+    ), older.value
+    # this rank met the names' two collectives alone (the recording rank, combining nothing, went on to
+    # the values' two, which in a job it would skip as this one did)
+    assert len(other_ranks) == 2
+    other_ranks.clear()
 
 
 def test_under_torchrun_commands_other_than_train_run_on_rank_0_alone(

@@ -1432,6 +1432,11 @@ def test_max_time_ends_the_time_left_with_the_stops_validation_and_writes(workdi
     trainer.global_step = 0
     began = time.perf_counter() - 2.0
     assert trainer._seconds_left((40, 100, began)) == pytest.approx((60 + 100) * 0.05 + 30.0, rel=0.03)
+    # one after the session's first step, which gives no pace alone (its start-up): max_time's clock has
+    # run 20 s of its 30 already, so 10 s are left of it, not 30 (review rev32)
+    trainer.global_step = 1
+    trainer.session_time.pace_from_here(1)
+    assert trainer._seconds_left((40, 100, began)) == pytest.approx((60 + 100) * 0.05 + 10.0, rel=0.03)
 
 
 def test_next_cadence_point_is_the_first_step_a_cadence_comes_due_after_a_step():
@@ -1500,6 +1505,12 @@ def test_a_step_budgets_last_line_reaches_the_span_its_first_line_counts_out_of(
     last = metrics(workdir / "runs/span")[-1]
     assert (last["step"], epoch_count(last["epoch"], reporter.run.steps_per_epoch)) == (66, "3.35")
     assert dataclasses.replace(reporter.run, budget_epochs=0.0).epochs_of() == "3.32"  # the mean's alone
+    # with seed 14 the epochs have 20, 19 and 19 steps: 59 steps are under 3 epochs' mean (59.73), yet
+    # the third epoch ends the run at step 58, which its lines count out of 3, not 3.05 (review rev32)
+    settings = (*settings[:2], "train.epochs=3", "train.max_steps=59", "train.seed=14")
+    train_run(TrainRequest(config, settings, run_dir=Path("runs/shorter")), reporter=reporter)
+    assert reporter.run.max_steps == 59 and reporter.run.epochs_of() == "3"
+    assert [(line["step"], line["epoch"]) for line in metrics(workdir / "runs/shorter")][-1] == (58, 3)
 
 
 def test_a_max_time_runs_first_line_names_its_time_budget():

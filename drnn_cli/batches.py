@@ -286,6 +286,14 @@ def epoch_batches(
     )
 
 
+def epoch_steps(num_tokens: int, data: DataConfig, seed: int, epoch: int) -> int:
+    """How many minibatches :func:`epoch_batches` makes of ``epoch``, from its offset alone (its
+    generator's first draw), without the shuffle that random sampling's batches cost (review rev32)."""
+    largest = _largest_offset(data.sampling, num_tokens, data.batch_size, data.num_steps)
+    offset = int(torch.randint(0, largest + 1, (1,), generator=epoch_generator(seed, epoch)))
+    return _num_batches(data.sampling, num_tokens, offset, data.batch_size, data.num_steps)
+
+
 @dataclass(frozen=True)
 class EvalBatch:
     """A minibatch for evaluation; ``keep_row`` narrows the carried state to one row first."""

@@ -170,11 +170,11 @@ def epoch_count(epochs: float, steps_per_epoch: float) -> str:
     return f"{epochs:,.{decimals}f}"
 
 
-def steps_span(steps: int, steps_per_epoch: float) -> str:
+def steps_span(steps: int, steps_per_epoch: float, epochs: float = 0.0) -> str:
     """A step budget as the run's first line and its notes say it: "25 steps (1.32 epochs)", "1 step
     (0.125 epochs)", "1,206 epochs" past a thousand (not "1.21e+03"), "0.0036% of an epoch" below a
     hundredth (not "3.61e-05")."""
-    epochs = steps / steps_per_epoch
+    epochs = epochs or steps / steps_per_epoch  # given: counted through the real epoch lengths
     shown = f"{epochs:,.0f}" if epochs >= 1000 else f"{epochs:.3g}"
     share = f"{shown} epoch{'' if epochs == 1 else 's'}"
     if epochs < 0.01:

@@ -160,9 +160,10 @@ def _root(
 ) -> None:
     if debug and isinstance(ctx.obj, Session):
         ctx.obj.debug = True
-    if ctx.invoked_subcommand != "train" and launched_rank() != 0:
+    if ctx.invoked_subcommand != "train" and TORCHRUN_ENV in os.environ and launched_rank() != 0:
         # under torchrun only training is shared out: every other command is one process's work, done
-        # by rank 0 alone (each rank printed it, and --json's reader got W objects: ddp32)
+        # by rank 0 alone (each rank printed it, and --json's reader got W objects: ddp32); a stray
+        # WORLD_SIZE and RANK outside torchrun run it as usual (it exited 0 in silence: review rev32)
         raise typer.Exit(0)
 
 
@@ -273,7 +274,10 @@ def presets_command(json_out: JsonOption = False) -> None:
             soft_wrap=True,
         )
     if any(report.parameters is None for report in reports):
-        out.print("parameters: — where the corpus is not downloaded yet (drnn data --config NAME fetches it)")
+        missing = "—" if wide else "left out"  # the narrow layout writes no "—" (review rev32)
+        out.print(
+            f"parameters: {missing} where the corpus is not downloaded yet (drnn data --config NAME fetches it)"
+        )
     if json_out:
         emit_json({"presets": [report.summary() for report in reports]})
 

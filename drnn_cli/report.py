@@ -183,7 +183,7 @@ class RunStart:
         """How long the run is: "3 epochs", or "25 steps (1.32 epochs)" where a step budget ends it
         ("1 step (0.0036% of an epoch)" on a big text), and "or 10:00 of wall clock (train.max_time)"."""
         if self.max_steps:
-            span = steps_span(self.max_steps, self.steps_per_epoch)
+            span = steps_span(self.max_steps, self.steps_per_epoch, self.budget_epochs)  # as the lines count
         else:
             span = f"{self.total_epochs} epoch{'' if self.total_epochs == 1 else 's'}"
         if self.max_time:

@@ -29,6 +29,7 @@ from drnn_cli.batches import (
     check_trainable,
     epoch_batches,
     epoch_seed,
+    epoch_steps,
 )
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
@@ -1011,7 +1012,7 @@ class Trainer:
         for _ in range(EPOCH_WALK):
             if epoch >= self.config.train.epochs:  # the real epochs end before the step: they end the run
                 return float(epoch)
-            steps = len(self._batches(epoch))
+            steps = epoch_steps(len(self.train_tokens), self.config.data, self.config.train.seed, epoch)
             if step <= before + steps:
                 return epoch + 1 if step == before + steps else round(epoch + (step - before) / steps, 6)
             before, epoch = before + steps, epoch + 1

@@ -341,3 +341,6 @@ def test_under_torchrun_commands_other_than_train_run_on_rank_0_alone(
     monkeypatch.setenv("RANK", "1")
     for command in (("predict", "the", "--run", str(tiny_run)), ("presets",), ("data", "--config", "quick")):
         assert cli(*command) == (0, "", ""), command
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # a stray WORLD_SIZE and RANK, no torchrun: it answers
+    code, out, err = cli("eval", "--run", str(tiny_run), "--split", "val", "--json")
+    assert code == 0 and json.loads(out)["split"] == "val", err

@@ -1502,6 +1502,7 @@ def test_a_step_budgets_last_line_reaches_the_span_its_first_line_counts_out_of(
     reporter = FirstLine()
     train_run(TrainRequest(config, settings, run_dir=Path("runs/span")), reporter=reporter)
     assert reporter.run is not None and reporter.run.epochs_of() == "3.35"
+    assert reporter.run.span() == "66 steps (3.35 epochs)"  # the first line counts as the lines do (rev32)
     last = metrics(workdir / "runs/span")[-1]
     assert (last["step"], epoch_count(last["epoch"], reporter.run.steps_per_epoch)) == (66, "3.35")
     assert dataclasses.replace(reporter.run, budget_epochs=0.0).epochs_of() == "3.32"  # the mean's alone

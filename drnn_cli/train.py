@@ -107,8 +107,8 @@ from drnn_cli.trainer_state import (
 
 # How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py).
 RESUME_ADVICE = "the same command plus --resume"
-# a step budget's span is counted through the real epoch lengths up to this many epochs (each an
-# epoch's batching, microseconds on the Time Machine), beyond which the mean's estimate stands
+# a step budget's span is counted through the real epoch lengths up to this many epochs (each one
+# draw of its offset: epoch_steps), beyond which the mean's estimate stands
 EPOCH_WALK = 2_000
 
 

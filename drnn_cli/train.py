@@ -1283,8 +1283,10 @@ class Trainer:
     def _run_start(self) -> RunStart:
         """The session's first line: what it trains, on what, for how long, from where."""
         step_budget = self.length.step_budget
+        budget_epochs = self._epochs_at(step_budget) if step_budget else 0.0
         return RunStart(
-            total_epochs=self.length.epochs,
+            # the bar's epochs: where the budget ends through the real epoch lengths, where counted
+            total_epochs=math.ceil(budget_epochs) if budget_epochs else self.length.epochs,
             start_epoch=self.start_epoch,
             parameters=count_parameters(self.model),
             device=device_description(self.device),
@@ -1292,7 +1294,7 @@ class Trainer:
             log_every=self.config.train.log_every,
             max_steps=step_budget,
             steps_per_epoch=self.length.steps_per_epoch,
-            budget_epochs=self._epochs_at(step_budget) if step_budget else 0.0,
+            budget_epochs=budget_epochs,
             latest_val_ppl=next((r.val_ppl for r in reversed(self.records) if r.val_ppl is not None), None),
             max_time=self.config.train.max_time,
         )

@@ -180,8 +180,7 @@ def sequential_batches(
     Xs and Ys are views of the corpus, never copies. The offset is capped so that a split barely
     longer than one minibatch still yields one.
     """
-    largest_offset = _largest_offset("sequential", len(tokens), batch_size, num_steps)
-    offset = int(torch.randint(0, largest_offset + 1, (1,), generator=generator))
+    offset = _draw_offset("sequential", len(tokens), batch_size, num_steps, generator)
     n = ((len(tokens) - offset - 1) // batch_size) * batch_size
     row_len = n // batch_size
     # Row b holds tokens [offset + b·L, offset + (b+1)·L]: L inputs and, one further, L targets.
@@ -203,8 +202,7 @@ def random_batches(
     subsequences starting at multiples of T, shuffle, and take B at a time. Subsequences never
     overlap, and the state is re-initialised for every minibatch.
     """
-    largest_offset = _largest_offset("random", len(tokens), batch_size, num_steps)
-    offset = int(torch.randint(0, largest_offset + 1, (1,), generator=generator))
+    offset = _draw_offset("random", len(tokens), batch_size, num_steps, generator)
     num_subseqs = (len(tokens) - offset - 1) // num_steps
     order = torch.randperm(num_subseqs, generator=generator) * num_steps
     num_batches = _num_batches("random", len(tokens), offset, batch_size, num_steps)
@@ -216,6 +214,14 @@ def random_batches(
         carries_state=False,
         starts=starts.to(tokens.device),
     )
+
+
+def _draw_offset(
+    sampling: str, num_tokens: int, batch_size: int, num_steps: int, generator: torch.Generator
+) -> int:
+    """An epoch's offset, its generator's first draw: the batches and :func:`epoch_steps` draw it alike."""
+    largest = _largest_offset(sampling, num_tokens, batch_size, num_steps)
+    return int(torch.randint(0, largest + 1, (1,), generator=generator))
 
 
 def _largest_offset(sampling: str, num_tokens: int, batch_size: int, num_steps: int) -> int:
@@ -289,8 +295,8 @@ def epoch_batches(
 def epoch_steps(num_tokens: int, data: DataConfig, seed: int, epoch: int) -> int:
     """How many minibatches :func:`epoch_batches` makes of ``epoch``, from its offset alone (its
     generator's first draw), without the shuffle that random sampling's batches cost (review rev32)."""
-    largest = _largest_offset(data.sampling, num_tokens, data.batch_size, data.num_steps)
-    offset = int(torch.randint(0, largest + 1, (1,), generator=epoch_generator(seed, epoch)))
+    generator = epoch_generator(seed, epoch)
+    offset = _draw_offset(data.sampling, num_tokens, data.batch_size, data.num_steps, generator)
     return _num_batches(data.sampling, num_tokens, offset, data.batch_size, data.num_steps)
 
 

@@ -72,8 +72,12 @@ class Shard:
     world_size: int = 1
 
     def rows(self, batch_size: int) -> slice:
-        per_rank = batch_size // self.world_size
-        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        """Rows ``[⌊rank·B/W⌋, ⌊(rank+1)·B/W⌋)``: B/W each where W divides B (training's batches must
+        divide); an evaluation's rows need not, and the shares then differ by one (or are empty where
+        B < W), the last always holding row B-1."""
+        return slice(
+            self.rank * batch_size // self.world_size, (self.rank + 1) * batch_size // self.world_size
+        )
 
 
 def check_trainable(
@@ -302,14 +306,22 @@ def epoch_steps(num_tokens: int, data: DataConfig, seed: int, epoch: int) -> int
 
 @dataclass(frozen=True)
 class EvalBatch:
-    """A minibatch for evaluation; ``keep_row`` narrows the carried state to one row first."""
+    """A minibatch for evaluation; ``keep_row`` narrows the carried state to one row first.
+
+    ``job_targets``: the targets this minibatch predicts on all ranks together (all B rows' columns;
+    the tail's own), so that every rank counts the job's progress alike. ``in_tail``: one of the last
+    row's continuation, which only the rank holding that row evaluates."""
 
     x: torch.Tensor
     y: torch.Tensor
     keep_row: int | None = None
+    job_targets: int = 0
+    in_tail: bool = False
 
 
-def eval_batches(tokens: torch.Tensor, batch_size: int, num_steps: int) -> Iterator[EvalBatch]:
+def eval_batches(
+    tokens: torch.Tensor, batch_size: int, num_steps: int, shard: Shard = Shard()
+) -> Iterator[EvalBatch]:
     """Visit every target of ``tokens`` exactly once, state carried across minibatches.
 
     The m = len-1 targets are laid out as B rows of L = m // B (sequential layout, no offset); the
@@ -319,22 +331,36 @@ def eval_batches(tokens: torch.Tensor, batch_size: int, num_steps: int) -> Itera
         row 0    | 0 … L-1 |
         …
         row B-1  | (B-1)L … BL-1 | BL … m-1 |   ← the tail, batch of one
+
+    Under torchrun each rank takes a contiguous block of the rows (``shard``) and every rank steps
+    through the same columns, so all of them meet each column's minibatch together (a rank with no
+    row gets empty ones: the stop votes count minibatches); the tail goes to the rank holding row B-1.
+    The rows and their states are one process's, so the shares' sums add up to its figure.
     """
     targets = len(tokens) - 1
     if targets < 1:
         return
     rows = max(1, min(batch_size, targets))
     row_len = targets // rows
-    inputs = tokens[: rows * row_len].view(rows, row_len)  # views of the corpus, never copies
-    targets_grid = tokens[1 : rows * row_len + 1].view(rows, row_len)
+    mine = shard.rows(rows)
+    inputs = tokens[: rows * row_len].view(rows, row_len)[mine]  # views of the corpus, never copies
+    targets_grid = tokens[1 : rows * row_len + 1].view(rows, row_len)[mine]
     for begin in range(0, row_len, num_steps):
         end = min(begin + num_steps, row_len)
-        yield EvalBatch(inputs[:, begin:end].long(), targets_grid[:, begin:end].long())
+        yield EvalBatch(
+            inputs[:, begin:end].long(), targets_grid[:, begin:end].long(), job_targets=rows * (end - begin)
+        )
+    if mine.stop != rows:  # the tail continues row B-1, another rank's
+        return
     tail = tokens[rows * row_len :].long().unsqueeze(0)
     first = True
     for begin in range(0, tail.shape[1] - 1, num_steps):
         end = min(begin + num_steps, tail.shape[1] - 1)
         yield EvalBatch(
-            tail[:, begin:end], tail[:, begin + 1 : end + 1], keep_row=rows - 1 if first else None
+            tail[:, begin:end],
+            tail[:, begin + 1 : end + 1],
+            keep_row=rows - 1 - mine.start if first else None,  # the kept row's index in this rank's block
+            job_targets=end - begin,
+            in_tail=True,
         )
         first = False

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from drnn_cli.batches import eval_batches
+from drnn_cli.batches import Shard, eval_batches
 from drnn_cli.models import RNNLanguageModel, detach_state, lm_log_probs, lm_loss, select_state_row
-from drnn_cli.runtime import autocast
+from drnn_cli.runtime import DistContext, autocast, sum_over_ranks
 from drnn_cli.token_tensors import count_index
 
 
@@ -63,6 +63,7 @@ def evaluate(
     precision: str = "fp32",
     before_batch: Callable[[int, int], None] | None = None,
     unknown_id: int | None = None,
+    dist: DistContext = DistContext(),
 ) -> Perplexity:
     """Predict every token after the first from all tokens before it (state carried throughout).
 
@@ -71,6 +72,10 @@ def evaluate(
     in all (a progress bar; :class:`EvaluationAbandoned` raised there ends the evaluation).
     ``unknown_id``: also sum the loss of the targets with that id (``<unk>``'s) apart; the total is
     summed as without it, to the last bit.
+    ``dist``: under torchrun every rank evaluates its block of the rows (``eval_batches``) and the sums
+    are added up over the ranks, so each returns the job's figure, one process's to rounding, in 1/W
+    of the time. ``before_batch`` then counts the job's targets, and is not called for the last row's
+    tail, which one rank evaluates alone (a vote there would meet no other rank's).
     """
     was_training = model.training
     model.eval()
@@ -82,11 +87,18 @@ def evaluate(
         nll = torch.zeros((), dtype=torch.float64, device=device)
         unknown_nll = torch.zeros((), dtype=torch.float64, device=device)
         unknown = torch.zeros((), dtype=torch.int64, device=device)
-        count = 0
+        count = 0  # this rank's targets
+        job_count = 0  # the job's, as every rank counts them
         state = None
-        for batch in eval_batches(tokens.to(device), batch_size, num_steps):
-            if before_batch is not None:
-                before_batch(count, len(tokens) - 1)
+        shared = dist.world_size > 1
+        for batch in eval_batches(
+            tokens.to(device), batch_size, num_steps, Shard(dist.rank, dist.world_size)
+        ):
+            if before_batch is not None and not (batch.in_tail and shared):
+                before_batch(job_count, len(tokens) - 1)
+            job_count += batch.job_targets
+            if not len(batch.x):  # a rank with no row of a split shorter than the ranks
+                continue
             if state is None:
                 state = model.begin_state(batch.x.shape[0], device)
             elif batch.keep_row is not None:
@@ -106,6 +118,10 @@ def evaluate(
             is_unknown = targets == unknown_id
             unknown_nll += torch.where(is_unknown, losses, 0.0).sum()
             unknown += is_unknown.sum()
+        if shared:  # the job's sums: each rank's block of the rows, added up
+            sums = torch.stack([nll, unknown_nll, unknown.double(), nll.new_tensor(count)])
+            job_nll, job_unknown_nll, job_unknown, job_targets = sum_over_ranks(sums, dist).tolist()
+            return Perplexity(job_nll, int(job_targets), job_unknown_nll, int(job_unknown))
         return Perplexity(float(nll), count, float(unknown_nll), int(unknown))
     finally:
         model.train(was_training)

@@ -204,6 +204,14 @@ def _spread(digests: list[float], device: torch.device) -> list[int]:
     ]
 
 
+def sum_over_ranks(values: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """``values`` summed over every rank, in place (each rank's own without torchrun): one collective,
+    whose result every rank holds to the bit."""
+    if context.enabled:
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM)
+    return values
+
+
 def vote_max(value: float, context: DistContext, device: torch.device) -> float:
     """The largest ``value`` any rank holds (each rank's own without torchrun): how ranks agree on a
     stop, so that all of them stop after the same step (else the next all-reduce would hang), or on a

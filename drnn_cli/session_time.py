@@ -75,7 +75,7 @@ class WorkLeft:
     validations: int  # the final one included
     checkpoint_writes: int  # ``last`` by its cadence and at the end, and ``best`` after validations
     tokens_per_validation: int
-    tokens_per_step: int  # one rank's (each rank validates every token)
+    tokens_per_step: int  # the job's (the ranks share a step's rows and a validation's alike)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class SessionTime:
 
     @contextmanager
     def validation(self, tokens: int) -> Iterator[None]:
-        """Time a validation of ``tokens`` predictions (each rank's: every rank validates them all)."""
+        """Time a validation of ``tokens`` predictions (the job's: the ranks share them)."""
         began = time.perf_counter()
         try:
             yield

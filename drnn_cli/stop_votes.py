@@ -92,8 +92,9 @@ class StopVotes:
 
     def abandon_on_signal(self) -> Callable[[int, int], None]:
         """The hook ``evaluate`` calls before each minibatch of an abandonable validation: under torchrun
-        the ranks vote on it every STOP_VOTE_EVERY minibatches (each validates the whole split, so all of
-        them meet at the same ones, and all of them abandon it or none)."""
+        the ranks vote on it every STOP_VOTE_EVERY minibatches (each steps through the same columns of
+        its block of the split's rows, so all of them meet at the same ones, and all of them abandon it
+        or none; the last row's tail, one rank's alone, is not voted on: ``evaluate``)."""
         batches = itertools.count()
 
         def abandon(_done: int, _total: int) -> None:

@@ -865,8 +865,8 @@ class Trainer:
             validations=validations,
             checkpoint_writes=lasts + validations,  # best after each validation, at most
             tokens_per_validation=min(limit, predictions) if limit else predictions,
-            # a rank's: its step pace is a rank's, and each rank validates the whole split
-            tokens_per_step=self.static_step.targets.numel(),
+            # the job's, as the validation's: the ranks share the split's rows as they share a step's
+            tokens_per_step=self.static_step.targets.numel() * self.dist.world_size,
         )
 
     def _judge(
@@ -1120,6 +1120,7 @@ class Trainer:
                 self.device,
                 self.config.train.precision,
                 before_batch,
+                dist=self.dist,  # each rank its block of the rows
             )
         self._check_kernels("while validating")
         return result.perplexity
@@ -1160,9 +1161,10 @@ class Trainer:
         return self.records[0]
 
     def _validate_to_judge(self, abandonable: bool = False) -> float | None:
-        """Validation perplexity that every torchrun rank holds alike. Each validates the same weights
-        on the same tokens, yet each decides from its number whether to keep a best checkpoint, and
-        writing one is a collective: ranks that disagreed by a last bit would wait on each other."""
+        """Validation perplexity that every torchrun rank holds alike. Each computes it from the same
+        summed losses (``evaluate`` adds up the ranks' shares), and each decides from its number whether
+        to keep a best checkpoint, a collective: ranks that disagreed by a last bit would wait on each
+        other, so the vote makes sure of it at the cost of one scalar all-reduce."""
         val_ppl = self._validate(abandonable)
         return None if val_ppl is None else vote_max(val_ppl, self.dist, self.device)
 

@@ -306,6 +306,9 @@ def test_shard_rows_are_contiguous_blocks() -> None:
         slice(4, 6),
         slice(6, 8),
     ]
+    # an evaluation's rows need not divide: blocks of ⌊B/W⌋ or one more, the last holding row B-1
+    assert [Shard(rank, 3).rows(7) for rank in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    assert [Shard(rank, 3).rows(2) for rank in range(3)] == [slice(0, 0), slice(0, 1), slice(1, 2)]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -473,6 +476,52 @@ def test_eval_batches_visit_every_target_exactly_once_with_state_carried(
             assert int(after.x[0, 0]) == int(before.x[0, -1]) + 1
     else:
         assert (n - 1) % rows == 0
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "world_size"),
+    [(36, 4, 2), (38, 4, 2), (101, 8, 3), (13, 5, 4), (3, 4, 4), (2, 4, 3)],
+    ids=[
+        "even-no-tail",
+        "even-tail",
+        "uneven-tail",
+        "shares-of-one-and-two",
+        "rows-fewer-than-ranks",
+        "one-row",
+    ],
+)
+def test_eval_batches_shared_among_ranks_are_the_one_process_rows_in_blocks(
+    n: int, batch_size: int, world_size: int
+) -> None:
+    """Under torchrun the ranks share a validation as they share a minibatch: rank r takes rows
+    [⌊rB/W⌋, ⌊(r+1)B/W⌋) of one process's layout, with their state carried as there, so the shares add
+    up to its figure. Every rank meets every column's minibatch (an empty one without a row), so the
+    stop votes, counted in minibatches, meet; the tail (continuing row B-1) is the last rank's alone."""
+    num_steps = 3
+    tokens = torch.arange(n)
+    alone = list(eval_batches(tokens, batch_size, num_steps))
+    alone_grid, alone_tail = _split_at_tail(alone)
+    shares = [
+        list(eval_batches(tokens, batch_size, num_steps, Shard(rank, world_size)))
+        for rank in range(world_size)
+    ]
+    grids = [[batch for batch in share if not batch.in_tail] for share in shares]
+    assert all(len(grid) == len(alone_grid) for grid in grids)  # the ranks meet at every column
+    for column, expected in enumerate(alone_grid):
+        assert torch.equal(torch.cat([grid[column].x for grid in grids]), expected.x)
+        assert torch.equal(torch.cat([grid[column].y for grid in grids]), expected.y)
+        assert {grid[column].job_targets for grid in grids} == {expected.y.numel()}  # the job's, alike
+    tails = [[batch for batch in share if batch.in_tail] for share in shares]
+    assert all(not tail for tail in tails[:-1])
+    assert [(b.x.tolist(), b.y.tolist()) for b in tails[-1]] == [
+        (b.x.tolist(), b.y.tolist()) for b in alone_tail
+    ]
+    if alone_tail:  # the kept row, counted in the last rank's block
+        rows = min(batch_size, n - 1)
+        assert tails[-1][0].keep_row == rows - 1 - Shard(world_size - 1, world_size).rows(rows).start
+        assert tails[-1][0].keep_row == shares[-1][0].x.shape[0] - 1
+    job = sum(batch.job_targets for batch in shares[-1])
+    assert job == n - 1 == sum(batch.y.numel() for share in shares for batch in share)
 
 
 def test_eval_batches_follow_the_values_not_the_positions() -> None:

@@ -569,8 +569,9 @@ def test_under_torchrun_a_validation_is_abandoned_by_a_vote_every_8_minibatches(
     monkeypatch: pytest.MonkeyPatch,
 ):
     """torchrun kills its workers 30 s after passing a signal on: a validation read to its end lost the
-    stop's checkpoint (practitioner trial). Each rank validates the whole split, so the ranks meet at the
-    same minibatches: they vote at every 8th, and all abandon it when any saw a signal."""
+    stop's checkpoint (practitioner trial). Each rank steps through the same columns of its block of the
+    split's rows, so the ranks meet at the same minibatches: they vote at every 8th, and all abandon it
+    when any saw a signal."""
     import drnn_cli.stop_votes
     from drnn_cli.runtime import DistContext
     from drnn_cli.signals import StopRequests

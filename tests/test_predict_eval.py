@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TREE, assert_one_line_error, config_file
 
-from drnn_cli.batches import eval_batches, split_tokens
+from drnn_cli.batches import Shard, eval_batches, split_tokens
 from drnn_cli.checkpoint import load_checkpoint, save_checkpoint
 from drnn_cli.commands import (
     Continuation,
@@ -353,6 +353,53 @@ def test_eval_scores_unk_apart_in_one_log_softmax_with_the_figures_of_two(with_u
     assert (result.tokens, result.unknown) == (182, 26 if with_unk else 0) and unknown == result.unknown
     assert (result.nll, result.unknown_nll) == (float(nll), float(unknown_nll))
     assert result.nll == evaluate(model, tokens, batch_size=4, num_steps=9, device=torch.device("cpu")).nll
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_under_torchrun_each_rank_evaluates_its_block_of_rows_and_the_sums_are_one_process_s(
+    world_size: int, monkeypatch: pytest.MonkeyPatch
+):
+    """A validation under torchrun is shared among the ranks (each validated the whole split: W times the
+    work, ddp32): rank r scores its block of the rows, and ``evaluate`` adds the ranks' sums up in one
+    all-reduce (here each rank's own sums, recorded, as a collective would add them). Together they are
+    one process's nll, targets and <unk> figures; each rank scores about 1/W of them; every rank reports
+    the same progress at the same minibatches (the stop votes ride on them), the tail's uncalled."""
+    import drnn_cli.evaluate
+    from drnn_cli.runtime import DistContext
+
+    torch.manual_seed(0)
+    model = RNNLanguageModel(50, ModelConfig(cell="lstm", hidden_size=16, num_layers=2, embedding_dim=8))
+    tokens = torch.randint(1, 50, (183,), generator=torch.Generator().manual_seed(3))
+    tokens[::7] = 0  # <unk>s, scored apart as well
+    cpu = torch.device("cpu")
+
+    def progress(calls: list[tuple[int, int]]):
+        return lambda done, total: calls.append((done, total))
+
+    alone_calls: list[tuple[int, int]] = []
+    alone = evaluate(model, tokens, 4, 9, cpu, before_batch=progress(alone_calls), unknown_id=0)
+    summed: list[list[float]] = []
+    monkeypatch.setattr(
+        drnn_cli.evaluate, "sum_over_ranks", lambda sums, _dist: summed.append(sums.tolist()) or sums
+    )
+    shares, calls = [], []
+    for rank in range(world_size):
+        calls.append([])
+        dist = DistContext(rank=rank, world_size=world_size)
+        shares.append(
+            evaluate(model, tokens, 4, 9, cpu, before_batch=progress(calls[-1]), unknown_id=0, dist=dist)
+        )
+    assert len(summed) == world_size  # one collective a rank
+    nll, unknown_nll, unknown, targets = (sum(column) for column in zip(*summed, strict=True))
+    assert (targets, unknown) == (alone.tokens, alone.unknown) == (182, 26)
+    assert nll == pytest.approx(alone.nll, rel=1e-6) and unknown_nll == pytest.approx(
+        alone.unknown_nll, rel=1e-6
+    )
+    # 4 rows of 45 targets and a tail of 2: the ranks' blocks of rows, the tail with the last
+    blocks = [Shard(rank, world_size).rows(4) for rank in range(world_size)]
+    assert [share.tokens for share in shares] == [45 * (b.stop - b.start) + 2 * (b.stop == 4) for b in blocks]
+    assert all(calls_of_rank == alone_calls[:5] for calls_of_rank in calls)  # the tail's (180, 182) not
+    assert alone_calls == [(0, 182), (36, 182), (72, 182), (108, 182), (144, 182), (180, 182)]
 
 
 def test_eval_of_the_validation_split_matches_the_best_validation_perplexity_of_training(tiny_run: Path):

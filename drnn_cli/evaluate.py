@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from drnn_cli.batches import Shard, eval_batches
 from drnn_cli.models import RNNLanguageModel, detach_state, lm_log_probs, lm_loss, select_state_row
-from drnn_cli.runtime import DistContext, autocast, sum_over_ranks
+from drnn_cli.runtime import DistContext, all_reduce_sum, autocast
 from drnn_cli.token_tensors import count_index
 
 
@@ -120,7 +120,7 @@ def evaluate(
             unknown += is_unknown.sum()
         if shared:  # the job's sums: each rank's block of the rows, added up
             sums = torch.stack([nll, unknown_nll, unknown.double(), nll.new_tensor(count)])
-            job_nll, job_unknown_nll, job_unknown, job_targets = sum_over_ranks(sums, dist).tolist()
+            job_nll, job_unknown_nll, job_unknown, job_targets = all_reduce_sum(sums, dist).tolist()
             return Perplexity(job_nll, int(job_targets), job_unknown_nll, int(job_unknown))
         return Perplexity(float(nll), count, float(unknown_nll), int(unknown))
     finally:

@@ -162,6 +162,8 @@ def wait_for_every_rank(context: DistContext) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """``tensor`` summed over every rank, in place (each rank's own without torchrun): one collective,
+    whose result every rank holds to the bit."""
     if context.enabled:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
@@ -184,32 +186,26 @@ def names_that_differ(values: dict[str, str], context: DistContext, device: torc
     or hang in NCCL; there ``[OTHER_NAMES]``."""
     if not context.enabled:
         return []
-    if _spread([votable_digest("\n".join(values).encode())], device) != []:
+    ((lowest, highest),) = rank_extremes([votable_digest("\n".join(values).encode())], context, device)
+    if lowest != highest:
         return [OTHER_NAMES]
-    differ = _spread([votable_digest(value.encode()) for value in values.values()], device)
-    return [name for at, name in enumerate(values) if at in differ]
+    extremes = rank_extremes([votable_digest(value.encode()) for value in values.values()], context, device)
+    return [name for name, (low, high) in zip(values, extremes, strict=True) if low != high]
 
 
-def _spread(digests: list[float], device: torch.device) -> list[int]:
-    """The positions whose digest is not the same on every rank: the largest and the smallest over the
-    ranks, in two collectives (every rank passes as many digests)."""
-    highest = torch.tensor(digests, dtype=torch.float64, device=device)
+def rank_extremes(
+    values: list[float], context: DistContext, device: torch.device
+) -> list[tuple[float, float]]:
+    """Each of ``values``' smallest and largest over the ranks (each rank's own without torchrun): where
+    the two differ, the ranks disagree. Two collectives for them all; every rank passes as many values,
+    in float64 (a step count, a 48-bit digest: exact)."""
+    if not context.enabled:
+        return [(value, value) for value in values]
+    highest = torch.tensor(values, dtype=torch.float64, device=device)
     lowest = -highest
     torch_dist.all_reduce(highest, op=torch_dist.ReduceOp.MAX)
     torch_dist.all_reduce(lowest, op=torch_dist.ReduceOp.MAX)  # minus the smallest
-    return [
-        at
-        for at, (high, low) in enumerate(zip(highest.tolist(), lowest.tolist(), strict=True))
-        if high != -low
-    ]
-
-
-def sum_over_ranks(values: torch.Tensor, context: DistContext) -> torch.Tensor:
-    """``values`` summed over every rank, in place (each rank's own without torchrun): one collective,
-    whose result every rank holds to the bit."""
-    if context.enabled:
-        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM)
-    return values
+    return [(-low, high) for low, high in zip(lowest.tolist(), highest.tolist(), strict=True)]
 
 
 def vote_max(value: float, context: DistContext, device: torch.device) -> float:

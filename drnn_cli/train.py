@@ -80,6 +80,7 @@ from drnn_cli.runtime import (
     device_description,
     device_name,
     names_that_differ,
+    rank_extremes,
     votable_digest,
     vote_max,
     wait_for_every_rank,
@@ -384,16 +385,13 @@ class Trainer:
         compare the step and a digest of the checkpoint's header (its trainer state and tensor layout)."""
         if not self.dist.enabled:
             return
-        for value, what in ((float(self.global_step), "step"), (digest, "contents")):
-            highest = vote_max(value, self.dist, self.device)
-            lowest = -vote_max(-value, self.dist, self.device)
-            if highest == lowest:
+        steps, contents = rank_extremes([float(self.global_step), digest], self.dist, self.device)
+        for (lowest, highest), which in (
+            (steps, f"optimizer step {steps[0]:,.0f} on one, {steps[1]:,.0f} on another"),
+            (contents, f"each at optimizer step {self.global_step:,}, with other contents"),
+        ):
+            if lowest == highest:
                 continue
-            which = (
-                f"optimizer step {lowest:,.0f} on one, {highest:,.0f} on another"
-                if what == "step"
-                else f"each at optimizer step {self.global_step:,}, with other contents"
-            )
             raise DrnnError(
                 f"the processes of this torchrun job start from different checkpoints ({which}): every node "
                 "must read the same run directory and text (shared storage, "

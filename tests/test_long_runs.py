@@ -691,15 +691,12 @@ def test_under_torchrun_ranks_resuming_different_checkpoints_at_the_same_step_ar
         torch.device("cpu"),
         24,
     )
-    other_rank = {
-        24.0: 24.0,
-        -24.0: -24.0,
-        digest: digest + 1,
-        -digest: -digest,
-    }  # its value, voted with ours
-    monkeypatch.setattr(
-        drnn_cli.train, "vote_max", lambda value, _dist, _device: max(value, other_rank[value])
-    )
+    other_rank = {24.0: 24.0, digest: digest + 1}  # its value, compared with ours
+
+    def extremes(values: list[float], _dist: object, _device: object) -> list[tuple[float, float]]:
+        return [(min(value, other_rank[value]), max(value, other_rank[value])) for value in values]
+
+    monkeypatch.setattr(drnn_cli.train, "rank_extremes", extremes)
     with pytest.raises(DrnnError) as refused:
         trainer._check_every_rank_starts_alike(digest)
     assert str(refused.value).startswith(
@@ -708,6 +705,11 @@ def test_under_torchrun_ranks_resuming_different_checkpoints_at_the_same_step_ar
     )
     other_rank[digest] = digest  # the same file on both
     trainer._check_every_rank_starts_alike(digest)
+    other_rank[24.0] = 30.0  # another step (its digest differs too: the step is named first)
+    with pytest.raises(
+        DrnnError, match=r"start from different checkpoints \(optimizer step 24 on one, 30 on another\)"
+    ):
+        trainer._check_every_rank_starts_alike(digest)
 
 
 def test_under_torchrun_slow_steps_are_voted_on_for_signals_within_5_seconds(monkeypatch: pytest.MonkeyPatch):

@@ -380,7 +380,7 @@ def test_under_torchrun_each_rank_evaluates_its_block_of_rows_and_the_sums_are_o
     alone = evaluate(model, tokens, 4, 9, cpu, before_batch=progress(alone_calls), unknown_id=0)
     summed: list[list[float]] = []
     monkeypatch.setattr(
-        drnn_cli.evaluate, "sum_over_ranks", lambda sums, _dist: summed.append(sums.tolist()) or sums
+        drnn_cli.evaluate, "all_reduce_sum", lambda sums, _dist: summed.append(sums.tolist()) or sums
     )
     shares, calls = [], []
     for rank in range(world_size):

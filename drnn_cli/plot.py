@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
@@ -28,6 +29,8 @@ class PlottedRecord(Protocol):
     def val_ppl(self) -> float | None: ...
     @property
     def tokens_seen(self) -> int: ...
+    @property
+    def val_tokens(self) -> int: ...  # the predictions val_ppl read (0: not said)
 
 
 PLOT_INSTALL = "pip install 'matplotlib>=3.9', drnn's plot extra"
@@ -88,10 +91,12 @@ def tokens_per_epoch(records: Sequence[PlottedRecord]) -> float | None:
     return counted[-1].tokens_seen / counted[-1].epoch if counted else None
 
 
-def render_perplexity_plot(records: Sequence[PlottedRecord], title: str | None = None) -> bytes | None:
+def render_perplexity_plot(
+    records: Sequence[PlottedRecord], title: str | None = None, val_split_tokens: int = 0
+) -> bytes | None:
     """:func:`perplexity_figure` as PNG bytes; None when matplotlib is missing."""
     try:
-        figure = perplexity_figure(records, title)
+        figure = perplexity_figure(records, title, val_split_tokens)
     except ImportError:
         return None
     buffer = io.BytesIO()
@@ -111,9 +116,15 @@ def drawn(perplexity: float | None) -> TypeGuard[float]:
     return perplexity is not None and perplexity <= DRAWN_PERPLEXITY_MAX  # NaN compares False
 
 
-def perplexity_figure(records: Sequence[PlottedRecord], title: str | None = None) -> Figure:
+def perplexity_figure(
+    records: Sequence[PlottedRecord], title: str | None = None, val_split_tokens: int = 0
+) -> Figure:
     """Train (and validation) perplexity against training tokens seen, epochs on the top axis as d2l
-    plots them (against epoch alone for runs whose metrics predate token counts)."""
+    plots them (against epoch alone for runs whose metrics predate token counts).
+
+    Validations over other numbers of tokens are other measurements (``train.eval_tokens`` changed on a
+    resume: 6.06 over the split's first 5,000 beside 7.02 over all of it read as a sudden rise): each
+    count is a line of its own, and one over fewer than the split's ``val_split_tokens`` says so."""
     # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
     from matplotlib.figure import Figure
 
@@ -126,11 +137,27 @@ def perplexity_figure(records: Sequence[PlottedRecord], title: str | None = None
     trained = [(x, r.train_ppl) for x, r in zip(xs, records, strict=True) if drawn(r.train_ppl)]
     if trained:  # points marked while few: a line of one point is invisible
         axes.plot(*zip(*trained, strict=True), label="train", marker="." if len(trained) < 50 else None)
-    validated = [(x, r.val_ppl) for x, r in zip(xs, records, strict=True) if drawn(r.val_ppl)]
-    if validated:
-        axes.plot(
-            *zip(*validated, strict=True), label="validation", marker="." if len(validated) < 50 else None
+
+    def validation_label(count: int) -> str:  # 0: a line that does not say (written before lines did)
+        partial = 0 < count < val_split_tokens
+        return f"validation (first {count:,} of {val_split_tokens:,} tokens)" if partial else "validation"
+
+    validated = [
+        (x, r.val_ppl, validation_label(r.val_tokens))
+        for x, r in zip(xs, records, strict=True)
+        if drawn(r.val_ppl)
+    ]
+    colours: dict[str, Any] = {}  # one colour (as matplotlib gives it) and one legend entry a measurement
+    for label, run in itertools.groupby(validated, key=lambda point: point[2]):
+        points = list(run)
+        (line,) = axes.plot(
+            [x for x, _, _ in points],
+            [ppl for _, ppl, _ in points],
+            label=label if label not in colours else "_nolegend_",
+            color=colours.get(label),
+            marker="." if len(validated) < 50 else None,
         )
+        colours.setdefault(label, line.get_color())
     axes.set_xlabel("tokens seen" if by_tokens else "epoch")
     per_epoch = tokens_per_epoch(records) if by_tokens else None
     if per_epoch:
@@ -144,7 +171,7 @@ def perplexity_figure(records: Sequence[PlottedRecord], title: str | None = None
         epochs = axes.secondary_xaxis("top", functions=(to_epochs, to_tokens))
         epochs.set_xlabel("epoch")
     axes.set_ylabel("perplexity")
-    plotted = [ppl for _, ppl in (*trained, *validated)]
+    plotted = [ppl for _, ppl in trained] + [ppl for _, ppl, _ in validated]
     # a fine-tuning run's starting validation of 427 beside training's 3 is a log scale's case too
     if plotted and max(plotted) > 20 * min(plotted):
         axes.set_yscale("log")

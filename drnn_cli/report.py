@@ -67,6 +67,9 @@ class EpochRecord:
     step: int = 0
     tokens_seen: int = 0
     train_ppl_steps: int = 0
+    # the predictions val_ppl read: the split's, or train.eval_tokens of them (0: no validation, or a
+    # line written before lines said it)
+    val_tokens: int = 0
 
     @property
     def is_start(self) -> bool:
@@ -121,6 +124,8 @@ class TrainResult:
     steps: int = 0  # optimizer steps since the run began, when it stopped
     start_step: int = 0  # … when this session began
     start_val_ppl: float | None = None  # fine-tuning: the starting weights' validation perplexity
+    val_tokens: int | None = None  # the predictions each validation read (train.eval_tokens caps them)
+    val_split_tokens: int | None = None  # … of the validation split's (None: no validation split)
     threads: int | None = None  # each process's CPU threads (None on a GPU)
     samples_note: str | None = None  # said after the final samples (run_notes.blank_samples_note)
     seconds: SessionSeconds | None = None  # None: nothing trained in this session
@@ -136,6 +141,8 @@ class TrainResult:
             "val_ppl": self.val_ppl,
             "best_val_ppl": self.best_val_ppl,
             "start_val_ppl": self.start_val_ppl,
+            "val_tokens": self.val_tokens,
+            "val_split_tokens": self.val_split_tokens,
             "tokens_per_s": self.tokens_per_s,
             "device": self.device,
             "world_size": self.world_size,
@@ -314,9 +321,10 @@ class PlotRefresh:
     matplotlib is missing or the file cannot be written, and stops trying. matplotlib is imported for
     the first plot, not as the run starts (0.5 s before its first line)."""
 
-    def __init__(self, path: Path, reporter: Reporter, every: float = 5.0) -> None:
+    def __init__(self, path: Path, reporter: Reporter, val_split_tokens: int = 0, every: float = 5.0) -> None:
         self.path = path
         self.reporter = reporter
+        self.val_split_tokens = val_split_tokens  # a validation of fewer is labelled a partial one
         self.every = every
         self._last = 0.0
         self._ok = True
@@ -344,7 +352,8 @@ class PlotRefresh:
                 return
             self._imported = True
         try:
-            png = render_perplexity_plot(records, title=self.path.parent.name)  # the run directory's name
+            # titled with the run directory's name
+            png = render_perplexity_plot(records, self.path.parent.name, self.val_split_tokens)
         except (
             Exception
         ) as error:  # the plot is a view of metrics.jsonl: whatever breaks it, training goes on

@@ -330,7 +330,7 @@ class Trainer:
         self.stops = StopRequests()
         self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
         self.files = RunFiles(run_dir)
-        self.plot = PlotRefresh(self.files.plot, self.reporter)
+        self.plot = PlotRefresh(self.files.plot, self.reporter, max(0, len(self.val_tokens) - 1))
         self.records: list[EpochRecord] = (
             # a boundary a signal cut short is run again, its line with it (one a crash left is dropped)
             read_metrics(
@@ -856,13 +856,11 @@ class Trainer:
         if now < end:  # the end validates and writes last, on a cadence or not
             validations += int(validates and not cadence_points(self.cadence.eval, end - 1, end, per_epoch))
             lasts += int(not cadence_points(self.cadence.checkpoint, end - 1, end, per_epoch))
-        limit = self.config.train.eval_tokens
-        predictions = max(0, len(self.val_tokens) - 1)
         return WorkLeft(
             steps=max(0, end - now),
             validations=validations,
             checkpoint_writes=lasts + validations,  # best after each validation, at most
-            tokens_per_validation=min(limit, predictions) if limit else predictions,
+            tokens_per_validation=self._validation_predictions,
             # the job's, as the validation's: the ranks share the split's rows as they share a step's
             tokens_per_step=self.static_step.targets.numel() * self.dist.world_size,
         )
@@ -911,6 +909,7 @@ class Trainer:
             step=self.global_step,
             tokens_seen=self.tokens_seen,
             train_ppl_steps=train.steps,
+            val_tokens=0 if val_ppl is None else self._validation_predictions,
         )
 
     def _inside_epoch(
@@ -1088,6 +1087,14 @@ class Trainer:
                 continue  # a prefix this corpus cannot spell is skipped, not fatal
         return samples
 
+    @property
+    def _validation_predictions(self) -> int:
+        """The predictions a validation reads: every token of the split after its first, or the first
+        ``train.eval_tokens`` of them."""
+        predictions = max(0, len(self.val_tokens) - 1)
+        limit = self.config.train.eval_tokens
+        return min(limit, predictions) if limit else predictions
+
     def _validate(self, abandonable: bool = False) -> float | None:
         """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens.
 
@@ -1143,7 +1150,15 @@ class Trainer:
         self.best_val_ppl, self.bad_evals, self.best_kept = val_ppl, 0, val_ppl
         self._set_lr(0)  # the line's rate: the first step's (under warm-up, not train.lr)
         lr = self.optimizer.param_groups[0]["lr"]
-        start = EpochRecord(epoch=0, train_ppl=None, val_ppl=val_ppl, lr=lr, tokens_per_s=0.0, elapsed=0.0)
+        start = EpochRecord(
+            epoch=0,
+            train_ppl=None,
+            val_ppl=val_ppl,
+            lr=lr,
+            tokens_per_s=0.0,
+            elapsed=0.0,
+            val_tokens=self._validation_predictions,
+        )
         self._append_metrics(start)
         self.reporter.epoch_end(start)  # the bar's "val" from here, not from the first cadence validation
         self._save(LAST, 0)  # resumable from here: a kill now costs neither the validation nor the run
@@ -1428,6 +1443,7 @@ class Trainer:
         # the last line that trained (a fine-tuning run's first validates the starting weights alone)
         trained = next((r for r in reversed(self.records) if r.train_ppl is not None), None)
         start = self._start_record()
+        validates = self.dataset.splits.validates
         return TrainResult(
             run_dir=self.run_dir,
             # the last metrics line, or where a resume that trained nothing began (inside an epoch,
@@ -1441,6 +1457,8 @@ class Trainer:
             val_ppl=val_ppl,
             best_val_ppl=self.best_kept,
             start_val_ppl=start.val_ppl if start is not None else None,
+            val_tokens=self._validation_predictions if validates else None,
+            val_split_tokens=len(self.val_tokens) - 1 if validates else None,
             tokens_per_s=tokens_per_s,
             device=device_name(self.device),
             world_size=self.dist.world_size,

@@ -457,6 +457,19 @@ def test_the_bar_counts_a_validations_tokens_once_it_lasts(workdir: Path):
         reporter.finish()
 
 
+def test_the_summary_says_a_validation_read_part_of_the_split_beside_its_figures(workdir: Path, cli):
+    """A best validation perplexity read over train.eval_tokens of the split (6.06 over the first 5,000
+    tokens, 7.29 over all of them: heldout33) was shown with nothing beside it but a note the log had
+    scrolled away: the summary says what it read (599 predictions: 20% of 3,000 tokens, less the first)."""
+    tree = {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1, "eval_tokens": 100}}
+    code, out, err = cli("train", "--config", str(config_file(workdir, tree)))
+    assert code == 0, err
+    assert re.search(r"│ validated on +│ the first 100 of 599 tokens +│", out), out
+    whole = {**tree, "train": {**tree["train"], "eval_tokens": 0}}
+    code, out, err = cli("train", "--config", str(config_file(workdir, whole)), "--overwrite")
+    assert code == 0 and "validation perplexity (last / best)" in out and "validated on" not in out, out
+
+
 def test_the_bar_shows_one_time_left_the_trainers_once_it_has_one():
     """A budget and the epochs at the current pace: the bar showed both, "0:17:29 budget left 0:19", on
     a run a 20-second max_time ended; then rich's epoch pace alone, which a minute-long validation held

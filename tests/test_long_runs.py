@@ -411,7 +411,7 @@ def test_a_plot_matplotlib_fails_to_draw_is_said_once_and_training_goes_on(
     """The plot is a view of metrics.jsonl: matplotlib failing inside its drawing code is one note, not
     an internal error that ends the run."""
 
-    def failing(records: object, title: object = None) -> bytes:
+    def failing(records: object, title: object = None, val_split_tokens: int = 0) -> bytes:
         raise OverflowError("cannot convert float infinity to integer")
 
     monkeypatch.setattr("drnn_cli.report.render_perplexity_plot", failing)
@@ -1139,7 +1139,7 @@ def test_eval_tokens_caps_validation_while_training(workdir: Path):
         def note(self, message: str) -> None:
             notes.append(message)
 
-    train_run(
+    result = train_run(
         TrainRequest(write_config(workdir), ("train.epochs=1", "train.eval_tokens=100")), reporter=Notes()
     )
     assert notes == [
@@ -1154,6 +1154,36 @@ def test_eval_tokens_caps_validation_while_training(workdir: Path):
     assert capped.tokens == 100
     assert metrics(run)[-1]["val_ppl"] == pytest.approx(capped.perplexity, rel=1e-12)
     assert evaluate_split(loaded, "val").result.tokens == len(val) - 1 == 399  # drnn eval reads all
+    # what the figures read, beside them: a best_val_ppl copied from --json or metrics.jsonl came
+    # without it (heldout33: 6.06 over the first 5,000 tokens, 7.29 over the split)
+    summary = result.summary()
+    assert (summary["val_tokens"], summary["val_split_tokens"]) == (100, 399)
+    assert [line["val_tokens"] for line in metrics(run)] == [100]
+
+
+def test_the_plot_draws_validations_over_other_numbers_of_tokens_as_lines_of_their_own():
+    """A resume that changed train.eval_tokens joined 6.06 over the split's first 5,000 tokens to 7.02
+    over all of it in one line, a rise that was a change of measurement (heldout33): each count is a
+    line, the partial one says so, and one count keeps one colour and one legend entry across gaps.
+    Lines that do not say (written before lines did: 0) are the split's."""
+    pytest.importorskip("matplotlib.figure")
+    from drnn_cli.plot import perplexity_figure
+
+    def line(epoch: int, val_ppl: float, val_tokens: int) -> EpochRecord:
+        return EpochRecord(epoch, 9.0, val_ppl, 0.01, 1e4, epoch, epoch, 1_000 * epoch, 1, val_tokens)
+
+    records = [line(1, 8.0, 0), line(2, 7.0, 31_806), line(3, 6.06, 5_000), line(4, 7.02, 31_806)]
+    (axes,) = perplexity_figure(records, "full", val_split_tokens=31_806).axes
+    drawn = [(v.get_label(), v.get_color(), list(v.get_xdata()), list(v.get_ydata())) for v in axes.lines[1:]]
+    full, partial, full_again = drawn
+    assert (full[0], full_again[0], full_again[1]) == ("validation", "_nolegend_", full[1])
+    assert (full[2:], full_again[2:]) == (([1_000, 2_000], [8.0, 7.0]), ([4_000], [7.02]))
+    assert partial[0] == "validation (first 5,000 of 31,806 tokens)" and partial[1] != full[1]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "train",
+        "validation",
+        "validation (first 5,000 of 31,806 tokens)",
+    ]
 
 
 class PoisonAtStep5(SilentReporter):

@@ -737,7 +737,10 @@ def train_time_machine(corpus_path: Path, tmp_path_factory: pytest.TempPathFacto
             try:
                 with pytest.MonkeyPatch.context() as patch:
                     # The PNG is not under test here, and matplotlib costs seconds per run.
-                    patch.setattr("drnn_cli.report.render_perplexity_plot", lambda records, title=None: b"")
+                    patch.setattr(
+                        "drnn_cli.report.render_perplexity_plot",
+                        lambda records, title=None, val_split_tokens=0: b"",
+                    )
                     results[cell, impl] = Trainer(config, dataset, run_dir, torch.device("cpu")).fit()
             finally:
                 torch.set_num_threads(threads)

@@ -189,8 +189,9 @@ def test_run_directory_holds_config_vocab_checkpoints_metrics_plot_and_latest_ma
     assert [line["epoch"] for line in lines] == [1, 2, 3]
     assert set(lines[0]) == {
         "epoch", "train_ppl", "val_ppl", "lr", "tokens_per_s", "elapsed", "step", "tokens_seen",
-        "train_ppl_steps",
+        "train_ppl_steps", "val_tokens",
     }  # fmt: skip
+    assert [line["val_tokens"] for line in lines] == [399] * 3  # 20% of 2,000 tokens, all but the first
     # 1600 training tokens in 8 rows of ≤ 199 → 19 minibatches of 8 × 10 tokens per epoch
     assert [(line["step"], line["tokens_seen"]) for line in lines] == [(19, 1520), (38, 3040), (57, 4560)]
     assert lines[-1]["train_ppl"] == pytest.approx(result.train_ppl)

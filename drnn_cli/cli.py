@@ -572,7 +572,7 @@ def inspect_command(
             metavar="K",
             help="Show the K units that follow a text property best (|Pearson r|): position in word, "
             "at a space, position in line, inside quotes, inside brackets; the best unit of each property "
-            "in turn (by variance when none varies). Default 5.",
+            "in turn (|r| ≥ 0.2), then by variance. Default 5.",
         ),
     ] = None,
     signal: Annotated[
@@ -597,11 +597,11 @@ def inspect_command(
     Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
     """
     from drnn_cli.commands import InspectOutputs, inspect, load_model
-    from drnn_cli.introspect import InspectRequest, parse_units
+    from drnn_cli.introspect import InspectRequest, follows_label, parse_units
 
     outputs = InspectOutputs.checked(html_out, png_out)
     request = InspectRequest(text, file, layer, parse_units(units), top, signal.value)
-    out, _ = consoles(json_out)
+    out, notes = consoles(json_out)  # notes on stderr, as predict and eval say theirs
     loaded = load_model(run, checkpoint, device.value)
     report = inspect(loaded, request, outputs)
     result = report.inspection
@@ -616,7 +616,7 @@ def inspect_command(
     for column in ("unit", "follows", "r"):
         table.add_column(column)
     for score in result.units:
-        table.add_row(str(score.unit), score.feature or "-", f"{score.correlation:+.3f}")
+        table.add_row(str(score.unit), follows_label(score), f"{score.correlation:+.3f}")
     out.print(table)
     for index, gates in enumerate(result.saturation, start=1):
         if gates:
@@ -632,12 +632,12 @@ def inspect_command(
             out, "each character's activations, gates, surprisal and next-character guesses: --html FILE"
         )
     for note in report.notes:
-        print_note(out, note)
+        print_note(notes, note)
     missing_glyphs = report.missing_glyphs
     if missing_glyphs:
         shown = " ".join(missing_glyphs[:20]) + (" …" if len(missing_glyphs) > 20 else "")
         print_note(
-            out,
+            notes,
             f"the PNG's font has no glyph for {plural(len(missing_glyphs), 'character')} of the text "
             f"(drawn as boxes on its axis; the --html page shows them): {shown}",
         )

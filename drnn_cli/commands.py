@@ -703,6 +703,12 @@ class InspectReport:
 def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutputs) -> InspectReport:
     """Read the text with the model, then write the page before the picture: everything the picture
     can refuse is refused before the text is read, and a failing picture never costs the page."""
+    token = loaded.checkpoint.config.data.token
+    if token != "char":  # its properties are letters and positions in words
+        raise DrnnError(
+            f"{loaded.path} is a {token} model (data.token={token}) and drnn inspect reads character models; "
+            "name a character run with --run DIR or --checkpoint FILE"
+        )
     refuse_overwriting(
         {"--html": outputs.html_target, "--png": outputs.png_target},
         {"the checkpoint this command reads": loaded.path, "the text --file reads": request.file},

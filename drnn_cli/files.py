@@ -283,7 +283,8 @@ def output_file(path: Path, flag: str) -> Path:
     except OSError as exc:
         raise DrnnError(f"{flag} {path}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(info.st_mode):
-        raise DrnnError(f"{flag} {path} is a directory; name a file in it, e.g. {path / 'out'}")
+        example = path / ("inspect" + {"--html": ".html", "--png": ".png"}.get(flag, ""))
+        raise DrnnError(f"{flag} {path} is a directory; name a file in it, e.g. {example}")
     if not stat.S_ISREG(info.st_mode):
         raise DrnnError(
             f"{flag} {path} is {_special_kind(info)}, which drnn would replace by a file; name a regular file"

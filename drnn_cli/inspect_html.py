@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from drnn_cli.introspect import Inspection
+from drnn_cli.introspect import Inspection, follows_label
 from drnn_cli.shown_text import labelled_char, visible_char
 
 SURPRISAL_FULL_BITS = 6.0  # a character this surprising (or more) is fully red
@@ -162,7 +162,7 @@ def page_pieces(inspection: Inspection, title: str) -> Iterator[str]:
         values = row.tolist()
         scale = max((abs(v) for v in values), default=0.0)
         label = (
-            f"r = {score.correlation:+.2f} with {score.feature}"
+            f"r = {score.correlation:+.2f} with {follows_label(score)}"
             if score.feature
             else "no text feature varies here"
         )

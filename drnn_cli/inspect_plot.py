@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
-from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, UnitScore
+from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, UnitScore, follows_label
 from drnn_cli.plot import plotter_problem, quiet_font_fallbacks
 from drnn_cli.shown_text import labelled_char
 
@@ -35,7 +35,7 @@ def _unit_label(score: UnitScore) -> str:
     """A heatmap row's name: the unit, and the feature it follows best, as the HTML page's heading."""
     if score.feature is None:
         return f"unit {score.unit}"
-    return f"unit {score.unit}: {score.feature} (r = {score.correlation:+.2f})"
+    return f"unit {score.unit}: {follows_label(score)} (r = {score.correlation:+.2f})"
 
 
 def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:

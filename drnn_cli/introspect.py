@@ -42,6 +42,9 @@ DEFAULT_TOP = 5  # units --top ranks when neither --top nor --units is given
 # 372 MB page), a row of the picture, and a list of activations in the JSON.
 MAX_UNITS = 64
 MIN_RANKING_CHARS = 50  # below this, any varying unit correlates strongly with some property
+# |r| below this is no unit that "follows" a property: --top gives such a property no turn (a trial listed
+# units at r = +0.02 as following position in line beside units at 0.5), and the table marks it weak
+WEAK_CORRELATION = 0.2
 SATURATED_LOW, SATURATED_HIGH = 0.1, 0.9  # the paper's thresholds for a saturated gate
 GATE_NAMES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update"), "rnn": ()}
 SIGNALS = ("hidden", "cell")
@@ -159,20 +162,22 @@ def text_features(chars: list[str]) -> dict[str, torch.Tensor]:
 
     position in word: letters so far in the current word (0 on a non-letter); at a space: 1 on spaces;
     position in line: characters since the last line break (only for a text with line breaks; d2l
-    preprocessing removes them); inside quotes: after an odd number of
-    ``"``; inside brackets: between an opening and its closing ``(``/``[``/``{``.
+    preprocessing removes them); inside quotes: after an odd number of ``"``, or between ``“`` and
+    ``”`` (not ``'``, which also writes apostrophes: the Time Machine's dialogue, quoted with it, gives
+    this feature nothing); inside brackets: between an opening and its closing ``(``/``[``/``{``.
     """
     word, line, quotes, depth = 0, 0, False, 0
     rows: dict[str, list[float]] = {name: [] for name in FEATURES}
     for char in chars:
         word = word + 1 if char.isalpha() else 0
         line = 0 if char == "\n" else line + 1
-        quotes ^= char == '"'
+        marks = char in '"“”'
+        quotes = (not quotes) if char == '"' else (quotes or char == "“") and char != "”"
         depth = max(0, depth + (char in "([{") - (char in ")]}"))
         rows["position in word"].append(word)
         rows["at a space"].append(float(char == " "))
         rows["position in line"].append(line)
-        rows["inside quotes"].append(float(quotes or char == '"'))
+        rows["inside quotes"].append(float(quotes or marks))
         rows["inside brackets"].append(float(depth > 0 or char in ")]}"))
     if "\n" not in chars:
         del rows["position in line"]  # one line: it would only count characters since the start
@@ -231,28 +236,37 @@ def top_units(scores: list[UnitScore], activations: torch.Tensor, k: int) -> lis
 
     Units are grouped by their best feature and ranked by |r| within it; the pick takes the best
     remaining unit of each feature in turn (features ordered by their best |r|), so a feature many
-    units follow (e.g. "at a space") does not crowd out the others. When no feature varies over the
-    text, the units with the largest variance are taken; so are the ones the ``k`` needs beyond the
-    units that follow a feature (a constant unit follows none).
+    units follow (e.g. "at a space") does not crowd out the others. A unit whose best |r| is under
+    :data:`WEAK_CORRELATION` follows nothing here. When no unit follows a feature, the units with the
+    largest variance are taken; so are the ones the ``k`` needs beyond those that do.
     """
-    if not any(score.feature for score in scores):
+    follows = [score for score in scores if score.feature and abs(score.correlation) >= WEAK_CORRELATION]
+    if not follows:
         variance = _unit_variance(activations)
         return sorted(scores, key=lambda s: -variance[s.unit])[:k]
     groups: dict[str, list[UnitScore]] = {}
-    for score in sorted(scores, key=lambda s: -abs(s.correlation)):
-        if score.feature:
-            groups.setdefault(score.feature, []).append(score)
+    for score in sorted(follows, key=lambda s: -abs(s.correlation)):
+        groups.setdefault(score.feature or "", []).append(score)
     queues = list(groups.values())  # insertion order = order of each feature's best |r|
     picked: list[UnitScore] = []
     while len(picked) < k and any(queues):
         for queue in queues:
             if queue and len(picked) < k:
                 picked.append(queue.pop(0))
-    if len(picked) < k:  # more asked for than units follow a feature: then those that follow none
+    if len(picked) < k:  # more asked for than units follow a feature: then the others, by variance
         variance = _unit_variance(activations)
-        rest = sorted((s for s in scores if not s.feature), key=lambda s: -variance[s.unit])
+        chosen = {score.unit for score in picked}
+        rest = sorted((s for s in scores if s.unit not in chosen), key=lambda s: -variance[s.unit])
         picked.extend(rest[: k - len(picked)])
     return picked
+
+
+def follows_label(score: UnitScore) -> str:
+    """What a unit follows, as the table and the PNG say it: its best property, "(weak)" below
+    :data:`WEAK_CORRELATION`; "-" where nothing varies with it."""
+    if score.feature is None:
+        return "-"
+    return score.feature + (" (weak)" if abs(score.correlation) < WEAK_CORRELATION else "")
 
 
 def _unit_variance(activations: torch.Tensor) -> list[float]:
@@ -380,11 +394,24 @@ class Inspection:
         if self.full_length > len(self.chars):
             notes.append(
                 f"drnn inspect reads at most {MAX_CHARS:,} characters: these are the first of the file's "
-                f"{self.full_length:,} (after preprocessing)"
+                f"{self.full_length:,} (after preprocessing); to read another passage, cut it into a file of "
+                "its own, e.g. sed -n '700,760p' FILE > passage.txt"
             )
         if self.top_asked > len(self.units):
             notes.append(
                 f"--top {self.top_asked}: layer {self.layer} has {len(self.units)} units, all shown here, ranked"
+            )
+        by_variance = [
+            score.unit
+            for score in self.units
+            if score.feature is None or abs(score.correlation) < WEAK_CORRELATION
+        ]
+        if self.ranked and by_variance:
+            one = len(by_variance) == 1
+            notes.append(
+                f"unit{'' if one else 's'} {', '.join(map(str, by_variance))} follow{'s' if one else ''} no "
+                f"property at |r| ≥ {WEAK_CORRELATION}: {'it is' if one else 'they are'} shown for the largest "
+                "variance of the rest"
             )
         if self.ranked and self.tokens < MIN_RANKING_CHARS:
             notes.append(
@@ -459,10 +486,6 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
     a file like ``drnn eval --data`` reads it (the corpus preprocessing); and how many characters the
     text had. A file longer than :data:`MAX_CHARS` gives its first ones (an excerpt cut by hand with
     ``head -c`` may split a UTF-8 character); an argument that long is refused."""
-    if data.token != "char":
-        raise DrnnError(
-            f"drnn inspect reads character models; this run uses data.token={data.token}; inspect a char run"
-        )
     if request.file is not None:
         if not require_regular_file(request.file, "--file", "give --file a UTF-8 text file"):
             raise DrnnError(f"--file {request.file} is empty; give it the text to inspect")
@@ -472,18 +495,21 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
     else:
         chars = list(preprocess_prefix(request.text or "", data.preprocess))
         source = "argument"
+    # a TEXT argument that cannot be inspected is the command line's problem (exit 2), however it came
+    # to be; a file's is its contents' (exit 1)
+    refused = DrnnError if request.file is not None else UsageError
     if len(chars) < 2:
         given = len(request.text or "") if request.file is None else None
         if given is not None and given < 2:  # nothing preprocessing did: the argument itself is short
             raise UsageError(f"the text has {given} character{'' if given == 1 else 's'}; give at least 2")
-        raise DrnnError(
+        raise refused(
             f"the text has {len(chars)} character{'' if len(chars) == 1 else 's'} after "
             f"data.preprocess={data.preprocess}{dropping(data.preprocess)}; give at least 2"
         )
     if len(chars) > MAX_CHARS and request.file is None:
-        raise DrnnError(
+        raise UsageError(
             f"the text has {len(chars):,} characters after preprocessing, more than drnn inspect's "
-            f"{MAX_CHARS:,}; inspect a shorter excerpt"
+            f"{MAX_CHARS:,}; inspect a shorter excerpt, or pass it with --file, which reads its first {MAX_CHARS:,}"
         )
     return chars[:MAX_CHARS], source, len(chars)
 

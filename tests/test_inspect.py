@@ -25,9 +25,11 @@ from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import evaluate
 from drnn_cli.introspect import (
     MAX_CHARS,
+    WEAK_CORRELATION,
     Inspection,
     InspectRequest,
     UnitScore,
+    follows_label,
     inspect_text,
     score_units,
     text_features,
@@ -171,6 +173,60 @@ def test_text_features_by_hand():
     assert features["inside quotes"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     assert features["inside brackets"].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0]
     assert "position in line" not in text_features(list("one line"))
+
+
+def test_curly_quotes_open_and_close_and_an_apostrophe_is_no_quote():
+    """Only ``"`` counted, so a text quoting with “ ” gave the feature nothing (inspect33); ``'`` also
+    writes apostrophes (don't), so it stays out, and the README says so."""
+    features = text_features(list("a “b” 'c' d"))
+    assert features["inside quotes"].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_a_property_no_unit_follows_closely_gets_no_turn_and_weak_rows_say_so():
+    """--top gave each property a turn however weak its best unit: units at r = +0.02 were listed as
+    following position in line beside units at 0.5 (inspect33). Under |r| 0.2 a unit follows nothing
+    for the ranking, which then takes the units of largest variance, and the table says "(weak)"."""
+    chars = list("ab cd efg hi jklm no pq rst uv wx")
+    features = text_features(chars)
+    noise = torch.randn(len(chars), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    activations = torch.stack(
+        [
+            features["position in word"],  # r = 1
+            0.05 * features["at a space"] + 0.1 * noise,  # small and weakly at a space
+            3.0 * noise,  # large, and follows nothing closely either
+        ],
+        dim=1,
+    )
+    scores = score_units(activations, features)
+    assert scores[0].correlation == pytest.approx(1.0) and follows_label(scores[0]) == "position in word"
+    assert all(abs(scores[u].correlation) < WEAK_CORRELATION for u in (1, 2))
+    assert follows_label(scores[1]) == f"{scores[1].feature} (weak)"
+    # the second pick is the larger variance, not the weak unit's property taking a turn
+    assert [s.unit for s in top_units(scores, activations, 2)] == [0, 2]
+    assert follows_label(UnitScore(7, None, 0.0)) == "-"
+
+
+def test_units_shown_for_their_variance_are_said_to_be():
+    """The table showed "-" and r +0.000 for units picked by variance where no property varied, without a
+    word of why (inspect33). Over 60 dots nothing varies: every unit shown was picked so."""
+    model = small_model("lstm", "tanh", "torch")
+    vocab = Vocab(["<unk>", " ", ".", *"abc"])
+    request = InspectRequest(text="." * 60, top=2)
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    shown = [score.unit for score in result.units]
+    assert all(score.feature is None for score in result.units) and len(shown) == 2
+    assert result.notes == [
+        f"units {shown[0]}, {shown[1]} follow no property at |r| ≥ 0.2: they are shown for the largest "
+        "variance of the rest"
+    ]
+    named = inspect_text(
+        model,
+        vocab,
+        DataConfig(preprocess="none"),
+        InspectRequest(text="." * 60, units=(1,)),
+        torch.device("cpu"),
+    )
+    assert named.notes == []  # units named with --units are the user's choice
 
 
 def test_units_are_scored_by_their_best_pearson_r_and_picked_one_feature_at_a_time():
@@ -574,14 +630,15 @@ def test_wrong_options_are_one_line_errors(cli, tiny_run: Path, args: list[str],
     [
         ("", 2, "the text has 0 characters; give at least 2"),
         ("t", 2, "the text has 1 character; give at least 2"),
-        ("1895!", 1, "the text has 0 characters after data.preprocess=d2l (it keeps only the letters a-z and "
+        ("1895!", 2, "the text has 0 characters after data.preprocess=d2l (it keeps only the letters a-z and "
          "spaces); give at least 2"),
     ],
 )  # fmt: skip
 def test_a_text_too_short_to_inspect_says_whether_it_was_given_so(
     cli, tiny_run: Path, text: str, status: int, message: str
 ):
-    """An empty argument is a usage error; preprocessing was blamed for it ("after data.preprocess")."""
+    """An argument that cannot be inspected is a usage error, however it came to be (preprocessing's doing
+    exited 1, an empty one 2: inspect33); the message says whether preprocessing emptied it."""
     code, out, err = cli("inspect", text, "--run", str(tiny_run))
     assert (code, out, err) == (status, "", f"drnn: error: {message}\n")
 
@@ -605,15 +662,23 @@ def test_a_file_longer_than_the_cap_is_inspected_in_its_first_characters_with_a_
     code, out, err = cli("inspect", "--file", str(long), "--run", str(tiny_run), "--json")
     assert code == 0, err
     assert json.loads(out.splitlines()[-1])["text"] == ("the time machine " * 120)[:2_000]
-    assert "note: drnn inspect reads at most 2,000 characters: these are the first of the file's 2,039" in err
+    assert (
+        "note: drnn inspect reads at most 2,000 characters: these are the first of the file's 2,039 (after "
+        "preprocessing); to read another passage, cut it into a file of its own, e.g. sed -n '700,760p' FILE > "
+        "passage.txt"
+    ) in err
+    # without --json too: notes on stderr, as predict and eval say theirs (they came last on stdout)
+    code, out, err = cli("inspect", "--file", str(long), "--run", str(tiny_run))
+    assert code == 0 and "reads at most 2,000" in err and "note:" not in out
 
 
 def test_an_argument_longer_than_the_cap_is_refused_in_one_line(cli, tiny_run: Path):
     code, _, err = cli("inspect", "a" * (MAX_CHARS + 1), "--run", str(tiny_run), "--json")
-    assert code == 1
+    assert code == 2
     assert err == (
         f"drnn: error: the text has {MAX_CHARS + 1:,} characters after preprocessing, more than drnn "
-        f"inspect's {MAX_CHARS:,}; inspect a shorter excerpt\n"
+        f"inspect's {MAX_CHARS:,}; inspect a shorter excerpt, or pass it with --file, which reads its first "
+        f"{MAX_CHARS:,}\n"
     )
 
 
@@ -762,17 +827,40 @@ def test_a_page_named_as_an_image_is_refused_as_a_picture_named_as_another_image
     assert not (tmp_path / "p.png").exists()
 
 
+def test_a_word_run_is_refused_naming_the_checkpoint_and_how_to_name_a_character_run(
+    cli, workdir: Path, corpus_path: Path
+):
+    """The refusal named no run: the help's example met runs/latest pointing at a word run (inspect33)."""
+    tree = {
+        **TINY_TREE,
+        "data": {**TINY_TREE["data"], "token": "word"},
+        "train": {**TINY_TREE["train"], "epochs": 1},
+    }
+    config = workdir / "words.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    code, _, err = cli("train", "--config", str(config), "--run", "runs/words")
+    assert code == 0, err
+    code, out, err = cli("inspect", "the time traveller")  # the latest run: the word one
+    best = (workdir / "runs" / "words" / "best.safetensors").resolve()
+    assert_one_line_error(
+        code,
+        err,
+        f"{best} is a word model (data.token=word) and drnn inspect reads character models; name a character run with --run DIR or --checkpoint FILE",
+    )
+    assert (code, out) == (1, "")
+
+
 def test_a_ranking_over_a_few_characters_says_its_correlations_are_noise(cli, tiny_run: Path):
     """Over 2 or 3 characters every unit that varies correlates ±1 with position in word: the table
     ranked them as clean counters. A note says so below 50 predictions; named units get no note."""
     code, out, err = cli("inspect", "the time", "--run", str(tiny_run))
-    assert code == 0, err
-    assert [line for line in out.splitlines() if line.startswith("note:")] == [
+    assert code == 0 and "note:" not in out, err
+    assert [line for line in err.splitlines() if line.startswith("note:")] == [
         "note: correlations over 8 characters say little (over a few, any unit that varies follows some "
         "property closely): rank units over a paragraph or more, e.g. with --file"
     ]
-    assert "note:" not in cli("inspect", "the time", "--run", str(tiny_run), "--units", "1")[1]
-    assert "note:" not in cli("inspect", "the time traveller " * 3, "--run", str(tiny_run))[1]
+    assert "note:" not in cli("inspect", "the time", "--run", str(tiny_run), "--units", "1")[2]
+    assert "note:" not in cli("inspect", "the time traveller " * 3, "--run", str(tiny_run))[2]
 
 
 def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(cli, tiny_run: Path):
@@ -782,10 +870,10 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(c
 
     code, out, err = cli("inspect", "The Café, 1895!", "--run", str(tiny_run), "--units", "1")
     assert code == 0, err
-    assert out.splitlines()[-2:] == [
-        "each character's activations, gates, surprisal and next-character guesses: --html FILE",
-        "note: data.preprocess d2l reads the text 'The Café, 1895!' as 'the caf'",
-    ]
+    assert out.splitlines()[-1] == (
+        "each character's activations, gates, surprisal and next-character guesses: --html FILE"
+    )
+    assert err == "note: data.preprocess d2l reads the text 'The Café, 1895!' as 'the caf'\n"
     code, out, err = cli("inspect", "The Time", "--run", str(tiny_run), "--units", "1", "--json")
     assert code == 0 and "--html FILE" not in out + err and "reads the text" not in out + err  # case only
     with pytest.raises(DrnnError, match=r"this asks for 80 \(--top 200: all 80 units of the layer\);"):
@@ -874,7 +962,7 @@ def test_an_output_that_is_not_a_regular_file_is_refused_and_a_symlink_is_writte
     folder.mkdir()
     for flag, target, needle in (
         ("--png", fifo, "is a FIFO, which drnn would replace by a file"),
-        ("--html", folder, "is a directory; name a file in it"),
+        ("--html", folder, f"is a directory; name a file in it, e.g. {folder / 'inspect.html'}"),
         ("--html", tmp_path / "typo" / "x.html", f"the folder {tmp_path / 'typo'} does not exist"),
     ):
         code, _, err = cli("inspect", "abc", "--run", str(tiny_run), flag, str(target))

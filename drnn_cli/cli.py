@@ -347,7 +347,9 @@ def train_command(
     )
     table.add_row("steps / stopped by", f"{result.steps:,} / {result.stop_reason}")
     window = result.train_ppl_steps
-    over = f" (last {window:,} step{'' if window == 1 else 's'})" if window else ""
+    how = [f"last {window:,} step{'' if window == 1 else 's'}"] if window else []
+    how += [result.train_ppl_as] if result.train_ppl_as else []  # not as validation reads its split
+    over = f" ({'; '.join(how)})" if how else ""
     table.add_row("train perplexity", format_perplexity(result.train_ppl, 3) + over)
     if result.best_val_ppl is not None:
         validations = [result.val_ppl, result.best_val_ppl]

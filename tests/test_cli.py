@@ -470,6 +470,35 @@ def test_the_summary_says_a_validation_read_part_of_the_split_beside_its_figures
     assert code == 0 and "validation perplexity (last / best)" in out and "validated on" not in out, out
 
 
+def test_the_summary_says_how_a_training_perplexity_was_read_where_validation_reads_otherwise(
+    workdir: Path, cli
+):
+    """Training's figure is read as it trains, dropout on, from the raw weights where an average
+    validates: shown beside validation's it read as "train 9.15 > val 8.30" where drnn eval --split
+    train gave 7.64 (heldout33). The summary says so; d2l's recipes, which drop nothing, read as before."""
+    from drnn_cli.config import Config
+    from drnn_cli.report import as_trained
+
+    def config(model: dict, train: dict | None = None) -> Config:
+        return Config.model_validate({"model": model, "train": train or {}})
+
+    assert as_trained(config({"num_layers": 2})) is None
+    assert as_trained(config({"num_layers": 1, "dropout": 0.3})) is None  # nothing between layers to drop
+    assert as_trained(config({"num_layers": 2, "dropout": 0.3})) == "dropout on"
+    assert as_trained(config({"weight_drop": 0.5})) == "dropout on"
+    assert as_trained(config({"output_dropout": 0.1}, {"average": "ema"})) == "dropout on, raw weights"
+    assert as_trained(config({}, {"average": "ema"})) == "raw weights"
+    tree = {
+        **TINY_TREE,
+        "model": {**TINY_TREE["model"], "output_dropout": 0.2},
+        "train": {**TINY_TREE["train"], "epochs": 1},
+    }
+    code, out, _ = cli("train", "--config", str(config_file(workdir, tree)))
+    assert code == 0 and re.search(r"│ train perplexity +│ [0-9.]+ \(last 29 steps; dropout on\) +│", out), (
+        out
+    )
+
+
 def test_the_bar_shows_one_time_left_the_trainers_once_it_has_one():
     """A budget and the epochs at the current pace: the bar showed both, "0:17:29 budget left 0:19", on
     a run a 20-second max_time ended; then rich's epoch pace alone, which a minute-long validation held

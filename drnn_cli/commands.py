@@ -46,6 +46,7 @@ from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoi
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import check_max_unknown, fine_tuning_point, unknown_share_note
+from drnn_cli.token_tensors import count_ids
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
 
@@ -73,10 +74,7 @@ class DataReport:
             # the vocabulary's own tokens: not those min_freq made <unk>
             kept = [(token, freq) for token, freq in vocab.token_freqs if token in vocab]
             return kept[:n], "all tokens"
-        counts = torch.zeros(len(vocab), dtype=torch.int64)
-        # widened to int64 a chunk at a time, not a 200 MB text at once
-        for chunk in self.dataset.tokens.split(1 << 20):
-            counts += torch.bincount(chunk.long(), minlength=len(vocab))
+        counts = count_ids(self.dataset.tokens, len(vocab))
         counts[vocab[UNK]] = 0  # what it lacks has its own row
         top = counts.argsort(descending=True, stable=True)[:n].tolist()
         return [(vocab.idx_to_token[i], int(counts[i])) for i in top if counts[i]], "tokens used"

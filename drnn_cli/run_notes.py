@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from drnn_cli import fused_recurrence
-from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength
+from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, split_sizes
 from drnn_cli.budget import Cadence, StopReason, steps_span
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.corpus import LETTERS_ONLY
@@ -18,6 +18,7 @@ from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
 
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
 # Fewer validation predictions than this: each one moves the perplexity by a few percent or more
 FEW_VALIDATION_PREDICTIONS = 100
@@ -139,17 +140,24 @@ def own_text_notes(
     data: DataConfig, total_tokens: int, file_bytes: int | None, fine_tuning: bool = False
 ) -> list[str]:
     """What settings made for the Time Machine do to a text of one's own (``data.path``), unseen
-    otherwise: a ``max_tokens`` keeping its first tokens only (a preset's, often), and d2l's
-    preprocessing, which keeps a-z and single spaces, dropping much of a text with digits, punctuation,
-    case or other alphabets (``file_bytes``: the file's size, None where unknown; ``fine_tuning``:
+    otherwise: a ``max_tokens`` keeping its first tokens only (a preset's, often), which the held-out
+    splits share, and d2l's preprocessing, which keeps a-z and single spaces, dropping much of a text
+    with digits, punctuation, case or other alphabets (``file_bytes``: the file's size, None where unknown; ``fine_tuning``:
     the preprocessing is the checkpoint's, which ``--init-from`` keeps)."""
     if data.path is None:
         return []
     notes = []
     if 0 < data.max_tokens < total_tokens:
+        sizes = split_sizes(data.max_tokens, data.val_fraction, data.test_fraction)
+        named = [f"{size:,} {name}" for size, name in zip(sizes, SPLIT_WORDS.values(), strict=True) if size]
+        shared = (
+            f"and its splits share them: {', '.join(named[:-1])} and {named[-1]}"
+            if len(named) > 1
+            else "all of them to train"
+        )
         notes.append(
-            f"data.max_tokens {data.max_tokens:,} trains on the first {data.max_tokens:,} of this text's "
-            f"{total_tokens:,} {data.token}s; data.max_tokens -1 takes all"
+            f"data.max_tokens {data.max_tokens:,} uses the first {data.max_tokens:,} of this text's "
+            f"{total_tokens:,} {data.token}s, {shared}; data.max_tokens -1 takes all"
         )
     if data.token == "char" and data.preprocess in LETTERS_ONLY and file_bytes:
         kept = total_tokens / file_bytes

@@ -1007,12 +1007,23 @@ def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep
     and d2l's letters-only preprocessing of a Python source file (65% of its bytes kept as characters)."""
     notes = own_text_notes(DataConfig(path="mine.txt", max_tokens=10_000), 1_946_553, 3_011_731)
     assert notes == [
-        "data.max_tokens 10,000 trains on the first 10,000 of this text's 1,946,553 chars; data.max_tokens -1 "
-        "takes all",
+        "data.max_tokens 10,000 uses the first 10,000 of this text's 1,946,553 chars, all of them to train; "
+        "data.max_tokens -1 takes all",
         "data.preprocess d2l keeps the letters a-z and single spaces, lower-cased: 1,946,553 characters of this "
         "3,011,731-byte file (65% of its bytes); digits, punctuation, accented and other letters, case and line "
         "breaks are gone (data.preprocess none keeps the text as it is)",
     ]
+    # held-out fractions are cut from those first tokens, not from the text's tail (a trial read "trains on
+    # the first 3,000" as the training split's size): 10% of 3,000 each, the rest trains
+    capped = DataConfig(
+        path="mine.txt", preprocess="none", max_tokens=3_000, val_fraction=0.1, test_fraction=0.1
+    )
+    assert own_text_notes(capped, 318_076, 318_076) == [
+        "data.max_tokens 3,000 uses the first 3,000 of this text's 318,076 chars, and its splits share them: "
+        "2,400 training, 300 validation and 300 test; data.max_tokens -1 takes all"
+    ]
+    (validated,) = own_text_notes(capped.model_copy(update={"test_fraction": 0.0}), 318_076, 318_076)
+    assert "and its splits share them: 2,700 training and 300 validation;" in validated
     # a text that does not space its words, in word tokens: each line was one "word", without a note
     (unspaced,) = own_text_notes(DataConfig(path="zh.txt", token="word", preprocess="none"), 200, 18_000)
     assert unspaced == (

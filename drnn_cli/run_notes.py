@@ -59,7 +59,7 @@ def data_notes(
 ) -> list[str]:
     """Settings this text or device defeats: a validation or test split too small to evaluate (or so
     small its perplexities are noise), a min_freq that turns much of the text into <unk>, a capped
-    evaluation, patience without validation, sample prefixes the vocabulary cannot spell, a one-hot
+    evaluation, patience or eval_tokens without validation, sample prefixes the vocabulary cannot spell, a one-hot
     input as wide as a word vocabulary, Triton kernels without CUDA (``device``: where the run trains;
     None, ``drnn data``'s, where it is not decided; ``fine_tuning``: the vocabulary is a checkpoint's,
     which ``data.min_freq`` did not make, and ``--init-from`` says so)."""
@@ -96,6 +96,11 @@ def data_notes(
             f"train.eval_tokens {train.eval_tokens:,}: the validation perplexities of this run (and its choice "
             f"of best) predict the first {train.eval_tokens:,} of the {validation_tokens - 1:,} validation tokens "
             f"after the split's first (of {validation_tokens:,}); drnn eval --split val predicts them all"
+        )
+    if train.eval_tokens and not splits.validates:
+        notes.append(
+            f"train.eval_tokens {train.eval_tokens:,} caps what each validation predicts, and this run has "
+            "none: it caps nothing (set data.val_fraction > 0 to validate)"
         )
     if train.patience and not splits.validates:
         notes.append(

@@ -857,6 +857,22 @@ def test_drnn_data_notes_what_drnn_train_would_note_about_the_text(workdir: Path
     assert last_json_line(cli("data", "--set", f"data.path={text}", "--json")[1])["notes"] == [expected]
 
 
+def test_eval_tokens_without_a_validation_split_is_said_to_cap_nothing(workdir: Path, cli) -> None:
+    """As train.patience's note says it cannot stop a run without validation: eval_tokens caps nothing."""
+    summary = last_json_line(cli("data", "--set", "train.eval_tokens=5000", "--json")[1])
+    assert summary["val_tokens"] == 0 and summary["notes"] == [
+        "train.eval_tokens 5,000 caps what each validation predicts, and this run has none: it caps nothing "
+        "(set data.val_fraction > 0 to validate)"
+    ]
+    summary = last_json_line(cli("data", "--set", "train.eval_tokens=5000", "--set", "data.val_fraction=0.1",
+                                 "--json")[1])  # fmt: skip
+    assert summary["notes"] == [
+        "train.eval_tokens 5,000: the validation perplexities of this run (and its choice of best) predict the "
+        "first 5,000 of the 17,057 validation tokens after the split's first (of 17,058); drnn eval --split val "
+        "predicts them all"
+    ]
+
+
 def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(workdir: Path, cli) -> None:
     code, _out, err = cli("data", "--set", "data.path=absent.txt", "--json")
     assert code != 0

@@ -49,13 +49,17 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float, test_fraction: float
 
     A size is the fraction as written times the length, in decimal: in binary floating point
     100 × 0.29 is 28.999999999999996, which rounded down held out 28 tokens, not 29."""
-    total = len(tokens)
-    n_test = held_out(total, test_fraction)
-    n_val = held_out(total, val_fraction)
-    n_train = total - n_val - n_test
+    n_train, n_val, _ = split_sizes(len(tokens), val_fraction, test_fraction)
     return Splits(
         train=tokens[:n_train], val=tokens[n_train : n_train + n_val], test=tokens[n_train + n_val :]
     )
+
+
+def split_sizes(total: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """The train, validation and test sizes :func:`split_tokens` cuts ``total`` tokens into."""
+    n_test = held_out(total, test_fraction)
+    n_val = held_out(total, val_fraction)
+    return total - n_val - n_test, n_val, n_test
 
 
 def held_out(total: int, fraction: float) -> int:

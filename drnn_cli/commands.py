@@ -16,7 +16,7 @@ from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_train
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import dropping
-from drnn_cli.data import Dataset, encode_text, load_dataset, load_same_corpus
+from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
 from drnn_cli.decode import (
     MAX_DECODE_SEED,
     DecodeOptions,
@@ -41,11 +41,13 @@ from drnn_cli.run_notes import (
     own_text_notes,
     planned_length_notes,
     scored_unknown_note,
+    unseen_in_training_note,
 )
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint, waiting_replacement_note
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import check_max_unknown, fine_tuning_point, unknown_share_note
+from drnn_cli.token_tensors import count_ids
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
 
@@ -73,10 +75,7 @@ class DataReport:
             # the vocabulary's own tokens: not those min_freq made <unk>
             kept = [(token, freq) for token, freq in vocab.token_freqs if token in vocab]
             return kept[:n], "all tokens"
-        counts = torch.zeros(len(vocab), dtype=torch.int64)
-        # widened to int64 a chunk at a time, not a 200 MB text at once
-        for chunk in self.dataset.tokens.split(1 << 20):
-            counts += torch.bincount(chunk.long(), minlength=len(vocab))
+        counts = count_ids(self.dataset.tokens, len(vocab))
         counts[vocab[UNK]] = 0  # what it lacks has its own row
         top = counts.argsort(descending=True, stable=True)[:n].tolist()
         return [(vocab.idx_to_token[i], int(counts[i])) for i in top if counts[i]], "tokens used"
@@ -400,6 +399,8 @@ class EvalReport:
     step_in_epoch: int = 0  # steps into the epoch after ``epoch`` (a checkpoint written inside an epoch)
     checkpoint: str = ""  # the file read (a run's best, or its last without a validation split)
     rows: int = 1  # the parallel rows the text was read in, each from a zero state
+    # predictions of tokens the run's training split never holds (None: a --data file, not counted)
+    unseen_in_training: int | None = None
 
     @property
     def unknown(self) -> int:
@@ -418,6 +419,7 @@ class EvalReport:
             "unknown": self.unknown,
             # over the tokens other than <unk> (the perplexity where none is scored)
             "known_perplexity": self.result.known_perplexity,
+            "unseen_in_training": self.unseen_in_training,
             "source": self.source,
             "checkpoint": self.checkpoint,
             # two checkpoints' perplexities compare at the same rows only (a run's default is its batch size)
@@ -461,11 +463,13 @@ def evaluate_split(
     check_eval_source(split, data_file, corpus_file)
     config = loaded.checkpoint.config
     notes: tuple[str, ...] = ()  # a --data file is encoded apart from the token cache
+    unseen: UnseenInTraining | None = None  # a --data file is not counted against the training split
     if data_file is not None:
         tokens, source = _file_tokens(data_file, loaded.checkpoint)
         split_name = "file"
     else:
-        tokens, source, split_name, notes = _split_tokens(loaded, split, corpus_file)
+        tokens, source, split_name, dataset = _split_tokens(loaded, split, corpus_file)
+        notes, unseen = dataset.notes, dataset.unseen_in_training(split_name)
     result = evaluate(
         loaded.model,
         tokens,
@@ -492,12 +496,18 @@ def evaluate_split(
         "this perplexity is",
         written_unk=config.data.token == "word",
     )
+    # a fine-tuned model may have learned what this run's training split lacks from its base run's text
+    unseen_note = (
+        None
+        if unseen is None
+        else unseen_in_training_note(unseen, split_name, checkpoint.init_from is not None)
+    )
     notes = (
         *loaded.notes,
         *notes,
         *_short_rows_note(result.tokens, read_as, config.data.num_steps),
         *(_training_split_note(config, result.tokens, read_as) if split_name == "train" else ()),
-        *filter(None, (few_predictions_note(result.tokens, fix), unknown)),
+        *filter(None, (few_predictions_note(result.tokens, fix), unknown, unseen_note)),
         # against a uniform guess only where the vocabulary spells the text (else the note above says
         # the perplexity compares with nothing)
         *(
@@ -516,6 +526,7 @@ def evaluate_split(
         step_in_epoch=checkpoint.step_in_epoch,
         checkpoint=str(loaded.path.absolute()),  # as predict names it
         rows=max(1, min(rows or config.data.batch_size, result.tokens)),  # as eval_batches cuts them
+        unseen_in_training=None if unseen is None else unseen.count,
     )
 
 
@@ -583,9 +594,9 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
 
 def _split_tokens(
     loaded: LoadedModel, split: str | None, corpus_file: Path | None
-) -> tuple[torch.Tensor, str, str, tuple[str, ...]]:
+) -> tuple[torch.Tensor, str, str, Dataset]:
     """A split of the run's own corpus (None: :func:`default_split`), its source, its name and the
-    dataset's notes (a token cache it could not write, which costs every eval the whole encoding): where
+    dataset (its notes: a token cache it could not write, which costs every eval the whole encoding): where
     ``corpus_file`` says, else where the checkpoint (or, when that place is gone, the run's
     ``config.yaml``) says; refused unless it is the same text."""
     checkpoint = loaded.checkpoint
@@ -614,7 +625,7 @@ def _split_tokens(
     )
     split = split or default_split(dataset.splits)
     tokens = _split_or_error(dataset.splits, split, checkpoint.config)
-    return tokens, f"{dataset.path} [{split}]", split, dataset.notes
+    return tokens, f"{dataset.path} [{split}]", split, dataset
 
 
 def _corpus_file_of_run(run_dir: Path) -> Path | None:

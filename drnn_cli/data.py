@@ -6,6 +6,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from drnn_cli.text_vocab import build_vocab, no_tokens
 from drnn_cli.token_cache import EncodedCorpus, as_fixed, corpus_sha1s, load_cached, store
 from drnn_cli.token_tensors import (
     count_ascii,
+    count_ids,
     count_index,
     count_tokens,
     count_utf8,
@@ -35,6 +37,18 @@ from drnn_cli.token_tensors import (
     index_dtype,
 )
 from drnn_cli.vocab import UNK, Vocab, lacking_total, missing_from, split_words
+
+
+@dataclass(frozen=True)
+class UnseenInTraining:
+    """The predictions of a held-out split whose token the training split never holds: the vocabulary is
+    the whole text's (README "Your own text, and held-out numbers that mean something"), so they are
+    scored as known tokens the model never trained on."""
+
+    count: int
+    predictions: int  # the split's targets: every token after its first
+    commonest: tuple[str, ...]  # the commonest few such tokens, commonest first
+    kinds: int  # how many distinct tokens they are
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,29 @@ class Dataset:
         below = torch.searchsorted(self.lacking_at, torch.tensor([start, stop]))
         return int(below[1] - below[0])
 
+    @cached_property
+    def _training_counts(self) -> torch.Tensor:
+        """How often each id occurs in the training split (counted once: both held-out splits read it)."""
+        return count_ids(self.splits.train, len(self.vocab))
+
+    def unseen_in_training(self, split: str, few: int = 3) -> UnseenInTraining:
+        """How many of ``split``'s predictions (its tokens after the first) are ids the training split
+        never holds, and the ``few`` commonest of them. ``<unk>`` is left out: what the vocabulary lacks
+        is counted as unknown (:meth:`lacking_in`), and a text's own ``<unk>`` is no new token."""
+        start, stop = self.splits.span(split)
+        targets = self.tokens[start + 1 : stop]
+        counts = count_ids(targets, len(self.vocab))
+        counts[self._training_counts > 0] = 0
+        counts[self.vocab[UNK]] = 0
+        present = torch.nonzero(counts).flatten()
+        order = present[counts[present].argsort(descending=True, stable=True)][:few].tolist()
+        return UnseenInTraining(
+            count=int(counts.sum()),
+            predictions=len(targets),
+            commonest=tuple(self.vocab.idx_to_token[i] for i in order),
+            kinds=len(present),
+        )
+
     def summary(self) -> dict:
         """The ``drnn data --json`` object (README "Commands": `drnn data`)."""
         return {
@@ -92,6 +129,10 @@ class Dataset:
             "train_tokens": len(self.splits.train),
             "val_tokens": len(self.splits.val),
             "test_tokens": len(self.splits.test),
+            # where each split starts: a token index in the corpus after data.max_tokens
+            **{f"{name}_start": self.splits.span(name)[0] for name in ("train", "val", "test")},
+            "val_unseen_in_training": self.unseen_in_training("val").count,
+            "test_unseen_in_training": self.unseen_in_training("test").count,
             "path": str(self.path.absolute()),  # absolute, as every path --json prints
             "sha1": self.sha1,
         }

@@ -9,15 +9,16 @@ from __future__ import annotations
 import torch
 
 from drnn_cli import fused_recurrence
-from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength
+from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, split_sizes
 from drnn_cli.budget import Cadence, StopReason, steps_span
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.corpus import LETTERS_ONLY
-from drnn_cli.data import Dataset
+from drnn_cli.data import Dataset, UnseenInTraining
 from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
 
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
 # Fewer validation predictions than this: each one moves the perplexity by a few percent or more
 FEW_VALIDATION_PREDICTIONS = 100
@@ -53,15 +54,45 @@ def few_predictions_note(predicted: int, fix: str) -> str | None:
     return f"a perplexity over {predicted:,} prediction{'' if predicted == 1 else 's'} is noise ({fix})"
 
 
+def unseen_in_training_note(unseen: UnseenInTraining, split: str, fine_tuned: bool = False) -> str | None:
+    """Held-out predictions of tokens this run's training split never holds, said whenever there is one:
+    the vocabulary is the whole text's (d2l's, AWD-LSTM's way), so they are scored as known tokens the
+    model never trained on, each costing about 9 nats more than the rest (a trial's test tail of emoji,
+    6.24% of its predictions: perplexity 26.49, 14.89 over the rest), so a share of 0.01% moves a
+    perplexity by about 0.1%, its fourth figure. ``fine_tuned``: the model may have learned them from
+    the text its base run trained on, which this run's split does not show."""
+    if not unseen.count:
+        return None
+    share = unseen.count / unseen.predictions
+    shown_share = f"{share:.2%}" if share >= 0.0001 else "under 0.01%"
+    shown = ", ".join(repr(token) for token in unseen.commonest)
+    more = (
+        f" and {unseen.kinds - len(unseen.commonest):,} more" if unseen.kinds > len(unseen.commonest) else ""
+    )
+    trained = (
+        "the model learned them only if the text its base run trained on held them"
+        if fine_tuned
+        else "the model never trained on them"
+    )
+    return (
+        f"{unseen.count:,} of the {unseen.predictions:,} {SPLIT_WORDS[split]} predictions "
+        f"({shown_share}) {'is a token' if unseen.count == 1 else 'are tokens'} "
+        f"this run's training split never holds ({shown}{more}): the vocabulary holds such tokens, so they are "
+        f"scored as known, yet {trained}, and the split's perplexity counts them "
+        '(README "Your own text, and held-out numbers that mean something")'
+    )
+
+
 def data_notes(
     config: Config, dataset: Dataset, device: torch.device | None, fine_tuning: bool = False
 ) -> list[str]:
     """Settings this text or device defeats: a validation or test split too small to evaluate (or so
     small its perplexities are noise), a min_freq that turns much of the text into <unk>, a capped
-    evaluation, patience without validation, sample prefixes the vocabulary cannot spell, a one-hot
-    input as wide as a word vocabulary, Triton kernels without CUDA (``device``: where the run trains;
-    None, ``drnn data``'s, where it is not decided; ``fine_tuning``: the vocabulary is a checkpoint's,
-    which ``data.min_freq`` did not make, and ``--init-from`` says so)."""
+    evaluation, held-out tokens the training split never holds, patience or eval_tokens without
+    validation, sample prefixes the vocabulary cannot spell, a one-hot input as wide as a word
+    vocabulary, Triton kernels without CUDA (``device``: where the run trains; None, ``drnn data``'s,
+    where it is not decided; ``fine_tuning``: the vocabulary is a checkpoint's, which ``data.min_freq``
+    did not make, and ``--init-from`` says so)."""
     train, data = config.train, config.data
     splits, vocab = dataset.splits, dataset.vocab
     validation_tokens, test_tokens = len(splits.val), len(splits.test)
@@ -95,6 +126,15 @@ def data_notes(
             f"train.eval_tokens {train.eval_tokens:,}: the validation perplexities of this run (and its choice "
             f"of best) predict the first {train.eval_tokens:,} of the {validation_tokens - 1:,} validation tokens "
             f"after the split's first (of {validation_tokens:,}); drnn eval --split val predicts them all"
+        )
+    for split in ("val", "test"):
+        if len(splits.get(split)) >= MIN_EVAL_TOKENS:
+            unseen = unseen_in_training_note(dataset.unseen_in_training(split), split, fine_tuning)
+            notes.extend([unseen] if unseen else [])
+    if train.eval_tokens and not splits.validates:
+        notes.append(
+            f"train.eval_tokens {train.eval_tokens:,} caps what each validation predicts, and this run has "
+            "none: it caps nothing (set data.val_fraction > 0 to validate)"
         )
     if train.patience and not splits.validates:
         notes.append(
@@ -139,17 +179,24 @@ def own_text_notes(
     data: DataConfig, total_tokens: int, file_bytes: int | None, fine_tuning: bool = False
 ) -> list[str]:
     """What settings made for the Time Machine do to a text of one's own (``data.path``), unseen
-    otherwise: a ``max_tokens`` keeping its first tokens only (a preset's, often), and d2l's
-    preprocessing, which keeps a-z and single spaces, dropping much of a text with digits, punctuation,
-    case or other alphabets (``file_bytes``: the file's size, None where unknown; ``fine_tuning``:
-    the preprocessing is the checkpoint's, which ``--init-from`` keeps)."""
+    otherwise: a ``max_tokens`` keeping its first tokens only (a preset's, often), which the held-out
+    splits share, and d2l's preprocessing, which keeps a-z and single spaces, dropping much of a text
+    with digits, punctuation, case or other alphabets (``file_bytes``: the file's size, None where
+    unknown; ``fine_tuning``: the preprocessing is the checkpoint's, which ``--init-from`` keeps)."""
     if data.path is None:
         return []
     notes = []
     if 0 < data.max_tokens < total_tokens:
+        sizes = split_sizes(data.max_tokens, data.val_fraction, data.test_fraction)
+        named = [f"{size:,} {name}" for size, name in zip(sizes, SPLIT_WORDS.values(), strict=True) if size]
+        shared = (
+            f"and its splits share them: {', '.join(named[:-1])} and {named[-1]}"
+            if len(named) > 1
+            else "all of them to train"
+        )
         notes.append(
-            f"data.max_tokens {data.max_tokens:,} trains on the first {data.max_tokens:,} of this text's "
-            f"{total_tokens:,} {data.token}s; data.max_tokens -1 takes all"
+            f"data.max_tokens {data.max_tokens:,} uses the first {data.max_tokens:,} of this text's "
+            f"{total_tokens:,} {data.token}s, {shared}; data.max_tokens -1 takes all"
         )
     if data.token == "char" and data.preprocess in LETTERS_ONLY and file_bytes:
         kept = total_tokens / file_bytes

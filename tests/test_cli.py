@@ -603,13 +603,18 @@ def test_own_text_under_a_time_machine_preset_hears_what_it_keeps_once(workdir: 
     code, out, err = cli("train", "--config", str(config), "--run", "runs/own")
     said = " ".join((out + err).split())  # the console wraps long lines
     assert code == 0, err
-    assert "note: data.max_tokens 3,000 trains on the first 3,000 of this text's" in said
+    assert "note: data.max_tokens 3,000 uses the first 3,000 of this text's" in said
+    # the held-out split is cut from those 3,000 (data.val_fraction 0.2), not from the text's tail
+    assert (
+        "chars, and its splits share them: 2,400 training and 600 validation; data.max_tokens -1 takes all"
+        in said
+    )
     assert "note: data.preprocess d2l keeps the letters a-z and single spaces" in said
     code, out, err = cli(
         "train", "--config", str(config), "--run", "runs/own", "--resume", "--set", "train.epochs=2"
     )
     assert code == 0, err
-    assert "data.max_tokens 3,000 trains" not in out + err and "keeps the letters a-z" not in out + err
+    assert "data.max_tokens 3,000 uses" not in out + err and "keeps the letters a-z" not in out + err
 
 
 def test_help_names_option_values_as_the_readme_does_and_lists_commands_whole(cli):

@@ -25,7 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drnn_cli.config import DataConfig
+from drnn_cli.config import Config, DataConfig
 from drnn_cli.corpus import (
     char_stream_bytes,
     hash_corpus,
@@ -35,10 +35,10 @@ from drnn_cli.corpus import (
     read_text,
     same_text_sha1s,
 )
-from drnn_cli.data import load_dataset
+from drnn_cli.data import UnseenInTraining, load_dataset
 from drnn_cli.download import REGISTRY, fetch_corpus
 from drnn_cli.errors import ConfigError, DrnnError
-from drnn_cli.run_notes import own_text_notes
+from drnn_cli.run_notes import data_notes, own_text_notes, unseen_in_training_note
 from drnn_cli.text_vocab import text_vocab
 
 SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
@@ -857,6 +857,87 @@ def test_drnn_data_notes_what_drnn_train_would_note_about_the_text(workdir: Path
     assert last_json_line(cli("data", "--set", f"data.path={text}", "--json")[1])["notes"] == [expected]
 
 
+# 80 training characters of a and b; validation predicts one 'c'; the test split (its first token read, not
+# predicted) predicts 'é' 3 times and '😀' twice among its 9: emoji in a test tail, as a user's trial had
+UNSEEN_TEXT = "ab" * 40 + "ababcbabab" + "😀😀éa😀ébaéb"
+UNSEEN_SETTINGS = ("data.preprocess=none", "data.val_fraction=0.1", "data.test_fraction=0.1")
+UNSEEN_TEST_NOTE = (
+    "5 of the 9 test predictions (55.56%) are tokens this run's training split never holds ('é', '😀'): the "
+    "vocabulary holds such tokens, so they are scored as known, yet the model never trained on them, and the "
+    'split\'s perplexity counts them (README "Your own text, and held-out numbers that mean something")'
+)
+
+
+def test_held_out_predictions_of_tokens_the_training_split_never_holds_are_counted(workdir: Path) -> None:
+    """The vocabulary is the whole text's (d2l's way), so a held-out character the training split lacks
+    is scored as known though never trained on; <unk> (min_freq's cut) is the unknown count's instead."""
+    path = workdir / "tail.txt"
+    path.write_text(UNSEEN_TEXT, encoding="utf-8")
+    config = DataConfig(path=str(path), preprocess="none", val_fraction=0.1, test_fraction=0.1)
+    dataset = load_dataset(config)
+    assert dataset.unseen_in_training("test") == UnseenInTraining(5, 9, ("é", "😀"), 2)
+    assert dataset.unseen_in_training("val") == UnseenInTraining(1, 9, ("c",), 1)
+    assert dataset.unseen_in_training("test", few=1) == UnseenInTraining(5, 9, ("é",), 2)
+    # 'c' occurs once in the whole text: min_freq 2 makes it <unk>, which this count leaves out
+    cut = load_dataset(config.model_copy(update={"min_freq": 2}))
+    assert (cut.unseen_in_training("val").count, cut.unseen_in_training("test").count) == (0, 5)
+    notes = data_notes(Config.model_validate({"data": config.model_dump()}), dataset, None)
+    assert UNSEEN_TEST_NOTE in notes
+    assert (
+        "1 of the 9 validation predictions (11.11%) is a token this run's training split never holds ('c'): the "
+        "vocabulary holds such tokens, so they are scored as known, yet the model never trained on them, and the "
+        'split\'s perplexity counts them (README "Your own text, and held-out numbers that mean something")'
+    ) in notes
+
+
+def test_the_unseen_tokens_note_words_a_fine_tuned_run_and_a_tiny_share_truthfully() -> None:
+    """A fine-tuned model may have learned a token from its base run's text, which this run's training
+    split does not show; a share below 0.01% is said as such, not as 0.00%."""
+    unseen = UnseenInTraining(12, 318_076, ("é", "😀", "ß"), 5)
+    assert unseen_in_training_note(unseen, "test", fine_tuned=True) == (
+        "12 of the 318,076 test predictions (under 0.01%) are tokens this run's training split never holds "
+        "('é', '😀', 'ß' and 2 more): the vocabulary holds such tokens, so they are scored as known, yet the "
+        "model learned them only if the text its base run trained on held them, and the split's perplexity "
+        'counts them (README "Your own text, and held-out numbers that mean something")'
+    )
+    assert unseen_in_training_note(UnseenInTraining(0, 9, (), 0), "val") is None
+
+
+def test_drnn_data_says_which_held_out_predictions_training_never_saw_and_where_splits_start(
+    workdir: Path, cli
+) -> None:
+    path = workdir / "tail.txt"
+    path.write_text(UNSEEN_TEXT, encoding="utf-8")
+    settings = [arg for setting in (f"data.path={path}", *UNSEEN_SETTINGS) for arg in ("--set", setting)]
+    summary = last_json_line(cli("data", *settings, "--json")[1])
+    assert (summary["val_unseen_in_training"], summary["test_unseen_in_training"]) == (1, 5)
+    assert (summary["train_start"], summary["val_start"], summary["test_start"]) == (0, 80, 90)
+    assert UNSEEN_TEST_NOTE in summary["notes"]
+    code, out, err = cli("data", *settings)
+    assert code == 0 and f"note: {UNSEEN_TEST_NOTE}" in out.splitlines(), err
+    # a text whose held-out splits hold only characters the training split has: nothing to say
+    path.write_text("ab" * 50, encoding="utf-8")
+    summary = last_json_line(cli("data", *settings, "--json")[1])
+    assert (summary["val_unseen_in_training"], summary["test_unseen_in_training"]) == (0, 0)
+    assert not [note for note in summary["notes"] if "training split never holds" in note]
+
+
+def test_eval_tokens_without_a_validation_split_is_said_to_cap_nothing(workdir: Path, cli) -> None:
+    """As train.patience's note says it cannot stop a run without validation: eval_tokens caps nothing."""
+    summary = last_json_line(cli("data", "--set", "train.eval_tokens=5000", "--json")[1])
+    assert summary["val_tokens"] == 0 and summary["notes"] == [
+        "train.eval_tokens 5,000 caps what each validation predicts, and this run has none: it caps nothing "
+        "(set data.val_fraction > 0 to validate)"
+    ]
+    summary = last_json_line(cli("data", "--set", "train.eval_tokens=5000", "--set", "data.val_fraction=0.1",
+                                 "--json")[1])  # fmt: skip
+    assert summary["notes"] == [
+        "train.eval_tokens 5,000: the validation perplexities of this run (and its choice of best) predict the "
+        "first 5,000 of the 17,057 validation tokens after the split's first (of 17,058); drnn eval --split val "
+        "predicts them all"
+    ]
+
+
 def test_drnn_data_with_a_missing_file_is_one_line_on_stderr(workdir: Path, cli) -> None:
     code, _out, err = cli("data", "--set", "data.path=absent.txt", "--json")
     assert code != 0
@@ -1007,12 +1088,23 @@ def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep
     and d2l's letters-only preprocessing of a Python source file (65% of its bytes kept as characters)."""
     notes = own_text_notes(DataConfig(path="mine.txt", max_tokens=10_000), 1_946_553, 3_011_731)
     assert notes == [
-        "data.max_tokens 10,000 trains on the first 10,000 of this text's 1,946,553 chars; data.max_tokens -1 "
-        "takes all",
+        "data.max_tokens 10,000 uses the first 10,000 of this text's 1,946,553 chars, all of them to train; "
+        "data.max_tokens -1 takes all",
         "data.preprocess d2l keeps the letters a-z and single spaces, lower-cased: 1,946,553 characters of this "
         "3,011,731-byte file (65% of its bytes); digits, punctuation, accented and other letters, case and line "
         "breaks are gone (data.preprocess none keeps the text as it is)",
     ]
+    # held-out fractions are cut from those first tokens, not from the text's tail (a trial read "trains on
+    # the first 3,000" as the training split's size): 10% of 3,000 each, the rest trains
+    capped = DataConfig(
+        path="mine.txt", preprocess="none", max_tokens=3_000, val_fraction=0.1, test_fraction=0.1
+    )
+    assert own_text_notes(capped, 318_076, 318_076) == [
+        "data.max_tokens 3,000 uses the first 3,000 of this text's 318,076 chars, and its splits share them: "
+        "2,400 training, 300 validation and 300 test; data.max_tokens -1 takes all"
+    ]
+    (validated,) = own_text_notes(capped.model_copy(update={"test_fraction": 0.0}), 318_076, 318_076)
+    assert "and its splits share them: 2,700 training and 300 validation;" in validated
     # a text that does not space its words, in word tokens: each line was one "word", without a note
     (unspaced,) = own_text_notes(DataConfig(path="zh.txt", token="word", preprocess="none"), 200, 18_000)
     assert unspaced == (

@@ -640,6 +640,49 @@ def test_eval_json_fields(tiny_run: Path, cli):
     assert payload["checkpoint"] == str(tiny_run / "best.safetensors")  # which of the run's two answered
     assert payload["perplexity"] == pytest.approx(best.best_val_ppl, rel=1e-9)
     assert payload["bits_per_token"] == pytest.approx(math.log2(payload["perplexity"]))
+    assert payload["unseen_in_training"] == 0  # d2l's letters: the training split holds every one
+
+
+def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(workdir: Path, cli):
+    """The vocabulary is the whole text's, so characters only a test tail holds are scored as known, with
+    "unknown": 0, though never trained on: a trial's emoji, 6.24% of its test predictions, read 26.49
+    against 14.89 over the rest. Here 320 training characters of a and b; the test split's 39 predictions
+    (its first token is read, not predicted) hold 'é' 5 times and '😀' once."""
+    text = workdir / "tail.txt"
+    text.write_text("ab" * 160 + "ab" * 20 + "😀" + "éa" * 5 + "ab" * 14 + "😀", encoding="utf-8")
+    tree = {
+        "data": {"path": str(text), "preprocess": "none", "batch_size": 4, "num_steps": 8,
+                 "val_fraction": 0.1, "test_fraction": 0.1},
+        "model": {"cell": "gru", "hidden_size": 8, "num_layers": 1},
+        "train": {"epochs": 1, "sample_every": 0, "device": "cpu", "seed": 3},
+    }  # fmt: skip
+    assert cli("train", "--config", str(config_file(workdir, tree)), "--run", "runs/tail")[0] == 0
+    said = (
+        "note: 6 of the 39 test predictions (15.38%) are tokens this run's training split never holds ('é', '😀'): "
+        "the vocabulary holds such tokens, so they are scored as known, yet the model never trained on them, and "
+        'the split\'s perplexity counts them (README "Your own text, and held-out numbers that mean something")'
+    )
+    code, out, err = cli("eval", "--run", "runs/tail", "--split", "test", "--json")
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and (payload["unseen_in_training"], payload["unknown"], payload["tokens"]) == (
+        6,
+        0,
+        39,
+    ), err
+    assert said in err.splitlines()
+    code, out, err = cli("eval", "--run", "runs/tail", "--split", "val", "--json")
+    assert json.loads(out.strip().splitlines()[-1])["unseen_in_training"] == 0
+    assert "training split never holds" not in err
+    other = workdir / "other.txt"
+    other.write_text("😀ab" * 20, encoding="utf-8")
+    code, out, err = cli("eval", "--run", "runs/tail", "--data", str(other), "--json")
+    assert json.loads(out.strip().splitlines()[-1])["unseen_in_training"] is None  # not counted
+    # a fine-tuned model may have learned them from its base run's text: the note does not say it never did
+    loaded = load_model(Path("runs/tail"), None, "cpu")
+    tuned = replace(loaded, checkpoint=replace(loaded.checkpoint, init_from="runs/base/last.safetensors"))
+    learned = "the model learned them only if the text its base run trained on held them"
+    tuned_said = said.removeprefix("note: ").replace("the model never trained on them", learned)
+    assert learned in tuned_said and tuned_said in evaluate_split(tuned, "test").notes
 
 
 def test_eval_says_where_its_checkpoint_stood_in_the_words_training_stopped_with(workdir: Path, cli):

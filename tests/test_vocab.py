@@ -285,6 +285,40 @@ def test_counting_unknown_tokens_holds_no_copy_of_the_corpus(tmp_path):
     """``(tokens == unk).sum()`` held a bool and an int64 copy of every token: a min_freq run on a 200 MB
     text peaked at 2.09 GB (0.46 GB without min_freq); ``eval --data`` and ``--init-from`` count the same
     way. Run in a fresh process, whose peak RSS is this count's alone once the tokens exist."""
+    grown_kib = _peak_growth_kib(
+        "tokens = torch.zeros(1 << 26, dtype=torch.uint8); tokens[::2] = 1\n"
+        "config = Config.model_validate({'data': {'min_freq': 2}})\n"
+        "vocab = Vocab(['<unk>', 'a'], [('a', 1 << 25), ('b', 1 << 25)], min_freq=2)  # b cut, as built\n"
+        "dataset = Dataset(vocab, tokens, split_tokens(tokens, 0, 0), Path('t.txt'), '', len(tokens))\n"
+        "before = peak()\n"
+        "notes = data_notes(config, dataset, torch.device('cpu'))\n"
+        "assert any('50.0% of the training tokens' in note for note in notes), notes\n"
+        "print(peak() - before)\n"
+    )
+    assert grown_kib < 32 * 1024, f"counting 64 Mi tokens grew the peak by {grown_kib // 1024} MiB"
+
+
+def test_counting_held_out_tokens_the_training_split_lacks_holds_no_copy_of_the_corpus():
+    """The training split's counts, which the held-out splits are checked against, come from bincount a
+    chunk at a time: one ``bincount`` of a 64 Mi-token text widens it to int64 whole (512 MiB)."""
+    grown_kib = _peak_growth_kib(
+        "tokens = torch.ones(1 << 26, dtype=torch.uint8); tokens[-999::3] = 2  # 333 test predictions\n"
+        "config = Config.model_validate({'data': {'val_fraction': 0.1, 'test_fraction': 0.1}})\n"
+        "vocab = Vocab(['<unk>', 'a', 'b'])\n"
+        "dataset = Dataset(vocab, tokens, split_tokens(tokens, 0.1, 0.1), Path('t.txt'), '', len(tokens))\n"
+        "before = peak()\n"
+        "notes = data_notes(config, dataset, torch.device('cpu'))\n"
+        "assert notes[0].startswith('333 of the 6,710,885 test predictions (under 0.01%)'), notes\n"
+        "print(peak() - before)\n"
+    )
+    assert grown_kib < 32 * 1024, f"counting 64 Mi tokens grew the peak by {grown_kib // 1024} MiB"
+
+
+def _peak_growth_kib(body: str) -> int:
+    """What ``body`` prints last (a growth of the peak RSS in KiB), run in a fresh process, whose peak is
+    then its own work's once its tokens exist; skipped where there is no /proc."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc/self/status here")
     script = (
         "from pathlib import Path\n"
         "import torch\n"
@@ -295,21 +329,11 @@ def test_counting_unknown_tokens_holds_no_copy_of_the_corpus(tmp_path):
         "from drnn_cli.vocab import Vocab\n"
         "def peak():\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-        "tokens = torch.zeros(1 << 26, dtype=torch.uint8); tokens[::2] = 1\n"
-        "config = Config.model_validate({'data': {'min_freq': 2}})\n"
-        "vocab = Vocab(['<unk>', 'a'], [('a', 1 << 25), ('b', 1 << 25)], min_freq=2)  # b cut, as built\n"
-        "dataset = Dataset(vocab, tokens, split_tokens(tokens, 0, 0), Path('t.txt'), '', len(tokens))\n"
-        "before = peak()\n"
-        "notes = data_notes(config, dataset, torch.device('cpu'))\n"
-        "assert any('50.0% of the training tokens' in note for note in notes), notes\n"
-        "print(peak() - before)\n"
+        + body
     )
-    if not Path("/proc/self/status").exists():
-        pytest.skip("no /proc/self/status here")
     env = {**os.environ, "PYTHONPATH": pythonpath_with_repo(), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
     )
     assert done.returncode == 0, done.stderr
-    grown_kib = int(done.stdout.split()[-1])
-    assert grown_kib < 32 * 1024, f"counting 64 Mi tokens grew the peak by {grown_kib // 1024} MiB"
+    return int(done.stdout.split()[-1])

@@ -70,9 +70,9 @@ def unseen_in_training_note(unseen: UnseenInTraining, split: str, fine_tuned: bo
         f" and {unseen.kinds - len(unseen.commonest):,} more" if unseen.kinds > len(unseen.commonest) else ""
     )
     trained = (
-        "the model learned them only if the text its base run trained on held them"
+        "the model knows them only if its base run's text held them"
         if fine_tuned
-        else "the model never trained on them"
+        else "training never shows them to the model"
     )
     return (
         f"{unseen.count:,} of the {unseen.predictions:,} {SPLIT_WORDS[split]} predictions "

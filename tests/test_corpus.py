@@ -863,7 +863,7 @@ UNSEEN_TEXT = "ab" * 40 + "ababcbabab" + "😀😀éa😀ébaéb"
 UNSEEN_SETTINGS = ("data.preprocess=none", "data.val_fraction=0.1", "data.test_fraction=0.1")
 UNSEEN_TEST_NOTE = (
     "5 of the 9 test predictions (55.56%) are tokens this run's training split never holds ('é', '😀'): the "
-    "vocabulary holds such tokens, so they are scored as known, yet the model never trained on them, and the "
+    "vocabulary holds such tokens, so they are scored as known, yet training never shows them to the model, and the "
     'split\'s perplexity counts them (README "Your own text, and held-out numbers that mean something")'
 )
 
@@ -885,7 +885,7 @@ def test_held_out_predictions_of_tokens_the_training_split_never_holds_are_count
     assert UNSEEN_TEST_NOTE in notes
     assert (
         "1 of the 9 validation predictions (11.11%) is a token this run's training split never holds ('c'): the "
-        "vocabulary holds such tokens, so they are scored as known, yet the model never trained on them, and the "
+        "vocabulary holds such tokens, so they are scored as known, yet training never shows them to the model, and the "
         'split\'s perplexity counts them (README "Your own text, and held-out numbers that mean something")'
     ) in notes
 
@@ -897,7 +897,7 @@ def test_the_unseen_tokens_note_words_a_fine_tuned_run_and_a_tiny_share_truthful
     assert unseen_in_training_note(unseen, "test", fine_tuned=True) == (
         "12 of the 318,076 test predictions (under 0.01%) are tokens this run's training split never holds "
         "('é', '😀', 'ß' and 2 more): the vocabulary holds such tokens, so they are scored as known, yet the "
-        "model learned them only if the text its base run trained on held them, and the split's perplexity "
+        "model knows them only if its base run's text held them, and the split's perplexity "
         'counts them (README "Your own text, and held-out numbers that mean something")'
     )
     assert unseen_in_training_note(UnseenInTraining(0, 9, (), 0), "val") is None

@@ -659,7 +659,7 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
     assert cli("train", "--config", str(config_file(workdir, tree)), "--run", "runs/tail")[0] == 0
     said = (
         "note: 6 of the 39 test predictions (15.38%) are tokens this run's training split never holds ('é', '😀'): "
-        "the vocabulary holds such tokens, so they are scored as known, yet the model never trained on them, and "
+        "the vocabulary holds such tokens, so they are scored as known, yet training never shows them to the model, and "
         'the split\'s perplexity counts them (README "Your own text, and held-out numbers that mean something")'
     )
     code, out, err = cli("eval", "--run", "runs/tail", "--split", "test", "--json")
@@ -680,8 +680,8 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
     # a fine-tuned model may have learned them from its base run's text: the note does not say it never did
     loaded = load_model(Path("runs/tail"), None, "cpu")
     tuned = replace(loaded, checkpoint=replace(loaded.checkpoint, init_from="runs/base/last.safetensors"))
-    learned = "the model learned them only if the text its base run trained on held them"
-    tuned_said = said.removeprefix("note: ").replace("the model never trained on them", learned)
+    learned = "the model knows them only if its base run's text held them"
+    tuned_said = said.removeprefix("note: ").replace("training never shows them to the model", learned)
     assert learned in tuned_said and tuned_said in evaluate_split(tuned, "test").notes
 
 

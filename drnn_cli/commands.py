@@ -41,6 +41,7 @@ from drnn_cli.run_notes import (
     own_text_notes,
     planned_length_notes,
     scored_unknown_note,
+    short_rows_note,
     unseen_in_training_note,
 )
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint, waiting_replacement_note
@@ -505,7 +506,18 @@ def evaluate_split(
     notes = (
         *loaded.notes,
         *notes,
-        *_short_rows_note(result.tokens, read_as, config.data.num_steps),
+        *filter(
+            None,
+            [
+                short_rows_note(
+                    result.tokens,
+                    read_as,
+                    config.data.num_steps,
+                    "the text is read",
+                    "--rows 1 reads it as one stream",
+                )
+            ],
+        ),
         *(_training_split_note(config, result.tokens, read_as) if split_name == "train" else ()),
         *filter(None, (few_predictions_note(result.tokens, fix), unknown, unseen_note)),
         # against a uniform guess only where the vocabulary spells the text (else the note above says
@@ -561,20 +573,6 @@ def _worse_than_uniform_note(ppl: float, vocabulary: int) -> tuple[str, ...]:
         f"perplexity {ppl:,.4g} is above {vocabulary:,}, a uniform guess over the vocabulary: the model "
         "predicts this text worse than knowing nothing of it; it memorised the text it trained on, or this "
         "text is unlike that one",
-    )
-
-
-def _short_rows_note(predicted: int, rows: int, num_steps: int) -> tuple[str, ...]:
-    """A short text read as the run's ``batch_size`` rows, each from a zero state, leaves each row
-    fewer tokens than the model's training windows: most predictions then come with little context,
-    and the perplexity reads far worse than the model's (6.9 against 1.08 on a 380-character excerpt);
-    an undertrained model's can read better (100 against 121: a trial's), so the note names no direction."""
-    rows = min(rows, predicted)  # evaluate's own cut: never an empty row
-    if rows == 1 or predicted // rows >= num_steps:
-        return ()
-    return (
-        f"the text is read as {rows:,} rows of about {predicted // rows:,} token{'' if predicted // rows == 1 else 's'}, each from a zero state (the model "
-        f"trained on windows of {num_steps}): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream",
     )
 
 

@@ -718,8 +718,8 @@ def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Pa
     text.write_text("The Time Traveller smiled.\nAre you sure we can move freely in Space?\n")
     code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text))
     assert code == 0
-    assert "note: the text is read as 8 rows of about 8 tokens, each from a zero state (the model trained on " \
-        "windows of 10): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream" in err  # fmt: skip
+    assert "note: the text is read as 8 rows of about 8 tokens, each from a zero state (the training windows " \
+        "are 10 tokens): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream" in err  # fmt: skip
     assert len(out.splitlines()) == 1 and "note" not in out  # stdout keeps the result alone, as predict's
     noise = "note: a perplexity over 64 predictions is noise (evaluate a longer text with --data)"
     code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", "1")
@@ -728,8 +728,8 @@ def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Pa
     # 17.4 against 1.16, without a word (learner32)
     code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text), "--rows", "100000")
     assert code == 0 and [line for line in err.splitlines() if line.startswith("note:")] == [
-        "note: the text is read as 64 rows of about 1 token, each from a zero state (the model trained on "
-        "windows of 10): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream",
+        "note: the text is read as 64 rows of about 1 token, each from a zero state (the training windows are "
+        "10 tokens): short rows change the perplexity, usually for the worse; --rows 1 reads it as one stream",
         noise,
     ]
     code, out, _ = cli("eval", "--run", str(tiny_run), "--split", "val")  # 599 tokens: rows of 74

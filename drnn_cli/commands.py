@@ -47,7 +47,7 @@ from drnn_cli.run_notes import (
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint, waiting_replacement_note
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
-from drnn_cli.start_point import check_max_unknown, fine_tuning_point, unknown_share_note
+from drnn_cli.start_point import check_max_unknown, fine_tuning_point, shared_text_note, unknown_share_note
 from drnn_cli.token_tensors import count_ids
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
@@ -128,6 +128,8 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
             refusals.append(str(refused))
         else:
             notes.extend([lacking] if lacking else [])
+        shared = shared_text_note(start, dataset)
+        notes.extend([shared] if shared else [])
     batches = 0
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=dataset.capped)

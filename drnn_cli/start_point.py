@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from drnn_cli.batches import split_sizes
 from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, ConfigError, DataConfig, build_config, load_config, parse_override
 from drnn_cli.data import Dataset
@@ -239,6 +240,7 @@ class StartPoint:
     resume: Checkpoint | None = None
     init_from: Checkpoint | None = None
     init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
+    init_source: Path | None = None  # that checkpoint as the command named it, for notes
     vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
     expected_sha1: str | None = None  # the file a resumed run was trained on
     expected_text_sha1: str | None = None  # and its text as read (None: a checkpoint that predates it)
@@ -414,6 +416,7 @@ def _fine_tuning_from(
         adopted,
         init_from=checkpoint,
         init_label=str(source.resolve()),
+        init_source=source,
         vocab=checkpoint.vocab,
         changes="; ".join(notes) or None,
     )
@@ -478,3 +481,76 @@ def unknown_share_note(dataset: Dataset, limit: float | None) -> str | None:
         f"{count:,} of the {used:,} tokens the run uses ({percent(share)}) are not in the vocabulary and "
         f"map to <unk> ({worst}{where})"
     )
+
+
+def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
+    """Fine-tuning on the very text the checkpoint was trained on (its ``text_sha1``, else its
+    ``corpus_sha1``): the note where the base run's training split and this run's held-out splits share
+    tokens (the starting validation, the choice of best and the test figure are then optimistic), or
+    this run's training split and the base run's held-out ones (the base run's held-out figures then
+    mean nothing for the fine-tuned model); None where they share none, or the text is another.
+
+    Both runs' splits are positions in the same tokens: ``--init-from`` takes ``data.preprocess`` and
+    ``data.token`` from the checkpoint (:func:`take_weight_shape`), so the same text gives the same
+    tokens, one per character or word whichever vocabulary encodes them; the base run's are the first
+    ``data.max_tokens`` of them, cut by its own fractions (:func:`split_sizes`). A config whose token
+    keys differ anyway (none reaches here) would cut other tokens: nothing is said. The two training
+    splits both start at token 0, so only one of the two overlaps can occur. A different file that
+    holds the base run's text cannot be told cheaply (README "Fine-tuning" warns of it)."""
+    checkpoint, source = start.init_from, start.init_source
+    if checkpoint is None or source is None or not _same_text(checkpoint, dataset):
+        return None
+    if differing_keys(checkpoint.config, start.config, "data", TOKEN_KEYS):
+        return None
+    saved = checkpoint.config.data
+    used = dataset.total_tokens if saved.max_tokens < 0 else min(saved.max_tokens, dataset.total_tokens)
+    trained, _, _ = split_sizes(used, saved.val_fraction, saved.test_fraction)
+    splits = dataset.splits
+    read = [  # this run's held-out splits' tokens in the base run's training split
+        (name, _overlap((0, trained), splits.span(split)), len(splits.get(split)))
+        for name, split in (("validation", "val"), ("test", "test"))
+    ]
+    read = [(name, count, size) for name, count, size in read if count]
+    held_out = _overlap(splits.span("train"), (trained, used))  # the base's held-out text this run trains on
+    same = f"the fine-tuning text (SHA-1 {dataset.sha1}) is the text {source} was trained on"
+    if held_out:
+        size = len(splits.train)
+        return (
+            f"{same}, and {held_out:,} of this run's {size:,} training tokens ({percent(held_out / size)}) "
+            f"{'is' if held_out == 1 else 'are'} in the base run's held-out splits: the fine-tuned model trains on text the base run held out, so "
+            "the base run's validation and test figures mean nothing for it; train on none of the text the "
+            f'base run held out (tokens {trained:,} to {used:,}) (README "Fine-tuning")'
+        )
+    if not read:
+        return None
+    shares = " and ".join(
+        f"{count:,} of {whose} {size:,} {name} tokens ({percent(count / size)})"
+        for whose, (name, count, size) in zip(("this run's", "its"), read, strict=False)
+    )
+    names = [name for name, _, _ in read]
+    figures = ["the starting validation", "the choice of best"] if "validation" in names else []
+    figures += ["the test figure (drnn eval --split test)"] if "test" in names else []
+    reads = "reads" if len(figures) == 1 else "read"
+    listed = ", ".join(figures[:-1]) + f" and {figures[-1]}" if len(figures) > 1 else figures[0]
+    remedy = (
+        f"hold out only text the base run did not train on (from token {trained:,} on)"
+        if trained < dataset.total_tokens
+        else "the base run trained on all of it: measure the fine-tuned model on another text (drnn eval --data FILE)"
+    )
+    return (
+        f"{same}, and {shares} {'is' if len(read) == 1 and read[0][1] == 1 else 'are'} in the base run's "
+        f"training split: {listed} {reads} text the base model trained on, so "
+        f'{"it is" if len(figures) == 1 else "they are"} optimistic; {remedy} (README "Fine-tuning")'
+    )
+
+
+def _same_text(checkpoint: Checkpoint, dataset: Dataset) -> bool:
+    """Whether ``dataset`` is the text the checkpoint recorded: as read, or failing that as bytes."""
+    if checkpoint.text_sha1 is not None and dataset.text_sha1 is not None:
+        return checkpoint.text_sha1 == dataset.text_sha1
+    return checkpoint.corpus_sha1 is not None and checkpoint.corpus_sha1 == dataset.sha1
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
+    """How many positions the spans ``[start, stop)`` share."""
+    return max(0, min(a[1], b[1]) - max(a[0], b[0]))

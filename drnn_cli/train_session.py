@@ -39,6 +39,7 @@ from drnn_cli.start_point import (
     init_point,
     load_start_config,
     resume_point,
+    shared_text_note,
     unknown_share_note,
 )
 from drnn_cli.train import RESUME_ADVICE, Trainer
@@ -266,8 +267,10 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         reporter.note(start.changes)
     if start.init_from is not None:
         lacking = unknown_share_note(dataset, request.max_unknown_fraction)
-        if lacking is not None and reporter is not None:
-            reporter.note(lacking)
+        shared = shared_text_note(start, dataset)
+        for note in (lacking, shared):
+            if note is not None and reporter is not None:
+                reporter.note(note)
     check_header_room(dataset.vocab)
 
     def mark_as_latest() -> None:

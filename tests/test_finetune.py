@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from drnn_cli.data import load_dataset
 from drnn_cli.errors import DrnnError, TrainingInterrupted
 from drnn_cli.plot import render_perplexity_plot
 from drnn_cli.report import EpochRecord, RunStart, SilentReporter
+from drnn_cli.start_point import fine_tuning_point, shared_text_note
 from drnn_cli.train import Trainer
 from drnn_cli.train_session import TrainRequest, train_run
 from drnn_cli.vocab import Vocab
@@ -877,3 +879,129 @@ def test_a_resume_that_changes_what_validation_reads_no_longer_sets_the_start_be
     assert longer.start_val_ppl == tuned.start_val_ppl  # the same tokens: the same start
     fewer = train_run(TrainRequest(config, ("train.epochs=3", "train.eval_tokens=100"), resume=True))
     assert fewer.start_val_ppl is None and fewer.best_val_ppl is not None
+
+
+@pytest.fixture
+def own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A 1,000-character text (preprocess none: 1,000 tokens) and runs/base trained on it with
+    data.val_fraction 0.1 and data.test_fraction 0.1: training tokens 0-800, validation 800-900, test
+    900-1,000."""
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "own.txt"
+    text.write_text(("the quick brown fox jumps over the lazy dog. " * 23)[:1000])
+    held_out = {"val_fraction": 0.1, "test_fraction": 0.1}
+    train_run(TrainRequest(config_for(tmp_path, text, "base", data=held_out, train={"epochs": 1})))
+    return text
+
+
+def shared_note(text: Path, base: str = "runs/base", **data: object) -> str | None:
+    """The note fine-tuning ``base`` on ``text`` with these data settings starts with, if any."""
+    tree = {key: dict(value) for key, value in BASE.items()}
+    tree["data"].update(path=str(text), **data)
+    start = fine_tuning_point(Path(base), build_config(tree), torch.device("cpu"), Path("runs"))
+    return shared_text_note(start, load_dataset(start.config.data, vocab=start.vocab))
+
+
+def test_fine_tuning_that_validates_on_the_base_s_training_text_says_how_much_and_what_it_means(
+    tmp_path: Path, own: Path, cli
+):
+    """The trial: the base's own text, validation 0.3 and no test: this run validates on tokens 700-1,000,
+    of which 700-800 are the base's training text, 100 of 300. Said before training and by drnn data."""
+    sha1 = hashlib.sha1(own.read_bytes()).hexdigest()
+    expected = (
+        f"the fine-tuning text (SHA-1 {sha1}) is the text runs/base/best.safetensors was trained on, and 100 of "
+        "this run's 300 validation tokens (33.3%) are in the base run's training split: the starting "
+        "validation and the choice of best read text the base model trained on, so they are optimistic; "
+        'hold out only text the base run did not train on (from token 800 on) (README "Fine-tuning")'
+    )
+    tuned = config_for(tmp_path, own, "tuned", data={"val_fraction": 0.3}, train={"epochs": 1})
+    notes = Notes()
+    train_run(TrainRequest(tuned, init_from=Path("runs/base")), reporter=notes)
+    assert expected in notes.notes, notes.notes
+    code, out, err = cli("data", "--config", str(tuned), "--init-from", "runs/base", "--json")
+    assert code == 0 and expected in json.loads(out.splitlines()[-1])["notes"], err
+
+
+def test_a_test_split_on_the_base_s_training_text_is_counted_beside_the_validation_split(own: Path):
+    """Validation 0.1, test 0.3: validation is tokens 600-700 (all 100 the base trained on) and test
+    700-1,000 (700-800 the base trained on: 100 of 300)."""
+    note = shared_note(own, val_fraction=0.1, test_fraction=0.3)
+    assert note is not None and note.endswith(
+        ", and 100 of this run's 100 validation tokens (100%) and 100 of its 300 test tokens (33.3%) are in "
+        "the base run's training split: the starting validation, the choice of best and the test figure "
+        "(drnn eval --split test) read text the base model trained on, so they are optimistic; hold out only "
+        'text the base run did not train on (from token 800 on) (README "Fine-tuning")'
+    ), note
+
+
+def test_training_on_text_the_base_held_out_is_said_to_make_its_held_out_figures_meaningless(own: Path):
+    """Validation 0.05, test 0.05: held out 900-1,000 lies in the base's held-out text, but training
+    reads 0-900, and 800-900 is the base's validation split: 100 of its 900 tokens."""
+    note = shared_note(own, val_fraction=0.05, test_fraction=0.05)
+    assert note is not None and note.endswith(
+        ", and 100 of this run's 900 training tokens (11.1%) are in the base run's held-out splits: the "
+        "fine-tuned model trains on text the base run held out, so the base run's validation and test "
+        "figures mean nothing for it; train on none of the text the base run held out (tokens 800 to 1,000) "
+        '(README "Fine-tuning")'
+    ), note
+
+
+def test_held_out_splits_inside_the_base_s_held_out_text_or_another_text_get_no_note(
+    tmp_path: Path, own: Path
+):
+    """Validation 0.2 (800-1,000, the base's validation and test) or the base's own splits share nothing;
+    another text of the same length shares no text at all, whatever the splits."""
+    assert shared_note(own, val_fraction=0.2) is None
+    assert shared_note(own, val_fraction=0.1, test_fraction=0.1) is None
+    other = tmp_path / "other.txt"
+    other.write_text(("a lazy dog sleeps by the brown fox den. " * 25)[:1000])
+    assert shared_note(other, val_fraction=0.3) is None
+
+
+def test_the_base_s_splits_are_cut_from_its_max_tokens_and_a_base_without_held_out_text_says_so(
+    tmp_path: Path, own: Path
+):
+    """A base that read the first 500 tokens (training 0-400, held out 400-500) under a run validating on
+    700-1,000, which it never read: the run trains on 400-500. A base trained on all 1,000 tokens leaves
+    no text of this file to hold out."""
+    capped = {"max_tokens": 500, "val_fraction": 0.1, "test_fraction": 0.1}
+    train_run(TrainRequest(config_for(tmp_path, own, "capped", data=capped, train={"epochs": 1})))
+    note = shared_note(own, "runs/capped", val_fraction=0.3)
+    assert note is not None and note.endswith(
+        ", and 100 of this run's 700 training tokens (14.3%) are in the base run's held-out splits: the "
+        "fine-tuned model trains on text the base run held out, so the base run's validation and test "
+        "figures mean nothing for it; train on none of the text the base run held out (tokens 400 to 500) "
+        '(README "Fine-tuning")'
+    ), note
+    train_run(TrainRequest(config_for(tmp_path, own, "all", train={"epochs": 1})))
+    note = shared_note(own, "runs/all", val_fraction=0.3)
+    assert note is not None and note.endswith(
+        ", and 300 of this run's 300 validation tokens (100%) are in the base run's training split: the "
+        "starting validation and the choice of best read text the base model trained on, so they are "
+        "optimistic; the base run trained on all of it: measure the fine-tuned model on another text "
+        '(drnn eval --data FILE) (README "Fine-tuning")'
+    ), note
+
+
+def test_word_runs_compare_splits_in_words_and_the_same_text_with_other_line_breaks_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """1,000 words of uneven length: the overlap is 100 words, where characters would count otherwise. A
+    copy with CRLF line breaks is the same text as drnn reads it (its text SHA-1), so it is noted too."""
+    monkeypatch.chdir(tmp_path)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
+    text = tmp_path / "words.txt"
+    text.write_text(
+        "\n".join(" ".join(words[(i + j) % 9] for j in range(10)) for i in range(0, 1000, 10)) + "\n"
+    )
+    data = {"token": "word", "val_fraction": 0.1, "test_fraction": 0.1}
+    train_run(TrainRequest(config_for(tmp_path, text, "words", data=data, train={"epochs": 1})))
+    validating = ", and 100 of this run's 300 validation tokens (33.3%) are in the base run's training split"
+    note = shared_note(text, "runs/words", token="word", val_fraction=0.3)
+    assert note is not None and validating in note, note
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(text.read_bytes().replace(b"\n", b"\r\n"))
+    note = shared_note(crlf, "runs/words", token="word", val_fraction=0.3)
+    sha1 = hashlib.sha1(crlf.read_bytes()).hexdigest()
+    assert note is not None and note.startswith(f"the fine-tuning text (SHA-1 {sha1}) is the text"), note
+    assert validating in note

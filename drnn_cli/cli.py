@@ -347,10 +347,11 @@ def train_command(
     )
     table.add_row("steps / stopped by", f"{result.steps:,} / {result.stop_reason}")
     window = result.train_ppl_steps
-    how = [f"last {window:,} step{'' if window == 1 else 's'}"] if window else []
-    how += [result.train_ppl_as] if result.train_ppl_as else []  # not as validation reads its split
-    over = f" ({'; '.join(how)})" if how else ""
-    table.add_row("train perplexity", format_perplexity(result.train_ppl, 3) + over)
+    over = f" (last {window:,} step{'' if window == 1 else 's'})" if window else ""
+    # read otherwise than validation reads its split, where it is: said in the label, whose column the
+    # longest label below sets, so that the table keeps to 80 columns
+    trained_as = f" ({result.train_ppl_as})" if result.train_ppl_as else ""
+    table.add_row(f"train perplexity{trained_as}", format_perplexity(result.train_ppl, 3) + over)
     if result.best_val_ppl is not None:
         validations = [result.val_ppl, result.best_val_ppl]
         if result.start_val_ppl is not None:  # fine-tuning: the starting weights', before any step

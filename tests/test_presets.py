@@ -461,6 +461,7 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
         "tokens",
         "unknown",
         "known_perplexity",
+        "unseen_in_training",
         "source",
         "checkpoint",
         "rows",

@@ -552,7 +552,9 @@ def inspect_command(
     file: Annotated[
         Path | None,
         typer.Option(
-            "--file", metavar="FILE", help="Read this text file instead (preprocessed like eval --data)."
+            "--file",
+            metavar="FILE",
+            help="Read this text file instead (preprocessed like eval --data); - reads standard input.",
         ),
     ] = None,
     run: RunOption = None,

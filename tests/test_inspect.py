@@ -756,6 +756,89 @@ def test_a_file_that_grew_after_its_size_was_taken_is_refused_by_what_is_read(
     )
 
 
+def test_standard_input_is_inspected_as_the_same_text_in_a_file_is(cli, tiny_run: Path, tmp_path: Path):
+    """``--file -`` was refused as a file that does not exist (and /dev/stdin as a FIFO): piped text is
+    read as a file is (its byte order mark, CR LF line breaks and preprocessing), only its source says
+    ``stdin``. Piped into the real program, as a user does."""
+    import os
+
+    from conftest import pythonpath_with_repo
+
+    raw = "\ufeffThe Time Traveller (for so it will be\r\nconvenient to speak of him)\r\n".encode()
+    text = tmp_path / "text.txt"
+    text.write_bytes(raw)
+    piped = subprocess.run(
+        [sys.executable, "-m", "drnn_cli", "inspect", "--file", "-", "--run", str(tiny_run), "--json"],
+        input=raw,
+        capture_output=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath_with_repo()},
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr.decode()
+    code, out, err = cli("inspect", "--file", str(text), "--run", str(tiny_run), "--json")
+    assert code == 0, err
+    from_stdin, from_file = (
+        json.loads(piped.stdout.decode().splitlines()[-1]),
+        json.loads(out.splitlines()[-1]),
+    )
+    assert (from_stdin.pop("source"), from_file.pop("source")) == ("stdin", str(text))
+    assert from_stdin == from_file
+    assert (
+        from_stdin["text"] == "the time traveller for so it will beconvenient to speak of him"
+    )  # d2l: lines glued
+
+
+@pytest.mark.parametrize("size", [1000, 1001])
+def test_standard_input_is_read_up_to_the_file_limit_and_refused_a_byte_past_it(
+    cli, tiny_run: Path, monkeypatch, size: int
+):
+    import io
+
+    monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a" * size)))
+    code, out, err = cli("inspect", "--file", "-", "--run", str(tiny_run), "--json")
+    if size == 1000:
+        assert code == 0, err
+        assert json.loads(out)["text"] == "a" * 1000 and json.loads(out)["source"] == "stdin"
+    else:
+        assert (code, out) == (1, "")
+        assert err == (
+            "drnn: error: --file - (standard input) holds more than 1,000 bytes, the most drnn inspect reads; "
+            "pipe in an excerpt, e.g. … | head -c 1000 | iconv -c -f utf-8 -t utf-8 | drnn inspect --file - "
+            "(iconv drops a character head cut in half)\n"
+        )
+
+
+def test_standard_input_at_a_terminal_is_refused_rather_than_waited_on(cli, tiny_run: Path, monkeypatch):
+    import os
+
+    leader, follower = os.openpty()
+    with open(follower, encoding="utf-8") as terminal:
+        monkeypatch.setattr(sys, "stdin", terminal)
+        code, out, err = cli("inspect", "--file", "-", "--run", str(tiny_run))
+    os.close(leader)
+    assert (code, out) == (2, "")
+    assert err == (
+        "drnn: error: --file - reads the text from standard input, which is a terminal; pipe it in, e.g. "
+        "cat notes.txt | drnn inspect --file -\n"
+    )
+
+
+def test_a_fifo_given_to_file_is_refused_pointing_at_standard_input(cli, tiny_run: Path, tmp_path: Path):
+    """``--file /dev/stdin`` (a pipe) and ``--file <(…)`` name FIFOs; ``--file -`` reads the pipe."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, out, err = cli("inspect", "--file", str(fifo), "--run", str(tiny_run))
+    assert (code, out) == (1, "")
+    assert err == (
+        f"drnn: error: --file {fifo} is a FIFO, not a regular file; give --file a UTF-8 text file, or "
+        "--file - to read standard input\n"
+    )
+
+
 def test_more_units_than_inspect_shows_are_refused_in_every_mode(cli, tiny_run: Path, tmp_path: Path):
     """--top 2000 drew a PNG 70,000 pixels tall, and --top 256 over 20,000 characters a 372 MB page
     (each unit repeats every character): 64 units at most, whatever the output. The tiny run's 32

@@ -590,7 +590,7 @@ def inspect_command(
         typer.Option(
             "--png",
             metavar="OUT.png",
-            help="Write a heatmap and gate-saturation histograms (needs matplotlib).",
+            help="Write surprisal and the units as a heatmap, and gate-saturation histograms (needs matplotlib).",
         ),
     ] = None,
     device: DeviceOption = Device.auto,

@@ -554,6 +554,59 @@ def test_png_labels_missing_from_its_font_are_returned_for_one_note_not_warned_t
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_png_shows_surprisal_in_bits_above_the_units_and_marks_the_characters_read_as_unk():
+    """The PNG had neither the page's surprisal row nor its marks on characters not in the vocabulary.
+    Of 120 characters the picture shows the first 100; "z" and "(" are not in the vocabulary."""
+    from matplotlib.colors import to_hex
+
+    from drnn_cli.inspect_html import surprisal_colour
+    from drnn_cli.inspect_plot import HEATMAP_CHARS, SURPRISAL_LABEL, UNKNOWN_COLOUR, inspection_figure
+
+    text = ("the (time) of zeal " * 7)[:120]
+    vocab = Vocab(["<unk>", *sorted(set(text) - {"z", "("})])
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=2), seed=0).double().eval()
+    request = InspectRequest(text=text, top=2)
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    figure = inspection_figure(result)
+    (strip,) = [
+        axes for axes in figure.axes if [t.get_text() for t in axes.get_yticklabels()] == [SURPRISAL_LABEL]
+    ]
+    (heat,) = [axes for axes in figure.axes if axes.get_yticklabels()[0].get_text().startswith("unit ")]
+    assert strip.get_position().y0 > heat.get_position().y1  # above the units, over the same characters
+    assert strip.get_xlim() == heat.get_xlim() == (-0.5, HEATMAP_CHARS - 0.5)
+    bits = strip.images[0].get_array()
+    assert bits.shape == (1, HEATMAP_CHARS) and list(bits.mask[0]) == [True] + [False] * (HEATMAP_CHARS - 1)
+    assert bits[0, 1:].tolist() == pytest.approx([s / math.log(2) for s in result.surprisal[1:HEATMAP_CHARS]])
+    # the page's scale: white at 0 bits, its orange from 6 bits on, its grey where there is no prediction
+    colours = strip.images[0]
+    assert to_hex(colours.cmap(colours.norm(0.0))) == surprisal_colour(0.0) == "#ffffff"
+    assert to_hex(colours.cmap(colours.norm(9.0))) == surprisal_colour(6 * math.log(2))
+    assert to_hex(colours.cmap.get_bad()) == surprisal_colour(None)
+    labels = heat.get_xticklabels()
+    assert "".join(label.get_text() for label in labels) == text[:HEATMAP_CHARS].replace(" ", "␣")
+    marked = [t for t, label in enumerate(labels) if label.get_color() == UNKNOWN_COLOUR]
+    assert marked == [t for t, char in enumerate(text[:HEATMAP_CHARS]) if char in "z("]
+    assert marked[:4] == [4, 14, 23, 33] and len(marked) == 11  # and 109, 118 past the picture
+    assert all(labels[t].get_fontweight() == "bold" for t in marked)
+    assert heat.get_xlabel() == "purple, bold: not in the vocabulary, read and scored as <unk>"
+    # 0.13 inch a character, its label at 9 points, as before the strip
+    assert figure.get_size_inches()[0] == pytest.approx(0.13 * HEATMAP_CHARS)
+    assert {label.get_fontsize() for label in labels} == {9}
+
+
+def test_png_of_a_text_all_in_the_vocabulary_marks_nothing():
+    from drnn_cli.inspect_plot import inspection_figure
+
+    text = "the time traveller"
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=2), seed=0).double().eval()
+    request = InspectRequest(text=text, top=2)
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    figure = inspection_figure(result)
+    (heat,) = [axes for axes in figure.axes if axes.get_yticklabels()[0].get_text().startswith("unit ")]
+    assert len({label.get_color() for label in heat.get_xticklabels()}) == 1 and heat.get_xlabel() == ""
+
+
 def test_png_rows_name_each_units_feature_as_the_page_does():
     """The heatmap's rows said "unit 105" where the HTML page says which feature it follows and how well."""
     from drnn_cli.inspect_plot import _unit_label

@@ -553,7 +553,9 @@ def inspect_command(
     file: Annotated[
         Path | None,
         typer.Option(
-            "--file", metavar="FILE", help="Read this text file instead (preprocessed like eval --data)."
+            "--file",
+            metavar="FILE",
+            help="Read this text file instead (preprocessed like eval --data); - reads standard input.",
         ),
     ] = None,
     run: RunOption = None,
@@ -589,7 +591,7 @@ def inspect_command(
         typer.Option(
             "--png",
             metavar="OUT.png",
-            help="Write a heatmap and gate-saturation histograms (needs matplotlib).",
+            help="Write surprisal and the units as a heatmap, and gate-saturation histograms (needs matplotlib).",
         ),
     ] = None,
     device: DeviceOption = Device.auto,

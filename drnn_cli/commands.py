@@ -32,7 +32,7 @@ from drnn_cli.evaluate import Perplexity, evaluate
 from drnn_cli.files import atomic_write_stream, output_file, refuse_overwriting, require_regular_file
 from drnn_cli.inspect_html import page_pieces
 from drnn_cli.inspect_plot import check_plot_request, write_inspection_plot
-from drnn_cli.introspect import Inspection, InspectRequest, inspect_text
+from drnn_cli.introspect import STDIN, Inspection, InspectRequest, inspect_text
 from drnn_cli.models import RNNLanguageModel, build_model
 from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import (
@@ -722,7 +722,10 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
         )
     refuse_overwriting(
         {"--html": outputs.html_target, "--png": outputs.png_target},
-        {"the checkpoint this command reads": loaded.path, "the text --file reads": request.file},
+        {
+            "the checkpoint this command reads": loaded.path,
+            "the text --file reads": None if request.file == STDIN else request.file,
+        },
     )
     request.units_shown(loaded.checkpoint.config.model.hidden_size)  # refuses too many before reading
     if outputs.png is not None:

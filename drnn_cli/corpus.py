@@ -19,6 +19,7 @@ from drnn_cli.config import DataConfig
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.files import (
     NOT_UTF8_HEAD,
+    decode_utf8_text,
     not_utf8,
     read_utf8_text,
     refuse_nul_bytes,
@@ -31,8 +32,19 @@ def read_text(path: Path, what: str = "corpus file", max_bytes: int | None = Non
     """The file as text, with one-line errors for the usual problems, naming the file as ``what``
     (the option that gave it: "--data file", "--file"); ``max_bytes``: as ``read_utf8_text``."""
     require_regular_file(path, what, "name a UTF-8 text file")  # not /dev/zero, a FIFO, a folder
+    return _as_text(read_utf8_text(path, what, max_bytes), path, what)
+
+
+def text_of_bytes(raw: bytes, name: Path, what: str) -> str:
+    """Bytes already in memory (standard input) as :func:`read_text` reads a file's: the same UTF-8
+    decoding and errors, byte order mark and line breaks, with ``what`` ``name`` in its messages."""
+    return _as_text(decode_utf8_text(raw, what, name), name, what)
+
+
+def _as_text(decoded: str, path: Path, what: str) -> str:
+    """A decoded file's text as drnn reads it; refused when it holds none."""
     # A byte order mark is an editor's marker, not text.
-    text = normalize_line_breaks(read_utf8_text(path, what, max_bytes).removeprefix(BYTE_ORDER_MARK))
+    text = normalize_line_breaks(decoded.removeprefix(BYTE_ORDER_MARK))
     if not text.strip():
         raise _empty(path, what)
     return text
@@ -243,7 +255,11 @@ def read_token_stream(
 ) -> str | list[str]:
     """The tokens of another text as ``config`` reads its corpus; errors name the file as ``what``, and a
     file over ``max_bytes`` is refused after reading no more than that and one byte."""
-    text = read_text(path, what, max_bytes)
+    return token_stream(read_text(path, what, max_bytes), config)
+
+
+def token_stream(text: str, config: DataConfig) -> str | list[str]:
+    """The tokens of a text :func:`read_text` read, as ``config`` reads its corpus."""
     if config.token == "char":
         return preprocess_chars(text, config.preprocess)
     return tokens_of(preprocess(text, config.preprocess), config.token)

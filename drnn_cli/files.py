@@ -240,6 +240,12 @@ def read_utf8_text(path: Path, what: str, max_bytes: int | None = None) -> str:
             f"excerpt, e.g. head -c {max_bytes} {shlex.quote(str(path))} | iconv -c -f utf-8 -t utf-8 > "
             "excerpt.txt (iconv drops a character head cut in half)"
         )
+    return decode_utf8_text(raw, what, path)
+
+
+def decode_utf8_text(raw: bytes, what: str, path: Path) -> str:
+    """Bytes already read (a file's, or standard input's) decoded as :func:`read_utf8_text` decodes a
+    file's, with its errors naming them as ``what`` ``path``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

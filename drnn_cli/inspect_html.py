@@ -19,7 +19,9 @@ import torch
 from drnn_cli.introspect import Inspection, follows_label
 from drnn_cli.shown_text import labelled_char, visible_char
 
-SURPRISAL_FULL_BITS = 6.0  # a character this surprising (or more) is fully red
+SURPRISAL_FULL_BITS = 6.0  # a character this surprising (or more) is fully orange
+SURPRISAL_RGB = (230, 85, 13)  # surprisal's full colour, here and in the PNG (inspect_plot)
+NO_PREDICTION_COLOUR = "#e0e0e0"  # the first character's surprisal: it has no prediction
 
 
 def _mix(weight: float, colour: tuple[int, int, int]) -> str:
@@ -36,9 +38,10 @@ def activation_colour(value: float, scale: float) -> str:
 
 
 def surprisal_colour(nats: float | None) -> str:
+    """White at 0 bits to orange at :data:`SURPRISAL_FULL_BITS`; grey where there is no prediction."""
     if nats is None:
-        return "#e0e0e0"  # the first character has no prediction
-    return _mix(nats / math.log(2) / SURPRISAL_FULL_BITS, (230, 85, 13))
+        return NO_PREDICTION_COLOUR
+    return _mix(nats / math.log(2) / SURPRISAL_FULL_BITS, SURPRISAL_RGB)
 
 
 def _row(inspection: Inspection, colours: list[str]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from drnn_cli.cells import gru_d2l_step, gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import dropping, preprocess_prefix, read_token_stream
+from drnn_cli.corpus import dropping, preprocess_prefix, read_token_stream, text_of_bytes, token_stream
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity
 from drnn_cli.files import require_regular_file
@@ -34,6 +35,7 @@ from drnn_cli.vocab import UNK, Vocab
 
 MAX_CHARS = 20_000  # keeps the page, the JSON and the step-by-step trace bounded
 MAX_FILE_BYTES = 16 << 20  # a --file is read up to this and a byte, refused past it (MAX_CHARS of it fit)
+STDIN = Path("-")  # --file -: the text from standard input
 TOP_NEXT = 5
 TRACE_CHUNK = 256  # characters stepped through every layer at a time; the caller keeps what it needs of them
 UNIT_BLOCK = 64  # units scored at a time, so that their float64 copy stays small however wide the layer
@@ -393,7 +395,8 @@ class Inspection:
         notes = []
         if self.full_length > len(self.chars):
             notes.append(
-                f"drnn inspect reads at most {MAX_CHARS:,} characters: these are the first of the file's "
+                f"drnn inspect reads at most {MAX_CHARS:,} characters: these are the first of "
+                f"{'standard input' if self.source == 'stdin' else 'the file'}'s "
                 f"{self.full_length:,} (after preprocessing); to read another passage, cut it into a file of "
                 "its own, e.g. sed -n '700,760p' FILE > passage.txt"
             )
@@ -483,11 +486,16 @@ def _rounded(values: torch.Tensor, digits: int = 5) -> list[float]:
 
 def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], str, int]:
     """The text as the model's characters: a TEXT argument like a ``drnn predict`` prefix (one line),
-    a file like ``drnn eval --data`` reads it (the corpus preprocessing); and how many characters the
-    text had. A file longer than :data:`MAX_CHARS` gives its first ones (an excerpt cut by hand with
+    a file (or standard input, ``--file -``) like ``drnn eval --data`` reads it (the corpus
+    preprocessing); and how many characters the text had. A file longer than :data:`MAX_CHARS` gives its first ones (an excerpt cut by hand with
     ``head -c`` may split a UTF-8 character); an argument that long is refused."""
-    if request.file is not None:
-        if not require_regular_file(request.file, "--file", "give --file a UTF-8 text file"):
+    if request.file == STDIN:
+        chars = list(token_stream(text_of_bytes(_read_stdin(MAX_FILE_BYTES), STDIN, "--file"), data))
+        source = "stdin"
+    elif request.file is not None:
+        # /dev/stdin and <(…) are FIFOs: refused as the corpus reader refuses them, pointing at --file -
+        fix = "give --file a UTF-8 text file, or --file - to read standard input"
+        if not require_regular_file(request.file, "--file", fix):
             raise DrnnError(f"--file {request.file} is empty; give it the text to inspect")
         # a longer file would be read whole, then refused past MAX_CHARS: not worth reading beyond this
         chars = list(read_token_stream(request.file, data, "--file", MAX_FILE_BYTES))
@@ -512,6 +520,33 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
             f"{MAX_CHARS:,}; inspect a shorter excerpt, or pass it with --file, which reads its first {MAX_CHARS:,}"
         )
     return chars[:MAX_CHARS], source, len(chars)
+
+
+def _read_stdin(max_bytes: int) -> bytes:
+    """Standard input, read whole up to ``max_bytes`` and a byte (refused past it, as a file is).
+
+    The bytes then take the file reader's own steps (:func:`~drnn_cli.corpus.text_of_bytes`: UTF-8
+    and its errors, byte order mark, line breaks, then the preprocessing) rather than going through a
+    temporary file, whose name would stand in every error in place of ``--file -``, and which would
+    put up to 16 MiB on disk to be cleaned up after an interrupt.
+    """
+    stream = sys.stdin
+    if stream is None or stream.isatty():  # a closed stdin, or one a user would type into unprompted
+        raise UsageError(
+            "--file - reads the text from standard input, which is "
+            f"{'closed' if stream is None else 'a terminal'}; pipe it in, e.g. cat notes.txt | drnn inspect --file -"
+        )
+    try:
+        raw = stream.buffer.read(max_bytes + 1)
+    except OSError as exc:
+        raise DrnnError(f"cannot read --file - (standard input): {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise DrnnError(
+            f"--file - (standard input) holds more than {max_bytes:,} bytes, the most drnn inspect reads; "
+            f"pipe in an excerpt, e.g. … | head -c {max_bytes} | iconv -c -f utf-8 -t utf-8 | drnn inspect "
+            "--file - (iconv drops a character head cut in half)"
+        )
+    return raw
 
 
 def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torch.Tensor) -> list[UnitScore]:

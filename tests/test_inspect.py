@@ -554,6 +554,59 @@ def test_png_labels_missing_from_its_font_are_returned_for_one_note_not_warned_t
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_png_shows_surprisal_in_bits_above_the_units_and_marks_the_characters_read_as_unk():
+    """The PNG had neither the page's surprisal row nor its marks on characters not in the vocabulary.
+    Of 120 characters the picture shows the first 100; "z" and "(" are not in the vocabulary."""
+    from matplotlib.colors import to_hex
+
+    from drnn_cli.inspect_html import surprisal_colour
+    from drnn_cli.inspect_plot import HEATMAP_CHARS, SURPRISAL_LABEL, UNKNOWN_COLOUR, inspection_figure
+
+    text = ("the (time) of zeal " * 7)[:120]
+    vocab = Vocab(["<unk>", *sorted(set(text) - {"z", "("})])
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=2), seed=0).double().eval()
+    request = InspectRequest(text=text, top=2)
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    figure = inspection_figure(result)
+    (strip,) = [
+        axes for axes in figure.axes if [t.get_text() for t in axes.get_yticklabels()] == [SURPRISAL_LABEL]
+    ]
+    (heat,) = [axes for axes in figure.axes if axes.get_yticklabels()[0].get_text().startswith("unit ")]
+    assert strip.get_position().y0 > heat.get_position().y1  # above the units, over the same characters
+    assert strip.get_xlim() == heat.get_xlim() == (-0.5, HEATMAP_CHARS - 0.5)
+    bits = strip.images[0].get_array()
+    assert bits.shape == (1, HEATMAP_CHARS) and list(bits.mask[0]) == [True] + [False] * (HEATMAP_CHARS - 1)
+    assert bits[0, 1:].tolist() == pytest.approx([s / math.log(2) for s in result.surprisal[1:HEATMAP_CHARS]])
+    # the page's scale: white at 0 bits, its orange from 6 bits on, its grey where there is no prediction
+    colours = strip.images[0]
+    assert to_hex(colours.cmap(colours.norm(0.0))) == surprisal_colour(0.0) == "#ffffff"
+    assert to_hex(colours.cmap(colours.norm(9.0))) == surprisal_colour(6 * math.log(2))
+    assert to_hex(colours.cmap.get_bad()) == surprisal_colour(None)
+    labels = heat.get_xticklabels()
+    assert "".join(label.get_text() for label in labels) == text[:HEATMAP_CHARS].replace(" ", "␣")
+    marked = [t for t, label in enumerate(labels) if label.get_color() == UNKNOWN_COLOUR]
+    assert marked == [t for t, char in enumerate(text[:HEATMAP_CHARS]) if char in "z("]
+    assert marked[:4] == [4, 14, 23, 33] and len(marked) == 11  # and 109, 118 past the picture
+    assert all(labels[t].get_fontweight() == "bold" for t in marked)
+    assert heat.get_xlabel() == "purple, bold: not in the vocabulary, read and scored as <unk>"
+    # 0.13 inch a character, its label at 9 points, as before the strip
+    assert figure.get_size_inches()[0] == pytest.approx(0.13 * HEATMAP_CHARS)
+    assert {label.get_fontsize() for label in labels} == {9}
+
+
+def test_png_of_a_text_all_in_the_vocabulary_marks_nothing():
+    from drnn_cli.inspect_plot import inspection_figure
+
+    text = "the time traveller"
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    model = build_model(len(vocab), ModelConfig(hidden_size=6, num_layers=2), seed=0).double().eval()
+    request = InspectRequest(text=text, top=2)
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    figure = inspection_figure(result)
+    (heat,) = [axes for axes in figure.axes if axes.get_yticklabels()[0].get_text().startswith("unit ")]
+    assert len({label.get_color() for label in heat.get_xticklabels()}) == 1 and heat.get_xlabel() == ""
+
+
 def test_png_rows_name_each_units_feature_as_the_page_does():
     """The heatmap's rows said "unit 105" where the HTML page says which feature it follows and how well."""
     from drnn_cli.inspect_plot import _unit_label
@@ -753,6 +806,89 @@ def test_a_file_that_grew_after_its_size_was_taken_is_refused_by_what_is_read(
         f"drnn: error: --file {growing} holds more than 1,000 bytes, the most this command reads; give it "
         f"an excerpt, e.g. head -c 1000 {growing} | iconv -c -f utf-8 -t utf-8 > excerpt.txt (iconv drops a "
         "character head cut in half)\n"
+    )
+
+
+def test_standard_input_is_inspected_as_the_same_text_in_a_file_is(cli, tiny_run: Path, tmp_path: Path):
+    """``--file -`` was refused as a file that does not exist (and /dev/stdin as a FIFO): piped text is
+    read as a file is (its byte order mark, CR LF line breaks and preprocessing), only its source says
+    ``stdin``. Piped into the real program, as a user does."""
+    import os
+
+    from conftest import pythonpath_with_repo
+
+    raw = "\ufeffThe Time Traveller (for so it will be\r\nconvenient to speak of him)\r\n".encode()
+    text = tmp_path / "text.txt"
+    text.write_bytes(raw)
+    piped = subprocess.run(
+        [sys.executable, "-m", "drnn_cli", "inspect", "--file", "-", "--run", str(tiny_run), "--json"],
+        input=raw,
+        capture_output=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath_with_repo()},
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr.decode()
+    code, out, err = cli("inspect", "--file", str(text), "--run", str(tiny_run), "--json")
+    assert code == 0, err
+    from_stdin, from_file = (
+        json.loads(piped.stdout.decode().splitlines()[-1]),
+        json.loads(out.splitlines()[-1]),
+    )
+    assert (from_stdin.pop("source"), from_file.pop("source")) == ("stdin", str(text))
+    assert from_stdin == from_file
+    assert (
+        from_stdin["text"] == "the time traveller for so it will beconvenient to speak of him"
+    )  # d2l: lines glued
+
+
+@pytest.mark.parametrize("size", [1000, 1001])
+def test_standard_input_is_read_up_to_the_file_limit_and_refused_a_byte_past_it(
+    cli, tiny_run: Path, monkeypatch, size: int
+):
+    import io
+
+    monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a" * size)))
+    code, out, err = cli("inspect", "--file", "-", "--run", str(tiny_run), "--json")
+    if size == 1000:
+        assert code == 0, err
+        assert json.loads(out)["text"] == "a" * 1000 and json.loads(out)["source"] == "stdin"
+    else:
+        assert (code, out) == (1, "")
+        assert err == (
+            "drnn: error: --file - (standard input) holds more than 1,000 bytes, the most drnn inspect reads; "
+            "pipe in an excerpt, e.g. … | head -c 1000 | iconv -c -f utf-8 -t utf-8 | drnn inspect --file - "
+            "(iconv drops a character head cut in half)\n"
+        )
+
+
+def test_standard_input_at_a_terminal_is_refused_rather_than_waited_on(cli, tiny_run: Path, monkeypatch):
+    import os
+
+    leader, follower = os.openpty()
+    with open(follower, encoding="utf-8") as terminal:
+        monkeypatch.setattr(sys, "stdin", terminal)
+        code, out, err = cli("inspect", "--file", "-", "--run", str(tiny_run))
+    os.close(leader)
+    assert (code, out) == (2, "")
+    assert err == (
+        "drnn: error: --file - reads the text from standard input, which is a terminal; pipe it in, e.g. "
+        "cat notes.txt | drnn inspect --file -\n"
+    )
+
+
+def test_a_fifo_given_to_file_is_refused_pointing_at_standard_input(cli, tiny_run: Path, tmp_path: Path):
+    """``--file /dev/stdin`` (a pipe) and ``--file <(…)`` name FIFOs; ``--file -`` reads the pipe."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, out, err = cli("inspect", "--file", str(fifo), "--run", str(tiny_run))
+    assert (code, out) == (1, "")
+    assert err == (
+        f"drnn: error: --file {fifo} is a FIFO, not a regular file; give --file a UTF-8 text file, or "
+        "--file - to read standard input\n"
     )
 
 

@@ -130,7 +130,6 @@ def inspection_figure(inspection: Inspection) -> Figure:
 
 def _draw_surprisal(figure: Figure, strip: Axes, inspection: Inspection, shown: int) -> None:
     """The surprisal row in bits, coloured as the HTML page colours it (inspect_html's scale)."""
-    import numpy
     from matplotlib.colors import LinearSegmentedColormap
 
     # white to the page's orange, linear in RGB as the page's blend; above the scale, full orange
@@ -139,7 +138,7 @@ def _draw_surprisal(figure: Figure, strip: Axes, inspection: Inspection, shown: 
     ).with_extremes(bad=NO_PREDICTION_COLOUR)
     bits = [math.nan if nats is None else nats / math.log(2) for nats in inspection.surprisal[:shown]]
     image = strip.imshow(
-        numpy.ma.masked_invalid([bits]),
+        [bits],  # imshow masks the NaN, which the colour map's "bad" colour draws
         aspect="auto",
         cmap=colours,
         vmin=0,

@@ -1096,6 +1096,15 @@ class Trainer:
         limit = self.config.train.eval_tokens
         return min(limit, predictions) if limit else predictions
 
+    def _predictions_read(self, val_ppl: float | None) -> int:
+        """The predictions the reported ``val_ppl`` read: its metrics line's, where it is the last line's
+        (a resume that changed ``train.eval_tokens`` and trained nothing reports a figure read under the
+        old setting: rev33); else this session's, which read it."""
+        last = self.records[-1] if self.records else None
+        if last is not None and last.val_ppl is not None and last.val_ppl is val_ppl and last.val_tokens:
+            return last.val_tokens
+        return self._validation_predictions
+
     def _validate(self, abandonable: bool = False) -> float | None:
         """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens.
 
@@ -1459,7 +1468,7 @@ class Trainer:
             best_val_ppl=self.best_kept,
             start_val_ppl=start.val_ppl if start is not None else None,
             train_ppl_as=as_trained(self.config),
-            val_tokens=self._validation_predictions if validates else None,
+            val_tokens=self._predictions_read(val_ppl) if validates else None,
             val_split_tokens=len(self.val_tokens) - 1 if validates else None,
             tokens_per_s=tokens_per_s,
             device=device_name(self.device),

@@ -694,3 +694,7 @@ def test_a_resume_that_changes_eval_tokens_starts_the_best_and_patience_over(
     assert (resumed.best_val_ppl, resumed.epochs, resumed.stopped_early) == (5.0, 4, False)
     assert load_checkpoint(workdir / "runs/tiny/best.safetensors").epoch == 3
     assert any("the best checkpoint and patience start over" in note for note in notes.notes)
+    # a resume that changes it and trains nothing reports the last figure with what that figure read, not
+    # what the new setting would read (rev33): all 599 predictions (30% of 2,000 tokens, but the first), not 50
+    idle = train_run(TrainRequest(config, ("train.epochs=2", "train.eval_tokens=50"), resume=True))
+    assert (idle.val_ppl, idle.val_tokens, idle.val_split_tokens) == (6.0, 599, 599)

@@ -423,6 +423,8 @@ class EvalReport:
             # over the tokens other than <unk> (the perplexity where none is scored)
             "known_perplexity": self.result.known_perplexity,
             "unseen_in_training": self.unseen_in_training,
+            # over the predictions but those (the perplexity where there are none; null for a --data file)
+            "seen_perplexity": None if self.unseen_in_training is None else self.result.seen_perplexity,
             "source": self.source,
             "checkpoint": self.checkpoint,
             # two checkpoints' perplexities compare at the same rows only (a run's default is its batch size)
@@ -467,12 +469,14 @@ def evaluate_split(
     config = loaded.checkpoint.config
     notes: tuple[str, ...] = ()  # a --data file is encoded apart from the token cache
     unseen: UnseenInTraining | None = None  # a --data file is not counted against the training split
+    unseen_ids = None  # …and its predictions of them summed apart, where it has any
     if data_file is not None:
         tokens, source = _file_tokens(data_file, loaded.checkpoint)
         split_name = "file"
     else:
         tokens, source, split_name, dataset = _split_tokens(loaded, split, corpus_file)
         notes, unseen = dataset.notes, dataset.unseen_in_training(split_name)
+        unseen_ids = dataset.unseen_ids() if unseen.count else None
     result = evaluate(
         loaded.model,
         tokens,
@@ -482,6 +486,7 @@ def evaluate_split(
         "fp32",
         progress,
         unknown_id=loaded.checkpoint.vocab[UNK],
+        unseen_ids=unseen_ids,
     )
     checkpoint = loaded.checkpoint
     try:
@@ -503,7 +508,9 @@ def evaluate_split(
     unseen_note = (
         None
         if unseen is None
-        else unseen_in_training_note(unseen, split_name, checkpoint.init_from is not None)
+        else unseen_in_training_note(
+            unseen, split_name, checkpoint.init_from is not None, seen_perplexity=result.seen_perplexity
+        )
     )
     notes = (
         *loaded.notes,

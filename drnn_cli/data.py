@@ -101,6 +101,13 @@ class Dataset:
         """How often each id occurs in the training split (counted once: both held-out splits read it)."""
         return count_ids(self.splits.train, len(self.vocab))
 
+    def unseen_ids(self) -> torch.Tensor:
+        """A boolean mask over the vocabulary: the ids the training split never holds, ``<unk>`` left out
+        (as :meth:`unseen_in_training` counts them), for ``evaluate`` to sum apart."""
+        unseen = self._training_counts == 0
+        unseen[self.vocab[UNK]] = False
+        return unseen
+
     def unseen_in_training(self, split: str, few: int = 3) -> UnseenInTraining:
         """How many of ``split``'s predictions (its tokens after the first) are ids the training split
         never holds, and the ``few`` commonest of them. ``<unk>`` is left out: what the vocabulary lacks

@@ -72,13 +72,16 @@ def short_rows_note(predicted: int, rows: int, num_steps: int, read: str, fix: s
     )
 
 
-def unseen_in_training_note(unseen: UnseenInTraining, split: str, fine_tuned: bool = False) -> str | None:
+def unseen_in_training_note(
+    unseen: UnseenInTraining, split: str, fine_tuned: bool = False, seen_perplexity: float | None = None
+) -> str | None:
     """Held-out predictions of tokens this run's training split never holds, said whenever there is one:
     the vocabulary is the whole text's (d2l's, AWD-LSTM's way), so they are scored as known tokens the
     model never trained on, each costing about 9 nats more than the rest (a trial's test tail of emoji,
     6.24% of its predictions: perplexity 26.49, 14.89 over the rest), so a share of 0.01% moves a
     perplexity by about 0.1%, its fourth figure. ``fine_tuned``: the model may have learned them from
-    the text its base run trained on, which this run's split does not show."""
+    the text its base run trained on, which this run's split does not show. ``seen_perplexity``: the
+    split's perplexity over the other predictions, where it was measured (``drnn eval``)."""
     if not unseen.count:
         return None
     share = unseen.count / unseen.predictions
@@ -96,8 +99,9 @@ def unseen_in_training_note(unseen: UnseenInTraining, split: str, fine_tuned: bo
         f"{unseen.count:,} of the {unseen.predictions:,} {SPLIT_WORDS[split]} predictions "
         f"({shown_share}) {'is a token' if unseen.count == 1 else 'are tokens'} "
         f"this run's training split never holds ({shown}{more}): the vocabulary holds such tokens, so they are "
-        f"scored as known, yet {trained}, and the split's perplexity counts them "
-        '(README "Your own text, and held-out numbers that mean something")'
+        f"scored as known, yet {trained}, and the split's perplexity counts them"
+        + ("" if seen_perplexity is None else f" ({seen_perplexity:,.4g} over the other predictions)")
+        + ' (README "Your own text, and held-out numbers that mean something")'
     )
 
 

@@ -25,6 +25,7 @@ from drnn_cli.commands import (
     prefix_changed,
 )
 from drnn_cli.config import Config, ModelConfig
+from drnn_cli.data import load_dataset
 from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import evaluate
@@ -377,7 +378,11 @@ def test_under_torchrun_each_rank_evaluates_its_block_of_rows_and_the_sums_are_o
         return lambda done, total: calls.append((done, total))
 
     alone_calls: list[tuple[int, int]] = []
-    alone = evaluate(model, tokens, 4, 9, cpu, before_batch=progress(alone_calls), unknown_id=0)
+    unseen_ids = torch.zeros(50, dtype=torch.bool)
+    unseen_ids[3] = True  # a token the training split would not hold (6 of the targets): summed apart too
+    alone = evaluate(
+        model, tokens, 4, 9, cpu, "fp32", progress(alone_calls), unknown_id=0, unseen_ids=unseen_ids
+    )
     summed: list[list[float]] = []
     monkeypatch.setattr(
         drnn_cli.evaluate, "all_reduce_sum", lambda sums, _dist: summed.append(sums.tolist()) or sums
@@ -387,14 +392,28 @@ def test_under_torchrun_each_rank_evaluates_its_block_of_rows_and_the_sums_are_o
         calls.append([])
         dist = DistContext(rank=rank, world_size=world_size)
         shares.append(
-            evaluate(model, tokens, 4, 9, cpu, before_batch=progress(calls[-1]), unknown_id=0, dist=dist)
+            evaluate(
+                model,
+                tokens,
+                4,
+                9,
+                cpu,
+                "fp32",
+                progress(calls[-1]),
+                unknown_id=0,
+                dist=dist,
+                unseen_ids=unseen_ids,
+            )
         )
     assert len(summed) == world_size  # one collective a rank
-    nll, unknown_nll, unknown, targets = (sum(column) for column in zip(*summed, strict=True))
-    assert (targets, unknown) == (alone.tokens, alone.unknown) == (182, 26)
+    nll, unknown_nll, unknown, unseen_nll, unseen, targets = (
+        sum(column) for column in zip(*summed, strict=True)
+    )
+    assert (targets, unknown, unseen) == (alone.tokens, alone.unknown, alone.unseen) == (182, 26, 6)
     assert nll == pytest.approx(alone.nll, rel=1e-6) and unknown_nll == pytest.approx(
         alone.unknown_nll, rel=1e-6
     )
+    assert unseen_nll == pytest.approx(alone.unseen_nll, rel=1e-6)
     # 4 rows of 45 targets and a tail of 2: the ranks' blocks of rows, the tail with the last
     blocks = [Shard(rank, world_size).rows(4) for rank in range(world_size)]
     assert [share.tokens for share in shares] == [45 * (b.stop - b.start) + 2 * (b.stop == 4) for b in blocks]
@@ -657,10 +676,20 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
         "train": {"epochs": 1, "sample_every": 0, "device": "cpu", "seed": 3},
     }  # fmt: skip
     assert cli("train", "--config", str(config_file(workdir, tree)), "--run", "runs/tail")[0] == 0
+    # the perplexity over the other 33, summed apart in the same pass: checked against the <unk> path's
+    # sums of each unseen character's losses, read one character at a time
+    loaded = load_model(Path("runs/tail"), None, "cpu")
+    vocab, test = loaded.checkpoint.vocab, evaluate_split(loaded, "test")
+    split = load_dataset(loaded.checkpoint.config.data, vocab=vocab).splits.test
+    apart = [evaluate(loaded.model, split, 4, 8, torch.device("cpu"), unknown_id=vocab[c]) for c in "é😀"]
+    assert [part.unknown for part in apart] == [5, 1] and test.result.unseen == 6
+    rest = (test.result.nll - sum(part.unknown_nll for part in apart)) / 33
+    assert test.result.seen_perplexity == pytest.approx(math.exp(rest), rel=1e-12)
     said = (
         "note: 6 of the 39 test predictions (15.38%) are tokens this run's training split never holds ('é', '😀'): "
         "the vocabulary holds such tokens, so they are scored as known, yet training never shows them to the model, and "
-        'the split\'s perplexity counts them (README "Your own text, and held-out numbers that mean something")'
+        f"the split's perplexity counts them ({test.result.seen_perplexity:,.4g} over the other predictions) "
+        '(README "Your own text, and held-out numbers that mean something")'
     )
     code, out, err = cli("eval", "--run", "runs/tail", "--split", "test", "--json")
     payload = json.loads(out.strip().splitlines()[-1])
@@ -669,16 +698,17 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
         0,
         39,
     ), err
+    assert payload["seen_perplexity"] == test.result.seen_perplexity < payload["perplexity"]
     assert said in err.splitlines()
     code, out, err = cli("eval", "--run", "runs/tail", "--split", "val", "--json")
-    assert json.loads(out.strip().splitlines()[-1])["unseen_in_training"] == 0
+    val = json.loads(out.strip().splitlines()[-1])
+    assert val["unseen_in_training"] == 0 and val["seen_perplexity"] == val["perplexity"]
     assert "training split never holds" not in err
     other = workdir / "other.txt"
     other.write_text("😀ab" * 20, encoding="utf-8")
     code, out, err = cli("eval", "--run", "runs/tail", "--data", str(other), "--json")
     assert json.loads(out.strip().splitlines()[-1])["unseen_in_training"] is None  # not counted
     # a fine-tuned model may have learned them from its base run's text: the note does not say it never did
-    loaded = load_model(Path("runs/tail"), None, "cpu")
     tuned = replace(loaded, checkpoint=replace(loaded.checkpoint, init_from="runs/base/last.safetensors"))
     learned = "the model knows them only if its base run's text held them"
     tuned_said = said.removeprefix("note: ").replace("training never shows them to the model", learned)

@@ -122,6 +122,10 @@ def test_a_kept_file_is_a_checkpoint_that_predict_reads(workdir: Path, cli):
     code, out, err = cli("predict", "the", "--checkpoint", str(kept_file), "-n", "5", "--json")
     assert code == 0, err
     assert json.loads(out)["checkpoint"] == str(kept_file)
+    before = kept_file.read_bytes()
+    code, out, err = cli("inspect", "the", "--checkpoint", str(kept_file), "--html", str(kept_file))
+    assert (code, out) == (1, "") and f"--html {kept_file} is a file of the run directory" in err
+    assert kept_file.read_bytes() == before  # a page named as a kept file would have replaced it
     code, out, err = cli("train", "--config", str(config), "--run", "runs/kept", "--overwrite", "--json")
     assert code == 0, err
     assert not (workdir / "runs/kept/kept").exists()  # --overwrite replaced the directory, kept/ with it

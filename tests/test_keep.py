@@ -152,3 +152,17 @@ def test_a_cadence_that_keeps_more_than_100_files_says_how_many_and_their_disk(w
         config_file(workdir), "runs/many", "train.epochs=101", "train.keep_every=1", "train.max_time=0.000001"
     )
     assert "train.keep_every (1 epoch) keeps 101 checkpoints in this run's kept/ folder" in "\n".join(notes)
+
+
+def test_where_the_filesystem_has_no_hard_links_last_is_a_copy_of_the_kept_file(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def no_links(source: object, target: object) -> None:
+        raise PermissionError(1, "Operation not permitted")  # as FAT or an SMB share answers
+
+    monkeypatch.setattr(os, "link", no_links)
+    train(config_file(workdir), "runs/copied", "train.epochs=1", "train.keep_every=1")
+    run = workdir / "runs/copied"
+    kept_file, last = run / "kept/epoch-0001.safetensors", run / "last.safetensors"
+    assert not os.path.samefile(kept_file, last) and kept_file.read_bytes() == last.read_bytes()
+    assert kept(run) == ["epoch-0001.safetensors"] and sorted(p.name for p in run.glob(".*.tmp")) == []

@@ -381,6 +381,15 @@ def train_command(
     processes = f"{result.world_size:,} process{'' if result.world_size == 1 else 'es'}"
     table.add_row("device", f"{result.device}{threads}, {processes}")
     out.print(table)
+    if (
+        result.kept
+    ):  # train.keep_every's checkpoints, for --checkpoint (a line: the table keeps to 80 columns)
+        names = [path.name for path in result.kept]
+        shown = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+        out.print(
+            f"kept: {plural(len(names), 'checkpoint')} in {result.run_dir / 'kept'}/ ({shown})",
+            soft_wrap=True,
+        )
     # d2l's line, whole whatever COLUMNS says: scripts grep it
     out.print(
         f"perplexity {format_perplexity(result.train_ppl, 1)}, {speed} on {result.device}", soft_wrap=True

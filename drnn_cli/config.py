@@ -272,6 +272,11 @@ class TrainConfig(_Section):
     checkpoint_every: int | str = Field(
         10, description="write the 'last' checkpoint every N ≥ 1 epochs or 'N steps'"
     )
+    keep_every: int | str = Field(
+        0,
+        description="also keep the checkpoint every N epochs or 'N steps' as its own file in RUN/kept/ "
+        "(epoch-0005.safetensors, step-00001200.safetensors), resumable and read by --checkpoint (0 = off)",
+    )
     log_every: int | str = Field(
         0,
         description="plain-text progress line every N epochs or 'N steps' (0 = auto: every epochs // 25 "
@@ -299,7 +304,7 @@ class TrainConfig(_Section):
     def _cadence(cls, value: object) -> int | str:
         return parse_cadence(value, allow_zero=False)
 
-    @field_validator("sample_every", "log_every", mode="before")
+    @field_validator("sample_every", "log_every", "keep_every", mode="before")
     @classmethod
     def _cadence_or_zero(cls, value: object) -> int | str:
         return parse_cadence(value, allow_zero=True)

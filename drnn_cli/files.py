@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import socket
 import stat
 import time
@@ -409,12 +410,43 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    with contextlib.suppress(OSError):
-        directory = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+
+
+def atomic_link(source: Path, path: Path) -> None:
+    """Make ``path`` a second name of ``source`` (a hard link), in place of whatever ``path`` was, as
+    :func:`atomic_write_bytes` would: linked under a temporary name, renamed over ``path``, the folder
+    fsynced. Where the filesystem has no hard links (FAT, some network shares) the bytes are copied
+    through :func:`atomic_write_stream` instead. Safe for files drnn only ever replaces, never edits:
+    a later write of either name is a new file, and leaves the other as it was."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}{TEMPORARY_SUFFIX}"
+        os.link(source, temporary)
+    except OSError:
         try:
-            os.fsync(directory)
+            original = source.open("rb")
+        except OSError as exc:
+            raise DrnnError(f"cannot read {source}: {exc.strerror or exc}") from None
+        with original:
+            atomic_write_stream(path, lambda stream: shutil.copyfileobj(original, stream, 1 << 20))
+        return
+    try:
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise DrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(handle)
         finally:
-            os.close(directory)
+            os.close(handle)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -148,6 +148,7 @@ class TrainResult:
     threads: int | None = None  # each process's CPU threads (None on a GPU)
     samples_note: str | None = None  # said after the final samples (run_notes.blank_samples_note)
     seconds: SessionSeconds | None = None  # None: nothing trained in this session
+    kept: tuple[Path, ...] = ()  # train.keep_every's checkpoints, relative to run_dir, in order
 
     def summary(self) -> dict[str, Any]:
         """The ``drnn train --json`` object (README "Commands": `drnn train`)."""
@@ -172,6 +173,7 @@ class TrainResult:
             "steps": self.steps,
             "start_step": self.start_step,
             "seconds": None if self.seconds is None else self.seconds.summary(),
+            "kept": [str((self.run_dir / name).absolute()) for name in self.kept],
             "samples": self.samples,
         }
 

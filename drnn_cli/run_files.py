@@ -13,6 +13,18 @@ BEST = "best.safetensors"  # a run's best by validation perplexity (only with a 
 RUN_MARKER = ".drnn-run"  # marks a directory as drnn's, so later runs may write into it
 LOCK_NAME = "train.lock"  # the OS file lock of the training process that owns the directory
 LATEST_MARKER = "latest"  # in the runs root: the path of the most recently started run
+# train.keep_every's checkpoints: zero-padded so that a listing sorts them (wider only past these counts)
+KEPT_EPOCH_DIGITS = 4
+KEPT_STEP_DIGITS = 8
+
+
+def kept_name(unit: str, count: int) -> str:
+    """A kept checkpoint's file name: ``epoch-0005.safetensors`` after 5 epochs, ``step-00001200.safetensors``
+    after optimizer step 1,200 (a step cadence's points fall inside epochs, where an epoch count would be a
+    rounded fraction)."""
+    if unit == "epochs":
+        return f"epoch-{count:0{KEPT_EPOCH_DIGITS}d}.safetensors"
+    return f"step-{count:0{KEPT_STEP_DIGITS}d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -49,9 +61,24 @@ class RunFiles:
         """TensorBoard event files (``train.tensorboard: true``)."""
         return self.run_dir / "tensorboard"
 
+    @property
+    def kept(self) -> Path:
+        """The checkpoints ``train.keep_every`` keeps, one file per point (:func:`kept_name`)."""
+        return self.run_dir / "kept"
+
+    def kept_files(self) -> list[Path]:
+        """The kept checkpoints, epochs first, each kind in the order it was kept."""
+        try:
+            names = [path.name for path in self.kept.iterdir() if path.suffix == ".safetensors"]
+        except OSError:
+            return []
+        found = [name for name in names if name.startswith(("epoch-", "step-"))]
+        order = sorted(found, key=lambda name: (name[0] != "e", len(name), name))
+        return [self.kept / name for name in order]
+
     def written(self) -> tuple[Path, ...]:
         """Every path above: what a run of drnn may have written into its directory."""
-        return (self.config, self.vocab, self.metrics, self.plot, self.init_from, self.tensorboard)
+        return (self.config, self.vocab, self.metrics, self.plot, self.init_from, self.tensorboard, self.kept)
 
 
 # What drnn writes into a run directory, by name: anything else there is the user's.

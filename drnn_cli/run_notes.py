@@ -17,6 +17,7 @@ from drnn_cli.data import Dataset, UnseenInTraining
 from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
+from drnn_cli.session_time import cadence_points
 
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
@@ -24,6 +25,8 @@ UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training t
 FEW_VALIDATION_PREDICTIONS = 100
 # A one-hot input wider than this (a word vocabulary) costs more than an embedding would buy
 ONE_HOT_VOCAB_NOTED = 1024
+# More kept checkpoints than this in a planned run are worth a note: their count and their disk
+KEPT_FILES_NOTED = 100
 
 
 def scored_unknown_note(
@@ -316,6 +319,36 @@ def late_cadence_notes(
         f"count {'it' if len(late) == 1 else 'them'} in steps, e.g. "
         f'--set "train.{late[0][0]}={every} step{"" if every == 1 else "s"}"'
     ]
+
+
+def kept_files_note(
+    train: TrainConfig, length: PlannedLength, parameters: int, bytes_per_parameter: int
+) -> str | None:
+    """``train.keep_every`` keeps a full checkpoint at each point: over ``KEPT_FILES_NOTED`` of them in the
+    planned run (``5 steps`` over a long run) fill a disk unseen, so the count and its size are said.
+    ``bytes_per_parameter``: what a checkpoint stores per parameter (the weights, the optimizer's moments,
+    the raw weights under train.average)."""
+    cadence = Cadence.of(train.keep_every)
+    count = cadence_points(cadence, 0, length.steps, length.steps_per_epoch)
+    if count <= KEPT_FILES_NOTED:
+        return None
+    each = parameters * bytes_per_parameter
+    return (
+        f"train.keep_every ({_every(train.keep_every)}) keeps {count:,} checkpoints in this run's kept/ folder, "
+        f"{_size(each)} each ({parameters:,} parameters × {bytes_per_parameter} bytes): {_size(count * each)} "
+        "in all; a larger train.keep_every keeps fewer"
+    )
+
+
+def _size(size: float) -> str:
+    """Bytes as a note says them: ``812.3 KiB``, ``1.2 GiB``."""
+    if size < 1024:
+        return f"{size:,.0f} B"
+    for unit in ("KiB", "MiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:,.1f} {unit}"
+    return f"{size / 1024:,.1f} GiB"
 
 
 def _every(value: int | str) -> str:

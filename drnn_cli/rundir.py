@@ -11,6 +11,7 @@ Layout (the file names are defined in run_files.py)::
       perplexity.png     train/validation perplexity against tokens seen
       init_from.txt      the checkpoint a fine-tuned run started from
       tensorboard/       event files (train.tensorboard: true)
+      kept/              train.keep_every's checkpoints: epoch-0005.safetensors, step-00001200.safetensors
       .drnn-run          marks the directory as drnn's
       train.lock         the OS file lock of the training process that owns the directory
     runs/latest          the path of the most recently started run
@@ -42,7 +43,7 @@ import filelock
 
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_file
-from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_ENTRY_NAMES, RUN_MARKER
+from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_ENTRY_NAMES, RUN_MARKER, RunFiles
 
 DEFAULT_RUNS_ROOT = Path("runs")  # relative: resolved against the working directory when used
 
@@ -105,9 +106,14 @@ def check_run_dir(run_dir: Path) -> None:
 def refuse_run_file(path: Path, flag: str) -> None:
     """Refuse an output named like a file drnn keeps in a run directory, inside one: ``--html
     runs/x/last.safetensors`` (a tab completion away from a page's name) would replace the state
-    ``--resume`` continues, ``metrics.jsonl`` the run's history."""
+    ``--resume`` continues, ``metrics.jsonl`` the run's history; any name in its ``kept/`` folder a
+    ``train.keep_every`` checkpoint."""
     folder = path.parent
-    if path.name in RUN_ENTRY_NAMES and ((folder / RUN_MARKER).exists() or holds_run(folder)):
+    in_kept = folder.name == RunFiles(folder.parent).kept.name  # train.keep_every's folder is drnn's alone
+    if in_kept:
+        folder = folder.parent
+    named = in_kept or path.name in RUN_ENTRY_NAMES
+    if named and ((folder / RUN_MARKER).exists() or holds_run(folder)):
         suffix = "." + flag.removeprefix("--")  # --html writes inspect.html, --png inspect.png
         raise DrnnError(
             f"{flag} {path} is a file of the run directory {folder} (drnn's checkpoints, config and history "

@@ -38,6 +38,7 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
 from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import EvaluationAbandoned, evaluate, perplexity
+from drnn_cli.files import atomic_link
 from drnn_cli.model_probes import check_precision_works, compile_cells
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
 from drnn_cli.optimizers import (
@@ -65,10 +66,11 @@ from drnn_cli.report import (
     training_position,
     write_run_files,
 )
-from drnn_cli.run_files import BEST, LAST, RunFiles
+from drnn_cli.run_files import BEST, LAST, RunFiles, kept_name
 from drnn_cli.run_notes import (
     blank_samples_note,
     data_notes,
+    kept_files_note,
     nothing_to_train,
     own_text_notes,
     planned_length_notes,
@@ -161,15 +163,18 @@ def _header_digest(checkpoint: Checkpoint) -> float:
 
 @dataclass(frozen=True)
 class _Cadences:
-    """When evaluations, 'last' checkpoints, samples and log lines happen (epochs or steps)."""
+    """When evaluations, 'last' checkpoints, samples, log lines and kept checkpoints happen (epochs or
+    steps)."""
 
     eval: Cadence
     checkpoint: Cadence
     sample: Cadence
     log: Cadence
+    keep: Cadence
 
     def due_at_step(self, global_step: int) -> bool:
-        return any(c.due_at_step(global_step) for c in (self.eval, self.checkpoint, self.sample, self.log))
+        cadences = (self.eval, self.checkpoint, self.sample, self.log, self.keep)
+        return any(c.due_at_step(global_step) for c in cadences)
 
 
 def improves_on(val_ppl: float, best: float | None) -> bool:
@@ -280,6 +285,7 @@ class Trainer:
             Cadence.of(train.checkpoint_every),
             Cadence.of(train.sample_every),
             Cadence.of(train.log_every),
+            Cadence.of(train.keep_every),
         )
         self.average_start = Cadence.of(train.average_start)
         self._steps_per_epoch = 0
@@ -477,9 +483,14 @@ class Trainer:
                 )
             self.progress = progress.to(self.device)
 
-    def _save(self, name: str, epoch: int, progress: EpochProgress | None = None) -> None:
+    def _save(self, name: str, epoch: int, progress: EpochProgress | None = None, keep: bool = False) -> None:
         """Rank 0 writes. Under torchrun every rank calls this: a mid-epoch checkpoint gathers each
-        rank's own random streams and epoch progress (its rows' carried state, its loss sums)."""
+        rank's own random streams and epoch progress (its rows' carried state, its loss sums).
+
+        ``keep`` (a ``train.keep_every`` point; ``name`` is LAST): the checkpoint is written once, as its
+        kept file, and ``last`` becomes a hard link to it. In that order a kill between the two leaves
+        the older ``last``, whose resume replays to this point and replaces the kept file whole: never
+        a kept point missing, torn, or under two names."""
         if progress is not None and progress.step == 0:
             progress = None  # an epoch boundary
         ranks = (
@@ -493,13 +504,23 @@ class Trainer:
                 if name == BEST:  # its header names its own perplexity (patience's best may be older)
                     checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
                 with self.session_time.checkpoint_write():
-                    save_checkpoint(self.run_dir / name, checkpoint)
+                    if keep:
+                        kept = self.files.kept / self._kept_name(epoch)
+                        save_checkpoint(kept, checkpoint)
+                        atomic_link(kept, self.run_dir / name)
+                    else:
+                        save_checkpoint(self.run_dir / name, checkpoint)
                 if self.on_first_checkpoint is not None:
                     announce, self.on_first_checkpoint = self.on_first_checkpoint, None
                     announce()
             except NonFiniteCheckpoint:
                 where = training_position(epoch, progress.step if progress else 0, self.global_step)
                 raise self._diverged(f"the weights became NaN or infinite {where}") from None
+
+    def _kept_name(self, epochs_done: int) -> str:
+        """The kept file of this point: by epochs done for an epoch cadence, else by optimizer step."""
+        unit = self.cadence.keep.unit
+        return kept_name(unit, epochs_done if unit == "epochs" else self.global_step)
 
     def _diverged(self, what: str) -> TrainingDiverged:
         return TrainingDiverged(
@@ -955,8 +976,9 @@ class Trainer:
             # the next line's window starts here; set before the checkpoint below keeps it
             progress.logged_loss_sum = loss_sum
             progress.logged_count = int(count)
-        if stop is not None or self.cadence.checkpoint.due_at_step(global_step):
-            self._save(LAST, epoch, progress)
+        keep = self.cadence.keep.due_at_step(global_step)
+        if stop is not None or self.cadence.checkpoint.due_at_step(global_step) or keep:
+            self._save(LAST, epoch, progress, keep=keep)
         if stop is None and self.dist.is_main and self.cadence.sample.due_at_step(global_step):
             self._report_samples(record.epoch)
         self._update_plot(force=stop is not None)
@@ -1354,7 +1376,18 @@ class Trainer:
                 starting=starting,
             ),
             *([missing] if self.dist.is_main and (missing := self.plot.missing_plotter()) else []),
+            *([kept] if (kept := self._kept_files_note()) else []),
         )
+
+    def _kept_files_note(self) -> str | None:
+        """train.keep_every's count of files and their disk, where they are many: a kept file is a full
+        checkpoint, whose bytes per parameter are the weights', the optimizer's moments' (Adam's two, SGD's
+        momentum) and, under train.average, the raw weights'."""
+        train = self.config.train
+        moments = 2 if train.optimizer in {"adam", "adamw"} else int(train.momentum > 0)
+        copies = 1 + moments + (self.average is not None)
+        width = next(self.model.parameters()).element_size()
+        return kept_files_note(train, self.length, count_parameters(self.model), copies * width)
 
     def _end_epoch(
         self, epoch: int, window: TrainWindow, tokens_per_s: float, resumed_cut_short: bool
@@ -1384,12 +1417,14 @@ class Trainer:
         self._append_metrics(record)
         stopped_early = self._patience_spent
         last_epoch = final or stopped_early
+        keep = self.cadence.keep.due_at_epoch_end(done, self.global_step)
         if (
             self.cadence.checkpoint.due_at_epoch_end(done, self.global_step)
             or last_epoch
             or resumed_cut_short  # LAST holds its end as not done: a crash must not run it twice
+            or keep
         ):
-            self._save(LAST, done)
+            self._save(LAST, done, keep=keep)
         self.reporter.epoch_end(record)
         if (
             self.dist.is_main
@@ -1485,4 +1520,5 @@ class Trainer:
             stop_reason=stop_reason,
             steps=self.global_step,
             seconds=None if tokens_per_s is None else self._session_seconds(),
+            kept=tuple(path.relative_to(self.run_dir) for path in self.files.kept_files()),
         )

@@ -132,9 +132,11 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
     # checkpoint left the new run here, unswapped: it is the run to resume (or to replace).
     left_behind = holds_run(staging)
     if dist.is_main:
-        remove_stale_temporaries(run_dir)  # left by a killed writer; we hold the lock, so none is live
+        for directory in (run_dir, RunFiles(run_dir).kept):  # left by a killed writer; we hold the
+            remove_stale_temporaries(directory)  # lock, so none is live
         if left_behind:
             remove_stale_temporaries(staging)
+            remove_stale_temporaries(RunFiles(staging).kept)
         elif staging.exists() and not request.overwrite:
             discard(staging)  # killed before its first checkpoint: nothing in it to keep
     if left_behind and not request.overwrite:
@@ -304,6 +306,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
             files = RunFiles(run_dir)
             for stale in (run_dir / LAST, run_dir / BEST, files.metrics, files.plot, files.init_from):
                 stale.unlink(missing_ok=True)
+            discard(files.kept)  # an earlier run's kept points would read as this one's
         mark_run_dir(run_dir)
         if request.resume:  # it has its checkpoint
             mark_as_latest()

@@ -80,6 +80,7 @@ INVALID = {
     "train.patience": (-1, "greater than or equal to 0"),
     "train.checkpoint_every": ("0 steps", "at least 1 step"),
     "train.log_every": ("5 minutes", "integer number of epochs (≥ 0) or 'N steps'"),
+    "train.keep_every": ("0 steps", "at least 1 step"),
     "train.max_steps": (-1, "greater than or equal to 0"),
     "train.max_time": ("soon", "a duration such as 90s, 10m, 2h or 1h30m"),
     "train.eval_tokens": (-1, "greater than or equal to 0"),

@@ -188,9 +188,9 @@ def test_a_new_run_becomes_the_latest_run_with_its_first_checkpoint(
     named: list[str] = []  # what runs/latest names as each checkpoint is about to be written, and after
     save = Trainer._save
 
-    def watched(self: Trainer, name: str, epoch: int, progress: object = None) -> None:
+    def watched(self: Trainer, name: str, epoch: int, progress: object = None, keep: bool = False) -> None:
         named.append(Path((workdir / "runs" / "latest").read_text().strip()).name)
-        save(self, name, epoch, progress)
+        save(self, name, epoch, progress, keep)
         named.append(Path((workdir / "runs" / "latest").read_text().strip()).name)
 
     monkeypatch.setattr(Trainer, "_save", watched)
@@ -211,8 +211,10 @@ def test_a_run_that_ends_after_another_started_is_the_latest_run_again(
     runs = workdir / "runs"
     save = Trainer._save
 
-    def another_run_starts(self: Trainer, name: str, epoch: int, progress: object = None) -> None:
-        save(self, name, epoch, progress)
+    def another_run_starts(
+        self: Trainer, name: str, epoch: int, progress: object = None, keep: bool = False
+    ) -> None:
+        save(self, name, epoch, progress, keep)
         (runs / "latest").write_text(str(workdir / "runs" / "other") + "\n")  # its first checkpoint
 
     monkeypatch.setattr(Trainer, "_save", another_run_starts)

@@ -462,6 +462,7 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
         "unknown",
         "known_perplexity",
         "unseen_in_training",
+        "seen_perplexity",
         "source",
         "checkpoint",
         "rows",

@@ -92,11 +92,14 @@ def tokens_per_epoch(records: Sequence[PlottedRecord]) -> float | None:
 
 
 def render_perplexity_plot(
-    records: Sequence[PlottedRecord], title: str | None = None, val_split_tokens: int = 0
+    records: Sequence[PlottedRecord],
+    title: str | None = None,
+    val_split_tokens: int = 0,
+    train_as: str | None = None,
 ) -> bytes | None:
     """:func:`perplexity_figure` as PNG bytes; None when matplotlib is missing."""
     try:
-        figure = perplexity_figure(records, title, val_split_tokens)
+        figure = perplexity_figure(records, title, val_split_tokens, train_as)
     except ImportError:
         return None
     buffer = io.BytesIO()
@@ -117,14 +120,19 @@ def drawn(perplexity: float | None) -> TypeGuard[float]:
 
 
 def perplexity_figure(
-    records: Sequence[PlottedRecord], title: str | None = None, val_split_tokens: int = 0
+    records: Sequence[PlottedRecord],
+    title: str | None = None,
+    val_split_tokens: int = 0,
+    train_as: str | None = None,
 ) -> Figure:
     """Train (and validation) perplexity against training tokens seen, epochs on the top axis as d2l
     plots them (against epoch alone for runs whose metrics predate token counts).
 
     Validations over other numbers of tokens are other measurements (``train.eval_tokens`` changed on a
     resume: 6.06 over the split's first 5,000 beside 7.02 over all of it read as a sudden rise): each
-    count is a line of its own, and one over fewer than the split's ``val_split_tokens`` says so."""
+    count is a line of its own, and one over fewer than the split's ``val_split_tokens`` says so.
+    ``train_as``: how training's perplexity was read where validation reads otherwise (``dropout on``:
+    report.as_trained), in its legend as in the summary."""
     # a Figure of its own, not pyplot's: no GUI backend, and no process-wide matplotlib.use()
     from matplotlib.figure import Figure
 
@@ -136,7 +144,8 @@ def perplexity_figure(
     xs = [r.tokens_seen if by_tokens else r.epoch for r in records]
     trained = [(x, r.train_ppl) for x, r in zip(xs, records, strict=True) if drawn(r.train_ppl)]
     if trained:  # points marked while few: a line of one point is invisible
-        axes.plot(*zip(*trained, strict=True), label="train", marker="." if len(trained) < 50 else None)
+        label = f"train ({train_as})" if train_as else "train"
+        axes.plot(*zip(*trained, strict=True), label=label, marker="." if len(trained) < 50 else None)
 
     def validation_label(count: int) -> str:  # 0: a line that does not say (written before lines did)
         partial = 0 < count < val_split_tokens

@@ -342,10 +342,18 @@ class PlotRefresh:
     matplotlib is missing or the file cannot be written, and stops trying. matplotlib is imported for
     the first plot, not as the run starts (0.5 s before its first line)."""
 
-    def __init__(self, path: Path, reporter: Reporter, val_split_tokens: int = 0, every: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        reporter: Reporter,
+        val_split_tokens: int = 0,
+        train_as: str | None = None,
+        every: float = 5.0,
+    ) -> None:
         self.path = path
         self.reporter = reporter
         self.val_split_tokens = val_split_tokens  # a validation of fewer is labelled a partial one
+        self.train_as = train_as  # as_trained: in the train line's legend
         self.every = every
         self._last = 0.0
         self._ok = True
@@ -374,7 +382,7 @@ class PlotRefresh:
             self._imported = True
         try:
             # titled with the run directory's name
-            png = render_perplexity_plot(records, self.path.parent.name, self.val_split_tokens)
+            png = render_perplexity_plot(records, self.path.parent.name, self.val_split_tokens, self.train_as)
         except (
             Exception
         ) as error:  # the plot is a view of metrics.jsonl: whatever breaks it, training goes on

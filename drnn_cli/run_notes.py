@@ -147,6 +147,12 @@ def data_notes(
             "evaluate: drnn eval --split test will have nothing to read (raise data.test_fraction)"
         )
     if train.eval_tokens and validation_tokens > train.eval_tokens + 1:
+        if train.eval_tokens < FEW_VALIDATION_PREDICTIONS:  # as a split that small is said to be (verify33)
+            notes.append(
+                f"train.eval_tokens {train.eval_tokens:,} validates on {train.eval_tokens:,} prediction(s): "
+                "perplexities over so few are noise, yet they pick the best checkpoint and drive patience "
+                "(raise train.eval_tokens)"
+            )
         notes.append(
             f"train.eval_tokens {train.eval_tokens:,}: the validation perplexities of this run (and its choice "
             f"of best) predict the first {train.eval_tokens:,} of the {validation_tokens - 1:,} validation tokens "

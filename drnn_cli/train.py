@@ -337,7 +337,9 @@ class Trainer:
         self.stops = StopRequests()
         self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
         self.files = RunFiles(run_dir)
-        self.plot = PlotRefresh(self.files.plot, self.reporter, max(0, len(self.val_tokens) - 1))
+        self.plot = PlotRefresh(
+            self.files.plot, self.reporter, max(0, len(self.val_tokens) - 1), as_trained(config)
+        )
         self.records: list[EpochRecord] = (
             # a boundary a signal cut short is run again, its line with it (one a crash left is dropped)
             read_metrics(

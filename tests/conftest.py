@@ -121,11 +121,13 @@ def _plot_rendered_only_where_tested(request: pytest.FixtureRequest, monkeypatch
     if request.node.get_closest_marker("draws_plot") is not None:
         return
 
-    def figure_only(records: object, title: str | None = None, val_split_tokens: int = 0) -> bytes | None:
+    def figure_only(
+        records: object, title: str | None = None, val_split_tokens: int = 0, train_as: str | None = None
+    ) -> bytes | None:
         from drnn_cli.plot import perplexity_figure
 
         try:
-            perplexity_figure(records, title, val_split_tokens)  # type: ignore[arg-type]
+            perplexity_figure(records, title, val_split_tokens, train_as)  # type: ignore[arg-type]
         except ImportError:
             return None  # as render_perplexity_plot answers where matplotlib is missing
         return PLOT_STAND_IN

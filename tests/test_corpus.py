@@ -954,6 +954,14 @@ def test_a_validation_split_read_in_rows_shorter_than_the_training_windows_is_sa
     # 20% validates: 34,115 predictions, 32 rows of 1,066, no note
     summary = last_json_line(cli("data", "--set", "data.val_fraction=0.2", "--json")[1])
     assert not [note for note in summary["notes"] if "rows of about" in note]
+    # a cap under 100 predictions is noise, as a split that small is (verify33): 10 in 10 rows of one
+    summary = last_json_line(
+        cli("data", "--set", "data.val_fraction=0.2", "--set", "train.eval_tokens=10", "--json")[1]
+    )
+    assert (
+        "train.eval_tokens 10 validates on 10 prediction(s): perplexities over so few are noise, yet they pick "
+        "the best checkpoint and drive patience (raise train.eval_tokens)"
+    ) in summary["notes"]
     # a cap of 500 predictions: rows of 15, the cap among the fixes
     summary = last_json_line(
         cli("data", "--set", "data.val_fraction=0.2", "--set", "train.eval_tokens=500", "--json")[1]

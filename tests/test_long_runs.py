@@ -411,7 +411,9 @@ def test_a_plot_matplotlib_fails_to_draw_is_said_once_and_training_goes_on(
     """The plot is a view of metrics.jsonl: matplotlib failing inside its drawing code is one note, not
     an internal error that ends the run."""
 
-    def failing(records: object, title: object = None, val_split_tokens: int = 0) -> bytes:
+    def failing(
+        records: object, title: object = None, val_split_tokens: int = 0, train_as: object = None
+    ) -> bytes:
         raise OverflowError("cannot convert float infinity to integer")
 
     monkeypatch.setattr("drnn_cli.report.render_perplexity_plot", failing)
@@ -1184,6 +1186,9 @@ def test_the_plot_draws_validations_over_other_numbers_of_tokens_as_lines_of_the
         "validation",
         "validation (first 5,000 of 31,806 tokens)",
     ]
+    # training's line says how it was read where validation reads otherwise, as the summary does (verify33)
+    (axes,) = perplexity_figure(records, "full", 31_806, train_as="dropout on").axes
+    assert axes.get_legend().get_texts()[0].get_text() == "train (dropout on)"
 
 
 class PoisonAtStep5(SilentReporter):

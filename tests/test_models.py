@@ -739,7 +739,7 @@ def train_time_machine(corpus_path: Path, tmp_path_factory: pytest.TempPathFacto
                     # The PNG is not under test here, and matplotlib costs seconds per run.
                     patch.setattr(
                         "drnn_cli.report.render_perplexity_plot",
-                        lambda records, title=None, val_split_tokens=0: b"",
+                        lambda records, title=None, val_split_tokens=0, train_as=None: b"",
                     )
                     results[cell, impl] = Trainer(config, dataset, run_dir, torch.device("cpu")).fit()
             finally:

@@ -381,9 +381,8 @@ def train_command(
     processes = f"{result.world_size:,} process{'' if result.world_size == 1 else 'es'}"
     table.add_row("device", f"{result.device}{threads}, {processes}")
     out.print(table)
-    if (
-        result.kept
-    ):  # train.keep_every's checkpoints, for --checkpoint (a line: the table keeps to 80 columns)
+    # train.keep_every's checkpoints, for --checkpoint (a line of its own: the table keeps to 80 columns)
+    if result.kept:
         names = [path.name for path in result.kept]
         shown = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
         out.print(

@@ -352,7 +352,9 @@ def train_command(
     # longest label below sets, so that the table keeps to 80 columns
     trained_as = f" ({result.train_ppl_as})" if result.train_ppl_as else ""
     table.add_row(f"train perplexity{trained_as}", format_perplexity(result.train_ppl, 3) + over)
-    if result.best_val_ppl is not None:
+    # a figure --json reports is shown: a resume that changed train.eval_tokens and trained nothing has a
+    # last validation and no best yet (its best starts over), and showed neither (verify33)
+    if result.val_ppl is not None or result.best_val_ppl is not None:
         validations = [result.val_ppl, result.best_val_ppl]
         if result.start_val_ppl is not None:  # fine-tuning: the starting weights', before any step
             validations.insert(0, result.start_val_ppl)

@@ -465,6 +465,12 @@ def test_the_summary_says_a_validation_read_part_of_the_split_beside_its_figures
     code, out, err = cli("train", "--config", str(config_file(workdir, tree)))
     assert code == 0, err
     assert re.search(r"│ validated on +│ the first 100 of 599 tokens +│", out), out
+    # a resume that changes it and trains nothing: its last figure is shown, as --json gives it, and no
+    # best yet, which starts over (the table showed no validation row: verify33)
+    code, out, err = cli(
+        "train", "--config", str(config_file(workdir, tree)), "--resume", "--set", "train.eval_tokens=0"
+    )
+    assert code == 0 and re.search(r"│ validation perplexity \(last / best\) +│ [0-9.]+ / — +│", out), out
     whole = {**tree, "train": {**tree["train"], "eval_tokens": 0}}
     code, out, err = cli("train", "--config", str(config_file(workdir, whole)), "--overwrite")
     assert code == 0 and "validation perplexity (last / best)" in out and "validated on" not in out, out

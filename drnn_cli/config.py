@@ -353,6 +353,12 @@ class TrainConfig(_Section):
             )
         return self
 
+    def validated_predictions(self, split_tokens: int) -> int:
+        """The predictions a validation of a ``split_tokens``-token split reads: every token after its
+        first, or the first ``eval_tokens`` of them."""
+        predictions = max(0, split_tokens - 1)
+        return min(self.eval_tokens, predictions) if self.eval_tokens else predictions
+
 
 class Config(_Section):
     """A whole run: data, model, train. This resolved object is what the library receives."""

@@ -159,8 +159,7 @@ def data_notes(
             f"after the split's first (of {validation_tokens:,}); drnn eval --split val predicts them all"
         )
     if splits.validates:  # validation reads as drnn eval does by default: data.batch_size rows
-        predictions = validation_tokens - 1
-        read = min(train.eval_tokens, predictions) if train.eval_tokens else predictions
+        predictions, read = validation_tokens - 1, train.validated_predictions(validation_tokens)
         short = short_rows_note(
             read,
             data.batch_size,

@@ -1116,9 +1116,7 @@ class Trainer:
     def _validation_predictions(self) -> int:
         """The predictions a validation reads: every token of the split after its first, or the first
         ``train.eval_tokens`` of them."""
-        predictions = max(0, len(self.val_tokens) - 1)
-        limit = self.config.train.eval_tokens
-        return min(limit, predictions) if limit else predictions
+        return self.config.train.validated_predictions(len(self.val_tokens))
 
     def _predictions_read(self, val_ppl: float | None) -> int:
         """The predictions the reported ``val_ppl`` read: its metrics line's, where it is the last line's

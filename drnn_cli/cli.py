@@ -364,7 +364,7 @@ def train_command(
         )
         read, split = result.val_tokens, result.val_split_tokens
         if read is not None and split is not None and read < split:  # said where the figures are read
-            table.add_row("validated on", f"the first {read:,} of {split:,} tokens")
+            table.add_row("validated on the first", f"{read:,} of {split:,} tokens")  # within 80 columns
     speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
     # the last epoch's (or the epoch so far, where a stop cut it), as d2l reports: not the run's mean
     table.add_row(

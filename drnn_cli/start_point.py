@@ -322,10 +322,10 @@ def resume_point(
     if noted:
         said.append(
             f"--resume with settings changed since the checkpoint: {_describe_changes(checkpoint.config, config, noted)} "
-            "(the run trains on with them; its config.yaml records them)"
+            "(the run trains on with them, and its config.yaml records them once it trains a step)"
             + (
                 "; validation now reads other tokens, so the best checkpoint and patience start over at the "
-                "next validation"
+                "run's next validation"
                 if best_restarts
                 else ""
             )

@@ -464,7 +464,7 @@ def test_the_summary_says_a_validation_read_part_of_the_split_beside_its_figures
     tree = {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1, "eval_tokens": 100}}
     code, out, err = cli("train", "--config", str(config_file(workdir, tree)))
     assert code == 0, err
-    assert re.search(r"│ validated on +│ the first 100 of 599 tokens +│", out), out
+    assert re.search(r"│ validated on the first +│ 100 of 599 tokens +│", out), out
     # a resume that changes it and trains nothing: its last figure is shown, as --json gives it, and no
     # best yet, which starts over (the table showed no validation row: verify33)
     code, out, err = cli(
@@ -474,6 +474,24 @@ def test_the_summary_says_a_validation_read_part_of_the_split_beside_its_figures
     whole = {**tree, "train": {**tree["train"], "eval_tokens": 0}}
     code, out, err = cli("train", "--config", str(config_file(workdir, whole)), "--overwrite")
     assert code == 0 and "validation perplexity (last / best)" in out and "validated on" not in out, out
+
+
+def test_the_summary_keeps_each_row_on_one_line_of_80_columns(workdir: Path, cli):
+    """The longest label ("train perplexity (dropout on, raw weights)") beside "the first 5,000 of 12,000
+    tokens" pushed the table past 80 columns, and rich wrapped the time row's label onto two lines
+    (verify33): a summary read at a glance keeps its rows whole."""
+    tree = {
+        **TINY_TREE,
+        "data": {**TINY_TREE["data"], "max_tokens": 60_000},
+        "model": {**TINY_TREE["model"], "output_dropout": 0.2},
+        "train": {**TINY_TREE["train"], "max_steps": 1, "eval_tokens": 5_000, "average": "ema"},
+    }
+    code, out, err = cli("train", "--config", str(config_file(workdir, tree)))
+    assert code == 0, err
+    table = [line for line in out.splitlines() if line.startswith(("│", "┃", "┏", "└", "┗", "┌"))]
+    assert table and max(len(line) for line in table) <= 80, out
+    assert re.search(r"│ validated on the first +│ 5,000 of 11,999 tokens +│", out), out
+    assert "│ training / validating / checkpoints / rest │" in out, out
 
 
 def test_the_summary_says_how_a_training_perplexity_was_read_where_validation_reads_otherwise(

@@ -33,6 +33,7 @@ from drnn_cli.files import atomic_write_stream, output_file, refuse_overwriting,
 from drnn_cli.inspect_html import page_pieces
 from drnn_cli.inspect_plot import check_plot_request, write_inspection_plot
 from drnn_cli.introspect import STDIN, Inspection, InspectRequest, inspect_text
+from drnn_cli.model_size import parameter_count
 from drnn_cli.models import RNNLanguageModel, build_model
 from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import (
@@ -139,7 +140,13 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     else:  # how long the run would be, and what that means for its settings (a run that trains)
         length = PlannedLength.of(config.train, data, len(dataset.splits.train))
         notes.extend(
-            planned_length_notes(config, length, dataset.splits.validates, fine_tuning=start is not None)
+            planned_length_notes(
+                config,
+                length,
+                dataset.splits.validates,
+                parameter_count(len(dataset.vocab), config.model),
+                fine_tuning=start is not None,
+            )
         )
     return DataReport(
         dataset,

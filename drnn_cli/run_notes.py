@@ -265,17 +265,24 @@ def own_text_notes(
 
 
 def planned_length_notes(
-    config: Config, length: PlannedLength, validates: bool, fine_tuning: bool = False, starting: bool = True
+    config: Config,
+    length: PlannedLength,
+    validates: bool,
+    parameters: int,
+    fine_tuning: bool = False,
+    starting: bool = True,
 ) -> list[str]:
     """What a run's planned length means for its settings (``drnn train`` says it before training,
     ``drnn data`` before a run): cadences in epochs that its step budget ends first (where a run starts:
-    a resume keeps what was said), and settings that do nothing over that length."""
+    a resume keeps what was said), settings that do nothing over that length, and the disk that
+    ``train.keep_every`` fills over it (a model of ``parameters``)."""
     late = (
         late_cadence_notes(config.train, length.step_budget, length.steps_per_epoch, validates, fine_tuning)
         if starting and length.step_budget
         else []
     )
-    return [*late, *idle_setting_notes(config, length.epochs, length.steps)]
+    kept = kept_files_note(config.train, length, parameters, checkpoint_bytes_per_parameter(config.train))
+    return [*late, *idle_setting_notes(config, length.epochs, length.steps), *([kept] if kept else [])]
 
 
 def late_cadence_notes(
@@ -326,13 +333,21 @@ def late_cadence_notes(
     ]
 
 
+def checkpoint_bytes_per_parameter(train: TrainConfig) -> int:
+    """What a full checkpoint stores per parameter: the weights, the optimizer's moments (Adam's two,
+    SGD's momentum) and, under train.average, the raw weights, each in float32 (train.precision is
+    autocast: the parameters stay float32)."""
+    moments = 2 if train.optimizer in {"adam", "adamw"} else int(train.momentum > 0)
+    return (1 + moments + (train.average != "none")) * torch.finfo(torch.float32).bits // 8
+
+
 def kept_files_note(
     train: TrainConfig, length: PlannedLength, parameters: int, bytes_per_parameter: int
 ) -> str | None:
     """``train.keep_every`` keeps a full checkpoint at each point: over ``KEPT_FILES_NOTED`` of them in the
-    planned run (``5 steps`` over a long run) fill a disk unseen, so the count and its size are said.
-    ``bytes_per_parameter``: what a checkpoint stores per parameter (the weights, the optimizer's moments,
-    the raw weights under train.average)."""
+    planned run (``5 steps`` over a long run) fill a disk unseen, so the count and its size are said
+    (``drnn train`` before its first step, ``drnn data`` before a run).
+    ``bytes_per_parameter``: :func:`checkpoint_bytes_per_parameter`."""
     cadence = Cadence.of(train.keep_every)
     count = cadence_points(cadence, 0, length.steps, length.steps_per_epoch)
     if count <= KEPT_FILES_NOTED:

@@ -70,7 +70,6 @@ from drnn_cli.run_files import BEST, LAST, RunFiles, kept_name
 from drnn_cli.run_notes import (
     blank_samples_note,
     data_notes,
-    kept_files_note,
     nothing_to_train,
     own_text_notes,
     planned_length_notes,
@@ -1372,22 +1371,12 @@ class Trainer:
                 self.config,
                 self.length,
                 self.dataset.splits.validates,
+                count_parameters(self.model),
                 fine_tuning=self.init_from_label is not None,
                 starting=starting,
             ),
             *([missing] if self.dist.is_main and (missing := self.plot.missing_plotter()) else []),
-            *([kept] if (kept := self._kept_files_note()) else []),
         )
-
-    def _kept_files_note(self) -> str | None:
-        """train.keep_every's count of files and their disk, where they are many: a kept file is a full
-        checkpoint, whose bytes per parameter are the weights', the optimizer's moments' (Adam's two, SGD's
-        momentum) and, under train.average, the raw weights'."""
-        train = self.config.train
-        moments = 2 if train.optimizer in {"adam", "adamw"} else int(train.momentum > 0)
-        copies = 1 + moments + (self.average is not None)
-        width = next(self.model.parameters()).element_size()
-        return kept_files_note(train, self.length, count_parameters(self.model), copies * width)
 
     def _end_epoch(
         self, epoch: int, window: TrainWindow, tokens_per_s: float, resumed_cut_short: bool

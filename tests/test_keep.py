@@ -139,7 +139,7 @@ def test_nothing_is_kept_by_default(workdir: Path):
     assert result.summary()["kept"] == []
 
 
-def test_a_cadence_that_keeps_more_than_100_files_says_how_many_and_their_disk(workdir: Path):
+def test_a_cadence_that_keeps_more_than_100_files_says_how_many_and_their_disk(workdir: Path, cli):
     length = PlannedLength(steps_per_epoch=24, step_budget=0, epochs=100, steps=2400)
     assert kept_files_note(TrainConfig(keep_every=1), length, 216_604, 12) is None  # 100 files
     assert kept_files_note(TrainConfig(keep_every="20 steps"), length, 216_604, 12) == (
@@ -151,7 +151,25 @@ def test_a_cadence_that_keeps_more_than_100_files_says_how_many_and_their_disk(w
     _, notes = train(
         config_file(workdir), "runs/many", "train.epochs=101", "train.keep_every=1", "train.max_time=0.000001"
     )
-    assert "train.keep_every (1 epoch) keeps 101 checkpoints in this run's kept/ folder" in "\n".join(notes)
+    assert "keeps 101 checkpoints in this run's kept/ folder, 40.1 KiB each (3,420 parameters" in "\n".join(
+        notes
+    )
+    # drnn data says it before a run too, as training does: 4·16·(28 + 16 + 2) + 16·28 + 28 = 3,420
+    # parameters (V 28, H 16), the weights and Adam's two moments at 4 bytes each, 101 times
+    code, out, err = cli(
+        "data",
+        "--config",
+        str(config_file(workdir)),
+        "--set",
+        "train.epochs=101",
+        "--set",
+        "train.keep_every=1",
+    )
+    assert code == 0, err
+    assert (
+        "train.keep_every (1 epoch) keeps 101 checkpoints in this run's kept/ folder, 40.1 KiB each "
+        "(3,420 parameters × 12 bytes): 4.0 MiB in all" in " ".join(out.split())
+    ), out
 
 
 def test_where_the_filesystem_has_no_hard_links_last_is_a_copy_of_the_kept_file(

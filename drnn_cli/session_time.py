@@ -35,6 +35,23 @@ def cadence_points(cadence: Cadence, after_step: int, to_step: int, steps_per_ep
     return epochs_to // cadence.every - epochs_after // cadence.every
 
 
+def cadence_union_points(
+    first: Cadence, second: Cadence, after_step: int, to_step: int, steps_per_epoch: float
+) -> int:
+    """How many steps after ``after_step``, up to ``to_step``, are a point of either cadence, a step due
+    for both counted once (``last``'s writes by ``train.checkpoint_every`` and ``train.keep_every``:
+    a kept point is written once, and ``last`` linked to it). Of one unit, the points of both are the
+    multiples of the two periods' least common multiple; of two, an epoch end that falls on a step
+    point is rare and counted twice (an estimate's slight excess)."""
+    both = cadence_points(first, after_step, to_step, steps_per_epoch) + cadence_points(
+        second, after_step, to_step, steps_per_epoch
+    )
+    if first.every and second.every and first.unit == second.unit:
+        common = Cadence(math.lcm(first.every, second.every), first.unit)
+        both -= cadence_points(common, after_step, to_step, steps_per_epoch)
+    return both
+
+
 def next_cadence_point(cadence: Cadence, after_step: int, steps_per_epoch: float) -> int | None:
     """The first optimizer step after ``after_step`` at which ``cadence`` comes due (an epoch cadence's
     at the end of its epoch, at a multiple of ``steps_per_epoch``); None for a cadence that never does."""

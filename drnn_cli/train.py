@@ -92,6 +92,7 @@ from drnn_cli.session_time import (
     SessionTime,
     WorkLeft,
     cadence_points,
+    cadence_union_points,
     next_cadence_point,
 )
 from drnn_cli.signals import StopRequests
@@ -875,10 +876,11 @@ class Trainer:
         end, now, per_epoch = self.length.steps, self.global_step, self.length.steps_per_epoch
         validates = self.dataset.splits.validates
         validations = cadence_points(self.cadence.eval, now, end, per_epoch) if validates else 0
-        lasts = cadence_points(self.cadence.checkpoint, now, end, per_epoch)
+        writes = self.cadence.checkpoint, self.cadence.keep  # a kept point writes last (linked) too
+        lasts = cadence_union_points(*writes, now, end, per_epoch)
         if now < end:  # the end validates and writes last, on a cadence or not
             validations += int(validates and not cadence_points(self.cadence.eval, end - 1, end, per_epoch))
-            lasts += int(not cadence_points(self.cadence.checkpoint, end - 1, end, per_epoch))
+            lasts += int(not cadence_union_points(*writes, end - 1, end, per_epoch))
         return WorkLeft(
             steps=max(0, end - now),
             validations=validations,

@@ -1395,6 +1395,24 @@ def test_cadence_points_count_the_points_after_a_step_up_to_the_end():
     assert cadence_points(Cadence(0, "steps"), 0, 95, 19.0) == 0  # never
 
 
+def test_checkpoint_and_keep_cadences_count_a_step_due_for_both_once():
+    """train.keep_every's points write ``last`` too (linked to the kept file), and the time left counted
+    train.checkpoint_every's alone: a run keeping every 5 steps, checkpointing every 10 epochs, was
+    estimated without any of its writes (keep33)."""
+    from drnn_cli.session_time import cadence_union_points
+
+    every_4_steps, every_6_steps = Cadence(4, "steps"), Cadence(6, "steps")
+    # after step 10 up to 57: 12, 16, ..., 56 (12 points) and 12, 18, ..., 54 (8), 12, 24, 36, 48 both
+    assert cadence_union_points(every_4_steps, every_6_steps, 10, 57, 19.0) == 12 + 8 - 4
+    never = Cadence(0, "epochs")
+    assert cadence_union_points(never, every_6_steps, 10, 57, 19.0) == 8
+    every_epoch, every_2_epochs = Cadence(1, "epochs"), Cadence(2, "epochs")
+    assert cadence_union_points(every_epoch, every_2_epochs, 10, 95, 19.0) == 5  # epochs 1 to 5 end
+    # an epoch end and a step point are counted apart: epochs 1 and 2 end at steps 19 and 38, among 12
+    # step points (4, …, 48) after step 0 up to 50
+    assert cadence_union_points(every_epoch, every_4_steps, 0, 50, 19.0) == 2 + 12
+
+
 def _trainer_at_step_10(workdir: Path, *overrides: str) -> Trainer:
     """TINY (19 steps an epoch, 3 epochs: 57 steps) after 10 steps of this session, validating its first
     100 predictions every 5 steps: 9 validations on the cadence after step 10 and the final one at step 57,
@@ -1418,6 +1436,9 @@ def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_session
     assert trainer._work_left() == WorkLeft(
         steps=47, validations=10, checkpoint_writes=11, tokens_per_validation=100, tokens_per_step=80
     )  # writes: the final last, and a best after each validation at most
+    # kept every 4 steps: 12 points after step 10 (12, …, 56) and the final last at 57
+    kept = _trainer_at_step_10(workdir, "train.keep_every=4 steps")
+    assert kept._work_left().checkpoint_writes == 10 + 12 + 1
     # 20 s since the first step: 6 s validating 600 tokens (0.01 s a token), 2 s writing 4 checkpoints
     # (0.5 s each): a step is (20 - 6 - 2) / 10 = 1.2 s
     trainer.session_time = SessionTime(time.monotonic() - 20.0, 6.0, 2, 600, 2.0, 4)

@@ -15,7 +15,7 @@ import torch
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
-from drnn_cli.corpus import dropping
+from drnn_cli.corpus import dropping, hash_corpus
 from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
 from drnn_cli.decode import (
     MAX_DECODE_SEED,
@@ -43,6 +43,7 @@ from drnn_cli.run_notes import (
     planned_length_notes,
     scored_unknown_note,
     short_rows_note,
+    trained_text_note,
     unseen_in_training_note,
 )
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint, waiting_replacement_note
@@ -480,6 +481,9 @@ def evaluate_split(
     if data_file is not None:
         tokens, source = _file_tokens(data_file, loaded.checkpoint)
         split_name = "file"
+        if _is_trained_text(data_file, loaded.checkpoint):
+            fine_tuned = loaded.checkpoint.init_from is not None
+            notes = (trained_text_note(str(data_file), len(tokens), config.data, fine_tuned),)
     else:
         tokens, source, split_name, dataset = _split_tokens(loaded, split, corpus_file)
         notes, unseen = dataset.notes, dataset.unseen_in_training(split_name)
@@ -604,6 +608,15 @@ def _file_tokens(data_file: Path, checkpoint: Checkpoint) -> tuple[torch.Tensor,
             f"{dropping(preprocess)}; nothing to evaluate"
         )
     return tokens, str(data_file)
+
+
+def _is_trained_text(data_file: Path, checkpoint: Checkpoint) -> bool:
+    """Whether ``data_file`` is the text the checkpoint was trained on: as read (whatever its line breaks),
+    or, for a checkpoint that records only its file's bytes, byte for byte."""
+    sha1s = hash_corpus(data_file)
+    if checkpoint.text_sha1 is not None:
+        return sha1s.text == checkpoint.text_sha1
+    return sha1s.file == checkpoint.corpus_sha1
 
 
 def _split_tokens(

@@ -18,6 +18,7 @@ from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
 from drnn_cli.session_time import cadence_points
+from drnn_cli.shown_text import percent
 
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
@@ -72,6 +73,38 @@ def short_rows_note(predicted: int, rows: int, num_steps: int, read: str, fix: s
         f"{read} as {rows:,} rows of about {length:,} token{'' if length == 1 else 's'}, each from a zero "
         f"state (the training windows are {num_steps} tokens): short rows change the perplexity, usually for "
         f"the worse; {fix}"
+    )
+
+
+def trained_text_note(file: str, scored: int, data: DataConfig, fine_tuned: bool) -> str:
+    """``drnn eval --data FILE`` where FILE is the very text the run was trained on (its SHA-1 as read):
+    its first tokens are the run's training split (the first of ``data.max_tokens``, less the held-out
+    fractions), so the perplexity over them is a training figure, not a held-out one, and was reported
+    with nothing said. ``scored``: the file's tokens; the same text read the same way gives the same
+    tokens, at the positions the run's splits were cut from. ``fine_tuned``: the base run's text is
+    another question, which the checkpoint cannot answer."""
+    used = scored if data.max_tokens < 0 else min(data.max_tokens, scored)
+    trained = split_sizes(used, data.val_fraction, data.test_fraction)[0]
+    held = [name for name, fraction in (("val", data.val_fraction), ("test", data.test_fraction)) if fraction]
+    if held:
+        remedy = f"drnn eval --split {' or --split '.join(held)} reads held-out tokens alone"
+    elif trained < scored:
+        remedy = (
+            f"the tokens past the run's data.max_tokens ({data.max_tokens:,}) are text it never trained on: "
+            "a file of them alone gives a held-out figure"
+        )
+    else:
+        remedy = (
+            "the run holds nothing out: train with data.val_fraction (or data.test_fraction) for a figure "
+            "on text the model never trained on, or evaluate another text"
+        )
+    whole = "all" if trained == scored else f"the first {trained:,}"
+    return (
+        f"{file} is the text this model was trained on: {whole} of its {scored:,} tokens "
+        f"({percent(trained / scored)}) are the run's training split, so this perplexity is "
+        f"{'a' if trained == scored else 'partly a'} training figure, not a held-out one; {remedy}"
+        + ("; its base run's text is not compared" if fine_tuned else "")
+        + ' (README "Your own text, and held-out numbers that mean something")'
     )
 
 

@@ -741,6 +741,42 @@ def test_eval_on_a_file(tiny_run: Path, tmp_path: Path, cli):
     assert payload["tokens"] == len("the time traveller smiledare you sure we can move freely in space") - 1
 
 
+def test_eval_of_the_text_the_run_trained_on_says_its_figure_is_partly_a_training_one(
+    tiny_run: Path, corpus_path: Path, tmp_path: Path, cli
+):
+    """``drnn eval --data`` on the run's own text scored its training split as if it were held out, and said
+    nothing: the run's first 3,000 tokens (data.max_tokens) less its 20% validation split are 2,400 that it
+    trained on, the first of the file's. The same text with other line breaks is the same text."""
+    code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(corpus_path), "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["tokens"] == 170_579  # d2l's 170,580 characters
+    expected = (
+        f"note: {corpus_path} is the text this model was trained on: the first 2,400 of its 170,580 tokens "
+        "(1.41%) are the run's training split, so this perplexity is partly a training "
+        "figure, not a held-out one; drnn eval --split val reads held-out tokens alone"
+    )
+    assert expected in err, err
+    windows = tmp_path / "timemachine-crlf.txt"
+    windows.write_bytes(corpus_path.read_bytes().replace(b"\n", b"\r\n"))
+    code, _, err = cli("eval", "--run", str(tiny_run), "--data", str(windows))
+    assert code == 0 and f"{windows} is the text this model was trained on: the first 2,400" in err, err
+    from drnn_cli.config import DataConfig
+    from drnn_cli.run_notes import trained_text_note
+
+    # a run that held nothing out and trained on the whole text, and one that kept the first 1,000
+    whole = trained_text_note("t.txt", 5_000, DataConfig(max_tokens=-1, val_fraction=0.0), fine_tuned=True)
+    assert whole.startswith(
+        "t.txt is the text this model was trained on: all of its 5,000 tokens (100%) are the run's training "
+        "split, so this perplexity is a training figure, not a held-out one; the run holds nothing out: train "
+        "with data.val_fraction (or data.test_fraction) for a figure on text the model never trained on, or "
+        "evaluate another text; its base run's text is not compared"
+    )
+    cut = trained_text_note("t.txt", 5_000, DataConfig(max_tokens=1_000, val_fraction=0.0), fine_tuned=False)
+    assert (
+        "the first 1,000 of its 5,000 tokens (20%)" in cut and "past the run's data.max_tokens (1,000)" in cut
+    )
+
+
 def test_eval_of_a_short_text_in_short_rows_says_so(tiny_run: Path, tmp_path: Path, cli):
     """64 predicted characters in the run's 8 rows are 8 each, each from a zero state, where the model
     trained on windows of 10: a learner compared 6.9 with inspect's 1.08 on the same excerpt."""

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from drnn_cli import __version__
 from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
-from drnn_cli.presets import describe_presets, find_config
+from drnn_cli.presets import describe_presets, find_config, shadowed_preset_note
 from drnn_cli.render import (
     RichReporter,
     consoles,
@@ -194,7 +194,20 @@ def data_command(
     from drnn_cli.start_point import given_keys, load_start_config
 
     out, _ = consoles(json_out)
-    resolved = load_start_config(find_config(config) if config is not None else None, set_ or [], init_from)
+    found = find_config(config) if config is not None else None
+    if config is None and init_from is None:  # the settings' defaults, which no preset keeps
+        from drnn_cli.config import DataConfig
+
+        default = DataConfig()
+        print_note(
+            out,
+            f"no --config: this describes the settings' defaults (all of the corpus, minibatches of "
+            f"{default.batch_size} × {default.num_steps}), which the presets change; drnn data --config "
+            "PRESET describes what a preset trains on",
+        )
+    elif config is not None and found is not None and (shadowed := shadowed_preset_note(config, found)):
+        print_note(out, shadowed)
+    resolved = load_start_config(found, set_ or [], init_from)
     request = DataRequest(resolved, init_from, max_unknown, given_keys(set_ or []))
     with download_progress(out) as hook:
         report = describe_data(request, progress=hook)
@@ -313,8 +326,12 @@ def train_command(
     from drnn_cli.train_session import TrainRequest, train_run
 
     out, _ = consoles(json_out)
+    found = find_config(config)
+    is_main = launched_rank() == 0
+    if is_main and (shadowed := shadowed_preset_note(config, found)):
+        print_note(out, shadowed)
     request = TrainRequest(
-        config_path=find_config(config),
+        config_path=found,
         overrides=tuple(set_ or ()),
         run_dir=run,
         device=device.value if device is not None else None,
@@ -323,7 +340,6 @@ def train_command(
         max_unknown_fraction=max_unknown,
         overwrite=overwrite,
     )
-    is_main = launched_rank() == 0
     if not is_main:  # under torchrun only rank 0 talks
         out = Console(quiet=True)
     reporter = RichReporter(out)
@@ -514,7 +530,7 @@ def eval_command(
 ) -> None:
     """Perplexity and bits per token of a checkpoint, over every token of a split or a file exactly once.
 
-    Example: drnn eval --split test --json
+    Example: drnn eval --run runs/lstm2 --split val --json
     """
     from drnn_cli.commands import check_eval_source, evaluate_split, load_model
     from drnn_cli.report import training_position

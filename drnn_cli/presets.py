@@ -168,6 +168,25 @@ def find_config(value: str, root: Path | None = None) -> Path:
     )
 
 
+def shadowed_preset_note(value: str, found: Path, root: Path | None = None) -> str | None:
+    """The note for a file that ``--config VALUE`` read where a preset has that name and other settings:
+    the run directory is named alike either way (``runs/lstm2``), and nothing else showed which one
+    trained (a learner's old ``lstm2.yaml`` trained 8,860 parameters where the preset has 826,396)."""
+    name = preset_name(value)
+    preset = preset_files(root).get(name)
+    if preset is None or not found.is_file() or found.resolve() == preset.resolve():
+        return None
+    try:  # compared by size first: a huge or hostile file is never read here
+        same = found.stat().st_size == preset.stat().st_size and found.read_bytes() == preset.read_bytes()
+    except OSError:
+        return None
+    if same:
+        return None
+    spelled = f"{CHECKOUT_PREFIX}{name}{PRESET_SUFFIX}"  # names the preset, unless a file is there too
+    other = "" if Path(spelled).exists() else f" (--config {spelled} names the preset)"
+    return f"--config {value} reads the file {found}, not the preset {name}, whose settings differ{other}"
+
+
 def _meant_preset(name: str, files: dict[str, Path]) -> str | None:
     """The one preset a near miss can only mean: another case (``LSTM2``, a caps-lock), ``.yml``, or a
     name without its folder (``ch9_3_deep_lstm``, as its run directory is named) where one preset ends so;

@@ -27,7 +27,14 @@ from drnn_cli.config import load_config
 from drnn_cli.errors import ConfigError
 from drnn_cli.model_size import parameter_count
 from drnn_cli.models import build_model, count_parameters
-from drnn_cli.presets import describe_presets, find_config, list_presets, presets_dir, read_preset
+from drnn_cli.presets import (
+    describe_presets,
+    find_config,
+    list_presets,
+    presets_dir,
+    read_preset,
+    shadowed_preset_note,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -92,6 +99,39 @@ def test_an_existing_path_wins_over_the_preset_of_the_same_name(workdir: Path):
     assert load_config(find_config("lstm2.yaml")).model.hidden_size == 7
     # only the path as written counts: "lstm2" names no file here, so it is the preset
     assert load_config(find_config("lstm2")).model.hidden_size == 256
+
+
+def test_a_file_that_hides_a_preset_with_other_settings_is_said(workdir: Path, cli):
+    """A learner's old lstm2.yaml trained 8,860 parameters where the preset has 826,396, into runs/lstm2
+    either way, and nothing said which one ran (learner34); a copy of the preset as it is says nothing."""
+    (workdir / "lstm2.yaml").write_text("model: {hidden_size: 7}\n")
+    said = (
+        "--config lstm2.yaml reads the file lstm2.yaml, not the preset lstm2, whose settings differ "
+        "(--config configs/lstm2.yaml names the preset)"
+    )
+    assert shadowed_preset_note("lstm2.yaml", find_config("lstm2.yaml")) == said
+    code, out, _ = cli("data", "--config", "lstm2.yaml")
+    assert code == 0 and f"note: {said}" in out.splitlines(), out  # with the table it describes
+    assert shadowed_preset_note("lstm2", find_config("lstm2")) is None  # the preset itself
+    (workdir / "lstm2.yaml").write_bytes((CONFIGS / "lstm2.yaml").read_bytes())
+    assert shadowed_preset_note("lstm2.yaml", find_config("lstm2.yaml")) is None  # the same settings
+    assert shadowed_preset_note("mine.yaml", workdir / "lstm2.yaml") is None  # no preset of that name
+
+
+def test_drnn_data_without_a_config_says_it_describes_the_defaults_no_preset_keeps(workdir: Path, cli):
+    """A bare drnn data showed 170,580 tokens in 152 minibatches where every d2l preset reads 10,000 in 8
+    (learner34): it says what it describes."""
+    code, out, err = cli("data")
+    assert (
+        code == 0
+        and (
+            "note: no --config: this describes the settings' defaults (all of the corpus, minibatches of 32 × 35), "
+            "which the presets change; drnn data --config PRESET describes what a preset trains on"
+        )
+        in out.splitlines()
+    ), err
+    code, out, _ = cli("data", "--config", "quick")
+    assert code == 0 and "no --config" not in out
 
 
 def test_a_file_that_is_no_config_but_hides_a_preset_says_how_to_name_the_preset(workdir: Path):

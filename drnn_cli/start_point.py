@@ -13,10 +13,18 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from drnn_cli.batches import split_sizes
 from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
-from drnn_cli.config import Config, ConfigError, DataConfig, build_config, load_config, parse_override
+from drnn_cli.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    build_config,
+    load_config,
+    parse_override,
+)
 from drnn_cli.data import Dataset
 from drnn_cli.errors import DrnnError, UsageError
-from drnn_cli.run_files import BEST, LAST
+from drnn_cli.run_files import BEST, LAST, RunFiles
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
     holds_run,
@@ -339,6 +347,12 @@ def resume_point(
             "first), and where that length changes the rate at each remaining step changes with it (a longer "
             "run raises it again from where it had annealed: a warm restart)"
         )
+    elif _longer(checkpoint.config.train, config.train):
+        # a resume without the first command's --set train.epochs=50 trained 450 more epochs unsaid
+        said.append(
+            f"--resume with {_describe_changes(checkpoint.config, config, span)}: the run trains to its new "
+            f"length (--config {RunFiles(run_dir).config} --resume continues it with the settings it ran with)"
+        )
     changes = "; ".join(said) or None
     return StartPoint(
         config,
@@ -544,6 +558,13 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
         f"training split: {listed} {reads} text the base model trained on, so "
         f'{"it is" if len(figures) == 1 else "they are"} optimistic; {remedy} (README "Fine-tuning")'
     )
+
+
+def _longer(was: TrainConfig, now: TrainConfig) -> bool:
+    """Whether ``now`` plans a longer run than ``was``: more epochs, or a step budget raised or lifted (0:
+    none). A shorter one ends sooner, as the user sees."""
+    steps_longer = was.max_steps > 0 and (now.max_steps == 0 or now.max_steps > was.max_steps)
+    return now.epochs > was.epochs or steps_longer
 
 
 def _same_text(checkpoint: Checkpoint, dataset: Dataset) -> bool:

@@ -357,7 +357,8 @@ def test_an_interrupted_fine_tuning_run_resumes_with_the_same_command_plus_resum
     assert (resumed.start_epoch, resumed.epochs) == (1, 2)
     assert notes.notes[0] == (
         "--resume continues runs/tuned from its last checkpoint; --init-from applies where a run starts "
-        f"(this one started from {source})"
+        f"(this one started from {source}); --resume with train.epochs 1 → 2: the run trains to its new length "
+        "(--config runs/tuned/config.yaml --resume continues it with the settings it ran with)"
     )
     # without --init-from too: a fine-tuned run's architecture is its checkpoint's
     again = train_run(TrainRequest(tuned, ("train.epochs=3",), resume=True))

@@ -1234,10 +1234,11 @@ def test_a_resumed_run_starts_its_bar_with_the_runs_latest_validation(workdir: P
 # Time budget, end to end
 
 
-def test_a_resume_that_changes_a_cosine_runs_length_says_the_rate_moves(workdir: Path):
+def test_a_resume_that_changes_a_runs_length_says_so_and_under_cosine_that_the_rate_moves(workdir: Path):
     """Budgets and epochs change freely on a resume, but a cosine schedule spans the run's length: a
     run annealed over 20 steps and resumed for 40 had its rate raised again without a word (found by a
-    red team). A constant rate is untouched by the length, and nothing is said."""
+    red team). A constant rate is untouched by the length, but the length itself is said: a learner who
+    resumed `--set train.epochs=50` without the --set trained 450 more epochs of lstm2 unsaid (learner34)."""
     notes: list[str] = []
     reporter = SilentReporter()
     reporter.note = notes.append  # type: ignore[method-assign]
@@ -1258,7 +1259,10 @@ def test_a_resume_that_changes_a_cosine_runs_length_says_the_rate_moves(workdir:
     constant = workdir / "runs" / "constant"
     train(config, "train.max_steps=20", run_dir=constant)
     train_run(TrainRequest(config, ("train.max_steps=40",), run_dir=constant, resume=True), reporter=reporter)
-    assert not [note for note in notes if "--resume with" in note]
+    assert [note for note in notes if "--resume with" in note] == [
+        f"--resume with train.max_steps 20 → 40: the run trains to its new length (--config "
+        f"{constant / 'config.yaml'} --resume continues it with the settings it ran with)"
+    ]
 
 
 def test_a_new_run_with_a_time_budget_spent_at_once_still_trains_a_step(workdir: Path):

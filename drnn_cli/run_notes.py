@@ -17,6 +17,7 @@ from drnn_cli.data import Dataset, UnseenInTraining
 from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
+from drnn_cli.render import format_perplexity
 from drnn_cli.session_time import cadence_points
 from drnn_cli.shown_text import percent
 
@@ -136,7 +137,7 @@ def unseen_in_training_note(
         f"({shown_share}) {'is a token' if unseen.count == 1 else 'are tokens'} "
         f"this run's training split never holds ({shown}{more}): the vocabulary holds such tokens, so they are "
         f"scored as known, yet {trained}, and the split's perplexity counts them"
-        + ("" if seen_perplexity is None else f" ({seen_perplexity:,.4g} over the other predictions)")
+        + ("" if seen_perplexity is None else f" ({format_perplexity(seen_perplexity, 4)} over the other predictions)")
         + ' (README "Your own text, and held-out numbers that mean something")'
     )
 

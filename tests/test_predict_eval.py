@@ -688,7 +688,7 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
     said = (
         "note: 6 of the 39 test predictions (15.38%) are tokens this run's training split never holds ('é', '😀'): "
         "the vocabulary holds such tokens, so they are scored as known, yet training never shows them to the model, and "
-        f"the split's perplexity counts them ({test.result.seen_perplexity:,.4g} over the other predictions) "
+        f"the split's perplexity counts them ({test.result.seen_perplexity:.4f} over the other predictions) "
         '(README "Your own text, and held-out numbers that mean something")'
     )
     code, out, err = cli("eval", "--run", "runs/tail", "--split", "test", "--json")

@@ -399,14 +399,24 @@ def describe_error(error: ValidationError) -> str:
     return f"config error: {key or 'config'}: {message}{shown}"
 
 
-# d2l's own names for what a config sets (train_ch8's arguments, the models' constructors), which a
-# learner types from the book
-D2L_NAMES = {
+# Other trainers' names for what a config sets, which their users type: d2l's (train_ch8's arguments,
+# the models' constructors), Karpathy's char-rnn's (-rnn_size, -seq_length, -learning_rate, -grad_clip,
+# -max_epochs) and AWD-LSTM's (--nhid, --emsize, --bptt, --nlayers)
+OTHER_NAMES = {
     "num_epochs": "train.epochs",
     "num_hiddens": "model.hidden_size",
     "theta": "train.clip",
     "use_random_iter": "train.reset_state",
     "embed_size": "model.embedding_dim",
+    "rnn_size": "model.hidden_size",
+    "seq_length": "data.num_steps",
+    "learning_rate": "train.lr",
+    "grad_clip": "train.clip",
+    "max_epochs": "train.epochs",
+    "nhid": "model.hidden_size",
+    "emsize": "model.embedding_dim",
+    "bptt": "data.num_steps",
+    "nlayers": "model.num_layers",
 }
 
 
@@ -414,9 +424,10 @@ def _closest_key(location: list[str]) -> str | None:
     """The key an unknown ``data.x`` / ``model.x`` / ``train.x`` most likely meant: the same name in
     another section (``train.num_steps`` is ``data.num_steps``, not ``train.max_steps``), else the one
     key of its section that contains it (``model.hidden``: ``model.hidden_size``), else a near spelling.
-    A top-level ``epochs`` is the section's key it names (``train.epochs``); d2l's ``num_epochs`` too."""
-    if location and location[-1] in D2L_NAMES:
-        return D2L_NAMES[location[-1]]
+    A top-level ``epochs`` is the section's key it names (``train.epochs``); d2l's ``num_epochs`` and
+    the other :data:`OTHER_NAMES` too."""
+    if location and location[-1] in OTHER_NAMES:
+        return OTHER_NAMES[location[-1]]
     sections = {part: _section_for([part]) for part in Config.model_fields}
     if len(location) == 1:
         owners = [

@@ -137,7 +137,11 @@ def unseen_in_training_note(
         f"({shown_share}) {'is a token' if unseen.count == 1 else 'are tokens'} "
         f"this run's training split never holds ({shown}{more}): the vocabulary holds such tokens, so they are "
         f"scored as known, yet {trained}, and the split's perplexity counts them"
-        + ("" if seen_perplexity is None else f" ({format_perplexity(seen_perplexity, 4)} over the other predictions)")
+        + (
+            ""
+            if seen_perplexity is None
+            else f" ({format_perplexity(seen_perplexity, 4)} over the other predictions)"
+        )
         + ' (README "Your own text, and held-out numbers that mean something")'
     )
 

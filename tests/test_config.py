@@ -155,6 +155,11 @@ def test_unknown_key_names_the_key_and_lists_what_the_section_allows():
     # and d2l's names for them, as a learner types them from the book (train_ch8(net, ..., num_epochs, ...))
     top_level = {"epochs": "train.epochs", "dropout": "model.dropout", "colour": None}
     top_level |= {"num_epochs": "train.epochs", "num_hiddens": "model.hidden_size", "theta": "train.clip"}
+    # and char-rnn's and AWD-LSTM's, in a section or not (train.learning_rate listed the keys: learner34)
+    top_level |= {"learning_rate": "train.lr", "seq_length": "data.num_steps", "bptt": "data.num_steps"}
+    top_level |= {"rnn_size": "model.hidden_size", "nlayers": "model.num_layers", "grad_clip": "train.clip"}
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'; did you mean 'train.lr'\?"):
+        build_config({"train": {"learning_rate": 0.1}})
     for given, guess in top_level.items():
         with pytest.raises(ConfigError) as error:
             build_config({given: 4})

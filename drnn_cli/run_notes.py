@@ -6,6 +6,8 @@ Text only, from the config and a few counts; the callers decide when to say it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from drnn_cli import fused_recurrence
@@ -343,6 +345,12 @@ def late_cadence_notes(
         cadence = Cadence.of(getattr(train, key))
         if cadence.in_steps:  # counted in steps already: the user's own choice
             continue
+        # a train.keep_every point writes last too (its kept file, linked): a checkpoint comes by then
+        if (
+            key == "checkpoint_every"
+            and _first_point(Cadence.of(train.keep_every), steps_per_epoch) <= planned_steps
+        ):
+            continue
         # log_every 0 writes at least a line an epoch: at the first epoch's end at the earliest
         first = cadence.every * steps_per_epoch or steps_per_epoch
         if first > planned_steps:
@@ -363,12 +371,20 @@ def late_cadence_notes(
         lost = f"; a crash or kill -9 before then loses all {'its training' if fine_tuning else 'of it'}"
     after = " after the starting weights' validation" if fine_tuning and validates else ""
     every = max(1, planned_steps // 10)
+    steps = f"{every} step{'' if every == 1 else 's'}"
     return [
         f"this run ends after {steps_span(planned_steps, steps_per_epoch)}, before "
         f"{keys} first {'comes' if len(late) == 1 else 'come'} due: nothing{after} is {whats} until its end{lost}; "
         f"count {'it' if len(late) == 1 else 'them'} in steps, e.g. "
-        f'--set "train.{late[0][0]}={every} step{"" if every == 1 else "s"}"'
+        + " ".join(f'--set "train.{key}={steps}"' for key, _ in late)
     ]
+
+
+def _first_point(cadence: Cadence, steps_per_epoch: float) -> float:
+    """The optimizer step at which ``cadence`` first comes due (infinity: never)."""
+    if cadence.every == 0:
+        return math.inf
+    return cadence.every if cadence.in_steps else cadence.every * steps_per_epoch
 
 
 def checkpoint_bytes_per_parameter(train: TrainConfig) -> int:

@@ -314,7 +314,7 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
         "this run ends after 15 steps (0.789 epochs), before train.eval_every (1 epoch), train.checkpoint_every "
         "(10 epochs), train.log_every (0: auto) first come due: nothing is validated, checkpointed or logged "
         "until its end; a crash or kill -9 before then loses all of it; count them in steps, e.g. --set "
-        '"train.eval_every=1 step"'
+        '"train.eval_every=1 step" --set "train.checkpoint_every=1 step" --set "train.log_every=1 step"'
     )
     # drnn data previews it (a user saw it first when the run had started)
     preview = describe_data(DataRequest(load_config(config, budget))).notes
@@ -340,6 +340,18 @@ def test_cadences_in_epochs_that_come_after_a_step_budgets_end_are_noted_before_
         "validation's weights (best.safetensors, which predict and eval read), with nothing to resume; count it "
         'in steps, e.g. --set "train.checkpoint_every=1 step"'
     ]
+    # a train.keep_every point writes last too: the run is checkpointed by then, whatever
+    # train.checkpoint_every says (the note said a kill -9 lost all of it, above the kept files' note: prac34)
+    kept = load_config(config, (*budget, "train.keep_every=4 steps"))
+    assert [note for note in describe_data(DataRequest(kept)).notes if note.startswith("this run")] == [
+        "this run ends after 15 steps (0.789 epochs), before train.eval_every (1 epoch), train.log_every (0: auto) "
+        "first come due: nothing is validated or logged until its end; count them in steps, e.g. --set "
+        '"train.eval_every=1 step" --set "train.log_every=1 step"'
+    ]
+    kept_late = load_config(config, (*budget, "train.keep_every=1"))  # its first point is past the end
+    assert "checkpointed" in next(
+        note for note in describe_data(DataRequest(kept_late)).notes if note.startswith("this run")
+    )
 
 
 def test_the_plot_counts_epochs_on_its_top_axis_and_names_its_run():

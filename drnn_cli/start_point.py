@@ -533,9 +533,10 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
             f"{same}, and {held_out:,} of this run's {size:,} training tokens ({percent(held_out / size)}) "
             f"{'is' if held_out == 1 else 'are'} in the base run's held-out splits: the fine-tuned model trains on text the base run held out, so "
             "the base run's validation and test figures mean nothing for it; to train on none of the text it "
-            f"held out (tokens {trained:,} to {used:,}), keep its data.max_tokens ({saved.max_tokens:,}) and "
-            f"hold out at least as much (data.val_fraction + data.test_fraction ≥ "
-            f'{saved.val_fraction + saved.test_fraction:g}) (README "Fine-tuning")'
+            f"held out (tokens {trained:,} to {used:,}), keep its data.max_tokens ({saved.max_tokens:,}), "
+            f"data.val_fraction ({saved.val_fraction:g}) and data.test_fraction ({saved.test_fraction:g}), "
+            # not their sum: two fractions are each rounded down, one once, and 1 token apart (prac34)
+            'which cut the same splits (README "Fine-tuning")'
         )
     if not read:
         return None

@@ -943,7 +943,7 @@ def test_training_on_text_the_base_held_out_is_said_to_make_its_held_out_figures
         ", and 100 of this run's 900 training tokens (11.1%) are in the base run's held-out splits: the "
         "fine-tuned model trains on text the base run held out, so the base run's validation and test "
         "figures mean nothing for it; to train on none of the text it held out (tokens 800 to 1,000), keep its "
-        "data.max_tokens (-1) and hold out at least as much (data.val_fraction + data.test_fraction ≥ 0.2) "
+        "data.max_tokens (-1), data.val_fraction (0.1) and data.test_fraction (0.1), which cut the same splits "
         '(README "Fine-tuning")'
     ), note
 
@@ -973,7 +973,7 @@ def test_the_base_s_splits_are_cut_from_its_max_tokens_and_a_base_without_held_o
         ", and 100 of this run's 700 training tokens (14.3%) are in the base run's held-out splits: the "
         "fine-tuned model trains on text the base run held out, so the base run's validation and test "
         "figures mean nothing for it; to train on none of the text it held out (tokens 400 to 500), keep its "
-        "data.max_tokens (500) and hold out at least as much (data.val_fraction + data.test_fraction ≥ 0.2) "
+        "data.max_tokens (500), data.val_fraction (0.1) and data.test_fraction (0.1), which cut the same splits "
         '(README "Fine-tuning")'
     ), note
     train_run(TrainRequest(config_for(tmp_path, own, "all", train={"epochs": 1})))

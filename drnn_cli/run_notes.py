@@ -12,7 +12,7 @@ import torch
 
 from drnn_cli import fused_recurrence
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, split_sizes
-from drnn_cli.budget import Cadence, StopReason, steps_span
+from drnn_cli.budget import Cadence, StopReason, format_duration, steps_span
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.corpus import LETTERS_ONLY
 from drnn_cli.data import Dataset, UnseenInTraining
@@ -385,6 +385,28 @@ def _first_point(cadence: Cadence, steps_per_epoch: float) -> float:
     if cadence.every == 0:
         return math.inf
     return cadence.every if cadence.in_steps else cadence.every * steps_per_epoch
+
+
+def unannealed_note(train: TrainConfig, reach: int, planned: int, rate_at_reach: float) -> str:
+    """``train.max_time`` ends a cosine schedule of ``planned`` steps near step ``reach`` (at the session's
+    pace), its rate then ``rate_at_reach``: it does not change the schedule, so a run cut by time has not
+    annealed; a ``train.max_steps`` that the time reaches anneals within it (README "Long runs")."""
+    fits = _two_figures(reach * 0.95)  # room for the validations and writes the pace leaves out
+    spans = f"train.max_steps {train.max_steps:,}" if train.max_steps else f"train.epochs {train.epochs:,}"
+    return (
+        f"at this pace train.max_time ({format_duration(train.max_time)}) ends the run near step {reach:,} of "
+        f"the {planned:,} its cosine schedule spans ({spans}), the rate still {rate_at_reach:.3g} of its "
+        f"{train.lr:g} (train.min_lr {train.min_lr:g}): max_time does not change the schedule; for the rate to "
+        f'anneal within the time, --set train.max_steps={fits} (README "Long runs on big text")'
+    )
+
+
+def _two_figures(value: float) -> int:
+    """``value`` rounded down to two significant figures (51,300 → 51,000; at least 1)."""
+    if value < 100:
+        return max(1, int(value))
+    scale = 10 ** (int(math.log10(value)) - 1)
+    return int(value // scale * scale)
 
 
 def checkpoint_bytes_per_parameter(train: TrainConfig) -> int:

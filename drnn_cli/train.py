@@ -74,6 +74,7 @@ from drnn_cli.run_notes import (
     own_text_notes,
     planned_length_notes,
     scored_unknown_note,
+    unannealed_note,
 )
 from drnn_cli.runtime import (
     OTHER_NAMES,
@@ -111,6 +112,10 @@ from drnn_cli.trainer_state import (
 
 # How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py).
 RESUME_ADVICE = "the same command plus --resume"
+# _note_unannealed: the steps of a session's pace it judges by, and the share of the schedule's steps
+# that max_time must leave unreached for the note (a cut near the end leaves the rate near min_lr)
+UNANNEALED_PACE_STEPS = 20
+UNANNEALED_SHARE = 0.9
 # a step budget's span is counted through the real epoch lengths up to this many epochs (each one
 # draw of its offset: epoch_steps), beyond which the mean's estimate stands
 EPOCH_WALK = 2_000
@@ -333,6 +338,7 @@ class Trainer:
                 run_dir, device, self.global_step if resume is not None else None
             )
         self._first_step = self.global_step
+        self._unannealed_judged = False  # _note_unannealed: judged once a session, when its pace shows
         # SIGINT, SIGTERM, or SIGPIPE (stdout closed: drnn_cli.signals raises it on the first failed write)
         self.stops = StopRequests()
         self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
@@ -598,16 +604,35 @@ class Trainer:
     def _set_lr(self, epoch: int, steps_done: int | None = None) -> None:
         """Per epoch, as d2l; under ``max_steps`` at the fractional epoch of the next step (the one after
         ``steps_done`` optimizer steps; by default the run's so far)."""
+        rate = self._rate_at(epoch, self.global_step if steps_done is None else steps_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+
+    def _rate_at(self, epoch: int, steps_done: int) -> float:
+        """The learning rate of the step after ``steps_done`` optimizer steps, in ``epoch``."""
         train = self.config.train
         if train.max_steps:
-            done = self.global_step if steps_done is None else steps_done
-            position = done / self.steps_per_epoch
+            position = steps_done / self.steps_per_epoch
             horizon = min(train.epochs, train.max_steps / self.steps_per_epoch)
-            factor = lr_factor(position, train, horizon)
-        else:
-            factor = lr_factor(epoch, train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = train.lr * factor
+            return train.lr * lr_factor(position, train, horizon)
+        return train.lr * lr_factor(epoch, train)
+
+    def _note_unannealed(self) -> None:
+        """Said once, when the session's pace first shows it: ``train.max_time`` ending a cosine schedule
+        far from its end, so the rate stays near its peak throughout (the README's 2-hour recipe on a 30 MB
+        text trained at 0.003 to its last step: prac34), with the step budget that fits instead."""
+        train, clock = self.config.train, self.session_time
+        if self._unannealed_judged or train.schedule != "cosine" or not train.max_time:
+            return
+        steps, by_time = self.global_step - self._first_step, self.budget.seconds_left()
+        step_seconds = clock.step_seconds(clock.elapsed(), steps)
+        if steps < UNANNEALED_PACE_STEPS or not step_seconds or by_time is None:
+            return  # no pace to go by yet
+        self._unannealed_judged = True
+        reach = self.global_step + round(by_time / step_seconds)
+        if reach < UNANNEALED_SHARE * self.length.steps:
+            epoch = int(reach / self.length.steps_per_epoch)
+            self.reporter.note(unannealed_note(train, reach, self.length.steps, self._rate_at(epoch, reach)))
 
     def train_epoch(self, epoch: int) -> tuple[TrainWindow, float]:
         """Train one epoch; returns its last line's training window (perplexity and steps) and the
@@ -680,6 +705,7 @@ class Trainer:
             if now - shown >= 0.5:
                 shown = now
                 self.reporter.step(self._step_status(epoch, progress, len(batches), started))
+                self._note_unannealed()
         # A mid-epoch stop was timed and logged at its boundary: the run's summary repeats that
         # metrics line's tokens/s rather than a second reading of the clock taken after validating.
         seconds = progress.elapsed if self.stopped_mid_epoch else self._training_clock() - started

@@ -1442,6 +1442,51 @@ def _trainer_at_step_10(workdir: Path, *overrides: str) -> Trainer:
     return trainer
 
 
+def test_a_time_budget_that_cuts_a_cosine_schedule_far_from_its_end_is_said_once_with_the_steps_that_fit(
+    workdir: Path,
+):
+    """max_time does not change the schedule: the README's own 2-hour recipe on a 30 MB text (cosine over
+    50 epochs, 100 hours) trained at lr 0.003 to its last step, and nothing said so (prac34). Once the
+    session's pace shows it, a note gives where the time ends the run and a max_steps that fits."""
+    from drnn_cli.run_notes import unannealed_note
+    from drnn_cli.session_time import SessionTime
+
+    trainer = _trainer_at_step_10(workdir, "train.schedule=cosine", "train.epochs=50", "train.max_time=60")
+    notes: list[str] = []
+    trainer.reporter.note = notes.append  # type: ignore[method-assign]
+    # 30 steps in 20 s (2/3 s a step) with 40 s of the budget left: 60 more, to step 90 of 50 × 19 = 950
+    trainer.global_step, trainer._first_step = 30, 0
+    trainer.session_time = SessionTime(time.monotonic() - 20.0)
+    trainer.budget.started = time.monotonic() - 20.0
+    trainer._note_unannealed()
+    trainer._note_unannealed()  # judged once
+    # step 90 is in epoch 4 (19 steps an epoch): cosine over 50 epochs from 0.01 to min_lr 0 there
+    rate = 0.01 * 0.5 * (1 + math.cos(math.pi * 4 / 50))
+    assert notes == [unannealed_note(trainer.config.train, 90, 950, rate)]
+    assert notes[0] == (
+        "at this pace train.max_time (1:00) ends the run near step 90 of the 950 its cosine schedule spans "
+        f"(train.epochs 50), the rate still {rate:.3g} of its 0.01 (train.min_lr 0): max_time does not change "
+        'the schedule; for the rate to anneal within the time, --set train.max_steps=85 (README "Long runs on '
+        'big text")'
+    )
+    # a budget that reaches 90% of the schedule, a constant rate, or too few steps to pace: nothing
+    for overrides, steps in (
+        (("train.schedule=cosine", "train.epochs=5", "train.max_time=60"), 30),
+        (("train.epochs=50", "train.max_time=60"), 30),
+        (("train.schedule=cosine", "train.epochs=50", "train.max_time=60"), 19),
+    ):
+        quiet = _trainer_at_step_10(workdir, *overrides)
+        quiet.reporter.note = notes.append  # type: ignore[method-assign]
+        quiet.global_step, quiet._first_step = steps, 0
+        quiet.session_time = SessionTime(time.monotonic() - 20.0)
+        quiet.budget.started = time.monotonic() - 20.0
+        quiet._note_unannealed()
+    assert len(notes) == 1
+    assert unannealed_note(trainer.config.train, 51_300, 745_000, 0.003).endswith(
+        '--set train.max_steps=48000 (README "Long runs on big text")'
+    )  # 95% of the steps that fit, to two figures
+
+
 def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_sessions_paces(workdir: Path):
     """The bar's time left was the step pace, or the wall clock divided by the steps done, and rich's
     epoch pace: on a 20 MB text it said 0:03 through a validation of 70 s, then 0:09 with a whole

@@ -41,6 +41,7 @@ from drnn_cli.render import (
     print_line,
     print_note,
 )
+from drnn_cli.run_files import RunFiles
 from drnn_cli.shown_text import percent, terminal_safe
 from drnn_cli.signals import (
     TORCHRUN_ENV,
@@ -399,6 +400,10 @@ def train_command(
     processes = f"{result.world_size:,} process{'' if result.world_size == 1 else 'es'}"
     table.add_row("device", f"{result.device}{threads}, {processes}")
     out.print(table)
+    # d2l's figure, which a learner looks for and the log never named (learner34)
+    plot = RunFiles(result.run_dir).plot
+    if plot.is_file():
+        out.print(f"plot: {plot} (perplexity against tokens seen, redrawn while training)", soft_wrap=True)
     # train.keep_every's checkpoints, for --checkpoint (a line of its own: the table keeps to 80 columns)
     if result.kept:
         names = [path.name for path in result.kept]

@@ -538,7 +538,7 @@ def evaluate_split(
                 )
             ],
         ),
-        *(_training_split_note(config, result.tokens, read_as) if split_name == "train" else ()),
+        *(_training_split_note(config, result.tokens, read_as, step) if split_name == "train" else ()),
         *filter(None, (few_predictions_note(result.tokens, fix), unknown, unseen_note)),
         # against a uniform guess only where the vocabulary spells the text (else the note above says
         # the perplexity compares with nothing)
@@ -562,11 +562,14 @@ def evaluate_split(
     )
 
 
-def _training_split_note(config: Config, predicted: int, rows: int) -> tuple[str, ...]:
+def _training_split_note(
+    config: Config, predicted: int, rows: int, trained_steps: int | None
+) -> tuple[str, ...]:
     """Why eval of the split a run trained on differs from training's perplexity, in either direction
     (1.308 → 1.639 for d2l's §8.6 RNN, 1.400 → 1.225 for §8.5 with state reset each minibatch: a
     learner took the first for a failed reproduction; learner32): training's figure is its minibatches'
-    as the weights changed, its rows' state never older than a span eval reads past."""
+    as the weights changed, its rows' state never older than a span eval reads past: an epoch's
+    minibatches, or the steps the run took where it stopped inside its first (``trained_steps``)."""
     data = config.data
     rows = max(1, min(rows, predicted))
     length = predicted // rows
@@ -574,6 +577,7 @@ def _training_split_note(config: Config, predicted: int, rows: int) -> tuple[str
         span = f"each minibatch from a zero state, {data.num_steps} tokens"
     else:
         steps = max(1, predicted // (data.batch_size * data.num_steps))  # an epoch's minibatches, about
+        steps = min(steps, trained_steps or steps)  # a run max_steps stopped inside its first epoch
         span = f"each row's state at most {steps * data.num_steps:,} tokens old"
     return (
         f"this is the split the run trained on: training's perplexity was its minibatches' while the weights "

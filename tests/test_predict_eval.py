@@ -820,6 +820,12 @@ def test_eval_of_the_split_a_run_trained_on_says_why_it_differs_from_training(ti
     )))  # fmt: skip
     assert "(each minibatch from a zero state, 10 tokens)" in evaluate_split(random, "train").notes[0]
     assert evaluate_split(loaded, "val").notes == ()
+    # a run that train.max_steps stopped after 12 steps, inside its first epoch: its rows' states are at
+    # most 12 minibatches of 10 tokens old, not an epoch's 290 (learner34 read 9,536 after 30 steps)
+    from drnn_cli.commands import _training_split_note
+
+    stopped = _training_split_note(loaded.checkpoint.config, 2_399, 8, trained_steps=12)
+    assert "(each row's state at most 120 tokens old)" in stopped[0]
 
 
 def test_eval_of_a_text_it_predicts_worse_than_a_uniform_guess_says_so(tiny_run: Path, tmp_path: Path):

@@ -699,8 +699,10 @@ def _interrupted_line(signalled: Signalled) -> str:
     """The line for a signal outside the training loop; torchrun ends every process with SIGTERM when one
     of them fails, whose own line then says why."""
     launcher = TORCHRUN_ENV in os.environ and signalled.name == "SIGTERM"
-    return f"drnn: interrupted ({signalled.name})" + (
-        " (torchrun's, if another process of the job failed)" if launcher else ""
+    return (
+        f"drnn: interrupted ({signalled.name})"
+        + (" (torchrun's, if another process of the job failed)" if launcher else "")
+        + (f": {signalled.after}" if signalled.after else "")
     )
 
 

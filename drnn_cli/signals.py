@@ -81,6 +81,7 @@ class Signalled(BaseException):
         self.name = signal.Signals(signum).name
         self.exit_code = 128 + signum
         self.quiet = signum == getattr(signal, "SIGPIPE", None)
+        self.after: str | None = None  # what the interrupted command leaves, where it knows (a training's)
 
 
 def output_closed_by_reader() -> bool:

@@ -96,7 +96,7 @@ from drnn_cli.session_time import (
     cadence_union_points,
     next_cadence_point,
 )
-from drnn_cli.signals import StopRequests
+from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.stop_votes import StopVotes
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
@@ -1294,9 +1294,21 @@ class Trainer:
         (its writer holds a thread and an open file)."""
         try:
             return self._fit()
+        except Signalled as again:  # a second Ctrl-C: no checkpoint of this point, but maybe an earlier one
+            if not again.quiet and self.dist.is_main and self.resume_advice == RESUME_ADVICE:
+                again.after = self._left_by_signal()
+            raise
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
+
+    def _left_by_signal(self) -> str:
+        """What a signal that ends training at once (a second Ctrl-C) leaves: the last checkpoint written,
+        which a double Ctrl-C's bare "interrupted" line did not say could be resumed (learner34)."""
+        last = self.run_dir / LAST
+        if not last.is_file():
+            return "no checkpoint was written"
+        return f"the last checkpoint written, {last}, continues with {self.resume_advice}"
 
     def _fit(self) -> TrainResult:
         train = self.config.train

@@ -1628,10 +1628,30 @@ def test_a_second_ctrl_c_during_validation_exits_without_waiting_for_the_checkpo
         signal.raise_signal(signal.SIGINT)
         raise AssertionError("the second Ctrl-C did not stop training")
 
+    validate = Trainer._validate
     monkeypatch.setattr(Trainer, "_validate", pressed_twice)
     code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=2))))
-    assert (code, err.strip()) == (130, "drnn: interrupted (SIGINT)")
+    assert (code, err.strip()) == (130, "drnn: interrupted (SIGINT): no checkpoint was written")
     assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()  # none was written after it
+    # pressed twice in the second epoch's validation: the first epoch's checkpoint is there to resume,
+    # which the bare "interrupted" line did not say (learner34 lost 6 epochs' worth of trust in it)
+    calls = []
+
+    def second_epoch_pressed_twice(self: Trainer, abandonable: bool = False):
+        calls.append(1)
+        return validate(self, abandonable) if len(calls) == 1 else pressed_twice(self, abandonable)
+
+    monkeypatch.setattr(Trainer, "_validate", second_epoch_pressed_twice)
+    config = str(config_file(workdir, tiny(epochs=2)))
+    code, _, err = cli(
+        "train", "--config", config, "--run", "runs/again", "--set", "train.checkpoint_every=1"
+    )
+    assert (code, err.strip()) == (
+        130,
+        "drnn: interrupted (SIGINT): the last checkpoint written, runs/again/last.safetensors, continues with "
+        "the same command plus --resume",
+    )
+    assert load_checkpoint(workdir / "runs" / "again" / "last.safetensors").epoch == 1
 
 
 def test_a_nan_loss_has_a_nan_perplexity_not_an_infinite_one():

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from drnn_cli import __version__
 from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
-from drnn_cli.presets import describe_presets, find_config, shadowed_preset_note
+from drnn_cli.presets import config_source_note, describe_presets, find_config
 from drnn_cli.render import (
     RichReporter,
     consoles,
@@ -196,20 +196,10 @@ def data_command(
 
     out, _ = consoles(json_out)
     found = find_config(config) if config is not None else None
-    if config is None and init_from is None:  # the settings' defaults, which no preset keeps
-        from drnn_cli.config import DataConfig
-
-        default = DataConfig()
-        print_note(
-            out,
-            f"no --config: this describes the settings' defaults (all of the corpus, minibatches of "
-            f"{default.batch_size} × {default.num_steps}), which the presets change; drnn data --config "
-            "PRESET describes what a preset trains on",
-        )
-    elif config is not None and found is not None and (shadowed := shadowed_preset_note(config, found)):
-        print_note(out, shadowed)
+    # a bare drnn data is the one read as "what I will train on"; --set or --init-from choose their own
+    said = None if config is None and (set_ or init_from) else config_source_note(config, found)
     resolved = load_start_config(found, set_ or [], init_from)
-    request = DataRequest(resolved, init_from, max_unknown, given_keys(set_ or []))
+    request = DataRequest(resolved, init_from, max_unknown, given_keys(set_ or []), said)
     with download_progress(out) as hook:
         report = describe_data(request, progress=hook)
     dataset = report.dataset
@@ -329,7 +319,7 @@ def train_command(
     out, _ = consoles(json_out)
     found = find_config(config)
     is_main = launched_rank() == 0
-    if is_main and (shadowed := shadowed_preset_note(config, found)):
+    if is_main and (shadowed := config_source_note(config, found)):
         print_note(out, shadowed)
     request = TrainRequest(
         config_path=found,
@@ -384,8 +374,10 @@ def train_command(
             table.add_row("validated on the first", f"{read:,} of {split:,} tokens")  # within 80 columns
     speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
     # the last epoch's (or the epoch so far, where a stop cut it), as d2l reports: not the run's mean
+    within = result.epochs != int(result.epochs)  # a budget or a signal stopped it inside an epoch
     table.add_row(
-        "tokens/s (last epoch)", "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}"
+        f"tokens/s ({'this epoch so far' if within else 'last epoch'})",
+        "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}",
     )
     if result.seconds is not None:  # tokens/s counts the steps alone; train.max_time all of it
         spent = result.seconds

@@ -15,7 +15,7 @@ import torch
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
-from drnn_cli.corpus import dropping, hash_corpus
+from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus
 from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
 from drnn_cli.decode import (
     MAX_DECODE_SEED,
@@ -103,6 +103,7 @@ class DataRequest:
     init_from: Path | None = None
     max_unknown_fraction: float | None = None  # with init_from; None: DEFAULT_MAX_UNKNOWN
     given: frozenset[str] = frozenset()  # the keys --set gives (a contradiction of the checkpoint is refused)
+    config_note: str | None = None  # what --config read, where it may not be what was meant
     runs_root: Path = DEFAULT_RUNS_ROOT
 
 
@@ -118,6 +119,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     dataset = load_dataset(config.data, vocab=start.vocab if start else None, progress=progress)
     data = config.data
     notes = [
+        *([request.config_note] if request.config_note else []),
         *([start.changes] if start is not None and start.changes else []),
         *data_notes(config, dataset, None, fine_tuning=start is not None),
         *own_text_notes(data, dataset.total_tokens, dataset.file_bytes(), fine_tuning=start is not None),
@@ -730,7 +732,9 @@ class InspectReport:
     inspection: Inspection
     written: tuple[Path, ...]  # as the user named them, in the order written
     missing_glyphs: tuple[str, ...]  # characters the PNG's font draws as boxes
-    read_as: str | None = None  # a note: the TEXT argument as preprocessing read it, where it changed
+    read_as: str | None = (
+        None  # a note: the TEXT argument as preprocessing read it, where it changed, or a --file read as letters
+    )
     run_notes: tuple[str, ...] = ()  # LoadedModel's
 
     @property
@@ -776,9 +780,16 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
         missing = write_inspection_plot(inspection, outputs.png_target)
         written.append(outputs.png)
     read_as = None  # a TEXT preprocessing changed is said to be, as predict says of a prefix
+    preprocessing = loaded.checkpoint.config.data.preprocess
     if request.text is not None and prefix_changed(request.text, inspection.text):
         given, read = short_repr(request.text), short_repr(inspection.text)
+        read_as = f"data.preprocess {preprocessing} reads the text {given} as {read}"
+    elif request.file is not None and preprocessing in LETTERS_ONLY:
+        # a file's, said too, where its page showed "himwas" and no commas without a word (learner34)
+        glued = ", its lines glued without a space" if preprocessing == "d2l" else ""
         read_as = (
-            f"data.preprocess {loaded.checkpoint.config.data.preprocess} reads the text {given} as {read}"
+            f"data.preprocess {preprocessing} reads {'standard input' if request.file == STDIN else request.file} "
+            f"as the model trained on its text: only the letters a-z, lower-cased, and spaces{glued}; "
+            "what it shows is that text"
         )
     return InspectReport(inspection, tuple(written), tuple(missing), read_as=read_as, run_notes=loaded.notes)

@@ -168,6 +168,21 @@ def find_config(value: str, root: Path | None = None) -> Path:
     )
 
 
+def config_source_note(value: str | None, found: Path | None) -> str | None:
+    """What ``--config VALUE`` (resolved to ``found``) reads, where the user may take it for something
+    else: no ``--config`` at all (a bare ``drnn data``: the settings' defaults, the whole corpus, where
+    every d2l preset reads 10,000 characters: learner34), or a file that hides a preset
+    (:func:`shadowed_preset_note`)."""
+    if value is None or found is None:
+        default = Config().data
+        return (
+            f"no --config: this describes the settings' defaults (all of the corpus, minibatches of "
+            f"{default.batch_size} × {default.num_steps}), which the presets change; drnn data --config "
+            "PRESET describes what a preset trains on"
+        )
+    return shadowed_preset_note(value, found)
+
+
 def shadowed_preset_note(value: str, found: Path, root: Path | None = None) -> str | None:
     """The note for a file that ``--config VALUE`` read where a preset has that name and other settings:
     the run directory is named alike either way (``runs/lstm2``), and nothing else showed which one

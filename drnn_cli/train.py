@@ -1295,7 +1295,8 @@ class Trainer:
         try:
             return self._fit()
         except Signalled as again:  # a second Ctrl-C: no checkpoint of this point, but maybe an earlier one
-            if not again.quiet and self.dist.is_main and self.resume_advice == RESUME_ADVICE:
+            pressed_twice = self.stops.pending and not again.quiet
+            if pressed_twice and self.dist.is_main and self.resume_advice == RESUME_ADVICE:
                 again.after = self._left_by_signal()
             raise
         finally:

@@ -265,14 +265,12 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         expected_sha1=start.expected_sha1,
         expected_text_sha1=start.expected_text_sha1,
     )
-    if start.changes is not None and reporter is not None:
-        reporter.note(start.changes)
-    if start.init_from is not None:
-        lacking = unknown_share_note(dataset, request.max_unknown_fraction)
-        shared = shared_text_note(start, dataset)
-        for note in (lacking, shared):
-            if note is not None and reporter is not None:
-                reporter.note(note)
+    starting_notes = [start.changes]
+    if start.init_from is not None:  # the unknown share refuses too many (--max-unknown) here
+        starting_notes += [
+            unknown_share_note(dataset, request.max_unknown_fraction),
+            shared_text_note(start, dataset),
+        ]
     check_header_room(dataset.vocab)
 
     def mark_as_latest() -> None:
@@ -301,6 +299,11 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         resume_advice=OVERWRITE_RESUME_ADVICE if request.overwrite else RESUME_ADVICE,
         on_first_checkpoint=mark_as_latest if new_run else None,
     )
+    # said once nothing can refuse the start any more: a refusal is its one line (a resume from an
+    # unusable trainer state printed its longer-run note above it)
+    for note in filter(None, starting_notes):
+        if reporter is not None:
+            reporter.note(note)
     if dist.is_main:
         if not request.resume:
             files = RunFiles(run_dir)

@@ -492,6 +492,7 @@ def test_the_summary_keeps_each_row_on_one_line_of_80_columns(workdir: Path, cli
     assert table and max(len(line) for line in table) <= 80, out
     assert re.search(r"│ validated on the first +│ 5,000 of 11,999 tokens +│", out), out
     assert "│ training / validating / checkpoints / rest │" in out, out
+    assert "│ tokens/s (this epoch so far) " in out  # stopped inside its first: no last epoch (prac34)
     # and where d2l's figure is, which the log never named (learner34)
     assert "plot: runs/tiny/perplexity.png (perplexity against tokens seen, redrawn while training)" in out
 

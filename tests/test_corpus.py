@@ -831,7 +831,11 @@ def test_drnn_data_on_a_text_too_short_to_train_says_what_train_would_say(workdi
         "data.batch_size 32 × data.num_steps 35 needs 1,121; lower data.batch_size or data.num_steps, raise "
         "data.max_tokens, or use a longer text"
     ]
-    assert "note:" not in cli("data")[1]
+    # a bare drnn data describes the settings' defaults, and says so (test_presets.py)
+    assert [line for line in cli("data")[1].splitlines() if "note:" in line] == [
+        "note: no --config: this describes the settings' defaults (all of the corpus, minibatches of 32 × 35), "
+        "which the presets change; drnn data --config PRESET describes what a preset trains on"
+    ]
     summary = last_json_line(cli("data", "--set", "data.max_tokens=500", "--json")[1])
     assert (summary["minibatches_per_epoch"], summary["train_would_refuse"]) == (
         0,

@@ -999,7 +999,9 @@ def test_a_ranking_over_a_few_characters_says_its_correlations_are_noise(cli, ti
     assert "note:" not in cli("inspect", "the time traveller " * 3, "--run", str(tiny_run))[2]
 
 
-def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(cli, tiny_run: Path):
+def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
+    cli, tiny_run: Path, tmp_path: Path
+):
     """drnn inspect "The Café, 1895!" measured 'the caf' without a word, where predict notes a prefix it
     changed; and the terminal's table never said where the per-character view is (learner trial)."""
     from drnn_cli.introspect import InspectRequest
@@ -1012,6 +1014,15 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(c
     assert err == "note: data.preprocess d2l reads the text 'The Café, 1895!' as 'the caf'\n"
     code, out, err = cli("inspect", "The Time", "--run", str(tiny_run), "--units", "1", "--json")
     assert code == 0 and "--html FILE" not in out + err and "reads the text" not in out + err  # case only
+    # a file's text, as the run's d2l preprocessing reads it: its page showed "himwas" and no commas, and
+    # nothing said why (learner34)
+    excerpt = tmp_path / "excerpt.txt"
+    excerpt.write_text("The Time Traveller (for so it will be convenient to speak of him)\nwas expounding.\n")
+    code, out, err = cli("inspect", "--file", str(excerpt), "--run", str(tiny_run), "--units", "1")
+    assert code == 0 and err == (
+        f"note: data.preprocess d2l reads {excerpt} as the model trained on its text: only the letters a-z, "
+        "lower-cased, and spaces, its lines glued without a space; what it shows is that text\n"
+    ), err
     with pytest.raises(DrnnError, match=r"this asks for 80 \(--top 200: all 80 units of the layer\);"):
         InspectRequest(text="abc", top=200).units_shown(80)
 

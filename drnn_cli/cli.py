@@ -656,8 +656,9 @@ def inspect_command(
     for written in report.written:
         print_line(out, f"wrote {written}")
     if html_out is None and png_out is None and not json_out:  # the table is a summary of the page
+        gated = " gates," if any(result.saturation) else ""  # an RNN has none
         print_line(
-            out, "each character's activations, gates, surprisal and next-character guesses: --html FILE"
+            out, f"each character's activations,{gated} surprisal and next-character guesses: --html FILE"
         )
     for note in report.notes:
         print_note(notes, note)

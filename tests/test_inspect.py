@@ -1000,7 +1000,7 @@ def test_a_ranking_over_a_few_characters_says_its_correlations_are_noise(cli, ti
 
 
 def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
-    cli, tiny_run: Path, tmp_path: Path
+    cli, tiny_run: Path, tmp_path: Path, corpus_path: Path
 ):
     """drnn inspect "The Café, 1895!" measured 'the caf' without a word, where predict notes a prefix it
     changed; and the terminal's table never said where the per-character view is (learner trial)."""
@@ -1023,6 +1023,19 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
         f"note: data.preprocess d2l reads {excerpt} as the model trained on its text: only the letters a-z, "
         "lower-cased, and spaces, its lines glued without a space; what it shows is that text\n"
     ), err
+    # an RNN has no gates for the page to show (learner34)
+    tree = {
+        **TINY_TREE,
+        "model": {**TINY_TREE["model"], "cell": "rnn"},
+        "train": {**TINY_TREE["train"], "epochs": 1},
+    }
+    config = tmp_path / "rnn.yaml"
+    config.write_text(yaml.safe_dump({**tree, "data": {**tree["data"], "path": str(corpus_path)}}))
+    train_run(TrainRequest(config, run_dir=tmp_path / "rnn", runs_root=tmp_path / "runs"))
+    code, out, err = cli("inspect", "the time", "--run", str(tmp_path / "rnn"), "--units", "1")
+    assert code == 0 and out.splitlines()[-1] == (
+        "each character's activations, surprisal and next-character guesses: --html FILE"
+    ), out
     with pytest.raises(DrnnError, match=r"this asks for 80 \(--top 200: all 80 units of the layer\);"):
         InspectRequest(text="abc", top=200).units_shown(80)
 

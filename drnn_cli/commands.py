@@ -732,9 +732,8 @@ class InspectReport:
     inspection: Inspection
     written: tuple[Path, ...]  # as the user named them, in the order written
     missing_glyphs: tuple[str, ...]  # characters the PNG's font draws as boxes
-    read_as: str | None = (
-        None  # a note: the TEXT argument as preprocessing read it, where it changed, or a --file read as letters
-    )
+    # a note: the TEXT argument as preprocessing read it, where it changed; a --file read as letters
+    read_as: str | None = None
     run_notes: tuple[str, ...] = ()  # LoadedModel's
 
     @property

@@ -397,7 +397,7 @@ def unannealed_note(train: TrainConfig, reach: int, planned: int, rate_at_reach:
         f"at this pace train.max_time ({format_duration(train.max_time)}) ends the run near step {reach:,} of "
         f"the {planned:,} its cosine schedule spans ({spans}), the rate still {rate_at_reach:.3g} of its "
         f"{train.lr:g} (train.min_lr {train.min_lr:g}): max_time does not change the schedule; for the rate to "
-        f'anneal within the time, --set train.max_steps={fits} (README "Long runs on big text")'
+        f'anneal within the time, --set train.max_steps={fits} (README "Long runs")'
     )
 
 

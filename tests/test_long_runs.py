@@ -1466,8 +1466,7 @@ def test_a_time_budget_that_cuts_a_cosine_schedule_far_from_its_end_is_said_once
     assert notes[0] == (
         "at this pace train.max_time (1:00) ends the run near step 90 of the 950 its cosine schedule spans "
         f"(train.epochs 50), the rate still {rate:.3g} of its 0.01 (train.min_lr 0): max_time does not change "
-        'the schedule; for the rate to anneal within the time, --set train.max_steps=85 (README "Long runs on '
-        'big text")'
+        'the schedule; for the rate to anneal within the time, --set train.max_steps=85 (README "Long runs")'
     )
     # a budget that reaches 90% of the schedule, a constant rate, or too few steps to pace: nothing
     for overrides, steps in (
@@ -1483,7 +1482,7 @@ def test_a_time_budget_that_cuts_a_cosine_schedule_far_from_its_end_is_said_once
         quiet._note_unannealed()
     assert len(notes) == 1
     assert unannealed_note(trainer.config.train, 51_300, 745_000, 0.003).endswith(
-        '--set train.max_steps=48000 (README "Long runs on big text")'
+        '--set train.max_steps=48000 (README "Long runs")'
     )  # 95% of the steps that fit, to two figures
 
 

@@ -49,7 +49,13 @@ from drnn_cli.run_notes import (
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint, waiting_replacement_note
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
-from drnn_cli.start_point import check_max_unknown, fine_tuning_point, shared_text_note, unknown_share_note
+from drnn_cli.start_point import (
+    base_trained_note,
+    check_max_unknown,
+    fine_tuning_point,
+    shared_text_note,
+    unknown_share_note,
+)
 from drnn_cli.token_tensors import count_ids
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
@@ -489,6 +495,8 @@ def evaluate_split(
     else:
         tokens, source, split_name, dataset = _split_tokens(loaded, split, corpus_file)
         notes, unseen = dataset.notes, dataset.unseen_in_training(split_name)
+        optimistic = base_trained_note(loaded.checkpoint, dataset, split_name)
+        notes = (*notes, optimistic) if optimistic else notes
         unseen_ids = dataset.unseen_ids() if unseen.count else None
     result = evaluate(
         loaded.model,

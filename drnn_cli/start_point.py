@@ -12,7 +12,13 @@ import torch
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from drnn_cli.batches import split_sizes
-from drnn_cli.checkpoint import Checkpoint, CorruptCheckpoint, load_checkpoint, read_checkpoint_info
+from drnn_cli.checkpoint import (
+    Checkpoint,
+    CheckpointInfo,
+    CorruptCheckpoint,
+    load_checkpoint,
+    read_checkpoint_info,
+)
 from drnn_cli.config import (
     Config,
     ConfigError,
@@ -25,6 +31,7 @@ from drnn_cli.config import (
 from drnn_cli.data import Dataset
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.run_files import BEST, LAST, RunFiles
+from drnn_cli.run_notes import SPLIT_WORDS
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
     holds_run,
@@ -561,6 +568,48 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
     )
 
 
+# How many fine-tunings back drnn eval follows a run's bases (each a header read)
+BASES_FOLLOWED = 8
+
+
+def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> str | None:
+    """``drnn eval --split val|test`` of a fine-tuned run whose base run (or the base's own base, as far
+    as their checkpoints are still where the runs started from) trained on the same text: the split's
+    tokens that base trained on make the figure optimistic. Said as the run started (its direct base
+    alone: :func:`shared_text_note`), then never again (ft33). None where no base can be read, none
+    trained on this text, or none trained on this split's tokens."""
+    if split not in ("val", "test"):
+        return None
+    label, followed = checkpoint.init_from, 0
+    while label is not None and followed < BASES_FOLLOWED:
+        followed += 1
+        path = Path(label)
+        try:
+            base = read_checkpoint_info(path) if path.is_file() else None
+        except DrnnError:
+            base = None
+        if base is None:
+            return None  # moved or gone: nothing can be compared (the start's note said what it found)
+        tokens_alike = not differing_keys(base.config, checkpoint.config, "data", TOKEN_KEYS)
+        if tokens_alike and _same_text(base, dataset):
+            saved = base.config.data
+            total = dataset.total_tokens
+            used = total if saved.max_tokens < 0 else min(saved.max_tokens, total)
+            trained = split_sizes(used, saved.val_fraction, saved.test_fraction)[0]
+            span = dataset.splits.span(split)
+            shared = _overlap((0, trained), span)
+            if shared:
+                size = span[1] - span[0]
+                return (
+                    f"{shared:,} of the {size:,} {SPLIT_WORDS[split]} tokens ({percent(shared / size)}) "
+                    f"{'is' if shared == 1 else 'are'} in the training split of {label}, which this model "
+                    f"was fine-tuned from{' in turn' if followed > 1 else ''} on this same text: this "
+                    'perplexity is optimistic (README "Fine-tuning")'
+                )
+        label = base.init_from
+    return None
+
+
 def _longer(was: TrainConfig, now: TrainConfig) -> bool:
     """Whether ``now`` plans a longer run than ``was``: more epochs, or a step budget raised or lifted (0:
     none). A shorter one ends sooner, as the user sees."""
@@ -568,7 +617,7 @@ def _longer(was: TrainConfig, now: TrainConfig) -> bool:
     return now.epochs > was.epochs or steps_longer
 
 
-def _same_text(checkpoint: Checkpoint, dataset: Dataset) -> bool:
+def _same_text(checkpoint: Checkpoint | CheckpointInfo, dataset: Dataset) -> bool:
     """Whether ``dataset`` is the text the checkpoint recorded: as read, or failing that as bytes."""
     if checkpoint.text_sha1 is not None and dataset.text_sha1 is not None:
         return checkpoint.text_sha1 == dataset.text_sha1

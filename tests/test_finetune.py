@@ -923,6 +923,39 @@ def test_fine_tuning_that_validates_on_the_base_s_training_text_says_how_much_an
     assert code == 0 and expected in json.loads(out.splitlines()[-1])["notes"], err
 
 
+def test_eval_of_a_fine_tuned_run_says_its_split_holds_text_a_base_trained_on(tmp_path: Path, own: Path, cli):
+    """The starting note scrolled away, and drnn eval --split val of the fine-tuned run said nothing of its
+    100 validation tokens the base trained on (ft33). A second fine-tuning (validation 0.25: tokens
+    750-1,000) shares none with its direct base (training 0-700) but 50 with the base's base (0-800)."""
+    base = (tmp_path / "runs" / "base" / "best.safetensors").resolve()
+    tuned = config_for(tmp_path, own, "tuned", data={"val_fraction": 0.3}, train={"epochs": 1})
+    train_run(TrainRequest(tuned, init_from=Path("runs/base")))
+    code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
+    assert (
+        code == 0
+        and (
+            f"note: 100 of the 300 validation tokens (33.3%) are in the training split of {base}, which this "
+            'model was fine-tuned from on this same text: this perplexity is optimistic (README "Fine-tuning")'
+        )
+        in err.splitlines()
+    ), err
+    again = config_for(tmp_path, own, "again", data={"val_fraction": 0.25}, train={"epochs": 1})
+    train_run(TrainRequest(again, init_from=Path("runs/tuned")))
+    code, _, err = cli("eval", "--run", "runs/again", "--split", "val")
+    assert (
+        code == 0
+        and (
+            f"note: 50 of the 250 validation tokens (20%) are in the training split of {base}, which this "
+            "model was fine-tuned from in turn on this same text: this perplexity is optimistic (README "
+            '"Fine-tuning")'
+        )
+        in err.splitlines()
+    ), err
+    # the base's own run holds none of its held-out text in training: nothing to say
+    code, _, err = cli("eval", "--run", "runs/base", "--split", "val")
+    assert code == 0 and "fine-tuned from" not in err
+
+
 def test_a_test_split_on_the_base_s_training_text_is_counted_beside_the_validation_split(own: Path):
     """Validation 0.1, test 0.3: validation is tokens 600-700 (all 100 the base trained on) and test
     700-1,000 (700-800 the base trained on: 100 of 300)."""

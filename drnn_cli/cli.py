@@ -318,11 +318,9 @@ def train_command(
 
     out, _ = consoles(json_out)
     found = find_config(config)
-    is_main = launched_rank() == 0
-    if is_main and (shadowed := config_source_note(config, found)):
-        print_note(out, shadowed)
     request = TrainRequest(
         config_path=found,
+        config_note=config_source_note(config, found),  # said with the start's notes
         overrides=tuple(set_ or ()),
         run_dir=run,
         device=device.value if device is not None else None,
@@ -331,6 +329,7 @@ def train_command(
         max_unknown_fraction=max_unknown,
         overwrite=overwrite,
     )
+    is_main = launched_rank() == 0
     if not is_main:  # under torchrun only rank 0 talks
         out = Console(quiet=True)
     reporter = RichReporter(out)

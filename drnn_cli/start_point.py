@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from drnn_cli.batches import split_sizes
+from drnn_cli.batches import PlannedLength, split_sizes
 from drnn_cli.checkpoint import (
     Checkpoint,
     CheckpointInfo,
@@ -23,14 +23,13 @@ from drnn_cli.config import (
     Config,
     ConfigError,
     DataConfig,
-    TrainConfig,
     build_config,
     load_config,
     parse_override,
 )
 from drnn_cli.data import Dataset
 from drnn_cli.errors import DrnnError, UsageError
-from drnn_cli.run_files import BEST, LAST, RunFiles
+from drnn_cli.run_files import BEST, LAST
 from drnn_cli.run_notes import SPLIT_WORDS
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
@@ -354,12 +353,6 @@ def resume_point(
             "first), and where that length changes the rate at each remaining step changes with it (a longer "
             "run raises it again from where it had annealed: a warm restart)"
         )
-    elif _longer(checkpoint.config.train, config.train):
-        # a resume without the first command's --set train.epochs=50 trained 450 more epochs unsaid
-        said.append(
-            f"--resume with {_describe_changes(checkpoint.config, config, span)}: the run trains to its new "
-            f"length (--config {RunFiles(run_dir).config} --resume continues it with the settings it ran with)"
-        )
     changes = "; ".join(said) or None
     return StartPoint(
         config,
@@ -610,11 +603,20 @@ def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> s
     return None
 
 
-def _longer(was: TrainConfig, now: TrainConfig) -> bool:
-    """Whether ``now`` plans a longer run than ``was``: more epochs, or a step budget raised or lifted (0:
-    none). A shorter one ends sooner, as the user sees."""
-    steps_longer = was.max_steps > 0 and (now.max_steps == 0 or now.max_steps > was.max_steps)
-    return now.epochs > was.epochs or steps_longer
+def longer_run_note(was: Config, now: Config, train_tokens: int) -> str | None:
+    """A resume that plans more steps than the checkpoint's settings did (a resume without the first
+    command's ``--set train.epochs=50`` trained 450 more epochs of lstm2 unsaid: learner34), with the
+    ``--set`` that keeps the run's length. Planned in steps, as the run counts them: more epochs under a
+    ``train.max_steps`` that still ends the run first are no longer run."""
+    steps = [PlannedLength.of(config.train, config.data, train_tokens).steps for config in (was, now)]
+    span = differing_keys(was, now, "train", ("epochs", "max_steps"))
+    if steps[1] <= steps[0] or not span:
+        return None
+    keep = " ".join(f"--set {key}={_setting(was, key)}" for key in span)
+    return (
+        f"--resume with {_describe_changes(was, now, span)}: the run trains to its new length, "
+        f"{steps[1]:,} steps where it planned {steps[0]:,} (to keep its length: --resume {keep})"
+    )
 
 
 def _same_text(checkpoint: Checkpoint | CheckpointInfo, dataset: Dataset) -> bool:

@@ -38,6 +38,7 @@ from drnn_cli.start_point import (
     given_keys,
     init_point,
     load_start_config,
+    longer_run_note,
     resume_point,
     shared_text_note,
     unknown_share_note,
@@ -59,6 +60,7 @@ class TrainRequest:
     max_unknown_fraction: float | None = None  # with init_from; None: DEFAULT_MAX_UNKNOWN
     overwrite: bool = False
     runs_root: Path = DEFAULT_RUNS_ROOT  # holds runs/<config stem> and the latest-run marker
+    config_note: str | None = None  # what --config read, where it may not be what was meant
 
 
 def train_run(
@@ -265,7 +267,9 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         expected_sha1=start.expected_sha1,
         expected_text_sha1=start.expected_text_sha1,
     )
-    starting_notes = [start.changes]
+    starting_notes = [request.config_note, start.changes]
+    if start.resume is not None and config.train.schedule != "cosine":  # cosine's note says more
+        starting_notes.append(longer_run_note(start.resume.config, config, len(dataset.splits.train)))
     if start.init_from is not None:  # the unknown share refuses too many (--max-unknown) here
         starting_notes += [
             unknown_share_note(dataset, request.max_unknown_fraction),

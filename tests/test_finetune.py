@@ -357,9 +357,9 @@ def test_an_interrupted_fine_tuning_run_resumes_with_the_same_command_plus_resum
     assert (resumed.start_epoch, resumed.epochs) == (1, 2)
     assert notes.notes[0] == (
         "--resume continues runs/tuned from its last checkpoint; --init-from applies where a run starts "
-        f"(this one started from {source}); --resume with train.epochs 1 → 2: the run trains to its new length "
-        "(--config runs/tuned/config.yaml --resume continues it with the settings it ran with)"
+        f"(this one started from {source})"
     )
+    assert notes.notes[1].endswith("(to keep its length: --resume --set train.epochs=1)")
     # without --init-from too: a fine-tuned run's architecture is its checkpoint's
     again = train_run(TrainRequest(tuned, ("train.epochs=3",), resume=True))
     assert (again.start_epoch, again.epochs) == (2, 3)

@@ -1272,9 +1272,16 @@ def test_a_resume_that_changes_a_runs_length_says_so_and_under_cosine_that_the_r
     train(config, "train.max_steps=20", run_dir=constant)
     train_run(TrainRequest(config, ("train.max_steps=40",), run_dir=constant, resume=True), reporter=reporter)
     assert [note for note in notes if "--resume with" in note] == [
-        f"--resume with train.max_steps 20 → 40: the run trains to its new length (--config "
-        f"{constant / 'config.yaml'} --resume continues it with the settings it ran with)"
+        "--resume with train.max_steps 20 → 40: the run trains to its new length, 40 steps where it planned 20 "
+        "(to keep its length: --resume --set train.max_steps=20)"
     ]
+    # more epochs under a max_steps that still ends the run first: no longer, nothing said (rev34)
+    notes.clear()
+    train_run(
+        TrainRequest(config, ("train.max_steps=40", "train.epochs=30"), run_dir=constant, resume=True),
+        reporter=reporter,
+    )
+    assert not [note for note in notes if "--resume with" in note]
 
 
 def test_a_new_run_with_a_time_budget_spent_at_once_still_trains_a_step(workdir: Path):

@@ -191,14 +191,16 @@ def shadowed_preset_note(value: str, found: Path, root: Path | None = None) -> s
     preset = preset_files(root).get(name)
     if preset is None or not found.is_file() or found.resolve() == preset.resolve():
         return None
-    try:  # compared by size first: a huge or hostile file is never read here
-        same = found.stat().st_size == preset.stat().st_size and found.read_bytes() == preset.read_bytes()
-    except OSError:
-        return None
-    if same:
-        return None
-    spelled = f"{CHECKOUT_PREFIX}{name}{PRESET_SUFFIX}"  # names the preset, unless a file is there too
-    other = "" if Path(spelled).exists() else f" (--config {spelled} names the preset)"
+    try:  # the settings, not the bytes: a copy with a comment of one's own is the preset still
+        if load_config(found) == load_config(preset):
+            return None
+    except (DrnnError, OSError):
+        return None  # read as the run reads it, which says what is wrong with it
+    spelled = Path(
+        f"{CHECKOUT_PREFIX}{name}{PRESET_SUFFIX}"
+    )  # names the preset, unless another file is there
+    names_it = not spelled.exists() or spelled.resolve() == preset.resolve()
+    other = f" (--config {spelled} names the preset)" if names_it else ""
     return f"--config {value} reads the file {found}, not the preset {name}, whose settings differ{other}"
 
 

@@ -568,11 +568,13 @@ BASES_FOLLOWED = 8
 def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> str | None:
     """``drnn eval --split val|test`` of a fine-tuned run whose base run (or the base's own base, as far
     as their checkpoints are still where the runs started from) trained on the same text: the split's
-    tokens that base trained on make the figure optimistic. Said as the run started (its direct base
-    alone: :func:`shared_text_note`), then never again (ft33). None where no base can be read, none
-    trained on this text, or none trained on this split's tokens."""
+    tokens a base trained on make the figure optimistic; the base that trained on most of them is named.
+    Said as the run started (its direct base alone: :func:`shared_text_note`), then never again (ft33).
+    None where no base can be read, none trained on this text, or none on this split's tokens."""
     if split not in ("val", "test"):
         return None
+    span = dataset.splits.span(split)
+    most: tuple[int, str, int] | None = None  # tokens shared, the base, how far back
     label, followed = checkpoint.init_from, 0
     while label is not None and followed < BASES_FOLLOWED:
         followed += 1
@@ -582,25 +584,27 @@ def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> s
         except DrnnError:
             base = None
         if base is None:
-            return None  # moved or gone: nothing can be compared (the start's note said what it found)
-        tokens_alike = not differing_keys(base.config, checkpoint.config, "data", TOKEN_KEYS)
-        if tokens_alike and _same_text(base, dataset):
+            break  # moved or gone: the bases before it are all that can be compared
+        if not differing_keys(base.config, checkpoint.config, "data", TOKEN_KEYS) and _same_text(
+            base, dataset
+        ):
             saved = base.config.data
             total = dataset.total_tokens
             used = total if saved.max_tokens < 0 else min(saved.max_tokens, total)
-            trained = split_sizes(used, saved.val_fraction, saved.test_fraction)[0]
-            span = dataset.splits.span(split)
-            shared = _overlap((0, trained), span)
-            if shared:
-                size = span[1] - span[0]
-                return (
-                    f"{shared:,} of the {size:,} {SPLIT_WORDS[split]} tokens ({percent(shared / size)}) "
-                    f"{'is' if shared == 1 else 'are'} in the training split of {label}, which this model "
-                    f"was fine-tuned from{' in turn' if followed > 1 else ''} on this same text: this "
-                    'perplexity is optimistic (README "Fine-tuning")'
-                )
+            shared = _overlap((0, split_sizes(used, saved.val_fraction, saved.test_fraction)[0]), span)
+            if shared and (most is None or shared > most[0]):
+                most = (shared, label, followed)
         label = base.init_from
-    return None
+    if most is None:
+        return None
+    shared, label, followed = most
+    size = span[1] - span[0]
+    return (
+        f"{shared:,} of the {size:,} {SPLIT_WORDS[split]} tokens ({percent(shared / size)}) "
+        f"{'is' if shared == 1 else 'are'} in the training split of {label}, which this model was fine-tuned "
+        f"from{' in turn' if followed > 1 else ''} on this same text: this perplexity is optimistic "
+        '(README "Fine-tuning")'
+    )
 
 
 def longer_run_note(was: Config, now: Config, train_tokens: int) -> str | None:

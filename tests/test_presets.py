@@ -115,6 +115,8 @@ def test_a_file_that_hides_a_preset_with_other_settings_is_said(workdir: Path, c
     assert shadowed_preset_note("lstm2", find_config("lstm2")) is None  # the preset itself
     (workdir / "lstm2.yaml").write_bytes((CONFIGS / "lstm2.yaml").read_bytes())
     assert shadowed_preset_note("lstm2.yaml", find_config("lstm2.yaml")) is None  # the same settings
+    (workdir / "lstm2.yaml").write_bytes(b"# my copy\n" + (CONFIGS / "lstm2.yaml").read_bytes())
+    assert shadowed_preset_note("lstm2.yaml", find_config("lstm2.yaml")) is None  # a comment changes none
     assert shadowed_preset_note("mine.yaml", workdir / "lstm2.yaml") is None  # no preset of that name
 
 

@@ -402,7 +402,7 @@ def describe_error(error: ValidationError) -> str:
 # Other trainers' names for what a config sets, which their users type: d2l's (train_ch8's arguments,
 # the models' constructors), Karpathy's char-rnn's (-rnn_size, -seq_length, -learning_rate, -grad_clip,
 # -max_epochs) and AWD-LSTM's (--nhid, --emsize, --bptt, --nlayers)
-OTHER_NAMES = {
+KEY_ALIASES = {
     "num_epochs": "train.epochs",
     "num_hiddens": "model.hidden_size",
     "theta": "train.clip",
@@ -425,9 +425,9 @@ def _closest_key(location: list[str]) -> str | None:
     another section (``train.num_steps`` is ``data.num_steps``, not ``train.max_steps``), else the one
     key of its section that contains it (``model.hidden``: ``model.hidden_size``), else a near spelling.
     A top-level ``epochs`` is the section's key it names (``train.epochs``); d2l's ``num_epochs`` and
-    the other :data:`OTHER_NAMES` too."""
-    if location and location[-1] in OTHER_NAMES:
-        return OTHER_NAMES[location[-1]]
+    the other :data:`KEY_ALIASES` too."""
+    if location and location[-1] in KEY_ALIASES:
+        return KEY_ALIASES[location[-1]]
     sections = {part: _section_for([part]) for part in Config.model_fields}
     if len(location) == 1:
         owners = [

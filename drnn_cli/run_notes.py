@@ -20,7 +20,7 @@ from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
 from drnn_cli.render import format_perplexity
-from drnn_cli.session_time import cadence_points
+from drnn_cli.session_time import cadence_points, next_cadence_point
 from drnn_cli.shown_text import percent
 
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
@@ -346,10 +346,8 @@ def late_cadence_notes(
         if cadence.in_steps:  # counted in steps already: the user's own choice
             continue
         # a train.keep_every point writes last too (its kept file, linked): a checkpoint comes by then
-        if (
-            key == "checkpoint_every"
-            and _first_point(Cadence.of(train.keep_every), steps_per_epoch) <= planned_steps
-        ):
+        kept_at = next_cadence_point(Cadence.of(train.keep_every), 0, steps_per_epoch)
+        if key == "checkpoint_every" and kept_at is not None and kept_at <= planned_steps:
             continue
         # log_every 0 writes at least a line an epoch: at the first epoch's end at the earliest
         first = cadence.every * steps_per_epoch or steps_per_epoch
@@ -378,13 +376,6 @@ def late_cadence_notes(
         f"count {'it' if len(late) == 1 else 'them'} in steps, e.g. "
         + " ".join(f'--set "train.{key}={steps}"' for key, _ in late)
     ]
-
-
-def _first_point(cadence: Cadence, steps_per_epoch: float) -> float:
-    """The optimizer step at which ``cadence`` first comes due (infinity: never)."""
-    if cadence.every == 0:
-        return math.inf
-    return cadence.every if cadence.in_steps else cadence.every * steps_per_epoch
 
 
 def unannealed_note(train: TrainConfig, reach: int, planned: int, rate_at_reach: float) -> str:

@@ -35,20 +35,33 @@ def cadence_points(cadence: Cadence, after_step: int, to_step: int, steps_per_ep
     return epochs_to // cadence.every - epochs_after // cadence.every
 
 
+UNION_EPOCHS_COUNTED = 10_000  # cadence_union_points: epoch ends it compares with a step cadence one by one
+
+
 def cadence_union_points(
     first: Cadence, second: Cadence, after_step: int, to_step: int, steps_per_epoch: float
 ) -> int:
     """How many steps after ``after_step``, up to ``to_step``, are a point of either cadence, a step due
     for both counted once (``last``'s writes by ``train.checkpoint_every`` and ``train.keep_every``:
     a kept point is written once, and ``last`` linked to it). Of one unit, the points of both are the
-    multiples of the two periods' least common multiple; of two, an epoch end that falls on a step
-    point is rare and counted twice (an estimate's slight excess)."""
+    multiples of the two periods' least common multiple; of two, the epoch ends (at the step
+    :func:`next_cadence_point` puts them) that fall on a step point, counted one by one up to
+    :data:`UNION_EPOCHS_COUNTED` of them (past that, counted twice: an estimate's excess)."""
     both = cadence_points(first, after_step, to_step, steps_per_epoch) + cadence_points(
         second, after_step, to_step, steps_per_epoch
     )
-    if first.every and second.every and first.unit == second.unit:
+    if not (first.every and second.every):
+        return both
+    if first.unit == second.unit:
         common = Cadence(math.lcm(first.every, second.every), first.unit)
-        both -= cadence_points(common, after_step, to_step, steps_per_epoch)
+        return both - cadence_points(common, after_step, to_step, steps_per_epoch)
+    epochs, steps = (first, second) if first.unit == "epochs" else (second, first)
+    point = next_cadence_point(epochs, after_step, steps_per_epoch)
+    for _ in range(UNION_EPOCHS_COUNTED):
+        if point is None or point > to_step:
+            break
+        both -= point % steps.every == 0
+        point = next_cadence_point(epochs, point, steps_per_epoch)
     return both
 
 

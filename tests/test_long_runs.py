@@ -1434,6 +1434,10 @@ def test_checkpoint_and_keep_cadences_count_a_step_due_for_both_once():
     # an epoch end and a step point are counted apart: epochs 1 and 2 end at steps 19 and 38, among 12
     # step points (4, …, 48) after step 0 up to 50
     assert cadence_union_points(every_epoch, every_4_steps, 0, 50, 19.0) == 2 + 12
+    # ...and once where an epoch end is a step point: every 19 steps is every epoch here (rev34 counted
+    # 30 where 20 were distinct)
+    assert cadence_union_points(every_epoch, Cadence(19, "steps"), 0, 50, 19.0) == 2
+    assert cadence_union_points(Cadence(2, "steps"), every_2_epochs, 0, 95, 19.0) == 47 + 2 - 2  # 38, 76
 
 
 def _trainer_at_step_10(workdir: Path, *overrides: str) -> Trainer:

@@ -378,15 +378,15 @@ def late_cadence_notes(
     ]
 
 
-def unannealed_note(train: TrainConfig, reach: int, planned: int, rate_at_reach: float) -> str:
-    """``train.max_time`` ends a cosine schedule of ``planned`` steps near step ``reach`` (at the session's
-    pace), its rate then ``rate_at_reach``: it does not change the schedule, so a run cut by time has not
+def unannealed_note(train: TrainConfig, reach: int, length: PlannedLength, rate_at_reach: float) -> str:
+    """``train.max_time`` ends a cosine schedule of ``length.steps`` near step ``reach`` (at the session's
+    paces), its rate then ``rate_at_reach``: it does not change the schedule, so a run cut by time has not
     annealed; a ``train.max_steps`` that the time reaches anneals within it (README "Long runs")."""
-    fits = _two_figures(reach * 0.95)  # room for the validations and writes the pace leaves out
-    spans = f"train.max_steps {train.max_steps:,}" if train.max_steps else f"train.epochs {train.epochs:,}"
+    fits = _two_figures(reach * 0.9)  # room for a pace that slows (an early pace is an estimate)
+    spans = f"train.max_steps {train.max_steps:,}" if length.step_budget else f"train.epochs {train.epochs:,}"
     return (
         f"at this pace train.max_time ({format_duration(train.max_time)}) ends the run near step {reach:,} of "
-        f"the {planned:,} its cosine schedule spans ({spans}), the rate still {rate_at_reach:.3g} of its "
+        f"the {length.steps:,} its cosine schedule spans ({spans}), the rate still {rate_at_reach:.3g} of its "
         f"{train.lr:g} (train.min_lr {train.min_lr:g}): max_time does not change the schedule; for the rate to "
         f'anneal within the time, --set train.max_steps={fits} (README "Long runs")'
     )

@@ -115,7 +115,8 @@ RESUME_ADVICE = "the same command plus --resume"
 # _note_unannealed: the steps of a session's pace it judges by, and the share of the schedule's steps
 # that max_time must leave unreached for the note (a cut near the end leaves the rate near min_lr)
 UNANNEALED_PACE_STEPS = 20
-UNANNEALED_SHARE = 0.9
+UNANNEALED_PACE_SHARE = 0.05  # ... and the share of max_time gone by (start-up's slow steps weigh less)
+UNANNEALED_SHARE = 0.8
 # a step budget's span is counted through the real epoch lengths up to this many epochs (each one
 # draw of its offset: epoch_steps), beyond which the mean's estimate stands
 EPOCH_WALK = 2_000
@@ -626,13 +627,19 @@ class Trainer:
             return
         steps, by_time = self.global_step - self._first_step, self.budget.seconds_left()
         step_seconds = clock.step_seconds(clock.elapsed(), steps)
-        if steps < UNANNEALED_PACE_STEPS or not step_seconds or by_time is None:
+        paced = clock.elapsed() >= UNANNEALED_PACE_SHARE * train.max_time
+        if steps < UNANNEALED_PACE_STEPS or not paced or not step_seconds or by_time is None:
             return  # no pace to go by yet
         self._unannealed_judged = True
-        reach = self.global_step + round(by_time / step_seconds)
+        work = self._work_left()
+        if not work.steps:
+            return
+        # a step's share of the time to the end, the validations and writes on the way included
+        reach = self.global_step + round(by_time * work.steps / clock.seconds_to_end(work, step_seconds))
         if reach < UNANNEALED_SHARE * self.length.steps:
             epoch = int(reach / self.length.steps_per_epoch)
-            self.reporter.note(unannealed_note(train, reach, self.length.steps, self._rate_at(epoch, reach)))
+            rate = self._rate_at(epoch, reach)
+            self.reporter.note(unannealed_note(train, reach, self.length, rate))
 
     def train_epoch(self, epoch: int) -> tuple[TrainWindow, float]:
         """Train one epoch; returns its last line's training window (perplexity and steps) and the

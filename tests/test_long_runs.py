@@ -1465,21 +1465,24 @@ def test_a_time_budget_that_cuts_a_cosine_schedule_far_from_its_end_is_said_once
     trainer = _trainer_at_step_10(workdir, "train.schedule=cosine", "train.epochs=50", "train.max_time=60")
     notes: list[str] = []
     trainer.reporter.note = notes.append  # type: ignore[method-assign]
-    # 30 steps in 20 s (2/3 s a step) with 40 s of the budget left: 60 more, to step 90 of 50 × 19 = 950
+    # 30 steps in 20 s (2/3 s a step) with 40 s of the budget left, to 50 × 19 = 950 steps: the 920 left
+    # take 613.3 s, and their 184 validations (every 5 steps) of 100 tokens at a third of a step's 1/80 s
+    # a token 51.1 s (no write measured yet: free), so 40 s reach 40 × 920 / 664.4 = 55 more, to step 85
     trainer.global_step, trainer._first_step = 30, 0
     trainer.session_time = SessionTime(time.monotonic() - 20.0)
     trainer.budget.started = time.monotonic() - 20.0
     trainer._note_unannealed()
     trainer._note_unannealed()  # judged once
-    # step 90 is in epoch 4 (19 steps an epoch): cosine over 50 epochs from 0.01 to min_lr 0 there
+    # step 85 is in epoch 4 (19 steps an epoch): cosine over 50 epochs from 0.01 to min_lr 0 there
     rate = 0.01 * 0.5 * (1 + math.cos(math.pi * 4 / 50))
-    assert notes == [unannealed_note(trainer.config.train, 90, 950, rate)]
+    assert notes == [unannealed_note(trainer.config.train, 85, trainer.length, rate)]
     assert notes[0] == (
-        "at this pace train.max_time (1:00) ends the run near step 90 of the 950 its cosine schedule spans "
+        "at this pace train.max_time (1:00) ends the run near step 85 of the 950 its cosine schedule spans "
         f"(train.epochs 50), the rate still {rate:.3g} of its 0.01 (train.min_lr 0): max_time does not change "
-        'the schedule; for the rate to anneal within the time, --set train.max_steps=85 (README "Long runs")'
-    )
-    # a budget that reaches 90% of the schedule, a constant rate, or too few steps to pace: nothing
+        'the schedule; for the rate to anneal within the time, --set train.max_steps=76 (README "Long runs")'
+    )  # 90% of the steps that fit
+    # a budget that reaches 80% of the schedule (5 epochs: 85 of 95), a constant rate, or too few steps
+    # to pace: nothing
     for overrides, steps in (
         (("train.schedule=cosine", "train.epochs=5", "train.max_time=60"), 30),
         (("train.epochs=50", "train.max_time=60"), 30),
@@ -1492,9 +1495,12 @@ def test_a_time_budget_that_cuts_a_cosine_schedule_far_from_its_end_is_said_once
         quiet.budget.started = time.monotonic() - 20.0
         quiet._note_unannealed()
     assert len(notes) == 1
-    assert unannealed_note(trainer.config.train, 51_300, 745_000, 0.003).endswith(
-        '--set train.max_steps=48000 (README "Long runs")'
-    )  # 95% of the steps that fit, to two figures
+    from drnn_cli.batches import PlannedLength
+
+    long_run = PlannedLength(steps_per_epoch=14_900.0, step_budget=0, epochs=50, steps=745_000)
+    assert unannealed_note(trainer.config.train, 51_300, long_run, 0.003).endswith(
+        '--set train.max_steps=46000 (README "Long runs")'
+    )  # 90% of the steps that fit, to two figures
 
 
 def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_sessions_paces(workdir: Path):

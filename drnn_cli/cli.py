@@ -373,7 +373,8 @@ def train_command(
             table.add_row("validated on the first", f"{read:,} of {split:,} tokens")  # within 80 columns
     speed = "nothing trained" if result.tokens_per_s is None else f"{result.tokens_per_s:.1f} tokens/sec"
     # the last epoch's (or the epoch so far, where a stop cut it), as d2l reports: not the run's mean
-    within = result.epochs != int(result.epochs)  # a budget or a signal stopped it inside an epoch
+    # a budget or a signal stopped it inside an epoch, after steps of this session
+    within = result.tokens_per_s is not None and result.epochs != int(result.epochs)
     table.add_row(
         f"tokens/s ({'this epoch so far' if within else 'last epoch'})",
         "—" if result.tokens_per_s is None else f"{result.tokens_per_s:,.1f}",

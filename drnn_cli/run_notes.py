@@ -22,6 +22,7 @@ from drnn_cli.model_size import GATES
 from drnn_cli.render import format_perplexity
 from drnn_cli.session_time import cadence_points, next_cadence_point
 from drnn_cli.shown_text import percent
+from drnn_cli.vocab import Vocab
 
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
@@ -29,6 +30,9 @@ UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training t
 FEW_VALIDATION_PREDICTIONS = 100
 # A one-hot input wider than this (a word vocabulary) costs more than an embedding would buy
 ONE_HOT_VOCAB_NOTED = 1024
+# A vocabulary this large, most of whose tokens the text holds fewer than RARE_COUNT times, is worth a
+# note naming data.min_freq: each such token is an output row the model sees too seldom to learn
+RARE_COUNT = 3
 # More kept checkpoints than this in a planned run are worth a note: their count and their disk
 KEPT_FILES_NOTED = 100
 
@@ -233,6 +237,9 @@ def data_notes(
                 "text's, or under --init-from the checkpoint's), so it gets no samples; set "
                 "train.sample_prefixes to text it can spell"
             )
+    rare = rare_tokens_note(vocab, data.min_freq, data.token) if not fine_tuning else None
+    if rare:
+        notes.append(rare)
     model = config.model
     if not model.embedding_dim and len(vocab) > ONE_HOT_VOCAB_NOTED:
         gates = GATES[model.cell]
@@ -249,6 +256,23 @@ def data_notes(
             "cells (the same model)"
         )
     return notes
+
+
+def rare_tokens_note(vocab: Vocab, min_freq: int, token: str) -> str | None:
+    """A vocabulary of thousands most of whose tokens occur once or twice (an emoji or CJK tail in a
+    char text, a word text's long tail): what ``data.min_freq`` RARE_COUNT would keep and cut."""
+    if min_freq >= RARE_COUNT or len(vocab) <= ONE_HOT_VOCAB_NOTED:
+        return None
+    counted = [(name, count) for name, count in vocab.token_freqs if name in vocab]
+    rare = [count for _, count in counted if count < RARE_COUNT]
+    if len(rare) * 2 < len(vocab):
+        return None
+    share = sum(rare) / max(1, sum(count for _, count in counted))
+    return (
+        f"{len(rare):,} of the vocabulary's {len(vocab):,} {token}s occur fewer than {RARE_COUNT} times in the "
+        f"text: each is an output the model sees too seldom to learn; data.min_freq {RARE_COUNT} maps them "
+        f"to <unk> ({percent(share)} of the text), leaving a vocabulary of {len(vocab) - len(rare):,}"
+    )
 
 
 # d2l's preprocessing keeping less than this share of a file's bytes as characters is worth a note

@@ -359,6 +359,26 @@ def test_a_one_hot_input_over_a_large_vocabulary_is_noted(workdir: Path, cli):
     assert code == 0 and "one-hot" not in out, err
 
 
+def test_a_vocabulary_of_thousands_of_rare_tokens_names_the_min_freq_that_cuts_them(workdir: Path, cli):
+    """A char text whose tail is 1,500 CJK characters, once each (prac34's 4,629-character vocabulary):
+    1,500 of the 1,529 entries are outputs seen once; min_freq 3 maps them (1,500 of 37,500 characters,
+    4%) to <unk> and leaves <unk> and the 28 Latin characters, as drnn data then reports."""
+    english = "the quick brown fox jumps over the lazy dog. " * 400
+    text = workdir / "tail.txt"
+    text.write_text(english + "".join(chr(0x4E00 + i) for i in range(1500)) + english)
+    read = ("data", "--set", f"data.path={text}", "--set", "data.preprocess=none", "--json")
+    code, out, err = cli(*read)
+    said = json.loads(out.splitlines()[-1])
+    assert code == 0 and said["vocab_size"] == 1529, err
+    assert [note for note in said["notes"] if "data.min_freq" in note] == [
+        "1,500 of the vocabulary's 1,529 chars occur fewer than 3 times in the text: each is an output the model "
+        "sees too seldom to learn; data.min_freq 3 maps them to <unk> (4% of the text), leaving a vocabulary of 29"
+    ]
+    code, out, err = cli(*read, "--set", "data.min_freq=3")
+    said = json.loads(out.splitlines()[-1])
+    assert code == 0 and said["vocab_size"] == 29 and not said["notes"], err
+
+
 def test_a_min_freq_that_leaves_only_unk_is_refused(workdir: Path, cli):
     code, _, err = cli("data", "--set", "data.min_freq=100000")
     assert_one_line_error(

@@ -22,7 +22,6 @@ from rich.progress import (
     Task,
     TaskID,
     TextColumn,
-    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -94,7 +93,7 @@ def download_progress(console: Console) -> Iterator[Any]:
                 TextColumn("downloading"),
                 BarColumn(),
                 DownloadColumn(),
-                TimeRemainingColumn(),
+                TimeLeftColumn(),
                 console=console,
             )
             progress.start()
@@ -124,7 +123,7 @@ def evaluation_progress(console: Console, after: float = 1.0) -> Iterator[Any]:
                 TextColumn("evaluating"),
                 BarColumn(),
                 TextColumn("{task.completed:,}/{task.total:,} tokens"),
-                TimeRemainingColumn(),
+                TimeLeftColumn(),
                 console=console,
                 transient=True,
             )
@@ -157,8 +156,10 @@ def time_left(run_end: float | None, epochs: float | None) -> str:
 
 
 class TimeLeftColumn(ProgressColumn):
-    """:func:`time_left` for the training bar: rich's own estimate alone counts to the last epoch at the
-    bar's recent pace, which a budget cuts short and a minute-long validation holds still."""
+    """:func:`time_left` for every bar, so that each says its time as ``m:ss left`` (rich's own column
+    says ``0:01:05``): the training bar's ``run_end`` field, where the trainer sets it, counts to the run's
+    end; rich's estimate alone counts to the last epoch at the bar's recent pace, which a budget cuts short
+    and a minute-long validation holds still (an evaluation's and a download's bars have only rich's)."""
 
     def render(self, task: Task) -> Text:
         return Text(time_left(task.fields.get("run_end"), task.time_remaining), style="progress.remaining")

@@ -866,8 +866,12 @@ def test_the_eval_bar_shows_on_a_terminal_only_once_an_evaluation_lasts():
     terminal = Console(file=screen, force_terminal=True, width=100)
     with evaluation_progress(terminal, after=0.0) as hook:
         hook(0, 3_000_000)
-        hook(1_500_000, 3_000_000)
-    assert "evaluating" in screen.getvalue() and "1,500,000/3,000,000 tokens" in screen.getvalue()
+        hook(1_000_000, 3_000_000)
+        hook(2_000_000, 3_000_000)
+    assert "evaluating" in screen.getvalue() and "2,000,000/3,000,000 tokens" in screen.getvalue()
+    # Its time left reads as the training bar's does, "m:ss left", not rich's "0:00:01" (prac34): the
+    # last third at the second's pace, which took well under a second, rich rounds up to one.
+    assert "0:01 left" in screen.getvalue() and "0:00:01" not in screen.getvalue()
     for console, after in ((terminal, 60.0), (Console(file=io.StringIO(), force_terminal=False), 0.0)):
         screen.truncate(0)
         with evaluation_progress(console, after=after) as hook:

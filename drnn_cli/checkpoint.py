@@ -29,7 +29,7 @@ from drnn_cli.config import Config, ConfigError, build_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_stream, require_regular_file
 from drnn_cli.strict_json import escape_surrogates, is_number
-from drnn_cli.trainer_state import TrainerState
+from drnn_cli.trainer_state import SavedCounters, TrainerState, UnusableTrainerState
 from drnn_cli.vocab import Vocab, VocabError, check_char_tokens
 
 FORMAT = "drnn-checkpoint"
@@ -349,6 +349,22 @@ class CheckpointInfo:
     text_sha1: str | None  # None in a checkpoint written before drnn recorded it
     packed_trainer_state: Any  # JSON, its tensors as {"__tensor__": name} (unpack_tree)
     shapes: dict[str, tuple[int, ...]]  # every tensor's shape, as the safetensors header claims
+
+    def counters(self) -> SavedCounters:
+        """The trainer state's counters (steps, patience, training time), its tensors left unread;
+        :class:`UnusableTrainerState` where the header's tree is not one drnn wrote."""
+        try:
+            tree = unpack_tree(self.packed_trainer_state, _UnreadTensors())
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
+            raise UnusableTrainerState("the trainer state is not a tree drnn packs") from None
+        return SavedCounters.from_tree(tree, self.step_in_epoch)
+
+
+class _UnreadTensors(dict):
+    """Stands in for a header's tensors: every ``{"__tensor__": name}`` unpacks to None."""
+
+    def __missing__(self, key: str) -> None:
+        return None
 
 
 def read_checkpoint_info(path: Path) -> CheckpointInfo:

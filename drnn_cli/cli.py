@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -52,6 +52,9 @@ from drnn_cli.signals import (
     in_process_group,
     launched_rank,
 )
+
+if TYPE_CHECKING:  # imported where a command runs: torch's start-up is no part of drnn --help
+    from drnn_cli.run_list import RunSummary
 
 app = typer.Typer(
     name="drnn",
@@ -284,6 +287,72 @@ def presets_command(json_out: JsonOption = False) -> None:
         )
     if json_out:
         emit_json({"presets": [report.summary() for report in reports]})
+
+
+@app.command("runs", short_help="List the runs in a folder: model, progress, best validation.")
+def runs_command(
+    folder: Annotated[
+        Path, typer.Argument(metavar="FOLDER", help="A folder of runs, or one run's directory.")
+    ] = Path("runs"),
+    json_out: JsonOption = False,
+) -> None:
+    """List the runs below a folder (default: runs): each one's model and text, how far it trained,
+    its best validation perplexity, whether --resume would train on, and when it last wrote.
+
+    Example: drnn runs, then drnn eval --run runs/lstm2
+    """
+    from drnn_cli.run_list import list_runs
+
+    out, _ = consoles(json_out)
+    runs = list_runs(folder)
+    if not runs:
+        out.print(
+            f"no runs in {folder} (drnn train --config quick trains one into runs/quick)", soft_wrap=True
+        )
+    else:
+        out.print(_runs_table(runs, folder, wide=out.width >= WIDE_PRESETS_TABLE))
+        for run in runs:
+            if run.problem is not None:
+                print_note(out, f"{run.run_dir}: {run.problem}")
+    if json_out:
+        emit_json({"folder": str(folder), "runs": [run.summary() for run in runs]})
+
+
+def _runs_table(runs: list[RunSummary], folder: Path, wide: bool) -> Table:
+    """``drnn runs``'s table. 80 columns hold the run, its model over its text, its progress over its
+    state, its best validation and when it last wrote; from WIDE_PRESETS_TABLE columns (as presets'
+    figures) each has its own column, with the training time and the holder of a training's lock."""
+    table = Table(
+        title=f"runs in {folder}, the newest first",
+        caption="★ latest: the run predict and eval use without --run"
+        if any(r.latest for r in runs)
+        else None,
+    )
+    table.add_column("run", overflow="fold")  # a name too long for its column folds, whole
+    if wide:
+        for name, justify in (("model", "left"), ("text", "left"), ("trained", "right"), ("time", "right")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    else:
+        table.add_column("model, text")
+        table.add_column("trained, state", justify="right")
+    table.add_column("best val", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("state")
+    table.add_column("updated", no_wrap=True)
+    for run in runs:
+        best = run.best_val_ppl
+        text = terminal_safe(run.text())
+        # the mark under the name, in the row's second line: beside it, it made the column wider
+        name = terminal_safe(str(run.run_dir)) + ((" ★" if wide else "\n★ latest") if run.latest else "")
+        shown_best = "—" if best is None else format_perplexity(best, 4)
+        if wide:
+            state = run.state if run.training is None else f"training ({run.training})"
+            cells = [name, run.model(), text, run.trained(), run.training_time(), shown_best, state]
+        else:
+            model = f"{run.model()}\n{text}" if text else run.model()
+            cells = [name, model, "\n".join(filter(None, [run.trained(), run.state])), shown_best]
+        table.add_row(*cells, run.updated_at(short=not wide))
+    return table
 
 
 # ---------------------------------------------------------------------------------------------

@@ -354,6 +354,42 @@ def _remove_created(run_dir: Path, created: Path) -> None:
             break
 
 
+def training_holder(run_dir: Path) -> str | None:
+    """``process 123`` where a training on this host holds ``run_dir``'s lock now, else None (``drnn
+    runs``). The lock file names its last holder (:class:`RunLock`); only a live process of that id is
+    asked whether it still holds the lock, by a shared ``flock`` taken and dropped at once (a training
+    starting in that instant would be refused as if the run were busy, and a live process is what makes
+    the instant rare), so a listing never takes a lock a training could want. A holder on another host
+    (a shared filesystem) cannot be asked: None."""
+    path = run_dir / LOCK_NAME
+    try:
+        owner = path.read_text(encoding="utf-8", errors="replace").strip()[:200]
+    except OSError:
+        return None
+    host, _, pid = owner.rpartition(" ")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        os.kill(int(pid), 0)  # signal 0: whether the process exists, nothing sent
+    except ProcessLookupError:
+        return None
+    except (PermissionError, OverflowError, OSError):
+        pass  # it exists (another user's) or the id is not a process's: flock decides
+    try:
+        import fcntl
+    except ImportError:  # Windows: a live process of that id is the best sign there is
+        return f"process {pid}"
+    try:
+        with path.open("rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return f"process {pid}"
+    except OSError:
+        return None
+    return None
+
+
 class RunLock:
     """Exclusive ownership of a run directory by one training process.
 

@@ -421,3 +421,32 @@ def _state_to(state: State | None, device: torch.device) -> State | None:
         h, c = state  # an LSTM's (h, c)
         return h.to(device), c.to(device)
     return state.to(device)
+
+
+@dataclass(frozen=True)
+class SavedCounters:
+    """A checkpoint's training counters, read from its header alone (``CheckpointInfo``'s packed trainer
+    state, whose tensors stay unread): what ``drnn runs`` says of a run without loading it."""
+
+    global_step: int | None  # None: written before step counts existed
+    bad_evals: int
+    elapsed: float  # training seconds since the run began, the epoch in progress included
+    boundary_pending: bool  # a signal cut short the last boundary: a resume runs it first
+
+    @classmethod
+    def from_tree(cls, tree: Any, step_in_epoch: int) -> SavedCounters:
+        """The counters of a packed trainer state (:class:`UnusableTrainerState` where one is not)."""
+        where = "trainer."
+        if not isinstance(tree, dict):
+            raise UnusableTrainerState(f"the trainer state is {_kind(tree)}")
+        partial = _field(tree, "epoch_progress", dict, where, None) if step_in_epoch else None
+        inside = where + "epoch_progress."
+        return cls(
+            global_step=_count(tree, "global_step", where, None),
+            bad_evals=_count(tree, "bad_evals", where, 0),
+            elapsed=_seconds(tree, "elapsed", where, 0.0)
+            + (_seconds(partial, "elapsed", inside, 0.0) if partial is not None else 0.0),
+            boundary_pending=bool(
+                partial is not None and _field(partial, "boundary_pending", bool, inside, False)
+            ),
+        )

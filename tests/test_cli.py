@@ -658,4 +658,4 @@ def test_help_names_option_values_as_the_readme_does_and_lists_commands_whole(cl
         assert code == 0 and not re.search(r"--[\w-]+ <(str|int|float|path|list\[str\])", options), options
     code, out, _ = cli("--help")
     listed = out.split("Commands:", 1)[1].strip().splitlines()
-    assert len(listed) == 6 and not any(line.endswith("...") for line in listed), listed
+    assert len(listed) == 7 and not any(line.endswith("...") for line in listed), listed

@@ -4,7 +4,8 @@ Only headers are read (no tensor), so a folder of large runs lists at once; a fi
 checkpoint, or a hostile one, is a row that says why (the refusal :func:`read_checkpoint_info` makes
 for every command), never a failure of the listing. What a row says of a run's end is what ``drnn
 train --resume`` would find: ``finished`` where it has nothing left to train (its epochs, its
-``train.max_steps`` or its patience spent: ``Trainer._already_done``'s order), else ``resumable``.
+``train.max_steps`` or its patience spent: :func:`budget.nothing_left`, as the trainer asks), else
+``resumable``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drnn_cli.budget import StopReason, format_duration
+from drnn_cli.budget import StopReason, format_duration, nothing_left
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.run_files import BEST, LAST
@@ -43,17 +44,16 @@ class RunSummary:
     @property
     def finished_by(self) -> StopReason | None:
         """Why ``drnn train --resume`` would find nothing left to train, else None."""
-        if self.info is None or (self.counters is not None and self.counters.boundary_pending):
+        if self.info is None:
             return None
-        train = self.info.config.train
-        if self.info.epoch >= train.epochs:
-            return "epochs"
-        step = None if self.counters is None else self.counters.global_step
-        if train.max_steps and step is not None and step >= train.max_steps:
-            return "max_steps"
-        if train.patience and self.counters is not None and self.counters.bad_evals >= train.patience:
-            return "patience"
-        return None
+        counters = self.counters or SavedCounters(None, 0, 0.0, False)  # unknown counters spent nothing
+        return nothing_left(
+            self.info.config.train,
+            self.info.epoch,
+            counters.global_step,
+            counters.bad_evals,
+            counters.boundary_pending,
+        )
 
     @property
     def state(self) -> str:

@@ -31,7 +31,7 @@ from drnn_cli.batches import (
     epoch_seed,
     epoch_steps,
 )
-from drnn_cli.budget import Budget, Cadence, StopReason
+from drnn_cli.budget import Budget, Cadence, StopReason, nothing_left
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset
@@ -1282,18 +1282,15 @@ class Trainer:
     def _already_done(self) -> StopReason | None:
         """Why a resumed run has nothing left to train: its epochs, its budget or its patience spent
         (epochs first: a step budget that ends with the last epoch did not cut the run short)."""
-        train = self.config.train
-        if self.progress.boundary_pending:  # a signal cut its last boundary short: that is left to do
-            return None
-        if self.start_epoch >= train.epochs:
-            return "epochs"
         # A step budget may be spent before this command trains; a time budget starts with each command,
         # so a tiny one (0.000001 s) still trains a step rather than ending a new run with no checkpoint.
-        if self.budget.steps_spent(self.global_step):
-            return "max_steps"
-        if self._patience_spent:
-            return "patience"
-        return None
+        return nothing_left(
+            self.config.train,
+            self.start_epoch,
+            self.global_step,
+            self.bad_evals,
+            self.progress.boundary_pending,
+        )
 
     def fit(self) -> TrainResult:
         """Train from ``start_epoch`` until ``train.epochs``, a budget or patience ends the run;

@@ -289,6 +289,9 @@ def presets_command(json_out: JsonOption = False) -> None:
         emit_json({"presets": [report.summary() for report in reports]})
 
 
+DIFFERENCES_SHOWN = 3  # drnn runs: at most this many settings the runs differ in are shown (--json: all)
+
+
 @app.command("runs", short_help="List the runs in a folder: model, progress, best validation.")
 def runs_command(
     folder: Annotated[
@@ -301,47 +304,55 @@ def runs_command(
 
     Example: drnn runs, then drnn eval --run runs/lstm2
     """
-    from drnn_cli.run_list import list_runs
+    from drnn_cli.run_list import differing_settings, list_runs
 
     out, _ = consoles(json_out)
     runs = list_runs(folder)
+    differing = differing_settings(runs)
     if not runs:
         out.print(
             f"no runs in {folder} (drnn train --config quick trains one into runs/quick)", soft_wrap=True
         )
     else:
-        out.print(_runs_table(runs, folder, wide=out.width >= WIDE_PRESETS_TABLE))
+        out.print(_runs_table(runs, folder, out.width >= WIDE_PRESETS_TABLE, differing))
         for run in runs:
             if run.problem is not None:
                 print_note(out, f"{run.run_dir}: {run.problem}")
     if json_out:
-        emit_json({"folder": str(folder), "runs": [run.summary() for run in runs]})
+        emit_json({"folder": str(folder), "runs": [run.summary(differing) for run in runs]})
 
 
-def _runs_table(runs: list[RunSummary], folder: Path, wide: bool) -> Table:
+def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: list[str]) -> Table:
     """``drnn runs``'s table. 80 columns hold the run, its model over its text, its progress over its
     state, its best validation and when it last wrote; from WIDE_PRESETS_TABLE columns (as presets'
-    figures) each has its own column, with the training time and the holder of a training's lock."""
-    table = Table(
-        title=f"runs in {folder}, the newest first",
-        caption="★ latest: the run predict and eval use without --run"
-        if any(r.latest for r in runs)
-        else None,
-    )
-    table.add_column("run", overflow="fold")  # a name too long for its column folds, whole
+    figures) each has its own column, with the training time and the holder of a training's lock.
+    Where the runs differ in at most DIFFERENCES_SHOWN other settings (a sweep's), each run's are written
+    under its text, or in their own column, as ``--set`` takes them; where in more, a caption counts them."""
+    from drnn_cli.run_list import as_set
+
+    # a sweep's few varied settings say what each run is; two presets' dozens would bury the table
+    shown = differing if len(differing) <= DIFFERENCES_SHOWN else []
+    captions = ["★ latest: the run predict and eval use without --run"] if any(r.latest for r in runs) else []
+    if differing and not shown:
+        captions.append(f"the runs differ in {len(differing)} other settings (drnn runs --json: differs)")
+    table = Table(title=f"runs in {folder}, the newest first", caption="\n".join(captions) or None)
+    table.add_column("run", no_wrap=True, overflow="fold")  # other cells wrap first; then a name folds
     if wide:
         for name, justify in (("model", "left"), ("text", "left"), ("trained", "right"), ("time", "right")):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
     else:
-        table.add_column("model, text")
+        table.add_column("model, text", overflow="fold")  # and the settings the runs differ in
         table.add_column("trained, state", justify="right")
     table.add_column("best val", justify="right", no_wrap=True)
     if wide:
         table.add_column("state")
     table.add_column("updated", no_wrap=True)
+    if wide and shown:
+        table.add_column("settings", overflow="fold")
     for run in runs:
         best = run.best_val_ppl
         text = terminal_safe(run.text())
+        differs = [terminal_safe(as_set(key, value)) for key, value in run.differs(shown).items()]
         # the mark under the name, in the row's second line: beside it, it made the column wider
         name = terminal_safe(str(run.run_dir)) + ((" ★" if wide else "\n★ latest") if run.latest else "")
         shown_best = "—" if best is None else format_perplexity(best, 4)
@@ -349,9 +360,10 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool) -> Table:
             state = run.state if run.training is None else f"training ({run.training})"
             cells = [name, run.model(), text, run.trained(), run.training_time(), shown_best, state]
         else:
-            model = f"{run.model()}\n{text}" if text else run.model()
+            model = "\n".join(filter(None, [run.model(), text, *differs]))
             cells = [name, model, "\n".join(filter(None, [run.trained(), run.state])), shown_best]
-        table.add_row(*cells, run.updated_at(short=not wide))
+        cells.append(run.updated_at(short=not wide))
+        table.add_row(*cells, *(["\n".join(differs)] if wide and shown else []))
     return table
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from drnn_cli.budget import StopReason, format_duration, nothing_left
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
+from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, latest_run, training_holder
@@ -25,6 +27,21 @@ from drnn_cli.trainer_state import SavedCounters, UnusableTrainerState
 
 # How deep below the folder runs are looked for: runs/NAME, runs/GROUP/NAME, runs/A/B/NAME (--run paths)
 RUNS_DEPTH = 3
+# Settings every row shows anyway (model, text, planned length): no "differs" entry repeats them
+SHOWN_SETTINGS = frozenset(
+    {
+        "data.corpus",
+        "data.path",
+        "data.token",
+        "model.cell",
+        "model.num_layers",
+        "model.hidden_size",
+        "model.embedding_dim",
+        "model.impl",
+        "train.epochs",
+        "train.max_steps",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -109,8 +126,15 @@ class RunSummary:
             return when.strftime("%H:%M")
         return when.strftime("%m-%d" if when.year == today.year else "%Y-%m-%d")
 
-    def summary(self) -> dict[str, Any]:
-        """The ``--json`` object of one run."""
+    def differs(self, keys: list[str]) -> dict[str, Any]:
+        """This run's values of ``keys`` (:func:`differing_settings`); none where it cannot be read."""
+        if self.info is None:
+            return {}
+        values = settings(self.info.config)
+        return {key: values[key] for key in keys}
+
+    def summary(self, differing: list[str] | None = None) -> dict[str, Any]:
+        """The ``--json`` object of one run; ``differing``: the settings the listed runs differ in."""
         info, counters = self.info, self.counters
         config = None if info is None else info.config
         return {
@@ -138,7 +162,43 @@ class RunSummary:
             "max_steps": None if config is None else config.train.max_steps,
             "best_val_ppl": self.best_val_ppl,
             "training_seconds": None if counters is None else counters.elapsed,
+            "differs": self.differs(differing or []),
         }
+
+
+def settings(config: Config) -> dict[str, Any]:
+    """Every setting of a config by its dotted key (``train.lr``), in the schema's order, as JSON values."""
+    return {
+        f"{section}.{key}": value
+        for section in ("data", "model", "train")
+        for key, value in getattr(config, section).model_dump(mode="json").items()
+    }
+
+
+def differing_settings(runs: list[RunSummary]) -> list[str]:
+    """The settings whose values differ between the listed runs that can be read (what a sweep varied),
+    in the schema's order, leaving out those every row shows (:data:`SHOWN_SETTINGS`)."""
+    flat = [settings(run.info.config) for run in runs if run.info is not None]
+    if len(flat) < 2:
+        return []
+    return [
+        key
+        for key in flat[0]
+        if key not in SHOWN_SETTINGS and any(other.get(key) != flat[0][key] for other in flat[1:])
+    ]
+
+
+def as_set(key: str, value: Any) -> str:
+    """``train.lr=0.5``: a setting written as ``--set`` takes it."""
+    if isinstance(value, bool) or value is None:
+        shown = json.dumps(value)
+    elif isinstance(value, float):
+        shown = f"{value:g}"
+    elif isinstance(value, str):
+        shown = value
+    else:
+        shown = json.dumps(value, ensure_ascii=False)
+    return f"{key}={shown}"
 
 
 def find_runs(folder: Path, depth: int = RUNS_DEPTH) -> list[Path]:

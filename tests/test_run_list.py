@@ -21,6 +21,22 @@ def _listed(cli, *args: str) -> list[dict]:
     return json.loads(out.splitlines()[-1])["runs"]
 
 
+def _rows(lines: list[str]) -> list[list[str]]:
+    """The table's rows, each cell's lines joined, spaces left out: a cell wraps at its spaces, or folds
+    a word, as the columns allow."""
+    rows: list[list[list[str]]] = []
+    for line in lines:
+        if not line.startswith("│"):
+            continue
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if cells[0] and not cells[0].startswith("★"):
+            rows.append([[] for _ in cells])
+        for parts, cell in zip(rows[-1], cells, strict=True):
+            if cell:
+                parts.append(cell)
+    return [["".join(parts).replace(" ", "") for parts in row] for row in rows]
+
+
 @pytest.fixture
 def three_runs(workdir: Path, cli) -> Path:
     """runs/tiny (4 of 4 epochs), runs/sweep/cut (one step of a run a time budget cut: resumable),
@@ -65,7 +81,8 @@ def test_runs_lists_each_run_newest_first_with_its_progress_and_state(three_runs
 
 
 def test_the_table_fits_80_columns_and_says_what_json_says(three_runs: Path, cli, monkeypatch):
-    """Each run is two lines at 80 columns: its model over its text, its progress over its state."""
+    """At 80 columns a run is its model over its text over the setting the runs differ in (the budget of
+    runs/sweep/cut: a sweep's lr or seed), its progress over its state; the names stay whole."""
     monkeypatch.setenv("COLUMNS", "80")
     code, out, err = cli("runs")
     assert code == 0, err
@@ -73,19 +90,51 @@ def test_the_table_fits_80_columns_and_says_what_json_says(three_runs: Path, cli
     assert max(len(line) for line in lines) <= 80, out
     assert lines[0].strip() == "runs in runs, the newest first"
     assert lines[-1].strip() == "★ latest: the run predict and eval use without --run"
-    first = next(index for index, line in enumerate(lines) if line.startswith("│ runs/"))
-    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines[first : first + 6]]
     listed = _listed(cli)
     best = [f"{run['best_val_ppl']:.4f}" for run in listed]
     written = [run["updated"][11:16] for run in listed]  # today's: the time alone
-    assert cells == [
-        ["runs/sweep/steps6", "lstm 2×32", "6/6 steps", best[0], written[0]],
-        ["★ latest", "timemachine", "finished", "", ""],
-        ["runs/sweep/cut", "lstm 2×32", "0/4 epochs +1 steps", best[1], written[1]],
-        ["", "timemachine", "resumable", "", ""],
-        ["runs/tiny", "lstm 2×32", "4/4 epochs", best[2], written[2]],
-        ["", "timemachine", "finished", "", ""],
+    assert _rows(lines) == [
+        ["runs/sweep/steps6★latest", "lstm2×32timemachinetrain.max_time=0", "6/6stepsfinished", best[0], written[0]],
+        ["runs/sweep/cut", "lstm2×32timemachinetrain.max_time=1e-06", "0/4epochs+1stepsresumable", best[1], written[1]],
+        ["runs/tiny", "lstm2×32timemachinetrain.max_time=0", "4/4epochsfinished", best[2], written[2]],
+    ]  # fmt: skip
+    names = [line.split("│")[1].strip() for line in lines if line.startswith("│ runs/")]
+    assert names == ["runs/sweep/steps6", "runs/sweep/cut", "runs/tiny"]  # whole: the other cells wrap
+    assert [run["differs"] for run in listed] == [
+        {"train.max_time": 0.0},
+        {"train.max_time": 1e-06},
+        {"train.max_time": 0.0},
     ]
+
+
+def test_a_sweep_names_what_it_varied_and_runs_that_differ_in_much_are_counted(workdir: Path, cli):
+    """Two runs that differ in lr and seed show both as --set takes them; a third with a GRU, another
+    optimizer and more differs in too much for the table, which counts the settings instead."""
+    config = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
+    for name, sets in (
+        ("a", ("train.lr=0.02", "train.seed=4")),
+        ("b", ()),
+    ):
+        code, _, err = cli(
+            "train", "--config", config, "--run", f"runs/sweep/{name}", *(f"--set={s}" for s in sets)
+        )
+        assert code == 0, err
+    assert {run["run_dir"]: run["differs"] for run in _listed(cli, "runs/sweep")} == {
+        "runs/sweep/a": {"train.lr": 0.02, "train.seed": 4},
+        "runs/sweep/b": {"train.lr": 0.01, "train.seed": 3},
+    }
+    code, out, err = cli("runs", "runs/sweep")
+    assert code == 0 and "train.lr=0.02" in out and "train.seed=4" in out and "train.lr=0.01" in out, err
+    other = ("train.optimizer=sgd", "train.lr=1", "train.clip=0.5", "data.num_steps=5", "data.batch_size=4")
+    code, _, err = cli("train", "--config", config, "--run", "runs/sweep/c", *(f"--set={s}" for s in other))
+    assert code == 0, err
+    code, out, err = cli("runs", "runs/sweep")
+    assert code == 0 and "train.lr=" not in out, err
+    assert " ".join(out.split()).endswith("the runs differ in 6 other settings (drnn runs --json: differs)")
+    differs = {run["run_dir"]: run["differs"] for run in _listed(cli, "runs/sweep")}
+    assert list(differs["runs/sweep/c"]) == [
+        "data.batch_size", "data.num_steps", "train.optimizer", "train.lr", "train.clip", "train.seed"
+    ]  # fmt: skip
 
 
 def test_runs_of_one_run_directory_lists_it_and_a_run_in_a_deeper_folder_is_found(three_runs: Path, cli):

@@ -102,6 +102,12 @@ class Signal(str, enum.Enum):
     cell = "cell"  # LSTM cell state
 
 
+class RunOrder(str, enum.Enum):
+    updated = "updated"  # the newest first
+    best = "best"  # the lowest best validation perplexity first
+    name = "name"
+
+
 class Split(str, enum.Enum):
     train = "train"
     val = "val"
@@ -297,24 +303,30 @@ def runs_command(
     folder: Annotated[
         Path, typer.Argument(metavar="FOLDER", help="A folder of runs, or one run's directory.")
     ] = Path("runs"),
+    sort: Annotated[
+        RunOrder,
+        typer.Option(
+            "--sort", help="updated (the newest first), best (the lowest best validation first) or name."
+        ),
+    ] = RunOrder.updated,
     json_out: JsonOption = False,
 ) -> None:
     """List the runs below a folder (default: runs): each one's model and text, how far it trained,
     its best validation perplexity, whether --resume would train on, and when it last wrote.
 
-    Example: drnn runs, then drnn eval --run runs/lstm2
+    Example: drnn runs runs/sweep --sort best, then drnn eval --run runs/sweep/h64
     """
     from drnn_cli.run_list import differing_settings, list_runs
 
     out, _ = consoles(json_out)
-    runs = list_runs(folder)
+    runs = list_runs(folder, sort.value)
     differing = differing_settings(runs)
     if not runs:
         out.print(
             f"no runs in {folder} (drnn train --config quick trains one into runs/quick)", soft_wrap=True
         )
     else:
-        out.print(_runs_table(runs, folder, out.width >= WIDE_PRESETS_TABLE, differing))
+        out.print(_runs_table(runs, folder, out.width >= WIDE_PRESETS_TABLE, differing, sort.value))
         for run in runs:
             if run.problem is not None:
                 print_note(out, f"{run.run_dir}: {run.problem}")
@@ -322,7 +334,7 @@ def runs_command(
         emit_json({"folder": str(folder), "runs": [run.summary(differing) for run in runs]})
 
 
-def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: list[str]) -> Table:
+def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: list[str], order: str) -> Table:
     """``drnn runs``'s table. 80 columns hold the run, its model over its text, its progress over its
     state, its best validation and when it last wrote; from WIDE_PRESETS_TABLE columns (as presets'
     figures) each has its own column, with the training time and the holder of a training's lock.
@@ -335,7 +347,8 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
     captions = ["★ latest: the run predict and eval use without --run"] if any(r.latest for r in runs) else []
     if differing and not shown:
         captions.append(f"the runs differ in {len(differing)} other settings (drnn runs --json: differs)")
-    table = Table(title=f"runs in {folder}, the newest first", caption="\n".join(captions) or None)
+    ordered = {"updated": "the newest first", "best": "the best first", "name": "by name"}[order]
+    table = Table(title=f"runs in {folder}, {ordered}", caption="\n".join(captions) or None)
     table.add_column("run", no_wrap=True, overflow="fold")  # other cells wrap first; then a name folds
     if wide:
         for name, justify in (("model", "left"), ("text", "left"), ("trained", "right"), ("time", "right")):

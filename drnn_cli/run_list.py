@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drnn_cli.budget import StopReason, format_duration, nothing_left
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
@@ -255,9 +256,24 @@ def _best(run_dir: Path, newest: CheckpointInfo) -> float | None:
     return newest.best_val_ppl
 
 
-def list_runs(folder: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> list[RunSummary]:
-    """The runs below ``folder``, the most recently written first; ``runs_root``: where the latest-run
-    marker is (``runs/``, whatever folder is listed)."""
+RunOrder = Literal["updated", "best", "name"]
+
+
+def _order_key(order: RunOrder) -> Callable[[RunSummary], tuple[Any, ...]]:
+    """``updated``: the most recently written first; ``best``: the lowest best validation perplexity
+    first, runs without one after them (newest first); ``name``: by path."""
+    if order == "name":
+        return lambda run: (str(run.run_dir),)
+    if order == "best":
+        return lambda run: (run.best_val_ppl is None, run.best_val_ppl or 0.0, -(run.updated or 0.0))
+    return lambda run: (-(run.updated or 0.0),)
+
+
+def list_runs(
+    folder: Path, order: RunOrder = "updated", runs_root: Path = DEFAULT_RUNS_ROOT
+) -> list[RunSummary]:
+    """The runs below ``folder`` in ``order``; ``runs_root``: where the latest-run marker is (``runs/``,
+    whatever folder is listed)."""
     if not folder.exists():
         raise DrnnError(
             f"{folder} does not exist in {Path.cwd()}; run drnn runs where you trained, or name the folder "
@@ -269,4 +285,4 @@ def list_runs(folder: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> list[RunSumm
     with contextlib.suppress(DrnnError, OSError):
         latest = latest_run(runs_root).resolve()
     runs = [describe_run(run_dir, latest) for run_dir in find_runs(folder)]
-    return sorted(runs, key=lambda run: -(run.updated or 0.0))
+    return sorted(runs, key=_order_key(order))

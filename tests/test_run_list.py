@@ -233,3 +233,18 @@ def test_the_best_is_best_safetensors_own_figure_where_a_validation_followed_the
     best = read_checkpoint_info(run / "best.safetensors").best_val_ppl
     assert read_checkpoint_info(run / "last.safetensors").best_val_ppl is None and best is not None
     assert _listed(cli)[0]["best_val_ppl"] == best
+
+
+def test_sort_best_puts_the_lowest_best_validation_first_and_runs_without_one_last(three_runs: Path, cli):
+    runs = {run["run_dir"]: run for run in _listed(cli)}
+    config = str(config_file(three_runs, {**TINY_TREE, "data": {**TINY_TREE["data"], "val_fraction": 0}}))
+    code, _, err = cli("train", "--config", config, "--run", "runs/noval", "--set", "train.epochs=1")
+    assert code == 0, err
+    ranked = sorted(
+        (run["best_val_ppl"], name) for name, run in runs.items() if run["best_val_ppl"] is not None
+    )
+    best_first = [run["run_dir"] for run in _listed(cli, "--sort", "best")]
+    assert best_first == [name for _, name in ranked] + ["runs/noval"]
+    assert [run["run_dir"] for run in _listed(cli, "--sort", "name")] == sorted(best_first)
+    code, out, err = cli("runs", "--sort", "best")
+    assert code == 0 and out.splitlines()[0].strip() == "runs in runs, the best first", err

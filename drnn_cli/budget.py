@@ -11,10 +11,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:  # config.py parses its durations and cadences with this module
-    from drnn_cli.config import TrainConfig
+from typing import Literal
 
 _NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # ASCII digits: \d would take ٣ and １ too
 _UNIT = r"(h|hours?|m|min|mins|minutes?|s|sec|secs|seconds?)"
@@ -124,24 +121,6 @@ class Cadence:
 
 
 StopReason = Literal["epochs", "max_steps", "max_time", "patience"]
-
-
-def nothing_left(
-    train: TrainConfig, epochs_done: int, global_step: int | None, bad_evals: int, boundary_pending: bool
-) -> StopReason | None:
-    """Why a run checkpointed at this point has nothing left to train, else None: its epochs, its step
-    budget or its patience spent (epochs first: a step budget that ends with the last epoch did not cut
-    the run short). A boundary a signal cut short (its validation) is still to do; a time budget starts
-    with each command, so a tiny one still trains a step. ``drnn train --resume`` and ``drnn runs`` ask."""
-    if boundary_pending:
-        return None
-    if epochs_done >= train.epochs:
-        return "epochs"
-    if train.max_steps and global_step is not None and global_step >= train.max_steps:
-        return "max_steps"
-    if train.patience and bad_evals >= train.patience:
-        return "patience"
-    return None
 
 
 @dataclass

@@ -4,7 +4,7 @@ Only headers are read (no tensor), so a folder of large runs lists at once; a fi
 checkpoint, or a hostile one, is a row that says why (the refusal :func:`read_checkpoint_info` makes
 for every command), never a failure of the listing. What a row says of a run's end is what ``drnn
 train --resume`` would find: ``finished`` where it has nothing left to train (its epochs, its
-``train.max_steps`` or its patience spent: :func:`budget.nothing_left`, as the trainer asks), else
+``train.max_steps`` or its patience spent: :func:`run_notes.nothing_left`, as the trainer asks), else
 ``resumable``.
 """
 
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from drnn_cli.budget import StopReason, format_duration, nothing_left
+from drnn_cli.budget import StopReason, format_duration
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.run_files import BEST, LAST
+from drnn_cli.run_notes import nothing_left
 from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, latest_run, training_holder
 from drnn_cli.trainer_state import SavedCounters, UnusableTrainerState
 

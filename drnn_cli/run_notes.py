@@ -517,6 +517,24 @@ def idle_setting_notes(config: Config, planned_epochs: int, planned_steps: int) 
     return notes
 
 
+def nothing_left(
+    train: TrainConfig, epochs_done: int, global_step: int | None, bad_evals: int, boundary_pending: bool
+) -> StopReason | None:
+    """Why a run checkpointed at this point has nothing left to train, else None: its epochs, its step
+    budget or its patience spent (epochs first: a step budget that ends with the last epoch did not cut
+    the run short). A boundary a signal cut short (its validation) is still to do; a time budget starts
+    with each command, so a tiny one still trains a step. ``drnn train --resume`` and ``drnn runs`` ask."""
+    if boundary_pending:
+        return None
+    if epochs_done >= train.epochs:
+        return "epochs"
+    if train.max_steps and global_step is not None and global_step >= train.max_steps:
+        return "max_steps"
+    if train.patience and bad_evals >= train.patience:
+        return "patience"
+    return None
+
+
 def nothing_to_train(
     reason: StopReason, train: TrainConfig, epochs_done: float, global_step: int, bad_evals: int
 ) -> str:

@@ -31,7 +31,7 @@ from drnn_cli.batches import (
     epoch_seed,
     epoch_steps,
 )
-from drnn_cli.budget import Budget, Cadence, StopReason, nothing_left
+from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset
@@ -70,6 +70,7 @@ from drnn_cli.run_files import BEST, LAST, RunFiles, kept_name
 from drnn_cli.run_notes import (
     blank_samples_note,
     data_notes,
+    nothing_left,
     nothing_to_train,
     own_text_notes,
     planned_length_notes,

@@ -203,22 +203,34 @@ def as_set(key: str, value: Any) -> str:
     return f"{key}={shown}"
 
 
-def find_runs(folder: Path, depth: int = RUNS_DEPTH) -> list[Path]:
+def find_runs(folder: Path, depth: int = RUNS_DEPTH, seen: set[Path] | None = None) -> list[Path]:
     """The run directories at most ``depth`` levels below ``folder`` (``folder`` itself where it is
-    one); a run's own folders (``kept/``, ``tensorboard/``) are not searched, nor hidden ones (an
-    ``--overwrite`` session's staging run, ``.quick.overwrite``, is said by the commands that read
-    the run beside it)."""
+    one), each once: a folder reached again through a symbolic link (``runs/old -> ..``, or runs kept
+    on another disk and linked in twice) is not searched again (``seen``: the real paths searched), and
+    a folder's own subfolders are searched before its links. A
+    run's own folders (``kept/``, ``tensorboard/``) are not searched, nor hidden ones (an
+    ``--overwrite`` session's staging run, ``.quick.overwrite``, is said by the commands that read the
+    run beside it)."""
+    seen = set() if seen is None else seen
+    try:
+        real = folder.resolve()
+    except (OSError, RuntimeError):  # a link loop that resolve() cannot follow
+        return []
+    if real in seen:
+        return []
+    seen.add(real)
     if holds_run(folder):
         return [folder]
     found: list[Path] = []
     if depth <= 0:
         return found
     with contextlib.suppress(OSError):  # an unreadable folder holds no run this listing can show
-        for child in sorted(folder.iterdir()):
+        # real folders before links, so that a run with a second name is listed by its own
+        for child in sorted(folder.iterdir(), key=lambda path: (path.is_symlink(), path.name)):
             with contextlib.suppress(OSError):
                 if child.name.startswith(".") or not child.is_dir():
                     continue
-                found.extend(find_runs(child, depth - 1))
+                found.extend(find_runs(child, depth - 1, seen))
     return found
 
 

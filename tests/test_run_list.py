@@ -145,6 +145,14 @@ def test_runs_of_one_run_directory_lists_it_and_a_run_in_a_deeper_folder_is_foun
     staging.mkdir()
     (staging / "last.safetensors").write_bytes((three_runs / "runs/tiny/last.safetensors").read_bytes())
     assert [run["run_dir"] for run in _listed(cli)] == ["runs/sweep/steps6", "runs/sweep/cut", "runs/tiny"]
+    # a link back up (a loop) and a second name of a run: each run once, by its own name
+    (three_runs / "runs" / "sweep" / "up").symlink_to("..")
+    (three_runs / "runs" / "also-tiny").symlink_to("tiny")
+    assert [run["run_dir"] for run in _listed(cli)] == [
+        "runs/sweep/steps6",
+        "runs/sweep/cut",
+        "runs/tiny",
+    ]
 
 
 def test_a_corrupt_checkpoint_is_a_row_that_says_why_not_a_failure(three_runs: Path, cli):

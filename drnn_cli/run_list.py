@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,8 +278,14 @@ def _order_key(order: RunOrder) -> Callable[[RunSummary], tuple[Any, ...]]:
     first, runs without one after them (newest first); ``name``: by path."""
     if order == "name":
         return lambda run: (str(run.run_dir),)
-    if order == "best":
-        return lambda run: (run.best_val_ppl is None, run.best_val_ppl or 0.0, -(run.updated or 0.0))
+    if order == "best":  # a header's NaN or infinity (a tampered one) ranks as no figure
+
+        def best_first(run: RunSummary) -> tuple[Any, ...]:
+            best = run.best_val_ppl
+            known = best is not None and math.isfinite(best)
+            return (not known, best if known else 0.0, -(run.updated or 0.0))
+
+        return best_first
     return lambda run: (-(run.updated or 0.0),)
 
 

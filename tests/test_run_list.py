@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -256,3 +257,15 @@ def test_sort_best_puts_the_lowest_best_validation_first_and_runs_without_one_la
     assert [run["run_dir"] for run in _listed(cli, "--sort", "name")] == sorted(best_first)
     code, out, err = cli("runs", "--sort", "best")
     assert code == 0 and out.splitlines()[0].strip() == "runs in runs, the best first", err
+
+
+def test_sort_best_ranks_a_non_finite_best_as_none():
+    """A tampered header's NaN would make the order depend on where it stood (NaN compares false)."""
+    from drnn_cli.run_list import RunSummary, _order_key
+
+    def run(name: str, best: float | None, updated: float) -> RunSummary:
+        return RunSummary(Path(name), False, None, updated, None, None, None, best_val_ppl=best)
+
+    runs = [run("nan", math.nan, 4.0), run("b", 3.0, 3.0), run("none", None, 5.0), run("a", 2.0, 1.0)]
+    runs += [run("inf", math.inf, 2.0)]
+    assert [str(r.run_dir) for r in sorted(runs, key=_order_key("best"))] == ["a", "b", "none", "nan", "inf"]

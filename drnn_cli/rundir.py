@@ -298,7 +298,8 @@ def run_checkpoint(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
     inside = _runs_inside(run_dir)
     if inside:  # --run runs: the folder of runs, not one of them
         raise DrnnError(
-            f"{run_dir} holds runs, not a checkpoint of its own; name one of them: {_first_names(inside)}"
+            f"{run_dir} holds runs, not a checkpoint of its own; name one of them: {_first_names(inside)} "
+            f"(drnn runs {run_dir} describes each)"
         )
     raise DrnnError(f"run directory {run_dir} holds no checkpoint ({BEST} or {LAST}); train it first")
 

@@ -866,7 +866,7 @@ def test_a_run_named_the_way_a_user_would_is_found_for_them(workdir: Path, cli, 
     assert_one_line_error(code, err, "run directory kept does not exist; did you mean --run runs/kept?")
     code, _, err = cli("eval", "--run", "runs")
     assert_one_line_error(
-        code, err, "runs holds runs, not a checkpoint of its own; name one of them: runs/kept"
+        code, err, "runs holds runs, not a checkpoint of its own; name one of them: runs/kept (drnn runs runs"
     )
 
 

@@ -52,6 +52,7 @@ from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import (
     base_trained_note,
     check_max_unknown,
+    earlier_bases_note,
     fine_tuning_point,
     shared_text_note,
     unknown_share_note,
@@ -138,8 +139,9 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
             refusals.append(str(refused))
         else:
             notes.extend([lacking] if lacking else [])
-        shared = shared_text_note(start, dataset)
-        notes.extend([shared] if shared else [])
+        notes.extend(
+            note for note in (shared_text_note(start, dataset), earlier_bases_note(start, dataset)) if note
+        )
     batches = 0
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=dataset.capped)

@@ -502,7 +502,8 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
     ``corpus_sha1``): the note where the base run's training split and this run's held-out splits share
     tokens (the starting validation, the choice of best and the test figure are then optimistic), or
     this run's training split and the base run's held-out ones (the base run's held-out figures then
-    mean nothing for the fine-tuned model); None where they share none, or the text is another.
+    mean nothing for the fine-tuned model); None where they share none, or the text is another (the
+    bases before it: :func:`earlier_bases_note`).
 
     Both runs' splits are positions in the same tokens: ``--init-from`` takes ``data.preprocess`` and
     ``data.token`` from the checkpoint (:func:`take_weight_shape`), so the same text gives the same
@@ -517,8 +518,7 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
     if differing_keys(checkpoint.config, start.config, "data", TOKEN_KEYS):
         return None
     saved = checkpoint.config.data
-    used = dataset.total_tokens if saved.max_tokens < 0 else min(saved.max_tokens, dataset.total_tokens)
-    trained, _, _ = split_sizes(used, saved.val_fraction, saved.test_fraction)
+    trained, used = _training_split_end(saved, dataset.total_tokens)
     splits = dataset.splits
     read = [  # this run's held-out splits' tokens in the base run's training split
         (name, _overlap((0, trained), splits.span(split)), len(splits.get(split)))
@@ -544,11 +544,6 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
         f"{count:,} of {whose} {size:,} {name} tokens ({percent(count / size)})"
         for whose, (name, count, size) in zip(("this run's", "its"), read, strict=False)
     )
-    names = [name for name, _, _ in read]
-    figures = ["the starting validation", "the choice of best"] if "validation" in names else []
-    figures += ["the test figure (drnn eval --split test)"] if "test" in names else []
-    reads = "reads" if len(figures) == 1 else "read"
-    listed = ", ".join(figures[:-1]) + f" and {figures[-1]}" if len(figures) > 1 else figures[0]
     remedy = (
         f"hold out only text the base run did not train on (from token {trained:,} on)"
         if trained < dataset.total_tokens
@@ -556,9 +551,20 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
     )
     return (
         f"{same}, and {shares} {'is' if len(read) == 1 and read[0][1] == 1 else 'are'} in the base run's "
-        f"training split: {listed} {reads} text the base model trained on, so "
-        f'{"it is" if len(figures) == 1 else "they are"} optimistic; {remedy} (README "Fine-tuning")'
+        f"training split: {_optimistic([name for name, _, _ in read], 'the base model')}; {remedy} "
+        '(README "Fine-tuning")'
     )
+
+
+def _optimistic(splits: list[str], model: str) -> str:
+    """What a fine-tuning's held-out ``splits`` ("validation", "test") holding text ``model`` trained on
+    makes optimistic: "the starting validation and the choice of best read text the base model trained
+    on, so they are optimistic"."""
+    figures = ["the starting validation", "the choice of best"] if "validation" in splits else []
+    figures += ["the test figure (drnn eval --split test)"] if "test" in splits else []
+    listed = ", ".join(figures[:-1]) + f" and {figures[-1]}" if len(figures) > 1 else figures[0]
+    one = len(figures) == 1
+    return f"{listed} {'reads' if one else 'read'} text {model} trained on, so {'it is' if one else 'they are'} optimistic"
 
 
 # How many fine-tunings back drnn eval follows a run's bases (each a header read)
@@ -569,32 +575,12 @@ def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> s
     """``drnn eval --split val|test`` of a fine-tuned run whose base run (or the base's own base, as far
     as their checkpoints are still where the runs started from) trained on the same text: the split's
     tokens a base trained on make the figure optimistic; the base that trained on most of them is named.
-    Said as the run started (its direct base alone: :func:`shared_text_note`), then never again (ft33).
-    None where no base can be read, none trained on this text, or none on this split's tokens."""
+    Said as the run started too (:func:`shared_text_note`), then never again (ft33). None where no base
+    can be read, none trained on this text, or none on this split's tokens."""
     if split not in ("val", "test"):
         return None
     span = dataset.splits.span(split)
-    most: tuple[int, str, int] | None = None  # tokens shared, the base, how far back
-    label, followed = checkpoint.init_from, 0
-    while label is not None and followed < BASES_FOLLOWED:
-        followed += 1
-        path = Path(label)
-        try:
-            base = read_checkpoint_info(path) if path.is_file() else None
-        except DrnnError:
-            base = None
-        if base is None:
-            break  # moved or gone: the bases before it are all that can be compared
-        if not differing_keys(base.config, checkpoint.config, "data", TOKEN_KEYS) and _same_text(
-            base, dataset
-        ):
-            saved = base.config.data
-            total = dataset.total_tokens
-            used = total if saved.max_tokens < 0 else min(saved.max_tokens, total)
-            shared = _overlap((0, split_sizes(used, saved.val_fraction, saved.test_fraction)[0]), span)
-            if shared and (most is None or shared > most[0]):
-                most = (shared, label, followed)
-        label = base.init_from
+    most = _base_sharing_most(checkpoint.init_from, checkpoint.config, dataset, span)
     if most is None:
         return None
     shared, label, followed = most
@@ -605,6 +591,63 @@ def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> s
         f"from{' in turn' if followed > 1 else ''} on this same text: this perplexity is optimistic "
         '(README "Fine-tuning")'
     )
+
+
+def _base_sharing_most(
+    label: str | None, config: Config, dataset: Dataset, span: tuple[int, int]
+) -> tuple[int, str, int] | None:
+    """Following the fine-tunings back from the base ``label`` names (up to BASES_FOLLOWED headers, as
+    far as the checkpoints are still where the runs started from), the base whose training split holds
+    most of ``span``'s tokens of this same text (read with ``config``'s token keys): (tokens shared, its
+    label, how many fine-tunings back, 1 for ``label`` itself); None where none holds any."""
+    most: tuple[int, str, int] | None = None
+    followed = 0
+    while label is not None and followed < BASES_FOLLOWED:
+        followed += 1
+        path = Path(label)
+        try:
+            base = read_checkpoint_info(path) if path.is_file() else None
+        except DrnnError:
+            base = None
+        if base is None:
+            break  # moved or gone: the bases before it are all that can be compared
+        if not differing_keys(base.config, config, "data", TOKEN_KEYS) and _same_text(base, dataset):
+            shared = _overlap((0, _training_split_end(base.config.data, dataset.total_tokens)[0]), span)
+            if shared and (most is None or shared > most[0]):
+                most = (shared, label, followed)
+        label = base.init_from
+    return most
+
+
+def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
+    """At a fine-tuning's start, where its direct base trained on none of this run's held-out tokens
+    (:func:`shared_text_note` said nothing of them): the bases before it that did, the one that trained
+    on most of each split named (drnn eval says the same of a split: :func:`base_trained_note`). A base
+    fine-tuned on this text holding out more than the model it started from hides that model's training
+    text from a comparison with the direct base alone, which is all the start compared before."""
+    checkpoint, source = start.init_from, start.init_source
+    if checkpoint is None or source is None:
+        return None
+    splits = dataset.splits
+    config = start.config
+    if _same_text(checkpoint, dataset) and not differing_keys(checkpoint.config, config, "data", TOKEN_KEYS):
+        trained = _training_split_end(checkpoint.config.data, dataset.total_tokens)[0]
+        if any(_overlap((0, trained), splits.span(split)) for split in ("val", "test")):
+            return None  # the direct base's note said so
+    found = [
+        (name, most, len(splits.get(split)))
+        for name, split in (("validation", "val"), ("test", "test"))
+        if (most := _base_sharing_most(checkpoint.init_from, config, dataset, splits.span(split))) is not None
+    ]
+    if not found:
+        return None
+    shares = " and ".join(
+        f"{shared:,} of {whose} {size:,} {name} tokens ({percent(shared / size)}) {'is' if shared == 1 else 'are'} "
+        f"in the training split of {label}, which {source} was fine-tuned from{' in turn' if followed > 1 else ''}"
+        for whose, (name, (shared, label, followed), size) in zip(("this run's", "its"), found, strict=False)
+    )
+    optimistic = _optimistic([name for name, _, _ in found], "an earlier model of this one")
+    return f'{shares}, on this same text (SHA-1 {dataset.sha1}): {optimistic} (README "Fine-tuning")'
 
 
 def longer_run_note(was: Config, now: Config, train_tokens: int) -> str | None:
@@ -628,6 +671,13 @@ def _same_text(checkpoint: Checkpoint | CheckpointInfo, dataset: Dataset) -> boo
     if checkpoint.text_sha1 is not None and dataset.text_sha1 is not None:
         return checkpoint.text_sha1 == dataset.text_sha1
     return checkpoint.corpus_sha1 is not None and checkpoint.corpus_sha1 == dataset.sha1
+
+
+def _training_split_end(data: DataConfig, total_tokens: int) -> tuple[int, int]:
+    """Where a run with these settings ended its training split in a text of ``total_tokens`` tokens,
+    and how many tokens it used (its first ``data.max_tokens``, cut by its own fractions)."""
+    used = total_tokens if data.max_tokens < 0 else min(data.max_tokens, total_tokens)
+    return split_sizes(used, data.val_fraction, data.test_fraction)[0], used
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:

@@ -35,6 +35,7 @@ from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shut
 from drnn_cli.start_point import (
     StartPoint,
     check_max_unknown,
+    earlier_bases_note,
     given_keys,
     init_point,
     load_start_config,
@@ -274,6 +275,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         starting_notes += [
             unknown_share_note(dataset, request.max_unknown_fraction),
             shared_text_note(start, dataset),
+            earlier_bases_note(start, dataset),
         ]
     check_header_room(dataset.vocab)
 

@@ -102,7 +102,7 @@ class Signal(str, enum.Enum):
     cell = "cell"  # LSTM cell state
 
 
-class RunOrder(str, enum.Enum):
+class SortRuns(str, enum.Enum):
     updated = "updated"  # the newest first
     best = "best"  # the lowest best validation perplexity first
     name = "name"
@@ -304,11 +304,11 @@ def runs_command(
         Path, typer.Argument(metavar="FOLDER", help="A folder of runs, or one run's directory.")
     ] = Path("runs"),
     sort: Annotated[
-        RunOrder,
+        SortRuns,
         typer.Option(
             "--sort", help="updated (the newest first), best (the lowest best validation first) or name."
         ),
-    ] = RunOrder.updated,
+    ] = SortRuns.updated,
     json_out: JsonOption = False,
 ) -> None:
     """List the runs below a folder (default: runs): each one's model and text, how far it trained,

@@ -208,10 +208,9 @@ def find_runs(folder: Path, depth: int = RUNS_DEPTH, seen: set[Path] | None = No
     """The run directories at most ``depth`` levels below ``folder`` (``folder`` itself where it is
     one), each once: a folder reached again through a symbolic link (``runs/old -> ..``, or runs kept
     on another disk and linked in twice) is not searched again (``seen``: the real paths searched), and
-    a folder's own subfolders are searched before its links. A
-    run's own folders (``kept/``, ``tensorboard/``) are not searched, nor hidden ones (an
-    ``--overwrite`` session's staging run, ``.quick.overwrite``, is said by the commands that read the
-    run beside it)."""
+    a folder's own subfolders are searched before its links. A run's own folders (``kept/``,
+    ``tensorboard/``) are not searched, nor hidden ones (an ``--overwrite`` session's staging run,
+    ``.quick.overwrite``, is said by the commands that read the run beside it)."""
     seen = set() if seen is None else seen
     try:
         real = folder.resolve()
@@ -238,7 +237,9 @@ def find_runs(folder: Path, depth: int = RUNS_DEPTH, seen: set[Path] | None = No
 def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     """What ``run_dir``'s newest checkpoint says of it; ``latest``: the latest run, resolved."""
     checkpoint = next((run_dir / name for name in (LAST, BEST) if (run_dir / name).is_file()), None)
-    is_latest = latest is not None and run_dir.resolve() == latest
+    is_latest = False
+    with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: a link loop resolve() gives up on
+        is_latest = latest is not None and run_dir.resolve() == latest
     training = training_holder(run_dir)
     if checkpoint is None:  # a run removed while listing
         return RunSummary(run_dir, is_latest, None, None, None, None, training, "no checkpoint")
@@ -302,7 +303,7 @@ def list_runs(
     if not folder.is_dir():
         raise DrnnError(f"{folder} is a file; drnn runs takes a folder of runs (or one run's directory)")
     latest: Path | None = None
-    with contextlib.suppress(DrnnError, OSError):
+    with contextlib.suppress(DrnnError, OSError, RuntimeError):
         latest = latest_run(runs_root).resolve()
     runs = [describe_run(run_dir, latest) for run_dir in find_runs(folder)]
     return sorted(runs, key=_order_key(order))

@@ -219,8 +219,11 @@ def find_runs(folder: Path, depth: int = RUNS_DEPTH, seen: set[Path] | None = No
     if real in seen:
         return []
     seen.add(real)
-    if holds_run(folder):
-        return [folder]
+    try:
+        if holds_run(folder):
+            return [folder]
+    except OSError:  # a folder this user may not search (no x permission): no run to show
+        return []
     found: list[Path] = []
     if depth <= 0:
         return found
@@ -236,7 +239,9 @@ def find_runs(folder: Path, depth: int = RUNS_DEPTH, seen: set[Path] | None = No
 
 def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     """What ``run_dir``'s newest checkpoint says of it; ``latest``: the latest run, resolved."""
-    checkpoint = next((run_dir / name for name in (LAST, BEST) if (run_dir / name).is_file()), None)
+    checkpoint = None
+    with contextlib.suppress(OSError):
+        checkpoint = next((run_dir / name for name in (LAST, BEST) if (run_dir / name).is_file()), None)
     is_latest = False
     with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: a link loop resolve() gives up on
         is_latest = latest is not None and run_dir.resolve() == latest

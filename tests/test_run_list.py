@@ -269,3 +269,21 @@ def test_sort_best_ranks_a_non_finite_best_as_none():
     runs = [run("nan", math.nan, 4.0), run("b", 3.0, 3.0), run("none", None, 5.0), run("a", 2.0, 1.0)]
     runs += [run("inf", math.inf, 2.0)]
     assert [str(r.run_dir) for r in sorted(runs, key=_order_key("best"))] == ["a", "b", "none", "nan", "inf"]
+
+
+def test_a_folder_this_user_may_not_search_is_left_out_not_a_failure(three_runs: Path, cli, monkeypatch):
+    """chmod 000 makes stat inside a folder raise PermissionError (root, which runs CI, is never refused:
+    the refusal is simulated where the listing asks)."""
+    from drnn_cli import run_list
+
+    (three_runs / "runs" / "locked").mkdir()
+    searched = run_list.holds_run
+
+    def refusing(folder: Path) -> bool:
+        if folder.name == "locked":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return searched(folder)
+
+    monkeypatch.setattr(run_list, "holds_run", refusing)
+    assert [run["run_dir"] for run in _listed(cli)] == ["runs/sweep/steps6", "runs/sweep/cut", "runs/tiny"]
+    assert [run["run_dir"] for run in _listed(cli, "runs/locked")] == []

@@ -328,8 +328,9 @@ def runs_command(
     else:
         out.print(_runs_table(runs, folder, out.width >= WIDE_PRESETS_TABLE, differing, sort.value))
         for run in runs:
-            if run.problem is not None:
-                print_note(out, f"{run.run_dir}: {run.problem}")
+            for said in (run.problem, run.waiting):
+                if said is not None:
+                    print_note(out, f"{run.run_dir}: {said}")
     if json_out:
         emit_json({"folder": str(folder), "runs": [run.summary(differing) for run in runs]})
 

@@ -25,7 +25,13 @@ from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.run_notes import nothing_left
-from drnn_cli.rundir import DEFAULT_RUNS_ROOT, holds_run, latest_run, training_holder
+from drnn_cli.rundir import (
+    DEFAULT_RUNS_ROOT,
+    holds_run,
+    latest_run,
+    training_holder,
+    waiting_replacement_note,
+)
 from drnn_cli.trainer_state import SavedCounters, UnusableTrainerState
 
 # How deep below the folder runs are looked for: runs/NAME, runs/GROUP/NAME, runs/A/B/NAME (--run paths)
@@ -60,6 +66,7 @@ class RunSummary:
     training: str | None  # "process 123": a training on this host holds the run now
     problem: str | None = None
     best_val_ppl: float | None = None  # best.safetensors' own figure, else the newest header's
+    waiting: str | None = None  # the note on a newer run a killed --overwrite left beside this one
 
     @property
     def finished_by(self) -> StopReason | None:
@@ -153,6 +160,7 @@ class RunSummary:
                 else datetime.datetime.fromtimestamp(self.updated).astimezone().isoformat(timespec="seconds")
             ),
             "problem": self.problem,
+            "newer_run_waiting": self.waiting,
             "cell": None if config is None else config.model.cell,
             "num_layers": None if config is None else config.model.num_layers,
             "hidden_size": None if config is None else config.model.hidden_size,
@@ -261,8 +269,11 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
         counters: SavedCounters | None = info.counters()
     except UnusableTrainerState:  # its weights still predict and evaluate; only its counters are unknown
         counters = None
+    waiting = None
+    with contextlib.suppress(OSError, RuntimeError):
+        waiting = waiting_replacement_note(run_dir, "drnn runs describes")
     return RunSummary(
-        run_dir, is_latest, checkpoint, updated, info, counters, training, None, _best(run_dir, info)
+        run_dir, is_latest, checkpoint, updated, info, counters, training, None, _best(run_dir, info), waiting
     )
 
 

@@ -146,6 +146,15 @@ def test_runs_of_one_run_directory_lists_it_and_a_run_in_a_deeper_folder_is_foun
     staging.mkdir()
     (staging / "last.safetensors").write_bytes((three_runs / "runs/tiny/last.safetensors").read_bytes())
     assert [run["run_dir"] for run in _listed(cli)] == ["runs/sweep/steps6", "runs/sweep/cut", "runs/tiny"]
+    # ... and said beside the run it would replace, as predict and eval say it
+    code, _, err = cli("runs", "--json")
+    assert code == 0 and (
+        "note: runs/tiny: runs/.tiny.overwrite holds a newer run than this one, from a --overwrite session that "
+        "was killed or is still training: drnn runs describes the older run"
+    ) in " ".join(err.split()), err
+    assert {run["run_dir"]: run["newer_run_waiting"] for run in _listed(cli)}["runs/tiny"].startswith(
+        "runs/.tiny.overwrite holds a newer run"
+    )
     # a link back up (a loop) and a second name of a run: each run once, by its own name
     (three_runs / "runs" / "sweep" / "up").symlink_to("..")
     (three_runs / "runs" / "also-tiny").symlink_to("tiny")

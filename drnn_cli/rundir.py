@@ -46,6 +46,7 @@ from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_
 from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_ENTRY_NAMES, RUN_MARKER, RunFiles
 
 DEFAULT_RUNS_ROOT = Path("runs")  # relative: resolved against the working directory when used
+LOCK_OWNER_BYTES = 512  # what is read of a lock file's "HOST PID" line (a host name is at most 255 bytes)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -355,6 +356,16 @@ def _remove_created(run_dir: Path, created: Path) -> None:
             break
 
 
+def _lock_owner(path: Path) -> str:
+    """The lock file's "HOST PID" line, as :class:`RunLock` writes it: its first bytes alone, whatever
+    else a file of that name holds; "" where it cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(LOCK_OWNER_BYTES).decode("utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def training_holder(run_dir: Path) -> str | None:
     """``process 123`` where a training on this host holds ``run_dir``'s lock now, else None (``drnn
     runs``). The lock file names its last holder (:class:`RunLock`); only a live process of that id is
@@ -363,11 +374,7 @@ def training_holder(run_dir: Path) -> str | None:
     the instant rare), so a listing never takes a lock a training could want. A holder on another host
     (a shared filesystem) cannot be asked: None."""
     path = run_dir / LOCK_NAME
-    try:
-        owner = path.read_text(encoding="utf-8", errors="replace").strip()[:200]
-    except OSError:
-        return None
-    host, _, pid = owner.rpartition(" ")
+    host, _, pid = _lock_owner(path).rpartition(" ")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return None
     try:
@@ -411,9 +418,7 @@ class RunLock:
             self._lock.acquire()
         except filelock.Timeout:
             time.sleep(0.05)  # let a holder that has just taken the lock write its name
-            owner = ""
-            with contextlib.suppress(OSError):
-                owner = self.path.read_text(encoding="utf-8", errors="replace").strip()[:200]
+            owner = _lock_owner(self.path)[:200]
             host, _, pid = owner.rpartition(" ")  # "HOST PID", as acquire writes it
             owner = f"process {pid} on host {host}" if host and pid.isdigit() else owner or "another process"
             raise DrnnError(

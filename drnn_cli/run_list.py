@@ -23,7 +23,7 @@ from drnn_cli.budget import StopReason, format_duration
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
-from drnn_cli.run_files import BEST, LAST
+from drnn_cli.run_files import BEST, LAST, LATEST_MARKER
 from drnn_cli.run_notes import nothing_left
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
@@ -309,8 +309,9 @@ def _order_key(order: RunOrder) -> Callable[[RunSummary], tuple[Any, ...]]:
 def list_runs(
     folder: Path, order: RunOrder = "updated", runs_root: Path = DEFAULT_RUNS_ROOT
 ) -> list[RunSummary]:
-    """The runs below ``folder`` in ``order``; ``runs_root``: where the latest-run marker is (``runs/``,
-    whatever folder is listed)."""
+    """The runs below ``folder`` in ``order``. The latest run is the one ``folder``'s own latest-run
+    marker names where it holds one (``drnn runs /elsewhere/runs``, listed from another directory), else
+    ``runs_root``'s (``runs/`` where the command runs, which predict and eval read)."""
     if not folder.exists():
         raise DrnnError(
             f"{folder} does not exist in {Path.cwd()}; run drnn runs where you trained, or name the folder "
@@ -320,6 +321,7 @@ def list_runs(
         raise DrnnError(f"{folder} is a file; drnn runs takes a folder of runs (or one run's directory)")
     latest: Path | None = None
     with contextlib.suppress(DrnnError, OSError, RuntimeError):
-        latest = latest_run(runs_root).resolve()
+        own = (folder / LATEST_MARKER).is_file()
+        latest = latest_run(folder if own else runs_root).resolve()
     runs = [describe_run(run_dir, latest) for run_dir in find_runs(folder)]
     return sorted(runs, key=_order_key(order))

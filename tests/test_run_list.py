@@ -138,6 +138,18 @@ def test_a_sweep_names_what_it_varied_and_runs_that_differ_in_much_are_counted(w
     ]  # fmt: skip
 
 
+def test_a_folder_of_runs_listed_from_elsewhere_marks_its_own_latest_run(three_runs: Path, cli, monkeypatch):
+    elsewhere = three_runs / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    listed = _listed(cli, str(three_runs / "runs"))
+    assert [(Path(run["run_dir"]).name, run["latest"]) for run in listed] == [
+        ("steps6", True),
+        ("cut", False),
+        ("tiny", False),
+    ]
+
+
 def test_runs_of_one_run_directory_lists_it_and_a_run_in_a_deeper_folder_is_found(three_runs: Path, cli):
     assert [run["run_dir"] for run in _listed(cli, "runs/tiny")] == ["runs/tiny"]
     assert [run["run_dir"] for run in _listed(cli, "runs/sweep")] == ["runs/sweep/steps6", "runs/sweep/cut"]

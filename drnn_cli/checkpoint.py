@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import math
 import os
@@ -296,15 +297,16 @@ def _check_leading_bytes(path: Path) -> None:
             f"{path} is a pickle/torch.save file, which can execute code when loaded; drnn refuses it "
             f"and loads only its own safetensors checkpoints"
         )
-    if len(head) < 8:
-        raise _not_a_checkpoint(path)
-    # A header's length fills 8 bytes little-endian, its last ones zero: printable bytes there are text.
-    if all((byte >= 0x20 and byte != 0x7F) or byte in b"\t\n\r" for byte in head):
+    # A header's length fills 8 bytes little-endian, its last ones zero: printable bytes there are text
+    # (and fewer than 8 of them, a note of a word or two: no checkpoint is that short).
+    if head and all((byte >= 0x20 and byte != 0x7F) or byte in b"\t\n\r" for byte in head):
         raise DrnnError(
             f"{path} is a text file, not a drnn checkpoint (.safetensors): --checkpoint and --init-from take "
             "a run directory or a checkpoint in one; a text to train on goes to data.path, one to evaluate "
             "to drnn eval --data"
         )
+    if len(head) < 8:
+        raise _not_a_checkpoint(path)
     header_bytes = struct.unpack("<Q", head)[0]
     if header_bytes > MAX_HEADER_BYTES:
         raise DrnnError(
@@ -369,7 +371,7 @@ class _UnreadTensors(dict):
 
 def read_checkpoint_info(path: Path) -> CheckpointInfo:
     """The header of the checkpoint at ``path``, with every refusal :func:`load_checkpoint` makes on it."""
-    with _open_checkpoint(path) as handle:
+    with _open_checkpoint(path) as handle, _collector_paused():
         return _read_info(path, handle)
 
 
@@ -416,6 +418,20 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
         raise _corrupt(path, "a header field missing or of the wrong type") from None
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused while a header is parsed and read: a hostile header's
+    millions of small lists made it scan them again and again (seconds, where the parse takes one);
+    they are freed by reference counting as the read ends."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def _header_count(value: Any) -> int:
     """A header's count of epochs or steps: a whole number ≥ 0 (int() would also take 2.7, "3" or -3)."""
     if type(value) is not int or value < 0:
@@ -435,16 +451,20 @@ def _optional(value: Any, kind: type[float] | type[str]) -> Any:
 
 
 def _too_deep(tree: Any, limit: int) -> bool:
-    """Whether ``tree`` nests more than ``limit`` levels (checked without recursion)."""
-    pending = [(tree, 0)]
-    while pending:
-        node, depth = pending.pop()
+    """Whether ``tree`` (parsed JSON: plain dicts and lists) nests more than ``limit`` levels, checked a
+    level at a time without recursion: one pass over a hostile header's millions of ``[]``."""
+    level = [tree] if type(tree) in (dict, list) else []
+    depth = 0
+    while level:
         if depth > limit:
             return True
-        if isinstance(node, dict):
-            pending.extend((child, depth + 1) for child in node.values())
-        elif isinstance(node, list):
-            pending.extend((child, depth + 1) for child in node)
+        level = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) in (dict, list)
+        ]
+        depth += 1
     return False
 
 
@@ -492,7 +512,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
     (an optimizer's moments are twice the model) stand in as shapes on the meta device.
     """
     with _open_checkpoint(path) as handle:
-        info = _read_info(path, handle)
+        with _collector_paused():
+            info = _read_info(path, handle)
         _check_model_shapes(path, info.config, len(info.vocab), info.shapes)
         try:
             stand_ins = _stand_ins(handle, info.shapes) if weights_only else {}

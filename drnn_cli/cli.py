@@ -295,6 +295,7 @@ def presets_command(json_out: JsonOption = False) -> None:
         emit_json({"presets": [report.summary() for report in reports]})
 
 
+RUN_NAME_WHOLE_WIDTH = 28  # drnn runs: a longer name (an absolute path) folds rather than squeeze the others
 DIFFERENCES_SHOWN = 3  # drnn runs: at most this many settings the runs differ in are shown (--json: all)
 
 
@@ -322,17 +323,17 @@ def runs_command(
     runs = list_runs(folder, sort.value)
     differing = differing_settings(runs)
     if not runs:
+        shown = terminal_safe(str(folder), keep="")
         out.print(
-            f"no runs in {folder} (drnn train --config quick trains one into runs/quick)", soft_wrap=True
+            f"no runs in {shown} (drnn train --config quick trains one into runs/quick)", soft_wrap=True
         )
     else:
         out.print(_runs_table(runs, folder, out.width >= WIDE_PRESETS_TABLE, differing, sort.value))
         for run in runs:
-            for said in (run.problem, run.waiting):
-                if said is not None:
-                    print_note(out, f"{run.run_dir}: {said}")
+            for said in run.notes():
+                print_note(out, f"{run.run_dir}: {said}")
     if json_out:
-        emit_json({"folder": str(folder), "runs": [run.summary(differing) for run in runs]})
+        emit_json({"folder": str(folder.absolute()), "runs": [run.summary(differing) for run in runs]})
 
 
 def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: list[str], order: str) -> Table:
@@ -349,8 +350,12 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
     if differing and not shown:
         captions.append(f"the runs differ in {len(differing)} other settings (drnn runs --json: differs)")
     ordered = {"updated": "the newest first", "best": "the best first", "name": "by name"}[order]
-    table = Table(title=f"runs in {folder}, {ordered}", caption="\n".join(captions) or None)
-    table.add_column("run", no_wrap=True, overflow="fold")  # other cells wrap first; then a name folds
+    title = f"runs in {terminal_safe(str(folder), keep='')}, {ordered}"
+    table = Table(title=title, caption="\n".join(captions) or None)
+    # names stay whole where they are short; a long one (an absolute path) folds: whole, it left the
+    # other columns no room
+    whole = max(len(str(run.run_dir)) for run in runs) + 2 <= RUN_NAME_WHOLE_WIDTH  # with its " ★"
+    table.add_column("run", overflow="fold", no_wrap=whole)
     if wide:
         for name, justify in (("model", "left"), ("text", "left"), ("trained", "right"), ("time", "right")):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -365,11 +370,16 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
         table.add_column("settings", overflow="fold")
     for run in runs:
         best = run.best_val_ppl
-        text = terminal_safe(run.text())
-        differs = [terminal_safe(as_set(key, value)) for key, value in run.differs(shown).items()]
+        # one line each (a newline in a name must not forge a row's "★ latest" line)
+        text = terminal_safe(run.text(), keep="")
+        differs = [terminal_safe(as_set(key, value), keep="") for key, value in run.differs(shown).items()]
         # the mark under the name, in the row's second line: beside it, it made the column wider
-        name = terminal_safe(str(run.run_dir)) + ((" ★" if wide else "\n★ latest") if run.latest else "")
-        shown_best = "—" if best is None else format_perplexity(best, 4)
+        name = terminal_safe(str(run.run_dir), keep="") + (
+            (" ★" if wide else "\n★ latest") if run.latest else ""
+        )
+        # "—": no validation split; blank: nothing known (an unreadable row)
+        known = run.info is not None and run.problem is None
+        shown_best = format_perplexity(best, 4) if best is not None else "—" if known else ""
         if wide:
             state = run.state if run.training is None else f"training ({run.training})"
             cells = [name, run.model(), text, run.trained(), run.training_time(), shown_best, state]

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from drnn_cli.budget import StopReason, format_duration
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
-from drnn_cli.run_files import BEST, LAST, LATEST_MARKER
+from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, RUN_MARKER
 from drnn_cli.run_notes import nothing_left
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
@@ -110,12 +111,12 @@ class RunSummary:
 
     def trained(self) -> str:
         """``500/500 epochs``, ``79/500 epochs +3 steps`` inside the 80th, ``4,000/90,000 steps`` where
-        ``train.max_steps`` may end the run first."""
-        if self.info is None:
-            return ""
+        ``train.max_steps`` may end the run first (and has not been beaten to it by the epochs)."""
+        if self.info is None:  # a training that has written no checkpoint yet, or an unreadable one
+            return "no checkpoint yet" if self.checkpoint is None and self.training is not None else ""
         train = self.info.config.train
         step = None if self.counters is None else self.counters.global_step
-        if train.max_steps and step is not None:
+        if train.max_steps and step is not None and self.finished_by != "epochs":
             return f"{step:,}/{train.max_steps:,} steps"
         inside = f" +{self.info.step_in_epoch:,} steps" if self.info.step_in_epoch else ""
         return f"{self.info.epoch:,}/{train.epochs:,} epochs{inside}"
@@ -136,6 +137,18 @@ class RunSummary:
             return when.strftime("%H:%M")
         return when.strftime("%m-%d" if when.year == today.year else "%Y-%m-%d")
 
+    def notes(self) -> list[str]:
+        """What the table says under itself of this run: why a file of it cannot be read, and a newer
+        run beside it (a --overwrite's, which the training holding the run puts in place when it ends)."""
+        said = [] if self.problem is None else [self.problem]
+        if self.waiting is not None and self.training is not None:
+            said.append(
+                f"a --overwrite training ({self.training}) is replacing this run; the row is the run it replaces"
+            )
+        elif self.waiting is not None:
+            said.append(self.waiting)
+        return said
+
     def differs(self, keys: list[str]) -> dict[str, Any]:
         """This run's values of ``keys`` (:func:`differing_settings`); none where it cannot be read."""
         if self.info is None:
@@ -148,12 +161,12 @@ class RunSummary:
         info, counters = self.info, self.counters
         config = None if info is None else info.config
         return {
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.run_dir.absolute()),  # absolute, as every path --json prints
             "latest": self.latest,
             "state": self.state,
             "finished_by": self.finished_by,
             "training_process": self.training,
-            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint.absolute()),
             "updated": (
                 None
                 if self.updated is None
@@ -166,6 +179,7 @@ class RunSummary:
             "hidden_size": None if config is None else config.model.hidden_size,
             "impl": None if config is None else config.model.impl,
             "text": None if info is None else self.text(),
+            "init_from": None if info is None else info.init_from,
             "epoch": None if info is None else info.epoch,
             "step_in_epoch": None if info is None else info.step_in_epoch,
             "global_step": None if counters is None else counters.global_step,
@@ -212,50 +226,63 @@ def as_set(key: str, value: Any) -> str:
     return f"{key}={shown}"
 
 
-def find_runs(folder: Path, depth: int = RUNS_DEPTH, seen: set[Path] | None = None) -> list[Path]:
+def find_runs(folder: Path, depth: int = RUNS_DEPTH) -> list[Path]:
     """The run directories at most ``depth`` levels below ``folder`` (``folder`` itself where it is
-    one), each once: a folder reached again through a symbolic link (``runs/old -> ..``, or runs kept
-    on another disk and linked in twice) is not searched again (``seen``: the real paths searched), and
-    a folder's own subfolders are searched before its links. A run's own folders (``kept/``,
-    ``tensorboard/``) are not searched, nor hidden ones (an ``--overwrite`` session's staging run,
-    ``.quick.overwrite``, is said by the commands that read the run beside it)."""
-    seen = set() if seen is None else seen
+    one), each once, by the name its real folders give it: they are searched first, the symbolic links
+    among them only after, so that a link (``runs/old -> ..``, runs kept on another disk and linked in)
+    adds only the runs it alone leads to. A folder reached again is searched again only where more
+    levels below it are left to search than before. A run's own folders (``kept/``, ``tensorboard/``)
+    are not searched, nor hidden ones (an ``--overwrite`` session's staging run, ``.quick.overwrite``,
+    is said by the commands that read the run beside it). A run directory is one that holds a
+    checkpoint, or drnn's mark with a training in it that has written none yet."""
+    found: dict[Path, Path] = {}  # each run's real path: the name it is listed by
+    for follow_links in (False, True):
+        _search(folder, depth, follow_links, {}, found)
+    return list(found.values())
+
+
+def _search(
+    folder: Path, depth: int, follow_links: bool, searched: dict[Path, int], found: dict[Path, Path]
+) -> None:
+    """``find_runs``' walk; ``searched``: the real folders searched in this pass, with the levels below
+    each that were."""
     try:
         real = folder.resolve()
     except (OSError, RuntimeError):  # a link loop that resolve() cannot follow
-        return []
-    if real in seen:
-        return []
-    seen.add(real)
+        return
+    if searched.get(real, -1) >= depth:
+        return
+    searched[real] = depth
     try:
-        if holds_run(folder):
-            return [folder]
+        if holds_run(folder) or (training_holder(folder) is not None and (folder / RUN_MARKER).is_file()):
+            found.setdefault(real, folder)
+            return
     except OSError:  # a folder this user may not search (no x permission): no run to show
-        return []
-    found: list[Path] = []
+        return
     if depth <= 0:
-        return found
+        return
     with contextlib.suppress(OSError):  # an unreadable folder holds no run this listing can show
-        # real folders before links, so that a run with a second name is listed by its own
-        for child in sorted(folder.iterdir(), key=lambda path: (path.is_symlink(), path.name)):
+        for child in sorted(folder.iterdir()):
             with contextlib.suppress(OSError):
                 if child.name.startswith(".") or not child.is_dir():
                     continue
-                found.extend(find_runs(child, depth - 1, seen))
-    return found
+                if follow_links or not child.is_symlink():
+                    _search(child, depth - 1, follow_links, searched, found)
 
 
 def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
-    """What ``run_dir``'s newest checkpoint says of it; ``latest``: the latest run, resolved."""
-    checkpoint = None
-    with contextlib.suppress(OSError):
-        checkpoint = next((run_dir / name for name in (LAST, BEST) if (run_dir / name).is_file()), None)
+    """What ``run_dir``'s newest checkpoint says of it (``last.safetensors``, else the ``best`` of a run
+    stopped before its first ``last``); ``latest``: the latest run, resolved. A checkpoint that cannot
+    be read is said, as the command that reads it would say it: ``last`` makes the row unreadable (a
+    resume reads it), ``best`` leaves no best figure (eval and predict read it)."""
+    checkpoint = next((run_dir / name for name in (LAST, BEST) if os.path.lexists(run_dir / name)), None)
     is_latest = False
     with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: a link loop resolve() gives up on
         is_latest = latest is not None and run_dir.resolve() == latest
     training = training_holder(run_dir)
-    if checkpoint is None:  # a run removed while listing
-        return RunSummary(run_dir, is_latest, None, None, None, None, training, "no checkpoint")
+    if checkpoint is None:  # a training before its first checkpoint, or a run removed while listing
+        problem = None if training is not None else "no checkpoint"
+        return RunSummary(run_dir, is_latest, None, None, None, None, training, problem)
     updated: float | None = None
     with contextlib.suppress(OSError):
         updated = checkpoint.stat().st_mtime
@@ -272,19 +299,28 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     waiting = None
     with contextlib.suppress(OSError, RuntimeError):
         waiting = waiting_replacement_note(run_dir, "drnn runs describes")
+    best, problem = _best(run_dir, info)
     return RunSummary(
-        run_dir, is_latest, checkpoint, updated, info, counters, training, None, _best(run_dir, info), waiting
+        run_dir, is_latest, checkpoint, updated, info, counters, training, problem, best, waiting
     )
 
 
-def _best(run_dir: Path, newest: CheckpointInfo) -> float | None:
-    """The best validation perplexity on disk: ``best.safetensors`` names its own, which a validation
-    after the newest ``last`` was written (a time budget's final one) has made better than ``last``'s."""
-    best = run_dir / BEST
-    if best.is_file():
-        with contextlib.suppress(DrnnError, OSError):  # unreadable: the newest header's figure stands
-            return read_checkpoint_info(best).best_val_ppl
-    return newest.best_val_ppl
+def _best(run_dir: Path, newest: CheckpointInfo) -> tuple[float | None, str | None]:
+    """The best validation perplexity on disk, with what keeps it from being shown. ``best.safetensors``
+    names its own, which a validation after the newest ``last`` was written (a time budget's final one)
+    has made better than ``last``'s; one that cannot be read has none eval could reproduce; a figure no
+    perplexity can be (below 1, NaN: a tampered header) is none."""
+    best_path, figure = run_dir / BEST, newest.best_val_ppl
+    if os.path.lexists(best_path):
+        try:
+            figure = read_checkpoint_info(best_path).best_val_ppl
+        except DrnnError as error:
+            return None, str(error)
+        except OSError as error:
+            return None, first_line(error)
+    if figure is not None and not (math.isfinite(figure) and figure >= 1):
+        return None, f"{best_path} names a best validation perplexity of {figure}, which no validation gives"
+    return figure, None
 
 
 RunOrder = Literal["updated", "best", "name"]
@@ -295,12 +331,11 @@ def _order_key(order: RunOrder) -> Callable[[RunSummary], tuple[Any, ...]]:
     first, runs without one after them (newest first); ``name``: by path."""
     if order == "name":
         return lambda run: (str(run.run_dir),)
-    if order == "best":  # a header's NaN or infinity (a tampered one) ranks as no figure
+    if order == "best":  # runs without a figure (none, or a tampered one: _best) after those with one
 
         def best_first(run: RunSummary) -> tuple[Any, ...]:
             best = run.best_val_ppl
-            known = best is not None and math.isfinite(best)
-            return (not known, best if known else 0.0, -(run.updated or 0.0))
+            return (best is None, best or 0.0, -(run.updated or 0.0))
 
         return best_first
     return lambda run: (-(run.updated or 0.0),)
@@ -318,7 +353,9 @@ def list_runs(
             "of runs: drnn runs DIR"
         )
     if not folder.is_dir():
-        raise DrnnError(f"{folder} is a file; drnn runs takes a folder of runs (or one run's directory)")
+        raise DrnnError(
+            f"{folder} is not a folder; drnn runs takes a folder of runs (or one run's directory)"
+        )
     latest: Path | None = None
     with contextlib.suppress(DrnnError, OSError, RuntimeError):
         own = (folder / LATEST_MARKER).is_file()

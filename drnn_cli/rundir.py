@@ -35,6 +35,7 @@ import contextlib
 import os
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,12 +47,15 @@ from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_
 from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_ENTRY_NAMES, RUN_MARKER, RunFiles
 
 DEFAULT_RUNS_ROOT = Path("runs")  # relative: resolved against the working directory when used
+LOCK_PATIENCE_SECONDS = 0.25  # how long a training waits for a run's lock before it is refused
 LOCK_OWNER_BYTES = 512  # what is read of a lock file's "HOST PID" line (a host name is at most 255 bytes)
 
 
 def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a trained run (a checkpoint) that a new run would replace."""
-    return (run_dir / LAST).is_file() or (run_dir / BEST).is_file()
+    """Whether ``run_dir`` holds a trained run (a checkpoint) that a new run would replace: a checkpoint's
+    name is there, even as something a checkpoint cannot be (a folder, a pipe, a dangling link), which
+    the command that reads it names, rather than a run that seems never to have been."""
+    return any(os.path.lexists(run_dir / name) for name in (LAST, BEST))
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -294,7 +298,7 @@ def run_checkpoint(run_dir: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
             f"run directory {run_dir} does not exist; pass an existing --run DIR{_runs_hint(runs_root)}"
         )
     for name in (BEST, LAST):
-        if (run_dir / name).is_file():
+        if os.path.lexists(run_dir / name):  # one that is no file (a pipe, a folder) is named when read
             return run_dir / name
     inside = _runs_inside(run_dir)
     if inside:  # --run runs: the folder of runs, not one of them
@@ -356,46 +360,87 @@ def _remove_created(run_dir: Path, created: Path) -> None:
             break
 
 
-def _lock_owner(path: Path) -> str:
-    """The lock file's "HOST PID" line, as :class:`RunLock` writes it: its first bytes alone, whatever
-    else a file of that name holds; "" where it cannot be read."""
+def _lock_owner(path: Path) -> tuple[str, int | None]:
+    """The lock file's "HOST PID" line, as :class:`RunLock` writes it, read from its first bytes alone
+    whatever else a file of that name holds: the host and the process id (None where the line names
+    none); ("", None) where it is not a regular file (a pipe, which an open would wait on forever) or
+    cannot be read."""
     try:
-        with path.open("rb") as handle:
-            return handle.read(LOCK_OWNER_BYTES).decode("utf-8", errors="replace").strip()
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
-        return ""
+        return "", None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return "", None
+        line = os.read(descriptor, LOCK_OWNER_BYTES).decode("utf-8", errors="replace").strip()
+    except OSError:
+        return "", None
+    finally:
+        os.close(descriptor)
+    host, _, pid = line.rpartition(" ")
+    if host and pid.isascii() and pid.isdigit():  # isdigit() alone takes "²", which int() refuses
+        return host, int(pid)
+    return line, None
 
 
 def training_holder(run_dir: Path) -> str | None:
     """``process 123`` where a training on this host holds ``run_dir``'s lock now, else None (``drnn
     runs``). The lock file names its last holder (:class:`RunLock`); only a live process of that id is
-    asked whether it still holds the lock, by a shared ``flock`` taken and dropped at once (a training
-    starting in that instant would be refused as if the run were busy, and a live process is what makes
-    the instant rare), so a listing never takes a lock a training could want. A holder on another host
+    asked after, and without taking the lock: a listing must never be why a training is refused. Linux
+    says who holds which lock in /proc/locks; elsewhere a shared ``flock`` is taken and dropped at once
+    (a training starting in that instant waits it out: :meth:`RunLock.acquire`). A holder on another host
     (a shared filesystem) cannot be asked: None."""
     path = run_dir / LOCK_NAME
-    host, _, pid = _lock_owner(path).rpartition(" ")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    host, pid = _lock_owner(path)
+    if host != socket.gethostname() or pid is None or pid == os.getpid():
         return None
     try:
-        os.kill(int(pid), 0)  # signal 0: whether the process exists, nothing sent
+        os.kill(pid, 0)  # signal 0: whether the process exists, nothing sent
     except ProcessLookupError:
         return None
     except (PermissionError, OverflowError, OSError):
-        pass  # it exists (another user's) or the id is not a process's: flock decides
+        pass  # it exists (another user's) or the id is not a process's: the lock decides
+    held = _flock_listed(path, pid)
+    if held is None:
+        held = _flock_probed(path)
+    return f"process {pid}" if held else None
+
+
+def _flock_listed(path: Path, pid: int) -> bool | None:
+    """Whether /proc/locks lists a ``flock`` on ``path`` (its inode, on its device or taken by ``pid``:
+    an overlay filesystem may list the device beneath); None where there is no /proc/locks to ask."""
+    try:
+        info = path.stat()
+        listed = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in listed.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 2417 fe:00:5308418 0 EOF"; a waiter's line has "->" after the number
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        holder, where = fields[4], fields[5]
+        if where == device or (where.rsplit(":", 1)[-1] == str(info.st_ino) and holder == str(pid)):
+            return True
+    return False
+
+
+def _flock_probed(path: Path) -> bool:
+    """Whether another process holds ``path``'s ``flock``, found by taking a shared one and dropping it."""
     try:
         import fcntl
     except ImportError:  # Windows: a live process of that id is the best sign there is
-        return f"process {pid}"
+        return True
     try:
         with path.open("rb") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             fcntl.flock(handle, fcntl.LOCK_UN)
     except BlockingIOError:
-        return f"process {pid}"
+        return True
     except OSError:
-        return None
-    return None
+        return False
+    return False
 
 
 class RunLock:
@@ -414,13 +459,14 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire()
+        try:  # a moment's wait: a listing's probe where /proc/locks is missing holds it that long at most
+            self._lock.acquire(timeout=LOCK_PATIENCE_SECONDS, poll_interval=0.02)
         except filelock.Timeout:
             time.sleep(0.05)  # let a holder that has just taken the lock write its name
-            owner = _lock_owner(self.path)[:200]
-            host, _, pid = owner.rpartition(" ")  # "HOST PID", as acquire writes it
-            owner = f"process {pid} on host {host}" if host and pid.isdigit() else owner or "another process"
+            host, pid = _lock_owner(self.path)
+            owner = (
+                f"process {pid} on host {host[:200]}" if pid is not None else host[:200] or "another process"
+            )
             raise DrnnError(
                 f"run directory {self.path.parent} is in use by another training ({owner}); wait for "
                 f"it to finish or choose another --run DIR"

@@ -16,12 +16,14 @@ _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u20
 
 def terminal_safe(text: str, keep: str = "\n\t") -> str:
     """``text`` with its C0/C1 controls and bidi controls escaped, except those in ``keep``: generated
-    text keeps its line breaks and tabs; an error line, which must read as one line, keeps none."""
+    text keeps its line breaks and tabs; an error line, which must read as one line, keeps none. A lone
+    surrogate (a file name's byte that is not UTF-8, PEP 383) is escaped too: a UTF-8 terminal's strict
+    encoder refuses it."""
     return "".join(_escaped(char, keep) for char in text)
 
 
 def _escaped(char: str, keep: str) -> str:
-    if char in keep or (unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS):
+    if char in keep or (unicodedata.category(char) not in ("Cc", "Cs") and char not in _BIDI_CONTROLS):
         return char
     return repr(char)[1:-1]  # \t, \x1b, \x85, \u202e
 

@@ -4,6 +4,7 @@ data stage (the vocabulary, the text's SHA-1, the best perplexity kept on disk).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,7 +282,7 @@ def resume_point(
     from scratch, which the user may have meant to fine-tune.
     """
     last = run_dir / LAST
-    if not last.is_file():
+    if not os.path.lexists(last):  # a name that is no file (a folder, a pipe) is named by the read below
         if (run_dir / BEST).is_file():  # killed before its first `last`: its best can seed a new run
             raise DrnnError(
                 f"nothing to resume: {last} does not exist (the run stopped before its first one); start "

@@ -100,7 +100,7 @@ from drnn_cli.session_time import (
 from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.stop_votes import StopVotes
-from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard, summary_writer_class
+from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_state import (
     EpochProgress,
     RankState,
@@ -333,8 +333,6 @@ class Trainer:
             measure_norm=train.tensorboard,
         )
         self.tensorboard: TensorBoardLog | None = None
-        if train.tensorboard:
-            summary_writer_class()  # refused in one line without the package, on every rank
         if train.tensorboard and self.dist.is_main:
             self.tensorboard = open_tensorboard(
                 run_dir, device, self.global_step if resume is not None else None

@@ -44,6 +44,7 @@ from drnn_cli.start_point import (
     shared_text_note,
     unknown_share_note,
 )
+from drnn_cli.tensorboard_log import summary_writer_class
 from drnn_cli.train import RESUME_ADVICE, Trainer
 
 # How an interrupted --overwrite session is told to go on (it trained beside the run it replaces).
@@ -80,6 +81,8 @@ def train_run(
     if request.device is not None:
         overrides = (*overrides, f"train.device={request.device}")  # validated like the config key
     config = load_start_config(request.config_path, overrides, request.init_from, request.runs_root)
+    if config.train.tensorboard:  # refused on every rank, before the text is read (its token cache written)
+        summary_writer_class()
     if config.data.file is not None:  # the run keeps an absolute path: eval and --resume work from anywhere
         config.data.path = str(config.data.file.absolute())
     run_dir = (

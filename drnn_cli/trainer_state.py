@@ -60,9 +60,16 @@ def _count(tree: dict[str, Any], key: str, where: str, default: Any = _REQUIRED)
     return value
 
 
+MAX_TRAINING_SECONDS = 100 * 365 * 24 * 3600.0  # a training time beyond this is a tampered header
+
+
 def _seconds(tree: dict[str, Any], key: str, where: str, default: Any = _REQUIRED) -> float:
-    """A duration: a finite, non-negative number (JSON headers may hold NaN or Infinity)."""
-    return _amount(tree, key, where, default, "a duration")
+    """A duration: a finite, non-negative number (JSON headers may hold NaN or Infinity) below a
+    century, so that sums of them stay finite and print as hours."""
+    seconds = _amount(tree, key, where, default, "a duration")
+    if seconds > MAX_TRAINING_SECONDS:
+        raise UnusableTrainerState(f"{where}{key} is {seconds:g} seconds, more than any training has run")
+    return seconds
 
 
 def _amount(tree: dict[str, Any], key: str, where: str, default: Any, kind: str) -> float:

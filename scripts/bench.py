@@ -40,8 +40,9 @@ busy for most of its wall time is bound by the kernels themselves; one with gaps
 
     python scripts/bench.py --device cuda --profile --configs lstm-seed,lstm-seed-bf16 --json
 
-With ``--json`` the last line on stdout is one JSON object; the human-readable table then goes to
-stderr. On a small shared CPU pass ``--threads 1``: a two-thread OpenMP team whose second core is busy
+With ``--json`` stdout is JSON lines: the report so far after each round (a run cut short by a time
+limit still leaves its measurements), the whole report as the last line, each printed once; the
+human-readable table goes to stderr. On a small shared CPU pass ``--threads 1``: a two-thread OpenMP team whose second core is busy
 can make a seed-size step 20-30× slower, on both sides, which swamps the comparison.
 """
 
@@ -1109,6 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    printed: list[str] = []  # --json: the lines printed so far
     try:
         if args.dry_run:
             print("\n".join(training_plan(args)))
@@ -1116,13 +1118,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_scale is not None:
             report = run_data_benchmark(args, log)
         else:
-            progress = (lambda so_far: print(json.dumps(so_far), flush=True)) if args.json else None
-            report = run_training_benchmarks(args, log, progress)
+
+            def progress(so_far: dict) -> None:
+                printed.append(json.dumps(so_far))
+                print(printed[-1], flush=True)
+
+            report = run_training_benchmarks(args, log, progress if args.json else None)
     except DrnnError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     render(report, to_stderr=args.json)
-    if args.json:
+    if args.json and printed[-1:] != [json.dumps(report)]:  # the last round's report is the whole one
         print(json.dumps(report))
     if args.strict and report["benchmark"] == "data-scale" and not report["ok"]:
         return 1

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 # Triton decides when it is first imported whether kernels compile for a GPU or run in its CPU
 # interpreter, so the choice is made here, before any test imports it: without CUDA, the fused LSTM
@@ -248,3 +252,16 @@ def step_losses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     monkeypatch.setattr(StaticStep, "__call__", recording)
     return losses
+
+
+def rewrite_checkpoint(source: Path, target: Path, edit_tensors=None, edit_header=None) -> None:
+    """Write a copy of ``source`` with edited tensors or drnn header, bypassing drnn's own checks."""
+    payload = source.read_bytes()
+    (length,) = struct.unpack("<Q", payload[:8])
+    drnn = json.loads(json.loads(payload[8 : 8 + length])["__metadata__"]["drnn"])
+    tensors = dict(load_safetensors(payload))
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    if edit_header is not None:
+        edit_header(drnn)
+    target.write_bytes(save_safetensors(tensors, metadata={"drnn": json.dumps(drnn)}))

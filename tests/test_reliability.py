@@ -563,9 +563,10 @@ def test_corrupt_checkpoint_is_named(tmp_path: Path, cli, payload: bytes):
     assert_one_line_error(code, err, str(bad), "corrupt")
 
 
-@pytest.mark.parametrize("text", ["the time machine, by h. g. wells\n" * 3, "时间机器\n" * 9])
+@pytest.mark.parametrize("text", ["the time machine, by h. g. wells\n" * 3, "时间机器\n" * 9, "hi\n"])
 def test_a_text_given_as_a_checkpoint_is_named_as_one(tmp_path: Path, cli, text: str):
-    """Its first 8 bytes read as a header length of 7,980,170,311,414.5 MiB, and the message said so."""
+    """Its first 8 bytes read as a header length of 7,980,170,311,414.5 MiB, and the message said so; a
+    note shorter than those 8 bytes was "corrupt"."""
     given = tmp_path / "notes.txt"
     given.write_text(text)
     code, _, err = cli("predict", "time", "--checkpoint", str(given))

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, assert_run_locked_by_this_process, config_file
+from conftest import assert_one_line_error, assert_run_locked_by_this_process, config_file, rewrite_checkpoint
 from lock_contender import contend
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.download import REGISTRY, fetch_corpus
@@ -46,19 +44,6 @@ CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 def tiny(**train: object) -> dict:
     return {**TINY, "train": {**TINY["train"], **train}}
-
-
-def rewrite_checkpoint(source: Path, target: Path, edit_tensors=None, edit_header=None) -> None:
-    """Write a copy of ``source`` with edited tensors or drnn header, bypassing drnn's own checks."""
-    payload = source.read_bytes()
-    (length,) = struct.unpack("<Q", payload[:8])
-    drnn = json.loads(json.loads(payload[8 : 8 + length])["__metadata__"]["drnn"])
-    tensors = dict(load_safetensors(payload))
-    if edit_tensors is not None:
-        edit_tensors(tensors)
-    if edit_header is not None:
-        edit_header(drnn)
-    target.write_bytes(save_safetensors(tensors, metadata={"drnn": json.dumps(drnn)}))
 
 
 @pytest.fixture

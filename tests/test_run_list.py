@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,24 +14,35 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TREE, assert_one_line_error, config_file
+from conftest import TINY_TREE, assert_one_line_error, config_file, rewrite_checkpoint
+
+from drnn_cli import rundir
 
 
 def _listed(cli, *args: str) -> list[dict]:
+    """``drnn runs --json``'s runs, their paths (absolute, as every --json path: checked) made relative
+    to the working directory again to read as the command line spelled them."""
     code, out, err = cli("runs", *args, "--json")
     assert code == 0, err
-    return json.loads(out.splitlines()[-1])["runs"]
+    runs = json.loads(out.splitlines()[-1])["runs"]
+    for run in runs:
+        for key in ("run_dir", "checkpoint"):
+            if run[key] is not None:
+                assert Path(run[key]).is_absolute(), run[key]
+                run[key] = os.path.relpath(run[key])
+    return runs
 
 
 def _rows(lines: list[str]) -> list[list[str]]:
     """The table's rows, each cell's lines joined, spaces left out: a cell wraps at its spaces, or folds
-    a word, as the columns allow."""
+    a word (a long name too), as the columns allow. A row begins at its "updated" time, on its first
+    line alone."""
     rows: list[list[list[str]]] = []
     for line in lines:
         if not line.startswith("│"):
             continue
         cells = [cell.strip() for cell in line.split("│")[1:-1]]
-        if cells[0] and not cells[0].startswith("★"):
+        if cells[-1] or not rows:
             rows.append([[] for _ in cells])
         for parts, cell in zip(rows[-1], cells, strict=True):
             if cell:
@@ -183,7 +195,7 @@ def test_a_corrupt_checkpoint_is_a_row_that_says_why_not_a_failure(three_runs: P
     )
     code, out, err = cli("runs", "--json")
     assert code == 0, err
-    runs = {run["run_dir"]: run for run in json.loads(out.splitlines()[-1])["runs"]}
+    runs = {os.path.relpath(run["run_dir"]): run for run in json.loads(out.splitlines()[-1])["runs"]}
     broken = runs["runs/tiny"]
     assert broken["state"] == "unreadable" and broken["cell"] is None and broken["epoch"] is None
     assert "runs/tiny/last.safetensors" in broken["problem"]
@@ -196,7 +208,7 @@ def test_a_missing_folder_or_a_file_is_one_line(workdir: Path, cli):
     assert_one_line_error(code, err, "runs does not exist in", "drnn runs DIR")
     (workdir / "notes.txt").write_text("x")
     code, _, err = cli("runs", "notes.txt")
-    assert_one_line_error(code, err, "notes.txt is a file")
+    assert_one_line_error(code, err, "notes.txt is not a folder")
     (workdir / "empty").mkdir()
     code, out, err = cli("runs", "empty")
     assert code == 0 and out.startswith("no runs in empty"), err
@@ -221,7 +233,9 @@ def test_an_early_stop_and_a_pending_boundary_read_as_train_resume_would(three_r
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="flock")
-def test_a_run_a_live_training_holds_is_training_and_a_stale_lock_file_is_not(three_runs: Path, cli):
+def test_a_run_a_live_training_holds_is_training_and_a_stale_lock_file_is_not(
+    three_runs: Path, cli, monkeypatch
+):
     """The lock file names its last holder; only a live process that still holds the flock is training."""
     lock = three_runs / "runs" / "tiny" / "train.lock"
     holder = subprocess.Popen(
@@ -238,12 +252,26 @@ def test_a_run_a_live_training_holds_is_training_and_a_stale_lock_file_is_not(th
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         lock.write_text(f"{socket.gethostname()} {holder.pid}\n")
+        if Path("/proc/locks").is_file():  # Linux: the holder is read there, no lock taken to ask
+            monkeypatch.setattr(rundir, "_flock_probed", _never)
         tiny = {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]
         assert (tiny["state"], tiny["training_process"]) == ("training", f"process {holder.pid}")
+        # a training that has written no checkpoint yet is listed, as training
+        starting = three_runs / "runs" / "starting"
+        shutil.copytree(three_runs / "runs" / "tiny", starting)
+        for name in ("last.safetensors", "best.safetensors"):
+            (starting / name).unlink()
+        os.replace(lock, starting / "train.lock")  # the holder's lock, by the file it holds
+        listed = {run["run_dir"]: run for run in _listed(cli)}
+        assert (listed["runs/starting"]["state"], listed["runs/starting"]["problem"]) == ("training", None)
+        code, out, err = cli("runs", "runs/starting")
+        assert code == 0 and _rows(out.splitlines())[0][1:3] == ["", "nocheckpointyettraining"], err
+        os.replace(starting / "train.lock", lock)
     finally:
         holder.kill()
         holder.wait()
     assert {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]["state"] == "finished"  # it is gone
+    assert "runs/starting" not in {run["run_dir"] for run in _listed(cli)}  # no checkpoint, no training
     # a live process named by a lock nobody holds (this test's parent: a reused process id) is no training
     lock.write_text(f"{socket.gethostname()} {os.getppid()}\n")
     assert {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]["state"] == "finished"
@@ -280,16 +308,33 @@ def test_sort_best_puts_the_lowest_best_validation_first_and_runs_without_one_la
     assert code == 0 and out.splitlines()[0].strip() == "runs in runs, the best first", err
 
 
-def test_sort_best_ranks_a_non_finite_best_as_none():
-    """A tampered header's NaN would make the order depend on where it stood (NaN compares false)."""
-    from drnn_cli.run_list import RunSummary, _order_key
+def test_a_best_no_validation_gives_is_no_figure_and_ranks_last(three_runs: Path, cli):
+    """A tampered header's NaN would make the order depend on where it stood (NaN compares false), and
+    a best below 1 would rank first; neither is a perplexity: no figure, with a note naming the file."""
+    from drnn_cli.checkpoint import read_checkpoint_info
 
-    def run(name: str, best: float | None, updated: float) -> RunSummary:
-        return RunSummary(Path(name), False, None, updated, None, None, None, best_val_ppl=best)
-
-    runs = [run("nan", math.nan, 4.0), run("b", 3.0, 3.0), run("none", None, 5.0), run("a", 2.0, 1.0)]
-    runs += [run("inf", math.inf, 2.0)]
-    assert [str(r.run_dir) for r in sorted(runs, key=_order_key("best"))] == ["a", "b", "none", "nan", "inf"]
+    runs = three_runs / "runs"
+    for name, figure in (("nan", math.nan), ("negative", -5.0), ("inf", math.inf)):
+        time.sleep(0.02)  # distinct modification times
+        shutil.copytree(runs / "tiny", runs / name)
+        for file in ("best.safetensors", "last.safetensors"):
+            rewrite_checkpoint(
+                runs / "tiny" / file,
+                runs / name / file,
+                edit_header=lambda h, f=figure: h.update(best_val_ppl=f),
+            )
+    tiny = read_checkpoint_info(runs / "tiny" / "best.safetensors").best_val_ppl
+    ranked = [(run["run_dir"], run["best_val_ppl"]) for run in _listed(cli, "--sort", "best")]
+    assert ("runs/tiny", tiny) in ranked[:3] and ranked[3:] == [
+        ("runs/inf", None),  # without a figure: the newest first
+        ("runs/negative", None),
+        ("runs/nan", None),
+    ]
+    code, out, err = cli("runs")
+    assert code == 0 and (
+        "note: runs/negative: runs/negative/best.safetensors names a best validation perplexity of -5.0, "
+        "which no validation gives"
+    ) in " ".join(out.split()), err
 
 
 def test_a_folder_this_user_may_not_search_is_left_out_not_a_failure(three_runs: Path, cli, monkeypatch):
@@ -308,3 +353,203 @@ def test_a_folder_this_user_may_not_search_is_left_out_not_a_failure(three_runs:
     monkeypatch.setattr(run_list, "holds_run", refusing)
     assert [run["run_dir"] for run in _listed(cli)] == ["runs/sweep/steps6", "runs/sweep/cut", "runs/tiny"]
     assert [run["run_dir"] for run in _listed(cli, "runs/locked")] == []
+
+
+# What a red team of `drnn runs` found (each test fails without its fix)
+
+
+def _run_in_thread(call, seconds: float = 60.0):
+    """``call()``'s result, or a failure where it has not returned within ``seconds`` (a hang)."""
+    import threading
+
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "hung"
+    return result[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_pipe_where_a_lock_or_a_checkpoint_belongs_is_said_never_waited_on(three_runs: Path, cli):
+    """Opening a FIFO to read waits for a writer: a listing that opened one hung, and a pipe as
+    last.safetensors read as a run with no checkpoint ("does not exist" to --resume)."""
+    runs = three_runs / "runs"
+    os.unlink(runs / "tiny" / "train.lock")
+    os.mkfifo(runs / "tiny" / "train.lock")
+    os.unlink(runs / "sweep" / "cut" / "last.safetensors")
+    os.mkfifo(runs / "sweep" / "cut" / "last.safetensors")
+    listed = {run["run_dir"]: run for run in _run_in_thread(lambda: _listed(cli))}
+    assert listed["runs/tiny"]["state"] == "finished"
+    cut = listed["runs/sweep/cut"]
+    assert cut["state"] == "unreadable" and cut["best_val_ppl"] is None
+    assert cut["problem"].endswith(
+        "cut/last.safetensors is a FIFO, not a regular file; train first or pass --run DIR / --checkpoint FILE"
+    )
+    config = str(config_file(three_runs, TINY_TREE))
+    code, _, err = cli("train", "--config", config, "--run", "runs/sweep/cut", "--resume")
+    assert_one_line_error(code, err, "runs/sweep/cut/last.safetensors is a FIFO, not a regular file")
+
+
+def test_a_lock_file_naming_no_pid_drnn_wrote_is_no_training(three_runs: Path, cli):
+    """ "²" is a digit to str.isdigit() and no number to int(): it failed the whole listing."""
+    lock = three_runs / "runs" / "tiny" / "train.lock"
+    for pid in ("²", "١٢", "-4", "99999999999999999999999"):
+        lock.write_text(f"{socket.gethostname()} {pid}\n", encoding="utf-8")
+        tiny = {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]
+        assert (tiny["state"], tiny["training_process"]) == ("finished", None), pid
+
+
+def test_names_are_shown_on_one_line_escaped_whatever_bytes_they_hold(three_runs: Path, cli):
+    """A name that is not UTF-8 crashed a strict UTF-8 terminal (a lone surrogate); a newline in one
+    made a second line that read as the row's "★ latest"; an escape in FOLDER reached the terminal."""
+    runs = three_runs / "runs"
+    for name in (b"bad\xff", b"a\n\xe2\x98\x85 latest"):
+        os.makedirs(os.fsencode(runs) + b"/" + name)
+        shutil.copy(
+            runs / "tiny" / "last.safetensors", os.fsencode(runs) + b"/" + name + b"/last.safetensors"
+        )
+    code, out, err = cli("runs")
+    assert code == 0, err
+    out.encode("utf-8")  # strict: no lone surrogate
+    assert "│ runs/bad\\udcff" in out and "│ runs/a\\n★ latest" in out
+    assert sum(line.startswith("│ ★ latest") for line in out.splitlines()) == 1  # the latest run's own
+    escape = three_runs / "E\x1b[2J"
+    escape.mkdir()
+    code, out, err = cli("runs", str(escape.name))
+    assert code == 0 and out.startswith("no runs in E\\x1b[2J ("), err
+
+
+def test_a_header_with_training_times_no_training_took_lists_without_a_time(
+    three_runs: Path, cli, monkeypatch
+):
+    """1e308 + 1e308 seconds is infinity, which the wide table's time column could not print."""
+    runs = three_runs / "runs"
+
+    def elapsed(header: dict) -> None:
+        header["trainer_state"]["__dict__"] = [
+            [key, 1e308 if key == "elapsed" else value] for key, value in header["trainer_state"]["__dict__"]
+        ]
+
+    rewrite_checkpoint(
+        runs / "tiny" / "last.safetensors", runs / "tiny" / "last.safetensors", edit_header=elapsed
+    )
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = cli("runs", "--json")
+    assert code == 0, err
+    tiny = {run["run_dir"]: run for run in json.loads(out.splitlines()[-1])["runs"]}
+    assert [(r["state"], r["training_seconds"]) for r in tiny.values() if r["run_dir"].endswith("tiny")] == [
+        ("finished", None)
+    ]
+
+
+def test_a_link_deep_in_one_folder_does_not_hide_the_runs_of_another(three_runs: Path, cli):
+    """F/alpha/b/c -> F/beta was reached at its last level first and marked searched: F/beta/r1, a
+    real folder, went unlisted."""
+    root = three_runs / "F"
+    (root / "alpha" / "b").mkdir(parents=True)
+    (root / "beta" / "r1").mkdir(parents=True)
+    shutil.copy(three_runs / "runs" / "tiny" / "last.safetensors", root / "beta" / "r1")
+    (root / "alpha" / "b" / "c").symlink_to("../../beta")
+    assert [run["run_dir"] for run in _listed(cli, "F")] == ["F/beta/r1"]
+
+
+def test_at_80_columns_a_long_name_folds_and_leaves_the_other_columns_their_room(
+    three_runs: Path, cli, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "80")
+    deep = three_runs / "home" / "me" / "projects" / "char-rnn-experiments"
+    deep.mkdir(parents=True)
+    shutil.copytree(three_runs / "runs", deep / "runs", symlinks=True)
+    code, out, err = cli("runs", str(deep / "runs"))
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 80, err
+    rows = _rows(out.splitlines())
+    assert [row[0] for row in rows] == [
+        str(deep / "runs" / name) for name in ("sweep/steps6", "sweep/cut", "tiny")
+    ]
+    assert [row[2] for row in rows] == ["6/6stepsfinished", "0/4epochs+1stepsresumable", "4/4epochsfinished"]
+    assert all(row[1].startswith("lstm2×32timemachine") for row in rows)
+
+
+def test_a_corrupt_best_leaves_no_figure_eval_could_not_reproduce(three_runs: Path, cli):
+    """drnn eval --run reads best.safetensors: a figure from last's header would be one it cannot give."""
+    best = three_runs / "runs" / "tiny" / "best.safetensors"
+    data = best.read_bytes()
+    kept = 8 + int.from_bytes(data[:8], "little") + 100  # the length, the header, 100 bytes of tensors
+    best.write_bytes(data[:kept])
+    tiny = {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]
+    assert (tiny["state"], tiny["best_val_ppl"]) == ("finished", None)
+    assert tiny["problem"] == (
+        f"checkpoint runs/tiny/best.safetensors is cut short: it holds {kept:,} of the {len(data):,} bytes its header "
+        "announces; retrain or pick another file"
+    )
+    code, out, err = cli("runs")
+    assert code == 0 and _rows(out.splitlines())[2][3] == "", err  # blank: no figure, and not "—" (no split)
+
+
+def _never(*args: object) -> bool:
+    raise AssertionError("a listing took the run's lock to ask whether a training holds it")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_training_waits_out_a_listing_that_asks_with_the_lock_itself(three_runs: Path):
+    """Without /proc/locks a listing asks by taking a shared flock and dropping it: a training starting in
+    that instant waits for it (it was refused as if the run were busy: 115 of 11,593 starts in a loop)."""
+    import fcntl
+    import threading
+
+    from drnn_cli.rundir import RunLock
+
+    run = three_runs / "runs" / "tiny"
+    with (run / "train.lock").open("rb") as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        threading.Timer(0.1, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+        with RunLock(run) as lock:
+            assert lock.held
+
+
+def test_progress_is_counted_in_what_ended_the_run_and_a_replaced_run_says_so(three_runs: Path):
+    """train.max_steps beyond the run's epochs: it finished its epochs, which "8/100 steps" hid; a
+    newer run a live --overwrite training stages beside it is put in place by that training."""
+    from drnn_cli.run_list import describe_run
+
+    tiny = describe_run(three_runs / "runs" / "tiny", None)
+    assert tiny.info is not None and tiny.trained() == "4/4 epochs"
+    config = tiny.info.config
+
+    def with_max_steps(steps: int, epoch: int):
+        train = config.train.model_copy(update={"max_steps": steps})
+        info = dataclasses.replace(tiny.info, epoch=epoch, config=config.model_copy(update={"train": train}))
+        return dataclasses.replace(tiny, info=info)
+
+    assert (with_max_steps(1000, 4).trained(), with_max_steps(1000, 4).finished_by) == (
+        "4/4 epochs",
+        "epochs",
+    )
+    assert (with_max_steps(1000, 2).trained(), with_max_steps(1000, 2).state) == (
+        "116/1,000 steps",
+        "resumable",
+    )
+    assert (with_max_steps(116, 3).trained(), with_max_steps(116, 3).finished_by) == (
+        "116/116 steps",
+        "max_steps",
+    )
+    waiting = dataclasses.replace(tiny, waiting="runs/.tiny.overwrite holds a newer run")
+    assert waiting.notes() == ["runs/.tiny.overwrite holds a newer run"]
+    assert dataclasses.replace(waiting, training="process 12").notes() == [
+        "a --overwrite training (process 12) is replacing this run; the row is the run it replaces"
+    ]
+
+
+def test_a_fine_tuned_run_names_its_start(three_runs: Path, cli):
+    runs = three_runs / "runs"
+    last = runs / "tiny" / "last.safetensors"
+    rewrite_checkpoint(
+        last, last, edit_header=lambda header: header.update(init_from="/data/base/best.safetensors")
+    )
+    listed = {run["run_dir"]: run["init_from"] for run in _listed(cli)}
+    assert listed == {
+        "runs/tiny": "/data/base/best.safetensors",
+        "runs/sweep/cut": None,
+        "runs/sweep/steps6": None,
+    }

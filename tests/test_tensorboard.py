@@ -127,7 +127,11 @@ def test_a_resumed_run_keeps_the_events_up_to_its_checkpoint_and_a_finished_one_
 def test_without_the_package_the_option_is_refused_in_one_line(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    """Refused before the text is read: a big one's token cache went into the corpus folder first."""
+    from drnn_cli import train_session
+
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    monkeypatch.setattr(train_session, "load_same_corpus", _not_read)
     with pytest.raises(DrnnError) as error:
         train(workdir, "train.tensorboard=true")
     assert str(error.value) == (
@@ -136,6 +140,10 @@ def test_without_the_package_the_option_is_refused_in_one_line(
         "or set train.tensorboard: false"
     )
     assert not (workdir / "runs" / "tiny").exists()
+
+
+def _not_read(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the text was read before train.tensorboard was refused")
 
 
 def test_the_logged_gradient_norm_leaves_out_the_steps_an_fp16_overflow_skipped(tmp_path: Path) -> None:

@@ -381,11 +381,23 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
         known = run.info is not None and run.problem is None
         shown_best = format_perplexity(best, 4) if best is not None else "—" if known else ""
         if wide:
-            state = run.state if run.training is None else f"training ({run.training})"
-            cells = [name, run.model(), text, run.trained(), run.training_time(), shown_best, state]
+            cells = [
+                name,
+                run.model(),
+                text,
+                run.trained(),
+                run.training_time(),
+                shown_best,
+                run.shown_state(),
+            ]
         else:
             model = "\n".join(filter(None, [run.model(), text, *differs]))
-            cells = [name, model, "\n".join(filter(None, [run.trained(), run.state])), shown_best]
+            cells = [
+                name,
+                model,
+                "\n".join(filter(None, [run.trained(), run.shown_state(holder=False)])),
+                shown_best,
+            ]
         cells.append(run.updated_at(short=not wide))
         table.add_row(*cells, *(["\n".join(differs)] if wide and shown else []))
     return table

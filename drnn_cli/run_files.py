@@ -57,6 +57,11 @@ class RunFiles:
         return self.run_dir / "init_from.txt"
 
     @property
+    def stop_record(self) -> Path:
+        """Why the run's last training session ended, and at which step (stop_record.py)."""
+        return self.run_dir / "stopped.json"
+
+    @property
     def tensorboard(self) -> Path:
         """TensorBoard event files (``train.tensorboard: true``)."""
         return self.run_dir / "tensorboard"
@@ -78,7 +83,16 @@ class RunFiles:
 
     def written(self) -> tuple[Path, ...]:
         """Every path above: what a run of drnn may have written into its directory."""
-        return (self.config, self.vocab, self.metrics, self.plot, self.init_from, self.tensorboard, self.kept)
+        return (
+            self.config,
+            self.vocab,
+            self.metrics,
+            self.plot,
+            self.init_from,
+            self.stop_record,
+            self.tensorboard,
+            self.kept,
+        )
 
 
 # What drnn writes into a run directory, by name: anything else there is the user's.

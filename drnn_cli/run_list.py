@@ -33,6 +33,7 @@ from drnn_cli.rundir import (
     training_holder,
     waiting_replacement_note,
 )
+from drnn_cli.stop_record import StoppedBy, StopRecord, read_stop_record
 from drnn_cli.trainer_state import SavedCounters, UnusableTrainerState
 
 # How deep below the folder runs are looked for: runs/NAME, runs/GROUP/NAME, runs/A/B/NAME (--run paths)
@@ -68,6 +69,7 @@ class RunSummary:
     problem: str | None = None
     best_val_ppl: float | None = None  # best.safetensors' own figure, else the newest header's
     waiting: str | None = None  # the note on a newer run a killed --overwrite left beside this one
+    stop: StopRecord | None = None  # why its last session ended, where the record speaks of this checkpoint
 
     @property
     def finished_by(self) -> StopReason | None:
@@ -89,7 +91,27 @@ class RunSummary:
             return "training"
         if self.info is None:
             return "unreadable"
-        return {None: "resumable", "patience": "early-stopped"}.get(self.finished_by, "finished")
+        if self.stopped_by == "diverged":  # the newest news: a session past the checkpoint (--set
+            return "diverged"  # train.epochs higher, say) that wrote none, its loss NaN or infinite
+        if self.finished_by is not None:
+            return "early-stopped" if self.finished_by == "patience" else "finished"
+        return "resumable"
+
+    def shown_state(self, holder: bool = True) -> str:
+        """The state as the table says it: with why a resumable run stopped (``resumable (SIGINT)``) and,
+        where there is room (``holder``), which process holds a training (``training (process 123)``)."""
+        if self.training is not None and holder:
+            return f"training ({self.training})"
+        if self.state == "resumable" and self.stopped_by is not None:
+            return f"resumable ({self.stopped_by})"
+        return self.state
+
+    @property
+    def stopped_by(self) -> StoppedBy | None:
+        """Why the session that wrote the newest checkpoint ended (a budget, a signal), or the session
+        after it diverged; None where no record speaks of it (a run from before records, one killed
+        outright)."""
+        return None if self.stop is None else self.stop.stopped_by
 
     def model(self) -> str:
         """``lstm 2×256``, with an embedding's width and an implementation other than cuDNN's."""
@@ -165,6 +187,7 @@ class RunSummary:
             "latest": self.latest,
             "state": self.state,
             "finished_by": self.finished_by,
+            "stopped_by": self.stopped_by,
             "training_process": self.training,
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint.absolute()),
             "updated": (
@@ -300,8 +323,11 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     with contextlib.suppress(OSError, RuntimeError):
         waiting = waiting_replacement_note(run_dir, "drnn runs describes")
     best, problem = _best(run_dir, info)
+    stop = read_stop_record(run_dir)
+    if stop is not None and not stop.applies_to(None if counters is None else counters.global_step):
+        stop = None
     return RunSummary(
-        run_dir, is_latest, checkpoint, updated, info, counters, training, problem, best, waiting
+        run_dir, is_latest, checkpoint, updated, info, counters, training, problem, best, waiting, stop
     )
 
 

@@ -10,6 +10,7 @@ Layout (the file names are defined in run_files.py)::
       metrics.jsonl      one JSON line per epoch end, evaluation or log line
       perplexity.png     train/validation perplexity against tokens seen
       init_from.txt      the checkpoint a fine-tuned run started from
+      stopped.json       why the last training session ended, and at which step
       tensorboard/       event files (train.tensorboard: true)
       kept/              train.keep_every's checkpoints: epoch-0005.safetensors, step-00001200.safetensors
       .drnn-run          marks the directory as drnn's

@@ -13,7 +13,7 @@ from drnn_cli.checkpoint import check_header_room, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.data import load_same_corpus
 from drnn_cli.download import ProgressHook
-from drnn_cli.errors import DrnnError, TrainingInterrupted, UsageError
+from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted, UsageError
 from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.report import Reporter, TrainResult
 from drnn_cli.run_files import BEST, LAST, RunFiles
@@ -44,6 +44,7 @@ from drnn_cli.start_point import (
     shared_text_note,
     unknown_share_note,
 )
+from drnn_cli.stop_record import write_stop_record
 from drnn_cli.tensorboard_log import summary_writer_class
 from drnn_cli.train import RESUME_ADVICE, Trainer
 
@@ -316,7 +317,15 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     if dist.is_main:
         if not request.resume:
             files = RunFiles(run_dir)
-            for stale in (run_dir / LAST, run_dir / BEST, files.metrics, files.plot, files.init_from):
+            stale_files = (
+                run_dir / LAST,
+                run_dir / BEST,
+                files.metrics,
+                files.plot,
+                files.init_from,
+                files.stop_record,
+            )
+            for stale in stale_files:
                 stale.unlink(missing_ok=True)
             discard(files.kept)  # an earlier run's kept points would read as this one's
         mark_run_dir(run_dir)
@@ -324,10 +333,16 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
             mark_as_latest()
     try:
         result = trainer.fit()
-    except TrainingInterrupted:  # stopped by a signal or a closed stdout, after its checkpoint
+    except TrainingInterrupted as stop:  # stopped by a signal or a closed stdout, after its checkpoint
         if dist.is_main:
+            write_stop_record(run_dir, stop.stopped.signal, stop.stopped.steps)  # type: ignore[arg-type]
             mark_as_latest()
         raise
+    except TrainingDiverged:  # its last finite checkpoint stays: the record says why no later one came
+        if dist.is_main:
+            write_stop_record(run_dir, "diverged", trainer.global_step)
+        raise
     if dist.is_main:
+        write_stop_record(run_dir, result.stop_reason, result.steps)
         mark_as_latest()
     return result

@@ -265,3 +265,19 @@ def rewrite_checkpoint(source: Path, target: Path, edit_tensors=None, edit_heade
     if edit_header is not None:
         edit_header(drnn)
     target.write_bytes(save_safetensors(tensors, metadata={"drnn": json.dumps(drnn)}))
+
+
+def poison_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """After the given epoch's last update, the weights are NaN while every loss so far was finite."""
+    from drnn_cli.train import Trainer
+
+    original = Trainer.train_epoch
+
+    def train_epoch(self, index: int):
+        result = original(self, index)
+        if index + 1 == epoch:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)

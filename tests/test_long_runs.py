@@ -28,6 +28,7 @@ from drnn_cli.evaluate import EvaluationAbandoned
 from drnn_cli.optimizers import lr_factor
 from drnn_cli.report import EpochRecord, RunStart, SilentReporter
 from drnn_cli.step import StaticStep
+from drnn_cli.stop_record import StopRecord, read_stop_record
 from drnn_cli.train import Trainer
 from drnn_cli.train_session import TrainRequest, train_run
 
@@ -916,8 +917,11 @@ def test_a_cut_validation_runs_on_resume_whatever_train_epochs_says_now(
     undo()
     assert abandoned == [end] and stopped.value.stopped.epochs == 3  # whole at an epoch's end, as metrics say
     assert type(stopped.value.stopped.epochs) is int
+    # the run says why its session ended, and where (drnn runs: "resumable (SIGTERM)")
+    assert read_stop_record(workdir / "runs/split") == StopRecord("SIGTERM", end)
     resumed = train(config, "train.epochs=2", run_dir=Path("runs/split"), resume=True)
     assert (resumed.stop_reason, resumed.epochs, resumed.steps) == ("epochs", 3, end)
+    assert read_stop_record(workdir / "runs/split") == StopRecord("epochs", end)
     assert untimed_metrics(workdir / "runs/split") == untimed_metrics(workdir / "runs/straight")
     assert resumed.best_val_ppl == straight.best_val_ppl
     done = load_checkpoint(workdir / "runs/split/last.safetensors")

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, assert_run_locked_by_this_process, config_file, rewrite_checkpoint
+from conftest import (
+    assert_one_line_error,
+    assert_run_locked_by_this_process,
+    config_file,
+    poison_after_epoch,
+    rewrite_checkpoint,
+)
 from lock_contender import contend
 
 from drnn_cli.checkpoint import load_checkpoint
@@ -56,22 +62,6 @@ def sigterm_guard() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, unhandled)
     yield
     signal.signal(signal.SIGTERM, previous)
-
-
-def poison_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
-    """After the given epoch's last update, the weights are NaN while every loss so far was finite."""
-    from drnn_cli.train import Trainer
-
-    original = Trainer.train_epoch
-
-    def train_epoch(self, index: int):
-        result = original(self, index)
-        if index + 1 == epoch:
-            with torch.no_grad():
-                next(self.model.parameters()).fill_(float("nan"))
-        return result
-
-    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
 
 
 # ---------------------------------------------------------------------------------------------

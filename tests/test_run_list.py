@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TREE, assert_one_line_error, config_file, rewrite_checkpoint
+from conftest import TINY_TREE, assert_one_line_error, config_file, poison_after_epoch, rewrite_checkpoint
 
 from drnn_cli import rundir
 
@@ -74,6 +74,8 @@ def test_runs_lists_each_run_newest_first_with_its_progress_and_state(three_runs
         ("runs/tiny", "finished", "epochs", False),
     ]
     steps6, cut, tiny = runs
+    # why each one's last session ended (stopped.json): what makes "resumable" a budget's, not a crash's
+    assert [run["stopped_by"] for run in runs] == ["max_steps", "max_time", "epochs"]
     # TINY_TREE's 3,000 tokens: 2,400 to train, 29 minibatches of 8 × 10 an epoch
     assert (steps6["global_step"], steps6["epoch"], steps6["step_in_epoch"]) == (6, 0, 6)
     assert (cut["global_step"], cut["epoch"], cut["step_in_epoch"]) == (1, 0, 1)
@@ -108,7 +110,7 @@ def test_the_table_fits_80_columns_and_says_what_json_says(three_runs: Path, cli
     written = [run["updated"][11:16] for run in listed]  # today's: the time alone
     assert _rows(lines) == [
         ["runs/sweep/steps6★latest", "lstm2×32timemachinetrain.max_time=0", "6/6stepsfinished", best[0], written[0]],
-        ["runs/sweep/cut", "lstm2×32timemachinetrain.max_time=1e-06", "0/4epochs+1stepsresumable", best[1], written[1]],
+        ["runs/sweep/cut", "lstm2×32timemachinetrain.max_time=1e-06", "0/4epochs+1stepsresumable(max_time)", best[1], written[1]],
         ["runs/tiny", "lstm2×32timemachinetrain.max_time=0", "4/4epochsfinished", best[2], written[2]],
     ]  # fmt: skip
     names = [line.split("│")[1].strip() for line in lines if line.startswith("│ runs/")]
@@ -467,7 +469,11 @@ def test_at_80_columns_a_long_name_folds_and_leaves_the_other_columns_their_room
     assert [row[0] for row in rows] == [
         str(deep / "runs" / name) for name in ("sweep/steps6", "sweep/cut", "tiny")
     ]
-    assert [row[2] for row in rows] == ["6/6stepsfinished", "0/4epochs+1stepsresumable", "4/4epochsfinished"]
+    assert [row[2] for row in rows] == [
+        "6/6stepsfinished",
+        "0/4epochs+1stepsresumable(max_time)",
+        "4/4epochsfinished",
+    ]
     assert all(row[1].startswith("lstm2×32timemachine") for row in rows)
 
 
@@ -553,3 +559,45 @@ def test_a_fine_tuned_run_names_its_start(three_runs: Path, cli):
         "runs/sweep/cut": None,
         "runs/sweep/steps6": None,
     }
+
+
+def test_why_a_run_stopped_is_said_a_divergence_and_a_signal_apart_from_a_budget(
+    three_runs: Path, cli, monkeypatch
+):
+    """A checkpoint says how far a run trained, not why it stopped: a loss gone NaN left a run that read
+    "resumable" like a time budget's. The record names the step its session ended at: a later session
+    killed outright (no record) has trained past it, and it no longer speaks of the run."""
+    from drnn_cli.stop_record import read_stop_record
+
+    config = str(config_file(three_runs, TINY_TREE))
+    poison_after_epoch(monkeypatch, 5)  # the fifth epoch (the first this session trains) ends NaN
+    code, _, err = cli(
+        "train", "--config", config, "--run", "runs/tiny", "--resume", "--set", "train.epochs=6"
+    )
+    assert code != 0 and "NaN" in err, err
+    record = read_stop_record(three_runs / "runs" / "tiny")
+    assert record is not None and (record.stopped_by, record.global_step) == ("diverged", 6 * 29)
+    tiny = {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]
+    # the checkpoint is the one the session started from (4 of its 4 planned epochs), its news the divergence
+    assert (tiny["state"], tiny["stopped_by"], tiny["global_step"]) == ("diverged", "diverged", 4 * 29)
+    code, out, err = cli("runs", "runs/tiny")
+    assert code == 0 and _rows(out.splitlines())[0][2] == "4/4epochsdiverged", err
+    # a record older than the checkpoint (its session killed by SIGKILL after a later checkpoint)
+    stop = three_runs / "runs" / "tiny" / "stopped.json"
+    stop.write_text('{"stopped_by": "SIGINT", "global_step": 100}\n')
+    tiny = {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]
+    assert (tiny["state"], tiny["stopped_by"]) == ("finished", None)
+    cut = three_runs / "runs" / "sweep" / "cut"  # stopped by its time budget at its first step
+    (cut / "stopped.json").write_text('{"stopped_by": "SIGINT", "global_step": 1}\n')
+    code, out, err = cli("runs", "runs/sweep/cut")
+    assert code == 0 and _rows(out.splitlines())[0][2] == "0/4epochs+1stepsresumable(SIGINT)", err
+    for tampered in (
+        "[1]",
+        '{"stopped_by": "rm -rf", "global_step": 116}',
+        '{"stopped_by": "SIGINT", "global_step": true}',
+    ):
+        stop.write_text(tampered)
+        assert read_stop_record(three_runs / "runs" / "tiny") is None, tampered
+    stop.unlink()
+    os.mkfifo(stop)  # a pipe where the record belongs: never opened to wait
+    assert _run_in_thread(lambda: read_stop_record(three_runs / "runs" / "tiny")) is None

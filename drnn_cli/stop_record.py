@@ -2,9 +2,10 @@
 
 A checkpoint says how far a run trained, not why it stopped there: a time budget, Ctrl-C and a loss
 that became NaN all leave a run ``--resume`` can continue, and only the first two are worth
-continuing as they were. The record names the step its session ended at, so a reader can tell
-whether it speaks of the newest checkpoint: a later session killed outright (SIGKILL, the OOM killer)
-wrote checkpoints past it and no record, and the older record is then no longer the run's.
+continuing as they were. Each session removes its predecessor's record as it starts and writes its
+own as it ends, so a session killed outright (SIGKILL, the OOM killer) leaves none. The record names
+the step its session ended at, so that a reader can also tell whether it speaks of the newest
+checkpoint (one copied in from elsewhere may not).
 """
 
 from __future__ import annotations

@@ -331,6 +331,8 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         mark_run_dir(run_dir)
         if request.resume:  # it has its checkpoint
             mark_as_latest()
+            # the record is of the session before: one killed outright (SIGKILL) must leave none behind
+            RunFiles(run_dir).stop_record.unlink(missing_ok=True)
     try:
         result = trainer.fit()
     except TrainingInterrupted as stop:  # stopped by a signal or a closed stdout, after its checkpoint

@@ -567,7 +567,7 @@ def test_why_a_run_stopped_is_said_a_divergence_and_a_signal_apart_from_a_budget
     """A checkpoint says how far a run trained, not why it stopped: a loss gone NaN left a run that read
     "resumable" like a time budget's. The record names the step its session ended at: a later session
     killed outright (no record) has trained past it, and it no longer speaks of the run."""
-    from drnn_cli.stop_record import read_stop_record
+    from drnn_cli.stop_record import StopRecord, read_stop_record
 
     config = str(config_file(three_runs, TINY_TREE))
     poison_after_epoch(monkeypatch, 5)  # the fifth epoch (the first this session trains) ends NaN
@@ -598,6 +598,18 @@ def test_why_a_run_stopped_is_said_a_divergence_and_a_signal_apart_from_a_budget
     ):
         stop.write_text(tampered)
         assert read_stop_record(three_runs / "runs" / "tiny") is None, tampered
+    # a resumed session removes its predecessor's record as it starts: killed outright, it leaves none
+    from drnn_cli.train import Trainer
+
+    fit = Trainer.fit
+
+    def fit_after_looking(self):
+        assert not stop.exists(), "the record of the session before was there as this one trained"
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit_after_looking)
+    code, _, err = cli("train", "--config", config, "--run", "runs/tiny", "--resume")
+    assert code == 0 and read_stop_record(three_runs / "runs" / "tiny") == StopRecord("epochs", 4 * 29), err
     stop.unlink()
     os.mkfifo(stop)  # a pipe where the record belongs: never opened to wait
     assert _run_in_thread(lambda: read_stop_record(three_runs / "runs" / "tiny")) is None

@@ -182,8 +182,9 @@ def test_run_directory_holds_config_vocab_checkpoints_metrics_plot_and_latest_ma
     } <= names
     assert names <= {  # nothing else: train.lock is the (released) OS lock, .drnn-run marks the directory
         "config.yaml", "vocab.json", "last.safetensors", "best.safetensors", "metrics.jsonl",
-        "perplexity.png", "train.lock", ".drnn-run",
+        "perplexity.png", "train.lock", ".drnn-run", "stopped.json",
     }  # fmt: skip
+    assert json.loads((run / "stopped.json").read_text()) == {"stopped_by": "epochs", "global_step": 3 * 19}
     assert (run / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3]

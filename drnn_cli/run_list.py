@@ -277,7 +277,7 @@ def _search(
         return
     searched[real] = depth
     try:
-        if holds_run(folder) or (training_holder(folder) is not None and (folder / RUN_MARKER).is_file()):
+        if holds_run(folder) or ((folder / RUN_MARKER).is_file() and training_holder(folder) is not None):
             found.setdefault(real, folder)
             return
     except OSError:  # a folder this user may not search (no x permission): no run to show

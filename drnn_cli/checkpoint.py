@@ -325,7 +325,7 @@ def _open_checkpoint(path: Path) -> Iterator[Any]:
     except UnicodeDecodeError:  # safetensors takes a Rust string: its open refused the file as "corrupt"
         raise DrnnError(
             f"cannot read checkpoint {path}: safetensors opens only files whose path is UTF-8; rename it, "
-            "or point to it through a symlink whose path is"
+            "or point to it through a symlink with a UTF-8 path"
         ) from None
     try:
         handle = safe_open(name, framework="pt", device="cpu")

@@ -24,12 +24,13 @@ from drnn_cli.budget import StopReason, format_duration
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
-from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, RUN_MARKER
+from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_MARKER
 from drnn_cli.run_notes import nothing_left
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
     holds_run,
     latest_run,
+    staging_dir,
     training_holder,
     waiting_replacement_note,
 )
@@ -70,6 +71,7 @@ class RunSummary:
     best_val_ppl: float | None = None  # best.safetensors' own figure, else the newest header's
     waiting: str | None = None  # the note on a newer run a killed --overwrite left beside this one
     stop: StopRecord | None = None  # why its last session ended, where the record speaks of this checkpoint
+    replacing: bool = False  # an --overwrite session's staging run is beside it (with a checkpoint or not)
 
     @property
     def finished_by(self) -> StopReason | None:
@@ -89,6 +91,8 @@ class RunSummary:
     def state(self) -> str:
         if self.training is not None:
             return "training"
+        if self.info is None and self.stopped_by == "diverged":  # before its first checkpoint
+            return "diverged"
         if self.info is None:
             return "unreadable"
         if self.stopped_by == "diverged":  # the newest news: a session past the checkpoint (--set
@@ -135,7 +139,9 @@ class RunSummary:
         """``500/500 epochs``, ``79/500 epochs +3 steps`` inside the 80th, ``4,000/90,000 steps`` where
         ``train.max_steps`` may end the run first (and has not been beaten to it by the epochs)."""
         if self.info is None:  # a training that has written no checkpoint yet, or an unreadable one
-            return "no checkpoint yet" if self.checkpoint is None and self.training is not None else ""
+            if self.checkpoint is None and self.training is not None:
+                return "no checkpoint yet"
+            return "no checkpoint" if self.checkpoint is None and self.state == "diverged" else ""
         train = self.info.config.train
         step = None if self.counters is None else self.counters.global_step
         if train.max_steps and step is not None and self.finished_by != "epochs":
@@ -163,7 +169,7 @@ class RunSummary:
         """What the table says under itself of this run: why a file of it cannot be read, and a newer
         run beside it (a --overwrite's, which the training holding the run puts in place when it ends)."""
         said = [] if self.problem is None else [self.problem]
-        if self.waiting is not None and self.training is not None:
+        if self.training is not None and (self.waiting is not None or self.replacing):
             said.append(
                 f"a --overwrite training ({self.training}) is replacing this run; the row is the run it replaces"
             )
@@ -277,7 +283,7 @@ def _search(
         return
     searched[real] = depth
     try:
-        if holds_run(folder) or ((folder / RUN_MARKER).is_file() and training_holder(folder) is not None):
+        if holds_run(folder) or training_holder(folder) is not None or _diverged_before_a_checkpoint(folder):
             found.setdefault(real, folder)
             return
     except OSError:  # a folder this user may not search (no x permission): no run to show
@@ -293,6 +299,15 @@ def _search(
                     _search(child, depth - 1, follow_links, searched, found)
 
 
+def _diverged_before_a_checkpoint(folder: Path) -> bool:
+    """A run of drnn's whose first session's loss became NaN before any checkpoint (a sweep's learning
+    rate far too high): it has no checkpoint to list, and left out it would hide the sweep's failure."""
+    if not (folder / RUN_MARKER).is_file():
+        return False
+    stop = read_stop_record(folder)
+    return stop is not None and stop.stopped_by == "diverged"
+
+
 def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     """What ``run_dir``'s newest checkpoint says of it (``last.safetensors``, else the ``best`` of a run
     stopped before its first ``last``); ``latest``: the latest run, resolved. A checkpoint that cannot
@@ -303,9 +318,23 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: a link loop resolve() gives up on
         is_latest = latest is not None and run_dir.resolve() == latest
     training = training_holder(run_dir)
-    if checkpoint is None:  # a training before its first checkpoint, or a run removed while listing
-        problem = None if training is not None else "no checkpoint"
-        return RunSummary(run_dir, is_latest, None, None, None, None, training, problem)
+    if checkpoint is None:  # a training before its first checkpoint, one that diverged before it, or gone
+        stop = read_stop_record(run_dir)
+        known = training is not None or (stop is not None and stop.stopped_by == "diverged")
+        began: float | None = None
+        with contextlib.suppress(OSError):  # when its training began, or stopped
+            began = max(path.stat().st_mtime for path in (run_dir / LOCK_NAME, run_dir) if path.exists())
+        return RunSummary(
+            run_dir,
+            is_latest,
+            None,
+            began,
+            None,
+            None,
+            training,
+            None if known else "no checkpoint",
+            stop=stop,
+        )
     updated: float | None = None
     with contextlib.suppress(OSError):
         updated = checkpoint.stat().st_mtime
@@ -319,15 +348,27 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
         counters: SavedCounters | None = info.counters()
     except UnusableTrainerState:  # its weights still predict and evaluate; only its counters are unknown
         counters = None
-    waiting = None
+    waiting, replacing = None, False
     with contextlib.suppress(OSError, RuntimeError):
         waiting = waiting_replacement_note(run_dir, "drnn runs describes")
+        replacing = staging_dir(run_dir.resolve() if run_dir.is_symlink() else run_dir).is_dir()
     best, problem = _best(run_dir, info)
     stop = read_stop_record(run_dir)
     if stop is not None and not stop.applies_to(None if counters is None else counters.global_step):
         stop = None
     return RunSummary(
-        run_dir, is_latest, checkpoint, updated, info, counters, training, problem, best, waiting, stop
+        run_dir,
+        is_latest,
+        checkpoint,
+        updated,
+        info,
+        counters,
+        training,
+        problem,
+        best,
+        waiting,
+        stop,
+        replacing,
     )
 
 

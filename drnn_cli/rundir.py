@@ -386,11 +386,11 @@ def _lock_owner(path: Path) -> tuple[str, int | None]:
 
 def training_holder(run_dir: Path) -> str | None:
     """``process 123`` where a training on this host holds ``run_dir``'s lock now, else None (``drnn
-    runs``). The lock file names its last holder (:class:`RunLock`); only a live process of that id is
-    asked after, and without taking the lock: a listing must never be why a training is refused. Linux
-    says who holds which lock in /proc/locks; elsewhere a shared ``flock`` is taken and dropped at once
-    (a training starting in that instant waits it out: :meth:`RunLock.acquire`). A holder on another host
-    (a shared filesystem) cannot be asked: None."""
+    runs``). The lock file names its last holder (:class:`RunLock`); only where a live process of that id
+    exists is the lock asked after: Linux's /proc/locks names its holder without taking it; where it names
+    none (no /proc, or a holder in another pid namespace), a shared ``flock`` is taken and dropped at once,
+    and a training starting in that instant waits it out (:meth:`RunLock.acquire`): a listing is never why
+    a training is refused. A holder on another host (a shared filesystem) cannot be asked: None."""
     path = run_dir / LOCK_NAME
     host, pid = _lock_owner(path)
     if host != socket.gethostname() or pid is None or pid == os.getpid():
@@ -401,20 +401,20 @@ def training_holder(run_dir: Path) -> str | None:
         return None
     except (PermissionError, OverflowError, OSError):
         pass  # it exists (another user's) or the id is not a process's: the lock decides
-    held = _flock_listed(path, pid)
-    if held is None:
-        held = _flock_probed(path)
+    # /proc/locks lists only the locks of processes this pid namespace sees (a training in another
+    # container sharing the folder and the host name holds one it leaves out): its silence is asked again
+    held = _flock_listed(path, pid) or _flock_probed(path)
     return f"process {pid}" if held else None
 
 
-def _flock_listed(path: Path, pid: int) -> bool | None:
+def _flock_listed(path: Path, pid: int) -> bool:
     """Whether /proc/locks lists a ``flock`` on ``path`` (its inode, on its device or taken by ``pid``:
-    an overlay filesystem may list the device beneath); None where there is no /proc/locks to ask."""
+    btrfs and overlay filesystems list another device than ``stat`` gives); False where it cannot tell."""
     try:
         info = path.stat()
         listed = Path("/proc/locks").read_text(encoding="ascii", errors="replace")
     except OSError:
-        return None
+        return False
     device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     for line in listed.splitlines():
         # "1: FLOCK  ADVISORY  WRITE 2417 fe:00:5308418 0 EOF"; a waiter's line has "->" after the number

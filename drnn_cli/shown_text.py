@@ -25,7 +25,9 @@ def terminal_safe(text: str, keep: str = "\n\t") -> str:
 def _escaped(char: str, keep: str) -> str:
     if char in keep or (unicodedata.category(char) not in ("Cc", "Cs") and char not in _BIDI_CONTROLS):
         return char
-    return repr(char)[1:-1]  # \t, \x1b, \x85, \u202e
+    if "\udc80" <= char <= "\udcff":  # a file name's byte that is not UTF-8 (PEP 383): shown as that byte
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return repr(char)[1:-1]  # \t, \x1b, \x85, \u202e, \ud800
 
 
 def labelled_char(char: str) -> str:

@@ -30,6 +30,7 @@ from drnn_cli.config import (
 )
 from drnn_cli.data import Dataset
 from drnn_cli.errors import DrnnError, UsageError
+from drnn_cli.files import require_regular_file
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.run_notes import SPLIT_WORDS
 from drnn_cli.rundir import (
@@ -281,19 +282,20 @@ def resume_point(
     plus --resume", as an interrupted fine-tuning run advises), noted; refused for a run that started
     from scratch, which the user may have meant to fine-tune.
     """
-    last = run_dir / LAST
-    if not os.path.lexists(last):  # a name that is no file (a folder, a pipe) is named by the read below
-        if (run_dir / BEST).is_file():  # killed before its first `last`: its best can seed a new run
+    last, best = run_dir / LAST, run_dir / BEST
+    if not os.path.lexists(last):  # a name that is no file (a folder, a pipe) is refused below, by name
+        if best.is_file():  # killed before its first `last`: its best can seed a new run
             raise DrnnError(
                 f"nothing to resume: {last} does not exist (the run stopped before its first one); start "
                 f"over with --overwrite, or from its best weights with --init-from {run_dir} --run NEW_DIR"
             )
         raise DrnnError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
+    # "pick another file" is no way on: --resume reads this one
+    earlier = f"resume from its best checkpoint instead (cp {best} {last}), or " if best.is_file() else ""
+    require_regular_file(last, "checkpoint", f"{earlier}start over with --overwrite")
     try:
         checkpoint = load_checkpoint(last, device)
-    except CorruptCheckpoint as corrupt:  # "pick another file" is no way on: --resume reads this one
-        best = run_dir / BEST
-        earlier = f"resume from its best checkpoint instead (cp {best} {last}), or " if best.is_file() else ""
+    except CorruptCheckpoint as corrupt:
         raise DrnnError(f"{corrupt.problem}; {earlier}start over with --overwrite") from None
     said = []
     if init_from is not None:

@@ -1044,7 +1044,7 @@ class Trainer:
         after each validation). The averaged copy that validates has flags of its own."""
         for model in (self.model, self.evaluated_model):
             if isinstance(model.rnn, FusedRecurrent) and int(model.rnn.barrier_error):
-                raise TrainingDiverged(
+                raise DrnnError(  # no divergence: the loss was fine, the kernel was not (stopped.json)
                     f"model.impl fused: a persistent kernel's barrier timed out {when} (its programs were "
                     f"not all resident on the GPU at once); training stopped and {self._kept()}. "
                     "Use model.impl torch"

@@ -1075,6 +1075,7 @@ def test_a_barrier_timeout_stops_training_in_one_line(workdir, cli, monkeypatch)
     config = config_file(workdir, FUSED_TREE)
     code, _, err = cli("train", "--config", str(config), "--set", "model.impl=fused")
     assert_one_line_error(code, err, "barrier timed out in epoch 1", "Use model.impl torch")
+    assert not (workdir / "runs" / "tiny" / "stopped.json").exists()  # no "diverged": the loss was fine
 
 
 @needs_interpreter

@@ -254,18 +254,28 @@ def test_a_run_a_live_training_holds_is_training_and_a_stale_lock_file_is_not(
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         lock.write_text(f"{socket.gethostname()} {holder.pid}\n")
+        probed = rundir._flock_probed
         if Path("/proc/locks").is_file():  # Linux: the holder is read there, no lock taken to ask
             monkeypatch.setattr(rundir, "_flock_probed", _never)
         tiny = {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]
         assert (tiny["state"], tiny["training_process"]) == ("training", f"process {holder.pid}")
-        # a training that has written no checkpoint yet is listed, as training
+        monkeypatch.setattr(rundir, "_flock_probed", probed)
+        # /proc/locks lists only the locks of processes this pid namespace sees: its silence is not a "no"
+        monkeypatch.setattr(rundir, "_flock_listed", lambda path, pid: False)
+        assert {run["run_dir"]: run for run in _listed(cli)}["runs/tiny"]["state"] == "training"
+        # an --overwrite training's staging run beside it, before its first checkpoint
+        (three_runs / "runs" / ".tiny.overwrite").mkdir()
+        code, out, err = cli("runs", "runs/tiny")
+        assert code == 0 and "a --overwrite training (process" in " ".join(out.split()), err
+        # a training that has written no checkpoint yet (nor drnn's mark: it is reading its text) is listed
         starting = three_runs / "runs" / "starting"
-        shutil.copytree(three_runs / "runs" / "tiny", starting)
-        for name in ("last.safetensors", "best.safetensors"):
-            (starting / name).unlink()
+        starting.mkdir()
         os.replace(lock, starting / "train.lock")  # the holder's lock, by the file it holds
         listed = {run["run_dir"]: run for run in _listed(cli)}
         assert (listed["runs/starting"]["state"], listed["runs/starting"]["problem"]) == ("training", None)
+        assert (
+            listed["runs/starting"]["updated"] is not None
+        )  # when it began: "the newest first" puts it first
         code, out, err = cli("runs", "runs/starting")
         assert code == 0 and _rows(out.splitlines())[0][1:3] == ["", "nocheckpointyettraining"], err
         os.replace(starting / "train.lock", lock)
@@ -390,7 +400,13 @@ def test_a_pipe_where_a_lock_or_a_checkpoint_belongs_is_said_never_waited_on(thr
     )
     config = str(config_file(three_runs, TINY_TREE))
     code, _, err = cli("train", "--config", config, "--run", "runs/sweep/cut", "--resume")
-    assert_one_line_error(code, err, "runs/sweep/cut/last.safetensors is a FIFO, not a regular file")
+    assert_one_line_error(
+        code,
+        err,
+        "checkpoint runs/sweep/cut/last.safetensors is a FIFO, not a regular file; resume from its best "
+        "checkpoint instead (cp runs/sweep/cut/best.safetensors runs/sweep/cut/last.safetensors), or start "
+        "over with --overwrite",
+    )
 
 
 def test_a_lock_file_naming_no_pid_drnn_wrote_is_no_training(three_runs: Path, cli):
@@ -414,7 +430,7 @@ def test_names_are_shown_on_one_line_escaped_whatever_bytes_they_hold(three_runs
     code, out, err = cli("runs")
     assert code == 0, err
     out.encode("utf-8")  # strict: no lone surrogate
-    assert "│ runs/bad\\udcff" in out and "│ runs/a\\n★ latest" in out
+    assert "│ runs/bad\\xff" in out and "│ runs/a\\n★ latest" in out  # the byte a name holds
     assert sum(line.startswith("│ ★ latest") for line in out.splitlines()) == 1  # the latest run's own
     escape = three_runs / "E\x1b[2J"
     escape.mkdir()
@@ -613,3 +629,25 @@ def test_why_a_run_stopped_is_said_a_divergence_and_a_signal_apart_from_a_budget
     stop.unlink()
     os.mkfifo(stop)  # a pipe where the record belongs: never opened to wait
     assert _run_in_thread(lambda: read_stop_record(three_runs / "runs" / "tiny")) is None
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_is_listed_as_such(
+    three_runs: Path, cli, monkeypatch
+):
+    """A sweep's learning rate far too high diverges in its first epoch, before any checkpoint: left out,
+    the listing hid the sweep's failure."""
+    config = str(config_file(three_runs, TINY_TREE))
+    poison_after_epoch(monkeypatch, 1)
+    code, _, err = cli("train", "--config", config, "--run", "runs/sweep/lr1000")
+    assert code != 0 and "NaN" in err, err
+    assert not (three_runs / "runs" / "sweep" / "lr1000" / "last.safetensors").exists()
+    listed = {run["run_dir"]: run for run in _listed(cli, "runs/sweep", "--sort", "best")}
+    failed = listed["runs/sweep/lr1000"]
+    assert (failed["state"], failed["stopped_by"], failed["checkpoint"], failed["problem"]) == (
+        "diverged",
+        "diverged",
+        None,
+        None,
+    )
+    code, out, err = cli("runs", "runs/sweep/lr1000")
+    assert code == 0 and _rows(out.splitlines())[0][2] == "nocheckpointdiverged", err

@@ -763,7 +763,7 @@ def test_a_checkpoint_whose_path_is_not_utf8_is_named_as_such(tiny_run: Path, wo
         load_checkpoint(odd)
     assert str(refused.value).endswith(
         "safetensors opens only files whose path is UTF-8; rename it, or point to it through a symlink "
-        "whose path is"
+        "with a UTF-8 path"
     )
     (workdir / "cafe.safetensors").symlink_to(odd)
     assert (

@@ -377,9 +377,7 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
         name = terminal_safe(str(run.run_dir), keep="") + (
             (" ★" if wide else "\n★ latest") if run.latest else ""
         )
-        # "—": no validation split; blank: nothing known (an unreadable row)
-        known = run.info is not None and run.problem is None
-        shown_best = format_perplexity(best, 4) if best is not None else "—" if known else ""
+        shown_best = format_perplexity(best, 4) if best is not None else _no_best(run)
         if wide:
             cells = [
                 name,
@@ -401,6 +399,14 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
         cells.append(run.updated_at(short=not wide))
         table.add_row(*cells, *(["\n".join(differs)] if wide and shown else []))
     return table
+
+
+def _no_best(run: RunSummary) -> str:
+    """What the best column says of a run without a figure: ``—`` where it has no validation split,
+    ``not yet`` where it has one that has not been read, blank where nothing is known (a note says why)."""
+    if run.info is None or run.problem is not None:
+        return ""
+    return "not yet" if run.info.config.data.val_fraction > 0 else "—"
 
 
 # ---------------------------------------------------------------------------------------------

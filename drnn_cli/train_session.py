@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast, get_args
 
 import torch
 
@@ -32,6 +33,7 @@ from drnn_cli.rundir import (
     swap_in,
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
+from drnn_cli.signals import Signalled
 from drnn_cli.start_point import (
     StartPoint,
     check_max_unknown,
@@ -44,7 +46,7 @@ from drnn_cli.start_point import (
     shared_text_note,
     unknown_share_note,
 )
-from drnn_cli.stop_record import write_stop_record
+from drnn_cli.stop_record import StoppedBy, write_stop_record
 from drnn_cli.tensorboard_log import summary_writer_class
 from drnn_cli.train import RESUME_ADVICE, Trainer
 
@@ -214,6 +216,14 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
     try:
         result = _train_locked(job, staging, run_dir)
     except BaseException as error:  # a stop, a failure, a signal outside the loop, an out-of-memory...
+        if isinstance(error, Signalled) and dist.is_main and not request.resume:  # a second Ctrl-C, or one
+            # during start-up: the interrupted line says which run the directory now holds
+            error.after = (
+                f"the last checkpoint written, {run_dir / LAST}, continues with {OVERWRITE_RESUME_ADVICE}; the "
+                f"new run has replaced the previous one in {run_dir}"
+                if holds_run(staging)
+                else f"no checkpoint was written, and {run_dir} keeps the run it held"
+            )
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
         if request.resume and not isinstance(error, TrainingInterrupted):
@@ -343,6 +353,10 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     except TrainingDiverged:  # its last finite checkpoint stays: the record says why no later one came
         if dist.is_main:
             write_stop_record(run_dir, "diverged", trainer.global_step)
+        raise
+    except Signalled as again:  # pressed twice: the stop's checkpoint (if it came) is the run's last word
+        if dist.is_main and again.name in get_args(StoppedBy):
+            write_stop_record(run_dir, cast(StoppedBy, again.name), trainer.global_step)
         raise
     if dist.is_main:
         write_stop_record(run_dir, result.stop_reason, result.steps)

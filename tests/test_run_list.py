@@ -651,3 +651,49 @@ def test_a_run_that_diverged_before_its_first_checkpoint_is_listed_as_such(
     )
     code, out, err = cli("runs", "runs/sweep/lr1000")
     assert code == 0 and _rows(out.splitlines())[0][2] == "nocheckpointdiverged", err
+
+
+def test_a_second_ctrl_c_leaves_its_record_and_an_overwrite_says_which_run_stays(
+    three_runs: Path, cli, monkeypatch
+):
+    """Pressed twice, a training ends at once (Signalled): stopped.json was left unwritten ("resumable" with
+    no reason), and an --overwrite's bare "interrupted" line did not say the old run was kept."""
+    import signal
+
+    from drnn_cli.signals import Signalled
+    from drnn_cli.stop_record import StopRecord, read_stop_record
+    from drnn_cli.train import Trainer
+    from drnn_cli.train_session import TrainRequest, train_run
+
+    def pressed_twice(self):
+        raise Signalled(signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "fit", pressed_twice)
+    config = config_file(three_runs, TINY_TREE)
+    cut = Path("runs/sweep/cut")
+    with pytest.raises(Signalled):
+        train_run(TrainRequest(config, ("train.max_time=0",), run_dir=cut, resume=True))
+    assert read_stop_record(cut) == StopRecord("SIGINT", 1)  # at the step it had reached
+    before = (three_runs / "runs" / "tiny" / "last.safetensors").read_bytes()
+    with pytest.raises(Signalled) as stopped:
+        train_run(TrainRequest(config, run_dir=Path("runs/tiny"), overwrite=True))
+    assert stopped.value.after == "no checkpoint was written, and runs/tiny keeps the run it held"
+    assert (three_runs / "runs" / "tiny" / "last.safetensors").read_bytes() == before
+    assert not (three_runs / "runs" / ".tiny.overwrite").exists()
+
+
+def test_a_run_with_a_validation_split_not_yet_read_says_so_not_that_it_has_none(three_runs: Path, cli):
+    """ "—" is the mark of a run without a validation split; one that has a split but stopped before its
+    first validation showed it too (drnn eval --split val of it gives a figure)."""
+    runs = three_runs / "runs"
+    shutil.copytree(runs / "tiny", runs / "young")
+    (runs / "young" / "best.safetensors").unlink()
+    last = runs / "young" / "last.safetensors"
+    rewrite_checkpoint(last, last, edit_header=lambda header: header.update(best_val_ppl=None))
+    code, out, err = cli("runs", "runs/young")
+    assert code == 0 and _rows(out.splitlines())[0][3] == "notyet", err
+    config = str(config_file(three_runs, {**TINY_TREE, "data": {**TINY_TREE["data"], "val_fraction": 0}}))
+    code, _, err = cli("train", "--config", config, "--run", "runs/noval", "--set", "train.epochs=1")
+    assert code == 0, err
+    code, out, err = cli("runs", "runs/noval")
+    assert code == 0 and _rows(out.splitlines())[0][3] == "—", err

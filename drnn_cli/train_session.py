@@ -219,8 +219,7 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
         if isinstance(error, Signalled) and dist.is_main and not request.resume:  # a second Ctrl-C, or one
             # during start-up: the interrupted line says which run the directory now holds
             error.after = (
-                f"the last checkpoint written, {run_dir / LAST}, continues with {OVERWRITE_RESUME_ADVICE}; the "
-                f"new run has replaced the previous one in {run_dir}"
+                f"the new run has replaced the previous one in {run_dir}"
                 if holds_run(staging)
                 else f"no checkpoint was written, and {run_dir} keeps the run it held"
             )

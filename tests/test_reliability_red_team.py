@@ -1189,7 +1189,10 @@ def test_an_overwrite_stopped_by_a_signal_after_its_checkpoint_has_replaced_the_
     assert cli("train", "--config", str(config))[0] == 0
     monkeypatch.setattr(Trainer, "_samples", _raise_signal(signal.SIGINT))
     code, _, err = cli("train", "--config", str(config), "--overwrite", "--set", "train.epochs=1")
-    assert (code, err.strip()) == (130, "drnn: interrupted (SIGINT)")
+    assert (code, err.strip()) == (
+        130,
+        "drnn: interrupted (SIGINT): the new run has replaced the previous one in runs/tiny",
+    )
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch == 1  # the new run's
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["latest", "tiny"]  # no staging left
 

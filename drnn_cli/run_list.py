@@ -91,12 +91,12 @@ class RunSummary:
     def state(self) -> str:
         if self.training is not None:
             return "training"
-        if self.info is None and self.stopped_by == "diverged":  # before its first checkpoint
+        # the newest news: a session past the checkpoint (--set train.epochs higher, say), or before the
+        # first, that wrote none, its loss NaN or infinite
+        if self.stopped_by == "diverged":
             return "diverged"
         if self.info is None:
             return "unreadable"
-        if self.stopped_by == "diverged":  # the newest news: a session past the checkpoint (--set
-            return "diverged"  # train.epochs higher, say) that wrote none, its loss NaN or infinite
         if self.finished_by is not None:
             return "early-stopped" if self.finished_by == "patience" else "finished"
         return "resumable"
@@ -263,7 +263,8 @@ def find_runs(folder: Path, depth: int = RUNS_DEPTH) -> list[Path]:
     levels below it are left to search than before. A run's own folders (``kept/``, ``tensorboard/``)
     are not searched, nor hidden ones (an ``--overwrite`` session's staging run, ``.quick.overwrite``,
     is said by the commands that read the run beside it). A run directory is one that holds a
-    checkpoint, or drnn's mark with a training in it that has written none yet."""
+    checkpoint, one whose lock a live training holds (before its first checkpoint, before drnn's mark
+    even, as it reads its text), or one of drnn's whose record says it diverged before any checkpoint."""
     found: dict[Path, Path] = {}  # each run's real path: the name it is listed by
     for follow_links in (False, True):
         _search(folder, depth, follow_links, {}, found)

@@ -460,7 +460,7 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # a moment's wait: a listing's probe where /proc/locks is missing holds it that long at most
+        try:  # a moment's wait: a listing's probe (where /proc/locks names no holder) holds it that long at most
             self._lock.acquire(timeout=LOCK_PATIENCE_SECONDS, poll_interval=0.02)
         except filelock.Timeout:
             time.sleep(0.05)  # let a holder that has just taken the lock write its name

@@ -372,6 +372,7 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
         best = run.best_val_ppl
         # one line each (a newline in a name must not forge a row's "★ latest" line)
         text = terminal_safe(run.text(), keep="")
+        tuned = terminal_safe(run.tuned_from(), keep="")  # a fine-tuned run's base, under its text
         differs = [terminal_safe(as_set(key, value), keep="") for key, value in run.differs(shown).items()]
         # the mark under the name, in the row's second line: beside it, it made the column wider
         name = terminal_safe(str(run.run_dir), keep="") + (
@@ -382,14 +383,14 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
             cells = [
                 name,
                 run.model(),
-                text,
+                "\n".join(filter(None, [text, tuned])),
                 run.trained(),
                 run.training_time(),
                 shown_best,
                 run.shown_state(),
             ]
         else:
-            model = "\n".join(filter(None, [run.model(), text, *differs]))
+            model = "\n".join(filter(None, [run.model(), text, tuned, *differs]))
             cells = [
                 name,
                 model,

@@ -135,6 +135,16 @@ class RunSummary:
         name = Path(data.path).name if data.path else data.corpus
         return name + (" (words)" if data.token == "word" else "")
 
+    def tuned_from(self) -> str:
+        """``from runs/base``: the run a fine-tuned run started from (its checkpoint's folder, relative to
+        the working directory where it lies below it), or nothing for a run that started from scratch."""
+        if self.info is None or self.info.init_from is None:
+            return ""
+        base = Path(self.info.init_from).parent
+        with contextlib.suppress(ValueError):
+            base = base.relative_to(Path.cwd())
+        return f"from {base}"
+
     def trained(self) -> str:
         """``500/500 epochs``, ``79/500 epochs +3 steps`` inside the 80th, ``4,000/90,000 steps`` where
         ``train.max_steps`` may end the run first (and has not been beaten to it by the epochs)."""

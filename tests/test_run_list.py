@@ -564,17 +564,21 @@ def test_progress_is_counted_in_what_ended_the_run_and_a_replaced_run_says_so(th
 
 
 def test_a_fine_tuned_run_names_its_start(three_runs: Path, cli):
+    """--json's init_from, as the header records it; the table's "from runs/base" under the text (the
+    base's folder, relative to the working directory where it lies below it)."""
     runs = three_runs / "runs"
     last = runs / "tiny" / "last.safetensors"
+    base = runs / "sweep" / "steps6" / "best.safetensors"
+    rewrite_checkpoint(last, last, edit_header=lambda header: header.update(init_from=str(base)))
+    listed = {run["run_dir"]: run["init_from"] for run in _listed(cli)}
+    assert listed == {"runs/tiny": str(base), "runs/sweep/cut": None, "runs/sweep/steps6": None}
+    code, out, err = cli("runs", "runs/tiny")
+    assert code == 0 and _rows(out.splitlines())[0][1] == "lstm2×32timemachinefromruns/sweep/steps6", err
     rewrite_checkpoint(
         last, last, edit_header=lambda header: header.update(init_from="/data/base/best.safetensors")
     )
-    listed = {run["run_dir"]: run["init_from"] for run in _listed(cli)}
-    assert listed == {
-        "runs/tiny": "/data/base/best.safetensors",
-        "runs/sweep/cut": None,
-        "runs/sweep/steps6": None,
-    }
+    code, out, err = cli("runs", "runs/tiny")
+    assert code == 0 and _rows(out.splitlines())[0][1] == "lstm2×32timemachinefrom/data/base", err
 
 
 def test_why_a_run_stopped_is_said_a_divergence_and_a_signal_apart_from_a_budget(

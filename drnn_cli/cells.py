@@ -8,7 +8,7 @@ Written out, ``∂W_hh`` is one matrix product over all timesteps, and a timeste
 function of what its forward step kept: the chain rule through that step, which reads as the
 equations below. ``train.compile`` turns each such function into one generated kernel beside the
 product for ``∂h_{t-1}`` (a GPU's batch-32 step is bound by how many kernels run one after another).
-On a CPU it runs at about autograd's speed (README "Benchmarks": same-process A/B at 2×64 and
+On a CPU it runs at about autograd's speed (docs/benchmarks.md: same-process A/B at 2×64 and
 2×256 units).
 
 Gate layouts are PyTorch's and cuDNN's (rows of ``weight_ih_l{k}`` / ``weight_hh_l{k}``)::

@@ -77,9 +77,38 @@ def test_github_anchor_follows_githubs_rule():
     assert github_anchor("Several processes, GPUs or nodes") == "several-processes-gpus-or-nodes"
 
 
+def markdown_anchors(path: Path) -> set[str]:
+    return {
+        github_anchor(line.lstrip("#"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.startswith("#")
+    }
+
+
 def test_every_link_inside_the_readme_reaches_a_heading():
     """The contents line and the cross-references link to `#fragments`; a renamed heading breaks them."""
-    anchors = {github_anchor(line.lstrip("#")) for line in README.splitlines() if line.startswith("#")}
     links = re.findall(r"\]\(#([^)]+)\)", README)
     assert len(links) >= 15
-    assert not sorted(set(links) - anchors)
+    assert not sorted(set(links) - markdown_anchors(REPO / "README.md"))
+
+
+def test_every_link_between_the_readme_and_docs_reaches_its_file_and_heading():
+    """The README sends GPU and benchmark details to docs/*.md and they link back: a link to a file
+    that moved, or to a heading renamed in the other file, fails here."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    checked = 0
+    broken = []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)#][^)]*)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            file_part, _, fragment = target.partition("#")
+            linked = (page.parent / file_part).resolve()
+            checked += 1
+            if not linked.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif fragment and fragment not in markdown_anchors(linked):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert checked >= 12
+    assert not broken, "\n".join(broken)

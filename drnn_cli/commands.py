@@ -8,14 +8,13 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from unicodedata import normalize
 
 import torch
 
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
 from drnn_cli.checkpoint import Checkpoint, load_checkpoint
 from drnn_cli.config import Config, load_config
-from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus
+from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
 from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
 from drnn_cli.decode import (
     MAX_DECODE_SEED,
@@ -213,16 +212,6 @@ def read_prefixes(loaded: LoadedModel, prefixes: list[str]) -> list[str]:
     ]
 
 
-def prefix_changed(prefix: str, read: str) -> bool:
-    """Whether preprocessing did more to a prefix than lower-case it and even out its spaces (dropped
-    or replaced characters: worth a note, as the continuation follows another prompt). Case is left out
-    of the comparison on both sides: ``data.preprocess none`` keeps it; so is the Unicode form (an accent
-    composed or a combining mark: the same text)."""
-    return " ".join(normalize("NFC", prefix).lower().split()) != " ".join(
-        normalize("NFC", read).lower().split()
-    )
-
-
 def predict(
     loaded: LoadedModel, prefix: str, options: DecodeOptions, on_token: Callable[[str], None] | None = None
 ) -> str:
@@ -374,7 +363,7 @@ def plan_predict(
         *(
             f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}"
             for prefix, read in dict(zip(prefixes, reads, strict=True)).items()  # a prefix given twice: once
-            if prefix_changed(prefix, read)
+            if preprocessing_changed(prefix, read)
         ),
     ]
     if len(prefixes) > 1 and not any(any(c.isspace() for c in prefix) for prefix in prefixes):
@@ -788,13 +777,13 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
     if outputs.png is not None and outputs.png_target is not None:
         missing = write_inspection_plot(inspection, outputs.png_target)
         written.append(outputs.png)
-    read_as = None  # a TEXT preprocessing changed is said to be, as predict says of a prefix
+    read_as = None  # the text as preprocessing read it, where that changed it (as predict says of a prefix)
     preprocessing = loaded.checkpoint.config.data.preprocess
-    if request.text is not None and prefix_changed(request.text, inspection.text):
+    if inspection.preprocessing_changed and request.text is not None:
         given, read = short_repr(request.text), short_repr(inspection.text)
         read_as = f"data.preprocess {preprocessing} reads the text {given} as {read}"
-    elif request.file is not None and preprocessing in LETTERS_ONLY:
-        # a file's, said too, where its page showed "himwas" and no commas without a word (learner34)
+    elif inspection.preprocessing_changed and preprocessing in LETTERS_ONLY:
+        # a file's, where its page showed "himwas" and no commas without a word (learner34)
         glued = ", its lines glued without a space" if preprocessing == "d2l" else ""
         read_as = (
             f"data.preprocess {preprocessing} reads {'standard input' if request.file == STDIN else request.file} "

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+from unicodedata import normalize
 
 from drnn_cli.config import DataConfig
 from drnn_cli.errors import DrnnError, UsageError
@@ -361,6 +362,19 @@ def prefix_pieces(prefix: str, mode: str) -> list[str]:
 def preprocess_prefix(prefix: str, mode: str) -> str:
     """A user's prompt as one run of characters, like the training text's."""
     return "".join(prefix_pieces(prefix, mode))
+
+
+def preprocessing_changed(given: str, read: str) -> bool:
+    """Whether preprocessing did more to a text than lower-case it and even out its spaces (dropped
+    or replaced characters, or lines glued: worth a note, as the model reads another text than the one
+    given). Case is left out of the comparison on both sides: ``data.preprocess none`` keeps it; so is
+    the Unicode form (an accent composed or a combining mark: the same text)."""
+    return _evened(given) != _evened(read)
+
+
+def _evened(text: str) -> str:
+    # " ".join(text.split()) without a list of every word: a --file can hold 16 MiB of them
+    return re.sub(r"\s+", " ", normalize("NFC", text).lower()).strip()
 
 
 def _refuse_undecodable(text: str, mode: str) -> None:

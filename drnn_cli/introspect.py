@@ -19,13 +19,21 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from drnn_cli.cells import gru_d2l_step, gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
-from drnn_cli.corpus import dropping, preprocess_prefix, read_token_stream, text_of_bytes, token_stream
+from drnn_cli.corpus import (
+    dropping,
+    preprocess_prefix,
+    preprocessing_changed,
+    read_text,
+    text_of_bytes,
+    token_stream,
+)
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity
 from drnn_cli.files import require_regular_file
@@ -388,6 +396,7 @@ class Inspection:
     ranked: bool = True  # the units were picked by their correlations (--top), not named (--units)
     full_length: int = 0  # the characters the --file had, where drnn inspect read only its first MAX_CHARS
     top_asked: int = 0  # --top K, kept where the layer has fewer units than K
+    preprocessing_changed: bool = False  # more than lower-cased with its spaces evened out
 
     @property
     def notes(self) -> list[str]:
@@ -484,13 +493,22 @@ def _rounded(values: torch.Tensor, digits: int = 5) -> list[float]:
     return [round(v, digits) for v in values.tolist()]
 
 
-def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], str, int]:
+class ReadChars(NamedTuple):
+    chars: list[str]  # at most MAX_CHARS of them
+    source: str  # "argument", "stdin" or the file's name
+    full_length: int  # the characters the text had after preprocessing
+    changed: bool  # preprocessing did more than lower-case it and even out its spaces
+
+
+def read_chars(request: InspectRequest, data: DataConfig) -> ReadChars:
     """The text as the model's characters: a TEXT argument like a ``drnn predict`` prefix (one line),
     a file (or standard input, ``--file -``) like ``drnn eval --data`` reads it (the corpus
-    preprocessing); and how many characters the text had. A file longer than :data:`MAX_CHARS` gives its first ones (an excerpt cut by hand with
-    ``head -c`` may split a UTF-8 character); an argument that long is refused."""
+    preprocessing); how many characters the text had, and whether preprocessing changed it. A file
+    longer than :data:`MAX_CHARS` gives its first ones (an excerpt cut by hand with ``head -c`` may
+    split a UTF-8 character); an argument that long is refused."""
     if request.file == STDIN:
-        chars = list(token_stream(text_of_bytes(_read_stdin(MAX_FILE_BYTES), STDIN, "--file"), data))
+        text = text_of_bytes(_read_stdin(MAX_FILE_BYTES), STDIN, "--file")
+        chars = list(token_stream(text, data))
         source = "stdin"
     elif request.file is not None:
         # /dev/stdin and <(…) are FIFOs: refused as the corpus reader refuses them, pointing at --file -
@@ -498,10 +516,12 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
         if not require_regular_file(request.file, "--file", fix):
             raise DrnnError(f"--file {request.file} is empty; give it the text to inspect")
         # a longer file would be read whole, then refused past MAX_CHARS: not worth reading beyond this
-        chars = list(read_token_stream(request.file, data, "--file", MAX_FILE_BYTES))
+        text = read_text(request.file, "--file", MAX_FILE_BYTES)
+        chars = list(token_stream(text, data))
         source = str(request.file)
     else:
-        chars = list(preprocess_prefix(request.text or "", data.preprocess))
+        text = request.text or ""
+        chars = list(preprocess_prefix(text, data.preprocess))
         source = "argument"
     # a TEXT argument that cannot be inspected is the command line's problem (exit 2), however it came
     # to be; a file's is its contents' (exit 1)
@@ -519,7 +539,7 @@ def read_chars(request: InspectRequest, data: DataConfig) -> tuple[list[str], st
             f"the text has {len(chars):,} characters after preprocessing, more than drnn inspect's "
             f"{MAX_CHARS:,}; inspect a shorter excerpt, or pass it with --file, which reads its first {MAX_CHARS:,}"
         )
-    return chars[:MAX_CHARS], source, len(chars)
+    return ReadChars(chars[:MAX_CHARS], source, len(chars), preprocessing_changed(text, "".join(chars)))
 
 
 def _read_stdin(max_bytes: int) -> bytes:
@@ -608,7 +628,7 @@ def inspect_text(
         raise UsageError(
             f"--signal cell needs an LSTM; this model's cell is {config.cell}; use --signal hidden"
         )
-    chars, source, full_length = read_chars(request, data)
+    chars, source, full_length, changed = read_chars(request, data)
     ids = encode_tokens("".join(chars), vocab).long().to(device)
     unknown = [vocab[c] == vocab[UNK] for c in chars]
 
@@ -646,4 +666,5 @@ def inspect_text(
         ranked=not request.units,
         full_length=full_length,
         top_asked=request.top or 0,
+        preprocessing_changed=changed,
     )

@@ -3,6 +3,7 @@ are ranked by a stated rule, and the page, picture and JSON show what the model 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -1000,7 +1001,7 @@ def test_a_ranking_over_a_few_characters_says_its_correlations_are_noise(cli, ti
 
 
 def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
-    cli, tiny_run: Path, tmp_path: Path, corpus_path: Path
+    cli, tiny_run: Path, tmp_path: Path, corpus_path: Path, monkeypatch
 ):
     """drnn inspect "The Café, 1895!" measured 'the caf' without a word, where predict notes a prefix it
     changed; and the terminal's table never said where the per-character view is (learner trial)."""
@@ -1022,6 +1023,18 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
     assert code == 0 and err == (
         f"note: data.preprocess d2l reads {excerpt} as the model trained on its text: only the letters a-z, "
         "lower-cased, and spaces, its lines glued without a space; what it shows is that text\n"
+    ), err
+    # a file the preprocessing leaves as it is (letters and spaces on one line; case and runs of spaces
+    # aside) is read as written: nothing to say; standard input is read by the same rule
+    plain = tmp_path / "plain.txt"
+    plain.write_text("The  Time Traveller was expounding\n")
+    code, out, err = cli("inspect", "--file", str(plain), "--run", str(tiny_run), "--units", "1")
+    assert (code, err) == (0, ""), err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"him\nwas")))
+    code, out, err = cli("inspect", "--file", "-", "--run", str(tiny_run), "--units", "1")
+    assert code == 0 and err == (
+        "note: data.preprocess d2l reads standard input as the model trained on its text: only the letters "
+        "a-z, lower-cased, and spaces, its lines glued without a space; what it shows is that text\n"
     ), err
     # an RNN has no gates for the page to show (learner34)
     tree = {

@@ -22,9 +22,9 @@ from drnn_cli.commands import (
     evaluate_split,
     load_model,
     predict,
-    prefix_changed,
 )
 from drnn_cli.config import Config, ModelConfig
+from drnn_cli.corpus import preprocessing_changed
 from drnn_cli.data import load_dataset
 from drnn_cli.decode import DecodeOptions, InvalidDecodeOption, continue_prefix, prefix_tokens
 from drnn_cli.errors import DrnnError, UsageError
@@ -175,7 +175,7 @@ def test_a_prefix_in_the_other_unicode_form_is_read_in_the_form_the_vocabulary_s
     ]  # fmt: skip
     with pytest.raises(DrnnError, match=r"'z', '\u0301' \(U\+0301\); remove"):
         prefix_tokens(decomposed + "z", Vocab(["<unk>", *"acfe"]), "none", "char")
-    assert not prefix_changed(decomposed, composed)  # no note: it reads as what was typed
+    assert not preprocessing_changed(decomposed, composed)  # no note: it reads as what was typed
 
 
 def test_a_prefix_with_windows_line_breaks_continues_on_a_run_that_keeps_line_breaks():
@@ -556,11 +556,13 @@ def test_a_continuation_of_spaces_alone_is_said_to_be_one(tiny_run: Path, cli, m
 
 
 def test_a_prefix_counts_as_changed_only_where_characters_went_or_were_replaced():
-    from drnn_cli.commands import prefix_changed
+    from drnn_cli.corpus import preprocessing_changed
 
-    assert not prefix_changed("The Time", "The Time")  # data.preprocess none keeps case: nothing to say
-    assert not prefix_changed("Time  Traveller", "time traveller")  # lower-cased, spaces evened out
-    assert prefix_changed("café 1895", "caf") and prefix_changed("time!", "time")
+    assert not preprocessing_changed(
+        "The Time", "The Time"
+    )  # data.preprocess none keeps case: nothing to say
+    assert not preprocessing_changed("Time  Traveller", "time traveller")  # lower-cased, spaces evened out
+    assert preprocessing_changed("café 1895", "caf") and preprocessing_changed("time!", "time")
 
 
 def test_predict_notes_a_prefix_that_preprocessing_changed_beyond_case(tiny_run: Path, cli):

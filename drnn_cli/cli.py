@@ -466,6 +466,11 @@ def train_command(
             if json_out and is_main and stop.stopped.signal != "SIGPIPE":
                 emit_json(stop.stopped.summary())
             raise
+        except Signalled as again:
+            # pressed twice: where the run stands all the same, at its last checkpoint on disk (or none)
+            if json_out and is_main and again.stopped is not None:
+                emit_json(again.stopped.summary())
+            raise
         finally:
             reporter.finish()
     if not is_main:

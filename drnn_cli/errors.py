@@ -60,7 +60,8 @@ class UsageError(DrnnError):
 class StoppedRun:
     """Where a signal stopped a training, with its checkpoint written: ``drnn train --json``'s object
     then (README "Commands"), its keys those of ``report.TrainResult`` that mean the same. Carried by
-    :class:`TrainingInterrupted`, which is raised where the trainer stops."""
+    :class:`TrainingInterrupted`, which is raised where the trainer stops, and by a second Ctrl-C's
+    ``Signalled``, of the run's last checkpoint on disk (the stop's was not written)."""
 
     run_dir: Path
     signal: str  # "SIGINT", "SIGTERM", "SIGPIPE": the object's stop_reason

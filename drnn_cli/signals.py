@@ -20,7 +20,10 @@ import signal
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # imported here before anything heavy: the type alone
+    from drnn_cli.errors import StoppedRun
 
 HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE") if hasattr(signal, name))
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
@@ -82,6 +85,8 @@ class Signalled(BaseException):
         self.exit_code = 128 + signum
         self.quiet = signum == getattr(signal, "SIGPIPE", None)
         self.after: str | None = None  # what the interrupted command leaves, where it knows (a training's)
+        # a training pressed twice: where its run stands, its last checkpoint on disk (drnn train --json)
+        self.stopped: StoppedRun | None = None
 
 
 def output_closed_by_reader() -> bool:

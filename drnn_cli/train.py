@@ -184,6 +184,16 @@ class _Cadences:
         return any(c.due_at_step(global_step) for c in cadences)
 
 
+@dataclass(frozen=True)
+class _SavedPoint:
+    """Where the run's ``last`` checkpoint on disk stands: what ``--resume`` continues from."""
+
+    epoch: int  # as the checkpoint counts it: epochs done at a boundary, else the epoch under way
+    step_in_epoch: int
+    steps: int  # optimizer steps since the run began
+    validation_pending: bool  # a boundary a signal cut short, which --resume runs first
+
+
 def improves_on(val_ppl: float, best: float | None) -> bool:
     """A validation perplexity better than the best so far. A NaN (half-precision logits that
     overflowed while validating) is no improvement and never the best: kept, it would beat nothing
@@ -298,6 +308,9 @@ class Trainer:
         self._steps_per_epoch = 0
         self.stopped_mid_epoch: StopReason | None = None
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
+        # the epoch under way, until its training seconds are the run's elapsed (a stop's seconds count it)
+        self._epoch_in_progress: EpochProgress | None = None
+        self._last_saved: _SavedPoint | None = None  # the run's `last` on disk: a resume's, or this session's
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
         # read before restoring, which takes this rank's part of a mid-epoch checkpoint
         digest = _header_digest(resume) if resume is not None and self.dist.enabled else 0.0
@@ -518,6 +531,10 @@ class Trainer:
                         atomic_link(kept, self.run_dir / name)
                     else:
                         save_checkpoint(self.run_dir / name, checkpoint)
+                if name == LAST:
+                    step = progress.step if progress is not None else 0
+                    pending = progress is not None and progress.boundary_pending
+                    self._last_saved = _SavedPoint(epoch, step, self.global_step, pending)
                 if self.on_first_checkpoint is not None:
                     announce, self.on_first_checkpoint = self.on_first_checkpoint, None
                     announce()
@@ -654,6 +671,7 @@ class Trainer:
         self._set_lr(epoch)
         batches = self._batches(epoch)
         progress, self.progress = self.progress, EpochProgress.start(self.device)
+        self._epoch_in_progress = progress
         carries_state = self.static_step.carries_state
         self.static_step.begin_epoch(
             progress.state if carries_state else None,
@@ -717,6 +735,7 @@ class Trainer:
         seconds = progress.elapsed if self.stopped_mid_epoch else self._training_clock() - started
         loss_sum, count = self._totals(epoch, progress)
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
+        self._epoch_in_progress = None
         if self.stopped_mid_epoch is None:  # a signal during the epoch end's validation checkpoints this
             self._keep_place(progress, seconds)
             self.trained_epoch = progress
@@ -1097,6 +1116,7 @@ class Trainer:
         """Checkpoint where a signal stopped the run and raise :class:`TrainingInterrupted`.
         ``starting_validation_cut``: the signal cut a fine-tuning run's validation of its starting weights
         short (which ``--resume`` runs first, as a step boundary's)."""
+        self._epoch_in_progress = progress  # its seconds, should a second signal end the run at once
         self._save(LAST, epoch, progress)
         # Written (rank 0), or being written: a signal now changes nothing, the wait below included (a
         # handler runs at the first instruction after the barrier returns).
@@ -1299,12 +1319,31 @@ class Trainer:
             return self._fit()
         except Signalled as again:  # a second Ctrl-C: no checkpoint of this point, but maybe an earlier one
             pressed_twice = self.stops.pending and not again.quiet
-            if pressed_twice and self.dist.is_main and self.resume_advice == RESUME_ADVICE:
-                again.after = self._left_by_signal()
+            if pressed_twice and self.dist.is_main:
+                again.stopped = self._stopped_at_once(again.name)
+                if self.resume_advice == RESUME_ADVICE:
+                    again.after = self._left_by_signal()
             raise
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
+
+    def _stopped_at_once(self, signal_name: str) -> StoppedRun:
+        """Where a signal that ends training at once (a second Ctrl-C) leaves the run, for ``--json``: at
+        its last checkpoint on disk, whose steps are what ``--resume`` continues from (those trained
+        since are lost), or, where none was written, at this session's start with no checkpoint."""
+        saved = self._last_saved
+        return StoppedRun(
+            run_dir=self.run_dir,
+            signal=signal_name,
+            epochs=self.began_at if saved is None else self._epochs_done(saved.epoch, saved.step_in_epoch),
+            start_epoch=self.began_at,
+            steps=self._first_step if saved is None else saved.steps,
+            start_step=self._first_step,
+            checkpoint=None if saved is None else self.run_dir / LAST,
+            validation_pending=saved is not None and saved.validation_pending,
+            seconds=self._session_seconds(self._epoch_in_progress),
+        )
 
     def _left_by_signal(self) -> str:
         """What a signal that ends training at once (a second Ctrl-C) leaves: the last checkpoint written,
@@ -1319,6 +1358,11 @@ class Trainer:
         already = self._already_done()
         self._write_run_files(self._config_to_record(already is not None))
         began_at = self.began_at = self._position()
+        if self.resumed:  # the checkpoint it resumed is the run's last on disk until this session writes one
+            progress = self.progress
+            self._last_saved = _SavedPoint(
+                self.start_epoch, progress.step, self.global_step, progress.boundary_pending
+            )
         if already is None:
             self.reporter.start(self._run_start())
             for note in self._setup_notes():

@@ -223,6 +223,11 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
                 if holds_run(staging)
                 else f"no checkpoint was written, and {run_dir} keeps the run it held"
             )
+            if error.stopped is not None:  # --json: where the run stands in its own place, not staging's
+                written = error.stopped.checkpoint if holds_run(staging) else None
+                error.stopped = replace(
+                    error.stopped, run_dir=run_dir, checkpoint=written and run_dir / written.name
+                )
         if not holds_run(staging):
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
         if request.resume and not isinstance(error, TrainingInterrupted):

@@ -1632,6 +1632,99 @@ def test_a_second_ctrl_c_during_validation_exits_without_waiting_for_the_checkpo
     assert load_checkpoint(workdir / "runs" / "again" / "last.safetensors").epoch == 1
 
 
+def test_a_second_ctrl_c_under_json_still_prints_where_the_run_stands_at_its_last_checkpoint_on_disk(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Pressed twice, drnn train --json ended with nothing on stdout: a script that parses it got no object
+    for a run that stopped by a signal (README: stdout then holds where it stopped). The object is the
+    one a first Ctrl-C prints, of the checkpoint actually on disk: the steps trained since are lost."""
+    from drnn_cli.train import Trainer
+
+    validate = Trainer._validate
+    calls: list[int] = []
+
+    def second_validation_pressed_twice(self: Trainer, abandonable: bool = False):
+        calls.append(1)
+        if len(calls) == 1:
+            return validate(self, abandonable)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("the second Ctrl-C did not stop training")
+
+    monkeypatch.setattr(Trainer, "_validate", second_validation_pressed_twice)
+    config = str(config_file(workdir, tiny(epochs=3)))
+    code, out, err = cli("train", "--config", config, "--json", "--set", "train.checkpoint_every=1")
+    assert code == 130 and err.splitlines()[-1] == (
+        "drnn: interrupted (SIGINT): the last checkpoint written, runs/tiny/last.safetensors, continues with "
+        "the same command plus --resume"
+    ), err
+    last = workdir / "runs" / "tiny" / "last.safetensors"
+    kept = load_checkpoint(last)
+    assert (kept.epoch, kept.step_in_epoch) == (1, 0)  # the first epoch's: the second's was never written
+    where = json.loads(out)  # the whole of stdout: one object
+    spent = where.pop("seconds")
+    assert spent["session"] >= spent["training"] > 0
+    assert where == {
+        "run_dir": str(workdir / "runs" / "tiny"),
+        "stop_reason": "SIGINT",
+        "epochs": 1,
+        "start_epoch": 0,
+        "steps": kept.trainer_state["global_step"],
+        "start_step": 0,
+        "checkpoint": str(last),
+        "validation_pending": False,
+    }
+    assert json.loads((workdir / "runs" / "tiny" / "stopped.json").read_text())["stopped_by"] == "SIGINT"
+
+    # a resumed session pressed twice before its first checkpoint: the checkpoint it resumed stands
+    calls.clear()
+    calls.append(1)
+    resumed = last.read_bytes()
+    code, out, err = cli(
+        "train", "--config", config, "--json", "--resume", "--set", "train.checkpoint_every=1"
+    )
+    assert code == 130 and last.read_bytes() == resumed, err  # no checkpoint written since
+    where = json.loads(out)
+    steps = kept.trainer_state["global_step"]
+    assert {key: where[key] for key in ("epochs", "start_epoch", "steps", "start_step", "checkpoint")} == {
+        "epochs": 1,
+        "start_epoch": 1,
+        "steps": steps,
+        "start_step": steps,
+        "checkpoint": str(last),
+    }
+
+    # pressed twice before any checkpoint, replacing a run: no checkpoint claimed, the old run kept
+    calls.clear()
+    calls.append(1)  # the first validation is the one pressed twice
+    before = last.read_bytes()
+    code, out, err = cli("train", "--config", config, "--json", "--overwrite")
+    assert code == 130 and err.splitlines()[-1] == (
+        "drnn: interrupted (SIGINT): no checkpoint was written, and runs/tiny keeps the run it held"
+    ), err
+    where = json.loads(out)
+    assert (where["run_dir"], where["checkpoint"], where["steps"], where["epochs"]) == (
+        str(workdir / "runs" / "tiny"),
+        None,
+        0,
+        0,
+    )
+    assert last.read_bytes() == before
+
+    # pressed twice once the new run has a checkpoint: it replaced the old run, and is named in its place
+    calls.clear()
+    code, out, err = cli(
+        "train", "--config", config, "--json", "--overwrite", "--set", "train.checkpoint_every=1"
+    )
+    assert code == 130 and err.splitlines()[-1] == (
+        "drnn: interrupted (SIGINT): the new run has replaced the previous one in runs/tiny"
+    ), err
+    where = json.loads(out)
+    assert (where["checkpoint"], where["epochs"]) == (str(last), 1)
+    assert where["steps"] == load_checkpoint(last).trainer_state["global_step"]
+    assert not (workdir / "runs" / ".tiny.overwrite").exists()
+
+
 def test_a_nan_loss_has_a_nan_perplexity_not_an_infinite_one():
     from drnn_cli.evaluate import perplexity
 

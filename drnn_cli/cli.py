@@ -857,8 +857,8 @@ def main(argv: list[str] | None = None) -> None:
             _say(errors, "drnn: interrupted (SIGINT)")
             sys.exit(130)
         except stopped as signalled:
-            if signalled.quiet:
-                sys.exit(signalled.exit_code)
+            if signalled.quiet and signalled.after is None:  # a closed stdout: silent, unless a training
+                sys.exit(signalled.exit_code)  # says what its run directory holds
             _say(errors, _interrupted_line(signalled))
             sys.exit(signalled.exit_code)
         except OSError as error:

@@ -4,7 +4,8 @@ Outside the training loop (which installs its own handlers so that it can write 
 SIGINT and SIGTERM raise :class:`Signalled`, which the CLI turns into one line and exit 128 + signal.
 Writing to a closed stdout or stderr (``drnn train ... | head -1``) sends further output to /dev/null and, once,
 raises SIGPIPE for the training loop's handler (training stops like on SIGTERM, with a checkpoint) or,
-outside it, :class:`Signalled` (other commands exit 141 without a word, as Unix tools do).
+outside it, :class:`Signalled` (other commands exit 141 without a word, as Unix tools do; a training
+that had not reached its loop says what its run directory holds).
 
 A SIGPIPE counts only when drnn's own output lost its reader. The kernel raises one in any thread that
 writes to a pipe or socket whose reader left (a server thread, a process group's socket): Python

@@ -184,6 +184,15 @@ class _Cadences:
         return any(c.due_at_step(global_step) for c in cadences)
 
 
+def left_by_signal(run_dir: Path, resume_advice: str) -> str:
+    """What a signal that ends a training at once leaves in ``run_dir``, for its interrupted line: the
+    last checkpoint written and how to continue it, or that none was written."""
+    last = run_dir / LAST
+    if not last.is_file():
+        return "no checkpoint was written"
+    return f"the last checkpoint written, {last}, continues with {resume_advice}"
+
+
 @dataclass(frozen=True)
 class _SavedPoint:
     """Where the run's ``last`` checkpoint on disk stands: what ``--resume`` continues from."""
@@ -1348,10 +1357,7 @@ class Trainer:
     def _left_by_signal(self) -> str:
         """What a signal that ends training at once (a second Ctrl-C) leaves: the last checkpoint written,
         which a double Ctrl-C's bare "interrupted" line did not say could be resumed (learner34)."""
-        last = self.run_dir / LAST
-        if not last.is_file():
-            return "no checkpoint was written"
-        return f"the last checkpoint written, {last}, continues with {self.resume_advice}"
+        return left_by_signal(self.run_dir, self.resume_advice)
 
     def _fit(self) -> TrainResult:
         train = self.config.train

@@ -48,7 +48,7 @@ from drnn_cli.start_point import (
 )
 from drnn_cli.stop_record import StoppedBy, write_stop_record
 from drnn_cli.tensorboard_log import summary_writer_class
-from drnn_cli.train import RESUME_ADVICE, Trainer
+from drnn_cli.train import RESUME_ADVICE, Trainer, left_by_signal
 
 # How an interrupted --overwrite session is told to go on (it trained beside the run it replaces).
 OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"
@@ -265,7 +265,22 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
 
 
 def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult:
-    """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train."""
+    """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train.
+
+    A closed stdout outside the training loop's handlers (start-up: ``drnn train ... | head -n 0``) ends
+    the session at once, as on other commands, though not in silence: its interrupted line says what
+    the run directory holds (it exited 141 without a word, as if training had gone on unseen)."""
+    try:
+        return _train_here(job, run_dir, final_dir)
+    except Signalled as ended:
+        if ended.quiet and ended.after is None and job.dist.is_main:
+            advice = OVERWRITE_RESUME_ADVICE if job.request.overwrite else RESUME_ADVICE
+            ended.after = left_by_signal(run_dir, advice)
+        raise
+
+
+def _train_here(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult:
+    """:func:`_train_locked`'s work: start point, data, trainer, loop, and the session's stop record."""
     request, device, dist, reporter = job.request, job.device, job.dist, job.reporter
     given = given_keys(request.overrides)
     if request.resume:

@@ -509,6 +509,43 @@ def test_a_closed_stdout_stops_training_with_a_checkpoint(workdir: Path, stderr_
     assert load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors").epoch >= 1
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["a new run", "a resume"])
+def test_a_stdout_closed_before_training_starts_ends_train_with_a_line_saying_what_the_run_holds(
+    workdir: Path, cli, resume: bool
+):
+    """``drnn train ... | head -n 0``: the reader gone before the training loop's handlers (its first line,
+    the notes, the text being read) ended training with exit 141 and not a word, as predict ends: the
+    user could not tell a run that never started from one training unseen, nor learn that a resumed
+    run's checkpoint still stands."""
+    config = config_file(workdir, tiny(epochs=1))
+    last = workdir / "runs" / "tiny" / "last.safetensors"
+    if resume:
+        code, _, err = cli("train", "--config", str(config))
+        assert code == 0, err
+    before = last.read_bytes() if resume else None
+    reading, writing = os.pipe()
+    os.close(reading)  # the reader left before drnn wrote a line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "drnn_cli", "train", "--config", str(config), "--set", "train.epochs=2"]
+            + (["--resume"] if resume else []),
+            cwd=workdir, env=CHILD_ENV, stdout=writing, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(writing)
+    assert done.returncode == 141, done.stderr
+    left = (
+        "the last checkpoint written, runs/tiny/last.safetensors, continues with the same command plus --resume"
+        if resume
+        else "no checkpoint was written"
+    )
+    assert done.stderr.splitlines() == [f"drnn: interrupted (SIGPIPE): {left}"]
+    if resume:
+        assert last.read_bytes() == before  # the checkpoint it resumed stands, untouched
+    else:
+        assert not last.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Small inputs, big costs
 

@@ -29,6 +29,7 @@ from rich.table import Table
 from drnn_cli import __version__
 from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
 from drnn_cli.presets import config_source_note, describe_presets, find_config
+from drnn_cli.rank_errors import PEER_ERROR_WAIT_S, rank_origin, waits_before_saying
 from drnn_cli.render import (
     RichReporter,
     consoles,
@@ -817,6 +818,12 @@ def _await_own_signal() -> None:
     time.sleep(PEER_SIGNAL_WAIT_S)
 
 
+def _await_local_rank_0() -> None:
+    """Give the node's local rank 0 the time to say the same error and exit: torchrun's signal then
+    arrives (its handler raises) (:mod:`drnn_cli.rank_errors`)."""
+    time.sleep(PEER_ERROR_WAIT_S)
+
+
 def _interrupted_line(signalled: Signalled) -> str:
     """The line for a signal outside the training loop; torchrun ends every process with SIGTERM when one
     of them fails, whose own line then says why."""
@@ -849,7 +856,7 @@ def main(argv: list[str] | None = None) -> None:
                 traceback.print_exception(error.__cause__)
             # every torchrun process stops at the same step with the same line: rank 0 says it
             if not (isinstance(error, TrainingInterrupted) and launched_rank() != 0):
-                _say(errors, f"drnn: {error.heading}{error}")
+                _say_error(errors, f"drnn: {error.heading}{rank_origin()}{error}")
             sys.exit(error.exit_code)
         except typer.Exit as done:
             sys.exit(done.exit_code)
@@ -864,7 +871,7 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as error:
             # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
             where = f"cannot access {error.filename}: " if error.filename else ""  # none: e.g. stdout
-            _say(errors, f"drnn: error: {where}{error.strerror or error}")
+            _say_error(errors, f"drnn: error: {rank_origin()}{where}{error.strerror or error}")
             sys.exit(1)
         except Exception as error:
             # A library failure that is the user's to fix, as its one line, and whether this process's
@@ -885,17 +892,19 @@ def main(argv: list[str] | None = None) -> None:
                     except stopped as signalled:
                         _say(errors, _interrupted_line(signalled))
                         sys.exit(signalled.exit_code)
-                _say(errors, f"drnn: error: {line}")
+                    _say(errors, f"drnn: error: {rank_origin()}{line}")
+                else:
+                    _say_error(errors, f"drnn: error: {rank_origin()}{line}")
                 sys.exit(1)
             if _is_usage_error(error):
                 _report_usage_error(error, errors, args)
             # anything else is a bug: still one line, unless asked for the traceback
             if session.debug:
                 traceback.print_exc()
-            _say(
+            _say_error(
                 errors,
-                f"drnn: internal error: {type(error).__name__}: {' '.join(str(error).split())[:500]} "
-                f"(rerun with drnn --debug ... for the traceback)",
+                f"drnn: internal error: {rank_origin()}{type(error).__name__}: "
+                f"{' '.join(str(error).split())[:500]} (rerun with drnn --debug ... for the traceback)",
             )
             sys.exit(1)
 
@@ -910,6 +919,18 @@ def _say(errors: Console, line: str) -> None:
     """The one stderr line; a closed stderr (``drnn ... 2>&1 | head -1``) must not turn it into a traceback."""
     with contextlib.suppress(OSError, Signalled):
         errors.print(line, soft_wrap=True)
+
+
+def _say_error(errors: Console, line: str) -> None:
+    """An error's one line, once for a torchrun job whose processes all meet it: a worker other than its
+    node's local rank 0 waits for torchrun's signal first, and stays quiet when it comes (local rank 0
+    said the line and exited); else says it, the line naming its rank (:mod:`drnn_cli.rank_errors`)."""
+    if waits_before_saying():
+        try:
+            _await_local_rank_0()
+        except Signalled:
+            return  # its exit code still says it failed
+    _say(errors, line)
 
 
 def _is_usage_error(error: Exception) -> bool:
@@ -963,7 +984,7 @@ def _report_usage_error(error: Any, errors: Console, argv: list[str]) -> None:
     split = _set_split_in_two(argv)
     if type(error).__name__ in ("UsageError", "NoSuchOption") and split is not None:  # extra argument, -1
         message = message.rstrip(".") + f": --set takes KEY=VALUE as one argument, e.g. --set {split}"
-    errors.print(f"drnn: error: {message} (see {command} --help)", soft_wrap=True)
+    _say_error(errors, f"drnn: error: {rank_origin()}{message} (see {command} --help)")
     sys.exit(error.exit_code)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as torch_dist
 
 from drnn_cli.errors import DrnnError
+from drnn_cli.rank_errors import waits_before_saying
 from drnn_cli.signals import TORCHRUN_ENV, launched_rank
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,11 +139,15 @@ def shutdown_distributed(context: DistContext, finished: bool = False) -> None:
     without an active exception", and torchrun fails a finished run: seen once in a CI run of six
     two-process runs sharing 2 cores, with the barrier alone). The others leave first and say so in
     the rendezvous store, which outlives the group; rank 0 leaves once all have (or after
-    ``LEAVE_WAIT``)."""
+    ``LEAVE_WAIT``). After a failure, at once, but for a worker that waits before saying its error."""
     if not (context.enabled and torch_dist.is_initialized()):
         return
     if not finished:
-        torch_dist.destroy_process_group()
+        if not waits_before_saying():
+            torch_dist.destroy_process_group()
+        # else the group is kept until this worker exits: it waits to learn whether local rank 0 meets
+        # its error too (drnn_cli.rank_errors), and leaving the group would end a collective local rank 0
+        # waits in, whose one line ("another process ... is gone") was all the job said
         return
     torch_dist.barrier()
     store = torch_dist.distributed_c10d._get_default_store()

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_TREE, config_file
 from torchrun_jobs import SAMPLINGS, WORLD_SIZE, Jobs, Launch, write_config
 
 from drnn_cli.checkpoint import load_checkpoint
@@ -182,14 +183,101 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_a_one_line_error(
     code, out, err = job.finish()
     assert code != 0
     assert out.strip() == ""
-    # Every rank reports the same single line (torchrun then adds its own failure summary).
-    lines = {line for line in err.splitlines() if line.startswith("drnn:")}
+    # Every rank meets it, rank 0 says it (torchrun then adds its own failure summary).
+    lines = [line for line in err.splitlines() if line.startswith("drnn:")]
     assert len(lines) == 1, err
     (line,) = lines
     assert line.startswith("drnn: error: ") and "data.batch_size 7" in line, line
     assert f"{WORLD_SIZE} processes" in line, line
     assert "internal error" not in err
     assert not (job.run_dir / "last.safetensors").exists()
+
+
+def exit_codes(torchrun_err: str) -> list[int]:
+    """Each process's exit code as torchrun's failure summary lists them (``exitcode  : 2 (pid: 41)``)."""
+    return sorted(
+        int(line.split(":", 1)[1].split("(")[0])
+        for line in torchrun_err.splitlines()
+        if line.strip().startswith("exitcode")
+    )
+
+
+def test_an_error_every_rank_meets_is_said_once(launches: dict[str, Launch]) -> None:
+    """A config error each of the two processes meets before the process group exists was printed once
+    by each: rank 0 says it, rank 1 exits quietly (it waited for torchrun's signal, which followed rank
+    0's exit), and both exit non-zero, so torchrun fails the job. (Under load rank 1 may not have reached
+    the error when the signal comes: it then says it was interrupted, as before.)"""
+    job = launches["every_rank_refuses"]
+    code, out, err = job.finish()
+    assert (code, out) == (1, "")
+    error = "drnn: error: config error: train.lr: Input should be greater than 0 (got -1)"
+    assert err.count("train.lr") == 1 and f"{error}\n" in err, err
+    others = {line for line in err.splitlines() if line.startswith("drnn:")} - {error}
+    assert others <= {"drnn: interrupted (SIGTERM) (torchrun's, if another process of the job failed)"}, err
+    codes = exit_codes(err)
+    assert len(codes) == WORLD_SIZE and 0 not in codes, err
+    assert not job.run_dir.exists()
+
+
+def test_an_error_one_rank_meets_is_said_naming_that_rank(launches: dict[str, Launch]) -> None:
+    """Rank 1 alone has no such text (as a node without the file): it waits for torchrun's signal, none
+    comes (rank 0 waits for it in the process group), and it says its error naming its rank and host;
+    rank 0, ended by torchrun, says it was. The job fails."""
+    import socket
+
+    job = launches["rank_1_refuses"]
+    code, out, err = job.finish()
+    assert (code, out) == (1, "")
+    missing = job.run_dir.parent.parent / "absent.txt"
+    said = [line for line in err.splitlines() if line.startswith("drnn:")]
+    assert said[0] == (
+        f"drnn: error: rank 1 of {WORLD_SIZE} on host {socket.gethostname()}: corpus file {missing} does not "
+        "exist; fix data.path: it must name a UTF-8 text file"
+    ), err
+    # rank 0's own line: torchrun's SIGTERM (143), or the peer's leaving if that came first (1)
+    assert err.count("does not exist") == 1 and len(said) == 2, err
+    assert said[1].startswith(("drnn: interrupted (SIGTERM)", "drnn: error: another process")), err
+    codes = exit_codes(err)
+    assert len(codes) == WORLD_SIZE and 1 in codes and 0 not in codes, err
+    assert not (job.run_dir / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_a_worker_not_local_rank_0_says_its_error_only_where_torchruns_signal_does_not_come(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch, signalled: bool
+) -> None:
+    """Rank 3 of 4 (local rank 1 of its node) waits before saying an error: torchrun's SIGTERM, which
+    follows local rank 0's exit, means local rank 0 met it too and said it; without one the error is this
+    process's own, said naming its rank and host. Either way the exit code is the error's."""
+    import socket
+
+    import drnn_cli.cli
+    from drnn_cli.signals import Signalled
+
+    environment = {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    waited: list[str] = []
+
+    def wait() -> None:
+        waited.append("waited")
+        if signalled:  # what the handler of exit_on_signals raises on torchrun's SIGTERM
+            raise Signalled(signal.SIGTERM)
+
+    monkeypatch.setattr(drnn_cli.cli, "_await_local_rank_0", wait)
+    code, out, err = cli("train", "--config", str(config_file(workdir, TINY_TREE)), "--set", "train.lr=-1")
+    assert (code, out, waited) == (2, "", ["waited"])
+    assert err == (
+        ""
+        if signalled
+        else f"drnn: error: rank 3 of 4 on host {socket.gethostname()}: config error: train.lr: Input should "
+        "be greater than 0 (got -1)\n"
+    )
+    assert not (workdir / "runs").exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")  # a node's local rank 0 says it at once (rank 3: on another node)
+    code, out, err = cli("train", "--config", str(config_file(workdir, TINY_TREE)), "--set", "train.lr=-1")
+    assert (code, waited) == (2, ["waited"])
+    assert err.startswith(f"drnn: error: rank 3 of 4 on host {socket.gethostname()}: config error: train.lr")
 
 
 def test_torchrun_with_one_process_joins_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:

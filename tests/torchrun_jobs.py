@@ -68,7 +68,9 @@ class Spec:
     """One ``torchrun --standalone --nproc_per_node 2 -m drnn_cli -- train ARGS`` job; with ``then``, a
     second one on the same run directory once the first succeeded. ``processes``: how many processes
     each of the two runs (1: plain ``python -m drnn_cli``). ``seed_run``: a run directory copied to
-    the job's own before it starts. ``once_training``: "SIGKILL" (the whole job) or "SIGTERM to rank 0"."""
+    the job's own before it starts. ``once_training``: "SIGKILL" (the whole job) or "SIGTERM to rank 0".
+    ``rank_1_extra``: arguments rank 1 alone is given after ``extra`` (as if its node read another
+    command or lacked a file), through ``torchrun --no-python sh -c``."""
 
     name: str
     config: Path
@@ -77,6 +79,7 @@ class Spec:
     processes: tuple[int, int] = (2, 2)
     seed_run: Path | None = None
     once_training: str | None = None
+    rank_1_extra: tuple[str, ...] = ()
 
 
 @dataclass
@@ -206,6 +209,10 @@ class Jobs:
                 once_training="SIGTERM to rank 0",
             ),
             Spec("indivisible", sequential, ("--set", "data.batch_size=7")),
+            # A config error every rank meets before the process group exists, and one rank 1 alone meets
+            # (its node has no such text: data.path is not compared among the ranks).
+            Spec("every_rank_refuses", sequential, ("--set", "train.lr=-1")),
+            Spec("rank_1_refuses", sequential, rank_1_extra=("--set", f"data.path={root / 'absent.txt'}")),
         ]  # fmt: skip
         self.launches: dict[str, Launch] = {}
         self._pending = specs
@@ -231,6 +238,11 @@ class Jobs:
             if count > 1:
                 launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
                 launcher += ["--nproc_per_node", str(count), "-m", "drnn_cli", "--"]
+            if count > 1 and spec.rank_1_extra:  # sh gets drnn's command as "$@" and adds rank 1's words;
+                # its $0, `--`, keeps torchrun's parser off them as above
+                script = f'if [ "$RANK" = 1 ]; then exec "$@" {shlex.join(spec.rank_1_extra)}; fi; exec "$@"'
+                launcher[launcher.index("drnn_cli") - 1 :] = ["--no-python", "sh", "-c", script, "--"]
+                launcher += [sys.executable, "-m", "drnn_cli"]
             return [
                 *launcher,
                 "train",

@@ -866,6 +866,11 @@ def main(argv: list[str] | None = None) -> None:
         except stopped as signalled:
             if signalled.quiet and signalled.after is None:  # a closed stdout: silent, unless a training
                 sys.exit(signalled.exit_code)  # says what its run directory holds
+            if waits_before_saying() and signalled.after is None:
+                # a torchrun worker other than its node's local rank 0: the same signal reached that one
+                # (a Ctrl-C, torchrun's own SIGTERM on a stop), which says it, or that one failed first and
+                # its error is the line that says why (drnn_cli.rank_errors)
+                sys.exit(signalled.exit_code)
             _say(errors, _interrupted_line(signalled))
             sys.exit(signalled.exit_code)
         except OSError as error:

@@ -280,6 +280,36 @@ def test_a_worker_not_local_rank_0_says_its_error_only_where_torchruns_signal_do
     assert err.startswith(f"drnn: error: rank 3 of 4 on host {socket.gethostname()}: config error: train.lr")
 
 
+def test_a_signal_outside_training_is_said_by_a_nodes_local_rank_0_alone(
+    cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun's SIGTERM after one process failed (or a Ctrl-C, which every process gets) reached a
+    worker still starting, and each said `interrupted (SIGTERM)` beside the error that caused it: the
+    node's local rank 0 says the signal's line; the others end quietly, with the signal's exit code."""
+    import drnn_cli.cli
+    from drnn_cli.signals import Signalled
+
+    def signalled(*args: object) -> str:
+        raise Signalled(signal.SIGTERM)
+
+    monkeypatch.setattr(drnn_cli.cli, "find_config", signalled)  # still starting: reading its config
+    for name, value in {
+        "TORCHELASTIC_RUN_ID": "test",
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert cli("train", "--config", "lstm2") == (143, "", "")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli("train", "--config", "lstm2") == (
+        143,
+        "",
+        "drnn: interrupted (SIGTERM) (torchrun's, if another process of the job failed)\n",
+    )
+
+
 def test_torchrun_with_one_process_joins_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     """``torchrun --nproc_per_node 1`` takes the distributed path (gloo here, NCCL on a GPU)."""
     import socket

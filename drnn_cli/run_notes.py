@@ -251,10 +251,16 @@ def data_notes(
             f"{min(model.hidden_size, 512)}) is the usual input for a vocabulary this large"
         )
     if device is not None and config.model.impl == "fused" and not fused_recurrence.can_run(device):
-        notes.append(
-            f"model.impl fused runs Triton kernels on CUDA; on {device.type} it steps the scratch "
-            "cells (the same model)"
-        )
+        if device.type == "cuda":  # a CUDA build without Triton (CUDA wheels on Linux ship it)
+            notes.append(
+                "model.impl fused runs Triton kernels, and Triton is not installed (pip install triton); "
+                "it steps the scratch cells (the same model)"
+            )
+        else:
+            notes.append(
+                f"model.impl fused runs Triton kernels on CUDA; on {device.type} it steps the scratch "
+                "cells (the same model)"
+            )
     return notes
 
 

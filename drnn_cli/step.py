@@ -77,6 +77,12 @@ class GraphChoice(NamedTuple):
 
 
 AUTO_GRAPH_NOTE = "train.cuda_graph auto: each training step replays as one CUDA graph (off: eager)"
+LR_EVERY_STEP_EAGER = (
+    "the learning rate changes at every step (train.max_steps with a schedule or warm-up) and a captured "
+    "step bakes it in; training runs without the graph"
+)
+# Adam and AdamW read their rate from the device (capturable), so their graph takes a rate that moves
+SGD_GRAPH_ADVICE = " (train.optimizer adamw reads its rate on the device and trains as one graph)"
 
 
 def use_cuda_graph(
@@ -88,7 +94,8 @@ def use_cuda_graph(
     """Whether ``train.cuda_graph`` captures the step; ``on`` where it cannot is a one-line error.
 
     ``auto`` captures on a CUDA device wherever ``on`` would (and says so in one note), and otherwise
-    trains eagerly without a word: on a CPU, under torchrun, or where it would capture at every step.
+    trains eagerly: without a word on a CPU and under torchrun, with a note on one CUDA device where it
+    would capture at every step (a step several times slower than the graph's deserves a word).
     Verified on an H200 (README "Using a GPU"): the same perplexities as eager, 3.6-4.9× the eager
     step at batch 32 in fp32, 7.4-10.3× in bf16 and fp16 (fp16 with fused updates that skip
     overflowing steps on the device; its CUDA tests in tests/test_cuda.py passed there for every
@@ -100,9 +107,11 @@ def use_cuda_graph(
     if choice == "off":
         return GraphChoice(False)
     if choice == "auto":
-        if device.type == "cuda" and not distributed and not lr_every_step:
-            return GraphChoice(True, AUTO_GRAPH_NOTE)
-        return GraphChoice(False)
+        if device.type != "cuda" or distributed:
+            return GraphChoice(False)
+        if lr_every_step:
+            return GraphChoice(False, f"train.cuda_graph auto: {LR_EVERY_STEP_EAGER}{SGD_GRAPH_ADVICE}")
+        return GraphChoice(True, AUTO_GRAPH_NOTE)
     if device.type != "cuda":
         raise DrnnError(
             f"train.cuda_graph on needs a CUDA device, and this run is on {device.type}; "
@@ -114,11 +123,7 @@ def use_cuda_graph(
             "all-reduce is not captured; set train.cuda_graph to off"
         )
     if lr_every_step:
-        return GraphChoice(
-            False,
-            "train.cuda_graph on: the learning rate changes at every step (train.max_steps with a schedule "
-            "or warm-up) and a captured step bakes it in; training runs without the graph",
-        )
+        return GraphChoice(False, f"train.cuda_graph on: {LR_EVERY_STEP_EAGER}{SGD_GRAPH_ADVICE}")
     return GraphChoice(True)
 
 

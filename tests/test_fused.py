@@ -982,6 +982,35 @@ def test_drnn_train_with_impl_fused_on_a_cpu_says_it_steps_the_scratch_cells(wor
     assert "note: model.impl fused runs Triton kernels on CUDA; on cpu it steps the scratch cells" in said
 
 
+def test_impl_fused_on_cuda_without_triton_names_triton_as_what_is_missing(
+    corpus_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A CUDA build without Triton fell back to the scratch cells saying "fused runs Triton kernels on
+    CUDA; on cuda it steps the scratch cells": the missing piece is Triton, not CUDA."""
+    from drnn_cli.config import Config
+    from drnn_cli.data import load_dataset
+    from drnn_cli.run_notes import data_notes
+
+    config = Config.model_validate(
+        {
+            "data": {"path": str(corpus_path), "max_tokens": 2000},
+            "model": {"impl": "fused", "hidden_size": 16},
+        }
+    )
+    dataset = load_dataset(config.data)
+    monkeypatch.setattr(fused_recurrence, "triton_available", lambda: False)
+    cuda_notes = data_notes(config, dataset, torch.device("cuda", 0))
+    assert (
+        "model.impl fused runs Triton kernels, and Triton is not installed (pip install triton); it steps the "
+        "scratch cells (the same model)"
+    ) in cuda_notes
+    assert not any("on cuda" in note for note in cuda_notes)
+    assert (
+        "model.impl fused runs Triton kernels on CUDA; on cpu it steps the scratch cells (the same model)"
+        in data_notes(config, dataset, torch.device("cpu"))
+    )
+
+
 @needs_interpreter
 def test_drnn_train_refuses_a_drnn_fused_launch_it_cannot_run_before_writing_the_run(
     workdir, cli, monkeypatch

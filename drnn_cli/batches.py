@@ -136,7 +136,7 @@ class EpochBatches:
 
     Inputs and targets are one window because they overlap in all but one column: the training step
     copies a minibatch into its buffers as one tensor, and the targets' transposed order the loss reads
-    is a view of that buffer, not a copy per step (README "Using a GPU", ``train.cuda_graph``).
+    is a view of that buffer, not a copy per step (docs/gpu.md, ``train.cuda_graph``).
     ``carries_state`` says whether row b of minibatch i+1 continues row b of minibatch i
     (sequential partition: the hidden state is carried over, detached).
     """

@@ -353,19 +353,27 @@ def test_cuda_graph_choice() -> None:
     assert build_config({"train": {"cuda_graph": False}}).train.cuda_graph == "off"
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     # auto: on for one CUDA device (whatever the precision: fp16's fused updates skip overflowing
-    # steps inside the graph), quietly off wherever `on` would be refused or bypassed
+    # steps inside the graph), quietly off wherever `on` would be refused (a CPU, torchrun)
     graph_note = "train.cuda_graph auto: each training step replays as one CUDA graph (off: eager)"
     assert use_cuda_graph("auto", cuda, False) == (True, graph_note)
     assert use_cuda_graph("auto", cpu, False) == (False, None)
     assert use_cuda_graph("auto", cuda, True) == (False, None)  # torchrun
-    assert use_cuda_graph("auto", cuda, False, lr_every_step=True) == (False, None)
+    assert use_cuda_graph("auto", cpu, False, lr_every_step=True) == (False, None)
     assert use_cuda_graph("off", cuda, False) == (False, None)
+    assert use_cuda_graph("off", cuda, False, lr_every_step=True) == (False, None)
     assert use_cuda_graph("on", cuda, False) == (True, None)
-    # A rate that moves at every step would mean a capture at every step: eager, said in one line.
-    assert use_cuda_graph("on", cuda, False, lr_every_step=True) == (
+    # A rate that moves at every step (SGD's, baked into its graph) would mean a capture at every step:
+    # eager, said in one line, under auto too (on one GPU a step several times slower than the graph's
+    # went without a word), with the optimizer whose graph takes such a rate
+    eager = (
+        "the learning rate changes at every step (train.max_steps with a schedule or warm-up) and a captured "
+        "step bakes it in; training runs without the graph (train.optimizer adamw reads its rate on the "
+        "device and trains as one graph)"
+    )
+    assert use_cuda_graph("on", cuda, False, lr_every_step=True) == (False, f"train.cuda_graph on: {eager}")
+    assert use_cuda_graph("auto", cuda, False, lr_every_step=True) == (
         False,
-        "train.cuda_graph on: the learning rate changes at every step (train.max_steps with a schedule "
-        "or warm-up) and a captured step bakes it in; training runs without the graph",
+        f"train.cuda_graph auto: {eager}",
     )
     for device, distributed, message in [
         (
@@ -543,7 +551,7 @@ FP16_CASES = {
 def test_fp16_fused_updates_skip_what_grad_scaler_skips_without_reading_the_host(
     corpus_path: Path, case: str
 ) -> None:
-    """fp16 under a graph (README "Using a GPU"): the fused step reads nothing on the host, skips the
+    """fp16 under a graph (docs/gpu.md, ``train.cuda_graph``): the fused step reads nothing on the host, skips the
     same overflowing steps as today's eager fp16 step (GradScaler's host check), leaves weights and
     momentum untouched when it skips, ends at the same scale, and trains to the same weights up to
     the fused kernels' rounding. The scratch cells: CPU autocast has no fp16 LSTM kernel."""

@@ -32,7 +32,7 @@ from drnn_cli.batches import (
     epoch_steps,
 )
 from drnn_cli.budget import Budget, Cadence, StopReason
-from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
+from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, read_checkpoint_info, save_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import DecodeOptions, continue_prefix
@@ -193,16 +193,6 @@ def left_by_signal(run_dir: Path, resume_advice: str) -> str:
     return f"the last checkpoint written, {last}, continues with {resume_advice}"
 
 
-@dataclass(frozen=True)
-class _SavedPoint:
-    """Where the run's ``last`` checkpoint on disk stands: what ``--resume`` continues from."""
-
-    epoch: int  # as the checkpoint counts it: epochs done at a boundary, else the epoch under way
-    step_in_epoch: int
-    steps: int  # optimizer steps since the run began
-    validation_pending: bool  # a boundary a signal cut short, which --resume runs first
-
-
 def improves_on(val_ppl: float, best: float | None) -> bool:
     """A validation perplexity better than the best so far. A NaN (half-precision logits that
     overflowed while validating) is no improvement and never the best: kept, it would beat nothing
@@ -319,7 +309,6 @@ class Trainer:
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
         # the epoch under way, until its training seconds are the run's elapsed (a stop's seconds count it)
         self._epoch_in_progress: EpochProgress | None = None
-        self._last_saved: _SavedPoint | None = None  # the run's `last` on disk: a resume's, or this session's
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
         # read before restoring, which takes this rank's part of a mid-epoch checkpoint
         digest = _header_digest(resume) if resume is not None and self.dist.enabled else 0.0
@@ -540,10 +529,6 @@ class Trainer:
                         atomic_link(kept, self.run_dir / name)
                     else:
                         save_checkpoint(self.run_dir / name, checkpoint)
-                if name == LAST:
-                    step = progress.step if progress is not None else 0
-                    pending = progress is not None and progress.boundary_pending
-                    self._last_saved = _SavedPoint(epoch, step, self.global_step, pending)
                 if self.on_first_checkpoint is not None:
                     announce, self.on_first_checkpoint = self.on_first_checkpoint, None
                     announce()
@@ -1339,18 +1324,25 @@ class Trainer:
 
     def _stopped_at_once(self, signal_name: str) -> StoppedRun:
         """Where a signal that ends training at once (a second Ctrl-C) leaves the run, for ``--json``: at
-        its last checkpoint on disk, whose steps are what ``--resume`` continues from (those trained
-        since are lost), or, where none was written, at this session's start with no checkpoint."""
-        saved = self._last_saved
+        its last checkpoint on disk, read back from the file (a signal can land between a checkpoint's
+        rename and the return of its write: only the file knows which one ``--resume`` continues from;
+        the steps trained since are lost), or, where none is there, at this session's start."""
+        last = self.run_dir / LAST
+        try:
+            info = read_checkpoint_info(last) if last.is_file() else None
+            counters = info.counters() if info is not None else None
+        except (DrnnError, UnusableTrainerState):
+            info = counters = None  # a file drnn did not write there: no checkpoint to speak of
+        steps = counters.global_step if counters is not None else None
         return StoppedRun(
             run_dir=self.run_dir,
             signal=signal_name,
-            epochs=self.began_at if saved is None else self._epochs_done(saved.epoch, saved.step_in_epoch),
+            epochs=self.began_at if info is None else self._epochs_done(info.epoch, info.step_in_epoch),
             start_epoch=self.began_at,
-            steps=self._first_step if saved is None else saved.steps,
+            steps=self._first_step if info is None or steps is None else steps,
             start_step=self._first_step,
-            checkpoint=None if saved is None else self.run_dir / LAST,
-            validation_pending=saved is not None and saved.validation_pending,
+            checkpoint=None if info is None else last,
+            validation_pending=counters is not None and counters.boundary_pending,
             seconds=self._session_seconds(self._epoch_in_progress),
         )
 
@@ -1364,11 +1356,6 @@ class Trainer:
         already = self._already_done()
         self._write_run_files(self._config_to_record(already is not None))
         began_at = self.began_at = self._position()
-        if self.resumed:  # the checkpoint it resumed is the run's last on disk until this session writes one
-            progress = self.progress
-            self._last_saved = _SavedPoint(
-                self.start_epoch, progress.step, self.global_step, progress.boundary_pending
-            )
         if already is None:
             self.reporter.start(self._run_start())
             for note in self._setup_notes():

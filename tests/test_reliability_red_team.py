@@ -1762,6 +1762,52 @@ def test_a_second_ctrl_c_under_json_still_prints_where_the_run_stands_at_its_las
     assert not (workdir / "runs" / ".tiny.overwrite").exists()
 
 
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new run", "overwrite"])
+def test_a_second_ctrl_c_as_the_stop_checkpoint_lands_names_the_checkpoint_on_disk(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch, overwrite: bool
+):
+    """Pressed twice quickly, the second Ctrl-C landed after the stop checkpoint's rename, as its folder
+    was synced: the file was in place, the interrupted line named it, and --json said `checkpoint: null,
+    steps: 0` (what the trainer had noted, not yet the file), which for --overwrite read as the old run
+    kept (review rev37). The object is read back from the checkpoint on disk."""
+    import drnn_cli.files as files
+    from drnn_cli.train import Trainer
+
+    if overwrite:
+        code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))
+        assert code == 0, err
+    pressed: list[str] = []
+    validate, fsync = Trainer._validate, files._fsync_directory
+
+    def first_press(self: Trainer, abandonable: bool = False):
+        if not pressed:
+            pressed.append("first")
+            signal.raise_signal(signal.SIGINT)  # during the first validation: stop there, with a checkpoint
+        return validate(self, abandonable)
+
+    def second_press(directory: Path) -> None:
+        fsync(directory)
+        if pressed == ["first"] and (directory / "last.safetensors").is_file():
+            pressed.append("second")
+            signal.raise_signal(signal.SIGINT)  # the stop checkpoint renamed into place, its write unfinished
+
+    monkeypatch.setattr(Trainer, "_validate", first_press)
+    monkeypatch.setattr(files, "_fsync_directory", second_press)
+    config = str(config_file(workdir, tiny(epochs=3)))
+    code, out, err = cli("train", "--config", config, "--json", *(["--overwrite"] if overwrite else []))
+    assert (code, pressed) == (130, ["first", "second"]), err
+    last = workdir / "runs" / "tiny" / "last.safetensors"
+    on_disk = load_checkpoint(last)
+    where = json.loads(out)
+    assert (where["run_dir"], where["checkpoint"], where["epochs"], where["steps"]) == (
+        str(workdir / "runs" / "tiny"),
+        str(last),
+        1,
+        on_disk.trainer_state["global_step"],
+    )
+    assert (on_disk.epoch, on_disk.step_in_epoch) == (1, 0)
+
+
 def test_a_nan_loss_has_a_nan_perplexity_not_an_infinite_one():
     from drnn_cli.evaluate import perplexity
 

@@ -784,7 +784,7 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
         read_as = f"data.preprocess {preprocessing} reads the text {given} as {read}"
     elif inspection.preprocessing_changed and preprocessing in LETTERS_ONLY:
         # a file's, where its page showed "himwas" and no commas without a word (learner34)
-        glued = ", its lines glued without a space" if preprocessing == "d2l" else ""
+        glued = ", its lines glued without a space" if inspection.lines_glued else ""
         read_as = (
             f"data.preprocess {preprocessing} reads {'standard input' if request.file == STDIN else request.file} "
             f"as the model trained on its text: only the letters a-z, lower-cased, and spaces{glued}; "

@@ -365,16 +365,56 @@ def preprocess_prefix(prefix: str, mode: str) -> str:
 
 
 def preprocessing_changed(given: str, read: str) -> bool:
-    """Whether preprocessing did more to a text than lower-case it and even out its spaces (dropped
-    or replaced characters, or lines glued: worth a note, as the model reads another text than the one
-    given). Case is left out of the comparison on both sides: ``data.preprocess none`` keeps it; so is
-    the Unicode form (an accent composed or a combining mark: the same text)."""
-    return _evened(given) != _evened(read)
+    """Whether preprocessing did more to a text (a prompt or a TEXT argument: a command line's worth)
+    than lower-case it and even out its spaces (dropped or replaced characters, or lines glued: worth a
+    note, as the model reads another text than the one given). Case is left out of the comparison on
+    both sides: ``data.preprocess none`` keeps it; so is the Unicode form (an accent composed or a
+    combining mark: the same text)."""
+    return " ".join(normalize("NFC", given).lower().split()) != " ".join(
+        normalize("NFC", read).lower().split()
+    )
 
 
-def _evened(text: str) -> str:
-    # " ".join(text.split()) without a list of every word: a --file can hold 16 MiB of them
-    return re.sub(r"\s+", " ", normalize("NFC", text).lower()).strip()
+class LettersReading(NamedTuple):
+    """What ``d2l`` or ``letters`` preprocessing does to a text besides lower-casing it and evening out
+    its spaces, which a reader of the text it makes should be told."""
+
+    dropped: bool  # a character neither an ASCII letter nor white space: dropped, or replaced by a space
+    glued: bool  # d2l: a line break between letters removed ("him" + "was" -> "himwas")
+
+    @property
+    def changed(self) -> bool:
+        return self.dropped or self.glued
+
+
+_DROPPED_BY_LETTERS = re.compile(r"[^A-Za-z\s]")
+_LETTER_RUN = re.compile("[A-Za-z]+")
+
+
+def letters_reading(text: str, mode: str, letters: int | None = None) -> LettersReading:
+    """:class:`LettersReading` of ``text`` under ``mode`` (``d2l`` or ``letters``), in the part of it that
+    gives its first ``letters`` letters (None: all of it). One pass of C-level searches, without the
+    Unicode normalisation :func:`preprocessing_changed` does (a --file can hold 16 MiB, and a run of
+    combining marks sorts in quadratic time): here every non-ASCII character is a change, since both
+    modes keep ASCII letters alone."""
+    end = len(text) if letters is None else _after_letters(text, letters)
+    dropped = _DROPPED_BY_LETTERS.search(text, 0, end) is not None
+    glued = False
+    first = _LETTER_RUN.search(text, 0, end) if mode == "d2l" else None
+    if first is not None:
+        line_break = text.find("\n", first.end(), end)
+        glued = line_break != -1 and _LETTER_RUN.search(text, line_break, end) is not None
+    return LettersReading(dropped, glued)
+
+
+def _after_letters(text: str, count: int) -> int:
+    """The index just past ``text``'s ``count``-th ASCII letter (its end where it has fewer)."""
+    seen = 0
+    for run in _LETTER_RUN.finditer(text):
+        if seen + len(run.group()) >= count:
+            return run.start() + count - seen
+        seen += len(run.group())
+    return len(text)
 
 
 def _refuse_undecodable(text: str, mode: str) -> None:

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from drnn_cli.cells import gru_d2l_step, gru_step, lstm_step, rnn_step
 from drnn_cli.config import DataConfig
 from drnn_cli.corpus import (
+    LETTERS_ONLY,
     dropping,
+    letters_reading,
     preprocess_prefix,
     preprocessing_changed,
     read_text,
@@ -397,6 +399,7 @@ class Inspection:
     full_length: int = 0  # the characters the --file had, where drnn inspect read only its first MAX_CHARS
     top_asked: int = 0  # --top K, kept where the layer has fewer units than K
     preprocessing_changed: bool = False  # more than lower-cased with its spaces evened out
+    lines_glued: bool = False  # a --file's lines glued by d2l's preprocessing ("himwas")
 
     @property
     def notes(self) -> list[str]:
@@ -497,7 +500,8 @@ class ReadChars(NamedTuple):
     chars: list[str]  # at most MAX_CHARS of them
     source: str  # "argument", "stdin" or the file's name
     full_length: int  # the characters the text had after preprocessing
-    changed: bool  # preprocessing did more than lower-case it and even out its spaces
+    changed: bool  # preprocessing did more than lower-case it and even out its spaces (in what is shown)
+    glued: bool  # d2l glued lines of it together ("him" + "was" -> "himwas")
 
 
 def read_chars(request: InspectRequest, data: DataConfig) -> ReadChars:
@@ -539,7 +543,15 @@ def read_chars(request: InspectRequest, data: DataConfig) -> ReadChars:
             f"the text has {len(chars):,} characters after preprocessing, more than drnn inspect's "
             f"{MAX_CHARS:,}; inspect a shorter excerpt, or pass it with --file, which reads its first {MAX_CHARS:,}"
         )
-    return ReadChars(chars[:MAX_CHARS], source, len(chars), preprocessing_changed(text, "".join(chars)))
+    shown = chars[:MAX_CHARS]
+    if request.file is None:
+        return ReadChars(shown, source, len(chars), preprocessing_changed(text, "".join(chars)), glued=False)
+    if data.preprocess not in LETTERS_ONLY:  # none and lower drop nothing of a file: no note to give
+        return ReadChars(shown, source, len(chars), changed=False, glued=False)
+    # the part of the file whose letters are shown: a change past what drnn inspect reads is none of its page's
+    shown_letters = None if len(chars) <= MAX_CHARS else sum(c != " " for c in shown)
+    reading = letters_reading(text, data.preprocess, shown_letters)
+    return ReadChars(shown, source, len(chars), reading.changed, reading.glued)
 
 
 def _read_stdin(max_bytes: int) -> bytes:
@@ -628,7 +640,7 @@ def inspect_text(
         raise UsageError(
             f"--signal cell needs an LSTM; this model's cell is {config.cell}; use --signal hidden"
         )
-    chars, source, full_length, changed = read_chars(request, data)
+    chars, source, full_length, changed, glued = read_chars(request, data)
     ids = encode_tokens("".join(chars), vocab).long().to(device)
     unknown = [vocab[c] == vocab[UNK] for c in chars]
 
@@ -667,4 +679,5 @@ def inspect_text(
         full_length=full_length,
         top_asked=request.top or 0,
         preprocessing_changed=changed,
+        lines_glued=glued,
     )

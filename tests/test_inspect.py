@@ -1000,6 +1000,58 @@ def test_a_ranking_over_a_few_characters_says_its_correlations_are_noise(cli, ti
     assert "note:" not in cli("inspect", "the time traveller " * 3, "--run", str(tiny_run))[2]
 
 
+@pytest.mark.parametrize(
+    "text, dropped, glued",
+    [
+        ("the time traveller  was\tone of those men\n", False, False),  # case and spaces are no change
+        ("The Time Traveller was one of those men", False, False),
+        ("the time traveller\nwas one of those men", False, True),  # d2l glues: "travellerwas"
+        ("the time traveller\n\n   \n", False, False),  # one line with letters: nothing glued
+        ("the time traveller, was", True, False),
+        ("the café", True, False),  # not an ASCII letter: dropped, in whatever Unicode form
+        ("the cafe\u0301", True, False),
+        ("the \u212aelvin", True, False),  # the Kelvin sign lower-cases to an ASCII k, yet d2l drops it
+        ("the traveller \u00a0 was\u3000here", False, False),  # white space in other scripts evens out too
+        ("the time traveller " * 1200 + "\nhe said, quietly.\n", False, False),  # changed past what is shown
+    ],
+)
+def test_a_files_reading_says_what_d2l_changed_in_what_drnn_inspect_shows(
+    tmp_path: Path, text: str, dropped: bool, glued: bool
+):
+    from drnn_cli.config import DataConfig
+    from drnn_cli.corpus import letters_reading
+    from drnn_cli.introspect import MAX_CHARS, InspectRequest, read_chars
+
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    read = read_chars(InspectRequest(file=path), DataConfig(preprocess="d2l"))
+    assert (read.changed, read.glued) == (dropped or glued, glued)
+    if len(text) > MAX_CHARS:  # the whole file has changes: those past the shown part are not the page's
+        assert read.full_length > MAX_CHARS and letters_reading(text, "d2l").changed
+    letters = read_chars(InspectRequest(file=path), DataConfig(preprocess="letters"))
+    assert (letters.changed, letters.glued) == (dropped, False)  # letters joins lines with a space
+    assert not read_chars(InspectRequest(file=path), DataConfig(preprocess="none")).changed
+
+
+def test_a_files_reading_is_linear_in_a_run_of_combining_marks(tmp_path: Path, monkeypatch):
+    """The first comparison normalised the whole --file (NFC), whose canonical reordering of a run of
+    combining marks is quadratic: 160 KB took 13 s, a 16 MiB file would take days (review rev37). A
+    file's reading normalises nothing (every non-ASCII character is a change under d2l)."""
+    import drnn_cli.corpus
+    from drnn_cli.config import DataConfig
+    from drnn_cli.introspect import InspectRequest, read_chars
+
+    def refused(form: str, text: str) -> str:
+        raise AssertionError(f"a --file normalised ({len(text):,} characters)")
+
+    monkeypatch.setattr(drnn_cli.corpus, "normalize", refused)
+    marks = 40_000  # 160 KB: 13 s, normalised
+    path = tmp_path / "marks.txt"
+    path.write_text("a" + "\u0301" * marks + "\u0316" * marks + " time machine\n", encoding="utf-8")
+    read = read_chars(InspectRequest(file=path), DataConfig(preprocess="d2l"))
+    assert (read.chars[:3], read.changed) == (list("a t"), True)
+
+
 def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
     cli, tiny_run: Path, tmp_path: Path, corpus_path: Path, monkeypatch
 ):
@@ -1035,6 +1087,14 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
     assert code == 0 and err == (
         "note: data.preprocess d2l reads standard input as the model trained on its text: only the letters "
         "a-z, lower-cased, and spaces, its lines glued without a space; what it shows is that text\n"
+    ), err
+    # a file of one line: what d2l drops is said, not lines glued that it does not have
+    one_line = tmp_path / "one-line.txt"
+    one_line.write_text("The Time Traveller (for so it will be convenient to speak of him) was expounding.")
+    code, out, err = cli("inspect", "--file", str(one_line), "--run", str(tiny_run), "--units", "1")
+    assert code == 0 and err == (
+        f"note: data.preprocess d2l reads {one_line} as the model trained on its text: only the letters a-z, "
+        "lower-cased, and spaces; what it shows is that text\n"
     ), err
     # an RNN has no gates for the page to show (learner34)
     tree = {

@@ -864,14 +864,8 @@ def main(argv: list[str] | None = None) -> None:
             _say(errors, "drnn: interrupted (SIGINT)")
             sys.exit(130)
         except stopped as signalled:
-            if signalled.quiet and signalled.after is None:  # a closed stdout: silent, unless a training
-                sys.exit(signalled.exit_code)  # says what its run directory holds
-            if waits_before_saying() and signalled.after is None:
-                # a torchrun worker other than its node's local rank 0: the same signal reached that one
-                # (a Ctrl-C, torchrun's own SIGTERM on a stop), which says it, or that one failed first and
-                # its error is the line that says why (drnn_cli.rank_errors)
-                sys.exit(signalled.exit_code)
-            _say(errors, _interrupted_line(signalled))
+            if not (signalled.quiet and signalled.after is None):  # a closed stdout: silent, unless a
+                _say_signal(errors, signalled)  # training says what its run directory holds
             sys.exit(signalled.exit_code)
         except OSError as error:
             # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
@@ -895,11 +889,9 @@ def main(argv: list[str] | None = None) -> None:
                     try:
                         _await_own_signal()
                     except stopped as signalled:
-                        _say(errors, _interrupted_line(signalled))
+                        _say_signal(errors, signalled)
                         sys.exit(signalled.exit_code)
-                    _say(errors, f"drnn: error: {rank_origin()}{line}")
-                else:
-                    _say_error(errors, f"drnn: error: {rank_origin()}{line}")
+                _say_error(errors, f"drnn: error: {rank_origin()}{line}")
                 sys.exit(1)
             if _is_usage_error(error):
                 _report_usage_error(error, errors, args)
@@ -924,6 +916,16 @@ def _say(errors: Console, line: str) -> None:
     """The one stderr line; a closed stderr (``drnn ... 2>&1 | head -1``) must not turn it into a traceback."""
     with contextlib.suppress(OSError, Signalled):
         errors.print(line, soft_wrap=True)
+
+
+def _say_signal(errors: Console, signalled: Signalled) -> None:
+    """The line of a signal that ended the command outside the training loop, but from a torchrun
+    worker other than its node's local rank 0: the same signal reached that one (a Ctrl-C, a scheduler's
+    SIGTERM), which says it, or that one failed first, torchrun signalled the rest, and its error is the
+    line that says why (:mod:`drnn_cli.rank_errors`). A training's own news (``after``) is said."""
+    if waits_before_saying() and signalled.after is None:
+        return
+    _say(errors, _interrupted_line(signalled))
 
 
 def _say_error(errors: Console, line: str) -> None:

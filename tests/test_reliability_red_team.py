@@ -1543,6 +1543,19 @@ def test_a_worker_whose_peer_left_on_the_jobs_sigterm_says_it_was_interrupted(
     monkeypatch.setattr(drnn_cli.cli, "_await_own_signal", lambda: waited.append("waited"))  # the peer failed
     code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))
     assert_one_line_error(code, err, "another process of this torchrun job is gone")
+    # a worker other than its node's local rank 0 leaves both lines to that one (review rev37: node 1 of
+    # two printed its local rank 0's "interrupted" and its local rank 1's "is gone"), unless neither a
+    # signal of its own nor torchrun's (local rank 0 gone) comes: then the line is its own
+    for name, value in {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(drnn_cli.cli, "_await_own_signal", signal_arrives)
+    assert cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))[::2] == (143, "")
+    monkeypatch.setattr(drnn_cli.cli, "_await_own_signal", lambda: None)
+    monkeypatch.setattr(drnn_cli.cli, "_await_local_rank_0", signal_arrives)
+    assert cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))[::2] == (1, "")
+    monkeypatch.setattr(drnn_cli.cli, "_await_local_rank_0", lambda: None)
+    code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))
+    assert_one_line_error(code, err, "rank 3 of 4 on host", "another process of this torchrun job is gone")
 
 
 def test_a_stray_rank_variable_without_torchrun_is_one_process_that_reports(workdir: Path, cli, monkeypatch):

@@ -132,7 +132,30 @@ class _TrainJob:
 
 
 def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
-    """Train into ``run_dir``, or, for ``--overwrite`` of an existing run, beside it and swap on success."""
+    """Train into ``run_dir``, or, for ``--overwrite`` of an existing run, beside it and swap on success.
+
+    A closed stdout outside the training loop's handlers (start-up: ``drnn train ... | head -n 0``) ends
+    the session at once, as on other commands, though not in silence: its interrupted line says what
+    the run directory holds (it exited 141 without a word, as if training had gone on unseen)."""
+    try:
+        return _place_and_train(job, run_dir)
+    except Signalled as ended:
+        if ended.quiet and ended.after is None and job.dist.is_main:
+            ended.after = _left_at_start(job.request, run_dir)
+        raise
+
+
+def _left_at_start(request: TrainRequest, run_dir: Path) -> str:
+    """What a training ended before its loop leaves: the run it found, as it found it (a killed
+    --overwrite's newer run included, which --resume continues); an --overwrite, the run it would replace."""
+    staging = staging_dir(run_dir.resolve() if run_dir.is_symlink() else run_dir)
+    if request.overwrite and holds_run(run_dir) and not holds_run(staging):
+        return f"no checkpoint was written, and {run_dir} keeps the run it held"
+    return left_by_signal(staging if holds_run(staging) else run_dir, RESUME_ADVICE)
+
+
+def _place_and_train(job: _TrainJob, run_dir: Path) -> TrainResult:
+    """:func:`_train_in_place_or_staged`'s choice of where, and its training there."""
     request, dist = job.request, job.dist
     # A --run that is a symlink: the run it points at is replaced (on its own disk), the link kept.
     target = run_dir.resolve() if run_dir.is_symlink() else run_dir
@@ -185,12 +208,13 @@ def _train_in_place_or_staged(job: _TrainJob, run_dir: Path) -> TrainResult:
         return _train_locked(job, run_dir, run_dir)
     check_replaceable(target)
     if dist.is_main:
+        point = _checkpoint_point(staging) if left_behind else ""
+        discard(staging)  # a leftover of an earlier replacement that was killed: gone before it is said
         if left_behind and job.reporter is not None:
             job.reporter.note(
                 f"discarded the newer run a killed --overwrite session left in {staging} (its checkpoint at "
-                f"{_checkpoint_point(staging)}): this --overwrite replaces it too"
+                f"{point}): this --overwrite replaces it too"
             )
-        discard(staging)  # a leftover of an earlier replacement that was killed
     return _train_staged(job, run_dir, target, staging)
 
 
@@ -265,22 +289,7 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
 
 
 def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult:
-    """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train.
-
-    A closed stdout outside the training loop's handlers (start-up: ``drnn train ... | head -n 0``) ends
-    the session at once, as on other commands, though not in silence: its interrupted line says what
-    the run directory holds (it exited 141 without a word, as if training had gone on unseen)."""
-    try:
-        return _train_here(job, run_dir, final_dir)
-    except Signalled as ended:
-        if ended.quiet and ended.after is None and job.dist.is_main:
-            advice = OVERWRITE_RESUME_ADVICE if job.request.overwrite else RESUME_ADVICE
-            ended.after = left_by_signal(run_dir, advice)
-        raise
-
-
-def _train_here(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult:
-    """:func:`_train_locked`'s work: start point, data, trainer, loop, and the session's stop record."""
+    """Load the data and model for ``run_dir`` (the run's own directory or its staging copy) and train."""
     request, device, dist, reporter = job.request, job.device, job.dist, job.reporter
     given = given_keys(request.overrides)
     if request.resume:

@@ -546,6 +546,45 @@ def test_a_stdout_closed_before_training_starts_ends_train_with_a_line_saying_wh
         assert not last.exists()
 
 
+@pytest.mark.parametrize("option", ["--resume", "--overwrite"])
+def test_a_stdout_closed_at_the_start_beside_a_killed_overwrites_run_says_which_run_stands(
+    workdir: Path, cli, option: str
+):
+    """A killed --overwrite left its newer run beside the old one: a reader gone as --resume said it
+    resumes that run, or as --overwrite said it discarded it, ended train with 141 and not a word; and
+    --overwrite's SIGPIPE at that note left the run it said it had discarded (review rev37)."""
+    import shutil
+
+    config = config_file(workdir, tiny(epochs=1))
+    code, _, err = cli("train", "--config", str(config))
+    assert code == 0, err
+    runs = workdir / "runs"
+    shutil.copytree(runs / "tiny", runs / ".tiny.overwrite")  # the newer run a killed --overwrite left
+    old = (runs / "tiny" / "last.safetensors").read_bytes()
+    reading, writing = os.pipe()
+    os.close(reading)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "drnn_cli", "train", "--config", str(config), "--set", "train.epochs=2", option],
+            cwd=workdir, env=CHILD_ENV, stdout=writing, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(writing)
+    assert done.returncode == 141, done.stderr
+    if option == "--resume":
+        assert done.stderr.splitlines() == [
+            "drnn: interrupted (SIGPIPE): the last checkpoint written, runs/.tiny.overwrite/last.safetensors, "
+            "continues with the same command plus --resume"
+        ]
+        assert (runs / ".tiny.overwrite" / "last.safetensors").read_bytes() == old  # untouched, still there
+    else:
+        assert done.stderr.splitlines() == [
+            "drnn: interrupted (SIGPIPE): no checkpoint was written, and runs/tiny keeps the run it held"
+        ]
+        assert not (runs / ".tiny.overwrite").exists()  # discarded, as the (unread) note said
+    assert (runs / "tiny" / "last.safetensors").read_bytes() == old
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Small inputs, big costs
 

@@ -1067,15 +1067,20 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
     assert err == "note: data.preprocess d2l reads the text 'The Café, 1895!' as 'the caf'\n"
     code, out, err = cli("inspect", "The Time", "--run", str(tiny_run), "--units", "1", "--json")
     assert code == 0 and "--html FILE" not in out + err and "reads the text" not in out + err  # case only
+
     # a file's text, as the run's d2l preprocessing reads it: its page showed "himwas" and no commas, and
     # nothing said why (learner34)
+    def file_note(name: object, glued: bool) -> str:
+        return (
+            f"note: data.preprocess d2l reads {name} as the model trained on its text: only the letters a-z, "
+            f"lower-cased, and spaces{', its lines glued without a space' if glued else ''}; what it shows "
+            "is that text\n"
+        )
+
     excerpt = tmp_path / "excerpt.txt"
     excerpt.write_text("The Time Traveller (for so it will be convenient to speak of him)\nwas expounding.\n")
     code, out, err = cli("inspect", "--file", str(excerpt), "--run", str(tiny_run), "--units", "1")
-    assert code == 0 and err == (
-        f"note: data.preprocess d2l reads {excerpt} as the model trained on its text: only the letters a-z, "
-        "lower-cased, and spaces, its lines glued without a space; what it shows is that text\n"
-    ), err
+    assert (code, err) == (0, file_note(excerpt, glued=True)), err
     # a file the preprocessing leaves as it is (letters and spaces on one line; case and runs of spaces
     # aside) is read as written: nothing to say; standard input is read by the same rule
     plain = tmp_path / "plain.txt"
@@ -1084,18 +1089,12 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
     assert (code, err) == (0, ""), err
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"him\nwas")))
     code, out, err = cli("inspect", "--file", "-", "--run", str(tiny_run), "--units", "1")
-    assert code == 0 and err == (
-        "note: data.preprocess d2l reads standard input as the model trained on its text: only the letters "
-        "a-z, lower-cased, and spaces, its lines glued without a space; what it shows is that text\n"
-    ), err
+    assert (code, err) == (0, file_note("standard input", glued=True)), err
     # a file of one line: what d2l drops is said, not lines glued that it does not have
     one_line = tmp_path / "one-line.txt"
     one_line.write_text("The Time Traveller (for so it will be convenient to speak of him) was expounding.")
     code, out, err = cli("inspect", "--file", str(one_line), "--run", str(tiny_run), "--units", "1")
-    assert code == 0 and err == (
-        f"note: data.preprocess d2l reads {one_line} as the model trained on its text: only the letters a-z, "
-        "lower-cased, and spaces; what it shows is that text\n"
-    ), err
+    assert (code, err) == (0, file_note(one_line, glued=False)), err
     # an RNN has no gates for the page to show (learner34)
     tree = {
         **TINY_TREE,

@@ -375,8 +375,13 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         result = trainer.fit()
     except TrainingInterrupted as stop:  # stopped by a signal or a closed stdout, after its checkpoint
         if dist.is_main:
-            write_stop_record(run_dir, stop.stopped.signal, stop.stopped.steps)  # type: ignore[arg-type]
-            mark_as_latest()
+            try:
+                write_stop_record(run_dir, stop.stopped.signal, stop.stopped.steps)  # type: ignore[arg-type]
+                mark_as_latest()
+            except Signalled as again:  # pressed again a moment too late: the stop and its checkpoint stand
+                again.stopped = again.stopped or stop.stopped
+                again.after = again.after or left_by_signal(run_dir, trainer.resume_advice)
+                raise
         raise
     except TrainingDiverged:  # its last finite checkpoint stays: the record says why no later one came
         if dist.is_main:

@@ -1814,6 +1814,24 @@ def test_a_second_ctrl_c_under_json_still_prints_where_the_run_stands_at_its_las
     assert not (workdir / "runs" / ".tiny.overwrite").exists()
 
 
+def first_ctrl_c_in_the_first_validation(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A Ctrl-C during the run's first validation (it stops there, with a checkpoint); the list it
+    returns says which presses came, for a test's second press to append to."""
+    from drnn_cli.train import Trainer
+
+    pressed: list[str] = []
+    validate = Trainer._validate
+
+    def first_press(self: Trainer, abandonable: bool = False):
+        if not pressed:
+            pressed.append("first")
+            signal.raise_signal(signal.SIGINT)
+        return validate(self, abandonable)
+
+    monkeypatch.setattr(Trainer, "_validate", first_press)
+    return pressed
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new run", "overwrite"])
 def test_a_second_ctrl_c_as_the_stop_checkpoint_lands_names_the_checkpoint_on_disk(
     workdir: Path, cli, monkeypatch: pytest.MonkeyPatch, overwrite: bool
@@ -1823,19 +1841,12 @@ def test_a_second_ctrl_c_as_the_stop_checkpoint_lands_names_the_checkpoint_on_di
     steps: 0` (what the trainer had noted, not yet the file), which for --overwrite read as the old run
     kept (review rev37). The object is read back from the checkpoint on disk."""
     import drnn_cli.files as files
-    from drnn_cli.train import Trainer
 
     if overwrite:
         code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))
         assert code == 0, err
-    pressed: list[str] = []
-    validate, fsync = Trainer._validate, files._fsync_directory
-
-    def first_press(self: Trainer, abandonable: bool = False):
-        if not pressed:
-            pressed.append("first")
-            signal.raise_signal(signal.SIGINT)  # during the first validation: stop there, with a checkpoint
-        return validate(self, abandonable)
+    pressed = first_ctrl_c_in_the_first_validation(monkeypatch)
+    fsync = files._fsync_directory
 
     def second_press(directory: Path) -> None:
         fsync(directory)
@@ -1843,7 +1854,6 @@ def test_a_second_ctrl_c_as_the_stop_checkpoint_lands_names_the_checkpoint_on_di
             pressed.append("second")
             signal.raise_signal(signal.SIGINT)  # the stop checkpoint renamed into place, its write unfinished
 
-    monkeypatch.setattr(Trainer, "_validate", first_press)
     monkeypatch.setattr(files, "_fsync_directory", second_press)
     config = str(config_file(workdir, tiny(epochs=3)))
     code, out, err = cli("train", "--config", config, "--json", *(["--overwrite"] if overwrite else []))
@@ -1868,19 +1878,12 @@ def test_a_second_ctrl_c_as_the_stop_is_recorded_still_reports_the_stop(
     nothing and the line was a bare `interrupted (SIGINT)` (4 of 25 real double presses 1-50 ms apart;
     review recheck37): the stop stands, and is what both report."""
     import drnn_cli.train_session as train_session
-    from drnn_cli.train import Trainer
 
     if overwrite:
         code, _, err = cli("train", "--config", str(config_file(workdir, tiny(epochs=1))))
         assert code == 0, err
-    pressed: list[str] = []
-    validate, record = Trainer._validate, train_session.write_stop_record
-
-    def first_press(self: Trainer, abandonable: bool = False):
-        if not pressed:
-            pressed.append("first")
-            signal.raise_signal(signal.SIGINT)
-        return validate(self, abandonable)
+    pressed = first_ctrl_c_in_the_first_validation(monkeypatch)
+    record = train_session.write_stop_record
 
     def second_press(*args: object) -> None:
         record(*args)  # type: ignore[arg-type]
@@ -1888,7 +1891,6 @@ def test_a_second_ctrl_c_as_the_stop_is_recorded_still_reports_the_stop(
             pressed.append("second")
             signal.raise_signal(signal.SIGINT)  # the stop's checkpoint and record written
 
-    monkeypatch.setattr(Trainer, "_validate", first_press)
     monkeypatch.setattr(train_session, "write_stop_record", second_press)
     config = str(config_file(workdir, tiny(epochs=3)))
     code, out, err = cli("train", "--config", config, "--json", *(["--overwrite"] if overwrite else []))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 
-from drnn_cli.signals import TORCHRUN_ENV, launched_rank
+from drnn_cli.signals import TORCHRUN_ENV, launched_local_rank, launched_rank
 
 # How long a torchrun worker other than its node's local rank 0 waits for torchrun's signal before it
 # says its error: the ranks of one node meet the same error within a fraction of a second (each
@@ -32,7 +32,7 @@ PEER_ERROR_WAIT_S = 5.0
 def waits_before_saying() -> bool:
     """Whether this process waits for torchrun's signal before it says an error: a torchrun worker that
     is not its node's local rank 0 (alone, or a process group started by hand, every process says it)."""
-    return TORCHRUN_ENV in os.environ and _local_rank() != 0
+    return TORCHRUN_ENV in os.environ and launched_local_rank() != 0
 
 
 def rank_origin() -> str:
@@ -44,11 +44,3 @@ def rank_origin() -> str:
     world = os.environ.get("WORLD_SIZE", "")
     of = f" of {world}" if world.isdigit() else ""
     return f"rank {rank}{of} on host {socket.gethostname()}: "
-
-
-def _local_rank() -> int:
-    """LOCAL_RANK as torchrun sets it (0 where it is missing or no number: that process speaks)."""
-    try:
-        return int(os.environ.get("LOCAL_RANK") or "0")
-    except ValueError:
-        return 0

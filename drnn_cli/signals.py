@@ -41,10 +41,18 @@ def in_process_group() -> bool:
 def launched_rank() -> int:
     """This process's rank as ``torchrun`` set it in the environment (0 when run alone, whatever a stray
     ``RANK`` says: a plain ``RANK=1 drnn train`` trained in silence, taking itself for a worker)."""
-    if not in_process_group():
-        return 0
+    return _launcher_number("RANK") if in_process_group() else 0
+
+
+def launched_local_rank() -> int:
+    """This process's rank on its node as ``torchrun`` set it (0 when run alone)."""
+    return _launcher_number("LOCAL_RANK") if in_process_group() else 0
+
+
+def _launcher_number(name: str) -> int:
+    """A count torchrun sets in the environment, read where a wrong one must not fail (0 for a word)."""
     try:
-        return int(os.environ.get("RANK") or "0")
+        return int(os.environ.get(name) or "0")
     except ValueError:  # as above
         return 0
 

@@ -1,4 +1,4 @@
-"""README "What happens when", row by row, through the real CLI: one line on stderr, a non-zero exit, no traceback,
+"""docs/errors.md (README "What happens when"), row by row, through the real CLI: one line on stderr, a non-zero exit, no traceback,
 nothing half-written; interrupted training loses nothing; checkpoints cannot run code."""
 
 from __future__ import annotations

@@ -111,8 +111,10 @@ from drnn_cli.trainer_state import (
     loading,
 )
 
-# How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py).
+# How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py);
+# a --resume session's command already names --resume
 RESUME_ADVICE = "the same command plus --resume"
+RESUME_AGAIN_ADVICE = "the same command again"
 # _note_unannealed: the steps of a session's pace it judges by, and the share of the schedule's steps
 # that max_time must leave unreached for the note (a cut near the end leaves the rate near min_lr)
 UNANNEALED_PACE_STEPS = 20
@@ -1315,8 +1317,7 @@ class Trainer:
             pressed_twice = self.stops.pending and not again.quiet
             if pressed_twice and self.dist.is_main:
                 again.stopped = self._stopped_at_once(again.name)
-                if self.resume_advice == RESUME_ADVICE:
-                    again.after = self._left_by_signal()
+                again.after = self._left_by_signal()  # an --overwrite's session says it its own way
             raise
         finally:
             if self.tensorboard is not None:

@@ -817,6 +817,28 @@ def test_a_signal_at_any_step_resumes_to_the_metrics_of_a_run_never_stopped(
     assert untimed_metrics(workdir / "runs/split") == untimed_metrics(workdir / "runs/straight")
 
 
+def test_a_resumed_session_stopped_by_a_signal_is_told_to_run_its_own_command_again(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The stop line tells how to continue: a first session's command needs --resume added; a --resume
+    session's has it, and was told "the same command plus --resume" all the same."""
+    config = write_config(workdir)
+    undo = signal_at(monkeypatch, 3, 2)
+    with pytest.raises(TrainingInterrupted) as first:
+        train(config, run_dir=Path("runs/tiny"))
+    undo()
+    signal_at(monkeypatch, 9, 2)
+    with pytest.raises(TrainingInterrupted) as resumed:
+        train(config, run_dir=Path("runs/tiny"), resume=True)
+    assert str(first.value) == (
+        "training stopped by SIGINT after step 3 of epoch 1, optimizer step 3; its checkpoint is in "
+        "runs/tiny/last.safetensors; continue with the same command plus --resume"
+    )
+    assert str(resumed.value).endswith(
+        "optimizer step 9; its checkpoint is in runs/tiny/last.safetensors; continue with the same command again"
+    )
+
+
 @pytest.mark.parametrize(
     ("settings", "crash"),
     [((), True), ((), False), (("train.max_steps=10", "train.schedule=cosine"), False)],

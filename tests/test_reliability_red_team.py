@@ -535,7 +535,8 @@ def test_a_stdout_closed_before_training_starts_ends_train_with_a_line_saying_wh
         os.close(writing)
     assert done.returncode == 141, done.stderr
     left = (
-        "the last checkpoint written, runs/tiny/last.safetensors, continues with the same command plus --resume"
+        # the command names --resume already: "plus --resume" would have it twice
+        "the last checkpoint written, runs/tiny/last.safetensors, continues with the same command again"
         if resume
         else "no checkpoint was written"
     )
@@ -574,7 +575,7 @@ def test_a_stdout_closed_at_the_start_beside_a_killed_overwrites_run_says_which_
     if option == "--resume":
         assert done.stderr.splitlines() == [
             "drnn: interrupted (SIGPIPE): the last checkpoint written, runs/.tiny.overwrite/last.safetensors, "
-            "continues with the same command plus --resume"
+            "continues with the same command again"
         ]
         assert (runs / ".tiny.overwrite" / "last.safetensors").read_bytes() == old  # untouched, still there
     else:

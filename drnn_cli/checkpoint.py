@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,12 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 << 20
 HEADER_ROOM_KEPT = 4 << 20  # for the config, counters and the optimizer's hyper-parameters
 MAX_HEADER_DEPTH = 64
+# A header's lists and objects: a few hundred in a real one (each torchrun rank's state adds a few
+# dozen); parsing 60 MiB of ``[]`` built 21 million lists (1.9 GB, 7-13 s), so more are refused unparsed
+MAX_HEADER_CONTAINERS = 1_000_000
+# a JSON string, escapes included: what _too_many_containers strips before it counts again (the loop
+# unrolled: a repeated alternation kept state for each character, gigabytes over one 60 MiB string)
+JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 FINITE_CHECK_ELEMENTS = 1 << 22  # the NaN/infinity check's slice on the CPU (16 MiB of fp32)
 
 
@@ -255,8 +262,11 @@ def _corrupt(path: Path, why: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"checkpoint {path} is corrupt ({why})")
 
 
-def _not_a_checkpoint(path: Path) -> CorruptCheckpoint:
-    return _cut_short(path) or CorruptCheckpoint(f"checkpoint {path} is corrupt or not a drnn checkpoint")
+def _not_a_checkpoint(path: Path, opened: bool = False) -> CorruptCheckpoint:
+    """``opened``: safetensors opened the file, which it does only when the file holds every byte its
+    header announces, so the header need not be read again to tell whether the file was cut short."""
+    cut = None if opened else _cut_short(path)
+    return cut or CorruptCheckpoint(f"checkpoint {path} is corrupt or not a drnn checkpoint")
 
 
 def _cut_short(path: Path) -> CorruptCheckpoint | None:
@@ -265,7 +275,10 @@ def _cut_short(path: Path) -> CorruptCheckpoint | None:
     try:
         with path.open("rb") as stream:
             (header_bytes,) = struct.unpack("<Q", stream.read(8))
-            entries = json.loads(stream.read(min(header_bytes, MAX_HEADER_BYTES)))
+            text = stream.read(min(header_bytes, MAX_HEADER_BYTES)).decode("utf-8")
+        if _too_many_containers(text):
+            return None
+        entries = json.loads(text)
         end = (
             8
             + header_bytes
@@ -378,13 +391,17 @@ def read_checkpoint_info(path: Path) -> CheckpointInfo:
 def _read_info(path: Path, handle: Any) -> CheckpointInfo:
     """The drnn metadata of an open safetensors file, parsed as JSON and never executed."""
     try:
-        drnn = json.loads((handle.metadata() or {})["drnn"])
+        text = (handle.metadata() or {})["drnn"]
+        if _too_many_containers(text):
+            raise ValueError("more lists and objects than a drnn header holds")
+        drnn = json.loads(text)
         names: list[str] = handle.keys()  # a safe_open handle is not iterable itself
         shapes = {name: tuple(int(size) for size in handle.get_slice(name).get_shape()) for name in names}
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        raise _not_a_checkpoint(path) from None  # RecursionError: JSON nested deeper than the parser's stack
+        # RecursionError: JSON nested deeper than the parser's stack
+        raise _not_a_checkpoint(path, opened=True) from None
     if not isinstance(drnn, dict) or drnn.get("format") != FORMAT or _too_deep(drnn, MAX_HEADER_DEPTH):
-        raise _not_a_checkpoint(path)
+        raise _not_a_checkpoint(path, opened=True)
     if drnn.get("version") != FORMAT_VERSION:
         raise DrnnError(
             f"checkpoint {path} has format version {drnn.get('version')}; this drnn reads {FORMAT_VERSION}"
@@ -448,6 +465,17 @@ def _optional(value: Any, kind: type[float] | type[str]) -> Any:
     if kind is str and isinstance(value, str):
         return value
     raise TypeError(f"{type(value).__name__} where a {kind.__name__} belongs")
+
+
+def _too_many_containers(text: str) -> bool:
+    """Whether the JSON ``text`` opens more lists and objects than :data:`MAX_HEADER_CONTAINERS`, judged
+    before it is parsed: a hostile header's millions of ``[]`` cost gigabytes once built. Brackets inside
+    strings (a vocabulary's tokens) are not containers: they are stripped before a second count, which
+    only a text with that many brackets pays for."""
+    if text.count("[") + text.count("{") <= MAX_HEADER_CONTAINERS:
+        return False
+    outside_strings = JSON_STRING.sub("", text)
+    return outside_strings.count("[") + outside_strings.count("{") > MAX_HEADER_CONTAINERS
 
 
 def _too_deep(tree: Any, limit: int) -> bool:

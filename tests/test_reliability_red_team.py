@@ -33,6 +33,7 @@ from conftest import (
     rewrite_checkpoint,
 )
 from lock_contender import contend
+from safetensors import safe_open
 
 from drnn_cli.checkpoint import load_checkpoint
 from drnn_cli.download import REGISTRY, fetch_corpus
@@ -648,6 +649,56 @@ def test_tiny_inputs_with_huge_claims_are_refused_within_a_second_and_200_mb(
     code, seconds, grown_kib, err = _measure(workdir, *args)
     assert_one_line_error(code, err, needle)
     assert seconds < 1.0 and grown_kib < 200 * 1024, (seconds, grown_kib)
+
+
+@pytest.mark.parametrize("where", ["in drnn's metadata", "as the whole header"])
+def test_a_header_of_millions_of_empty_lists_is_refused_unparsed(workdir: Path, where: str):
+    """60 MiB of ``[]`` (within the header cap) built 21 million lists when parsed: 7 s and 1.9 GB in
+    drnn's metadata, 13 s and 1.8 GB as the whole header (read again to tell a file cut short). Refused
+    before parsing; what is left is reading the header once (0.2-0.4 s and 2-4 bytes a header byte: the
+    file's pages, safetensors' copy and Python's string)."""
+    lists = "[" + "[]," * 20_999_999 + "[]]"
+    if where == "as the whole header":
+        header = lists.encode()
+    else:
+        drnn = f'{{"format": "drnn-checkpoint", "version": 1, "vocab": {lists}}}'
+        header = json.dumps({"__metadata__": {"drnn": drnn}}).encode()
+    hostile = workdir / "lists.safetensors"
+    hostile.write_bytes(struct.pack("<Q", len(header)) + header)
+    code, seconds, grown_kib, err = _measure(workdir, "predict", "time", "--checkpoint", str(hostile))
+    assert_one_line_error(code, err, "corrupt or not a drnn checkpoint")
+    assert seconds < 2.0 and grown_kib < 5 * len(header) // 1024, (seconds, grown_kib)
+
+
+def test_brackets_inside_a_headers_strings_are_no_lists_or_objects(
+    workdir: Path, tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The container cap counts what the JSON opens, not the brackets a vocabulary's tokens (or any string,
+    escaped quotes and all) spell: a header exactly at the cap loads, one container more is refused."""
+    from drnn_cli import checkpoint
+
+    spelled = workdir / "spelled.safetensors"
+
+    def spell_brackets(drnn: dict) -> None:
+        drnn["init_from"] = '[{"x": [' * 1000 + "\\"
+
+    rewrite_checkpoint(tiny_run / "last.safetensors", spelled, edit_header=spell_brackets)
+    with safe_open(spelled, "pt") as handle:
+        drnn = json.loads(handle.metadata()["drnn"])
+
+    def containers(tree: object) -> int:
+        if isinstance(tree, dict):
+            return 1 + sum(containers(value) for value in tree.values())
+        if isinstance(tree, list):
+            return 1 + sum(containers(value) for value in tree)
+        return 0
+
+    opened = containers(drnn)
+    monkeypatch.setattr(checkpoint, "MAX_HEADER_CONTAINERS", opened)
+    assert checkpoint.read_checkpoint_info(spelled).init_from.startswith('[{"x": [[{')
+    monkeypatch.setattr(checkpoint, "MAX_HEADER_CONTAINERS", opened - 1)
+    with pytest.raises(DrnnError, match="corrupt or not a drnn checkpoint"):
+        checkpoint.read_checkpoint_info(spelled)
 
 
 def test_an_error_line_never_echoes_a_huge_value(workdir: Path, cli):

@@ -308,6 +308,30 @@ def epoch_steps(num_tokens: int, data: DataConfig, seed: int, epoch: int) -> int
     return _num_batches(data.sampling, num_tokens, offset, data.batch_size, data.num_steps)
 
 
+# epochs_at_step counts a step budget's span through the real epoch lengths up to this many epochs (each
+# one draw of its offset: epoch_steps), beyond which the mean's estimate stands
+EPOCH_WALK = 2_000
+
+
+def epochs_at_step(
+    step: int, epoch: int, steps_before: int, num_tokens: int, data: DataConfig, seed: int, epochs: int
+) -> float:
+    """Epochs done at optimizer step ``step``, counted from ``epoch`` (begun after ``steps_before``
+    steps) through the real epoch lengths (sequential sampling's offsets change them by a step): a step
+    budget's last log line read ``epoch 1.207/1.205`` against the mean's span (ddp32). At most ``epochs``
+    (``train.epochs``), which ends the run where its real epochs are shorter than the mean's (``epoch
+    3/3.05``: review rev32). 0.0 past :data:`EPOCH_WALK` epochs (the mean then)."""
+    before = steps_before
+    for _ in range(EPOCH_WALK):
+        if epoch >= epochs:  # the real epochs end before the step: they end the run
+            return float(epoch)
+        steps = epoch_steps(num_tokens, data, seed, epoch)
+        if step <= before + steps:
+            return epoch + 1 if step == before + steps else round(epoch + (step - before) / steps, 6)
+        before, epoch = before + steps, epoch + 1
+    return 0.0
+
+
 @dataclass(frozen=True)
 class EvalBatch:
     """A minibatch for evaluation; ``keep_row`` narrows the carried state to one row first.

@@ -16,11 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from drnn_cli.budget import Cadence
+from drnn_cli.budget import Budget, Cadence
 
 # Before a session has validated: a validation predicts each token with a forward pass alone, which
 # costs about a third of a training step's forward, backward and update per token.
 FORWARD_SHARE = 1 / 3
+# shown_pace: the steps of a session's pace a time budget is judged by, and the share of max_time gone
+# by (start-up's slow steps weigh less)
+PACE_SHOWN_STEPS = 20
+PACE_SHOWN_SHARE = 0.05
 
 
 def cadence_points(cadence: Cadence, after_step: int, to_step: int, steps_per_epoch: float) -> int:
@@ -195,3 +199,137 @@ class SessionTime:
             + work.validations * work.tokens_per_validation * per_token
             + work.checkpoint_writes * self.seconds_per_write()
         )
+
+
+# A validation in progress, as the time left reads it: (tokens done, of total, its start on
+# ``time.perf_counter``).
+Validating = tuple[int, int, float]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a session's time left counts to: the run's planned end (its last epoch or ``max_steps``),
+    the cadences that validate and write on the way, and what a validation and a step read."""
+
+    steps: int
+    steps_per_epoch: float  # the mean's (``PlannedLength``), as the run's other figures count epochs
+    eval: Cadence
+    checkpoint: Cadence
+    keep: Cadence
+    validates: bool  # a validation split: validations, and a best checkpoint after each
+    tokens_per_validation: int
+    tokens_per_step: int  # the job's (the ranks share a step's rows and a validation's alike)
+
+    def work_left(self, now: int) -> WorkLeft:
+        """The steps, validations and checkpoint writes between optimizer step ``now`` and the run's
+        end, by the cadences; a validation or write in progress is not counted."""
+        end, per_epoch, validates = self.steps, self.steps_per_epoch, self.validates
+        validations = cadence_points(self.eval, now, end, per_epoch) if validates else 0
+        writes = self.checkpoint, self.keep  # a kept point writes last (linked) too
+        lasts = cadence_union_points(*writes, now, end, per_epoch)
+        if now < end:  # the end validates and writes last, on a cadence or not
+            validations += int(validates and not cadence_points(self.eval, end - 1, end, per_epoch))
+            lasts += int(not cadence_union_points(*writes, end - 1, end, per_epoch))
+        return WorkLeft(
+            steps=max(0, end - now),
+            validations=validations,
+            checkpoint_writes=lasts + validations,  # best after each validation, at most
+            tokens_per_validation=self.tokens_per_validation,
+            tokens_per_step=self.tokens_per_step,
+        )
+
+
+def seconds_left(
+    plan: RunPlan,
+    clock: SessionTime,
+    budget: Budget,
+    global_step: int,
+    first_step: int,
+    validation: Validating | None = None,
+) -> float | None:
+    """Time to the run's end: its steps left (to the last epoch or ``max_steps``) at this session's
+    step pace, its validations and checkpoint writes left at theirs (README "Long runs", Progress), or
+    ``max_time``'s clock and the stop's validation and write, whichever comes first. ``global_step``:
+    the run's optimizer steps, of which ``first_step`` came before this session."""
+    validating_for = 0.0 if validation is None else time.perf_counter() - validation[2]
+    # the validation in progress is not step time
+    step_seconds = clock.step_seconds(clock.elapsed() - validating_for, global_step - first_step)
+    work = plan.work_left(global_step)
+    if step_seconds is None:  # nothing trained yet to take a pace from
+        if validation is None:
+            return budget.seconds_left()
+        tokens_done, tokens, _ = validation
+        if not (budget.max_time and tokens_done):
+            return None
+        # a validation before the first step (a fine-tuning run's of its start, a resume's replayed
+        # one): max_time starts after it, and its stop validates again, at this validation's pace;
+        # after the first step (which gives no pace alone) max_time's clock runs already (review rev32)
+        per_token = validating_for / tokens_done
+        budget_left = budget.max_time if global_step == first_step else budget.seconds_left()
+        return (tokens - tokens_done + work.tokens_per_validation) * per_token + (budget_left or 0.0)
+    in_flight = 0.0
+    if validation is not None:
+        tokens_done, tokens, _ = validation
+        per_token = (
+            validating_for / tokens_done
+            if tokens_done
+            else clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
+        )
+        in_flight = (tokens - tokens_done) * per_token
+    left = in_flight + clock.seconds_to_end(work, step_seconds)
+    by_time = budget.seconds_left()
+    if by_time is not None:
+        stop = _seconds_to_budget_stop(
+            plan, clock, global_step, by_time, work, step_seconds, in_flight, validation
+        )
+        left = min(left, stop)
+    return left
+
+
+def _seconds_to_budget_stop(
+    plan: RunPlan,
+    clock: SessionTime,
+    global_step: int,
+    by_time: float,
+    work: WorkLeft,
+    step_seconds: float,
+    in_flight: float,
+    validation: Validating | None,
+) -> float:
+    """max_time's end: its clock, then the stop's validation and its two writes (last and best); or,
+    where the clock runs out in a validation (the one in progress, or the next on the cadence), that
+    validation's end and the writes: it ends the run (the trainer's step boundary and epoch end)."""
+    writes = (2 if plan.validates else 1) * clock.seconds_per_write()  # last, and best after its validation
+    per_token = clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
+    one_validation = work.tokens_per_validation * per_token if plan.validates else 0.0
+    if validation is not None:
+        return in_flight + writes if in_flight >= by_time else by_time + one_validation + writes
+    due = next_cadence_point(plan.eval, global_step, plan.steps_per_epoch)
+    if plan.validates and due is not None and due <= plan.steps:
+        to_due = (due - global_step) * step_seconds
+        if to_due < by_time <= to_due + one_validation:
+            return to_due + one_validation + writes
+    return by_time + one_validation + writes
+
+
+def shown_pace(clock: SessionTime, steps: int, max_time: float) -> float | None:
+    """A training step's seconds once the session's pace shows against ``max_time``: after
+    :data:`PACE_SHOWN_STEPS` of its ``steps`` and :data:`PACE_SHOWN_SHARE` of the time (start-up's slow
+    steps then weigh less); None before."""
+    step_seconds = clock.step_seconds(clock.elapsed(), steps)
+    paced = clock.elapsed() >= PACE_SHOWN_SHARE * max_time
+    if steps < PACE_SHOWN_STEPS or not paced or not step_seconds:
+        return None
+    return step_seconds
+
+
+def reach_by_time(
+    plan: RunPlan, clock: SessionTime, global_step: int, by_time: float, step_seconds: float
+) -> int | None:
+    """The optimizer step at which ``by_time`` seconds left end the run at this session's paces: a
+    step's share of the time to the end, the validations and writes on the way included; None where
+    no step is left."""
+    work = plan.work_left(global_step)
+    if not work.steps:
+        return None
+    return global_step + round(by_time * work.steps / clock.seconds_to_end(work, step_seconds))

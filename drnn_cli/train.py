@@ -29,7 +29,7 @@ from drnn_cli.batches import (
     check_trainable,
     epoch_batches,
     epoch_seed,
-    epoch_steps,
+    epochs_at_step,
 )
 from drnn_cli.budget import Budget, Cadence, StopReason
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, read_checkpoint_info, save_checkpoint
@@ -90,12 +90,14 @@ from drnn_cli.runtime import (
     wait_for_every_rank,
 )
 from drnn_cli.session_time import (
+    RunPlan,
     SessionSeconds,
     SessionTime,
+    Validating,
     WorkLeft,
-    cadence_points,
-    cadence_union_points,
-    next_cadence_point,
+    reach_by_time,
+    seconds_left,
+    shown_pace,
 )
 from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
@@ -115,14 +117,9 @@ from drnn_cli.trainer_state import (
 # a --resume session's command already names --resume
 RESUME_ADVICE = "the same command plus --resume"
 RESUME_AGAIN_ADVICE = "the same command again"
-# _note_unannealed: the steps of a session's pace it judges by, and the share of the schedule's steps
-# that max_time must leave unreached for the note (a cut near the end leaves the rate near min_lr)
-UNANNEALED_PACE_STEPS = 20
-UNANNEALED_PACE_SHARE = 0.05  # ... and the share of max_time gone by (start-up's slow steps weigh less)
+# _note_unannealed: the share of the schedule's steps that max_time must leave unreached for the note
+# (a cut near the end leaves the rate near min_lr)
 UNANNEALED_SHARE = 0.8
-# a step budget's span is counted through the real epoch lengths up to this many epochs (each one
-# draw of its offset: epoch_steps), beyond which the mean's estimate stands
-EPOCH_WALK = 2_000
 
 
 def check_every_rank_runs_alike(
@@ -634,21 +631,16 @@ class Trainer:
         """Said once, when the session's pace first shows it: ``train.max_time`` ending a cosine schedule
         far from its end, so the rate stays near its peak throughout (the README's 2-hour recipe on a 30 MB
         text trained at 0.003 to its last step: prac34), with the step budget that fits instead."""
-        train, clock = self.config.train, self.session_time
+        train = self.config.train
         if self._unannealed_judged or train.schedule != "cosine" or not train.max_time:
             return
-        steps, by_time = self.global_step - self._first_step, self.budget.seconds_left()
-        step_seconds = clock.step_seconds(clock.elapsed(), steps)
-        paced = clock.elapsed() >= UNANNEALED_PACE_SHARE * train.max_time
-        if steps < UNANNEALED_PACE_STEPS or not paced or not step_seconds or by_time is None:
+        by_time = self.budget.seconds_left()
+        step_seconds = shown_pace(self.session_time, self.global_step - self._first_step, train.max_time)
+        if step_seconds is None or by_time is None:
             return  # no pace to go by yet
         self._unannealed_judged = True
-        work = self._work_left()
-        if not work.steps:
-            return
-        # a step's share of the time to the end, the validations and writes on the way included
-        reach = self.global_step + round(by_time * work.steps / clock.seconds_to_end(work, step_seconds))
-        if reach < UNANNEALED_SHARE * self.length.steps:
+        reach = reach_by_time(self._run_plan(), self.session_time, self.global_step, by_time, step_seconds)
+        if reach is not None and reach < UNANNEALED_SHARE * self.length.steps:
             epoch = int(reach / self.length.steps_per_epoch)
             rate = self._rate_at(epoch, reach)
             self.reporter.note(unannealed_note(train, reach, self.length, rate))
@@ -850,88 +842,26 @@ class Trainer:
     def _budget_reached(self, vote_now: bool = False) -> StopReason | None:
         return self.stop_votes.budget_reached(self.budget, self.global_step, self._first_step, vote_now)
 
-    def _seconds_left(self, validation: tuple[int, int, float] | None = None) -> float | None:
-        """Time to the run's end: its steps left (to the last epoch or ``max_steps``) at this session's
-        step pace, its validations and checkpoint writes left at theirs (README "Long runs", Progress), or
-        ``max_time``'s clock and the stop's validation and write, whichever comes first. ``validation``:
-        (tokens done, of total, its start on ``time.perf_counter``) of one in progress."""
-        clock = self.session_time
-        validating_for = 0.0 if validation is None else time.perf_counter() - validation[2]
-        # the validation in progress is not step time
-        step_seconds = clock.step_seconds(
-            clock.elapsed() - validating_for, self.global_step - self._first_step
+    def _seconds_left(self, validation: Validating | None = None) -> float | None:
+        """Time to the run's end from this session's paces (:func:`seconds_left`); ``validation``: one
+        in progress."""
+        return seconds_left(
+            self._run_plan(), self.session_time, self.budget, self.global_step, self._first_step, validation
         )
-        work = self._work_left()
-        if step_seconds is None:  # nothing trained yet to take a pace from
-            if validation is None:
-                return self.budget.seconds_left()
-            tokens_done, tokens, _ = validation
-            if not (self.budget.max_time and tokens_done):
-                return None
-            # a validation before the first step (a fine-tuning run's of its start, a resume's replayed
-            # one): max_time starts after it, and its stop validates again, at this validation's pace;
-            # after the first step (which gives no pace alone) max_time's clock runs already (review rev32)
-            per_token = validating_for / tokens_done
-            budget_left = (
-                self.budget.max_time if self.global_step == self._first_step else self.budget.seconds_left()
-            )
-            return (tokens - tokens_done + work.tokens_per_validation) * per_token + (budget_left or 0.0)
-        in_flight = 0.0
-        if validation is not None:
-            tokens_done, tokens, _ = validation
-            per_token = (
-                validating_for / tokens_done
-                if tokens_done
-                else clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
-            )
-            in_flight = (tokens - tokens_done) * per_token
-        left = in_flight + clock.seconds_to_end(work, step_seconds)
-        by_time = self.budget.seconds_left()
-        if by_time is not None:
-            left = min(left, self._seconds_to_budget_stop(by_time, work, step_seconds, in_flight, validation))
-        return left
-
-    def _seconds_to_budget_stop(
-        self,
-        by_time: float,
-        work: WorkLeft,
-        step_seconds: float,
-        in_flight: float,
-        validation: tuple[int, int, float] | None,
-    ) -> float:
-        """max_time's end: its clock, then the stop's validation and its two writes (last and best); or,
-        where the clock runs out in a validation (the one in progress, or the next on the cadence), that
-        validation's end and the writes: it ends the run (``_inside_epoch``, ``_end_epoch``)."""
-        clock = self.session_time
-        validates = self.dataset.splits.validates
-        writes = (2 if validates else 1) * clock.seconds_per_write()  # last, and best after its validation
-        per_token = clock.validation_seconds_per_token(step_seconds, work.tokens_per_step)
-        one_validation = work.tokens_per_validation * per_token if validates else 0.0
-        if validation is not None:
-            return in_flight + writes if in_flight >= by_time else by_time + one_validation + writes
-        due = next_cadence_point(self.cadence.eval, self.global_step, self.length.steps_per_epoch)
-        if validates and due is not None and due <= self.length.steps:
-            to_due = (due - self.global_step) * step_seconds
-            if to_due < by_time <= to_due + one_validation:
-                return to_due + one_validation + writes
-        return by_time + one_validation + writes
 
     def _work_left(self) -> WorkLeft:
-        """The steps, validations and checkpoint writes between the step just taken and the run's end
-        (its planned steps: the last epoch or ``max_steps``), by the cadences; a validation or write in
-        progress is not counted."""
-        end, now, per_epoch = self.length.steps, self.global_step, self.length.steps_per_epoch
-        validates = self.dataset.splits.validates
-        validations = cadence_points(self.cadence.eval, now, end, per_epoch) if validates else 0
-        writes = self.cadence.checkpoint, self.cadence.keep  # a kept point writes last (linked) too
-        lasts = cadence_union_points(*writes, now, end, per_epoch)
-        if now < end:  # the end validates and writes last, on a cadence or not
-            validations += int(validates and not cadence_points(self.cadence.eval, end - 1, end, per_epoch))
-            lasts += int(not cadence_union_points(*writes, end - 1, end, per_epoch))
-        return WorkLeft(
-            steps=max(0, end - now),
-            validations=validations,
-            checkpoint_writes=lasts + validations,  # best after each validation, at most
+        """The steps, validations and checkpoint writes between the step just taken and the run's end."""
+        return self._run_plan().work_left(self.global_step)
+
+    def _run_plan(self) -> RunPlan:
+        """What the time left counts to, from the planned length and the cadences."""
+        return RunPlan(
+            steps=self.length.steps,
+            steps_per_epoch=self.length.steps_per_epoch,
+            eval=self.cadence.eval,
+            checkpoint=self.cadence.checkpoint,
+            keep=self.cadence.keep,
+            validates=self.dataset.splits.validates,
             tokens_per_validation=self._validation_predictions,
             # the job's, as the validation's: the ranks share the split's rows as they share a step's
             tokens_per_step=self.static_step.targets.numel() * self.dist.world_size,
@@ -1071,22 +1001,6 @@ class Trainer:
             raise self._diverged(
                 f"the loss became NaN or infinite at step {bad + 1:,} of epoch {epoch + 1:,}"
             )
-
-    def _epochs_at(self, step: int) -> float:
-        """Epochs done at optimizer step ``step``, counted from this session's epoch through the real epoch
-        lengths (sequential sampling's offsets change them by a step): a step budget's last log line read
-        ``epoch 1.207/1.205`` against the mean's span (ddp32). At most ``train.epochs``, which ends the run
-        where its real epochs are shorter than the mean's (``epoch 3/3.05``: review rev32). 0.0 past
-        EPOCH_WALK epochs (the mean then)."""
-        epoch, before = self.start_epoch, self.global_step - self.progress.step
-        for _ in range(EPOCH_WALK):
-            if epoch >= self.config.train.epochs:  # the real epochs end before the step: they end the run
-                return float(epoch)
-            steps = epoch_steps(len(self.train_tokens), self.config.data, self.config.train.seed, epoch)
-            if step <= before + steps:
-                return epoch + 1 if step == before + steps else round(epoch + (step - before) / steps, 6)
-            before, epoch = before + steps, epoch + 1
-        return 0.0
 
     def _epochs_done(self, epoch: int, step: int) -> float:
         """Epochs done after ``step`` steps of ``epoch``: whole at an epoch's start or end (as in
@@ -1411,7 +1325,19 @@ class Trainer:
     def _run_start(self) -> RunStart:
         """The session's first line: what it trains, on what, for how long, from where."""
         step_budget = self.length.step_budget
-        budget_epochs = self._epochs_at(step_budget) if step_budget else 0.0
+        budget_epochs = (
+            epochs_at_step(
+                step_budget,
+                self.start_epoch,
+                self.global_step - self.progress.step,
+                len(self.train_tokens),
+                self.config.data,
+                self.config.train.seed,
+                self.config.train.epochs,
+            )
+            if step_budget
+            else 0.0
+        )
         return RunStart(
             # the bar's epochs: where the budget ends through the real epoch lengths, where counted
             total_epochs=math.ceil(budget_epochs) if budget_epochs else self.length.epochs,

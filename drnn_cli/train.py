@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from drnn_cli import __version__, fused_recurrence
+from drnn_cli import fused_recurrence
 from drnn_cli.averaging import WeightAverage
 from drnn_cli.batches import (
     EpochBatches,
@@ -51,6 +51,7 @@ from drnn_cli.optimizers import (
     reads_lr_on_device,
     restore_optimizer_state,
 )
+from drnn_cli.rank_agreement import check_every_rank_runs_alike, check_every_rank_starts_alike, header_digest
 from drnn_cli.report import (
     EpochRecord,
     PlotRefresh,
@@ -78,14 +79,10 @@ from drnn_cli.run_notes import (
     unannealed_note,
 )
 from drnn_cli.runtime import (
-    OTHER_NAMES,
     DistContext,
     all_reduce_sum,
     device_description,
     device_name,
-    names_that_differ,
-    rank_extremes,
-    votable_digest,
     vote_max,
     wait_for_every_rank,
 )
@@ -120,47 +117,6 @@ RESUME_AGAIN_ADVICE = "the same command again"
 # _note_unannealed: the share of the schedule's steps that max_time must leave unreached for the note
 # (a cut near the end leaves the rate near min_lr)
 UNANNEALED_SHARE = 0.8
-
-
-def check_every_rank_runs_alike(
-    config: Config, dataset: Dataset, dist: DistContext, device: torch.device
-) -> None:
-    """Under torchrun each node reads its own command, config and text: nodes given other settings or
-    another copy of the text hung (``max_steps``: one rank waited on a step the other never took), or
-    trained on silently with the ranks' rates mixed (``lr``), or failed in DDP's constructor (another
-    vocabulary; ddp32). Before the model is built, the ranks compare every setting but where the text
-    lies (``data.path``, ``data.corpus``: its contents are compared) and the device, and the text and
-    vocabulary, and refuse in one line naming what differs, with this rank's values."""
-    if not dist.enabled:
-        return
-    values = {
-        key: repr(value)
-        for key, value in config.settings().items()
-        if key not in {"data.path", "data.corpus", "train.device"}
-    }
-    values["the text"] = dataset.text_sha1 or dataset.sha1
-    values["the vocabulary"] = "\n".join(dataset.vocab.idx_to_token)
-    differ = names_that_differ(values, dist, device)
-    if not differ:
-        return
-    settings = config.settings()
-    here = {name: f"{name} {settings[name]!r}" if name in settings else name for name in differ} | {
-        "the text": f"the text {dataset.path} (SHA-1 {values['the text'][:12]}…)",
-        "the vocabulary": f"a vocabulary of {len(dataset.vocab):,} tokens",
-        OTHER_NAMES: f"drnn {__version__}, {len(settings):,} settings",
-    }
-    raise DrnnError(
-        f"the processes of this torchrun job differ in {', '.join(differ)} (rank {dist.rank}: "
-        f"{', '.join(here[name] for name in differ)}): run the same command, config and text on every "
-        'node (README "Several processes, GPUs or nodes")'
-    )
-
-
-def _header_digest(checkpoint: Checkpoint) -> float:
-    """48 bits of a digest of the checkpoint's header (its trainer state and tensor layout): exact as the
-    float64 a vote carries."""
-    header, _ = checkpoint.stored()
-    return votable_digest(header)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +266,7 @@ class Trainer:
         self._epoch_in_progress: EpochProgress | None = None
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
         # read before restoring, which takes this rank's part of a mid-epoch checkpoint
-        digest = _header_digest(resume) if resume is not None and self.dist.enabled else 0.0
+        digest = header_digest(resume) if resume is not None and self.dist.enabled else 0.0
         if resume is not None:
             self._restore(resume)
             self._best_restarted = best_restarts  # the start's validation too read other tokens
@@ -404,24 +360,8 @@ class Trainer:
         return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
 
     def _check_every_rank_starts_alike(self, digest: float) -> None:
-        """Under torchrun each rank reads the run directory from its own disk: nodes whose copies differed
-        trained different epochs, mixed their losses into one line, and hung; copies at the same step
-        that differed otherwise (weights, Adam's moments) trained on apart without a word. The ranks
-        compare the step and a digest of the checkpoint's header (its trainer state and tensor layout)."""
-        if not self.dist.enabled:
-            return
-        steps, contents = rank_extremes([float(self.global_step), digest], self.dist, self.device)
-        for (lowest, highest), which in (
-            (steps, f"optimizer step {steps[0]:,.0f} on one, {steps[1]:,.0f} on another"),
-            (contents, f"each at optimizer step {self.global_step:,}, with other contents"),
-        ):
-            if lowest == highest:
-                continue
-            raise DrnnError(
-                f"the processes of this torchrun job start from different checkpoints ({which}): every node "
-                "must read the same run directory and text (shared storage, "
-                'README "Several processes, GPUs or nodes")'
-            )
+        """Under torchrun, that every rank resumes the same checkpoint (:func:`check_every_rank_starts_alike`)."""
+        check_every_rank_starts_alike(self.global_step, digest, self.dist, self.device)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         """Continue from the run's last checkpoint. A trainer state that cannot be continued from (tampered

@@ -372,8 +372,8 @@ def test_processes_given_other_settings_or_another_text_refuse_in_one_line_namin
     from drnn_cli.config import Config, build_config
     from drnn_cli.data import Dataset, load_dataset
     from drnn_cli.errors import DrnnError
+    from drnn_cli.rank_agreement import check_every_rank_runs_alike
     from drnn_cli.runtime import DistContext
-    from drnn_cli.train import check_every_rank_runs_alike
 
     shuffled = tmp_path / "stale.txt"  # a stale copy: the same characters, its lines in another order
     lines = corpus_path.read_text(encoding="utf-8").splitlines(keepends=True)

@@ -687,19 +687,19 @@ def test_under_torchrun_ranks_resuming_different_checkpoints_at_the_same_step_ar
     moments trained on apart, exit 0 (practitioner trial). The ranks compare a digest of the header."""
     import dataclasses
 
-    import drnn_cli.train
+    import drnn_cli.rank_agreement
+    from drnn_cli.rank_agreement import header_digest
     from drnn_cli.runtime import DistContext
-    from drnn_cli.train import _header_digest
 
     checkpoint = load_checkpoint(tiny_run / "last.safetensors")
-    digest = _header_digest(checkpoint)
+    digest = header_digest(checkpoint)
     assert (
-        _header_digest(load_checkpoint(tiny_run / "last.safetensors")) == digest == int(digest)
+        header_digest(load_checkpoint(tiny_run / "last.safetensors")) == digest == int(digest)
     )  # read again
     # another run's copy at the same step: its trainer state differs (its clock, at least)
     elapsed = checkpoint.trainer_state["elapsed"] + 1.0
     other = dataclasses.replace(checkpoint, trainer_state={**checkpoint.trainer_state, "elapsed": elapsed})
-    assert _header_digest(other) != digest
+    assert header_digest(other) != digest
     trainer = Trainer.__new__(Trainer)  # what the check reads, without building a run
     trainer.dist, trainer.device, trainer.global_step = (
         DistContext(rank=0, world_size=2),
@@ -711,7 +711,7 @@ def test_under_torchrun_ranks_resuming_different_checkpoints_at_the_same_step_ar
     def extremes(values: list[float], _dist: object, _device: object) -> list[tuple[float, float]]:
         return [(min(value, other_rank[value]), max(value, other_rank[value])) for value in values]
 
-    monkeypatch.setattr(drnn_cli.train, "rank_extremes", extremes)
+    monkeypatch.setattr(drnn_cli.rank_agreement, "rank_extremes", extremes)
     with pytest.raises(DrnnError) as refused:
         trainer._check_every_rank_starts_alike(digest)
     assert str(refused.value).startswith(

@@ -49,7 +49,6 @@ from drnn_cli.optimizers import (
     make_capturable,
     optimizer_class,
     reads_lr_on_device,
-    restore_optimizer_state,
 )
 from drnn_cli.rank_agreement import check_every_rank_runs_alike, check_every_rank_starts_alike, header_digest
 from drnn_cli.report import (
@@ -100,15 +99,13 @@ from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.stop_votes import StopVotes
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
-from drnn_cli.trainer_state import (
-    EpochProgress,
-    RankState,
-    TrainerState,
-    UnusableTrainerState,
-    check_shapes,
-    gather_ranks,
-    loading,
+from drnn_cli.trainer_checkpoint import (
+    TrainingCounters,
+    TrainingParts,
+    checkpoint_of,
+    restore_training,
 )
+from drnn_cli.trainer_state import EpochProgress, UnusableTrainerState, gather_ranks
 
 # How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py);
 # a --resume session's command already names --resume
@@ -324,40 +321,18 @@ class Trainer:
 
     # ----- checkpoint state ------------------------------------------------------------------
 
-    def _checkpoint(
-        self, epoch: int, progress: EpochProgress | None, ranks: list[RankState] | None
-    ) -> Checkpoint:
-        state = TrainerState(
-            optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(),
-            rng_cpu=torch.get_rng_state(),
-            rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            bad_evals=self.bad_evals,
-            elapsed=self.elapsed,
-            global_step=self.global_step,
-            tokens_seen=self.tokens_seen,
-            epoch_progress=progress,
-            raw_model=self.model.state_dict() if self.average is not None else None,
-            average_count=self.average.count if self.average is not None else 0,
-            ranks=ranks,
-        )
-        return Checkpoint(
-            config=self.config,
-            vocab=self.dataset.vocab,
-            model_state=self.evaluated_model.state_dict(),
-            epoch=epoch,
-            step_in_epoch=progress.step if progress is not None else 0,
-            best_val_ppl=self.best_val_ppl,
-            trainer_state=state.to_tree(),
-            init_from=self.init_from_label,
-            corpus_sha1=self.dataset.sha1,
-            text_sha1=self.dataset.text_sha1,
+    def _parts(self) -> TrainingParts:
+        return TrainingParts(self.model, self.average, self.optimizer, self.scaler)
+
+    def _counters(self) -> TrainingCounters:
+        return TrainingCounters(
+            self.global_step, self.tokens_seen, self.elapsed, self.bad_evals, self.best_val_ppl
         )
 
     @property
     def evaluated_model(self) -> RNNLanguageModel:
         """The weights that validation, samples and checkpoints use: the average when enabled."""
-        return self.average.module if self.average is not None else self.model  # type: ignore[return-value]
+        return self._parts().evaluated_model
 
     def _check_every_rank_starts_alike(self, digest: float) -> None:
         """Under torchrun, that every rank resumes the same checkpoint (:func:`check_every_rank_starts_alike`)."""
@@ -367,79 +342,26 @@ class Trainer:
         """Continue from the run's last checkpoint. A trainer state that cannot be continued from (tampered
         or corrupt) is refused here, in the constructor: in one line, before the run directory is written."""
         try:
-            self._load_trainer_state(checkpoint)
+            restored = restore_training(
+                checkpoint,
+                self._parts(),
+                self.config,
+                self._fused_updates,
+                self.device,
+                self.dist,
+                lambda epoch: len(self._batches(epoch)),
+            )
         except UnusableTrainerState as unusable:
             raise DrnnError(
                 f"checkpoint {self.run_dir / LAST} holds no usable training state ({unusable}); start a new "
                 f"run from its weights with --init-from {self.run_dir} --run NEW_DIR"
             ) from None
-
-    def _load_trainer_state(self, checkpoint: Checkpoint) -> None:
-        state = checkpoint.trainer()
-        if state.raw_model is not None:  # an averaged run: the checkpoint's weights are the average
-            check_shapes("trainer.raw_model", state.raw_model, self.model.state_dict())
-            self.model.load_state_dict(state.raw_model)  # training goes on from the raw ones, averaged or not
-            if self.average is not None and checkpoint.config.train.average == self.average.kind:
-                self.average.load_state_dict(checkpoint.model_state, state.average_count)
-            elif self.average is not None:  # an EMA is no mean of N steps (nor the reverse): start afresh
-                self.average.load_state_dict(state.raw_model, 0)
-        else:
-            self.model.load_state_dict(checkpoint.model_state)
-            if self.average is not None:  # averaging switched on for a resumed run: start from here
-                self.average.load_state_dict(checkpoint.model_state, 0)
-        saved_groups = len(state.optimizer["param_groups"])
-        if saved_groups != len(self.optimizer.param_groups):
-            # AdamW with one group is a checkpoint from before biases went undecayed (or one written
-            # with train.decay_biases): the resumed run continues the grouping it was trained with.
-            self.optimizer = build_optimizer(
-                self.model, self.config.train, decay_biases=saved_groups == 1, fused=self._fused_updates
-            )
-        with loading("trainer.optimizer"):
-            restore_optimizer_state(self.optimizer, state.optimizer)
-        if state.scaler:
-            with loading("trainer.scaler"):
-                self.scaler.load_state_dict(state.scaler)
-        own = state.for_rank(self.dist.rank, self.dist.world_size)
-        rng_cpu, rng_cuda = (
-            (own.rng_cpu, own.rng_cuda) if own is not None else (state.rng_cpu, state.rng_cuda)
-        )
-        with loading("trainer.rng_cpu"):  # PyTorch checks the size of a random state
-            torch.set_rng_state(rng_cpu.cpu())
-        if rng_cuda is not None and self.device.type == "cuda":
-            with loading("trainer.rng_cuda"):
-                torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
-        self.start_epoch = checkpoint.epoch
-        self.best_val_ppl = checkpoint.best_val_ppl
-        self.bad_evals = state.bad_evals
-        self.elapsed = state.elapsed
-        if state.global_step is not None:
-            self.global_step = state.global_step
-        else:  # a checkpoint written before step counts existed: estimated from epoch 0's length
-            self.global_step = checkpoint.epoch * self.steps_per_epoch + checkpoint.step_in_epoch
-        data = self.config.data
-        self.tokens_seen = (
-            state.tokens_seen
-            if state.tokens_seen is not None
-            else self.global_step * data.batch_size * data.num_steps
-        )
-        with loading("trainer.epoch_progress"):  # joining the ranks' carried states checks their shapes
-            progress = state.progress_for(self.dist.rank, self.dist.world_size, data.batch_size)
-        if progress is not None:
-            steps = len(self._batches(checkpoint.epoch))
-            # At step == steps the loop would skip to the epoch's end with whatever loss sums the file holds
-            # (a signal at an epoch's last step now waits for the epoch's end and a boundary checkpoint),
-            # unless that end is what the checkpoint marks as left to do: its validation was cut short.
-            last = steps if progress.boundary_pending else steps - 1
-            if not 0 < progress.step <= last:
-                raise UnusableTrainerState(
-                    f"step_in_epoch is {progress.step}, and an epoch has {steps} steps"
-                )
-            if progress.state is not None:
-                rows = data.batch_size // self.dist.world_size
-                check_shapes(
-                    "trainer.epoch_progress.state", progress.state, self.model.begin_state(rows, "meta")
-                )
-            self.progress = progress.to(self.device)
+        self.optimizer, self.start_epoch = restored.optimizer, restored.start_epoch
+        self.global_step, self.tokens_seen = restored.counters.global_step, restored.counters.tokens_seen
+        self.elapsed, self.bad_evals = restored.counters.elapsed, restored.counters.bad_evals
+        self.best_val_ppl = restored.counters.best_val_ppl
+        if restored.progress is not None:
+            self.progress = restored.progress
 
     def _save(self, name: str, epoch: int, progress: EpochProgress | None = None, keep: bool = False) -> None:
         """Rank 0 writes. Under torchrun every rank calls this: a mid-epoch checkpoint gathers each
@@ -458,7 +380,17 @@ class Trainer:
         )
         if self.dist.is_main:
             try:
-                checkpoint = self._checkpoint(epoch, progress, ranks)
+                checkpoint = checkpoint_of(
+                    self.config,
+                    self.dataset,
+                    self.init_from_label,
+                    self._parts(),
+                    self._counters(),
+                    self.device,
+                    epoch,
+                    progress,
+                    ranks,
+                )
                 if name == BEST:  # its header names its own perplexity (patience's best may be older)
                     checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
                 with self.session_time.checkpoint_write():

@@ -120,6 +120,22 @@ class Cadence:
         return global_step % self.every == 0
 
 
+@dataclass(frozen=True)
+class Cadences:
+    """When a run's evaluations, 'last' checkpoints, samples, log lines and kept checkpoints happen
+    (epochs or steps)."""
+
+    eval: Cadence
+    checkpoint: Cadence
+    sample: Cadence
+    log: Cadence
+    keep: Cadence
+
+    def due_at_step(self, global_step: int) -> bool:
+        cadences = (self.eval, self.checkpoint, self.sample, self.log, self.keep)
+        return any(c.due_at_step(global_step) for c in cadences)
+
+
 StopReason = Literal["epochs", "max_steps", "max_time", "patience"]
 
 

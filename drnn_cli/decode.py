@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -225,3 +225,24 @@ def continue_prefix(
 
     produced = generate(model, vocab, tokens, options, device, stream)
     return join_tokens(tokens + produced, token)
+
+
+def greedy_samples(
+    model: RNNLanguageModel,
+    vocab: Vocab,
+    prefixes: Sequence[str],
+    preprocess: str,
+    token: str,
+    num_tokens: int,
+    device: torch.device,
+) -> dict[str, str]:
+    """Each prefix continued by ``num_tokens`` greedy tokens, as training shows its progress; a prefix
+    the corpus cannot spell is skipped, not fatal."""
+    options = DecodeOptions(num_tokens=num_tokens)
+    samples = {}
+    for prefix in prefixes:
+        try:
+            samples[prefix] = continue_prefix(model, vocab, prefix, preprocess, token, options, device)
+        except DrnnError:
+            continue
+    return samples

@@ -58,6 +58,23 @@ def scored_unknown_note(
     )
 
 
+def run_scored_unknown_note(dataset: Dataset, eval_tokens: int) -> str | None:
+    """What a training run's perplexities are worth where the vocabulary lacks tokens of the text
+    (fine-tuning, ``data.min_freq``): over the validation split (its first ``train.eval_tokens``, where
+    set), else the training split. A text's own ``<unk>`` words (Penn Treebank writes them) are no lack
+    (:meth:`Dataset.lacking_in`)."""
+    validated = dataset.splits.validates
+    start, stop = dataset.splits.span("val" if validated else "train")
+    if validated and eval_tokens:  # validations read the split's first tokens only
+        stop = min(stop, start + 1 + eval_tokens)
+    return scored_unknown_note(
+        dataset.lacking_in(start + 1, stop),  # the tokens predicted: all but the first
+        max(0, stop - start - 1),
+        "validation tokens" if validated else "training tokens",
+        "this run's perplexities are",
+    )
+
+
 def few_predictions_note(predicted: int, fix: str) -> str | None:
     """A perplexity over so few predictions that each moves it by a few percent or more."""
     if predicted >= FEW_VALIDATION_PREDICTIONS:

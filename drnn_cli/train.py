@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -31,11 +31,11 @@ from drnn_cli.batches import (
     epoch_seed,
     epochs_at_step,
 )
-from drnn_cli.budget import Budget, Cadence, StopReason
-from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, read_checkpoint_info, save_checkpoint
+from drnn_cli.budget import Budget, Cadence, Cadences, StopReason
+from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
 from drnn_cli.config import Config, load_config
 from drnn_cli.data import Dataset
-from drnn_cli.decode import DecodeOptions, continue_prefix
+from drnn_cli.decode import greedy_samples
 from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import EvaluationAbandoned, evaluate, perplexity
 from drnn_cli.files import atomic_link
@@ -74,7 +74,7 @@ from drnn_cli.run_notes import (
     nothing_to_train,
     own_text_notes,
     planned_length_notes,
-    scored_unknown_note,
+    run_scored_unknown_note,
     unannealed_note,
 )
 from drnn_cli.runtime import (
@@ -97,6 +97,7 @@ from drnn_cli.session_time import (
 )
 from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
+from drnn_cli.stop_left import kept_checkpoints, left_by_signal, stopped_at_once
 from drnn_cli.stop_votes import StopVotes
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_checkpoint import (
@@ -118,31 +119,6 @@ UNANNEALED_SHARE = 0.8
 
 # ---------------------------------------------------------------------------------------------
 # The trainer
-
-
-@dataclass(frozen=True)
-class _Cadences:
-    """When evaluations, 'last' checkpoints, samples, log lines and kept checkpoints happen (epochs or
-    steps)."""
-
-    eval: Cadence
-    checkpoint: Cadence
-    sample: Cadence
-    log: Cadence
-    keep: Cadence
-
-    def due_at_step(self, global_step: int) -> bool:
-        cadences = (self.eval, self.checkpoint, self.sample, self.log, self.keep)
-        return any(c.due_at_step(global_step) for c in cadences)
-
-
-def left_by_signal(run_dir: Path, resume_advice: str) -> str:
-    """What a signal that ends a training at once leaves in ``run_dir``, for its interrupted line: the
-    last checkpoint written and how to continue it, or that none was written."""
-    last = run_dir / LAST
-    if not last.is_file():
-        return "no checkpoint was written"
-    return f"the last checkpoint written, {last}, continues with {resume_advice}"
 
 
 def improves_on(val_ppl: float, best: float | None) -> bool:
@@ -248,7 +224,7 @@ class Trainer:
         self.budget = Budget(train.max_steps, train.max_time)
         self.session_time = SessionTime()  # where this session's wall clock goes, for the time left
         self._session_start_elapsed = 0.0  # the run's training seconds when this session began (fit)
-        self.cadence = _Cadences(
+        self.cadence = Cadences(
             Cadence.of(train.eval_every),
             Cadence.of(train.checkpoint_every),
             Cadence.of(train.sample_every),
@@ -414,15 +390,8 @@ class Trainer:
 
     def _diverged(self, what: str) -> TrainingDiverged:
         return TrainingDiverged(
-            f"{what}; training stopped and {self._kept()}. Lower train.lr, or keep train.clip > 0"
+            f"{what}; training stopped and {kept_checkpoints(self.run_dir)}. Lower train.lr, or keep train.clip > 0"
         )
-
-    def _kept(self) -> str:
-        """What the divergence message may truthfully promise: checkpoints are never non-finite."""
-        kept = [self.run_dir / name for name in (LAST, BEST) if (self.run_dir / name).is_file()]
-        if kept:
-            return f"the last good checkpoint {' and '.join(map(str, kept))} was kept"
-        return "no checkpoint was written"
 
     # ----- run directory ---------------------------------------------------------------------
 
@@ -863,7 +832,7 @@ class Trainer:
             if isinstance(model.rnn, FusedRecurrent) and int(model.rnn.barrier_error):
                 raise DrnnError(  # no divergence: the loss was fine, the kernel was not (stopped.json)
                     f"model.impl fused: a persistent kernel's barrier timed out {when} (its programs were "
-                    f"not all resident on the GPU at once); training stopped and {self._kept()}. "
+                    f"not all resident on the GPU at once); training stopped and {kept_checkpoints(self.run_dir)}. "
                     "Use model.impl torch"
                 )
 
@@ -929,23 +898,16 @@ class Trainer:
         )
 
     def _samples(self) -> dict[str, str]:
-        data = self.config.data
-        options = DecodeOptions(num_tokens=self.config.train.sample_chars)
-        samples = {}
-        for prefix in self.config.train.sample_prefixes:
-            try:
-                samples[prefix] = continue_prefix(
-                    self.evaluated_model,
-                    self.dataset.vocab,
-                    prefix,
-                    data.preprocess,
-                    data.token,
-                    options,
-                    self.device,
-                )
-            except DrnnError:
-                continue  # a prefix this corpus cannot spell is skipped, not fatal
-        return samples
+        data, train = self.config.data, self.config.train
+        return greedy_samples(
+            self.evaluated_model,
+            self.dataset.vocab,
+            train.sample_prefixes,
+            data.preprocess,
+            data.token,
+            train.sample_chars,
+            self.device,
+        )
 
     @property
     def _validation_predictions(self) -> int:
@@ -1065,21 +1027,6 @@ class Trainer:
         # the step it runs next: the stop before it said "after step N of epoch E"
         return (f"from step {step + 1:,} of " if step else "from ") + f"epoch {self.start_epoch + 1:,}"
 
-    def _scored_unknown_note(self) -> str | None:
-        """What the run's perplexities are worth where the vocabulary lacks tokens of the text (fine-tuning,
-        ``data.min_freq``): over the validation split, else the training split. A text's own ``<unk>``
-        words (Penn Treebank writes them) are no lack (:meth:`Dataset.lacking_in`)."""
-        validated = self.dataset.splits.validates
-        start, stop = self.dataset.splits.span("val" if validated else "train")
-        if validated and self.config.train.eval_tokens:  # validations read the split's first tokens only
-            stop = min(stop, start + 1 + self.config.train.eval_tokens)
-        return scored_unknown_note(
-            self.dataset.lacking_in(start + 1, stop),  # the tokens predicted: all but the first
-            max(0, stop - start - 1),
-            "validation tokens" if validated else "training tokens",
-            "this run's perplexities are",
-        )
-
     def _already_done(self) -> StopReason | None:
         """Why a resumed run has nothing left to train: its epochs, its budget or its patience spent
         (epochs first: a step budget that ends with the last epoch did not cut the run short)."""
@@ -1102,41 +1049,21 @@ class Trainer:
         except Signalled as again:  # a second Ctrl-C: no checkpoint of this point, but maybe an earlier one
             pressed_twice = self.stops.pending and not again.quiet
             if pressed_twice and self.dist.is_main:
-                again.stopped = self._stopped_at_once(again.name)
-                again.after = self._left_by_signal()  # an --overwrite's session says it its own way
+                again.stopped = stopped_at_once(
+                    self.run_dir,
+                    again.name,
+                    self.began_at,
+                    self._first_step,
+                    self._session_seconds(self._epoch_in_progress),
+                    self._epochs_done,
+                )
+                # a double Ctrl-C's bare "interrupted" line did not say it could be resumed (learner34);
+                # an --overwrite's session says it its own way
+                again.after = left_by_signal(self.run_dir, self.resume_advice)
             raise
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
-
-    def _stopped_at_once(self, signal_name: str) -> StoppedRun:
-        """Where a signal that ends training at once (a second Ctrl-C) leaves the run, for ``--json``: at
-        its last checkpoint on disk, read back from the file (a signal can land between a checkpoint's
-        rename and the return of its write: only the file knows which one ``--resume`` continues from;
-        the steps trained since are lost), or, where none is there, at this session's start."""
-        last = self.run_dir / LAST
-        try:
-            info = read_checkpoint_info(last) if last.is_file() else None
-            counters = info.counters() if info is not None else None
-        except (DrnnError, UnusableTrainerState):
-            info = counters = None  # a file drnn did not write there: no checkpoint to speak of
-        steps = counters.global_step if counters is not None else None
-        return StoppedRun(
-            run_dir=self.run_dir,
-            signal=signal_name,
-            epochs=self.began_at if info is None else self._epochs_done(info.epoch, info.step_in_epoch),
-            start_epoch=self.began_at,
-            steps=self._first_step if info is None or steps is None else steps,
-            start_step=self._first_step,
-            checkpoint=None if info is None else last,
-            validation_pending=counters is not None and counters.boundary_pending,
-            seconds=self._session_seconds(self._epoch_in_progress),
-        )
-
-    def _left_by_signal(self) -> str:
-        """What a signal that ends training at once (a second Ctrl-C) leaves: the last checkpoint written,
-        which a double Ctrl-C's bare "interrupted" line did not say could be resumed (learner34)."""
-        return left_by_signal(self.run_dir, self.resume_advice)
 
     def _fit(self) -> TrainResult:
         train = self.config.train
@@ -1326,7 +1253,7 @@ class Trainer:
                 "early stop: validation perplexity has not improved for "
                 f"{patience} evaluation{'' if patience == 1 else 's'}"
             )
-        if (scored := self._scored_unknown_note()) is not None:
+        if (scored := run_scored_unknown_note(self.dataset, self.config.train.eval_tokens)) is not None:
             notes.append(scored)  # beside the perplexities it qualifies: the start's note scrolled by
         start = self._start_record()
         if start is not None and self.best_kept == start.val_ppl:

@@ -46,9 +46,10 @@ from drnn_cli.start_point import (
     shared_text_note,
     unknown_share_note,
 )
+from drnn_cli.stop_left import left_by_signal
 from drnn_cli.stop_record import StoppedBy, write_stop_record
 from drnn_cli.tensorboard_log import summary_writer_class
-from drnn_cli.train import RESUME_ADVICE, RESUME_AGAIN_ADVICE, Trainer, left_by_signal
+from drnn_cli.train import RESUME_ADVICE, RESUME_AGAIN_ADVICE, Trainer
 
 # How an interrupted --overwrite session is told to go on (it trained beside the run it replaces).
 OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"

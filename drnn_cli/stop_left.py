@@ -1,0 +1,64 @@
+"""What a training that stopped short leaves in its run directory, in words and as ``--json``'s object:
+its checkpoints on disk, read from the directory itself (a stop can land between a checkpoint's rename
+and the return of its write: only the files know what ``--resume`` continues from)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from drnn_cli.checkpoint import read_checkpoint_info
+from drnn_cli.errors import DrnnError, StoppedRun
+from drnn_cli.run_files import BEST, LAST
+from drnn_cli.session_time import SessionSeconds
+from drnn_cli.trainer_state import UnusableTrainerState
+
+
+def left_by_signal(run_dir: Path, resume_advice: str) -> str:
+    """What a signal that ends a training at once leaves in ``run_dir``, for its interrupted line: the
+    last checkpoint written and how to continue it, or that none was written."""
+    last = run_dir / LAST
+    if not last.is_file():
+        return "no checkpoint was written"
+    return f"the last checkpoint written, {last}, continues with {resume_advice}"
+
+
+def kept_checkpoints(run_dir: Path) -> str:
+    """What a run stopped by a fault (a divergence, a kernel's) may truthfully promise: checkpoints are
+    never non-finite, so those on disk are good."""
+    kept = [run_dir / name for name in (LAST, BEST) if (run_dir / name).is_file()]
+    if kept:
+        return f"the last good checkpoint {' and '.join(map(str, kept))} was kept"
+    return "no checkpoint was written"
+
+
+def stopped_at_once(
+    run_dir: Path,
+    signal_name: str,
+    began_at: float,
+    first_step: int,
+    seconds: SessionSeconds,
+    epochs_done: Callable[[int, int], float],
+) -> StoppedRun:
+    """Where a signal that ends training at once (a second Ctrl-C) leaves the run, for ``--json``: at
+    its last checkpoint on disk, read back from the file (the steps trained since are lost), or, where
+    none is there, at the session's start (``began_at`` epochs, ``first_step`` steps). ``epochs_done``:
+    the epochs done after a step of an epoch, fractional inside it."""
+    last = run_dir / LAST
+    try:
+        info = read_checkpoint_info(last) if last.is_file() else None
+        counters = info.counters() if info is not None else None
+    except (DrnnError, UnusableTrainerState):
+        info = counters = None  # a file drnn did not write there: no checkpoint to speak of
+    steps = counters.global_step if counters is not None else None
+    return StoppedRun(
+        run_dir=run_dir,
+        signal=signal_name,
+        epochs=began_at if info is None else epochs_done(info.epoch, info.step_in_epoch),
+        start_epoch=began_at,
+        steps=first_step if info is None or steps is None else steps,
+        start_step=first_step,
+        checkpoint=None if info is None else last,
+        validation_pending=counters is not None and counters.boundary_pending,
+        seconds=seconds,
+    )

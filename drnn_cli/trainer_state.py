@@ -294,7 +294,7 @@ class TrainerState:
         Each field is checked for its kind here, so a tampered or corrupt tree is refused at once
         (:class:`UnusableTrainerState`), not inside PyTorch once training runs. What only the model
         and PyTorch can judge (shapes, the size of a random state) is checked where it is loaded
-        (``Trainer._restore``, with :func:`loading` and :func:`check_shapes`).
+        (``trainer_checkpoint.restore_training``, with :func:`loading` and :func:`check_shapes`).
         """
         where = "trainer."
         if not isinstance(tree, dict):

@@ -13,6 +13,20 @@ from drnn_cli.run_files import BEST, LAST
 from drnn_cli.session_time import SessionSeconds
 from drnn_cli.trainer_state import UnusableTrainerState
 
+# How the user continues a session a signal stopped, by what the session's command already names
+# (--resume --overwrite is refused, whether the session replaces a run or had none to replace)
+RESUME_ADVICE = "the same command plus --resume"
+RESUME_AGAIN_ADVICE = "the same command again"  # a --resume session's command has it
+OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"
+
+
+def resume_advice(resume: bool, overwrite: bool) -> str:
+    """The words that tell how to continue: the command with --resume, in place of --overwrite where it
+    had that (an --overwrite session trained beside the run it replaces), as it was where it had it."""
+    if overwrite:
+        return OVERWRITE_RESUME_ADVICE
+    return RESUME_AGAIN_ADVICE if resume else RESUME_ADVICE
+
 
 def left_by_signal(run_dir: Path, resume_advice: str) -> str:
     """What a signal that ends a training at once leaves in ``run_dir``, for its interrupted line: the

@@ -97,7 +97,7 @@ from drnn_cli.session_time import (
 )
 from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
-from drnn_cli.stop_left import kept_checkpoints, left_by_signal, stopped_at_once
+from drnn_cli.stop_left import RESUME_ADVICE, kept_checkpoints, left_by_signal, stopped_at_once
 from drnn_cli.stop_votes import StopVotes
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_checkpoint import (
@@ -108,10 +108,6 @@ from drnn_cli.trainer_checkpoint import (
 )
 from drnn_cli.trainer_state import EpochProgress, UnusableTrainerState, gather_ranks
 
-# How an interrupted run is told to go on (an --overwrite session is told another way: train_session.py);
-# a --resume session's command already names --resume
-RESUME_ADVICE = "the same command plus --resume"
-RESUME_AGAIN_ADVICE = "the same command again"
 # _note_unannealed: the share of the schedule's steps that max_time must leave unreached for the note
 # (a cut near the end leaves the rate near min_lr)
 UNANNEALED_SHARE = 0.8

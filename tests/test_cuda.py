@@ -793,3 +793,28 @@ def test_auto_captures_fp16_through_every_impl(
         before = len(captures)
         train_run(TrainRequest(config_path=path, run_dir=workdir / "runs" / impl, device="cuda"))
         assert (len(captures) > before) == expected, impl
+
+
+@pytest.mark.parametrize(("optimizer", "captured"), [("sgd", False), ("adamw", True)])
+def test_auto_with_a_rate_that_moves_every_step_captures_adamw_and_says_why_sgd_runs_eagerly(
+    workdir: Path, corpus_path: Path, cli, monkeypatch: pytest.MonkeyPatch, optimizer: str, captured: bool
+) -> None:
+    """A captured SGD update bakes its rate in, so under a schedule read at every step (train.max_steps)
+    auto trains SGD eagerly, which is several times slower: the run says so, and names AdamW, whose
+    rate the graph reads from the device (test_adamw_under_a_graph_follows_a_rate_that_changes_at_every_step)."""
+    captures = count_captures(monkeypatch)
+    config = tiny_config(
+        corpus_path,
+        f"train.optimizer={optimizer}",
+        "train.max_steps=30",
+        "train.schedule=cosine",
+        "train.lr=0.01",
+    )
+    path = write_yaml(workdir / f"{optimizer}.yaml", config)
+    code, _, err = cli("train", "--config", str(path), "--device", "cuda", "--run", f"runs/{optimizer}")
+    assert code == 0, err
+    assert bool(captures) == captured
+    said = " ".join(err.split())  # the note may fold across lines on a terminal's width
+    assert ("the learning rate changes at every step" in said) == (not captured), err
+    if not captured:
+        assert "train.optimizer adamw reads its rate on the device and trains as one graph" in said, err

@@ -112,3 +112,17 @@ def test_every_link_between_the_readme_and_docs_reaches_its_file_and_heading():
                 broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
     assert checked >= 12
     assert not broken, "\n".join(broken)
+
+
+def test_the_module_table_names_every_module_of_the_package():
+    """README "How data flows" says each module's one job: a module added without a row there (or a row
+    left for a module that is gone) fails here."""
+    section = README.split("## How data flows", 1)[1].split("\n## ", 1)[0]
+    named = {
+        name.removeprefix("drnn_cli/")
+        for row in section.splitlines()
+        if row.startswith("| `")
+        for name in re.findall(r"`([\w/]+\.py)`", row.split(" | ")[0])
+    }
+    modules = {path.name for path in (REPO / "drnn_cli").glob("*.py")} - {"__init__.py", "__main__.py"}
+    assert named == modules

@@ -45,9 +45,10 @@ MAX_HEADER_DEPTH = 64
 # A header's lists and objects: a few hundred in a real one (each torchrun rank's state adds a few
 # dozen); parsing 60 MiB of ``[]`` built 21 million lists (1.9 GB, 7-13 s), so more are refused unparsed
 MAX_HEADER_CONTAINERS = 1_000_000
-# a JSON string, escapes included: what _too_many_containers strips before it counts again (the loop
-# unrolled: a repeated alternation kept state for each character, gigabytes over one 60 MiB string)
-JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+# What _too_many_containers strips before it counts again, once no escaped quote is left to hide an end:
+# every string. One repeat, linear in the text (strings matched with their escapes inside were retried from
+# every quote of an unclosed one, quadratic, and kept state for each escape: gigabytes over 60 MiB)
+JSON_STRING = re.compile(r'"[^"]*"')
 FINITE_CHECK_ELEMENTS = 1 << 22  # the NaN/infinity check's slice on the CPU (16 MiB of fp32)
 
 
@@ -474,7 +475,10 @@ def _too_many_containers(text: str) -> bool:
     only a text with that many brackets pays for."""
     if text.count("[") + text.count("{") <= MAX_HEADER_CONTAINERS:
         return False
-    outside_strings = JSON_STRING.sub("", text)
+    # an escaped backslash first, left to right as JSON reads them (in ``\\"`` the quote ends the
+    # string; in ``\\\"`` it is escaped), then an escaped quote: no quote left inside a string
+    unescaped = text.replace("\\\\", "").replace('\\"', "")
+    outside_strings = JSON_STRING.sub("", unescaped)
     return outside_strings.count("[") + outside_strings.count("{") > MAX_HEADER_CONTAINERS
 
 

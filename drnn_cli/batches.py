@@ -314,7 +314,7 @@ EPOCH_WALK = 2_000
 
 
 def epochs_at_step(
-    step: int, epoch: int, steps_before: int, num_tokens: int, data: DataConfig, seed: int, epochs: int
+    step: int, *, epoch: int, steps_before: int, num_tokens: int, data: DataConfig, seed: int, epochs: int
 ) -> float:
     """Epochs done at optimizer step ``step``, counted from ``epoch`` (begun after ``steps_before``
     steps) through the real epoch lengths (sequential sampling's offsets change them by a step): a step

@@ -243,6 +243,7 @@ def seconds_left(
     plan: RunPlan,
     clock: SessionTime,
     budget: Budget,
+    *,
     global_step: int,
     first_step: int,
     validation: Validating | None = None,
@@ -324,7 +325,7 @@ def shown_pace(clock: SessionTime, steps: int, max_time: float) -> float | None:
 
 
 def reach_by_time(
-    plan: RunPlan, clock: SessionTime, global_step: int, by_time: float, step_seconds: float
+    plan: RunPlan, clock: SessionTime, *, global_step: int, by_time: float, step_seconds: float
 ) -> int | None:
     """The optimizer step at which ``by_time`` seconds left end the run at this session's paces: a
     step's share of the time to the end, the validations and writes on the way included; None where

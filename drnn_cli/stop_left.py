@@ -20,7 +20,7 @@ RESUME_AGAIN_ADVICE = "the same command again"  # a --resume session's command h
 OVERWRITE_RESUME_ADVICE = "the same command with --resume in place of --overwrite"
 
 
-def resume_advice(resume: bool, overwrite: bool) -> str:
+def how_to_continue(resume: bool, overwrite: bool) -> str:
     """The words that tell how to continue: the command with --resume, in place of --overwrite where it
     had that (an --overwrite session trained beside the run it replaces), as it was where it had it."""
     if overwrite:
@@ -49,6 +49,7 @@ def kept_checkpoints(run_dir: Path) -> str:
 def stopped_at_once(
     run_dir: Path,
     signal_name: str,
+    *,
     began_at: float,
     first_step: int,
     seconds: SessionSeconds,

@@ -97,7 +97,7 @@ from drnn_cli.session_time import (
 )
 from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
-from drnn_cli.stop_left import RESUME_ADVICE, kept_checkpoints, left_by_signal, stopped_at_once
+from drnn_cli.stop_left import how_to_continue, kept_checkpoints, left_by_signal, stopped_at_once
 from drnn_cli.stop_votes import StopVotes
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_checkpoint import (
@@ -140,11 +140,12 @@ class Trainer:
         init_from_label: str | None = None,
         best_kept: float | None = None,
         best_restarts: bool = False,
-        resume_advice: str = RESUME_ADVICE,
+        resume_advice: str | None = None,
         on_first_checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
-        self.resume_advice = resume_advice  # how the user continues an interrupted session
+        # how the user continues an interrupted session (an --overwrite's session says how it was started)
+        self.resume_advice = resume_advice or how_to_continue(resume=resume is not None, overwrite=False)
         # called once the run's first checkpoint is on disk (the session marks the run as the latest)
         self.on_first_checkpoint = on_first_checkpoint
         self.dataset = dataset
@@ -318,10 +319,10 @@ class Trainer:
                 checkpoint,
                 self._parts(),
                 self.config,
-                self._fused_updates,
-                self.device,
-                self.dist,
-                lambda epoch: len(self._batches(epoch)),
+                fused_updates=self._fused_updates,
+                device=self.device,
+                dist=self.dist,
+                epoch_length=lambda epoch: len(self._batches(epoch)),
             )
         except UnusableTrainerState as unusable:
             raise DrnnError(
@@ -355,13 +356,13 @@ class Trainer:
                 checkpoint = checkpoint_of(
                     self.config,
                     self.dataset,
-                    self.init_from_label,
-                    self._parts(),
-                    self._counters(),
-                    self.device,
-                    epoch,
-                    progress,
-                    ranks,
+                    init_from_label=self.init_from_label,
+                    parts=self._parts(),
+                    counters=self._counters(),
+                    device=self.device,
+                    epoch=epoch,
+                    progress=progress,
+                    ranks=ranks,
                 )
                 if name == BEST:  # its header names its own perplexity (patience's best may be older)
                     checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
@@ -476,7 +477,13 @@ class Trainer:
         if step_seconds is None or by_time is None:
             return  # no pace to go by yet
         self._unannealed_judged = True
-        reach = reach_by_time(self._run_plan(), self.session_time, self.global_step, by_time, step_seconds)
+        reach = reach_by_time(
+            self._run_plan(),
+            self.session_time,
+            global_step=self.global_step,
+            by_time=by_time,
+            step_seconds=step_seconds,
+        )
         if reach is not None and reach < UNANNEALED_SHARE * self.length.steps:
             epoch = int(reach / self.length.steps_per_epoch)
             rate = self._rate_at(epoch, reach)
@@ -683,7 +690,12 @@ class Trainer:
         """Time to the run's end from this session's paces (:func:`seconds_left`); ``validation``: one
         in progress."""
         return seconds_left(
-            self._run_plan(), self.session_time, self.budget, self.global_step, self._first_step, validation
+            self._run_plan(),
+            self.session_time,
+            self.budget,
+            global_step=self.global_step,
+            first_step=self._first_step,
+            validation=validation,
         )
 
     def _work_left(self) -> WorkLeft:
@@ -1048,10 +1060,10 @@ class Trainer:
                 again.stopped = stopped_at_once(
                     self.run_dir,
                     again.name,
-                    self.began_at,
-                    self._first_step,
-                    self._session_seconds(self._epoch_in_progress),
-                    self._epochs_done,
+                    began_at=self.began_at,
+                    first_step=self._first_step,
+                    seconds=self._session_seconds(self._epoch_in_progress),
+                    epochs_done=self._epochs_done,
                 )
                 # a double Ctrl-C's bare "interrupted" line did not say it could be resumed (learner34);
                 # an --overwrite's session says it its own way
@@ -1123,12 +1135,12 @@ class Trainer:
         budget_epochs = (
             epochs_at_step(
                 step_budget,
-                self.start_epoch,
-                self.global_step - self.progress.step,
-                len(self.train_tokens),
-                self.config.data,
-                self.config.train.seed,
-                self.config.train.epochs,
+                epoch=self.start_epoch,
+                steps_before=self.global_step - self.progress.step,
+                num_tokens=len(self.train_tokens),
+                data=self.config.data,
+                seed=self.config.train.seed,
+                epochs=self.config.train.epochs,
             )
             if step_budget
             else 0.0

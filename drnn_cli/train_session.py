@@ -46,7 +46,7 @@ from drnn_cli.start_point import (
     shared_text_note,
     unknown_share_note,
 )
-from drnn_cli.stop_left import left_by_signal, resume_advice
+from drnn_cli.stop_left import how_to_continue, left_by_signal
 from drnn_cli.stop_record import StoppedBy, write_stop_record
 from drnn_cli.tensorboard_log import summary_writer_class
 from drnn_cli.train import Trainer
@@ -149,7 +149,7 @@ def _left_at_start(request: TrainRequest, run_dir: Path) -> str:
     staging = staging_dir(run_dir.resolve() if run_dir.is_symlink() else run_dir)
     if request.overwrite and holds_run(run_dir) and not holds_run(staging):
         return f"no checkpoint was written, and {run_dir} keeps the run it held"
-    advice = resume_advice(request.resume, request.overwrite)
+    advice = how_to_continue(request.resume, request.overwrite)
     return left_by_signal(staging if holds_run(staging) else run_dir, advice)
 
 
@@ -342,7 +342,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         init_from_label=start.init_label,
         best_kept=start.best_kept,
         best_restarts=start.best_restarts,
-        resume_advice=resume_advice(request.resume, request.overwrite),
+        resume_advice=how_to_continue(request.resume, request.overwrite),
         on_first_checkpoint=mark_as_latest if new_run else None,
     )
     # said once nothing can refuse the start any more: a refusal is its one line (a resume from an

@@ -32,7 +32,9 @@ from drnn_cli.trainer_state import (
 
 @dataclass(frozen=True)
 class TrainingCounters:
-    """How far a run has come, as its checkpoints carry it besides the weights."""
+    """How far a run has come, as the trainer keeps it and its checkpoints carry it besides the weights
+    (read back from a header alone, without the trainer, they are ``trainer_state.SavedCounters``, whose
+    ``elapsed`` adds the epoch in progress)."""
 
     global_step: int  # optimizer steps since the run began (across resumes)
     tokens_seen: int
@@ -59,6 +61,7 @@ class TrainingParts:
 def checkpoint_of(
     config: Config,
     dataset: Dataset,
+    *,
     init_from_label: str | None,
     parts: TrainingParts,
     counters: TrainingCounters,
@@ -113,6 +116,7 @@ def restore_training(
     checkpoint: Checkpoint,
     parts: TrainingParts,
     config: Config,
+    *,
     fused_updates: bool,
     device: torch.device,
     dist: DistContext,

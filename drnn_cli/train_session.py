@@ -248,6 +248,9 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
             )
             if error.stopped is not None:  # --json: where the run stands in its own place, not staging's
                 written = error.stopped.checkpoint if holds_run(staging) else None
+                if written is not None:  # pressed twice in training: how to continue, as a first stop says
+                    error.after += f"; the last checkpoint written, {run_dir / written.name}, continues with "
+                    error.after += how_to_continue(request.resume, request.overwrite)
                 error.stopped = replace(
                     error.stopped, run_dir=run_dir, checkpoint=written and run_dir / written.name
                 )

@@ -1837,6 +1837,10 @@ def test_a_second_ctrl_c_under_json_still_prints_where_the_run_stands_at_its_las
         "train", "--config", config, "--json", "--resume", "--set", "train.checkpoint_every=1"
     )
     assert code == 130 and last.read_bytes() == resumed, err  # no checkpoint written since
+    assert err.splitlines()[-1] == (  # its command has --resume already
+        "drnn: interrupted (SIGINT): the last checkpoint written, runs/tiny/last.safetensors, continues with "
+        "the same command again"
+    )
     where = json.loads(out)
     steps = kept.trainer_state["global_step"]
     assert {key: where[key] for key in ("epochs", "start_epoch", "steps", "start_step", "checkpoint")} == {
@@ -1870,12 +1874,26 @@ def test_a_second_ctrl_c_under_json_still_prints_where_the_run_stands_at_its_las
         "train", "--config", config, "--json", "--overwrite", "--set", "train.checkpoint_every=1"
     )
     assert code == 130 and err.splitlines()[-1] == (
-        "drnn: interrupted (SIGINT): the new run has replaced the previous one in runs/tiny"
+        "drnn: interrupted (SIGINT): the new run has replaced the previous one in runs/tiny; the last checkpoint "
+        "written, runs/tiny/last.safetensors, continues with the same command with --resume in place of "
+        "--overwrite"
     ), err
     where = json.loads(out)
     assert (where["checkpoint"], where["epochs"]) == (str(last), 1)
     assert where["steps"] == load_checkpoint(last).trainer_state["global_step"]
     assert not (workdir / "runs" / ".tiny.overwrite").exists()
+
+    # an --overwrite with no run to replace trains in place: its checkpoint, and how to go on from it
+    calls.clear()
+    code, out, err = cli(
+        "train", "--config", config, "--json", "--overwrite", "--run", "runs/fresh",
+        "--set", "train.checkpoint_every=1",
+    )  # fmt: skip
+    assert code == 130 and err.splitlines()[-1] == (
+        "drnn: interrupted (SIGINT): the last checkpoint written, runs/fresh/last.safetensors, continues with "
+        "the same command with --resume in place of --overwrite"
+    ), err
+    assert json.loads(out)["checkpoint"] == str(workdir / "runs" / "fresh" / "last.safetensors")
 
 
 def first_ctrl_c_in_the_first_validation(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -1968,7 +1986,9 @@ def test_a_second_ctrl_c_as_the_stop_is_recorded_still_reports_the_stop(
         load_checkpoint(last).trainer_state["global_step"],
     )
     assert err.splitlines()[-1] == (
-        "drnn: interrupted (SIGINT): the new run has replaced the previous one in runs/tiny"
+        "drnn: interrupted (SIGINT): the new run has replaced the previous one in runs/tiny; the last checkpoint "
+        "written, runs/tiny/last.safetensors, continues with the same command with --resume in place of "
+        "--overwrite"
         if overwrite
         else "drnn: interrupted (SIGINT): the last checkpoint written, runs/tiny/last.safetensors, continues "
         "with the same command plus --resume"

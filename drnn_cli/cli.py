@@ -50,6 +50,7 @@ from drnn_cli.signals import (
     exit_on_signals,
     exit_process,
     guard_output,
+    ignore_further_signals,
     in_process_group,
     launched_rank,
 )
@@ -462,12 +463,14 @@ def train_command(
         try:
             result = train_run(request, reporter=reporter, progress=hook)
         except TrainingInterrupted as stop:
+            ignore_further_signals()  # the stop and its checkpoint stand: what is left is to say so
             # a script still learns where the run stopped (its exit code says it did); not to a stdout
             # whose reader is gone (SIGPIPE)
             if json_out and is_main and stop.stopped.signal != "SIGPIPE":
                 emit_json(stop.stopped.summary())
             raise
         except Signalled as again:
+            ignore_further_signals()  # pressed twice: a third press must not cut its report short either
             # pressed twice: where the run stands all the same, at its last checkpoint on disk (or none)
             if json_out and is_main and again.stopped is not None:
                 emit_json(again.stopped.summary())

@@ -151,6 +151,15 @@ def exit_on_signals() -> Iterator[type[Signalled]]:
         yield Signalled
 
 
+def ignore_further_signals() -> None:
+    """SIGINT and SIGTERM ignored from now on: a training's stop stands and only its report is left to
+    say (a press of Ctrl-C more cut the ``--json`` object and the stop line short, leaving a bare
+    "interrupted"). :func:`exit_on_signals` puts its handlers' predecessors back as the command ends."""
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 class StopRequests:
     """The training loop's handlers: a signal is noted, not raised, so that the loop stops at the
     next step boundary with a checkpoint of that step. ``signum`` is the first one that arrived: the
@@ -213,9 +222,7 @@ class StopRequests:
             if self._settled and self._launcher is not None:
                 # torchrun's SIGTERM may still come while this process reports its stop and exits (it
                 # exits soon after: exit_process); only a torchrun worker, never a test's own process
-                with contextlib.suppress(ValueError):
-                    for signum in (signal.SIGINT, signal.SIGTERM):
-                        signal.signal(signum, signal.SIG_IGN)
+                ignore_further_signals()
 
     @property
     def pending(self) -> bool:

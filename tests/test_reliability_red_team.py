@@ -1914,6 +1914,30 @@ def first_ctrl_c_in_the_first_validation(monkeypatch: pytest.MonkeyPatch) -> lis
     return pressed
 
 
+def test_a_second_ctrl_c_as_the_stop_is_reported_leaves_the_report_whole(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """The stop and its checkpoint stood, but a Ctrl-C more as drnn printed its --json object raised
+    there: no object, and a bare "interrupted (SIGINT)" in place of the line saying where to continue."""
+    from drnn_cli import cli as cli_module
+
+    pressed = first_ctrl_c_in_the_first_validation(monkeypatch)
+    emit_json = cli_module.emit_json
+
+    def pressed_again_as_it_prints(summary: dict) -> None:
+        pressed.append("second")
+        signal.raise_signal(signal.SIGINT)
+        emit_json(summary)
+
+    monkeypatch.setattr(cli_module, "emit_json", pressed_again_as_it_prints)
+    config = str(config_file(workdir, tiny(epochs=3)))
+    code, out, err = cli("train", "--config", config, "--json")
+    assert (code, pressed) == (130, ["first", "second"]), err
+    assert json.loads(out)["checkpoint"] == str(workdir / "runs" / "tiny" / "last.safetensors")
+    assert err.splitlines()[-1].startswith("drnn: training stopped by SIGINT after "), err
+    assert err.splitlines()[-1].endswith("continue with the same command plus --resume"), err
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new run", "overwrite"])
 def test_a_second_ctrl_c_as_the_stop_checkpoint_lands_names_the_checkpoint_on_disk(
     workdir: Path, cli, monkeypatch: pytest.MonkeyPatch, overwrite: bool

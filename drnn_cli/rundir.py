@@ -185,21 +185,23 @@ def discard(directory: Path) -> None:
 
 
 def swap_in(staging: Path, run_dir: Path) -> None:
-    """Replace ``run_dir`` by ``staging``: two renames; the old run is deleted only after both."""
+    """Replace ``run_dir`` by ``staging``: two renames; the old run is deleted only after both. A failure
+    or a signal's exception between them (a Ctrl-C as an --overwrite's stop is reported) puts the old run
+    back: ``run_dir`` is never left missing."""
     retired = run_dir.parent / f".{run_dir.name}.replaced-{os.getpid()}"
     try:
         os.replace(run_dir, retired)
-    except OSError as exc:
-        raise DrnnError(
-            f"cannot put the new run in place of {run_dir} ({exc.strerror}); the new run is in {staging}"
-        ) from None
-    try:
         os.replace(staging, run_dir)
-    except OSError as exc:
-        os.replace(retired, run_dir)  # put the old run back where it was
-        raise DrnnError(
-            f"cannot put the new run in place of {run_dir} ({exc.strerror}); the new run is in {staging}"
-        ) from None
+    except BaseException as error:
+        if retired.exists() and not run_dir.exists():
+            os.replace(retired, run_dir)  # put the old run back where it was
+        elif retired.exists() and not staging.exists():
+            discard(retired)  # the swap was done: the old run is not left behind under its hidden name
+        if isinstance(error, OSError):
+            raise DrnnError(
+                f"cannot put the new run in place of {run_dir} ({error.strerror}); the new run is in {staging}"
+            ) from None
+        raise
     discard(retired)
 
 

@@ -1368,6 +1368,40 @@ def _overwrite_killed_after_its_first_checkpoint(
             cli("train", "--config", str(config), "--overwrite", *overrides)
 
 
+@pytest.mark.parametrize("after_renames", [1, 2], ids=["between the renames", "after both"])
+def test_a_signal_during_an_overwrites_swap_never_leaves_the_run_directory_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after_renames: int
+):
+    """The swap is two renames (the old run aside, the new one in its place): a Ctrl-C's exception
+    between them left neither in runs/tiny, the old run under a hidden name. Between them the old run is
+    put back; after both, the new run stands and the old one is not left behind."""
+    from drnn_cli import rundir
+    from drnn_cli.signals import Signalled
+
+    run_dir, staging = tmp_path / "tiny", tmp_path / ".tiny.overwrite"
+    for folder, run in ((run_dir, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "last.safetensors").write_text(run)
+    renames: list[str] = []
+    rename = os.replace
+
+    def rename_then_signal(source: Path, target: Path) -> None:
+        rename(source, target)
+        renames.append(Path(target).name)
+        if len(renames) == after_renames:
+            raise Signalled(signal.SIGINT)
+
+    monkeypatch.setattr(rundir.os, "replace", rename_then_signal)
+    with pytest.raises(Signalled):
+        rundir.swap_in(staging, run_dir)
+    monkeypatch.undo()
+    kept = "old" if after_renames == 1 else "new"
+    assert (run_dir / "last.safetensors").read_text() == kept
+    assert sorted(path.name for path in tmp_path.iterdir()) == (
+        [".tiny.overwrite", "tiny"] if after_renames == 1 else ["tiny"]
+    )
+
+
 def test_resume_after_an_overwrite_killed_outright_continues_the_new_run_and_puts_it_in_place(
     workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
 ):

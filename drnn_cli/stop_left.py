@@ -34,6 +34,11 @@ def left_by_signal(run_dir: Path, resume_advice: str) -> str:
     last = run_dir / LAST
     if not last.is_file():
         return "no checkpoint was written"
+    return continues_from(last, resume_advice)
+
+
+def continues_from(last: Path, resume_advice: str) -> str:
+    """The words that name the checkpoint ``--resume`` would continue from, and the command that does."""
     return f"the last checkpoint written, {last}, continues with {resume_advice}"
 
 

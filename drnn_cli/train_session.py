@@ -46,7 +46,7 @@ from drnn_cli.start_point import (
     shared_text_note,
     unknown_share_note,
 )
-from drnn_cli.stop_left import how_to_continue, left_by_signal
+from drnn_cli.stop_left import continues_from, how_to_continue, left_by_signal
 from drnn_cli.stop_record import StoppedBy, write_stop_record
 from drnn_cli.tensorboard_log import summary_writer_class
 from drnn_cli.train import Trainer
@@ -249,8 +249,8 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
             if error.stopped is not None:  # --json: where the run stands in its own place, not staging's
                 written = error.stopped.checkpoint if holds_run(staging) else None
                 if written is not None:  # pressed twice in training: how to continue, as a first stop says
-                    error.after += f"; the last checkpoint written, {run_dir / written.name}, continues with "
-                    error.after += how_to_continue(request.resume, request.overwrite)
+                    advice = how_to_continue(request.resume, request.overwrite)
+                    error.after += f"; {continues_from(run_dir / written.name, advice)}"
                 error.stopped = replace(
                     error.stopped, run_dir=run_dir, checkpoint=written and run_dir / written.name
                 )

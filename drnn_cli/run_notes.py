@@ -425,17 +425,33 @@ def late_cadence_notes(
     ]
 
 
-def unannealed_note(train: TrainConfig, reach: int, length: PlannedLength, rate_at_reach: float) -> str:
+def unannealed_note(
+    train: TrainConfig, reach: int, length: PlannedLength, rate_at_reach: float, resumed_at: int | None = None
+) -> str:
     """``train.max_time`` ends a cosine schedule of ``length.steps`` near step ``reach`` (at the session's
     paces), its rate then ``rate_at_reach``: it does not change the schedule, so a run cut by time has not
-    annealed; a ``train.max_steps`` that the time reaches anneals within it (README "Long runs")."""
-    fits = _two_figures(reach * 0.9)  # room for a pace that slows (an early pace is an estimate)
+    annealed; a ``train.max_steps`` that the time reaches anneals within it (README "Long runs").
+
+    ``resumed_at``: the step a resumed session stands at now. Its advice counts from there (90% of the
+    run's reach was behind the step the session itself would end at: --resume with it trained nothing),
+    and is to stop and resume now, the steps left being those of this session's time."""
     spans = f"train.max_steps {train.max_steps:,}" if length.step_budget else f"train.epochs {train.epochs:,}"
-    return (
+    said = (
         f"at this pace train.max_time ({format_duration(train.max_time)}) ends the run near step {reach:,} of "
         f"the {length.steps:,} its cosine schedule spans ({spans}), the rate still {rate_at_reach:.3g} of its "
-        f"{train.lr:g} (train.min_lr {train.min_lr:g}): max_time does not change the schedule; for the rate to "
-        f'anneal within the time, --set train.max_steps={fits} (README "Long runs")'
+        f"{train.lr:g} (train.min_lr {train.min_lr:g}): max_time does not change the schedule; "
+    )
+    # 90% of the steps the time allows: room for a pace that slows (an early pace is an estimate)
+    if resumed_at is None:
+        fits = _two_figures(reach * 0.9)
+        return (
+            said
+            + f'for the rate to anneal within the time, --set train.max_steps={fits} (README "Long runs")'
+        )
+    fits = resumed_at + _two_figures((reach - resumed_at) * 0.9)
+    return said + (
+        f"for the rate to anneal within this session's time, stop it (the run is at step {resumed_at:,}) and "
+        f'--resume --set train.max_steps={fits} (README "Long runs")'
     )
 
 

@@ -487,7 +487,8 @@ class Trainer:
         if reach is not None and reach < UNANNEALED_SHARE * self.length.steps:
             epoch = int(reach / self.length.steps_per_epoch)
             rate = self._rate_at(epoch, reach)
-            self.reporter.note(unannealed_note(train, reach, self.length, rate))
+            resumed_at = self.global_step if self._first_step else None  # a fine-tuning run starts at 0
+            self.reporter.note(unannealed_note(train, reach, self.length, rate, resumed_at))
 
     def train_epoch(self, epoch: int) -> tuple[TrainWindow, float]:
         """Train one epoch; returns its last line's training window (perplexity and steps) and the

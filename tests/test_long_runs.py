@@ -1529,6 +1529,33 @@ def test_a_time_budget_that_cuts_a_cosine_schedule_far_from_its_end_is_said_once
     )  # 90% of the steps that fit, to two figures
 
 
+def test_a_resumed_sessions_time_budget_note_counts_the_steps_that_fit_from_where_it_stands(workdir: Path):
+    """A resumed session at step 580 that its time ends near step 767 was told --set train.max_steps=690
+    (90% of 767): behind step 765, where the session itself ended, so --resume with it trained nothing
+    (practitioner trial prac38). The advice counts from the step the session stands at."""
+    from drnn_cli.run_notes import unannealed_note
+    from drnn_cli.session_time import SessionTime
+
+    trainer = _trainer_at_step_10(workdir, "train.schedule=cosine", "train.epochs=50", "train.max_time=60")
+    notes: list[str] = []
+    trainer.reporter.note = notes.append  # type: ignore[method-assign]
+    # as the fresh session above, 20 steps later in the run: it began at step 20 (a resume), stands at
+    # step 50 after 30 steps in 20 s, and the 40 s left reach 55 more, to step 105
+    trainer.global_step, trainer._first_step = 50, 20
+    trainer.session_time = SessionTime(time.monotonic() - 20.0)
+    trainer.budget.started = time.monotonic() - 20.0
+    trainer._note_unannealed()
+    rate = 0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 50))  # step 105 is in epoch 5
+    assert notes == [unannealed_note(trainer.config.train, 105, trainer.length, rate, resumed_at=50)]
+    assert notes[0].endswith(
+        "for the rate to anneal within this session's time, stop it (the run is at step 50) and --resume --set "
+        'train.max_steps=99 (README "Long runs")'
+    )  # 50 + 90% of the 55 steps the time allows, past the 50 it stands at (90% of 105, 94, was fine here)
+    assert unannealed_note(trainer.config.train, 52_100, trainer.length, 0.003, resumed_at=52_010).endswith(
+        '--resume --set train.max_steps=52091 (README "Long runs")'
+    )  # two figures of the 90 steps left, not of the run's 52,100 (52,000: behind the run)
+
+
 def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_sessions_paces(workdir: Path):
     """The bar's time left was the step pace, or the wall clock divided by the steps done, and rich's
     epoch pace: on a 20 MB text it said 0:03 through a validation of 70 s, then 0:09 with a whole

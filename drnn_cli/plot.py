@@ -185,5 +185,8 @@ def perplexity_figure(
     if plotted and max(plotted) > 20 * min(plotted):
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if plotted:
+        axes.legend()
+    else:  # a legend of nothing is matplotlib's UserWarning on stderr, inside drnn's own lines
+        axes.text(0.5, 0.5, "no finite perplexity yet", transform=axes.transAxes, ha="center", va="center")
     return figure

@@ -598,6 +598,19 @@ def nothing_to_train(
     return f"nothing to train: {why}; to train on, --resume --set {fix} with a larger value"
 
 
+def overflowed_note(train_ppls: list[float], train: TrainConfig) -> str | None:
+    """A session whose every training perplexity overflowed (a mean loss past ~700 nats: written as null,
+    and training goes on, the loss being finite) ended as a finished run reads: said, with the settings
+    that bring it back (prac38: lr 1000, no clipping, "finished" and ``ppl inf`` throughout)."""
+    if not train_ppls or any(math.isfinite(ppl) for ppl in train_ppls):
+        return None
+    clip = "" if train.clip else ", or clip the gradient norm (train.clip 1)"
+    return (
+        "every training perplexity of this session overflowed (a mean loss past 700 nats, written as null): "
+        f"the model learned nothing at this rate; lower train.lr (now {train.lr:g}){clip}"
+    )
+
+
 def blank_samples_note(samples: dict[str, str], train: TrainConfig, token: str) -> str | None:
     """Samples whose continuation is whitespace alone read as if training wrote nothing (an undertrained
     character model's 50 spaces after "time traveller"): said, with what it means, as predict says it."""

@@ -72,6 +72,7 @@ from drnn_cli.run_notes import (
     data_notes,
     nothing_left,
     nothing_to_train,
+    overflowed_note,
     own_text_notes,
     planned_length_notes,
     run_scored_unknown_note,
@@ -1264,6 +1265,11 @@ class Trainer:
             )
         if (scored := run_scored_unknown_note(self.dataset, self.config.train.eval_tokens)) is not None:
             notes.append(scored)  # beside the perplexities it qualifies: the start's note scrolled by
+        session_ppls = [
+            r.train_ppl for r in self.records if r.step > self._first_step and r.train_ppl is not None
+        ]
+        if (overflowed := overflowed_note(session_ppls, self.config.train)) is not None:
+            notes.append(overflowed)
         start = self._start_record()
         if start is not None and self.best_kept == start.val_ppl:
             notes.append(  # no path: under --overwrite the run trains in a staging folder swapped in at its end

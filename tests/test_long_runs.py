@@ -417,6 +417,46 @@ def test_a_diverged_perplexity_is_left_out_of_the_plot_whose_log_axis_it_would_b
     assert render_perplexity_plot(records).startswith(b"\x89PNG")
 
 
+def test_a_session_whose_every_perplexity_overflowed_says_so_at_its_end(workdir: Path):
+    """A loss past ~700 nats is finite, so training goes on, its perplexity written as null: a run at lr
+    1000 without clipping printed ``ppl inf`` at every epoch and ended as a finished run, without a word
+    on why (prac38). The session's end says so, with the settings that bring it back."""
+    notes: list[str] = []
+    reporter = SilentReporter()
+    reporter.note = notes.append  # type: ignore[method-assign]
+    sgd = ("train.optimizer=sgd", "train.epochs=2", "train.clip=0")
+    train_run(
+        TrainRequest(write_config(workdir), (*sgd, "train.lr=1000"), run_dir=Path("runs/far")), reporter
+    )
+    assert all(line["train_ppl"] is None for line in metrics(workdir / "runs" / "far"))
+    assert notes[-1] == (
+        "every training perplexity of this session overflowed (a mean loss past 700 nats, written as null): the "
+        "model learned nothing at this rate; lower train.lr (now 1000), or clip the gradient norm (train.clip 1)"
+    )
+    notes.clear()
+    train_run(TrainRequest(write_config(workdir), (*sgd, "train.lr=1"), run_dir=Path("runs/near")), reporter)
+    assert not [note for note in notes if "overflowed" in note]
+
+
+def test_a_plot_with_no_finite_perplexity_says_so_without_a_warning():
+    """A run whose loss overflowed from its first step (perplexity written as null) drew an empty plot,
+    and matplotlib's "No artists with labels found to put in legend" UserWarning, with its site-packages
+    path, came out among drnn's lines (prac38)."""
+    pytest.importorskip("matplotlib.figure")
+    import warnings
+
+    from drnn_cli.plot import perplexity_figure
+
+    records = [
+        EpochRecord(epoch, None, None, 1000.0, 100.0, epoch, 8 * epoch, 800 * epoch, 8) for epoch in (1, 2)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (axes,) = perplexity_figure(records).axes
+    assert axes.get_lines() == [] and axes.get_legend() is None
+    assert [text.get_text() for text in axes.texts] == ["no finite perplexity yet"]
+
+
 @pytest.mark.draws_plot
 def test_a_plot_matplotlib_fails_to_draw_is_said_once_and_training_goes_on(
     workdir: Path, monkeypatch: pytest.MonkeyPatch

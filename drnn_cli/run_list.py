@@ -55,6 +55,20 @@ SHOWN_SETTINGS = frozenset(
     }
 )
 
+# Settings of how a run reports and keeps itself, not of what it learns: runs that differ in them alone
+# (another sample prefix) are no sweep, and they would take a place of the few the table shows
+REPORTING_SETTINGS = frozenset(
+    {
+        "train.sample_every",
+        "train.sample_prefixes",
+        "train.sample_chars",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_every",
+        "train.tensorboard",
+    }
+)
+
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -241,14 +255,16 @@ def settings(config: Config) -> dict[str, Any]:
 
 def differing_settings(runs: list[RunSummary]) -> list[str]:
     """The settings whose values differ between the listed runs that can be read (what a sweep varied),
-    in the schema's order, leaving out those every row shows (:data:`SHOWN_SETTINGS`)."""
+    in the schema's order, leaving out those every row shows (:data:`SHOWN_SETTINGS`) and those of how a
+    run reports itself (:data:`REPORTING_SETTINGS`)."""
     flat = [settings(run.info.config) for run in runs if run.info is not None]
     if len(flat) < 2:
         return []
     return [
         key
         for key in flat[0]
-        if key not in SHOWN_SETTINGS and any(other.get(key) != flat[0][key] for other in flat[1:])
+        if key not in SHOWN_SETTINGS | REPORTING_SETTINGS
+        and any(other.get(key) != flat[0][key] for other in flat[1:])
     ]
 
 

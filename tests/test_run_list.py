@@ -126,9 +126,9 @@ def test_a_sweep_names_what_it_varied_and_runs_that_differ_in_much_are_counted(w
     """Two runs that differ in lr and seed show both as --set takes them; a third with a GRU, another
     optimizer and more differs in too much for the table, which counts the settings instead."""
     config = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
-    for name, sets in (
+    for name, sets in (  # b's sample prefix is no setting of what it learns: not among the differences
         ("a", ("train.lr=0.02", "train.seed=4")),
-        ("b", ()),
+        ("b", ('train.sample_prefixes=["the"]',)),
     ):
         code, _, err = cli(
             "train", "--config", config, "--run", f"runs/sweep/{name}", *(f"--set={s}" for s in sets)

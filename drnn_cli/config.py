@@ -64,7 +64,8 @@ class DataConfig(_Section):
         "lower: every character, lower-cased; none: the text as it is",
     )
     token: Literal["char", "word"] = Field(
-        "char", description="character or whitespace-separated word tokens"
+        "char",
+        description="character or whitespace-separated word tokens (punctuation stays on its word: `dog.` and `dog` are two)",
     )
     max_tokens: int = Field(
         -1, ge=-1, le=MAX_COUNT * 100, description="keep only the first N tokens (-1 = all; 0 is refused)"

@@ -372,7 +372,8 @@ def test_a_vocabulary_of_thousands_of_rare_tokens_names_the_min_freq_that_cuts_t
     assert code == 0 and said["vocab_size"] == 1529, err
     assert [note for note in said["notes"] if "data.min_freq" in note] == [
         "1,500 of the vocabulary's 1,529 chars occur fewer than 3 times in the text: each is an output the model "
-        "sees too seldom to learn; data.min_freq 3 maps them to <unk> (4% of the text), leaving a vocabulary of 29"
+        "sees too seldom to learn; data.min_freq 3 maps them to <unk> (4% of the text), leaving a vocabulary of 29, "
+        "and an output layer 52.7 times smaller to compute at every step"
     ]
     code, out, err = cli(*read, "--set", "data.min_freq=3")
     said = json.loads(out.splitlines()[-1])

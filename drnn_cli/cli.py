@@ -655,6 +655,15 @@ def eval_command(
             "data.batch_size; 1 = one continuous stream, as drnn inspect reads it).",
         ),
     ] = None,
+    splits_of: Annotated[
+        Path | None,
+        typer.Option(
+            "--splits-of",
+            metavar="RUN_OR_CHECKPOINT",
+            help="Read the split of that run's text, as it cuts it (its rows too): a base model on its "
+            "fine-tuned run's test split. The vocabularies must be the same.",
+        ),
+    ] = None,
     device: DeviceOption = Device.auto,
     json_out: JsonOption = False,
 ) -> None:
@@ -666,11 +675,11 @@ def eval_command(
     from drnn_cli.report import training_position
 
     split_name = split.value if split is not None else None
-    check_eval_source(split_name, data, corpus)  # before the model loads: evaluate_split checks it too
+    check_eval_source(split_name, data, corpus, splits_of)  # before the model loads: evaluate_split does too
     out, notes = consoles(json_out)
     loaded = load_model(run, checkpoint, device.value)
     with evaluation_progress(notes) as hook:  # on stderr: stdout keeps the result alone
-        report = evaluate_split(loaded, split_name, data, rows, corpus, hook)
+        report = evaluate_split(loaded, split_name, data, rows, corpus, hook, splits_of)
     # a word text may write <unk> itself (Penn Treebank does): those are no lack of the vocabulary's
     lacking = "" if loaded.checkpoint.config.data.token == "word" else "not in the vocabulary, "
     result = report.result

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
-from drnn_cli.checkpoint import Checkpoint, load_checkpoint
+from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
 from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
@@ -45,7 +45,13 @@ from drnn_cli.run_notes import (
     trained_text_note,
     unseen_in_training_note,
 )
-from drnn_cli.rundir import DEFAULT_RUNS_ROOT, refuse_run_file, resolve_checkpoint, waiting_replacement_note
+from drnn_cli.rundir import (
+    DEFAULT_RUNS_ROOT,
+    refuse_run_file,
+    resolve_checkpoint,
+    run_checkpoint,
+    waiting_replacement_note,
+)
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import (
@@ -445,15 +451,64 @@ def default_split(splits: Splits) -> str:
     return "val" if splits.validates else "train"
 
 
-def check_eval_source(split: str | None, data_file: Path | None, corpus_file: Path | None) -> None:
-    """Refuse ``--data`` beside ``--split`` or ``--corpus``: one scores another text whole, the others
-    pick a split of the run's corpus. Cheap, so the CLI calls it before the model loads too (a usage
-    error then outranks a missing run, and costs nothing)."""
-    if data_file is not None and (split is not None or corpus_file is not None):
-        given = "--split" if split is not None else "--corpus"
+def check_eval_source(
+    split: str | None, data_file: Path | None, corpus_file: Path | None, splits_of: Path | None = None
+) -> None:
+    """Refuse ``--data`` beside ``--split``, ``--corpus`` or ``--splits-of``: one scores another text whole,
+    the others pick a split of a run's corpus. Cheap, so the CLI calls it before the model loads too (a
+    usage error then outranks a missing run, and costs nothing)."""
+    if data_file is None:
+        return
+    given = next(
+        (name for name, value in (("--split", split), ("--corpus", corpus_file), ("--splits-of", splits_of))
+         if value is not None),
+        None,
+    )  # fmt: skip
+    if given is not None:
         raise UsageError(
-            f"--data evaluates all of another text, and {given} picks a split of the run's corpus; give one of them"
+            f"--data evaluates all of another text, and {given} picks a split of a run's corpus; give one of them"
         )
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """Whose splits ``drnn eval`` reads: the evaluated checkpoint's own run, or (``--splits-of``) another
+    run's whose vocabulary is the same (a fine-tuned run's, to score its base on its test split)."""
+
+    config: Config  # its data section cuts the text; its batch size is the default rows
+    corpus_sha1: str | None
+    text_sha1: str | None
+    path: Path  # the checkpoint read: its run's config.yaml says where a moved corpus went
+    other_run: bool = False  # --splits-of: named in the report
+
+
+def split_source(loaded: LoadedModel, splits_of: Path | None) -> SplitSource:
+    """The evaluated checkpoint's own splits, or those of the run or checkpoint ``splits_of`` names, read
+    from its header; refused unless it encodes the text as the evaluated model does (the same vocabulary,
+    which a fine-tuned run keeps from its base)."""
+    if splits_of is None:
+        own = loaded.checkpoint
+        return SplitSource(own.config, own.corpus_sha1, own.text_sha1, loaded.path)
+    if not splits_of.exists():
+        raise DrnnError(
+            f"--splits-of {splits_of}: no such run directory or checkpoint file; name a run (runs/NAME) or "
+            "its .safetensors checkpoint"
+        )
+    path = run_checkpoint(splits_of) if splits_of.is_dir() else splits_of
+    info = read_checkpoint_info(path)
+    mine = loaded.checkpoint
+    same = (info.vocab.idx_to_token, info.config.data.token) == (
+        mine.vocab.idx_to_token,
+        mine.config.data.token,
+    )
+    if not same:
+        raise DrnnError(
+            f"--splits-of {splits_of}: its vocabulary is not this checkpoint's ({len(info.vocab):,} "
+            f"{info.config.data.token} tokens against {len(mine.vocab):,}), so its splits cannot be scored "
+            "token for token; score a text whole with --data FILE (a run fine-tuned from this checkpoint "
+            "keeps its vocabulary)"
+        )
+    return SplitSource(info.config, info.corpus_sha1, info.text_sha1, path, other_run=True)
 
 
 def evaluate_split(
@@ -463,6 +518,7 @@ def evaluate_split(
     rows: int | None = None,
     corpus_file: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    splits_of: Path | None = None,
 ) -> EvalReport:
     """Perplexity of the checkpoint on a split of its own corpus (None: :func:`default_split`), or on
     all of ``data_file``. ``corpus_file``: where the run's corpus is now, when it moved (its SHA-1 must
@@ -471,9 +527,12 @@ def evaluate_split(
     The tokens are read as ``rows`` parallel streams (default: the run's ``data.batch_size``), each
     starting from a zero state; ``rows=1`` reads them as one continuous stream, as ``drnn inspect`` does.
     ``progress(done, total)``: the targets predicted so far, before each minibatch (a progress bar).
+    ``splits_of``: read the split as that run (or checkpoint) cuts its text (:func:`split_source`), its
+    batch size the default rows, so that a base and its fine-tuned run compare on the same predictions.
     """
-    check_eval_source(split, data_file, corpus_file)
+    check_eval_source(split, data_file, corpus_file, splits_of)
     config = loaded.checkpoint.config
+    read_as = rows or config.data.batch_size  # a split's: as the run that cuts it reads it (below)
     notes: tuple[str, ...] = ()  # a --data file is encoded apart from the token cache
     unseen: UnseenInTraining | None = None  # a --data file is not counted against the training split
     unseen_ids = None  # …and its predictions of them summed apart, where it has any
@@ -484,7 +543,9 @@ def evaluate_split(
             fine_tuned = loaded.checkpoint.init_from is not None
             notes = (trained_text_note(str(data_file), len(tokens), config.data, fine_tuned),)
     else:
-        tokens, source, split_name, dataset = _split_tokens(loaded, split, corpus_file)
+        cut = split_source(loaded, splits_of)
+        read_as = rows or cut.config.data.batch_size
+        tokens, source, split_name, dataset = _split_tokens(cut, loaded.checkpoint, split, corpus_file)
         notes, unseen = dataset.notes, dataset.unseen_in_training(split_name)
         optimistic = base_trained_note(loaded.checkpoint, dataset, split_name)
         notes = (*notes, optimistic) if optimistic else notes
@@ -492,7 +553,7 @@ def evaluate_split(
     result = evaluate(
         loaded.model,
         tokens,
-        rows or config.data.batch_size,
+        read_as,
         config.data.num_steps,
         loaded.device,
         "fp32",
@@ -505,7 +566,6 @@ def evaluate_split(
         step = checkpoint.trainer().global_step
     except UnusableTrainerState:  # a checkpoint without a (usable) trainer state: its epoch is all there is
         step = None
-    read_as = rows or config.data.batch_size
     fix = (
         "evaluate a longer text with --data" if data_file else "a larger split, or a longer text with --data"
     )
@@ -558,7 +618,7 @@ def evaluate_split(
         notes=notes,
         step_in_epoch=checkpoint.step_in_epoch,
         checkpoint=str(loaded.path.absolute()),  # as predict names it
-        rows=max(1, min(rows or config.data.batch_size, result.tokens)),  # as eval_batches cuts them
+        rows=max(1, min(read_as, result.tokens)),  # as eval_batches cuts them
         unseen_in_training=None if unseen is None else unseen.count,
     )
 
@@ -625,20 +685,19 @@ def _is_trained_text(data_file: Path, checkpoint: Checkpoint) -> bool:
 
 
 def _split_tokens(
-    loaded: LoadedModel, split: str | None, corpus_file: Path | None
+    cut: SplitSource, checkpoint: Checkpoint, split: str | None, corpus_file: Path | None
 ) -> tuple[torch.Tensor, str, str, Dataset]:
-    """A split of the run's own corpus (None: :func:`default_split`), its source, its name and the
-    dataset (its notes: a token cache it could not write, which costs every eval the whole encoding): where
-    ``corpus_file`` says, else where the checkpoint (or, when that place is gone, the run's
-    ``config.yaml``) says; refused unless it is the same text."""
-    checkpoint = loaded.checkpoint
+    """A split of ``cut``'s corpus (None: :func:`default_split`) in ``checkpoint``'s vocabulary, its
+    source, its name and the dataset (its notes: a token cache it could not write, which costs every eval
+    the whole encoding): where ``corpus_file`` says, else where ``cut``'s checkpoint (or, when that place
+    is gone, its run's ``config.yaml``) says; refused unless it is the same text."""
     named = split or "default"  # for the messages below, before the corpus says which split that is
-    data = checkpoint.config.data
+    data = cut.config.data
     if corpus_file is not None:
         require_regular_file(corpus_file, "--corpus file", "give --corpus the run's corpus, moved")
         data = data.model_copy(update={"path": str(corpus_file)})
     elif data.file is not None and not data.file.exists():
-        moved = _corpus_file_of_run(loaded.path.parent)
+        moved = _corpus_file_of_run(cut.path.parent)
         if moved is None or not moved.exists():
             raise DrnnError(
                 f"cannot evaluate the {named} split: the run's corpus {data.path} is not there (moved, or "
@@ -652,12 +711,17 @@ def _split_tokens(
         "give --corpus the run's own text, or score this file whole with --data FILE"
         if corpus_file is not None
         else "restore the file, or score other text with --data FILE",
-        expected_sha1=checkpoint.corpus_sha1,
-        expected_text_sha1=checkpoint.text_sha1,
+        expected_sha1=cut.corpus_sha1,
+        expected_text_sha1=cut.text_sha1,
     )
     split = split or default_split(dataset.splits)
-    tokens = _split_or_error(dataset.splits, split, checkpoint.config)
-    return tokens, f"{dataset.path} [{split}]", split, dataset
+    tokens = _split_or_error(dataset.splits, split, cut.config)
+    return (
+        tokens,
+        f"{dataset.path} [{split}{f' as {cut.path} cuts it' if cut.other_run else ''}]",
+        split,
+        dataset,
+    )
 
 
 def _corpus_file_of_run(run_dir: Path) -> Path | None:

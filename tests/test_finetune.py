@@ -88,6 +88,48 @@ def test_fine_tuning_lowers_perplexity_on_the_new_text(tmp_path: Path, texts: tu
     assert tuned.vocab.idx_to_token == load_checkpoint(Path("runs/base/last.safetensors")).vocab.idx_to_token
 
 
+def test_a_base_model_is_scored_on_its_fine_tuned_runs_test_split_as_that_run_cuts_it(
+    tmp_path: Path, texts: tuple[Path, Path], cli
+):
+    """Did fine-tuning help on the held-out text? The base's figure on the fine-tuned run's test split
+    took a hand-cut copy of the split (its start from drnn data --json) scored with --data at the same
+    rows (practitioner trial prac38): --splits-of reads the split as that run cuts it, at its rows."""
+    first, second = texts
+    held_out = {"data": {"test_fraction": 0.2}}
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1}, **held_out)))
+    tuned = config_for(tmp_path, second, "tuned", train={"epochs": 1}, **held_out)
+    train_run(TrainRequest(tuned, init_from=Path("runs/base")))
+
+    def scored(*args: str) -> dict:
+        code, out, err = cli("eval", *args, "--json")
+        assert code == 0, err
+        return json.loads(out.splitlines()[-1])
+
+    own = scored("--run", "runs/tuned", "--split", "test")
+    assert (
+        scored("--run", "runs/tuned", "--splits-of", "runs/tuned", "--split", "test")["perplexity"]
+        == (own["perplexity"])
+    )
+    base = scored("--run", "runs/base", "--splits-of", "runs/tuned", "--split", "test")
+    assert base["source"] == f"{second} [test as {Path('runs/tuned/last.safetensors')} cuts it]"
+    assert (base["tokens"], base["rows"]) == (own["tokens"], own["rows"]) == (431, 8)  # 20% of 2,160 characters; batch 8
+    by_hand = tmp_path / "test_split.txt"
+    by_hand.write_text(second.read_text()[-(own["tokens"] + 1) :])  # a split of n predictions holds n + 1
+    assert (
+        scored("--run", "runs/base", "--data", str(by_hand), "--rows", "8")["perplexity"]
+        == base["perplexity"]
+    )
+    assert base["perplexity"] > own["perplexity"]  # the fine-tuning helped
+    # another vocabulary cannot be scored token for token: refused, naming --data
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 " * 200)
+    train_run(TrainRequest(config_for(tmp_path, other, "digits", train={"epochs": 1}, **held_out)))
+    code, _, err = cli("eval", "--run", "runs/base", "--splits-of", "runs/digits", "--split", "test")
+    assert_one_line_error(
+        code, err, "--splits-of runs/digits: its vocabulary is not this checkpoint's", "--data"
+    )
+
+
 def test_unknown_characters_are_counted_exactly(tmp_path: Path):
     vocab = Vocab.from_counts({"a": 3, "b": 2, " ": 1})
     text = tmp_path / "new.txt"

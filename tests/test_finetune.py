@@ -112,9 +112,8 @@ def test_a_base_model_is_scored_on_its_fine_tuned_runs_test_split_as_that_run_cu
     )
     base = scored("--run", "runs/base", "--splits-of", "runs/tuned", "--split", "test")
     assert base["source"] == f"{second} [test as {Path('runs/tuned/last.safetensors')} cuts it]"
-    assert (
-        (base["tokens"], base["rows"]) == (own["tokens"], own["rows"]) == (431, 8)
-    )  # 20% of 2,160 characters; batch 8
+    # 20% of the 2,160 characters, less the first (context only), in the tuned run's 8 rows
+    assert (base["tokens"], base["rows"]) == (own["tokens"], own["rows"]) == (431, 8)
     by_hand = tmp_path / "test_split.txt"
     by_hand.write_text(second.read_text()[-(own["tokens"] + 1) :])  # a split of n predictions holds n + 1
     assert (

@@ -1519,6 +1519,23 @@ def _trainer_at_step_10(workdir: Path, *overrides: str) -> Trainer:
     return trainer
 
 
+def _cosine_session_20_s_into_a_minute(
+    workdir: Path, first_step: int, steps: int
+) -> tuple[Trainer, list[str]]:
+    """A TINY trainer under cosine over 50 epochs and train.max_time 60, its session begun at
+    ``first_step`` and ``steps`` steps in after 20 s, judged once: its notes."""
+    from drnn_cli.session_time import SessionTime
+
+    trainer = _trainer_at_step_10(workdir, "train.schedule=cosine", "train.epochs=50", "train.max_time=60")
+    notes: list[str] = []
+    trainer.reporter.note = notes.append  # type: ignore[method-assign]
+    trainer.global_step, trainer._first_step = first_step + steps, first_step
+    trainer.session_time = SessionTime(time.monotonic() - 20.0)
+    trainer.budget.started = time.monotonic() - 20.0
+    trainer._note_unannealed()
+    return trainer, notes
+
+
 def test_a_time_budget_that_cuts_a_cosine_schedule_far_from_its_end_is_said_once_with_the_steps_that_fit(
     workdir: Path,
 ):
@@ -1528,16 +1545,10 @@ def test_a_time_budget_that_cuts_a_cosine_schedule_far_from_its_end_is_said_once
     from drnn_cli.run_notes import unannealed_note
     from drnn_cli.session_time import SessionTime
 
-    trainer = _trainer_at_step_10(workdir, "train.schedule=cosine", "train.epochs=50", "train.max_time=60")
-    notes: list[str] = []
-    trainer.reporter.note = notes.append  # type: ignore[method-assign]
     # 30 steps in 20 s (2/3 s a step) with 40 s of the budget left, to 50 × 19 = 950 steps: the 920 left
     # take 613.3 s, and their 184 validations (every 5 steps) of 100 tokens at a third of a step's 1/80 s
     # a token 51.1 s (no write measured yet: free), so 40 s reach 40 × 920 / 664.4 = 55 more, to step 85
-    trainer.global_step, trainer._first_step = 30, 0
-    trainer.session_time = SessionTime(time.monotonic() - 20.0)
-    trainer.budget.started = time.monotonic() - 20.0
-    trainer._note_unannealed()
+    trainer, notes = _cosine_session_20_s_into_a_minute(workdir, first_step=0, steps=30)
     trainer._note_unannealed()  # judged once
     # step 85 is in epoch 4 (19 steps an epoch): cosine over 50 epochs from 0.01 to min_lr 0 there
     rate = 0.01 * 0.5 * (1 + math.cos(math.pi * 4 / 50))
@@ -1574,17 +1585,10 @@ def test_a_resumed_sessions_time_budget_note_counts_the_steps_that_fit_from_wher
     (90% of 767): behind step 765, where the session itself ended, so --resume with it trained nothing
     (practitioner trial prac38). The advice counts from the step the session stands at."""
     from drnn_cli.run_notes import unannealed_note
-    from drnn_cli.session_time import SessionTime
 
-    trainer = _trainer_at_step_10(workdir, "train.schedule=cosine", "train.epochs=50", "train.max_time=60")
-    notes: list[str] = []
-    trainer.reporter.note = notes.append  # type: ignore[method-assign]
     # as the fresh session above, 20 steps later in the run: it began at step 20 (a resume), stands at
     # step 50 after 30 steps in 20 s, and the 40 s left reach 55 more, to step 105
-    trainer.global_step, trainer._first_step = 50, 20
-    trainer.session_time = SessionTime(time.monotonic() - 20.0)
-    trainer.budget.started = time.monotonic() - 20.0
-    trainer._note_unannealed()
+    trainer, notes = _cosine_session_20_s_into_a_minute(workdir, first_step=20, steps=30)
     rate = 0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 50))  # step 105 is in epoch 5
     assert notes == [unannealed_note(trainer.config.train, 105, trainer.length, rate, resumed_at=50)]
     assert notes[0].endswith(

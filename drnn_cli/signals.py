@@ -151,13 +151,29 @@ def exit_on_signals() -> Iterator[type[Signalled]]:
         yield Signalled
 
 
-def ignore_further_signals() -> None:
+def ignore_further_signals() -> dict[int, Any]:
     """SIGINT and SIGTERM ignored from now on: a training's stop stands and only its report is left to
     say (a press of Ctrl-C more cut the ``--json`` object and the stop line short, leaving a bare
-    "interrupted"). :func:`exit_on_signals` puts its handlers' predecessors back as the command ends."""
+    "interrupted"). :func:`exit_on_signals` puts its handlers' predecessors back as the command ends.
+    Returns the handlers it replaced."""
+    previous: dict[int, Any] = {}
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
+            previous[signum] = signal.signal(signum, signal.SIG_IGN)
+    return previous
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored inside the block, the handlers before it after: for the moves that end
+    a session whose outcome stands (an --overwrite's swap of two renames: a press between them cut the
+    report short, and one during the old run's deletion left half of it behind)."""
+    previous = ignore_further_signals()
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class StopRequests:

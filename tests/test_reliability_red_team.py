@@ -1972,6 +1972,40 @@ def test_a_second_ctrl_c_as_the_stop_is_reported_leaves_the_report_whole(
     assert err.splitlines()[-1].endswith("continue with the same command plus --resume"), err
 
 
+def test_a_second_ctrl_c_during_an_overwrites_swap_leaves_the_swap_and_the_report_whole(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """An --overwrite stopped by a Ctrl-C swaps its new run in before it reports: a press there raised
+    between the two renames (the report cut to a bare "interrupted", the new run waiting unnamed beside
+    the old) or during the old run's deletion (half of it left under a hidden name) (review recheck38)."""
+    from drnn_cli import rundir, train_session
+
+    config = str(config_file(workdir, tiny(epochs=3)))
+    assert cli("train", "--config", config)[0] == 0
+    pressed = first_ctrl_c_in_the_first_validation(monkeypatch)
+    rename = os.replace
+
+    def pressed_between_the_renames(source: Path, target: Path) -> None:
+        rename(source, target)
+        if Path(target).name.startswith(".tiny.replaced-"):
+            pressed.append("second")
+            signal.raise_signal(signal.SIGINT)
+
+    def swap_in(staging: Path, run_dir: Path) -> None:
+        with monkeypatch.context() as patched:
+            patched.setattr(rundir.os, "replace", pressed_between_the_renames)
+            rundir.swap_in(staging, run_dir)
+
+    monkeypatch.setattr(train_session, "swap_in", swap_in)
+    code, out, err = cli(
+        "train", "--config", config, "--json", "--overwrite", "--set", "train.checkpoint_every=1"
+    )
+    assert (code, pressed) == (130, ["first", "second"]), err
+    assert err.splitlines()[-1].endswith("; the new run has replaced the previous one in runs/tiny"), err
+    assert json.loads(out)["checkpoint"] == str(workdir / "runs" / "tiny" / "last.safetensors")
+    assert sorted(path.name for path in (workdir / "runs").iterdir()) == ["latest", "tiny"]
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new run", "overwrite"])
 def test_a_second_ctrl_c_as_the_stop_checkpoint_lands_names_the_checkpoint_on_disk(
     workdir: Path, cli, monkeypatch: pytest.MonkeyPatch, overwrite: bool

@@ -47,6 +47,8 @@ from drnn_cli.run_notes import (
 )
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
+    is_latest_marker,
+    latest_run,
     refuse_run_file,
     resolve_checkpoint,
     run_checkpoint,
@@ -60,6 +62,7 @@ from drnn_cli.start_point import (
     earlier_bases_note,
     fine_tuning_point,
     shared_text_note,
+    trained_on_split_note,
     unknown_share_note,
 )
 from drnn_cli.token_tensors import count_ids
@@ -457,6 +460,8 @@ def check_eval_source(
     """Refuse ``--data`` beside ``--split``, ``--corpus`` or ``--splits-of``: one scores another text whole,
     the others pick a split of a run's corpus. Cheap, so the CLI calls it before the model loads too (a
     usage error then outranks a missing run, and costs nothing)."""
+    if splits_of is not None and split is None:  # its default (val, else train) would be the other run's
+        raise UsageError("--splits-of reads a split of another run's text: name it with --split val or test")
     if data_file is None:
         return
     given = next(
@@ -482,13 +487,17 @@ class SplitSource:
     other_run: bool = False  # --splits-of: named in the report
 
 
-def split_source(loaded: LoadedModel, splits_of: Path | None) -> SplitSource:
+def split_source(
+    loaded: LoadedModel, splits_of: Path | None, runs_root: Path = DEFAULT_RUNS_ROOT
+) -> SplitSource:
     """The evaluated checkpoint's own splits, or those of the run or checkpoint ``splits_of`` names, read
     from its header; refused unless it encodes the text as the evaluated model does (the same vocabulary,
     which a fine-tuned run keeps from its base)."""
     if splits_of is None:
         own = loaded.checkpoint
         return SplitSource(own.config, own.corpus_sha1, own.text_sha1, loaded.path)
+    if is_latest_marker(splits_of, runs_root):
+        splits_of = latest_run(runs_root, instead="give --splits-of a run directory or checkpoint file")
     if not splits_of.exists():
         raise DrnnError(
             f"--splits-of {splits_of}: no such run directory or checkpoint file; name a run (runs/NAME) or "
@@ -546,10 +555,14 @@ def evaluate_split(
         cut = split_source(loaded, splits_of)
         read_as = rows or cut.config.data.batch_size
         tokens, source, split_name, dataset = _split_tokens(cut, loaded.checkpoint, split, corpus_file)
-        notes, unseen = dataset.notes, dataset.unseen_in_training(split_name)
-        optimistic = base_trained_note(loaded.checkpoint, dataset, split_name)
+        notes = dataset.notes
+        if cut.other_run:  # what the other run's training split holds says nothing of this checkpoint's
+            optimistic = trained_on_split_note(loaded.path, cut.config, dataset, split_name)
+        else:
+            unseen = dataset.unseen_in_training(split_name)
+            unseen_ids = dataset.unseen_ids() if unseen.count else None
+            optimistic = base_trained_note(loaded.checkpoint, dataset, split_name)
         notes = (*notes, optimistic) if optimistic else notes
-        unseen_ids = dataset.unseen_ids() if unseen.count else None
     result = evaluate(
         loaded.model,
         tokens,
@@ -691,7 +704,8 @@ def _split_tokens(
     source, its name and the dataset (its notes: a token cache it could not write, which costs every eval
     the whole encoding): where ``corpus_file`` says, else where ``cut``'s checkpoint (or, when that place
     is gone, its run's ``config.yaml``) says; refused unless it is the same text."""
-    named = split or "default"  # for the messages below, before the corpus says which split that is
+    # for the messages below, before the corpus says which split that is
+    named = f"{split or 'default'} split" + (f" of {cut.path}" if cut.other_run else "")
     data = cut.config.data
     if corpus_file is not None:
         require_regular_file(corpus_file, "--corpus file", "give --corpus the run's corpus, moved")
@@ -700,14 +714,14 @@ def _split_tokens(
         moved = _corpus_file_of_run(cut.path.parent)
         if moved is None or not moved.exists():
             raise DrnnError(
-                f"cannot evaluate the {named} split: the run's corpus {data.path} is not there (moved, or "
+                f"cannot evaluate the {named}: the run's corpus {data.path} is not there (moved, or "
                 "on another machine); say where it is with --corpus FILE, or score any text with --data FILE"
             )
         data = data.model_copy(update={"path": str(moved)})
     dataset = load_same_corpus(
         data,
         checkpoint.vocab,
-        f"evaluate the {named} split",
+        f"evaluate the {named}",
         "give --corpus the run's own text, or score this file whole with --data FILE"
         if corpus_file is not None
         else "restore the file, or score other text with --data FILE",
@@ -715,7 +729,9 @@ def _split_tokens(
         expected_text_sha1=cut.text_sha1,
     )
     split = split or default_split(dataset.splits)
-    tokens = _split_or_error(dataset.splits, split, cut.config)
+    tokens = _split_or_error(
+        dataset.splits, split, cut.config, f"the run of {cut.path}" if cut.other_run else "the run"
+    )
     return (
         tokens,
         f"{dataset.path} [{split}{f' as {cut.path} cuts it' if cut.other_run else ''}]",
@@ -733,14 +749,14 @@ def _corpus_file_of_run(run_dir: Path) -> Path | None:
         return None
 
 
-def _split_or_error(splits: Splits, split: str, config: Config) -> torch.Tensor:
+def _split_or_error(splits: Splits, split: str, config: Config, run: str = "the run") -> torch.Tensor:
     tokens = splits.get(split)
     if len(tokens) < MIN_EVAL_TOKENS:
         key = {"val": "data.val_fraction", "test": "data.test_fraction"}.get(split, "data.max_tokens")
         held = (
-            f"the run has no {split} split"
+            f"{run} has no {split} split"
             if not len(tokens)  # a share that rounds to a single token is there, but cannot be scored
-            else f"the run's {split} split is {len(tokens)} token, too few to evaluate (one is read, the "
+            else f"{run}'s {split} split is {len(tokens)} token, too few to evaluate (one is read, the "
             f"next predicted: {MIN_EVAL_TOKENS} at least)"
         )
         raise DrnnError(

@@ -596,6 +596,27 @@ def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> s
     )
 
 
+def trained_on_split_note(scored: Path, config: Config, dataset: Dataset, split: str) -> str | None:
+    """``drnn eval --splits-of RUN --split val|test`` of a checkpoint that (or whose base) trained on this
+    same text, cut its own way: the split's tokens it trained on make its figure optimistic, which the
+    other run's counts cannot say (review recheck38: a base trained on all of a fine-tuned run's
+    validation split was scored on it without a word). None where none of them trained on them."""
+    if split not in ("val", "test"):
+        return None
+    span = dataset.splits.span(split)
+    most = _base_sharing_most(str(scored.resolve()), config, dataset, span)
+    if most is None:
+        return None
+    shared, label, followed = most
+    size = span[1] - span[0]
+    whose = "the checkpoint scored" if followed == 1 else "a run the checkpoint scored was fine-tuned from"
+    return (
+        f"{shared:,} of the {size:,} {SPLIT_WORDS[split]} tokens ({percent(shared / size)}) "
+        f"{'is' if shared == 1 else 'are'} in the training split of {label} ({whose}) on this same text: this "
+        "perplexity is optimistic"
+    )
+
+
 def _base_sharing_most(
     label: str | None, config: Config, dataset: Dataset, span: tuple[int, int]
 ) -> tuple[int, str, int] | None:

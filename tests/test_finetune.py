@@ -121,6 +121,24 @@ def test_a_base_model_is_scored_on_its_fine_tuned_runs_test_split_as_that_run_cu
         == base["perplexity"]
     )
     assert base["perplexity"] > own["perplexity"]  # the fine-tuning helped
+    # the other run's training split says nothing of the base's: not counted against it
+    assert (base["unseen_in_training"], base["seen_perplexity"]) == (None, None)
+    assert (own["unseen_in_training"], own["seen_perplexity"]) == (0, own["perplexity"])
+    # the split is the other run's, so it is named: its default (val, else train) would be that run's
+    code, _, err = cli("eval", "--run", "runs/base", "--splits-of", "runs/tuned")
+    assert (code, err.strip()) == (
+        2,
+        "drnn: error: --splits-of reads a split of another run's text: name it with --split val or test",
+    )
+    # a split of the text the base trained on, cut another way: what the base trained on is said
+    halves = config_for(tmp_path, first, "halves", train={"epochs": 1}, data={"val_fraction": 0.5})
+    train_run(TrainRequest(halves))
+    code, _, err = cli("eval", "--run", "runs/base", "--splits-of", "runs/halves", "--split", "val")
+    base_checkpoint = Path("runs/base/last.safetensors").resolve()
+    assert code == 0 and err.strip() == (  # the base trained on 80% of 2,700: 2,160; the halves' val 1,350
+        f"note: 810 of the 1,350 validation tokens (60%) are in the training split of {base_checkpoint} (the "
+        "checkpoint scored) on this same text: this perplexity is optimistic"
+    ), err
     # another vocabulary cannot be scored token for token: refused, naming --data
     other = tmp_path / "other.txt"
     other.write_text("0123456789 " * 200)

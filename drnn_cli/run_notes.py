@@ -33,6 +33,9 @@ ONE_HOT_VOCAB_NOTED = 1024
 # A vocabulary this large, most of whose tokens the text holds fewer than RARE_COUNT times, is worth a
 # note naming data.min_freq: each such token is an output row the model sees too seldom to learn
 RARE_COUNT = 3
+# The share of a cosine schedule's steps that train.max_time must leave unreached for a note (a cut near
+# the end leaves the rate near min_lr)
+UNANNEALED_SHARE = 0.8
 # More kept checkpoints than this in a planned run are worth a note: their count and their disk
 KEPT_FILES_NOTED = 100
 
@@ -455,6 +458,23 @@ def unannealed_note(
     fits = resumed_at + _two_figures((reach - resumed_at) * 0.9)
     return said + (
         f"for the rate to anneal within this session's time, stop it (the run is at step {resumed_at:,}) and "
+        f'--resume --set train.max_steps={fits} (README "Long runs")'
+    )
+
+
+def unannealed_end_note(
+    train: TrainConfig, step: int, session_steps: int, length: PlannedLength, rate: float
+) -> str | None:
+    """A session ``train.max_time`` ended at ``step``, ``session_steps`` in, short of where a cosine schedule
+    of ``length.steps`` anneals, its rate still ``rate``: the step budget with which a next session of the
+    same time anneals (the note said as the pace showed counts from where the session stood then, and is
+    behind the run once the session has run on: review recheck38). None where the schedule has annealed."""
+    if train.schedule != "cosine" or step >= UNANNEALED_SHARE * length.steps or not session_steps:
+        return None
+    fits = step + _two_figures(session_steps * 0.9)  # room for a pace that slows
+    return (
+        f"train.max_time ended this session at step {step:,} of the {length.steps:,} its cosine schedule spans, "
+        f"the rate still {rate:.3g} of its {train.lr:g}: for the next session of the same time to anneal, "
         f'--resume --set train.max_steps={fits} (README "Long runs")'
     )
 

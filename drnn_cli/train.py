@@ -68,6 +68,7 @@ from drnn_cli.report import (
 )
 from drnn_cli.run_files import BEST, LAST, RunFiles, kept_name
 from drnn_cli.run_notes import (
+    UNANNEALED_SHARE,
     blank_samples_note,
     data_notes,
     nothing_left,
@@ -76,6 +77,7 @@ from drnn_cli.run_notes import (
     own_text_notes,
     planned_length_notes,
     run_scored_unknown_note,
+    unannealed_end_note,
     unannealed_note,
 )
 from drnn_cli.runtime import (
@@ -108,11 +110,6 @@ from drnn_cli.trainer_checkpoint import (
     restore_training,
 )
 from drnn_cli.trainer_state import EpochProgress, UnusableTrainerState, gather_ranks
-
-# _note_unannealed: the share of the schedule's steps that max_time must leave unreached for the note
-# (a cut near the end leaves the rate near min_lr)
-UNANNEALED_SHARE = 0.8
-
 
 # ---------------------------------------------------------------------------------------------
 # The trainer
@@ -1265,6 +1262,13 @@ class Trainer:
             )
         if (scored := run_scored_unknown_note(self.dataset, self.config.train.eval_tokens)) is not None:
             notes.append(scored)  # beside the perplexities it qualifies: the start's note scrolled by
+        if stop_reason == "max_time":  # the note said as the pace showed counts from where the session stood
+            epoch = int(self.global_step / self.length.steps_per_epoch)
+            rate = self._rate_at(epoch, self.global_step)
+            session_steps = self.global_step - self._first_step
+            end = unannealed_end_note(self.config.train, self.global_step, session_steps, self.length, rate)
+            if end is not None:
+                notes.append(end)
         session_ppls = [
             r.train_ppl for r in self.records if r.step > self._first_step and r.train_ppl is not None
         ]

@@ -1600,6 +1600,23 @@ def test_a_resumed_sessions_time_budget_note_counts_the_steps_that_fit_from_wher
     )  # two figures of the 90 steps left, not of the run's 52,100 (52,000: behind the run)
 
 
+def test_a_session_max_time_ended_short_of_annealing_says_the_step_budget_for_the_next(workdir: Path):
+    """The note said as a session's pace shows counts from the step it stands at then: read after the
+    session ran on to its end, its max_steps was behind the run, and --resume with it trained nothing
+    (review recheck38). At the end of a session max_time stopped, a note gives the next one's."""
+    trainer = _trainer_at_step_10(workdir, "train.schedule=cosine", "train.epochs=50", "train.max_time=60")
+    trainer.global_step, trainer._first_step = 120, 20  # 100 steps this session, of the 950 the cosine spans
+    rate = 0.01 * 0.5 * (1 + math.cos(math.pi * 6 / 50))  # step 120 is in epoch 6 (19 steps an epoch)
+    assert trainer._closing_notes("max_time")[0] == (
+        f"train.max_time ended this session at step 120 of the 950 its cosine schedule spans, the rate still "
+        f"{rate:.3g} of its 0.01: for the next session of the same time to anneal, --resume --set "
+        'train.max_steps=210 (README "Long runs")'
+    )  # 120 + 90% of the 100 steps the time took
+    assert not [note for note in trainer._closing_notes("epochs") if "max_time" in note]
+    trainer.global_step = 800  # past 80% of the schedule: near annealed
+    assert not [note for note in trainer._closing_notes("max_time") if "max_time" in note]
+
+
 def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_sessions_paces(workdir: Path):
     """The bar's time left was the step pace, or the wall clock divided by the steps done, and rich's
     epoch pace: on a 20 MB text it said 0:03 through a validation of 70 s, then 0:09 with a whole

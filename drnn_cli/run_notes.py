@@ -301,7 +301,7 @@ def rare_tokens_note(vocab: Vocab, min_freq: int, token: str) -> str | None:
         f"{len(rare):,} of the vocabulary's {len(vocab):,} {token}s occur fewer than {RARE_COUNT} times in the "
         f"text: each is an output the model sees too seldom to learn; data.min_freq {RARE_COUNT} maps them "
         f"to <unk> ({percent(share)} of the text), leaving a vocabulary of {kept:,}, and an output layer "
-        f"{len(vocab) / max(1, kept):.3g} times smaller to compute at every step"
+        f"{_times(len(vocab) / max(1, kept))} times smaller to compute at every step"
     )
 
 
@@ -477,6 +477,12 @@ def unannealed_end_note(
         f"the rate still {rate:.3g} of its {train.lr:g}: for the next session of the same time to anneal, "
         f'--resume --set train.max_steps={fits} (README "Long runs")'
     )
+
+
+def _times(ratio: float) -> str:
+    """A ratio as a reader takes it in: three figures (52.7), or a whole number past 100 (1,250, not
+    ``1.25e+03``)."""
+    return f"{ratio:,.0f}" if ratio >= 100 else f"{ratio:.3g}"
 
 
 def _two_figures(value: float) -> int:

@@ -46,6 +46,7 @@ import filelock
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_file
 from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_ENTRY_NAMES, RUN_MARKER, RunFiles
+from drnn_cli.signals import signals_ignored
 
 DEFAULT_RUNS_ROOT = Path("runs")  # relative: resolved against the working directory when used
 LOCK_PATIENCE_SECONDS = 0.25  # how long a training waits for a run's lock before it is refused
@@ -185,24 +186,27 @@ def discard(directory: Path) -> None:
 
 
 def swap_in(staging: Path, run_dir: Path) -> None:
-    """Replace ``run_dir`` by ``staging``: two renames; the old run is deleted only after both. A failure
-    or a signal's exception between them (a Ctrl-C as an --overwrite's stop is reported) puts the old run
-    back: ``run_dir`` is never left missing."""
+    """Replace ``run_dir`` by ``staging``: two renames; the old run is deleted only after both. It ends a
+    session whose outcome stands, so Ctrl-C and SIGTERM are ignored throughout (a press between the renames
+    cut the session's report short; one during the deletion left half of the old run behind), and any
+    other exception between the renames puts the old run back: ``run_dir`` is never left missing."""
     retired = run_dir.parent / f".{run_dir.name}.replaced-{os.getpid()}"
-    try:
-        os.replace(run_dir, retired)
-        os.replace(staging, run_dir)
-    except BaseException as error:
-        if retired.exists() and not run_dir.exists():
-            os.replace(retired, run_dir)  # put the old run back where it was
-        elif retired.exists() and not staging.exists():
-            discard(retired)  # the swap was done: the old run is not left behind under its hidden name
-        if isinstance(error, OSError):
-            raise DrnnError(
-                f"cannot put the new run in place of {run_dir} ({error.strerror}); the new run is in {staging}"
-            ) from None
-        raise
-    discard(retired)
+    with signals_ignored():
+        try:
+            os.replace(run_dir, retired)
+            os.replace(staging, run_dir)
+        except BaseException as error:
+            if retired.exists() and not run_dir.exists():
+                os.replace(retired, run_dir)  # put the old run back where it was
+            elif retired.exists() and not staging.exists():
+                discard(retired)  # the swap was done: the old run is not left behind under its hidden name
+            if isinstance(error, OSError):
+                raise DrnnError(
+                    f"cannot put the new run in place of {run_dir} ({error.strerror}); the new run is in "
+                    f"{staging}"
+                ) from None
+            raise
+        discard(retired)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from drnn_cli.rundir import (
     swap_in,
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
-from drnn_cli.signals import Signalled, signals_ignored
+from drnn_cli.signals import Signalled
 from drnn_cli.start_point import (
     StartPoint,
     check_max_unknown,
@@ -272,8 +272,7 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
                 replace(error.stopped, run_dir=run_dir, checkpoint=None, validation_pending=False),
             ) from None
         if dist.is_main:  # ...after the new run's first checkpoint: that run is the one to resume
-            with signals_ignored():  # the session's outcome stands: what is left is to say it
-                swap_in(staging, target)
+            swap_in(staging, target)
         if not isinstance(error, DrnnError):
             raise
         message = str(error).replace(str(staging), str(run_dir))
@@ -287,8 +286,7 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
         if dist.is_main and staging.exists() and holds_run(target) and not holds_run(staging):
             discard(staging)
     if dist.is_main:
-        with signals_ignored():  # the run is done: a press now would only cut its report short
-            swap_in(staging, target)
+        swap_in(staging, target)
     return replace(result, run_dir=run_dir)
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from drnn_cli import __version__
@@ -330,7 +331,13 @@ def runs_command(
             f"no runs in {shown} (drnn train --config quick trains one into runs/quick)", soft_wrap=True
         )
     else:
-        out.print(_runs_table(runs, folder, out.width >= WIDE_PRESETS_TABLE, differing, sort.value))
+        wide = out.width >= WIDE_PRESETS_TABLE
+        # the first layout that fits: names and texts whole; a long text's name folded; names folded too
+        for names_whole, texts_whole in ((True, True), (True, False), (False, False)):
+            table = _runs_table(runs, folder, wide, differing, sort.value, names_whole, texts_whole)
+            if Measurement.get(out, out.options, table).minimum <= out.width:
+                break
+        out.print(table)
         for run in runs:
             for said in run.notes():
                 print_note(out, f"{run.run_dir}: {said}")
@@ -338,12 +345,23 @@ def runs_command(
         emit_json({"folder": str(folder.absolute()), "runs": [run.summary(differing) for run in runs]})
 
 
-def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: list[str], order: str) -> Table:
+def _runs_table(
+    runs: list[RunSummary],
+    folder: Path,
+    wide: bool,
+    differing: list[str],
+    order: str,
+    names_whole: bool,
+    texts_whole: bool,
+) -> Table:
     """``drnn runs``'s table. 80 columns hold the run, its model over its text, its progress over its
     state, its best validation and when it last wrote; from WIDE_PRESETS_TABLE columns (as presets'
     figures) each has its own column, with the training time and the holder of a training's lock.
     Where the runs differ in at most DIFFERENCES_SHOWN other settings (a sweep's), each run's are written
-    under its text, or in their own column, as ``--set`` takes them; where in more, a caption counts them."""
+    under its name, or in their own column, as ``--set`` takes them; where in more, a caption counts them.
+    ``names_whole`` keeps names (and settings) up to RUN_NAME_WHOLE_WIDTH whole; ``texts_whole`` keeps
+    each line of the model and text whole at 80 columns: rich narrows the widest columns alike, and
+    "timemachine.txt" folded beside a whole name. The caller drops them where the table cannot fit."""
     from drnn_cli.run_list import as_set
 
     # a sweep's few varied settings say what each run is; two presets' dozens would bury the table
@@ -355,14 +373,19 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
     title = f"runs in {terminal_safe(str(folder), keep='')}, {ordered}"
     table = Table(title=title, caption="\n".join(captions) or None)
     # names stay whole where they are short; a long one (an absolute path) folds: whole, it left the
-    # other columns no room
-    whole = max(len(str(run.run_dir)) for run in runs) + 2 <= RUN_NAME_WHOLE_WIDTH  # with its " ★"
+    # other columns no room. At 80 columns a run's settings are written under its name, which they
+    # name too ("train.lr=0.5"), and stay whole with it: under its text, beside a name kept whole,
+    # "train.max_time=600" folded mid-token at 80 columns
+    widest = max(len(str(run.run_dir)) for run in runs) + 2  # with its " ★"
+    if not wide and shown:
+        widest = max(widest, *(len(as_set(k, v)) for run in runs for k, v in run.differs(shown).items()))
+    whole = names_whole and widest <= RUN_NAME_WHOLE_WIDTH
     table.add_column("run", overflow="fold", no_wrap=whole)
     if wide:
         for name, justify in (("model", "left"), ("text", "left"), ("trained", "right"), ("time", "right")):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
     else:
-        table.add_column("model, text", overflow="fold")  # and the settings the runs differ in
+        table.add_column("model, text", overflow="fold", no_wrap=texts_whole)
         table.add_column("trained, state", justify="right")
     table.add_column("best val", justify="right", no_wrap=True)
     if wide:
@@ -380,6 +403,8 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
         name = terminal_safe(str(run.run_dir), keep="") + (
             (" ★" if wide else "\n★ latest") if run.latest else ""
         )
+        if not wide:
+            name = "\n".join([name, *differs])
         shown_best = format_perplexity(best, 4) if best is not None else _no_best(run)
         if wide:
             cells = [
@@ -392,7 +417,7 @@ def _runs_table(runs: list[RunSummary], folder: Path, wide: bool, differing: lis
                 run.shown_state(),
             ]
         else:
-            model = "\n".join(filter(None, [run.model(), text, tuned, *differs]))
+            model = "\n".join(filter(None, [run.model(), text, tuned]))
             cells = [
                 name,
                 model,

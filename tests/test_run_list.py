@@ -96,8 +96,8 @@ def test_runs_lists_each_run_newest_first_with_its_progress_and_state(three_runs
 
 
 def test_the_table_fits_80_columns_and_says_what_json_says(three_runs: Path, cli, monkeypatch):
-    """At 80 columns a run is its model over its text over the setting the runs differ in (the budget of
-    runs/sweep/cut: a sweep's lr or seed), its progress over its state; the names stay whole."""
+    """At 80 columns a run is its name over the setting the runs differ in (the budget of runs/sweep/cut:
+    a sweep's lr or seed), its model over its text, its progress over its state; the names stay whole."""
     monkeypatch.setenv("COLUMNS", "80")
     code, out, err = cli("runs")
     assert code == 0, err
@@ -109,17 +109,48 @@ def test_the_table_fits_80_columns_and_says_what_json_says(three_runs: Path, cli
     best = [f"{run['best_val_ppl']:.4f}" for run in listed]
     written = [run["updated"][11:16] for run in listed]  # today's: the time alone
     assert _rows(lines) == [
-        ["runs/sweep/steps6★latest", "lstm2×32timemachinetrain.max_time=0", "6/6stepsfinished", best[0], written[0]],
-        ["runs/sweep/cut", "lstm2×32timemachinetrain.max_time=1e-06", "0/4epochs+1stepsresumable(max_time)", best[1], written[1]],
-        ["runs/tiny", "lstm2×32timemachinetrain.max_time=0", "4/4epochsfinished", best[2], written[2]],
+        ["runs/sweep/steps6★latesttrain.max_time=0", "lstm2×32timemachine", "6/6stepsfinished", best[0], written[0]],
+        ["runs/sweep/cuttrain.max_time=1e-06", "lstm2×32timemachine", "0/4epochs+1stepsresumable(max_time)", best[1], written[1]],
+        ["runs/tinytrain.max_time=0", "lstm2×32timemachine", "4/4epochsfinished", best[2], written[2]],
     ]  # fmt: skip
     names = [line.split("│")[1].strip() for line in lines if line.startswith("│ runs/")]
     assert names == ["runs/sweep/steps6", "runs/sweep/cut", "runs/tiny"]  # whole: the other cells wrap
+    settings = [line.split("│")[1].strip() for line in lines if line.startswith("│ train.")]
+    assert settings == [
+        "train.max_time=0",
+        "train.max_time=1e-06",
+        "train.max_time=0",
+    ]  # whole, as --set takes
     assert [run["differs"] for run in listed] == [
         {"train.max_time": 0.0},
         {"train.max_time": 1e-06},
         {"train.max_time": 0.0},
     ]
+
+
+def test_at_80_columns_a_long_name_and_a_long_setting_both_stay_whole(workdir: Path, cli, monkeypatch):
+    """Names of 24 characters and a setting of 25: under the model's text, beside the whole name, the
+    setting folded mid-token ("model.output_dropout=0." over "05"), and rich's even narrowing folded the
+    text's name; written under the run's name, every cell line is whole and the table 80 wide."""
+    config = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
+    for name, dropout in (("a", 0.05), ("b", 0.25)):
+        run = f"runs/sweep-with-a-name/{name}"
+        code, _, err = cli("train", "--config", config, "--run", run, f"--set=model.output_dropout={dropout}")
+        assert code == 0, err
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = cli("runs", "runs/sweep-with-a-name", "--sort", "name")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) == 80, out
+    first_cells = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    assert [cell for cell in first_cells if cell.startswith(("runs/", "model."))] == [
+        "runs/sweep-with-a-name/a",
+        "model.output_dropout=0.05",
+        "runs/sweep-with-a-name/b",
+        "model.output_dropout=0.25",
+    ]
+    texts = [line.split("│")[2].strip() for line in lines if line.startswith("│")]
+    assert texts.count("timemachine") == 2  # the text's name, whole on its line
 
 
 def test_a_sweep_names_what_it_varied_and_runs_that_differ_in_much_are_counted(workdir: Path, cli):
@@ -482,15 +513,16 @@ def test_at_80_columns_a_long_name_folds_and_leaves_the_other_columns_their_room
     code, out, err = cli("runs", str(deep / "runs"))
     assert code == 0 and max(len(line) for line in out.splitlines()) <= 80, err
     rows = _rows(out.splitlines())
-    assert [row[0] for row in rows] == [
-        str(deep / "runs" / name) for name in ("sweep/steps6", "sweep/cut", "tiny")
+    assert [row[0] for row in rows] == [  # each name folded, over its setting
+        str(deep / "runs" / name) + f"train.max_time={time}"
+        for name, time in (("sweep/steps6", "0"), ("sweep/cut", "1e-06"), ("tiny", "0"))
     ]
     assert [row[2] for row in rows] == [
         "6/6stepsfinished",
         "0/4epochs+1stepsresumable(max_time)",
         "4/4epochsfinished",
     ]
-    assert all(row[1].startswith("lstm2×32timemachine") for row in rows)
+    assert [row[1] for row in rows] == ["lstm2×32timemachine"] * 3
 
 
 def test_a_corrupt_best_leaves_no_figure_eval_could_not_reproduce(three_runs: Path, cli):

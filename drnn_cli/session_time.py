@@ -123,6 +123,37 @@ class PaceOrigin:
 
 
 @dataclass
+class EpochClock:
+    """An epoch's training seconds: the clock's reading at its start (less the seconds trained before a
+    resumed checkpoint), moved on past each pause, since a boundary's validation and checkpoint are not
+    training time. Read live by a second Ctrl-C, which ends a run between boundaries: the seconds kept at
+    the last boundary left the session's training short by all the steps since (minutes, on a long run)."""
+
+    started: float
+    paused_at: float | None = None
+
+    @classmethod
+    def stopped(cls, seconds: float) -> EpochClock:
+        """A clock at ``seconds`` that no longer runs: a stopped epoch's, whose seconds its checkpoint holds."""
+        return cls(started=0.0, paused_at=seconds)
+
+    def seconds(self, now: float) -> float:
+        """The epoch's training seconds at ``now`` (those up to its pause, while paused)."""
+        return (now if self.paused_at is None else self.paused_at) - self.started
+
+    def pause(self, now: float) -> float:
+        """Stops the clock at ``now``; returns the epoch's training seconds so far."""
+        self.paused_at = now
+        return now - self.started
+
+    def resume(self, now: float) -> None:
+        """Runs on from ``now``: the seconds since the pause are not the epoch's."""
+        if self.paused_at is not None:
+            self.started += now - self.paused_at
+            self.paused_at = None
+
+
+@dataclass
 class SessionTime:
     """A session's wall clock from its start, and the seconds it spent validating and writing
     checkpoints, and how many of each."""

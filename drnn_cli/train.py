@@ -89,6 +89,7 @@ from drnn_cli.runtime import (
     wait_for_every_rank,
 )
 from drnn_cli.session_time import (
+    EpochClock,
     RunPlan,
     SessionSeconds,
     SessionTime,
@@ -230,8 +231,8 @@ class Trainer:
         self._steps_per_epoch = 0
         self.stopped_mid_epoch: StopReason | None = None
         self.trained_epoch: EpochProgress | None = None  # the last epoch trained, as at its last step
-        # the epoch under way, until its training seconds are the run's elapsed (a stop's seconds count it)
-        self._epoch_in_progress: EpochProgress | None = None
+        # the training seconds of the epoch under way, until they are the run's elapsed (a stop's count them)
+        self._epoch_clock: EpochClock | None = None
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
         # read before restoring, which takes this rank's part of a mid-epoch checkpoint
         digest = header_digest(resume) if resume is not None and self.dist.enabled else 0.0
@@ -502,7 +503,7 @@ class Trainer:
         self._set_lr(epoch)
         batches = self._batches(epoch)
         progress, self.progress = self.progress, EpochProgress.start(self.device)
-        self._epoch_in_progress = progress
+        self._epoch_clock = EpochClock.stopped(progress.elapsed)  # until its steps start, below
         carries_state = self.static_step.carries_state
         self.static_step.begin_epoch(
             progress.state if carries_state else None,
@@ -513,13 +514,14 @@ class Trainer:
         if self.dist.enabled and progress.step == 0:
             # One dropout stream per rank and epoch: ranks must not apply the same masks to their rows.
             torch.manual_seed(epoch_seed(self.config.train.seed, epoch) * 1_009 + self.dist.rank)
-        started = self._training_clock() - progress.elapsed
         shown = 0.0  # the bar's step count and budget, shown at an epoch's first step and every 0.5 s
         self.model.train()
         # resuming mid-epoch: the minibatches before progress.step were trained before the stop
         targets = self.static_step.targets.numel()
         if progress.boundary_pending:  # a signal cut this step's boundary short: it comes first
-            started += self._replay_cut_boundary(epoch, progress, len(batches))
+            self._replay_cut_boundary(epoch, progress, len(batches))
+        # evaluating is not training time: the clock runs from here, and pauses at each boundary
+        clock = self._epoch_clock = EpochClock(started=self._training_clock() - progress.elapsed)
         remaining = batches.windows_from(progress.step) if self.stopped_mid_epoch is None else iter(())
         for step, window in enumerate(remaining, start=progress.step):
             if lr_per_step:
@@ -539,10 +541,9 @@ class Trainer:
             stop = self._budget_reached()
             if progress.step < len(batches) and (stop or self.cadence.due_at_step(self.global_step)):
                 # A boundary inside the epoch; the epoch's last step is handled by fit at its end.
-                self._keep_place(progress, self._training_clock() - started)
-                paused = time.perf_counter()
+                self._keep_place(progress, clock.pause(self._training_clock()))
                 stop = self._inside_epoch(epoch, progress, len(batches), stop)
-                started += self._training_clock() - paused  # evaluating is not training time
+                clock.resume(self._training_clock())
                 if stop is not None:
                     self.stopped_mid_epoch = stop
                     if self.stops.pending:  # after the stop's validation: its checkpoint is written
@@ -554,19 +555,19 @@ class Trainer:
             if progress.step < len(batches) and self._stop_requested(progress.step):
                 # A NaN on any process ends the run: nothing non-finite is saved.
                 self._totals(epoch, progress)
-                self._keep_place(progress, self._training_clock() - started)
+                self._keep_place(progress, clock.pause(self._training_clock()))
                 self._interrupt(epoch, progress)
             now = time.monotonic()
             if now - shown >= 0.5:
                 shown = now
-                self.reporter.step(self._step_status(epoch, progress, len(batches), started))
+                self.reporter.step(self._step_status(epoch, progress, len(batches), clock))
                 self._note_unannealed()
         # A mid-epoch stop was timed and logged at its boundary: the run's summary repeats that
         # metrics line's tokens/s rather than a second reading of the clock taken after validating.
-        seconds = progress.elapsed if self.stopped_mid_epoch else self._training_clock() - started
+        seconds = progress.elapsed if self.stopped_mid_epoch else clock.seconds(self._training_clock())
         loss_sum, count = self._totals(epoch, progress)
         self.elapsed += seconds  # seconds includes the part trained before a mid-epoch stop
-        self._epoch_in_progress = None
+        self._epoch_clock = None
         if self.stopped_mid_epoch is None:  # a signal during the epoch end's validation checkpoints this
             self._keep_place(progress, seconds)
             self.trained_epoch = progress
@@ -587,18 +588,17 @@ class Trainer:
         self.budget.start()
         self.stop_votes.restart_pace(self.global_step)
 
-    def _replay_cut_boundary(self, epoch: int, progress: EpochProgress, steps_in_epoch: int) -> float:
+    def _replay_cut_boundary(self, epoch: int, progress: EpochProgress, steps_in_epoch: int) -> None:
         """The step boundary a signal cut short before this resume, run before the epoch's next step:
         it validates as it was to (a time budget's final validation too: the resumed clock starts anew),
         and where ``train.epochs`` is now below this epoch the run ends at it. At the epoch's last step
         the boundary is the epoch's end, which fit runs (its ``boundary_pending`` left set for fit to read
-        in ``trained_epoch``). Returns the seconds it took: evaluating is not training time."""
+        in ``trained_epoch``)."""
         if lr_changes_every_step(self.config.train):  # its line and checkpoint hold its step's rate
             self._set_lr(epoch, self.global_step - 1)
         if progress.step == steps_in_epoch:
-            return 0.0
+            return
         progress.boundary_pending = False
-        paused = self._training_clock()
         over: StopReason | None = "epochs" if epoch >= self.config.train.epochs else None
         self.stopped_mid_epoch = self._inside_epoch(
             epoch, progress, steps_in_epoch, self._budget_reached() or over, validates=True
@@ -608,16 +608,15 @@ class Trainer:
         # the boundary ended the session before this one (a max_time stop's final validation, say):
         # this session's time budget starts after it (its seconds are this session's all the same)
         self._training_starts()
-        return self._training_clock() - paused
 
     def _step_status(
-        self, epoch: int, progress: EpochProgress, steps_in_epoch: int, started: float
+        self, epoch: int, progress: EpochProgress, steps_in_epoch: int, clock: EpochClock
     ) -> StepStatus:
         """The bar's figures between log lines, read without waiting for the device: tokens/s by the
         host's clock (a GPU's queue runs a little behind it), and on a CPU, where the tally is
         already there, the training perplexity since the last line (NaN once a loss was; not under
         torchrun, whose tally is the ranks' summed at boundaries)."""
-        seconds = time.perf_counter() - started
+        seconds = clock.seconds(time.perf_counter())
         tokens_per_s = progress.count * self.dist.world_size / seconds if seconds > 0 else None
         train_ppl = None
         readable = self.device.type == "cpu" and not self.dist.enabled
@@ -874,7 +873,8 @@ class Trainer:
         """Checkpoint where a signal stopped the run and raise :class:`TrainingInterrupted`.
         ``starting_validation_cut``: the signal cut a fine-tuning run's validation of its starting weights
         short (which ``--resume`` runs first, as a step boundary's)."""
-        self._epoch_in_progress = progress  # its seconds, should a second signal end the run at once
+        # its seconds, should a second signal end the run at once
+        self._epoch_clock = EpochClock.stopped(progress.elapsed if progress else 0.0)
         self._save(LAST, epoch, progress)
         # Written (rank 0), or being written: a signal now changes nothing, the wait below included (a
         # handler runs at the first instruction after the barrier returns).
@@ -900,7 +900,7 @@ class Trainer:
                 start_step=self._first_step,
                 checkpoint=self.run_dir / LAST,
                 validation_pending=pending,
-                seconds=self._session_seconds(progress),
+                seconds=self._session_seconds(progress.elapsed if progress else 0.0),
             ),
         )
 
@@ -1061,7 +1061,7 @@ class Trainer:
                     again.name,
                     began_at=self.began_at,
                     first_step=self._first_step,
-                    seconds=self._session_seconds(self._epoch_in_progress),
+                    seconds=self._session_seconds(self._epoch_seconds()),
                     epochs_done=self._epochs_done,
                 )
                 # a double Ctrl-C's bare "interrupted" line did not say it could be resumed (learner34);
@@ -1282,10 +1282,15 @@ class Trainer:
             )
         return notes
 
-    def _session_seconds(self, progress: EpochProgress | None = None) -> SessionSeconds:
-        """Where this session's wall clock went; ``progress``: the epoch a stop cut, whose training
-        seconds are not yet the run's ``elapsed``."""
-        trained = self.elapsed + (progress.elapsed if progress is not None else 0.0)
+    def _epoch_seconds(self) -> float:
+        """The training seconds of the epoch under way, not yet the run's ``elapsed``: up to now where a
+        second signal cut it between boundaries, to its stop where a first signal's checkpoint holds it."""
+        return 0.0 if self._epoch_clock is None else self._epoch_clock.seconds(time.perf_counter())
+
+    def _session_seconds(self, epoch_seconds: float = 0.0) -> SessionSeconds:
+        """Where this session's wall clock went; ``epoch_seconds``: those of an epoch a stop cut, not yet
+        the run's ``elapsed``."""
+        trained = self.elapsed + epoch_seconds
         return SessionSeconds(
             session=self.session_time.elapsed(),
             training=trained - self._session_start_elapsed,

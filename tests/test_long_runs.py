@@ -1736,6 +1736,31 @@ def test_a_session_says_where_its_time_went_checkpoint_writes_and_validations_ap
     assert f"│ training / validating / checkpoints / rest │ {shown}" in err, err
 
 
+def test_a_second_ctrl_c_between_boundaries_counts_the_session_training_up_to_it(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Pressed twice inside an epoch with no boundary since its start, a training ends at once; its
+    --json said 0.0 s of training (the epoch's seconds as its last boundary kept them), however many
+    steps had run. The epoch's clock is read as the second press arrives: ten steps of 50 ms."""
+    call = StaticStep.__call__
+    steps = []
+
+    def slow_step(self: StaticStep, window: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        steps.append(True)
+        if len(steps) == 10:  # Ctrl-C, then Ctrl-C again before the step's end is checked
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return call(self, window)
+
+    monkeypatch.setattr(StaticStep, "__call__", slow_step)
+    code, out, err = cli("train", "--config", str(write_config(workdir)), "--json")
+    assert code == 130, err
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["checkpoint"] is None and stopped["steps"] == 0  # nothing kept: the run starts over
+    assert 0.5 <= stopped["seconds"]["training"] <= stopped["seconds"]["session"]
+
+
 def test_a_step_budgets_last_line_reaches_the_span_its_first_line_counts_out_of(workdir: Path):
     """1,610 tokens in rows of 8 × 10 make epochs of 19 or 20 steps as sequential sampling's offset falls
     (19, 20, 20, 20 with seed 0; 19.91 on average): 66 steps end 7 steps into the fourth epoch, 3.35, where

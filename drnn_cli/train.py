@@ -33,7 +33,7 @@ from drnn_cli.batches import (
 )
 from drnn_cli.budget import Budget, Cadence, Cadences, StopReason
 from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
-from drnn_cli.config import Config, load_config
+from drnn_cli.config import Config, TrainConfig, load_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import greedy_samples
 from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged, TrainingInterrupted
@@ -100,6 +100,7 @@ from drnn_cli.session_time import (
     shown_pace,
 )
 from drnn_cli.signals import Signalled, StopRequests
+from drnn_cli.start_point import StartPoint
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
 from drnn_cli.stop_left import how_to_continue, kept_checkpoints, left_by_signal, stopped_at_once
 from drnn_cli.stop_votes import StopVotes
@@ -111,6 +112,44 @@ from drnn_cli.trainer_checkpoint import (
     restore_training,
 )
 from drnn_cli.trainer_state import EpochProgress, UnusableTrainerState, gather_ranks
+
+
+def check_can_train(
+    config: Config, dataset: Dataset, world_size: int, device: torch.device, resuming: bool
+) -> None:
+    """Refuses, in one line, a text too short for the batch shape and a precision the device lacks."""
+    data = config.data
+    check_trainable(
+        len(dataset.splits.train),
+        data.batch_size,
+        data.num_steps,
+        world_size,
+        dataset.capped,
+        resuming=resuming,
+    )
+    if config.train.precision == "fp16" and device.type == "cpu":
+        raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
+
+
+def trained_model(
+    config: Config, vocab_size: int, device: torch.device, init_from: Checkpoint | None
+) -> RNNLanguageModel:
+    """The model to train, on ``device``, with a fine-tuning run's starting weights; its precision and
+    a fused launch plan checked now rather than in the first step, after the run's files are written."""
+    model = build_model(vocab_size, config.model, seed=config.train.seed)
+    model.to(device)
+    check_precision_works(model, device, config.train.precision)
+    shape = config.model
+    if shape.impl == "fused" and fused_recurrence.can_run(device):
+        # DRNN_FUSED_LAUNCH's errors; validation's whole data.batch_size makes the most programs of any
+        # launch in the run
+        fused_recurrence.plan_for(
+            device, config.data.batch_size, shape.hidden_size, shape.num_layers, shape.cell
+        )
+    if init_from is not None:
+        model.load_state_dict(init_from.model_state)
+    return model
+
 
 # ---------------------------------------------------------------------------------------------
 # The trainer
@@ -128,21 +167,19 @@ class Trainer:
 
     def __init__(
         self,
-        config: Config,
+        start: StartPoint,
         dataset: Dataset,
         run_dir: Path,
         device: torch.device,
         reporter: Reporter | None = None,
         dist: DistContext | None = None,
-        resume: Checkpoint | None = None,
-        init_from: Checkpoint | None = None,
-        init_from_label: str | None = None,
-        best_kept: float | None = None,
-        best_restarts: bool = False,
         resume_advice: str | None = None,
         on_first_checkpoint: Callable[[], None] | None = None,
     ) -> None:
-        self.config = config
+        """``start``: the config, and the checkpoint a session resumes or the weights it is fine-tuned
+        from. Everything that can refuse the start does so here, before a file is written."""
+        config = self.config = start.config
+        resume = start.resume
         # how the user continues an interrupted session (an --overwrite's session says how it was started)
         self.resume_advice = resume_advice or how_to_continue(resume=resume is not None, overwrite=False)
         # called once the run's first checkpoint is on disk (the session marks the run as the latest)
@@ -154,31 +191,10 @@ class Trainer:
         self.dist = dist or DistContext()
         self.shard = Shard(self.dist.rank, self.dist.world_size)
         check_every_rank_runs_alike(config, dataset, self.dist, device)
-        data = config.data
-        check_trainable(
-            len(dataset.splits.train),
-            data.batch_size,
-            data.num_steps,
-            self.dist.world_size,
-            dataset.capped,
-            resuming=resume is not None,
-        )
-        if config.train.precision == "fp16" and device.type == "cpu":
-            raise DrnnError("train.precision fp16 needs a GPU; on a CPU use bf16 or fp32")
-        self.model: RNNLanguageModel = build_model(len(dataset.vocab), config.model, seed=config.train.seed)
-        self.model.to(device)
-        check_precision_works(self.model, device, config.train.precision)
-        if config.model.impl == "fused" and fused_recurrence.can_run(device):
-            # DRNN_FUSED_LAUNCH's errors now, not in the first step after the run's files are written;
-            # validation's whole data.batch_size makes the most programs of any launch in the run
-            model = config.model
-            fused_recurrence.plan_for(
-                device, data.batch_size, model.hidden_size, model.num_layers, model.cell
-            )
-        self.init_from_label = init_from_label or (resume.init_from if resume else None)
-        if init_from is not None:
-            self.model.load_state_dict(init_from.model_state)
-        train = config.train
+        check_can_train(config, dataset, self.dist.world_size, device, resuming=resume is not None)
+        self.model = trained_model(config, len(dataset.vocab), device, start.init_from)
+        self.init_from_label = start.init_label or (resume.init_from if resume else None)
+        train, data = config.train, config.data
         self.average = (
             WeightAverage(self.model, train.average, train.average_decay) if train.average != "none" else None
         )
@@ -204,17 +220,61 @@ class Trainer:
                     self.model, device, train.precision, data.batch_size // self.dist.world_size, cuda_graph
                 )
             )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         self.train_tokens = dataset.splits.train.to(device)
         self.val_tokens = dataset.splits.val.to(device)
-        self.length = PlannedLength.of(config.train, config.data, len(self.train_tokens))
+        self.length = PlannedLength.of(train, data, len(self.train_tokens))
+        self._start_counters(train)
+        self._start_from(start)
+        if cuda_graph:
+            make_capturable(self.optimizer)  # after _restore, which puts back the flags it was built with
+        self.static_step = StaticStep(
+            self.network,
+            self.model,
+            self.optimizer,
+            self.scaler,
+            train.clip,
+            train.precision,
+            device,
+            batch_rows=data.batch_size // self.dist.world_size,
+            num_steps=data.num_steps,
+            carries_state=data.sampling == "sequential" and not train.reset_state,
+            graph=cuda_graph,
+            ar=train.ar,
+            tar=train.tar,
+            measure_norm=train.tensorboard,
+        )
+        self.tensorboard: TensorBoardLog | None = None
+        if train.tensorboard and self.dist.is_main:
+            self.tensorboard = open_tensorboard(
+                run_dir, device, self.global_step if resume is not None else None
+            )
+        self._first_step = self.global_step
+        # SIGINT, SIGTERM, or SIGPIPE (stdout closed: drnn_cli.signals raises it on the first failed write)
+        self.stops = StopRequests()
+        self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
+        self.files = RunFiles(run_dir)
+        self.plot = PlotRefresh(
+            self.files.plot, self.reporter, max(0, len(self.val_tokens) - 1), as_trained(config)
+        )
+        self.records: list[EpochRecord] = (
+            # a boundary a signal cut short is run again, its line with it (one a crash left is dropped)
+            read_metrics(
+                self.files.metrics, self.global_step - self.progress.boundary_pending, self.start_epoch
+            )
+            if resume is not None
+            else []
+        )
+        self.resumed = resume is not None  # its vocab.json, from when the run began, keeps the text's counts
 
+    def _start_counters(self, train: TrainConfig) -> None:
+        """A new run's counters, budget and cadences (a resume's checkpoint then puts back its own)."""
         self.start_epoch = 0
         self._best_restarted = False  # a resume that changed train.eval_tokens: the best starts over
         self.best_val_ppl: float | None = None
         self.bad_evals = 0
         self.elapsed = 0.0
-        self.progress = EpochProgress.start(device)
+        self.progress = EpochProgress.start(self.device)
         self.global_step = 0  # optimizer steps since the run began (across resumes)
         self.tokens_seen = 0
         self.budget = Budget(train.max_steps, train.max_time)
@@ -234,12 +294,18 @@ class Trainer:
         # the training seconds of the epoch under way, until they are the run's elapsed (a stop's count them)
         self._epoch_clock: EpochClock | None = None
         self.began_at = 0.0  # epochs done when this session began (fit sets it)
+        self._unannealed_judged = False  # _note_unannealed: judged once a session, when its pace shows
+
+    def _start_from(self, start: StartPoint) -> None:
+        """A resume's counters and weights from its checkpoint, checked alike on every rank, and the best
+        perplexity on disk that a worse model must not replace."""
+        resume = start.resume
         # read before restoring, which takes this rank's part of a mid-epoch checkpoint
         digest = header_digest(resume) if resume is not None and self.dist.enabled else 0.0
         if resume is not None:
             self._restore(resume)
-            self._best_restarted = best_restarts  # the start's validation too read other tokens
-            if best_restarts:  # its validations read other tokens: their best and count mean nothing now
+            self._best_restarted = start.best_restarts  # the start's validation too read other tokens
+            if start.best_restarts:  # its validations read other tokens: their best and count mean nothing
                 self.best_val_ppl, self.bad_evals = None, 0
         self._check_every_rank_starts_alike(digest)
         # The perplexity of the best checkpoint on disk. After a hard kill it can beat the resumed
@@ -247,49 +313,8 @@ class Trainer:
         # that file, while patience counts against the resumed run's own best, whose evaluations the
         # run now replays (else it would count those replayed improvements as failures).
         self.best_kept = self.best_val_ppl
-        if best_kept is not None and (self.best_kept is None or best_kept < self.best_kept):
-            self.best_kept = best_kept
-        if cuda_graph:
-            make_capturable(self.optimizer)  # after _restore, which puts back the flags it was built with
-        self.static_step = StaticStep(
-            self.network,
-            self.model,
-            self.optimizer,
-            self.scaler,
-            config.train.clip,
-            config.train.precision,
-            device,
-            batch_rows=data.batch_size // self.dist.world_size,
-            num_steps=data.num_steps,
-            carries_state=data.sampling == "sequential" and not config.train.reset_state,
-            graph=cuda_graph,
-            ar=config.train.ar,
-            tar=config.train.tar,
-            measure_norm=train.tensorboard,
-        )
-        self.tensorboard: TensorBoardLog | None = None
-        if train.tensorboard and self.dist.is_main:
-            self.tensorboard = open_tensorboard(
-                run_dir, device, self.global_step if resume is not None else None
-            )
-        self._first_step = self.global_step
-        self._unannealed_judged = False  # _note_unannealed: judged once a session, when its pace shows
-        # SIGINT, SIGTERM, or SIGPIPE (stdout closed: drnn_cli.signals raises it on the first failed write)
-        self.stops = StopRequests()
-        self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
-        self.files = RunFiles(run_dir)
-        self.plot = PlotRefresh(
-            self.files.plot, self.reporter, max(0, len(self.val_tokens) - 1), as_trained(config)
-        )
-        self.records: list[EpochRecord] = (
-            # a boundary a signal cut short is run again, its line with it (one a crash left is dropped)
-            read_metrics(
-                self.files.metrics, self.global_step - self.progress.boundary_pending, self.start_epoch
-            )
-            if resume is not None
-            else []
-        )
-        self.resumed = resume is not None  # its vocab.json, from when the run began, keeps the text's counts
+        if start.best_kept is not None and (self.best_kept is None or start.best_kept < self.best_kept):
+            self.best_kept = start.best_kept
 
     # ----- checkpoint state ------------------------------------------------------------------
 

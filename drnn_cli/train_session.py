@@ -334,17 +334,12 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
 
     new_run = dist.is_main and not request.resume
     trainer = Trainer(  # validates everything that can still fail; writes nothing
-        config,
+        start,
         dataset,
         run_dir,
         device,
         reporter,
         dist,
-        resume=start.resume,
-        init_from=start.init_from,
-        init_from_label=start.init_label,
-        best_kept=start.best_kept,
-        best_restarts=start.best_restarts,
         resume_advice=how_to_continue(request.resume, request.overwrite),
         on_first_checkpoint=mark_as_latest if new_run else None,
     )

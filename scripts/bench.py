@@ -78,6 +78,7 @@ from drnn_cli.config import Config, DataConfig, build_config
 from drnn_cli.data import Dataset, load_dataset
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.runtime import device_name, resolve_device
+from drnn_cli.start_point import StartPoint
 from drnn_cli.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -349,7 +350,7 @@ def drnn_side(config: Config, dataset: Dataset, device: torch.device, run_dir: P
     """drnn's ``Trainer`` with the step run eagerly or replayed as a CUDA graph."""
     config = config.model_copy(deep=True)
     config.train.cuda_graph = MODES[mode]  # type: ignore[assignment]
-    trainer = Trainer(config, dataset, run_dir / mode, device)
+    trainer = Trainer(StartPoint(config), dataset, run_dir / mode, device)
     data = config.data
 
     def drnn_epoch(epoch: int) -> tuple[float, int]:

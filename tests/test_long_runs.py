@@ -27,6 +27,7 @@ from drnn_cli.errors import ConfigError, DrnnError, TrainingDiverged, TrainingIn
 from drnn_cli.evaluate import EvaluationAbandoned
 from drnn_cli.optimizers import lr_factor
 from drnn_cli.report import EpochRecord, RunStart, SilentReporter
+from drnn_cli.start_point import StartPoint
 from drnn_cli.step import StaticStep
 from drnn_cli.stop_record import StopRecord, read_stop_record
 from drnn_cli.train import Trainer
@@ -1286,7 +1287,9 @@ def test_nan_is_noticed_at_the_next_step_boundary(workdir: Path):
 
     config = load_config(write_config(workdir), ["train.log_every=5 steps"])
     reporter = PoisonAtStep5()
-    trainer = Trainer(config, load_dataset(config.data), workdir / "run", torch.device("cpu"), reporter)
+    trainer = Trainer(
+        StartPoint(config), load_dataset(config.data), workdir / "run", torch.device("cpu"), reporter
+    )
     reporter.trainer = trainer
     with pytest.raises(TrainingDiverged, match="NaN or infinite at step 6 of epoch 1"):
         trainer.fit()
@@ -1514,7 +1517,7 @@ def _trainer_at_step_10(workdir: Path, *overrides: str) -> Trainer:
 
     overrides = ("train.eval_every=5 steps", "train.eval_tokens=100", *overrides)
     config = load_config(write_config(workdir), list(overrides))
-    trainer = Trainer(config, load_dataset(config.data), workdir / "run", torch.device("cpu"))
+    trainer = Trainer(StartPoint(config), load_dataset(config.data), workdir / "run", torch.device("cpu"))
     trainer.global_step = 10
     return trainer
 

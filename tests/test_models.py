@@ -709,6 +709,7 @@ def test_select_state_row_feeds_a_batch_of_one_that_continues_that_row():
 def train_time_machine(corpus_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """Train (cell, impl) once per module: 2×48, Adam 0.01, clip 1, B16 T20, 25 epochs."""
     from drnn_cli.data import load_dataset
+    from drnn_cli.start_point import StartPoint
     from drnn_cli.train import Trainer
 
     data = DataConfig(path=str(corpus_path), max_tokens=3000, batch_size=16, num_steps=20)
@@ -741,7 +742,9 @@ def train_time_machine(corpus_path: Path, tmp_path_factory: pytest.TempPathFacto
                         "drnn_cli.report.render_perplexity_plot",
                         lambda records, title=None, val_split_tokens=0, train_as=None: b"",
                     )
-                    results[cell, impl] = Trainer(config, dataset, run_dir, torch.device("cpu")).fit()
+                    results[cell, impl] = Trainer(
+                        StartPoint(config), dataset, run_dir, torch.device("cpu")
+                    ).fit()
             finally:
                 torch.set_num_threads(threads)
         return results[cell, impl]

@@ -34,6 +34,7 @@ from drnn_cli.optimizers import (
     reads_lr_on_device,
     restore_optimizer_state,
 )
+from drnn_cli.start_point import StartPoint
 from drnn_cli.step import StaticStep, StepTally, clip_gradients, use_cuda_graph
 from drnn_cli.train import Trainer
 
@@ -264,7 +265,9 @@ def test_the_trainer_launches_one_copy_per_minibatch_outside_the_step(
     counts = {}
     for max_tokens in (700, 1400):
         config = tiny_config(corpus_path, f"data.max_tokens={max_tokens}", f"data.sampling={sampling}")
-        trainer = Trainer(config, load_dataset(config.data), tmp_path / str(max_tokens), torch.device("cpu"))
+        trainer = Trainer(
+            StartPoint(config), load_dataset(config.data), tmp_path / str(max_tokens), torch.device("cpu")
+        )
         counter.outside = 0
         with counter:
             trainer.train_epoch(0)
@@ -283,7 +286,7 @@ def test_trainer_epochs_equal_the_plain_loop(corpus_path: Path, tmp_path: Path, 
         corpus_path, "train.optimizer=adamw", "train.lr=0.01", f"train.reset_state={reset_state}"
     )
     dataset = load_dataset(config.data)
-    trainer = Trainer(config, dataset, tmp_path / "run", torch.device("cpu"))
+    trainer = Trainer(StartPoint(config), dataset, tmp_path / "run", torch.device("cpu"))
     ppl = [trainer.train_epoch(epoch)[0].ppl for epoch in range(2)]
 
     plain = build_model(len(dataset.vocab), config.model, seed=config.train.seed)

@@ -19,6 +19,7 @@ from drnn_cli.models import build_model
 from drnn_cli.optimizers import build_optimizer, lr_factor
 from drnn_cli.report import EpochRecord, SilentReporter
 from drnn_cli.run_notes import idle_setting_notes
+from drnn_cli.start_point import StartPoint
 from drnn_cli.step import clip_gradients
 from drnn_cli.train import Trainer
 from drnn_cli.train_session import TrainRequest, train_run
@@ -531,7 +532,7 @@ def test_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good_c
     config = load_config(write_config(workdir, TINY), ["train.checkpoint_every=1"])
     dataset = load_dataset(config.data)
     reporter = PoisonAfterFirstEpoch()
-    trainer = Trainer(config, dataset, workdir / "run", torch.device("cpu"), reporter)
+    trainer = Trainer(StartPoint(config), dataset, workdir / "run", torch.device("cpu"), reporter)
     reporter.trainer = trainer
     with pytest.raises(TrainingDiverged, match="NaN or infinite at step 1 of epoch 2"):
         trainer.fit()

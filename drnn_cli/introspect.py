@@ -461,7 +461,7 @@ class Inspection:
         return Perplexity(self.nll, self.tokens).bits_per_token
 
     def summary(self) -> dict:
-        """The ``drnn inspect --json`` object (README, "Seeing what the network learned")."""
+        """The ``drnn inspect --json`` object (README "Seeing what the network learned": docs/inspect.md)."""
         return {
             "text": self.text,
             "source": self.source,

@@ -178,7 +178,7 @@ def test_text_features_by_hand():
 
 def test_curly_quotes_open_and_close_and_an_apostrophe_is_no_quote():
     """Only ``"`` counted, so a text quoting with “ ” gave the feature nothing (inspect33); ``'`` also
-    writes apostrophes (don't), so it stays out, and the README says so."""
+    writes apostrophes (don't), so it stays out, and docs/inspect.md says so."""
     features = text_features(list("a “b” 'c' d"))
     assert features["inside quotes"].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]
 

@@ -1840,7 +1840,7 @@ def test_max_time_spent_while_validating_ends_the_run_at_that_validation(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """A budget that ran out in a validation trained one more step and validated again: a 40 s run took
-    56.9 s, past the README's bound of one step and one evaluation (trial31)."""
+    56.9 s, past docs/long-runs.md's bound of one step and one evaluation (trial31)."""
     validated: list[int] = []
     validate = Trainer._validate
 

@@ -150,7 +150,7 @@ def test_a_run_stopped_inside_an_epoch_resumes_with_another_number_of_processes(
 ) -> None:
     """Two processes stopped at step 30 (inside epoch 2) and resumed by one, and the reverse, end
     where one uninterrupted process ends: the rows' carried states are put back together and shared
-    out again, the epoch's loss sums kept (README "Several processes, GPUs or nodes")."""
+    out again, the epoch's loss sums kept (docs/distributed.md; README "Several processes, GPUs or nodes")."""
     one_dir = workdir / "runs" / "one"
     config = write_config(workdir, "sequential")
     one = train_run(TrainRequest(config_path=config, run_dir=one_dir, device="cpu"))

@@ -1,7 +1,7 @@
 """``train.compile on``: training steps ``model.impl scratch``'s cells through ``torch.compile``.
 
-On a GPU this fuses each timestep's element-wise gate arithmetic into one kernel (README "Using a
-GPU"); here, on the CPU, what must hold is that the compiled cell computes what the plain one does.
+On a GPU this fuses each timestep's element-wise gate arithmetic into one kernel (README "Using a GPU");
+here, on the CPU, what must hold is that the compiled cell computes what the plain one does.
 Most tests use the ``aot_eager`` backend (the same capture and autograd split, no code generation,
 compiled in a second); one compiles with inductor, the backend drnn uses, which on a CPU generates
 C++ (about 15 s with a cold cache).

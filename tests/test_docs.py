@@ -56,7 +56,11 @@ def test_readme_sections_cited_in_the_code_exist():
     """Docstrings and messages point readers to README sections by name (`README "Using a GPU"`): each
     name must begin a heading of the README, so that a renamed section cannot leave a dead pointer."""
     headings = [line.lstrip("#").strip() for line in README.splitlines() if line.startswith("#")]
-    sources = [*sorted((REPO / "drnn_cli").glob("*.py")), *sorted((REPO / "scripts").glob("*.py"))]
+    sources = [
+        *sorted((REPO / "drnn_cli").glob("*.py")),
+        *sorted((REPO / "scripts").glob("*.py")),
+        *sorted(path for path in (REPO / "tests").glob("*.py") if path.name != "test_docs.py"),
+    ]
     cited = {
         (path.name, name)
         for path in sources
@@ -93,8 +97,9 @@ def test_every_link_inside_the_readme_reaches_a_heading():
 
 
 def test_every_link_between_the_readme_and_docs_reaches_its_file_and_heading():
-    """The README sends GPU and benchmark details to docs/*.md and they link back: a link to a file
-    that moved, or to a heading renamed in the other file, fails here."""
+    """The README sends details to docs/*.md (the GPU, benchmarks, errors, `drnn inspect`, long runs,
+    torchrun) and they link back: a link to a file that moved, or to a heading renamed in the other file,
+    fails here. Images count as links: a picture left behind by a moved section fails too."""
     pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
     checked = 0
     broken = []
@@ -112,6 +117,30 @@ def test_every_link_between_the_readme_and_docs_reaches_its_file_and_heading():
                 broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
     assert checked >= 12
     assert not broken, "\n".join(broken)
+
+
+# README heading -> the docs page its details moved to. The heading stays (code and messages cite it by name,
+# `README "Long runs"`), with a summary and a link to the page.
+MOVED_SECTIONS = {
+    "## Using a GPU": "gpu.md",
+    "## Seeing what the network learned": "inspect.md",
+    "## Long runs on big text: budgets, step cadence, token cache, TensorBoard": "long-runs.md",
+    "## Several processes, GPUs or nodes": "distributed.md",
+    "## What happens when": "errors.md",
+    "## Benchmarks": "benchmarks.md",
+}
+
+
+def test_each_moved_section_keeps_its_readme_heading_and_links_its_page_which_links_back():
+    """A section moved to docs/ leaves its heading and a summary that links to the page; the page opens
+    with a link back to the README; and every page of docs/ is one of them, so none is left unlinked."""
+    assert {page.name for page in (REPO / "docs").glob("*.md")} == set(MOVED_SECTIONS.values())
+    for heading, page in MOVED_SECTIONS.items():
+        assert f"\n{heading}\n" in README, f"{heading} is no longer a README heading"
+        section = README.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+        assert f"](docs/{page}" in section, f"README {heading!r} does not link docs/{page}"
+        opening = (REPO / "docs" / page).read_text(encoding="utf-8").split("\n\n")[1]
+        assert "](../README.md#" in opening, f"docs/{page} does not open with a link back to the README"
 
 
 def test_the_module_table_names_every_module_of_the_package():

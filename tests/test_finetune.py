@@ -1017,8 +1017,8 @@ def test_eval_of_a_fine_tuned_run_says_its_split_holds_text_a_base_trained_on(tm
         code == 0
         and (
             f"note: 50 of the 250 validation tokens (20%) are in the training split of {base}, which this "
-            "model was fine-tuned from in turn on this same text: this perplexity is optimistic (README "
-            '"Fine-tuning")'
+            "model was fine-tuned from in turn on this same text: this perplexity is optimistic "
+            '(README "Fine-tuning")'
         )
         in err.splitlines()
     ), err

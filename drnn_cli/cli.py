@@ -20,11 +20,10 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
 from drnn_cli import __version__
@@ -55,9 +54,6 @@ from drnn_cli.signals import (
     in_process_group,
     launched_rank,
 )
-
-if TYPE_CHECKING:  # imported where a command runs: torch's start-up is no part of drnn --help
-    from drnn_cli.run_list import RunSummary
 
 app = typer.Typer(
     name="drnn",
@@ -298,10 +294,6 @@ def presets_command(json_out: JsonOption = False) -> None:
         emit_json({"presets": [report.summary() for report in reports]})
 
 
-RUN_NAME_WHOLE_WIDTH = 28  # drnn runs: a longer name (an absolute path) folds rather than squeeze the others
-DIFFERENCES_SHOWN = 3  # drnn runs: at most this many settings the runs differ in are shown (--json: all)
-
-
 @app.command("runs", short_help="List the runs in a folder: model, progress, best validation.")
 def runs_command(
     folder: Annotated[
@@ -321,6 +313,7 @@ def runs_command(
     Example: drnn runs runs/sweep --sort best, then drnn eval --run runs/sweep/h64
     """
     from drnn_cli.run_list import differing_settings, list_runs
+    from drnn_cli.runs_table import runs_table
 
     out, _ = consoles(json_out)
     runs = list_runs(folder, sort.value)
@@ -331,110 +324,12 @@ def runs_command(
             f"no runs in {shown} (drnn train --config quick trains one into runs/quick)", soft_wrap=True
         )
     else:
-        wide = out.width >= WIDE_PRESETS_TABLE
-        # the first layout that fits: names and texts whole; a long text's name folded; names folded too
-        for names_whole, texts_whole in ((True, True), (True, False), (False, False)):
-            table = _runs_table(runs, folder, wide, differing, sort.value, names_whole, texts_whole)
-            if Measurement.get(out, out.options, table).minimum <= out.width:
-                break
-        out.print(table)
+        out.print(runs_table(runs, folder, differing, sort.value, out, wide=out.width >= WIDE_PRESETS_TABLE))
         for run in runs:
             for said in run.notes():
                 print_note(out, f"{run.run_dir}: {said}")
     if json_out:
         emit_json({"folder": str(folder.absolute()), "runs": [run.summary(differing) for run in runs]})
-
-
-def _runs_table(
-    runs: list[RunSummary],
-    folder: Path,
-    wide: bool,
-    differing: list[str],
-    order: str,
-    names_whole: bool,
-    texts_whole: bool,
-) -> Table:
-    """``drnn runs``'s table. 80 columns hold the run, its model over its text, its progress over its
-    state, its best validation and when it last wrote; from WIDE_PRESETS_TABLE columns (as presets'
-    figures) each has its own column, with the training time and the holder of a training's lock.
-    Where the runs differ in at most DIFFERENCES_SHOWN other settings (a sweep's), each run's are written
-    under its name, or in their own column, as ``--set`` takes them; where in more, a caption counts them.
-    ``names_whole`` keeps names (and settings) up to RUN_NAME_WHOLE_WIDTH whole; ``texts_whole`` keeps
-    each line of the model and text whole at 80 columns: rich narrows the widest columns alike, and
-    "timemachine.txt" folded beside a whole name. The caller drops them where the table cannot fit."""
-    from drnn_cli.run_list import as_set
-
-    # a sweep's few varied settings say what each run is; two presets' dozens would bury the table
-    shown = differing if len(differing) <= DIFFERENCES_SHOWN else []
-    captions = ["★ latest: the run predict and eval use without --run"] if any(r.latest for r in runs) else []
-    if differing and not shown:
-        captions.append(f"the runs differ in {len(differing)} other settings (drnn runs --json: differs)")
-    ordered = {"updated": "the newest first", "best": "the best first", "name": "by name"}[order]
-    title = f"runs in {terminal_safe(str(folder), keep='')}, {ordered}"
-    table = Table(title=title, caption="\n".join(captions) or None)
-    # names stay whole where they are short; a long one (an absolute path) folds: whole, it left the
-    # other columns no room. At 80 columns a run's settings are written under its name, which they
-    # name too ("train.lr=0.5"), and stay whole with it: under its text, beside a name kept whole,
-    # "train.max_time=600" folded mid-token at 80 columns
-    widest = max(len(str(run.run_dir)) for run in runs) + 2  # with its " ★"
-    if not wide and shown:
-        widest = max(widest, *(len(as_set(k, v)) for run in runs for k, v in run.differs(shown).items()))
-    whole = names_whole and widest <= RUN_NAME_WHOLE_WIDTH
-    table.add_column("run", overflow="fold", no_wrap=whole)
-    if wide:
-        for name, justify in (("model", "left"), ("text", "left"), ("trained", "right"), ("time", "right")):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    else:
-        table.add_column("model, text", overflow="fold", no_wrap=texts_whole)
-        table.add_column("trained, state", justify="right")
-    table.add_column("best val", justify="right", no_wrap=True)
-    if wide:
-        table.add_column("state")
-    table.add_column("updated", no_wrap=True)
-    if wide and shown:
-        table.add_column("settings", overflow="fold")
-    for run in runs:
-        best = run.best_val_ppl
-        # one line each (a newline in a name must not forge a row's "★ latest" line)
-        text = terminal_safe(run.text(), keep="")
-        tuned = terminal_safe(run.tuned_from(), keep="")  # a fine-tuned run's base, under its text
-        differs = [terminal_safe(as_set(key, value), keep="") for key, value in run.differs(shown).items()]
-        # the mark under the name, in the row's second line: beside it, it made the column wider
-        name = terminal_safe(str(run.run_dir), keep="") + (
-            (" ★" if wide else "\n★ latest") if run.latest else ""
-        )
-        if not wide:
-            name = "\n".join([name, *differs])
-        shown_best = format_perplexity(best, 4) if best is not None else _no_best(run)
-        if wide:
-            cells = [
-                name,
-                run.model(),
-                "\n".join(filter(None, [text, tuned])),
-                run.trained(),
-                run.training_time(),
-                shown_best,
-                run.shown_state(),
-            ]
-        else:
-            model = "\n".join(filter(None, [run.model(), text, tuned]))
-            cells = [
-                name,
-                model,
-                "\n".join(filter(None, [run.trained(), run.shown_state(holder=False)])),
-                shown_best,
-            ]
-        cells.append(run.updated_at(short=not wide))
-        table.add_row(*cells, *(["\n".join(differs)] if wide and shown else []))
-    return table
-
-
-def _no_best(run: RunSummary) -> str:
-    """What the best column says of a run without a figure: ``—`` where it has no validation split,
-    ``not yet`` where it has one that has not been read, blank where nothing is known (a note says why)."""
-    if run.info is None or run.problem is not None:
-        return ""
-    return "not yet" if run.info.config.data.val_fraction > 0 else "—"
 
 
 # ---------------------------------------------------------------------------------------------

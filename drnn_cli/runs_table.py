@@ -1,0 +1,119 @@
+"""``drnn runs``'s table: each run's name, model and text, progress and state, best validation and
+when it last wrote, laid out to fit the terminal: 80 columns, or a column each on a wide one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from drnn_cli.render import format_perplexity
+from drnn_cli.run_list import RunSummary, as_set
+from drnn_cli.shown_text import terminal_safe
+
+RUN_NAME_WHOLE_WIDTH = 28  # drnn runs: a longer name (an absolute path) folds rather than squeeze the others
+DIFFERENCES_SHOWN = 3  # drnn runs: at most this many settings the runs differ in are shown (--json: all)
+
+
+def runs_table(
+    runs: list[RunSummary], folder: Path, differing: list[str], order: str, console: Console, wide: bool
+) -> Table:
+    """The first layout that fits ``console``: names and texts whole; a long text's name folded; names
+    folded too."""
+    for names_whole, texts_whole in ((True, True), (True, False), (False, False)):
+        table = _table(runs, folder, wide, differing, order, names_whole, texts_whole)
+        if Measurement.get(console, console.options, table).minimum <= console.width:
+            break
+    return table
+
+
+def _table(
+    runs: list[RunSummary],
+    folder: Path,
+    wide: bool,
+    differing: list[str],
+    order: str,
+    names_whole: bool,
+    texts_whole: bool,
+) -> Table:
+    """``drnn runs``'s table. 80 columns hold the run, its model over its text, its progress over its
+    state, its best validation and when it last wrote; on a wide terminal (the caller's ``wide``)
+    each has its own column, with the training time and the holder of a training's lock.
+    Where the runs differ in at most DIFFERENCES_SHOWN other settings (a sweep's), each run's are written
+    under its name, or in their own column, as ``--set`` takes them; where in more, a caption counts them.
+    ``names_whole`` keeps names (and settings) up to RUN_NAME_WHOLE_WIDTH whole; ``texts_whole`` keeps
+    each line of the model and text whole at 80 columns: rich narrows the widest columns alike, and
+    "timemachine.txt" folded beside a whole name. The caller drops them where the table cannot fit."""
+    # a sweep's few varied settings say what each run is; two presets' dozens would bury the table
+    shown = differing if len(differing) <= DIFFERENCES_SHOWN else []
+    captions = ["★ latest: the run predict and eval use without --run"] if any(r.latest for r in runs) else []
+    if differing and not shown:
+        captions.append(f"the runs differ in {len(differing)} other settings (drnn runs --json: differs)")
+    ordered = {"updated": "the newest first", "best": "the best first", "name": "by name"}[order]
+    title = f"runs in {terminal_safe(str(folder), keep='')}, {ordered}"
+    table = Table(title=title, caption="\n".join(captions) or None)
+    # names stay whole where they are short; a long one (an absolute path) folds: whole, it left the
+    # other columns no room. At 80 columns a run's settings are written under its name, which they
+    # name too ("train.lr=0.5"), and stay whole with it: under its text, beside a name kept whole,
+    # "train.max_time=600" folded mid-token at 80 columns
+    widest = max(len(str(run.run_dir)) for run in runs) + 2  # with its " ★"
+    if not wide and shown:
+        widest = max(widest, *(len(as_set(k, v)) for run in runs for k, v in run.differs(shown).items()))
+    whole = names_whole and widest <= RUN_NAME_WHOLE_WIDTH
+    table.add_column("run", overflow="fold", no_wrap=whole)
+    if wide:
+        for name, justify in (("model", "left"), ("text", "left"), ("trained", "right"), ("time", "right")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    else:
+        table.add_column("model, text", overflow="fold", no_wrap=texts_whole)
+        table.add_column("trained, state", justify="right")
+    table.add_column("best val", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("state")
+    table.add_column("updated", no_wrap=True)
+    if wide and shown:
+        table.add_column("settings", overflow="fold")
+    for run in runs:
+        best = run.best_val_ppl
+        # one line each (a newline in a name must not forge a row's "★ latest" line)
+        text = terminal_safe(run.text(), keep="")
+        tuned = terminal_safe(run.tuned_from(), keep="")  # a fine-tuned run's base, under its text
+        differs = [terminal_safe(as_set(key, value), keep="") for key, value in run.differs(shown).items()]
+        # the mark under the name, in the row's second line: beside it, it made the column wider
+        name = terminal_safe(str(run.run_dir), keep="") + (
+            (" ★" if wide else "\n★ latest") if run.latest else ""
+        )
+        if not wide:
+            name = "\n".join([name, *differs])
+        shown_best = format_perplexity(best, 4) if best is not None else _no_best(run)
+        if wide:
+            cells = [
+                name,
+                run.model(),
+                "\n".join(filter(None, [text, tuned])),
+                run.trained(),
+                run.training_time(),
+                shown_best,
+                run.shown_state(),
+            ]
+        else:
+            model = "\n".join(filter(None, [run.model(), text, tuned]))
+            cells = [
+                name,
+                model,
+                "\n".join(filter(None, [run.trained(), run.shown_state(holder=False)])),
+                shown_best,
+            ]
+        cells.append(run.updated_at(short=not wide))
+        table.add_row(*cells, *(["\n".join(differs)] if wide and shown else []))
+    return table
+
+
+def _no_best(run: RunSummary) -> str:
+    """What the best column says of a run without a figure: ``—`` where it has no validation split,
+    ``not yet`` where it has one that has not been read, blank where nothing is known (a note says why)."""
+    if run.info is None or run.problem is not None:
+        return ""
+    return "not yet" if run.info.config.data.val_fraction > 0 else "—"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
@@ -13,7 +14,7 @@ from drnn_cli.render import format_perplexity
 from drnn_cli.run_list import RunSummary, as_set
 from drnn_cli.shown_text import terminal_safe
 
-RUN_NAME_WHOLE_WIDTH = 28  # drnn runs: a longer name (an absolute path) folds rather than squeeze the others
+UNBOUNDED = 1_000_000  # columns: a layout's measure, not capped at the terminal's width
 DIFFERENCES_SHOWN = 3  # drnn runs: at most this many settings the runs differ in are shown (--json: all)
 
 
@@ -21,10 +22,11 @@ def runs_table(
     runs: list[RunSummary], folder: Path, differing: list[str], order: str, console: Console, wide: bool
 ) -> Table:
     """The first layout that fits ``console``: names and texts whole; a long text's name folded; names
-    folded too."""
+    folded too. What a layout needs is measured unbounded: rich caps a measure at the console's width."""
+    unbounded = console.options.update_width(UNBOUNDED)
     for names_whole, texts_whole in ((True, True), (True, False), (False, False)):
         table = _table(runs, folder, wide, differing, order, names_whole, texts_whole)
-        if Measurement.get(console, console.options, table).minimum <= console.width:
+        if Measurement.get(console, unbounded, table).minimum <= console.width:
             break
     return table
 
@@ -43,9 +45,9 @@ def _table(
     each has its own column, with the training time and the holder of a training's lock.
     Where the runs differ in at most DIFFERENCES_SHOWN other settings (a sweep's), each run's are written
     under its name, or in their own column, as ``--set`` takes them; where in more, a caption counts them.
-    ``names_whole`` keeps names (and settings) up to RUN_NAME_WHOLE_WIDTH whole; ``texts_whole`` keeps
-    each line of the model and text whole at 80 columns: rich narrows the widest columns alike, and
-    "timemachine.txt" folded beside a whole name. The caller drops them where the table cannot fit."""
+    ``names_whole`` keeps names (and the settings under them) whole; ``texts_whole`` keeps
+    each line of the text (and the wide table's settings) whole: rich narrows the widest columns alike,
+    and "timemachine.txt" folded beside a whole name. The caller drops them where the table cannot fit."""
     # a sweep's few varied settings say what each run is; two presets' dozens would bury the table
     shown = differing if len(differing) <= DIFFERENCES_SHOWN else []
     captions = ["★ latest: the run predict and eval use without --run"] if any(r.latest for r in runs) else []
@@ -54,27 +56,25 @@ def _table(
     ordered = {"updated": "the newest first", "best": "the best first", "name": "by name"}[order]
     title = f"runs in {terminal_safe(str(folder), keep='')}, {ordered}"
     table = Table(title=title, caption="\n".join(captions) or None)
-    # names stay whole where they are short; a long one (an absolute path) folds: whole, it left the
-    # other columns no room. At 80 columns a run's settings are written under its name, which they
-    # name too ("train.lr=0.5"), and stay whole with it: under its text, beside a name kept whole,
-    # "train.max_time=600" folded mid-token at 80 columns
-    widest = max(len(str(run.run_dir)) for run in runs) + 2  # with its " ★"
-    if not wide and shown:
-        widest = max(widest, *(len(as_set(k, v)) for run in runs for k, v in run.differs(shown).items()))
-    whole = names_whole and widest <= RUN_NAME_WHOLE_WIDTH
-    table.add_column("run", overflow="fold", no_wrap=whole)
+    # names stay whole where the table fits with them; a long one (an absolute path) folds. At 80
+    # columns a run's settings are written under its name, which they name too ("train.lr=0.5"), and
+    # stay whole with it: under its text, beside a name kept whole, "train.max_time=600" folded mid-token
+    table.add_column("run", overflow="fold", no_wrap=names_whole)
     if wide:
-        for name, justify in (("model", "left"), ("text", "left"), ("trained", "right"), ("time", "right")):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column("model")
+        table.add_column("text", overflow="fold", no_wrap=texts_whole)
+        table.add_column("trained", justify="right")
+        table.add_column("time", justify="right")
     else:
-        table.add_column("model, text", overflow="fold", no_wrap=texts_whole)
+        table.add_column("model, text", overflow="fold", no_wrap=texts_whole)  # settings: under names
         table.add_column("trained, state", justify="right")
     table.add_column("best val", justify="right", no_wrap=True)
     if wide:
         table.add_column("state")
     table.add_column("updated", no_wrap=True)
     if wide and shown:
-        table.add_column("settings", overflow="fold")
+        table.add_column("settings", overflow="fold", no_wrap=texts_whole)
+    rows: list[list[str]] = []
     for run in runs:
         best = run.best_val_ppl
         # one line each (a newline in a name must not forge a row's "★ latest" line)
@@ -107,7 +107,14 @@ def _table(
                 shown_best,
             ]
         cells.append(run.updated_at(short=not wide))
-        table.add_row(*cells, *(["\n".join(differs)] if wide and shown else []))
+        rows.append([*cells, *(["\n".join(differs)] if wide and shown else [])])
+    for row in rows:
+        table.add_row(*row)
+    # a column kept whole needs its widest line: rich measures its widest word, and crops the rest
+    for index, column in enumerate(table.columns):
+        if column.no_wrap:
+            lines = [str(column.header), *(line for row in rows for line in row[index].splitlines())]
+            column.min_width = max(cell_len(line) for line in lines)
     return table
 
 

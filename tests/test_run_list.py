@@ -153,6 +153,43 @@ def test_at_80_columns_a_long_name_and_a_long_setting_both_stay_whole(workdir: P
     assert texts.count("timemachine") == 2  # the text's name, whole on its line
 
 
+def test_a_long_text_name_wraps_and_leaves_every_other_cell_whole(
+    workdir: Path, cli, corpus_path: Path, monkeypatch
+):
+    """A 53-character file name: the first layout kept it whole, which rich's measure (capped at the
+    terminal's width, a whole column's widest word) passed, and the names were cropped to "runs/long",
+    the state column to nothing (review rev39). Its name now folds; at 80 columns every other cell is
+    whole, and at 60 names fold too but nothing is cropped."""
+    text = workdir / "project_gutenberg_time_machine_wells_1895_cleaned.txt"
+    text.write_bytes(corpus_path.read_bytes())
+    config = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
+    for name, lr in (("lr1", 0.01), ("lr2", 0.02)):
+        sets = (f"--set=data.path={text}", f"--set=train.lr={lr}")
+        assert cli("train", "--config", config, "--run", f"runs/long/{name}", *sets)[0] == 0
+    for columns in (80, 60):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        code, out, err = cli("runs", "runs/long", "--sort", "name")
+        assert code == 0, err
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= columns and "…" not in out, out
+        rows = _rows(lines)
+        assert [row[0] for row in rows] == [
+            "runs/long/lr1train.lr=0.01",
+            "runs/long/lr2★latesttrain.lr=0.02",
+        ]
+        assert [row[1] for row in rows] == ["lstm2×32" + text.name.replace(" ", "")] * 2
+        assert [row[2] for row in rows] == ["1/1epochsfinished"] * 2
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = cli("runs", "runs/long", "--sort", "name")
+    first_cells = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
+    assert [cell for cell in first_cells if cell.startswith(("runs/", "train."))] == [
+        "runs/long/lr1",
+        "train.lr=0.01",
+        "runs/long/lr2",
+        "train.lr=0.02",
+    ]  # whole at 80 columns
+
+
 def test_a_sweep_names_what_it_varied_and_runs_that_differ_in_much_are_counted(workdir: Path, cli):
     """Two runs that differ in lr and seed show both as --set takes them; a third with a GRU, another
     optimizer and more differs in too much for the table, which counts the settings instead."""

@@ -21,7 +21,7 @@ from drnn_cli.config import Config, dump_config
 from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.files import atomic_write_bytes, atomic_write_text
 from drnn_cli.plot import plotter_missing, plotter_problem, render_perplexity_plot
-from drnn_cli.run_files import RunFiles
+from drnn_cli.run_files import RunFiles, run_name
 from drnn_cli.session_time import SessionSeconds
 from drnn_cli.vocab import Vocab
 
@@ -382,7 +382,9 @@ class PlotRefresh:
             self._imported = True
         try:
             # titled with the run directory's name
-            png = render_perplexity_plot(records, self.path.parent.name, self.val_split_tokens, self.train_as)
+            png = render_perplexity_plot(
+                records, run_name(self.path.parent), self.val_split_tokens, self.train_as
+            )
         except (
             Exception
         ) as error:  # the plot is a view of metrics.jsonl: whatever breaks it, training goes on

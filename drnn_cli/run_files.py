@@ -18,6 +18,26 @@ KEPT_EPOCH_DIGITS = 4
 KEPT_STEP_DIGITS = 8
 
 
+STAGING_PREFIX, STAGING_SUFFIX = ".", ".overwrite"  # --overwrite's new run, beside the one it replaces
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """Where ``--overwrite`` builds the new run: beside the old one, on the same filesystem."""
+    return run_dir.parent / f"{STAGING_PREFIX}{run_dir.name}{STAGING_SUFFIX}"
+
+
+def run_name(run_dir: Path) -> str:
+    """The name a run goes by (its plot's title): its folder's, or where ``--overwrite`` builds it in
+    :func:`staging_dir`, the run it replaces (its plot was titled ".lstm2.overwrite": learner39)."""
+    name = run_dir.name
+    staged = name.startswith(STAGING_PREFIX) and name.endswith(STAGING_SUFFIX)
+    return (
+        name[len(STAGING_PREFIX) : -len(STAGING_SUFFIX)]
+        if staged and len(name) > len(STAGING_PREFIX + STAGING_SUFFIX)
+        else name
+    )
+
+
 def kept_name(unit: str, count: int) -> str:
     """A kept checkpoint's file name: ``epoch-0005.safetensors`` after 5 epochs, ``step-00001200.safetensors``
     after optimizer step 1,200 (a step cadence's points fall inside epochs, where an epoch count would be a

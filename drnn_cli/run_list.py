@@ -24,13 +24,12 @@ from drnn_cli.budget import StopReason, format_duration
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
-from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_MARKER
+from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_MARKER, staging_dir
 from drnn_cli.run_notes import nothing_left
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
     holds_run,
     latest_run,
-    staging_dir,
     training_holder,
     waiting_replacement_note,
 )

@@ -45,7 +45,16 @@ import filelock
 
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.files import TEMPORARY_SUFFIX, atomic_write_text, require_regular_file
-from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_ENTRY_NAMES, RUN_MARKER, RunFiles
+from drnn_cli.run_files import (
+    BEST,
+    LAST,
+    LATEST_MARKER,
+    LOCK_NAME,
+    RUN_ENTRY_NAMES,
+    RUN_MARKER,
+    RunFiles,
+    staging_dir,
+)
 from drnn_cli.signals import signals_ignored
 
 DEFAULT_RUNS_ROOT = Path("runs")  # relative: resolved against the working directory when used
@@ -159,11 +168,6 @@ def _is_bookkeeping(name: str) -> bool:
 def mark_run_dir(run_dir: Path) -> None:
     """Claim ``run_dir`` as drnn's, so later runs may write into it again."""
     atomic_write_text(run_dir / RUN_MARKER, "a drnn run directory; drnn may replace its files\n")
-
-
-def staging_dir(run_dir: Path) -> Path:
-    """Where ``--overwrite`` builds the new run: beside the old one, on the same filesystem."""
-    return run_dir.parent / f".{run_dir.name}.overwrite"
 
 
 def waiting_replacement_note(run_dir: Path, reader: str = "this command reads") -> str | None:

@@ -17,7 +17,7 @@ from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted, UsageError
 from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.report import Reporter, TrainResult
-from drnn_cli.run_files import BEST, LAST, RunFiles
+from drnn_cli.run_files import BEST, LAST, RunFiles, staging_dir
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
     check_replaceable,
@@ -29,7 +29,6 @@ from drnn_cli.rundir import (
     is_latest_marker,
     mark_latest,
     mark_run_dir,
-    staging_dir,
     swap_in,
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed

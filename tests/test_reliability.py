@@ -118,6 +118,31 @@ def test_corpus_shorter_than_one_minibatch_names_the_sizes(workdir: Path, cli):
     assert sorted(path.name for path in (workdir / "runs").iterdir()) == ["other"]  # what was there stays
 
 
+def test_an_overwrite_run_plot_is_titled_with_the_run_name_not_its_staging_folder(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """--overwrite trains in runs/.tiny.overwrite, then swaps it in: its perplexity.png was titled
+    ".tiny.overwrite" (learner39)."""
+    from drnn_cli.run_files import run_name, staging_dir
+
+    titles: list[str | None] = []
+
+    def plotted(records: object, title: str | None = None, *args: object) -> bytes:
+        titles.append(title)
+        return b"a plot"
+
+    monkeypatch.setattr("drnn_cli.report.render_perplexity_plot", plotted)
+    config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
+    assert cli("train", "--config", str(config))[0] == 0
+    assert cli("train", "--config", str(config), "--overwrite")[0] == 0
+    assert titles and set(titles) == {"tiny"}
+    assert (
+        run_name(staging_dir(Path("runs/lstm2"))) == "lstm2"
+        and run_name(Path("runs/.overwrite")) == ".overwrite"
+    )
+    assert run_name(Path("runs/.x.overwrite.y")) == ".x.overwrite.y"
+
+
 def test_a_failed_overwrite_keeps_the_previous_run(workdir: Path, cli):
     config = config_file(workdir, {**TINY, "train": {**TINY["train"], "epochs": 1}})
     assert cli("train", "--config", str(config))[0] == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -285,6 +286,33 @@ def read_metrics(path: Path, global_step: int, start_epoch: int) -> list[EpochRe
                 if record.step <= global_step if record.step else record.epoch <= start_epoch:
                     records.append(record)
     return records
+
+
+METRICS_TAIL_BYTES = 65_536  # last_training_ppl: a metrics.jsonl's last lines, whatever its length
+
+
+def last_training_ppl(path: Path, global_step: int, epoch: int) -> float | None:
+    """The training perplexity of the last ``metrics.jsonl`` line up to a checkpoint at ``global_step``
+    (epoch ``epoch``; lines past it are a session's that ended before its next checkpoint): what d2l
+    reports of a run, and ``drnn runs`` of one without a validation split. Only the file's last
+    METRICS_TAIL_BYTES are read, so a long run's history costs nothing; None where no line says a
+    finite one (the tail torn, a fine-tuning run's starting line alone, a run that overflowed)."""
+    try:
+        with path.open("rb") as stream:
+            size = stream.seek(0, os.SEEK_END)
+            stream.seek(max(0, size - METRICS_TAIL_BYTES))
+            lines = stream.read(METRICS_TAIL_BYTES).decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    if size > METRICS_TAIL_BYTES:
+        lines = lines[1:]  # the first is a line's end
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError, TypeError):
+            record = EpochRecord.from_json(line)
+            kept = record.step <= global_step if record.step else record.epoch <= epoch
+            if kept and record.train_ppl is not None:
+                return record.train_ppl if math.isfinite(record.train_ppl) else None
+    return None
 
 
 def write_metrics(path: Path, records: Sequence[EpochRecord]) -> None:

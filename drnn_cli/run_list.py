@@ -24,7 +24,8 @@ from drnn_cli.budget import StopReason, format_duration
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
-from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_MARKER, staging_dir
+from drnn_cli.report import last_training_ppl
+from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_MARKER, RunFiles, staging_dir
 from drnn_cli.run_notes import nothing_left
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
@@ -85,6 +86,7 @@ class RunSummary:
     waiting: str | None = None  # the note on a newer run a killed --overwrite left beside this one
     stop: StopRecord | None = None  # why its last session ended, where the record speaks of this checkpoint
     replacing: bool = False  # an --overwrite session's staging run is beside it (with a checkpoint or not)
+    train_ppl: float | None = None  # its metrics.jsonl's last training perplexity up to the checkpoint
 
     @property
     def finished_by(self) -> StopReason | None:
@@ -238,6 +240,7 @@ class RunSummary:
             "epochs": None if config is None else config.train.epochs,
             "max_steps": None if config is None else config.train.max_steps,
             "best_val_ppl": self.best_val_ppl,
+            "train_ppl": self.train_ppl,
             "training_seconds": None if counters is None else counters.elapsed,
             "differs": self.differs(differing or []),
         }
@@ -379,6 +382,9 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
         waiting = waiting_replacement_note(run_dir, "drnn runs describes")
         replacing = staging_dir(run_dir.resolve() if run_dir.is_symlink() else run_dir).is_dir()
     best, problem = _best(run_dir, info)
+    train_ppl = None
+    if counters is not None and counters.global_step is not None:
+        train_ppl = last_training_ppl(RunFiles(run_dir).metrics, counters.global_step, info.epoch)
     stop = read_stop_record(run_dir)
     if stop is not None and not stop.applies_to(None if counters is None else counters.global_step):
         stop = None
@@ -395,6 +401,7 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
         waiting,
         stop,
         replacing,
+        train_ppl,
     )
 
 
@@ -421,14 +428,15 @@ RunOrder = Literal["updated", "best", "name"]
 
 def _order_key(order: RunOrder) -> Callable[[RunSummary], tuple[Any, ...]]:
     """``updated``: the most recently written first; ``best``: the lowest best validation perplexity
-    first, runs without one after them (newest first); ``name``: by path."""
+    first, runs without one after them (by their last training perplexity, then newest first);
+    ``name``: by path."""
     if order == "name":
         return lambda run: (str(run.run_dir),)
     if order == "best":  # runs without a figure (none, or a tampered one: _best) after those with one
 
         def best_first(run: RunSummary) -> tuple[Any, ...]:
-            best = run.best_val_ppl
-            return (best is None, best or 0.0, -(run.updated or 0.0))
+            best, trained = run.best_val_ppl, run.train_ppl
+            return (best is None, best or 0.0, trained is None, trained or 0.0, -(run.updated or 0.0))
 
         return best_first
     return lambda run: (-(run.updated or 0.0),)

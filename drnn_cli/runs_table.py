@@ -119,8 +119,12 @@ def _table(
 
 
 def _no_best(run: RunSummary) -> str:
-    """What the best column says of a run without a figure: ``—`` where it has no validation split,
-    ``not yet`` where it has one that has not been read, blank where nothing is known (a note says why)."""
+    """What the best column says of a run without a figure: ``—`` where it has no validation split
+    (over its last training perplexity, the figure d2l's recipes end at: learner39 found a folder of
+    them all ``—``), ``not yet`` where it has one that has not been read, blank where nothing is known
+    (a note says why)."""
     if run.info is None or run.problem is not None:
         return ""
-    return "not yet" if run.info.config.data.val_fraction > 0 else "—"
+    if run.info.config.data.val_fraction > 0:
+        return "not yet"
+    return "—" if run.train_ppl is None else f"—\ntrain {format_perplexity(run.train_ppl, 3)}"

@@ -190,6 +190,39 @@ def test_a_long_text_name_wraps_and_leaves_every_other_cell_whole(
     ]  # whole at 80 columns
 
 
+def test_runs_without_a_validation_split_show_their_last_training_perplexity(workdir: Path, cli):
+    """d2l's recipes hold out nothing: a folder of them listed "—" for every run (learner39). Each shows
+    the training perplexity of its metrics' last line up to its checkpoint, --json says it of every run,
+    and --sort best orders them by it after the runs with a validation figure."""
+    tree = {**TINY_TREE, "data": {**TINY_TREE["data"], "val_fraction": 0}}
+    config = str(config_file(workdir, {**tree, "train": {**tree["train"], "epochs": 2}}))
+    for name, lr in (("fast", 0.01), ("slow", 0.0001)):
+        assert cli("train", "--config", config, "--run", f"runs/d2l/{name}", f"--set=train.lr={lr}")[0] == 0
+    held_out = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
+    assert cli("train", "--config", held_out, "--run", "runs/d2l/val")[0] == 0
+    # a line past the checkpoint (a session that ended before its next one) is not the run's
+    metrics = workdir / "runs" / "d2l" / "fast" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    last = [json.loads(line) for line in lines][-1]
+    metrics.write_text(
+        "\n".join([*lines, json.dumps({**last, "step": last["step"] + 1, "train_ppl": 2.0})]) + "\n"
+    )
+    listed = {Path(run["run_dir"]).name: run for run in _listed(cli, "runs/d2l", "--sort", "best")}
+    assert list(listed) == ["val", "fast", "slow"]
+    for name in ("fast", "slow"):
+        lines = (workdir / "runs" / "d2l" / name / "metrics.jsonl").read_text().splitlines()
+        assert listed[name]["train_ppl"] == json.loads(lines[1])["train_ppl"] > 2.0  # epoch 2's line
+        assert listed[name]["best_val_ppl"] is None
+    assert listed["val"]["train_ppl"] > listed["fast"]["train_ppl"]  # one epoch, not two
+    code, out, err = cli("runs", "runs/d2l", "--sort", "best")
+    assert code == 0, err
+    assert [row[3] for row in _rows(out.splitlines())] == [
+        f"{listed['val']['best_val_ppl']:.4f}",
+        f"—train{listed['fast']['train_ppl']:.3f}",
+        f"—train{listed['slow']['train_ppl']:.3f}",
+    ]
+
+
 def test_a_sweep_names_what_it_varied_and_runs_that_differ_in_much_are_counted(workdir: Path, cli):
     """Two runs that differ in lr and seed show both as --set takes them; a third with a GRU, another
     optimizer and more differs in too much for the table, which counts the settings instead."""
@@ -769,4 +802,4 @@ def test_a_run_with_a_validation_split_not_yet_read_says_so_not_that_it_has_none
     code, _, err = cli("train", "--config", config, "--run", "runs/noval", "--set", "train.epochs=1")
     assert code == 0, err
     code, out, err = cli("runs", "runs/noval")
-    assert code == 0 and _rows(out.splitlines())[0][3] == "—", err
+    assert code == 0 and _rows(out.splitlines())[0][3].startswith("—train"), err

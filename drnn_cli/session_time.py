@@ -122,6 +122,45 @@ class PaceOrigin:
     steps: int
 
 
+# SlowdownWatch: metrics lines this many times slower than the session's fastest, so many in a row
+SLOWDOWN_FACTOR = 4.0
+SLOWDOWN_LINES = 3
+
+
+@dataclass
+class SlowdownWatch:
+    """Says once a session when a CPU run with several threads slows to a fraction of its own earlier
+    pace and stays there: an OpenMP team waits at every step for its slowest thread, so other work on
+    one core can stall a small model 8-30 times over, where one thread would barely notice (a learner's
+    quickstart took 15 minutes instead of 2, at 3,190-5,400 tokens/s after 44,000, on a shared
+    machine: learner39). ``resume_advice`` says how to continue the run once stopped."""
+
+    threads: int
+    resume_advice: str
+    fastest: float = 0.0
+    slow_lines: int = 0
+    said: bool = False
+
+    def observe(self, tokens_per_s: float) -> str | None:
+        """The note, at the SLOWDOWN_LINES-th line in a row below the fastest line ÷ SLOWDOWN_FACTOR."""
+        if self.said or self.threads < 2 or not (math.isfinite(tokens_per_s) and tokens_per_s > 0):
+            return None
+        if tokens_per_s * SLOWDOWN_FACTOR >= self.fastest:
+            self.fastest, self.slow_lines = max(self.fastest, tokens_per_s), 0
+            return None
+        self.slow_lines += 1
+        if self.slow_lines < SLOWDOWN_LINES:
+            return None
+        self.said = True
+        return (
+            f"training runs {self.fastest / tokens_per_s:.0f} times slower than earlier in this session "
+            f"({tokens_per_s:,.0f} tokens/s, after {self.fastest:,.0f}): other work on this machine's cores "
+            f"stalls drnn's {self.threads} threads, which wait for each other at every step. On a busy "
+            f"machine one thread is often faster: stop it (Ctrl-C) and continue with {self.resume_advice} "
+            "under OMP_NUM_THREADS=1"
+        )
+
+
 @dataclass
 class EpochClock:
     """An epoch's training seconds: the clock's reading at its start (less the seconds trained before a

@@ -93,6 +93,7 @@ from drnn_cli.session_time import (
     RunPlan,
     SessionSeconds,
     SessionTime,
+    SlowdownWatch,
     Validating,
     WorkLeft,
     reach_by_time,
@@ -250,6 +251,12 @@ class Trainer:
                 run_dir, device, self.global_step if resume is not None else None
             )
         self._first_step = self.global_step
+        # a CPU's thread team stalled by other work (under torchrun, each process's own lines would say it)
+        self.slowdown = (
+            SlowdownWatch(torch.get_num_threads(), self.resume_advice)
+            if device.type == "cpu" and not self.dist.enabled
+            else None
+        )
         # SIGINT, SIGTERM, or SIGPIPE (stdout closed: drnn_cli.signals raises it on the first failed write)
         self.stops = StopRequests()
         self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
@@ -448,6 +455,12 @@ class Trainer:
             append_metrics(self.files.metrics, record)
         if self.tensorboard is not None:
             self.tensorboard.add_record(record)
+
+    def _report_line(self, record: EpochRecord) -> None:
+        """A metrics line on the terminal, and after it, once, a CPU's thread team stalled by other work."""
+        self.reporter.epoch_end(record)
+        if self.slowdown is not None and (note := self.slowdown.observe(record.tokens_per_s)):
+            self.reporter.note(note)
 
     def _update_plot(self, force: bool = False) -> None:
         if self.dist.is_main:
@@ -824,7 +837,7 @@ class Trainer:
         )
         if val_ppl is not None or stop is not None or self.cadence.log.due_at_step(global_step):
             self._append_metrics(record)
-            self.reporter.epoch_end(record)
+            self._report_line(record)
             # the next line's window starts here; set before the checkpoint below keeps it
             progress.logged_loss_sum = loss_sum
             progress.logged_count = int(count)
@@ -1253,7 +1266,7 @@ class Trainer:
             or keep
         ):
             self._save(LAST, done, keep=keep)
-        self.reporter.epoch_end(record)
+        self._report_line(record)
         if (
             self.dist.is_main
             and self.cadence.sample.due_at_epoch_end(done, self.global_step)

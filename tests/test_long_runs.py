@@ -1764,6 +1764,50 @@ def test_a_second_ctrl_c_between_boundaries_counts_the_session_training_up_to_it
     assert 0.5 <= stopped["seconds"]["training"] <= stopped["seconds"]["session"]
 
 
+def test_a_slowdown_to_a_fraction_of_the_session_pace_is_said_once_with_one_thread_as_the_cure():
+    """Three metrics lines in a row below a quarter of the session's fastest: said at the third, once;
+    a line back at pace starts the count again, and one thread (no team to stall) is never told."""
+    from drnn_cli.session_time import SlowdownWatch
+
+    watch = SlowdownWatch(threads=2, resume_advice="the same command plus --resume")
+    # 9,000 is not below 40,000 / 4 = 10,000... it is: slow; 12,000 is not, and resets the count
+    paces = [20_000.0, 40_000.0, 9_000.0, 5_000.0, 12_000.0, 8_000.0, 5_000.0]
+    assert [watch.observe(pace) for pace in paces] == [None] * 7
+    note = watch.observe(4_000.0)
+    assert note == (
+        "training runs 10 times slower than earlier in this session (4,000 tokens/s, after 40,000): other "
+        "work on this machine's cores stalls drnn's 2 threads, which wait for each other at every step. On "
+        "a busy machine one thread is often faster: stop it (Ctrl-C) and continue with the same command "
+        "plus --resume under OMP_NUM_THREADS=1"
+    )
+    assert watch.observe(1_000.0) is None  # once
+    alone = SlowdownWatch(threads=1, resume_advice="")
+    assert [alone.observe(pace) for pace in (40_000.0, 1_000.0, 1_000.0, 1_000.0, 1_000.0)] == [None] * 5
+
+
+def test_a_cpu_run_whose_steps_slow_down_says_so_as_it_trains(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Steps 30 ms slower from the third epoch on, as a stalled 2-thread team's are: the run says so."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the watch's; the tests train on one
+    call, steps = StaticStep.__call__, []
+
+    def stalled_step(self: StaticStep, window: torch.Tensor) -> torch.Tensor:
+        steps.append(True)
+        if len(steps) > 45:
+            time.sleep(0.03)
+        return call(self, window)
+
+    monkeypatch.setattr(StaticStep, "__call__", stalled_step)
+    tree = {**TINY, "train": {**TINY["train"], "epochs": 7}}
+    code, out, err = cli("train", "--config", str(write_config(workdir, tree)))
+    assert code == 0, err
+    said = " ".join(out.split())  # the note, folded at the terminal's width
+    assert said.count("times slower than earlier in this session") == 1, out
+    note = said.split("note: training runs ")[1].split(" epoch ")[0]  # said after an epoch's line
+    assert note.endswith("continue with the same command plus --resume under OMP_NUM_THREADS=1"), out
+
+
 def test_a_step_budgets_last_line_reaches_the_span_its_first_line_counts_out_of(workdir: Path):
     """1,610 tokens in rows of 8 × 10 make epochs of 19 or 20 steps as sequential sampling's offset falls
     (19, 20, 20, 20 with seed 0; 19.91 on average): 66 steps end 7 steps into the fourth epoch, 3.35, where

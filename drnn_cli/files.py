@@ -351,6 +351,29 @@ def read_own_file(path: Path, max_bytes: int) -> bytes:
     return b"".join(pieces)
 
 
+def read_tail(path: Path, max_bytes: int) -> tuple[bytes, bool]:
+    """A file's last ``max_bytes`` and whether they begin a line (the file's start, or just after a
+    line break), read without waiting on a FIFO or reading a device: anything but a regular file
+    raises OSError."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        start = max(0, info.st_size - max_bytes)
+        os.lseek(descriptor, max(0, start - 1), os.SEEK_SET)  # the byte before: does a line begin at start?
+        pieces, wanted = [], max_bytes + (start > 0)
+        while wanted > 0 and (piece := os.read(descriptor, min(wanted, 1 << 20))):
+            pieces.append(piece)
+            wanted -= len(piece)
+    finally:
+        os.close(descriptor)
+    data = b"".join(pieces)
+    if start == 0:
+        return data, True
+    return data[1:], data[:1] == b"\n"
+
+
 FileIdentity = dict[str, int]
 
 

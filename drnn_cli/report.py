@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +19,7 @@ from drnn_cli import strict_json
 from drnn_cli.budget import StopReason, epoch_count, format_duration, steps_span
 from drnn_cli.config import Config, dump_config
 from drnn_cli.errors import DrnnError, first_line
-from drnn_cli.files import atomic_write_bytes, atomic_write_text
+from drnn_cli.files import atomic_write_bytes, atomic_write_text, read_tail
 from drnn_cli.plot import plotter_missing, plotter_problem, render_perplexity_plot
 from drnn_cli.run_files import RunFiles, run_name
 from drnn_cli.session_time import SessionSeconds
@@ -288,30 +287,31 @@ def read_metrics(path: Path, global_step: int, start_epoch: int) -> list[EpochRe
     return records
 
 
-METRICS_TAIL_BYTES = 65_536  # last_training_ppl: a metrics.jsonl's last lines, whatever its length
+# last_training_ppl: a metrics.jsonl's last lines, read further back only where they hold no line up to the
+# checkpoint (a session killed long after it), up to the last: a long run's history costs nothing
+METRICS_TAIL_READS = (65_536, 1 << 20, 8 << 20)
 
 
 def last_training_ppl(path: Path, global_step: int, epoch: int) -> float | None:
     """The training perplexity of the last ``metrics.jsonl`` line up to a checkpoint at ``global_step``
     (epoch ``epoch``; lines past it are a session's that ended before its next checkpoint): what d2l
-    reports of a run, and ``drnn runs`` of one without a validation split. Only the file's last
-    METRICS_TAIL_BYTES are read, so a long run's history costs nothing; None where no line says a
-    finite one (the tail torn, a fine-tuning run's starting line alone, a run that overflowed)."""
-    try:
-        with path.open("rb") as stream:
-            size = stream.seek(0, os.SEEK_END)
-            stream.seek(max(0, size - METRICS_TAIL_BYTES))
-            lines = stream.read(METRICS_TAIL_BYTES).decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    if size > METRICS_TAIL_BYTES:
-        lines = lines[1:]  # the first is a line's end
-    for line in reversed(lines):
-        with contextlib.suppress(ValueError, TypeError):
-            record = EpochRecord.from_json(line)
-            kept = record.step <= global_step if record.step else record.epoch <= epoch
-            if kept and record.train_ppl is not None:
-                return record.train_ppl if math.isfinite(record.train_ppl) else None
+    reports of a run, and ``drnn runs`` of one without a validation split. None where no line read
+    says a finite one (a torn tail, a fine-tuning run's starting line alone, a run that overflowed),
+    or where the file is no regular file (a FIFO is not waited on)."""
+    for max_bytes in METRICS_TAIL_READS:
+        try:
+            data, whole = read_tail(path, max_bytes)
+        except OSError:
+            return None
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        for line in reversed(lines if whole else lines[1:]):  # a cut first line is a line's end
+            with contextlib.suppress(ValueError, TypeError):
+                record = EpochRecord.from_json(line)
+                kept = record.step <= global_step if record.step else record.epoch <= epoch
+                if kept and record.train_ppl is not None:
+                    return record.train_ppl if math.isfinite(record.train_ppl) else None
+        if len(data) < max_bytes:  # the whole file was read
+            break
     return None
 
 

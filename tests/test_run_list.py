@@ -223,6 +223,33 @@ def test_runs_without_a_validation_split_show_their_last_training_perplexity(wor
     ]
 
 
+def test_the_last_training_perplexity_is_read_from_the_tail_whatever_stands_at_metrics_jsonl(tmp_path: Path):
+    """Only a metrics.jsonl's tail is read: a line starting exactly where the tail starts counts (it was
+    dropped as a line's end), lines past the checkpoint beyond the first tail send the read further back,
+    and a FIFO, a directory or a device is no figure, at once (a FIFO hung drnn runs: review rev39b)."""
+    from drnn_cli.report import METRICS_TAIL_READS, EpochRecord, last_training_ppl
+
+    def line(step: int, ppl: float) -> str:
+        return EpochRecord(1.0, ppl, None, 0.1, 1e4, 1.0, step, step * 80).to_json() + "\n"
+
+    metrics = tmp_path / "metrics.jsonl"
+    kept = line(10, 3.0)
+    pad = (
+        "x" * (METRICS_TAIL_READS[0] - len(kept) - 1) + "\n"
+    )  # a torn line, then the kept one fills the tail
+    metrics.write_text(line(5, 9.0) + pad + kept)
+    assert metrics.stat().st_size == METRICS_TAIL_READS[0] + len(line(5, 9.0))
+    assert last_training_ppl(metrics, global_step=10, epoch=1) == 3.0
+    past = "".join(line(11 + i, 2.0) for i in range(METRICS_TAIL_READS[0] // len(line(11, 2.0)) + 10))
+    metrics.write_text(line(9, 4.0) + past)  # a killed session's lines past the checkpoint, over 64 KiB
+    assert last_training_ppl(metrics, global_step=10, epoch=1) == 4.0
+    os.mkfifo(tmp_path / "fifo")
+    started = time.monotonic()
+    for other in (tmp_path / "fifo", tmp_path, Path("/dev/zero"), tmp_path / "missing"):
+        assert last_training_ppl(other, global_step=10, epoch=1) is None
+    assert time.monotonic() - started < 1
+
+
 def test_a_sweep_names_what_it_varied_and_runs_that_differ_in_much_are_counted(workdir: Path, cli):
     """Two runs that differ in lr and seed show both as --set takes them; a third with a GRU, another
     optimizer and more differs in too much for the table, which counts the settings instead."""

@@ -133,31 +133,40 @@ class SlowdownWatch:
     pace and stays there: an OpenMP team waits at every step for its slowest thread, so other work on
     one core can stall a small model 8-30 times over, where one thread would barely notice (a learner's
     quickstart took 15 minutes instead of 2, at 3,190-5,400 tokens/s after 44,000, on a shared
-    machine: learner39). ``resume_advice`` says how to continue the run once stopped."""
+    machine: learner39). The pace is each metrics line's own window, from the tokens and training
+    seconds between two lines of this session: a line's tokens/s counts its epoch so far, a resumed
+    epoch's earlier session with it (rev39b). ``tokens_seen`` and ``elapsed``: the run's counts as the
+    session begins; ``resume_advice``: how to continue the run once stopped."""
 
     threads: int
     resume_advice: str
+    tokens_seen: int
+    elapsed: float
     fastest: float = 0.0
     slow_lines: int = 0
     said: bool = False
 
-    def observe(self, tokens_per_s: float) -> str | None:
-        """The note, at the SLOWDOWN_LINES-th line in a row below the fastest line ÷ SLOWDOWN_FACTOR."""
-        if self.said or self.threads < 2 or not (math.isfinite(tokens_per_s) and tokens_per_s > 0):
+    def observe(self, tokens_seen: int, elapsed: float) -> str | None:
+        """The note, at the SLOWDOWN_LINES-th window in a row below the fastest ÷ SLOWDOWN_FACTOR;
+        ``tokens_seen`` and ``elapsed``: the run's, at a metrics line."""
+        tokens, seconds = tokens_seen - self.tokens_seen, elapsed - self.elapsed
+        self.tokens_seen, self.elapsed = tokens_seen, elapsed
+        if self.said or self.threads < 2 or tokens <= 0 or not seconds > 0:
             return None
-        if tokens_per_s * SLOWDOWN_FACTOR >= self.fastest:
-            self.fastest, self.slow_lines = max(self.fastest, tokens_per_s), 0
+        pace = tokens / seconds
+        if pace * SLOWDOWN_FACTOR >= self.fastest:
+            self.fastest, self.slow_lines = max(self.fastest, pace), 0
             return None
         self.slow_lines += 1
         if self.slow_lines < SLOWDOWN_LINES:
             return None
         self.said = True
         return (
-            f"training runs {self.fastest / tokens_per_s:.0f} times slower than earlier in this session "
-            f"({tokens_per_s:,.0f} tokens/s, after {self.fastest:,.0f}): other work on this machine's cores "
-            f"stalls drnn's {self.threads} threads, which wait for each other at every step. On a busy "
-            f"machine one thread is often faster: stop it (Ctrl-C) and continue with {self.resume_advice} "
-            "under OMP_NUM_THREADS=1"
+            f"training runs {self.fastest / pace:.0f} times slower than earlier in this session "
+            f"({pace:,.0f} tokens/s, down from {self.fastest:,.0f}): other work on this machine's cores is "
+            f"probably stalling drnn's {self.threads} threads, which wait for each other at every step. "
+            "On a busy machine one thread is often faster: stop it (Ctrl-C) and continue it with "
+            f"OMP_NUM_THREADS=1 set, by {self.resume_advice}"
         )
 
 

@@ -251,12 +251,7 @@ class Trainer:
                 run_dir, device, self.global_step if resume is not None else None
             )
         self._first_step = self.global_step
-        # a CPU's thread team stalled by other work (under torchrun, each process's own lines would say it)
-        self.slowdown = (
-            SlowdownWatch(torch.get_num_threads(), self.resume_advice)
-            if device.type == "cpu" and not self.dist.enabled
-            else None
-        )
+        self.slowdown: SlowdownWatch | None = None  # from the session's start (fit)
         # SIGINT, SIGTERM, or SIGPIPE (stdout closed: drnn_cli.signals raises it on the first failed write)
         self.stops = StopRequests()
         self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
@@ -459,7 +454,8 @@ class Trainer:
     def _report_line(self, record: EpochRecord) -> None:
         """A metrics line on the terminal, and after it, once, a CPU's thread team stalled by other work."""
         self.reporter.epoch_end(record)
-        if self.slowdown is not None and (note := self.slowdown.observe(record.tokens_per_s)):
+        slowdown = self.slowdown
+        if slowdown is not None and (note := slowdown.observe(record.tokens_seen, record.elapsed)):
             self.reporter.note(note)
 
     def _update_plot(self, force: bool = False) -> None:
@@ -1135,6 +1131,10 @@ class Trainer:
         # resume's replayed one, though neither counts against max_time
         self.session_time = SessionTime()
         self._session_start_elapsed = self.elapsed + self.progress.elapsed  # a resume's, mid-epoch too
+        if self.device.type == "cpu" and not self.dist.enabled:  # under torchrun each process would say it
+            self.slowdown = SlowdownWatch(
+                torch.get_num_threads(), self.resume_advice, self.tokens_seen, self._session_start_elapsed
+            )
         with self.stops.noted():  # a signal from here on stops at a checkpoint
             if already is None and self.global_step == 0 and self.init_from_label:
                 if not self.records:

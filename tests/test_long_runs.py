@@ -1765,24 +1765,31 @@ def test_a_second_ctrl_c_between_boundaries_counts_the_session_training_up_to_it
 
 
 def test_a_slowdown_to_a_fraction_of_the_session_pace_is_said_once_with_one_thread_as_the_cure():
-    """Three metrics lines in a row below a quarter of the session's fastest: said at the third, once;
-    a line back at pace starts the count again, and one thread (no team to stall) is never told."""
+    """Three windows in a row (the tokens and seconds between two metrics lines) below a quarter of the
+    session's fastest: said at the third, once; a window back at pace starts the count again, and one
+    thread (no team to stall) is never told. A resumed session's first window starts at its own start."""
     from drnn_cli.session_time import SlowdownWatch
 
-    watch = SlowdownWatch(threads=2, resume_advice="the same command plus --resume")
-    # 9,000 is not below 40,000 / 4 = 10,000... it is: slow; 12,000 is not, and resets the count
-    paces = [20_000.0, 40_000.0, 9_000.0, 5_000.0, 12_000.0, 8_000.0, 5_000.0]
-    assert [watch.observe(pace) for pace in paces] == [None] * 7
-    note = watch.observe(4_000.0)
-    assert note == (
-        "training runs 10 times slower than earlier in this session (4,000 tokens/s, after 40,000): other "
-        "work on this machine's cores stalls drnn's 2 threads, which wait for each other at every step. On "
-        "a busy machine one thread is often faster: stop it (Ctrl-C) and continue with the same command "
-        "plus --resume under OMP_NUM_THREADS=1"
-    )
-    assert watch.observe(1_000.0) is None  # once
-    alone = SlowdownWatch(threads=1, resume_advice="")
-    assert [alone.observe(pace) for pace in (40_000.0, 1_000.0, 1_000.0, 1_000.0, 1_000.0)] == [None] * 5
+    def windows(watch: SlowdownWatch, seconds: list[float], tokens: int = 36_000) -> list[str | None]:
+        said = []
+        for window in seconds:  # the run's counts at each line: the session's start plus its windows
+            said.append(watch.observe(watch.tokens_seen + tokens, watch.elapsed + window))
+        return said
+
+    # a resumed run: 1,000,000 tokens in 500 s before this session
+    watch = SlowdownWatch(2, "the same command plus --resume", tokens_seen=1_000_000, elapsed=500.0)
+    # 20,000 and 40,000 tokens/s; then 9,000 (below 40,000 / 4), 5,000, 12,000 (not: the count restarts),
+    # 8,000, 5,000
+    assert windows(watch, [1.8, 0.9, 4.0, 7.2, 3.0, 4.5, 7.2]) == [None] * 7
+    assert windows(watch, [9.0]) == [  # 4,000 tokens/s
+        "training runs 10 times slower than earlier in this session (4,000 tokens/s, down from 40,000): "
+        "other work on this machine's cores is probably stalling drnn's 2 threads, which wait for each "
+        "other at every step. On a busy machine one thread is often faster: stop it (Ctrl-C) and continue "
+        "it with OMP_NUM_THREADS=1 set, by the same command plus --resume"
+    ]
+    assert windows(watch, [36.0]) == [None]  # once
+    alone = SlowdownWatch(1, "", tokens_seen=0, elapsed=0.0)
+    assert windows(alone, [0.9, 36.0, 36.0, 36.0, 36.0]) == [None] * 5
 
 
 def test_a_cpu_run_whose_steps_slow_down_says_so_as_it_trains(
@@ -1805,7 +1812,7 @@ def test_a_cpu_run_whose_steps_slow_down_says_so_as_it_trains(
     said = " ".join(out.split())  # the note, folded at the terminal's width
     assert said.count("times slower than earlier in this session") == 1, out
     note = said.split("note: training runs ")[1].split(" epoch ")[0]  # said after an epoch's line
-    assert note.endswith("continue with the same command plus --resume under OMP_NUM_THREADS=1"), out
+    assert note.endswith("continue it with OMP_NUM_THREADS=1 set, by the same command plus --resume"), out
 
 
 def test_a_step_budgets_last_line_reaches_the_span_its_first_line_counts_out_of(workdir: Path):

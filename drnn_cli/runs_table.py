@@ -7,14 +7,13 @@ from pathlib import Path
 
 from rich.cells import cell_len
 from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
 from drnn_cli.render import format_perplexity
 from drnn_cli.run_list import RunSummary, as_set
 from drnn_cli.shown_text import terminal_safe
 
-UNBOUNDED = 1_000_000  # columns: a layout's measure, not capped at the terminal's width
+FOLD_FLOOR = 10  # the narrowest a folding column (a long name or text) is made, in cells
 DIFFERENCES_SHOWN = 3  # drnn runs: at most this many settings the runs differ in are shown (--json: all)
 
 
@@ -22,13 +21,52 @@ def runs_table(
     runs: list[RunSummary], folder: Path, differing: list[str], order: str, console: Console, wide: bool
 ) -> Table:
     """The first layout that fits ``console``: names and texts whole; a long text's name folded; names
-    folded too. What a layout needs is measured unbounded: rich caps a measure at the console's width."""
-    unbounded = console.options.update_width(UNBOUNDED)
-    for names_whole, texts_whole in ((True, True), (True, False), (False, False)):
-        table = _table(runs, folder, wide, differing, order, names_whole, texts_whole)
-        if Measurement.get(console, unbounded, table).minimum <= console.width:
+    folded too; at each, on a wide terminal, a column each first, then the 80-column table (whole
+    names in it read better than folded ones in more columns). Where none fits, the last is left to
+    rich (which narrows every column alike, cropping some)."""
+    layouts = [
+        (own_columns, names, texts)
+        for names, texts in ((True, True), (True, False), (False, False))
+        for own_columns in ((True, False) if wide else (False,))
+    ]
+    for own_columns, names_whole, texts_whole in layouts:
+        table, rows = _table(runs, folder, own_columns, differing, order, names_whole, texts_whole)
+        if _fit(table, rows, console.width):
             break
     return table
+
+
+def _fit(table: Table, rows: list[list[str]], width: int) -> bool:
+    """Sets each column's width so that the table is at most ``width`` cells wide, or says it cannot be.
+    A column kept whole needs its widest line, one that folds FOLD_FLOOR cells (or its widest line), any
+    other its longest word; from their widest lines, the widest column above its need gives a cell at a
+    time. (rich's own narrowing measures a whole column by its longest word and takes from every column
+    alike: a name folded mid-token where a layout fitted, and a state column shrank to nothing.)"""
+    columns = [
+        [str(column.header), *(row[index] for row in rows)] for index, column in enumerate(table.columns)
+    ]
+    lines = [[line for cell in cells for line in cell.splitlines()] or [""] for cells in columns]
+    widest = [max(cell_len(line) for line in column_lines) for column_lines in lines]
+    needs = []
+    for column, column_lines, most in zip(table.columns, lines, widest, strict=True):
+        if column.no_wrap:
+            needs.append(most)
+        elif column.overflow == "fold":
+            needs.append(min(most, FOLD_FLOOR))
+        else:
+            needs.append(max((cell_len(word) for line in column_lines for word in line.split()), default=1))
+    room = width - (3 * len(table.columns) + 1)  # each column's padding and border, and the last border
+    if sum(needs) > room:
+        return False
+    widths = list(widest)
+    while sum(widths) > room:
+        give = max(
+            (index for index in range(len(widths)) if widths[index] > needs[index]), key=widths.__getitem__
+        )
+        widths[give] -= 1
+    for column, cells in zip(table.columns, widths, strict=True):
+        column.width = cells
+    return True
 
 
 def _table(
@@ -39,7 +77,7 @@ def _table(
     order: str,
     names_whole: bool,
     texts_whole: bool,
-) -> Table:
+) -> tuple[Table, list[list[str]]]:
     """``drnn runs``'s table. 80 columns hold the run, its model over its text, its progress over its
     state, its best validation and when it last wrote; on a wide terminal (the caller's ``wide``)
     each has its own column, with the training time and the holder of a training's lock.
@@ -67,7 +105,7 @@ def _table(
         table.add_column("time", justify="right")
     else:
         table.add_column("model, text", overflow="fold", no_wrap=texts_whole)  # settings: under names
-        table.add_column("trained, state", justify="right")
+        table.add_column("trained, state", justify="right", overflow="fold")
     table.add_column("best val", justify="right", no_wrap=True)
     if wide:
         table.add_column("state")
@@ -110,12 +148,7 @@ def _table(
         rows.append([*cells, *(["\n".join(differs)] if wide and shown else [])])
     for row in rows:
         table.add_row(*row)
-    # a column kept whole needs its widest line: rich measures its widest word, and crops the rest
-    for index, column in enumerate(table.columns):
-        if column.no_wrap:
-            lines = [str(column.header), *(line for row in rows for line in row[index].splitlines())]
-            column.min_width = max(cell_len(line) for line in lines)
-    return table
+    return table, rows
 
 
 def _no_best(run: RunSummary) -> str:
@@ -127,4 +160,6 @@ def _no_best(run: RunSummary) -> str:
         return ""
     if run.info.config.data.val_fraction > 0:
         return "not yet"
-    return "—" if run.train_ppl is None else f"—\ntrain {format_perplexity(run.train_ppl, 3)}"
+    if run.train_ppl is None:
+        return "—"
+    return f"—\ntrain {format_perplexity(run.train_ppl, 3 if run.train_ppl < 100 else 1)}"

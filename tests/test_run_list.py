@@ -163,7 +163,7 @@ def test_a_long_text_name_wraps_and_leaves_every_other_cell_whole(
     text = workdir / "project_gutenberg_time_machine_wells_1895_cleaned.txt"
     text.write_bytes(corpus_path.read_bytes())
     config = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
-    for name, lr in (("lr1", 0.01), ("lr2", 0.02)):
+    for name, lr in (("lr01-seed4-wd", 0.01), ("lr02-seed4-wd", 0.02)):
         sets = (f"--set=data.path={text}", f"--set=train.lr={lr}")
         assert cli("train", "--config", config, "--run", f"runs/long/{name}", *sets)[0] == 0
     for columns in (80, 60):
@@ -174,8 +174,8 @@ def test_a_long_text_name_wraps_and_leaves_every_other_cell_whole(
         assert max(len(line) for line in lines) <= columns and "…" not in out, out
         rows = _rows(lines)
         assert [row[0] for row in rows] == [
-            "runs/long/lr1train.lr=0.01",
-            "runs/long/lr2★latesttrain.lr=0.02",
+            "runs/long/lr01-seed4-wdtrain.lr=0.01",
+            "runs/long/lr02-seed4-wd★latesttrain.lr=0.02",
         ]
         assert [row[1] for row in rows] == ["lstm2×32" + text.name.replace(" ", "")] * 2
         assert [row[2] for row in rows] == ["1/1epochsfinished"] * 2
@@ -183,11 +183,11 @@ def test_a_long_text_name_wraps_and_leaves_every_other_cell_whole(
     code, out, err = cli("runs", "runs/long", "--sort", "name")
     first_cells = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
     assert [cell for cell in first_cells if cell.startswith(("runs/", "train."))] == [
-        "runs/long/lr1",
+        "runs/long/lr01-seed4-wd",
         "train.lr=0.01",
-        "runs/long/lr2",
+        "runs/long/lr02-seed4-wd",
         "train.lr=0.02",
-    ]  # whole at 80 columns
+    ]  # whole at 80 columns, where rich's narrowing folded them with the text (review rev39b #2)
 
 
 def test_runs_without_a_validation_split_show_their_last_training_perplexity(workdir: Path, cli):

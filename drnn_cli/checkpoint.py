@@ -110,6 +110,9 @@ class Checkpoint:
     best_val_ppl: float | None = None
     trainer_state: dict[str, Any] = field(default_factory=dict)  # optimizer, RNG, carried state…
     init_from: str | None = None
+    # where init_from's checkpoint stood when this run started from it (trained_point): the file at that
+    # path may be another since (the base resumed or replaced), whose training split says nothing of this
+    init_from_at: str | None = None
     corpus_sha1: str | None = None  # of the corpus file the splits were cut from
     text_sha1: str | None = None  # of that text as drnn reads it (CorpusSha1s.text), whatever its line breaks
 
@@ -133,6 +136,7 @@ class Checkpoint:
             "step_in_epoch": self.step_in_epoch,
             "best_val_ppl": self.best_val_ppl,
             "init_from": self.init_from,
+            "init_from_at": self.init_from_at,
             "corpus_sha1": self.corpus_sha1,
             "text_sha1": self.text_sha1,
             "config": self.config.to_dict(),
@@ -361,6 +365,7 @@ class CheckpointInfo:
     step_in_epoch: int
     best_val_ppl: float | None
     init_from: str | None
+    init_from_at: str | None  # None in a checkpoint written before drnn recorded it, or trained from scratch
     corpus_sha1: str | None
     text_sha1: str | None  # None in a checkpoint written before drnn recorded it
     packed_trainer_state: Any  # JSON, its tensors as {"__tensor__": name} (unpack_tree)
@@ -381,6 +386,18 @@ class _UnreadTensors(dict):
 
     def __missing__(self, key: str) -> None:
         return None
+
+
+def trained_point(info: CheckpointInfo) -> str | None:
+    """Where a checkpoint's training stood, as a fine-tuned run records its base: its step and training
+    seconds ("step 721, 312.408 s of training"), which a base resumed or replaced at the same path does not
+    share. None where its trainer state cannot be read."""
+    try:
+        counters = info.counters()
+    except UnusableTrainerState:
+        return None
+    at = f"step {counters.global_step:,}" if counters.global_step is not None else f"epoch {info.epoch}"
+    return f"{at}, {counters.elapsed:.3f} s of training"
 
 
 def read_checkpoint_info(path: Path) -> CheckpointInfo:
@@ -427,6 +444,7 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
             step_in_epoch=_header_count(drnn.get("step_in_epoch", 0)),
             best_val_ppl=_optional(drnn.get("best_val_ppl"), float),
             init_from=_optional(drnn.get("init_from"), str),
+            init_from_at=_optional(drnn.get("init_from_at"), str),
             corpus_sha1=_optional(drnn.get("corpus_sha1"), str),
             text_sha1=_optional(drnn.get("text_sha1"), str),
             packed_trainer_state=drnn.get("trainer_state", {}),
@@ -577,6 +595,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
         best_val_ppl=info.best_val_ppl,
         trainer_state=trainer_state,
         init_from=info.init_from,
+        init_from_at=info.init_from_at,
         corpus_sha1=info.corpus_sha1,
         text_sha1=info.text_sha1,
     )

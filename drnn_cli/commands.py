@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
-from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
+from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info, trained_point
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
 from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
@@ -61,6 +61,7 @@ from drnn_cli.start_point import (
     check_max_unknown,
     earlier_bases_note,
     fine_tuning_point,
+    replaced_base_note,
     shared_text_note,
     trained_on_split_note,
     unknown_share_note,
@@ -485,6 +486,23 @@ class SplitSource:
     text_sha1: str | None
     path: Path  # the checkpoint read: its run's config.yaml says where a moved corpus went
     other_run: bool = False  # --splits-of: named in the report
+    init_from: str | None = None  # the other run's base, and where that base stood as it started from it
+    init_from_at: str | None = None
+
+
+def not_its_base_note(scored: Path, cut: SplitSource) -> str | None:
+    """``--splits-of RUN`` of the checkpoint RUN was fine-tuned from, since resumed or replaced at its path:
+    the figure is not the starting model's (prac39: a base resumed after its fine-tuning scored beside it
+    as though it were the model the fine-tuning began from)."""
+    if cut.init_from is None or cut.init_from_at is None or cut.init_from != str(scored.resolve()):
+        return None
+    now = trained_point(read_checkpoint_info(scored))
+    if now == cut.init_from_at:
+        return None
+    return (
+        f"{cut.path} was fine-tuned from {scored} when it stood at {cut.init_from_at}; it stands at {now} "
+        "now: this figure is not the model that run started from"
+    )
 
 
 def split_source(
@@ -517,7 +535,9 @@ def split_source(
             "token for token; score a text whole with --data FILE (a run fine-tuned from this checkpoint "
             "keeps its vocabulary)"
         )
-    return SplitSource(info.config, info.corpus_sha1, info.text_sha1, path, other_run=True)
+    return SplitSource(
+        info.config, info.corpus_sha1, info.text_sha1, path, True, info.init_from, info.init_from_at
+    )
 
 
 def evaluate_split(
@@ -558,11 +578,16 @@ def evaluate_split(
         notes = dataset.notes
         if cut.other_run:  # what the other run's training split holds says nothing of this checkpoint's
             optimistic = trained_on_split_note(loaded.path, cut.config, dataset, split_name)
+            replaced = not_its_base_note(loaded.path, cut)
         else:
             unseen = dataset.unseen_in_training(split_name)
             unseen_ids = dataset.unseen_ids() if unseen.count else None
             optimistic = base_trained_note(loaded.checkpoint, dataset, split_name)
-        notes = (*notes, optimistic) if optimistic else notes
+            checkpoint = loaded.checkpoint
+            held_out = split_name in ("val", "test")
+            replaced = replaced_base_note(checkpoint.init_from, checkpoint.init_from_at, "this model")
+            replaced = replaced if held_out else None
+        notes = (*notes, *filter(None, (optimistic, replaced)))
     result = evaluate(
         loaded.model,
         tokens,

@@ -5,7 +5,7 @@ data stage (the vocabulary, the text's SHA-1, the best perplexity kept on disk).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from drnn_cli.checkpoint import (
     CorruptCheckpoint,
     load_checkpoint,
     read_checkpoint_info,
+    trained_point,
 )
 from drnn_cli.config import (
     Config,
@@ -256,6 +257,7 @@ class StartPoint:
     resume: Checkpoint | None = None
     init_from: Checkpoint | None = None
     init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
+    init_from_at: str | None = None  # where that checkpoint's training stood (trained_point), recorded too
     init_source: Path | None = None  # that checkpoint as the command named it, for notes
     vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
     expected_sha1: str | None = None  # the file a resumed run was trained on
@@ -433,6 +435,7 @@ def _fine_tuning_from(
         adopted,
         init_from=checkpoint,
         init_label=str(source.resolve()),
+        init_from_at=trained_point(read_checkpoint_info(source)),
         init_source=source,
         vocab=checkpoint.vocab,
         changes="; ".join(notes) or None,
@@ -583,7 +586,7 @@ def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> s
     if split not in ("val", "test"):
         return None
     span = dataset.splits.span(split)
-    most = _base_sharing_most(checkpoint.init_from, checkpoint.config, dataset, span)
+    most = _base_sharing_most(checkpoint.init_from, checkpoint.config, dataset, span, checkpoint.init_from_at)
     if most is None:
         return None
     shared, label, followed = most
@@ -618,29 +621,70 @@ def trained_on_split_note(scored: Path, config: Config, dataset: Dataset, split:
 
 
 def _base_sharing_most(
-    label: str | None, config: Config, dataset: Dataset, span: tuple[int, int]
+    label: str | None,
+    config: Config,
+    dataset: Dataset,
+    span: tuple[int, int],
+    expected_at: str | None = None,
 ) -> tuple[int, str, int] | None:
     """Following the fine-tunings back from the base ``label`` names (up to BASES_FOLLOWED headers, as
-    far as the checkpoints are still where the runs started from), the base whose training split holds
-    most of ``span``'s tokens of this same text (read with ``config``'s token keys): (tokens shared, its
-    label, how many fine-tunings back, 1 for ``label`` itself); None where none holds any."""
+    far as the checkpoints are still where the runs started from, and still those checkpoints: where a
+    run recorded its base's ``trained_point``, ``expected_at`` for ``label``'s), the base whose training
+    split holds most of ``span``'s tokens of this same text (read with ``config``'s token keys): (tokens
+    shared, its label, how many fine-tunings back, 1 for ``label`` itself); None where none holds any."""
     most: tuple[int, str, int] | None = None
-    followed = 0
-    while label is not None and followed < BASES_FOLLOWED:
-        followed += 1
-        path = Path(label)
-        try:
-            base = read_checkpoint_info(path) if path.is_file() else None
-        except DrnnError:
-            base = None
+    for followed, (named, base) in enumerate(_bases(label, expected_at), start=1):
         if base is None:
-            break  # moved or gone: the bases before it are all that can be compared
+            break  # moved, gone or replaced: the bases before it are all that can be compared
         if not differing_keys(base.config, config, "data", TOKEN_KEYS) and _same_text(base, dataset):
             shared = _overlap((0, _training_split_end(base.config.data, dataset.total_tokens)[0]), span)
             if shared and (most is None or shared > most[0]):
-                most = (shared, label, followed)
-        label = base.init_from
+                most = (shared, named, followed)
     return most
+
+
+def _bases(label: str | None, expected_at: str | None) -> Iterator[tuple[str, CheckpointInfo | None]]:
+    """The chain of bases from ``label`` back (up to BASES_FOLLOWED), each with its header; the last None
+    where its file cannot be read or is no longer the checkpoint the run after it started from."""
+    for _ in range(BASES_FOLLOWED):
+        if label is None:
+            return
+        base = _base_header(label)
+        if base is None or (expected_at is not None and trained_point(base) != expected_at):
+            yield label, None
+            return
+        yield label, base
+        label, expected_at = base.init_from, base.init_from_at
+
+
+def _base_header(label: str) -> CheckpointInfo | None:
+    path = Path(label)
+    try:
+        return read_checkpoint_info(path) if path.is_file() else None
+    except DrnnError:
+        return None
+
+
+def replaced_base_note(label: str | None, expected_at: str | None, whose: str) -> str | None:
+    """Where a base along a fine-tuned run's chain (``label``, recorded at ``expected_at``) was resumed or
+    replaced at its path since: what it was and is, and that its training split no longer says whether
+    this split is held out from it (prac39: a base replaced with another split left the optimistic
+    figure unflagged). ``whose``: the model fine-tuned from ``label`` ("this model")."""
+    for _ in range(BASES_FOLLOWED):
+        if label is None or expected_at is None:
+            return None
+        base = _base_header(label)
+        if base is None:
+            return None  # moved or gone: README "Fine-tuning" says what then
+        now = trained_point(base)
+        if now != expected_at:
+            return (
+                f"{label} is no longer the checkpoint {whose} was fine-tuned from (then at {expected_at}, now "
+                f"at {now}): whether its training text is held out here cannot be told "
+                '(README "Fine-tuning")'
+            )
+        whose, label, expected_at = label, base.init_from, base.init_from_at
+    return None
 
 
 def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
@@ -661,7 +705,12 @@ def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
     found = [
         (name, most, len(splits.get(split)))
         for name, split in (("validation", "val"), ("test", "test"))
-        if (most := _base_sharing_most(checkpoint.init_from, config, dataset, splits.span(split))) is not None
+        if (
+            most := _base_sharing_most(
+                checkpoint.init_from, config, dataset, splits.span(split), checkpoint.init_from_at
+            )
+        )
+        is not None
     ]
     if not found:
         return None

@@ -63,6 +63,7 @@ def checkpoint_of(
     dataset: Dataset,
     *,
     init_from_label: str | None,
+    init_from_at: str | None,
     parts: TrainingParts,
     counters: TrainingCounters,
     device: torch.device,
@@ -96,6 +97,7 @@ def checkpoint_of(
         best_val_ppl=counters.best_val_ppl,
         trainer_state=state.to_tree(),
         init_from=init_from_label,
+        init_from_at=init_from_at,
         corpus_sha1=dataset.sha1,
         text_sha1=dataset.text_sha1,
     )

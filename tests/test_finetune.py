@@ -1027,6 +1027,55 @@ def test_eval_of_a_fine_tuned_run_says_its_split_holds_text_a_base_trained_on(tm
     assert code == 0 and "fine-tuned from" not in err
 
 
+def test_a_base_resumed_or_replaced_since_the_fine_tuning_is_said_not_compared(
+    tmp_path: Path, own: Path, cli
+):
+    """A fine-tuned run named its base by path alone: replaced there by a run holding out half the text,
+    the base's new training split (tokens 0-500) no longer overlapped the fine-tuned run's validation
+    (700-1,000), and its optimistic figure went unflagged; a base resumed since was scored with
+    --splits-of as though it were the model the fine-tuning started from (prac39). The run records where
+    its base stood; eval says when the file there is another."""
+    base = (tmp_path / "runs" / "base" / "best.safetensors").resolve()
+    tuned = config_for(tmp_path, own, "tuned", data={"val_fraction": 0.3}, train={"epochs": 1})
+    train_run(TrainRequest(tuned, init_from=Path("runs/base")))
+    from drnn_cli.checkpoint import read_checkpoint_info, trained_point
+
+    recorded = read_checkpoint_info(Path("runs/tuned/best.safetensors")).init_from_at
+    assert recorded == trained_point(read_checkpoint_info(base)) and recorded.startswith(
+        "step 9, "
+    )  # 720 / 80
+    code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
+    assert code == 0 and "optimistic" in err and "no longer" not in err, err
+    # the base resumed for two more epochs: eval --splits-of it beside the fine-tuned run says so
+    longer = config_for(
+        tmp_path, own, "base", data={"val_fraction": 0.1, "test_fraction": 0.1}, train={"epochs": 3}
+    )
+    assert cli("train", "--config", str(longer), "--resume")[0] == 0
+    now = trained_point(read_checkpoint_info(base))
+    code, _, err = cli("eval", "--run", "runs/base", "--splits-of", "runs/tuned", "--split", "val")
+    said = " ".join(err.split())
+    assert (
+        code == 0
+        and (
+            f"runs/tuned/best.safetensors was fine-tuned from runs/base/best.safetensors when it stood at {recorded}; "
+            f"it stands at "
+            f"{now} now: this figure is not the model that run started from"
+        )
+        in said
+    ), err
+    # replaced by a run that holds out half: the fine-tuned run's figure is no longer judged against it
+    half = config_for(tmp_path, own, "base", data={"val_fraction": 0.5}, train={"epochs": 1})
+    assert cli("train", "--config", str(half), "--overwrite")[0] == 0
+    replaced = trained_point(read_checkpoint_info(base))
+    code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
+    said = " ".join(err.split())
+    assert code == 0 and "optimistic" not in said, err
+    assert (
+        f"{base} is no longer the checkpoint this model was fine-tuned from (then at {recorded}, now at "
+        f'{replaced}): whether its training text is held out here cannot be told (README "Fine-tuning")'
+    ) in said, err
+
+
 def test_a_test_split_on_the_base_s_training_text_is_counted_beside_the_validation_split(own: Path):
     """Validation 0.1, test 0.3: validation is tokens 600-700 (all 100 the base trained on) and test
     700-1,000 (700-800 the base trained on: 100 of 300)."""

@@ -99,16 +99,18 @@ def _table(
     # stay whole with it: under its text, beside a name kept whole, "train.max_time=600" folded mid-token
     table.add_column("run", overflow="fold", no_wrap=names_whole)
     if wide:
-        table.add_column("model")
+        # a column each, each figure on its line: a wrapped "lstm 3×256 emb 64" or "300/300 steps" read
+        # worse than the 80-column table, which is taken where these do not fit (prac39)
+        table.add_column("model", no_wrap=True)
         table.add_column("text", overflow="fold", no_wrap=texts_whole)
-        table.add_column("trained", justify="right")
-        table.add_column("time", justify="right")
+        table.add_column("trained", justify="right", no_wrap=True)
+        table.add_column("time", justify="right", no_wrap=True)
     else:
         table.add_column("model, text", overflow="fold", no_wrap=texts_whole)  # settings: under names
         table.add_column("trained, state", justify="right", overflow="fold")
     table.add_column("best val", justify="right", no_wrap=True)
     if wide:
-        table.add_column("state")
+        table.add_column("state", no_wrap=True)
     table.add_column("updated", no_wrap=True)
     if wide and shown:
         table.add_column("settings", overflow="fold", no_wrap=texts_whole)

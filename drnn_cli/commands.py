@@ -500,8 +500,8 @@ def not_its_base_note(scored: Path, cut: SplitSource) -> str | None:
     if now == cut.init_from_at:
         return None
     return (
-        f"{cut.path} was fine-tuned from {scored} when it stood at {cut.init_from_at}; it stands at {now} "
-        "now: this figure is not the model that run started from"
+        f"{cut.path} was fine-tuned from {scored} when it stood at {cut.init_from_at}; it stands at {now} now: "
+        "this figure is not the model that run started from"
     )
 
 
@@ -576,17 +576,17 @@ def evaluate_split(
         read_as = rows or cut.config.data.batch_size
         tokens, source, split_name, dataset = _split_tokens(cut, loaded.checkpoint, split, corpus_file)
         notes = dataset.notes
+        own = loaded.checkpoint
+        # a base of the checkpoint scored, resumed or replaced since: its split cannot be judged (either way)
+        replaced = replaced_base_note(own.init_from, own.init_from_at, "this model")
+        replaced = replaced if split_name in ("val", "test") else None
         if cut.other_run:  # what the other run's training split holds says nothing of this checkpoint's
             optimistic = trained_on_split_note(loaded.path, cut.config, dataset, split_name)
-            replaced = not_its_base_note(loaded.path, cut)
+            notes = (*notes, *filter(None, (not_its_base_note(loaded.path, cut),)))
         else:
             unseen = dataset.unseen_in_training(split_name)
             unseen_ids = dataset.unseen_ids() if unseen.count else None
-            optimistic = base_trained_note(loaded.checkpoint, dataset, split_name)
-            checkpoint = loaded.checkpoint
-            held_out = split_name in ("val", "test")
-            replaced = replaced_base_note(checkpoint.init_from, checkpoint.init_from_at, "this model")
-            replaced = replaced if held_out else None
+            optimistic = base_trained_note(own, dataset, split_name)
         notes = (*notes, *filter(None, (optimistic, replaced)))
     result = evaluate(
         loaded.model,

@@ -679,7 +679,7 @@ def replaced_base_note(label: str | None, expected_at: str | None, whose: str) -
         now = trained_point(base)
         if now != expected_at:
             return (
-                f"{label} is no longer the checkpoint {whose} was fine-tuned from (then at {expected_at}, now "
+                f"{label} is no longer the checkpoint {whose} was fine-tuned from (then at {expected_at}; now "
                 f"at {now}): whether its training text is held out here cannot be told "
                 '(README "Fine-tuning")'
             )

@@ -1041,9 +1041,8 @@ def test_a_base_resumed_or_replaced_since_the_fine_tuning_is_said_not_compared(
     from drnn_cli.checkpoint import read_checkpoint_info, trained_point
 
     recorded = read_checkpoint_info(Path("runs/tuned/best.safetensors")).init_from_at
-    assert recorded == trained_point(read_checkpoint_info(base)) and recorded.startswith(
-        "step 9, "
-    )  # 720 / 80
+    assert recorded == trained_point(read_checkpoint_info(base))
+    assert re.fullmatch(r"step 9 after \d+\.\d{3} s, header [0-9a-f]{12}", recorded or "")  # 720 / 80
     code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
     assert code == 0 and "optimistic" in err and "no longer" not in err, err
     # the base resumed for two more epochs: eval --splits-of it beside the fine-tuned run says so
@@ -1071,9 +1070,12 @@ def test_a_base_resumed_or_replaced_since_the_fine_tuning_is_said_not_compared(
     said = " ".join(err.split())
     assert code == 0 and "optimistic" not in said, err
     assert (
-        f"{base} is no longer the checkpoint this model was fine-tuned from (then at {recorded}, now at "
+        f"{base} is no longer the checkpoint this model was fine-tuned from (then at {recorded}; now at "
         f'{replaced}): whether its training text is held out here cannot be told (README "Fine-tuning")'
     ) in said, err
+    # scored on its own splits through --splits-of, as the base replaced: said too (review rev39c #1)
+    code, _, err = cli("eval", "--run", "runs/tuned", "--splits-of", "runs/tuned", "--split", "val")
+    assert code == 0 and f"{base} is no longer the checkpoint this model" in " ".join(err.split()), err
 
 
 def test_a_test_split_on_the_base_s_training_text_is_counted_beside_the_validation_split(own: Path):

@@ -578,8 +578,8 @@ def evaluate_split(
         notes = dataset.notes
         own = loaded.checkpoint
         # a base of the checkpoint scored, resumed or replaced since: its split cannot be judged (either way)
-        replaced = replaced_base_note(own.init_from, own.init_from_at, "this model")
-        replaced = replaced if split_name in ("val", "test") else None
+        held_out = split_name in ("val", "test")
+        replaced = replaced_base_note(own.init_from, own.init_from_at, "this model") if held_out else None
         if cut.other_run:  # what the other run's training split holds says nothing of this checkpoint's
             optimistic = trained_on_split_note(loaded.path, cut.config, dataset, split_name)
             notes = (*notes, *filter(None, (not_its_base_note(loaded.path, cut),)))

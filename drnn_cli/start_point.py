@@ -633,8 +633,8 @@ def _base_sharing_most(
     split holds most of ``span``'s tokens of this same text (read with ``config``'s token keys): (tokens
     shared, its label, how many fine-tunings back, 1 for ``label`` itself); None where none holds any."""
     most: tuple[int, str, int] | None = None
-    for followed, (named, base) in enumerate(_bases(label, expected_at), start=1):
-        if base is None:
+    for followed, (named, base, replaced) in enumerate(_bases(label, expected_at), start=1):
+        if base is None or replaced:
             break  # moved, gone or replaced: the bases before it are all that can be compared
         if not differing_keys(base.config, config, "data", TOKEN_KEYS) and _same_text(base, dataset):
             shared = _overlap((0, _training_split_end(base.config.data, dataset.total_tokens)[0]), span)
@@ -643,17 +643,22 @@ def _base_sharing_most(
     return most
 
 
-def _bases(label: str | None, expected_at: str | None) -> Iterator[tuple[str, CheckpointInfo | None]]:
-    """The chain of bases from ``label`` back (up to BASES_FOLLOWED), each with its header; the last None
-    where its file cannot be read or is no longer the checkpoint the run after it started from."""
+def _bases(
+    label: str | None, expected_at: str | None
+) -> Iterator[tuple[str, CheckpointInfo | None, str | None]]:
+    """The chain of bases from ``label`` back (up to BASES_FOLLOWED, as far as each can be read): each
+    label with its header (None where its file is moved, gone or unreadable: the chain's end) and, where
+    the file is no longer the checkpoint the run after it recorded (``trained_point``), that record (the
+    chain's end too)."""
     for _ in range(BASES_FOLLOWED):
         if label is None:
             return
         base = _base_header(label)
-        if base is None or (expected_at is not None and trained_point(base) != expected_at):
-            yield label, None
+        moved_on = base is not None and expected_at is not None and trained_point(base) != expected_at
+        replaced = expected_at if moved_on else None
+        yield label, base, replaced
+        if base is None or replaced is not None:
             return
-        yield label, base
         label, expected_at = base.init_from, base.init_from_at
 
 
@@ -670,20 +675,14 @@ def replaced_base_note(label: str | None, expected_at: str | None, whose: str) -
     replaced at its path since: what it was and is, and that its training split no longer says whether
     this split is held out from it (prac39: a base replaced with another split left the optimistic
     figure unflagged). ``whose``: the model fine-tuned from ``label`` ("this model")."""
-    for _ in range(BASES_FOLLOWED):
-        if label is None or expected_at is None:
-            return None
-        base = _base_header(label)
-        if base is None:
-            return None  # moved or gone: README "Fine-tuning" says what then
-        now = trained_point(base)
-        if now != expected_at:
+    for named, base, replaced in _bases(label, expected_at):
+        if base is not None and replaced is not None:
             return (
-                f"{label} is no longer the checkpoint {whose} was fine-tuned from (then at {expected_at}; now "
-                f"at {now}): whether its training text is held out here cannot be told "
+                f"{named} is no longer the checkpoint {whose} was fine-tuned from (then at {replaced}; now "
+                f"at {trained_point(base)}): whether its training text is held out here cannot be told "
                 '(README "Fine-tuning")'
             )
-        whose, label, expected_at = label, base.init_from, base.init_from_at
+        whose = named
     return None
 
 

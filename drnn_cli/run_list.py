@@ -150,6 +150,25 @@ class RunSummary:
         name = Path(data.path).name if data.path else data.corpus
         return name + (" (words)" if data.token == "word" else "")
 
+    def scored_on(self) -> tuple[Any, ...] | None:
+        """What its perplexities were measured on: the text (as drnn reads it, else its file's SHA-1,
+        else its name) and the settings that cut and spell its splits. Runs that differ in it score other
+        tokens, and their figures do not rank against each other (prac39: --sort best mixed two texts);
+        None where the run cannot be read."""
+        if self.info is None:
+            return None
+        data = self.info.config.data
+        text = self.info.text_sha1 or self.info.corpus_sha1 or data.path or data.corpus
+        return (
+            text,
+            data.token,
+            data.preprocess,
+            data.max_tokens,
+            data.min_freq,
+            data.val_fraction,
+            data.test_fraction,
+        )
+
     def tuned_from(self) -> str:
         """``from runs/base``: the run a fine-tuned run started from (its checkpoint's folder, relative to
         the working directory where it lies below it), or nothing for a run that started from scratch."""
@@ -428,8 +447,8 @@ RunOrder = Literal["updated", "best", "name"]
 
 def _order_key(order: RunOrder) -> Callable[[RunSummary], tuple[Any, ...]]:
     """``updated``: the most recently written first; ``best``: the lowest best validation perplexity
-    first, runs without one after them (by their last training perplexity, then newest first);
-    ``name``: by path."""
+    first, runs without one after them (by their last training perplexity, then newest first), which
+    :func:`list_runs` then gathers by text; ``name``: by path."""
     if order == "name":
         return lambda run: (str(run.run_dir),)
     if order == "best":  # runs without a figure (none, or a tampered one: _best) after those with one
@@ -461,5 +480,16 @@ def list_runs(
     with contextlib.suppress(DrnnError, OSError, RuntimeError):
         own = (folder / LATEST_MARKER).is_file()
         latest = latest_run(folder if own else runs_root).resolve()
-    runs = [describe_run(run_dir, latest) for run_dir in find_runs(folder)]
-    return sorted(runs, key=_order_key(order))
+    runs = sorted((describe_run(run_dir, latest) for run_dir in find_runs(folder)), key=_order_key(order))
+    if order == "best":
+        return _each_text_apart(runs)
+    return runs
+
+
+def _each_text_apart(ranked: list[RunSummary]) -> list[RunSummary]:
+    """``ranked`` with the runs scored on one text and split together, each text's in their order, the
+    text of the best figure first: a perplexity ranks only against others over the same tokens."""
+    texts: dict[tuple[Any, ...] | None, list[RunSummary]] = {}
+    for run in ranked:
+        texts.setdefault(run.scored_on(), []).append(run)
+    return [run for runs in texts.values() for run in runs]

@@ -3,6 +3,7 @@ when it last wrote, laid out to fit the terminal: 80 columns, or a column each o
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from rich.cells import cell_len
@@ -91,6 +92,14 @@ def _table(
     captions = ["★ latest: the run predict and eval use without --run"] if any(r.latest for r in runs) else []
     if differing and not shown:
         captions.append(f"the runs differ in {len(differing)} other settings (drnn runs --json: differs)")
+    # --sort best: list_runs keeps each text's runs together; a rule under each text's last
+    texts_end = [
+        order == "best" and later.scored_on() != run.scored_on() for run, later in itertools.pairwise(runs)
+    ] + [False]
+    if any(texts_end):
+        captions.append(
+            f"ranked apart: {texts_end.count(True) + 1} texts or splits, whose perplexities do not compare"
+        )
     ordered = {"updated": "the newest first", "best": "the best first", "name": "by name"}[order]
     title = f"runs in {terminal_safe(str(folder), keep='')}, {ordered}"
     table = Table(title=title, caption="\n".join(captions) or None)
@@ -148,8 +157,8 @@ def _table(
             ]
         cells.append(run.updated_at(short=not wide))
         rows.append([*cells, *(["\n".join(differs)] if wide and shown else [])])
-    for row in rows:
-        table.add_row(*row)
+    for row, text_ends in zip(rows, texts_end, strict=True):
+        table.add_row(*row, end_section=text_ends)
     return table, rows
 
 

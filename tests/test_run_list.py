@@ -448,6 +448,42 @@ def test_sort_best_puts_the_lowest_best_validation_first_and_runs_without_one_la
     assert code == 0 and out.splitlines()[0].strip() == "runs in runs, the best first", err
 
 
+def test_sort_best_ranks_each_texts_runs_apart(workdir: Path, cli, corpus_path: Path):
+    """Perplexities over other tokens do not rank against each other (prac39: --sort best listed runs
+    on two texts in one order). Each text's runs stay together, best first, the text of the lowest
+    figure first, a rule between texts and a caption saying why; the same text read into other splits
+    is another text here."""
+    other = workdir / "other.txt"
+    other.write_text("abcab cabba " * 400)
+    config = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
+    for name, extra in (
+        ("tm-slow", ["--set=train.lr=0.0001"]),
+        ("easy", [f"--set=data.path={other}"]),
+        ("tm-fast", []),
+        ("tm-half", ["--set=data.val_fraction=0.5"]),
+    ):
+        assert cli("train", "--config", config, "--run", f"runs/{name}", *extra)[0] == 0
+    listed = _listed(cli, "--sort", "best")
+    best = {Path(run["run_dir"]).name: run["best_val_ppl"] for run in listed}
+    assert best["easy"] < min(best["tm-fast"], best["tm-half"]), best  # a repeated pattern: the lowest
+    assert best["tm-half"] < best["tm-slow"] and best["tm-fast"] < best["tm-slow"], best
+    tm_first = best["tm-half"] < best["tm-fast"]
+    timemachine = ["tm-half", "tm-fast", "tm-slow"] if tm_first else ["tm-fast", "tm-slow", "tm-half"]
+    assert [Path(run["run_dir"]).name for run in listed] == ["easy", *timemachine]
+    code, out, err = cli("runs", "--sort", "best")
+    assert code == 0, err
+    lines = out.splitlines()
+    rules = [index for index, line in enumerate(lines) if line.startswith("├")]
+    assert len(rules) == 2, out
+    # the rules fall after "easy"'s row and after the first text of the timemachine's two splits
+    first_rows = [lines[index + 1] for index in rules]
+    assert ("runs/tm-half" in first_rows[1]) == (not tm_first) and "runs/tm-" in first_rows[0], out
+    assert "ranked apart: 3 texts or splits, whose perplexities do not compare" in " ".join(out.split())
+    code, out, err = cli("runs")  # the newest first: no rule, no caption
+    assert code == 0 and not any(line.startswith("├") for line in out.splitlines()), out
+    assert "ranked apart" not in out
+
+
 def test_a_best_no_validation_gives_is_no_figure_and_ranks_last(three_runs: Path, cli):
     """A tampered header's NaN would make the order depend on where it stood (NaN compares false), and
     a best below 1 would rank first; neither is a perplexity: no figure, with a note naming the file."""

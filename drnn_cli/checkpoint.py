@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from drnn_cli.config import Config, ConfigError, build_config
+from drnn_cli.config import Config, ConfigError, DataConfig, build_config
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_stream, require_regular_file
 from drnn_cli.strict_json import escape_surrogates, is_number
@@ -50,6 +50,8 @@ MAX_HEADER_CONTAINERS = 1_000_000
 # every string. One repeat, linear in the text (strings matched with their escapes inside were retried from
 # every quote of an unclosed one, quadratic, and kept state for each escape: gigabytes over 60 MiB)
 JSON_STRING = re.compile(r'"[^"]*"')
+# How many fine-tunings back a run records its bases (and drnn eval follows an older run's)
+BASES_FOLLOWED = 8
 FINITE_CHECK_ELEMENTS = 1 << 22  # the NaN/infinity check's slice on the CPU (16 MiB of fp32)
 
 
@@ -97,6 +99,50 @@ def unpack_tree(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # Checkpoints
 
 
+@dataclass(frozen=True)
+class BaseRecord:
+    """A base a fine-tuned run started from (or one before it) as it stood then: which checkpoint, and how
+    it cut and spelt its text, so that which of a text's tokens it trained on is known without its file,
+    which may since be resumed, replaced (with other splits), moved or deleted (review rev39c: a base
+    resumed since made its overlap unknowable, though a resume keeps the splits)."""
+
+    label: str  # its checkpoint's absolute path then
+    at: str  # which checkpoint that was (trained_point)
+    data: DataConfig  # its data settings: the splits of its text
+    corpus_sha1: str | None
+    text_sha1: str | None
+
+    def to_header(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "at": self.at,
+            "data": self.data.model_dump(mode="json"),
+            "corpus_sha1": self.corpus_sha1,
+            "text_sha1": self.text_sha1,
+        }
+
+    @classmethod
+    def from_header(cls, value: Any) -> BaseRecord:
+        """One record as :meth:`to_header` wrote it; TypeError or ValueError for anything else."""
+        if not isinstance(value, dict) or set(value) != {"label", "at", "data", "corpus_sha1", "text_sha1"}:
+            raise TypeError("a base record")
+        if not isinstance(value["label"], str) or not isinstance(value["at"], str):
+            raise TypeError("a base record's label")
+        return cls(
+            label=value["label"],
+            at=value["at"],
+            data=DataConfig.model_validate(value["data"]),  # pydantic's ValidationError is a ValueError
+            corpus_sha1=_optional(value["corpus_sha1"], str),
+            text_sha1=_optional(value["text_sha1"], str),
+        )
+
+
+def _base_records(value: Any) -> tuple[BaseRecord, ...]:
+    if not isinstance(value, list) or len(value) > BASES_FOLLOWED:
+        raise TypeError("bases")
+    return tuple(BaseRecord.from_header(record) for record in value)
+
+
 @dataclass
 class Checkpoint:
     """Everything needed to decode with a model, evaluate it, or resume its training exactly."""
@@ -116,6 +162,10 @@ class Checkpoint:
     init_from_at: str | None = None
     corpus_sha1: str | None = None  # of the corpus file the splits were cut from
     text_sha1: str | None = None  # of that text as drnn reads it (CorpusSha1s.text), whatever its line breaks
+    # a fine-tuned run's bases as they stood when it started, nearest first (empty: from scratch, or a
+    # checkpoint written before drnn recorded them, whose bases are read from their files)
+    bases: tuple[BaseRecord, ...] = ()
+    read_at: str = ""  # which checkpoint this is (trained_point), as read from its file; "" for one to write
 
     def trainer(self) -> TrainerState:
         """The trainer state, typed; :class:`~drnn_cli.trainer_state.UnusableTrainerState` names
@@ -140,6 +190,7 @@ class Checkpoint:
             "init_from_at": self.init_from_at,
             "corpus_sha1": self.corpus_sha1,
             "text_sha1": self.text_sha1,
+            "bases": [base.to_header() for base in self.bases],
             "config": self.config.to_dict(),
             "vocab": self.vocab.tokens_dict(),
             "trainer_state": packed_state,
@@ -369,6 +420,7 @@ class CheckpointInfo:
     init_from_at: str | None  # None in a checkpoint written before drnn recorded it, or trained from scratch
     corpus_sha1: str | None
     text_sha1: str | None  # None in a checkpoint written before drnn recorded it
+    bases: tuple[BaseRecord, ...]  # Checkpoint.bases
     packed_trainer_state: Any  # JSON, its tensors as {"__tensor__": name} (unpack_tree)
     shapes: dict[str, tuple[int, ...]]  # every tensor's shape, as the safetensors header claims
     header_sha1: str = ""  # of drnn's metadata as stored: which checkpoint this is, exactly
@@ -451,6 +503,7 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
             init_from_at=_optional(drnn.get("init_from_at"), str),
             corpus_sha1=_optional(drnn.get("corpus_sha1"), str),
             text_sha1=_optional(drnn.get("text_sha1"), str),
+            bases=_base_records(drnn.get("bases", [])),
             packed_trainer_state=drnn.get("trainer_state", {}),
             shapes=shapes,
             header_sha1=hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest(),
@@ -603,6 +656,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
         init_from_at=info.init_from_at,
         corpus_sha1=info.corpus_sha1,
         text_sha1=info.text_sha1,
+        bases=info.bases,
+        read_at=trained_point(info),
     )
 
 

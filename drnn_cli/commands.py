@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
-from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info, trained_point
+from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
 from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
@@ -57,6 +57,9 @@ from drnn_cli.rundir import (
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import (
+    BaseChain,
+    base_chain,
+    base_record,
     base_trained_note,
     check_max_unknown,
     earlier_bases_note,
@@ -490,13 +493,12 @@ class SplitSource:
     init_from_at: str | None = None
 
 
-def not_its_base_note(scored: Path, cut: SplitSource) -> str | None:
-    """``--splits-of RUN`` of the checkpoint RUN was fine-tuned from, since resumed or replaced at its path:
-    the figure is not the starting model's (prac39: a base resumed after its fine-tuning scored beside it
-    as though it were the model the fine-tuning began from)."""
+def not_its_base_note(scored: Path, now: str, cut: SplitSource) -> str | None:
+    """``--splits-of RUN`` of the checkpoint RUN was fine-tuned from (``scored``, which stands at ``now``),
+    since resumed or replaced at its path: the figure is not the starting model's (prac39: a base resumed
+    after its fine-tuning scored beside it as though it were the model the fine-tuning began from)."""
     if cut.init_from is None or cut.init_from_at is None or cut.init_from != str(scored.resolve()):
         return None
-    now = trained_point(read_checkpoint_info(scored))
     if now == cut.init_from_at:
         return None
     return (
@@ -577,16 +579,18 @@ def evaluate_split(
         tokens, source, split_name, dataset = _split_tokens(cut, loaded.checkpoint, split, corpus_file)
         notes = dataset.notes
         own = loaded.checkpoint
-        # a base of the checkpoint scored, resumed or replaced since: its split cannot be judged (either way)
         held_out = split_name in ("val", "test")
-        replaced = replaced_base_note(own.init_from, own.init_from_at, "this model") if held_out else None
+        chain = base_chain(own) if held_out else BaseChain()  # its bases' files read once, if at all
+        # a base of the checkpoint scored, resumed or replaced since: its split cannot be judged (either way)
+        replaced = replaced_base_note(chain, "this model")
         if cut.other_run:  # what the other run's training split holds says nothing of this checkpoint's
-            optimistic = trained_on_split_note(loaded.path, cut.config, dataset, split_name)
-            notes = (*notes, *filter(None, (not_its_base_note(loaded.path, cut),)))
+            scored = base_record(str(loaded.path.resolve()), own, own.read_at)
+            optimistic = trained_on_split_note(scored, chain, cut.config, dataset, split_name)
+            notes = (*notes, *filter(None, (not_its_base_note(loaded.path, own.read_at, cut),)))
         else:
             unseen = dataset.unseen_in_training(split_name)
             unseen_ids = dataset.unseen_ids() if unseen.count else None
-            optimistic = base_trained_note(own, dataset, split_name)
+            optimistic = base_trained_note(chain, own.config, dataset, split_name)
         notes = (*notes, *filter(None, (optimistic, replaced)))
     result = evaluate(
         loaded.model,

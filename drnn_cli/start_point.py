@@ -5,7 +5,7 @@ data stage (the vocabulary, the text's SHA-1, the best perplexity kept on disk).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from drnn_cli.batches import PlannedLength, split_sizes
 from drnn_cli.checkpoint import (
+    BASES_FOLLOWED,
+    BaseRecord,
     Checkpoint,
     CheckpointInfo,
     CorruptCheckpoint,
@@ -258,6 +260,7 @@ class StartPoint:
     init_from: Checkpoint | None = None
     init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
     init_from_at: str | None = None  # where that checkpoint's training stood (trained_point), recorded too
+    bases: tuple[BaseRecord, ...] = ()  # that checkpoint and its own bases as they stand (BaseRecord)
     init_source: Path | None = None  # that checkpoint as the command named it, for notes
     vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
     expected_sha1: str | None = None  # the file a resumed run was trained on
@@ -431,11 +434,15 @@ def _fine_tuning_from(
     waiting = waiting_replacement_note(source.parent, "--init-from takes")  # a killed --overwrite's newer run
     if waiting is not None:
         notes.append(waiting)
+    label = str(source.resolve())
+    # the point of the file as it was read (a second read could find a base written since: rev39c)
+    bases = (base_record(label, checkpoint, checkpoint.read_at), *base_chain(checkpoint).records)
     return StartPoint(
         adopted,
         init_from=checkpoint,
-        init_label=str(source.resolve()),
-        init_from_at=trained_point(read_checkpoint_info(source)),
+        init_label=label,
+        init_from_at=checkpoint.read_at,
+        bases=bases[:BASES_FOLLOWED],
         init_source=source,
         vocab=checkpoint.vocab,
         changes="; ".join(notes) or None,
@@ -573,20 +580,56 @@ def _optimistic(splits: list[str], model: str) -> str:
     return f"{listed} {'reads' if one else 'read'} text {model} trained on, so {'it is' if one else 'they are'} optimistic"
 
 
-# How many fine-tunings back drnn eval follows a run's bases (each a header read)
-BASES_FOLLOWED = 8
+@dataclass(frozen=True)
+class BaseChain:
+    """A fine-tuned model's bases, nearest first, as far as their splits are known: as its run recorded
+    them when it started, or, in a checkpoint written before drnn recorded them, as read from the bases'
+    files while each is still the checkpoint the run after it started from."""
+
+    records: tuple[BaseRecord, ...] = ()
+    # where such a read stopped, at a base resumed or replaced since: its label, the model fine-tuned
+    # from it (None: the chain's own), and where that base stood then and stands now
+    replaced: tuple[str, str | None, str, str] | None = None
 
 
-def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> str | None:
+def base_chain(checkpoint: Checkpoint | CheckpointInfo) -> BaseChain:
+    """``checkpoint``'s bases (:class:`BaseChain`): its records, else its bases' headers, up to
+    BASES_FOLLOWED of them."""
+    if checkpoint.bases or checkpoint.init_from is None:
+        return BaseChain(checkpoint.bases)
+    records: list[BaseRecord] = []
+    label: str | None = checkpoint.init_from
+    expected_at = checkpoint.init_from_at
+    whose: str | None = None  # the model fine-tuned from label: None, the chain's own
+    while label is not None and len(records) < BASES_FOLLOWED:
+        base = _base_header(label)
+        if base is None:  # moved, gone or unreadable: the bases before it are all that is known
+            break
+        now = trained_point(base)
+        if expected_at is not None and now != expected_at:
+            return BaseChain(tuple(records), (label, whose, expected_at, now))
+        records.append(base_record(label, base, now))
+        if base.bases:  # a base that recorded its own
+            records.extend(base.bases)
+            break
+        label, expected_at, whose = base.init_from, base.init_from_at, label
+    return BaseChain(tuple(records[:BASES_FOLLOWED]))
+
+
+def base_record(label: str, checkpoint: Checkpoint | CheckpointInfo, at: str) -> BaseRecord:
+    return BaseRecord(label, at, checkpoint.config.data, checkpoint.corpus_sha1, checkpoint.text_sha1)
+
+
+def base_trained_note(chain: BaseChain, config: Config, dataset: Dataset, split: str) -> str | None:
     """``drnn eval --split val|test`` of a fine-tuned run whose base run (or the base's own base, as far
-    as their checkpoints are still where the runs started from) trained on the same text: the split's
-    tokens a base trained on make the figure optimistic; the base that trained on most of them is named.
-    Said as the run started too (:func:`shared_text_note`), then never again (ft33). None where no base
-    can be read, none trained on this text, or none on this split's tokens."""
+    as ``chain`` knows them) trained on the same text: the split's tokens a base trained on make the
+    figure optimistic; the base that trained on most of them is named. Said as the run started too
+    (:func:`shared_text_note`), then never again (ft33). None where no base trained on this text, or
+    none on this split's tokens."""
     if split not in ("val", "test"):
         return None
     span = dataset.splits.span(split)
-    most = _base_sharing_most(checkpoint.init_from, checkpoint.config, dataset, span, checkpoint.init_from_at)
+    most = _sharing_most(chain.records, config, dataset, span)
     if most is None:
         return None
     shared, label, followed = most
@@ -599,15 +642,18 @@ def base_trained_note(checkpoint: Checkpoint, dataset: Dataset, split: str) -> s
     )
 
 
-def trained_on_split_note(scored: Path, config: Config, dataset: Dataset, split: str) -> str | None:
-    """``drnn eval --splits-of RUN --split val|test`` of a checkpoint that (or whose base) trained on this
-    same text, cut its own way: the split's tokens it trained on make its figure optimistic, which the
-    other run's counts cannot say (review recheck38: a base trained on all of a fine-tuned run's
-    validation split was scored on it without a word). None where none of them trained on them."""
+def trained_on_split_note(
+    scored: BaseRecord, chain: BaseChain, config: Config, dataset: Dataset, split: str
+) -> str | None:
+    """``drnn eval --splits-of RUN --split val|test`` of a checkpoint (``scored``, its bases ``chain``)
+    that, or whose base, trained on this same text, cut its own way: the split's tokens it trained on
+    make its figure optimistic, which the other run's counts cannot say (review recheck38: a base trained
+    on all of a fine-tuned run's validation split was scored on it without a word). None where none of
+    them trained on them."""
     if split not in ("val", "test"):
         return None
     span = dataset.splits.span(split)
-    most = _base_sharing_most(str(scored.resolve()), config, dataset, span)
+    most = _sharing_most((scored, *chain.records), config, dataset, span)
     if most is None:
         return None
     shared, label, followed = most
@@ -620,46 +666,20 @@ def trained_on_split_note(scored: Path, config: Config, dataset: Dataset, split:
     )
 
 
-def _base_sharing_most(
-    label: str | None,
-    config: Config,
-    dataset: Dataset,
-    span: tuple[int, int],
-    expected_at: str | None = None,
+def _sharing_most(
+    records: tuple[BaseRecord, ...], config: Config, dataset: Dataset, span: tuple[int, int]
 ) -> tuple[int, str, int] | None:
-    """Following the fine-tunings back from the base ``label`` names (up to BASES_FOLLOWED headers, as
-    far as the checkpoints are still where the runs started from, and still those checkpoints: where a
-    run recorded its base's ``trained_point``, ``expected_at`` for ``label``'s), the base whose training
-    split holds most of ``span``'s tokens of this same text (read with ``config``'s token keys): (tokens
-    shared, its label, how many fine-tunings back, 1 for ``label`` itself); None where none holds any."""
+    """Of ``records``, the base whose training split holds most of ``span``'s tokens of this same text
+    (read with ``config``'s token keys): (tokens shared, its label, its place in ``records`` from 1);
+    None where none holds any."""
     most: tuple[int, str, int] | None = None
-    for followed, (named, base, replaced) in enumerate(_bases(label, expected_at), start=1):
-        if base is None or replaced:
-            break  # moved, gone or replaced: the bases before it are all that can be compared
-        if not differing_keys(base.config, config, "data", TOKEN_KEYS) and _same_text(base, dataset):
-            shared = _overlap((0, _training_split_end(base.config.data, dataset.total_tokens)[0]), span)
+    for followed, base in enumerate(records, start=1):
+        spelt_alike = all(getattr(base.data, key) == getattr(config.data, key) for key in TOKEN_KEYS)
+        if spelt_alike and _same_text(base, dataset):
+            shared = _overlap((0, _training_split_end(base.data, dataset.total_tokens)[0]), span)
             if shared and (most is None or shared > most[0]):
-                most = (shared, named, followed)
+                most = (shared, base.label, followed)
     return most
-
-
-def _bases(
-    label: str | None, expected_at: str | None
-) -> Iterator[tuple[str, CheckpointInfo | None, str | None]]:
-    """The chain of bases from ``label`` back (up to BASES_FOLLOWED, as far as each can be read): each
-    label with its header (None where its file is moved, gone or unreadable: the chain's end) and, where
-    the file is no longer the checkpoint the run after it recorded (``trained_point``), that record (the
-    chain's end too)."""
-    for _ in range(BASES_FOLLOWED):
-        if label is None:
-            return
-        base = _base_header(label)
-        moved_on = base is not None and expected_at is not None and trained_point(base) != expected_at
-        replaced = expected_at if moved_on else None
-        yield label, base, replaced
-        if base is None or replaced is not None:
-            return
-        label, expected_at = base.init_from, base.init_from_at
 
 
 def _base_header(label: str) -> CheckpointInfo | None:
@@ -670,20 +690,19 @@ def _base_header(label: str) -> CheckpointInfo | None:
         return None
 
 
-def replaced_base_note(label: str | None, expected_at: str | None, whose: str) -> str | None:
-    """Where a base along a fine-tuned run's chain (``label``, recorded at ``expected_at``) was resumed or
-    replaced at its path since: what it was and is, and that its training split no longer says whether
-    this split is held out from it (prac39: a base replaced with another split left the optimistic
-    figure unflagged). ``whose``: the model fine-tuned from ``label`` ("this model")."""
-    for named, base, replaced in _bases(label, expected_at):
-        if base is not None and replaced is not None:
-            return (
-                f"{named} is no longer the checkpoint {whose} was fine-tuned from (then at {replaced}; now "
-                f"at {trained_point(base)}): whether its training text is held out here cannot be told "
-                '(README "Fine-tuning")'
-            )
-        whose = named
-    return None
+def replaced_base_note(chain: BaseChain, whose: str) -> str | None:
+    """Where reading a fine-tuned model's bases (``chain``) stopped at one resumed or replaced at its path
+    since, in a checkpoint that did not record them: what it was and is, and that its training split no
+    longer says whether this split is held out from it (prac39: a base replaced with another split left
+    the optimistic figure unflagged). ``whose``: the model ``chain`` belongs to ("this model")."""
+    if chain.replaced is None:
+        return None
+    label, before, then, now = chain.replaced
+    return (
+        f"{label} is no longer the checkpoint {before or whose} was fine-tuned from (then at {then}; now "
+        f"at {now}): whether its training text is held out here cannot be told "
+        '(README "Fine-tuning")'
+    )
 
 
 def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
@@ -701,15 +720,11 @@ def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
         trained = _training_split_end(checkpoint.config.data, dataset.total_tokens)[0]
         if any(_overlap((0, trained), splits.span(split)) for split in ("val", "test")):
             return None  # the direct base's note said so
+    earlier = start.bases[1:]  # the base's own bases, as it recorded them or as they were read at the start
     found = [
         (name, most, len(splits.get(split)))
         for name, split in (("validation", "val"), ("test", "test"))
-        if (
-            most := _base_sharing_most(
-                checkpoint.init_from, config, dataset, splits.span(split), checkpoint.init_from_at
-            )
-        )
-        is not None
+        if (most := _sharing_most(earlier, config, dataset, splits.span(split))) is not None
     ]
     if not found:
         return None
@@ -738,7 +753,7 @@ def longer_run_note(was: Config, now: Config, train_tokens: int) -> str | None:
     )
 
 
-def _same_text(checkpoint: Checkpoint | CheckpointInfo, dataset: Dataset) -> bool:
+def _same_text(checkpoint: Checkpoint | CheckpointInfo | BaseRecord, dataset: Dataset) -> bool:
     """Whether ``dataset`` is the text the checkpoint recorded: as read, or failing that as bytes."""
     if checkpoint.text_sha1 is not None and dataset.text_sha1 is not None:
         return checkpoint.text_sha1 == dataset.text_sha1

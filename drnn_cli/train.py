@@ -196,6 +196,7 @@ class Trainer:
         self.model = trained_model(config, len(dataset.vocab), device, start.init_from)
         self.init_from_label = start.init_label or (resume.init_from if resume else None)
         self.init_from_at = start.init_from_at or (resume.init_from_at if resume else None)
+        self.bases = start.bases or (resume.bases if resume else ())
         train, data = config.train, config.data
         self.average = (
             WeightAverage(self.model, train.average, train.average_decay) if train.average != "none" else None
@@ -385,6 +386,7 @@ class Trainer:
                     self.dataset,
                     init_from_label=self.init_from_label,
                     init_from_at=self.init_from_at,
+                    bases=self.bases,
                     parts=self._parts(),
                     counters=self._counters(),
                     device=self.device,

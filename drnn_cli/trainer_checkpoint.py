@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from drnn_cli.averaging import WeightAverage
-from drnn_cli.checkpoint import Checkpoint
+from drnn_cli.checkpoint import BaseRecord, Checkpoint
 from drnn_cli.config import Config
 from drnn_cli.data import Dataset
 from drnn_cli.models import RNNLanguageModel
@@ -64,6 +64,7 @@ def checkpoint_of(
     *,
     init_from_label: str | None,
     init_from_at: str | None,
+    bases: tuple[BaseRecord, ...],
     parts: TrainingParts,
     counters: TrainingCounters,
     device: torch.device,
@@ -98,6 +99,7 @@ def checkpoint_of(
         trainer_state=state.to_tree(),
         init_from=init_from_label,
         init_from_at=init_from_at,
+        bases=bases,
         corpus_sha1=dataset.sha1,
         text_sha1=dataset.text_sha1,
     )

@@ -7,13 +7,14 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, rewrite_checkpoint
 
 from drnn_cli.budget import Budget
 from drnn_cli.checkpoint import load_checkpoint
@@ -1027,24 +1028,38 @@ def test_eval_of_a_fine_tuned_run_says_its_split_holds_text_a_base_trained_on(tm
     assert code == 0 and "fine-tuned from" not in err
 
 
-def test_a_base_resumed_or_replaced_since_the_fine_tuning_is_said_not_compared(
+def test_a_fine_tuned_run_records_its_bases_and_judges_its_splits_by_them_whatever_became_of_the_files(
     tmp_path: Path, own: Path, cli
 ):
     """A fine-tuned run named its base by path alone: replaced there by a run holding out half the text,
     the base's new training split (tokens 0-500) no longer overlapped the fine-tuned run's validation
     (700-1,000), and its optimistic figure went unflagged; a base resumed since was scored with
     --splits-of as though it were the model the fine-tuning started from (prac39). The run records where
-    its base stood; eval says when the file there is another."""
+    its base stood and how it cut the text: its validation's 100 tokens in the base's training split
+    (700-800) stay counted after the base is resumed, replaced or deleted (review rev39c #3: the overlap
+    was "cannot be told" once the file changed)."""
+    from drnn_cli.checkpoint import read_checkpoint_info, trained_point
+
     base = (tmp_path / "runs" / "base" / "best.safetensors").resolve()
     tuned = config_for(tmp_path, own, "tuned", data={"val_fraction": 0.3}, train={"epochs": 1})
     train_run(TrainRequest(tuned, init_from=Path("runs/base")))
-    from drnn_cli.checkpoint import read_checkpoint_info, trained_point
-
-    recorded = read_checkpoint_info(Path("runs/tuned/best.safetensors")).init_from_at
+    info = read_checkpoint_info(Path("runs/tuned/best.safetensors"))
+    recorded = info.init_from_at
     assert recorded == trained_point(read_checkpoint_info(base))
     assert re.fullmatch(r"step 9 after \d+\.\d{3} s, header [0-9a-f]{12}", recorded or "")  # 720 / 80
+    [record] = info.bases  # the base was trained from scratch: one record
+    assert (record.label, record.at, record.data.val_fraction, record.data.test_fraction) == (
+        str(base),
+        recorded,
+        0.1,
+        0.1,
+    )
+    optimistic = (
+        f"note: 100 of the 300 validation tokens (33.3%) are in the training split of {base}, which this model "
+        'was fine-tuned from on this same text: this perplexity is optimistic (README "Fine-tuning")'
+    )
     code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
-    assert code == 0 and "optimistic" in err and "no longer" not in err, err
+    assert code == 0 and optimistic in " ".join(err.split()) and "no longer" not in err, err
     # the base resumed for two more epochs: eval --splits-of it beside the fine-tuned run says so
     longer = config_for(
         tmp_path, own, "base", data={"val_fraction": 0.1, "test_fraction": 0.1}, train={"epochs": 3}
@@ -1062,7 +1077,40 @@ def test_a_base_resumed_or_replaced_since_the_fine_tuning_is_said_not_compared(
         )
         in said
     ), err
-    # replaced by a run that holds out half: the fine-tuned run's figure is no longer judged against it
+    code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
+    assert code == 0 and optimistic in " ".join(err.split()) and "no longer" not in err, err
+    # replaced by a run that holds out half, then deleted: the recorded split still counts
+    half = config_for(tmp_path, own, "base", data={"val_fraction": 0.5}, train={"epochs": 1})
+    assert cli("train", "--config", str(half), "--overwrite")[0] == 0
+    code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
+    assert code == 0 and optimistic in " ".join(err.split()) and "no longer" not in err, err
+    code, _, err = cli("eval", "--run", "runs/tuned", "--splits-of", "runs/tuned", "--split", "val")
+    assert code == 0 and (
+        f"100 of the 300 validation tokens (33.3%) are in the training split of {base} (a run the checkpoint "
+        "scored was fine-tuned from) on this same text: this perplexity is optimistic"
+    ) in " ".join(err.split()), err
+    shutil.rmtree(base.parent)
+    code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
+    assert code == 0 and optimistic in " ".join(err.split()), err
+
+
+def test_a_checkpoint_that_predates_the_record_reads_its_bases_and_says_when_one_was_replaced(
+    tmp_path: Path, own: Path, cli
+):
+    """A fine-tuned checkpoint written before drnn recorded its bases (no ``bases`` in its header) has
+    its bases read from their files, as far as each is still the checkpoint recorded (init_from_at): a
+    base replaced since is said to be, and its split is not compared, plainly or through --splits-of."""
+    from drnn_cli.checkpoint import read_checkpoint_info, trained_point
+
+    base = (tmp_path / "runs" / "base" / "best.safetensors").resolve()
+    tuned = config_for(tmp_path, own, "tuned", data={"val_fraction": 0.3}, train={"epochs": 1})
+    train_run(TrainRequest(tuned, init_from=Path("runs/base")))
+    for file in Path("runs/tuned").glob("*.safetensors"):
+        rewrite_checkpoint(file, file, edit_header=lambda header: header.pop("bases"))
+    info = read_checkpoint_info(Path("runs/tuned/best.safetensors"))
+    assert info.bases == () and info.init_from_at == trained_point(read_checkpoint_info(base))
+    code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
+    assert code == 0 and "100 of the 300 validation tokens" in err and "no longer" not in err, err
     half = config_for(tmp_path, own, "base", data={"val_fraction": 0.5}, train={"epochs": 1})
     assert cli("train", "--config", str(half), "--overwrite")[0] == 0
     replaced = trained_point(read_checkpoint_info(base))
@@ -1070,7 +1118,7 @@ def test_a_base_resumed_or_replaced_since_the_fine_tuning_is_said_not_compared(
     said = " ".join(err.split())
     assert code == 0 and "optimistic" not in said, err
     assert (
-        f"{base} is no longer the checkpoint this model was fine-tuned from (then at {recorded}; now at "
+        f"{base} is no longer the checkpoint this model was fine-tuned from (then at {info.init_from_at}; now at "
         f'{replaced}): whether its training text is held out here cannot be told (README "Fine-tuning")'
     ) in said, err
     # scored on its own splits through --splits-of, as the base replaced: said too (review rev39c #1)

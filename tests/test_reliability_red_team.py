@@ -271,6 +271,14 @@ def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path
         ("epoch", "3"),
         ("step_in_epoch", 2.5),
         ("step_in_epoch", -3),
+        ("bases", {"label": "a"}),
+        ("bases", [{"label": "a", "at": "b", "data": {}, "corpus_sha1": None}]),  # a key missing
+        (
+            "bases",
+            [{"label": "a", "at": "b", "data": {"val_fraction": 2}, "corpus_sha1": None, "text_sha1": None}],
+        ),
+        ("bases", [{"label": 5, "at": "b", "data": {}, "corpus_sha1": None, "text_sha1": None}]),
+        ("bases", [{"label": "a", "at": "b", "data": {}, "corpus_sha1": None, "text_sha1": None}] * 9),  # > 8
     ],
 )
 def test_a_header_value_of_the_wrong_type_is_a_corrupt_checkpoint(

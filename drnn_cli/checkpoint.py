@@ -123,11 +123,14 @@ class BaseRecord:
 
     @classmethod
     def from_header(cls, value: Any) -> BaseRecord:
-        """One record as :meth:`to_header` wrote it; TypeError or ValueError for anything else."""
+        """One record as :meth:`to_header` wrote it; TypeError or ValueError for anything else (a data
+        section without the settings that cut the splits would read as their defaults: review rev40)."""
         if not isinstance(value, dict) or set(value) != {"label", "at", "data", "corpus_sha1", "text_sha1"}:
             raise TypeError("a base record")
         if not isinstance(value["label"], str) or not isinstance(value["at"], str):
             raise TypeError("a base record's label")
+        if not isinstance(value["data"], dict) or not set(value["data"]) >= SPLIT_SETTINGS:
+            raise TypeError("a base record's data settings")
         return cls(
             label=value["label"],
             at=value["at"],
@@ -137,10 +140,52 @@ class BaseRecord:
         )
 
 
-def _base_records(value: Any) -> tuple[BaseRecord, ...]:
-    if not isinstance(value, list) or len(value) > BASES_FOLLOWED:
-        raise TypeError("bases")
-    return tuple(BaseRecord.from_header(record) for record in value)
+# The data settings that decide a run's splits of its text, which a base record must hold
+SPLIT_SETTINGS = frozenset({"preprocess", "token", "max_tokens", "val_fraction", "test_fraction"})
+
+
+@dataclass(frozen=True)
+class ChainCut:
+    """Where reading a chain of bases from their files (a checkpoint that recorded none) stopped at a
+    base resumed or replaced at its path since: its label, the model fine-tuned from it (None: the
+    chain's own), and where the base stood then and stands now (trained_point)."""
+
+    label: str
+    whose: str | None
+    then: str
+    now: str
+
+
+@dataclass(frozen=True)
+class BaseChain:
+    """A fine-tuned model's bases, nearest first (up to BASES_FOLLOWED), as far as their splits are known,
+    and where that knowledge ends at a base replaced since (``cut``) rather than at the first model."""
+
+    records: tuple[BaseRecord, ...] = ()
+    cut: ChainCut | None = None
+
+    def to_header(self) -> dict[str, Any]:
+        cut = None if self.cut is None else vars(self.cut)
+        return {"records": [record.to_header() for record in self.records], "cut": cut}
+
+    @classmethod
+    def from_header(cls, value: Any) -> BaseChain | None:
+        """The chain :meth:`to_header` wrote; None where the header has none (drnn recorded none before
+        2026-11-29); TypeError or ValueError for anything else."""
+        if value is None:
+            return None
+        if not isinstance(value, dict) or set(value) != {"records", "cut"}:
+            raise TypeError("bases")
+        records, cut = value["records"], value["cut"]
+        if not isinstance(records, list) or len(records) > BASES_FOLLOWED:
+            raise TypeError("bases")
+        if cut is not None:
+            if not isinstance(cut, dict) or set(cut) != {"label", "whose", "then", "now"}:
+                raise TypeError("bases")
+            if not all(isinstance(cut[key], str) for key in ("label", "then", "now")):
+                raise TypeError("bases")
+            cut = ChainCut(cut["label"], _optional(cut["whose"], str), cut["then"], cut["now"])
+        return cls(tuple(BaseRecord.from_header(record) for record in records), cut)
 
 
 @dataclass
@@ -162,9 +207,9 @@ class Checkpoint:
     init_from_at: str | None = None
     corpus_sha1: str | None = None  # of the corpus file the splits were cut from
     text_sha1: str | None = None  # of that text as drnn reads it (CorpusSha1s.text), whatever its line breaks
-    # a fine-tuned run's bases as they stood when it started, nearest first (empty: from scratch, or a
-    # checkpoint written before drnn recorded them, whose bases are read from their files)
-    bases: tuple[BaseRecord, ...] = ()
+    # a fine-tuned run's bases as they stood when it started (None: a checkpoint written before drnn
+    # recorded them, whose bases are read from their files)
+    bases: BaseChain | None = None
     read_at: str = ""  # which checkpoint this is (trained_point), as read from its file; "" for one to write
 
     def trainer(self) -> TrainerState:
@@ -190,7 +235,7 @@ class Checkpoint:
             "init_from_at": self.init_from_at,
             "corpus_sha1": self.corpus_sha1,
             "text_sha1": self.text_sha1,
-            "bases": [base.to_header() for base in self.bases],
+            "bases": None if self.bases is None else self.bases.to_header(),
             "config": self.config.to_dict(),
             "vocab": self.vocab.tokens_dict(),
             "trainer_state": packed_state,
@@ -420,7 +465,7 @@ class CheckpointInfo:
     init_from_at: str | None  # None in a checkpoint written before drnn recorded it, or trained from scratch
     corpus_sha1: str | None
     text_sha1: str | None  # None in a checkpoint written before drnn recorded it
-    bases: tuple[BaseRecord, ...]  # Checkpoint.bases
+    bases: BaseChain | None  # Checkpoint.bases
     packed_trainer_state: Any  # JSON, its tensors as {"__tensor__": name} (unpack_tree)
     shapes: dict[str, tuple[int, ...]]  # every tensor's shape, as the safetensors header claims
     header_sha1: str = ""  # of drnn's metadata as stored: which checkpoint this is, exactly
@@ -503,7 +548,7 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
             init_from_at=_optional(drnn.get("init_from_at"), str),
             corpus_sha1=_optional(drnn.get("corpus_sha1"), str),
             text_sha1=_optional(drnn.get("text_sha1"), str),
-            bases=_base_records(drnn.get("bases", [])),
+            bases=BaseChain.from_header(drnn.get("bases")),
             packed_trainer_state=drnn.get("trainer_state", {}),
             shapes=shapes,
             header_sha1=hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest(),

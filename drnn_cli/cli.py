@@ -302,7 +302,9 @@ def runs_command(
     sort: Annotated[
         SortRuns,
         typer.Option(
-            "--sort", help="updated (the newest first), best (the lowest best validation first) or name."
+            "--sort",
+            help="updated (the newest first), best (the lowest best validation first, each text's runs "
+            "apart) or name.",
         ),
     ] = SortRuns.updated,
     json_out: JsonOption = False,

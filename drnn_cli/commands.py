@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
-from drnn_cli.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_info
+from drnn_cli.checkpoint import BaseChain, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
 from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
@@ -57,15 +57,13 @@ from drnn_cli.rundir import (
 from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import (
-    BaseChain,
     base_chain,
     base_record,
     base_trained_note,
     check_max_unknown,
-    earlier_bases_note,
+    fine_tuning_notes,
     fine_tuning_point,
     replaced_base_note,
-    shared_text_note,
     trained_on_split_note,
     unknown_share_note,
 )
@@ -151,9 +149,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
             refusals.append(str(refused))
         else:
             notes.extend([lacking] if lacking else [])
-        notes.extend(
-            note for note in (shared_text_note(start, dataset), earlier_bases_note(start, dataset)) if note
-        )
+        notes.extend(fine_tuning_notes(start, dataset))
     batches = 0
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=dataset.capped)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -152,8 +153,10 @@ class RunSummary:
 
     def scored_on(self) -> tuple[Any, ...] | None:
         """What its perplexities were measured on: the text (as drnn reads it, else its file's SHA-1,
-        else its name) and the settings that cut and spell its splits. Runs that differ in it score other
-        tokens, and their figures do not rank against each other (prac39: --sort best mixed two texts);
+        else its name), the settings that cut and spell its splits, the share of validation it reads
+        (``train.eval_tokens``) and the vocabulary that scores them (``<unk>``: a fine-tuned run keeps
+        its base's whatever its ``data.min_freq``). Runs that differ in it score other tokens, and their
+        figures do not rank against each other (prac39: --sort best mixed two texts; review rev40);
         None where the run cannot be read."""
         if self.info is None:
             return None
@@ -164,10 +167,18 @@ class RunSummary:
             data.token,
             data.preprocess,
             data.max_tokens,
-            data.min_freq,
             data.val_fraction,
             data.test_fraction,
+            self.info.config.train.eval_tokens,
+            tuple(self.info.vocab.idx_to_token),
         )
+
+    def scored_on_id(self) -> str | None:
+        """:meth:`scored_on` in 12 hex digits, for ``--json``: runs with the same id rank together."""
+        key = self.scored_on()
+        if key is None:
+            return None
+        return hashlib.sha1(json.dumps(key, ensure_ascii=True).encode("ascii")).hexdigest()[:12]
 
     def tuned_from(self) -> str:
         """``from runs/base``: the run a fine-tuned run started from (its checkpoint's folder, relative to
@@ -260,6 +271,7 @@ class RunSummary:
             "max_steps": None if config is None else config.train.max_steps,
             "best_val_ppl": self.best_val_ppl,
             "train_ppl": self.train_ppl,
+            "scored_on": self.scored_on_id(),
             "training_seconds": None if counters is None else counters.elapsed,
             "differs": self.differs(differing or []),
         }
@@ -488,8 +500,10 @@ def list_runs(
 
 def _each_text_apart(ranked: list[RunSummary]) -> list[RunSummary]:
     """``ranked`` with the runs scored on one text and split together, each text's in their order, the
-    text of the best figure first: a perplexity ranks only against others over the same tokens."""
+    text of the best figure first, the runs that cannot be read last: a perplexity ranks only against
+    others over the same tokens."""
     texts: dict[tuple[Any, ...] | None, list[RunSummary]] = {}
     for run in ranked:
         texts.setdefault(run.scored_on(), []).append(run)
-    return [run for runs in texts.values() for run in runs]
+    unread = texts.pop(None, [])
+    return [run for runs in texts.values() for run in runs] + unread

@@ -92,9 +92,11 @@ def _table(
     captions = ["★ latest: the run predict and eval use without --run"] if any(r.latest for r in runs) else []
     if differing and not shown:
         captions.append(f"the runs differ in {len(differing)} other settings (drnn runs --json: differs)")
-    # --sort best: list_runs keeps each text's runs together; a rule under each text's last
+    # --sort best: list_runs keeps each text's runs together (those that cannot be read last, of no text);
+    # a rule under each text's last
     texts_end = [
-        order == "best" and later.scored_on() != run.scored_on() for run, later in itertools.pairwise(runs)
+        order == "best" and later.scored_on() is not None and later.scored_on() != run.scored_on()
+        for run, later in itertools.pairwise(runs)
     ] + [False]
     if any(texts_end):
         captions.append(

@@ -15,7 +15,9 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from drnn_cli.batches import PlannedLength, split_sizes
 from drnn_cli.checkpoint import (
     BASES_FOLLOWED,
+    BaseChain,
     BaseRecord,
+    ChainCut,
     Checkpoint,
     CheckpointInfo,
     CorruptCheckpoint,
@@ -260,7 +262,7 @@ class StartPoint:
     init_from: Checkpoint | None = None
     init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
     init_from_at: str | None = None  # where that checkpoint's training stood (trained_point), recorded too
-    bases: tuple[BaseRecord, ...] = ()  # that checkpoint and its own bases as they stand (BaseRecord)
+    bases: BaseChain | None = None  # that checkpoint and its own bases as they stand (chain_from)
     init_source: Path | None = None  # that checkpoint as the command named it, for notes
     vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
     expected_sha1: str | None = None  # the file a resumed run was trained on
@@ -435,14 +437,13 @@ def _fine_tuning_from(
     if waiting is not None:
         notes.append(waiting)
     label = str(source.resolve())
-    # the point of the file as it was read (a second read could find a base written since: rev39c)
-    bases = (base_record(label, checkpoint, checkpoint.read_at), *base_chain(checkpoint).records)
     return StartPoint(
         adopted,
         init_from=checkpoint,
         init_label=label,
+        # the point of the file as it was read (a second read could find a base written since: rev39c)
         init_from_at=checkpoint.read_at,
-        bases=bases[:BASES_FOLLOWED],
+        bases=chain_from(label, checkpoint),
         init_source=source,
         vocab=checkpoint.vocab,
         changes="; ".join(notes) or None,
@@ -580,23 +581,12 @@ def _optimistic(splits: list[str], model: str) -> str:
     return f"{listed} {'reads' if one else 'read'} text {model} trained on, so {'it is' if one else 'they are'} optimistic"
 
 
-@dataclass(frozen=True)
-class BaseChain:
-    """A fine-tuned model's bases, nearest first, as far as their splits are known: as its run recorded
-    them when it started, or, in a checkpoint written before drnn recorded them, as read from the bases'
-    files while each is still the checkpoint the run after it started from."""
-
-    records: tuple[BaseRecord, ...] = ()
-    # where such a read stopped, at a base resumed or replaced since: its label, the model fine-tuned
-    # from it (None: the chain's own), and where that base stood then and stands now
-    replaced: tuple[str, str | None, str, str] | None = None
-
-
 def base_chain(checkpoint: Checkpoint | CheckpointInfo) -> BaseChain:
-    """``checkpoint``'s bases (:class:`BaseChain`): its records, else its bases' headers, up to
-    BASES_FOLLOWED of them."""
-    if checkpoint.bases or checkpoint.init_from is None:
-        return BaseChain(checkpoint.bases)
+    """``checkpoint``'s bases (:class:`BaseChain`): as its run recorded them when it started, else (a
+    checkpoint written before drnn recorded them) as read from the bases' files while each is still the
+    checkpoint the run after it started from, up to BASES_FOLLOWED of them."""
+    if checkpoint.bases is not None:
+        return checkpoint.bases
     records: list[BaseRecord] = []
     label: str | None = checkpoint.init_from
     expected_at = checkpoint.init_from_at
@@ -607,13 +597,28 @@ def base_chain(checkpoint: Checkpoint | CheckpointInfo) -> BaseChain:
             break
         now = trained_point(base)
         if expected_at is not None and now != expected_at:
-            return BaseChain(tuple(records), (label, whose, expected_at, now))
+            return BaseChain(tuple(records), ChainCut(label, whose, expected_at, now))
         records.append(base_record(label, base, now))
-        if base.bases:  # a base that recorded its own
-            records.extend(base.bases)
-            break
+        if base.bases is not None:  # a base that recorded its own
+            return BaseChain((*records, *base.bases.records)[:BASES_FOLLOWED], _cut_below(base.bases, label))
         label, expected_at, whose = base.init_from, base.init_from_at, label
-    return BaseChain(tuple(records[:BASES_FOLLOWED]))
+    return BaseChain(tuple(records))
+
+
+def chain_from(label: str, checkpoint: Checkpoint) -> BaseChain:
+    """What a run fine-tuned from ``checkpoint`` (at ``label``) records of its bases: that checkpoint,
+    where its reading stood, then its own bases (:func:`base_chain`), where a cut among them now names
+    the model it concerned (it said "the chain's own": ``checkpoint``)."""
+    own = base_chain(checkpoint)
+    records = (base_record(label, checkpoint, checkpoint.read_at), *own.records)
+    return BaseChain(records[:BASES_FOLLOWED], _cut_below(own, label))
+
+
+def _cut_below(chain: BaseChain, label: str) -> ChainCut | None:
+    """``chain``'s cut as seen from a model fine-tuned from the checkpoint at ``label`` that holds it."""
+    if chain.cut is None or chain.cut.whose is not None:
+        return chain.cut
+    return ChainCut(chain.cut.label, label, chain.cut.then, chain.cut.now)
 
 
 def base_record(label: str, checkpoint: Checkpoint | CheckpointInfo, at: str) -> BaseRecord:
@@ -632,11 +637,11 @@ def base_trained_note(chain: BaseChain, config: Config, dataset: Dataset, split:
     most = _sharing_most(chain.records, config, dataset, span)
     if most is None:
         return None
-    shared, label, followed = most
+    shared, base, followed = most
     size = span[1] - span[0]
     return (
         f"{shared:,} of the {size:,} {SPLIT_WORDS[split]} tokens ({percent(shared / size)}) "
-        f"{'is' if shared == 1 else 'are'} in the training split of {label}, which this model was fine-tuned "
+        f"{'is' if shared == 1 else 'are'} in the training split of {_as_it_stood(base)}, which this model was fine-tuned "
         f"from{' in turn' if followed > 1 else ''} on this same text: this perplexity is optimistic "
         '(README "Fine-tuning")'
     )
@@ -656,30 +661,42 @@ def trained_on_split_note(
     most = _sharing_most((scored, *chain.records), config, dataset, span)
     if most is None:
         return None
-    shared, label, followed = most
+    shared, base, followed = most
     size = span[1] - span[0]
     whose = "the checkpoint scored" if followed == 1 else "a run the checkpoint scored was fine-tuned from"
+    named = base.label if followed == 1 else _as_it_stood(base)
     return (
         f"{shared:,} of the {size:,} {SPLIT_WORDS[split]} tokens ({percent(shared / size)}) "
-        f"{'is' if shared == 1 else 'are'} in the training split of {label} ({whose}) on this same text: this "
+        f"{'is' if shared == 1 else 'are'} in the training split of {named} ({whose}) on this same text: this "
         "perplexity is optimistic"
     )
 
 
 def _sharing_most(
     records: tuple[BaseRecord, ...], config: Config, dataset: Dataset, span: tuple[int, int]
-) -> tuple[int, str, int] | None:
+) -> tuple[int, BaseRecord, int] | None:
     """Of ``records``, the base whose training split holds most of ``span``'s tokens of this same text
-    (read with ``config``'s token keys): (tokens shared, its label, its place in ``records`` from 1);
+    (read with ``config``'s token keys): (tokens shared, its record, its place in ``records`` from 1);
     None where none holds any."""
-    most: tuple[int, str, int] | None = None
+    most: tuple[int, BaseRecord, int] | None = None
     for followed, base in enumerate(records, start=1):
         spelt_alike = all(getattr(base.data, key) == getattr(config.data, key) for key in TOKEN_KEYS)
         if spelt_alike and _same_text(base, dataset):
             shared = _overlap((0, _training_split_end(base.data, dataset.total_tokens)[0]), span)
             if shared and (most is None or shared > most[0]):
-                most = (shared, base.label, followed)
+                most = (shared, base, followed)
     return most
+
+
+def _as_it_stood(base: BaseRecord) -> str:
+    """A base named by its path, and, where that file is another checkpoint now or none, which one it
+    was (review rev40: the path of a base replaced since held a run that trained on none of the tokens)."""
+    now = _base_header(base.label)
+    if now is None:
+        return f"{base.label} (as it stood at {base.at}; moved or deleted since)"
+    if trained_point(now) != base.at:
+        return f"{base.label} (as it stood at {base.at}; another checkpoint there now)"
+    return base.label
 
 
 def _base_header(label: str) -> CheckpointInfo | None:
@@ -695,14 +712,28 @@ def replaced_base_note(chain: BaseChain, whose: str) -> str | None:
     since, in a checkpoint that did not record them: what it was and is, and that its training split no
     longer says whether this split is held out from it (prac39: a base replaced with another split left
     the optimistic figure unflagged). ``whose``: the model ``chain`` belongs to ("this model")."""
-    if chain.replaced is None:
+    cut = chain.cut
+    if cut is None:
         return None
-    label, before, then, now = chain.replaced
     return (
-        f"{label} is no longer the checkpoint {before or whose} was fine-tuned from (then at {then}; now "
-        f"at {now}): whether its training text is held out here cannot be told "
+        f"{cut.label} is no longer the checkpoint {cut.whose or whose} was fine-tuned from (then at "
+        f"{cut.then}; now at {cut.now}): whether its training text is held out here cannot be told "
         '(README "Fine-tuning")'
     )
+
+
+def fine_tuning_notes(start: StartPoint, dataset: Dataset) -> list[str]:
+    """What a fine-tuning's start says of its bases and this text: shared tokens with the base
+    (:func:`shared_text_note`) or the bases before it (:func:`earlier_bases_note`), and a base among
+    those replaced since its own fine-tuning, whose text cannot be compared (:func:`replaced_base_note`)."""
+    if start.init_from is None or start.bases is None:
+        return []
+    notes = (
+        shared_text_note(start, dataset),
+        earlier_bases_note(start, dataset),
+        replaced_base_note(start.bases, str(start.init_source)),
+    )
+    return [note for note in notes if note]
 
 
 def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
@@ -720,7 +751,8 @@ def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
         trained = _training_split_end(checkpoint.config.data, dataset.total_tokens)[0]
         if any(_overlap((0, trained), splits.span(split)) for split in ("val", "test")):
             return None  # the direct base's note said so
-    earlier = start.bases[1:]  # the base's own bases, as it recorded them or as they were read at the start
+    # the base's own bases, as it recorded them or as they were read at the start
+    earlier = () if start.bases is None else start.bases.records[1:]
     found = [
         (name, most, len(splits.get(split)))
         for name, split in (("validation", "val"), ("test", "test"))
@@ -730,8 +762,8 @@ def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
         return None
     shares = " and ".join(
         f"{shared:,} of {whose} {size:,} {name} tokens ({percent(shared / size)}) {'is' if shared == 1 else 'are'} "
-        f"in the training split of {label}, which {source} was fine-tuned from{' in turn' if followed > 1 else ''}"
-        for whose, (name, (shared, label, followed), size) in zip(("this run's", "its"), found, strict=False)
+        f"in the training split of {_as_it_stood(base)}, which {source} was fine-tuned from{' in turn' if followed > 1 else ''}"
+        for whose, (name, (shared, base, followed), size) in zip(("this run's", "its"), found, strict=False)
     )
     optimistic = _optimistic([name for name, _, _ in found], "an earlier model of this one")
     return f'{shares}, on this same text (SHA-1 {dataset.sha1}): {optimistic} (README "Fine-tuning")'

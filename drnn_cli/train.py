@@ -196,7 +196,7 @@ class Trainer:
         self.model = trained_model(config, len(dataset.vocab), device, start.init_from)
         self.init_from_label = start.init_label or (resume.init_from if resume else None)
         self.init_from_at = start.init_from_at or (resume.init_from_at if resume else None)
-        self.bases = start.bases or (resume.bases if resume else ())
+        self.bases = start.bases or (resume.bases if resume else None)
         train, data = config.train, config.data
         self.average = (
             WeightAverage(self.model, train.average, train.average_decay) if train.average != "none" else None

@@ -36,13 +36,12 @@ from drnn_cli.signals import Signalled
 from drnn_cli.start_point import (
     StartPoint,
     check_max_unknown,
-    earlier_bases_note,
+    fine_tuning_notes,
     given_keys,
     init_point,
     load_start_config,
     longer_run_note,
     resume_point,
-    shared_text_note,
     unknown_share_note,
 )
 from drnn_cli.stop_left import continues_from, how_to_continue, left_by_signal
@@ -317,8 +316,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     if start.init_from is not None:  # the unknown share refuses too many (--max-unknown) here
         starting_notes += [
             unknown_share_note(dataset, request.max_unknown_fraction),
-            shared_text_note(start, dataset),
-            earlier_bases_note(start, dataset),
+            *fine_tuning_notes(start, dataset),
         ]
     check_header_room(dataset.vocab)
 

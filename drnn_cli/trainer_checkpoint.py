@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from drnn_cli.averaging import WeightAverage
-from drnn_cli.checkpoint import BaseRecord, Checkpoint
+from drnn_cli.checkpoint import BaseChain, Checkpoint
 from drnn_cli.config import Config
 from drnn_cli.data import Dataset
 from drnn_cli.models import RNNLanguageModel
@@ -64,7 +64,7 @@ def checkpoint_of(
     *,
     init_from_label: str | None,
     init_from_at: str | None,
-    bases: tuple[BaseRecord, ...],
+    bases: BaseChain | None,
     parts: TrainingParts,
     counters: TrainingCounters,
     device: torch.device,

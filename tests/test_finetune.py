@@ -1047,19 +1047,24 @@ def test_a_fine_tuned_run_records_its_bases_and_judges_its_splits_by_them_whatev
     recorded = info.init_from_at
     assert recorded == trained_point(read_checkpoint_info(base))
     assert re.fullmatch(r"step 9 after \d+\.\d{3} s, header [0-9a-f]{12}", recorded or "")  # 720 / 80
-    [record] = info.bases  # the base was trained from scratch: one record
+    assert info.bases is not None and info.bases.cut is None
+    [record] = info.bases.records  # the base was trained from scratch: one record
     assert (record.label, record.at, record.data.val_fraction, record.data.test_fraction) == (
         str(base),
         recorded,
         0.1,
         0.1,
     )
-    optimistic = (
-        f"note: 100 of the 300 validation tokens (33.3%) are in the training split of {base}, which this model "
-        'was fine-tuned from on this same text: this perplexity is optimistic (README "Fine-tuning")'
-    )
+
+    def optimistic(since: str = "") -> str:
+        named = f"{base} (as it stood at {recorded}; {since})" if since else str(base)
+        return (
+            f"note: 100 of the 300 validation tokens (33.3%) are in the training split of {named}, which this "
+            'model was fine-tuned from on this same text: this perplexity is optimistic (README "Fine-tuning")'
+        )
+
     code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
-    assert code == 0 and optimistic in " ".join(err.split()) and "no longer" not in err, err
+    assert code == 0 and optimistic() in " ".join(err.split()) and "no longer" not in err, err
     # the base resumed for two more epochs: eval --splits-of it beside the fine-tuned run says so
     longer = config_for(
         tmp_path, own, "base", data={"val_fraction": 0.1, "test_fraction": 0.1}, train={"epochs": 3}
@@ -1077,21 +1082,24 @@ def test_a_fine_tuned_run_records_its_bases_and_judges_its_splits_by_them_whatev
         )
         in said
     ), err
+    # its path named with the checkpoint it was, which the file no longer is (review rev40 #5)
+    replaced = optimistic("another checkpoint there now")
     code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
-    assert code == 0 and optimistic in " ".join(err.split()) and "no longer" not in err, err
+    assert code == 0 and replaced in " ".join(err.split()) and "no longer" not in err, err
     # replaced by a run that holds out half, then deleted: the recorded split still counts
     half = config_for(tmp_path, own, "base", data={"val_fraction": 0.5}, train={"epochs": 1})
     assert cli("train", "--config", str(half), "--overwrite")[0] == 0
     code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
-    assert code == 0 and optimistic in " ".join(err.split()) and "no longer" not in err, err
+    assert code == 0 and replaced in " ".join(err.split()) and "no longer" not in err, err
     code, _, err = cli("eval", "--run", "runs/tuned", "--splits-of", "runs/tuned", "--split", "val")
     assert code == 0 and (
-        f"100 of the 300 validation tokens (33.3%) are in the training split of {base} (a run the checkpoint "
-        "scored was fine-tuned from) on this same text: this perplexity is optimistic"
+        f"100 of the 300 validation tokens (33.3%) are in the training split of {base} (as it stood at "
+        f"{recorded}; another checkpoint there now) (a run the checkpoint scored was fine-tuned from) on this "
+        "same text: this perplexity is optimistic"
     ) in " ".join(err.split()), err
     shutil.rmtree(base.parent)
     code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
-    assert code == 0 and optimistic in " ".join(err.split()), err
+    assert code == 0 and optimistic("moved or deleted since") in " ".join(err.split()), err
 
 
 def test_a_checkpoint_that_predates_the_record_reads_its_bases_and_says_when_one_was_replaced(
@@ -1108,7 +1116,7 @@ def test_a_checkpoint_that_predates_the_record_reads_its_bases_and_says_when_one
     for file in Path("runs/tuned").glob("*.safetensors"):
         rewrite_checkpoint(file, file, edit_header=lambda header: header.pop("bases"))
     info = read_checkpoint_info(Path("runs/tuned/best.safetensors"))
-    assert info.bases == () and info.init_from_at == trained_point(read_checkpoint_info(base))
+    assert info.bases is None and info.init_from_at == trained_point(read_checkpoint_info(base))
     code, _, err = cli("eval", "--run", "runs/tuned", "--split", "val")
     assert code == 0 and "100 of the 300 validation tokens" in err and "no longer" not in err, err
     half = config_for(tmp_path, own, "base", data={"val_fraction": 0.5}, train={"epochs": 1})
@@ -1124,6 +1132,18 @@ def test_a_checkpoint_that_predates_the_record_reads_its_bases_and_says_when_one
     # scored on its own splits through --splits-of, as the base replaced: said too (review rev39c #1)
     code, _, err = cli("eval", "--run", "runs/tuned", "--splits-of", "runs/tuned", "--split", "val")
     assert code == 0 and f"{base} is no longer the checkpoint this model" in " ".join(err.split()), err
+    # a run fine-tuned from it records where its reading stopped, and says so as it starts and in eval
+    # (review rev40 #1: the record dropped it, and eval of the new run said nothing)
+    again = config_for(tmp_path, own, "again", data={"val_fraction": 0.25}, train={"epochs": 1})
+    code, out, err = cli("train", "--config", str(again), "--init-from", "runs/tuned")
+    tuned = Path("runs/tuned/best.safetensors").resolve()
+    cut = (
+        f"{base} is no longer the checkpoint {tuned} was fine-tuned from (then at {info.init_from_at}; now at "
+        f'{replaced}): whether its training text is held out here cannot be told (README "Fine-tuning")'
+    )
+    assert code == 0 and cut in " ".join((out + err).split()), out + err
+    code, _, err = cli("eval", "--run", "runs/again", "--split", "val")
+    assert code == 0 and cut in " ".join(err.split()), err
 
 
 def test_a_test_split_on_the_base_s_training_text_is_counted_beside_the_validation_split(own: Path):

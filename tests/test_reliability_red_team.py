@@ -260,6 +260,16 @@ def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path
     assert out == ""
 
 
+# A base record as drnn writes it (BaseRecord.to_header)
+_BASE = {
+    "label": "/runs/base/best.safetensors",
+    "at": "step 9 after 1.000 s, header 0123456789ab",
+    "data": {"preprocess": "d2l", "token": "char", "max_tokens": -1, "val_fraction": 0.1, "test_fraction": 0},
+    "corpus_sha1": None,
+    "text_sha1": None,
+}
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
@@ -271,14 +281,14 @@ def test_a_checkpoint_holding_nan_is_refused_by_predict(tiny_run: Path, tmp_path
         ("epoch", "3"),
         ("step_in_epoch", 2.5),
         ("step_in_epoch", -3),
-        ("bases", {"label": "a"}),
-        ("bases", [{"label": "a", "at": "b", "data": {}, "corpus_sha1": None}]),  # a key missing
-        (
-            "bases",
-            [{"label": "a", "at": "b", "data": {"val_fraction": 2}, "corpus_sha1": None, "text_sha1": None}],
-        ),
-        ("bases", [{"label": 5, "at": "b", "data": {}, "corpus_sha1": None, "text_sha1": None}]),
-        ("bases", [{"label": "a", "at": "b", "data": {}, "corpus_sha1": None, "text_sha1": None}] * 9),  # > 8
+        ("bases", [_BASE]),  # the records without their chain
+        ("bases", {"records": [{**_BASE, "label": 5}], "cut": None}),
+        ("bases", {"records": [{k: v for k, v in _BASE.items() if k != "text_sha1"}], "cut": None}),
+        # a data section without its split settings would read as their defaults: trained on everything
+        ("bases", {"records": [{**_BASE, "data": {}}], "cut": None}),
+        ("bases", {"records": [{**_BASE, "data": {**_BASE["data"], "val_fraction": 2}}], "cut": None}),
+        ("bases", {"records": [_BASE] * 9, "cut": None}),  # more than drnn records
+        ("bases", {"records": [], "cut": {"label": "a", "whose": None, "then": 3, "now": "b"}}),
     ],
 )
 def test_a_header_value_of_the_wrong_type_is_a_corrupt_checkpoint(
@@ -290,6 +300,21 @@ def test_a_header_value_of_the_wrong_type_is_a_corrupt_checkpoint(
     code, out, err = cli("predict", "time", "--checkpoint", str(bad))
     assert_one_line_error(code, err, str(bad), "corrupt (a header field missing or of the wrong type)")
     assert out == ""
+
+
+def test_a_well_formed_base_chain_reads_back_as_written(tiny_run: Path, tmp_path: Path):
+    """The record the malformed ones above are cut from is read as drnn wrote it."""
+    from drnn_cli.checkpoint import ChainCut, read_checkpoint_info
+
+    cut = {"label": "/runs/older/best.safetensors", "whose": None, "then": "step 1", "now": "step 2"}
+    copy = tmp_path / "chained.safetensors"
+    chain = {"records": [_BASE], "cut": cut}
+    rewrite_checkpoint(tiny_run / "last.safetensors", copy, edit_header=lambda drnn: drnn.update(bases=chain))
+    bases = read_checkpoint_info(copy).bases
+    assert bases is not None and bases.cut == ChainCut(**cut)
+    [record] = bases.records
+    assert record.to_header() == {**_BASE, "data": {**record.to_header()["data"], **_BASE["data"]}}
+    assert (record.data.val_fraction, record.data.max_tokens) == (0.1, -1)
 
 
 def test_a_checkpoint_whose_vocabulary_lists_a_token_twice_is_corrupt(tiny_run: Path, tmp_path: Path, cli):

@@ -448,11 +448,12 @@ def test_sort_best_puts_the_lowest_best_validation_first_and_runs_without_one_la
     assert code == 0 and out.splitlines()[0].strip() == "runs in runs, the best first", err
 
 
-def test_sort_best_ranks_each_texts_runs_apart(workdir: Path, cli, corpus_path: Path):
+def test_sort_best_ranks_each_texts_runs_apart(workdir: Path, cli):
     """Perplexities over other tokens do not rank against each other (prac39: --sort best listed runs
     on two texts in one order). Each text's runs stay together, best first, the text of the lowest
-    figure first, a rule between texts and a caption saying why; the same text read into other splits
-    is another text here."""
+    figure first, a rule between texts and a caption saying why: the same text read into other splits,
+    or validated on its first 50 tokens alone, is another text here; another data.min_freq that leaves
+    the vocabulary as it was is not (review rev40). A run that cannot be read comes last, of no text."""
     other = workdir / "other.txt"
     other.write_text("abcab cabba " * 400)
     config = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
@@ -461,27 +462,48 @@ def test_sort_best_ranks_each_texts_runs_apart(workdir: Path, cli, corpus_path: 
         ("easy", [f"--set=data.path={other}"]),
         ("tm-fast", []),
         ("tm-half", ["--set=data.val_fraction=0.5"]),
+        ("tm-rare", ["--set=data.min_freq=2"]),  # every letter occurs twice: the same 28 tokens
+        ("tm-50", ["--set=train.eval_tokens=50"]),
     ):
         assert cli("train", "--config", config, "--run", f"runs/{name}", *extra)[0] == 0
+    broken = workdir / "runs" / "broken"
+    broken.mkdir()
+    (broken / "last.safetensors").write_bytes(b"not a checkpoint")
     listed = _listed(cli, "--sort", "best")
     best = {Path(run["run_dir"]).name: run["best_val_ppl"] for run in listed}
-    assert best["easy"] < min(best["tm-fast"], best["tm-half"]), best  # a repeated pattern: the lowest
-    assert best["tm-half"] < best["tm-slow"] and best["tm-fast"] < best["tm-slow"], best
-    tm_first = best["tm-half"] < best["tm-fast"]
-    timemachine = ["tm-half", "tm-fast", "tm-slow"] if tm_first else ["tm-fast", "tm-slow", "tm-half"]
-    assert [Path(run["run_dir"]).name for run in listed] == ["easy", *timemachine]
+    assert best["tm-rare"] == best["tm-fast"] and best["tm-slow"] > best["tm-fast"], best
+    texts = [["easy"], ["tm-fast", "tm-rare", "tm-slow"], ["tm-half"], ["tm-50"]]
+    texts = [sorted(runs, key=lambda name: best[name]) for runs in texts]
+    texts.sort(key=lambda runs: best[runs[0]])
+    assert texts[0] == ["easy"]  # a repeated pattern: the lowest
+    names = [Path(run["run_dir"]).name for run in listed]
+    assert names[-1] == "broken", names
+    # runs of equal figures (tm-fast, tm-rare) in either order
+    assert [sorted(names[i : i + len(runs)]) for i, runs in _starts(texts)] == [sorted(r) for r in texts]
+    ids = {Path(run["run_dir"]).name: run["scored_on"] for run in listed}
+    assert ids["tm-fast"] == ids["tm-rare"] == ids["tm-slow"] and ids["broken"] is None
+    assert len({ids[name] for name in ("easy", "tm-fast", "tm-half", "tm-50")}) == 4
     code, out, err = cli("runs", "--sort", "best")
     assert code == 0, err
     lines = out.splitlines()
     rules = [index for index, line in enumerate(lines) if line.startswith("├")]
-    assert len(rules) == 2, out
-    # the rules fall after "easy"'s row and after the first text of the timemachine's two splits
-    first_rows = [lines[index + 1] for index in rules]
-    assert ("runs/tm-half" in first_rows[1]) == (not tm_first) and "runs/tm-" in first_rows[0], out
-    assert "ranked apart: 3 texts or splits, whose perplexities do not compare" in " ".join(out.split())
+    # after each text but the last (none before the unreadable run)
+    assert len(rules) == 3, out
+    for index, runs in zip(rules, texts[1:], strict=True):
+        assert lines[index + 1].split("│")[1].split()[0] in {f"runs/{name}" for name in runs}, out
+    assert "ranked apart: 4 texts or splits, whose perplexities do not compare" in " ".join(out.split())
     code, out, err = cli("runs")  # the newest first: no rule, no caption
     assert code == 0 and not any(line.startswith("├") for line in out.splitlines()), out
     assert "ranked apart" not in out
+
+
+def _starts(groups: list[list[str]]) -> list[tuple[int, list[str]]]:
+    """Each group with the index of its first name in the groups laid end to end."""
+    starts, at = [], 0
+    for group in groups:
+        starts.append((at, group))
+        at += len(group)
+    return starts
 
 
 def test_a_best_no_validation_gives_is_no_figure_and_ranks_last(three_runs: Path, cli):

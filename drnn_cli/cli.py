@@ -705,11 +705,24 @@ def inspect_command(
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
     )
     table = Table(show_header=True)
-    for column in ("unit", "follows", "r"):
-        table.add_column(column)
+    for column in ("unit", "follows", "r", "untrained"):
+        table.add_column(column, justify="left" if column == "follows" else "right")
     for score in result.units:
-        table.add_row(str(score.unit), follows_label(score), f"{score.correlation:+.3f}")
+        untrained = result.untrained.get(score.feature or "")
+        table.add_row(
+            str(score.unit),
+            follows_label(score),
+            f"{score.correlation:+.3f}",
+            "" if untrained is None else f"{abs(untrained):.3f}",
+        )
     out.print(table)
+    if result.untrained:
+        print_line(
+            out,
+            "untrained: the largest |r| any unit of the layer has with the property in a network of this "
+            f"shape before any training (as train.seed {loaded.checkpoint.config.train.seed} initialises it): "
+            "an |r| well above it was learned",
+        )
     for index, gates in enumerate(result.saturation, start=1):
         if gates:
             shares = ", ".join(

@@ -868,8 +868,9 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
     request.units_shown(loaded.checkpoint.config.model.hidden_size)  # refuses too many before reading
     if outputs.png is not None:
         check_plot_request()
+    config = loaded.checkpoint.config
     inspection = inspect_text(
-        loaded.model, loaded.checkpoint.vocab, loaded.checkpoint.config.data, request, loaded.device
+        loaded.model, loaded.checkpoint.vocab, config.data, request, loaded.device, config.train.seed
     )
     written: list[Path] = []
     if outputs.html is not None and outputs.html_target is not None:

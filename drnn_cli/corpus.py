@@ -29,11 +29,14 @@ from drnn_cli.files import (
 from drnn_cli.vocab import tokens_of
 
 
-def read_text(path: Path, what: str = "corpus file", max_bytes: int | None = None) -> str:
+def read_text(
+    path: Path, what: str = "corpus file", max_bytes: int | None = None, excerpt_bytes: int | None = None
+) -> str:
     """The file as text, with one-line errors for the usual problems, naming the file as ``what``
-    (the option that gave it: "--data file", "--file"); ``max_bytes``: as ``read_utf8_text``."""
+    (the option that gave it: "--data file", "--file"); ``max_bytes``, ``excerpt_bytes``: as
+    ``read_utf8_text``."""
     require_regular_file(path, what, "name a UTF-8 text file")  # not /dev/zero, a FIFO, a folder
-    return _as_text(read_utf8_text(path, what, max_bytes), path, what)
+    return _as_text(read_utf8_text(path, what, max_bytes, excerpt_bytes), path, what)
 
 
 def text_of_bytes(raw: bytes, name: Path, what: str) -> str:

@@ -223,12 +223,16 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def read_utf8_text(path: Path, what: str, max_bytes: int | None = None) -> str:
+def read_utf8_text(
+    path: Path, what: str, max_bytes: int | None = None, excerpt_bytes: int | None = None
+) -> str:
     """The file decoded as UTF-8; one line naming it as ``what`` when it cannot be read, is not UTF-8
     (with the conversion that fixes it), or holds NUL bytes.
 
     ``max_bytes``: refuse a file longer than this, judged by what is read (``max_bytes`` and one byte
-    more), not by its size on disk: a file still being written grows past any size it had when looked at.
+    more), not by its size on disk: a file still being written grows past any size it had when looked at;
+    the refusal suggests an excerpt of ``excerpt_bytes`` (default ``max_bytes``) where the command uses
+    less than it reads (drnn inspect: 20,000 characters of up to 16 MiB).
     """
     try:
         with path.open("rb") as handle:
@@ -238,7 +242,7 @@ def read_utf8_text(path: Path, what: str, max_bytes: int | None = None) -> str:
     if max_bytes is not None and len(raw) > max_bytes:
         raise DrnnError(
             f"{what} {path} holds more than {max_bytes:,} bytes, the most this command reads; give it an "
-            f"excerpt, e.g. head -c {max_bytes} {shlex.quote(str(path))} | iconv -c -f utf-8 -t utf-8 > "
+            f"excerpt, e.g. head -c {excerpt_bytes or max_bytes} {shlex.quote(str(path))} | iconv -c -f utf-8 -t utf-8 > "
             "excerpt.txt (iconv drops a character head cut in half)"
         )
     return decode_utf8_text(raw, what, path)

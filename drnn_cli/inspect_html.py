@@ -80,7 +80,12 @@ function show(span) {
   s += SURPRISAL[i] === null ? 'surprisal: - (first character)\\n'
        : 'surprisal: ' + (SURPRISAL[i] / Math.LN2).toFixed(2) + ' bits (p = ' + Math.exp(-SURPRISAL[i]).toFixed(3) + ')\\n';
   if (unit !== undefined) s += 'unit ' + unit + ': ' + (ACTS[unit][i] / 1000).toFixed(3) + '\\n';
-  s += 'next guesses:';
+  if (i > 0) {  // what the model expected here, read before this character
+    s += 'expected here:';
+    for (let k = 0; k < 6 && k < TOP[i - 1].length; k += 2) s += ' ' + GUESSES[TOP[i - 1][k]] + ' ' + (TOP[i - 1][k + 1] / 1000).toFixed(3);
+    s += '\n';
+  }
+  s += 'guesses for the next character:';
   for (let k = 0; k < TOP[i].length; k += 2) s += '\\n  ' + GUESSES[TOP[i][k]] + '  ' + (TOP[i][k + 1] / 1000).toFixed(3);
   tip.textContent = s;
   const r = span.getBoundingClientRect();
@@ -146,13 +151,15 @@ def page_pieces(inspection: Inspection, title: str) -> Iterator[str]:
             if inspection.scored_unknown
             else ""
         )
-        + ". Hover a character for the model's next guesses."
+        + ". Hover a character for its surprisal, what the model expected there, and its guesses for the "
+        "next one."
     )
+    notes = "".join(f'<p class="meta">note: {html.escape(note)}</p>\n' for note in inspection.notes)
     yield (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>drnn inspect: {html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
         f"<h1>drnn inspect: {html.escape(title)}</h1>\n"
-        f'<p class="meta">{html.escape(summary)}</p>\n'
+        f'<p class="meta">{html.escape(summary)}</p>\n{notes}'
     )
     yield (
         "<h2>Surprisal: how unexpected each character was</h2>"
@@ -164,8 +171,10 @@ def page_pieces(inspection: Inspection, title: str) -> Iterator[str]:
     for score, row in zip(inspection.units, inspection.activations, strict=True):
         values = row.tolist()
         scale = max((abs(v) for v in values), default=0.0)
+        before = inspection.untrained.get(score.feature or "")
+        unlearned = "" if before is None else f"; untrained, the layer's best: {abs(before):.2f}"
         label = (
-            f"r = {score.correlation:+.2f} with {follows_label(score)}"
+            f"r = {score.correlation:+.2f} with {follows_label(score)}{unlearned}"
             if score.feature
             else "no text feature varies here"
         )

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
 from drnn_cli.inspect_html import NO_PREDICTION_COLOUR, SURPRISAL_FULL_BITS, surprisal_colour
-from drnn_cli.introspect import SATURATED_HIGH, SATURATED_LOW, Inspection, UnitScore, follows_label
+from drnn_cli.introspect import (
+    MIN_RANKING_CHARS,
+    SATURATED_HIGH,
+    SATURATED_LOW,
+    Inspection,
+    UnitScore,
+    follows_label,
+)
 from drnn_cli.plot import plotter_problem, quiet_font_fallbacks
 from drnn_cli.shown_text import labelled_char
 
@@ -45,11 +52,14 @@ def check_plot_request() -> None:
         raise DrnnError(f"--png needs matplotlib, which {what}: {fix} (or leave out --png)")
 
 
-def _unit_label(score: UnitScore) -> str:
-    """A heatmap row's name: the unit, and the feature it follows best, as the HTML page's heading."""
+def _unit_label(score: UnitScore, untrained: dict[str, float]) -> str:
+    """A heatmap row's name: the unit, the feature it follows best, and the best |r| with it before
+    training, as the HTML page's heading."""
     if score.feature is None:
         return f"unit {score.unit}"
-    return f"unit {score.unit}: {follows_label(score)} (r = {score.correlation:+.2f})"
+    before = untrained.get(score.feature)
+    unlearned = "" if before is None else f"; untrained {abs(before):.2f}"
+    return f"unit {score.unit}: {follows_label(score)} (r = {score.correlation:+.2f}{unlearned})"
 
 
 def write_inspection_plot(inspection: Inspection, path: Path) -> list[str]:
@@ -103,10 +113,15 @@ def inspection_figure(inspection: Inspection) -> Figure:
     _draw_units(figure, heat, inspection, shown)
     of = f" (first {shown} of {len(inspection.chars):,} characters)" if shown < len(inspection.chars) else ""
     signal = "cell state" if inspection.signal == "cell" else "hidden state"
+    few = (
+        f"\ncorrelations over {len(inspection.chars)} characters say little: read a paragraph or more"
+        if inspection.tokens < MIN_RANKING_CHARS
+        else ""
+    )
     strip.set_title(
-        f"layer {inspection.layer} {signal}, each unit scaled to its largest |activation|{of}\n"
+        f"layer {inspection.layer} {signal}, each unit scaled to its largest |activation| on the whole text{of}\n"
         f"top row: surprisal, white 0 bits → orange ≥ {SURPRISAL_FULL_BITS:g} bits "
-        "(grey: the first character, which has no prediction)",
+        f"(grey: the first character, which has no prediction){few}",
         fontsize=10,
     )
 
@@ -154,18 +169,27 @@ def _draw_surprisal(figure: Figure, strip: Axes, inspection: Inspection, shown: 
 
 def _draw_units(figure: Figure, heat: Axes, inspection: Inspection, shown: int) -> None:
     """The chosen units' heatmap, the characters labelled below it and those read as ``<unk>`` marked."""
-    values = inspection.activations[:, :shown].numpy()
-    scale = abs(values).max(axis=1, keepdims=True)
+    # each unit scaled over the whole text, as the page scales it (over the first characters alone, a
+    # cell state's colours were 1.5 times the page's: inspect40); the row's label gives the scale
+    scale = inspection.activations.abs().amax(dim=1, keepdim=True).numpy()
     scale[scale == 0] = 1
+    values = inspection.activations[:, :shown].numpy()
     image = heat.imshow(
         values / scale, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest"
     )
     bar = figure.colorbar(image, ax=heat, fraction=0.02, pad=0.01, ticks=[-1, 0, 1])
     bar.ax.tick_params(labelsize=7)
     bar.set_label("activation ÷ the unit's largest", fontsize=7)
-    heat.set_yticks(range(len(inspection.units)), [_unit_label(s) for s in inspection.units])
+    labels = [
+        f"{_unit_label(unit, inspection.untrained)}, ±{float(largest):.3g}"
+        for unit, largest in zip(inspection.units, scale[:, 0], strict=True)
+    ]
+    heat.set_yticks(range(len(inspection.units)), labels)
     heat.set_xticks(range(shown), [labelled_char(c) for c in inspection.chars[:shown]])
     heat.tick_params(axis="x", labelsize=9, length=0, labelbottom=True)
+    for label in heat.get_xticklabels():
+        if len(label.get_text()) > 1:  # ⟨U+200D⟩ across its column covered the characters beside it
+            label.set(rotation=90)
     unknown = [t for t in range(shown) if inspection.unknown[t]]
     for t in unknown:
         heat.get_xticklabels()[t].set(color=UNKNOWN_COLOUR, fontweight="bold")

@@ -17,7 +17,7 @@ import math
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,12 +39,15 @@ from drnn_cli.corpus import (
 from drnn_cli.errors import DrnnError, UsageError
 from drnn_cli.evaluate import Perplexity
 from drnn_cli.files import require_regular_file
-from drnn_cli.models import RNNLanguageModel
+from drnn_cli.models import RNNLanguageModel, build_model
 from drnn_cli.token_tensors import encode_tokens
 from drnn_cli.vocab import UNK, Vocab
 
 MAX_CHARS = 20_000  # keeps the page, the JSON and the step-by-step trace bounded
 MAX_FILE_BYTES = 16 << 20  # a --file is read up to this and a byte, refused past it (MAX_CHARS of it fit)
+# The excerpt a refusal suggests: MAX_CHARS characters after any preprocessing, with room (the 16 MiB it
+# suggested took 9.5 s to preprocess for 20,000 characters read: inspect40)
+EXCERPT_BYTES = 200_000
 STDIN = Path("-")  # --file -: the text from standard input
 TOP_NEXT = 5
 TRACE_CHUNK = 256  # characters stepped through every layer at a time; the caller keeps what it needs of them
@@ -206,6 +209,9 @@ class UnitScore:
     unit: int
     feature: str | None
     correlation: float  # Pearson r with that feature; 0 when none applies
+    # r with every feature that varies over the text: "position in word" and "at a space" go together
+    # (a space is position 0), so a unit's best of the two may be its other's by a hair (inspect40)
+    correlations: dict[str, float] = field(default_factory=dict)
 
 
 def score_units(activations: torch.Tensor, features: dict[str, torch.Tensor]) -> list[UnitScore]:
@@ -231,16 +237,31 @@ def _score_block(activations: torch.Tensor, features: dict[str, torch.Tensor], f
     size = activations.shape[1]
     best = torch.zeros(size, dtype=torch.float64)
     best_name: list[str | None] = [None] * size
+    every: dict[str, list[float]] = {}
     for name, feature in features.items():
         f = feature - feature.mean()
         if float(feature.max()) == float(feature.min()):
             continue  # constant over this text: nothing to correlate with
         r = (f @ centred) / (f.norm() * unit_norm).clamp_min(1e-300)
         r = torch.where(varies, r, torch.zeros_like(r))
+        every[name] = r.tolist()
         for unit in torch.nonzero(r.abs() > best.abs()).flatten().tolist():
             best[unit] = r[unit]
             best_name[unit] = name
-    return [UnitScore(first + u, best_name[u], float(best[u])) for u in range(size)]
+    return [
+        UnitScore(first + u, best_name[u], float(best[u]), {name: rs[u] for name, rs in every.items()})
+        for u in range(size)
+    ]
+
+
+def best_per_feature(scores: list[UnitScore]) -> dict[str, float]:
+    """For each feature that varies, the r of largest magnitude any of the units has with it."""
+    best: dict[str, float] = {}
+    for score in scores:
+        for name, r in score.correlations.items():
+            if abs(r) > abs(best.get(name, 0.0)):
+                best[name] = r
+    return best
 
 
 def top_units(scores: list[UnitScore], activations: torch.Tensor, k: int) -> list[UnitScore]:
@@ -400,6 +421,10 @@ class Inspection:
     top_asked: int = 0  # --top K, kept where the layer has fewer units than K
     preprocessing_changed: bool = False  # more than lower-cased with its spaces evened out
     lines_glued: bool = False  # a --file's lines glued by d2l's preprocessing ("himwas")
+    # per feature, the r of largest |r| of the same layer's units in this network as initialised, before
+    # any training, on the same text: what the architecture gives unlearned (inspect40: a cell state
+    # sums its input, and counts letters since a space at |r| 0.6-0.7 before its first step)
+    untrained: dict[str, float] = field(default_factory=dict)
 
     @property
     def notes(self) -> list[str]:
@@ -428,10 +453,10 @@ class Inspection:
                 f"property at |r| ≥ {WEAK_CORRELATION}: {'it is' if one else 'they are'} shown for the largest "
                 "variance of the rest"
             )
-        if self.ranked and self.tokens < MIN_RANKING_CHARS:
+        if self.tokens < MIN_RANKING_CHARS:  # named units' correlations too (inspect40)
             notes.append(
                 f"correlations over {len(self.chars)} characters say little (over a few, any unit that varies "
-                "follows some property closely): rank units over a paragraph or more, e.g. with --file"
+                "follows some property closely): read a paragraph or more, e.g. with --file"
             )
         return notes
 
@@ -474,10 +499,12 @@ class Inspection:
                     "unit": score.unit,
                     "feature": score.feature,
                     "correlation": round(score.correlation, 4),
+                    "correlations": {name: round(r, 4) for name, r in score.correlations.items()},
                     "activations": _rounded(row),
                 }
                 for score, row in zip(self.units, self.activations, strict=True)
             ],
+            "untrained": {name: round(r, 4) for name, r in self.untrained.items()},
             "surprisal": self.surprisal,
             "nll": self.nll,
             "tokens": self.tokens,
@@ -520,7 +547,7 @@ def read_chars(request: InspectRequest, data: DataConfig) -> ReadChars:
         if not require_regular_file(request.file, "--file", fix):
             raise DrnnError(f"--file {request.file} is empty; give it the text to inspect")
         # a longer file would be read whole, then refused past MAX_CHARS: not worth reading beyond this
-        text = read_text(request.file, "--file", MAX_FILE_BYTES)
+        text = read_text(request.file, "--file", MAX_FILE_BYTES, EXCERPT_BYTES)
         chars = list(token_stream(text, data))
         source = str(request.file)
     else:
@@ -575,7 +602,7 @@ def _read_stdin(max_bytes: int) -> bytes:
     if len(raw) > max_bytes:
         raise DrnnError(
             f"--file - (standard input) holds more than {max_bytes:,} bytes, the most drnn inspect reads; "
-            f"pipe in an excerpt, e.g. … | head -c {max_bytes} | iconv -c -f utf-8 -t utf-8 | drnn inspect "
+            f"pipe in an excerpt, e.g. … | head -c {EXCERPT_BYTES} | iconv -c -f utf-8 -t utf-8 | drnn inspect "
             "--file - (iconv drops a character head cut in half)"
         )
     return raw
@@ -624,14 +651,34 @@ def _signal_and_saturation(
     return kept, saturation
 
 
+def untrained_correlations(
+    model: RNNLanguageModel,
+    ids: torch.Tensor,
+    layer: int,
+    signal: str,
+    features: dict[str, torch.Tensor],
+    seed: int,
+) -> dict[str, float]:
+    """:attr:`Inspection.untrained`: ``model``'s shape initialised as a run seeded ``seed`` initialises it
+    (for a run trained from scratch, the very weights it started from), read over the same characters;
+    the process's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        fresh = build_model(model.vocab_size, model.config, seed)
+    fresh.to(ids.device).eval()
+    unlearned, _ = _signal_and_saturation(fresh, ids, layer, signal)
+    return best_per_feature(score_units(unlearned, features))
+
+
 def inspect_text(
     model: RNNLanguageModel,
     vocab: Vocab,
     data: DataConfig,
     request: InspectRequest,
     device: torch.device,
+    seed: int = 0,
 ) -> Inspection:
-    """Read the text with the model and collect what ``drnn inspect`` shows."""
+    """Read the text with the model and collect what ``drnn inspect`` shows; ``seed``: the run's
+    ``train.seed``, which initialised the network it started from (:func:`untrained_correlations`)."""
     config = model.config
     layer = request.layer if request.layer is not None else config.num_layers
     if not 1 <= layer <= config.num_layers:
@@ -659,8 +706,10 @@ def inspect_text(
     probs, indices = log_probs.exp().topk(min(TOP_NEXT, log_probs.shape[1]), dim=-1)
     top_next = NextGuesses(vocab.idx_to_token, indices.cpu(), probs.cpu())
 
-    scores = score_units(signal, text_features(chars))
+    features = text_features(chars)
+    scores = score_units(signal, features)
     units = _choose_units(request, scores, signal)
+    untrained = untrained_correlations(model, ids, layer, request.signal, features, seed)
     activations = signal[:, [s.unit for s in units]].t().contiguous()
     return Inspection(
         chars,
@@ -680,4 +729,5 @@ def inspect_text(
         top_asked=request.top or 0,
         preprocessing_changed=changed,
         lines_glued=glued,
+        untrained=untrained,
     )

@@ -608,15 +608,113 @@ def test_png_of_a_text_all_in_the_vocabulary_marks_nothing():
     assert len({label.get_color() for label in heat.get_xticklabels()}) == 1 and heat.get_xlabel() == ""
 
 
+def test_the_untrained_baseline_is_the_layers_best_in_the_network_as_its_seed_initialises_it():
+    """An LSTM's cell state sums its input and counts letters since a space before any training (|r|
+    0.6-0.7: inspect40), so a unit's r says what was learned only beside the same network untrained. A
+    model that is its seed's initial weights has its own best unit of each property as its baseline,
+    exactly; a trained one is compared with those weights; the process's random state is untouched;
+    every unit carries its r with every property that varies (a unit's best of "position in word" and
+    "at a space" may lead the other by a hair)."""
+    text = (
+        'the time traveller (for so it will be convenient to speak of him)\nwas expounding "a recondite matter"\n'
+        * 3
+    )
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    config = ModelConfig(cell="lstm", hidden_size=16, num_layers=2)
+    untrained = build_model(len(vocab), config, seed=7).eval()
+    request = InspectRequest(text=text, top=16, signal="cell")
+    before = torch.get_rng_state()
+    own = inspect_text(untrained, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"), seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert (
+        set(own.untrained)
+        == set(text_features(list(text)))
+        == {
+            "position in word",
+            "at a space",
+            "position in line",
+            "inside quotes",
+            "inside brackets",
+        }
+    )
+    for name, baseline in own.untrained.items():
+        assert max(abs(unit.correlations[name]) for unit in own.units) == abs(baseline), name
+    for unit in own.units:
+        assert unit.correlations[unit.feature] == unit.correlation
+        assert all(abs(r) <= abs(unit.correlation) for r in unit.correlations.values())
+    other = build_model(len(vocab), config, seed=8).eval()
+    seen = inspect_text(other, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"), seed=7)
+    assert seen.untrained == own.untrained and seen.units != own.units
+    summary = seen.summary()
+    assert summary["untrained"] == {name: round(r, 4) for name, r in own.untrained.items()}
+    assert summary["units"][0]["correlations"] == {
+        name: round(r, 4) for name, r in seen.units[0].correlations.items()
+    }
+
+
+def test_the_table_sets_each_units_r_beside_the_untrained_layers_best(cli, tiny_run: Path):
+    text = "the time traveller for so it will be convenient to speak of him"
+    code, table, err = cli("inspect", text, "--run", str(tiny_run))
+    assert code == 0, err
+    header = next(line for line in table.splitlines() if "unit" in line and "follows" in line)
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["unit", "follows", "r", "untrained"]
+    assert (
+        "untrained: the largest |r| any unit of the layer has with the property in a network of this shape "
+        "before any training (as train.seed 3 initialises it): an |r| well above it was learned"
+    ) in " ".join(table.split())
+    code, out, err = cli("inspect", text, "--run", str(tiny_run), "--json")
+    untrained = json.loads(out.splitlines()[-1])["untrained"]
+    rows = [
+        [cell.strip() for cell in row.split("│")[1:-1]] for row in table.splitlines() if row.startswith("│")
+    ]
+    assert len(rows) == 5 and set(untrained) == {"position in word", "at a space"}
+    for row in rows:
+        assert row[3] == f"{abs(untrained[row[1].removesuffix(' (weak)')]):.3f}", row
+
+
+def test_the_png_scales_each_unit_over_the_whole_text_as_the_page_and_stands_code_points_upright():
+    """The PNG scaled a unit over its first 100 characters, the page over the whole text: a cell state's
+    colours were 1.5 times the page's, and no value could be read off it (inspect40). It scales over the
+    whole text and names each row's scale; a character drawn as its code point (⟨U+200D⟩) is labelled
+    upright, not across the characters beside it."""
+    from drnn_cli.inspect_plot import inspection_figure
+
+    text = "zero\u200dwidth " * 6 + "the time traveller " * 20
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    model = build_model(len(vocab), ModelConfig(cell="lstm", hidden_size=8, num_layers=1), seed=0).eval()
+    request = InspectRequest(text=text, units=(0, 1, 2), signal="cell")
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"))
+    figure = inspection_figure(result)
+    (heat,) = [axes for axes in figure.axes if axes.get_yticklabels()[0].get_text().startswith("unit ")]
+    whole = result.activations.abs().amax(dim=1)
+    assert (result.activations[:, :100].abs().amax(1) < whole).any()  # a largest past the picture's 100
+    shown = heat.get_images()[0].get_array()
+    assert torch.allclose(
+        torch.as_tensor(abs(shown).max(axis=1)), result.activations[:, :100].abs().amax(1) / whole
+    )
+    assert [label.get_text().rsplit(", ±", 1)[1] for label in heat.get_yticklabels()] == [
+        f"{float(value):.3g}" for value in whole
+    ]
+    rotations = {label.get_text(): label.get_rotation() for label in heat.get_xticklabels()}
+    assert rotations["⟨U+200D⟩"] == 90 and rotations["z"] == 0
+
+
 def test_png_rows_name_each_units_feature_as_the_page_does():
     """The heatmap's rows said "unit 105" where the HTML page says which feature it follows and how well."""
     from drnn_cli.inspect_plot import _unit_label
 
     assert (
-        _unit_label(UnitScore(105, "position in word", -0.5312)) == "unit 105: position in word (r = -0.53)"
+        _unit_label(UnitScore(105, "position in word", -0.5312), {})
+        == "unit 105: position in word (r = -0.53)"
     )
-    assert _unit_label(UnitScore(3, "at a space", 0.3)) == "unit 3: at a space (r = +0.30)"
-    assert _unit_label(UnitScore(7, None, 0.0)) == "unit 7"
+    assert _unit_label(UnitScore(3, "at a space", 0.3), {}) == "unit 3: at a space (r = +0.30)"
+    assert _unit_label(UnitScore(7, None, 0.0), {}) == "unit 7"
+    # with the layer's best |r| for the property before training, as the table's "untrained" column
+    untrained = {"at a space": -0.7491, "position in word": 0.6}
+    assert (
+        _unit_label(UnitScore(3, "at a space", 0.3), untrained)
+        == "unit 3: at a space (r = +0.30; untrained 0.75)"
+    )
 
 
 def test_png_without_matplotlib_is_refused_in_one_line_before_the_text_is_read(
@@ -743,7 +841,8 @@ def test_a_huge_file_is_refused_in_one_line(cli, tiny_run: Path, tmp_path: Path)
     code, _, err = cli("inspect", "--file", str(huge), "--run", str(tiny_run))
     assert err == (
         f"drnn: error: --file {huge} holds more than 16,777,216 bytes, the most this command reads; give it "
-        f"an excerpt, e.g. head -c 16777216 {huge} | iconv -c -f utf-8 -t utf-8 > excerpt.txt (iconv drops a "
+        # 200,000 bytes: more than the 20,000 characters inspect reads (16 MiB took 9.5 s to read: inspect40)
+        f"an excerpt, e.g. head -c 200000 {huge} | iconv -c -f utf-8 -t utf-8 > excerpt.txt (iconv drops a "
         "character head cut in half)\n"
     )  # refused for its size before its NUL bytes are looked at
     assert code == 1
@@ -754,6 +853,7 @@ def test_a_file_is_read_up_to_the_limit_and_refused_a_byte_past_it(
     cli, tiny_run: Path, tmp_path: Path, monkeypatch, size: int
 ):
     monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr("drnn_cli.introspect.EXCERPT_BYTES", 1000)
     text = tmp_path / "text.txt"
     text.write_text("a" * size)
     code, out, err = cli("inspect", "--file", str(text), "--run", str(tiny_run), "--json")
@@ -775,6 +875,7 @@ def test_the_excerpt_a_refusal_suggests_is_read_even_from_one_long_line_cut_mid_
     half at byte 1,000, which drnn refuses as UTF-8 cut short: the suggested command gives a file
     inspect reads. "café " is 6 bytes: 166 of them are 996, then "caf" and the first byte of "é"."""
     monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr("drnn_cli.introspect.EXCERPT_BYTES", 1000)
     text = tmp_path / "one line.txt"
     text.write_text("café " * 400, encoding="utf-8")
     code, _, err = cli("inspect", "--file", str(text), "--run", str(tiny_run))
@@ -793,6 +894,7 @@ def test_a_file_that_grew_after_its_size_was_taken_is_refused_by_what_is_read(
     """A file still being written (a log) passed a check of its size on disk and was then read whole,
     however long it had grown: the limit holds on the bytes read."""
     monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr("drnn_cli.introspect.EXCERPT_BYTES", 1000)
     growing = tmp_path / "growing.txt"
     growing.write_text("the time traveller\n")
     before = growing.stat()
@@ -850,6 +952,7 @@ def test_standard_input_is_read_up_to_the_file_limit_and_refused_a_byte_past_it(
     import io
 
     monkeypatch.setattr("drnn_cli.introspect.MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr("drnn_cli.introspect.EXCERPT_BYTES", 1000)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a" * size)))
     code, out, err = cli("inspect", "--file", "-", "--run", str(tiny_run), "--json")
     if size == 1000:
@@ -989,15 +1092,34 @@ def test_a_word_run_is_refused_naming_the_checkpoint_and_how_to_name_a_character
 
 def test_a_ranking_over_a_few_characters_says_its_correlations_are_noise(cli, tiny_run: Path):
     """Over 2 or 3 characters every unit that varies correlates ±1 with position in word: the table
-    ranked them as clean counters. A note says so below 50 predictions; named units get no note."""
-    code, out, err = cli("inspect", "the time", "--run", str(tiny_run))
-    assert code == 0 and "note:" not in out, err
-    assert [line for line in err.splitlines() if line.startswith("note:")] == [
-        "note: correlations over 8 characters say little (over a few, any unit that varies follows some "
-        "property closely): rank units over a paragraph or more, e.g. with --file"
-    ]
-    assert "note:" not in cli("inspect", "the time", "--run", str(tiny_run), "--units", "1")[2]
+    ranked them as clean counters. A note says so below 50 predictions, of named units' correlations
+    too, and the page and the picture carry it (inspect40: r = ±1.00 on a saved PNG, the note on the
+    terminal alone)."""
+    noise = (
+        "correlations over 8 characters say little (over a few, any unit that varies follows some "
+        "property closely): read a paragraph or more, e.g. with --file"
+    )
+    for named in ([], ["--units", "1"]):
+        code, out, err = cli("inspect", "the time", "--run", str(tiny_run), *named)
+        assert code == 0 and "note:" not in out, err
+        assert [line for line in err.splitlines() if line.startswith("note:")] == [f"note: {noise}"]
     assert "note:" not in cli("inspect", "the time traveller " * 3, "--run", str(tiny_run))[2]
+    from drnn_cli.checkpoint import load_checkpoint
+    from drnn_cli.inspect_html import render_html
+    from drnn_cli.inspect_plot import inspection_figure
+
+    checkpoint = load_checkpoint(tiny_run / "best.safetensors")
+    model = build_model(len(checkpoint.vocab), checkpoint.config.model)
+    model.load_state_dict(checkpoint.model_state)
+    result = inspect_text(
+        model, checkpoint.vocab, checkpoint.config.data, InspectRequest("the time"), torch.device("cpu")
+    )
+    assert f'<p class="meta">note: {noise}</p>' in render_html(result, "t")
+    figure = inspection_figure(result)
+    assert any(
+        "correlations over 8 characters say little: read a paragraph or more" in axes.get_title()
+        for axes in figure.axes
+    )
 
 
 @pytest.mark.parametrize(
@@ -1064,7 +1186,7 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
     assert out.splitlines()[-1] == (
         "each character's activations, gates, surprisal and next-character guesses: --html FILE"
     )
-    assert err == "note: data.preprocess d2l reads the text 'The Café, 1895!' as 'the caf'\n"
+    assert err.splitlines()[0] == "note: data.preprocess d2l reads the text 'The Café, 1895!' as 'the caf'"
     code, out, err = cli("inspect", "The Time", "--run", str(tiny_run), "--units", "1", "--json")
     assert code == 0 and "--html FILE" not in out + err and "reads the text" not in out + err  # case only
 
@@ -1084,10 +1206,16 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
     # a file the preprocessing leaves as it is (letters and spaces on one line; case and runs of spaces
     # aside) is read as written: nothing to say; standard input is read by the same rule
     plain = tmp_path / "plain.txt"
-    plain.write_text("The  Time Traveller was expounding\n")
+    plain.write_text(
+        "The  Time Traveller was expounding a recondite matter to us\n"
+    )  # 50 or more: no noise note
     code, out, err = cli("inspect", "--file", str(plain), "--run", str(tiny_run), "--units", "1")
     assert (code, err) == (0, ""), err
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"him\nwas")))
+    monkeypatch.setattr(
+        sys,
+        "stdin",
+        io.TextIOWrapper(io.BytesIO(b"of him\nwas expounding a recondite matter to us and his pale")),
+    )
     code, out, err = cli("inspect", "--file", "-", "--run", str(tiny_run), "--units", "1")
     assert (code, err) == (0, file_note("standard input", glued=True)), err
     # a file of one line: what d2l drops is said, not lines glued that it does not have

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from drnn_cli import strict_json
 from drnn_cli.budget import StopReason, epoch_count, format_duration, steps_span
@@ -287,32 +287,51 @@ def read_metrics(path: Path, global_step: int, start_epoch: int) -> list[EpochRe
     return records
 
 
-# last_training_ppl: a metrics.jsonl's last lines, read further back only where they hold no line up to the
+# last_figures: a metrics.jsonl's last lines, read further back only where they hold no line up to the
 # checkpoint (a session killed long after it), up to the last: a long run's history costs nothing
 METRICS_TAIL_READS = (65_536, 1 << 20, 8 << 20)
 
 
-def last_training_ppl(path: Path, global_step: int, epoch: int) -> float | None:
-    """The training perplexity of the last ``metrics.jsonl`` line up to a checkpoint at ``global_step``
-    (epoch ``epoch``; lines past it are a session's that ended before its next checkpoint): what d2l
-    reports of a run, and ``drnn runs`` of one without a validation split. None where no line read
-    says a finite one (a torn tail, a fine-tuning run's starting line alone, a run that overflowed),
-    or where the file is no regular file (a FIFO is not waited on)."""
+class TailFigures(NamedTuple):
+    """What ``drnn runs`` reads of a run's ``metrics.jsonl`` (:func:`last_figures`)."""
+
+    train_ppl: float | None  # the last line's training perplexity (None: none finite)
+    val_tokens: int | None  # the predictions its last validation read (None: no line says)
+
+
+def last_figures(path: Path, global_step: int, epoch: int) -> TailFigures:
+    """Of the ``metrics.jsonl`` lines up to a checkpoint at ``global_step`` (epoch ``epoch``; lines past
+    it are a session's that ended before its next checkpoint), the last one's training perplexity: what
+    d2l reports of a run, and ``drnn runs`` of one without a validation split (None where no line read
+    says a finite one: a torn tail, a fine-tuning run's starting line alone, a run that overflowed); and
+    the predictions the last validation read (``train.eval_tokens`` caps them: own40, a sample's figure
+    listed as the split's). Nothing where the file is no regular file (a FIFO is not waited on)."""
+    train_ppl: float | None = None
+    val_tokens: int | None = None
+    trained = False  # the last line with a training figure is found (its figure finite or not)
     for max_bytes in METRICS_TAIL_READS:
         try:
             data, whole = read_tail(path, max_bytes)
         except OSError:
-            return None
+            return TailFigures(None, None)
         lines = data.decode("utf-8", errors="replace").splitlines()
         for line in reversed(lines if whole else lines[1:]):  # a cut first line is a line's end
             with contextlib.suppress(ValueError, TypeError):
                 record = EpochRecord.from_json(line)
-                kept = record.step <= global_step if record.step else record.epoch <= epoch
-                if kept and record.train_ppl is not None:
-                    return record.train_ppl if math.isfinite(record.train_ppl) else None
-        if len(data) < max_bytes:  # the whole file was read
+                if not (record.step <= global_step if record.step else record.epoch <= epoch):
+                    continue
+                if not trained and record.train_ppl is not None:
+                    trained = True
+                    train_ppl = record.train_ppl if math.isfinite(record.train_ppl) else None
+                if val_tokens is None and record.val_tokens:
+                    val_tokens = record.val_tokens
+                if trained and val_tokens is not None:
+                    return TailFigures(train_ppl, val_tokens)
+        # the training figure found, no validation's count is searched for further back (a run without a
+        # validation split, or lines older than the count, would be read up to the last tail)
+        if trained or len(data) < max_bytes:  # or the whole file was read
             break
-    return None
+    return TailFigures(train_ppl, val_tokens)
 
 
 def write_metrics(path: Path, records: Sequence[EpochRecord]) -> None:

@@ -25,7 +25,7 @@ from drnn_cli.budget import StopReason, format_duration
 from drnn_cli.checkpoint import CheckpointInfo, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.errors import DrnnError, first_line
-from drnn_cli.report import last_training_ppl
+from drnn_cli.report import last_figures
 from drnn_cli.run_files import BEST, LAST, LATEST_MARKER, LOCK_NAME, RUN_MARKER, RunFiles, staging_dir
 from drnn_cli.run_notes import nothing_left
 from drnn_cli.rundir import (
@@ -88,6 +88,7 @@ class RunSummary:
     stop: StopRecord | None = None  # why its last session ended, where the record speaks of this checkpoint
     replacing: bool = False  # an --overwrite session's staging run is beside it (with a checkpoint or not)
     train_ppl: float | None = None  # its metrics.jsonl's last training perplexity up to the checkpoint
+    val_tokens: int | None = None  # the predictions its last validation read (metrics.jsonl)
 
     @property
     def finished_by(self) -> StopReason | None:
@@ -150,6 +151,15 @@ class RunSummary:
         data = self.info.config.data
         name = Path(data.path).name if data.path else data.corpus
         return name + (" (words)" if data.token == "word" else "")
+
+    def sampled_validation(self) -> int | None:
+        """``train.eval_tokens`` where the run's validations read that sample of the split rather than
+        all of it (own40: the sample's figure was listed as the one drnn eval --split val prints); None
+        where they read the whole split, as far as its metrics tell (a split smaller than the sample)."""
+        if self.info is None or not self.info.config.train.eval_tokens:
+            return None
+        sample = self.info.config.train.eval_tokens
+        return sample if self.val_tokens is None or self.val_tokens >= sample else None
 
     def scored_on(self) -> tuple[Any, ...] | None:
         """What its perplexities were measured on: the text (as drnn reads it, else its file's SHA-1,
@@ -270,6 +280,8 @@ class RunSummary:
             "epochs": None if config is None else config.train.epochs,
             "max_steps": None if config is None else config.train.max_steps,
             "best_val_ppl": self.best_val_ppl,
+            # the predictions a validation reads: fewer than the split's under train.eval_tokens
+            "val_tokens": self.val_tokens,
             "train_ppl": self.train_ppl,
             "scored_on": self.scored_on_id(),
             "training_seconds": None if counters is None else counters.elapsed,
@@ -413,9 +425,9 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
         waiting = waiting_replacement_note(run_dir, "drnn runs describes")
         replacing = staging_dir(run_dir.resolve() if run_dir.is_symlink() else run_dir).is_dir()
     best, problem = _best(run_dir, info)
-    train_ppl = None
+    train_ppl = val_tokens = None
     if counters is not None and counters.global_step is not None:
-        train_ppl = last_training_ppl(RunFiles(run_dir).metrics, counters.global_step, info.epoch)
+        train_ppl, val_tokens = last_figures(RunFiles(run_dir).metrics, counters.global_step, info.epoch)
     stop = read_stop_record(run_dir)
     if stop is not None and not stop.applies_to(None if counters is None else counters.global_step):
         stop = None
@@ -433,6 +445,7 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
         stop,
         replacing,
         train_ppl,
+        val_tokens,
     )
 
 

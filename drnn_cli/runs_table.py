@@ -139,6 +139,9 @@ def _table(
         if not wide:
             name = "\n".join([name, *differs])
         shown_best = format_perplexity(best, 4) if best is not None else _no_best(run)
+        sample = run.sampled_validation()
+        if best is not None and sample is not None:  # not the figure drnn eval --split val prints
+            shown_best += f"\nfirst {sample:,}"
         if wide:
             cells = [
                 name,

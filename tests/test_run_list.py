@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -227,7 +228,7 @@ def test_the_last_training_perplexity_is_read_from_the_tail_whatever_stands_at_m
     """Only a metrics.jsonl's tail is read: a line starting exactly where the tail starts counts (it was
     dropped as a line's end), lines past the checkpoint beyond the first tail send the read further back,
     and a FIFO, a directory or a device is no figure, at once (a FIFO hung drnn runs: review rev39b)."""
-    from drnn_cli.report import METRICS_TAIL_READS, EpochRecord, last_training_ppl
+    from drnn_cli.report import METRICS_TAIL_READS, EpochRecord, TailFigures, last_figures
 
     def line(step: int, ppl: float) -> str:
         return EpochRecord(1.0, ppl, None, 0.1, 1e4, 1.0, step, step * 80).to_json() + "\n"
@@ -239,15 +240,39 @@ def test_the_last_training_perplexity_is_read_from_the_tail_whatever_stands_at_m
     )  # a torn line, then the kept one fills the tail
     metrics.write_text(line(5, 9.0) + pad + kept)
     assert metrics.stat().st_size == METRICS_TAIL_READS[0] + len(line(5, 9.0))
-    assert last_training_ppl(metrics, global_step=10, epoch=1) == 3.0
+    assert last_figures(metrics, global_step=10, epoch=1) == TailFigures(3.0, None)
     past = "".join(line(11 + i, 2.0) for i in range(METRICS_TAIL_READS[0] // len(line(11, 2.0)) + 10))
     metrics.write_text(line(9, 4.0) + past)  # a killed session's lines past the checkpoint, over 64 KiB
-    assert last_training_ppl(metrics, global_step=10, epoch=1) == 4.0
+    assert last_figures(metrics, global_step=10, epoch=1) == TailFigures(4.0, None)
     os.mkfifo(tmp_path / "fifo")
     started = time.monotonic()
     for other in (tmp_path / "fifo", tmp_path, Path("/dev/zero"), tmp_path / "missing"):
-        assert last_training_ppl(other, global_step=10, epoch=1) is None
+        assert last_figures(other, global_step=10, epoch=1) == TailFigures(None, None)
     assert time.monotonic() - started < 1
+
+
+def test_a_best_validated_on_a_sample_is_marked_as_the_samples(workdir: Path, cli):
+    """Under train.eval_tokens a run's best is the figure over the validation split's first N tokens,
+    not the one drnn eval --split val prints (own40: 7.1946 listed where eval gives 7.2375): the table
+    says "first N" under it and --json gives the predictions a validation read; a sample larger than
+    the split reads all of it, and nothing is marked."""
+    config = str(config_file(workdir, {**TINY_TREE, "train": {**TINY_TREE["train"], "epochs": 1}}))
+    for name, sample in (("whole", 0), ("sampled", 100), ("larger", 100_000)):
+        assert (
+            cli("train", "--config", config, "--run", f"runs/{name}", f"--set=train.eval_tokens={sample}")[0]
+            == 0
+        )
+    listed = {Path(run["run_dir"]).name: run for run in _listed(cli, "--sort", "name")}
+    whole_split = listed["whole"]["val_tokens"]
+    assert whole_split == 599  # 600 validation tokens of 3,000: 599 predictions
+    assert (listed["sampled"]["val_tokens"], listed["larger"]["val_tokens"]) == (100, whole_split)
+    code, out, err = cli("runs", "--sort", "name")
+    assert code == 0, err
+    # each row by its name (the latest mark and its settings under it)
+    rows = {re.split(r"★|train\.", row[0])[0]: row for row in _rows(out.splitlines())}
+    assert rows["runs/sampled"][3] == f"{listed['sampled']['best_val_ppl']:.4f}first100", out
+    assert rows["runs/whole"][3] == f"{listed['whole']['best_val_ppl']:.4f}", out
+    assert rows["runs/larger"][3] == f"{listed['larger']['best_val_ppl']:.4f}", out
 
 
 def test_a_sweep_names_what_it_varied_and_runs_that_differ_in_much_are_counted(workdir: Path, cli):

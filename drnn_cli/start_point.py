@@ -144,11 +144,30 @@ def load_start_config(
     ("model.tie_weights needs model.embedding_dim equal to model.hidden_size") would lead to a key the
     checkpoint refuses next, its values being the file's, not the checkpoint's."""
     try:
-        return load_config(path, overrides)
+        config = load_config(path, overrides)
     except ConfigError:
         if init_from is not None:
             _refuse_sets_the_checkpoint_fixes(overrides, init_from, runs_root)
         raise
+    if path is not None:
+        _check_text_not_beside_config(config, path)
+    return config
+
+
+def _check_text_not_beside_config(config: Config, path: Path) -> None:
+    """A relative ``data.path`` is read from the current directory; where no such file is there but one
+    is beside the config file, which is where its writer meant (own40: "does not exist" alone, run from
+    another directory), the refusal says so and how to name it."""
+    text = config.data.file
+    if text is None or text.is_absolute() or text.exists():
+        return
+    beside = path.parent / text
+    if beside.is_file():
+        raise DrnnError(
+            f"data.path {text} is not in the current directory, where relative names are read from, but "
+            f"{beside} is beside the config file {path}: run drnn from {path.parent}, or give data.path as "
+            f"{os.path.abspath(beside)}"
+        )
 
 
 def _refuse_sets_the_checkpoint_fixes(overrides: Sequence[str], init_from: Path, runs_root: Path) -> None:

@@ -4,6 +4,7 @@ once it holds a checkpoint, the latest-run marker), the session's start point, t
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast, get_args
@@ -83,7 +84,7 @@ def train_run(
     if config.train.tensorboard:  # refused on every rank, before the text is read (its token cache written)
         summary_writer_class()
     if config.data.file is not None:  # the run keeps an absolute path: eval and --resume work from anywhere
-        config.data.path = str(config.data.file.absolute())
+        config.data.path = os.path.abspath(config.data.file)  # "other/../cfg/t.txt" as "cfg/t.txt"
     run_dir = (
         request.run_dir
         if request.run_dir is not None

@@ -1040,6 +1040,42 @@ def test_a_relative_data_path_is_kept_absolute_so_eval_works_from_anywhere(
     assert json.loads(out.strip().splitlines()[-1])["split"] == "train"
 
 
+def test_a_config_naming_the_text_beside_it_says_where_relative_names_are_read_from(
+    workdir: Path, corpus_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """A config file's relative data.path is read from the current directory: run from another one,
+    "does not exist" named a path in it alone (own40); the refusal names the file beside the config and
+    both fixes. From the config's folder through "..", the run records the path without them."""
+    import shutil
+
+    import yaml
+
+    folder = workdir / "cfg"
+    folder.mkdir()
+    shutil.copyfile(corpus_path, folder / "my_text.txt")
+    tree = {"data": {"path": "my_text.txt", "max_tokens": 2000, "batch_size": 4, "num_steps": 8}}
+    (folder / "my.yaml").write_text(
+        yaml.safe_dump({**tree, "model": {"hidden_size": 8}, "train": {"epochs": 1}})
+    )
+    for command in ("train", "data"):
+        code, _, err = cli(command, "--config", "cfg/my.yaml")
+        assert_one_line_error(
+            code,
+            err,
+            "data.path my_text.txt is not in the current directory, where relative names are read from, but "
+            "cfg/my_text.txt is beside the config file cfg/my.yaml: run drnn from cfg, or give data.path as "
+            f"{folder / 'my_text.txt'}",
+        )
+    other = workdir / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    code, _, err = cli("train", "--config", "../cfg/my.yaml", "--set", "data.path=../cfg/my_text.txt")
+    assert code == 0, err
+    assert load_checkpoint(other / "runs" / "my" / "last.safetensors").config.data.path == str(
+        folder / "my_text.txt"
+    )
+
+
 def test_after_a_resume_that_followed_the_corpus_eval_follows_it_too(workdir: Path, corpus_path: Path, cli):
     """The best checkpoint may predate the resume that gave data.path its new place; eval then takes
     the place from the run's config.yaml (and checks the text by its SHA-1 as always)."""

@@ -139,7 +139,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         *([request.config_note] if request.config_note else []),
         *([start.changes] if start is not None and start.changes else []),
         *data_notes(config, dataset, None, fine_tuning=start is not None),
-        *own_text_notes(data, dataset.total_tokens, dataset.file_bytes(), fine_tuning=start is not None),
+        *own_text_notes(data, dataset, fine_tuning=start is not None),
     ]
     refusals = []
     if start is not None:

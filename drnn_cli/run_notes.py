@@ -22,7 +22,7 @@ from drnn_cli.model_size import GATES
 from drnn_cli.render import format_perplexity
 from drnn_cli.session_time import cadence_points, next_cadence_point
 from drnn_cli.shown_text import percent
-from drnn_cli.vocab import Vocab
+from drnn_cli.vocab import UNK, Vocab
 
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 UNKNOWN_SHARE_NOTED = 0.05  # a min_freq that makes this share of the training text <unk> is worth a note
@@ -305,6 +305,22 @@ def rare_tokens_note(vocab: Vocab, min_freq: int, token: str) -> str | None:
     )
 
 
+def _vocabulary_beyond(dataset: Dataset, data: DataConfig) -> str:
+    """Where the vocabulary (read from the whole text, as d2l's) holds tokens the first ``max_tokens``
+    never use: their count and what a file of those tokens alone would give (own40: 1,406 outputs for
+    the 189 characters of a 20 MB text's first 4,000,000)."""
+    unused = torch.bincount(dataset.tokens, minlength=len(dataset.vocab)) == 0
+    unused[dataset.vocab[UNK]] = False  # a vocabulary's own, whether the text has any or not
+    missing, size = int(unused.sum()), len(dataset.vocab)
+    if not missing:
+        return ""
+    return (
+        f"; the vocabulary is read from all of it: {missing:,} of its {size:,} {data.token}s never occur in "
+        f"the part used, yet the output layer computes all {size:,} at every step (a file of that part alone "
+        f"gives a vocabulary of about {size - missing:,})"
+    )
+
+
 # d2l's preprocessing keeping less than this share of a file's bytes as characters is worth a note
 KEPT_SHARE_NOTED = 0.8
 # Bytes a word token: English runs about 6; a text without spaces between words (Chinese, Japanese)
@@ -312,16 +328,15 @@ KEPT_SHARE_NOTED = 0.8
 LONG_WORD_BYTES = 40
 
 
-def own_text_notes(
-    data: DataConfig, total_tokens: int, file_bytes: int | None, fine_tuning: bool = False
-) -> list[str]:
+def own_text_notes(data: DataConfig, dataset: Dataset, fine_tuning: bool = False) -> list[str]:
     """What settings made for the Time Machine do to a text of one's own (``data.path``), unseen
     otherwise: a ``max_tokens`` keeping its first tokens only (a preset's, often), which the held-out
-    splits share, and d2l's preprocessing, which keeps a-z and single spaces, dropping much of a text
-    with digits, punctuation, case or other alphabets (``file_bytes``: the file's size, None where
-    unknown; ``fine_tuning``: the preprocessing is the checkpoint's, which ``--init-from`` keeps)."""
+    splits share, and whose vocabulary is still the whole text's; and d2l's preprocessing, which keeps
+    a-z and single spaces, dropping much of a text with digits, punctuation, case or other alphabets
+    (``fine_tuning``: the preprocessing and vocabulary are the checkpoint's, which ``--init-from`` keeps)."""
     if data.path is None:
         return []
+    total_tokens, file_bytes = dataset.total_tokens, dataset.file_bytes()
     notes = []
     if 0 < data.max_tokens < total_tokens:
         sizes = split_sizes(data.max_tokens, data.val_fraction, data.test_fraction)
@@ -334,6 +349,7 @@ def own_text_notes(
         notes.append(
             f"data.max_tokens {data.max_tokens:,} uses the first {data.max_tokens:,} of this text's "
             f"{total_tokens:,} {data.token}s, {shared}; data.max_tokens -1 takes all"
+            + ("" if fine_tuning else _vocabulary_beyond(dataset, data))
         )
     if data.token == "char" and data.preprocess in LETTERS_ONLY and file_bytes:
         kept = total_tokens / file_bytes

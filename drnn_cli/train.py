@@ -1214,12 +1214,7 @@ class Trainer:
                 fine_tuning=self.init_from_label is not None,
             ),
             *(
-                own_text_notes(
-                    self.config.data,
-                    self.dataset.total_tokens,
-                    self.dataset.file_bytes(),
-                    fine_tuning=self.init_from_label is not None,
-                )
+                own_text_notes(self.config.data, self.dataset, fine_tuning=self.init_from_label is not None)
                 if starting
                 else ()
             ),

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -1121,10 +1123,23 @@ def test_a_word_text_is_counted_and_encoded_a_chunk_of_lines_at_a_time_as_it_is_
     )
 
 
+def _text(total_tokens: int, file_bytes: int | None, used: str = "ab", vocabulary: str = "ab") -> Any:
+    """What own_text_notes reads of a dataset: its size, its file's, and the tokens used with their vocabulary."""
+    from drnn_cli.vocab import Vocab
+
+    vocab = Vocab(["<unk>", *vocabulary])
+    return SimpleNamespace(
+        total_tokens=total_tokens,
+        file_bytes=lambda: file_bytes,
+        tokens=torch.tensor([vocab[c] for c in used]),
+        vocab=vocab,
+    )
+
+
 def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep_of_it() -> None:
     """Settings made for the Time Machine, met by one's own text (data.path): a preset's max_tokens,
     and d2l's letters-only preprocessing of a Python source file (65% of its bytes kept as characters)."""
-    notes = own_text_notes(DataConfig(path="mine.txt", max_tokens=10_000), 1_946_553, 3_011_731)
+    notes = own_text_notes(DataConfig(path="mine.txt", max_tokens=10_000), _text(1_946_553, 3_011_731))
     assert notes == [
         "data.max_tokens 10,000 uses the first 10,000 of this text's 1,946,553 chars, all of them to train; "
         "data.max_tokens -1 takes all",
@@ -1137,23 +1152,27 @@ def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep
     capped = DataConfig(
         path="mine.txt", preprocess="none", max_tokens=3_000, val_fraction=0.1, test_fraction=0.1
     )
-    assert own_text_notes(capped, 318_076, 318_076) == [
+    assert own_text_notes(capped, _text(318_076, 318_076)) == [
         "data.max_tokens 3,000 uses the first 3,000 of this text's 318,076 chars, and its splits share them: "
         "2,400 training, 300 validation and 300 test; data.max_tokens -1 takes all"
     ]
-    (validated,) = own_text_notes(capped.model_copy(update={"test_fraction": 0.0}), 318_076, 318_076)
+    (validated,) = own_text_notes(capped.model_copy(update={"test_fraction": 0.0}), _text(318_076, 318_076))
     assert "and its splits share them: 2,700 training and 300 validation;" in validated
     # a text that does not space its words, in word tokens: each line was one "word", without a note
-    (unspaced,) = own_text_notes(DataConfig(path="zh.txt", token="word", preprocess="none"), 200, 18_000)
+    (unspaced,) = own_text_notes(
+        DataConfig(path="zh.txt", token="word", preprocess="none"), _text(200, 18_000)
+    )
     assert unspaced == (
         "data.token word splits on white space, and this text has little: 200 words in 18,000 bytes, 90 bytes a "
         "word (a text that does not space its words, as Chinese or Japanese, is read a line or a sentence a word); "
         "data.token char suits it"
     )
-    assert own_text_notes(DataConfig(path="en.txt", token="word", preprocess="none"), 3_000, 18_000) == []
+    assert (
+        own_text_notes(DataConfig(path="en.txt", token="word", preprocess="none"), _text(3_000, 18_000)) == []
+    )
     # fine-tuning keeps the checkpoint's preprocessing: a --set of another is refused, so it is not advised
     (tuned,) = own_text_notes(
-        DataConfig(path="mine.txt", max_tokens=-1), 1_946_553, 3_011_731, fine_tuning=True
+        DataConfig(path="mine.txt", max_tokens=-1), _text(1_946_553, 3_011_731), fine_tuning=True
     )
     assert tuned.endswith(
         "(the checkpoint's preprocessing, which --init-from keeps: a new run without it and with "
@@ -1161,11 +1180,29 @@ def test_a_text_of_ones_own_hears_what_a_presets_cap_and_d2ls_preprocessing_keep
     )
     # the Time Machine itself through data.path keeps 95%: nothing to say; nor for the registered corpus,
     # for a text kept as it is, or for word tokens
-    assert own_text_notes(DataConfig(path="timemachine.txt"), 170_580, 178_979) == []
-    assert own_text_notes(DataConfig(max_tokens=10_000), 170_580, 178_979) == []
-    assert own_text_notes(DataConfig(path="mine.txt", preprocess="none"), 1_000, 3_000) == []
-    assert own_text_notes(DataConfig(path="mine.txt", token="word"), 1_000, 3_000) == []
-    assert own_text_notes(DataConfig(path="mine.txt"), 1_000, None) == []  # its size unknown
+    assert own_text_notes(DataConfig(path="timemachine.txt"), _text(170_580, 178_979)) == []
+    assert own_text_notes(DataConfig(max_tokens=10_000), _text(170_580, 178_979)) == []
+    assert own_text_notes(DataConfig(path="mine.txt", preprocess="none"), _text(1_000, 3_000)) == []
+    assert own_text_notes(DataConfig(path="mine.txt", token="word"), _text(1_000, 3_000)) == []
+    assert own_text_notes(DataConfig(path="mine.txt"), _text(1_000, None)) == []  # its size unknown
+
+
+def test_a_cap_that_leaves_most_of_the_vocabulary_unused_says_so():
+    """The vocabulary is read from the whole text, as d2l's: 1,406 outputs for the 189 characters of a
+    20 MB text's first 4,000,000 made a bigger, slower model without a word (own40). A fine-tuned run
+    keeps its base's vocabulary: nothing to say of it."""
+    capped = DataConfig(path="big.txt", preprocess="none", max_tokens=3)
+    (note,) = own_text_notes(capped, _text(20, 20, used="aab", vocabulary="abcdef"))
+    assert note == (
+        "data.max_tokens 3 uses the first 3 of this text's 20 chars, all of them to train; data.max_tokens -1 "
+        "takes all; the vocabulary is read from all of it: 4 of its 7 chars never occur in the part used, yet "
+        "the output layer computes all 7 at every step (a file of that part alone gives a vocabulary of about 3)"
+    )
+    assert own_text_notes(capped, _text(20, 20, used="aab", vocabulary="abcdef"), fine_tuning=True) == [
+        "data.max_tokens 3 uses the first 3 of this text's 20 chars, all of them to train; data.max_tokens -1 takes all"
+    ]
+    (whole,) = own_text_notes(capped, _text(20, 20, used="aba", vocabulary="ab"))  # <unk> unused: no matter
+    assert whole.endswith("data.max_tokens -1 takes all")
 
 
 def test_the_files_read_as_the_same_text_are_its_lf_and_crlf_forms_with_and_without_a_byte_order_mark(

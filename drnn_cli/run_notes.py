@@ -305,6 +305,10 @@ def rare_tokens_note(vocab: Vocab, min_freq: int, token: str) -> str | None:
     )
 
 
+# The share of a vocabulary the part of a text data.max_tokens keeps must never use to be worth a note
+UNUSED_VOCABULARY_NOTED = 0.25
+
+
 def _vocabulary_beyond(dataset: Dataset, data: DataConfig) -> str:
     """Where the vocabulary (read from the whole text, as d2l's) holds tokens the first ``max_tokens``
     never use: their count and what a file of those tokens alone would give (own40: 1,406 outputs for
@@ -312,7 +316,7 @@ def _vocabulary_beyond(dataset: Dataset, data: DataConfig) -> str:
     unused = torch.bincount(dataset.tokens, minlength=len(dataset.vocab)) == 0
     unused[dataset.vocab[UNK]] = False  # a vocabulary's own, whether the text has any or not
     missing, size = int(unused.sum()), len(dataset.vocab)
-    if not missing:
+    if missing < UNUSED_VOCABULARY_NOTED * size:  # a few rare characters past the cap cost nothing
         return ""
     return (
         f"; the vocabulary is read from all of it: {missing:,} of its {size:,} {data.token}s never occur in "

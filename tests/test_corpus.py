@@ -1203,6 +1203,9 @@ def test_a_cap_that_leaves_most_of_the_vocabulary_unused_says_so():
     ]
     (whole,) = own_text_notes(capped, _text(20, 20, used="aba", vocabulary="ab"))  # <unk> unused: no matter
     assert whole.endswith("data.max_tokens -1 takes all")
+    # under a quarter unused (5 of the Time Machine's 71 characters past its first 10,000): nothing said
+    (few,) = own_text_notes(capped, _text(20, 20, used="abc", vocabulary="abcd"))  # 1 of 5
+    assert few.endswith("data.max_tokens -1 takes all")
 
 
 def test_the_files_read_as_the_same_text_are_its_lf_and_crlf_forms_with_and_without_a_byte_order_mark(

@@ -603,6 +603,21 @@ def idle_setting_notes(config: Config, planned_epochs: int, planned_steps: int) 
             "train.reset_state starts every minibatch from a zero state, which data.sampling random does "
             "already: it changes nothing (it is for data.sampling sequential)"
         )
+    # a schedule's settings under another schedule (own40: train.min_lr 0.1 taken without a word)
+    owners = {"min_lr": "cosine", "step_size": "step", "gamma": "step"}
+    unused = {
+        key: schedule
+        for key, schedule in owners.items()
+        if train.schedule != schedule and getattr(train, key) != TrainConfig.model_fields[key].default
+    }
+    if unused:
+        listed = " and ".join(f"train.{key} {getattr(train, key):g}" for key in unused)
+        schedules = sorted(set(unused.values()))
+        one = len(unused) == 1
+        notes.append(
+            f"{listed} {'is' if one else 'are'} the {' and '.join(schedules)} schedule's, and train.schedule "
+            f"{train.schedule} does not use {'it' if one else 'them'} (set train.schedule {schedules[0]})"
+        )
     return notes
 
 

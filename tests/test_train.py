@@ -106,6 +106,28 @@ def test_momentum_is_sgds_and_an_adam_run_that_sets_it_is_told_so():
     assert idle_setting_notes(sgd, planned_epochs=3, planned_steps=30) == []
 
 
+def test_a_schedules_settings_under_another_schedule_are_said_to_do_nothing():
+    """train.min_lr 0.1 under the constant schedule was taken without a word (own40), where other idle
+    settings get a note; a schedule's own settings, and defaults, say nothing."""
+
+    def said(**train: object) -> list[str]:
+        return idle_setting_notes(Config(train=TrainConfig(**train)), planned_epochs=3, planned_steps=30)
+
+    assert said(min_lr=0.0001) == [
+        "train.min_lr 0.0001 is the cosine schedule's, and train.schedule constant does not use it (set "
+        "train.schedule cosine)"
+    ]
+    assert said(schedule="cosine", step_size=10, gamma=0.1, lr=0.1) == [
+        "train.step_size 10 and train.gamma 0.1 are the step schedule's, and train.schedule cosine does not use "
+        "them (set train.schedule step)"
+    ]
+    assert said(schedule="step", min_lr=0.001, step_size=10) == [
+        "train.min_lr 0.001 is the cosine schedule's, and train.schedule step does not use it (set train.schedule "
+        "cosine)"
+    ]
+    assert said(schedule="cosine", min_lr=0.001) == said(schedule="step", gamma=0.1) == said() == []
+
+
 def test_a_run_written_with_one_adamw_group_resumes_with_one(workdir: Path):
     """Checkpoints from before biases went undecayed hold one AdamW group and no decay_biases
     setting (it reads as the default, False): the resumed run keeps the grouping it was trained with."""

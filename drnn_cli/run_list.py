@@ -112,6 +112,8 @@ class RunSummary:
         # first, that wrote none, its loss NaN or infinite
         if self.stopped_by == "diverged":
             return "diverged"
+        if self.checkpoint is None and self.stop is not None:  # Ctrl-C, say, before its first checkpoint
+            return "stopped"
         if self.info is None:
             return "unreadable"
         if self.finished_by is not None:
@@ -123,8 +125,8 @@ class RunSummary:
         where there is room (``holder``), which process holds a training (``training (process 123)``)."""
         if self.training is not None and holder:
             return f"training ({self.training})"
-        if self.state == "resumable" and self.stopped_by is not None:
-            return f"resumable ({self.stopped_by})"
+        if self.state in ("resumable", "stopped") and self.stopped_by is not None:
+            return f"{self.state} ({self.stopped_by})"
         return self.state
 
     @property
@@ -206,7 +208,9 @@ class RunSummary:
         if self.info is None:  # a training that has written no checkpoint yet, or an unreadable one
             if self.checkpoint is None and self.training is not None:
                 return "no checkpoint yet"
-            return "no checkpoint" if self.checkpoint is None and self.state == "diverged" else ""
+            return (
+                "no checkpoint" if self.checkpoint is None and self.state in ("diverged", "stopped") else ""
+            )
         train = self.info.config.train
         step = None if self.counters is None else self.counters.global_step
         if train.max_steps and step is not None and self.finished_by != "epochs":
@@ -335,7 +339,8 @@ def find_runs(folder: Path, depth: int = RUNS_DEPTH) -> list[Path]:
     are not searched, nor hidden ones (an ``--overwrite`` session's staging run, ``.quick.overwrite``,
     is said by the commands that read the run beside it). A run directory is one that holds a
     checkpoint, one whose lock a live training holds (before its first checkpoint, before drnn's mark
-    even, as it reads its text), or one of drnn's whose record says it diverged before any checkpoint."""
+    even, as it reads its text), or one of drnn's whose record says why it stopped before any checkpoint
+    (its loss diverged, or a signal: own40, a run Ctrl-C stopped early was listed nowhere)."""
     found: dict[Path, Path] = {}  # each run's real path: the name it is listed by
     for follow_links in (False, True):
         _search(folder, depth, follow_links, {}, found)
@@ -355,7 +360,7 @@ def _search(
         return
     searched[real] = depth
     try:
-        if holds_run(folder) or training_holder(folder) is not None or _diverged_before_a_checkpoint(folder):
+        if holds_run(folder) or training_holder(folder) is not None or _stopped_before_a_checkpoint(folder):
             found.setdefault(real, folder)
             return
     except OSError:  # a folder this user may not search (no x permission): no run to show
@@ -371,13 +376,11 @@ def _search(
                     _search(child, depth - 1, follow_links, searched, found)
 
 
-def _diverged_before_a_checkpoint(folder: Path) -> bool:
-    """A run of drnn's whose first session's loss became NaN before any checkpoint (a sweep's learning
-    rate far too high): it has no checkpoint to list, and left out it would hide the sweep's failure."""
-    if not (folder / RUN_MARKER).is_file():
-        return False
-    stop = read_stop_record(folder)
-    return stop is not None and stop.stopped_by == "diverged"
+def _stopped_before_a_checkpoint(folder: Path) -> bool:
+    """A run of drnn's whose first session ended before any checkpoint, its loss NaN (a sweep's learning
+    rate far too high) or by a signal: it has no checkpoint to list, and left out it would hide the
+    sweep's failure, or the run a user stopped."""
+    return (folder / RUN_MARKER).is_file() and read_stop_record(folder) is not None
 
 
 def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
@@ -392,7 +395,7 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     training = training_holder(run_dir)
     if checkpoint is None:  # a training before its first checkpoint, one that diverged before it, or gone
         stop = read_stop_record(run_dir)
-        known = training is not None or (stop is not None and stop.stopped_by == "diverged")
+        known = training is not None or stop is not None
         began: float | None = None
         with contextlib.suppress(OSError):  # when its training began, or stopped
             began = max(path.stat().st_mtime for path in (run_dir / LOCK_NAME, run_dir) if path.exists())

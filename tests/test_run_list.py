@@ -898,6 +898,33 @@ def test_a_second_ctrl_c_leaves_its_record_and_an_overwrite_says_which_run_stays
     assert not (three_runs / "runs" / ".tiny.overwrite").exists()
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_listed_as_stopped(workdir: Path, cli, monkeypatch):
+    """Ctrl-C before a run's first checkpoint left a run folder (its config and stop record) that drnn
+    runs listed nowhere: "no runs in runs/E" (own40). It is listed, with no checkpoint, stopped and why."""
+    import signal
+
+    from drnn_cli.signals import Signalled
+    from drnn_cli.train import Trainer
+
+    def pressed_twice(self):
+        raise Signalled(signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "fit", pressed_twice)
+    config = str(config_file(workdir, TINY_TREE))
+    code, _, err = cli("train", "--config", config, "--run", "runs/early")
+    assert code == 130, err
+    assert not (workdir / "runs" / "early" / "last.safetensors").exists()
+    [run] = _listed(cli)
+    assert (run["run_dir"], run["state"], run["stopped_by"], run["checkpoint"]) == (
+        "runs/early",
+        "stopped",
+        "SIGINT",
+        None,
+    )
+    code, out, err = cli("runs", "runs/early")
+    assert code == 0 and _rows(out.splitlines())[0][2] == "nocheckpointstopped(SIGINT)", out
+
+
 def test_a_run_with_a_validation_split_not_yet_read_says_so_not_that_it_has_none(three_runs: Path, cli):
     """ "—" is the mark of a run without a validation split; one that has a split but stopped before its
     first validation showed it too (drnn eval --split val of it gives a figure)."""

@@ -131,9 +131,16 @@ def refuse_run_file(path: Path, flag: str) -> None:
     named = in_kept or path.name in RUN_ENTRY_NAMES
     if named and ((folder / RUN_MARKER).exists() or holds_run(folder)):
         suffix = "." + flag.removeprefix("--")  # --html writes inspect.html, --png inspect.png
+        # a name in kept/ is refused whether or not such a file is there yet (inspect40: "is a file of
+        # the run directory" of a page not written, and a name beside kept/ accepted)
+        where = (
+            f"is in {path.parent}, the folder of the run's kept checkpoints (train.keep_every), which drnn "
+            "keeps to them alone"
+            if in_kept
+            else f"is a file of the run directory {folder} (drnn's checkpoints, config and history live there)"
+        )
         raise DrnnError(
-            f"{flag} {path} is a file of the run directory {folder} (drnn's checkpoints, config and history "
-            f"live there); give {flag} a name of its own, e.g. {folder / ('inspect' + suffix)}"
+            f"{flag} {path} {where}; give {flag} a name of its own, e.g. {folder / ('inspect' + suffix)}"
         )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import assert_one_line_error
 
 from drnn_cli.batches import PlannedLength
 from drnn_cli.checkpoint import load_checkpoint
@@ -124,8 +125,17 @@ def test_a_kept_file_is_a_checkpoint_that_predict_reads(workdir: Path, cli):
     assert json.loads(out)["checkpoint"] == str(kept_file)
     before = kept_file.read_bytes()
     code, out, err = cli("inspect", "the", "--checkpoint", str(kept_file), "--html", str(kept_file))
-    assert (code, out) == (1, "") and f"--html {kept_file} is a file of the run directory" in err
+    assert (code, out) == (1, "") and f"--html {kept_file} is in {kept_file.parent}, the folder of" in err
     assert kept_file.read_bytes() == before  # a page named as a kept file would have replaced it
+    # a page not yet there in kept/ is refused as no file of the run (inspect40), a name beside it taken
+    page = kept_file.parent / "epoch-0001.html"
+    code, out, err = cli("inspect", "the", "--checkpoint", str(kept_file), "--html", str(page))
+    assert_one_line_error(
+        code,
+        err,
+        f"--html {page} is in {kept_file.parent}, the folder of the run's kept checkpoints (train.keep_every), "
+        f"which drnn keeps to them alone; give --html a name of its own, e.g. {workdir / 'runs/kept/inspect.html'}",
+    )
     code, out, err = cli("train", "--config", str(config), "--run", "runs/kept", "--overwrite", "--json")
     assert code == 0, err
     assert not (workdir / "runs/kept/kept").exists()  # --overwrite replaced the directory, kept/ with it

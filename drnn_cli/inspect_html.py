@@ -83,7 +83,7 @@ function show(span) {
   if (i > 0) {  // what the model expected here, read before this character
     s += 'expected here:';
     for (let k = 0; k < 6 && k < TOP[i - 1].length; k += 2) s += ' ' + GUESSES[TOP[i - 1][k]] + ' ' + (TOP[i - 1][k + 1] / 1000).toFixed(3);
-    s += '\n';
+    s += '\\n';
   }
   s += 'guesses for the next character:';
   for (let k = 0; k < TOP[i].length; k += 2) s += '\\n  ' + GUESSES[TOP[i][k]] + '  ' + (TOP[i][k + 1] / 1000).toFixed(3);

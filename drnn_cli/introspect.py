@@ -80,21 +80,23 @@ class LayerTrace:
 
 @torch.no_grad()
 def trace_chunks(
-    model: RNNLanguageModel, ids: torch.Tensor, chunk: int = TRACE_CHUNK
+    model: RNNLanguageModel, ids: torch.Tensor, chunk: int = TRACE_CHUNK, layers: int | None = None
 ) -> Iterator[list[LayerTrace]]:
-    """Run ``ids`` ``(T,)`` through every recurrent layer one step at a time, from a zero state, ``chunk``
-    characters at a time with each layer's state carried: one :class:`LayerTrace` per layer for each
-    chunk. The caller keeps what it needs, so memory does not grow with the text times the layers'
-    states and gates (those of a 3×256 LSTM over 19,000 characters held 0.8 GB at once).
+    """Run ``ids`` ``(T,)`` through every recurrent layer (or the first ``layers``) one step at a time,
+    from a zero state, ``chunk`` characters at a time with each layer's state carried: one
+    :class:`LayerTrace` per layer for each chunk. The caller keeps what it needs, so memory does not grow
+    with the text times the layers' states and gates (those of a 3×256 LSTM over 19,000 characters held
+    0.8 GB at once).
 
     Eval mode throughout (no dropout between layers), as in ``drnn eval`` and ``drnn predict``.
     """
     config = model.config
-    states: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * config.num_layers  # (h, c); None: zero
+    traced = config.num_layers if layers is None else layers
+    states: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * traced  # (h, c); None: zero
     for begin in range(0, len(ids), chunk):
         layer_input = model.encode(ids[begin : begin + chunk].view(1, -1))[:, 0]  # (chunk, I)
         traces = []
-        for layer in range(config.num_layers):
+        for layer in range(traced):
             trace, states[layer] = _trace_layer(model, layer, layer_input, states[layer])
             traces.append(trace)
             layer_input = trace.hidden
@@ -620,20 +622,22 @@ def _choose_units(request: InspectRequest, scores: list[UnitScore], signal: torc
 
 
 def _signal_and_saturation(
-    model: RNNLanguageModel, ids: torch.Tensor, layer: int, signal: str
+    model: RNNLanguageModel, ids: torch.Tensor, layer: int, signal: str, gates: bool = True
 ) -> tuple[torch.Tensor, list[dict[str, GateSaturation]]]:
     """The chosen layer's ``signal`` ``(T, H)`` and every layer's gate saturation, taken chunk by chunk
-    from :func:`trace_chunks`: of the gates, only each unit's count of saturated steps is kept."""
+    from :func:`trace_chunks`: of the gates, only each unit's count of saturated steps is kept. Without
+    ``gates``, the layers above the chosen one are not stepped and no saturation is counted (none)."""
     kept = torch.empty(len(ids), model.config.hidden_size, dtype=next(model.rnn.parameters()).dtype)
     filled = 0
-    counts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(model.config.num_layers)]
-    for traces in trace_chunks(model, ids):
+    counted = model.config.num_layers if gates else 0
+    counts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(counted)]
+    for traces in trace_chunks(model, ids, layers=None if gates else layer):
         chosen = traces[layer - 1]
         rows = chosen.cell if signal == "cell" else chosen.hidden
         assert rows is not None  # --signal cell is refused but for an LSTM
         kept[filled : filled + len(rows)] = rows
         filled += len(rows)
-        for layer_counts, trace in zip(counts, traces, strict=True):
+        for layer_counts, trace in zip(counts, traces if gates else [], strict=True):
             for name, gate in trace.gates.items():
                 below, above = layer_counts.get(name, (0, 0))
                 layer_counts[name] = (
@@ -661,11 +665,12 @@ def untrained_correlations(
 ) -> dict[str, float]:
     """:attr:`Inspection.untrained`: ``model``'s shape initialised as a run seeded ``seed`` initialises it
     (for a run trained from scratch, the very weights it started from), read over the same characters;
-    the process's random state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
+    the process's random state is left as it was (the seed reaches every CUDA device's too: review rev40b)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
         fresh = build_model(model.vocab_size, model.config, seed)
     fresh.to(ids.device).eval()
-    unlearned, _ = _signal_and_saturation(fresh, ids, layer, signal)
+    unlearned, _ = _signal_and_saturation(fresh, ids, layer, signal, gates=False)
     return best_per_feature(score_units(unlearned, features))
 
 

@@ -614,9 +614,16 @@ def idle_setting_notes(config: Config, planned_epochs: int, planned_steps: int) 
         listed = " and ".join(f"train.{key} {getattr(train, key):g}" for key in unused)
         schedules = sorted(set(unused.values()))
         one = len(unused) == 1
+        # one schedule's: take it; two schedules' (min_lr and gamma): one of them is idle whichever is taken
+        if len(schedules) == 1:
+            owner = f"the {schedules[0]} schedule's"
+            fix = f"set train.schedule {schedules[0]}, or leave {'it' if one else 'them'} out"
+        else:
+            owner = f"the {' and '.join(schedules)} schedules'"
+            fix = "leave out those of the schedule not taken"
         notes.append(
-            f"{listed} {'is' if one else 'are'} the {' and '.join(schedules)} schedule's, and train.schedule "
-            f"{train.schedule} does not use {'it' if one else 'them'} (set train.schedule {schedules[0]})"
+            f"{listed} {'is' if one else 'are'} {owner}, and train.schedule {train.schedule} does not use "
+            f"{'it' if one else 'them'} ({fix})"
         )
     return notes
 

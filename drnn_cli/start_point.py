@@ -149,15 +149,15 @@ def load_start_config(
         if init_from is not None:
             _refuse_sets_the_checkpoint_fixes(overrides, init_from, runs_root)
         raise
-    if path is not None:
+    if path is not None and "data.path" not in given_keys(overrides):  # a --set's is the command line's
         _check_text_not_beside_config(config, path)
     return config
 
 
 def _check_text_not_beside_config(config: Config, path: Path) -> None:
-    """A relative ``data.path`` is read from the current directory; where no such file is there but one
-    is beside the config file, which is where its writer meant (own40: "does not exist" alone, run from
-    another directory), the refusal says so and how to name it."""
+    """A relative ``data.path`` of a config file is read from the current directory; where no such file
+    is there but one is beside the config file, which is where its writer meant (own40: "does not exist"
+    alone, run from another directory), the refusal says so and how to name it."""
     text = config.data.file
     if text is None or text.is_absolute() or text.exists():
         return

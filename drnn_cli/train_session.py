@@ -84,7 +84,7 @@ def train_run(
     if config.train.tensorboard:  # refused on every rank, before the text is read (its token cache written)
         summary_writer_class()
     if config.data.file is not None:  # the run keeps an absolute path: eval and --resume work from anywhere
-        config.data.path = os.path.abspath(config.data.file)  # "other/../cfg/t.txt" as "cfg/t.txt"
+        config.data.path = _absolute_text_path(config.data.file)
     run_dir = (
         request.run_dir
         if request.run_dir is not None
@@ -389,3 +389,14 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         write_stop_record(run_dir, result.stop_reason, result.steps)
         mark_as_latest()
     return result
+
+
+def _absolute_text_path(file: Path) -> str:
+    """``file`` absolute, its ``..`` taken out where that names the same file ("other/../cfg/t.txt" as
+    "cfg/t.txt"), kept where a symbolic link before it makes it another (review rev40b: link/../t.txt)."""
+    kept = file.absolute()
+    plain = os.path.abspath(file)
+    with contextlib.suppress(OSError):
+        if os.path.samefile(plain, kept):
+            return plain
+    return str(kept)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -1363,6 +1364,54 @@ def test_the_page_script_holds_no_markup_and_labels_whitespace_among_the_guesses
     guesses = {labels[index] for row in json.loads(declared["TOP"]) for index in row[::2]}
     assert guesses == set(labels)  # all five tokens, every row
     assert "; 1 of them not in the vocabulary, scored as &lt;unk&gt; (underlined)." in page
+
+
+def test_no_string_of_the_page_script_spans_a_line():
+    """A line break written into the script's source (Python's '\n' where '\\n' was meant) ended a JS
+    string mid-line: the page's script did not parse, and no tooltip or #i=N pin worked (review
+    rev40b). Each line's single quotes, escapes aside, pair up."""
+    from drnn_cli.inspect_html import _SCRIPT
+
+    for line in _SCRIPT.splitlines():
+        assert re.sub(r"\\.", "", line).count("'") % 2 == 0, line
+
+
+# a stand-in for the browser: the page's script, run by node, pinned at #i=2, prints its tooltip
+_FAKE_DOM = """
+const rows = [], theTip = {style: {}, textContent: '', offsetWidth: 10, offsetHeight: 10};
+function Row(n, unit) { this.dataset = unit === undefined ? {} : {unit: String(unit)}; this.children = [];
+  for (let i = 0; i < n; i++) this.children.push({parentElement: this, classList: {add() {}},
+    getBoundingClientRect() { return {left: 0, top: 0, bottom: 10}; }}); }
+globalThis.window = {innerWidth: 1000, innerHeight: 1000};
+globalThis.location = {hash: '#i=2'};
+globalThis.document = {getElementById: () => theTip, addEventListener() {}, querySelectorAll: () => rows};
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_the_tooltip_says_the_character_what_was_expected_there_and_the_next_guesses(tmp_path: Path):
+    """Pinned on a character, the tooltip gives its surprisal, the model's three likeliest guesses for it
+    (read before it: inspect40 had to hover the character before a surprising one to see them), the
+    unit's value, and its five likeliest guesses for the next character, each on its line."""
+    from drnn_cli.inspect_html import render_html
+
+    vocab = Vocab(["<unk>", "a", "b", " "])
+    result = _one_unit_read_by_a_small_model(vocab, "ab ab", 0)
+    page = render_html(result, "run")
+    script = page.split("<script>\n", 1)[1].split("</script>", 1)[0]
+    program = tmp_path / "page.js"
+    program.write_text(
+        _FAKE_DOM + "rows.push(new Row(5), new Row(5, 0));\n" + script + "\nconsole.log(tip.textContent);\n"
+    )
+    shown = subprocess.run(["node", str(program)], capture_output=True, text=True, check=True).stdout
+    lines = shown.splitlines()
+    expected = result.top_next[1][:3]  # read after character 1, "b": the guesses for character 2, " "
+    bits = result.surprisal[2] / math.log(2)
+    assert lines[0] == "char 2: ␣"
+    assert lines[1] == f"surprisal: {bits:.2f} bits (p = {math.exp(-result.surprisal[2]):.3f})"
+    assert lines[2] == "expected here: " + " ".join(f"{'␣' if c == ' ' else c} {p:.3f}" for c, p in expected)
+    assert lines[3] == "guesses for the next character:"
+    assert len(lines) == 4 + len(result.top_next[2])
 
 
 def test_the_page_holds_each_characters_tooltip_data_once_and_each_row_only_colours():

@@ -1066,6 +1066,9 @@ def test_a_config_naming_the_text_beside_it_says_where_relative_names_are_read_f
             "cfg/my_text.txt is beside the config file cfg/my.yaml: run drnn from cfg, or give data.path as "
             f"{folder / 'my_text.txt'}",
         )
+    # a data.path given on the command line is the command line's, read where it runs: no word of the config
+    code, _, err = cli("data", "--config", "cfg/my.yaml", "--set", "data.path=my_text.txt")
+    assert code == 1 and "does not exist in" in err and "beside the config" not in err, err
     other = workdir / "other"
     other.mkdir()
     monkeypatch.chdir(other)
@@ -1074,6 +1077,24 @@ def test_a_config_naming_the_text_beside_it_says_where_relative_names_are_read_f
     assert load_checkpoint(other / "runs" / "my" / "last.safetensors").config.data.path == str(
         folder / "my_text.txt"
     )
+
+
+def test_a_recorded_text_path_loses_its_dots_only_where_that_names_the_same_file(tmp_path: Path, monkeypatch):
+    """ "other/../cfg/t.txt" is recorded as "cfg/t.txt"; behind a symbolic link ".." is the link target's
+    parent, and taking it out by text named another file, or none (review rev40b)."""
+    from drnn_cli.train_session import _absolute_text_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "cfg" / "t.txt").write_text("cfg's")
+    assert _absolute_text_path(Path("other/../cfg/t.txt")) == str(tmp_path / "cfg" / "t.txt")
+    (tmp_path / "far" / "deep").mkdir(parents=True)
+    (tmp_path / "far" / "t.txt").write_text("far's")
+    (tmp_path / "t.txt").write_text("the current directory's")
+    (tmp_path / "link").symlink_to(tmp_path / "far" / "deep")
+    recorded = _absolute_text_path(Path("link/../t.txt"))  # far/t.txt, where the link leads
+    assert Path(recorded).read_text() == "far's" and recorded == str(tmp_path / "link" / ".." / "t.txt")
 
 
 def test_after_a_resume_that_followed_the_corpus_eval_follows_it_too(workdir: Path, corpus_path: Path, cli):

@@ -115,15 +115,19 @@ def test_a_schedules_settings_under_another_schedule_are_said_to_do_nothing():
 
     assert said(min_lr=0.0001) == [
         "train.min_lr 0.0001 is the cosine schedule's, and train.schedule constant does not use it (set "
-        "train.schedule cosine)"
+        "train.schedule cosine, or leave it out)"
     ]
     assert said(schedule="cosine", step_size=10, gamma=0.1, lr=0.1) == [
         "train.step_size 10 and train.gamma 0.1 are the step schedule's, and train.schedule cosine does not use "
-        "them (set train.schedule step)"
+        "them (set train.schedule step, or leave them out)"
     ]
     assert said(schedule="step", min_lr=0.001, step_size=10) == [
         "train.min_lr 0.001 is the cosine schedule's, and train.schedule step does not use it (set train.schedule "
-        "cosine)"
+        "cosine, or leave it out)"
+    ]
+    assert said(min_lr=0.001, gamma=0.1) == [
+        "train.min_lr 0.001 and train.gamma 0.1 are the cosine and step schedules', and train.schedule constant "
+        "does not use them (leave out those of the schedule not taken)"
     ]
     assert said(schedule="cosine", min_lr=0.001) == said(schedule="step", gamma=0.1) == said() == []
 

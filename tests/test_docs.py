@@ -98,8 +98,8 @@ def test_every_link_inside_the_readme_reaches_a_heading():
 
 def test_every_link_between_the_readme_and_docs_reaches_its_file_and_heading():
     """The README sends details to docs/*.md (the GPU, benchmarks, errors, `drnn inspect`, long runs,
-    torchrun) and they link back: a link to a file that moved, or to a heading renamed in the other file,
-    fails here. Images count as links: a picture left behind by a moved section fails too."""
+    torchrun, your own text) and they link back: a link to a file that moved, or to a heading renamed in
+    the other file, fails here. Images count as links: a picture left behind by a moved section fails too."""
     pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
     checked = 0
     broken = []
@@ -126,6 +126,7 @@ MOVED_SECTIONS = {
     "## Seeing what the network learned": "inspect.md",
     "## Long runs on big text: budgets, step cadence, token cache, TensorBoard": "long-runs.md",
     "## Several processes, GPUs or nodes": "distributed.md",
+    "## Your own text, and held-out numbers that mean something": "own-text.md",
     "## What happens when": "errors.md",
     "## Benchmarks": "benchmarks.md",
 }

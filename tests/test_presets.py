@@ -525,8 +525,9 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_readme_commands_from_an_em
 
 
 def test_the_held_out_presets_step_cap_is_exactly_its_epochs_on_the_time_machine(corpus_path: Path):
-    """README "Your own text": ``lstm_full_cpu``'s ``max_steps`` ends a larger text after as many updates
-    as the Time Machine's whole schedule, so on the Time Machine itself it must change nothing."""
+    """docs/own-text.md (README "Your own text"): ``lstm_full_cpu``'s ``max_steps`` ends a larger text
+    after as many updates as the Time Machine's whole schedule, so on the Time Machine itself it must
+    change nothing."""
     from drnn_cli.batches import epoch_generator, training_batches
     from drnn_cli.data import load_dataset
 

@@ -1028,6 +1028,38 @@ def test_eval_of_a_fine_tuned_run_says_its_split_holds_text_a_base_trained_on(tm
     assert code == 0 and "fine-tuned from" not in err
 
 
+def test_the_start_names_each_split_s_tokens_an_earlier_base_trained_on_beyond_the_direct_one(
+    tmp_path: Path, own: Path
+):
+    """runs/base trains on tokens 0-800, runs/tuned (from it, validation 0.3) on 0-700; a run from
+    runs/tuned holding out validation 0.1 and test 0.3 (600-700, 700-1,000) shares its validation with
+    runs/tuned, and 100 of its test tokens (700-800) with runs/base alone. The start said the first and
+    advised holding out from token 700 on, which leaves those 100 in runs/base's training split (review
+    rev40c): it says both, and advises from token 800 on, as drnn eval judges the splits."""
+    base = (tmp_path / "runs" / "base" / "best.safetensors").resolve()
+    tuned = config_for(tmp_path, own, "tuned", data={"val_fraction": 0.3}, train={"epochs": 1})
+    train_run(TrainRequest(tuned, init_from=Path("runs/base")))
+    again = config_for(
+        tmp_path, own, "again", data={"val_fraction": 0.1, "test_fraction": 0.3}, train={"epochs": 1}
+    )
+    notes = Notes()
+    train_run(TrainRequest(again, init_from=Path("runs/tuned")), reporter=notes)
+    sha1 = hashlib.sha1(own.read_bytes()).hexdigest()
+    direct = next(note for note in notes.notes if note.startswith("the fine-tuning text"))
+    assert direct.endswith(
+        "100 of this run's 100 validation tokens (100%) are in the base run's training split: the starting "
+        "validation and the choice of best read text the base model trained on, so they are optimistic; hold "
+        "out only text the base run or the bases it was fine-tuned from did not train on (from token 800 on) "
+        '(README "Fine-tuning")'
+    ), direct
+    assert (
+        f"100 of this run's 300 test tokens (33.3%) are in the training split of {base}, which "
+        f"runs/tuned/best.safetensors was fine-tuned from, on this same text (SHA-1 {sha1}): the test figure "
+        "(drnn eval --split test) reads text an earlier model of this one trained on, so it is optimistic "
+        '(README "Fine-tuning")'
+    ) in notes.notes, notes.notes
+
+
 def test_a_fine_tuned_run_records_its_bases_and_judges_its_splits_by_them_whatever_became_of_the_files(
     tmp_path: Path, own: Path, cli
 ):

@@ -78,7 +78,8 @@ function show(span) {
   const row = span.parentElement, i = Array.prototype.indexOf.call(row.children, span), unit = row.dataset.unit;
   let s = 'char ' + i + ': ' + CHARS[i] + '\\n';
   s += SURPRISAL[i] === null ? 'surprisal: - (first character)\\n'
-       : 'surprisal: ' + (SURPRISAL[i] / Math.LN2).toFixed(2) + ' bits (p = ' + Math.exp(-SURPRISAL[i]).toFixed(3) + ')\\n';
+       : 'surprisal: ' + (SURPRISAL[i] / Math.LN2).toFixed(2) + ' bits (p = ' + Math.exp(-SURPRISAL[i]).toFixed(3)
+         + (span.classList.contains('unk') ? ' of <unk>: not in the vocabulary' : '') + ')\\n';
   if (unit !== undefined) s += 'unit ' + unit + ': ' + (ACTS[unit][i] / 1000).toFixed(3) + '\\n';
   if (i > 0) {  // what the model expected here, read before this character
     s += 'expected here:';

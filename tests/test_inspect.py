@@ -1380,7 +1380,7 @@ def test_no_string_of_the_page_script_spans_a_line():
 _FAKE_DOM = """
 const rows = [], theTip = {style: {}, textContent: '', offsetWidth: 10, offsetHeight: 10};
 function Row(n, unit) { this.dataset = unit === undefined ? {} : {unit: String(unit)}; this.children = [];
-  for (let i = 0; i < n; i++) this.children.push({parentElement: this, classList: {add() {}},
+  for (let i = 0; i < n; i++) this.children.push({parentElement: this, classList: {add() {}, contains: (name) => name === 'unk' && i === 4},
     getBoundingClientRect() { return {left: 0, top: 0, bottom: 10}; }}); }
 globalThis.window = {innerWidth: 1000, innerHeight: 1000};
 globalThis.location = {hash: '#i=2'};
@@ -1396,8 +1396,9 @@ def test_the_tooltip_says_the_character_what_was_expected_there_and_the_next_gue
     from drnn_cli.inspect_html import render_html
 
     vocab = Vocab(["<unk>", "a", "b", " "])
-    result = _one_unit_read_by_a_small_model(vocab, "ab ab", 0)
+    result = _one_unit_read_by_a_small_model(vocab, "ab az", 0)  # z: not in the vocabulary, underlined
     page = render_html(result, "run")
+    assert page.count('<span class="unk"') == 2  # the last character, in both rows: the stand-in's 'unk'
     script = page.split("<script>\n", 1)[1].split("</script>", 1)[0]
     program = tmp_path / "page.js"
     program.write_text(
@@ -1412,6 +1413,13 @@ def test_the_tooltip_says_the_character_what_was_expected_there_and_the_next_gue
     assert lines[2] == "expected here: " + " ".join(f"{'␣' if c == ' ' else c} {p:.3f}" for c, p in expected)
     assert lines[3] == "guesses for the next character:"
     assert len(lines) == 4 + len(result.top_next[2])
+    # pinned on a character not in the vocabulary (the page underlines it), its p is <unk>'s, and says so
+    program.write_text(program.read_text().replace("#i=2", "#i=4"))
+    shown = subprocess.run(["node", str(program)], capture_output=True, text=True, check=True).stdout
+    bits = result.surprisal[4] / math.log(2)
+    assert shown.splitlines()[1] == (
+        f"surprisal: {bits:.2f} bits (p = {math.exp(-result.surprisal[4]):.3f} of <unk>: not in the vocabulary)"
+    )
 
 
 def test_the_page_holds_each_characters_tooltip_data_once_and_each_row_only_colours():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -163,13 +164,15 @@ class RunSummary:
         sample = self.info.config.train.eval_tokens
         return sample if self.val_tokens is None or self.val_tokens >= sample else None
 
+    @functools.cached_property
     def scored_on(self) -> tuple[Any, ...] | None:
         """What its perplexities were measured on: the text (as drnn reads it, else its file's SHA-1,
         else its name), the settings that cut and spell its splits, the share of validation it reads
         (``train.eval_tokens``) and the vocabulary that scores them (``<unk>``: a fine-tuned run keeps
         its base's whatever its ``data.min_freq``). Runs that differ in it score other tokens, and their
         figures do not rank against each other (prac39: --sort best mixed two texts; review rev40);
-        None where the run cannot be read."""
+        None where the run cannot be read. Kept once made: the table compares it for every pair of rows in
+        each layout it tries, and a word run's vocabulary holds 100,000 tokens."""
         if self.info is None:
             return None
         data = self.info.config.data
@@ -186,8 +189,8 @@ class RunSummary:
         )
 
     def scored_on_id(self) -> str | None:
-        """:meth:`scored_on` in 12 hex digits, for ``--json``: runs with the same id rank together."""
-        key = self.scored_on()
+        """:attr:`scored_on` in 12 hex digits, for ``--json``: runs with the same id rank together."""
+        key = self.scored_on
         if key is None:
             return None
         return hashlib.sha1(json.dumps(key, ensure_ascii=True).encode("ascii")).hexdigest()[:12]
@@ -520,6 +523,6 @@ def _each_text_apart(ranked: list[RunSummary]) -> list[RunSummary]:
     others over the same tokens."""
     texts: dict[tuple[Any, ...] | None, list[RunSummary]] = {}
     for run in ranked:
-        texts.setdefault(run.scored_on(), []).append(run)
+        texts.setdefault(run.scored_on, []).append(run)
     unread = texts.pop(None, [])
     return [run for runs in texts.values() for run in runs] + unread

@@ -95,7 +95,7 @@ def _table(
     # --sort best: list_runs keeps each text's runs together (those that cannot be read last, of no text);
     # a rule under each text's last
     texts_end = [
-        order == "best" and later.scored_on() is not None and later.scored_on() != run.scored_on()
+        order == "best" and later.scored_on is not None and later.scored_on != run.scored_on
         for run, later in itertools.pairwise(runs)
     ] + [False]
     if any(texts_end):

@@ -902,7 +902,13 @@ class Trainer:
         progress = self.trained_epoch
         assert progress is not None  # train_epoch sets it before fit validates an epoch's end
         progress.boundary_pending = True
-        self.elapsed -= progress.elapsed
+        # One statement, so that a second press (a handler runs only at a call or a backward jump, never
+        # between the two stores) finds the epoch's seconds in the run's elapsed or in its clock, never in
+        # neither: its --json counted the session's training without the epoch
+        self.elapsed, self._epoch_clock = (
+            self.elapsed - progress.elapsed,
+            EpochClock.stopped(progress.elapsed),
+        )
         self._interrupt(epoch, progress)
 
     def _interrupt(

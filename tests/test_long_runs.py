@@ -1764,6 +1764,37 @@ def test_a_second_ctrl_c_between_boundaries_counts_the_session_training_up_to_it
     assert 0.5 <= stopped["seconds"]["training"] <= stopped["seconds"]["session"]
 
 
+def test_a_second_ctrl_c_as_a_cut_epoch_end_checkpoints_counts_the_epoch_it_trained(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Ctrl-C cuts the first epoch's validation short; the second press lands as its checkpoint starts.
+    The epoch's seconds had left the run's elapsed for its clock after the first, so the --json read 0.0
+    s of training where nineteen steps of 20 ms had run."""
+    from drnn_cli.signals import Signalled
+
+    call = StaticStep.__call__
+
+    def slow_step(self: StaticStep, window: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return call(self, window)
+
+    def abandoned_by_ctrl_c(self: Trainer, abandonable: bool = False) -> float | None:
+        self.stops.signum = signal.SIGINT
+        raise EvaluationAbandoned
+
+    def pressed_again(self: Trainer, *args: object, **kwargs: object) -> None:
+        raise Signalled(signal.SIGINT)  # as the handler does at the call's first instruction
+
+    monkeypatch.setattr(StaticStep, "__call__", slow_step)
+    monkeypatch.setattr(Trainer, "_validate", abandoned_by_ctrl_c)
+    monkeypatch.setattr(Trainer, "_interrupt", pressed_again)
+    code, out, err = cli("train", "--config", str(write_config(workdir)), "--json")
+    assert code == 130, err
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["checkpoint"] is None and stopped["steps"] == 0  # nothing kept: the run starts over
+    assert STEPS_PER_EPOCH * 0.02 <= stopped["seconds"]["training"] <= stopped["seconds"]["session"]
+
+
 def test_a_slowdown_to_a_fraction_of_the_session_pace_is_said_once_with_one_thread_as_the_cure():
     """Three windows in a row (the tokens and seconds between two metrics lines) below a quarter of the
     session's fastest: said at the third, once; a window back at pace starts the count again, and one

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -210,6 +211,10 @@ class Checkpoint:
     # a fine-tuned run's bases as they stood when it started (None: a checkpoint written before drnn
     # recorded them, whose bases are read from their files)
     bases: BaseChain | None = None
+    # the ids (<unk> aside) that no training split of this model held, its bases' included: their input
+    # weights are as initialised (None: not known, in a checkpoint written before drnn recorded them or
+    # fine-tuned from one)
+    untrained_ids: tuple[int, ...] | None = None
     read_at: str = ""  # which checkpoint this is (trained_point), as read from its file; "" for one to write
 
     def trainer(self) -> TrainerState:
@@ -236,6 +241,7 @@ class Checkpoint:
             "corpus_sha1": self.corpus_sha1,
             "text_sha1": self.text_sha1,
             "bases": None if self.bases is None else self.bases.to_header(),
+            "untrained_ids": None if self.untrained_ids is None else list(self.untrained_ids),
             "config": self.config.to_dict(),
             "vocab": self.vocab.tokens_dict(),
             "trainer_state": packed_state,
@@ -466,6 +472,7 @@ class CheckpointInfo:
     corpus_sha1: str | None
     text_sha1: str | None  # None in a checkpoint written before drnn recorded it
     bases: BaseChain | None  # Checkpoint.bases
+    untrained_ids: tuple[int, ...] | None  # Checkpoint.untrained_ids
     packed_trainer_state: Any  # JSON, its tensors as {"__tensor__": name} (unpack_tree)
     shapes: dict[str, tuple[int, ...]]  # every tensor's shape, as the safetensors header claims
     header_sha1: str = ""  # of drnn's metadata as stored: which checkpoint this is, exactly
@@ -549,6 +556,7 @@ def _read_info(path: Path, handle: Any) -> CheckpointInfo:
             corpus_sha1=_optional(drnn.get("corpus_sha1"), str),
             text_sha1=_optional(drnn.get("text_sha1"), str),
             bases=BaseChain.from_header(drnn.get("bases")),
+            untrained_ids=_token_ids(drnn.get("untrained_ids"), len(vocab)),
             packed_trainer_state=drnn.get("trainer_state", {}),
             shapes=shapes,
             header_sha1=hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest(),
@@ -576,6 +584,17 @@ def _header_count(value: Any) -> int:
     if type(value) is not int or value < 0:
         raise ValueError(f"{value!r} is no count")
     return value
+
+
+def _token_ids(value: Any, vocab_size: int) -> tuple[int, ...] | None:
+    """A header's list of token ids, <unk> (0) aside: increasing whole numbers below ``vocab_size``."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(type(i) is int for i in value):
+        raise TypeError("token ids")
+    if any(not 0 < i < vocab_size for i in value) or any(a >= b for a, b in itertools.pairwise(value)):
+        raise ValueError("token ids")
+    return tuple(value)
 
 
 def _optional(value: Any, kind: type[float] | type[str]) -> Any:
@@ -702,6 +721,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
         corpus_sha1=info.corpus_sha1,
         text_sha1=info.text_sha1,
         bases=info.bases,
+        untrained_ids=info.untrained_ids,
         read_at=trained_point(info),
     )
 

@@ -44,6 +44,7 @@ from drnn_cli.run_notes import (
     short_rows_note,
     trained_text_note,
     unseen_in_training_note,
+    untrained_tokens_note,
 )
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
@@ -209,15 +210,14 @@ def load_model(
     return LoadedModel(replace(loaded, model_state={}), model, device, path, (waiting,) if waiting else ())
 
 
-def read_prefixes(loaded: LoadedModel, prefixes: list[str]) -> list[str]:
-    """Each prefix as the model reads it (preprocessed like its corpus: d2l's keeps the letters a-z),
-    which its continuation's text starts with. The first prefix the model cannot read is refused
-    before any is continued: a bad last prefix must not cost the continuations before it, nor leave
-    them on stdout with a failing exit status."""
+def read_prefixes(loaded: LoadedModel, prefixes: list[str]) -> list[list[str]]:
+    """Each prefix as the model reads it, as tokens (preprocessed like its corpus: d2l's keeps the
+    letters a-z). The first prefix the model cannot read is refused before any is continued: a bad last
+    prefix must not cost the continuations before it, nor leave them on stdout with a failing exit
+    status."""
     data = loaded.checkpoint.config.data
     return [
-        join_tokens(prefix_tokens(prefix, loaded.checkpoint.vocab, data.preprocess, data.token), data.token)
-        for prefix in prefixes
+        prefix_tokens(prefix, loaded.checkpoint.vocab, data.preprocess, data.token) for prefix in prefixes
     ]
 
 
@@ -365,10 +365,27 @@ def plan_predict(
     """Read every prefix (refusing the first the model cannot read) and note what the user should know
     before the continuations: d2l's preprocessing drops what is not a letter silently, and a drawn
     seed is the only way to draw the same sample again."""
-    reads = read_prefixes(loaded, prefixes)
-    preprocess = loaded.checkpoint.config.data.preprocess
+    checkpoint = loaded.checkpoint
+    data = checkpoint.config.data
+    tokens = read_prefixes(loaded, prefixes)
+    reads = [join_tokens(read, data.token) for read in tokens]
+    preprocess = data.preprocess
     notes = [
         *loaded.notes,
+        *filter(
+            None,
+            (  # a prefix given twice: once
+                untrained_tokens_note(
+                    f"the prefix {short_repr(prefix)}",
+                    read,
+                    checkpoint.vocab,
+                    checkpoint.untrained_ids,
+                    fine_tuned=checkpoint.init_from is not None,
+                    token=data.token,
+                )
+                for prefix, read in dict(zip(prefixes, tokens, strict=True)).items()
+            ),
+        ),
         *(
             f"data.preprocess {preprocess} reads the prefix {prefix!r} as {read!r}"
             for prefix, read in dict(zip(prefixes, reads, strict=True)).items()  # a prefix given twice: once
@@ -838,7 +855,7 @@ class InspectReport:
     missing_glyphs: tuple[str, ...]  # characters the PNG's font draws as boxes
     # a note: the TEXT argument as preprocessing read it, where it changed; a --file read as letters
     read_as: str | None = None
-    run_notes: tuple[str, ...] = ()  # LoadedModel's
+    run_notes: tuple[str, ...] = ()  # LoadedModel's, and the text's tokens no training split held
 
     @property
     def notes(self) -> list[str]:
@@ -896,4 +913,18 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
             f"as the model trained on its text: only the letters a-z, lower-cased, and spaces{glued}; "
             "what it shows is that text"
         )
-    return InspectReport(inspection, tuple(written), tuple(missing), read_as=read_as, run_notes=loaded.notes)
+    untrained = untrained_tokens_note(
+        "the text",
+        [char for char in inspection.text if char in loaded.checkpoint.vocab],
+        loaded.checkpoint.vocab,
+        loaded.checkpoint.untrained_ids,
+        fine_tuned=loaded.checkpoint.init_from is not None,
+        token=token,
+    )
+    return InspectReport(
+        inspection,
+        tuple(written),
+        tuple(missing),
+        read_as=read_as,
+        run_notes=(*loaded.notes, *filter(None, (untrained,))),
+    )

@@ -172,6 +172,45 @@ def unseen_in_training_note(
     )
 
 
+# untrained_tokens_note: the tokens it names, the rest counted
+UNTRAINED_SHOWN = 5
+
+
+def untrained_tokens_note(
+    subject: str,
+    tokens: list[str],
+    vocab: Vocab,
+    untrained_ids: tuple[int, ...] | None,
+    *,
+    fine_tuned: bool,
+    token: str,
+) -> str | None:
+    """``subject`` (predict's prefix, the text inspect reads) holding tokens that no training split of the
+    model held (``Checkpoint.untrained_ids``): the vocabulary is the whole text's, held-out splits
+    included, so the model reads them, yet their input weights are as initialised and what follows them
+    rests on nothing it learned. None where there is none, or the checkpoint does not know (one written
+    before drnn recorded them)."""
+    untrained = set(untrained_ids or ())
+    never = [t for t in dict.fromkeys(tokens) if vocab[t] in untrained]  # in the order the prefix has them
+    if not never:
+        return None
+    shown = ", ".join(repr(t) for t in never[:UNTRAINED_SHOWN])
+    more = f" and {len(never) - UNTRAINED_SHOWN:,} more" if len(never) > UNTRAINED_SHOWN else ""
+    trained = (
+        "neither the model's training split nor its base runs' ever held"
+        if fine_tuned
+        else "the model's training split never held"
+    )
+    kind = "word" if token == "word" else "character"
+    what, it = (f"a {kind}", "it") if len(never) == 1 else (f"{kind}s", "them")
+    return (
+        f"{subject} holds {what} {trained} ({shown}{more}): the vocabulary, read "
+        f"from the whole text with its held-out splits, has {it}, yet the model never trained on {it}, so "
+        f'what follows {it} rests on untrained weights (README "Your own text, and held-out numbers that '
+        'mean something")'
+    )
+
+
 def data_notes(
     config: Config, dataset: Dataset, device: torch.device | None, fine_tuning: bool = False
 ) -> list[str]:

@@ -110,6 +110,7 @@ from drnn_cli.trainer_checkpoint import (
     TrainingCounters,
     TrainingParts,
     checkpoint_of,
+    lineage_of,
     restore_training,
 )
 from drnn_cli.trainer_state import EpochProgress, UnusableTrainerState, gather_ranks
@@ -194,9 +195,8 @@ class Trainer:
         check_every_rank_runs_alike(config, dataset, self.dist, device)
         check_can_train(config, dataset, self.dist.world_size, device, resuming=resume is not None)
         self.model = trained_model(config, len(dataset.vocab), device, start.init_from)
-        self.init_from_label = start.init_label or (resume.init_from if resume else None)
-        self.init_from_at = start.init_from_at or (resume.init_from_at if resume else None)
-        self.bases = start.bases or (resume.bases if resume else None)
+        # the checkpoint it was fine-tuned from, its bases, the tokens no training split held
+        self.lineage = lineage_of(start, dataset)
         train, data = config.train, config.data
         self.average = (
             WeightAverage(self.model, train.average, train.average_decay) if train.average != "none" else None
@@ -384,9 +384,7 @@ class Trainer:
                 checkpoint = checkpoint_of(
                     self.config,
                     self.dataset,
-                    init_from_label=self.init_from_label,
-                    init_from_at=self.init_from_at,
-                    bases=self.bases,
+                    lineage=self.lineage,
                     parts=self._parts(),
                     counters=self._counters(),
                     device=self.device,
@@ -444,7 +442,7 @@ class Trainer:
                 config,
                 self.dataset.vocab,
                 self.records,
-                self.init_from_label,
+                self.lineage.init_from,
                 self.resumed,
             )
 
@@ -1069,7 +1067,9 @@ class Trainer:
     def _origin(self) -> str:
         """Where this session starts, for the first line: a fresh run, fine-tuning, or a resume."""
         if self.global_step == 0:
-            start = f"from the weights of {self.init_from_label}" if self.init_from_label else "from scratch"
+            start = (
+                f"from the weights of {self.lineage.init_from}" if self.lineage.init_from else "from scratch"
+            )
             # a stop during a fine-tuning run's starting validation left a checkpoint before the first step
             return start + (" (resumed before its first step)" if self.resumed else "")
         step = self.progress.step
@@ -1146,7 +1146,7 @@ class Trainer:
                 torch.get_num_threads(), self.resume_advice, self.tokens_seen, self._session_start_elapsed
             )
         with self.stops.noted():  # a signal from here on stops at a checkpoint
-            if already is None and self.global_step == 0 and self.init_from_label:
+            if already is None and self.global_step == 0 and self.lineage.init_from:
                 if not self.records:
                     self._validate_starting_weights()
                     val_ppl = self.records[-1].val_ppl if self.records else None
@@ -1217,10 +1217,10 @@ class Trainer:
                 self.config,
                 self.dataset,
                 self.device,
-                fine_tuning=self.init_from_label is not None,
+                fine_tuning=self.lineage.init_from is not None,
             ),
             *(
-                own_text_notes(self.config.data, self.dataset, fine_tuning=self.init_from_label is not None)
+                own_text_notes(self.config.data, self.dataset, fine_tuning=self.lineage.init_from is not None)
                 if starting
                 else ()
             ),
@@ -1229,7 +1229,7 @@ class Trainer:
                 self.length,
                 self.dataset.splits.validates,
                 count_parameters(self.model),
-                fine_tuning=self.init_from_label is not None,
+                fine_tuning=self.lineage.init_from is not None,
                 starting=starting,
             ),
             *([missing] if self.dist.is_main and (missing := self.plot.missing_plotter()) else []),

@@ -20,6 +20,7 @@ from drnn_cli.data import Dataset
 from drnn_cli.models import RNNLanguageModel
 from drnn_cli.optimizers import build_optimizer, restore_optimizer_state
 from drnn_cli.runtime import DistContext
+from drnn_cli.start_point import StartPoint
 from drnn_cli.trainer_state import (
     EpochProgress,
     RankState,
@@ -44,6 +45,38 @@ class TrainingCounters:
 
 
 @dataclass(frozen=True)
+class Lineage:
+    """What a run's checkpoints record of where its weights come from: the checkpoint it was fine-tuned
+    from (its path, and where that one's training stood then) with that checkpoint's own bases, and the
+    token ids that no training split along the way held, whose input weights are as initialised."""
+
+    init_from: str | None = None
+    init_from_at: str | None = None
+    bases: BaseChain | None = None
+    untrained_ids: tuple[int, ...] | None = None  # None: not known (a base that did not record them)
+
+
+def lineage_of(start: StartPoint, dataset: Dataset) -> Lineage:
+    """A session's lineage: a resumed run's as its checkpoint recorded it (its untrained ids counted now
+    where it predates them and trained from scratch, on the same split), a fine-tuned run's from its
+    base (an id is untrained where neither the base's training nor this run's split held it)."""
+
+    def own() -> tuple[int, ...]:  # a count over the training split: 0.13 s for 100 M tokens
+        return tuple(torch.nonzero(dataset.unseen_ids()).flatten().tolist())
+
+    resume, base = start.resume, start.init_from
+    if resume is not None:
+        untrained = resume.untrained_ids
+        if untrained is None and resume.init_from is None:
+            untrained = own()
+        return Lineage(resume.init_from, resume.init_from_at, resume.bases, untrained)
+    if base is None:
+        return Lineage(untrained_ids=own())
+    inherited = None if base.untrained_ids is None else tuple(sorted(set(own()) & set(base.untrained_ids)))
+    return Lineage(start.init_label, start.init_from_at, start.bases, inherited)
+
+
+@dataclass(frozen=True)
 class TrainingParts:
     """What trains: the model, its weight average (None: off), the optimizer and the fp16 scaler."""
 
@@ -62,9 +95,7 @@ def checkpoint_of(
     config: Config,
     dataset: Dataset,
     *,
-    init_from_label: str | None,
-    init_from_at: str | None,
-    bases: BaseChain | None,
+    lineage: Lineage,
     parts: TrainingParts,
     counters: TrainingCounters,
     device: torch.device,
@@ -97,9 +128,10 @@ def checkpoint_of(
         step_in_epoch=progress.step if progress is not None else 0,
         best_val_ppl=counters.best_val_ppl,
         trainer_state=state.to_tree(),
-        init_from=init_from_label,
-        init_from_at=init_from_at,
-        bases=bases,
+        init_from=lineage.init_from,
+        init_from_at=lineage.init_from_at,
+        bases=lineage.bases,
+        untrained_ids=lineage.untrained_ids,
         corpus_sha1=dataset.sha1,
         text_sha1=dataset.text_sha1,
     )

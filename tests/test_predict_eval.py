@@ -717,6 +717,88 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
     assert learned in tuned_said and tuned_said in evaluate_split(tuned, "test").notes
 
 
+def test_predict_says_which_prefix_characters_no_training_split_held(workdir: Path, cli):
+    """A checkpoint records the ids its training never held (the vocabulary is the whole text's): here the
+    320 training characters are a and b, and 'é' and '😀' only the held-out tail's. A prefix holding
+    them is continued from input weights as initialised, which predict says; a fine-tuned model's
+    record keeps only what neither its base's training nor its own held."""
+    text = workdir / "tail.txt"
+    text.write_text("ab" * 160 + "ab" * 20 + "😀" + "éa" * 5 + "ab" * 14 + "😀", encoding="utf-8")
+    tree = {
+        "data": {"path": str(text), "preprocess": "none", "batch_size": 4, "num_steps": 8,
+                 "val_fraction": 0.1, "test_fraction": 0.1},
+        "model": {"cell": "gru", "hidden_size": 8, "num_layers": 1},
+        "train": {"epochs": 1, "sample_every": 0, "device": "cpu", "seed": 3},
+    }  # fmt: skip
+    config = str(config_file(workdir, tree))
+    assert cli("train", "--config", config, "--run", "runs/tail")[0] == 0
+    last = workdir / "runs" / "tail" / "last.safetensors"
+    vocab = load_checkpoint(last).vocab
+    assert load_checkpoint(last).untrained_ids == tuple(sorted((vocab["é"], vocab["😀"])))
+    code, _, err = cli("predict", "abé😀é", "ba", "--run", "runs/tail", "-n", "3")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "never trained" in line]
+    assert notes == [
+        "note: the prefix 'abé😀é' holds characters the model's training split never held ('é', '😀'): the "
+        "vocabulary, read from the whole text with its held-out splits, has them, yet the model never trained "
+        'on them, so what follows them rests on untrained weights (README "Your own text, and held-out numbers '
+        'that mean something")'
+    ]
+    code, _, err = cli("inspect", "abé abab abab", "--run", "runs/tail")  # inspect reads a text alike
+    assert (
+        code == 0
+        and (
+            "note: the text holds a character the model's training split never held ('é'): the vocabulary, read "
+            "from the whole text with its held-out splits, has it, yet the model never trained on it"
+        )
+        in err
+    ), err
+    # resumed, the run keeps its record
+    assert (
+        cli("train", "--config", config, "--run", "runs/tail", "--resume", "--set", "train.epochs=2")[0] == 0
+    )
+    assert load_checkpoint(last).untrained_ids == tuple(sorted((vocab["é"], vocab["😀"])))
+
+    # fine-tuned on a text whose training split holds 'é': only '😀' is left untrained
+    tuned_text = workdir / "tuned.txt"
+    tuned_text.write_text("abé" * 100 + "😀", encoding="utf-8")
+    tuning = ("--set", f"data.path={tuned_text}", "--set", "data.test_fraction=0")
+    assert (
+        cli("train", "--config", config, "--init-from", "runs/tail", "--run", "runs/tuned", *tuning)[0] == 0
+    )
+    tuned = workdir / "runs" / "tuned" / "last.safetensors"
+    assert load_checkpoint(tuned).untrained_ids == (vocab["😀"],)
+    code, _, err = cli("predict", "é😀", "--run", "runs/tuned", "-n", "3")
+    assert (
+        code == 0
+        and (
+            "note: the prefix 'é😀' holds a character neither the model's training split nor its base runs' ever "
+            "held ('😀'): the vocabulary, read from the whole text with its held-out splits, has it, yet the model "
+            "never trained on it, so what follows it rests on untrained weights"
+        )
+        in err
+    ), err
+
+    # a base that recorded nothing (written before drnn did) leaves its fine-tuned model's unknown: no note
+    for kept in (last, last.with_name("best.safetensors")):  # --init-from RUN reads its best
+        save_checkpoint(kept, replace(load_checkpoint(kept), untrained_ids=None))
+    assert (
+        cli("train", "--config", config, "--init-from", "runs/tail", "--run", "runs/blind", *tuning)[0] == 0
+    )
+    assert load_checkpoint(workdir / "runs" / "blind" / "last.safetensors").untrained_ids is None
+    code, _, err = cli("predict", "é😀", "--run", "runs/blind", "-n", "3")
+    assert code == 0 and "never trained" not in err, err
+
+    # a record that is not increasing ids of the vocabulary (<unk> aside) is a corrupt header
+    whole = load_checkpoint(last)
+    for bad in ((vocab["😀"], vocab["é"]), (0,), (len(vocab),)):
+        save_checkpoint(last, replace(whole, untrained_ids=bad))
+        code, _, err = cli("predict", "ab", "--checkpoint", str(last))
+        assert_one_line_error(
+            code, err, f"checkpoint {last} is corrupt (a header field missing or of the wrong type)"
+        )
+
+
 def test_eval_says_where_its_checkpoint_stood_in_the_words_training_stopped_with(workdir: Path, cli):
     """A checkpoint written inside an epoch (a step budget) is "after step 4 of epoch 2", as the stop
     message of a run stopped there says; the optimizer step counts across epochs, as in --json."""

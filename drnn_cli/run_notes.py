@@ -206,8 +206,8 @@ def untrained_tokens_note(
     return (
         f"{subject} holds {what} {trained} ({shown}{more}): the vocabulary, read "
         f"from the whole text with its held-out splits, has {it}, yet the model never trained on {it}, so "
-        f'what follows {it} rests on untrained weights (README "Your own text, and held-out numbers that '
-        'mean something")'
+        f"what follows {it} rests on untrained weights "
+        '(README "Your own text, and held-out numbers that mean something")'
     )
 
 

@@ -741,8 +741,8 @@ def test_predict_says_which_prefix_characters_no_training_split_held(workdir: Pa
     assert notes == [
         "note: the prefix 'abé😀é' holds characters the model's training split never held ('é', '😀'): the "
         "vocabulary, read from the whole text with its held-out splits, has them, yet the model never trained "
-        'on them, so what follows them rests on untrained weights (README "Your own text, and held-out numbers '
-        'that mean something")'
+        "on them, so what follows them rests on untrained weights "
+        '(README "Your own text, and held-out numbers that mean something")'
     ]
     code, _, err = cli("inspect", "abé abab abab", "--run", "runs/tail")  # inspect reads a text alike
     assert (

@@ -421,7 +421,8 @@ def train_command(
             validations.insert(0, result.start_val_ppl)
         table.add_row(
             f"validation perplexity ({'start / ' if len(validations) == 3 else ''}last / best)",
-            " / ".join("—" if ppl is None else format_perplexity(ppl, 3) for ppl in validations),
+            " / ".join("—" if ppl is None else format_perplexity(ppl, 3) for ppl in validations)
+            + ("" if result.best_at is None else f" ({result.best_at})"),
         )
         read, split = result.val_tokens, result.val_split_tokens
         if read is not None and split is not None and read < split:  # said where the figures are read
@@ -465,8 +466,8 @@ def train_command(
     )
     for text in result.samples.values():
         print_generated(out, text)
-    if result.samples_note is not None:
-        print_note(out, result.samples_note)
+    for note in result.samples_notes:
+        print_note(out, note)
     if json_out:
         emit_json(result.summary())
 

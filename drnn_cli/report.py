@@ -146,7 +146,11 @@ class TrainResult:
     val_tokens: int | None = None  # the predictions each validation read (train.eval_tokens caps them)
     val_split_tokens: int | None = None  # … of the validation split's (None: no validation split)
     threads: int | None = None  # each process's CPU threads (None on a GPU)
-    samples_note: str | None = None  # said after the final samples (run_notes.blank_samples_note)
+    # said after the final samples: whitespace alone (run_notes.blank_samples_note), the weights predict
+    # reads not these (last_weights_note)
+    samples_notes: tuple[str, ...] = ()
+    best_at: str | None = None  # where the best validation was (validated_at), where not the last one
+    best_epoch: float | None = None  # the epochs done then (the best's metrics line)
     seconds: SessionSeconds | None = None  # None: nothing trained in this session
     kept: tuple[Path, ...] = ()  # train.keep_every's checkpoints, relative to run_dir, in order
 
@@ -160,6 +164,7 @@ class TrainResult:
             "train_ppl_steps": self.train_ppl_steps,
             "val_ppl": self.val_ppl,
             "best_val_ppl": self.best_val_ppl,
+            "best_epoch": self.best_epoch,
             "start_val_ppl": self.start_val_ppl,
             "val_tokens": self.val_tokens,
             "val_split_tokens": self.val_split_tokens,

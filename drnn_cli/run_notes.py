@@ -20,6 +20,8 @@ from drnn_cli.decode import blank_continuation, prefix_tokens
 from drnn_cli.errors import DrnnError
 from drnn_cli.model_size import GATES
 from drnn_cli.render import format_perplexity
+from drnn_cli.report import EpochRecord
+from drnn_cli.run_files import BEST
 from drnn_cli.session_time import cadence_points, next_cadence_point
 from drnn_cli.shown_text import percent
 from drnn_cli.vocab import UNK, Vocab
@@ -720,6 +722,36 @@ def overflowed_note(train_ppls: list[float], train: TrainConfig) -> str | None:
         "every training perplexity of this session overflowed (a mean loss past 700 nats, written as null): "
         f"the model learned nothing at this rate; lower train.lr (now {train.lr:g}){clip}"
     )
+
+
+# last_weights_note: a last validation this many times its best's is said to have risen
+RISEN_PAST_BEST = 1.1
+
+
+def validated_at(record: EpochRecord) -> str:
+    """Where a metrics line's validation was: ``epoch 21`` at an epoch's end, ``step 4,000`` inside one."""
+    return f"epoch {int(record.epoch):,}" if record.epoch == int(record.epoch) else f"step {record.step:,}"
+
+
+def last_weights_note(last: EpochRecord, best: EpochRecord, patience: int) -> str | None:
+    """The run's closing samples and summary are its last weights', while predict and eval read its best
+    checkpoint, an earlier validation's: said where they differ (learner41: an RNN's closing sample and
+    its predict a second later read nothing alike, the best 129 epochs older), with the rise since the
+    best where validation has climbed past it and nothing stops a run for it."""
+    if last is best or last.val_ppl is None or best.val_ppl is None or best.is_start:
+        return None  # a fine-tuning run's start kept as its best: its closing note says so
+    note = (
+        f"the samples above are the last weights' ({validated_at(last)}, validation perplexity "
+        f"{format_perplexity(last.val_ppl, 4)}); drnn predict and drnn eval read {BEST}, the weights of "
+        f"{validated_at(best)} ({format_perplexity(best.val_ppl, 4)})"
+    )
+    if last.val_ppl >= RISEN_PAST_BEST * best.val_ppl and not patience:
+        note += (
+            f": validation has risen {percent(last.val_ppl / best.val_ppl - 1)} since, as it does once a "
+            "model memorises its training text; train.patience N ends a run after N validations without a "
+            "better one"
+        )
+    return note
 
 
 def blank_samples_note(samples: dict[str, str], train: TrainConfig, token: str) -> str | None:

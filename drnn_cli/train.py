@@ -71,6 +71,7 @@ from drnn_cli.run_notes import (
     UNANNEALED_SHARE,
     blank_samples_note,
     data_notes,
+    last_weights_note,
     nothing_left,
     nothing_to_train,
     overflowed_note,
@@ -79,6 +80,7 @@ from drnn_cli.run_notes import (
     run_scored_unknown_note,
     unannealed_end_note,
     unannealed_note,
+    validated_at,
 )
 from drnn_cli.runtime import (
     DistContext,
@@ -1352,6 +1354,28 @@ class Trainer:
         trained = next((r for r in reversed(self.records) if r.train_ppl is not None), None)
         start = self._start_record()
         validates = self.dataset.splits.validates
+        # the line whose validation best.safetensors holds: the first to reach it (a tie never replaces it)
+        best = next((r for r in self.records if r.val_ppl is not None and r.val_ppl == self.best_kept), None)
+        last = self.records[-1] if self.records else None
+        trained_now = tokens_per_s is not None  # a resume of a finished run says that, and only that
+        # the final samples, printed after the summary: blank (unless said of the samples while
+        # training), or not the weights predict reads
+        samples_notes = (
+            [
+                note
+                for note in (
+                    None
+                    if self._blank_samples_noted
+                    else blank_samples_note(samples, self.config.train, self.config.data.token),
+                    None
+                    if best is None or last is None or not samples
+                    else last_weights_note(last, best, self.config.train.patience),
+                )
+                if note is not None
+            ]
+            if trained_now
+            else []
+        )
         return TrainResult(
             run_dir=self.run_dir,
             # the last metrics line, or where a resume that trained nothing began (inside an epoch,
@@ -1372,11 +1396,9 @@ class Trainer:
             device=device_name(self.device),
             world_size=self.dist.world_size,
             threads=torch.get_num_threads() if self.device.type == "cpu" else None,
-            # the final samples, printed after the summary: unless said of the samples while training, or
-            # the session trained nothing (a resume of a finished run says that, and only that)
-            samples_note=None
-            if self._blank_samples_noted or tokens_per_s is None
-            else blank_samples_note(samples, self.config.train, self.config.data.token),
+            samples_notes=tuple(samples_notes),
+            best_at=None if best is None or best is last else validated_at(best),
+            best_epoch=None if best is None else best.epoch,
             parameters=count_parameters(self.model),
             samples=samples,
             stopped_early=stop_reason == "patience",

@@ -676,13 +676,52 @@ def test_samples_of_whitespace_alone_are_said_to_be_once_a_run(
     assert [note for note in notes.notes if "continues with" in note] == [
         f"the sample of 'time' continues with 5 spaces {why}"
     ]
-    assert result.samples_note is None
+    assert result.samples_notes == ()
     # samples at the end only (train.sample_every 0): the note comes after them, below the summary
     code, out, err = cli(
         "train", "--config", str(config), "--run", "runs/end", "--set", "train.sample_chars=5"
     )
     assert code == 0, err
     assert out.splitlines()[-2:] == ["time     ", f"note: the sample of 'time' continues with 5 spaces {why}"]
+
+
+def test_closing_samples_of_weights_predict_does_not_read_say_whose_they_are(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """Validations of 8, 5, 6 and 7.5 over four epochs: best.safetensors holds epoch 2's weights, which
+    predict and eval read, while the closing summary and samples are epoch 4's (learner41: a closing
+    sample and predict's a second later read nothing alike). The summary names the best's epoch, --json
+    its epochs, and a note under the samples says whose they are, and that validation rose 50% since,
+    where no train.patience ends a run for it."""
+    scripted = iter([8.0, 5.0, 6.0, 7.5])
+    monkeypatch.setattr(Trainer, "_validate", lambda self, abandonable=False: next(scripted))
+    tree = {**TINY, "data": {**TINY["data"], "val_fraction": 0.3}}
+    config = str(write_config(workdir, tree))
+    code, out, err = cli("train", "--config", config, "--set", "train.epochs=4", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert (result["best_val_ppl"], result["best_epoch"], result["val_ppl"]) == (5.0, 2, 7.5)
+    scripted = iter([8.0, 5.0, 6.0, 7.5])
+    code, out, err = cli("train", "--config", config, "--set", "train.epochs=4", "--run", "runs/shown")
+    assert code == 0, err
+    assert re.search(r"│ validation perplexity \(last / best\) +│ 7\.500 / 5\.000 \(epoch 2\) +│", out), out
+    assert out.splitlines()[-1] == (
+        "note: the samples above are the last weights' (epoch 4, validation perplexity 7.5000); drnn predict "
+        "and drnn eval read best.safetensors, the weights of epoch 2 (5.0000): validation has risen 50% since, "
+        "as it does once a model memorises its training text; train.patience N ends a run after N validations "
+        "without a better one"
+    )
+    # under patience (here not yet spent) the rise is not advised on; best as last: nothing said
+    scripted = iter([8.0, 5.0, 6.0, 7.5])
+    code, out, _ = cli("train", "--config", config, "--set", "train.epochs=4", "--set", "train.patience=3",
+                       "--run", "runs/patient")  # fmt: skip
+    assert out.splitlines()[-1] == (
+        "note: the samples above are the last weights' (epoch 4, validation perplexity 7.5000); drnn predict "
+        "and drnn eval read best.safetensors, the weights of epoch 2 (5.0000)"
+    )
+    scripted = iter([8.0, 5.0, 4.0, 3.0])
+    code, out, _ = cli("train", "--config", config, "--set", "train.epochs=4", "--run", "runs/improving")
+    assert code == 0 and "last weights'" not in out and "(epoch 4)" not in out, out
 
 
 def test_a_nan_validation_is_never_the_best_and_no_improvement(

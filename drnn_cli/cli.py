@@ -27,8 +27,9 @@ from rich.console import Console
 from rich.table import Table
 
 from drnn_cli import __version__
+from drnn_cli.config import load_config
 from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
-from drnn_cli.presets import config_source_note, describe_presets, find_config
+from drnn_cli.presets import config_source_note, describe_presets, find_config, find_preset
 from drnn_cli.rank_errors import PEER_ERROR_WAIT_S, rank_origin, waits_before_saying
 from drnn_cli.render import (
     RichReporter,
@@ -249,13 +250,32 @@ def data_command(
 WIDE_PRESETS_TABLE = 120  # columns from which the presets table also shows each preset's measured figure
 
 
-@app.command("presets", short_help="List the presets --config takes by name.")
-def presets_command(json_out: JsonOption = False) -> None:
+@app.command("presets", short_help="List the presets --config takes by name, or show one.")
+def presets_command(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A preset to show: its file, comments and all.", show_default=False),
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
     """List the presets --config takes by name: what each is, its model, the figure measured with it.
+    With NAME, show that preset's file (where it lies, then its settings and comments), to read a recipe
+    beside the code it reproduces.
 
-    Example: drnn presets, then drnn train --config d2l/ch9_1_gru
+    Example: drnn presets, then drnn presets lstm2, then drnn train --config lstm2
     """
     out, _ = consoles(json_out)
+    if name is not None:
+        preset = find_preset(name)
+        text = preset.path.read_text(encoding="utf-8")
+        if json_out:
+            config = load_config(preset.path)  # every setting, the defaults the file leaves out included
+            emit_json(
+                {"name": preset.name, "path": str(preset.path), "text": text, "config": config.to_dict()}
+            )
+        else:
+            print(f"# {preset.path}\n{text}", end="" if text.endswith("\n") else "\n")
+        return
     reports = describe_presets()
     # an 80-column terminal wrapped each description and figure into a dozen lines (156 in all): there
     # the figures are left to --json, and the model goes above its description, which then keeps the

@@ -168,6 +168,18 @@ def find_config(value: str, root: Path | None = None) -> Path:
     )
 
 
+def find_preset(value: str, root: Path | None = None) -> Preset:
+    """The preset ``drnn presets NAME`` shows: a name as ``--config`` takes it (``lstm2``, ``configs/lstm2.yaml``,
+    a near miss that can mean one preset only); never a file, which the user can read already."""
+    files = preset_files(root)
+    name = preset_name(value)
+    meant = name if name in files else _meant_preset(name, files)
+    if meant is None:
+        listed = ", ".join(closest_first(name, list(files)))
+        raise ConfigError(f"no preset {value!r}; presets (closest first): {listed}")
+    return read_preset(meant, files[meant])
+
+
 def config_source_note(value: str | None, found: Path | None) -> str | None:
     """What ``--config VALUE`` (resolved to ``found``) reads, where the user may take it for something
     else: no ``--config`` at all (a bare ``drnn data``: the settings' defaults, the whole corpus, where

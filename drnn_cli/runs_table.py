@@ -102,6 +102,12 @@ def _table(
         captions.append(
             f"ranked apart: {texts_end.count(True) + 1} texts or splits, whose perplexities do not compare"
         )
+    if order == "best" and any(run.best_val_ppl is None and run.train_ppl is not None for run in runs):
+        # d2l's recipes validate on nothing: their order is how well each memorised (learner41)
+        captions.append(
+            "runs without a validation split rank by training perplexity: how well each memorised its "
+            "text, not how it reads text it never saw (data.val_fraction holds some out)"
+        )
     ordered = {"updated": "the newest first", "best": "the best first", "name": "by name"}[order]
     title = f"runs in {terminal_safe(str(folder), keep='')}, {ordered}"
     table = Table(title=title, caption="\n".join(captions) or None)
@@ -133,9 +139,11 @@ def _table(
         tuned = terminal_safe(run.tuned_from(), keep="")  # a fine-tuned run's base, under its text
         differs = [terminal_safe(as_set(key, value), keep="") for key, value in run.differs(shown).items()]
         # the mark under the name, in the row's second line: beside it, it made the column wider
-        name = terminal_safe(str(run.run_dir), keep="") + (
-            (" ★" if wide else "\n★ latest") if run.latest else ""
-        )
+        name = terminal_safe(str(run.run_dir), keep="")
+        if not names_whole and "/" in name.strip("/"):  # folded at its last folder, not mid-word (learner41)
+            parent, _, base = name.rstrip("/").rpartition("/")
+            name = f"{parent}/\n{base}"
+        name += (" ★" if wide else "\n★ latest") if run.latest else ""
         if not wide:
             name = "\n".join([name, *differs])
         shown_best = format_perplexity(best, 4) if best is not None else _no_best(run)

@@ -220,6 +220,31 @@ def test_an_unknown_name_is_one_line_listing_the_presets_closest_first_exit_2(wo
     assert code == 2 and listed_presets(err)[0] == "d2l/ch9_3_deep_lstm"
 
 
+def test_drnn_presets_name_shows_the_preset_file_as_written_and_its_whole_settings(workdir: Path, cli):
+    """A learner reads a recipe beside d2l's code (learner41: `drnn presets lstm2` was refused, the file's
+    path only in --json): the file where it lies, comments and all; --json adds every setting, the
+    defaults the file leaves out too. Names resolve as --config resolves them; another is one line."""
+    path = REPO / "configs" / "lstm2.yaml"
+    for name in ("lstm2", "configs/lstm2.yaml", "LSTM2", "ch9_3_deep_lstm"):
+        code, out, err = cli("presets", name)
+        shown = REPO / "configs" / ("d2l/ch9_3_deep_lstm.yaml" if name == "ch9_3_deep_lstm" else "lstm2.yaml")
+        assert (code, err) == (0, "") and out == f"# {shown}\n" + shown.read_text(encoding="utf-8"), name
+    code, out, _ = cli("presets", "lstm2", "--json")
+    shown = json.loads(out)
+    assert (shown["name"], shown["path"], shown["text"]) == (
+        "lstm2",
+        str(path),
+        path.read_text(encoding="utf-8"),
+    )
+    assert shown["config"] == load_config(path).to_dict() and shown["config"]["train"]["clip"] == 1.0
+    assert shown["config"]["data"]["val_fraction"] == 0.0  # a default the file does not write
+    code, out, err = cli("presets", "lstmm")
+    assert (
+        code == 2 and out == "" and err.startswith("drnn: error: no preset 'lstmm'; presets (closest first):")
+    )
+    assert len(err.strip().splitlines()) == 1 and listed_presets(err)[0] == "lstm2"
+
+
 # ---------------------------------------------------------------------------------------------
 # Descriptions
 

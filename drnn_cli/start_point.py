@@ -308,6 +308,36 @@ def resume_point(
     plus --resume", as an interrupted fine-tuning run advises), noted; refused for a run that started
     from scratch, which the user may have meant to fine-tune.
     """
+    checkpoint = _last_checkpoint(run_dir, device)
+    said = [] if init_from is None else [_init_from_on_resume(run_dir, checkpoint, init_from)]
+    if checkpoint.init_from is not None:
+        config, _ = take_weight_shape(config, checkpoint.config, given, f"cannot resume {run_dir}")
+    _check_resumable(run_dir, checkpoint, config)
+    # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
+    best = run_dir / BEST
+    best_kept = read_checkpoint_info(best).best_val_ppl if best.is_file() else None  # the header is enough
+    noted = [
+        key
+        for section, keys in RESUME_NOTED_KEYS.items()
+        for key in differing_keys(checkpoint.config, config, section, keys)
+    ]
+    best_restarts = "train.eval_tokens" in noted
+    said += _resume_change_notes(checkpoint.config, config, noted)
+    return StartPoint(
+        config,
+        resume=checkpoint,
+        vocab=checkpoint.vocab,
+        expected_sha1=checkpoint.corpus_sha1,
+        expected_text_sha1=checkpoint.text_sha1,
+        best_kept=None if best_restarts else best_kept,
+        changes="; ".join(said) or None,
+        best_restarts=best_restarts,
+    )
+
+
+def _last_checkpoint(run_dir: Path, device: torch.device) -> Checkpoint:
+    """The run's ``last`` checkpoint, loaded; each refusal names the way on that this run has (its
+    ``best`` can seed a new run, or be copied over a corrupt ``last``)."""
     last, best = run_dir / LAST, run_dir / BEST
     if not os.path.lexists(last):  # a name that is no file (a folder, a pipe) is refused below, by name
         if best.is_file():  # killed before its first `last`: its best can seed a new run
@@ -320,32 +350,39 @@ def resume_point(
     earlier = f"resume from its best checkpoint instead (cp {best} {last}), or " if best.is_file() else ""
     require_regular_file(last, "checkpoint", f"{earlier}start over with --overwrite")
     try:
-        checkpoint = load_checkpoint(last, device)
+        return load_checkpoint(last, device)
     except CorruptCheckpoint as corrupt:
         raise DrnnError(f"{corrupt.problem}; {earlier}start over with --overwrite") from None
-    said = []
-    if init_from is not None:
-        if checkpoint.init_from is None:
-            raise UsageError(
-                f"--resume continues {run_dir}, which started from scratch: --init-from {init_from} does not "
-                "apply to it; drop --init-from to resume it, or fine-tune into a new run with --run NEW_DIR"
-            )
-        said.append(
-            f"--resume continues {run_dir} from its last checkpoint; --init-from applies where a run starts "
-            f"(this one started from {checkpoint.init_from})"
+
+
+def _init_from_on_resume(run_dir: Path, checkpoint: Checkpoint, init_from: Path) -> str:
+    """The note on an ``--init-from`` given with ``--resume``, which applies only where a run starts;
+    a UsageError for a run that started from scratch, which the user may have meant to fine-tune."""
+    if checkpoint.init_from is None:
+        raise UsageError(
+            f"--resume continues {run_dir}, which started from scratch: --init-from {init_from} does not "
+            "apply to it; drop --init-from to resume it, or fine-tune into a new run with --run NEW_DIR"
         )
-    if checkpoint.init_from is not None:
-        config, _ = take_weight_shape(config, checkpoint.config, given, f"cannot resume {run_dir}")
-    changed = differing_keys(checkpoint.config, config, "model", (*ARCHITECTURE_KEYS, "impl", "init"))
-    changed += differing_keys(checkpoint.config, config, "data", RESUME_DATA_KEYS)
-    if checkpoint.corpus_sha1 is None and not _same_corpus_named(checkpoint.config, config):
+    return (
+        f"--resume continues {run_dir} from its last checkpoint; --init-from applies where a run starts "
+        f"(this one started from {checkpoint.init_from})"
+    )
+
+
+def _check_resumable(run_dir: Path, checkpoint: Checkpoint, config: Config) -> None:
+    """Refuses a resume whose config changed what continues the same computation (the architecture,
+    the splits and minibatch layout, the optimizer and seed), or whose corpus is not where it names."""
+    saved = checkpoint.config
+    changed = differing_keys(saved, config, "model", (*ARCHITECTURE_KEYS, "impl", "init"))
+    changed += differing_keys(saved, config, "data", RESUME_DATA_KEYS)
+    if checkpoint.corpus_sha1 is None and not _same_corpus_named(saved, config):
         changed.append("data.path")  # a checkpoint too old to know its text's SHA-1: the name must do
-    changed += differing_keys(checkpoint.config, config, "train", RESUME_TRAIN_KEYS)
+    changed += differing_keys(saved, config, "train", RESUME_TRAIN_KEYS)
     if config.train.optimizer == "adamw":  # its parameter groups (biases decayed or not) resume as saved
-        changed += differing_keys(checkpoint.config, config, "train", ("decay_biases",))
+        changed += differing_keys(saved, config, "train", ("decay_biases",))
     if changed:
         raise ConfigError(
-            f"cannot resume {run_dir}: the config changed {_describe_differences(checkpoint.config, config, changed)}; "
+            f"cannot resume {run_dir}: the config changed {_describe_differences(saved, config, changed)}; "
             f"restore {'it' if len(changed) == 1 else 'them'} or start a new run with --run DIR"
         )
     if config.data.file is not None and not config.data.file.exists():
@@ -353,46 +390,33 @@ def resume_point(
             f"cannot resume {run_dir}: its corpus {config.data.path} is not there (moved, or on another "
             "machine); point at it with --set data.path=FILE (the text is checked by its SHA-1)"
         )
-    # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
-    best = run_dir / BEST
-    best_kept = read_checkpoint_info(best).best_val_ppl if best.is_file() else None  # the header is enough
-    noted = [
-        key
-        for section, keys in RESUME_NOTED_KEYS.items()
-        for key in differing_keys(checkpoint.config, config, section, keys)
-    ]
-    best_restarts = "train.eval_tokens" in noted
+
+
+def _resume_change_notes(saved: Config, config: Config, noted: list[str]) -> list[str]:
+    """What a resume says of settings changed since its checkpoint that change the training from there
+    on (``noted``: the RESUME_NOTED_KEYS that differ), and of a new length under a cosine schedule,
+    which spans the run's length."""
+    notes = []
     if noted:
-        said.append(
-            f"--resume with settings changed since the checkpoint: {_describe_changes(checkpoint.config, config, noted)} "
+        notes.append(
+            f"--resume with settings changed since the checkpoint: {_describe_changes(saved, config, noted)} "
             "(the run trains on with them, and its config.yaml records them once it trains a step)"
             + (
                 "; validation now reads other tokens, so the best checkpoint and patience start over at the "
                 "run's next validation"
-                if best_restarts
+                if "train.eval_tokens" in noted
                 else ""
             )
         )
-    # How long a run is may change freely, but a cosine schedule spans that length: the rate moves too.
-    span = differing_keys(checkpoint.config, config, "train", ("epochs", "max_steps"))
+    span = differing_keys(saved, config, "train", ("epochs", "max_steps"))
     if span and config.train.schedule == "cosine":
-        said.append(
-            f"--resume with {_describe_changes(checkpoint.config, config, span)} under train.schedule cosine: "
+        notes.append(
+            f"--resume with {_describe_changes(saved, config, span)} under train.schedule cosine: "
             "the schedule spans the run's length (train.epochs, or train.max_steps where it ends the run "
             "first), and where that length changes the rate at each remaining step changes with it (a longer "
             "run raises it again from where it had annealed: a warm restart)"
         )
-    changes = "; ".join(said) or None
-    return StartPoint(
-        config,
-        resume=checkpoint,
-        vocab=checkpoint.vocab,
-        expected_sha1=checkpoint.corpus_sha1,
-        expected_text_sha1=checkpoint.text_sha1,
-        best_kept=None if best_restarts else best_kept,
-        changes=changes,
-        best_restarts=best_restarts,
-    )
+    return notes
 
 
 def init_point(

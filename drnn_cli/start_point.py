@@ -65,8 +65,9 @@ ARCHITECTURE_KEYS = (
     "cell_form",
 )
 TOKEN_KEYS = ("preprocess", "token")
-# What the weights and vocabulary of a checkpoint fix: a run fine-tuned from one takes these from it.
-WEIGHT_SHAPE_KEYS = (("model", ARCHITECTURE_KEYS), ("data", TOKEN_KEYS))
+# What the weights and vocabulary of a checkpoint fix, as (section, key): a run fine-tuned from one takes
+# these from it.
+WEIGHT_SHAPE_KEYS = (*(("model", key) for key in ARCHITECTURE_KEYS), *(("data", key) for key in TOKEN_KEYS))
 # Data keys that decide which tokens form the splits: a resumed run must see the same ones. Which
 # text is not among them: the corpus is checked by its SHA-1 once loaded, so a moved file resumes.
 SPLIT_KEYS = (
@@ -178,12 +179,13 @@ def _refuse_sets_the_checkpoint_fixes(overrides: Sequence[str], init_from: Path,
         return  # no checkpoint to compare with: the config's own error comes first
     given = given_values(overrides)
     differences = {}
-    for section, keys in WEIGHT_SHAPE_KEYS:
-        for key in (key for key in keys if f"{section}.{key}" in given):
-            dotted = f"{section}.{key}"
-            typed = _as_the_field_reads(section, key, given[dotted])  # "'128'" is 128, as the config reads it
-            if typed is not _UNREADABLE and typed != _setting(saved, dotted):
-                differences[dotted] = (_setting(saved, dotted), given[dotted])
+    for section, key in WEIGHT_SHAPE_KEYS:
+        dotted = f"{section}.{key}"
+        if dotted not in given:
+            continue
+        typed = _as_the_field_reads(section, key, given[dotted])  # "'128'" is 128, as the config reads it
+        if typed is not _UNREADABLE and typed != _setting(saved, dotted):
+            differences[dotted] = (_setting(saved, dotted), given[dotted])
     if differences:
         raise _refuse_fixed(f"cannot initialise from {source}", _describe_fixed(differences))
 
@@ -228,16 +230,15 @@ def take_weight_shape(
     cannot be done ("cannot initialise from runs/base/best.safetensors")."""
     tree, saved_tree = config.to_dict(), saved.to_dict()
     taken, contradicted = [], []
-    for section, keys in WEIGHT_SHAPE_KEYS:
-        for key in keys:
-            dotted = f"{section}.{key}"
-            if tree[section][key] == saved_tree[section][key]:
-                continue
-            if dotted in given or section in given:
-                contradicted.append(dotted)
-            else:
-                tree[section][key] = saved_tree[section][key]
-                taken.append(dotted)
+    for section, key in WEIGHT_SHAPE_KEYS:
+        if tree[section][key] == saved_tree[section][key]:
+            continue
+        dotted = f"{section}.{key}"
+        if dotted in given or section in given:
+            contradicted.append(dotted)
+        else:
+            tree[section][key] = saved_tree[section][key]
+            taken.append(dotted)
     if contradicted:
         raise _refuse_fixed(refusal, _describe_differences(saved, config, contradicted))
     if not taken:

@@ -578,11 +578,8 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
     saved = checkpoint.config.data
     trained, used = _training_split_end(saved, dataset.total_tokens)
     splits = dataset.splits
-    read = [  # this run's held-out splits' tokens in the base run's training split
-        (name, _overlap((0, trained), splits.span(split)), len(splits.get(split)))
-        for name, split in (("validation", "val"), ("test", "test"))
-    ]
-    read = [(name, count, size) for name, count, size in read if count]
+    # this run's held-out splits' tokens in the base run's training split
+    read = [share for split in HELD_OUT_SPLITS if (share := _held_out_share(trained, dataset, split)).shared]
     held_out = _overlap(splits.span("train"), (trained, used))  # the base's held-out text this run trains on
     same = f"the fine-tuning text (SHA-1 {dataset.sha1}) is the text {source} was trained on"
     if held_out:
@@ -599,8 +596,7 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
     if not read:
         return None
     shares = " and ".join(
-        f"{count:,} of {whose} {size:,} {name} tokens ({percent(count / size)})"
-        for whose, (name, count, size) in zip(("this run's", "its"), read, strict=False)
+        share.counted(whose) for whose, share in zip(("this run's", "its"), read, strict=False)
     )
     # held-out text must be past every base's training split, not the direct base's alone (review rev40c:
     # "from token 7,000 on" left 2,500 held-out tokens in the training split of the base's own base)
@@ -612,8 +608,8 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
         else f"{whose} trained on all of it: measure the fine-tuned model on another text (drnn eval --data FILE)"
     )
     return (
-        f"{same}, and {shares} {'is' if len(read) == 1 and read[0][1] == 1 else 'are'} in the base run's "
-        f"training split: {_optimistic([name for name, _, _ in read], 'the base model')}; {remedy} "
+        f"{same}, and {shares} {'is' if len(read) == 1 and read[0].shared == 1 else 'are'} in the base run's "
+        f"training split: {_optimistic([share.split for share in read], 'the base model')}; {remedy} "
         '(README "Fine-tuning")'
     )
 
@@ -624,20 +620,22 @@ def _training_ends(bases: BaseChain | None, config: Config, dataset: Dataset) ->
     return [
         _training_split_end(base.data, dataset.total_tokens)[0]
         for base in records
-        if _spelt_alike(base, config) and _same_text(base, dataset)
+        if _cut_this_text(base, config, dataset)
     ]
 
 
-def _spelt_alike(base: BaseRecord, config: Config) -> bool:
-    """Whether ``base`` cut its text into the tokens ``config`` reads (its token keys)."""
-    return all(getattr(base.data, key) == getattr(config.data, key) for key in TOKEN_KEYS)
+def _cut_this_text(base: BaseRecord, config: Config, dataset: Dataset) -> bool:
+    """Whether ``base``'s splits are positions in ``dataset``'s tokens: it trained on this same text,
+    cut into tokens as ``config`` cuts it (its token keys)."""
+    spelt_alike = all(getattr(base.data, key) == getattr(config.data, key) for key in TOKEN_KEYS)
+    return spelt_alike and _same_text(base, dataset)
 
 
 def _optimistic(splits: list[str], model: str) -> str:
-    """What a fine-tuning's held-out ``splits`` ("validation", "test") holding text ``model`` trained on
-    makes optimistic: "the starting validation and the choice of best read text the base model trained
-    on, so they are optimistic"."""
-    figures = ["the starting validation", "the choice of best"] if "validation" in splits else []
+    """What a fine-tuning's held-out ``splits`` ("val", "test") holding text ``model`` trained on makes
+    optimistic: "the starting validation and the choice of best read text the base model trained on, so
+    they are optimistic"."""
+    figures = ["the starting validation", "the choice of best"] if "val" in splits else []
     figures += ["the test figure (drnn eval --split test)"] if "test" in splits else []
     listed = ", ".join(figures[:-1]) + f" and {figures[-1]}" if len(figures) > 1 else figures[0]
     one = len(figures) == 1
@@ -694,18 +692,14 @@ def base_trained_note(chain: BaseChain, config: Config, dataset: Dataset, split:
     figure optimistic; the base that trained on most of them is named. Said as the run started too
     (:func:`shared_text_note`), then never again (ft33). None where no base trained on this text, or
     none on this split's tokens."""
-    if split not in ("val", "test"):
+    if split not in HELD_OUT_SPLITS:
         return None
-    span = dataset.splits.span(split)
-    most = _sharing_most(chain.records, config, dataset, span)
+    most = _most_shared(chain.records, config, dataset, split)
     if most is None:
         return None
-    shared, base, followed = most
-    size = span[1] - span[0]
     return (
-        f"{shared:,} of the {size:,} {SPLIT_WORDS[split]} tokens ({percent(shared / size)}) "
-        f"{'is' if shared == 1 else 'are'} in the training split of {_as_it_stood(base)}, which this model was fine-tuned "
-        f"from{' in turn' if followed > 1 else ''} on this same text: this perplexity is optimistic "
+        f"{most.share.counted('the')} {most.share.verb} in the training split of {_as_it_stood(most.base)}, "
+        f"which this model was fine-tuned from{most.in_turn} on this same text: this perplexity is optimistic "
         '(README "Fine-tuning")'
     )
 
@@ -718,35 +712,74 @@ def trained_on_split_note(
     make its figure optimistic, which the other run's counts cannot say (review recheck38: a base trained
     on all of a fine-tuned run's validation split was scored on it without a word). None where none of
     them trained on them."""
-    if split not in ("val", "test"):
+    if split not in HELD_OUT_SPLITS:
         return None
-    span = dataset.splits.span(split)
-    most = _sharing_most((scored, *chain.records), config, dataset, span)
+    most = _most_shared((scored, *chain.records), config, dataset, split)
     if most is None:
         return None
-    shared, base, followed = most
-    size = span[1] - span[0]
-    whose = "the checkpoint scored" if followed == 1 else "a run the checkpoint scored was fine-tuned from"
-    named = base.label if followed == 1 else _as_it_stood(base)
+    itself = most.followed == 1  # the checkpoint scored, not one of its bases
+    whose = "the checkpoint scored" if itself else "a run the checkpoint scored was fine-tuned from"
+    named = most.base.label if itself else _as_it_stood(most.base)
     return (
-        f"{shared:,} of the {size:,} {SPLIT_WORDS[split]} tokens ({percent(shared / size)}) "
-        f"{'is' if shared == 1 else 'are'} in the training split of {named} ({whose}) on this same text: this "
-        "perplexity is optimistic"
+        f"{most.share.counted('the')} {most.share.verb} in the training split of {named} ({whose}) on this "
+        "same text: this perplexity is optimistic"
     )
 
 
-def _sharing_most(
-    records: tuple[BaseRecord, ...], config: Config, dataset: Dataset, span: tuple[int, int]
-) -> tuple[int, BaseRecord, int] | None:
-    """Of ``records``, the base whose training split holds most of ``span``'s tokens of this same text
-    (read with ``config``'s token keys): (tokens shared, its record, its place in ``records`` from 1);
-    None where none holds any."""
-    most: tuple[int, BaseRecord, int] | None = None
+# The held-out splits, as Splits names them (SPLIT_WORDS says them: "validation", "test")
+HELD_OUT_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class _HeldOutShare:
+    """How many of a held-out split's tokens (``split``: "val" or "test") a base's training split holds."""
+
+    split: str
+    shared: int
+    size: int  # the split's tokens
+
+    def counted(self, whose: str) -> str:
+        """``1,200 of this run's 5,000 validation tokens (24%)``, ``whose`` saying whose split it is."""
+        words = SPLIT_WORDS[self.split]
+        return f"{self.shared:,} of {whose} {self.size:,} {words} tokens ({percent(self.shared / self.size)})"
+
+    @property
+    def verb(self) -> str:
+        return "is" if self.shared == 1 else "are"
+
+
+def _held_out_share(trained: int, dataset: Dataset, split: str) -> _HeldOutShare:
+    """Of ``split``'s tokens, those in a training split that ends at token ``trained`` of this same text
+    (every run's training split starts at token 0)."""
+    span = dataset.splits.span(split)
+    return _HeldOutShare(split, _overlap((0, trained), span), span[1] - span[0])
+
+
+@dataclass(frozen=True)
+class _MostShared:
+    """The base, of those searched, whose training split holds most of a held-out split's tokens."""
+
+    share: _HeldOutShare
+    base: BaseRecord
+    followed: int  # its place among the bases searched, from 1
+
+    @property
+    def in_turn(self) -> str:
+        """``" in turn"`` where the base is not the first searched but a base's own base."""
+        return " in turn" if self.followed > 1 else ""
+
+
+def _most_shared(
+    records: tuple[BaseRecord, ...], config: Config, dataset: Dataset, split: str
+) -> _MostShared | None:
+    """Of ``records``, the base whose training split holds most of ``split``'s tokens of this same text
+    (read with ``config``'s token keys), the first of any tied; None where none holds any."""
+    most: _MostShared | None = None
     for followed, base in enumerate(records, start=1):
-        if _spelt_alike(base, config) and _same_text(base, dataset):
-            shared = _overlap((0, _training_split_end(base.data, dataset.total_tokens)[0]), span)
-            if shared and (most is None or shared > most[0]):
-                most = (shared, base, followed)
+        if _cut_this_text(base, config, dataset):
+            share = _held_out_share(_training_split_end(base.data, dataset.total_tokens)[0], dataset, split)
+            if share.shared and (most is None or share.shared > most.share.shared):
+                most = _MostShared(share, base, followed)
     return most
 
 
@@ -809,25 +842,23 @@ def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
     source = start.init_source
     if start.bases is None or source is None:
         return None
-    splits = dataset.splits
     config = start.config
     # the base's own bases, as it recorded them or as they were read at the start
     direct, earlier = start.bases.records[:1], start.bases.records[1:]
     found = []
-    for name, split in (("validation", "val"), ("test", "test")):
-        span = splits.span(split)
-        most = _sharing_most(earlier, config, dataset, span)
-        said = _sharing_most(direct, config, dataset, span)
-        if most is not None and (said is None or most[0] > said[0]):
-            found.append((name, most, len(splits.get(split))))
+    for split in HELD_OUT_SPLITS:
+        most = _most_shared(earlier, config, dataset, split)
+        said = _most_shared(direct, config, dataset, split)
+        if most is not None and (said is None or most.share.shared > said.share.shared):
+            found.append(most)
     if not found:
         return None
     shares = " and ".join(
-        f"{shared:,} of {whose} {size:,} {name} tokens ({percent(shared / size)}) {'is' if shared == 1 else 'are'} "
-        f"in the training split of {_as_it_stood(base)}, which {source} was fine-tuned from{' in turn' if followed > 1 else ''}"
-        for whose, (name, (shared, base, followed), size) in zip(("this run's", "its"), found, strict=False)
+        f"{most.share.counted(whose)} {most.share.verb} in the training split of {_as_it_stood(most.base)}, "
+        f"which {source} was fine-tuned from{most.in_turn}"
+        for whose, most in zip(("this run's", "its"), found, strict=False)
     )
-    optimistic = _optimistic([name for name, _, _ in found], "an earlier model of this one")
+    optimistic = _optimistic([most.share.split for most in found], "an earlier model of this one")
     return f'{shares}, on this same text (SHA-1 {dataset.sha1}): {optimistic} (README "Fine-tuning")'
 
 

@@ -113,6 +113,11 @@ class BaseRecord:
     corpus_sha1: str | None
     text_sha1: str | None
 
+    @classmethod
+    def of(cls, label: str, checkpoint: Checkpoint | CheckpointInfo, at: str) -> BaseRecord:
+        """What a run fine-tuned from ``checkpoint`` (at ``label``; which one: ``at``) keeps of it."""
+        return cls(label, at, checkpoint.config.data, checkpoint.corpus_sha1, checkpoint.text_sha1)
+
     def to_header(self) -> dict[str, Any]:
         return {
             "label": self.label,

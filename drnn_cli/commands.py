@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
-from drnn_cli.checkpoint import BaseChain, Checkpoint, load_checkpoint, read_checkpoint_info
+from drnn_cli.checkpoint import BaseChain, BaseRecord, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
 from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
@@ -59,7 +59,6 @@ from drnn_cli.runtime import resolve_device
 from drnn_cli.shown_text import short_repr
 from drnn_cli.start_point import (
     base_chain,
-    base_record,
     base_trained_note,
     check_max_unknown,
     fine_tuning_notes,
@@ -597,7 +596,7 @@ def evaluate_split(
         # a base of the checkpoint scored, resumed or replaced since: its split cannot be judged (either way)
         replaced = replaced_base_note(chain, "this model")
         if cut.other_run:  # what the other run's training split holds says nothing of this checkpoint's
-            scored = base_record(str(loaded.path.resolve()), own, own.read_at)
+            scored = BaseRecord.of(str(loaded.path.resolve()), own, own.read_at)
             optimistic = trained_on_split_note(scored, chain, cut.config, dataset, split_name)
             notes = (*notes, *filter(None, (not_its_base_note(loaded.path, own.read_at, cut),)))
         else:

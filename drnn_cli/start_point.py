@@ -659,7 +659,7 @@ def base_chain(checkpoint: Checkpoint | CheckpointInfo) -> BaseChain:
         now = trained_point(base)
         if expected_at is not None and now != expected_at:
             return BaseChain(tuple(records), ChainCut(label, whose, expected_at, now))
-        records.append(base_record(label, base, now))
+        records.append(BaseRecord.of(label, base, now))
         if base.bases is not None:  # a base that recorded its own
             return BaseChain((*records, *base.bases.records)[:BASES_FOLLOWED], _cut_below(base.bases, label))
         label, expected_at, whose = base.init_from, base.init_from_at, label
@@ -671,7 +671,7 @@ def chain_from(label: str, checkpoint: Checkpoint) -> BaseChain:
     where its reading stood, then its own bases (:func:`base_chain`), where a cut among them now names
     the model it concerned (it said "the chain's own": ``checkpoint``)."""
     own = base_chain(checkpoint)
-    records = (base_record(label, checkpoint, checkpoint.read_at), *own.records)
+    records = (BaseRecord.of(label, checkpoint, checkpoint.read_at), *own.records)
     return BaseChain(records[:BASES_FOLLOWED], _cut_below(own, label))
 
 
@@ -680,10 +680,6 @@ def _cut_below(chain: BaseChain, label: str) -> ChainCut | None:
     if chain.cut is None or chain.cut.whose is not None:
         return chain.cut
     return ChainCut(chain.cut.label, label, chain.cut.then, chain.cut.now)
-
-
-def base_record(label: str, checkpoint: Checkpoint | CheckpointInfo, at: str) -> BaseRecord:
-    return BaseRecord(label, at, checkpoint.config.data, checkpoint.corpus_sha1, checkpoint.text_sha1)
 
 
 def base_trained_note(chain: BaseChain, config: Config, dataset: Dataset, split: str) -> str | None:

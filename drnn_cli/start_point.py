@@ -281,17 +281,35 @@ class StartPoint:
     resume: Checkpoint | None = None
     init_from: Checkpoint | None = None
     init_label: str | None = None  # the --init-from checkpoint's absolute path, recorded in the run
-    init_from_at: str | None = None  # where that checkpoint's training stood (trained_point), recorded too
     bases: BaseChain | None = None  # that checkpoint and its own bases as they stand (chain_from)
     init_source: Path | None = None  # that checkpoint as the command named it, for notes
-    vocab: Vocab | None = None  # the checkpoint's, which the text is encoded with
-    expected_sha1: str | None = None  # the file a resumed run was trained on
-    expected_text_sha1: str | None = None  # and its text as read (None: a checkpoint that predates it)
     best_kept: float | None = None  # the perplexity of `best` on disk, which a worse model never replaces
     # a resume whose validation reads other tokens (train.eval_tokens changed): the best so far and
     # patience's count were measured on the old ones, and start over
     best_restarts: bool = False
     changes: str | None = None  # a note on settings changed (RESUME_NOTED_KEYS), taken or ignored (min_freq)
+
+    @property
+    def init_from_at(self) -> str | None:
+        """Where the ``--init-from`` checkpoint's training stood (trained_point), recorded in the run: as
+        the read that loaded its weights found it (a second read could find a base written since: rev39c)."""
+        return None if self.init_from is None else self.init_from.read_at
+
+    @property
+    def vocab(self) -> Vocab | None:
+        """The checkpoint's vocabulary, resumed or fine-tuned from, which the text is encoded with."""
+        checkpoint = self.resume if self.resume is not None else self.init_from
+        return None if checkpoint is None else checkpoint.vocab
+
+    @property
+    def expected_sha1(self) -> str | None:
+        """The SHA-1 of the file a resumed run was trained on."""
+        return None if self.resume is None else self.resume.corpus_sha1
+
+    @property
+    def expected_text_sha1(self) -> str | None:
+        """…and of its text as read (None: a checkpoint that predates it)."""
+        return None if self.resume is None else self.resume.text_sha1
 
 
 def resume_point(
@@ -327,9 +345,6 @@ def resume_point(
     return StartPoint(
         config,
         resume=checkpoint,
-        vocab=checkpoint.vocab,
-        expected_sha1=checkpoint.corpus_sha1,
-        expected_text_sha1=checkpoint.text_sha1,
         best_kept=None if best_restarts else best_kept,
         changes="; ".join(said) or None,
         best_restarts=best_restarts,
@@ -485,11 +500,8 @@ def _fine_tuning_from(
         adopted,
         init_from=checkpoint,
         init_label=label,
-        # the point of the file as it was read (a second read could find a base written since: rev39c)
-        init_from_at=checkpoint.read_at,
         bases=chain_from(label, checkpoint),
         init_source=source,
-        vocab=checkpoint.vocab,
         changes="; ".join(notes) or None,
     )
 

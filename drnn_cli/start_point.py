@@ -1,6 +1,8 @@
 """Where a training session starts: the run's own last checkpoint (``--resume``), another run's
 weights (``--init-from``), or neither; what each may change in the config, and what it fixes for the
-data stage (the vocabulary, the text's SHA-1, the best perplexity kept on disk)."""
+data stage (the vocabulary, the text's SHA-1, the best perplexity kept on disk). A fine-tuned model's
+bases are followed here too: which of a held-out split's tokens they trained on is said as the
+fine-tuning starts and again by drnn eval (the last three sections, which could be a module of their own)."""
 
 from __future__ import annotations
 
@@ -101,37 +103,12 @@ RESUME_NOTED_KEYS = {
         "eval_tokens",  # the best so far was measured on other tokens: it starts over (best_restarts)
     ),
 }
+# The held-out splits, as Splits names them (SPLIT_WORDS says them: "validation", "test")
+HELD_OUT_SPLITS = ("val", "test")
 
 
-def differing_keys(old: Config, new: Config, section: str, keys: tuple[str, ...]) -> list[str]:
-    before, after = getattr(old, section), getattr(new, section)
-    return [f"{section}.{key}" for key in keys if getattr(before, key) != getattr(after, key)]
-
-
-def _setting(config: Config, dotted: str) -> object:
-    section, key = dotted.split(".")
-    return getattr(getattr(config, section), key)
-
-
-def _describe_differences(old: Config, new: Config, keys: list[str]) -> str:
-    return _describe_fixed({key: (_setting(old, key), _setting(new, key)) for key in keys})
-
-
-def _describe_fixed(differences: dict[str, tuple[object, object]]) -> str:
-    """``model.hidden_size (128 in the checkpoint, 256 now)``, for each key: (the checkpoint's, now)."""
-    return ", ".join(
-        f"{key} ({saved!r} in the checkpoint, {now!r} now)" for key, (saved, now) in differences.items()
-    )
-
-
-def _refuse_fixed(refusal: str, described: str) -> ConfigError:
-    return ConfigError(
-        f"{refusal}: {described}; the checkpoint's weights and vocabulary fix these: drop those --set options"
-    )
-
-
-def _describe_changes(old: Config, new: Config, keys: list[str]) -> str:
-    return ", ".join(f"{key} {_setting(old, key)!r} → {_setting(new, key)!r}" for key in keys)
+# ---------------------------------------------------------------------------------------------
+# What the command line may set: the config a session starts with
 
 
 def load_start_config(
@@ -253,23 +230,43 @@ def take_weight_shape(
         ) from None
 
 
+def differing_keys(old: Config, new: Config, section: str, keys: tuple[str, ...]) -> list[str]:
+    before, after = getattr(old, section), getattr(new, section)
+    return [f"{section}.{key}" for key in keys if getattr(before, key) != getattr(after, key)]
+
+
+def _setting(config: Config, dotted: str) -> object:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def _describe_differences(old: Config, new: Config, keys: list[str]) -> str:
+    return _describe_fixed({key: (_setting(old, key), _setting(new, key)) for key in keys})
+
+
+def _describe_fixed(differences: dict[str, tuple[object, object]]) -> str:
+    """``model.hidden_size (128 in the checkpoint, 256 now)``, for each key: (the checkpoint's, now)."""
+    return ", ".join(
+        f"{key} ({saved!r} in the checkpoint, {now!r} now)" for key, (saved, now) in differences.items()
+    )
+
+
+def _refuse_fixed(refusal: str, described: str) -> ConfigError:
+    return ConfigError(
+        f"{refusal}: {described}; the checkpoint's weights and vocabulary fix these: drop those --set options"
+    )
+
+
+def _describe_changes(old: Config, new: Config, keys: list[str]) -> str:
+    return ", ".join(f"{key} {_setting(old, key)!r} → {_setting(new, key)!r}" for key in keys)
+
+
 def _describe_settings(config: Config, keys: list[str]) -> str:
     return ", ".join(f"{key} {_setting(config, key)!r}" for key in keys)
 
 
-def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
-    """``--init-from`` takes a run directory (its best/last checkpoint), a checkpoint file, or the
-    latest-run marker (the run it names)."""
-    if is_latest_marker(source, runs_root):
-        source = latest_run(runs_root, instead="give --init-from a run directory or checkpoint file")
-    if source.is_dir():
-        return run_checkpoint(source)
-    if not source.exists():
-        raise DrnnError(
-            f"--init-from {source}: no such run directory or checkpoint file; name a run (runs/NAME) or "
-            "its .safetensors checkpoint"
-        )
-    return source
+# ---------------------------------------------------------------------------------------------
+# Where a session starts
 
 
 @dataclass(frozen=True)
@@ -310,6 +307,10 @@ class StartPoint:
     def expected_text_sha1(self) -> str | None:
         """…and of its text as read (None: a checkpoint that predates it)."""
         return None if self.resume is None else self.resume.text_sha1
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume: the run's own last checkpoint
 
 
 def resume_point(
@@ -408,6 +409,15 @@ def _check_resumable(run_dir: Path, checkpoint: Checkpoint, config: Config) -> N
         )
 
 
+def _same_corpus_named(saved: Config, now: Config) -> bool:
+    """Whether two configs name the same corpus: the same registry name, or the same file."""
+
+    def where(config: Config) -> Path | None:
+        return config.data.file.absolute() if config.data.file is not None else None
+
+    return (saved.data.corpus, where(saved)) == (now.data.corpus, where(now))
+
+
 def _resume_change_notes(saved: Config, config: Config, noted: list[str]) -> list[str]:
     """What a resume says of settings changed since its checkpoint that change the training from there
     on (``noted``: the RESUME_NOTED_KEYS that differ), and of a new length under a cosine schedule,
@@ -433,6 +443,41 @@ def _resume_change_notes(saved: Config, config: Config, noted: list[str]) -> lis
             "run raises it again from where it had annealed: a warm restart)"
         )
     return notes
+
+
+def longer_run_note(was: Config, now: Config, train_tokens: int) -> str | None:
+    """A resume that plans more steps than the checkpoint's settings did (a resume without the first
+    command's ``--set train.epochs=50`` trained 450 more epochs of lstm2 unsaid: learner34), with the
+    ``--set`` that keeps the run's length. Planned in steps, as the run counts them: more epochs under a
+    ``train.max_steps`` that still ends the run first are no longer run."""
+    steps = [PlannedLength.of(config.train, config.data, train_tokens).steps for config in (was, now)]
+    span = differing_keys(was, now, "train", ("epochs", "max_steps"))
+    if steps[1] <= steps[0] or not span:
+        return None
+    keep = " ".join(f"--set {key}={_setting(was, key)}" for key in span)
+    return (
+        f"--resume with {_describe_changes(was, now, span)}: the run trains to its new length, "
+        f"{steps[1]:,} steps where it planned {steps[0]:,} (to keep its length: --resume {keep})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# --init-from: another run's weights
+
+
+def resolve_init_source(source: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path:
+    """``--init-from`` takes a run directory (its best/last checkpoint), a checkpoint file, or the
+    latest-run marker (the run it names)."""
+    if is_latest_marker(source, runs_root):
+        source = latest_run(runs_root, instead="give --init-from a run directory or checkpoint file")
+    if source.is_dir():
+        return run_checkpoint(source)
+    if not source.exists():
+        raise DrnnError(
+            f"--init-from {source}: no such run directory or checkpoint file; name a run (runs/NAME) or "
+            "its .safetensors checkpoint"
+        )
+    return source
 
 
 def init_point(
@@ -506,15 +551,6 @@ def _fine_tuning_from(
     )
 
 
-def _same_corpus_named(saved: Config, now: Config) -> bool:
-    """Whether two configs name the same corpus: the same registry name, or the same file."""
-
-    def where(config: Config) -> Path | None:
-        return config.data.file.absolute() if config.data.file is not None else None
-
-    return (saved.data.corpus, where(saved)) == (now.data.corpus, where(now))
-
-
 def check_max_unknown(max_unknown: float | None, init_from: Path | None) -> None:
     if max_unknown is not None and init_from is None:
         raise UsageError(
@@ -565,6 +601,102 @@ def unknown_share_note(dataset: Dataset, limit: float | None) -> str | None:
         f"{count:,} of the {used:,} tokens the run uses ({percent(share)}) are not in the vocabulary and "
         f"map to <unk> ({worst}{where})"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A fine-tuned model's bases, as recorded or as read from their files
+
+
+def base_chain(checkpoint: Checkpoint | CheckpointInfo) -> BaseChain:
+    """``checkpoint``'s bases (:class:`BaseChain`): as its run recorded them when it started, else (a
+    checkpoint written before drnn recorded them) as read from the bases' files while each is still the
+    checkpoint the run after it started from, up to BASES_FOLLOWED of them."""
+    if checkpoint.bases is not None:
+        return checkpoint.bases
+    records: list[BaseRecord] = []
+    label: str | None = checkpoint.init_from
+    expected_at = checkpoint.init_from_at
+    whose: str | None = None  # the model fine-tuned from label: None, the chain's own
+    while label is not None and len(records) < BASES_FOLLOWED:
+        base = _base_header(label)
+        if base is None:  # moved, gone or unreadable: the bases before it are all that is known
+            break
+        now = trained_point(base)
+        if expected_at is not None and now != expected_at:
+            return BaseChain(tuple(records), ChainCut(label, whose, expected_at, now))
+        records.append(BaseRecord.of(label, base, now))
+        if base.bases is not None:  # a base that recorded its own
+            return BaseChain((*records, *base.bases.records)[:BASES_FOLLOWED], _cut_below(base.bases, label))
+        label, expected_at, whose = base.init_from, base.init_from_at, label
+    return BaseChain(tuple(records))
+
+
+def chain_from(label: str, checkpoint: Checkpoint) -> BaseChain:
+    """What a run fine-tuned from ``checkpoint`` (at ``label``) records of its bases: that checkpoint,
+    where its reading stood, then its own bases (:func:`base_chain`), where a cut among them now names
+    the model it concerned (it said "the chain's own": ``checkpoint``)."""
+    own = base_chain(checkpoint)
+    records = (BaseRecord.of(label, checkpoint, checkpoint.read_at), *own.records)
+    return BaseChain(records[:BASES_FOLLOWED], _cut_below(own, label))
+
+
+def _cut_below(chain: BaseChain, label: str) -> ChainCut | None:
+    """``chain``'s cut as seen from a model fine-tuned from the checkpoint at ``label`` that holds it."""
+    if chain.cut is None or chain.cut.whose is not None:
+        return chain.cut
+    return ChainCut(chain.cut.label, label, chain.cut.then, chain.cut.now)
+
+
+def _base_header(label: str) -> CheckpointInfo | None:
+    path = Path(label)
+    try:
+        return read_checkpoint_info(path) if path.is_file() else None
+    except DrnnError:
+        return None
+
+
+def _as_it_stood(base: BaseRecord) -> str:
+    """A base named by its path, and, where that file is another checkpoint now or none, which one it
+    was (review rev40: the path of a base replaced since held a run that trained on none of the tokens)."""
+    now = _base_header(base.label)
+    if now is None:
+        return f"{base.label} (as it stood at {base.at}; moved or deleted since)"
+    if trained_point(now) != base.at:
+        return f"{base.label} (as it stood at {base.at}; another checkpoint there now)"
+    return base.label
+
+
+def replaced_base_note(chain: BaseChain, whose: str) -> str | None:
+    """Where reading a fine-tuned model's bases (``chain``) stopped at one resumed or replaced at its path
+    since, in a checkpoint that did not record them: what it was and is, and that its training split no
+    longer says whether this split is held out from it (prac39: a base replaced with another split left
+    the optimistic figure unflagged). ``whose``: the model ``chain`` belongs to ("this model")."""
+    cut = chain.cut
+    if cut is None:
+        return None
+    return (
+        f"{cut.label} is no longer the checkpoint {cut.whose or whose} was fine-tuned from (then at "
+        f"{cut.then}; now at {cut.now}): whether its training text is held out here cannot be told "
+        '(README "Fine-tuning")'
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out tokens a base trained on: said as a fine-tuning starts
+
+
+def fine_tuning_notes(start: StartPoint, dataset: Dataset) -> list[str]:
+    """What a fine-tuning's start says of its bases and this text: shared tokens with the base
+    (:func:`shared_text_note`) or the bases before it (:func:`earlier_bases_note`), and a base among
+    those replaced since its own fine-tuning, whose text cannot be compared (:func:`replaced_base_note`)."""
+    if start.init_from is None or start.bases is None:
+        return []
+    notes = (
+        shared_text_note(start, dataset),
+        earlier_bases_note(start, dataset),
+        replaced_base_note(start.bases, str(start.init_source)),
+    )
+    return [note for note in notes if note]
 
 
 def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
@@ -626,6 +758,37 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
     )
 
 
+def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
+    """At a fine-tuning's start, for each held-out split: the base before the direct one that trained on
+    more of its tokens than the direct base did (:func:`shared_text_note` says the direct base's), the
+    one that trained on most named (drnn eval says the same of a split: :func:`base_trained_note`). A
+    base fine-tuned on this text holding out more than the model it started from hides that model's
+    training text from a comparison with the direct base alone (review rev40c: a validation split the
+    direct base half trained on, wholly in its own base's training split, and a test split only that
+    base trained on, were said as the half alone)."""
+    source = start.init_source
+    if start.bases is None or source is None:
+        return None
+    config = start.config
+    # the base's own bases, as it recorded them or as they were read at the start
+    direct, earlier = start.bases.records[:1], start.bases.records[1:]
+    found = []
+    for split in HELD_OUT_SPLITS:
+        most = _most_shared(earlier, config, dataset, split)
+        said = _most_shared(direct, config, dataset, split)
+        if most is not None and (said is None or most.share.shared > said.share.shared):
+            found.append(most)
+    if not found:
+        return None
+    shares = " and ".join(
+        f"{most.share.counted(whose)} {most.share.verb} in the training split of {_as_it_stood(most.base)}, "
+        f"which {source} was fine-tuned from{most.in_turn}"
+        for whose, most in zip(("this run's", "its"), found, strict=False)
+    )
+    optimistic = _optimistic([most.share.split for most in found], "an earlier model of this one")
+    return f'{shares}, on this same text (SHA-1 {dataset.sha1}): {optimistic} (README "Fine-tuning")'
+
+
 def _training_ends(bases: BaseChain | None, config: Config, dataset: Dataset) -> list[int]:
     """Where each recorded base on this same text, spelt as ``config`` spells it, ended its training split."""
     records = () if bases is None else bases.records
@@ -634,13 +797,6 @@ def _training_ends(bases: BaseChain | None, config: Config, dataset: Dataset) ->
         for base in records
         if _cut_this_text(base, config, dataset)
     ]
-
-
-def _cut_this_text(base: BaseRecord, config: Config, dataset: Dataset) -> bool:
-    """Whether ``base``'s splits are positions in ``dataset``'s tokens: it trained on this same text,
-    cut into tokens as ``config`` cuts it (its token keys)."""
-    spelt_alike = all(getattr(base.data, key) == getattr(config.data, key) for key in TOKEN_KEYS)
-    return spelt_alike and _same_text(base, dataset)
 
 
 def _optimistic(splits: list[str], model: str) -> str:
@@ -654,44 +810,8 @@ def _optimistic(splits: list[str], model: str) -> str:
     return f"{listed} {'reads' if one else 'read'} text {model} trained on, so {'it is' if one else 'they are'} optimistic"
 
 
-def base_chain(checkpoint: Checkpoint | CheckpointInfo) -> BaseChain:
-    """``checkpoint``'s bases (:class:`BaseChain`): as its run recorded them when it started, else (a
-    checkpoint written before drnn recorded them) as read from the bases' files while each is still the
-    checkpoint the run after it started from, up to BASES_FOLLOWED of them."""
-    if checkpoint.bases is not None:
-        return checkpoint.bases
-    records: list[BaseRecord] = []
-    label: str | None = checkpoint.init_from
-    expected_at = checkpoint.init_from_at
-    whose: str | None = None  # the model fine-tuned from label: None, the chain's own
-    while label is not None and len(records) < BASES_FOLLOWED:
-        base = _base_header(label)
-        if base is None:  # moved, gone or unreadable: the bases before it are all that is known
-            break
-        now = trained_point(base)
-        if expected_at is not None and now != expected_at:
-            return BaseChain(tuple(records), ChainCut(label, whose, expected_at, now))
-        records.append(BaseRecord.of(label, base, now))
-        if base.bases is not None:  # a base that recorded its own
-            return BaseChain((*records, *base.bases.records)[:BASES_FOLLOWED], _cut_below(base.bases, label))
-        label, expected_at, whose = base.init_from, base.init_from_at, label
-    return BaseChain(tuple(records))
-
-
-def chain_from(label: str, checkpoint: Checkpoint) -> BaseChain:
-    """What a run fine-tuned from ``checkpoint`` (at ``label``) records of its bases: that checkpoint,
-    where its reading stood, then its own bases (:func:`base_chain`), where a cut among them now names
-    the model it concerned (it said "the chain's own": ``checkpoint``)."""
-    own = base_chain(checkpoint)
-    records = (BaseRecord.of(label, checkpoint, checkpoint.read_at), *own.records)
-    return BaseChain(records[:BASES_FOLLOWED], _cut_below(own, label))
-
-
-def _cut_below(chain: BaseChain, label: str) -> ChainCut | None:
-    """``chain``'s cut as seen from a model fine-tuned from the checkpoint at ``label`` that holds it."""
-    if chain.cut is None or chain.cut.whose is not None:
-        return chain.cut
-    return ChainCut(chain.cut.label, label, chain.cut.then, chain.cut.now)
+# ---------------------------------------------------------------------------------------------
+# Held-out tokens a base trained on: said by drnn eval of a held-out split
 
 
 def base_trained_note(chain: BaseChain, config: Config, dataset: Dataset, split: str) -> str | None:
@@ -734,8 +854,8 @@ def trained_on_split_note(
     )
 
 
-# The held-out splits, as Splits names them (SPLIT_WORDS says them: "validation", "test")
-HELD_OUT_SPLITS = ("val", "test")
+# ---------------------------------------------------------------------------------------------
+# Which of this text's tokens a base trained on
 
 
 @dataclass(frozen=True)
@@ -791,99 +911,11 @@ def _most_shared(
     return most
 
 
-def _as_it_stood(base: BaseRecord) -> str:
-    """A base named by its path, and, where that file is another checkpoint now or none, which one it
-    was (review rev40: the path of a base replaced since held a run that trained on none of the tokens)."""
-    now = _base_header(base.label)
-    if now is None:
-        return f"{base.label} (as it stood at {base.at}; moved or deleted since)"
-    if trained_point(now) != base.at:
-        return f"{base.label} (as it stood at {base.at}; another checkpoint there now)"
-    return base.label
-
-
-def _base_header(label: str) -> CheckpointInfo | None:
-    path = Path(label)
-    try:
-        return read_checkpoint_info(path) if path.is_file() else None
-    except DrnnError:
-        return None
-
-
-def replaced_base_note(chain: BaseChain, whose: str) -> str | None:
-    """Where reading a fine-tuned model's bases (``chain``) stopped at one resumed or replaced at its path
-    since, in a checkpoint that did not record them: what it was and is, and that its training split no
-    longer says whether this split is held out from it (prac39: a base replaced with another split left
-    the optimistic figure unflagged). ``whose``: the model ``chain`` belongs to ("this model")."""
-    cut = chain.cut
-    if cut is None:
-        return None
-    return (
-        f"{cut.label} is no longer the checkpoint {cut.whose or whose} was fine-tuned from (then at "
-        f"{cut.then}; now at {cut.now}): whether its training text is held out here cannot be told "
-        '(README "Fine-tuning")'
-    )
-
-
-def fine_tuning_notes(start: StartPoint, dataset: Dataset) -> list[str]:
-    """What a fine-tuning's start says of its bases and this text: shared tokens with the base
-    (:func:`shared_text_note`) or the bases before it (:func:`earlier_bases_note`), and a base among
-    those replaced since its own fine-tuning, whose text cannot be compared (:func:`replaced_base_note`)."""
-    if start.init_from is None or start.bases is None:
-        return []
-    notes = (
-        shared_text_note(start, dataset),
-        earlier_bases_note(start, dataset),
-        replaced_base_note(start.bases, str(start.init_source)),
-    )
-    return [note for note in notes if note]
-
-
-def earlier_bases_note(start: StartPoint, dataset: Dataset) -> str | None:
-    """At a fine-tuning's start, for each held-out split: the base before the direct one that trained on
-    more of its tokens than the direct base did (:func:`shared_text_note` says the direct base's), the
-    one that trained on most named (drnn eval says the same of a split: :func:`base_trained_note`). A
-    base fine-tuned on this text holding out more than the model it started from hides that model's
-    training text from a comparison with the direct base alone (review rev40c: a validation split the
-    direct base half trained on, wholly in its own base's training split, and a test split only that
-    base trained on, were said as the half alone)."""
-    source = start.init_source
-    if start.bases is None or source is None:
-        return None
-    config = start.config
-    # the base's own bases, as it recorded them or as they were read at the start
-    direct, earlier = start.bases.records[:1], start.bases.records[1:]
-    found = []
-    for split in HELD_OUT_SPLITS:
-        most = _most_shared(earlier, config, dataset, split)
-        said = _most_shared(direct, config, dataset, split)
-        if most is not None and (said is None or most.share.shared > said.share.shared):
-            found.append(most)
-    if not found:
-        return None
-    shares = " and ".join(
-        f"{most.share.counted(whose)} {most.share.verb} in the training split of {_as_it_stood(most.base)}, "
-        f"which {source} was fine-tuned from{most.in_turn}"
-        for whose, most in zip(("this run's", "its"), found, strict=False)
-    )
-    optimistic = _optimistic([most.share.split for most in found], "an earlier model of this one")
-    return f'{shares}, on this same text (SHA-1 {dataset.sha1}): {optimistic} (README "Fine-tuning")'
-
-
-def longer_run_note(was: Config, now: Config, train_tokens: int) -> str | None:
-    """A resume that plans more steps than the checkpoint's settings did (a resume without the first
-    command's ``--set train.epochs=50`` trained 450 more epochs of lstm2 unsaid: learner34), with the
-    ``--set`` that keeps the run's length. Planned in steps, as the run counts them: more epochs under a
-    ``train.max_steps`` that still ends the run first are no longer run."""
-    steps = [PlannedLength.of(config.train, config.data, train_tokens).steps for config in (was, now)]
-    span = differing_keys(was, now, "train", ("epochs", "max_steps"))
-    if steps[1] <= steps[0] or not span:
-        return None
-    keep = " ".join(f"--set {key}={_setting(was, key)}" for key in span)
-    return (
-        f"--resume with {_describe_changes(was, now, span)}: the run trains to its new length, "
-        f"{steps[1]:,} steps where it planned {steps[0]:,} (to keep its length: --resume {keep})"
-    )
+def _cut_this_text(base: BaseRecord, config: Config, dataset: Dataset) -> bool:
+    """Whether ``base``'s splits are positions in ``dataset``'s tokens: it trained on this same text,
+    cut into tokens as ``config`` cuts it (its token keys)."""
+    spelt_alike = all(getattr(base.data, key) == getattr(config.data, key) for key in TOKEN_KEYS)
+    return spelt_alike and _same_text(base, dataset)
 
 
 def _same_text(checkpoint: Checkpoint | CheckpointInfo | BaseRecord, dataset: Dataset) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -626,7 +626,7 @@ def base_chain(checkpoint: Checkpoint | CheckpointInfo) -> BaseChain:
             return BaseChain(tuple(records), ChainCut(label, whose, expected_at, now))
         records.append(BaseRecord.of(label, base, now))
         if base.bases is not None:  # a base that recorded its own
-            return BaseChain((*records, *base.bases.records)[:BASES_FOLLOWED], _cut_below(base.bases, label))
+            return _followed_by(tuple(records), base.bases)
         label, expected_at, whose = base.init_from, base.init_from_at, label
     return BaseChain(tuple(records))
 
@@ -635,16 +635,17 @@ def chain_from(label: str, checkpoint: Checkpoint) -> BaseChain:
     """What a run fine-tuned from ``checkpoint`` (at ``label``) records of its bases: that checkpoint,
     where its reading stood, then its own bases (:func:`base_chain`), where a cut among them now names
     the model it concerned (it said "the chain's own": ``checkpoint``)."""
-    own = base_chain(checkpoint)
-    records = (BaseRecord.of(label, checkpoint, checkpoint.read_at), *own.records)
-    return BaseChain(records[:BASES_FOLLOWED], _cut_below(own, label))
+    return _followed_by((BaseRecord.of(label, checkpoint, checkpoint.read_at),), base_chain(checkpoint))
 
 
-def _cut_below(chain: BaseChain, label: str) -> ChainCut | None:
-    """``chain``'s cut as seen from a model fine-tuned from the checkpoint at ``label`` that holds it."""
-    if chain.cut is None or chain.cut.whose is not None:
-        return chain.cut
-    return ChainCut(chain.cut.label, label, chain.cut.then, chain.cut.now)
+def _followed_by(records: tuple[BaseRecord, ...], chain: BaseChain) -> BaseChain:
+    """``records`` (nearest first), then ``chain``, the last record's own bases: up to BASES_FOLLOWED of
+    them, where a cut in ``chain`` that concerned the chain's own model (``whose`` None) now names that
+    last record's checkpoint, the model fine-tuned from the base cut."""
+    cut = chain.cut
+    if cut is not None and cut.whose is None:
+        cut = replace(cut, whose=records[-1].label)
+    return BaseChain((*records, *chain.records)[:BASES_FOLLOWED], cut)
 
 
 def _base_header(label: str) -> CheckpointInfo | None:

@@ -149,6 +149,8 @@ def _check_text_not_beside_config(config: Config, path: Path) -> None:
 
 
 def _refuse_sets_the_checkpoint_fixes(overrides: Sequence[str], init_from: Path, runs_root: Path) -> None:
+    """The refusal :func:`take_weight_shape` would make, for a config that fails before it gets there
+    (:func:`load_start_config` says why); nothing where no checkpoint can be read to compare with."""
     try:
         source = resolve_init_source(init_from, runs_root)
         saved = read_checkpoint_info(source).config
@@ -231,6 +233,7 @@ def take_weight_shape(
 
 
 def differing_keys(old: Config, new: Config, section: str, keys: tuple[str, ...]) -> list[str]:
+    """The dotted names (``train.lr``) of those of ``section``'s ``keys`` whose values differ."""
     before, after = getattr(old, section), getattr(new, section)
     return [f"{section}.{key}" for key in keys if getattr(before, key) != getattr(after, key)]
 
@@ -552,6 +555,7 @@ def _fine_tuning_from(
 
 
 def check_max_unknown(max_unknown: float | None, init_from: Path | None) -> None:
+    """``--max-unknown`` measures the text against a fixed vocabulary, which only ``--init-from`` has."""
     if max_unknown is not None and init_from is None:
         raise UsageError(
             "--max-unknown applies with --init-from (a fixed vocabulary the new text is measured against)"

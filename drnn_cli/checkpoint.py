@@ -647,11 +647,15 @@ def _too_deep(tree: Any, limit: int) -> bool:
 
 def expected_model_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, ...]]:
     """The parameter shapes ``config`` implies, from a model built on the meta device (no memory)."""
+    return {name: tuple(value.shape) for name, value in _meta_model_state(config, vocab_size).items()}
+
+
+def _meta_model_state(config: Config, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The state ``config``'s model has, its tensors on the meta device (shapes and dtypes, no memory)."""
     from drnn_cli.models import build_model  # models imports config only; kept local to stay light
 
     with torch.device("meta"):
-        model = build_model(vocab_size, config.model)
-    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+        return build_model(vocab_size, config.model).state_dict()
 
 
 # safetensors' dtype names, for the shapes a weights-only read stands in for the trainer's tensors
@@ -691,7 +695,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
     with _open_checkpoint(path) as handle:
         with _collector_paused():
             info = _read_info(path, handle)
-        _check_model_shapes(path, info.config, len(info.vocab), info.shapes)
+        stored = {
+            name: handle.get_slice(name).get_dtype() for name in info.shapes if name.startswith("model.")
+        }
+        _check_model_tensors(path, info.config, len(info.vocab), info.shapes, stored)
         try:
             stand_ins = _stand_ins(handle, info.shapes) if weights_only else {}
             tensors = {name: handle.get_tensor(name) for name in info.shapes if name not in stand_ins}
@@ -731,10 +738,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", weights_only
     )
 
 
-def _check_model_shapes(
-    path: Path, config: Config, vocab_size: int, shapes: dict[str, tuple[int, ...]]
+def _check_model_tensors(
+    path: Path, config: Config, vocab_size: int, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]
 ) -> None:
-    expected = expected_model_shapes(config, vocab_size)
+    """The model's tensors as its config builds them: each shape (before any is read: a small file that
+    claims a huge model allocates nothing), and each dtype as safetensors names it (an F32 weight relabelled
+    I32 loaded its bit patterns, about 10⁹, cast into the parameter without a word: red41)."""
+    state = _meta_model_state(config, vocab_size)
+    expected = {name: tuple(value.shape) for name, value in state.items()}
     held = {key[len("model.") :]: shape for key, shape in shapes.items() if key.startswith("model.")}
     for name in sorted(set(expected) | set(held)):
         if expected.get(name) != held.get(name):
@@ -742,3 +753,7 @@ def _check_model_shapes(
                 f"checkpoint {path} does not match its own model config: {name} should have shape "
                 f"{expected.get(name)} but the file holds {held.get(name)}; it is corrupt"
             )
+    for name, value in state.items():
+        written = _DTYPE_NAMES.get(value.dtype)
+        if dtypes[f"model.{name}"] != written:
+            raise _corrupt(path, f"model.{name} is stored as {dtypes[f'model.{name}']}, not {written}")

@@ -3,6 +3,7 @@ train_session.py; ``presets``: presets.py): the CLI parses and renders, these do
 
 from __future__ import annotations
 
+import math
 import secrets
 import shlex
 from collections.abc import Callable
@@ -615,6 +616,11 @@ def evaluate_split(
         unknown_id=loaded.checkpoint.vocab[UNK],
         unseen_ids=unseen_ids,
     )
+    if math.isnan(result.perplexity):  # an overflowed run's loss reads inf, and is said as such
+        raise DrnnError(
+            f"{loaded.path}'s outputs are NaN on this text (its weights overflow float32): its perplexity "
+            "cannot be measured; retrain or pick another checkpoint"
+        )
     checkpoint = loaded.checkpoint
     try:
         step = checkpoint.trainer().global_step

@@ -161,6 +161,18 @@ def _pick(logits: torch.Tensor, options: DecodeOptions, generator: torch.Generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class NonFiniteOutputs(DrnnError):
+    """A model whose outputs are NaN or infinite: its weights are finite (a checkpoint holds no other)
+    but overflow float32 in its products, so greedy decoding wrote whitespace from NaN scores and
+    sampling failed inside PyTorch."""
+
+    def __init__(self, tokens_read: int) -> None:
+        super().__init__(
+            f"the model's outputs are NaN or infinite after {tokens_read:,} tokens (its weights overflow "
+            "float32): this checkpoint cannot be decoded; retrain or pick another checkpoint"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: RNNLanguageModel,
@@ -187,7 +199,10 @@ def generate(
         logits, state = model(ids, state)  # the whole prefix at once ≡ d2l feeding it one by one
         produced: list[str] = []
         for step in range(options.num_tokens):
-            next_id = _pick(logits[-1, 0].float(), options, generator)
+            scores = logits[-1, 0].float()
+            if not bool(torch.isfinite(scores).all()):  # finite weights whose products overflow (red41)
+                raise NonFiniteOutputs(len(tokens) + step)
+            next_id = _pick(scores, options, generator)
             produced.append(vocab.idx_to_token[next_id])
             if on_token is not None:
                 on_token(produced[-1])

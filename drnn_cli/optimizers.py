@@ -85,7 +85,8 @@ IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable")  # how an optimizer ru
 def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Load a checkpoint's optimizer state into the optimizer built for this run.
 
-    ``load_state_dict`` also brings back the saved groups' implementation flags, and places Adam's
+    ``load_state_dict`` also brings back the saved groups' hyper-parameters and implementation flags,
+    and places Adam's
     step counters by them: a state saved by a CUDA-graph run (``capturable``, perhaps ``fused``)
     resumed on a CPU would make PyTorch refuse the update ("capturable=True ... supported devices"),
     and resumed eagerly would run fused or capturable kernels that this run did not choose. The flags
@@ -102,7 +103,12 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, A
     _check_saved_form(saved)
     optimizer.load_state_dict(saved)
     _check_restored(optimizer, saved, built)
-    for group in optimizer.param_groups:
+    for group, fresh in zip(optimizer.param_groups, built, strict=True):
+        # the hyper-parameters this run's config built, and its implementation flags: a resume cannot
+        # change the config's (momentum, weight_decay), the schedule sets lr, and the rest are
+        # PyTorch's defaults, which a tampered file set otherwise (maximize: the loss climbed; amsgrad
+        # without its buffers, betas of 2: internal errors at the first update; red41)
+        group.update({key: value for key, value in fresh.items() if key not in IMPLEMENTATION_FLAGS})
         for flag in IMPLEMENTATION_FLAGS:
             if flag in optimizer.defaults:
                 group[flag] = optimizer.defaults[flag]

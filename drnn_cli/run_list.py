@@ -430,7 +430,7 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     with contextlib.suppress(OSError, RuntimeError):
         waiting = waiting_replacement_note(run_dir, "drnn runs describes")
         replacing = staging_dir(run_dir.resolve() if run_dir.is_symlink() else run_dir).is_dir()
-    best, problem = _best(run_dir, info)
+    best, problem = _best(run_dir, checkpoint, info)
     train_ppl = val_tokens = None
     if counters is not None and counters.global_step is not None:
         train_ppl, val_tokens = last_figures(RunFiles(run_dir).metrics, counters.global_step, info.epoch)
@@ -455,13 +455,15 @@ def describe_run(run_dir: Path, latest: Path | None) -> RunSummary:
     )
 
 
-def _best(run_dir: Path, newest: CheckpointInfo) -> tuple[float | None, str | None]:
+def _best(run_dir: Path, newest_path: Path, newest: CheckpointInfo) -> tuple[float | None, str | None]:
     """The best validation perplexity on disk, with what keeps it from being shown. ``best.safetensors``
     names its own, which a validation after the newest ``last`` was written (a time budget's final one)
     has made better than ``last``'s; one that cannot be read has none eval could reproduce; a figure no
-    perplexity can be (below 1, NaN: a tampered header) is none."""
-    best_path, figure = run_dir / BEST, newest.best_val_ppl
-    if os.path.lexists(best_path):
+    perplexity can be (below 1, NaN: a tampered header) is none, said of the file that names it (red41:
+    ``best.safetensors`` was blamed for ``last``'s figure, in a run that had no best)."""
+    best_path, figure = newest_path, newest.best_val_ppl
+    if os.path.lexists(run_dir / BEST):
+        best_path = run_dir / BEST
         try:
             figure = read_checkpoint_info(best_path).best_val_ppl
         except DrnnError as error:

@@ -338,7 +338,15 @@ def resume_point(
     _check_resumable(run_dir, checkpoint, config)
     # After a hard crash `best` can be newer than `last`: never let a worse model replace it.
     best = run_dir / BEST
-    best_kept = read_checkpoint_info(best).best_val_ppl if best.is_file() else None  # the header is enough
+    best_kept = None
+    if best.is_file():
+        try:
+            best_kept = read_checkpoint_info(best).best_val_ppl  # the header is enough
+        except CorruptCheckpoint as unreadable:  # last is whole: a cut-short best must not stop the resume
+            said.append(
+                f"{unreadable.problem}; the resumed run keeps its own best, and its next validation better "
+                f"than that replaces {best} (until then predict and eval cannot read it)"
+            )
     noted = [
         key
         for section, keys in RESUME_NOTED_KEYS.items()

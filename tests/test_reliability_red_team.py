@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import struct
@@ -300,6 +301,71 @@ def test_a_header_value_of_the_wrong_type_is_a_corrupt_checkpoint(
     code, out, err = cli("predict", "time", "--checkpoint", str(bad))
     assert_one_line_error(code, err, str(bad), "corrupt (a header field missing or of the wrong type)")
     assert out == ""
+
+
+def test_a_model_tensor_stored_under_another_dtype_is_a_corrupt_checkpoint(
+    tiny_run: Path, tmp_path: Path, cli
+):
+    """The same bytes relabelled I32 loaded as the float bits' integers (about 10⁹) cast into the weights:
+    predict wrote with them, and a resume blamed train.lr for the overflow (red41)."""
+    bad = tmp_path / "relabelled.safetensors"
+
+    def relabel(tensors: dict) -> None:
+        tensors["model.decoder.bias"] = tensors["model.decoder.bias"].view(torch.int32)
+
+    rewrite_checkpoint(tiny_run / "last.safetensors", bad, edit_tensors=relabel)
+    for command in (["predict", "time"], ["eval"]):
+        code, out, err = cli(*command, "--checkpoint", str(bad))
+        assert_one_line_error(
+            code, err, f"checkpoint {bad} is corrupt (model.decoder.bias is stored as I32, not F32)"
+        )
+        assert out == ""
+
+
+def test_finite_weights_whose_outputs_overflow_are_refused_by_predict_and_eval(
+    tiny_run: Path, tmp_path: Path, cli
+):
+    """Output weights of 3e38 pass the checkpoint's finite check, yet every score is NaN: greedy predict
+    wrote whitespace and eval printed "perplexity nan" with exit 0, and --sample failed inside PyTorch
+    (an internal error; red41). Each is one line now."""
+    bad = tmp_path / "huge.safetensors"
+
+    def huge(tensors: dict) -> None:
+        tensors["model.decoder.weight"] = torch.full_like(tensors["model.decoder.weight"], 3e38)
+
+    rewrite_checkpoint(tiny_run / "last.safetensors", bad, edit_tensors=huge)
+    for options in ([], ["--sample", "--seed", "1"]):
+        code, out, err = cli("predict", "time", "--checkpoint", str(bad), "-n", "5", *options)
+        assert_one_line_error(
+            code,
+            err.split("\n", 1)[1],  # after the line naming the checkpoint that answers
+            "the model's outputs are NaN or infinite after 4 tokens (its weights overflow float32): this "
+            "checkpoint cannot be decoded; retrain or pick another checkpoint",
+        )
+    code, out, err = cli("eval", "--checkpoint", str(bad))
+    assert_one_line_error(code, err, f"{bad}'s outputs are NaN on this text (its weights overflow float32)")
+    assert out == ""
+
+
+def test_a_resume_beside_a_cut_short_best_goes_on_and_says_whose_best_it_keeps(workdir: Path, cli):
+    """A copy or a disk that cut best.safetensors short while last stayed whole: --resume was refused with
+    "retrain or pick another file" (review rev41), though last alone is what it resumes. It resumes,
+    says the file cannot be read and when it is replaced, and its next better validation replaces it."""
+    tree = {**tiny(epochs=1), "data": {**TINY["data"], "val_fraction": 0.2}}
+    config = str(config_file(workdir, tree))
+    assert cli("train", "--config", config)[0] == 0
+    best = workdir / "runs" / "tiny" / "best.safetensors"
+    best.write_bytes(best.read_bytes()[:-100])  # the header whole, its last tensor not
+    code, out, err = cli("train", "--config", config, "--resume", "--set", "train.epochs=3")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert re.search(
+        rf"note: checkpoint {re.escape(str(Path('runs/tiny/best.safetensors')))} is cut short: it holds [\d,]+ of the [\d,]+ bytes its header announces; the resumed "
+        r"run keeps its own best, and its next validation better than that replaces runs/tiny/best.safetensors "
+        r"\(until then predict and eval cannot read it\)",
+        said,
+    ), said
+    assert load_checkpoint(best).epoch in (2, 3)  # replaced whole by a better validation since
 
 
 def test_a_well_formed_base_chain_reads_back_as_written(tiny_run: Path, tmp_path: Path):

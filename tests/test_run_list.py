@@ -558,6 +558,13 @@ def test_a_best_no_validation_gives_is_no_figure_and_ranks_last(three_runs: Path
         "note: runs/negative: runs/negative/best.safetensors names a best validation perplexity of -5.0, "
         "which no validation gives"
     ) in " ".join(out.split()), err
+    # without a best.safetensors the figure is last's, and the note names that file (red41)
+    (runs / "negative" / "best.safetensors").unlink()
+    code, out, err = cli("runs")
+    assert code == 0 and (
+        "note: runs/negative: runs/negative/last.safetensors names a best validation perplexity of -5.0, "
+        "which no validation gives"
+    ) in " ".join(out.split()), err
 
 
 def test_a_folder_this_user_may_not_search_is_left_out_not_a_failure(three_runs: Path, cli, monkeypatch):

@@ -679,6 +679,41 @@ def test_a_graph_runs_adamw_state_resumes_on_a_cpu() -> None:
     assert float(resumed.state[resumed_model.weight]["step"]) == 3.0
 
 
+@pytest.mark.parametrize(
+    "tampered",
+    [{"maximize": True}, {"amsgrad": True}, {"betas": [2.0, 2.0]}, {"eps": -1.0}, {"weight_decay": 5.0}],
+)
+def test_a_restored_optimizer_takes_its_hyper_parameters_from_the_run_not_the_file(
+    tampered: dict[str, Any],
+) -> None:
+    """A file's group settings beside the state's buffers are the run's config or PyTorch's defaults, never
+    its own: a tampered maximize climbed the loss (perplexity 64.8 where 17.9), amsgrad without its
+    buffers and betas of 2 stopped the first update with internal errors (red41). Restored, the update
+    is the untampered state's, to the bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    config = TrainConfig(optimizer="adam", lr=0.01)
+    original = build_optimizer(model, config)
+    for _ in range(2):
+        model.weight.grad, model.bias.grad = torch.randn(2, 3), torch.randn(2)
+        original.step()
+    saved = copy.deepcopy(original.state_dict())
+    for group in saved["param_groups"]:
+        group |= tampered
+    resumed_model = torch.nn.Linear(3, 2)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = build_optimizer(resumed_model, config)
+    restore_optimizer_state(resumed, saved)
+    assert {key: resumed.param_groups[0][key] for key in tampered} == {
+        key: original.param_groups[0][key] for key in tampered
+    }
+    grads = torch.randn(2, 3), torch.randn(2)
+    for m, optimizer in ((model, original), (resumed_model, resumed)):
+        m.weight.grad, m.bias.grad = (g.clone() for g in grads)
+        optimizer.step()
+    assert torch.equal(resumed_model.weight, model.weight) and torch.equal(resumed_model.bias, model.bias)
+
+
 ADAMW = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
 
 

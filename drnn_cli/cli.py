@@ -29,6 +29,7 @@ from rich.table import Table
 from drnn_cli import __version__
 from drnn_cli.config import load_config
 from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
+from drnn_cli.files import OUTPUT_ERRNOS
 from drnn_cli.presets import config_source_note, describe_presets, find_config, find_preset
 from drnn_cli.rank_errors import PEER_ERROR_WAIT_S, rank_origin, waits_before_saying
 from drnn_cli.render import (
@@ -837,8 +838,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(signalled.exit_code)
         except OSError as error:
             # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
-            where = f"cannot access {error.filename}: " if error.filename else ""  # none: e.g. stdout
-            _say_error(errors, f"drnn: error: {rank_origin()}{where}{error.strerror or error}")
+            if error.filename:
+                said = f"cannot access {error.filename}: {error.strerror or error}"
+            elif error.errno in OUTPUT_ERRNOS:  # drnn's own files name theirs: the output it prints
+                said = (
+                    f"cannot write the command's output (standard output or error): {error.strerror or error}; "
+                    "send it where there is room"
+                )
+            else:
+                said = str(error.strerror or error)
+            _say_error(errors, f"drnn: error: {rank_origin()}{said}")
             sys.exit(1)
         except Exception as error:
             # A library failure that is the user's to fix, as its one line, and whether this process's

@@ -37,6 +37,29 @@ def _in_current_directory() -> str:
         return ""
 
 
+# What the user can do about a write the OS refused, by its errno (red41: the OS's reason alone named
+# no fix; a full disk's left the user to find that the checkpoint before it was whole)
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that filesystem, or write elsewhere (drnn's files are written whole or "
+    "not at all: the one there before is intact)",
+    errno.EDQUOT: "free space within your disk quota, or write elsewhere (the file there before is intact)",
+    errno.EFBIG: "the shell's file-size limit is below the file's size: raise it (ulimit -f unlimited)",
+    errno.EROFS: "that filesystem is mounted read-only: write elsewhere",
+    errno.EACCES: "this user may not write there: change its permissions or write elsewhere",
+    errno.EPERM: "this user may not write there: change its permissions or write elsewhere",
+}
+
+
+# A write refused for want of room (> /dev/full, a quota, ulimit -f), not a file's name or rights
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def write_refused(what: str, exc: OSError) -> str:
+    """``cannot write WHAT: REASON; FIX``, the fix where the OS's reason implies one."""
+    fix = _WRITE_FIXES.get(exc.errno or 0)
+    return f"cannot write {what}: {exc.strerror or exc}" + (f"; {fix}" if fix else "")
+
+
 def require_regular_file(path: Path, what: str, fix: str) -> int:
     """``path``'s size if it is a readable regular file; otherwise a DrnnError naming what it is."""
     try:
@@ -411,7 +434,7 @@ def atomic_write_stream(path: Path, write: Callable[[BinaryIO], object]) -> None
     try:
         _atomic_write(path, write)
     except OSError as exc:
-        raise DrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise DrnnError(write_refused(str(path), exc)) from None
 
 
 def _new_temporary(path: Path) -> tuple[int, Path]:
@@ -463,7 +486,7 @@ def atomic_link(source: Path, path: Path) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        raise DrnnError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise DrnnError(write_refused(str(path), exc)) from None
     _fsync_directory(path.parent)
 
 

@@ -224,17 +224,29 @@ def test_debug_shows_the_traceback_of_a_failure_before_the_command_runs(cli, mon
     assert cli("predict", "--", "--debug") == (1, "", line)
 
 
-def test_an_os_error_without_a_path_is_its_reason_alone(cli, monkeypatch: pytest.MonkeyPatch):
-    """``drnn eval > /dev/full``: the failing write is stdout's, which has no file name to show."""
+def test_an_os_error_without_a_path_says_whose_write_it_was(cli, monkeypatch: pytest.MonkeyPatch):
+    """``drnn eval > /dev/full``: the failing write is stdout's, which has no file name to show; it said
+    "No space left on device" alone, which sent the user looking for a full disk under the run (red41).
+    Another refusal without a path is its reason alone."""
     import errno
 
     from drnn_cli import cli as cli_module
 
-    def full(root: Path | None = None) -> list:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def refused(code: int, reason: str):
+        def describe(root: Path | None = None) -> list:
+            raise OSError(code, reason)
 
-    monkeypatch.setattr(cli_module, "describe_presets", full)
-    assert cli("presets") == (1, "", "drnn: error: No space left on device\n")
+        return describe
+
+    monkeypatch.setattr(cli_module, "describe_presets", refused(errno.ENOSPC, "No space left on device"))
+    assert cli("presets") == (
+        1,
+        "",
+        "drnn: error: cannot write the command's output (standard output or error): No space left on device; "
+        "send it where there is room\n",
+    )
+    monkeypatch.setattr(cli_module, "describe_presets", refused(errno.ECONNRESET, "Connection reset by peer"))
+    assert cli("presets") == (1, "", "drnn: error: Connection reset by peer\n")
 
 
 def test_piped_text_is_written_as_is_and_lines_are_not_wrapped(cli, tiny_run: Path, workdir: Path):

@@ -711,7 +711,7 @@ def inspect_command(
     Example: drnn inspect "the time traveller" --top 5 --html inspect.html --png inspect.png
     """
     from drnn_cli.commands import InspectOutputs, inspect, load_model
-    from drnn_cli.introspect import InspectRequest, follows_label, parse_units
+    from drnn_cli.introspect import NOT_ABOVE_UNTRAINED, InspectRequest, follows_label, parse_units
 
     outputs = InspectOutputs.checked(html_out, png_out)
     request = InspectRequest(text, file, layer, parse_units(units), top, signal.value)
@@ -726,15 +726,19 @@ def inspect_command(
         f"{plural(result.tokens, 'predicted character')}{scored_as_unk}: perplexity {format_perplexity(result.perplexity, 4)}, "
         f"{result.bits_per_char:.4f} bits/char (checkpoint {loaded.path}, layer {result.layer} {result.signal})",
     )
+    # a unit no closer to its property than the untrained layer's best is marked between the two figures
+    marked = [result.above_untrained(score) is False for score in result.units]
+    columns = ("unit", "follows", "r", *([""] if any(marked) else []), "untrained")
     table = Table(show_header=True)
-    for column in ("unit", "follows", "r", "untrained"):
-        table.add_column(column, justify="left" if column == "follows" else "right")
-    for score in result.units:
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("follows", "") else "right")
+    for score, not_above in zip(result.units, marked, strict=True):
         untrained = result.untrained.get(score.feature or "")
         table.add_row(
             str(score.unit),
             follows_label(score),
             f"{score.correlation:+.3f}",
+            *([NOT_ABOVE_UNTRAINED if not_above else ""] if any(marked) else []),
             "" if untrained is None else f"{abs(untrained):.3f}",
         )
     out.print(table)
@@ -745,6 +749,8 @@ def inspect_command(
             f"shape before any training (as train.seed {loaded.checkpoint.config.train.seed} initialises it): "
             "an |r| well above it was learned",
         )
+    if result.untrained_verdict is not None:
+        print_line(out, result.untrained_verdict)
     for index, gates in enumerate(result.saturation, start=1):
         if gates:
             shares = ", ".join(

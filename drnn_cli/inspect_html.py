@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from drnn_cli.introspect import Inspection, follows_label
+from drnn_cli.introspect import NOT_ABOVE_UNTRAINED, Inspection, follows_label
 from drnn_cli.shown_text import labelled_char, visible_char
 
 SURPRISAL_FULL_BITS = 6.0  # a character this surprising (or more) is fully orange
@@ -156,6 +156,8 @@ def page_pieces(inspection: Inspection, title: str) -> Iterator[str]:
         "next one."
     )
     notes = "".join(f'<p class="meta">note: {html.escape(note)}</p>\n' for note in inspection.notes)
+    verdict = inspection.untrained_verdict  # as the table's line after it
+    notes += f'<p class="meta">{html.escape(verdict)}</p>\n' if verdict is not None else ""
     yield (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>drnn inspect: {html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
@@ -174,6 +176,8 @@ def page_pieces(inspection: Inspection, title: str) -> Iterator[str]:
         scale = max((abs(v) for v in values), default=0.0)
         before = inspection.untrained.get(score.feature or "")
         unlearned = "" if before is None else f"; untrained, the layer's best: {abs(before):.2f}"
+        if inspection.above_untrained(score) is False:  # as the table marks it
+            unlearned += f"; {NOT_ABOVE_UNTRAINED}"
         label = (
             f"r = {score.correlation:+.2f} with {follows_label(score)}{unlearned}"
             if score.feature

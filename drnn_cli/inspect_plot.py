@@ -25,6 +25,7 @@ from drnn_cli.introspect import (
     SATURATED_LOW,
     Inspection,
     UnitScore,
+    beats_untrained,
     follows_label,
 )
 from drnn_cli.plot import plotter_problem, quiet_font_fallbacks
@@ -54,11 +55,13 @@ def check_plot_request() -> None:
 
 def _unit_label(score: UnitScore, untrained: dict[str, float]) -> str:
     """A heatmap row's name: the unit, the feature it follows best, and the best |r| with it before
-    training, as the HTML page's heading."""
+    training, as the HTML page's heading: "≤ untrained" where the unit's is not above it."""
     if score.feature is None:
         return f"unit {score.unit}"
     before = untrained.get(score.feature)
-    unlearned = "" if before is None else f"; untrained {abs(before):.2f}"
+    # a unit no closer to its property than the untrained layer's best, as the table marks it
+    not_above = before is not None and not beats_untrained(score.correlation, before)
+    unlearned = "" if before is None else f"{' ≤' if not_above else ';'} untrained {abs(before):.2f}"
     return f"unit {score.unit}: {follows_label(score)} (r = {score.correlation:+.2f}{unlearned})"
 
 

@@ -60,6 +60,18 @@ MIN_RANKING_CHARS = 50  # below this, any varying unit correlates strongly with 
 # |r| below this is no unit that "follows" a property: --top gives such a property no turn (a trial listed
 # units at r = +0.02 as following position in line beside units at 0.5), and the table marks it weak
 WEAK_CORRELATION = 0.2
+# A listed unit whose |r| is not above the untrained layer's best for its property, as the table prints
+# both (three decimals, so that the mark never contradicts the figures beside it): a learner's table of a
+# model that memorised its text listed such units alone, with nothing flagging them (learner41)
+NOT_ABOVE_UNTRAINED = "≤ untrained"
+NOT_ABOVE_LEGEND = (
+    f"{NOT_ABOVE_UNTRAINED}: the unit's |r| is not above its untrained figure (as printed): a unit of the "
+    "network as initialised follows the property at least as closely"
+)
+NONE_ABOVE_UNTRAINED = (
+    "no unit listed follows its property more closely than the untrained layer's best unit does: what they "
+    "show is what the architecture gives for nothing (a model that memorised its text often shows none)"
+)
 SATURATED_LOW, SATURATED_HIGH = 0.1, 0.9  # the paper's thresholds for a saturated gate
 GATE_NAMES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update"), "rnn": ()}
 SIGNALS = ("hidden", "cell")
@@ -304,6 +316,12 @@ def follows_label(score: UnitScore) -> str:
     return score.feature + (" (weak)" if abs(score.correlation) < WEAK_CORRELATION else "")
 
 
+def beats_untrained(correlation: float, untrained: float) -> bool:
+    """Whether an r's magnitude is above the untrained figure's, both to the three decimals the table
+    prints (:data:`NOT_ABOVE_UNTRAINED` marks a unit where not)."""
+    return float(f"{abs(correlation):.3f}") > float(f"{abs(untrained):.3f}")
+
+
 def _unit_variance(activations: torch.Tensor) -> list[float]:
     """Each unit's variance over the text, in float64 a block of units at a time (as :func:`score_units`)."""
     blocks = activations.split(UNIT_BLOCK, dim=1)
@@ -462,6 +480,24 @@ class Inspection:
             )
         return notes
 
+    def above_untrained(self, score: UnitScore) -> bool | None:
+        """Whether the unit follows its property more closely than the same layer's best unit before any
+        training: its |r| above :attr:`untrained`'s for that property, both to the three decimals the
+        table prints; None where it follows no property (nothing to compare)."""
+        before = self.untrained.get(score.feature or "")
+        return None if before is None else beats_untrained(score.correlation, before)
+
+    @property
+    def untrained_verdict(self) -> str | None:
+        """The line after the table: :data:`NONE_ABOVE_UNTRAINED` where no listed unit is above its
+        untrained figure, :data:`NOT_ABOVE_LEGEND` where some are not; None where all are (or none compares)."""
+        verdicts = [self.above_untrained(score) for score in self.units]
+        if all(verdict is None for verdict in verdicts):
+            return None
+        if not any(verdicts):
+            return NONE_ABOVE_UNTRAINED
+        return NOT_ABOVE_LEGEND if False in verdicts else None
+
     @property
     def text(self) -> str:
         return "".join(self.chars)
@@ -502,6 +538,7 @@ class Inspection:
                     "feature": score.feature,
                     "correlation": round(score.correlation, 4),
                     "correlations": {name: round(r, 4) for name, r in score.correlations.items()},
+                    "above_untrained": self.above_untrained(score),
                     "activations": _rounded(row),
                 }
                 for score, row in zip(self.units, self.activations, strict=True)

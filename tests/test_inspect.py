@@ -3,6 +3,7 @@ are ranked by a stated rule, and the page, picture and JSON show what the model 
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import math
@@ -653,24 +654,116 @@ def test_the_untrained_baseline_is_the_layers_best_in_the_network_as_its_seed_in
     }
 
 
+def _table_rows(table: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in row.split("│")[1:-1]] for row in table.splitlines() if row.startswith("│")
+    ]
+
+
 def test_the_table_sets_each_units_r_beside_the_untrained_layers_best(cli, tiny_run: Path):
     text = "the time traveller for so it will be convenient to speak of him"
     code, table, err = cli("inspect", text, "--run", str(tiny_run))
     assert code == 0, err
     header = next(line for line in table.splitlines() if "unit" in line and "follows" in line)
-    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["unit", "follows", "r", "untrained"]
+    # a column between r and untrained marks the units no closer than the untrained layer's best
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["unit", "follows", "r", "", "untrained"]
     assert (
         "untrained: the largest |r| any unit of the layer has with the property in a network of this shape "
         "before any training (as train.seed 3 initialises it): an |r| well above it was learned"
     ) in " ".join(table.split())
     code, out, err = cli("inspect", text, "--run", str(tiny_run), "--json")
     untrained = json.loads(out.splitlines()[-1])["untrained"]
-    rows = [
-        [cell.strip() for cell in row.split("│")[1:-1]] for row in table.splitlines() if row.startswith("│")
-    ]
+    rows = _table_rows(table)
     assert len(rows) == 5 and set(untrained) == {"position in word", "at a space"}
     for row in rows:
-        assert row[3] == f"{abs(untrained[row[1].removesuffix(' (weak)')]):.3f}", row
+        assert row[4] == f"{abs(untrained[row[1].removesuffix(' (weak)')]):.3f}", row
+
+
+def test_units_no_closer_than_the_untrained_layers_best_are_marked_and_said_to_be(cli, tiny_run: Path):
+    """learner41: a memorising model's table listed units at or below the untrained figure beside them,
+    with nothing flagging it. A unit whose |r| is not above it, as the table prints both, is marked
+    "≤ untrained" between them (--json: above_untrained false); a line after the table says what the
+    mark means, and where no listed unit is above its figure, that they show what the architecture
+    gives for nothing."""
+    excerpt = (
+        "the time traveller for so it will be convenient to speak of him was expounding a recondite matter "
+        "to us his grey eyes shone and twinkled and his usually pale face was flushed and animated"
+    )
+    code, out, err = cli("inspect", excerpt, "--run", str(tiny_run), "--top", "8", "--json")
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    units = result["units"]
+    for unit in units:
+        before = result["untrained"][unit["feature"]]
+        assert unit["above_untrained"] == (round(abs(unit["correlation"]), 3) > round(abs(before), 3)), unit
+    below = [str(unit["unit"]) for unit in units if not unit["above_untrained"]]
+    above = [str(unit["unit"]) for unit in units if unit["above_untrained"]]
+    assert below and above  # the tiny run has both
+    legend = (
+        "≤ untrained: the unit's |r| is not above its untrained figure (as printed): a unit of the network as "
+        "initialised follows the property at least as closely"
+    )
+    none_above = (
+        "no unit listed follows its property more closely than the untrained layer's best unit does: what "
+        "they show is what the architecture gives for nothing (a model that memorised its text often shows none)"
+    )
+    code, table, err = cli("inspect", excerpt, "--run", str(tiny_run), "--top", "8")
+    assert code == 0, err
+    marks = {row[0]: row[3] for row in _table_rows(table)}
+    assert marks == {**dict.fromkeys(below, "≤ untrained"), **dict.fromkeys(above, "")}
+    lines = table.splitlines()
+    assert legend in lines and none_above not in lines
+    # the units no closer than untrained alone: the line says so of them all
+    code, table, err = cli("inspect", excerpt, "--run", str(tiny_run), "--units", ",".join(below))
+    assert code == 0, err
+    assert [row[3] for row in _table_rows(table)] == ["≤ untrained"] * len(below)
+    assert none_above in table.splitlines() and legend not in table.splitlines()
+    # those above it alone: no mark, no column for one, no line
+    code, table, err = cli("inspect", excerpt, "--run", str(tiny_run), "--units", ",".join(above))
+    assert code == 0, err
+    assert all(len(row) == 4 for row in _table_rows(table))
+    assert "≤ untrained" not in table and none_above not in table
+
+
+def test_a_network_read_as_its_own_untrained_self_is_no_closer_than_untrained_on_the_page_and_json():
+    """A network that is its seed's initial weights has, for each property, its own best unit as the
+    untrained figure, exactly: not above it, so every unit ranked is marked, in the JSON, the page's
+    headings and the line the page gives as the table does. The mark compares |r| as printed, to three
+    decimals: 0.5112 against 0.5108 is 0.511 against 0.511, not above."""
+    from drnn_cli.inspect_html import render_html
+    from drnn_cli.introspect import NONE_ABOVE_UNTRAINED, beats_untrained
+
+    text = "the time traveller for so it will be convenient to speak of him was expounding a recondite matter"
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    model = build_model(len(vocab), ModelConfig(cell="lstm", hidden_size=16, num_layers=1), seed=5).eval()
+    request = InspectRequest(text=text, top=2, signal="cell")
+    result = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"), seed=5)
+    assert {unit.feature for unit in result.units} == {"position in word", "at a space"}
+    assert [unit["above_untrained"] for unit in result.summary()["units"]] == [False, False]
+    assert result.untrained_verdict == NONE_ABOVE_UNTRAINED
+    page = render_html(result, "t")
+    headings = re.findall(r"<h2>Unit \d+ \(([^<]*)\)</h2>", page)
+    assert headings == [
+        f"r = {unit.correlation:+.2f} with {unit.feature}; untrained, the layer's best: "
+        f"{abs(result.untrained[unit.feature or '']):.2f}; ≤ untrained"
+        for unit in result.units
+    ]
+    assert f'<p class="meta">{html.escape(NONE_ABOVE_UNTRAINED)}</p>' in page
+    # seeded otherwise, the same shape's best units are other ones: the verdict follows the numbers
+    other = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"), seed=6)
+    for unit, shown in zip(other.units, other.summary()["units"], strict=True):
+        assert shown["above_untrained"] == beats_untrained(
+            unit.correlation, other.untrained[unit.feature or ""]
+        )
+    assert (
+        beats_untrained(0.5112, 0.5108),
+        beats_untrained(-0.5125, 0.5114),
+        beats_untrained(0.3, -0.7491),
+    ) == (
+        False,
+        True,
+        False,
+    )
 
 
 def test_the_png_scales_each_unit_over_the_whole_text_as_the_page_and_stands_code_points_upright():
@@ -713,8 +806,18 @@ def test_png_rows_name_each_units_feature_as_the_page_does():
     # with the layer's best |r| for the property before training, as the table's "untrained" column
     untrained = {"at a space": -0.7491, "position in word": 0.6}
     assert (
+        _unit_label(UnitScore(3, "at a space", 0.8), untrained)
+        == "unit 3: at a space (r = +0.80; untrained 0.75)"
+    )
+    # no closer than the untrained layer's best, as printed to three decimals: marked as the table marks it
+    # (learner41)
+    assert (
         _unit_label(UnitScore(3, "at a space", 0.3), untrained)
-        == "unit 3: at a space (r = +0.30; untrained 0.75)"
+        == "unit 3: at a space (r = +0.30 ≤ untrained 0.75)"
+    )
+    assert (
+        _unit_label(UnitScore(9, "position in word", -0.6004), untrained)
+        == "unit 9: position in word (r = -0.60 ≤ untrained 0.60)"
     )
 
 

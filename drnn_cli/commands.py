@@ -913,10 +913,11 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
     elif inspection.preprocessing_changed and preprocessing in LETTERS_ONLY:
         # a file's, where its page showed "himwas" and no commas without a word (learner34)
         glued = ", its lines glued without a space" if inspection.lines_glued else ""
+        # "as the model trained on its text" read as "the model trained on this text" (learner41)
         read_as = (
-            f"data.preprocess {preprocessing} reads {'standard input' if request.file == STDIN else request.file} "
-            f"as the model trained on its text: only the letters a-z, lower-cased, and spaces{glued}; "
-            "what it shows is that text"
+            f"{'standard input' if request.file == STDIN else request.file} is preprocessed as the run's "
+            f"training text was (data.preprocess {preprocessing}): only the letters a-z, lower-cased, and "
+            f"spaces{glued}; what it shows is that text"
         )
     untrained = untrained_tokens_note(
         "the text",

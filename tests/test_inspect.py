@@ -1296,11 +1296,12 @@ def test_a_text_preprocessing_changed_is_said_to_be_and_the_page_is_pointed_to(
 
     # a file's text, as the run's d2l preprocessing reads it: its page showed "himwas" and no commas, and
     # nothing said why (learner34)
+    # "reads FILE as the model trained on its text" read as "the model trained on FILE" (learner41)
     def file_note(name: object, glued: bool) -> str:
         return (
-            f"note: data.preprocess d2l reads {name} as the model trained on its text: only the letters a-z, "
-            f"lower-cased, and spaces{', its lines glued without a space' if glued else ''}; what it shows "
-            "is that text\n"
+            f"note: {name} is preprocessed as the run's training text was (data.preprocess d2l): only the "
+            f"letters a-z, lower-cased, and spaces{', its lines glued without a space' if glued else ''}; "
+            "what it shows is that text\n"
         )
 
     excerpt = tmp_path / "excerpt.txt"

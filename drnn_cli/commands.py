@@ -861,12 +861,14 @@ class InspectReport:
     # a note: the TEXT argument as preprocessing read it, where it changed; a --file read as letters
     read_as: str | None = None
     run_notes: tuple[str, ...] = ()  # LoadedModel's, and the text's tokens no training split held
+    trained_text: str | None = None  # a --file of the run's own text: which characters read it trained on
 
     @property
     def notes(self) -> list[str]:
         return [
             *self.run_notes,
             *([self.read_as] if self.read_as is not None else []),
+            *([self.trained_text] if self.trained_text is not None else []),
             *self.inspection.notes,
         ]
 
@@ -919,6 +921,21 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
             f"training text was (data.preprocess {preprocessing}): only the letters a-z, lower-cased, and "
             f"spaces{glued}; what it shows is that text"
         )
+    trained_text = None  # the run's own corpus file, found as drnn eval --data finds it
+    if (
+        request.file is not None
+        and request.file != STDIN
+        and _is_trained_text(request.file, loaded.checkpoint)
+    ):
+        # imported here, where inspect alone uses them; the split end is the one eval's note computes
+        from drnn_cli.introspect import trained_text_read_note
+        from drnn_cli.start_point import _training_split_end
+
+        trained, _ = _training_split_end(config.data, inspection.full_length)
+        fine_tuned = loaded.checkpoint.init_from is not None
+        trained_text = trained_text_read_note(
+            str(request.file), len(inspection.chars), trained, inspection.full_length, fine_tuned
+        )
     untrained = untrained_tokens_note(
         "the text",
         [char for char in inspection.text if char in loaded.checkpoint.vocab],
@@ -933,4 +950,5 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
         tuple(missing),
         read_as=read_as,
         run_notes=(*loaded.notes, *filter(None, (untrained,))),
+        trained_text=trained_text,
     )

@@ -793,6 +793,54 @@ def test_the_png_scales_each_unit_over_the_whole_text_as_the_page_and_stands_cod
     assert rotations["⟨U+200D⟩"] == 90 and rotations["z"] == 0
 
 
+def test_the_runs_own_text_as_a_file_is_said_to_be_training_text_as_eval_data_says(
+    cli, tiny_run: Path, corpus_path: Path, tmp_path: Path
+):
+    """learner41: the run's own corpus, inspected with --file, read 20,000 characters, 9,000 of them its
+    training split, with nothing said, where drnn eval --data of the same file says so. inspect finds it
+    as eval does (the text as read, wherever the file is) and says which of the characters it read are
+    training text; another text, or a passage cut from this one, is not the run's file and gets no note."""
+    trained_note = (
+        "note: {} is the text this model was trained on: the first 2,400 of the 20,000 characters read are "
+        "the run's training split, so this perplexity is partly a training figure, not a held-out one; past "
+        "its first 2,400 characters (after preprocessing) the file is text the run never trained on: cut a "
+        "passage of it into a file of its own to see the model on text it has not seen "
+        '(README "Your own text, and held-out numbers that mean something")'
+    )
+    code, _, err = cli("eval", "--data", str(corpus_path), "--run", str(tiny_run))
+    assert code == 0 and "the first 2,400 of its 170,580 tokens (1.41%) are the run's training split" in err
+    copy = tmp_path / "book.txt"
+    copy.write_bytes(corpus_path.read_bytes().replace(b"\n", b"\r\n"))  # the same text, other line breaks
+    for file in (corpus_path, copy):
+        code, _, err = cli("inspect", "--file", str(file), "--run", str(tiny_run), "--units", "1")
+        assert code == 0, err
+        assert trained_note.format(file) in err.splitlines(), err
+    passage = tmp_path / "passage.txt"
+    passage.write_bytes(corpus_path.read_bytes()[:5000])
+    code, _, err = cli("inspect", "--file", str(passage), "--run", str(tiny_run), "--units", "1")
+    assert code == 0 and "is the text this model was trained on" not in err, err
+
+
+def test_the_trained_text_note_says_which_characters_read_the_run_trained_on():
+    from drnn_cli.introspect import trained_text_read_note
+
+    cite = ' (README "Your own text, and held-out numbers that mean something")'
+    # the whole book at a 10% validation split: all 20,000 read are training text
+    assert trained_text_read_note("book.txt", 20_000, 153_522, 170_580, fine_tuned=False) == (
+        "book.txt is the text this model was trained on: all 20,000 characters read are the run's training "
+        "split, so this perplexity is a training figure, not a held-out one; past its first 153,522 characters "
+        "(after preprocessing) the file is text the run never trained on: cut a passage of it into a file of "
+        "its own to see the model on text it has not seen" + cite
+    )
+    # a run that holds nothing out and trained on all of it, fine-tuned from a base
+    assert trained_text_read_note("a.txt", 300, 300, 300, fine_tuned=True) == (
+        "a.txt is the text this model was trained on: all 300 characters read are the run's training split, "
+        "so this perplexity is a training figure, not a held-out one; the run holds none of it out: inspect "
+        "another text to see the model on one it has not seen; its base run's text is not compared" + cite
+    )
+    assert trained_text_read_note("a.txt", 300, 0, 300, fine_tuned=False) is None
+
+
 def test_png_rows_name_each_units_feature_as_the_page_does():
     """The heatmap's rows said "unit 105" where the HTML page says which feature it follows and how well."""
     from drnn_cli.inspect_plot import _unit_label

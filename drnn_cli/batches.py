@@ -62,6 +62,13 @@ def split_sizes(total: int, val_fraction: float, test_fraction: float) -> tuple[
     return total - n_val - n_test, n_val, n_test
 
 
+def training_split_end(data: DataConfig, total_tokens: int) -> tuple[int, int]:
+    """Where a run with these settings ended its training split in a text of ``total_tokens`` tokens,
+    and how many tokens it used (its first ``data.max_tokens``, cut by its own fractions)."""
+    used = total_tokens if data.max_tokens < 0 else min(data.max_tokens, total_tokens)
+    return split_sizes(used, data.val_fraction, data.test_fraction)[0], used
+
+
 def held_out(total: int, fraction: float) -> int:
     """``fraction`` (as its shortest decimal, the way it was written) of ``total``, rounded down; the
     repr of a plain ``float``, as a subclass's (NumPy's ``np.float64(0.29)``) is no decimal."""

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, Splits, check_trainable, epoch_batches
+from drnn_cli.batches import (
+    MIN_EVAL_TOKENS,
+    PlannedLength,
+    Splits,
+    check_trainable,
+    epoch_batches,
+    training_split_end,
+)
 from drnn_cli.checkpoint import BaseChain, BaseRecord, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
@@ -929,9 +936,8 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
     ):
         # imported here, where inspect alone uses them; the split end is the one eval's note computes
         from drnn_cli.introspect import trained_text_read_note
-        from drnn_cli.start_point import _training_split_end
 
-        trained, _ = _training_split_end(config.data, inspection.full_length)
+        trained, _ = training_split_end(config.data, inspection.full_length)
         fine_tuned = loaded.checkpoint.init_from is not None
         trained_text = trained_text_read_note(
             str(request.file), len(inspection.chars), trained, inspection.full_length, fine_tuned

@@ -11,7 +11,7 @@ import math
 import torch
 
 from drnn_cli import fused_recurrence
-from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, split_sizes
+from drnn_cli.batches import MIN_EVAL_TOKENS, PlannedLength, split_sizes, training_split_end
 from drnn_cli.budget import Cadence, StopReason, format_duration, steps_span
 from drnn_cli.config import Config, DataConfig, TrainConfig
 from drnn_cli.corpus import LETTERS_ONLY
@@ -112,8 +112,7 @@ def trained_text_note(file: str, scored: int, data: DataConfig, fine_tuned: bool
     with nothing said. ``scored``: the file's tokens; the same text read the same way gives the same
     tokens, at the positions the run's splits were cut from. ``fine_tuned``: the base run's text is
     another question, which the checkpoint cannot answer."""
-    used = scored if data.max_tokens < 0 else min(data.max_tokens, scored)
-    trained = split_sizes(used, data.val_fraction, data.test_fraction)[0]
+    trained, _ = training_split_end(data, scored)
     held = [name for name, fraction in (("val", data.val_fraction), ("test", data.test_fraction)) if fraction]
     if held:
         remedy = f"drnn eval --split {' or --split '.join(held)} reads held-out tokens alone"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from drnn_cli.batches import PlannedLength, split_sizes
+from drnn_cli.batches import PlannedLength, training_split_end
 from drnn_cli.checkpoint import (
     BASES_FOLLOWED,
     BaseChain,
@@ -733,7 +733,7 @@ def shared_text_note(start: StartPoint, dataset: Dataset) -> str | None:
     if differing_keys(checkpoint.config, start.config, "data", TOKEN_KEYS):
         return None
     saved = checkpoint.config.data
-    trained, used = _training_split_end(saved, dataset.total_tokens)
+    trained, used = training_split_end(saved, dataset.total_tokens)
     splits = dataset.splits
     # this run's held-out splits' tokens in the base run's training split
     read = [share for split in HELD_OUT_SPLITS if (share := _held_out_share(trained, dataset, split)).shared]
@@ -806,7 +806,7 @@ def _training_ends(bases: BaseChain | None, config: Config, dataset: Dataset) ->
     """Where each recorded base on this same text, spelt as ``config`` spells it, ended its training split."""
     records = () if bases is None else bases.records
     return [
-        _training_split_end(base.data, dataset.total_tokens)[0]
+        training_split_end(base.data, dataset.total_tokens)[0]
         for base in records
         if _cut_this_text(base, config, dataset)
     ]
@@ -918,7 +918,7 @@ def _most_shared(
     most: _MostShared | None = None
     for followed, base in enumerate(records, start=1):
         if _cut_this_text(base, config, dataset):
-            share = _held_out_share(_training_split_end(base.data, dataset.total_tokens)[0], dataset, split)
+            share = _held_out_share(training_split_end(base.data, dataset.total_tokens)[0], dataset, split)
             if share.shared and (most is None or share.shared > most.share.shared):
                 most = _MostShared(share, base, followed)
     return most
@@ -936,13 +936,6 @@ def _same_text(checkpoint: Checkpoint | CheckpointInfo | BaseRecord, dataset: Da
     if checkpoint.text_sha1 is not None and dataset.text_sha1 is not None:
         return checkpoint.text_sha1 == dataset.text_sha1
     return checkpoint.corpus_sha1 is not None and checkpoint.corpus_sha1 == dataset.sha1
-
-
-def _training_split_end(data: DataConfig, total_tokens: int) -> tuple[int, int]:
-    """Where a run with these settings ended its training split in a text of ``total_tokens`` tokens,
-    and how many tokens it used (its first ``data.max_tokens``, cut by its own fractions)."""
-    used = total_tokens if data.max_tokens < 0 else min(data.max_tokens, total_tokens)
-    return split_sizes(used, data.val_fraction, data.test_fraction)[0], used
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:

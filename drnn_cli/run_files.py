@@ -47,6 +47,23 @@ def kept_name(unit: str, count: int) -> str:
     return f"step-{count:0{KEPT_STEP_DIGITS}d}.safetensors"
 
 
+def is_kept_name(name: str) -> bool:
+    """Whether ``name`` is one :func:`kept_name` gives (its count wider only past the padding's)."""
+    for prefix, digits in (("epoch-", KEPT_EPOCH_DIGITS), ("step-", KEPT_STEP_DIGITS)):
+        count = name.removeprefix(prefix).removesuffix(".safetensors")
+        if name.startswith(prefix) and name.endswith(".safetensors"):
+            return len(count) >= digits and count.isascii() and count.isdigit()
+    return False
+
+
+TENSORBOARD_PREFIX = "events.out.tfevents."  # the event files TensorBoard's writer names (tensorboard_log.py)
+
+
+def is_tensorboard_name(name: str) -> bool:
+    """Whether ``name`` is an event file of the writer drnn's ``train.tensorboard`` opens."""
+    return name.startswith(TENSORBOARD_PREFIX)
+
+
 @dataclass(frozen=True)
 class RunFiles:
     """Paths inside one run directory (``runs/<name>/``)."""

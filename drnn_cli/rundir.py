@@ -38,7 +38,7 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import filelock
@@ -53,6 +53,8 @@ from drnn_cli.run_files import (
     RUN_ENTRY_NAMES,
     RUN_MARKER,
     RunFiles,
+    is_kept_name,
+    is_tensorboard_name,
     staging_dir,
 )
 from drnn_cli.signals import signals_ignored
@@ -147,19 +149,44 @@ def refuse_run_file(path: Path, flag: str) -> None:
 def check_replaceable(run_dir: Path) -> None:
     """Refuse to replace (``--overwrite``) a run directory that also holds files drnn did not write:
     the replacement deletes the old directory whole, and a user's notes, analyses, backups or corpus
-    kept there would go with it."""
+    kept there would go with it. Inside ``kept/`` and ``tensorboard/`` only drnn's own names are
+    drnn's (red41: a backup in kept/, a whole run made there, went without a word); a folder in them
+    never is, nor either of them as something other than a folder."""
     try:
-        foreign = sorted(
-            name for name in os.listdir(run_dir) if name not in RUN_ENTRY_NAMES and not _is_bookkeeping(name)
-        )
+        names = sorted(name for name in os.listdir(run_dir) if not _is_bookkeeping(name))
     except OSError as exc:
         raise DrnnError(f"cannot read run directory {run_dir}: {exc.strerror}") from None
+    foreign = [name for name in names if name not in RUN_ENTRY_NAMES]
+    files = RunFiles(run_dir)
+    for folder, drnns in ((files.kept, is_kept_name), (files.tensorboard, is_tensorboard_name)):
+        if folder.name in names:
+            foreign += _foreign_inside(folder, drnns)
     if foreign:
-        shown = _first_names(foreign)
+        shown = _first_names(sorted(foreign))
         raise DrnnError(
             f"--overwrite would delete files drnn did not write in {run_dir} ({shown}); move them out of it, "
             "or train into another directory with --run DIR"
         )
+
+
+def _foreign_inside(folder: Path, drnns: Callable[[str], bool]) -> list[str]:
+    """What in the run's ``folder`` (``kept``, ``tensorboard``) drnn did not write, named from the run
+    directory (``kept/NOTES.txt``): every entry whose name ``drnns`` refuses, and every folder."""
+    if folder.is_symlink() or not folder.is_dir():  # drnn makes a folder there, never a file or a link
+        return [folder.name]
+    if (folder / RUN_MARKER).exists():  # another run, made in this one's folder
+        return [f"{folder.name}: a run of its own"]
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise DrnnError(f"cannot read {folder}: {exc.strerror}") from None
+    foreign = []
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if _is_bookkeeping(entry.name) or (drnns(entry.name) and not entry.is_dir(follow_symlinks=False)):
+                continue
+        foreign.append(f"{folder.name}/{entry.name}")
+    return foreign
 
 
 def _first_names(names: list[str], shown: int = 5) -> str:

@@ -2398,3 +2398,68 @@ def test_a_folder_where_the_corpus_goes_is_named(tmp_path: Path):
         "DRNN_DATA_DIR to another folder"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["timemachine.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# red41: run directories: --overwrite inside kept/ and tensorboard/, runs inside runs, a kept/ that is
+# a file, names too long for the staging folder, a stray folder a `..` left
+
+
+def _train_tiny(cli, config: Path, run: str, *args: str) -> None:
+    code, _, err = cli("train", "--config", str(config), "--run", run, *args)
+    assert code == 0, err
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (its lock aside), by its path relative to it."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != LOCK_NAME
+    }
+
+
+def test_overwrite_refuses_files_drnn_did_not_write_inside_kept_and_tensorboard(workdir: Path, cli):
+    """``kept`` and ``tensorboard`` are drnn's names, and the replacement deletes them whole: a backup
+    checkpoint and notes in kept/, notes in a tensorboard/ folder, went without a word (red41 1A)."""
+    config = config_file(workdir, tiny(epochs=1, keep_every=1))
+    _train_tiny(cli, config, "runs/k")
+    run = workdir / "runs" / "k"
+    (run / "kept" / "my-good-one.safetensors").write_bytes((run / "last.safetensors").read_bytes())
+    (run / "kept" / "NOTES.txt").write_text("my notes\n")
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"drnn's")
+    (run / "tensorboard" / "notes.txt").write_text("mine\n")
+    before = _tree(run)
+    code, _, err = cli("train", "--config", str(config), "--run", "runs/k", "--overwrite")
+    assert_one_line_error(
+        code,
+        err,
+        "--overwrite would delete files drnn did not write in runs/k (kept/NOTES.txt, "
+        "kept/my-good-one.safetensors, tensorboard/notes.txt); move them out of it, or train into another "
+        "directory with --run DIR",
+    )
+    assert _tree(run) == before
+    for name in ("kept/NOTES.txt", "kept/my-good-one.safetensors", "tensorboard/notes.txt"):
+        (run / name).unlink()
+    _train_tiny(cli, config, "runs/k", "--overwrite")  # drnn's own kept points and event files go
+    assert sorted(p.name for p in (run / "kept").iterdir()) == ["epoch-0001.safetensors"]
+    assert not (run / "tensorboard").exists()
+
+
+def test_overwrite_refuses_a_run_or_a_folder_inside_kept(workdir: Path, cli):
+    """A second run made inside the first one's kept/ (red41 1B) was deleted whole by the outer run's
+    --overwrite; drnn writes no folder there, and none is deleted."""
+    config = config_file(workdir, tiny(epochs=1))
+    _train_tiny(cli, config, "runs/base")
+    _train_tiny(cli, config, "runs/other")
+    shutil.copytree(workdir / "runs" / "other", workdir / "runs" / "base" / "kept")
+    code, _, err = cli("train", "--config", str(config), "--run", "runs/base", "--overwrite")
+    assert_one_line_error(
+        code, err, "--overwrite would delete files drnn did not write in runs/base (kept: a run of its own)"
+    )
+    shutil.rmtree(workdir / "runs" / "base" / "kept")
+    (workdir / "runs" / "base" / "kept" / "sub").mkdir(parents=True)
+    code, _, err = cli("train", "--config", str(config), "--run", "runs/base", "--overwrite")
+    assert_one_line_error(code, err, "did not write in runs/base (kept/sub)")
+    assert (workdir / "runs" / "base" / "kept" / "sub").is_dir()

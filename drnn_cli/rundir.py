@@ -105,6 +105,12 @@ def check_run_dir(run_dir: Path) -> None:
     for parent in resolved.parents:
         if parent.exists() and not parent.is_dir():
             raise DrnnError(f"run directory {run_dir} lies under {parent}, which is a file; {fix}")
+    for parent in resolved.parents:  # a run in another's folder: its --overwrite deletes the inner one
+        if os.path.exists(parent / RUN_MARKER):  # (red41: made in kept/, which drnn runs never showed)
+            raise DrnnError(
+                f"run directory {run_dir} is inside the run {_as_given(parent, run_dir)}; choose a --run "
+                "outside it"
+            )
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
@@ -119,6 +125,15 @@ def check_run_dir(run_dir: Path) -> None:
             f"{run_dir} is not a drnn run directory and holds files drnn did not write ({shown}); "
             f"drnn would overwrite config.yaml, vocab.json and metrics.jsonl there; {fix}"
         )
+
+
+def _as_given(folder: Path, given: Path) -> Path:
+    """``folder`` (a resolved path) as the user would write it beside ``given``: relative to the current
+    directory where ``given`` is relative and ``folder`` is below that directory, else absolute."""
+    with contextlib.suppress(OSError, ValueError):
+        if not given.is_absolute():
+            return folder.relative_to(Path.cwd().resolve())
+    return folder
 
 
 def refuse_run_file(path: Path, flag: str) -> None:

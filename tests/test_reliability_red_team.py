@@ -2463,3 +2463,21 @@ def test_overwrite_refuses_a_run_or_a_folder_inside_kept(workdir: Path, cli):
     code, _, err = cli("train", "--config", str(config), "--run", "runs/base", "--overwrite")
     assert_one_line_error(code, err, "did not write in runs/base (kept/sub)")
     assert (workdir / "runs" / "base" / "kept" / "sub").is_dir()
+
+
+@pytest.mark.parametrize("inner", ["runs/base/kept", "runs/base/a/b"])
+def test_a_run_inside_another_run_is_refused_before_anything_is_written(workdir: Path, cli, inner: str):
+    """drnn made a run inside another's kept/ (which that run's --overwrite then deleted, and ``drnn runs``
+    never showed): red41 1B."""
+    config = config_file(workdir, tiny(epochs=1))
+    _train_tiny(cli, config, "runs/base")
+    before = _tree(workdir / "runs")
+    code, _, err = cli("train", "--config", str(config), "--run", inner)
+    assert_one_line_error(
+        code, err, f"run directory {inner} is inside the run runs/base; choose a --run outside it"
+    )
+    assert _tree(workdir / "runs") == before
+    assert sorted(p.name for p in (workdir / "runs" / "base").iterdir()) == sorted(
+        [".drnn-run", "config.yaml", "last.safetensors", "metrics.jsonl", "perplexity.png", "stopped.json",
+         "train.lock", "vocab.json"]
+    )  # fmt: skip

@@ -11,6 +11,7 @@ from typing import cast, get_args
 
 import torch
 
+from drnn_cli.budget import Cadence
 from drnn_cli.checkpoint import check_header_room, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.data import load_same_corpus
@@ -302,6 +303,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     else:
         start = StartPoint(job.config)
     config = start.config
+    _check_kept_folder(run_dir, config)
     dataset = load_same_corpus(
         config.data,
         start.vocab,
@@ -389,6 +391,18 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         write_stop_record(run_dir, result.stop_reason, result.steps)
         mark_as_latest()
     return result
+
+
+def _check_kept_folder(run_dir: Path, config: Config) -> None:
+    """Refuse, before anything is trained or removed, a ``kept`` that ``train.keep_every`` cannot keep
+    checkpoints in (red41: a file there failed the first kept point after an epoch of training, with
+    "File exists", and the previous session's stopped.json already gone). Every torchrun rank asks:
+    none goes on to meet the others in a collective that one of them has left."""
+    kept = RunFiles(run_dir).kept
+    if Cadence.of(config.train.keep_every).every > 0 and os.path.lexists(kept) and not kept.is_dir():
+        raise DrnnError(
+            f"{kept} is a file, not a folder; train.keep_every keeps checkpoints in it: move it away"
+        )
 
 
 def _absolute_text_path(file: Path) -> str:

@@ -2481,3 +2481,28 @@ def test_a_run_inside_another_run_is_refused_before_anything_is_written(workdir:
         [".drnn-run", "config.yaml", "last.safetensors", "metrics.jsonl", "perplexity.png", "stopped.json",
          "train.lock", "vocab.json"]
     )  # fmt: skip
+
+
+def test_a_kept_that_is_a_file_is_refused_before_training_and_stopped_json_stays(workdir: Path, cli):
+    """With train.keep_every on, ``kept`` as a file failed after an epoch of training with "File exists",
+    and the previous session's stopped.json was gone (red41 7)."""
+    config = config_file(workdir, tiny(epochs=1))
+    _train_tiny(cli, config, "runs/kf")
+    run = workdir / "runs" / "kf"
+    (run / "kept").write_text("hi\n")
+    before = _tree(run)
+    code, _, err = cli(
+        "train", "--config", str(config), "--run", "runs/kf", "--resume",
+        "--set", "train.epochs=3", "--set", "train.keep_every=1",
+    )  # fmt: skip
+    assert_one_line_error(
+        code,
+        err,
+        "runs/kf/kept is a file, not a folder; train.keep_every keeps checkpoints in it: move it away",
+    )
+    assert _tree(run) == before  # stopped.json and last.safetensors as they were
+    code, _, err = cli(
+        "train", "--config", str(config), "--run", "runs/kf", "--resume", "--set", "train.epochs=2"
+    )
+    assert code == 0, err  # without train.keep_every the file is left alone
+    assert (run / "kept").read_text() == "hi\n"

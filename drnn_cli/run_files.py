@@ -5,6 +5,8 @@ It imports nothing from drnn, so every module that reads or writes a run directo
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +21,48 @@ KEPT_STEP_DIGITS = 8
 
 
 STAGING_PREFIX, STAGING_SUFFIX = ".", ".overwrite"  # --overwrite's new run, beside the one it replaces
+NAME_MAX = 255  # the bytes one name in a path may hold (ext4, xfs, btrfs, tmpfs, overlayfs)
+SHORTENED_MARK, SHORTENED_DIGITS = "~", 12  # a name cut to fit: "~" and that many hex digits of its hash
+
+
+def sibling_name(name: str, prefix: str, suffix: str) -> str:
+    """``prefix + name + suffix``, the hidden name of a folder beside the run ``name``; where that passes
+    ``NAME_MAX`` bytes (a legal run name of 246 bytes or more: red41 quoted ``.NAME.overwrite`` in a
+    "File name too long"), ``name`` cut short, then ``~`` and a hash of it whole: two names cut alike
+    stay two folders, and the prefix and the suffix, which drnn's cleanup goes by, stay."""
+    whole = f"{prefix}{name}{suffix}"
+    if len(os.fsencode(whole)) <= NAME_MAX:
+        return whole
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:SHORTENED_DIGITS]
+    tail = f"{SHORTENED_MARK}{digest}{suffix}"
+    cut = name
+    while len(os.fsencode(f"{prefix}{cut}{tail}")) > NAME_MAX:
+        cut = cut[:-1]  # by characters: a name is never cut inside one
+    return f"{prefix}{cut}{tail}"
 
 
 def staging_dir(run_dir: Path) -> Path:
     """Where ``--overwrite`` builds the new run: beside the old one, on the same filesystem."""
-    return run_dir.parent / f"{STAGING_PREFIX}{run_dir.name}{STAGING_SUFFIX}"
+    return run_dir.parent / sibling_name(run_dir.name, STAGING_PREFIX, STAGING_SUFFIX)
 
 
 def run_name(run_dir: Path) -> str:
     """The name a run goes by (its plot's title): its folder's, or where ``--overwrite`` builds it in
-    :func:`staging_dir`, the run it replaces (its plot was titled ".lstm2.overwrite": learner39)."""
+    :func:`staging_dir`, the run it replaces (its plot was titled ".lstm2.overwrite": learner39); a name
+    :func:`sibling_name` cut to fit, cut, with "…" for the rest."""
     name = run_dir.name
     staged = name.startswith(STAGING_PREFIX) and name.endswith(STAGING_SUFFIX)
-    return (
-        name[len(STAGING_PREFIX) : -len(STAGING_SUFFIX)]
-        if staged and len(name) > len(STAGING_PREFIX + STAGING_SUFFIX)
-        else name
+    if not staged or len(name) <= len(STAGING_PREFIX + STAGING_SUFFIX):
+        return name
+    inner = name[len(STAGING_PREFIX) : -len(STAGING_SUFFIX)]
+    cut, mark, digest = inner.rpartition(SHORTENED_MARK)
+    shortened = (
+        bool(mark)
+        and len(digest) == SHORTENED_DIGITS
+        and all(char in "0123456789abcdef" for char in digest)
+        and len(os.fsencode(name)) > NAME_MAX - 4  # cut by characters: 3 bytes short at most
     )
+    return f"{cut}…" if shortened else inner
 
 
 def kept_name(unit: str, count: int) -> str:

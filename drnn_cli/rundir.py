@@ -55,6 +55,7 @@ from drnn_cli.run_files import (
     RunFiles,
     is_kept_name,
     is_tensorboard_name,
+    sibling_name,
     staging_dir,
 )
 from drnn_cli.signals import signals_ignored
@@ -243,7 +244,7 @@ def swap_in(staging: Path, run_dir: Path) -> None:
     session whose outcome stands, so Ctrl-C and SIGTERM are ignored throughout (a press between the renames
     cut the session's report short; one during the deletion left half of the old run behind), and any
     other exception between the renames puts the old run back: ``run_dir`` is never left missing."""
-    retired = run_dir.parent / f".{run_dir.name}.replaced-{os.getpid()}"
+    retired = run_dir.parent / sibling_name(run_dir.name, ".", f".replaced-{os.getpid()}")
     with signals_ignored():
         try:
             os.replace(run_dir, retired)

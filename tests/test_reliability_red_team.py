@@ -2506,3 +2506,20 @@ def test_a_kept_that_is_a_file_is_refused_before_training_and_stopped_json_stays
     )
     assert code == 0, err  # without train.keep_every the file is left alone
     assert (run / "kept").read_text() == "hi\n"
+
+
+def test_a_name_whose_staging_name_passes_name_max_trains_and_is_replaced(workdir: Path, cli):
+    """A legal 250-byte run name failed, even for a new run, quoting drnn's hidden staging folder
+    ``.NAME.overwrite``, 10 bytes longer (red41 11): the staging and the swap's names now fit."""
+    from drnn_cli.run_files import run_name, staging_dir
+
+    name = "é" + "b" * 248  # 250 bytes
+    config = config_file(workdir, tiny(epochs=1))
+    _train_tiny(cli, config, f"runs/{name}")
+    staging = staging_dir(Path("runs") / name)
+    assert len(os.fsencode(staging.name)) <= 255
+    assert staging != staging_dir(Path("runs") / (name[:-1] + "c"))  # two long names, two staging folders
+    assert run_name(staging).startswith(name[:200]) and run_name(staging).endswith("…")  # its plot's title
+    _train_tiny(cli, config, f"runs/{name}", "--overwrite", "--set", "train.seed=7")
+    assert load_checkpoint(workdir / "runs" / name / "last.safetensors").config.train.seed == 7
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == sorted(["latest", name])

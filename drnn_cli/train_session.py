@@ -87,7 +87,7 @@ def train_run(
     if config.data.file is not None:  # the run keeps an absolute path: eval and --resume work from anywhere
         config.data.path = _absolute_text_path(config.data.file)
     run_dir = (
-        request.run_dir
+        _past_missing_folders(request.run_dir)
         if request.run_dir is not None
         else default_run_dir(request.config_path, request.runs_root)
     )
@@ -391,6 +391,20 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         write_stop_record(run_dir, result.stop_reason, result.steps)
         mark_as_latest()
     return result
+
+
+def _past_missing_folders(run_dir: Path) -> Path:
+    """``run_dir`` with each ``NAME/..`` whose NAME does not exist taken out: ``runs/nonexist/../trav``
+    is ``runs/trav``, and no empty ``runs/nonexist`` is made on the way to it (red41; the system reaches
+    no path through a folder that is not there, so the lock's ``mkdir`` made it). A ``..`` after a folder
+    or link that exists is the system's to follow (``link/..`` is the link target's parent)."""
+    parts: list[str] = []
+    for part in run_dir.parts:
+        if part == ".." and parts and parts[-1] != ".." and not os.path.lexists(Path(*parts)):
+            parts.pop()
+        else:
+            parts.append(part)
+    return Path(*parts) if parts else Path(".")
 
 
 def _check_kept_folder(run_dir: Path, config: Config) -> None:

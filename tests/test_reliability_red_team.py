@@ -2523,3 +2523,12 @@ def test_a_name_whose_staging_name_passes_name_max_trains_and_is_replaced(workdi
     _train_tiny(cli, config, f"runs/{name}", "--overwrite", "--set", "train.seed=7")
     assert load_checkpoint(workdir / "runs" / name / "last.safetensors").config.train.seed == 7
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == sorted(["latest", name])
+
+
+def test_a_dot_dot_past_a_missing_folder_leaves_no_stray_folder(workdir: Path, cli):
+    """``--run runs/nonexist/../trav`` trained into runs/trav and left an empty runs/nonexist (red41 12)."""
+    config = config_file(workdir, tiny(epochs=1))
+    (workdir / "runs").mkdir()
+    _train_tiny(cli, config, "runs/nonexist/../trav")
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["latest", "trav"]
+    assert load_checkpoint(workdir / "runs" / "trav" / "last.safetensors").epoch == 1

@@ -19,7 +19,7 @@ from drnn_cli.download import ProgressHook
 from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted, UsageError
 from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.report import Reporter, TrainResult
-from drnn_cli.run_files import BEST, LAST, RunFiles, staging_dir
+from drnn_cli.run_files import BEST, LAST, RunFiles, is_kept_name, staging_dir
 from drnn_cli.rundir import (
     DEFAULT_RUNS_ROOT,
     check_replaceable,
@@ -361,7 +361,7 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
             )
             for stale in stale_files:
                 stale.unlink(missing_ok=True)
-            discard(files.kept)  # an earlier run's kept points would read as this one's
+            _discard_kept_points(files.kept)  # an earlier run's kept points would read as this one's
         mark_run_dir(run_dir)
         if request.resume:  # it has its checkpoint
             mark_as_latest()
@@ -391,6 +391,17 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
         write_stop_record(run_dir, result.stop_reason, result.steps)
         mark_as_latest()
     return result
+
+
+def _discard_kept_points(kept: Path) -> None:
+    """Remove the kept checkpoints of an earlier run from ``kept`` (and the folder, where nothing else is
+    left): drnn's names alone, so a user's own files there stay (red41: kept/ went whole)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(kept):
+            if is_kept_name(entry.name) and not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        kept.rmdir()  # only if empty
 
 
 def _past_missing_folders(run_dir: Path) -> Path:

@@ -2532,3 +2532,16 @@ def test_a_dot_dot_past_a_missing_folder_leaves_no_stray_folder(workdir: Path, c
     _train_tiny(cli, config, "runs/nonexist/../trav")
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["latest", "trav"]
     assert load_checkpoint(workdir / "runs" / "trav" / "last.safetensors").epoch == 1
+
+
+def test_a_new_run_in_a_run_directory_without_a_checkpoint_keeps_the_users_files_in_kept(workdir: Path, cli):
+    """A new run into a directory of drnn's that holds no checkpoint (its checkpoints deleted to start
+    over) removed kept/ whole, a user's notes there with the earlier run's kept points."""
+    config = config_file(workdir, tiny(epochs=1, keep_every=1))
+    _train_tiny(cli, config, "runs/k")
+    run = workdir / "runs" / "k"
+    (run / "last.safetensors").unlink()
+    (run / "best.safetensors").unlink(missing_ok=True)
+    (run / "kept" / "NOTES.txt").write_text("my notes\n")
+    _train_tiny(cli, config, "runs/k", "--set", "train.keep_every=0")
+    assert sorted(p.name for p in (run / "kept").iterdir()) == ["NOTES.txt"]  # the earlier run's point went

@@ -190,7 +190,7 @@ def _foreign_inside(folder: Path, drnns: Callable[[str], bool]) -> list[str]:
     directory (``kept/NOTES.txt``): every entry whose name ``drnns`` refuses, and every folder."""
     if folder.is_symlink() or not folder.is_dir():  # drnn makes a folder there, never a file or a link
         return [folder.name]
-    if (folder / RUN_MARKER).exists():  # another run, made in this one's folder
+    if os.path.exists(folder / RUN_MARKER):  # another run, made in this one's folder (False where unreadable)
         return [f"{folder.name}: a run of its own"]
     try:
         entries = list(os.scandir(folder))

@@ -64,7 +64,7 @@ class StoppedRun:
     ``Signalled``, of the run's last checkpoint on disk (the stop's was not written)."""
 
     run_dir: Path
-    signal: str  # "SIGINT", "SIGTERM", "SIGPIPE": the object's stop_reason
+    signal: str  # "SIGINT", "SIGTERM", "SIGHUP", "SIGPIPE": the object's stop_reason
     epochs: float  # done at the stop, fractional inside an epoch
     start_epoch: float
     steps: int
@@ -88,8 +88,9 @@ class StoppedRun:
 
 
 class TrainingInterrupted(DrnnError):
-    """SIGINT/SIGTERM arrived; a resumable checkpoint was written before raising. Asked for and
-    recoverable, it is no error: ``drnn: training stopped by SIGINT ...``, exit 130 (143 for SIGTERM).
+    """SIGINT/SIGTERM/SIGHUP arrived; a resumable checkpoint was written before raising. Asked for and
+    recoverable, it is no error: ``drnn: training stopped by SIGINT ...``, exit 130 (143 for SIGTERM,
+    129 for SIGHUP).
     ``stopped`` says where, for ``drnn train --json``."""
 
     heading = ""

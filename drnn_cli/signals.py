@@ -10,11 +10,17 @@ that had not reached its loop says what its run directory holds).
 A SIGPIPE counts only when drnn's own output lost its reader. The kernel raises one in any thread that
 writes to a pipe or socket whose reader left (a server thread, a process group's socket): Python
 ignores those by default, and so does drnn while its handlers are installed.
+
+SIGHUP (the terminal closed, an ssh connection dropped) is handled as SIGTERM is (exit 129), unless it
+was ignored when drnn started (``nohup drnn train ...``: the user asked the process to outlive its
+terminal). The terminal that hung up fails every later write with EIO: the guard sends what follows to
+/dev/null, as for a reader that left, so that neither the checkpoint nor the stop's exit code is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -26,7 +32,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:  # imported here before anything heavy: the type alone
     from drnn_cli.errors import StoppedRun
 
-HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGPIPE") if hasattr(signal, name))
+HANDLED = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGPIPE") if hasattr(signal, name)
+)
+# the stops drnn ignores once its outcome stands (Ctrl-C, a scheduler's SIGTERM, a terminal's SIGHUP)
+_STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
 
 
@@ -132,6 +142,8 @@ def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
     previous: dict[int, Any] = {}
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         for signum in HANDLED:
+            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # nohup: asked to outlive the terminal
             previous[signum] = signal.signal(signum, handle)
     try:
         yield
@@ -152,20 +164,20 @@ def exit_on_signals() -> Iterator[type[Signalled]]:
 
 
 def ignore_further_signals() -> dict[int, Any]:
-    """SIGINT and SIGTERM ignored from now on: a training's stop stands and only its report is left to
+    """SIGINT, SIGTERM and SIGHUP ignored from now on: a training's stop stands and only its report is left to
     say (a press of Ctrl-C more cut the ``--json`` object and the stop line short, leaving a bare
     "interrupted"). :func:`exit_on_signals` puts its handlers' predecessors back as the command ends.
     Returns the handlers it replaced."""
     previous: dict[int, Any] = {}
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in _STOPS:
             previous[signum] = signal.signal(signum, signal.SIG_IGN)
     return previous
 
 
 @contextlib.contextmanager
 def signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored inside the block, the handlers before it after: for the moves that end
+    """SIGINT, SIGTERM and SIGHUP ignored inside the block, the handlers before it after: for the moves that end
     a session whose outcome stands (an --overwrite's swap of two renames: a press between them cut the
     report short, and one during the old run's deletion left half of it behind)."""
     previous = ignore_further_signals()
@@ -262,31 +274,49 @@ class _Once:
 
 
 class _PipeGuard:
-    """An output stream that turns the first BrokenPipeError into SIGPIPE and then discards output."""
+    """An output stream that turns the first BrokenPipeError into SIGPIPE and then discards output; that
+    discards output after its terminal hung up (EIO)."""
 
     def __init__(self, stream: TextIO, once: _Once) -> None:
         self._stream = stream
-        self._broken = False
+        self._broken = False  # its reader left
+        self._dropped = False  # what follows goes to /dev/null: its reader left, its terminal hung up
         self._once = once
+        try:
+            self._terminal = stream.isatty()
+        except (OSError, ValueError, AttributeError):
+            self._terminal = False
 
     @property
     def closed_by_reader(self) -> bool:
         return self._broken
 
     def write(self, text: str) -> int:
-        if not self._broken:
+        if not self._dropped:
             try:
                 return self._stream.write(text)
             except BrokenPipeError:
                 self._closed_by_reader()
+            except OSError as error:
+                if not self._hung_up(error):
+                    raise
+                self._drop()
         return len(text)
 
     def flush(self) -> None:
-        if not self._broken:
+        if not self._dropped:
             try:
                 self._stream.flush()
             except BrokenPipeError:
                 self._closed_by_reader()
+            except OSError as error:
+                if not self._hung_up(error):
+                    raise
+                self._drop()
+
+    def _hung_up(self, error: OSError) -> bool:
+        """Whether a failed write means the terminal is gone (a hung-up tty fails writes with EIO)."""
+        return self._terminal and error.errno == errno.EIO
 
     def reader_gone(self) -> bool:
         """Whether this stream is a pipe whose reader closed it: poll reports an error on its writing
@@ -306,6 +336,11 @@ class _PipeGuard:
         The signal that found the reader gone is the one raised: no second one."""
         self._broken = True
         self._once.raised = True
+        self._drop()
+
+    def _drop(self) -> None:
+        """What follows goes to /dev/null, what the stream still buffers included (at exit too)."""
+        self._dropped = True
         with contextlib.suppress(OSError, ValueError, AttributeError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())

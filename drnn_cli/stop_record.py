@@ -20,7 +20,9 @@ from drnn_cli.files import atomic_write_text, read_own_file
 from drnn_cli.run_files import RunFiles
 
 # How a session ends: its own budgets (budget.StopReason), a signal (or a closed stdout), a divergence
-StoppedBy = Literal["epochs", "max_steps", "max_time", "patience", "SIGINT", "SIGTERM", "SIGPIPE", "diverged"]
+StoppedBy = Literal[
+    "epochs", "max_steps", "max_time", "patience", "SIGINT", "SIGTERM", "SIGHUP", "SIGPIPE", "diverged"
+]
 STOP_RECORD_BYTES = 4096  # a record is one short line; anything longer in its place is not one
 
 

@@ -15,6 +15,12 @@ SIGHUP (the terminal closed, an ssh connection dropped) is handled as SIGTERM is
 was ignored when drnn started (``nohup drnn train ...``: the user asked the process to outlive its
 terminal). The terminal that hung up fails every later write with EIO: the guard sends what follows to
 /dev/null, as for a reader that left, so that neither the checkpoint nor the stop's exit code is lost.
+
+A stop must reach its checkpoint whatever stdout is doing: a write that blocks because its reader does
+not read (``drnn train | less``, a stalled ``tee``) is retried by Python after the handler has only
+noted the signal (PEP 475), and the loop never got to its checkpoint. Once a stop is noted, a guarded
+write the main thread is blocked in is cut short (:class:`_WriteCut`, raised by the handler, or by a
+timer while the write lasts: :data:`CUT_AFTER_S`), and that stream discards what follows.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import select
 import signal
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -37,6 +44,8 @@ HANDLED = tuple(
 )
 # the stops drnn ignores once its outcome stands (Ctrl-C, a scheduler's SIGTERM, a terminal's SIGHUP)
 _STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# once a stop is noted, how long a guarded write may stay blocked before it is cut (checked this often)
+CUT_AFTER_S = 1.0
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
 
 
@@ -242,6 +251,7 @@ class StopRequests:
             self._seen.add(signum)
             if self.signum is None:
                 self.signum = signum
+            _cut_blocked_write()  # the stop's checkpoint must not wait for stdout's reader
 
         try:
             with _handling(note):
@@ -273,14 +283,81 @@ class _Once:
     raised = False
 
 
+class _WriteCut(BaseException):
+    """Raised by a stop's handler (or its timer) out of a guarded write that blocks, and caught by that
+    guard alone: raised only while :attr:`_Cutting.writing` is set, which the guard sets and clears
+    inside the ``try`` that catches it. A BaseException: nothing in between eats it."""
+
+
+class _Cutting:
+    """Where a noted stop may cut a blocked write short (main thread only: handlers run there)."""
+
+    writing: _PipeGuard | None = None  # the guard whose write the main thread is in
+    stopping = False  # a stop is noted: a write that blocks from now on is cut (the timer's)
+    armed = False  # the timer runs (only while a guarded write lasts)
+    # the SIGALRM handler the timer's replaced, put back as the command ends (not after each write: an
+    # alarm already raised would then meet the default action, which ends the process)
+    replaced: Any = None
+    installed = False
+
+
+def _cut_blocked_write() -> None:
+    """A stop was noted (its handler runs this): the write the main thread is blocked in, if any, is cut
+    now; one still going through is watched by the timer, which cuts it if it blocks."""
+    _Cutting.stopping = True
+    guard = _Cutting.writing
+    if guard is None:
+        return
+    if guard.blocked():
+        raise _WriteCut
+    _arm_cut()
+
+
+def _on_alarm(_signum: int, _frame: object) -> None:
+    guard = _Cutting.writing
+    if guard is not None and guard.blocked():
+        raise _WriteCut
+
+
+def _arm_cut() -> None:
+    """Check the guarded write every CUT_AFTER_S while it lasts (no timer of someone else's replaced)."""
+    if _Cutting.armed or not hasattr(signal, "setitimer"):
+        return
+    with contextlib.suppress(ValueError, OSError):
+        if signal.getitimer(signal.ITIMER_REAL)[0]:
+            return
+        if not _Cutting.installed:
+            _Cutting.replaced = signal.signal(signal.SIGALRM, _on_alarm)
+            _Cutting.installed = True
+        _Cutting.armed = True
+        signal.setitimer(signal.ITIMER_REAL, CUT_AFTER_S, CUT_AFTER_S)
+
+
+def _disarm_cut() -> None:
+    if _Cutting.armed:
+        _Cutting.armed = False
+        with contextlib.suppress(ValueError, OSError):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _end_cutting() -> None:
+    """The command ends: no stop, no timer, the SIGALRM handler before it back."""
+    _disarm_cut()
+    _Cutting.stopping = False
+    if _Cutting.installed:
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            signal.signal(signal.SIGALRM, _Cutting.replaced)
+        _Cutting.installed = False
+
+
 class _PipeGuard:
     """An output stream that turns the first BrokenPipeError into SIGPIPE and then discards output; that
-    discards output after its terminal hung up (EIO)."""
+    discards output after its terminal hung up (EIO), and after a stop cut a write blocked in it."""
 
     def __init__(self, stream: TextIO, once: _Once) -> None:
         self._stream = stream
         self._broken = False  # its reader left
-        self._dropped = False  # what follows goes to /dev/null: its reader left, its terminal hung up
+        self._dropped = False  # what follows goes to /dev/null: its reader left, its terminal hung up, a cut
         self._once = once
         try:
             self._terminal = stream.isatty()
@@ -294,7 +371,9 @@ class _PipeGuard:
     def write(self, text: str) -> int:
         if not self._dropped:
             try:
-                return self._stream.write(text)
+                written = self._cuttable(self._stream.write, text)
+                if written is not None:
+                    return int(written)
             except BrokenPipeError:
                 self._closed_by_reader()
             except OSError as error:
@@ -306,13 +385,43 @@ class _PipeGuard:
     def flush(self) -> None:
         if not self._dropped:
             try:
-                self._stream.flush()
+                self._cuttable(self._stream.flush)
             except BrokenPipeError:
                 self._closed_by_reader()
             except OSError as error:
                 if not self._hung_up(error):
                     raise
                 self._drop()
+
+    def _cuttable(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)``, which a noted stop cuts short where it blocks (None then: the stream is
+        dropped). Only the main thread's: a handler runs there, and must never raise into another write."""
+        if threading.current_thread() is not threading.main_thread():
+            return call(*args)
+        outer = _Cutting.writing
+        try:
+            try:
+                _Cutting.writing = self  # from here to the finally a handler may raise _WriteCut
+                if _Cutting.stopping:
+                    _arm_cut()
+                return call(*args)
+            finally:
+                _Cutting.writing = outer
+                if outer is None:
+                    _disarm_cut()
+        except _WriteCut:
+            self._drop()
+            return None
+
+    def blocked(self) -> bool:
+        """Whether a write to this stream would block now (a pipe or terminal whose reader does not
+        read); False where it cannot tell."""
+        try:
+            poller = select.poll()
+            poller.register(self._stream.fileno(), select.POLLOUT)
+            return not any(events & (select.POLLOUT | select.POLLERR) for _, events in poller.poll(0))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _hung_up(self, error: OSError) -> bool:
         """Whether a failed write means the terminal is gone (a hung-up tty fails writes with EIO)."""
@@ -374,8 +483,15 @@ def guard_output() -> Iterator[None]:
             stream if stream is not None else closing.enter_context(open(os.devnull, "w", encoding="utf-8"))
             for stream in originals
         )
-        sys.stdout, sys.stderr = _PipeGuard(stdout, once), _PipeGuard(stderr, once)  # type: ignore[assignment]
+        guards = _PipeGuard(stdout, once), _PipeGuard(stderr, once)
+        sys.stdout, sys.stderr = guards  # type: ignore[assignment]
+        _Cutting.stopping = False
         try:
             yield
         finally:
+            if _Cutting.stopping:  # what a stop left buffered: cut too if it blocks, not at the exit's flush
+                for guard in guards:
+                    with contextlib.suppress(Exception):
+                        guard.flush()
+            _end_cutting()
             sys.stdout, sys.stderr = originals

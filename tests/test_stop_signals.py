@@ -1,4 +1,5 @@
-"""Stops the terminal brings (red team red41, finding 3): a SIGHUP stops a training as SIGTERM does."""
+"""Stops the terminal or the reader of drnn's output brings (red team red41, findings 2 and 3): a SIGHUP
+stops a training as SIGTERM does, and a first Ctrl-C reaches its checkpoint while stdout is blocked."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import select
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
 
-from conftest import config_file
+import pytest
+from conftest import config_file, pythonpath_with_repo
 
 from drnn_cli.checkpoint import load_checkpoint
 
@@ -133,3 +136,112 @@ def test_a_sighup_ignored_when_drnn_starts_stays_ignored(workdir: Path):
     finally:
         process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 143
+
+
+# ---------------------------------------------------------------------------------------------
+# A first Ctrl-C while stdout's reader is not reading (`drnn train | less`, a stalled tee)
+
+
+def _blocked_writing(pid: int) -> bool:
+    try:
+        return "pipe_write" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+
+
+def test_a_first_ctrl_c_while_stdout_is_blocked_checkpoints_and_stops(workdir: Path, tmp_path: Path):
+    train = {"log_every": "1 step", "sample_every": "1 step", "sample_chars": 3000}
+    with open(tmp_path / "err.txt", "wb") as err:
+        # stdout block-buffered, as for `drnn train | less` (PYTHONUNBUFFERED unset)
+        env = {key: value for key, value in CHILD_ENV.items() if key != "PYTHONUNBUFFERED"}
+        process = _train(workdir, train, env, stdout=subprocess.PIPE, stderr=err, pipesize=4096)
+        # the pipe is full and nobody reads it: the process sits in its write, its steps stand still
+        _wait_for(lambda: _blocked_writing(process.pid), process)
+        before = _metrics_lines(workdir)
+        time.sleep(0.5)
+        assert _blocked_writing(process.pid) and _metrics_lines(workdir) == before
+        assert not (workdir / "runs" / "tiny" / "last.safetensors").exists()  # no periodic checkpoint
+        process.send_signal(signal.SIGINT)  # once
+        try:
+            code = process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail("the first SIGINT did not stop a training blocked writing to stdout")
+    text = (tmp_path / "err.txt").read_text()
+    assert code == 130, text
+    assert text.splitlines()[-1].startswith("drnn: training stopped by SIGINT after "), text
+    assert "Traceback" not in text
+    stopped = load_checkpoint(workdir / "runs" / "tiny" / "last.safetensors")
+    assert _stopped_by(workdir) == {
+        "stopped_by": "SIGINT",
+        "global_step": stopped.trainer_state["global_step"],
+    }
+
+
+GUARD_PROBE = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    from drnn_cli import signals
+
+    reading, writing = os.pipe()  # nobody reads it
+    stream = open(writing, "w", encoding="utf-8")
+    guard = signals._PipeGuard(stream, signals._Once())
+    stops = signals.StopRequests()
+    with stops.noted():
+        if sys.argv[1] == "during":  # the stop arrives while the write is blocked
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        else:  # the stop is pending when a write that blocks begins
+            signal.raise_signal(signal.SIGINT)
+        began = time.monotonic()
+        guard.write("x" * 1_000_000)
+        guard.flush()
+        waited = time.monotonic() - began
+        guard.write("dropped")  # once cut, the stream takes nothing more: no write blocks again
+        guard.flush()
+    print(stops.name, round(waited, 1), guard.closed_by_reader, file=sys.stderr)
+    """
+)
+
+
+@pytest.mark.parametrize("when", ["during", "before"])
+def test_a_stop_cuts_a_write_that_blocks_and_nothing_else(when: str):
+    done = subprocess.run(
+        [sys.executable, "-c", GUARD_PROBE, when],
+        env={**CHILD_ENV, "PYTHONPATH": pythonpath_with_repo()},
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    name, waited, by_reader = done.stderr.split()
+    assert name == "SIGINT" and float(waited) < 5 and by_reader == "False", done.stderr
+
+
+def test_a_stop_leaves_a_write_that_does_not_block_alone(capfd: pytest.CaptureFixture[str]):
+    """Ctrl-C during a write that goes through costs none of the output after it."""
+    from drnn_cli import signals
+
+    reading, writing = os.pipe()
+    with open(writing, "w", encoding="utf-8") as stream:
+        guard = signals._PipeGuard(stream, signals._Once())
+        stops = signals.StopRequests()
+
+        class Interrupting:
+            def write(self, text: str) -> int:
+                signal.raise_signal(signal.SIGINT)  # arrives inside the guarded write
+                return stream.write(text)
+
+            def flush(self) -> None:
+                stream.flush()
+
+        guard._stream = Interrupting()  # type: ignore[assignment]
+        try:
+            with stops.noted():
+                guard.write("first\n")
+                guard.flush()
+                guard._stream = stream
+                guard.write("second\n")
+                guard.flush()
+            assert stops.pending
+            assert os.read(reading, 100) == b"first\nsecond\n"
+        finally:
+            os.close(reading)

@@ -10,8 +10,11 @@ from typing import Any
 
 def finite(value: Any) -> Any:
     """``value`` with every NaN or infinite float (in dicts and lists too) replaced by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    kind = type(value)  # the exact types first: a metrics file's rewrite calls this millions of times
+    if kind is int or kind is str or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {key: finite(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -44,4 +47,5 @@ def escape_surrogates(text: str) -> str:
 def dumps(value: Any, **options: Any) -> str:
     """JSON on one line in valid UTF-8, whatever its strings hold, for the parsers above and line-based
     readers."""
-    return json.dumps(finite(value), allow_nan=False, **options).translate(_ESCAPED)
+    text = json.dumps(finite(value), allow_nan=False, **options)
+    return text if text.isascii() else text.translate(_ESCAPED)  # ensure_ascii's: nothing to escape

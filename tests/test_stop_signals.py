@@ -28,6 +28,13 @@ TINY = {
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _hup_as_by_default() -> None:
+    """A child's SIGHUP as a terminal's process has it: the test runner may have been started with it
+    ignored (nohup, a CI job runner, a background job), which the child would inherit, and drnn keeps an
+    ignored SIGHUP ignored (test_a_sighup_ignored_when_drnn_starts_stays_ignored)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _train(
     workdir: Path, train: dict, env: dict[str, str] = CHILD_ENV, **streams: object
 ) -> subprocess.Popen[bytes]:
@@ -36,7 +43,7 @@ def _train(
         [sys.executable, "-m", "drnn_cli", "train", "--config", str(config)],
         cwd=workdir,
         env=env,
-        **streams,
+        **{"preexec_fn": _hup_as_by_default, **streams},
     )  # type: ignore[call-overload]
 
 

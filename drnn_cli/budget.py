@@ -35,10 +35,14 @@ def parse_duration(value: object) -> float:
         try:
             seconds = float(value)
         except OverflowError:  # a YAML integer has no size limit; one past float range is refused as inf is
-            seconds = float("inf")
+            seconds = float("inf") if value > 0 else float("-inf")
     else:
         seconds = _parse_duration_text(str(value))
-    if not seconds >= 0 or seconds == float("inf"):
+    if seconds == float("inf"):  # a number past float range (red41: "of 0 or more seconds" for 10³⁰⁰ s)
+        raise ValueError(
+            "is too long a duration; give a finite one such as 90s, 10m, 2h or 1h30m (0 = no limit)"
+        )
+    if not seconds >= 0:
         raise ValueError("must be a duration of 0 or more seconds, such as 90s, 10m, 2h or 1h30m")
     return seconds
 

@@ -90,6 +90,11 @@ def file_sha1(path: Path) -> str:
 
 def corpus_url(spec: CorpusSpec) -> str:
     base = os.environ.get(DATA_URL_ENV) or spec.base_url
+    if not base.lower().startswith(("http://", "https://")):  # not the network's fault: the setting's (red41)
+        raise DrnnError(
+            f"{DATA_URL_ENV} must be an http:// or https:// URL of a folder holding {spec.filename} (it is "
+            f"{base!r}); fix it, or unset it to download from {spec.base_url}"
+        )
     return base.rstrip("/") + "/" + spec.filename
 
 

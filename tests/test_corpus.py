@@ -277,6 +277,22 @@ def test_server_errors_are_retried_then_reported(mirror: Mirror, tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("url", ["ftp://mirror.example/data", "file:///etc/passwd", "not a url"])
+def test_a_mirror_that_is_no_http_url_is_said_as_the_settings_fault(
+    url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """requests refused them as InvalidSchema or InvalidURL, which drnn reported as "check the network"
+    (red41); nothing is fetched, nothing left behind."""
+    monkeypatch.setenv("DRNN_DATA_URL", url)
+    with pytest.raises(DrnnError) as caught:
+        fetch_corpus("timemachine", cache_dir=tmp_path, retries=1, backoff=0, timeout=5)
+    assert str(caught.value) == (
+        f"DRNN_DATA_URL must be an http:// or https:// URL of a folder holding timemachine.txt (it is {url!r}); "
+        f"fix it, or unset it to download from {REGISTRY['timemachine'].base_url}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unreachable_mirror_is_a_drnn_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/nowhere"
     monkeypatch.setenv("DRNN_DATA_URL", url)

@@ -664,11 +664,9 @@ def test_eval_json_fields(tiny_run: Path, cli):
     assert payload["unseen_in_training"] == 0  # d2l's letters: the training split holds every one
 
 
-def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(workdir: Path, cli):
-    """The vocabulary is the whole text's, so characters only a test tail holds are scored as known, with
-    "unknown": 0, though never trained on: a trial's emoji, 6.24% of its test predictions, read 26.49
-    against 14.89 over the rest. Here 320 training characters of a and b; the test split's 39 predictions
-    (its first token is read, not predicted) hold 'é' 5 times and '😀' once."""
+def _train_tail_run(workdir: Path, cli) -> str:
+    """runs/tail: 320 training characters of a and b; its held-out tail (40 + 40) holds 'é' 5 times and
+    '😀' twice, the test split's 39 predictions 'é' 5 times and '😀' once. Returns its config's path."""
     text = workdir / "tail.txt"
     text.write_text("ab" * 160 + "ab" * 20 + "😀" + "éa" * 5 + "ab" * 14 + "😀", encoding="utf-8")
     tree = {
@@ -677,7 +675,17 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
         "model": {"cell": "gru", "hidden_size": 8, "num_layers": 1},
         "train": {"epochs": 1, "sample_every": 0, "device": "cpu", "seed": 3},
     }  # fmt: skip
-    assert cli("train", "--config", str(config_file(workdir, tree)), "--run", "runs/tail")[0] == 0
+    config = str(config_file(workdir, tree))
+    assert cli("train", "--config", config, "--run", "runs/tail")[0] == 0
+    return config
+
+
+def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(workdir: Path, cli):
+    """The vocabulary is the whole text's, so characters only a test tail holds are scored as known, with
+    "unknown": 0, though never trained on: a trial's emoji, 6.24% of its test predictions, read 26.49
+    against 14.89 over the rest. Here 320 training characters of a and b; the test split's 39 predictions
+    (its first token is read, not predicted) hold 'é' 5 times and '😀' once."""
+    _train_tail_run(workdir, cli)
     # the perplexity over the other 33, summed apart in the same pass: checked against the <unk> path's
     # sums of each unseen character's losses, read one character at a time
     loaded = load_model(Path("runs/tail"), None, "cpu")
@@ -722,16 +730,7 @@ def test_predict_says_which_prefix_characters_no_training_split_held(workdir: Pa
     320 training characters are a and b, and 'é' and '😀' only the held-out tail's. A prefix holding
     them is continued from input weights as initialised, which predict says; a fine-tuned model's
     record keeps only what neither its base's training nor its own held."""
-    text = workdir / "tail.txt"
-    text.write_text("ab" * 160 + "ab" * 20 + "😀" + "éa" * 5 + "ab" * 14 + "😀", encoding="utf-8")
-    tree = {
-        "data": {"path": str(text), "preprocess": "none", "batch_size": 4, "num_steps": 8,
-                 "val_fraction": 0.1, "test_fraction": 0.1},
-        "model": {"cell": "gru", "hidden_size": 8, "num_layers": 1},
-        "train": {"epochs": 1, "sample_every": 0, "device": "cpu", "seed": 3},
-    }  # fmt: skip
-    config = str(config_file(workdir, tree))
-    assert cli("train", "--config", config, "--run", "runs/tail")[0] == 0
+    config = _train_tail_run(workdir, cli)
     last = workdir / "runs" / "tail" / "last.safetensors"
     vocab = load_checkpoint(last).vocab
     assert load_checkpoint(last).untrained_ids == tuple(sorted((vocab["é"], vocab["😀"])))

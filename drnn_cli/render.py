@@ -207,6 +207,10 @@ class RichReporter:
                 TextColumn("{task.fields[steps]}{task.fields[status]}"),
                 TimeLeftColumn(),
                 console=self.console,
+                # redrawn by the main thread as the trainer reports (twice a second), never by rich's own
+                # thread: a stop cuts a write the main thread is blocked in, and a blocked refresh thread
+                # would hold the run at its end, joined for ever (review rev41b: a terminal nobody reads)
+                auto_refresh=False,
             )
             self.progress.start()
             # The bar names the epoch in progress (1-based), as the first line does: "from epoch 2, step 3"
@@ -234,6 +238,7 @@ class RichReporter:
                 status=log_figures(record.train_ppl, self._last_val, record.tokens_per_s),
                 steps="",
             )
+            self.progress.refresh()
         elif not self.every or inside_epoch or record.epoch % self.every == 0 or record.epoch == self.total:
             self._held = None
             self._print_record(record, status)
@@ -274,6 +279,7 @@ class RichReporter:
             run_end=status.seconds_left,
             **live,
         )
+        self.progress.refresh()
 
     def validating(self, done: int, total: int, seconds_left: float | None) -> None:
         """The bar through a validation that lasts (a large split is minutes on a CPU, and a fine-tuning
@@ -288,6 +294,7 @@ class RichReporter:
             self.progress.update(
                 self.task, steps=f"validating {done:,}/{total:,} tokens  ", run_end=seconds_left
             )
+            self.progress.refresh()
 
     def samples(self, epoch: float, samples: dict[str, str]) -> None:
         self._held = None  # samples come on their own cadence, after an epoch the log may skip

@@ -19,8 +19,10 @@ terminal). The terminal that hung up fails every later write with EIO: the guard
 A stop must reach its checkpoint whatever stdout is doing: a write that blocks because its reader does
 not read (``drnn train | less``, a stalled ``tee``) is retried by Python after the handler has only
 noted the signal (PEP 475), and the loop never got to its checkpoint. Once a stop is noted, a guarded
-write the main thread is blocked in is cut short (:class:`_WriteCut`, raised by the handler, or by a
-timer while the write lasts: :data:`CUT_AFTER_S`), and that stream discards what follows.
+write the main thread is blocked in, whose reader has taken nothing for a tick of a timer
+(:data:`CUT_AFTER_S`), is cut short (:class:`_WriteCut`), and that stream discards what follows; a reader
+that is slow but reading gets everything. The training's progress bar is redrawn by the main thread
+alone (render.py), so no other thread's write can hold the run at its end.
 """
 
 from __future__ import annotations
@@ -257,6 +259,8 @@ class StopRequests:
             with _handling(note):
                 yield self
         finally:
+            if not _Cutting.guarded:  # in-process (a test, a library use): no stop state left behind
+                _end_cutting()
             if self._settled and self._launcher is not None:
                 # torchrun's SIGTERM may still come while this process reports its stop and exits (it
                 # exits soon after: exit_process); only a torchrun worker, never a test's own process
@@ -299,24 +303,52 @@ class _Cutting:
     # alarm already raised would then meet the default action, which ends the process)
     replaced: Any = None
     installed = False
+    # the bytes the main thread had written at the last look at a blocked write (None: not blocked then,
+    # or not measurable): a write is cut when its reader took nothing for a whole tick, not because the
+    # pipe is full at one instant (review rev41b: a reader slow but reading lost 24 of a stop's 40 lines)
+    written: int | None = None
+    guarded = False  # guard_output is in force, and ends the cutting as the command ends
 
 
 def _cut_blocked_write() -> None:
-    """A stop was noted (its handler runs this): the write the main thread is blocked in, if any, is cut
-    now; one still going through is watched by the timer, which cuts it if it blocks."""
+    """A stop was noted (its handler runs this): the write the main thread is in, if any, is watched from
+    now on, and cut once its reader has taken nothing for a tick (:func:`_stalled`)."""
     _Cutting.stopping = True
     guard = _Cutting.writing
     if guard is None:
         return
-    if guard.blocked():
-        raise _WriteCut
+    _Cutting.written = _written_by_this_thread() if guard.blocked() else None
     _arm_cut()
 
 
 def _on_alarm(_signum: int, _frame: object) -> None:
     guard = _Cutting.writing
-    if guard is not None and guard.blocked():
+    if guard is not None and _stalled(guard):
         raise _WriteCut
+
+
+def _stalled(guard: _PipeGuard) -> bool:
+    """Whether ``guard``'s write is blocked and wrote nothing since the last look: its reader takes
+    nothing (a first look at a blocked write only notes the count, unless it cannot be had)."""
+    if not guard.blocked():
+        _Cutting.written = None
+        return False
+    now, before = _written_by_this_thread(), _Cutting.written
+    _Cutting.written = now
+    return now is None or (before is not None and now == before)
+
+
+def _written_by_this_thread() -> int | None:
+    """The bytes this thread has passed to write calls (Linux's /proc/thread-self/io ``wchar``): a
+    blocked write that goes on, a little at a time, raises it. None where the system does not say."""
+    try:
+        with open("/proc/thread-self/io", "rb") as counters:
+            for line in counters:
+                if line.startswith(b"wchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _arm_cut() -> None:
@@ -402,6 +434,7 @@ class _PipeGuard:
         try:
             try:
                 _Cutting.writing = self  # from here to the finally a handler may raise _WriteCut
+                _Cutting.written = None  # this write's reader is judged from its own first look
                 if _Cutting.stopping:
                     _arm_cut()
                 return call(*args)
@@ -485,10 +518,11 @@ def guard_output() -> Iterator[None]:
         )
         guards = _PipeGuard(stdout, once), _PipeGuard(stderr, once)
         sys.stdout, sys.stderr = guards  # type: ignore[assignment]
-        _Cutting.stopping = False
+        _Cutting.stopping, _Cutting.guarded = False, True
         try:
             yield
         finally:
+            _Cutting.guarded = False
             if _Cutting.stopping:  # what a stop left buffered: cut too if it blocks, not at the exit's flush
                 for guard in guards:
                     with contextlib.suppress(Exception):

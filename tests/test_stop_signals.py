@@ -223,10 +223,55 @@ def test_a_stop_cuts_a_write_that_blocks_and_nothing_else(when: str):
     assert name == "SIGINT" and float(waited) < 5 and by_reader == "False", done.stderr
 
 
-def test_a_stop_leaves_a_write_that_does_not_block_alone(capfd: pytest.CaptureFixture[str]):
-    """Ctrl-C during a write that goes through costs none of the output after it."""
+SLOW_READER_PROBE = textwrap.dedent(
+    """
+    import fcntl, os, signal, sys, threading, time
     from drnn_cli import signals
 
+    reading, writing = os.pipe()
+    fcntl.fcntl(writing, 1031, 4096)  # F_SETPIPE_SZ: a 4 KiB pipe, full at once
+    got = bytearray()
+
+    def reader():  # alive throughout: 1 KiB every 0.25 s, slow, never stalled
+        while chunk := os.read(reading, 1024):
+            got.extend(chunk)
+            time.sleep(0.25)
+
+    threading.Thread(target=reader, daemon=True).start()
+    stream = open(writing, "w", encoding="utf-8")
+    guard = signals._PipeGuard(stream, signals._Once())
+    with signals.StopRequests().noted():
+        signal.raise_signal(signal.SIGINT)  # a stop noted before the closing report is written
+        for line in range(24):
+            guard.write(f"summary line {line:03d} " + "x" * 480 + "\\n")  # 12 KB: 3 s at its pace
+        guard.flush()
+    stream.close()
+    time.sleep(1.5)
+    print(got.decode().count("\\n"), guard._dropped, file=sys.stderr)
+    """
+)
+
+
+def test_a_stop_leaves_a_slow_reader_that_reads_its_whole_output():
+    """Once a stop is noted, a write is cut only where its reader took nothing for a whole tick, not
+    where the pipe is full at one look (review rev41b: a reader draining 1 KiB every 0.25 s got 16 of
+    40 closing lines, the --json object among those lost)."""
+    done = subprocess.run(
+        [sys.executable, "-c", SLOW_READER_PROBE],
+        env={**CHILD_ENV, "PYTHONPATH": pythonpath_with_repo()},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.split() == ["24", "False"], done.stderr
+
+
+def test_a_stop_leaves_a_write_that_does_not_block_alone(capfd: pytest.CaptureFixture[str]):
+    """Ctrl-C during a write that goes through costs none of the output after it; and in-process (here,
+    outside guard_output) the stop leaves no state behind: no stop pending for the guards, the SIGALRM
+    handler as it was (review rev41b: both outlived the stop in the test process)."""
+    from drnn_cli import signals
+
+    alarm = signal.getsignal(signal.SIGALRM)
     reading, writing = os.pipe()
     with open(writing, "w", encoding="utf-8") as stream:
         guard = signals._PipeGuard(stream, signals._Once())
@@ -250,5 +295,6 @@ def test_a_stop_leaves_a_write_that_does_not_block_alone(capfd: pytest.CaptureFi
                 guard.flush()
             assert stops.pending
             assert os.read(reading, 100) == b"first\nsecond\n"
+            assert not signals._Cutting.stopping and signal.getsignal(signal.SIGALRM) is alarm
         finally:
             os.close(reading)

@@ -43,6 +43,10 @@ FORMAT_VERSION = 1
 # would not fit (check_header_room), and never writes a header it would not read back.
 MAX_HEADER_BYTES = 64 << 20
 HEADER_ROOM_KEPT = 4 << 20  # for the config, counters and the optimizer's hyper-parameters
+# The most untrained token ids a header records (Checkpoint.untrained_ids), within HEADER_ROOM_KEPT: at
+# 9 bytes an id, 1.8 MB; a word vocabulary near the cap with more is recorded as not known (review
+# rev41b: 1.2 M ids took a 57 MiB vocabulary's header past the cap, refused at the first checkpoint)
+MAX_UNTRAINED_IDS = 200_000
 MAX_HEADER_DEPTH = 64
 # A header's lists and objects: a few hundred in a real one (each torchrun rank's state adds a few
 # dozen); parsing 60 MiB of ``[]`` built 21 million lists (1.9 GB, 7-13 s), so more are refused unparsed
@@ -217,7 +221,7 @@ class Checkpoint:
     # recorded them, whose bases are read from their files)
     bases: BaseChain | None = None
     # the ids (<unk> aside) that no training split of this model held, its bases' included: their input
-    # weights are as initialised (None: not known, in a checkpoint written before drnn recorded them or
+    # weights no gradient moved (None: not known, in a checkpoint written before drnn recorded them or
     # fine-tuned from one)
     untrained_ids: tuple[int, ...] | None = None
     read_at: str = ""  # which checkpoint this is (trained_point), as read from its file; "" for one to write

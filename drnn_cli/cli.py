@@ -846,7 +846,9 @@ def main(argv: list[str] | None = None) -> None:
             # An OS refusal the user can fix (permissions, full disk, a path that is a file): one line.
             if error.filename:
                 said = f"cannot access {error.filename}: {error.strerror or error}"
-            elif error.errno in OUTPUT_ERRNOS:  # drnn's own files name theirs: the output it prints
+            # drnn's own writes name their files (files.py, checkpoints, caches), so a full disk that names
+            # none is the output it prints: true of every write path today, to keep true of new ones
+            elif error.errno in OUTPUT_ERRNOS:
                 said = (
                     f"cannot write the command's output (standard output or error): {error.strerror or error}; "
                     "send it where there is room"

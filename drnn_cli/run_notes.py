@@ -188,9 +188,9 @@ def untrained_tokens_note(
 ) -> str | None:
     """``subject`` (predict's prefix, the text inspect reads) holding tokens that no training split of the
     model held (``Checkpoint.untrained_ids``): the vocabulary is the whole text's, held-out splits
-    included, so the model reads them, yet their input weights are as initialised and what follows them
-    rests on nothing it learned. None where there is none, or the checkpoint does not know (one written
-    before drnn recorded them)."""
+    included, so the model reads them, yet no gradient ever moved their input weights (as initialised, or
+    decayed towards zero under AdamW) and what follows them rests on nothing it learned. None where there
+    is none, or the checkpoint does not know (one written before drnn recorded them, or too many)."""
     untrained = set(untrained_ids or ())
     never = [t for t in dict.fromkeys(tokens) if vocab[t] in untrained]  # in the order the prefix has them
     if not never:

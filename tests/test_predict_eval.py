@@ -725,7 +725,9 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
     assert learned in tuned_said and tuned_said in evaluate_split(tuned, "test").notes
 
 
-def test_predict_says_which_prefix_characters_no_training_split_held(workdir: Path, cli):
+def test_predict_says_which_prefix_characters_no_training_split_held(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
     """A checkpoint records the ids its training never held (the vocabulary is the whole text's): here the
     320 training characters are a and b, and 'é' and '😀' only the held-out tail's. A prefix holding
     them is continued from input weights as initialised, which predict says; a fine-tuned model's
@@ -789,6 +791,10 @@ def test_predict_says_which_prefix_characters_no_training_split_held(workdir: Pa
     assert code == 0 and "never trained" not in err, err
 
     # a record that is not increasing ids of the vocabulary (<unk> aside) is a corrupt header
+    # more ids than a header makes room for are recorded as not known (MAX_UNTRAINED_IDS: 200,000)
+    monkeypatch.setattr("drnn_cli.trainer_checkpoint.MAX_UNTRAINED_IDS", 1)
+    assert cli("train", "--config", config, "--run", "runs/crowded")[0] == 0
+    assert load_checkpoint(workdir / "runs" / "crowded" / "last.safetensors").untrained_ids is None
     whole = load_checkpoint(last)
     for bad in ((vocab["😀"], vocab["é"]), (0,), (len(vocab),)):
         save_checkpoint(last, replace(whole, untrained_ids=bad))

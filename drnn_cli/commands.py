@@ -23,7 +23,15 @@ from drnn_cli.batches import (
 from drnn_cli.checkpoint import BaseChain, BaseRecord, Checkpoint, load_checkpoint, read_checkpoint_info
 from drnn_cli.config import Config, load_config
 from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
-from drnn_cli.data import Dataset, UnseenInTraining, encode_text, load_dataset, load_same_corpus
+from drnn_cli.data import (
+    Dataset,
+    UnseenInTraining,
+    encode_text,
+    load_dataset,
+    load_same_corpus,
+    unseen_among,
+    untrained_mask,
+)
 from drnn_cli.decode import (
     MAX_DECODE_SEED,
     DecodeOptions,
@@ -585,14 +593,21 @@ def evaluate_split(
     config = loaded.checkpoint.config
     read_as = rows or config.data.batch_size  # a split's: as the run that cuts it reads it (below)
     notes: tuple[str, ...] = ()  # a --data file is encoded apart from the token cache
-    unseen: UnseenInTraining | None = None  # a --data file is not counted against the training split
-    unseen_ids = None  # …and its predictions of them summed apart, where it has any
+    # the predictions of tokens the model never trained on: from the tokens its checkpoint records no
+    # training split of it held (its bases' too), for any text; else, where it records none, from this
+    # run's training split, for its own held-out splits alone
+    unseen: UnseenInTraining | None = None
+    unseen_mask: torch.Tensor | None = None
+    recorded = loaded.checkpoint.untrained_ids
+    record = None if recorded is None else untrained_mask(recorded, len(loaded.checkpoint.vocab))
+    from_record = False
     if data_file is not None:
         tokens, source = _file_tokens(data_file, loaded.checkpoint)
         split_name = "file"
         if _is_trained_text(data_file, loaded.checkpoint):
             fine_tuned = loaded.checkpoint.init_from is not None
             notes = (trained_text_note(str(data_file), len(tokens), config.data, fine_tuned),)
+        from_record = record is not None
     else:
         cut = split_source(loaded, splits_of)
         read_as = rows or cut.config.data.batch_size
@@ -607,11 +622,17 @@ def evaluate_split(
             scored = BaseRecord.of(str(loaded.path.resolve()), own, own.read_at)
             optimistic = trained_on_split_note(scored, chain, cut.config, dataset, split_name)
             notes = (*notes, *filter(None, (not_its_base_note(loaded.path, own.read_at, cut),)))
+            from_record = record is not None
         else:
-            unseen = dataset.unseen_in_training(split_name)
-            unseen_ids = dataset.unseen_ids() if unseen.count else None
+            # a fine-tuned model's record sees its bases' training too; a run's own split is its own
+            from_record = record is not None and own.init_from is not None
+            if not from_record:
+                unseen, unseen_mask = dataset.unseen_in_training(split_name), dataset.unseen_ids()
             optimistic = base_trained_note(chain, own.config, dataset, split_name)
         notes = (*notes, *filter(None, (optimistic, replaced)))
+    if from_record and record is not None:
+        unseen, unseen_mask = unseen_among(tokens[1:], record, loaded.checkpoint.vocab), record
+    unseen_ids = unseen_mask if unseen is not None and unseen.count else None  # summed apart where any
     result = evaluate(
         loaded.model,
         tokens,
@@ -648,7 +669,11 @@ def evaluate_split(
         None
         if unseen is None
         else unseen_in_training_note(
-            unseen, split_name, checkpoint.init_from is not None, seen_perplexity=result.seen_perplexity
+            unseen,
+            split_name,
+            checkpoint.init_from is not None,
+            seen_perplexity=result.seen_perplexity,
+            recorded=from_record,
         )
     )
     notes = (

@@ -51,6 +51,29 @@ class UnseenInTraining:
     kinds: int  # how many distinct tokens they are
 
 
+def unseen_among(targets: torch.Tensor, unseen: torch.Tensor, vocab: Vocab, few: int = 3) -> UnseenInTraining:
+    """How many of ``targets`` are ids the boolean mask ``unseen`` marks (a training split's unheld ids,
+    ``Dataset.unseen_ids``, or those a checkpoint records: ``untrained_mask``), and the ``few``
+    commonest of them."""
+    counts = count_ids(targets, len(vocab))
+    counts[~unseen] = 0
+    present = torch.nonzero(counts).flatten()
+    order = present[counts[present].argsort(descending=True, stable=True)][:few].tolist()
+    return UnseenInTraining(
+        count=int(counts.sum()),
+        predictions=len(targets),
+        commonest=tuple(vocab.idx_to_token[i] for i in order),
+        kinds=len(present),
+    )
+
+
+def untrained_mask(untrained_ids: tuple[int, ...], vocab_size: int) -> torch.Tensor:
+    """``Checkpoint.untrained_ids`` as a boolean mask over the vocabulary (``<unk>`` never in it)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[list(untrained_ids)] = True
+    return mask
+
+
 @dataclass(frozen=True)
 class Dataset:
     """An encoded corpus with its vocabulary and splits; ``tokens`` is after ``max_tokens``."""
@@ -113,18 +136,7 @@ class Dataset:
         never holds, and the ``few`` commonest of them. ``<unk>`` is left out: what the vocabulary lacks
         is counted as unknown (:meth:`lacking_in`), and a text's own ``<unk>`` is no new token."""
         start, stop = self.splits.span(split)
-        targets = self.tokens[start + 1 : stop]
-        counts = count_ids(targets, len(self.vocab))
-        counts[self._training_counts > 0] = 0
-        counts[self.vocab[UNK]] = 0
-        present = torch.nonzero(counts).flatten()
-        order = present[counts[present].argsort(descending=True, stable=True)][:few].tolist()
-        return UnseenInTraining(
-            count=int(counts.sum()),
-            predictions=len(targets),
-            commonest=tuple(self.vocab.idx_to_token[i] for i in order),
-            kinds=len(present),
-        )
+        return unseen_among(self.tokens[start + 1 : stop], self.unseen_ids(), self.vocab, few)
 
     def summary(self) -> dict:
         """The ``drnn data --json`` object (README "Commands": `drnn data`)."""

@@ -137,7 +137,11 @@ def trained_text_note(file: str, scored: int, data: DataConfig, fine_tuned: bool
 
 
 def unseen_in_training_note(
-    unseen: UnseenInTraining, split: str, fine_tuned: bool = False, seen_perplexity: float | None = None
+    unseen: UnseenInTraining,
+    split: str,
+    fine_tuned: bool = False,
+    seen_perplexity: float | None = None,
+    recorded: bool = False,
 ) -> str | None:
     """Held-out predictions of tokens this run's training split never holds, said whenever there is one:
     the vocabulary is the whole text's (d2l's, AWD-LSTM's way), so they are scored as known tokens the
@@ -145,7 +149,9 @@ def unseen_in_training_note(
     6.24% of its predictions: perplexity 26.49, 14.89 over the rest), so a share of 0.01% moves a
     perplexity by about 0.1%, its fourth figure. ``fine_tuned``: the model may have learned them from
     the text its base run trained on, which this run's split does not show. ``seen_perplexity``: the
-    split's perplexity over the other predictions, where it was measured (``drnn eval``)."""
+    split's perplexity over the other predictions, where it was measured (``drnn eval``). ``recorded``:
+    counted from the checkpoint's record of the tokens no training split of it held (its bases' too), so
+    exact for a fine-tuned model, and for any text (``split`` "file": ``drnn eval --data``)."""
     if not unseen.count:
         return None
     share = unseen.count / unseen.predictions
@@ -156,14 +162,20 @@ def unseen_in_training_note(
     )
     trained = (
         "the model knows them only if its base run's text held them"
-        if fine_tuned
+        if fine_tuned and not recorded
         else "training never shows them to the model"
     )
+    held = "no training split of this model held" if recorded else "this run's training split never holds"
+    what, whose = (
+        ("predictions", "the file's")
+        if split == "file"
+        else (f"{SPLIT_WORDS[split]} predictions", "the split's")
+    )
     return (
-        f"{unseen.count:,} of the {unseen.predictions:,} {SPLIT_WORDS[split]} predictions "
+        f"{unseen.count:,} of the {unseen.predictions:,} {what} "
         f"({shown_share}) {'is a token' if unseen.count == 1 else 'are tokens'} "
-        f"this run's training split never holds ({shown}{more}): the vocabulary holds such tokens, so they are "
-        f"scored as known, yet {trained}, and the split's perplexity counts them"
+        f"{held} ({shown}{more}): the vocabulary holds such tokens, so they are "
+        f"scored as known, yet {trained}, and {whose} perplexity counts them"
         + (
             ""
             if seen_perplexity is None

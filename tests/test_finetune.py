@@ -122,8 +122,9 @@ def test_a_base_model_is_scored_on_its_fine_tuned_runs_test_split_as_that_run_cu
         == base["perplexity"]
     )
     assert base["perplexity"] > own["perplexity"]  # the fine-tuning helped
-    # the other run's training split says nothing of the base's: not counted against it
-    assert (base["unseen_in_training"], base["seen_perplexity"]) == (None, None)
+    # the other run's training split says nothing of the base's: counted from the base checkpoint's own
+    # record of what no training split of it held (none of these characters)
+    assert (base["unseen_in_training"], base["seen_perplexity"]) == (0, base["perplexity"])
     assert (own["unseen_in_training"], own["seen_perplexity"]) == (0, own["perplexity"])
     # the split is the other run's, so it is named: its default (val, else train) would be that run's
     code, _, err = cli("eval", "--run", "runs/base", "--splits-of", "runs/tuned")

@@ -716,13 +716,30 @@ def test_eval_of_a_held_out_split_says_which_predictions_training_never_saw(work
     assert "training split never holds" not in err
     other = workdir / "other.txt"
     other.write_text("😀ab" * 20, encoding="utf-8")
+    # another text: counted from the checkpoint's record of what no training split of it held, '😀' at
+    # 19 of the 59 predictions (the file's first token is read, not predicted)
     code, out, err = cli("eval", "--run", "runs/tail", "--data", str(other), "--json")
-    assert json.loads(out.strip().splitlines()[-1])["unseen_in_training"] is None  # not counted
-    # a fine-tuned model may have learned them from its base run's text: the note does not say it never did
+    assert json.loads(out.strip().splitlines()[-1])["unseen_in_training"] == 19
+    assert (
+        "19 of the 59 predictions (32.20%) are tokens no training split of this model held ('😀'): the "
+        "vocabulary holds such tokens, so they are scored as known, yet training never shows them to the "
+        "model, and the file's perplexity counts them"
+    ) in " ".join(err.split()), err
+    # a checkpoint that records nothing (written before drnn did): the file is not counted
+    unrecorded = replace(loaded, checkpoint=replace(loaded.checkpoint, untrained_ids=None))
+    assert evaluate_split(unrecorded, data_file=other).result.unseen == 0
+    assert not [note for note in evaluate_split(unrecorded, data_file=other).notes if "never" in note]
+    # a fine-tuned model's record sees its bases' training too, so its note says what it never trained on;
+    # without a record, only that this run's split lacks them, which its base run's text may have held
     tuned = replace(loaded, checkpoint=replace(loaded.checkpoint, init_from="runs/base/last.safetensors"))
+    exact = said.removeprefix("note: ").replace(
+        "this run's training split never holds", "no training split of this model held"
+    )
+    assert exact in evaluate_split(tuned, "test").notes
+    blind = replace(tuned, checkpoint=replace(tuned.checkpoint, untrained_ids=None))
     learned = "the model knows them only if its base run's text held them"
     tuned_said = said.removeprefix("note: ").replace("training never shows them to the model", learned)
-    assert learned in tuned_said and tuned_said in evaluate_split(tuned, "test").notes
+    assert learned in tuned_said and tuned_said in evaluate_split(blind, "test").notes
 
 
 def test_predict_says_which_prefix_characters_no_training_split_held(
@@ -780,6 +797,13 @@ def test_predict_says_which_prefix_characters_no_training_split_held(
         in err
     ), err
 
+    # and drnn eval counts, in its validation split, the '😀' none of its training splits held
+    code, out, err = cli("eval", "--run", "runs/tuned", "--split", "val", "--json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["unseen_in_training"] == 1, err
+    assert (
+        "1 of the 29 validation predictions (3.45%) is a token no training split of this model held ('😀')"
+        in (" ".join(err.split()))
+    ), err
     # a base that recorded nothing (written before drnn did) leaves its fine-tuned model's unknown: no note
     for kept in (last, last.with_name("best.safetensors")):  # --init-from RUN reads its best
         save_checkpoint(kept, replace(load_checkpoint(kept), untrained_ids=None))
@@ -925,10 +949,14 @@ def test_eval_of_a_text_it_predicts_worse_than_a_uniform_guess_says_so(tiny_run:
     loaded = load_model(tiny_run, None, "cpu")
     report = evaluate_split(loaded, data_file=unlike)
     assert report.result.perplexity > 28 == len(loaded.checkpoint.vocab)
-    assert report.notes == (
+    unseen, uniform = report.notes  # 'q' is no character of the tiny run's training text: counted
+    assert unseen.startswith(
+        "40 of the 238 predictions (16.81%) are tokens no training split of this model held ('q'): "
+    )
+    assert uniform == (
         f"perplexity {report.result.perplexity:,.4g} is above 28, a uniform guess over the vocabulary: the "
         "model predicts this text worse than knowing nothing of it; it memorised the text it trained on, or "
-        "this text is unlike that one",
+        "this text is unlike that one"
     )
 
 

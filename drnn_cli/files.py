@@ -60,6 +60,16 @@ def write_refused(what: str, exc: OSError) -> str:
     return f"cannot write {what}: {exc.strerror or exc}" + (f"; {fix}" if fix else "")
 
 
+class WriteRefused(DrnnError):
+    """A write the OS refused, in :func:`write_refused`'s words. ``for_want_of_room``: the same write
+    would succeed with more room (a full disk, a quota, ``ulimit -f``), so a caller that can be
+    continued, such as a training run at a checkpoint, may add how to continue it."""
+
+    def __init__(self, what: str, exc: OSError) -> None:
+        super().__init__(write_refused(what, exc))
+        self.for_want_of_room = exc.errno in OUTPUT_ERRNOS
+
+
 def require_regular_file(path: Path, what: str, fix: str) -> int:
     """``path``'s size if it is a readable regular file; otherwise a DrnnError naming what it is."""
     try:
@@ -434,7 +444,7 @@ def atomic_write_stream(path: Path, write: Callable[[BinaryIO], object]) -> None
     try:
         _atomic_write(path, write)
     except OSError as exc:
-        raise DrnnError(write_refused(str(path), exc)) from None
+        raise WriteRefused(str(path), exc) from None
 
 
 def _new_temporary(path: Path) -> tuple[int, Path]:
@@ -486,7 +496,7 @@ def atomic_link(source: Path, path: Path) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        raise DrnnError(write_refused(str(path), exc)) from None
+        raise WriteRefused(str(path), exc) from None
     _fsync_directory(path.parent)
 
 

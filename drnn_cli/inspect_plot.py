@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,12 +122,15 @@ def inspection_figure(inspection: Inspection) -> Figure:
         if inspection.tokens < MIN_RANKING_CHARS
         else ""
     )
-    strip.set_title(
+    title = (
         f"layer {inspection.layer} {signal}, each unit scaled to its largest |activation| on the whole text{of}\n"
         f"top row: surprisal, white 0 bits → orange ≥ {SURPRISAL_FULL_BITS:g} bits "
-        f"(grey: the first character, which has no prediction){few}",
-        fontsize=10,
+        f"(grey: the first character, which has no prediction){few}"
     )
+    verdict = inspection.untrained_verdict  # the line the table and the page give after the units (learner41)
+    if verdict is not None:  # wrapped to the title's widest line, which the strip above the units holds
+        title += "\n" + textwrap.fill(verdict, max(map(len, title.split("\n"))))
+    strip.set_title(title, fontsize=10)
 
     for row, (layer, gates) in enumerate(gate_rows, start=1):
         for column, (name, saturation) in enumerate(gates.items()):

@@ -38,7 +38,7 @@ from drnn_cli.data import Dataset
 from drnn_cli.decode import greedy_samples
 from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged, TrainingInterrupted
 from drnn_cli.evaluate import EvaluationAbandoned, evaluate, perplexity
-from drnn_cli.files import atomic_link
+from drnn_cli.files import WriteRefused, atomic_link
 from drnn_cli.model_probes import check_precision_works, compile_cells
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
 from drnn_cli.optimizers import (
@@ -409,6 +409,12 @@ class Trainer:
             except NonFiniteCheckpoint:
                 where = training_position(epoch, progress.step if progress else 0, self.global_step)
                 raise self._diverged(f"the weights became NaN or infinite {where}") from None
+            except WriteRefused as refused:
+                if not refused.for_want_of_room:
+                    raise
+                # the file there before is intact (written whole or not at all): say how to go on from it
+                continuing = left_by_signal(self.run_dir, self.resume_advice)
+                raise DrnnError(f"{refused}; training stopped, and {continuing}") from None
 
     def _kept_name(self, epochs_done: int) -> str:
         """The kept file of this point: by epochs done for an epoch cadence, else by optimizer step."""

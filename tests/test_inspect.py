@@ -749,6 +749,14 @@ def test_a_network_read_as_its_own_untrained_self_is_no_closer_than_untrained_on
         for unit in result.units
     ]
     assert f'<p class="meta">{html.escape(NONE_ABOVE_UNTRAINED)}</p>' in page
+    # the PNG says it under its title, as the table and the page do
+    from drnn_cli.inspect_plot import inspection_figure
+
+    figure = inspection_figure(result)
+    (strip,) = [axes for axes in figure.axes if axes.get_title().startswith("layer 1 cell state")]
+    title = strip.get_title().split("\n")
+    assert " ".join(title).endswith(" " + NONE_ABOVE_UNTRAINED)
+    assert max(map(len, title)) == len(title[1])  # wrapped to the widest line above it
     # seeded otherwise, the same shape's best units are other ones: the verdict follows the numbers
     other = inspect_text(model, vocab, DataConfig(preprocess="none"), request, torch.device("cpu"), seed=6)
     for unit, shown in zip(other.units, other.summary()["units"], strict=True):

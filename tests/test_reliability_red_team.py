@@ -450,7 +450,7 @@ def test_a_character_checkpoint_whose_vocabulary_holds_a_longer_token_is_corrupt
 
 
 def test_two_processes_never_both_hold_the_lock(tmp_path: Path):
-    trials = 30
+    trials = 15  # each costs the loser LOCK_PATIENCE_SECONDS and its 0.05 s: about 0.3 s
     context = multiprocessing.get_context("spawn")
     ready, go, tried, results = context.Barrier(3), context.Barrier(3), context.Barrier(2), context.Queue()
     go_at = context.Value("d", 0.0)
@@ -1016,6 +1016,43 @@ def test_a_full_disk_names_the_file(workdir: Path, cli, monkeypatch: pytest.Monk
     monkeypatch.setattr("drnn_cli.files.os.fsync", full)
     code, _, err = cli("train", "--config", str(config_file(workdir, TINY)))
     assert_one_line_error(code, err, f"cannot write {Path('runs') / 'tiny'}", "No space left on device")
+
+
+def test_a_disk_that_fills_during_training_says_the_last_checkpoint_continues(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """red41: the line named the OS's reason, but not that the epoch-1 checkpoint was whole and that
+    --resume continues from it once there is room."""
+    import errno
+
+    from drnn_cli import train as train_module
+
+    writes: list[Path] = []
+    real_save = train_module.save_checkpoint
+
+    def full_from_the_second_epoch(path: Path, checkpoint) -> None:
+        writes.append(path)
+        if len(writes) > 1:  # the checkpoint files write through files.atomic_write_stream
+            from drnn_cli.files import WriteRefused
+
+            raise WriteRefused(str(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        real_save(path, checkpoint)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", full_from_the_second_epoch)
+    config = config_file(workdir, tiny(checkpoint_every=1))
+    code, _, err = cli("train", "--config", str(config))
+    last = Path("runs") / "tiny" / "last.safetensors"
+    assert_one_line_error(
+        code,
+        err,
+        f"cannot write {last}: No space left on device; free space on that filesystem",
+        f"; training stopped, and the last checkpoint written, {last}, continues with the same command plus --resume",
+    )
+    assert load_checkpoint(workdir / last).epoch == 1
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)  # room again
+    code, _, err = cli("train", "--config", str(config), "--resume")
+    assert code == 0, err
+    assert load_checkpoint(workdir / last).epoch == 2
 
 
 @pytest.mark.parametrize("kind", ["binary", "directory"])

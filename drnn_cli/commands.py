@@ -59,6 +59,7 @@ from drnn_cli.run_notes import (
     scored_unknown_note,
     short_rows_note,
     trained_text_note,
+    trained_text_read_note,
     unseen_in_training_note,
     untrained_tokens_note,
 )
@@ -959,9 +960,7 @@ def inspect(loaded: LoadedModel, request: InspectRequest, outputs: InspectOutput
         and request.file != STDIN
         and _is_trained_text(request.file, loaded.checkpoint)
     ):
-        # imported here, where inspect alone uses them; the split end is the one eval's note computes
-        from drnn_cli.introspect import trained_text_read_note
-
+        # the split end is the one eval's note computes
         trained, _ = training_split_end(config.data, inspection.full_length)
         fine_tuned = loaded.checkpoint.init_from is not None
         trained_text = trained_text_read_note(

@@ -620,37 +620,6 @@ def read_chars(request: InspectRequest, data: DataConfig) -> ReadChars:
     return ReadChars(shown, source, len(chars), reading.changed, reading.glued)
 
 
-def trained_text_read_note(file: str, read: int, trained: int, full: int, fine_tuned: bool) -> str | None:
-    """A ``--file`` that is the very text the run trained on, as ``drnn eval --data`` finds it
-    (:func:`~drnn_cli.run_notes.trained_text_note`): which of the ``read`` characters inspected are the
-    run's training split, its first ``trained`` of the text's ``full`` (after preprocessing). eval's own
-    note counts the whole file, where inspect reads its first :data:`MAX_CHARS` (learner41: the first
-    20,000 characters of the corpus, 9,000 of them training text, were inspected with nothing said).
-    ``fine_tuned``: its base run's text is another question, which the checkpoint cannot answer."""
-    shown = min(trained, read)
-    if shown <= 0:
-        return None
-    whole = shown == read
-    remedy = (
-        f"past its first {trained:,} characters (after preprocessing) the file is text the run never trained "
-        "on: cut a passage of it into a file of its own to see the model on text it has not seen"
-        if trained < full
-        else "the run holds none of it out: inspect another text to see the model on one it has not seen"
-    )
-    return (
-        f"{file} is the text this model was trained on: "
-        + (
-            f"all {read:,} characters read"
-            if whole
-            else f"the first {shown:,} of the {read:,} characters read"
-        )
-        + f" are the run's training split, so this perplexity is {'a' if whole else 'partly a'} training figure, "
-        f"not a held-out one; {remedy}"
-        + ("; its base run's text is not compared" if fine_tuned else "")
-        + ' (README "Your own text, and held-out numbers that mean something")'
-    )
-
-
 def _read_stdin(max_bytes: int) -> bytes:
     """Standard input, read whole up to ``max_bytes`` and a byte (refused past it, as a file is).
 

@@ -127,10 +127,39 @@ def trained_text_note(file: str, scored: int, data: DataConfig, fine_tuned: bool
             "on text the model never trained on, or evaluate another text"
         )
     whole = "all" if trained == scored else f"the first {trained:,}"
+    share = f"{whole} of its {scored:,} tokens ({percent(trained / scored)})"
+    return _trained_text_sentence(file, share, trained == scored, remedy, fine_tuned)
+
+
+def trained_text_read_note(file: str, read: int, trained: int, full: int, fine_tuned: bool) -> str | None:
+    """``drnn inspect --file`` of the very text the run trained on, as :func:`trained_text_note` finds
+    it for eval: which of the ``read`` characters inspected are the run's training split, its first
+    ``trained`` of the text's ``full`` (after preprocessing). eval's note counts the whole file, where
+    inspect reads its first characters alone (learner41: the first 20,000 characters of the corpus,
+    9,000 of them training text, were inspected with nothing said)."""
+    shown = min(trained, read)
+    if shown <= 0:
+        return None
+    whole = shown == read
+    remedy = (
+        f"past its first {trained:,} characters (after preprocessing) the file is text the run never trained "
+        "on: cut a passage of it into a file of its own to see the model on text it has not seen"
+        if trained < full
+        else "the run holds none of it out: inspect another text to see the model on one it has not seen"
+    )
+    share = (
+        f"all {read:,} characters read" if whole else f"the first {shown:,} of the {read:,} characters read"
+    )
+    return _trained_text_sentence(file, share, whole, remedy, fine_tuned)
+
+
+def _trained_text_sentence(file: str, share: str, whole: bool, remedy: str, fine_tuned: bool) -> str:
+    """eval's and inspect's note of a file that is the run's own text: ``share``, what of it was read
+    that is the training split (``whole``: all of it). ``fine_tuned``: the base run's text is another
+    question, which the checkpoint cannot answer."""
     return (
-        f"{file} is the text this model was trained on: {whole} of its {scored:,} tokens "
-        f"({percent(trained / scored)}) are the run's training split, so this perplexity is "
-        f"{'a' if trained == scored else 'partly a'} training figure, not a held-out one; {remedy}"
+        f"{file} is the text this model was trained on: {share} are the run's training split, so this "
+        f"perplexity is {'a' if whole else 'partly a'} training figure, not a held-out one; {remedy}"
         + ("; its base run's text is not compared" if fine_tuned else "")
         + ' (README "Your own text, and held-out numbers that mean something")'
     )

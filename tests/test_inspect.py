@@ -830,7 +830,7 @@ def test_the_runs_own_text_as_a_file_is_said_to_be_training_text_as_eval_data_sa
 
 
 def test_the_trained_text_note_says_which_characters_read_the_run_trained_on():
-    from drnn_cli.introspect import trained_text_read_note
+    from drnn_cli.run_notes import trained_text_read_note
 
     cite = ' (README "Your own text, and held-out numbers that mean something")'
     # the whole book at a 10% validation split: all 20,000 read are training text

@@ -1,5 +1,5 @@
 """The from-scratch cells (``model.impl: scratch``): one timestep forward, and backpropagation through
-time written out by hand (d2l §9.7), tested equal to autograd's.
+time written out by hand (d2l 0.17.6 §8.7), tested equal to autograd's.
 
 Why a hand-written backward pass: through autograd, the recurrent weight's gradient is one small
 matrix product per timestep, added up, and a timestep's backward is a replay of each gate operation

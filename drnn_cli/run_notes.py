@@ -284,7 +284,9 @@ def data_notes(
         if unknown >= UNKNOWN_SHARE_NOTED:
             notes.append(
                 f"data.min_freq {data.min_freq} maps {unknown:.1%} of the training tokens to <unk>: the model "
-                "learns to predict <unk>, and its perplexities count those guesses (lower data.min_freq)"
+                "learns to predict <unk>, and its perplexities count those guesses, easier than the tokens "
+                "they stand for: compare them only with runs of the same vocabulary (a lower data.min_freq "
+                "keeps more of the text's tokens)"
             )
     if data.test_fraction > 0 and test_tokens < MIN_EVAL_TOKENS:
         notes.append(
@@ -378,11 +380,19 @@ def rare_tokens_note(vocab: Vocab, min_freq: int, token: str) -> str | None:
     kept = len(vocab) - len(rare)
     # the output layer's product, every step's for every token, is hidden × vocabulary (prac38: a run on
     # 3,217 characters trained about a quarter slower than one on 366)
+    # a share the min_freq note would then flag is said with its price, not as a free gain (learner42:
+    # this note proposed min_freq 3 for a word text, and the run with it was told to lower it)
+    price = (
+        "; the price: the model then predicts <unk> for that share, and its perplexities count those "
+        "easier guesses, comparable only with runs of the same vocabulary"
+        if share >= UNKNOWN_SHARE_NOTED
+        else ""
+    )
     return (
         f"{len(rare):,} of the vocabulary's {len(vocab):,} {token}s occur fewer than {RARE_COUNT} times in the "
         f"text: each is an output the model sees too seldom to learn; data.min_freq {RARE_COUNT} maps them "
         f"to <unk> ({percent(share)} of the text), leaving a vocabulary of {kept:,}, and an output layer "
-        f"{_times(len(vocab) / max(1, kept))} times smaller to compute at every step"
+        f"{_times(len(vocab) / max(1, kept))} times smaller to compute at every step{price}"
     )
 
 

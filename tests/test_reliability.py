@@ -307,6 +307,25 @@ def test_runs_latest_is_no_run_name_and_a_checkpoint_file_is_no_run(workdir: Pat
     )
 
 
+def test_the_rare_tokens_note_names_min_freqs_price_where_the_min_freq_note_would_follow():
+    """learner42: for a word text the note proposed data.min_freq 3, and the run with it was told to lower
+    data.min_freq (12% of the text <unk>). Where the share it cuts is one the min_freq note flags (5%), the
+    proposal says its price; below that (the CJK tail's 4%, next test) it does not."""
+    from drnn_cli.run_notes import UNKNOWN_SHARE_NOTED, rare_tokens_note
+    from drnn_cli.vocab import Vocab
+
+    counts = {f"w{i}": 100 for i in range(100)} | {f"r{i}": 1 for i in range(1000)}  # 1,000 of 11,000: 9.1%
+    assert UNKNOWN_SHARE_NOTED <= 1000 / 11000
+    note = rare_tokens_note(Vocab.from_counts(counts), 0, "word")
+    assert note == (
+        "1,000 of the vocabulary's 1,101 words occur fewer than 3 times in the text: each is an output the model "
+        "sees too seldom to learn; data.min_freq 3 maps them to <unk> (9.09% of the text), leaving a vocabulary of "
+        "101, and an output layer 10.9 times smaller to compute at every step; the price: the model then "
+        "predicts <unk> for that share, and its perplexities count those easier guesses, comparable only with "
+        "runs of the same vocabulary"
+    )
+
+
 def test_a_min_freq_that_turns_much_of_the_text_into_unk_is_noted(workdir: Path, cli):
     """'aaaabbc ' × 100: with min_freq 150, c (100) and the space (100) become <unk>, 2 tokens of 8."""
     text = workdir / "small.txt"
@@ -317,7 +336,8 @@ def test_a_min_freq_that_turns_much_of_the_text_into_unk_is_noted(workdir: Path,
     assert code == 0, err
     assert (
         "note: data.min_freq 150 maps 25.0% of the training tokens to <unk>: the model learns to predict "
-        "<unk>, and its perplexities count those guesses (lower data.min_freq)"
+        "<unk>, and its perplexities count those guesses, easier than the tokens they stand for: compare them "
+        "only with runs of the same vocabulary (a lower data.min_freq keeps more of the text's tokens)"
     ) in out.splitlines()
     code, out, err = cli("train", "--config", config, "--set", "data.min_freq=100", "--overwrite")
     assert code == 0 and "<unk>" not in out, err  # a min_freq that keeps every token: nothing to note

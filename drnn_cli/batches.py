@@ -153,7 +153,8 @@ class EpochBatches:
     num_batches: int
     num_steps: int
     carries_state: bool
-    starts: torch.Tensor | None = None  # random: (num_batches, B/W) subsequence starts
+    offset: int  # the tokens the epoch's random draw skipped at the split's start
+    starts: torch.Tensor | None = None  # random: (num_batches, B/W) subsequence starts, from the offset
 
     def __len__(self) -> int:
         return self.num_batches
@@ -172,6 +173,15 @@ class EpochBatches:
         window = torch.arange(steps + 1, device=self.tokens.device)  # random: gathered at the starts
         for i in range(first, self.num_batches):
             yield self.tokens[self.starts[i].unsqueeze(1) + window]
+
+    def row_starts(self, batch: int) -> list[int]:
+        """Where each row of minibatch ``batch`` begins in the split: its first input's position (the
+        whole batch's rows: a torchrun rank's share of a sequential batch would be numbered from 0)."""
+        if self.starts is None:  # sequential: B equal rows of L tokens from the offset on
+            row_length = self.tokens.shape[1] - 1
+            first_column = batch * self.num_steps
+            return [self.offset + row * row_length + first_column for row in range(self.tokens.shape[0])]
+        return [self.offset + int(start) for start in self.starts[batch]]
 
     def from_step(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(X, Y)`` pairs of int64 ``(B/W, T)`` tensors from minibatch ``first`` on."""
@@ -207,6 +217,7 @@ def sequential_batches(
         num_batches=_num_batches("sequential", len(tokens), offset, batch_size, num_steps),
         num_steps=num_steps,
         carries_state=True,
+        offset=offset,
     )
 
 
@@ -227,6 +238,7 @@ def random_batches(
         num_batches=num_batches,
         num_steps=num_steps,
         carries_state=False,
+        offset=offset,
         starts=starts.to(tokens.device),
     )
 
@@ -252,6 +264,15 @@ def _num_batches(sampling: str, num_tokens: int, offset: int, batch_size: int, n
     if sampling == "sequential":
         return (num_tokens - offset - 1) // batch_size // num_steps
     return (num_tokens - offset - 1) // num_steps // batch_size
+
+
+def offset_range(num_tokens: int, data: DataConfig) -> tuple[int, int, int]:
+    """The offsets an epoch may draw, and the minibatches it then makes: ``(largest offset, fewest,
+    most)`` (d2l draws a new offset each epoch, so an epoch's minibatch count can move by one)."""
+    largest = _largest_offset(data.sampling, num_tokens, data.batch_size, data.num_steps)
+    fewest = _num_batches(data.sampling, num_tokens, largest, data.batch_size, data.num_steps)
+    most = _num_batches(data.sampling, num_tokens, 0, data.batch_size, data.num_steps)
+    return largest, fewest, most
 
 
 def mean_steps_per_epoch(num_tokens: int, data: DataConfig) -> float:

@@ -182,6 +182,10 @@ def _root(
 # drnn data
 
 
+MAX_SHOWN_BATCHES = 1_000  # --batches: more is no longer something to read
+MAX_EPOCH_SHOWN = 10**9  # --epoch: each epoch's seed is the run's and the epoch's; past this, no run goes
+
+
 @app.command("data")
 def data_command(
     config: ConfigOption = None,
@@ -195,12 +199,33 @@ def data_command(
         ),
     ] = None,
     max_unknown: MaxUnknownOption = None,
+    batches: Annotated[
+        int,
+        typer.Option(
+            "--batches",
+            metavar="N",
+            min=0,
+            max=MAX_SHOWN_BATCHES,
+            help="Show the first N minibatches of an epoch as training reads them (d2l §8.3).",
+        ),
+    ] = 0,
+    epoch: Annotated[
+        int,
+        typer.Option(
+            "--epoch",
+            metavar="E",
+            min=1,
+            max=MAX_EPOCH_SHOWN,
+            help="The epoch --batches shows and the minibatch count is of (each draws its own offset).",
+        ),
+    ] = 1,
     json_out: JsonOption = False,
 ) -> None:
     """Download (if needed), tokenize and describe the corpus.
 
     Example: drnn data --config lstm2.yaml --set data.token=word
     """
+    from drnn_cli.batch_view import view_lines
     from drnn_cli.commands import DataRequest, describe_data
     from drnn_cli.start_point import given_keys, load_start_config
 
@@ -209,7 +234,9 @@ def data_command(
     # a bare drnn data is the one read as "what I will train on"; --set or --init-from choose their own
     said = None if config is None and (set_ or init_from) else config_source_note(config, found)
     resolved = load_start_config(found, set_ or [], init_from)
-    request = DataRequest(resolved, init_from, max_unknown, given_keys(set_ or []), said)
+    request = DataRequest(
+        resolved, init_from, max_unknown, given_keys(set_ or []), said, show_batches=batches, epoch=epoch
+    )
     with download_progress(out) as hook:
         report = describe_data(request, progress=hook)
     dataset = report.dataset
@@ -232,10 +259,13 @@ def data_command(
         share = percent(report.unknown / max(1, len(dataset.tokens)))  # as the notes say it
         table.add_row("not in its vocabulary (<unk>)", f"{report.unknown:,} ({share} of the tokens used)")
     table.add_row(
-        "minibatches per epoch",
+        "minibatches per epoch" if epoch == 1 else f"minibatches in epoch {epoch}",
         f"{report.train_batches:,} ({data.sampling}, batch {data.batch_size} × {data.num_steps} steps)",
     )
     out.print(table)
+    if report.batches is not None:
+        for line in view_lines(report.batches, dataset.vocab, data.token):
+            print_line(out, line)
     for note in (*report.dataset.notes, *report.notes):
         print_note(out, note)
     if report.untrainable is not None:

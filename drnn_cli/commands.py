@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from drnn_cli.batch_view import EpochView, view_epoch
 from drnn_cli.batches import (
     MIN_EVAL_TOKENS,
     PlannedLength,
@@ -102,6 +103,7 @@ class DataReport:
     init_from: str | None = None  # the checkpoint a fine-tuning run would start from
     # the tokens the run would use that its vocabulary lacks: a fixed one's (fine-tuning), or min_freq's cut
     unknown: int = 0
+    batches: EpochView | None = None  # --batches: the first minibatches of the epoch asked for
 
     def most_frequent(self, n: int) -> tuple[list[tuple[str, int]], str]:
         """The ``n`` most frequent tokens of the vocabulary and what they were counted over: the whole
@@ -125,6 +127,11 @@ class DataReport:
             "notes": [*self.dataset.notes, *self.notes],
             "init_from": self.init_from,
             "unknown_tokens": self.unknown,
+            **(
+                {"batches": self.batches.summary(self.dataset.vocab, self.config.data.token)}
+                if self.batches is not None
+                else {}
+            ),
         }
 
 
@@ -139,6 +146,8 @@ class DataRequest:
     given: frozenset[str] = frozenset()  # the keys --set gives (a contradiction of the checkpoint is refused)
     config_note: str | None = None  # what --config read, where it may not be what was meant
     runs_root: Path = DEFAULT_RUNS_ROOT
+    show_batches: int = 0  # --batches: how many of the epoch's first minibatches to show
+    epoch: int = 1  # --epoch: the epoch counted (from 1, as training counts), and shown
 
 
 def describe_data(request: DataRequest, progress: ProgressHook | None = None) -> DataReport:
@@ -167,10 +176,13 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         else:
             notes.extend([lacking] if lacking else [])
         notes.extend(fine_tuning_notes(start, dataset))
-    batches = 0
+    batches, shown = 0, None
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=dataset.capped)
-        batches = len(epoch_batches(dataset.splits.train, data, config.train.seed, 0))
+        split, seed = dataset.splits.train, config.train.seed
+        batches = len(epoch_batches(split, data, seed, request.epoch - 1))
+        if request.show_batches:
+            shown = view_epoch(split, data, seed, request.epoch, request.show_batches)
     except DrnnError as refused:
         refusals.append(str(refused))
     else:  # how long the run would be, and what that means for its settings (a run that trains)
@@ -192,6 +204,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         tuple(notes),
         start.init_label if start is not None else None,
         dataset.lacking_in(),
+        shown,
     )
 
 

@@ -1,0 +1,147 @@
+"""The minibatches one training epoch reads, for ``drnn data --batches``: each row's place in the
+training split, its inputs X and targets Y (X shifted by one), and the offset the epoch drew, as d2l
+0.17.6 §8.3 prints them for its toy sequence (``seq_data_iter_random``, ``seq_data_iter_sequential``).
+
+They are the trainer's own minibatches (:func:`~drnn_cli.batches.epoch_batches`, the same seed and
+epoch), not a re-implementation beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from drnn_cli.batches import epoch_batches, offset_range
+from drnn_cli.config import DataConfig
+from drnn_cli.decode import join_tokens
+from drnn_cli.vocab import Vocab
+
+# The rows the human output lists of each minibatch (--json lists them all): the seed config's 32 rows
+# of 35 characters would be a screen a minibatch
+SHOWN_ROWS = 8
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One row of a minibatch: ``start`` the position of its first input in the training split."""
+
+    start: int
+    inputs: tuple[int, ...]  # token ids X
+    targets: tuple[int, ...]  # token ids Y: the inputs shifted by one, so Y[t] = X[t + 1]
+
+    def summary(self, vocab: Vocab, token: str) -> dict:
+        return {
+            "start": self.start,
+            "x": list(self.inputs),
+            "y": list(self.targets),
+            "x_text": text_of(self.inputs, vocab, token),
+            "y_text": text_of(self.targets, vocab, token),
+        }
+
+
+@dataclass(frozen=True)
+class EpochView:
+    """The first minibatches of one epoch (``epoch`` counted from 1, as the training log counts)."""
+
+    epoch: int
+    sampling: str
+    offset: int  # the tokens this epoch skips at the split's start, drawn from 0 to largest_offset
+    largest_offset: int
+    carries_state: bool  # sequential: row b of minibatch i+1 continues row b of minibatch i
+    batch_size: int
+    minibatches: int  # this epoch's
+    fewest: int  # the fewest and most minibatches an epoch makes, as its offset falls
+    most: int
+    shown: tuple[tuple[BatchRow, ...], ...]
+
+    def summary(self, vocab: Vocab, token: str) -> dict:
+        return {
+            "epoch": self.epoch,
+            "sampling": self.sampling,
+            "offset": self.offset,
+            "largest_offset": self.largest_offset,
+            "carries_state": self.carries_state,
+            "batch_size": self.batch_size,
+            "minibatches": self.minibatches,
+            "fewest_minibatches": self.fewest,
+            "most_minibatches": self.most,
+            "shown": [[row.summary(vocab, token) for row in batch] for batch in self.shown],
+        }
+
+
+def view_epoch(split: torch.Tensor, data: DataConfig, seed: int, epoch: int, count: int) -> EpochView:
+    """The first ``count`` minibatches a run with ``data`` and ``train.seed`` ``seed`` trains on in
+    ``epoch`` (from 1) of the training split ``split``."""
+    batches = epoch_batches(split, data, seed, epoch - 1)
+    largest, fewest, most = offset_range(len(split), data)
+    shown = []
+    for index, window in zip(range(count), batches.windows_from(0), strict=False):
+        rows = window.tolist()
+        shown.append(
+            tuple(
+                BatchRow(start, tuple(row[:-1]), tuple(row[1:]))
+                for start, row in zip(batches.row_starts(index), rows, strict=True)
+            )
+        )
+    return EpochView(
+        epoch=epoch,
+        sampling=data.sampling,
+        offset=batches.offset,
+        largest_offset=largest,
+        carries_state=batches.carries_state,
+        batch_size=data.batch_size,
+        minibatches=len(batches),
+        fewest=fewest,
+        most=most,
+        shown=tuple(shown),
+    )
+
+
+def text_of(ids: tuple[int, ...], vocab: Vocab, token: str) -> str:
+    return join_tokens([vocab.idx_to_token[i] for i in ids], token)
+
+
+def view_lines(view: EpochView, vocab: Vocab, token: str) -> list[str]:
+    """The view in words: how the epoch cut its minibatches, then each shown one's rows as positions in
+    the training split and text, the inputs X then the targets Y."""
+    steps = len(view.shown[0][0].inputs) if view.shown else 0
+    count = (
+        f"{view.minibatches:,}"
+        if view.fewest == view.most
+        else f"{view.minibatches:,} (an epoch makes {view.fewest:,}–{view.most:,}, as its offset falls)"
+    )
+    skip = (
+        f"it skips the training split's first {view.offset:,} tokens (its offset, drawn again each epoch "
+        f"from 0–{view.largest_offset:,})"
+    )
+    if view.carries_state:
+        how = (
+            f"epoch {view.epoch}, sequential partition: {skip} and splits the rest into {view.batch_size:,} "
+            f"rows of equal length; each minibatch takes the next {steps:,} tokens of every row, so row b of "
+            "one continues row b of the one before: the hidden state carries over (detached: truncated "
+            "backpropagation through time)"
+        )
+    else:
+        how = (
+            f"epoch {view.epoch}, random sampling: {skip}, cuts the rest into subsequences of {steps:,} "
+            f"tokens and takes {view.batch_size:,} of them at random a minibatch; the hidden state starts "
+            "from zeros at each minibatch"
+        )
+    lines = [f"{how}; minibatches: {count}"]
+    last = max((row.start + steps - 1 for rows in view.shown for row in rows[:SHOWN_ROWS]), default=0)
+    width = len(f"{last:,}") * 2 + 1  # the widest span shown, "1,880–1,914", aligns the texts
+    for index, rows in enumerate(view.shown, start=1):
+        lines.append(
+            f"minibatch {index} of {view.minibatches:,}: each row's tokens (counted from 0 in the training "
+            "split), its inputs X and its targets Y (X shifted by one)"
+        )
+        for number, row in enumerate(rows[:SHOWN_ROWS], start=1):
+            span = f"{row.start:,}–{row.start + steps - 1:,}"
+            lines.append(
+                f"  row {number:>2}  tokens {span:<{width}}  X {text_of(row.inputs, vocab, token)!r}  "
+                f"Y {text_of(row.targets, vocab, token)!r}"
+            )
+        if len(rows) > SHOWN_ROWS:
+            lines.append(f"  … {len(rows) - SHOWN_ROWS:,} more rows (--json lists every row, with token ids)")
+    return lines

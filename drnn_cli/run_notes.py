@@ -774,6 +774,30 @@ def overflowed_note(train_ppls: list[float], train: TrainConfig) -> str | None:
     )
 
 
+# worse_than_uniform_note: a last training perplexity past this many times the vocabulary's size (what a
+# uniform guess scores) is a model gone wrong, not one early in training, whose figure is near the size
+WORSE_THAN_UNIFORM = 2  # the note says "twice"
+
+
+def worse_than_uniform_note(train_ppls: list[float], vocab_size: int, train: TrainConfig) -> str | None:
+    """A session whose last finite training perplexity is far above a uniform guess's, the vocabulary's
+    size: gradients that exploded (learner42: train.clip 0 at 100 steps ended at perplexity 1.5e+48, with
+    nothing said), said with the settings that prevent it."""
+    finite = [ppl for ppl in train_ppls if math.isfinite(ppl)]
+    if not finite or finite[-1] <= WORSE_THAN_UNIFORM * vocab_size:
+        return None
+    fix = (
+        "clip the gradient norm (train.clip 1, d2l 0.17.6 §8.5) or lower train.lr"
+        if not train.clip
+        else "lower train.lr"
+    )
+    return (
+        f"the last training perplexity, {format_perplexity(finite[-1], 1)}, is more than twice the "
+        f"vocabulary's size, {vocab_size:,}, which a uniform guess scores: the model predicts worse "
+        f"than one that knows nothing, as after exploding gradients; {fix} (now {train.lr:g})"
+    )
+
+
 # last_weights_note: a last validation this many times its best's is said to have risen
 RISEN_PAST_BEST = 1.1
 

@@ -81,6 +81,7 @@ from drnn_cli.run_notes import (
     unannealed_end_note,
     unannealed_note,
     validated_at,
+    worse_than_uniform_note,
 )
 from drnn_cli.runtime import (
     DistContext,
@@ -1325,6 +1326,10 @@ class Trainer:
         ]
         if (overflowed := overflowed_note(session_ppls, self.config.train)) is not None:
             notes.append(overflowed)
+        elif (
+            worse := worse_than_uniform_note(session_ppls, len(self.dataset.vocab), self.config.train)
+        ) is not None:
+            notes.append(worse)
         start = self._start_record()
         if start is not None and self.best_kept == start.val_ppl:
             notes.append(  # no path: under --overwrite the run trains in a staging folder swapped in at its end

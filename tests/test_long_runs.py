@@ -442,6 +442,29 @@ def test_a_session_whose_every_perplexity_overflowed_says_so_at_its_end(workdir:
     assert not [note for note in notes if "overflowed" in note]
 
 
+def test_a_last_training_perplexity_far_above_a_uniform_guess_is_said_with_the_fix():
+    """learner42: train.clip 0 at 100 steps ended at perplexity 1.5e+48, 10⁴⁶ times the vocabulary's 28,
+    with nothing said. Past twice the vocabulary's size (a uniform guess scores it) the end says so; an
+    early model near the size is not a wrong one."""
+    from drnn_cli.config import TrainConfig
+    from drnn_cli.run_notes import worse_than_uniform_note
+
+    unclipped, clipped = TrainConfig(clip=0, lr=1.0), TrainConfig(clip=1, lr=2.0)
+    assert worse_than_uniform_note([20.5, 1.8e4, math.inf, 1.5e48], 28, unclipped) == (
+        "the last training perplexity, 1.5e+48, is more than twice the vocabulary's size, 28, which a uniform "
+        "guess scores: the model predicts worse than one that knows nothing, as after exploding gradients; "
+        "clip the gradient norm (train.clip 1, d2l 0.17.6 §8.5) or lower train.lr (now 1)"
+    )
+    assert worse_than_uniform_note([57.0], 28, clipped) == (
+        "the last training perplexity, 57.0, is more than twice the vocabulary's size, 28, which a uniform "
+        "guess scores: the model predicts worse than one that knows nothing, as after exploding gradients; "
+        "lower train.lr (now 2)"
+    )
+    assert worse_than_uniform_note([1e9, 56.0], 28, unclipped) is None  # the last one counts: it came back
+    assert worse_than_uniform_note([29.7], 28, unclipped) is None  # an untrained model's, near the size
+    assert worse_than_uniform_note([], 28, unclipped) is None
+
+
 def test_a_plot_with_no_finite_perplexity_says_so_without_a_warning():
     """A run whose loss overflowed from its first step (perplexity written as null) drew an empty plot,
     and matplotlib's "No artists with labels found to put in legend" UserWarning, with its site-packages

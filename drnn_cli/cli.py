@@ -183,6 +183,7 @@ def _root(
 
 
 MAX_SHOWN_BATCHES = 1_000  # --batches: more is no longer something to read
+MAX_SHOWN_TOKENS = 100_000  # --text: a screenful is the point; --json carries what is asked
 MAX_EPOCH_SHOWN = 10**9  # --epoch: each epoch's seed is the run's and the epoch's; past this, no run goes
 
 
@@ -219,6 +220,16 @@ def data_command(
             help="The epoch --batches shows and the minibatch count is of (each draws its own offset).",
         ),
     ] = 1,
+    text: Annotated[
+        int,
+        typer.Option(
+            "--text",
+            metavar="N",
+            min=0,
+            max=MAX_SHOWN_TOKENS,
+            help="Show the text's first N tokens as training reads them (after data.preprocess).",
+        ),
+    ] = 0,
     json_out: JsonOption = False,
 ) -> None:
     """Download (if needed), tokenize and describe the corpus.
@@ -235,7 +246,14 @@ def data_command(
     said = None if config is None and (set_ or init_from) else config_source_note(config, found)
     resolved = load_start_config(found, set_ or [], init_from)
     request = DataRequest(
-        resolved, init_from, max_unknown, given_keys(set_ or []), said, show_batches=batches, epoch=epoch
+        resolved,
+        init_from,
+        max_unknown,
+        given_keys(set_ or []),
+        said,
+        show_batches=batches,
+        epoch=epoch,
+        show_text=text,
     )
     with download_progress(out) as hook:
         report = describe_data(request, progress=hook)
@@ -263,6 +281,9 @@ def data_command(
         f"{report.train_batches:,} ({data.sampling}, batch {data.batch_size} × {data.num_steps} steps)",
     )
     out.print(table)
+    if report.text_head is not None:
+        shown = min(text, len(dataset.tokens))
+        print_line(out, f"the first {shown:,} tokens, as training reads them: {report.text_head!r}")
     if report.batches is not None:
         for line in view_lines(report.batches, dataset.vocab, data.token):
             print_line(out, line)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.batch_view import EpochView, view_epoch
+from drnn_cli.batch_view import EpochView, text_of, view_epoch
 from drnn_cli.batches import (
     MIN_EVAL_TOKENS,
     PlannedLength,
@@ -104,6 +104,7 @@ class DataReport:
     # the tokens the run would use that its vocabulary lacks: a fixed one's (fine-tuning), or min_freq's cut
     unknown: int = 0
     batches: EpochView | None = None  # --batches: the first minibatches of the epoch asked for
+    text_head: str | None = None  # --text: the text's first tokens as training reads them
 
     def most_frequent(self, n: int) -> tuple[list[tuple[str, int]], str]:
         """The ``n`` most frequent tokens of the vocabulary and what they were counted over: the whole
@@ -132,6 +133,7 @@ class DataReport:
                 if self.batches is not None
                 else {}
             ),
+            **({"text": self.text_head} if self.text_head is not None else {}),
         }
 
 
@@ -148,6 +150,7 @@ class DataRequest:
     runs_root: Path = DEFAULT_RUNS_ROOT
     show_batches: int = 0  # --batches: how many of the epoch's first minibatches to show
     epoch: int = 1  # --epoch: the epoch counted (from 1, as training counts), and shown
+    show_text: int = 0  # --text: how many of the text's first tokens to show
 
 
 def describe_data(request: DataRequest, progress: ProgressHook | None = None) -> DataReport:
@@ -205,6 +208,9 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         start.init_label if start is not None else None,
         dataset.lacking_in(),
         shown,
+        text_of(tuple(dataset.tokens[: request.show_text].tolist()), dataset.vocab, data.token)
+        if request.show_text
+        else None,
     )
 
 

@@ -115,3 +115,27 @@ def test_without_batches_the_json_has_no_batches_key_and_a_negative_count_is_ref
     assert code == 2 and "--batches" in err
     code, _, err = cli("data", "--set", f"data.path={toy}", "--epoch", "0")
     assert code == 2 and "--epoch" in err
+
+
+def test_text_shows_the_first_tokens_as_d2ls_preprocessing_glues_its_lines(cli, workdir: Path, corpus_path):
+    """d2l's read_time_machine keeps each line's letters, lower-cased (re.sub('[^A-Za-z]+', ' ', line)
+    .strip().lower()), and its character corpus joins the lines with nothing between them: the title's
+    "wells" meets the lone "i" and the first sentence, as "him" meets "was" (learner42: only the library
+    showed it). Words are read line by line, so the same text splits there; min_freq's cuts show as <unk>."""
+    import re
+
+    lines = [re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in corpus_path.read_text().splitlines()]
+    glued = "".join(lines)
+    code, out, err = cli("data", "--text", "130", "--json")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["text"] == glued[:130]
+    assert glued[:130].startswith("the time machine by h g wellsithe time traveller")
+    assert "the first 130 tokens, as training reads them: " + repr(glued[:130]) in err.splitlines()
+    code, out, err = cli(
+        "data", "--set", "data.token=word", "--set", "data.min_freq=3", "--text", "12", "--json"
+    )
+    assert code == 0, err
+    assert (
+        json.loads(out.splitlines()[-1])["text"]
+        == "the time machine by <unk> <unk> wells i the time traveller for"
+    )

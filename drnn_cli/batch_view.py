@@ -15,11 +15,15 @@ import torch
 from drnn_cli.batches import epoch_batches, offset_range
 from drnn_cli.config import DataConfig
 from drnn_cli.decode import join_tokens
+from drnn_cli.errors import UsageError
 from drnn_cli.vocab import Vocab
 
 # The rows the human output lists of each minibatch (--json lists them all): the seed config's 32 rows
 # of 35 characters would be a screen a minibatch
 SHOWN_ROWS = 8
+# The most tokens --batches shows in all (--json: each twice, as X and Y, and as text): a batch of 4,096
+# rows of 1,000 steps is 4 M tokens, which no one reads and the JSON would hold in memory many times over
+MAX_SHOWN_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,18 @@ def view_epoch(split: torch.Tensor, data: DataConfig, seed: int, epoch: int, cou
     """The first ``count`` minibatches a run with ``data`` and ``train.seed`` ``seed`` trains on in
     ``epoch`` (from 1) of the training split ``split``."""
     batches = epoch_batches(split, data, seed, epoch - 1)
+    tokens = min(count, len(batches)) * data.batch_size * data.num_steps
+    if tokens > MAX_SHOWN_TOKENS:
+        fits = max(1, MAX_SHOWN_TOKENS // (data.batch_size * data.num_steps))
+        raise UsageError(
+            f"--batches {count:,} would show {tokens:,} tokens ({data.batch_size:,} rows of "
+            f"{data.num_steps:,} a minibatch), past the {MAX_SHOWN_TOKENS:,} shown at most; "
+            + (
+                f"ask for at most --batches {fits:,}"
+                if fits * data.batch_size * data.num_steps <= MAX_SHOWN_TOKENS
+                else "one minibatch of these settings is larger: set a smaller data.batch_size or data.num_steps"
+            )
+        )
     largest, fewest, most = offset_range(len(split), data)
     shown = []
     for index, window in zip(range(count), batches.windows_from(0), strict=False):

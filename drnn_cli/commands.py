@@ -182,13 +182,14 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     batches, shown = 0, None
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=dataset.capped)
-        split, seed = dataset.splits.train, config.train.seed
-        batches = len(epoch_batches(split, data, seed, request.epoch - 1))
-        if request.show_batches:
-            shown = view_epoch(split, data, seed, request.epoch, request.show_batches)
+        batches = len(epoch_batches(dataset.splits.train, data, config.train.seed, request.epoch - 1))
     except DrnnError as refused:
         refusals.append(str(refused))
     else:  # how long the run would be, and what that means for its settings (a run that trains)
+        if request.show_batches:
+            shown = view_epoch(
+                dataset.splits.train, data, config.train.seed, request.epoch, request.show_batches
+            )
         length = PlannedLength.of(config.train, data, len(dataset.splits.train))
         notes.extend(
             planned_length_notes(

@@ -139,3 +139,19 @@ def test_text_shows_the_first_tokens_as_d2ls_preprocessing_glues_its_lines(cli, 
         json.loads(out.splitlines()[-1])["text"]
         == "the time machine by <unk> <unk> wells i the time traveller for"
     )
+
+
+def test_batches_past_a_million_tokens_are_refused_before_any_is_gathered(cli, workdir: Path):
+    """--batches 20 of 1,024 rows × 100 steps would put 2,048,000 tokens (twice, and as text) into the
+    JSON: refused in one line with the count that fits."""
+    text = workdir / "big.txt"
+    text.write_text("the time machine " * 130_000)  # 2,210,000 characters
+    big = ("--set", f"data.path={text}", "--set", "data.batch_size=1024", "--set", "data.num_steps=100")
+    code, out, err = cli("data", *big, "--batches", "20")
+    assert code == 2 and not out
+    assert err.strip() == (
+        "drnn: error: --batches 20 would show 2,048,000 tokens (1,024 rows of 100 a minibatch), past the "
+        "1,000,000 shown at most; ask for at most --batches 9"
+    )
+    code, _, err = cli("data", *big, "--batches", "9")
+    assert code == 0, err

@@ -877,7 +877,7 @@ def main(argv: list[str] | None = None) -> None:
     # failure while Typer builds or parses the command comes before its callback sets it
     leading = itertools.takewhile(lambda arg: arg.startswith("-"), args)
     session = Session(debug=bool(os.environ.get("DRNN_DEBUG")) or "--debug" in leading)
-    with exit_on_signals() as stopped, guard_output():
+    with exit_on_signals() as signals, guard_output():
         try:
             app(args=argv, prog_name="drnn", standalone_mode=False, obj=session)
         except DrnnError as error:
@@ -892,7 +892,7 @@ def main(argv: list[str] | None = None) -> None:
         except (typer.Abort, KeyboardInterrupt):
             _say(errors, "drnn: interrupted (SIGINT)")
             sys.exit(130)
-        except stopped as signalled:
+        except Signalled as signalled:
             if not (signalled.quiet and signalled.after is None):  # a closed stdout: silent, unless a
                 _say_signal(errors, signalled)  # training says what its run directory holds
             sys.exit(signalled.exit_code)
@@ -912,6 +912,9 @@ def main(argv: list[str] | None = None) -> None:
             _say_error(errors, f"drnn: error: {rank_origin()}{said}")
             sys.exit(1)
         except Exception as error:
+            if signals.first is not None:  # a failure after a stop signal is that signal's doing (red42:
+                _say_signal(errors, signals.first)  # numpy's import cut short, imported again: ImportError)
+                sys.exit(signals.first.exit_code)
             # A library failure that is the user's to fix, as its one line, and whether this process's
             # own signal may be on its way: torchrun signals every process of a job, and this one's may
             # come just after its peer left. A size computed wrongly is a bug that reads as one too:
@@ -927,7 +930,7 @@ def main(argv: list[str] | None = None) -> None:
                 if signal_may_follow:
                     try:
                         _await_own_signal()
-                    except stopped as signalled:
+                    except Signalled as signalled:
                         _say_signal(errors, signalled)
                         sys.exit(signalled.exit_code)
                 _say_error(errors, f"drnn: error: {rank_origin()}{line}")

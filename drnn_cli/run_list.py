@@ -117,6 +117,10 @@ class RunSummary:
             return "stopped"
         if self.info is None:
             return "unreadable"
+        if self.checkpoint is not None and self.checkpoint.name == BEST:
+            # killed outright (kill -9, a node lost) after a validation but before its first last: --resume
+            # has nothing to continue, its best a fine-tuning start (red42: listed as resumable)
+            return "stopped"
         if self.finished_by is not None:
             return "early-stopped" if self.finished_by == "patience" else "finished"
         return "resumable"

@@ -93,12 +93,12 @@ def exit_process(run: Callable[[], None]) -> None:
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    # done: a signal now could only cut the exit short: torchrun's SIGTERM, which follows another
+    # worker's exit, the last flush; a second Ctrl-C, the interpreter's finalisers (a KeyboardInterrupt
+    # traceback from torch's, after drnn's one line: red42)
+    ignore_further_signals()
     if TORCHRUN_ENV not in os.environ:
         sys.exit(code)
-    # done: torchrun's SIGTERM, which follows another worker's exit, must not cut the last flush short
-    with contextlib.suppress(ValueError):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing left to flush
             stream.flush()
@@ -163,15 +163,29 @@ def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
             signal.signal(signum, old)
 
 
+class SignalExits:
+    """What :func:`exit_on_signals` yields: the first :class:`Signalled` its handler raised, if any."""
+
+    def __init__(self) -> None:
+        self.first: Signalled | None = None
+
+
 @contextlib.contextmanager
-def exit_on_signals() -> Iterator[type[Signalled]]:
-    """Raise :class:`Signalled` on SIGINT/SIGTERM inside the block (main thread only)."""
+def exit_on_signals() -> Iterator[SignalExits]:
+    """Raise :class:`Signalled` on SIGINT/SIGTERM inside the block (main thread only), once: the signals
+    after it change nothing, the command being on its way out. A terminal's Ctrl-C reaches a torchrun
+    worker twice (from the terminal, then from torchrun), and the second, raised while the first
+    unwound, ended in a traceback or an abort (red42)."""
+    exits = SignalExits()
 
     def handler(signum: int, _frame: object) -> None:
-        raise Signalled(signum)
+        if exits.first is not None:
+            return
+        exits.first = Signalled(signum)
+        raise exits.first
 
     with _handling(handler):
-        yield Signalled
+        yield exits
 
 
 def ignore_further_signals() -> dict[int, Any]:

@@ -387,6 +387,20 @@ def test_an_early_stop_and_a_pending_boundary_read_as_train_resume_would(three_r
     assert (pending.finished_by, pending.state) == (None, "resumable")
 
 
+def test_a_run_killed_before_its_first_last_checkpoint_is_stopped_not_resumable(three_runs: Path, cli):
+    """red42: a run killed outright (kill -9) after a validation wrote best.safetensors, before its first
+    last.safetensors, was listed resumable; --resume refuses it ("nothing to resume"). It is stopped, its
+    row best's figures, as --resume and --init-from see it."""
+    run = three_runs / "runs" / "tiny"
+    (run / "last.safetensors").unlink()
+    code, out, err = cli("runs", str(run), "--json")
+    assert code == 0, err
+    (listed,) = json.loads(out.splitlines()[-1])["runs"]
+    assert (listed["state"], Path(listed["checkpoint"]).name) == ("stopped", "best.safetensors")
+    code, _, err = cli("train", "--config", str(run / "config.yaml"), "--run", str(run), "--resume")
+    assert code == 1 and "nothing to resume" in err
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="flock")
 def test_a_run_a_live_training_holds_is_training_and_a_stale_lock_file_is_not(
     three_runs: Path, cli, monkeypatch

@@ -3,6 +3,7 @@ stops a training as SIGTERM does, and a first Ctrl-C reaches its checkpoint whil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -298,3 +299,77 @@ def test_a_stop_leaves_a_write_that_does_not_block_alone(capfd: pytest.CaptureFi
             assert not signals._Cutting.stopping and signal.getsignal(signal.SIGALRM) is alarm
         finally:
             os.close(reading)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Ctrl-C that arrives twice while drnn starts (red42: a terminal's reaches a torchrun worker from the
+# terminal and again from torchrun; two presses 2 ms apart do the same to a lone drnn)
+
+
+def test_a_second_signal_while_the_first_unwinds_changes_nothing():
+    """The handler outside the training loop raises once; the signals after it return (the second raised
+    inside the first's unwinding: a traceback, an abort, or numpy's ImportError)."""
+    from drnn_cli.signals import Signalled, exit_on_signals
+
+    with exit_on_signals() as exits:
+        with pytest.raises(Signalled) as first:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises as soon as the signal is delivered
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # delivered, and ignored: nothing raised here
+    assert exits.first is first.value and first.value.name == "SIGINT"
+
+
+def test_a_failure_after_a_stop_signal_is_reported_as_that_signal(cli, monkeypatch: pytest.MonkeyPatch):
+    """red42: a Ctrl-C that cut numpy's import short, swallowed by an import machinery's except, then
+    "drnn: internal error: ImportError: cannot load module more than once per process" when imported
+    again. Whatever fails after the signal is its doing: one interrupted line, exit 130."""
+    import drnn_cli.cli as cli_module
+
+    def interrupted_import(*_args: object) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except BaseException:  # an import machinery's, not drnn's
+            pass
+        raise ImportError("cannot load module more than once per process")
+
+    monkeypatch.setattr(cli_module, "describe_presets", interrupted_import)
+    code, out, err = cli("presets")
+    assert (code, out, err) == (130, "", "drnn: interrupted (SIGINT)\n")
+
+
+def test_the_process_exit_ignores_stop_signals_so_finalisers_are_not_cut_short():
+    """After drnn's one line, a late Ctrl-C raised KeyboardInterrupt inside torch's atexit finaliser: a
+    traceback under the line. exit_process ignores SIGINT, SIGTERM and SIGHUP before the interpreter exits."""
+    from drnn_cli.signals import exit_process
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {signum: signal.getsignal(signum) for signum in stops}
+    try:
+        with pytest.raises(SystemExit) as done:
+            exit_process(lambda: None)
+        assert done.value.code == 0
+        assert {signum: signal.getsignal(signum) for signum in stops} == dict.fromkeys(stops, signal.SIG_IGN)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.9])
+def test_two_ctrl_c_2_ms_apart_while_drnn_starts_end_it_with_one_line(workdir: Path, delay: float):
+    """The whole process group signalled twice, as a terminal does a double press, while Python imports
+    torch or reads the text: one "drnn: interrupted (SIGINT)" line, exit 130, no traceback."""
+    process = _train(workdir, {}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.002)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    lines = err.decode().splitlines()
+    assert process.returncode == 130, lines
+    # before the training loop, or in it (where a second press stops at once, or after the first's stop)
+    said = ("drnn: interrupted (SIGINT)", "drnn: training stopped by SIGINT")
+    assert len(lines) == 1 and lines[0].startswith(said), lines

@@ -1,3 +1,3 @@
-from drnn_cli.cli import program
+from drnn_cli.launch import program
 
 program()

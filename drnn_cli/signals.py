@@ -78,6 +78,25 @@ def _launcher_number(name: str) -> int:
         return 0
 
 
+def leave_at_once_on_signals() -> None:
+    """Until the command's own handlers are in place (:func:`exit_on_signals`, once its modules are
+    imported), a stop signal ends the process at once with drnn's one line and 128 + its number: nothing
+    has been read or written yet, and Python's own handler printed a KeyboardInterrupt traceback through
+    pydantic's import (red42). An ignored SIGHUP (nohup) stays ignored."""
+
+    def leave(signum: int, _frame: object) -> None:
+        if launched_local_rank() == 0:  # a torchrun node's other workers got the same signal: one line
+            with contextlib.suppress(OSError):
+                os.write(2, f"drnn: interrupted ({signal.Signals(signum).name})\n".encode())
+        os._exit(128 + signum)
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for signum in _STOPS:
+            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
+                continue
+            signal.signal(signum, leave)
+
+
 def exit_process(run: Callable[[], None]) -> None:
     """Run the program, then end the process with its exit code.
 

@@ -908,7 +908,7 @@ def test_drnn_trains_checkpoints_and_predicts_without_numpy(workdir: Path):
     script = (
         "import sys\n"
         "sys.modules['numpy'] = None  # any import of it fails, as where it is not installed\n"
-        "from drnn_cli.cli import program\n"
+        "from drnn_cli.launch import program\n"
         "sys.argv = ['drnn', *sys.argv[1:]]\n"
         "program()\n"
     )

@@ -373,3 +373,31 @@ def test_two_ctrl_c_2_ms_apart_while_drnn_starts_end_it_with_one_line(workdir: P
     # before the training loop, or in it (where a second press stops at once, or after the first's stop)
     said = ("drnn: interrupted (SIGINT)", "drnn: training stopped by SIGINT")
     assert len(lines) == 1 and lines[0].startswith(said), lines
+
+
+def test_a_signal_while_the_commands_modules_load_ends_drnn_with_its_one_line():
+    """Typer, rich, pydantic and torch load before the command's handlers are in place: a Ctrl-C then
+    printed Python's KeyboardInterrupt traceback through pydantic's import (red42). The entry point
+    handles stop signals first; here the signal arrives where drnn_cli.cli would be loading."""
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time, types
+        loading = types.ModuleType("drnn_cli.cli")
+        def program():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        loading.program = program
+        sys.modules["drnn_cli.cli"] = loading
+        from drnn_cli.launch import program as drnn
+        drnn()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**CHILD_ENV, "PYTHONPATH": pythonpath_with_repo()},
+        timeout=60,
+        preexec_fn=_hup_as_by_default,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (143, "", "drnn: interrupted (SIGTERM)\n")

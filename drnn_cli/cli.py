@@ -28,7 +28,7 @@ from rich.table import Table
 
 from drnn_cli import __version__
 from drnn_cli.config import load_config
-from drnn_cli.errors import DrnnError, TrainingInterrupted, out_of_memory_message, peer_gone_message
+from drnn_cli.errors import DrnnError, PeerGone, TrainingInterrupted, out_of_memory_message, peer_gone_message
 from drnn_cli.files import OUTPUT_ERRNOS
 from drnn_cli.presets import config_source_note, describe_presets, find_config, find_preset
 from drnn_cli.rank_errors import PEER_ERROR_WAIT_S, rank_origin, waits_before_saying
@@ -927,13 +927,15 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 if session.debug:
                     traceback.print_exc()
+                after = error.after if isinstance(error, PeerGone) else None  # where the run stands
                 if signal_may_follow:
                     try:
                         _await_own_signal()
                     except Signalled as signalled:
+                        signalled.after = signalled.after or after
                         _say_signal(errors, signalled)
                         sys.exit(signalled.exit_code)
-                _say_error(errors, f"drnn: error: {rank_origin()}{line}")
+                _say_error(errors, f"drnn: error: {rank_origin()}{line}" + (f"; {after}" if after else ""))
                 sys.exit(1)
             if _is_usage_error(error):
                 _report_usage_error(error, errors, args)

@@ -115,6 +115,16 @@ _PEER_GONE = (
 _TIMED_OUT = ("Watchdog caught collective operation timeout", "timed out", "Timeout")
 
 
+class PeerGone(Exception):
+    """A collective that failed because another process of the job ended, as the training session
+    raises it: the library's words, and what the run directory holds (``after``), which the line the
+    CLI says adds (red42: the survivor's line said nothing of the checkpoint --resume would need)."""
+
+    def __init__(self, error: BaseException, after: str) -> None:
+        super().__init__(str(error))
+        self.after = after
+
+
 def peer_gone_message(error: BaseException, in_process_group: bool) -> str | None:
     """The one line for a collective that failed because another process of a torchrun job ended (it
     printed "internal error", which README "What happens when" keeps for drnn's own bugs), else None."""

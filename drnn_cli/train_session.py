@@ -16,7 +16,14 @@ from drnn_cli.checkpoint import check_header_room, read_checkpoint_info
 from drnn_cli.config import Config
 from drnn_cli.data import load_same_corpus
 from drnn_cli.download import ProgressHook
-from drnn_cli.errors import DrnnError, TrainingDiverged, TrainingInterrupted, UsageError
+from drnn_cli.errors import (
+    DrnnError,
+    PeerGone,
+    TrainingDiverged,
+    TrainingInterrupted,
+    UsageError,
+    peer_gone_message,
+)
 from drnn_cli.files import remove_stale_temporaries
 from drnn_cli.report import Reporter, TrainResult
 from drnn_cli.run_files import BEST, LAST, RunFiles, is_kept_name, staging_dir
@@ -34,7 +41,7 @@ from drnn_cli.rundir import (
     swap_in,
 )
 from drnn_cli.runtime import DistContext, init_distributed, resolve_device, shutdown_distributed
-from drnn_cli.signals import Signalled
+from drnn_cli.signals import Signalled, in_process_group
 from drnn_cli.start_point import (
     StartPoint,
     check_max_unknown,
@@ -386,6 +393,10 @@ def _train_locked(job: _TrainJob, run_dir: Path, final_dir: Path) -> TrainResult
     except Signalled as again:  # pressed twice: the stop's checkpoint (if it came) is the run's last word
         if dist.is_main and again.name in get_args(StoppedBy):
             write_stop_record(run_dir, cast(StoppedBy, again.name), trainer.global_step)
+        raise
+    except Exception as error:  # a peer gone mid-collective: where the run stands, for the line said
+        if dist.is_main and peer_gone_message(error, in_process_group()) is not None:
+            raise PeerGone(error, left_by_signal(run_dir, trainer.resume_advice)) from error
         raise
     if dist.is_main:
         write_stop_record(run_dir, result.stop_reason, result.steps)

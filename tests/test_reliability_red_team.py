@@ -1831,6 +1831,42 @@ def test_a_worker_whose_peer_left_on_the_jobs_sigterm_says_it_was_interrupted(
     assert_one_line_error(code, err, "rank 3 of 4 on host", "another process of this torchrun job is gone")
 
 
+def test_a_peer_gone_mid_training_is_said_with_the_checkpoint_resume_continues(
+    workdir: Path, cli, monkeypatch: pytest.MonkeyPatch
+):
+    """red42: rank 1 killed (kill -9) mid-training; rank 0's collective failed, torchrun's SIGTERM followed,
+    and its one line, "interrupted (SIGTERM)", said nothing of the run: which checkpoint --resume would
+    continue, or that none was written. The line says it now, as a double Ctrl-C's does."""
+    import drnn_cli.cli
+    from drnn_cli import train, train_session
+
+    config = str(config_file(workdir, tiny(epochs=1)))
+    assert cli("train", "--config", config)[0] == 0
+
+    def peer_left(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1262")
+
+    for module in (drnn_cli.cli, train_session):  # a job's process, without a process group to join
+        monkeypatch.setattr(module, "in_process_group", lambda: True)
+    monkeypatch.setattr(train.Trainer, "fit", peer_left)
+    monkeypatch.setattr(drnn_cli.cli, "_await_own_signal", lambda: signal.raise_signal(signal.SIGTERM))
+    last = Path("runs") / "tiny" / "last.safetensors"
+    resume = ("train", "--config", config, "--resume", "--set", "train.epochs=3")
+    code, _, err = cli(*resume)
+    assert (code, err) == (
+        143,
+        f"drnn: interrupted (SIGTERM): the last checkpoint written, {last}, continues with the same command again\n",
+    )
+    monkeypatch.setattr(drnn_cli.cli, "_await_own_signal", lambda: None)  # no signal came: the peer failed
+    code, _, err = cli(*resume)
+    assert_one_line_error(
+        code,
+        err,
+        "another process of this torchrun job is gone",
+        f"; the last checkpoint written, {last}, continues with the same command again",
+    )
+
+
 def test_a_stray_rank_variable_without_torchrun_is_one_process_that_reports(workdir: Path, cli, monkeypatch):
     """``RANK=1 drnn train`` (a variable left from a job script) trained, wrote the run, and printed
     nothing, no --json line either: it took itself for a torchrun worker."""

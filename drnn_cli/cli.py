@@ -183,6 +183,7 @@ def _root(
 
 
 MAX_SHOWN_BATCHES = 1_000  # --batches: more is no longer something to read
+MAX_NGRAM = 5  # --ngrams: drnn_cli.ngrams.MAX_N, which keys n ids as one int64
 MAX_SHOWN_TOKENS = 100_000  # --text: a screenful is the point; --json carries what is asked
 MAX_EPOCH_SHOWN = 10**9  # --epoch: each epoch's seed is the run's and the epoch's; past this, no run goes
 
@@ -230,6 +231,16 @@ def data_command(
             help="Show the text's first N tokens as training reads them (after data.preprocess).",
         ),
     ] = 0,
+    ngrams: Annotated[
+        int,
+        typer.Option(
+            "--ngrams",
+            metavar="N",
+            min=0,
+            max=MAX_NGRAM,
+            help="Also list the most frequent N-grams of the tokens used (d2l §8.3: 2, 3 with data.token=word).",
+        ),
+    ] = 0,
     json_out: JsonOption = False,
 ) -> None:
     """Download (if needed), tokenize and describe the corpus.
@@ -237,7 +248,7 @@ def data_command(
     Example: drnn data --config lstm2.yaml --set data.token=word
     """
     from drnn_cli.batch_view import view_lines
-    from drnn_cli.commands import DataRequest, describe_data
+    from drnn_cli.commands import MOST_FREQUENT_SHOWN, DataRequest, describe_data
     from drnn_cli.start_point import given_keys, load_start_config
 
     out, _ = consoles(json_out)
@@ -254,6 +265,7 @@ def data_command(
         show_batches=batches,
         epoch=epoch,
         show_text=text,
+        ngrams=ngrams,
     )
     with download_progress(out) as hook:
         report = describe_data(request, progress=hook)
@@ -267,7 +279,7 @@ def data_command(
     table.add_row("tokens (all)", f"{dataset.total_tokens:,}")
     table.add_row("tokens used (max_tokens)", f"{len(dataset.tokens):,}")
     table.add_row("vocabulary", f"{len(dataset.vocab):,}")
-    frequent, counted_over = report.most_frequent(10)
+    frequent, counted_over = report.most_frequent(MOST_FREQUENT_SHOWN)
     table.add_row(
         f"most frequent ({counted_over})", ", ".join(f"{token!r} {freq:,}" for token, freq in frequent)
     )
@@ -281,6 +293,8 @@ def data_command(
         f"{report.train_batches:,} ({data.sampling}, batch {data.batch_size} × {data.num_steps} steps)",
     )
     out.print(table)
+    if report.ngrams is not None:
+        print_line(out, report.ngrams.line(data.token))
     if report.text_head is not None:
         shown = min(text, len(dataset.tokens))
         print_line(out, f"the first {shown:,} tokens, as training reads them: {report.text_head!r}")

@@ -51,6 +51,7 @@ from drnn_cli.inspect_plot import check_plot_request, write_inspection_plot
 from drnn_cli.introspect import STDIN, Inspection, InspectRequest, inspect_text
 from drnn_cli.model_size import parameter_count
 from drnn_cli.models import RNNLanguageModel, build_model
+from drnn_cli.ngrams import NgramCounts, count_ngrams
 from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import (
     data_notes,
@@ -105,6 +106,7 @@ class DataReport:
     unknown: int = 0
     batches: EpochView | None = None  # --batches: the first minibatches of the epoch asked for
     text_head: str | None = None  # --text: the text's first tokens as training reads them
+    ngrams: NgramCounts | None = None  # --ngrams: the most frequent n-grams of the tokens used
 
     def most_frequent(self, n: int) -> tuple[list[tuple[str, int]], str]:
         """The ``n`` most frequent tokens of the vocabulary and what they were counted over: the whole
@@ -134,7 +136,11 @@ class DataReport:
                 else {}
             ),
             **({"text": self.text_head} if self.text_head is not None else {}),
+            **({"ngrams": self.ngrams.summary()} if self.ngrams is not None else {}),
         }
+
+
+MOST_FREQUENT_SHOWN = 10  # tokens and n-grams drnn data lists, as d2l §8.3 prints [:10]
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ class DataRequest:
     show_batches: int = 0  # --batches: how many of the epoch's first minibatches to show
     epoch: int = 1  # --epoch: the epoch counted (from 1, as training counts), and shown
     show_text: int = 0  # --text: how many of the text's first tokens to show
+    ngrams: int = 0  # --ngrams: count the n-grams of this order (0: none)
 
 
 def describe_data(request: DataRequest, progress: ProgressHook | None = None) -> DataReport:
@@ -211,6 +218,9 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         shown,
         text_of(tuple(dataset.tokens[: request.show_text].tolist()), dataset.vocab, data.token)
         if request.show_text
+        else None,
+        count_ngrams(dataset.tokens, dataset.vocab, request.ngrams, MOST_FREQUENT_SHOWN)
+        if request.ngrams
         else None,
     )
 

@@ -105,8 +105,15 @@ class DataReport:
     # the tokens the run would use that its vocabulary lacks: a fixed one's (fine-tuning), or min_freq's cut
     unknown: int = 0
     batches: EpochView | None = None  # --batches: the first minibatches of the epoch asked for
-    text_head: str | None = None  # --text: the text's first tokens as training reads them
+    text_ids: tuple[int, ...] | None = None  # --text: the text's first tokens as training reads them
     ngrams: NgramCounts | None = None  # --ngrams: the most frequent n-grams of the tokens used
+
+    @property
+    def text_head(self) -> str | None:
+        """--text's tokens as text (words joined by spaces)."""
+        if self.text_ids is None:
+            return None
+        return text_of(self.text_ids, self.dataset.vocab, self.config.data.token)
 
     def most_frequent(self, n: int) -> tuple[list[tuple[str, int]], str]:
         """The ``n`` most frequent tokens of the vocabulary and what they were counted over: the whole
@@ -135,7 +142,11 @@ class DataReport:
                 if self.batches is not None
                 else {}
             ),
-            **({"text": self.text_head} if self.text_head is not None else {}),
+            **(
+                {"text": self.text_head, "text_ids": list(self.text_ids)}
+                if self.text_head is not None and self.text_ids is not None
+                else {}
+            ),
             **({"ngrams": self.ngrams.summary()} if self.ngrams is not None else {}),
         }
 
@@ -216,9 +227,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         start.init_label if start is not None else None,
         dataset.lacking_in(),
         shown,
-        text_of(tuple(dataset.tokens[: request.show_text].tolist()), dataset.vocab, data.token)
-        if request.show_text
-        else None,
+        tuple(dataset.tokens[: request.show_text].tolist()) if request.show_text else None,
         count_ngrams(dataset.tokens, dataset.vocab, request.ngrams, MOST_FREQUENT_SHOWN)
         if request.ngrams
         else None,

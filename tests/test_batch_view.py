@@ -128,7 +128,12 @@ def test_text_shows_the_first_tokens_as_d2ls_preprocessing_glues_its_lines(cli, 
     glued = "".join(lines)
     code, out, err = cli("data", "--text", "130", "--json")
     assert code == 0, err
-    assert json.loads(out.splitlines()[-1])["text"] == glued[:130]
+    said = json.loads(out.splitlines()[-1])
+    assert said["text"] == glued[:130]
+    # the ids d2l's vocab[tokens] gives: the vocabulary's order, most frequent first (space 1, e 2, t 3)
+    assert said["text_ids"][:4] == [3, 9, 2, 1] and [
+        said["idx_to_token"][i] for i in said["text_ids"]
+    ] == list(glued[:130])
     assert glued[:130].startswith("the time machine by h g wellsithe time traveller")
     assert "the first 130 tokens, as training reads them: " + repr(glued[:130]) in err.splitlines()
     code, out, err = cli(

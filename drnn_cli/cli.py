@@ -183,6 +183,13 @@ def _root(
 
 
 MAX_SHOWN_BATCHES = 1_000  # --batches: more is no longer something to read
+
+
+def _count_option(flag: str, highest: int, help_text: str, metavar: str = "N", lowest: int = 0) -> Any:
+    """A whole-number option of ``drnn data`` (how many to show), its range checked by the parser."""
+    return typer.Option(flag, metavar=metavar, min=lowest, max=highest, help=help_text)
+
+
 MAX_NGRAM = 5  # --ngrams: drnn_cli.ngrams.MAX_N, which keys n ids as one int64
 MAX_SHOWN_TOKENS = 100_000  # --text: a screenful is the point; --json carries what is asked
 MAX_EPOCH_SHOWN = 10**9  # --epoch: each epoch's seed is the run's and the epoch's; past this, no run goes
@@ -203,42 +210,36 @@ def data_command(
     max_unknown: MaxUnknownOption = None,
     batches: Annotated[
         int,
-        typer.Option(
+        _count_option(
             "--batches",
-            metavar="N",
-            min=0,
-            max=MAX_SHOWN_BATCHES,
-            help="Show the first N minibatches of an epoch as training reads them (d2l §8.3).",
+            MAX_SHOWN_BATCHES,
+            "Show the first N minibatches of an epoch as training reads them (d2l §8.3).",
         ),
     ] = 0,
     epoch: Annotated[
         int,
-        typer.Option(
+        _count_option(
             "--epoch",
+            MAX_EPOCH_SHOWN,
+            "The epoch --batches shows and the minibatch count is of (each draws its own offset).",
             metavar="E",
-            min=1,
-            max=MAX_EPOCH_SHOWN,
-            help="The epoch --batches shows and the minibatch count is of (each draws its own offset).",
+            lowest=1,
         ),
     ] = 1,
     text: Annotated[
         int,
-        typer.Option(
+        _count_option(
             "--text",
-            metavar="N",
-            min=0,
-            max=MAX_SHOWN_TOKENS,
-            help="Show the text's first N tokens as training reads them (after data.preprocess).",
+            MAX_SHOWN_TOKENS,
+            "Show the text's first N tokens as training reads them (after data.preprocess).",
         ),
     ] = 0,
     ngrams: Annotated[
         int,
-        typer.Option(
+        _count_option(
             "--ngrams",
-            metavar="N",
-            min=0,
-            max=MAX_NGRAM,
-            help="Also list the most frequent N-grams of the tokens used (d2l §8.3: 2, 3 with data.token=word).",
+            MAX_NGRAM,
+            "Also list the most frequent N-grams of the tokens used (d2l §8.3: 2, 3 with data.token=word).",
         ),
     ] = 0,
     json_out: JsonOption = False,

@@ -28,7 +28,14 @@ from rich.table import Table
 
 from drnn_cli import __version__
 from drnn_cli.config import load_config
-from drnn_cli.errors import DrnnError, PeerGone, TrainingInterrupted, out_of_memory_message, peer_gone_message
+from drnn_cli.errors import (
+    DrnnError,
+    PeerGone,
+    TrainingInterrupted,
+    UsageError,
+    out_of_memory_message,
+    peer_gone_message,
+)
 from drnn_cli.files import OUTPUT_ERRNOS
 from drnn_cli.presets import config_source_note, describe_presets, find_config, find_preset
 from drnn_cli.rank_errors import PEER_ERROR_WAIT_S, rank_origin, waits_before_saying
@@ -879,6 +886,34 @@ def _interrupted_line(signalled: Signalled) -> str:
     )
 
 
+# The options that take a path: an empty one ("--html ''") reaches drnn as Path(""), the current directory
+PATH_OPTIONS = (
+    "--run",
+    "--checkpoint",
+    "--data",
+    "--corpus",
+    "--splits-of",
+    "--init-from",
+    "--file",
+    "--html",
+    "--png",
+)
+
+
+def _refuse_empty_paths(args: list[str]) -> None:
+    """Refuse a path option given an empty value, which the parser reads as "." (red41: "--html . is a
+    directory", for a name the user had left empty)."""
+    for index, arg in enumerate(args):
+        if arg == "--":  # what follows is positional
+            return
+        flag, equals, value = arg.partition("=")
+        empty = not value if equals else index + 1 < len(args) and args[index + 1] == ""
+        if flag in PATH_OPTIONS and empty:
+            raise UsageError(
+                f"{flag} is empty; give it a path (an empty one would read as the current directory)"
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the app; turn every failure into one line on stderr and an exit code.
 
@@ -894,6 +929,7 @@ def main(argv: list[str] | None = None) -> None:
     session = Session(debug=bool(os.environ.get("DRNN_DEBUG")) or "--debug" in leading)
     with exit_on_signals() as signals, guard_output():
         try:
+            _refuse_empty_paths(args)
             app(args=argv, prog_name="drnn", standalone_mode=False, obj=session)
         except DrnnError as error:
             if session.debug and error.__cause__ is not None:  # a library failure drnn put in one line

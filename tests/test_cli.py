@@ -671,3 +671,24 @@ def test_help_names_option_values_as_the_readme_does_and_lists_commands_whole(cl
     code, out, _ = cli("--help")
     listed = out.split("Commands:", 1)[1].strip().splitlines()
     assert len(listed) == 7 and not any(line.endswith("...") for line in listed), listed
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (("inspect", "the time", "--html", ""), "--html"),
+        (("eval", "--run="), "--run"),
+        (("eval", "--data", "", "--split", "val"), "--data"),
+        (("predict", "time", "--checkpoint", ""), "--checkpoint"),
+        (("train", "--config", "lstm2.yaml", "--init-from", ""), "--init-from"),
+    ],
+)
+def test_an_empty_path_option_is_refused_by_name_not_read_as_the_current_directory(cli, args, flag):
+    """red41: --html '' was refused as "--html . is a directory": the parser reads an empty path as ".".
+    The option is named as empty, before anything is read."""
+    code, out, err = cli(*args)
+    assert (code, out) == (2, "")
+    assert (
+        err
+        == f"drnn: error: {flag} is empty; give it a path (an empty one would read as the current directory)\n"
+    )

@@ -369,10 +369,11 @@ def test_processes_given_other_settings_or_another_text_refuse_in_one_line_namin
     combines with this rank's, as gloo would."""
     from conftest import TINY_TREE
 
+    from drnn_cli import rank_agreement
     from drnn_cli.config import Config, build_config
     from drnn_cli.data import Dataset, load_dataset
     from drnn_cli.errors import DrnnError
-    from drnn_cli.rank_agreement import check_every_rank_runs_alike
+    from drnn_cli.rank_agreement import check_every_rank_runs_alike, rank_words
     from drnn_cli.runtime import DistContext
 
     shuffled = tmp_path / "stale.txt"  # a stale copy: the same characters, its lines in another order
@@ -397,6 +398,12 @@ def test_processes_given_other_settings_or_another_text_refuse_in_one_line_namin
         monkeypatch.setattr(torch.distributed, "all_reduce", recording)
         check_every_rank_runs_alike(*theirs, DistContext(0, 2), torch.device("cpu"))
         monkeypatch.setattr(torch.distributed, "all_reduce", combining)
+
+        def exchanged(config: Config, dataset: Dataset, names: list[str], *_: object) -> list[str]:
+            # the words each rank sends where they differ (the table's sum: test_every_ranks_words_...)
+            return [rank_words(*theirs, names), rank_words(config, dataset, names)]
+
+        monkeypatch.setattr(rank_agreement, "every_ranks_words", exchanged)
         try:
             check_every_rank_runs_alike(*mine, DistContext(1, 2), torch.device("cpu"))
         except DrnnError as refused:
@@ -410,18 +417,22 @@ def test_processes_given_other_settings_or_another_text_refuse_in_one_line_namin
     # where the text lies and the device are each node's own; a note-only setting is still a setting
     assert compare(same, node(corpus_path, "train.device=auto")) is None
     assert compare(node(corpus_path, "train.max_steps=300"), node(corpus_path, "train.max_steps=200")) == (
-        "the processes of this torchrun job differ in train.max_steps (rank 1: train.max_steps 300): run "
-        'the same command, config and text on every node (README "Several processes, GPUs or nodes")'
+        "the processes of this torchrun job differ in train.max_steps (rank 0: train.max_steps 200; rank 1: "
+        'train.max_steps 300): run the same command, config and text on every node (README "Several '
+        'processes, GPUs or nodes")'
     )
     refused = compare(node(shuffled, "train.lr=0.02"), same)
+    lr = same[0].train.lr
     assert refused is not None and refused.startswith(
-        f"the processes of this torchrun job differ in train.lr, the text (rank 1: train.lr 0.02, the text "
-        f"{shuffled} (SHA-1 "
+        f"the processes of this torchrun job differ in train.lr, the text (rank 0: train.lr {lr!r}, the text "
+        f"{corpus_path} (SHA-1 "
     ), refused
+    assert f"; rank 1: train.lr 0.02, the text {shuffled} (SHA-1 " in refused, refused
     other_vocabulary = tmp_path / "other.txt"
     other_vocabulary.write_text("a b c\n" * 500, encoding="utf-8")
     refused = compare(node(other_vocabulary), same)
-    assert refused is not None and "differ in the text, the vocabulary (rank 1: the text" in refused, refused
+    assert refused is not None and "differ in the text, the vocabulary (rank 0: the text" in refused, refused
+    assert "; rank 1: the text" in refused, refused
     assert ", a vocabulary of " in refused and "internal error" not in refused
     # another drnn on the other node knows another setting: digests of lists of two lengths aborted in
     # gloo ("Received data size doesn't match expected size") rather than refusing (review rev32)
@@ -440,6 +451,38 @@ def test_processes_given_other_settings_or_another_text_refuse_in_one_line_namin
     # the values' two, which in a job it would skip as this one did)
     assert len(other_ranks) == 2
     other_ranks.clear()
+
+
+def test_every_ranks_words_reach_every_rank_through_one_sum_of_a_fixed_table(
+    corpus_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """red42: on one node the refusal named rank 0's train.lr alone (the other rank's line is not said).
+    Each rank writes its words into its own row of a (ranks, 240) table, and one sum gives every rank
+    all of them: here rank 2 of 3, the sum adding the other two's rows as gloo would."""
+    from conftest import TINY_TREE
+
+    from drnn_cli.config import build_config
+    from drnn_cli.data import load_dataset
+    from drnn_cli.rank_agreement import RANK_WORDS_BYTES, every_ranks_words, grouped_by_words
+    from drnn_cli.runtime import DistContext
+
+    config = build_config(TINY_TREE, ["train.lr=0.5"])
+    dataset = load_dataset(config.data)
+    others = {0: "train.lr 0.1", 1: "train.lr 0.1 — é" + "x" * 400}  # a long one is cut at 240 bytes
+
+    def summing(table: torch.Tensor, op: object = None) -> None:
+        for rank, words in others.items():
+            encoded = words.encode()[:RANK_WORDS_BYTES]
+            table[rank, : len(encoded)] += torch.tensor(list(encoded), dtype=torch.int32)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", summing)
+    words = every_ranks_words(config, dataset, ["train.lr"], DistContext(2, 3), torch.device("cpu"))
+    assert words[0] == "train.lr 0.1" and words[2] == "train.lr 0.5"
+    assert words[1].startswith("train.lr 0.1 — é") and len(words[1].encode()) == RANK_WORDS_BYTES
+    assert grouped_by_words(["a", "a", "b", "a", "a", "c"]) == "ranks 0–1, 3–4: a; rank 2: b; rank 5: c"
+    assert grouped_by_words([str(rank) for rank in range(6)]) == (
+        "rank 0: 0; rank 1: 1; rank 2: 2; rank 3: 3; and 2 other values"
+    )
 
 
 def test_under_torchrun_commands_other_than_train_run_on_rank_0_alone(

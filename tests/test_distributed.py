@@ -418,8 +418,8 @@ def test_processes_given_other_settings_or_another_text_refuse_in_one_line_namin
     assert compare(same, node(corpus_path, "train.device=auto")) is None
     assert compare(node(corpus_path, "train.max_steps=300"), node(corpus_path, "train.max_steps=200")) == (
         "the processes of this torchrun job differ in train.max_steps (rank 0: train.max_steps 200; rank 1: "
-        'train.max_steps 300): run the same command, config and text on every node (README "Several '
-        'processes, GPUs or nodes")'
+        "train.max_steps 300): run the same command, config and text on every node "
+        '(README "Several processes, GPUs or nodes")'
     )
     refused = compare(node(shuffled, "train.lr=0.02"), same)
     lr = same[0].train.lr

@@ -931,6 +931,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             _refuse_empty_paths(args)
             app(args=argv, prog_name="drnn", standalone_mode=False, obj=session)
+            if signals.first is not None:  # a stop signal a library swallowed: the command was asked to stop
+                raise signals.first
         except DrnnError as error:
             if session.debug and error.__cause__ is not None:  # a library failure drnn put in one line
                 traceback.print_exception(error.__cause__)
@@ -964,7 +966,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         except Exception as error:
             if signals.first is not None:  # a failure after a stop signal is that signal's doing (red42:
-                _say_signal(errors, signals.first)  # numpy's import cut short, imported again: ImportError)
+                if session.debug:  # numpy's import cut short, imported again: ImportError)
+                    traceback.print_exc()
+                if isinstance(error, PeerGone):
+                    signals.first.after = signals.first.after or error.after
+                _say_signal(errors, signals.first)
                 sys.exit(signals.first.exit_code)
             # A library failure that is the user's to fix, as its one line, and whether this process's
             # own signal may be on its way: torchrun signals every process of a job, and this one's may

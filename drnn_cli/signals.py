@@ -35,6 +35,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -112,12 +113,17 @@ def exit_process(run: Callable[[], None]) -> None:
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
-    # done: a signal now could only cut the exit short: torchrun's SIGTERM, which follows another
-    # worker's exit, the last flush; a second Ctrl-C, the interpreter's finalisers (a KeyboardInterrupt
-    # traceback from torch's, after drnn's one line: red42)
-    ignore_further_signals()
     if TORCHRUN_ENV not in os.environ:
+        # done: a Ctrl-C now is ignored (Python's handler cut the interpreter's finalisers short with a
+        # KeyboardInterrupt traceback, torch's, after drnn's one line: red42; a handler of drnn's is
+        # reset as the interpreter ends, and a press then killed it by SIGINT), and SIGTERM or SIGHUP
+        # end the process at once with the code decided: a hung finaliser stays killable
+        _leave_with(code)
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.exit(code)
+    # done: torchrun's SIGTERM, which follows another worker's exit, must not cut the last flush short
+    ignore_further_signals()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing left to flush
             stream.flush()
@@ -182,25 +188,48 @@ def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
             signal.signal(signum, old)
 
 
+def _leave_with(code: int) -> None:
+    """Stop signals from now on end the process at once with ``code``, the one its command decided."""
+
+    def leave(_signum: int, _frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed pipe: nothing left to flush
+                stream.flush()
+        os._exit(code)
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for signum in _STOPS:
+            if signal.getsignal(signum) != signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+                signal.signal(signum, leave)
+
+
+# A stop signal this soon after the one raised is its echo, not a new request: a terminal's Ctrl-C
+# reaches a torchrun worker from the terminal and again from torchrun, and a double press comes within
+# milliseconds; raised while the first unwound, it ended in a traceback or an abort (red42)
+ECHO_S = 2.0
+
+
 class SignalExits:
     """What :func:`exit_on_signals` yields: the first :class:`Signalled` its handler raised, if any."""
 
     def __init__(self) -> None:
         self.first: Signalled | None = None
+        self.first_at = 0.0  # time.monotonic() when it was raised
 
 
 @contextlib.contextmanager
 def exit_on_signals() -> Iterator[SignalExits]:
-    """Raise :class:`Signalled` on SIGINT/SIGTERM inside the block (main thread only), once: the signals
-    after it change nothing, the command being on its way out. A terminal's Ctrl-C reaches a torchrun
-    worker twice (from the terminal, then from torchrun), and the second, raised while the first
-    unwound, ended in a traceback or an abort (red42)."""
+    """Raise :class:`Signalled` on SIGINT/SIGTERM inside the block (main thread only); one within
+    :data:`ECHO_S` of the last raised changes nothing. A first that a library swallowed (an import's
+    broad ``except``) leaves the command going: a later signal raises again, and a command that ends
+    after a swallowed one still ends as stopped (``cli.main``)."""
     exits = SignalExits()
 
     def handler(signum: int, _frame: object) -> None:
-        if exits.first is not None:
+        now = time.monotonic()
+        if exits.first is not None and now - exits.first_at < ECHO_S:
             return
-        exits.first = Signalled(signum)
+        exits.first, exits.first_at = Signalled(signum), now
         raise exits.first
 
     with _handling(handler):

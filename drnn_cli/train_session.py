@@ -262,6 +262,8 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
                     error.stopped, run_dir=run_dir, checkpoint=written and run_dir / written.name
                 )
         if not holds_run(staging):
+            if isinstance(error, PeerGone) and not request.resume:
+                error.after = f"no checkpoint was written, and {run_dir} keeps the run it held"
             raise  # nothing new to keep: the old run stays as it was (the finally below removes staging)
         if request.resume and not isinstance(error, TrainingInterrupted):
             # the resume of a killed --overwrite's run refused (a changed config, a moved text) or failed:
@@ -280,6 +282,10 @@ def _train_staged(job: _TrainJob, run_dir: Path, target: Path, staging: Path) ->
             ) from None
         if dist.is_main:  # ...after the new run's first checkpoint: that run is the one to resume
             swap_in(staging, target)
+        if isinstance(error, PeerGone):  # where the run stands, in its own place (review rev42)
+            error.after = f"the new run has replaced the previous one in {run_dir}; " + error.after.replace(
+                str(staging), str(run_dir)
+            )
         if not isinstance(error, DrnnError):
             raise
         message = str(error).replace(str(staging), str(run_dir))

@@ -1839,6 +1839,7 @@ def test_a_peer_gone_mid_training_is_said_with_the_checkpoint_resume_continues(
     continue, or that none was written. The line says it now, as a double Ctrl-C's does."""
     import drnn_cli.cli
     from drnn_cli import train, train_session
+    from drnn_cli.run_files import LAST as LAST_NAME
 
     config = str(config_file(workdir, tiny(epochs=1)))
     assert cli("train", "--config", config)[0] == 0
@@ -1865,6 +1866,24 @@ def test_a_peer_gone_mid_training_is_said_with_the_checkpoint_resume_continues(
         "another process of this torchrun job is gone",
         f"; the last checkpoint written, {last}, continues with the same command again",
     )
+    # under --overwrite (review rev42): the run's own place, not the staging folder swapped in
+    overwrite = ("train", "--config", config, "--overwrite")
+    code, _, err = cli(*overwrite)
+    assert_one_line_error(code, err, "; no checkpoint was written, and runs/tiny keeps the run it held")
+
+    def peer_left_after_a_checkpoint(self: train.Trainer) -> None:
+        self._save(LAST_NAME, 1)
+        peer_left()
+
+    monkeypatch.setattr(train.Trainer, "fit", peer_left_after_a_checkpoint)
+    code, _, err = cli(*overwrite)
+    assert_one_line_error(
+        code,
+        err,
+        f"; the new run has replaced the previous one in {Path('runs') / 'tiny'}; the last checkpoint written, "
+        f"{last}, continues with the same command with --resume in place of --overwrite",
+    )
+    assert ".overwrite" not in err
 
 
 def test_a_stray_rank_variable_without_torchrun_is_one_process_that_reports(workdir: Path, cli, monkeypatch):

@@ -780,21 +780,26 @@ WORSE_THAN_UNIFORM = 2  # the note says "twice"
 
 
 def worse_than_uniform_note(train_ppls: list[float], vocab_size: int, train: TrainConfig) -> str | None:
-    """A session whose last finite training perplexity is far above a uniform guess's, the vocabulary's
-    size: gradients that exploded (learner42: train.clip 0 at 100 steps ended at perplexity 1.5e+48, with
-    nothing said), said with the settings that prevent it."""
-    finite = [ppl for ppl in train_ppls if math.isfinite(ppl)]
-    if not finite or finite[-1] <= WORSE_THAN_UNIFORM * vocab_size:
+    """A session whose last training perplexity is far above a uniform guess's, the vocabulary's size,
+    or overflowed after finite ones (every one overflowed: :func:`overflowed_note`): gradients that
+    exploded (learner42: train.clip 0 at 100 steps ended at perplexity 1.5e+48, with nothing said), said
+    with the settings that prevent it."""
+    if not train_ppls or math.isnan(last := train_ppls[-1]) or last <= WORSE_THAN_UNIFORM * vocab_size:
         return None
     fix = (
         "clip the gradient norm (train.clip 1, d2l 0.17.6 §8.5) or lower train.lr"
         if not train.clip
         else "lower train.lr"
     )
+    figure = (
+        f", {format_perplexity(last, 1)}, is more than twice"
+        if math.isfinite(last)
+        else " overflowed (a mean loss past 700 nats), far past"
+    )
     return (
-        f"the last training perplexity, {format_perplexity(finite[-1], 1)}, is more than twice the "
-        f"vocabulary's size, {vocab_size:,}, which a uniform guess scores: the model predicts worse "
-        f"than one that knows nothing, as after exploding gradients; {fix} (now {train.lr:g})"
+        f"the last training perplexity{figure} the vocabulary's size, {vocab_size:,}, which a uniform guess "
+        f"scores: the model predicts worse than one that knows nothing, as after exploding gradients; {fix} "
+        f"(now {train.lr:g})"
     )
 
 

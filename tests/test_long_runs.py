@@ -461,6 +461,12 @@ def test_a_last_training_perplexity_far_above_a_uniform_guess_is_said_with_the_f
         "lower train.lr (now 2)"
     )
     assert worse_than_uniform_note([1e9, 56.0], 28, unclipped) is None  # the last one counts: it came back
+    # finite windows, then one that overflowed (review rev42: the note read the last finite one, or none)
+    assert worse_than_uniform_note([20.0, 30.0, math.inf], 28, unclipped) == (
+        "the last training perplexity overflowed (a mean loss past 700 nats), far past the vocabulary's size, "
+        "28, which a uniform guess scores: the model predicts worse than one that knows nothing, as after "
+        "exploding gradients; clip the gradient norm (train.clip 1, d2l 0.17.6 §8.5) or lower train.lr (now 1)"
+    )
     assert worse_than_uniform_note([29.7], 28, unclipped) is None  # an untrained model's, near the size
     assert worse_than_uniform_note([], 28, unclipped) is None
 

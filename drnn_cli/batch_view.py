@@ -14,16 +14,18 @@ import torch
 
 from drnn_cli.batches import epoch_batches, offset_range
 from drnn_cli.config import DataConfig
-from drnn_cli.decode import join_tokens
+from drnn_cli.decode import ids_to_text
 from drnn_cli.errors import UsageError
+from drnn_cli.render import plural
 from drnn_cli.vocab import Vocab
 
 # The rows the human output lists of each minibatch (--json lists them all): the seed config's 32 rows
 # of 35 characters would be a screen a minibatch
 SHOWN_ROWS = 8
-# The most tokens --batches shows in all (--json: each twice, as X and Y, and as text): a batch of 4,096
-# rows of 1,000 steps is 4 M tokens, which no one reads and the JSON would hold in memory many times over
-MAX_SHOWN_TOKENS = 1_000_000
+# The most tokens --batches gathers in all (--json: each twice, as X and Y, and as text; else the first
+# SHOWN_ROWS rows of each minibatch): a batch of 4,096 rows of 1,000 steps is 4 M tokens, which no one
+# reads and the JSON would hold in memory many times over
+MAX_VIEWED_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,8 @@ class BatchRow:
             "start": self.start,
             "x": list(self.inputs),
             "y": list(self.targets),
-            "x_text": text_of(self.inputs, vocab, token),
-            "y_text": text_of(self.targets, vocab, token),
+            "x_text": ids_to_text(self.inputs, vocab, token),
+            "y_text": ids_to_text(self.targets, vocab, token),
         }
 
 
@@ -74,30 +76,30 @@ class EpochView:
         }
 
 
-def view_epoch(split: torch.Tensor, data: DataConfig, seed: int, epoch: int, count: int) -> EpochView:
+def view_epoch(
+    split: torch.Tensor, data: DataConfig, seed: int, epoch: int, count: int, every_row: bool = True
+) -> EpochView:
     """The first ``count`` minibatches a run with ``data`` and ``train.seed`` ``seed`` trains on in
-    ``epoch`` (from 1) of the training split ``split``."""
+    ``epoch`` (from 1) of the training split ``split``: every row of each, or (``every_row`` False, what
+    the human output lists) its first :data:`SHOWN_ROWS`."""
     batches = epoch_batches(split, data, seed, epoch - 1)
-    tokens = min(count, len(batches)) * data.batch_size * data.num_steps
-    if tokens > MAX_SHOWN_TOKENS:
-        fits = max(1, MAX_SHOWN_TOKENS // (data.batch_size * data.num_steps))
+    rows = data.batch_size if every_row else min(SHOWN_ROWS, data.batch_size)
+    tokens = min(count, len(batches)) * rows * data.num_steps
+    if tokens > MAX_VIEWED_TOKENS:
+        fits = MAX_VIEWED_TOKENS // (rows * data.num_steps)
         raise UsageError(
-            f"--batches {count:,} would show {tokens:,} tokens ({data.batch_size:,} rows of "
-            f"{data.num_steps:,} a minibatch), past the {MAX_SHOWN_TOKENS:,} shown at most; "
-            + (
-                f"ask for at most --batches {fits:,}"
-                if fits * data.batch_size * data.num_steps <= MAX_SHOWN_TOKENS
-                else "one minibatch of these settings is larger: set a smaller data.batch_size or data.num_steps"
-            )
+            f"--batches {count:,} would gather {tokens:,} tokens ({rows:,} rows of {data.num_steps:,} a "
+            f"minibatch{'' if every_row else ' shown'}), past the {MAX_VIEWED_TOKENS:,} at most; "
+            + (f"ask for at most --batches {fits:,}" if fits else "leave out --json, which lists every row")
         )
     largest, fewest, most = offset_range(len(split), data)
     shown = []
     for index, window in zip(range(count), batches.windows_from(0), strict=False):
-        rows = window.tolist()
+        starts = batches.row_starts(index)[:rows]
         shown.append(
             tuple(
                 BatchRow(start, tuple(row[:-1]), tuple(row[1:]))
-                for start, row in zip(batches.row_starts(index), rows, strict=True)
+                for start, row in zip(starts, window[:rows].tolist(), strict=True)
             )
         )
     return EpochView(
@@ -114,10 +116,6 @@ def view_epoch(split: torch.Tensor, data: DataConfig, seed: int, epoch: int, cou
     )
 
 
-def text_of(ids: tuple[int, ...], vocab: Vocab, token: str) -> str:
-    return join_tokens([vocab.idx_to_token[i] for i in ids], token)
-
-
 def view_lines(view: EpochView, vocab: Vocab, token: str) -> list[str]:
     """The view in words: how the epoch cut its minibatches, then each shown one's rows as positions in
     the training split and text, the inputs X then the targets Y."""
@@ -127,9 +125,10 @@ def view_lines(view: EpochView, vocab: Vocab, token: str) -> list[str]:
         if view.fewest == view.most
         else f"{view.minibatches:,} (an epoch makes {view.fewest:,}–{view.most:,}, as its offset falls)"
     )
+    skipped = "no token" if not view.offset else f"the first {plural(view.offset, 'token')}"
     skip = (
-        f"it skips the training split's first {view.offset:,} tokens (its offset, drawn again each epoch "
-        f"from 0–{view.largest_offset:,})"
+        f"it skips {skipped} of the training split (its offset, drawn again each epoch from "
+        f"0–{view.largest_offset:,})"
     )
     if view.carries_state:
         how = (
@@ -155,9 +154,11 @@ def view_lines(view: EpochView, vocab: Vocab, token: str) -> list[str]:
         for number, row in enumerate(rows[:SHOWN_ROWS], start=1):
             span = f"{row.start:,}–{row.start + steps - 1:,}"
             lines.append(
-                f"  row {number:>2}  tokens {span:<{width}}  X {text_of(row.inputs, vocab, token)!r}  "
-                f"Y {text_of(row.targets, vocab, token)!r}"
+                f"  row {number:>2}  tokens {span:<{width}}  X {ids_to_text(row.inputs, vocab, token)!r}  "
+                f"Y {ids_to_text(row.targets, vocab, token)!r}"
             )
-        if len(rows) > SHOWN_ROWS:
-            lines.append(f"  … {len(rows) - SHOWN_ROWS:,} more rows (--json lists every row, with token ids)")
+        if view.batch_size > SHOWN_ROWS:
+            lines.append(
+                f"  … {view.batch_size - SHOWN_ROWS:,} more rows (--json lists every row, with token ids)"
+            )
     return lines

@@ -198,7 +198,7 @@ def _count_option(flag: str, highest: int, help_text: str, metavar: str = "N", l
 
 
 MAX_NGRAM = 5  # --ngrams: drnn_cli.ngrams.MAX_N, which keys n ids as one int64
-MAX_SHOWN_TOKENS = 100_000  # --text: a screenful is the point; --json carries what is asked
+MAX_TEXT_TOKENS = 100_000  # --text: a screenful is the point; --json carries what is asked
 MAX_EPOCH_SHOWN = 10**9  # --epoch: each epoch's seed is the run's and the epoch's; past this, no run goes
 
 
@@ -237,7 +237,7 @@ def data_command(
         int,
         _count_option(
             "--text",
-            MAX_SHOWN_TOKENS,
+            MAX_TEXT_TOKENS,
             "Show the text's first N tokens as training reads them (after data.preprocess).",
         ),
     ] = 0,
@@ -271,6 +271,7 @@ def data_command(
         given_keys(set_ or []),
         said,
         show_batches=batches,
+        every_row=json_out,
         epoch=epoch,
         show_text=text,
         ngrams=ngrams,
@@ -309,6 +310,8 @@ def data_command(
     if report.batches is not None:
         for line in view_lines(report.batches, dataset.vocab, data.token):
             print_line(out, line)
+    elif report.batches_asked:
+        print_line(out, "no minibatch to show: the training split is shorter than one (the note below)")
     for note in (*report.dataset.notes, *report.notes):
         print_note(out, note)
     if report.untrainable is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from drnn_cli.batch_view import EpochView, text_of, view_epoch
+from drnn_cli.batch_view import EpochView, view_epoch
 from drnn_cli.batches import (
     MIN_EVAL_TOKENS,
     PlannedLength,
@@ -39,6 +39,7 @@ from drnn_cli.decode import (
     InvalidDecodeOption,
     blank_continuation,
     continue_prefix,
+    ids_to_text,
     join_tokens,
     prefix_tokens,
 )
@@ -52,6 +53,7 @@ from drnn_cli.introspect import STDIN, Inspection, InspectRequest, inspect_text
 from drnn_cli.model_size import parameter_count
 from drnn_cli.models import RNNLanguageModel, build_model
 from drnn_cli.ngrams import NgramCounts, count_ngrams
+from drnn_cli.render import plural
 from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import (
     data_notes,
@@ -105,15 +107,21 @@ class DataReport:
     # the tokens the run would use that its vocabulary lacks: a fixed one's (fine-tuning), or min_freq's cut
     unknown: int = 0
     batches: EpochView | None = None  # --batches: the first minibatches of the epoch asked for
+    batches_asked: bool = False  # --batches given: None above is a text too short for one minibatch
     text_ids: tuple[int, ...] | None = None  # --text: the text's first tokens as training reads them
     ngrams: NgramCounts | None = None  # --ngrams: the most frequent n-grams of the tokens used
+
+    def _batches_summary(self) -> dict | None:
+        return (
+            None if self.batches is None else self.batches.summary(self.dataset.vocab, self.config.data.token)
+        )
 
     @property
     def text_head(self) -> str | None:
         """--text's tokens as text (words joined by spaces)."""
         if self.text_ids is None:
             return None
-        return text_of(self.text_ids, self.dataset.vocab, self.config.data.token)
+        return ids_to_text(self.text_ids, self.dataset.vocab, self.config.data.token)
 
     def most_frequent(self, n: int) -> tuple[list[tuple[str, int]], str]:
         """The ``n`` most frequent tokens of the vocabulary and what they were counted over: the whole
@@ -137,11 +145,7 @@ class DataReport:
             "notes": [*self.dataset.notes, *self.notes],
             "init_from": self.init_from,
             "unknown_tokens": self.unknown,
-            **(
-                {"batches": self.batches.summary(self.dataset.vocab, self.config.data.token)}
-                if self.batches is not None
-                else {}
-            ),
+            **({"batches": self._batches_summary()} if self.batches_asked else {}),
             **(
                 {"text": self.text_head, "text_ids": list(self.text_ids)}
                 if self.text_head is not None and self.text_ids is not None
@@ -166,6 +170,7 @@ class DataRequest:
     config_note: str | None = None  # what --config read, where it may not be what was meant
     runs_root: Path = DEFAULT_RUNS_ROOT
     show_batches: int = 0  # --batches: how many of the epoch's first minibatches to show
+    every_row: bool = False  # --batches under --json: every row of each, not the first the output lists
     epoch: int = 1  # --epoch: the epoch counted (from 1, as training counts), and shown
     show_text: int = 0  # --text: how many of the text's first tokens to show
     ngrams: int = 0  # --ngrams: count the n-grams of this order (0: none)
@@ -204,11 +209,15 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     except DrnnError as refused:
         refusals.append(str(refused))
     else:  # how long the run would be, and what that means for its settings (a run that trains)
-        if request.show_batches:
-            shown = view_epoch(
-                dataset.splits.train, data, config.train.seed, request.epoch, request.show_batches
-            )
         length = PlannedLength.of(config.train, data, len(dataset.splits.train))
+        if request.show_batches:
+            split, seed = dataset.splits.train, config.train.seed
+            shown = view_epoch(split, data, seed, request.epoch, request.show_batches, request.every_row)
+            if request.epoch > length.epochs:  # a run of these settings ends before it
+                notes.append(
+                    f"epoch {request.epoch:,} is past the {plural(length.epochs, 'epoch')} a run of these "
+                    "settings trains: its minibatches are those a longer run would read"
+                )
         notes.extend(
             planned_length_notes(
                 config,
@@ -227,6 +236,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         start.init_label if start is not None else None,
         dataset.lacking_in(),
         shown,
+        bool(request.show_batches),
         tuple(dataset.tokens[: request.show_text].tolist()) if request.show_text else None,
         count_ngrams(dataset.tokens, dataset.vocab, request.ngrams, MOST_FREQUENT_SHOWN)
         if request.ngrams

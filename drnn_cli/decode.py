@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -137,6 +137,11 @@ def separator(token: str) -> str:
 
 def join_tokens(tokens: list[str], token: str) -> str:
     return separator(token).join(tokens)
+
+
+def ids_to_text(ids: Iterable[int], vocab: Vocab, token: str) -> str:
+    """Token ids as the text they spell: characters together, words with a space between."""
+    return join_tokens(vocab.to_tokens(ids), token)
 
 
 def _pick(logits: torch.Tensor, options: DecodeOptions, generator: torch.Generator | None) -> int:

@@ -44,6 +44,7 @@ class NgramCounts:
         shown = ", ".join(
             f"{join_tokens(list(gram), token)!r} {count:,}" for gram, count in self.most_frequent
         )
+        shown = shown or f"none (the tokens used are fewer than {self.n})"
         return f"most frequent {name} (of {self.windows:,} in the tokens used, {self.distinct:,} distinct): {shown}"
 
 

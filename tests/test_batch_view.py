@@ -77,8 +77,9 @@ def test_the_human_output_says_how_the_epoch_was_cut_and_lists_each_rows_tokens_
     assert code == 0, err
     lines = out.splitlines()
     first = lines.index(next(line for line in lines if line.startswith("epoch 1, sequential partition")))
+    skipped = {0: "no token", 1: "the first 1 token"}.get(offset, f"the first {offset} tokens")
     assert lines[first] == (
-        f"epoch 1, sequential partition: it skips the training split's first {offset} tokens (its offset, "
+        f"epoch 1, sequential partition: it skips {skipped} of the training split (its offset, "
         "drawn again each epoch from 0–5) and splits the rest into 2 rows of equal length; each minibatch "
         "takes the next 5 tokens of every row, so row b of one continues row b of the one before: the hidden "
         "state carries over (detached: truncated backpropagation through time); minibatches: "
@@ -106,6 +107,43 @@ def test_the_seed_configs_32_rows_are_listed_eight_at_a_time_and_the_table_names
     code, out, err = cli("data", "--config", "lstm2.yaml", "--batches", "1", "--json")
     shown = json.loads(out.splitlines()[-1])["batches"]["shown"]
     assert [len(rows) for rows in shown] == [32] and all(len(row["x"]) == 35 for row in shown[0])
+
+
+def test_batches_of_a_text_shorter_than_one_minibatch_say_there_is_none(cli, workdir: Path):
+    """review rev42: asked for, they were left out without a word, and the JSON had no key to read."""
+    short = workdir / "short.txt"
+    short.write_text("ab")
+    code, out, err = cli(
+        "data", "--set", f"data.path={short}", "--set", "data.preprocess=none", "--batches", "2"
+    )
+    assert (
+        code == 0 and "no minibatch to show: the training split is shorter than one (the note below)" in out
+    )
+    code, out, err = cli(
+        "data", "--set", f"data.path={short}", "--set", "data.preprocess=none", "--batches", "2", "--json"
+    )
+    said = json.loads(out.splitlines()[-1])
+    assert said["batches"] is None and said["train_would_refuse"], err
+
+
+def test_an_epoch_past_the_runs_length_is_shown_with_a_note(cli, toy: Path):
+    code, out, err = cli(
+        "data",
+        "--set",
+        f"data.path={toy}",
+        *TOY_SETTINGS,
+        "--set",
+        "train.epochs=3",
+        "--batches",
+        "1",
+        "--epoch",
+        "7",
+    )
+    assert code == 0, err
+    assert (
+        "note: epoch 7 is past the 3 epochs a run of these settings trains: its minibatches are those a longer "
+        "run would read"
+    ) in out.splitlines()
 
 
 def test_without_batches_the_json_has_no_batches_key_and_a_negative_count_is_refused(cli, toy: Path):
@@ -152,11 +190,16 @@ def test_batches_past_a_million_tokens_are_refused_before_any_is_gathered(cli, w
     text = workdir / "big.txt"
     text.write_text("the time machine " * 130_000)  # 2,210,000 characters
     big = ("--set", f"data.path={text}", "--set", "data.batch_size=1024", "--set", "data.num_steps=100")
-    code, out, err = cli("data", *big, "--batches", "20")
+    code, out, err = cli("data", *big, "--batches", "20", "--json")
     assert code == 2 and not out
     assert err.strip() == (
-        "drnn: error: --batches 20 would show 2,048,000 tokens (1,024 rows of 100 a minibatch), past the "
-        "1,000,000 shown at most; ask for at most --batches 9"
+        "drnn: error: --batches 20 would gather 2,048,000 tokens (1,024 rows of 100 a minibatch), past the "
+        "1,000,000 at most; ask for at most --batches 9"
     )
-    code, _, err = cli("data", *big, "--batches", "9")
+    code, _, err = cli("data", *big, "--batches", "9", "--json")
     assert code == 0, err
+    # the human output gathers the 8 rows it lists (review rev42: it was refused for the JSON's size)
+    code, out, err = cli("data", *big, "--batches", "20")
+    assert code == 0 and "minibatch 20 of " in out and "  … 1,016 more rows (--json lists every row" in out, (
+        err
+    )

@@ -65,8 +65,8 @@ class DataConfig(_Section):
     )
     token: Literal["char", "word"] = Field(
         "char",
-        description="character or whitespace-separated word tokens (under data.preprocess lower or none punctuation "
-        "stays on its word: `dog.` and `dog` are two; d2l and letters remove it first)",
+        description="character or whitespace-separated word tokens (with data.preprocess lower or none, punctuation "
+        "stays on its word, `dog.` and `dog` being two; d2l and letters remove it first)",
     )
     max_tokens: int = Field(
         -1, ge=-1, le=MAX_COUNT * 100, description="keep only the first N tokens (-1 = all; 0 is refused)"

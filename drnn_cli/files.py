@@ -37,13 +37,20 @@ def _in_current_directory() -> str:
         return ""
 
 
-# What the user can do about a write the OS refused, by its errno (red41: the OS's reason alone named
+# What the user can do about a write the OS refused for want of room (red41: the OS's reason alone named
 # no fix; a full disk's left the user to find that the checkpoint before it was whole)
-_WRITE_FIXES = {
-    errno.ENOSPC: "free space on that filesystem, or write elsewhere (drnn's files are written whole or "
-    "not at all: the one there before is intact)",
-    errno.EDQUOT: "free space within your disk quota, or write elsewhere (the file there before is intact)",
+_ROOM_FIXES = {
+    errno.ENOSPC: "free space on that filesystem",
+    errno.EDQUOT: "free space within your disk quota",
     errno.EFBIG: "the shell's file-size limit is below the file's size: raise it (ulimit -f unlimited)",
+}
+_ELSEWHERE = {
+    errno.ENOSPC: ", or write elsewhere (drnn's files are written whole or not at all: the one there before is intact)",
+    errno.EDQUOT: ", or write elsewhere (the file there before is intact)",
+}
+# ... and for the other refusals a fix implies
+_WRITE_FIXES = {
+    **{number: fix + _ELSEWHERE.get(number, "") for number, fix in _ROOM_FIXES.items()},
     errno.EROFS: "that filesystem is mounted read-only: write elsewhere",
     errno.EACCES: "this user may not write there: change its permissions or write elsewhere",
     errno.EPERM: "this user may not write there: change its permissions or write elsewhere",
@@ -51,7 +58,7 @@ _WRITE_FIXES = {
 
 
 # A write refused for want of room (> /dev/full, a quota, ulimit -f), not a file's name or rights
-OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+OUTPUT_ERRNOS = frozenset(_ROOM_FIXES)
 
 
 def write_refused(what: str, exc: OSError) -> str:
@@ -61,13 +68,15 @@ def write_refused(what: str, exc: OSError) -> str:
 
 
 class WriteRefused(DrnnError):
-    """A write the OS refused, in :func:`write_refused`'s words. ``for_want_of_room``: the same write
-    would succeed with more room (a full disk, a quota, ``ulimit -f``), so a caller that can be
-    continued, such as a training run at a checkpoint, may add how to continue it."""
+    """A write the OS refused, in :func:`write_refused`'s words. ``room_fix``: where more room would let
+    the same write succeed (a full disk, a quota, ``ulimit -f``), how to make it, for a caller that can
+    be continued in place, such as a training run at a checkpoint, to say with how to continue;
+    ``refusal``: the path and the OS's reason alone."""
 
     def __init__(self, what: str, exc: OSError) -> None:
         super().__init__(write_refused(what, exc))
-        self.for_want_of_room = exc.errno in OUTPUT_ERRNOS
+        self.refusal = f"cannot write {what}: {exc.strerror or exc}"
+        self.room_fix = _ROOM_FIXES.get(exc.errno or 0)
 
 
 def require_regular_file(path: Path, what: str, fix: str) -> int:

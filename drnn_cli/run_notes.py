@@ -283,10 +283,9 @@ def data_notes(
         unknown = dataset.lacking_in(*splits.span("train")) / len(splits.train)
         if unknown >= UNKNOWN_SHARE_NOTED:
             notes.append(
-                f"data.min_freq {data.min_freq} maps {unknown:.1%} of the training tokens to <unk>: the model "
-                "learns to predict <unk>, and its perplexities count those guesses, easier than the tokens "
-                "they stand for: compare them only with runs of the same vocabulary (a lower data.min_freq "
-                "keeps more of the text's tokens)"
+                f"data.min_freq {data.min_freq} maps {percent(unknown)} of the training tokens to <unk>: the "
+                "model learns to predict <unk>, and its perplexities count those easier guesses, so compare "
+                "them only with runs of the same vocabulary; a lower data.min_freq keeps more of the text's tokens"
             )
     if data.test_fraction > 0 and test_tokens < MIN_EVAL_TOKENS:
         notes.append(

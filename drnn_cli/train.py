@@ -411,11 +411,14 @@ class Trainer:
                 where = training_position(epoch, progress.step if progress else 0, self.global_step)
                 raise self._diverged(f"the weights became NaN or infinite {where}") from None
             except WriteRefused as refused:
-                if not refused.for_want_of_room:
+                if refused.room_fix is None:
                     raise
-                # the file there before is intact (written whole or not at all): say how to go on from it
+                # the file there before is intact (written whole or not at all): say how to go on from it,
+                # in place (writing elsewhere would leave the run behind)
                 continuing = left_by_signal(self.run_dir, self.resume_advice)
-                raise DrnnError(f"{refused}; training stopped, and {continuing}") from None
+                raise DrnnError(
+                    f"{refused.refusal}; {refused.room_fix}; training stopped, and {continuing}"
+                ) from None
 
     def _kept_name(self, epochs_done: int) -> str:
         """The kept file of this point: by epochs done for an epoch cadence, else by optimizer step."""

@@ -81,3 +81,10 @@ def test_an_order_whose_keys_would_overflow_is_refused_naming_the_largest_that_f
         "--ngrams 4 of a vocabulary of 200,000 tokens has more possible n-grams than drnn counts (2^62); "
         "ask for --ngrams 3 or fewer"
     )
+
+
+def test_the_command_line_allows_the_orders_the_counter_takes():
+    from drnn_cli.cli import MAX_NGRAM
+    from drnn_cli.ngrams import MAX_N
+
+    assert MAX_NGRAM == MAX_N

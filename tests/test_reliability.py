@@ -335,9 +335,9 @@ def test_a_min_freq_that_turns_much_of_the_text_into_unk_is_noted(workdir: Path,
     code, out, err = cli("train", "--config", config, "--set", "train.epochs=1", "--set", "data.min_freq=150")
     assert code == 0, err
     assert (
-        "note: data.min_freq 150 maps 25.0% of the training tokens to <unk>: the model learns to predict "
-        "<unk>, and its perplexities count those guesses, easier than the tokens they stand for: compare them "
-        "only with runs of the same vocabulary (a lower data.min_freq keeps more of the text's tokens)"
+        "note: data.min_freq 150 maps 25% of the training tokens to <unk>: the model learns to predict "
+        "<unk>, and its perplexities count those easier guesses, so compare them only with runs of the same "
+        "vocabulary; a lower data.min_freq keeps more of the text's tokens"
     ) in out.splitlines()
     code, out, err = cli("train", "--config", config, "--set", "data.min_freq=100", "--overwrite")
     assert code == 0 and "<unk>" not in out, err  # a min_freq that keeps every token: nothing to note
@@ -364,9 +364,9 @@ def test_a_literal_unk_the_text_writes_itself_is_not_taken_for_what_min_freq_cut
 def test_the_min_freq_note_counts_the_words_cut_where_they_lie_not_the_text_s_own_unk(workdir: Path, cli):
     """min_freq 20 cuts 'zebra yak gnu' (36 words). Where the validation split holds them, the training
     split lacks nothing, though it holds 58 <unk>s of the text's own: bounded by the words cut in the whole
-    text, its share was said to be min(58, 36) of 465 (7.7%). Where the training split holds them, 7.7% is."""
+    text, its share was said to be min(58, 36) of 465 (7.7%). Where the training split holds them, 7.74% is."""
     ptb, cut = "the cat <unk> sat on the mat .\n" * 60, "zebra yak gnu\n" * 12  # 480 + 36 words
-    for name, text, share in (("cut_last", ptb + cut, None), ("cut_first", cut + ptb, "7.7%")):
+    for name, text, share in (("cut_last", ptb + cut, None), ("cut_first", cut + ptb, "7.74%")):
         path = workdir / f"{name}.txt"
         path.write_text(text)
         code, out, err = cli(

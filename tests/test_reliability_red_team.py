@@ -1025,20 +1025,19 @@ def test_a_disk_that_fills_during_training_says_the_last_checkpoint_continues(
     --resume continues from it once there is room."""
     import errno
 
-    from drnn_cli import train as train_module
+    from drnn_cli import checkpoint as checkpoint_module
 
-    writes: list[Path] = []
-    real_save = train_module.save_checkpoint
+    writes: list[int] = []
+    real_write = checkpoint_module.write_safetensors
 
-    def full_from_the_second_epoch(path: Path, checkpoint) -> None:
-        writes.append(path)
-        if len(writes) > 1:  # the checkpoint files write through files.atomic_write_stream
-            from drnn_cli.files import WriteRefused
+    def full_from_the_second_epoch(stream, head, tensors) -> None:
+        writes.append(1)
+        if len(writes) > 1:  # the OS's refusal, below files.atomic_write_stream, as a full disk gives it
+            stream.write(head)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(stream, head, tensors)
 
-            raise WriteRefused(str(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-        real_save(path, checkpoint)
-
-    monkeypatch.setattr(train_module, "save_checkpoint", full_from_the_second_epoch)
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", full_from_the_second_epoch)
     config = config_file(workdir, tiny(checkpoint_every=1))
     code, _, err = cli("train", "--config", str(config))
     last = Path("runs") / "tiny" / "last.safetensors"
@@ -1049,7 +1048,7 @@ def test_a_disk_that_fills_during_training_says_the_last_checkpoint_continues(
         f"; training stopped, and the last checkpoint written, {last}, continues with the same command plus --resume",
     )
     assert load_checkpoint(workdir / last).epoch == 1
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)  # room again
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", real_write)  # room again
     code, _, err = cli("train", "--config", str(config), "--resume")
     assert code == 0, err
     assert load_checkpoint(workdir / last).epoch == 2

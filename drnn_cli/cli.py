@@ -889,18 +889,19 @@ def _interrupted_line(signalled: Signalled) -> str:
     )
 
 
-# The options that take a path: an empty one ("--html ''") reaches drnn as Path(""), the current directory
-PATH_OPTIONS = (
-    "--run",
-    "--checkpoint",
-    "--data",
-    "--corpus",
-    "--splits-of",
-    "--init-from",
-    "--file",
-    "--html",
-    "--png",
-)
+# The options that take a path, and what each takes: an empty one ("--html ''") reaches drnn as Path(""),
+# the current directory
+PATH_OPTIONS = {
+    "--run": "a run directory, e.g. --run runs/NAME",
+    "--checkpoint": "a checkpoint file, e.g. --checkpoint runs/NAME/best.safetensors",
+    "--data": "a text file",
+    "--corpus": "a text file",
+    "--splits-of": "a run directory or checkpoint",
+    "--init-from": "a run directory or checkpoint",
+    "--file": "a text file, or - for standard input",
+    "--html": "a file to write, e.g. --html inspect.html",
+    "--png": "a file to write, e.g. --png inspect.png",
+}
 
 
 def _refuse_empty_paths(args: list[str]) -> None:
@@ -913,7 +914,7 @@ def _refuse_empty_paths(args: list[str]) -> None:
         empty = not value if equals else index + 1 < len(args) and args[index + 1] == ""
         if flag in PATH_OPTIONS and empty:
             raise UsageError(
-                f"{flag} is empty; give it a path (an empty one would read as the current directory)"
+                f"{flag} is empty; give it {PATH_OPTIONS[flag]} (an empty one would read as the current directory)"
             )
 
 

@@ -674,21 +674,27 @@ def test_help_names_option_values_as_the_readme_does_and_lists_commands_whole(cl
 
 
 @pytest.mark.parametrize(
-    ("args", "flag"),
+    ("args", "said"),
     [
-        (("inspect", "the time", "--html", ""), "--html"),
-        (("eval", "--run="), "--run"),
-        (("eval", "--data", "", "--split", "val"), "--data"),
-        (("predict", "time", "--checkpoint", ""), "--checkpoint"),
-        (("train", "--config", "lstm2.yaml", "--init-from", ""), "--init-from"),
+        (
+            ("inspect", "the time", "--html", ""),
+            "--html is empty; give it a file to write, e.g. --html inspect.html",
+        ),
+        (("eval", "--run="), "--run is empty; give it a run directory, e.g. --run runs/NAME"),
+        (("eval", "--data", "", "--split", "val"), "--data is empty; give it a text file"),
+        (
+            ("predict", "time", "--checkpoint", ""),
+            "--checkpoint is empty; give it a checkpoint file, e.g. --checkpoint runs/NAME/best.safetensors",
+        ),
+        (
+            ("train", "--config", "lstm2.yaml", "--init-from", ""),
+            "--init-from is empty; give it a run directory or checkpoint",
+        ),
     ],
 )
-def test_an_empty_path_option_is_refused_by_name_not_read_as_the_current_directory(cli, args, flag):
+def test_an_empty_path_option_is_refused_by_name_not_read_as_the_current_directory(cli, args, said):
     """red41: --html '' was refused as "--html . is a directory": the parser reads an empty path as ".".
-    The option is named as empty, before anything is read."""
+    The option is named as empty, with what it takes, before anything is read."""
     code, out, err = cli(*args)
     assert (code, out) == (2, "")
-    assert (
-        err
-        == f"drnn: error: {flag} is empty; give it a path (an empty one would read as the current directory)\n"
-    )
+    assert err == f"drnn: error: {said} (an empty one would read as the current directory)\n"

@@ -59,6 +59,18 @@ def _wait_for(ready, process: subprocess.Popen[bytes], timeout: float = 90) -> N
         time.sleep(0.05)
 
 
+def _python(script: str, **options: object) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a fresh interpreter that imports this checkout's drnn_cli."""
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**CHILD_ENV, "PYTHONPATH": pythonpath_with_repo()},
+        timeout=60,
+        **options,
+    )
+
+
 def _metrics_lines(workdir: Path) -> int:
     metrics = workdir / "runs" / "tiny" / "metrics.jsonl"
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
@@ -359,13 +371,7 @@ def test_a_signal_during_the_interpreters_exit_keeps_the_exit_code_and_prints_no
         """
     )
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**CHILD_ENV, "PYTHONPATH": pythonpath_with_repo()},
-        timeout=60,
-    )
+    done = _python(script)
     assert (done.returncode, done.stdout, done.stderr) == (3, "", "")
     assert time.monotonic() - started < 4  # ended by the signal, not after the finaliser's sleep
 
@@ -440,12 +446,5 @@ def test_a_signal_while_the_commands_modules_load_ends_drnn_with_its_one_line():
         drnn()
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**CHILD_ENV, "PYTHONPATH": pythonpath_with_repo()},
-        timeout=60,
-        preexec_fn=_hup_as_by_default,
-    )
+    done = _python(script, preexec_fn=_hup_as_by_default)
     assert (done.returncode, done.stdout, done.stderr) == (143, "", "drnn: interrupted (SIGTERM)\n")

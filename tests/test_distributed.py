@@ -466,7 +466,9 @@ def test_every_ranks_words_reach_every_rank_through_one_sum_of_a_fixed_table(
     from drnn_cli.rank_agreement import RANK_WORDS_BYTES, every_ranks_words, grouped_by_words
     from drnn_cli.runtime import DistContext
 
-    config = build_config(TINY_TREE, ["train.lr=0.5"])
+    config = build_config(
+        {**TINY_TREE, "data": {**TINY_TREE["data"], "path": str(corpus_path)}}, ["train.lr=0.5"]
+    )
     dataset = load_dataset(config.data)
     others = {0: "train.lr 0.1", 1: "train.lr 0.1 — é" + "x" * 400}  # a long one is cut at 240 bytes
 

@@ -229,6 +229,10 @@ def exit_on_signals() -> Iterator[SignalExits]:
         now = time.monotonic()
         if exits.first is not None and now - exits.first_at < ECHO_S:
             return
+        # a stop already being handled (the training loop's second press, as train_session records it):
+        # torchrun's SIGTERM or a third press must not replace it and what it says (review rev42)
+        if isinstance(sys.exc_info()[1], Signalled):
+            return
         exits.first, exits.first_at = Signalled(signum), now
         raise exits.first
 

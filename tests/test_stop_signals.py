@@ -331,6 +331,14 @@ def test_a_second_signal_while_the_first_unwinds_changes_nothing():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)  # delivered, and ignored: nothing raised here
     assert exits.first is first.value and first.value.name == "SIGINT"
+    # one raised elsewhere (the training loop's handler) and being handled: a signal then is its echo too
+    with exit_on_signals() as exits:
+        try:
+            raise Signalled(signal.SIGINT)
+        except Signalled:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # delivered, and ignored: nothing raised here
+    assert exits.first is None
 
 
 def test_a_failure_after_a_stop_signal_is_reported_as_that_signal(cli, monkeypatch: pytest.MonkeyPatch):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from drnn_cli.batches import epoch_batches, offset_range
+from drnn_cli.batches import EpochBatches, offset_range
 from drnn_cli.config import DataConfig
 from drnn_cli.decode import ids_to_text
 from drnn_cli.errors import UsageError
@@ -77,12 +75,11 @@ class EpochView:
 
 
 def view_epoch(
-    split: torch.Tensor, data: DataConfig, seed: int, epoch: int, count: int, every_row: bool = True
+    batches: EpochBatches, split_length: int, data: DataConfig, epoch: int, count: int, every_row: bool = True
 ) -> EpochView:
-    """The first ``count`` minibatches a run with ``data`` and ``train.seed`` ``seed`` trains on in
-    ``epoch`` (from 1) of the training split ``split``: every row of each, or (``every_row`` False, what
-    the human output lists) its first :data:`SHOWN_ROWS`."""
-    batches = epoch_batches(split, data, seed, epoch - 1)
+    """The first ``count`` of ``batches``, the minibatches a run with ``data`` trains on in ``epoch``
+    (from 1) of a training split of ``split_length`` tokens (:func:`~drnn_cli.batches.epoch_batches`):
+    every row of each, or (``every_row`` False, what the human output lists) its first :data:`SHOWN_ROWS`."""
     rows = data.batch_size if every_row else min(SHOWN_ROWS, data.batch_size)
     tokens = min(count, len(batches)) * rows * data.num_steps
     if tokens > MAX_VIEWED_TOKENS:
@@ -92,7 +89,7 @@ def view_epoch(
             f"minibatch{'' if every_row else ' shown'}), past the {MAX_VIEWED_TOKENS:,} at most; "
             + (f"ask for at most --batches {fits:,}" if fits else "leave out --json, which lists every row")
         )
-    largest, fewest, most = offset_range(len(split), data)
+    largest, fewest, most = offset_range(split_length, data)
     shown = []
     for index, window in zip(range(count), batches.windows_from(0), strict=False):
         starts = batches.row_starts(index)[:rows]

@@ -205,14 +205,21 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     batches, shown = 0, None
     try:
         check_trainable(len(dataset.splits.train), data.batch_size, data.num_steps, capped=dataset.capped)
-        batches = len(epoch_batches(dataset.splits.train, data, config.train.seed, request.epoch - 1))
+        minibatches = epoch_batches(dataset.splits.train, data, config.train.seed, request.epoch - 1)
+        batches = len(minibatches)
     except DrnnError as refused:
         refusals.append(str(refused))
     else:  # how long the run would be, and what that means for its settings (a run that trains)
         length = PlannedLength.of(config.train, data, len(dataset.splits.train))
         if request.show_batches:
-            split, seed = dataset.splits.train, config.train.seed
-            shown = view_epoch(split, data, seed, request.epoch, request.show_batches, request.every_row)
+            shown = view_epoch(  # the same minibatches, not drawn again
+                minibatches,
+                len(dataset.splits.train),
+                data,
+                request.epoch,
+                request.show_batches,
+                request.every_row,
+            )
             if request.epoch > length.epochs:  # a run of these settings ends before it
                 notes.append(
                     f"epoch {request.epoch:,} is past the {plural(length.epochs, 'epoch')} a run of these "

@@ -249,6 +249,15 @@ def data_command(
             "Also list the most frequent N-grams of the tokens used (d2l §8.3: 2, 3 with data.token=word).",
         ),
     ] = 0,
+    zipf: Annotated[
+        Path | None,
+        typer.Option(
+            "--zipf",
+            metavar="OUT.png",
+            help="Draw Zipf's law: unigram, bigram and trigram counts against rank, with the fitted "
+            "exponents (d2l §8.3; needs matplotlib).",
+        ),
+    ] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Download (if needed), tokenize and describe the corpus.
@@ -256,10 +265,15 @@ def data_command(
     Example: drnn data --config lstm2.yaml --set data.token=word
     """
     from drnn_cli.batch_view import view_lines
-    from drnn_cli.commands import MOST_FREQUENT_SHOWN, DataRequest, describe_data
+    from drnn_cli.commands import MOST_FREQUENT_SHOWN, DataRequest, describe_data, png_output
+    from drnn_cli.plot import require_plotter
+    from drnn_cli.zipf import ZIPF_ORDERS
     from drnn_cli.start_point import given_keys, load_start_config
 
     out, _ = consoles(json_out)
+    zipf_png = png_output(zipf, "--zipf") if zipf is not None else None
+    if zipf is not None:
+        require_plotter("--zipf")  # before the text is read
     found = find_config(config) if config is not None else None
     # a bare drnn data is the one read as "what I will train on"; --set or --init-from choose their own
     said = None if config is None and (set_ or init_from) else config_source_note(config, found)
@@ -275,6 +289,7 @@ def data_command(
         epoch=epoch,
         show_text=text,
         ngrams=ngrams,
+        zipf_png=zipf_png,
     )
     with download_progress(out) as hook:
         report = describe_data(request, progress=hook)
@@ -304,6 +319,11 @@ def data_command(
     out.print(table)
     if report.ngrams is not None:
         print_line(out, report.ngrams.line(data.token))
+    if report.zipf is not None:
+        fits = "; ".join(line.said() for line in report.zipf)
+        if len(report.zipf) < len(ZIPF_ORDERS):  # a vocabulary too large to key longer n-grams in int64
+            fits += f" (no longer n-grams: a vocabulary of {len(dataset.vocab):,} has too many to count)"
+        print_line(out, f"Zipf's law, count ∝ 1/rank^α: {fits}; wrote {zipf}")
     if report.text_head is not None:
         shown = min(text, len(dataset.tokens))
         print_line(out, f"the first {shown:,} tokens, as training reads them: {report.text_head!r}")
@@ -901,6 +921,7 @@ PATH_OPTIONS = {
     "--file": "a text file, or - for standard input",
     "--html": "a file to write, e.g. --html inspect.html",
     "--png": "a file to write, e.g. --png inspect.png",
+    "--zipf": "a file to write, e.g. --zipf zipf.png",
 }
 
 

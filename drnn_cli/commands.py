@@ -22,7 +22,7 @@ from drnn_cli.batches import (
     training_split_end,
 )
 from drnn_cli.checkpoint import BaseChain, BaseRecord, Checkpoint, load_checkpoint, read_checkpoint_info
-from drnn_cli.config import Config, load_config
+from drnn_cli.config import Config, DataConfig, load_config
 from drnn_cli.corpus import LETTERS_ONLY, dropping, hash_corpus, preprocessing_changed
 from drnn_cli.data import (
     Dataset,
@@ -91,6 +91,8 @@ from drnn_cli.start_point import (
 from drnn_cli.token_tensors import count_ids
 from drnn_cli.trainer_state import UnusableTrainerState
 from drnn_cli.vocab import UNK
+from drnn_cli.zipf import ZipfLine, zipf_lines
+from drnn_cli.zipf_plot import write_zipf_plot
 
 # ---------------------------------------------------------------------------------------------
 # drnn data
@@ -110,6 +112,7 @@ class DataReport:
     batches_asked: bool = False  # --batches given: None above is a text too short for one minibatch
     text_ids: tuple[int, ...] | None = None  # --text: the text's first tokens as training reads them
     ngrams: NgramCounts | None = None  # --ngrams: the most frequent n-grams of the tokens used
+    zipf: tuple[ZipfLine, ...] | None = None  # --zipf: each order's counts by rank, and its fit
 
     def _batches_summary(self) -> dict | None:
         return (
@@ -152,6 +155,7 @@ class DataReport:
                 else {}
             ),
             **({"ngrams": self.ngrams.summary()} if self.ngrams is not None else {}),
+            **({"zipf": [line.summary() for line in self.zipf]} if self.zipf is not None else {}),
         }
 
 
@@ -174,6 +178,7 @@ class DataRequest:
     epoch: int = 1  # --epoch: the epoch counted (from 1, as training counts), and shown
     show_text: int = 0  # --text: how many of the text's first tokens to show
     ngrams: int = 0  # --ngrams: count the n-grams of this order (0: none)
+    zipf_png: Path | None = None  # --zipf: where to draw Zipf's law (checked with png_output)
 
 
 def describe_data(request: DataRequest, progress: ProgressHook | None = None) -> DataReport:
@@ -248,7 +253,16 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         count_ngrams(dataset.tokens, dataset.vocab, request.ngrams, MOST_FREQUENT_SHOWN)
         if request.ngrams
         else None,
+        _drawn_zipf(dataset, data, request.zipf_png) if request.zipf_png is not None else None,
     )
+
+
+def _drawn_zipf(dataset: Dataset, data: DataConfig, path: Path) -> tuple[ZipfLine, ...]:
+    """Zipf's law of the tokens used, fitted and drawn into ``path`` (d2l §8.3's figure)."""
+    lines = zipf_lines(dataset.tokens, dataset.vocab)
+    title = f"Zipf's law: {dataset.path.name}, {data.token} tokens ({data.preprocess})"
+    write_zipf_plot(lines, title, path)
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -924,22 +938,29 @@ class InspectOutputs:
 
     @classmethod
     def checked(cls, html: Path | None, png: Path | None) -> InspectOutputs:
-        if png is not None and png.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # it would hold PNG bytes
-            raise UsageError(
-                f"--png writes a PNG image, not {png.suffix[1:].upper()}; name it so, e.g. {png.with_suffix('.png')}"
-            )
         if html is not None and html.suffix.lower() in IMAGE_SUFFIXES:  # the mirror-image slip
             raise UsageError(
                 f"--html writes a web page, not a {html.suffix[1:].upper()} image; name it so, e.g. "
                 f"{html.with_suffix('.html')} (--png draws the picture)"
             )
         html_target = output_file(html, "--html") if html is not None else None
-        png_target = output_file(png, "--png") if png is not None else None
-        for flag, path, target in (("--html", html, html_target), ("--png", png, png_target)):
-            if path is not None and target is not None:
-                refuse_run_file(path, flag)
-                refuse_run_file(target, flag)  # where a symlink of that name points
-        return cls(html, png, html_target, png_target)
+        if html is not None and html_target is not None:
+            refuse_run_file(html, "--html")
+            refuse_run_file(html_target, "--html")  # where a symlink of that name points
+        return cls(html, png, html_target, png_output(png, "--png") if png is not None else None)
+
+
+def png_output(path: Path, flag: str) -> Path:
+    """Where the option ``flag`` writes its PNG (``path``, or a symlink's target), checked before any
+    work: not another image format's name, not a run's own file (files.output_file says the rest)."""
+    if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # it would hold PNG bytes
+        raise UsageError(
+            f"{flag} writes a PNG image, not {path.suffix[1:].upper()}; name it so, e.g. {path.with_suffix('.png')}"
+        )
+    target = output_file(path, flag)
+    refuse_run_file(path, flag)
+    refuse_run_file(target, flag)  # where a symlink of that name points
+    return target
 
 
 @dataclass(frozen=True)

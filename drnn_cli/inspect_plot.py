@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from drnn_cli.errors import DrnnError
 from drnn_cli.files import atomic_write_bytes
 from drnn_cli.inspect_html import NO_PREDICTION_COLOUR, SURPRISAL_FULL_BITS, surprisal_colour
 from drnn_cli.introspect import (
@@ -29,7 +28,7 @@ from drnn_cli.introspect import (
     beats_untrained,
     follows_label,
 )
-from drnn_cli.plot import plotter_problem, quiet_font_fallbacks
+from drnn_cli.plot import quiet_font_fallbacks, require_plotter
 from drnn_cli.shown_text import labelled_char
 
 HEATMAP_CHARS = 100  # characters with readable labels on the heatmap's axis
@@ -48,10 +47,7 @@ _MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 def check_plot_request() -> None:
     """Refuse a picture that cannot be drawn before the text is read (the units' count is
     :data:`~drnn_cli.introspect.MAX_UNITS`'s, checked with the request)."""
-    problem = plotter_problem()
-    if problem is not None:
-        what, fix = problem
-        raise DrnnError(f"--png needs matplotlib, which {what}: {fix} (or leave out --png)")
+    require_plotter("--png")
 
 
 def _unit_label(score: UnitScore, untrained: dict[str, float]) -> str:

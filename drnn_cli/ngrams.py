@@ -52,13 +52,46 @@ def count_ngrams(tokens: torch.Tensor, vocab: Vocab, n: int, top: int) -> NgramC
     """The ``top`` most frequent ``n``-grams of ``tokens`` (ids of ``vocab``), ties in order of first
     occurrence."""
     size = len(vocab)
+    check_order(n, size)
+    windows = max(0, len(tokens) - n + 1)
+    unique, count, first = _keyed_counts(tokens, size, n)
+    if not len(unique):
+        return NgramCounts(n, 0, 0, ())
+    by_first = torch.argsort(first)
+    ranked = by_first[torch.argsort(count[by_first], descending=True, stable=True)][:top]
+    most = []
+    for index in ranked.tolist():
+        number, ids = int(unique[index]), []
+        for _ in range(n):  # the key's digits, the last id first
+            number, last = divmod(number, size)
+            ids.append(last)
+        most.append((tuple(vocab.idx_to_token[i] for i in reversed(ids)), int(count[index])))
+    return NgramCounts(n, windows, len(unique), tuple(most))
+
+
+def counts_by_rank(tokens: torch.Tensor, vocab: Vocab, n: int) -> torch.Tensor:
+    """How often each distinct ``n``-gram of ``tokens`` occurs, most frequent first (int64): the curve
+    of Zipf's law (d2l §8.3's figure)."""
+    check_order(n, len(vocab))
+    _, count, _ = _keyed_counts(tokens, len(vocab), n)
+    return count.sort(descending=True).values
+
+
+def check_order(n: int, size: int) -> None:
+    """Refuse an order drnn cannot count: below 1, past :data:`MAX_N`, or one whose n-grams of a
+    vocabulary of ``size`` would not fit the int64 key."""
     if not 1 <= n <= MAX_N:
         raise UsageError(f"--ngrams takes 1 to {MAX_N}, not {n}")
     if size**n >= _LARGEST_KEY:
         raise UsageError(
             f"--ngrams {n} of a vocabulary of {size:,} tokens has more possible n-grams than drnn counts "
-            f"(2^62); ask for --ngrams {_largest_n(size)} or fewer"
+            f"(2^62); ask for --ngrams {largest_order(size)} or fewer"
         )
+
+
+def _keyed_counts(tokens: torch.Tensor, size: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every distinct ``n``-gram of ``tokens`` as its key, with its count and the position where it
+    first occurs (three int64 tensors, keys ascending)."""
     windows = max(0, len(tokens) - n + 1)
     keys, counts, firsts = [], [], []
     for start in range(0, windows, _CHUNK_WINDOWS):
@@ -72,21 +105,12 @@ def count_ngrams(tokens: torch.Tensor, vocab: Vocab, n: int, top: int) -> NgramC
         counts.append(count)
         firsts.append(_smallest_by(inverse, positions, len(unique)))
     if not keys:
-        return NgramCounts(n, 0, 0, ())
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, empty
     # the chunks merged: a key's count summed, its first position the smallest
     unique, inverse = torch.unique(torch.cat(keys), return_inverse=True)
     count = torch.zeros(len(unique), dtype=torch.int64).scatter_add_(0, inverse, torch.cat(counts))
-    first = _smallest_by(inverse, torch.cat(firsts), len(unique))
-    by_first = torch.argsort(first)
-    ranked = by_first[torch.argsort(count[by_first], descending=True, stable=True)][:top]
-    most = []
-    for index in ranked.tolist():
-        number, ids = int(unique[index]), []
-        for _ in range(n):  # the key's digits, the last id first
-            number, last = divmod(number, size)
-            ids.append(last)
-        most.append((tuple(vocab.idx_to_token[i] for i in reversed(ids)), int(count[index])))
-    return NgramCounts(n, windows, len(unique), tuple(most))
+    return unique, count, _smallest_by(inverse, torch.cat(firsts), len(unique))
 
 
 def _smallest_by(groups: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
@@ -95,7 +119,8 @@ def _smallest_by(groups: torch.Tensor, values: torch.Tensor, size: int) -> torch
     return torch.full((size,), largest, dtype=torch.int64).scatter_reduce_(0, groups, values, "amin")
 
 
-def _largest_n(size: int) -> int:
+def largest_order(size: int) -> int:
+    """The largest n whose n-grams of a vocabulary of ``size`` drnn counts (at least 1)."""
     n = 1
     while size ** (n + 1) < _LARGEST_KEY and n < MAX_N:
         n += 1

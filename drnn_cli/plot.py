@@ -13,6 +13,8 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
+from drnn_cli.errors import DrnnError
+
 if TYPE_CHECKING:  # matplotlib is the optional plot extra: imported where a plot is drawn
     from matplotlib.figure import Figure
 
@@ -67,6 +69,15 @@ def plotter_problem() -> tuple[str, str] | None:
             "pip install --upgrade 'matplotlib>=3.9'",
         )
     return None
+
+
+def require_plotter(flag: str) -> None:
+    """Refuse the option ``flag`` that asks for a picture where matplotlib cannot draw, in one line
+    with the fix: before the work the picture would show is done."""
+    problem = plotter_problem()
+    if problem is not None:
+        what, fix = problem
+        raise DrnnError(f"{flag} needs matplotlib, which {what}: {fix} (or leave out {flag})")
 
 
 @contextlib.contextmanager

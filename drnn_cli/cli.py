@@ -267,8 +267,8 @@ def data_command(
     from drnn_cli.batch_view import view_lines
     from drnn_cli.commands import MOST_FREQUENT_SHOWN, DataRequest, describe_data, png_output
     from drnn_cli.plot import require_plotter
-    from drnn_cli.zipf import ZIPF_ORDERS
     from drnn_cli.start_point import given_keys, load_start_config
+    from drnn_cli.zipf import ZIPF_ORDERS
 
     out, _ = consoles(json_out)
     zipf_png = png_output(zipf, "--zipf") if zipf is not None else None

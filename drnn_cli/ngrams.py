@@ -9,6 +9,7 @@ Ties are ranked by first occurrence, as ``Counter.most_common`` ranks them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ MAX_N = 5
 # windows keyed per pass: an int64 key and an int64 position each, 64 MiB a pass
 _CHUNK_WINDOWS = 1 << 22
 _LARGEST_KEY = 1 << 62  # keys below it, and their sums, stay inside int64
+_DENSE_KEYS = 1 << 22  # n-grams possible up to which counts_by_rank keeps a bin for each (32 MiB)
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,15 @@ def count_ngrams(tokens: torch.Tensor, vocab: Vocab, n: int, top: int) -> NgramC
 def counts_by_rank(tokens: torch.Tensor, vocab: Vocab, n: int) -> torch.Tensor:
     """How often each distinct ``n``-gram of ``tokens`` occurs, most frequent first (int64): the curve
     of Zipf's law (d2l §8.3's figure)."""
-    check_order(n, len(vocab))
-    _, count, _ = _keyed_counts(tokens, len(vocab), n)
+    size = len(vocab)
+    check_order(n, size)
+    if size**n > _DENSE_KEYS:
+        _, count, _ = _keyed_counts(tokens, size, n)
+    else:  # a bin for each possible n-gram: 3-10 times faster than sorting the keys (20 M tokens)
+        count = torch.zeros(size**n, dtype=torch.int64)
+        for _, key in _window_keys(tokens, size, n):
+            count += torch.bincount(key, minlength=size**n)
+        count = count[count > 0]
     return count.sort(descending=True).values
 
 
@@ -92,15 +101,10 @@ def check_order(n: int, size: int) -> None:
 def _keyed_counts(tokens: torch.Tensor, size: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every distinct ``n``-gram of ``tokens`` as its key, with its count and the position where it
     first occurs (three int64 tensors, keys ascending)."""
-    windows = max(0, len(tokens) - n + 1)
     keys, counts, firsts = [], [], []
-    for start in range(0, windows, _CHUNK_WINDOWS):
-        stop = min(windows, start + _CHUNK_WINDOWS)
-        key = torch.zeros(stop - start, dtype=torch.int64)
-        for offset in range(n):  # the n ids of each window as the digits of one number
-            key = key * size + tokens[start + offset : stop + offset].long()
+    for start, key in _window_keys(tokens, size, n):
         unique, inverse, count = torch.unique(key, return_inverse=True, return_counts=True)
-        positions = torch.arange(start, stop, dtype=torch.int64)
+        positions = torch.arange(start, start + len(key), dtype=torch.int64)
         keys.append(unique)
         counts.append(count)
         firsts.append(_smallest_by(inverse, positions, len(unique)))
@@ -111,6 +115,18 @@ def _keyed_counts(tokens: torch.Tensor, size: int, n: int) -> tuple[torch.Tensor
     unique, inverse = torch.unique(torch.cat(keys), return_inverse=True)
     count = torch.zeros(len(unique), dtype=torch.int64).scatter_add_(0, inverse, torch.cat(counts))
     return unique, count, _smallest_by(inverse, torch.cat(firsts), len(unique))
+
+
+def _window_keys(tokens: torch.Tensor, size: int, n: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """The key of each ``n``-token window of ``tokens``, a chunk of windows at a time, with the position
+    of the chunk's first window."""
+    windows = max(0, len(tokens) - n + 1)
+    for start in range(0, windows, _CHUNK_WINDOWS):
+        stop = min(windows, start + _CHUNK_WINDOWS)
+        key = torch.zeros(stop - start, dtype=torch.int64)
+        for offset in range(n):  # the n ids of each window as the digits of one number
+            key = key * size + tokens[start + offset : stop + offset].long()
+        yield start, key
 
 
 def _smallest_by(groups: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:

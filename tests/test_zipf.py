@@ -180,3 +180,21 @@ def test_a_vocabulary_too_large_for_trigram_keys_draws_unigrams_and_bigrams_and_
         "Zipf's law, count ∝ 1/rank^α: unigrams α 1.00 (ranks 10–824); bigrams α 0.66 (ranks 10–726) (no "
         "longer n-grams: a vocabulary of 4,580 has too many to count); wrote zipf.png"
     ) in out.splitlines()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_counts_kept_in_a_bin_for_each_possible_ngram_equal_counts_of_the_sorted_keys(
+    corpus_path: Path, monkeypatch: pytest.MonkeyPatch, n: int
+):
+    """A small vocabulary's n-grams are counted in one bin each (28^3 = 21,952 for characters), a large
+    one's by sorting their keys: the two give the same counts."""
+    import drnn_cli.ngrams
+    from drnn_cli.ngrams import counts_by_rank
+
+    text = corpus_path.read_text()[:50_000]
+    vocab = Vocab(["<unk>", *sorted(set(text))])
+    tokens = torch.tensor([vocab[char] for char in text])
+    dense = counts_by_rank(tokens, vocab, n)
+    monkeypatch.setattr(drnn_cli.ngrams, "_DENSE_KEYS", 0)
+    assert torch.equal(dense, counts_by_rank(tokens, vocab, n))
+    assert int(dense.sum()) == len(text) - n + 1 and dense.tolist() == sorted(dense.tolist(), reverse=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from drnn_cli.checkpoint import read_checkpoint_info
-from drnn_cli.errors import DrnnError, StoppedRun
+from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.session_time import SessionSeconds
 from drnn_cli.trainer_state import UnusableTrainerState
@@ -49,6 +49,14 @@ def kept_checkpoints(run_dir: Path) -> str:
     if kept:
         return f"the last good checkpoint {' and '.join(map(str, kept))} was kept"
     return "no checkpoint was written"
+
+
+def diverged(run_dir: Path, what: str) -> TrainingDiverged:
+    """The error that ends a run whose loss or weights became NaN or infinite: ``what`` happened, and
+    which checkpoints it kept."""
+    return TrainingDiverged(
+        f"{what}; training stopped and {kept_checkpoints(run_dir)}. Lower train.lr, or keep train.clip > 0"
+    )
 
 
 def stopped_at_once(

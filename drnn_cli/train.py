@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,13 +31,13 @@ from drnn_cli.batches import (
     epochs_at_step,
 )
 from drnn_cli.budget import Budget, Cadence, Cadences, StopReason
-from drnn_cli.checkpoint import Checkpoint, NonFiniteCheckpoint, save_checkpoint
+from drnn_cli.checkpoint import Checkpoint
+from drnn_cli.checkpoint_writer import CheckpointWriter
 from drnn_cli.config import Config, TrainConfig, load_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import greedy_samples
-from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged, TrainingInterrupted
+from drnn_cli.errors import DrnnError, StoppedRun, TrainingInterrupted
 from drnn_cli.evaluate import EvaluationAbandoned, evaluate, perplexity
-from drnn_cli.files import WriteRefused, atomic_link
 from drnn_cli.model_probes import check_precision_works, compile_cells
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
 from drnn_cli.optimizers import (
@@ -66,7 +65,7 @@ from drnn_cli.report import (
     training_position,
     write_run_files,
 )
-from drnn_cli.run_files import BEST, LAST, RunFiles, kept_name
+from drnn_cli.run_files import BEST, LAST, RunFiles
 from drnn_cli.run_notes import (
     UNANNEALED_SHARE,
     blank_samples_note,
@@ -106,17 +105,16 @@ from drnn_cli.session_time import (
 from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.start_point import StartPoint
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
-from drnn_cli.stop_left import how_to_continue, kept_checkpoints, left_by_signal, stopped_at_once
+from drnn_cli.stop_left import diverged, how_to_continue, kept_checkpoints, left_by_signal, stopped_at_once
 from drnn_cli.stop_votes import StopVotes
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_checkpoint import (
     TrainingCounters,
     TrainingParts,
-    checkpoint_of,
     lineage_of,
     restore_training,
 )
-from drnn_cli.trainer_state import EpochProgress, UnusableTrainerState, gather_ranks
+from drnn_cli.trainer_state import EpochProgress, UnusableTrainerState
 
 
 def check_can_train(
@@ -187,8 +185,6 @@ class Trainer:
         resume = start.resume
         # how the user continues an interrupted session (an --overwrite's session says how it was started)
         self.resume_advice = resume_advice or how_to_continue(resume=resume is not None, overwrite=False)
-        # called once the run's first checkpoint is on disk (the session marks the run as the latest)
-        self.on_first_checkpoint = on_first_checkpoint
         self.dataset = dataset
         self.run_dir = run_dir
         self.device = device
@@ -261,6 +257,17 @@ class Trainer:
         self.stops = StopRequests()
         self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
         self.files = RunFiles(run_dir)
+        self.checkpoints = CheckpointWriter(
+            config,
+            dataset,
+            self.lineage,
+            self.files,
+            device,
+            self.dist,
+            self.cadence.keep,
+            self.resume_advice,
+            on_first_checkpoint,
+        )
         self.plot = PlotRefresh(
             self.files.plot, self.reporter, max(0, len(self.val_tokens) - 1), as_trained(config)
         )
@@ -368,66 +375,17 @@ class Trainer:
             self.progress = restored.progress
 
     def _save(self, name: str, epoch: int, progress: EpochProgress | None = None, keep: bool = False) -> None:
-        """Rank 0 writes. Under torchrun every rank calls this: a mid-epoch checkpoint gathers each
-        rank's own random streams and epoch progress (its rows' carried state, its loss sums).
-
-        ``keep`` (a ``train.keep_every`` point; ``name`` is LAST): the checkpoint is written once, as its
-        kept file, and ``last`` becomes a hard link to it. In that order a kill between the two leaves
-        the older ``last``, whose resume replays to this point and replaces the kept file whole: never
-        a kept point missing, torn, or under two names."""
-        if progress is not None and progress.step == 0:
-            progress = None  # an epoch boundary
-        ranks = (
-            gather_ranks(progress, self.device, self.dist.world_size)
-            if self.dist.enabled and progress is not None
-            else None
-        )
-        if self.dist.is_main:
-            try:
-                checkpoint = checkpoint_of(
-                    self.config,
-                    self.dataset,
-                    lineage=self.lineage,
-                    parts=self._parts(),
-                    counters=self._counters(),
-                    device=self.device,
-                    epoch=epoch,
-                    progress=progress,
-                    ranks=ranks,
-                )
-                if name == BEST:  # its header names its own perplexity (patience's best may be older)
-                    checkpoint = replace(checkpoint, best_val_ppl=self.best_kept)
-                with self.session_time.checkpoint_write():
-                    if keep:
-                        kept = self.files.kept / self._kept_name(epoch)
-                        save_checkpoint(kept, checkpoint)
-                        atomic_link(kept, self.run_dir / name)
-                    else:
-                        save_checkpoint(self.run_dir / name, checkpoint)
-                if self.on_first_checkpoint is not None:
-                    announce, self.on_first_checkpoint = self.on_first_checkpoint, None
-                    announce()
-            except NonFiniteCheckpoint:
-                where = training_position(epoch, progress.step if progress else 0, self.global_step)
-                raise self._diverged(f"the weights became NaN or infinite {where}") from None
-            except WriteRefused as refused:
-                if refused.room_fix is None:
-                    raise
-                # the file there before is intact (written whole or not at all): say how to go on from it,
-                # in place (writing elsewhere would leave the run behind)
-                continuing = left_by_signal(self.run_dir, self.resume_advice)
-                raise DrnnError(
-                    f"{refused.refusal}; {refused.room_fix}; training stopped, and {continuing}"
-                ) from None
-
-    def _kept_name(self, epochs_done: int) -> str:
-        """The kept file of this point: by epochs done for an epoch cadence, else by optimizer step."""
-        unit = self.cadence.keep.unit
-        return kept_name(unit, epochs_done if unit == "epochs" else self.global_step)
-
-    def _diverged(self, what: str) -> TrainingDiverged:
-        return TrainingDiverged(
-            f"{what}; training stopped and {kept_checkpoints(self.run_dir)}. Lower train.lr, or keep train.clip > 0"
+        """The checkpoint ``name`` of the run as it stands (:meth:`CheckpointWriter.write`); ``progress``:
+        where the epoch after ``epoch`` stands, None at a boundary; ``keep``: a ``train.keep_every`` point."""
+        self.checkpoints.write(
+            name,
+            epoch,
+            progress,
+            parts=self._parts(),
+            counters=self._counters(),
+            best_kept=self.best_kept,
+            session_time=self.session_time,
+            keep=keep,
         )
 
     # ----- run directory ---------------------------------------------------------------------
@@ -724,8 +682,9 @@ class Trainer:
         self._check_kernels(f"in epoch {epoch + 1}")
         if diverged_ranks:
             self._check_finite(epoch, progress)
-            raise self._diverged(
-                f"the loss became NaN or infinite by step {progress.step:,} of epoch {epoch + 1:,} on another process"
+            raise diverged(
+                self.run_dir,
+                f"the loss became NaN or infinite by step {progress.step:,} of epoch {epoch + 1:,} on another process",
             )
         return loss_sum, count
 
@@ -893,8 +852,8 @@ class Trainer:
     def _check_finite(self, epoch: int, progress: EpochProgress) -> None:
         bad = int(progress.first_bad_step)
         if bad >= 0:
-            raise self._diverged(
-                f"the loss became NaN or infinite at step {bad + 1:,} of epoch {epoch + 1:,}"
+            raise diverged(
+                self.run_dir, f"the loss became NaN or infinite at step {bad + 1:,} of epoch {epoch + 1:,}"
             )
 
     def _epochs_done(self, epoch: int, step: int) -> float:

@@ -1,8 +1,8 @@
 """A trainer's live objects to and from a checkpoint: the :class:`Checkpoint` a run writes of its model,
 optimizer, scaler, random streams and counters, and what ``--resume`` puts back of it.
 
-The tree's form (its keys, their checks) is trainer_state.py's; which file is written when, and how, is
-the loop's (train.py). What can only be judged against the live model and PyTorch (shapes, the size of
+The tree's form (its keys, their checks) is trainer_state.py's; which file is written when is the
+loop's (train.py), and how, checkpoint_writer.py's. What can only be judged against the live model and PyTorch (shapes, the size of
 a random state, the optimizer's groups) is judged here, as it is loaded.
 """
 

@@ -93,20 +93,20 @@ def test_a_resume_adds_to_the_kept_files_and_a_replayed_point_leaves_one_whole_f
     first = (run / "kept/epoch-0001.safetensors").stat().st_ino
 
     # killed after epoch 3's kept file was written and before last became it: last still holds epoch 2
-    import drnn_cli.train as train_module
+    import drnn_cli.checkpoint_writer as writer_module
 
-    real_link = train_module.atomic_link
+    real_link = writer_module.atomic_link
 
     def killed_at_epoch_3(source: Path, path: Path) -> None:
         if source.name == "epoch-0003.safetensors":
             raise KeyboardInterrupt
         real_link(source, path)
 
-    monkeypatch.setattr(train_module, "atomic_link", killed_at_epoch_3)
+    monkeypatch.setattr(writer_module, "atomic_link", killed_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train(config, "runs/split", "train.keep_every=1", resume=True)
     assert load_checkpoint(run / "last.safetensors").epoch == 2
-    monkeypatch.setattr(train_module, "atomic_link", real_link)
+    monkeypatch.setattr(writer_module, "atomic_link", real_link)
     result, _ = train(config, "runs/split", "train.keep_every=1", resume=True)
     names = [f"epoch-{epoch:04d}.safetensors" for epoch in (1, 2, 3, 4)]
     assert kept(run) == names  # epoch 3 once, replayed whole; no temporary left beside it

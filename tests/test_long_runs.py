@@ -1743,17 +1743,17 @@ def test_a_session_says_where_its_time_went_checkpoint_writes_and_validations_ap
     """tokens/s and the log's seconds count the steps alone, as d2l's; max_time counts the wall clock.
     A run that wrote a checkpoint every step reported 18,004 tokens/s and 3.7 s under "stopped by
     max_time" (8 s), twice its real pace, and nothing said where the rest went (practitioner trial)."""
-    import drnn_cli.train
+    import drnn_cli.checkpoint_writer
 
     writes = []
-    save = drnn_cli.train.save_checkpoint
+    save = drnn_cli.checkpoint_writer.save_checkpoint
 
     def slow_save(*args: object) -> None:
         time.sleep(0.1)
         writes.append(True)
         save(*args)
 
-    monkeypatch.setattr(drnn_cli.train, "save_checkpoint", slow_save)
+    monkeypatch.setattr(drnn_cli.checkpoint_writer, "save_checkpoint", slow_save)
     code, out, err = cli(
         "train", "--config", str(write_config(workdir)), "--set", "train.checkpoint_every=1", "--json"
     )

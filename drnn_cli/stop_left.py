@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from drnn_cli.checkpoint import read_checkpoint_info
-from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged
+from drnn_cli.errors import DrnnError, StoppedRun, TrainingDiverged, TrainingInterrupted
+from drnn_cli.report import training_position
 from drnn_cli.run_files import BEST, LAST
 from drnn_cli.session_time import SessionSeconds
 from drnn_cli.trainer_state import UnusableTrainerState
@@ -89,4 +90,45 @@ def stopped_at_once(
         checkpoint=None if info is None else last,
         validation_pending=counters is not None and counters.boundary_pending,
         seconds=seconds,
+    )
+
+
+def interrupted(
+    run_dir: Path,
+    signal_name: str,
+    exit_code: int,
+    *,
+    epoch: int,
+    step: int,
+    global_step: int,
+    epochs: float,
+    began_at: float,
+    first_step: int,
+    pending: bool,
+    starting_validation_cut: bool,
+    resume_advice: str,
+    seconds: SessionSeconds,
+) -> TrainingInterrupted:
+    """The error that ends a training a signal stopped at its checkpoint (``run_dir``'s LAST, written),
+    after ``step`` steps of ``epoch`` (``epochs`` done): where, how to continue, and ``--json``'s object.
+    ``pending``: a validation the signal cut short, which ``--resume`` runs first; that of a fine-tuning
+    run's starting weights where ``starting_validation_cut``."""
+    what = "the starting weights' validation" if starting_validation_cut else "its validation"
+    cut = f" ({what} cut short: --resume runs it first)" if pending else ""
+    return TrainingInterrupted(
+        f"training stopped by {signal_name} "
+        f"{training_position(epoch, step, global_step)}{cut}; "
+        f"its checkpoint is in {run_dir / LAST}; continue with {resume_advice}",
+        exit_code,
+        StoppedRun(
+            run_dir=run_dir,
+            signal=signal_name,
+            epochs=epochs,
+            start_epoch=began_at,
+            steps=global_step,
+            start_step=first_step,
+            checkpoint=run_dir / LAST,
+            validation_pending=pending,
+            seconds=seconds,
+        ),
     )

@@ -36,7 +36,7 @@ from drnn_cli.checkpoint_writer import CheckpointWriter
 from drnn_cli.config import Config, TrainConfig, load_config
 from drnn_cli.data import Dataset
 from drnn_cli.decode import greedy_samples
-from drnn_cli.errors import DrnnError, StoppedRun, TrainingInterrupted
+from drnn_cli.errors import DrnnError
 from drnn_cli.evaluate import EvaluationAbandoned, evaluate, perplexity
 from drnn_cli.model_probes import check_precision_works, compile_cells
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
@@ -105,7 +105,14 @@ from drnn_cli.session_time import (
 from drnn_cli.signals import Signalled, StopRequests
 from drnn_cli.start_point import StartPoint
 from drnn_cli.step import StaticStep, StepTally, use_cuda_graph
-from drnn_cli.stop_left import diverged, how_to_continue, kept_checkpoints, left_by_signal, stopped_at_once
+from drnn_cli.stop_left import (
+    diverged,
+    how_to_continue,
+    interrupted,
+    kept_checkpoints,
+    left_by_signal,
+    stopped_at_once,
+)
 from drnn_cli.stop_votes import StopVotes
 from drnn_cli.tensorboard_log import TensorBoardLog, open_tensorboard
 from drnn_cli.trainer_checkpoint import (
@@ -896,25 +903,20 @@ class Trainer:
         # 143, torchrun sent SIGTERM to the rest, and rank 0 ended in the middle of the write.
         wait_for_every_rank(self.dist)
         step = progress.step if progress else 0
-        pending = bool(progress and progress.boundary_pending) or starting_validation_cut
-        what = "the starting weights' validation" if starting_validation_cut else "its validation"
-        cut = f" ({what} cut short: --resume runs it first)" if pending else ""
-        raise TrainingInterrupted(
-            f"training stopped by {self.stops.name} "
-            f"{training_position(epoch, step, self.global_step)}{cut}; "
-            f"its checkpoint is in {self.run_dir / LAST}; continue with {self.resume_advice}",
+        raise interrupted(
+            self.run_dir,
+            self.stops.name,
             self.stops.exit_code,
-            StoppedRun(
-                run_dir=self.run_dir,
-                signal=self.stops.name,
-                epochs=self._epochs_done(epoch, step),
-                start_epoch=self.began_at,
-                steps=self.global_step,
-                start_step=self._first_step,
-                checkpoint=self.run_dir / LAST,
-                validation_pending=pending,
-                seconds=self._session_seconds(progress.elapsed if progress else 0.0),
-            ),
+            epoch=epoch,
+            step=step,
+            global_step=self.global_step,
+            epochs=self._epochs_done(epoch, step),
+            began_at=self.began_at,
+            first_step=self._first_step,
+            pending=bool(progress and progress.boundary_pending) or starting_validation_cut,
+            starting_validation_cut=starting_validation_cut,
+            resume_advice=self.resume_advice,
+            seconds=self._session_seconds(progress.elapsed if progress else 0.0),
         )
 
     def _samples(self) -> dict[str, str]:

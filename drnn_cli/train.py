@@ -35,9 +35,8 @@ from drnn_cli.checkpoint import Checkpoint
 from drnn_cli.checkpoint_writer import CheckpointWriter
 from drnn_cli.config import Config, TrainConfig, load_config
 from drnn_cli.data import Dataset
-from drnn_cli.decode import greedy_samples
 from drnn_cli.errors import DrnnError
-from drnn_cli.evaluate import EvaluationAbandoned, evaluate, perplexity
+from drnn_cli.evaluate import EvaluationAbandoned, perplexity
 from drnn_cli.model_probes import check_precision_works, compile_cells
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
 from drnn_cli.optimizers import (
@@ -122,6 +121,7 @@ from drnn_cli.trainer_checkpoint import (
     restore_training,
 )
 from drnn_cli.trainer_state import EpochProgress, UnusableTrainerState
+from drnn_cli.validator import Validator
 
 
 def check_can_train(
@@ -263,6 +263,17 @@ class Trainer:
         # SIGINT, SIGTERM, or SIGPIPE (stdout closed: drnn_cli.signals raises it on the first failed write)
         self.stops = StopRequests()
         self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
+        self.validator = Validator(
+            self.evaluated_model,
+            self.val_tokens,
+            dataset.splits.validates,
+            config,
+            dataset.vocab,
+            device,
+            self.dist,
+            self.reporter,
+            self.stop_votes,
+        )
         self.files = RunFiles(run_dir)
         self.checkpoints = CheckpointWriter(
             config,
@@ -723,7 +734,7 @@ class Trainer:
             checkpoint=self.cadence.checkpoint,
             keep=self.cadence.keep,
             validates=self.dataset.splits.validates,
-            tokens_per_validation=self._validation_predictions,
+            tokens_per_validation=self.validator.predictions,
             # the job's, as the validation's: the ranks share the split's rows as they share a step's
             tokens_per_step=self.static_step.targets.numel() * self.dist.world_size,
         )
@@ -772,7 +783,7 @@ class Trainer:
             step=self.global_step,
             tokens_seen=self.tokens_seen,
             train_ppl_steps=train.steps,
-            val_tokens=0 if val_ppl is None else self._validation_predictions,
+            val_tokens=0 if val_ppl is None else self.validator.predictions,
         )
 
     def _inside_epoch(
@@ -920,22 +931,7 @@ class Trainer:
         )
 
     def _samples(self) -> dict[str, str]:
-        data, train = self.config.data, self.config.train
-        return greedy_samples(
-            self.evaluated_model,
-            self.dataset.vocab,
-            train.sample_prefixes,
-            data.preprocess,
-            data.token,
-            train.sample_chars,
-            self.device,
-        )
-
-    @property
-    def _validation_predictions(self) -> int:
-        """The predictions a validation reads: every token of the split after its first, or the first
-        ``train.eval_tokens`` of them."""
-        return self.config.train.validated_predictions(len(self.val_tokens))
+        return self.validator.samples()
 
     def _predictions_read(self, val_ppl: float | None) -> int:
         """The predictions the reported ``val_ppl`` read: its metrics line's, where it is the last line's
@@ -944,42 +940,15 @@ class Trainer:
         last = self.records[-1] if self.records else None
         if last is not None and last.val_ppl is not None and last.val_ppl is val_ppl and last.val_tokens:
             return last.val_tokens
-        return self._validation_predictions
+        return self.validator.predictions
 
     def _validate(self, abandonable: bool = False) -> float | None:
-        """Validation perplexity; ``train.eval_tokens`` caps it to the split's first N tokens.
-
-        ``abandonable`` (a step boundary or an epoch's end): a signal ends it at the next minibatch with
-        :class:`EvaluationAbandoned`, rather than after the whole split (minutes on a large text, past a
-        scheduler's grace before its SIGKILL, or torchrun's 30 s before it kills its workers); under
-        torchrun all ranks abandon it or none (:meth:`StopVotes.abandon_on_signal`)."""
-        if not self.dataset.splits.validates:
-            return None
-        data = self.config.data
-        limit = self.config.train.eval_tokens
-        abandon = self.stop_votes.abandon_on_signal() if abandonable else None
-        tokens = self.val_tokens[: limit + 1] if limit else self.val_tokens  # N predictions need N + 1 tokens
-        began = time.perf_counter()
-
-        def before_batch(done: int, total: int) -> None:
-            # the bar moves through a long validation, its time left with it
-            self.reporter.validating(done, total, self._seconds_left((done, total, began)))
-            if abandon is not None:
-                abandon(done, total)
-
-        with self.session_time.validation(max(0, len(tokens) - 1)):
-            result = evaluate(
-                self.evaluated_model,
-                tokens,
-                data.batch_size,
-                data.num_steps,
-                self.device,
-                self.config.train.precision,
-                before_batch,
-                dist=self.dist,  # each rank its block of the rows
-            )
-        self._check_kernels("while validating")
-        return result.perplexity
+        """Validation perplexity (:meth:`Validator.perplexity`, on the session's clock); the fused
+        kernels' flags read after it."""
+        val_ppl = self.validator.perplexity(self.session_time, self._seconds_left, abandonable)
+        if val_ppl is not None:  # None: no validation split, nothing ran
+            self._check_kernels("while validating")
+        return val_ppl
 
     def _validate_starting_weights(self) -> None:
         """A fine-tuning run validates the weights it starts from before its first step: the figure its
@@ -1008,7 +977,7 @@ class Trainer:
             lr=lr,
             tokens_per_s=0.0,
             elapsed=0.0,
-            val_tokens=self._validation_predictions,
+            val_tokens=self.validator.predictions,
         )
         self._append_metrics(start)
         self.reporter.epoch_end(start)  # the bar's "val" from here, not from the first cadence validation

@@ -94,41 +94,22 @@ def stopped_at_once(
 
 
 def interrupted(
-    run_dir: Path,
-    signal_name: str,
-    exit_code: int,
-    *,
+    stopped: StoppedRun,
     epoch: int,
     step: int,
-    global_step: int,
-    epochs: float,
-    began_at: float,
-    first_step: int,
-    pending: bool,
-    starting_validation_cut: bool,
+    exit_code: int,
     resume_advice: str,
-    seconds: SessionSeconds,
+    starting_validation_cut: bool,
 ) -> TrainingInterrupted:
-    """The error that ends a training a signal stopped at its checkpoint (``run_dir``'s LAST, written),
-    after ``step`` steps of ``epoch`` (``epochs`` done): where, how to continue, and ``--json``'s object.
-    ``pending``: a validation the signal cut short, which ``--resume`` runs first; that of a fine-tuning
-    run's starting weights where ``starting_validation_cut``."""
+    """The error that ends a training a signal ``stopped`` after ``step`` steps of ``epoch``, its
+    checkpoint written: where, how to continue, and ``--json``'s object. ``starting_validation_cut``: the
+    validation it cut short was a fine-tuning run's of its starting weights."""
     what = "the starting weights' validation" if starting_validation_cut else "its validation"
-    cut = f" ({what} cut short: --resume runs it first)" if pending else ""
+    cut = f" ({what} cut short: --resume runs it first)" if stopped.validation_pending else ""
     return TrainingInterrupted(
-        f"training stopped by {signal_name} "
-        f"{training_position(epoch, step, global_step)}{cut}; "
-        f"its checkpoint is in {run_dir / LAST}; continue with {resume_advice}",
+        f"training stopped by {stopped.signal} "
+        f"{training_position(epoch, step, stopped.steps)}{cut}; "
+        f"its checkpoint is in {stopped.run_dir / LAST}; continue with {resume_advice}",
         exit_code,
-        StoppedRun(
-            run_dir=run_dir,
-            signal=signal_name,
-            epochs=epochs,
-            start_epoch=began_at,
-            steps=global_step,
-            start_step=first_step,
-            checkpoint=run_dir / LAST,
-            validation_pending=pending,
-            seconds=seconds,
-        ),
+        stopped,
     )

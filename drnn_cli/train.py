@@ -35,7 +35,7 @@ from drnn_cli.checkpoint import Checkpoint
 from drnn_cli.checkpoint_writer import CheckpointWriter
 from drnn_cli.config import Config, TrainConfig, load_config
 from drnn_cli.data import Dataset
-from drnn_cli.errors import DrnnError
+from drnn_cli.errors import DrnnError, StoppedRun
 from drnn_cli.evaluate import EvaluationAbandoned, perplexity
 from drnn_cli.model_probes import check_precision_works, compile_cells
 from drnn_cli.models import FusedRecurrent, RNNLanguageModel, build_model, count_parameters
@@ -914,20 +914,20 @@ class Trainer:
         # 143, torchrun sent SIGTERM to the rest, and rank 0 ended in the middle of the write.
         wait_for_every_rank(self.dist)
         step = progress.step if progress else 0
-        raise interrupted(
-            self.run_dir,
-            self.stops.name,
-            self.stops.exit_code,
-            epoch=epoch,
-            step=step,
-            global_step=self.global_step,
+        pending = bool(progress and progress.boundary_pending) or starting_validation_cut
+        stopped = StoppedRun(
+            run_dir=self.run_dir,
+            signal=self.stops.name,
             epochs=self._epochs_done(epoch, step),
-            began_at=self.began_at,
-            first_step=self._first_step,
-            pending=bool(progress and progress.boundary_pending) or starting_validation_cut,
-            starting_validation_cut=starting_validation_cut,
-            resume_advice=self.resume_advice,
+            start_epoch=self.began_at,
+            steps=self.global_step,
+            start_step=self._first_step,
+            checkpoint=self.run_dir / LAST,
+            validation_pending=pending,
             seconds=self._session_seconds(progress.elapsed if progress else 0.0),
+        )
+        raise interrupted(
+            stopped, epoch, step, self.stops.exit_code, self.resume_advice, starting_validation_cut
         )
 
     def _samples(self) -> dict[str, str]:

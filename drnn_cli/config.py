@@ -510,7 +510,9 @@ def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a section")
         node = child
-    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+    if value is None:  # ``KEY=null``: the key as if the config never set it, its default
+        node.pop(parts[-1], None)
+    elif isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
         # ``--set 'data={path: x}'`` sets those keys and keeps the section's others
         node[parts[-1]] = {**node[parts[-1]], **value}
     else:

@@ -423,6 +423,26 @@ def test_an_empty_set_value_is_refused_and_a_section_mapping_sets_only_its_keys(
         load_config(path, ["data.path=' '"])
 
 
+@pytest.mark.parametrize("null", ["null", "~", "Null", "NULL"])
+def test_set_key_null_puts_any_key_back_to_drnns_default_not_the_files(tmp_path: Path, null: str):
+    """The empty-value refusal advises ``KEY=null``, which pydantic refused for every key but data.path
+    ("data.max_tokens: Input should be a valid integer (got None)"): it is the key as if never set."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  max_tokens: 10000\n  num_steps: 7\ntrain:\n  lr: 0.5\n  epochs: 3\n")
+    config = load_config(path, [f"data.max_tokens={null}", f"train.lr={null}", f"data.path={null}"])
+    defaults = Config()
+    assert (config.data.max_tokens, config.train.lr, config.data.path) == (
+        defaults.data.max_tokens,
+        defaults.train.lr,
+        None,
+    )
+    assert (config.data.num_steps, config.train.epochs) == (7, 3)  # the file's others stay
+    assert defaults.data.max_tokens != 10000 and defaults.train.lr != 0.5  # so the reset is seen
+    # the last --set wins, a reset included
+    assert load_config(path, ["train.lr=0.1", f"train.lr={null}"]).train.lr == defaults.train.lr
+    assert load_config(path, [f"train.lr={null}", "train.lr=0.1"]).train.lr == 0.1
+
+
 def test_empty_file_gives_the_defaults(tmp_path: Path):
     path = tmp_path / "empty.yaml"
     path.write_text("")

@@ -598,3 +598,21 @@ def test_every_package_drnn_imports_is_a_declared_dependency_or_extra():
         name for name in third_party - BROUGHT_BY_TORCH if DISTRIBUTION_OF.get(name, name) not in declared
     }
     assert not undeclared, f"imported but not in pyproject's dependencies or extras: {sorted(undeclared)}"
+
+
+def test_the_sdist_manifest_ships_every_python_file_the_tests_import():
+    """The sdist "holds the tests too" (README): a helper module left out (lock_contender.py was)
+    stops pytest's collection of the unpacked sdist with a ModuleNotFoundError."""
+    import fnmatch
+
+    repo = Path(__file__).resolve().parent.parent
+    included = [
+        line.split()[1:]
+        for line in (repo / "MANIFEST.in").read_text().splitlines()
+        if line.startswith("include ")
+    ]
+    patterns = [pattern for line in included for pattern in line]
+    helpers = sorted(path.name for path in (repo / "tests").glob("*.py") if not path.name.startswith("test_"))
+    assert helpers and "lock_contender.py" in helpers
+    for name in helpers:  # test_*.py files are in every sdist setuptools makes
+        assert any(fnmatch.fnmatch(f"tests/{name}", pattern) for pattern in patterns), name

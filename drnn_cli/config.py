@@ -369,6 +369,13 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Config:
+        contradiction = compile_contradiction(self.model, self.train)
+        if contradiction is not None:
+            raise ValueError(contradiction)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -379,6 +386,18 @@ class Config(_Section):
             for section, keys in self.to_dict().items()
             for key, value in keys.items()
         }
+
+
+def compile_contradiction(model: ModelConfig, train: TrainConfig) -> str | None:
+    """Why ``train.compile on`` cannot apply to ``model``, with the fix; None where it can (or is off)."""
+    if train.compile != "on" or model.impl == "scratch":
+        return None
+    # impl scratch steps its layers one by one: model.layer_calls each (impl torch only) must go too
+    scratch = "model.impl scratch" + (" with model.layer_calls stack" if model.layer_calls == "each" else "")
+    return (
+        f"train.compile on compiles model.impl scratch's cells, and this model is impl {model.impl}; "
+        f"set {scratch}, or train.compile off"
+    )
 
 
 def describe_error(error: ValidationError) -> str:
@@ -398,7 +417,8 @@ def describe_error(error: ValidationError) -> str:
     shown = "" if isinstance(given, dict) else f" (got {short_repr(given)})"
     if first["type"] == "string_type" and isinstance(given, bool | int | float):
         message += "; put it in quotes (YAML reads yes, no, on, off and bare numbers as other types)"
-    return f"config error: {key or 'config'}: {message}{shown}"
+    # a whole config's contradiction (its message names the keys) has no one key to name
+    return f"config error: {key}: {message}{shown}" if key else f"config error: {message}"
 
 
 # Other trainers' names for what a config sets, which their users type: d2l's (train_ch8's arguments,

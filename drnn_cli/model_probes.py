@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from drnn_cli.errors import ConfigError, DrnnError, first_line
+from drnn_cli.errors import DrnnError, first_line
 from drnn_cli.models import RNNLanguageModel, ScratchRecurrent
 from drnn_cli.runtime import autocast
 
@@ -32,19 +32,9 @@ def compile_cells(
     the probe draws dropout masks that training must draw again. Autocast's weight-cast cache is on
     or off as in the step (off under a graph): compiled code is specialised to that setting.
     """
-    impl = model.config.impl
-    if impl != "scratch":
-        # impl scratch steps its layers one by one: model.layer_calls each (impl torch only) must go too
-        scratch = "model.impl scratch" + (
-            " with model.layer_calls stack" if model.config.layer_calls == "each" else ""
-        )
-        raise ConfigError(
-            f"train.compile on compiles model.impl scratch's cells, and this model is impl {impl}; "
-            f"set {scratch}, or train.compile off"
-        )
     started = time.perf_counter()
     probe = torch.zeros((batch_rows, 2), dtype=torch.long, device=device)
-    assert isinstance(model.rnn, ScratchRecurrent)
+    assert isinstance(model.rnn, ScratchRecurrent)  # a Config refuses train.compile on with another impl
     try:
         model.rnn.compile_cells()
         with _random_streams_kept(device), autocast(device, precision, cache_enabled=not graph):

@@ -203,6 +203,13 @@ def test_compile_on_with_torch_cells_is_a_one_line_error(
     assert (
         cli("train", "--config", str(config_file(workdir, tree)), "--set", "train.compile=on", *fixed)[0] == 0
     )
+    # drnn data refuses it as training does (it described it as trainable: audit43)
+    assert cli("data", "--config", str(config_file(workdir, tree)), "--set", "train.compile=on") == (
+        2,
+        "",
+        "drnn: error: config error: train.compile on compiles model.impl scratch's cells, and this model is "
+        "impl torch; set model.impl scratch, or train.compile off\n",
+    )
 
 
 def test_a_compiler_failure_is_a_one_line_error(
@@ -228,7 +235,7 @@ def test_a_bare_yaml_on_means_on() -> None:
     """YAML 1.1 reads `compile: on` as true: it still means "on" (as for train.cuda_graph)."""
     from drnn_cli.config import build_config
 
-    assert build_config({"train": {"compile": True}}).train.compile == "on"
+    assert build_config({"model": {"impl": "scratch"}, "train": {"compile": True}}).train.compile == "on"
     assert build_config({"train": {"compile": False}}).train.compile == "off"
 
 

@@ -513,14 +513,38 @@ def list_runs(
         raise DrnnError(
             f"{folder} is not a folder; drnn runs takes a folder of runs (or one run's directory)"
         )
-    latest: Path | None = None
-    with contextlib.suppress(DrnnError, OSError, RuntimeError):
-        own = (folder / LATEST_MARKER).is_file()
-        latest = latest_run(folder if own else runs_root).resolve()
+    latest = _latest_in(_starred_by(folder, runs_root))
     runs = sorted((describe_run(run_dir, latest) for run_dir in find_runs(folder)), key=_order_key(order))
     if order == "best":
         return _each_text_apart(runs)
     return runs
+
+
+def star_elsewhere(folder: Path, runs_root: Path = DEFAULT_RUNS_ROOT) -> Path | None:
+    """The latest-run marker that starred a run of ``folder`` where it is not the run predict and eval
+    read here without --run (``drnn runs ../runs`` from a folder without runs of its own: audit43);
+    None where it is that run."""
+    marker_folder = _starred_by(folder, runs_root)
+    if marker_folder is runs_root:
+        return None
+    starred = _latest_in(marker_folder)
+    return None if starred is None or starred == _latest_in(runs_root) else marker_folder / LATEST_MARKER
+
+
+def _starred_by(folder: Path, runs_root: Path) -> Path:
+    """The folder whose latest-run marker names ``folder``'s latest run: its own where it holds one,
+    else ``runs_root`` (``runs/`` where the command runs, which predict and eval read)."""
+    with contextlib.suppress(OSError):
+        if (folder / LATEST_MARKER).is_file():
+            return folder
+    return runs_root
+
+
+def _latest_in(marker_folder: Path) -> Path | None:
+    """The run ``marker_folder``'s latest-run marker names, resolved; None where there is none."""
+    with contextlib.suppress(DrnnError, OSError, RuntimeError):
+        return latest_run(marker_folder).resolve()
+    return None
 
 
 def _each_text_apart(ranked: list[RunSummary]) -> list[RunSummary]:

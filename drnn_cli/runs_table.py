@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from drnn_cli.render import format_perplexity
-from drnn_cli.run_list import RunSummary, as_set
+from drnn_cli.run_list import RunSummary, as_set, star_elsewhere
 from drnn_cli.shown_text import terminal_safe
 
 FOLD_FLOOR = 10  # the narrowest a folding column (a long name or text) is made, in cells
@@ -35,6 +35,17 @@ def runs_table(
         if _fit(table, rows, console.width):
             break
     return table
+
+
+def _latest_caption(folder: Path) -> str:
+    """What the star says: the run predict and eval use here, or where another folder's marker names it."""
+    marker = star_elsewhere(folder)
+    if marker is None:
+        return "★ latest: the run predict and eval use without --run"
+    shown = terminal_safe(str(marker), keep="")
+    return (
+        f"★ latest: the run {shown} names; predict and eval without --run read runs/latest where they start"
+    )
 
 
 def _fit(table: Table, rows: list[list[str]], width: int) -> bool:
@@ -89,7 +100,7 @@ def _table(
     and "timemachine.txt" folded beside a whole name. The caller drops them where the table cannot fit."""
     # a sweep's few varied settings say what each run is; two presets' dozens would bury the table
     shown = differing if len(differing) <= DIFFERENCES_SHOWN else []
-    captions = ["★ latest: the run predict and eval use without --run"] if any(r.latest for r in runs) else []
+    captions = [_latest_caption(folder)] if any(r.latest for r in runs) else []
     if differing and not shown:
         captions.append(f"the runs differ in {len(differing)} other settings (drnn runs --json: differs)")
     # --sort best: list_runs keeps each text's runs together (those that cannot be read last, of no text);

@@ -315,6 +315,19 @@ def test_a_folder_of_runs_listed_from_elsewhere_marks_its_own_latest_run(three_r
         ("cut", False),
         ("tiny", False),
     ]
+    # the caption says whose star it is: predict and eval here read ./runs/latest, which is not there
+    monkeypatch.setenv("COLUMNS", "200")  # the caption on one line
+    code, out, err = cli("runs", "../runs")
+    assert code == 0, err
+    assert out.splitlines()[-1].strip() == (
+        "★ latest: the run ../runs/latest names; predict and eval without --run read runs/latest where "
+        "they start"
+    )
+    # a runs/ of this folder's own naming the same run: the star is the one they use here
+    (elsewhere / "runs").mkdir()
+    (elsewhere / "runs" / "latest").write_text(str((three_runs / "runs/sweep/steps6").resolve()) + "\n")
+    code, out, err = cli("runs", "../runs")
+    assert out.splitlines()[-1].strip() == "★ latest: the run predict and eval use without --run"
 
 
 def test_runs_of_one_run_directory_lists_it_and_a_run_in_a_deeper_folder_is_found(three_runs: Path, cli):

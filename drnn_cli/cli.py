@@ -737,7 +737,8 @@ def eval_command(
     print_line(
         out,
         f"{report.source}{unknown}: perplexity {format_perplexity(result.perplexity, 4)}, {result.bits_per_token:.4f} bits/token "
-        f"over {plural(result.tokens, 'token')}{over_known} (checkpoint {loaded.path}, "
+        # the split's tokens after its first: its 1,000 tokens are 999 predictions (own40)
+        f"over {plural(result.tokens, 'predicted token')}{over_known} (checkpoint {loaded.path}, "
         f"{training_position(report.epoch, report.step_in_epoch, report.step)})",
     )
     for note in report.notes:  # on stderr, as predict's: a script reading the result gets that line alone

@@ -1412,7 +1412,7 @@ def test_paths_in_inspect_and_eval_lines_reach_the_terminal_escaped(cli, tiny_ru
     text.write_text("ab")
     code, out, err = cli("eval", "--run", str(tiny_run), "--data", str(text))
     assert code == 0 and "\x1b" not in out and "\x07" not in out, err
-    assert "over 1 token (checkpoint" in out  # one prediction: "token", not "tokens"
+    assert "over 1 predicted token (checkpoint" in out  # one prediction: "token", not "tokens"
 
 
 def test_cell_signal_needs_an_lstm():

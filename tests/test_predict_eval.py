@@ -1296,7 +1296,10 @@ def test_eval_of_a_text_mostly_unknown_to_the_model_says_its_perplexity_is_not_c
     code, out, _ = cli("eval", "--run", "runs/abc", "--data", str(little), "--json")
     payload = json.loads(out.splitlines()[-1])
     assert payload["unknown"] == 1 and payload["known_perplexity"] < payload["perplexity"]
-    assert f"over 240 tokens; {payload['known_perplexity']:.4f} over the 239 other than <unk> (" in said
+    assert (
+        f"over 240 predicted tokens; {payload['known_perplexity']:.4f} over the 239 other than <unk> ("
+        in said
+    )
     few = workdir / "few.txt"
     few.write_text("abc cab bca " * 8)  # 95 predictions, read as one stream
     code, out, err = cli("eval", "--run", "runs/abc", "--data", str(few), "--rows", "1")

@@ -6,9 +6,9 @@ asks (its exercise 1) for the exponent α of ``n_i ∝ 1 / i^α``.
 ``log n_i = -α log i + c`` suggests, over the ranks where that line is drawn from the data and not from
 the two ends the book sets aside: from rank :data:`FIT_FIRST_RANK` ("the first few words as
 exceptions") to the last n-gram seen :data:`FIT_MIN_COUNT` times or more (below it the counts are a few
-long plateaus of ties: thousands of words seen once share one count). The fit reads the curve at ranks
-spread evenly in log rank, so each decade of ranks weighs alike; a fit over every rank would let the
-thousands of ranks of the last decade outweigh the first.
+long plateaus of ties: thousands of words seen once share one count). Each rank i weighs its width on
+the log axis, log((i + 1/2) / (i - 1/2)), about 1/i, so each decade of ranks weighs alike: unweighted,
+the thousands of ranks of the last decade would outweigh the ten of the first.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ ZIPF_ORDERS = (1, 2, 3)  # d2l's figure: unigrams, bigrams, trigrams
 FIT_FIRST_RANK = 10
 FIT_MIN_COUNT = 5
 FIT_SPAN = 10  # the last rank fitted is at least this many times the first: a decade, or no fit
-FIT_POINTS = 200  # ranks read between the ends, evenly in log rank (fewer where ranks repeat)
 ORDER_NAMES = {1: "unigrams", 2: "bigrams", 3: "trigrams"}
 
 
@@ -85,18 +84,21 @@ def zipf_line(tokens: torch.Tensor, vocab: Vocab, n: int) -> ZipfLine:
     last = int((counts >= FIT_MIN_COUNT).sum())  # counts descend: the ranks seen often enough come first
     if last < FIT_FIRST_RANK * FIT_SPAN:
         return ZipfLine(n, int(counts.sum()), distinct, corners, last)
-    ranks = torch.logspace(math.log10(FIT_FIRST_RANK), math.log10(last), FIT_POINTS, dtype=torch.float64)
-    ranks = torch.unique(ranks.round())  # whole ranks, each once
+    ranks = torch.arange(FIT_FIRST_RANK, last + 1, dtype=torch.float64)
+    # each rank weighs its width on a log axis, from i - 1/2 to i + 1/2: every decade weighs alike
+    weights = torch.log((ranks + 0.5) / (ranks - 0.5))
     x = ranks.log()
-    y = counts[ranks.long() - 1].double().log()  # rank 1 is index 0
-    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
-    intercept = y.mean() - slope * x.mean()
-    return ZipfLine(n, int(counts.sum()), distinct, corners, last, -float(slope), float(intercept))
+    y = counts[FIT_FIRST_RANK - 1 : last].double().log()  # rank 1 is index 0
+    x_mean, y_mean = (weights * x).sum() / weights.sum(), (weights * y).sum() / weights.sum()
+    slope = (weights * (x - x_mean) * (y - y_mean)).sum() / (weights * (x - x_mean) ** 2).sum()
+    intercept = y_mean - slope * x_mean
+    exponent = round(-float(slope), 12) + 0.0  # a flat curve's -1e-32 is 0, not "-0.00"
+    return ZipfLine(n, int(counts.sum()), distinct, corners, last, exponent, float(intercept))
 
 
 def zipf_lines(tokens: torch.Tensor, vocab: Vocab) -> tuple[ZipfLine, ...]:
-    """d2l's three orders, those a vocabulary this large lets drnn count (a word vocabulary past 1.6 M
-    tokens keys no trigram)."""
+    """d2l's three orders, those a vocabulary this large lets drnn count (a vocabulary past 1.66 M
+    entries, the cube root of 2^62, keys no trigram)."""
     return tuple(zipf_line(tokens, vocab, n) for n in ZIPF_ORDERS if n <= largest_order(len(vocab)))
 
 

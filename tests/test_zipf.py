@@ -48,6 +48,24 @@ def test_the_fit_ends_at_the_last_ngram_seen_five_times_and_ignores_the_plateaus
     assert line.exponent == pytest.approx(1.0, abs=0.01)
 
 
+def test_each_decade_of_ranks_weighs_alike_in_the_fit():
+    """Counts 10^5/i to rank 99, then 10^7/i^2 to rank 1,000 (the two meet at rank 100): slope 1 over
+    the first decade fitted, 2 over the second. Each decade weighing alike, α is their mean, 1.5 (on a
+    continuous axis exactly; 1.49 in whole ranks); weighing each rank alike, the 900 ranks of the second
+    decade would pull it to 1.9."""
+    counts = [round(1e5 / rank) if rank < 100 else round(1e7 / rank**2) for rank in range(1, 1_001)]
+    tokens, vocab = _tokens_with_counts(counts)
+    line = zipf_line(tokens, vocab, 1)
+    assert line.fitted == (10, 1_000)
+    assert line.exponent == pytest.approx(1.5, abs=0.01)
+
+
+def test_a_flat_curve_has_exponent_zero_not_minus_zero():
+    tokens, vocab = _tokens_with_counts([5] * 200)
+    line = zipf_line(tokens, vocab, 1)
+    assert line.exponent == 0.0 and line.said() == "unigrams α 0.00 (ranks 10–200)"
+
+
 def test_fewer_than_a_hundred_ngrams_seen_five_times_are_not_fitted():
     """Ranks 10 to 99 are less than a decade: no exponent, and the line says why."""
     tokens, vocab = _tokens_with_counts([5] * 99 + [4] * 50)
@@ -74,7 +92,7 @@ def test_bigrams_are_counted_over_consecutive_tokens():
 def test_d2ls_time_machine_words_follow_zipf_with_smaller_exponents_for_longer_ngrams(
     cli, workdir: Path, corpus_path: Path
 ):
-    """The book's figure, fitted: unigrams α 1.00, bigrams 0.66, trigrams 0.40 ("sequences of words
+    """The book's figure, fitted: unigrams α 0.99, bigrams 0.65, trigrams 0.38 ("sequences of words
     also appear to be following Zipf's law, albeit with a smaller exponent"), each order's distinct
     n-grams as many as d2l's Counter finds."""
     lines = [
@@ -90,14 +108,14 @@ def test_d2ls_time_machine_words_follow_zipf_with_smaller_exponents_for_longer_n
         assert (fit["n"], fit["counted"], fit["distinct"]) == (n, len(words) - n + 1, len(reference))
         # the last rank fitted: the n-grams d2l's Counter finds 5 times or more
         assert fit["fitted_ranks"] == [10, sum(count >= 5 for count in reference.values())]
-    assert [round(fit["exponent"], 2) for fit in fits] == [1.00, 0.66, 0.40]
+    assert [round(fit["exponent"], 2) for fit in fits] == [0.99, 0.65, 0.38]
     assert [fit["fitted_ranks"] for fit in fits] == [[10, 824], [10, 726], [10, 150]]
     assert (workdir / "zipf.png").read_bytes().startswith(PNG_MAGIC)
     code, out, err = cli("data", "--set", "data.token=word", "--zipf", "again.png")
     assert code == 0, err
     assert (
-        "Zipf's law, count ∝ 1/rank^α: unigrams α 1.00 (ranks 10–824); bigrams α 0.66 (ranks 10–726); "
-        "trigrams α 0.40 (ranks 10–150); wrote again.png"
+        "Zipf's law, count ∝ 1/rank^α: unigrams α 0.99 (ranks 10–824); bigrams α 0.65 (ranks 10–726); "
+        "trigrams α 0.38 (ranks 10–150); wrote again.png"
     ) in out.splitlines()
 
 
@@ -177,7 +195,7 @@ def test_a_vocabulary_too_large_for_trigram_keys_draws_unigrams_and_bigrams_and_
     code, out, err = cli("data", "--set", "data.token=word", "--zipf", "zipf.png")
     assert code == 0, err
     assert (
-        "Zipf's law, count ∝ 1/rank^α: unigrams α 1.00 (ranks 10–824); bigrams α 0.66 (ranks 10–726) (no "
+        "Zipf's law, count ∝ 1/rank^α: unigrams α 0.99 (ranks 10–824); bigrams α 0.65 (ranks 10–726) (no "
         "longer n-grams: a vocabulary of 4,580 has too many to count); wrote zipf.png"
     ) in out.splitlines()
 

@@ -265,16 +265,13 @@ def data_command(
     Example: drnn data --config lstm2.yaml --set data.token=word
     """
     from drnn_cli.batch_view import view_lines
-    from drnn_cli.commands import MOST_FREQUENT_SHOWN, DataRequest, describe_data, png_output
-    from drnn_cli.plot import require_plotter
+    from drnn_cli.commands import MOST_FREQUENT_SHOWN, DataRequest, describe_data, zipf_output
     from drnn_cli.start_point import given_keys, load_start_config
     from drnn_cli.zipf import ZIPF_ORDERS
 
     out, _ = consoles(json_out)
-    zipf_png = png_output(zipf, "--zipf") if zipf is not None else None
-    if zipf is not None:
-        require_plotter("--zipf")  # before the text is read
     found = find_config(config) if config is not None else None
+    zipf_png = zipf_output(zipf, found, init_from) if zipf is not None else None
     # a bare drnn data is the one read as "what I will train on"; --set or --init-from choose their own
     said = None if config is None and (set_ or init_from) else config_source_note(config, found)
     resolved = load_start_config(found, set_ or [], init_from)

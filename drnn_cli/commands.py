@@ -53,6 +53,7 @@ from drnn_cli.introspect import STDIN, Inspection, InspectRequest, inspect_text
 from drnn_cli.model_size import parameter_count
 from drnn_cli.models import RNNLanguageModel, build_model
 from drnn_cli.ngrams import NgramCounts, count_ngrams
+from drnn_cli.plot import require_plotter
 from drnn_cli.render import plural
 from drnn_cli.run_files import RunFiles
 from drnn_cli.run_notes import (
@@ -257,8 +258,22 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
     )
 
 
+def zipf_output(path: Path, config_file: Path | None, init_from: Path | None) -> Path:
+    """Where ``--zipf`` draws, refused before anything is read where it cannot be drawn or written, or
+    would replace what the command reads: its config file, the checkpoint ``--init-from`` names (the
+    text is checked once found: :func:`_drawn_zipf`)."""
+    target = png_output(path, "--zipf", "zipf.png")
+    require_plotter("--zipf")
+    refuse_overwriting(
+        {"--zipf": target},
+        {"the config file --config reads": config_file, "the checkpoint --init-from reads": init_from},
+    )
+    return target
+
+
 def _drawn_zipf(dataset: Dataset, data: DataConfig, path: Path) -> tuple[ZipfLine, ...]:
     """Zipf's law of the tokens used, fitted and drawn into ``path`` (d2l §8.3's figure)."""
+    refuse_overwriting({"--zipf": path}, {"the text drnn data reads": dataset.path})
     lines = zipf_lines(dataset.tokens, dataset.vocab)
     title = f"Zipf's law: {dataset.path.name}, {data.token} tokens ({data.preprocess})"
     write_zipf_plot(lines, title, path)
@@ -938,28 +953,38 @@ class InspectOutputs:
 
     @classmethod
     def checked(cls, html: Path | None, png: Path | None) -> InspectOutputs:
+        if png is not None:
+            _refuse_other_image(png, "--png")
         if html is not None and html.suffix.lower() in IMAGE_SUFFIXES:  # the mirror-image slip
             raise UsageError(
                 f"--html writes a web page, not a {html.suffix[1:].upper()} image; name it so, e.g. "
                 f"{html.with_suffix('.html')} (--png draws the picture)"
             )
-        html_target = output_file(html, "--html") if html is not None else None
-        if html is not None and html_target is not None:
-            refuse_run_file(html, "--html")
-            refuse_run_file(html_target, "--html")  # where a symlink of that name points
-        return cls(html, png, html_target, png_output(png, "--png") if png is not None else None)
+        html_target = _checked_output(html, "--html", "inspect.html") if html is not None else None
+        png_target = _checked_output(png, "--png", "inspect.png") if png is not None else None
+        return cls(html, png, html_target, png_target)
 
 
-def png_output(path: Path, flag: str) -> Path:
+def png_output(path: Path, flag: str, example: str) -> Path:
     """Where the option ``flag`` writes its PNG (``path``, or a symlink's target), checked before any
-    work: not another image format's name, not a run's own file (files.output_file says the rest)."""
+    work: not another image format's name, nor a run's own file (files.output_file says the rest);
+    ``example``: the name a refusal proposes."""
+    _refuse_other_image(path, flag)
+    return _checked_output(path, flag, example)
+
+
+def _refuse_other_image(path: Path, flag: str) -> None:
     if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:  # it would hold PNG bytes
         raise UsageError(
             f"{flag} writes a PNG image, not {path.suffix[1:].upper()}; name it so, e.g. {path.with_suffix('.png')}"
         )
-    target = output_file(path, flag)
-    refuse_run_file(path, flag)
-    refuse_run_file(target, flag)  # where a symlink of that name points
+
+
+def _checked_output(path: Path, flag: str, example: str) -> Path:
+    """``path``'s target (through a symlink), refused where it is no file to replace or a run's own."""
+    target = output_file(path, flag, example)
+    refuse_run_file(path, flag, example)
+    refuse_run_file(target, flag, example)  # where a symlink of that name points
     return target
 
 

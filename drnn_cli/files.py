@@ -319,11 +319,11 @@ def _special_kind(info: os.stat_result) -> str:
     return "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or special file"
 
 
-def output_file(path: Path, flag: str) -> Path:
+def output_file(path: Path, flag: str, example: str) -> Path:
     """Where a user-named output (``--html``, ``--png``) is written: ``path``, or the file a symlink
     there points at. An atomic write renames over its target, so a FIFO, a device (``/dev/null``) or
     a directory there is refused rather than replaced, as is a folder that does not exist (a typo
-    would otherwise leave a new tree of folders)."""
+    would otherwise leave a new tree of folders). ``example``: a file name a refusal proposes."""
     target = path.resolve() if path.is_symlink() else path
     try:
         info = target.stat()
@@ -336,8 +336,7 @@ def output_file(path: Path, flag: str) -> Path:
     except OSError as exc:
         raise DrnnError(f"{flag} {path}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(info.st_mode):
-        example = path / ("inspect" + {"--html": ".html", "--png": ".png"}.get(flag, ""))
-        raise DrnnError(f"{flag} {path} is a directory; name a file in it, e.g. {example}")
+        raise DrnnError(f"{flag} {path} is a directory; name a file in it, e.g. {path / example}")
     if not stat.S_ISREG(info.st_mode):
         raise DrnnError(
             f"{flag} {path} is {_special_kind(info)}, which drnn would replace by a file; name a regular file"

@@ -137,18 +137,17 @@ def _as_given(folder: Path, given: Path) -> Path:
     return folder
 
 
-def refuse_run_file(path: Path, flag: str) -> None:
+def refuse_run_file(path: Path, flag: str, example: str) -> None:
     """Refuse an output named like a file drnn keeps in a run directory, inside one: ``--html
     runs/x/last.safetensors`` (a tab completion away from a page's name) would replace the state
     ``--resume`` continues, ``metrics.jsonl`` the run's history; any name in its ``kept/`` folder a
-    ``train.keep_every`` checkpoint."""
+    ``train.keep_every`` checkpoint. ``example``: a name the refusal proposes (``inspect.html``)."""
     folder = path.parent
     in_kept = folder.name == RunFiles(folder.parent).kept.name  # train.keep_every's folder is drnn's alone
     if in_kept:
         folder = folder.parent
     named = in_kept or path.name in RUN_ENTRY_NAMES
     if named and ((folder / RUN_MARKER).exists() or holds_run(folder)):
-        suffix = "." + flag.removeprefix("--")  # --html writes inspect.html, --png inspect.png
         # a name in kept/ is refused whether or not such a file is there yet (inspect40: "is a file of
         # the run directory" of a page not written, and a name beside kept/ accepted)
         where = (
@@ -157,9 +156,7 @@ def refuse_run_file(path: Path, flag: str) -> None:
             if in_kept
             else f"is a file of the run directory {folder} (drnn's checkpoints, config and history live there)"
         )
-        raise DrnnError(
-            f"{flag} {path} {where}; give {flag} a name of its own, e.g. {folder / ('inspect' + suffix)}"
-        )
+        raise DrnnError(f"{flag} {path} {where}; give {flag} a name of its own, e.g. {folder / example}")
 
 
 def check_replaceable(run_dir: Path) -> None:

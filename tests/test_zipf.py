@@ -174,6 +174,36 @@ def test_a_zipf_file_that_cannot_be_written_is_refused_before_the_text_is_read(
     )
 
 
+def test_zipf_never_replaces_what_the_command_reads_and_proposes_a_name_of_its_own(cli, workdir: Path):
+    """``--zipf`` given the previous argument by a slip replaced the corpus (or the config) with a PNG
+    (rev43); a folder, or a run's own file, is answered with a zipf.png to write instead."""
+    text = workdir / "mine.txt"
+    text.write_text((workdir / "data" / "timemachine.txt").read_text()[:20_000])
+    config = workdir / "cfg.yaml"
+    config.write_text("data:\n  path: mine.txt\n")
+    before = text.read_bytes(), config.read_bytes()
+    refused = {
+        ("--set", "data.path=mine.txt", "--zipf", "mine.txt"): (
+            2,
+            "--zipf mine.txt is the text drnn data reads; give --zipf a file of its own",
+        ),
+        ("--config", "cfg.yaml", "--zipf", "cfg.yaml"): (
+            2,
+            "--zipf cfg.yaml is the config file --config reads; give --zipf a file of its own",
+        ),
+        ("--zipf", "data"): (1, "--zipf data is a directory; name a file in it, e.g. data/zipf.png"),
+    }
+    for args, (code, message) in refused.items():
+        assert cli("data", *args) == (code, "", f"drnn: error: {message}\n"), args
+    assert (text.read_bytes(), config.read_bytes()) == before
+    code, _, err = cli("train", "--config", "cfg.yaml", "--set", "train.epochs=1", "--run", "runs/r")
+    assert code == 0, err
+    code, out, err = cli("data", "--zipf", "runs/r/perplexity.png")
+    assert (code, out) == (1, "") and err.endswith("give --zipf a name of its own, e.g. runs/r/zipf.png\n"), (
+        err
+    )
+
+
 def test_zipf_without_matplotlib_is_refused_in_one_line_before_the_text_is_read(
     cli, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -89,17 +89,23 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corpus_path: Path) 
 
     ``runs/`` and ``data/`` are relative to the current directory, so each test gets its own.
     """
-    cache = tmp_path / "data"
+    enter_workdir(tmp_path, monkeypatch, corpus_path)
+    return tmp_path
+
+
+def enter_workdir(directory: Path, patch: pytest.MonkeyPatch, corpus_path: Path) -> None:
+    """``workdir``'s set-up in ``directory`` (a fixture of a wider scope uses it with a MonkeyPatch of
+    its own): the corpus cache, the current directory and the environment."""
+    cache = directory / "data"
     cache.mkdir()
     (cache / "timemachine.txt").write_bytes(corpus_path.read_bytes())
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DRNN_DATA_DIR", str(cache))
-    monkeypatch.setenv("DRNN_DATA_URL", "http://127.0.0.1:9/unreachable")  # any download would fail loudly
-    monkeypatch.delenv("DRNN_DEBUG", raising=False)
-    monkeypatch.delenv("DRNN_CACHE_DIR", raising=False)  # the token cache in data/token-cache
+    patch.chdir(directory)
+    patch.setenv("DRNN_DATA_DIR", str(cache))
+    patch.setenv("DRNN_DATA_URL", "http://127.0.0.1:9/unreachable")  # any download would fail loudly
+    patch.delenv("DRNN_DEBUG", raising=False)
+    patch.delenv("DRNN_CACHE_DIR", raising=False)  # the token cache in data/token-cache
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
+        patch.delenv(name, raising=False)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -124,19 +130,21 @@ def _plot_rendered_only_where_tested(request: pytest.FixtureRequest, monkeypatch
     always draws."""
     if request.node.get_closest_marker("draws_plot") is not None:
         return
+    monkeypatch.setattr("drnn_cli.report.render_perplexity_plot", plot_figure_only)
 
-    def figure_only(
-        records: object, title: str | None = None, val_split_tokens: int = 0, train_as: str | None = None
-    ) -> bytes | None:
-        from drnn_cli.plot import perplexity_figure
 
-        try:
-            perplexity_figure(records, title, val_split_tokens, train_as)  # type: ignore[arg-type]
-        except ImportError:
-            return None  # as render_perplexity_plot answers where matplotlib is missing
-        return PLOT_STAND_IN
+def plot_figure_only(
+    records: object, title: str | None = None, val_split_tokens: int = 0, train_as: str | None = None
+) -> bytes | None:
+    """``render_perplexity_plot`` as tests not marked ``draws_plot`` have it: the figure built, the
+    bytes PLOT_STAND_IN."""
+    from drnn_cli.plot import perplexity_figure
 
-    monkeypatch.setattr("drnn_cli.report.render_perplexity_plot", figure_only)
+    try:
+        perplexity_figure(records, title, val_split_tokens, train_as)  # type: ignore[arg-type]
+    except ImportError:
+        return None  # as render_perplexity_plot answers where matplotlib is missing
+    return PLOT_STAND_IN
 
 
 @pytest.fixture(autouse=True)
@@ -188,18 +196,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Pat
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):
     """Run ``drnn ARGS...`` in-process (no interpreter start-up): returns (exit code, stdout, stderr)."""
-    from drnn_cli.cli import main
 
     def run(*args: str) -> tuple[int, str, str]:
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as done:
-            code = int(done.code or 0)
+        code = drnn_in_process(*args)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
     return run
+
+
+def drnn_in_process(*args: str) -> int:
+    """``drnn ARGS...`` run in this process: its exit code."""
+    from drnn_cli.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

@@ -15,7 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TREE, assert_one_line_error, config_file, poison_after_epoch, rewrite_checkpoint
+import torch
+from conftest import (
+    TINY_TREE,
+    assert_one_line_error,
+    config_file,
+    drnn_in_process,
+    enter_workdir,
+    plot_figure_only,
+    poison_after_epoch,
+    rewrite_checkpoint,
+)
 
 from drnn_cli import rundir
 
@@ -51,19 +61,38 @@ def _rows(lines: list[str]) -> list[list[str]]:
     return [["".join(parts).replace(" ", "") for parts in row] for row in rows]
 
 
+@pytest.fixture(scope="module")
+def _three_runs_trained(tmp_path_factory: pytest.TempPathFactory, corpus_path: Path) -> Path:
+    """three_runs' folder, trained once for the module as a test in its workdir would train it (the
+    in-process tests' stand-ins for fsync and the plot's PNG included); read-only: tests get copies."""
+    root = tmp_path_factory.mktemp("three_runs")
+    with pytest.MonkeyPatch.context() as patch:
+        enter_workdir(root, patch, corpus_path)
+        patch.setattr(os, "fsync", os.fstat)
+        patch.setattr("drnn_cli.report.render_perplexity_plot", plot_figure_only)
+        torch.set_num_threads(1)
+        config = str(config_file(root, TINY_TREE))
+        for extra in (
+            (),
+            ("--run", "runs/sweep/cut", "--set", "train.max_time=0.000001"),
+            ("--run", "runs/sweep/steps6", "--set", "train.max_steps=6"),
+        ):
+            assert drnn_in_process("train", "--config", config, *extra) == 0
+            time.sleep(0.02)  # distinct modification times, whatever the filesystem's clock resolution
+    return root
+
+
 @pytest.fixture
-def three_runs(workdir: Path, cli) -> Path:
+def three_runs(workdir: Path, _three_runs_trained: Path) -> Path:
     """runs/tiny (4 of 4 epochs), runs/sweep/cut (one step of a run a time budget cut: resumable),
-    runs/sweep/steps6 (6 of its 6 steps), trained in that order; the last is the latest run."""
-    config = str(config_file(workdir, TINY_TREE))
-    for extra in (
-        (),
-        ("--run", "runs/sweep/cut", "--set", "train.max_time=0.000001"),
-        ("--run", "runs/sweep/steps6", "--set", "train.max_steps=6"),
-    ):
-        code, _, err = cli("train", "--config", config, *extra)
-        assert code == 0, err
-        time.sleep(0.02)  # distinct modification times, whatever the filesystem's clock resolution
+    runs/sweep/steps6 (6 of its 6 steps), trained in that order; the last is the latest run. A copy
+    of the module's one training (modification times kept), in this test's workdir."""
+    shutil.copytree(_three_runs_trained / "runs", workdir / "runs", symlinks=True)
+    # the marker names the latest run by its absolute path (rundir.mark_latest): this copy's own
+    latest = workdir / "runs" / "latest"
+    latest.write_text(str((workdir / "runs" / "sweep" / "steps6").resolve()) + "\n")
+    shutil.copystat(_three_runs_trained / "runs" / "latest", latest)
+    config_file(workdir, TINY_TREE)
     return workdir
 
 

@@ -157,6 +157,29 @@ def _fsync_checks_its_descriptor_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "fsync", os.fstat)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _each_typer_app_built_once() -> Iterator[None]:
+    """Typer builds drnn's click command from the command functions' signatures on every main() call
+    (~10 ms: their annotations evaluated anew), which the in-process tests make some 800 times. What it
+    builds depends on those declarations alone, so in-process calls reuse an app's first build; each
+    call still parses its own arguments and runs its command. drnn started as a subprocess builds its
+    own, and a test that replaces ``get_command`` (a Typer that fails to build) still replaces it."""
+    import typer.main
+
+    build = typer.main.get_command
+    built: dict[int, tuple[object, object]] = {}
+
+    def once(app):  # keyed by the app itself: a reloaded drnn_cli.cli's new app is built anew
+        entry = built.get(id(app))
+        if entry is None or entry[0] is not app:
+            entry = built[id(app)] = (app, build(app))
+        return entry[1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(typer.main, "get_command", once)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     """Tests use tiny models on 2-core CI machines: one intra-op thread is fastest, and an OpenMP

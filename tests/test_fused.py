@@ -446,19 +446,36 @@ def test_the_k_tile_narrows_until_the_loop_fits_the_device(monkeypatch):
 
 
 @pytest.mark.skipif(not fused_recurrence.triton_available(), reason="Triton is not installed")
-def test_every_planned_kernel_fits_an_rtx_4090s_shared_memory():
+def test_every_planned_kernel_fits_an_rtx_4090s_shared_memory(compiled_plans):
     """Compiled for sm_89 (99 KiB of shared memory a program, 128 multiprocessors), every launch the
     plan makes for the benchmark's shapes fits: scripts/fused_compile.py fails on one that would not."""
-    kernels = compiled_plan("--arch", "89", "--slots", "128")
+    kernels = compiled_plan(compiled_plans, RTX_4090)
     assert len(kernels) == 36 and max(k["shared_bytes"] for k in kernels) <= ADA_SHARED
 
 
-def compiled_plan(*args: str) -> list[dict]:
-    """scripts/fused_compile.py's report of every kernel the plan launches (compiled, not run), which
-    must have exited 0: each compiled and fits its architecture's shared memory."""
+# the targets the tests compile for: an H100 (scripts/fused_compile.py's default) and an RTX 4090
+H100, RTX_4090 = (), ("--arch", "89", "--slots", "128")
+# One interpreter runs scripts/fused_compile.py's main for each target in turn, so that its start and
+# the imports of torch and Triton are paid once; after each, a line holding that run's exit code.
+COMPILE_EACH = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from fused_compile import main
+for args in json.loads(sys.argv[2]):
+    code = main(["--json", *args])
+    sys.stdout.flush()
+    print(json.dumps({"exit_code": code}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_plans() -> dict[tuple[str, ...], tuple[int, str]]:
+    """scripts/fused_compile.py's run for each target: its exit code and its --json report (or what it
+    said instead), and the interpreter's stderr."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter compiles nothing
+    targets = [H100, RTX_4090]
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fused_compile.py"), "--json", *args],
+        [sys.executable, "-c", COMPILE_EACH, str(REPO / "scripts"), json.dumps(targets)],
         capture_output=True,
         text=True,
         env=env,
@@ -466,7 +483,20 @@ def compiled_plan(*args: str) -> list[dict]:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout)["kernels"]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 * len(targets), done.stdout + done.stderr
+    return {
+        target: (json.loads(lines[2 * index + 1])["exit_code"], lines[2 * index] + "\n" + done.stderr)
+        for index, target in enumerate(targets)
+    }
+
+
+def compiled_plan(plans: dict[tuple[str, ...], tuple[int, str]], target: tuple[str, ...]) -> list[dict]:
+    """scripts/fused_compile.py's report of every kernel the plan launches for ``target`` (compiled, not
+    run), which must have exited 0: each compiled and fits its architecture's shared memory."""
+    code, said = plans[target]
+    assert code == 0, said
+    return json.loads(said.splitlines()[0])["kernels"]
 
 
 def test_products_follow_autocast_the_cudnn_tf32_switch_and_the_device(monkeypatch):
@@ -1052,11 +1082,11 @@ def test_every_stack_variant_the_sweep_times_plans_a_resident_grid_on_an_h100(mo
 
 
 @pytest.mark.skipif(not fused_recurrence.triton_available(), reason="Triton is not installed")
-def test_every_planned_kernel_compiles_for_an_h100_without_one():
+def test_every_planned_kernel_compiles_for_an_h100_without_one(compiled_plans):
     """Triton compiles for a named target with no device present: forward and backward of the launches
     the plan makes for the two-layer stack at batch 32, 256, 1024 (persistent) and 4096 (one per step),
     in bf16, fp32 with TF32 products and fp32 with IEEE ones, each with the variants it takes there."""
-    every = compiled_plan()
+    every = compiled_plan(compiled_plans, H100)
     assert len(every) == 36 and not [k for k in every if "error" in k]
     assert all(0 < k["registers"] <= 255 for k in every)
     # the GRU's and the RNN's at the seed shape, planned as the LSTM's: one resident wavefront

@@ -21,6 +21,7 @@ import yaml
 from conftest import TINY_TREE, assert_one_line_error
 from torch.testing import assert_close
 
+from drnn_cli import introspect
 from drnn_cli.commands import load_model
 from drnn_cli.config import DataConfig, ModelConfig
 from drnn_cli.corpus import preprocess_prefix
@@ -802,14 +803,17 @@ def test_the_png_scales_each_unit_over_the_whole_text_as_the_page_and_stands_cod
 
 
 def test_the_runs_own_text_as_a_file_is_said_to_be_training_text_as_eval_data_says(
-    cli, tiny_run: Path, corpus_path: Path, tmp_path: Path
+    cli, tiny_run: Path, corpus_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """learner41: the run's own corpus, inspected with --file, read 20,000 characters, 9,000 of them its
     training split, with nothing said, where drnn eval --data of the same file says so. inspect finds it
     as eval does (the text as read, wherever the file is) and says which of the characters it read are
-    training text; another text, or a passage cut from this one, is not the run's file and gets no note."""
+    training text; another text, or a passage cut from this one, is not the run's file and gets no note.
+    inspect reads 5,000 characters here, not its 20,000 (each read is traced twice, character by
+    character): still more than the run's 2,400 of training text, whose end the note names."""
+    monkeypatch.setattr(introspect, "MAX_CHARS", 5_000)
     trained_note = (
-        "note: {} is the text this model was trained on: the first 2,400 of the 20,000 characters read are "
+        "note: {} is the text this model was trained on: the first 2,400 of the 5,000 characters read are "
         "the run's training split, so this perplexity is partly a training figure, not a held-out one; past "
         "its first 2,400 characters (after preprocessing) the file is text the run never trained on: cut a "
         "passage of it into a file of its own to see the model on text it has not seen "

@@ -530,11 +530,18 @@ def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {'.'.join(parts)}: {dotted} is a value, not a section")
         node = child
-    if value is None:  # ``KEY=null``: the key as if the config never set it, its default
+    section = _section_for(parts[:-1])
+    if value is None and section is not None and parts[-1] in section.model_fields:
+        # ``KEY=null``: the key as if the config never set it, at its default (a name that is no key
+        # is left to validation, whose refusal names the key it is closest to)
         node.pop(parts[-1], None)
-    elif isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-        # ``--set 'data={path: x}'`` sets those keys and keeps the section's others
-        node[parts[-1]] = {**node[parts[-1]], **value}
+    elif isinstance(value, dict) and _section_for(parts) is not None:
+        # ``--set 'data={path: x}'`` sets those keys and keeps the section's others; ``{lr: null}``
+        # puts lr back to its default, as ``train.lr=null`` does
+        if not isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = {}
+        for key, item in value.items():
+            apply_override(tree, [*parts, str(key)], item)
     else:
         node[parts[-1]] = value
 

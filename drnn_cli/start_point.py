@@ -184,15 +184,28 @@ def _as_the_field_reads(section: str, key: str, value: object) -> object:
 
 def given_values(overrides: Sequence[str]) -> dict[str, object]:
     """The value each dotted key is ``--set`` to last, as parsed: ``model={dropout: 0.3}`` sets
-    ``model.dropout``; a section set to anything but a mapping (``model=null``) is keyed by its name."""
+    ``model.dropout``; a section set to anything but a mapping is keyed by its name. A key (or
+    section) set to null is not given: it is as if the command line never set it (README
+    "Configuration"), so a checkpoint's value applies where the checkpoint fixes it."""
     values: dict[str, object] = {}
     for text in overrides:
         parts, value = parse_override(text)
-        if len(parts) == 1 and isinstance(value, dict):
-            values.update({f"{parts[0]}.{key}": item for key, item in value.items()})
-        else:
-            values[".".join(parts)] = value
+        pairs = (
+            [(f"{parts[0]}.{key}", item) for key, item in value.items()]
+            if len(parts) == 1 and isinstance(value, dict)
+            else [(".".join(parts), value)]
+        )
+        for dotted, item in pairs:
+            if item is None:  # the key and, for a section, its keys are no longer given
+                values = {key: kept for key, kept in values.items() if not _within(key, dotted)}
+            else:
+                values[dotted] = item
     return values
+
+
+def _within(key: str, dotted: str) -> bool:
+    """Whether ``key`` is ``dotted`` or one of its keys (``model.dropout`` within ``model``)."""
+    return key == dotted or key.startswith(dotted + ".")
 
 
 def given_keys(overrides: Sequence[str]) -> frozenset[str]:

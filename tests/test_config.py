@@ -423,6 +423,17 @@ def test_an_empty_set_value_is_refused_and_a_section_mapping_sets_only_its_keys(
         load_config(path, ["data.path=' '"])
 
 
+def test_a_key_set_to_null_is_no_longer_given():
+    """What the command line gives (the keys a checkpoint's values may not replace under --init-from):
+    a key reset to null, or a section, is as if never set."""
+    from drnn_cli.start_point import given_values
+
+    assert given_values(["model.hidden_size=64", "model.hidden_size=null"]) == {}
+    assert given_values(["model={dropout: 0.3, hidden_size: ~}"]) == {"model.dropout": 0.3}
+    assert given_values(["model.dropout=0.3", "data.num_steps=7", "model=null"]) == {"data.num_steps": 7}
+    assert given_values(["model.hidden_size=null", "model.hidden_size=64"]) == {"model.hidden_size": 64}
+
+
 @pytest.mark.parametrize("null", ["null", "~", "Null", "NULL"])
 def test_set_key_null_puts_any_key_back_to_drnns_default_not_the_files(tmp_path: Path, null: str):
     """The empty-value refusal advises ``KEY=null``, which pydantic refused for every key but data.path
@@ -438,6 +449,14 @@ def test_set_key_null_puts_any_key_back_to_drnns_default_not_the_files(tmp_path:
     )
     assert (config.data.num_steps, config.train.epochs) == (7, 3)  # the file's others stay
     assert defaults.data.max_tokens != 10000 and defaults.train.lr != 0.5  # so the reset is seen
+    # a name that is no key is refused as any value of it is, with the key it is closest to
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.lrr'; did you mean 'train\.lr'\?"):
+        load_config(path, [f"train.lrr={null}"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.num_epochs'; did you mean 'train\.epochs'\?"):
+        load_config(path, [f"train.num_epochs={null}"])  # d2l's name
+    # a null inside a section's mapping resets that key, and the mapping's others are set
+    data = load_config(path, [f"data={{max_tokens: {null}, batch_size: 4}}"]).data
+    assert (data.max_tokens, data.batch_size, data.num_steps) == (defaults.data.max_tokens, 4, 7)
     # the last --set wins, a reset included
     assert load_config(path, ["train.lr=0.1", f"train.lr={null}"]).train.lr == defaults.train.lr
     assert load_config(path, [f"train.lr={null}", "train.lr=0.1"]).train.lr == 0.1

@@ -333,6 +333,29 @@ def test_a_set_that_contradicts_the_checkpoint_is_refused_naming_it(tmp_path: Pa
     assert not Path("runs/wide").exists()
 
 
+def test_a_set_to_null_is_no_set_the_checkpoint_takes_the_key_as_from_a_file_that_never_set_it(
+    tmp_path: Path, texts: tuple[Path, Path]
+):
+    """``KEY=null`` is the key as if never set (README "Configuration"): under --init-from, the
+    checkpoint's value, as the file's would give way; it was refused ("32 in the checkpoint, 256
+    now": drnn's default) as a --set that contradicts the checkpoint (rev43)."""
+    first, second = texts
+    train_run(TrainRequest(config_for(tmp_path, first, "base", train={"epochs": 1})))
+    tuned = config_for(tmp_path, second, "tuned", model={"hidden_size": 64}, train={"epochs": 1})
+    for overrides in (
+        ("model.hidden_size=128", "model.hidden_size=null"),
+        ("model={hidden_size: ~, dropout: 0.1}",),
+    ):
+        notes = Notes()
+        train_run(
+            TrainRequest(tuned, overrides=overrides, init_from=Path("runs/base"), overwrite=True),
+            reporter=notes,
+        )
+        assert notes.notes[0].startswith("--init-from sets model.hidden_size 256 → 32"), notes.notes[0]
+        recorded = yaml.safe_load(Path("runs/tuned/config.yaml").read_text())["model"]
+        assert recorded["hidden_size"] == 32
+
+
 def test_a_checkpoint_architecture_that_the_rest_of_the_config_cannot_take_is_refused(
     tmp_path: Path, texts: tuple[Path, Path]
 ):

@@ -320,6 +320,14 @@ def data_command(
         fits = "; ".join(line.said() for line in report.zipf)
         if len(report.zipf) < len(ZIPF_ORDERS):  # a vocabulary too large to key longer n-grams in int64
             fits += f" (no longer n-grams: a vocabulary of {len(dataset.vocab):,} has too many to count)"
+        if report.unknown:  # the rare tokens pooled into one: not the text's own curve (rev43)
+            share = percent(report.unknown / max(1, len(dataset.tokens)))
+            why = (
+                "the checkpoint's vocabulary lacks them"
+                if report.init_from
+                else "data.min_freq 0 counts them"
+            )
+            fits += f" (the {share} of tokens read as <unk> counted as one token; {why})"
         print_line(out, f"Zipf's law, count ∝ 1/rank^α: {fits}; wrote {zipf}")
     if report.text_head is not None:
         shown = min(text, len(dataset.tokens))

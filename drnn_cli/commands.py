@@ -275,7 +275,10 @@ def _drawn_zipf(dataset: Dataset, data: DataConfig, path: Path) -> tuple[ZipfLin
     """Zipf's law of the tokens used, fitted and drawn into ``path`` (d2l §8.3's figure)."""
     refuse_overwriting({"--zipf": path}, {"the text drnn data reads": dataset.path})
     lines = zipf_lines(dataset.tokens, dataset.vocab)
-    title = f"Zipf's law: {dataset.path.name}, {data.token} tokens ({data.preprocess})"
+    pooled = (
+        ", <unk> as one token" if dataset.lacking_in() else ""
+    )  # data.min_freq's, or a fixed vocabulary's
+    title = f"Zipf's law: {dataset.path.name}, {data.token} tokens ({data.preprocess}){pooled}"
     write_zipf_plot(lines, title, path)
     return lines
 

@@ -119,6 +119,18 @@ def test_d2ls_time_machine_words_follow_zipf_with_smaller_exponents_for_longer_n
     ) in out.splitlines()
 
 
+def test_tokens_pooled_into_unk_are_said_to_be_counted_as_one(cli, workdir: Path):
+    """data.min_freq 3 reads 12% of the words as <unk>, one token whose n-grams move the exponents
+    (bigrams 0.65 → 0.78): the line says so, and how to count the text's own words."""
+    code, out, err = cli("data", "--set", "data.token=word", "--set", "data.min_freq=3", "--zipf", "z.png")
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("Zipf's law")]
+    assert line.endswith(
+        "trigrams α 0.61 (ranks 10–372) (the 12% of tokens read as <unk> counted as one token; data.min_freq "
+        "0 counts them); wrote z.png"
+    ), line
+
+
 def test_characters_are_too_few_for_a_unigram_fit(cli, workdir: Path):
     """The Time Machine's 27 characters (d2l's preprocessing): their curve is drawn, not fitted."""
     code, out, err = cli("data", "--zipf", "chars.png", "--json")

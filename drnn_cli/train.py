@@ -264,27 +264,27 @@ class Trainer:
         self.stops = StopRequests()
         self.stop_votes = StopVotes(self.dist, device, self.stops, self.reporter)
         self.validator = Validator(
-            self.evaluated_model,
-            self.val_tokens,
-            dataset.splits.validates,
-            config,
-            dataset.vocab,
-            device,
-            self.dist,
-            self.reporter,
-            self.stop_votes,
+            model=self.evaluated_model,
+            tokens=self.val_tokens,
+            validates=dataset.splits.validates,
+            config=config,
+            vocab=dataset.vocab,
+            device=device,
+            dist=self.dist,
+            reporter=self.reporter,
+            stop_votes=self.stop_votes,
         )
         self.files = RunFiles(run_dir)
         self.checkpoints = CheckpointWriter(
-            config,
-            dataset,
-            self.lineage,
-            self.files,
-            device,
-            self.dist,
-            self.cadence.keep,
-            self.resume_advice,
-            on_first_checkpoint,
+            config=config,
+            dataset=dataset,
+            lineage=self.lineage,
+            files=self.files,
+            device=device,
+            dist=self.dist,
+            keep=self.cadence.keep,
+            resume_advice=self.resume_advice,
+            on_first_checkpoint=on_first_checkpoint,
         )
         self.plot = PlotRefresh(
             self.files.plot, self.reporter, max(0, len(self.val_tokens) - 1), as_trained(config)

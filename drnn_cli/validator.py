@@ -35,7 +35,7 @@ class Validator:
         reporter: Reporter,
         stop_votes: StopVotes,
     ) -> None:
-        """``model``: the weights validation, samples and checkpoints use; ``tokens``: the validation
+        """``model``: the weights validated and sampled (the weight average, where enabled); ``tokens``: the validation
         split, on ``device``; ``validates``: whether it is long enough to score."""
         self.model = model
         self.tokens = tokens

@@ -356,6 +356,7 @@ def test_a_folder_of_runs_listed_from_elsewhere_marks_its_own_latest_run(three_r
     (elsewhere / "runs").mkdir()
     (elsewhere / "runs" / "latest").write_text(str((three_runs / "runs/sweep/steps6").resolve()) + "\n")
     code, out, err = cli("runs", "../runs")
+    assert code == 0, err
     assert out.splitlines()[-1].strip() == "★ latest: the run predict and eval use without --run"
 
 

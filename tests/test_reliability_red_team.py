@@ -572,10 +572,11 @@ def test_importing_the_cli_does_not_import_torch():
 def test_a_reader_that_leaves_during_one_large_write_ends_predict_with_141(tiny_run: Path):
     """``drnn predict time -n 100000 | head -c 10``: the rest of one write larger than the pipe meets the
     kernel's SIGPIPE before any BrokenPipeError, and Python then reports the write as done: the command
-    exited 0 with its text cut, so a script took it for whole. A 4 KiB pipe makes 5,000 characters one
-    write larger than it (a default 64 KiB pipe needed 100,000, 20 s of decoding)."""
+    exited 0 with its text cut, so a script took it for whole. With a 4 KiB pipe, 10,000 characters make
+    one write larger than two pipes-full, as it must be: the reader's buffered read(10) empties the pipe
+    once, and 5,000 then fit (a default 64 KiB pipe needed 100,000, 20 s of decoding)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "drnn_cli", "predict", "time", "--run", str(tiny_run), "-n", "5000"],
+        [sys.executable, "-m", "drnn_cli", "predict", "time", "--run", str(tiny_run), "-n", "10000"],
         env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pipesize=4096,
     )  # fmt: skip
     assert process.stdout is not None and process.stderr is not None

@@ -179,7 +179,7 @@ class DataRequest:
     epoch: int = 1  # --epoch: the epoch counted (from 1, as training counts), and shown
     show_text: int = 0  # --text: how many of the text's first tokens to show
     ngrams: int = 0  # --ngrams: count the n-grams of this order (0: none)
-    zipf_png: Path | None = None  # --zipf: where to draw Zipf's law (checked with png_output)
+    zipf_png: Path | None = None  # --zipf: where to draw Zipf's law (checked with zipf_output)
 
 
 def describe_data(request: DataRequest, progress: ProgressHook | None = None) -> DataReport:
@@ -984,7 +984,13 @@ def _refuse_other_image(path: Path, flag: str) -> None:
 
 
 def _checked_output(path: Path, flag: str, example: str) -> Path:
-    """``path``'s target (through a symlink), refused where it is no file to replace or a run's own."""
+    """``path``'s target (through a symlink), refused where it is no file to replace or a run's own, or
+    the latest-run marker predict and eval read (rev43b: a PNG there left them no run)."""
+    if is_latest_marker(path) or is_latest_marker(path.resolve()):
+        raise UsageError(
+            f"{flag} {path} is the marker of the latest run, which predict and eval read; give {flag} a file "
+            f"of its own, e.g. {example}"
+        )
     target = output_file(path, flag, example)
     refuse_run_file(path, flag, example)
     refuse_run_file(target, flag, example)  # where a symlink of that name points

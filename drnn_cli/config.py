@@ -414,6 +414,8 @@ def describe_error(error: ValidationError) -> str:
         return f"config error: unknown key '{key}'; {guess}{where} allows: {', '.join(names)}"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
+    if given is None and "input" in first and key:  # ``max_tokens: null`` (or empty) in a file
+        return f"config error: {key}: no value (null); give one, or leave {key} out for drnn's default"
     shown = "" if isinstance(given, dict) else f" (got {short_repr(given)})"
     if first["type"] == "string_type" and isinstance(given, bool | int | float):
         message += "; put it in quotes (YAML reads yes, no, on, off and bare numbers as other types)"

@@ -423,6 +423,21 @@ def test_an_empty_set_value_is_refused_and_a_section_mapping_sets_only_its_keys(
         load_config(path, ["data.path=' '"])
 
 
+@pytest.mark.parametrize("written", ["max_tokens: null", "max_tokens:", "max_tokens: ~"])
+def test_a_key_without_a_value_in_a_file_says_to_leave_it_out(tmp_path: Path, written: str):
+    """It read "Input should be a valid integer (got None)", which says nothing of the fix (rev43b);
+    a section without keys is all of its defaults."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  {written}\nmodel:\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == (
+        "config error: data.max_tokens: no value (null); give one, or leave data.max_tokens out for drnn's default"
+    )
+    path.write_text("data:\n  num_steps: 7\nmodel:\n")
+    assert load_config(path).model == Config().model
+
+
 def test_a_key_set_to_null_is_no_longer_given():
     """What the command line gives (the keys a checkpoint's values may not replace under --init-from):
     a key reset to null, or a section, is as if never set."""

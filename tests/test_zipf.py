@@ -210,6 +210,14 @@ def test_zipf_never_replaces_what_the_command_reads_and_proposes_a_name_of_its_o
     assert (text.read_bytes(), config.read_bytes()) == before
     code, _, err = cli("train", "--config", "cfg.yaml", "--set", "train.epochs=1", "--run", "runs/r")
     assert code == 0, err
+    marker = (workdir / "runs" / "latest").read_bytes()  # predict and eval read it: never a PNG (rev43b)
+    assert cli("data", "--zipf", "runs/latest") == (
+        2,
+        "",
+        "drnn: error: --zipf runs/latest is the marker of the latest run, which predict and eval read; give "
+        "--zipf a file of its own, e.g. zipf.png\n",
+    )
+    assert (workdir / "runs" / "latest").read_bytes() == marker
     code, out, err = cli("data", "--zipf", "runs/r/perplexity.png")
     assert (code, out) == (1, "") and err.endswith("give --zipf a name of its own, e.g. runs/r/zipf.png\n"), (
         err

@@ -8,6 +8,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -164,14 +165,13 @@ def _each_typer_app_built_once() -> Iterator[None]:
     builds depends on those declarations alone, so in-process calls reuse an app's first build; each
     call still parses its own arguments and runs its command. drnn started as a subprocess builds its
     own, and a test that replaces ``get_command`` (a Typer that fails to build) still replaces it."""
-    import click
     import typer
     import typer.main
 
     build = typer.main.get_command
-    built: dict[int, tuple[typer.Typer, click.Command]] = {}
+    built: dict[int, tuple[typer.Typer, Any]] = {}  # the command's class is typer's vendored click's
 
-    def once(app: typer.Typer) -> click.Command:  # a reloaded drnn_cli.cli's new app is built anew
+    def once(app: typer.Typer) -> Any:  # a reloaded drnn_cli.cli's new app is built anew
         entry = built.get(id(app))
         if entry is None or entry[0] is not app:
             entry = built[id(app)] = (app, build(app))

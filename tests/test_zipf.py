@@ -210,6 +210,23 @@ def test_zipf_never_replaces_what_the_command_reads_and_proposes_a_name_of_its_o
     assert (text.read_bytes(), config.read_bytes()) == before
     code, _, err = cli("train", "--config", "cfg.yaml", "--set", "train.epochs=1", "--run", "runs/r")
     assert code == 0, err
+    # a checkpoint --init-from reads (a copy outside its run), the cached corpus, and a link to it
+    checkpoint = workdir / "base.safetensors"
+    checkpoint.write_bytes((workdir / "runs" / "r" / "last.safetensors").read_bytes())
+    (workdir / "link.png").symlink_to(workdir / "data" / "timemachine.txt")
+    corpus = (workdir / "data" / "timemachine.txt").read_bytes()
+    for args, message in (
+        (
+            ("--init-from", "base.safetensors", "--zipf", "base.safetensors"),
+            "is the checkpoint --init-from reads",
+        ),
+        (("--zipf", "data/timemachine.txt"), "is the text drnn data reads"),
+        (("--zipf", "link.png"), "is the text drnn data reads"),
+    ):
+        code, out, err = cli("data", *args)
+        assert (code, out) == (2, "") and message in err and err.count("\n") == 1, (args, err)
+    assert (workdir / "data" / "timemachine.txt").read_bytes() == corpus
+    assert checkpoint.read_bytes() == (workdir / "runs" / "r" / "last.safetensors").read_bytes()
     marker = (workdir / "runs" / "latest").read_bytes()  # predict and eval read it: never a PNG (rev43b)
     assert cli("data", "--zipf", "runs/latest") == (
         2,

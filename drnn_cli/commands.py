@@ -240,6 +240,7 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
                 fine_tuning=start is not None,
             )
         )
+    unknown = dataset.lacking_in()
     return DataReport(
         dataset,
         config,
@@ -247,14 +248,14 @@ def describe_data(request: DataRequest, progress: ProgressHook | None = None) ->
         refusals[0] if refusals else None,  # the first that training would meet
         tuple(notes),
         start.init_label if start is not None else None,
-        dataset.lacking_in(),
+        unknown,
         shown,
         bool(request.show_batches),
         tuple(dataset.tokens[: request.show_text].tolist()) if request.show_text else None,
         count_ngrams(dataset.tokens, dataset.vocab, request.ngrams, MOST_FREQUENT_SHOWN)
         if request.ngrams
         else None,
-        _drawn_zipf(dataset, data, request.zipf_png) if request.zipf_png is not None else None,
+        _drawn_zipf(dataset, data, request.zipf_png, unknown) if request.zipf_png is not None else None,
     )
 
 
@@ -271,13 +272,12 @@ def zipf_output(path: Path, config_file: Path | None, init_from: Path | None) ->
     return target
 
 
-def _drawn_zipf(dataset: Dataset, data: DataConfig, path: Path) -> tuple[ZipfLine, ...]:
-    """Zipf's law of the tokens used, fitted and drawn into ``path`` (d2l §8.3's figure)."""
+def _drawn_zipf(dataset: Dataset, data: DataConfig, path: Path, unknown: int) -> tuple[ZipfLine, ...]:
+    """Zipf's law of the tokens used, fitted and drawn into ``path`` (d2l §8.3's figure); ``unknown``:
+    the tokens read as ``<unk>`` (data.min_freq's, or a fixed vocabulary's), counted as one."""
     refuse_overwriting({"--zipf": path}, {"the text drnn data reads": dataset.path})
     lines = zipf_lines(dataset.tokens, dataset.vocab)
-    pooled = (
-        ", <unk> as one token" if dataset.lacking_in() else ""
-    )  # data.min_freq's, or a fixed vocabulary's
+    pooled = ", <unk> as one token" if unknown else ""
     title = f"Zipf's law: {dataset.path.name}, {data.token} tokens ({data.preprocess}){pooled}"
     write_zipf_plot(lines, title, path)
     return lines

@@ -8,7 +8,7 @@ the two ends the book sets aside: from rank :data:`FIT_FIRST_RANK` ("the first f
 exceptions") to the last n-gram seen :data:`FIT_MIN_COUNT` times or more (below it the counts are a few
 long plateaus of ties: thousands of words seen once share one count). Each rank i weighs its width on
 the log axis, log((i + 1/2) / (i - 1/2)), about 1/i, so each decade of ranks weighs alike: unweighted,
-the thousands of ranks of the last decade would outweigh the ten of the first.
+the 900 ranks from 100 to 999 would outweigh the 90 from 10 to 99 tenfold.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -122,6 +123,13 @@ class PaceOrigin:
     steps: int
 
 
+# The step pace a time left counts at: that of the last PACE_WINDOW_S of the session, read from marks
+# taken at most every PACE_MARK_S, so that a machine that gets busier (or freer) shows in minutes, not
+# in the session's mean (own40); a session younger than the window counts from its pace origin
+PACE_WINDOW_S = 300.0
+PACE_MARK_S = 30.0
+PACE_MARKS = 32  # kept: 16 minutes of marks at PACE_MARK_S, more than the window needs
+
 # SlowdownWatch: metrics lines this many times slower than the session's fastest, so many in a row
 SLOWDOWN_FACTOR = 4.0
 SLOWDOWN_LINES = 3
@@ -216,6 +224,8 @@ class SessionTime:
     # allocator, DDP's first all-reduce, a GPU's warm-up): paced from the session's start, a 2-process
     # run's first estimates were 3-6 times too long (ddp32); None: from the start
     pace_origin: PaceOrigin | None = None
+    # where the pace stood at recent readings (PACE_MARK_S apart), the last window's origin among them
+    pace_marks: deque[PaceOrigin] = field(default_factory=lambda: deque(maxlen=PACE_MARKS))
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -246,9 +256,11 @@ class SessionTime:
             self.pace_origin = PaceOrigin(self.elapsed(), self.validating, self.writing, steps)
 
     def step_seconds(self, session_seconds: float, steps: int) -> float | None:
-        """A training step's seconds: the session's wall clock since the pace's origin, less the
-        validations and writes since, a step of the ``steps`` (the session's) since; None before one."""
-        origin = self.pace_origin or PaceOrigin(0.0, 0.0, 0.0, 0)
+        """A training step's seconds: the wall clock over the last :data:`PACE_WINDOW_S` of the session
+        (since the pace's origin, in a younger one), less the validations and writes in it, a step of
+        the ``steps`` (the session's) in it; None before one. Each reading may leave a mark (at
+        ``session_seconds``) for later ones to count from."""
+        origin = self._window_origin(session_seconds, steps)
         paced = steps - origin.steps
         if paced <= 0:
             return None
@@ -259,6 +271,19 @@ class SessionTime:
             - (self.writing - origin.writing)
         )
         return max(0.0, spent) / paced
+
+    def _window_origin(self, now: float, steps: int) -> PaceOrigin:
+        """The newest mark at least :data:`PACE_WINDOW_S` old, else the pace's origin; marks ``now``
+        where the last mark is :data:`PACE_MARK_S` old (once the pace has an origin)."""
+        origin = self.pace_origin or PaceOrigin(0.0, 0.0, 0.0, 0)
+        if self.pace_origin is None:
+            return origin
+        if not self.pace_marks or now - self.pace_marks[-1].seconds >= PACE_MARK_S:
+            self.pace_marks.append(PaceOrigin(now, self.validating, self.writing, steps))
+        windows = [
+            mark for mark in self.pace_marks if now - mark.seconds >= PACE_WINDOW_S and mark.steps < steps
+        ]
+        return windows[-1] if windows else origin
 
     def validation_seconds_per_token(self, step_seconds: float, tokens_per_step: int) -> float:
         """Measured where the session has validated; else a forward pass's share of a step's seconds."""

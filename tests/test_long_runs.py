@@ -1690,6 +1690,26 @@ def test_the_time_left_adds_the_steps_validations_and_writes_left_at_the_session
     assert (trainer._seconds_left(), trainer._seconds_left((40, 100, began))) == (None, None)
 
 
+def test_the_time_left_counts_at_the_last_five_minutes_pace_not_the_sessions_mean():
+    """A machine that got busier: 600 steps at 1 s, then 200 at 3 s (another job took a core). The
+    session's mean, 1.5 s a step, priced the steps left at half their time (own40); the last five
+    minutes' pace is 3 s, less a validation inside the window."""
+    from drnn_cli.session_time import PaceOrigin, SessionTime
+
+    clock = SessionTime(pace_origin=PaceOrigin(0.0, 0.0, 0.0, 0))
+    for second in range(0, 1_201, 10):  # the trainer reads the pace at its log lines and bar updates
+        steps = second if second <= 600 else 600 + (second - 600) // 3
+        if second == 1_050:
+            clock.validating += 30.0  # a validation inside the window: not step time
+        pace = clock.step_seconds(float(second), steps)
+    # at 1,200 s and 800 steps: from the mark at 900 s (700 steps), 300 s less 30 validating, 100 steps
+    assert pace == pytest.approx(2.7)
+    young = SessionTime(pace_origin=PaceOrigin(0.0, 0.0, 0.0, 0))
+    for second in range(0, 241, 10):  # younger than the window: the session's pace from its origin
+        pace = young.step_seconds(float(second), second // 2)
+    assert pace == pytest.approx(2.0)
+
+
 def test_max_time_ends_the_time_left_with_the_stops_validation_and_writes(workdir: Path):
     """Before its first validation a max_time run's bar said hours (lstm_full_cpu's 10 minutes: 28:51;
     a 40 s run: 3:57:55), pricing the stop's validation at a step a token; and in the stop's own
